@@ -1,0 +1,38 @@
+#include "isa.h"
+
+#include <atomic>
+#include <stdexcept>
+
+namespace fastarch::cpu {
+namespace {
+std::atomic<int> g_override{-1};  // -1: auto
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+Isa active_isa() {
+  const int forced = g_override.load(std::memory_order_relaxed);
+  if (forced >= 0) return static_cast<Isa>(forced);
+  return cpu_has_avx512() ? Isa::avx512 : Isa::generic;
+}
+
+const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : "generic"; }
+
+void set_isa(const std::string& name) {
+  if (name == "auto") {
+    g_override = -1;
+  } else if (name == "generic") {
+    g_override = static_cast<int>(Isa::generic);
+  } else if (name == "avx512") {
+    if (!cpu_has_avx512()) throw std::invalid_argument("this CPU lacks AVX-512 (F, BW, VL, DQ)");
+    g_override = static_cast<int>(Isa::avx512);
+  } else {
+    throw std::invalid_argument("isa must be 'auto', 'generic' or 'avx512', got '" + name + "'");
+  }
+}
+
+}  // namespace fastarch::cpu

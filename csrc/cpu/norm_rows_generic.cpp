@@ -1,0 +1,137 @@
+// Portable build of the CPU norm row kernels: for CPUs without AVX-512 and for fp64 (whose
+// only users are gradcheck and the reference comparisons). Same algorithm as the AVX-512
+// build: two-pass statistics in the accumulation type over a row held in cache.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+
+#include "norm_rows.h"
+
+namespace fastarch::cpu {
+namespace {
+
+template <Dtype D>
+struct Types;
+template <>
+struct Types<Dtype::f32> {
+  using T = float;
+  using Acc = float;
+};
+template <>
+struct Types<Dtype::f64> {
+  using T = double;
+  using Acc = double;
+};
+template <>
+struct Types<Dtype::f16> {
+  using T = c10::Half;
+  using Acc = float;
+};
+template <>
+struct Types<Dtype::bf16> {
+  using T = c10::BFloat16;
+  using Acc = float;
+};
+
+// Eight interleaved partial sums: vectorizable without reassociation flags, and more
+// accurate than one running sum over a long row.
+constexpr int kLanes = 8;
+
+template <typename Acc, typename T, typename F>
+Acc row_sum(const T* v, int64_t n, F term) {
+  Acc part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) part[k] += term(static_cast<Acc>(v[i + k]));
+  }
+  for (int k = 0; i < n; ++i, ++k) part[k] += term(static_cast<Acc>(v[i]));
+  Acc total = 0;
+  for (int k = 0; k < kLanes; ++k) total += part[k];
+  return total;
+}
+
+}  // namespace
+
+template <Dtype D>
+void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const int64_t n = p.cols;
+  const T* w = static_cast<const T*>(p.weight);
+  const T* b = static_cast<const T*>(p.bias);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* src = static_cast<const T*>(p.x) + r * p.x_row_stride;
+    if (p.residual) {
+      const T* res = static_cast<const T*>(p.residual) + r * p.residual_row_stride;
+      T* out = static_cast<T*>(p.residual_out) + r * n;
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<Acc>(src[i]) + static_cast<Acc>(res[i]));
+      src = out;
+    }
+    Acc mean = 0;
+    if (!p.rms) mean = row_sum<Acc>(src, n, [](Acc v) { return v; }) / static_cast<Acc>(n);
+    const Acc sq = row_sum<Acc>(src, n, [mean](Acc v) { return (v - mean) * (v - mean); });
+    const Acc rstd = Acc(1) / std::sqrt(sq / static_cast<Acc>(n) + static_cast<Acc>(p.eps));
+    T* y = static_cast<T*>(p.y) + r * n;
+    for (int64_t i = 0; i < n; ++i) {
+      Acc v = (static_cast<Acc>(src[i]) - mean) * rstd;
+      if (w) v *= static_cast<Acc>(w[i]);
+      if (b) v += static_cast<Acc>(b[i]);
+      y[i] = static_cast<T>(v);
+    }
+    if (!p.rms) static_cast<Acc*>(p.mean)[r] = mean;
+    static_cast<Acc*>(p.rstd)[r] = rstd;
+  }
+}
+
+template <Dtype D>
+void norm_backward_rows_generic(
+    const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const int64_t n = p.cols;
+  const T* w = static_cast<const T*>(p.weight);
+  Acc* dw = static_cast<Acc*>(dweight_acc);
+  Acc* db = static_cast<Acc*>(dbias_acc);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* src = static_cast<const T*>(p.xin) + r * p.xin_row_stride;
+    const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
+    const Acc mean = p.rms ? Acc(0) : static_cast<const Acc*>(p.mean)[r];
+    const Acc rstd = static_cast<const Acc*>(p.rstd)[r];
+    Acc sum_g = 0, sum_gx = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc xhat = (static_cast<Acc>(src[i]) - mean) * rstd;
+      const Acc d = static_cast<Acc>(dy[i]);
+      const Acc g = w ? d * static_cast<Acc>(w[i]) : d;
+      sum_g += g;
+      sum_gx += g * xhat;
+      if (dw) dw[i] += d * xhat;
+      if (db) db[i] += d;
+    }
+    // d/dx of y = xhat * w + b with xhat = (x - mean) * rstd:
+    //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w; RMS drops mean(g).
+    const Acc c_g = p.rms ? Acc(0) : sum_g / static_cast<Acc>(n);
+    const Acc c_gx = sum_gx / static_cast<Acc>(n);
+    const T* dres = p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride : nullptr;
+    T* dx = static_cast<T*>(p.dx) + r * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc xhat = (static_cast<Acc>(src[i]) - mean) * rstd;
+      const Acc d = static_cast<Acc>(dy[i]);
+      const Acc g = w ? d * static_cast<Acc>(w[i]) : d;
+      Acc v = rstd * (g - c_g - xhat * c_gx);
+      if (dres) v += static_cast<Acc>(dres[i]);
+      dx[i] = static_cast<T>(v);
+    }
+  }
+}
+
+#define FASTARCH_INSTANTIATE(D)                                                                 \
+  template void norm_forward_rows_generic<D>(const NormForwardParams&, int64_t, int64_t); \
+  template void norm_backward_rows_generic<D>(const NormBackwardParams&, int64_t, int64_t, void*, void*);
+FASTARCH_INSTANTIATE(Dtype::f32)
+FASTARCH_INSTANTIATE(Dtype::f64)
+FASTARCH_INSTANTIATE(Dtype::f16)
+FASTARCH_INSTANTIATE(Dtype::bf16)
+#undef FASTARCH_INSTANTIATE
+
+}  // namespace fastarch::cpu

@@ -1,0 +1,3 @@
+from fastarch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""fastarch.info(): versions, and for every op which backends can run here and why the others cannot."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from fastarch import _extension, registry
+
+
+def report() -> str:
+    """The text that info() prints."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    build = _extension.build_info()
+    if _extension.LOAD_ERROR:
+        extension = _extension.LOAD_ERROR
+    else:
+        extension = (
+            f"loaded; CUDA kernels {'compiled in' if build.get('cuda') else 'not compiled'};"
+            f" CPU kernels use {build.get('cpu_isa')}"
+        )
+    env = os.environ.get("FASTARCH_BACKEND")
+    lines = [
+        f"fastarch {__import__('fastarch').__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}",
+        f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'};"
+        f" CPU threads: {torch.get_num_threads()}",
+        f"extension fastarch._C: {extension}",
+        f"forced backend: {registry.requested_backend() or 'none (automatic)'}" + (f" (FASTARCH_BACKEND={env})" if env else ""),
+        "",
+        f"{'op':<16} {'backend':<10} status",
+    ]
+    for op in registry.ops():
+        for b in registry.backends_of(op):
+            why = b.available()
+            lines.append(f"{op:<16} {b.name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    return "\n".join(lines)
+
+
+def info() -> None:
+    """Print versions, the extension's build, and each op's backends with why any is missing."""
+    print(report())

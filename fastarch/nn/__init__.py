@@ -1,0 +1,5 @@
+"""Drop-in modules running fastarch's kernels."""
+
+from fastarch.nn.norms import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

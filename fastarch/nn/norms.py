@@ -1,0 +1,62 @@
+"""LayerNorm and RMSNorm modules: subclasses of torch's, so they take the same constructor
+arguments, hold the same parameters and state_dict keys, and pass isinstance checks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastarch import ops
+
+
+def _flatten_normalized(x: Tensor, normalized_shape: tuple[int, ...], module: torch.nn.Module) -> Tensor:
+    """x (..., *normalized_shape) as (..., prod(normalized_shape)): our kernels normalize the
+    last dimension, and normalizing over k trailing dims is the same as over their product."""
+    k = len(normalized_shape)
+    if tuple(x.shape[x.dim() - k :]) != normalized_shape:
+        raise ValueError(
+            f"{type(module).__name__}: input must end with normalized_shape {normalized_shape}, got shape {tuple(x.shape)}"
+        )
+    return x if k == 1 else x.reshape(*x.shape[: x.dim() - k], math.prod(normalized_shape))
+
+
+def _flat(p: Tensor | None) -> Tensor | None:
+    return p.reshape(-1) if p is not None else None
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm running fastarch.ops.layer_norm (any backend; see fastarch.backend)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = _flatten_normalized(x, tuple(self.normalized_shape), self)
+        return ops.layer_norm(flat, _flat(self.weight), _flat(self.bias), self.eps).view(x.shape)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LayerNorm) -> LayerNorm:
+        """A fastarch LayerNorm sharing ``module``'s parameters (no copy)."""
+        new = cls(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            bias=module.bias is not None,
+            device="meta",
+        )
+        new.weight, new.bias = module.weight, module.bias
+        return new.train(module.training)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm running fastarch.ops.rms_norm (eps=None: finfo(x.dtype).eps, as torch)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = _flatten_normalized(x, tuple(self.normalized_shape), self)
+        return ops.rms_norm(flat, _flat(self.weight), self.eps).view(x.shape)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:
+        """A fastarch RMSNorm sharing ``module``'s parameters (no copy)."""
+        new = cls(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine, device="meta")
+        new.weight = module.weight
+        return new.train(module.training)

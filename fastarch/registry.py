@@ -1,0 +1,133 @@
+"""The backend registry: the one place where fastarch chooses which kernel runs.
+
+Every op lists its backends in priority order, each with a ``supports(problem)`` check that
+returns ``None`` when the backend can run the problem and otherwise the reason why not. An op
+runs the first backend that supports its inputs, unless the user forces one::
+
+    fastarch.ops.layer_norm(x, w, b, backend="triton")   # per call
+    with fastarch.backend("cpu"): ...                     # for a block of code
+    FASTARCH_BACKEND=reference python train.py            # for the process (read at import)
+
+When the forced backend (or, in auto mode, every backend) cannot run the inputs, the error
+lists every backend with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("cuda", "cpu", "triton", "reference")
+"""Every backend name, in the default priority order (a CUDA tensor never reaches the cpu
+backend and a CPU tensor never reaches the cuda one, so their relative order is moot)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    ``available()`` returns None when the backend can run at all on this machine, else why
+    not ("not compiled", "no CUDA device"); ``supports(problem)`` returns None when it can run
+    ``problem`` (an op-specific description of the inputs), else a short reason such as
+    "input is on cpu". ``forward`` and ``backward`` take the op's kernel-level arguments.
+    """
+
+    name: str
+    available: Callable[[], str | None]
+    supports: Callable[[Any], str | None]
+    forward: Callable[..., Any]
+    backward: Callable[..., Any] | None = None
+
+
+class NoBackendError(RuntimeError):
+    """No backend (or not the forced one) can run the inputs; the message lists why."""
+
+
+_REGISTRY: dict[str, list[Backend]] = {}
+
+
+def register(op: str, backends: list[Backend]) -> None:
+    """Declare the backends of ``op`` in priority order."""
+    names = [b.name for b in backends]
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backend names {sorted(unknown)} for op {op!r}; known: {BACKENDS}")
+    _REGISTRY[op] = list(backends)
+
+
+def ops() -> list[str]:
+    """The names of every registered op."""
+    return list(_REGISTRY)
+
+
+def backends_of(op: str) -> list[Backend]:
+    """The backends of ``op`` in priority order."""
+    try:
+        return _REGISTRY[op]
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}") from None
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)} (or empty for automatic choice), got {name!r}")
+    return name
+
+
+def _initial_forced() -> list[str]:
+    env = os.environ.get("FASTARCH_BACKEND", "").strip()
+    return [_check_name(env, "FASTARCH_BACKEND")] if env else []
+
+
+# A plain module-level list (not thread-local) so that torch.compile can read it while tracing
+# and guard on it; it is process-wide.
+_forced: list[str] = _initial_forced()
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force every fastarch op inside the block to run ``name`` (cuda, cpu, triton, reference).
+
+    A per-call ``backend=`` argument still takes precedence. Blocks nest.
+    """
+    _forced.append(_check_name(name, "backend"))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    """The backend the caller asked for: ``explicit`` if given, else the innermost
+    ``backend(...)`` block, else FASTARCH_BACKEND, else "" (choose automatically)."""
+    if explicit:
+        return _check_name(explicit, "backend")
+    return _forced[-1] if _forced else ""
+
+
+def why_not(b: Backend, problem: Any) -> str | None:
+    """None if backend ``b`` can run ``problem``, else the reason."""
+    return b.available() or b.supports(problem)
+
+
+def reasons(op: str, problem: Any) -> dict[str, str | None]:
+    """For each backend of ``op``, None if it can run ``problem``, else the reason."""
+    return {b.name: why_not(b, problem) for b in backends_of(op)}
+
+
+def choose(op: str, problem: Any, requested: str = "") -> Backend:
+    """The backend that runs ``problem``: ``requested`` if given and able, else the first
+    able backend in priority order. Raises NoBackendError listing every backend's reason."""
+    candidates = backends_of(op)
+    if requested:
+        _check_name(requested, "backend")
+        candidates = [b for b in candidates if b.name == requested]
+    for b in candidates:
+        if why_not(b, problem) is None:
+            return b
+    lines = [f"  {name}: {why or 'supported'}" for name, why in reasons(op, problem).items()]
+    head = f"backend {requested!r} cannot run" if requested else "no backend can run"
+    raise NoBackendError(f"fastarch.{op}: {head} {problem}.\n" + "\n".join(lines))

@@ -1,0 +1,310 @@
+"""Triton kernels of the norms: LayerNorm and RMSNorm over the last dimension, optionally
+fused with the pre-norm residual add, forward and backward; and their launchers.
+
+Rows up to MAX_FUSED_COLS elements live in registers, several rows per program; longer rows
+loop over column blocks, re-reading the row from L2. Statistics are fp32. The backward runs
+a fixed number of programs, each owning a contiguous range of rows and accumulating its
+dweight/dbias partial sums in registers; the partials are summed once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+# Rows longer than this loop over column blocks (32 KB of fp32 per row held in registers).
+MAX_FUSED_COLS = 8192
+# Column block of the looped kernels.
+LOOP_BLOCK_N = 2048
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, R, W, B, Y, RES_OUT, MEAN, RSTD,
+    stride_x, stride_r, M, N, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols[None, :] < N)
+    rows = rows.to(tl.int64)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(RES_OUT.dtype.element_ty)
+        tl.store(RES_OUT + rows[:, None] * N + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)  # the statistics see what residual_out holds
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(xc * xc, axis=1) / N + eps))
+    y = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if not IS_RMS:
+        tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _norm_fwd_looped_kernel(
+    X, R, W, B, Y, RES_OUT, MEAN, RSTD,
+    stride_x, stride_r, M, N, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_RESIDUAL:
+        src = RES_OUT + row * N
+    else:
+        src = X + row * stride_x
+    # Pass 1: the sum (LayerNorm) or sum of squares (RMSNorm); writes residual_out.
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        m = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+            s = (x + r).to(RES_OUT.dtype.element_ty)
+            tl.store(RES_OUT + row * N + cols, s, mask=m)
+            x = s.to(tl.float32)
+        if IS_RMS:
+            acc += x * x
+        else:
+            acc += x
+    if HAS_RESIDUAL:
+        tl.debug_barrier()  # residual_out is read back below
+    if IS_RMS:
+        mean = 0.0
+        var = tl.sum(acc, axis=0) / N
+    else:
+        mean = tl.sum(acc, axis=0) / N
+        # Pass 2: squared deviations from the mean (no cancellation, unlike E[x^2] - mean^2).
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            m = cols < N
+            d = tl.where(m, tl.load(src + cols, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+            acc += d * d
+        var = tl.sum(acc, axis=0) / N
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    # Pass 3: normalize.
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        m = cols < N
+        y = (tl.load(src + cols, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=m)
+    if not IS_RMS:
+        tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    DY, DRES, XIN, W, MEAN, RSTD, DX, DW_PART, DB_PART,
+    stride_dy, stride_dres, stride_x, M, N, rows_per_program,
+    HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr, IS_RMS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for first in range(row_start, row_end, BLOCK_M):
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows = rows.to(tl.int64)
+        x = tl.load(XIN + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        if IS_RMS:
+            xhat = x * rstd[:, None]
+        else:
+            xhat = (x - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
+        xhat = tl.where(mask, xhat, 0.0)
+        if HAS_WEIGHT:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMSNorm drops mean(g).
+        dx = g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None]
+        if not IS_RMS:
+            dx = dx - (tl.sum(g, axis=1) / N)[:, None]
+        dx = dx * rstd[:, None]
+        if HAS_DRES:
+            dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if WEIGHT_GRADS:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+            db_acc += tl.sum(dy, axis=0)
+    if WEIGHT_GRADS:
+        tl.store(DW_PART + pid * N + cols, dw_acc, mask=col_ok)
+        tl.store(DB_PART + pid * N + cols, db_acc, mask=col_ok)
+
+
+@triton.jit
+def _norm_bwd_looped_kernel(
+    DY, DRES, XIN, W, MEAN, RSTD, DX, DW_PART, DB_PART,
+    stride_dy, stride_dres, stride_x, M, N, rows_per_program,
+    HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr, IS_RMS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    part = pid.to(tl.int64) * N
+    for r in range(row_start, row_end):
+        row = r.to(tl.int64)
+        rstd = tl.load(RSTD + row)
+        if IS_RMS:
+            mean = 0.0
+        else:
+            mean = tl.load(MEAN + row)
+        # Pass 1: the row sums of g and g * xhat; this program's dweight/dbias partials.
+        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            m = cols < N
+            xhat = (tl.load(XIN + row * stride_x + cols, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+            xhat = tl.where(m, xhat, 0.0)
+            dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                g = dy * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+            else:
+                g = dy
+            acc_g += g
+            acc_gx += g * xhat
+            if WEIGHT_GRADS:
+                dw = tl.load(DW_PART + part + cols, mask=m, other=0.0)
+                tl.store(DW_PART + part + cols, dw + dy * xhat, mask=m)
+                db = tl.load(DB_PART + part + cols, mask=m, other=0.0)
+                tl.store(DB_PART + part + cols, db + dy, mask=m)
+        c_gx = tl.sum(acc_gx, axis=0) / N
+        if IS_RMS:
+            c_g = 0.0
+        else:
+            c_g = tl.sum(acc_g, axis=0) / N
+        # Pass 2: dx.
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            m = cols < N
+            xhat = (tl.load(XIN + row * stride_x + cols, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+            dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                g = dy * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+            else:
+                g = dy
+            dx = (g - c_g - xhat * c_gx) * rstd
+            if HAS_DRES:
+                dx += tl.load(DRES + row * stride_dres + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=m)
+
+
+def _num_warps(elements: int) -> int:
+    """About 8 fp32 values per thread, between 1 and 16 warps."""
+    return max(1, min(16, triton.next_power_of_2(elements // 256)))
+
+
+def _programs(x: Tensor, rows: int) -> int:
+    """How many programs share the rows in the backward (each keeps one partial sum)."""
+    if x.is_cuda:
+        return max(1, min(rows, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+    return max(1, min(rows, 4))  # the interpreter: few programs, each with many rows
+
+
+def norm_forward(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """x, residual: (M, N) with contiguous columns; weight, bias: (N,) contiguous.
+    Returns y (M, N), residual_out (M, N) or None, mean (M,) fp32 or None for RMS, rstd (M,)."""
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(y) if residual is not None else None
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    mean = None if rms else torch.empty(M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y, residual_out, mean, rstd
+    absent = rstd  # any tensor for a pointer the kernel's constexpr flags never touch
+    args = (
+        x, residual if residual is not None else absent, weight if weight is not None else absent,
+        bias if bias is not None else absent, y, residual_out if residual_out is not None else absent,
+        mean if mean is not None else absent, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0, M, N, eps,
+    )
+    flags = dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS=rms)
+    block_n = triton.next_power_of_2(N)
+    if block_n <= MAX_FUSED_COLS:
+        block_m = max(1, min(16, 4096 // block_n))
+        wrap_triton(_norm_fwd_kernel)[(triton.cdiv(M, block_m),)](
+            *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n)
+        )
+    else:
+        wrap_triton(_norm_fwd_looped_kernel)[(M,)](
+            *args, **flags, BLOCK_N=LOOP_BLOCK_N, num_warps=_num_warps(LOOP_BLOCK_N)
+        )
+    return y, residual_out, mean, rstd
+
+
+def norm_backward(
+    dy: Tensor,
+    dresidual_out: Tensor | None,
+    xin: Tensor,
+    weight: Tensor | None,
+    mean: Tensor | None,
+    rstd: Tensor,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients of norm_forward: dx (M, N); dweight, dbias (N,) or None when not wanted.
+    xin is the normalization's input (x, or residual_out); RMSNorm when mean is None."""
+    M, N = xin.shape
+    dx = torch.empty((M, N), dtype=xin.dtype, device=xin.device)
+    weight_grads = need_dweight or need_dbias
+    programs = _programs(xin, M)
+    parts = torch.zeros((2, programs, N) if weight_grads else (2, 1, 1), dtype=torch.float32, device=xin.device)
+    if M > 0:
+        args = (
+            dy, dresidual_out if dresidual_out is not None else dy, xin, weight if weight is not None else rstd,
+            mean if mean is not None else rstd, rstd, dx, parts[0], parts[1],
+            dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0, xin.stride(0),
+            M, N, triton.cdiv(M, programs),
+        )
+        flags = dict(
+            HAS_DRES=dresidual_out is not None, HAS_WEIGHT=weight is not None, IS_RMS=mean is None,
+            WEIGHT_GRADS=weight_grads,
+        )
+        block_n = triton.next_power_of_2(N)
+        if block_n <= MAX_FUSED_COLS:
+            block_m = max(1, min(16, 2048 // block_n))
+            wrap_triton(_norm_bwd_kernel)[(programs,)](
+                *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n)
+            )
+        else:
+            wrap_triton(_norm_bwd_looped_kernel)[(programs,)](
+                *args, **flags, BLOCK_N=LOOP_BLOCK_N, num_warps=_num_warps(LOOP_BLOCK_N)
+            )
+    dweight = parts[0].sum(0).to(xin.dtype) if need_dweight else None
+    dbias = parts[1].sum(0).to(xin.dtype) if need_dbias else None
+    return dx, dweight, dbias
