@@ -9,6 +9,8 @@ dweight/dbias partial sums in registers; the partials are summed once at the end
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +21,18 @@ from torch.library import wrap_triton
 MAX_FUSED_COLS = 8192
 # Column block of the looped kernels.
 LOOP_BLOCK_N = 2048
+# Triton's CPU interpreter truncates fp32 -> bf16 casts; the kernels then round by hand.
+ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _cast(y, dtype: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+    """y (fp32) rounded to nearest even in dtype, as on the GPU."""
+    if ROUND_BY_HAND and dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # NaN and inf survive
+        y = bits.to(tl.float32, bitcast=True)  # exact in bf16 now: truncation is harmless
+    return y.to(dtype)
 
 
 @triton.jit
@@ -26,7 +40,7 @@ def _norm_fwd_kernel(
     X, R, W, B, Y, RES_OUT, MEAN, RSTD,
     stride_x, stride_r, M, N, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -36,23 +50,29 @@ def _norm_fwd_kernel(
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(RES_OUT.dtype.element_ty)
+        s = _cast(x + r, RES_OUT.dtype.element_ty, ROUND_BY_HAND)
         tl.store(RES_OUT + rows[:, None] * N + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)  # the statistics see what residual_out holds
     if IS_RMS:
         xc = x
+        var = tl.sum(x * x, axis=1) / N
     else:
+        # Corrected two-pass variance: the deviations' own mean is the fp32 mean's rounding
+        # error, removed from the variance and from every deviation.
         mean = tl.sum(x, axis=1) / N
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(xc * xc, axis=1) / N + eps))
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        correction = tl.sum(d, axis=1) / N
+        var = tl.maximum(tl.sum(d * d, axis=1) / N - correction * correction, 0.0)
+        xc = d - correction[:, None]
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     y = xc * rstd[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * N + cols[None, :], _cast(y, Y.dtype.element_ty, ROUND_BY_HAND), mask=mask)
     if not IS_RMS:
-        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(MEAN + rows, mean + correction, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
@@ -61,7 +81,7 @@ def _norm_fwd_looped_kernel(
     X, R, W, B, Y, RES_OUT, MEAN, RSTD,
     stride_x, stride_r, M, N, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if HAS_RESIDUAL:
@@ -76,7 +96,7 @@ def _norm_fwd_looped_kernel(
         x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
-            s = (x + r).to(RES_OUT.dtype.element_ty)
+            s = _cast(x + r, RES_OUT.dtype.element_ty, ROUND_BY_HAND)
             tl.store(RES_OUT + row * N + cols, s, mask=m)
             x = s.to(tl.float32)
         if IS_RMS:
@@ -87,30 +107,34 @@ def _norm_fwd_looped_kernel(
         tl.debug_barrier()  # residual_out is read back below
     if IS_RMS:
         mean = 0.0
+        correction = 0.0
         var = tl.sum(acc, axis=0) / N
     else:
         mean = tl.sum(acc, axis=0) / N
-        # Pass 2: squared deviations from the mean (no cancellation, unlike E[x^2] - mean^2).
+        # Pass 2: deviations from the mean; corrected two-pass variance (as the fused kernel).
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             m = cols < N
             d = tl.where(m, tl.load(src + cols, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
-            acc += d * d
-        var = tl.sum(acc, axis=0) / N
+            acc += d
+            acc_sq += d * d
+        correction = tl.sum(acc, axis=0) / N
+        var = tl.maximum(tl.sum(acc_sq, axis=0) / N - correction * correction, 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     # Pass 3: normalize.
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         m = cols < N
-        y = (tl.load(src + cols, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        y = ((tl.load(src + cols, mask=m, other=0.0).to(tl.float32) - mean) - correction) * rstd
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y = y + tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=m)
+        tl.store(Y + row * N + cols, _cast(y, Y.dtype.element_ty, ROUND_BY_HAND), mask=m)
     if not IS_RMS:
-        tl.store(MEAN + row, mean)
+        tl.store(MEAN + row, mean + correction)
     tl.store(RSTD + row, rstd)
 
 
@@ -119,7 +143,7 @@ def _norm_bwd_kernel(
     DY, DRES, XIN, W, MEAN, RSTD, DX, DW_PART, DB_PART,
     stride_dy, stride_dres, stride_x, M, N, rows_per_program,
     HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr, IS_RMS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -154,7 +178,7 @@ def _norm_bwd_kernel(
         dx = dx * rstd[:, None]
         if HAS_DRES:
             dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * N + cols[None, :], _cast(dx, DX.dtype.element_ty, ROUND_BY_HAND), mask=mask)
         if WEIGHT_GRADS:
             dw_acc += tl.sum(dy * xhat, axis=0)
             db_acc += tl.sum(dy, axis=0)
@@ -168,14 +192,14 @@ def _norm_bwd_looped_kernel(
     DY, DRES, XIN, W, MEAN, RSTD, DX, DW_PART, DB_PART,
     stride_dy, stride_dres, stride_x, M, N, rows_per_program,
     HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr, IS_RMS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     part = pid.to(tl.int64) * N
     for r in range(row_start, row_end):
-        row = r.to(tl.int64)
+        row = tl.cast(r, tl.int64)  # (the interpreter iterates Python ints)
         rstd = tl.load(RSTD + row)
         if IS_RMS:
             mean = 0.0
@@ -219,7 +243,7 @@ def _norm_bwd_looped_kernel(
             dx = (g - c_g - xhat * c_gx) * rstd
             if HAS_DRES:
                 dx += tl.load(DRES + row * stride_dres + cols, mask=m, other=0.0).to(tl.float32)
-            tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=m)
+            tl.store(DX + row * N + cols, _cast(dx, DX.dtype.element_ty, ROUND_BY_HAND), mask=m)
 
 
 def _num_warps(elements: int) -> int:
@@ -253,7 +277,10 @@ def norm_forward(
         mean if mean is not None else absent, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, M, N, eps,
     )
-    flags = dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS=rms)
+    flags = dict(
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS=rms,
+        ROUND_BY_HAND=ROUND_BF16_BY_HAND,
+    )
     block_n = triton.next_power_of_2(N)
     if block_n <= MAX_FUSED_COLS:
         block_m = max(1, min(16, 4096 // block_n))
@@ -293,7 +320,7 @@ def norm_backward(
         )
         flags = dict(
             HAS_DRES=dresidual_out is not None, HAS_WEIGHT=weight is not None, IS_RMS=mean is None,
-            WEIGHT_GRADS=weight_grads,
+            WEIGHT_GRADS=weight_grads, ROUND_BY_HAND=ROUND_BF16_BY_HAND,
         )
         block_n = triton.next_power_of_2(N)
         if block_n <= MAX_FUSED_COLS:

@@ -12,6 +12,8 @@
 
 #include "norm_rows.h"
 
+// (No standard-library templates are used below the pragma: an instantiation made here could
+// be the one the linker keeps for the whole extension.)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 
@@ -76,51 +78,74 @@ struct Chunks {
       : full(cols / 16), tail(static_cast<__mmask16>((1u << (cols % 16)) - 1)) {}
 };
 
-// sum over the row of (v - shift)^2, four independent accumulators to hide FMA latency.
-// Masked-off tail lanes load as 0; the masked FMA leaves their accumulator unchanged.
+// Row sums are taken in two levels: vector accumulators within a block of kBlockChunks
+// chunks, then across blocks. Each lane adds at most a few dozen values at either level, so a
+// 65536-wide row sums about as accurately as a pairwise sum.
+constexpr int64_t kBlockChunks = 32;
+
+inline int64_t block_end(int64_t begin, int64_t full) {
+  return begin + kBlockChunks < full ? begin + kBlockChunks : full;
+}
+
+// Sums over the row of d = v - shift and of d^2. Two accumulators each (to hide the add
+// latency); masked-off tail lanes load as 0 and the masked ops leave their lanes alone.
+struct Deviations {
+  float sum;
+  float sum_sq;
+};
+
 template <Dtype D>
-float sum_squared_deviation(const char* src, const Chunks& c, float shift) {
+Deviations deviations(const char* src, const Chunks& c, float shift) {
   using L = Lanes16<D>;
   const __m512 s = _mm512_set1_ps(shift);
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 4 <= c.full; k += 4) {
-    const char* p = src + k * 16 * L::kBytes;
-    const __m512 d0 = _mm512_sub_ps(L::load(p), s);
-    const __m512 d1 = _mm512_sub_ps(L::load(p + 16 * L::kBytes), s);
-    const __m512 d2 = _mm512_sub_ps(L::load(p + 32 * L::kBytes), s);
-    const __m512 d3 = _mm512_sub_ps(L::load(p + 48 * L::kBytes), s);
-    a0 = _mm512_fmadd_ps(d0, d0, a0);
-    a1 = _mm512_fmadd_ps(d1, d1, a1);
-    a2 = _mm512_fmadd_ps(d2, d2, a2);
-    a3 = _mm512_fmadd_ps(d3, d3, a3);
-  }
-  for (; k < c.full; ++k) {
-    const __m512 d = _mm512_sub_ps(L::load(src + k * 16 * L::kBytes), s);
-    a0 = _mm512_fmadd_ps(d, d, a0);
+  __m512 total = _mm512_setzero_ps(), total_sq = total;
+  for (int64_t b = 0; b < c.full; b += kBlockChunks) {
+    const int64_t e = block_end(b, c.full);
+    __m512 d0 = _mm512_setzero_ps(), d1 = d0, q0 = d0, q1 = d0;
+    int64_t k = b;
+    for (; k + 2 <= e; k += 2) {
+      const char* p = src + k * 16 * L::kBytes;
+      const __m512 u = _mm512_sub_ps(L::load(p), s);
+      const __m512 v = _mm512_sub_ps(L::load(p + 16 * L::kBytes), s);
+      d0 = _mm512_add_ps(d0, u);
+      d1 = _mm512_add_ps(d1, v);
+      q0 = _mm512_fmadd_ps(u, u, q0);
+      q1 = _mm512_fmadd_ps(v, v, q1);
+    }
+    if (k < e) {
+      const __m512 u = _mm512_sub_ps(L::load(src + k * 16 * L::kBytes), s);
+      d0 = _mm512_add_ps(d0, u);
+      q0 = _mm512_fmadd_ps(u, u, q0);
+    }
+    total = _mm512_add_ps(total, _mm512_add_ps(d0, d1));
+    total_sq = _mm512_add_ps(total_sq, _mm512_add_ps(q0, q1));
   }
   if (c.tail) {
-    const __m512 d = _mm512_sub_ps(L::load(src + c.full * 16 * L::kBytes, c.tail), s);
-    a1 = _mm512_mask3_fmadd_ps(d, d, a1, c.tail);
+    const __m512 u = _mm512_sub_ps(L::load(src + c.full * 16 * L::kBytes, c.tail), s);
+    total = _mm512_mask_add_ps(total, c.tail, total, u);
+    total_sq = _mm512_mask3_fmadd_ps(u, u, total_sq, c.tail);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  return {_mm512_reduce_add_ps(total), _mm512_reduce_add_ps(total_sq)};
 }
 
 template <Dtype D>
 float sum_row(const char* src, const Chunks& c) {
   using L = Lanes16<D>;
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 4 <= c.full; k += 4) {
-    const char* p = src + k * 16 * L::kBytes;
-    a0 = _mm512_add_ps(a0, L::load(p));
-    a1 = _mm512_add_ps(a1, L::load(p + 16 * L::kBytes));
-    a2 = _mm512_add_ps(a2, L::load(p + 32 * L::kBytes));
-    a3 = _mm512_add_ps(a3, L::load(p + 48 * L::kBytes));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t b = 0; b < c.full; b += kBlockChunks) {
+    const int64_t e = block_end(b, c.full);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t k = b;
+    for (; k + 2 <= e; k += 2) {
+      const char* p = src + k * 16 * L::kBytes;
+      a0 = _mm512_add_ps(a0, L::load(p));
+      a1 = _mm512_add_ps(a1, L::load(p + 16 * L::kBytes));
+    }
+    if (k < e) a0 = _mm512_add_ps(a0, L::load(src + k * 16 * L::kBytes));
+    total = _mm512_add_ps(total, _mm512_add_ps(a0, a1));
   }
-  for (; k < c.full; ++k) a0 = _mm512_add_ps(a0, L::load(src + k * 16 * L::kBytes));
-  if (c.tail) a1 = _mm512_add_ps(a1, L::load(src + c.full * 16 * L::kBytes, c.tail));
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  if (c.tail) total = _mm512_add_ps(total, L::load(src + c.full * 16 * L::kBytes, c.tail));
+  return _mm512_reduce_add_ps(total);
 }
 
 // out = round(x + residual) chunk by chunk; returns the sum of the rounded values, which are
@@ -128,29 +153,35 @@ float sum_row(const char* src, const Chunks& c) {
 template <Dtype D>
 float add_residual(const char* x, const char* res, char* out, const Chunks& c) {
   using L = Lanes16<D>;
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < c.full; ++k) {
-    const int64_t o = k * 16 * L::kBytes;
-    const __m512 s = L::round(_mm512_add_ps(L::load(x + o), L::load(res + o)));
-    L::store(out + o, s);
-    acc = _mm512_add_ps(acc, s);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t b = 0; b < c.full; b += kBlockChunks) {
+    const int64_t e = block_end(b, c.full);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = b; k < e; ++k) {
+      const int64_t o = k * 16 * L::kBytes;
+      const __m512 s = L::round(_mm512_add_ps(L::load(x + o), L::load(res + o)));
+      L::store(out + o, s);
+      acc = _mm512_add_ps(acc, s);
+    }
+    total = _mm512_add_ps(total, acc);
   }
   if (c.tail) {
     const int64_t o = c.full * 16 * L::kBytes;
     const __m512 s = L::round(_mm512_add_ps(L::load(x + o, c.tail), L::load(res + o, c.tail)));
     L::store(out + o, s, c.tail);
-    acc = _mm512_add_ps(acc, s);  // masked-off lanes are 0 + 0
+    total = _mm512_add_ps(total, s);  // masked-off lanes are 0 + 0
   }
-  return _mm512_reduce_add_ps(acc);
+  return _mm512_reduce_add_ps(total);
 }
 
-// y = (v - mean) * rstd * w + b on one chunk of 16 (or the masked tail)
+// y = ((v - mean) - correction) * rstd * w + b on one chunk of 16 (or the masked tail)
 template <Dtype D, bool kWeight, bool kBias>
 inline void normalize_chunk(
-    const char* src, const char* w, const char* b, char* y, int64_t o, __m512 mean, __m512 rstd, __mmask16 m,
-    bool masked) {
+    const char* src, const char* w, const char* b, char* y, int64_t o, __m512 mean, __m512 correction, __m512 rstd,
+    __mmask16 m, bool masked) {
   using L = Lanes16<D>;
-  __m512 t = _mm512_mul_ps(_mm512_sub_ps(masked ? L::load(src + o, m) : L::load(src + o), mean), rstd);
+  const __m512 d = _mm512_sub_ps(masked ? L::load(src + o, m) : L::load(src + o), mean);
+  __m512 t = _mm512_mul_ps(_mm512_sub_ps(d, correction), rstd);
   if constexpr (kWeight) t = _mm512_mul_ps(t, masked ? L::load(w + o, m) : L::load(w + o));
   if constexpr (kBias) t = _mm512_add_ps(t, masked ? L::load(b + o, m) : L::load(b + o));
   if (masked) {
@@ -161,13 +192,14 @@ inline void normalize_chunk(
 }
 
 template <Dtype D, bool kWeight, bool kBias>
-void normalize_row(const char* src, const char* w, const char* b, char* y, const Chunks& c, float mean, float rstd) {
+void normalize_row(
+    const char* src, const char* w, const char* b, char* y, const Chunks& c, float mean, float correction, float rstd) {
   using L = Lanes16<D>;
-  const __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
+  const __m512 vm = _mm512_set1_ps(mean), vc = _mm512_set1_ps(correction), vr = _mm512_set1_ps(rstd);
   for (int64_t k = 0; k < c.full; ++k) {
-    normalize_chunk<D, kWeight, kBias>(src, w, b, y, k * 16 * L::kBytes, vm, vr, c.tail, false);
+    normalize_chunk<D, kWeight, kBias>(src, w, b, y, k * 16 * L::kBytes, vm, vc, vr, c.tail, false);
   }
-  if (c.tail) normalize_chunk<D, kWeight, kBias>(src, w, b, y, c.full * 16 * L::kBytes, vm, vr, c.tail, true);
+  if (c.tail) normalize_chunk<D, kWeight, kBias>(src, w, b, y, c.full * 16 * L::kBytes, vm, vc, vr, c.tail, true);
 }
 
 template <Dtype D, bool kWeight, bool kBias>
@@ -188,13 +220,24 @@ void forward_rows(const NormForwardParams& p, int64_t begin, int64_t end) {
       have_sum = true;
       src = out;
     }
-    float mean = 0.f;
-    if (!p.rms) mean = (have_sum ? sum : sum_row<D>(src, c)) / n;
-    // Two-pass variance (sum of squared deviations from the mean): no cancellation when
-    // |mean| >> std, unlike E[x^2] - mean^2.
-    const float rstd = 1.f / std::sqrt(sum_squared_deviation<D>(src, c, mean) / n + eps);
-    normalize_row<D, kWeight, kBias>(src, w, b, static_cast<char*>(p.y) + r * p.cols * L::kBytes, c, mean, rstd);
-    if (!p.rms) static_cast<float*>(p.mean)[r] = mean;
+    const float mean = p.rms ? 0.f : (have_sum ? sum : sum_row<D>(src, c)) / n;
+    const Deviations dev = deviations<D>(src, c, mean);
+    float correction = 0.f, var;
+    if (p.rms) {
+      var = dev.sum_sq / n;
+    } else {
+      // Corrected two-pass variance: deviations from the fp32 mean, minus the square of their
+      // own mean (the mean's rounding error), which is also subtracted from every deviation
+      // below. No E[x^2] - mean^2 cancellation, and no rounding error of the mean amplified
+      // by rstd when the row's spread is small next to its mean.
+      correction = dev.sum / n;
+      var = dev.sum_sq / n - correction * correction;
+      var = var > 0.f ? var : 0.f;
+    }
+    const float rstd = 1.f / std::sqrt(var + eps);
+    normalize_row<D, kWeight, kBias>(
+        src, w, b, static_cast<char*>(p.y) + r * p.cols * L::kBytes, c, mean, correction, rstd);
+    if (!p.rms) static_cast<float*>(p.mean)[r] = mean + correction;
     static_cast<float*>(p.rstd)[r] = rstd;
   }
 }
@@ -211,29 +254,36 @@ void backward_rows(const NormBackwardParams& p, int64_t begin, int64_t end, floa
     const __m512 mean = _mm512_set1_ps(p.rms ? 0.f : static_cast<const float*>(p.mean)[r]);
     const float rstd_s = static_cast<const float*>(p.rstd)[r];
     const __m512 rstd = _mm512_set1_ps(rstd_s);
-    // Pass 1: the two row sums of the input gradient, and this thread's dweight/dbias sums.
+    // Pass 1: the two row sums of the input gradient (blocked, as deviations()), and this
+    // thread's dweight/dbias sums.
     __m512 acc_g = _mm512_setzero_ps(), acc_gx = acc_g;
-    for (int64_t k = 0; k <= c.full; ++k) {
-      const bool tail = k == c.full;
-      if (tail && !c.tail) break;
-      const int64_t o = k * 16 * L::kBytes;
-      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(tail ? L::load(src + o, c.tail) : L::load(src + o), mean), rstd);
-      const __m512 d = tail ? L::load(dy + o, c.tail) : L::load(dy + o);  // 0 in masked-off lanes
-      __m512 g = d;
-      if constexpr (kWeight) g = _mm512_mul_ps(d, tail ? L::load(w + o, c.tail) : L::load(w + o));
-      acc_g = _mm512_add_ps(acc_g, g);
-      acc_gx = _mm512_fmadd_ps(g, xhat, acc_gx);
-      if constexpr (kWeightGrads) {
-        float* pw = dwa + k * 16;
-        float* pb = dba + k * 16;
-        if (tail) {
-          _mm512_mask_storeu_ps(pw, c.tail, _mm512_fmadd_ps(d, xhat, _mm512_maskz_loadu_ps(c.tail, pw)));
-          _mm512_mask_storeu_ps(pb, c.tail, _mm512_add_ps(d, _mm512_maskz_loadu_ps(c.tail, pb)));
-        } else {
-          _mm512_storeu_ps(pw, _mm512_fmadd_ps(d, xhat, _mm512_loadu_ps(pw)));
-          _mm512_storeu_ps(pb, _mm512_add_ps(d, _mm512_loadu_ps(pb)));
+    for (int64_t b = 0; b <= c.full; b += kBlockChunks) {
+      const int64_t e = block_end(b, c.full) + (b + kBlockChunks > c.full && c.tail ? 1 : 0);
+      __m512 block_g = _mm512_setzero_ps(), block_gx = block_g;
+      for (int64_t k = b; k < e; ++k) {
+        const bool tail = k == c.full;
+        const int64_t o = k * 16 * L::kBytes;
+        const __m512 xhat =
+            _mm512_mul_ps(_mm512_sub_ps(tail ? L::load(src + o, c.tail) : L::load(src + o), mean), rstd);
+        const __m512 d = tail ? L::load(dy + o, c.tail) : L::load(dy + o);  // 0 in masked-off lanes
+        __m512 g = d;
+        if constexpr (kWeight) g = _mm512_mul_ps(d, tail ? L::load(w + o, c.tail) : L::load(w + o));
+        block_g = _mm512_add_ps(block_g, g);
+        block_gx = _mm512_fmadd_ps(g, xhat, block_gx);
+        if constexpr (kWeightGrads) {
+          float* pw = dwa + k * 16;
+          float* pb = dba + k * 16;
+          if (tail) {
+            _mm512_mask_storeu_ps(pw, c.tail, _mm512_fmadd_ps(d, xhat, _mm512_maskz_loadu_ps(c.tail, pw)));
+            _mm512_mask_storeu_ps(pb, c.tail, _mm512_add_ps(d, _mm512_maskz_loadu_ps(c.tail, pb)));
+          } else {
+            _mm512_storeu_ps(pw, _mm512_fmadd_ps(d, xhat, _mm512_loadu_ps(pw)));
+            _mm512_storeu_ps(pb, _mm512_add_ps(d, _mm512_loadu_ps(pb)));
+          }
         }
       }
+      acc_g = _mm512_add_ps(acc_g, block_g);
+      acc_gx = _mm512_add_ps(acc_gx, block_gx);
     }
     // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMS norm drops mean(g).
     const __m512 c_g = _mm512_set1_ps(p.rms ? 0.f : _mm512_reduce_add_ps(acc_g) / n);

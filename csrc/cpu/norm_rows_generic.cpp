@@ -4,6 +4,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "norm_rows.h"
@@ -34,20 +35,27 @@ struct Types<Dtype::bf16> {
   using Acc = float;
 };
 
-// Eight interleaved partial sums: vectorizable without reassociation flags, and more
-// accurate than one running sum over a long row.
+// Eight interleaved partial sums (vectorizable without reassociation flags) per block of
+// kBlock values, then a sum across blocks: each partial adds few values, so long rows sum
+// about as accurately as with a pairwise sum.
 constexpr int kLanes = 8;
+constexpr int64_t kBlock = 512;
 
 template <typename Acc, typename T, typename F>
 Acc row_sum(const T* v, int64_t n, F term) {
-  Acc part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) part[k] += term(static_cast<Acc>(v[i + k]));
-  }
-  for (int k = 0; i < n; ++i, ++k) part[k] += term(static_cast<Acc>(v[i]));
   Acc total = 0;
-  for (int k = 0; k < kLanes; ++k) total += part[k];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(b + kBlock, n);
+    Acc part[kLanes] = {};
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+      for (int k = 0; k < kLanes; ++k) part[k] += term(static_cast<Acc>(v[i + k]));
+    }
+    for (int k = 0; i < e; ++i, ++k) part[k] += term(static_cast<Acc>(v[i]));
+    Acc block = 0;
+    for (int k = 0; k < kLanes; ++k) block += part[k];
+    total += block;
+  }
   return total;
 }
 
@@ -68,18 +76,22 @@ void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_
       for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<Acc>(src[i]) + static_cast<Acc>(res[i]));
       src = out;
     }
-    Acc mean = 0;
-    if (!p.rms) mean = row_sum<Acc>(src, n, [](Acc v) { return v; }) / static_cast<Acc>(n);
-    const Acc sq = row_sum<Acc>(src, n, [mean](Acc v) { return (v - mean) * (v - mean); });
-    const Acc rstd = Acc(1) / std::sqrt(sq / static_cast<Acc>(n) + static_cast<Acc>(p.eps));
+    const Acc count = static_cast<Acc>(n);
+    const Acc mean = p.rms ? Acc(0) : row_sum<Acc>(src, n, [](Acc v) { return v; }) / count;
+    const Acc sum_sq = row_sum<Acc>(src, n, [mean](Acc v) { return (v - mean) * (v - mean); });
+    // Corrected two-pass variance (see the AVX-512 build): the deviations' own mean is the
+    // fp32 mean's rounding error; it is removed from the variance and from every deviation.
+    const Acc correction = p.rms ? Acc(0) : row_sum<Acc>(src, n, [mean](Acc v) { return v - mean; }) / count;
+    const Acc var = std::max(sum_sq / count - correction * correction, Acc(0));
+    const Acc rstd = Acc(1) / std::sqrt(var + static_cast<Acc>(p.eps));
     T* y = static_cast<T*>(p.y) + r * n;
     for (int64_t i = 0; i < n; ++i) {
-      Acc v = (static_cast<Acc>(src[i]) - mean) * rstd;
+      Acc v = ((static_cast<Acc>(src[i]) - mean) - correction) * rstd;
       if (w) v *= static_cast<Acc>(w[i]);
       if (b) v += static_cast<Acc>(b[i]);
       y[i] = static_cast<T>(v);
     }
-    if (!p.rms) static_cast<Acc*>(p.mean)[r] = mean;
+    if (!p.rms) static_cast<Acc*>(p.mean)[r] = mean + correction;
     static_cast<Acc*>(p.rstd)[r] = rstd;
   }
 }
@@ -99,14 +111,20 @@ void norm_backward_rows_generic(
     const Acc mean = p.rms ? Acc(0) : static_cast<const Acc*>(p.mean)[r];
     const Acc rstd = static_cast<const Acc*>(p.rstd)[r];
     Acc sum_g = 0, sum_gx = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc xhat = (static_cast<Acc>(src[i]) - mean) * rstd;
-      const Acc d = static_cast<Acc>(dy[i]);
-      const Acc g = w ? d * static_cast<Acc>(w[i]) : d;
-      sum_g += g;
-      sum_gx += g * xhat;
-      if (dw) dw[i] += d * xhat;
-      if (db) db[i] += d;
+    for (int64_t b = 0; b < n; b += kBlock) {  // blocked sums, as in row_sum
+      const int64_t e = std::min(b + kBlock, n);
+      Acc block_g = 0, block_gx = 0;
+      for (int64_t i = b; i < e; ++i) {
+        const Acc xhat = (static_cast<Acc>(src[i]) - mean) * rstd;
+        const Acc d = static_cast<Acc>(dy[i]);
+        const Acc g = w ? d * static_cast<Acc>(w[i]) : d;
+        block_g += g;
+        block_gx += g * xhat;
+        if (dw) dw[i] += d * xhat;
+        if (db) db[i] += d;
+      }
+      sum_g += block_g;
+      sum_gx += block_gx;
     }
     // d/dx of y = xhat * w + b with xhat = (x - mean) * rstd:
     //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w; RMS drops mean(g).

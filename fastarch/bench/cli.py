@@ -1,9 +1,115 @@
+"""``fastarch bench``: times fastarch's ops against PyTorch eager and torch.compile and prints
+a table (one row per op, shape, dtype, pass and backend); ``--json FILE`` saves it with the
+machine's description.
+
+    fastarch bench --quick                       # the main job: 4096x768 on CPU, ~2-3 minutes
+    fastarch bench --op rms_norm --shapes 8192x4096 --dtype bf16 --backend triton,cuda
+"""
+
+from __future__ import annotations
+
 import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastarch import registry
+from fastarch.bench import norms, report, timing
+
+FAMILIES = (norms,)
+"""Modules of cases, one per op family; each has OPS, default_shapes(device, quick) and Case."""
+
+FAMILY_OF = {op: family for family in FAMILIES for op in family.OPS}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DTYPES = {"cpu": ["fp32", "bf16"], "cuda": ["bf16", "fp16", "fp32"]}
+PASSES = {"fwd": [False], "fwdbwd": [True], "both": [False, True]}
+
+
+def _names(allowed: list[str] | dict, what: str):
+    """An argparse type: a comma-separated list of names, each one of ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    try:
+        shapes = [tuple(int(d) for d in s.lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) < 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected shapes like 4096x768,8192x4096, got {text!r}")
+    return shapes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    """The options of ``fastarch bench``. Lists are comma-separated or repeated."""
+    arg = p.add_argument
+    arg("--op", action="extend", type=_names(list(FAMILY_OF), "op"), metavar="NAME",
+        help=f"ops to time (default: all: {', '.join(FAMILY_OF)})")
+    arg("--quick", action="store_true", help="a small default set (CPU: 4096x768, fp32 and bf16; about 2-3 minutes)")
+    arg("--json", type=Path, metavar="FILE", help="also save the machine and every row as JSON")
+    arg("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    arg("--dtype", action="extend", type=_names(DTYPES, "dtype"), metavar="DTYPE",
+        help="fp32, bf16, fp16 (default: fp32,bf16 on cpu; bf16,fp16,fp32 on cuda)")
+    arg("--backend", action="extend", type=_names(["auto", *registry.BACKENDS], "backend"), metavar="NAME",
+        help=f"auto (the registry's choice; default) or any of {', '.join(registry.BACKENDS)}; one row each")
+    arg("--shapes", action="extend", type=_shapes, metavar="RxN",
+        help="e.g. 4096x768,8192x4096 (default: per op family and device)")
+    arg("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    arg("--threads", type=int, metavar="N", help="CPU threads (torch.set_num_threads; default: torch's)")
+    arg("--pass", dest="passes", choices=list(PASSES), default="both",
+        help="forward only, forward + backward, or both (default)")
+    arg("--rounds", type=int, default=15, metavar="N",
+        help="CPU: interleaved timing rounds; the median is reported (default: 15)")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    """Runs the benchmark; 0 when at least one of our rows was timed, else 1."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastarch bench: --device cuda, but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [DTYPES[d] for d in args.dtype or DEFAULT_DTYPES[device]]
+    backends = list(dict.fromkeys(args.backend or ["auto"]))
+    start = time.perf_counter()
+    info = report.machine(device, timing.copy_bandwidth(device))
+    print(report.preamble(info, args.rounds), flush=True)
+    print(report.table_header(), flush=True)
+    rows: list[report.Row] = []
+    for op in dict.fromkeys(args.op or FAMILY_OF):
+        family = FAMILY_OF[op]
+        for shape in args.shapes or family.default_shapes(device, args.quick):
+            for dtype in dtypes:
+                for backward in PASSES[args.passes]:
+                    case = family.Case(op, shape, dtype, backward, device)
+                    for row in _bench(case, backends, not args.no_compile, args.rounds, info["copy_bandwidth_gbps"]):
+                        print(report.table_row(row), flush=True)
+                        rows.append(row)
+    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
+    if args.json:
+        report.write_json(args.json, info, vars(args), rows)
+        print(f"saved {args.json}")
+    return 0 if any(r.ours_us is not None for r in rows) else 1
+
+
+def _bench(case, backends: list[str], compile: bool, rounds: int, copy_gbps: float) -> list[report.Row]:
+    """Times one case (ours for every backend, eager, compile, interleaved) into one row per backend."""
+    try:
+        contenders = case.contenders(backends, compile)
+    except Exception as e:  # e.g. out of memory while making the inputs
+        times, errors = {}, {"inputs": timing.describe(e)}
+    else:
+        times, errors = timing.measure(contenders, case.device, rounds)
+        del contenders  # frees the input sets before the next case makes its own
+    return [report.Row.of(case, b, times, errors, copy_gbps) for b in backends]

@@ -35,9 +35,15 @@ def norm_forward_ref(
         rstd = torch.rsqrt(xf.square().mean(-1) + eps)
         xhat = xf * rstd[:, None]
     else:
-        mean = xf.mean(-1)
-        rstd = torch.rsqrt((xf - mean[:, None]).square().mean(-1) + eps)
-        xhat = (xf - mean[:, None]) * rstd[:, None]
+        # Corrected two-pass: the deviations' own mean is the rounding error of the mean; it is
+        # removed from the variance and from every deviation (what the kernels do).
+        mean = xf.mean(-1, keepdim=True)
+        deviation = xf - mean
+        correction = deviation.mean(-1, keepdim=True)
+        var = (deviation.square().mean(-1, keepdim=True) - correction.square()).clamp_min(0)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (deviation - correction) * rstd
+        mean, rstd = (mean + correction).squeeze(-1), rstd.squeeze(-1)
     if weight is not None:
         xhat = xhat * weight.to(acc)
     if bias is not None:

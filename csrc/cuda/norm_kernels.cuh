@@ -1,0 +1,947 @@
+// CUDA kernels of the norms (LayerNorm / RMSNorm over the last dim, optionally fused with the
+// pre-norm residual add), forward and backward, and their launchers. Included once per dtype
+// and direction by norm_{fwd,bwd}_{f32,f16,bf16}.cu, which instantiate only what they use.
+// No torch headers: the kernels take the raw-pointer structs of norm_params.h.
+//
+// Rows that fit in registers: each row is held by a group of `threads_per_row` threads (a
+// power of two up to 32, several groups per warp, or a multiple of 32), each thread owning
+// kNv vectors of kVec elements: vector j = t + k * threads_per_row of the row, so that
+// neighbouring threads touch neighbouring 16 bytes. Reductions: butterfly shuffles, then a
+// shared-memory stage across the warps of a row. Longer rows: one block per row that loops
+// over the row once per pass, re-reading it from L2.
+//
+// Statistics and all accumulation are fp32; y = (s - mean) * rstd * w + b is rounded once.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "../norm_params.h"
+#include "norm_launch.h"
+
+namespace fastarch::cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+// Block size when several short rows share a block.
+constexpr int kRowsBlockThreads = 256;
+// Register-resident rows, sized so that no instantiation spills (ptxas --resource-usage):
+// forward: up to 32 elements per thread, 1024 threads per row up to 16 elements (64
+// registers) and 512 beyond, so rows up to 16384 elements; backward (the fp32 dweight/dbias
+// sums add two registers per element): up to 16 elements x 512 threads = 8192 elements.
+// Scalar (misaligned) instantiations stop at 8 elements per thread (a smaller build).
+constexpr int kFwdMaxElems = 32;
+constexpr int kBwdMaxThreads = 512;
+constexpr int kBwdMaxElems = 16;
+constexpr int kScalarMaxNv = 8;
+
+constexpr int fwd_max_threads(int elems_per_thread) { return elems_per_thread <= 16 ? 1024 : 512; }
+// Looped kernels: one block per row, kLoopUnroll vectors in flight per thread and pass.
+constexpr int kLoopThreads = 512;
+constexpr int kLoopUnroll = 4;
+// Column sums of the dweight/dbias partials: 32 columns x 32 lanes over the partial rows.
+constexpr int kColSumCols = 32;
+constexpr int kColSumLanes = 32;
+// Looped backward's column kernel: 32 vectors of columns x 8 lanes over rows.
+constexpr int kColsVectors = 32;
+constexpr int kColsRowLanes = 8;
+
+// ------------------------------------------------------------------ element conversions
+
+template <typename T>
+struct Convert;
+
+template <>
+struct Convert<float> {
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+  static __device__ __forceinline__ float from_float(float v) { return v; }
+};
+
+template <>
+struct Convert<__half> {
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+// kVec elements accessed as one load/store (16 bytes when kVec * sizeof(T) == 16).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ Pack<T, kVec> load_pack(const T* row, int64_t j) {
+  return *reinterpret_cast<const Pack<T, kVec>*>(row + j * kVec);
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_pack(T* row, int64_t j, const Pack<T, kVec>& v) {
+  *reinterpret_cast<Pack<T, kVec>*>(row + j * kVec) = v;
+}
+
+// ------------------------------------------------------------------ reductions
+
+// Sums kN values over the threads_per_row threads of a row; all of them get the same bits
+// (each butterfly step adds the same two operands in both lanes). threads_per_row is a power
+// of two <= 32 (groups aligned within a warp) or a multiple of 32 (contiguous warps). buf:
+// 2 * kN * 32 floats of shared memory, used alternately by consecutive calls (phase), so one
+// barrier per call suffices: a thread can only overwrite a half after every thread passed the
+// barrier of the call in between, i.e. finished reading that half. Must be called by every
+// thread of the block (uniform control flow) when threads_per_row > 32.
+template <int kN>
+__device__ __forceinline__ void row_allreduce(float (&v)[kN], int threads_per_row, float* buf, int& phase) {
+  const int width = threads_per_row < 32 ? threads_per_row : 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    if (offset < width) {
+#pragma unroll
+      for (int i = 0; i < kN; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], offset);
+    }
+  }
+  if (threads_per_row <= 32) return;
+  float* half = buf + (phase & 1) * (kN * 32);
+  ++phase;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) half[i * 32 + warp] = v[i];
+  }
+  __syncthreads();
+  const int warps_per_row = threads_per_row >> 5;
+  const int first = warp - warp % warps_per_row;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) v[i] = lane < warps_per_row ? half[i * 32 + first + lane] : 0.f;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], offset);
+  }
+}
+
+// 1 / sqrt(var + eps), correctly rounded whatever the compiler flags (no fast-math rsqrt).
+__device__ __forceinline__ float inverse_std(float sum_sq, float n, float eps) {
+  return __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(sum_sq, n), eps)));
+}
+
+// (s - mean) * rstd * w + b, one rounding per operation like the reference (no FMA).
+__device__ __forceinline__ float normalize(float s, float mean, float rstd, bool has_w, float w, bool has_b, float b) {
+  float v = __fmul_rn(__fsub_rn(s, mean), rstd);
+  if (has_w) v = __fmul_rn(v, w);
+  if (has_b) v = __fadd_rn(v, b);
+  return v;
+}
+
+// ------------------------------------------------------------------ forward
+
+// Rows held in registers. grid-stride over groups of rows_per_block = blockDim.x /
+// threads_per_row rows (the loop bound is uniform over the block: barriers stay legal).
+template <typename T, int kVec, int kNv>
+__global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_kernel(const NormForwardParams p, int threads_per_row) {
+  using C = Convert<T>;
+  using P = Pack<T, kVec>;
+  __shared__ float red[2 * 32];
+  const int tpr = threads_per_row;
+  const int rows_per_block = blockDim.x / tpr;
+  const int group = threadIdx.x / tpr;
+  const int t = threadIdx.x - group * tpr;
+  const int64_t nvec = p.cols / kVec;
+  const float n = static_cast<float>(p.cols);
+  const float eps = static_cast<float>(p.eps);
+  const T* w = static_cast<const T*>(p.weight);
+  const T* b = static_cast<const T*>(p.bias);
+  int phase = 0;
+  for (int64_t first_row = static_cast<int64_t>(blockIdx.x) * rows_per_block; first_row < p.rows;
+       first_row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = first_row + group;
+    const bool row_ok = row < p.rows;
+    bool ok[kNv];
+#pragma unroll
+    for (int k = 0; k < kNv; ++k) ok[k] = row_ok && t + k * tpr < nvec;
+
+    // The row, as kNv packs of T: x, or x + residual rounded to T (what residual_out holds and
+    // what the statistics see). Kept in T rather than fp32: exact, and half the registers for
+    // 16-bit types. All loads are issued before any use, for memory-level parallelism.
+    P xs[kNv];
+    const T* x = static_cast<const T*>(p.x) + (row_ok ? row * p.x_row_stride : 0);
+#pragma unroll
+    for (int k = 0; k < kNv; ++k) {
+      if (ok[k]) {
+        xs[k] = load_pack<T, kVec>(x, t + k * tpr);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) xs[k].v[e] = C::from_float(0.f);
+      }
+    }
+    if (p.residual) {
+      const T* r = static_cast<const T*>(p.residual) + (row_ok ? row * p.residual_row_stride : 0);
+      T* out = static_cast<T*>(p.residual_out) + (row_ok ? row * p.cols : 0);
+      P ra[kNv];
+#pragma unroll
+      for (int k = 0; k < kNv; ++k) {
+        if (ok[k]) ra[k] = load_pack<T, kVec>(r, t + k * tpr);
+      }
+#pragma unroll
+      for (int k = 0; k < kNv; ++k) {
+        if (ok[k]) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) xs[k].v[e] = C::from_float(C::to_float(xs[k].v[e]) + C::to_float(ra[k].v[e]));
+          store_pack<T, kVec>(out, t + k * tpr, xs[k]);
+        }
+      }
+    }
+
+    float mean = 0.f;
+    if (!p.rms) {
+      float sum[1] = {0.f};
+#pragma unroll
+      for (int k = 0; k < kNv; ++k) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sum[0] += C::to_float(xs[k].v[e]);  // 0 outside the row
+      }
+      row_allreduce<1>(sum, tpr, red, phase);
+      mean = __fdiv_rn(sum[0], n);
+    }
+    // Two-pass variance (squared deviations from the mean): no cancellation when
+    // |mean| >> std, unlike E[x^2] - mean^2. RMSNorm: mean = 0, the mean of squares.
+    float sq[1] = {0.f};
+#pragma unroll
+    for (int k = 0; k < kNv; ++k) {
+      if (ok[k]) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float d = C::to_float(xs[k].v[e]) - mean;
+          sq[0] += d * d;
+        }
+      }
+    }
+    row_allreduce<1>(sq, tpr, red, phase);
+    const float rstd = inverse_std(sq[0], n, eps);
+
+    if (row_ok) {
+      T* y = static_cast<T*>(p.y) + row * p.cols;
+#pragma unroll
+      for (int k = 0; k < kNv; ++k) {
+        if (!ok[k]) continue;
+        const int j = t + k * tpr;
+        P wa, ba, o;
+        if (w) wa = load_pack<T, kVec>(w, j);
+        if (b) ba = load_pack<T, kVec>(b, j);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float we = w ? C::to_float(wa.v[e]) : 1.f;
+          const float be = b ? C::to_float(ba.v[e]) : 0.f;
+          o.v[e] = C::from_float(normalize(C::to_float(xs[k].v[e]), mean, rstd, w != nullptr, we, b != nullptr, be));
+        }
+        store_pack<T, kVec>(y, j, o);
+      }
+      if (t == 0) {
+        if (!p.rms) static_cast<float*>(p.mean)[row] = mean;
+        static_cast<float*>(p.rstd)[row] = rstd;
+      }
+    }
+  }
+}
+
+// Rows too long for registers: one block per row (grid-stride over rows), three passes over
+// the row (sum, squared deviations, normalize; RMSNorm skips the second). Each thread reads
+// back only the vectors it wrote itself (residual_out), so no barrier is needed for them.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const NormForwardParams p) {
+  using C = Convert<T>;
+  using P = Pack<T, kVec>;
+  constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kLoopUnroll;
+  __shared__ float red[2 * 32];
+  const int64_t nvec = p.cols / kVec;
+  const float n = static_cast<float>(p.cols);
+  const float eps = static_cast<float>(p.eps);
+  const T* w = static_cast<const T*>(p.weight);
+  const T* b = static_cast<const T*>(p.bias);
+  int phase = 0;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
+    const T* src = x;
+    // Pass 1: the sum (LayerNorm) or the sum of squares (RMSNorm); writes residual_out.
+    float acc[1] = {0.f};
+    if (p.residual) {
+      const T* r = static_cast<const T*>(p.residual) + row * p.residual_row_stride;
+      T* out = static_cast<T*>(p.residual_out) + row * p.cols;
+      for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
+        P xa[kLoopUnroll], ra[kLoopUnroll];
+#pragma unroll
+        for (int u = 0; u < kLoopUnroll; ++u) {
+          const int64_t j = base + u * kLoopThreads;
+          if (j < nvec) {
+            xa[u] = load_pack<T, kVec>(x, j);
+            ra[u] = load_pack<T, kVec>(r, j);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kLoopUnroll; ++u) {
+          const int64_t j = base + u * kLoopThreads;
+          if (j < nvec) {
+            P s;
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) {
+              s.v[e] = C::from_float(C::to_float(xa[u].v[e]) + C::to_float(ra[u].v[e]));
+              const float f = C::to_float(s.v[e]);
+              acc[0] += p.rms ? f * f : f;
+            }
+            store_pack<T, kVec>(out, j, s);
+          }
+        }
+      }
+      src = out;
+    } else {
+      for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
+        P xa[kLoopUnroll];
+#pragma unroll
+        for (int u = 0; u < kLoopUnroll; ++u) {
+          const int64_t j = base + u * kLoopThreads;
+          if (j < nvec) xa[u] = load_pack<T, kVec>(x, j);
+        }
+#pragma unroll
+        for (int u = 0; u < kLoopUnroll; ++u) {
+          const int64_t j = base + u * kLoopThreads;
+          if (j < nvec) {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) {
+              const float f = C::to_float(xa[u].v[e]);
+              acc[0] += p.rms ? f * f : f;
+            }
+          }
+        }
+      }
+    }
+    row_allreduce<1>(acc, kLoopThreads, red, phase);
+    float mean = 0.f, sum_sq = acc[0];
+    if (!p.rms) {
+      mean = __fdiv_rn(acc[0], n);
+      // Pass 2: squared deviations from the mean.
+      float sq[1] = {0.f};
+      for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
+        P xa[kLoopUnroll];
+#pragma unroll
+        for (int u = 0; u < kLoopUnroll; ++u) {
+          const int64_t j = base + u * kLoopThreads;
+          if (j < nvec) xa[u] = load_pack<T, kVec>(src, j);
+        }
+#pragma unroll
+        for (int u = 0; u < kLoopUnroll; ++u) {
+          const int64_t j = base + u * kLoopThreads;
+          if (j < nvec) {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) {
+              const float d = C::to_float(xa[u].v[e]) - mean;
+              sq[0] += d * d;
+            }
+          }
+        }
+      }
+      row_allreduce<1>(sq, kLoopThreads, red, phase);
+      sum_sq = sq[0];
+    }
+    const float rstd = inverse_std(sum_sq, n, eps);
+    // Pass 3: normalize.
+    T* y = static_cast<T*>(p.y) + row * p.cols;
+    for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
+      P xa[kLoopUnroll];
+#pragma unroll
+      for (int u = 0; u < kLoopUnroll; ++u) {
+        const int64_t j = base + u * kLoopThreads;
+        if (j < nvec) xa[u] = load_pack<T, kVec>(src, j);
+      }
+#pragma unroll
+      for (int u = 0; u < kLoopUnroll; ++u) {
+        const int64_t j = base + u * kLoopThreads;
+        if (j < nvec) {
+          P wa, ba, o;
+          if (w) wa = load_pack<T, kVec>(w, j);
+          if (b) ba = load_pack<T, kVec>(b, j);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float we = w ? C::to_float(wa.v[e]) : 1.f;
+            const float be = b ? C::to_float(ba.v[e]) : 0.f;
+            o.v[e] = C::from_float(
+                normalize(C::to_float(xa[u].v[e]), mean, rstd, w != nullptr, we, b != nullptr, be));
+          }
+          store_pack<T, kVec>(y, j, o);
+        }
+      }
+    }
+    if (threadIdx.x == 0) {
+      if (!p.rms) static_cast<float*>(p.mean)[row] = mean;
+      static_cast<float*>(p.rstd)[row] = rstd;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+// dx for rows held in registers, fused with the dweight/dbias sums: a persistent grid, each
+// thread summing dy * xhat and dy over its block's rows for the columns it owns (the same
+// columns in every row); at the end the block's row groups are added in shared memory and
+// the block writes one partial row to dw_part/db_part (gridDim.x, cols). dw_part == null:
+// no weight gradients.
+//   xhat = (x - mean) * rstd, g = dy * w, dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+//   (+ dresidual_out); RMSNorm: mean = 0 and no mean(g) term.
+template <typename T, int kVec, int kNv>
+__global__ void __launch_bounds__(kBwdMaxThreads)
+    norm_bwd_rows_kernel(const NormBackwardParams p, float* dw_part, float* db_part, int threads_per_row) {
+  using C = Convert<T>;
+  using P = Pack<T, kVec>;
+  __shared__ float red[2 * 2 * 32];
+  // Only when several rows share a block (then blockDim.x <= kRowsBlockThreads).
+  __shared__ float acc_smem[kRowsBlockThreads * kNv * kVec];
+  const int tpr = threads_per_row;
+  const int rows_per_block = blockDim.x / tpr;
+  const int group = threadIdx.x / tpr;
+  const int t = threadIdx.x - group * tpr;
+  const int64_t nvec = p.cols / kVec;
+  const float n = static_cast<float>(p.cols);
+  const bool weight_grads = dw_part != nullptr;
+  const T* w = static_cast<const T*>(p.weight);
+  const float* mean_in = static_cast<const float*>(p.mean);
+  const float* rstd_in = static_cast<const float*>(p.rstd);
+  float dw[kNv][kVec], db[kNv][kVec];
+#pragma unroll
+  for (int k = 0; k < kNv; ++k) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) dw[k][e] = db[k][e] = 0.f;
+  }
+  int phase = 0;
+  for (int64_t first_row = static_cast<int64_t>(blockIdx.x) * rows_per_block; first_row < p.rows;
+       first_row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = first_row + group;
+    const bool row_ok = row < p.rows;
+    bool ok[kNv];
+#pragma unroll
+    for (int k = 0; k < kNv; ++k) ok[k] = row_ok && t + k * tpr < nvec;
+    const T* x = static_cast<const T*>(p.xin) + (row_ok ? row * p.xin_row_stride : 0);
+    const T* dy = static_cast<const T*>(p.dy) + (row_ok ? row * p.dy_row_stride : 0);
+    // x and dy stay in T across the reduction (half the registers of fp32 for 16-bit types);
+    // xhat and g are recomputed for dx. Outside the row x = dy = w = 0, so g = 0 and every
+    // product with dy or g is 0 (xhat = -mean * rstd is finite there unless the row's own
+    // xhat are not; rows past the end have mean = rstd = 0).
+    P xa[kNv], da[kNv];
+#pragma unroll
+    for (int k = 0; k < kNv; ++k) {
+      if (ok[k]) {
+        xa[k] = load_pack<T, kVec>(x, t + k * tpr);
+        da[k] = load_pack<T, kVec>(dy, t + k * tpr);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) xa[k].v[e] = da[k].v[e] = C::from_float(0.f);
+      }
+    }
+    const float mean = row_ok && !p.rms ? mean_in[row] : 0.f;
+    const float rstd = row_ok ? rstd_in[row] : 0.f;
+
+    float sums[2] = {0.f, 0.f};  // sum(g), sum(g * xhat)
+#pragma unroll
+    for (int k = 0; k < kNv; ++k) {
+      P wa;
+      if (w) {
+        if (ok[k]) {
+          wa = load_pack<T, kVec>(w, t + k * tpr);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) wa.v[e] = C::from_float(0.f);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const float d = C::to_float(da[k].v[e]);
+        const float xh = (C::to_float(xa[k].v[e]) - mean) * rstd;
+        const float gv = w ? d * C::to_float(wa.v[e]) : d;
+        if (weight_grads) {
+          dw[k][e] += d * xh;
+          db[k][e] += d;
+        }
+        sums[0] += gv;
+        sums[1] += gv * xh;
+      }
+    }
+    row_allreduce<2>(sums, tpr, red, phase);
+    const float c_g = p.rms ? 0.f : __fdiv_rn(sums[0], n);
+    const float c_gx = __fdiv_rn(sums[1], n);
+
+    if (row_ok) {
+      T* dx = static_cast<T*>(p.dx) + row * p.cols;
+      const T* dres = p.dresidual_out
+          ? static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride
+          : nullptr;
+#pragma unroll
+      for (int k = 0; k < kNv; ++k) {
+        if (!ok[k]) continue;
+        const int j = t + k * tpr;
+        P wa, ra, o;
+        if (w) wa = load_pack<T, kVec>(w, j);
+        if (dres) ra = load_pack<T, kVec>(dres, j);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float d = C::to_float(da[k].v[e]);
+          const float xh = (C::to_float(xa[k].v[e]) - mean) * rstd;
+          const float gv = w ? d * C::to_float(wa.v[e]) : d;
+          float v = rstd * (gv - c_g - xh * c_gx);
+          if (dres) v += C::to_float(ra.v[e]);
+          o.v[e] = C::from_float(v);
+        }
+        store_pack<T, kVec>(dx, j, o);
+      }
+    }
+  }
+
+  if (!weight_grads) return;
+  // This block's partial row: column c = (t + k * tpr) * kVec + e, owned by one thread of
+  // each row group. Every column < cols is written (groups without rows hold zeros).
+  float* dw_out = dw_part + static_cast<int64_t>(blockIdx.x) * p.cols;
+  float* db_out = db_part + static_cast<int64_t>(blockIdx.x) * p.cols;
+  if (rows_per_block == 1) {
+#pragma unroll
+    for (int k = 0; k < kNv; ++k) {
+      const int j = t + k * tpr;
+      if (j < nvec) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          dw_out[static_cast<int64_t>(j) * kVec + e] = dw[k][e];
+          db_out[static_cast<int64_t>(j) * kVec + e] = db[k][e];
+        }
+      }
+    }
+    return;
+  }
+  // Several row groups (blockDim.x <= kRowsBlockThreads): acc_smem[group][c], group-major,
+  // slots = tpr * kNv * kVec >= cols per group.
+  const int slots = tpr * kNv * kVec;
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    float* out = pass == 0 ? dw_out : db_out;
+#pragma unroll
+    for (int k = 0; k < kNv; ++k) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        acc_smem[group * slots + (t + k * tpr) * kVec + e] = pass == 0 ? dw[k][e] : db[k][e];
+      }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < p.cols; c += blockDim.x) {
+      float s = 0.f;
+      for (int i = 0; i < rows_per_block; ++i) s += acc_smem[i * slots + c];
+      out[c] = s;
+    }
+    __syncthreads();  // acc_smem is rewritten by the next pass
+  }
+}
+
+// dx for rows too long for registers: one block per row (grid-stride), two passes (the row
+// sums, then dx), the second re-reading the row from L2. The weight gradients come from
+// norm_bwd_cols_kernel.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const NormBackwardParams p) {
+  using C = Convert<T>;
+  using P = Pack<T, kVec>;
+  constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kLoopUnroll;
+  __shared__ float red[2 * 2 * 32];
+  const int64_t nvec = p.cols / kVec;
+  const float n = static_cast<float>(p.cols);
+  const T* w = static_cast<const T*>(p.weight);
+  int phase = 0;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const T* x = static_cast<const T*>(p.xin) + row * p.xin_row_stride;
+    const T* dy = static_cast<const T*>(p.dy) + row * p.dy_row_stride;
+    const float mean = p.rms ? 0.f : static_cast<const float*>(p.mean)[row];
+    const float rstd = static_cast<const float*>(p.rstd)[row];
+    // Pass 1: sum(g), sum(g * xhat).
+    float sums[2] = {0.f, 0.f};
+    for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
+      P xa[kLoopUnroll], da[kLoopUnroll], wa[kLoopUnroll];
+#pragma unroll
+      for (int u = 0; u < kLoopUnroll; ++u) {
+        const int64_t j = base + u * kLoopThreads;
+        if (j < nvec) {
+          xa[u] = load_pack<T, kVec>(x, j);
+          da[u] = load_pack<T, kVec>(dy, j);
+          if (w) wa[u] = load_pack<T, kVec>(w, j);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kLoopUnroll; ++u) {
+        const int64_t j = base + u * kLoopThreads;
+        if (j < nvec) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float xh = (C::to_float(xa[u].v[e]) - mean) * rstd;
+            const float d = C::to_float(da[u].v[e]);
+            const float gv = w ? d * C::to_float(wa[u].v[e]) : d;
+            sums[0] += gv;
+            sums[1] += gv * xh;
+          }
+        }
+      }
+    }
+    row_allreduce<2>(sums, kLoopThreads, red, phase);
+    const float c_g = p.rms ? 0.f : __fdiv_rn(sums[0], n);
+    const float c_gx = __fdiv_rn(sums[1], n);
+    // Pass 2: dx.
+    T* dx = static_cast<T*>(p.dx) + row * p.cols;
+    const T* dres = p.dresidual_out
+        ? static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride
+        : nullptr;
+    for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
+      P xa[kLoopUnroll], da[kLoopUnroll];
+#pragma unroll
+      for (int u = 0; u < kLoopUnroll; ++u) {
+        const int64_t j = base + u * kLoopThreads;
+        if (j < nvec) {
+          xa[u] = load_pack<T, kVec>(x, j);
+          da[u] = load_pack<T, kVec>(dy, j);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kLoopUnroll; ++u) {
+        const int64_t j = base + u * kLoopThreads;
+        if (j < nvec) {
+          P wa, ra, o;
+          if (w) wa = load_pack<T, kVec>(w, j);
+          if (dres) ra = load_pack<T, kVec>(dres, j);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float xh = (C::to_float(xa[u].v[e]) - mean) * rstd;
+            const float d = C::to_float(da[u].v[e]);
+            const float gv = w ? d * C::to_float(wa.v[e]) : d;
+            float v = rstd * (gv - c_g - xh * c_gx);
+            if (dres) v += C::to_float(ra.v[e]);
+            o.v[e] = C::from_float(v);
+          }
+          store_pack<T, kVec>(dx, j, o);
+        }
+      }
+    }
+  }
+}
+
+// dweight/dbias partials for the looped backward: block (blockIdx.x, blockIdx.y) sums the
+// columns of kColsVectors vectors over the rows blockIdx.y * kColsRowLanes + ty (+ stride
+// gridDim.y * kColsRowLanes), and writes them to row blockIdx.y of dw_part/db_part.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kColsVectors * kColsRowLanes)
+    norm_bwd_cols_kernel(const NormBackwardParams p, float* dw_part, float* db_part) {
+  using C = Convert<T>;
+  using P = Pack<T, kVec>;
+  __shared__ float sw[kColsRowLanes][kColsVectors * kVec];
+  __shared__ float sb[kColsRowLanes][kColsVectors * kVec];
+  const int tx = threadIdx.x % kColsVectors, ty = threadIdx.x / kColsVectors;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColsVectors + tx;
+  const bool col_ok = j < p.cols / kVec;
+  const float* mean_in = static_cast<const float*>(p.mean);
+  const float* rstd_in = static_cast<const float*>(p.rstd);
+  float dw[kVec], db[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) dw[e] = db[e] = 0.f;
+  if (col_ok) {
+    const int64_t stride = static_cast<int64_t>(gridDim.y) * kColsRowLanes;
+#pragma unroll 4
+    for (int64_t r = static_cast<int64_t>(blockIdx.y) * kColsRowLanes + ty; r < p.rows; r += stride) {
+      const P xa = load_pack<T, kVec>(static_cast<const T*>(p.xin) + r * p.xin_row_stride, j);
+      const P da = load_pack<T, kVec>(static_cast<const T*>(p.dy) + r * p.dy_row_stride, j);
+      const float mean = p.rms ? 0.f : mean_in[r];
+      const float rstd = rstd_in[r];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const float d = C::to_float(da.v[e]);
+        dw[e] += d * ((C::to_float(xa.v[e]) - mean) * rstd);
+        db[e] += d;
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    sw[ty][tx * kVec + e] = dw[e];
+    sb[ty][tx * kVec + e] = db[e];
+  }
+  __syncthreads();
+  if (ty == 0 && col_ok) {
+    float* dw_out = dw_part + static_cast<int64_t>(blockIdx.y) * p.cols + j * kVec;
+    float* db_out = db_part + static_cast<int64_t>(blockIdx.y) * p.cols + j * kVec;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      float sum_w = 0.f, sum_b = 0.f;
+      for (int i = 0; i < kColsRowLanes; ++i) {
+        sum_w += sw[i][tx * kVec + e];
+        sum_b += sb[i][tx * kVec + e];
+      }
+      dw_out[e] = sum_w;
+      db_out[e] = sum_b;
+    }
+  }
+}
+
+// dweight[c] = sum over the partial rows of dw_part[:, c] (same for dbias), in a fixed order
+// (deterministic). Block: kColSumCols columns x kColSumLanes lanes over the partial rows.
+template <typename T>
+__global__ void __launch_bounds__(kColSumCols * kColSumLanes) norm_colsum_kernel(
+    const float* dw_part, const float* db_part, int64_t parts, int64_t cols, T* dweight, T* dbias) {
+  __shared__ float sw[kColSumLanes][kColSumCols];
+  __shared__ float sb[kColSumLanes][kColSumCols];
+  const int tx = threadIdx.x % kColSumCols, ty = threadIdx.x / kColSumCols;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColSumCols + tx;
+  float sum_w = 0.f, sum_b = 0.f;
+  if (c < cols) {
+    for (int64_t i = ty; i < parts; i += kColSumLanes) {
+      if (dweight) sum_w += dw_part[i * cols + c];
+      if (dbias) sum_b += db_part[i * cols + c];
+    }
+  }
+  sw[ty][tx] = sum_w;
+  sb[ty][tx] = sum_b;
+  __syncthreads();
+  if (ty == 0 && c < cols) {
+    for (int i = 1; i < kColSumLanes; ++i) {
+      sum_w += sw[i][tx];
+      sum_b += sb[i][tx];
+    }
+    if (dweight) dweight[c] = Convert<T>::from_float(sum_w);
+    if (dbias) dbias[c] = Convert<T>::from_float(sum_b);
+  }
+}
+
+// ------------------------------------------------------------------ launch configuration
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// A row of `rows` rows whose pointer and row stride allow kVec-element vector access.
+inline bool vector_ok(const void* ptr, int64_t row_stride, int64_t rows, int kVec) {
+  return aligned16(ptr) && (rows <= 1 || row_stride % kVec == 0);
+}
+
+struct RowsConfig {
+  int nv = 0;  // vectors per thread; 0: the row does not fit in registers
+  int threads_per_row = 0;
+  int rows_per_block = 0;
+};
+
+// Threads per row and vectors per thread for a row of nvec vectors: the most vectors per
+// thread (fewest threads, so fewer barriers and more loads in flight per thread) that wastes
+// at most a quarter of the slots (threads_per_row * nv >= nvec); failing that, the fewest
+// slots. threads_per_row: a power of two up to 16, else a multiple of 32.
+template <typename MaxThreads>
+RowsConfig choose_rows_config(int64_t nvec, int nv_max, MaxThreads max_threads_for_nv) {
+  RowsConfig best;
+  int64_t best_slots = INT64_MAX;
+  for (int nv = nv_max; nv >= 1; nv /= 2) {
+    const int max_threads = max_threads_for_nv(nv);
+    const int64_t per_thread = ceil_div(nvec, nv);
+    int64_t threads = 1;
+    if (per_thread <= 16) {
+      while (threads < per_thread) threads *= 2;
+    } else {
+      threads = ceil_div(per_thread, 32) * 32;
+    }
+    if (threads > max_threads) continue;
+    const int64_t slots = threads * nv;
+    const bool good = slots * 3 <= nvec * 4;
+    if (good || slots < best_slots) {
+      best.nv = nv;
+      best.threads_per_row = static_cast<int>(threads);
+      best_slots = slots;
+      if (good) break;
+    }
+  }
+  if (best.nv > 0) best.rows_per_block = std::max(1, kRowsBlockThreads / best.threads_per_row);
+  return best;
+}
+
+inline cudaError_t sm_count(int* count) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+}
+
+// Calls fn(std::integral_constant<int, nv>) for the run-time nv in {kNvMax, kNvMax/2, ..., 1}:
+// only those instantiations exist.
+template <int kNv, typename Fn>
+cudaError_t with_nv(int nv, Fn&& fn) {
+  if (nv == kNv) return fn(std::integral_constant<int, kNv>{});
+  if constexpr (kNv > 1) {
+    return with_nv<kNv / 2>(nv, fn);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+}
+
+// ------------------------------------------------------------------ forward launcher
+
+template <typename T, int kVec>
+constexpr int fwd_nv_max() {
+  return kVec == 1 ? kScalarMaxNv : kFwdMaxElems / kVec;
+}
+
+template <typename T, int kVec>
+cudaError_t norm_forward_vec(const NormForwardParams& p, cudaStream_t stream) {
+  const RowsConfig c =
+      choose_rows_config(p.cols / kVec, fwd_nv_max<T, kVec>(), [](int nv) { return fwd_max_threads(nv * kVec); });
+  if (c.nv == 0) {
+    int sms = 0;
+    cudaError_t err = sm_count(&sms);
+    if (err != cudaSuccess) return err;
+    // One block per SM: the rows in flight (and so the L2 footprint of the re-read passes)
+    // stay at #SMs rows.
+    const int64_t grid = std::min<int64_t>(p.rows, sms);
+    norm_fwd_looped_kernel<T, kVec><<<static_cast<unsigned>(grid), kLoopThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  const int64_t grid = std::min<int64_t>(ceil_div(p.rows, c.rows_per_block), INT32_MAX);
+  const int block = c.rows_per_block * c.threads_per_row;
+  return with_nv<fwd_nv_max<T, kVec>()>(c.nv, [&](auto nv) {
+    norm_fwd_rows_kernel<T, kVec, decltype(nv)::value>
+        <<<static_cast<unsigned>(grid), block, 0, stream>>>(p, c.threads_per_row);
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+cudaError_t norm_forward_impl(const NormForwardParams& p, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = p.cols % kVec == 0 && vector_ok(p.x, p.x_row_stride, p.rows, kVec) &&
+      (!p.residual || vector_ok(p.residual, p.residual_row_stride, p.rows, kVec)) && aligned16(p.weight) &&
+      aligned16(p.bias) && aligned16(p.y) && aligned16(p.residual_out);
+  return vec ? norm_forward_vec<T, kVec>(p, stream) : norm_forward_vec<T, 1>(p, stream);
+}
+
+// ------------------------------------------------------------------ backward launchers
+
+template <typename T, int kVec>
+constexpr int bwd_nv_max() {
+  return kVec == 1 ? kScalarMaxNv : kBwdMaxElems / kVec;
+}
+
+// Resident blocks per SM of norm_bwd_rows_kernel<T, kVec, kNv> at `threads` threads
+// (occupancy calculator, cached per device and block size).
+template <typename T, int kVec, int kNv>
+cudaError_t bwd_rows_blocks_per_sm(int threads, int* blocks) {
+  constexpr int kCachedDevices = 16;
+  static std::atomic<int> cache[kCachedDevices][kBwdMaxThreads / 32 + 1];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const int slot = threads / 32;
+  const bool cached = device >= 0 && device < kCachedDevices && slot >= 0 && slot <= kBwdMaxThreads / 32;
+  if (cached) {
+    const int c = cache[device][slot].load(std::memory_order_relaxed);
+    if (c > 0) {
+      *blocks = c;
+      return cudaSuccess;
+    }
+  }
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, norm_bwd_rows_kernel<T, kVec, kNv>, threads, 0);
+  if (err != cudaSuccess) return err;
+  *blocks = std::max(*blocks, 1);
+  if (cached) cache[device][slot].store(*blocks, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+template <typename T, int kVec>
+cudaError_t norm_backward_plan_vec(const NormBackwardParams& p, bool weight_grads, NormBackwardPlan* plan) {
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t nvec = p.cols / kVec;
+  const RowsConfig c = choose_rows_config(nvec, bwd_nv_max<T, kVec>(), [](int) { return kBwdMaxThreads; });
+  plan->weight_grads = weight_grads;
+  plan->vec = kVec;
+  if (c.nv > 0) {
+    plan->looped = false;
+    plan->vectors_per_thread = c.nv;
+    plan->threads_per_row = c.threads_per_row;
+    plan->rows_per_block = c.rows_per_block;
+    const int block = c.rows_per_block * c.threads_per_row;
+    int per_sm = 1;
+    err = with_nv<bwd_nv_max<T, kVec>()>(
+        c.nv, [&](auto nv) { return bwd_rows_blocks_per_sm<T, kVec, decltype(nv)::value>(block, &per_sm); });
+    if (err != cudaSuccess) return err;
+    // Persistent: one wave; every block gets at least one row group.
+    plan->grid = std::min<int64_t>(ceil_div(p.rows, c.rows_per_block), static_cast<int64_t>(per_sm) * sms);
+    plan->partial_rows = weight_grads ? plan->grid : 0;
+  } else {
+    plan->looped = true;
+    plan->grid = std::min<int64_t>(p.rows, sms);  // one block per SM, as in the forward
+    plan->col_blocks = ceil_div(nvec, kColsVectors);
+    // About 4 blocks of 256 threads per SM; at most one split per kColsRowLanes rows.
+    const int64_t splits = std::min<int64_t>(
+        {std::max<int64_t>(1, ceil_div(4 * static_cast<int64_t>(sms), plan->col_blocks)),
+         ceil_div(p.rows, kColsRowLanes), 65535});
+    plan->partial_rows = weight_grads ? splits : 0;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+bool backward_vector_ok(const NormBackwardParams& p) {
+  constexpr int kVec = 16 / sizeof(T);
+  return p.cols % kVec == 0 && vector_ok(p.dy, p.dy_row_stride, p.rows, kVec) &&
+      (!p.dresidual_out || vector_ok(p.dresidual_out, p.dresidual_out_row_stride, p.rows, kVec)) &&
+      vector_ok(p.xin, p.xin_row_stride, p.rows, kVec) && aligned16(p.weight) && aligned16(p.dx);
+}
+
+template <typename T>
+cudaError_t norm_backward_plan_impl(const NormBackwardParams& p, bool weight_grads, NormBackwardPlan* plan) {
+  *plan = NormBackwardPlan{};
+  return backward_vector_ok<T>(p) ? norm_backward_plan_vec<T, 16 / sizeof(T)>(p, weight_grads, plan)
+                                  : norm_backward_plan_vec<T, 1>(p, weight_grads, plan);
+}
+
+template <typename T, int kVec>
+cudaError_t norm_backward_vec(
+    const NormBackwardPlan& plan, const NormBackwardParams& p, float* partials, T* dweight, T* dbias,
+    cudaStream_t stream) {
+  float* dw_part = plan.weight_grads ? partials : nullptr;
+  float* db_part = plan.weight_grads ? partials + plan.partial_rows * p.cols : nullptr;
+  cudaError_t err = cudaSuccess;
+  if (!plan.looped) {
+    const int block = plan.rows_per_block * plan.threads_per_row;
+    err = with_nv<bwd_nv_max<T, kVec>()>(plan.vectors_per_thread, [&](auto nv) {
+      norm_bwd_rows_kernel<T, kVec, decltype(nv)::value>
+          <<<static_cast<unsigned>(plan.grid), block, 0, stream>>>(p, dw_part, db_part, plan.threads_per_row);
+      return cudaGetLastError();
+    });
+  } else {
+    norm_bwd_looped_kernel<T, kVec><<<static_cast<unsigned>(plan.grid), kLoopThreads, 0, stream>>>(p);
+    err = cudaGetLastError();
+    if (err == cudaSuccess && plan.weight_grads) {
+      const dim3 grid(static_cast<unsigned>(plan.col_blocks), static_cast<unsigned>(plan.partial_rows));
+      norm_bwd_cols_kernel<T, kVec><<<grid, kColsVectors * kColsRowLanes, 0, stream>>>(p, dw_part, db_part);
+      err = cudaGetLastError();
+    }
+  }
+  if (err != cudaSuccess || !plan.weight_grads) return err;
+  norm_colsum_kernel<T><<<static_cast<unsigned>(ceil_div(p.cols, kColSumCols)), kColSumCols * kColSumLanes, 0, stream>>>(
+      dw_part, db_part, plan.partial_rows, p.cols, dweight, dbias);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t norm_backward_impl(
+    const NormBackwardPlan& plan, const NormBackwardParams& p, float* partials, void* dweight, void* dbias,
+    cudaStream_t stream) {
+  T* dw = static_cast<T*>(dweight);
+  T* db = static_cast<T*>(dbias);
+  if (plan.vec == 1) return norm_backward_vec<T, 1>(plan, p, partials, dw, db, stream);
+  return norm_backward_vec<T, 16 / sizeof(T)>(plan, p, partials, dw, db, stream);
+}
+
+}  // namespace
+}  // namespace fastarch::cuda

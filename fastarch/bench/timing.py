@@ -1,0 +1,142 @@
+"""How ``fastarch bench`` measures time and the machine's copy bandwidth.
+
+A contender is a zero-argument callable that runs one iteration (it rotates through its own
+input sets). ``measure`` warms every contender up (the first calls compile the torch.compile
+one), then times them side by side:
+
+- CPU: interleaved rounds. Each round runs every contender once, in turn, for a batch of
+  iterations sized to take about ``TARGET_BATCH_S``; the result is the median over rounds of
+  (batch time / iterations). Interleaving makes a shared machine's swings hit every contender
+  alike, so the ratios hold even when the absolute times drift.
+- CUDA: ``triton.testing.do_bench`` (median), which synchronizes and flushes the L2 cache
+  before every call.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+Contender = Callable[[], object]
+
+WARMUP_CALLS = 3
+TARGET_BATCH_S = 0.03
+DEFAULT_LLC_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: float  # per call: the median over rounds (CPU) or do_bench's median (CUDA)
+    spread: float = 0.0  # CPU: the rounds' interquartile range / median; a noisy machine shows here
+
+
+def describe(e: BaseException) -> str:
+    """A one-paragraph description of an error, for a table row and the JSON."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(contenders: dict[str, Contender], device: str, rounds: int) -> tuple[dict[str, Timing], dict[str, str]]:
+    """The time per call of each contender, and the error of each one that failed."""
+    errors: dict[str, str] = {}
+    ready: dict[str, Contender] = {}
+    for name, fn in contenders.items():
+        try:
+            for _ in range(WARMUP_CALLS):
+                fn()
+            _synchronize(device)
+            ready[name] = fn
+        except Exception as e:  # a backend that cannot run, torch.compile failing, out of memory, ...
+            errors[name] = describe(e)
+    if not ready:
+        return {}, errors
+    try:
+        times = _time_cuda(ready) if device == "cuda" else _time_interleaved(ready, rounds)
+    except Exception as e:
+        return {}, {**errors, **{name: f"while timing: {describe(e)}" for name in ready}}
+    return times, errors
+
+
+def _time_cuda(contenders: dict[str, Contender]) -> dict[str, Timing]:
+    from triton.testing import do_bench
+
+    return {name: Timing(do_bench(fn, return_mode="median") * 1e-3) for name, fn in contenders.items()}
+
+
+def _batch_size(fn: Contender) -> int:
+    """How many calls of fn take about TARGET_BATCH_S (doubling until a batch is measurable)."""
+    n = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= TARGET_BATCH_S / 4 or n >= 1 << 16:
+            return max(1, round(n * TARGET_BATCH_S / max(elapsed, 1e-9)))
+        n *= 2
+
+
+def _time_interleaved(contenders: dict[str, Contender], rounds: int) -> dict[str, Timing]:
+    batch = {name: _batch_size(fn) for name, fn in contenders.items()}
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            for _ in range(batch[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / batch[name])
+    return {name: _summary(s) for name, s in samples.items()}
+
+
+def _summary(samples: list[float]) -> Timing:
+    median = statistics.median(samples)
+    if len(samples) < 2:
+        return Timing(median)
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return Timing(median, (q3 - q1) / median)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache on this machine (Linux sysfs), else DEFAULT_LLC_BYTES."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            pass
+    return max(sizes, default=DEFAULT_LLC_BYTES)
+
+
+def input_sets_needed(bytes_per_call: int, device: str, max_sets: int = 8) -> int:
+    """How many input sets to rotate through so that a call does not find its data in cache:
+    enough that one pass over all of them touches twice the last-level cache. On CUDA, one
+    (do_bench flushes L2 itself)."""
+    if device == "cuda":
+        return 1
+    return max(1, min(max_sets, math.ceil(2 * last_level_cache_bytes() / max(bytes_per_call, 1))))
+
+
+def copy_bandwidth(device: str) -> float:
+    """The machine's memory bandwidth in GB/s: a large ``dst.copy_(src)`` (256 MiB on CPU,
+    1 GiB on CUDA) with the current thread count, counting bytes read + written (median)."""
+    n_bytes = (1 << 30) if device == "cuda" else (256 << 20)
+    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    if device == "cuda":
+        timing = _time_cuda({"copy": lambda: dst.copy_(src)})["copy"]
+    else:
+        dst.copy_(src)  # first touch of dst's pages
+        timing = _time_interleaved({"copy": lambda: dst.copy_(src)}, rounds=7)["copy"]
+    return 2 * n_bytes / timing.seconds / 1e9

@@ -1,0 +1,82 @@
+"""fastarch bench: a tiny run prints the table and saves the JSON; the bytes it counts."""
+
+import json
+
+import pytest
+import torch
+
+from fastarch.bench import norms
+from fastarch.cli import main
+
+ROW_FIELDS = {
+    "op", "shape", "dtype", "pass", "backend", "ran", "ours_us", "eager_us", "compile_us", "speedup_vs_eager",
+    "speedup_vs_compile", "bytes", "gbps", "copy_fraction", "spread", "errors",
+}
+MACHINE_FIELDS = {
+    "device", "cpu", "gpu", "physical_cores", "logical_cpus", "torch_threads", "python", "torch", "triton",
+    "fastarch", "fastarch_C", "copy_bandwidth_gbps",
+}
+
+
+def test_bench_prints_a_table_and_saves_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    # cuda cannot run CPU tensors: its rows must show the error, not end the run
+    args = ["bench", "--op", "layer_norm", "--op", "add_rms_norm", "--device", "cpu", "--shapes", "64x128",
+            "--dtype", "fp32", "--pass", "both", "--backend", "auto,cuda", "--no-compile", "--rounds", "2",
+            "--json", str(path)]
+    assert main(args) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("op "))
+    for column in ("shape", "dtype", "pass", "backend", "ours us", "eager us", "compile us", "vs eager", "GB/s"):
+        assert column in header
+    table = [line for line in lines if line.startswith(("layer_norm ", "add_rms_norm "))]
+    assert len(table) == 2 * 2 * 2  # ops x passes x backends
+    assert all("NoBackendError" in line for line in table if " cuda " in line)
+
+    doc = json.loads(path.read_text())
+    assert MACHINE_FIELDS <= set(doc["machine"])
+    assert doc["machine"]["torch"] == torch.__version__
+    assert doc["machine"]["copy_bandwidth_gbps"] > 0 and doc["date"]
+    assert len(doc["rows"]) == len(table)
+    for row in doc["rows"]:
+        assert set(row) == ROW_FIELDS
+        assert row["eager_us"] > 0 and row["compile_us"] is None
+        if row["backend"] == "auto":
+            assert row["ours_us"] > 0 and row["gbps"] > 0 and row["ran"] and not row["errors"]
+        else:
+            assert row["ours_us"] is None and "cannot run" in row["errors"]["ours"]
+
+
+R, N = 64, 128
+# layer_norm fp32: x read, y written, weight and bias read, mean and rstd (fp32) written
+LN_FWD = 2 * R * N * 4 + 2 * N * 4 + 2 * R * 4
+# then x and dy read, dx written, weight read, dweight and dbias written, mean and rstd read
+LN_BWD = 3 * R * N * 4 + 3 * N * 4 + 2 * R * 4
+# add_rms_norm bf16: x and residual read, y and s written, weight read, rstd written
+ADD_RMS_FWD = 4 * R * N * 2 + N * 2 + R * 4
+# then s, dy and ds read, dx (shared by x and residual) written, weight read, dweight written, rstd read
+ADD_RMS_BWD = 4 * R * N * 2 + 2 * N * 2 + R * 4
+
+
+@pytest.mark.parametrize(
+    "op, dtype, backward, expected",
+    [
+        ("layer_norm", torch.float32, False, LN_FWD),
+        ("layer_norm", torch.float32, True, LN_FWD + LN_BWD),
+        ("add_rms_norm", torch.bfloat16, False, ADD_RMS_FWD),
+        ("add_rms_norm", torch.bfloat16, True, ADD_RMS_FWD + ADD_RMS_BWD),
+    ],
+)
+def test_bytes_moved(op, dtype, backward, expected):
+    assert norms.Case(op, (R, N), dtype, backward, "cpu").bytes_moved == expected
+
+
+@pytest.mark.slow
+def test_bench_times_torch_compile(tmp_path):
+    path = tmp_path / "bench.json"
+    args = ["bench", "--op", "rms_norm", "--device", "cpu", "--shapes", "64x128", "--dtype", "fp32", "--pass", "fwd",
+            "--rounds", "2", "--json", str(path)]
+    assert main(args) == 0
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["compile_us"] > 0 and row["speedup_vs_compile"] > 0 and not row["errors"]
