@@ -9,7 +9,7 @@ fallbacks, registered as torch ops.
 
 from fastarch import _extension  # noqa: F401  (loads fastarch._C first: it defines the kernel ops)
 from fastarch import nn, ops
-from fastarch.info import info
+from fastarch.system_info import info
 from fastarch.registry import NoBackendError, backend
 
 __version__ = "0.1.0"

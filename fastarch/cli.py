@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "info":
-        from fastarch.info import info
+        from fastarch.system_info import info
 
         info()
         return 0

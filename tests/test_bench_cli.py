@@ -13,8 +13,8 @@ ROW_FIELDS = {
     "speedup_vs_compile", "bytes", "gbps", "copy_fraction", "spread", "errors",
 }
 MACHINE_FIELDS = {
-    "device", "cpu", "gpu", "physical_cores", "logical_cpus", "torch_threads", "python", "torch", "triton",
-    "fastarch", "fastarch_C", "copy_bandwidth_gbps",
+    "device", "cpu", "gpu", "physical_cores", "logical_cpus", "torch_threads", "load_average", "python", "torch",
+    "triton", "fastarch", "fastarch_C", "copy_bandwidth_gbps",
 }
 
 
@@ -32,7 +32,8 @@ def test_bench_prints_a_table_and_saves_json(tmp_path, capsys):
         assert column in header
     table = [line for line in lines if line.startswith(("layer_norm ", "add_rms_norm "))]
     assert len(table) == 2 * 2 * 2  # ops x passes x backends
-    assert all("NoBackendError" in line for line in table if " cuda " in line)
+    cuda_rows = [line for line in table if " cuda " in line]
+    assert len(cuda_rows) == 4 and all("ours: NoBackendError" in line for line in cuda_rows)
 
     doc = json.loads(path.read_text())
     assert MACHINE_FIELDS <= set(doc["machine"])

@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <mutex>
 #include <type_traits>
 
 #include "../norm_params.h"
@@ -51,35 +53,89 @@ constexpr int kColSumLanes = 32;
 constexpr int kColsVectors = 32;
 constexpr int kColsRowLanes = 8;
 
-// ------------------------------------------------------------------ element conversions
+// ------------------------------------------------------------------ packs of elements
+
+// kVec elements of T moved by one load/store (16 bytes; or one element when the row is
+// misaligned), read and written as fp32: get(e) widens element e, set(f) rounds kVec values
+// to T (round to nearest even). 16-bit types are held as 32-bit words of two elements, so
+// that no register holds a lone 16-bit value and two outputs take one conversion.
+template <typename T, int kVec, typename Enable = void>
+struct Pack;
+
+template <int kVec>
+struct alignas(4 * kVec) Pack<float, kVec> {
+  float v[kVec];
+  __device__ __forceinline__ float get(int e) const { return v[e]; }
+  __device__ __forceinline__ void set(const float (&f)[kVec]) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v[e] = f[e];
+  }
+  __device__ __forceinline__ void set_zero() {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v[e] = 0.f;
+  }
+};
+
+// Bits of 16-bit floats in 32-bit words: element 2i is the low half (lower address).
+template <typename T>
+struct Bits16;
+
+template <>
+struct Bits16<__half> {
+  static __device__ __forceinline__ float low(uint32_t w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+  }
+  static __device__ __forceinline__ float high(uint32_t w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+  static __device__ __forceinline__ uint32_t pair(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t w;
+    memcpy(&w, &h, sizeof(w));
+    return w;
+  }
+  static __device__ __forceinline__ unsigned short one(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+template <>
+struct Bits16<__nv_bfloat16> {
+  // bf16 is the top half of an fp32: widening is a shift or a mask.
+  static __device__ __forceinline__ float low(uint32_t w) { return __uint_as_float(w << 16); }
+  static __device__ __forceinline__ float high(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+  static __device__ __forceinline__ uint32_t pair(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t w;
+    memcpy(&w, &h, sizeof(w));
+    return w;
+  }
+  static __device__ __forceinline__ unsigned short one(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+
+template <typename T, int kVec>
+struct alignas(2 * kVec) Pack<T, kVec, std::enable_if_t<sizeof(T) == 2 && kVec % 2 == 0>> {
+  uint32_t w[kVec / 2];
+  __device__ __forceinline__ float get(int e) const {
+    return e % 2 ? Bits16<T>::high(w[e / 2]) : Bits16<T>::low(w[e / 2]);
+  }
+  __device__ __forceinline__ void set(const float (&f)[kVec]) {
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i) w[i] = Bits16<T>::pair(f[2 * i], f[2 * i + 1]);
+  }
+  __device__ __forceinline__ void set_zero() {
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i) w[i] = 0u;  // +0.0 in both halves
+  }
+};
 
 template <typename T>
-struct Convert;
-
-template <>
-struct Convert<float> {
-  static __device__ __forceinline__ float to_float(float v) { return v; }
-  static __device__ __forceinline__ float from_float(float v) { return v; }
+struct alignas(2) Pack<T, 1, std::enable_if_t<sizeof(T) == 2>> {
+  unsigned short u;
+  __device__ __forceinline__ float get(int) const { return Bits16<T>::low(u); }
+  __device__ __forceinline__ void set(const float (&f)[1]) { u = Bits16<T>::one(f[0]); }
+  __device__ __forceinline__ void set_zero() { u = 0; }
 };
 
-template <>
-struct Convert<__half> {
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Convert<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-
-// kVec elements accessed as one load/store (16 bytes when kVec * sizeof(T) == 16).
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
+// Vector j (elements j * kVec ...) of a row.
 template <typename T, int kVec>
 __device__ __forceinline__ Pack<T, kVec> load_pack(const T* row, int64_t j) {
   return *reinterpret_cast<const Pack<T, kVec>*>(row + j * kVec);
@@ -144,11 +200,11 @@ __device__ __forceinline__ float normalize(float s, float mean, float rstd, bool
 
 // ------------------------------------------------------------------ forward
 
-// Rows held in registers. grid-stride over groups of rows_per_block = blockDim.x /
-// threads_per_row rows (the loop bound is uniform over the block: barriers stay legal).
+// Rows held in registers. Blocks of rows_per_block = blockDim.x / threads_per_row rows,
+// grid-stride (the loop bound is uniform over the block, so the barriers stay legal).
 template <typename T, int kVec, int kNv>
-__global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_kernel(const NormForwardParams p, int threads_per_row) {
-  using C = Convert<T>;
+__global__ void __launch_bounds__(fwd_max_threads(kVec * kNv))
+    norm_fwd_rows_kernel(const NormForwardParams p, int threads_per_row) {
   using P = Pack<T, kVec>;
   __shared__ float red[2 * 32];
   const int tpr = threads_per_row;
@@ -169,9 +225,9 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_ker
 #pragma unroll
     for (int k = 0; k < kNv; ++k) ok[k] = row_ok && t + k * tpr < nvec;
 
-    // The row, as kNv packs of T: x, or x + residual rounded to T (what residual_out holds and
-    // what the statistics see). Kept in T rather than fp32: exact, and half the registers for
-    // 16-bit types. All loads are issued before any use, for memory-level parallelism.
+    // The row: x, or x + residual rounded to T (what residual_out holds and what the
+    // statistics see). Kept in T, not fp32: exact, and half the registers for 16-bit types.
+    // All loads are issued before any use (memory-level parallelism); zeros outside the row.
     P xs[kNv];
     const T* x = static_cast<const T*>(p.x) + (row_ok ? row * p.x_row_stride : 0);
 #pragma unroll
@@ -179,8 +235,7 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_ker
       if (ok[k]) {
         xs[k] = load_pack<T, kVec>(x, t + k * tpr);
       } else {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) xs[k].v[e] = C::from_float(0.f);
+        xs[k].set_zero();
       }
     }
     if (p.residual) {
@@ -194,8 +249,10 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_ker
 #pragma unroll
       for (int k = 0; k < kNv; ++k) {
         if (ok[k]) {
+          float f[kVec];
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) xs[k].v[e] = C::from_float(C::to_float(xs[k].v[e]) + C::to_float(ra[k].v[e]));
+          for (int e = 0; e < kVec; ++e) f[e] = xs[k].get(e) + ra[k].get(e);
+          xs[k].set(f);
           store_pack<T, kVec>(out, t + k * tpr, xs[k]);
         }
       }
@@ -207,7 +264,7 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_ker
 #pragma unroll
       for (int k = 0; k < kNv; ++k) {
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) sum[0] += C::to_float(xs[k].v[e]);  // 0 outside the row
+        for (int e = 0; e < kVec; ++e) sum[0] += xs[k].get(e);
       }
       row_allreduce<1>(sum, tpr, red, phase);
       mean = __fdiv_rn(sum[0], n);
@@ -220,7 +277,7 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_ker
       if (ok[k]) {
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const float d = C::to_float(xs[k].v[e]) - mean;
+          const float d = xs[k].get(e) - mean;
           sq[0] += d * d;
         }
       }
@@ -234,15 +291,17 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_ker
       for (int k = 0; k < kNv; ++k) {
         if (!ok[k]) continue;
         const int j = t + k * tpr;
-        P wa, ba, o;
+        P wa, ba;
         if (w) wa = load_pack<T, kVec>(w, j);
         if (b) ba = load_pack<T, kVec>(b, j);
+        float f[kVec];
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const float we = w ? C::to_float(wa.v[e]) : 1.f;
-          const float be = b ? C::to_float(ba.v[e]) : 0.f;
-          o.v[e] = C::from_float(normalize(C::to_float(xs[k].v[e]), mean, rstd, w != nullptr, we, b != nullptr, be));
+          f[e] = normalize(xs[k].get(e), mean, rstd, w != nullptr, w ? wa.get(e) : 1.f, b != nullptr,
+                           b ? ba.get(e) : 0.f);
         }
+        P o;
+        o.set(f);
         store_pack<T, kVec>(y, j, o);
       }
       if (t == 0) {
@@ -254,11 +313,11 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv)) norm_fwd_rows_ker
 }
 
 // Rows too long for registers: one block per row (grid-stride over rows), three passes over
-// the row (sum, squared deviations, normalize; RMSNorm skips the second). Each thread reads
-// back only the vectors it wrote itself (residual_out), so no barrier is needed for them.
+// the row (sum, squared deviations, normalize; RMSNorm skips the second), the later ones
+// re-reading it from L2. Every thread reads back only the vectors it wrote itself
+// (residual_out), so they need no barrier.
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const NormForwardParams p) {
-  using C = Convert<T>;
   using P = Pack<T, kVec>;
   constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kLoopUnroll;
   __shared__ float red[2 * 32];
@@ -277,12 +336,12 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
       const T* r = static_cast<const T*>(p.residual) + row * p.residual_row_stride;
       T* out = static_cast<T*>(p.residual_out) + row * p.cols;
       for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
-        P xa[kLoopUnroll], ra[kLoopUnroll];
+        P xs[kLoopUnroll], ra[kLoopUnroll];
 #pragma unroll
         for (int u = 0; u < kLoopUnroll; ++u) {
           const int64_t j = base + u * kLoopThreads;
           if (j < nvec) {
-            xa[u] = load_pack<T, kVec>(x, j);
+            xs[u] = load_pack<T, kVec>(x, j);
             ra[u] = load_pack<T, kVec>(r, j);
           }
         }
@@ -290,25 +349,27 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
         for (int u = 0; u < kLoopUnroll; ++u) {
           const int64_t j = base + u * kLoopThreads;
           if (j < nvec) {
-            P s;
+            float f[kVec];
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) f[e] = xs[u].get(e) + ra[u].get(e);
+            xs[u].set(f);
+            store_pack<T, kVec>(out, j, xs[u]);
 #pragma unroll
             for (int e = 0; e < kVec; ++e) {
-              s.v[e] = C::from_float(C::to_float(xa[u].v[e]) + C::to_float(ra[u].v[e]));
-              const float f = C::to_float(s.v[e]);
-              acc[0] += p.rms ? f * f : f;
+              const float s = xs[u].get(e);
+              acc[0] += p.rms ? s * s : s;
             }
-            store_pack<T, kVec>(out, j, s);
           }
         }
       }
       src = out;
     } else {
       for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
-        P xa[kLoopUnroll];
+        P xs[kLoopUnroll];
 #pragma unroll
         for (int u = 0; u < kLoopUnroll; ++u) {
           const int64_t j = base + u * kLoopThreads;
-          if (j < nvec) xa[u] = load_pack<T, kVec>(x, j);
+          if (j < nvec) xs[u] = load_pack<T, kVec>(x, j);
         }
 #pragma unroll
         for (int u = 0; u < kLoopUnroll; ++u) {
@@ -316,8 +377,8 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
           if (j < nvec) {
 #pragma unroll
             for (int e = 0; e < kVec; ++e) {
-              const float f = C::to_float(xa[u].v[e]);
-              acc[0] += p.rms ? f * f : f;
+              const float s = xs[u].get(e);
+              acc[0] += p.rms ? s * s : s;
             }
           }
         }
@@ -330,11 +391,11 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
       // Pass 2: squared deviations from the mean.
       float sq[1] = {0.f};
       for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
-        P xa[kLoopUnroll];
+        P xs[kLoopUnroll];
 #pragma unroll
         for (int u = 0; u < kLoopUnroll; ++u) {
           const int64_t j = base + u * kLoopThreads;
-          if (j < nvec) xa[u] = load_pack<T, kVec>(src, j);
+          if (j < nvec) xs[u] = load_pack<T, kVec>(src, j);
         }
 #pragma unroll
         for (int u = 0; u < kLoopUnroll; ++u) {
@@ -342,7 +403,7 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
           if (j < nvec) {
 #pragma unroll
             for (int e = 0; e < kVec; ++e) {
-              const float d = C::to_float(xa[u].v[e]) - mean;
+              const float d = xs[u].get(e) - mean;
               sq[0] += d * d;
             }
           }
@@ -355,26 +416,27 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
     // Pass 3: normalize.
     T* y = static_cast<T*>(p.y) + row * p.cols;
     for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
-      P xa[kLoopUnroll];
+      P xs[kLoopUnroll];
 #pragma unroll
       for (int u = 0; u < kLoopUnroll; ++u) {
         const int64_t j = base + u * kLoopThreads;
-        if (j < nvec) xa[u] = load_pack<T, kVec>(src, j);
+        if (j < nvec) xs[u] = load_pack<T, kVec>(src, j);
       }
 #pragma unroll
       for (int u = 0; u < kLoopUnroll; ++u) {
         const int64_t j = base + u * kLoopThreads;
         if (j < nvec) {
-          P wa, ba, o;
+          P wa, ba;
           if (w) wa = load_pack<T, kVec>(w, j);
           if (b) ba = load_pack<T, kVec>(b, j);
+          float f[kVec];
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const float we = w ? C::to_float(wa.v[e]) : 1.f;
-            const float be = b ? C::to_float(ba.v[e]) : 0.f;
-            o.v[e] = C::from_float(
-                normalize(C::to_float(xa[u].v[e]), mean, rstd, w != nullptr, we, b != nullptr, be));
+            f[e] = normalize(xs[u].get(e), mean, rstd, w != nullptr, w ? wa.get(e) : 1.f, b != nullptr,
+                             b ? ba.get(e) : 0.f);
           }
+          P o;
+          o.set(f);
           store_pack<T, kVec>(y, j, o);
         }
       }
@@ -388,20 +450,19 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
 
 // ------------------------------------------------------------------ backward
 
-// dx for rows held in registers, fused with the dweight/dbias sums: a persistent grid, each
-// thread summing dy * xhat and dy over its block's rows for the columns it owns (the same
-// columns in every row); at the end the block's row groups are added in shared memory and
-// the block writes one partial row to dw_part/db_part (gridDim.x, cols). dw_part == null:
-// no weight gradients.
+// dx for rows held in registers, fused with the dweight/dbias sums. Persistent grid
+// (grid-stride over blocks of rows): each thread adds dy * xhat and dy over its rows for the
+// columns it owns (the same columns in every row); at the end the block's row groups are
+// added in shared memory and the block writes one partial row to dw_part/db_part
+// (gridDim.x, cols). dw_part == null: no weight gradients.
 //   xhat = (x - mean) * rstd, g = dy * w, dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //   (+ dresidual_out); RMSNorm: mean = 0 and no mean(g) term.
 template <typename T, int kVec, int kNv>
 __global__ void __launch_bounds__(kBwdMaxThreads)
     norm_bwd_rows_kernel(const NormBackwardParams p, float* dw_part, float* db_part, int threads_per_row) {
-  using C = Convert<T>;
   using P = Pack<T, kVec>;
   __shared__ float red[2 * 2 * 32];
-  // Only when several rows share a block (then blockDim.x <= kRowsBlockThreads).
+  // Used only when several rows share a block (then blockDim.x <= kRowsBlockThreads).
   __shared__ float acc_smem[kRowsBlockThreads * kNv * kVec];
   const int tpr = threads_per_row;
   const int rows_per_block = blockDim.x / tpr;
@@ -427,12 +488,12 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
     bool ok[kNv];
 #pragma unroll
     for (int k = 0; k < kNv; ++k) ok[k] = row_ok && t + k * tpr < nvec;
-    const T* x = static_cast<const T*>(p.xin) + (row_ok ? row * p.xin_row_stride : 0);
-    const T* dy = static_cast<const T*>(p.dy) + (row_ok ? row * p.dy_row_stride : 0);
     // x and dy stay in T across the reduction (half the registers of fp32 for 16-bit types);
     // xhat and g are recomputed for dx. Outside the row x = dy = w = 0, so g = 0 and every
     // product with dy or g is 0 (xhat = -mean * rstd is finite there unless the row's own
     // xhat are not; rows past the end have mean = rstd = 0).
+    const T* x = static_cast<const T*>(p.xin) + (row_ok ? row * p.xin_row_stride : 0);
+    const T* dy = static_cast<const T*>(p.dy) + (row_ok ? row * p.dy_row_stride : 0);
     P xa[kNv], da[kNv];
 #pragma unroll
     for (int k = 0; k < kNv; ++k) {
@@ -440,8 +501,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
         xa[k] = load_pack<T, kVec>(x, t + k * tpr);
         da[k] = load_pack<T, kVec>(dy, t + k * tpr);
       } else {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) xa[k].v[e] = da[k].v[e] = C::from_float(0.f);
+        xa[k].set_zero();
+        da[k].set_zero();
       }
     }
     const float mean = row_ok && !p.rms ? mean_in[row] : 0.f;
@@ -455,21 +516,20 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
         if (ok[k]) {
           wa = load_pack<T, kVec>(w, t + k * tpr);
         } else {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) wa.v[e] = C::from_float(0.f);
+          wa.set_zero();
         }
       }
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        const float d = C::to_float(da[k].v[e]);
-        const float xh = (C::to_float(xa[k].v[e]) - mean) * rstd;
-        const float gv = w ? d * C::to_float(wa.v[e]) : d;
+        const float d = da[k].get(e);
+        const float xh = (xa[k].get(e) - mean) * rstd;
+        const float g = w ? d * wa.get(e) : d;
         if (weight_grads) {
           dw[k][e] += d * xh;
           db[k][e] += d;
         }
-        sums[0] += gv;
-        sums[1] += gv * xh;
+        sums[0] += g;
+        sums[1] += g * xh;
       }
     }
     row_allreduce<2>(sums, tpr, red, phase);
@@ -478,33 +538,34 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
 
     if (row_ok) {
       T* dx = static_cast<T*>(p.dx) + row * p.cols;
-      const T* dres = p.dresidual_out
-          ? static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride
-          : nullptr;
+      const T* dres =
+          p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride : nullptr;
 #pragma unroll
       for (int k = 0; k < kNv; ++k) {
         if (!ok[k]) continue;
         const int j = t + k * tpr;
-        P wa, ra, o;
+        P wa, ra;
         if (w) wa = load_pack<T, kVec>(w, j);
         if (dres) ra = load_pack<T, kVec>(dres, j);
+        float f[kVec];
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const float d = C::to_float(da[k].v[e]);
-          const float xh = (C::to_float(xa[k].v[e]) - mean) * rstd;
-          const float gv = w ? d * C::to_float(wa.v[e]) : d;
-          float v = rstd * (gv - c_g - xh * c_gx);
-          if (dres) v += C::to_float(ra.v[e]);
-          o.v[e] = C::from_float(v);
+          const float d = da[k].get(e);
+          const float xh = (xa[k].get(e) - mean) * rstd;
+          const float g = w ? d * wa.get(e) : d;
+          f[e] = rstd * (g - c_g - xh * c_gx);
+          if (dres) f[e] += ra.get(e);
         }
+        P o;
+        o.set(f);
         store_pack<T, kVec>(dx, j, o);
       }
     }
   }
 
   if (!weight_grads) return;
-  // This block's partial row: column c = (t + k * tpr) * kVec + e, owned by one thread of
-  // each row group. Every column < cols is written (groups without rows hold zeros).
+  // This block's partial row. Column c = (t + k * tpr) * kVec + e belongs to thread t of each
+  // row group; every column < cols is written (a group that got no rows holds zeros).
   float* dw_out = dw_part + static_cast<int64_t>(blockIdx.x) * p.cols;
   float* db_out = db_part + static_cast<int64_t>(blockIdx.x) * p.cols;
   if (rows_per_block == 1) {
@@ -521,8 +582,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
     }
     return;
   }
-  // Several row groups (blockDim.x <= kRowsBlockThreads): acc_smem[group][c], group-major,
-  // slots = tpr * kNv * kVec >= cols per group.
+  // Several row groups (blockDim.x <= kRowsBlockThreads): acc_smem[group * slots + c], with
+  // slots = tpr * kNv * kVec >= cols columns per group; then the groups are added per column.
   const int slots = tpr * kNv * kVec;
 #pragma unroll
   for (int pass = 0; pass < 2; ++pass) {
@@ -536,9 +597,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
     }
     __syncthreads();
     for (int c = threadIdx.x; c < p.cols; c += blockDim.x) {
-      float s = 0.f;
-      for (int i = 0; i < rows_per_block; ++i) s += acc_smem[i * slots + c];
-      out[c] = s;
+      float sum = 0.f;
+      for (int i = 0; i < rows_per_block; ++i) sum += acc_smem[i * slots + c];
+      out[c] = sum;
     }
     __syncthreads();  // acc_smem is rewritten by the next pass
   }
@@ -549,7 +610,6 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
 // norm_bwd_cols_kernel.
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const NormBackwardParams p) {
-  using C = Convert<T>;
   using P = Pack<T, kVec>;
   constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kLoopUnroll;
   __shared__ float red[2 * 2 * 32];
@@ -565,27 +625,28 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const Nor
     // Pass 1: sum(g), sum(g * xhat).
     float sums[2] = {0.f, 0.f};
     for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
-      P xa[kLoopUnroll], da[kLoopUnroll], wa[kLoopUnroll];
+      P xa[kLoopUnroll], da[kLoopUnroll];
 #pragma unroll
       for (int u = 0; u < kLoopUnroll; ++u) {
         const int64_t j = base + u * kLoopThreads;
         if (j < nvec) {
           xa[u] = load_pack<T, kVec>(x, j);
           da[u] = load_pack<T, kVec>(dy, j);
-          if (w) wa[u] = load_pack<T, kVec>(w, j);
         }
       }
 #pragma unroll
       for (int u = 0; u < kLoopUnroll; ++u) {
         const int64_t j = base + u * kLoopThreads;
         if (j < nvec) {
+          P wa;
+          if (w) wa = load_pack<T, kVec>(w, j);
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const float xh = (C::to_float(xa[u].v[e]) - mean) * rstd;
-            const float d = C::to_float(da[u].v[e]);
-            const float gv = w ? d * C::to_float(wa[u].v[e]) : d;
-            sums[0] += gv;
-            sums[1] += gv * xh;
+            const float xh = (xa[u].get(e) - mean) * rstd;
+            const float d = da[u].get(e);
+            const float g = w ? d * wa.get(e) : d;
+            sums[0] += g;
+            sums[1] += g * xh;
           }
         }
       }
@@ -595,9 +656,8 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const Nor
     const float c_gx = __fdiv_rn(sums[1], n);
     // Pass 2: dx.
     T* dx = static_cast<T*>(p.dx) + row * p.cols;
-    const T* dres = p.dresidual_out
-        ? static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride
-        : nullptr;
+    const T* dres =
+        p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride : nullptr;
     for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
       P xa[kLoopUnroll], da[kLoopUnroll];
 #pragma unroll
@@ -612,18 +672,20 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const Nor
       for (int u = 0; u < kLoopUnroll; ++u) {
         const int64_t j = base + u * kLoopThreads;
         if (j < nvec) {
-          P wa, ra, o;
+          P wa, ra;
           if (w) wa = load_pack<T, kVec>(w, j);
           if (dres) ra = load_pack<T, kVec>(dres, j);
+          float f[kVec];
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const float xh = (C::to_float(xa[u].v[e]) - mean) * rstd;
-            const float d = C::to_float(da[u].v[e]);
-            const float gv = w ? d * C::to_float(wa.v[e]) : d;
-            float v = rstd * (gv - c_g - xh * c_gx);
-            if (dres) v += C::to_float(ra.v[e]);
-            o.v[e] = C::from_float(v);
+            const float xh = (xa[u].get(e) - mean) * rstd;
+            const float d = da[u].get(e);
+            const float g = w ? d * wa.get(e) : d;
+            f[e] = rstd * (g - c_g - xh * c_gx);
+            if (dres) f[e] += ra.get(e);
           }
+          P o;
+          o.set(f);
           store_pack<T, kVec>(dx, j, o);
         }
       }
@@ -631,13 +693,12 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const Nor
   }
 }
 
-// dweight/dbias partials for the looped backward: block (blockIdx.x, blockIdx.y) sums the
-// columns of kColsVectors vectors over the rows blockIdx.y * kColsRowLanes + ty (+ stride
-// gridDim.y * kColsRowLanes), and writes them to row blockIdx.y of dw_part/db_part.
+// dweight/dbias partials for the looped backward. Block (bx, by) covers kColsVectors vectors
+// of columns and the rows by * kColsRowLanes + ty + i * gridDim.y * kColsRowLanes; its sums
+// go to row by of dw_part/db_part (gridDim.y, cols).
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kColsVectors * kColsRowLanes)
     norm_bwd_cols_kernel(const NormBackwardParams p, float* dw_part, float* db_part) {
-  using C = Convert<T>;
   using P = Pack<T, kVec>;
   __shared__ float sw[kColsRowLanes][kColsVectors * kVec];
   __shared__ float sb[kColsRowLanes][kColsVectors * kVec];
@@ -659,8 +720,8 @@ __global__ void __launch_bounds__(kColsVectors * kColsRowLanes)
       const float rstd = rstd_in[r];
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        const float d = C::to_float(da.v[e]);
-        dw[e] += d * ((C::to_float(xa.v[e]) - mean) * rstd);
+        const float d = da.get(e);
+        dw[e] += d * ((xa.get(e) - mean) * rstd);
         db[e] += d;
       }
     }
@@ -687,11 +748,12 @@ __global__ void __launch_bounds__(kColsVectors * kColsRowLanes)
   }
 }
 
-// dweight[c] = sum over the partial rows of dw_part[:, c] (same for dbias), in a fixed order
-// (deterministic). Block: kColSumCols columns x kColSumLanes lanes over the partial rows.
+// dweight[c] = the sum over the partial rows of dw_part[:, c] (likewise dbias), always in the
+// same order (deterministic). Block: kColSumCols columns x kColSumLanes lanes over the rows.
 template <typename T>
 __global__ void __launch_bounds__(kColSumCols * kColSumLanes) norm_colsum_kernel(
     const float* dw_part, const float* db_part, int64_t parts, int64_t cols, T* dweight, T* dbias) {
+  using P = Pack<T, 1>;
   __shared__ float sw[kColSumLanes][kColSumCols];
   __shared__ float sb[kColSumLanes][kColSumCols];
   const int tx = threadIdx.x % kColSumCols, ty = threadIdx.x / kColSumCols;
@@ -711,8 +773,15 @@ __global__ void __launch_bounds__(kColSumCols * kColSumLanes) norm_colsum_kernel
       sum_w += sw[i][tx];
       sum_b += sb[i][tx];
     }
-    if (dweight) dweight[c] = Convert<T>::from_float(sum_w);
-    if (dbias) dbias[c] = Convert<T>::from_float(sum_b);
+    P o;
+    if (dweight) {
+      o.set({sum_w});
+      store_pack<T, 1>(dweight, c, o);
+    }
+    if (dbias) {
+      o.set({sum_b});
+      store_pack<T, 1>(dbias, c, o);
+    }
   }
 }
 
@@ -722,7 +791,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// A row of `rows` rows whose pointer and row stride allow kVec-element vector access.
+// Rows at ptr with this row stride allow kVec-element (16-byte) vector access.
 inline bool vector_ok(const void* ptr, int64_t row_stride, int64_t rows, int kVec) {
   return aligned16(ptr) && (rows <= 1 || row_stride % kVec == 0);
 }
@@ -734,15 +803,15 @@ struct RowsConfig {
 };
 
 // Threads per row and vectors per thread for a row of nvec vectors: the most vectors per
-// thread (fewest threads, so fewer barriers and more loads in flight per thread) that wastes
-// at most a quarter of the slots (threads_per_row * nv >= nvec); failing that, the fewest
-// slots. threads_per_row: a power of two up to 16, else a multiple of 32.
+// thread (fewest threads: fewer barriers, more loads in flight per thread) that leaves at
+// most a quarter of the slots (threads_per_row * nv >= nvec) idle; failing that, the fewest
+// slots. threads_per_row: a power of two up to 16 (several rows per warp), else a multiple
+// of 32; several rows share a block of kRowsBlockThreads when they are short.
 template <typename MaxThreads>
 RowsConfig choose_rows_config(int64_t nvec, int nv_max, MaxThreads max_threads_for_nv) {
   RowsConfig best;
   int64_t best_slots = INT64_MAX;
   for (int nv = nv_max; nv >= 1; nv /= 2) {
-    const int max_threads = max_threads_for_nv(nv);
     const int64_t per_thread = ceil_div(nvec, nv);
     int64_t threads = 1;
     if (per_thread <= 16) {
@@ -750,7 +819,7 @@ RowsConfig choose_rows_config(int64_t nvec, int nv_max, MaxThreads max_threads_f
     } else {
       threads = ceil_div(per_thread, 32) * 32;
     }
-    if (threads > max_threads) continue;
+    if (threads > max_threads_for_nv(nv)) continue;
     const int64_t slots = threads * nv;
     const bool good = slots * 3 <= nvec * 4;
     if (good || slots < best_slots) {
@@ -764,15 +833,67 @@ RowsConfig choose_rows_config(int64_t nvec, int nv_max, MaxThreads max_threads_f
   return best;
 }
 
-inline cudaError_t sm_count(int* count) {
+struct DeviceInfo {
+  int sms = 0;
+  int64_t l2_bytes = 0;
+};
+
+inline cudaError_t device_info(DeviceInfo* info) {
+  int device = 0, l2 = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+  info->l2_bytes = l2;
+  return err;
+}
+
+// Resident blocks per SM of `kernel` at `threads` threads per block (the occupancy
+// calculator; cached, it is called for every backward).
+inline cudaError_t blocks_per_sm(const void* kernel, int threads, int* blocks) {
+  struct Entry {
+    const void* kernel;
+    int device, threads, blocks;
+  };
+  static std::mutex mutex;
+  static Entry cache[64];
+  static int cached = 0;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (int i = 0; i < cached; ++i) {
+      if (cache[i].kernel == kernel && cache[i].device == device && cache[i].threads == threads) {
+        *blocks = cache[i].blocks;
+        return cudaSuccess;
+      }
+    }
+  }
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, threads, 0);
+  if (err != cudaSuccess) return err;
+  *blocks = std::max(*blocks, 1);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (cached < 64) cache[cached++] = Entry{kernel, device, threads, *blocks};
+  return cudaSuccess;
 }
 
-// Calls fn(std::integral_constant<int, nv>) for the run-time nv in {kNvMax, kNvMax/2, ..., 1}:
-// only those instantiations exist.
+// Blocks of a looped kernel (one row per block at a time, rows re-read from L2): two per SM
+// when the rows in flight, footprint_bytes each, stay within half the L2, else one; and no
+// more than fit (occupancy) or than there are rows.
+inline cudaError_t looped_grid(const void* kernel, int64_t rows, int64_t footprint_bytes, int64_t* grid) {
+  DeviceInfo dev;
+  cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  int resident = 1;
+  err = blocks_per_sm(kernel, kLoopThreads, &resident);
+  if (err != cudaSuccess) return err;
+  const int per_sm = std::min(resident, 2 * dev.sms * footprint_bytes <= dev.l2_bytes / 2 ? 2 : 1);
+  *grid = std::min<int64_t>(rows, static_cast<int64_t>(per_sm) * dev.sms);
+  return cudaSuccess;
+}
+
+// Calls fn(std::integral_constant<int, nv>) for the run-time nv among kNvMax, kNvMax / 2,
+// ..., 1 (only those instantiations exist).
 template <int kNv, typename Fn>
 cudaError_t with_nv(int nv, Fn&& fn) {
   if (nv == kNv) return fn(std::integral_constant<int, kNv>{});
@@ -785,7 +906,7 @@ cudaError_t with_nv(int nv, Fn&& fn) {
 
 // ------------------------------------------------------------------ forward launcher
 
-template <typename T, int kVec>
+template <int kVec>
 constexpr int fwd_nv_max() {
   return kVec == 1 ? kScalarMaxNv : kFwdMaxElems / kVec;
 }
@@ -793,20 +914,20 @@ constexpr int fwd_nv_max() {
 template <typename T, int kVec>
 cudaError_t norm_forward_vec(const NormForwardParams& p, cudaStream_t stream) {
   const RowsConfig c =
-      choose_rows_config(p.cols / kVec, fwd_nv_max<T, kVec>(), [](int nv) { return fwd_max_threads(nv * kVec); });
+      choose_rows_config(p.cols / kVec, fwd_nv_max<kVec>(), [](int nv) { return fwd_max_threads(nv * kVec); });
   if (c.nv == 0) {
-    int sms = 0;
-    cudaError_t err = sm_count(&sms);
+    const auto kernel = norm_fwd_looped_kernel<T, kVec>;
+    // Between pass 1 and the re-reads, every block streams x (and residual, residual_out).
+    const int64_t footprint = p.cols * static_cast<int64_t>(sizeof(T)) * (p.residual ? 3 : 1);
+    int64_t grid = 0;
+    cudaError_t err = looped_grid(reinterpret_cast<const void*>(kernel), p.rows, footprint, &grid);
     if (err != cudaSuccess) return err;
-    // One block per SM: the rows in flight (and so the L2 footprint of the re-read passes)
-    // stay at #SMs rows.
-    const int64_t grid = std::min<int64_t>(p.rows, sms);
-    norm_fwd_looped_kernel<T, kVec><<<static_cast<unsigned>(grid), kLoopThreads, 0, stream>>>(p);
+    kernel<<<static_cast<unsigned>(grid), kLoopThreads, 0, stream>>>(p);
     return cudaGetLastError();
   }
   const int64_t grid = std::min<int64_t>(ceil_div(p.rows, c.rows_per_block), INT32_MAX);
   const int block = c.rows_per_block * c.threads_per_row;
-  return with_nv<fwd_nv_max<T, kVec>()>(c.nv, [&](auto nv) {
+  return with_nv<fwd_nv_max<kVec>()>(c.nv, [&](auto nv) {
     norm_fwd_rows_kernel<T, kVec, decltype(nv)::value>
         <<<static_cast<unsigned>(grid), block, 0, stream>>>(p, c.threads_per_row);
     return cudaGetLastError();
@@ -824,43 +945,18 @@ cudaError_t norm_forward_impl(const NormForwardParams& p, cudaStream_t stream) {
 
 // ------------------------------------------------------------------ backward launchers
 
-template <typename T, int kVec>
+template <int kVec>
 constexpr int bwd_nv_max() {
   return kVec == 1 ? kScalarMaxNv : kBwdMaxElems / kVec;
 }
 
-// Resident blocks per SM of norm_bwd_rows_kernel<T, kVec, kNv> at `threads` threads
-// (occupancy calculator, cached per device and block size).
-template <typename T, int kVec, int kNv>
-cudaError_t bwd_rows_blocks_per_sm(int threads, int* blocks) {
-  constexpr int kCachedDevices = 16;
-  static std::atomic<int> cache[kCachedDevices][kBwdMaxThreads / 32 + 1];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const int slot = threads / 32;
-  const bool cached = device >= 0 && device < kCachedDevices && slot >= 0 && slot <= kBwdMaxThreads / 32;
-  if (cached) {
-    const int c = cache[device][slot].load(std::memory_order_relaxed);
-    if (c > 0) {
-      *blocks = c;
-      return cudaSuccess;
-    }
-  }
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, norm_bwd_rows_kernel<T, kVec, kNv>, threads, 0);
-  if (err != cudaSuccess) return err;
-  *blocks = std::max(*blocks, 1);
-  if (cached) cache[device][slot].store(*blocks, std::memory_order_relaxed);
-  return cudaSuccess;
-}
-
 template <typename T, int kVec>
 cudaError_t norm_backward_plan_vec(const NormBackwardParams& p, bool weight_grads, NormBackwardPlan* plan) {
-  int sms = 0;
-  cudaError_t err = sm_count(&sms);
+  DeviceInfo dev;
+  cudaError_t err = device_info(&dev);
   if (err != cudaSuccess) return err;
   const int64_t nvec = p.cols / kVec;
-  const RowsConfig c = choose_rows_config(nvec, bwd_nv_max<T, kVec>(), [](int) { return kBwdMaxThreads; });
+  const RowsConfig c = choose_rows_config(nvec, bwd_nv_max<kVec>(), [](int) { return kBwdMaxThreads; });
   plan->weight_grads = weight_grads;
   plan->vec = kVec;
   if (c.nv > 0) {
@@ -870,19 +966,23 @@ cudaError_t norm_backward_plan_vec(const NormBackwardParams& p, bool weight_grad
     plan->rows_per_block = c.rows_per_block;
     const int block = c.rows_per_block * c.threads_per_row;
     int per_sm = 1;
-    err = with_nv<bwd_nv_max<T, kVec>()>(
-        c.nv, [&](auto nv) { return bwd_rows_blocks_per_sm<T, kVec, decltype(nv)::value>(block, &per_sm); });
+    err = with_nv<bwd_nv_max<kVec>()>(c.nv, [&](auto nv) {
+      return blocks_per_sm(
+          reinterpret_cast<const void*>(norm_bwd_rows_kernel<T, kVec, decltype(nv)::value>), block, &per_sm);
+    });
     if (err != cudaSuccess) return err;
-    // Persistent: one wave; every block gets at least one row group.
-    plan->grid = std::min<int64_t>(ceil_div(p.rows, c.rows_per_block), static_cast<int64_t>(per_sm) * sms);
+    // Persistent: one wave, and every block gets at least one block of rows.
+    plan->grid = std::min<int64_t>(ceil_div(p.rows, c.rows_per_block), static_cast<int64_t>(per_sm) * dev.sms);
     plan->partial_rows = weight_grads ? plan->grid : 0;
   } else {
     plan->looped = true;
-    plan->grid = std::min<int64_t>(p.rows, sms);  // one block per SM, as in the forward
+    err = looped_grid(reinterpret_cast<const void*>(norm_bwd_looped_kernel<T, kVec>), p.rows,
+                      2 * p.cols * static_cast<int64_t>(sizeof(T)), &plan->grid);
+    if (err != cudaSuccess) return err;
     plan->col_blocks = ceil_div(nvec, kColsVectors);
-    // About 4 blocks of 256 threads per SM; at most one split per kColsRowLanes rows.
+    // About 4 blocks of 256 threads per SM, each with at least kColsRowLanes rows.
     const int64_t splits = std::min<int64_t>(
-        {std::max<int64_t>(1, ceil_div(4 * static_cast<int64_t>(sms), plan->col_blocks)),
+        {std::max<int64_t>(1, ceil_div(4 * static_cast<int64_t>(dev.sms), plan->col_blocks)),
          ceil_div(p.rows, kColsRowLanes), 65535});
     plan->partial_rows = weight_grads ? splits : 0;
   }
@@ -890,18 +990,14 @@ cudaError_t norm_backward_plan_vec(const NormBackwardParams& p, bool weight_grad
 }
 
 template <typename T>
-bool backward_vector_ok(const NormBackwardParams& p) {
+cudaError_t norm_backward_plan_impl(const NormBackwardParams& p, bool weight_grads, NormBackwardPlan* plan) {
   constexpr int kVec = 16 / sizeof(T);
-  return p.cols % kVec == 0 && vector_ok(p.dy, p.dy_row_stride, p.rows, kVec) &&
+  *plan = NormBackwardPlan{};
+  const bool vec = p.cols % kVec == 0 && vector_ok(p.dy, p.dy_row_stride, p.rows, kVec) &&
       (!p.dresidual_out || vector_ok(p.dresidual_out, p.dresidual_out_row_stride, p.rows, kVec)) &&
       vector_ok(p.xin, p.xin_row_stride, p.rows, kVec) && aligned16(p.weight) && aligned16(p.dx);
-}
-
-template <typename T>
-cudaError_t norm_backward_plan_impl(const NormBackwardParams& p, bool weight_grads, NormBackwardPlan* plan) {
-  *plan = NormBackwardPlan{};
-  return backward_vector_ok<T>(p) ? norm_backward_plan_vec<T, 16 / sizeof(T)>(p, weight_grads, plan)
-                                  : norm_backward_plan_vec<T, 1>(p, weight_grads, plan);
+  return vec ? norm_backward_plan_vec<T, kVec>(p, weight_grads, plan)
+             : norm_backward_plan_vec<T, 1>(p, weight_grads, plan);
 }
 
 template <typename T, int kVec>
@@ -913,7 +1009,7 @@ cudaError_t norm_backward_vec(
   cudaError_t err = cudaSuccess;
   if (!plan.looped) {
     const int block = plan.rows_per_block * plan.threads_per_row;
-    err = with_nv<bwd_nv_max<T, kVec>()>(plan.vectors_per_thread, [&](auto nv) {
+    err = with_nv<bwd_nv_max<kVec>()>(plan.vectors_per_thread, [&](auto nv) {
       norm_bwd_rows_kernel<T, kVec, decltype(nv)::value>
           <<<static_cast<unsigned>(plan.grid), block, 0, stream>>>(p, dw_part, db_part, plan.threads_per_row);
       return cudaGetLastError();
@@ -928,8 +1024,9 @@ cudaError_t norm_backward_vec(
     }
   }
   if (err != cudaSuccess || !plan.weight_grads) return err;
-  norm_colsum_kernel<T><<<static_cast<unsigned>(ceil_div(p.cols, kColSumCols)), kColSumCols * kColSumLanes, 0, stream>>>(
-      dw_part, db_part, plan.partial_rows, p.cols, dweight, dbias);
+  const auto blocks = static_cast<unsigned>(ceil_div(p.cols, kColSumCols));
+  norm_colsum_kernel<T>
+      <<<blocks, kColSumCols * kColSumLanes, 0, stream>>>(dw_part, db_part, plan.partial_rows, p.cols, dweight, dbias);
   return cudaGetLastError();
 }
 

@@ -102,8 +102,9 @@ class Case:
         """
         op = OPS[self.op]
         rows, n = math.prod(self.shape[:-1]), self.shape[-1]
-        e = torch.empty(0, dtype=self.dtype).element_size()
-        k, p, q = (2 if op.residual else 1), (1 if op.rms else 2), (1 if op.rms else 2)
+        e = self.dtype.itemsize
+        k = 2 if op.residual else 1
+        p = q = 1 if op.rms else 2
         forward = 2 * k * rows * n * e + p * n * e + q * rows * 4
         backward = (2 + k) * rows * n * e + (1 + p) * n * e + q * rows * 4
         return forward + (backward if self.backward else 0)

@@ -157,6 +157,7 @@ def machine(device: str, copy_gbps: float) -> dict:
         "physical_cores": _physical_cores(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,  # others' work skews CPU times
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,

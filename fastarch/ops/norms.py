@@ -34,7 +34,9 @@ def _check_tensor(t: object, name: str) -> Tensor:
 def _check_inputs(
     op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> None:
-    """Raises a ValueError/TypeError naming the bad argument and what was expected."""
+    """Raises a ValueError/TypeError naming the bad argument and what was expected. Run by the
+    public functions (before torch's own argument parsing) and again inside the ops (for
+    direct torch.ops.fastarch calls) and their fake implementations (for torch.compile)."""
     _check_tensor(x, "x")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"fastarch.{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
@@ -202,6 +204,7 @@ def layer_norm(
     the innermost ``fastarch.backend(...)`` block, FASTARCH_BACKEND, else the fastest able).
     Returns y: (..., N), contiguous, x's dtype.
     """
+    _check_inputs("layer_norm", x, None, weight, bias, eps)
     return _layer_norm(x, weight, bias, eps, registry.requested_backend(backend))[0]
 
 
@@ -247,7 +250,9 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, 
     x: (..., N); weight: (N,) or None; eps: default torch.finfo(x.dtype).eps as in
     torch.nn.functional.rms_norm. Returns y: (..., N). backend: as in layer_norm.
     """
-    return _rms_norm(x, weight, _default_rms_eps(x, eps), registry.requested_backend(backend))[0]
+    eps = _default_rms_eps(x, eps)
+    _check_inputs("rms_norm", x, None, weight, None, eps)
+    return _rms_norm(x, weight, eps, registry.requested_backend(backend))[0]
 
 
 # ----------------------------------------------------------------------------- add_layer_norm
@@ -297,6 +302,7 @@ def add_layer_norm(
     (..., N); s is rounded to x's dtype before it is normalized, exactly as
     ``layer_norm(x + residual)`` would see it. backend: as in layer_norm.
     """
+    _check_inputs("add_layer_norm", x, residual, weight, bias, eps)
     y, s, _, _ = _add_layer_norm(x, residual, weight, bias, eps, registry.requested_backend(backend))
     return y, s
 
@@ -339,4 +345,7 @@ def add_rms_norm(
 
     x, residual: (..., N); weight: (N,) or None; eps as in rms_norm. backend: as in layer_norm.
     """
-    return tuple(_add_rms_norm(x, residual, weight, _default_rms_eps(x, eps), registry.requested_backend(backend))[:2])
+    eps = _default_rms_eps(x, eps)
+    _check_inputs("add_rms_norm", x, residual, weight, None, eps)
+    y, s, _ = _add_rms_norm(x, residual, weight, eps, registry.requested_backend(backend))
+    return y, s

@@ -102,3 +102,23 @@ _BACKENDS = [
 
 for _op in NORM_OPS:
     registry.register(_op, _BACKENDS)
+
+
+# The C++ kernel ops need fake implementations of their own for torch.compile and opcheck.
+if availability.cpu() is None:
+
+    @torch.library.register_fake("fastarch::_norm_fwd")
+    def _(x, residual, weight, bias, eps, rms):
+        rows, cols = x.shape
+        stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (
+            x.new_empty(rows, cols),
+            x.new_empty((rows, cols) if residual is not None else (0,)),
+            x.new_empty(0 if rms else rows, dtype=stats),
+            x.new_empty(rows, dtype=stats),
+        )
+
+    @torch.library.register_fake("fastarch::_norm_bwd")
+    def _(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias):
+        cols = xin.shape[1]
+        return xin.new_empty(xin.shape), xin.new_empty(cols if need_dweight else 0), xin.new_empty(cols if need_dbias else 0)

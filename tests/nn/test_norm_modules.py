@@ -1,0 +1,77 @@
+"""fastarch.nn.LayerNorm / RMSNorm as drop-in replacements for torch's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastarch
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(normalized_shape=64),
+        dict(normalized_shape=64, elementwise_affine=False),
+        dict(normalized_shape=64, bias=False),
+        dict(normalized_shape=(4, 16), eps=1e-6),
+    ],
+    ids=["default", "no-affine", "no-bias", "2d-shape"],
+)
+def test_layer_norm_is_a_drop_in(kwargs):
+    torch.manual_seed(0)
+    theirs = torch.nn.LayerNorm(**kwargs)
+    ours = fastarch.nn.LayerNorm(**kwargs)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    shape = (3, 5) + ((kwargs["normalized_shape"],) if isinstance(kwargs["normalized_shape"], int) else kwargs["normalized_shape"])
+    x = torch.randn(shape, requires_grad=True)
+    y_ours, y_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    g_ours = torch.autograd.grad(y_ours.square().sum(), [x, *ours.parameters()])
+    g_theirs = torch.autograd.grad(y_theirs.square().sum(), [x, *theirs.parameters()])
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_is_a_drop_in(eps):
+    theirs = torch.nn.RMSNorm(32, eps=eps)
+    with torch.no_grad():
+        theirs.weight.normal_()
+    ours = fastarch.nn.RMSNorm(32, eps=eps)
+    assert isinstance(ours, torch.nn.RMSNorm)
+    ours.load_state_dict(theirs.state_dict())
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(7, 32, dtype=dtype)
+        ours.to(dtype), theirs.to(dtype)
+        tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+        torch.testing.assert_close(ours(x), theirs(x), rtol=tol, atol=tol)
+
+
+def test_from_torch_shares_parameters_and_mode():
+    ln = torch.nn.LayerNorm(16).eval()
+    ours = fastarch.nn.LayerNorm.from_torch(ln)
+    assert ours.weight is ln.weight and ours.bias is ln.bias and not ours.training
+    rms = torch.nn.RMSNorm(16, eps=1e-5)
+    ours_rms = fastarch.nn.RMSNorm.from_torch(rms)
+    assert ours_rms.weight is rms.weight and ours_rms.eps == 1e-5
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(ours(x), ln(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_rms(x), rms(x), rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_input_shape_names_the_module():
+    with pytest.raises(ValueError, match=r"LayerNorm: input must end with normalized_shape \(4, 16\)"):
+        fastarch.nn.LayerNorm((4, 16))(torch.randn(2, 16, 4))
+
+
+def test_module_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    m = fastarch.nn.LayerNorm(32)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=0, atol=0)

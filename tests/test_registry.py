@@ -1,0 +1,116 @@
+"""The backend registry: automatic choice, forcing (argument, context, environment), and the
+error that lists every backend's reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastarch
+from fastarch import ops, registry
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Wraps every layer_norm backend so a test can see which one ran."""
+    calls = []
+    wrapped = []
+    for b in registry.backends_of("layer_norm"):
+        def forward(*args, _b=b):
+            calls.append(_b.name)
+            return _b.forward(*args)
+        wrapped.append(dataclasses.replace(b, forward=forward))
+    monkeypatch.setitem(registry._REGISTRY, "layer_norm", wrapped)
+    return calls
+
+
+def test_automatic_choice_on_cpu_is_the_cpu_kernel(spies):
+    ops.layer_norm(torch.randn(3, 8))
+    assert spies == ["cpu"]
+
+
+def test_argument_context_and_nesting(spies):
+    x = torch.randn(3, 8)
+    with fastarch.backend("reference"):
+        ops.layer_norm(x)
+        with fastarch.backend("cpu"):
+            ops.layer_norm(x)
+        ops.layer_norm(x)
+        ops.layer_norm(x, backend="cpu")  # the argument wins over the block
+    ops.layer_norm(x)
+    assert spies == ["reference", "cpu", "reference", "cpu", "cpu"]
+
+
+def test_context_is_restored_after_an_exception():
+    with pytest.raises(RuntimeError):
+        with fastarch.backend("reference"):
+            raise RuntimeError("boom")
+    assert registry.requested_backend() == ""
+
+
+def test_backward_uses_the_forward_backend(monkeypatch):
+    calls = []
+    wrapped = []
+    for b in registry.backends_of("layer_norm"):
+        def backward(*args, _b=b):
+            calls.append(_b.name)
+            return _b.backward(*args)
+        wrapped.append(dataclasses.replace(b, backward=backward))
+    monkeypatch.setitem(registry._REGISTRY, "layer_norm", wrapped)
+    x = torch.randn(3, 8, requires_grad=True)
+    with fastarch.backend("reference"):
+        y = ops.layer_norm(x)
+    y.sum().backward()  # outside the block: still the reference
+    assert calls == ["reference"]
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastarch.backend("mps"):
+            pass
+
+
+def test_choose_without_any_able_backend_lists_reasons(monkeypatch):
+    never = registry.Backend("reference", lambda: None, lambda p: "never in this test", None)
+    monkeypatch.setitem(registry._REGISTRY, "layer_norm", [never])
+    with pytest.raises(fastarch.NoBackendError, match="no backend can run .*\n  reference: never in this test"):
+        ops.layer_norm(torch.randn(2, 4))
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_environment_variable_forces_a_backend():
+    out = _python("import fastarch.registry as r; print(r.requested_backend())", FASTARCH_BACKEND="reference")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reference"
+
+
+def test_bad_environment_variable_is_a_clear_error():
+    out = _python("import fastarch", FASTARCH_BACKEND="gpu")
+    assert out.returncode != 0
+    assert "FASTARCH_BACKEND must be one of cuda, cpu, triton, reference" in out.stderr
+
+
+def test_import_works_without_the_extension():
+    """With fastarch._C missing, the reference backend still runs and info() says why."""
+    code = (
+        "import sys; sys.modules['fastarch._C'] = None\n"
+        "import torch, fastarch\n"
+        "x = torch.randn(3, 8)\n"
+        "y = fastarch.ops.layer_norm(x)\n"
+        "assert torch.allclose(y, torch.nn.functional.layer_norm(x, (8,)), atol=1e-6)\n"
+        "fastarch.info()\n"
+    )
+    out = _python(code, TRITON_INTERPRET="0")
+    assert out.returncode == 0, out.stderr
+    assert "layer_norm       cpu        unavailable: fastarch._C failed to load (ModuleNotFoundError" in out.stdout
+    assert "layer_norm       reference  available" in out.stdout
