@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <memory>
 #include <tuple>
 
 #include "isa.h"
@@ -59,15 +61,49 @@ int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<
 
 bool use_avx512(Dtype d) { return d != Dtype::f64 && active_isa() == Isa::avx512; }
 
-void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t end) {
+// Outputs at least this large are written with streaming (non-temporal) stores: they skip the
+// read-for-ownership of each destination line (a third of a norm's memory traffic) and leave
+// the cache to the inputs. Smaller outputs stay in cache for the next op. Measured on the
+// 2-core EPYC (32 MB L3): 4096x768 fp32 forward (12 MB out) 1.4x faster streaming.
+constexpr int64_t kStreamBytes = int64_t{4} << 20;
+
+// Streaming stores write whole aligned 16-element chunks.
+bool can_stream(const Tensor& out) {
+  const int64_t chunk_bytes = 16 * out.element_size();
+  return out.numel() * out.element_size() >= kStreamBytes && out.size(1) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
+}
+
+// The AVX-512 kernels' extra arguments: fp32 weight and bias (converted once per call, not
+// once per row) and whether to stream the outputs. The scratch row is per thread.
+struct Avx512Inputs {
+  Tensor weight, bias;  // fp32, or undefined
+  bool stream;
+
+  Avx512RowArgs for_thread(float* scratch) const {
+    return {weight.defined() ? weight.data_ptr<float>() : nullptr, bias.defined() ? bias.data_ptr<float>() : nullptr,
+            scratch, stream, cpu_has_avx512_bf16()};
+  }
+};
+
+Tensor as_fp32(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->to(at::kFloat).contiguous() : Tensor();
+}
+
+// Two fp32 rows, whole 16-element chunks each.
+std::unique_ptr<float[]> scratch_rows(int64_t cols) { return std::unique_ptr<float[]>(new float[2 * 16 * ((cols + 15) / 16)]); }
+
+void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t end, const Avx512Inputs& in) {
   if (use_avx512(d)) {
+    const auto scratch = scratch_rows(p.cols);
+    const Avx512RowArgs a = in.for_thread(scratch.get());
     switch (d) {
       case Dtype::f32:
-        return norm_forward_rows_avx512<Dtype::f32>(p, begin, end);
+        return norm_forward_rows_avx512<Dtype::f32>(p, begin, end, a);
       case Dtype::f16:
-        return norm_forward_rows_avx512<Dtype::f16>(p, begin, end);
+        return norm_forward_rows_avx512<Dtype::f16>(p, begin, end, a);
       case Dtype::bf16:
-        return norm_forward_rows_avx512<Dtype::bf16>(p, begin, end);
+        return norm_forward_rows_avx512<Dtype::bf16>(p, begin, end, a);
       case Dtype::f64:
         break;
     }
@@ -84,17 +120,20 @@ void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t en
   }
 }
 
-void backward_rows(Dtype d, const NormBackwardParams& p, int64_t begin, int64_t end, void* dw, void* db) {
+void backward_rows(
+    Dtype d, const NormBackwardParams& p, int64_t begin, int64_t end, void* dw, void* db, const Avx512Inputs& in) {
   if (use_avx512(d)) {
+    const auto scratch = scratch_rows(p.cols);
+    const Avx512RowArgs a = in.for_thread(scratch.get());
     float* fw = static_cast<float*>(dw);
     float* fb = static_cast<float*>(db);
     switch (d) {
       case Dtype::f32:
-        return norm_backward_rows_avx512<Dtype::f32>(p, begin, end, fw, fb);
+        return norm_backward_rows_avx512<Dtype::f32>(p, begin, end, fw, fb, a);
       case Dtype::f16:
-        return norm_backward_rows_avx512<Dtype::f16>(p, begin, end, fw, fb);
+        return norm_backward_rows_avx512<Dtype::f16>(p, begin, end, fw, fb, a);
       case Dtype::bf16:
-        return norm_backward_rows_avx512<Dtype::bf16>(p, begin, end, fw, fb);
+        return norm_backward_rows_avx512<Dtype::bf16>(p, begin, end, fw, fb, a);
       case Dtype::f64:
         break;
     }
@@ -144,7 +183,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
   p.cols = cols;
   p.eps = eps;
   p.rms = rms;
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) { forward_rows(d, p, begin, end); });
+  Avx512Inputs in;
+  if (use_avx512(d)) in = {as_fp32(weight), as_fp32(bias), can_stream(y) && (!residual || can_stream(residual_out))};
+  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) { forward_rows(d, p, begin, end, in); });
   return {y, residual_out, mean, rstd};
 }
 
@@ -193,11 +234,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(
   Tensor partial = weight_grads ? at::zeros({chunks, 2, cols}, xin.options().dtype(stats)) : Tensor();
   const int64_t elem = at::elementSize(stats);
   char* base = weight_grads ? static_cast<char*>(partial.data_ptr()) : nullptr;
+  Avx512Inputs in;
+  if (use_avx512(d)) in = {as_fp32(weight), Tensor(), can_stream(dx)};
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       void* dw = weight_grads ? base + (2 * c) * cols * elem : nullptr;
       void* db = weight_grads ? base + (2 * c + 1) * cols * elem : nullptr;
-      backward_rows(d, p, rows * c / chunks, rows * (c + 1) / chunks, dw, db);
+      backward_rows(d, p, rows * c / chunks, rows * (c + 1) / chunks, dw, db, in);
     }
   });
   Tensor dweight = at::empty({0}, xin.options());

@@ -80,10 +80,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    steady_allocator = device == "cpu" and timing.keep_freed_memory()
     dtypes = [DTYPES[d] for d in args.dtype or DEFAULT_DTYPES[device]]
     backends = list(dict.fromkeys(args.backend or ["auto"]))
     start = time.perf_counter()
     info = report.machine(device, timing.copy_bandwidth(device))
+    info["steady_cpu_allocator"] = steady_allocator
     print(report.preamble(info, args.rounds), flush=True)
     print(report.table_header(), flush=True)
     rows: list[report.Row] = []

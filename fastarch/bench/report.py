@@ -169,7 +169,8 @@ def machine(device: str, copy_gbps: float) -> dict:
 
 def preamble(info: dict, rounds: int) -> str:
     """The lines above the table: where the numbers come from and how to read them."""
-    where = f"GPU {info['gpu']}" if info["gpu"] else f"CPU {info['cpu']}, {info['torch_threads']} threads"
+    threads = info["torch_threads"]
+    where = f"GPU {info['gpu']}" if info["gpu"] else f"CPU {info['cpu']}, {threads} thread{'s' * (threads != 1)}"
     how = (
         "median of triton.testing.do_bench"
         if info["gpu"]
@@ -180,6 +181,8 @@ def preamble(info: dict, rounds: int) -> str:
             f"fastarch {info['fastarch']} bench on {where}; torch {info['torch']}, triton {info['triton']}",
             f"copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s (a large dst.copy_(src), bytes read + written)",
             f"times: {how}; vs = their time / ours; GB/s = minimum bytes moved / our time",
+            *(["malloc keeps freed memory (mallopt), so no contender page-faults its outputs in anew each call"]
+              if info.get("steady_cpu_allocator") else []),
             "",
         ]
     )

@@ -130,13 +130,39 @@ def input_sets_needed(bytes_per_call: int, device: str, max_sets: int = 8) -> in
 
 def copy_bandwidth(device: str) -> float:
     """The machine's memory bandwidth in GB/s: a large ``dst.copy_(src)`` (256 MiB on CPU,
-    1 GiB on CUDA) with the current thread count, counting bytes read + written (median)."""
+    1 GiB on CUDA) with the current thread count, counting bytes read + written. CPU: the best
+    of 7 copies, the one least disturbed by other processes; CUDA: do_bench's median."""
     n_bytes = (1 << 30) if device == "cuda" else (256 << 20)
     src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     if device == "cuda":
-        timing = _time_cuda({"copy": lambda: dst.copy_(src)})["copy"]
+        seconds = _time_cuda({"copy": lambda: dst.copy_(src)})["copy"].seconds
     else:
         dst.copy_(src)  # first touch of dst's pages
-        timing = _time_interleaved({"copy": lambda: dst.copy_(src)}, rounds=7)["copy"]
-    return 2 * n_bytes / timing.seconds / 1e9
+        seconds = min(_seconds_of(lambda: dst.copy_(src)) for _ in range(7))
+    return 2 * n_bytes / seconds / 1e9
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc's malloc keep freed blocks of up to 32 MiB in the heap (M_MMAP_THRESHOLD)
+    and never return the heap's top to the OS (M_TRIM_THRESHOLD); True if it could.
+
+    By default glibc adjusts both as the process runs, so whether a fresh 12 MB output is
+    recycled or handed back and page-faulted in anew on every call depends on the order of the
+    allocations before it: the same kernel measured 1.3 ms or 19 ms per call. With this, every
+    contender works in the steady state a caching allocator gives (as on CUDA), so the
+    comparison is between kernels, not between allocation histories."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def _seconds_of(fn: Contender) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -67,6 +67,8 @@ def _check_inputs(
 def _as_rows(t: Tensor) -> Tensor:
     """t as a 2-D (rows, cols) tensor with contiguous columns; a view when strides allow."""
     n = t.shape[-1]
+    if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
+        return t
     try:
         rows = t.view(-1, n)
     except RuntimeError:  # leading dims not collapsible
@@ -93,6 +95,8 @@ def _forward(
     y, residual_out, mean, rstd = impl.forward(
         x2, _as_rows(residual) if residual is not None else None, _vector(weight), _vector(bias), float(eps), rms
     )
+    if x.dim() == 2:
+        return y, residual_out, mean, rstd
     lead = x.shape[:-1]
     return (
         y.view(x.shape),
