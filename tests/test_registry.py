@@ -15,18 +15,25 @@ import fastarch
 from fastarch import ops, registry
 
 
+def spy_on(monkeypatch, field: str) -> list[str]:
+    """Wraps ``field`` (forward or backward) of every layer_norm backend; returns the list of
+    backend names in the order they ran."""
+    calls = []
+
+    def wrap(b):
+        def run(*args):
+            calls.append(b.name)
+            return getattr(b, field)(*args)
+
+        return dataclasses.replace(b, **{field: run})
+
+    monkeypatch.setitem(registry._REGISTRY, "layer_norm", [wrap(b) for b in registry.backends_of("layer_norm")])
+    return calls
+
+
 @pytest.fixture
 def spies(monkeypatch):
-    """Wraps every layer_norm backend so a test can see which one ran."""
-    calls = []
-    wrapped = []
-    for b in registry.backends_of("layer_norm"):
-        def forward(*args, _b=b):
-            calls.append(_b.name)
-            return _b.forward(*args)
-        wrapped.append(dataclasses.replace(b, forward=forward))
-    monkeypatch.setitem(registry._REGISTRY, "layer_norm", wrapped)
-    return calls
+    return spy_on(monkeypatch, "forward")
 
 
 def test_automatic_choice_on_cpu_is_the_cpu_kernel(spies):
@@ -54,14 +61,7 @@ def test_context_is_restored_after_an_exception():
 
 
 def test_backward_uses_the_forward_backend(monkeypatch):
-    calls = []
-    wrapped = []
-    for b in registry.backends_of("layer_norm"):
-        def backward(*args, _b=b):
-            calls.append(_b.name)
-            return _b.backward(*args)
-        wrapped.append(dataclasses.replace(b, backward=backward))
-    monkeypatch.setitem(registry._REGISTRY, "layer_norm", wrapped)
+    calls = spy_on(monkeypatch, "backward")
     x = torch.randn(3, 8, requires_grad=True)
     with fastarch.backend("reference"):
         y = ops.layer_norm(x)

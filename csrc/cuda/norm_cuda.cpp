@@ -3,6 +3,7 @@
 // Same semantics and outputs as the CPU backend (csrc/cpu/norm_cpu.cpp); the kernels are in
 // norm_kernels.cuh, launched through norm_launch.h.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/clone.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
@@ -65,6 +67,23 @@ void check_stats(const Tensor& t, const char* name, const Tensor& x, int64_t row
 
 const void* data_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
+// The kernels' configuration, and so the fp32 summation order (the exact bits of every
+// result), depends only on rows, cols and dtype. When cols allows 16-byte vector access, an
+// input whose pointer or row stride does not (a slice at an odd column offset) is copied
+// first, so that every layout of the same values gives the same bits (it would otherwise run
+// the element-wise configuration). Rows (2-D) or vectors (1-D).
+Tensor vector_ready(const Tensor& t, int64_t cols) {
+  const int64_t vec = 16 / t.element_size();
+  if (cols % vec != 0) return t;  // element-wise kernels for every layout
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+      (t.dim() == 1 || t.size(0) <= 1 || t.stride(0) % vec == 0);
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+std::optional<Tensor> vector_ready(const std::optional<Tensor>& t, int64_t cols) {
+  return t.has_value() ? std::optional<Tensor>(vector_ready(*t, cols)) : std::nullopt;
+}
+
 cudaError_t launch_forward(Dtype d, const NormForwardParams& p, cudaStream_t stream) {
   switch (d) {
     case Dtype::f32:
@@ -117,6 +136,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), cols = x.size(1);
   const auto stats = x.options().dtype(at::kFloat);
+  const Tensor xv = vector_ready(x, cols);
+  const std::optional<Tensor> residual_v = vector_ready(residual, cols);
+  const std::optional<Tensor> weight_v = vector_ready(weight, cols);
+  const std::optional<Tensor> bias_v = vector_ready(bias, cols);
   Tensor y = at::empty({rows, cols}, x.options());
   Tensor residual_out = residual ? at::empty({rows, cols}, x.options()) : at::empty({0}, x.options());
   Tensor mean = at::empty({rms ? 0 : rows}, stats);
@@ -124,12 +147,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(
   if (rows == 0) return {y, residual_out, mean, rstd};
 
   NormForwardParams p{};
-  p.x = x.data_ptr();
-  p.x_row_stride = x.stride(0);
-  p.residual = data_or_null(residual);
-  p.residual_row_stride = residual ? residual->stride(0) : 0;
-  p.weight = data_or_null(weight);
-  p.bias = data_or_null(bias);
+  p.x = xv.data_ptr();
+  p.x_row_stride = xv.stride(0);
+  p.residual = data_or_null(residual_v);
+  p.residual_row_stride = residual_v ? residual_v->stride(0) : 0;
+  p.weight = data_or_null(weight_v);
+  p.bias = data_or_null(bias_v);
   p.y = y.data_ptr();
   p.residual_out = residual ? residual_out.data_ptr() : nullptr;
   p.mean = rms ? nullptr : mean.data_ptr();
@@ -172,14 +195,18 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(
   Tensor dbias = grad_vector(need_dbias);
   if (empty) return {dx, dweight, dbias};
 
+  const Tensor dy_v = vector_ready(dy, cols);
+  const std::optional<Tensor> dresidual_out_v = vector_ready(dresidual_out, cols);
+  const Tensor xin_v = vector_ready(xin, cols);
+  const std::optional<Tensor> weight_v = vector_ready(weight, cols);
   NormBackwardParams p{};
-  p.dy = dy.data_ptr();
-  p.dy_row_stride = dy.stride(0);
-  p.dresidual_out = data_or_null(dresidual_out);
-  p.dresidual_out_row_stride = dresidual_out ? dresidual_out->stride(0) : 0;
-  p.xin = xin.data_ptr();
-  p.xin_row_stride = xin.stride(0);
-  p.weight = data_or_null(weight);
+  p.dy = dy_v.data_ptr();
+  p.dy_row_stride = dy_v.stride(0);
+  p.dresidual_out = data_or_null(dresidual_out_v);
+  p.dresidual_out_row_stride = dresidual_out_v ? dresidual_out_v->stride(0) : 0;
+  p.xin = xin_v.data_ptr();
+  p.xin_row_stride = xin_v.stride(0);
+  p.weight = data_or_null(weight_v);
   p.mean = mean ? mean->data_ptr() : nullptr;
   p.rstd = rstd.data_ptr();
   p.dx = dx.data_ptr();

@@ -10,14 +10,14 @@
 // shared-memory stage across the warps of a row. Longer rows: one block per row that loops
 // over the row once per pass, re-reading it from L2.
 //
-// Statistics and all accumulation are fp32; y = (s - mean) * rstd * w + b is rounded once.
+// Statistics and all accumulation are fp32 (LayerNorm: the corrected two-pass variance, as
+// in every backend); y = ((s - mean) - correction) * rstd * w + b is rounded to T once.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -32,20 +32,29 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 // Block size when several short rows share a block.
 constexpr int kRowsBlockThreads = 256;
-// Register-resident rows, sized so that no instantiation spills (ptxas --resource-usage):
-// forward: up to 32 elements per thread, 1024 threads per row up to 16 elements (64
-// registers) and 512 beyond, so rows up to 16384 elements; backward (the fp32 dweight/dbias
-// sums add two registers per element): up to 16 elements x 512 threads = 8192 elements.
-// Scalar (misaligned) instantiations stop at 8 elements per thread (a smaller build).
-constexpr int kFwdMaxElems = 32;
+// Register-resident rows, sized so that no instantiation spills (checked with ptxas
+// --resource-usage). Forward: a thread holds at most 4 vectors (64 bytes) of its row, which
+// fits 64 registers, so up to 1024 threads per row: rows up to 16384 fp32 or 32768 16-bit
+// elements. Backward (the fp32 dweight/dbias sums cost two more registers per element): at
+// most 16 elements per thread and 512 threads per row, i.e. rows up to 8192 elements.
+// Misaligned rows (scalar instantiations): at most 8 elements per thread (a smaller build)
+// and 512 threads per row, i.e. rows up to 4096 elements. minBlocksPerSM = 1 in the launch
+// bounds: otherwise ptxas may spill a few bytes to reach an occupancy step.
+constexpr int kFwdMaxNv = 4;
 constexpr int kBwdMaxThreads = 512;
 constexpr int kBwdMaxElems = 16;
 constexpr int kScalarMaxNv = 8;
 
-constexpr int fwd_max_threads(int elems_per_thread) { return elems_per_thread <= 16 ? 1024 : 512; }
-// Looped kernels: one block per row, kLoopUnroll vectors in flight per thread and pass.
+template <int kVec>
+constexpr int fwd_max_threads() {
+  return kVec == 1 ? 512 : 1024;
+}
+// Looped kernels: one block per row, loop_unroll vectors in flight per thread and pass (8
+// when they are single elements, for more bytes in flight). They run one or two blocks per
+// SM, so their launch bounds say so (minBlocksPerSM = 1): otherwise ptxas trades a few
+// bytes of spill for an occupancy they never use.
 constexpr int kLoopThreads = 512;
-constexpr int kLoopUnroll = 4;
+constexpr int loop_unroll(int vec) { return vec == 1 ? 8 : 4; }
 // Column sums of the dweight/dbias partials: 32 columns x 32 lanes over the partial rows.
 constexpr int kColSumCols = 32;
 constexpr int kColSumLanes = 32;
@@ -166,18 +175,18 @@ __device__ __forceinline__ void row_allreduce(float (&v)[kN], int threads_per_ro
     }
   }
   if (threads_per_row <= 32) return;
-  float* half = buf + (phase & 1) * (kN * 32);
+  float* stage = buf + (phase & 1) * (kN * 32);
   ++phase;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) {
 #pragma unroll
-    for (int i = 0; i < kN; ++i) half[i * 32 + warp] = v[i];
+    for (int i = 0; i < kN; ++i) stage[i * 32 + warp] = v[i];
   }
   __syncthreads();
   const int warps_per_row = threads_per_row >> 5;
   const int first = warp - warp % warps_per_row;
 #pragma unroll
-  for (int i = 0; i < kN; ++i) v[i] = lane < warps_per_row ? half[i * 32 + first + lane] : 0.f;
+  for (int i = 0; i < kN; ++i) v[i] = lane < warps_per_row ? stage[i * 32 + first + lane] : 0.f;
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
 #pragma unroll
@@ -185,17 +194,44 @@ __device__ __forceinline__ void row_allreduce(float (&v)[kN], int threads_per_ro
   }
 }
 
-// 1 / sqrt(var + eps), correctly rounded whatever the compiler flags (no fast-math rsqrt).
-__device__ __forceinline__ float inverse_std(float sum_sq, float n, float eps) {
-  return __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(sum_sq, n), eps)));
+// The __f*_rn intrinsics below round each operation where the reference rounds it: they are
+// never fused into an FMA (nvcc fuses a * b + c by default) and stay correctly rounded under
+// fast-math flags. E.g. dy * w - mean(dy * w) is then exactly 0 for a row of one element.
+
+// 1 / sqrt(var + eps), correctly rounded (no rsqrt approximation).
+__device__ __forceinline__ float inverse_std(float var, float eps) {
+  return __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(var, eps)));
 }
 
-// (s - mean) * rstd * w + b, one rounding per operation like the reference (no FMA).
-__device__ __forceinline__ float normalize(float s, float mean, float rstd, bool has_w, float w, bool has_b, float b) {
-  float v = __fmul_rn(__fsub_rn(s, mean), rstd);
+// Row statistics of a normalization, as every backend computes them. LayerNorm: the corrected
+// two-pass variance, from sum_dev = sum(s - mean) and sum_sq = sum((s - mean)^2) over the
+// deviations from the fp32 mean: their own mean (`correction`, the mean's rounding error) is
+// removed from the variance and from every deviation, and the stored mean is mean +
+// correction. No E[x^2] - mean^2 cancellation. RMSNorm: mean = correction = 0, sum_sq =
+// sum(s^2).
+struct RowStats {
+  float mean, correction, rstd;
+};
+
+__device__ __forceinline__ RowStats row_stats(bool rms, float mean, float sum_dev, float sum_sq, float n, float eps) {
+  if (rms) return {0.f, 0.f, inverse_std(__fdiv_rn(sum_sq, n), eps)};
+  const float correction = __fdiv_rn(sum_dev, n);
+  const float var = fmaxf(__fsub_rn(__fdiv_rn(sum_sq, n), __fmul_rn(correction, correction)), 0.f);
+  return {mean, correction, inverse_std(var, eps)};
+}
+
+// ((s - mean) - correction) * rstd * w + b, rounded operation by operation like the reference.
+__device__ __forceinline__ float normalize(float s, const RowStats& st, bool has_w, float w, bool has_b, float b) {
+  float v = __fmul_rn(__fsub_rn(__fsub_rn(s, st.mean), st.correction), st.rstd);
   if (has_w) v = __fmul_rn(v, w);
   if (has_b) v = __fadd_rn(v, b);
   return v;
+}
+
+// The input gradient of one element: rstd * ((g - mean(g)) - xhat * mean(g * xhat)) (+ the
+// gradient arriving at residual_out), rounded like the reference.
+__device__ __forceinline__ float input_grad(float g, float xhat, float rstd, float c_g, float c_gx) {
+  return __fmul_rn(rstd, __fsub_rn(__fsub_rn(g, c_g), __fmul_rn(xhat, c_gx)));
 }
 
 // ------------------------------------------------------------------ forward
@@ -203,10 +239,10 @@ __device__ __forceinline__ float normalize(float s, float mean, float rstd, bool
 // Rows held in registers. Blocks of rows_per_block = blockDim.x / threads_per_row rows,
 // grid-stride (the loop bound is uniform over the block, so the barriers stay legal).
 template <typename T, int kVec, int kNv>
-__global__ void __launch_bounds__(fwd_max_threads(kVec * kNv))
+__global__ void __launch_bounds__(fwd_max_threads<kVec>(), 1)
     norm_fwd_rows_kernel(const NormForwardParams p, int threads_per_row) {
   using P = Pack<T, kVec>;
-  __shared__ float red[2 * 32];
+  __shared__ float red[2 * 2 * 32];
   const int tpr = threads_per_row;
   const int rows_per_block = blockDim.x / tpr;
   const int group = threadIdx.x / tpr;
@@ -258,32 +294,32 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv))
       }
     }
 
+    // Statistics (row_stats): the mean, then sum(d) and sum(d^2) of the deviations d.
     float mean = 0.f;
     if (!p.rms) {
       float sum[1] = {0.f};
 #pragma unroll
       for (int k = 0; k < kNv; ++k) {
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) sum[0] += xs[k].get(e);
+        for (int e = 0; e < kVec; ++e) sum[0] += xs[k].get(e);  // 0 outside the row
       }
       row_allreduce<1>(sum, tpr, red, phase);
       mean = __fdiv_rn(sum[0], n);
     }
-    // Two-pass variance (squared deviations from the mean): no cancellation when
-    // |mean| >> std, unlike E[x^2] - mean^2. RMSNorm: mean = 0, the mean of squares.
-    float sq[1] = {0.f};
+    float dev[2] = {0.f, 0.f};
 #pragma unroll
     for (int k = 0; k < kNv; ++k) {
       if (ok[k]) {
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
           const float d = xs[k].get(e) - mean;
-          sq[0] += d * d;
+          dev[0] += d;
+          dev[1] += d * d;
         }
       }
     }
-    row_allreduce<1>(sq, tpr, red, phase);
-    const float rstd = inverse_std(sq[0], n, eps);
+    row_allreduce<2>(dev, tpr, red, phase);
+    const RowStats st = row_stats(p.rms, mean, dev[0], dev[1], n, eps);
 
     if (row_ok) {
       T* y = static_cast<T*>(p.y) + row * p.cols;
@@ -297,30 +333,30 @@ __global__ void __launch_bounds__(fwd_max_threads(kVec * kNv))
         float f[kVec];
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          f[e] = normalize(xs[k].get(e), mean, rstd, w != nullptr, w ? wa.get(e) : 1.f, b != nullptr,
-                           b ? ba.get(e) : 0.f);
+          f[e] = normalize(xs[k].get(e), st, w != nullptr, w ? wa.get(e) : 1.f, b != nullptr, b ? ba.get(e) : 0.f);
         }
         P o;
         o.set(f);
         store_pack<T, kVec>(y, j, o);
       }
       if (t == 0) {
-        if (!p.rms) static_cast<float*>(p.mean)[row] = mean;
-        static_cast<float*>(p.rstd)[row] = rstd;
+        if (!p.rms) static_cast<float*>(p.mean)[row] = __fadd_rn(st.mean, st.correction);
+        static_cast<float*>(p.rstd)[row] = st.rstd;
       }
     }
   }
 }
 
 // Rows too long for registers: one block per row (grid-stride over rows), three passes over
-// the row (sum, squared deviations, normalize; RMSNorm skips the second), the later ones
-// re-reading it from L2. Every thread reads back only the vectors it wrote itself
+// the row (sum, deviations, normalize; RMSNorm skips the second), the later ones re-reading
+// it from L2. Every thread reads back only the vectors it wrote itself
 // (residual_out), so they need no barrier.
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const NormForwardParams p) {
+__global__ void __launch_bounds__(kLoopThreads, 1) norm_fwd_looped_kernel(const NormForwardParams p) {
   using P = Pack<T, kVec>;
+  constexpr int kLoopUnroll = loop_unroll(kVec);
   constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kLoopUnroll;
-  __shared__ float red[2 * 32];
+  __shared__ float red[2 * 2 * 32];
   const int64_t nvec = p.cols / kVec;
   const float n = static_cast<float>(p.cols);
   const float eps = static_cast<float>(p.eps);
@@ -385,11 +421,11 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
       }
     }
     row_allreduce<1>(acc, kLoopThreads, red, phase);
-    float mean = 0.f, sum_sq = acc[0];
+    float mean = 0.f, dev[2] = {0.f, acc[0]};
     if (!p.rms) {
       mean = __fdiv_rn(acc[0], n);
-      // Pass 2: squared deviations from the mean.
-      float sq[1] = {0.f};
+      // Pass 2: sum(d) and sum(d^2) of the deviations d from the mean (row_stats).
+      dev[1] = 0.f;
       for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
         P xs[kLoopUnroll];
 #pragma unroll
@@ -404,15 +440,15 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
 #pragma unroll
             for (int e = 0; e < kVec; ++e) {
               const float d = xs[u].get(e) - mean;
-              sq[0] += d * d;
+              dev[0] += d;
+              dev[1] += d * d;
             }
           }
         }
       }
-      row_allreduce<1>(sq, kLoopThreads, red, phase);
-      sum_sq = sq[0];
+      row_allreduce<2>(dev, kLoopThreads, red, phase);
     }
-    const float rstd = inverse_std(sum_sq, n, eps);
+    const RowStats st = row_stats(p.rms, mean, dev[0], dev[1], n, eps);
     // Pass 3: normalize.
     T* y = static_cast<T*>(p.y) + row * p.cols;
     for (int64_t base = threadIdx.x; base < nvec; base += kStep) {
@@ -432,8 +468,7 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
           float f[kVec];
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            f[e] = normalize(xs[u].get(e), mean, rstd, w != nullptr, w ? wa.get(e) : 1.f, b != nullptr,
-                             b ? ba.get(e) : 0.f);
+            f[e] = normalize(xs[u].get(e), st, w != nullptr, w ? wa.get(e) : 1.f, b != nullptr, b ? ba.get(e) : 0.f);
           }
           P o;
           o.set(f);
@@ -442,8 +477,8 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_looped_kernel(const Nor
       }
     }
     if (threadIdx.x == 0) {
-      if (!p.rms) static_cast<float*>(p.mean)[row] = mean;
-      static_cast<float*>(p.rstd)[row] = rstd;
+      if (!p.rms) static_cast<float*>(p.mean)[row] = __fadd_rn(st.mean, st.correction);
+      static_cast<float*>(p.rstd)[row] = st.rstd;
     }
   }
 }
@@ -523,7 +558,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
       for (int e = 0; e < kVec; ++e) {
         const float d = da[k].get(e);
         const float xh = (xa[k].get(e) - mean) * rstd;
-        const float g = w ? d * wa.get(e) : d;
+        const float g = w ? __fmul_rn(d, wa.get(e)) : d;
         if (weight_grads) {
           dw[k][e] += d * xh;
           db[k][e] += d;
@@ -552,9 +587,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
         for (int e = 0; e < kVec; ++e) {
           const float d = da[k].get(e);
           const float xh = (xa[k].get(e) - mean) * rstd;
-          const float g = w ? d * wa.get(e) : d;
-          f[e] = rstd * (g - c_g - xh * c_gx);
-          if (dres) f[e] += ra.get(e);
+          const float g = w ? __fmul_rn(d, wa.get(e)) : d;
+          f[e] = input_grad(g, xh, rstd, c_g, c_gx);
+          if (dres) f[e] = __fadd_rn(f[e], ra.get(e));
         }
         P o;
         o.set(f);
@@ -609,8 +644,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
 // sums, then dx), the second re-reading the row from L2. The weight gradients come from
 // norm_bwd_cols_kernel.
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const NormBackwardParams p) {
+__global__ void __launch_bounds__(kLoopThreads, 1) norm_bwd_looped_kernel(const NormBackwardParams p) {
   using P = Pack<T, kVec>;
+  constexpr int kLoopUnroll = loop_unroll(kVec);
   constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kLoopUnroll;
   __shared__ float red[2 * 2 * 32];
   const int64_t nvec = p.cols / kVec;
@@ -644,7 +680,7 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const Nor
           for (int e = 0; e < kVec; ++e) {
             const float xh = (xa[u].get(e) - mean) * rstd;
             const float d = da[u].get(e);
-            const float g = w ? d * wa.get(e) : d;
+            const float g = w ? __fmul_rn(d, wa.get(e)) : d;
             sums[0] += g;
             sums[1] += g * xh;
           }
@@ -680,9 +716,9 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_looped_kernel(const Nor
           for (int e = 0; e < kVec; ++e) {
             const float xh = (xa[u].get(e) - mean) * rstd;
             const float d = da[u].get(e);
-            const float g = w ? d * wa.get(e) : d;
-            f[e] = rstd * (g - c_g - xh * c_gx);
-            if (dres) f[e] += ra.get(e);
+            const float g = w ? __fmul_rn(d, wa.get(e)) : d;
+            f[e] = input_grad(g, xh, rstd, c_g, c_gx);
+            if (dres) f[e] = __fadd_rn(f[e], ra.get(e));
           }
           P o;
           o.set(f);
@@ -908,13 +944,12 @@ cudaError_t with_nv(int nv, Fn&& fn) {
 
 template <int kVec>
 constexpr int fwd_nv_max() {
-  return kVec == 1 ? kScalarMaxNv : kFwdMaxElems / kVec;
+  return kVec == 1 ? kScalarMaxNv : kFwdMaxNv;
 }
 
 template <typename T, int kVec>
 cudaError_t norm_forward_vec(const NormForwardParams& p, cudaStream_t stream) {
-  const RowsConfig c =
-      choose_rows_config(p.cols / kVec, fwd_nv_max<kVec>(), [](int nv) { return fwd_max_threads(nv * kVec); });
+  const RowsConfig c = choose_rows_config(p.cols / kVec, fwd_nv_max<kVec>(), [](int) { return fwd_max_threads<kVec>(); });
   if (c.nv == 0) {
     const auto kernel = norm_fwd_looped_kernel<T, kVec>;
     // Between pass 1 and the re-reads, every block streams x (and residual, residual_out).
