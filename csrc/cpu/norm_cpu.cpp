@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <tuple>
 
@@ -67,11 +68,20 @@ bool use_avx512(Dtype d) { return d != Dtype::f64 && active_isa() == Isa::avx512
 // 2-core EPYC (32 MB L3): 4096x768 fp32 forward (12 MB out) 1.4x faster streaming.
 constexpr int64_t kStreamBytes = int64_t{4} << 20;
 
+// FASTARCH_CPU_STREAM=0 or 1 overrides the size rule (for measuring it); read once.
+int stream_override() {
+  static const int value = [] {
+    const char* v = std::getenv("FASTARCH_CPU_STREAM");
+    return v && (v[0] == '0' || v[0] == '1') ? v[0] - '0' : -1;
+  }();
+  return value;
+}
+
 // Streaming stores write whole aligned 16-element chunks.
 bool can_stream(const Tensor& out) {
   const int64_t chunk_bytes = 16 * out.element_size();
-  return out.numel() * out.element_size() >= kStreamBytes && out.size(1) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
+  const bool big = stream_override() >= 0 ? stream_override() == 1 : out.numel() * out.element_size() >= kStreamBytes;
+  return big && out.size(1) % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
 }
 
 // The AVX-512 kernels' extra arguments: fp32 weight and bias (converted once per call, not

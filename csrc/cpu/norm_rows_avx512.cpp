@@ -123,9 +123,10 @@ inline __m512 load_chunk(const void* row, int64_t k, const Chunks& c) {
   return k == c.full ? L::load(at<L>(row, k), c.tail) : L::load(at<L>(row, k));
 }
 
-// Pass 1 of the forward: s = x (or round(x + residual), also written to residual_out) into the
-// fp32 scratch row; returns the sum of s. Masked-off tail lanes are 0 and add nothing.
-template <typename L, bool kStream>
+// Pass 1 of the forward: s = x, or round(x + residual) (also written to residual_out), into
+// the fp32 scratch row (fp32 x without a residual is read in place: kCopy false); returns the
+// sum of s. Masked-off tail lanes are 0 and add nothing.
+template <typename L, bool kStream, bool kCopy>
 float load_row(const void* x, const void* res, void* out, float* scratch, const Chunks& c) {
   __m512 total = _mm512_setzero_ps();
   for (int64_t b = 0; b < c.count(); b += kBlockChunks) {
@@ -140,7 +141,7 @@ float load_row(const void* x, const void* res, void* out, float* scratch, const 
           put<L, kStream>(at<L>(out, k), s);
         }
       }
-      F32::store(scratch + 16 * k, s);  // whole chunk: the scratch row has room
+      if constexpr (kCopy) F32::store(scratch + 16 * k, s);  // whole chunk: the scratch row has room
       acc = _mm512_add_ps(acc, s);
     }
     total = _mm512_add_ps(total, acc);
@@ -154,7 +155,7 @@ struct Statistics {
   float rstd;
 };
 
-// Pass 2: statistics of the fp32 row s (masked-off tail lanes hold 0 and are excluded).
+// Pass 2: statistics of the fp32 row s (masked-off tail lanes are excluded).
 Statistics statistics(const float* s, const Chunks& c, float n, float eps, bool rms, float sum) {
   const __m512 mean = _mm512_set1_ps(rms ? 0.f : sum / n);
   __m512 total = _mm512_setzero_ps(), total_sq = total;
@@ -162,7 +163,7 @@ Statistics statistics(const float* s, const Chunks& c, float n, float eps, bool 
     __m512 d0 = _mm512_setzero_ps(), q0 = d0;
     for (int64_t k = b; k < c.block_end(b); ++k) {
       const __mmask16 m = c.mask(k);
-      const __m512 d = _mm512_maskz_sub_ps(m, F32::load(s + 16 * k), mean);
+      const __m512 d = _mm512_maskz_sub_ps(m, load_chunk<F32>(s, k, c), mean);
       d0 = _mm512_add_ps(d0, d);
       q0 = _mm512_fmadd_ps(d, d, q0);
     }
@@ -186,7 +187,7 @@ template <typename L, bool kWeight, bool kBias, bool kStream>
 void normalize_row(const float* s, const float* w, const float* b, void* y, const Chunks& c, const Statistics& st) {
   const __m512 vm = _mm512_set1_ps(st.mean), vc = _mm512_set1_ps(st.correction), vr = _mm512_set1_ps(st.rstd);
   for (int64_t k = 0; k < c.count(); ++k) {
-    __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(F32::load(s + 16 * k), vm), vc), vr);
+    __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(load_chunk<F32>(s, k, c), vm), vc), vr);
     if constexpr (kWeight && kBias) {
       t = _mm512_fmadd_ps(t, load_chunk<F32>(w, k, c), load_chunk<F32>(b, k, c));
     } else if constexpr (kWeight) {
@@ -210,10 +211,13 @@ void forward_rows(const NormForwardParams& p, int64_t begin, int64_t end, const 
     const char* x = static_cast<const char*>(p.x) + r * p.x_row_stride * L::kBytes;
     const char* res = p.residual ? static_cast<const char*>(p.residual) + r * p.residual_row_stride * L::kBytes : nullptr;
     char* out = p.residual ? static_cast<char*>(p.residual_out) + r * p.cols * L::kBytes : nullptr;
-    const float sum = load_row<L, kStream>(x, res, out, a.scratch, c);
-    const Statistics st = statistics(a.scratch, c, n, eps, p.rms, sum);
-    normalize_row<L, kWeight, kBias, kStream>(
-        a.scratch, a.weight, a.bias, static_cast<char*>(p.y) + r * p.cols * L::kBytes, c, st);
+    constexpr bool kInPlace = L::kBytes == 4;  // fp32 x needs no copy unless a residual is added
+    const bool copy = !kInPlace || res;
+    const float sum = copy ? load_row<L, kStream, true>(x, res, out, a.scratch, c)
+                           : load_row<L, kStream, false>(x, nullptr, nullptr, nullptr, c);
+    const float* s = copy ? a.scratch : reinterpret_cast<const float*>(x);
+    const Statistics st = statistics(s, c, n, eps, p.rms, sum);
+    normalize_row<L, kWeight, kBias, kStream>(s, a.weight, a.bias, static_cast<char*>(p.y) + r * p.cols * L::kBytes, c, st);
     if (!p.rms) static_cast<float*>(p.mean)[r] = st.mean + st.correction;
     static_cast<float*>(p.rstd)[r] = st.rstd;
   }

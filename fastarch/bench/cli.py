@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             for dtype in dtypes:
                 for backward in PASSES[args.passes]:
                     case = family.Case(op, shape, dtype, backward, device)
-                    for row in _bench(case, backends, not args.no_compile, args.rounds, info["copy_bandwidth_gbps"]):
+                    for row in _bench(case, backends, not args.no_compile, args, info["copy_bandwidth_gbps"]):
                         print(report.table_row(row), flush=True)
                         rows.append(row)
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
@@ -105,13 +105,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if any(r.ours_us is not None for r in rows) else 1
 
 
-def _bench(case, backends: list[str], compile: bool, rounds: int, copy_gbps: float) -> list[report.Row]:
+def _bench(case, backends: list[str], compile: bool, args: argparse.Namespace, copy_gbps: float) -> list[report.Row]:
     """Times one case (ours for every backend, eager, compile, interleaved) into one row per backend."""
     try:
         contenders = case.contenders(backends, compile)
     except Exception as e:  # e.g. out of memory while making the inputs
         times, errors = {}, {"inputs": timing.describe(e)}
     else:
-        times, errors = timing.measure(contenders, case.device, rounds)
+        times, errors = timing.measure(contenders, case.device, args.rounds)
         del contenders  # frees the input sets before the next case makes its own
     return [report.Row.of(case, b, times, errors, copy_gbps) for b in backends]

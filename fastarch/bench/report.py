@@ -14,7 +14,7 @@ import torch
 
 import fastarch
 from fastarch import _extension
-from fastarch.bench.timing import Timing
+from fastarch.bench.timing import Timing, speedup
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -46,6 +46,7 @@ class Row:
         times and errors."""
         names = (f"ours:{backend}", "eager", "compile")
         ours, eager, compiled = (times[n].seconds if n in times else None for n in names)
+        ours_t = times.get(names[0])
         gbps = case.bytes_moved / ours / 1e9 if ours else None
         why = {"ours" if k == f"ours:{backend}" else k: v for k, v in errors.items()}
         return cls(
@@ -58,8 +59,8 @@ class Row:
             ours_us=ours * 1e6 if ours else None,
             eager_us=eager * 1e6 if eager else None,
             compile_us=compiled * 1e6 if compiled else None,
-            speedup_vs_eager=eager / ours if ours and eager else None,
-            speedup_vs_compile=compiled / ours if ours and compiled else None,
+            speedup_vs_eager=speedup(times["eager"], ours_t) if ours and eager else None,
+            speedup_vs_compile=speedup(times["compile"], ours_t) if ours and compiled else None,
             bytes=case.bytes_moved,
             gbps=gbps,
             copy_fraction=gbps / copy_gbps if gbps else None,
@@ -174,13 +175,15 @@ def preamble(info: dict, rounds: int) -> str:
     how = (
         "median of triton.testing.do_bench"
         if info["gpu"]
-        else f"median over {rounds} interleaved rounds of ~30 ms batches, per iteration"
+        else f"median of {rounds} interleaved rounds of ~30 ms batches, per iteration"
     )
     return "\n".join(
         [
             f"fastarch {info['fastarch']} bench on {where}; torch {info['torch']}, triton {info['triton']}",
             f"copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s (a large dst.copy_(src), bytes read + written)",
-            f"times: {how}; vs = their time / ours; GB/s = minimum bytes moved / our time",
+            f"times: {how}; vs = their time / ours"
+            + ("" if info["gpu"] else " (the median of the ratios within each round)")
+            + "; GB/s = minimum bytes moved / our time",
             *(["malloc keeps freed memory (mallopt), so no contender page-faults its outputs in anew each call"]
               if info.get("steady_cpu_allocator") else []),
             "",

@@ -34,6 +34,17 @@ DEFAULT_LLC_BYTES = 64 << 20
 class Timing:
     seconds: float  # per call: the median over rounds (CPU) or do_bench's median (CUDA)
     spread: float = 0.0  # CPU: the rounds' interquartile range / median; a noisy machine shows here
+    rounds: tuple[float, ...] = ()  # CPU: the time per call in each round, in the order run
+
+
+def speedup(theirs: Timing, ours: Timing) -> float:
+    """How many times faster ours is. On CPU, the median over rounds of the ratio within each
+    round: the contenders of one round ran within a fraction of a second of each other, so a
+    shared machine's swings (this one's memory bandwidth switches between states several
+    times apart for seconds at a time) cancel out of each ratio. Else the ratio of medians."""
+    if theirs.rounds and len(theirs.rounds) == len(ours.rounds):
+        return statistics.median(t / o for t, o in zip(theirs.rounds, ours.rounds))
+    return theirs.seconds / ours.seconds
 
 
 def describe(e: BaseException) -> str:
@@ -89,8 +100,9 @@ def _batch_size(fn: Contender) -> int:
 def _time_interleaved(contenders: dict[str, Contender], rounds: int) -> dict[str, Timing]:
     batch = {name: _batch_size(fn) for name, fn in contenders.items()}
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
+    order = list(contenders.items())
+    for r in range(rounds):
+        for name, fn in order if r % 2 == 0 else order[::-1]:  # alternate, so no one always runs first
             start = time.perf_counter()
             for _ in range(batch[name]):
                 fn()
@@ -101,9 +113,9 @@ def _time_interleaved(contenders: dict[str, Contender], rounds: int) -> dict[str
 def _summary(samples: list[float]) -> Timing:
     median = statistics.median(samples)
     if len(samples) < 2:
-        return Timing(median)
+        return Timing(median, rounds=tuple(samples))
     q1, _, q3 = statistics.quantiles(samples, n=4)
-    return Timing(median, (q3 - q1) / median)
+    return Timing(median, (q3 - q1) / median, tuple(samples))
 
 
 def last_level_cache_bytes() -> int:
@@ -157,7 +169,8 @@ def keep_freed_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+        # (mallopt takes a C int: 2**31 - 1 is the largest trim threshold it can say)
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc
         return False
 
