@@ -14,6 +14,7 @@
 #include <memory>
 #include <tuple>
 
+#include "../norm_glue.h"
 #include "isa.h"
 #include "norm_rows.h"
 
@@ -38,24 +39,6 @@ Dtype dtype_of(const Tensor& x) {
 }
 
 at::ScalarType stats_dtype(Dtype d) { return d == Dtype::f64 ? at::kDouble : at::kFloat; }
-
-void check_rows(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.device().is_cpu(), "fastarch cpu norm: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.sizes() == x.sizes(), "fastarch cpu norm: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastarch cpu norm: ", name, " must have dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fastarch cpu norm: ", name, " must have contiguous rows");
-}
-
-void check_vector(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.device().is_cpu(), "fastarch cpu norm: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.is_contiguous(), "fastarch cpu norm: ", name,
-              " must be a contiguous vector of size ", x.size(1), ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastarch cpu norm: ", name, " must have dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-}
-
-const void* data_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 // Rows per task: enough work per task (~16K elements) that threading overhead stays small.
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
@@ -160,39 +143,21 @@ void backward_rows(
   }
 }
 
+constexpr const char* kWho = "fastarch cpu norm";
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
     const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, double eps, bool rms) {
-  TORCH_CHECK(x.dim() == 2, "fastarch cpu norm: x must be 2-D (rows, cols), got shape ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), "fastarch cpu norm: x must be on the CPU, got ", x.device());
-  TORCH_CHECK(x.size(1) >= 1, "fastarch cpu norm: x must have at least one column");
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fastarch cpu norm: x must have contiguous rows");
+  TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
+  norm_glue::check_forward(kWho, x, residual, weight, bias);
   const Dtype d = dtype_of(x);
-  if (residual) check_rows(*residual, "residual", x);
-  if (weight) check_vector(*weight, "weight", x);
-  if (bias) check_vector(*bias, "bias", x);
   const int64_t rows = x.size(0), cols = x.size(1);
   const auto stats = x.options().dtype(stats_dtype(d));
   Tensor y = at::empty({rows, cols}, x.options());
   Tensor residual_out = residual ? at::empty({rows, cols}, x.options()) : at::empty({0}, x.options());
   Tensor mean = at::empty({rms ? 0 : rows}, stats);
   Tensor rstd = at::empty({rows}, stats);
-
-  NormForwardParams p{};
-  p.x = x.data_ptr();
-  p.x_row_stride = x.stride(0);
-  p.residual = data_or_null(residual);
-  p.residual_row_stride = residual ? residual->stride(0) : 0;
-  p.weight = data_or_null(weight);
-  p.bias = data_or_null(bias);
-  p.y = y.data_ptr();
-  p.residual_out = residual ? residual_out.data_ptr() : nullptr;
-  p.mean = rms ? nullptr : mean.data_ptr();
-  p.rstd = rstd.data_ptr();
-  p.rows = rows;
-  p.cols = cols;
-  p.eps = eps;
-  p.rms = rms;
+  const NormForwardParams p = norm_glue::forward_params(x, residual, weight, bias, y, residual_out, mean, rstd, eps, rms);
   Avx512Inputs in;
   if (use_avx512(d)) in = {as_fp32(weight), as_fp32(bias), can_stream(y) && (!residual || can_stream(residual_out))};
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) { forward_rows(d, p, begin, end, in); });
@@ -203,39 +168,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(
     const Tensor& dy, const std::optional<Tensor>& dresidual_out, const Tensor& xin,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& mean, const Tensor& rstd, bool need_dweight,
     bool need_dbias) {
-  TORCH_CHECK(xin.dim() == 2, "fastarch cpu norm backward: xin must be 2-D (rows, cols), got shape ", xin.sizes());
-  TORCH_CHECK(xin.device().is_cpu(), "fastarch cpu norm backward: xin must be on the CPU, got ", xin.device());
-  TORCH_CHECK(xin.size(1) <= 1 || xin.stride(1) == 1, "fastarch cpu norm backward: xin must have contiguous rows");
+  TORCH_CHECK(xin.device().is_cpu(), kWho, " backward: xin must be on the CPU, got ", xin.device());
   const Dtype d = dtype_of(xin);
-  check_rows(dy, "dy", xin);
-  if (dresidual_out) check_rows(*dresidual_out, "dresidual_out", xin);
-  if (weight) check_vector(*weight, "weight", xin);
-  const bool rms = !mean.has_value();
+  norm_glue::check_backward(kWho, dy, dresidual_out, xin, weight, mean, rstd, need_dweight, stats_dtype(d));
   const int64_t rows = xin.size(0), cols = xin.size(1);
   const auto stats = stats_dtype(d);
-  TORCH_CHECK(rstd.scalar_type() == stats && rstd.is_contiguous() && rstd.numel() == rows,
-              "fastarch cpu norm backward: rstd must be a contiguous ", stats, " vector of size ", rows);
-  if (mean) {
-    TORCH_CHECK(mean->scalar_type() == stats && mean->is_contiguous() && mean->numel() == rows,
-                "fastarch cpu norm backward: mean must be a contiguous ", stats, " vector of size ", rows);
-  }
-  TORCH_CHECK(!need_dweight || weight, "fastarch cpu norm backward: need_dweight without a weight");
-
   Tensor dx = at::empty({rows, cols}, xin.options());
-  NormBackwardParams p{};
-  p.dy = dy.data_ptr();
-  p.dy_row_stride = dy.stride(0);
-  p.dresidual_out = data_or_null(dresidual_out);
-  p.dresidual_out_row_stride = dresidual_out ? dresidual_out->stride(0) : 0;
-  p.xin = xin.data_ptr();
-  p.xin_row_stride = xin.stride(0);
-  p.weight = data_or_null(weight);
-  p.mean = mean ? mean->data_ptr() : nullptr;
-  p.rstd = rstd.data_ptr();
-  p.dx = dx.data_ptr();
-  p.rows = rows;
-  p.cols = cols;
-  p.rms = rms;
+  const NormBackwardParams p = norm_glue::backward_params(dy, dresidual_out, xin, weight, mean, rstd, dx);
 
   // One chunk of rows per thread, each with its own (2, cols) dweight/dbias accumulator;
   // the chunks' sums are added at the end.

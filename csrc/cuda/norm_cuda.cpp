@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../norm_glue.h"
 #include "norm_launch.h"
 
 namespace fastarch::cuda {
@@ -36,36 +37,7 @@ Dtype dtype_of(const Tensor& x, const char* name) {
   }
 }
 
-void check_device(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "fastarch cuda norm: ", name, " must be on x's device ",
-              x.device(), ", got ", t.device());
-}
-
-void check_rows(const Tensor& t, const char* name, const Tensor& x) {
-  check_device(t, name, x);
-  TORCH_CHECK(t.sizes() == x.sizes(), "fastarch cuda norm: ", name, " must have x's shape ", x.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastarch cuda norm: ", name, " must have dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fastarch cuda norm: ", name, " must have contiguous rows");
-}
-
-void check_vector(const Tensor& t, const char* name, const Tensor& x) {
-  check_device(t, name, x);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.is_contiguous(), "fastarch cuda norm: ", name,
-              " must be a contiguous vector of size ", x.size(1), ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastarch cuda norm: ", name, " must have dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-}
-
-void check_stats(const Tensor& t, const char* name, const Tensor& x, int64_t rows) {
-  check_device(t, name, x);
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows, "fastarch cuda norm backward: ",
-              name, " must be a contiguous float32 vector of size ", rows, ", got ", t.scalar_type(), " of shape ",
-              t.sizes());
-}
-
-const void* data_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+constexpr const char* kWho = "fastarch cuda norm";
 
 // The kernels' configuration, and so the fp32 summation order (the exact bits of every
 // result), depends only on rows, cols and dtype. When cols allows 16-byte vector access, an
@@ -125,14 +97,9 @@ cudaError_t launch_backward(
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(
     const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, double eps, bool rms) {
-  TORCH_CHECK(x.dim() == 2, "fastarch cuda norm: x must be 2-D (rows, cols), got shape ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), "fastarch cuda norm: x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.size(1) >= 1, "fastarch cuda norm: x must have at least one column");
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fastarch cuda norm: x must have contiguous rows");
+  TORCH_CHECK(x.is_cuda(), kWho, ": x must be a CUDA tensor, got ", x.device());
+  norm_glue::check_forward(kWho, x, residual, weight, bias);
   const Dtype d = dtype_of(x, "x");
-  if (residual) check_rows(*residual, "residual", x);
-  if (weight) check_vector(*weight, "weight", x);
-  if (bias) check_vector(*bias, "bias", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), cols = x.size(1);
   const auto stats = x.options().dtype(at::kFloat);
@@ -146,21 +113,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(
   Tensor rstd = at::empty({rows}, stats);
   if (rows == 0) return {y, residual_out, mean, rstd};
 
-  NormForwardParams p{};
-  p.x = xv.data_ptr();
-  p.x_row_stride = xv.stride(0);
-  p.residual = data_or_null(residual_v);
-  p.residual_row_stride = residual_v ? residual_v->stride(0) : 0;
-  p.weight = data_or_null(weight_v);
-  p.bias = data_or_null(bias_v);
-  p.y = y.data_ptr();
-  p.residual_out = residual ? residual_out.data_ptr() : nullptr;
-  p.mean = rms ? nullptr : mean.data_ptr();
-  p.rstd = rstd.data_ptr();
-  p.rows = rows;
-  p.cols = cols;
-  p.eps = eps;
-  p.rms = rms;
+  const NormForwardParams p =
+      norm_glue::forward_params(xv, residual_v, weight_v, bias_v, y, residual_out, mean, rstd, eps, rms);
   C10_CUDA_CHECK(launch_forward(d, p, c10::cuda::getCurrentCUDAStream().stream()));
   return {y, residual_out, mean, rstd};
 }
@@ -169,18 +123,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(
     const Tensor& dy, const std::optional<Tensor>& dresidual_out, const Tensor& xin,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& mean, const Tensor& rstd, bool need_dweight,
     bool need_dbias) {
-  TORCH_CHECK(xin.dim() == 2, "fastarch cuda norm backward: xin must be 2-D (rows, cols), got shape ", xin.sizes());
-  TORCH_CHECK(xin.is_cuda(), "fastarch cuda norm backward: xin must be a CUDA tensor, got ", xin.device());
-  TORCH_CHECK(xin.size(1) <= 1 || xin.stride(1) == 1, "fastarch cuda norm backward: xin must have contiguous rows");
+  TORCH_CHECK(xin.is_cuda(), kWho, " backward: xin must be a CUDA tensor, got ", xin.device());
   const Dtype d = dtype_of(xin, "xin");
-  check_rows(dy, "dy", xin);
-  if (dresidual_out) check_rows(*dresidual_out, "dresidual_out", xin);
-  if (weight) check_vector(*weight, "weight", xin);
-  const bool rms = !mean.has_value();
+  norm_glue::check_backward(kWho, dy, dresidual_out, xin, weight, mean, rstd, need_dweight, at::kFloat);
   const int64_t rows = xin.size(0), cols = xin.size(1);
-  check_stats(rstd, "rstd", xin, rows);
-  if (mean) check_stats(*mean, "mean", xin, rows);
-  TORCH_CHECK(!need_dweight || weight, "fastarch cuda norm backward: need_dweight without a weight");
   const c10::cuda::CUDAGuard guard(xin.device());
 
   Tensor dx = at::empty({rows, cols}, xin.options());
@@ -199,20 +145,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(
   const std::optional<Tensor> dresidual_out_v = vector_ready(dresidual_out, cols);
   const Tensor xin_v = vector_ready(xin, cols);
   const std::optional<Tensor> weight_v = vector_ready(weight, cols);
-  NormBackwardParams p{};
-  p.dy = dy_v.data_ptr();
-  p.dy_row_stride = dy_v.stride(0);
-  p.dresidual_out = data_or_null(dresidual_out_v);
-  p.dresidual_out_row_stride = dresidual_out_v ? dresidual_out_v->stride(0) : 0;
-  p.xin = xin_v.data_ptr();
-  p.xin_row_stride = xin_v.stride(0);
-  p.weight = data_or_null(weight_v);
-  p.mean = mean ? mean->data_ptr() : nullptr;
-  p.rstd = rstd.data_ptr();
-  p.dx = dx.data_ptr();
-  p.rows = rows;
-  p.cols = cols;
-  p.rms = rms;
+  const NormBackwardParams p = norm_glue::backward_params(dy_v, dresidual_out_v, xin_v, weight_v, mean, rstd, dx);
 
   NormBackwardPlan plan;
   C10_CUDA_CHECK(plan_backward(d, p, weight_grads, &plan));

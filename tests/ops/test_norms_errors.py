@@ -94,3 +94,24 @@ def test_forced_cuda_backend_on_cpu_tensor():
 def test_empty_rows_are_fine():
     y = ops.layer_norm(torch.randn(0, 8), torch.ones(8), torch.zeros(8))
     assert y.shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    "call,pattern",
+    [
+        (lambda: torch.ops.fastarch._norm_fwd(torch.randn(3, 4), torch.randn(3, 5), None, None, 1e-5, False),
+         r"residual must have x's shape \[3, 4\]"),
+        (lambda: torch.ops.fastarch._norm_fwd(torch.randn(2, 3, 4), None, None, None, 1e-5, False), "x must be 2-D"),
+        (lambda: torch.ops.fastarch._norm_fwd(torch.randn(3, 4), None, torch.ones(5), None, 1e-5, False),
+         "weight must be a contiguous vector of size 4"),
+        (lambda: torch.ops.fastarch._norm_fwd(torch.ones(3, 4, dtype=torch.int32), None, None, None, 1e-5, False),
+         "x must be float32, float64, float16 or bfloat16"),
+        (lambda: torch.ops.fastarch._norm_bwd(torch.randn(3, 4), None, torch.randn(3, 4), None, None, torch.ones(2), False, False),
+         "rstd must be a contiguous Float vector of size 3"),
+    ],
+    ids=["residual-shape", "x-3d", "weight-size", "x-int", "rstd-size"],
+)
+def test_kernel_ops_check_their_arguments(call, pattern):
+    """The C++ kernel ops, called directly, check their arguments too."""
+    with pytest.raises(RuntimeError, match=pattern):
+        call()
