@@ -1,5 +1,20 @@
 """fastarch's public functional API. Each op picks its backend through fastarch.registry."""
 
+from fastarch.ops.attention import (
+    append_kv,
+    attention,
+    attention_decode,
+    scaled_dot_product_attention,
+)
 from fastarch.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "attention",
+    "scaled_dot_product_attention",
+    "attention_decode",
+    "append_kv",
+]

@@ -1,0 +1,102 @@
+"""The backends of the attention ops, in priority order, each with what it supports.
+
+Kernel-level interface (the semantics are defined in attention_reference.py):
+
+    forward(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+            causal, scale, window_left, window_right, dropout_p, seed) -> (out, lse)
+    backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q,
+             cu_seqlens_k, causal, scale, window_left, window_right, dropout_p, seed)
+        -> (dq, dk, dv)
+    decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left) -> (out, lse)
+
+q/k/v are 4-D (B, H, S, D) views with contiguous last dims (packed variable-length input is
+the view (1, H, total, D)); attn_mask, if any, has q's dtype and broadcasts to
+(B, H, Sq, Sk); key_padding_mask is bool (B, Sk); seed is an int64 scalar tensor on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastarch import availability, registry
+from fastarch.ops.attention_reference import (
+    attention_backward_ref,
+    attention_decode_ref,
+    attention_forward_ref,
+)
+
+ATTENTION_OPS = ("attention", "attention_decode")
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """What a backend needs to know to say whether it can run an attention call."""
+
+    device: str
+    dtype: torch.dtype
+    head_dim: int
+    head_dim_v: int
+    heads: int
+    kv_heads: int
+    attn_mask: bool
+    key_padding_mask: bool
+    varlen: bool
+    dropout: bool
+    window: bool
+    decode: bool = False
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, v: Tensor, attn_mask=None, key_padding_mask=None, cu_seqlens_q=None,
+           dropout_p: float = 0.0, window_left: int = -1, window_right: int = -1, decode: bool = False):
+        return cls(
+            q.device.type, q.dtype, q.shape[-1], v.shape[-1], q.shape[1], k.shape[1], attn_mask is not None,
+            key_padding_mask is not None, cu_seqlens_q is not None, dropout_p > 0,
+            window_left >= 0 or window_right >= 0, decode,
+        )
+
+    def __str__(self) -> str:
+        features = [name for name in ("attn_mask", "key_padding_mask", "varlen", "dropout", "window") if getattr(self, name)]
+        return (
+            f"{self.dtype} on {self.device}, head dim {self.head_dim}"
+            + (f" (values {self.head_dim_v})" if self.head_dim_v != self.head_dim else "")
+            + f", {self.heads} heads / {self.kv_heads} kv heads"
+            + (f", with {', '.join(features)}" if features else "")
+        )
+
+
+def _dtype_reason(p: AttentionProblem, allowed: tuple[torch.dtype, ...]) -> str | None:
+    if p.dtype in allowed:
+        return None
+    return f"dtype {p.dtype} is not supported (supported: {', '.join(str(d) for d in allowed)})"
+
+
+def _reference_supports(p: AttentionProblem) -> str | None:
+    return None
+
+
+_BACKENDS: list[registry.Backend] = [
+    registry.Backend(
+        "reference", availability.reference, _reference_supports, attention_forward_ref, attention_backward_ref
+    ),
+]
+_DECODE: list[registry.Backend] = [
+    registry.Backend("reference", availability.reference, _reference_supports, attention_decode_ref),
+]
+
+
+def add_backend(backend: registry.Backend, decode: registry.Backend | None = None) -> None:
+    """Puts a kernel backend in front of the ones registered so far, in the order of
+    registry.BACKENDS (the modules of the kernel backends call this when they load)."""
+    for table, entry in ((_BACKENDS, backend), (_DECODE, decode)):
+        if entry is not None:
+            table.append(entry)
+            table.sort(key=lambda b: registry.BACKENDS.index(b.name))
+    registry.register("attention", _BACKENDS)
+    registry.register("attention_decode", _DECODE)
+
+
+registry.register("attention", _BACKENDS)
+registry.register("attention_decode", _DECODE)
