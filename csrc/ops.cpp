@@ -13,4 +13,23 @@ TORCH_LIBRARY(fastarch, m) {
   m.def(
       "_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor xin, Tensor? weight, Tensor? mean,"
       " Tensor rstd, bool need_dweight, bool need_dbias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+
+  // Attention over 4-D (B, H, S, D) views with contiguous last dims; the semantics of every
+  // argument are those of fastarch/ops/attention_reference.py. Packed variable lengths: B == 1
+  // and cu_seqlens_q/k (int32 (N + 1,)); max_seqlen_q/k are their longest sequences (0 when
+  // not packed). out has q's shape and memory layout; lse is (B, H, Sq) fp32.
+  m.def(
+      "_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask,"
+      " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale,"
+      " int window_left, int window_right, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask,"
+      " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
+      " bool causal, float scale, int window_left, int window_right, float dropout_p, int seed)"
+      " -> (Tensor dq, Tensor dk, Tensor dv)");
+  // A few new queries (B, H, Sq, D) against caches (B, Hkv, S_max, D) holding cache_seqlens[b]
+  // valid entries (int32 (B,)).
+  m.def(
+      "_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, bool causal, float scale,"
+      " int window_left) -> (Tensor out, Tensor lse)");
 }

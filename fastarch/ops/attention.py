@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from fastarch import registry
-from fastarch.ops import attention_backends  # noqa: F401  (registers the backends)
+from fastarch.ops import attention_backends  # noqa: F401  (the reference backend)
+from fastarch.ops import attention_cpu, attention_cuda, attention_triton  # noqa: F401  (the kernel backends)
 from fastarch.ops.attention_backends import AttentionProblem
 from fastarch.ops.attention_reference import stats_dtype
 
