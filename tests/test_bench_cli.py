@@ -9,12 +9,12 @@ from fastarch.bench import norms
 from fastarch.cli import main
 
 ROW_FIELDS = {
-    "op", "shape", "dtype", "pass", "backend", "ran", "ours_us", "eager_us", "compile_us", "speedup_vs_eager",
-    "speedup_vs_compile", "bytes", "gbps", "copy_fraction", "spread", "errors",
+    "op", "shape", "dtype", "pass", "backend", "ran", "ours_us", "baseline_us", "speedup", "work", "unit", "rate",
+    "peak_fraction", "spread", "errors",
 }
 MACHINE_FIELDS = {
     "device", "cpu", "gpu", "physical_cores", "logical_cpus", "torch_threads", "load_average", "python", "torch",
-    "triton", "fastarch", "fastarch_C", "copy_bandwidth_gbps",
+    "triton", "fastarch", "fastarch_C", "copy_bandwidth_gbps", "matmul_tflops",
 }
 
 
@@ -42,9 +42,11 @@ def test_bench_prints_a_table_and_saves_json(tmp_path, capsys):
     assert len(doc["rows"]) == len(table)
     for row in doc["rows"]:
         assert set(row) == ROW_FIELDS
-        assert row["eager_us"] > 0 and row["compile_us"] is None
+        assert row["baseline_us"]["eager"] > 0 and row["baseline_us"]["compile"] is None
+        assert row["unit"] == "GB/s"
         if row["backend"] == "auto":
-            assert row["ours_us"] > 0 and row["gbps"] > 0 and row["ran"] and not row["errors"]
+            assert row["ours_us"] > 0 and row["rate"] > 0 and row["ran"] and not row["errors"]
+            assert row["speedup"]["eager"] > 0
         else:
             assert row["ours_us"] is None and "cannot run" in row["errors"]["ours"]
 
@@ -70,7 +72,7 @@ ADD_RMS_BWD = 4 * R * N * 2 + 2 * N * 2 + R * 4
     ],
 )
 def test_bytes_moved(op, dtype, backward, expected):
-    assert norms.Case(op, (R, N), dtype, backward, "cpu").bytes_moved == expected
+    assert norms.Case(op, (R, N), dtype, backward, "cpu").work == expected
 
 
 @pytest.mark.slow
@@ -80,4 +82,21 @@ def test_bench_times_torch_compile(tmp_path):
             "--rounds", "2", "--json", str(path)]
     assert main(args) == 0
     (row,) = json.loads(path.read_text())["rows"]
-    assert row["compile_us"] > 0 and row["speedup_vs_compile"] > 0 and not row["errors"]
+    assert row["baseline_us"]["compile"] > 0 and row["speedup"]["compile"] > 0 and not row["errors"]
+
+
+def test_bench_attention_and_decode_rows(tmp_path, capsys):
+    """The attention families: TFLOP/s against the measured matmul rate, SDPA baselines."""
+    path = tmp_path / "bench.json"
+    args = ["bench", "--op", "attention_causal,attention_decode", "--device", "cpu", "--shapes", "1x2x64x16",
+            "--dtype", "fp32", "--pass", "both", "--no-compile", "--rounds", "2", "--json", str(path)]
+    assert main(args) == 0
+    doc = json.loads(path.read_text())
+    assert doc["machine"]["matmul_tflops"]["fp32"] > 0
+    rows = {(r["op"], r["pass"]): r for r in doc["rows"]}
+    assert set(rows) == {("attention_causal", "fwd"), ("attention_causal", "fwd+bwd"), ("attention_decode", "fwd")}
+    fwd = rows[("attention_causal", "fwd")]
+    assert fwd["unit"] == "TFLOP/s" and fwd["work"] == 4 * 2 * 64 * 64 * 16 / 2
+    assert fwd["baseline_us"]["sdpa"] > 0 and fwd["ours_us"] > 0 and fwd["peak_fraction"] > 0
+    assert rows[("attention_causal", "fwd+bwd")]["work"] == 3.5 * fwd["work"]
+    assert rows[("attention_decode", "fwd")]["unit"] == "GB/s"

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from fastarch import registry
-from fastarch.bench import norms, report, timing
+from fastarch.bench import attention, decode, norms, report, timing
 
-FAMILIES = (norms,)
-"""Modules of cases, one per op family; each has OPS, default_shapes(device, quick) and Case."""
+FAMILIES = (norms, attention, decode)
+"""Modules of cases, one per op family; each has OPS, default_shapes(device, quick), and Case
+(with baseline_names, unit, work, contenders(...), backend_that_runs(...))."""
 
 FAMILY_OF = {op: family for family in FAMILIES for op in family.OPS}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--backend", action="extend", type=_names(["auto", *registry.BACKENDS], "backend"), metavar="NAME",
         help=f"auto (the registry's choice; default) or any of {', '.join(registry.BACKENDS)}; one row each")
     arg("--shapes", action="extend", type=_shapes, metavar="RxN",
-        help="e.g. 4096x768,8192x4096 (default: per op family and device)")
+        help="norms: ROWSxHIDDEN (4096x768); attention and decode: BxHxSxD (1x12x4096x64); a family"
+        " given none of its own uses its defaults")
     arg("--no-compile", action="store_true", help="skip the torch.compile baseline")
     arg("--threads", type=int, metavar="N", help="CPU threads (torch.set_num_threads; default: torch's)")
     arg("--pass", dest="passes", choices=list(PASSES), default="both",
@@ -84,20 +86,27 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [DTYPES[d] for d in args.dtype or DEFAULT_DTYPES[device]]
     backends = list(dict.fromkeys(args.backend or ["auto"]))
     start = time.perf_counter()
-    info = report.machine(device, timing.copy_bandwidth(device))
+    ops = list(dict.fromkeys(args.op or FAMILY_OF))
+    families = [f for f in FAMILIES if any(FAMILY_OF[op] is f for op in ops)]
+    flops = any(f.Case.unit == "TFLOP/s" for f in families)
+    matmul = {report.DTYPE_NAMES[d]: timing.matmul_tflops(device, d) for d in dtypes} if flops else {}
+    info = report.machine(device, timing.copy_bandwidth(device), matmul)
     info["steady_cpu_allocator"] = steady_allocator
     print(report.preamble(info, args.rounds), flush=True)
-    print(report.table_header(), flush=True)
     rows: list[report.Row] = []
-    for op in dict.fromkeys(args.op or FAMILY_OF):
-        family = FAMILY_OF[op]
-        for shape in args.shapes or family.default_shapes(device, args.quick):
-            for dtype in dtypes:
-                for backward in PASSES[args.passes]:
-                    case = family.Case(op, shape, dtype, backward, device)
-                    for row in _bench(case, backends, not args.no_compile, args, info["copy_bandwidth_gbps"]):
-                        print(report.table_row(row), flush=True)
-                        rows.append(row)
+    for family in families:
+        print(report.table_header(family.Case.baseline_names_for(device), family.Case.unit), flush=True)
+        for op in (op for op in ops if FAMILY_OF[op] is family):
+            given = [s for s in args.shapes or [] if len(s) == getattr(family, "SHAPE_RANK", 2)]
+            for shape in given or family.default_shapes(device, args.quick):
+                for dtype in dtypes:
+                    for backward in PASSES[args.passes] if op in family.DIFFERENTIABLE else [False]:
+                        case = family.Case(op, shape, dtype, backward, device)
+                        peak = info["copy_bandwidth_gbps"] if case.unit == "GB/s" else matmul.get(report.DTYPE_NAMES[dtype])
+                        for row in _bench(case, backends, not args.no_compile, args, peak):
+                            print(report.table_row(row), flush=True)
+                            rows.append(row)
+        print()
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
     if args.json:
         report.write_json(args.json, info, vars(args), rows)
@@ -105,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if any(r.ours_us is not None for r in rows) else 1
 
 
-def _bench(case, backends: list[str], compile: bool, args: argparse.Namespace, copy_gbps: float) -> list[report.Row]:
+def _bench(case, backends: list[str], compile: bool, args: argparse.Namespace, peak: float | None) -> list[report.Row]:
     """Times one case (ours for every backend, eager, compile, interleaved) into one row per backend."""
     try:
         contenders = case.contenders(backends, compile)
@@ -114,4 +123,4 @@ def _bench(case, backends: list[str], compile: bool, args: argparse.Namespace, c
     else:
         times, errors = timing.measure(contenders, case.device, args.rounds)
         del contenders  # frees the input sets before the next case makes its own
-    return [report.Row.of(case, b, times, errors, copy_gbps) for b in backends]
+    return [report.Row.of(case, b, times, errors, peak) for b in backends]

@@ -1,4 +1,5 @@
 """The norm cases of ``fastarch bench``: layer_norm, rms_norm, add_layer_norm, add_rms_norm.
+Memory-bound: the rate is GB/s of minimum traffic, against the measured copy bandwidth.
 
 Contenders, all called as ``fn(x, [residual,] weight, [bias,] eps)`` on the same input sets:
 
@@ -69,6 +70,10 @@ OPS = {
 }
 
 
+DIFFERENTIABLE = set(OPS)
+SHAPE_RANK = 2  # ROWS x HIDDEN
+
+
 def default_shapes(device: str, quick: bool) -> list[tuple[int, ...]]:
     """(rows, hidden) shapes; 4096x768 (BERT-base/GPT-2 at 4096 tokens) is the goal shape."""
     if device == "cuda":
@@ -85,6 +90,17 @@ class Case:
     dtype: torch.dtype
     backward: bool  # time forward + backward, else the forward alone
     device: str
+
+    baseline_names = ("eager", "compile")
+    unit = "GB/s"
+
+    @classmethod
+    def baseline_names_for(cls, device: str) -> tuple[str, ...]:
+        return cls.baseline_names
+
+    @property
+    def work(self) -> int:
+        return self.bytes_moved
 
     @property
     def bytes_moved(self) -> int:

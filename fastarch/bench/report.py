@@ -21,7 +21,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 @dataclass
 class Row:
-    """Ours with one backend against eager and torch.compile; times in µs per iteration."""
+    """Ours with one backend against the op family's baselines (for the norms: PyTorch eager
+    and torch.compile); times in µs per iteration."""
 
     op: str
     shape: str  # "4096x768"
@@ -30,25 +31,27 @@ class Row:
     backend: str  # as requested: "auto" or a backend name
     ran: str  # the backend that ran ours ("auto": the registry's choice); "" when none could
     ours_us: float | None
-    eager_us: float | None
-    compile_us: float | None  # None when it failed or was not asked for
-    speedup_vs_eager: float | None  # eager time / our time
-    speedup_vs_compile: float | None
-    bytes: int  # the minimum traffic of one iteration (see the op family's Case.bytes_moved)
-    gbps: float | None  # bytes / our time
-    copy_fraction: float | None  # gbps / the measured copy bandwidth
-    spread: float  # the largest of the three's interquartile range of rounds / median (CPU)
-    errors: dict[str, str]  # "ours", "eager", "compile" (or "inputs") -> what went wrong
+    baseline_us: dict[str, float | None]  # baseline name -> its time (None: failed or not asked for)
+    speedup: dict[str, float | None]  # baseline name -> its time / ours
+    work: float  # one iteration's minimum bytes moved (unit GB/s) or FLOPs (unit TFLOP/s)
+    unit: str  # "GB/s" or "TFLOP/s"
+    rate: float | None  # work / our time, in unit
+    peak_fraction: float | None  # rate / the machine's measured copy bandwidth or matmul rate
+    spread: float  # the largest interquartile range of rounds / median among the contenders (CPU)
+    errors: dict[str, str]  # "ours", a baseline's name (or "inputs") -> what went wrong
 
     @classmethod
-    def of(cls, case, backend: str, times: dict[str, Timing], errors: dict[str, str], copy_gbps: float) -> Row:
+    def of(cls, case, backend: str, times: dict[str, Timing], errors: dict[str, str], peak: float | None) -> Row:
         """The row of ``case`` (an op family's Case) for ``ours:<backend>``, from ``measure``'s
-        times and errors."""
-        names = (f"ours:{backend}", "eager", "compile")
-        ours, eager, compiled = (times[n].seconds if n in times else None for n in names)
-        ours_t = times.get(names[0])
-        gbps = case.bytes_moved / ours / 1e9 if ours else None
-        why = {"ours" if k == f"ours:{backend}" else k: v for k, v in errors.items()}
+        times and errors; ``peak``: the machine's rate in the case's unit."""
+        mine = f"ours:{backend}"
+        ours_t = times.get(mine)
+        ours = ours_t.seconds if ours_t else None
+        names = case.baseline_names
+        baseline_us = {n: times[n].seconds * 1e6 if n in times else None for n in names}
+        scale = 1e9 if case.unit == "GB/s" else 1e12
+        rate = case.work / ours / scale if ours else None
+        why = {"ours" if k == mine else k: v for k, v in errors.items()}
         return cls(
             op=case.op,
             shape="x".join(map(str, case.shape)),
@@ -57,14 +60,13 @@ class Row:
             backend=backend,
             ran=case.backend_that_runs(backend),
             ours_us=ours * 1e6 if ours else None,
-            eager_us=eager * 1e6 if eager else None,
-            compile_us=compiled * 1e6 if compiled else None,
-            speedup_vs_eager=speedup(times["eager"], ours_t) if ours and eager else None,
-            speedup_vs_compile=speedup(times["compile"], ours_t) if ours and compiled else None,
-            bytes=case.bytes_moved,
-            gbps=gbps,
-            copy_fraction=gbps / copy_gbps if gbps else None,
-            spread=max((times[n].spread for n in names if n in times), default=0.0),
+            baseline_us=baseline_us,
+            speedup={n: speedup(times[n], ours_t) if ours_t and n in times else None for n in names},
+            work=case.work,
+            unit=case.unit,
+            rate=rate,
+            peak_fraction=rate / peak if rate and peak else None,
+            spread=max((times[n].spread for n in (mine, *names) if n in times), default=0.0),
             errors={k: v for k, v in why.items() if not k.startswith("ours:")},
         )
 
@@ -72,21 +74,6 @@ class Row:
         return {("pass" if k == "pass_" else k): v for k, v in asdict(self).items()}
 
 
-# (header, width, how a row shows it); numbers are right-aligned
-_COLUMNS = [
-    ("op", -15, lambda r: r.op),
-    ("shape", -11, lambda r: r.shape),
-    ("dtype", -5, lambda r: r.dtype),
-    ("pass", -7, lambda r: r.pass_),
-    ("backend", -13, lambda r: f"{r.ran or '-'} (auto)" if r.backend == "auto" else r.backend),
-    ("ours us", 9, lambda r: _us(r.ours_us)),
-    ("eager us", 9, lambda r: _us(r.eager_us)),
-    ("compile us", 10, lambda r: _us(r.compile_us)),
-    ("vs eager", 8, lambda r: _ratio(r.speedup_vs_eager)),
-    ("vs compile", 10, lambda r: _ratio(r.speedup_vs_compile)),
-    ("GB/s", 6, lambda r: f"{r.gbps:.1f}" if r.gbps else "-"),
-    ("of copy", 7, lambda r: f"{r.copy_fraction:.0%}" if r.copy_fraction else "-"),
-]
 _NOTE_CHARS = 110
 NOISY_SPREAD = 0.2  # rows whose rounds spread more than this get a note
 
@@ -99,23 +86,44 @@ def _ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
-def _line(cells: list[str]) -> str:
-    return "  ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, (_, w, _) in zip(cells, _COLUMNS)).rstrip()
+def _columns(baselines: tuple[str, ...], unit: str) -> list:
+    """(header, width, how a row shows it); negative widths are left-aligned."""
+    cols = [
+        ("op", -16, lambda r: r.op),
+        ("shape", -14, lambda r: r.shape),
+        ("dtype", -5, lambda r: r.dtype),
+        ("pass", -7, lambda r: r.pass_),
+        ("backend", -16, lambda r: f"{r.ran or '-'} (auto)" if r.backend == "auto" else r.backend),
+        ("ours us", 9, lambda r: _us(r.ours_us)),
+    ]
+    for name in baselines:
+        cols.append((f"{name} us", max(9, len(name) + 3), lambda r, n=name: _us(r.baseline_us.get(n))))
+    for name in baselines:
+        cols.append((f"vs {name}", max(8, len(name) + 3), lambda r, n=name: _ratio(r.speedup.get(n))))
+    cols.append((unit, 7, lambda r: f"{r.rate:.1f}" if r.rate else "-"))
+    cols.append(("of peak", 7, lambda r: f"{r.peak_fraction:.0%}" if r.peak_fraction else "-"))
+    return cols
 
 
-def table_header() -> str:
-    return _line([name for name, _, _ in _COLUMNS]) + "  note"
+def _line(cells: list[str], cols: list) -> str:
+    return "  ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, (_, w, _) in zip(cells, cols)).rstrip()
+
+
+def table_header(baselines: tuple[str, ...], unit: str) -> str:
+    cols = _columns(baselines, unit)
+    return _line([name for name, _, _ in cols], cols) + "  note"
 
 
 def table_row(row: Row) -> str:
     """The row as the table shows it; errors go in a last column, one line each, shortened."""
+    cols = _columns(tuple(row.baseline_us), row.unit)
     notes = [f"{who}: {why.splitlines()[0] if why else ''}" for who, why in row.errors.items()]
     if row.spread > NOISY_SPREAD:
         notes.insert(0, f"noisy (rounds spread {row.spread:.0%})")
     note = "; ".join(notes)
     if len(note) > _NOTE_CHARS:
         note = note[: _NOTE_CHARS - 3] + "..."
-    return (_line([show(row) for _, _, show in _COLUMNS]) + "  " + note).rstrip()
+    return (_line([show(row) for _, _, show in cols], cols) + "  " + note).rstrip()
 
 
 def _cpu_model() -> str:
@@ -143,8 +151,8 @@ def _physical_cores() -> int | None:
         return None
 
 
-def machine(device: str, copy_gbps: float) -> dict:
-    """The machine and software the numbers come from."""
+def machine(device: str, copy_gbps: float, matmul_tflops: dict[str, float] | None = None) -> dict:
+    """The machine and software the numbers come from, with its measured peaks."""
     try:
         import triton
 
@@ -165,6 +173,7 @@ def machine(device: str, copy_gbps: float) -> dict:
         "fastarch": fastarch.__version__,
         "fastarch_C": _extension.build_info() or {"load_error": _extension.LOAD_ERROR},
         "copy_bandwidth_gbps": copy_gbps,
+        "matmul_tflops": matmul_tflops or {},
     }
 
 
@@ -180,10 +189,11 @@ def preamble(info: dict, rounds: int) -> str:
     return "\n".join(
         [
             f"fastarch {info['fastarch']} bench on {where}; torch {info['torch']}, triton {info['triton']}",
-            f"copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s (a large dst.copy_(src), bytes read + written)",
+            f"copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s (a large dst.copy_(src), bytes read + written)"
+            + "".join(f"; {d} matmul {t:.2f} TFLOP/s" for d, t in info.get("matmul_tflops", {}).items()),
             f"times: {how}; vs = their time / ours"
             + ("" if info["gpu"] else " (the median of the ratios within each round)")
-            + "; GB/s = minimum bytes moved / our time",
+            + "; GB/s = minimum bytes moved, TFLOP/s = FLOPs, over our time; of peak: of the copy or matmul rate",
             *(["malloc keeps freed memory (mallopt), so no contender page-faults its outputs in anew each call"]
               if info.get("steady_cpu_allocator") else []),
             "",

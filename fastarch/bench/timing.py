@@ -155,6 +155,20 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n_bytes / seconds / 1e9
 
 
+def matmul_tflops(device: str, dtype: torch.dtype) -> float:
+    """The machine's matrix-multiply rate in TFLOP/s: a square torch.mm (4096 on CUDA, 2048
+    on CPU) with the current thread count; the best of a few (CUDA: do_bench's median)."""
+    n = 4096 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    if device == "cuda":
+        seconds = _time_cuda({"mm": lambda: torch.mm(a, b)})["mm"].seconds
+    else:
+        torch.mm(a, b)
+        seconds = min(_seconds_of(lambda: torch.mm(a, b)) for _ in range(3))
+    return 2 * n**3 / seconds / 1e12
+
+
 def keep_freed_memory() -> bool:
     """Makes glibc's malloc keep freed blocks of up to 32 MiB in the heap (M_MMAP_THRESHOLD)
     and never return the heap's top to the OS (M_TRIM_THRESHOLD); True if it could.
