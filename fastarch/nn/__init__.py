@@ -1,5 +1,6 @@
 """Drop-in modules running fastarch's kernels."""
 
+from fastarch.nn.attention import MultiheadAttention
 from fastarch.nn.norms import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention"]

@@ -1,0 +1,106 @@
+"""MultiheadAttention: torch.nn.MultiheadAttention (same arguments, parameters and state_dict)
+running fastarch.ops.attention when no attention weights are asked for."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastarch import ops
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """Drop-in for torch.nn.MultiheadAttention.
+
+    forward(..., need_weights=False) runs fastarch's fused attention and returns
+    (output, None). need_weights=True (torch's default), add_bias_kv and add_zero_attn take
+    torch's own path, which has the weights. Masks keep torch's conventions: key_padding_mask
+    True (or -inf) marks padding; a bool attn_mask is True where attention is NOT allowed.
+    One difference: a query whose keys are all masked gets zeros where torch gives NaN.
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if need_weights or self.bias_k is not None or self.add_zero_attn:
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights, is_causal=is_causal,
+            )
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(0 if self.batch_first else 1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, length, _ = query.shape
+        q, k, v = self._project(query, key, value)
+        heads, head_dim = self.num_heads, self.head_dim
+        q, k, v = (t.view(n, t.shape[1], heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (N, H, len, hd)
+        source = k.shape[2]
+
+        mask, keep = None, None
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:  # (N * H, L, S)
+                attn_mask = attn_mask.view(n, heads, length, source)
+            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype == torch.bool:
+                keep = ~key_padding_mask
+            else:  # a float padding mask adds to the scores like attn_mask
+                padding = key_padding_mask.to(q.dtype).view(n, 1, 1, source)
+                if mask is not None and mask.dtype == torch.bool:
+                    mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+                mask = padding if mask is None else mask + padding
+        causal = bool(is_causal and mask is not None and length == source and mask.dim() == 2)
+        if causal:
+            mask = None  # is_causal promises that attn_mask is the causal mask: use the kernel's
+        out = ops.attention(
+            q, k, v, causal=causal, attn_mask=mask, key_padding_mask=keep,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+        return out, None
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The input projections (N, len, E) -> q, k, v, as torch's multi_head_attention_forward."""
+        e = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if query is key and key is value:  # self-attention: one matmul
+                return F.linear(query, w, b).chunk(3, dim=-1)
+            return F.linear(query, w[:e], bq), F.linear(key, w[e : 2 * e], bk), F.linear(value, w[2 * e :], bv)
+        return (
+            F.linear(query, self.q_proj_weight, bq),
+            F.linear(key, self.k_proj_weight, bk),
+            F.linear(value, self.v_proj_weight, bv),
+        )
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.MultiheadAttention) -> MultiheadAttention:
+        """A fastarch MultiheadAttention sharing ``module``'s parameters (no copy)."""
+        new = cls(
+            module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
+            add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
+            vdim=module.vdim, batch_first=module.batch_first, device="meta",
+        )
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
+            setattr(new, name, getattr(module, name))
+        new.out_proj = module.out_proj
+        return new.train(module.training)
