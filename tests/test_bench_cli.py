@@ -10,7 +10,7 @@ from fastarch.cli import main
 
 ROW_FIELDS = {
     "op", "shape", "dtype", "pass", "backend", "ran", "ours_us", "baseline_us", "speedup", "work", "unit", "rate",
-    "peak_fraction", "spread", "errors",
+    "peak_fraction", "spread", "errors", "peak_mb",
 }
 MACHINE_FIELDS = {
     "device", "cpu", "gpu", "physical_cores", "logical_cpus", "torch_threads", "load_average", "python", "torch",
@@ -100,3 +100,18 @@ def test_bench_attention_and_decode_rows(tmp_path, capsys):
     assert fwd["baseline_us"]["sdpa"] > 0 and fwd["ours_us"] > 0 and fwd["peak_fraction"] > 0
     assert rows[("attention_causal", "fwd+bwd")]["work"] == 3.5 * fwd["work"]
     assert rows[("attention_decode", "fwd")]["unit"] == "GB/s"
+
+
+def test_peak_memory_counts_a_large_temporary():
+    """timing.peak_memory sees a 128 MB temporary (mmapped: above malloc's 32 MiB threshold)
+    and does not count memory held before the call."""
+    from fastarch.bench import timing
+
+    held = torch.ones(32 << 20)  # 128 MB held before and after: not the call's
+
+    def call():
+        return torch.ones(32 << 20).sum()  # 128 MB, freed before the call returns
+
+    peak = timing.peak_memory(call, "cpu")
+    assert peak is not None and 120e6 <= peak <= 200e6, peak
+    assert held.sum() > 0

@@ -38,7 +38,13 @@ def default_shapes(device: str, quick: bool) -> list[tuple[int, ...]]:
     """(B, H, S, D); B1 H12 S4096 D64 is the CPU goal shape, S >= 4096 with D 128 the GPU's."""
     if device == "cuda":
         return [(2, 16, 4096, 128)] if quick else [(2, 16, 4096, 128), (1, 16, 16384, 128), (4, 32, 2048, 64)]
-    return [(1, 12, 1024, 64)] if quick else [(1, 12, 4096, 64), (1, 12, 1024, 64), (4, 8, 512, 128)]
+    if quick:
+        return [(1, 12, 1024, 64)]
+    # 1x4x8192x64: a long sequence, where the math path's S x S scores take ~0.5-1 GB
+    return [(1, 12, 4096, 64), (1, 12, 1024, 64), (4, 8, 512, 128), (1, 4, 8192, 64)]
+
+
+MATH_SCORES_LIMIT = 4 << 30  # bytes of fp32 scores above which the math baseline is not run
 
 
 def _sdpa_with(backend) -> Callable[..., Tensor]:
@@ -124,6 +130,9 @@ class Case:
 
             fns["sdpa"] = _sdpa
             fns["sdpa_math"] = _sdpa_with(SDPBackend.MATH)
+            B, H, S, _ = self.shape
+            if B * H * S * S * 4 * (3 if self.backward else 1) > MATH_SCORES_LIMIT:
+                fns["sdpa_math"] = _too_big(f"skipped: the math path would hold {B * H * S * S * 4 / 1e9:.1f} GB of scores")
         if compile:
             torch._dynamo.reset()
             fns["flex"] = _flex(self.shape, self.causal, self.device)
@@ -145,6 +154,13 @@ class Case:
             torch.autograd.backward(fn(q, k, v, self.causal), dout)
 
         return forward_backward
+
+
+def _too_big(why: str) -> Callable[..., Tensor]:
+    def run(q, k, v, causal):
+        raise MemoryError(why)
+
+    return run
 
 
 def _ours(q: Tensor, k: Tensor, v: Tensor, causal: bool, backend: str | None) -> Tensor:

@@ -38,6 +38,7 @@ class Row:
     rate: float | None  # work / our time, in unit
     peak_fraction: float | None  # rate / the machine's measured copy bandwidth or matmul rate
     spread: float  # the largest interquartile range of rounds / median among the contenders (CPU)
+    peak_mb: dict[str, float | None]  # "ours", a baseline's name -> timing.peak_memory of one call, MB
     errors: dict[str, str]  # "ours", a baseline's name (or "inputs") -> what went wrong
 
     @classmethod
@@ -67,6 +68,8 @@ class Row:
             rate=rate,
             peak_fraction=rate / peak if rate and peak else None,
             spread=max((times[n].spread for n in (mine, *names) if n in times), default=0.0),
+            peak_mb={("ours" if n == mine else n): _mb(times[n].peak_bytes) if n in times else None
+                     for n in (mine, *names)},
             errors={k: v for k, v in why.items() if not k.startswith("ours:")},
         )
 
@@ -76,6 +79,10 @@ class Row:
 
 _NOTE_CHARS = 110
 NOISY_SPREAD = 0.2  # rows whose rounds spread more than this get a note
+
+
+def _mb(n_bytes: float | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 1e6
 
 
 def _us(t: float | None) -> str:
@@ -102,7 +109,14 @@ def _columns(baselines: tuple[str, ...], unit: str) -> list:
         cols.append((f"vs {name}", max(8, len(name) + 3), lambda r, n=name: _ratio(r.speedup.get(n))))
     cols.append((unit, 7, lambda r: f"{r.rate:.1f}" if r.rate else "-"))
     cols.append(("of peak", 7, lambda r: f"{r.peak_fraction:.0%}" if r.peak_fraction else "-"))
+    if unit == "TFLOP/s":  # attention: the memory a call holds, which grows as S^2 for the math path
+        for name in ("ours", *baselines):
+            cols.append((f"{name} MB", max(8, len(name) + 3), lambda r, n=name: _megabytes(r.peak_mb.get(n))))
     return cols
+
+
+def _megabytes(mb: float | None) -> str:
+    return "-" if mb is None else f"{mb:.0f}"
 
 
 def _line(cells: list[str], cols: list) -> str:
@@ -194,6 +208,8 @@ def preamble(info: dict, rounds: int) -> str:
             f"times: {how}; vs = their time / ours"
             + ("" if info["gpu"] else " (the median of the ratios within each round)")
             + "; GB/s = minimum bytes moved, TFLOP/s = FLOPs, over our time; of peak: of the copy or matmul rate",
+            "MB (attention): the memory one call holds beyond its inputs at its peak"
+            + (" (CUDA allocator)" if info["gpu"] else " (resident-set growth: counts allocations of 32 MiB and more)"),
             *(["malloc keeps freed memory (mallopt), so no contender page-faults its outputs in anew each call"]
               if info.get("steady_cpu_allocator") else []),
             "",

@@ -18,7 +18,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class Timing:
     seconds: float  # per call: the median over rounds (CPU) or do_bench's median (CUDA)
     spread: float = 0.0  # CPU: the rounds' interquartile range / median; a noisy machine shows here
     rounds: tuple[float, ...] = ()  # CPU: the time per call in each round, in the order run
+    peak_bytes: float | None = None  # memory one call holds at its peak beyond its inputs (see peak_memory)
 
 
 def speedup(theirs: Timing, ours: Timing) -> float:
@@ -75,7 +76,40 @@ def measure(contenders: dict[str, Contender], device: str, rounds: int) -> tuple
         times = _time_cuda(ready) if device == "cuda" else _time_interleaved(ready, rounds)
     except Exception as e:
         return {}, {**errors, **{name: f"while timing: {describe(e)}" for name in ready}}
-    return times, errors
+    return {name: replace(t, peak_bytes=peak_memory(ready[name], device)) for name, t in times.items()}, errors
+
+
+def peak_memory(fn: Contender, device: str) -> float | None:
+    """The memory one call of fn holds at its peak beyond what was held before the call, in
+    bytes (None where it cannot be measured).
+
+    CUDA: the caching allocator's peak. CPU: the growth of the process's resident set (its
+    high-water mark reset through /proc/self/clear_refs), which counts what malloc had to get
+    from the OS: allocations of 32 MiB and more (mmapped, see keep_freed_memory) fully, smaller
+    ones only where the heap had no freed blocks to recycle. So it shows what matters at long
+    sequences (a materialized score matrix of hundreds of MB), not a kernel's small buffers."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        before = _status_kib(status, "VmRSS")
+        fn()
+        return float(max(0, _status_kib(status, "VmHWM") - before) * 1024)
+    except (OSError, ValueError):  # not Linux, or not allowed
+        return None
+
+
+def _status_kib(status: Path, key: str) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise ValueError(f"{key} not in {status}")
 
 
 def _time_cuda(contenders: dict[str, Contender]) -> dict[str, Timing]:
