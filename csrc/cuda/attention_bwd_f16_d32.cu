@@ -1,0 +1,12 @@
+// Backward attention kernels for __half, head dim 32 (one translation unit per dtype, head
+// dim and direction, so that the build compiles them in parallel).
+#include "attention_bwd_kernel.cuh"
+
+namespace fastarch::cuda::attention {
+
+template <>
+cudaError_t backward<Dtype::f16, 32>(const AttentionParams& p, cudaStream_t stream) {
+  return backward_impl<__half, 32>(p, stream);
+}
+
+}  // namespace fastarch::cuda::attention
