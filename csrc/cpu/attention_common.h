@@ -9,7 +9,7 @@
 //
 // AVX-512 part: a kernel TU that wants it defines FASTARCH_ATTENTION_AVX512 before including
 // this header; the part compiles under its own `#pragma GCC target` (AVX-512 F/BW/VL/DQ +
-// BF16 + FMA) and must only run after cpu_has_avx512_bf16() (isa.h). It uses no standard
+// BF16 + FMA + F16C) and must only run after cpu_has_avx512_bf16() (isa.h). It uses no standard
 // library templates (an instantiation made under the pragma could be the one the linker
 // keeps for the whole extension).
 //
@@ -168,7 +168,7 @@ inline uint64_t dropout_row(const AttentionParams& p, int64_t b, int64_t h, int6
 #include <immintrin.h>
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 
 namespace fastarch::cpu::attention::avx512 {
 

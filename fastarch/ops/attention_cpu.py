@@ -1,1 +1,46 @@
-"""The cpu backend of attention: what it supports, registered with attention_backends.add_backend."""
+"""The cpu backend of attention: the C++ kernels of csrc/cpu (fastarch::_attention_fwd,
+_attention_bwd and _attention_decode for the CPU dispatch key), what they support, and their
+registration with attention_backends.add_backend. Kernel-level interface as in
+attention_backends.py."""
+
+from __future__ import annotations
+
+import torch
+
+from fastarch import availability, registry
+from fastarch._extension import build_info
+from fastarch.ops import attention_backends, attention_kernels
+from fastarch.ops.attention_backends import AttentionProblem
+from fastarch.ops.attention_reference import attention_backward_ref
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 512  # any head dim from 1 up to this (scratch grows with it; the kernels tile it)
+
+
+def supports(p: AttentionProblem) -> str | None:
+    """None when the CPU kernels run ``p``, else why not. Every feature of the interface is
+    implemented (masks, key padding, packed variable lengths, windows, dropout, grouped-query
+    heads, values' head dim != keys'); fp64 is left to the reference."""
+    if p.device != "cpu":
+        return f"input is on {p.device}; this backend runs CPU tensors"
+    if p.dtype not in KERNEL_DTYPES:
+        return f"dtype {p.dtype} is not supported (supported: {', '.join(str(d) for d in KERNEL_DTYPES)})"
+    if max(p.head_dim, p.head_dim_v) > MAX_HEAD_DIM:
+        return f"head dim {max(p.head_dim, p.head_dim_v)} is above {MAX_HEAD_DIM}"
+    if build_info().get("cpu_isa") != "avx512":
+        return f"the CPU attention kernels need AVX-512 (cpu isa is {build_info().get('cpu_isa', 'unknown')!r})"
+    return None
+
+
+def _backward():
+    """The C++ backward once it is registered for the CPU; until then the reference's (the one
+    place that decides)."""
+    if attention_kernels.has_kernel("_attention_bwd", "CPU"):
+        return attention_kernels.backward
+    return attention_backward_ref
+
+
+attention_backends.add_backend(
+    registry.Backend("cpu", availability.cpu, supports, attention_kernels.forward, _backward()),
+    decode=registry.Backend("cpu", availability.cpu, supports, attention_kernels.decode),
+)

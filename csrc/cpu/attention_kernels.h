@@ -1,0 +1,61 @@
+// Entry points of the AVX-512 attention forward and decode kernels (attention_fwd_avx512.cpp,
+// attention_decode_avx512.cpp), called by the glue in attention_cpu.cpp, which plans the work,
+// allocates the workspaces and runs these on torch's thread pool. Plain C++, no torch headers.
+#pragma once
+#include <cstdint>
+
+#include "attention_common.h"
+
+namespace fastarch::cpu::attention {
+
+// ----------------------------------------------------------------------------- forward
+// Tiles: kFwdBlockM queries (one task) x kFwdBlockN keys (one step of the online softmax).
+constexpr int64_t kFwdBlockM = 64;
+constexpr int64_t kFwdBlockN = 64;
+
+// K and V packed once per call as GEMM B operands (attention_common.h), one packed key block
+// of kFwdBlockN keys per (sequence n, kv head hk, key block kb), stored at block index
+// seq_block0[n] * Hkv + hk * blocks(n) + kb (blocks(n) = seq_block0[n+1] - seq_block0[n]),
+// each block_elems elements of the compute type: K^T (d_pad x kFwdBlockN) then V
+// (kFwdBlockN x dv_pad). Reused by every query block and every query head of the group.
+struct FwdPacking {
+  bool bf16_gemm;             // compute type bf16 (vdpbf16ps), else fp32 (FMA)
+  int64_t d_pad;              // D, padded to even for bf16
+  int64_t dv_pad;             // Dv padded to a multiple of 16
+  int64_t k_block_elems;      // d_pad * kFwdBlockN
+  int64_t v_block_elems;      // kFwdBlockN * dv_pad
+  const int64_t* seq_block0;  // (num_seqs + 1,) prefix sums of the key blocks of each sequence
+  void* packed;               // seq_block0[num_seqs] * Hkv blocks
+};
+
+// One forward task: query block qblock of sequence seq, query head head.
+struct FwdTask {
+  int32_t seq, head, qblock;
+};
+
+int64_t fwd_element_bytes(const FwdPacking& pk);
+// Bytes of one thread's scratch (64-byte aligned pieces).
+int64_t fwd_scratch_bytes(const AttentionParams& p, const FwdPacking& pk);
+// Packs the key blocks [begin, end) of the enumeration above (block index order).
+void fwd_pack_avx512(const AttentionParams& p, const FwdPacking& pk, int64_t begin, int64_t end);
+// Runs tasks, taking the next one from *next (shared by all threads, atomically) until none is
+// left; scratch: this thread's fwd_scratch_bytes.
+void fwd_run_avx512(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks, int64_t num_tasks,
+                    int64_t* next, void* scratch);
+
+// ----------------------------------------------------------------------------- decode
+// Split-K: the valid cache of each (b, kv head) is cut into chunks of kDecodeChunk keys (the
+// last shorter); every chunk gives, for each of the group's H/Hkv heads x Sq queries, partial
+// (m, l, o[Dv]) in fp32, combined by decode_combine.
+constexpr int64_t kDecodeChunk = 512;
+
+// Partial results of one work item: rows = (H/Hkv) * Sq, each m, l, then dv_pad values.
+int64_t decode_partial_floats(const DecodeParams& p);
+// Runs the chunk items [begin, end); item = ((b * Hkv + hk) * chunks_per_seq + c).
+void decode_chunks_avx512(const DecodeParams& p, int64_t chunks_per_seq, int64_t begin, int64_t end,
+                          float* partials);
+// Combines the partials of (b, hk) pairs [begin, end) into out and lse.
+void decode_combine_avx512(const DecodeParams& p, int64_t chunks_per_seq, int64_t begin, int64_t end,
+                           const float* partials);
+
+}  // namespace fastarch::cpu::attention
