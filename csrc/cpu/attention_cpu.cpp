@@ -229,9 +229,84 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
   return {out, lse};
 }
 
+// ----------------------------------------------------------------------------- decode
+
+std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                                const Tensor& cache_seqlens, bool causal, double scale,
+                                                int64_t window_left) {
+  const char* who = "fastarch::_attention_decode (cpu)";
+  check_4d(who, q, "q", q);
+  check_4d(who, k_cache, "k_cache", q);
+  check_4d(who, v_cache, "v_cache", q);
+  const Dtype dtype = dtype_of(who, q);
+  check_isa(who);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2), Dv = v_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, who,
+              ": q, k_cache and v_cache must have the same batch size, got ", B, ", ", k_cache.size(0), ", ",
+              v_cache.size(0));
+  TORCH_CHECK(v_cache.size(1) == Hkv && v_cache.size(2) == S_max, who,
+              ": k_cache and v_cache must have the same heads and slots, got shapes ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, who, ": q's ", H, " heads must be a multiple of the caches' ", Hkv, " heads");
+  TORCH_CHECK(k_cache.size(3) == D, who, ": q and k_cache must have the same head dim, got ", D, " and ",
+              k_cache.size(3));
+  TORCH_CHECK(std::isfinite(scale), who, ": scale must be finite, got ", scale);
+  TORCH_CHECK(window_left >= -1, who, ": window_left must be >= 0 or -1, got ", window_left);
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  cache_seqlens.device().is_cpu(),
+              who, ": cache_seqlens must be an int32 CPU tensor of shape (batch,) = (", B, ",), got ",
+              cache_seqlens.scalar_type(), " of shape ", cache_seqlens.sizes(), " on ", cache_seqlens.device());
+  const Tensor seqlens = cache_seqlens.contiguous();
+  const int32_t* lens = seqlens.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= S_max, who, ": cache_seqlens must be between 0 and the cache's ", S_max,
+                " slots, got ", lens[b], " for sequence ", b);
+    max_len = std::max<int64_t>(max_len, lens[b]);
+  }
+
+  DecodeParams p{};
+  p.dtype = dtype;
+  p.q = q.data_ptr(), p.k_cache = k_cache.data_ptr(), p.v_cache = v_cache.data_ptr();
+  set_strides(p.q_stride, q), set_strides(p.k_stride, k_cache), set_strides(p.v_stride, v_cache);
+  p.B = B, p.H = H, p.Hkv = Hkv, p.Sq = Sq, p.S_max = S_max, p.D = D, p.Dv = Dv;
+  p.cache_seqlens = lens;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.window_left = window_left;
+  Tensor out = make_out(q, Dv);
+  Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  set_strides(p.out_stride, out);
+  if (lse.numel() == 0) return {out, lse};
+
+  // Chunks of the caches: long enough to stream (and to keep the partials few), short enough
+  // that every thread gets several even for one sequence and one kv head.
+  const int64_t threads = at::get_num_threads();
+  int64_t chunk_len = 1024;
+  while (chunk_len > 64 && B * Hkv * ((max_len + chunk_len - 1) / chunk_len) < 8 * threads) chunk_len /= 2;
+  const int64_t chunks = std::max<int64_t>(1, (max_len + chunk_len - 1) / chunk_len);
+  const int64_t items = B * Hkv * chunks;
+  Tensor partials = at::empty({items * decode_item_floats(p)}, q.options().dtype(at::kFloat));
+  const int64_t scratch_bytes = decode_scratch_bytes(p);
+  Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    decode_chunks_avx512(p, chunk_len, chunks, begin, end, partials.data_ptr<float>(),
+                         static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
+  });
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    decode_combine_avx512(p, chunks, begin, end, partials.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace fastarch::cpu::attention
 
 TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
   m.impl("_attention_fwd", &fastarch::cpu::attention::attention_fwd_cpu);
+  m.impl("_attention_decode", &fastarch::cpu::attention::attention_decode_cpu);
 }

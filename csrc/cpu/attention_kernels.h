@@ -44,18 +44,16 @@ void fwd_run_avx512(const AttentionParams& p, const FwdPacking& pk, const FwdTas
                     int64_t* next, void* scratch);
 
 // ----------------------------------------------------------------------------- decode
-// Split-K: the valid cache of each (b, kv head) is cut into chunks of kDecodeChunk keys (the
-// last shorter); every chunk gives, for each of the group's H/Hkv heads x Sq queries, partial
-// (m, l, o[Dv]) in fp32, combined by decode_combine.
-constexpr int64_t kDecodeChunk = 512;
-
-// Partial results of one work item: rows = (H/Hkv) * Sq, each m, l, then dv_pad values.
-int64_t decode_partial_floats(const DecodeParams& p);
-// Runs the chunk items [begin, end); item = ((b * Hkv + hk) * chunks_per_seq + c).
-void decode_chunks_avx512(const DecodeParams& p, int64_t chunks_per_seq, int64_t begin, int64_t end,
-                          float* partials);
+// Split-K: the cache of each (b, kv head) is cut into chunks of chunk_len keys; an item
+// (b, hk, chunk) gives, for each of the group's rows (H/Hkv heads x Sq queries, row
+// g * Sq + i), a partial (m, l, o[dv_pad]) in fp32, combined afterwards by decode_combine.
+// Partials of item t start at partials + t * decode_item_floats(p).
+int64_t decode_item_floats(const DecodeParams& p);
+int64_t decode_scratch_bytes(const DecodeParams& p);
+// Items [begin, end) of ((b * Hkv + hk) * chunks + c).
+void decode_chunks_avx512(const DecodeParams& p, int64_t chunk_len, int64_t chunks, int64_t begin, int64_t end,
+                          float* partials, void* scratch);
 // Combines the partials of (b, hk) pairs [begin, end) into out and lse.
-void decode_combine_avx512(const DecodeParams& p, int64_t chunks_per_seq, int64_t begin, int64_t end,
-                           const float* partials);
+void decode_combine_avx512(const DecodeParams& p, int64_t chunks, int64_t begin, int64_t end, const float* partials);
 
 }  // namespace fastarch::cpu::attention
