@@ -86,14 +86,20 @@ template <int kRows, int kCols, int kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(
     T* tile, const T* rows, int64_t row_stride, int rows_valid, int cols_valid, int tid) {
   constexpr int kChunks = kCols / 8;
-  static_assert((kRows * kChunks) % kThreads == 0, "whole passes");
+  static_assert(kThreads % kChunks == 0 && kRows % (kThreads / kChunks) == 0, "whole passes");
+  constexpr int kRowStep = kThreads / kChunks;  // rows per pass
+  // Each thread copies one chunk column of every kRowStep-th row: one pointer stepped by a
+  // constant, rather than a 64-bit address per pass kept live across the caller's loop.
+  const int chunk = tid % kChunks, row0 = tid / kChunks;
+  const bool col_valid = chunk * 8 < cols_valid;
+  const T* src = rows + row0 * row_stride + chunk * 8;
+  const int64_t step = kRowStep * row_stride;
 #pragma unroll
-  for (int pass = 0; pass < kRows * kChunks / kThreads; ++pass) {
-    const int idx = tid + pass * kThreads;
-    const int row = idx / kChunks, chunk = idx % kChunks;
-    const bool valid = row < rows_valid && chunk * 8 < cols_valid;
-    const T* src = valid ? rows + row * row_stride + chunk * 8 : rows;
-    cp_async_16(tile + Swizzled<kCols>::offset(row, chunk), src, valid);
+  for (int pass = 0; pass < kRows / kRowStep; ++pass) {
+    const int row = row0 + pass * kRowStep;
+    const bool valid = col_valid && row < rows_valid;
+    cp_async_16(tile + Swizzled<kCols>::offset(row, chunk), valid ? src : rows, valid);
+    src += step;
   }
 }
 
