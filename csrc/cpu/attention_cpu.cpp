@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -292,13 +293,22 @@ std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k
   Tensor partials = at::empty({items * decode_item_floats(p)}, q.options().dtype(at::kFloat));
   const int64_t scratch_bytes = decode_scratch_bytes(p);
   Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    decode_chunks_avx512(p, chunk_len, chunks, begin, end, partials.data_ptr<float>(),
-                         static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
-  });
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    decode_combine_avx512(p, chunks, begin, end, partials.data_ptr<float>());
+  // One parallel region: items are taken dynamically (on a shared machine a thread that loses
+  // its core leaves its share to the others), and whichever thread completes the last chunk of
+  // a (b, kv head) combines its partials, so no barrier separates the two steps.
+  std::atomic<int64_t> next{0};
+  std::vector<std::atomic<int64_t>> done(B * Hkv);
+  for (auto& d : done) d.store(0, std::memory_order_relaxed);
+  float* part = partials.data_ptr<float>();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      void* own = static_cast<char*>(scratch.data_ptr()) + w * scratch_bytes;
+      for (int64_t t = next++; t < items; t = next++) {
+        decode_chunks_avx512(p, chunk_len, chunks, t, t + 1, part, own);
+        const int64_t bh = t / chunks;
+        if (done[bh].fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) decode_combine_avx512(p, chunks, bh, bh + 1, part);
+      }
+    }
   });
   return {out, lse};
 }

@@ -35,6 +35,9 @@ inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 constexpr int kRowGroup = 8;  // query rows whose dot products share one widened key row
+// Software prefetch distance, in cache rows: the hardware prefetcher alone left the loop
+// waiting on its key loads (measured: a quarter of the time on the first use of each row).
+constexpr int64_t kPrefetchKeys = 32;
 
 // lane j of the result = the sum of the 16 lanes of v[j].
 inline __m512 transpose_sum16(const __m512* v) {
@@ -122,6 +125,11 @@ void run_chunk(const DecodeParams& p, const Geometry& g, Scratch& sc, int64_t b,
         for (int r = 0; r < kRowGroup; ++r) acc[r] = _mm512_setzero_ps();
         if (jj < nk) {
           const char* krow = kbase + (j0 + jj) * p.k_stride[2] * es;
+          if (r0 == 0) {  // the rows of the keys and values kPrefetchKeys ahead (L3/DRAM latency)
+            for (int64_t d = 0; d < p.D * es; d += 64) _mm_prefetch(krow + kPrefetchKeys * p.k_stride[2] * es + d, _MM_HINT_T0);
+            const char* vrow = vbase + (j0 + jj + kPrefetchKeys) * p.v_stride[2] * es;
+            for (int64_t d = 0; d < p.Dv * es; d += 64) _mm_prefetch(vrow + d, _MM_HINT_T0);
+          }
           for (int64_t d = 0; d < g.d16; d += 16) {
             const __m512 kv = d + 16 < g.d16 ? load16<T>(krow + d * es) : load16<T>(krow + d * es, dtail);
             for (int r = 0; r < kRowGroup; ++r)
