@@ -284,10 +284,12 @@ std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k
   if (lse.numel() == 0) return {out, lse};
 
   // Chunks of the caches: long enough to stream (and to keep the partials few), short enough
-  // that every thread gets several even for one sequence and one kv head.
+  // that there are at least kMinItems (several per thread) even for one sequence and one kv
+  // head. Not a function of the thread count, so the result does not depend on it.
+  constexpr int64_t kMinItems = 32;
   const int64_t threads = at::get_num_threads();
   int64_t chunk_len = 1024;
-  while (chunk_len > 64 && B * Hkv * ((max_len + chunk_len - 1) / chunk_len) < 8 * threads) chunk_len /= 2;
+  while (chunk_len > 64 && B * Hkv * ((max_len + chunk_len - 1) / chunk_len) < kMinItems) chunk_len /= 2;
   const int64_t chunks = std::max<int64_t>(1, (max_len + chunk_len - 1) / chunk_len);
   const int64_t items = B * Hkv * chunks;
   Tensor partials = at::empty({items * decode_item_floats(p)}, q.options().dtype(at::kFloat));
