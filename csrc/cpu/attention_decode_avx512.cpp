@@ -7,9 +7,10 @@
 // once (GQA reads the cache once per group), a partial online softmax (m, l, o) in fp32;
 // decode_combine merges the chunks' partials.
 //
-// Per key row: its D values are widened to fp32 once and multiplied into every query row
-// (FMA); the 16 per-lane partial dot products of 16 keys are reduced together by a transpose
-// tree (45 shuffles/adds for 16 keys instead of 16 horizontal sums). Per value row: widened
+// Per key row: loaded once and multiplied into every query row of the group (bf16: vdpbf16ps
+// on the raw pairs; fp16/fp32: widened to fp32, FMA); the 16 per-lane partial dot products of
+// 16 keys are reduced together by a transpose tree (45 shuffles/adds for 16 keys instead of
+// 16 horizontal sums), then scaled. Per value row: widened
 // once, accumulated into the rows' o with the probability broadcast. exp: exp_accurate
 // (1 ulp) for every dtype; one exp per 16 keys per row is not what limits a memory-bound
 // loop.
@@ -61,7 +62,8 @@ struct Geometry {
 };
 
 struct Scratch {
-  float* q;        // rows x d16, scaled by scale, zero padded
+  float* q;        // rows x d16, fp32, zero padded
+  uint16_t* qb;    // rows x d32, the bf16 rows as they are, zero padded (bf16 dot products)
   float* partial;  // rows x 16 x 16: per-lane partial dot products of 16 keys
   float* p;        // rows x 16 probabilities of 16 keys
   int64_t* lo;     // rows: visible keys [lo, hi) within the sequence
@@ -69,6 +71,7 @@ struct Scratch {
   Scratch(void* base, const Geometry& g) {
     char* c = static_cast<char*>(base);
     q = reinterpret_cast<float*>(c), c += align64(g.rows * g.d16 * 4);
+    qb = reinterpret_cast<uint16_t*>(c), c += align64(g.rows * (g.d16 + 16) * 2);
     partial = reinterpret_cast<float*>(c), c += align64(g.rows * 256 * 4);
     p = reinterpret_cast<float*>(c), c += align64(g.rows * 16 * 4);
     lo = reinterpret_cast<int64_t*>(c), c += align64(g.rows * 8);
@@ -77,6 +80,75 @@ struct Scratch {
   }
   int64_t bytes;
 };
+
+// Per-lane partial dot products of query rows r0 .. r0+RG with the keys j0 .. j0+nk (slots
+// nk .. 15 get 0) into sc.partial. bf16 keys multiply the bf16 query pairs directly
+// (vdpbf16ps: exact products, fp32 sums; no widening); fp16 and fp32 keys are widened and
+// multiplied into the fp32 rows. Each key row is loaded once for the RG rows.
+template <Dtype T, int RG>
+void key_dots(const DecodeParams& p, const Geometry& g, const Scratch& sc, int64_t r0, const char* kbase,
+              const char* vbase, int64_t j0, int64_t nk, bool prefetch) {
+  const int64_t es = elem_size(T);
+  const int64_t d32 = (p.D + 31) / 32 * 32;
+  for (int64_t jj = 0; jj < 16; ++jj) {
+    __m512 acc[RG];
+    for (int r = 0; r < RG; ++r) acc[r] = _mm512_setzero_ps();
+    if (jj < nk) {
+      const char* krow = kbase + (j0 + jj) * p.k_stride[2] * es;
+      if (prefetch) {  // the rows of the keys and values kPrefetchKeys ahead (L3/DRAM latency)
+        for (int64_t d = 0; d < p.D * es; d += 64) _mm_prefetch(krow + kPrefetchKeys * p.k_stride[2] * es + d, _MM_HINT_T0);
+        const char* vrow = vbase + (j0 + jj + kPrefetchKeys) * p.v_stride[2] * es;
+        for (int64_t d = 0; d < p.Dv * es; d += 64) _mm_prefetch(vrow + d, _MM_HINT_T0);
+      }
+      if constexpr (T == Dtype::bf16) {
+        for (int64_t d = 0; d < d32; d += 32) {
+          const __mmask32 mk = p.D - d >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (p.D - d)) - 1);
+          const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(mk, krow + d * 2);
+          for (int r = 0; r < RG; ++r)
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(sc.qb + (r0 + r) * d32 + d), kv);
+        }
+      } else {
+        for (int64_t d = 0; d < g.d16; d += 16) {
+          const __m512 kv = d + 16 < g.d16 ? load16<T>(krow + d * es) : load16<T>(krow + d * es, tail_mask(p.D - d));
+          for (int r = 0; r < RG; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(sc.q + (r0 + r) * g.d16 + d), kv, acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < RG; ++r) _mm512_storeu_ps(sc.partial + ((r0 + r) * 16 + jj) * 16, acc[r]);
+  }
+}
+
+// o (in the partials) of rows r0 .. r0+RG += p v over the keys j0 .. j0+nk: each value row
+// widened once per 16 dims, up to RG x 4 accumulators in registers.
+template <Dtype T, int RG>
+void value_sums(const DecodeParams& p, const Geometry& g, const Scratch& sc, int64_t r0, const char* vbase, int64_t j0,
+                int64_t nk, float* part) {
+  const int64_t es = elem_size(T), item = 2 + g.dv_pad;
+  for (int64_t d0 = 0; d0 < g.dv_pad; d0 += 64) {
+    const int64_t dn = min64(4, (g.dv_pad - d0) / 16);
+    __m512 acc[RG][4];
+    for (int r = 0; r < RG; ++r)
+      for (int dc = 0; dc < 4; ++dc)
+        acc[r][dc] = dc < dn ? _mm512_loadu_ps(part + (r0 + r) * item + 2 + d0 + dc * 16) : _mm512_setzero_ps();
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const char* vrow = vbase + (j0 + jj) * p.v_stride[2] * es;
+      __m512 vv[4];
+      for (int dc = 0; dc < 4; ++dc) {
+        const int64_t d = d0 + dc * 16;
+        vv[dc] = dc >= dn ? _mm512_setzero_ps()
+                          : (d + 16 <= p.Dv ? load16<T>(vrow + d * es) : load16<T>(vrow + d * es, tail_mask(p.Dv - d)));
+      }
+      for (int r = 0; r < RG; ++r) {
+        const __m512 pj = _mm512_set1_ps(sc.p[(r0 + r) * 16 + jj]);
+        for (int dc = 0; dc < 4; ++dc)
+          if (dc < dn) acc[r][dc] = _mm512_fmadd_ps(pj, vv[dc], acc[r][dc]);
+      }
+    }
+    for (int r = 0; r < RG; ++r)
+      for (int dc = 0; dc < 4; ++dc)
+        if (dc < dn) _mm512_storeu_ps(part + (r0 + r) * item + 2 + d0 + dc * 16, acc[r][dc]);
+  }
+}
 
 template <Dtype T>
 void run_chunk(const DecodeParams& p, const Geometry& g, Scratch& sc, int64_t b, int64_t hk, int64_t c0, int64_t c1,
@@ -107,37 +179,32 @@ void run_chunk(const DecodeParams& p, const Geometry& g, Scratch& sc, int64_t b,
     const char* src = row_ptr(p.q, p.q_stride, es, b, h, i);
     for (int64_t d = 0; d < g.d16; d += 16) {
       const __mmask16 mk = d < p.D ? tail_mask(p.D - d) : __mmask16(0);
-      _mm512_storeu_ps(sc.q + r * g.d16 + d, _mm512_mul_ps(load16<T>(src + d * es, mk), _mm512_set1_ps(p.scale)));
+      _mm512_storeu_ps(sc.q + r * g.d16 + d, load16<T>(src + d * es, mk));
+    }
+    if constexpr (T == Dtype::bf16) {
+      const int64_t d32 = (p.D + 31) / 32 * 32;
+      for (int64_t d = 0; d < d32; d += 32) {
+        const __mmask32 mk = p.D - d >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (p.D - d)) - 1);
+        _mm512_storeu_si512(sc.qb + r * d32 + d, _mm512_maskz_loadu_epi16(mk, src + d * 2));
+      }
     }
   }
   const char* kbase = row_ptr(p.k_cache, p.k_stride, es, b, hk, 0);
   const char* vbase = row_ptr(p.v_cache, p.v_stride, es, b, hk, 0);
-  const __mmask16 dtail = tail_mask(p.D - (g.d16 - 16));
-  const __mmask16 vtail = tail_mask(p.Dv - (g.dv_pad - 16));
 
   for (int64_t j0 = first; j0 < last; j0 += 16) {
     const int64_t nk = min64(16, last - j0);
-    // scores: per key, its row widened once per 16 dims and multiplied into every query row
     for (int64_t r0 = 0; r0 < R; r0 += kRowGroup) {
-      const int64_t rn = min64(kRowGroup, R - r0);
-      for (int64_t jj = 0; jj < 16; ++jj) {
-        __m512 acc[kRowGroup];
-        for (int r = 0; r < kRowGroup; ++r) acc[r] = _mm512_setzero_ps();
-        if (jj < nk) {
-          const char* krow = kbase + (j0 + jj) * p.k_stride[2] * es;
-          if (r0 == 0) {  // the rows of the keys and values kPrefetchKeys ahead (L3/DRAM latency)
-            for (int64_t d = 0; d < p.D * es; d += 64) _mm_prefetch(krow + kPrefetchKeys * p.k_stride[2] * es + d, _MM_HINT_T0);
-            const char* vrow = vbase + (j0 + jj + kPrefetchKeys) * p.v_stride[2] * es;
-            for (int64_t d = 0; d < p.Dv * es; d += 64) _mm_prefetch(vrow + d, _MM_HINT_T0);
-          }
-          for (int64_t d = 0; d < g.d16; d += 16) {
-            const __m512 kv = d + 16 < g.d16 ? load16<T>(krow + d * es) : load16<T>(krow + d * es, dtail);
-            for (int r = 0; r < kRowGroup; ++r)
-              if (r < rn) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(sc.q + (r0 + r) * g.d16 + d), kv, acc[r]);
-          }
-        }
-        for (int r = 0; r < kRowGroup; ++r)
-          if (r < rn) _mm512_storeu_ps(sc.partial + ((r0 + r) * 16 + jj) * 16, acc[r]);
+      const bool pf = r0 == 0;
+      switch (min64(kRowGroup, R - r0)) {
+        case 1: key_dots<T, 1>(p, g, sc, r0, kbase, vbase, j0, nk, pf); break;
+        case 2: key_dots<T, 2>(p, g, sc, r0, kbase, vbase, j0, nk, pf); break;
+        case 3: key_dots<T, 3>(p, g, sc, r0, kbase, vbase, j0, nk, pf); break;
+        case 4: key_dots<T, 4>(p, g, sc, r0, kbase, vbase, j0, nk, pf); break;
+        case 5: key_dots<T, 5>(p, g, sc, r0, kbase, vbase, j0, nk, pf); break;
+        case 6: key_dots<T, 6>(p, g, sc, r0, kbase, vbase, j0, nk, pf); break;
+        case 7: key_dots<T, 7>(p, g, sc, r0, kbase, vbase, j0, nk, pf); break;
+        default: key_dots<T, 8>(p, g, sc, r0, kbase, vbase, j0, nk, pf); break;
       }
     }
     // online softmax over these 16 keys, row by row
@@ -151,7 +218,8 @@ void run_chunk(const DecodeParams& p, const Geometry& g, Scratch& sc, int64_t b,
       const __mmask16 vis = __mmask16(((e >= 16 ? 0x10000u : (1u << e)) - 1) & ~((1u << a) - 1));
       __m512 partial[16];
       for (int jj = 0; jj < 16; ++jj) partial[jj] = _mm512_loadu_ps(sc.partial + (r * 16 + jj) * 16);
-      const __m512 s = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), transpose_sum16(partial));
+      const __m512 s = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY),
+                                            _mm512_mul_ps(transpose_sum16(partial), _mm512_set1_ps(p.scale)));
       const float mold = pr[0];
       const float mnew = mold > _mm512_reduce_max_ps(s) ? mold : _mm512_reduce_max_ps(s);
       const __m512 pv = exp_accurate(_mm512_sub_ps(s, _mm512_set1_ps(mnew)));
@@ -164,33 +232,12 @@ void run_chunk(const DecodeParams& p, const Geometry& g, Scratch& sc, int64_t b,
         for (int64_t d = 0; d < g.dv_pad; d += 16) _mm512_storeu_ps(pr + 2 + d, _mm512_mul_ps(va, _mm512_loadu_ps(pr + 2 + d)));
       }
     }
-    // o += p v: each value row widened once per 16 dims, up to 4 x 4 accumulators in registers
-    for (int64_t d0 = 0; d0 < g.dv_pad; d0 += 64) {
-      const int64_t dn = min64(4, (g.dv_pad - d0) / 16);
-      for (int64_t r0 = 0; r0 < R; r0 += 4) {
-        const int64_t rn = min64(4, R - r0);
-        __m512 acc[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int dc = 0; dc < 4; ++dc)
-            acc[r][dc] = r < rn && dc < dn ? _mm512_loadu_ps(part + (r0 + r) * item + 2 + d0 + dc * 16) : _mm512_setzero_ps();
-        for (int64_t jj = 0; jj < nk; ++jj) {
-          const char* vrow = vbase + (j0 + jj) * p.v_stride[2] * es;
-          __m512 vv[4];
-          for (int dc = 0; dc < 4; ++dc) {
-            if (dc >= dn) break;
-            const int64_t d = d0 + dc * 16;
-            vv[dc] = d + 16 < g.dv_pad ? load16<T>(vrow + d * es) : load16<T>(vrow + d * es, vtail);
-          }
-          for (int r = 0; r < 4; ++r) {
-            if (r >= rn) break;
-            const __m512 pj = _mm512_set1_ps(sc.p[(r0 + r) * 16 + jj]);
-            for (int dc = 0; dc < 4; ++dc)
-              if (dc < dn) acc[r][dc] = _mm512_fmadd_ps(pj, vv[dc], acc[r][dc]);
-          }
-        }
-        for (int r = 0; r < 4; ++r)
-          for (int dc = 0; dc < 4; ++dc)
-            if (r < rn && dc < dn) _mm512_storeu_ps(part + (r0 + r) * item + 2 + d0 + dc * 16, acc[r][dc]);
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      switch (min64(4, R - r0)) {
+        case 1: value_sums<T, 1>(p, g, sc, r0, vbase, j0, nk, part); break;
+        case 2: value_sums<T, 2>(p, g, sc, r0, vbase, j0, nk, part); break;
+        case 3: value_sums<T, 3>(p, g, sc, r0, vbase, j0, nk, part); break;
+        default: value_sums<T, 4>(p, g, sc, r0, vbase, j0, nk, part); break;
       }
     }
   }
