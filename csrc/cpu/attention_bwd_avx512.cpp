@@ -6,12 +6,14 @@
 // accurate exp (the tests hold fp32 to fp32 accuracy), bf16/fp16 the cheaper exp2.
 //
 // Everything here compiles for AVX-512 + BF16 and runs only after cpu_has_avx512_bf16(); no
-// standard library templates (see attention_common.h).
+// standard library templates (see attention_common.h). The target list must be the header's
+// exactly: GCC does not inline a function into one with fewer target features, and the
+// header's vector helpers (exp, conversions) then become calls in the innermost loops.
 #define FASTARCH_ATTENTION_AVX512
 #include "attention_bwd.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 
 namespace fastarch::cpu::attention {
 namespace {
