@@ -80,11 +80,15 @@ Tensor make_out(const Tensor& q, int64_t dv) {
 
 bool use_kernels() { return active_isa() == Isa::avx512; }
 
-void check_isa(const char* who) {
+void check_isa(const char* who, Dtype dtype) {
   TORCH_CHECK(use_kernels(), who,
               ": the CPU attention kernels need AVX-512 (F, BW, VL, DQ); this CPU (or the fastarch._C._set_cpu_isa "
               "override) has isa '",
               isa_name(active_isa()), "'; use the reference backend");
+  // bf16 in and out: vdpbf16ps and vcvtneps2bf16
+  TORCH_CHECK(dtype != Dtype::bf16 || cpu_has_avx512_bf16(), who,
+              ": bfloat16 on the CPU attention kernels needs AVX512-BF16, which this CPU lacks; use the reference "
+              "backend");
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -97,7 +101,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
   const char* who = "fastarch::_attention_fwd (cpu)";
   check_qkv(who, q, k, v);
   const Dtype dtype = dtype_of(who, q);
-  check_isa(who);
+  check_isa(who, dtype);
   TORCH_CHECK(std::isfinite(scale), who, ": scale must be finite, got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, who, ": dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK(window_left >= -1 && window_right >= -1, who, ": window_left and window_right must be >= 0 or -1, got ",
@@ -182,7 +186,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
 
   // Packing of K and V: one block per (sequence, kv head, key block of kFwdBlockN keys).
   FwdPacking pk{};
-  pk.bf16_gemm = dtype == Dtype::bf16 && cpu_has_avx512_bf16();
+  pk.bf16_gemm = dtype == Dtype::bf16;
   pk.d_pad = pk.bf16_gemm ? (D + 1) / 2 * 2 : D;
   pk.dv_pad = (Dv + 15) / 16 * 16;
   pk.k_block_elems = pk.d_pad * kFwdBlockN;
@@ -214,9 +218,10 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
   const int64_t num_blocks = seq_block0.back() * Hkv;
   const int64_t block_bytes = (pk.k_block_elems + pk.v_block_elems) * fwd_element_bytes(pk);
   Tensor packed_kv = at::empty({std::max<int64_t>(num_blocks * block_bytes, 1)}, q.options().dtype(at::kByte));
+  std::vector<int32_t> block_state(num_blocks, 0);
   pk.seq_block0 = seq_block0.data();
   pk.packed = packed_kv.data_ptr();
-  at::parallel_for(0, num_blocks, 4, [&](int64_t begin, int64_t end) { fwd_pack_avx512(p, pk, begin, end); });
+  pk.block_state = block_state.data();
 
   const int64_t num_tasks = static_cast<int64_t>(sorted.size());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
@@ -240,7 +245,7 @@ std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k
   check_4d(who, k_cache, "k_cache", q);
   check_4d(who, v_cache, "v_cache", q);
   const Dtype dtype = dtype_of(who, q);
-  check_isa(who);
+  check_isa(who, dtype);
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2), Dv = v_cache.size(3);
   TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, who,

@@ -265,6 +265,20 @@ struct Task {
     }
   }
 
+  // Key block kb of this task's (sequence, kv head), global index g, packed by whichever task
+  // needs it first; a task that finds it being packed waits (a few microseconds).
+  void ensure_packed(int64_t g, int64_t kb, C* dst) {
+    int32_t* state = pk.block_state + g;
+    if (__atomic_load_n(state, __ATOMIC_ACQUIRE) == 2) return;
+    int32_t expected = 0;
+    if (__atomic_compare_exchange_n(state, &expected, 1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+      pack_block<T>(p, pk, seq_index, hk, kb, dst);
+      __atomic_store_n(state, 2, __ATOMIC_RELEASE);
+      return;
+    }
+    while (__atomic_load_n(state, __ATOMIC_ACQUIRE) != 2) _mm_pause();
+  }
+
   void run() {
     load_q();
     for (int64_t r = 0; r < rows; ++r) {
@@ -276,13 +290,13 @@ struct Task {
     const KeyRange first = visible_keys(p, s, i0), last = visible_keys(p, s, i0 + rows - 1);
     if (last.hi > first.lo) {
       const int64_t nblk = (s.sk + BN - 1) / BN;
-      const C* blocks = static_cast<const C*>(pk.packed) +
-                        (pk.seq_block0[seq_index] * p.Hkv + hk * nblk) *
-                            (pk.k_block_elems + pk.v_block_elems);
+      const int64_t block0 = pk.seq_block0[seq_index] * p.Hkv + hk * nblk;
+      const C* blocks = static_cast<const C*>(pk.packed) + block0 * (pk.k_block_elems + pk.v_block_elems);
       const bool plain = !p.attn_mask && !p.key_padding_mask && c > 0;
       for (int64_t kb = first.lo / BN; kb < (last.hi + BN - 1) / BN; ++kb) {
         const int64_t j0 = kb * BN, valid = min64(BN, s.sk - j0);
         const C* kblk = blocks + kb * (pk.k_block_elems + pk.v_block_elems);
+        ensure_packed(block0 + kb, kb, const_cast<C*>(kblk));
         const C* vblk = kblk + pk.k_block_elems;
         gemm<kBf16>(rows, BN, pk.d_pad, static_cast<const C*>(sc.q), pk.d_pad, kblk, sc.s, BN, false, nullptr);
         // every row sees keys j0 .. j0 + BN: the last row's lo and the first row's hi bound all rows
@@ -322,28 +336,6 @@ int64_t fwd_scratch_bytes(const AttentionParams& p, const FwdPacking& pk) {
   return Scratch(nullptr, pk.d_pad, pk.dv_pad).bytes + 64;
 }
 
-void fwd_pack_avx512(const AttentionParams& p, const FwdPacking& pk, int64_t begin, int64_t end) {
-  const int64_t block_bytes = (pk.k_block_elems + pk.v_block_elems) * fwd_element_bytes(pk);
-  int64_t n = 0;
-  for (int64_t g = begin; g < end; ++g) {
-    while (pk.seq_block0[n + 1] * p.Hkv <= g) ++n;  // the sequence of block g (sequences without blocks skipped)
-    const int64_t nblk = pk.seq_block0[n + 1] - pk.seq_block0[n];
-    const int64_t r = g - pk.seq_block0[n] * p.Hkv;
-    void* dst = static_cast<char*>(pk.packed) + g * block_bytes;
-    switch (p.dtype) {
-      case Dtype::f32:
-        pack_block<Dtype::f32>(p, pk, n, r / nblk, r % nblk, dst);
-        break;
-      case Dtype::f16:
-        pack_block<Dtype::f16>(p, pk, n, r / nblk, r % nblk, dst);
-        break;
-      case Dtype::bf16:
-        pack_block<Dtype::bf16>(p, pk, n, r / nblk, r % nblk, dst);
-        break;
-    }
-  }
-}
-
 void fwd_run_avx512(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks, int64_t num_tasks,
                     int64_t* next, void* scratch) {
   char* base = static_cast<char*>(scratch);
@@ -356,12 +348,8 @@ void fwd_run_avx512(const AttentionParams& p, const FwdPacking& pk, const FwdTas
     case Dtype::f16:
       run_tasks<Dtype::f16, false, ExpFast>(p, pk, tasks, num_tasks, next, sc);
       break;
-    case Dtype::bf16:
-      if (pk.bf16_gemm) {
-        run_tasks<Dtype::bf16, true, ExpFast>(p, pk, tasks, num_tasks, next, sc);
-      } else {
-        run_tasks<Dtype::bf16, false, ExpFast>(p, pk, tasks, num_tasks, next, sc);
-      }
+    case Dtype::bf16:  // (the glue requires AVX512-BF16 for bf16: pk.bf16_gemm)
+      run_tasks<Dtype::bf16, true, ExpFast>(p, pk, tasks, num_tasks, next, sc);
       break;
   }
 }

@@ -26,6 +26,9 @@ struct FwdPacking {
   int64_t v_block_elems;      // kFwdBlockN * dv_pad
   const int64_t* seq_block0;  // (num_seqs + 1,) prefix sums of the key blocks of each sequence
   void* packed;               // seq_block0[num_seqs] * Hkv blocks
+  // Per block: 0 not packed, 1 being packed, 2 packed (zeroed by the caller). Blocks are packed
+  // by the first task that needs them, inside the one parallel region of the call.
+  int32_t* block_state;
 };
 
 // One forward task: query block qblock of sequence seq, query head head.
@@ -36,8 +39,6 @@ struct FwdTask {
 int64_t fwd_element_bytes(const FwdPacking& pk);
 // Bytes of one thread's scratch (64-byte aligned pieces).
 int64_t fwd_scratch_bytes(const AttentionParams& p, const FwdPacking& pk);
-// Packs the key blocks [begin, end) of the enumeration above (block index order).
-void fwd_pack_avx512(const AttentionParams& p, const FwdPacking& pk, int64_t begin, int64_t end);
 // Runs tasks, taking the next one from *next (shared by all threads, atomically) until none is
 // left; scratch: this thread's fwd_scratch_bytes.
 void fwd_run_avx512(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks, int64_t num_tasks,
