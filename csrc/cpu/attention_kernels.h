@@ -10,7 +10,10 @@ namespace fastarch::cpu::attention {
 
 // ----------------------------------------------------------------------------- forward
 // Tiles: kFwdBlockM queries (one task) x kFwdBlockN keys (one step of the online softmax).
-constexpr int64_t kFwdBlockM = 64;
+// 72 = 12 register tiles of 6 rows (no partial tile); measured on the 2-core Zen 4 (1 thread,
+// S 1024/2048, D 64): 5-10% faster than 64 (10 tiles of 6 + one of 4) and than 96 (whose
+// coarser causal diagonal costs more).
+constexpr int64_t kFwdBlockM = 72;
 constexpr int64_t kFwdBlockN = 64;
 
 // K and V packed once per call as GEMM B operands (attention_common.h), one packed key block
