@@ -46,9 +46,13 @@ def decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left):
 
 if availability.cpu() is None:  # _C loaded: its ops need fakes for torch.compile and opcheck
 
+    def _out_like(q: Tensor, v: Tensor) -> Tensor:
+        """The kernels' out: q's layout when the head dims agree, else contiguous (B, H, Sq, Dv)."""
+        return torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty(*q.shape[:-1], v.shape[-1])
+
     @torch.library.register_fake("fastarch::_attention_fwd")
     def _(q, k, v, *args):
-        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+        return _out_like(q, v), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("fastarch::_attention_bwd")
     def _(dout, q, k, v, *args):
@@ -56,4 +60,4 @@ if availability.cpu() is None:  # _C loaded: its ops need fakes for torch.compil
 
     @torch.library.register_fake("fastarch::_attention_decode")
     def _(q, k_cache, v_cache, *args):
-        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+        return _out_like(q, v_cache), q.new_empty(q.shape[:-1], dtype=torch.float32)

@@ -111,6 +111,8 @@ def _blocks(q, k, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causa
     heads = torch.arange(H, device=q.device)[:, None, None]
     for b, qs, ks in _segments(q, k, cu_seqlens_q, cu_seqlens_k):
         sq, sk = qs.stop - qs.start, ks.stop - ks.start
+        if sk == 0:  # no key to see: the queries keep out = 0 and lse = -inf
+            continue
         j = torch.arange(sk, device=q.device)
         for start in range(0, sq, BLOCK_Q):
             i = torch.arange(start, min(start + BLOCK_Q, sq), device=q.device)

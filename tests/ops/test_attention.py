@@ -200,7 +200,7 @@ def test_features(backend, device, dtype, feature):
 def test_varlen(backend, device):
     dtype = torch.float16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(11)
-    lens_q, lens_k = [5, 1, 17, 0, 33], [7, 12, 17, 3, 20]
+    lens_q, lens_k = [5, 1, 17, 0, 33], [7, 0, 17, 3, 20]  # a sequence with a query and no key
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
     cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=device)
     q = torch.randn(1, 4, sum(lens_q), 64, generator=g).to(dtype).to(device)
