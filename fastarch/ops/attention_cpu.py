@@ -13,7 +13,6 @@ from fastarch import availability, registry
 from fastarch._extension import build_info
 from fastarch.ops import attention_backends, attention_kernels
 from fastarch.ops.attention_backends import AttentionProblem
-from fastarch.ops.attention_reference import attention_backward_ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 512  # any head dim from 1 up to this (scratch grows with it; the kernels tile it)
@@ -46,15 +45,7 @@ def supports(p: AttentionProblem) -> str | None:
     return None
 
 
-def _backward():
-    """The C++ backward once it is registered for the CPU; until then the reference's (the one
-    place that decides)."""
-    if attention_kernels.has_kernel("_attention_bwd", "CPU"):
-        return attention_kernels.backward
-    return attention_backward_ref
-
-
 attention_backends.add_backend(
-    registry.Backend("cpu", availability.cpu, supports, attention_kernels.forward, _backward()),
+    registry.Backend("cpu", availability.cpu, supports, attention_kernels.forward, attention_kernels.backward),
     decode=registry.Backend("cpu", availability.cpu, supports, attention_kernels.decode),
 )
