@@ -339,3 +339,16 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(a, f(q, k, v), rtol=0, atol=0)
     a.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.fastarch, "_attention_fwd"), reason="fastarch._C is not built")
+@pytest.mark.parametrize("dv", [16, 24], ids=["dv=d", "dv!=d"])
+def test_opcheck_kernel_ops(dv):
+    """The C++ kernel ops themselves (schema, fake shapes, strides) on the CPU."""
+    q, k, v = make_qkv(2, 4, 2, 9, 13, 16, torch.float32, "cpu", dv=dv)
+    common = (None, None, None, None, 0, 0, True, 0.25, -1, -1, 0.0, 0)
+    torch.library.opcheck(torch.ops.fastarch._attention_fwd.default, (q, k, v, *common))
+    out, lse = torch.ops.fastarch._attention_fwd(q, k, v, *common)
+    torch.library.opcheck(torch.ops.fastarch._attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *common))
+    seqlens = torch.tensor([5, 13], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastarch._attention_decode.default, (q[:, :, :2], k, v, seqlens, True, 0.25, -1))
