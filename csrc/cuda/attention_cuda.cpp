@@ -95,6 +95,20 @@ Strides strides_of(const Tensor& t) {
   return s;
 }
 
+// Points p (AttentionParams or DecodeParams) at q, k, v, out and lse, with their strides.
+template <typename Params>
+void set_tensors(Params& p, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_strides = strides_of(q);
+  p.k_strides = strides_of(k);
+  p.v_strides = strides_of(v);
+  p.out = out.data_ptr();
+  p.out_strides = strides_of(out);
+  p.lse = lse.data_ptr<float>();
+}
+
 int checked_int(int64_t x, const char* what) {
   TORCH_CHECK(x >= 0 && x < kUnbounded, kWho, ": ", what, " must be below ", kUnbounded, ", got ", x);
   return static_cast<int>(x);
@@ -225,15 +239,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(
 
   const Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
   const Tensor out_v = vector_ready(out);  // out itself unless q's layout was not dense
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_strides = strides_of(q);
-  p.k_strides = strides_of(k);
-  p.v_strides = strides_of(v);
-  p.out = out_v.data_ptr();
-  p.out_strides = strides_of(out_v);
-  p.lse = lse.data_ptr<float>();
+  set_tensors(p, q, k, v, out_v, lse);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(dispatch(d, p.head_dim, [&](auto dt, auto hd) { return forward<decltype(dt)::value, decltype(hd)::value>(p, stream); }));
   if (!out_v.is_same(out)) out.copy_(out_v);
@@ -287,15 +293,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(
   Tensor dk_accum = grouped ? at::empty({B, H, Sk, hd}, f32) : Tensor();
   Tensor dv_accum = grouped ? at::empty({B, H, Sk, hd}, f32) : Tensor();
 
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_strides = strides_of(q);
-  p.k_strides = strides_of(k);
-  p.v_strides = strides_of(v);
-  p.out = out.data_ptr();
-  p.out_strides = strides_of(out);
-  p.lse = lse.data_ptr<float>();
+  set_tensors(p, q, k, v, out, lse);
   p.dout = dout.data_ptr();
   p.dout_strides = strides_of(dout);
   p.dq = dq_v.data_ptr();
@@ -355,15 +353,7 @@ std::tuple<Tensor, Tensor> attention_decode_cuda(
   const Tensor out_v = vector_ready(out);
   const Tensor seqlens = cache_seqlens.contiguous();
   DecodeParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_strides = strides_of(q);
-  p.k_strides = strides_of(k);
-  p.v_strides = strides_of(v);
-  p.out = out_v.data_ptr();
-  p.out_strides = strides_of(out_v);
-  p.lse = lse.data_ptr<float>();
+  set_tensors(p, q, k, v, out_v, lse);
   p.cache_seqlens = seqlens.data_ptr<int>();
   p.batch = checked_int(B, "the batch size");
   p.heads = checked_int(H, "the number of heads");

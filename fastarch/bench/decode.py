@@ -10,6 +10,8 @@ Contenders: ``ours:<backend>`` = ``fastarch.ops.attention_decode``; ``sdpa`` =
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +20,7 @@ from torch import Tensor
 
 import fastarch
 from fastarch import registry
-from fastarch.bench.timing import Contender
+from fastarch.bench.timing import Contender, input_sets_needed
 from fastarch.ops.attention_backends import AttentionProblem
 
 OPS = ("attention_decode",)
@@ -62,19 +64,29 @@ class Case:
             return ""
 
     def contenders(self, backends: list[str], compile: bool) -> dict[str, Contender]:
+        """Each contender cycles through enough caches that a call finds none of its cache in
+        the last-level cache (a small cache would otherwise be read from L3, not memory)."""
         B, H, S, D = self.shape
         like = {"dtype": self.dtype, "device": self.device}
-        q = torch.randn(B, H, 1, D, **like)
-        k_cache, v_cache = torch.randn(B, H, S, D, **like), torch.randn(B, H, S, D, **like)
         seqlens = torch.full((B,), S, dtype=torch.int32, device=self.device)
-        fns: dict[str, Contender] = {
-            f"ours:{b}": functools.partial(
-                fastarch.ops.attention_decode, q, k_cache, v_cache, seqlens, backend=_forced(b)
-            )
-            for b in backends
+        sets = [
+            (torch.randn(B, H, 1, D, **like), torch.randn(B, H, S, D, **like), torch.randn(B, H, S, D, **like))
+            for _ in range(input_sets_needed(self.work, self.device))
+        ]
+        fns: dict[str, Callable[..., Tensor]] = {
+            f"ours:{b}": functools.partial(_ours, seqlens=seqlens, backend=_forced(b)) for b in backends
         }
-        fns["sdpa"] = functools.partial(_sdpa, q, k_cache, v_cache)
-        return fns
+        fns["sdpa"] = _sdpa
+        return {name: _rotating(fn, sets) for name, fn in fns.items()}
+
+
+def _rotating(fn: Callable[..., Tensor], sets: list) -> Contender:
+    cycle = itertools.cycle(sets)
+    return lambda: fn(*next(cycle))
+
+
+def _ours(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, backend: str | None) -> Tensor:
+    return fastarch.ops.attention_decode(q, k, v, seqlens, backend=backend)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
