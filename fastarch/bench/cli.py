@@ -2,7 +2,7 @@
 a table (one row per op, shape, dtype, pass and backend); ``--json FILE`` saves it with the
 machine's description.
 
-    fastarch bench --quick                       # the main job: 4096x768 on CPU, ~2-3 minutes
+    fastarch bench --quick                       # the main job: small default shapes, ~1-2 minutes on CPU
     fastarch bench --op rms_norm --shapes 8192x4096 --dtype bf16 --backend triton,cuda
 """
 
@@ -56,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg = p.add_argument
     arg("--op", action="extend", type=_names(list(FAMILY_OF), "op"), metavar="NAME",
         help=f"ops to time (default: all: {', '.join(FAMILY_OF)})")
-    arg("--quick", action="store_true", help="a small default set (CPU: 4096x768, fp32 and bf16; about 2-3 minutes)")
+    arg("--quick", action="store_true",
+        help="a small default set (CPU, fp32 and bf16: norms 4096x768, attention 1x12x1024x64, decode"
+        " 1x12x4096x64; about 1-2 minutes)")
     arg("--json", type=Path, metavar="FILE", help="also save the machine and every row as JSON")
     arg("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     arg("--dtype", action="extend", type=_names(DTYPES, "dtype"), metavar="DTYPE",
