@@ -55,13 +55,7 @@ inline __m512 softmax_exp(__m512 x) {
 // (attention_common.h's dropout_keep16 has the columns in the lanes; the backward's tiles are
 // transposed.)
 inline __mmask16 dropout_keep_rows16(__m512i row_keys, uint32_t col, uint32_t threshold) {
-  __m512i h = _mm512_xor_si512(row_keys, _mm512_set1_epi32(static_cast<int>(col)));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7FEB352D));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x4C7D19F3));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-  return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32(static_cast<int>(threshold)));
+  return dropout_keep_lanes(_mm512_xor_si512(row_keys, _mm512_set1_epi32(static_cast<int>(col))), threshold);
 }
 
 // 16 fp32 lanes -> compute type at out (masked lanes untouched).

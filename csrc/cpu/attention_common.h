@@ -242,16 +242,20 @@ inline __m512 exp2_fast(__m512 x) {
 }
 
 // ---- dropout: keep mask of columns col0 .. col0+15 of a row (row_key = dropout_row_key)
-inline __mmask16 dropout_keep16(uint32_t row_key, int64_t col0, uint32_t threshold) {
-  const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(col0))),
-                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i h = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(row_key)), cols);
+// The last round of the hash on 16 lanes (h = row_key ^ col each), and the keep test.
+inline __mmask16 dropout_keep_lanes(__m512i h, uint32_t threshold) {
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
   h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7FEB352D));
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
   h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x4C7D19F3));
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
   return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32(static_cast<int>(threshold)));
+}
+
+inline __mmask16 dropout_keep16(uint32_t row_key, int64_t col0, uint32_t threshold) {
+  const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(col0))),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  return dropout_keep_lanes(_mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(row_key)), cols), threshold);
 }
 
 // ============================================================================= GEMM tiles
@@ -273,10 +277,9 @@ constexpr int kTileN16 = 4;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// A tile's accumulators: zero, or c (times row_scale[m] per row, if given) to accumulate on.
 template <int MR, int NR>
-inline void tile_bf16(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t b_pair_stride, float* c,
-                      int64_t ldc, bool accumulate, const float* row_scale) {
-  __m512 acc[MR][NR];
+inline void tile_start(__m512 (&acc)[MR][NR], const float* c, int64_t ldc, bool accumulate, const float* row_scale) {
   for (int m = 0; m < MR; ++m) {
     const __m512 s = row_scale ? _mm512_set1_ps(row_scale[m]) : _mm512_set1_ps(1.0f);
     for (int n = 0; n < NR; ++n) {
@@ -285,6 +288,13 @@ inline void tile_bf16(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t
                              : _mm512_setzero_ps();
     }
   }
+}
+
+template <int MR, int NR>
+inline void tile_bf16(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t b_pair_stride, float* c,
+                      int64_t ldc, bool accumulate, const float* row_scale) {
+  __m512 acc[MR][NR];
+  tile_start<MR, NR>(acc, c, ldc, accumulate, row_scale);
   for (int64_t p = 0; p < kp; ++p) {
     __m512bh bv[NR];
     for (int n = 0; n < NR; ++n) bv[n] = (__m512bh)_mm512_loadu_si512(b + p * b_pair_stride + n * 32);
@@ -303,14 +313,7 @@ template <int MR, int NR>
 inline void tile_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t n_pad, float* c, int64_t ldc,
                      bool accumulate, const float* row_scale) {
   __m512 acc[MR][NR];
-  for (int m = 0; m < MR; ++m) {
-    const __m512 s = row_scale ? _mm512_set1_ps(row_scale[m]) : _mm512_set1_ps(1.0f);
-    for (int n = 0; n < NR; ++n) {
-      acc[m][n] = accumulate ? (row_scale ? _mm512_mul_ps(s, _mm512_loadu_ps(c + m * ldc + n * 16))
-                                          : _mm512_loadu_ps(c + m * ldc + n * 16))
-                             : _mm512_setzero_ps();
-    }
-  }
+  tile_start<MR, NR>(acc, c, ldc, accumulate, row_scale);
   for (int64_t p = 0; p < k; ++p) {
     __m512 bv[NR];
     for (int n = 0; n < NR; ++n) bv[n] = _mm512_loadu_ps(b + p * n_pad + n * 16);
