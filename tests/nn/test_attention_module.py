@@ -61,7 +61,8 @@ def test_weights_path_and_from_torch():
     x = torch.randn(5, 2, 32)
     a, wa = ours(x, x, x)  # need_weights=True: torch's path, with the weights
     b, wb = theirs(x, x, x)
-    torch.testing.assert_close(a, b) and torch.testing.assert_close(wa, wb)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(wa, wb)
     shared = fastarch.nn.MultiheadAttention.from_torch(theirs)
     assert shared.in_proj_weight is theirs.in_proj_weight and shared.out_proj is theirs.out_proj
     torch.testing.assert_close(shared(x, x, x, need_weights=False)[0], b, rtol=1e-5, atol=1e-5)

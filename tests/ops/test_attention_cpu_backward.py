@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from attention_tolerance import floor  # tests/ops/attention_tolerance.py
 from fastarch import _extension
 from fastarch.ops import attention_kernels
 from fastarch.ops.attention_reference import attention_backward_ref, attention_forward_ref
@@ -22,7 +23,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 GRAD_FACTOR = 3.0
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -75,7 +75,7 @@ def check_grads(dout, q, k, v, a, grads):
         assert torch.isfinite(ours).all(), f"{name}: not finite"
         e = (ours.double() - t).abs().max().item()
         eb = (b.double() - t).abs().max().item()
-        bound = GRAD_FACTOR * eb + FLOOR[q.dtype] * max(t.abs().max().item(), 1.0)
+        bound = GRAD_FACTOR * eb + floor(t, q.dtype, grad=True)
         assert e <= bound, f"{name}: error {e:.3g} > {GRAD_FACTOR} x same-dtype error {eb:.3g} + floor = {bound:.3g}"
 
 

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from attention_tolerance import floor  # tests/ops/attention_tolerance.py
 from fastarch import ops, registry
 from fastarch.ops import attention_cuda
 from fastarch.ops.attention_backends import AttentionProblem
@@ -20,7 +21,6 @@ from fastarch.ops.attention_reference import attention_backward_ref, attention_d
 
 GPU = pytest.mark.gpu
 FACTOR = {"out": 2.0, "grad": 3.0}
-FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _problem(dtype=torch.float16, d=64, dv=None, device="cuda") -> AttentionProblem:
@@ -46,8 +46,8 @@ def test_supports_declines_with_a_reason(problem, reason):
 @pytest.mark.parametrize("d", [8, 16, 32, 64, 128, 256])
 def test_supports_takes_multiples_of_8(d):
     assert attention_cuda.supports(_problem(d=d, device="cpu")) is not None  # device first
-    if not torch.cuda.is_available():
-        assert attention_cuda.supports(_problem(d=d)) is None
+    why = attention_cuda.supports(_problem(d=d))
+    assert why is None or (d > 128 and "shared memory" in why), why  # (a GPU with too little of it)
 
 
 def _err(a, ref) -> float:
@@ -57,7 +57,7 @@ def _err(a, ref) -> float:
 def _check(name, ours, base, truth, dtype, factor):
     assert torch.isfinite(ours).all(), f"{name}: not finite"
     e, eb = _err(ours, truth), _err(base, truth)
-    bound = factor * eb + FLOOR[dtype] * max(truth.abs().max().item(), 1.0)
+    bound = factor * eb + floor(truth, dtype, grad=name in ("dq", "dk", "dv"))
     assert e <= bound, f"{name}: error {e:.3g} > {factor} x same-dtype error {eb:.3g} + floor = {bound:.3g}"
 
 
