@@ -232,6 +232,8 @@ def test_dropout_rate_and_reproducibility(backend, device):
     assert torch.equal(a, b), "the same generator state must give the same mask"
     kept = (a.float() > 0).float().mean().item()
     assert abs(kept - 0.75) < 0.05, f"kept fraction {kept:.3f}, expected 0.75"
+    rescaled = torch.full_like(a[a > 0].float(), 1 / (256 * 0.75))  # kept ones scaled by 1 / (1 - p)
+    torch.testing.assert_close(a[a > 0].float(), rescaled, rtol=1e-3, atol=0)
     c = ops.attention(q, k, v, dropout_p=0.25, generator=torch.Generator().manual_seed(6), backend=backend)
     assert not torch.equal(a, c)
 

@@ -20,9 +20,8 @@ from fastarch.ops.attention_backends import AttentionProblem
 from fastarch.ops.attention_reference import attention_decode_ref, attention_forward_ref
 
 pytestmark = pytest.mark.skipif(
-    not attention_kernels.has_kernel("_attention_fwd", "CPU")
-    or attention_cpu.supports(AttentionProblem.of(*(torch.zeros(1, 1, 1, 8),) * 3)) is not None,
-    reason="the CPU attention kernels are not built or this CPU lacks AVX-512",
+    attention_cpu.supports(AttentionProblem.of(*(torch.zeros(1, 1, 1, 8),) * 3)) is not None,
+    reason="this CPU lacks AVX-512 (the CPU attention kernels' requirement)",
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

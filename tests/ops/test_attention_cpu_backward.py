@@ -18,9 +18,6 @@ from fastarch import _extension
 from fastarch.ops import attention_kernels
 from fastarch.ops.attention_reference import attention_backward_ref, attention_forward_ref
 
-pytestmark = pytest.mark.skipif(
-    not attention_kernels.has_kernel("_attention_bwd", "CPU"), reason="fastarch._C has no CPU attention backward"
-)
 
 GRAD_FACTOR = 3.0
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -161,8 +158,8 @@ def test_gqa_sums_over_the_group(dtype):
 def test_dropout_gradient_matches_the_forward_mask(isa):
     """With v = identity the forward's output is the dropped-out, rescaled probabilities
     themselves; dv of any v must then be that matrix transposed times dout."""
-    if not attention_kernels.has_kernel("_attention_fwd", "CPU") or not _extension.build_info().get("cpu_has_avx512"):
-        pytest.skip("no CPU attention forward kernel")
+    if not _extension.build_info().get("cpu_has_avx512"):
+        pytest.skip("no AVX-512 on this CPU (the forward kernel's requirement)")
     q, k, v, dout = make(2, 3, 3, 50, 64, 64, torch.float32)
     a = args(q, causal=True, dropout_p=0.4, seed=torch.tensor(77))
     eye = torch.eye(64)[None, None].expand(2, 3, 64, 64).contiguous()
