@@ -20,6 +20,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["cpu_isa"] = fastarch::cpu::isa_name(fastarch::cpu::active_isa());
     info["cpu_has_avx512"] = fastarch::cpu::cpu_has_avx512();
+    info["cpu_has_avx512_bf16"] = fastarch::cpu::cpu_has_avx512_bf16();
     info["compiler"] = std::string("gcc ") + FASTARCH_STR(__GNUC__) "." FASTARCH_STR(__GNUC_MINOR__);
     return info;
   });

@@ -17,7 +17,7 @@ from torch import Tensor
 from fastarch import registry
 from fastarch.ops import attention_backends  # noqa: F401  (the reference backend)
 from fastarch.ops import attention_cpu, attention_cuda, attention_triton  # noqa: F401  (the kernel backends)
-from fastarch.ops.attention_backends import AttentionProblem
+from fastarch.ops.attention_backends import AttentionProblem, empty_out
 from fastarch.ops.attention_reference import stats_dtype
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -176,8 +176,7 @@ def _attention(
 @_attention.register_fake
 def _(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left, window_right,
       dropout_p, seed, backend=""):
-    out = torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty(*q.shape[:-1], v.shape[-1])
-    return out, q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
+    return empty_out(q, v), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastarch::attention_backward", mutates_args=())
@@ -396,8 +395,7 @@ def _attention_decode(
 
 @_attention_decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, backend=""):
-    out = torch.empty_like(q) if v_cache.shape[-1] == q.shape[-1] else q.new_empty(*q.shape[:-1], v_cache.shape[-1])
-    return out, q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
+    return empty_out(q, v_cache), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
 
 def _check_cache_seqlens(op: str, cache_seqlens: Tensor, batch: int, capacity: int, device) -> None:

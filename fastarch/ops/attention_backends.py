@@ -67,6 +67,23 @@ class AttentionProblem:
         )
 
 
+def max_seqlen(cu_seqlens: Tensor | None) -> int:
+    """The longest packed sequence (0 when not packed): the kernels size their grids by it (one
+    host sync, as FlashAttention's callers)."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens is not None and cu_seqlens.numel() > 1 else 0
+
+
+def seed_value(seed: Tensor | None) -> int:
+    """The dropout hash's seed as the kernels take it (0 without dropout)."""
+    return int(seed) if seed is not None else 0
+
+
+def empty_out(q: Tensor, v: Tensor) -> Tensor:
+    """The attention output for q and values v: q's layout when the head dims agree, else
+    contiguous (B, H, Sq, Dv)."""
+    return torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
 def _dtype_reason(p: AttentionProblem, allowed: tuple[torch.dtype, ...]) -> str | None:
     if p.dtype in allowed:
         return None

@@ -5,8 +5,6 @@ attention_backends.py."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastarch import availability, registry
@@ -16,16 +14,6 @@ from fastarch.ops.attention_backends import AttentionProblem
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 512  # any head dim from 1 up to this (scratch grows with it; the kernels tile it)
-
-
-@functools.cache
-def _cpu_has_avx512_bf16() -> bool:
-    """The bf16 kernels use AVX512-BF16 (vdpbf16ps, vcvtneps2bf16); Linux lists it in cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
-    except OSError:
-        return False
 
 
 def supports(p: AttentionProblem) -> str | None:
@@ -38,9 +26,10 @@ def supports(p: AttentionProblem) -> str | None:
         return f"dtype {p.dtype} is not supported (supported: {', '.join(str(d) for d in KERNEL_DTYPES)})"
     if max(p.head_dim, p.head_dim_v) > MAX_HEAD_DIM:
         return f"head dim {max(p.head_dim, p.head_dim_v)} is above {MAX_HEAD_DIM}"
-    if build_info().get("cpu_isa") != "avx512":
-        return f"the CPU attention kernels need AVX-512 (cpu isa is {build_info().get('cpu_isa', 'unknown')!r})"
-    if p.dtype == torch.bfloat16 and not _cpu_has_avx512_bf16():
+    info = build_info()  # (its cpu_isa follows fastarch._C._set_cpu_isa)
+    if info.get("cpu_isa") != "avx512":
+        return f"the CPU attention kernels need AVX-512 (cpu isa is {info.get('cpu_isa', 'unknown')!r})"
+    if p.dtype == torch.bfloat16 and not info.get("cpu_has_avx512_bf16"):
         return "bfloat16 needs AVX512-BF16, which this CPU lacks"
     return None
 

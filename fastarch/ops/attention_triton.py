@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fastarch import availability, registry
 from fastarch.ops import attention_backends
-from fastarch.ops.attention_backends import AttentionProblem
+from fastarch.ops.attention_backends import AttentionProblem, max_seqlen, seed_value
 
 try:
     from fastarch.kernels import attention as _kernels
@@ -81,28 +81,19 @@ if _kernels is not None:
         return _kernels.attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left)
 
 
-def _max_seqlen(cu: Tensor | None) -> int:
-    """The longest packed sequence (sizes the grid; one host sync, as FlashAttention's callers)."""
-    return int((cu[1:] - cu[:-1]).max()) if cu is not None and cu.numel() > 1 else 0
-
-
-def _seed(seed: Tensor | None) -> int:
-    return int(seed) if seed is not None else 0
-
-
 def forward(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left,
             window_right, dropout_p, seed):
     return torch.ops.fastarch._triton_attention_fwd(
-        q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, _max_seqlen(cu_seqlens_q),
-        _max_seqlen(cu_seqlens_k), causal, scale, window_left, window_right, dropout_p, _seed(seed),
+        q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen(cu_seqlens_q),
+        max_seqlen(cu_seqlens_k), causal, scale, window_left, window_right, dropout_p, seed_value(seed),
     )
 
 
 def backward(dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale,
              window_left, window_right, dropout_p, seed):
     return torch.ops.fastarch._triton_attention_bwd(
-        dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, _max_seqlen(cu_seqlens_q),
-        _max_seqlen(cu_seqlens_k), causal, scale, window_left, window_right, dropout_p, _seed(seed),
+        dout, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen(cu_seqlens_q),
+        max_seqlen(cu_seqlens_k), causal, scale, window_left, window_right, dropout_p, seed_value(seed),
     )
 
 
