@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
                         for row in _bench(case, backends, not args.no_compile, args, peak):
                             print(report.table_row(row), flush=True)
                             rows.append(row)
+                        if args.json:  # after every case, so that a run cut short keeps its rows
+                            report.write_json(args.json, info, vars(args), rows)
         print()
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
     if args.json:

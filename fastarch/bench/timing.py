@@ -14,6 +14,7 @@ one), then times them side by side:
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -96,6 +97,12 @@ def peak_memory(fn: Contender, device: str) -> float | None:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
     status = Path("/proc/self/status")
+    # Python's cycle collector, run during the call, could free garbage of earlier calls (a
+    # traceback holding big tensors) and shrink the resident set by more than the call grows
+    # it: collect first, and not during the call.
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
         before = _status_kib(status, "VmRSS")
@@ -103,6 +110,9 @@ def peak_memory(fn: Contender, device: str) -> float | None:
         return float(max(0, _status_kib(status, "VmHWM") - before) * 1024)
     except (OSError, ValueError):  # not Linux, or not allowed
         return None
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _status_kib(status: Path, key: str) -> int:
