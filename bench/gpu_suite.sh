@@ -32,9 +32,12 @@ cd /tmp  # import the installed package, not the source tree
 
 parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 say "gpu-marked tests (the CUDA kernels)"
-timeout -k 5 "${TEST_GPU_S:-120}" "$PY" -m pytest "$SRC/tests" -m gpu -q -p no:cacheprovider $parallel > "$OUT/tests-gpu.log" 2>&1
+# -v: each failure's name is in the log as it happens, even when the stage is cut short
+timeout -k 5 "${TEST_GPU_S:-120}" "$PY" -m pytest "$SRC/tests" -m gpu -v --tb=short -p no:cacheprovider $parallel \
+  > "$OUT/tests-gpu.log" 2>&1
 echo "exit $?" >> "$OUT/tests-gpu.log"
-tail -30 "$OUT/tests-gpu.log" | tee -a "$LOG"
+grep -E "FAILED|ERROR" "$OUT/tests-gpu.log" | head -40 | tee -a "$LOG"
+tail -3 "$OUT/tests-gpu.log" | tee -a "$LOG"
 
 bench() {  # bench NAME SECONDS ARGS...: one family's table into the log, its rows into bench-NAME.json
   local name=$1 seconds=$2
@@ -44,12 +47,14 @@ bench() {  # bench NAME SECONDS ARGS...: one family's table into the log, its ro
 }
 # attention: our two GPU backends against SDPA's flash, efficient and cuDNN kernels (FlexAttention's
 # compile per case costs more than a short lease allows: --no-compile; run it without for flex)
-bench attention "${BENCH_ATTN_S:-150}" --op attention,attention_causal --backend cuda,triton \
-  --dtype bf16,fp16 --shapes 2x16x4096x128,1x16x16384x128,4x32x2048x64 --no-compile
-bench decode "${BENCH_DECODE_S:-60}" --op attention_decode --backend cuda,triton --dtype bf16,fp16
-bench norms "${BENCH_NORMS_S:-120}" --op layer_norm,rms_norm,add_layer_norm,add_rms_norm \
-  --backend cuda,triton --dtype bf16,fp32 --shapes 16384x8192
+# (each family's arguments can be replaced: ATTN_ARGS, DECODE_ARGS, NORMS_ARGS)
+bench attention "${BENCH_ATTN_S:-150}" ${ATTN_ARGS:---op attention,attention_causal --backend cuda,triton \
+  --dtype bf16,fp16 --shapes 2x16x4096x128,1x16x16384x128,4x32x2048x64 --no-compile}
+bench decode "${BENCH_DECODE_S:-60}" ${DECODE_ARGS:---op attention_decode --backend cuda,triton --dtype bf16,fp16}
+bench norms "${BENCH_NORMS_S:-120}" ${NORMS_ARGS:---op layer_norm,rms_norm,add_layer_norm,add_rms_norm \
+  --backend cuda,triton --dtype bf16,fp32 --shapes 16384x8192}
 
+[ "${TEST_TRITON_S:-90}" -gt 0 ] || { say done; exit 0; }
 say "Triton tests on the GPU"
 timeout -k 5 "${TEST_TRITON_S:-90}" "$PY" -m pytest "$SRC/tests/ops" -k triton -q -p no:cacheprovider $parallel > "$OUT/tests-triton.log" 2>&1
 echo "exit $?" >> "$OUT/tests-triton.log"

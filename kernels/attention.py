@@ -656,20 +656,23 @@ def _decode_combine_kernel(
 
 # GPU tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, for the autotuner to
 # choose from (keyed on the head dims, the features, the dtypes and a sequence-length bucket).
-# First guesses after the Triton tutorial and FlashAttention-2's tables: to be measured.
+# First guesses after the Triton tutorial and FlashAttention-2's tables; the H200 run of
+# 2026-11-26 (forward 383-467 TFLOP/s, causal backward at S 2048 slower than non-causal) added
+# the deeper 128 x 128 tiles (Hopper's wgmma wants M = 64 per warp group and long pipelines)
+# and smaller backward tiles for short causal bands.
 _FWD_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4)],
     256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
 }
 _DKDV_CONFIGS = {  # BLOCK_M queries per step, BLOCK_N keys per program
-    64: [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-    128: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
+    64: [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
+    128: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
     256: [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 1)],
 }
 _DQ_CONFIGS = {  # BLOCK_M queries per program, BLOCK_N keys per step
-    64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-    128: [(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
+    64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+    128: [(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
     256: [(64, 32, 4, 2), (64, 64, 8, 1), (32, 64, 4, 2)],
 }
 _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "HAS_KPM", "DROPOUT",
@@ -696,7 +699,33 @@ def _autotuned(kernel, table: dict[int, list[tuple[int, int, int, int]]]):
                            prune_configs_by={"early_config_prune": for_head_dim})(kernel)
 
 
+# Decode: (BLOCK_N, num_warps, num_stages) by padded head dim; the cache streams through once, so
+# what counts is the bytes in flight (deeper pipelines, wider tiles) against shared memory.
+_DECODE_CONFIGS = {
+    64: [(64, 4, 3), (128, 4, 3), (128, 4, 4), (64, 4, 4)],
+    128: [(64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3)],
+    256: [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 3)],
+}
+_DECODE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CAUSAL", "HAS_LEFT", "DIRECT", "num_splits"]
+
+
+def _decode_autotuned(kernel):
+    if INTERPRET:
+        return kernel
+    configs = {t: triton.Config({"BLOCK_N": t[0]}, num_warps=t[1], num_stages=t[2])
+               for tiles in _DECODE_CONFIGS.values() for t in tiles}
+
+    def for_head_dim(_configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        d = max(args["BLOCK_D"], args["BLOCK_DV"])
+        return [configs[t] for t in _DECODE_CONFIGS[64 if d <= 64 else 128 if d <= 128 else 256]]
+
+    return triton.autotune(list(configs.values()), key=_DECODE_KEY,
+                           prune_configs_by={"early_config_prune": for_head_dim})(kernel)
+
+
 _fwd_kernel = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS)
+_decode_kernel = _decode_autotuned(_decode_split_kernel)
 _dkdv_kernel = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_CONFIGS)
 _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _DQ_CONFIGS)
 
@@ -714,7 +743,7 @@ def _bucket(seqlen: int) -> int:
 
 def _head_dims(q: Tensor, v: Tensor) -> dict:
     """Head dims and their tiles: padded to a power of two, at least 16 (tl.dot's minimum)."""
-    d, dv = q.shape[-1], v.shape[-1]
+    d, dv = int(q.shape[-1]), int(v.shape[-1])  # int: compile-time tiles (specialized when traced)
     return dict(
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -827,12 +856,15 @@ def attention_backward(
 
 
 def _decode_splits(q: Tensor, programs: int, cache_tiles: int) -> int:
-    """How many programs share one sequence's cache: on a GPU enough for about two waves of
-    programs, each with at least two cache tiles; in the interpreter 3 (to run the combine)."""
+    """How many programs share one sequence's cache: on a GPU about 8 programs per SM (several
+    resident at once, each streaming its share of the cache: decoding is bound by the bytes
+    in flight), each with at least 4 cache tiles; in the interpreter 3 (to run the combine).
+    (On an H200, 2 per SM left the GPU at 50-57% of copy bandwidth with 9-33 splits' worth of
+    work per sequence in 2-9 programs.)"""
     if not q.is_cuda:
         return max(1, min(3, cache_tiles))
-    waves = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
-    return max(1, min(triton.cdiv(waves, programs), triton.cdiv(cache_tiles, 2), 64))
+    target = 8 * torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(cache_tiles, 4), 64))
 
 
 def attention_decode(
@@ -865,17 +897,17 @@ def attention_decode(
     else:
         o_part = torch.empty((B * H * Sq * num_splits, dims["BLOCK_DV"]), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B * H * Sq * num_splits,), dtype=torch.float32, device=q.device)
-    wrap_triton(_decode_split_kernel)[(row_tiles * num_splits, Hkv, B)](
+    tiles = dict(BLOCK_N=block_n, num_warps=4, num_stages=2) if INTERPRET else {}  # else the autotuner's
+    wrap_triton(_decode_kernel)[(row_tiles * num_splits, Hkv, B)](
         q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         H, group, Sq, scale * LOG2E, max(window_left, 0), num_splits,
-        CAUSAL=causal, HAS_LEFT=window_left >= 0, DIRECT=direct, **dims, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4, num_stages=2,
+        CAUSAL=causal, HAS_LEFT=window_left >= 0, DIRECT=direct, **dims, BLOCK_M=block_m, **tiles,
     )
     if not direct:
         wrap_triton(_decode_combine_kernel)[(B * H * Sq,)](
             o_part, lse_part, out, lse, *out.stride()[:3], H, Sq, num_splits,
             HEAD_DIM_V=dims["HEAD_DIM_V"], BLOCK_DV=dims["BLOCK_DV"], BLOCK_S=triton.next_power_of_2(num_splits),
-            INTERPRET=INTERPRET, num_warps=4,
+            INTERPRET=INTERPRET, num_warps=4 if triton.next_power_of_2(num_splits) * dims["BLOCK_DV"] <= 4096 else 8,
         )
     return out, lse

@@ -281,7 +281,7 @@ def norm_forward(
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS=rms,
         ROUND_BY_HAND=ROUND_BF16_BY_HAND,
     )
-    block_n = triton.next_power_of_2(N)
+    block_n = triton.next_power_of_2(int(N))  # int: a compile-time tile (N specialized when traced)
     if block_n <= MAX_FUSED_COLS:
         block_m = max(1, min(16, 4096 // block_n))
         wrap_triton(_norm_fwd_kernel)[(triton.cdiv(M, block_m),)](
@@ -322,7 +322,7 @@ def norm_backward(
             HAS_DRES=dresidual_out is not None, HAS_WEIGHT=weight is not None, IS_RMS=mean is None,
             WEIGHT_GRADS=weight_grads, ROUND_BY_HAND=ROUND_BF16_BY_HAND,
         )
-        block_n = triton.next_power_of_2(N)
+        block_n = triton.next_power_of_2(int(N))  # int: a compile-time tile (N specialized when traced)
         if block_n <= MAX_FUSED_COLS:
             block_m = max(1, min(16, 2048 // block_n))
             wrap_triton(_norm_bwd_kernel)[(programs,)](

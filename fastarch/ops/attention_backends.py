@@ -104,13 +104,21 @@ _DECODE: list[registry.Backend] = [
 ]
 
 
+# The attention ops' priority: Triton before our CUDA C++ kernels. Measured on an H200
+# (bench/results/gpu-h200-attention-2026-11-26.json, -decode-): Triton's forward ran 1.13-1.50x
+# SDPA's flash kernel where the CUDA (mma.sync) one ran 0.78-0.89x, its forward+backward
+# 0.55-1.24x against 0.47-0.55x, its decode 2-3.5x faster than the CUDA one. cpu first: it never
+# takes a CUDA tensor, and a CPU tensor reaches Triton only in its (slow) interpreter.
+ORDER = ("cpu", "triton", "cuda", "reference")
+
+
 def add_backend(backend: registry.Backend, decode: registry.Backend | None = None) -> None:
-    """Puts a kernel backend in front of the ones registered so far, in the order of
-    registry.BACKENDS (the modules of the kernel backends call this when they load)."""
+    """Puts a kernel backend in front of the ones registered so far, in the order of ORDER
+    (the modules of the kernel backends call this when they load)."""
     for table, entry in ((_BACKENDS, backend), (_DECODE, decode)):
         if entry is not None:
             table.append(entry)
-            table.sort(key=lambda b: registry.BACKENDS.index(b.name))
+            table.sort(key=lambda b: ORDER.index(b.name))
     registry.register("attention", _BACKENDS)
     registry.register("attention_decode", _DECODE)
 
