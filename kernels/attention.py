@@ -682,20 +682,21 @@ _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS
 INTERPRET_TILES = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32), "decode_n": 32}
 
 
-def _autotuned(kernel, table: dict[int, list[tuple[int, int, int, int]]]):
-    """kernel behind an autotuner over table's tiles for its head dim (in the interpreter:
-    kernel itself, its tiles given at launch)."""
+def _autotuned(kernel, table: dict[int, list[tuple[int, ...]]], tiles=("BLOCK_M", "BLOCK_N"), key=None):
+    """kernel behind an autotuner over table's entries for its head dim (in the interpreter:
+    kernel itself, its tiles given at launch). An entry is the values of ``tiles``, then
+    num_warps and num_stages."""
     if INTERPRET:
         return kernel
-    configs = {t: triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3])
-               for tiles in table.values() for t in tiles}
+    configs = {t: triton.Config(dict(zip(tiles, t)), num_warps=t[-2], num_stages=t[-1])
+               for entries in table.values() for t in entries}
 
     def for_head_dim(_configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         d = max(args["BLOCK_D"], args["BLOCK_DV"])
         return [configs[t] for t in table[64 if d <= 64 else 128 if d <= 128 else 256]]
 
-    return triton.autotune(list(configs.values()), key=_TUNING_KEY,
+    return triton.autotune(list(configs.values()), key=key or _TUNING_KEY,
                            prune_configs_by={"early_config_prune": for_head_dim})(kernel)
 
 
@@ -709,23 +710,8 @@ _DECODE_CONFIGS = {
 _DECODE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CAUSAL", "HAS_LEFT", "DIRECT", "num_splits"]
 
 
-def _decode_autotuned(kernel):
-    if INTERPRET:
-        return kernel
-    configs = {t: triton.Config({"BLOCK_N": t[0]}, num_warps=t[1], num_stages=t[2])
-               for tiles in _DECODE_CONFIGS.values() for t in tiles}
-
-    def for_head_dim(_configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        d = max(args["BLOCK_D"], args["BLOCK_DV"])
-        return [configs[t] for t in _DECODE_CONFIGS[64 if d <= 64 else 128 if d <= 128 else 256]]
-
-    return triton.autotune(list(configs.values()), key=_DECODE_KEY,
-                           prune_configs_by={"early_config_prune": for_head_dim})(kernel)
-
-
 _fwd_kernel = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS)
-_decode_kernel = _decode_autotuned(_decode_split_kernel)
+_decode_kernel = _autotuned(_decode_split_kernel, _DECODE_CONFIGS, tiles=("BLOCK_N",), key=_DECODE_KEY)
 _dkdv_kernel = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_CONFIGS)
 _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _DQ_CONFIGS)
 

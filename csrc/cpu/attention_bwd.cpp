@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "attention_bwd.h"
+#include "attention_glue.h"
 #include "isa.h"
 
 namespace fastarch::cpu::attention {
@@ -38,10 +39,6 @@ constexpr int64_t kMaxChunks = 4;
 
 Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-void strides3(const Tensor& t, int64_t* s) {
-  for (int i = 0; i < 3; ++i) s[i] = t.stride(i);
-}
-
 // ----------------------------------------------------------------------------- portable path
 
 // attention_reference._mix32 on int64 tensors holding uint32 values.
@@ -54,14 +51,10 @@ Tensor mix32(Tensor h) {
   return h.bitwise_xor(h.bitwise_right_shift(16));
 }
 
-struct Seq {
-  int64_t b, q0, sq, k0, sk;
-};
-
 std::tuple<Tensor, Tensor, Tensor> backward_portable(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
                                                      const std::optional<Tensor>& mask, const std::optional<Tensor>& kpm,
-                                                     const std::vector<Seq>& seqs, double scale, int64_t window_left,
+                                                     const std::vector<SeqSpan>& seqs, double scale, int64_t window_left,
                                                      int64_t window_right, double dropout_p, int64_t seed,
                                                      uint32_t threshold) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -72,7 +65,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_portable(const Tensor& dout, const T
   Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc));
   Tensor dv = at::zeros(v.sizes(), v.options().dtype(acc));
   const auto i64 = q.options().dtype(at::kLong);
-  for (const Seq& s : seqs) {
+  for (const SeqSpan& s : seqs) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t hk = h / group;
       const Tensor K = k[s.b][hk].narrow(0, s.k0, s.sk).to(acc), V = v[s.b][hk].narrow(0, s.k0, s.sk).to(acc);
@@ -123,77 +116,36 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
     int64_t max_seqlen_k, bool causal, double scale, int64_t window_left, int64_t window_right, double dropout_p,
     int64_t seed) {
   const char* op = "fastarch::_attention_bwd (cpu)";
-  for (const auto& [name, t] : {std::pair{"dout", &dout_in}, {"q", &q_in}, {"k", &k_in}, {"v", &v_in}, {"out", &out_in}}) {
-    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be 4-D (B, H, S, D), got ", t->dim(), "-D");
-    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t->device());
-    TORCH_CHECK(t->scalar_type() == q_in.scalar_type(), op, ": ", name, " must have q's dtype ", q_in.scalar_type(),
-                ", got ", t->scalar_type());
-  }
-  const auto dtype = q_in.scalar_type();
+  // q, k, v as the forward checks them (read in place when their last dims are contiguous).
+  const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  BackwardParams p{};
+  AttentionInputs in;
+  in.fill(op, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left,
+          window_right, dropout_p, seed);
+  (void)max_seqlen_q, (void)max_seqlen_k;  // the glue reads the offsets themselves
+  const auto dtype = q.scalar_type();
   TORCH_CHECK(at::isFloatingType(dtype), op, ": q must be a floating-point tensor, got ", dtype);
-  const int64_t B = q_in.size(0), H = q_in.size(1), Sq = q_in.size(2), D = q_in.size(3);
-  const int64_t Hkv = k_in.size(1), Sk = k_in.size(2), Dv = v_in.size(3);
-  TORCH_CHECK(k_in.size(0) == B && v_in.size(0) == B && k_in.size(3) == D && v_in.size(1) == Hkv && v_in.size(2) == Sk,
-              op, ": k (B, Hkv, Sk, D) and v (B, Hkv, Sk, Dv) must match q (B, H, Sq, D); got q ", q_in.sizes(),
-              ", k ", k_in.sizes(), ", v ", v_in.sizes());
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": the heads of q (", H, ") must be a multiple of those of k/v (", Hkv, ")");
+  const int64_t B = in.p.B, H = in.p.H, Sq = in.p.Sq, D = in.p.D, Hkv = in.p.Hkv, Dv = in.p.Dv;
   for (const auto& [name, t] : {std::pair{"dout", &dout_in}, {"out", &out_in}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype, op, ": ", name, " must be a CPU tensor of q's dtype ",
+                dtype, ", got ", t->scalar_type(), " on ", t->device());
     TORCH_CHECK(t->sizes() == at::IntArrayRef({B, H, Sq, Dv}), op, ": ", name, " must be (B, H, Sq, Dv) = ",
                 at::IntArrayRef({B, H, Sq, Dv}), ", got ", t->sizes());
   }
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Sq}), op, ": lse must be (B, H, Sq) = ",
               at::IntArrayRef({B, H, Sq}), ", got ", lse_in.sizes());
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), op,
-              ": cu_seqlens_q and cu_seqlens_k must be given together");
-
-  const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const Tensor dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
-
-  std::vector<Seq> seqs;
-  Tensor cu_q, cu_k;
-  if (cu_seqlens_q) {
-    TORCH_CHECK(B == 1, op, ": packed variable lengths need B == 1, got B = ", B);
-    cu_q = cu_seqlens_q->to(at::kInt).contiguous();
-    cu_k = cu_seqlens_k->to(at::kInt).contiguous();
-    TORCH_CHECK(cu_q.dim() == 1 && cu_q.numel() >= 1 && cu_k.sizes() == cu_q.sizes(), op,
-                ": cu_seqlens_q/k must be 1-D (N + 1,) of the same length");
-    const int32_t* cq = cu_q.data_ptr<int32_t>();
-    const int32_t* ck = cu_k.data_ptr<int32_t>();
-    for (int64_t n = 0; n + 1 < cu_q.numel(); ++n) {
-      TORCH_CHECK(0 <= cq[n] && cq[n] <= cq[n + 1] && cq[n + 1] <= Sq && 0 <= ck[n] && ck[n] <= ck[n + 1] &&
-                      ck[n + 1] <= Sk,
-                  op, ": cu_seqlens must be non-decreasing, start at 0 and stay within the sequence axis");
-      seqs.push_back({0, cq[n], cq[n + 1] - cq[n], ck[n], ck[n + 1] - ck[n]});
-    }
-  } else {
-    for (int64_t b = 0; b < B; ++b) seqs.push_back({b, 0, Sq, 0, Sk});
-  }
-  (void)max_seqlen_q;
-  (void)max_seqlen_k;
-
-  std::optional<Tensor> mask;
-  if (attn_mask) {
-    TORCH_CHECK(attn_mask->device().is_cpu(), op, ": attn_mask must be on the CPU");
-    TORCH_CHECK(attn_mask->dim() <= 4, op, ": attn_mask must broadcast to (B, H, Sq, Sk)");
-    mask = attn_mask->to(dtype).expand({B, H, Sq, Sk});
-  }
-  std::optional<Tensor> kpm;
-  if (key_padding_mask) {
-    TORCH_CHECK(key_padding_mask->sizes() == at::IntArrayRef({B, Sk}), op, ": key_padding_mask must be (B, Sk) = ",
-                at::IntArrayRef({B, Sk}), ", got ", key_padding_mask->sizes());
-    kpm = key_padding_mask->to(at::kBool);
-  }
-  const uint32_t threshold = static_cast<uint32_t>(
-      std::min<double>(std::floor(dropout_p * 4294967296.0), 4294967295.0));
-  const int64_t wr = fold_causal(causal, window_right);
-  const int64_t wl = window_left;
+  const int64_t wl = in.p.window_left, wr = in.p.window_right;
+  std::vector<SeqSpan> seqs;
+  for (int64_t n = 0; n < in.p.num_seqs; ++n) seqs.push_back(seq_span(in.p, n));
 
   const bool fast = active_isa() == Isa::avx512 && cpu_has_avx512_bf16() &&
                     (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
   if (!fast) {
-    return backward_portable(dout, q, k, v, out, lse, mask, kpm, seqs, scale, wl, wr, dropout_p, seed, threshold);
+    const std::optional<Tensor> mask = in.mask.defined() ? std::optional<Tensor>(in.mask) : std::nullopt;
+    return backward_portable(dout, q, k, v, out, lse, mask, key_padding_mask, seqs, scale, wl, wr, dropout_p, seed,
+                             in.p.dropout_threshold);
   }
 
   // Rows outside every packed sequence get no gradient; otherwise every row is written.
@@ -201,43 +153,20 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   Tensor dk = cu_seqlens_q ? at::zeros_like(k) : at::empty_like(k);
   Tensor dv = cu_seqlens_q ? at::zeros_like(v) : at::empty_like(v);
   if (q.numel() == 0 && k.numel() == 0) return {dq, dk, dv};
-  if (D == 0 || Dv == 0 || H == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  if (H == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
 
-  BackwardParams p{};
+  p.a = in.p;
   AttentionParams& a = p.a;
-  a.dtype = dtype == at::kFloat ? Dtype::f32 : dtype == at::kHalf ? Dtype::f16 : Dtype::bf16;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
+  a.dtype = dtype_of(op, q);
   a.out = const_cast<void*>(out.data_ptr());
   a.lse = const_cast<float*>(lse.data_ptr<float>());
-  strides3(q, a.q_stride);
-  strides3(k, a.k_stride);
-  strides3(v, a.v_stride);
-  strides3(out, a.out_stride);
-  a.B = B, a.H = H, a.Hkv = Hkv, a.Sq = Sq, a.Sk = Sk, a.D = D, a.Dv = Dv;
-  a.cu_seqlens_q = cu_seqlens_q ? cu_q.data_ptr<int32_t>() : nullptr;
-  a.cu_seqlens_k = cu_seqlens_q ? cu_k.data_ptr<int32_t>() : nullptr;
-  a.num_seqs = static_cast<int64_t>(seqs.size());
-  a.scale = static_cast<float>(scale);
-  a.window_left = wl;
-  a.window_right = wr;
-  a.attn_mask = mask ? mask->data_ptr() : nullptr;
-  if (mask) {
-    for (int i = 0; i < 4; ++i) a.mask_stride[i] = mask->stride(i);
-  }
-  a.key_padding_mask = kpm ? kpm->data_ptr<bool>() : nullptr;
-  if (kpm) a.kpm_stride[0] = kpm->stride(0), a.kpm_stride[1] = kpm->stride(1);
-  a.dropout = dropout_p > 0;
-  a.seed = static_cast<uint64_t>(seed);
-  a.dropout_threshold = threshold;
-  a.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  set_strides(a.out_stride, out);
   p.dout = dout.data_ptr();
-  strides3(dout, p.dout_stride);
+  set_strides(p.dout_stride, dout);
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  strides3(dq, p.dq_stride);
-  strides3(dk, p.dk_stride);
-  strides3(dv, p.dv_stride);
+  set_strides(p.dq_stride, dq);
+  set_strides(p.dk_stride, dk);
+  set_strides(p.dv_stride, dv);
   p.block_q = kBlockQ;
   p.block_k = kBlockK;
 
@@ -285,7 +214,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   };
   std::vector<Item> items;
   for (size_t n = 0; n < seqs.size(); ++n) {
-    const Seq& s = seqs[n];
+    const SeqSpan& s = seqs[n];
     const int64_t blocks = (s.sk + kBlockK - 1) / kBlockK, per = (blocks + p.chunks - 1) / p.chunks;
     for (int64_t c = 0; c < p.chunks; ++c) {
       int64_t cost = 0;
