@@ -56,7 +56,8 @@ bench norms "${BENCH_NORMS_S:-120}" ${NORMS_ARGS:---op layer_norm,rms_norm,add_l
 
 [ "${TEST_TRITON_S:-90}" -gt 0 ] || { say done; exit 0; }
 say "Triton tests on the GPU"
-timeout -k 5 "${TEST_TRITON_S:-90}" "$PY" -m pytest "$SRC/tests/ops" -k triton -q -p no:cacheprovider $parallel > "$OUT/tests-triton.log" 2>&1
+# (one tile entry per kernel: every entry runs in the gpu-marked test_attention_triton_tiles.py)
+FASTARCH_TRITON_AUTOTUNE=0 timeout -k 5 "${TEST_TRITON_S:-90}" "$PY" -m pytest "$SRC/tests/ops" -k triton -q -p no:cacheprovider $parallel > "$OUT/tests-triton.log" 2>&1
 echo "exit $?" >> "$OUT/tests-triton.log"
 tail -30 "$OUT/tests-triton.log" | tee -a "$LOG"
 say done

@@ -682,6 +682,14 @@ _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS
 INTERPRET_TILES = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32), "decode_n": 32}
 
 
+# FASTARCH_TRITON_AUTOTUNE=0: every kernel runs the first entry of its table for the head dim,
+# with no tuning runs (deterministic tiles, no first-call delay). FORCED_TILES[kernel name]
+# (an entry of its table) overrides both, for tests that run every entry; a kernel's
+# autotuner caches its choice per key, so clear its ``cache`` after changing it.
+AUTOTUNE = os.environ.get("FASTARCH_TRITON_AUTOTUNE", "1") != "0"
+FORCED_TILES: dict[str, tuple[int, ...]] = {}
+
+
 def _autotuned(kernel, table: dict[int, list[tuple[int, ...]]], tiles=("BLOCK_M", "BLOCK_N"), key=None):
     """kernel behind an autotuner over table's entries for its head dim (in the interpreter:
     kernel itself, its tiles given at launch). An entry is the values of ``tiles``, then
@@ -690,11 +698,15 @@ def _autotuned(kernel, table: dict[int, list[tuple[int, ...]]], tiles=("BLOCK_M"
         return kernel
     configs = {t: triton.Config(dict(zip(tiles, t)), num_warps=t[-2], num_stages=t[-1])
                for entries in table.values() for t in entries}
+    name = kernel.__name__
 
     def for_head_dim(_configs, named_args, **kwargs):
+        if name in FORCED_TILES:
+            return [configs[FORCED_TILES[name]]]
         args = {**named_args, **kwargs}
         d = max(args["BLOCK_D"], args["BLOCK_DV"])
-        return [configs[t] for t in table[64 if d <= 64 else 128 if d <= 128 else 256]]
+        entries = table[64 if d <= 64 else 128 if d <= 128 else 256]
+        return [configs[t] for t in (entries if AUTOTUNE else entries[:1])]
 
     return triton.autotune(list(configs.values()), key=key or _TUNING_KEY,
                            prune_configs_by={"early_config_prune": for_head_dim})(kernel)
