@@ -656,24 +656,27 @@ def _decode_combine_kernel(
 
 # GPU tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, for the autotuner to
 # choose from (keyed on the head dims, the features, the dtypes and a sequence-length bucket).
-# First guesses after the Triton tutorial and FlashAttention-2's tables; the H200 run of
-# 2026-11-26 (forward 383-467 TFLOP/s, causal backward at S 2048 slower than non-causal) added
-# the deeper 128 x 128 tiles (Hopper's wgmma wants M = 64 per warp group and long pipelines)
-# and smaller backward tiles for short causal bands.
+# First guesses after the Triton tutorial and FlashAttention-2's tables, then: the H200 run of
+# 2026-11-26 (forward 383-467 TFLOP/s; causal backward at S 2048 slower than non-causal) added
+# 128 x 128 forward tiles and deeper pipelines; and compiling every entry for sm_90 without a
+# GPU (bench/triton_resources.py --attention) showed that every dK/dV entry then in the table
+# spilled 40 to 1900 bytes of registers per thread, so the tables below hold entries that do
+# not spill there (causal, bf16, no masks or dropout), but for one measured dK/dV entry of D 128
+# (32, 128, 8, 2: 152 bytes).
 _FWD_CONFIGS = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4)],
-    256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4)],
+    256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
 }
 _DKDV_CONFIGS = {  # BLOCK_M queries per step, BLOCK_N keys per program
-    64: [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
-    128: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
-    256: [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 1)],
+    64: [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 128, 8, 3), (16, 64, 8, 3)],
+    128: [(16, 128, 8, 3), (16, 128, 8, 2), (16, 64, 8, 3), (32, 128, 8, 2)],
+    256: [(16, 32, 8, 2)],
 }
 _DQ_CONFIGS = {  # BLOCK_M queries per program, BLOCK_N keys per step
     64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
-    128: [(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
-    256: [(64, 32, 4, 2), (64, 64, 8, 1), (32, 64, 4, 2)],
+    128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
+    256: [(64, 32, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)],
 }
 _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "HAS_KPM", "DROPOUT",
                "seqlen_bucket"]
