@@ -543,7 +543,7 @@ def _decode_split_kernel(
     Q, K, V, SEQLENS, OUT, LSE, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    H, GROUP, seqlen_q, qk_scale, left, num_splits,
+    H, GROUP, seqlen_q, cache_len, qk_scale, left, num_splits,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, DIRECT: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -573,7 +573,7 @@ def _decode_split_kernel(
     if INTERPRET:
         q = q.to(tl.float32)
 
-    seqlen_k = tl.load(SEQLENS + b)
+    seqlen_k = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), cache_len)  # unchecked on a GPU: clamped
     diag = seqlen_k - seqlen_q
     lo = 0
     if HAS_LEFT:
@@ -902,7 +902,7 @@ def attention_decode(
     wrap_triton(_decode_kernel)[(row_tiles * num_splits, Hkv, B)](
         q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
-        H, group, Sq, scale * LOG2E, max(window_left, 0), num_splits,
+        H, group, Sq, S_max, scale * LOG2E, max(window_left, 0), num_splits,
         CAUSAL=causal, HAS_LEFT=window_left >= 0, DIRECT=direct, **dims, BLOCK_M=block_m, **tiles,
     )
     if not direct:

@@ -55,7 +55,8 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kThreads)
   const int sq = p.seqlen_q;
   const int row0 = group * kRows;  // rows r = (h - hk * heads_per_kv) * sq + i
   const int nrows = min(kRows, heads_per_kv * sq - row0);
-  const int n = p.cache_seqlens[b];
+  // Unchecked on the host (reading them would synchronize every decoding step): clamped.
+  const int n = min(max(p.cache_seqlens[b], 0), p.cache_len);
   const int off = n - sq;  // query i sits at cache position i + off
 
   // Keys the block's rows see, within this split.

@@ -196,7 +196,7 @@ def preamble(info: dict, rounds: int) -> str:
     threads = info["torch_threads"]
     where = f"GPU {info['gpu']}" if info["gpu"] else f"CPU {info['cpu']}, {threads} thread{'s' * (threads != 1)}"
     how = (
-        "median of triton.testing.do_bench"
+        "median of 7 interleaved rounds of ~30 ms back-to-back batches (CUDA events), per iteration"
         if info["gpu"]
         else f"median of {rounds} interleaved rounds of ~30 ms batches, per iteration"
     )

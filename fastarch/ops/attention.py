@@ -407,7 +407,10 @@ def _check_cache_seqlens(op: str, cache_seqlens: Tensor, batch: int, capacity: i
         )
     if cache_seqlens.device != device:
         raise ValueError(f"fastarch.{op}: cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
-    if not torch.compiler.is_compiling():
+    # The values are checked where that is free: reading a GPU tensor's values would make the
+    # host wait for the GPU at every decoding step. There the kernels clamp them to the cache
+    # (0 .. S_max) instead, so a wrong length cannot read outside it.
+    if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0 or hi > capacity:
             raise ValueError(f"fastarch.{op}: cache_seqlens must be between 0 and the cache's {capacity} slots, got {lo}..{hi}")
@@ -429,7 +432,8 @@ def attention_decode(
 
     q: (B, H, Sq_new, D); k_cache: (B, Hkv, S_max, D); v_cache: (B, Hkv, S_max, Dv);
     cache_seqlens: int32 (B,), how many cache slots of each sequence are filled (the new
-    tokens' keys included: append them first with append_kv). With causal (the default),
+    tokens' keys included: append them first with append_kv); checked to lie in 0 .. S_max on
+    the CPU, clamped to it by the GPU kernels (checking there would synchronize every step). With causal (the default),
     new token i of Sq_new sees the cache up to its own position; window: keys at most that far
     to its left. Returns out (B, H, Sq_new, Dv) (and lse (B, H, Sq_new) with return_lse).
     """

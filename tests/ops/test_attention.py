@@ -326,6 +326,23 @@ def test_decode_matches_reference(backend, device, d, new):
                 assert (lse[b : b + 1].double() - truth_lse).abs().max() <= lse_tol
 
 
+@pytest.mark.parametrize(
+    "backend,device", [row for row in _decode_backends() if row.values[1] == "cuda"] or [pytest.param("cuda", "cuda", marks=GPU)]
+)
+def test_decode_clamps_cache_seqlens_on_gpu(backend, device):
+    """On a GPU the values of cache_seqlens are not checked on the host (that would synchronize
+    every decoding step): the kernels clamp them to 0 .. S_max, reading nothing outside."""
+    g = torch.Generator().manual_seed(4)
+    k_cache, v_cache = (torch.randn(2, 2, 50, 64, generator=g).half().to(device) for _ in range(2))
+    q = torch.randn(2, 4, 1, 64, generator=g).half().to(device)
+    wild = ops.attention_decode(q, k_cache, v_cache, torch.tensor([60, -3], dtype=torch.int32, device=device),
+                                backend=backend)
+    clamped = ops.attention_decode(q, k_cache, v_cache, torch.tensor([50, 0], dtype=torch.int32, device=device),
+                                   backend=backend)
+    assert torch.equal(wild, clamped)
+    assert (clamped[1] == 0).all()  # a sequence with no keys gives zeros
+
+
 def test_append_kv_writes_in_place():
     k_cache, v_cache = torch.zeros(2, 2, 10, 4), torch.zeros(2, 2, 10, 4)
     k_new, v_new = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
