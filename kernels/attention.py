@@ -543,7 +543,7 @@ def _decode_split_kernel(
     Q, K, V, SEQLENS, OUT, LSE, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    H, GROUP, seqlen_q, cache_len, qk_scale, left, num_splits,
+    H, GROUP, seqlen_q, cache_len, qk_scale, left, num_splits, splits_bucket,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, DIRECT: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -551,7 +551,8 @@ def _decode_split_kernel(
     """One split of the cache of one sequence, for the GROUP * seqlen_q query rows (all the
     query heads of one key/value head, every new token) of a row tile: each cache block is
     read once for the whole group. Writes the split's normalized output and lse (log2 units),
-    or with DIRECT (a single split) the final out and lse."""
+    or with DIRECT (a single split) the final out and lse. (splits_bucket only keys the
+    autotuner: a power of two, so that a new batch size does not always tune anew.)"""
     split = tl.program_id(0)  # row_tile * num_splits + split
     hkv = tl.program_id(1)
     b = tl.program_id(2)
@@ -722,7 +723,7 @@ _DECODE_CONFIGS = {
     128: [(64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3)],
     256: [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 3)],
 }
-_DECODE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CAUSAL", "HAS_LEFT", "DIRECT", "num_splits"]
+_DECODE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "CAUSAL", "HAS_LEFT", "DIRECT", "splits_bucket"]
 
 
 _fwd_kernel = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS)
@@ -902,7 +903,7 @@ def attention_decode(
     wrap_triton(_decode_kernel)[(row_tiles * num_splits, Hkv, B)](
         q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
-        H, group, Sq, S_max, scale * LOG2E, max(window_left, 0), num_splits,
+        H, group, Sq, S_max, scale * LOG2E, max(window_left, 0), num_splits, triton.next_power_of_2(num_splits),
         CAUSAL=causal, HAS_LEFT=window_left >= 0, DIRECT=direct, **dims, BLOCK_M=block_m, **tiles,
     )
     if not direct:

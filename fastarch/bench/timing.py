@@ -200,7 +200,7 @@ def last_level_cache_bytes(device: str = "cpu") -> int:
     return max(sizes, default=DEFAULT_LLC_BYTES)
 
 
-def input_sets_needed(bytes_per_call: int, device: str, max_sets: int = 8) -> int:
+def input_sets_needed(bytes_per_call: int, device: str, max_sets: int = 32) -> int:
     """How many input sets to rotate through so that a call does not find its data in cache:
     enough that one pass over all of them touches twice the last-level cache (the L2 on CUDA)."""
     return max(1, min(max_sets, math.ceil(2 * last_level_cache_bytes(device) / max(bytes_per_call, 1))))

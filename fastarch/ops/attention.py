@@ -398,7 +398,9 @@ def _(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, backend=""
     return empty_out(q, v_cache), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
 
-def _check_cache_seqlens(op: str, cache_seqlens: Tensor, batch: int, capacity: int, device) -> None:
+def _check_cache_seqlens(
+    op: str, cache_seqlens: Tensor, batch: int, capacity: int, device, clamped_on_gpu: bool = True
+) -> None:
     _tensor(cache_seqlens, "cache_seqlens", op)
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(
@@ -407,13 +409,19 @@ def _check_cache_seqlens(op: str, cache_seqlens: Tensor, batch: int, capacity: i
         )
     if cache_seqlens.device != device:
         raise ValueError(f"fastarch.{op}: cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
-    # The values are checked where that is free: reading a GPU tensor's values would make the
-    # host wait for the GPU at every decoding step. There the kernels clamp them to the cache
-    # (0 .. S_max) instead, so a wrong length cannot read outside it.
-    if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+    # The values are checked on the host where that is free: reading a GPU tensor's values
+    # would make the host wait for the GPU at every decoding step. There the decode kernels
+    # clamp them to the cache (0 .. S_max) instead, so a wrong length cannot read outside it;
+    # what would write outside it (append_kv) asserts on the device, as PyTorch's indexing does.
+    if torch.compiler.is_compiling():
+        return
+    why = f"fastarch.{op}: cache_seqlens must be between 0 and the cache's {capacity} slots"
+    if cache_seqlens.device.type == "cpu":
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0 or hi > capacity:
-            raise ValueError(f"fastarch.{op}: cache_seqlens must be between 0 and the cache's {capacity} slots, got {lo}..{hi}")
+            raise ValueError(f"{why}, got {lo}..{hi}")
+    elif not clamped_on_gpu:
+        torch._assert_async(((cache_seqlens >= 0) & (cache_seqlens <= capacity)).all(), why)
 
 
 def attention_decode(
@@ -469,7 +477,8 @@ def _(k_cache, v_cache, k_new, v_new, cache_seqlens):
 def append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor) -> None:
     """Writes k_new, v_new (B, Hkv, S_new, D) into the caches (B, Hkv, S_max, D) in place, at
     slots cache_seqlens[b] .. cache_seqlens[b] + S_new of each sequence. The caller then adds
-    S_new to cache_seqlens."""
+    S_new to cache_seqlens. Slots outside the cache are an error: a ValueError for CPU tensors,
+    a device-side assert on a GPU (checked there without waiting for the GPU)."""
     op = "append_kv"
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         _tensor(t, name, op)
@@ -484,5 +493,6 @@ def append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, ca
             )
     if k_new.shape[2] != v_new.shape[2]:
         raise ValueError(f"fastarch.{op}: k_new and v_new must have the same length, got {k_new.shape[2]} and {v_new.shape[2]}")
-    _check_cache_seqlens(op, cache_seqlens, k_cache.shape[0], k_cache.shape[2] - k_new.shape[2], k_cache.device)
+    capacity = k_cache.shape[2] - k_new.shape[2]
+    _check_cache_seqlens(op, cache_seqlens, k_cache.shape[0], capacity, k_cache.device, clamped_on_gpu=False)
     _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)

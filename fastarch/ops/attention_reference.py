@@ -262,6 +262,7 @@ def attention_decode_ref(
     lse (B, H, Sq)."""
     outs, lses = [], []
     for b, n in enumerate(cache_seqlens.tolist()):
+        n = min(max(n, 0), k_cache.shape[2])  # as the GPU kernels, which do not check it
         o, l = attention_forward_ref(
             q[b : b + 1], k_cache[b : b + 1, :, :n], v_cache[b : b + 1, :, :n], None, None, None, None, causal, scale,
             window_left, -1, 0.0, None,

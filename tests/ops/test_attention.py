@@ -343,6 +343,21 @@ def test_decode_clamps_cache_seqlens_on_gpu(backend, device):
     assert (clamped[1] == 0).all()  # a sequence with no keys gives zeros
 
 
+def test_reference_decode_clamps_cache_seqlens_like_the_gpu_kernels():
+    """The reference backend also runs CUDA tensors (fp64, head dims above 256), whose
+    cache_seqlens values are not checked on the host: it clamps them as the kernels do."""
+    from fastarch.ops.attention_reference import attention_decode_ref
+
+    g = torch.Generator().manual_seed(6)
+    k_cache, v_cache = (torch.randn(2, 2, 50, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(2, 4, 1, 16, generator=g, dtype=torch.float64)
+    wild = attention_decode_ref(q, k_cache, v_cache, torch.tensor([60, -3], dtype=torch.int32), True, 0.25, -1)
+    clamped = attention_decode_ref(q, k_cache, v_cache, torch.tensor([50, 0], dtype=torch.int32), True, 0.25, -1)
+    for a, b in zip(wild, clamped):
+        assert torch.equal(a, b)
+    assert (clamped[0][1] == 0).all() and torch.isneginf(clamped[1][1]).all()
+
+
 def test_append_kv_writes_in_place():
     k_cache, v_cache = torch.zeros(2, 2, 10, 4), torch.zeros(2, 2, 10, 4)
     k_new, v_new = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
