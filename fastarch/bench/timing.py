@@ -90,10 +90,10 @@ def peak_memory(fn: Contender, device: str) -> float | None:
     bytes (None where it cannot be measured).
 
     CUDA: the caching allocator's peak. CPU: the growth of the process's resident set (its
-    high-water mark reset through /proc/self/clear_refs), which counts what malloc had to get
-    from the OS: allocations of 32 MiB and more (mmapped, see keep_freed_memory) fully, smaller
-    ones only where the heap had no freed blocks to recycle. So it shows what matters at long
-    sequences (a materialized score matrix of hundreds of MB), not a kernel's small buffers."""
+    high-water mark reset through /proc/self/clear_refs), after malloc has handed its free
+    memory back to the OS (malloc_trim): otherwise freed blocks that malloc keeps
+    (keep_freed_memory) serve the call's allocations, even ones of hundreds of MB, without the
+    resident set growing (a 128 MB temporary then measured 2 MB)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -102,10 +102,10 @@ def peak_memory(fn: Contender, device: str) -> float | None:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
     status = Path("/proc/self/status")
-    # Python's cycle collector, run during the call, could free garbage of earlier calls (a
-    # traceback holding big tensors) and shrink the resident set by more than the call grows
-    # it: collect first, and not during the call.
+    # Garbage first (its tensors' memory is then trimmed too), and no collection during the
+    # call: one could shrink the resident set while the call grows it.
     gc.collect()
+    _trim_malloc()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -118,6 +118,16 @@ def peak_memory(fn: Contender, device: str) -> float | None:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _trim_malloc() -> None:
+    """Returns glibc malloc's free memory (in every arena, the heap's inside too) to the OS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _status_kib(status: Path, key: str) -> int:
