@@ -6,7 +6,8 @@
 # bench-<family>.json per family.
 #   bash bench/gpu_suite.sh            # from the repository root
 # Each stage is time-boxed (seconds, overridable below) so that a lent GPU's short budget still
-# brings back the CUDA tests and the benchmarks; the stages run most valuable first.
+# brings back the CUDA tests and the benchmarks; the stages run most valuable first. With the
+# defaults the whole job fits one 600 s device call when the build takes its usual ~40 s.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -33,7 +34,7 @@ cd /tmp  # import the installed package, not the source tree
 parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 say "gpu-marked tests (the CUDA kernels)"
 # -v: each failure's name is in the log as it happens, even when the stage is cut short
-timeout -k 5 "${TEST_GPU_S:-120}" "$PY" -m pytest "$SRC/tests" -m gpu -v --tb=short -p no:cacheprovider $parallel \
+timeout -k 5 "${TEST_GPU_S:-130}" "$PY" -m pytest "$SRC/tests" -m gpu -v --tb=short -p no:cacheprovider $parallel \
   > "$OUT/tests-gpu.log" 2>&1
 echo "exit $?" >> "$OUT/tests-gpu.log"
 grep -E "FAILED|ERROR" "$OUT/tests-gpu.log" | head -40 | tee -a "$LOG"
@@ -48,16 +49,16 @@ bench() {  # bench NAME SECONDS ARGS...: one family's table into the log, its ro
 # attention: our two GPU backends against SDPA's flash, efficient and cuDNN kernels (FlexAttention's
 # compile per case costs more than a short lease allows: --no-compile; run it without for flex)
 # (each family's arguments can be replaced: ATTN_ARGS, DECODE_ARGS, NORMS_ARGS)
-bench attention "${BENCH_ATTN_S:-150}" ${ATTN_ARGS:---op attention,attention_causal --backend cuda,triton \
+bench attention "${BENCH_ATTN_S:-130}" ${ATTN_ARGS:---op attention,attention_causal --backend cuda,triton \
   --dtype bf16,fp16 --shapes 2x16x4096x128,1x16x16384x128,4x32x2048x64 --no-compile}
-bench decode "${BENCH_DECODE_S:-60}" ${DECODE_ARGS:---op attention_decode --backend cuda,triton --dtype bf16,fp16}
-bench norms "${BENCH_NORMS_S:-120}" ${NORMS_ARGS:---op layer_norm,rms_norm,add_layer_norm,add_rms_norm \
+bench decode "${BENCH_DECODE_S:-45}" ${DECODE_ARGS:---op attention_decode --backend cuda,triton --dtype bf16,fp16}
+bench norms "${BENCH_NORMS_S:-110}" ${NORMS_ARGS:---op layer_norm,rms_norm,add_layer_norm,add_rms_norm \
   --backend cuda,triton --dtype bf16,fp32 --shapes 16384x8192}
 
-[ "${TEST_TRITON_S:-90}" -gt 0 ] || { say done; exit 0; }
+[ "${TEST_TRITON_S:-75}" -gt 0 ] || { say done; exit 0; }
 say "Triton tests on the GPU"
 # (one tile entry per kernel: every entry runs in the gpu-marked test_attention_triton_tiles.py)
-FASTARCH_TRITON_AUTOTUNE=0 timeout -k 5 "${TEST_TRITON_S:-90}" "$PY" -m pytest "$SRC/tests/ops" -k triton -q -p no:cacheprovider $parallel > "$OUT/tests-triton.log" 2>&1
+FASTARCH_TRITON_AUTOTUNE=0 timeout -k 5 "${TEST_TRITON_S:-75}" "$PY" -m pytest "$SRC/tests/ops" -k triton -q -p no:cacheprovider $parallel > "$OUT/tests-triton.log" 2>&1
 echo "exit $?" >> "$OUT/tests-triton.log"
 tail -30 "$OUT/tests-triton.log" | tee -a "$LOG"
 say done
