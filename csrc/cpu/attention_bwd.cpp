@@ -140,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   std::vector<SeqSpan> seqs;
   for (int64_t n = 0; n < in.p.num_seqs; ++n) seqs.push_back(seq_span(in.p, n));
 
-  const bool fast = active_isa() == Isa::avx512 && cpu_has_avx512_bf16() &&
+  const bool fast = use_kernels() && cpu_has_avx512_bf16() &&
                     (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
   if (!fast) {
     const std::optional<Tensor> mask = in.mask.defined() ? std::optional<Tensor>(in.mask) : std::nullopt;

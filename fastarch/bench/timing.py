@@ -19,6 +19,7 @@ one), then times them side by side:
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import statistics
@@ -120,14 +121,22 @@ def peak_memory(fn: Contender, device: str) -> float | None:
             gc.enable()
 
 
-def _trim_malloc() -> None:
-    """Returns glibc malloc's free memory (in every arena, the heap's inside too) to the OS."""
+@functools.cache
+def _glibc():
+    """glibc through ctypes, or None where the C library is not glibc."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _trim_malloc() -> None:
+    """Returns glibc malloc's free memory (in every arena, the heap's inside too) to the OS."""
+    if _glibc() is not None:
+        _glibc().malloc_trim(0)
 
 
 def _status_kib(status: Path, key: str) -> int:
@@ -256,15 +265,12 @@ def keep_freed_memory() -> bool:
     allocations before it: the same kernel measured 1.3 ms or 19 ms per call. With this, every
     contender works in the steady state a caching allocator gives (as on CUDA), so the
     comparison is between kernels, not between allocation histories."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        # (mallopt takes a C int: 2**31 - 1 is the largest trim threshold it can say)
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc
+    libc = _glibc()
+    if libc is None:
         return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # (mallopt takes a C int: 2**31 - 1 is the largest trim threshold it can say)
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _seconds_of(fn: Contender) -> float:
