@@ -108,6 +108,21 @@ def requested_backend(explicit: str | None = None) -> str:
     return _forced[-1] if _forced else ""
 
 
+def device_reason(device: str, runs: str) -> str | None:
+    """The reason a backend that runs ``runs`` ("cpu" or "cuda") tensors cannot take a tensor
+    on ``device``, or None. For supports checks."""
+    if device == runs:
+        return None
+    return f"input is on {device}; this backend runs {'CPU' if runs == 'cpu' else 'CUDA'} tensors"
+
+
+def dtype_reason(dtype: Any, allowed: tuple) -> str | None:
+    """The reason a backend that takes the ``allowed`` dtypes cannot take ``dtype``, or None."""
+    if dtype in allowed:
+        return None
+    return f"dtype {dtype} is not supported (supported: {', '.join(str(d) for d in allowed)})"
+
+
 def why_not(b: Backend, problem: Any) -> str | None:
     """None if backend ``b`` can run ``problem``, else the reason."""
     return b.available() or b.supports(problem)

@@ -22,9 +22,10 @@ def report() -> str:
     if _extension.LOAD_ERROR:
         extension = _extension.LOAD_ERROR
     else:
+        cuda = f"compiled in for {build.get('cuda_archs')}" if build.get("cuda") else "not compiled"
         extension = (
-            f"loaded; CUDA kernels {'compiled in' if build.get('cuda') else 'not compiled'};"
-            f" CPU kernels use {build.get('cpu_isa')}"
+            f"loaded; CUDA kernels {cuda}; CPU kernels compiled: {', '.join(build.get('cpu_kernels', []))},"
+            f" running {build.get('cpu_isa')}"
         )
     env = os.environ.get("FASTARCH_BACKEND")
     lines = [

@@ -27,7 +27,7 @@ from torch import Tensor
 import fastarch
 from fastarch import registry
 from fastarch.bench.timing import Contender
-from fastarch.ops.attention_backends import AttentionProblem
+from fastarch.ops.attn.args import AttentionProblem
 
 OPS = ("attention", "attention_causal")
 DIFFERENTIABLE = set(OPS)
@@ -109,7 +109,7 @@ class Case:
 
     def backend_that_runs(self, requested: str) -> str:
         _, H, _, D = self.shape
-        problem = AttentionProblem(self.device, self.dtype, D, D, H, H, False, False, False, False, False)
+        problem = AttentionProblem(self.device, self.dtype, D, D, H, H)
         try:
             return registry.choose("attention", problem, registry.requested_backend(_forced(requested))).name
         except registry.NoBackendError:

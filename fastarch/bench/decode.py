@@ -21,7 +21,7 @@ from torch import Tensor
 import fastarch
 from fastarch import registry
 from fastarch.bench.timing import Contender, input_sets_needed
-from fastarch.ops.attention_backends import AttentionProblem
+from fastarch.ops.attn.args import AttentionProblem
 
 OPS = ("attention_decode",)
 DIFFERENTIABLE: set[str] = set()
@@ -57,7 +57,7 @@ class Case:
 
     def backend_that_runs(self, requested: str) -> str:
         _, H, _, D = self.shape
-        problem = AttentionProblem(self.device, self.dtype, D, D, H, H, False, False, False, False, False, decode=True)
+        problem = AttentionProblem(self.device, self.dtype, D, D, H, H, decode=True)
         try:
             return registry.choose("attention_decode", problem, registry.requested_backend(_forced(requested))).name
         except registry.NoBackendError:

@@ -31,7 +31,7 @@ from torch import Tensor
 import fastarch
 from fastarch import registry
 from fastarch.bench.timing import Contender, input_sets_needed
-from fastarch.ops.norms_backends import NormProblem
+from fastarch.ops.norms.backends import NormProblem
 
 EPS = 1e-5
 

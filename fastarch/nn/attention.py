@@ -14,10 +14,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     """Drop-in for torch.nn.MultiheadAttention.
 
     forward(..., need_weights=False) runs fastarch's fused attention and returns
-    (output, None). need_weights=True (torch's default), add_bias_kv and add_zero_attn take
-    torch's own path, which has the weights. Masks keep torch's conventions: key_padding_mask
-    True (or -inf) marks padding; a bool attn_mask is True where attention is NOT allowed.
-    One difference: a query whose keys are all masked gets zeros where torch gives NaN.
+    (output, None). need_weights=True — torch's default, so a plain ``mha(q, k, v)`` — must
+    return the attention weights, which a fused kernel never forms: that call, and
+    add_bias_kv / add_zero_attn, run torch's own code unchanged. Pass need_weights=False to
+    run fastarch. Masks keep torch's conventions: key_padding_mask True (or -inf) marks
+    padding; a bool attn_mask is True where attention is NOT allowed; is_causal is a hint that
+    attn_mask is the causal mask (without attn_mask it is an error, as in torch). One
+    difference: a query whose keys are all masked gets zeros where torch gives NaN.
     """
 
     def forward(
@@ -31,6 +34,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        if is_causal and attn_mask is None:
+            # torch's message: is_causal only says what attn_mask holds
+            raise RuntimeError(
+                "fastarch.nn.MultiheadAttention: need attn_mask if specifying the is_causal hint (as torch;"
+                " torch.nn.Transformer.generate_square_subsequent_mask makes it)"
+            )
         if need_weights or self.bias_k is not None or self.add_zero_attn:
             return super().forward(
                 query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,

@@ -1,11 +1,7 @@
-"""fastarch's public functional API. Each op picks its backend through fastarch.registry."""
+"""fastarch's public functional API, one package per op family (norms, attn). Each op picks
+its backend through fastarch.registry."""
 
-from fastarch.ops.attention import (
-    append_kv,
-    attention,
-    attention_decode,
-    scaled_dot_product_attention,
-)
+from fastarch.ops.attn import append_kv, attention, attention_decode, scaled_dot_product_attention
 from fastarch.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 __all__ = [

@@ -77,3 +77,29 @@ def test_gradients_flow():
     theirs(y, y, y, need_weights=False)[0].square().sum().backward()  # dropout 0: same function
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.in_proj_weight.grad, theirs.in_proj_weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_causal_hint_without_a_mask_is_an_error_as_in_torch(need_weights):
+    """is_causal only says what attn_mask holds; torch raises without one, and so do we (before
+    this check our module ran non-causal attention silently)."""
+    ours, theirs = pair(batch_first=True)
+    x = torch.randn(2, 6, 32)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        theirs(x, x, x, need_weights=need_weights, is_causal=True)
+    with pytest.raises(RuntimeError, match="need attn_mask if specifying the is_causal hint"):
+        ours(x, x, x, need_weights=need_weights, is_causal=True)
+
+
+def test_which_calls_reach_fastarch(monkeypatch):
+    """need_weights=False runs fastarch's attention; torch's default (need_weights=True) cannot,
+    since a fused kernel never forms the weights (the docstring says so)."""
+    calls = []
+    real = fastarch.ops.attention
+    monkeypatch.setattr(fastarch.ops, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ours, _ = pair(batch_first=True)
+    x = torch.randn(2, 6, 32)
+    ours(x, x, x)
+    assert calls == []
+    ours(x, x, x, need_weights=False)
+    assert calls == [1]

@@ -1,0 +1,258 @@
+// CPU implementation of fastarch::_attention_bwd: argument checks, BackwardParams from
+// tensors, the workspace, the threading of the three passes of attention_bwd.h, and a portable
+// path in ATen ops for CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa("generic")).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "attention_bwd.h"
+#include "attention_glue.h"
+#include "cpu/isa.h"
+
+namespace fastarch::cpu::attention {
+namespace {
+
+using at::Tensor;
+
+// Tile sizes (queries x keys): 64 x 64 keeps a tile's operands and its fp32 scores in L1/L2;
+// on the 2-core Zen 4 (bf16, B1 H12 S4096 D64, one thread) 64..128 in either measured within
+// the noise (the time is in the GEMM tiles, which run near the vdpbf16ps peak at K >= 64).
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+// Key-block chunks: (sequences x kv heads x chunks) should give at least kMinItems work items,
+// so that the threads stay busy (the B1 H12 goal shape: 12 items of one chunk); each chunk
+// beyond the first costs an fp32 dQ-sized buffer, hence at most kMaxChunks. The count depends
+// on the shapes only, so the sums (and results) are the same for any thread count. (The
+// alternative, a second pass over query blocks for dQ, would recompute S and dP: 7 tile
+// products instead of 5, where the whole dQ reduction here measures under 2% of the time.)
+constexpr int64_t kMinItems = 12;
+constexpr int64_t kMaxChunks = 4;
+
+Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// ----------------------------------------------------------------------------- portable path
+
+// attention_reference._mix32 on int64 tensors holding uint32 values.
+Tensor mix32(Tensor h) {
+  constexpr int64_t m = 0xFFFFFFFFll;
+  h = h.bitwise_xor(h.bitwise_right_shift(16));
+  h = h.mul(0x7FEB352Dll).bitwise_and(m);
+  h = h.bitwise_xor(h.bitwise_right_shift(15));
+  h = h.mul(0x4C7D19F3ll).bitwise_and(m);
+  return h.bitwise_xor(h.bitwise_right_shift(16));
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_portable(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                     const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                     const std::optional<Tensor>& mask, const std::optional<Tensor>& kpm,
+                                                     const std::vector<SeqSpan>& seqs, double scale, int64_t window_left,
+                                                     int64_t window_right, double dropout_p, int64_t seed,
+                                                     uint32_t threshold) {
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t H = q.size(1), Hkv = k.size(1), Sq = q.size(2), group = H / Hkv;
+  constexpr int64_t kRows = 256;  // queries per step: bounds the scores to kRows x Sk
+  constexpr int64_t m32 = 0xFFFFFFFFll;
+  Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
+  Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc));
+  Tensor dv = at::zeros(v.sizes(), v.options().dtype(acc));
+  const auto i64 = q.options().dtype(at::kLong);
+  for (const SeqSpan& s : seqs) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t hk = h / group;
+      const Tensor K = k[s.b][hk].narrow(0, s.k0, s.sk).to(acc), V = v[s.b][hk].narrow(0, s.k0, s.sk).to(acc);
+      const Tensor j = at::arange(s.sk, i64).unsqueeze(0);
+      for (int64_t start = 0; start < s.sq; start += kRows) {
+        const int64_t rows = std::min(kRows, s.sq - start), row0 = s.q0 + start;
+        const Tensor Q = q[s.b][h].narrow(0, row0, rows).to(acc);
+        const Tensor dO = dout[s.b][h].narrow(0, row0, rows).to(acc);
+        const Tensor O = out[s.b][h].narrow(0, row0, rows).to(acc);
+        Tensor S = Q.matmul(K.t()).mul_(scale);
+        if (mask) S.add_(mask->select(0, s.b).select(0, h).narrow(0, row0, rows).narrow(1, s.k0, s.sk).to(acc));
+        const Tensor diag = at::arange(start, start + rows, i64).unsqueeze(1) + (s.sk - s.sq);
+        Tensor ok = at::ones({rows, s.sk}, q.options().dtype(at::kBool));
+        if (window_right >= 0) ok.logical_and_(j <= diag + window_right);
+        if (window_left >= 0) ok.logical_and_(j >= diag - window_left);
+        if (kpm) ok.logical_and_(kpm->select(0, s.b).narrow(0, s.k0, s.sk).unsqueeze(0));
+        S.masked_fill_(ok.logical_not(), -std::numeric_limits<double>::infinity());
+        Tensor L = lse[s.b][h].narrow(0, row0, rows).to(acc).unsqueeze(1);
+        L = L.masked_fill(L.isneginf(), std::numeric_limits<double>::infinity());  // sees no key: P = 0
+        const Tensor P = (S - L).exp_();
+        Tensor dP = dO.matmul(V.t());
+        Tensor P_used = P;
+        if (dropout_p > 0) {
+          const Tensor hash_rows = (at::arange(row0, row0 + rows, i64) + (s.b * H + h) * Sq + seed).bitwise_and(m32);
+          const Tensor keep = mix32(mix32(hash_rows).unsqueeze(1).bitwise_xor(j + s.k0)) >= int64_t{threshold};
+          const double keep_scale = 1.0 / (1.0 - dropout_p);
+          P_used = at::where(keep, P * keep_scale, at::zeros_like(P));
+          dP = at::where(keep, dP * keep_scale, at::zeros_like(dP));
+        }
+        const Tensor delta = (dO * O).sum(-1, true);
+        const Tensor dS = P * (dP - delta);
+        dv[s.b][hk].narrow(0, s.k0, s.sk).add_(P_used.t().matmul(dO));
+        dk[s.b][hk].narrow(0, s.k0, s.sk).add_(dS.t().matmul(Q).mul_(scale));
+        dq[s.b][h].narrow(0, row0, rows).copy_(dS.matmul(K).mul_(scale));
+      }
+    }
+  }
+  auto laid_out = [](const Tensor& like, const Tensor& value) { return at::empty_like(like).copy_(value); };
+  return {laid_out(q, dq), laid_out(k, dk), laid_out(v, dv)};
+}
+
+// ----------------------------------------------------------------------------- the op
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
+    const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
+    const Tensor& lse_in, const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double scale, int64_t window_left, int64_t window_right, double dropout_p,
+    int64_t seed) {
+  const char* op = "fastarch::_attention_bwd (cpu)";
+  // q, k, v as the forward checks them (read in place when their last dims are contiguous).
+  const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  BackwardParams p{};
+  AttentionInputs in;
+  in.fill(op, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left,
+          window_right, dropout_p, seed);
+  (void)max_seqlen_q, (void)max_seqlen_k;  // the glue reads the offsets themselves
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": q must be a floating-point tensor, got ", dtype);
+  const int64_t B = in.p.B, H = in.p.H, Sq = in.p.Sq, D = in.p.D, Hkv = in.p.Hkv, Dv = in.p.Dv;
+  for (const auto& [name, t] : {std::pair{"dout", &dout_in}, {"out", &out_in}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype, op, ": ", name, " must be a CPU tensor of q's dtype ",
+                dtype, ", got ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({B, H, Sq, Dv}), op, ": ", name, " must be (B, H, Sq, Dv) = ",
+                at::IntArrayRef({B, H, Sq, Dv}), ", got ", t->sizes());
+  }
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Sq}), op, ": lse must be (B, H, Sq) = ",
+              at::IntArrayRef({B, H, Sq}), ", got ", lse_in.sizes());
+  const Tensor dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
+  const Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const int64_t wl = in.p.window_left, wr = in.p.window_right;
+  std::vector<SeqSpan> seqs;
+  for (int64_t n = 0; n < in.p.num_seqs; ++n) seqs.push_back(seq_span(in.p, n));
+
+  const bool fast = use_kernels() && cpu_has_avx512_bf16() &&
+                    (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
+  if (!fast) {
+    const std::optional<Tensor> mask = in.mask.defined() ? std::optional<Tensor>(in.mask) : std::nullopt;
+    return backward_portable(dout, q, k, v, out, lse, mask, key_padding_mask, seqs, scale, wl, wr, dropout_p, seed,
+                             in.p.dropout_threshold);
+  }
+
+  // Rows outside every packed sequence get no gradient; otherwise every row is written.
+  Tensor dq = cu_seqlens_q ? at::zeros_like(q) : at::empty_like(q);
+  Tensor dk = cu_seqlens_q ? at::zeros_like(k) : at::empty_like(k);
+  Tensor dv = cu_seqlens_q ? at::zeros_like(v) : at::empty_like(v);
+  if (q.numel() == 0 && k.numel() == 0) return {dq, dk, dv};
+  if (H == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+
+  p.a = in.p;
+  AttentionParams& a = p.a;
+  a.dtype = dtype_of(op, q);
+  a.out = const_cast<void*>(out.data_ptr());
+  a.lse = const_cast<float*>(lse.data_ptr<float>());
+  set_strides(a.out_stride, out);
+  p.dout = dout.data_ptr();
+  set_strides(p.dout_stride, dout);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  set_strides(p.dq_stride, dq);
+  set_strides(p.dk_stride, dk);
+  set_strides(p.dv_stride, dv);
+  p.block_q = kBlockQ;
+  p.block_k = kBlockK;
+
+  // Query blocks of every sequence, and their padded rows.
+  std::vector<int64_t> seq_rows(seqs.size());
+  std::vector<std::pair<int64_t, int64_t>> qblocks;  // (sequence, block)
+  int64_t rows = 0, max_key_blocks = 1;
+  for (size_t n = 0; n < seqs.size(); ++n) {
+    seq_rows[n] = rows;
+    for (int64_t t = 0; t * kBlockQ < seqs[n].sq; ++t) {
+      qblocks.emplace_back(n, t);
+      rows += bwd_round_up(std::min(kBlockQ, seqs[n].sq - t * kBlockQ), 16);
+    }
+    max_key_blocks = std::max(max_key_blocks, (seqs[n].sk + kBlockK - 1) / kBlockK);
+  }
+  p.seq_rows = seq_rows.data();
+  p.rows_total = rows;
+  const int64_t items_per_chunk = static_cast<int64_t>(seqs.size()) * Hkv;
+  p.chunks = std::clamp<int64_t>((kMinItems + items_per_chunk - 1) / std::max<int64_t>(items_per_chunk, 1), 1,
+                                 std::min(kMaxChunks, max_key_blocks));
+
+  const bool bf16 = a.dtype == Dtype::bf16;
+  const auto bytes = [&](int64_t width) { return H * rows * width * (bf16 ? 2 : 4); };
+  const auto u8 = q.options().dtype(at::kByte);
+  const Tensor q_t = at::empty({bytes(bwd_d_even(p))}, u8), q_n = at::empty({bytes(bwd_d16(p))}, u8);
+  const Tensor do_t = at::empty({bytes(bwd_dv_even(p))}, u8), do_n = at::empty({bytes(bwd_dv16(p))}, u8);
+  const Tensor delta = at::empty({H * rows}, q.options().dtype(at::kFloat));
+  const Tensor lse_w = at::empty({H * rows}, q.options().dtype(at::kFloat));
+  const Tensor dq_t = at::zeros({p.chunks * H * rows * D}, q.options().dtype(at::kFloat));
+  p.q_t = q_t.data_ptr(), p.q_n = q_n.data_ptr(), p.do_t = do_t.data_ptr(), p.do_n = do_n.data_ptr();
+  p.delta = delta.data_ptr<float>(), p.lse = lse_w.data_ptr<float>(), p.dq_t = dq_t.data_ptr<float>();
+
+  const int64_t num_qblocks = static_cast<int64_t>(qblocks.size());
+  at::parallel_for(0, H * num_qblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [n, t] = qblocks[i % num_qblocks];
+      bwd_prepare_block(p, i / num_qblocks, n, t);
+    }
+  });
+
+  // Pass 2: work items (sequence, kv head, chunk), costliest first, pulled by the threads
+  // (their costs differ with causal masks and variable lengths).
+  struct Item {
+    int64_t n, hk, chunk, cost;
+  };
+  std::vector<Item> items;
+  for (size_t n = 0; n < seqs.size(); ++n) {
+    const SeqSpan& s = seqs[n];
+    const int64_t blocks = (s.sk + kBlockK - 1) / kBlockK, per = (blocks + p.chunks - 1) / p.chunks;
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      int64_t cost = 0;
+      for (int64_t kb = c * per; kb < std::min(blocks, (c + 1) * per); ++kb) {
+        const int64_t j0 = kb * kBlockK, j1 = std::min(s.sk, j0 + kBlockK), d0 = s.sk - s.sq;
+        const int64_t i0 = wr >= 0 ? std::max<int64_t>(0, j0 - d0 - wr) : 0;
+        const int64_t i1 = wl >= 0 ? std::min(s.sq, j1 - d0 + wl) : s.sq;
+        cost += kBlockQ + std::max<int64_t>(0, i1 - i0) * (H / Hkv);
+      }
+      if (cost == 0) continue;
+      for (int64_t hk = 0; hk < Hkv; ++hk) items.push_back({static_cast<int64_t>(n), hk, c, cost});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
+  const int64_t ws_floats = bwd_workspace_floats(p);
+  const Tensor workspace = at::empty({threads * ws_floats}, q.options().dtype(at::kFloat));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      float* ws = workspace.data_ptr<float>() + slot * ws_floats;
+      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
+        bwd_key_chunk(p, items[i].n, items[i].hk, items[i].chunk, ws);
+      }
+    }
+  });
+
+  at::parallel_for(0, H * num_qblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [n, t] = qblocks[i % num_qblocks];
+      bwd_finish_block(p, i / num_qblocks, n, t);
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) { m.impl("_attention_bwd", &attention_bwd_cpu); }
+
+}  // namespace fastarch::cpu::attention

@@ -1,0 +1,196 @@
+// CPU implementation of fastarch::_attention_fwd and fastarch::_attention_decode: argument
+// checks, allocation, the work plan, and torch's thread pool (at::parallel_for) around the
+// AVX-512 kernels of attention_fwd_avx512.cpp / attention_decode_avx512.cpp. (The backward,
+// fastarch::_attention_bwd, registers in its own translation unit.)
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "attention_common.h"
+#include "attention_glue.h"
+#include "attention_kernels.h"
+#include "cpu/isa.h"
+
+namespace fastarch::cpu::attention {
+namespace {
+
+using at::Tensor;
+
+// ----------------------------------------------------------------------------- forward
+
+std::tuple<Tensor, Tensor> attention_fwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& cu_seqlens_q,
+    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
+    int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
+  const char* who = "fastarch::_attention_fwd (cpu)";
+  AttentionInputs in;
+  in.fill(who, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left,
+          window_right, dropout_p, seed);
+  const Dtype dtype = dtype_of(who, q);
+  check_isa(who, dtype);
+  (void)max_seqlen_q, (void)max_seqlen_k;  // the glue reads the offsets themselves
+  AttentionParams& p = in.p;
+  p.dtype = dtype;
+  const int64_t B = p.B, H = p.H, Sq = p.Sq, D = p.D, Hkv = p.Hkv, Dv = p.Dv;
+
+  Tensor out = make_out(q, Dv);
+  Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  set_strides(p.out_stride, out);
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+
+  // Packing of K and V: one block per (sequence, kv head, key block of kFwdBlockN keys).
+  FwdPacking pk{};
+  pk.bf16_gemm = dtype == Dtype::bf16;
+  pk.d_pad = pk.bf16_gemm ? (D + 1) / 2 * 2 : D;
+  pk.dv_pad = (Dv + 15) / 16 * 16;
+  pk.k_block_elems = pk.d_pad * kFwdBlockN;
+  pk.v_block_elems = kFwdBlockN * pk.dv_pad;
+  std::vector<int64_t> seq_block0(p.num_seqs + 1, 0);
+  std::vector<FwdTask> tasks;
+  std::vector<int64_t> cost;
+  for (int64_t n = 0; n < p.num_seqs; ++n) {
+    const SeqSpan s = seq_span(p, n);
+    seq_block0[n + 1] = seq_block0[n] + (s.sk + kFwdBlockN - 1) / kFwdBlockN;
+    for (int64_t qb = 0; qb * kFwdBlockM < s.sq; ++qb) {
+      const int64_t i0 = qb * kFwdBlockM, i1 = std::min(s.sq, i0 + kFwdBlockM);
+      const KeyRange first = visible_keys(p, s, i0), last = visible_keys(p, s, i1 - 1);
+      const int64_t blocks = last.hi > first.lo ? (last.hi + kFwdBlockN - 1) / kFwdBlockN - first.lo / kFwdBlockN : 0;
+      for (int64_t h = 0; h < H; ++h) {
+        tasks.push_back({static_cast<int32_t>(n), static_cast<int32_t>(h), static_cast<int32_t>(qb)});
+        cost.push_back(blocks * 4 + 1);  // a block of keys against the fixed cost of a task
+      }
+    }
+  }
+  // Longest first, taken dynamically: the threads finish together even when causal masks
+  // make the tasks' costs differ by the sequence length.
+  std::vector<int64_t> order(tasks.size());
+  for (size_t t = 0; t < order.size(); ++t) order[t] = static_cast<int64_t>(t);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::vector<FwdTask> sorted(tasks.size());
+  for (size_t t = 0; t < order.size(); ++t) sorted[t] = tasks[order[t]];
+
+  const int64_t num_blocks = seq_block0.back() * Hkv;
+  const int64_t block_bytes = (pk.k_block_elems + pk.v_block_elems) * fwd_element_bytes(pk);
+  Tensor packed_kv = at::empty({std::max<int64_t>(num_blocks * block_bytes, 1)}, q.options().dtype(at::kByte));
+  std::vector<int32_t> block_state(num_blocks, 0);
+  pk.seq_block0 = seq_block0.data();
+  pk.packed = packed_kv.data_ptr();
+  pk.block_state = block_state.data();
+
+  const int64_t num_tasks = static_cast<int64_t>(sorted.size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  const int64_t scratch_bytes = fwd_scratch_bytes(p, pk);
+  Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
+  int64_t next = 0;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      fwd_run_avx512(p, pk, sorted.data(), num_tasks, &next, static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
+  });
+  return {out, lse};
+}
+
+// ----------------------------------------------------------------------------- decode
+
+std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                                const Tensor& cache_seqlens, bool causal, double scale,
+                                                int64_t window_left) {
+  const char* who = "fastarch::_attention_decode (cpu)";
+  check_4d(who, q, "q", q);
+  check_4d(who, k_cache, "k_cache", q);
+  check_4d(who, v_cache, "v_cache", q);
+  const Dtype dtype = dtype_of(who, q);
+  check_isa(who, dtype);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2), Dv = v_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, who,
+              ": q, k_cache and v_cache must have the same batch size, got ", B, ", ", k_cache.size(0), ", ",
+              v_cache.size(0));
+  TORCH_CHECK(v_cache.size(1) == Hkv && v_cache.size(2) == S_max, who,
+              ": k_cache and v_cache must have the same heads and slots, got shapes ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, who, ": q's ", H, " heads must be a multiple of the caches' ", Hkv, " heads");
+  TORCH_CHECK(k_cache.size(3) == D, who, ": q and k_cache must have the same head dim, got ", D, " and ",
+              k_cache.size(3));
+  TORCH_CHECK(std::isfinite(scale), who, ": scale must be finite, got ", scale);
+  TORCH_CHECK(window_left >= -1, who, ": window_left must be >= 0 or -1, got ", window_left);
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  cache_seqlens.device().is_cpu(),
+              who, ": cache_seqlens must be an int32 CPU tensor of shape (batch,) = (", B, ",), got ",
+              cache_seqlens.scalar_type(), " of shape ", cache_seqlens.sizes(), " on ", cache_seqlens.device());
+  const Tensor seqlens = cache_seqlens.contiguous();
+  const int32_t* lens = seqlens.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= S_max, who, ": cache_seqlens must be between 0 and the cache's ", S_max,
+                " slots, got ", lens[b], " for sequence ", b);
+    max_len = std::max<int64_t>(max_len, lens[b]);
+  }
+
+  DecodeParams p{};
+  p.dtype = dtype;
+  p.q = q.data_ptr(), p.k_cache = k_cache.data_ptr(), p.v_cache = v_cache.data_ptr();
+  set_strides(p.q_stride, q), set_strides(p.k_stride, k_cache), set_strides(p.v_stride, v_cache);
+  p.B = B, p.H = H, p.Hkv = Hkv, p.Sq = Sq, p.S_max = S_max, p.D = D, p.Dv = Dv;
+  p.cache_seqlens = lens;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.window_left = window_left;
+  Tensor out = make_out(q, Dv);
+  Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  set_strides(p.out_stride, out);
+  if (lse.numel() == 0) return {out, lse};
+
+  // Chunks of the caches: long enough to stream (and to keep the partials few), short enough
+  // that there are at least kMinItems (several per thread) even for one sequence and one kv
+  // head. Not a function of the thread count, so the result does not depend on it.
+  constexpr int64_t kMinItems = 32;
+  const int64_t threads = at::get_num_threads();
+  int64_t chunk_len = 1024;
+  while (chunk_len > 64 && B * Hkv * ((max_len + chunk_len - 1) / chunk_len) < kMinItems) chunk_len /= 2;
+  const int64_t chunks = std::max<int64_t>(1, (max_len + chunk_len - 1) / chunk_len);
+  const int64_t items = B * Hkv * chunks;
+  Tensor partials = at::empty({items * decode_item_floats(p)}, q.options().dtype(at::kFloat));
+  const int64_t scratch_bytes = decode_scratch_bytes(p);
+  Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
+  // One parallel region: items are taken dynamically (on a shared machine a thread that loses
+  // its core leaves its share to the others), and whichever thread completes the last chunk of
+  // a (b, kv head) combines its partials, so no barrier separates the two steps.
+  std::atomic<int64_t> next{0};
+  std::vector<std::atomic<int64_t>> done(B * Hkv);
+  for (auto& d : done) d.store(0, std::memory_order_relaxed);
+  float* part = partials.data_ptr<float>();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      void* own = static_cast<char*>(scratch.data_ptr()) + w * scratch_bytes;
+      for (int64_t t = next++; t < items; t = next++) {
+        decode_chunks_avx512(p, chunk_len, chunks, t, t + 1, part, own);
+        const int64_t bh = t / chunks;
+        if (done[bh].fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) decode_combine_avx512(p, chunks, bh, bh + 1, part);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace fastarch::cpu::attention
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
+  m.impl("_attention_fwd", &fastarch::cpu::attention::attention_fwd_cpu);
+  m.impl("_attention_decode", &fastarch::cpu::attention::attention_decode_cpu);
+}

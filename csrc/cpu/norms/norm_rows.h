@@ -1,0 +1,36 @@
+// Row kernels of the CPU norms: each processes rows [begin, end) of one problem. Two builds of
+// the same algorithm: AVX-512 (picked at run time when the CPU has it) and portable C++.
+#pragma once
+#include <cstdint>
+
+#include "norms/norm_params.h"
+
+namespace fastarch::cpu {
+
+enum class Dtype { f32, f64, f16, bf16 };
+
+// dweight_acc / dbias_acc: this thread's (cols,) accumulators in the statistics dtype, added
+// into; null when that gradient is not wanted.
+template <Dtype D>
+void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end);
+template <Dtype D>
+void norm_backward_rows_generic(
+    const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc);
+
+// What the AVX-512 build needs beyond the params.
+struct Avx512RowArgs {
+  const float* weight;  // fp32 copies of weight and bias (the tensors themselves for fp32); null if absent
+  const float* bias;
+  float* scratch;  // this thread's fp32 scratch, 2 * cols values
+  bool stream;     // write outputs with streaming stores: cols % 16 == 0, outputs aligned to 16 elements
+  bool bf16_instructions;  // the CPU has AVX512-BF16 (one instruction rounds fp32 to bf16)
+};
+
+template <Dtype D>
+void norm_forward_rows_avx512(const NormForwardParams& p, int64_t begin, int64_t end, const Avx512RowArgs& a);
+template <Dtype D>
+void norm_backward_rows_avx512(
+    const NormBackwardParams& p, int64_t begin, int64_t end, float* dweight_acc, float* dbias_acc,
+    const Avx512RowArgs& a);
+
+}  // namespace fastarch::cpu

@@ -1,0 +1,364 @@
+"""The norms' public functions: layer_norm, rms_norm, and the pre-norm fused residual variants
+add_layer_norm / add_rms_norm. All normalize over the last dimension.
+
+Each is a torch op in the ``fastarch`` namespace (``torch.ops.fastarch.layer_norm``, ...)
+with a fake implementation and autograd, so it runs in eager mode and inside
+``torch.compile(fullgraph=True)``. The op's implementation asks the registry for a backend
+(cuda, cpu, triton, reference) and runs it; the gradient is one more op,
+``fastarch::norm_backward``, dispatched the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastarch import registry
+from fastarch.ops.norms.backends import NormProblem
+from fastarch.ops.norms.reference import stats_dtype
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_inputs(
+    op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> None:
+    """Raises a ValueError/TypeError naming the bad argument and what was expected. Run by the
+    public functions (before torch's own argument parsing) and again inside the ops (for
+    direct torch.ops.fastarch calls) and their fake implementations (for torch.compile)."""
+    _check_tensor(x, "x")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fastarch.{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"fastarch.{op}: x must have at least 1 dimension (..., hidden), got a 0-d tensor")
+    n = x.shape[-1]
+    if n < 1:
+        raise ValueError(f"fastarch.{op}: x's last dimension (the normalized size) must be at least 1, got shape {tuple(x.shape)}")
+    others = {"residual": residual, "weight": weight, "bias": bias}
+    for name, t in others.items():
+        if t is None:
+            continue
+        _check_tensor(t, name)
+        expected = tuple(x.shape) if name == "residual" else (n,)
+        if tuple(t.shape) != expected:
+            what = "x's shape" if name == "residual" else "x's last dimension"
+            raise ValueError(f"fastarch.{op}: {name} must have shape {expected} to match {what}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"fastarch.{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"fastarch.{op}: {name} must be on x's device {x.device}, got {t.device}")
+    check_eps(op, eps)
+
+
+def check_eps(op: str, eps: object) -> None:
+    """eps: a finite float >= 0. A symbolic float (torch.compile with dynamic=True traces
+    Python floats as SymFloats) has no value to check while tracing; it is checked when the
+    compiled code runs the op eagerly (the custom op's own checks)."""
+    if isinstance(eps, torch.SymFloat):
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"fastarch.{op}: eps must be a float, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"fastarch.{op}: eps must be finite and >= 0, got {eps}")
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """t as a 2-D (rows, cols) tensor with contiguous columns; a view when strides allow."""
+    n = t.shape[-1]
+    if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
+        return t
+    try:
+        rows = t.view(-1, n)
+    except RuntimeError:  # leading dims not collapsible
+        rows = t.reshape(-1, n)
+    if n > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _vector(t: Tensor | None) -> Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _forward(
+    op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    _check_inputs(op, x, residual, weight, bias, eps)
+    x2 = _as_rows(x)
+    impl = registry.choose(op, NormProblem.of(x2), backend)
+    y, residual_out, mean, rstd = impl.forward(
+        x2, _as_rows(residual) if residual is not None else None, _vector(weight), _vector(bias), float(eps), rms
+    )
+    if x.dim() == 2:
+        return y, residual_out, mean, rstd
+    lead = x.shape[:-1]
+    return (
+        y.view(x.shape),
+        residual_out.view(x.shape) if residual_out is not None else None,
+        mean.view(lead) if mean is not None else None,
+        rstd.view(lead),
+    )
+
+
+def _fake_forward(
+    op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_inputs(op, x, residual, weight, bias, eps)
+    stats = x.new_empty(x.shape[:-1], dtype=stats_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats
+
+
+@torch.library.custom_op("fastarch::norm_backward", mutates_args=())
+def _norm_backward(
+    dy: Tensor,
+    dresidual_out: Tensor | None,
+    xin: Tensor,
+    weight: Tensor | None,
+    mean: Tensor | None,
+    rstd: Tensor,
+    need_dweight: bool,
+    need_dbias: bool,
+    backend: str = "",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of every norm op: dx, dweight, dbias (empty when not wanted).
+    xin: the normalization's input (..., N); RMSNorm when mean is None."""
+    op = "rms_norm" if mean is None else "layer_norm"
+    x2 = _as_rows(xin)
+    impl = registry.choose(op, NormProblem.of(x2), backend)
+    rows = x2.shape[0]
+    dx, dweight, dbias = impl.backward(
+        _as_rows(dy),
+        _as_rows(dresidual_out) if dresidual_out is not None else None,
+        x2,
+        _vector(weight),
+        mean.reshape(rows).contiguous() if mean is not None else None,
+        rstd.reshape(rows).contiguous(),
+        need_dweight,
+        need_dbias,
+    )
+    return (
+        dx.view(xin.shape),
+        dweight if dweight is not None else xin.new_empty(0),
+        dbias if dbias is not None else xin.new_empty(0),
+    )
+
+
+@_norm_backward.register_fake
+def _(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias, backend=""):
+    n = xin.shape[-1]
+    return xin.new_empty(xin.shape), xin.new_empty(n if need_dweight else 0), xin.new_empty(n if need_dbias else 0)
+
+
+def _grads(ctx, dy: Tensor, dresidual_out: Tensor | None, weight_index: int, bias_index: int | None):
+    """Runs norm_backward for an op whose saved tensors are (xin, weight, mean, rstd)."""
+    xin, weight, mean, rstd = ctx.saved_tensors
+    need_dweight = weight is not None and ctx.needs_input_grad[weight_index]
+    need_dbias = bias_index is not None and ctx.has_bias and ctx.needs_input_grad[bias_index]
+    dx, dweight, dbias = _norm_backward(
+        dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias, ctx.backend
+    )
+    return dx, dweight if need_dweight else None, dbias if need_dbias else None
+
+
+# ----------------------------------------------------------------------------- layer_norm
+
+
+@torch.library.custom_op("fastarch::layer_norm", mutates_args=())
+def _layer_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = ""
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, _, mean, rstd = _forward("layer_norm", x, None, weight, bias, eps, False, backend)
+    return y, mean, rstd
+
+
+@_layer_norm.register_fake
+def _(x, weight, bias, eps, backend=""):
+    y, _, stats = _fake_forward("layer_norm", x, None, weight, bias, eps)
+    return y, stats, stats.new_empty(stats.shape)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, _, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _layer_norm_backward(ctx, dy, dmean, drstd):
+    dx, dweight, dbias = _grads(ctx, dy, None, 1, 2)
+    return dx, dweight, dbias, None, None
+
+
+_layer_norm.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+def layer_norm(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, *, backend: str | None = None
+) -> Tensor:
+    """LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias.
+
+    x: (..., N) float32/float16/bfloat16 (float64 on cpu and reference); weight, bias: (N,) or
+    None; statistics in fp32. backend: force "cuda", "cpu", "triton" or "reference" (default:
+    the innermost ``fastarch.backend(...)`` block, FASTARCH_BACKEND, else the fastest able).
+    Returns y: (..., N), contiguous, x's dtype.
+    """
+    _check_inputs("layer_norm", x, None, weight, bias, eps)
+    return _layer_norm(x, weight, bias, eps, registry.requested_backend(backend))[0]
+
+
+# ----------------------------------------------------------------------------- rms_norm
+
+
+@torch.library.custom_op("fastarch::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Tensor | None, eps: float, backend: str = "") -> tuple[Tensor, Tensor]:
+    y, _, _, rstd = _forward("rms_norm", x, None, weight, None, eps, True, backend)
+    return y, rstd
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps, backend=""):
+    y, _, stats = _fake_forward("rms_norm", x, None, weight, None, eps)
+    return y, stats
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _, backend = inputs
+    ctx.save_for_backward(x, weight, None, output[1])
+    ctx.has_bias, ctx.backend = False, backend
+
+
+def _rms_norm_backward(ctx, dy, drstd):
+    dx, dweight, _ = _grads(ctx, dy, None, 1, None)
+    return dx, dweight, None, None
+
+
+_rms_norm.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def _default_rms_eps(x: Tensor, eps: float | None) -> float:
+    # torch.nn.functional.rms_norm's default: the machine epsilon of x's dtype
+    if eps is None:
+        return torch.finfo(x.dtype).eps if isinstance(x, Tensor) and x.is_floating_point() else 0.0
+    return eps
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, *, backend: str | None = None) -> Tensor:
+    """RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight.
+
+    x: (..., N); weight: (N,) or None; eps: default torch.finfo(x.dtype).eps as in
+    torch.nn.functional.rms_norm. Returns y: (..., N). backend: as in layer_norm.
+    """
+    eps = _default_rms_eps(x, eps)
+    _check_inputs("rms_norm", x, None, weight, None, eps)
+    return _rms_norm(x, weight, eps, registry.requested_backend(backend))[0]
+
+
+# ----------------------------------------------------------------------------- add_layer_norm
+
+
+@torch.library.custom_op("fastarch::add_layer_norm", mutates_args=())
+def _add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = ""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, residual_out, mean, rstd = _forward("add_layer_norm", x, residual, weight, bias, eps, False, backend)
+    return y, residual_out, mean, rstd
+
+
+@_add_layer_norm.register_fake
+def _(x, residual, weight, bias, eps, backend=""):
+    y, residual_out, stats = _fake_forward("add_layer_norm", x, residual, weight, bias, eps)
+    return y, residual_out, stats, stats.new_empty(stats.shape)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    _, _, weight, bias, _, backend = inputs
+    _, residual_out, mean, rstd = output
+    ctx.save_for_backward(residual_out, weight, mean, rstd)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _add_layer_norm_backward(ctx, dy, dresidual_out, dmean, drstd):
+    dx, dweight, dbias = _grads(ctx, dy, dresidual_out, 2, 3)
+    return dx, dx, dweight, dbias, None, None  # residual_out = x + residual: same gradient
+
+
+_add_layer_norm.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The pre-norm transformer's fused residual: s = x + residual, then LayerNorm of s.
+
+    x, residual: (..., N), same dtype; weight, bias: (N,) or None. Returns (y, s), both
+    (..., N); s is rounded to x's dtype before it is normalized, exactly as
+    ``layer_norm(x + residual)`` would see it. backend: as in layer_norm.
+    """
+    _check_inputs("add_layer_norm", x, residual, weight, bias, eps)
+    y, s, _, _ = _add_layer_norm(x, residual, weight, bias, eps, registry.requested_backend(backend))
+    return y, s
+
+
+# ----------------------------------------------------------------------------- add_rms_norm
+
+
+@torch.library.custom_op("fastarch::add_rms_norm", mutates_args=())
+def _add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, backend: str = ""
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, residual_out, _, rstd = _forward("add_rms_norm", x, residual, weight, None, eps, True, backend)
+    return y, residual_out, rstd
+
+
+@_add_rms_norm.register_fake
+def _(x, residual, weight, eps, backend=""):
+    return _fake_forward("add_rms_norm", x, residual, weight, None, eps)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    _, _, weight, _, backend = inputs
+    _, residual_out, rstd = output
+    ctx.save_for_backward(residual_out, weight, None, rstd)
+    ctx.has_bias, ctx.backend = False, backend
+
+
+def _add_rms_norm_backward(ctx, dy, dresidual_out, drstd):
+    dx, dweight, _ = _grads(ctx, dy, dresidual_out, 2, None)
+    return dx, dx, dweight, None, None
+
+
+_add_rms_norm.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
+
+
+def add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor | None = None, eps: float | None = None, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """s = x + residual, then RMSNorm of s (the LLaMA-family pre-norm). Returns (y, s).
+
+    x, residual: (..., N); weight: (N,) or None; eps as in rms_norm. backend: as in layer_norm.
+    """
+    eps = _default_rms_eps(x, eps)
+    _check_inputs("add_rms_norm", x, residual, weight, None, eps)
+    y, s, _ = _add_rms_norm(x, residual, weight, eps, registry.requested_backend(backend))
+    return y, s

@@ -1,0 +1,397 @@
+"""Numerics of fastarch.ops.attention on every backend, judged as flash-attention judges its
+kernels: the error of our output against an fp64 reference must be at most FORWARD_FACTOR x
+the error of the same computation done entirely in the inputs' dtype (the reference with
+upcast=False: bf16/fp16 matmuls and softmax, as PyTorch's math path in that dtype) plus a
+floor of about two roundings of the dtype at the output's scale (attention_tolerance.py,
+flash-attention's atol); gradients GRAD_FACTOR x. Our kernels
+keep the softmax statistics and accumulators in fp32 and round once, so an honest kernel
+lands well under 1x; a wrong mask, scale or rescaling lands at 10x-1000x.
+
+Backends: every one registered for "attention" that can run here (the CUDA and GPU-Triton
+rows are marked gpu); Triton runs in its CPU interpreter without a GPU, on smaller shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attention_tolerance import floor  # tests/ops/attn/attention_tolerance.py
+from fastarch import ops, registry
+from fastarch.ops.attn.args import AttentionArgs, AttentionProblem
+from fastarch.ops.attn.reference import attention_backward_ref, attention_forward_ref
+
+HAS_CUDA = torch.cuda.is_available()
+GPU = pytest.mark.gpu
+
+FORWARD_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+# lse: fp32 statistics in every kernel; half-precision kernels may use a faster exp (~1e-4)
+LSE_TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+# relative to max |reference|: a few ulps at 1.0 (the outputs are averages of values ~1)
+
+
+def _backends() -> list:
+    """(backend, device) rows: every registered attention backend, on the device it runs."""
+    rows = []
+    for b in registry.backends_of("attention"):
+        if b.name == "cuda":
+            rows.append(pytest.param("cuda", "cuda", marks=GPU, id="cuda"))
+        elif b.name == "triton":
+            rows.append(pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"))
+        else:
+            rows.append(pytest.param(b.name, "cpu", id=b.name))
+    return rows
+
+
+BACKENDS = _backends()
+SEQLENS = [(1, 1), (1, 239), (113, 203), (128, 128), (1023, 1024), (200, 50)]
+HEAD_DIMS = [32, 59, 64, 128, 256]
+
+
+def _dtypes(backend: str, device: str) -> list[torch.dtype]:
+    if device == "cuda":  # Triton's fp32 runs exact fp32 dots on a GPU (not in the interpreter)
+        return [torch.float16, torch.bfloat16] + ([torch.float32] if backend == "triton" else [])
+    return [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _slow(backend: str, device: str) -> bool:
+    """Runs in an interpreter or in plain PyTorch: keep its shapes small."""
+    return backend == "reference" or (backend == "triton" and device == "cpu")
+
+
+def supported(backend: str, q, k, v, **features) -> str | None:
+    """None if ``backend`` supports this call (as its registry entry says), else why not."""
+    entry = next(b for b in registry.backends_of("attention") if b.name == backend)
+    problem = AttentionProblem.of(q, k, v, AttentionArgs(**features))
+    return registry.why_not(entry, problem)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_qkv(b, h, hkv, sq, sk, d, dtype, device, seed=0, dv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, sq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, sk, dv or d, generator=g, dtype=torch.float64)
+    return tuple(t.to(dtype).to(device) for t in (q, k, v))
+
+
+def err(a, ref) -> float:
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check(name, ours, baseline, truth, dtype, factor):
+    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: not finite"
+    e_ours, e_base = err(ours, truth), err(baseline, truth)
+    bound = factor * e_base + floor(truth, dtype, grad=name in ("dq", "dk", "dv"))
+    assert e_ours <= bound, f"{name}: error {e_ours:.3g} > {factor} x same-dtype error {e_base:.3g} + floor = {bound:.3g}"
+
+
+def kernel_args(q, k, v, causal=False, scale=None, attn_mask=None, kpm=None, cu_q=None, cu_k=None, window=(-1, -1),
+                dropout_p=0.0, seed=None) -> AttentionArgs:
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return AttentionArgs(attn_mask, kpm, cu_q, cu_k, q.shape[2], k.shape[2], causal, scale, window[0], window[1],
+                         dropout_p, seed)
+
+
+def compare(backend, q, k, v, dtype, grads=True, **kw):
+    """Runs ours (through the public op's kernel-level call) and checks out, lse and the
+    gradients against the fp64 reference, with the same-dtype reference as the yardstick."""
+    args = kernel_args(q, k, v, **kw)
+    from fastarch.ops.attn.api import _attention, _attention_backward
+
+    qs, ks, vs = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    out, lse = _attention(qs, ks, vs, *args.fields(), backend)
+    truth, truth_lse = attention_forward_ref(q.double(), k.double(), v.double(), args)
+    base, _ = attention_forward_ref(q, k, v, args, upcast=False)
+    check("out", out, base, truth, dtype, FORWARD_FACTOR)
+    seen = torch.isfinite(truth_lse)
+    assert torch.equal(torch.isfinite(lse), seen), "lse: -inf exactly for the queries that see no key"
+    assert (out[~seen] == 0).all(), "a query that sees no key must give zeros"
+    if seen.any():
+        lse_tol = LSE_TOL[dtype] + 1e-6 * truth_lse[seen].abs().max()
+        assert (lse.double()[seen] - truth_lse[seen]).abs().max() <= lse_tol
+    if not grads:
+        return out
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(q)
+    dq, dk, dv = _attention_backward(dout, q, k, v, out.detach(), lse, *args.fields(), backend)
+    t_grads = attention_backward_ref(dout.double(), q.double(), k.double(), v.double(), None, None, args)
+    b_grads = attention_backward_ref(dout, q, k, v, None, None, args, upcast=False)
+    for name, a, b, t in zip(("dq", "dk", "dv"), (dq, dk, dv), b_grads, t_grads):
+        check(name, a, b, t, dtype, GRAD_FACTOR)
+    return out
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _table():
+    for bp in BACKENDS:
+        backend, device = bp.values
+        slow = _slow(backend, device)
+        for dtype in _dtypes(backend, device):
+            for n, (sq, sk) in enumerate(SEQLENS):
+                if slow and sq * sk > 128 * 256:
+                    continue
+                for d in HEAD_DIMS:
+                    if slow and d not in (32, 59, 128):
+                        continue
+                    for causal in (False, True):
+                        gqa = (n + d) % 2 == 1  # half the rows grouped-query (4 q heads per kv head)
+                        yield pytest.param(
+                            backend, device, dtype, sq, sk, d, causal, gqa, marks=bp.marks,
+                            id=f"{backend}-{str(dtype)[6:]}-{sq}x{sk}-d{d}-{'causal' if causal else 'full'}{'-gqa' if gqa else ''}",
+                        )
+
+
+@pytest.mark.parametrize("backend,device,dtype,sq,sk,d,causal,gqa", list(_table()))
+def test_forward_backward(backend, device, dtype, sq, sk, d, causal, gqa):
+    h, hkv = (4, 1) if gqa else (2, 2)
+    q, k, v = make_qkv(2 if sq * sk < 200_000 else 1, h, hkv, sq, sk, d, dtype, device)
+    why = supported(backend, q, k, v)
+    if why:  # the registry says this backend does not take it: then forcing it must say so
+        with pytest.raises(registry.NoBackendError, match=why.split(" (")[0][:40]):
+            ops.attention(q, k, v, causal=causal, backend=backend)
+        return
+    compare(backend, q, k, v, dtype, causal=causal)
+
+
+FEATURES = {  # name -> keyword arguments of kernel_args (given q, k, v of (2, 4|2, 37, 45, 64))
+    "window-left": lambda q, k, v: dict(causal=True, window=(9, -1)),
+    "window-both": lambda q, k, v: dict(window=(5, 3)),
+    "key-padding": lambda q, k, v: dict(kpm=torch.arange(k.shape[2], device=q.device)[None, :] < torch.tensor([[30], [45]], device=q.device)),
+    "bool-mask": lambda q, k, v: dict(attn_mask=_additive(torch.rand(q.shape[0], 1, q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(2)) > 0.3, q)),
+    "float-mask": lambda q, k, v: dict(attn_mask=(torch.randn(1, q.shape[1], q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(3))).to(q).expand(q.shape[0], -1, -1, -1)),
+    "fully-masked-rows": lambda q, k, v: dict(causal=True, window=(0, 0), kpm=torch.arange(k.shape[2], device=q.device)[None, :].expand(q.shape[0], -1) % 2 == 0),
+    "scale": lambda q, k, v: dict(scale=0.37),
+    "dropout": lambda q, k, v: dict(dropout_p=0.2, seed=torch.tensor(1234)),
+    "dropout-causal-gqa": lambda q, k, v: dict(causal=True, dropout_p=0.5, seed=torch.tensor(99)),
+}
+
+
+def _additive(bool_mask, q):
+    return torch.zeros((), dtype=q.dtype).masked_fill(~bool_mask, float("-inf")).to(q.device).expand(q.shape[0], q.shape[1], -1, -1)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_features(backend, device, dtype, feature):
+    if backend == "cuda" and dtype == torch.float32:
+        dtype = torch.float16
+    gqa = "gqa" in feature
+    q, k, v = make_qkv(2, 4, 1 if gqa else 4, 37, 45, 64, dtype, device, seed=7)
+    kw = FEATURES[feature](q, k, v)
+    features = dict(attn_mask=kw.get("attn_mask"), key_padding_mask=kw.get("kpm"), dropout_p=kw.get("dropout_p", 0.0),
+                    window_left=kw.get("window", (-1, -1))[0], window_right=kw.get("window", (-1, -1))[1])
+    why = supported(backend, q, k, v, **features)
+    if why:
+        with pytest.raises(registry.NoBackendError):
+            from fastarch.ops.attn.api import _attention
+
+            _attention(q, k, v, *kernel_args(q, k, v, **kw).fields(), backend)
+        return
+    compare(backend, q, k, v, dtype, **kw)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_varlen(backend, device):
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(11)
+    lens_q, lens_k = [5, 1, 17, 0, 33], [7, 0, 17, 3, 20]  # a sequence with a query and no key
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=device)
+    q = torch.randn(1, 4, sum(lens_q), 64, generator=g).to(dtype).to(device)
+    k = torch.randn(1, 2, sum(lens_k), 64, generator=g).to(dtype).to(device)
+    v = torch.randn(1, 2, sum(lens_k), 64, generator=g).to(dtype).to(device)
+    # the packed layout the public op makes: (total, H, D) viewed as (1, H, total, D)
+    q, k, v = (t[0].permute(1, 0, 2).contiguous().permute(1, 0, 2)[None] for t in (q, k, v))
+    why = supported(backend, q, k, v, cu_seqlens_q=cu_q)
+    assert why is None, why  # every backend takes packed sequences
+    for causal in (False, True):
+        compare(backend, q, k, v, dtype, causal=causal, cu_q=cu_q, cu_k=cu_k)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dropout_rate_and_reproducibility(backend, device):
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q, k, v = make_qkv(1, 2, 2, 64, 256, 32, dtype, device)
+    why = supported(backend, q, k, v, dropout_p=0.25)
+    assert why is None, why  # every backend takes dropout
+    # with v = identity rows, out holds the kept, rescaled probabilities themselves
+    v = torch.eye(256, 32, dtype=dtype, device=device)[None, None].expand(1, 2, 256, 32).contiguous()
+    q = torch.zeros_like(q)  # uniform probabilities 1/256
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = ops.attention(q, k, v, dropout_p=0.25, generator=g1, backend=backend)
+    b = ops.attention(q, k, v, dropout_p=0.25, generator=g2, backend=backend)
+    assert torch.equal(a, b), "the same generator state must give the same mask"
+    kept = (a.float() > 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.05, f"kept fraction {kept:.3f}, expected 0.75"
+    rescaled = torch.full_like(a[a > 0].float(), 1 / (256 * 0.75))  # kept ones scaled by 1 / (1 - p)
+    torch.testing.assert_close(a[a > 0].float(), rescaled, rtol=1e-3, atol=0)
+    c = ops.attention(q, k, v, dropout_p=0.25, generator=torch.Generator().manual_seed(6), backend=backend)
+    assert not torch.equal(a, c)
+
+
+def test_public_api_layouts_and_lse():
+    """The public op: packed input/output layouts, return_lse, torch's SDPA equivalence."""
+    q, k, v = make_qkv(2, 4, 2, 9, 13, 16, torch.float32, "cpu")
+    out, lse = ops.attention(q, k, v, causal=True, return_lse=True)
+    assert out.shape == (2, 4, 9, 16) and lse.shape == (2, 4, 9) and lse.dtype == torch.float32
+    mask = torch.ones(9, 13, dtype=torch.bool).tril(13 - 9)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    qp, kp, vp = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (S, H, D)
+    cu_q, cu_k = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 13], dtype=torch.int32)
+    packed, plse = ops.attention(qp, kp, vp, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True, return_lse=True)
+    assert packed.shape == (9, 4, 16) and plse.shape == (4, 9)
+    torch.testing.assert_close(packed, out[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(is_causal=True), dict(scale=0.3), dict(attn_mask="bool"), dict(attn_mask="float")],
+    ids=["plain", "causal", "scale", "bool-mask", "float-mask"],
+)
+@pytest.mark.parametrize("sq,sk", [(9, 13), (13, 9), (16, 16)])
+def test_sdpa_matches_torch(kwargs, sq, sk):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, sq, 16), torch.randn(2, 4, sk, 16), torch.randn(2, 4, sk, 16)
+    kw = dict(kwargs)
+    if kw.get("attn_mask") == "bool":
+        kw["attn_mask"] = torch.rand(sq, sk) > 0.3
+    elif kw.get("attn_mask") == "float":
+        kw["attn_mask"] = torch.randn(2, 1, sq, sk)
+    ours = ops.scaled_dot_product_attention(q, k, v, **kw)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_sdpa_gqa_and_3d():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    torch.testing.assert_close(
+        ops.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True),
+        rtol=1e-5, atol=1e-5,
+    )
+    q3, k3, v3 = torch.randn(3, 5, 16), torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    torch.testing.assert_close(
+        ops.scaled_dot_product_attention(q3, k3, v3), torch.nn.functional.scaled_dot_product_attention(q3, k3, v3),
+        rtol=1e-5, atol=1e-5,
+    )
+    with pytest.raises(RuntimeError, match="enable_gqa=True"):
+        ops.scaled_dot_product_attention(q, k, v)
+
+
+def _decode_backends():
+    rows = []
+    for b in registry.backends_of("attention_decode"):
+        marks = [GPU] if b.name == "cuda" else []
+        device = "cuda" if b.name == "cuda" or (b.name == "triton" and HAS_CUDA) else "cpu"
+        rows.append(pytest.param(b.name, device, marks=marks, id=b.name))
+    return rows
+
+
+@pytest.mark.parametrize("new", [1, 4])
+@pytest.mark.parametrize("d", [59, 64, 128])
+@pytest.mark.parametrize("backend,device", _decode_backends())
+def test_decode_matches_reference(backend, device, d, new):
+    """Decoding against the fp64 truth of attention over each sequence's filled cache, with
+    the same-dtype error as the yardstick (as compare())."""
+    if backend == "cuda" and d % 8:
+        d = 64  # the CUDA kernels take multiples of 8 (supports() says so)
+    B, H, Hkv, S_max = 3, 8, 2, 300
+    for dtype in _dtypes(backend, device):
+        g = torch.Generator().manual_seed(3)
+        k_cache, v_cache = (torch.randn(B, Hkv, S_max, d, generator=g).to(dtype).to(device) for _ in range(2))
+        q = torch.randn(B, H, new, d, generator=g).to(dtype).to(device)
+        seqlens = torch.tensor([new, 157, 300], dtype=torch.int32, device=device)
+        for window in (-1, 20):
+            out, lse = ops.attention_decode(q, k_cache, v_cache, seqlens, window=None if window < 0 else window,
+                                            return_lse=True, backend=backend)
+            for b in range(B):
+                n = int(seqlens[b])
+                seq = (q[b : b + 1], k_cache[b : b + 1, :, :n], v_cache[b : b + 1, :, :n])
+                args = kernel_args(*seq, causal=True, window=(window, -1))
+                truth, truth_lse = attention_forward_ref(*(t.double() for t in seq), args)
+                base, _ = attention_forward_ref(*seq, args, upcast=False)
+                check(f"{dtype} window {window} sequence {b}", out[b : b + 1], base, truth, dtype, FORWARD_FACTOR)
+                lse_tol = LSE_TOL[dtype] + 1e-6 * truth_lse.abs().max()
+                assert (lse[b : b + 1].double() - truth_lse).abs().max() <= lse_tol
+
+
+@pytest.mark.parametrize(
+    "backend,device", [row for row in _decode_backends() if row.values[1] == "cuda"] or [pytest.param("cuda", "cuda", marks=GPU)]
+)
+def test_decode_clamps_cache_seqlens_on_gpu(backend, device):
+    """On a GPU the values of cache_seqlens are not checked on the host (that would synchronize
+    every decoding step): the kernels clamp them to 0 .. S_max, reading nothing outside."""
+    g = torch.Generator().manual_seed(4)
+    k_cache, v_cache = (torch.randn(2, 2, 50, 64, generator=g).half().to(device) for _ in range(2))
+    q = torch.randn(2, 4, 1, 64, generator=g).half().to(device)
+    wild = ops.attention_decode(q, k_cache, v_cache, torch.tensor([60, -3], dtype=torch.int32, device=device),
+                                backend=backend)
+    clamped = ops.attention_decode(q, k_cache, v_cache, torch.tensor([50, 0], dtype=torch.int32, device=device),
+                                   backend=backend)
+    assert torch.equal(wild, clamped)
+    assert (clamped[1] == 0).all()  # a sequence with no keys gives zeros
+
+
+def test_reference_decode_clamps_cache_seqlens_like_the_gpu_kernels():
+    """The reference backend also runs CUDA tensors (fp64, head dims above 256), whose
+    cache_seqlens values are not checked on the host: it clamps them as the kernels do."""
+    from fastarch.ops.attn.reference import attention_decode_ref
+
+    g = torch.Generator().manual_seed(6)
+    k_cache, v_cache = (torch.randn(2, 2, 50, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(2, 4, 1, 16, generator=g, dtype=torch.float64)
+    wild = attention_decode_ref(q, k_cache, v_cache, torch.tensor([60, -3], dtype=torch.int32), True, 0.25, -1)
+    clamped = attention_decode_ref(q, k_cache, v_cache, torch.tensor([50, 0], dtype=torch.int32), True, 0.25, -1)
+    for a, b in zip(wild, clamped):
+        assert torch.equal(a, b)
+    assert (clamped[0][1] == 0).all() and torch.isneginf(clamped[1][1]).all()
+
+
+def test_append_kv_writes_in_place():
+    k_cache, v_cache = torch.zeros(2, 2, 10, 4), torch.zeros(2, 2, 10, 4)
+    k_new, v_new = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    seqlens = torch.tensor([0, 6], dtype=torch.int32)
+    ops.append_kv(k_cache, v_cache, k_new, v_new, seqlens)
+    assert torch.equal(k_cache[0, :, :3], k_new[0]) and torch.equal(v_cache[1, :, 6:9], v_new[1])
+    assert k_cache[0, :, 3:].abs().sum() == 0 and k_cache[1, :, :6].abs().sum() == 0
+    with pytest.raises(ValueError, match="cache_seqlens must be between 0 and the cache's 7 slots"):
+        ops.append_kv(k_cache, v_cache, k_new, v_new, torch.tensor([0, 8], dtype=torch.int32))
+
+
+def test_opcheck_and_compile():
+    q, k, v = make_qkv(2, 4, 2, 9, 13, 16, torch.float32, "cpu")
+    args = (q.requires_grad_(), k, v, None, None, None, None, 0, 0, True, 0.25, -1, -1, 0.0, None, "")
+    torch.library.opcheck(torch.ops.fastarch.attention.default, args)
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return ops.attention(q, k, v, causal=True, window=4)
+
+    compiled = torch.compile(f, fullgraph=True)
+    a = compiled(q, k, v)
+    torch.testing.assert_close(a, f(q, k, v), rtol=0, atol=0)
+    a.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("dv", [16, 24], ids=["dv=d", "dv!=d"])
+def test_opcheck_kernel_ops(dv):
+    """The C++ kernel ops themselves (schema, fake shapes, strides) on the CPU."""
+    q, k, v = make_qkv(2, 4, 2, 9, 13, 16, torch.float32, "cpu", dv=dv)
+    common = (None, None, None, None, 0, 0, True, 0.25, -1, -1, 0.0, 0)
+    torch.library.opcheck(torch.ops.fastarch._attention_fwd.default, (q, k, v, *common))
+    out, lse = torch.ops.fastarch._attention_fwd(q, k, v, *common)
+    torch.library.opcheck(torch.ops.fastarch._attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *common))
+    seqlens = torch.tensor([5, 13], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastarch._attention_decode.default, (q[:, :, :2], k, v, seqlens, True, 0.25, -1))
