@@ -353,14 +353,22 @@ void softmax_grad_rows(const BackwardParams& p, const Scratch& w, const SeqSpan&
     const float* dp_row = w.dp_t + r * ld;
     for (int64_t c = 0; c < ld; c += 16) {
       __m512 x = _mm512_loadu_ps(lse + c);
+      __mmask16 unmasked = 0xFFFF;
       if constexpr (kGeneral) {
-        if (a.attn_mask) x = _mm512_sub_ps(x, _mm512_loadu_ps(w.mask_row + c));
+        if (a.attn_mask) {
+          const __m512 mv = _mm512_loadu_ps(w.mask_row + c);
+          x = _mm512_sub_ps(x, mv);
+          // a -inf entry hides the key even from a NaN score (NaN - lse + -inf is NaN, not 0)
+          unmasked = _mm512_cmp_ps_mask(mv, _mm512_set1_ps(-__builtin_inff()), _CMP_NEQ_UQ);
+        }
       }
+      // exp keeps NaN (attention_common.h): a NaN score or lse gives NaN p and dS, which the
+      // tile products carry into dq, dk and dv
       __m512 e = softmax_exp<T>(_mm512_fmsub_ps(_mm512_loadu_ps(s_row + c), scale, x));
       if constexpr (kGeneral) {
         const int64_t l = imax(lo - c, 0), u = imin(hi - c, 16);
         const __mmask16 seen = l >= u ? __mmask16(0) : __mmask16(tail_mask(u) & ~tail_mask(l));
-        e = _mm512_maskz_mov_ps(seen, e);
+        e = _mm512_maskz_mov_ps(seen & unmasked, e);
       }
       __m512 dp = _mm512_loadu_ps(dp_row + c);
       __m512 pd = e;

@@ -205,11 +205,13 @@ inline float reduce_add(__m512 v) { return _mm512_reduce_add_ps(v); }
 // ---- exp
 // exp_accurate: exp(x) within 1 ulp of fp32 (0.94 ulp worst, measured against exp in
 // double on 2^24 points of [-104, 88.7]); exp(-inf) = 0, exp(x < -120) = 0, no NaN for finite
-// or -inf x. Cody-Waite reduction x = n ln2 + r (|r| <= ln2/2, ln2 split in two), degree-7
-// Taylor-like polynomial for e^r, 2^n by scalef. 12 vector ops.
+// or -inf x, exp(NaN) = NaN. Cody-Waite reduction x = n ln2 + r (|r| <= ln2/2, ln2 split in
+// two), degree-7 Taylor-like polynomial for e^r, 2^n by scalef. 12 vector ops.
+// The clamps take x as the second operand: vmaxps/vminps return the second operand when
+// either is NaN, so a NaN score stays NaN instead of becoming exp(-120) = 0 (a dropped key).
 inline __m512 exp_accurate(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-120.0f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+  x = _mm512_max_ps(_mm512_set1_ps(-120.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 high part (exact n*hi)
@@ -227,9 +229,10 @@ inline __m512 exp_accurate(__m512 x) {
 
 // exp2_fast: 2^x with relative error below 4e-6 (degree-5 minimax-style polynomial on
 // [-0.5, 0.5]; 8 vector ops): for bf16/fp16 attention, whose probabilities are rounded to
-// 2^-9 or fp16 anyway. 2^x = 0 for x < -200 (and -inf).
+// 2^-9 or fp16 anyway. 2^x = 0 for x < -200 (and -inf); 2^NaN = NaN (x is the clamp's
+// second operand, as in exp_accurate).
 inline __m512 exp2_fast(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 y = _mm512_set1_ps(1.3333558146e-3f);

@@ -15,6 +15,9 @@
 // (1 ulp) for every dtype; one exp per 16 keys per row is not what limits a memory-bound
 // loop.
 //
+// NaN (in q or a filled slot of k or v) reaches out and lse through exp, which keeps it
+// (attention_common.h), and the chunks' l and o; decode_combine keeps a NaN max.
+//
 // No torch headers (see attention_common.h).
 #include <cmath>
 #include <cstdint>
@@ -221,7 +224,12 @@ void run_chunk(const DecodeParams& p, const Geometry& g, Scratch& sc, int64_t b,
       const __m512 s = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY),
                                             _mm512_mul_ps(transpose_sum16(partial), _mm512_set1_ps(p.scale)));
       const float mold = pr[0];
-      const float mnew = mold > _mm512_reduce_max_ps(s) ? mold : _mm512_reduce_max_ps(s);
+      float smax = _mm512_reduce_max_ps(s);
+      // the max can lose a NaN score (vmaxps keeps its second operand); that matters only when
+      // the row's other visible scores are -inf (never, for finite inputs): m = -inf would
+      // mark the chunk as seeing no key, and decode_combine would skip it
+      if (smax == -INFINITY && _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q)) smax = NAN;
+      const float mnew = mold > smax ? mold : smax;
       const __m512 pv = exp_accurate(_mm512_sub_ps(s, _mm512_set1_ps(mnew)));
       _mm512_storeu_ps(sc.p + r * 16, pv);
       const float alpha = mold == -INFINITY ? 0.0f : std::exp(mold - mnew);
@@ -287,8 +295,13 @@ void decode_combine_avx512(const DecodeParams& p, int64_t chunks, int64_t begin,
     const float* first = partials + bh * chunks * item_floats;
     for (int64_t r = 0; r < g.rows; ++r) {
       const int64_t h = hk * g.group + r / p.Sq, i = r % p.Sq;
+      // The chunks' max, NaN if any chunk's is: `m > mc ? m : mc` drops a NaN m, and a later
+      // chunk without keys (-inf) would then make the row look as if it saw none (out 0).
       float m = -INFINITY;
-      for (int64_t c = 0; c < chunks; ++c) m = m > first[c * item_floats + r * row_floats] ? m : first[c * item_floats + r * row_floats];
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float mc = first[c * item_floats + r * row_floats];
+        if (m == m && !(mc <= m)) m = mc;
+      }
       char* orow = row_ptr(p.out, p.out_stride, es, b, h, i);
       if (m == -INFINITY) {  // sees no key
         p.lse[(b * p.H + h) * p.Sq + i] = -INFINITY;

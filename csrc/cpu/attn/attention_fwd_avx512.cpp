@@ -13,6 +13,11 @@
 // use exp2_fast (relative error 3.3e-6, far below their rounding) on scores pre-scaled by
 // log2(e), which saves a multiply and the two-step range reduction.
 //
+// NaN: a NaN score (from q, k or the mask) or value makes its query's out and lse NaN. No
+// test in the loops: exp keeps NaN (attention_common.h), so the row's p, l and O become NaN
+// even when a max reduction dropped it (masked_logits covers the one case where that would
+// matter), and finish() reads that from l.
+//
 // No torch headers (see attention_common.h); the target pragma below covers the file.
 #include <cmath>
 #include <cstdint>
@@ -146,7 +151,8 @@ struct Task {
   }
 
   // Logits of row r over key block j0 (valid keys), into the scores row; -inf where the row
-  // does not see the key. Returns the row's max.
+  // does not see the key. Returns the row's max (NaN when it sees a NaN score and nothing
+  // larger than -inf: see the end).
   float masked_logits(int64_t r, int64_t j0, int64_t valid) {
     const KeyRange kr = visible_keys(p, s, i0 + r);
     const int64_t a = max64(kr.lo - j0, 0), e = min64(kr.hi - j0, valid);
@@ -161,6 +167,7 @@ struct Task {
     const bool* kpm = p.key_padding_mask ? p.key_padding_mask + s.b * p.kpm_stride[0] + (s.k0 + j0) * p.kpm_stride[1]
                                          : nullptr;
     __m512 mx = _mm512_set1_ps(-INFINITY);
+    __mmask16 seen = 0;
     const __m512 vc = _mm512_set1_ps(c), vu = _mm512_set1_ps(unit);
     for (int64_t ch = 0; ch < kChunks; ++ch) {
       const int64_t base = ch * 16;
@@ -190,12 +197,25 @@ struct Task {
           mv = _mm512_load_ps(tmp);
         }
         z = _mm512_fmadd_ps(mv, vu, z);
+        // a -inf entry masks the key even where the score is NaN (NaN + -inf would be NaN)
+        vis &= _mm512_cmp_ps_mask(mv, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
       }
       z = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), z);
       _mm512_storeu_ps(srow + base, z);
       mx = _mm512_max_ps(mx, z);
+      seen |= vis;
     }
-    return reduce_max(mx);
+    const float row_max = reduce_max(mx);
+    // vmaxps returns its second operand when one is NaN, so the max can lose a NaN score. Only
+    // a row whose other visible scores are all -inf (never, for finite inputs) needs it: its
+    // max would say "sees no key" and the row would stay 0. Look for the NaN there.
+    if (row_max == -INFINITY && seen) {
+      for (int64_t ch = 0; ch < kChunks; ++ch) {
+        const __m512 z = _mm512_loadu_ps(srow + ch * 16);
+        if (_mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q)) return NAN;
+      }
+    }
+    return row_max;
   }
 
   // The online-softmax step of key block j0: P (compute type), alpha, and m, l updated.
@@ -255,13 +275,20 @@ struct Task {
     const int64_t es = elem_size(T);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = s.q0 + i0 + r;
+      // l: 0 for a query that sees no key (out 0, lse -inf), NaN once a NaN reached its
+      // scores (exp keeps it) or its values: then out and lse are NaN
       const float l = sc.l[r];
+      const bool none = l == 0.0f;
       const float m = E::kLog2 ? sc.m[r] * kLn2 : sc.m[r];
-      p.lse[(s.b * p.H + h) * p.Sq + i] = l > 0 ? m + std::log(l) : -INFINITY;
-      const __m512 inv = _mm512_set1_ps(l > 0 ? (p.dropout ? p.dropout_scale : 1.0f) / l : 0.0f);
+      p.lse[(s.b * p.H + h) * p.Sq + i] = none ? -INFINITY : m + std::log(l);
+      const __m512 inv = _mm512_set1_ps(none ? 0.0f : (p.dropout ? p.dropout_scale : 1.0f) / l);
+      // zeros, not o * 0: o of a query that sees no key holds 0 * v of the tile's keys, NaN if a v is
+      const __mmask16 keep = none ? __mmask16(0) : __mmask16(0xFFFF);
       char* orow = row_ptr(p.out, p.out_stride, es, s.b, h, i);
       const float* o = sc.o + r * pk.dv_pad;
-      for (int64_t d = 0; d < p.Dv; d += 16) store16<T>(orow + d * es, _mm512_mul_ps(_mm512_loadu_ps(o + d), inv), tail_mask(p.Dv - d));
+      for (int64_t d = 0; d < p.Dv; d += 16) {
+        store16<T>(orow + d * es, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(o + d), inv), tail_mask(p.Dv - d));
+      }
     }
   }
 

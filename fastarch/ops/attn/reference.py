@@ -22,6 +22,10 @@ AttentionArgs, args.py):
   and attn_mask (float, added to the scaled scores; broadcastable to (B, H, Sq, Sk); -inf
   masks) applies on top. A query that sees no key gets out = 0 and lse = -inf, and passes no
   gradient.
+- NaN in, NaN out: a NaN among the scores a query sees (from q, k or attn_mask) makes its out
+  row and its lse NaN; a NaN in v[j, c] makes out[i, c] NaN for every query i that sees key j.
+  A key a query does not see (a -inf attn_mask entry included) never reaches it through its
+  score, and a query that sees no key keeps out = 0 and lse = -inf.
 - Softmax statistics are fp32 (fp64 for fp64 inputs); out has q's dtype; lse is (B, H, Sq)
   in the statistics dtype: log(sum_j exp(score_ij)) over the visible keys.
 - Dropout (dropout_p > 0): probability p of query i and key j (in the 4-D view above, so
@@ -126,13 +130,16 @@ def _blocks(q, k, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causa
                 ok = ok & key_padding_mask[b, ks][None, None, :]
             s = torch.einsum("hqd,hkd->hqk", q[b, :, rows], k[b, :, ks]) * scale
             if mask is not None:
-                s = s + mask[b, :, rows, ks].to(s.dtype)
+                block_mask = mask[b, :, rows, ks].to(s.dtype)
+                s = s + block_mask
+                ok = ok & (block_mask != float("-inf"))  # -inf masks even a NaN score
             s = s.masked_fill(~ok, float("-inf"))
-            m = s.amax(-1, keepdim=True)
-            seen = torch.isfinite(m)  # queries that see at least one key
+            m = s.amax(-1, keepdim=True)  # NaN when a visible score is NaN
+            seen = ~torch.isneginf(m)  # queries that see at least one key (NaN ones too)
             p = torch.exp(s - torch.where(seen, m, torch.zeros_like(m)))
             l = p.sum(-1, keepdim=True)
-            p = p / torch.where(seen, l, torch.ones_like(l))
+            # the keys a query does not see stay 0 even in a NaN row (exp(-inf - NaN) is NaN)
+            p = (p / torch.where(seen, l, torch.ones_like(l))).masked_fill(~ok, 0.0)
             lse = torch.where(seen, m + torch.log(l), torch.full_like(m, float("-inf")))[..., 0]
             keep = None
             if dropout_p > 0:
@@ -154,7 +161,9 @@ def _forward(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, c
     ):
         if keep is not None:
             p = torch.where(keep, p / (1 - dropout_p), torch.zeros_like(p))
-        out[b, :, rows] = torch.einsum("hqk,hkd->hqd", p, v[b, :, ks])
+        # a query that sees no key gets 0, even where 0 * v is NaN
+        sees_none = torch.isneginf(block_lse)[..., None]
+        out[b, :, rows] = torch.einsum("hqk,hkd->hqd", p, v[b, :, ks]).masked_fill(sees_none, 0.0)
         lse[b, :, rows] = block_lse
     return out, lse
 
