@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from fastarch import ops, registry
-from fastarch.ops.attention_backends import AttentionProblem
+from fastarch.ops.attn.args import AttentionArgs, AttentionProblem
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -52,9 +52,9 @@ def _rows(op: str) -> list:
     return rows
 
 
-def _skip_unless_supported(op: str, backend: str, q, k, v, **features) -> None:
+def _skip_unless_supported(op: str, backend: str, q, k, v, decode: bool = False, **features) -> None:
     entry = next(b for b in registry.backends_of(op) if b.name == backend)
-    why = registry.why_not(entry, AttentionProblem.of(q, k, v, **features))
+    why = registry.why_not(entry, AttentionProblem.of(q, k, v, AttentionArgs(**features), decode=decode))
     if why is not None:
         pytest.skip(f"{backend}: {why}")
 
