@@ -10,6 +10,8 @@ from typing import Any
 
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
+from fastarch.registry import MachineReason
+
 _C: Any = None
 LOAD_ERROR: str | None = None
 
@@ -34,5 +36,7 @@ def cuda_kernels_missing() -> str | None:
     if LOAD_ERROR:
         return LOAD_ERROR
     if not build_info().get("cuda"):
-        return "fastarch._C was built without CUDA kernels (no CUDA toolkit or CUDA torch at build time, or FASTARCH_CUDA=0)"
+        return MachineReason(
+            "fastarch._C was built without CUDA kernels (no CUDA toolkit or CUDA torch at build time, or FASTARCH_CUDA=0)"
+        )
     return None

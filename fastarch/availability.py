@@ -11,11 +11,12 @@ import os
 import torch
 
 from fastarch._extension import build_info, cpu_kernels_missing, cuda_kernels_missing
+from fastarch.registry import MachineReason
 
 try:
     import triton  # noqa: F401
 except ImportError as e:
-    _TRITON_IMPORT_ERROR: str | None = f"triton is not importable ({e})"
+    _TRITON_IMPORT_ERROR: str | None = MachineReason(f"triton is not importable ({e})")
 else:
     _TRITON_IMPORT_ERROR = None
 
@@ -29,7 +30,7 @@ def cuda() -> str | None:
     if missing := cuda_kernels_missing():
         return missing
     if not torch.cuda.is_available():
-        return "no CUDA device is visible (the CUDA kernels are compiled in)"
+        return MachineReason("no CUDA device is visible (the CUDA kernels are compiled in)")
     return None
 
 
@@ -41,7 +42,7 @@ def triton() -> str | None:
     if _TRITON_IMPORT_ERROR:
         return _TRITON_IMPORT_ERROR
     if not torch.cuda.is_available() and not triton_interpreter():
-        return "no CUDA device is visible (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
+        return MachineReason("no CUDA device is visible (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)")
     return None
 
 
@@ -53,7 +54,7 @@ def triton_device_reason(device: str) -> str | None:
     """Why the Triton kernels cannot take a tensor on ``device`` (None: they can): CUDA
     tensors, and CPU tensors only in Triton's interpreter."""
     if device == "cpu" and not triton_interpreter():
-        return "input is on cpu; Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
+        return MachineReason("input is on cpu; Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)")
     if device not in ("cpu", "cuda"):
         return f"input is on {device}; this backend runs CUDA tensors"
     return None
@@ -105,7 +106,7 @@ def _cuda_arch_reason(index: int) -> str | None:
     if not archs or runs_on(archs, capability):
         return None
     name = torch.cuda.get_device_name(index)
-    return (
+    return MachineReason(
         f"fastarch._C's CUDA kernels are compiled for {archs}, which cannot run on {name} (compute capability"
         f" {capability[0]}.{capability[1]}); rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]}"
     )

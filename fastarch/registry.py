@@ -42,6 +42,13 @@ class Backend:
     backward: Callable[..., Any] | None = None
 
 
+class MachineReason(str):
+    """A reason a backend cannot run that lies in this machine (no GPU, a CPU without an
+    instruction set, a build without some kernels), not in the inputs. Tests skip a row for
+    such a reason and fail for any other: a table row a backend declines by design is a wrong
+    row."""
+
+
 class NoBackendError(RuntimeError):
     """No backend (or not the forced one) can run the inputs; the message lists why."""
 

@@ -52,9 +52,9 @@ def cpu_supports(p: AttentionProblem) -> str | None:
         return f"head dim {max(p.head_dim, p.head_dim_v)} is above {CPU_MAX_HEAD_DIM}"
     info = build_info()  # (its cpu_isa follows fastarch._C._set_cpu_isa)
     if info.get("cpu_isa") != "avx512":
-        return f"the CPU attention kernels need AVX-512 (cpu isa is {info.get('cpu_isa', 'unknown')!r})"
+        return registry.MachineReason(f"the CPU attention kernels need AVX-512 (cpu isa is {info.get('cpu_isa', 'unknown')!r})")
     if p.dtype == torch.bfloat16 and not info.get("cpu_has_avx512_bf16"):
-        return "bfloat16 needs AVX512-BF16, which this CPU lacks"
+        return registry.MachineReason("bfloat16 needs AVX512-BF16, which this CPU lacks")
     return None
 
 
@@ -76,7 +76,7 @@ def cuda_available() -> str | None:
     if why := availability.cuda():
         return why
     if not cpp.has_kernel("_attention_fwd", "CUDA"):
-        return "fastarch._C has no CUDA attention kernels (built from an older source tree: rebuild it)"
+        return registry.MachineReason("fastarch._C has no CUDA attention kernels (built from an older source tree: rebuild it)")
     return None
 
 
@@ -85,10 +85,12 @@ def _cuda_device_reason(index: int, large_head_dim: bool) -> str | None:
     props = torch.cuda.get_device_properties(index)
     if (props.major, props.minor) < CUDA_MIN_CAPABILITY:
         need = ".".join(map(str, CUDA_MIN_CAPABILITY))
-        return f"the CUDA kernels need compute capability {need} or newer, {props.name} has {props.major}.{props.minor}"
+        return registry.MachineReason(
+            f"the CUDA kernels need compute capability {need} or newer, {props.name} has {props.major}.{props.minor}"
+        )
     smem = getattr(props, "shared_memory_per_block_optin", None)
     if large_head_dim and smem is not None and smem < CUDA_LARGE_HEAD_DIM_SMEM:
-        return (
+        return registry.MachineReason(
             f"head dims above 128 need {CUDA_LARGE_HEAD_DIM_SMEM // 1024} KB of shared memory per block,"
             f" {props.name} allows {smem // 1024} KB"
         )

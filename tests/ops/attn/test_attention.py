@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+import backend_rows  # tests/backend_rows.py
 from attention_tolerance import floor  # tests/ops/attn/attention_tolerance.py
 from fastarch import ops, registry
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem
@@ -33,22 +34,13 @@ LSE_TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 1e-3, torch
 # relative to max |reference|: a few ulps at 1.0 (the outputs are averages of values ~1)
 
 
-def _backends() -> list:
-    """(backend, device) rows: every registered attention backend, on the device it runs."""
-    rows = []
-    for b in registry.backends_of("attention"):
-        if b.name == "cuda":
-            rows.append(pytest.param("cuda", "cuda", marks=GPU, id="cuda"))
-        elif b.name == "triton":
-            rows.append(pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"))
-        else:
-            rows.append(pytest.param(b.name, "cpu", id=b.name))
-    return rows
-
-
-BACKENDS = _backends()
+BACKENDS = backend_rows.rows("attention")
 SEQLENS = [(1, 1), (1, 239), (113, 203), (128, 128), (1023, 1024), (200, 50)]
-HEAD_DIMS = [32, 59, 64, 128, 256]
+# What each backend claims (its supports check must agree; a decline fails the row):
+# the CUDA kernels take multiples of 8 up to 256, Triton any head dim up to 256, the CPU
+# kernels up to 512, the reference any.
+HEAD_DIMS = {"cuda": [32, 64, 96, 128, 256], "triton": [32, 59, 64, 111, 128, 256]}
+HEAD_DIMS_DEFAULT = [32, 59, 64, 111, 128, 256]
 
 
 def _dtypes(backend: str, device: str) -> list[torch.dtype]:
@@ -62,11 +54,10 @@ def _slow(backend: str, device: str) -> bool:
     return backend == "reference" or (backend == "triton" and device == "cpu")
 
 
-def supported(backend: str, q, k, v, **features) -> str | None:
-    """None if ``backend`` supports this call (as its registry entry says), else why not."""
-    entry = next(b for b in registry.backends_of("attention") if b.name == backend)
-    problem = AttentionProblem.of(q, k, v, AttentionArgs(**features))
-    return registry.why_not(entry, problem)
+def require(backend: str, q, k, v, decode: bool = False, **features) -> None:
+    """Skips the row when ``backend`` cannot run here; fails it when it declines the case."""
+    backend_rows.require("attention_decode" if decode else "attention", backend,
+                         AttentionProblem.of(q, k, v, AttentionArgs(**features), decode=decode))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -131,6 +122,9 @@ def compare(backend, q, k, v, dtype, grads=True, **kw):
 
 
 def _table():
+    """backend x dtype x (Sq, Sk) x head dim x causal x grouped-query, each a case a user could
+    hit. The interpreter and the reference get the small shapes and every other GQA row; the
+    largest rows are marked slow (run by CI, not by the quick command)."""
     for bp in BACKENDS:
         backend, device = bp.values
         slow = _slow(backend, device)
@@ -138,33 +132,49 @@ def _table():
             for n, (sq, sk) in enumerate(SEQLENS):
                 if slow and sq * sk > 128 * 256:
                     continue
-                for d in HEAD_DIMS:
+                for d in HEAD_DIMS.get(backend, HEAD_DIMS_DEFAULT):
                     if slow and d not in (32, 59, 128):
                         continue
                     for causal in (False, True):
-                        gqa = (n + d) % 2 == 1  # half the rows grouped-query (4 q heads per kv head)
-                        yield pytest.param(
-                            backend, device, dtype, sq, sk, d, causal, gqa, marks=bp.marks,
-                            id=f"{backend}-{str(dtype)[6:]}-{sq}x{sk}-d{d}-{'causal' if causal else 'full'}{'-gqa' if gqa else ''}",
-                        )
+                        for gqa in (False, True):
+                            if slow and gqa != ((n + d) % 2 == 1):
+                                continue
+                            marks = list(bp.marks) + ([pytest.mark.slow] if sq * sk > 500_000 else [])
+                            yield pytest.param(
+                                backend, device, dtype, sq, sk, d, causal, gqa, marks=marks,
+                                id=f"{backend}-{str(dtype)[6:]}-{sq}x{sk}-d{d}-{'causal' if causal else 'full'}{'-gqa' if gqa else ''}",
+                            )
 
 
 @pytest.mark.parametrize("backend,device,dtype,sq,sk,d,causal,gqa", list(_table()))
 def test_forward_backward(backend, device, dtype, sq, sk, d, causal, gqa):
     h, hkv = (4, 1) if gqa else (2, 2)
     q, k, v = make_qkv(2 if sq * sk < 200_000 else 1, h, hkv, sq, sk, d, dtype, device)
-    why = supported(backend, q, k, v)
-    if why:  # the registry says this backend does not take it: then forcing it must say so
-        with pytest.raises(registry.NoBackendError, match=why.split(" (")[0][:40]):
-            ops.attention(q, k, v, causal=causal, backend=backend)
-        return
+    require(backend, q, k, v)
     compare(backend, q, k, v, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("d", [59, 264, 600])
+def test_declined_head_dims_name_the_reason(d):
+    """Forcing a backend on a head dim it does not claim raises NoBackendError with its
+    reason; the automatic choice falls back to one that runs it (the reference at 600)."""
+    q, k, v = make_qkv(1, 2, 2, 5, 7, d, torch.float16, "cpu")
+    for backend, limit in (("cuda", 256), ("triton", 256), ("cpu", 512)):
+        entry = next(b for b in registry.backends_of("attention") if b.name == backend)
+        why = entry.supports(AttentionProblem.of(q, k, v))
+        if backend == "cuda" or d > limit:
+            assert why is not None, (backend, d)
+        if why is not None:
+            with pytest.raises(registry.NoBackendError, match=f"{backend}: "):
+                ops.attention(q, k, v, backend=backend)
+    out = ops.attention(q.float(), k.float(), v.float())
+    assert out.shape == (1, 2, 5, d) and torch.isfinite(out).all()
 
 
 FEATURES = {  # name -> keyword arguments of kernel_args (given q, k, v of (2, 4|2, 37, 45, 64))
     "window-left": lambda q, k, v: dict(causal=True, window=(9, -1)),
     "window-both": lambda q, k, v: dict(window=(5, 3)),
-    "key-padding": lambda q, k, v: dict(kpm=torch.arange(k.shape[2], device=q.device)[None, :] < torch.tensor([[30], [45]], device=q.device)),
+    "key-padding": lambda q, k, v: dict(kpm=torch.arange(k.shape[2], device=q.device)[None, :] < torch.tensor([[30], [45]][: q.shape[0]], device=q.device)),
     "bool-mask": lambda q, k, v: dict(attn_mask=_additive(torch.rand(q.shape[0], 1, q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(2)) > 0.3, q)),
     "float-mask": lambda q, k, v: dict(attn_mask=(torch.randn(1, q.shape[1], q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(3))).to(q).expand(q.shape[0], -1, -1, -1)),
     "fully-masked-rows": lambda q, k, v: dict(causal=True, window=(0, 0), kpm=torch.arange(k.shape[2], device=q.device)[None, :].expand(q.shape[0], -1) % 2 == 0),
@@ -178,24 +188,26 @@ def _additive(bool_mask, q):
     return torch.zeros((), dtype=q.dtype).masked_fill(~bool_mask, float("-inf")).to(q.device).expand(q.shape[0], q.shape[1], -1, -1)
 
 
+# (B, H, Sq, Sk, D): a shape with Sq < Sk and one with Sq > Sk, different head dims.
+FEATURE_SHAPES = [(2, 4, 37, 45, 64), (1, 4, 130, 77, 40)]
+
+
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_features(backend, device, dtype, feature):
+def test_features(backend, device, dtype, feature, shape):
     if backend == "cuda" and dtype == torch.float32:
         dtype = torch.float16
+    b, h, sq, sk, d = shape
+    if backend == "cuda" and d % 8:
+        d = 64
     gqa = "gqa" in feature
-    q, k, v = make_qkv(2, 4, 1 if gqa else 4, 37, 45, 64, dtype, device, seed=7)
+    q, k, v = make_qkv(b, h, 1 if gqa else h, sq, sk, d, dtype, device, seed=7)
     kw = FEATURES[feature](q, k, v)
     features = dict(attn_mask=kw.get("attn_mask"), key_padding_mask=kw.get("kpm"), dropout_p=kw.get("dropout_p", 0.0),
                     window_left=kw.get("window", (-1, -1))[0], window_right=kw.get("window", (-1, -1))[1])
-    why = supported(backend, q, k, v, **features)
-    if why:
-        with pytest.raises(registry.NoBackendError):
-            from fastarch.ops.attn.api import _attention
-
-            _attention(q, k, v, *kernel_args(q, k, v, **kw).fields(), backend)
-        return
+    require(backend, q, k, v, **features)
     compare(backend, q, k, v, dtype, **kw)
 
 
@@ -211,8 +223,7 @@ def test_varlen(backend, device):
     v = torch.randn(1, 2, sum(lens_k), 64, generator=g).to(dtype).to(device)
     # the packed layout the public op makes: (total, H, D) viewed as (1, H, total, D)
     q, k, v = (t[0].permute(1, 0, 2).contiguous().permute(1, 0, 2)[None] for t in (q, k, v))
-    why = supported(backend, q, k, v, cu_seqlens_q=cu_q)
-    assert why is None, why  # every backend takes packed sequences
+    require(backend, q, k, v, cu_seqlens_q=cu_q)
     for causal in (False, True):
         compare(backend, q, k, v, dtype, causal=causal, cu_q=cu_q, cu_k=cu_k)
 
@@ -221,8 +232,7 @@ def test_varlen(backend, device):
 def test_dropout_rate_and_reproducibility(backend, device):
     dtype = torch.float16 if device == "cuda" else torch.float32
     q, k, v = make_qkv(1, 2, 2, 64, 256, 32, dtype, device)
-    why = supported(backend, q, k, v, dropout_p=0.25)
-    assert why is None, why  # every backend takes dropout
+    require(backend, q, k, v, dropout_p=0.25)
     # with v = identity rows, out holds the kept, rescaled probabilities themselves
     v = torch.eye(256, 32, dtype=dtype, device=device)[None, None].expand(1, 2, 256, 32).contiguous()
     q = torch.zeros_like(q)  # uniform probabilities 1/256
@@ -289,18 +299,12 @@ def test_sdpa_gqa_and_3d():
         ops.scaled_dot_product_attention(q, k, v)
 
 
-def _decode_backends():
-    rows = []
-    for b in registry.backends_of("attention_decode"):
-        marks = [GPU] if b.name == "cuda" else []
-        device = "cuda" if b.name == "cuda" or (b.name == "triton" and HAS_CUDA) else "cpu"
-        rows.append(pytest.param(b.name, device, marks=marks, id=b.name))
-    return rows
+DECODE_BACKENDS = backend_rows.rows("attention_decode")
 
 
 @pytest.mark.parametrize("new", [1, 4])
 @pytest.mark.parametrize("d", [59, 64, 128])
-@pytest.mark.parametrize("backend,device", _decode_backends())
+@pytest.mark.parametrize("backend,device", DECODE_BACKENDS)
 def test_decode_matches_reference(backend, device, d, new):
     """Decoding against the fp64 truth of attention over each sequence's filled cache, with
     the same-dtype error as the yardstick (as compare())."""
@@ -312,6 +316,7 @@ def test_decode_matches_reference(backend, device, d, new):
         k_cache, v_cache = (torch.randn(B, Hkv, S_max, d, generator=g).to(dtype).to(device) for _ in range(2))
         q = torch.randn(B, H, new, d, generator=g).to(dtype).to(device)
         seqlens = torch.tensor([new, 157, 300], dtype=torch.int32, device=device)
+        require(backend, q, k_cache, v_cache, decode=True, window_left=20)
         for window in (-1, 20):
             out, lse = ops.attention_decode(q, k_cache, v_cache, seqlens, window=None if window < 0 else window,
                                             return_lse=True, backend=backend)
@@ -327,7 +332,7 @@ def test_decode_matches_reference(backend, device, d, new):
 
 
 @pytest.mark.parametrize(
-    "backend,device", [row for row in _decode_backends() if row.values[1] == "cuda"] or [pytest.param("cuda", "cuda", marks=GPU)]
+    "backend,device", [row for row in DECODE_BACKENDS if row.values[1] == "cuda"] or [pytest.param("cuda", "cuda", marks=GPU)]
 )
 def test_decode_clamps_cache_seqlens_on_gpu(backend, device):
     """On a GPU the values of cache_seqlens are not checked on the host (that would synchronize

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import backend_rows  # tests/backend_rows.py
 from fastarch import ops, registry
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem
 
@@ -40,23 +41,11 @@ QK_COL, V_COL = 3, 5  # the column of q / k, and of v / dout, that holds the NaN
 
 
 def _rows(op: str) -> list:
-    """(backend, device) rows: every backend registered for ``op``, on the device it runs."""
-    rows = []
-    for b in registry.backends_of(op):
-        if b.name == "cuda":
-            rows.append(pytest.param("cuda", "cuda", marks=pytest.mark.gpu, id="cuda"))
-        elif b.name == "triton":
-            rows.append(pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"))
-        else:
-            rows.append(pytest.param(b.name, "cpu", id=b.name))
-    return rows
+    return backend_rows.rows(op)
 
 
 def _skip_unless_supported(op: str, backend: str, q, k, v, decode: bool = False, **features) -> None:
-    entry = next(b for b in registry.backends_of(op) if b.name == backend)
-    why = registry.why_not(entry, AttentionProblem.of(q, k, v, AttentionArgs(**features), decode=decode))
-    if why is not None:
-        pytest.skip(f"{backend}: {why}")
+    backend_rows.require(op, backend, AttentionProblem.of(q, k, v, AttentionArgs(**features), decode=decode))
 
 
 def _shape(backend: str, device: str) -> tuple[int, int]:

@@ -1,0 +1,41 @@
+"""What every op's test table shares: a row per backend of the op, and what a decline means.
+
+A backend may decline a row for a reason of this machine (no GPU, no AVX-512, a build without
+some kernels: a registry.MachineReason): the row is skipped with that reason. Any other
+decline fails the row: a table lists, per backend, only cases the backend claims to run (the
+declines by design are tested on their own, as errors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastarch import registry
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def rows(op: str) -> list:
+    """pytest params (backend, device): every backend registered for ``op`` on the device it
+    runs (cuda rows marked gpu; Triton on the GPU when there is one, else in its interpreter)."""
+    params = []
+    for b in registry.backends_of(op):
+        if b.name == "cuda":
+            params.append(pytest.param("cuda", "cuda", marks=pytest.mark.gpu, id="cuda"))
+        elif b.name == "triton":
+            params.append(pytest.param("triton", "cuda" if HAS_CUDA else "cpu", id="triton"))
+        else:
+            params.append(pytest.param(b.name, "cpu", id=b.name))
+    return params
+
+
+def require(op: str, backend: str, problem) -> None:
+    """Returns when ``backend`` runs ``problem``; skips for a reason of this machine; fails
+    for any other reason."""
+    entry = next(b for b in registry.backends_of(op) if b.name == backend)
+    why = registry.why_not(entry, problem)
+    if why is None:
+        return
+    if isinstance(why, registry.MachineReason):
+        pytest.skip(f"{backend} cannot run here: {why}")
+    pytest.fail(f"{backend} declines a case of its own test table: {why}")
