@@ -62,14 +62,11 @@ def _check_inputs(
 
 
 def check_eps(op: str, eps: object) -> None:
-    """eps: a finite float >= 0. A symbolic float (torch.compile with dynamic=True traces
-    Python floats as SymFloats) has no value to check while tracing; it is checked when the
-    compiled code runs the op eagerly (the custom op's own checks)."""
-    if isinstance(eps, torch.SymFloat):
-        return
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    """eps: a finite float >= 0. (Compared rather than math.isfinite: torch.compile with
+    dynamic=True traces Python floats as symbols, which compare but have no isfinite.)"""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, torch.SymFloat)):
         raise TypeError(f"fastarch.{op}: eps must be a float, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
+    if not 0 <= eps < math.inf:
         raise ValueError(f"fastarch.{op}: eps must be finite and >= 0, got {eps}")
 
 

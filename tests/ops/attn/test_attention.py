@@ -263,42 +263,6 @@ def test_public_api_layouts_and_lse():
     torch.testing.assert_close(packed, out[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(), dict(is_causal=True), dict(scale=0.3), dict(attn_mask="bool"), dict(attn_mask="float")],
-    ids=["plain", "causal", "scale", "bool-mask", "float-mask"],
-)
-@pytest.mark.parametrize("sq,sk", [(9, 13), (13, 9), (16, 16)])
-def test_sdpa_matches_torch(kwargs, sq, sk):
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, sq, 16), torch.randn(2, 4, sk, 16), torch.randn(2, 4, sk, 16)
-    kw = dict(kwargs)
-    if kw.get("attn_mask") == "bool":
-        kw["attn_mask"] = torch.rand(sq, sk) > 0.3
-    elif kw.get("attn_mask") == "float":
-        kw["attn_mask"] = torch.randn(2, 1, sq, sk)
-    ours = ops.scaled_dot_product_attention(q, k, v, **kw)
-    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, equal_nan=True)
-
-
-def test_sdpa_gqa_and_3d():
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
-    torch.testing.assert_close(
-        ops.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True),
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True),
-        rtol=1e-5, atol=1e-5,
-    )
-    q3, k3, v3 = torch.randn(3, 5, 16), torch.randn(3, 7, 16), torch.randn(3, 7, 16)
-    torch.testing.assert_close(
-        ops.scaled_dot_product_attention(q3, k3, v3), torch.nn.functional.scaled_dot_product_attention(q3, k3, v3),
-        rtol=1e-5, atol=1e-5,
-    )
-    with pytest.raises(RuntimeError, match="enable_gqa=True"):
-        ops.scaled_dot_product_attention(q, k, v)
-
-
 DECODE_BACKENDS = backend_rows.rows("attention_decode")
 
 
@@ -374,29 +338,3 @@ def test_append_kv_writes_in_place():
         ops.append_kv(k_cache, v_cache, k_new, v_new, torch.tensor([0, 8], dtype=torch.int32))
 
 
-def test_opcheck_and_compile():
-    q, k, v = make_qkv(2, 4, 2, 9, 13, 16, torch.float32, "cpu")
-    args = (q.requires_grad_(), k, v, None, None, None, None, 0, 0, True, 0.25, -1, -1, 0.0, None, "")
-    torch.library.opcheck(torch.ops.fastarch.attention.default, args)
-    torch._dynamo.reset()
-
-    def f(q, k, v):
-        return ops.attention(q, k, v, causal=True, window=4)
-
-    compiled = torch.compile(f, fullgraph=True)
-    a = compiled(q, k, v)
-    torch.testing.assert_close(a, f(q, k, v), rtol=0, atol=0)
-    a.sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
-
-
-@pytest.mark.parametrize("dv", [16, 24], ids=["dv=d", "dv!=d"])
-def test_opcheck_kernel_ops(dv):
-    """The C++ kernel ops themselves (schema, fake shapes, strides) on the CPU."""
-    q, k, v = make_qkv(2, 4, 2, 9, 13, 16, torch.float32, "cpu", dv=dv)
-    common = (None, None, None, None, 0, 0, True, 0.25, -1, -1, 0.0, 0)
-    torch.library.opcheck(torch.ops.fastarch._attention_fwd.default, (q, k, v, *common))
-    out, lse = torch.ops.fastarch._attention_fwd(q, k, v, *common)
-    torch.library.opcheck(torch.ops.fastarch._attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *common))
-    seqlens = torch.tensor([5, 13], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.fastarch._attention_decode.default, (q[:, :, :2], k, v, seqlens, True, 0.25, -1))
