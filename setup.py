@@ -4,10 +4,15 @@ The C++ CPU kernels are always compiled. The CUDA kernels are compiled as well w
 a CUDA build and nvcc is found; FASTARCH_CUDA=0 or 1 forces either way (1 fails loudly when
 it cannot). TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is visible; MAX_JOBS sets
 the number of parallel compile jobs (ninja).
+
+The CPU kernels come in a portable build (every machine) and an AVX-512 build (csrc/cpu/*_avx512.cpp,
+chosen at run time on CPUs that have it), compiled on x86-64 only; FASTARCH_CPU_AVX512=0 leaves it out
+there too (to test the portable-only build), 1 fails loudly where it cannot be compiled.
 """
 
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import find_packages, setup
@@ -58,12 +63,32 @@ def _build_cuda() -> bool:
     return True
 
 
+def _build_avx512() -> bool:
+    flag = os.environ.get("FASTARCH_CPU_AVX512", "auto").strip().lower()
+    if flag not in ("auto", "0", "1"):
+        raise RuntimeError(f"FASTARCH_CPU_AVX512 must be 0, 1 or auto, got {flag!r}")
+    machine = platform.machine()
+    x86_64 = machine.lower() in ("x86_64", "amd64")
+    if flag == "1" and not x86_64:
+        raise RuntimeError(f"FASTARCH_CPU_AVX512=1 but the AVX-512 kernels need an x86-64 build machine, this is {machine!r}")
+    if flag == "0" or not x86_64:
+        print(f"fastarch: building the portable CPU kernels only ({'FASTARCH_CPU_AVX512=0' if flag == '0' else machine})")
+        return False
+    return True
+
+
 def _extension():
     with_cuda = _build_cuda()
-    sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    with_avx512 = _build_avx512()
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if not with_avx512:
+        cpu_sources = [s for s in cpu_sources if not s.endswith("_avx512.cpp")]
+    sources = ["csrc/ops.cpp", "csrc/module.cpp"] + cpu_sources
     # -ffp-contract=off: no implicit FMAs, so kernels round where the reference rounds (explicit
     # FMA intrinsics stay); e.g. dy*w - mean(dy*w) is exactly 0 for a row of one element.
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
+    if with_avx512:
+        cxx.append("-DFASTARCH_WITH_AVX512")  # the glue calls the AVX-512 kernels
     if not with_cuda:
         return CppExtension(
             "fastarch._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]

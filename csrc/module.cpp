@@ -18,7 +18,11 @@ PYBIND11_MODULE(_C, m) {
 #else
     info["cuda"] = false;
 #endif
-    info["cpu_isa"] = fastarch::cpu::isa_name(fastarch::cpu::active_isa());
+    pybind11::list cpu_kernels;  // the builds of the CPU kernels compiled in
+    cpu_kernels.append("generic");
+    if (fastarch::cpu::avx512_kernels_built()) cpu_kernels.append("avx512");
+    info["cpu_kernels"] = cpu_kernels;
+    info["cpu_isa"] = fastarch::cpu::isa_name(fastarch::cpu::active_isa());  // the one in use now
     info["cpu_has_avx512"] = fastarch::cpu::cpu_has_avx512();
     info["cpu_has_avx512_bf16"] = fastarch::cpu::cpu_has_avx512_bf16();
     info["compiler"] = std::string("gcc ") + FASTARCH_STR(__GNUC__) "." FASTARCH_STR(__GNUC_MINOR__);
