@@ -1,6 +1,7 @@
 // CPU implementation of fastarch::_attention_bwd: argument checks, BackwardParams from
-// tensors, the workspace, the threading of the three passes of attention_bwd.h, and a portable
-// path in ATen ops for CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa("generic")).
+// tensors, the workspace, and the threading of the three passes of attention_bwd.h, run by the
+// AVX-512 kernel or, on CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa("generic")),
+// the portable one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,72 +40,20 @@ constexpr int64_t kMaxChunks = 4;
 
 Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// ----------------------------------------------------------------------------- portable path
+// The passes of one build of the kernel (attention_bwd.h).
+struct BwdKernel {
+  int64_t (*workspace_floats)(const BackwardParams&);
+  void (*prepare_block)(const BackwardParams&, int64_t, int64_t, int64_t);
+  void (*key_chunk)(const BackwardParams&, int64_t, int64_t, int64_t, float*);
+  void (*finish_block)(const BackwardParams&, int64_t, int64_t, int64_t);
+};
 
-// attention_reference._mix32 on int64 tensors holding uint32 values.
-Tensor mix32(Tensor h) {
-  constexpr int64_t m = 0xFFFFFFFFll;
-  h = h.bitwise_xor(h.bitwise_right_shift(16));
-  h = h.mul(0x7FEB352Dll).bitwise_and(m);
-  h = h.bitwise_xor(h.bitwise_right_shift(15));
-  h = h.mul(0x4C7D19F3ll).bitwise_and(m);
-  return h.bitwise_xor(h.bitwise_right_shift(16));
-}
-
-std::tuple<Tensor, Tensor, Tensor> backward_portable(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                     const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                     const std::optional<Tensor>& mask, const std::optional<Tensor>& kpm,
-                                                     const std::vector<SeqSpan>& seqs, double scale, int64_t window_left,
-                                                     int64_t window_right, double dropout_p, int64_t seed,
-                                                     uint32_t threshold) {
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t H = q.size(1), Hkv = k.size(1), Sq = q.size(2), group = H / Hkv;
-  constexpr int64_t kRows = 256;  // queries per step: bounds the scores to kRows x Sk
-  constexpr int64_t m32 = 0xFFFFFFFFll;
-  Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
-  Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc));
-  Tensor dv = at::zeros(v.sizes(), v.options().dtype(acc));
-  const auto i64 = q.options().dtype(at::kLong);
-  for (const SeqSpan& s : seqs) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t hk = h / group;
-      const Tensor K = k[s.b][hk].narrow(0, s.k0, s.sk).to(acc), V = v[s.b][hk].narrow(0, s.k0, s.sk).to(acc);
-      const Tensor j = at::arange(s.sk, i64).unsqueeze(0);
-      for (int64_t start = 0; start < s.sq; start += kRows) {
-        const int64_t rows = std::min(kRows, s.sq - start), row0 = s.q0 + start;
-        const Tensor Q = q[s.b][h].narrow(0, row0, rows).to(acc);
-        const Tensor dO = dout[s.b][h].narrow(0, row0, rows).to(acc);
-        const Tensor O = out[s.b][h].narrow(0, row0, rows).to(acc);
-        Tensor S = Q.matmul(K.t()).mul_(scale);
-        if (mask) S.add_(mask->select(0, s.b).select(0, h).narrow(0, row0, rows).narrow(1, s.k0, s.sk).to(acc));
-        const Tensor diag = at::arange(start, start + rows, i64).unsqueeze(1) + (s.sk - s.sq);
-        Tensor ok = at::ones({rows, s.sk}, q.options().dtype(at::kBool));
-        if (window_right >= 0) ok.logical_and_(j <= diag + window_right);
-        if (window_left >= 0) ok.logical_and_(j >= diag - window_left);
-        if (kpm) ok.logical_and_(kpm->select(0, s.b).narrow(0, s.k0, s.sk).unsqueeze(0));
-        S.masked_fill_(ok.logical_not(), -std::numeric_limits<double>::infinity());
-        Tensor L = lse[s.b][h].narrow(0, row0, rows).to(acc).unsqueeze(1);
-        L = L.masked_fill(L.isneginf(), std::numeric_limits<double>::infinity());  // sees no key: P = 0
-        const Tensor P = (S - L).exp_();
-        Tensor dP = dO.matmul(V.t());
-        Tensor P_used = P;
-        if (dropout_p > 0) {
-          const Tensor hash_rows = (at::arange(row0, row0 + rows, i64) + (s.b * H + h) * Sq + seed).bitwise_and(m32);
-          const Tensor keep = mix32(mix32(hash_rows).unsqueeze(1).bitwise_xor(j + s.k0)) >= int64_t{threshold};
-          const double keep_scale = 1.0 / (1.0 - dropout_p);
-          P_used = at::where(keep, P * keep_scale, at::zeros_like(P));
-          dP = at::where(keep, dP * keep_scale, at::zeros_like(dP));
-        }
-        const Tensor delta = (dO * O).sum(-1, true);
-        const Tensor dS = P * (dP - delta);
-        dv[s.b][hk].narrow(0, s.k0, s.sk).add_(P_used.t().matmul(dO));
-        dk[s.b][hk].narrow(0, s.k0, s.sk).add_(dS.t().matmul(Q).mul_(scale));
-        dq[s.b][h].narrow(0, row0, rows).copy_(dS.matmul(K).mul_(scale));
-      }
-    }
-  }
-  auto laid_out = [](const Tensor& like, const Tensor& value) { return at::empty_like(like).copy_(value); };
-  return {laid_out(q, dq), laid_out(k, dk), laid_out(v, dv)};
+BwdKernel bwd_kernel(bool avx512) {
+#ifdef FASTARCH_WITH_AVX512
+  if (avx512) return {bwd_workspace_floats, bwd_prepare_block, bwd_key_chunk, bwd_finish_block};
+#endif
+  (void)avx512;
+  return {bwd_workspace_floats_generic, bwd_prepare_block_generic, bwd_key_chunk_generic, bwd_finish_block_generic};
 }
 
 // ----------------------------------------------------------------------------- the op
@@ -140,13 +89,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   std::vector<SeqSpan> seqs;
   for (int64_t n = 0; n < in.p.num_seqs; ++n) seqs.push_back(seq_span(in.p, n));
 
-  const bool fast = use_kernels() && cpu_has_avx512_bf16() &&
-                    (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
-  if (!fast) {
-    const std::optional<Tensor> mask = in.mask.defined() ? std::optional<Tensor>(in.mask) : std::nullopt;
-    return backward_portable(dout, q, k, v, out, lse, mask, key_padding_mask, seqs, scale, wl, wr, dropout_p, seed,
-                             in.p.dropout_threshold);
-  }
+  // The AVX-512 kernel's translation unit is compiled with AVX512-BF16 for every dtype.
+  const bool avx512 = use_avx512(Dtype::bf16);
 
   // Rows outside every packed sequence get no gradient; otherwise every row is written.
   Tensor dq = cu_seqlens_q ? at::zeros_like(q) : at::empty_like(q);
@@ -158,6 +102,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   p.a = in.p;
   AttentionParams& a = p.a;
   a.dtype = dtype_of(op, q);
+  const BwdKernel kernel = bwd_kernel(avx512);
   a.out = const_cast<void*>(out.data_ptr());
   a.lse = const_cast<float*>(lse.data_ptr<float>());
   set_strides(a.out_stride, out);
@@ -188,7 +133,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   p.chunks = std::clamp<int64_t>((kMinItems + items_per_chunk - 1) / std::max<int64_t>(items_per_chunk, 1), 1,
                                  std::min(kMaxChunks, max_key_blocks));
 
-  const bool bf16 = a.dtype == Dtype::bf16;
+  const bool bf16 = avx512 && a.dtype == Dtype::bf16;  // the buffers in bf16 (else fp32)
   const auto bytes = [&](int64_t width) { return H * rows * width * (bf16 ? 2 : 4); };
   const auto u8 = q.options().dtype(at::kByte);
   const Tensor q_t = at::empty({bytes(bwd_d_even(p))}, u8), q_n = at::empty({bytes(bwd_d16(p))}, u8);
@@ -203,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   at::parallel_for(0, H * num_qblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const auto [n, t] = qblocks[i % num_qblocks];
-      bwd_prepare_block(p, i / num_qblocks, n, t);
+      kernel.prepare_block(p, i / num_qblocks, n, t);
     }
   });
 
@@ -230,14 +175,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
-  const int64_t ws_floats = bwd_workspace_floats(p);
+  const int64_t ws_floats = kernel.workspace_floats(p);
   const Tensor workspace = at::empty({threads * ws_floats}, q.options().dtype(at::kFloat));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
       float* ws = workspace.data_ptr<float>() + slot * ws_floats;
       for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
-        bwd_key_chunk(p, items[i].n, items[i].hk, items[i].chunk, ws);
+        kernel.key_chunk(p, items[i].n, items[i].hk, items[i].chunk, ws);
       }
     }
   });
@@ -245,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   at::parallel_for(0, H * num_qblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const auto [n, t] = qblocks[i % num_qblocks];
-      bwd_finish_block(p, i / num_qblocks, n, t);
+      kernel.finish_block(p, i / num_qblocks, n, t);
     }
   });
   return {dq, dk, dv};

@@ -1,5 +1,6 @@
 // The CPU attention backward (fastarch::_attention_bwd): what the glue (attention_bwd.cpp,
-// torch side) hands the AVX-512 kernel (attention_bwd_avx512.cpp, no torch headers).
+// torch side) hands the kernels, AVX-512 (attention_bwd_avx512.cpp, no torch headers) and
+// portable (attention_bwd_generic.cpp).
 //
 // FlashAttention-2 order, transposed: a tile holds S^T = K Q^T (keys as rows, queries as
 // columns), so P^T and dS^T come out of the elementwise pass already in the row-major form the
@@ -37,7 +38,8 @@ struct BackwardParams {
   // rounded up to 16 rows; sequence n's block t starts at seq_rows[n] + t * block_q.
   const int64_t* seq_rows;  // (num_seqs,)
   int64_t rows_total;       // padded rows per head
-  // Compute-type buffers (bf16 bits for bf16 inputs, fp32 for fp32 and fp16), per head h at
+  // Compute-type buffers (AVX-512: bf16 bits for bf16 inputs, fp32 for fp32 and fp16; portable:
+  // fp32 for every dtype), per head h at
   // h * rows_total * width + R * width for the block at padded row R:
   void* q_t;   // width d_even: Q^T as right operand (pairs of d), rows16 columns
   void* q_n;   // width d16:    Q as right operand (pairs of query rows)
@@ -63,5 +65,11 @@ int64_t bwd_workspace_floats(const BackwardParams& p);
 void bwd_prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t);
 void bwd_key_chunk(const BackwardParams& p, int64_t n, int64_t hk, int64_t chunk, float* workspace);
 void bwd_finish_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t);
+
+// The same passes, portable (any CPU).
+int64_t bwd_workspace_floats_generic(const BackwardParams& p);
+void bwd_prepare_block_generic(const BackwardParams& p, int64_t h, int64_t n, int64_t t);
+void bwd_key_chunk_generic(const BackwardParams& p, int64_t n, int64_t hk, int64_t chunk, float* workspace);
+void bwd_finish_block_generic(const BackwardParams& p, int64_t h, int64_t n, int64_t t);
 
 }  // namespace fastarch::cpu::attention

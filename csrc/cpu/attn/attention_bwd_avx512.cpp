@@ -268,6 +268,30 @@ void prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
 
   const char* q = row_ptr(a.q, a.q_stride, es, s.b, h, s.q0 + qb.i0);
   const char* dout = row_ptr(p.dout, p.dout_stride, es, s.b, h, s.q0 + qb.i0);
+  int64_t q_stride = a.q_stride[2], dout_stride = p.dout_stride[2];
+  const float* lse_in = a.lse + (s.b * a.H + h) * a.Sq + s.q0 + qb.i0;
+  const float inf = __builtin_inff();
+  // A query that sees no key (lse -inf) passes no gradient. Its P and dS are 0, but a NaN in
+  // its q or dout row would still reach dK and dV through 0 x NaN in the tile products: such
+  // a block is packed from a copy with those rows zeroed (rare: causal with Sq > Sk, padding).
+  char* zeroed = nullptr;
+  for (int64_t m = 0; m < qb.rows && !zeroed; ++m) {
+    if (lse_in[m] == -inf) zeroed = static_cast<char*>(__builtin_malloc(qb.rows * (D + Dv) * es));
+  }
+  if (zeroed) {
+    char* dout_copy = zeroed + qb.rows * D * es;
+    for (int64_t m = 0; m < qb.rows; ++m) {
+      const bool none = lse_in[m] == -inf;
+      if (none) {
+        __builtin_memset(zeroed + m * D * es, 0, D * es);
+        __builtin_memset(dout_copy + m * Dv * es, 0, Dv * es);
+      } else {
+        __builtin_memcpy(zeroed + m * D * es, q + m * q_stride * es, D * es);
+        __builtin_memcpy(dout_copy + m * Dv * es, dout + m * dout_stride * es, Dv * es);
+      }
+    }
+    q = zeroed, dout = dout_copy, q_stride = D, dout_stride = Dv;
+  }
   CT* q_t = static_cast<CT*>(p.q_t) + head_rows * d_even;
   CT* q_n = static_cast<CT*>(p.q_n) + head_rows * d16;
   CT* do_t = static_cast<CT*>(p.do_t) + head_rows * dv_even;
@@ -275,21 +299,19 @@ void prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
   if constexpr (kBf16) {
     const auto* q16 = reinterpret_cast<const uint16_t*>(q);
     const auto* do16 = reinterpret_cast<const uint16_t*>(dout);
-    pack_b_bf16(q16, a.q_stride[2], qb.rows, D, true, d_even, qb.rows16, q_t);
-    pack_b_bf16(q16, a.q_stride[2], qb.rows, D, false, bwd_round_up(qb.rows, 2), d16, q_n);
-    pack_b_bf16(do16, p.dout_stride[2], qb.rows, Dv, true, dv_even, qb.rows16, do_t);
-    pack_b_bf16(do16, p.dout_stride[2], qb.rows, Dv, false, bwd_round_up(qb.rows, 2), dv16, do_n);
+    pack_b_bf16(q16, q_stride, qb.rows, D, true, d_even, qb.rows16, q_t);
+    pack_b_bf16(q16, q_stride, qb.rows, D, false, bwd_round_up(qb.rows, 2), d16, q_n);
+    pack_b_bf16(do16, dout_stride, qb.rows, Dv, true, dv_even, qb.rows16, do_t);
+    pack_b_bf16(do16, dout_stride, qb.rows, Dv, false, bwd_round_up(qb.rows, 2), dv16, do_n);
   } else {
-    copy_rows_transposed<T>(q, a.q_stride[2], qb.rows, D, qb.rows16, q_t);
-    copy_rows<T>(q, a.q_stride[2], qb.rows, D, d16, q_n);
-    copy_rows_transposed<T>(dout, p.dout_stride[2], qb.rows, Dv, qb.rows16, do_t);
-    copy_rows<T>(dout, p.dout_stride[2], qb.rows, Dv, dv16, do_n);
+    copy_rows_transposed<T>(q, q_stride, qb.rows, D, qb.rows16, q_t);
+    copy_rows<T>(q, q_stride, qb.rows, D, d16, q_n);
+    copy_rows_transposed<T>(dout, dout_stride, qb.rows, Dv, qb.rows16, do_t);
+    copy_rows<T>(dout, dout_stride, qb.rows, Dv, dv16, do_n);
   }
 
   float* delta = p.delta + head_rows;
   float* lse = p.lse + head_rows;
-  const float* lse_in = a.lse + (s.b * a.H + h) * a.Sq + s.q0 + qb.i0;
-  const float inf = __builtin_inff();
   for (int64_t m = 0; m < qb.rows16; ++m) {
     if (m >= qb.rows) {
       delta[m] = 0.0f;
@@ -297,7 +319,7 @@ void prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
       continue;
     }
     const char* o_row = row_ptr(a.out, a.out_stride, es, s.b, h, s.q0 + qb.i0 + m);
-    const char* do_row = dout + m * p.dout_stride[2] * es;
+    const char* do_row = dout + m * dout_stride * es;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t d = 0; d < Dv; d += 16) {
       const __mmask16 mk = tail_mask(Dv - d);
@@ -307,6 +329,7 @@ void prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
     const float l = lse_in[m];
     lse[m] = l == -inf ? inf : l * exp_base<T>();  // a query that sees no key: P = 0, no gradient
   }
+  __builtin_free(zeroed);
 }
 
 // ----------------------------------------------------------------------------- pass 2

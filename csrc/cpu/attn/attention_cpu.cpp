@@ -1,6 +1,8 @@
 // CPU implementation of fastarch::_attention_fwd and fastarch::_attention_decode: argument
 // checks, allocation, the work plan, and torch's thread pool (at::parallel_for) around the
-// AVX-512 kernels of attention_fwd_avx512.cpp / attention_decode_avx512.cpp. (The backward,
+// kernels of attention_kernels.h: AVX-512 (attention_fwd_avx512.cpp,
+// attention_decode_avx512.cpp) when they are compiled in and the CPU runs them, else portable
+// (attention_fwd_generic.cpp, attention_decode_generic.cpp). (The backward,
 // fastarch::_attention_bwd, registers in its own translation unit.)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,59 +30,47 @@ using at::Tensor;
 
 // ----------------------------------------------------------------------------- forward
 
-std::tuple<Tensor, Tensor> attention_fwd_cpu(
-    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
-    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& cu_seqlens_q,
-    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
-    int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
-  const char* who = "fastarch::_attention_fwd (cpu)";
-  AttentionInputs in;
-  in.fill(who, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left,
-          window_right, dropout_p, seed);
-  const Dtype dtype = dtype_of(who, q);
-  check_isa(who, dtype);
-  (void)max_seqlen_q, (void)max_seqlen_k;  // the glue reads the offsets themselves
-  AttentionParams& p = in.p;
-  p.dtype = dtype;
-  const int64_t B = p.B, H = p.H, Sq = p.Sq, D = p.D, Hkv = p.Hkv, Dv = p.Dv;
-
-  Tensor out = make_out(q, Dv);
-  Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  set_strides(p.out_stride, out);
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-
-  // Packing of K and V: one block per (sequence, kv head, key block of kFwdBlockN keys).
-  FwdPacking pk{};
-  pk.bf16_gemm = dtype == Dtype::bf16;
-  pk.d_pad = pk.bf16_gemm ? (D + 1) / 2 * 2 : D;
-  pk.dv_pad = (Dv + 15) / 16 * 16;
-  pk.k_block_elems = pk.d_pad * kFwdBlockN;
-  pk.v_block_elems = kFwdBlockN * pk.dv_pad;
-  std::vector<int64_t> seq_block0(p.num_seqs + 1, 0);
+// The forward's tasks (sequence, head, block of block_m queries), costliest first: taken
+// dynamically, the threads finish together even when causal masks make the tasks' costs differ
+// by the sequence length.
+std::vector<FwdTask> plan_fwd_tasks(const AttentionParams& p, int64_t block_m, int64_t block_n) {
   std::vector<FwdTask> tasks;
   std::vector<int64_t> cost;
   for (int64_t n = 0; n < p.num_seqs; ++n) {
     const SeqSpan s = seq_span(p, n);
-    seq_block0[n + 1] = seq_block0[n] + (s.sk + kFwdBlockN - 1) / kFwdBlockN;
-    for (int64_t qb = 0; qb * kFwdBlockM < s.sq; ++qb) {
-      const int64_t i0 = qb * kFwdBlockM, i1 = std::min(s.sq, i0 + kFwdBlockM);
+    for (int64_t qb = 0; qb * block_m < s.sq; ++qb) {
+      const int64_t i0 = qb * block_m, i1 = std::min(s.sq, i0 + block_m);
       const KeyRange first = visible_keys(p, s, i0), last = visible_keys(p, s, i1 - 1);
-      const int64_t blocks = last.hi > first.lo ? (last.hi + kFwdBlockN - 1) / kFwdBlockN - first.lo / kFwdBlockN : 0;
-      for (int64_t h = 0; h < H; ++h) {
+      const int64_t blocks = last.hi > first.lo ? (last.hi + block_n - 1) / block_n - first.lo / block_n : 0;
+      for (int64_t h = 0; h < p.H; ++h) {
         tasks.push_back({static_cast<int32_t>(n), static_cast<int32_t>(h), static_cast<int32_t>(qb)});
         cost.push_back(blocks * 4 + 1);  // a block of keys against the fixed cost of a task
       }
     }
   }
-  // Longest first, taken dynamically: the threads finish together even when causal masks
-  // make the tasks' costs differ by the sequence length.
   std::vector<int64_t> order(tasks.size());
   for (size_t t = 0; t < order.size(); ++t) order[t] = static_cast<int64_t>(t);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
   std::vector<FwdTask> sorted(tasks.size());
   for (size_t t = 0; t < order.size(); ++t) sorted[t] = tasks[order[t]];
+  return sorted;
+}
+
+#ifdef FASTARCH_WITH_AVX512
+void fwd_avx512(const AttentionParams& p, const Tensor& q) {
+  const int64_t D = p.D, Dv = p.Dv, Hkv = p.Hkv;
+  // Packing of K and V: one block per (sequence, kv head, key block of kFwdBlockN keys).
+  FwdPacking pk{};
+  pk.bf16_gemm = p.dtype == Dtype::bf16;
+  pk.d_pad = pk.bf16_gemm ? (D + 1) / 2 * 2 : D;
+  pk.dv_pad = (Dv + 15) / 16 * 16;
+  pk.k_block_elems = pk.d_pad * kFwdBlockN;
+  pk.v_block_elems = kFwdBlockN * pk.dv_pad;
+  std::vector<int64_t> seq_block0(p.num_seqs + 1, 0);
+  for (int64_t n = 0; n < p.num_seqs; ++n) {
+    seq_block0[n + 1] = seq_block0[n] + (seq_span(p, n).sk + kFwdBlockN - 1) / kFwdBlockN;
+  }
+  const std::vector<FwdTask> sorted = plan_fwd_tasks(p, kFwdBlockM, kFwdBlockN);
 
   const int64_t num_blocks = seq_block0.back() * Hkv;
   const int64_t block_bytes = (pk.k_block_elems + pk.v_block_elems) * fwd_element_bytes(pk);
@@ -99,10 +89,69 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
     for (int64_t t = begin; t < end; ++t)
       fwd_run_avx512(p, pk, sorted.data(), num_tasks, &next, static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
   });
+}
+#endif
+
+void fwd_generic(const AttentionParams& p, const Tensor& q) {
+  const std::vector<FwdTask> tasks = plan_fwd_tasks(p, kFwdBlockMGeneric, kFwdBlockN);
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  const int64_t scratch_bytes = fwd_scratch_bytes_generic(p);
+  Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
+  int64_t next = 0;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      fwd_run_generic(p, tasks.data(), num_tasks, &next, static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
+  });
+}
+
+std::tuple<Tensor, Tensor> attention_fwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& cu_seqlens_q,
+    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
+    int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
+  const char* who = "fastarch::_attention_fwd (cpu)";
+  AttentionInputs in;
+  in.fill(who, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left,
+          window_right, dropout_p, seed);
+  const Dtype dtype = dtype_of(who, q);
+  (void)max_seqlen_q, (void)max_seqlen_k;  // the glue reads the offsets themselves
+  AttentionParams& p = in.p;
+  p.dtype = dtype;
+
+  Tensor out = make_out(q, p.Dv);
+  Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  set_strides(p.out_stride, out);
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+#ifdef FASTARCH_WITH_AVX512
+  if (use_avx512(dtype)) {
+    fwd_avx512(p, q);
+    return {out, lse};
+  }
+#endif
+  fwd_generic(p, q);
   return {out, lse};
 }
 
 // ----------------------------------------------------------------------------- decode
+
+// The decode kernel of one build (attention_kernels.h).
+struct DecodeKernel {
+  int64_t (*item_floats)(const DecodeParams&);
+  int64_t (*scratch_bytes)(const DecodeParams&);
+  void (*chunks)(const DecodeParams&, int64_t, int64_t, int64_t, int64_t, float*, void*);
+  void (*combine)(const DecodeParams&, int64_t, int64_t, int64_t, const float*);
+};
+
+DecodeKernel decode_kernel(bool avx512) {
+#ifdef FASTARCH_WITH_AVX512
+  if (avx512) return {decode_item_floats, decode_scratch_bytes, decode_chunks_avx512, decode_combine_avx512};
+#endif
+  (void)avx512;
+  return {decode_item_floats_generic, decode_scratch_bytes_generic, decode_chunks_generic, decode_combine_generic};
+}
 
 std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                                 const Tensor& cache_seqlens, bool causal, double scale,
@@ -112,7 +161,6 @@ std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k
   check_4d(who, k_cache, "k_cache", q);
   check_4d(who, v_cache, "v_cache", q);
   const Dtype dtype = dtype_of(who, q);
-  check_isa(who, dtype);
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2), Dv = v_cache.size(3);
   TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B, who,
@@ -164,8 +212,9 @@ std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k
   while (chunk_len > 64 && B * Hkv * ((max_len + chunk_len - 1) / chunk_len) < kMinItems) chunk_len /= 2;
   const int64_t chunks = std::max<int64_t>(1, (max_len + chunk_len - 1) / chunk_len);
   const int64_t items = B * Hkv * chunks;
-  Tensor partials = at::empty({items * decode_item_floats(p)}, q.options().dtype(at::kFloat));
-  const int64_t scratch_bytes = decode_scratch_bytes(p);
+  const DecodeKernel kernel = decode_kernel(use_avx512(dtype));
+  Tensor partials = at::empty({items * kernel.item_floats(p)}, q.options().dtype(at::kFloat));
+  const int64_t scratch_bytes = kernel.scratch_bytes(p);
   Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
   // One parallel region: items are taken dynamically (on a shared machine a thread that loses
   // its core leaves its share to the others), and whichever thread completes the last chunk of
@@ -178,9 +227,9 @@ std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k
     for (int64_t w = begin; w < end; ++w) {
       void* own = static_cast<char*>(scratch.data_ptr()) + w * scratch_bytes;
       for (int64_t t = next++; t < items; t = next++) {
-        decode_chunks_avx512(p, chunk_len, chunks, t, t + 1, part, own);
+        kernel.chunks(p, chunk_len, chunks, t, t + 1, part, own);
         const int64_t bh = t / chunks;
-        if (done[bh].fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) decode_combine_avx512(p, chunks, bh, bh + 1, part);
+        if (done[bh].fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) kernel.combine(p, chunks, bh, bh + 1, part);
       }
     }
   });

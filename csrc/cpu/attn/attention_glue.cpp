@@ -30,17 +30,8 @@ Dtype dtype_of(const char* who, const Tensor& q) {
   }
 }
 
-bool use_kernels() { return active_isa() == Isa::avx512; }
-
-void check_isa(const char* who, Dtype dtype) {
-  TORCH_CHECK(use_kernels(), who,
-              ": the CPU attention kernels need AVX-512 (F, BW, VL, DQ); this CPU (or the fastarch._C._set_cpu_isa "
-              "override) has isa '",
-              isa_name(active_isa()), "'; use the reference backend");
-  // bf16 in and out: vdpbf16ps and vcvtneps2bf16
-  TORCH_CHECK(dtype != Dtype::bf16 || cpu_has_avx512_bf16(), who,
-              ": bfloat16 on the CPU attention kernels needs AVX512-BF16, which this CPU lacks; use the reference "
-              "backend");
+bool use_avx512(Dtype dtype) {
+  return active_isa() == Isa::avx512 && (dtype != Dtype::bf16 || cpu_has_avx512_bf16());
 }
 
 void check_4d(const char* who, const Tensor& t, const char* name, const Tensor& q) {

@@ -17,9 +17,10 @@ constexpr int64_t kMaxHeadDim = 512;
 // float32, float16, bfloat16 as the kernels' Dtype; anything else is an error.
 Dtype dtype_of(const char* who, const at::Tensor& q);
 
-// The AVX-512 kernels can run dtype on this CPU (and the fastarch._C._set_cpu_isa override).
-bool use_kernels();
-void check_isa(const char* who, Dtype dtype);
+// Whether the AVX-512 kernels run dtype: compiled in, the active isa (fastarch._C._set_cpu_isa
+// can force "generic"), and for bf16, which they multiply with vdpbf16ps, AVX512-BF16. Else the
+// portable kernels run.
+bool use_avx512(Dtype dtype);
 
 // t (named `name`): 4-D (batch, heads, seq, head_dim), on the CPU, q's dtype, a contiguous
 // last dim of 1 to kMaxHeadDim elements.

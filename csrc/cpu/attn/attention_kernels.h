@@ -1,5 +1,6 @@
-// Entry points of the AVX-512 attention forward and decode kernels (attention_fwd_avx512.cpp,
-// attention_decode_avx512.cpp), called by the glue in attention_cpu.cpp, which plans the work,
+// Entry points of the attention forward and decode kernels, AVX-512 (attention_fwd_avx512.cpp,
+// attention_decode_avx512.cpp) and portable (attention_fwd_generic.cpp,
+// attention_decode_generic.cpp), called by the glue in attention_cpu.cpp, which plans the work,
 // allocates the workspaces and runs these on torch's thread pool. Plain C++, no torch headers.
 #pragma once
 #include <cstdint>
@@ -59,5 +60,20 @@ void decode_chunks_avx512(const DecodeParams& p, int64_t chunk_len, int64_t chun
                           float* partials, void* scratch);
 // Combines the partials of (b, hk) pairs [begin, end) into out and lse.
 void decode_combine_avx512(const DecodeParams& p, int64_t chunks, int64_t begin, int64_t end, const float* partials);
+
+// ----------------------------------------------------------------------------- portable build
+// The same work plans: forward tasks of kFwdBlockMGeneric queries (each task converts the key
+// blocks it reads itself: no shared packing), decode items and partials as above (with their
+// own sizes).
+constexpr int64_t kFwdBlockMGeneric = 64;
+
+int64_t fwd_scratch_bytes_generic(const AttentionParams& p);
+void fwd_run_generic(const AttentionParams& p, const FwdTask* tasks, int64_t num_tasks, int64_t* next, void* scratch);
+
+int64_t decode_item_floats_generic(const DecodeParams& p);
+int64_t decode_scratch_bytes_generic(const DecodeParams& p);
+void decode_chunks_generic(const DecodeParams& p, int64_t chunk_len, int64_t chunks, int64_t begin, int64_t end,
+                           float* partials, void* scratch);
+void decode_combine_generic(const DecodeParams& p, int64_t chunks, int64_t begin, int64_t end, const float* partials);
 
 }  // namespace fastarch::cpu::attention

@@ -85,10 +85,13 @@ Tensor as_fp32(const std::optional<Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : Tensor();
 }
 
+#ifdef FASTARCH_WITH_AVX512
 // Two fp32 rows, whole 16-element chunks each.
 std::unique_ptr<float[]> scratch_rows(int64_t cols) { return std::unique_ptr<float[]>(new float[2 * 16 * ((cols + 15) / 16)]); }
+#endif
 
 void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t end, const Avx512Inputs& in) {
+#ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
   if (use_avx512(d)) {
     const auto scratch = scratch_rows(p.cols);
     const Avx512RowArgs a = in.for_thread(scratch.get());
@@ -103,6 +106,9 @@ void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t en
         break;
     }
   }
+#else
+  (void)in;
+#endif
   switch (d) {
     case Dtype::f32:
       return norm_forward_rows_generic<Dtype::f32>(p, begin, end);
@@ -117,6 +123,7 @@ void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t en
 
 void backward_rows(
     Dtype d, const NormBackwardParams& p, int64_t begin, int64_t end, void* dw, void* db, const Avx512Inputs& in) {
+#ifdef FASTARCH_WITH_AVX512
   if (use_avx512(d)) {
     const auto scratch = scratch_rows(p.cols);
     const Avx512RowArgs a = in.for_thread(scratch.get());
@@ -133,6 +140,9 @@ void backward_rows(
         break;
     }
   }
+#else
+  (void)in;
+#endif
   switch (d) {
     case Dtype::f32:
       return norm_backward_rows_generic<Dtype::f32>(p, begin, end, dw, db);

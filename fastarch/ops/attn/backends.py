@@ -44,17 +44,13 @@ CPU_MAX_HEAD_DIM = 512  # any head dim from 1 up to this (scratch grows with it;
 
 def cpu_supports(p: AttentionProblem) -> str | None:
     """The C++ CPU kernels implement every feature of the interface (masks, key padding,
-    packed variable lengths, windows, dropout, grouped-query heads, values' head dim != keys');
-    fp64 is left to the reference."""
+    packed variable lengths, windows, dropout, grouped-query heads, values' head dim != keys'),
+    on any CPU: the AVX-512 kernels where the CPU has them (bf16 with AVX512-BF16), the
+    portable ones elsewhere; fp64 is left to the reference."""
     if why := registry.device_reason(p.device, "cpu") or registry.dtype_reason(p.dtype, CPU_DTYPES):
         return why
     if max(p.head_dim, p.head_dim_v) > CPU_MAX_HEAD_DIM:
         return f"head dim {max(p.head_dim, p.head_dim_v)} is above {CPU_MAX_HEAD_DIM}"
-    info = build_info()  # (its cpu_isa follows fastarch._C._set_cpu_isa)
-    if info.get("cpu_isa") != "avx512":
-        return registry.MachineReason(f"the CPU attention kernels need AVX-512 (cpu isa is {info.get('cpu_isa', 'unknown')!r})")
-    if p.dtype == torch.bfloat16 and not info.get("cpu_has_avx512_bf16"):
-        return registry.MachineReason("bfloat16 needs AVX512-BF16, which this CPU lacks")
     return None
 
 

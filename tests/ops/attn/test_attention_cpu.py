@@ -14,15 +14,10 @@ import torch
 
 from attention_tolerance import floor  # tests/ops/attn/attention_tolerance.py
 from fastarch import ops
-from fastarch.ops.attn import backends, cpp
+from fastarch.ops.attn import cpp
 from fastarch.ops.attn.api import _attention
-from fastarch.ops.attn.args import AttentionArgs, AttentionProblem
+from fastarch.ops.attn.args import AttentionArgs
 from fastarch.ops.attn.reference import attention_decode_ref, attention_forward_ref
-
-pytestmark = pytest.mark.skipif(
-    backends.cpu_supports(AttentionProblem.of(*(torch.zeros(1, 1, 1, 8),) * 3)) is not None,
-    reason="this CPU lacks AVX-512 (the CPU attention kernels' requirement)",
-)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ids = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -1,0 +1,183 @@
+// Portable flash-attention forward (fp32, fp16, bf16 inputs; every product, statistic and
+// accumulator in fp32): the kernel for CPUs without AVX-512 (aarch64, older x86) and for
+// fastarch._C._set_cpu_isa("generic").
+//
+// One task = up to kFwdBlockMGeneric queries of one head. For each block of BN keys that some
+// query of the task sees: the keys are converted into K^T (D x BN) and the values into V
+// (BN x Dv), S = Q K^T, the online-softmax step of every row (masks, max, rescale, exp, sum,
+// dropout), then O += P V. The two products are attention_generic.h's axpy-form GEMM.
+// Semantics, NaN included: attention_common.h, fastarch/ops/attention_reference.py.
+#include <cmath>
+#include <cstdint>
+
+#include "attention_generic.h"
+#include "attention_kernels.h"
+
+namespace fastarch::cpu::attention {
+namespace {
+
+using namespace generic;
+
+constexpr int64_t BM = kFwdBlockMGeneric;
+constexpr int64_t BN = 64;  // keys per step: a multiple of kLanes
+constexpr float kInf = __builtin_inff();
+
+// One thread's scratch, 64-byte aligned pieces.
+struct Scratch {
+  float* q;      // BM x D
+  float* kt;     // D x BN: K^T of the key block, zero past its valid keys
+  float* v;      // BN x dv16: zero past Dv
+  float* s;      // BM x BN: scores, logits, then probabilities
+  float* o;      // BM x dv16 output accumulators
+  float* m;      // BM running max
+  float* l;      // BM running sum
+  float* row;    // max(D, BN): one converted row
+  uint8_t* kpm;  // BN: key_padding_mask of the block's keys
+  uint32_t* drop_key;  // BM dropout row keys
+  int64_t bytes;
+
+  Scratch(void* base, int64_t D, int64_t dv16) {
+    char* c = static_cast<char*>(base);
+    auto take = [&](int64_t n_bytes) {
+      char* at = c;
+      c += align64(n_bytes);
+      return at;
+    };
+    q = reinterpret_cast<float*>(take(BM * D * 4));
+    kt = reinterpret_cast<float*>(take(D * BN * 4));
+    v = reinterpret_cast<float*>(take(BN * dv16 * 4));
+    s = reinterpret_cast<float*>(take(BM * BN * 4));
+    o = reinterpret_cast<float*>(take(BM * dv16 * 4));
+    m = reinterpret_cast<float*>(take(BM * 4));
+    l = reinterpret_cast<float*>(take(BM * 4));
+    row = reinterpret_cast<float*>(take(max64(D, BN) * 4));
+    kpm = reinterpret_cast<uint8_t*>(take(BN));
+    drop_key = reinterpret_cast<uint32_t*>(take(BM * 4));
+    bytes = c - static_cast<char*>(base);
+  }
+};
+
+template <Dtype T>
+struct Task {
+  const AttentionParams& p;
+  const Scratch& sc;
+  SeqSpan s;
+  int64_t h, hk, i0, rows, dv16;
+
+  // K^T and V of keys j0 .. j0 + nk of the sequence, and their padding-mask bits.
+  void load_keys(int64_t j0, int64_t nk) {
+    const int64_t es = elem_size(T), D = p.D, Dv = p.Dv;
+    for (int64_t j = 0; j < BN; ++j) {
+      if (j >= nk) {
+        for (int64_t d = 0; d < D; ++d) sc.kt[d * BN + j] = 0.0f;
+        continue;
+      }
+      to_f32<T>(row_ptr(p.k, p.k_stride, es, s.b, hk, s.k0 + j0 + j), D, sc.row);
+      for (int64_t d = 0; d < D; ++d) sc.kt[d * BN + j] = sc.row[d];
+      float* vrow = sc.v + j * dv16;
+      to_f32<T>(row_ptr(p.v, p.v_stride, es, s.b, hk, s.k0 + j0 + j), Dv, vrow);
+      for (int64_t c = Dv; c < dv16; ++c) vrow[c] = 0.0f;
+    }
+    if (p.key_padding_mask) {
+      const bool* kpm = p.key_padding_mask + s.b * p.kpm_stride[0];
+      for (int64_t j = 0; j < nk; ++j) sc.kpm[j] = kpm[(s.k0 + j0 + j) * p.kpm_stride[1]];
+    }
+  }
+
+  // Row r's logits over keys j0 .. j0 + nk into its scores row: scale * s (+ attn_mask), -inf
+  // where the query does not see the key (replaced, not added: a NaN score of a key the query
+  // does not see stays out). Returns whether it sees any key of the block.
+  bool logits(int64_t r, int64_t j0, int64_t nk) {
+    const KeyRange kr = visible_keys(p, s, i0 + r);
+    const int64_t a = max64(kr.lo - j0, 0), e = min64(kr.hi - j0, nk);
+    float* z = sc.s + r * BN;
+    if (a >= e) return false;
+    for (int64_t j = 0; j < BN; ++j) z[j] *= p.scale;
+    if (p.attn_mask) {
+      const int64_t es = elem_size(T);
+      const char* mrow = static_cast<const char*>(p.attn_mask) +
+                         (s.b * p.mask_stride[0] + h * p.mask_stride[1] + (s.q0 + i0 + r) * p.mask_stride[2] +
+                          (s.k0 + j0) * p.mask_stride[3]) * es;
+      for (int64_t j = a; j < e; ++j) z[j] += value_f32<T>(mrow, j * p.mask_stride[3]);
+    }
+    for (int64_t j = 0; j < a; ++j) z[j] = -kInf;
+    for (int64_t j = e; j < BN; ++j) z[j] = -kInf;
+    if (p.key_padding_mask)
+      for (int64_t j = a; j < e; ++j) z[j] = sc.kpm[j] ? z[j] : -kInf;
+    return true;
+  }
+
+  void run() {
+    const int64_t es = elem_size(T), D = p.D;
+    for (int64_t r = 0; r < rows; ++r) {
+      to_f32<T>(row_ptr(p.q, p.q_stride, es, s.b, h, s.q0 + i0 + r), D, sc.q + r * D);
+      sc.m[r] = -kInf;
+      sc.l[r] = 0.0f;
+      if (p.dropout) sc.drop_key[r] = dropout_row_key(p.seed, dropout_row(p, s.b, h, s.q0 + i0 + r));
+    }
+    for (int64_t x = 0; x < rows * dv16; ++x) sc.o[x] = 0.0f;
+
+    // the rows' visible ranges only move right as the query grows: their union is first..last
+    const KeyRange first = visible_keys(p, s, i0), last = visible_keys(p, s, i0 + rows - 1);
+    for (int64_t j0 = first.lo / BN * BN; j0 < last.hi; j0 += BN) {
+      const int64_t nk = min64(BN, s.sk - j0);
+      load_keys(j0, nk);
+      gemm(rows, BN, D, sc.q, D, sc.kt, BN, sc.s, BN);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* z = sc.s + r * BN;
+        if (!logits(r, j0, nk)) {
+          for (int64_t j = 0; j < BN; ++j) z[j] = 0.0f;  // this block adds nothing to the row
+          continue;
+        }
+        softmax_step_row(z, BN, sc.m[r], sc.l[r], sc.o + r * dv16, dv16);
+        if (p.dropout) dropout_zero(z, BN, sc.drop_key[r], s.k0 + j0, p.dropout_threshold);
+      }
+      gemm_acc(rows, dv16, nk, sc.s, BN, sc.v, dv16, sc.o, dv16);
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = s.q0 + i0 + r;
+      const float l = sc.l[r];
+      // l == 0: the query sees no key (out 0, lse -inf); l NaN: a NaN score (out, lse NaN)
+      p.lse[(s.b * p.H + h) * p.Sq + i] = l == 0.0f ? -kInf : sc.m[r] + std::log(l);
+      const float inv = (p.dropout ? p.dropout_scale : 1.0f) / l;
+      float* o = sc.o + r * dv16;
+      for (int64_t c = 0; c < p.Dv; ++c) o[c] = keep_if(l != 0.0f, o[c] * inv);
+      from_f32<T>(o, p.Dv, row_ptr(p.out, p.out_stride, es, s.b, h, i));
+    }
+  }
+};
+
+template <Dtype T>
+void run_tasks(const AttentionParams& p, const FwdTask* tasks, int64_t num_tasks, int64_t* next, const Scratch& sc) {
+  for (;;) {
+    const int64_t t = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+    if (t >= num_tasks) break;
+    const FwdTask& task = tasks[t];
+    const SeqSpan s = seq_span(p, task.seq);
+    const int64_t i0 = int64_t{task.qblock} * BM;
+    Task<T>{p, sc, s, task.head, task.head / (p.H / p.Hkv), i0, min64(BM, s.sq - i0), round_up(p.Dv, kLanes)}.run();
+  }
+}
+
+}  // namespace
+
+int64_t fwd_scratch_bytes_generic(const AttentionParams& p) {
+  return Scratch(nullptr, p.D, round_up(p.Dv, kLanes)).bytes + 64;
+}
+
+void fwd_run_generic(const AttentionParams& p, const FwdTask* tasks, int64_t num_tasks, int64_t* next, void* scratch) {
+  char* base = static_cast<char*>(scratch);
+  base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+  const Scratch sc(base, p.D, round_up(p.Dv, kLanes));
+  switch (p.dtype) {
+    case Dtype::f32:
+      return run_tasks<Dtype::f32>(p, tasks, num_tasks, next, sc);
+    case Dtype::f16:
+      return run_tasks<Dtype::f16>(p, tasks, num_tasks, next, sc);
+    case Dtype::bf16:
+      return run_tasks<Dtype::bf16>(p, tasks, num_tasks, next, sc);
+  }
+}
+
+}  // namespace fastarch::cpu::attention
