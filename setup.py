@@ -173,7 +173,7 @@ def _extension():
     archs = _cuda_arch_list()
     print(f"fastarch: building the CUDA kernels for TORCH_CUDA_ARCH_LIST={archs}")
     sources += _generate_cuda_instances()
-    sources += sorted(glob.glob("csrc/cuda/*/*.cpp"))
+    sources += sorted(glob.glob("csrc/cuda/*/*.cpp") + glob.glob("csrc/cuda/*/*.cu"))
     cuda_defines = ["-DFASTARCH_WITH_CUDA", f'-DFASTARCH_CUDA_ARCHS="{archs}"']
     return CUDAExtension(
         "fastarch._C",

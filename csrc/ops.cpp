@@ -15,7 +15,7 @@ TORCH_LIBRARY(fastarch, m) {
       " Tensor rstd, bool need_dweight, bool need_dbias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 
   // Attention over 4-D (B, H, S, D) views with contiguous last dims; the semantics of every
-  // argument are those of fastarch/ops/attention_reference.py. Packed variable lengths: B == 1
+  // argument are those of fastarch/ops/attn/reference.py. Packed variable lengths: B == 1
   // and cu_seqlens_q/k (int32 (N + 1,)); max_seqlen_q/k are their longest sequences (0 when
   // not packed). out has q's shape and memory layout; lse is (B, H, Sq) fp32.
   m.def(
@@ -32,4 +32,8 @@ TORCH_LIBRARY(fastarch, m) {
   m.def(
       "_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, bool causal, float scale,"
       " int window_left) -> (Tensor out, Tensor lse)");
+  // Writes k_new (B, Hkv, S_new, D) and v_new (B, Hkv, S_new, Dv) into the caches at slots
+  // cache_seqlens[b] .. cache_seqlens[b] + S_new of each sequence b. Slots outside the cache
+  // are an error on the CPU and skipped on a GPU (the Python op asserts them on the device).
+  m.def("_append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor cache_seqlens) -> ()");
 }

@@ -1,4 +1,4 @@
-// CUDA implementation of fastarch::_attention_fwd / _bwd / _decode: checks, allocation (outputs
+// CUDA implementation of fastarch::_attention_fwd / _bwd / _decode / _append_kv: checks, allocation (outputs
 // and the backward's and decoding's fp32 workspaces, through torch's caching allocator), the
 // choice of the compiled head dim, and launch on the current stream. The semantics are those
 // of fastarch/ops/attention_reference.py; the kernels are in attention_*_kernel.cuh, launched
@@ -384,7 +384,47 @@ std::tuple<Tensor, Tensor> attention_decode_cuda(
 
 }  // namespace
 
+void append_kv_cuda(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_new, const Tensor& v_new,
+                    const Tensor& cache_seqlens) {
+  const Tensor* pairs[2][2] = {{&k_cache, &k_new}, {&v_cache, &v_new}};
+  for (auto& pr : pairs) {
+    const Tensor &cache = *pr[0], &fresh = *pr[1];
+    TORCH_CHECK(cache.dim() == 4 && fresh.dim() == 4 && cache.is_cuda() && fresh.device() == cache.device(), kWho,
+                " append_kv: caches and new tokens must be 4-D tensors on one CUDA device");
+    TORCH_CHECK(cache.scalar_type() == fresh.scalar_type() && cache.size(0) == fresh.size(0) &&
+                    cache.size(1) == fresh.size(1) && cache.size(3) == fresh.size(3),
+                kWho, " append_kv: new tokens ", fresh.sizes(), " must match the cache ", cache.sizes(),
+                " in dtype, batch, heads and head dim");
+    TORCH_CHECK(cache.size(3) <= 1 || (cache.stride(3) == 1 && fresh.stride(3) == 1), kWho,
+                " append_kv: caches and new tokens must have a contiguous last dim");
+  }
+  TORCH_CHECK(v_cache.size(2) == k_cache.size(2) && v_new.size(2) == k_new.size(2), kWho,
+              " append_kv: k and v caches (and new tokens) must have the same lengths");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
+                  cache_seqlens.size(0) == k_cache.size(0) && cache_seqlens.device() == k_cache.device() &&
+                  cache_seqlens.is_contiguous(),
+              kWho, " append_kv: cache_seqlens must be a contiguous int32 (batch,) tensor on the caches' device");
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  AppendKvParams p;
+  for (int i = 0; i < 2; ++i) {
+    const Tensor &cache = *pairs[i][0], &fresh = *pairs[i][1];
+    p.rows[i].cache = cache.data_ptr();
+    p.rows[i].fresh = fresh.data_ptr();
+    p.rows[i].cache_strides = {cache.stride(0), cache.stride(1), cache.stride(2)};
+    p.rows[i].fresh_strides = {fresh.stride(0), fresh.stride(1), fresh.stride(2)};
+    p.rows[i].row_bytes = cache.size(3) * cache.element_size();
+  }
+  p.cache_seqlens = cache_seqlens.data_ptr<int>();
+  p.batch = static_cast<int>(k_cache.size(0));
+  p.kv_heads = static_cast<int>(k_cache.size(1));
+  p.new_tokens = static_cast<int>(k_new.size(2));
+  p.cache_len = k_cache.size(2);
+  p.element_size = k_cache.element_size();
+  C10_CUDA_CHECK(append_kv(p, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
 TORCH_LIBRARY_IMPL(fastarch, CUDA, m) {
+  m.impl("_append_kv", &append_kv_cuda);
   m.impl("_attention_fwd", &attention_fwd_cuda);
   m.impl("_attention_bwd", &attention_bwd_cuda);
   m.impl("_attention_decode", &attention_decode_cuda);

@@ -141,6 +141,23 @@ int decode_splits(const DecodeParams& p);
 template <Dtype D, int kHeadDim>
 cudaError_t decode(const DecodeParams& p, cudaStream_t stream);
 
+// append_kv: new tokens (batch, kv_heads, new_tokens, D) written into the caches (batch,
+// kv_heads, cache_len, D) at slot cache_seqlens[b] + t; slots outside the cache are skipped.
+struct AppendKvParams {
+  struct Rows {
+    void* cache = nullptr;
+    const void* fresh = nullptr;
+    Strides cache_strides, fresh_strides;  // in elements
+    int64_t row_bytes = 0;
+  } rows[2];  // keys, values
+  const int* cache_seqlens = nullptr;
+  int batch = 0, kv_heads = 0, new_tokens = 0;
+  int64_t cache_len = 0;
+  int64_t element_size = 0;
+};
+
+cudaError_t append_kv(const AppendKvParams& p, cudaStream_t stream);
+
 // Defined in the translation units setup.py generates from its CUDA_ATTENTION_* lists (see
 // attention_fwd_instance.cuh); cuda_instances.h, generated from the same lists, names them.
 #define FASTARCH_DECLARE_ATTENTION(DTYPE, HD)                                    \

@@ -153,7 +153,24 @@ DECODE = [
     registry.Backend("cuda", cuda_available, cuda_supports, cpp.decode),
     registry.Backend("reference", availability.reference, reference_supports, attention_decode_ref),
 ]
+# append_kv is a copy: every backend takes every dtype and head dim of its device.
+
+
+def cpu_copy_supports(p: AttentionProblem) -> str | None:
+    return registry.device_reason(p.device, "cpu")
+
+
+def cuda_copy_supports(p: AttentionProblem) -> str | None:
+    return registry.device_reason(p.device, "cuda") or availability.cuda_device_reason()
+
+
+def triton_copy_supports(p: AttentionProblem) -> str | None:
+    return availability.triton_device_reason(p.device)
+
+
 APPEND_KV = [
+    registry.Backend("cpu", availability.cpu, cpu_copy_supports, cpp.append_kv),
+    registry.Backend("cuda", cuda_available, cuda_copy_supports, cpp.append_kv),
     registry.Backend("reference", availability.reference, reference_supports, append_kv_ref),
 ]
 

@@ -30,6 +30,10 @@ def decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left):
     return torch.ops.fastarch._attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left)
 
 
+def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens):
+    torch.ops.fastarch._append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+
 if availability.cpu() is None:  # _C loaded: its ops need fakes for torch.compile and opcheck
 
     @torch.library.register_fake("fastarch::_attention_fwd")
@@ -43,3 +47,7 @@ if availability.cpu() is None:  # _C loaded: its ops need fakes for torch.compil
     @torch.library.register_fake("fastarch::_attention_decode")
     def _(q, k_cache, v_cache, *args):
         return empty_out(q, v_cache), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("fastarch::_append_kv")
+    def _(k_cache, v_cache, k_new, v_new, cache_seqlens):
+        return None

@@ -113,6 +113,10 @@ def append_kv(
         )
     if k_new.shape[2] != v_new.shape[2]:
         raise c.value_error(f"k_new and v_new must have the same length, got {k_new.shape[2]} and {v_new.shape[2]}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.shape[3] > 1 and cache.stride(3) != 1:
+            raise c.value_error(f"{name} must have a contiguous last dim (it is written in place), got strides {cache.stride()}")
+    k_new, v_new = checks.last_dim_contiguous(k_new), checks.last_dim_contiguous(v_new)
     if k_new.shape[2] > k_cache.shape[2]:
         raise c.value_error(f"k_new's {k_new.shape[2]} tokens do not fit the cache's {k_cache.shape[2]} slots")
     capacity = k_cache.shape[2] - k_new.shape[2]

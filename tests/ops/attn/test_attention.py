@@ -327,14 +327,3 @@ def test_reference_decode_clamps_cache_seqlens_like_the_gpu_kernels():
     assert (clamped[0][1] == 0).all() and torch.isneginf(clamped[1][1]).all()
 
 
-def test_append_kv_writes_in_place():
-    k_cache, v_cache = torch.zeros(2, 2, 10, 4), torch.zeros(2, 2, 10, 4)
-    k_new, v_new = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
-    seqlens = torch.tensor([0, 6], dtype=torch.int32)
-    ops.append_kv(k_cache, v_cache, k_new, v_new, seqlens)
-    assert torch.equal(k_cache[0, :, :3], k_new[0]) and torch.equal(v_cache[1, :, 6:9], v_new[1])
-    assert k_cache[0, :, 3:].abs().sum() == 0 and k_cache[1, :, :6].abs().sum() == 0
-    with pytest.raises(ValueError, match="cache_seqlens must be between 0 and the cache's 7 slots"):
-        ops.append_kv(k_cache, v_cache, k_new, v_new, torch.tensor([0, 8], dtype=torch.int32))
-
-
