@@ -23,6 +23,9 @@ MAX_FUSED_COLS = 8192
 LOOP_BLOCK_N = 2048
 # Triton's CPU interpreter truncates fp32 -> bf16 casts; the kernels then round by hand.
 ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
+# Constants the kernels read (globals a kernel uses must be constexpr).
+FP32_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
+NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -33,6 +36,20 @@ def _cast(y, dtype: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # NaN and inf survive
         y = bits.to(tl.float32, bitcast=True)  # exact in bf16 now: truncation is harmless
     return y.to(dtype)
+
+
+@triton.jit
+def _clamp_var(var):
+    """max(var, 0) that keeps a NaN (a NaN or inf in the row); tl.maximum would drop it."""
+    return tl.where(var < 0.0, 0.0, var)
+
+
+@triton.jit
+def _nan_beyond_fp32(rstd, mean, var):
+    """rstd, or NaN where the row's mean square mean^2 + var overflows fp32: such a row has no
+    fp32 statistics, and normalizes to NaN as in PyTorch's LayerNorm (a var of inf would give
+    rstd = 0 and y = bias, silently wrong)."""
+    return tl.where(mean * mean + var <= FP32_MAX, rstd, NAN)
 
 
 @triton.jit
@@ -62,9 +79,11 @@ def _norm_fwd_kernel(
         mean = tl.sum(x, axis=1) / N
         d = tl.where(mask, x - mean[:, None], 0.0)
         correction = tl.sum(d, axis=1) / N
-        var = tl.maximum(tl.sum(d * d, axis=1) / N - correction * correction, 0.0)
+        var = _clamp_var(tl.sum(d * d, axis=1) / N - correction * correction)
         xc = d - correction[:, None]
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if not IS_RMS:
+        rstd = _nan_beyond_fp32(rstd, mean, var)
     y = xc * rstd[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -121,8 +140,10 @@ def _norm_fwd_looped_kernel(
             acc += d
             acc_sq += d * d
         correction = tl.sum(acc, axis=0) / N
-        var = tl.maximum(tl.sum(acc_sq, axis=0) / N - correction * correction, 0.0)
+        var = _clamp_var(tl.sum(acc_sq, axis=0) / N - correction * correction)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if not IS_RMS:
+        rstd = _nan_beyond_fp32(rstd, mean, var)
     # Pass 3: normalize.
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)

@@ -176,10 +176,15 @@ Statistics statistics(const float* s, const Chunks& c, float n, float eps, bool 
   // mean (the mean's rounding error), which is also subtracted from every deviation. No
   // E[x^2] - mean^2 cancellation, and no rounding error of the mean amplified by rstd when the
   // row's spread is small next to its mean.
+  const float row_mean = sum / n;
   const float correction = _mm512_reduce_add_ps(total) / n;
-  float var = sum_sq / n - correction * correction;
-  var = var > 0.f ? var : 0.f;
-  return {sum / n, correction, 1.f / std::sqrt(var + eps)};
+  float var = sum_sq / n - correction * correction;  // NaN for a NaN or inf in the row
+  var = var < 0.f ? 0.f : var;  // rounding can take it below 0; a NaN stays NaN
+  // A row whose mean square mean^2 + var overflows fp32 (|x| beyond ~1.8e19) has no fp32
+  // statistics: rstd is NaN, and so is the row's y, as PyTorch's LayerNorm gives (else a var
+  // of inf would make y the bias alone, silently wrong). One test per row, not per element.
+  const bool in_range = row_mean * row_mean + var <= __FLT_MAX__;
+  return {row_mean, correction, in_range ? 1.f / std::sqrt(var + eps) : __builtin_nanf("")};
 }
 
 // Pass 3: y = ((s - mean) - correction) * rstd * w + b.

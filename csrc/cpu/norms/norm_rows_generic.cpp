@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "norm_rows.h"
 
@@ -82,8 +83,13 @@ void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_
     // Corrected two-pass variance (see the AVX-512 build): the deviations' own mean is the
     // fp32 mean's rounding error; it is removed from the variance and from every deviation.
     const Acc correction = p.rms ? Acc(0) : row_sum<Acc>(src, n, [mean](Acc v) { return v - mean; }) / count;
-    const Acc var = std::max(sum_sq / count - correction * correction, Acc(0));
-    const Acc rstd = Acc(1) / std::sqrt(var + static_cast<Acc>(p.eps));
+    Acc var = sum_sq / count - correction * correction;  // NaN for a NaN or inf in the row
+    var = var < Acc(0) ? Acc(0) : var;                   // a NaN stays NaN
+    // Statistics beyond the accumulation type (the mean square mean^2 + var overflows): NaN,
+    // as in the AVX-512 build. RMS norm: rstd = 0 then (y = x * 0, as PyTorch's).
+    using Limits = std::numeric_limits<Acc>;
+    const bool in_range = p.rms || mean * mean + var <= Limits::max();
+    const Acc rstd = in_range ? Acc(1) / std::sqrt(var + static_cast<Acc>(p.eps)) : Limits::quiet_NaN();
     T* y = static_cast<T*>(p.y) + r * n;
     for (int64_t i = 0; i < n; ++i) {
       Acc v = ((static_cast<Acc>(src[i]) - mean) - correction) * rstd;

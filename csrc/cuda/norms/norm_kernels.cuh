@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -213,6 +214,10 @@ __device__ __forceinline__ float inverse_std(float var, float eps) {
 // removed from the variance and from every deviation, and the stored mean is mean +
 // correction. No E[x^2] - mean^2 cancellation. RMSNorm: mean = correction = 0, sum_sq =
 // sum(s^2).
+// A NaN or inf in the row makes var NaN, and so the row's y. A row whose mean square
+// mean^2 + var overflows fp32 (|x| beyond ~1.8e19) has no fp32 statistics: LayerNorm's rstd
+// is NaN there, as PyTorch's LayerNorm gives (a var of inf would give rstd = 0 and y = bias,
+// silently wrong); RMSNorm's is 0 (y = x * 0), as PyTorch's RMSNorm gives.
 struct RowStats {
   float mean, correction, rstd;
 };
@@ -220,8 +225,10 @@ struct RowStats {
 __device__ __forceinline__ RowStats row_stats(bool rms, float mean, float sum_dev, float sum_sq, float n, float eps) {
   if (rms) return {0.f, 0.f, inverse_std(__fdiv_rn(sum_sq, n), eps)};
   const float correction = __fdiv_rn(sum_dev, n);
-  const float var = fmaxf(__fsub_rn(__fdiv_rn(sum_sq, n), __fmul_rn(correction, correction)), 0.f);
-  return {mean, correction, inverse_std(var, eps)};
+  float var = __fsub_rn(__fdiv_rn(sum_sq, n), __fmul_rn(correction, correction));
+  var = var < 0.f ? 0.f : var;  // rounding can take it below 0; a NaN stays NaN (fmaxf drops it)
+  const bool in_range = __fadd_rn(__fmul_rn(mean, mean), var) <= FLT_MAX;
+  return {mean, correction, in_range ? inverse_std(var, eps) : __int_as_float(0x7fc00000)};  // quiet NaN
 }
 
 // ((s - mean) - correction) * rstd * w + b, rounded operation by operation like the reference.

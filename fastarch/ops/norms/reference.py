@@ -32,7 +32,7 @@ def norm_forward_ref(
     xf = x.to(acc)
     if rms:
         mean = None
-        rstd = torch.rsqrt(xf.square().mean(-1) + eps)
+        rstd = torch.rsqrt(xf.square().mean(-1) + eps)  # 0 when the mean square overflows: y = x * 0, as PyTorch's
         xhat = xf * rstd[:, None]
     else:
         # Corrected two-pass: the deviations' own mean is the rounding error of the mean; it is
@@ -40,8 +40,11 @@ def norm_forward_ref(
         mean = xf.mean(-1, keepdim=True)
         deviation = xf - mean
         correction = deviation.mean(-1, keepdim=True)
-        var = (deviation.square().mean(-1, keepdim=True) - correction.square()).clamp_min(0)
-        rstd = torch.rsqrt(var + eps)
+        var = (deviation.square().mean(-1, keepdim=True) - correction.square()).clamp_min(0)  # keeps NaN
+        # A row whose mean square mean^2 + var overflows the statistics' dtype has no
+        # statistics: NaN, as PyTorch's LayerNorm gives (a var of inf would give rstd = 0 and
+        # y = bias, silently wrong).
+        rstd = torch.rsqrt(var + eps).masked_fill(~torch.isfinite(mean.square() + var), float("nan"))
         xhat = (deviation - correction) * rstd
         mean, rstd = (mean + correction).squeeze(-1), rstd.squeeze(-1)
     if weight is not None:
