@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from fastarch import ops
 from fastarch._extension import _C, build_info
-from test_norms import FLOOR, FORWARD_FACTOR, GRAD_FACTOR, OPS  # tests/ops/test_norms.py
+from test_norms import FLOOR, FORWARD_FACTOR, GRAD_FACTOR, OPS  # tests/ops/norms/test_norms.py
 
 HAS_CUDA = torch.cuda.is_available()
 GPU = pytest.mark.gpu
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # on CPU: Triton's interpreter (conftest)
-HAS_AVX512 = bool(build_info().get("cpu_has_avx512"))
+HAS_AVX512 = bool(build_info().get("cpu_has_avx512")) and "avx512" in build_info().get("cpu_kernels", [])
 
 EPS = 1e-5
 # Two 16-lane chunks and a masked tail of 8 (the AVX-512 kernels); a 64-wide Triton tile.
@@ -54,7 +54,7 @@ pytestmark = [
 
 BACKENDS = [  # (backend, device, isa of the cpu kernels)
     pytest.param(("cpu", "cpu", "avx512"), id="cpu-avx512",
-                 marks=pytest.mark.skipif(not HAS_AVX512, reason="the CPU lacks AVX-512")),
+                 marks=pytest.mark.skipif(not HAS_AVX512, reason="the CPU or this build lacks the AVX-512 kernels")),
     pytest.param(("cpu", "cpu", "generic"), id="cpu-generic"),
     pytest.param(("triton", TRITON_DEVICE, "auto"), id="triton"),
     pytest.param(("reference", "cpu", "auto"), id="reference"),
