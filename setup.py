@@ -185,7 +185,9 @@ def _extension():
 
 
 setup(
-    packages=find_packages(include=["fastarch", "fastarch.*"]) + ["fastarch.kernels"],
+    packages=find_packages(include=["fastarch", "fastarch.*"])
+    + ["fastarch.kernels"]
+    + [f"fastarch.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"fastarch.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

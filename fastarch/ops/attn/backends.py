@@ -170,6 +170,7 @@ def triton_copy_supports(p: AttentionProblem) -> str | None:
 
 APPEND_KV = [
     registry.Backend("cpu", availability.cpu, cpu_copy_supports, cpp.append_kv),
+    registry.Backend("triton", availability.triton, triton_copy_supports, triton.append_kv),
     registry.Backend("cuda", cuda_available, cuda_copy_supports, cpp.append_kv),
     registry.Backend("reference", availability.reference, reference_supports, append_kv_ref),
 ]

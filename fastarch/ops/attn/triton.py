@@ -9,8 +9,9 @@ from torch import Tensor
 
 try:
     from fastarch.kernels import attention as _kernels
+    from fastarch.kernels.attn import append_kv as _append_kernels
 except ImportError:  # triton is not installed: fastarch.availability.triton() says so
-    _kernels = None
+    _kernels = _append_kernels = None
 
 if _kernels is not None:
 
@@ -71,6 +72,11 @@ if _kernels is not None:
         return _kernels.attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left)
 
 
+    @torch.library.triton_op("fastarch::_triton_append_kv", mutates_args=("k_cache", "v_cache"))
+    def _triton_append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor) -> None:
+        _append_kernels.append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+
 def forward(q, k, v, args):
     return torch.ops.fastarch._triton_attention_fwd(q, k, v, *args.kernel_args())
 
@@ -81,3 +87,7 @@ def backward(dout, q, k, v, out, lse, args):
 
 def decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left):
     return torch.ops.fastarch._triton_attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left)
+
+
+def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens):
+    torch.ops.fastarch._triton_append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)

@@ -56,10 +56,13 @@ BACKENDS = [  # (backend, device, isa of the cpu kernels, shapes)
 
 
 def _cases():
+    """Each backend's shapes; the largest rows (over 1M elements) are marked slow: CI runs them,
+    the quick command does not."""
     for b in BACKENDS:
         backend, device, isa, shapes = b.values[0]
         for shape in shapes:
-            yield pytest.param(backend, device, isa, shape, marks=b.marks, id=f"{b.id}-{shape[0]}x{shape[1]}")
+            marks = list(b.marks) + ([pytest.mark.slow] if shape[0] * shape[1] > 1 << 20 else [])
+            yield pytest.param(backend, device, isa, shape, marks=marks, id=f"{b.id}-{shape[0]}x{shape[1]}")
 
 
 CASES = list(_cases())

@@ -1,0 +1,1 @@
+"""The attention family's Triton kernels, one module per kernel group."""
