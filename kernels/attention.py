@@ -106,23 +106,36 @@ def _band(first, last, size, diag, left, right, HAS_LEFT: tl.constexpr, HAS_RIGH
     """Which columns the rows first..last of a tile see, where row i sees column j < size when
     i + diag - left <= j (if HAS_LEFT) and j <= i + diag + right (if HAS_RIGHT).
 
-    Returns lo <= full_lo <= full_hi <= hi: [lo, hi) holds every column some row sees; the
-    BLOCK-aligned [full_lo, full_hi) only column blocks that every row sees whole (no mask);
-    [lo, full_lo) and [full_hi, hi) are the blocks the band cuts. lo is BLOCK-aligned too.
+    Returns 0 <= lo <= full_lo <= full_hi <= hi <= size: [lo, hi) holds every column some row
+    sees; the BLOCK-aligned [full_lo, full_hi) only column blocks that every row sees whole (no
+    mask); [lo, full_lo) and [full_hi, hi) are the blocks the band cuts. lo is BLOCK-aligned
+    too. A tile that sees no column (wholly left of the band: Sq > Sk under causal, a window's
+    right side) gets lo == full_lo == full_hi == hi: every loop is empty, none runs over
+    negative columns. Rows are those of a sequence of size - diag rows (first < size - diag).
     (Every operand of // is >= 0: the interpreter floors where the GPU truncates.)"""
     lo = 0
     hi = size
     full_lo = 0
     full_hi = size // BLOCK * BLOCK
     if HAS_RIGHT:
-        hi = tl.minimum(last + diag + right + 1, size)
+        hi = tl.minimum(tl.maximum(last + diag + right + 1, 0), size)
         full_hi = tl.minimum(tl.maximum(first + diag + right + 1, 0), size) // BLOCK * BLOCK
     if HAS_LEFT:
-        lo = tl.maximum(first + diag - left, 0) // BLOCK * BLOCK
+        lo = tl.maximum(first + diag - left, 0) // BLOCK * BLOCK  # <= hi: first < size - diag
         full_lo = tl.minimum(tl.maximum((tl.maximum(last + diag - left, 0) + BLOCK - 1) // BLOCK * BLOCK, lo), hi)
     if HAS_LEFT or HAS_RIGHT:
         full_hi = tl.maximum(full_hi, full_lo)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _add_mask(s, bias):
+    """Scores s (log2 units) plus the additive attn_mask entries bias (natural units). A -inf
+    entry masks: the score is -inf even where s is NaN (NaN + -inf is NaN, and a NaN q or k must
+    not reach a query through a key its mask hides); that compare and select is all the NaN
+    contract adds to a step, and only with an attn_mask."""
+    bias = bias.to(tl.float32)
+    return tl.where(bias == float("-inf"), float("-inf"), s + bias * 1.4426950408889634)  # log2(e)
 
 
 @triton.jit
@@ -180,7 +193,7 @@ def _fwd_blocks(
         if HAS_MASK:
             bias = tl.load(MASK_rows[:, None] + (start * stride_mk + offs_n * stride_mk)[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634  # log2(e)
+            s = _add_mask(s, bias)
         if HAS_KPM:
             real = tl.load(KPM_seq + cols, mask=col_ok, other=0)
             s = tl.where(real[None, :] != 0, s, float("-inf"))
@@ -188,10 +201,14 @@ def _fwd_blocks(
             s = tl.where(_visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, diag, left, right, HAS_LEFT,
                                   HAS_RIGHT), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
         if MASKED or HAS_MASK or HAS_KPM:
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: no NaN
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            # a row that has seen nothing yet takes 0 as its reference (no -inf - -inf = NaN), but
+            # keeps m_i = -inf: a stand-in m_i = 0 would be the reference of its later keys too,
+            # against which the exp2 of scores far below 0 underflow
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -264,7 +281,9 @@ def _attn_fwd_kernel(
                                 HAS_MASK, HAS_KPM, DROPOUT, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, PRECISION,
                                 INTERPRET)
 
-    seen = l_i > 0.0  # l_i >= 1 for a query that sees any key
+    # l_i is 0 for a query that sees no key, >= 1 for one that does, and NaN for one with a NaN
+    # score, whose out and lse must be NaN (with dropout its acc may have dropped the NaN)
+    seen = l_i != 0.0
     out = acc * (drop_scale / tl.where(seen, l_i, 1.0))[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     o_ptrs = OUT + n64 * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_os + offs_dv[None, :]
@@ -336,7 +355,7 @@ def _bwd_dkdv_blocks(
         if HAS_MASK:
             bias = tl.load(MASK_cols[:, None] + (start * stride_mq + offs_m0 * stride_mq)[None, :],
                            mask=(offs_n < seqlen_k)[:, None] & row_ok[None, :], other=0.0)
-            sT += bias.to(tl.float32) * 1.4426950408889634
+            sT = _add_mask(sT, bias)
         if HAS_KPM:
             sT = tl.where(kpm_real[:, None], sT, float("-inf"))
         if MASKED:
@@ -451,7 +470,7 @@ def _bwd_dq_blocks(
         if HAS_MASK:
             bias = tl.load(MASK_rows[:, None] + (start * stride_mk + offs_n * stride_mk)[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+            s = _add_mask(s, bias)
         if HAS_KPM:
             real = tl.load(KPM_seq + cols, mask=col_ok, other=0)
             s = tl.where(real[None, :] != 0, s, float("-inf"))
@@ -604,14 +623,14 @@ def _decode_split_kernel(
             ok = ok & (cols[None, :] >= i[:, None] + diag - left)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # m_i stays -inf: as in _fwd_blocks
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(_operand(p, V.dtype.element_ty, INTERPRET), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # NaN for a query with a NaN score: out and lse NaN (as the forward)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     stats = (b64 * H + h64) * seqlen_q + i64  # row of (B, H, Sq)
@@ -643,9 +662,9 @@ def _decode_combine_kernel(
     total = tl.sum(w, 0)
     o = tl.load(O_PART + (row * num_splits + splits)[:, None] * BLOCK_DV + offs_dv[None, :], mask=split_ok[:, None],
                 other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    lse = tl.where(total > 0.0, (m_use + tl.math.log2(tl.where(total > 0.0, total, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    seen = total != 0.0  # a split's lse is NaN for a query with a NaN score: out and lse NaN
+    out = tl.sum(o * w[:, None], 0) / tl.where(seen, total, 1.0)
+    lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453, float("-inf"))
     i = row % seqlen_q
     bh = row // seqlen_q
     o_ptrs = OUT + (bh // H) * stride_ob + (bh % H) * stride_oh + i * stride_os + offs_dv

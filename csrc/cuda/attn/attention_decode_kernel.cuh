@@ -226,8 +226,10 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kThreads)
       o[0] += a.x * scale, o[1] += a.y * scale, o[2] += a.z * scale, o[3] += a.w * scale;
       o[4] += bq.x * scale, o[5] += bq.y * scale, o[6] += bq.z * scale, o[7] += bq.w * scale;
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse2 = l > 0.f ? m + log2f(l) : -kInf;
+    // l = 0: the row saw no key (zeros, lse -inf); NaN: it saw a NaN score (out, lse NaN)
+    const bool seen = l != 0.f;
+    const float inv = seen ? 1.f / l : 0.f;
+    const float lse2 = seen ? m + log2f(l) : -kInf;
     const int rr = row0 + r, h = hk * heads_per_kv + rr / sq, i = rr % sq;
     const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * sq + i;
     if (p.splits == 1) {
@@ -264,9 +266,10 @@ __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const Dec
   const float m_ref = m == -kInf ? 0.f : m;
   float l = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int sp = 0; sp < p.splits; ++sp) {
+    // w is NaN for a split whose lse is NaN (the row saw a NaN score there): it must reach o
     const float w = fast_exp2(p.partial_lse[sp * rows + row] - m_ref);
     l += w;
-    if (w > 0.f && t * 8 < p.head_dim) {
+    if (w != 0.f && t * 8 < p.head_dim) {
       const float* src = p.partial_out + (sp * rows + row) * kHeadDim + t * 8;
       const float4 a = *reinterpret_cast<const float4*>(src);
       const float4 c = *reinterpret_cast<const float4*>(src + 4);
@@ -277,7 +280,7 @@ __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const Dec
   const int64_t bh = row / p.seqlen_q, i = row - bh * p.seqlen_q;
   const int64_t b = bh / p.heads, h = bh - b * p.heads;
   if (t * 8 < p.head_dim) {
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l != 0.f ? 1.f / l : 0.f;  // NaN l: NaN out
     uint4 packed;
     packed.x = pack2<T>(o[0] * inv, o[1] * inv);
     packed.y = pack2<T>(o[2] * inv, o[3] * inv);
@@ -286,7 +289,7 @@ __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const Dec
     T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head + i * p.out_strides.row + t * 8;
     *reinterpret_cast<uint4*>(out) = packed;
   }
-  if (t == 0) p.lse[row] = l > 0.f ? (m + log2f(l)) * kLn2 : -kInf;
+  if (t == 0) p.lse[row] = l != 0.f ? (m + log2f(l)) * kLn2 : -kInf;
 }
 
 template <int kHeadDim>

@@ -188,14 +188,16 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
     }
   }
 
-  // out = O / l (times 1 / (1 - p) under dropout); a row that saw no key gets zeros and
-  // lse = -inf.
+  // out = O / l (times 1 / (1 - p) under dropout); a row that saw no key (l = 0) gets zeros
+  // and lse = -inf. A row with a NaN score has l = NaN (fmaxf left the NaN out of the max, not
+  // out of its exp2): out and lse NaN, even where dropout left O without it.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
     l += shfl_xor(l, 1);
     l += shfl_xor(l, 2);
-    const float inv = l > 0.f ? p.dropout_scale / l : 0.f;
+    const bool seen = l != 0.f;  // true for NaN
+    const float inv = seen ? p.dropout_scale / l : 0.f;
     const int row = r == 0 ? row_a : row_b;
     if (row < s.sq) {
       T* dst = out + static_cast<int64_t>(row) * p.out_strides.row;
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
           *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
         }
       }
-      if (c == 0) p.lse[lse_row0 + row] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -kInf;
+      if (c == 0) p.lse[lse_row0 + row] = seen ? (m_run[r] + log2f(l)) * kLn2 : -kInf;
     }
   }
 }
