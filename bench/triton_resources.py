@@ -25,7 +25,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastarch.kernels import attention, norms  # noqa: E402
+from fastarch.kernels import norms  # noqa: E402
+from fastarch.kernels.attn import backward, decode, forward  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ALIGNED = [["tt.divisibility", 16]]
@@ -82,9 +83,9 @@ def attention_tables(arch: int) -> None:
     pointers = dict(Q=t, K=t, V=t, MASK=t, KPM="*u8", CU_Q="*i32", CU_K="*i32", OUT=t, LSE="*fp32", DOUT=t, DQ=t,
                     DK=t, DV=t, DELTA="*fp32", SEQLENS="*i32", O_PART="*fp32", LSE_PART="*fp32")
     floats = ("qk_scale", "drop_scale", "scale")
-    kernels = [("forward", attention._attn_fwd_kernel, attention._FWD_CONFIGS),
-               ("dK/dV", attention._attn_bwd_dkdv_kernel, attention._DKDV_CONFIGS),
-               ("dQ", attention._attn_bwd_dq_kernel, attention._DQ_CONFIGS)]
+    kernels = [("forward", forward._attn_fwd_kernel, forward._FWD_CONFIGS),
+               ("dK/dV", backward._attn_bwd_dkdv_kernel, backward._DKDV_CONFIGS),
+               ("dQ", backward._attn_bwd_dq_kernel, backward._DQ_CONFIGS)]
     for name, jit, table in kernels:
         for d, entries in table.items():
             for block_m, block_n, warps, stages in entries:
@@ -93,11 +94,11 @@ def attention_tables(arch: int) -> None:
                              INTERPRET=False, BLOCK_M=block_m, BLOCK_N=block_n)
                 usage = resources(jit, pointers, flags, warps, stages, arch, floats)
                 print(f"{name:8} d {d:3}  {block_m:3} x {block_n:3}  warps {warps}  stages {stages}  {usage}")
-    for d, entries in attention._DECODE_CONFIGS.items():
+    for d, entries in decode._DECODE_CONFIGS.items():
         for block_n, warps, stages in entries:
             flags = dict(CAUSAL=True, HAS_LEFT=False, DIRECT=False, HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d,
                          PRECISION="tf32", INTERPRET=False, BLOCK_M=16, BLOCK_N=block_n)
-            usage = resources(attention._decode_split_kernel, pointers, flags, warps, stages, arch, floats)
+            usage = resources(decode._decode_split_kernel, pointers, flags, warps, stages, arch, floats)
             print(f"decode   d {d:3}   16 x {block_n:3}  warps {warps}  stages {stages}  {usage}")
 
 

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import backend_rows  # tests/backend_rows.py
-from fastarch import ops, registry
+from fastarch import ops
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem
 
 HAS_CUDA = torch.cuda.is_available()
@@ -55,16 +55,6 @@ def _shape(backend: str, device: str) -> tuple[int, int]:
     if backend == "cpu":
         return 150, 48
     return (150, 64) if device == "cuda" else (40, 32)
-
-
-# Triton's NaN handling is fixed on branch h1 (lse -inf instead of NaN, NaN scores that a -inf
-# attn_mask entry should hide); the lead removes this when merging it.
-TRITON_NAN_FAILS = {"q", "k", "k0", "mask", "k_masked", "q_unseen", "k_last", "k_mid"}
-
-
-def _xfail_triton(request, backend: str, position: str) -> None:
-    if backend == "triton" and position in TRITON_NAN_FAILS:
-        request.applymarker(pytest.mark.xfail(strict=False, reason="fixed on branch h1"))
 
 
 def _check(name: str, got: torch.Tensor, must: torch.Tensor, allowed: torch.Tensor) -> None:
@@ -192,8 +182,7 @@ def _expected(position: str, c: Case, vis: torch.Tensor):
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backend,device", _rows("attention"))
-def test_attention_nan(request, backend, device, dtype, position, causal, gqa):
-    _xfail_triton(request, backend, position)
+def test_attention_nan(backend, device, dtype, position, causal, gqa):
     S, D = _shape(backend, device)
     c, vis, q, k, v, dout, mask = _inputs(position, causal, gqa, S, D, dtype, device)
     _skip_unless_supported("attention", backend, q, k, v, attn_mask=mask)
@@ -225,8 +214,7 @@ DECODE_POSITIONS = ["none", "q", "k_last", "k_mid", "v_last", "beyond"]
 @pytest.mark.parametrize("position", DECODE_POSITIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backend,device", _rows("attention_decode"))
-def test_attention_decode_nan(request, backend, device, dtype, position, causal, gqa):
-    _xfail_triton(request, backend, position)
+def test_attention_decode_nan(backend, device, dtype, position, causal, gqa):
     # cpu: 300 slots in chunks of 64; sequence 1 fills 129, so its chunk 2 holds one key and
     # chunks 3, 4 none (a NaN chunk must not be lost when they are combined)
     s_max, n1 = (300, 129) if backend == "cpu" else (48, 21)

@@ -15,13 +15,14 @@ import torch
 
 from test_attention import GPU, compare, make_qkv
 
-K = pytest.importorskip("fastarch.kernels.attention")
+common = pytest.importorskip("fastarch.kernels.attn.common")
+from fastarch.kernels.attn import backward, decode, forward  # noqa: E402
 
 KERNELS = {  # kernel name -> (its table, the pass that runs it)
-    "_attn_fwd_kernel": (K._FWD_CONFIGS, "fwd"),
-    "_attn_bwd_dkdv_kernel": (K._DKDV_CONFIGS, "bwd"),
-    "_attn_bwd_dq_kernel": (K._DQ_CONFIGS, "bwd"),
-    "_decode_split_kernel": (K._DECODE_CONFIGS, "decode"),
+    "_attn_fwd_kernel": (forward._FWD_CONFIGS, "fwd"),
+    "_attn_bwd_dkdv_kernel": (backward._DKDV_CONFIGS, "bwd"),
+    "_attn_bwd_dq_kernel": (backward._DQ_CONFIGS, "bwd"),
+    "_decode_split_kernel": (decode._DECODE_CONFIGS, "decode"),
 }
 CASES = [
     pytest.param(name, d, entry, marks=GPU, id=f"{name.strip('_')}-d{d}-{'x'.join(map(str, entry))}")
@@ -34,11 +35,11 @@ CASES = [
 @pytest.fixture
 def forced(monkeypatch):
     """Forces a kernel's tiles; clears every autotuner's cached choice before and after."""
-    autotuners = [K._fwd_kernel, K._dkdv_kernel, K._dq_kernel, K._decode_kernel]
+    autotuners = [forward._fwd_kernel, backward._dkdv_kernel, backward._dq_kernel, decode._decode_kernel]
 
     def force(name, entry):
-        monkeypatch.setitem(K.FORCED_TILES, name, entry)
-        monkeypatch.setattr(K, "AUTOTUNE", False)  # the other kernels: their first entry, untuned
+        monkeypatch.setitem(common.FORCED_TILES, name, entry)
+        monkeypatch.setattr(common, "AUTOTUNE", False)  # the other kernels: their first entry, untuned
         for a in autotuners:
             a.cache.clear()
 
@@ -63,7 +64,7 @@ def test_every_tile_entry(name, d, entry, forced):
         seqlens = torch.tensor([700, 333], dtype=torch.int32, device="cuda")
         out = ops.attention_decode(q, k_cache, v_cache, seqlens, backend="triton")
         scale = q.shape[-1] ** -0.5  # one split (the direct path) gives the same answer
-        single, _ = K.attention_decode(q, k_cache, v_cache, seqlens, True, scale, -1, num_splits=1)
+        single, _ = decode.attention_decode(q, k_cache, v_cache, seqlens, True, scale, -1, num_splits=1)
         torch.testing.assert_close(single, out, rtol=0, atol=2e-3)  # fp32 sums in another order: 1-2 fp16 ulps at 1
         for b in range(2):
             n = int(seqlens[b])

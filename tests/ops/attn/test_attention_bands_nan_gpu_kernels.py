@@ -1,5 +1,5 @@
 """The GPU attention kernels at the edges of their bands, and with NaN inputs: Triton
-(kernels/attention.py; without a GPU in Triton's CPU interpreter, on small shapes) and CUDA
+(kernels/attn/; without a GPU in Triton's CPU interpreter, on small shapes) and CUDA
 (csrc/cuda/attention_*.cuh; gpu-marked rows).
 
 Bands: a tile of queries (of keys, in the dK/dV kernel) can lie wholly outside the causal or
@@ -26,16 +26,17 @@ import numpy as np
 import pytest
 import torch
 
-from attention_tolerance import floor  # tests/ops/attention_tolerance.py
+from attention_tolerance import floor  # tests/ops/attn/attention_tolerance.py
 from fastarch import ops
-from fastarch.ops.attention import _attention, _attention_backward
-from fastarch.ops.attention_reference import attention_backward_ref, attention_decode_ref, attention_forward_ref
+from fastarch.ops.attn.api import _attention, _attention_backward
+from fastarch.ops.attn.args import AttentionArgs
+from fastarch.ops.attn.reference import attention_backward_ref, attention_decode_ref, attention_forward_ref
 
 try:
     import triton
     import triton.language as tl
 
-    from fastarch.kernels.attention import _band
+    from fastarch.kernels.attn.common import _band
 except ImportError:  # the CUDA rows still run
     triton = None
 
@@ -207,10 +208,10 @@ def test_band_table(backend, device, dtype, d, sq, sk, causal, window):
     sees: dk = dv = 0."""
     g = torch.Generator().manual_seed(sq * 1000 + sk)
     q, k, v = (_randn((1, 2, s, d), g, dtype, device) for s in (sq, sk, sk))
-    args = (None, None, None, None, causal, 1 / math.sqrt(d), window[0], window[1], 0.0, None)
-    out, lse = _attention(q, k, v, *args, backend)
-    truth, truth_lse = attention_forward_ref(q.double(), k.double(), v.double(), *args)
-    base, _ = attention_forward_ref(q, k, v, *args, upcast=False)
+    args = _args(None, None, None, None, causal, 1 / math.sqrt(d), window[0], window[1], 0.0, None)
+    out, lse = _attention(q, k, v, *args.fields(), backend)
+    truth, truth_lse = attention_forward_ref(q.double(), k.double(), v.double(), args)
+    base, _ = attention_forward_ref(q, k, v, args, upcast=False)
     _check("out", out, base, truth, dtype, FORWARD_FACTOR)
     seen = torch.isfinite(truth_lse)
     assert torch.equal(torch.isneginf(lse), ~seen), "lse: -inf exactly for the queries that see no key"
@@ -220,9 +221,9 @@ def test_band_table(backend, device, dtype, d, sq, sk, causal, window):
         assert _err(lse, truth_lse, seen) <= lse_tol, "lse"
 
     dout = _randn(out.shape, g, dtype, device)
-    grads = _attention_backward(dout, q, k, v, out, lse, *args, backend)
-    truths = attention_backward_ref(dout.double(), q.double(), k.double(), v.double(), None, None, *args)
-    bases = attention_backward_ref(dout, q, k, v, None, None, *args, upcast=False)
+    grads = _attention_backward(dout, q, k, v, out, lse, *args.fields(), backend)
+    truths = attention_backward_ref(dout.double(), q.double(), k.double(), v.double(), None, None, args)
+    bases = attention_backward_ref(dout, q, k, v, None, None, args, upcast=False)
     vis = _visible(sq, sk, causal, *window, device=device)
     delta_dq, delta_dk = _delta_rounding(q, k, dout, truth, truth_lse, vis, 1 / math.sqrt(d), dtype)
     for name, ours, base, truth, extra in zip(("dq", "dk", "dv"), grads, bases, truths, (delta_dq, delta_dk, 0.0)):
@@ -260,19 +261,19 @@ def test_scores_far_below_zero(backend, device, dtype, d, case):
     kpm = None
     if padded:
         kpm = torch.arange(sk, device=device)[None, :] >= padded
-    args = (None, kpm, None, None, causal, 8.0, window[0], window[1], 0.0, None)
-    out, lse = _attention(q, k, v, *args, backend)
-    truth, truth_lse = attention_forward_ref(q.double(), k.double(), v.double(), *args)
-    base, _ = attention_forward_ref(q, k, v, *args, upcast=False)
+    args = _args(None, kpm, None, None, causal, 8.0, window[0], window[1], 0.0, None)
+    out, lse = _attention(q, k, v, *args.fields(), backend)
+    truth, truth_lse = attention_forward_ref(q.double(), k.double(), v.double(), args)
+    base, _ = attention_forward_ref(q, k, v, args, upcast=False)
     seen = torch.isfinite(truth_lse)
     assert truth_lse[seen].max() < -150, "the case must keep every score far below 0"
     _check("out", out, base, truth, dtype, FORWARD_FACTOR)
     assert torch.equal(torch.isneginf(lse), ~seen)
     assert _err(lse, truth_lse, seen) <= LSE_TOL[dtype] + 1e-6 * truth_lse[seen].abs().max().item()
     dout = _randn(out.shape, g, dtype, device)
-    grads = _attention_backward(dout, q, k, v, out, lse, *args, backend)
-    truths = attention_backward_ref(dout.double(), q.double(), k.double(), v.double(), None, None, *args)
-    bases = attention_backward_ref(dout, q, k, v, None, None, *args, upcast=False)
+    grads = _attention_backward(dout, q, k, v, out, lse, *args.fields(), backend)
+    truths = attention_backward_ref(dout.double(), q.double(), k.double(), v.double(), None, None, args)
+    bases = attention_backward_ref(dout, q, k, v, None, None, args, upcast=False)
     vis = _visible(sq, sk, causal, *window, device=device)
     if kpm is not None:
         vis = vis & kpm[:, None, None, :]
@@ -403,11 +404,15 @@ def _nan_inputs(device, dtype, d, sq, sk, gqa, seed=0):
     return dict(q=q, k=k, v=v, dout=dout)
 
 
+def _args(attn_mask, kpm, cu_q, cu_k, causal, scale, window_left, window_right, dropout_p, seed) -> AttentionArgs:
+    return AttentionArgs(attn_mask, kpm, cu_q, cu_k, 0, 0, causal, scale, window_left, window_right, dropout_p, seed)
+
+
 def _run(backend, t, args, backward=True):
-    out, lse = _attention(t["q"], t["k"], t["v"], *args, backend)
+    out, lse = _attention(t["q"], t["k"], t["v"], *args.fields(), backend)
     if not backward:
         return dict(out=out, lse=lse)
-    dq, dk, dv = _attention_backward(t["dout"], t["q"], t["k"], t["v"], out, lse, *args, backend)
+    dq, dk, dv = _attention_backward(t["dout"], t["q"], t["k"], t["v"], out, lse, *args.fields(), backend)
     return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
 
 
@@ -419,8 +424,8 @@ def _check_nan(results, expected, names=("out", "lse", "dq", "dk", "dv")):
 def _check_finite_out(out, t, args, dtype, finite):
     """The out elements the contract says are finite match the fp64 reference (which computes
     them without touching the NaN)."""
-    truth, _ = attention_forward_ref(*(t[n].double() for n in "qkv"), *args)
-    base, _ = attention_forward_ref(t["q"], t["k"], t["v"], *args, upcast=False)
+    truth, _ = attention_forward_ref(*(t[n].double() for n in "qkv"), args)
+    base, _ = attention_forward_ref(t["q"], t["k"], t["v"], args, upcast=False)
     where = finite.to(out.device).expand_as(out)
     _check("out", out, base.to(out.device), truth.to(out.device), dtype, FORWARD_FACTOR, where)
 
@@ -448,7 +453,7 @@ def test_nan_propagation(backend, device, dtype, d, masks, at, gqa):
         kpm = torch.ones(2, SK, dtype=torch.bool, device=device)
         kpm[0, 95:110] = False
         vis = vis & kpm.cpu()[:, None, None, :]
-    args = (None, kpm, None, None, causal, 1 / math.sqrt(d), window[0], window[1], 0.0, None)
+    args = _args(None, kpm, None, None, causal, 1 / math.sqrt(d), window[0], window[1], 0.0, None)
     results = _run(backend, t, args)
     expected = _expected(t["q"], t["k"], t["v"], t["dout"], vis, None)
     _check_nan(results, expected)
@@ -473,7 +478,7 @@ def test_nan_query_that_sees_no_key(backend, device, dtype, d):
     mask = torch.zeros(2, 2, sq, sk, dtype=dtype)
     mask[0, 1, 50] = float("-inf")
     mask = mask.to(device)
-    args = (mask, None, None, None, True, 1 / math.sqrt(d), -1, -1, 0.0, None)
+    args = _args(mask, None, None, None, True, 1 / math.sqrt(d), -1, -1, 0.0, None)
     results = _run(backend, t, args)
     vis = _visible(sq, sk, True, -1, -1).expand(2, 2, sq, sk) & ~mask.cpu().isneginf()
     assert not vis[0, 0, 5].any() and not vis[0, 1, 50].any()
@@ -498,7 +503,7 @@ def test_nan_in_attn_mask(backend, device, dtype, d):
     mask[0, 1, 40, 100] = float("nan")  # visible under causal (j <= i + 80)
     mask[1, 0, 10, 120] = float("nan")  # hidden by causal (j > 10 + 80)
     mask = mask.to(device)
-    args = (mask, None, None, None, True, 1 / math.sqrt(d), -1, -1, 0.0, None)
+    args = _args(mask, None, None, None, True, 1 / math.sqrt(d), -1, -1, 0.0, None)
     results = _run(backend, t, args)
     vis = _visible(SQ, SK, True, -1, -1).expand(2, 2, SQ, SK)
     expected = _expected(t["q"], t["k"], t["v"], t["dout"], vis, mask)
@@ -515,7 +520,7 @@ def test_nan_with_dropout(backend, device, dtype, d):
     still makes out_i and lse_i NaN (half the rows drop it at p = 0.5)."""
     t = _nan_inputs(device, dtype, d, SQ, SK, gqa=False, seed=4)
     t["k"][0, 0, 100, 2] = float("nan")
-    args = (None, None, None, None, False, 1 / math.sqrt(d), -1, -1, 0.5, torch.tensor(1234))
+    args = _args(None, None, None, None, False, 1 / math.sqrt(d), -1, -1, 0.5, torch.tensor(1234))
     results = _run(backend, t, args, backward=False)
     vis = torch.ones(2, 2, SQ, SK, dtype=torch.bool)
     expected = _expected(t["q"], t["k"], t["v"], t["dout"], vis, None)
@@ -592,7 +597,7 @@ def test_decode_scores_far_below_zero(backend, device, dtype, d):
     assert truth_lse.max() < -150
     runs = [ops.attention_decode(q, k_cache, v_cache, seqlens, window=5, scale=8.0, return_lse=True, backend=backend)]
     if backend == "triton":  # also one program over the whole cache (the op splits it in 3 here)
-        from fastarch.kernels.attention import attention_decode as triton_decode
+        from fastarch.kernels.attn.decode import attention_decode as triton_decode
 
         runs.append(triton_decode(q, k_cache, v_cache, seqlens, True, 8.0, 5, num_splits=1))
     for out, lse in runs:
