@@ -92,7 +92,7 @@ def _load_tile(ptr, offs_r, stride_r, offs_c, row_ok, CHECK_ROWS: tl.constexpr, 
 
 @triton.jit
 def _mix32(h):
-    """attention_reference._mix32 on uint32 (the products wrap modulo 2**32)."""
+    """_mix32 of fastarch/ops/attn/reference.py on uint32 (the products wrap modulo 2**32)."""
     h = h ^ (h >> 16)
     h = h * 0x7FEB352D
     h = h ^ (h >> 15)

@@ -156,8 +156,7 @@ def _decode_splits(q: Tensor, programs: int, cache_tiles: int) -> int:
     """How many programs share one sequence's cache: on a GPU about 8 programs per SM (several
     resident at once, each streaming its share of the cache: decoding is bound by the bytes
     in flight), each with at least 4 cache tiles; in the interpreter 3 (to run the combine).
-    (On an H200, 2 per SM left the GPU at 50-57% of copy bandwidth with 9-33 splits' worth of
-    work per sequence in 2-9 programs.)"""
+    (2 per SM measured 50-57% of copy bandwidth on an H200.)"""
     if not q.is_cuda:
         return max(1, min(3, cache_tiles))
     target = 8 * torch.cuda.get_device_properties(q.device).multi_processor_count

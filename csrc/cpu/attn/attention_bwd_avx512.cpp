@@ -546,26 +546,15 @@ int64_t bwd_workspace_floats(const BackwardParams& p) {
          piece(bk2 * bq) + piece(bk * bwd_d16(p)) + piece(bk * bwd_dv16(p)) + 2 * piece(bq) + 16;
 }
 
-#define FASTARCH_BWD_DISPATCH(fn, ...)              \
-  switch (p.a.dtype) {                               \
-    case Dtype::f32:                                 \
-      return fn<Dtype::f32>(__VA_ARGS__);            \
-    case Dtype::f16:                                 \
-      return fn<Dtype::f16>(__VA_ARGS__);            \
-    case Dtype::bf16:                                \
-      return fn<Dtype::bf16>(__VA_ARGS__);           \
-  }
-
 void bwd_prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
-  FASTARCH_BWD_DISPATCH(prepare_block, p, h, n, t)
+  FASTARCH_DTYPE_DISPATCH(p.a.dtype, prepare_block, p, h, n, t)
 }
 void bwd_key_chunk(const BackwardParams& p, int64_t n, int64_t hk, int64_t chunk, float* workspace) {
-  FASTARCH_BWD_DISPATCH(key_chunk, p, n, hk, chunk, workspace)
+  FASTARCH_DTYPE_DISPATCH(p.a.dtype, key_chunk, p, n, hk, chunk, workspace)
 }
 void bwd_finish_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
-  FASTARCH_BWD_DISPATCH(finish_block, p, h, n, t)
+  FASTARCH_DTYPE_DISPATCH(p.a.dtype, finish_block, p, h, n, t)
 }
-#undef FASTARCH_BWD_DISPATCH
 
 }  // namespace fastarch::cpu::attention
 

@@ -1,6 +1,6 @@
 // What the CPU attention kernels (forward, decode: attention_fwd*.cpp, attention_decode*.cpp;
 // backward: attention_bwd*.cpp) share: the parameters of one call, the visibility rules and
-// sequence offsets of attention_reference.py, the dropout hash, and (for the AVX-512 kernel
+// sequence offsets of fastarch/ops/attn/reference.py, the dropout hash, and (for the AVX-512 kernel
 // translation units only) the vector primitives and GEMM tiles both directions are built of.
 //
 // Plain C++ with no torch headers, so the kernel TUs compile quickly and no torch inline
@@ -21,8 +21,23 @@ namespace fastarch::cpu::attention {
 
 enum class Dtype { f32, f16, bf16 };
 
+// Runs fn<Dtype::f32 | f16 | bf16>(args...) for the run-time dtype d (the kernels are templates
+// on it); a statement, usable in a loop.
+#define FASTARCH_DTYPE_DISPATCH(d, fn, ...) \
+  switch (d) {                              \
+    case Dtype::f32:                        \
+      fn<Dtype::f32>(__VA_ARGS__);          \
+      break;                                \
+    case Dtype::f16:                        \
+      fn<Dtype::f16>(__VA_ARGS__);          \
+      break;                                \
+    case Dtype::bf16:                       \
+      fn<Dtype::bf16>(__VA_ARGS__);         \
+      break;                                \
+  }
+
 // One attention call over (B, H, S, D) views; all strides are in elements and the last dims
-// are contiguous. Semantics: fastarch/ops/attention_reference.py.
+// are contiguous. Semantics: fastarch/ops/attn/reference.py.
 struct AttentionParams {
   Dtype dtype;
   const void* q;  // (B, H, Sq, D)
@@ -140,7 +155,7 @@ inline int64_t elem_size(Dtype d) { return d == Dtype::f32 ? 4 : 2; }
 
 // ----------------------------------------------------------------------------- dropout
 
-// _mix32 of attention_reference.py in uint32 arithmetic.
+// _mix32 of fastarch/ops/attn/reference.py in uint32 arithmetic.
 inline uint32_t mix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x7FEB352Du;

@@ -272,17 +272,7 @@ void decode_chunks_avx512(const DecodeParams& p, int64_t chunk_len, int64_t chun
     const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
     float* part = partials + t * item_floats;
     const int64_t c0 = c * chunk_len, c1 = c0 + chunk_len;
-    switch (p.dtype) {
-      case Dtype::f32:
-        run_chunk<Dtype::f32>(p, g, sc, b, hk, c0, c1, part);
-        break;
-      case Dtype::f16:
-        run_chunk<Dtype::f16>(p, g, sc, b, hk, c0, c1, part);
-        break;
-      case Dtype::bf16:
-        run_chunk<Dtype::bf16>(p, g, sc, b, hk, c0, c1, part);
-        break;
-    }
+    FASTARCH_DTYPE_DISPATCH(p.dtype, run_chunk, p, g, sc, b, hk, c0, c1, part)
   }
 }
 

@@ -163,17 +163,7 @@ void decode_chunks_generic(const DecodeParams& p, int64_t chunk_len, int64_t chu
     const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
     float* part = partials + t * item_floats;
     const int64_t c0 = c * chunk_len, c1 = c0 + chunk_len;
-    switch (p.dtype) {
-      case Dtype::f32:
-        run_chunk<Dtype::f32>(p, g, sc, b, hk, c0, c1, part);
-        break;
-      case Dtype::f16:
-        run_chunk<Dtype::f16>(p, g, sc, b, hk, c0, c1, part);
-        break;
-      case Dtype::bf16:
-        run_chunk<Dtype::bf16>(p, g, sc, b, hk, c0, c1, part);
-        break;
-    }
+    FASTARCH_DTYPE_DISPATCH(p.dtype, run_chunk, p, g, sc, b, hk, c0, c1, part)
   }
 }
 
@@ -182,17 +172,7 @@ void decode_combine_generic(const DecodeParams& p, int64_t chunks, int64_t begin
   // one output row in fp32 (the stack: dv16 <= 512)
   float o[512 + kLanes];
   for (int64_t bh = begin; bh < end; ++bh) {
-    switch (p.dtype) {
-      case Dtype::f32:
-        combine<Dtype::f32>(p, g, chunks, bh, partials, o);
-        break;
-      case Dtype::f16:
-        combine<Dtype::f16>(p, g, chunks, bh, partials, o);
-        break;
-      case Dtype::bf16:
-        combine<Dtype::bf16>(p, g, chunks, bh, partials, o);
-        break;
-    }
+    FASTARCH_DTYPE_DISPATCH(p.dtype, combine, p, g, chunks, bh, partials, o)
   }
 }
 

@@ -6,7 +6,7 @@
 // query of the task sees: the keys are converted into K^T (D x BN) and the values into V
 // (BN x Dv), S = Q K^T, the online-softmax step of every row (masks, max, rescale, exp, sum,
 // dropout), then O += P V. The two products are attention_generic.h's axpy-form GEMM.
-// Semantics, NaN included: attention_common.h, fastarch/ops/attention_reference.py.
+// Semantics, NaN included: attention_common.h, fastarch/ops/attn/reference.py.
 #include <cmath>
 #include <cstdint>
 
@@ -170,14 +170,7 @@ void fwd_run_generic(const AttentionParams& p, const FwdTask* tasks, int64_t num
   char* base = static_cast<char*>(scratch);
   base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
   const Scratch sc(base, p.D, round_up(p.Dv, kLanes));
-  switch (p.dtype) {
-    case Dtype::f32:
-      return run_tasks<Dtype::f32>(p, tasks, num_tasks, next, sc);
-    case Dtype::f16:
-      return run_tasks<Dtype::f16>(p, tasks, num_tasks, next, sc);
-    case Dtype::bf16:
-      return run_tasks<Dtype::bf16>(p, tasks, num_tasks, next, sc);
-  }
+  FASTARCH_DTYPE_DISPATCH(p.dtype, run_tasks, p, tasks, num_tasks, next, sc)
 }
 
 }  // namespace fastarch::cpu::attention

@@ -213,7 +213,7 @@ struct Band {
 
 // ------------------------------------------------------------------ dropout
 
-// attention_reference._mix32 in uint32 arithmetic.
+// _mix32 of fastarch/ops/attn/reference.py in uint32 arithmetic.
 __device__ __forceinline__ uint32_t mix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x7FEB352Du;

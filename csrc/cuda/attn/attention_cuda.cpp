@@ -1,7 +1,7 @@
 // CUDA implementation of fastarch::_attention_fwd / _bwd / _decode / _append_kv: checks, allocation (outputs
 // and the backward's and decoding's fp32 workspaces, through torch's caching allocator), the
 // choice of the compiled head dim, and launch on the current stream. The semantics are those
-// of fastarch/ops/attention_reference.py; the kernels are in attention_*_kernel.cuh, launched
+// of fastarch/ops/attn/reference.py; the kernels are in attention_*_kernel.cuh, launched
 // through attention_launch.h.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -211,7 +211,7 @@ AttentionParams common_params(
   }
 
   if (dropout_p > 0.0) {
-    // as attention_reference.dropout_keep: min(int(p * 2^32), 2^32 - 1); seed modulo 2^32
+    // as dropout_keep of fastarch/ops/attn/reference.py: min(int(p * 2^32), 2^32 - 1); seed modulo 2^32
     const double threshold = std::floor(dropout_p * 4294967296.0);
     p.dropout = true;
     p.dropout_threshold = threshold >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(threshold);

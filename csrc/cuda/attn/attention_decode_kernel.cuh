@@ -307,8 +307,8 @@ int decode_splits_impl(const DecodeParams& p) {
   }
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * decode_row_groups<kHeadDim>(p);
   // About 8 blocks per SM: a block holds one key per lane in flight, so decoding (bound by the
-  // bytes in flight) wants many resident blocks; two per SM ran at 16-28% of copy bandwidth
-  // on an H200 (2026-11-26).
+  // bytes in flight) wants many resident blocks (two per SM measured 16-28% of copy bandwidth
+  // on an H200).
   const int64_t want = blocks > 0 ? (8 * static_cast<int64_t>(sms) + blocks - 1) / blocks : 1;
   const int64_t most = (static_cast<int64_t>(p.cache_len) + Config::kMinSplitKeys - 1) / Config::kMinSplitKeys;
   int64_t splits = want < most ? want : most;

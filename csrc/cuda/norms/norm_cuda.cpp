@@ -1,6 +1,6 @@
 // CUDA implementation of fastarch::_norm_fwd / _norm_bwd: checks, allocation (outputs and the
 // backward's workspace, through torch's caching allocator) and launch on the current stream.
-// Same semantics and outputs as the CPU backend (csrc/cpu/norm_cpu.cpp); the kernels are in
+// Same semantics and outputs as the CPU backend (csrc/cpu/norms/norm_cpu.cpp); the kernels are in
 // norm_kernels.cuh, launched through norm_launch.h.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/clone.h>

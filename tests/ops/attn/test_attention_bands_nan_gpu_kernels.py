@@ -1,6 +1,6 @@
 """The GPU attention kernels at the edges of their bands, and with NaN inputs: Triton
 (kernels/attn/; without a GPU in Triton's CPU interpreter, on small shapes) and CUDA
-(csrc/cuda/attention_*.cuh; gpu-marked rows).
+(csrc/cuda/attn/attention_*.cuh; gpu-marked rows).
 
 Bands: a tile of queries (of keys, in the dK/dV kernel) can lie wholly outside the causal or
 sliding-window band (Sq > Sk under causal, Sk = 1, window (0, 0), a window's right side): its
@@ -298,7 +298,7 @@ NAN_BACKENDS = list(_nan_backends())
 
 
 def _visible(sq, sk, causal, left, right, device="cpu"):
-    """bool (sq, sk): query i sees key j (attention_reference's rules, restated)."""
+    """bool (sq, sk): query i sees key j (the reference's rules, restated)."""
     i = torch.arange(sq, device=device)[:, None]
     j = torch.arange(sk, device=device)[None, :]
     diag = i + sk - sq

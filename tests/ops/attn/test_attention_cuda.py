@@ -78,7 +78,7 @@ def _forward_backward(q, k, v, **kw):
 
 
 def _reference(q, k, v, dout, causal, upcast):
-    """out, (dq, dk, dv) of attention_reference: in fp64 (upcast from fp64 inputs), or entirely
+    """out, (dq, dk, dv) of the reference: in fp64 (upcast from fp64 inputs), or entirely
     in the inputs' dtype (upcast=False: PyTorch's error in that dtype, the yardstick)."""
     args = AttentionArgs(causal=causal, scale=1 / math.sqrt(q.shape[-1]))
     out, lse = attention_forward_ref(q, k, v, args, upcast=upcast)
