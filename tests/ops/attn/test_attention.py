@@ -124,7 +124,8 @@ def compare(backend, q, k, v, dtype, grads=True, **kw):
 def _table():
     """backend x dtype x (Sq, Sk) x head dim x causal x grouped-query, each a case a user could
     hit. The interpreter and the reference get the small shapes and every other GQA row; the
-    largest rows are marked slow (run by CI, not by the quick command)."""
+    largest shape runs three head dims, every other GQA row, marked slow (CI runs them, the
+    default command does not)."""
     for bp in BACKENDS:
         backend, device = bp.values
         slow = _slow(backend, device)
@@ -132,14 +133,15 @@ def _table():
             for n, (sq, sk) in enumerate(SEQLENS):
                 if slow and sq * sk > 128 * 256:
                     continue
+                large = sq * sk > 500_000
                 for d in HEAD_DIMS.get(backend, HEAD_DIMS_DEFAULT):
-                    if slow and d not in (32, 59, 128):
+                    if (slow and d not in (32, 59, 128)) or (large and d not in (64, 111, 128)):
                         continue
                     for causal in (False, True):
                         for gqa in (False, True):
-                            if slow and gqa != ((n + d) % 2 == 1):
+                            if (slow or large) and gqa != ((n + d) % 2 == 1):
                                 continue
-                            marks = list(bp.marks) + ([pytest.mark.slow] if sq * sk > 500_000 else [])
+                            marks = list(bp.marks) + ([pytest.mark.slow] if large else [])
                             yield pytest.param(
                                 backend, device, dtype, sq, sk, d, causal, gqa, marks=marks,
                                 id=f"{backend}-{str(dtype)[6:]}-{sq}x{sk}-d{d}-{'causal' if causal else 'full'}{'-gqa' if gqa else ''}",
