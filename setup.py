@@ -3,9 +3,9 @@
 Environment switches (each "auto" by default):
 - FASTARCH_CUDA=0|1: leave out / require the CUDA kernels (auto: built when torch is a CUDA
   build and a CUDA toolkit is found). TORCH_CUDA_ARCH_LIST chooses the GPU architectures
-  (default: the visible GPUs', else CUDA_DEFAULT_ARCHS); what was compiled is recorded in
-  fastarch._C.build_info()["cuda_archs"] so that the CUDA backends decline a GPU they cannot
-  run on.
+  (default: the visible GPUs' from 8.0 on, else CUDA_DEFAULT_ARCHS); the code compiled is
+  recorded in fastarch._C.build_info()["cuda_archs"] ("sm_80;sm_90;compute_90") so that the
+  CUDA backends decline a GPU they cannot run on.
 - FASTARCH_CPU_AVX512=0|1: leave out / require the AVX-512 CPU kernels (auto: built on x86-64;
   other CPUs get the portable C++ kernels, which are always built).
 - MAX_JOBS: parallel compile jobs (ninja).
@@ -32,6 +32,7 @@ CUDA_ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 CUDA_NORM_DTYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
 # Ampere and Hopper cubins, and Hopper's PTX for newer GPUs (the driver compiles it for them).
 CUDA_DEFAULT_ARCHS = "8.0;9.0+PTX"
+CUDA_MIN_ARCH = (8, 0)  # bf16 mma.sync, ldmatrix, cp.async
 
 
 def _switch(name: str) -> str:
@@ -95,17 +96,33 @@ def _build_avx512() -> bool:
     return build
 
 
-def _cuda_arch_list() -> str:
-    """The GPU architectures to compile for, set in TORCH_CUDA_ARCH_LIST so that what torch
-    compiles is exactly what build_info() records: the user's list, else the visible GPUs'
-    (torch's own default: each GPU's capability, PTX for the newest), else the default."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    if not archs and torch.cuda.is_available():
-        found = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        archs = ";".join(f"{major}.{minor}" for major, minor in found) + "+PTX"
-    archs = archs or CUDA_DEFAULT_ARCHS
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    return archs
+def _cuda_targets() -> str:
+    """The GPU code to compile, as the gencode targets torch's build will use ("sm_80;sm_90;
+    compute_90": cubins and PTX), which build_info() records: from TORCH_CUDA_ARCH_LIST (any
+    syntax torch takes), else the visible GPUs' (torch's own default: each GPU's capability, PTX
+    for the newest), else CUDA_DEFAULT_ARCHS. GPUs older than CUDA_MIN_ARCH are left out: the
+    kernels use instructions they lack."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        found = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        usable = sorted(c for c in found if c >= CUDA_MIN_ARCH)
+        if found - set(usable):
+            print(f"fastarch: no CUDA kernels for the visible GPUs older than {CUDA_MIN_ARCH}: {sorted(found - set(usable))}")
+        archs = ";".join(f"{major}.{minor}" for major, minor in usable) + "+PTX" if usable else CUDA_DEFAULT_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    targets = []
+    for flag in _get_cuda_arch_flags():  # -gencode=arch=compute_80,code=sm_80
+        code = flag.rsplit("code=", 1)[-1]
+        if code not in targets:
+            targets.append(code)
+    old = [t for t in targets if int(t.split("_")[1].rstrip("abf")) < CUDA_MIN_ARCH[0] * 10 + CUDA_MIN_ARCH[1]]
+    if old:
+        raise RuntimeError(
+            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} asks for {', '.join(old)}: fastarch's CUDA kernels"
+            f" need compute capability {CUDA_MIN_ARCH[0]}.{CUDA_MIN_ARCH[1]} or newer (leave those out)"
+        )
+    return ";".join(targets)
 
 
 def _write(path: str, text: str) -> None:
@@ -170,11 +187,11 @@ def _extension():
             "fastarch._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    archs = _cuda_arch_list()
-    print(f"fastarch: building the CUDA kernels for TORCH_CUDA_ARCH_LIST={archs}")
+    targets = _cuda_targets()
+    print(f"fastarch: building the CUDA kernels for {targets} (TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     sources += _generate_cuda_instances()
     sources += sorted(glob.glob("csrc/cuda/*/*.cpp") + glob.glob("csrc/cuda/*/*.cu"))
-    cuda_defines = ["-DFASTARCH_WITH_CUDA", f'-DFASTARCH_CUDA_ARCHS="{archs}"']
+    cuda_defines = ["-DFASTARCH_WITH_CUDA", f'-DFASTARCH_CUDA_ARCHS="{targets}"']
     return CUDAExtension(
         "fastarch._C",
         sources,

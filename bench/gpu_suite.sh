@@ -14,6 +14,8 @@ set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 export MAX_JOBS="${MAX_JOBS:-16}" FASTARCH_CUDA=1 PYTHONUNBUFFERED=1
+# the default build users get without a GPU visible (not only the visible GPU's arch)
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 PY="${PYTHON:-python3}"
 SRC="$PWD"
 STAGES="${STAGES:-tests bench}"

@@ -18,7 +18,7 @@ PYBIND11_MODULE(_C, m) {
     pybind11::dict info;
 #ifdef FASTARCH_WITH_CUDA
     info["cuda"] = true;
-    info["cuda_archs"] = FASTARCH_CUDA_ARCHS;  // TORCH_CUDA_ARCH_LIST of the build
+    info["cuda_archs"] = FASTARCH_CUDA_ARCHS;  // the gencode targets compiled: "sm_80;sm_90;compute_90"
     pybind11::list head_dims;
 #define FASTARCH_APPEND(HD) head_dims.append(HD);
     FASTARCH_FOR_EACH_ATTENTION_HEAD_DIM(FASTARCH_APPEND)

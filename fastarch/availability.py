@@ -60,41 +60,38 @@ def triton_device_reason(device: str) -> str | None:
     return None
 
 
-def _parse_archs(archs: str) -> list[tuple[int, int, str]]:
-    """'8.0;9.0+PTX' -> [(8, 0, 'sass'), (9, 0, 'sass'), (9, 0, 'ptx')]; '9.0a' is SASS that
-    runs on 9.0 only ('exact')."""
+def _parse_targets(targets: str) -> list[tuple[str, int, int, bool]] | None:
+    """'sm_80;sm_90a;compute_90' -> [('sm', 8, 0, False), ('sm', 9, 0, True), ('compute', 9, 0,
+    False)] (the last item: an arch-specific 'a' target); None when it does not parse."""
     parsed = []
-    for entry in archs.replace(",", ";").split(";"):
-        entry = entry.strip()
-        if not entry:
+    for target in targets.replace(" ", ";").split(";"):
+        if not target:
             continue
-        ptx = entry.endswith("+PTX")
-        version = entry.removesuffix("+PTX")
-        exact = version[-1].isalpha()
-        try:
-            major, minor = version.rstrip("abcdefghijklmnopqrstuvwxyz").split(".")
-            parsed_version = int(major), int(minor)
-        except ValueError:
-            raise ValueError(f"CUDA arch list {archs!r}: {entry!r} is not MAJOR.MINOR[a][+PTX]") from None
-        major, minor = parsed_version
-        parsed.append((major, minor, "exact" if exact else "sass"))
-        if ptx:
-            parsed.append((major, minor, "ptx"))
+        kind, _, number = target.partition("_")
+        specific = number.endswith(("a", "f"))
+        digits = number.rstrip("af")
+        if kind not in ("sm", "compute") or len(digits) < 2 or not digits.isdigit():
+            return None
+        parsed.append((kind, int(digits[:-1]), int(digits[-1]), specific))
     return parsed
 
 
-def runs_on(archs: str, capability: tuple[int, int]) -> bool:
-    """Whether code compiled for ``archs`` (TORCH_CUDA_ARCH_LIST syntax) runs on a GPU of
-    ``capability``: a cubin runs on its own major version at an equal or higher minor one
-    (an 'a' cubin on its exact version only); PTX is compiled by the driver for any GPU of an
-    equal or higher capability."""
-    major, minor = capability
-    for a_major, a_minor, kind in _parse_archs(archs):
-        if kind == "ptx" and (major, minor) >= (a_major, a_minor):
+def runs_on(targets: str, capability: tuple[int, int]) -> bool | None:
+    """Whether code compiled for ``targets`` (build_info's "sm_80;sm_90;compute_90") runs on a
+    GPU of ``capability`` (None: the targets do not parse). A cubin (sm_XY) runs on its own
+    major version at an equal or higher minor one; PTX (compute_XY) is compiled by the driver
+    for any GPU of an equal or higher capability; an arch-specific target (sm_90a, compute_90a)
+    runs on its exact version only."""
+    parsed = _parse_targets(targets)
+    if parsed is None:
+        return None
+    for kind, major, minor, specific in parsed:
+        if specific:
+            if capability == (major, minor):
+                return True
+        elif kind == "compute" and capability >= (major, minor):
             return True
-        if kind == "sass" and major == a_major and minor >= a_minor:
-            return True
-        if kind == "exact" and (major, minor) == (a_major, a_minor):
+        elif kind == "sm" and capability[0] == major and capability[1] >= minor:
             return True
     return False
 
@@ -103,7 +100,7 @@ def runs_on(archs: str, capability: tuple[int, int]) -> bool:
 def _cuda_arch_reason(index: int) -> str | None:
     archs = build_info().get("cuda_archs", "")
     capability = torch.cuda.get_device_capability(index)
-    if not archs or runs_on(archs, capability):
+    if not archs or runs_on(archs, capability) is not False:  # (unknown: the launch will say)
         return None
     name = torch.cuda.get_device_name(index)
     return MachineReason(

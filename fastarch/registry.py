@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 BACKENDS = ("cuda", "cpu", "triton", "reference")
-"""Every backend name, in the default priority order (a CUDA tensor never reaches the cpu
-backend and a CPU tensor never reaches the cuda one, so their relative order is moot)."""
+"""Every backend name. Each op's table (its family's backends.py) sets its own priority."""
 
 
 @dataclass(frozen=True)

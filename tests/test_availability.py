@@ -5,35 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastarch import availability
+from fastarch import availability, registry
 from fastarch.ops.attn import backends as attn_backends
 from fastarch.ops.attn.args import AttentionProblem
 from fastarch.ops.norms import backends as norm_backends
 
 
 @pytest.mark.parametrize(
-    "archs,capability,runs",
+    "targets,capability,runs",
     [
-        ("8.0;9.0+PTX", (8, 0), True),
-        ("8.0;9.0+PTX", (8, 6), True),  # an sm_80 cubin runs on any 8.x at or above 8.0
-        ("8.0;9.0+PTX", (9, 0), True),
-        ("8.0;9.0+PTX", (10, 0), True),  # Blackwell: the driver compiles the 9.0 PTX
-        ("8.0;9.0+PTX", (12, 0), True),
-        ("8.0;9.0+PTX", (7, 5), False),  # Turing: older than every arch compiled
-        ("8.0;9.0", (10, 0), False),  # no PTX: a newer major has no code
-        ("9.0", (8, 6), False),
-        ("8.6", (8, 0), False),  # a cubin runs on its minor version and above only
-        ("9.0a", (9, 0), True),
-        ("9.0a", (10, 0), False),  # an arch-specific cubin runs on its exact version
-        ("8.0 9.0", (9, 0), False),  # (space-separated lists are not TORCH_CUDA_ARCH_LIST syntax)
+        ("sm_80;sm_90;compute_90", (8, 0), True),  # the default build: 8.0;9.0+PTX
+        ("sm_80;sm_90;compute_90", (8, 6), True),  # an sm_80 cubin runs on any 8.x at or above 8.0
+        ("sm_80;sm_90;compute_90", (9, 0), True),
+        ("sm_80;sm_90;compute_90", (10, 0), True),  # Blackwell: the driver compiles the 9.0 PTX
+        ("sm_80;sm_90;compute_90", (12, 0), True),
+        ("sm_80;sm_90;compute_90", (7, 5), False),  # Turing: older than every target
+        ("sm_80;sm_90", (10, 0), False),  # no PTX: a newer major has no code
+        ("sm_90", (8, 6), False),
+        ("sm_86", (8, 0), False),  # a cubin runs on its minor version and above only
+        ("sm_90a", (9, 0), True),
+        ("sm_90a;compute_90a", (10, 0), False),  # arch-specific code runs on its exact version
+        ("8.0;9.0", (9, 0), None),  # not the recorded format: unknown (the launch will say)
     ],
 )
-def test_runs_on(archs, capability, runs):
-    if " " in archs:
-        with pytest.raises(ValueError):
-            availability.runs_on(archs, capability)
-        return
-    assert availability.runs_on(archs, capability) is runs
+def test_runs_on(targets, capability, runs):
+    assert availability.runs_on(targets, capability) is runs
 
 
 @pytest.fixture
@@ -53,19 +49,22 @@ def fake_gpu(monkeypatch):
 
 
 def test_cuda_backends_decline_a_gpu_the_build_cannot_run(fake_gpu):
-    fake_gpu((7, 5), "8.0;9.0+PTX")
+    fake_gpu((7, 5), "sm_80;sm_90;compute_90")
     why = availability.cuda_device_reason()
-    assert why is not None and "compiled for 8.0;9.0+PTX" in why and "7.5" in why and "TORCH_CUDA_ARCH_LIST=7.5" in why
+    assert why is not None and "compiled for sm_80;sm_90;compute_90" in why and "7.5" in why
+    assert isinstance(why, registry.MachineReason)
     problem = norm_backends.NormProblem("cuda", torch.float16, 4, 8)
     assert norm_backends._cuda_supports(problem) == why
-    fake_gpu((10, 0), "8.0;9.0")
-    assert "compiled for 8.0;9.0" in availability.cuda_device_reason()
-    fake_gpu((10, 0), "8.0;9.0+PTX")
+    fake_gpu((10, 0), "sm_80;sm_90")
+    assert "compiled for sm_80;sm_90" in availability.cuda_device_reason()
+    fake_gpu((10, 0), "sm_80;sm_90;compute_90")
+    assert availability.cuda_device_reason() is None
+    fake_gpu((10, 0), "Ampere;Hopper")  # a string that does not parse: no claim either way
     assert availability.cuda_device_reason() is None
 
 
 def test_attention_cuda_declines_a_gpu_the_build_cannot_run(fake_gpu, monkeypatch):
-    fake_gpu((7, 5), "8.0;9.0+PTX")
+    fake_gpu((7, 5), "sm_80;sm_90;compute_90")
     problem = AttentionProblem("cuda", torch.float16, 64, 64, 8, 8)
     why = attn_backends.cuda_supports(problem)
-    assert why is not None and "compiled for 8.0;9.0+PTX" in why
+    assert why is not None and "compiled for sm_80;sm_90;compute_90" in why

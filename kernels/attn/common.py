@@ -1,8 +1,8 @@
-"""Triton kernels of fused attention, and their launchers: the forward (forward.py) (FlashAttention-2: online
-softmax over key blocks), the backward (delta = rowsum(dO * O), then a dK/dV kernel over query
-blocks and a dQ kernel over key blocks: backward.py), flash-decoding (decode.py) and flash-decoding against a key/value cache (split-K
-partial results and a combine), and append_kv (append_kv.py). The semantics are those of
-fastarch/ops/attn/reference.py; this module holds what they share.
+"""What the attention family's Triton kernels share: the forward (forward.py: FlashAttention-2,
+online softmax over key blocks), the backward (backward.py: delta = rowsum(dO * O), then a dK/dV
+kernel over query blocks and a dQ kernel over key blocks), flash-decoding against a key/value
+cache (decode.py: split-K partial results and a combine) and append_kv (append_kv.py). The
+semantics are those of fastarch/ops/attn/reference.py.
 
 Shared structure:
 - One program owns a tile of rows (queries; keys in the dK/dV kernel) of one head of one

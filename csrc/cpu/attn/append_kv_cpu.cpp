@@ -34,6 +34,8 @@ void append_kv_cpu(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k
                    const Tensor& cache_seqlens) {
   check_pair(k_cache, k_new, "k_cache", "k_new");
   check_pair(v_cache, v_new, "v_cache", "v_new");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), kWho, ": v_cache must have k_cache's dtype ",
+              k_cache.scalar_type(), ", got ", v_cache.scalar_type());
   const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), S_max = k_cache.size(2), S_new = k_new.size(2);
   TORCH_CHECK(v_cache.size(2) == S_max && v_new.size(2) == S_new, kWho,
               ": k and v caches (and new tokens) must have the same lengths, got ", k_cache.sizes(), " / ",

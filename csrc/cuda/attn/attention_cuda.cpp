@@ -400,6 +400,8 @@ void append_kv_cuda(const Tensor& k_cache, const Tensor& v_cache, const Tensor& 
   }
   TORCH_CHECK(v_cache.size(2) == k_cache.size(2) && v_new.size(2) == k_new.size(2), kWho,
               " append_kv: k and v caches (and new tokens) must have the same lengths");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), kWho, " append_kv: v_cache must have k_cache's dtype ",
+              k_cache.scalar_type(), ", got ", v_cache.scalar_type());
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
                   cache_seqlens.size(0) == k_cache.size(0) && cache_seqlens.device() == k_cache.device() &&
                   cache_seqlens.is_contiguous(),

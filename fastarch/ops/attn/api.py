@@ -15,9 +15,7 @@ from fastarch import registry
 from fastarch.ops.attn import checks
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem, empty_out
 from fastarch.ops.attn.backends import no_work
-from fastarch.ops.attn.reference import stats_dtype
-
-_M32 = 0xFFFFFFFF
+from fastarch.ops.attn.reference import _M32, stats_dtype
 
 
 # ----------------------------------------------------------------------------- the torch ops
@@ -177,8 +175,8 @@ def attention(
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise c.value_error("packed sequences need both cu_seqlens_q and cu_seqlens_k")
-        max_q = checks.cu_seqlens(c, "cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
-        max_k = checks.cu_seqlens(c, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
+        cu_seqlens_q, max_q = checks.cu_seqlens(c, "cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
+        cu_seqlens_k, max_k = checks.cu_seqlens(c, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise c.value_error(
                 f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got"

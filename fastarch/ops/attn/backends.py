@@ -93,6 +93,11 @@ def _cuda_device_reason(index: int, large_head_dim: bool) -> str | None:
     return None
 
 
+@functools.cache
+def _cuda_largest_head_dim() -> int:
+    return max(build_info().get("cuda_attention_head_dims") or [256])
+
+
 def cuda_supports(p: AttentionProblem) -> str | None:
     """fp16/bf16, head dims that are multiples of 8 up to 256 (values' head dim equal to the
     keys'), and every feature of the interface, on GPUs the build was compiled for."""
@@ -100,7 +105,7 @@ def cuda_supports(p: AttentionProblem) -> str | None:
         return why
     if p.head_dim_v != p.head_dim:
         return f"values' head dim {p.head_dim_v} differs from the keys' {p.head_dim} (the kernels take one head dim)"
-    largest = max(build_info().get("cuda_attention_head_dims") or [256])
+    largest = _cuda_largest_head_dim()
     if p.head_dim % CUDA_HEAD_DIM_MULTIPLE != 0 or p.head_dim > largest:
         return f"head dim {p.head_dim} is not a multiple of {CUDA_HEAD_DIM_MULTIPLE} up to {largest}"
     if torch.cuda.is_available():

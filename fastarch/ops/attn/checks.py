@@ -144,13 +144,14 @@ def key_padding_mask(c: Caller, kpm: Tensor | None, batch: int, sk: int, device)
         )
     if kpm.device != device:
         raise c.value_error(f"key_padding_mask must be on {c.q}'s device {device}, got {kpm.device}")
-    return kpm
+    return kpm.contiguous()  # (the Triton kernels index it by its batch stride alone)
 
 
-def cu_seqlens(c: Caller, name: str, cu: Tensor, total: int, max_seqlen: int | None, device) -> int:
-    """Checks packed offsets (int32 (N + 1,), rising from 0 to ``total``) and returns the
-    longest sequence: ``max_seqlen`` when the caller gave it, else computed from the offsets
-    on the CPU, and ``total`` (a bound that costs no wait) on a GPU."""
+def cu_seqlens(c: Caller, name: str, cu: Tensor, total: int, max_seqlen: int | None, device) -> tuple[Tensor, int]:
+    """Checks packed offsets (int32 (N + 1,), rising from 0 to ``total``) and returns them
+    contiguous (the kernels index them as an array) with the longest sequence: ``max_seqlen``
+    when the caller gave it, else computed from the offsets on the CPU, and ``total`` (a bound
+    that costs no wait) on a GPU."""
     tensor(c, cu, name)
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
         raise c.value_error(f"{name} must be a 1-D int32 tensor of N + 1 offsets, got {cu.dtype} of shape {tuple(cu.shape)}")
@@ -159,8 +160,9 @@ def cu_seqlens(c: Caller, name: str, cu: Tensor, total: int, max_seqlen: int | N
     max_name = name.replace("cu_seqlens", "max_seqlen")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise c.value_error(f"{max_name} must be an int >= 0, got {max_seqlen!r}")
+    cu = cu.contiguous()
     if torch.compiler.is_compiling():
-        return total if max_seqlen is None else max_seqlen
+        return cu, total if max_seqlen is None else max_seqlen
     why = f"{name} must rise from 0 to the packed length {total}"
     if cu.device.type == "cpu":
         offsets = cu.tolist()
@@ -169,20 +171,21 @@ def cu_seqlens(c: Caller, name: str, cu: Tensor, total: int, max_seqlen: int | N
         longest = max(b - a for a, b in zip(offsets, offsets[1:]))
         if max_seqlen is not None and max_seqlen < longest:
             raise c.value_error(f"{max_name} is {max_seqlen}, but {name} holds a sequence of {longest}")
-        return longest if max_seqlen is None else max_seqlen
+        return cu, longest if max_seqlen is None else max_seqlen
     lengths = cu[1:] - cu[:-1]
     ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all()
     torch._assert_async(ok, f"fastarch.{c.op}: {why}")
     if max_seqlen is None:
-        return total
+        return cu, total
     torch._assert_async((lengths <= max_seqlen).all(), f"fastarch.{c.op}: {name} holds a sequence longer than {max_name}")
-    return max_seqlen
+    return cu, max_seqlen
 
 
-def cache_seqlens(c: Caller, lens: Tensor, batch: int, capacity: int, device, clamped_on_gpu: bool = True) -> None:
-    """int32 (batch,), each in 0 .. capacity: checked on the host for CPU tensors; on a GPU
-    clamped by the decode kernels, or (clamped_on_gpu=False, for what writes) asserted on the
-    device."""
+def cache_seqlens(c: Caller, lens: Tensor, batch: int, capacity: int, device, clamped_on_gpu: bool = True,
+                  new_tokens: int = 0) -> Tensor:
+    """int32 (batch,), each in 0 .. capacity - new_tokens: checked on the host for CPU tensors;
+    on a GPU clamped by the decode kernels, or (clamped_on_gpu=False, for what writes) asserted
+    on the device. Returns them contiguous (the kernels index them as an array)."""
     tensor(c, lens, "cache_seqlens")
     if lens.dtype != torch.int32 or tuple(lens.shape) != (batch,):
         raise c.value_error(
@@ -190,15 +193,19 @@ def cache_seqlens(c: Caller, lens: Tensor, batch: int, capacity: int, device, cl
         )
     if lens.device != device:
         raise c.value_error(f"cache_seqlens must be on {c.q}'s device {device}, got {lens.device}")
+    lens = lens.contiguous()
     if torch.compiler.is_compiling() or batch == 0:
-        return
-    why = f"cache_seqlens must be between 0 and the cache's {capacity} slots"
+        return lens
+    top = capacity - new_tokens
+    why = (f"cache_seqlens must be between 0 and {top}: the cache's {capacity} slots less the {new_tokens} new tokens"
+           if new_tokens else f"cache_seqlens must be between 0 and the cache's {capacity} slots")
     if lens.device.type == "cpu":
         lo, hi = int(lens.min()), int(lens.max())
-        if lo < 0 or hi > capacity:
+        if lo < 0 or hi > top:
             raise c.value_error(f"{why}, got {lo}..{hi}")
     elif not clamped_on_gpu:
-        torch._assert_async(((lens >= 0) & (lens <= capacity)).all(), f"fastarch.{c.op}: {why}")
+        torch._assert_async(((lens >= 0) & (lens <= top)).all(), f"fastarch.{c.op}: {why}")
+    return lens
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:

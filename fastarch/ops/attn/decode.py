@@ -57,11 +57,13 @@ def attention_decode(
     """
     c = checks.Caller("attention_decode", k="k_cache", v="v_cache")
     checks.check_qkv(c, q, k_cache, v_cache, packed=False)
-    checks.cache_seqlens(c, cache_seqlens, q.shape[0], k_cache.shape[2], q.device)
+    cache_seqlens = checks.cache_seqlens(c, cache_seqlens, q.shape[0], k_cache.shape[2], q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     checks.check_scale(c, scale)
-    window_left, _ = checks.window(c, window)
+    window_left, window_right = checks.window(c, window)
+    if window_right != -1:
+        raise c.value_error(f"window must be an int (keys to the left of each new token), got {window!r}")
     q, k_cache, v_cache = (checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     out, lse = _attention_decode(
         q, k_cache, v_cache, cache_seqlens, bool(causal), scale, window_left, registry.requested_backend(backend)
@@ -106,6 +108,8 @@ def append_kv(
             raise c.value_error(
                 f"{name}_new {tuple(new.shape)} must match {name}_cache {tuple(cache.shape)} in batch, heads and head dim"
             )
+    if v_cache.dtype != k_cache.dtype:
+        raise c.type_error(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
     if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.device != v_cache.device:
         raise c.value_error(
             f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the same batch, heads and"
@@ -119,6 +123,6 @@ def append_kv(
     k_new, v_new = checks.last_dim_contiguous(k_new), checks.last_dim_contiguous(v_new)
     if k_new.shape[2] > k_cache.shape[2]:
         raise c.value_error(f"k_new's {k_new.shape[2]} tokens do not fit the cache's {k_cache.shape[2]} slots")
-    capacity = k_cache.shape[2] - k_new.shape[2]
-    checks.cache_seqlens(c, cache_seqlens, k_cache.shape[0], capacity, k_cache.device, clamped_on_gpu=False)
+    cache_seqlens = checks.cache_seqlens(c, cache_seqlens, k_cache.shape[0], k_cache.shape[2], k_cache.device,
+                                         clamped_on_gpu=False, new_tokens=k_new.shape[2])
     _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, registry.requested_backend(backend))

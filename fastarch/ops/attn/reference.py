@@ -33,6 +33,9 @@ AttentionArgs, args.py):
       dropout_hash(seed, (b * H + h) * Sq + i, j) >= dropout_p * 2**32
   and the kept ones are scaled by 1 / (1 - dropout_p). Every backend computes this hash, so
   all draw the same mask for the same seed (an int64 scalar tensor on the CPU).
+
+The reference reads packed offsets and cache lengths on the host (on a GPU, a wait for it): it
+is the specification and the last fallback, not a fast path.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def scaled_dot_product_attention(
     checks.check_qkv(c, q, k, v, packed=False)
     if attn_mask is not None:
         checks.tensor(c, attn_mask, "attn_mask")
-        if attn_mask.dim() > 4:
+        if attn_mask.dim() > 4 or len(batch) > 1:  # broadcast against every batch dim, then flatten them
             try:
                 attn_mask = attn_mask.expand(*batch, heads_q, L, S)
             except RuntimeError:

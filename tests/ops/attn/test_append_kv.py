@@ -5,6 +5,9 @@ error."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -51,14 +54,45 @@ def test_slots_beyond_the_cache_are_an_error(backend, device):
     backend_rows.require("append_kv", backend, AttentionProblem.of(k_new, k_cache, v_cache, decode=True))
     before = k_cache.clone()
     if device == "cpu":
-        with pytest.raises(ValueError, match="cache_seqlens must be between 0 and the cache's 7 slots"):
+        with pytest.raises(ValueError, match="cache_seqlens must be between 0 and 7: the cache's 10 slots less the 3 new"):
             ops.append_kv(k_cache, v_cache, k_new, v_new, torch.tensor([0, 8], dtype=torch.int32), backend=backend)
         assert torch.equal(k_cache, before), "nothing is written when the call is refused"
-    else:  # a device-side assert (the host does not wait for the GPU to read the lengths)
-        with pytest.raises(RuntimeError):
-            ops.append_kv(k_cache, v_cache, k_new, v_new, torch.tensor([0, 8], dtype=torch.int32, device=device),
-                          backend=backend)
-            torch.cuda.synchronize()
+    else:
+        # a device-side assert (the host does not wait for the GPU to read the lengths); it leaves
+        # the CUDA context unusable, so it runs in a process of its own
+        code = (
+            "import torch, fastarch\n"
+            "k, v = torch.zeros(2, 2, 10, 4, device='cuda'), torch.zeros(2, 2, 10, 4, device='cuda')\n"
+            "new = torch.randn(2, 2, 3, 4, device='cuda')\n"
+            "lens = torch.tensor([0, 8], dtype=torch.int32, device='cuda')\n"
+            f"fastarch.ops.append_kv(k, v, new, new, lens, backend={backend!r})\n"
+            "torch.cuda.synchronize()\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and "assert" in out.stderr.lower(), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_lengths(backend, device):
+    """cache_seqlens as a strided view (every other element of a longer tensor)."""
+    k_cache, v_cache = caches(2, 2, 10, 8, 8, torch.float32, device, False)
+    k_new, v_new = torch.randn(2, 2, 1, 8, device=device), torch.randn(2, 2, 1, 8, device=device)
+    backend_rows.require("append_kv", backend, AttentionProblem.of(k_new, k_cache, v_cache, decode=True))
+    lens = torch.tensor([4, 99, 6, 99], dtype=torch.int32, device=device)[::2]
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    append_kv_ref(expected_k, expected_v, k_new, v_new, lens.contiguous())
+    ops.append_kv(k_cache, v_cache, k_new, v_new, lens, backend=backend)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_caches_of_different_dtypes_are_refused():
+    """k and v caches share a dtype (a kernel copies both with one element size)."""
+    k_cache, v_cache = torch.zeros(2, 2, 10, 4), torch.zeros(2, 2, 10, 4, dtype=torch.bfloat16)
+    new_k, new_v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4).bfloat16()
+    with pytest.raises(TypeError, match="v_cache must have k_cache's dtype torch.float32"):
+        ops.append_kv(k_cache, v_cache, new_k, new_v, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="v_cache must have k_cache's dtype"):
+        torch.ops.fastarch._append_kv(k_cache, v_cache, new_k, new_v, torch.zeros(2, dtype=torch.int32))
 
 
 def test_kernel_op_refuses_bad_lengths_itself():

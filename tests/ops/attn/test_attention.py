@@ -13,6 +13,7 @@ rows are marked gpu); Triton runs in its CPU interpreter without a GPU, on small
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 import backend_rows  # tests/backend_rows.py
 from attention_tolerance import floor  # tests/ops/attn/attention_tolerance.py
 from fastarch import ops, registry
+from fastarch.ops.attn import backends
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem
 from fastarch.ops.attn.reference import attention_backward_ref, attention_forward_ref
 
@@ -161,6 +163,9 @@ def test_declined_head_dims_name_the_reason(d):
     """Forcing a backend on a head dim it does not claim raises NoBackendError with its
     reason; the automatic choice falls back to one that runs it (the reference at 600)."""
     q, k, v = make_qkv(1, 2, 2, 5, 7, d, torch.float16, "cpu")
+    # the CUDA kernels' rule, on a CUDA problem (no GPU needed to ask)
+    cuda_problem = dataclasses.replace(AttentionProblem.of(q, k, v), device="cuda")
+    assert "is not a multiple of 8 up to 256" in (backends.cuda_supports(cuda_problem) or ""), d
     for backend, limit in (("cuda", 256), ("triton", 256), ("cpu", 512)):
         entry = next(b for b in registry.backends_of("attention") if b.name == backend)
         why = entry.supports(AttentionProblem.of(q, k, v))
@@ -228,6 +233,28 @@ def test_varlen(backend, device):
     require(backend, q, k, v, cu_seqlens_q=cu_q)
     for causal in (False, True):
         compare(backend, q, k, v, dtype, causal=causal, cu_q=cu_q, cu_k=cu_k)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_index_tensors(backend, device):
+    """cu_seqlens, key_padding_mask and cache_seqlens given as strided views give what their
+    contiguous copies give (the kernels index them as arrays)."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q, k, v = make_qkv(2, 2, 2, 9, 13, 32, dtype, device)
+    kpm = (torch.arange(13)[:, None] < torch.tensor([13, 6])).to(device).t()  # (2, 13), transposed memory
+    require(backend, q, k, v, key_padding_mask=kpm)
+    expected = ops.attention(q, k, v, key_padding_mask=kpm.contiguous(), backend=backend)
+    torch.testing.assert_close(ops.attention(q, k, v, key_padding_mask=kpm, backend=backend), expected, rtol=0, atol=0)
+    qp, kp, vp = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (total, H, D)
+    cu_q = torch.tensor([0, 99, 4, 99, 9], dtype=torch.int32, device=device)[::2]
+    cu_k = torch.tensor([0, 99, 7, 99, 13], dtype=torch.int32, device=device)[::2]
+    expected = ops.attention(qp, kp, vp, cu_seqlens_q=cu_q.contiguous(), cu_seqlens_k=cu_k.contiguous(), causal=True,
+                             backend=backend)
+    got = ops.attention(qp, kp, vp, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    lens = torch.tensor([5, 99, 11, 99], dtype=torch.int32, device=device)[::2]
+    expected = ops.attention_decode(q[:, :, :1], k, v, lens.contiguous(), backend=backend)
+    torch.testing.assert_close(ops.attention_decode(q[:, :, :1], k, v, lens, backend=backend), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

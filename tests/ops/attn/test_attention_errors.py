@@ -43,6 +43,8 @@ CASES = {
     "unknown-backend": (lambda: ops.attention(q, k, v, backend="flash"), ValueError, "backend must be one of"),
     "decode-seqlens": (lambda: ops.attention_decode(q[:, :, :1], k, v, torch.tensor([3, 9], dtype=torch.int32)), ValueError, "cache_seqlens must be between 0 and the cache's 7 slots"),
     "decode-seqlens-dtype": (lambda: ops.attention_decode(q[:, :, :1], k, v, torch.tensor([3, 4])), ValueError, "cache_seqlens must be int32 of shape"),
+    "decode-window-pair": (lambda: ops.attention_decode(q[:, :, :1], k, v, torch.tensor([3, 4], dtype=torch.int32), window=(2, 0)), ValueError, r"window must be an int \(keys to the left of each new token\)"),
+    "append-kv-cache-dtypes": (lambda: ops.append_kv(k.clone(), v.half(), k[:, :, :1], v[:, :, :1].half(), torch.zeros(2, dtype=torch.int32)), TypeError, "v_cache must have k_cache's dtype"),
     "decode-cache-dtype": (lambda: ops.attention_decode(q[:, :, :1], k.half(), v, torch.tensor([3, 4], dtype=torch.int32)), TypeError, "k_cache must have q's dtype"),
     "max-seqlen-too-small": (lambda: ops.attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32), max_seqlen_k=6), ValueError, "max_seqlen_k is 6, but cu_seqlens_k holds a sequence of 7"),
     "max-seqlen-negative": (lambda: ops.attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32), max_seqlen_q=-1), ValueError, "max_seqlen_q must be an int >= 0"),

@@ -80,6 +80,8 @@ def test_opcheck_gpu_kernel_ops(op):
     torch.library.opcheck(bwd.default, (torch.randn_like(out), q, k, v, out, lse, *common))
     seqlens = torch.tensor([5, 13], dtype=torch.int32, device="cuda")
     torch.library.opcheck(dec.default, (q[:, :, :2], k, v, seqlens, True, 0.125, -1))
+    append = getattr(torch.ops.fastarch, "_append_kv" if op == "_attention" else "_triton_append_kv")
+    torch.library.opcheck(append.default, (k.clone(), v.clone(), k[:, :, :2], v[:, :, :2], seqlens))
 
 
 # ----------------------------------------------------------------------------- torch.compile

@@ -66,18 +66,29 @@ def test_matches_torch(kwargs, sq, sk):
         (((2, 0, 10, 16), (2, 0, 12, 16), (2, 0, 12, 16)), {}),  # zero heads
         (((2, 2, 0, 16), (2, 2, 12, 16), (2, 2, 12, 16)), {}),  # zero queries
         (((2, 2, 10, 16), (2, 2, 0, 16), (2, 2, 0, 16)), {}),  # zero keys: zeros, as torch
-        (((2, 2, 10, 16), (2, 2, 12, 16), (2, 2, 12, 16)), dict(attn_mask=(2, 1, 1, 10, 12))),  # 5-D mask
+        (((2, 2, 2, 10, 16), (2, 2, 2, 12, 16), (2, 2, 2, 12, 16)), dict(attn_mask=(2, 1, 1, 10, 12))),  # 5-D mask
+        (((2, 3, 4, 10, 16), (2, 3, 4, 12, 16), (2, 3, 4, 12, 16)), dict(attn_mask=(3, 4, 10, 12))),  # 4-D mask, 5-D q
+        (((2, 3, 4, 10, 16), (2, 3, 4, 12, 16), (2, 3, 4, 12, 16)), dict(attn_mask=(3, 1, 10, 12))),
     ],
     ids=["batch-broadcast", "head-broadcast", "gqa-5d-causal", "gqa-dv", "3d", "2d", "2d-query", "d600",
-         "zero-heads", "zero-queries", "zero-keys", "mask-5d"],
+         "zero-heads", "zero-queries", "zero-keys", "mask-5d", "mask-4d-batch-3d", "mask-4d-heads-1"],
 )
 def test_accepts_what_torch_accepts(shapes, kw):
     q, k, v = (randn(*s, seed=i) for i, s in enumerate(shapes))
     kw = dict(kw)
     if "attn_mask" in kw:
         kw["attn_mask"] = randn(*kw["attn_mask"], seed=7)
-        q, k, v = q.expand(2, 2, 2, 10, 16), k.expand(2, 2, 2, 12, 16), v.expand(2, 2, 2, 12, 16)
     assert_same(*both(q, k, v, grads=q.numel() > 0, **kw))
+
+
+def test_refuses_what_torch_refuses():
+    """A mask that broadcasts against the flattened batch but not against the batch dims."""
+    q, k, v = randn(2, 3, 4, 10, 16), randn(2, 3, 4, 12, 16), randn(2, 3, 4, 12, 16)
+    mask = randn(6, 1, 10, 12)
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with pytest.raises(RuntimeError, match="attn_mask of shape"):
+        ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def test_dropout_one_gives_zeros_and_zero_gradients():
