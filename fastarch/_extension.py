@@ -6,6 +6,7 @@ the load error as the reason the cpu and cuda backends are unavailable.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch  # noqa: F401  (the extension links against torch's libraries)
@@ -19,6 +20,16 @@ try:
     from fastarch import _C  # type: ignore[attr-defined,no-redef]  # registers the fastarch:: kernels
 except Exception as e:  # ImportError, or an undefined symbol from a torch of another version
     LOAD_ERROR = f"fastarch._C failed to load ({type(e).__name__}: {e})"
+
+# FASTARCH_CPU_ISA=generic | avx512 | auto: which build of the CPU kernels runs (default auto:
+# the fastest this CPU and build have), read once at import, e.g. to run the portable kernels
+# on an AVX-512 machine. fastarch._C._set_cpu_isa changes it later.
+_ISA = os.environ.get("FASTARCH_CPU_ISA", "").strip()
+if _C is not None and _ISA:
+    try:
+        _C._set_cpu_isa(_ISA)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"FASTARCH_CPU_ISA={_ISA!r}: {e}") from None
 
 
 def build_info() -> dict[str, Any]:

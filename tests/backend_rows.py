@@ -7,12 +7,17 @@ declines by design are tested on their own, as errors)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from fastarch import registry
 
 HAS_CUDA = torch.cuda.is_available()
+# The CPU kernels' build the process runs (FASTARCH_CPU_ISA, read by fastarch at import): what
+# a test that switches builds restores afterwards.
+DEFAULT_ISA = os.environ.get("FASTARCH_CPU_ISA", "").strip() or "auto"
 
 
 def rows(op: str) -> list:

@@ -227,7 +227,10 @@ void tile(const BackwardParams& p, const Scratch& w, const SeqSpan& s, int64_t n
       const char* m = static_cast<const char*>(a.attn_mask) +
                       (s.b * a.mask_stride[0] + h * a.mask_stride[1] + (s.q0 + qb.i0) * a.mask_stride[2] +
                        (s.k0 + j) * a.mask_stride[3]) * es;
-      for (int64_t c = seen.lo; c < seen.hi; ++c) s_row[c] += value_f32<T>(m, c * a.mask_stride[2]);
+      for (int64_t c = seen.lo; c < seen.hi; ++c) {
+        const float mv = value_f32<T>(m, c * a.mask_stride[2]);
+        s_row[c] = mv == -kInf ? -kInf : s_row[c] + mv;  // a -inf entry hides the key, even from a NaN score
+      }
     }
     if (a.dropout) {
       softmax_grad_row<true>(a, s_row, dp_row, lse, delta, w.row_keys, static_cast<uint32_t>(s.k0 + j), seen, ld);

@@ -98,7 +98,10 @@ struct Task {
       const char* mrow = static_cast<const char*>(p.attn_mask) +
                          (s.b * p.mask_stride[0] + h * p.mask_stride[1] + (s.q0 + i0 + r) * p.mask_stride[2] +
                           (s.k0 + j0) * p.mask_stride[3]) * es;
-      for (int64_t j = a; j < e; ++j) z[j] += value_f32<T>(mrow, j * p.mask_stride[3]);
+      for (int64_t j = a; j < e; ++j) {
+        const float m = value_f32<T>(mrow, j * p.mask_stride[3]);
+        z[j] = m == -kInf ? -kInf : z[j] + m;  // a -inf entry hides the key, even from a NaN score
+      }
     }
     for (int64_t j = 0; j < a; ++j) z[j] = -kInf;
     for (int64_t j = e; j < BN; ++j) z[j] = -kInf;

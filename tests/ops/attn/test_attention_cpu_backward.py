@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+import backend_rows  # tests/backend_rows.py
 from attention_tolerance import floor  # tests/ops/attn/attention_tolerance.py
 from fastarch import _extension
 from fastarch.ops.attn import cpp
@@ -30,14 +31,15 @@ def _isa(name: str) -> None:
     _C._set_cpu_isa(name)
 
 
-@pytest.fixture(params=["auto", "generic"])
+@pytest.fixture(params=["avx512", "generic"])
 def isa(request):
-    """Both builds of the kernel: AVX-512 (when the CPU has it) and the portable one."""
-    if request.param == "auto" and not _extension.build_info().get("cpu_has_avx512"):
-        pytest.skip("no AVX-512 on this CPU")
+    """Both builds of the kernel: AVX-512 (when the CPU and the build have it) and the portable one."""
+    info = _extension.build_info()
+    if request.param == "avx512" and not (info.get("cpu_has_avx512_bf16") and "avx512" in info.get("cpu_kernels", [])):
+        pytest.skip("the AVX-512 backward needs AVX512-BF16 and a build with the AVX-512 kernels")
     _isa(request.param)
     yield request.param
-    _isa("auto")
+    _isa(backend_rows.DEFAULT_ISA)
 
 
 def make(b, h, hkv, sq, sk, d, dtype, dv=None, seed=0):
@@ -159,15 +161,11 @@ def test_gqa_sums_over_the_group(dtype):
 def test_dropout_gradient_matches_the_forward_mask(isa):
     """With v = identity the forward's output is the dropped-out, rescaled probabilities
     themselves; dv of any v must then be that matrix transposed times dout."""
-    if not _extension.build_info().get("cpu_has_avx512"):
-        pytest.skip("no AVX-512 on this CPU (the forward kernel's requirement)")
     q, k, v, dout = make(2, 3, 3, 50, 64, 64, torch.float32)
     a = args(q, causal=True, dropout_p=0.4, seed=torch.tensor(77))
     eye = torch.eye(64)[None, None].expand(2, 3, 64, 64).contiguous()
-    _isa("auto")  # the forward kernel needs AVX-512
     p_dropped, _ = cpp.forward(q, k, eye, a)  # (B, H, Sq, Sk)
     out, lse = cpp.forward(q, k, v, a)
-    _isa(isa)
     seen = torch.ones(50, 64, dtype=torch.bool).tril(64 - 50)
     kept = (p_dropped[..., seen] > 0).float().mean().item()
     assert 0.5 < kept < 0.7

@@ -18,6 +18,8 @@ import math
 import pytest
 import torch
 
+import backend_rows  # tests/backend_rows.py
+
 from fastarch import _extension, ops
 from fastarch.ops.attn import cpp as attention_kernels
 from fastarch.ops.attn.reference import attention_decode_ref, attention_forward_ref, dropout_keep
@@ -38,7 +40,7 @@ def isa(request):
     except ValueError as e:  # not compiled in, or the CPU lacks it
         pytest.skip(f"the {request.param} kernels cannot run here: {e}")
     yield request.param
-    _C._set_cpu_isa("auto")
+    _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 
 def runs(isa: str, dtype: torch.dtype) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import backend_rows  # tests/backend_rows.py
 import torch.nn.functional as F
 
 import fastarch
@@ -76,7 +78,7 @@ def cpu_isa(request):
         _C._set_cpu_isa(isa)
 
     yield select
-    _C._set_cpu_isa("auto")
+    _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 
 # ----------------------------------------------------------------------------- helpers

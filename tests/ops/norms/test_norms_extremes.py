@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import backend_rows  # tests/backend_rows.py
 import torch.nn.functional as F
 
 from fastarch import ops
@@ -67,7 +69,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def cpu_isa():
     """Selects the CPU kernels' instruction set for one test, then restores automatic choice."""
     yield _C._set_cpu_isa
-    _C._set_cpu_isa("auto")
+    _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 
 # ----------------------------------------------------------------------------- the edges
