@@ -8,9 +8,9 @@ fallbacks, registered as torch ops.
 """
 
 from fastarch import _extension  # noqa: F401  (loads fastarch._C first: it defines the kernel ops)
-from fastarch import nn, ops
+from fastarch import models, nn, ops
 from fastarch.system_info import info
 from fastarch.registry import NoBackendError, backend
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "backend", "info", "NoBackendError", "__version__"]
+__all__ = ["ops", "nn", "models", "backend", "info", "NoBackendError", "__version__"]

@@ -18,6 +18,7 @@ from torch import Tensor
 from fastarch import registry
 from fastarch.ops.norms.backends import NormProblem
 from fastarch.ops.norms.reference import stats_dtype
+from fastarch.ops.rows import as_rows
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -70,20 +71,6 @@ def check_eps(op: str, eps: object) -> None:
         raise ValueError(f"fastarch.{op}: eps must be finite and >= 0, got {eps}")
 
 
-def _as_rows(t: Tensor) -> Tensor:
-    """t as a 2-D (rows, cols) tensor with contiguous columns; a view when strides allow."""
-    n = t.shape[-1]
-    if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
-        return t
-    try:
-        rows = t.view(-1, n)
-    except RuntimeError:  # leading dims not collapsible
-        rows = t.reshape(-1, n)
-    if n > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
-    return rows
-
-
 def _vector(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
 
@@ -96,10 +83,10 @@ def _forward(
     backend: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     _check_inputs(op, x, residual, weight, bias, eps)
-    x2 = _as_rows(x)
+    x2 = as_rows(x)
     impl = registry.choose(op, NormProblem.of(x2), backend)
     y, residual_out, mean, rstd = impl.forward(
-        x2, _as_rows(residual) if residual is not None else None, _vector(weight), _vector(bias), float(eps), rms
+        x2, as_rows(residual) if residual is not None else None, _vector(weight), _vector(bias), float(eps), rms
     )
     if x.dim() == 2:
         return y, residual_out, mean, rstd
@@ -135,12 +122,12 @@ def _norm_backward(
     """Gradients of every norm op: dx, dweight, dbias (empty when not wanted).
     xin: the normalization's input (..., N); RMSNorm when mean is None."""
     op = "rms_norm" if mean is None else "layer_norm"
-    x2 = _as_rows(xin)
+    x2 = as_rows(xin)
     impl = registry.choose(op, NormProblem.of(x2), backend)
     rows = x2.shape[0]
     dx, dweight, dbias = impl.backward(
-        _as_rows(dy),
-        _as_rows(dresidual_out) if dresidual_out is not None else None,
+        as_rows(dy),
+        as_rows(dresidual_out) if dresidual_out is not None else None,
         x2,
         _vector(weight),
         mean.reshape(rows).contiguous() if mean is not None else None,

@@ -1,0 +1,41 @@
+"""Complete models on fastarch's kernels, loaded from the checkpoints people already have.
+
+    model = fastarch.models.from_pretrained("path/to/checkpoint")   # picks the family by model_type
+
+One readable file per family; ``loading.py`` reads configs and weights for all of them. A family
+module exposes a model class with ``from_pretrained(path, *, dtype=None, device=None)``;
+FAMILIES maps each Hugging Face ``model_type`` to it (one line per family).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch import nn
+
+from fastarch.models.loading import CheckpointError, read_config
+
+# model_type -> "module:Class" (modules under fastarch.models, imported on first use)
+FAMILIES: dict[str, str] = {}
+
+
+def from_pretrained(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """The model of the Hugging Face checkpoint directory ``path`` (config.json + weights), in
+    eval mode, cast to ``dtype`` and moved to ``device`` when given. The family comes from
+    config.json's model_type; an unsupported one is an error that lists the supported ones."""
+    config = read_config(path)
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES)) or 'none yet'})"
+        )
+    module_name, class_name = FAMILIES[model_type].split(":")
+    cls = getattr(importlib.import_module(f"fastarch.models.{module_name}"), class_name)
+    return cls.from_pretrained(path, dtype=dtype, device=device)
+
+
+__all__ = ["from_pretrained", "CheckpointError", "FAMILIES"]

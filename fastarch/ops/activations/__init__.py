@@ -1,0 +1,10 @@
+"""The activations family: bias_gelu (GELU of x + bias, exact erf or tanh form, forward and
+backward; the transformer MLP's activation after its first linear layer without the bias).
+
+api.py: the public function and its torch ops; reference.py: the definition of correct (and
+the last backend); backends.py: the one table of backends.
+"""
+
+from fastarch.ops.activations.api import bias_gelu
+
+__all__ = ["bias_gelu"]

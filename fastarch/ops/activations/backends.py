@@ -1,0 +1,45 @@
+"""The activations' backends, in priority order, each with what it supports: the one table.
+
+Interface (reference.py): forward(x, bias, approximate) -> y; backward(dy, x, bias,
+approximate, need_dbias) -> (dx, dbias or None), on 2-D (rows, cols) inputs with contiguous
+columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastarch import availability, registry
+from fastarch.ops.activations.reference import bias_gelu_backward_ref, bias_gelu_forward_ref
+
+
+@dataclass(frozen=True)
+class ActivationProblem:
+    """What the backends need to know to say whether they can run an activation."""
+
+    device: str
+    dtype: torch.dtype
+    rows: int
+    cols: int
+
+    @classmethod
+    def of(cls, x: Tensor) -> ActivationProblem:
+        return cls(x.device.type, x.dtype, x.shape[0], x.shape[1])
+
+    def __str__(self) -> str:
+        return f"x of shape ({self.rows}, {self.cols}), {self.dtype} on {self.device}"
+
+
+def _reference_supports(p: ActivationProblem) -> str | None:
+    return None
+
+
+BACKENDS = [
+    registry.Backend("reference", availability.reference, _reference_supports, bias_gelu_forward_ref,
+                     bias_gelu_backward_ref),
+]
+
+registry.register("bias_gelu", BACKENDS)

@@ -1,0 +1,19 @@
+"""Row views shared by the op families that work on the last dimension (norms, activations)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """t as a 2-D (rows, cols) tensor with contiguous columns; a view when strides allow."""
+    n = t.shape[-1]
+    if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
+        return t
+    try:
+        rows = t.view(-1, n)
+    except RuntimeError:  # leading dims not collapsible
+        rows = t.reshape(-1, n)
+    if n > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
