@@ -11,6 +11,8 @@ from fastarch import _extension  # noqa: F401  (loads fastarch._C first: it defi
 from fastarch import models, nn, ops
 from fastarch.system_info import info
 from fastarch.registry import NoBackendError, backend
+from fastarch.optimize import optimize, restore
+from fastarch.override import sdpa_override
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "models", "backend", "info", "NoBackendError", "__version__"]
+__all__ = ["ops", "nn", "models", "backend", "info", "NoBackendError", "optimize", "restore", "sdpa_override", "__version__"]

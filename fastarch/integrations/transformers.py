@@ -1,0 +1,135 @@
+"""fastarch as a transformers attention implementation. Importing this module registers
+"fastarch" in transformers' AttentionInterface (the attention call) and AttentionMaskInterface
+(the masks: SDPA's, so a model gets None where a causal or full mask suffices and a boolean
+(B, 1, Sq, Sk) mask otherwise — padding, sliding windows and packed sequences are in it)::
+
+    import fastarch.integrations.transformers
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="fastarch")
+    # or: model.set_attn_implementation("fastarch"), or fastarch.optimize(model)
+
+Each call runs fastarch.ops.attention where a fastarch kernel backend can run it, grouped-
+query heads natively (no repeated k/v), and transformers' own SDPA function otherwise (what
+fastarch has no kernel for, softcapping or attention sinks, a position bias that needs a
+gradient), so its results are SDPA's within the kernels' rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from fastarch import ops
+from fastarch.override import _sdpa_backend
+
+NAME = "fastarch"
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # options SDPA's path knows how to refuse or apply
+
+
+def _with_position_bias(bias: Tensor, mask: Tensor | None, causal: bool, sq: int, sk: int) -> Tensor:
+    """T5's relative position bias folded into one additive mask (what SDPA's path does):
+    blocked entries get the dtype's lowest value, as transformers' eager path adds."""
+    lowest = torch.finfo(bias.dtype).min
+    if mask is None:
+        if not causal:
+            return bias
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=bias.device).tril()  # top-left, as SDPA's is_causal
+        return torch.where(allowed, bias, lowest)
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, lowest)
+    return bias + mask
+
+
+def fastarch_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: Tensor | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature. query (B, H, Sq, D), key and value
+    (B, Hkv, Sk, D); attention_mask None, bool (True = attend) or additive, broadcastable to
+    (B, H, Sq, Sk). Returns (out (B, Sq, H, D), None): no attention weights, as SDPA's."""
+
+    def sdpa() -> tuple[Tensor, None]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+
+    if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS) or query.dim() != 4:
+        return sdpa()
+    sq, sk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # SDPA's rule: a mask, or a single query (decoding: it sees every cached key), means no is_causal
+    causal = bool(causal) and sq > 1 and attention_mask is None
+    if causal and sk < sq:
+        return sdpa()
+    mask = attention_mask
+    if position_bias is not None:
+        if position_bias.requires_grad and torch.is_grad_enabled():
+            return sdpa()  # fastarch gives the mask no gradient; T5's learned bias needs one
+        mask = _with_position_bias(position_bias, mask, causal, sq, sk)
+        causal = False
+    backend = module.__dict__.get("_fastarch_backend")
+    chosen = _sdpa_backend(query, key, value, mask, dropout, causal, scaling, query.shape[1] != key.shape[1], backend)
+    if not chosen or (mask is not None and mask.dim() != 4):
+        return sdpa()
+    if causal and sk > sq:
+        # SDPA's is_causal aligns top-left (a static cache's prefill: the keys past the queries
+        # are empty slots); fastarch's aligns bottom-right, the same over the first sq keys
+        key, value = key[:, :, :sq], value[:, :, :sq]
+    out = ops.attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, dropout_p=dropout, backend=chosen)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, fastarch_attention_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------- fastarch.optimize
+
+
+def _is_pretrained(model: torch.nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
+    """fastarch.optimize's transformers part: set_attn_implementation("fastarch") on a
+    PreTrainedModel (its previous implementation is kept for restore_model)."""
+    if not _is_pretrained(model):
+        return
+    previous = model.config._attn_implementation
+    kind = type(model).__name__
+    if previous == NAME:
+        report.add("", kind, True, "attention implementation already fastarch")
+        return
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, KeyError, ImportError) as e:
+        report.add("", kind, False, f"attention stays {previous!r}: set_attn_implementation refused ({e})")
+        return
+    if model.config._attn_implementation != NAME:
+        report.add("", kind, False, f"attention stays {previous!r}: the model cannot change it (no AttentionInterface)")
+        return
+    model.__dict__["_fastarch_attn_implementation"] = previous
+    if backend is not None:
+        for m in model.modules():
+            m.__dict__["_fastarch_backend"] = backend
+    report.add("", kind, True, f"attention implementation {previous!r} -> 'fastarch'")
+
+
+def restore_model(model: torch.nn.Module) -> None:
+    """Undo optimize_model: the previous attention implementation, no forced backend."""
+    previous = model.__dict__.pop("_fastarch_attn_implementation", None)
+    for m in model.modules():
+        m.__dict__.pop("_fastarch_backend", None)
+    if previous is not None and _is_pretrained(model):
+        model.set_attn_implementation(previous)

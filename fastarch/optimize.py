@@ -1,0 +1,342 @@
+"""``fastarch.optimize(model)``: faster models without edits to their code. It swaps the layers
+fastarch runs (torch's LayerNorm, RMSNorm and MultiheadAttention; Hugging Face RMSNorm-style
+layers recognised by their behaviour) for fastarch modules holding the same Parameter objects,
+sets transformers models' attention to fastarch's and diffusers' attention processors to
+fastarch's, and returns a Report of what it changed and what it left alone, and why.
+``fastarch.restore(model)`` puts the original module objects back.
+
+A swapped layer runs fastarch where one of its kernel backends can run the call (see
+fastarch.override) and the original layer's own code otherwise (other dtypes, a weight of
+another dtype than the input as under autocast), so its results are the original's within a
+rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fastarch import nn as fnn
+from fastarch import ops, registry
+from fastarch.ops.attn.args import AttentionProblem
+from fastarch.ops.norms.backends import NormProblem
+from fastarch.override import backend_for
+
+_ORIGINAL = "_fastarch_original"  # a swapped module's __dict__ entry: the module it replaced
+_HOOKS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Entry:
+    """One module optimize looked at: its path in the model, its class, and what happened."""
+
+    path: str
+    kind: str
+    swapped: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    """What ``optimize`` did: ``entries`` (each module swapped or left alone, with why), and
+    ``model``, the optimized model (``inplace=False``: the copy)."""
+
+    model: nn.Module | None = None
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def swapped(self) -> list[Entry]:
+        return [e for e in self.entries if e.swapped]
+
+    @property
+    def left_alone(self) -> list[Entry]:
+        return [e for e in self.entries if not e.swapped]
+
+    def add(self, path: str, kind: str, swapped: bool, detail: str) -> None:
+        self.entries.append(Entry(path or "(model)", kind, swapped, detail))
+
+    def __str__(self) -> str:
+        head = ("module", "type", "result", "detail")
+        rows = [(e.path, e.kind, "fastarch" if e.swapped else "left alone", e.detail) for e in self.entries]
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(3)]
+        lines = [f"fastarch.optimize: {len(self.swapped)} swapped, {len(self.left_alone)} left alone"]
+        for r in [head, *rows]:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+# ----------------------------------------------------------------------------- swapped modules
+
+
+def _norm_backend(module: nn.Module, x: Tensor, weight: Tensor | None) -> str:
+    """The fastarch backend a norm layer runs x on, or "" for its own code: x must end with
+    the normalized shape and have the weight's dtype (torch promotes mixed dtypes, as under
+    autocast; fastarch's kernels take one dtype)."""
+    shape = tuple(module.normalized_shape)
+    if not isinstance(x, Tensor) or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        return ""
+    if weight is not None and weight.dtype != x.dtype:
+        return ""
+    # the norms' backends decide by device and dtype alone
+    return backend_for(module._fastarch_op, NormProblem(x.device.type, x.dtype, 1, 1), module._fastarch_backend)
+
+
+def _rows(x: Tensor, k: int) -> Tensor:
+    """x (..., *normalized_shape) as (..., prod(normalized_shape)): normalizing over k
+    trailing dims is normalizing over their product."""
+    return x if k == 1 else x.reshape(*x.shape[: x.dim() - k], -1)
+
+
+def _vector(p: Tensor | None) -> Tensor | None:
+    return p.reshape(-1) if p is not None else None
+
+
+class LayerNorm(fnn.LayerNorm):
+    """fastarch.nn.LayerNorm that runs torch's LayerNorm where fastarch has no kernel."""
+
+    _fastarch_op = "layer_norm"
+    _fastarch_backend: str | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        chosen = _norm_backend(self, x, self.weight)
+        if not chosen:
+            return nn.LayerNorm.forward(self, x)
+        k = len(self.normalized_shape)
+        y = ops.layer_norm(_rows(x, k), _vector(self.weight), _vector(self.bias), self.eps, backend=chosen)
+        return y.view(x.shape)
+
+
+class RMSNorm(fnn.RMSNorm):
+    """fastarch.nn.RMSNorm that runs torch's RMSNorm where fastarch has no kernel."""
+
+    _fastarch_op = "rms_norm"
+    _fastarch_backend: str | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        chosen = _norm_backend(self, x, self.weight)
+        if not chosen:
+            return nn.RMSNorm.forward(self, x)
+        y = ops.rms_norm(_rows(x, len(self.normalized_shape)), _vector(self.weight), self.eps, backend=chosen)
+        return y.view(x.shape)
+
+
+class HFRMSNorm(fnn.RMSNorm):
+    """A Hugging Face RMSNorm-style layer (LlamaRMSNorm, T5LayerNorm, ...: ``weight``,
+    ``variance_epsilon``) on fastarch's rms_norm, holding the same weight.
+
+    When the input's dtype is the weight's, those layers compute x * rsqrt(mean(x^2) + eps) in
+    fp32 and round it to that dtype, then multiply by the weight and round again; fastarch
+    rounds once, at the end (the same value within one rounding, never further from the exact
+    one). Other dtype pairs (LLaMA and T5 promote them differently) run the original layer.
+    """
+
+    _fastarch_op = "rms_norm"
+    _fastarch_backend: str | None = None
+
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        chosen = _norm_backend(self, x, self.weight)
+        if not chosen:
+            return self.__dict__[_ORIGINAL](x)
+        return ops.rms_norm(x, self.weight, self.eps, backend=chosen)
+
+
+class MultiheadAttention(fnn.MultiheadAttention):
+    """fastarch.nn.MultiheadAttention that runs torch's where fastarch has no kernel."""
+
+    _fastarch_backend: str | None = None
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        run_torch = need_weights or not isinstance(query, Tensor) or query.dtype != self.out_proj.weight.dtype
+        if not run_torch:
+            problem = AttentionProblem(
+                query.device.type, query.dtype, self.head_dim, self.head_dim, self.num_heads, self.num_heads,
+                attn_mask=attn_mask is not None, key_padding_mask=key_padding_mask is not None,
+                dropout=self.training and self.dropout > 0,
+            )
+            run_torch = not backend_for("attention", problem, self._fastarch_backend)
+        forward = nn.MultiheadAttention.forward if run_torch else super().forward
+        return forward(self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                       attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+
+# ----------------------------------------------------------------------------- recognising layers
+
+_PROBE_EPS = 1e-6  # fp32 probe: the same formula in another order differs by a few ulps
+
+
+def _hf_rms_norm_reason(module: nn.Module) -> str | None:
+    """None when ``module`` computes x * rsqrt(mean(x^2) + variance_epsilon) * weight over the
+    last dim (checked on a probe input with a random weight, in fp32), else why not."""
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    eps = getattr(module, "variance_epsilon", None)
+    if set(params) != {"weight"} or weight is None or weight.dim() != 1 or not weight.is_floating_point():
+        return "not a single 1-D float weight (an RMSNorm-style layer has exactly one)"
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        return "no float variance_epsilon (the Hugging Face RMSNorm attribute)"
+    if list(module.children()) or list(module.buffers(recurse=False)):
+        return "has submodules or buffers"
+    if weight.device.type == "meta":
+        return "parameters on the meta device: its behaviour cannot be checked"
+    n = weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, n, generator=gen).to(weight.device)
+    w = torch.rand(n, generator=gen).add(0.5).to(weight.device)
+    try:
+        with torch.no_grad():
+            got = torch.func.functional_call(module, {"weight": w}, (x,))
+    except Exception as e:  # noqa: BLE001  (any failure means: not a layer we understand)
+        return f"its forward failed on a probe input ({type(e).__name__})"
+    x64, w64 = x.double(), w.double()
+    want = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps) * w64
+    if not isinstance(got, Tensor) or got.shape != x.shape or got.dtype != torch.float32:
+        return "its output on a probe input is not x's shape and dtype"
+    if not torch.allclose(got.double(), want, rtol=_PROBE_EPS, atol=_PROBE_EPS):
+        return "its output differs from x * rsqrt(mean(x^2) + eps) * weight on a probe input (e.g. (1 + weight) scaling)"
+    return None
+
+
+def _hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOKS)
+
+
+def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str | None]:
+    """(replacement, None), or (None, why it is left alone), or (None, None): not ours to judge."""
+    kind = type(module)
+    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm, MultiheadAttention)):
+        return None, "already optimized"
+    candidates = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.MultiheadAttention: MultiheadAttention}
+    if kind in candidates or any(issubclass(kind, c) for c in candidates):
+        if kind not in candidates:
+            return None, f"a subclass of {[c.__name__ for c in candidates if issubclass(kind, c)][0]} (its behaviour may differ)"
+        if _hooks(module):
+            return None, "has hooks (they would not run on a new module)"
+        new = candidates[kind].from_torch(module)
+    elif kind.__name__.endswith(("RMSNorm", "LayerNorm")) and not kind.__module__.startswith("torch."):
+        if _hooks(module):
+            return None, "has hooks (they would not run on a new module)"
+        if why := _hf_rms_norm_reason(module):
+            return None, why
+        new = HFRMSNorm(module.weight.shape[0], eps=float(module.variance_epsilon), device="meta")
+        new.weight = module.weight
+        new.train(module.training)
+    elif isinstance(module, nn.GroupNorm):
+        return None, "no fastarch group_norm yet"
+    else:
+        return None, None
+    new._fastarch_backend = backend
+    new.__dict__[_ORIGINAL] = module
+    return new, None
+
+
+def _describe(new: nn.Module) -> str:
+    return f"-> fastarch.optimize.{type(new).__name__}"
+
+
+# ----------------------------------------------------------------------------- optimize / restore
+
+
+def optimize(model: nn.Module, *, backend: str | None = None, inplace: bool = True) -> Report:
+    """Swap the layers of ``model`` that fastarch runs for fastarch modules, in place.
+
+    The swapped modules hold the same Parameter objects (state_dict keys and tensors are
+    unchanged; training updates the same parameters). transformers models also get
+    ``set_attn_implementation("fastarch")`` and diffusers models fastarch's attention
+    processors, where the library is imported. backend: force one fastarch backend for the
+    optimized layers ("cuda", "cpu", "triton", "reference"; default automatic). inplace=False:
+    optimize a deep copy and leave ``model`` as it is. Returns the Report (``print(report)``
+    is a table); ``report.model`` is the optimized model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastarch.optimize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        registry.requested_backend(backend)  # a clear error for an unknown name
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = Report(model)
+    done: dict[int, nn.Module | None] = {}
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            path = f"{prefix}.{name}" if prefix else name
+            if id(child) in done:  # a module shared by several parents: swap it everywhere
+                if done[id(child)] is not None:
+                    setattr(parent, name, done[id(child)])
+                continue
+            new, why = _swap(child, backend)
+            done[id(child)] = new
+            if new is not None:
+                setattr(parent, name, new)
+                report.add(path, type(child).__name__, True, _describe(new))
+                continue
+            if why is not None:
+                report.add(path, type(child).__name__, False, why)
+            walk(child, path)
+
+    _, why = _swap(model, backend)
+    if why and why != "already optimized":
+        report.add("", type(model).__name__, False, why)
+    walk(model, "")
+    if "transformers" in sys.modules:
+        from fastarch.integrations import transformers as hf
+
+        hf.optimize_model(model, report, backend)
+    if "diffusers" in sys.modules:
+        from fastarch.integrations import diffusers as df
+
+        df.optimize_model(model, report, backend)
+    return report
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``optimize``: the original module objects go back where they were (holding the
+    swapped modules' current parameters, the same objects unless reassigned since), and
+    transformers' attention implementation and diffusers' processors are set back. Returns model."""
+    done: set[int] = set()
+
+    def walk(parent: nn.Module) -> None:
+        if id(parent) in done:
+            return
+        done.add(id(parent))
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            original = child.__dict__.get(_ORIGINAL)
+            if original is not None:
+                for pname, p in child._parameters.items():
+                    if pname in original._parameters:
+                        original._parameters[pname] = p
+                original.train(child.training)
+                setattr(parent, name, original)
+            else:
+                walk(child)
+
+    walk(model)
+    if "transformers" in sys.modules:
+        from fastarch.integrations import transformers as hf
+
+        hf.restore_model(model)
+    if "diffusers" in sys.modules:
+        from fastarch.integrations import diffusers as df
+
+        df.restore_model(model)
+    return model

@@ -1,0 +1,164 @@
+"""Drop-in dispatch to fastarch: ``sdpa_override()`` routes torch.nn.functional's
+scaled_dot_product_attention to fastarch inside a block, and ``scaled_dot_product_attention``
+here is the function it installs, which the transformers and diffusers integrations call too.
+
+The rule for every drop-in path: fastarch runs a call when one of its kernel backends can
+(a backend forced with ``fastarch.backend`` or ``backend=``, else the first able one other
+than the plain-PyTorch reference, which is no faster than torch); every other call runs
+torch's own function, so a caller sees torch's results and torch's errors there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastarch import ops, registry
+from fastarch.ops.attn.args import AttentionProblem
+
+TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
+"""torch's own scaled_dot_product_attention (what torch.nn.functional holds when unpatched)."""
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.compiler.assume_constant_result
+def _backend_for(op: str, problem: object, requested: str) -> str:
+    """The fastarch backend that runs ``problem`` for ``op``, or "" when torch should: the
+    requested one if it can, else (nothing requested) the first able kernel backend.
+
+    Depends only on the problem (dtype, device, head dims: no tensor values) and this
+    machine, so torch.compile evaluates it once while tracing instead of tracing the registry."""
+    return _choose(op, problem, requested)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose(op: str, problem: object, requested: str) -> str:
+    try:
+        chosen = registry.choose(op, problem, requested).name
+    except registry.NoBackendError:
+        return ""
+    return "" if chosen == "reference" and not requested else chosen
+
+
+def backend_for(op: str, problem: object, backend: str | None = None) -> str:
+    """The fastarch backend a drop-in path runs ``problem`` of ``op`` on ("" for torch's own).
+    backend: forced for this call (default: the innermost fastarch.backend block, else
+    FASTARCH_BACKEND, else automatic)."""
+    return _backend_for(op, problem, registry.requested_backend(backend))
+
+
+def _plain_tensor(t: object) -> bool:
+    # subclasses (DTensor, quantized wrappers) and nested tensors keep torch's path
+    return (type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_nested
+
+
+def _float_in_range(x: object, low: float, high: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high
+
+
+def _broadcasts(*shapes: tuple[int, ...]) -> bool:
+    rank = max(len(s) for s in shapes)
+    for i in range(1, rank + 1):
+        sizes = {s[-i] for s in shapes if len(s) >= i} - {1}
+        if len(sizes) > 1:
+            return False
+    return True
+
+
+def _sdpa_backend(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool,
+    scale: float | None, enable_gqa: bool, backend: str | None,
+) -> str:
+    """The fastarch backend for one scaled_dot_product_attention call, or "" where torch's own
+    must run it: anything fastarch would refuse or compute differently (a mask that needs a
+    gradient, an argument torch rejects) goes to torch, which gives its answer or its error."""
+    if not (_plain_tensor(query) and _plain_tensor(key) and _plain_tensor(value)):
+        return ""
+    if not (query.dtype == key.dtype == value.dtype and query.dtype in _KERNEL_DTYPES):
+        return ""
+    if not (query.device == key.device == value.device and query.dim() == key.dim() == value.dim() >= 3):
+        return ""
+    if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
+        return ""
+    if not _float_in_range(dropout_p, 0.0, 1.0):
+        return ""
+    if scale is not None and not _float_in_range(scale, -float("inf"), float("inf")):
+        return ""  # torch takes an infinite or NaN scale; fastarch refuses it
+    if scale is not None and scale != scale:
+        return ""
+    if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2] or query.shape[-1] < 1 or value.shape[-1] < 1:
+        return ""
+    lead_q, lead_k, lead_v = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    if enable_gqa:
+        heads, kv_heads = lead_q[-1], lead_k[-1]
+        if lead_v[-1] != kv_heads or kv_heads < 1 or heads % kv_heads != 0:
+            return ""
+        if not _broadcasts(lead_q[:-1], lead_k[:-1], lead_v[:-1]):
+            return ""
+    else:
+        if not _broadcasts(lead_q, lead_k, lead_v):
+            return ""
+        heads = kv_heads = max(lead_q[-1], lead_k[-1], lead_v[-1])
+    if attn_mask is not None:
+        if is_causal or not _plain_tensor(attn_mask) or attn_mask.device != query.device:
+            return ""
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return ""
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            return ""  # fastarch gives no gradient to the mask (T5's learned position bias needs one)
+        if attn_mask.dim() > query.dim() or not _broadcasts(attn_mask.shape, (*query.shape[:-1], key.shape[-2])):
+            return ""
+    problem = AttentionProblem(
+        query.device.type, query.dtype, int(query.shape[-1]), int(value.shape[-1]), int(heads), int(kv_heads),
+        attn_mask=attn_mask is not None, dropout=dropout_p > 0,
+    )
+    return backend_for("attention", problem, backend)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *args,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    **kwargs,
+) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, run by fastarch where a kernel backend
+    can (see fastarch.ops.scaled_dot_product_attention for the shapes and its two documented
+    differences: its own dropout mask, zeros for a query that sees no key) and by torch's own
+    function otherwise (other dtypes, subclasses, a mask needing a gradient, an argument torch
+    rejects, any argument this version does not know)."""
+    if args or kwargs:
+        return TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, *args, scale=scale, enable_gqa=enable_gqa,
+                          **kwargs)
+    chosen = _sdpa_backend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, None)
+    if not chosen:
+        return TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    # the op's own choice is ``chosen``: the same problem, the same requested backend
+    return ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+@contextlib.contextmanager
+def sdpa_override() -> Iterator[None]:
+    """Inside the block, torch.nn.functional.scaled_dot_product_attention is fastarch's (see
+    ``scaled_dot_product_attention`` above); on exit, also by an exception, it is whatever it
+    was before. Blocks nest. The patch is process-wide (every thread), and reaches callers
+    that look the function up on torch.nn.functional at call time (transformers, diffusers
+    and torch.nn do), not a name imported before the block (``from torch.nn.functional
+    import scaled_dot_product_attention``)."""
+    previous = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = previous

@@ -1,0 +1,206 @@
+"""fastarch.optimize / fastarch.restore on plain torch models and Hugging Face-style norm layers:
+what is swapped and what is left alone (and the report says why), the same Parameter objects,
+outputs and gradients against fp64 (tolerance.py), restore, inplace=False, torch.compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastarch
+from fastarch.optimize import HFRMSNorm, LayerNorm, MultiheadAttention, RMSNorm
+from tolerance import assert_close  # tests/integrations/tolerance.py
+
+
+# Hugging Face's RMSNorm layers, as transformers writes them (LLaMA: round the normalized
+# value to the input dtype, then multiply; T5: round to the weight's half dtype; Gemma:
+# (1 + weight), which fastarch does not run).
+class LlamaStyleRMSNorm(nn.Module):
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class T5StyleLayerNorm(LlamaStyleRMSNorm):
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class GemmaStyleRMSNorm(LlamaStyleRMSNorm):
+    def forward(self, x):
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block using every layer optimize knows, and one it does not."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.rms = nn.RMSNorm(d, eps=1e-6)
+        self.llama = LlamaStyleRMSNorm(d)
+        self.t5 = T5StyleLayerNorm(d)
+        self.gemma = GemmaStyleRMSNorm(d)
+        self.ln2d = nn.LayerNorm((4, 8))
+        self.plain = nn.LayerNorm(d, elementwise_affine=False)
+        self.group = nn.GroupNorm(4, d)
+        self.fc = nn.Linear(d, d)
+        with torch.no_grad():
+            for m in (self.ln, self.rms, self.llama, self.t5, self.gemma, self.ln2d):
+                m.weight.uniform_(0.5, 1.5)
+            self.ln.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x, mask=None):
+        h = self.ln(x)
+        a, _ = self.attn(h, h, h, key_padding_mask=mask, need_weights=False)
+        x = x + a
+        x = self.llama(self.rms(x)) + self.t5(x) + self.gemma(x)
+        x = x + self.ln2d(x.unflatten(-1, (4, 8))).flatten(-2)
+        x = self.plain(x)
+        x = self.group(x.transpose(1, 2)).transpose(1, 2)
+        return self.fc(x)
+
+
+def _params(model):
+    return {name: p for name, p in model.named_parameters()}
+
+
+def test_swaps_and_reports():
+    model = Block()
+    before = dict(model.state_dict())
+    params = _params(model)
+    modules = dict(model.named_children())
+    report = fastarch.optimize(model)
+    kinds = {name: type(m) for name, m in model.named_children()}
+    assert kinds["ln"] is LayerNorm and kinds["ln2d"] is LayerNorm and kinds["plain"] is LayerNorm
+    assert kinds["rms"] is RMSNorm and kinds["attn"] is MultiheadAttention
+    assert kinds["llama"] is HFRMSNorm and kinds["t5"] is HFRMSNorm
+    assert model.gemma is modules["gemma"] and model.group is modules["group"]  # untouched
+    swapped = {e.path for e in report.swapped}
+    assert swapped == {"ln", "attn", "rms", "llama", "t5", "ln2d", "plain"}
+    why = {e.path: e.detail for e in report.left_alone}
+    assert "1 + weight" in why["gemma"] and "group_norm" in why["group"]
+    text = str(report)
+    assert "left alone" in text and "gemma" in text and "fastarch" in text
+    # the same Parameter objects under the same state_dict keys
+    assert _params(model).keys() == params.keys()
+    assert all(_params(model)[k] is p for k, p in params.items())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(after[k].data_ptr() == before[k].data_ptr() for k in before)
+    assert isinstance(model.ln, nn.LayerNorm) and isinstance(model.attn, nn.MultiheadAttention)
+
+
+def test_restore_gives_the_same_objects():
+    model = Block()
+    originals = dict(model.named_modules())
+    fastarch.optimize(model)
+    assert fastarch.restore(model) is model
+    assert all(m is originals[name] for name, m in model.named_modules())
+    assert all(m is originals[name] for name, m in dict(model.named_modules()).items())
+    assert model.ln.weight is originals["ln"].weight
+
+
+def test_hooks_and_subclasses_are_left_alone():
+    class MyLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.LayerNorm(8), MyLayerNorm(8), nn.LayerNorm(8))
+    model[0].register_forward_hook(lambda m, i, o: o)
+    kept = list(model)
+    report = fastarch.optimize(model)
+    assert model[0] is kept[0] and model[1] is kept[1] and type(model[2]) is LayerNorm
+    why = {e.path: e.detail for e in report.left_alone}
+    assert "hooks" in why["0"] and "subclass" in why["1"]
+
+
+def test_shared_module_swapped_once():
+    ln = nn.LayerNorm(8)
+    model = nn.Sequential(ln, nn.ReLU(), ln)
+    fastarch.optimize(model)
+    assert model[0] is model[2] and type(model[0]) is LayerNorm
+
+
+def test_inplace_false_leaves_the_model():
+    model = Block()
+    report = fastarch.optimize(model, inplace=False)
+    assert report.model is not model and type(model.ln) is nn.LayerNorm
+    assert type(report.model.ln) is LayerNorm
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="backend"):
+        fastarch.optimize(Block(), backend="tpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_gradients_match(dtype):
+    """Outputs and every parameter's gradient, optimized against unmodified, both judged
+    against the fp64 model (tolerance.py)."""
+    torch.manual_seed(0)
+    model = Block().to(dtype)
+    exact = copy.deepcopy(model).double()
+    fast = fastarch.optimize(model, inplace=False).model
+    x = torch.randn(3, 17, 32)
+    mask = torch.zeros(3, 17, dtype=torch.bool)
+    mask[1, 12:] = True  # padding
+    results = []
+    for m, dt in ((model, dtype), (fast, dtype), (exact, torch.float64)):
+        m.zero_grad()
+        y = m(x.to(dt), mask)
+        y.double().square().sum().backward()
+        results.append((y, {n: p.grad for n, p in m.named_parameters()}))
+    (theirs, g_theirs), (ours, g_ours), (ref, g_ref) = results
+    assert_close(ours, theirs, ref)
+    for name in g_ref:  # gradients: sums over the batch, one more rounding of slack
+        assert_close(g_ours[name], g_theirs[name], g_ref[name], factor=3.0)
+
+
+def test_mixed_dtypes_run_the_original_code():
+    """bf16 input, fp32 weight (as under autocast): torch's own promotion, exactly."""
+    model = nn.Sequential(nn.LayerNorm(16), LlamaStyleRMSNorm(16), T5StyleLayerNorm(16))
+    fast = fastarch.optimize(model, inplace=False).model
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    for a, b in zip(model, fast):
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+        assert b(x).dtype == a(x).dtype
+
+
+def test_fp64_runs_torch_attention():
+    """No fastarch attention kernel takes fp64: the swapped module runs torch's code."""
+    model = nn.MultiheadAttention(16, 2, batch_first=True).double()
+    fast = fastarch.optimize(model, inplace=False).model  # the root itself is not swapped
+    assert type(fast) is nn.MultiheadAttention
+    wrapper = fastarch.optimize(nn.Sequential(model), inplace=False).model
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(wrapper[0](x, x, x, need_weights=False)[0], model(x, x, x, need_weights=False)[0],
+                               rtol=0, atol=0)
+
+
+def test_compile_fullgraph():
+    """torch.compile of the optimized model: no graph break from fastarch."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.LayerNorm(32), LlamaStyleRMSNorm(32), nn.RMSNorm(32), nn.Linear(32, 32))
+    fast = fastarch.optimize(model, inplace=False).model
+    x = torch.randn(4, 9, 32)
+    explained = torch._dynamo.explain(fast)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

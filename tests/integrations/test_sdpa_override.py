@@ -1,0 +1,148 @@
+"""fastarch.sdpa_override(): torch.nn.functional.scaled_dot_product_attention runs fastarch inside
+the block and is torch's again after it (also when the block raises; blocks nest); calls
+fastarch does not run go to torch's own function, with torch's results and torch's errors;
+a function compiled inside the block gives the right answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastarch
+from fastarch import override
+from tolerance import assert_close  # tests/integrations/tolerance.py
+
+TORCH_SDPA = F.scaled_dot_product_attention
+
+
+def _qkv(dtype=torch.float32, b=2, h=4, hkv=4, sq=37, sk=53, d=24):
+    return (torch.randn(b, h, sq, d, dtype=dtype), torch.randn(b, hkv, sk, d, dtype=dtype),
+            torch.randn(b, hkv, sk, d, dtype=dtype))
+
+
+def test_patches_and_restores():
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+    with fastarch.sdpa_override():
+        assert F.scaled_dot_product_attention is override.scaled_dot_product_attention
+        with fastarch.sdpa_override():
+            assert F.scaled_dot_product_attention is override.scaled_dot_product_attention
+        assert F.scaled_dot_product_attention is override.scaled_dot_product_attention
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+
+
+def test_restores_when_the_block_raises():
+    with pytest.raises(KeyError):
+        with fastarch.sdpa_override():
+            raise KeyError("inside")
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+
+
+def test_restores_what_was_there_before():
+    def other(*args, **kwargs):
+        return TORCH_SDPA(*args, **kwargs)
+
+    F.scaled_dot_product_attention = other
+    try:
+        with fastarch.sdpa_override():
+            pass
+        assert F.scaled_dot_product_attention is other
+    finally:
+        F.scaled_dot_product_attention = TORCH_SDPA
+
+
+CASES = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "causal-square": dict(is_causal=True, sk=37),
+    "bool-mask": dict(mask="bool"),
+    "float-mask": dict(mask="float"),
+    "gqa": dict(hkv=2, enable_gqa=True),
+    "scale": dict(scale=0.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_runs_fastarch_with_torch_semantics(case, dtype):
+    c = dict(CASES[case])
+    mask_kind = c.pop("mask", None)
+    kw = {k: c.pop(k) for k in ("is_causal", "enable_gqa", "scale") if k in c}
+    q, k, v = _qkv(dtype, **c)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(q.shape[0], 1, q.shape[2], k.shape[2]) > 0.3
+        mask[..., 0] = True  # every query sees a key (torch gives NaN for a row that sees none)
+    elif mask_kind == "float":
+        mask = torch.randn(q.shape[2], k.shape[2]).to(dtype)
+    calls = []
+    real = fastarch.ops.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(override.ops, "scaled_dot_product_attention", lambda *a: calls.append(1) or real(*a))
+        with fastarch.sdpa_override():
+            ours = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    assert calls, "fastarch did not run"
+    theirs = TORCH_SDPA(q, k, v, attn_mask=mask, **kw)
+    exact = TORCH_SDPA(q.double(), k.double(), v.double(), attn_mask=mask if mask is None or mask.dtype == torch.bool
+                       else mask.double(), **kw)
+    assert_close(ours, theirs, exact)
+
+
+def _runs_torch(*args, **kwargs):
+    """The override's result for a call it should leave to torch: bit-identical to torch's."""
+    with fastarch.sdpa_override():
+        ours = F.scaled_dot_product_attention(*args, **kwargs)
+    torch.testing.assert_close(ours, TORCH_SDPA(*args, **kwargs), rtol=0, atol=0)
+
+
+def test_fp64_goes_to_torch():
+    _runs_torch(*_qkv(torch.float64))
+
+
+def test_mask_needing_a_gradient_goes_to_torch():
+    q, k, v = _qkv()
+    bias = torch.randn(q.shape[2], k.shape[2], requires_grad=True)
+    with fastarch.sdpa_override():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out.sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+def test_float_mask_of_another_dtype_goes_to_torch():
+    q, k, v = _qkv(torch.bfloat16)
+    _runs_torch(q, k, v, attn_mask=torch.zeros(q.shape[2], k.shape[2]))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda q, k, v: dict(query=q, key=k[..., :5], value=v),  # head dims differ
+        lambda q, k, v: dict(query=q, key=k, value=v, attn_mask=torch.ones(3, 3, dtype=torch.bool)),
+        lambda q, k, v: dict(query=q, key=k, value=v, is_causal=True, attn_mask=torch.ones(37, 53, dtype=torch.bool)),
+        lambda q, k, v: dict(query=q, key=k[:, :3], value=v[:, :3]),  # heads without enable_gqa
+        lambda q, k, v: dict(query=q, key=k, value=v.double()),
+    ],
+)
+def test_torch_errors_stay_torch_errors(make):
+    q, k, v = _qkv()
+    kwargs = make(q, k, v)
+    with pytest.raises(RuntimeError) as theirs:
+        TORCH_SDPA(**kwargs)
+    with fastarch.sdpa_override(), pytest.raises(type(theirs.value)) as ours:
+        F.scaled_dot_product_attention(**kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_compiled_inside_the_block():
+    torch._dynamo.reset()
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    q, k, v = _qkv(sk=37)
+    with fastarch.sdpa_override():
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+        ours = compiled(q, k, v)
+    torch.testing.assert_close(ours, attend(q, k, v), rtol=2e-5, atol=2e-5)
+    # outside the block the same compiled function must not keep running the override's code
+    torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), rtol=2e-5, atol=2e-5)
