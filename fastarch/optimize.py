@@ -22,8 +22,6 @@ from torch import Tensor, nn
 
 from fastarch import nn as fnn
 from fastarch import ops, registry
-from fastarch.ops.attn.args import AttentionProblem
-from fastarch.ops.norms.backends import NormProblem
 from fastarch.override import backend_for
 
 _ORIGINAL = "_fastarch_original"  # a swapped module's __dict__ entry: the module it replaced
@@ -90,7 +88,7 @@ def _norm_backend(module: nn.Module, x: Tensor, weight: Tensor | None) -> str:
     if weight is not None and weight.dtype != x.dtype:
         return ""
     # the norms' backends decide by device and dtype alone
-    return backend_for(module._fastarch_op, NormProblem(x.device.type, x.dtype, 1, 1), module._fastarch_backend)
+    return backend_for(module._fastarch_op, (x.device.type, x.dtype, 1, 1), module._fastarch_backend)
 
 
 def _rows(x: Tensor, k: int) -> Tensor:
@@ -165,14 +163,12 @@ class MultiheadAttention(fnn.MultiheadAttention):
                 average_attn_weights=True, is_causal=False):
         run_torch = need_weights or not isinstance(query, Tensor) or query.dtype != self.out_proj.weight.dtype
         if not run_torch:
-            problem = AttentionProblem(
-                query.device.type, query.dtype, self.head_dim, self.head_dim, self.num_heads, self.num_heads,
-                attn_mask=attn_mask is not None, key_padding_mask=key_padding_mask is not None,
-                dropout=self.training and self.dropout > 0,
-            )
+            problem = (query.device.type, query.dtype, self.head_dim, self.head_dim, self.num_heads, self.num_heads,
+                       attn_mask is not None, key_padding_mask is not None, False, self.training and self.dropout > 0,
+                       False, False)  # AttentionProblem's fields
             run_torch = not backend_for("attention", problem, self._fastarch_backend)
-        forward = nn.MultiheadAttention.forward if run_torch else super().forward
-        return forward(self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+        forward = super(fnn.MultiheadAttention, self).forward if run_torch else super().forward
+        return forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                        attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fastarch import ops, registry
 from fastarch.ops.attn.args import AttentionProblem
+from fastarch.ops.norms.backends import NormProblem
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 """torch's own scaled_dot_product_attention (what torch.nn.functional holds when unpatched)."""
@@ -27,30 +28,36 @@ TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@torch.compiler.assume_constant_result
-def _backend_for(op: str, problem: object, requested: str) -> str:
-    """The fastarch backend that runs ``problem`` for ``op``, or "" when torch should: the
-    requested one if it can, else (nothing requested) the first able kernel backend.
+_PROBLEMS = {"layer_norm": NormProblem, "rms_norm": NormProblem, "attention": AttentionProblem}
 
-    Depends only on the problem (dtype, device, head dims: no tensor values) and this
-    machine, so torch.compile evaluates it once while tracing instead of tracing the registry."""
-    return _choose(op, problem, requested)
+
+@torch.compiler.assume_constant_result
+def _backend_for(op: str, requested: str, *fields: object) -> str:
+    """The fastarch backend that runs ``op`` on the problem made of ``fields`` (the op's
+    problem class's fields, in order), or "" when torch should: the requested backend if it
+    can, else (nothing requested) the first able kernel backend.
+
+    Depends only on plain values (dtype, device, head dims: no tensor), so torch.compile
+    evaluates it once while tracing instead of tracing the registry."""
+    return _choose(op, requested, fields)
 
 
 @functools.lru_cache(maxsize=256)
-def _choose(op: str, problem: object, requested: str) -> str:
+def _choose(op: str, requested: str, fields: tuple) -> str:
     try:
-        chosen = registry.choose(op, problem, requested).name
+        chosen = registry.choose(op, _PROBLEMS[op](*fields), requested).name
     except registry.NoBackendError:
         return ""
     return "" if chosen == "reference" and not requested else chosen
 
 
-def backend_for(op: str, problem: object, backend: str | None = None) -> str:
-    """The fastarch backend a drop-in path runs ``problem`` of ``op`` on ("" for torch's own).
-    backend: forced for this call (default: the innermost fastarch.backend block, else
-    FASTARCH_BACKEND, else automatic)."""
-    return _backend_for(op, problem, registry.requested_backend(backend))
+def backend_for(op: str, fields: tuple, backend: str | None = None) -> str:
+    """The fastarch backend a drop-in path runs ``op`` on ("" for torch's own). fields: the
+    op's problem (fastarch.ops.norms.backends.NormProblem or
+    fastarch.ops.attn.args.AttentionProblem) as a tuple of its fields. backend: forced for
+    this call (default: the innermost fastarch.backend block, else FASTARCH_BACKEND, else
+    automatic)."""
+    return _backend_for(op, registry.requested_backend(backend), *fields)
 
 
 def _plain_tensor(t: object) -> bool:
@@ -114,10 +121,8 @@ def _sdpa_backend(
             return ""  # fastarch gives no gradient to the mask (T5's learned position bias needs one)
         if attn_mask.dim() > query.dim() or not _broadcasts(attn_mask.shape, (*query.shape[:-1], key.shape[-2])):
             return ""
-    problem = AttentionProblem(
-        query.device.type, query.dtype, int(query.shape[-1]), int(value.shape[-1]), int(heads), int(kv_heads),
-        attn_mask=attn_mask is not None, dropout=dropout_p > 0,
-    )
+    problem = (query.device.type, query.dtype, int(query.shape[-1]), int(value.shape[-1]), int(heads), int(kv_heads),
+               attn_mask is not None, False, False, dropout_p > 0, False, False)
     return backend_for("attention", problem, backend)
 
 

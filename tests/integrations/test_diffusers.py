@@ -1,0 +1,91 @@
+"""fastarch.optimize on diffusers UNets (tiny random configs): FastarchAttnProcessor on every
+Attention module (self- and cross-attention, with the encoder attention mask diffusers turns
+into an additive bias), LayerNorms swapped, GroupNorms reported as left alone; outputs
+against the unmodified model, both judged against the fp64 model (tolerance.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
+
+import fastarch
+from fastarch.integrations import diffusers as integration
+from fastarch.integrations.diffusers import FastarchAttnProcessor
+from tolerance import assert_close  # tests/integrations/tolerance.py
+
+
+def _unet():
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8,
+    ).eval()
+
+
+def _conditional_unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+
+
+class _Counting:
+    def __init__(self, mp):
+        self.calls = 0
+        real = integration.ops.attention
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        mp.setattr(integration.ops, "attention", counting)
+
+
+def _compare(model, run, monkeypatch):
+    exact = copy.deepcopy(model).double()
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    attention = [m for m in fast.modules() if isinstance(m, Attention)]
+    assert attention and all(isinstance(m.processor, FastarchAttnProcessor) for m in attention)
+    assert all(e.detail == "no fastarch group_norm yet" for e in report.left_alone)
+    assert any(e.kind == "GroupNorm" for e in report.left_alone)
+    counting = _Counting(monkeypatch)
+    with torch.no_grad():
+        ours, theirs, ref = run(fast, torch.float32), run(model, torch.float32), run(exact, torch.float64)
+    assert counting.calls == len(attention)
+    assert_close(ours, theirs, ref)
+    return report
+
+
+def test_unet2d(monkeypatch):
+    x = torch.randn(2, 3, 16, 16)
+    _compare(_unet(), lambda m, dt: m(x.to(dt), 10).sample, monkeypatch)
+
+
+def test_unet2d_condition_with_mask(monkeypatch):
+    x = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 7, 24)
+    mask = torch.ones(2, 7)
+    mask[1, 4:] = 0  # the second prompt is 4 tokens long
+
+    def run(m, dt):
+        return m(x.to(dt), 10, encoder_hidden_states=context.to(dt), encoder_attention_mask=mask.to(dt)).sample
+
+    report = _compare(_conditional_unet(), run, monkeypatch)
+    assert any("attn2" in e.path for e in report.swapped)  # cross-attention
+    assert any(e.kind == "LayerNorm" for e in report.swapped)
+
+
+def test_restore_puts_the_processors_back():
+    model = _conditional_unet()
+    before = {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
+    fastarch.optimize(model)
+    fastarch.restore(model)
+    after = {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)

@@ -1,0 +1,170 @@
+"""fastarch inside transformers models (tiny random configs, AutoModel.from_config): the "fastarch"
+attention implementation and fastarch.optimize against what users run today (attn
+implementation "sdpa"), both judged against the fp64 model (tolerance.py): outputs with
+padding, a training step's gradients, greedy generation with transformers' own cache; T5's
+position bias."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    T5Config,
+    T5Model,
+)
+
+import fastarch
+from fastarch.integrations import transformers as integration
+from fastarch.optimize import HFRMSNorm, LayerNorm
+from tolerance import assert_close  # tests/integrations/tolerance.py
+
+VOCAB = 99
+CONFIGS = {
+    "bert": lambda: BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+}
+NORM = {"bert": LayerNorm, "gpt2": LayerNorm, "llama": HFRMSNorm}
+
+
+def _model(name: str, causal_lm: bool = False):
+    torch.manual_seed(0)
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    return auto.from_config(CONFIGS[name](), attn_implementation="sdpa").eval()
+
+
+def _inputs(batch=2, length=13):
+    ids = torch.randint(1, VOCAB, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 9:] = 0  # right padding: every query still sees a real key
+    return ids, mask
+
+
+class _Counting:
+    """Counts fastarch.ops.attention calls made by the integration."""
+
+    def __init__(self, mp):
+        self.calls = 0
+        real = integration.ops.attention
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        mp.setattr(integration.ops, "attention", counting)
+
+
+def _output(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_outputs_match_sdpa(name, monkeypatch):
+    model = _model(name)
+    exact = copy.deepcopy(model).double()
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    assert fast.config._attn_implementation == "fastarch" and model.config._attn_implementation == "sdpa"
+    assert any("'fastarch'" in e.detail for e in report.swapped)
+    assert any(isinstance(m, NORM[name]) for m in fast.modules())
+    ids, mask = _inputs()
+    counting = _Counting(monkeypatch)
+    with torch.no_grad():
+        ours, theirs, ref = _output(fast, ids, mask), _output(model, ids, mask), _output(exact, ids, mask)
+    assert counting.calls == 2  # one per layer
+    keep = mask.bool()  # compare real tokens (padded positions are free to differ)
+    assert_close(ours[keep], theirs[keep], ref[keep])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_training_step_gradients(name):
+    model = _model(name).train()
+    exact = copy.deepcopy(model).double()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids, mask = _inputs()
+    grads = []
+    for m in (fast, model, exact):
+        out = _output(m, ids, mask)
+        (out[mask.bool()].double().square().mean()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    ours, theirs, ref = grads
+    assert ours.keys() == ref.keys() and len(ref) > 10
+    for n in ref:
+        assert_close(ours[n], theirs[n], ref[n], factor=3.0)
+
+
+def test_llama_gqa_greedy_generation():
+    model = _model("llama", causal_lm=True)
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding, as batched generation pads
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    theirs = model.generate(ids, **kw)
+    ours = fast.generate(ids, **kw)
+    assert torch.equal(ours, theirs)
+
+
+def test_set_attn_implementation_directly():
+    model = _model("llama", causal_lm=True)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation("fastarch")
+        ours = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_restore_sets_the_attention_back():
+    model = _model("gpt2")
+    ln = model.h[0].ln_1
+    fastarch.optimize(model)
+    assert model.config._attn_implementation == "fastarch" and type(model.h[0].ln_1) is LayerNorm
+    fastarch.restore(model)
+    assert model.config._attn_implementation == "sdpa" and model.h[0].ln_1 is ln
+
+
+def test_t5_position_bias(monkeypatch):
+    """T5's relative position bias reaches the attention as an additive mask: fastarch runs it
+    in inference; with gradients on (the bias is learned) the call goes to SDPA."""
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0, dropout_rate=0.0)
+    model = T5Model(config).eval()
+    model.set_attn_implementation("sdpa")
+    exact = copy.deepcopy(model).double()
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    assert fast.config._attn_implementation == "fastarch"
+    # encoder: 2 per layer + the final one; decoder: 3 per layer + the final one
+    assert sum(isinstance(m, HFRMSNorm) for m in fast.modules()) == (2 * 2 + 1) + (3 * 2 + 1)
+    ids, mask = _inputs()
+    dec = torch.randint(1, VOCAB, (2, 5))
+
+    def run(m):
+        return m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).last_hidden_state
+
+    counting = _Counting(monkeypatch)
+    with torch.no_grad():
+        ours, theirs, ref = run(fast), run(model), run(exact)
+    assert counting.calls == 3 * 2  # encoder self, decoder self and cross attention, 2 layers
+    assert_close(ours, theirs, ref)
+    calls = counting.calls
+    with_grad = run(fast)
+    # the self-attention's learned bias needs its gradient: SDPA ran those; the
+    # cross-attention's bias is constant zeros: fastarch ran them
+    assert counting.calls == calls + 2
+    assert_close(with_grad.detach(), theirs, ref)
