@@ -95,41 +95,47 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 # ----------------------------------------------------------------------------- fastarch.optimize
 
 
-def _is_pretrained(model: torch.nn.Module) -> bool:
+def _pretrained_models(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost transformers models in ``model`` (itself, or e.g. the BertModel inside a
+    SentenceTransformer): set_attn_implementation on one covers the models inside it."""
     from transformers import PreTrainedModel
 
-    return isinstance(model, PreTrainedModel)
+    found: list[tuple[str, torch.nn.Module]] = []
+    for path, m in model.named_modules():
+        if isinstance(m, PreTrainedModel) and not any(path.startswith(f"{p}.") or not p for p, _ in found):
+            found.append((path, m))
+    return found
 
 
 def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
-    """fastarch.optimize's transformers part: set_attn_implementation("fastarch") on a
-    PreTrainedModel (its previous implementation is kept for restore_model)."""
-    if not _is_pretrained(model):
-        return
-    previous = model.config._attn_implementation
-    kind = type(model).__name__
-    if previous == NAME:
-        report.add("", kind, True, "attention implementation already fastarch")
-        return
-    try:
-        model.set_attn_implementation(NAME)
-    except (ValueError, KeyError, ImportError) as e:
-        report.add("", kind, False, f"attention stays {previous!r}: set_attn_implementation refused ({e})")
-        return
-    if model.config._attn_implementation != NAME:
-        report.add("", kind, False, f"attention stays {previous!r}: the model cannot change it (no AttentionInterface)")
-        return
-    model.__dict__["_fastarch_attn_implementation"] = previous
-    if backend is not None:
-        for m in model.modules():
-            m.__dict__["_fastarch_backend"] = backend
-    report.add("", kind, True, f"attention implementation {previous!r} -> 'fastarch'")
+    """fastarch.optimize's transformers part: set_attn_implementation("fastarch") on each
+    outermost PreTrainedModel (its previous implementation is kept for restore_model)."""
+    for path, m in _pretrained_models(model):
+        previous = m.config._attn_implementation
+        kind = type(m).__name__
+        if previous == NAME:
+            report.add(path, kind, True, "attention implementation already fastarch")
+            continue
+        try:
+            m.set_attn_implementation(NAME)
+        except (ValueError, KeyError, ImportError) as e:
+            report.add(path, kind, False, f"attention stays {previous!r}: set_attn_implementation refused ({e})")
+            continue
+        if m.config._attn_implementation != NAME:
+            report.add(path, kind, False, f"attention stays {previous!r}: the model cannot change it (no AttentionInterface)")
+            continue
+        m.__dict__["_fastarch_attn_implementation"] = previous
+        if backend is not None:
+            for sub in m.modules():
+                sub.__dict__["_fastarch_backend"] = backend
+        report.add(path, kind, True, f"attention implementation {previous!r} -> 'fastarch'")
 
 
 def restore_model(model: torch.nn.Module) -> None:
-    """Undo optimize_model: the previous attention implementation, no forced backend."""
-    previous = model.__dict__.pop("_fastarch_attn_implementation", None)
-    for m in model.modules():
-        m.__dict__.pop("_fastarch_backend", None)
-    if previous is not None and _is_pretrained(model):
-        model.set_attn_implementation(previous)
+    """Undo optimize_model: the previous attention implementations, no forced backend."""
+    for _, m in _pretrained_models(model):
+        previous = m.__dict__.pop("_fastarch_attn_implementation", None)
+        for sub in m.modules():
+            sub.__dict__.pop("_fastarch_backend", None)
+        if previous is not None:
+            m.set_attn_implementation(previous)

