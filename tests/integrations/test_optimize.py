@@ -194,10 +194,23 @@ def test_fp64_runs_torch_attention():
                                rtol=0, atol=0)
 
 
+class _Attend(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.llama = LlamaStyleRMSNorm(d)
+        self.rms = nn.RMSNorm(d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return self.rms(self.llama(x + self.attn(h, h, h, need_weights=False)[0]))
+
+
 def test_compile_fullgraph():
     """torch.compile of the optimized model: no graph break from fastarch."""
     torch._dynamo.reset()
-    model = nn.Sequential(nn.LayerNorm(32), LlamaStyleRMSNorm(32), nn.RMSNorm(32), nn.Linear(32, 32))
+    model = _Attend()
     fast = fastarch.optimize(model, inplace=False).model
     x = torch.randn(4, 9, 32)
     explained = torch._dynamo.explain(fast)(x)

@@ -128,6 +128,33 @@ def test_set_attn_implementation_directly():
     torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_fullgraph(monkeypatch):
+    """torch.compile(fullgraph=True) of an optimized LLaMA: no graph break, fastarch inside."""
+    torch._dynamo.reset()
+    model = _model("llama")
+    fast = fastarch.optimize(model, inplace=False).model
+    ids, mask = _inputs()
+    counting = _Counting(monkeypatch)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        ours = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+        theirs = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert counting.calls == 2  # traced once per layer
+    keep = mask.bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_model_inside_another_module():
+    """A transformers model inside a plain module (as a SentenceTransformer holds its BertModel)."""
+    bert = _model("bert")
+    wrapper = torch.nn.Sequential(torch.nn.ModuleDict({"bert": bert}))
+    report = fastarch.optimize(wrapper)
+    assert bert.config._attn_implementation == "fastarch"
+    assert any(e.path == "0.bert" and "'fastarch'" in e.detail for e in report.swapped)
+    fastarch.restore(wrapper)
+    assert bert.config._attn_implementation == "sdpa"
+
+
 def test_restore_sets_the_attention_back():
     model = _model("gpt2")
     ln = model.h[0].ln_1
