@@ -213,6 +213,25 @@ def _hooks(module: nn.Module) -> bool:
     return any(getattr(module, name, None) for name in _HOOKS)
 
 
+def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
+    """Why no fastarch kernel backend runs ``module`` in its parameters' dtype and device
+    (its swap would only ever run the original code), or None."""
+    if isinstance(module, nn.MultiheadAttention):
+        p, op = module.out_proj.weight, "attention"
+        fields = (p.device.type, p.dtype, module.head_dim, module.head_dim, module.num_heads, module.num_heads,
+                  False, False, False, False, False, False)
+    else:
+        p = module.weight
+        op = "layer_norm" if isinstance(module, nn.LayerNorm) else "rms_norm"
+        if p is None:
+            return None  # no parameters: the input's dtype decides, call by call
+        fields = (p.device.type, p.dtype, 1, 1)
+    if p.device.type == "meta" or backend_for(op, fields, backend):
+        return None
+    forced = f" (backend {backend!r} forced)" if backend else ""
+    return f"{str(p.dtype).removeprefix('torch.')} on {p.device.type}: no fastarch {op} kernel runs it{forced}"
+
+
 def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str | None]:
     """(replacement, None), or (None, why it is left alone), or (None, None): not ours to judge."""
     kind = type(module)
@@ -224,11 +243,13 @@ def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str
             return None, f"a subclass of {[c.__name__ for c in candidates if issubclass(kind, c)][0]} (its behaviour may differ)"
         if _hooks(module):
             return None, "has hooks (they would not run on a new module)"
+        if why := _no_kernel(module, backend):
+            return None, why
         new = candidates[kind].from_torch(module)
     elif kind.__name__.endswith(("RMSNorm", "LayerNorm")) and not kind.__module__.startswith("torch."):
         if _hooks(module):
             return None, "has hooks (they would not run on a new module)"
-        if why := _hf_rms_norm_reason(module):
+        if why := _hf_rms_norm_reason(module) or _no_kernel(module, backend):
             return None, why
         new = HFRMSNorm(module.weight.shape[0], eps=float(module.variance_epsilon), device="meta")
         new.weight = module.weight

@@ -183,15 +183,28 @@ def test_mixed_dtypes_run_the_original_code():
         assert b(x).dtype == a(x).dtype
 
 
-def test_fp64_runs_torch_attention():
-    """No fastarch attention kernel takes fp64: the swapped module runs torch's code."""
-    model = nn.MultiheadAttention(16, 2, batch_first=True).double()
-    fast = fastarch.optimize(model, inplace=False).model  # the root itself is not swapped
-    assert type(fast) is nn.MultiheadAttention
-    wrapper = fastarch.optimize(nn.Sequential(model), inplace=False).model
+def test_fp64_attention_is_left_alone():
+    """No fastarch attention kernel takes fp64 (the norms' CPU kernels do)."""
+    model = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True), nn.LayerNorm(16)).double()
+    attn = model[0]
+    report = fastarch.optimize(model)
+    assert model[0] is attn and type(model[1]) is LayerNorm
+    assert report.left_alone[0].detail == "float64 on cpu: no fastarch attention kernel runs it"
+
+
+def test_fp64_input_runs_torch_attention():
+    """A swapped fp32 layer given fp64 input runs torch's code: torch's result, exactly."""
+    model = nn.MultiheadAttention(16, 2, batch_first=True)
+    fast = fastarch.optimize(nn.Sequential(model), inplace=False).model[0]
+    model.double(), fast.double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    torch.testing.assert_close(wrapper[0](x, x, x, need_weights=False)[0], model(x, x, x, need_weights=False)[0],
+    torch.testing.assert_close(fast(x, x, x, need_weights=False)[0], model(x, x, x, need_weights=False)[0],
                                rtol=0, atol=0)
+
+
+def test_forced_backend_that_cannot_run_is_reported():
+    report = fastarch.optimize(nn.Sequential(nn.LayerNorm(8)), backend="cuda")
+    assert "backend 'cuda' forced" in report.left_alone[0].detail
 
 
 class _Attend(nn.Module):

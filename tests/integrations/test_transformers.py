@@ -21,6 +21,7 @@ from transformers import (
 )
 
 import fastarch
+import fastarch.override
 from fastarch.integrations import transformers as integration
 from fastarch.optimize import HFRMSNorm, LayerNorm
 from tolerance import assert_close  # tests/integrations/tolerance.py
@@ -142,6 +143,23 @@ def test_compiled_fullgraph(monkeypatch):
     assert counting.calls == 2  # traced once per layer
     keep = mask.bool()
     torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_override_reaches_sdpa_models(monkeypatch):
+    """An unmodified "sdpa" model inside fastarch.sdpa_override(): its attention runs fastarch."""
+    model = _model("llama")
+    exact = copy.deepcopy(model).double()
+    ids, mask = _inputs()
+    calls = []
+    real = fastarch.override.ops.scaled_dot_product_attention
+    monkeypatch.setattr(fastarch.override.ops, "scaled_dot_product_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        with fastarch.sdpa_override():
+            ours = _output(model, ids, mask)
+        theirs, ref = _output(model, ids, mask), _output(exact, ids, mask)
+    assert len(calls) == 2
+    keep = mask.bool()
+    assert_close(ours[keep], theirs[keep], ref[keep])
 
 
 def test_model_inside_another_module():
