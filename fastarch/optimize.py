@@ -150,7 +150,10 @@ class HFRMSNorm(fnn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         chosen = _norm_backend(self, x, self.weight)
         if not chosen:
-            return self.__dict__[_ORIGINAL](x)
+            original = self.__dict__[_ORIGINAL]
+            if original._parameters["weight"] is not self.weight:  # reassigned since the swap
+                original._parameters["weight"] = self.weight
+            return original(x)
         return ops.rms_norm(x, self.weight, self.eps, backend=chosen)
 
 
@@ -240,7 +243,8 @@ def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str
     candidates = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.MultiheadAttention: MultiheadAttention}
     if kind in candidates or any(issubclass(kind, c) for c in candidates):
         if kind not in candidates:
-            return None, f"a subclass of {[c.__name__ for c in candidates if issubclass(kind, c)][0]} (its behaviour may differ)"
+            base = next(c for c in candidates if issubclass(kind, c))
+            return None, f"a subclass of {base.__name__} (its behaviour may differ)"
         if _hooks(module):
             return None, "has hooks (they would not run on a new module)"
         if why := _no_kernel(module, backend):

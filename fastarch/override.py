@@ -96,9 +96,7 @@ def _sdpa_backend(
     if not _float_in_range(dropout_p, 0.0, 1.0):
         return ""
     if scale is not None and not _float_in_range(scale, -float("inf"), float("inf")):
-        return ""  # torch takes an infinite or NaN scale; fastarch refuses it
-    if scale is not None and scale != scale:
-        return ""
+        return ""  # torch takes an infinite or NaN scale (NaN fails every comparison); fastarch refuses it
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2] or query.shape[-1] < 1 or value.shape[-1] < 1:
         return ""
     lead_q, lead_k, lead_v = query.shape[:-2], key.shape[:-2], value.shape[:-2]

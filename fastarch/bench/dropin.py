@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             with torch.inference_mode():
                 diff = (call(fast).float() - call(model).float()).abs().max().item()
 
-                def contender(m):
+                def contender(m, call=call):
                     return lambda: call(m)
 
                 times, errors = timing.measure({"torch": contender(model), "fastarch": contender(fast)}, device, rounds)

@@ -10,11 +10,11 @@ import copy
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
+from tolerance import assert_close  # tests/integrations/tolerance.py
 
 import fastarch
 from fastarch.integrations import diffusers as integration
 from fastarch.integrations.diffusers import FastarchAttnProcessor
-from tolerance import assert_close  # tests/integrations/tolerance.py
 
 
 def _unet():

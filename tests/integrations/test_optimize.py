@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
+from tolerance import assert_close  # tests/integrations/tolerance.py
 from torch import nn
 
 import fastarch
 from fastarch.optimize import HFRMSNorm, LayerNorm, MultiheadAttention, RMSNorm
-from tolerance import assert_close  # tests/integrations/tolerance.py
 
 
 # Hugging Face's RMSNorm layers, as transformers writes them (LLaMA: round the normalized

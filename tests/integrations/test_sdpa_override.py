@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close  # tests/integrations/tolerance.py
 
 import fastarch
 from fastarch import override
-from tolerance import assert_close  # tests/integrations/tolerance.py
 
 TORCH_SDPA = F.scaled_dot_product_attention
 

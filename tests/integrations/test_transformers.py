@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from tolerance import assert_close  # tests/integrations/tolerance.py
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -24,7 +25,6 @@ import fastarch
 import fastarch.override
 from fastarch.integrations import transformers as integration
 from fastarch.optimize import HFRMSNorm, LayerNorm
-from tolerance import assert_close  # tests/integrations/tolerance.py
 
 VOCAB = 99
 CONFIGS = {
