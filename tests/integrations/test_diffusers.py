@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
@@ -47,8 +48,9 @@ class _Counting:
         mp.setattr(integration.ops, "attention", counting)
 
 
-def _compare(model, run, monkeypatch):
+def _compare(model, run, monkeypatch, dtype=torch.float32):
     exact = copy.deepcopy(model).double()
+    model.to(dtype)
     report = fastarch.optimize(model, inplace=False)
     fast = report.model
     attention = [m for m in fast.modules() if isinstance(m, Attention)]
@@ -57,15 +59,16 @@ def _compare(model, run, monkeypatch):
     assert any(e.kind == "GroupNorm" for e in report.left_alone)
     counting = _Counting(monkeypatch)
     with torch.no_grad():
-        ours, theirs, ref = run(fast, torch.float32), run(model, torch.float32), run(exact, torch.float64)
+        ours, theirs, ref = run(fast, dtype), run(model, dtype), run(exact, torch.float64)
     assert counting.calls == len(attention)
     assert_close(ours, theirs, ref)
     return report
 
 
-def test_unet2d(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unet2d(dtype, monkeypatch):
     x = torch.randn(2, 3, 16, 16)
-    _compare(_unet(), lambda m, dt: m(x.to(dt), 10).sample, monkeypatch)
+    _compare(_unet(), lambda m, dt: m(x.to(dt), 10).sample, monkeypatch, dtype)
 
 
 def test_unet2d_condition_with_mask(monkeypatch):

@@ -17,6 +17,7 @@ from transformers import (
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     T5Config,
     T5Model,
 )
@@ -35,8 +36,12 @@ CONFIGS = {
                                embd_pdrop=0.0, attn_pdrop=0.0),
     "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    # sliding-window attention: 13 tokens, a window of 4 (the mask carries it)
+    "mistral": lambda: MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                                     sliding_window=4),
 }
-NORM = {"bert": LayerNorm, "gpt2": LayerNorm, "llama": HFRMSNorm}
+NORM = {"bert": LayerNorm, "gpt2": LayerNorm, "llama": HFRMSNorm, "mistral": HFRMSNorm}
 
 
 def _model(name: str, causal_lm: bool = False):
@@ -71,10 +76,12 @@ def _output(model, ids, mask):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_outputs_match_sdpa(name, monkeypatch):
+def test_outputs_match_sdpa(name, dtype, monkeypatch):
     model = _model(name)
     exact = copy.deepcopy(model).double()
+    model.to(dtype)
     report = fastarch.optimize(model, inplace=False)
     fast = report.model
     assert fast.config._attn_implementation == "fastarch" and model.config._attn_implementation == "sdpa"
