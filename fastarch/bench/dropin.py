@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = max(3, min(args.rounds, ROUNDS_CAP))
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{report._cpu_model()}, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{report._cpu_model()}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
     print(f"fastarch bench --dropin: {where}; torch {torch.__version__}; median of {rounds} interleaved rounds;"
           f" load average {os.getloadavg()[0]:.1f}", flush=True)
     head = f"{'workload':<8} {'input':<26} {'torch ms':>9} {'fastarch ms':>11} {'speedup':>7} {'swapped':>7} {'max |diff|':>10}"
