@@ -1,7 +1,7 @@
 """fastarch.optimize on diffusers UNets (tiny random configs): FastarchAttnProcessor on every
 Attention module (self- and cross-attention, with the encoder attention mask diffusers turns
 into an additive bias), LayerNorms swapped, GroupNorms reported as left alone; outputs
-against the unmodified model, both judged against the fp64 model (tolerance.py)."""
+against the unmodified model, both judged against the fp64 model (dropin_tolerance.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
-from tolerance import assert_close  # tests/integrations/tolerance.py
+from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
 
 import fastarch
 from fastarch.integrations import diffusers as integration

@@ -1,6 +1,6 @@
 """fastarch.optimize / fastarch.restore on plain torch models and Hugging Face-style norm layers:
 what is swapped and what is left alone (and the report says why), the same Parameter objects,
-outputs and gradients against fp64 (tolerance.py), restore, inplace=False, torch.compile."""
+outputs and gradients against fp64 (dropin_tolerance.py), restore, inplace=False, torch.compile."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from tolerance import assert_close  # tests/integrations/tolerance.py
+from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
 from torch import nn
 
 import fastarch
@@ -153,7 +153,7 @@ def test_unknown_backend_is_an_error():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_and_gradients_match(dtype):
     """Outputs and every parameter's gradient, optimized against unmodified, both judged
-    against the fp64 model (tolerance.py)."""
+    against the fp64 model (dropin_tolerance.py)."""
     torch.manual_seed(0)
     model = Block().to(dtype)
     exact = copy.deepcopy(model).double()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close  # tests/integrations/tolerance.py
+from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
 
 import fastarch
 from fastarch import override

@@ -1,6 +1,6 @@
 """fastarch inside transformers models (tiny random configs, AutoModel.from_config): the "fastarch"
 attention implementation and fastarch.optimize against what users run today (attn
-implementation "sdpa"), both judged against the fp64 model (tolerance.py): outputs with
+implementation "sdpa"), both judged against the fp64 model (dropin_tolerance.py): outputs with
 padding, a training step's gradients, greedy generation with transformers' own cache; T5's
 position bias."""
 
@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tolerance import assert_close  # tests/integrations/tolerance.py
+from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
