@@ -230,3 +230,22 @@ def test_compile_fullgraph():
     assert explained.graph_break_count == 0, explained.break_reasons
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transformer_encoder(train):
+    """torch's own nn.TransformerEncoder: in training our modules run; in inference without
+    gradients torch's fused encoder path reads the same parameters."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).train(train)
+    exact = copy.deepcopy(model).double()
+    fast = fastarch.optimize(model, inplace=False).model
+    assert sum(type(m) is MultiheadAttention for m in fast.modules()) == 2
+    x = torch.randn(2, 9, 32)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    with torch.set_grad_enabled(train):
+        ours, theirs = fast(x, src_key_padding_mask=pad), model(x, src_key_padding_mask=pad)
+        ref = exact(x.double(), src_key_padding_mask=pad)
+    keep = ~pad
+    assert_close(ours[keep], theirs[keep], ref[keep])
