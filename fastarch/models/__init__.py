@@ -18,7 +18,9 @@ from torch import nn
 from fastarch.models.loading import CheckpointError, read_config
 
 # model_type -> "module:Class" (modules under fastarch.models, imported on first use)
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "vit": "vit:ViT",
+}
 
 
 def from_pretrained(
