@@ -97,7 +97,11 @@ class Packing(NamedTuple):
 
 
 def pack(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Packing:
-    """attention_mask: (B, S), nonzero = a real token, or None (every token real)."""
+    """attention_mask: (B, S), nonzero = a real token, or None (every token real).
+
+    Packing rather than a (B, S) batch with key_padding_mask: the projections, norms and MLPs
+    then skip the padding (CLIP batches mix short captions with long ones), and a padding
+    query never exists, so no row of the attention sees no key."""
     if attention_mask is None:
         cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
         return Packing(None, cu, length)

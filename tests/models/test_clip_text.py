@@ -163,6 +163,24 @@ def test_left_padding_matches_transformers(checkpoints):
         assert relative_error(got[key], want[key]) <= 1e-5, key
 
 
+@pytest.mark.parametrize("name", ["projection", "legacy"])
+def test_left_padding_with_end_of_text_pad_pools_the_text(checkpoints, name):
+    """Left padding whose pad is the end-of-text id (CLIP's tokenizer's pad): transformers' rule
+    would pool a padding position there (the first end-of-text id, or the first highest id);
+    we pool each text's own end-of-text token, its last one here."""
+    model = fastarch.models.from_pretrained(checkpoints[name][0])
+    ids, mask = batch(name, lengths=(6, 1, 3), length=6)
+    for row in (1, 2):
+        n = int(mask[row].sum())
+        ids[row] = torch.cat([torch.full((6 - n,), EOS[name]), ids[row, :n]])
+        mask[row] = torch.arange(6) >= 6 - n
+    with torch.no_grad():
+        out = model(ids, mask)
+    for row in (1, 2):
+        assert out.pooler_output[row].abs().max() > 0
+        assert torch.equal(out.pooler_output[row], out.last_hidden_state[row, -1]), row
+
+
 def test_row_without_tokens_gives_zeros(checkpoints):
     model = fastarch.models.from_pretrained(checkpoints["projection"][0])
     ids, mask = batch("projection")
@@ -236,7 +254,7 @@ def test_training_step_gradients_match_transformers(checkpoints):
 
 def test_compile_matches_eager(checkpoints):
     model = fastarch.models.from_pretrained(checkpoints["projection"][0])
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)  # the packing's nonzero traced as a data-dependent size
     ids, mask = batch("projection")
     with torch.no_grad():
         eager = model(ids, mask)
