@@ -18,7 +18,11 @@ from torch import nn
 from fastarch.models.loading import CheckpointError, read_config
 
 # model_type -> "module:Class" (modules under fastarch.models, imported on first use)
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "vit": "vit:ViT",
+    "clip_text_model": "clip_text:CLIPText",
+    "clip": "clip_text:CLIPText",  # a whole CLIPModel: its text tower only (the vision tower is not built)
+}
 
 
 def from_pretrained(
