@@ -16,9 +16,14 @@ import torch
 from torch import nn
 
 from fastarch.models.loading import CheckpointError, read_config
+from fastarch.models.sentence import SentenceEmbedder
 
 # model_type -> "module:Class" (modules under fastarch.models, imported on first use)
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "bert": "bert:Bert",
+    "roberta": "bert:Roberta",
+    "distilbert": "distilbert:DistilBert",
+}
 
 
 def from_pretrained(
@@ -38,4 +43,4 @@ def from_pretrained(
     return cls.from_pretrained(path, dtype=dtype, device=device)
 
 
-__all__ = ["from_pretrained", "CheckpointError", "FAMILIES"]
+__all__ = ["from_pretrained", "SentenceEmbedder", "CheckpointError", "FAMILIES"]
