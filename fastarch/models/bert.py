@@ -309,6 +309,25 @@ class Bert(nn.Module):
 
     # ------------------------------------------------------------------------- loading
 
+    @classmethod
+    def random(
+        cls,
+        config: dict | BertConfig | None = None,
+        *,
+        seed: int = 0,
+        pooler: bool = True,
+        mlm_head: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Bert:
+        """A randomly initialized model, no checkpoint needed (benchmarks, tests): ``config`` a
+        config.json-style dict (model_type defaults to this class's) or a BertConfig; None gives
+        bert-base (BertConfig's defaults). Initialized as transformers does (weights normal(0,
+        0.02), biases 0, LayerNorm weights 1), in eval mode."""
+        if not isinstance(config, BertConfig):
+            config = cls.config_class.from_dict({"model_type": cls.model_type, **(config or {})}, "config")
+        return init_random(cls(config, pooler=pooler, mlm_head=mlm_head), seed, dtype, device)
+
     model_type = "bert"
     encoder_prefix = "bert."  # how a *ForMaskedLM / *ForPreTraining checkpoint names the encoder
 
@@ -392,6 +411,24 @@ ENCODER_NAMES: list[tuple[str, str | None]] = [
 
 
 # ----------------------------------------------------------------------------- loading, shared with distilbert.py
+
+
+def init_random(model: nn.Module, seed: int, dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Module:
+    """transformers' initialization of an encoder, drawn from ``seed`` on the CPU (the same
+    model on every device): LayerNorm weights 1, biases 0, other weights normal(0, 0.02)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+    return model.to(dtype=dtype, device=device).eval()
 
 
 def fuse_projections(weights: dict[str, Tensor], parts: tuple[str, str, str]) -> dict[str, Tensor]:

@@ -28,6 +28,7 @@ from fastarch.models.bert import (
     check_input_ids,
     check_like,
     gelu_approximation,
+    init_random,
 )
 from fastarch.models.loading import CheckpointError, read_config
 from fastarch.models.packing import Packing, pack, unpack, unpad
@@ -133,6 +134,21 @@ class DistilBert(nn.Module):
             check_like(labels, "labels", input_ids)
             loss = F.cross_entropy(logits.float(), pack(labels, packing).long(), ignore_index=-100)
         return MaskedLMOutput(unpack(logits, packing), loss)
+
+    @classmethod
+    def random(
+        cls,
+        config: dict | DistilBertConfig | None = None,
+        *,
+        seed: int = 0,
+        mlm_head: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> DistilBert:
+        """A randomly initialized model (see bert.Bert.random); None gives distilbert-base."""
+        if not isinstance(config, DistilBertConfig):
+            config = DistilBertConfig.from_dict({"model_type": "distilbert", **(config or {})}, "config")
+        return init_random(cls(config, mlm_head=mlm_head), seed, dtype, device)
 
     @classmethod
     def from_pretrained(

@@ -16,12 +16,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fastarch.models.loading import CheckpointError
 from fastarch.models.packing import Packing
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # sentence-transformers' legacy pooling flags, in the order it concatenates the modes
 POOLING_FLAGS = {
@@ -70,7 +74,8 @@ def pool(x: Tensor, packing: Packing, modes: tuple[str, ...]) -> Tensor:
         elif mode == "lasttoken":
             out.append(x[(cu[1:] - 1).clamp(min=0)])
         elif mode == "max":
-            out.append(x.new_full((batch, hidden), float("-inf")).index_reduce(0, row, x, "amax"))
+            padded = x.new_full((batch * packing.seqlen, hidden), float("-inf")).index_copy(0, packing.indices, x)
+            out.append(padded.view(batch, packing.seqlen, hidden).amax(1))
         elif mode in ("mean", "mean_sqrt_len_tokens"):
             total = x.new_zeros(batch, hidden).index_add(0, row, x)
             count = lengths.clamp(min=1e-9)
@@ -158,13 +163,15 @@ class SentenceEmbedder:
         batch_size: int = 32,
         normalize_embeddings: bool = True,
         show_progress_bar: bool = False,
-    ) -> Tensor:
-        """Embeddings (N, dim) float32 on the CPU of ``sentences`` (a single string: (dim,)).
+        convert_to_numpy: bool = False,
+    ) -> Tensor | np.ndarray:
+        """Embeddings (N, dim) float32 on the CPU of ``sentences`` (a single string: (dim,)),
+        whatever the model's dtype (pooling and normalization run in fp32).
 
         Truncates each sentence to max_seq_length tokens; batches sentences of alike lengths
         (sorted by token count, longest first) and returns them in the given order.
         normalize_embeddings: L2-normalize (a model that ends with Normalize always does).
-        show_progress_bar: a tqdm bar over the batches.
+        show_progress_bar: a tqdm bar over the batches. convert_to_numpy: a numpy array instead.
         """
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
@@ -173,8 +180,15 @@ class SentenceEmbedder:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         result = torch.empty(len(texts), self.dim, dtype=torch.float32)
-        if not texts:
-            return result
+        if texts:
+            self._encode_into(result, texts, batch_size, normalize_embeddings, show_progress_bar)
+        if single:
+            result = result[0]
+        return result.numpy() if convert_to_numpy else result
+
+    def _encode_into(
+        self, result: Tensor, texts: list[str], batch_size: int, normalize_embeddings: bool, show_progress_bar: bool
+    ) -> None:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)
         ids = encoded["input_ids"]
         types = encoded.get("token_type_ids") if getattr(self.model, "takes_token_type_ids", False) else None
@@ -207,4 +221,3 @@ class SentenceEmbedder:
             if self.normalize or normalize_embeddings:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             result[torch.tensor(batch)] = vectors.cpu()
-        return result[0] if single else result

@@ -11,14 +11,14 @@ import transformers
 # one small config per family: head dim 16, two layers, an odd intermediate size, and a
 # position table the tests can overflow
 CONFIGS = {
-    "bert": lambda **kw: transformers.BertConfig(
+    "bert": (transformers.BertConfig, dict(
         vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        max_position_embeddings=40, type_vocab_size=2, **kw),
-    "roberta": lambda **kw: transformers.RobertaConfig(
+        max_position_embeddings=40, type_vocab_size=2)),
+    "roberta": (transformers.RobertaConfig, dict(
         vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, **kw),
-    "distilbert": lambda **kw: transformers.DistilBertConfig(
-        vocab_size=101, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=40, **kw),
+        max_position_embeddings=40, type_vocab_size=1, pad_token_id=1)),
+    "distilbert": (transformers.DistilBertConfig, dict(
+        vocab_size=101, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=40)),
 }
 MASKED_LM = {"bert": transformers.BertForMaskedLM, "roberta": transformers.RobertaForMaskedLM,
              "distilbert": transformers.DistilBertForMaskedLM}
@@ -47,7 +47,8 @@ def make(family: str, path: Path, *, head: str = "mlm", seed: int = 0, **config)
     """A random transformers model of ``family`` (head "mlm": *ForMaskedLM, "base": *Model),
     saved to ``path``; returned in eval mode, fp32."""
     torch.manual_seed(seed)
-    cfg = CONFIGS[family](**{**NO_DROPOUT[family], **config})
+    config_class, defaults = CONFIGS[family]
+    cfg = config_class(**{**defaults, **NO_DROPOUT[family], **config})
     cfg._attn_implementation = "eager"
     model = (MASKED_LM if head == "mlm" else BASE)[family](cfg)
     randomize(model, seed)
