@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -331,18 +332,35 @@ class Bert(nn.Module):
     model_type = "bert"
     encoder_prefix = "bert."  # how a *ForMaskedLM / *ForPreTraining checkpoint names the encoder
 
+    head_prefix = "cls.predictions."
+
     @classmethod
-    def head_names(cls, config: BertConfig) -> list[tuple[str, str | None]]:
+    def head_names(cls, config: BertConfig, names: set[str]) -> list[tuple[str, str | None]]:
         """(checkpoint name pattern, model name) of the masked-LM head's tensors (None: a tensor
-        the model does not use); the encoder's are ENCODER_NAMES."""
+        the model does not use) of a checkpoint holding the tensors ``names``; the encoder's
+        are ENCODER_NAMES."""
         decoder = None if config.tie_word_embeddings else "mlm.decoder"  # tied: the word embeddings
         return [
             (r"cls\.predictions\.transform\.dense\.(weight|bias)", r"mlm.dense.\1"),
             (r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)", r"mlm.norm.\1"),
-            (r"cls\.predictions\.bias", "mlm.bias"),
-            (r"cls\.predictions\.decoder\.bias", None),  # the same tensor as cls.predictions.bias
+            *cls.output_bias_names(config, names),
             (r"cls\.predictions\.decoder\.weight", decoder),
             (r"cls\.seq_relationship\.(weight|bias)", None),  # BertForPreTraining's next-sentence head: not built
+        ]
+
+    @classmethod
+    def output_bias_names(cls, config: BertConfig, names: set[str]) -> list[tuple[str, str | None]]:
+        """Which of the head's two output biases is the one transformers adds. Tied, the
+        decoder's bias is the head's ``bias`` (one tensor, saved under either name or both);
+        untied (transformers >= 5), the decoder has its own bias, the one its forward adds, and
+        ``bias`` is unused, unless the checkpoint holds no decoder bias (written while the two
+        were one tensor)."""
+        head_bias, decoder_bias = cls.head_prefix + "bias", cls.head_prefix + "decoder.bias"
+        names = {re.sub(r"^(?:bert|roberta)\.", "", n) for n in names}
+        use_decoder = decoder_bias in names and (not config.tie_word_embeddings or head_bias not in names)
+        return [
+            (re.escape(head_bias), None if use_decoder else "mlm.bias"),
+            (re.escape(decoder_bias), "mlm.bias" if use_decoder else None),
         ]
 
     @classmethod
@@ -356,7 +374,8 @@ class Bert(nn.Module):
         config = cls.config_class.from_dict(read_config(path), f"{path}/config.json")
         if config.model_type != cls.model_type:
             raise CheckpointError(f"{path}/config.json: model_type {config.model_type!r}, not {cls.model_type!r}")
-        return build_from_checkpoint(cls, config, path, ENCODER_NAMES, cls.encoder_prefix, cls.head_names(config),
+        return build_from_checkpoint(cls, config, path, ENCODER_NAMES, cls.encoder_prefix,
+                                     lambda names: cls.head_names(config, names),
                                      dtype=dtype, device=device)
 
 
@@ -380,14 +399,15 @@ class Roberta(Bert):
     def mlm_approximation(self) -> str:
         return "none"  # transformers' RobertaLMHead applies the erf GELU whatever hidden_act says
 
+    head_prefix = "lm_head."
+
     @classmethod
-    def head_names(cls, config: BertConfig) -> list[tuple[str, str | None]]:
+    def head_names(cls, config: BertConfig, names: set[str]) -> list[tuple[str, str | None]]:
         decoder = None if config.tie_word_embeddings else "mlm.decoder"
         return [
             (r"lm_head\.dense\.(weight|bias)", r"mlm.dense.\1"),
             (r"lm_head\.layer_norm\.(weight|bias)", r"mlm.norm.\1"),
-            (r"lm_head\.bias", "mlm.bias"),
-            (r"lm_head\.decoder\.bias", None),  # the same tensor as lm_head.bias
+            *cls.output_bias_names(config, names),
             (r"lm_head\.decoder\.weight", decoder),
         ]
 
@@ -461,19 +481,19 @@ def build_from_checkpoint(
     path: str | os.PathLike,
     encoder_names: list[tuple[str, str | None]],
     encoder_prefix: str,
-    head_names: list[tuple[str, str | None]],
+    head_names: Callable[[set[str]], list[tuple[str, str | None]]],
     *,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
     parts: tuple[str, str, str] = ("query", "key", "value"),
 ) -> nn.Module:
     """Reads the weights of ``path``, maps every tensor through the name tables (encoder names
-    with or without ``encoder_prefix``, head names as they are; an unknown tensor is an error
-    naming it), builds ``cls(config, pooler=..., mlm_head=...)`` with the parts the checkpoint
+    with or without ``encoder_prefix``; the head's, ``head_names(the checkpoint's tensor
+    names)``, as they are; an unknown tensor is an error naming it), builds ``cls(config, pooler=..., mlm_head=...)`` with the parts the checkpoint
     holds, and fills it (load_into checks the shapes and that nothing is missing)."""
     weights = fuse_projections(read_weights(path), parts)
     table = [(re.compile(rf"(?:{re.escape(encoder_prefix)})?{p}"), t) for p, t in encoder_names]
-    table += [(re.compile(p), t) for p, t in head_names]
+    table += [(re.compile(p), t) for p, t in head_names(set(weights))]
     target: dict[str, str | None] = {}
     unknown = []
     for name in weights:

@@ -165,7 +165,7 @@ class DistilBert(nn.Module):
             (r"vocab_projector\.bias", "mlm.bias"),
             (r"vocab_projector\.weight", decoder),
         ]
-        return build_from_checkpoint(cls, config, path, ENCODER_NAMES, cls.encoder_prefix, head_names,
+        return build_from_checkpoint(cls, config, path, ENCODER_NAMES, cls.encoder_prefix, lambda names: head_names,
                                      dtype=dtype, device=device, parts=("q_lin", "k_lin", "v_lin"))
 
 
