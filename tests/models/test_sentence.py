@@ -206,6 +206,12 @@ def test_bad_sentence_model_directories(tmp_path):
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(CheckpointError, match=r"modules \['Transformer', 'Pooling', 'Dense'\] are not supported"):
         SentenceEmbedder.from_pretrained(tmp_path)
+    del modules[2]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 65}))
+    with pytest.raises(CheckpointError, match="max_seq_length 65 exceeds the model's 64 positions"):
+        SentenceEmbedder.from_pretrained(tmp_path)
 
 
 # ----------------------------------------------------------------------------- fastarch embed
@@ -246,6 +252,7 @@ def test_cli_embed_errors_write_nothing(tmp_path, capsys, monkeypatch):
         (["embed", "x", "--file", str(tmp_path / "missing.txt"), "--out", str(out)], "missing.txt"),
         (["embed", "--out", str(out)], "nothing to embed"),
         (["embed", "x", "--batch-size", "0", "--out", str(out)], "--batch-size"),
+        (["embed", "x", "--device", "nonsense", "--out", str(out)], "--device nonsense"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
