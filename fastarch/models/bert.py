@@ -191,16 +191,14 @@ def check_input_ids(input_ids: object, vocab_size: int, max_seqlen: int) -> None
 
 
 def check_ids_in_range(ids: Tensor, bound: int, name: str, what: str) -> None:
-    # Checked on the host for CPU tensors; on a GPU asserted on the device (reading the ids
-    # back would make the host wait); under torch.compile the compiled lookup's own bounds
-    # check reports it.
+    # Read back on the host on every device: one scalar pair, where unpad waits for the
+    # device anyway; a device-side assert would leave a GPU context unusable. Under
+    # torch.compile the compiled lookup's own bounds check reports it.
     if ids.numel() == 0 or torch.compiler.is_compiling():
         return
-    bad = (ids < 0) | (ids >= bound)
-    if ids.device.type != "cpu":
-        torch._assert_async(~bad.any(), f"{name} holds ids outside [0, {bound})")
-    elif bad.any():
-        first = ids[bad][0].item()
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()
+    if low < 0 or high >= bound:
+        first = ids[(ids < 0) | (ids >= bound)][0].item()
         raise ValueError(f"{name} holds {first}, outside [0, {bound}) ({what} is {bound})")
 
 

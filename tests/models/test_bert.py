@@ -118,29 +118,23 @@ def test_low_precision_error_is_a_multiple_of_transformers(checkpoints, family, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_masked_lm_training_step_gradients_match_transformers(checkpoints, family, tmp_path):
+def test_masked_lm_training_step_gradients_match_transformers(checkpoints, family):
     """One masked-LM step in train mode (dropout 0): the loss and every parameter's gradient.
     transformers' gradients, saved as a checkpoint of the same config and loaded into our
     model by the same name map that the forward tests check, land on our parameters."""
-    from safetensors.torch import save_file
-
     path, hf = checkpoints[family]["mlm"]
     ids, mask, types = batch(family, LENGTHS, SEQLEN, seed=2)
     g = torch.Generator().manual_seed(3)
     labels = torch.where((torch.rand(ids.shape, generator=g) < 0.4) & mask.bool(), ids, -100)
-    hf.train()
-    hf.zero_grad()
+    hf = copy.deepcopy(hf).train()  # the fixture's model stays as it is
     ref = hf(**hf_inputs(family, ids, mask, types), labels=labels)
     ref.loss.backward()
-    hf.eval()
     model = from_pretrained(path).train()
     out = model.masked_lm(*our_inputs(family, ids, mask, types), labels=labels)
     out.loss.backward()
     assert abs(out.loss.item() - ref.loss.item()) <= REL32 * ref.loss.item()
 
-    (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    save_file({n: p.grad.contiguous() for n, p in hf.named_parameters()}, str(tmp_path / "model.safetensors"))
-    theirs = dict(from_pretrained(tmp_path).named_parameters())
+    theirs = hf_grads(hf, path)
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         # gradients sum over the batch's tokens: 1e-4 of the largest entry
@@ -376,3 +370,61 @@ def test_untied_checkpoint_with_one_output_bias(tmp_path):
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         logits = from_pretrained(tmp_path).masked_lm(ids, mask, types).logits
     assert_close_rel(logits[real], ref[real], REL32, "masked-LM logits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_matches_transformers(checkpoints, family):
+    check_device_against_transformers(checkpoints, family, "cuda")
+
+
+def check_device_against_transformers(checkpoints, family, device):
+    """On ``device``, fp32 and bf16: masked-LM logits and one training step's gradients. The
+    truth is transformers on the CPU (fp64 logits, fp32 gradients); ours on the device must be
+    within FACTOR x transformers' own error on the device in that dtype, plus a floor at the
+    truth's scale: two roundings, and for fp32 gradients (sums over the batch's tokens, in
+    other orders) 1e-4 as in the CPU training-step test."""
+    path, hf = checkpoints[family]["mlm"]
+    ids, mask, types = batch(family, LENGTHS, SEQLEN, seed=4)
+    real = mask.bool()
+    labels = torch.where(real, ids, -100)
+    kw = hf_inputs(family, ids, mask, types)
+    with torch.no_grad():
+        true_logits = copy.deepcopy(hf).double()(**kw).logits[real]
+    ref = copy.deepcopy(hf).train()
+    ref(**kw, labels=labels).loss.backward()
+    true_grads = hf_grads(ref, path)
+
+    def check(what, ours, theirs, true, dtype, floor_rel=0.0):
+        ours, theirs, true = ours.double().cpu(), theirs.double().cpu(), true.double()
+        floor = max(2 * torch.finfo(dtype).eps, floor_rel) * true.abs().max().item()
+        err, their_err = (ours - true).abs().max().item(), (theirs - true).abs().max().item()
+        assert err <= FACTOR * their_err + floor, f"{what} ({dtype}): error {err:.3g}, transformers' {their_err:.3g}"
+
+    moved = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    for dtype in (torch.float32, torch.bfloat16):
+        theirs = copy.deepcopy(hf).to(device, dtype).train()
+        their_out = theirs(**{k: v.to(device) for k, v in kw.items()}, labels=labels.to(device))
+        their_out.loss.backward()
+        model = from_pretrained(path, dtype=dtype, device=device).train()
+        out = model.masked_lm(*moved(our_inputs(family, ids, mask, types)), labels=labels.to(device))
+        out.loss.backward()
+        check("logits", out.logits[real.to(device)], their_out.logits[real.to(device)], true_logits, dtype)
+        their_grads = hf_grads(theirs, path)
+        for name, p in model.named_parameters():
+            check(f"gradient of {name}", p.grad, their_grads[name], true_grads[name], dtype, 1e-4)
+
+
+def hf_grads(hf, path):
+    """{our parameter name: transformers' gradient of it}, fp32 on the CPU: the gradients
+    saved as a checkpoint of path's config and loaded through the same name map that the
+    forward tests check."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text((path / "config.json").read_text())
+        save_file({n: p.grad.float().cpu().contiguous() for n, p in hf.named_parameters()}, str(Path(tmp) / "model.safetensors"))
+        return {n: p.detach() for n, p in from_pretrained(tmp).named_parameters()}
