@@ -1,6 +1,7 @@
 """Complete models on fastarch's kernels, loaded from the checkpoints people already have.
 
     model = fastarch.models.from_pretrained("path/to/checkpoint")   # picks the family by model_type
+    embedder = fastarch.models.SentenceEmbedder.from_pretrained("path/to/sentence-transformers-model")
 
 One readable file per family; ``loading.py`` reads configs and weights for all of them. A family
 module exposes a model class with ``from_pretrained(path, *, dtype=None, device=None)``;
