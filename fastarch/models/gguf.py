@@ -31,9 +31,15 @@ from fastarch.models.loading import CheckpointError
 QK_K = 256  # values per super-block of the k-quants
 
 
+def _field(blocks: Tensor, start: int, stop: int) -> Tensor:
+    """Bytes [start, stop) of every block, contiguous (n, stop - start): torch's elementwise
+    ops on a strided uint8 slice with a short inner dim run ~10x slower than on a copy."""
+    return blocks[:, start:stop].contiguous()
+
+
 def _f16(blocks: Tensor, start: int) -> Tensor:
     """The fp16 at byte ``start`` of every block, as float32 (n, 1)."""
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+    return _field(blocks, start, start + 2).view(torch.float16).float()
 
 
 def _low_high(qs: Tensor) -> Tensor:
@@ -48,12 +54,12 @@ def _bits(qh: Tensor, count: int, width: int = 1) -> Tensor:
 
 
 def _q4_0(b: Tensor) -> Tensor:  # d: f16, qs: 16 bytes; x = (q - 8) * d
-    q = _low_high(b[:, 2:18]).to(torch.int8) - 8
+    q = _low_high(_field(b, 2, 18)).to(torch.int8) - 8
     return _f16(b, 0) * q.float()
 
 
 def _q4_1(b: Tensor) -> Tensor:  # d, m: f16, qs: 16 bytes; x = q * d + m
-    return _f16(b, 0) * _low_high(b[:, 4:20]).float() + _f16(b, 2)
+    return _f16(b, 0) * _low_high(_field(b, 4, 20)).float() + _f16(b, 2)
 
 
 def _five_bit(qh: Tensor, qs: Tensor) -> Tensor:
@@ -63,43 +69,43 @@ def _five_bit(qh: Tensor, qs: Tensor) -> Tensor:
 
 
 def _q5_0(b: Tensor) -> Tensor:  # d: f16, qh: u32, qs: 16 bytes; x = (q - 16) * d
-    q = _five_bit(b[:, 2:6], b[:, 6:22]).to(torch.int8) - 16
+    q = _five_bit(_field(b, 2, 6), _field(b, 6, 22)).to(torch.int8) - 16
     return _f16(b, 0) * q.float()
 
 
 def _q5_1(b: Tensor) -> Tensor:  # d, m: f16, qh: u32, qs: 16 bytes; x = q * d + m
-    return _f16(b, 0) * _five_bit(b[:, 4:8], b[:, 8:24]).float() + _f16(b, 2)
+    return _f16(b, 0) * _five_bit(_field(b, 4, 8), _field(b, 8, 24)).float() + _f16(b, 2)
 
 
 def _q8_0(b: Tensor) -> Tensor:  # d: f16, qs: 32 int8; x = q * d
-    return b[:, 2:34].contiguous().view(torch.int8).float() * _f16(b, 0)
+    return _field(b, 2, 34).view(torch.int8).float() * _f16(b, 0)
 
 
 def _q2_k(b: Tensor) -> Tensor:  # scales: 16 bytes (4-bit scale | 4-bit min), qs: 64, d, dmin
     n = b.shape[0]
-    sc = b[:, 0:16]
+    sc = _field(b, 0, 16)
     dl = (_f16(b, 80) * (sc & 0x0F).float()).view(n, 16, 1)
     ml = (_f16(b, 82) * (sc >> 4).float()).view(n, 16, 1)
-    q = _bits(b[:, 16:80].reshape(n, 2, 32), 4, 2).reshape(n, 16, 16).float()
+    q = _bits(_field(b, 16, 80).reshape(n, 2, 32), 4, 2).reshape(n, 16, 16).float()
     return (dl * q - ml).view(n, QK_K)
 
 
 def _q3_k(b: Tensor) -> Tensor:  # hmask: 32, qs: 64, scales: 12 (6-bit, packed), d
     n = b.shape[0]
-    scales = b[:, 96:108]
-    low = _bits(scales[:, 0:8], 2, 4).reshape(n, 16)
-    high = _bits(scales[:, 8:12], 4, 2).reshape(n, 16)
+    scales = _field(b, 96, 108)
+    low = _bits(_field(scales, 0, 8), 2, 4).reshape(n, 16)
+    high = _bits(_field(scales, 8, 12), 4, 2).reshape(n, 16)
     sc = (low | (high << 4)).to(torch.int8) - 32
     dl = (_f16(b, 108) * sc.float()).view(n, 16, 1)
-    ql = _bits(b[:, 32:96].reshape(n, 2, 32), 4, 2).reshape(n, 16, 16).to(torch.int8)
-    hm = _bits(b[:, 0:32], 8).reshape(n, 16, 16).to(torch.int8)
+    ql = _bits(_field(b, 32, 96).reshape(n, 2, 32), 4, 2).reshape(n, 16, 16).to(torch.int8)
+    hm = _bits(_field(b, 0, 32), 8).reshape(n, 16, 16).to(torch.int8)
     q = ql - ((1 - hm) << 2)  # a clear hmask bit subtracts 4
     return (dl * q.float()).view(n, QK_K)
 
 
 def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
     """Q4_K/Q5_K's 12 bytes -> eight 6-bit scales and eight 6-bit mins, each (n, 8)."""
-    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    d, m, md = (_field(s, i, i + 4) for i in (0, 4, 8))
     sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
     mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
     return sc, mn
@@ -107,34 +113,34 @@ def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
 
 def _q4_k(b: Tensor) -> Tensor:  # d, dmin: f16, scales: 12, qs: 128; x = d*sc*q - dmin*m
     n = b.shape[0]
-    sc, mn = _k_scale_min(b[:, 4:16])
+    sc, mn = _k_scale_min(_field(b, 4, 16))
     d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
     dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
-    q = _low_high(b[:, 16:144].reshape(n, 4, 32)).reshape(n, 8, 32).float()
+    q = _low_high(_field(b, 16, 144).reshape(n, 4, 32)).reshape(n, 8, 32).float()
     return (d * q - dm).view(n, QK_K)
 
 
 def _q5_k(b: Tensor) -> Tensor:  # d, dmin: f16, scales: 12, qh: 32, qs: 128
     n = b.shape[0]
-    sc, mn = _k_scale_min(b[:, 4:16])
+    sc, mn = _k_scale_min(_field(b, 4, 16))
     d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
     dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
-    ql = _low_high(b[:, 48:176].reshape(n, 4, 32)).reshape(n, 8, 32)
-    qh = _bits(b[:, 16:48], 8)  # bit i of qh[j] is the fifth bit of sub-block i's value j
+    ql = _low_high(_field(b, 48, 176).reshape(n, 4, 32)).reshape(n, 8, 32)
+    qh = _bits(_field(b, 16, 48), 8)  # bit i of qh[j] is the fifth bit of sub-block i's value j
     return (d * (ql | (qh << 4)).float() - dm).view(n, QK_K)
 
 
 def _q6_k(b: Tensor) -> Tensor:  # ql: 128, qh: 64, scales: 16 int8, d: f16; x = d*sc*(q - 32)
     n = b.shape[0]
-    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).view(n, 16, 1)
-    ql = _low_high(b[:, 0:128].reshape(n, 2, 64)).reshape(n, 8, 32)
-    qh = _bits(b[:, 128:192].reshape(n, 2, 32), 4, 2).reshape(n, 8, 32)
+    d = (_f16(b, 208) * _field(b, 192, 208).view(torch.int8).float()).view(n, 16, 1)
+    ql = _low_high(_field(b, 0, 128).reshape(n, 2, 64)).reshape(n, 8, 32)
+    qh = _bits(_field(b, 128, 192).reshape(n, 2, 32), 4, 2).reshape(n, 8, 32)
     q = (ql | (qh << 4)).to(torch.int8) - 32
     return (d * q.view(n, 16, 16).float()).view(n, QK_K)
 
 
 def _q8_k(b: Tensor) -> Tensor:  # d: f32, qs: 256 int8, bsums: 16 int16 (unused here)
-    return b[:, 0:4].contiguous().view(torch.float32) * b[:, 4:260].contiguous().view(torch.int8).float()
+    return _field(b, 0, 4).view(torch.float32) * _field(b, 4, 260).view(torch.int8).float()
 
 
 # ggml type id -> (name, values per block, bytes per block, dequantizer or None for a plain dtype)
