@@ -345,7 +345,8 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
     """A llama GGUF file as (config, weights): config a Hugging Face LlamaConfig-style dict,
     weights every tensor under transformers' LlamaForCausalLM name (lm_head.weight only when
     the file has output.weight: otherwise config["tie_word_embeddings"] is True), dequantized
-    to ``dtype`` on the CPU, q/k rows in transformers' order."""
+    to ``dtype`` on the CPU, q/k rows in transformers' order. A Llama 3.1 file's rope_freqs.weight
+    becomes config["rope_scaling"] (rope_type "llama3") rather than a weight."""
     if not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating dtype, got {dtype}")
     file = Path(path)
@@ -353,14 +354,10 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
     names = {t.name for t in reader.tensors}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     config = _config(reader, file, names, int(embd.shape[1]) if embd is not None and len(embd.shape) == 2 else None)
-    if "rope_freqs.weight" in names:
-        # Llama 3.1-style per-frequency RoPE factors: dropping them would be silently wrong,
-        # and transformers' config has no place for a table.
-        raise CheckpointError(f"{file}: rope_freqs.weight (per-frequency RoPE factors, Llama 3.1 style) is not supported")
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     weights: dict[str, Tensor] = {}
     for t in reader.tensors:
-        target = hf_name(t.name)
+        target = "rope_freqs" if t.name == "rope_freqs.weight" else hf_name(t.name)
         if target is None:
             raise CheckpointError(f"{file}: tensor {t.name} has no place in a llama model")
         ggml_type = int(t.tensor_type)
@@ -370,7 +367,7 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         try:
             raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1).copy()  # the file is mapped read-only
-            value = dequantize(torch.from_numpy(raw), ggml_type, shape, dtype=dtype)
+            value = dequantize(torch.from_numpy(raw), ggml_type, shape, dtype=torch.float32 if target == "rope_freqs" else dtype)
         except CheckpointError as e:
             raise CheckpointError(f"{file}: tensor {t.name}: {e}") from None
         except (ValueError, TypeError) as e:  # a data region cut short by truncation
@@ -382,7 +379,40 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
             except CheckpointError as e:
                 raise CheckpointError(f"{file}: tensor {t.name}: {e}") from None
         weights[target] = value
+    if "rope_freqs" in weights:
+        config["rope_scaling"] = _llama3_rope_scaling(weights.pop("rope_freqs").double(), config, file)
     return config, weights
+
+
+def _llama3_factors(scaling: dict, head_dim: int, theta: float) -> Tensor:
+    """llama.cpp's rope_freqs for a Llama 3.1 rope_scaling: how much each frequency is divided by."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * torch.pi / freqs
+    low, high, old = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
+    smooth = (old / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / scaling["factor"] + smooth)
+    return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, scaling["factor"], mid))
+
+
+def _llama3_rope_scaling(factors: Tensor, config: dict, file: Path) -> dict:
+    """The Llama 3.1 rope_scaling whose per-frequency factors are rope_freqs.weight. The file
+    keeps only the table; its parameters are found among the ones Meta's models use."""
+    if "rope_scaling" in config:
+        raise CheckpointError(f"{file}: both rope.scaling metadata and rope_freqs.weight; which applies is unclear")
+    head_dim, theta = config["head_dim"], config["rope_theta"]
+    if factors.shape != (head_dim // 2,):
+        raise CheckpointError(f"{file}: rope_freqs.weight has shape {tuple(factors.shape)}, expected ({head_dim // 2},)")
+    factor = float(str(np.float32(factors.max().item())))
+    # Only old / low and old / high (the band edges) shape the table, so low_freq_factor is
+    # fixed at Meta's 1 and the search runs over the context and the high factor.
+    for high in (4.0, 2.0, 8.0):
+        for old in (8192, 4096, 16384, 32768, 2048):
+            scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+                       "original_max_position_embeddings": old}
+            if torch.allclose(_llama3_factors(scaling, head_dim, theta), factors, rtol=1e-5, atol=0):
+                return scaling
+    raise CheckpointError(f"{file}: rope_freqs.weight is not a Llama 3.1 RoPE scaling this reader recognizes"
+                          f" (factors {factors.tolist()[:4]}...)")
 
 
 def tokenizer_from_gguf(path: str | os.PathLike):

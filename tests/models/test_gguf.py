@@ -254,6 +254,39 @@ def test_rope_scaling(tmp_path):
     assert config["rope_theta"] == 10000.0 and config["head_dim"] == c.head_dim  # llama.cpp's defaults
 
 
+@pytest.mark.parametrize("old_context", [8192, 4096])
+def test_llama3_rope_freqs(tmp_path, old_context):
+    # Llama 3.1 files hold the RoPE scaling only as llama.cpp's table of per-frequency divisors
+    # (rope_freqs.weight); we recover transformers' rope_scaling that gives the same frequencies.
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": old_context}
+    model = tiny_llama()
+    hf_config = {**model.config.to_dict(), "max_position_embeddings": 4 * old_context,
+                 "rope_parameters": {**scaling, "rope_theta": model.config.rope_parameters["rope_theta"]}}
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config)).eval()
+    hf.load_state_dict(model.state_dict())
+    scaled = ROPE_INIT_FUNCTIONS["llama3"](hf.config)[0]
+    plain = hf.model.rotary_emb.compute_default_rope_parameters(model.config)[0]  # same theta, head_dim
+    table = (plain / scaled).float().numpy()
+    assert table.min() == 1.0 and table.max() == 8.0 and ((table > 1) & (table < 8)).any()  # all three bands
+    path = write_llama_gguf(tmp_path / "llama3.gguf", hf, extra_tensors={"rope_freqs.weight": (table, None)})
+    config, weights = read_gguf(path)
+    assert config["rope_scaling"] == scaling and "rope_freqs" not in weights
+    rebuilt = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    rebuilt.load_state_dict(weights)
+    ids = torch.randint(0, 96, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, hf(ids).logits, rtol=0, atol=0)
+
+    bad = table.copy()
+    bad[len(bad) // 2] *= 1.01  # no Llama 3.1 parameters give this table: refused, never guessed
+    path = write_llama_gguf(tmp_path / "bad.gguf", model, extra_tensors={"rope_freqs.weight": (bad, None)})
+    with pytest.raises(CheckpointError, match="rope_freqs.weight is not a Llama 3.1 RoPE scaling"):
+        read_gguf(path)
+
+
 def test_hf_name():
     assert hf_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
     assert hf_name("blk.0.attn_q.bias") == "model.layers.0.self_attn.q_proj.bias"
@@ -280,7 +313,7 @@ def test_unknown_tensor_type(tmp_path):
         read_gguf(path)
 
 
-@pytest.mark.parametrize("name", ["blk.0.ffn_gate_exps.weight", "rope_freqs.weight", "blk.0.attn_q_norm.weight"])
+@pytest.mark.parametrize("name", ["blk.0.ffn_gate_exps.weight", "blk.0.attn_q_norm.weight", "output.bias_x"])
 def test_unknown_tensor(tmp_path, name):
     extra = {name: (np.ones(8, np.float32), None)}
     path = write_llama_gguf(tmp_path / "extra.gguf", tiny_llama(), extra_tensors=extra)
