@@ -295,8 +295,14 @@ def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) 
     if _value(reader, file, "llama.expert_count", 0):
         raise CheckpointError(f"{file}: a mixture-of-experts llama (llama.expert_count > 0) is not supported")
 
-    def get(key, default=_REQUIRED):
-        return _value(reader, file, f"llama.{key}", default)
+    def get(key, default=_REQUIRED, kind=int):
+        value = _value(reader, file, f"llama.{key}", default)
+        ok = value is None or (isinstance(value, kind) and not isinstance(value, bool) and (kind is str or value > 0))
+        if kind is float:
+            ok = ok or (isinstance(value, int) and value > 0)
+        if not ok:
+            raise CheckpointError(f"{file}: metadata key llama.{key} is {value!r}; expected a positive {kind.__name__}")
+        return value
 
     heads = get("attention.head_count")
     hidden = get("embedding_length")
@@ -315,8 +321,8 @@ def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) 
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
-        "rope_theta": get("rope.freq_base", 10000.0),  # llama.cpp's default when absent
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", kind=float),
+        "rope_theta": get("rope.freq_base", 10000.0, float),  # llama.cpp's default when absent
         "max_position_embeddings": get("context_length"),
         "vocab_size": vocab_rows if vocab_rows is not None else vocab,
         "hidden_act": "silu",
@@ -328,11 +334,13 @@ def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) 
         token = _value(reader, file, f"tokenizer.ggml.{key}", None)
         if token is not None:
             config[hf_key] = token
-    rope_type = get("rope.scaling.type", None)
-    factor = get("rope.scaling.factor", None) or get("rope.scale_linear", None)
+    rope_type = get("rope.scaling.type", None, str)
+    factor = get("rope.scaling.factor", None, float) or get("rope.scale_linear", None, float)
     if rope_type is None and factor is not None:
         rope_type = "linear"  # the older key rope.scale_linear
     if rope_type not in (None, "none"):
+        if factor is None:
+            raise CheckpointError(f"{file}: RoPE scaling {rope_type!r} without llama.rope.scaling.factor")
         scaling = {"rope_type": rope_type, "factor": factor}
         original = get("rope.scaling.original_context_length", None)
         if original is not None:

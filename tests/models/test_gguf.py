@@ -6,6 +6,7 @@ and bad files refused with CheckpointError."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +120,10 @@ def _interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str = "F32", *, arch: str = "llama",
-                     extra_tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType | None]] | None = None) -> Path:
-    """A GGUF file as llama.cpp's converter writes one: its metadata keys, its tensor names and
+                     extra_tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType | None]] | None = None,
+                     optional_keys: bool = True, more_keys: Callable[[GGUFWriter], object] | None = None) -> Path:
+    """A GGUF file as llama.cpp's converter writes one: its metadata keys (those llama.cpp has
+    defaults for only when ``optional_keys``; ``more_keys`` adds others), its tensor names and
     q/k row order, 1-D tensors in F32 and matrices in ``qtype``; a tied model has no output.weight."""
     c = model.config
     w = GGUFWriter(str(path), arch)
@@ -129,13 +132,16 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str = "F32", *,
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_vocab_size(c.vocab_size)
-    w.add_bos_token_id(c.bos_token_id)
-    w.add_eos_token_id(c.eos_token_id)
+    if optional_keys:
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_vocab_size(c.vocab_size)
+        w.add_bos_token_id(c.bos_token_id)
+        w.add_eos_token_id(c.eos_token_id)
+    if more_keys is not None:
+        more_keys(w)
     heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
     state = model.state_dict()
     if c.tie_word_embeddings:
@@ -233,25 +239,30 @@ def test_dtype_bf16(tmp_path):
     assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], fp32[k].bfloat16()) for k in fp32)
 
 
-def test_rope_scaling(tmp_path):
+def test_rope_scaling_and_defaults(tmp_path):
+    def linear_scaling(w):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(32)
+
     model = tiny_llama()
-    path = tmp_path / "tiny.gguf"
-    w = GGUFWriter(str(path), "llama")
-    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-    w.add_rope_scaling_factor(4.0)
-    w.add_rope_scaling_orig_ctx_len(32)
-    # reuse the writer's tensors and other keys
-    c = model.config
-    for add, v in ((w.add_block_count, 2), (w.add_context_length, 128), (w.add_embedding_length, 64),
-                   (w.add_feed_forward_length, 96), (w.add_head_count, 4), (w.add_head_count_kv, 2),
-                   (w.add_layer_norm_rms_eps, 1e-5)):
-        add(v)
-    for name, t in model.state_dict().items():
-        w.add_tensor(_gguf_name(name), t.numpy())
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    path = write_llama_gguf(tmp_path / "tiny.gguf", model, optional_keys=False, more_keys=linear_scaling)
     config, _ = read_gguf(path)
     assert config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0, "original_max_position_embeddings": 32}
-    assert config["rope_theta"] == 10000.0 and config["head_dim"] == c.head_dim  # llama.cpp's defaults
+    # llama.cpp's defaults for the keys left out; the vocabulary from the embedding's rows
+    assert config["rope_theta"] == 10000.0 and config["head_dim"] == 16 and config["num_key_value_heads"] == 4
+    assert config["vocab_size"] == 96 and "bos_token_id" not in config
+
+
+@pytest.mark.parametrize("key, value", [("llama.block_count", "two"), ("llama.attention.head_count", 0),
+                                         ("llama.attention.layer_norm_rms_epsilon", "tiny")])
+def test_bad_metadata(tmp_path, key, value):
+    def overwrite(w):
+        w.kv_data[0][key] = gguf.GGUFValue(value, gguf.GGUFValueType.get_type(value))
+
+    path = write_llama_gguf(tmp_path / "bad.gguf", tiny_llama(), more_keys=overwrite)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        read_gguf(path)
 
 
 @pytest.mark.parametrize("old_context", [8192, 4096])
