@@ -143,6 +143,25 @@ def _q8_k(b: Tensor) -> Tensor:  # d: f32, qs: 256 int8, bsums: 16 int16 (unused
     return _field(b, 0, 4).view(torch.float32) * _field(b, 4, 260).view(torch.int8).float()
 
 
+# IQ4's 16 non-uniform levels (llama.cpp's kvalues_iq4nl), denser near zero where weights are
+_IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32)
+
+
+def _iq4_nl(b: Tensor) -> Tensor:  # d: f16, qs: 16 bytes; x = d * level[q]
+    return _f16(b, 0) * _IQ4_LEVELS[_low_high(_field(b, 2, 18)).long()]
+
+
+def _iq4_xs(b: Tensor) -> Tensor:  # d: f16, scales_h: u16, scales_l: 4 bytes, qs: 128
+    n = b.shape[0]
+    sl = _field(b, 4, 8)
+    low = torch.stack([sl & 0x0F, sl >> 4], dim=2).reshape(n, 8)  # sub-block 2j: low nibble of byte j
+    high = _bits(_field(b, 2, 4), 4, 2).transpose(1, 2).reshape(n, 8)  # bits 2i, 2i+1 of the u16
+    sc = (low | (high << 4)).to(torch.int8) - 32
+    dl = (_f16(b, 0) * sc.float()).view(n, 8, 1)
+    q = _IQ4_LEVELS[_low_high(_field(b, 8, 136).reshape(n, 8, 16)).long()]
+    return (dl * q).view(n, QK_K)
+
+
 # ggml type id -> (name, values per block, bytes per block, dequantizer or None for a plain dtype)
 GGML_TYPES: dict[int, tuple[str, int, int, Callable[[Tensor], Tensor] | None]] = {
     0: ("F32", 1, 4, None),
@@ -158,6 +177,8 @@ GGML_TYPES: dict[int, tuple[str, int, int, Callable[[Tensor], Tensor] | None]] =
     13: ("Q5_K", QK_K, 176, _q5_k),
     14: ("Q6_K", QK_K, 210, _q6_k),
     15: ("Q8_K", QK_K, 292, _q8_k),
+    20: ("IQ4_NL", 32, 18, _iq4_nl),
+    23: ("IQ4_XS", QK_K, 136, _iq4_xs),
     30: ("BF16", 1, 2, None),
 }
 _PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}

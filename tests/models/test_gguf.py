@@ -90,8 +90,8 @@ def test_dequantize_dtype_and_bad_sizes():
         dequantize(data, q4_1, (1, 96))
     with pytest.raises(CheckpointError, match="blocks of 32"):
         dequantize(data, q4_1, (4, 40))
-    with pytest.raises(CheckpointError, match="IQ4_NL"):
-        dequantize(data, int(GGMLQuantizationType.IQ4_NL), (2, 64))
+    with pytest.raises(CheckpointError, match="IQ2_XXS"):
+        dequantize(data, int(GGMLQuantizationType.IQ2_XXS), (2, 64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def tiny_llama(tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_1"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_tiny_llama_round_trip(tmp_path, qtype, tie):
     model = tiny_llama(tie)
@@ -317,10 +317,10 @@ def test_other_architecture(tmp_path):
 
 
 def test_unknown_tensor_type(tmp_path):
-    iq4 = GGMLQuantizationType.IQ4_NL  # 32 values in 18 bytes: a valid file we cannot dequantize
-    extra = {"blk.0.attn_v.bias": (np.zeros((1, 18), np.uint8), iq4)}
+    iq2 = GGMLQuantizationType.IQ2_XXS  # 256 values in 66 bytes: a valid file we cannot dequantize
+    extra = {"blk.0.attn_v.bias": (np.zeros((1, 66), np.uint8), iq2)}
     path = write_llama_gguf(tmp_path / "iq4.gguf", tiny_llama(), extra_tensors=extra)
-    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_v\.bias is IQ4_NL"):
+    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_v\.bias is IQ2_XXS"):
         read_gguf(path)
 
 
