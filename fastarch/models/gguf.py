@@ -144,7 +144,9 @@ def _q8_k(b: Tensor) -> Tensor:  # d: f32, qs: 256 int8, bsums: 16 int16 (unused
 
 
 # IQ4's 16 non-uniform levels (llama.cpp's kvalues_iq4nl), denser near zero where weights are
-_IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32)
+_IQ4_LEVELS = torch.tensor(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32
+)
 
 
 def _iq4_nl(b: Tensor) -> Tensor:  # d: f16, qs: 16 bytes; x = d * level[q]
@@ -184,6 +186,10 @@ GGML_TYPES: dict[int, tuple[str, int, int, Callable[[Tensor], Tensor] | None]] =
 _PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 
 
+def _supported() -> str:
+    return ", ".join(name for name, *_ in GGML_TYPES.values())
+
+
 def _type_name(ggml_type: int) -> str:
     if ggml_type in GGML_TYPES:
         return GGML_TYPES[ggml_type][0]
@@ -200,11 +206,11 @@ def dequantize(data: Tensor, ggml_type: int, shape: tuple[int, ...], *, dtype: t
     (little-endian); shape: the torch shape (outermost first; the last dim is ggml's ne0, the
     one the blocks run along). Returns ``shape`` in ``dtype``."""
     if ggml_type not in GGML_TYPES:
-        raise CheckpointError(f"cannot dequantize {_type_name(ggml_type)} (supported: {', '.join(t[0] for t in GGML_TYPES.values())})")
+        raise CheckpointError(f"cannot dequantize {_type_name(ggml_type)} (supported: {_supported()})")
     name, block, nbytes, fn = GGML_TYPES[ggml_type]
     numel = int(np.prod(shape, dtype=np.int64))
     if shape and shape[-1] % block:
-        raise CheckpointError(f"a {name} tensor's rows hold blocks of {block} values; shape {tuple(shape)} does not divide")
+        raise CheckpointError(f"a {name} tensor's rows hold blocks of {block} values; shape {tuple(shape)} does not fit")
     expected = numel // block * nbytes
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != expected:
         raise CheckpointError(f"a {name} tensor of shape {tuple(shape)} takes {expected} bytes; got {data.numel()}")
@@ -236,7 +242,7 @@ _LAYER_NAMES = {
 def hf_name(gguf_name: str) -> str | None:
     """transformers' LlamaForCausalLM name of a llama GGUF tensor (``blk.3.attn_q.weight`` ->
     ``model.layers.3.self_attn.q_proj.weight``), or None for a name llama has no place for."""
-    base, dot, kind = gguf_name.rpartition(".")
+    base, _, kind = gguf_name.rpartition(".")
     if kind not in ("weight", "bias"):
         return None
     if base in _TOP_NAMES:
@@ -253,12 +259,6 @@ def unpermute_rows(w: Tensor, n_heads: int) -> Tensor:
     if rows % (2 * n_heads):
         raise CheckpointError(f"{rows} rows do not split into {n_heads} heads of an even head dim")
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def permute_rows(w: Tensor, n_heads: int) -> Tensor:
-    """llama.cpp's q/k row interleave (what its converter applies; the inverse of unpermute_rows)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) 
         "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
-    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")):
+    for key, hf_key in (("bos_token_id",) * 2, ("eos_token_id",) * 2, ("padding_token_id", "pad_token_id")):
         token = _value(reader, file, f"tokenizer.ggml.{key}", None)
         if token is not None:
             config[hf_key] = token
@@ -391,12 +391,13 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
             raise CheckpointError(f"{file}: tensor {t.name} has no place in a llama model")
         ggml_type = int(t.tensor_type)
         if ggml_type not in GGML_TYPES:
-            raise CheckpointError(f"{file}: tensor {t.name} is {_type_name(ggml_type)}, which cannot be dequantized here"
-                                  f" (supported: {', '.join(v[0] for v in GGML_TYPES.values())})")
+            raise CheckpointError(f"{file}: tensor {t.name} is {_type_name(ggml_type)}, which cannot be dequantized"
+                                  f" here (supported: {_supported()})")
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         try:
             raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1).copy()  # the file is mapped read-only
-            value = dequantize(torch.from_numpy(raw), ggml_type, shape, dtype=torch.float32 if target == "rope_freqs" else dtype)
+            out = torch.float32 if target == "rope_freqs" else dtype
+            value = dequantize(torch.from_numpy(raw), ggml_type, shape, dtype=out)
         except CheckpointError as e:
             raise CheckpointError(f"{file}: tensor {t.name}: {e}") from None
         except (ValueError, TypeError) as e:  # a data region cut short by truncation
@@ -417,7 +418,8 @@ def _llama3_factors(scaling: dict, head_dim: int, theta: float) -> Tensor:
     """llama.cpp's rope_freqs for a Llama 3.1 rope_scaling: how much each frequency is divided by."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     wavelen = 2 * torch.pi / freqs
-    low, high, old = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
     smooth = (old / wavelen - low) / (high - low)
     mid = 1 / ((1 - smooth) / scaling["factor"] + smooth)
     return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, scaling["factor"], mid))
@@ -430,7 +432,7 @@ def _llama3_rope_scaling(factors: Tensor, config: dict, file: Path) -> dict:
         raise CheckpointError(f"{file}: both rope.scaling metadata and rope_freqs.weight; which applies is unclear")
     head_dim, theta = config["head_dim"], config["rope_theta"]
     if factors.shape != (head_dim // 2,):
-        raise CheckpointError(f"{file}: rope_freqs.weight has shape {tuple(factors.shape)}, expected ({head_dim // 2},)")
+        raise CheckpointError(f"{file}: rope_freqs.weight has shape {tuple(factors.shape)}; expected ({head_dim // 2},)")
     factor = float(str(np.float32(factors.max().item())))
     # Only old / low and old / high (the band edges) shape the table, so low_freq_factor is
     # fixed at Meta's 1 and the search runs over the context and the high factor.
@@ -453,8 +455,8 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise CheckpointError("reading a GGUF tokenizer needs transformers (pip install transformers tokenizers gguf)") from None
+        raise CheckpointError("a GGUF tokenizer needs transformers (pip install transformers tokenizers gguf)") from None
     return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
 
 
-__all__ = ["read_gguf", "tokenizer_from_gguf", "dequantize", "hf_name", "permute_rows", "unpermute_rows", "GGML_TYPES"]
+__all__ = ["read_gguf", "tokenizer_from_gguf", "dequantize", "hf_name", "unpermute_rows", "GGML_TYPES"]
