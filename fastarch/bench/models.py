@@ -41,6 +41,7 @@ class ModelRow:
     ours_per_s: float | None
     theirs: dict  # contender -> sentences/s
     vs: dict  # contender -> ours / theirs (the median of the per-round ratios)
+    min_cosine: dict  # contender -> the least cosine of its embeddings with sentence-transformers' fp32 ones
     errors: dict
 
 
@@ -91,12 +92,18 @@ def onnx_encoder(path: Path, workdir: Path, max_length: int):
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    encoder = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+
+    class LastHidden(torch.nn.Module):  # positional inputs, one output: what the exporter traces
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return encoder(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
+
     file = workdir / f"{path.name}.onnx"
     example = tokenizer(["an example sentence"], return_tensors="pt")
     names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    torch.onnx.export(model, tuple(example[n] for n in names), str(file), input_names=names,
+    torch.onnx.export(LastHidden(), tuple(example[n] for n in names), str(file), input_names=names,
                       output_names=["last_hidden_state"], dynamic_axes={**axes, "last_hidden_state": {0: "batch", 1: "sequence"}},
                       dynamo=False)
     options = ort.SessionOptions()
@@ -138,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
             theirs_model = SentenceTransformer(str(path), device="cpu")
             max_length = theirs_model.max_seq_length
             sets = sentence_sets(theirs_model.tokenizer)
+            truth = {name: theirs_model.encode(sentences, batch_size=32, convert_to_tensor=True, normalize_embeddings=True)
+                     for name, sentences in sets.items()}
             try:
                 onnx = onnx_encoder(path, workdir, max_length)
             except Exception as e:  # an export the exporter cannot do: reported, not fatal
@@ -161,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
                         times, errors = timing.measure(contenders, "cpu", args.rounds or 5)
                         if onnx is None and dtype == torch.float32:
                             errors["onnxruntime"] = onnx_error
-                        row = _row(model_name, set_name, batch, dtype_name, times, errors)
+                        cosines = {name: _min_cosine(fn(), truth[set_name]) for name, fn in contenders.items()
+                                   if name in times}
+                        row = _row(model_name, set_name, batch, dtype_name, times, cosines, errors)
                         print(_line(row), flush=True)
                         rows.append(row)
                         if args.json:
@@ -173,10 +184,15 @@ def run(args: argparse.Namespace) -> int:
     return 0 if any(r.ours_per_s for r in rows) else 1
 
 
-def _row(model, set_name, batch, dtype, times, errors) -> ModelRow:
+def _min_cosine(embeddings: torch.Tensor, truth: torch.Tensor) -> float:
+    """The least cosine between a contender's embedding of a sentence and the truth's."""
+    return torch.nn.functional.cosine_similarity(embeddings.float(), truth.float(), dim=-1).min().item()
+
+
+def _row(model, set_name, batch, dtype, times, cosines, errors) -> ModelRow:
     per_s = {name: SENTENCES / t.seconds for name, t in times.items()}
     vs = {name: timing.speedup(t, times["ours"]) for name, t in times.items() if name != "ours" and "ours" in times}
-    return ModelRow(model, set_name, batch, dtype, per_s.pop("ours", None), per_s, vs, errors)
+    return ModelRow(model, set_name, batch, dtype, per_s.pop("ours", None), per_s, vs, cosines, errors)
 
 
 def _line(r: ModelRow) -> str:
@@ -184,6 +200,8 @@ def _line(r: ModelRow) -> str:
              f"ours {r.ours_per_s:8.1f}/s" if r.ours_per_s else "ours    failed"]
     for name, per_s in r.theirs.items():
         cells.append(f"{name} {per_s:8.1f}/s ({r.vs[name]:.2f}x)")
+    if r.min_cosine:
+        cells.append("min cos " + " ".join(f"{c:.6f}" for c in r.min_cosine.values()))
     note = "; ".join(f"{k}: {v}" for k, v in r.errors.items() if v)
     return "  ".join(cells) + (f"  [{note[:120]}]" if note else "")
 
