@@ -18,7 +18,10 @@ from torch import nn
 from fastarch.models.loading import CheckpointError, read_config
 
 # model_type -> "module:Class" (modules under fastarch.models, imported on first use)
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "gpt2": "gpt2:GPT2",
+    "gpt_neo": "gpt2:GPT2",
+}
 
 
 def from_pretrained(
