@@ -475,12 +475,12 @@ class TextGenerator:
             options["tokenizer"] = self.tokenizer
         eos = set(_eos_list(options["eos_token_id"]))
         new: list[int] = []
-        said = ""
+        said = text = ""
         self.stats = {"prompt_tokens": ids.shape[1], "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0}
         start = time.perf_counter()
         for token in generate_tokens(self.model, ids, max_new_tokens=max_new_tokens, **options):
             now = time.perf_counter()
-            if not new:
+            if not new and not self.stats["new_tokens"]:
                 self.stats["prefill_s"] = now - start
             else:
                 self.stats["decode_s"] = now - start - self.stats["prefill_s"]
@@ -493,13 +493,12 @@ class TextGenerator:
             cut = min((text.find(s) + len(s) for s in stops if s in text), default=None)
             if cut is not None:
                 text = text[:cut]
-            elif text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                continue
-            if len(text) > len(said):
+                break
+            if not text.endswith("\ufffd") and len(text) > len(said):  # else a character may be split across tokens
                 yield text[len(said):]
                 said = text
-            if cut is not None:
-                break
+        if len(text) > len(said):  # what is left, a stop string's end or undecodable bytes
+            yield text[len(said):]
 
     def generate(self, prompt: str | list[dict], *, chat: bool = False, max_new_tokens: int = 64, **options) -> str:
         """The new text after the prompt (without the prompt or the stop token)."""

@@ -4,6 +4,7 @@ against (no network)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -99,3 +100,15 @@ def tokenizer(path: Path) -> transformers.PreTrainedTokenizerFast:
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny matmuls on one thread: OpenMP's hand-off costs milliseconds per op on a shared
+    machine (measured 50x slower generation with 2 threads under load), far more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

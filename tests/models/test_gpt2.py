@@ -29,6 +29,12 @@ VARIANTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with gpt2_tiny.one_thread():
+        yield
+
+
 def _ids(v):
     return f"{v[0]}-{'-'.join(v[1]) or 'default'}"
 
