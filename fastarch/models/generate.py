@@ -262,7 +262,9 @@ def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Ten
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if input_ids.numel() == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): generation needs a prompt of at least one token")
+        raise ValueError(
+            f"input_ids is empty (shape {tuple(input_ids.shape)}): generation needs a prompt of at least one token"
+        )
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -330,8 +332,8 @@ def generate_tokens(
     if repetition_penalty is not None:
         vocab = model.vocab_size
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.ne(0)
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        seen.scatter_(1, torch.where(real, input_ids, input_ids[:, :1]).clamp(0, vocab - 1), True)
+        counts = torch.zeros(B, vocab, dtype=torch.int32, device=device)
+        seen = counts.scatter_add_(1, input_ids.clamp(0, vocab - 1), real.int()) > 0  # padding is not seen
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     texts: list[list[int]] = [[] for _ in range(B)]
@@ -340,26 +342,27 @@ def generate_tokens(
         logits = model(input_ids, attention_mask, cache=cache, last_only=True)[:, -1]
         for step in range(max_new_tokens):
             scores = logits.float()
-            if torch.isnan(scores).any():
-                raise FloatingPointError(f"the model's logits hold NaN at generation step {step}")
+            nan = scores.isnan().any(-1)
             token = options.choose(options.process(scores, seen), generator)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
             if eos_t is not None:
                 finished |= torch.isin(token, eos_t)
-            host = token.cpu()
+            # one read of the device per step: the tokens, which rows stopped, which saw NaN
+            host, done, nan = torch.stack([token, finished.long(), nan.long()]).cpu()
+            if nan.any():
+                rows = nan.nonzero().flatten().tolist()
+                raise FloatingPointError(f"the model's logits hold NaN at generation step {step} (rows {rows})")
             if stop_strings:
-                done = finished.cpu()
                 for b in range(B):
                     if done[b]:
                         continue
                     texts[b].append(int(host[b]))
-                    text = tokenizer.decode(texts[b])
-                    if any(s in text for s in stop_strings):
-                        finished[b] = True
+                    if any(s in tokenizer.decode(texts[b]) for s in stop_strings):
+                        finished[b] = done[b] = True
             yield host
-            if step + 1 == max_new_tokens or bool(finished.all()):
+            if step + 1 == max_new_tokens or bool(done.all()):
                 return
             logits = model(token[:, None], cache=cache, last_only=True)[:, -1]
 

@@ -92,7 +92,7 @@ class GPT2Config:
         elif config.get("add_cross_attention"):
             raise CheckpointError("config.json: add_cross_attention (GPT-2 as a seq2seq decoder) is not supported")
         names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in config.items() if k in names and v is not None or k in ("n_inner",)})
+        cfg = cls(**{k: v for k, v in config.items() if k in names and (v is not None or k == "n_inner")})
         cfg.check()
         return cfg
 
@@ -203,6 +203,10 @@ class GPT2(nn.Module):
             cache.check_room(S)
             if cache.batch != input_ids.shape[0]:
                 raise ValueError(f"cache was made for batch {cache.batch}, input_ids has {input_ids.shape[0]} rows")
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+            # an id past the embedding table is a device-side assert on a GPU: refuse it here
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids from"
+                             f" {int(input_ids.min())} to {int(input_ids.max())}")
         packing = pack_batch(input_ids, attention_mask)
         x = self._prefill(packing.pack(input_ids), packing, cache)
         if cache is not None:

@@ -240,3 +240,31 @@ def test_bad_input(model):
         model.new_cache(1, gpt2_tiny.POSITIONS + 1)
     # max_new_tokens=0: the prompt back
     assert torch.equal(generate(model, ids, mask, max_new_tokens=0), ids)
+
+
+def test_nan_logits_and_out_of_vocab_ids(model):
+    """NaN logits stop generation with an error, never a token drawn from them; an id past the
+    vocabulary is refused before the embedding (a device-side assert on a GPU)."""
+    ids, _ = gpt2_tiny.prompts([4], "left")
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\)"):
+        generate(model, ids + gpt2_tiny.VOCAB, max_new_tokens=2)
+    bias = model.h[0].mlp_proj.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias[0] = float("nan")
+    try:
+        with pytest.raises(FloatingPointError, match="NaN at generation step 0"):
+            generate(model, ids, max_new_tokens=2)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
+def test_repetition_penalty_ignores_padding(model):
+    """A padded prompt penalizes its real tokens only: the same as the prompt alone, even when
+    the padding holds the very tokens the prompt goes on to generate."""
+    ids, mask = gpt2_tiny.prompts([3, 9], "left")
+    alone = generate(model, ids[:1, -3:], max_new_tokens=6, repetition_penalty=3.0, eos_token_id=None)
+    ids[0, :6] = alone[0, -6:]
+    batched = generate(model, ids, mask, max_new_tokens=6, repetition_penalty=3.0, eos_token_id=None)
+    assert torch.equal(batched[0, -6:], alone[0, -6:])
