@@ -268,3 +268,45 @@ def test_repetition_penalty_ignores_padding(model):
     ids[0, :6] = alone[0, -6:]
     batched = generate(model, ids, mask, max_new_tokens=6, repetition_penalty=3.0, eos_token_id=None)
     assert torch.equal(batched[0, -6:], alone[0, -6:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cached_decoding_equals_the_full_forward(pair, dtype):
+    """Logits of tokens fed through the cache (one at a time, then three at once) as those of
+    the full forward over the whole padded sequences; in bf16 within the full forward's own
+    bf16 error against fp32 (the two round differently)."""
+    _, ours = pair
+    model = ours.to(dtype)
+    try:
+        ids, mask = gpt2_tiny.prompts(LENGTHS, "left")
+        more = torch.randint(2, gpt2_tiny.VOCAB, (len(LENGTHS), 7), generator=torch.Generator().manual_seed(1))
+        cache = model.new_cache(len(LENGTHS), ids.shape[1] + 7)
+        assert cache.k[0].dtype == dtype
+        with torch.no_grad():
+            steps = [model(ids, mask, cache=cache, last_only=True)]
+            steps += [model(more[:, i : i + 1], cache=cache) for i in range(4)]
+            steps.append(model(more[:, 4:], cache=cache))
+            cached = torch.cat(steps, 1)  # logits after the prompt, then after each new token
+            seq, seq_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
+            full = model(seq, seq_mask)[:, ids.shape[1] - 1 :]
+            truth = model.float()(seq, seq_mask)[:, ids.shape[1] - 1 :]
+        assert cache.seqlens.tolist() == [n + 7 for n in LENGTHS]
+        scale = truth.abs().max()
+        if dtype == torch.float32:
+            assert (cached - full).abs().max() <= 1e-5 * scale
+        else:
+            bound = (full.float() - truth).abs().max()
+            assert (cached.float() - truth).abs().max() <= 2 * bound + 4e-3 * scale
+    finally:
+        ours.float()
+
+
+def test_transformers_streamer(text_gen):
+    """transformers' TextIteratorStreamer gets the prompt, then each token: its text is ours."""
+    from transformers import TextIteratorStreamer
+
+    _, gen = text_gen
+    ids = gen.encode("Hello world")
+    streamer = TextIteratorStreamer(gen.tokenizer, skip_prompt=True)
+    out = generate(gen.model, ids, max_new_tokens=10, eos_token_id=None, streamer=streamer)
+    assert "".join(streamer) == gen.tokenizer.decode(out[0, ids.shape[1]:])
