@@ -297,7 +297,8 @@ def generate_tokens(
 ) -> Iterator[Tensor]:
     """The decoding loop of ``generate`` as an iterator: yields each step's new tokens, (B,)
     int64 on the CPU, pad_token_id in rows that already stopped. Stops after max_new_tokens or
-    when every row has stopped (an eos_token_id, or a stop string in its new text)."""
+    when every row has stopped (an eos_token_id, or a stop string in its new text). The
+    arguments are checked at the call, before the first token."""
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -317,8 +318,6 @@ def generate_tokens(
         raise ValueError(
             f"the prompt's {S} tokens + max_new_tokens={max_new_tokens} = {total} exceed the model's {limit} positions"
         )
-    if max_new_tokens == 0:
-        return
     device = input_ids.device
     if cache is None:
         cache = model.new_cache(B, total, device=device)
@@ -335,9 +334,19 @@ def generate_tokens(
         counts = torch.zeros(B, vocab, dtype=torch.int32, device=device)
         seen = counts.scatter_add_(1, input_ids.clamp(0, vocab - 1), real.int()) > 0  # padding is not seen
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    texts: list[list[int]] = [[] for _ in range(B)]
+    return _decode(model, input_ids, attention_mask, cache, options, generator, seen, eos_t, pad_token_id,
+                   stop_strings, tokenizer, max_new_tokens)
 
+
+def _decode(
+    model, input_ids, attention_mask, cache, options, generator, seen, eos_t, pad_token_id, stop_strings, tokenizer,
+    max_new_tokens,
+) -> Iterator[Tensor]:
+    if max_new_tokens == 0:
+        return
+    B = input_ids.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    texts: list[list[int]] = [[] for _ in range(B)]
     with torch.inference_mode():
         logits = model(input_ids, attention_mask, cache=cache, last_only=True)[:, -1]
         for step in range(max_new_tokens):
@@ -384,16 +393,17 @@ def generate(
     positions: a batch gives what each prompt gives alone). Returns (B, S + steps) int64: the
     prompts as given, then the new tokens; a row that stopped earlier (eos_token_id, default
     the model's; or a stop string, with tokenizer) is padded with pad_token_id (default the
-    first eos id). Options: do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+    first eos id; eos_token_id=[]: none, not even the model's). Options: do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
     seed (a private generator; None: torch's global one), eos_token_id, pad_token_id,
     stop_strings + tokenizer, cache (a KVCache to reuse). streamer: an object with put(ids) and
     end() (transformers' TextStreamer): given the prompt, then each step's tokens;
     callback(tokens): each step's (B,) new tokens.
     """
     steps = []
+    tokens = generate_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    for token in generate_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, **options):
+    for token in tokens:
         steps.append(token)
         if streamer is not None:
             streamer.put(token)
@@ -471,7 +481,8 @@ class TextGenerator:
         """Yields the new text piece by piece as the tokens come (a piece ends on a whole
         character). With stop_strings, the text ends with the first stop string."""
         ids = self.encode(prompt, chat=chat)
-        options.setdefault("eos_token_id", self.eos_token_id)
+        if options.get("eos_token_id") is None:
+            options["eos_token_id"] = self.eos_token_id
         stops = options.get("stop_strings")
         stops = [stops] if isinstance(stops, str) else list(stops or [])
         if stops:

@@ -15,16 +15,16 @@ POSITIONS = 64
 
 
 def config(family: str = "gpt2", **kw) -> transformers.PretrainedConfig:
-    """Head dim 16, two layers, an odd MLP width, no dropout; GPT-Neo with one global and one
+    """Head dim 16, two layers, an odd MLP width, no dropout, no eos token; GPT-Neo with one global and one
     local layer whose window (5) is shorter than the test prompts."""
     if family == "gpt2":
         base = dict(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=64, n_layer=2, n_head=4, n_inner=80,
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1)
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
         cfg = transformers.GPT2Config(**{**base, **kw})
     else:
         base = dict(vocab_size=VOCAB, max_position_embeddings=POSITIONS, hidden_size=64, num_layers=2, num_heads=4,
                     intermediate_size=80, attention_types=[[["global", "local"], 1]], window_size=5,
-                    embed_dropout=0.0, resid_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=1)
+                    embed_dropout=0.0, resid_dropout=0.0, attention_dropout=0.0, bos_token_id=None, eos_token_id=None)
         cfg = transformers.GPTNeoConfig(**{**base, **kw})
     cfg._attn_implementation = "eager"
     return cfg

@@ -43,24 +43,24 @@ def test_greedy_as_transformers_batched_and_alone(pair):
     ids, mask = gpt2_tiny.prompts(LENGTHS, "left")
     theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                          pad_token_id=0)
-    batched = generate(ours, ids, mask, max_new_tokens=NEW, eos_token_id=None)
+    batched = generate(ours, ids, mask, max_new_tokens=NEW)
     assert batched.shape == (len(LENGTHS), ids.shape[1] + NEW)
     assert torch.equal(batched, theirs)
     for i, n in enumerate(LENGTHS):
-        alone = generate(ours, ids[i : i + 1, -n:], max_new_tokens=NEW, eos_token_id=None)
+        alone = generate(ours, ids[i : i + 1, -n:], max_new_tokens=NEW)
         assert torch.equal(alone[0, n:], batched[i, -NEW:]), f"row {i}"
     # right padding gives each row the same continuation (transformers needs left padding)
     right_ids, right_mask = gpt2_tiny.prompts(LENGTHS, "right", seed=5)
     for i, n in enumerate(LENGTHS):
         right_ids[i, :n] = ids[i, -n:]
-    right = generate(ours, right_ids, right_mask, max_new_tokens=NEW, eos_token_id=None)
+    right = generate(ours, right_ids, right_mask, max_new_tokens=NEW)
     assert torch.equal(right[:, -NEW:], batched[:, -NEW:])
 
 
 def test_eos_stops_and_pads_as_transformers(pair):
     hf, ours = pair
     ids, mask = gpt2_tiny.prompts(LENGTHS, "left")
-    free = generate(ours, ids, mask, max_new_tokens=12, eos_token_id=None)[:, ids.shape[1]:]
+    free = generate(ours, ids, mask, max_new_tokens=12)[:, ids.shape[1]:]
     # row 0 stops at its first new token from the 3rd on (other rows where they meet it, if ever)
     at = next(i for i in range(2, 12) if free[0, i] not in free[0, :i])
     eos = int(free[0, at])
@@ -72,6 +72,13 @@ def test_eos_stops_and_pads_as_transformers(pair):
     # every row stopped: generation ends early
     all_stop = generate(ours, ids[:1], mask[:1], max_new_tokens=12, eos_token_id=[99, eos])
     assert all_stop.shape[1] == ids.shape[1] + at + 1
+    # the model's eos (config.json's) is the default; [] turns it off
+    ours.config.eos_token_id = eos
+    try:
+        assert torch.equal(generate(ours, ids, mask, max_new_tokens=12, pad_token_id=0), out)
+        assert generate(ours, ids, mask, max_new_tokens=12, eos_token_id=[]).shape[1] == ids.shape[1] + 12
+    finally:
+        ours.config.eos_token_id = None
 
 
 def test_cache_is_never_reallocated(model):
@@ -84,11 +91,11 @@ def test_cache_is_never_reallocated(model):
     def check(_):
         seen.append([t.data_ptr() for t in [*cache.k, *cache.v, cache.seqlens]] == ptrs)
 
-    first = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=None, cache=cache, callback=check)
+    first = generate(model, ids, mask, max_new_tokens=NEW, cache=cache, callback=check)
     assert len(seen) == NEW and all(seen)
     assert all(a is b for a, b in zip([*cache.k, *cache.v, cache.seqlens], tensors))
     assert cache.seqlens.tolist() == [n + NEW - 1 for n in LENGTHS]  # the last token is not fed back
-    again = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=None, cache=cache)  # reused
+    again = generate(model, ids, mask, max_new_tokens=NEW, cache=cache)  # reused
     assert torch.equal(first, again) and [t.data_ptr() for t in tensors] == ptrs
 
 
@@ -101,7 +108,7 @@ def test_sampled_tokens_stay_in_top_k(model):
     """Every sampled token is among the top k of the model's logits for its prefix."""
     ids, mask = gpt2_tiny.prompts(LENGTHS, "right")
     k = 2
-    out = generate(model, ids, mask, max_new_tokens=10, do_sample=True, top_k=k, seed=1, eos_token_id=None)
+    out = generate(model, ids, mask, max_new_tokens=10, do_sample=True, top_k=k, seed=1)
     S = ids.shape[1]
     for b, n in enumerate(LENGTHS):
         seq = torch.cat([ids[b, :n], out[b, S:]])[None]
@@ -113,7 +120,7 @@ def test_sampled_tokens_stay_in_top_k(model):
 
 def test_seeded_sampling_repeats(model):
     ids, mask = gpt2_tiny.prompts(LENGTHS, "left")
-    kw = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95, eos_token_id=None)
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95)
     a = generate(model, ids, mask, seed=3, **kw)
     b = generate(model, ids, mask, seed=3, **kw)
     c = generate(model, ids, mask, seed=4, **kw)
@@ -162,8 +169,8 @@ def test_repetition_penalty_changes_greedy_as_transformers(pair):
     ids, mask = gpt2_tiny.prompts([6], "left")
     theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, repetition_penalty=1.8,
                          eos_token_id=None, pad_token_id=0)
-    out = generate(ours, ids, mask, max_new_tokens=16, repetition_penalty=1.8, eos_token_id=None)
-    plain = generate(ours, ids, mask, max_new_tokens=16, eos_token_id=None)
+    out = generate(ours, ids, mask, max_new_tokens=16, repetition_penalty=1.8)
+    plain = generate(ours, ids, mask, max_new_tokens=16)
     assert torch.equal(out, theirs) and not torch.equal(out, plain)
 
 
@@ -179,15 +186,15 @@ def test_stop_strings_cut(text_gen):
     _, gen = text_gen
     tok = gen.tokenizer
     ids = torch.tensor([tok("Hello world")["input_ids"]])
-    free = generate(gen.model, ids, max_new_tokens=12, eos_token_id=None)[0, ids.shape[1]:]
+    free = generate(gen.model, ids, max_new_tokens=12, eos_token_id=[])[0, ids.shape[1]:]
     text = tok.decode(free)
     # a stop string that the 6th token completes (the first point its text holds it)
     stop = next(tok.decode(free[:i])[-2:] for i in range(6, 12) if len(tok.decode(free[:i])) >= 2
                 and tok.decode(free[:i])[-2:] not in tok.decode(free[: i - 1]))
     at = next(i for i in range(1, 13) if stop in tok.decode(free[:i]))
-    out = generate(gen.model, ids, max_new_tokens=12, eos_token_id=None, stop_strings=stop, tokenizer=tok)
+    out = generate(gen.model, ids, max_new_tokens=12, eos_token_id=[], stop_strings=stop, tokenizer=tok)
     assert out.shape[1] == ids.shape[1] + at
-    said = gen.generate("Hello world", max_new_tokens=12, stop_strings=[stop], eos_token_id=None)
+    said = gen.generate("Hello world", max_new_tokens=12, stop_strings=[stop], eos_token_id=[])
     assert said.endswith(stop) and text.startswith(said) and said.count(stop) == 1
     with pytest.raises(ValueError, match="tokenizer"):
         generate(gen.model, ids, max_new_tokens=4, stop_strings="x")
@@ -195,15 +202,15 @@ def test_stop_strings_cut(text_gen):
 
 def test_text_generator_stream_and_chat(text_gen):
     _, gen = text_gen
-    pieces = list(gen.stream("Once upon a time", max_new_tokens=20, eos_token_id=None))
+    pieces = list(gen.stream("Once upon a time", max_new_tokens=20, eos_token_id=[]))
     assert gen.stats["new_tokens"] == 20 and gen.stats["prompt_tokens"] > 0
-    assert "".join(pieces) == gen.generate("Once upon a time", max_new_tokens=20, eos_token_id=None)
+    assert "".join(pieces) == gen.generate("Once upon a time", max_new_tokens=20, eos_token_id=[])
     assert all(pieces) and not any(p.endswith("\ufffd") for p in pieces[:-1])  # no character split
     tok = gen.tokenizer
     chat = gen.encode("hi", chat=True)[0].tolist()
     assert tok.decode(chat) == "<|user|>hi<|end|><|assistant|>"
-    assert gen.generate("hi", chat=True, max_new_tokens=5, eos_token_id=None) == tok.decode(
-        generate(gen.model, torch.tensor([chat]), max_new_tokens=5, eos_token_id=None)[0, len(chat):])
+    assert gen.generate("hi", chat=True, max_new_tokens=5, eos_token_id=[]) == tok.decode(
+        generate(gen.model, torch.tensor([chat]), max_new_tokens=5, eos_token_id=[])[0, len(chat):])
 
 
 def test_cli_generate(text_gen, capsys):
@@ -264,9 +271,9 @@ def test_repetition_penalty_ignores_padding(model):
     """A padded prompt penalizes its real tokens only: the same as the prompt alone, even when
     the padding holds the very tokens the prompt goes on to generate."""
     ids, mask = gpt2_tiny.prompts([3, 9], "left")
-    alone = generate(model, ids[:1, -3:], max_new_tokens=6, repetition_penalty=3.0, eos_token_id=None)
+    alone = generate(model, ids[:1, -3:], max_new_tokens=6, repetition_penalty=3.0)
     ids[0, :6] = alone[0, -6:]
-    batched = generate(model, ids, mask, max_new_tokens=6, repetition_penalty=3.0, eos_token_id=None)
+    batched = generate(model, ids, mask, max_new_tokens=6, repetition_penalty=3.0)
     assert torch.equal(batched[0, -6:], alone[0, -6:])
 
 
@@ -308,5 +315,5 @@ def test_transformers_streamer(text_gen):
     _, gen = text_gen
     ids = gen.encode("Hello world")
     streamer = TextIteratorStreamer(gen.tokenizer, skip_prompt=True)
-    out = generate(gen.model, ids, max_new_tokens=10, eos_token_id=None, streamer=streamer)
+    out = generate(gen.model, ids, max_new_tokens=10, eos_token_id=[], streamer=streamer)
     assert "".join(streamer) == gen.tokenizer.decode(out[0, ids.shape[1]:])
