@@ -73,6 +73,7 @@ def _generate(args) -> int:
         print(f"\nfastarch generate: {e}", file=sys.stderr)
         return 1
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the text before the figures when both go to one terminal
     s = gen.stats
     prefill = s["prompt_tokens"] / s["prefill_s"] if s["prefill_s"] else float("nan")
     decode = (s["new_tokens"] - 1) / s["decode_s"] if s["decode_s"] else float("nan")
