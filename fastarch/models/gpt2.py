@@ -203,12 +203,14 @@ class GPT2(nn.Module):
             cache.check_room(S)
             if cache.batch != input_ids.shape[0]:
                 raise ValueError(f"cache was made for batch {cache.batch}, input_ids has {input_ids.shape[0]} rows")
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
-            # an id past the embedding table is a device-side assert on a GPU: refuse it here
-            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids from"
-                             f" {int(input_ids.min())} to {int(input_ids.max())}")
         packing = pack_batch(input_ids, attention_mask)
-        x = self._prefill(packing.pack(input_ids), packing, cache)
+        ids = packing.pack(input_ids)  # the real tokens: padding ids are never read
+        if ids.numel():
+            lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+            if lo < 0 or hi >= self.config.vocab_size:
+                # an id past the embedding table is a device-side assert on a GPU: refuse it here
+                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids from {lo} to {hi}")
+        x = self._prefill(ids, packing, cache)
         if cache is not None:
             cache.prefilled(packing)
         if last_only:
@@ -290,12 +292,13 @@ class GPT2(nn.Module):
         if config.get("model_type") == "gpt_neo":
             weights = _neo_weights(weights)
         weights = _from_conv1d(weights, model)
-        optional = ["lm_head.weight"] if cfg.tie_word_embeddings else []
-        if not cfg.tie_word_embeddings and not any(_model_name(n) == "lm_head.weight" for n in weights):
-            raise CheckpointError(f"{path}: tie_word_embeddings is false but the checkpoint has no lm_head.weight")
-        name_of = (lambda n: None if _model_name(n) == "lm_head.weight" else _model_name(n)) if cfg.tie_word_embeddings \
-            else _model_name
-        return load_into(model, weights, name_of, dtype=dtype, device=device, optional=optional)
+        tied = cfg.tie_word_embeddings
+
+        def name_of(ckpt_name: str) -> str | None:
+            target = _model_name(ckpt_name)
+            return None if tied and target == "lm_head.weight" else target  # a copy of wte, if saved
+
+        return load_into(model, weights, name_of, dtype=dtype, device=device, optional=["lm_head.weight"] if tied else [])
 
 
 # transformers' names within a block -> ours. GPT-2's Conv1D layers store (in, out) weights; ours

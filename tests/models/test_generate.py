@@ -255,6 +255,9 @@ def test_nan_logits_and_out_of_vocab_ids(model):
     ids, _ = gpt2_tiny.prompts([4], "left")
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\)"):
         generate(model, ids + gpt2_tiny.VOCAB, max_new_tokens=2)
+    padded, mask = gpt2_tiny.prompts([4, 2], "left")
+    padded[1, :2] = -1  # padding ids are never read
+    assert generate(model, padded, mask, max_new_tokens=2).shape == (2, 6)
     bias = model.h[0].mlp_proj.bias
     saved = bias.detach().clone()
     with torch.no_grad():
