@@ -19,7 +19,7 @@ and forward behaves in three ways:
 - cache None: a causal forward over a padded batch (training, scoring). input_ids (B, S);
   attention_mask (B, S), 1 = a real token, padding on either side; positions count each row's
   real tokens from 0 (transformers' cumsum of the mask). Logits (B, S, V), zeros at padding.
-  pack_batch gives the packed layout (no compute on padding) and the positions.
+  pack_prompts gives the packed layout (no compute on padding) and the positions.
 - an empty cache (cache.filled == 0): the same, the prefill, and it also writes each row's keys
   and values into slots 0 .. len-1 of every layer (KVCache.write_packed) and sets the lengths
   (KVCache.prefilled).
@@ -40,78 +40,57 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.models.packing import Packing, pack, unpad
 
 # ----------------------------------------------------------------------------- packing
 
 
-class Packing(NamedTuple):
-    """Where the real tokens of a padded (batch, seqlen) batch lie, packed along one axis
-    (FlashAttention's varlen layout) so that nothing is computed on padding.
+class PackedPrompts(NamedTuple):
+    """A padded batch of prompts with its real tokens packed (packing.py's Packing: nothing is
+    computed on padding), and what a decoder needs beyond it.
 
-    indices: (total,) int64 flat positions b * seqlen + s of the real tokens, row by row, or None
-    when there is no padding (the packed axis is then the flattened batch).
-    positions: (total,) int64, each token's position in its row's real tokens (0, 1, ...), which
-    is also its cache slot. cu_seqlens: (batch + 1,) int32 offsets; lengths: (batch,) int32.
-    max_seqlen: seqlen, a bound on a row's real tokens that costs no read of the device.
+    positions: (total,) int64, each real token's position among its row's real tokens (0, 1,
+    ...: transformers' cumsum of the mask), which is also its cache slot.
+    lengths: (batch,) int32, each row's real tokens.
     """
 
-    indices: Tensor | None
+    packing: Packing
     positions: Tensor
-    cu_seqlens: Tensor
     lengths: Tensor
-    max_seqlen: int
-    batch: int
-    seqlen: int
-
-    def pack(self, x: Tensor) -> Tensor:
-        """x: (B, S, ...) -> (total, ...)."""
-        flat = x.flatten(0, 1)
-        return flat if self.indices is None else flat.index_select(0, self.indices)
-
-    def unpack(self, x: Tensor) -> Tensor:
-        """x: (total, ...) -> (B, S, ...), zeros at padding."""
-        if self.indices is None:
-            return x.unflatten(0, (self.batch, self.seqlen))
-        out = x.new_zeros((self.batch * self.seqlen, *x.shape[1:]))
-        return out.index_copy(0, self.indices, x).unflatten(0, (self.batch, self.seqlen))
 
     def last(self, x: Tensor) -> Tensor:
-        """x: (total, ...) -> (B, ...), each row's last real token (zeros for an empty row)."""
-        idx = (self.cu_seqlens[1:].long() - 1).clamp(min=0)
-        picked = x.index_select(0, idx) if x.shape[0] else x.new_zeros((self.batch, *x.shape[1:]))
+        """x: (total, ...) packed -> (B, ...), each row's last real token (zeros for an empty row)."""
+        batch = self.packing.batch
+        if x.shape[0] == 0:
+            return x.new_zeros((batch, *x.shape[1:]))
+        picked = x.index_select(0, (self.packing.cu_seqlens[1:].long() - 1).clamp(min=0))
         keep = (self.lengths > 0).view(-1, *([1] * (x.dim() - 1)))
         return picked * keep.to(picked.dtype)
 
 
-def pack_batch(input_ids: Tensor, attention_mask: Tensor | None) -> Packing:
-    """The Packing of a (B, S) batch; attention_mask (B, S) bool or integer, nonzero = a real
-    token (None: every token is real). Reads the device once when there is a mask (the number of
-    real tokens sizes the packed tensors)."""
+def pack_prompts(input_ids: Tensor, attention_mask: Tensor | None) -> PackedPrompts:
+    """The PackedPrompts of a (B, S) batch; attention_mask (B, S) bool or integer, nonzero = a
+    real token, padding on either side (None: every token is real, and the device is not read)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
     B, S = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
-        lengths = torch.full((B,), S, dtype=torch.int32, device=device)
-        positions = torch.arange(S, device=device).repeat(B)
-        indices = None
-    else:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
-            )
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise TypeError(f"attention_mask must be bool or integer (1 = a real token), got {attention_mask.dtype}")
-        real = attention_mask.to(device) != 0
-        lengths = real.sum(1, dtype=torch.int32)
-        indices = torch.nonzero(real.flatten()).flatten()
-        positions = (real.long().cumsum(1) - 1).flatten().index_select(0, indices)
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return Packing(indices, positions, cu_seqlens, lengths, S, B, S)
+        packing = Packing(torch.arange(B * S, device=device),
+                          torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=device), S, B, S)
+        return PackedPrompts(packing, torch.arange(S, device=device).repeat(B),
+                             torch.full((B,), S, dtype=torch.int32, device=device))
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    attention_mask = attention_mask.to(device)
+    packing = unpad(attention_mask)
+    positions = pack((attention_mask != 0).cumsum(1) - 1, packing)
+    return PackedPrompts(packing, positions, packing.cu_seqlens.diff())
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -148,26 +127,23 @@ class KVCache:
         if self.filled + n > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} tokens per row; {self.filled} + {n} new ones do not fit")
 
-    def write_packed(self, layer: int, k: Tensor, v: Tensor, packing: Packing) -> None:
+    def write_packed(self, layer: int, k: Tensor, v: Tensor, prompts: PackedPrompts) -> None:
         """Prefill: the packed keys/values (total, kv_heads, head_dim) of an empty cache's rows
         into slots 0 .. len-1 of each row (slots past a row's length are scratch that later
         appends overwrite)."""
         if self.filled:
             raise ValueError("write_packed fills an empty cache (call reset() first)")
-        B, S = packing.batch, packing.seqlen
-        if packing.indices is None:
-            k_rows, v_rows = k.unflatten(0, (B, S)), v.unflatten(0, (B, S))
-        else:
-            # left-justify each row: token at position p goes to slot p
-            dest = packing.indices.div(S, rounding_mode="floor") * S + packing.positions
-            k_rows = k.new_zeros(B * S, *k.shape[1:]).index_copy_(0, dest, k).unflatten(0, (B, S))
-            v_rows = v.new_zeros(B * S, *v.shape[1:]).index_copy_(0, dest, v).unflatten(0, (B, S))
+        B, S = prompts.packing.batch, prompts.packing.seqlen
+        # left-justify each row: the token at position p goes to slot p
+        dest = prompts.packing.indices.div(S, rounding_mode="floor") * S + prompts.positions
+        k_rows = k.new_zeros(B * S, *k.shape[1:]).index_copy_(0, dest, k).unflatten(0, (B, S))
+        v_rows = v.new_zeros(B * S, *v.shape[1:]).index_copy_(0, dest, v).unflatten(0, (B, S))
         ops.append_kv(self.k[layer], self.v[layer], k_rows.transpose(1, 2), v_rows.transpose(1, 2), self.seqlens)
 
-    def prefilled(self, packing: Packing) -> None:
+    def prefilled(self, prompts: PackedPrompts) -> None:
         """After every layer's write_packed: the rows now hold their prompts."""
-        self.seqlens.copy_(packing.lengths)
-        self.filled = packing.seqlen
+        self.seqlens.copy_(prompts.lengths)
+        self.filled = prompts.packing.seqlen
 
     def append(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
         """k_new, v_new: (batch, kv_heads, n, head_dim), the next n tokens of every row."""
@@ -519,4 +495,4 @@ class TextGenerator:
         return "".join(self.stream(prompt, chat=chat, max_new_tokens=max_new_tokens, **options))
 
 
-__all__ = ["generate", "generate_tokens", "KVCache", "Packing", "pack_batch", "SamplingOptions", "TextGenerator"]
+__all__ = ["generate", "generate_tokens", "KVCache", "PackedPrompts", "pack_prompts", "SamplingOptions", "TextGenerator"]

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
-from fastarch.models.generate import KVCache, Packing, pack_batch
+from fastarch.models.generate import KVCache, PackedPrompts, pack_prompts
+from fastarch.models.packing import pack, unpack
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
 # transformers' activation names -> bias_gelu's approximate
@@ -203,19 +204,19 @@ class GPT2(nn.Module):
             cache.check_room(S)
             if cache.batch != input_ids.shape[0]:
                 raise ValueError(f"cache was made for batch {cache.batch}, input_ids has {input_ids.shape[0]} rows")
-        packing = pack_batch(input_ids, attention_mask)
-        ids = packing.pack(input_ids)  # the real tokens: padding ids are never read
+        prompts = pack_prompts(input_ids, attention_mask)
+        ids = pack(input_ids, prompts.packing)  # the real tokens: padding ids are never read
         if ids.numel():
             lo, hi = torch.stack(torch.aminmax(ids)).tolist()
             if lo < 0 or hi >= self.config.vocab_size:
                 # an id past the embedding table is a device-side assert on a GPU: refuse it here
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids from {lo} to {hi}")
-        x = self._prefill(ids, packing, cache)
+        x = self._prefill(ids, prompts, cache)
         if cache is not None:
-            cache.prefilled(packing)
+            cache.prefilled(prompts)
         if last_only:
-            return self.lm_head(packing.last(x)).unsqueeze(1)
-        return packing.unpack(self.lm_head(x))
+            return self.lm_head(prompts.last(x)).unsqueeze(1)
+        return unpack(self.lm_head(x), prompts.packing)
 
     def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         x = self.wte(ids) + self.wpe(positions)
@@ -238,15 +239,16 @@ class GPT2(nn.Module):
             y, h = ops.add_layer_norm(self._mlp(block, y), h, nxt.weight, nxt.bias, eps=nxt.eps)
         return y
 
-    def _prefill(self, ids: Tensor, packing: Packing, cache: KVCache | None) -> Tensor:
+    def _prefill(self, ids: Tensor, prompts: PackedPrompts, cache: KVCache | None) -> Tensor:
         """ids (total,) packed -> ln_f output (total, C)."""
         H, D = self.n_head, self.head_dim
+        packing = prompts.packing
         dropout = self.config.attn_pdrop if self.training else 0.0
 
         def attend(i: int, y: Tensor) -> Tensor:
             q, k, v = self.h[i].c_attn(y).view(-1, 3, H, D).unbind(1)
             if cache is not None:
-                cache.write_packed(i, k, v, packing)
+                cache.write_packed(i, k, v, prompts)
             out = ops.attention(
                 q, k, v, causal=True, cu_seqlens_q=packing.cu_seqlens, cu_seqlens_k=packing.cu_seqlens,
                 max_seqlen_q=packing.max_seqlen, max_seqlen_k=packing.max_seqlen, window=self.config.window(i),
@@ -254,7 +256,7 @@ class GPT2(nn.Module):
             )
             return out.reshape(-1, H * D)
 
-        return self._blocks(self._embed(ids, packing.positions), attend)
+        return self._blocks(self._embed(ids, prompts.positions), attend)
 
     def _decode(self, input_ids: Tensor, cache: KVCache, last_only: bool) -> Tensor:
         """The next n tokens (B, n) of every row against the filled cache -> logits."""
