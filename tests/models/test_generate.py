@@ -218,14 +218,24 @@ def test_text_generator_stream_and_chat(text_gen):
 
 def test_cli_generate(text_gen, capsys):
     path, gen = text_gen
-    assert main(["generate", "Once upon", "--model", str(path), "--max-new-tokens", "8"]) == 0
+    assert main(["generate", "Once upon", "--model", str(path), "--max-new-tokens", "8", "--dtype", "fp32"]) == 0
     out, err = capsys.readouterr()
     assert out == gen.generate("Once upon", max_new_tokens=8) + "\n"
-    assert "prefill:" in err and "tokens/s" in err
-    assert main(["generate", "Once upon"]) == 2
-    assert "--model" in capsys.readouterr().err
-    assert main(["generate", "x", "--model", str(path / "nowhere")]) == 1
-    assert "config.json" in capsys.readouterr().err
+    assert err.startswith("prefill: ") and "tokens/s" in err and "decode: " in err
+    sampled = ["generate", "Once upon", "--model", str(path), "--max-new-tokens", "8", "--do-sample", "--top-k", "5",
+               "--seed", "3"]
+    assert main(sampled) == 0 and main(sampled) == 0
+    first, second = capsys.readouterr().out.split("\n")[:2]
+    assert first == second
+    assert main(["generate", "Once upon", "--model", str(path), "--chat", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    for argv, message in [(["generate", "Once upon"], "--model"),
+                          (["generate", "x", "--model", str(path / "nowhere")], "config.json"),
+                          (["generate", "x", "--model", str(path), "--device", "nonsense"], "--device nonsense"),
+                          (["generate", "x", "--model", str(path), "--max-new-tokens", "100"], "64 positions"),
+                          (["generate", "x", "--model", str(path), "--top-p", "2"], "top_p")]:
+        assert main(argv) in (1, 2)
+        assert message in capsys.readouterr().err, argv
 
 
 def test_bad_input(model):
