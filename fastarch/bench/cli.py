@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastarch import registry
-from fastarch.bench import attention, decode, dropin, norms, report, timing
+from fastarch.bench import attention, decode, dropin, models, norms, report, timing
 
 FAMILIES = (norms, attention, decode)
 """Modules of cases, one per op family; each has OPS, default_shapes(device, quick), and Case
@@ -72,15 +72,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--threads", type=int, metavar="N", help="CPU threads (torch.set_num_threads; default: torch's)")
     arg("--pass", dest="passes", choices=list(PASSES), default="both",
         help="forward only, forward + backward, or both (default)")
+    arg("--rounds", type=int, metavar="N",
+        help="CPU: interleaved timing rounds; the median is reported (default: 15; 5 with --model)")
+    arg("--model", action="extend", type=_names(models.MODELS, "model"), metavar="NAME",
+        help="time a model end to end instead of the ops: minilm (sentence embeddings with the real"
+        " all-MiniLM-L6-v2) or bert (bert-base-sized, random weights); against sentence-transformers"
+        " and ONNX Runtime")
     arg("--dropin", action="store_true", help="time fastarch.optimize on whole models instead (fastarch/bench/dropin.py)")
-    arg("--rounds", type=int, default=15, metavar="N",
-        help="CPU: interleaved timing rounds; the median is reported (default: 15)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; 0 when at least one of our rows was timed, else 1."""
     if args.dropin:
         return dropin.run(args)
+    if args.model:
+        return models.run(args)
+    args.rounds = args.rounds or 15
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("fastarch bench: --device cuda, but no CUDA device is visible", file=sys.stderr)

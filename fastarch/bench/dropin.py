@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = max(3, min(args.rounds, ROUNDS_CAP))
+    rounds = max(3, min(args.rounds or ROUNDS_CAP, ROUNDS_CAP))
     where = torch.cuda.get_device_name() if device == "cuda" else f"{report._cpu_model()}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
     print(f"fastarch bench --dropin: {where}; torch {torch.__version__}; median of {rounds} interleaved rounds;"
           f" load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -1,6 +1,7 @@
 """Complete models on fastarch's kernels, loaded from the checkpoints people already have.
 
     model = fastarch.models.from_pretrained("path/to/checkpoint")   # picks the family by model_type
+    embedder = fastarch.models.SentenceEmbedder.from_pretrained("path/to/sentence-transformers-model")
 
 One readable file per family; ``loading.py`` reads configs and weights for all of them. A family
 module exposes a model class with ``from_pretrained(path, *, dtype=None, device=None)``;
@@ -16,9 +17,19 @@ import torch
 from torch import nn
 
 from fastarch.models.loading import CheckpointError, read_config
+from fastarch.models.sentence import SentenceEmbedder
 
 # model_type -> "module:Class" (modules under fastarch.models, imported on first use)
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "bert": "bert:Bert",
+    "roberta": "bert:Roberta",
+    "distilbert": "distilbert:DistilBert",
+    "vit": "vit:ViT",
+    "clip_text_model": "clip_text:CLIPText",
+    "clip": "clip_text:CLIPText",  # a whole CLIPModel: its text tower only (the vision tower is not built)
+    "gpt2": "gpt2:GPT2",
+    "gpt_neo": "gpt2:GPT2",
+}
 
 
 def from_pretrained(
@@ -38,4 +49,4 @@ def from_pretrained(
     return cls.from_pretrained(path, dtype=dtype, device=device)
 
 
-__all__ = ["from_pretrained", "CheckpointError", "FAMILIES"]
+__all__ = ["from_pretrained", "SentenceEmbedder", "CheckpointError", "FAMILIES"]

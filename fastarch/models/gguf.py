@@ -1,0 +1,462 @@
+"""Reading LLaMA-architecture GGUF files (llama.cpp's format) as a Hugging Face checkpoint:
+a LlamaConfig-style dict and the weights under transformers' names, dequantized to a float
+dtype by vectorized torch code here (the `gguf` package only parses the file).
+
+    config, weights = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = tokenizer_from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # needs transformers
+
+Errors are CheckpointError naming the file, key, tensor or type: another architecture, a
+quantization type we cannot dequantize, a truncated or corrupt file, a missing file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastarch.models.loading import CheckpointError
+
+# ---------------------------------------------------------------------------------------------
+# Dequantization. Each ggml type stores a row as blocks of `block` values in `nbytes` bytes;
+# a dequantizer maps uint8 blocks (n, nbytes) to float32 values (n, block). The arithmetic
+# follows ggml's reference order (scale products in fp32, then one multiply and one add or
+# subtract, never fused) so the result is bit-identical to ggml's and gguf-py's dequantize.
+# ---------------------------------------------------------------------------------------------
+
+QK_K = 256  # values per super-block of the k-quants
+
+
+def _field(blocks: Tensor, start: int, stop: int) -> Tensor:
+    """Bytes [start, stop) of every block, contiguous (n, stop - start): torch's elementwise
+    ops on a strided uint8 slice with a short inner dim run ~10x slower than on a copy."""
+    return blocks[:, start:stop].contiguous()
+
+
+def _f16(blocks: Tensor, start: int) -> Tensor:
+    """The fp16 at byte ``start`` of every block, as float32 (n, 1)."""
+    return _field(blocks, start, start + 2).view(torch.float16).float()
+
+
+def _low_high(qs: Tensor) -> Tensor:
+    """(..., k) bytes -> (..., 2k) 4-bit values: every low nibble, then every high nibble."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _bits(qh: Tensor, count: int, width: int = 1) -> Tensor:
+    """(..., k) bytes -> (..., count, k): field i is (byte >> (i * width)) & mask."""
+    shifts = torch.arange(0, count * width, width, dtype=torch.uint8)
+    return (qh.unsqueeze(-2) >> shifts.view(count, 1)) & ((1 << width) - 1)
+
+
+def _q4_0(b: Tensor) -> Tensor:  # d: f16, qs: 16 bytes; x = (q - 8) * d
+    q = _low_high(_field(b, 2, 18)).to(torch.int8) - 8
+    return _f16(b, 0) * q.float()
+
+
+def _q4_1(b: Tensor) -> Tensor:  # d, m: f16, qs: 16 bytes; x = q * d + m
+    return _f16(b, 0) * _low_high(_field(b, 4, 20)).float() + _f16(b, 2)
+
+
+def _five_bit(qh: Tensor, qs: Tensor) -> Tensor:
+    """Q5_0/Q5_1 values (n, 32): low nibbles from qs, bit j of the little-endian u32 qh on top."""
+    high = _bits(qh, 8).transpose(-1, -2).reshape(qh.shape[0], 32)  # byte-major, bit-minor = bit j
+    return _low_high(qs) | (high << 4)
+
+
+def _q5_0(b: Tensor) -> Tensor:  # d: f16, qh: u32, qs: 16 bytes; x = (q - 16) * d
+    q = _five_bit(_field(b, 2, 6), _field(b, 6, 22)).to(torch.int8) - 16
+    return _f16(b, 0) * q.float()
+
+
+def _q5_1(b: Tensor) -> Tensor:  # d, m: f16, qh: u32, qs: 16 bytes; x = q * d + m
+    return _f16(b, 0) * _five_bit(_field(b, 4, 8), _field(b, 8, 24)).float() + _f16(b, 2)
+
+
+def _q8_0(b: Tensor) -> Tensor:  # d: f16, qs: 32 int8; x = q * d
+    return _field(b, 2, 34).view(torch.int8).float() * _f16(b, 0)
+
+
+def _q2_k(b: Tensor) -> Tensor:  # scales: 16 bytes (4-bit scale | 4-bit min), qs: 64, d, dmin
+    n = b.shape[0]
+    sc = _field(b, 0, 16)
+    dl = (_f16(b, 80) * (sc & 0x0F).float()).view(n, 16, 1)
+    ml = (_f16(b, 82) * (sc >> 4).float()).view(n, 16, 1)
+    q = _bits(_field(b, 16, 80).reshape(n, 2, 32), 4, 2).reshape(n, 16, 16).float()
+    return (dl * q - ml).view(n, QK_K)
+
+
+def _q3_k(b: Tensor) -> Tensor:  # hmask: 32, qs: 64, scales: 12 (6-bit, packed), d
+    n = b.shape[0]
+    scales = _field(b, 96, 108)
+    low = _bits(_field(scales, 0, 8), 2, 4).reshape(n, 16)
+    high = _bits(_field(scales, 8, 12), 4, 2).reshape(n, 16)
+    sc = (low | (high << 4)).to(torch.int8) - 32
+    dl = (_f16(b, 108) * sc.float()).view(n, 16, 1)
+    ql = _bits(_field(b, 32, 96).reshape(n, 2, 32), 4, 2).reshape(n, 16, 16).to(torch.int8)
+    hm = _bits(_field(b, 0, 32), 8).reshape(n, 16, 16).to(torch.int8)
+    q = ql - ((1 - hm) << 2)  # a clear hmask bit subtracts 4
+    return (dl * q.float()).view(n, QK_K)
+
+
+def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_K/Q5_K's 12 bytes -> eight 6-bit scales and eight 6-bit mins, each (n, 8)."""
+    d, m, md = (_field(s, i, i + 4) for i in (0, 4, 8))
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def _q4_k(b: Tensor) -> Tensor:  # d, dmin: f16, scales: 12, qs: 128; x = d*sc*q - dmin*m
+    n = b.shape[0]
+    sc, mn = _k_scale_min(_field(b, 4, 16))
+    d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
+    q = _low_high(_field(b, 16, 144).reshape(n, 4, 32)).reshape(n, 8, 32).float()
+    return (d * q - dm).view(n, QK_K)
+
+
+def _q5_k(b: Tensor) -> Tensor:  # d, dmin: f16, scales: 12, qh: 32, qs: 128
+    n = b.shape[0]
+    sc, mn = _k_scale_min(_field(b, 4, 16))
+    d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
+    ql = _low_high(_field(b, 48, 176).reshape(n, 4, 32)).reshape(n, 8, 32)
+    qh = _bits(_field(b, 16, 48), 8)  # bit i of qh[j] is the fifth bit of sub-block i's value j
+    return (d * (ql | (qh << 4)).float() - dm).view(n, QK_K)
+
+
+def _q6_k(b: Tensor) -> Tensor:  # ql: 128, qh: 64, scales: 16 int8, d: f16; x = d*sc*(q - 32)
+    n = b.shape[0]
+    d = (_f16(b, 208) * _field(b, 192, 208).view(torch.int8).float()).view(n, 16, 1)
+    ql = _low_high(_field(b, 0, 128).reshape(n, 2, 64)).reshape(n, 8, 32)
+    qh = _bits(_field(b, 128, 192).reshape(n, 2, 32), 4, 2).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).to(torch.int8) - 32
+    return (d * q.view(n, 16, 16).float()).view(n, QK_K)
+
+
+def _q8_k(b: Tensor) -> Tensor:  # d: f32, qs: 256 int8, bsums: 16 int16 (unused here)
+    return _field(b, 0, 4).view(torch.float32) * _field(b, 4, 260).view(torch.int8).float()
+
+
+# IQ4's 16 non-uniform levels (llama.cpp's kvalues_iq4nl), denser near zero where weights are
+_IQ4_LEVELS = torch.tensor(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32
+)
+
+
+def _iq4_nl(b: Tensor) -> Tensor:  # d: f16, qs: 16 bytes; x = d * level[q]
+    return _f16(b, 0) * _IQ4_LEVELS[_low_high(_field(b, 2, 18)).long()]
+
+
+def _iq4_xs(b: Tensor) -> Tensor:  # d: f16, scales_h: u16, scales_l: 4 bytes, qs: 128
+    n = b.shape[0]
+    sl = _field(b, 4, 8)
+    low = torch.stack([sl & 0x0F, sl >> 4], dim=2).reshape(n, 8)  # sub-block 2j: low nibble of byte j
+    high = _bits(_field(b, 2, 4), 4, 2).transpose(1, 2).reshape(n, 8)  # bits 2i, 2i+1 of the u16
+    sc = (low | (high << 4)).to(torch.int8) - 32
+    dl = (_f16(b, 0) * sc.float()).view(n, 8, 1)
+    q = _IQ4_LEVELS[_low_high(_field(b, 8, 136).reshape(n, 8, 16)).long()]
+    return (dl * q).view(n, QK_K)
+
+
+# ggml type id -> (name, values per block, bytes per block, dequantizer or None for a plain dtype)
+GGML_TYPES: dict[int, tuple[str, int, int, Callable[[Tensor], Tensor] | None]] = {
+    0: ("F32", 1, 4, None),
+    1: ("F16", 1, 2, None),
+    2: ("Q4_0", 32, 18, _q4_0),
+    3: ("Q4_1", 32, 20, _q4_1),
+    6: ("Q5_0", 32, 22, _q5_0),
+    7: ("Q5_1", 32, 24, _q5_1),
+    8: ("Q8_0", 32, 34, _q8_0),
+    10: ("Q2_K", QK_K, 84, _q2_k),
+    11: ("Q3_K", QK_K, 110, _q3_k),
+    12: ("Q4_K", QK_K, 144, _q4_k),
+    13: ("Q5_K", QK_K, 176, _q5_k),
+    14: ("Q6_K", QK_K, 210, _q6_k),
+    15: ("Q8_K", QK_K, 292, _q8_k),
+    20: ("IQ4_NL", 32, 18, _iq4_nl),
+    23: ("IQ4_XS", QK_K, 136, _iq4_xs),
+    30: ("BF16", 1, 2, None),
+}
+_PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
+
+
+def _supported() -> str:
+    return ", ".join(name for name, *_ in GGML_TYPES.values())
+
+
+def _type_name(ggml_type: int) -> str:
+    if ggml_type in GGML_TYPES:
+        return GGML_TYPES[ggml_type][0]
+    try:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(ggml_type).name
+    except (ImportError, ValueError):
+        return f"ggml type {ggml_type}"
+
+
+def dequantize(data: Tensor, ggml_type: int, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The values of a ggml tensor. data: uint8 (nbytes,), the tensor's bytes as stored
+    (little-endian); shape: the torch shape (outermost first; the last dim is ggml's ne0, the
+    one the blocks run along). Returns ``shape`` in ``dtype``."""
+    if ggml_type not in GGML_TYPES:
+        raise CheckpointError(f"cannot dequantize {_type_name(ggml_type)} (supported: {_supported()})")
+    name, block, nbytes, fn = GGML_TYPES[ggml_type]
+    numel = int(np.prod(shape, dtype=np.int64))
+    if shape and shape[-1] % block:
+        raise CheckpointError(f"a {name} tensor's rows hold blocks of {block} values; shape {tuple(shape)} does not fit")
+    expected = numel // block * nbytes
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != expected:
+        raise CheckpointError(f"a {name} tensor of shape {tuple(shape)} takes {expected} bytes; got {data.numel()}")
+    if fn is None:
+        return data.view(_PLAIN[ggml_type]).reshape(shape).to(dtype)
+    return fn(data.view(-1, nbytes)).reshape(shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and the q/k row order. llama.cpp's converter reorders each head's q and k rows from
+# the rotate-half layout (first half of the head dim, then second half) to interleaved pairs
+# (row 2i = row i, row 2i+1 = row i + head_dim/2) so its RoPE rotates adjacent rows; we undo it.
+# ---------------------------------------------------------------------------------------------
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """transformers' LlamaForCausalLM name of a llama GGUF tensor (``blk.3.attn_q.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``), or None for a name llama has no place for."""
+    base, _, kind = gguf_name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        return None
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{kind}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.{kind}"
+    return None
+
+
+def unpermute_rows(w: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's q/k row interleave. w: (n_heads * head_dim, ...) -> same shape."""
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise CheckpointError(f"{rows} rows do not split into {n_heads} heads of an even head dim")
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The file.
+# ---------------------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+def _open(path: str | os.PathLike):
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF needs the gguf package (pip install gguf)") from None
+    try:
+        reader = GGUFReader(file)
+    except Exception as e:  # truncated or corrupt: gguf-py raises whatever numpy or struct does
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if reader.byte_order != "I":
+        raise CheckpointError(f"{path}: a big-endian GGUF file; only little-endian files are supported")
+    return reader
+
+
+def _value(reader, file: Path, key: str, default=_REQUIRED):
+    """The scalar or string metadata value ``key`` (a float32 as its shortest decimal: 1e-05,
+    not 9.999999747378752e-06, as the original config.json had it)."""
+    from gguf import GGUFValueType
+
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise CheckpointError(f"{file}: metadata key {key} is missing")
+        return default
+    kind = field.types[0] if field.types else None
+    if kind == GGUFValueType.ARRAY or not field.data:
+        raise CheckpointError(f"{file}: metadata key {key} is not a single value")
+    part = field.parts[field.data[0]]
+    if kind == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8", errors="replace")
+    value = part[0]
+    if kind == GGUFValueType.FLOAT32:
+        return float(str(np.float32(value)))
+    if kind == GGUFValueType.BOOL:
+        return bool(value)
+    return value.item()
+
+
+def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) -> dict:
+    arch = _value(reader, file, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{file}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if _value(reader, file, "llama.expert_count", 0):
+        raise CheckpointError(f"{file}: a mixture-of-experts llama (llama.expert_count > 0) is not supported")
+
+    def get(key, default=_REQUIRED, kind=int):
+        value = _value(reader, file, f"llama.{key}", default)
+        ok = value is None or (isinstance(value, kind) and not isinstance(value, bool) and (kind is str or value > 0))
+        if kind is float:
+            ok = ok or (isinstance(value, int) and value > 0)
+        if not ok:
+            raise CheckpointError(f"{file}: metadata key llama.{key} is {value!r}; expected a positive {kind.__name__}")
+        return value
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    head_dim = get("attention.key_length", None) or get("rope.dimension_count", None) or hidden // heads
+    vocab = get("vocab_size", None)
+    if vocab_rows is not None and vocab is not None and vocab != vocab_rows:
+        raise CheckpointError(f"{file}: llama.vocab_size is {vocab} but token_embd.weight has {vocab_rows} rows")
+    if vocab_rows is None and vocab is None:
+        raise CheckpointError(f"{file}: no token_embd.weight and no llama.vocab_size")
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", kind=float),
+        "rope_theta": get("rope.freq_base", 10000.0, float),  # llama.cpp's default when absent
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": vocab_rows if vocab_rows is not None else vocab,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    for key, hf_key in (("bos_token_id",) * 2, ("eos_token_id",) * 2, ("padding_token_id", "pad_token_id")):
+        token = _value(reader, file, f"tokenizer.ggml.{key}", None)
+        if token is not None:
+            config[hf_key] = token
+    rope_type = get("rope.scaling.type", None, str)
+    factor = get("rope.scaling.factor", None, float) or get("rope.scale_linear", None, float)
+    if rope_type is None and factor is not None:
+        rope_type = "linear"  # the older key rope.scale_linear
+    if rope_type not in (None, "none"):
+        if factor is None:
+            raise CheckpointError(f"{file}: RoPE scaling {rope_type!r} without llama.rope.scaling.factor")
+        scaling = {"rope_type": rope_type, "factor": factor}
+        original = get("rope.scaling.original_context_length", None)
+        if original is not None:
+            scaling["original_max_position_embeddings"] = original
+        config["rope_scaling"] = scaling
+    return config
+
+
+def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, Tensor]]:
+    """A llama GGUF file as (config, weights): config a Hugging Face LlamaConfig-style dict,
+    weights every tensor under transformers' LlamaForCausalLM name (lm_head.weight only when
+    the file has output.weight: otherwise config["tie_word_embeddings"] is True), dequantized
+    to ``dtype`` on the CPU, q/k rows in transformers' order. A Llama 3.1 file's rope_freqs.weight
+    becomes config["rope_scaling"] (rope_type "llama3") rather than a weight."""
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"dtype must be a floating dtype, got {dtype}")
+    file = Path(path)
+    reader = _open(file)
+    names = {t.name for t in reader.tensors}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    config = _config(reader, file, names, int(embd.shape[1]) if embd is not None and len(embd.shape) == 2 else None)
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    weights: dict[str, Tensor] = {}
+    for t in reader.tensors:
+        target = "rope_freqs" if t.name == "rope_freqs.weight" else hf_name(t.name)
+        if target is None:
+            raise CheckpointError(f"{file}: tensor {t.name} has no place in a llama model")
+        ggml_type = int(t.tensor_type)
+        if ggml_type not in GGML_TYPES:
+            raise CheckpointError(f"{file}: tensor {t.name} is {_type_name(ggml_type)}, which cannot be dequantized"
+                                  f" here (supported: {_supported()})")
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        try:
+            raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1).copy()  # the file is mapped read-only
+            out = torch.float32 if target == "rope_freqs" else dtype
+            value = dequantize(torch.from_numpy(raw), ggml_type, shape, dtype=out)
+        except CheckpointError as e:
+            raise CheckpointError(f"{file}: tensor {t.name}: {e}") from None
+        except (ValueError, TypeError) as e:  # a data region cut short by truncation
+            raise CheckpointError(f"{file}: tensor {t.name} is not readable ({e})") from None
+        kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
+        if kind in heads:
+            try:
+                value = unpermute_rows(value, heads[kind])
+            except CheckpointError as e:
+                raise CheckpointError(f"{file}: tensor {t.name}: {e}") from None
+        weights[target] = value
+    if "rope_freqs" in weights:
+        config["rope_scaling"] = _llama3_rope_scaling(weights.pop("rope_freqs").double(), config, file)
+    return config, weights
+
+
+def _llama3_factors(scaling: dict, head_dim: int, theta: float) -> Tensor:
+    """llama.cpp's rope_freqs for a Llama 3.1 rope_scaling: how much each frequency is divided by."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * torch.pi / freqs
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    smooth = (old / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / scaling["factor"] + smooth)
+    return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, scaling["factor"], mid))
+
+
+def _llama3_rope_scaling(factors: Tensor, config: dict, file: Path) -> dict:
+    """The Llama 3.1 rope_scaling whose per-frequency factors are rope_freqs.weight. The file
+    keeps only the table; its parameters are found among the ones Meta's models use."""
+    if "rope_scaling" in config:
+        raise CheckpointError(f"{file}: both rope.scaling metadata and rope_freqs.weight; which applies is unclear")
+    head_dim, theta = config["head_dim"], config["rope_theta"]
+    if factors.shape != (head_dim // 2,):
+        raise CheckpointError(f"{file}: rope_freqs.weight has shape {tuple(factors.shape)}; expected ({head_dim // 2},)")
+    factor = float(str(np.float32(factors.max().item())))
+    # Only old / low and old / high (the band edges) shape the table, so low_freq_factor is
+    # fixed at Meta's 1 and the search runs over the context and the high factor.
+    for high in (4.0, 2.0, 8.0):
+        for old in (8192, 4096, 16384, 32768, 2048):
+            scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+                       "original_max_position_embeddings": old}
+            if torch.allclose(_llama3_factors(scaling, head_dim, theta), factors, rtol=1e-5, atol=0):
+                return scaling
+    raise CheckpointError(f"{file}: rope_freqs.weight is not a Llama 3.1 RoPE scaling this reader recognizes"
+                          f" (factors {factors.tolist()[:4]}...)")
+
+
+def tokenizer_from_gguf(path: str | os.PathLike):
+    """The file's tokenizer as transformers builds it from the GGUF metadata (a fast tokenizer;
+    needs transformers and tokenizers, imported only here)."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise CheckpointError("a GGUF tokenizer needs transformers (pip install transformers tokenizers gguf)") from None
+    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+
+
+__all__ = ["read_gguf", "tokenizer_from_gguf", "dequantize", "hf_name", "unpermute_rows", "GGML_TYPES"]
