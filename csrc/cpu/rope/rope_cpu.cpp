@@ -1,5 +1,6 @@
-// CPU implementation of fastarch::_rotary: checks, allocation, and threading over tokens
-// (at::parallel_for, i.e. torch's OpenMP pool and its thread count).
+// CPU implementation of fastarch::_rotary: checks, allocation, threading over tokens
+// (at::parallel_for, i.e. torch's OpenMP pool and its thread count), and the choice between
+// the AVX-512 and portable row kernels.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
@@ -11,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/isa.h"
 #include "rope/rope_glue.h"
 #include "rope_rows.h"
 
@@ -53,6 +55,21 @@ void run(RopeDtype d, const RopeParams& p) {
   // Tokens per task: enough elements per task (~16K) that threading overhead stays small.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.heads * p.head_dim, 1));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+#ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
+    if (d != RopeDtype::f64 && active_isa() == Isa::avx512) {
+      const bool bf16_insn = cpu_has_avx512_bf16();
+      switch (d) {
+        case RopeDtype::f32:
+          return rope_rows_avx512<RopeDtype::f32>(p, begin, end, bf16_insn);
+        case RopeDtype::f16:
+          return rope_rows_avx512<RopeDtype::f16>(p, begin, end, bf16_insn);
+        case RopeDtype::bf16:
+          return rope_rows_avx512<RopeDtype::bf16>(p, begin, end, bf16_insn);
+        case RopeDtype::f64:
+          break;
+      }
+    }
+#endif
     switch (d) {
       case RopeDtype::f32:
         return rope_rows_generic<RopeDtype::f32>(p, begin, end);

@@ -40,6 +40,7 @@ CASES = [
     Case(1, 3, 1, 9, 12, 8, "full", packed=True),
     Case(1, 2, 2, 4, 8, 8, "none", packed=True),
     Case(3, 1, 1, 1, 64, 32, "offsets"),  # one decode step per sequence
+    Case(1, 2, 1, 3, 48, 40, "full"),  # 20 pairs: a whole and a partial chunk of 16 lanes
 ]
 
 

@@ -15,10 +15,24 @@ import torch
 
 import backend_rows  # tests/backend_rows.py
 from fastarch import ops
+from fastarch._extension import _C
 from rope_cases import CASES, MAX_POS, make, truth, ulp_bound
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [pytest.param(False, id="neox"), pytest.param(True, id="gptj")]
+# Every backend row, and the CPU kernels' portable build (run on an AVX-512 machine too).
+ROWS = backend_rows.rows("rotary") + [pytest.param("cpu", "cpu", id="cpu-generic")]
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """The CPU kernels' build for one test ("generic" for the cpu-generic row), restored after."""
+    generic = "cpu-generic" in request.node.callspec.id
+    if generic:
+        _C._set_cpu_isa("generic")
+    yield
+    if generic:
+        _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 
 def _problem(q, cos):
@@ -42,8 +56,8 @@ def _check_close(out, ref, x, dtype, what):
 @pytest.mark.parametrize("interleaved", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend,device", backend_rows.rows("rotary"))
-def test_forward_and_backward(backend, device, dtype, case, interleaved):
+@pytest.mark.parametrize("backend,device", ROWS)
+def test_forward_and_backward(backend, device, dtype, case, interleaved, cpu_isa):
     q, k, cos, sin, positions = make(case, dtype)
     backend_rows.require("rotary", backend, _problem(q.to(device), cos))
     q_ref, k_ref = truth(q, k, cos, sin, positions, interleaved)
@@ -98,10 +112,11 @@ def test_fp64(backend):
     torch.testing.assert_close(k_out, k_ref, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("backend,device", backend_rows.rows("rotary"))
-def test_nan_in_gives_nan_out_only_in_its_pair(backend, device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", ROWS)
+def test_nan_in_gives_nan_out_only_in_its_pair(backend, device, dtype, cpu_isa):
     case = CASES[0]
-    q, k, cos, sin, positions = make(case, torch.float32)
+    q, k, cos, sin, positions = make(case, dtype)
     backend_rows.require("rotary", backend, _problem(q.to(device), cos))
     q[1, 2, 3, 5] = float("nan")  # channel 5 pairs with 13 (half-split) and with 4 (interleaved)
     for interleaved, partner in ((False, 13), (True, 4)):
