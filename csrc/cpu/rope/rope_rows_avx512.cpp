@@ -59,7 +59,10 @@ struct Bf16Lanes {
   }
 };
 
-inline __mmask16 first(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+// The first n lanes (all 16 when n >= 16).
+inline __mmask16 first(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
 
 template <typename L>
 inline const char* elem(const void* row, int64_t i) {

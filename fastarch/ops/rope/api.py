@@ -30,12 +30,18 @@ def _check(q: object, k: object, cos: object, sin: object, positions: object, in
     if k.dtype != q.dtype:
         raise TypeError(f"{OP}: k must have q's dtype {q.dtype}, got {k.dtype}")
     if q.dim() not in (3, 4):
-        raise ValueError(f"{OP}: q must be (batch, heads, seqlen, head_dim) or packed (total, heads, head_dim), got shape {tuple(q.shape)}")
+        raise ValueError(
+            f"{OP}: q must be (batch, heads, seqlen, head_dim) or packed (total, heads, head_dim), got shape"
+            f" {tuple(q.shape)}"
+        )
     if k.dim() != q.dim():
         raise ValueError(f"{OP}: k must have q's rank {q.dim()}, got shape {tuple(k.shape)}")
     packed = q.dim() == 3
     if packed and (k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]):
-        raise ValueError(f"{OP}: k must be (total, heads, head_dim) with q's total {q.shape[0]} and head_dim {q.shape[2]}, got {tuple(k.shape)}")
+        raise ValueError(
+            f"{OP}: k must be (total, heads, head_dim) with q's total {q.shape[0]} and head_dim {q.shape[2]}, got"
+            f" {tuple(k.shape)}"
+        )
     if not packed and (k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.shape[3] != q.shape[3]):
         raise ValueError(
             f"{OP}: k must be (batch, heads, seqlen, head_dim) with q's batch {q.shape[0]}, seqlen {q.shape[2]} and"
@@ -66,7 +72,8 @@ def _check(q: object, k: object, cos: object, sin: object, positions: object, in
         shapes = [(q.shape[0],)] if packed else [(q.shape[0],), (q.shape[0], q.shape[2])]
         if tuple(positions.shape) not in shapes:
             what = "(total,)" if packed else "(batch,) offsets or (batch, seqlen)"
-            raise ValueError(f"{OP}: positions must be {what} = {' or '.join(map(str, shapes))}, got {tuple(positions.shape)}")
+            expected = " or ".join(map(str, shapes))
+            raise ValueError(f"{OP}: positions must be {what} = {expected}, got {tuple(positions.shape)}")
     elif (q.shape[0] if packed else q.shape[2]) > cos.shape[0]:
         raise ValueError(
             f"{OP}: positions None numbers the tokens 0 .. {(q.shape[0] if packed else q.shape[2]) - 1}, past the"
