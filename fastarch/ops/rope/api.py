@@ -96,7 +96,7 @@ def _check_position_values(q: Tensor, cos: Tensor, positions: Tensor | None) -> 
     why = (f"positions must lie in 0 .. {max_pos - steps} (the table's {max_pos} positions less the {steps - 1}"
            f" tokens after each offset)" if offsets else f"positions must lie in 0 .. {max_pos - 1} (the table's rows)")
     if positions.device.type == "cpu":
-        lo, hi = int(positions.min()), int(positions.max())
+        lo, hi = (int(v) for v in torch.aminmax(positions))
         if lo < 0 or hi > max_pos - steps:
             raise ValueError(f"{OP}: {why}, got {lo} .. {hi}")
     else:
@@ -107,12 +107,18 @@ def _kernel_args(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tens
     """What every backend takes: last dims contiguous, tables contiguous in the compute dtype,
     positions int64."""
     acc = compute_dtype(q.dtype)
+
+    def table(t: Tensor) -> Tensor:
+        return t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
+
+    if positions is not None and (positions.dtype != torch.int64 or not positions.is_contiguous()):
+        positions = positions.to(torch.int64).contiguous()
     return (
         q if q.stride(-1) == 1 else q.contiguous(),
         k if k.stride(-1) == 1 else k.contiguous(),
-        cos.to(acc).contiguous(),
-        sin.to(acc).contiguous(),
-        positions.to(torch.int64).contiguous() if positions is not None else None,
+        table(cos),
+        table(sin),
+        positions,
     )
 
 
