@@ -49,37 +49,45 @@ void check_positions(const RopeParams& p, const std::optional<Tensor>& positions
               " .. ", hi);
 }
 
-void run(RopeDtype d, const RopeParams& p) {
-  const int64_t tokens = p.batch * p.seqlen;
-  if (tokens == 0 || p.heads == 0) return;
-  // Tokens per task: enough elements per task (~16K) that threading overhead stays small.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.heads * p.head_dim, 1));
-  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+void run_rows(RopeDtype d, const RopeParams& p, int64_t begin, int64_t end) {
+  if (begin >= end) return;
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
-    if (d != RopeDtype::f64 && active_isa() == Isa::avx512) {
-      const bool bf16_insn = cpu_has_avx512_bf16();
-      switch (d) {
-        case RopeDtype::f32:
-          return rope_rows_avx512<RopeDtype::f32>(p, begin, end, bf16_insn);
-        case RopeDtype::f16:
-          return rope_rows_avx512<RopeDtype::f16>(p, begin, end, bf16_insn);
-        case RopeDtype::bf16:
-          return rope_rows_avx512<RopeDtype::bf16>(p, begin, end, bf16_insn);
-        case RopeDtype::f64:
-          break;
-      }
-    }
-#endif
+  if (d != RopeDtype::f64 && active_isa() == Isa::avx512) {
+    const bool bf16_insn = cpu_has_avx512_bf16();
     switch (d) {
       case RopeDtype::f32:
-        return rope_rows_generic<RopeDtype::f32>(p, begin, end);
-      case RopeDtype::f64:
-        return rope_rows_generic<RopeDtype::f64>(p, begin, end);
+        return rope_rows_avx512<RopeDtype::f32>(p, begin, end, bf16_insn);
       case RopeDtype::f16:
-        return rope_rows_generic<RopeDtype::f16>(p, begin, end);
+        return rope_rows_avx512<RopeDtype::f16>(p, begin, end, bf16_insn);
       case RopeDtype::bf16:
-        return rope_rows_generic<RopeDtype::bf16>(p, begin, end);
+        return rope_rows_avx512<RopeDtype::bf16>(p, begin, end, bf16_insn);
+      case RopeDtype::f64:
+        break;
     }
+  }
+#endif
+  switch (d) {
+    case RopeDtype::f32:
+      return rope_rows_generic<RopeDtype::f32>(p, begin, end);
+    case RopeDtype::f64:
+      return rope_rows_generic<RopeDtype::f64>(p, begin, end);
+    case RopeDtype::f16:
+      return rope_rows_generic<RopeDtype::f16>(p, begin, end);
+    case RopeDtype::bf16:
+      return rope_rows_generic<RopeDtype::bf16>(p, begin, end);
+  }
+}
+
+// q's rows then k's, in one parallel region: one fork and join per call, not two.
+void run(RopeDtype d, const RopeParams& pq, const RopeParams& pk) {
+  const int64_t rows_q = pq.batch * pq.heads * pq.seqlen;
+  const int64_t rows = rows_q + pk.batch * pk.heads * pk.seqlen;
+  if (rows == 0) return;
+  // Rows per task: enough elements per task (~16K) that threading overhead stays small.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(pq.head_dim, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    run_rows(d, pq, begin, std::min(end, rows_q));
+    run_rows(d, pk, std::max(begin, rows_q) - rows_q, end - rows_q);
   });
 }
 
@@ -93,8 +101,7 @@ std::tuple<Tensor, Tensor> rotary_cpu(const Tensor& q, const Tensor& k, const Te
   const RopeParams pq = rope_glue::params(q, q_out, cos, sin, positions, interleaved, inverse);
   const RopeParams pk = rope_glue::params(k, k_out, cos, sin, positions, interleaved, inverse);
   check_positions(pq, positions);
-  run(d, pq);
-  run(d, pk);
+  run(d, pq, pk);
   return {q_out, k_out};
 }
 

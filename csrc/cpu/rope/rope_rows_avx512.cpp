@@ -116,21 +116,16 @@ void rows(const RopeParams& p, int64_t begin, int64_t end) {
   const float* sin = static_cast<const float*>(p.sin);
   const __m512 sign = _mm512_set1_ps(p.inverse ? -1.0f : 1.0f);
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / p.seqlen, s = r % p.seqlen;
-    int64_t pos = p.positions ? p.positions[b * p.pos_stride_b + s * p.pos_stride_s] : 0;
-    if (p.add_s) pos += s;
-    const float* c = cos + pos * p.half;
-    const float* sn = sin + pos * p.half;
-    for (int64_t h = 0; h < p.heads; ++h) {
-      const void* x = elem<L>(p.x, b * p.x_stride_b + h * p.x_stride_h + s * p.x_stride_s);
-      void* y = elem<L>(p.out, b * p.out_stride_b + h * p.out_stride_h + s * p.out_stride_s);
-      if constexpr (kInterleaved) {
-        turn_interleaved<L>(x, y, c, sn, sign, p.half);
-      } else {
-        turn_half_split<L>(x, y, c, sn, sign, p.half);
-      }
-      if (p.head_dim > 2 * p.half) copy_tail<L>(x, y, 2 * p.half, p.head_dim);
+    const RopeRow row = rope_row(p, r);
+    const int64_t pos = rope_position(p, row);
+    const void* x = elem<L>(p.x, row.b * p.x_stride_b + row.h * p.x_stride_h + row.s * p.x_stride_s);
+    void* y = elem<L>(p.out, row.b * p.out_stride_b + row.h * p.out_stride_h + row.s * p.out_stride_s);
+    if constexpr (kInterleaved) {
+      turn_interleaved<L>(x, y, cos + pos * p.half, sin + pos * p.half, sign, p.half);
+    } else {
+      turn_half_split<L>(x, y, cos + pos * p.half, sin + pos * p.half, sign, p.half);
     }
+    if (p.head_dim > 2 * p.half) copy_tail<L>(x, y, 2 * p.half, p.head_dim);
   }
 }
 

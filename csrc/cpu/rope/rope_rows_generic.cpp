@@ -65,16 +65,11 @@ void rows(const RopeParams& p, int64_t begin, int64_t end) {
   const Acc* sin = static_cast<const Acc*>(p.sin);
   const Acc sign = p.inverse ? Acc(-1) : Acc(1);  // exact: negating sin rounds nothing
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / p.seqlen, s = r % p.seqlen;
-    int64_t pos = p.positions ? p.positions[b * p.pos_stride_b + s * p.pos_stride_s] : 0;
-    if (p.add_s) pos += s;
-    const Acc* c = cos + pos * p.half;
-    const Acc* sn = sin + pos * p.half;
-    for (int64_t h = 0; h < p.heads; ++h) {
-      turn_head<T, Acc, Interleaved>(x + b * p.x_stride_b + h * p.x_stride_h + s * p.x_stride_s,
-                                     out + b * p.out_stride_b + h * p.out_stride_h + s * p.out_stride_s, c, sn, sign,
-                                     p.half, p.head_dim);
-    }
+    const RopeRow row = rope_row(p, r);
+    const int64_t pos = rope_position(p, row);
+    turn_head<T, Acc, Interleaved>(x + row.b * p.x_stride_b + row.h * p.x_stride_h + row.s * p.x_stride_s,
+                                   out + row.b * p.out_stride_b + row.h * p.out_stride_h + row.s * p.out_stride_s,
+                                   cos + pos * p.half, sin + pos * p.half, sign, p.half, p.head_dim);
   }
 }
 
