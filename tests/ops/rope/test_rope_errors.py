@@ -105,3 +105,23 @@ def test_tables_arguments():
         ops.rotary_tables(8, 16, rope_scaling={"rope_type": "llama3", "factor": 8.0})
     with pytest.raises(ValueError, match="base must be a finite number > 1"):
         ops.rotary_tables(8, 16, base=float("inf"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_positions_past_the_table_on_cuda(backend):
+    """A device-side assert (the host does not wait for the GPU to read the positions); it
+    leaves the CUDA context unusable, so it runs in a process of its own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastarch\n"
+        "cos, sin, _ = fastarch.ops.rotary_tables(8, 16, device='cuda')\n"
+        "q, k = torch.randn(2, 2, 4, 8, device='cuda'), torch.randn(2, 1, 4, 8, device='cuda')\n"
+        "positions = torch.tensor([0, 13], device='cuda')\n"
+        f"fastarch.ops.rotary(q, k, cos, sin, positions, backend={backend!r})\n"
+        "torch.cuda.synchronize()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "assert" in out.stderr.lower(), out.stderr[-2000:]
