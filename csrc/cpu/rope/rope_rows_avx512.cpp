@@ -36,24 +36,32 @@ struct F16Lanes {
   }
 };
 
-// kInsn: round with vcvtneps2bf16 (AVX512-BF16); else by hand, to nearest even, NaN kept quiet.
+// kInsn: round with vcvtneps2bf16 (AVX512-BF16), except for subnormal results, which that
+// instruction flushes to zero (rare: then the whole chunk is rounded by hand); else by hand,
+// to nearest even, NaN kept quiet. Both give a cast's bits.
 template <bool kInsn>
 struct Bf16Lanes {
   static constexpr int64_t kBytes = 2;
   static __m512 load(const void* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
   }
+  static __m256i by_hand(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+  }
   static void store(void* p, __m512 v, __mmask16 m) {
     __m256i bits;
     if constexpr (kInsn) {
-      bits = (__m256i)_mm512_cvtneps_pbh(v);  // NOLINT: vector cast
+      const __m512 smallest_normal = _mm512_castsi512_ps(_mm512_set1_epi32(0x00800000));
+      const __mmask16 subnormal = _mm512_cmp_ps_mask(_mm512_abs_ps(v), smallest_normal, _CMP_LT_OQ) &
+                                  _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      bits = subnormal & m ? by_hand(v) : (__m256i)_mm512_cvtneps_pbh(v);  // NOLINT: vector cast
     } else {
-      const __m512i u = _mm512_castps_si512(v);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-      const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-      bits = _mm512_cvtepi32_epi16(r);
+      bits = by_hand(v);
     }
     _mm256_mask_storeu_epi16(p, m, bits);
   }

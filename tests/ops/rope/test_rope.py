@@ -152,3 +152,30 @@ def test_beats_the_same_computation_in_the_dtype(dtype):
     ours_err = (ours.double() - q_ref).abs().max().item()
     eager_err = (eager.double() - q_ref).abs().max().item()
     assert ours_err <= eager_err
+
+
+@pytest.mark.parametrize("isa", ["generic", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_rounds_exactly_as_the_reference(isa, dtype):
+    """The CPU kernels do the reference's fp32 operations and round once to nearest even, so
+    they give its bits, across the dtype's whole range: subnormal and overflowing results,
+    inf, NaN, signed zeros, the largest finite values."""
+    g = torch.Generator().manual_seed(2)
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), info.max, -info.max, info.tiny,
+                            info.tiny / 8, info.smallest_normal * 0.75, 1.0, info.max * 0.999])
+    magnitude = torch.exp(torch.empty(2 * 64 * 64).uniform_(-20, 11.5, generator=g))
+    values = torch.cat((special, magnitude * torch.randn(magnitude.shape, generator=g).sign()))
+    q = values[: 2 * 64 * 64].to(dtype).reshape(1, 2, 64, 64)
+    k = values.flip(0)[: 64 * 64].to(dtype).reshape(1, 1, 64, 64)
+    cos, sin, _ = ops.rotary_tables(64, 64, base=100.0)
+    _C._set_cpu_isa(isa)
+    try:
+        for interleaved in (False, True):
+            for inverse in (False, True):
+                ours = torch.ops.fastarch._rotary(q, k, cos, sin, None, interleaved, inverse)
+                ref = ops.rope.reference.rotary_ref(q, k, cos, sin, None, interleaved, inverse)
+                for a, b in zip(ours, ref):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    finally:
+        _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
