@@ -1,0 +1,48 @@
+// Row kernels of the CPU rotary embedding: each turns rows [begin, end) of one tensor, a row
+// being one head of one token (see rope_row). Two builds: AVX-512 (picked at run time when the
+// CPU has it) and portable C++. The glue has checked that every position lies inside the table.
+#pragma once
+#include <cstdint>
+
+#include "rope/rope_params.h"
+
+namespace fastarch::cpu {
+
+enum class RopeDtype { f32, f64, f16, bf16 };
+
+struct RopeRow {
+  int64_t b, h, s;
+};
+
+// Row r of 0 .. batch * heads * seqlen - 1 in x's memory order: the tokens of a head one after
+// another for (B, H, S, D) layouts, the heads of a token for (B, S, H, D) and packed ones, so
+// that a thread's rows are neighbours in memory (a few streams for the prefetchers, not one
+// per head).
+inline RopeRow rope_row(const RopeParams& p, int64_t r) {
+  RopeRow row;
+  if (p.x_stride_s <= p.x_stride_h) {
+    row.s = r % p.seqlen;
+    r /= p.seqlen;
+    row.h = r % p.heads;
+    row.b = r / p.heads;
+  } else {
+    row.h = r % p.heads;
+    r /= p.heads;
+    row.s = r % p.seqlen;
+    row.b = r / p.seqlen;
+  }
+  return row;
+}
+
+inline int64_t rope_position(const RopeParams& p, const RopeRow& row) {
+  const int64_t pos = p.positions ? p.positions[row.b * p.pos_stride_b + row.s * p.pos_stride_s] : 0;
+  return p.add_s ? pos + row.s : pos;
+}
+
+template <RopeDtype D>
+void rope_rows_generic(const RopeParams& p, int64_t begin, int64_t end);
+// fp32, fp16 and bf16 only; bf16_instructions: the CPU has AVX512-BF16.
+template <RopeDtype D>
+void rope_rows_avx512(const RopeParams& p, int64_t begin, int64_t end, bool bf16_instructions);
+
+}  // namespace fastarch::cpu
