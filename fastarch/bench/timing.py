@@ -65,13 +65,16 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(contenders: dict[str, Contender], device: str, rounds: int) -> tuple[dict[str, Timing], dict[str, str]]:
-    """The time per call of each contender, and the error of each one that failed."""
+def measure(
+    contenders: dict[str, Contender], device: str, rounds: int, *, warmup: int = WARMUP_CALLS, memory: bool = True
+) -> tuple[dict[str, Timing], dict[str, str]]:
+    """The time per call of each contender, and the error of each one that failed. ``warmup``
+    calls each first; ``memory=False`` skips the peak-memory call (for calls of seconds)."""
     errors: dict[str, str] = {}
     ready: dict[str, Contender] = {}
     for name, fn in contenders.items():
         try:
-            for _ in range(WARMUP_CALLS):
+            for _ in range(warmup):
                 fn()
             _synchronize(device)
             ready[name] = fn
@@ -83,6 +86,8 @@ def measure(contenders: dict[str, Contender], device: str, rounds: int) -> tuple
         times = _time_cuda(ready) if device == "cuda" else _time_interleaved(ready, rounds)
     except Exception as e:
         return {}, {**errors, **{name: f"while timing: {describe(e)}" for name in ready}}
+    if not memory:
+        return times, errors
     return {name: replace(t, peak_bytes=peak_memory(ready[name], device)) for name, t in times.items()}, errors
 
 
