@@ -13,7 +13,10 @@ import torch
 from torch import Tensor
 
 from fastarch import availability, registry
+from fastarch.ops.activations import cpp, triton
 from fastarch.ops.activations.reference import bias_gelu_backward_ref, bias_gelu_forward_ref
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,31 @@ class ActivationProblem:
         return f"x of shape ({self.rows}, {self.cols}), {self.dtype} on {self.device}"
 
 
+def _cpu_supports(p: ActivationProblem) -> str | None:
+    return registry.device_reason(p.device, "cpu") or registry.dtype_reason(p.dtype, KERNEL_DTYPES + (torch.float64,))
+
+
+def _cuda_supports(p: ActivationProblem) -> str | None:
+    return (
+        registry.device_reason(p.device, "cuda")
+        or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
+        or availability.cuda_device_reason()
+    )
+
+
+def _triton_supports(p: ActivationProblem) -> str | None:
+    return availability.triton_device_reason(p.device) or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
+
+
 def _reference_supports(p: ActivationProblem) -> str | None:
     return None
 
 
 BACKENDS = [
+    registry.Backend("cuda", availability.cuda, _cuda_supports, cpp.bias_gelu_forward, cpp.bias_gelu_backward),
+    registry.Backend("cpu", availability.cpu, _cpu_supports, cpp.bias_gelu_forward, cpp.bias_gelu_backward),
+    registry.Backend("triton", availability.triton, _triton_supports, triton.bias_gelu_forward,
+                     triton.bias_gelu_backward),
     registry.Backend("reference", availability.reference, _reference_supports, bias_gelu_forward_ref,
                      bias_gelu_backward_ref),
 ]

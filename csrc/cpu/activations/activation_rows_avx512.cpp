@@ -1,0 +1,319 @@
+// AVX-512 build of the CPU activation row kernels (fp32, fp16, bf16; math in fp32).
+//
+// 16 columns at a time: widen to fp32, add the (fp32) bias, evaluate, round once, store
+// (streaming stores for large outputs, as the norms). exp, the normal CDF and the sigmoid are
+// evaluated here with their own polynomials (below), accurate to a few fp32 ulps.
+//
+// The whole file is compiled for AVX-512 through the target pragma below and is only called
+// after a run-time CPU check, so the extension still loads on CPUs without it. It includes no
+// torch headers, so no inline function of theirs is emitted with AVX-512 instructions.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "activation_rows.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+
+namespace fastarch::cpu::act {
+namespace {
+
+// ------------------------------------------------------------------ 16 values <-> 16 fp32 lanes
+
+// Masked forms touch only the lanes in m (masked-off lanes load as 0.0, are never written).
+// stream(): a non-temporal store of a whole chunk, aligned to its size. kBf16Insn: narrow bf16
+// with vcvtneps2bf16 (AVX512-BF16), else by hand.
+template <Dtype D, bool kBf16Insn>
+struct Lanes;
+
+template <bool kBf16Insn>
+struct Lanes<Dtype::f32, kBf16Insn> {
+  static constexpr int64_t kBytes = 4;
+  static __m512 load(const void* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(void* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+  static void stream(void* p, __m512 v) { _mm512_stream_ps(static_cast<float*>(p), v); }
+};
+
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+template <bool kBf16Insn>
+inline __m256i narrow_bf16(__m512 v) {
+  if constexpr (kBf16Insn) {
+    return (__m256i)_mm512_cvtneps_pbh(v);  // NOLINT: vector cast
+  } else {  // round to nearest even: add 0x7FFF plus the kept lsb, truncate; NaN made quiet
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+  }
+}
+
+template <bool kBf16Insn>
+struct Lanes<Dtype::bf16, kBf16Insn> {
+  static constexpr int64_t kBytes = 2;
+  static __m512 load(const void* p, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
+  static void store(void* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow_bf16<kBf16Insn>(v)); }
+  static void stream(void* p, __m512 v) { _mm256_stream_si256(static_cast<__m256i*>(p), narrow_bf16<kBf16Insn>(v)); }
+};
+
+template <bool kBf16Insn>
+struct Lanes<Dtype::f16, kBf16Insn> {
+  static constexpr int64_t kBytes = 2;
+  static __m512 load(const void* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+  static __m256i narrow(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static void store(void* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow(v)); }
+  static void stream(void* p, __m512 v) { _mm256_stream_si256(static_cast<__m256i*>(p), narrow(v)); }
+};
+
+// ------------------------------------------------------------------ math
+
+inline __m512 splat(float v) { return _mm512_set1_ps(v); }
+
+// exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2 (ln 2 split in two, so r is exact
+// to fp32 for |n| < 2^12): exp(r) by its degree-7 Taylor polynomial (truncation error
+// < 5e-9 relative); 2^n by vscalefps, which gives inf and 0 past fp32's range (x is clamped to
+// [-150, 128] first so that n stays finite; _mm512_min/max_ps(c, x) return x when x is NaN).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(splat(-150.0f), _mm512_min_ps(splat(128.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, splat(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, splat(0.693145751953125f), x);  // ln 2 = hi + lo, hi exact in 16 bits
+  r = _mm512_fnmadd_ps(n, splat(1.42860682030941723212e-6f), r);
+  __m512 p = splat(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, splat(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, splat(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, splat(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, splat(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, splat(0.5f));
+  p = _mm512_fmadd_ps(p, r, splat(1.0f));
+  p = _mm512_fmadd_ps(p, r, splat(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erfc(z) for z >= 0 as t exp(-z^2 + P(s)), t = 1 / (1 + z/2), s = (t - 7/12) / (5/12): P
+// approximates log(erfc(z) / t) + z^2, a smooth function of t in [1/6, 1] (z in [0, 10]; past
+// 10, erfc underflows fp32 anyway), by a degree-10 polynomial fitted to it in fp64 (least
+// squares on Chebyshev nodes, reweighted toward equal ripple): max error 5.7e-9. In s the
+// coefficients are small (sum of magnitudes 1.18), so Horner's rule adds no cancellation.
+// The error of the whole fp32 evaluation of gelu, measured against fp64 over h in [-13, 13],
+// is under 5e-7 relative for h > -3 (torch's F.gelu in fp32: 2e-4 there, from 1 + erf), and
+// grows toward the far negative tail as h^2 ulps, the condition number of erfc there.
+constexpr float kErfcP[11] = {
+    -0.5585953555238304f,    0.5703071106256661f,     0.015745168308084177f,   -0.029470442009970885f,
+    -0.0010463312672014493f, 0.0037078633785739006f,  -0.00027372513453176556f, -0.000534844144758058f,
+    0.0001272652621579548f,  5.509567329682643e-05f,  -2.1799455100266523e-05f,
+};
+
+// t and exp(P(s)) for z = |h| / sqrt 2 (so z / 2 = |h| / (2 sqrt 2)).
+struct ErfcParts {
+  __m512 t, exp_p;
+};
+inline ErfcParts erfc_parts(__m512 abs_h) {
+  const __m512 t = _mm512_div_ps(splat(1.0f), _mm512_fmadd_ps(abs_h, splat(0.35355339059327376f), splat(1.0f)));
+  const __m512 s = _mm512_mul_ps(_mm512_sub_ps(t, splat(7.0f / 12)), splat(12.0f / 5));
+  __m512 p = splat(kErfcP[10]);
+  for (int k = 9; k >= 0; --k) p = _mm512_fmadd_ps(p, s, splat(kErfcP[k]));
+  return {t, p};
+}
+
+inline __m512 abs_ps(__m512 v) { return _mm512_abs_ps(v); }
+
+// Phi(h) from e = erfc(|h| / sqrt 2): 1 - e/2 for h > 0, e/2 otherwise (NaN stays NaN).
+inline __m512 phi_from_erfc(__m512 h, __m512 e) {
+  const __mmask16 pos = _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 half_e = _mm512_mul_ps(e, splat(0.5f));
+  return _mm512_mask_blend_ps(pos, half_e, _mm512_sub_ps(splat(1.0f), half_e));
+}
+
+// gelu(h) = h Phi(h); inf at +inf, NaN at -inf (inf * 0), as torch.
+inline __m512 gelu_erf(__m512 h) {
+  const __m512 a = abs_ps(h);
+  const ErfcParts q = erfc_parts(a);
+  const __m512 e = _mm512_mul_ps(q.t, exp_ps(_mm512_fnmadd_ps(_mm512_mul_ps(a, a), splat(0.5f), q.exp_p)));
+  return _mm512_mul_ps(h, phi_from_erfc(h, e));
+}
+
+// gelu'(h) = Phi(h) + h exp(-h^2/2) / sqrt(2 pi).
+inline __m512 gelu_erf_grad(__m512 h) {
+  const __m512 a = abs_ps(h);
+  const ErfcParts q = erfc_parts(a);
+  const __m512 g = exp_ps(_mm512_mul_ps(_mm512_mul_ps(a, a), splat(-0.5f)));
+  const __m512 e = _mm512_mul_ps(_mm512_mul_ps(q.t, exp_ps(q.exp_p)), g);
+  return _mm512_fmadd_ps(_mm512_mul_ps(h, splat(0.3989422804014327f)), g, phi_from_erfc(h, e));
+}
+
+// sigmoid(v) and 1 - sigmoid(v), each without cancellation: 1 - s = e s with e = exp(-v) where
+// e < 1, the subtraction where s <= 1/2 (e there may be inf, and e s NaN).
+struct Sigmoid {
+  __m512 s, one_minus_s;
+};
+inline Sigmoid sigmoid(__m512 v) {
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v));
+  const __m512 s = _mm512_div_ps(splat(1.0f), _mm512_add_ps(splat(1.0f), e));
+  const __mmask16 small = _mm512_cmp_ps_mask(e, splat(1.0f), _CMP_LT_OQ);
+  return {s, _mm512_mask_blend_ps(small, _mm512_sub_ps(splat(1.0f), s), _mm512_mul_ps(e, s))};
+}
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kTanhCubic = 0.044715f;
+
+// 0.5 h (1 + tanh u) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3).
+inline __m512 tanh_arg2(__m512 h) {
+  const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(h, h), splat(kTanhCubic), splat(1.0f));
+  return _mm512_mul_ps(_mm512_mul_ps(h, splat(2 * kSqrt2OverPi)), inner);
+}
+inline __m512 gelu_tanh(__m512 h) { return _mm512_mul_ps(h, sigmoid(tanh_arg2(h)).s); }
+// d/dh = s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2), summed as g 2 sqrt(2/pi) +
+// (g h) (h 6 * 0.044715 sqrt(2/pi)) with g = h s (1 - s): g is exactly 0 wherever h^2 would
+// overflow, so a huge finite h gets its limit (1 or 0), not inf * 0.
+inline __m512 gelu_tanh_grad(__m512 h) {
+  const Sigmoid sg = sigmoid(tanh_arg2(h));
+  const __m512 g = _mm512_mul_ps(_mm512_mul_ps(h, sg.s), sg.one_minus_s);
+  const __m512 quad = _mm512_mul_ps(_mm512_mul_ps(g, h), _mm512_mul_ps(h, splat(6 * kTanhCubic * kSqrt2OverPi)));
+  return _mm512_add_ps(_mm512_fmadd_ps(g, splat(2 * kSqrt2OverPi), sg.s), quad);
+}
+
+// ------------------------------------------------------------------ the row loops
+
+template <typename L>
+inline const void* at(const void* row, int64_t c) {
+  return static_cast<const char*>(row) + c * L::kBytes;
+}
+template <typename L>
+inline void* at(void* row, int64_t c) {
+  return static_cast<char*>(row) + c * L::kBytes;
+}
+
+// One chunk of results: a streaming store for a full chunk when kStream, else a masked one.
+template <typename L, bool kStream>
+inline void put(void* p, __m512 v, __mmask16 m) {
+  if (kStream && m == 0xFFFF) {
+    L::stream(p, v);
+  } else {
+    L::store(p, v, m);
+  }
+}
+
+// Every chunk of 16 columns of rows [begin, end): fn(c, mask) for columns c .. c + 15.
+template <typename Fn>
+inline void for_each_chunk(int64_t cols, Fn fn) {
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) fn(c, static_cast<__mmask16>(0xFFFF));
+  if (c < cols) fn(c, static_cast<__mmask16>((1u << (cols - c)) - 1));
+}
+
+template <typename L, bool kStream, Activation kAct>
+void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end, const float* bias) {
+  for (int64_t r = begin; r < end; ++r) {
+    const void* a = at<L>(p.a, r * p.a_row_stride);
+    const void* b = kAct == Activation::swiglu ? at<L>(p.b, r * p.b_row_stride) : nullptr;
+    void* y = at<L>(p.y, r * p.cols);
+    for_each_chunk(p.cols, [&](int64_t c, __mmask16 m) {
+      __m512 h = L::load(at<L>(a, c), m);
+      __m512 out;
+      if constexpr (kAct == Activation::swiglu) {
+        out = _mm512_mul_ps(_mm512_mul_ps(h, sigmoid(h).s), L::load(at<L>(b, c), m));
+      } else {
+        if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + c));
+        out = kAct == Activation::gelu_tanh ? gelu_tanh(h) : gelu_erf(h);
+      }
+      put<L, kStream>(at<L>(y, c), out, m);
+    });
+  }
+}
+
+template <typename L, bool kStream, Activation kAct>
+void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const float* bias) {
+  for (int64_t r = begin; r < end; ++r) {
+    const void* dy = at<L>(p.dy, r * p.dy_row_stride);
+    const void* a = at<L>(p.a, r * p.a_row_stride);
+    void* da = at<L>(p.da, r * p.cols);
+    for_each_chunk(p.cols, [&](int64_t c, __mmask16 m) {
+      const __m512 d = L::load(at<L>(dy, c), m);
+      __m512 h = L::load(at<L>(a, c), m);
+      if constexpr (kAct == Activation::swiglu) {
+        // y = g s(g) u: dy/dg = u s (1 + g (1 - s)), dy/du = g s.
+        const __m512 u = L::load(at<L>(at<L>(p.b, r * p.b_row_stride), c), m);
+        const Sigmoid sg = sigmoid(h);
+        const __m512 dgate = _mm512_mul_ps(_mm512_mul_ps(d, u), _mm512_mul_ps(sg.s, _mm512_fmadd_ps(h, sg.one_minus_s, splat(1.0f))));
+        put<L, kStream>(at<L>(da, c), dgate, m);
+        put<L, kStream>(at<L>(at<L>(p.db, r * p.cols), c), _mm512_mul_ps(d, _mm512_mul_ps(h, sg.s)), m);
+      } else {
+        if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + c));
+        const __m512 g = _mm512_mul_ps(d, kAct == Activation::gelu_tanh ? gelu_tanh_grad(h) : gelu_erf_grad(h));
+        put<L, kStream>(at<L>(da, c), g, m);
+        if (dbias) _mm512_mask_storeu_ps(dbias + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbias + c), g));
+      }
+    });
+  }
+}
+
+// The run-time choices (activation, streaming, bf16 instruction) as template arguments.
+template <typename L, bool kStream>
+void forward_act(const ActivationForwardParams& p, int64_t begin, int64_t end, const float* bias) {
+  switch (p.act) {
+    case Activation::gelu_erf:
+      return forward_rows<L, kStream, Activation::gelu_erf>(p, begin, end, bias);
+    case Activation::gelu_tanh:
+      return forward_rows<L, kStream, Activation::gelu_tanh>(p, begin, end, bias);
+    case Activation::swiglu:
+      return forward_rows<L, kStream, Activation::swiglu>(p, begin, end, bias);
+  }
+}
+
+template <typename L, bool kStream>
+void backward_act(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const float* bias) {
+  switch (p.act) {
+    case Activation::gelu_erf:
+      return backward_rows<L, kStream, Activation::gelu_erf>(p, begin, end, dbias, bias);
+    case Activation::gelu_tanh:
+      return backward_rows<L, kStream, Activation::gelu_tanh>(p, begin, end, dbias, bias);
+    case Activation::swiglu:
+      return backward_rows<L, kStream, Activation::swiglu>(p, begin, end, dbias, bias);
+  }
+}
+
+template <typename L>
+void forward_with(const ActivationForwardParams& p, int64_t begin, int64_t end, const Avx512RowArgs& a) {
+  if (a.stream) return forward_act<L, true>(p, begin, end, a.bias);
+  forward_act<L, false>(p, begin, end, a.bias);
+}
+
+template <typename L>
+void backward_with(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const Avx512RowArgs& a) {
+  if (a.stream) return backward_act<L, true>(p, begin, end, dbias, a.bias);
+  backward_act<L, false>(p, begin, end, dbias, a.bias);
+}
+
+}  // namespace
+
+template <Dtype D>
+void activation_forward_rows_avx512(const ActivationForwardParams& p, int64_t begin, int64_t end, const Avx512RowArgs& a) {
+  if constexpr (D == Dtype::bf16) {
+    if (a.bf16_instructions) return forward_with<Lanes<D, true>>(p, begin, end, a);
+  }
+  forward_with<Lanes<D, false>>(p, begin, end, a);
+}
+
+template <Dtype D>
+void activation_backward_rows_avx512(
+    const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias_acc, const Avx512RowArgs& a) {
+  if constexpr (D == Dtype::bf16) {
+    if (a.bf16_instructions) return backward_with<Lanes<D, true>>(p, begin, end, dbias_acc, a);
+  }
+  backward_with<Lanes<D, false>>(p, begin, end, dbias_acc, a);
+}
+
+template void activation_forward_rows_avx512<Dtype::f32>(const ActivationForwardParams&, int64_t, int64_t, const Avx512RowArgs&);
+template void activation_forward_rows_avx512<Dtype::f16>(const ActivationForwardParams&, int64_t, int64_t, const Avx512RowArgs&);
+template void activation_forward_rows_avx512<Dtype::bf16>(const ActivationForwardParams&, int64_t, int64_t, const Avx512RowArgs&);
+template void activation_backward_rows_avx512<Dtype::f32>(const ActivationBackwardParams&, int64_t, int64_t, float*, const Avx512RowArgs&);
+template void activation_backward_rows_avx512<Dtype::f16>(const ActivationBackwardParams&, int64_t, int64_t, float*, const Avx512RowArgs&);
+template void activation_backward_rows_avx512<Dtype::bf16>(const ActivationBackwardParams&, int64_t, int64_t, float*, const Avx512RowArgs&);
+
+}  // namespace fastarch::cpu::act
+
+#pragma GCC pop_options
