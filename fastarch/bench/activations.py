@@ -1,18 +1,18 @@
-"""The activation cases of ``fastarch bench``: bias_gelu (erf form, BERT's MLP) and
-bias_gelu_tanh (tanh form, GPT-2's). Memory-bound: the rate is GB/s of minimum traffic, against
-the measured copy bandwidth.
+"""The activation cases of ``fastarch bench``: bias_gelu (erf form, BERT's MLP), bias_gelu_tanh
+(tanh form, GPT-2's) and swiglu (LLaMA's). Memory-bound: the rate is GB/s of minimum traffic,
+against the measured copy bandwidth.
 
-Contenders, all called as ``fn(x, bias)`` on the same input sets:
+Contenders, all called as ``fn(x, bias)`` (swiglu: ``fn(gate, up)``) on the same input sets:
 
-- ``ours:<backend>``: ``fastarch.ops.bias_gelu(x, bias, approximate, backend=<backend>)``;
-  ``ours:auto`` lets the registry choose;
+- ``ours:<backend>``: ``fastarch.ops.bias_gelu(x, bias, approximate, backend=<backend>)``
+  (``fastarch.ops.swiglu(gate, up, backend=...)``); ``ours:auto`` lets the registry choose;
 - ``eager``: the PyTorch code it replaces, ``F.gelu(x + bias, approximate=...)`` (the MLP's
-  first linear layer without its bias: F.linear is not part of the case);
+  first linear layer without its bias: F.linear is not part of the case), ``F.silu(gate) * up``;
 - ``compile``: ``torch.compile(eager, dynamic=False)``.
 
 One timed iteration ("fwd") is the forward on inputs that do not require grad; or ("fwd+bwd")
-setting x's and bias's ``.grad`` to None, the forward on inputs that require grad, then
-``y.backward(dy)`` with a fixed random dy: the gradients of x and bias.
+setting both inputs' ``.grad`` to None, the forward on inputs that require grad, then
+``y.backward(dy)`` with a fixed random dy: the gradients of both inputs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class ActivationOp:
     eager: Callable[..., Tensor]
     ours: Callable[..., Tensor]
     registry_op: str  # the op's name in the backend registry
+    gated: bool = False  # takes (gate, up) of one shape, else (x, bias)
 
 
 def _gelu(approximate: str):
@@ -48,9 +49,14 @@ def _gelu(approximate: str):
     return eager
 
 
+def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
 OPS = {
     "bias_gelu": ActivationOp(_gelu("none"), functools.partial(fastarch.ops.bias_gelu, approximate="none"), "bias_gelu"),
     "bias_gelu_tanh": ActivationOp(_gelu("tanh"), functools.partial(fastarch.ops.bias_gelu, approximate="tanh"), "bias_gelu"),
+    "swiglu": ActivationOp(_swiglu, fastarch.ops.swiglu, "swiglu", gated=True),
 }
 
 DIFFERENTIABLE = set(OPS)
@@ -89,13 +95,19 @@ class Case:
     def bytes_moved(self) -> int:
         """The minimum memory traffic of one iteration, R rows, N = hidden, e bytes per element:
 
-        forward:  R·N·e read (x) + R·N·e written (y) + N·e read (bias)
-        backward: 2·R·N·e read (dy, x) + R·N·e written (dx) + N·e read (bias) + N·e written (dbias)
+        bias_gelu forward:  R·N·e read (x) + R·N·e written (y) + N·e read (bias)
+        bias_gelu backward: 2·R·N·e read (dy, x) + R·N·e written (dx) + N·e read (bias)
+                            + N·e written (dbias)
+        swiglu forward:     2·R·N·e read (gate, up) + R·N·e written (y)
+        swiglu backward:    3·R·N·e read (dy, gate, up) + 2·R·N·e written (dgate, dup)
         """
         rows, n = math.prod(self.shape[:-1]), self.shape[-1]
         e = self.dtype.itemsize
-        forward = 2 * rows * n * e + n * e
-        backward = 3 * rows * n * e + 2 * n * e
+        if OPS[self.op].gated:
+            forward, backward = 3 * rows * n * e, 5 * rows * n * e
+        else:
+            forward = 2 * rows * n * e + n * e
+            backward = 3 * rows * n * e + 2 * n * e
         return forward + (backward if self.backward else 0)
 
     def backend_that_runs(self, requested: str) -> str:
@@ -120,11 +132,12 @@ class Case:
         return {name: self._iteration(fn, sets) for name, fn in fns.items()}
 
     def _inputs(self) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
-        """One input set: (x, bias), and the gradient of y."""
+        """One input set: (x, bias) or (gate, up), and the gradient of y."""
         like = {"dtype": self.dtype, "device": self.device}
-        x = torch.randn(self.shape, **like).requires_grad_(self.backward)
-        bias = (0.1 * torch.randn(self.shape[-1], **like)).requires_grad_(self.backward)
-        return (x, bias), torch.randn(self.shape, **like) if self.backward else None
+        first = torch.randn(self.shape, **like).requires_grad_(self.backward)
+        second_shape = self.shape if OPS[self.op].gated else self.shape[-1:]
+        second = (0.1 * torch.randn(second_shape, **like)).requires_grad_(self.backward)
+        return (first, second), torch.randn(self.shape, **like) if self.backward else None
 
     def _iteration(self, fn: Callable[..., Tensor], sets: list) -> Contender:
         cycle = itertools.cycle(sets)

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"ops to time (default: all: {', '.join(FAMILY_OF)})")
     arg("--quick", action="store_true",
         help="a small default set (CPU, fp32 and bf16: norms 4096x768, attention 1x12x1024x64, decode"
-        " 1x12x4096x64; about 1-2 minutes)")
+        " 1x12x4096x64, activations 1024x3072; about 1-2 minutes)")
     arg("--json", type=Path, metavar="FILE", help="also save the machine and every row as JSON")
     arg("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     arg("--dtype", action="extend", type=_names(DTYPES, "dtype"), metavar="DTYPE",

@@ -1,4 +1,5 @@
-// CPU implementation of the activation kernel ops (fastarch::_bias_gelu_fwd / _bias_gelu_bwd):
+// CPU implementation of the activation kernel ops (fastarch::_bias_gelu_fwd / _bias_gelu_bwd,
+// _swiglu_fwd / _swiglu_bwd):
 // checks, allocation, threading over rows (at::parallel_for: torch's OpenMP pool and its thread
 // count), and the choice between the AVX-512 and portable row kernels.
 #include <ATen/Parallel.h>
@@ -199,11 +200,29 @@ std::tuple<Tensor, Tensor> bias_gelu_bwd_cpu(
   return {dx, dbias};
 }
 
+Tensor swiglu_fwd_cpu(const Tensor& gate, const Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu(), kWho, ": gate must be on the CPU, got ", gate.device());
+  activation_glue::check_matrix(kWho, gate, "gate");
+  activation_glue::check_like(kWho, up, "up", gate, "gate");
+  return forward(Activation::swiglu, gate, &up, std::nullopt);
+}
+
+std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu(), kWho, " backward: gate must be on the CPU, got ", gate.device());
+  activation_glue::check_matrix(kWho, gate, "gate");
+  activation_glue::check_like(kWho, up, "up", gate, "gate");
+  activation_glue::check_like(kWho, dy, "dy", gate, "gate");
+  auto [dgate, dup, unused] = backward(Activation::swiglu, dy, gate, &up, std::nullopt, false);
+  return {dgate, dup};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
   m.impl("_bias_gelu_fwd", &bias_gelu_fwd_cpu);
   m.impl("_bias_gelu_bwd", &bias_gelu_bwd_cpu);
+  m.impl("_swiglu_fwd", &swiglu_fwd_cpu);
+  m.impl("_swiglu_bwd", &swiglu_bwd_cpu);
 }
 
 }  // namespace fastarch::cpu::act

@@ -1,4 +1,5 @@
-// CUDA implementation of the activation kernel ops (fastarch::_bias_gelu_fwd / _bias_gelu_bwd):
+// CUDA implementation of the activation kernel ops (fastarch::_bias_gelu_fwd / _bias_gelu_bwd,
+// _swiglu_fwd / _swiglu_bwd):
 // checks, allocation (outputs and the backward's workspace, through torch's caching allocator)
 // and launch on the current stream. Same semantics and outputs as the CPU backend
 // (csrc/cpu/activations/activation_cpu.cpp); the kernels are in activation_kernels.cuh,
@@ -115,11 +116,29 @@ std::tuple<Tensor, Tensor> bias_gelu_bwd_cuda(
   return {dx, dbias};
 }
 
+Tensor swiglu_fwd_cuda(const Tensor& gate, const Tensor& up) {
+  TORCH_CHECK(gate.is_cuda(), kWho, ": gate must be a CUDA tensor, got ", gate.device());
+  activation_glue::check_matrix(kWho, gate, "gate");
+  activation_glue::check_like(kWho, up, "up", gate, "gate");
+  return forward(Activation::swiglu, gate, &up, std::nullopt);
+}
+
+std::tuple<Tensor, Tensor> swiglu_bwd_cuda(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+  TORCH_CHECK(gate.is_cuda(), kWho, " backward: gate must be a CUDA tensor, got ", gate.device());
+  activation_glue::check_matrix(kWho, gate, "gate");
+  activation_glue::check_like(kWho, up, "up", gate, "gate");
+  activation_glue::check_like(kWho, dy, "dy", gate, "gate");
+  auto [dgate, dup, unused] = backward(Activation::swiglu, dy, gate, &up, std::nullopt, false);
+  return {dgate, dup};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastarch, CUDA, m) {
   m.impl("_bias_gelu_fwd", &bias_gelu_fwd_cuda);
   m.impl("_bias_gelu_bwd", &bias_gelu_bwd_cuda);
+  m.impl("_swiglu_fwd", &swiglu_fwd_cuda);
+  m.impl("_swiglu_bwd", &swiglu_bwd_cuda);
 }
 
 }  // namespace fastarch::cuda::act

@@ -1,8 +1,9 @@
 """The activations' backends, in priority order, each with what it supports: the one table.
 
-Interface (reference.py): forward(x, bias, approximate) -> y; backward(dy, x, bias,
-approximate, need_dbias) -> (dx, dbias or None), on 2-D (rows, cols) inputs with contiguous
-columns.
+Interface (reference.py), on 2-D (rows, cols) inputs with contiguous columns: bias_gelu's
+forward(x, bias, approximate) -> y and backward(dy, x, bias, approximate, need_dbias) -> (dx,
+dbias or None); swiglu's forward(gate, up) -> y and backward(dy, gate, up) -> (dgate, dup).
+Both ops share the backends' supports checks (an elementwise problem of one dtype).
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from torch import Tensor
 
 from fastarch import availability, registry
 from fastarch.ops.activations import cpp, triton
-from fastarch.ops.activations.reference import bias_gelu_backward_ref, bias_gelu_forward_ref
+from fastarch.ops.activations.reference import (
+    bias_gelu_backward_ref,
+    bias_gelu_forward_ref,
+    swiglu_backward_ref,
+    swiglu_forward_ref,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,4 +71,12 @@ BACKENDS = [
                      bias_gelu_backward_ref),
 ]
 
+SWIGLU_BACKENDS = [
+    registry.Backend("cuda", availability.cuda, _cuda_supports, cpp.swiglu_forward, cpp.swiglu_backward),
+    registry.Backend("cpu", availability.cpu, _cpu_supports, cpp.swiglu_forward, cpp.swiglu_backward),
+    registry.Backend("triton", availability.triton, _triton_supports, triton.swiglu_forward, triton.swiglu_backward),
+    registry.Backend("reference", availability.reference, _reference_supports, swiglu_forward_ref, swiglu_backward_ref),
+]
+
 registry.register("bias_gelu", BACKENDS)
+registry.register("swiglu", SWIGLU_BACKENDS)

@@ -1,8 +1,8 @@
 """The activations in plain PyTorch: the definition of correct, and the backend of last resort.
 
-Kernel-level interface (see backends.py): x (rows, cols) with contiguous columns, bias (cols,)
-or None; approximate "none" (erf) or "tanh". Math in fp32 (fp64 for fp64 inputs); outputs in
-x's dtype.
+Kernel-level interface (see backends.py): x, gate, up (rows, cols) with contiguous columns,
+bias (cols,) or None; approximate "none" (erf) or "tanh". Math in fp32 (fp64 for fp64 inputs);
+outputs in the inputs' dtype, rounded once.
 """
 
 from __future__ import annotations
@@ -59,3 +59,21 @@ def bias_gelu_backward_ref(
     grad = dy.to(acc) * gelu_derivative(h, approximate)
     dbias = grad.sum(0).to(x.dtype) if need_dbias else None
     return grad.to(x.dtype), dbias
+
+
+def swiglu_forward_ref(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up = gate sigmoid(gate) up, rounded once to gate's dtype. silu(-inf) is NaN
+    (-inf * 0) and silu(+inf) inf, as F.silu; NaN gives NaN."""
+    acc = compute_dtype(gate.dtype)
+    g = gate.to(acc)
+    return (g * torch.sigmoid(g) * up.to(acc)).to(gate.dtype)
+
+
+def swiglu_backward_ref(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """dgate = dy up s (1 + g (1 - s)) and dup = dy g s with s = sigmoid(g), each rounded once
+    to gate's dtype (1 - s as sigmoid(-g): no cancellation)."""
+    acc = compute_dtype(gate.dtype)
+    g, u, d = gate.to(acc), up.to(acc), dy.to(acc)
+    s = torch.sigmoid(g)
+    dgate = d * u * s * (1 + g * torch.sigmoid(-g))
+    return dgate.to(gate.dtype), (d * g * s).to(gate.dtype)

@@ -25,6 +25,15 @@ if _kernels is not None:
         dx, _, dbias = _kernels.activation_backward(dy, x, None, bias, "tanh" if tanh else "none", need_dbias)
         return dx, dbias if dbias is not None else x.new_empty(0)
 
+    @torch.library.triton_op("fastarch::_triton_swiglu_fwd", mutates_args=())
+    def _triton_swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+        return _kernels.activation_forward(gate, up, None, "swiglu")
+
+    @torch.library.triton_op("fastarch::_triton_swiglu_bwd", mutates_args=())
+    def _triton_swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        dgate, dup, _ = _kernels.activation_backward(dy, gate, up, None, "swiglu", False)
+        return dgate, dup
+
 
 def bias_gelu_forward(x, bias, approximate):
     return torch.ops.fastarch._triton_bias_gelu_fwd(x, bias, approximate == "tanh")
@@ -33,3 +42,11 @@ def bias_gelu_forward(x, bias, approximate):
 def bias_gelu_backward(dy, x, bias, approximate, need_dbias):
     dx, dbias = torch.ops.fastarch._triton_bias_gelu_bwd(dy, x, bias, approximate == "tanh", need_dbias)
     return dx, dbias if need_dbias else None
+
+
+def swiglu_forward(gate, up):
+    return torch.ops.fastarch._triton_swiglu_fwd(gate, up)
+
+
+def swiglu_backward(dy, gate, up):
+    return torch.ops.fastarch._triton_swiglu_bwd(dy, gate, up)

@@ -53,3 +53,39 @@ def test_cpu_kernel_ops_check_their_arguments(case):
     call, pattern = KERNEL_BAD[case]
     with pytest.raises(RuntimeError, match=pattern):
         call()
+
+
+SWIGLU_BAD = {
+    "gate-not-a-tensor": (dict(gate=[1.0], up=x8), TypeError, "gate must be a torch.Tensor"),
+    "up-not-a-tensor": (dict(gate=x8, up=None), TypeError, "up must be a torch.Tensor"),
+    "gate-integer": (dict(gate=torch.ones(4, 8, dtype=torch.int32), up=x8), TypeError, "gate must be float32"),
+    "gate-0d": (dict(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, "gate must have a last dimension"),
+    "up-shape": (dict(gate=x8, up=torch.randn(4, 7)), ValueError, r"up must have gate's shape \(4, 8\)"),
+    "up-broadcastable": (dict(gate=x8, up=torch.randn(8)), ValueError, "up must have gate's shape"),
+    "up-dtype": (dict(gate=x8, up=x8.half()), TypeError, "up must have gate's dtype"),
+    "up-device": (dict(gate=x8, up=torch.randn(4, 8, device="meta")), ValueError, "up must be on gate's device"),
+    "backend-unknown": (dict(gate=x8, up=x8, backend="cudnn"), ValueError, "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWIGLU_BAD))
+def test_swiglu_bad_input(case):
+    kwargs, exc, pattern = SWIGLU_BAD[case]
+    with pytest.raises(exc, match=pattern):
+        ops.swiglu(**kwargs)
+
+
+SWIGLU_KERNEL_BAD = {
+    "gate-1d": (lambda: torch.ops.fastarch._swiglu_fwd(torch.randn(8), torch.randn(8)), "gate must be 2-D"),
+    "up-shape": (lambda: torch.ops.fastarch._swiglu_fwd(x8, torch.randn(4, 7)), "up must have gate's shape"),
+    "up-dtype": (lambda: torch.ops.fastarch._swiglu_fwd(x8, x8.double()), "up must have dtype"),
+    "up-strided-columns": (lambda: torch.ops.fastarch._swiglu_fwd(torch.randn(8, 4), torch.randn(4, 8).t()), "up must have contiguous rows"),
+    "dy-shape": (lambda: torch.ops.fastarch._swiglu_bwd(torch.randn(4, 7), x8, x8), "dy must have gate's shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWIGLU_KERNEL_BAD))
+def test_cpu_swiglu_kernel_ops_check_their_arguments(case):
+    call, pattern = SWIGLU_KERNEL_BAD[case]
+    with pytest.raises(RuntimeError, match=pattern):
+        call()

@@ -75,3 +75,40 @@ def test_compile_dynamic_shapes():
     for rows in (3, 17, 40):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(f(x), ops.bias_gelu(x, bias, "tanh"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["", "reference"], ids=["auto", "reference"])
+def test_opcheck_swiglu(backend):
+    gate, up = inputs()[0], inputs()[0].detach().flip(0).requires_grad_()
+    torch.library.opcheck(torch.ops.fastarch.swiglu.default, (gate, up, backend))
+    dy = torch.randn_like(gate)
+    torch.library.opcheck(torch.ops.fastarch.swiglu_backward.default, (dy, gate.detach(), up.detach(), backend))
+
+
+def test_opcheck_swiglu_cpp_kernel_ops():
+    gate, up = torch.randn(6, 40), torch.randn(6, 40)
+    torch.library.opcheck(torch.ops.fastarch._swiglu_fwd.default, (gate, up))
+    torch.library.opcheck(torch.ops.fastarch._swiglu_bwd.default, (torch.randn_like(gate), gate, up))
+
+
+@pytest.mark.gpu
+def test_opcheck_swiglu_on_cuda():
+    gate, up = torch.randn(6, 40, device="cuda", requires_grad=True), torch.randn(6, 40, device="cuda", requires_grad=True)
+    for backend in ("cuda", "triton"):
+        torch.library.opcheck(torch.ops.fastarch.swiglu.default, (gate, up, backend))
+
+
+def test_compile_swiglu_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    gate, up = torch.randn(6, 40, requires_grad=True), torch.randn(6, 40, requires_grad=True)
+
+    def f(gate, up):
+        y = ops.swiglu(gate, up)
+        return y, (y * 1.5).sum()
+
+    eager_y, eager_loss = f(gate, up)
+    comp_y, comp_loss = torch.compile(f, fullgraph=True, dynamic=False)(gate, up)
+    grads = [torch.autograd.grad(loss, (gate, up)) for loss in (eager_loss, comp_loss)]
+    torch.testing.assert_close(comp_y, eager_y, rtol=0, atol=0)
+    for a, c in zip(*grads):
+        torch.testing.assert_close(c, a, rtol=0, atol=0)

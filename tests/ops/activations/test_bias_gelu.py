@@ -18,16 +18,14 @@ import torch
 import torch.nn.functional as F
 
 import backend_rows  # tests/backend_rows.py
+from activation_tolerance import assert_close_to_reference  # beside this file
 from fastarch import ops
-from fastarch._extension import _C
 from fastarch.ops.activations import reference
 
 HAS_CUDA = torch.cuda.is_available()
 GPU = pytest.mark.gpu
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # on CPU: Triton's interpreter (conftest)
 
-# dtype -> floor of the error, relative to max |reference|: two ulps at 1.0
-FLOOR = {torch.float32: 2.4e-7, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-14}
 FORWARD_FACTOR = 2.0
 GRAD_FACTOR = 3.0
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -56,32 +54,12 @@ def _cases():
 CASES = list(_cases())
 
 
-@pytest.fixture
-def cpu_isa():
-    """Selects the CPU kernels' instruction set for one test, then restores the default."""
-    yield _C._set_cpu_isa
-    _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
-
-
 def make_inputs(rows, n, dtype, device, scale=3.0):
     """x spread over the whole curve (|x + bias| up to ~15: the far negative tail too)."""
     g = torch.Generator().manual_seed(rows * 1009 + n)
     x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
     bias = torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(device)
     return x, bias
-
-
-def err(a, ref):
-    return (a.double() - ref).abs().max().item() if a.numel() else 0.0
-
-
-def assert_close_to_reference(name, ours, theirs, ref, dtype, factor):
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ours.dtype == dtype, f"{name}: dtype {ours.dtype} != {dtype}"
-    scale = ref.abs().max().item() if ref.numel() else 1.0
-    e_ours, e_torch = err(ours, ref), err(theirs, ref)
-    bound = factor * e_torch + FLOOR[dtype] * max(scale, 1.0)
-    assert e_ours <= bound, f"{name}: error {e_ours:.3g} vs fp64 > {factor} x torch's {e_torch:.3g} + floor = {bound:.3g}"
 
 
 def forward_and_grads(fn, x, bias, dy):
