@@ -2,7 +2,8 @@
 //
 // 16 columns at a time: widen to fp32, add the (fp32) bias, evaluate, round once, store
 // (streaming stores for large outputs, as the norms). exp, the normal CDF and the sigmoid are
-// evaluated here with their own polynomials (below), accurate to a few fp32 ulps.
+// evaluated here with their own polynomials (below), accurate to a few fp32 ulps (to the
+// dtype for 16-bit inputs: kLow).
 //
 // The whole file is compiled for AVX-512 through the target pragma below and is only called
 // after a run-time CPU check, so the extension still loads on CPUs without it. It includes no
@@ -72,25 +73,35 @@ struct Lanes<Dtype::f16, kBf16Insn> {
 
 inline __m512 splat(float v) { return _mm512_set1_ps(v); }
 
+// Polynomials are evaluated by Horner's rule from the highest coefficient.
+template <int N>
+inline __m512 horner(const float (&c)[N], __m512 x) {
+  __m512 p = splat(c[N - 1]);
+  for (int k = N - 2; k >= 0; --k) p = _mm512_fmadd_ps(p, x, splat(c[k]));
+  return p;
+}
+
+// Each approximation comes in two precisions: kLow for 16-bit inputs and outputs (whose half
+// ulp is 2e-3 for bf16 and 5e-4 for fp16), where a relative error near 1e-5 is invisible and
+// fewer terms are cheaper; full precision for fp32.
+//
 // exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2 (ln 2 split in two, so r is exact
 // to fp32 for |n| < 2^12): exp(r) by its degree-7 Taylor polynomial (truncation error
-// < 5e-9 relative); 2^n by vscalefps, which gives inf and 0 past fp32's range (x is clamped to
+// < 5e-9 relative), or for kLow a degree-5 polynomial fitted in fp64 toward equal relative
+// ripple (1.7e-7); 2^n by vscalefps, which gives inf and 0 past fp32's range (x is clamped to
 // [-150, 128] first so that n stays finite; _mm512_min/max_ps(c, x) return x when x is NaN).
+constexpr float kExpTaylor[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
+constexpr float kExpLow[6] = {1.0f, 0.9999991050247712f, 0.49999277234547634f, 0.16669989542727748f,
+                              0.04188485361874894f, 0.008122019998199474f};
+
+template <bool kLow>
 inline __m512 exp_ps(__m512 x) {
   x = _mm512_max_ps(splat(-150.0f), _mm512_min_ps(splat(128.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, splat(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, splat(0.693145751953125f), x);  // ln 2 = hi + lo, hi exact in 16 bits
   r = _mm512_fnmadd_ps(n, splat(1.42860682030941723212e-6f), r);
-  __m512 p = splat(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, splat(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, splat(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, splat(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, splat(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, splat(0.5f));
-  p = _mm512_fmadd_ps(p, r, splat(1.0f));
-  p = _mm512_fmadd_ps(p, r, splat(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(kLow ? horner(kExpLow, r) : horner(kExpTaylor, r), n);
 }
 
 // erfc(z) for z >= 0 as t exp(-z^2) Q(s), t = 1 / (1 + z/2), s = (t - 7/12) / (5/12): Q
@@ -106,18 +117,22 @@ constexpr float kErfcQ[11] = {
     -0.006155051567403365f, -0.0006188299506934053f, 0.0005988707892591491f, 3.536675358016485e-06f,
     -6.928564257153684e-05f, 7.203381664866606e-06f, 6.589006384277334e-06f,
 };
+// kLow: degree 6, max relative error 6.2e-6.
+constexpr float kErfcQLow[7] = {
+    0.5720127493645507f,   0.32621754296761263f, 0.10200060917565677f,  0.005982334128838787f,
+    -0.006025431309105294f, -0.000626065046006547f, 0.0004320778238055832f,
+};
 
 // t Q(s) for z = |h| / sqrt 2 (so z / 2 = |h| / (2 sqrt 2)). 1 / (1 + z/2) by vrcp14ps and one
 // Newton step (relative error ~2^-28; cheaper than vdivps), with |h| capped at 1e4 so that the
 // step never meets inf * 0 (erfc is 0 there through exp(-h^2/2) anyway; NaN passes the cap).
+template <bool kLow>
 inline __m512 erfc_scaled(__m512 abs_h) {
   const __m512 d = _mm512_fmadd_ps(_mm512_min_ps(splat(1e4f), abs_h), splat(0.35355339059327376f), splat(1.0f));
   const __m512 r = _mm512_rcp14_ps(d);
   const __m512 t = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, splat(2.0f)));
-  const __m512 s = _mm512_mul_ps(_mm512_sub_ps(t, splat(7.0f / 12)), splat(12.0f / 5));
-  __m512 q = splat(kErfcQ[10]);
-  for (int k = 9; k >= 0; --k) q = _mm512_fmadd_ps(q, s, splat(kErfcQ[k]));
-  return _mm512_mul_ps(t, q);
+  const __m512 s = _mm512_fmsub_ps(t, splat(12.0f / 5), splat(7.0f / 5));  // (t - 7/12) / (5/12)
+  return _mm512_mul_ps(t, kLow ? horner(kErfcQLow, s) : horner(kErfcQ, s));
 }
 
 // Phi(h) from e = erfc(|h| / sqrt 2): 1 - e/2 for h > 0, e/2 otherwise (NaN stays NaN).
@@ -128,17 +143,20 @@ inline __m512 phi_from_erfc(__m512 h, __m512 e) {
 }
 
 // gelu(h) = h Phi(h); inf at +inf, NaN at -inf (inf * 0), as torch.
+template <bool kLow>
 inline __m512 gelu_erf(__m512 h) {
   const __m512 a = _mm512_abs_ps(h);
-  const __m512 g = exp_ps(_mm512_mul_ps(_mm512_mul_ps(a, a), splat(-0.5f)));
-  return _mm512_mul_ps(h, phi_from_erfc(h, _mm512_mul_ps(erfc_scaled(a), g)));
+  const __m512 g = exp_ps<kLow>(_mm512_mul_ps(_mm512_mul_ps(a, a), splat(-0.5f)));
+  return _mm512_mul_ps(h, phi_from_erfc(h, _mm512_mul_ps(erfc_scaled<kLow>(a), g)));
 }
 
 // gelu'(h) = Phi(h) + h exp(-h^2/2) / sqrt(2 pi): one exp serves both terms.
+template <bool kLow>
 inline __m512 gelu_erf_grad(__m512 h) {
   const __m512 a = _mm512_abs_ps(h);
-  const __m512 g = exp_ps(_mm512_mul_ps(_mm512_mul_ps(a, a), splat(-0.5f)));
-  return _mm512_fmadd_ps(_mm512_mul_ps(h, splat(0.3989422804014327f)), g, phi_from_erfc(h, _mm512_mul_ps(erfc_scaled(a), g)));
+  const __m512 g = exp_ps<kLow>(_mm512_mul_ps(_mm512_mul_ps(a, a), splat(-0.5f)));
+  return _mm512_fmadd_ps(_mm512_mul_ps(h, splat(0.3989422804014327f)), g,
+                         phi_from_erfc(h, _mm512_mul_ps(erfc_scaled<kLow>(a), g)));
 }
 
 // sigmoid(v) and 1 - sigmoid(v), each without cancellation: 1 - s = e s with e = exp(-v) where
@@ -146,8 +164,9 @@ inline __m512 gelu_erf_grad(__m512 h) {
 struct Sigmoid {
   __m512 s, one_minus_s;
 };
+template <bool kLow>
 inline Sigmoid sigmoid(__m512 v) {
-  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v));
+  const __m512 e = exp_ps<kLow>(_mm512_sub_ps(_mm512_setzero_ps(), v));
   const __m512 s = _mm512_div_ps(splat(1.0f), _mm512_add_ps(splat(1.0f), e));
   const __mmask16 small = _mm512_cmp_ps_mask(e, splat(1.0f), _CMP_LT_OQ);
   return {s, _mm512_mask_blend_ps(small, _mm512_sub_ps(splat(1.0f), s), _mm512_mul_ps(e, s))};
@@ -161,12 +180,14 @@ inline __m512 tanh_arg2(__m512 h) {
   const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(h, h), splat(kTanhCubic), splat(1.0f));
   return _mm512_mul_ps(_mm512_mul_ps(h, splat(2 * kSqrt2OverPi)), inner);
 }
-inline __m512 gelu_tanh(__m512 h) { return _mm512_mul_ps(h, sigmoid(tanh_arg2(h)).s); }
+template <bool kLow>
+inline __m512 gelu_tanh(__m512 h) { return _mm512_mul_ps(h, sigmoid<kLow>(tanh_arg2(h)).s); }
 // d/dh = s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2), summed as g 2 sqrt(2/pi) +
 // (g h) (h 6 * 0.044715 sqrt(2/pi)) with g = h s (1 - s): g is exactly 0 wherever h^2 would
 // overflow, so a huge finite h gets its limit (1 or 0), not inf * 0.
+template <bool kLow>
 inline __m512 gelu_tanh_grad(__m512 h) {
-  const Sigmoid sg = sigmoid(tanh_arg2(h));
+  const Sigmoid sg = sigmoid<kLow>(tanh_arg2(h));
   const __m512 g = _mm512_mul_ps(_mm512_mul_ps(h, sg.s), sg.one_minus_s);
   const __m512 quad = _mm512_mul_ps(_mm512_mul_ps(g, h), _mm512_mul_ps(h, splat(6 * kTanhCubic * kSqrt2OverPi)));
   return _mm512_add_ps(_mm512_fmadd_ps(g, splat(2 * kSqrt2OverPi), sg.s), quad);
@@ -203,6 +224,7 @@ inline void for_each_chunk(int64_t cols, Fn fn) {
 
 template <typename L, bool kStream, Activation kAct>
 void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end, const float* bias) {
+  constexpr bool kLow = L::kBytes == 2;
   for (int64_t r = begin; r < end; ++r) {
     const void* a = at<L>(p.a, r * p.a_row_stride);
     const void* b = kAct == Activation::swiglu ? at<L>(p.b, r * p.b_row_stride) : nullptr;
@@ -211,10 +233,10 @@ void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end, 
       __m512 h = L::load(at<L>(a, c), m);
       __m512 out;
       if constexpr (kAct == Activation::swiglu) {
-        out = _mm512_mul_ps(_mm512_mul_ps(h, sigmoid(h).s), L::load(at<L>(b, c), m));
+        out = _mm512_mul_ps(_mm512_mul_ps(h, sigmoid<kLow>(h).s), L::load(at<L>(b, c), m));
       } else {
         if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + c));
-        out = kAct == Activation::gelu_tanh ? gelu_tanh(h) : gelu_erf(h);
+        out = kAct == Activation::gelu_tanh ? gelu_tanh<kLow>(h) : gelu_erf<kLow>(h);
       }
       put<L, kStream>(at<L>(y, c), out, m);
     });
@@ -223,6 +245,7 @@ void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end, 
 
 template <typename L, bool kStream, Activation kAct>
 void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const float* bias) {
+  constexpr bool kLow = L::kBytes == 2;
   for (int64_t r = begin; r < end; ++r) {
     const void* dy = at<L>(p.dy, r * p.dy_row_stride);
     const void* a = at<L>(p.a, r * p.a_row_stride);
@@ -233,13 +256,13 @@ void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end
       if constexpr (kAct == Activation::swiglu) {
         // y = g s(g) u: dy/dg = u s (1 + g (1 - s)), dy/du = g s.
         const __m512 u = L::load(at<L>(at<L>(p.b, r * p.b_row_stride), c), m);
-        const Sigmoid sg = sigmoid(h);
+        const Sigmoid sg = sigmoid<kLow>(h);
         const __m512 dgate = _mm512_mul_ps(_mm512_mul_ps(d, u), _mm512_mul_ps(sg.s, _mm512_fmadd_ps(h, sg.one_minus_s, splat(1.0f))));
         put<L, kStream>(at<L>(da, c), dgate, m);
         put<L, kStream>(at<L>(at<L>(p.db, r * p.cols), c), _mm512_mul_ps(d, _mm512_mul_ps(h, sg.s)), m);
       } else {
         if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + c));
-        const __m512 g = _mm512_mul_ps(d, kAct == Activation::gelu_tanh ? gelu_tanh_grad(h) : gelu_erf_grad(h));
+        const __m512 g = _mm512_mul_ps(d, kAct == Activation::gelu_tanh ? gelu_tanh_grad<kLow>(h) : gelu_erf_grad<kLow>(h));
         put<L, kStream>(at<L>(da, c), g, m);
         if (dbias) _mm512_mask_storeu_ps(dbias + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbias + c), g));
       }
