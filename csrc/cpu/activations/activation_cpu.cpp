@@ -5,12 +5,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -59,6 +58,18 @@ bool can_stream(const Tensor& out) {
   const int64_t chunk_bytes = 16 * out.element_size();
   return out.numel() * out.element_size() >= kStreamBytes && out.size(1) % 16 == 0 &&
       reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
+}
+
+// rows[0] += rows[1] + ... + rows[n - 1], as a pairwise tree over the (n, cols) rows.
+template <typename Acc>
+void add_rows_pairwise(Acc* rows, int64_t n, int64_t cols) {
+  for (int64_t stride = 1; stride < n; stride *= 2) {
+    for (int64_t r = 0; r + stride < n; r += 2 * stride) {
+      Acc* into = rows + r * cols;
+      const Acc* from = rows + (r + stride) * cols;
+      for (int64_t c = 0; c < cols; ++c) into[c] += from[c];
+    }
+  }
 }
 
 // The AVX-512 kernels take the bias in fp32, converted once per call.
@@ -165,21 +176,27 @@ std::tuple<Tensor, Tensor, Tensor> backward(
     });
     return {da, db, at::empty({0}, a.options())};
   }
-  // Chunks of kDbiasRows rows, each summed into its own (cols,) row of partial sums, which
-  // at::sum adds up (a cascade sum): the bias gradient's rounding error grows with
-  // kDbiasRows + log(chunks), not with the rows one thread handles.
+  // Chunks of kDbiasRows rows, each summed into its own (cols,) row of partial sums (zeroed by
+  // its task, inside the one parallel region: on a busy machine every extra region waits for
+  // its slowest thread), then added pairwise in a fixed order: the bias gradient's rounding
+  // error grows with kDbiasRows + log2(chunks), and its bits do not depend on the thread count.
   const int64_t chunks = std::max<int64_t>(1, (rows + kDbiasRows - 1) / kDbiasRows);
-  Tensor partial = at::zeros({chunks, cols}, a.options().dtype(acc_dtype(d)));
+  Tensor partial = at::empty({chunks, cols}, a.options().dtype(acc_dtype(d)));
   char* base = static_cast<char*>(partial.data_ptr());
   const int64_t row_bytes = cols * partial.element_size();
   at::parallel_for(0, chunks, std::max<int64_t>(1, grain_rows(cols) / kDbiasRows), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
+      std::memset(base + c * row_bytes, 0, row_bytes);
       backward_rows(d, p, c * kDbiasRows, std::min(rows, (c + 1) * kDbiasRows), base + c * row_bytes, in);
     }
   });
-  Tensor sums = chunks == 1 ? partial[0] : at::sum(partial, {0});
+  if (d == Dtype::f64) {
+    add_rows_pairwise(partial.data_ptr<double>(), chunks, cols);
+  } else {
+    add_rows_pairwise(partial.data_ptr<float>(), chunks, cols);
+  }
   // copy=true: dbias must not share storage with the scratch buffer
-  return {da, db, sums.to(a.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
+  return {da, db, partial[0].to(a.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
 }
 
 Tensor bias_gelu_fwd_cpu(const Tensor& x, const std::optional<Tensor>& bias, bool tanh) {
