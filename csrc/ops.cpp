@@ -14,6 +14,15 @@ TORCH_LIBRARY(fastarch, m) {
       "_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor xin, Tensor? weight, Tensor? mean,"
       " Tensor rstd, bool need_dweight, bool need_dbias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 
+  // Elementwise activations over a 2-D x (rows, cols) with contiguous columns, in fp32 (fp64
+  // for fp64 inputs on the CPU), rounded once to x's dtype. tanh: GELU's tanh form, else erf.
+  // dbias (the column sums of dx) is an empty tensor when not wanted.
+  m.def("_bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
+  m.def("_bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor dx, Tensor dbias)");
+  // silu(gate) * up over 2-D gate and up of one shape and dtype.
+  m.def("_swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  m.def("_swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+
   // Attention over 4-D (B, H, S, D) views with contiguous last dims; the semantics of every
   // argument are those of fastarch/ops/attn/reference.py. Packed variable lengths: B == 1
   // and cu_seqlens_q/k (int32 (N + 1,)); max_seqlen_q/k are their longest sequences (0 when

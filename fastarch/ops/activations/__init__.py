@@ -1,10 +1,11 @@
 """The activations family: bias_gelu (GELU of x + bias, exact erf or tanh form, forward and
-backward; the transformer MLP's activation after its first linear layer without the bias).
+backward; the transformer MLP's activation after its first linear layer without the bias) and
+swiglu (silu(gate) * up, the LLaMA MLP's gated activation).
 
 api.py: the public function and its torch ops; reference.py: the definition of correct (and
 the last backend); backends.py: the one table of backends.
 """
 
-from fastarch.ops.activations.api import bias_gelu
+from fastarch.ops.activations.api import bias_gelu, swiglu
 
-__all__ = ["bias_gelu"]
+__all__ = ["bias_gelu", "swiglu"]

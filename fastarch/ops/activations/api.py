@@ -1,6 +1,7 @@
 """bias_gelu: GELU of x + bias over the last dimension, as one torch op
 (``torch.ops.fastarch.bias_gelu``) with a fake implementation and autograd through
-``fastarch::bias_gelu_backward``; both ask the registry for a backend (backends.py)."""
+``fastarch::bias_gelu_backward``; swiglu: silu(gate) * up, likewise (``fastarch::swiglu``,
+``fastarch::swiglu_backward``). Each asks the registry for a backend (backends.py)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,76 @@ def bias_gelu(x: Tensor, bias: Tensor | None = None, approximate: str = "none", 
     """
     _check(x, bias, approximate)
     return _bias_gelu(x, bias, approximate, registry.requested_backend(backend))
+
+
+def _check_swiglu(gate: object, up: object) -> None:
+    op = "swiglu"
+    for name, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastarch.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if gate.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fastarch.{op}: gate must be float32, float16, bfloat16 or float64, got {gate.dtype}")
+    if gate.dim() < 1 or gate.shape[-1] < 1:
+        raise ValueError(f"fastarch.{op}: gate must have a last dimension of at least 1, got shape {tuple(gate.shape)}")
+    if up.shape != gate.shape:
+        raise ValueError(f"fastarch.{op}: up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+    if up.dtype != gate.dtype:
+        raise TypeError(f"fastarch.{op}: up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    if up.device != gate.device:
+        raise ValueError(f"fastarch.{op}: up must be on gate's device {gate.device}, got {up.device}")
+
+
+@torch.library.custom_op("fastarch::swiglu", mutates_args=())
+def _swiglu(gate: Tensor, up: Tensor, backend: str = "") -> Tensor:
+    _check_swiglu(gate, up)
+    rows = as_rows(gate)
+    impl = registry.choose("swiglu", ActivationProblem.of(rows), backend)
+    return impl.forward(rows, as_rows(up)).view(gate.shape)
+
+
+@_swiglu.register_fake
+def _(gate, up, backend=""):
+    _check_swiglu(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("fastarch::swiglu_backward", mutates_args=())
+def _swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor, backend: str = "") -> tuple[Tensor, Tensor]:
+    """dgate and dup, each of gate's shape."""
+    rows = as_rows(gate)
+    impl = registry.choose("swiglu", ActivationProblem.of(rows), backend)
+    dgate, dup = impl.backward(as_rows(dy), rows, as_rows(up))
+    return dgate.view(gate.shape), dup.view(gate.shape)
+
+
+@_swiglu_backward.register_fake
+def _(dy, gate, up, backend=""):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    gate, up, backend = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.backend = backend
+
+
+def _swiglu_grad(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dgate, dup = _swiglu_backward(dy, gate, up, ctx.backend)
+    return dgate, dup, None
+
+
+_swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
+
+
+def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
+    """silu(gate) * up: the gated MLP activation of LLaMA-family transformers (the two halves
+    of the gate/up projection), fused into one pass.
+
+    gate, up: (..., N) of one shape, float32/float16/bfloat16 (float64 on the cpu and reference
+    backends). Computed in fp32 and rounded once to the inputs' dtype. Returns (..., N),
+    contiguous. Gradients flow to gate and up. backend: force "cuda", "cpu", "triton" or
+    "reference".
+    """
+    _check_swiglu(gate, up)
+    return _swiglu(gate, up, registry.requested_backend(backend))

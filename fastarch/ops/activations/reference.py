@@ -1,8 +1,8 @@
 """The activations in plain PyTorch: the definition of correct, and the backend of last resort.
 
-Kernel-level interface (see backends.py): x (rows, cols) with contiguous columns, bias (cols,)
-or None; approximate "none" (erf) or "tanh". Math in fp32 (fp64 for fp64 inputs); outputs in
-x's dtype.
+Kernel-level interface (see backends.py): x, gate, up (rows, cols) with contiguous columns,
+bias (cols,) or None; approximate "none" (erf) or "tanh". Math in fp32 (fp64 for fp64 inputs);
+outputs in the inputs' dtype, rounded once.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -18,21 +17,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gelu(h: Tensor, approximate: str) -> Tensor:
+    """F.gelu's value, written without its cancellation for negative h: h Phi(h) with
+    Phi(h) = erfc(-h / sqrt 2) / 2 (1 + erf(h / sqrt 2) loses every digit below h ~ -3 in
+    fp32, ~ -5.5 in fp64), and 0.5 h (1 + tanh u) = h sigmoid(2u). gelu(+inf) = inf,
+    gelu(-inf) = NaN (-inf * 0), NaN gives NaN, as F.gelu."""
+    if approximate == "tanh":
+        return h * torch.sigmoid(2 * math.sqrt(2.0 / math.pi) * h * (1 + 0.044715 * h * h))
+    return h * 0.5 * torch.special.erfc(h * (-1 / math.sqrt(2.0)))
+
+
 def bias_gelu_forward_ref(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
     """gelu(x + bias), rounded once to x's dtype."""
     acc = compute_dtype(x.dtype)
     h = x.to(acc) + bias.to(acc) if bias is not None else x.to(acc)
-    return F.gelu(h, approximate=approximate).to(x.dtype)
+    return gelu(h, approximate).to(x.dtype)
 
 
 def gelu_derivative(h: Tensor, approximate: str) -> Tensor:
-    """d gelu(h) / dh. erf form: Phi(h) + h phi(h); tanh form, with u = sqrt(2/pi) (h + 0.044715
-    h^3): 0.5 (1 + tanh u) + 0.5 h (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 h^2)."""
+    """d gelu(h) / dh. erf form: Phi(h) + h phi(h); tanh form, with s = sigmoid(2u) =
+    0.5 (1 + tanh u), u = sqrt(2/pi) (h + 0.044715 h^3): s + h s (1 - s) 2 sqrt(2/pi)
+    (1 + 3 * 0.044715 h^2) (0.5 (1 - tanh^2 u) = 2 s (1 - s)). NaN at +-inf, as torch's."""
     if approximate == "tanh":
         k = math.sqrt(2.0 / math.pi)
-        t = torch.tanh(k * (h + 0.044715 * h**3))
-        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * k * (1 + 3 * 0.044715 * h * h)
-    cdf = 0.5 * (1 + torch.erf(h * (1 / math.sqrt(2.0))))
+        arg = 2 * k * h * (1 + 0.044715 * h * h)
+        s = torch.sigmoid(arg)
+        g = h * s * torch.sigmoid(-arg)  # exactly 0 wherever h^2 overflows: kept out of the product
+        return s + g * (2 * k) + (g * h) * (h * (6 * 0.044715 * k))
+    cdf = 0.5 * torch.special.erfc(h * (-1 / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * h * h) * (1 / math.sqrt(2 * math.pi))
     return cdf + h * pdf
 
@@ -47,3 +59,21 @@ def bias_gelu_backward_ref(
     grad = dy.to(acc) * gelu_derivative(h, approximate)
     dbias = grad.sum(0).to(x.dtype) if need_dbias else None
     return grad.to(x.dtype), dbias
+
+
+def swiglu_forward_ref(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up = gate sigmoid(gate) up, rounded once to gate's dtype. silu(-inf) is NaN
+    (-inf * 0) and silu(+inf) inf, as F.silu; NaN gives NaN."""
+    acc = compute_dtype(gate.dtype)
+    g = gate.to(acc)
+    return (g * torch.sigmoid(g) * up.to(acc)).to(gate.dtype)
+
+
+def swiglu_backward_ref(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """dgate = dy up s (1 + g (1 - s)) and dup = dy g s with s = sigmoid(g), each rounded once
+    to gate's dtype (1 - s as sigmoid(-g): no cancellation)."""
+    acc = compute_dtype(gate.dtype)
+    g, u, d = gate.to(acc), up.to(acc), dy.to(acc)
+    s = torch.sigmoid(g)
+    dgate = d * u * s * (1 + g * torch.sigmoid(-g))
+    return dgate.to(gate.dtype), (d * g * s).to(gate.dtype)

@@ -1,0 +1,160 @@
+// Portable build of the CPU activation row kernels: for CPUs without AVX-512 and for fp64. The
+// math is the C library's (erfc, exp) in the accumulation type; the AVX-512 build evaluates the
+// same formulas with its own polynomials.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+
+#include "activation_rows.h"
+
+namespace fastarch::cpu::act {
+namespace {
+
+template <Dtype D>
+struct Types;
+template <>
+struct Types<Dtype::f32> {
+  using T = float;
+  using Acc = float;
+};
+template <>
+struct Types<Dtype::f64> {
+  using T = double;
+  using Acc = double;
+};
+template <>
+struct Types<Dtype::f16> {
+  using T = c10::Half;
+  using Acc = float;
+};
+template <>
+struct Types<Dtype::bf16> {
+  using T = c10::BFloat16;
+  using Acc = float;
+};
+
+constexpr double kSqrtHalf = 0.70710678118654752440;      // 1 / sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;    // 1 / sqrt(2 pi)
+constexpr double kSqrt2OverPi = 0.79788456080286535588;   // sqrt(2 / pi)
+constexpr double kTanhCubic = 0.044715;
+
+// sigmoid(v) and 1 - sigmoid(v), each without cancellation: 1 - s is e s where e = exp(-v) < 1
+// (s near 1), and the subtraction itself where s <= 1/2 (e there may be inf).
+template <typename Acc>
+struct Sigmoid {
+  Acc s, one_minus_s;
+  explicit Sigmoid(Acc v) {
+    const Acc e = std::exp(-v);
+    s = Acc(1) / (Acc(1) + e);
+    one_minus_s = e < Acc(1) ? e * s : Acc(1) - s;
+  }
+};
+
+// Phi(h) = erfc(-h / sqrt 2) / 2: no cancellation for negative h, where 1 + erf would lose
+// every digit. h Phi(h) gives inf at +inf and NaN at -inf (inf * 0), as torch's F.gelu.
+template <typename Acc>
+Acc gelu_erf(Acc h) {
+  return h * Acc(0.5) * std::erfc(-h * Acc(kSqrtHalf));
+}
+template <typename Acc>
+Acc gelu_erf_grad(Acc h) {
+  return Acc(0.5) * std::erfc(-h * Acc(kSqrtHalf)) + h * Acc(kInvSqrt2Pi) * std::exp(Acc(-0.5) * h * h);
+}
+
+// 0.5 h (1 + tanh u) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3): no cancellation.
+template <typename Acc>
+Acc tanh_arg2(Acc h) {  // 2u
+  return Acc(2 * kSqrt2OverPi) * h * (Acc(1) + Acc(kTanhCubic) * h * h);
+}
+template <typename Acc>
+Acc gelu_tanh(Acc h) {
+  return h * Sigmoid<Acc>(tanh_arg2(h)).s;
+}
+// d/dh = s + h s (1 - s) d(2u)/dh, d(2u)/dh = 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2), summed as
+// g 2 sqrt(2/pi) + (g h) (h 6 * 0.044715 sqrt(2/pi)) with g = h s (1 - s): g is exactly 0
+// wherever h^2 would overflow, so a huge finite h gets its limit (1 or 0), not inf * 0.
+template <typename Acc>
+Acc gelu_tanh_grad(Acc h) {
+  const Sigmoid<Acc> sg(tanh_arg2(h));
+  const Acc g = h * sg.s * sg.one_minus_s;
+  return sg.s + g * Acc(2 * kSqrt2OverPi) + (g * h) * (h * Acc(6 * kTanhCubic * kSqrt2OverPi));
+}
+
+template <Dtype D>
+void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* a = static_cast<const T*>(p.a) + r * p.a_row_stride;
+    T* y = static_cast<T*>(p.y) + r * p.cols;
+    if (p.act == Activation::swiglu) {
+      const T* b = static_cast<const T*>(p.b) + r * p.b_row_stride;
+      for (int64_t c = 0; c < p.cols; ++c) {
+        const Acc g = static_cast<Acc>(a[c]);
+        y[c] = static_cast<T>(g * Sigmoid<Acc>(g).s * static_cast<Acc>(b[c]));
+      }
+      continue;
+    }
+    const bool tanh = p.act == Activation::gelu_tanh;
+    for (int64_t c = 0; c < p.cols; ++c) {
+      const Acc h = static_cast<Acc>(a[c]) + (bias ? static_cast<Acc>(bias[c]) : Acc(0));
+      y[c] = static_cast<T>(tanh ? gelu_tanh(h) : gelu_erf(h));
+    }
+  }
+}
+
+template <Dtype D>
+void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end, void* dbias_acc) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const T* bias = static_cast<const T*>(p.bias);
+  Acc* dbias = static_cast<Acc*>(dbias_acc);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
+    const T* a = static_cast<const T*>(p.a) + r * p.a_row_stride;
+    T* da = static_cast<T*>(p.da) + r * p.cols;
+    if (p.act == Activation::swiglu) {
+      // y = g s(g) u: dy/dg = u s (1 + g (1 - s)), dy/du = g s.
+      const T* b = static_cast<const T*>(p.b) + r * p.b_row_stride;
+      T* db = static_cast<T*>(p.db) + r * p.cols;
+      for (int64_t c = 0; c < p.cols; ++c) {
+        const Acc g = static_cast<Acc>(a[c]), u = static_cast<Acc>(b[c]), d = static_cast<Acc>(dy[c]);
+        const Sigmoid<Acc> sg(g);
+        da[c] = static_cast<T>(d * u * sg.s * (Acc(1) + g * sg.one_minus_s));
+        db[c] = static_cast<T>(d * g * sg.s);
+      }
+      continue;
+    }
+    const bool tanh = p.act == Activation::gelu_tanh;
+    for (int64_t c = 0; c < p.cols; ++c) {
+      const Acc h = static_cast<Acc>(a[c]) + (bias ? static_cast<Acc>(bias[c]) : Acc(0));
+      const Acc g = static_cast<Acc>(dy[c]) * (tanh ? gelu_tanh_grad(h) : gelu_erf_grad(h));
+      da[c] = static_cast<T>(g);
+      if (dbias) dbias[c] += g;
+    }
+  }
+}
+
+}  // namespace
+
+template <Dtype D>
+void activation_forward_rows_generic(const ActivationForwardParams& p, int64_t begin, int64_t end) {
+  forward_rows<D>(p, begin, end);
+}
+template <Dtype D>
+void activation_backward_rows_generic(const ActivationBackwardParams& p, int64_t begin, int64_t end, void* dbias_acc) {
+  backward_rows<D>(p, begin, end, dbias_acc);
+}
+
+#define FASTARCH_INSTANTIATE(D)                                                                               \
+  template void activation_forward_rows_generic<D>(const ActivationForwardParams&, int64_t, int64_t);         \
+  template void activation_backward_rows_generic<D>(const ActivationBackwardParams&, int64_t, int64_t, void*);
+FASTARCH_INSTANTIATE(Dtype::f32)
+FASTARCH_INSTANTIATE(Dtype::f64)
+FASTARCH_INSTANTIATE(Dtype::f16)
+FASTARCH_INSTANTIATE(Dtype::bf16)
+#undef FASTARCH_INSTANTIATE
+
+}  // namespace fastarch::cpu::act

@@ -1,0 +1,52 @@
+"""The activations' Triton kernels (kernels/activations.py) as torch ops
+(``torch.library.triton_op``), so that torch.compile sees into them on GPU. The bias gradient
+comes back as an empty tensor when not wanted, as from the C++ kernel ops (cpp.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from fastarch.kernels import activations as _kernels
+except ImportError:  # triton is not installed: fastarch.availability.triton() says so
+    _kernels = None
+
+if _kernels is not None:
+
+    @torch.library.triton_op("fastarch::_triton_bias_gelu_fwd", mutates_args=())
+    def _triton_bias_gelu_fwd(x: Tensor, bias: Tensor | None, tanh: bool) -> Tensor:
+        return _kernels.activation_forward(x, None, bias, "tanh" if tanh else "none")
+
+    @torch.library.triton_op("fastarch::_triton_bias_gelu_bwd", mutates_args=())
+    def _triton_bias_gelu_bwd(
+        dy: Tensor, x: Tensor, bias: Tensor | None, tanh: bool, need_dbias: bool
+    ) -> tuple[Tensor, Tensor]:
+        dx, _, dbias = _kernels.activation_backward(dy, x, None, bias, "tanh" if tanh else "none", need_dbias)
+        return dx, dbias if dbias is not None else x.new_empty(0)
+
+    @torch.library.triton_op("fastarch::_triton_swiglu_fwd", mutates_args=())
+    def _triton_swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+        return _kernels.activation_forward(gate, up, None, "swiglu")
+
+    @torch.library.triton_op("fastarch::_triton_swiglu_bwd", mutates_args=())
+    def _triton_swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        dgate, dup, _ = _kernels.activation_backward(dy, gate, up, None, "swiglu", False)
+        return dgate, dup
+
+
+def bias_gelu_forward(x, bias, approximate):
+    return torch.ops.fastarch._triton_bias_gelu_fwd(x, bias, approximate == "tanh")
+
+
+def bias_gelu_backward(dy, x, bias, approximate, need_dbias):
+    dx, dbias = torch.ops.fastarch._triton_bias_gelu_bwd(dy, x, bias, approximate == "tanh", need_dbias)
+    return dx, dbias if need_dbias else None
+
+
+def swiglu_forward(gate, up):
+    return torch.ops.fastarch._triton_swiglu_fwd(gate, up)
+
+
+def swiglu_backward(dy, gate, up):
+    return torch.ops.fastarch._triton_swiglu_bwd(dy, gate, up)
