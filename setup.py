@@ -30,6 +30,7 @@ GENERATED = os.path.join("build", "generated")
 CUDA_ATTENTION_DTYPES = {"f16": "__half", "bf16": "__nv_bfloat16"}
 CUDA_ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 CUDA_NORM_DTYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
+CUDA_ROPE_DTYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
 # Ampere and Hopper cubins, and Hopper's PTX for newer GPUs (the driver compiles it for them).
 CUDA_DEFAULT_ARCHS = "8.0;9.0+PTX"
 CUDA_MIN_ARCH = (8, 0)  # bf16 mma.sync, ldmatrix, cp.async
@@ -154,17 +155,21 @@ def _generate_cuda_instances() -> list[str]:
         defines = {"FASTARCH_DTYPE": dtype, "FASTARCH_ELEMENT": element}
         unit(f"norm_fwd_{dtype}.cu", "cuda/norms/norm_fwd_instance.cuh", defines)
         unit(f"norm_bwd_{dtype}.cu", "cuda/norms/norm_bwd_instance.cuh", defines)
+    for dtype, element in CUDA_ROPE_DTYPES.items():
+        unit(f"rope_{dtype}.cu", "cuda/rope/rope_instance.cuh", {"FASTARCH_DTYPE": dtype, "FASTARCH_ELEMENT": element})
 
     attention = " ".join(f"X({d}, {hd})" for d in CUDA_ATTENTION_DTYPES for hd in CUDA_ATTENTION_HEAD_DIMS)
     head_dims = " ".join(f"X({hd})" for hd in sorted(CUDA_ATTENTION_HEAD_DIMS))
     norms = " ".join(f"X({d})" for d in CUDA_NORM_DTYPES)
+    rope = " ".join(f"X({d})" for d in CUDA_ROPE_DTYPES)
     _write(
         os.path.join(GENERATED, "cuda_instances.h"),
         note
         + "#pragma once\n"
         + f"#define FASTARCH_FOR_EACH_ATTENTION_INSTANCE(X) {attention}\n"
         + f"#define FASTARCH_FOR_EACH_ATTENTION_HEAD_DIM(X) {head_dims}\n"
-        + f"#define FASTARCH_FOR_EACH_NORM_DTYPE(X) {norms}\n",
+        + f"#define FASTARCH_FOR_EACH_NORM_DTYPE(X) {norms}\n"
+        + f"#define FASTARCH_FOR_EACH_ROPE_DTYPE(X) {rope}\n",
     )
     return sources
 

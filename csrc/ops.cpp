@@ -36,4 +36,12 @@ TORCH_LIBRARY(fastarch, m) {
   // cache_seqlens[b] .. cache_seqlens[b] + S_new of each sequence b. Slots outside the cache
   // are an error on the CPU and skipped on a GPU (the Python op asserts them on the device).
   m.def("_append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor cache_seqlens) -> ()");
+
+  // Rotary position embedding of q (B, Hq, S, D) or packed (total, Hq, D) and k (same, Hk
+  // heads), last dims contiguous, by the cos/sin tables (max_pos, rot_dim / 2) (fp32; fp64 for
+  // fp64 inputs) at positions: None (token s at s), (B,) int64 offsets, (B, S) or (total,)
+  // int64. inverse turns the other way (the backward). Semantics: fastarch/ops/rope/reference.py.
+  m.def(
+      "_rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, bool interleaved, bool inverse)"
+      " -> (Tensor q_out, Tensor k_out)");
 }

@@ -1,0 +1,105 @@
+// CPU implementation of fastarch::_rotary: checks, allocation, threading over tokens
+// (at::parallel_for, i.e. torch's OpenMP pool and its thread count), and the choice between
+// the AVX-512 and portable row kernels.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "cpu/isa.h"
+#include "rope/rope_glue.h"
+#include "rope_rows.h"
+
+namespace fastarch::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kWho = "fastarch::_rotary (cpu)";
+
+RopeDtype dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return RopeDtype::f32;
+    case at::kDouble:
+      return RopeDtype::f64;
+    case at::kHalf:
+      return RopeDtype::f16;
+    case at::kBFloat16:
+      return RopeDtype::bf16;
+    default:
+      TORCH_CHECK(false, kWho, ": q must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  }
+}
+
+// Reads outside the table are never made: every token's position is checked here first.
+void check_positions(const RopeParams& p, const std::optional<Tensor>& positions) {
+  if (!positions || positions->numel() == 0 || p.batch * p.seqlen == 0) return;
+  auto [lo_t, hi_t] = at::aminmax(*positions);
+  const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
+  const int64_t last = p.add_s ? p.seqlen - 1 : 0;  // offsets: the last token is offset + S - 1
+  TORCH_CHECK(lo >= 0 && hi + last < p.max_pos, kWho, ": positions must lie in 0 .. ", p.max_pos - 1 - last,
+              " (the table's ", p.max_pos, " rows", last ? " less the tokens after each offset" : "", "), got ", lo,
+              " .. ", hi);
+}
+
+void run(RopeDtype d, const RopeParams& p) {
+  const int64_t tokens = p.batch * p.seqlen;
+  if (tokens == 0 || p.heads == 0) return;
+  // Tokens per task: enough elements per task (~16K) that threading overhead stays small.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.heads * p.head_dim, 1));
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+#ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
+    if (d != RopeDtype::f64 && active_isa() == Isa::avx512) {
+      const bool bf16_insn = cpu_has_avx512_bf16();
+      switch (d) {
+        case RopeDtype::f32:
+          return rope_rows_avx512<RopeDtype::f32>(p, begin, end, bf16_insn);
+        case RopeDtype::f16:
+          return rope_rows_avx512<RopeDtype::f16>(p, begin, end, bf16_insn);
+        case RopeDtype::bf16:
+          return rope_rows_avx512<RopeDtype::bf16>(p, begin, end, bf16_insn);
+        case RopeDtype::f64:
+          break;
+      }
+    }
+#endif
+    switch (d) {
+      case RopeDtype::f32:
+        return rope_rows_generic<RopeDtype::f32>(p, begin, end);
+      case RopeDtype::f64:
+        return rope_rows_generic<RopeDtype::f64>(p, begin, end);
+      case RopeDtype::f16:
+        return rope_rows_generic<RopeDtype::f16>(p, begin, end);
+      case RopeDtype::bf16:
+        return rope_rows_generic<RopeDtype::bf16>(p, begin, end);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> rotary_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
+                                      const std::optional<Tensor>& positions, bool interleaved, bool inverse) {
+  TORCH_CHECK(q.device().is_cpu(), kWho, ": q must be on the CPU, got ", q.device());
+  const RopeDtype d = dtype_of(q);
+  rope_glue::check(kWho, q, k, cos, sin, positions, d == RopeDtype::f64 ? at::kDouble : at::kFloat);
+  Tensor q_out = at::empty_like(q);
+  Tensor k_out = at::empty_like(k);
+  const RopeParams pq = rope_glue::params(q, q_out, cos, sin, positions, interleaved, inverse);
+  const RopeParams pk = rope_glue::params(k, k_out, cos, sin, positions, interleaved, inverse);
+  check_positions(pq, positions);
+  run(d, pq);
+  run(d, pk);
+  return {q_out, k_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) { m.impl("_rotary", &rotary_cpu); }
+
+}  // namespace fastarch::cpu
