@@ -27,6 +27,8 @@ FAMILIES: dict[str, str] = {
     "vit": "vit:ViT",
     "clip_text_model": "clip_text:CLIPText",
     "clip": "clip_text:CLIPText",  # a whole CLIPModel: its text tower only (the vision tower is not built)
+    "gpt2": "gpt2:GPT2",
+    "gpt_neo": "gpt2:GPT2",
 }
 
 
