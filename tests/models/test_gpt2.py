@@ -4,6 +4,7 @@ training step's gradients, local attention, loading errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import gpt2_tiny
@@ -183,3 +184,52 @@ def test_missing_tensor_and_bad_config(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"h\.1\.ln_2\.bias"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo"])
+def test_cuda_matches_transformers(tmp_path, family):
+    """On CUDA, fp32 and bf16: logits of a padded batch (and for GPT-2 one training step's
+    gradients) within BF16_RATIO x transformers' own error on CUDA in that dtype against the
+    truth on the CPU (fp64 logits, fp32 gradients), plus two ulps of the truth's scale."""
+    hf = gpt2_tiny.make(tmp_path, family)
+    ids, mask = gpt2_tiny.prompts(LENGTHS, "right")
+    pos = gpt2_tiny.hf_positions(mask)
+    real = _real(mask)
+    labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+
+    def loss(logits):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten().to(logits.device))
+
+    with torch.no_grad():
+        truth = copy.deepcopy(hf).double()(ids, attention_mask=mask, position_ids=pos).logits[real]
+    train = family == "gpt2"
+    if train:
+        ref = copy.deepcopy(hf).train()
+        loss(ref(ids, attention_mask=mask, position_ids=pos).logits).backward()
+        true_grads = dict(ref.named_parameters())
+
+    def check(what, ours, theirs, true, dtype, floor_rel=0.0):
+        ours, theirs, true = ours.double().cpu(), theirs.double().cpu(), true.double()
+        floor = max(2 * torch.finfo(dtype).eps, floor_rel) * true.abs().max().item()
+        err, their_err = (ours - true).abs().max().item(), (theirs - true).abs().max().item()
+        assert err <= BF16_RATIO * their_err + floor, f"{what} ({dtype}): error {err:.3g}, transformers' {their_err:.3g}"
+
+    cuda = [t.cuda() for t in (ids, mask, pos)]
+    for dtype in (torch.float32, torch.bfloat16):
+        theirs = copy.deepcopy(hf).to("cuda", dtype).train(train)
+        their_logits = theirs(cuda[0], attention_mask=cuda[1], position_ids=cuda[2]).logits
+        model = from_pretrained(tmp_path, dtype=dtype, device="cuda").train(train)
+        logits = model(cuda[0], cuda[1])
+        check("logits", logits[real.cuda()], their_logits[real.cuda()], truth, dtype)
+        if not train:
+            continue
+        loss(their_logits).backward()
+        loss(logits).backward()
+        their_grads = dict(theirs.named_parameters())
+        hf_name = {_model_name(n): n for n in their_grads}
+        for name, p in model.named_parameters():
+            n = hf_name[name]
+            conv = n.split(".", 3)[-1] in _CONV1D
+            grad = (lambda g: g.t() if conv else g)
+            check(f"gradient of {name}", p.grad, grad(their_grads[n].grad), grad(true_grads[n].grad), dtype, 1e-4)
