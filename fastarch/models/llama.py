@@ -117,9 +117,21 @@ class LlamaConfig:
         if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window >= 1):
             raise CheckpointError(f"config.json: sliding_window must be an int >= 1, got {self.sliding_window!r}")
         try:
-            ops.rotary_tables(self.rotary_dim, 1, self.rope_theta, self.rope_scaling)
+            ops.rotary_tables(self.rotary_dim, 1, self.rope_theta, self.scaling)
         except ValueError as e:
             raise CheckpointError(f"config.json: rope_theta / rope_scaling: {e}") from None
+
+    @property
+    def scaling(self) -> dict | None:
+        """rope_scaling as rotary_tables takes it: the context lengths that transformers takes
+        from the config when the dict has none (dynamic's trained length, YaRN's original one)."""
+        if not self.rope_scaling:
+            return None
+        scaling = dict(self.rope_scaling)
+        scaling.setdefault("max_position_embeddings", self.max_position_embeddings)
+        if scaling.get("rope_type", scaling.get("type")) == "yarn":
+            scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        return scaling
 
     @property
     def rotary_dim(self) -> int:
@@ -178,7 +190,7 @@ class Llama(nn.Module):
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # fp32 tables, kept off the module's buffers so that a cast of the model (.to(bfloat16))
         # does not round them; a copy per device is made on first use
-        cos, sin, _ = ops.rotary_tables(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin, _ = ops.rotary_tables(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.scaling)
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {cos.device: (cos, sin)}
 
     def _rope(self, device: torch.device) -> tuple[Tensor, Tensor]:

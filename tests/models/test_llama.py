@@ -35,6 +35,9 @@ VARIANTS = {
     "mha-llama3-bias": dict(num_key_value_heads=4, attention_bias=True, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
+    # YaRN scales cos and sin by its attention factor; dynamic NTK is the default within the positions
+    "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
 }
 
 
