@@ -114,6 +114,8 @@ class LlamaConfig:
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise CheckpointError(f"config.json: hidden_size {self.hidden_size} is not a multiple of"
                                   f" num_attention_heads {self.num_attention_heads} (and no head_dim)")
+        if self.partial_rotary_factor != 1.0:  # no LLaMA-family model in transformers rotates part of a head
+            raise CheckpointError(f"config.json: partial_rotary_factor {self.partial_rotary_factor} is not supported")
         if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window >= 1):
             raise CheckpointError(f"config.json: sliding_window must be an int >= 1, got {self.sliding_window!r}")
         try:

@@ -319,3 +319,19 @@ def test_cuda_matches_transformers(tmp_path, variant):
     on_cpu = generate(from_pretrained(tmp_path), ids, mask, max_new_tokens=NEW)
     on_cuda = generate(from_pretrained(tmp_path, device="cuda"), ids.cuda(), mask.cuda(), max_new_tokens=NEW)
     assert torch.equal(on_cuda.cpu(), on_cpu)
+
+
+def test_transformers_4_config_keys(tmp_path):
+    """rope_theta and rope_scaling at the top of config.json (transformers 4) as rope_parameters."""
+    make(tmp_path, **VARIANTS["mha-llama3-bias"])
+    ids, mask = gpt2_tiny.prompts(LENGTHS, "left")
+    with torch.no_grad():
+        ref = from_pretrained(tmp_path)(ids, mask)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = from_pretrained(tmp_path)
+    assert model.config.rope_scaling["rope_type"] == "llama3"
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), ref)
