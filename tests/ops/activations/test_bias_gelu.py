@@ -11,7 +11,6 @@ fp32): the same, with PyTorch's autograd of the same computation as the yardstic
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -16,7 +16,7 @@ import torch
 import backend_rows  # tests/backend_rows.py
 from fastarch import ops
 from fastarch._extension import _C
-from rope_cases import CASES, MAX_POS, make, truth, ulp_bound
+from rope_cases import CASES, make, truth, ulp_bound
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [pytest.param(False, id="neox"), pytest.param(True, id="gptj")]
