@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import transformers
 
 from fastarch.models import CheckpointError, from_pretrained
-from fastarch.models.gpt2 import _model_name
 from fastarch.models.generate import generate
+from fastarch.models.gpt2 import _model_name
 from fastarch.models.starcoder import StarCoder
 
 FP32_REL = 1e-5  # the same math in another order (packed attention, fused norms)
@@ -217,3 +217,66 @@ def test_missing_tensor(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"lacks tensors StarCoder needs: h\.1\.c_attn\.bias"):
         from_pretrained(tmp_path)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cached_decoding_equals_the_full_forward(pair, dtype, device):
+    """Logits of tokens fed through the (one-head, with multi_query) cache, one at a time then
+    three at once, as those of the full forward over the whole padded sequences; in bf16 within
+    the full forward's own bf16 error against fp32 (the two round differently)."""
+    _, ours = pair
+    model = ours.to(device, dtype)
+    try:
+        ids, mask = (t.to(device) for t in gpt2_tiny.prompts(LENGTHS, "left"))
+        more = torch.randint(2, gpt2_tiny.VOCAB, (len(LENGTHS), 7), generator=torch.Generator().manual_seed(1))
+        more = more.to(device)
+        cache = model.new_cache(len(LENGTHS), ids.shape[1] + 7)
+        with torch.no_grad():
+            steps = [model(ids, mask, cache=cache, last_only=True)]
+            steps += [model(more[:, i : i + 1], cache=cache) for i in range(4)]
+            steps.append(model(more[:, 4:], cache=cache))
+            cached = torch.cat(steps, 1)  # logits after the prompt, then after each new token
+            seq, seq_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
+            full = model(seq, seq_mask)[:, ids.shape[1] - 1 :]
+            truth = model.float()(seq, seq_mask)[:, ids.shape[1] - 1 :]
+        assert cache.seqlens.tolist() == [n + 7 for n in LENGTHS]
+        scale = truth.abs().max()
+        if dtype == torch.float32:
+            assert (cached - full).abs().max() <= FP32_REL * scale
+        else:
+            bound = (full.float() - truth).abs().max()
+            assert (cached.float() - truth).abs().max() <= 2 * bound + 4e-3 * scale
+    finally:
+        ours.to("cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@MQ
+def test_cuda_matches_transformers(tmp_path, multi_query):
+    """On CUDA, fp32 and bf16: logits of a padded batch within BF16_RATIO x transformers' own
+    error on CUDA in that dtype against the truth (fp64 on the CPU), plus two ulps of the
+    truth's scale (at least FP32_REL); greedy generation in fp32 as on the CPU, token for token."""
+    import copy
+
+    hf = make(tmp_path, multi_query=multi_query)
+    ids, mask = gpt2_tiny.prompts(LENGTHS, "right")
+    pos = gpt2_tiny.hf_positions(mask)
+    real = mask.bool()
+    with torch.no_grad():
+        truth = copy.deepcopy(hf).double()(ids, attention_mask=mask, position_ids=pos).logits[real]
+        for dtype in (torch.float32, torch.bfloat16):
+            theirs = copy.deepcopy(hf).to("cuda", dtype)(ids.cuda(), attention_mask=mask.cuda(),
+                                                         position_ids=pos.cuda()).logits[real.cuda()].double().cpu()
+            model = from_pretrained(tmp_path, dtype=dtype, device="cuda")
+            ours = model(ids.cuda(), mask.cuda())[real.cuda()].double().cpu()
+            floor = max(2 * torch.finfo(dtype).eps, FP32_REL) * truth.abs().max().item()
+            err, their_err = (ours - truth).abs().max().item(), (theirs - truth).abs().max().item()
+            assert err <= BF16_RATIO * their_err + floor, f"{dtype}: error {err:.3g}, transformers' {their_err:.3g}"
+    ids, mask = gpt2_tiny.prompts([5, 12, 1], "left")
+    on_cpu = generate(from_pretrained(tmp_path), ids, mask, max_new_tokens=NEW)
+    on_cuda = generate(from_pretrained(tmp_path, device="cuda"), ids.cuda(), mask.cuda(), max_new_tokens=NEW)
+    assert torch.equal(on_cuda.cpu(), on_cpu)
