@@ -208,11 +208,22 @@ def test_checkpoint_not_fitting_config(tmp_path):
             from_pretrained(tmp_path)
 
 
-def test_missing_tensor(tmp_path):
+def test_checkpoint_variants_and_missing_tensor(tmp_path):
+    """The causal-mask buffer older transformers saved is skipped; a GPTBigCodeModel checkpoint
+    (no transformer. prefix, no lm_head) loads with the head tied; a missing tensor is named."""
     from safetensors.torch import load_file, save_file
 
-    make(tmp_path, multi_query=False)
+    hf = make(tmp_path, multi_query=False)
     weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file({**weights, "transformer.bias": torch.ones(POSITIONS, POSITIONS).tril().bool()},
+              str(tmp_path / "model.safetensors"))
+    ids, mask = gpt2_tiny.prompts(LENGTHS, "left")
+    with torch.no_grad():
+        ref = _logits(hf, ids, mask)
+        assert _rel_err(from_pretrained(tmp_path)(ids, mask), ref, mask) < FP32_REL
+        base = tmp_path / "base"
+        hf.transformer.save_pretrained(base)
+        assert _rel_err(from_pretrained(base)(ids, mask), ref, mask) < FP32_REL
     del weights["transformer.h.1.attn.c_attn.bias"]
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"lacks tensors StarCoder needs: h\.1\.c_attn\.bias"):
