@@ -29,6 +29,7 @@ FAMILIES: dict[str, str] = {
     "clip": "clip_text:CLIPText",  # a whole CLIPModel: its text tower only (the vision tower is not built)
     "gpt2": "gpt2:GPT2",
     "gpt_neo": "gpt2:GPT2",
+    "gpt_bigcode": "starcoder:StarCoder",
     "llama": "llama:Llama",
     "mistral": "llama:Llama",
     "qwen2": "llama:Llama",

@@ -115,6 +115,11 @@ class GPT2Config:
             if "local" in self.attention_layers and not (isinstance(self.window_size, int) and self.window_size >= 1):
                 raise CheckpointError(f"config.json: window_size must be an int >= 1, got {self.window_size!r}")
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (GPT-2: one per query head; StarCoder's multi-query attention: 1)."""
+        return self.n_head
+
     def window(self, layer: int) -> int | None:
         """fastarch.ops.attention's window (keys to the left) of a layer; None: global."""
         if self.attention_layers and self.attention_layers[layer] == "local":
@@ -129,8 +134,9 @@ class Block(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         C, inner = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
+        kv = cfg.kv_heads * (C // cfg.n_head)
         self.ln_1 = nn.LayerNorm(C, eps=cfg.layer_norm_epsilon)
-        self.c_attn = nn.Linear(C, 3 * C, bias=cfg.qkv_bias)  # q, k, v stacked on the output axis
+        self.c_attn = nn.Linear(C, C + 2 * kv, bias=cfg.qkv_bias)  # q, k, v stacked on the output axis
         self.attn_proj = nn.Linear(C, C)
         self.ln_2 = nn.LayerNorm(C, eps=cfg.layer_norm_epsilon)
         self.c_fc = nn.Linear(C, inner)
@@ -150,7 +156,7 @@ class GPT2(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.n_embd // cfg.n_head
 
     # the decoder protocol (fastarch/models/generate.py)
     @property
@@ -172,7 +178,7 @@ class GPT2(nn.Module):
         if max_len > self.config.n_positions:
             raise ValueError(f"max_len {max_len} exceeds the model's {self.config.n_positions} positions")
         p = self.wte.weight
-        return KVCache(self.config.n_layer, batch, self.n_head, max_len, self.head_dim,
+        return KVCache(self.config.n_layer, batch, self.n_kv, max_len, self.head_dim,
                        dtype=dtype or p.dtype, device=device or p.device)
 
     def _scale(self, layer: int) -> float:
@@ -206,17 +212,24 @@ class GPT2(nn.Module):
                 raise ValueError(f"cache was made for batch {cache.batch}, input_ids has {input_ids.shape[0]} rows")
         prompts = pack_prompts(input_ids, attention_mask)
         ids = pack(input_ids, prompts.packing)  # the real tokens: padding ids are never read
-        if ids.numel():
-            lo, hi = torch.stack(torch.aminmax(ids)).tolist()
-            if lo < 0 or hi >= self.config.vocab_size:
-                # an id past the embedding table is a device-side assert on a GPU: refuse it here
-                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids from {lo} to {hi}")
+        self._check_ids(ids)
         x = self._prefill(ids, prompts, cache)
         if cache is not None:
             cache.prefilled(prompts)
         if last_only:
             return self.lm_head(prompts.last(x)).unsqueeze(1)
         return unpack(self.lm_head(x), prompts.packing)
+
+    def _check_ids(self, ids: Tensor) -> None:
+        if ids.numel():
+            lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+            if lo < 0 or hi >= self.config.vocab_size:
+                # an id past the embedding table is a device-side assert on a GPU: refuse it here
+                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids from {lo} to {hi}")
+
+    def _qkv(self, layer: int, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed hidden states (..., C) -> q (..., n_head, D), k and v (..., n_kv, D)."""
+        return self.h[layer].c_attn(y).unflatten(-1, (3, self.n_head, self.head_dim)).unbind(-3)
 
     def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         x = self.wte(ids) + self.wpe(positions)
@@ -241,12 +254,11 @@ class GPT2(nn.Module):
 
     def _prefill(self, ids: Tensor, prompts: PackedPrompts, cache: KVCache | None) -> Tensor:
         """ids (total,) packed -> ln_f output (total, C)."""
-        H, D = self.n_head, self.head_dim
         packing = prompts.packing
         dropout = self.config.attn_pdrop if self.training else 0.0
 
         def attend(i: int, y: Tensor) -> Tensor:
-            q, k, v = self.h[i].c_attn(y).view(-1, 3, H, D).unbind(1)
+            q, k, v = self._qkv(i, y)
             if cache is not None:
                 cache.write_packed(i, k, v, prompts)
             out = ops.attention(
@@ -254,7 +266,7 @@ class GPT2(nn.Module):
                 max_seqlen_q=packing.max_seqlen, max_seqlen_k=packing.max_seqlen, window=self.config.window(i),
                 scale=self._scale(i), dropout_p=dropout,
             )
-            return out.reshape(-1, H * D)
+            return out.reshape(-1, self.n_head * self.head_dim)
 
         return self._blocks(self._embed(ids, prompts.positions), attend)
 
@@ -264,16 +276,17 @@ class GPT2(nn.Module):
         if B != cache.batch:
             raise ValueError(f"cache was made for batch {cache.batch}, input_ids has {B} rows")
         cache.check_room(n)
-        H, D = self.n_head, self.head_dim
+        if input_ids.device.type == "cpu":  # on a GPU the check would make the host wait at every step
+            self._check_ids(input_ids)
         positions = cache.seqlens.long()[:, None] + torch.arange(n, device=input_ids.device)
         seqlens = cache.seqlens_after(n)
 
         def attend(i: int, y: Tensor) -> Tensor:
-            q, k, v = self.h[i].c_attn(y).view(B, n, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, n, D)
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(i, y))  # (B, heads, n, D)
             cache.append(i, k, v)
             out = ops.attention_decode(q, cache.k[i], cache.v[i], seqlens, causal=True, window=self.config.window(i),
                                        scale=self._scale(i))
-            return out.transpose(1, 2).reshape(B, n, H * D)
+            return out.transpose(1, 2).reshape(B, n, self.n_head * self.head_dim)
 
         x = self._blocks(self._embed(input_ids, positions), attend)
         cache.advance(n)
