@@ -92,3 +92,31 @@ def test_logits_bf16(tmp_path, variant):
     assert ours.dtype == torch.bfloat16
     theirs_err, ours_err = _rel(theirs, truth), _rel(ours, truth)
     assert ours_err <= BF16_RATIO * theirs_err + 4e-3, (ours_err, theirs_err)
+
+
+@pytest.mark.parametrize("variant", [("relu", True), ("gated-gelu", False)], ids=_ids)
+def test_greedy_generate_matches_transformers(tmp_path, variant):
+    """32 greedy tokens, token for token as transformers' generate (decoder_start first), for a
+    padded batch and for each prompt alone, and with an eos token that stops rows early.
+    As many decoder as encoder layers: transformers' generate sizes its cache by num_layers."""
+    ff, tied = variant
+    hf = t5_tiny.make(tmp_path, ff=ff, tied=tied, num_decoder_layers=2)
+    ids, mask = t5_tiny.batch(LENGTHS)
+    model = from_pretrained(tmp_path)
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    ours = model.generate(ids, mask, max_new_tokens=32)
+    assert ours.shape == (len(LENGTHS), 33) and torch.equal(ours, theirs)
+    for b, n in enumerate(LENGTHS):
+        with torch.no_grad():
+            theirs = hf.generate(input_ids=ids[b:b + 1, :n], max_new_tokens=32, do_sample=False)
+        ours = model.generate(ids[b, :n], max_new_tokens=32)
+        assert torch.equal(ours, theirs), b
+    ours = model.generate(ids, mask, max_new_tokens=32)
+    # an eos token the rows reach at different steps (the config's, 1, never comes): each row
+    # stops there, is padded with pad_token_id after it, and the batch ends when all stopped
+    eos = int(ours[0, 4]) if variant[0] == "relu" else int(ours[1, 4])
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=eos)
+    ours = model.generate(ids, mask, max_new_tokens=32, eos_token_id=eos)
+    assert (ours == eos).any() and torch.equal(ours, theirs)
