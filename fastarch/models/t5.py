@@ -285,7 +285,7 @@ class T5(nn.Module):
         if mask is not None:
             if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
                 shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-                raise ValueError(f"{mask_name} must have {name}'s shape {tuple(ids.shape)}, got {shape}")
+                raise ValueError(f"{mask_name} must have the shape of {name}, {tuple(ids.shape)}, got {shape}")
 
     def position_bias(self, stack: Stack, sq: int, sk: int, offset: int = 0) -> Tensor:
         """(1, H, sq, sk) bias of queries at positions offset .. offset+sq-1 over keys 0 .. sk-1."""

@@ -13,7 +13,8 @@ VOCAB = 97
 SCALE = 0.25  # the weights' std
 
 
-def make(path: Path, *, ff: str = "relu", tied: bool = True, seed: int = 0, **kw) -> torch.nn.Module:
+def make(path: Path, *, ff: str = "relu", tied: bool = True, seed: int = 0, scale: float = SCALE, bias_scale: float = 2.0,
+         **kw) -> torch.nn.Module:
     """A random T5ForConditionalGeneration saved to ``path`` (fp32, eval mode): head dim 8,
     d_model 32 with inner 48 (num_heads * d_kv != d_model, as in T5 v1.1), two encoder and
     three decoder layers, an odd d_ff, 8 buckets over distance 20 (the test prompts reach the
@@ -35,11 +36,11 @@ def make(path: Path, *, ff: str = "relu", tied: bool = True, seed: int = 0, **kw
             if "layer_norm" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             elif "relative_attention_bias" in name:  # large enough to move attention: a misplaced bucket shows
-                p.copy_(2.0 * torch.randn(p.shape, generator=g))
+                p.copy_(bias_scale * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(SCALE * torch.randn(p.shape, generator=g))
+                p.copy_(scale * torch.randn(p.shape, generator=g))
     if not tied:
-        model.lm_head.weight = torch.nn.Parameter(SCALE * torch.randn(VOCAB, cfg.d_model, generator=g))
+        model.lm_head.weight = torch.nn.Parameter(scale * torch.randn(VOCAB, cfg.d_model, generator=g))
     model.save_pretrained(path)
     if not tied:
         from safetensors.torch import load_file, save_file

@@ -76,9 +76,12 @@ def test_logits_fp32_padded_batch(tmp_path, variant):
 @pytest.mark.parametrize("variant", [("relu", True), ("gated-gelu", False)], ids=_ids)
 def test_logits_bf16(tmp_path, variant):
     """bf16 against the fp64 truth, bounded by transformers' own bf16 error (transformers
-    keeps the feed-forward's wo in fp32 when loading bf16: _keep_in_fp32_modules)."""
+    keeps the feed-forward's wo in fp32 when loading bf16: _keep_in_fp32_modules). Smaller
+    weights than the fp32 tests': with those, bf16 flips near-tied attention maxima and
+    transformers' own bf16 logits are off by 30-40% (a bound of a multiple of that would
+    test nothing); here both are off by ~1.5%."""
     ff, tied = variant
-    hf = t5_tiny.make(tmp_path, ff=ff, tied=tied)
+    hf = t5_tiny.make(tmp_path, ff=ff, tied=tied, scale=0.1, bias_scale=1.0)
     ids, mask = t5_tiny.batch(LENGTHS)
     dec = _decoder_ids(len(LENGTHS), 25)
     import transformers
@@ -91,7 +94,8 @@ def test_logits_bf16(tmp_path, variant):
         ours = model(ids, mask, dec)
     assert ours.dtype == torch.bfloat16
     theirs_err, ours_err = _rel(theirs, truth), _rel(ours, truth)
-    assert ours_err <= BF16_RATIO * theirs_err + 4e-3, (ours_err, theirs_err)
+    assert theirs_err < 0.05
+    assert ours_err <= BF16_RATIO * theirs_err + 4e-3, (ours_err, theirs_err)  # 4e-3: one bf16 ulp at 1
 
 
 @pytest.mark.parametrize("variant", [("relu", True), ("gated-gelu", False)], ids=_ids)
@@ -166,3 +170,38 @@ def test_training_step_gradients(tmp_path, variant):
         pass
         checked += 1
     assert checked == len(hf_params)
+
+
+def test_bad_input(tmp_path):
+    """Wrong shapes, dtypes and ids out of the vocabulary: errors naming the tensor."""
+    t5_tiny.make(tmp_path)
+    model = from_pretrained(tmp_path)
+    ids, mask = t5_tiny.batch([5, 3])
+    dec = _decoder_ids(2, 4)
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seqlen\)"):
+        model(ids[0], None, dec)
+    with pytest.raises(TypeError, match="input_ids must hold integer token ids"):
+        model(ids.float(), mask, dec)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids, \(2, 5\), got \(2, 3\)"):
+        model(ids, mask[:, :3], dec)
+    with pytest.raises(ValueError, match=r"decoder_input_ids must be \(batch, seqlen\)"):
+        model(ids, mask, dec[0])
+    with pytest.raises(ValueError, match="decoder_input_ids must lie in"):
+        model(ids, mask, dec + t5_tiny.VOCAB)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\), got ids from -1"):
+        model(ids.masked_fill(mask == 0, -1), mask, dec)  # padding ids are checked too: they are looked up
+    with pytest.raises(ValueError, match="T5 needs decoder_input_ids"):
+        model(ids, mask)
+    with pytest.raises(ValueError, match="encoder_out must be"):
+        model.decode(dec, model.encode(ids, mask)[:1], mask)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        model(ids, mask, labels=dec + t5_tiny.VOCAB)
+    with pytest.raises(ValueError, match="labels must be"):
+        model(ids, mask, labels=dec.float())
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        model.generate(ids + 200, mask, max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(ids, mask, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(ids, mask, max_new_tokens=3, do_sample=True, top_p=2.0)
+    assert model.generate(ids, mask, max_new_tokens=0).tolist() == [[0], [0]]
