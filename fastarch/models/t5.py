@@ -7,7 +7,9 @@
 
 Pre-norm blocks without biases: x + attn(norm(x)) (and, in the decoder, x + cross_attn(norm(x),
 encoder output)), then x + ff(norm(x)); a final norm per stack. The norm is T5's RMS norm
-(no mean, no bias: fastarch.ops.rms_norm, the residual adds fused into it with add_rms_norm).
+(no mean, no bias: fastarch.ops.rms_norm, the residual adds fused into it with add_rms_norm;
+statistics in fp32 like T5LayerNorm's, which then rounds the normalized x to the weight's dtype
+before the weight multiply: in bf16 ours rounds once, transformers twice, one ulp apart).
 The feed-forward is wo(act(wi(x))) or, for config feed_forward_proj "gated-<act>" (v1.1,
 FLAN), wo(act(wi_0(x)) * wi_1(x)).
 
@@ -336,6 +338,10 @@ class T5(nn.Module):
         (padding on either side is never attended to)."""
         self._check_ids(input_ids, "input_ids", attention_mask, "attention_mask")
         kpm = None if attention_mask is None else attention_mask.to(input_ids.device) != 0
+        if kpm is not None and kpm.numel():
+            empty = (~kpm.any(1)).nonzero().flatten().tolist()
+            if empty:  # its decoder would attend to no encoder token at all
+                raise ValueError(f"attention_mask: rows {empty} have no real token (every input needs at least one)")
         x = self.shared(input_ids)
         S = input_ids.shape[1]
         bias = self.position_bias(self.encoder, S, S).to(x.dtype)

@@ -205,3 +205,56 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="top_p"):
         model.generate(ids, mask, max_new_tokens=3, do_sample=True, top_p=2.0)
     assert model.generate(ids, mask, max_new_tokens=0).tolist() == [[0], [0]]
+    with pytest.raises(ValueError, match=r"attention_mask: rows \[1\] have no real token"):
+        model(ids, mask * torch.tensor([[1], [0]]), dec)
+
+
+def test_decoder_attention_mask_and_left_padding(tmp_path):
+    """A right-padded decoder batch (decoder_attention_mask) and a left-padded encoder batch
+    (T5 counts positions over the padded layout, padding included, as transformers does):
+    logits at the real decoder tokens as transformers'."""
+    hf = t5_tiny.make(tmp_path, ff="gated-gelu")
+    model = from_pretrained(tmp_path)
+    ids, mask = t5_tiny.batch(LENGTHS)
+    ids, mask = ids.flip(1), mask.flip(1)
+    dec = _decoder_ids(len(LENGTHS), 10)
+    dec_mask = torch.ones_like(dec)
+    dec_mask[0, 6:] = 0
+    dec_mask[2, 3:] = 0
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+        ours = model(ids, mask, dec, dec_mask)
+        unmasked = model(ids, mask, dec)
+    real = dec_mask.bool()
+    assert _rel(ours[real], theirs[real]) < FP32_DIRECT
+    assert torch.equal(ours[real], unmasked[real])  # causal: padding after a token never reaches it
+
+
+def test_sampling_and_loading_errors(tmp_path):
+    """Sampling with a seed repeats; a config that does not fit the weights, a missing tensor
+    and an unsupported feed-forward are errors naming them."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from fastarch.models import CheckpointError
+
+    t5_tiny.make(tmp_path)
+    model = from_pretrained(tmp_path)
+    ids, mask = t5_tiny.batch([6, 4])
+    a = model.generate(ids, mask, max_new_tokens=8, do_sample=True, top_k=20, seed=3, eos_token_id=[])
+    b = model.generate(ids, mask, max_new_tokens=8, do_sample=True, top_k=20, seed=3, eos_token_id=[])
+    assert a.shape == (2, 9) and torch.equal(a, b)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "d_ff": 48}))
+    with pytest.raises(CheckpointError, match=r"DenseReluDense\.wi\.weight has shape \(40, 32\).*\(48, 32\)"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "feed_forward_proj": "gated-tanh"}))
+    with pytest.raises(CheckpointError, match="feed_forward_proj"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["decoder.block.1.layer.1.EncDecAttention.k.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"decoder\.layers\.1\.cross\.k\.weight"):
+        from_pretrained(tmp_path)
