@@ -206,12 +206,14 @@ class _BiasGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         out, bias, q, k, v, lse, kpm = ctx.saved_tensors
-        scores = q.float() @ k.float().transpose(-1, -2) + bias.float()
-        scores = scores + _mask_bias(kpm, ctx.causal, scores.shape[-2], scores.shape[-1], scores.device)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k, v, out, dout_, bias_ = (t.to(acc) for t in (q, k, v, out, dout, bias))
+        scores = q @ k.transpose(-1, -2) + bias_
+        scores = scores + _mask_bias(kpm, ctx.causal, scores.shape[-2], scores.shape[-1], scores.device).to(acc)
         seen = torch.isfinite(lse)[..., None]  # a query that sees no key has no gradient
-        p = torch.where(seen, torch.exp(scores - torch.where(seen, lse[..., None], 0)), 0)
-        dp = dout.float() @ v.float().transpose(-1, -2)
-        ds = p * (dp - (dout.float() * out.float()).sum(-1, keepdim=True))
+        p = torch.where(seen, torch.exp(scores - torch.where(seen, lse[..., None].to(acc), 0)), 0)
+        dp = dout_ @ v.transpose(-1, -2)
+        ds = p * (dp - (dout_ * out).sum(-1, keepdim=True))
         dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
         return dout, dbias, None, None, None, None, None, None
 
@@ -284,10 +286,9 @@ class T5(nn.Module):
             if lo < 0 or hi >= self.config.vocab_size:
                 # an id past the embedding table is a device-side assert on a GPU: refuse it here
                 raise ValueError(f"{name} must lie in [0, {self.config.vocab_size}), got ids from {lo} to {hi}")
-        if mask is not None:
-            if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
-                shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-                raise ValueError(f"{mask_name} must have the shape of {name}, {tuple(ids.shape)}, got {shape}")
+        if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape)):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"{mask_name} must have the shape of {name}, {tuple(ids.shape)}, got {shape}")
 
     def position_bias(self, stack: Stack, sq: int, sk: int, offset: int = 0) -> Tensor:
         """(1, H, sq, sk) bias of queries at positions offset .. offset+sq-1 over keys 0 .. sk-1."""
@@ -407,7 +408,9 @@ class T5(nn.Module):
         if labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels must have decoder_input_ids' shape {tuple(decoder_input_ids.shape)},"
                              f" got {tuple(labels.shape)}")
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(logits.device).flatten(), ignore_index=-100)
+        flat = logits.flatten(0, 1)
+        flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat  # the loss in fp32 at least
+        loss = F.cross_entropy(flat, labels.to(logits.device).flatten(), ignore_index=-100)
         return loss, logits
 
     def _check_labels(self, labels: Tensor) -> None:
