@@ -480,10 +480,8 @@ class T5(nn.Module):
         token = out[:, 0]
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            logits = self._decode_step(token[:, None], cache, cross_kv, kpm, bias_all)[:, -1]
-            scores = logits.float()
-            if bool(scores.isnan().any()):
-                raise FloatingPointError(f"the model's logits hold NaN at generation step {step}")
+            scores = self._decode_step(token[:, None], cache, cross_kv, kpm, bias_all)[:, -1].float()
+            nan = scores.isnan().any(-1)
             token = options.choose(options.process(scores, seen), generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             if seen is not None:
@@ -491,7 +489,12 @@ class T5(nn.Module):
             if eos_t is not None:
                 finished |= torch.isin(token, eos_t)
             steps.append(token)
-            if bool(finished.all()):
+            # one read of the device per step: which rows saw NaN, whether all stopped
+            nan_rows, all_done = torch.cat([nan, finished.all()[None]]).cpu().split([B, 1])
+            if nan_rows.any():
+                rows = nan_rows.nonzero().flatten().tolist()
+                raise FloatingPointError(f"the model's logits hold NaN at generation step {step} (rows {rows})")
+            if all_done.item():
                 break
         return torch.stack(steps, 1)
 

@@ -289,3 +289,19 @@ def test_sampling_and_loading_errors(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"decoder\.layers\.1\.cross\.k\.weight"):
         from_pretrained(tmp_path)
+
+
+def test_nan_in_nan_out(tmp_path):
+    """A NaN weight reaches the logits of the rows that read it (not the others); generation
+    refuses to choose from NaN logits. (Untied: a tied head would put the NaN row's logit
+    into every row.)"""
+    t5_tiny.make(tmp_path, tied=False)
+    model = from_pretrained(tmp_path)
+    ids, mask = t5_tiny.batch([5, 3])
+    ids[0, 0], ids[1] = 7, ids[1].clamp(min=8)
+    with torch.no_grad():
+        model.shared.weight[7] = float("nan")
+        logits = model(ids, mask, _decoder_ids(2, 4).clamp(min=8))
+    assert logits[0].isnan().all() and not logits[1].isnan().any()
+    with pytest.raises(FloatingPointError, match=r"NaN at generation step 0 \(rows \[0\]\)"):
+        model.generate(ids, mask, max_new_tokens=4)
