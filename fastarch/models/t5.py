@@ -23,6 +23,12 @@ Output: the decoder's final norm, times d_model**-0.5 when the head is tied to t
 (config tie_word_embeddings, T5's default; transformers 5 writes it as scale_decoder_outputs),
 then the LM head (the shared embedding, or a separate lm_head.weight when the checkpoint has one).
 
+Training: fastarch.ops.attention gives no gradient for attn_mask, so the position-bias
+gradient is computed beside it from the saved log-sum-exp (_BiasGrad); with dropout the
+attentions that carry a bias run in plain PyTorch (the gradient needs the dropped
+probabilities). Loaded in bf16, every weight is bf16 (transformers keeps the feed-forward's
+wo in fp32, which makes its residual stream fp32 after the first block; ours stays bf16).
+
 Generation (model.generate) encodes once, computes each decoder layer's cross-attention keys
 and values once, and decodes with a static self-attention cache (generate.py's KVCache,
 allocated once); the token choice is generate.py's SamplingOptions.
