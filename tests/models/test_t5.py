@@ -328,3 +328,50 @@ def test_training_with_dropout_runs(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids, mask, labels[:, :3]), model(ids, mask, labels[:, :3]))  # eval: no dropout
+
+
+@pytest.mark.gpu
+def test_cuda_matches_transformers(tmp_path):
+    """On CUDA, fp32 (Triton) and bf16 (the CUDA kernels): logits of a padded batch and one
+    training step's gradients within BF16_RATIO (gradients: GRAD_RATIO x the largest)
+    x transformers' own error on CUDA in that dtype against the truth on the CPU (fp64 logits
+    and gradients), plus two ulps of the truth's scale; greedy generation runs and its first tokens agree with transformers' in fp32."""
+    hf = t5_tiny.make(tmp_path, ff="gated-gelu", tied=False, scale=0.1, bias_scale=1.0, num_decoder_layers=2)
+    ids, mask = t5_tiny.batch(LENGTHS)
+    labels = _decoder_ids(len(LENGTHS), 12, seed=2)
+    truth_model = _truth(hf).train()
+    truth_logits = truth_model(input_ids=ids, attention_mask=mask, labels=labels)
+    truth_logits.loss.backward()
+    true_grads = dict(truth_model.named_parameters())
+    truth = truth_logits.logits.detach()
+
+    def check(what, ours, theirs, true, dtype):
+        ours, theirs, true = ours.double().cpu(), theirs.double().cpu(), true.double()
+        floor = 2 * torch.finfo(dtype).eps * true.abs().max().item()
+        err, their_err = (ours - true).abs().max().item(), (theirs - true).abs().max().item()
+        assert err <= BF16_RATIO * their_err + floor, f"{what} ({dtype}): error {err:.3g}, transformers' {their_err:.3g}"
+
+    cuda = [t.cuda() for t in (ids, mask, labels)]
+    for dtype in (torch.float32, torch.bfloat16):
+        theirs = copy.deepcopy(hf).to("cuda", dtype).train()
+        their_out = theirs(input_ids=cuda[0], attention_mask=cuda[1], labels=cuda[2])
+        their_out.loss.backward()
+        model = from_pretrained(tmp_path, dtype=dtype, device="cuda").train()
+        loss, logits = model(cuda[0], cuda[1], labels=cuda[2])
+        loss.backward()
+        check("logits", logits, their_out.logits, truth, dtype)
+        their_grads = dict(theirs.named_parameters())
+        ours_to_hf = {("shared.weight" if n.endswith("embed_tokens.weight") else _model_name(n)): n
+                      for n in their_grads}
+        # as on the CPU: each gradient's error within GRAD_RATIO x the largest of transformers'
+        errors = {name: (_rel(p.grad.cpu(), true_grads[ours_to_hf[name]].grad),
+                         _rel(their_grads[ours_to_hf[name]].grad.cpu(), true_grads[ours_to_hf[name]].grad))
+                  for name, p in model.named_parameters()}
+        level = max(theirs_err for _, theirs_err in errors.values()) + 2 * torch.finfo(dtype).eps
+        worst = max(errors, key=lambda n: errors[n][0])
+        assert errors[worst][0] <= GRAD_RATIO * level, (dtype, worst, errors[worst], level)
+    model = from_pretrained(tmp_path, device="cuda")
+    with torch.no_grad():
+        theirs = hf.cuda().generate(input_ids=cuda[0], attention_mask=cuda[1], max_new_tokens=8, do_sample=False)
+    ours = model.generate(cuda[0], cuda[1], max_new_tokens=8)
+    assert torch.equal(ours[:, :4].cpu(), theirs[:, :4].cpu())
