@@ -33,6 +33,7 @@ FAMILIES: dict[str, str] = {
     "llama": "llama:Llama",
     "mistral": "llama:Llama",
     "qwen2": "llama:Llama",
+    "t5": "t5:T5",
 }
 
 # a GGUF file's general.architecture -> model_type
