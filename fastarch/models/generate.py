@@ -375,7 +375,15 @@ def generate(
     stop_strings + tokenizer, cache (a KVCache to reuse). streamer: an object with put(ids) and
     end() (transformers' TextStreamer): given the prompt, then each step's tokens;
     callback(tokens): each step's (B,) new tokens.
+
+    An encoder-decoder model (``model.is_encoder_decoder``, T5) runs its own ``generate`` with
+    the same options and returns the decoder's ids, decoder_start_token_id first, as
+    transformers' does.
     """
+    if getattr(model, "is_encoder_decoder", False):
+        if streamer is not None or callback is not None:
+            raise ValueError("streamer and callback are not supported for encoder-decoder models")
+        return model.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
     steps = []
     tokens = generate_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
     if streamer is not None:

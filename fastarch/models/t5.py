@@ -261,6 +261,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, kpm: Tensor | 
 class T5(nn.Module):
     """T5ForConditionalGeneration: encoder ids + decoder ids -> next-token logits."""
 
+    # fastarch.models.generate(model, ...) hands an encoder-decoder to its own generate
+    is_encoder_decoder = True
+
     def __init__(self, cfg: T5Config) -> None:
         super().__init__()
         self.config = cfg

@@ -14,6 +14,7 @@ import torch
 
 from fastarch import registry
 from fastarch.models import from_pretrained
+from fastarch.models.generate import generate
 from fastarch.models.t5 import T5, _model_name
 
 # fp32: both transformers and we are compared with the fp64 truth. T5 is badly conditioned
@@ -133,6 +134,7 @@ def test_greedy_generate_matches_transformers(tmp_path, variant):
         theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
     ours = model.generate(ids, mask, max_new_tokens=32)
     assert ours.shape == (len(LENGTHS), 33) and torch.equal(ours, theirs)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=32), theirs)  # the shared entry point
     for b, n in enumerate(LENGTHS):
         with torch.no_grad():
             theirs = hf.generate(input_ids=ids[b:b + 1, :n], max_new_tokens=32, do_sample=False)
