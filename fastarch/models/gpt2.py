@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
-from fastarch.models.generate import KVCache, PackedPrompts, pack_prompts
-from fastarch.models.packing import pack, unpack
+from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
 # transformers' activation names -> bias_gelu's approximate
@@ -143,7 +142,7 @@ class Block(nn.Module):
         self.mlp_proj = nn.Linear(inner, C)
 
 
-class GPT2(nn.Module):
+class GPT2(CausalLM):
     """GPT-2 / GPT-Neo language model: token ids -> next-token logits."""
 
     def __init__(self, cfg: GPT2Config) -> None:
@@ -186,46 +185,6 @@ class GPT2(nn.Module):
         if self.config.scale_attn_by_inverse_layer_idx:
             scale /= layer + 1
         return scale
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> Tensor:
-        """input_ids: (B, S) int; attention_mask: (B, S), 1 = a real token (padding on either
-        side). Returns logits (B, S, vocab), zeros at padding; last_only: (B, 1, vocab), each
-        row's last real token. With a cache, see the decoder protocol in generate.py: an empty
-        cache is filled with the prompt; a filled one takes the next tokens (B, n), no mask."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-        if cache is not None and cache.filled:
-            if attention_mask is not None:
-                raise ValueError("attention_mask: the tokens after the prompt are every row's next tokens, give no mask")
-            return self._decode(input_ids, cache, last_only)
-        S = input_ids.shape[1]
-        if S > self.config.n_positions:
-            raise ValueError(f"input_ids has {S} tokens, more than the model's {self.config.n_positions} positions")
-        if cache is not None:
-            cache.check_room(S)
-            if cache.batch != input_ids.shape[0]:
-                raise ValueError(f"cache was made for batch {cache.batch}, input_ids has {input_ids.shape[0]} rows")
-        prompts = pack_prompts(input_ids, attention_mask)
-        ids = pack(input_ids, prompts.packing)  # the real tokens: padding ids are never read
-        self._check_ids(ids)
-        x = self._prefill(ids, prompts, cache)
-        if cache is not None:
-            cache.prefilled(prompts)
-        if last_only:
-            return self.lm_head(prompts.last(x)).unsqueeze(1)
-        return unpack(self.lm_head(x), prompts.packing)
-
-    def _check_ids(self, ids: Tensor) -> None:
-        if ids.numel():
-            lo, hi = torch.stack(torch.aminmax(ids)).tolist()
-            if lo < 0 or hi >= self.config.vocab_size:
-                # an id past the embedding table is a device-side assert on a GPU: refuse it here
-                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got ids from {lo} to {hi}")
 
     def _qkv(self, layer: int, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normed hidden states (..., C) -> q (..., n_head, D), k and v (..., n_kv, D)."""
