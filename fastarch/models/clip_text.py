@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.models.layers import LayerNorm
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
 # transformers' hidden_act name -> bias_gelu's approximate; "quick_gelu" is computed apart (MLP)
@@ -118,24 +119,6 @@ def unpack(x: Tensor, packing: Packing, batch: int, length: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the model
-
-
-class LayerNorm(nn.Module):
-    """The parameters of a LayerNorm; the blocks call fastarch's norm ops with them, fused with
-    the residual add where there is one."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
-
-    def add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """(norm(x + residual), x + residual)."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 class CausalSelfAttention(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.models.layers import LayerNorm
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
 # transformers' hidden_act name -> bias_gelu's approximate
@@ -101,24 +102,6 @@ class ViTOutput(NamedTuple):
     logits: Tensor | None  # (B, num_labels); None without a classifier (a ViTModel checkpoint)
     last_hidden_state: Tensor  # (B, 1 + num_patches, hidden_size), after the final LayerNorm
     pooler_output: Tensor | None  # (B, pooler_output_size): tanh(dense(CLS)); None without a pooler
-
-
-class LayerNorm(nn.Module):
-    """The parameters of a LayerNorm; the blocks call fastarch's norm ops with them, fused with
-    the residual add where there is one."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
-
-    def add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """(norm(x + residual), x + residual)."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 class Attention(nn.Module):
