@@ -96,7 +96,8 @@ def llama_cpp_generator(file: Path):
             raise NotImplementedError("llama-cpp-python's generate runs one sequence at a time")
         out = []
         llm.reset()
-        for token in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True, logits_processor=_ban(eos)):
+        for token in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True,
+                                  logits_processor=_ban(eos)):
             out.append(token)
             if len(out) == new:
                 break
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     rounds = args.rounds or 3
     info = report.machine("cpu", timing.copy_bandwidth("cpu"))
     bandwidth = info["copy_bandwidth_gbps"] * 1e9
-    print(f"fastarch bench --model smollm2 on CPU {info['cpu']}, {info['torch_threads']} threads; torch"
+    print(f"fastarch bench --model smollm2 on CPU {info['cpu']}, {info['torch_threads']} thread(s); torch"
           f" {info['torch']}; copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s; load {info['load_average']}")
     print("tokens/s; vs = ours / theirs (median of per-round ratios); bound = decode bytes/s over the copy bandwidth")
     file = gguf_file()
