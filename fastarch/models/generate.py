@@ -403,10 +403,30 @@ def generate(
 
 
 class CausalLM(nn.Module):
-    """The decoder protocol's forward, shared by the decoder families: the checks and the three
-    ways (no cache, an empty cache, a filled cache). A family provides ``max_positions``,
-    ``config.vocab_size``, ``lm_head``, ``_prefill(ids, prompts, cache)`` (packed real tokens ->
-    final hidden states, filling an empty cache) and ``_decode(input_ids, cache, last_only)``."""
+    """The decoder protocol, shared by the decoder families: new_cache, and forward's checks and
+    three ways (no cache, an empty cache, a filled cache). A family provides ``max_positions``,
+    ``config`` (vocab_size, eos_token_id), ``n_layers``, ``n_kv``, ``head_dim``, ``lm_head``,
+    ``_prefill(ids, prompts, cache)`` (packed real tokens -> final hidden states, filling an
+    empty cache) and ``_decode(input_ids, cache, last_only)``."""
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        return self.config.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def new_cache(
+        self, batch: int, max_len: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> KVCache:
+        """A KVCache for ``batch`` rows of up to ``max_len`` tokens (at most max_positions), in
+        the weights' dtype and device unless given."""
+        if max_len > self.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's {self.max_positions} positions")
+        p = self.lm_head.weight
+        return KVCache(self.n_layers, batch, self.n_kv, max_len, self.head_dim,
+                       dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, *, cache: KVCache | None = None,

@@ -163,22 +163,8 @@ class GPT2(CausalLM):
         return self.config.n_positions
 
     @property
-    def eos_token_id(self) -> int | list[int] | None:
-        return self.config.eos_token_id
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    def new_cache(
-        self, batch: int, max_len: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> KVCache:
-        """A KVCache for ``batch`` rows of up to ``max_len`` tokens (at most n_positions)."""
-        if max_len > self.config.n_positions:
-            raise ValueError(f"max_len {max_len} exceeds the model's {self.config.n_positions} positions")
-        p = self.wte.weight
-        return KVCache(self.config.n_layer, batch, self.n_kv, max_len, self.head_dim,
-                       dtype=dtype or p.dtype, device=device or p.device)
+    def n_layers(self) -> int:
+        return self.config.n_layer
 
     def _scale(self, layer: int) -> float:
         scale = 1.0 / math.sqrt(self.head_dim) if self.config.scale_attn_weights else 1.0

@@ -205,22 +205,8 @@ class Llama(CausalLM):
         return self.config.max_position_embeddings
 
     @property
-    def eos_token_id(self) -> int | list[int] | None:
-        return self.config.eos_token_id
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    def new_cache(
-        self, batch: int, max_len: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> KVCache:
-        """A KVCache for ``batch`` rows of up to ``max_len`` tokens (at most max_position_embeddings)."""
-        if max_len > self.max_positions:
-            raise ValueError(f"max_len {max_len} exceeds the model's {self.max_positions} positions")
-        p = self.embed_tokens.weight
-        return KVCache(self.config.num_hidden_layers, batch, self.n_kv, max_len, self.head_dim,
-                       dtype=dtype or p.dtype, device=device or p.device)
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
 
     def _blocks(self, x: Tensor, attend) -> Tensor:
         """The stack of layers on hidden states x (..., C); attend(layer, y) -> the attention's
