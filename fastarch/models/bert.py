@@ -202,6 +202,18 @@ def check_ids_in_range(ids: Tensor, bound: int, name: str, what: str) -> None:
         raise ValueError(f"{name} holds {first}, outside [0, {bound}) ({what} is {bound})")
 
 
+def masked_lm_output(model: nn.Module, x: Tensor, packing: Packing, input_ids: Tensor, labels: Tensor | None) -> MaskedLMOutput:
+    """The masked-LM head on the packed hidden states x (total, C): logits unpacked to (B, S,
+    vocab), and with labels (B, S) (-100 = no label) the mean cross-entropy over the labelled
+    real tokens."""
+    logits = model.mlm(x, model.word_embeddings.weight)
+    loss = None
+    if labels is not None:
+        check_like(labels, "labels", input_ids)
+        loss = F.cross_entropy(logits.float(), pack(labels, packing).long(), ignore_index=-100)
+    return MaskedLMOutput(unpack(logits, packing), loss)
+
+
 def check_like(t: object, name: str, input_ids: Tensor) -> None:
     if not isinstance(t, Tensor) or tuple(t.shape) != tuple(input_ids.shape):
         raise ValueError(f"{name} must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {getattr(t, 'shape', type(t))}")
@@ -299,12 +311,7 @@ class Bert(nn.Module):
         if self.mlm is None:
             raise RuntimeError(f"this {type(self).__name__} has no masked-LM head (its checkpoint held none)")
         x, packing = self.encode_packed(input_ids, attention_mask, token_type_ids)
-        logits = self.mlm(x, self.word_embeddings.weight)
-        loss = None
-        if labels is not None:
-            check_like(labels, "labels", input_ids)
-            loss = F.cross_entropy(logits.float(), pack(labels, packing).long(), ignore_index=-100)
-        return MaskedLMOutput(unpack(logits, packing), loss)
+        return masked_lm_output(self, x, packing, input_ids, labels)
 
     # ------------------------------------------------------------------------- loading
 

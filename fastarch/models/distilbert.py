@@ -29,6 +29,7 @@ from fastarch.models.bert import (
     check_like,
     gelu_approximation,
     init_random,
+    masked_lm_output,
 )
 from fastarch.models.loading import CheckpointError, read_config
 from fastarch.models.packing import Packing, pack, unpack, unpad
@@ -128,12 +129,7 @@ class DistilBert(nn.Module):
         if self.mlm is None:
             raise RuntimeError("this DistilBert has no masked-LM head (its checkpoint held none)")
         x, packing = self.encode_packed(input_ids, attention_mask)
-        logits = self.mlm(x, self.word_embeddings.weight)
-        loss = None
-        if labels is not None:
-            check_like(labels, "labels", input_ids)
-            loss = F.cross_entropy(logits.float(), pack(labels, packing).long(), ignore_index=-100)
-        return MaskedLMOutput(unpack(logits, packing), loss)
+        return masked_lm_output(self, x, packing, input_ids, labels)
 
     @classmethod
     def random(
