@@ -185,9 +185,15 @@ def run(args: argparse.Namespace) -> int:
                 full[name] = contenders[name]
                 contenders[name] = _keep(full[name], out, kept, name)
             times, errors = timing.measure(contenders, "cpu", rounds, warmup=1, memory=False)
-            decode = {name: _difference(times[name], times[name + " first"]) for name in fns
-                      if name in times and name + " first" in times}
             errors = {name.removesuffix(" first"): e for name, e in errors.items()}
+            decode = {}
+            for name in fns:
+                if name in times and name + " first" in times:
+                    difference = _difference(times[name], times[name + " first"])
+                    if difference is None:
+                        errors[name] = NOISE
+                    else:
+                        decode[name] = difference
             steps = NEW_TOKENS - 1
             per_step = _step_bytes(ours, batch, SHORT_PROMPT + NEW_TOKENS / 2)
             fraction = {name: per_step / (t.seconds / steps) / bandwidth for name, t in decode.items()}
@@ -216,10 +222,17 @@ def _keep(call, out: dict, kept: dict, name: str):
     return run
 
 
-def _difference(whole: timing.Timing, first: timing.Timing) -> timing.Timing:
-    """The decode's time: per round, the whole generation's minus the first token's."""
-    rounds = tuple(max(w - f, 1e-9) for w, f in zip(whole.rounds, first.rounds))
+def _difference(whole: timing.Timing, first: timing.Timing) -> timing.Timing | None:
+    """The decode's time: per round, the whole generation's minus the first token's; None when
+    a round's difference is not positive (the decode lies below the timing noise: a figure
+    from it would be any number at all)."""
+    rounds = tuple(w - f for w, f in zip(whole.rounds, first.rounds))
+    if not rounds or min(rounds) <= 0:
+        return None
     return timing.Timing(statistics.median(rounds), rounds=rounds)
+
+
+NOISE = "the whole generation took no longer than its first token in some round: decode is below the timing noise"
 
 
 def _step_bytes(model, batch: int, mean_length: float) -> float:
