@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string_view>
 
 #include "activation_params.h"
 
@@ -38,6 +39,14 @@ inline void check_bias(const char* who, const std::optional<Tensor>& bias, const
               ": bias must be a contiguous vector of size ", x.size(1), ", got shape ", bias->sizes());
   TORCH_CHECK(bias->scalar_type() == x.scalar_type(), who, ": bias must have dtype ", x.scalar_type(), ", got ",
               bias->scalar_type());
+}
+
+// The gated kernel ops' act argument: "silu" (swiglu), "gelu" (erf form), "gelu_tanh" (geglu).
+inline Activation gated_activation(const char* who, std::string_view act) {
+  if (act == "silu") return Activation::silu;
+  if (act == "gelu") return Activation::gelu_erf;
+  if (act == "gelu_tanh") return Activation::gelu_tanh;
+  TORCH_CHECK(false, who, ": act must be 'silu', 'gelu' or 'gelu_tanh', got '", act, "'");
 }
 
 inline const void* data_or_null(const std::optional<Tensor>& t) { return t ? t->data_ptr() : nullptr; }

@@ -1,5 +1,5 @@
 // CPU implementation of the activation kernel ops (fastarch::_bias_gelu_fwd / _bias_gelu_bwd,
-// _swiglu_fwd / _swiglu_bwd):
+// _gated_act_fwd / _gated_act_bwd, which serve swiglu and geglu):
 // checks, allocation, threading over rows (at::parallel_for: torch's OpenMP pool and its thread
 // count), and the choice between the AVX-512 and portable row kernels.
 #include <ATen/Parallel.h>
@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "activations/activation_glue.h"
@@ -150,7 +151,7 @@ void backward_rows(
 }
 
 Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias) {
-  const Dtype d = dtype_of(a, is_gated(act) ? "gate" : "x");
+  const Dtype d = dtype_of(a, b ? "gate" : "x");
   Tensor y = at::empty({a.size(0), a.size(1)}, a.options());
   const ActivationForwardParams p = activation_glue::forward_params(act, a, b, bias, y);
   const Avx512Inputs in = avx512_inputs(d, bias, can_stream(y));
@@ -163,10 +164,10 @@ Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::opti
 std::tuple<Tensor, Tensor, Tensor> backward(
     Activation act, const Tensor& dy, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias,
     bool need_dbias) {
-  const Dtype d = dtype_of(a, is_gated(act) ? "gate" : "x");
+  const Dtype d = dtype_of(a, b ? "gate" : "x");
   const int64_t rows = a.size(0), cols = a.size(1);
   Tensor da = at::empty({rows, cols}, a.options());
-  Tensor db = is_gated(act) ? at::empty({rows, cols}, a.options()) : Tensor();
+  Tensor db = b ? at::empty({rows, cols}, a.options()) : Tensor();
   const ActivationBackwardParams p =
       activation_glue::backward_params(act, dy, a, b, bias, da, db.defined() ? &db : nullptr);
   const Avx512Inputs in = avx512_inputs(d, bias, can_stream(da) && (!db.defined() || can_stream(db)));
@@ -217,19 +218,22 @@ std::tuple<Tensor, Tensor> bias_gelu_bwd_cpu(
   return {dx, dbias};
 }
 
-Tensor swiglu_fwd_cpu(const Tensor& gate, const Tensor& up) {
+// act: "silu" (swiglu), "gelu" or "gelu_tanh" (geglu); see activation_glue::gated_activation.
+Tensor gated_act_fwd_cpu(const Tensor& gate, const Tensor& up, c10::string_view act) {
   TORCH_CHECK(gate.device().is_cpu(), kWho, ": gate must be on the CPU, got ", gate.device());
+  const Activation f = activation_glue::gated_activation(kWho, std::string_view(act.data(), act.size()));
   activation_glue::check_matrix(kWho, gate, "gate");
   activation_glue::check_like(kWho, up, "up", gate, "gate");
-  return forward(Activation::swiglu, gate, &up, std::nullopt);
+  return forward(f, gate, &up, std::nullopt);
 }
 
-std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+std::tuple<Tensor, Tensor> gated_act_bwd_cpu(const Tensor& dy, const Tensor& gate, const Tensor& up, c10::string_view act) {
   TORCH_CHECK(gate.device().is_cpu(), kWho, " backward: gate must be on the CPU, got ", gate.device());
+  const Activation f = activation_glue::gated_activation(kWho, std::string_view(act.data(), act.size()));
   activation_glue::check_matrix(kWho, gate, "gate");
   activation_glue::check_like(kWho, up, "up", gate, "gate");
   activation_glue::check_like(kWho, dy, "dy", gate, "gate");
-  auto [dgate, dup, unused] = backward(Activation::swiglu, dy, gate, &up, std::nullopt, false);
+  auto [dgate, dup, unused] = backward(f, dy, gate, &up, std::nullopt, false);
   return {dgate, dup};
 }
 
@@ -238,8 +242,8 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, 
 TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
   m.impl("_bias_gelu_fwd", &bias_gelu_fwd_cpu);
   m.impl("_bias_gelu_bwd", &bias_gelu_bwd_cpu);
-  m.impl("_swiglu_fwd", &swiglu_fwd_cpu);
-  m.impl("_swiglu_bwd", &swiglu_bwd_cpu);
+  m.impl("_gated_act_fwd", &gated_act_fwd_cpu);
+  m.impl("_gated_act_bwd", &gated_act_bwd_cpu);
 }
 
 }  // namespace fastarch::cpu::act

@@ -2,8 +2,10 @@
 
 Interface (reference.py), on 2-D (rows, cols) inputs with contiguous columns: bias_gelu's
 forward(x, bias, approximate) -> y and backward(dy, x, bias, approximate, need_dbias) -> (dx,
-dbias or None); swiglu's forward(gate, up) -> y and backward(dy, gate, up) -> (dgate, dup).
-Both ops share the backends' supports checks (an elementwise problem of one dtype).
+dbias or None); the gated activations' (swiglu and geglu: one table) forward(gate, up, act) ->
+y and backward(dy, gate, up, act) -> (dgate, dup), act one of reference.GATED_ACTIVATIONS, gate
+and up rows possibly strided. Every op shares the supports checks (an elementwise problem of one
+dtype).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from fastarch.ops.activations import cpp, triton
 from fastarch.ops.activations.reference import (
     bias_gelu_backward_ref,
     bias_gelu_forward_ref,
-    swiglu_backward_ref,
-    swiglu_forward_ref,
+    gated_backward_ref,
+    gated_forward_ref,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,12 +73,13 @@ BACKENDS = [
                      bias_gelu_backward_ref),
 ]
 
-SWIGLU_BACKENDS = [
-    registry.Backend("cuda", availability.cuda, _cuda_supports, cpp.swiglu_forward, cpp.swiglu_backward),
-    registry.Backend("cpu", availability.cpu, _cpu_supports, cpp.swiglu_forward, cpp.swiglu_backward),
-    registry.Backend("triton", availability.triton, _triton_supports, triton.swiglu_forward, triton.swiglu_backward),
-    registry.Backend("reference", availability.reference, _reference_supports, swiglu_forward_ref, swiglu_backward_ref),
+GATED_BACKENDS = [
+    registry.Backend("cuda", availability.cuda, _cuda_supports, cpp.gated_forward, cpp.gated_backward),
+    registry.Backend("cpu", availability.cpu, _cpu_supports, cpp.gated_forward, cpp.gated_backward),
+    registry.Backend("triton", availability.triton, _triton_supports, triton.gated_forward, triton.gated_backward),
+    registry.Backend("reference", availability.reference, _reference_supports, gated_forward_ref, gated_backward_ref),
 ]
 
 registry.register("bias_gelu", BACKENDS)
-registry.register("swiglu", SWIGLU_BACKENDS)
+registry.register("swiglu", GATED_BACKENDS)
+registry.register("geglu", GATED_BACKENDS)
