@@ -24,6 +24,9 @@ TORCH_LIBRARY(fastarch, m) {
   // "gelu_tanh" (geglu).
   m.def("_gated_act_fwd(Tensor gate, Tensor up, str act) -> Tensor");
   m.def("_gated_act_bwd(Tensor dy, Tensor gate, Tensor up, str act) -> (Tensor dgate, Tensor dup)");
+  // The same backward for proj = [up | gate] (rows, 2 cols), diffusers' GEGLU layout: returns
+  // the gradient of proj whole, each half written in place.
+  m.def("_gated_act_bwd_packed(Tensor dy, Tensor proj, str act) -> Tensor dproj");
 
   // Attention over 4-D (B, H, S, D) views with contiguous last dims; the semantics of every
   // argument are those of fastarch/ops/attn/reference.py. Packed variable lengths: B == 1

@@ -122,7 +122,7 @@ def _act_fwd_kernel(
 
 @triton.jit
 def _act_bwd_kernel(
-    DY, A, B, BIAS, DA, DB, PARTS, stride_dy, stride_a, stride_b, M, N, rows_per_program,
+    DY, A, B, BIAS, DA, DB, PARTS, stride_dy, stride_a, stride_b, stride_da, stride_db, M, N, rows_per_program,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr,
     ROUND_BY_HAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -145,13 +145,13 @@ def _act_bwd_kernel(
             b = tl.load(B + r64 * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             value, grad = _value_grad(a, ACT)
             da = dy * b * grad
-            tl.store(DB + r64 * N + cols[None, :], _cast(dy * value, DB.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+            tl.store(DB + r64 * stride_db + cols[None, :], _cast(dy * value, DB.dtype.element_ty, ROUND_BY_HAND), mask=mask)
         else:
             _, grad = _value_grad(a + bias[None, :], ACT)
             da = dy * grad
             if NEED_DBIAS:
                 acc += tl.sum(tl.where(mask, da, 0.0), axis=0)
-        tl.store(DA + r64 * N + cols[None, :], _cast(da, DA.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+        tl.store(DA + r64 * stride_da + cols[None, :], _cast(da, DA.dtype.element_ty, ROUND_BY_HAND), mask=mask)
     if NEED_DBIAS:
         tl.store(PARTS + tl.program_id(0) * N + cols, acc, mask=col_ok)
 
@@ -188,20 +188,26 @@ def activation_forward(a: Tensor, b: Tensor | None, bias: Tensor | None, act: st
 
 
 def activation_backward(
-    dy: Tensor, a: Tensor, b: Tensor | None, bias: Tensor | None, act: str, need_dbias: bool
+    dy: Tensor, a: Tensor, b: Tensor | None, bias: Tensor | None, act: str, need_dbias: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients of activation_forward: da (M, N); db (M, N) when gated, else None; dbias (N,)
-    (the column sums of da in fp32, rounded once) or None when not wanted."""
+    (the column sums of da in fp32, rounded once) or None when not wanted. out: a (M, 2N)
+    tensor (gated only) whose halves [db | da] are written instead of new tensors."""
     M, N = a.shape
-    da = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    db = torch.empty_like(da) if b is not None else None
+    if out is not None:
+        db, da = out[:, :N], out[:, N:]
+    else:
+        da = torch.empty((M, N), dtype=a.dtype, device=a.device)
+        db = torch.empty_like(da) if b is not None else None
     programs = _programs(a, M)
     parts = torch.zeros((programs, N) if need_dbias else (1, 1), dtype=torch.float32, device=a.device)
     if M > 0:
         block_m, block_n = _tile(N, 2048)
         wrap_triton(_act_bwd_kernel)[(programs, triton.cdiv(N, block_n))](
             dy, a, b if b is not None else a, bias if bias is not None else a, da, db if db is not None else da, parts,
-            dy.stride(0), a.stride(0), b.stride(0) if b is not None else 0, M, N, triton.cdiv(M, programs),
+            dy.stride(0), a.stride(0), b.stride(0) if b is not None else 0, da.stride(0),
+            db.stride(0) if db is not None else 0, M, N, triton.cdiv(M, programs),
             ACT=ACTIVATIONS[act], GATED=b is not None, HAS_BIAS=bias is not None, NEED_DBIAS=need_dbias,
             ROUND_BY_HAND=ROUND_BF16_BY_HAND,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,

@@ -40,8 +40,10 @@ struct ActivationBackwardParams {
   const void* b;
   int64_t b_row_stride;
   const void* bias;
-  void* da;  // (rows, cols), contiguous
-  void* db;  // (rows, cols), contiguous; gated only
+  void* da;  // (rows, cols), rows strided by da_row_stride (the halves of one (rows, 2 cols)
+  void* db;  // gradient for the packed gated op; else contiguous); db: gated only
+  int64_t da_row_stride;
+  int64_t db_row_stride;
   int64_t rows;
   int64_t cols;
   Activation act;

@@ -1,5 +1,6 @@
 """The activation cases of ``fastarch bench``: bias_gelu (erf form, BERT's MLP), bias_gelu_tanh
-(tanh form, GPT-2's), swiglu (LLaMA's) and geglu (the diffusion UNet's feed-forward, erf form). Memory-bound: the rate is GB/s of minimum traffic,
+(tanh form, GPT-2's), swiglu (LLaMA's) and geglu (the diffusion UNet's feed-forward, erf form;
+geglu_packed: the same on the whole projection, as fastarch.nn.GEGLU runs it). Memory-bound: the rate is GB/s of minimum traffic,
 against the measured copy bandwidth.
 
 Contenders, all called as ``fn(x, bias)`` (swiglu: ``fn(gate, up)``; geglu: ``fn(proj)``, the
@@ -8,7 +9,8 @@ whose rows are strided by 2·hidden) on the same input sets:
 
 - ``ours:<backend>``: ``fastarch.ops.bias_gelu(x, bias, approximate, backend=<backend>)``
   (``fastarch.ops.swiglu(gate, up, backend=...)``, ``fastarch.ops.geglu(gate, up, backend=...)``
-  on the chunks, read in place); ``ours:auto`` lets the registry choose;
+  on the chunks, read in place, ``fastarch.ops.geglu_packed(proj, backend=...)``); ``ours:auto``
+  lets the registry choose;
 - ``eager``: the PyTorch code it replaces, ``F.gelu(x + bias, approximate=...)`` (the MLP's
   first linear layer without its bias: F.linear is not part of the case), ``F.silu(gate) * up``,
   diffusers' ``up * F.gelu(gate)``;
@@ -17,7 +19,8 @@ whose rows are strided by 2·hidden) on the same input sets:
 One timed iteration ("fwd") is the forward on inputs that do not require grad; or ("fwd+bwd")
 setting the inputs' ``.grad`` to None, the forward on inputs that require grad, then
 ``y.backward(dy)`` with a fixed random dy: the gradients of both inputs (geglu: of the
-projection, which autograd assembles from dgate and dup for every contender alike).
+projection, which autograd assembles from dgate and dup, except for geglu_packed's and
+compile's, which write it whole).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ OPS = {
     "bias_gelu_tanh": ActivationOp(_gelu("tanh"), functools.partial(fastarch.ops.bias_gelu, approximate="tanh"), "bias_gelu"),
     "swiglu": ActivationOp(_swiglu, fastarch.ops.swiglu, "swiglu", gated=True),
     "geglu": ActivationOp(_geglu, _ours_geglu, "geglu", gated=True, packed=True),
+    "geglu_packed": ActivationOp(_geglu, fastarch.ops.geglu_packed, "geglu_packed", gated=True, packed=True),
 }
 
 DIFFERENTIABLE = set(OPS)

@@ -15,7 +15,8 @@ class GEGLU(torch.nn.Module):
 
     The same parameters and state_dict keys as diffusers' GEGLU (``proj.weight`` (2 * dim_out,
     dim_in), ``proj.bias``), so its checkpoints load unchanged. approximate: "none" (erf form,
-    diffusers') or "tanh". The two halves are read in place by the gated kernel (no copy).
+    diffusers') or "tanh". Runs fastarch.ops.geglu_packed on the projection: its halves are
+    read in place, and its gradient is written whole (no copy either way).
     """
 
     def __init__(
@@ -28,8 +29,7 @@ class GEGLU(torch.nn.Module):
         self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        up, gate = self.proj(x).chunk(2, dim=-1)
-        return ops.geglu(gate, up, self.approximate)
+        return ops.geglu_packed(self.proj(x), self.approximate)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"

@@ -261,7 +261,7 @@ void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end
   for (int64_t r = begin; r < end; ++r) {
     const void* dy = at<L>(p.dy, r * p.dy_row_stride);
     const void* a = at<L>(p.a, r * p.a_row_stride);
-    void* da = at<L>(p.da, r * p.cols);
+    void* da = at<L>(p.da, r * p.da_row_stride);
     for_each_chunk(p.cols, [&](int64_t c, __mmask16 m) {
       const __m512 d = L::load(at<L>(dy, c), m);
       __m512 h = L::load(at<L>(a, c), m);
@@ -270,7 +270,7 @@ void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end
         const __m512 u = L::load(at<L>(at<L>(p.b, r * p.b_row_stride), c), m);
         const ValueGrad f = value_grad<kAct, kLow>(h);
         put<L, kStream>(at<L>(da, c), _mm512_mul_ps(_mm512_mul_ps(d, u), f.grad), m);
-        put<L, kStream>(at<L>(at<L>(p.db, r * p.cols), c), _mm512_mul_ps(d, f.value), m);
+        put<L, kStream>(at<L>(at<L>(p.db, r * p.db_row_stride), c), _mm512_mul_ps(d, f.value), m);
       } else {
         if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + c));
         const __m512 g = _mm512_mul_ps(d, value_grad<kAct, kLow>(h).grad);

@@ -179,10 +179,10 @@ void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end
   for (int64_t r = begin; r < end; ++r) {
     const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
     const T* a = static_cast<const T*>(p.a) + r * p.a_row_stride;
-    T* da = static_cast<T*>(p.da) + r * p.cols;
+    T* da = static_cast<T*>(p.da) + r * p.da_row_stride;
     if (p.b) {  // y = f(g) u: dy/dg = u f'(g), dy/du = f(g)
       const T* b = static_cast<const T*>(p.b) + r * p.b_row_stride;
-      T* db = static_cast<T*>(p.db) + r * p.cols;
+      T* db = static_cast<T*>(p.db) + r * p.db_row_stride;
       for (int64_t c = 0; c < p.cols; ++c) {
         const Acc d = static_cast<Acc>(dy[c]);
         const ValueGrad<Acc> f = value_and_grad(p.act, static_cast<Acc>(a[c]));

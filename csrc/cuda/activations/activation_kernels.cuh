@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) activation_bwd_kernel(
         da[k] = dy[k] * u[k] * f.grad;
         db[k] = dy[k] * f.value;
       }
-      store<T, kVec>(static_cast<T*>(p.db) + r * p.cols + c, db);
+      store<T, kVec>(static_cast<T*>(p.db) + r * p.db_row_stride + c, db);
     } else {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) activation_bwd_kernel(
         acc[k] += da[k];
       }
     }
-    store<T, kVec>(static_cast<T*>(p.da) + r * p.cols + c, da);
+    store<T, kVec>(static_cast<T*>(p.da) + r * p.da_row_stride + c, da);
   }
   if (!partials) return;  // uniform over the block: no thread is left at the barrier
 #pragma unroll
@@ -290,7 +290,7 @@ cudaError_t backward_vec(const ActivationBackwardParams& p, float* partials, voi
 template <typename T>
 cudaError_t activation_backward_impl(const ActivationBackwardParams& p, float* partials, void* dbias, cudaStream_t stream) {
   const int vec = vector_width<T>(p.cols, {{p.dy, p.dy_row_stride}, {p.a, p.a_row_stride}, {p.b, p.b_row_stride},
-                                           {p.bias, 0}, {p.da, p.cols}, {p.db, p.cols}});
+                                           {p.bias, 0}, {p.da, p.da_row_stride}, {p.db, p.db_row_stride}});
   return vec == 1 ? backward_vec<T, 1>(p, partials, dbias, stream)
                   : backward_vec<T, 16 / sizeof(T)>(p, partials, dbias, stream);
 }

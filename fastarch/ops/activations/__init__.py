@@ -7,6 +7,6 @@ api.py: the public function and its torch ops; reference.py: the definition of c
 the last backend); backends.py: the one table of backends.
 """
 
-from fastarch.ops.activations.api import bias_gelu, geglu, swiglu
+from fastarch.ops.activations.api import bias_gelu, geglu, geglu_packed, swiglu
 
-__all__ = ["bias_gelu", "geglu", "swiglu"]
+__all__ = ["bias_gelu", "geglu", "geglu_packed", "swiglu"]

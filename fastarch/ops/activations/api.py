@@ -2,7 +2,8 @@
 (``torch.ops.fastarch.bias_gelu``) with a fake implementation and autograd through
 ``fastarch::bias_gelu_backward``; swiglu: silu(gate) * up, likewise (``fastarch::swiglu``,
 ``fastarch::swiglu_backward``); geglu: gelu(gate) * up (``fastarch::geglu``,
-``fastarch::geglu_backward``), on the same kernel ops as swiglu. Each asks the registry for a
+``fastarch::geglu_backward``), on the same kernel ops as swiglu; geglu_packed: geglu of the two
+halves of one projection, whose backward writes that projection's gradient whole. Each asks the registry for a
 backend (backends.py)."""
 
 from __future__ import annotations
@@ -241,3 +242,73 @@ def geglu(gate: Tensor, up: Tensor, approximate: str = "none", *, backend: str |
     """
     _check_geglu(gate, up, approximate)
     return _geglu(gate, up, approximate, registry.requested_backend(backend))
+
+
+def _check_geglu_packed(proj: object, approximate: object) -> None:
+    op = "geglu_packed"
+    if not isinstance(proj, Tensor):
+        raise TypeError(f"fastarch.{op}: proj must be a torch.Tensor, got {type(proj).__name__}")
+    if proj.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fastarch.{op}: proj must be float32, float16, bfloat16 or float64, got {proj.dtype}")
+    if proj.dim() < 1 or proj.shape[-1] < 2 or proj.shape[-1] % 2:
+        raise ValueError(f"fastarch.{op}: proj must have an even last dimension of at least 2 (up, then gate), got shape {tuple(proj.shape)}")
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"fastarch.{op}: approximate must be 'none' (erf) or 'tanh', got {approximate!r}")
+
+
+def _half_shape(proj: Tensor) -> tuple[int, ...]:
+    return (*proj.shape[:-1], proj.shape[-1] // 2)
+
+
+@torch.library.custom_op("fastarch::geglu_packed", mutates_args=())
+def _geglu_packed(proj: Tensor, approximate: str, backend: str = "") -> Tensor:
+    _check_geglu_packed(proj, approximate)
+    rows = as_rows(proj)
+    impl = registry.choose("geglu_packed", ActivationProblem.of(rows), backend)
+    return impl.forward(rows, _geglu_act(approximate)).view(_half_shape(proj))
+
+
+@_geglu_packed.register_fake
+def _(proj, approximate, backend=""):
+    _check_geglu_packed(proj, approximate)
+    return proj.new_empty(_half_shape(proj))
+
+
+@torch.library.custom_op("fastarch::geglu_packed_backward", mutates_args=())
+def _geglu_packed_backward(dy: Tensor, proj: Tensor, approximate: str, backend: str = "") -> Tensor:
+    """dproj, of proj's shape: [dup | dgate]."""
+    rows = as_rows(proj)
+    impl = registry.choose("geglu_packed", ActivationProblem.of(rows), backend)
+    return impl.backward(as_rows(dy), rows, _geglu_act(approximate)).view(proj.shape)
+
+
+@_geglu_packed_backward.register_fake
+def _(dy, proj, approximate, backend=""):
+    return proj.new_empty(proj.shape)
+
+
+def _geglu_packed_setup(ctx, inputs, output):
+    proj, approximate, backend = inputs
+    ctx.save_for_backward(proj)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _geglu_packed_grad(ctx, dy):
+    (proj,) = ctx.saved_tensors
+    return _geglu_packed_backward(dy, proj, ctx.approximate, ctx.backend), None, None
+
+
+_geglu_packed.register_autograd(_geglu_packed_grad, setup_context=_geglu_packed_setup)
+
+
+def geglu_packed(proj: Tensor, approximate: str = "none", *, backend: str | None = None) -> Tensor:
+    """geglu on the whole projection of diffusers' GEGLU: ``up, gate = proj.chunk(2, -1)``,
+    then gelu(gate) * up, as one op. The same kernels and results as ``geglu(gate, up)`` on the
+    chunks; the backward writes the gradient of proj whole (the gradients of two chunks cost
+    autograd a concatenation, a read and a write of all of it). fastarch.nn.GEGLU runs this.
+
+    proj: (..., 2N) float32/float16/bfloat16 (float64 on the cpu and reference backends), up
+    first, then gate. Returns (..., N), contiguous. approximate, backend: as geglu's.
+    """
+    _check_geglu_packed(proj, approximate)
+    return _geglu_packed(proj, approximate, registry.requested_backend(backend))

@@ -4,7 +4,8 @@ Interface (reference.py), on 2-D (rows, cols) inputs with contiguous columns: bi
 forward(x, bias, approximate) -> y and backward(dy, x, bias, approximate, need_dbias) -> (dx,
 dbias or None); the gated activations' (swiglu and geglu: one table) forward(gate, up, act) ->
 y and backward(dy, gate, up, act) -> (dgate, dup), act one of reference.GATED_ACTIVATIONS, gate
-and up rows possibly strided. Every op shares the supports checks (an elementwise problem of one
+and up rows possibly strided; geglu_packed's forward(proj, act) and backward(dy, proj, act) ->
+dproj on proj = [up | gate] (rows, 2N). Every op shares the supports checks (an elementwise problem of one
 dtype).
 """
 
@@ -20,6 +21,7 @@ from fastarch.ops.activations import cpp, triton
 from fastarch.ops.activations.reference import (
     bias_gelu_backward_ref,
     bias_gelu_forward_ref,
+    gated_backward_packed_ref,
     gated_backward_ref,
     gated_forward_ref,
 )
@@ -80,6 +82,30 @@ GATED_BACKENDS = [
     registry.Backend("reference", availability.reference, _reference_supports, gated_forward_ref, gated_backward_ref),
 ]
 
+
+def _packed(forward):
+    """A gated forward taking proj = [up | gate] (rows, 2N) (diffusers' GEGLU layout): its
+    halves, read in place (rows strided by 2N)."""
+
+    def run(proj: Tensor, act: str) -> Tensor:
+        up, gate = proj.chunk(2, dim=-1)
+        return forward(gate, up, act)
+
+    return run
+
+
+# forward(proj, act) -> y and backward(dy, proj, act) -> dproj, written whole by the kernels
+# (the gradients of two chunks would cost autograd a concatenation).
+PACKED_BACKENDS = [
+    registry.Backend("cuda", availability.cuda, _cuda_supports, _packed(cpp.gated_forward), cpp.gated_backward_packed),
+    registry.Backend("cpu", availability.cpu, _cpu_supports, _packed(cpp.gated_forward), cpp.gated_backward_packed),
+    registry.Backend("triton", availability.triton, _triton_supports, _packed(triton.gated_forward),
+                     triton.gated_backward_packed),
+    registry.Backend("reference", availability.reference, _reference_supports, _packed(gated_forward_ref),
+                     gated_backward_packed_ref),
+]
+
 registry.register("bias_gelu", BACKENDS)
 registry.register("swiglu", GATED_BACKENDS)
 registry.register("geglu", GATED_BACKENDS)
+registry.register("geglu_packed", PACKED_BACKENDS)

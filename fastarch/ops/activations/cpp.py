@@ -1,5 +1,5 @@
 """The activations' C++ kernel ops (fastarch::_bias_gelu_fwd / _bias_gelu_bwd, and
-_gated_act_fwd / _gated_act_bwd serving swiglu and geglu; csrc/ops.cpp;
+_gated_act_fwd / _gated_act_bwd (and _gated_act_bwd_packed) serving swiglu and geglu; csrc/ops.cpp;
 implemented in csrc/cpu/activations for the CPU and csrc/cuda/activations for CUDA) and their
 fake implementations. The bias gradient comes back as an empty tensor when not wanted."""
 
@@ -27,6 +27,10 @@ def gated_backward(dy, gate, up, act):
     return torch.ops.fastarch._gated_act_bwd(dy, gate, up, act)
 
 
+def gated_backward_packed(dy, proj, act):
+    return torch.ops.fastarch._gated_act_bwd_packed(dy, proj, act)
+
+
 if availability.cpu() is None:  # _C loaded: its ops need fakes for torch.compile and opcheck
 
     @torch.library.register_fake("fastarch::_bias_gelu_fwd")
@@ -44,3 +48,7 @@ if availability.cpu() is None:  # _C loaded: its ops need fakes for torch.compil
     @torch.library.register_fake("fastarch::_gated_act_bwd")
     def _(dy, gate, up, act):
         return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("fastarch::_gated_act_bwd_packed")
+    def _(dy, proj, act):
+        return proj.new_empty(proj.shape)

@@ -83,6 +83,13 @@ def gated_forward_ref(gate: Tensor, up: Tensor, act: str) -> Tensor:
     return (_gated_f(gate.to(acc), act)[0] * up.to(acc)).to(gate.dtype)
 
 
+def gated_backward_packed_ref(dy: Tensor, proj: Tensor, act: str) -> Tensor:
+    """gated_backward_ref for proj = [up | gate] (rows, 2N): the gradient of proj, [dup | dgate]."""
+    up, gate = proj.chunk(2, dim=-1)
+    dgate, dup = gated_backward_ref(dy, gate, up, act)
+    return torch.cat([dup, dgate], dim=-1)
+
+
 def gated_backward_ref(dy: Tensor, gate: Tensor, up: Tensor, act: str) -> tuple[Tensor, Tensor]:
     """dgate = dy up f'(gate) and dup = dy f(gate), each rounded once to gate's dtype."""
     acc = compute_dtype(gate.dtype)

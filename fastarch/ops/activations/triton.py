@@ -34,6 +34,13 @@ if _kernels is not None:
         dgate, dup, _ = _kernels.activation_backward(dy, gate, up, None, act, False)
         return dgate, dup
 
+    @torch.library.triton_op("fastarch::_triton_gated_act_bwd_packed", mutates_args=())
+    def _triton_gated_act_bwd_packed(dy: Tensor, proj: Tensor, act: str) -> Tensor:
+        up, gate = proj.chunk(2, dim=-1)
+        dproj = torch.empty(proj.shape, dtype=proj.dtype, device=proj.device)
+        _kernels.activation_backward(dy, gate, up, None, act, False, out=dproj)
+        return dproj
+
 
 def bias_gelu_forward(x, bias, approximate):
     return torch.ops.fastarch._triton_bias_gelu_fwd(x, bias, approximate == "tanh")
@@ -50,3 +57,7 @@ def gated_forward(gate, up, act):
 
 def gated_backward(dy, gate, up, act):
     return torch.ops.fastarch._triton_gated_act_bwd(dy, gate, up, act)
+
+
+def gated_backward_packed(dy, proj, act):
+    return torch.ops.fastarch._triton_gated_act_bwd_packed(dy, proj, act)

@@ -121,3 +121,36 @@ def test_cpu_gated_kernel_ops_check_their_arguments(case):
     call, pattern = GATED_KERNEL_BAD[case]
     with pytest.raises(RuntimeError, match=pattern):
         call()
+
+
+GEGLU_PACKED_BAD = {
+    "proj-not-a-tensor": (dict(proj=[1.0, 2.0]), TypeError, "fastarch.geglu_packed: proj must be a torch.Tensor"),
+    "proj-integer": (dict(proj=torch.ones(4, 8, dtype=torch.int64)), TypeError, "proj must be float32"),
+    "proj-odd": (dict(proj=torch.randn(4, 7)), ValueError, r"proj must have an even last dimension .* got shape \(4, 7\)"),
+    "proj-0d": (dict(proj=torch.tensor(1.0)), ValueError, "proj must have an even last dimension"),
+    "approximate": (dict(proj=x8, approximate="erf"), ValueError, "approximate must be 'none' .* or 'tanh'"),
+    "backend-unknown": (dict(proj=x8, backend="cudnn"), ValueError, "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(GEGLU_PACKED_BAD))
+def test_geglu_packed_bad_input(case):
+    kwargs, exc, pattern = GEGLU_PACKED_BAD[case]
+    with pytest.raises(exc, match=pattern):
+        ops.geglu_packed(**kwargs)
+
+
+PACKED_KERNEL_BAD = {
+    "proj-odd": (lambda: torch.ops.fastarch._gated_act_bwd_packed(torch.randn(4, 3), torch.randn(4, 7), "gelu"),
+                 "proj must have an even number of columns"),
+    "proj-1d": (lambda: torch.ops.fastarch._gated_act_bwd_packed(torch.randn(4), torch.randn(8), "gelu"), "proj must be 2-D"),
+    "dy-shape": (lambda: torch.ops.fastarch._gated_act_bwd_packed(x8, x8, "gelu"), r"dy must have a half of proj's shape \[4, 4\]"),
+    "act": (lambda: torch.ops.fastarch._gated_act_bwd_packed(torch.randn(4, 4), x8, "swish"), "act must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_KERNEL_BAD))
+def test_cpu_packed_kernel_op_checks_its_arguments(case):
+    call, pattern = PACKED_KERNEL_BAD[case]
+    with pytest.raises(RuntimeError, match=pattern):
+        call()

@@ -160,3 +160,32 @@ def test_compile_geglu_fullgraph_matches_eager(approximate):
     torch.testing.assert_close(comp_y, eager_y, rtol=0, atol=0)
     grads = [torch.autograd.grad(loss, proj) for loss in (eager_loss, comp_loss)]
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["", "reference"], ids=["auto", "reference"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_opcheck_geglu_packed(approximate, backend):
+    proj = torch.randn(2, 3, 80, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastarch.geglu_packed.default, (proj, approximate, backend))
+    args = (torch.randn(2, 3, 40), proj.detach(), approximate, backend)
+    torch.library.opcheck(torch.ops.fastarch.geglu_packed_backward.default, args)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+def test_opcheck_packed_cpp_kernel_op(act):
+    torch.library.opcheck(torch.ops.fastarch._gated_act_bwd_packed.default, (torch.randn(6, 40), torch.randn(6, 80), act))
+
+
+def test_compile_geglu_packed_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    proj = torch.randn(2, 3, 80, requires_grad=True)
+
+    def f(proj):
+        y = ops.geglu_packed(proj)
+        return y, (y * 1.5).sum()
+
+    eager_y, eager_loss = f(proj)
+    comp_y, comp_loss = torch.compile(f, fullgraph=True, dynamic=False)(proj)
+    torch.testing.assert_close(comp_y, eager_y, rtol=0, atol=0)
+    grads = [torch.autograd.grad(loss, proj) for loss in (eager_loss, comp_loss)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

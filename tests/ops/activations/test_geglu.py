@@ -182,3 +182,34 @@ def test_fp32_accuracy_over_the_whole_curve(isa, approximate, cpu_isa):
         assert (y[~normal].abs() <= 1e-35).all()
         assert (dgate - dtruth).abs().max() < 16 * 2**-24, f"{backend}: dgate error {(dgate - dtruth).abs().max():.3g}"
         assert torch.equal(dup, y)
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 2 * 96), (3, 2 * 97), (1, 2), (0, 2 * 8)], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton", pytest.param("cuda", marks=GPU)])
+def test_geglu_packed_is_geglu_of_the_chunks(backend, shape, dtype, approximate):
+    """geglu_packed(proj) runs the kernels of geglu(gate, up) on up, gate = proj.chunk(2, -1):
+    the same bits, and its gradient of proj is exactly [dup | dgate] (written whole; an odd
+    half misaligns the gate half for vector stores)."""
+    device = {"triton": TRITON_DEVICE, "cuda": "cuda"}.get(backend, "cpu")
+    proj = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3).to(dtype).to(device)
+    dy = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype).to(device)
+    p1, p2 = proj.clone().requires_grad_(), proj.clone().requires_grad_()
+    y1 = ops.geglu_packed(p1, approximate, backend=backend)
+    up, gate = p2.chunk(2, dim=-1)
+    y2 = ops.geglu(gate, up, approximate, backend=backend)
+    assert y1.shape == y2.shape and y1.is_contiguous()
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    (g1,), (g2,) = torch.autograd.grad(y1, p1, dy), torch.autograd.grad(y2, p2, dy)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+def test_geglu_packed_backward_writes_no_concatenation():
+    """Autograd of geglu_packed runs one backward op returning the projection's gradient: no
+    cat (the cost of the chunked form's gradient)."""
+    proj = torch.randn(64, 2 * 48, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        ops.geglu_packed(proj).backward(torch.randn(64, 48))
+    names = {e.name for e in prof.events()}
+    assert "fastarch::_gated_act_bwd_packed" in names and "aten::cat" not in names
