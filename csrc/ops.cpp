@@ -19,9 +19,14 @@ TORCH_LIBRARY(fastarch, m) {
   // dbias (the column sums of dx) is an empty tensor when not wanted.
   m.def("_bias_gelu_fwd(Tensor x, Tensor? bias, bool tanh) -> Tensor");
   m.def("_bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool tanh, bool need_dbias) -> (Tensor dx, Tensor dbias)");
-  // silu(gate) * up over 2-D gate and up of one shape and dtype.
-  m.def("_swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
-  m.def("_swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  // The gated activations act(gate) * up over 2-D gate and up of one shape and dtype (rows
+  // may be strided: the two halves of one projection): act "silu" (swiglu), "gelu" (erf) or
+  // "gelu_tanh" (geglu).
+  m.def("_gated_act_fwd(Tensor gate, Tensor up, str act) -> Tensor");
+  m.def("_gated_act_bwd(Tensor dy, Tensor gate, Tensor up, str act) -> (Tensor dgate, Tensor dup)");
+  // The same backward for proj = [up | gate] (rows, 2 cols), diffusers' GEGLU layout: returns
+  // the gradient of proj whole, each half written in place.
+  m.def("_gated_act_bwd_packed(Tensor dy, Tensor proj, str act) -> Tensor dproj");
 
   // Attention over 4-D (B, H, S, D) views with contiguous last dims; the semantics of every
   // argument are those of fastarch/ops/attn/reference.py. Packed variable lengths: B == 1

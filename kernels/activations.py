@@ -1,5 +1,7 @@
-"""Triton kernels of the activations: bias_gelu (erf and tanh forms) and swiglu, forward and
-backward, over (M, N) rows with contiguous columns; and their launchers.
+"""Triton kernels of the activations: bias_gelu (erf and tanh forms) and the gated ones (f(gate)
+* up: swiglu with f = silu, geglu with f = gelu, erf or tanh form), forward and backward, over
+(M, N) rows with contiguous columns (strided rows: gate and up may be halves of one projection);
+and their launchers.
 
 One elementwise skeleton: a program owns a BLOCK_M x BLOCK_N tile (forward) or a column block
 of a range of rows (backward, which sums the bias gradient over its rows in fp32 registers and
@@ -20,11 +22,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-# The ACT constexpr of the kernels.
+# The ACT constexpr of the kernels: f, applied to x + bias, or to gate (GATED: times up).
 GELU_ERF = tl.constexpr(0)
 GELU_TANH = tl.constexpr(1)
-SWIGLU = tl.constexpr(2)
-ACTIVATIONS = {"none": 0, "tanh": 1, "swiglu": 2}
+SILU = tl.constexpr(2)
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
 # Triton's CPU interpreter truncates fp32 -> bf16 casts; the kernels then round by hand.
 ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -81,36 +83,28 @@ def _tanh_arg2(h):
 
 
 @triton.jit
-def _forward_value(a, b, ACT: tl.constexpr):
-    if ACT == SWIGLU:
-        s, _ = _sigmoid(a)
-        return a * s * b
+def _value_grad(h, ACT: tl.constexpr):
+    """f(h) and f'(h) from one evaluation of what they share (unused results are dropped)."""
+    if ACT == SILU:
+        s, oms = _sigmoid(h)
+        return h * s, s * (1.0 + h * oms)  # silu' = s (1 + h (1 - s))
     elif ACT == GELU_TANH:
-        s, _ = _sigmoid(_tanh_arg2(a))
-        return a * s
-    else:
-        abs_a = tl.abs(a)
-        return a * _phi(a, _erfc_scaled(abs_a) * tl.exp(-0.5 * abs_a * abs_a))
-
-
-@triton.jit
-def _grad_gelu(h, ACT: tl.constexpr):
-    if ACT == GELU_TANH:
         # s + g (2 sqrt(2/pi)) (1 + 3 * 0.044715 h^2), g = h s (1 - s), with h^2 kept out of
         # the product: g is exactly 0 wherever h^2 would overflow (no inf * 0 for huge h)
         s, oms = _sigmoid(_tanh_arg2(h))
         g = h * s * oms
-        return s + g * 1.5957691216057308 + (g * h) * (h * 0.21406444881780073)
+        return h * s, s + g * 1.5957691216057308 + (g * h) * (h * 0.21406444881780073)
     else:
         abs_h = tl.abs(h)
         g = tl.exp(-0.5 * abs_h * abs_h)
-        return _phi(h, _erfc_scaled(abs_h) * g) + h * 0.3989422804014327 * g  # 1 / sqrt(2 pi)
+        phi = _phi(h, _erfc_scaled(abs_h) * g)
+        return h * phi, phi + h * 0.3989422804014327 * g  # 1 / sqrt(2 pi)
 
 
 @triton.jit
 def _act_fwd_kernel(
     A, B, BIAS, Y, stride_a, stride_b, M, N,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -118,19 +112,19 @@ def _act_fwd_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     r64 = rows.to(tl.int64)[:, None]
     a = tl.load(A + r64 * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = a
-    if ACT == SWIGLU:
-        b = tl.load(B + r64 * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         a += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    y = _forward_value(a, b, ACT)
+    y, _ = _value_grad(a, ACT)
+    if GATED:
+        y = y * tl.load(B + r64 * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + r64 * N + cols[None, :], _cast(y, Y.dtype.element_ty, ROUND_BY_HAND), mask=mask)
 
 
 @triton.jit
 def _act_bwd_kernel(
-    DY, A, B, BIAS, DA, DB, PARTS, stride_dy, stride_a, stride_b, M, N, rows_per_program,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
+    DY, A, B, BIAS, DA, DB, PARTS, stride_dy, stride_a, stride_b, stride_da, stride_db, M, N, rows_per_program,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,16 +141,17 @@ def _act_bwd_kernel(
         r64 = rows.to(tl.int64)[:, None]
         dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + r64 * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if ACT == SWIGLU:
+        if GATED:  # y = f(g) u: dy/dg = u f'(g), dy/du = f(g)
             b = tl.load(B + r64 * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s, oms = _sigmoid(a)
-            da = dy * b * s * (1.0 + a * oms)
-            tl.store(DB + r64 * N + cols[None, :], _cast(dy * a * s, DB.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+            value, grad = _value_grad(a, ACT)
+            da = dy * b * grad
+            tl.store(DB + r64 * stride_db + cols[None, :], _cast(dy * value, DB.dtype.element_ty, ROUND_BY_HAND), mask=mask)
         else:
-            da = dy * _grad_gelu(a + bias[None, :], ACT)
+            _, grad = _value_grad(a + bias[None, :], ACT)
+            da = dy * grad
             if NEED_DBIAS:
                 acc += tl.sum(tl.where(mask, da, 0.0), axis=0)
-        tl.store(DA + r64 * N + cols[None, :], _cast(da, DA.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+        tl.store(DA + r64 * stride_da + cols[None, :], _cast(da, DA.dtype.element_ty, ROUND_BY_HAND), mask=mask)
     if NEED_DBIAS:
         tl.store(PARTS + tl.program_id(0) * N + cols, acc, mask=col_ok)
 
@@ -175,8 +170,9 @@ def _programs(x: Tensor, rows: int) -> int:
 
 
 def activation_forward(a: Tensor, b: Tensor | None, bias: Tensor | None, act: str) -> Tensor:
-    """y = act(a + bias) (bias_gelu: act "none" or "tanh") or silu(a) * b (act "swiglu").
-    a, b: (M, N) with contiguous columns; bias: (N,) contiguous. Returns y (M, N)."""
+    """y = f(a + bias) (bias_gelu), or f(a) * b when b is given (the gated activations); f:
+    act, "gelu", "gelu_tanh" or "silu". a, b: (M, N) with contiguous columns; bias: (N,)
+    contiguous. Returns y (M, N)."""
     M, N = a.shape
     y = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if M == 0:
@@ -185,28 +181,35 @@ def activation_forward(a: Tensor, b: Tensor | None, bias: Tensor | None, act: st
     wrap_triton(_act_fwd_kernel)[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         a, b if b is not None else a, bias if bias is not None else a, y,
         a.stride(0), b.stride(0) if b is not None else 0, M, N,
-        ACT=ACTIVATIONS[act], HAS_BIAS=bias is not None, ROUND_BY_HAND=ROUND_BF16_BY_HAND,
+        ACT=ACTIVATIONS[act], GATED=b is not None, HAS_BIAS=bias is not None, ROUND_BY_HAND=ROUND_BF16_BY_HAND,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )
     return y
 
 
 def activation_backward(
-    dy: Tensor, a: Tensor, b: Tensor | None, bias: Tensor | None, act: str, need_dbias: bool
+    dy: Tensor, a: Tensor, b: Tensor | None, bias: Tensor | None, act: str, need_dbias: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Gradients of activation_forward: da (M, N); db (M, N) for swiglu, else None; dbias (N,)
-    (the column sums of da in fp32, rounded once) or None when not wanted."""
+    """Gradients of activation_forward: da (M, N); db (M, N) when gated, else None; dbias (N,)
+    (the column sums of da in fp32, rounded once) or None when not wanted. out: a (M, 2N)
+    tensor (gated only) whose halves [db | da] are written instead of new tensors."""
     M, N = a.shape
-    da = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    db = torch.empty_like(da) if b is not None else None
+    if out is not None:
+        db, da = out[:, :N], out[:, N:]
+    else:
+        da = torch.empty((M, N), dtype=a.dtype, device=a.device)
+        db = torch.empty_like(da) if b is not None else None
     programs = _programs(a, M)
     parts = torch.zeros((programs, N) if need_dbias else (1, 1), dtype=torch.float32, device=a.device)
     if M > 0:
         block_m, block_n = _tile(N, 2048)
         wrap_triton(_act_bwd_kernel)[(programs, triton.cdiv(N, block_n))](
             dy, a, b if b is not None else a, bias if bias is not None else a, da, db if db is not None else da, parts,
-            dy.stride(0), a.stride(0), b.stride(0) if b is not None else 0, M, N, triton.cdiv(M, programs),
-            ACT=ACTIVATIONS[act], HAS_BIAS=bias is not None, NEED_DBIAS=need_dbias, ROUND_BY_HAND=ROUND_BF16_BY_HAND,
+            dy.stride(0), a.stride(0), b.stride(0) if b is not None else 0, da.stride(0),
+            db.stride(0) if db is not None else 0, M, N, triton.cdiv(M, programs),
+            ACT=ACTIVATIONS[act], GATED=b is not None, HAS_BIAS=bias is not None, NEED_DBIAS=need_dbias,
+            ROUND_BY_HAND=ROUND_BF16_BY_HAND,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )
     return da, db, parts.sum(0).to(a.dtype) if need_dbias else None

@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string_view>
+#include <utility>
 
 #include "activation_params.h"
 
@@ -40,6 +42,24 @@ inline void check_bias(const char* who, const std::optional<Tensor>& bias, const
               bias->scalar_type());
 }
 
+// The gated kernel ops' act argument: "silu" (swiglu), "gelu" (erf form), "gelu_tanh" (geglu).
+inline Activation gated_activation(const char* who, std::string_view act) {
+  if (act == "silu") return Activation::silu;
+  if (act == "gelu") return Activation::gelu_erf;
+  if (act == "gelu_tanh") return Activation::gelu_tanh;
+  TORCH_CHECK(false, who, ": act must be 'silu', 'gelu' or 'gelu_tanh', got '", act, "'");
+}
+
+// The packed gated op's projection (rows, 2 cols) = [up | gate] (diffusers' GEGLU order): its
+// halves as (up, gate) views, rows strided by 2 cols.
+inline std::pair<Tensor, Tensor> packed_halves(const char* who, const Tensor& proj) {
+  check_matrix(who, proj, "proj");
+  TORCH_CHECK(proj.size(1) % 2 == 0, who, ": proj must have an even number of columns (up, then gate), got ",
+              proj.size(1));
+  const int64_t n = proj.size(1) / 2;
+  return {proj.narrow(1, 0, n), proj.narrow(1, n, n)};
+}
+
 inline const void* data_or_null(const std::optional<Tensor>& t) { return t ? t->data_ptr() : nullptr; }
 
 inline ActivationForwardParams forward_params(
@@ -69,7 +89,9 @@ inline ActivationBackwardParams backward_params(
   p.b_row_stride = b ? b->stride(0) : 0;
   p.bias = data_or_null(bias);
   p.da = da.data_ptr();
+  p.da_row_stride = da.stride(0);
   p.db = db ? db->data_ptr() : nullptr;
+  p.db_row_stride = db ? db->stride(0) : 0;
   p.rows = a.size(0);
   p.cols = a.size(1);
   p.act = act;

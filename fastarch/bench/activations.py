@@ -1,18 +1,26 @@
 """The activation cases of ``fastarch bench``: bias_gelu (erf form, BERT's MLP), bias_gelu_tanh
-(tanh form, GPT-2's) and swiglu (LLaMA's). Memory-bound: the rate is GB/s of minimum traffic,
+(tanh form, GPT-2's), swiglu (LLaMA's) and geglu (the diffusion UNet's feed-forward, erf form;
+geglu_packed: the same on the whole projection, as fastarch.nn.GEGLU runs it). Memory-bound: the rate is GB/s of minimum traffic,
 against the measured copy bandwidth.
 
-Contenders, all called as ``fn(x, bias)`` (swiglu: ``fn(gate, up)``) on the same input sets:
+Contenders, all called as ``fn(x, bias)`` (swiglu: ``fn(gate, up)``; geglu: ``fn(proj)``, the
+(rows, 2·hidden) projection, chunked as diffusers does: ``up, gate = proj.chunk(2, -1)``, views
+whose rows are strided by 2·hidden) on the same input sets:
 
 - ``ours:<backend>``: ``fastarch.ops.bias_gelu(x, bias, approximate, backend=<backend>)``
-  (``fastarch.ops.swiglu(gate, up, backend=...)``); ``ours:auto`` lets the registry choose;
+  (``fastarch.ops.swiglu(gate, up, backend=...)``, ``fastarch.ops.geglu(gate, up, backend=...)``
+  on the chunks, read in place, ``fastarch.ops.geglu_packed(proj, backend=...)``); ``ours:auto``
+  lets the registry choose;
 - ``eager``: the PyTorch code it replaces, ``F.gelu(x + bias, approximate=...)`` (the MLP's
-  first linear layer without its bias: F.linear is not part of the case), ``F.silu(gate) * up``;
+  first linear layer without its bias: F.linear is not part of the case), ``F.silu(gate) * up``,
+  diffusers' ``up * F.gelu(gate)``;
 - ``compile``: ``torch.compile(eager, dynamic=False)``.
 
 One timed iteration ("fwd") is the forward on inputs that do not require grad; or ("fwd+bwd")
-setting both inputs' ``.grad`` to None, the forward on inputs that require grad, then
-``y.backward(dy)`` with a fixed random dy: the gradients of both inputs.
+setting the inputs' ``.grad`` to None, the forward on inputs that require grad, then
+``y.backward(dy)`` with a fixed random dy: the gradients of both inputs (geglu: of the
+projection, which autograd assembles from dgate and dup, except for geglu_packed's and
+compile's, which write it whole).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class ActivationOp:
     ours: Callable[..., Tensor]
     registry_op: str  # the op's name in the backend registry
     gated: bool = False  # takes (gate, up) of one shape, else (x, bias)
+    packed: bool = False  # gated, taking the one (rows, 2·hidden) projection whose halves are up, gate
 
 
 def _gelu(approximate: str):
@@ -53,10 +62,22 @@ def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def _geglu(proj: Tensor) -> Tensor:
+    up, gate = proj.chunk(2, dim=-1)
+    return up * F.gelu(gate)
+
+
+def _ours_geglu(proj: Tensor, backend: str | None = None) -> Tensor:
+    up, gate = proj.chunk(2, dim=-1)
+    return fastarch.ops.geglu(gate, up, backend=backend)
+
+
 OPS = {
     "bias_gelu": ActivationOp(_gelu("none"), functools.partial(fastarch.ops.bias_gelu, approximate="none"), "bias_gelu"),
     "bias_gelu_tanh": ActivationOp(_gelu("tanh"), functools.partial(fastarch.ops.bias_gelu, approximate="tanh"), "bias_gelu"),
     "swiglu": ActivationOp(_swiglu, fastarch.ops.swiglu, "swiglu", gated=True),
+    "geglu": ActivationOp(_geglu, _ours_geglu, "geglu", gated=True, packed=True),
+    "geglu_packed": ActivationOp(_geglu, fastarch.ops.geglu_packed, "geglu_packed", gated=True, packed=True),
 }
 
 DIFFERENTIABLE = set(OPS)
@@ -98,8 +119,8 @@ class Case:
         bias_gelu forward:  R·N·e read (x) + R·N·e written (y) + N·e read (bias)
         bias_gelu backward: 2·R·N·e read (dy, x) + R·N·e written (dx) + N·e read (bias)
                             + N·e written (dbias)
-        swiglu forward:     2·R·N·e read (gate, up) + R·N·e written (y)
-        swiglu backward:    3·R·N·e read (dy, gate, up) + 2·R·N·e written (dgate, dup)
+        swiglu, geglu forward:  2·R·N·e read (gate, up) + R·N·e written (y)
+        swiglu, geglu backward: 3·R·N·e read (dy, gate, up) + 2·R·N·e written (dgate, dup)
         """
         rows, n = math.prod(self.shape[:-1]), self.shape[-1]
         e = self.dtype.itemsize
@@ -131,9 +152,12 @@ class Case:
             fns["compile"] = torch.compile(op.eager, dynamic=False)
         return {name: self._iteration(fn, sets) for name, fn in fns.items()}
 
-    def _inputs(self) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
-        """One input set: (x, bias) or (gate, up), and the gradient of y."""
+    def _inputs(self) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        """One input set: (x, bias), (gate, up) or (proj,), and the gradient of y."""
         like = {"dtype": self.dtype, "device": self.device}
+        if OPS[self.op].packed:
+            proj = torch.randn(*self.shape[:-1], 2 * self.shape[-1], **like).requires_grad_(self.backward)
+            return (proj,), torch.randn(self.shape, **like) if self.backward else None
         first = torch.randn(self.shape, **like).requires_grad_(self.backward)
         second_shape = self.shape if OPS[self.op].gated else self.shape[-1:]
         second = (0.1 * torch.randn(second_shape, **like)).requires_grad_(self.backward)

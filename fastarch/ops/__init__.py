@@ -1,7 +1,7 @@
 """fastarch's public functional API, one package per op family (norms, attn, activations, rope).
 Each op picks its backend through fastarch.registry."""
 
-from fastarch.ops.activations import bias_gelu, swiglu
+from fastarch.ops.activations import bias_gelu, geglu, geglu_packed, swiglu
 from fastarch.ops.attn import append_kv, attention, attention_decode, scaled_dot_product_attention
 from fastarch.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastarch.ops.rope import rotary, rotary_tables
@@ -16,6 +16,8 @@ __all__ = [
     "attention_decode",
     "append_kv",
     "bias_gelu",
+    "geglu",
+    "geglu_packed",
     "rotary",
     "rotary_tables",
     "swiglu",

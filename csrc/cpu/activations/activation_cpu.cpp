@@ -1,5 +1,5 @@
 // CPU implementation of the activation kernel ops (fastarch::_bias_gelu_fwd / _bias_gelu_bwd,
-// _swiglu_fwd / _swiglu_bwd):
+// _gated_act_fwd / _gated_act_bwd, which serve swiglu and geglu):
 // checks, allocation, threading over rows (at::parallel_for: torch's OpenMP pool and its thread
 // count), and the choice between the AVX-512 and portable row kernels.
 #include <ATen/Parallel.h>
@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "activations/activation_glue.h"
@@ -57,7 +58,7 @@ constexpr int64_t kStreamBytes = int64_t{4} << 20;
 bool can_stream(const Tensor& out) {
   const int64_t chunk_bytes = 16 * out.element_size();
   return out.numel() * out.element_size() >= kStreamBytes && out.size(1) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
+      (out.size(0) <= 1 || out.stride(0) % 16 == 0) && reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
 }
 
 // rows[0] += rows[1] + ... + rows[n - 1], as a pairwise tree over the (n, cols) rows.
@@ -150,7 +151,7 @@ void backward_rows(
 }
 
 Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias) {
-  const Dtype d = dtype_of(a, is_gated(act) ? "gate" : "x");
+  const Dtype d = dtype_of(a, b ? "gate" : "x");
   Tensor y = at::empty({a.size(0), a.size(1)}, a.options());
   const ActivationForwardParams p = activation_glue::forward_params(act, a, b, bias, y);
   const Avx512Inputs in = avx512_inputs(d, bias, can_stream(y));
@@ -158,23 +159,22 @@ Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::opti
   return y;
 }
 
-// da (and db for the gated activations); dbias (the column sums of da in the accumulation
-// dtype, rounded once) when need_dbias, else an empty tensor.
-std::tuple<Tensor, Tensor, Tensor> backward(
+// Into da (and db for the gated activations), (rows, cols) with contiguous columns; returns
+// dbias (the column sums of da in the accumulation dtype, rounded once) when need_dbias, else
+// an empty tensor.
+Tensor backward_into(
     Activation act, const Tensor& dy, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias,
-    bool need_dbias) {
-  const Dtype d = dtype_of(a, is_gated(act) ? "gate" : "x");
+    bool need_dbias, const Tensor& da, const Tensor& db) {
+  const Dtype d = dtype_of(a, b ? "gate" : "x");
   const int64_t rows = a.size(0), cols = a.size(1);
-  Tensor da = at::empty({rows, cols}, a.options());
-  Tensor db = is_gated(act) ? at::empty({rows, cols}, a.options()) : Tensor();
   const ActivationBackwardParams p =
-      activation_glue::backward_params(act, dy, a, b, bias, da, db.defined() ? &db : nullptr);
-  const Avx512Inputs in = avx512_inputs(d, bias, can_stream(da) && (!db.defined() || can_stream(db)));
+      activation_glue::backward_params(act, dy, a, b, bias, da, b ? &db : nullptr);
+  const Avx512Inputs in = avx512_inputs(d, bias, can_stream(da) && (!b || can_stream(db)));
   if (!need_dbias) {
     at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
       backward_rows(d, p, begin, end, nullptr, in);
     });
-    return {da, db, at::empty({0}, a.options())};
+    return at::empty({0}, a.options());
   }
   // Chunks of kDbiasRows rows, each summed into its own (cols,) row of partial sums (zeroed by
   // its task, inside the one parallel region: on a busy machine every extra region waits for
@@ -196,7 +196,16 @@ std::tuple<Tensor, Tensor, Tensor> backward(
     add_rows_pairwise(partial.data_ptr<float>(), chunks, cols);
   }
   // copy=true: dbias must not share storage with the scratch buffer
-  return {da, db, partial[0].to(a.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
+  return partial[0].to(a.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward(
+    Activation act, const Tensor& dy, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias,
+    bool need_dbias) {
+  Tensor da = at::empty({a.size(0), a.size(1)}, a.options());
+  Tensor db = b ? at::empty({a.size(0), a.size(1)}, a.options()) : Tensor();
+  Tensor dbias = backward_into(act, dy, a, b, bias, need_dbias, da, db);
+  return {da, db, dbias};
 }
 
 Tensor bias_gelu_fwd_cpu(const Tensor& x, const std::optional<Tensor>& bias, bool tanh) {
@@ -217,20 +226,36 @@ std::tuple<Tensor, Tensor> bias_gelu_bwd_cpu(
   return {dx, dbias};
 }
 
-Tensor swiglu_fwd_cpu(const Tensor& gate, const Tensor& up) {
+// act: "silu" (swiglu), "gelu" or "gelu_tanh" (geglu); see activation_glue::gated_activation.
+Tensor gated_act_fwd_cpu(const Tensor& gate, const Tensor& up, c10::string_view act) {
   TORCH_CHECK(gate.device().is_cpu(), kWho, ": gate must be on the CPU, got ", gate.device());
+  const Activation f = activation_glue::gated_activation(kWho, std::string_view(act.data(), act.size()));
   activation_glue::check_matrix(kWho, gate, "gate");
   activation_glue::check_like(kWho, up, "up", gate, "gate");
-  return forward(Activation::swiglu, gate, &up, std::nullopt);
+  return forward(f, gate, &up, std::nullopt);
 }
 
-std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+std::tuple<Tensor, Tensor> gated_act_bwd_cpu(const Tensor& dy, const Tensor& gate, const Tensor& up, c10::string_view act) {
   TORCH_CHECK(gate.device().is_cpu(), kWho, " backward: gate must be on the CPU, got ", gate.device());
+  const Activation f = activation_glue::gated_activation(kWho, std::string_view(act.data(), act.size()));
   activation_glue::check_matrix(kWho, gate, "gate");
   activation_glue::check_like(kWho, up, "up", gate, "gate");
   activation_glue::check_like(kWho, dy, "dy", gate, "gate");
-  auto [dgate, dup, unused] = backward(Activation::swiglu, dy, gate, &up, std::nullopt, false);
+  auto [dgate, dup, unused] = backward(f, dy, gate, &up, std::nullopt, false);
   return {dgate, dup};
+}
+
+// The gradient of the packed projection [up | gate] in one (rows, 2 cols) tensor, each half
+// written in place: no concatenation of dup and dgate afterwards.
+Tensor gated_act_bwd_packed_cpu(const Tensor& dy, const Tensor& proj, c10::string_view act) {
+  TORCH_CHECK(proj.device().is_cpu(), kWho, " backward: proj must be on the CPU, got ", proj.device());
+  const Activation f = activation_glue::gated_activation(kWho, std::string_view(act.data(), act.size()));
+  const auto [up, gate] = activation_glue::packed_halves(kWho, proj);
+  activation_glue::check_like(kWho, dy, "dy", gate, "a half of proj");
+  Tensor dproj = at::empty({proj.size(0), proj.size(1)}, proj.options());
+  const auto [dup, dgate] = activation_glue::packed_halves(kWho, dproj);
+  backward_into(f, dy, gate, &up, std::nullopt, false, dgate, dup);
+  return dproj;
 }
 
 }  // namespace
@@ -238,8 +263,9 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, 
 TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
   m.impl("_bias_gelu_fwd", &bias_gelu_fwd_cpu);
   m.impl("_bias_gelu_bwd", &bias_gelu_bwd_cpu);
-  m.impl("_swiglu_fwd", &swiglu_fwd_cpu);
-  m.impl("_swiglu_bwd", &swiglu_bwd_cpu);
+  m.impl("_gated_act_fwd", &gated_act_fwd_cpu);
+  m.impl("_gated_act_bwd", &gated_act_bwd_cpu);
+  m.impl("_gated_act_bwd_packed", &gated_act_bwd_packed_cpu);
 }
 
 }  // namespace fastarch::cpu::act

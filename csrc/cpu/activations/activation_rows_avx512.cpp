@@ -142,21 +142,19 @@ inline __m512 phi_from_erfc(__m512 h, __m512 e) {
   return _mm512_mask_blend_ps(pos, half_e, _mm512_sub_ps(splat(1.0f), half_e));
 }
 
-// gelu(h) = h Phi(h); inf at +inf, NaN at -inf (inf * 0), as torch.
-template <bool kLow>
-inline __m512 gelu_erf(__m512 h) {
-  const __m512 a = _mm512_abs_ps(h);
-  const __m512 g = exp_ps<kLow>(_mm512_mul_ps(_mm512_mul_ps(a, a), splat(-0.5f)));
-  return _mm512_mul_ps(h, phi_from_erfc(h, _mm512_mul_ps(erfc_scaled<kLow>(a), g)));
-}
+// f(h) and f'(h) of one activation, from one evaluation of what they share.
+struct ValueGrad {
+  __m512 value, grad;
+};
 
-// gelu'(h) = Phi(h) + h exp(-h^2/2) / sqrt(2 pi): one exp serves both terms.
+// gelu(h) = h Phi(h) (inf at +inf, NaN at -inf (inf * 0), as torch); gelu'(h) = Phi(h) +
+// h exp(-h^2/2) / sqrt(2 pi): one exp serves both terms.
 template <bool kLow>
-inline __m512 gelu_erf_grad(__m512 h) {
+inline ValueGrad gelu_erf_value_grad(__m512 h) {
   const __m512 a = _mm512_abs_ps(h);
   const __m512 g = exp_ps<kLow>(_mm512_mul_ps(_mm512_mul_ps(a, a), splat(-0.5f)));
-  return _mm512_fmadd_ps(_mm512_mul_ps(h, splat(0.3989422804014327f)), g,
-                         phi_from_erfc(h, _mm512_mul_ps(erfc_scaled<kLow>(a), g)));
+  const __m512 phi = phi_from_erfc(h, _mm512_mul_ps(erfc_scaled<kLow>(a), g));
+  return {_mm512_mul_ps(h, phi), _mm512_fmadd_ps(_mm512_mul_ps(h, splat(0.3989422804014327f)), g, phi)};
 }
 
 // sigmoid(v) and 1 - sigmoid(v), each without cancellation: 1 - s = e s with e = exp(-v) where
@@ -180,17 +178,34 @@ inline __m512 tanh_arg2(__m512 h) {
   const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(h, h), splat(kTanhCubic), splat(1.0f));
   return _mm512_mul_ps(_mm512_mul_ps(h, splat(2 * kSqrt2OverPi)), inner);
 }
-template <bool kLow>
-inline __m512 gelu_tanh(__m512 h) { return _mm512_mul_ps(h, sigmoid<kLow>(tanh_arg2(h)).s); }
 // d/dh = s + h s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2), summed as g 2 sqrt(2/pi) +
 // (g h) (h 6 * 0.044715 sqrt(2/pi)) with g = h s (1 - s): g is exactly 0 wherever h^2 would
 // overflow, so a huge finite h gets its limit (1 or 0), not inf * 0.
 template <bool kLow>
-inline __m512 gelu_tanh_grad(__m512 h) {
+inline ValueGrad gelu_tanh_value_grad(__m512 h) {
   const Sigmoid sg = sigmoid<kLow>(tanh_arg2(h));
   const __m512 g = _mm512_mul_ps(_mm512_mul_ps(h, sg.s), sg.one_minus_s);
   const __m512 quad = _mm512_mul_ps(_mm512_mul_ps(g, h), _mm512_mul_ps(h, splat(6 * kTanhCubic * kSqrt2OverPi)));
-  return _mm512_add_ps(_mm512_fmadd_ps(g, splat(2 * kSqrt2OverPi), sg.s), quad);
+  return {_mm512_mul_ps(h, sg.s), _mm512_add_ps(_mm512_fmadd_ps(g, splat(2 * kSqrt2OverPi), sg.s), quad)};
+}
+
+// silu(h) = h s, silu'(h) = s (1 + h (1 - s)), s = sigmoid(h).
+template <bool kLow>
+inline ValueGrad silu_value_grad(__m512 h) {
+  const Sigmoid sg = sigmoid<kLow>(h);
+  return {_mm512_mul_ps(h, sg.s), _mm512_mul_ps(sg.s, _mm512_fmadd_ps(h, sg.one_minus_s, splat(1.0f)))};
+}
+
+// The forward uses .value, the single-input backward .grad: the compiler drops what is unused.
+template <Activation kAct, bool kLow>
+inline ValueGrad value_grad(__m512 h) {
+  if constexpr (kAct == Activation::gelu_erf) {
+    return gelu_erf_value_grad<kLow>(h);
+  } else if constexpr (kAct == Activation::gelu_tanh) {
+    return gelu_tanh_value_grad<kLow>(h);
+  } else {
+    return silu_value_grad<kLow>(h);
+  }
 }
 
 // ------------------------------------------------------------------ the row loops
@@ -222,47 +237,43 @@ inline void for_each_chunk(int64_t cols, Fn fn) {
   if (c < cols) fn(c, static_cast<__mmask16>((1u << (cols - c)) - 1));
 }
 
-template <typename L, bool kStream, Activation kAct>
+// kGated: y = f(a) b (b = up), else y = f(a + bias).
+template <typename L, bool kStream, Activation kAct, bool kGated>
 void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end, const float* bias) {
   constexpr bool kLow = L::kBytes == 2;
   for (int64_t r = begin; r < end; ++r) {
     const void* a = at<L>(p.a, r * p.a_row_stride);
-    const void* b = kAct == Activation::swiglu ? at<L>(p.b, r * p.b_row_stride) : nullptr;
+    const void* b = kGated ? at<L>(p.b, r * p.b_row_stride) : nullptr;
     void* y = at<L>(p.y, r * p.cols);
     for_each_chunk(p.cols, [&](int64_t c, __mmask16 m) {
       __m512 h = L::load(at<L>(a, c), m);
-      __m512 out;
-      if constexpr (kAct == Activation::swiglu) {
-        out = _mm512_mul_ps(_mm512_mul_ps(h, sigmoid<kLow>(h).s), L::load(at<L>(b, c), m));
-      } else {
-        if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + c));
-        out = kAct == Activation::gelu_tanh ? gelu_tanh<kLow>(h) : gelu_erf<kLow>(h);
-      }
+      if (!kGated && bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + c));
+      __m512 out = value_grad<kAct, kLow>(h).value;
+      if constexpr (kGated) out = _mm512_mul_ps(out, L::load(at<L>(b, c), m));
       put<L, kStream>(at<L>(y, c), out, m);
     });
   }
 }
 
-template <typename L, bool kStream, Activation kAct>
+template <typename L, bool kStream, Activation kAct, bool kGated>
 void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const float* bias) {
   constexpr bool kLow = L::kBytes == 2;
   for (int64_t r = begin; r < end; ++r) {
     const void* dy = at<L>(p.dy, r * p.dy_row_stride);
     const void* a = at<L>(p.a, r * p.a_row_stride);
-    void* da = at<L>(p.da, r * p.cols);
+    void* da = at<L>(p.da, r * p.da_row_stride);
     for_each_chunk(p.cols, [&](int64_t c, __mmask16 m) {
       const __m512 d = L::load(at<L>(dy, c), m);
       __m512 h = L::load(at<L>(a, c), m);
-      if constexpr (kAct == Activation::swiglu) {
-        // y = g s(g) u: dy/dg = u s (1 + g (1 - s)), dy/du = g s.
+      if constexpr (kGated) {
+        // y = f(g) u: dy/dg = u f'(g), dy/du = f(g).
         const __m512 u = L::load(at<L>(at<L>(p.b, r * p.b_row_stride), c), m);
-        const Sigmoid sg = sigmoid<kLow>(h);
-        const __m512 dgate = _mm512_mul_ps(_mm512_mul_ps(d, u), _mm512_mul_ps(sg.s, _mm512_fmadd_ps(h, sg.one_minus_s, splat(1.0f))));
-        put<L, kStream>(at<L>(da, c), dgate, m);
-        put<L, kStream>(at<L>(at<L>(p.db, r * p.cols), c), _mm512_mul_ps(d, _mm512_mul_ps(h, sg.s)), m);
+        const ValueGrad f = value_grad<kAct, kLow>(h);
+        put<L, kStream>(at<L>(da, c), _mm512_mul_ps(_mm512_mul_ps(d, u), f.grad), m);
+        put<L, kStream>(at<L>(at<L>(p.db, r * p.db_row_stride), c), _mm512_mul_ps(d, f.value), m);
       } else {
         if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + c));
-        const __m512 g = _mm512_mul_ps(d, kAct == Activation::gelu_tanh ? gelu_tanh_grad<kLow>(h) : gelu_erf_grad<kLow>(h));
+        const __m512 g = _mm512_mul_ps(d, value_grad<kAct, kLow>(h).grad);
         put<L, kStream>(at<L>(da, c), g, m);
         if (dbias) _mm512_mask_storeu_ps(dbias + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbias + c), g));
       }
@@ -270,41 +281,53 @@ void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end
   }
 }
 
-// The run-time choices (activation, streaming, bf16 instruction) as template arguments.
-template <typename L, bool kStream>
+// The run-time choices (activation, gated, streaming, bf16 instruction) as template arguments.
+template <typename L, bool kStream, bool kGated>
 void forward_act(const ActivationForwardParams& p, int64_t begin, int64_t end, const float* bias) {
   switch (p.act) {
     case Activation::gelu_erf:
-      return forward_rows<L, kStream, Activation::gelu_erf>(p, begin, end, bias);
+      return forward_rows<L, kStream, Activation::gelu_erf, kGated>(p, begin, end, bias);
     case Activation::gelu_tanh:
-      return forward_rows<L, kStream, Activation::gelu_tanh>(p, begin, end, bias);
-    case Activation::swiglu:
-      return forward_rows<L, kStream, Activation::swiglu>(p, begin, end, bias);
+      return forward_rows<L, kStream, Activation::gelu_tanh, kGated>(p, begin, end, bias);
+    case Activation::silu:
+      return forward_rows<L, kStream, Activation::silu, kGated>(p, begin, end, bias);
+  }
+}
+
+template <typename L, bool kStream, bool kGated>
+void backward_act(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const float* bias) {
+  switch (p.act) {
+    case Activation::gelu_erf:
+      return backward_rows<L, kStream, Activation::gelu_erf, kGated>(p, begin, end, dbias, bias);
+    case Activation::gelu_tanh:
+      return backward_rows<L, kStream, Activation::gelu_tanh, kGated>(p, begin, end, dbias, bias);
+    case Activation::silu:
+      return backward_rows<L, kStream, Activation::silu, kGated>(p, begin, end, dbias, bias);
   }
 }
 
 template <typename L, bool kStream>
-void backward_act(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const float* bias) {
-  switch (p.act) {
-    case Activation::gelu_erf:
-      return backward_rows<L, kStream, Activation::gelu_erf>(p, begin, end, dbias, bias);
-    case Activation::gelu_tanh:
-      return backward_rows<L, kStream, Activation::gelu_tanh>(p, begin, end, dbias, bias);
-    case Activation::swiglu:
-      return backward_rows<L, kStream, Activation::swiglu>(p, begin, end, dbias, bias);
-  }
+void forward_gated(const ActivationForwardParams& p, int64_t begin, int64_t end, const float* bias) {
+  if (p.b) return forward_act<L, kStream, true>(p, begin, end, bias);
+  forward_act<L, kStream, false>(p, begin, end, bias);
+}
+
+template <typename L, bool kStream>
+void backward_gated(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const float* bias) {
+  if (p.b) return backward_act<L, kStream, true>(p, begin, end, dbias, bias);
+  backward_act<L, kStream, false>(p, begin, end, dbias, bias);
 }
 
 template <typename L>
 void forward_with(const ActivationForwardParams& p, int64_t begin, int64_t end, const Avx512RowArgs& a) {
-  if (a.stream) return forward_act<L, true>(p, begin, end, a.bias);
-  forward_act<L, false>(p, begin, end, a.bias);
+  if (a.stream) return forward_gated<L, true>(p, begin, end, a.bias);
+  forward_gated<L, false>(p, begin, end, a.bias);
 }
 
 template <typename L>
 void backward_with(const ActivationBackwardParams& p, int64_t begin, int64_t end, float* dbias, const Avx512RowArgs& a) {
-  if (a.stream) return backward_act<L, true>(p, begin, end, dbias, a.bias);
-  backward_act<L, false>(p, begin, end, dbias, a.bias);
+  if (a.stream) return backward_gated<L, true>(p, begin, end, dbias, a.bias);
+  backward_gated<L, false>(p, begin, end, dbias, a.bias);
 }
 
 }  // namespace

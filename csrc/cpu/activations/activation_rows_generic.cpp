@@ -54,12 +54,20 @@ struct Sigmoid {
 // Phi(h) = erfc(-h / sqrt 2) / 2: no cancellation for negative h, where 1 + erf would lose
 // every digit. h Phi(h) gives inf at +inf and NaN at -inf (inf * 0), as torch's F.gelu.
 template <typename Acc>
+Acc gelu_cdf(Acc h) {
+  return Acc(0.5) * std::erfc(-h * Acc(kSqrtHalf));
+}
+template <typename Acc>
 Acc gelu_erf(Acc h) {
-  return h * Acc(0.5) * std::erfc(-h * Acc(kSqrtHalf));
+  return h * gelu_cdf(h);
+}
+template <typename Acc>
+Acc gelu_erf_grad(Acc h, Acc cdf) {
+  return cdf + h * Acc(kInvSqrt2Pi) * std::exp(Acc(-0.5) * h * h);
 }
 template <typename Acc>
 Acc gelu_erf_grad(Acc h) {
-  return Acc(0.5) * std::erfc(-h * Acc(kSqrtHalf)) + h * Acc(kInvSqrt2Pi) * std::exp(Acc(-0.5) * h * h);
+  return gelu_erf_grad(h, gelu_cdf(h));
 }
 
 // 0.5 h (1 + tanh u) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3): no cancellation.
@@ -75,10 +83,69 @@ Acc gelu_tanh(Acc h) {
 // g 2 sqrt(2/pi) + (g h) (h 6 * 0.044715 sqrt(2/pi)) with g = h s (1 - s): g is exactly 0
 // wherever h^2 would overflow, so a huge finite h gets its limit (1 or 0), not inf * 0.
 template <typename Acc>
-Acc gelu_tanh_grad(Acc h) {
-  const Sigmoid<Acc> sg(tanh_arg2(h));
+Acc gelu_tanh_grad(Acc h, const Sigmoid<Acc>& sg) {  // sg = Sigmoid(tanh_arg2(h))
   const Acc g = h * sg.s * sg.one_minus_s;
   return sg.s + g * Acc(2 * kSqrt2OverPi) + (g * h) * (h * Acc(6 * kTanhCubic * kSqrt2OverPi));
+}
+template <typename Acc>
+Acc gelu_tanh_grad(Acc h) {
+  return gelu_tanh_grad(h, Sigmoid<Acc>(tanh_arg2(h)));
+}
+
+// f(h) of each activation, f'(h), and both from one evaluation of the shared erfc / sigmoid
+// (the gated backward wants the two).
+template <typename Acc>
+Acc value(Activation act, Acc h) {
+  switch (act) {
+    case Activation::gelu_erf:
+      return gelu_erf(h);
+    case Activation::gelu_tanh:
+      return gelu_tanh(h);
+    case Activation::silu:
+      break;
+  }
+  return h * Sigmoid<Acc>(h).s;
+}
+
+// silu' = s + h s (1 - s) = s (1 + h (1 - s)).
+template <typename Acc>
+Acc silu_grad(Acc h, const Sigmoid<Acc>& sg) {
+  return sg.s * (Acc(1) + h * sg.one_minus_s);
+}
+
+template <typename Acc>
+Acc grad(Activation act, Acc h) {
+  switch (act) {
+    case Activation::gelu_erf:
+      return gelu_erf_grad(h);
+    case Activation::gelu_tanh:
+      return gelu_tanh_grad(h);
+    case Activation::silu:
+      break;
+  }
+  return silu_grad(h, Sigmoid<Acc>(h));
+}
+
+template <typename Acc>
+struct ValueGrad {
+  Acc value, grad;
+};
+template <typename Acc>
+ValueGrad<Acc> value_and_grad(Activation act, Acc h) {
+  switch (act) {
+    case Activation::gelu_erf: {
+      const Acc cdf = gelu_cdf(h);
+      return {h * cdf, gelu_erf_grad(h, cdf)};
+    }
+    case Activation::gelu_tanh: {
+      const Sigmoid<Acc> sg(tanh_arg2(h));
+      return {h * sg.s, gelu_tanh_grad(h, sg)};
+    }
+    case Activation::silu:
+      break;
+  }
+  const Sigmoid<Acc> sg(h);
+  return {h * sg.s, silu_grad(h, sg)};
 }
 
 template <Dtype D>
@@ -89,18 +156,16 @@ void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end) 
   for (int64_t r = begin; r < end; ++r) {
     const T* a = static_cast<const T*>(p.a) + r * p.a_row_stride;
     T* y = static_cast<T*>(p.y) + r * p.cols;
-    if (p.act == Activation::swiglu) {
+    if (p.b) {  // gated: f(gate) up
       const T* b = static_cast<const T*>(p.b) + r * p.b_row_stride;
       for (int64_t c = 0; c < p.cols; ++c) {
-        const Acc g = static_cast<Acc>(a[c]);
-        y[c] = static_cast<T>(g * Sigmoid<Acc>(g).s * static_cast<Acc>(b[c]));
+        y[c] = static_cast<T>(value(p.act, static_cast<Acc>(a[c])) * static_cast<Acc>(b[c]));
       }
       continue;
     }
-    const bool tanh = p.act == Activation::gelu_tanh;
     for (int64_t c = 0; c < p.cols; ++c) {
       const Acc h = static_cast<Acc>(a[c]) + (bias ? static_cast<Acc>(bias[c]) : Acc(0));
-      y[c] = static_cast<T>(tanh ? gelu_tanh(h) : gelu_erf(h));
+      y[c] = static_cast<T>(value(p.act, h));
     }
   }
 }
@@ -114,23 +179,21 @@ void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end
   for (int64_t r = begin; r < end; ++r) {
     const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
     const T* a = static_cast<const T*>(p.a) + r * p.a_row_stride;
-    T* da = static_cast<T*>(p.da) + r * p.cols;
-    if (p.act == Activation::swiglu) {
-      // y = g s(g) u: dy/dg = u s (1 + g (1 - s)), dy/du = g s.
+    T* da = static_cast<T*>(p.da) + r * p.da_row_stride;
+    if (p.b) {  // y = f(g) u: dy/dg = u f'(g), dy/du = f(g)
       const T* b = static_cast<const T*>(p.b) + r * p.b_row_stride;
-      T* db = static_cast<T*>(p.db) + r * p.cols;
+      T* db = static_cast<T*>(p.db) + r * p.db_row_stride;
       for (int64_t c = 0; c < p.cols; ++c) {
-        const Acc g = static_cast<Acc>(a[c]), u = static_cast<Acc>(b[c]), d = static_cast<Acc>(dy[c]);
-        const Sigmoid<Acc> sg(g);
-        da[c] = static_cast<T>(d * u * sg.s * (Acc(1) + g * sg.one_minus_s));
-        db[c] = static_cast<T>(d * g * sg.s);
+        const Acc d = static_cast<Acc>(dy[c]);
+        const ValueGrad<Acc> f = value_and_grad(p.act, static_cast<Acc>(a[c]));
+        da[c] = static_cast<T>(d * static_cast<Acc>(b[c]) * f.grad);
+        db[c] = static_cast<T>(d * f.value);
       }
       continue;
     }
-    const bool tanh = p.act == Activation::gelu_tanh;
     for (int64_t c = 0; c < p.cols; ++c) {
       const Acc h = static_cast<Acc>(a[c]) + (bias ? static_cast<Acc>(bias[c]) : Acc(0));
-      const Acc g = static_cast<Acc>(dy[c]) * (tanh ? gelu_tanh_grad(h) : gelu_erf_grad(h));
+      const Acc g = static_cast<Acc>(dy[c]) * grad(p.act, h);
       da[c] = static_cast<T>(g);
       if (dbias) dbias[c] += g;
     }

@@ -1,5 +1,5 @@
 // CUDA implementation of the activation kernel ops (fastarch::_bias_gelu_fwd / _bias_gelu_bwd,
-// _swiglu_fwd / _swiglu_bwd):
+// _gated_act_fwd / _gated_act_bwd, which serve swiglu and geglu):
 // checks, allocation (outputs and the backward's workspace, through torch's caching allocator)
 // and launch on the current stream. Same semantics and outputs as the CPU backend
 // (csrc/cpu/activations/activation_cpu.cpp); the kernels are in activation_kernels.cuh,
@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "activation_launch.h"
@@ -66,7 +67,7 @@ cudaError_t launch_backward(Dtype d, const ActivationBackwardParams& p, float* p
 }
 
 Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias) {
-  const Dtype d = dtype_of(a, is_gated(act) ? "gate" : "x");
+  const Dtype d = dtype_of(a, b ? "gate" : "x");
   const c10::cuda::CUDAGuard guard(a.device());
   Tensor y = at::empty({a.size(0), a.size(1)}, a.options());
   if (a.size(0) == 0) return y;
@@ -75,26 +76,33 @@ Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::opti
   return y;
 }
 
-// da (and db for the gated activations); dbias when need_dbias, else an empty tensor.
-std::tuple<Tensor, Tensor, Tensor> backward(
+// Into da (and db for the gated activations), (rows, cols) with contiguous columns; returns
+// dbias when need_dbias, else an empty tensor.
+Tensor backward_into(
     Activation act, const Tensor& dy, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias,
-    bool need_dbias) {
-  const Dtype d = dtype_of(a, is_gated(act) ? "gate" : "x");
+    bool need_dbias, const Tensor& da, const Tensor& db) {
+  const Dtype d = dtype_of(a, b ? "gate" : "x");
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t rows = a.size(0), cols = a.size(1);
-  Tensor da = at::empty({rows, cols}, a.options());
-  Tensor db = is_gated(act) ? at::empty({rows, cols}, a.options()) : Tensor();
   // With no rows the bias gradient is zeros; otherwise every element is written by the kernels.
   Tensor dbias = !need_dbias ? at::empty({0}, a.options()) : rows == 0 ? at::zeros({cols}, a.options())
                                                                        : at::empty({cols}, a.options());
-  if (rows == 0) return {da, db, dbias};
-  const ActivationBackwardParams p =
-      activation_glue::backward_params(act, dy, a, b, bias, da, db.defined() ? &db : nullptr);
+  if (rows == 0) return dbias;
+  const ActivationBackwardParams p = activation_glue::backward_params(act, dy, a, b, bias, da, b ? &db : nullptr);
   Tensor partials = need_dbias
       ? at::empty({activation_backward_partial_rows(rows, cols), cols}, a.options().dtype(at::kFloat))
       : Tensor();
   C10_CUDA_CHECK(launch_backward(d, p, need_dbias ? partials.data_ptr<float>() : nullptr,
                                  need_dbias ? dbias.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream()));
+  return dbias;
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward(
+    Activation act, const Tensor& dy, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias,
+    bool need_dbias) {
+  Tensor da = at::empty({a.size(0), a.size(1)}, a.options());
+  Tensor db = b ? at::empty({a.size(0), a.size(1)}, a.options()) : Tensor();
+  Tensor dbias = backward_into(act, dy, a, b, bias, need_dbias, da, db);
   return {da, db, dbias};
 }
 
@@ -116,20 +124,36 @@ std::tuple<Tensor, Tensor> bias_gelu_bwd_cuda(
   return {dx, dbias};
 }
 
-Tensor swiglu_fwd_cuda(const Tensor& gate, const Tensor& up) {
+// act: "silu" (swiglu), "gelu" or "gelu_tanh" (geglu); see activation_glue::gated_activation.
+Tensor gated_act_fwd_cuda(const Tensor& gate, const Tensor& up, c10::string_view act) {
   TORCH_CHECK(gate.is_cuda(), kWho, ": gate must be a CUDA tensor, got ", gate.device());
+  const Activation f = activation_glue::gated_activation(kWho, std::string_view(act.data(), act.size()));
   activation_glue::check_matrix(kWho, gate, "gate");
   activation_glue::check_like(kWho, up, "up", gate, "gate");
-  return forward(Activation::swiglu, gate, &up, std::nullopt);
+  return forward(f, gate, &up, std::nullopt);
 }
 
-std::tuple<Tensor, Tensor> swiglu_bwd_cuda(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+std::tuple<Tensor, Tensor> gated_act_bwd_cuda(const Tensor& dy, const Tensor& gate, const Tensor& up, c10::string_view act) {
   TORCH_CHECK(gate.is_cuda(), kWho, " backward: gate must be a CUDA tensor, got ", gate.device());
+  const Activation f = activation_glue::gated_activation(kWho, std::string_view(act.data(), act.size()));
   activation_glue::check_matrix(kWho, gate, "gate");
   activation_glue::check_like(kWho, up, "up", gate, "gate");
   activation_glue::check_like(kWho, dy, "dy", gate, "gate");
-  auto [dgate, dup, unused] = backward(Activation::swiglu, dy, gate, &up, std::nullopt, false);
+  auto [dgate, dup, unused] = backward(f, dy, gate, &up, std::nullopt, false);
   return {dgate, dup};
+}
+
+// The gradient of the packed projection [up | gate] in one (rows, 2 cols) tensor, each half
+// written in place: no concatenation of dup and dgate afterwards.
+Tensor gated_act_bwd_packed_cuda(const Tensor& dy, const Tensor& proj, c10::string_view act) {
+  TORCH_CHECK(proj.is_cuda(), kWho, " backward: proj must be a CUDA tensor, got ", proj.device());
+  const Activation f = activation_glue::gated_activation(kWho, std::string_view(act.data(), act.size()));
+  const auto [up, gate] = activation_glue::packed_halves(kWho, proj);
+  activation_glue::check_like(kWho, dy, "dy", gate, "a half of proj");
+  Tensor dproj = at::empty({proj.size(0), proj.size(1)}, proj.options());
+  const auto [dup, dgate] = activation_glue::packed_halves(kWho, dproj);
+  backward_into(f, dy, gate, &up, std::nullopt, false, dgate, dup);
+  return dproj;
 }
 
 }  // namespace
@@ -137,8 +161,9 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cuda(const Tensor& dy, const Tensor& gate,
 TORCH_LIBRARY_IMPL(fastarch, CUDA, m) {
   m.impl("_bias_gelu_fwd", &bias_gelu_fwd_cuda);
   m.impl("_bias_gelu_bwd", &bias_gelu_bwd_cuda);
-  m.impl("_swiglu_fwd", &swiglu_fwd_cuda);
-  m.impl("_swiglu_bwd", &swiglu_bwd_cuda);
+  m.impl("_gated_act_fwd", &gated_act_fwd_cuda);
+  m.impl("_gated_act_bwd", &gated_act_bwd_cuda);
+  m.impl("_gated_act_bwd_packed", &gated_act_bwd_packed_cuda);
 }
 
 }  // namespace fastarch::cuda::act

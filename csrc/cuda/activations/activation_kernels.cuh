@@ -1,5 +1,5 @@
-// CUDA kernels of the activations (bias_gelu's erf and tanh forms, swiglu), forward and
-// backward, and their launchers. Included once per dtype and direction by the generated
+// CUDA kernels of the activations (bias_gelu's erf and tanh forms; the gated swiglu and
+// geglu: f(gate) up with f = silu, gelu or its tanh form), forward and backward, and their launchers. Included once per dtype and direction by the generated
 // activation_{fwd,bwd}_{f32,f16,bf16}.cu, which instantiate only what they use. No torch
 // headers: the kernels take the raw-pointer structs of activation_params.h.
 //
@@ -87,33 +87,35 @@ __device__ __forceinline__ Sigmoid sigmoid(float v) {
 // 0.5 h (1 + tanh u) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3).
 __device__ __forceinline__ float tanh_arg2(float h) { return 2.0f * kSqrt2OverPi * h * (1.0f + kTanhCubic * h * h); }
 
-// normcdff(h) = Phi(h), accurate in the negative tail (no 1 + erf cancellation). h Phi(h) is
-// inf at +inf and NaN at -inf (inf * 0), as torch.
-template <Activation kAct>
-__device__ __forceinline__ float forward_value(float a, float b) {
-  if constexpr (kAct == Activation::swiglu) {
-    return a * sigmoid(a).s * b;
-  } else if constexpr (kAct == Activation::gelu_tanh) {
-    return a * sigmoid(tanh_arg2(a)).s;
-  } else {
-    return a * normcdff(a);
-  }
-}
+// f(h) and f'(h) of one activation, from one evaluation of what they share; the forward uses
+// .value, the single-input backward .grad, and the compiler drops what is unused.
+struct ValueGrad {
+  float value, grad;
+};
 
-__device__ __forceinline__ float gelu_grad(float h, bool tanh) {
-  if (tanh) {
-    // s + g 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2), g = h s (1 - s), with h^2 kept out of the
-    // product: g is exactly 0 wherever h^2 would overflow (no inf * 0 for a huge finite h)
+// normcdff(h) = Phi(h), accurate in the negative tail (no 1 + erf cancellation). h Phi(h) is
+// inf at +inf and NaN at -inf (inf * 0), as torch. The tanh form's derivative: s + g 2
+// sqrt(2/pi) (1 + 3 * 0.044715 h^2), g = h s (1 - s), with h^2 kept out of the product: g is
+// exactly 0 wherever h^2 would overflow (no inf * 0 for a huge finite h). silu' = s (1 + h (1 - s)).
+template <Activation kAct>
+__device__ __forceinline__ ValueGrad value_grad(float h) {
+  if constexpr (kAct == Activation::silu) {
+    const Sigmoid sg = sigmoid(h);
+    return {h * sg.s, sg.s * (1.0f + h * sg.one_minus_s)};
+  } else if constexpr (kAct == Activation::gelu_tanh) {
     const Sigmoid sg = sigmoid(tanh_arg2(h));
     const float g = h * sg.s * sg.one_minus_s;
-    return sg.s + g * (2.0f * kSqrt2OverPi) + (g * h) * (h * (6.0f * kTanhCubic * kSqrt2OverPi));
+    return {h * sg.s, sg.s + g * (2.0f * kSqrt2OverPi) + (g * h) * (h * (6.0f * kTanhCubic * kSqrt2OverPi))};
+  } else {
+    const float cdf = normcdff(h);
+    return {h * cdf, cdf + h * kInvSqrt2Pi * expf(-0.5f * h * h)};
   }
-  return normcdff(h) + h * kInvSqrt2Pi * expf(-0.5f * h * h);
 }
 
 // ------------------------------------------------------------------ kernels
 
-template <typename T, int kVec, Activation kAct>
+// kGated: y = f(a) b (b = up), else y = f(a + bias).
+template <typename T, int kVec, Activation kAct, bool kGated>
 __global__ void __launch_bounds__(kThreads) activation_fwd_kernel(ActivationForwardParams p) {
   const int64_t vecs_per_row = p.cols / kVec;
   const int64_t total = p.rows * vecs_per_row;
@@ -122,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) activation_fwd_kernel(ActivationForw
     const int64_t r = i / vecs_per_row, c = (i - r * vecs_per_row) * kVec;
     float a[kVec], b[kVec], out[kVec];
     load<T, kVec>(static_cast<const T*>(p.a) + r * p.a_row_stride + c, a);
-    if constexpr (kAct == Activation::swiglu) {
+    if constexpr (kGated) {
       load<T, kVec>(static_cast<const T*>(p.b) + r * p.b_row_stride + c, b);
     } else if (bias) {
       load<T, kVec>(bias + c, b);
@@ -130,14 +132,17 @@ __global__ void __launch_bounds__(kThreads) activation_fwd_kernel(ActivationForw
       for (int k = 0; k < kVec; ++k) a[k] += b[k];
     }
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) out[k] = forward_value<kAct>(a[k], b[k]);
+    for (int k = 0; k < kVec; ++k) {
+      out[k] = value_grad<kAct>(a[k]).value;
+      if constexpr (kGated) out[k] *= b[k];
+    }
     store<T, kVec>(static_cast<T*>(p.y) + r * p.cols + c, out);
   }
 }
 
 // Grid (column blocks, row groups); rows_per_group rows per group. partials: (row groups, cols)
 // fp32, or null when the bias gradient is not wanted.
-template <typename T, int kVec, Activation kAct>
+template <typename T, int kVec, Activation kAct, bool kGated>
 __global__ void __launch_bounds__(kThreads) activation_bwd_kernel(
     ActivationBackwardParams p, int64_t rows_per_group, float* partials) {
   __shared__ float sums[kRowLanes][kWarpCols * kVec];
@@ -147,32 +152,32 @@ __global__ void __launch_bounds__(kThreads) activation_bwd_kernel(
   const int64_t first = blockIdx.y * rows_per_group;
   const int64_t last = first + rows_per_group < p.rows ? first + rows_per_group : p.rows;
   float bias[kVec] = {}, acc[kVec] = {};
-  if constexpr (kAct != Activation::swiglu) {
+  if constexpr (!kGated) {
     if (p.bias && in_cols) load<T, kVec>(static_cast<const T*>(p.bias) + c, bias);
   }
   for (int64_t r = first + row_lane; in_cols && r < last; r += kRowLanes) {
     float dy[kVec], a[kVec], da[kVec];
     load<T, kVec>(static_cast<const T*>(p.dy) + r * p.dy_row_stride + c, dy);
     load<T, kVec>(static_cast<const T*>(p.a) + r * p.a_row_stride + c, a);
-    if constexpr (kAct == Activation::swiglu) {
-      // y = g s(g) u: dy/dg = u s (1 + g (1 - s)), dy/du = g s.
+    if constexpr (kGated) {
+      // y = f(g) u: dy/dg = u f'(g), dy/du = f(g).
       float u[kVec], db[kVec];
       load<T, kVec>(static_cast<const T*>(p.b) + r * p.b_row_stride + c, u);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const Sigmoid sg = sigmoid(a[k]);
-        da[k] = dy[k] * u[k] * sg.s * (1.0f + a[k] * sg.one_minus_s);
-        db[k] = dy[k] * a[k] * sg.s;
+        const ValueGrad f = value_grad<kAct>(a[k]);
+        da[k] = dy[k] * u[k] * f.grad;
+        db[k] = dy[k] * f.value;
       }
-      store<T, kVec>(static_cast<T*>(p.db) + r * p.cols + c, db);
+      store<T, kVec>(static_cast<T*>(p.db) + r * p.db_row_stride + c, db);
     } else {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        da[k] = dy[k] * gelu_grad(a[k] + bias[k], kAct == Activation::gelu_tanh);
+        da[k] = dy[k] * value_grad<kAct>(a[k] + bias[k]).grad;
         acc[k] += da[k];
       }
     }
-    store<T, kVec>(static_cast<T*>(p.da) + r * p.cols + c, da);
+    store<T, kVec>(static_cast<T*>(p.da) + r * p.da_row_stride + c, da);
   }
   if (!partials) return;  // uniform over the block: no thread is left at the barrier
 #pragma unroll
@@ -217,25 +222,30 @@ int vector_width(int64_t cols, std::initializer_list<std::pair<const void*, int6
   return kVec;
 }
 
-template <typename T, int kVec, Activation kAct>
+template <typename T, int kVec, Activation kAct, bool kGated>
 cudaError_t launch_forward(const ActivationForwardParams& p, cudaStream_t stream) {
   const int64_t total = p.rows * (p.cols / kVec);
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t{current_sm_count()} * 16);
-  activation_fwd_kernel<T, kVec, kAct><<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kThreads, 0, stream>>>(p);
+  activation_fwd_kernel<T, kVec, kAct, kGated><<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int kVec, bool kGated>
+cudaError_t forward_act(const ActivationForwardParams& p, cudaStream_t stream) {
+  switch (p.act) {
+    case Activation::gelu_erf:
+      return launch_forward<T, kVec, Activation::gelu_erf, kGated>(p, stream);
+    case Activation::gelu_tanh:
+      return launch_forward<T, kVec, Activation::gelu_tanh, kGated>(p, stream);
+    case Activation::silu:
+      return launch_forward<T, kVec, Activation::silu, kGated>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T, int kVec>
 cudaError_t forward_vec(const ActivationForwardParams& p, cudaStream_t stream) {
-  switch (p.act) {
-    case Activation::gelu_erf:
-      return launch_forward<T, kVec, Activation::gelu_erf>(p, stream);
-    case Activation::gelu_tanh:
-      return launch_forward<T, kVec, Activation::gelu_tanh>(p, stream);
-    case Activation::swiglu:
-      return launch_forward<T, kVec, Activation::swiglu>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return p.b ? forward_act<T, kVec, true>(p, stream) : forward_act<T, kVec, false>(p, stream);
 }
 
 template <typename T>
@@ -244,13 +254,13 @@ cudaError_t activation_forward_impl(const ActivationForwardParams& p, cudaStream
   return vec == 1 ? forward_vec<T, 1>(p, stream) : forward_vec<T, 16 / sizeof(T)>(p, stream);
 }
 
-template <typename T, int kVec, Activation kAct>
+template <typename T, int kVec, Activation kAct, bool kGated>
 cudaError_t launch_backward(const ActivationBackwardParams& p, float* partials, void* dbias, cudaStream_t stream) {
   const int64_t col_blocks = (p.cols + kWarpCols * kVec - 1) / (kWarpCols * kVec);
   const int64_t groups = activation_backward_partial_rows(p.rows, p.cols);
   const int64_t rows_per_group = (p.rows + groups - 1) / groups;
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(groups));
-  activation_bwd_kernel<T, kVec, kAct><<<grid, kThreads, 0, stream>>>(p, rows_per_group, partials);
+  activation_bwd_kernel<T, kVec, kAct, kGated><<<grid, kThreads, 0, stream>>>(p, rows_per_group, partials);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || !partials) return err;
   const unsigned colsum_blocks = static_cast<unsigned>((p.cols + kColSumThreads - 1) / kColSumThreads);
@@ -258,23 +268,29 @@ cudaError_t launch_backward(const ActivationBackwardParams& p, float* partials, 
   return cudaGetLastError();
 }
 
-template <typename T, int kVec>
-cudaError_t backward_vec(const ActivationBackwardParams& p, float* partials, void* dbias, cudaStream_t stream) {
+template <typename T, int kVec, bool kGated>
+cudaError_t backward_act(const ActivationBackwardParams& p, float* partials, void* dbias, cudaStream_t stream) {
   switch (p.act) {
     case Activation::gelu_erf:
-      return launch_backward<T, kVec, Activation::gelu_erf>(p, partials, dbias, stream);
+      return launch_backward<T, kVec, Activation::gelu_erf, kGated>(p, partials, dbias, stream);
     case Activation::gelu_tanh:
-      return launch_backward<T, kVec, Activation::gelu_tanh>(p, partials, dbias, stream);
-    case Activation::swiglu:
-      return launch_backward<T, kVec, Activation::swiglu>(p, partials, dbias, stream);
+      return launch_backward<T, kVec, Activation::gelu_tanh, kGated>(p, partials, dbias, stream);
+    case Activation::silu:
+      return launch_backward<T, kVec, Activation::silu, kGated>(p, partials, dbias, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+template <typename T, int kVec>
+cudaError_t backward_vec(const ActivationBackwardParams& p, float* partials, void* dbias, cudaStream_t stream) {
+  return p.b ? backward_act<T, kVec, true>(p, partials, dbias, stream)
+             : backward_act<T, kVec, false>(p, partials, dbias, stream);
 }
 
 template <typename T>
 cudaError_t activation_backward_impl(const ActivationBackwardParams& p, float* partials, void* dbias, cudaStream_t stream) {
   const int vec = vector_width<T>(p.cols, {{p.dy, p.dy_row_stride}, {p.a, p.a_row_stride}, {p.b, p.b_row_stride},
-                                           {p.bias, 0}, {p.da, p.cols}, {p.db, p.cols}});
+                                           {p.bias, 0}, {p.da, p.da_row_stride}, {p.db, p.db_row_stride}});
   return vec == 1 ? backward_vec<T, 1>(p, partials, dbias, stream)
                   : backward_vec<T, 16 / sizeof(T)>(p, partials, dbias, stream);
 }

@@ -1,7 +1,10 @@
 """bias_gelu: GELU of x + bias over the last dimension, as one torch op
 (``torch.ops.fastarch.bias_gelu``) with a fake implementation and autograd through
 ``fastarch::bias_gelu_backward``; swiglu: silu(gate) * up, likewise (``fastarch::swiglu``,
-``fastarch::swiglu_backward``). Each asks the registry for a backend (backends.py)."""
+``fastarch::swiglu_backward``); geglu: gelu(gate) * up (``fastarch::geglu``,
+``fastarch::geglu_backward``), on the same kernel ops as swiglu; geglu_packed: geglu of the two
+halves of one projection, whose backward writes that projection's gradient whole. Each asks the registry for a
+backend (backends.py)."""
 
 from __future__ import annotations
 
@@ -95,8 +98,7 @@ def bias_gelu(x: Tensor, bias: Tensor | None = None, approximate: str = "none", 
     return _bias_gelu(x, bias, approximate, registry.requested_backend(backend))
 
 
-def _check_swiglu(gate: object, up: object) -> None:
-    op = "swiglu"
+def _check_gated(op: str, gate: object, up: object) -> None:
     for name, t in (("gate", gate), ("up", up)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fastarch.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -112,27 +114,47 @@ def _check_swiglu(gate: object, up: object) -> None:
         raise ValueError(f"fastarch.{op}: up must be on gate's device {gate.device}, got {up.device}")
 
 
+def _check_geglu(gate: object, up: object, approximate: object) -> None:
+    _check_gated("geglu", gate, up)
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"fastarch.geglu: approximate must be 'none' (erf) or 'tanh', got {approximate!r}")
+
+
+def _geglu_act(approximate: str) -> str:
+    return "gelu_tanh" if approximate == "tanh" else "gelu"
+
+
+# The gated ops' bodies (swiglu and geglu differ only in f, the kernel ops' act). gate and up
+# keep their row strides: the halves of one (..., 2N) projection are read in place.
+def _gated_forward(op: str, gate: Tensor, up: Tensor, act: str, backend: str) -> Tensor:
+    rows = as_rows(gate)
+    impl = registry.choose(op, ActivationProblem.of(rows), backend)
+    return impl.forward(rows, as_rows(up), act).view(gate.shape)
+
+
+def _gated_backward(op: str, dy: Tensor, gate: Tensor, up: Tensor, act: str, backend: str) -> tuple[Tensor, Tensor]:
+    rows = as_rows(gate)
+    impl = registry.choose(op, ActivationProblem.of(rows), backend)
+    dgate, dup = impl.backward(as_rows(dy), rows, as_rows(up), act)
+    return dgate.view(gate.shape), dup.view(gate.shape)
+
+
 @torch.library.custom_op("fastarch::swiglu", mutates_args=())
 def _swiglu(gate: Tensor, up: Tensor, backend: str = "") -> Tensor:
-    _check_swiglu(gate, up)
-    rows = as_rows(gate)
-    impl = registry.choose("swiglu", ActivationProblem.of(rows), backend)
-    return impl.forward(rows, as_rows(up)).view(gate.shape)
+    _check_gated("swiglu", gate, up)
+    return _gated_forward("swiglu", gate, up, "silu", backend)
 
 
 @_swiglu.register_fake
 def _(gate, up, backend=""):
-    _check_swiglu(gate, up)
+    _check_gated("swiglu", gate, up)
     return gate.new_empty(gate.shape)
 
 
 @torch.library.custom_op("fastarch::swiglu_backward", mutates_args=())
 def _swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor, backend: str = "") -> tuple[Tensor, Tensor]:
     """dgate and dup, each of gate's shape."""
-    rows = as_rows(gate)
-    impl = registry.choose("swiglu", ActivationProblem.of(rows), backend)
-    dgate, dup = impl.backward(as_rows(dy), rows, as_rows(up))
-    return dgate.view(gate.shape), dup.view(gate.shape)
+    return _gated_backward("swiglu", dy, gate, up, "silu", backend)
 
 
 @_swiglu_backward.register_fake
@@ -164,5 +186,129 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     contiguous. Gradients flow to gate and up. backend: force "cuda", "cpu", "triton" or
     "reference".
     """
-    _check_swiglu(gate, up)
+    _check_gated("swiglu", gate, up)
     return _swiglu(gate, up, registry.requested_backend(backend))
+
+
+@torch.library.custom_op("fastarch::geglu", mutates_args=())
+def _geglu(gate: Tensor, up: Tensor, approximate: str, backend: str = "") -> Tensor:
+    _check_geglu(gate, up, approximate)
+    return _gated_forward("geglu", gate, up, _geglu_act(approximate), backend)
+
+
+@_geglu.register_fake
+def _(gate, up, approximate, backend=""):
+    _check_geglu(gate, up, approximate)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("fastarch::geglu_backward", mutates_args=())
+def _geglu_backward(dy: Tensor, gate: Tensor, up: Tensor, approximate: str, backend: str = "") -> tuple[Tensor, Tensor]:
+    """dgate and dup, each of gate's shape."""
+    return _gated_backward("geglu", dy, gate, up, _geglu_act(approximate), backend)
+
+
+@_geglu_backward.register_fake
+def _(dy, gate, up, approximate, backend=""):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _geglu_setup(ctx, inputs, output):
+    gate, up, approximate, backend = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _geglu_grad(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dgate, dup = _geglu_backward(dy, gate, up, ctx.approximate, ctx.backend)
+    return dgate, dup, None, None
+
+
+_geglu.register_autograd(_geglu_grad, setup_context=_geglu_setup)
+
+
+def geglu(gate: Tensor, up: Tensor, approximate: str = "none", *, backend: str | None = None) -> Tensor:
+    """gelu(gate) * up: the gated feed-forward activation of diffusion UNets' transformer
+    blocks (diffusers' GEGLU: ``hidden, gate = proj(x).chunk(2, -1); hidden * gelu(gate)``,
+    so ``up`` is the first half), fused into one pass. approximate: "none" (erf form, diffusers')
+    or "tanh".
+
+    gate, up: (..., N) of one shape, float32/float16/bfloat16 (float64 on the cpu and reference
+    backends); the two halves of one (..., 2N) projection (``chunk(2, -1)`` views, rows strided
+    by 2N) are read in place, without a copy. Computed in fp32 and rounded once to the inputs'
+    dtype. Returns (..., N), contiguous. Gradients flow to gate and up. backend: force "cuda",
+    "cpu", "triton" or "reference".
+    """
+    _check_geglu(gate, up, approximate)
+    return _geglu(gate, up, approximate, registry.requested_backend(backend))
+
+
+def _check_geglu_packed(proj: object, approximate: object) -> None:
+    op = "geglu_packed"
+    if not isinstance(proj, Tensor):
+        raise TypeError(f"fastarch.{op}: proj must be a torch.Tensor, got {type(proj).__name__}")
+    if proj.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fastarch.{op}: proj must be float32, float16, bfloat16 or float64, got {proj.dtype}")
+    if proj.dim() < 1 or proj.shape[-1] < 2 or proj.shape[-1] % 2:
+        raise ValueError(f"fastarch.{op}: proj must have an even last dimension of at least 2 (up, then gate), got shape {tuple(proj.shape)}")
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"fastarch.{op}: approximate must be 'none' (erf) or 'tanh', got {approximate!r}")
+
+
+def _half_shape(proj: Tensor) -> tuple[int, ...]:
+    return (*proj.shape[:-1], proj.shape[-1] // 2)
+
+
+@torch.library.custom_op("fastarch::geglu_packed", mutates_args=())
+def _geglu_packed(proj: Tensor, approximate: str, backend: str = "") -> Tensor:
+    _check_geglu_packed(proj, approximate)
+    rows = as_rows(proj)
+    impl = registry.choose("geglu_packed", ActivationProblem.of(rows), backend)
+    return impl.forward(rows, _geglu_act(approximate)).view(_half_shape(proj))
+
+
+@_geglu_packed.register_fake
+def _(proj, approximate, backend=""):
+    _check_geglu_packed(proj, approximate)
+    return proj.new_empty(_half_shape(proj))
+
+
+@torch.library.custom_op("fastarch::geglu_packed_backward", mutates_args=())
+def _geglu_packed_backward(dy: Tensor, proj: Tensor, approximate: str, backend: str = "") -> Tensor:
+    """dproj, of proj's shape: [dup | dgate]."""
+    rows = as_rows(proj)
+    impl = registry.choose("geglu_packed", ActivationProblem.of(rows), backend)
+    return impl.backward(as_rows(dy), rows, _geglu_act(approximate)).view(proj.shape)
+
+
+@_geglu_packed_backward.register_fake
+def _(dy, proj, approximate, backend=""):
+    return proj.new_empty(proj.shape)
+
+
+def _geglu_packed_setup(ctx, inputs, output):
+    proj, approximate, backend = inputs
+    ctx.save_for_backward(proj)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _geglu_packed_grad(ctx, dy):
+    (proj,) = ctx.saved_tensors
+    return _geglu_packed_backward(dy, proj, ctx.approximate, ctx.backend), None, None
+
+
+_geglu_packed.register_autograd(_geglu_packed_grad, setup_context=_geglu_packed_setup)
+
+
+def geglu_packed(proj: Tensor, approximate: str = "none", *, backend: str | None = None) -> Tensor:
+    """geglu on the whole projection of diffusers' GEGLU: ``up, gate = proj.chunk(2, -1)``,
+    then gelu(gate) * up, as one op. The same kernels and results as ``geglu(gate, up)`` on the
+    chunks; the backward writes the gradient of proj whole (the gradients of two chunks cost
+    autograd a concatenation, a read and a write of all of it). fastarch.nn.GEGLU runs this.
+
+    proj: (..., 2N) float32/float16/bfloat16 (float64 on the cpu and reference backends), up
+    first, then gate. Returns (..., N), contiguous. approximate, backend: as geglu's.
+    """
+    _check_geglu_packed(proj, approximate)
+    return _geglu_packed(proj, approximate, registry.requested_backend(backend))

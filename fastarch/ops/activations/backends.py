@@ -2,8 +2,11 @@
 
 Interface (reference.py), on 2-D (rows, cols) inputs with contiguous columns: bias_gelu's
 forward(x, bias, approximate) -> y and backward(dy, x, bias, approximate, need_dbias) -> (dx,
-dbias or None); swiglu's forward(gate, up) -> y and backward(dy, gate, up) -> (dgate, dup).
-Both ops share the backends' supports checks (an elementwise problem of one dtype).
+dbias or None); the gated activations' (swiglu and geglu: one table) forward(gate, up, act) ->
+y and backward(dy, gate, up, act) -> (dgate, dup), act one of reference.GATED_ACTIVATIONS, gate
+and up rows possibly strided; geglu_packed's forward(proj, act) and backward(dy, proj, act) ->
+dproj on proj = [up | gate] (rows, 2N). Every op shares the supports checks (an elementwise problem of one
+dtype).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from fastarch.ops.activations import cpp, triton
 from fastarch.ops.activations.reference import (
     bias_gelu_backward_ref,
     bias_gelu_forward_ref,
-    swiglu_backward_ref,
-    swiglu_forward_ref,
+    gated_backward_packed_ref,
+    gated_backward_ref,
+    gated_forward_ref,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,12 +75,37 @@ BACKENDS = [
                      bias_gelu_backward_ref),
 ]
 
-SWIGLU_BACKENDS = [
-    registry.Backend("cuda", availability.cuda, _cuda_supports, cpp.swiglu_forward, cpp.swiglu_backward),
-    registry.Backend("cpu", availability.cpu, _cpu_supports, cpp.swiglu_forward, cpp.swiglu_backward),
-    registry.Backend("triton", availability.triton, _triton_supports, triton.swiglu_forward, triton.swiglu_backward),
-    registry.Backend("reference", availability.reference, _reference_supports, swiglu_forward_ref, swiglu_backward_ref),
+GATED_BACKENDS = [
+    registry.Backend("cuda", availability.cuda, _cuda_supports, cpp.gated_forward, cpp.gated_backward),
+    registry.Backend("cpu", availability.cpu, _cpu_supports, cpp.gated_forward, cpp.gated_backward),
+    registry.Backend("triton", availability.triton, _triton_supports, triton.gated_forward, triton.gated_backward),
+    registry.Backend("reference", availability.reference, _reference_supports, gated_forward_ref, gated_backward_ref),
+]
+
+
+def _packed(forward):
+    """A gated forward taking proj = [up | gate] (rows, 2N) (diffusers' GEGLU layout): its
+    halves, read in place (rows strided by 2N)."""
+
+    def run(proj: Tensor, act: str) -> Tensor:
+        up, gate = proj.chunk(2, dim=-1)
+        return forward(gate, up, act)
+
+    return run
+
+
+# forward(proj, act) -> y and backward(dy, proj, act) -> dproj, written whole by the kernels
+# (the gradients of two chunks would cost autograd a concatenation).
+PACKED_BACKENDS = [
+    registry.Backend("cuda", availability.cuda, _cuda_supports, _packed(cpp.gated_forward), cpp.gated_backward_packed),
+    registry.Backend("cpu", availability.cpu, _cpu_supports, _packed(cpp.gated_forward), cpp.gated_backward_packed),
+    registry.Backend("triton", availability.triton, _triton_supports, _packed(triton.gated_forward),
+                     triton.gated_backward_packed),
+    registry.Backend("reference", availability.reference, _reference_supports, _packed(gated_forward_ref),
+                     gated_backward_packed_ref),
 ]
 
 registry.register("bias_gelu", BACKENDS)
-registry.register("swiglu", SWIGLU_BACKENDS)
+registry.register("swiglu", GATED_BACKENDS)
+registry.register("geglu", GATED_BACKENDS)
+registry.register("geglu_packed", PACKED_BACKENDS)

@@ -61,19 +61,38 @@ def bias_gelu_backward_ref(
     return grad.to(x.dtype), dbias
 
 
-def swiglu_forward_ref(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up = gate sigmoid(gate) up, rounded once to gate's dtype. silu(-inf) is NaN
-    (-inf * 0) and silu(+inf) inf, as F.silu; NaN gives NaN."""
-    acc = compute_dtype(gate.dtype)
-    g = gate.to(acc)
-    return (g * torch.sigmoid(g) * up.to(acc)).to(gate.dtype)
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+"""The gated activations' f (the kernel ops' ``act``): swiglu's silu, geglu's gelu (erf form)
+and its tanh form."""
 
 
-def swiglu_backward_ref(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """dgate = dy up s (1 + g (1 - s)) and dup = dy g s with s = sigmoid(g), each rounded once
-    to gate's dtype (1 - s as sigmoid(-g): no cancellation)."""
+def _gated_f(g: Tensor, act: str) -> tuple[Tensor, Tensor]:
+    """f(g) and f'(g). silu: g s and s (1 + g (1 - s)), s = sigmoid(g), 1 - s as sigmoid(-g)
+    (no cancellation); silu(-inf) is NaN (-inf * 0) and silu(+inf) inf, as F.silu. gelu: as
+    bias_gelu's."""
+    if act == "silu":
+        s = torch.sigmoid(g)
+        return g * s, s * (1 + g * torch.sigmoid(-g))
+    approximate = "tanh" if act == "gelu_tanh" else "none"
+    return gelu(g, approximate), gelu_derivative(g, approximate)
+
+
+def gated_forward_ref(gate: Tensor, up: Tensor, act: str) -> Tensor:
+    """f(gate) * up (act: GATED_ACTIVATIONS), rounded once to gate's dtype; NaN gives NaN."""
     acc = compute_dtype(gate.dtype)
-    g, u, d = gate.to(acc), up.to(acc), dy.to(acc)
-    s = torch.sigmoid(g)
-    dgate = d * u * s * (1 + g * torch.sigmoid(-g))
-    return dgate.to(gate.dtype), (d * g * s).to(gate.dtype)
+    return (_gated_f(gate.to(acc), act)[0] * up.to(acc)).to(gate.dtype)
+
+
+def gated_backward_packed_ref(dy: Tensor, proj: Tensor, act: str) -> Tensor:
+    """gated_backward_ref for proj = [up | gate] (rows, 2N): the gradient of proj, [dup | dgate]."""
+    up, gate = proj.chunk(2, dim=-1)
+    dgate, dup = gated_backward_ref(dy, gate, up, act)
+    return torch.cat([dup, dgate], dim=-1)
+
+
+def gated_backward_ref(dy: Tensor, gate: Tensor, up: Tensor, act: str) -> tuple[Tensor, Tensor]:
+    """dgate = dy up f'(gate) and dup = dy f(gate), each rounded once to gate's dtype."""
+    acc = compute_dtype(gate.dtype)
+    d = dy.to(acc)
+    value, derivative = _gated_f(gate.to(acc), act)
+    return (d * up.to(acc) * derivative).to(gate.dtype), (d * value).to(gate.dtype)

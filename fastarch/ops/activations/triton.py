@@ -16,23 +16,30 @@ if _kernels is not None:
 
     @torch.library.triton_op("fastarch::_triton_bias_gelu_fwd", mutates_args=())
     def _triton_bias_gelu_fwd(x: Tensor, bias: Tensor | None, tanh: bool) -> Tensor:
-        return _kernels.activation_forward(x, None, bias, "tanh" if tanh else "none")
+        return _kernels.activation_forward(x, None, bias, "gelu_tanh" if tanh else "gelu")
 
     @torch.library.triton_op("fastarch::_triton_bias_gelu_bwd", mutates_args=())
     def _triton_bias_gelu_bwd(
         dy: Tensor, x: Tensor, bias: Tensor | None, tanh: bool, need_dbias: bool
     ) -> tuple[Tensor, Tensor]:
-        dx, _, dbias = _kernels.activation_backward(dy, x, None, bias, "tanh" if tanh else "none", need_dbias)
+        dx, _, dbias = _kernels.activation_backward(dy, x, None, bias, "gelu_tanh" if tanh else "gelu", need_dbias)
         return dx, dbias if dbias is not None else x.new_empty(0)
 
-    @torch.library.triton_op("fastarch::_triton_swiglu_fwd", mutates_args=())
-    def _triton_swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
-        return _kernels.activation_forward(gate, up, None, "swiglu")
+    @torch.library.triton_op("fastarch::_triton_gated_act_fwd", mutates_args=())
+    def _triton_gated_act_fwd(gate: Tensor, up: Tensor, act: str) -> Tensor:
+        return _kernels.activation_forward(gate, up, None, act)
 
-    @torch.library.triton_op("fastarch::_triton_swiglu_bwd", mutates_args=())
-    def _triton_swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-        dgate, dup, _ = _kernels.activation_backward(dy, gate, up, None, "swiglu", False)
+    @torch.library.triton_op("fastarch::_triton_gated_act_bwd", mutates_args=())
+    def _triton_gated_act_bwd(dy: Tensor, gate: Tensor, up: Tensor, act: str) -> tuple[Tensor, Tensor]:
+        dgate, dup, _ = _kernels.activation_backward(dy, gate, up, None, act, False)
         return dgate, dup
+
+    @torch.library.triton_op("fastarch::_triton_gated_act_bwd_packed", mutates_args=())
+    def _triton_gated_act_bwd_packed(dy: Tensor, proj: Tensor, act: str) -> Tensor:
+        up, gate = proj.chunk(2, dim=-1)
+        dproj = torch.empty(proj.shape, dtype=proj.dtype, device=proj.device)
+        _kernels.activation_backward(dy, gate, up, None, act, False, out=dproj)
+        return dproj
 
 
 def bias_gelu_forward(x, bias, approximate):
@@ -44,9 +51,13 @@ def bias_gelu_backward(dy, x, bias, approximate, need_dbias):
     return dx, dbias if need_dbias else None
 
 
-def swiglu_forward(gate, up):
-    return torch.ops.fastarch._triton_swiglu_fwd(gate, up)
+def gated_forward(gate, up, act):
+    return torch.ops.fastarch._triton_gated_act_fwd(gate, up, act)
 
 
-def swiglu_backward(dy, gate, up):
-    return torch.ops.fastarch._triton_swiglu_bwd(dy, gate, up)
+def gated_backward(dy, gate, up, act):
+    return torch.ops.fastarch._triton_gated_act_bwd(dy, gate, up, act)
+
+
+def gated_backward_packed(dy, proj, act):
+    return torch.ops.fastarch._triton_gated_act_bwd_packed(dy, proj, act)

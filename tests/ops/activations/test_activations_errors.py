@@ -75,17 +75,82 @@ def test_swiglu_bad_input(case):
         ops.swiglu(**kwargs)
 
 
-SWIGLU_KERNEL_BAD = {
-    "gate-1d": (lambda: torch.ops.fastarch._swiglu_fwd(torch.randn(8), torch.randn(8)), "gate must be 2-D"),
-    "up-shape": (lambda: torch.ops.fastarch._swiglu_fwd(x8, torch.randn(4, 7)), "up must have gate's shape"),
-    "up-dtype": (lambda: torch.ops.fastarch._swiglu_fwd(x8, x8.double()), "up must have dtype"),
-    "up-strided-columns": (lambda: torch.ops.fastarch._swiglu_fwd(torch.randn(8, 4), torch.randn(4, 8).t()), "up must have contiguous rows"),
-    "dy-shape": (lambda: torch.ops.fastarch._swiglu_bwd(torch.randn(4, 7), x8, x8), "dy must have gate's shape"),
+GEGLU_BAD = {
+    "gate-not-a-tensor": (dict(gate=[1.0], up=x8), TypeError, "fastarch.geglu: gate must be a torch.Tensor"),
+    "up-not-a-tensor": (dict(gate=x8, up=None), TypeError, "fastarch.geglu: up must be a torch.Tensor"),
+    "gate-integer": (dict(gate=torch.ones(4, 8, dtype=torch.int32), up=x8), TypeError, "gate must be float32"),
+    "gate-0d": (dict(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, "gate must have a last dimension"),
+    "up-shape": (dict(gate=x8, up=torch.randn(4, 7)), ValueError, r"up must have gate's shape \(4, 8\)"),
+    "up-whole-projection": (dict(gate=x8, up=torch.randn(4, 16)), ValueError, "up must have gate's shape"),
+    "up-dtype": (dict(gate=x8, up=x8.bfloat16()), TypeError, "up must have gate's dtype"),
+    "up-device": (dict(gate=x8, up=torch.randn(4, 8, device="meta")), ValueError, "up must be on gate's device"),
+    "approximate": (dict(gate=x8, up=x8, approximate="sigmoid"), ValueError, "approximate must be 'none' .* or 'tanh'"),
+    "approximate-none-object": (dict(gate=x8, up=x8, approximate=None), ValueError, "approximate must be"),
+    "backend-unknown": (dict(gate=x8, up=x8, backend="cudnn"), ValueError, "backend must be one of"),
 }
 
 
-@pytest.mark.parametrize("case", list(SWIGLU_KERNEL_BAD))
-def test_cpu_swiglu_kernel_ops_check_their_arguments(case):
-    call, pattern = SWIGLU_KERNEL_BAD[case]
+@pytest.mark.parametrize("case", list(GEGLU_BAD))
+def test_geglu_bad_input(case):
+    kwargs, exc, pattern = GEGLU_BAD[case]
+    with pytest.raises(exc, match=pattern):
+        ops.geglu(**kwargs)
+
+
+def test_geglu_forced_backend_that_cannot_run_lists_the_reason():
+    with pytest.raises(Exception, match="triton"):
+        ops.geglu(x8.double(), x8.double(), backend="triton")
+
+
+GATED_KERNEL_BAD = {
+    "gate-1d": (lambda: torch.ops.fastarch._gated_act_fwd(torch.randn(8), torch.randn(8), "silu"), "gate must be 2-D"),
+    "up-shape": (lambda: torch.ops.fastarch._gated_act_fwd(x8, torch.randn(4, 7), "gelu"), "up must have gate's shape"),
+    "up-dtype": (lambda: torch.ops.fastarch._gated_act_fwd(x8, x8.double(), "silu"), "up must have dtype"),
+    "up-strided-columns": (
+        lambda: torch.ops.fastarch._gated_act_fwd(torch.randn(8, 4), torch.randn(4, 8).t(), "gelu_tanh"),
+        "up must have contiguous rows",
+    ),
+    "dy-shape": (lambda: torch.ops.fastarch._gated_act_bwd(torch.randn(4, 7), x8, x8, "silu"), "dy must have gate's shape"),
+    "act": (lambda: torch.ops.fastarch._gated_act_fwd(x8, x8, "relu"), "act must be 'silu', 'gelu' or 'gelu_tanh'"),
+    "act-backward": (lambda: torch.ops.fastarch._gated_act_bwd(x8, x8, x8, "tanh"), "act must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATED_KERNEL_BAD))
+def test_cpu_gated_kernel_ops_check_their_arguments(case):
+    call, pattern = GATED_KERNEL_BAD[case]
+    with pytest.raises(RuntimeError, match=pattern):
+        call()
+
+
+GEGLU_PACKED_BAD = {
+    "proj-not-a-tensor": (dict(proj=[1.0, 2.0]), TypeError, "fastarch.geglu_packed: proj must be a torch.Tensor"),
+    "proj-integer": (dict(proj=torch.ones(4, 8, dtype=torch.int64)), TypeError, "proj must be float32"),
+    "proj-odd": (dict(proj=torch.randn(4, 7)), ValueError, r"proj must have an even last dimension .* got shape \(4, 7\)"),
+    "proj-0d": (dict(proj=torch.tensor(1.0)), ValueError, "proj must have an even last dimension"),
+    "approximate": (dict(proj=x8, approximate="erf"), ValueError, "approximate must be 'none' .* or 'tanh'"),
+    "backend-unknown": (dict(proj=x8, backend="cudnn"), ValueError, "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(GEGLU_PACKED_BAD))
+def test_geglu_packed_bad_input(case):
+    kwargs, exc, pattern = GEGLU_PACKED_BAD[case]
+    with pytest.raises(exc, match=pattern):
+        ops.geglu_packed(**kwargs)
+
+
+PACKED_KERNEL_BAD = {
+    "proj-odd": (lambda: torch.ops.fastarch._gated_act_bwd_packed(torch.randn(4, 3), torch.randn(4, 7), "gelu"),
+                 "proj must have an even number of columns"),
+    "proj-1d": (lambda: torch.ops.fastarch._gated_act_bwd_packed(torch.randn(4), torch.randn(8), "gelu"), "proj must be 2-D"),
+    "dy-shape": (lambda: torch.ops.fastarch._gated_act_bwd_packed(x8, x8, "gelu"), r"dy must have a half of proj's shape \[4, 4\]"),
+    "act": (lambda: torch.ops.fastarch._gated_act_bwd_packed(torch.randn(4, 4), x8, "swish"), "act must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_KERNEL_BAD))
+def test_cpu_packed_kernel_op_checks_its_arguments(case):
+    call, pattern = PACKED_KERNEL_BAD[case]
     with pytest.raises(RuntimeError, match=pattern):
         call()
