@@ -58,4 +58,18 @@ TORCH_LIBRARY(fastarch, m) {
   m.def(
       "_rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, bool interleaved, bool inverse)"
       " -> (Tensor q_out, Tensor k_out)");
+
+  // Group normalization of x (N, C, S) (channels_last false) or (N, S, C) (true), contiguous,
+  // over num_groups groups of C / num_groups channels and all S positions, then weight/bias (C,),
+  // the per-sample scale/shift (N, C) (z = u * (1 + scale) + shift) and optionally SiLU.
+  // mean, rstd: (N, num_groups) fp32 (fp64 for fp64 x). Absent gradients are empty tensors.
+  // Semantics: fastarch/ops/group_norms/reference.py.
+  m.def(
+      "_group_norm_fwd(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale,"
+      " Tensor? shift, float eps, bool silu, bool channels_last) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "_group_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int num_groups,"
+      " Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, bool silu,"
+      " bool channels_last, bool need_dweight, bool need_dscale)"
+      " -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dscale, Tensor dshift)");
 }

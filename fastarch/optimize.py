@@ -1,6 +1,6 @@
 """``fastarch.optimize(model)``: faster models without edits to their code. It swaps the layers
-fastarch runs (torch's LayerNorm, RMSNorm and MultiheadAttention; Hugging Face RMSNorm-style
-layers recognised by their behaviour) for fastarch modules holding the same Parameter objects,
+fastarch runs (torch's LayerNorm, RMSNorm, GroupNorm — with the SiLU after it in a Sequential —
+and MultiheadAttention; Hugging Face RMSNorm-style layers recognised by their behaviour) for fastarch modules holding the same Parameter objects,
 sets transformers models' attention to fastarch's and diffusers' attention processors to
 fastarch's, and returns a Report of what it changed and what it left alone, and why.
 ``fastarch.restore(model)`` puts the original module objects back.
@@ -91,6 +91,18 @@ def _norm_backend(module: nn.Module, x: Tensor, weight: Tensor | None) -> str:
     return backend_for(module._fastarch_op, (x.device.type, x.dtype, 1, 1), module._fastarch_backend)
 
 
+def group_norm_backend(x: object, norm: nn.GroupNorm, backend: str | None) -> str:
+    """The fastarch backend that runs ``norm`` (a torch GroupNorm) on x, or "" for torch's
+    own: x a plain (N, C, ...) tensor of the weight's dtype (torch promotes mixed dtypes, as
+    under autocast; fastarch's kernels take one)."""
+    if type(x) is not Tensor or x.dim() < 2 or x.shape[1] != norm.num_channels:
+        return ""
+    if norm.weight is not None and norm.weight.dtype != x.dtype:
+        return ""
+    # group_norm's backends decide by device and dtype alone
+    return backend_for("group_norm", (x.device.type, x.dtype, 1, 1, 1, 1, False), backend)
+
+
 def _rows(x: Tensor, k: int) -> Tensor:
     """x (..., *normalized_shape) as (..., prod(normalized_shape)): normalizing over k
     trailing dims is normalizing over their product."""
@@ -155,6 +167,33 @@ class HFRMSNorm(fnn.RMSNorm):
                 original._parameters["weight"] = self.weight
             return original(x)
         return ops.rms_norm(x, self.weight, self.eps, backend=chosen)
+
+
+class GroupNorm(fnn.GroupNorm):
+    """fastarch.nn.GroupNorm that runs torch's GroupNorm where fastarch has no kernel; as
+    GroupNormSiLU (a Sequential's GroupNorm with the SiLU that followed it folded in), the
+    SiLU too."""
+
+    _fastarch_backend: str | None = None
+    _activation: str | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        chosen = group_norm_backend(x, self, self._fastarch_backend)
+        if not chosen:
+            y = nn.GroupNorm.forward(self, x)
+            return nn.functional.silu(y) if self._activation else y
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self._activation,
+                              backend=chosen)
+
+
+class GroupNormSiLU(GroupNorm):
+    """GroupNorm then SiLU (the SiLU's slot in the Sequential holds a FoldedSiLU)."""
+
+    _activation = "silu"
+
+
+class FoldedSiLU(nn.Identity):
+    """Where a SiLU was: the GroupNormSiLU before it applies it."""
 
 
 class MultiheadAttention(fnn.MultiheadAttention):
@@ -223,6 +262,11 @@ def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
         p, op = module.out_proj.weight, "attention"
         fields = (p.device.type, p.dtype, module.head_dim, module.head_dim, module.num_heads, module.num_heads,
                   False, False, False, False, False, False)
+    elif isinstance(module, nn.GroupNorm):
+        p, op = module.weight, "group_norm"
+        if p is None:
+            return None
+        fields = (p.device.type, p.dtype, 1, 1, 1, 1, False)
     else:
         p = module.weight
         op = "layer_norm" if isinstance(module, nn.LayerNorm) else "rms_norm"
@@ -238,9 +282,11 @@ def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
 def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str | None]:
     """(replacement, None), or (None, why it is left alone), or (None, None): not ours to judge."""
     kind = type(module)
-    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm, MultiheadAttention)):
+    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm, GroupNorm, MultiheadAttention, FoldedSiLU)):
         return None, "already optimized"
-    candidates = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.MultiheadAttention: MultiheadAttention}
+    candidates = {
+        nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.GroupNorm: GroupNorm, nn.MultiheadAttention: MultiheadAttention,
+    }
     if kind in candidates or any(issubclass(kind, c) for c in candidates):
         if kind not in candidates:
             base = next(c for c in candidates if issubclass(kind, c))
@@ -258,8 +304,6 @@ def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str
         new = HFRMSNorm(module.weight.shape[0], eps=float(module.variance_epsilon), device="meta")
         new.weight = module.weight
         new.train(module.training)
-    elif isinstance(module, nn.GroupNorm):
-        return None, "no fastarch group_norm yet"
     else:
         return None, None
     new._fastarch_backend = backend
@@ -269,6 +313,42 @@ def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str
 
 def _describe(new: nn.Module) -> str:
     return f"-> fastarch.optimize.{type(new).__name__}"
+
+
+def _fold_silu(parent: nn.Module, prefix: str, shared: set[int], report: Report) -> None:
+    """In a plain nn.Sequential, a swapped GroupNorm followed by a SiLU becomes one
+    GroupNormSiLU and a FoldedSiLU in the SiLU's slot (neither shared with another parent,
+    the SiLU without hooks, not in place: its input is the norm's own output)."""
+    if type(parent) is not nn.Sequential:
+        return
+    names = list(parent._modules)
+    for first, second in zip(names, names[1:]):
+        norm, act = parent._modules[first], parent._modules[second]
+        if type(norm) is not GroupNorm or type(act) is not nn.SiLU or _hooks(act):
+            continue
+        if id(norm.__dict__[_ORIGINAL]) in shared or id(act) in shared:
+            continue
+        fused = GroupNormSiLU.from_torch(norm.__dict__[_ORIGINAL])
+        fused._fastarch_backend = norm._fastarch_backend
+        fused.__dict__[_ORIGINAL] = norm.__dict__[_ORIGINAL]
+        folded = FoldedSiLU()
+        folded.__dict__[_ORIGINAL] = act
+        folded.train(act.training)
+        setattr(parent, first, fused)
+        setattr(parent, second, folded)
+        path = f"{prefix}.{second}" if prefix else second
+        report.add(path, "SiLU", True, f"-> fastarch.optimize.FoldedSiLU (applied by the GroupNormSiLU at {first})")
+
+
+def _shared_modules(model: nn.Module) -> set[int]:
+    """ids of the modules that are a child of more than one parent slot."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for m in model.modules():
+        for child in m._modules.values():
+            if child is not None:
+                (shared if id(child) in seen else seen).add(id(child))
+    return shared
 
 
 # ----------------------------------------------------------------------------- optimize / restore
@@ -293,6 +373,7 @@ def optimize(model: nn.Module, *, backend: str | None = None, inplace: bool = Tr
         model = copy.deepcopy(model)
     report = Report(model)
     done: dict[int, nn.Module | None] = {}
+    shared = _shared_modules(model)
 
     def walk(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent._modules.items()):
@@ -312,6 +393,7 @@ def optimize(model: nn.Module, *, backend: str | None = None, inplace: bool = Tr
             if why is not None:
                 report.add(path, type(child).__name__, False, why)
             walk(child, path)
+        _fold_silu(parent, prefix, shared, report)
 
     _, why = _swap(model, backend)
     if why and why != "already optimized":

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fastarch import ops, registry
 from fastarch.ops.attn.args import AttentionProblem
+from fastarch.ops.group_norms.backends import GroupNormProblem
 from fastarch.ops.norms.backends import NormProblem
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
@@ -28,7 +29,9 @@ TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-_PROBLEMS = {"layer_norm": NormProblem, "rms_norm": NormProblem, "attention": AttentionProblem}
+_PROBLEMS = {
+    "layer_norm": NormProblem, "rms_norm": NormProblem, "attention": AttentionProblem, "group_norm": GroupNormProblem,
+}
 
 
 @torch.compiler.assume_constant_result

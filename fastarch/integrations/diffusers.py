@@ -1,4 +1,4 @@
-"""fastarch as a diffusers attention processor::
+"""fastarch in diffusers models: an attention processor and fused ResNet blocks::
 
     from fastarch.integrations.diffusers import FastarchAttnProcessor
     unet.set_attn_processor(FastarchAttnProcessor())     # or fastarch.optimize(unet)
@@ -8,6 +8,11 @@ module (self- and cross-attention, the spatial and group norms, q/k norms, the a
 attention mask diffusers prepares, the residual and output rescaling) with the attention
 itself on fastarch.ops.attention where a fastarch kernel backend can run it, and hands every
 other call to the processor it replaced (or AttnProcessor2_0).
+
+FastarchResnetBlock2D is diffusers' ResnetBlock2D with each GroupNorm, its time-embedding
+scale/shift and the SiLU after it as one fastarch.ops.group_norm; fastarch.optimize turns a
+plain ResnetBlock2D into one by changing its class (the same object, parameters and hooks), and
+fastarch.restore changes it back.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import math
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-from torch import Tensor
+from diffusers.models.resnet import ResnetBlock2D
+from torch import Tensor, nn
 
 from fastarch import ops
-from fastarch.override import _sdpa_backend
+from fastarch.optimize import _hooks, group_norm_backend
+from fastarch.override import _sdpa_backend, backend_for
 
 
 class FastarchAttnProcessor:
@@ -101,10 +108,86 @@ def unsupported_reason(attn: Attention) -> str | None:
 _REPLACEABLE = (AttnProcessor2_0, AttnProcessor)
 
 
+class FastarchResnetBlock2D(ResnetBlock2D):
+    """diffusers' ResnetBlock2D with norm1 + SiLU and norm2 (+ time scale/shift) + SiLU each
+    one fastarch.ops.group_norm, and no division by an output_scale_factor of 1. Computes
+    what ResnetBlock2D.forward computes; runs that forward where fastarch cannot."""
+
+    _fastarch_backend: str | None = None
+
+    def forward(self, input_tensor: Tensor, temb: Tensor | None, *args, **kwargs) -> Tensor:
+        chosen = group_norm_backend(input_tensor, self.norm1, self._fastarch_backend)
+        if args or kwargs or not chosen:
+            return super().forward(input_tensor, temb, *args, **kwargs)
+        n1, n2 = self.norm1, self.norm2
+        hidden = ops.group_norm(input_tensor, n1.num_groups, n1.weight, n1.bias, n1.eps, activation="silu", backend=chosen)
+        if self.upsample is not None:
+            if hidden.shape[0] >= 64:  # as diffusers: its nearest upsampling fails on large channels-last batches
+                input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
+            input_tensor, hidden = self.upsample(input_tensor), self.upsample(hidden)
+        elif self.downsample is not None:
+            input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
+        hidden = self.conv1(hidden)
+        if self.time_emb_proj is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)
+        scale = shift = None
+        if self.time_embedding_norm == "scale_shift":
+            if temb is None:
+                raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+            scale, shift = temb.chunk(2, dim=1)
+        elif temb is not None:
+            hidden = hidden + temb[:, :, None, None]
+        chosen = group_norm_backend(hidden, n2, self._fastarch_backend)
+        if not chosen or (scale is not None and (scale.dim() != 2 or scale.dtype != hidden.dtype)):
+            hidden = n2(hidden)
+            if scale is not None:
+                hidden = hidden * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+            hidden = self.nonlinearity(hidden)
+        else:
+            hidden = ops.group_norm(hidden, n2.num_groups, n2.weight, n2.bias, n2.eps, scale=scale, shift=shift,
+                                    activation="silu", backend=chosen)
+        hidden = self.conv2(self.dropout(hidden))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
+        out = input_tensor + hidden
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+
+def resnet_unfused_reason(block: ResnetBlock2D) -> str | None:
+    """Why optimize leaves a ResnetBlock2D as it is, or None."""
+    if type(block) is not ResnetBlock2D:
+        return f"a subclass of ResnetBlock2D ({type(block).__name__}: its behaviour may differ)"
+    if type(block.nonlinearity) is not nn.SiLU:
+        return f"nonlinearity {type(block.nonlinearity).__name__} (fastarch fuses SiLU)"
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name)
+        if not isinstance(norm, nn.GroupNorm) or not norm.affine:
+            return f"{name} is not an affine GroupNorm"
+    if block.time_embedding_norm not in ("default", "scale_shift"):
+        return f"time_embedding_norm {block.time_embedding_norm!r}"
+    hooked = [n for n in ("", "norm1", "norm2", "nonlinearity") if _hooks(block.get_submodule(n))]
+    if hooked:
+        return f"hooks on {', '.join(n or 'the block' for n in hooked)} (the fused forward would skip them)"
+    return None
+
+
 def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
     """fastarch.optimize's diffusers part: FastarchAttnProcessor on every Attention module whose
-    processor is diffusers' default (AttnProcessor2_0 or AttnProcessor)."""
+    processor is diffusers' default (AttnProcessor2_0 or AttnProcessor), and every plain
+    ResnetBlock2D made a FastarchResnetBlock2D."""
     for path, m in model.named_modules():
+        if isinstance(m, ResnetBlock2D):
+            if isinstance(m, FastarchResnetBlock2D):
+                report.add(path, "ResnetBlock2D", True, "already FastarchResnetBlock2D")
+            elif why := resnet_unfused_reason(m):
+                report.add(path, "ResnetBlock2D", False, why)
+            else:
+                m.__class__ = FastarchResnetBlock2D
+                m._fastarch_backend = backend
+                report.add(path, "ResnetBlock2D", True, "-> FastarchResnetBlock2D (GroupNorm + scale/shift + SiLU fused)")
+            continue
         if not isinstance(m, Attention):
             continue
         processor = m.processor
@@ -120,7 +203,11 @@ def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
 
 
 def restore_model(model: torch.nn.Module) -> None:
-    """Undo optimize_model: each Attention module gets back the processor object it had."""
+    """Undo optimize_model: each Attention module gets back the processor object it had and
+    each FastarchResnetBlock2D is a ResnetBlock2D again."""
     for m in model.modules():
+        if type(m) is FastarchResnetBlock2D:
+            m.__class__ = ResnetBlock2D
+            m.__dict__.pop("_fastarch_backend", None)
         if isinstance(m, Attention) and isinstance(m.processor, FastarchAttnProcessor):
             m.set_processor(m.processor.previous)

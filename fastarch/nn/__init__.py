@@ -2,6 +2,7 @@
 
 from fastarch.nn.activations import GEGLU
 from fastarch.nn.attention import MultiheadAttention
+from fastarch.nn.group_norms import GroupNorm, GroupNormSiLU
 from fastarch.nn.norms import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "GEGLU"]
+__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GroupNormSiLU", "MultiheadAttention", "GEGLU"]

@@ -1,6 +1,7 @@
 """fastarch.optimize on diffusers UNets (tiny random configs): FastarchAttnProcessor on every
 Attention module (self- and cross-attention, with the encoder attention mask diffusers turns
-into an additive bias), LayerNorms swapped, GroupNorms reported as left alone; outputs
+into an additive bias), every ResnetBlock2D a FastarchResnetBlock2D (its GroupNorms, time
+scale/shift and SiLUs on fastarch.ops.group_norm), LayerNorms and GroupNorms swapped; outputs
 against the unmodified model, both judged against the fp64 model (dropin_tolerance.py)."""
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
 
 import fastarch
 from fastarch.integrations import diffusers as integration
-from fastarch.integrations.diffusers import FastarchAttnProcessor
+from fastarch.integrations.diffusers import FastarchAttnProcessor, FastarchResnetBlock2D
+from fastarch.optimize import GroupNorm
 
 
-def _unet():
+def _unet(**config):
     torch.manual_seed(0)
     return UNet2DModel(
         sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8,
+        norm_num_groups=8, attention_head_dim=8, **config,
     ).eval()
 
 
@@ -37,15 +40,15 @@ def _conditional_unet():
 
 
 class _Counting:
-    def __init__(self, mp):
+    def __init__(self, mp, name="attention"):
         self.calls = 0
-        real = integration.ops.attention
+        real = getattr(integration.ops, name)
 
         def counting(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        mp.setattr(integration.ops, "attention", counting)
+        mp.setattr(integration.ops, name, counting)
 
 
 def _compare(model, run, monkeypatch, dtype=torch.float32):
@@ -55,12 +58,17 @@ def _compare(model, run, monkeypatch, dtype=torch.float32):
     fast = report.model
     attention = [m for m in fast.modules() if isinstance(m, Attention)]
     assert attention and all(isinstance(m.processor, FastarchAttnProcessor) for m in attention)
-    assert all(e.detail == "no fastarch group_norm yet" for e in report.left_alone)
-    assert any(e.kind == "GroupNorm" for e in report.left_alone)
-    counting = _Counting(monkeypatch)
+    resnets = [m for m in fast.modules() if isinstance(m, ResnetBlock2D)]
+    assert resnets and all(type(m) is FastarchResnetBlock2D for m in resnets)
+    assert not report.left_alone, str(report)
+    assert any(e.kind == "GroupNorm" for e in report.swapped)
+    counting, norms = _Counting(monkeypatch), _Counting(monkeypatch, "group_norm")
     with torch.no_grad():
         ours, theirs, ref = run(fast, dtype), run(model, dtype), run(exact, torch.float64)
     assert counting.calls == len(attention)
+    in_resnets = {id(n) for r in resnets for n in (r.norm1, r.norm2)}  # the fused forward calls group_norm itself
+    others = [m for m in fast.modules() if isinstance(m, GroupNorm) and id(m) not in in_resnets]
+    assert norms.calls == 2 * len(resnets) + len(others)
     assert_close(ours, theirs, ref)
     return report
 
@@ -69,6 +77,31 @@ def _compare(model, run, monkeypatch, dtype=torch.float32):
 def test_unet2d(dtype, monkeypatch):
     x = torch.randn(2, 3, 16, 16)
     _compare(_unet(), lambda m, dt: m(x.to(dt), 10).sample, monkeypatch, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unet2d_scale_shift_and_class_labels(dtype, monkeypatch):
+    """The "scale_shift" time embedding norm (DDPM-style UNets): the time scale and shift go
+    into group_norm with the SiLU."""
+    x = torch.randn(2, 3, 16, 16)
+    labels = torch.tensor([1, 3])
+    model = _unet(resnet_time_scale_shift="scale_shift", num_class_embeds=4)
+    _compare(model, lambda m, dt: m(x.to(dt), 10, class_labels=labels).sample, monkeypatch, dtype)
+
+
+def test_unet2d_training_step_matches():
+    """One training step's gradients through the fused ResNet blocks, fp32."""
+    model = _unet(resnet_time_scale_shift="scale_shift").train()
+    exact = copy.deepcopy(model).double()
+    fast = fastarch.optimize(model, inplace=False).model
+    x = torch.randn(2, 3, 16, 16)
+    grads = []
+    for m, dt in ((model, torch.float32), (fast, torch.float32), (exact, torch.float64)):
+        m(x.to(dt), 10).sample.double().square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    theirs, ours, ref = grads
+    for name in ref:
+        assert_close(ours[name], theirs[name], ref[name], factor=3.0)
 
 
 def test_unet2d_condition_with_mask(monkeypatch):
@@ -92,3 +125,13 @@ def test_restore_puts_the_processors_back():
     fastarch.restore(model)
     after = {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert all(type(m) is ResnetBlock2D for m in model.modules() if isinstance(m, ResnetBlock2D))
+
+
+def test_resnet_blocks_with_hooks_are_left_alone():
+    model = _unet()
+    hooked = model.down_blocks[0].resnets[0]
+    hooked.norm1.register_forward_hook(lambda m, i, o: o)
+    report = fastarch.optimize(model)
+    assert type(hooked) is ResnetBlock2D
+    assert any("hooks on norm1" in e.detail for e in report.left_alone)

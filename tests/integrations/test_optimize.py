@@ -12,7 +12,7 @@ from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance
 from torch import nn
 
 import fastarch
-from fastarch.optimize import HFRMSNorm, LayerNorm, MultiheadAttention, RMSNorm
+from fastarch.optimize import FoldedSiLU, GroupNorm, GroupNormSiLU, HFRMSNorm, LayerNorm, MultiheadAttention, RMSNorm
 
 
 # Hugging Face's RMSNorm layers, as transformers writes them (LLaMA: round the normalized
@@ -91,12 +91,12 @@ def test_swaps_and_reports():
     kinds = {name: type(m) for name, m in model.named_children()}
     assert kinds["ln"] is LayerNorm and kinds["ln2d"] is LayerNorm and kinds["plain"] is LayerNorm
     assert kinds["rms"] is RMSNorm and kinds["attn"] is MultiheadAttention
-    assert kinds["llama"] is HFRMSNorm and kinds["t5"] is HFRMSNorm
-    assert model.gemma is modules["gemma"] and model.group is modules["group"]  # untouched
+    assert kinds["llama"] is HFRMSNorm and kinds["t5"] is HFRMSNorm and kinds["group"] is GroupNorm
+    assert model.gemma is modules["gemma"]  # untouched
     swapped = {e.path for e in report.swapped}
-    assert swapped == {"ln", "attn", "rms", "llama", "t5", "ln2d", "plain"}
+    assert swapped == {"ln", "attn", "rms", "llama", "t5", "ln2d", "plain", "group"}
     why = {e.path: e.detail for e in report.left_alone}
-    assert "1 + weight" in why["gemma"] and "group_norm" in why["group"]
+    assert "1 + weight" in why["gemma"]
     text = str(report)
     assert "left alone" in text and "gemma" in text and "fastarch" in text
     # the same Parameter objects under the same state_dict keys
@@ -136,6 +136,60 @@ def test_shared_module_swapped_once():
     model = nn.Sequential(ln, nn.ReLU(), ln)
     fastarch.optimize(model)
     assert model[0] is model[2] and type(model[0]) is LayerNorm
+
+
+def _conv_stack():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 8, 1),
+                          nn.GroupNorm(2, 8), nn.ReLU(), nn.GroupNorm(2, 8), nn.SiLU())
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_and_silu_fold(dtype):
+    """A Sequential's GroupNorm + SiLU become one GroupNormSiLU (the SiLU's slot a FoldedSiLU);
+    a GroupNorm before another activation is swapped alone. Outputs and gradients against
+    the unmodified model, judged against fp64; restore gives back the same objects."""
+    model = _conv_stack().to(dtype)
+    originals = list(model)
+    exact = copy.deepcopy(model).double()
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    assert [type(m) for m in fast][1:] == [GroupNormSiLU, FoldedSiLU, nn.Conv2d, GroupNorm, nn.ReLU,
+                                           GroupNormSiLU, FoldedSiLU]
+    assert fast[1].weight is report.model[1].weight and fast.state_dict().keys() == model.state_dict().keys()
+    assert {e.path for e in report.swapped} >= {"1", "2", "4", "6", "7"}
+    x = torch.randn(2, 3, 9, 7)
+    results = []
+    for m, dt in ((model, dtype), (fast, dtype), (exact, torch.float64)):
+        m.zero_grad()
+        y = m(x.to(dt))
+        y.double().square().sum().backward()
+        results.append((y, {n: p.grad for n, p in m.named_parameters()}))
+    (theirs, g_theirs), (ours, g_ours), (ref, g_ref) = results
+    assert_close(ours, theirs, ref)
+    for name in g_ref:
+        assert_close(g_ours[name], g_theirs[name], g_ref[name], factor=3.0)
+    fastarch.restore(model)
+    fastarch.optimize(model)
+    fastarch.restore(model)
+    assert all(a is b for a, b in zip(model, originals))
+
+
+def test_group_norm_fold_needs_a_plain_silu():
+    model = _conv_stack()
+    model[2].register_forward_hook(lambda m, i, o: o)  # a hooked SiLU stays a SiLU
+    shared = nn.GroupNorm(2, 8)
+    other = nn.Sequential(shared, nn.SiLU(), shared, nn.ReLU())  # a GroupNorm used twice is not fused
+    fastarch.optimize(model)
+    fastarch.optimize(other)
+    assert type(model[1]) is GroupNorm and type(model[2]) is nn.SiLU
+    assert type(other[0]) is GroupNorm and other[0] is other[2] and type(other[1]) is nn.SiLU
 
 
 def test_inplace_false_leaves_the_model():
