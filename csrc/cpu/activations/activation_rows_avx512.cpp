@@ -2,7 +2,7 @@
 //
 // 16 columns at a time: widen to fp32, add the (fp32) bias, evaluate, round once, store
 // (streaming stores for large outputs, as the norms). exp, the normal CDF and the sigmoid are
-// evaluated here with their own polynomials (below), accurate to a few fp32 ulps (to the
+// evaluated with their own polynomials (below and cpu/avx512_math.h), accurate to a few fp32 ulps (to the
 // dtype for 16-bit inputs: kLow).
 //
 // The whole file is compiled for AVX-512 through the target pragma below and is only called
@@ -17,92 +17,22 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 
+#include "cpu/avx512_math.h"
+
 namespace fastarch::cpu::act {
 namespace {
 
-// ------------------------------------------------------------------ 16 values <-> 16 fp32 lanes
-
-// Masked forms touch only the lanes in m (masked-off lanes load as 0.0, are never written).
-// stream(): a non-temporal store of a whole chunk, aligned to its size. kBf16Insn: narrow bf16
-// with vcvtneps2bf16 (AVX512-BF16), else by hand.
+// Lanes (16 values <-> 16 fp32 lanes), splat, horner, exp_ps and sigmoid: cpu/avx512_math.h.
 template <Dtype D, bool kBf16Insn>
-struct Lanes;
-
-template <bool kBf16Insn>
-struct Lanes<Dtype::f32, kBf16Insn> {
-  static constexpr int64_t kBytes = 4;
-  static __m512 load(const void* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(void* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-  static void stream(void* p, __m512 v) { _mm512_stream_ps(static_cast<float*>(p), v); }
-};
-
-inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-
-template <bool kBf16Insn>
-inline __m256i narrow_bf16(__m512 v) {
-  if constexpr (kBf16Insn) {
-    return (__m256i)_mm512_cvtneps_pbh(v);  // NOLINT: vector cast
-  } else {  // round to nearest even: add 0x7FFF plus the kept lsb, truncate; NaN made quiet
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
-  }
-}
-
-template <bool kBf16Insn>
-struct Lanes<Dtype::bf16, kBf16Insn> {
-  static constexpr int64_t kBytes = 2;
-  static __m512 load(const void* p, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
-  static void store(void* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow_bf16<kBf16Insn>(v)); }
-  static void stream(void* p, __m512 v) { _mm256_stream_si256(static_cast<__m256i*>(p), narrow_bf16<kBf16Insn>(v)); }
-};
-
-template <bool kBf16Insn>
-struct Lanes<Dtype::f16, kBf16Insn> {
-  static constexpr int64_t kBytes = 2;
-  static __m512 load(const void* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-  static __m256i narrow(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static void store(void* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow(v)); }
-  static void stream(void* p, __m512 v) { _mm256_stream_si256(static_cast<__m256i*>(p), narrow(v)); }
-};
+using Lanes = avx512::Lanes<D == Dtype::bf16 ? avx512::Elem::bf16 : D == Dtype::f16 ? avx512::Elem::f16 : avx512::Elem::f32,
+                            kBf16Insn>;
+using avx512::exp_ps;
+using avx512::horner;
+using avx512::sigmoid;
+using avx512::Sigmoid;
+using avx512::splat;
 
 // ------------------------------------------------------------------ math
-
-inline __m512 splat(float v) { return _mm512_set1_ps(v); }
-
-// Polynomials are evaluated by Horner's rule from the highest coefficient.
-template <int N>
-inline __m512 horner(const float (&c)[N], __m512 x) {
-  __m512 p = splat(c[N - 1]);
-  for (int k = N - 2; k >= 0; --k) p = _mm512_fmadd_ps(p, x, splat(c[k]));
-  return p;
-}
-
-// Each approximation comes in two precisions: kLow for 16-bit inputs and outputs (whose half
-// ulp is 2e-3 for bf16 and 5e-4 for fp16), where a relative error near 1e-5 is invisible and
-// fewer terms are cheaper; full precision for fp32.
-//
-// exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2 (ln 2 split in two, so r is exact
-// to fp32 for |n| < 2^12): exp(r) by its degree-7 Taylor polynomial (truncation error
-// < 5e-9 relative), or for kLow a degree-5 polynomial fitted in fp64 toward equal relative
-// ripple (1.7e-7); 2^n by vscalefps, which gives inf and 0 past fp32's range (x is clamped to
-// [-150, 128] first so that n stays finite; _mm512_min/max_ps(c, x) return x when x is NaN).
-constexpr float kExpTaylor[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
-constexpr float kExpLow[6] = {1.0f, 0.9999991050247712f, 0.49999277234547634f, 0.16669989542727748f,
-                              0.04188485361874894f, 0.008122019998199474f};
-
-template <bool kLow>
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(splat(-150.0f), _mm512_min_ps(splat(128.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, splat(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, splat(0.693145751953125f), x);  // ln 2 = hi + lo, hi exact in 16 bits
-  r = _mm512_fnmadd_ps(n, splat(1.42860682030941723212e-6f), r);
-  return _mm512_scalef_ps(kLow ? horner(kExpLow, r) : horner(kExpTaylor, r), n);
-}
 
 // erfc(z) for z >= 0 as t exp(-z^2) Q(s), t = 1 / (1 + z/2), s = (t - 7/12) / (5/12): Q
 // approximates erfc(z) exp(z^2) / t, a smooth function of t in [1/6, 1] (z in [0, 10]; past
@@ -157,19 +87,6 @@ inline __m512 gelu_erf_grad(__m512 h) {
   const __m512 g = exp_ps<kLow>(_mm512_mul_ps(_mm512_mul_ps(a, a), splat(-0.5f)));
   return _mm512_fmadd_ps(_mm512_mul_ps(h, splat(0.3989422804014327f)), g,
                          phi_from_erfc(h, _mm512_mul_ps(erfc_scaled<kLow>(a), g)));
-}
-
-// sigmoid(v) and 1 - sigmoid(v), each without cancellation: 1 - s = e s with e = exp(-v) where
-// e < 1, the subtraction where s <= 1/2 (e there may be inf, and e s NaN).
-struct Sigmoid {
-  __m512 s, one_minus_s;
-};
-template <bool kLow>
-inline Sigmoid sigmoid(__m512 v) {
-  const __m512 e = exp_ps<kLow>(_mm512_sub_ps(_mm512_setzero_ps(), v));
-  const __m512 s = _mm512_div_ps(splat(1.0f), _mm512_add_ps(splat(1.0f), e));
-  const __mmask16 small = _mm512_cmp_ps_mask(e, splat(1.0f), _CMP_LT_OQ);
-  return {s, _mm512_mask_blend_ps(small, _mm512_sub_ps(splat(1.0f), s), _mm512_mul_ps(e, s))};
 }
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;

@@ -1,0 +1,320 @@
+// AVX-512 build of the CPU group norm passes (fp32, fp16, bf16: loads widened to fp32, math in
+// fp32, one rounding on store). Same items and sums as the portable build (group_norm_rows.h).
+// NCHW: an item is a stretch of one channel's row, summed by 2 x 16 lanes and the shift, scale
+// and table values are scalars; NHWC: an item is a block of rows of all channels, processed 64
+// channels at a time with register accumulators and table vectors.
+//
+// Compiled for AVX-512 through the target pragma below and called only after a run-time CPU
+// check; no torch headers (no inline function of theirs is emitted with AVX-512 instructions).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "group_norm_rows.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+
+#include "cpu/avx512_math.h"
+
+namespace fastarch::cpu::gn {
+namespace {
+
+using avx512::splat;
+
+template <Dtype D, bool kBf16Insn>
+using Lanes = avx512::Lanes<D == Dtype::bf16 ? avx512::Elem::bf16 : D == Dtype::f16 ? avx512::Elem::f16 : avx512::Elem::f32,
+                            kBf16Insn>;
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+template <typename L>
+inline const void* at(const void* base, int64_t i) {
+  return static_cast<const char*>(base) + i * L::kBytes;
+}
+template <typename L>
+inline void* at(void* base, int64_t i) {
+  return static_cast<char*>(base) + i * L::kBytes;
+}
+
+// silu(z) = z / (1 + exp(-z)): -0 where exp(-z) overflows, NaN at z = -inf (as F.silu).
+template <bool kLow>
+inline __m512 silu(__m512 z) {
+  const __m512 e = avx512::exp_ps<kLow>(_mm512_sub_ps(_mm512_setzero_ps(), z));
+  return _mm512_div_ps(z, _mm512_add_ps(splat(1.0f), e));
+}
+// silu'(z) = s (1 + z (1 - s)), 1 - s without cancellation.
+template <bool kLow>
+inline __m512 silu_grad(__m512 z) {
+  const avx512::Sigmoid sg = avx512::sigmoid<kLow>(z);
+  return _mm512_mul_ps(sg.s, _mm512_fmadd_ps(z, sg.one_minus_s, splat(1.0f)));
+}
+
+// Channels per NHWC block: 4 vectors of sums and 4 of squares stay in registers.
+constexpr int kBlockVectors = 4;
+constexpr int64_t kBlockChannels = 16 * kBlockVectors;
+
+// The item's NCHW row stretch (channel c, positions [s0, s1)) or NHWC tile (positions [s0, s1)).
+struct Item {
+  int64_t n, c, k, s0, s1;
+};
+template <typename P>
+Item locate(const P& p, const Tiling& t, int64_t item) {
+  Item it{};
+  it.n = p.channels_last ? item / t.chunks : item / (p.channels * t.chunks);
+  it.c = p.channels_last ? -1 : (item / t.chunks) % p.channels;
+  it.k = item % t.chunks;
+  it.s0 = it.k * t.chunk;
+  it.s1 = std::min(p.spatial, it.s0 + t.chunk);
+  return it;
+}
+
+inline float* partial_at(float* partial, const Tiling& t, int64_t channels, int64_t n, int64_t c, int64_t k) {
+  return partial + ((n * channels + c) * t.chunks + k) * 2;
+}
+
+// The sums of one NCHW stretch of `len` values from `row`: f(x, dy, mask) -> (a, b) added to
+// two accumulators each (two chains for 32 values in flight). Masked-off lanes must give 0.
+template <typename L, typename F>
+inline void row_sums(const void* row, const void* drow, int64_t len, F f, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    f(L::load(at<L>(row, i), 0xFFFF), drow ? L::load(at<L>(drow, i), 0xFFFF) : a0, 0xFFFF, a0, b0);
+    f(L::load(at<L>(row, i + 16), 0xFFFF), drow ? L::load(at<L>(drow, i + 16), 0xFFFF) : a0, 0xFFFF, a1, b1);
+  }
+  for (; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    f(L::load(at<L>(row, i), m), drow ? L::load(at<L>(drow, i), m) : a0, m, a0, b0);
+  }
+  out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  out[1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+}
+
+// The same sums for an NHWC tile, per channel: f(x, dy, mask, c) for each 16-channel vector at
+// channel c of each row. Results stored to the partial array.
+template <typename L, typename P, typename F>
+inline void tile_sums(const P& p, const Tiling& t, const Item& it, const void* x, const void* dy, F f, float* partial) {
+  for (int64_t c0 = 0; c0 < p.channels; c0 += kBlockChannels) {
+    __m512 a[kBlockVectors], b[kBlockVectors];
+    for (int v = 0; v < kBlockVectors; ++v) a[v] = b[v] = _mm512_setzero_ps();
+    const int vectors = static_cast<int>(std::min<int64_t>(kBlockVectors, (p.channels - c0 + 15) / 16));
+    for (int64_t s = it.s0; s < it.s1; ++s) {
+      const int64_t row = (it.n * p.spatial + s) * p.channels;
+      for (int v = 0; v < vectors; ++v) {
+        const int64_t c = c0 + 16 * v;
+        const __mmask16 m = tail_mask(p.channels - c);
+        f(L::load(at<L>(x, row + c), m), dy ? L::load(at<L>(dy, row + c), m) : a[v], m, c, a[v], b[v]);
+      }
+    }
+    alignas(64) float sa[kBlockChannels], sb[kBlockChannels];
+    for (int v = 0; v < vectors; ++v) {
+      _mm512_store_ps(sa + 16 * v, a[v]);
+      _mm512_store_ps(sb + 16 * v, b[v]);
+    }
+    for (int64_t c = c0; c < std::min(p.channels, c0 + kBlockChannels); ++c) {
+      float* out = partial_at(partial, t, p.channels, it.n, c, it.k);
+      out[0] = sa[c - c0];
+      out[1] = sb[c - c0];
+    }
+  }
+}
+
+// Forward statistics: sum and sum of squares of x - shift, shift = x[n, c, 0].
+template <typename L>
+void stats(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, float* partial) {
+  for (int64_t item = begin; item < end; ++item) {
+    const Item it = locate(p, t, item);
+    if (!p.channels_last) {
+      const void* row = at<L>(p.x, (it.n * p.channels + it.c) * p.spatial);
+      const __m512 shift = L::load(row, 1);
+      const __m512 sh = _mm512_permutexvar_ps(_mm512_setzero_si512(), shift);
+      row_sums<L>(at<L>(row, it.s0), nullptr, it.s1 - it.s0, [&](__m512 v, __m512, __mmask16 m, __m512& a, __m512& b) {
+        const __m512 d = _mm512_maskz_sub_ps(m, v, sh);
+        a = _mm512_add_ps(a, d);
+        b = _mm512_fmadd_ps(d, d, b);
+      }, partial_at(partial, t, p.channels, it.n, it.c, it.k));
+    } else {
+      const int64_t first = it.n * p.spatial * p.channels;  // row s = 0 of sample n: the shifts
+      tile_sums<L>(p, t, it, p.x, nullptr, [&](__m512 v, __m512, __mmask16 m, int64_t c, __m512& a, __m512& b) {
+        const __m512 d = _mm512_maskz_sub_ps(m, v, L::load(at<L>(p.x, first + c), m));
+        a = _mm512_add_ps(a, d);
+        b = _mm512_fmadd_ps(d, d, b);
+      }, partial);
+    }
+  }
+}
+
+// y = act((x - M) A + B).
+template <typename L, bool kSilu>
+void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab) {
+  constexpr bool kLow = L::kBytes == 2;
+  const int64_t nc = p.batch * p.channels;
+  const auto out = [](__m512 z) { return kSilu ? silu<kLow>(z) : z; };
+  for (int64_t item = begin; item < end; ++item) {
+    const Item it = locate(p, t, item);
+    if (!p.channels_last) {
+      const int64_t j = it.n * p.channels + it.c;
+      const __m512 mean = splat(tab[kM * nc + j]), a = splat(tab[kA * nc + j]), b = splat(tab[kB * nc + j]);
+      const int64_t base = j * p.spatial;
+      for (int64_t s = it.s0; s < it.s1; s += 16) {
+        const __mmask16 m = tail_mask(it.s1 - s);
+        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(p.x, base + s), m), mean), a, b);
+        L::store(at<L>(p.y, base + s), out(z), m);
+      }
+    } else {
+      const float* tm = tab + kM * nc + it.n * p.channels;
+      const float* ta = tab + kA * nc + it.n * p.channels;
+      const float* tb = tab + kB * nc + it.n * p.channels;
+      for (int64_t s = it.s0; s < it.s1; ++s) {
+        const int64_t row = (it.n * p.spatial + s) * p.channels;
+        for (int64_t c = 0; c < p.channels; c += 16) {
+          const __mmask16 m = tail_mask(p.channels - c);
+          const __m512 x = L::load(at<L>(p.x, row + c), m);
+          const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, tm + c)),
+                                           _mm512_maskz_loadu_ps(m, ta + c), _mm512_maskz_loadu_ps(m, tb + c));
+          L::store(at<L>(p.y, row + c), out(z), m);
+        }
+      }
+    }
+  }
+}
+
+// dz from dy (times silu'(z), z recomputed from the centered x).
+template <bool kSilu, bool kLow>
+inline __m512 dz_of(__m512 dy, __m512 centered, __m512 a, __m512 b) {
+  return kSilu ? _mm512_mul_ps(dy, silu_grad<kLow>(_mm512_fmadd_ps(centered, a, b))) : dy;
+}
+
+// Backward sums: sum dz and sum dz (x - M).
+template <typename L, bool kSilu>
+void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab, float* partial) {
+  constexpr bool kLow = L::kBytes == 2;
+  const int64_t nc = p.batch * p.channels;
+  for (int64_t item = begin; item < end; ++item) {
+    const Item it = locate(p, t, item);
+    if (!p.channels_last) {
+      const int64_t j = it.n * p.channels + it.c;
+      const __m512 mean = splat(tab[kM * nc + j]), ta = splat(tab[kA * nc + j]), tb = splat(tab[kB * nc + j]);
+      const int64_t base = j * p.spatial + it.s0;
+      row_sums<L>(at<L>(p.x, base), at<L>(p.dy, base), it.s1 - it.s0,
+                  [&](__m512 x, __m512 dy, __mmask16, __m512& a, __m512& b) {
+                    const __m512 centered = _mm512_sub_ps(x, mean);
+                    const __m512 dz = dz_of<kSilu, kLow>(dy, centered, ta, tb);  // 0 where masked (dy = 0)
+                    a = _mm512_add_ps(a, dz);
+                    b = _mm512_fmadd_ps(dz, centered, b);
+                  },
+                  partial_at(partial, t, p.channels, it.n, it.c, it.k));
+    } else {
+      const float* tm = tab + kM * nc + it.n * p.channels;
+      const float* tA = tab + kA * nc + it.n * p.channels;
+      const float* tB = tab + kB * nc + it.n * p.channels;
+      tile_sums<L>(p, t, it, p.x, p.dy, [&](__m512 x, __m512 dy, __mmask16 m, int64_t c, __m512& a, __m512& b) {
+        const __m512 centered = _mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, tm + c));
+        const __m512 dz = _mm512_maskz_mov_ps(
+            m, dz_of<kSilu, kLow>(dy, centered, _mm512_maskz_loadu_ps(m, tA + c), _mm512_maskz_loadu_ps(m, tB + c)));
+        a = _mm512_add_ps(a, dz);
+        b = _mm512_fmadd_ps(dz, centered, b);
+      }, partial);
+    }
+  }
+}
+
+// dx = dz Ad + (x - M) Bd + Cd.
+template <typename L, bool kSilu>
+void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab) {
+  constexpr bool kLow = L::kBytes == 2;
+  const int64_t nc = p.batch * p.channels;
+  const auto dx_of = [](__m512 x, __m512 dy, __m512 mean, __m512 a, __m512 b, __m512 ad, __m512 bd, __m512 cd) {
+    const __m512 centered = _mm512_sub_ps(x, mean);
+    return _mm512_fmadd_ps(dz_of<kSilu, kLow>(dy, centered, a, b), ad, _mm512_fmadd_ps(centered, bd, cd));
+  };
+  for (int64_t item = begin; item < end; ++item) {
+    const Item it = locate(p, t, item);
+    if (!p.channels_last) {
+      const int64_t j = it.n * p.channels + it.c;
+      const __m512 mean = splat(tab[kM * nc + j]), a = splat(tab[kA * nc + j]), b = splat(tab[kB * nc + j]);
+      const __m512 ad = splat(tab[kAd * nc + j]), bd = splat(tab[kBd * nc + j]), cd = splat(tab[kCd * nc + j]);
+      const int64_t base = j * p.spatial;
+      for (int64_t s = it.s0; s < it.s1; s += 16) {
+        const __mmask16 m = tail_mask(it.s1 - s);
+        const __m512 dx = dx_of(L::load(at<L>(p.x, base + s), m), L::load(at<L>(p.dy, base + s), m), mean, a, b, ad, bd, cd);
+        L::store(at<L>(p.dx, base + s), dx, m);
+      }
+    } else {
+      const float* tabs[kTables];
+      for (int k = 0; k < kTables; ++k) tabs[k] = tab + k * nc + it.n * p.channels;
+      for (int64_t s = it.s0; s < it.s1; ++s) {
+        const int64_t row = (it.n * p.spatial + s) * p.channels;
+        for (int64_t c = 0; c < p.channels; c += 16) {
+          const __mmask16 m = tail_mask(p.channels - c);
+          const auto tv = [&](int k) { return _mm512_maskz_loadu_ps(m, tabs[k] + c); };
+          const __m512 dx = dx_of(L::load(at<L>(p.x, row + c), m), L::load(at<L>(p.dy, row + c), m), tv(kM), tv(kA),
+                                  tv(kB), tv(kAd), tv(kBd), tv(kCd));
+          L::store(at<L>(p.dx, row + c), dx, m);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <Dtype D>
+void group_norm_stats_avx512(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, float* partial) {
+  stats<Lanes<D, false>>(p, t, begin, end, partial);  // (loads only: no bf16 rounding)
+}
+
+template <Dtype D>
+void group_norm_apply_avx512(
+    const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables,
+    bool bf16_instructions) {
+  if constexpr (D == Dtype::bf16) {
+    if (bf16_instructions) {
+      return p.silu ? apply<Lanes<D, true>, true>(p, t, begin, end, tables)
+                    : apply<Lanes<D, true>, false>(p, t, begin, end, tables);
+    }
+  }
+  return p.silu ? apply<Lanes<D, false>, true>(p, t, begin, end, tables)
+                : apply<Lanes<D, false>, false>(p, t, begin, end, tables);
+}
+
+template <Dtype D>
+void group_norm_grad_stats_avx512(
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables, float* partial) {
+  return p.silu ? grad_stats<Lanes<D, false>, true>(p, t, begin, end, tables, partial)
+                : grad_stats<Lanes<D, false>, false>(p, t, begin, end, tables, partial);
+}
+
+template <Dtype D>
+void group_norm_grad_apply_avx512(
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables,
+    bool bf16_instructions) {
+  if constexpr (D == Dtype::bf16) {
+    if (bf16_instructions) {
+      return p.silu ? grad_apply<Lanes<D, true>, true>(p, t, begin, end, tables)
+                    : grad_apply<Lanes<D, true>, false>(p, t, begin, end, tables);
+    }
+  }
+  return p.silu ? grad_apply<Lanes<D, false>, true>(p, t, begin, end, tables)
+                : grad_apply<Lanes<D, false>, false>(p, t, begin, end, tables);
+}
+
+#define FASTARCH_GN_AVX512(D)                                                                                          \
+  template void group_norm_stats_avx512<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t, float*);    \
+  template void group_norm_apply_avx512<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t,             \
+                                           const float*, bool);                                                        \
+  template void group_norm_grad_stats_avx512<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,       \
+                                                const float*, float*);                                                 \
+  template void group_norm_grad_apply_avx512<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,       \
+                                                const float*, bool);
+
+FASTARCH_GN_AVX512(Dtype::f32)
+FASTARCH_GN_AVX512(Dtype::f16)
+FASTARCH_GN_AVX512(Dtype::bf16)
+#undef FASTARCH_GN_AVX512
+
+}  // namespace fastarch::cpu::gn
+
+#pragma GCC pop_options

@@ -1,0 +1,185 @@
+// CPU implementation of fastarch::_group_norm_fwd / _group_norm_bwd: checks (the shared
+// csrc/group_norms/group_norm_glue.h), allocation, threading (at::parallel_for over the items
+// of group_norm_rows.h, so one sample's groups are shared by all cores), and the choice between
+// the AVX-512 and portable passes.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+#include "cpu/isa.h"
+#include "group_norm_rows.h"
+#include "group_norms/group_norm_glue.h"
+
+namespace fastarch::cpu {
+namespace {
+
+using at::Tensor;
+using gn::Dtype;
+
+constexpr const char* kFwd = "fastarch::_group_norm_fwd (cpu)";
+constexpr const char* kBwd = "fastarch::_group_norm_bwd (cpu)";
+
+Dtype dtype_of(const char* who, const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return Dtype::f32;
+    case at::kDouble:
+      return Dtype::f64;
+    case at::kHalf:
+      return Dtype::f16;
+    case at::kBFloat16:
+      return Dtype::bf16;
+    default:
+      TORCH_CHECK(false, who, ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  }
+}
+
+at::ScalarType acc_dtype(Dtype d) { return d == Dtype::f64 ? at::kDouble : at::kFloat; }
+bool use_avx512(Dtype d) { return d != Dtype::f64 && active_isa() == Isa::avx512; }
+
+// Items per task: ~32K elements, so that the pool's overhead stays small.
+int64_t grain(const gn::Tiling& t) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(t.elements_per_item, 1)); }
+// Groups per task in the combine steps.
+int64_t group_grain(int64_t channels_per_group, int64_t chunks) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(channels_per_group * chunks, 1));
+}
+
+// Calls fn.template operator()<D>() for the dtype d (a runtime switch to compile-time types).
+template <typename Fn>
+void dispatch(Dtype d, Fn&& fn) {
+  switch (d) {
+    case Dtype::f32:
+      return fn.template operator()<Dtype::f32>();
+    case Dtype::f64:
+      return fn.template operator()<Dtype::f64>();
+    case Dtype::f16:
+      return fn.template operator()<Dtype::f16>();
+    case Dtype::bf16:
+      return fn.template operator()<Dtype::bf16>();
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
+    const Tensor& x, int64_t num_groups, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& scale, const std::optional<Tensor>& shift, double eps, bool silu,
+    bool channels_last) {
+  TORCH_CHECK(x.device().is_cpu(), kFwd, ": x must be on the CPU, got ", x.device());
+  const Dtype d = dtype_of(kFwd, x);
+  group_norm_glue::check_forward(kFwd, x, num_groups, weight, bias, scale, shift, eps, channels_last);
+  const int64_t n = x.size(0);
+  const auto stats = x.options().dtype(acc_dtype(d));
+  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor mean = at::empty({n, num_groups}, stats);
+  Tensor rstd = at::empty({n, num_groups}, stats);
+  if (n == 0) return {y, mean, rstd};
+  const GroupNormForwardParams p = group_norm_glue::forward_params(
+      x, num_groups, weight, bias, scale, shift, eps, silu, channels_last, y, mean, rstd);
+  const gn::Tiling t = gn::make_tiling(p.batch, p.channels, p.spatial, channels_last);
+  Tensor partial = at::empty({p.batch * p.channels * t.chunks * 2}, stats);
+  Tensor tables = at::empty({gn::kTables * p.batch * p.channels}, stats);
+  void* part = partial.data_ptr();
+  void* tab = tables.data_ptr();
+  const bool avx512 = use_avx512(d);
+  const bool bf16_insn = cpu_has_avx512_bf16();
+  dispatch(d, [&]<Dtype D>() {
+    at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
+#ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
+      if constexpr (D != Dtype::f64) {
+        if (avx512) return gn::group_norm_stats_avx512<D>(p, t, begin, end, static_cast<float*>(part));
+      }
+#endif
+      gn::group_norm_stats_generic<D>(p, t, begin, end, part);
+    });
+    at::parallel_for(0, p.batch * p.groups, group_grain(p.channels / p.groups, t.chunks),
+                     [&](int64_t begin, int64_t end) { gn::group_norm_combine<D>(p, t, begin, end, part, tab); });
+    at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
+#ifdef FASTARCH_WITH_AVX512
+      if constexpr (D != Dtype::f64) {
+        if (avx512) return gn::group_norm_apply_avx512<D>(p, t, begin, end, static_cast<const float*>(tab), bf16_insn);
+      }
+#endif
+      gn::group_norm_apply_generic<D>(p, t, begin, end, tab);
+    });
+  });
+  (void)avx512;
+  (void)bf16_insn;
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
+    const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd, int64_t num_groups,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale,
+    const std::optional<Tensor>& shift, bool silu, bool channels_last, bool need_dweight, bool need_dscale) {
+  TORCH_CHECK(x.device().is_cpu(), kBwd, ": x must be on the CPU, got ", x.device());
+  const Dtype d = dtype_of(kBwd, x);
+  group_norm_glue::check_backward(kBwd, dy, x, mean, rstd, num_groups, weight, bias, scale, shift, channels_last,
+                                  acc_dtype(d));
+  const auto stats = x.options().dtype(acc_dtype(d));
+  Tensor dx = at::empty(x.sizes(), x.options());
+  auto [dweight, dbias, dscale, dshift] = group_norm_glue::weight_gradients(
+      x, channels_last, weight, bias, scale, shift, need_dweight, need_dscale);
+  const GroupNormBackwardParams p = group_norm_glue::backward_params(
+      dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, channels_last, dx, dweight, dbias, dscale,
+      dshift);
+  const gn::Tiling t = gn::make_tiling(p.batch, p.channels, p.spatial, channels_last);
+  const int64_t nc = p.batch * p.channels;
+  Tensor partial = at::empty({std::max<int64_t>(nc * t.chunks * 2, 1)}, stats);
+  Tensor tables = at::empty({std::max<int64_t>(gn::kTables * nc, 1)}, stats);
+  // dweight/dbias: per-(n, c) terms in fp64, summed over n in order at the end.
+  Tensor terms = at::empty({2, std::max<int64_t>(nc, 1)}, x.options().dtype(at::kDouble));
+  double* dweight_terms = p.dweight ? terms.data_ptr<double>() : nullptr;
+  double* dbias_terms = p.dbias ? terms.data_ptr<double>() + terms.size(1) : nullptr;
+  void* part = partial.data_ptr();
+  void* tab = tables.data_ptr();
+  const bool avx512 = use_avx512(d);
+  const bool bf16_insn = cpu_has_avx512_bf16();
+  const int64_t groups_grain = group_grain(p.channels / p.groups, t.chunks);
+  dispatch(d, [&]<Dtype D>() {
+    if (p.batch > 0) {
+      at::parallel_for(0, p.batch * p.groups, groups_grain,
+                       [&](int64_t begin, int64_t end) { gn::group_norm_tables_from_stats<D>(p, begin, end, tab); });
+      at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
+#ifdef FASTARCH_WITH_AVX512
+        if constexpr (D != Dtype::f64) {
+          if (avx512) {
+            return gn::group_norm_grad_stats_avx512<D>(p, t, begin, end, static_cast<const float*>(tab),
+                                                       static_cast<float*>(part));
+          }
+        }
+#endif
+        gn::group_norm_grad_stats_generic<D>(p, t, begin, end, tab, part);
+      });
+      at::parallel_for(0, p.batch * p.groups, groups_grain, [&](int64_t begin, int64_t end) {
+        gn::group_norm_combine_grad<D>(p, t, begin, end, part, tab, dweight_terms, dbias_terms);
+      });
+      at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
+#ifdef FASTARCH_WITH_AVX512
+        if constexpr (D != Dtype::f64) {
+          if (avx512) {
+            return gn::group_norm_grad_apply_avx512<D>(p, t, begin, end, static_cast<const float*>(tab), bf16_insn);
+          }
+        }
+#endif
+        gn::group_norm_grad_apply_generic<D>(p, t, begin, end, tab);
+      });
+    }
+    gn::group_norm_weight_grads<D>(p, dweight_terms, dbias_terms);  // zeros for N == 0
+  });
+  (void)avx512;
+  (void)bf16_insn;
+  return {dx, dweight, dbias, dscale, dshift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
+  m.impl("_group_norm_fwd", &group_norm_fwd_cpu);
+  m.impl("_group_norm_bwd", &group_norm_bwd_cpu);
+}
+
+}  // namespace fastarch::cpu

@@ -1,0 +1,370 @@
+// Portable build of the CPU group norm passes (for CPUs without AVX-512, and fp64), and the
+// combine steps every build shares (per group, scalar fp64: a few values per channel).
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "group_norm_rows.h"
+
+namespace fastarch::cpu::gn {
+
+Tiling make_tiling(int64_t batch, int64_t channels, int64_t spatial, bool channels_last) {
+  // ~16K elements per item: enough work that the items' bookkeeping is negligible, small enough
+  // that one sample of a diffusion UNet (e.g. 256 channels x 32 x 32) makes 16+ items for the
+  // cores to share. Fixed by the shape, never by the thread count (determinism).
+  constexpr int64_t kItemElements = 16384;
+  Tiling t{};
+  t.chunk = channels_last ? std::max<int64_t>(1, kItemElements / std::max<int64_t>(channels, 1)) : kItemElements;
+  t.chunk = std::min(t.chunk, std::max<int64_t>(spatial, 1));
+  t.chunks = (spatial + t.chunk - 1) / t.chunk;
+  t.items = channels_last ? batch * t.chunks : batch * channels * t.chunks;
+  t.elements_per_item = channels_last ? t.chunk * channels : t.chunk;
+  return t;
+}
+
+namespace {
+
+template <Dtype D>
+struct Types;
+template <>
+struct Types<Dtype::f32> {
+  using T = float;
+  using Acc = float;
+};
+template <>
+struct Types<Dtype::f64> {
+  using T = double;
+  using Acc = double;
+};
+template <>
+struct Types<Dtype::f16> {
+  using T = c10::Half;
+  using Acc = float;
+};
+template <>
+struct Types<Dtype::bf16> {
+  using T = c10::BFloat16;
+  using Acc = float;
+};
+
+// Where item `item` lies. NCHW: channel c's positions [s0, s1) of sample n; NHWC: positions
+// [s0, s1) of sample n, all channels (c = -1).
+struct Item {
+  int64_t n, c, k, s0, s1;
+};
+template <typename P>
+Item locate(const P& p, const Tiling& t, int64_t item) {
+  Item it{};
+  if (p.channels_last) {
+    it.n = item / t.chunks;
+    it.c = -1;
+    it.k = item % t.chunks;
+  } else {
+    it.n = item / (p.channels * t.chunks);
+    it.c = (item / t.chunks) % p.channels;
+    it.k = item % t.chunks;
+  }
+  it.s0 = it.k * t.chunk;
+  it.s1 = std::min(p.spatial, it.s0 + t.chunk);
+  return it;
+}
+
+// x[n, c, s] in either layout.
+inline int64_t offset(int64_t n, int64_t c, int64_t s, int64_t channels, int64_t spatial, bool channels_last) {
+  return channels_last ? (n * spatial + s) * channels + c : (n * channels + c) * spatial + s;
+}
+
+template <typename Acc>
+Acc silu(Acc z) {
+  return z / (Acc(1) + std::exp(-z));
+}
+
+// d silu(z) / dz = s (1 + z (1 - s)), 1 - s without cancellation (e s where e = exp(-z) < 1).
+template <typename Acc>
+Acc silu_grad(Acc z) {
+  const Acc e = std::exp(-z);
+  const Acc s = Acc(1) / (Acc(1) + e);
+  const Acc one_minus_s = e < Acc(1) ? e * s : Acc(1) - s;
+  return s * (Acc(1) + z * one_minus_s);
+}
+
+template <typename T>
+double value_or(const void* t, int64_t i, double absent) {
+  return t ? static_cast<double>(static_cast<const T*>(t)[i]) : absent;
+}
+
+// Calls fn(offset of x[n, c, s], channel c) for every element of the item, channel-major for
+// NCHW, position-major for NHWC (both in memory order).
+template <typename P, typename Fn>
+void for_each_element(const P& p, const Item& it, Fn fn) {
+  if (!p.channels_last) {
+    const int64_t base = (it.n * p.channels + it.c) * p.spatial;
+    for (int64_t s = it.s0; s < it.s1; ++s) fn(base + s, it.c);
+  } else {
+    for (int64_t s = it.s0; s < it.s1; ++s) {
+      const int64_t base = (it.n * p.spatial + s) * p.channels;
+      for (int64_t c = 0; c < p.channels; ++c) fn(base + c, c);
+    }
+  }
+}
+
+// The item's per-channel sums go to partial[((n C + c) chunks + k) 2 + {0, 1}]; `acc` holds
+// them for the channels the item covers (1 for NCHW, C for NHWC).
+template <typename Acc, typename P>
+void store_partial(const P& p, const Tiling& t, const Item& it, const std::vector<Acc>& acc, Acc* partial) {
+  const int64_t c0 = p.channels_last ? 0 : it.c;
+  const int64_t count = p.channels_last ? p.channels : 1;
+  for (int64_t j = 0; j < count; ++j) {
+    Acc* out = partial + ((it.n * p.channels + c0 + j) * t.chunks + it.k) * 2;
+    out[0] = acc[2 * j];
+    out[1] = acc[2 * j + 1];
+  }
+}
+
+}  // namespace
+
+template <Dtype D>
+void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, void* partial) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const T* x = static_cast<const T*>(p.x);
+  std::vector<Acc> acc(2 * p.channels);
+  for (int64_t item = begin; item < end; ++item) {
+    const Item it = locate(p, t, item);
+    std::fill(acc.begin(), acc.end(), Acc(0));
+    const int64_t c0 = p.channels_last ? 0 : it.c;
+    for_each_element(p, it, [&](int64_t i, int64_t c) {
+      const Acc shift = static_cast<Acc>(x[offset(it.n, c, 0, p.channels, p.spatial, p.channels_last)]);
+      const Acc d = static_cast<Acc>(x[i]) - shift;
+      acc[2 * (c - c0)] += d;
+      acc[2 * (c - c0) + 1] += d * d;
+    });
+    store_partial(p, t, it, acc, static_cast<Acc*>(partial));
+  }
+}
+
+template <Dtype D>
+void group_norm_apply_generic(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const Acc* tab = static_cast<const Acc*>(tables);
+  const int64_t nc = p.batch * p.channels;
+  for (int64_t item = begin; item < end; ++item) {
+    const Item it = locate(p, t, item);
+    for_each_element(p, it, [&](int64_t i, int64_t c) {
+      const int64_t j = it.n * p.channels + c;
+      const Acc z = (static_cast<Acc>(x[i]) - tab[kM * nc + j]) * tab[kA * nc + j] + tab[kB * nc + j];
+      y[i] = static_cast<T>(p.silu ? silu(z) : z);
+    });
+  }
+}
+
+template <Dtype D>
+void group_norm_grad_stats_generic(
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables, void* partial) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  const Acc* tab = static_cast<const Acc*>(tables);
+  const int64_t nc = p.batch * p.channels;
+  std::vector<Acc> acc(2 * p.channels);
+  for (int64_t item = begin; item < end; ++item) {
+    const Item it = locate(p, t, item);
+    std::fill(acc.begin(), acc.end(), Acc(0));
+    const int64_t c0 = p.channels_last ? 0 : it.c;
+    for_each_element(p, it, [&](int64_t i, int64_t c) {
+      const int64_t j = it.n * p.channels + c;
+      const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
+      Acc dz = static_cast<Acc>(dy[i]);
+      if (p.silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
+      acc[2 * (c - c0)] += dz;
+      acc[2 * (c - c0) + 1] += dz * centered;
+    });
+    store_partial(p, t, it, acc, static_cast<Acc*>(partial));
+  }
+}
+
+template <Dtype D>
+void group_norm_grad_apply_generic(
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  const Acc* tab = static_cast<const Acc*>(tables);
+  const int64_t nc = p.batch * p.channels;
+  for (int64_t item = begin; item < end; ++item) {
+    const Item it = locate(p, t, item);
+    for_each_element(p, it, [&](int64_t i, int64_t c) {
+      const int64_t j = it.n * p.channels + c;
+      const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
+      Acc dz = static_cast<Acc>(dy[i]);
+      if (p.silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
+      dx[i] = static_cast<T>(dz * tab[kAd * nc + j] + centered * tab[kBd * nc + j] + tab[kCd * nc + j]);
+    });
+  }
+}
+
+namespace {
+
+// The forward tables of group (n, g) from its mean and rstd.
+template <Dtype D, typename P>
+void fill_tables(const P& p, int64_t n, int64_t g, double mean, double rstd, void* tables) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  Acc* tab = static_cast<Acc*>(tables);
+  const int64_t nc = p.batch * p.channels, cg = p.channels / p.groups;
+  for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+    const int64_t j = n * p.channels + c;
+    const double one_plus_scale = 1 + value_or<T>(p.scale, j, 0);
+    tab[kM * nc + j] = static_cast<Acc>(mean);
+    tab[kA * nc + j] = static_cast<Acc>(rstd * value_or<T>(p.weight, c, 1) * one_plus_scale);
+    tab[kB * nc + j] = static_cast<Acc>(value_or<T>(p.bias, c, 0) * one_plus_scale + value_or<T>(p.shift, j, 0));
+  }
+}
+
+}  // namespace
+
+template <Dtype D>
+void group_norm_combine(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* partial, void* tables) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const T* x = static_cast<const T*>(p.x);
+  const Acc* part = static_cast<const Acc*>(partial);
+  const int64_t cg = p.channels / p.groups;
+  const double s = static_cast<double>(p.spatial);
+  std::vector<double> channel_mean(cg), channel_m2(cg);
+  for (int64_t ng = begin; ng < end; ++ng) {
+    const int64_t n = ng / p.groups, g = ng % p.groups;
+    // Per channel: its mean and sum of squared deviations from the shifted sums, then Chan's
+    // merge of the channels (all of S values): M2 = sum M2_c + S sum (mean_c - mean)^2.
+    double mean = 0;
+    for (int64_t j = 0; j < cg; ++j) {
+      const int64_t c = g * cg + j;
+      const Acc* q = part + (n * p.channels + c) * t.chunks * 2;
+      double sum = 0, sumsq = 0;
+      for (int64_t k = 0; k < t.chunks; ++k) {
+        sum += q[2 * k];
+        sumsq += q[2 * k + 1];
+      }
+      const double shift = static_cast<double>(x[offset(n, c, 0, p.channels, p.spatial, p.channels_last)]);
+      channel_mean[j] = shift + sum / s;
+      const double m2 = sumsq - sum * (sum / s);
+      channel_m2[j] = m2 < 0 ? 0 : m2;  // (rounding; NaN stays NaN)
+      mean += channel_mean[j];
+    }
+    mean /= static_cast<double>(cg);
+    double m2 = 0;
+    for (int64_t j = 0; j < cg; ++j) {
+      const double d = channel_mean[j] - mean;
+      m2 += channel_m2[j] + s * d * d;
+    }
+    const double var = m2 / (s * static_cast<double>(cg));
+    // A group whose mean square overflows the statistics' dtype has no statistics: NaN (as the
+    // reference), never rstd = 0 and y = bias.
+    const double limit = static_cast<double>(std::numeric_limits<Acc>::max());
+    const bool finite = std::isfinite(mean * mean + var) && mean * mean + var <= limit;
+    const double rstd = finite ? 1.0 / std::sqrt(var + p.eps) : std::numeric_limits<double>::quiet_NaN();
+    static_cast<Acc*>(p.mean)[ng] = static_cast<Acc>(mean);
+    static_cast<Acc*>(p.rstd)[ng] = static_cast<Acc>(rstd);
+    fill_tables<D>(p, n, g, static_cast<Acc>(mean), static_cast<Acc>(rstd), tables);
+  }
+}
+
+template <Dtype D>
+void group_norm_tables_from_stats(const GroupNormBackwardParams& p, int64_t begin, int64_t end, void* tables) {
+  using Acc = typename Types<D>::Acc;
+  for (int64_t ng = begin; ng < end; ++ng) {
+    fill_tables<D>(p, ng / p.groups, ng % p.groups, static_cast<const Acc*>(p.mean)[ng],
+                   static_cast<const Acc*>(p.rstd)[ng], tables);
+  }
+}
+
+template <Dtype D>
+void group_norm_combine_grad(
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* partial, void* tables,
+    double* dweight_terms, double* dbias_terms) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  const Acc* part = static_cast<const Acc*>(partial);
+  Acc* tab = static_cast<Acc*>(tables);
+  const int64_t nc = p.batch * p.channels, cg = p.channels / p.groups;
+  const double count = static_cast<double>(p.spatial) * static_cast<double>(cg);
+  for (int64_t ng = begin; ng < end; ++ng) {
+    const int64_t n = ng / p.groups, g = ng % p.groups;
+    const double rstd = static_cast<const Acc*>(p.rstd)[ng];
+    // Per channel: P1 = sum dz, P2 = sum dz xhat. du = dz (1 + scale), dxhat = du w.
+    double dxhat_sum = 0, dxhat_xhat_sum = 0;
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+      const int64_t j = n * p.channels + c;
+      const Acc* q = part + j * t.chunks * 2;
+      double p1 = 0, p2 = 0;
+      for (int64_t k = 0; k < t.chunks; ++k) {
+        p1 += q[2 * k];
+        p2 += q[2 * k + 1];
+      }
+      p2 *= rstd;
+      const double w = value_or<T>(p.weight, c, 1), one_plus_scale = 1 + value_or<T>(p.scale, j, 0);
+      if (p.dshift) static_cast<T*>(p.dshift)[j] = static_cast<T>(static_cast<Acc>(p1));
+      if (p.dscale) static_cast<T*>(p.dscale)[j] = static_cast<T>(static_cast<Acc>(w * p2 + value_or<T>(p.bias, c, 0) * p1));
+      if (dweight_terms) dweight_terms[j] = one_plus_scale * p2;
+      if (dbias_terms) dbias_terms[j] = one_plus_scale * p1;
+      dxhat_sum += w * one_plus_scale * p1;
+      dxhat_xhat_sum += w * one_plus_scale * p2;
+    }
+    // dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), xhat = (x - M) rstd.
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+      const int64_t j = n * p.channels + c;
+      const double w = value_or<T>(p.weight, c, 1), one_plus_scale = 1 + value_or<T>(p.scale, j, 0);
+      tab[kAd * nc + j] = static_cast<Acc>(rstd * one_plus_scale * w);
+      tab[kBd * nc + j] = static_cast<Acc>(-rstd * rstd * (dxhat_xhat_sum / count));
+      tab[kCd * nc + j] = static_cast<Acc>(-rstd * (dxhat_sum / count));
+    }
+  }
+}
+
+template <Dtype D>
+void group_norm_weight_grads(const GroupNormBackwardParams& p, const double* dweight_terms, const double* dbias_terms) {
+  using T = typename Types<D>::T;
+  using Acc = typename Types<D>::Acc;
+  for (int64_t c = 0; c < p.channels; ++c) {
+    double dw = 0, db = 0;
+    for (int64_t n = 0; n < p.batch; ++n) {
+      if (dweight_terms) dw += dweight_terms[n * p.channels + c];
+      if (dbias_terms) db += dbias_terms[n * p.channels + c];
+    }
+    if (p.dweight) static_cast<T*>(p.dweight)[c] = static_cast<T>(static_cast<Acc>(dw));
+    if (p.dbias) static_cast<T*>(p.dbias)[c] = static_cast<T>(static_cast<Acc>(db));
+  }
+}
+
+#define FASTARCH_GN_INSTANCES(D)                                                                                    \
+  template void group_norm_stats_generic<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t, void*); \
+  template void group_norm_apply_generic<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t,          \
+                                            const void*);                                                           \
+  template void group_norm_grad_stats_generic<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,   \
+                                                 const void*, void*);                                               \
+  template void group_norm_grad_apply_generic<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,   \
+                                                 const void*);                                                      \
+  template void group_norm_combine<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t, const void*,  \
+                                      void*);                                                                       \
+  template void group_norm_tables_from_stats<D>(const GroupNormBackwardParams&, int64_t, int64_t, void*);           \
+  template void group_norm_combine_grad<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,         \
+                                           const void*, void*, double*, double*);                                   \
+  template void group_norm_weight_grads<D>(const GroupNormBackwardParams&, const double*, const double*);
+
+FASTARCH_GN_INSTANCES(Dtype::f32)
+FASTARCH_GN_INSTANCES(Dtype::f64)
+FASTARCH_GN_INSTANCES(Dtype::f16)
+FASTARCH_GN_INSTANCES(Dtype::bf16)
+#undef FASTARCH_GN_INSTANCES
+
+}  // namespace fastarch::cpu::gn
