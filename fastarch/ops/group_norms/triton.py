@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastarch.registry import MachineReason
+
 try:
     from fastarch.kernels import group_norms as _kernels
 except ImportError:  # triton is not installed: fastarch.availability.triton() says so
@@ -49,6 +51,11 @@ if _kernels is not None:
         )
         dx, rest = grads[0], grads[1:]
         return (dx, *(g if g is not None else x.new_empty(0) for g in rest))
+
+
+def unavailable() -> str | None:
+    """Why the Triton group_norm cannot run in this installation (None: it can)."""
+    return None if _kernels is not None else MachineReason("triton is not installed")
 
 
 def group_norm_forward(
