@@ -35,7 +35,7 @@ TILE = 2048
 # Splitting a group: aim for this many programs per SM, each with at least MIN_SLICE elements
 # (below that the combine and launch overheads dominate).
 PROGRAMS_PER_SM = 4
-MIN_SLICE = 4096
+MIN_SLICE = 2048
 # The interpreter: few programs, but split even small groups so that tests cover the combine.
 INTERPRETER_PROGRAMS = 64
 INTERPRETER_MIN_SLICE = 16

@@ -20,7 +20,7 @@ constexpr int kGroupNormThreads = 256;
 // kGroupNormThreads x 4 x 16 bytes in flight), each block at least kMinSliceElements elements
 // (below that the second pass's combine and the launch dominate).
 constexpr int64_t kBlocksPerSm = 4;
-constexpr int64_t kMinSliceElements = 4096;
+constexpr int64_t kMinSliceElements = 2048;
 constexpr int64_t kMaxSplit = 65535;  // gridDim.y
 
 inline int current_sm_count() {
