@@ -412,8 +412,11 @@ __device__ __forceinline__ void store_channel_partials(float (&acc)[4][kVec], co
 
 // gpart: (N G, split, 2) sums of dxhat and dxhat xhat; cpart: (4, N, split, C) per-channel
 // partials of dshift, dscale, dbias, dweight, or null when no such gradient is wanted.
+// Two blocks per SM at least: unbounded, the channels-last 16-byte instance takes 156 registers
+// (its 4 x 8 per-channel accumulators), one block per SM; bounded, 128 and a 12-byte spill
+// (ptxas, sm_90; not measured on a GPU yet).
 template <typename T, int kVec, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads) group_norm_bwd_partials_kernel(GroupNormBackwardParams p,
+__global__ void __launch_bounds__(kThreads, 2) group_norm_bwd_partials_kernel(GroupNormBackwardParams p,
                                                                             GroupNormPlan plan, float* gpart,
                                                                             float* cpart) {
   const Slice<kVec, kChannelsLast> s(p.channels, p.spatial, p.groups, plan);
