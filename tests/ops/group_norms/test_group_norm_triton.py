@@ -43,6 +43,11 @@ def _triton_ops():
 
 
 def _cuda_ops():
+    from fastarch.ops.group_norms import cpp
+
+    missing = cpp.kernels_missing("CUDA")  # a machine reason: a build without the CUDA kernels
+    if missing is not None:
+        pytest.skip(str(missing))
     return torch.ops.fastarch._group_norm_fwd, torch.ops.fastarch._group_norm_bwd
 
 
