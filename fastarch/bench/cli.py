@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from fastarch import registry
-from fastarch.bench import activations, attention, decode, dropin, models, norms, report, rope, timing
+from fastarch.bench import activations, attention, decode, dropin, group_norms, models, norms, report, rope, timing
 
-FAMILIES = (norms, attention, decode, rope, activations)
+FAMILIES = (norms, attention, decode, rope, activations, group_norms)
 """Modules of cases, one per op family; each has OPS, default_shapes(device, quick), and Case
 (with baseline_names, unit, work, contenders(...), backend_that_runs(...))."""
 
@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"ops to time (default: all: {', '.join(FAMILY_OF)})")
     arg("--quick", action="store_true",
         help="a small default set (CPU, fp32 and bf16: norms 4096x768, attention 1x12x1024x64, decode"
-        " 1x12x4096x64, rotary 1x12x1024x64, activations 1024x3072; about 1-2 minutes)")
+        " 1x12x4096x64, rotary 1x12x1024x64, activations 1024x3072, group_norm 8x256x32x32; about 1-2 minutes)")
     arg("--json", type=Path, metavar="FILE", help="also save the machine and every row as JSON")
     arg("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     arg("--dtype", action="extend", type=_names(DTYPES, "dtype"), metavar="DTYPE",
@@ -66,8 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--backend", action="extend", type=_names(["auto", *registry.BACKENDS], "backend"), metavar="NAME",
         help=f"auto (the registry's choice; default) or any of {', '.join(registry.BACKENDS)}; one row each")
     arg("--shapes", action="extend", type=_shapes, metavar="RxN",
-        help="norms, activations: ROWSxHIDDEN (4096x768); attention, decode and rotary: BxHxSxD (1x12x4096x64); a family"
-        " given none of its own uses its defaults")
+        help="norms, activations: ROWSxHIDDEN (4096x768); attention, decode and rotary: BxHxSxD (1x12x4096x64);"
+        " group_norm(_nhwc): NxCxHxW (8x256x32x32); a family given none of its own uses its defaults")
     arg("--no-compile", action="store_true", help="skip the torch.compile baseline")
     arg("--threads", type=int, metavar="N", help="CPU threads (torch.set_num_threads; default: torch's)")
     arg("--pass", dest="passes", choices=list(PASSES), default="both",

@@ -1,6 +1,7 @@
 """Drop-in modules running fastarch's kernels."""
 
 from fastarch.nn.attention import MultiheadAttention
+from fastarch.nn.group_norms import GroupNorm, GroupNormSiLU
 from fastarch.nn.norms import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention"]
+__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GroupNormSiLU", "MultiheadAttention"]

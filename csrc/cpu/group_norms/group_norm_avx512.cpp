@@ -74,44 +74,64 @@ inline float* partial_at(float* partial, const Tiling& t, int64_t channels, int6
   return partial + ((n * channels + c) * t.chunks + k) * 2;
 }
 
-// The sums of one NCHW stretch of `len` values from `row`: f(x, dy, mask) -> (a, b) added to
-// two accumulators each (two chains for 32 values in flight). Masked-off lanes must give 0.
+// The sums of one NCHW stretch of `len` values from `row`: f(x, dy, mask, a, b) adds to a and b
+// (two chains for 32 values in flight). Masked-off lanes must add 0. Summed in blocks of 256
+// values (8 per lane) whose totals are then added, so that no running sum takes more than ~64
+// terms (stretches are up to 16K values): long rows sum about as accurately as short ones.
 template <typename L, typename F>
 inline void row_sums(const void* row, const void* drow, int64_t len, F f, float* out) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-  int64_t i = 0;
-  for (; i + 32 <= len; i += 32) {
-    f(L::load(at<L>(row, i), 0xFFFF), drow ? L::load(at<L>(drow, i), 0xFFFF) : a0, 0xFFFF, a0, b0);
-    f(L::load(at<L>(row, i + 16), 0xFFFF), drow ? L::load(at<L>(drow, i + 16), 0xFFFF) : a0, 0xFFFF, a1, b1);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 total_a = zero, total_b = zero;
+  for (int64_t b0 = 0; b0 < len; b0 += 256) {
+    const int64_t b1 = std::min(len, b0 + 256);
+    __m512 a0 = zero, a1 = zero, bb0 = zero, bb1 = zero;
+    int64_t i = b0;
+    for (; i + 32 <= b1; i += 32) {
+      f(L::load(at<L>(row, i), 0xFFFF), drow ? L::load(at<L>(drow, i), 0xFFFF) : zero, 0xFFFF, a0, bb0);
+      f(L::load(at<L>(row, i + 16), 0xFFFF), drow ? L::load(at<L>(drow, i + 16), 0xFFFF) : zero, 0xFFFF, a1, bb1);
+    }
+    for (; i < b1; i += 16) {
+      const __mmask16 m = tail_mask(b1 - i);
+      f(L::load(at<L>(row, i), m), drow ? L::load(at<L>(drow, i), m) : zero, m, a0, bb0);
+    }
+    total_a = _mm512_add_ps(total_a, _mm512_add_ps(a0, a1));
+    total_b = _mm512_add_ps(total_b, _mm512_add_ps(bb0, bb1));
   }
-  for (; i < len; i += 16) {
-    const __mmask16 m = tail_mask(len - i);
-    f(L::load(at<L>(row, i), m), drow ? L::load(at<L>(drow, i), m) : a0, m, a0, b0);
-  }
-  out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  out[1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+  out[0] = _mm512_reduce_add_ps(total_a);
+  out[1] = _mm512_reduce_add_ps(total_b);
 }
 
-// The same sums for an NHWC tile, per channel: f(x, dy, mask, c) for each 16-channel vector at
-// channel c of each row. Results stored to the partial array.
+// The same sums for an NHWC tile, per channel: f(x, dy, mask, c, a, b) for each 16-channel
+// vector at channel c of each row; blocks of 16 rows, then their totals (items hold at most
+// 1024 rows). Results stored to the partial array.
 template <typename L, typename P, typename F>
 inline void tile_sums(const P& p, const Tiling& t, const Item& it, const void* x, const void* dy, F f, float* partial) {
+  constexpr int64_t kRows = 16;
+  const __m512 zero = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < p.channels; c0 += kBlockChannels) {
-    __m512 a[kBlockVectors], b[kBlockVectors];
-    for (int v = 0; v < kBlockVectors; ++v) a[v] = b[v] = _mm512_setzero_ps();
+    __m512 ta[kBlockVectors], tb[kBlockVectors];
+    for (int v = 0; v < kBlockVectors; ++v) ta[v] = tb[v] = zero;
     const int vectors = static_cast<int>(std::min<int64_t>(kBlockVectors, (p.channels - c0 + 15) / 16));
-    for (int64_t s = it.s0; s < it.s1; ++s) {
-      const int64_t row = (it.n * p.spatial + s) * p.channels;
+    for (int64_t r0 = it.s0; r0 < it.s1; r0 += kRows) {
+      __m512 a[kBlockVectors], b[kBlockVectors];
+      for (int v = 0; v < kBlockVectors; ++v) a[v] = b[v] = zero;
+      for (int64_t s = r0; s < std::min(it.s1, r0 + kRows); ++s) {
+        const int64_t row = (it.n * p.spatial + s) * p.channels;
+        for (int v = 0; v < vectors; ++v) {
+          const int64_t c = c0 + 16 * v;
+          const __mmask16 m = tail_mask(p.channels - c);
+          f(L::load(at<L>(x, row + c), m), dy ? L::load(at<L>(dy, row + c), m) : zero, m, c, a[v], b[v]);
+        }
+      }
       for (int v = 0; v < vectors; ++v) {
-        const int64_t c = c0 + 16 * v;
-        const __mmask16 m = tail_mask(p.channels - c);
-        f(L::load(at<L>(x, row + c), m), dy ? L::load(at<L>(dy, row + c), m) : a[v], m, c, a[v], b[v]);
+        ta[v] = _mm512_add_ps(ta[v], a[v]);
+        tb[v] = _mm512_add_ps(tb[v], b[v]);
       }
     }
     alignas(64) float sa[kBlockChannels], sb[kBlockChannels];
     for (int v = 0; v < vectors; ++v) {
-      _mm512_store_ps(sa + 16 * v, a[v]);
-      _mm512_store_ps(sb + 16 * v, b[v]);
+      _mm512_store_ps(sa + 16 * v, ta[v]);
+      _mm512_store_ps(sb + 16 * v, tb[v]);
     }
     for (int64_t c = c0; c < std::min(p.channels, c0 + kBlockChannels); ++c) {
       float* out = partial_at(partial, t, p.channels, it.n, c, it.k);
@@ -151,7 +171,6 @@ template <typename L, bool kSilu>
 void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab) {
   constexpr bool kLow = L::kBytes == 2;
   const int64_t nc = p.batch * p.channels;
-  const auto out = [](__m512 z) { return kSilu ? silu<kLow>(z) : z; };
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if (!p.channels_last) {
@@ -161,7 +180,7 @@ void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int6
       for (int64_t s = it.s0; s < it.s1; s += 16) {
         const __mmask16 m = tail_mask(it.s1 - s);
         const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(p.x, base + s), m), mean), a, b);
-        L::store(at<L>(p.y, base + s), out(z), m);
+        L::store(at<L>(p.y, base + s), kSilu ? silu<kLow>(z) : z, m);
       }
     } else {
       const float* tm = tab + kM * nc + it.n * p.channels;
@@ -174,7 +193,7 @@ void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int6
           const __m512 x = L::load(at<L>(p.x, row + c), m);
           const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, tm + c)),
                                            _mm512_maskz_loadu_ps(m, ta + c), _mm512_maskz_loadu_ps(m, tb + c));
-          L::store(at<L>(p.y, row + c), out(z), m);
+          L::store(at<L>(p.y, row + c), kSilu ? silu<kLow>(z) : z, m);
         }
       }
     }
@@ -222,14 +241,17 @@ void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
 }
 
 // dx = dz Ad + (x - M) Bd + Cd.
+template <bool kSilu, bool kLow>
+inline __m512 dx_from(__m512 x, __m512 dy, __m512 mean, __m512 a, __m512 b, __m512 ad, __m512 bd, __m512 cd) {
+  const __m512 centered = _mm512_sub_ps(x, mean);
+  return _mm512_fmadd_ps(dz_of<kSilu, kLow>(dy, centered, a, b), ad, _mm512_fmadd_ps(centered, bd, cd));
+}
+
 template <typename L, bool kSilu>
 void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab) {
   constexpr bool kLow = L::kBytes == 2;
   const int64_t nc = p.batch * p.channels;
-  const auto dx_of = [](__m512 x, __m512 dy, __m512 mean, __m512 a, __m512 b, __m512 ad, __m512 bd, __m512 cd) {
-    const __m512 centered = _mm512_sub_ps(x, mean);
-    return _mm512_fmadd_ps(dz_of<kSilu, kLow>(dy, centered, a, b), ad, _mm512_fmadd_ps(centered, bd, cd));
-  };
+  constexpr auto dx_of = dx_from<kSilu, kLow>;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if (!p.channels_last) {
@@ -249,9 +271,10 @@ void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
         const int64_t row = (it.n * p.spatial + s) * p.channels;
         for (int64_t c = 0; c < p.channels; c += 16) {
           const __mmask16 m = tail_mask(p.channels - c);
-          const auto tv = [&](int k) { return _mm512_maskz_loadu_ps(m, tabs[k] + c); };
-          const __m512 dx = dx_of(L::load(at<L>(p.x, row + c), m), L::load(at<L>(p.dy, row + c), m), tv(kM), tv(kA),
-                                  tv(kB), tv(kAd), tv(kBd), tv(kCd));
+          __m512 tv[kTables];
+          for (int k = 0; k < kTables; ++k) tv[k] = _mm512_maskz_loadu_ps(m, tabs[k] + c);
+          const __m512 dx = dx_of(L::load(at<L>(p.x, row + c), m), L::load(at<L>(p.dy, row + c), m), tv[kM], tv[kA],
+                                  tv[kB], tv[kAd], tv[kBd], tv[kCd]);
           L::store(at<L>(p.dx, row + c), dx, m);
         }
       }

@@ -18,7 +18,9 @@ Tiling make_tiling(int64_t batch, int64_t channels, int64_t spatial, bool channe
   // cores to share. Fixed by the shape, never by the thread count (determinism).
   constexpr int64_t kItemElements = 16384;
   Tiling t{};
-  t.chunk = channels_last ? std::max<int64_t>(1, kItemElements / std::max<int64_t>(channels, 1)) : kItemElements;
+  // NHWC items hold at most 1024 rows, so that each channel's running sums (blocks of 16 rows)
+  // take at most 64 block totals.
+  t.chunk = channels_last ? std::clamp<int64_t>(kItemElements / std::max<int64_t>(channels, 1), 1, 1024) : kItemElements;
   t.chunk = std::min(t.chunk, std::max<int64_t>(spatial, 1));
   t.chunks = (spatial + t.chunk - 1) / t.chunk;
   t.items = channels_last ? batch * t.chunks : batch * channels * t.chunks;
@@ -112,16 +114,45 @@ void for_each_element(const P& p, const Item& it, Fn fn) {
   }
 }
 
-// The item's per-channel sums go to partial[((n C + c) chunks + k) 2 + {0, 1}]; `acc` holds
-// them for the channels the item covers (1 for NCHW, C for NHWC).
-template <typename Acc, typename P>
-void store_partial(const P& p, const Tiling& t, const Item& it, const std::vector<Acc>& acc, Acc* partial) {
-  const int64_t c0 = p.channels_last ? 0 : it.c;
-  const int64_t count = p.channels_last ? p.channels : 1;
-  for (int64_t j = 0; j < count; ++j) {
-    Acc* out = partial + ((it.n * p.channels + c0 + j) * t.chunks + it.k) * 2;
-    out[0] = acc[2 * j];
-    out[1] = acc[2 * j + 1];
+// The item's two sums per channel, term(offset, c, a, b) adding to a and b, into
+// partial[((n C + c) chunks + k) 2 + {0, 1}]. Summed in fp64 (this build is the portable
+// fallback: accuracy first; the AVX-512 build sums fp32 in short blocks), in blocks (8
+// interleaved partials over 64 positions for NCHW, 16 rows for NHWC) whose totals are then
+// added, as the AVX-512 build.
+template <typename Acc, typename P, typename Term>
+void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vector<double>& inner, Acc* partial) {
+  if (!p.channels_last) {
+    constexpr int kLanes = 8;
+    const int64_t base = (it.n * p.channels + it.c) * p.spatial;
+    double total_a = 0, total_b = 0;
+    for (int64_t b0 = it.s0; b0 < it.s1; b0 += 8 * kLanes) {
+      double a[kLanes] = {}, b[kLanes] = {};
+      const int64_t b1 = std::min(it.s1, b0 + 8 * kLanes);
+      for (int64_t s = b0; s < b1; ++s) term(base + s, it.c, a[(s - b0) % kLanes], b[(s - b0) % kLanes]);
+      for (int k = 0; k < kLanes; ++k) {
+        total_a += a[k];
+        total_b += b[k];
+      }
+    }
+    Acc* out = partial + ((it.n * p.channels + it.c) * t.chunks + it.k) * 2;
+    out[0] = static_cast<Acc>(total_a);
+    out[1] = static_cast<Acc>(total_b);
+    return;
+  }
+  constexpr int64_t kRows = 16;
+  std::vector<double> total(2 * p.channels, 0.0);
+  for (int64_t r0 = it.s0; r0 < it.s1; r0 += kRows) {
+    std::fill(inner.begin(), inner.end(), 0.0);
+    for (int64_t s = r0; s < std::min(it.s1, r0 + kRows); ++s) {
+      const int64_t base = (it.n * p.spatial + s) * p.channels;
+      for (int64_t c = 0; c < p.channels; ++c) term(base + c, c, inner[2 * c], inner[2 * c + 1]);
+    }
+    for (int64_t j = 0; j < 2 * p.channels; ++j) total[j] += inner[j];
+  }
+  for (int64_t c = 0; c < p.channels; ++c) {
+    Acc* out = partial + ((it.n * p.channels + c) * t.chunks + it.k) * 2;
+    out[0] = static_cast<Acc>(total[2 * c]);
+    out[1] = static_cast<Acc>(total[2 * c + 1]);
   }
 }
 
@@ -132,18 +163,14 @@ void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, 
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
   const T* x = static_cast<const T*>(p.x);
-  std::vector<Acc> acc(2 * p.channels);
+  std::vector<double> inner(2 * p.channels);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
-    std::fill(acc.begin(), acc.end(), Acc(0));
-    const int64_t c0 = p.channels_last ? 0 : it.c;
-    for_each_element(p, it, [&](int64_t i, int64_t c) {
-      const Acc shift = static_cast<Acc>(x[offset(it.n, c, 0, p.channels, p.spatial, p.channels_last)]);
-      const Acc d = static_cast<Acc>(x[i]) - shift;
-      acc[2 * (c - c0)] += d;
-      acc[2 * (c - c0) + 1] += d * d;
-    });
-    store_partial(p, t, it, acc, static_cast<Acc*>(partial));
+    item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
+      const double d = static_cast<double>(x[i]) - static_cast<double>(x[offset(it.n, c, 0, p.channels, p.spatial, p.channels_last)]);
+      a += d;
+      b += d * d;
+    }, inner, static_cast<Acc*>(partial));
   }
 }
 
@@ -174,20 +201,17 @@ void group_norm_grad_stats_generic(
   const T* dy = static_cast<const T*>(p.dy);
   const Acc* tab = static_cast<const Acc*>(tables);
   const int64_t nc = p.batch * p.channels;
-  std::vector<Acc> acc(2 * p.channels);
+  std::vector<double> inner(2 * p.channels);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
-    std::fill(acc.begin(), acc.end(), Acc(0));
-    const int64_t c0 = p.channels_last ? 0 : it.c;
-    for_each_element(p, it, [&](int64_t i, int64_t c) {
+    item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
       const int64_t j = it.n * p.channels + c;
       const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
       Acc dz = static_cast<Acc>(dy[i]);
       if (p.silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
-      acc[2 * (c - c0)] += dz;
-      acc[2 * (c - c0) + 1] += dz * centered;
-    });
-    store_partial(p, t, it, acc, static_cast<Acc*>(partial));
+      a += dz;
+      b += static_cast<double>(dz) * centered;
+    }, inner, static_cast<Acc*>(partial));
   }
 }
 

@@ -10,6 +10,8 @@ more op, ``fastarch::group_norm_backward``, dispatched the same way.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -92,10 +94,10 @@ def _channels_last(x: Tensor) -> bool:
 def _to_3d(t: Tensor, channels_last: bool) -> Tensor:
     """(N, C, *spatial) -> the kernels' contiguous 3-D view: (N, S, C) when channels_last, else
     (N, C, S); copies only a tensor not already in that layout (dy may come in any)."""
-    n, c = t.shape[0], t.shape[1]
+    n, c, s = t.shape[0], t.shape[1], math.prod(t.shape[2:])  # (s explicit: N may be 0)
     if channels_last:
-        return t.permute(0, *range(2, t.dim()), 1).reshape(n, -1, c).contiguous()
-    return t.reshape(n, c, -1).contiguous()
+        return t.permute(0, *range(2, t.dim()), 1).reshape(n, s, c).contiguous()
+    return t.reshape(n, c, s).contiguous()
 
 
 def _from_3d(t3: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
