@@ -11,7 +11,8 @@
 // pointers allow). Every kernel walks the slice as "channel slots" x "position steps":
 //   NCHW:          a slot is one channel (a row of threads), a step a vector of positions;
 //   channels-last: a slot is a vector of channels (a column of threads), a step a position;
-// so that per-channel sums in the backward are sums over the threads of a slot.
+// so that per-channel sums in the backward are sums over the threads of a slot. The forward's
+// NCHW kernels instead walk the slice's (channel, vector) pairs flat (Slice::items).
 //
 // Forward: (1) each block's slice statistics (count, mean, M2: a vector's own two-pass mean
 // and M2, merged by Chan's formula, robust where mean >> std) into a workspace; (2) every
@@ -29,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -201,6 +203,18 @@ struct Slice {
 
   // Slot rounds that every thread of the block runs (when a round has a barrier).
   __device__ __forceinline__ int64_t slot_rounds() const { return (slots + slot_step - 1) / slot_step; }
+
+  // The forward's NCHW walk: the slice's (channel, vector) pairs as one flat sequence over all
+  // the block's threads, so that none idles when the group's channel count is not a multiple
+  // of the block's rows (a UNet's 10, 20 or 40 channels per group). Item i is slot
+  // i / positions; the division in 32 bits when the items allow (they always do below 2^32).
+  __device__ __forceinline__ int64_t items() const { return slots * positions; }
+  __device__ __forceinline__ int64_t item_slot(int64_t i) const {
+    if (slots * positions <= int64_t{UINT32_MAX}) {
+      return static_cast<uint32_t>(i) / static_cast<uint32_t>(positions);
+    }
+    return i / positions;
+  }
 };
 
 // Per-element index of a slot's per-channel values: NCHW slots have one channel.
@@ -235,31 +249,55 @@ __device__ __forceinline__ Affine<kVec> affine_of(const Slice<kVec, kChannelsLas
 
 // ------------------------------------------------------------------ forward
 
+// A vector's own mean and M2 (two passes over registers), merged into st.
+template <int kVec>
+__device__ __forceinline__ void accumulate(Stats& st, const float (&v)[kVec]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) sum += v[e];
+  const float mean = sum / kVec;
+  float m2 = 0.f;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) m2 += (v[e] - mean) * (v[e] - mean);
+  st = merge(st, Stats{static_cast<float>(kVec), mean, m2});
+}
+
 template <typename T, int kVec, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(GroupNormForwardParams p, GroupNormPlan plan,
                                                                      float* partials) {
   const Slice<kVec, kChannelsLast> s(p.channels, p.spatial, p.groups, plan);
   const T* x = static_cast<const T*>(p.x);
   Stats st{0.f, 0.f, 0.f};
-  for (int64_t slot = s.slot_first; slot < s.slots; slot += s.slot_step) {
-    for (int64_t pos = s.pos_first; pos < s.positions; pos += int64_t{s.pos_step} * kFwdUnroll) {
+  if constexpr (!kChannelsLast) {
+    const int64_t items = s.items();
+    for (int64_t i = threadIdx.x; i < items; i += int64_t{kThreads} * kFwdUnroll) {
       float v[kFwdUnroll][kVec];
 #pragma unroll
       for (int u = 0; u < kFwdUnroll; ++u) {
-        const int64_t q = pos + int64_t{u} * s.pos_step;
-        if (q < s.positions) load_vec<T, kVec>(x + s.offset(slot, q), v[u]);
+        const int64_t q = i + int64_t{u} * kThreads;
+        if (q < items) {
+          const int64_t slot = s.item_slot(q);
+          load_vec<T, kVec>(x + s.offset(slot, q - slot * s.positions), v[u]);
+        }
       }
 #pragma unroll
       for (int u = 0; u < kFwdUnroll; ++u) {
-        if (pos + int64_t{u} * s.pos_step >= s.positions) continue;
-        float sum = 0.f;
+        if (i + int64_t{u} * kThreads < items) accumulate<kVec>(st, v[u]);
+      }
+    }
+  } else {
+    for (int64_t slot = s.slot_first; slot < s.slots; slot += s.slot_step) {
+      for (int64_t pos = s.pos_first; pos < s.positions; pos += int64_t{s.pos_step} * kFwdUnroll) {
+        float v[kFwdUnroll][kVec];
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) sum += v[u][e];
-        const float mean = sum / kVec;
-        float m2 = 0.f;
+        for (int u = 0; u < kFwdUnroll; ++u) {
+          const int64_t q = pos + int64_t{u} * s.pos_step;
+          if (q < s.positions) load_vec<T, kVec>(x + s.offset(slot, q), v[u]);
+        }
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) m2 += (v[u][e] - mean) * (v[u][e] - mean);
-        st = merge(st, Stats{static_cast<float>(kVec), mean, m2});
+        for (int u = 0; u < kFwdUnroll; ++u) {
+          if (pos + int64_t{u} * s.pos_step < s.positions) accumulate<kVec>(st, v[u]);
+        }
       }
     }
   }
@@ -299,32 +337,62 @@ __global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(GroupNormFor
 
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  constexpr int kLanes = kChannelsLast ? kVec : 1;
-  for (int64_t slot = s.slot_first; slot < s.slots; slot += s.slot_step) {
-    const Affine<kVec> f = affine_of<T, kVec, kChannelsLast>(s, slot, p.weight, p.bias, p.scale, p.shift);
-    float mul[kLanes], add[kLanes];
-#pragma unroll
-    for (int e = 0; e < kLanes; ++e) {
-      mul[e] = rstd * f.w[e] * f.a[e];
-      add[e] = f.b[e] * f.a[e] + f.t[e];
-    }
-    for (int64_t pos = s.pos_first; pos < s.positions; pos += int64_t{s.pos_step} * kFwdUnroll) {
+  if constexpr (!kChannelsLast) {
+    const int64_t items = s.items();
+    for (int64_t i = threadIdx.x; i < items; i += int64_t{kThreads} * kFwdUnroll) {
       float v[kFwdUnroll][kVec];
+      int64_t slots[kFwdUnroll], offsets[kFwdUnroll];
 #pragma unroll
       for (int u = 0; u < kFwdUnroll; ++u) {
-        const int64_t q = pos + int64_t{u} * s.pos_step;
-        if (q < s.positions) load_vec<T, kVec>(x + s.offset(slot, q), v[u]);
+        const int64_t q = i + int64_t{u} * kThreads;
+        if (q < items) {
+          slots[u] = s.item_slot(q);
+          offsets[u] = s.offset(slots[u], q - slots[u] * s.positions);
+          load_vec<T, kVec>(x + offsets[u], v[u]);
+        }
       }
 #pragma unroll
       for (int u = 0; u < kFwdUnroll; ++u) {
-        const int64_t q = pos + int64_t{u} * s.pos_step;
-        if (q >= s.positions) continue;
+        if (i + int64_t{u} * kThreads >= items) continue;
+        // The channel's parameters: a few bytes, from L1 (every vector of a run shares them).
+        const Affine<kVec> f = affine_of<T, kVec, kChannelsLast>(s, slots[u], p.weight, p.bias, p.scale, p.shift);
+        const float mul = rstd * f.w[0] * f.a[0];
+        const float add = f.b[0] * f.a[0] + f.t[0];
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const float z = (v[u][e] - mean) * mul[lane_of<kChannelsLast>(e)] + add[lane_of<kChannelsLast>(e)];
+          const float z = (v[u][e] - mean) * mul + add;
           v[u][e] = p.silu ? z * sigmoid(z).s : z;
         }
-        store_vec<T, kVec>(y + s.offset(slot, q), v[u]);
+        store_vec<T, kVec>(y + offsets[u], v[u]);
+      }
+    }
+  } else {
+    for (int64_t slot = s.slot_first; slot < s.slots; slot += s.slot_step) {
+      const Affine<kVec> f = affine_of<T, kVec, kChannelsLast>(s, slot, p.weight, p.bias, p.scale, p.shift);
+      float mul[kVec], add[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        mul[e] = rstd * f.w[e] * f.a[e];
+        add[e] = f.b[e] * f.a[e] + f.t[e];
+      }
+      for (int64_t pos = s.pos_first; pos < s.positions; pos += int64_t{s.pos_step} * kFwdUnroll) {
+        float v[kFwdUnroll][kVec];
+#pragma unroll
+        for (int u = 0; u < kFwdUnroll; ++u) {
+          const int64_t q = pos + int64_t{u} * s.pos_step;
+          if (q < s.positions) load_vec<T, kVec>(x + s.offset(slot, q), v[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kFwdUnroll; ++u) {
+          const int64_t q = pos + int64_t{u} * s.pos_step;
+          if (q >= s.positions) continue;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float z = (v[u][e] - mean) * mul[e] + add[e];
+            v[u][e] = p.silu ? z * sigmoid(z).s : z;
+          }
+          store_vec<T, kVec>(y + s.offset(slot, q), v[u]);
+        }
       }
     }
   }
