@@ -567,30 +567,58 @@ __global__ void __launch_bounds__(kThreads) group_norm_bwd_dx_kernel(GroupNormBa
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  for (int64_t slot = s.slot_first; slot < s.slots; slot += s.slot_step) {
-    const Affine<kVec> f = affine_of<T, kVec, kChannelsLast>(s, slot, p.weight, p.bias, p.scale, p.shift);
-    for (int64_t pos = s.pos_first; pos < s.positions; pos += int64_t{s.pos_step} * kBwdUnroll) {
+  // dx of one vector, written over xv.
+  const auto dx_of = [&](float(&xv)[kVec], const float(&dyv)[kVec], const Affine<kVec>& f) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const int l = lane_of<kChannelsLast>(e);
+      const ElementGrad g = element_grad(xv[e], dyv[e], mean, rstd, f.w[l], f.b[l], f.a[l], f.t[l], p.silu);
+      const float dxhat = g.du * f.w[l];  // as in the partials: a lone element's dx is exactly 0
+      xv[e] = rstd * (dxhat - mean_dxhat - g.xhat * mean_dxhat_xhat);
+    }
+  };
+  if constexpr (!kChannelsLast) {  // the flat walk of the forward's NCHW kernels
+    const int64_t items = s.items();
+    for (int64_t i = threadIdx.x; i < items; i += int64_t{kThreads} * kBwdUnroll) {
       float xv[kBwdUnroll][kVec], dyv[kBwdUnroll][kVec];
+      int64_t slots[kBwdUnroll], offsets[kBwdUnroll];
 #pragma unroll
       for (int u = 0; u < kBwdUnroll; ++u) {
-        const int64_t q = pos + int64_t{u} * s.pos_step;
-        if (q < s.positions) {
-          load_vec<T, kVec>(x + s.offset(slot, q), xv[u]);
-          load_vec<T, kVec>(dy + s.offset(slot, q), dyv[u]);
+        const int64_t q = i + int64_t{u} * kThreads;
+        if (q < items) {
+          slots[u] = s.item_slot(q);
+          offsets[u] = s.offset(slots[u], q - slots[u] * s.positions);
+          load_vec<T, kVec>(x + offsets[u], xv[u]);
+          load_vec<T, kVec>(dy + offsets[u], dyv[u]);
         }
       }
 #pragma unroll
       for (int u = 0; u < kBwdUnroll; ++u) {
-        const int64_t q = pos + int64_t{u} * s.pos_step;
-        if (q >= s.positions) continue;
+        if (i + int64_t{u} * kThreads >= items) continue;
+        dx_of(xv[u], dyv[u], affine_of<T, kVec, kChannelsLast>(s, slots[u], p.weight, p.bias, p.scale, p.shift));
+        store_vec<T, kVec>(dx + offsets[u], xv[u]);
+      }
+    }
+  } else {
+    for (int64_t slot = s.slot_first; slot < s.slots; slot += s.slot_step) {
+      const Affine<kVec> f = affine_of<T, kVec, kChannelsLast>(s, slot, p.weight, p.bias, p.scale, p.shift);
+      for (int64_t pos = s.pos_first; pos < s.positions; pos += int64_t{s.pos_step} * kBwdUnroll) {
+        float xv[kBwdUnroll][kVec], dyv[kBwdUnroll][kVec];
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          const int l = lane_of<kChannelsLast>(e);
-          const ElementGrad g = element_grad(xv[u][e], dyv[u][e], mean, rstd, f.w[l], f.b[l], f.a[l], f.t[l], p.silu);
-          const float dxhat = g.du * f.w[l];  // as in the partials: a lone element's dx is exactly 0
-          xv[u][e] = rstd * (dxhat - mean_dxhat - g.xhat * mean_dxhat_xhat);
+        for (int u = 0; u < kBwdUnroll; ++u) {
+          const int64_t q = pos + int64_t{u} * s.pos_step;
+          if (q < s.positions) {
+            load_vec<T, kVec>(x + s.offset(slot, q), xv[u]);
+            load_vec<T, kVec>(dy + s.offset(slot, q), dyv[u]);
+          }
         }
-        store_vec<T, kVec>(dx + s.offset(slot, q), xv[u]);
+#pragma unroll
+        for (int u = 0; u < kBwdUnroll; ++u) {
+          const int64_t q = pos + int64_t{u} * s.pos_step;
+          if (q >= s.positions) continue;
+          dx_of(xv[u], dyv[u], f);
+          store_vec<T, kVec>(dx + s.offset(slot, q), xv[u]);
+        }
       }
     }
   }
