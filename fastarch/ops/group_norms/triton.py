@@ -11,8 +11,11 @@ from fastarch.registry import MachineReason
 
 try:
     from fastarch.kernels import group_norms as _kernels
-except ImportError:  # triton is not installed: fastarch.availability.triton() says so
+
+    _IMPORT_ERROR = None
+except ImportError as e:  # triton is not installed (fastarch.availability.triton() says so)
     _kernels = None
+    _IMPORT_ERROR = e
 
 if _kernels is not None:
 
@@ -55,7 +58,7 @@ if _kernels is not None:
 
 def unavailable() -> str | None:
     """Why the Triton group_norm cannot run in this installation (None: it can)."""
-    return None if _kernels is not None else MachineReason("triton is not installed")
+    return None if _kernels is not None else MachineReason(f"the Triton kernels cannot be imported: {_IMPORT_ERROR}")
 
 
 def group_norm_forward(
