@@ -32,6 +32,7 @@ CUDA_ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 CUDA_NORM_DTYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
 CUDA_ROPE_DTYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
 CUDA_ACTIVATION_DTYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
+CUDA_GROUP_NORM_DTYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
 # Ampere and Hopper cubins, and Hopper's PTX for newer GPUs (the driver compiles it for them).
 CUDA_DEFAULT_ARCHS = "8.0;9.0+PTX"
 CUDA_MIN_ARCH = (8, 0)  # bf16 mma.sync, ldmatrix, cp.async
@@ -162,12 +163,17 @@ def _generate_cuda_instances() -> list[str]:
         defines = {"FASTARCH_DTYPE": dtype, "FASTARCH_ELEMENT": element}
         unit(f"activation_fwd_{dtype}.cu", "cuda/activations/activation_fwd_instance.cuh", defines)
         unit(f"activation_bwd_{dtype}.cu", "cuda/activations/activation_bwd_instance.cuh", defines)
+    for dtype, element in CUDA_GROUP_NORM_DTYPES.items():
+        defines = {"FASTARCH_DTYPE": dtype, "FASTARCH_ELEMENT": element}
+        unit(f"group_norm_fwd_{dtype}.cu", "cuda/group_norms/group_norm_fwd_instance.cuh", defines)
+        unit(f"group_norm_bwd_{dtype}.cu", "cuda/group_norms/group_norm_bwd_instance.cuh", defines)
 
     attention = " ".join(f"X({d}, {hd})" for d in CUDA_ATTENTION_DTYPES for hd in CUDA_ATTENTION_HEAD_DIMS)
     head_dims = " ".join(f"X({hd})" for hd in sorted(CUDA_ATTENTION_HEAD_DIMS))
     norms = " ".join(f"X({d})" for d in CUDA_NORM_DTYPES)
     rope = " ".join(f"X({d})" for d in CUDA_ROPE_DTYPES)
     activations = " ".join(f"X({d})" for d in CUDA_ACTIVATION_DTYPES)
+    group_norms = " ".join(f"X({d})" for d in CUDA_GROUP_NORM_DTYPES)
     _write(
         os.path.join(GENERATED, "cuda_instances.h"),
         note
@@ -176,7 +182,8 @@ def _generate_cuda_instances() -> list[str]:
         + f"#define FASTARCH_FOR_EACH_ATTENTION_HEAD_DIM(X) {head_dims}\n"
         + f"#define FASTARCH_FOR_EACH_NORM_DTYPE(X) {norms}\n"
         + f"#define FASTARCH_FOR_EACH_ROPE_DTYPE(X) {rope}\n"
-        + f"#define FASTARCH_FOR_EACH_ACTIVATION_DTYPE(X) {activations}\n",
+        + f"#define FASTARCH_FOR_EACH_ACTIVATION_DTYPE(X) {activations}\n"
+        + f"#define FASTARCH_FOR_EACH_GROUP_NORM_DTYPE(X) {group_norms}\n",
     )
     return sources
 
