@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "group_norm_rows.h"
 
@@ -38,17 +39,28 @@ inline void* at(void* base, int64_t i) {
   return static_cast<char*>(base) + i * L::kBytes;
 }
 
-// silu(z) = z / (1 + exp(-z)): -0 where exp(-z) overflows, NaN at z = -inf (as F.silu).
+// silu(z) = z / (1 + exp(-z)): -0 where exp(-z) overflows, NaN at z = -inf (as F.silu). For
+// 16-bit outputs (kLow) the division is vrcp14ps (relative error < 2^-14, an eighth of fp16's
+// half ulp; rcp14(inf) = 0 as 1 / inf).
 template <bool kLow>
 inline __m512 silu(__m512 z) {
-  const __m512 e = avx512::exp_ps<kLow>(_mm512_sub_ps(_mm512_setzero_ps(), z));
-  return _mm512_div_ps(z, _mm512_add_ps(splat(1.0f), e));
+  const __m512 d = _mm512_add_ps(splat(1.0f), avx512::exp_ps<kLow>(_mm512_sub_ps(_mm512_setzero_ps(), z)));
+  return kLow ? _mm512_mul_ps(z, _mm512_rcp14_ps(d)) : _mm512_div_ps(z, d);
 }
-// silu'(z) = s (1 + z (1 - s)), 1 - s without cancellation.
+// silu'(z) = s (1 + z (1 - s)), 1 - s without cancellation (e s where e = exp(-z) < 1); s by
+// vrcp14ps for kLow, as above.
 template <bool kLow>
 inline __m512 silu_grad(__m512 z) {
-  const avx512::Sigmoid sg = avx512::sigmoid<kLow>(z);
-  return _mm512_mul_ps(sg.s, _mm512_fmadd_ps(z, sg.one_minus_s, splat(1.0f)));
+  if constexpr (kLow) {
+    const __m512 e = avx512::exp_ps<true>(_mm512_sub_ps(_mm512_setzero_ps(), z));
+    const __m512 s = _mm512_rcp14_ps(_mm512_add_ps(splat(1.0f), e));
+    const __mmask16 small = _mm512_cmp_ps_mask(e, splat(1.0f), _CMP_LT_OQ);
+    const __m512 one_minus_s = _mm512_mask_blend_ps(small, _mm512_sub_ps(splat(1.0f), s), _mm512_mul_ps(e, s));
+    return _mm512_mul_ps(s, _mm512_fmadd_ps(z, one_minus_s, splat(1.0f)));
+  } else {
+    const avx512::Sigmoid sg = avx512::sigmoid<false>(z);
+    return _mm512_mul_ps(sg.s, _mm512_fmadd_ps(z, sg.one_minus_s, splat(1.0f)));
+  }
 }
 
 // Channels per NHWC block: 4 vectors of sums and 4 of squares stay in registers.
@@ -74,7 +86,8 @@ inline float* partial_at(float* partial, const Tiling& t, int64_t channels, int6
   return partial + ((n * channels + c) * t.chunks + k) * 2;
 }
 
-// The sums of one NCHW stretch of `len` values from `row`: f(x, dy, mask, a, b) adds to a and b
+// The sums of one NCHW stretch of `len` values from `row`: f(x, dy, mask, i, a, b) (values i ..
+// i + 15 of the stretch) adds to a and b
 // (two chains for 32 values in flight). Masked-off lanes must add 0. Summed in blocks of 256
 // values (8 per lane) whose totals are then added, so that no running sum takes more than ~64
 // terms (stretches are up to 16K values): long rows sum about as accurately as short ones.
@@ -87,12 +100,13 @@ inline void row_sums(const void* row, const void* drow, int64_t len, F f, float*
     __m512 a0 = zero, a1 = zero, bb0 = zero, bb1 = zero;
     int64_t i = b0;
     for (; i + 32 <= b1; i += 32) {
-      f(L::load(at<L>(row, i), 0xFFFF), drow ? L::load(at<L>(drow, i), 0xFFFF) : zero, 0xFFFF, a0, bb0);
-      f(L::load(at<L>(row, i + 16), 0xFFFF), drow ? L::load(at<L>(drow, i + 16), 0xFFFF) : zero, 0xFFFF, a1, bb1);
+      f(L::load(at<L>(row, i), 0xFFFF), drow ? L::load(at<L>(drow, i), 0xFFFF) : zero, 0xFFFF, i, a0, bb0);
+      f(L::load(at<L>(row, i + 16), 0xFFFF), drow ? L::load(at<L>(drow, i + 16), 0xFFFF) : zero, 0xFFFF, i + 16, a1,
+        bb1);
     }
     for (; i < b1; i += 16) {
       const __mmask16 m = tail_mask(b1 - i);
-      f(L::load(at<L>(row, i), m), drow ? L::load(at<L>(drow, i), m) : zero, m, a0, bb0);
+      f(L::load(at<L>(row, i), m), drow ? L::load(at<L>(drow, i), m) : zero, m, i, a0, bb0);
     }
     total_a = _mm512_add_ps(total_a, _mm512_add_ps(a0, a1));
     total_b = _mm512_add_ps(total_b, _mm512_add_ps(bb0, bb1));
@@ -101,67 +115,114 @@ inline void row_sums(const void* row, const void* drow, int64_t len, F f, float*
   out[1] = _mm512_reduce_add_ps(total_b);
 }
 
-// The same sums for an NHWC tile, per channel: f(x, dy, mask, c, a, b) for each 16-channel
-// vector at channel c of each row; blocks of 16 rows, then their totals (items hold at most
-// 1024 rows). Results stored to the partial array.
+// Rows per NHWC block: the block's rows (8 KB of fp32 at C = 256) stay in L1 while every
+// channel block goes over them. (Going down all of an item's rows per channel block instead
+// strides by C values, and at C = 256 those rows fall into a few L1 sets: ~2x slower.)
+constexpr int64_t kRows = 8;
+constexpr int64_t kPointRows = 1;
+
+// The same sums for an NHWC tile, per channel: f(x, dy, mask, c, offset, a, b) for each
+// 16-channel vector at channel c of each row (offset: of x[n, s, c]); per block of kRows rows in
+// registers, then added to the tile's totals (items hold at most 1024 rows: no running sum takes
+// more than ~128 terms). Results stored to the partial array.
 template <typename L, typename P, typename F>
-inline void tile_sums(const P& p, const Tiling& t, const Item& it, const void* x, const void* dy, F f, float* partial) {
-  constexpr int64_t kRows = 16;
+inline void tile_sums(const P& p, const Tiling& t, const Item& it, const void* x, const void* dy, F f, float* partial,
+                      float* totals) {
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t c0 = 0; c0 < p.channels; c0 += kBlockChannels) {
-    __m512 ta[kBlockVectors], tb[kBlockVectors];
-    for (int v = 0; v < kBlockVectors; ++v) ta[v] = tb[v] = zero;
-    const int vectors = static_cast<int>(std::min<int64_t>(kBlockVectors, (p.channels - c0 + 15) / 16));
-    for (int64_t r0 = it.s0; r0 < it.s1; r0 += kRows) {
+  std::fill(totals, totals + 2 * p.channels, 0.0f);
+  for (int64_t r0 = it.s0; r0 < it.s1; r0 += kRows) {
+    const int64_t r1 = std::min(it.s1, r0 + kRows);
+    for (int64_t c0 = 0; c0 < p.channels; c0 += kBlockChannels) {
       __m512 a[kBlockVectors], b[kBlockVectors];
       for (int v = 0; v < kBlockVectors; ++v) a[v] = b[v] = zero;
-      for (int64_t s = r0; s < std::min(it.s1, r0 + kRows); ++s) {
+      const int vectors = static_cast<int>(std::min<int64_t>(kBlockVectors, (p.channels - c0 + 15) / 16));
+      for (int64_t s = r0; s < r1; ++s) {
         const int64_t row = (it.n * p.spatial + s) * p.channels;
         for (int v = 0; v < vectors; ++v) {
           const int64_t c = c0 + 16 * v;
           const __mmask16 m = tail_mask(p.channels - c);
-          f(L::load(at<L>(x, row + c), m), dy ? L::load(at<L>(dy, row + c), m) : zero, m, c, a[v], b[v]);
+          f(L::load(at<L>(x, row + c), m), dy ? L::load(at<L>(dy, row + c), m) : zero, m, c, row + c, a[v], b[v]);
         }
       }
       for (int v = 0; v < vectors; ++v) {
-        ta[v] = _mm512_add_ps(ta[v], a[v]);
-        tb[v] = _mm512_add_ps(tb[v], b[v]);
+        const int64_t c = c0 + 16 * v;
+        const __mmask16 m = tail_mask(p.channels - c);
+        _mm512_mask_storeu_ps(totals + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, totals + c), a[v]));
+        _mm512_mask_storeu_ps(totals + p.channels + c, m,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, totals + p.channels + c), b[v]));
       }
     }
-    alignas(64) float sa[kBlockChannels], sb[kBlockChannels];
-    for (int v = 0; v < vectors; ++v) {
-      _mm512_store_ps(sa + 16 * v, ta[v]);
-      _mm512_store_ps(sb + 16 * v, tb[v]);
-    }
-    for (int64_t c = c0; c < std::min(p.channels, c0 + kBlockChannels); ++c) {
-      float* out = partial_at(partial, t, p.channels, it.n, c, it.k);
-      out[0] = sa[c - c0];
-      out[1] = sb[c - c0];
-    }
+  }
+  for (int64_t c = 0; c < p.channels; ++c) {
+    float* out = partial_at(partial, t, p.channels, it.n, c, it.k);
+    out[0] = totals[c];
+    out[1] = totals[p.channels + c];
   }
 }
 
 // Forward statistics: sum and sum of squares of x - shift, shift = x[n, c, 0].
 template <typename L>
 void stats(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, float* partial) {
+  std::vector<float> totals(p.channels_last ? 2 * p.channels : 0);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if (!p.channels_last) {
       const void* row = at<L>(p.x, (it.n * p.channels + it.c) * p.spatial);
       const __m512 shift = L::load(row, 1);
       const __m512 sh = _mm512_permutexvar_ps(_mm512_setzero_si512(), shift);
-      row_sums<L>(at<L>(row, it.s0), nullptr, it.s1 - it.s0, [&](__m512 v, __m512, __mmask16 m, __m512& a, __m512& b) {
+      row_sums<L>(at<L>(row, it.s0), nullptr, it.s1 - it.s0, [&](__m512 v, __m512, __mmask16 m, int64_t, __m512& a, __m512& b) {
         const __m512 d = _mm512_maskz_sub_ps(m, v, sh);
         a = _mm512_add_ps(a, d);
         b = _mm512_fmadd_ps(d, d, b);
       }, partial_at(partial, t, p.channels, it.n, it.c, it.k));
     } else {
       const int64_t first = it.n * p.spatial * p.channels;  // row s = 0 of sample n: the shifts
-      tile_sums<L>(p, t, it, p.x, nullptr, [&](__m512 v, __m512, __mmask16 m, int64_t c, __m512& a, __m512& b) {
+      tile_sums<L>(p, t, it, p.x, nullptr, [&](__m512 v, __m512, __mmask16 m, int64_t c, int64_t, __m512& a, __m512& b) {
         const __m512 d = _mm512_maskz_sub_ps(m, v, L::load(at<L>(p.x, first + c), m));
         a = _mm512_add_ps(a, d);
         b = _mm512_fmadd_ps(d, d, b);
-      }, partial);
+      }, partial, totals.data());
+    }
+  }
+}
+
+// NHWC pointwise passes: rows [r0, r1) of V 16-channel vectors at channel c0, with the K
+// tables each vector needs loaded into registers once for those rows: fn(offset of x[n, s, c],
+// mask, tables) per row and vector. The passes go row by row (kPointRows = 1, memory order):
+// blocks of 8 rows (tables loaded once per 8 rows) measured no faster on the shared 2-core EPYC.
+template <int V, int K, typename Fn>
+inline void nhwc_block(const Item& it, int64_t r0, int64_t r1, int64_t channels, int64_t spatial, int64_t c0,
+                       const float* const* tabs, Fn& fn) {
+  __mmask16 m[V];
+  __m512 tv[V][K];
+  for (int v = 0; v < V; ++v) {
+    m[v] = tail_mask(channels - c0 - 16 * v);
+    for (int k = 0; k < K; ++k) tv[v][k] = _mm512_maskz_loadu_ps(m[v], tabs[k] + c0 + 16 * v);
+  }
+  for (int64_t s = r0; s < r1; ++s) {
+    const int64_t row = (it.n * spatial + s) * channels + c0;
+    for (int v = 0; v < V; ++v) fn(row + 16 * v, m[v], tv[v]);
+  }
+}
+
+template <int V, int K, typename P, typename Fn>
+inline void for_each_nhwc_block(const P& p, const Item& it, const float* const* tabs, Fn fn) {
+  for (int64_t r0 = it.s0; r0 < it.s1; r0 += kPointRows) {
+    const int64_t r1 = std::min(it.s1, r0 + kPointRows);
+    for (int64_t c0 = 0; c0 < p.channels; c0 += 16 * V) {
+      switch (std::min<int64_t>(V, (p.channels - c0 + 15) / 16)) {
+        case 1:
+          nhwc_block<1, K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn);
+          break;
+        case 2:
+          nhwc_block<(V >= 2 ? 2 : 1), K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn);
+          break;
+        case 3:
+          nhwc_block<(V >= 3 ? 3 : 1), K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn);
+          break;
+        default:
+          nhwc_block<V, K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn);
+      }
     }
   }
 }
@@ -183,19 +244,12 @@ void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int6
         L::store(at<L>(p.y, base + s), kSilu ? silu<kLow>(z) : z, m);
       }
     } else {
-      const float* tm = tab + kM * nc + it.n * p.channels;
-      const float* ta = tab + kA * nc + it.n * p.channels;
-      const float* tb = tab + kB * nc + it.n * p.channels;
-      for (int64_t s = it.s0; s < it.s1; ++s) {
-        const int64_t row = (it.n * p.spatial + s) * p.channels;
-        for (int64_t c = 0; c < p.channels; c += 16) {
-          const __mmask16 m = tail_mask(p.channels - c);
-          const __m512 x = L::load(at<L>(p.x, row + c), m);
-          const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, tm + c)),
-                                           _mm512_maskz_loadu_ps(m, ta + c), _mm512_maskz_loadu_ps(m, tb + c));
-          L::store(at<L>(p.y, row + c), kSilu ? silu<kLow>(z) : z, m);
-        }
-      }
+      const float* tabs[3] = {tab + kM * nc + it.n * p.channels, tab + kA * nc + it.n * p.channels,
+                              tab + kB * nc + it.n * p.channels};
+      for_each_nhwc_block<4, 3>(p, it, tabs, [&](int64_t i, __mmask16 m, const __m512 (&tv)[3]) {
+        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(p.x, i), m), tv[0]), tv[1], tv[2]);
+        L::store(at<L>(p.y, i), kSilu ? silu<kLow>(z) : z, m);
+      });
     }
   }
 }
@@ -206,11 +260,19 @@ inline __m512 dz_of(__m512 dy, __m512 centered, __m512 a, __m512 b) {
   return kSilu ? _mm512_mul_ps(dy, silu_grad<kLow>(_mm512_fmadd_ps(centered, a, b))) : dy;
 }
 
+// Whether grad_stats leaves dz in dx for grad_apply: fp32 with SiLU, where recomputing
+// silu'(z) (an exp and a division per value) costs more than writing and reading dz back.
+template <typename L, bool kSilu>
+constexpr bool kKeepDz = kSilu && L::kBytes == 4;
+
 // Backward sums: sum dz and sum dz (x - M).
 template <typename L, bool kSilu>
 void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab, float* partial) {
   constexpr bool kLow = L::kBytes == 2;
+  constexpr bool kKeep = kKeepDz<L, kSilu>;
   const int64_t nc = p.batch * p.channels;
+  std::vector<float> totals(p.channels_last ? 2 * p.channels : 0);
+  float* dz_out = static_cast<float*>(p.dx);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if (!p.channels_last) {
@@ -218,9 +280,10 @@ void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
       const __m512 mean = splat(tab[kM * nc + j]), ta = splat(tab[kA * nc + j]), tb = splat(tab[kB * nc + j]);
       const int64_t base = j * p.spatial + it.s0;
       row_sums<L>(at<L>(p.x, base), at<L>(p.dy, base), it.s1 - it.s0,
-                  [&](__m512 x, __m512 dy, __mmask16, __m512& a, __m512& b) {
+                  [&](__m512 x, __m512 dy, __mmask16 m, int64_t i, __m512& a, __m512& b) {
                     const __m512 centered = _mm512_sub_ps(x, mean);
                     const __m512 dz = dz_of<kSilu, kLow>(dy, centered, ta, tb);  // 0 where masked (dy = 0)
+                    if constexpr (kKeep) _mm512_mask_storeu_ps(dz_out + base + i, m, dz);
                     a = _mm512_add_ps(a, dz);
                     b = _mm512_fmadd_ps(dz, centered, b);
                   },
@@ -229,13 +292,14 @@ void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
       const float* tm = tab + kM * nc + it.n * p.channels;
       const float* tA = tab + kA * nc + it.n * p.channels;
       const float* tB = tab + kB * nc + it.n * p.channels;
-      tile_sums<L>(p, t, it, p.x, p.dy, [&](__m512 x, __m512 dy, __mmask16 m, int64_t c, __m512& a, __m512& b) {
+      tile_sums<L>(p, t, it, p.x, p.dy, [&](__m512 x, __m512 dy, __mmask16 m, int64_t c, int64_t offset, __m512& a, __m512& b) {
         const __m512 centered = _mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, tm + c));
         const __m512 dz = _mm512_maskz_mov_ps(
             m, dz_of<kSilu, kLow>(dy, centered, _mm512_maskz_loadu_ps(m, tA + c), _mm512_maskz_loadu_ps(m, tB + c)));
+        if constexpr (kKeep) _mm512_mask_storeu_ps(dz_out + offset, m, dz);
         a = _mm512_add_ps(a, dz);
         b = _mm512_fmadd_ps(dz, centered, b);
-      }, partial);
+      }, partial, totals.data());
     }
   }
 }
@@ -251,7 +315,10 @@ template <typename L, bool kSilu>
 void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab) {
   constexpr bool kLow = L::kBytes == 2;
   const int64_t nc = p.batch * p.channels;
-  constexpr auto dx_of = dx_from<kSilu, kLow>;
+  // With dz kept in dx by grad_stats: read it there instead of dy, no silu'.
+  constexpr bool kKeep = kKeepDz<L, kSilu>;
+  constexpr auto dx_of = dx_from<kSilu && !kKeep, kLow>;
+  const void* dy_or_dz = kKeep ? p.dx : p.dy;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if (!p.channels_last) {
@@ -261,23 +328,17 @@ void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
       const int64_t base = j * p.spatial;
       for (int64_t s = it.s0; s < it.s1; s += 16) {
         const __mmask16 m = tail_mask(it.s1 - s);
-        const __m512 dx = dx_of(L::load(at<L>(p.x, base + s), m), L::load(at<L>(p.dy, base + s), m), mean, a, b, ad, bd, cd);
+        const __m512 dx = dx_of(L::load(at<L>(p.x, base + s), m), L::load(at<L>(dy_or_dz, base + s), m), mean, a, b, ad, bd, cd);
         L::store(at<L>(p.dx, base + s), dx, m);
       }
     } else {
       const float* tabs[kTables];
       for (int k = 0; k < kTables; ++k) tabs[k] = tab + k * nc + it.n * p.channels;
-      for (int64_t s = it.s0; s < it.s1; ++s) {
-        const int64_t row = (it.n * p.spatial + s) * p.channels;
-        for (int64_t c = 0; c < p.channels; c += 16) {
-          const __mmask16 m = tail_mask(p.channels - c);
-          __m512 tv[kTables];
-          for (int k = 0; k < kTables; ++k) tv[k] = _mm512_maskz_loadu_ps(m, tabs[k] + c);
-          const __m512 dx = dx_of(L::load(at<L>(p.x, row + c), m), L::load(at<L>(p.dy, row + c), m), tv[kM], tv[kA],
-                                  tv[kB], tv[kAd], tv[kBd], tv[kCd]);
-          L::store(at<L>(p.dx, row + c), dx, m);
-        }
-      }
+      for_each_nhwc_block<2, kTables>(p, it, tabs, [&](int64_t i, __mmask16 m, const __m512 (&tv)[kTables]) {
+        const __m512 dx = dx_of(L::load(at<L>(p.x, i), m), L::load(at<L>(dy_or_dz, i), m), tv[kM], tv[kA], tv[kB],
+                                tv[kAd], tv[kBd], tv[kCd]);
+        L::store(at<L>(p.dx, i), dx, m);
+      });
     }
   }
 }

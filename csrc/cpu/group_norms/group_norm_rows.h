@@ -69,7 +69,8 @@ template <Dtype D>
 void group_norm_weight_grads(const GroupNormBackwardParams& p, const double* dweight_terms, const double* dbias_terms);
 
 // The AVX-512 builds of the four passes (f32, f16, bf16). bf16_instructions: the CPU has
-// AVX512-BF16 (one instruction rounds fp32 to bf16).
+// AVX512-BF16 (one instruction rounds fp32 to bf16). fp32 with silu: grad_stats leaves dz in
+// dx and grad_apply reads it there (so the two run as a pair, on the same params).
 template <Dtype D>
 void group_norm_stats_avx512(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, float* partial);
 template <Dtype D>
