@@ -34,6 +34,9 @@ FAMILIES: dict[str, str] = {
     "mistral": "llama:Llama",
     "qwen2": "llama:Llama",
     "t5": "t5:T5",
+    # diffusers configs carry no model_type: their _class_name stands in for it
+    "UNet2DModel": "unet2d:UNet2D",
+    "UNet2DConditionModel": "unet2d:UNet2D",
 }
 
 # a GGUF file's general.architecture -> model_type
@@ -62,7 +65,7 @@ def from_pretrained(
         cls = getattr(importlib.import_module(f"fastarch.models.{module_name}"), class_name)
         return cls.from_pretrained(file, dtype=dtype, device=device)
     config = read_config(path)
-    model_type = config.get("model_type")
+    model_type = config.get("model_type", config.get("_class_name"))
     if model_type not in FAMILIES:
         raise CheckpointError(
             f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES)) or 'none yet'})"
