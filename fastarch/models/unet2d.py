@@ -168,6 +168,8 @@ class UNet2DConfig:
         if not conditional and isinstance(c["attention_head_dim"], (list, tuple)):
             raise CheckpointError(f"config.json: attention_head_dim {c['attention_head_dim']!r}: UNet2DModel takes one int or null")
         cross_dims = _per_block(c, "cross_attention_dim", n) if conditional else [None] * n
+        if len(set(cross_dims)) > 1:  # one encoder_hidden_states tensor feeds every stage
+            raise CheckpointError(f"config.json: cross_attention_dim {c['cross_attention_dim']!r} is not built (one width for all blocks)")
         tlayers = _per_block(c, "transformer_layers_per_block", n) if conditional else [1] * n
         for i, t in enumerate(tlayers):
             if not isinstance(t, int):
