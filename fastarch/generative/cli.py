@@ -35,6 +35,8 @@ def add_arguments(sub) -> None:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddpm)")
     s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (ddpm; 1 = none)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--evaluate", action="store_true",
+                   help="also print the samples' quality: class accuracy, confidence, Fréchet distance vs the real floor")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -43,17 +45,23 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
+def _print_quality(images, labels) -> dict:
+    from fastarch.generative.quality import evaluate
+
+    report = evaluate(images, labels)
+    accuracy = f"class accuracy {report['class_accuracy']:.3f}, " if labels is not None else ""
+    print(f"quality of {len(images)} samples: {accuracy}classes covered {report['coverage']:.0%}, mean confidence"
+          f" {report['mean_confidence']:.3f}, Fréchet distance to held-out A {report['frechet_distance']:.1f}"
+          f" (real held-out B: {report['frechet_floor']:.1f})", file=sys.stderr)
+    return report
+
+
 def _report(model, sample_fn) -> dict:
     import torch
 
-    from fastarch.generative.quality import evaluate
-
     labels = torch.arange(NUM_CLASSES).repeat_interleave(SAMPLES_PER_CLASS)
-    report = evaluate(sample_fn(labels), labels)
-    print(f"quality of {len(labels)} samples ({SAMPLES_PER_CLASS} per class): class accuracy {report['class_accuracy']:.3f},"
-          f" mean confidence {report['mean_confidence']:.3f}, Fréchet distance to held-out A {report['frechet_distance']:.1f}"
-          f" (real held-out B: {report['frechet_floor']:.1f})", file=sys.stderr)
-    return report
+    print(f"sampling {SAMPLES_PER_CLASS} per class to measure quality", file=sys.stderr)
+    return _print_quality(sample_fn(labels), labels)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -68,7 +76,12 @@ def train(args: argparse.Namespace) -> int:
     fit = training.train_gan if command == "train-gan" else training.train_ddpm
     result = fit(steps=args.steps, batch_size=args.batch_size, seed=args.seed, progress=progress)
     try:
-        result.model.save_pretrained(args.out)
+        if command == "train-gan":
+            result.model.save_pretrained(args.out)
+        else:
+            from fastarch.generative.ddpm import save_ddpm
+
+            save_ddpm(result.model, args.out)
         training.save_loss_curve(result.history, args.out / "loss.png", title=f"{command}, seed {args.seed}")
     except OSError as e:
         return _fail(command, f"cannot write --out {args.out}: {e}")
@@ -109,7 +122,7 @@ def sample(args: argparse.Namespace) -> int:
             from fastarch.generative.ddpm import load_ddpm
 
             model = load_ddpm(checkpoint)
-            conditional = model.config.get("num_class_embeds") is not None
+            conditional = model.config.num_class_embeds is not None
     except (CheckpointError, OSError) as e:
         return _fail("sample", f"cannot load {checkpoint}: {e}")
     if args.class_label is not None and not conditional:
@@ -140,4 +153,8 @@ def sample(args: argparse.Namespace) -> int:
     except OSError as e:
         return _fail("sample", f"cannot write --out {args.out}: {e}")
     print(f"sample: {count} images in {time.perf_counter() - start:.1f} s; wrote {args.out}", file=sys.stderr)
+    if args.evaluate:
+        if count < 2:
+            return _fail("sample", "--evaluate needs at least 2 images")
+        _print_quality(images, labels)
     return 0

