@@ -2,8 +2,14 @@
 quality measures that judge them: a DCGAN whose norms run on fastarch's kernels, and a
 class-conditional DDPM on fastarch's UNet2D.
 
-    from fastarch.generative import load_digit_splits, load_gan
-    images = load_gan().sample(16, class_labels=torch.full((16,), 3), seed=0)   # (16, 1, 16, 16) in [-1, 1]
+    from fastarch.generative import CHECKPOINTS
+    from fastarch.generative.dcgan import Generator
+    from fastarch.generative.ddpm import load_ddpm, sample_digits
+
+    threes = torch.full((16,), 3)
+    gan = Generator.from_pretrained(CHECKPOINTS / "gan-digits")
+    images = gan.sample(16, threes, seed=0)                                  # (16, 1, 16, 16) in [-1, 1]
+    images = sample_digits(load_ddpm(CHECKPOINTS / "ddpm-digits"), threes, steps=50, guidance_scale=2.0, seed=0)
 
 Committed checkpoints live in ``checkpoints/``; ``fastarch train-gan`` / ``train-ddpm`` rebuild
 them and ``fastarch sample`` draws from them.

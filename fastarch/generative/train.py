@@ -123,23 +123,24 @@ def _prediction(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torc
 
 
 def train_ddpm(
-    model: nn.Module | None = None, scheduler=None, *, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3,
+    model: nn.Module | None = None, scheduler=None, *, config: dict | None = None, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3,
     warmup: int = 100, ema_decay: float = 0.999, label_dropout: float = 0.1, seed: int = 0,
     splits: DigitSplits | None = None, progress: bool = True,
 ) -> TrainResult:
     """Trains a class-conditional noise-prediction UNet on the train split (the epsilon MSE at a
     uniformly drawn timestep), replacing the label by the null class ``label_dropout`` of the
-    time for classifier-free guidance. model: default a fresh UNet2D of ddpm.DDPM_CONFIG;
+    time for classifier-free guidance. model: default a fresh UNet2D (initialized from ``seed``)
+    of ``config`` (default ddpm.DDPM_CONFIG);
     scheduler: default DDPMScheduler(**ddpm.SCHEDULER_CONFIG), anything with add_noise and
     num_train_timesteps (config). Returns the weight-averaged model and {"loss"} per step."""
     from fastarch.generative import ddpm
 
     _check_steps(steps, batch_size)
-    x, y = (splits or load_digit_splits(ddpm.DDPM_CONFIG["sample_size"])).train
+    x, y = (splits or load_digit_splits((config or ddpm.DDPM_CONFIG)["sample_size"])).train
     start = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = model if model is not None else ddpm.build_unet()
+        model = model if model is not None else ddpm.build_unet(config)
         scheduler = scheduler if scheduler is not None else ddpm.build_scheduler()
         timesteps = ddpm.SCHEDULER_CONFIG["num_train_timesteps"]
         model.train()

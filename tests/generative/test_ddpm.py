@@ -14,7 +14,7 @@ def committed():
 
 
 def test_training_a_few_steps_reduces_the_loss():
-    r = train_ddpm(ddpm.build_unet(TINY), steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0, progress=False)
+    r = train_ddpm(config=TINY, steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0, progress=False)
     loss = r.history["loss"]
     assert len(loss) == 40
     # noise prediction starts near the noise's variance (1) and falls quickly
@@ -22,7 +22,7 @@ def test_training_a_few_steps_reduces_the_loss():
 
 
 def test_training_is_seeded():
-    runs = [train_ddpm(ddpm.build_unet(TINY), steps=2, batch_size=4, seed=3, progress=False) for _ in range(2)]
+    runs = [train_ddpm(config=TINY, steps=2, batch_size=4, seed=3, progress=False) for _ in range(2)]
     assert runs[0].history == runs[1].history
 
 
