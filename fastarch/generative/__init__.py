@@ -9,7 +9,7 @@ class-conditional DDPM on fastarch's UNet2D.
     threes = torch.full((16,), 3)
     gan = Generator.from_pretrained(CHECKPOINTS / "gan-digits")
     images = gan.sample(16, threes, seed=0)                                  # (16, 1, 16, 16) in [-1, 1]
-    images = sample_digits(load_ddpm(CHECKPOINTS / "ddpm-digits"), threes, steps=50, guidance_scale=2.0, seed=0)
+    images = sample_digits(load_ddpm(CHECKPOINTS / "ddpm-digits"), threes, steps=50, guidance_scale=1.5, seed=0)
 
 Committed checkpoints live in ``checkpoints/``; ``fastarch train-gan`` / ``train-ddpm`` rebuild
 them and ``fastarch sample`` draws from them.

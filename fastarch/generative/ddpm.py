@@ -21,8 +21,8 @@ from fastarch.generative.digits import NUM_CLASSES, check_class_labels
 
 NULL_CLASS = NUM_CLASSES  # the class embedding that stands for "no class"
 
-# ~0.64M parameters, attention only in the mid block (4x4): sized to train in half an hour on
-# one shared CPU core
+# ~0.64M parameters, attention only in the mid block (4x4): sized for a CPU core (the committed
+# checkpoint: 5000 steps of 32 images, 33 min on one core of a shared 2-core EPYC)
 DDPM_CONFIG: dict = {
     "_class_name": "UNet2DModel",
     "sample_size": 16,
@@ -76,7 +76,7 @@ def load_ddpm(path: str | os.PathLike, *, device: torch.device | str | None = No
 
 def sample_digits(
     model: nn.Module, class_labels: Tensor | None = None, *, n: int | None = None, steps: int = 50, eta: float = 0.0,
-    guidance_scale: float = 2.0, seed: int | None = 0, progress: bool = False,
+    guidance_scale: float = 1.5, seed: int | None = 0, progress: bool = False,
 ) -> Tensor:
     """Digits (N, 1, 16, 16) in [-1, 1] by ``steps`` DDIM steps. class_labels (N,) in 0..9 for
     the class-conditional model (N = n when None: the null class, unguided); guidance_scale is

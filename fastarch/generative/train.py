@@ -123,7 +123,7 @@ def _prediction(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torc
 
 
 def train_ddpm(
-    model: nn.Module | None = None, scheduler=None, *, config: dict | None = None, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3,
+    model: nn.Module | None = None, scheduler=None, *, config: dict | None = None, steps: int = 5000, batch_size: int = 32, lr: float = 1e-3,
     warmup: int = 100, ema_decay: float = 0.999, label_dropout: float = 0.1, seed: int = 0,
     splits: DigitSplits | None = None, progress: bool = True,
 ) -> TrainResult:
