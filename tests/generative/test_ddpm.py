@@ -39,7 +39,7 @@ def test_committed_checkpoint_samples(committed):
 
 
 def test_diffusers_loads_the_committed_checkpoint(committed):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers  # a test dependency ([test] extra): never skipped
     theirs = diffusers.UNet2DModel.from_pretrained(CHECKPOINTS / "ddpm-digits").eval()
     x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 500, 999]), torch.tensor([1, 5, 9, ddpm.NULL_CLASS])
     with torch.no_grad():
