@@ -1,4 +1,5 @@
-"""The ``fastarch`` command: ``fastarch info``, ``fastarch bench``, ``fastarch embed`` and ``fastarch generate``."""
+"""The ``fastarch`` command: ``fastarch info``, ``fastarch bench``, ``fastarch embed``, ``fastarch generate``,
+and the digit models' ``fastarch train-gan``, ``train-ddpm`` and ``sample``."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def _json_lines(sentences: list[str], vectors) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastarch", description="fastarch kernels: information, benchmarks, embeddings, text generation")
+    parser = argparse.ArgumentParser(prog="fastarch", description="fastarch kernels: information, benchmarks, embeddings, text generation, digit GAN and DDPM")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, and which backends each op can use here (and why not)")
     bench = sub.add_parser("bench", help="time fastarch's ops against PyTorch eager and torch.compile")
@@ -105,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(bench)
     add_embed_arguments(sub.add_parser("embed", help="sentence embeddings (all-MiniLM-L6-v2 by default)"))
     _add_generate(sub)
+    from fastarch.generative import cli as generative
+
+    generative.add_arguments(sub)
     args = parser.parse_args(argv)
+    if args.command in ("train-gan", "train-ddpm"):
+        return generative.train(args)
+    if args.command == "sample":
+        return generative.sample(args)
     if args.command == "generate":
         return _generate(args)
     if args.command == "info":

@@ -34,6 +34,9 @@ FAMILIES: dict[str, str] = {
     "mistral": "llama:Llama",
     "qwen2": "llama:Llama",
     "t5": "t5:T5",
+    # diffusers configs carry no model_type: their _class_name stands in for it
+    "UNet2DModel": "unet2d:UNet2D",
+    "UNet2DConditionModel": "unet2d:UNet2D",
 }
 
 # a GGUF file's general.architecture -> model_type
@@ -46,7 +49,7 @@ def from_pretrained(
 ) -> nn.Module:
     """The model of the Hugging Face checkpoint directory ``path`` (config.json + weights), in
     eval mode, cast to ``dtype`` and moved to ``device`` when given. The family comes from
-    config.json's model_type; an unsupported one is an error that lists the supported ones.
+    config.json's model_type (a diffusers config's _class_name); an unsupported one is an error that lists the supported ones.
     gguf_file: a llama.cpp GGUF file in the directory ``path`` (as transformers' gguf_file=;
     or ``path`` is a .gguf file): its general.architecture picks the family."""
     from fastarch.models.llama import gguf_path
@@ -62,10 +65,11 @@ def from_pretrained(
         cls = getattr(importlib.import_module(f"fastarch.models.{module_name}"), class_name)
         return cls.from_pretrained(file, dtype=dtype, device=device)
     config = read_config(path)
-    model_type = config.get("model_type")
+    key = "model_type" if "model_type" in config or "_class_name" not in config else "_class_name"
+    model_type = config.get(key)
     if model_type not in FAMILIES:
         raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES)) or 'none yet'})"
+            f"{path}: {key} {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES)) or 'none yet'})"
         )
     module_name, class_name = FAMILIES[model_type].split(":")
     cls = getattr(importlib.import_module(f"fastarch.models.{module_name}"), class_name)
