@@ -105,7 +105,7 @@ def _columns(baselines: tuple[str, ...], unit: str) -> list:
         ("shape", -14, lambda r: r.shape),
         ("dtype", -5, lambda r: r.dtype),
         ("pass", -7, lambda r: r.pass_),
-        ("backend", -16, lambda r: f"{r.ran or '-'} (auto)" if r.backend == "auto" else r.ran or r.backend),
+        ("backend", -22, lambda r: f"{r.ran or '-'} (auto)" if r.backend == "auto" else r.ran or r.backend),
         ("ours us", 9, lambda r: _us(r.ours_us)),
     ]
     for name in baselines:

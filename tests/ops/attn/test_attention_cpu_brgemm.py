@@ -7,7 +7,7 @@ Numerics as test_attention.py judges them (compare(): out and lse against the fp
 within FORWARD_FACTOR x the error of the same computation in bf16 plus attention_tolerance's
 floor; the gradients too, which the AVX-512 backward computes from this forward's out and lse):
 odd lengths, head dims 64 and 128 and the odd and large ones the packing pads, Sq != Sk both
-ways, several key blocks (128 keys) and query blocks (64 queries), causal and not, grouped-query
+ways, several key blocks (256 keys) and query blocks (128 queries), causal and not, grouped-query
 heads, the FEATURES table (windows, masks, fully masked rows, dropout), packed sequences; then
 fully masked rows and NaN in, NaN out.
 """
@@ -72,12 +72,12 @@ def test_differs_from_the_register_tiles_only_by_rounding(brgemm):
 
 
 # (B, H, Hkv, Sq, Sk, D, Dv): head dims 64 and 128 with odd lengths over several query and key
-# blocks, one query and one key, Sq > Sk (causal: queries that see no key), odd head dims (K
+# blocks (and partial key panels of 64), one query and one key, Sq > Sk (causal: queries that see no key), odd head dims (K
 # padded to even), Dv != D and not a multiple of 16, 256 (four V panels), grouped-query heads.
 SHAPES = [
     (1, 2, 2, 1, 1, 64, 64),
     (2, 4, 2, 113, 203, 64, 64),
-    (1, 2, 1, 257, 257, 128, 128),
+    (1, 2, 1, 257, 557, 128, 128),
     (1, 3, 3, 200, 50, 128, 128),
     (1, 2, 2, 67, 131, 59, 59),
     (1, 4, 1, 70, 129, 111, 111),
@@ -136,16 +136,16 @@ def _seen(sq, sk, causal):
 def test_nan_in_nan_out(brgemm, causal):
     """NaN in q: that query's out row and lse NaN, nothing else. NaN in k: every query that
     sees the key. NaN in v: that column of every query that sees the key, lse finite."""
-    B, H, SQ, SK, D = 2, 4, 150, 270, 64  # three query blocks, three key blocks
+    B, H, SQ, SK, D = 2, 4, 150, 570, 64  # two query blocks, three key blocks
     seen = _seen(SQ, SK, causal)
     q, k, v = make_qkv(B, H, 2, SQ, SK, D, BF16, "cpu", seed=4)
     q[1, 3, 70, 5] = float("nan")
-    k[0, 1, 200, 7] = float("nan")  # kv head 1: query heads 2, 3
+    k[0, 1, 500, 7] = float("nan")  # kv head 1: query heads 2, 3 (the last, partial key block)
     v[1, 0, 120, 9] = float("nan")  # kv head 0: query heads 0, 1
     out, lse = attention_kernels.forward(q, k, v, kernel_args(q, k, v, causal=causal))
     expect = torch.zeros(B, H, SQ, dtype=torch.bool)
     expect[1, 3, 70] = True
-    expect[0, 2:4] = seen[:, 200]
+    expect[0, 2:4] = seen[:, 500]
     assert torch.equal(torch.isnan(lse), expect)
     assert torch.equal(torch.isnan(out).all(-1), expect)
     vcol = torch.zeros(B, H, SQ, dtype=torch.bool)
