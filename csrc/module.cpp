@@ -34,9 +34,19 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_isa"] = fastarch::cpu::isa_name(fastarch::cpu::active_isa());  // the one in use now
     info["cpu_has_avx512"] = fastarch::cpu::cpu_has_avx512();
     info["cpu_has_avx512_bf16"] = fastarch::cpu::cpu_has_avx512_bf16();
+    info["cpu_has_amx"] = fastarch::cpu::cpu_has_amx();
+    info["cpu_amx_missing"] = fastarch::cpu::cpu_amx_missing();  // why not, "" when it has AMX
+    info["cpu_isa_auto"] = fastarch::cpu::isa_name(fastarch::cpu::best_isa());
+    info["cpu_brgemm"] = fastarch::cpu::brgemm_mode();  // "auto", "on" or "off"
+    // whether the bf16 attention forward runs through oneDNN's brgemm now
+    info["cpu_attention_brgemm"] = fastarch::cpu::use_brgemm_attention();
     info["compiler"] = std::string("gcc ") + FASTARCH_STR(__GNUC__) "." FASTARCH_STR(__GNUC_MINOR__);
     return info;
   });
-  // For tests and benchmarks: run the CPU kernels' portable build on an AVX-512 machine.
+  // For tests and benchmarks: force a level of the CPU kernels ("auto", "generic", "avx512",
+  // "avx512_bf16", "amx"; cpu/isa.h); ValueError when this CPU or build cannot run it.
   m.def("_set_cpu_isa", [](const std::string& name) { fastarch::cpu::set_isa(name); });
+  // The bf16 attention forward through brgemm: "auto" (at level amx), "on" (any AVX512-BF16
+  // CPU), "off".
+  m.def("_set_cpu_brgemm", [](const std::string& mode) { fastarch::cpu::set_brgemm(mode); });
 }

@@ -21,20 +21,39 @@ try:
 except Exception as e:  # ImportError, or an undefined symbol from a torch of another version
     LOAD_ERROR = f"fastarch._C failed to load ({type(e).__name__}: {e})"
 
-# FASTARCH_CPU_ISA=generic | avx512 | auto: which build of the CPU kernels runs (default auto:
-# the fastest this CPU and build have), read once at import, e.g. to run the portable kernels
-# on an AVX-512 machine. fastarch._C._set_cpu_isa changes it later.
+# FASTARCH_CPU_ISA=auto | generic | avx512 | avx512_bf16 | amx: the instruction-set level of the
+# CPU kernels (csrc/cpu/isa.h; default auto: the highest this CPU and build run), read once at
+# import, e.g. to run the portable kernels, or the AVX-512 ones without AVX512-BF16, on a newer
+# CPU. A level the CPU cannot run is an error here, not a silent fallback.
+# FASTARCH_CPU_BRGEMM=auto | on | off: the bf16 attention forward through oneDNN's brgemm (the
+# AMX path): auto at level amx only, on for any AVX512-BF16 CPU (to test or compare it), off
+# never. fastarch._C._set_cpu_isa and _set_cpu_brgemm change them later.
 _ISA = os.environ.get("FASTARCH_CPU_ISA", "").strip()
-if _C is not None and _ISA:
-    try:
-        _C._set_cpu_isa(_ISA)
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"FASTARCH_CPU_ISA={_ISA!r}: {e}") from None
+_BRGEMM = os.environ.get("FASTARCH_CPU_BRGEMM", "").strip()
+if _C is not None:
+    for _name, _value, _set in (("FASTARCH_CPU_ISA", _ISA, "_set_cpu_isa"), ("FASTARCH_CPU_BRGEMM", _BRGEMM, "_set_cpu_brgemm")):
+        if _value:
+            try:
+                getattr(_C, _set)(_value)
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"{_name}={_value!r}: {e}") from None
 
 
 def build_info() -> dict[str, Any]:
     """What the extension was built with ({} when it is missing)."""
     return dict(_C.build_info()) if _C is not None else {}
+
+
+def cpu_path(op: str = "", dtype: torch.dtype | None = None) -> str:
+    """The CPU kernels' path as the bench and info name it: ``cpu/<level>`` (cpu/amx,
+    cpu/avx512_bf16, cpu/avx512, cpu/generic), ``+brgemm`` when the bf16 attention forward runs
+    through brgemm below level amx (forced by FASTARCH_CPU_BRGEMM=on)."""
+    info = build_info()
+    label = f"cpu/{info.get('cpu_isa', '?')}"
+    brgemm_op = op.startswith("attention") and op != "attention_decode" and dtype in (None, torch.bfloat16)
+    if brgemm_op and info.get("cpu_attention_brgemm") and info.get("cpu_isa") != "amx":
+        label += "+brgemm"
+    return label
 
 
 def cpu_kernels_missing() -> str | None:

@@ -25,7 +25,13 @@ def report() -> str:
         cuda = f"compiled in for {build.get('cuda_archs')}" if build.get("cuda") else "not compiled"
         extension = (
             f"loaded; CUDA kernels {cuda}; CPU kernels compiled: {', '.join(build.get('cpu_kernels', []))},"
-            f" running {build.get('cpu_isa')}"
+            f" running {_extension.cpu_path()} (auto: {build.get('cpu_isa_auto')})"
+        )
+        amx = build.get("cpu_amx_missing")
+        extension += f"; AMX: {'yes' if build.get('cpu_has_amx') else amx}"
+        extension += (
+            f"; bf16 attention forward: {'brgemm' if build.get('cpu_attention_brgemm') else 'AVX-512 register tiles'}"
+            f" (FASTARCH_CPU_BRGEMM={build.get('cpu_brgemm')})"
         )
     env = os.environ.get("FASTARCH_BACKEND")
     lines = [

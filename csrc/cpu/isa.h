@@ -1,19 +1,45 @@
-// Which instruction set the CPU kernels use: AVX-512 when the CPU has it and the extension was
-// built with it (x86-64; setup.py's FASTARCH_CPU_AVX512), else portable C++.
+// Which instruction set the CPU kernels use, as one ordered level chosen once per process (the
+// fastest this CPU and build run, unless forced by FASTARCH_CPU_ISA or _set_cpu_isa):
+//   generic      portable C++ (every CPU; the only level of a build without the AVX-512 kernels)
+//   avx512       the *_avx512.cpp kernels without AVX512-BF16 instructions (a Skylake-X or
+//                Ice Lake Xeon: bf16 attention then runs the portable kernels)
+//   avx512_bf16  the same kernels with vdpbf16ps / vcvtneps2bf16 (Zen 4, Cooper Lake)
+//   amx          avx512_bf16, and the bf16 attention forward's products through oneDNN's brgemm
+//                (at::native::cpublas::brgemm), which runs them on the AMX tiles
+// A level above what the CPU runs cannot be forced (set_isa throws with the reason).
 #pragma once
 #include <string>
 
 namespace fastarch::cpu {
 
-enum class Isa { generic, avx512 };
+enum class Isa { generic = 0, avx512 = 1, avx512_bf16 = 2, amx = 3 };
 
 bool cpu_has_avx512();       // F, BW, VL, DQ (false on other architectures)
-bool cpu_has_avx512_bf16();  // AVX512-BF16: vcvtneps2bf16
+bool cpu_has_avx512_bf16();  // AVX512-BF16: vdpbf16ps, vcvtneps2bf16
+// AMX-TILE and AMX-BF16 in cpuid, the tile state enabled by the OS (XCR0), and this process
+// granted it (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once).
+bool cpu_has_amx();
+// Why cpu_has_amx() is false ("" when it is true).
+const char* cpu_amx_missing();
 bool avx512_kernels_built();  // the *_avx512.cpp kernels are compiled in (FASTARCH_WITH_AVX512)
+
 Isa active_isa();
+Isa best_isa();  // what "auto" selects
 const char* isa_name(Isa isa);
-// "auto" (the default), "generic" or "avx512"; avx512 fails on a CPU without it or in a build
-// without the AVX-512 kernels.
+// The AVX-512 kernels run (level avx512 or above).
+inline bool isa_avx512() { return active_isa() >= Isa::avx512; }
+// Those kernels may use the AVX512-BF16 instructions (level avx512_bf16 or above).
+inline bool isa_bf16() { return active_isa() >= Isa::avx512_bf16; }
+// "auto" (the default), "generic", "avx512", "avx512_bf16" or "amx"; a level this CPU or build
+// cannot run throws std::invalid_argument saying why.
 void set_isa(const std::string& name);
+
+// Whether the bf16 attention forward runs through brgemm (attention_fwd_brgemm.cpp):
+// "auto" (the default): at level amx only; "on": at level avx512_bf16 or above, i.e. on any
+// AVX512-BF16 CPU, where oneDNN's brgemm runs AVX-512 code (to test the path, or to compare it
+// with the vdpbf16ps tiles); "off": never (the vdpbf16ps tiles, also on an AMX CPU).
+void set_brgemm(const std::string& mode);
+bool use_brgemm_attention();
+const char* brgemm_mode();
 
 }  // namespace fastarch::cpu

@@ -59,7 +59,7 @@ class Row:
             dtype=DTYPE_NAMES.get(case.dtype, str(case.dtype)),
             pass_="fwd+bwd" if case.backward else "fwd",
             backend=backend,
-            ran=case.backend_that_runs(backend),
+            ran=_path(case.backend_that_runs(backend), case),
             ours_us=ours * 1e6 if ours else None,
             baseline_us=baseline_us,
             speedup={n: speedup(times[n], ours_t) if ours_t and n in times else None for n in names},
@@ -81,6 +81,11 @@ _NOTE_CHARS = 110
 NOISY_SPREAD = 0.2  # rows whose rounds spread more than this get a note
 
 
+def _path(ran: str, case) -> str:
+    """The backend that ran, the CPU one with its instruction-set path (cpu/amx, cpu/avx512_bf16, ...)."""
+    return _extension.cpu_path(case.op, case.dtype) if ran == "cpu" else ran
+
+
 def _mb(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / 1e6
 
@@ -100,7 +105,7 @@ def _columns(baselines: tuple[str, ...], unit: str) -> list:
         ("shape", -14, lambda r: r.shape),
         ("dtype", -5, lambda r: r.dtype),
         ("pass", -7, lambda r: r.pass_),
-        ("backend", -16, lambda r: f"{r.ran or '-'} (auto)" if r.backend == "auto" else r.backend),
+        ("backend", -22, lambda r: f"{r.ran or '-'} (auto)" if r.backend == "auto" else r.ran or r.backend),
         ("ours us", 9, lambda r: _us(r.ours_us)),
     ]
     for name in baselines:

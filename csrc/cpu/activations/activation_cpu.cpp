@@ -48,7 +48,7 @@ int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<
 // Rows per partial sum of the bias gradient (see backward()).
 constexpr int64_t kDbiasRows = 64;
 
-bool use_avx512(Dtype d) { return d != Dtype::f64 && active_isa() == Isa::avx512; }
+bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
 
 // Outputs at least this large are written with streaming (non-temporal) stores, as the norms'
 // (csrc/cpu/norms/norm_cpu.cpp): no read-for-ownership of each destination line, and the
@@ -78,7 +78,7 @@ struct Avx512Inputs {
   Tensor bias;  // fp32, or undefined
   bool stream = false;
   Avx512RowArgs args() const {
-    return {bias.defined() ? bias.data_ptr<float>() : nullptr, stream, cpu_has_avx512_bf16()};
+    return {bias.defined() ? bias.data_ptr<float>() : nullptr, stream, isa_bf16()};
   }
 };
 

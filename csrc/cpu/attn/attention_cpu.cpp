@@ -2,8 +2,11 @@
 // checks, allocation, the work plan, and torch's thread pool (at::parallel_for) around the
 // kernels of attention_kernels.h: AVX-512 (attention_fwd_avx512.cpp,
 // attention_decode_avx512.cpp) when they are compiled in and the CPU runs them, else portable
-// (attention_fwd_generic.cpp, attention_decode_generic.cpp). (The backward,
+// (attention_fwd_generic.cpp, attention_decode_generic.cpp); the bf16 forward through oneDNN's
+// brgemm (attention_fwd_brgemm.cpp) at isa level amx or when forced (cpu/isa.h: set_brgemm),
+// unless torch's oneDNN is disabled (torch.backends.mkldnn), which brgemm then refuses. (The backward,
 // fastarch::_attention_bwd, registers in its own translation unit.)
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -57,20 +60,24 @@ std::vector<FwdTask> plan_fwd_tasks(const AttentionParams& p, int64_t block_m, i
 }
 
 #ifdef FASTARCH_WITH_AVX512
-void fwd_avx512(const AttentionParams& p, const Tensor& q) {
+// The AVX-512 forwards: K and V packed lazily into blocks of block_n keys, tasks of block_m
+// queries, `run` on each thread with its scratch. brgemm: the bf16 kernel of
+// attention_fwd_brgemm.cpp, else the register tiles of attention_fwd_avx512.cpp.
+void fwd_avx512(const AttentionParams& p, const Tensor& q, bool brgemm) {
   const int64_t D = p.D, Dv = p.Dv, Hkv = p.Hkv;
-  // Packing of K and V: one block per (sequence, kv head, key block of kFwdBlockN keys).
+  const int64_t block_m = brgemm ? kFwdBrgemmBlockM : kFwdBlockM, block_n = brgemm ? kFwdBrgemmBlockN : kFwdBlockN;
+  // Packing of K and V: one block per (sequence, kv head, key block of block_n keys).
   FwdPacking pk{};
   pk.bf16_gemm = p.dtype == Dtype::bf16;
   pk.d_pad = pk.bf16_gemm ? (D + 1) / 2 * 2 : D;
   pk.dv_pad = (Dv + 15) / 16 * 16;
-  pk.k_block_elems = pk.d_pad * kFwdBlockN;
-  pk.v_block_elems = kFwdBlockN * pk.dv_pad;
+  pk.k_block_elems = pk.d_pad * block_n;
+  pk.v_block_elems = block_n * pk.dv_pad;
   std::vector<int64_t> seq_block0(p.num_seqs + 1, 0);
   for (int64_t n = 0; n < p.num_seqs; ++n) {
-    seq_block0[n + 1] = seq_block0[n] + (seq_span(p, n).sk + kFwdBlockN - 1) / kFwdBlockN;
+    seq_block0[n + 1] = seq_block0[n] + (seq_span(p, n).sk + block_n - 1) / block_n;
   }
-  const std::vector<FwdTask> sorted = plan_fwd_tasks(p, kFwdBlockM, kFwdBlockN);
+  const std::vector<FwdTask> sorted = plan_fwd_tasks(p, block_m, block_n);
 
   const int64_t num_blocks = seq_block0.back() * Hkv;
   const int64_t block_bytes = (pk.k_block_elems + pk.v_block_elems) * fwd_element_bytes(pk);
@@ -82,12 +89,13 @@ void fwd_avx512(const AttentionParams& p, const Tensor& q) {
 
   const int64_t num_tasks = static_cast<int64_t>(sorted.size());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  const int64_t scratch_bytes = fwd_scratch_bytes(p, pk);
+  const int64_t scratch_bytes = brgemm ? fwd_scratch_bytes_brgemm(pk) : fwd_scratch_bytes(p, pk);
+  const auto run = brgemm ? fwd_run_brgemm : fwd_run_avx512;
   Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
   int64_t next = 0;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      fwd_run_avx512(p, pk, sorted.data(), num_tasks, &next, static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
+      run(p, pk, sorted.data(), num_tasks, &next, static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
   });
 }
 #endif
@@ -127,7 +135,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
 #ifdef FASTARCH_WITH_AVX512
   if (use_avx512(dtype)) {
-    fwd_avx512(p, q);
+    fwd_avx512(p, q, dtype == Dtype::bf16 && use_brgemm_attention() && at::globalContext().userEnabledMkldnn());
     return {out, lse};
   }
 #endif

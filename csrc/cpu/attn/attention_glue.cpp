@@ -30,9 +30,7 @@ Dtype dtype_of(const char* who, const Tensor& q) {
   }
 }
 
-bool use_avx512(Dtype dtype) {
-  return active_isa() == Isa::avx512 && (dtype != Dtype::bf16 || cpu_has_avx512_bf16());
-}
+bool use_avx512(Dtype dtype) { return isa_avx512() && (dtype != Dtype::bf16 || isa_bf16()); }
 
 void check_4d(const char* who, const Tensor& t, const char* name, const Tensor& q) {
   TORCH_CHECK(t.dim() == 4, who, ": ", name, " must be 4-D (batch, heads, seq, head_dim), got shape ", t.sizes());

@@ -17,9 +17,9 @@ constexpr int64_t kMaxHeadDim = 512;
 // float32, float16, bfloat16 as the kernels' Dtype; anything else is an error.
 Dtype dtype_of(const char* who, const at::Tensor& q);
 
-// Whether the AVX-512 kernels run dtype: compiled in, the active isa (fastarch._C._set_cpu_isa
-// can force "generic"), and for bf16, which they multiply with vdpbf16ps, AVX512-BF16. Else the
-// portable kernels run.
+// Whether the AVX-512 kernels run dtype: compiled in, the active isa level (cpu/isa.h) avx512 or
+// above, and for bf16, which they multiply with vdpbf16ps, avx512_bf16 or above. Else the
+// portable kernels run. (The backward's AVX-512 unit needs avx512_bf16 for every dtype.)
 bool use_avx512(Dtype dtype);
 
 // t (named `name`): 4-D (batch, heads, seq, head_dim), on the CPU, q's dtype, a contiguous

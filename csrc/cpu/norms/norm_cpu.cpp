@@ -43,7 +43,7 @@ at::ScalarType stats_dtype(Dtype d) { return d == Dtype::f64 ? at::kDouble : at:
 // Rows per task: enough work per task (~16K elements) that threading overhead stays small.
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
-bool use_avx512(Dtype d) { return d != Dtype::f64 && active_isa() == Isa::avx512; }
+bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
 
 // Outputs at least this large are written with streaming (non-temporal) stores: they skip the
 // read-for-ownership of each destination line (a third of a norm's memory traffic) and leave
@@ -77,7 +77,7 @@ struct Avx512Inputs {
 
   Avx512RowArgs for_thread(float* scratch) const {
     return {weight.defined() ? weight.data_ptr<float>() : nullptr, bias.defined() ? bias.data_ptr<float>() : nullptr,
-            scratch, stream, cpu_has_avx512_bf16()};
+            scratch, stream, isa_bf16()};
   }
 };
 

@@ -52,8 +52,8 @@ void check_positions(const RopeParams& p, const std::optional<Tensor>& positions
 void run_rows(RopeDtype d, const RopeParams& p, int64_t begin, int64_t end) {
   if (begin >= end) return;
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
-  if (d != RopeDtype::f64 && active_isa() == Isa::avx512) {
-    const bool bf16_insn = cpu_has_avx512_bf16();
+  if (d != RopeDtype::f64 && isa_avx512()) {
+    const bool bf16_insn = isa_bf16();
     switch (d) {
       case RopeDtype::f32:
         return rope_rows_avx512<RopeDtype::f32>(p, begin, end, bf16_insn);

@@ -31,11 +31,11 @@ def _isa(name: str) -> None:
     _C._set_cpu_isa(name)
 
 
-@pytest.fixture(params=["avx512", "generic"])
+@pytest.fixture(params=["avx512_bf16", "generic"])
 def isa(request):
-    """Both builds of the kernel: AVX-512 (when the CPU and the build have it) and the portable one."""
+    """Both builds of the kernel: AVX-512 + BF16 (when the CPU and the build have it) and the portable one."""
     info = _extension.build_info()
-    if request.param == "avx512" and not (info.get("cpu_has_avx512_bf16") and "avx512" in info.get("cpu_kernels", [])):
+    if request.param == "avx512_bf16" and not (info.get("cpu_has_avx512_bf16") and "avx512" in info.get("cpu_kernels", [])):
         pytest.skip("the AVX-512 backward needs AVX512-BF16 and a build with the AVX-512 kernels")
     _isa(request.param)
     yield request.param

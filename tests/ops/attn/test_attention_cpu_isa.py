@@ -1,7 +1,10 @@
-"""The CPU attention kernels on each of their instruction-set paths: "avx512" (the
-*_avx512.cpp kernels, on x86 CPUs that have AVX-512) and "generic" (the portable C++ kernels
-that every other CPU runs: aarch64, x86 without AVX-512), each forced with
-fastarch._C._set_cpu_isa. A path this build or CPU cannot run is skipped with the reason.
+"""The CPU attention kernels on each of their instruction-set paths: "avx512_bf16" (the
+*_avx512.cpp kernels with vdpbf16ps, on x86 CPUs that have AVX-512 and AVX512-BF16; level
+avx512, without AVX512-BF16, runs the same forward for fp32/fp16 and the portable backward:
+tests/ops/attn/test_cpu_isa_levels.py) and "generic" (the portable C++ kernels that every other
+CPU runs: aarch64, x86 without AVX-512), each forced with fastarch._C._set_cpu_isa. A path this
+build or CPU cannot run is skipped with the reason. (The amx level's brgemm forward:
+test_attention_cpu_brgemm.py.)
 
 Numerics as test_attention.py judges them (its compare(): out, lse and the three gradients
 against an fp64 reference, within FACTOR x the error of the same computation in the inputs'
@@ -32,7 +35,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ids = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-@pytest.fixture(params=["avx512", "generic"])
+@pytest.fixture(params=["avx512_bf16", "generic"])
 def isa(request):
     """Forces one path of the CPU kernels for the test; automatic choice again afterwards."""
     try:
@@ -44,11 +47,7 @@ def isa(request):
 
 
 def runs(isa: str, dtype: torch.dtype) -> None:
-    """Skips a row that would not run the path it names: bf16 takes the portable kernels on a
-    CPU with AVX-512 but without AVX512-BF16. (So does the backward of every dtype there, whose
-    AVX-512 translation unit needs AVX512-BF16: those rows then check the portable backward.)"""
-    if isa == "avx512" and dtype == torch.bfloat16 and not _C.build_info()["cpu_has_avx512_bf16"]:
-        pytest.skip("bf16 runs the portable kernels on a CPU without AVX512-BF16")
+    """Every row runs the path it names: the fixture skips avx512_bf16 on a CPU without it."""
 
 
 # ----------------------------------------------------------------------------- numerics

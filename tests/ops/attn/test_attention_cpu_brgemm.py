@@ -1,0 +1,157 @@
+"""The bf16 attention forward through oneDNN's brgemm (csrc/cpu/attn/attention_fwd_brgemm.cpp):
+the AMX path, forced with fastarch._C._set_cpu_brgemm("on") so that it runs on any
+AVX512-BF16 CPU (oneDNN runs AVX-512 code there, the AMX tiles on an AMX CPU). A CPU or build
+without AVX512-BF16 skips with the reason.
+
+Numerics as test_attention.py judges them (compare(): out and lse against the fp64 reference,
+within FORWARD_FACTOR x the error of the same computation in bf16 plus attention_tolerance's
+floor; the gradients too, which the AVX-512 backward computes from this forward's out and lse):
+odd lengths, head dims 64 and 128 and the odd and large ones the packing pads, Sq != Sk both
+ways, several key blocks (256 keys) and query blocks (128 queries), causal and not, grouped-query
+heads, the FEATURES table (windows, masks, fully masked rows, dropout), packed sequences; then
+fully masked rows and NaN in, NaN out.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import backend_rows  # tests/backend_rows.py
+
+from fastarch import _extension
+from fastarch.ops.attn import cpp as attention_kernels
+from test_attention import FEATURES, compare, kernel_args, make_qkv
+
+_C = _extension._C
+pytestmark = pytest.mark.skipif(_C is None, reason=f"fastarch._C is not loaded: {_extension.LOAD_ERROR}")
+BF16 = torch.bfloat16
+DEFAULT_BRGEMM = os.environ.get("FASTARCH_CPU_BRGEMM", "").strip() or "auto"
+
+
+@pytest.fixture
+def brgemm():
+    """The brgemm forward forced on (at the automatic isa level); the process's choice afterwards."""
+    _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
+    try:
+        _C._set_cpu_brgemm("on")
+    except ValueError as e:  # the CPU lacks AVX512-BF16, or the build the AVX-512 kernels
+        pytest.skip(f"the brgemm attention cannot run here: {e}")
+    if not _C.build_info()["cpu_attention_brgemm"]:  # FASTARCH_CPU_ISA below avx512_bf16
+        _C._set_cpu_brgemm(DEFAULT_BRGEMM)
+        pytest.skip(f"FASTARCH_CPU_ISA={backend_rows.DEFAULT_ISA} runs no bf16 AVX-512 kernel")
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        _C._set_cpu_brgemm(DEFAULT_BRGEMM)
+        pytest.skip("torch's oneDNN (brgemm) is disabled or missing: the register tiles run instead")
+    yield
+    _C._set_cpu_brgemm(DEFAULT_BRGEMM)
+
+
+def test_the_switch_selects_the_path(brgemm):
+    assert _C.build_info()["cpu_attention_brgemm"]
+    assert _extension.cpu_path("attention", BF16).endswith(("+brgemm", "/amx"))
+    _C._set_cpu_brgemm("off")
+    assert not _C.build_info()["cpu_attention_brgemm"]
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        _C._set_cpu_brgemm("yes")
+
+
+def test_differs_from_the_register_tiles_only_by_rounding(brgemm):
+    """Both paths round P to bf16 and sum in fp32, in other orders: close, and not the same
+    code (a switch that changed nothing would give identical bits on every element)."""
+    q, k, v = make_qkv(1, 4, 2, 300, 333, 64, BF16, "cpu", seed=12)
+    args = kernel_args(q, k, v, causal=True)
+    ours, ours_lse = attention_kernels.forward(q, k, v, args)
+    _C._set_cpu_brgemm("off")
+    tiles, tiles_lse = attention_kernels.forward(q, k, v, args)
+    assert (ours.float() - tiles.float()).abs().max() <= 2e-2
+    assert (ours_lse - tiles_lse).abs().max() <= 1e-3
+    assert not torch.equal(ours_lse, tiles_lse)
+
+
+# (B, H, Hkv, Sq, Sk, D, Dv): head dims 64 and 128 with odd lengths over several query and key
+# blocks (and partial key panels of 64), one query and one key, Sq > Sk (causal: queries that see no key), odd head dims (K
+# padded to even), Dv != D and not a multiple of 16, 256 (four V panels), grouped-query heads.
+SHAPES = [
+    (1, 2, 2, 1, 1, 64, 64),
+    (2, 4, 2, 113, 203, 64, 64),
+    (1, 2, 1, 257, 557, 128, 128),
+    (1, 3, 3, 200, 50, 128, 128),
+    (1, 2, 2, 67, 131, 59, 59),
+    (1, 4, 1, 70, 129, 111, 111),
+    (1, 2, 1, 50, 60, 48, 80),
+    (1, 1, 1, 40, 300, 256, 256),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shapes(brgemm, shape, causal):
+    b, h, hkv, sq, sk, d, dv = shape
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, BF16, "cpu", dv=dv)
+    compare("cpu", q, k, v, BF16, causal=causal)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_features(brgemm, feature):
+    q, k, v = make_qkv(2, 4, 1 if "gqa" in feature else 4, 97, 145, 64, BF16, "cpu", seed=7)
+    compare("cpu", q, k, v, BF16, grads=False, **FEATURES[feature](q, k, v))
+
+
+def test_varlen(brgemm):
+    lens_q, lens_k = [5, 1, 17, 0, 33, 170], [7, 0, 17, 3, 20, 290]  # a sequence with queries and no key
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    g = torch.Generator().manual_seed(11)
+    # the packed layout the public op makes: (total, H, D) viewed as (1, H, total, D)
+    q = torch.randn(sum(lens_q), 4, 64, generator=g).to(BF16).permute(1, 0, 2)[None]
+    k = torch.randn(sum(lens_k), 2, 64, generator=g).to(BF16).permute(1, 0, 2)[None]
+    v = torch.randn(sum(lens_k), 2, 64, generator=g).to(BF16).permute(1, 0, 2)[None]
+    for causal in (False, True):
+        compare("cpu", q, k, v, BF16, grads=False, causal=causal, cu_q=cu_q, cu_k=cu_k)
+    compare("cpu", q, k, v, BF16, grads=False, causal=True, cu_q=cu_q, cu_k=cu_k, window=(20, -1), dropout_p=0.1,
+            seed=torch.tensor(3))
+
+
+def test_fully_masked_rows_give_zeros(brgemm):
+    """A batch whose keys are all padding, and causal queries before the first key: out 0,
+    lse -inf, the other rows finite."""
+    q, k, v = make_qkv(2, 2, 2, 150, 140, 64, BF16, "cpu", seed=3)
+    kpm = torch.ones(2, 140, dtype=torch.bool)
+    kpm[1] = False
+    out, lse = attention_kernels.forward(q, k, v, kernel_args(q, k, v, causal=True, kpm=kpm))
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
+    assert (out[0, :, :10] == 0).all() and torch.isneginf(lse[0, :, :10]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0, :, 10:]).all()
+
+
+def _seen(sq, sk, causal):
+    i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+    return j <= i + (sk - sq) if causal else torch.ones(sq, sk, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nan_in_nan_out(brgemm, causal):
+    """NaN in q: that query's out row and lse NaN, nothing else. NaN in k: every query that
+    sees the key. NaN in v: that column of every query that sees the key, lse finite."""
+    B, H, SQ, SK, D = 2, 4, 150, 570, 64  # two query blocks, three key blocks
+    seen = _seen(SQ, SK, causal)
+    q, k, v = make_qkv(B, H, 2, SQ, SK, D, BF16, "cpu", seed=4)
+    q[1, 3, 70, 5] = float("nan")
+    k[0, 1, 500, 7] = float("nan")  # kv head 1: query heads 2, 3 (the last, partial key block)
+    v[1, 0, 120, 9] = float("nan")  # kv head 0: query heads 0, 1
+    out, lse = attention_kernels.forward(q, k, v, kernel_args(q, k, v, causal=causal))
+    expect = torch.zeros(B, H, SQ, dtype=torch.bool)
+    expect[1, 3, 70] = True
+    expect[0, 2:4] = seen[:, 500]
+    assert torch.equal(torch.isnan(lse), expect)
+    assert torch.equal(torch.isnan(out).all(-1), expect)
+    vcol = torch.zeros(B, H, SQ, dtype=torch.bool)
+    vcol[1, 0:2] = seen[:, 120]
+    assert torch.isnan(out[..., 9][vcol]).all()
+    rest = torch.isnan(out)
+    rest[expect] = False
+    rest[..., 9][vcol] = False
+    assert not rest.any(), "NaN outside the rows and columns that depend on it"
