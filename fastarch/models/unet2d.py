@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fastarch.models import _pending_ops as gn_ops
 from fastarch.models.loading import CheckpointError, load_into, read_config
-from fastarch.models.unet_blocks import DownStage, GroupNorm, MidStage, ResnetSpec, StageSpec, UpStage
+from fastarch.models.unet_blocks import Conv2d, DownStage, GroupNorm, MidStage, ResnetSpec, StageSpec, UpStage
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CLASS_NAMES = ("UNet2DModel", "UNet2DConditionModel")
@@ -261,7 +261,7 @@ class UNet2D(nn.Module):
         super().__init__()
         c = self.config = config
         boc = c.block_out_channels
-        self.conv_in = nn.Conv2d(c.in_channels, boc[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
+        self.conv_in = Conv2d(c.in_channels, boc[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         self.time_embedding = nn.Module()
         self.time_embedding.linear_1 = nn.Linear(boc[0], c.time_embed_dim)
         self.time_embedding.linear_2 = nn.Linear(c.time_embed_dim, c.time_embed_dim)
@@ -271,7 +271,7 @@ class UNet2D(nn.Module):
         self.mid_block = MidStage(c.mid, mid_resnet, c.add_attention) if c.mid is not None else None
         self.up_blocks = nn.ModuleList(UpStage(s, c.resnet) for s in c.up)
         self.conv_norm_out = GroupNorm(c.norm_num_groups, boc[0], c.norm_eps)
-        self.conv_out = nn.Conv2d(boc[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
+        self.conv_out = Conv2d(boc[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -297,7 +297,9 @@ class UNet2D(nn.Module):
             emb = emb + self.class_embedding(class_labels).to(emb.dtype)
         temb_act = F.silu(emb)  # every ResNet's time projection starts with this SiLU
         context = encoder_hidden_states.to(self.dtype) if encoder_hidden_states is not None else None
-        h = self.conv_in(sample.to(self.dtype))
+        # channels-last throughout: oneDNN's convolutions run fastest on it, and the attention
+        # blocks' (B, H*W, C) views of it are free
+        h = self.conv_in(sample.to(self.dtype).contiguous(memory_format=torch.channels_last))
         skips = [h]
         for stage in self.down_blocks:
             h, added = stage(h, temb_act, context, mask)
@@ -312,7 +314,7 @@ class UNet2D(nn.Module):
                 size = None if size == (2 * h.shape[2], 2 * h.shape[3]) else size
             h = stage(h, skips, temb_act, context, mask, size)
         h = self.conv_norm_out(h, activation="silu")
-        return self.conv_out(h)
+        return self.conv_out(h).contiguous()
 
     def _check(self, sample, timestep, class_labels, encoder_hidden_states, encoder_attention_mask):
         c = self.config
