@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                                                                  seed=0, progress=False)),
                     "diffusers": _keeping(out, "diffusers", lambda: _diffusers_ddim(theirs, shape, steps, seed=0)),
                 }
-                rows.append(_timed("ddim", SAMPLE_BATCH, steps, dtype_name, contenders, out, max(1, rounds - 2)))
+                rows.append(_timed("ddim", SAMPLE_BATCH, steps, dtype_name, contenders, out, max(1, rounds // 2)))
                 print(_line(rows[-1]), flush=True)
             if args.json:
                 _write(args.json, info, rows)
