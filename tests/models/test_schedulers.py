@@ -72,6 +72,15 @@ def test_from_config_reads_diffusers_configs():
     assert torch.equal(back.alphas_cumprod, ddim.alphas_cumprod)
 
 
+def test_save_pretrained_round_trips_through_diffusers(tmp_path):
+    ours = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False)
+    ours.save_pretrained(tmp_path)
+    theirs = diffusers.DDPMScheduler.from_pretrained(tmp_path)
+    assert theirs.config.prediction_type == "v_prediction" and torch.equal(theirs.alphas_cumprod, ours.alphas_cumprod)
+    again = DDIMScheduler.from_pretrained(tmp_path)
+    assert again.config.beta_schedule == "squaredcos_cap_v2" and again.config.clip_sample is False
+
+
 @pytest.mark.parametrize("config, match", [
     (dict(thresholding=True), "thresholding"),
     (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
