@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from fastarch import cli  # noqa: E402
-from fastarch.bench import unet  # noqa: E402
+from fastarch import cli
+from fastarch.bench import unet
 
 
 def test_bench_unet_quick_rows(tmp_path, monkeypatch, capsys):

@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
             t = torch.randint(0, 1000, (FORWARD_BATCH,), generator=g)
             out = {}
             contenders = {
-                "ours": _keeping(out, "ours", lambda: ours(x, t)),
-                "diffusers": _keeping(out, "diffusers", lambda: theirs(x, t).sample),
+                "ours": _keeping(out, "ours", lambda m=ours, x=x, t=t: m(x, t)),
+                "diffusers": _keeping(out, "diffusers", lambda m=theirs, x=x, t=t: m(x, t).sample),
             }
             rows.append(_timed("forward", FORWARD_BATCH, 1, dtype_name, contenders, out, rounds))
             print(_line(rows[-1]), flush=True)
@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
                 shape = (SAMPLE_BATCH, 3, size, size)
                 out = {}
                 contenders = {
-                    "ours": _keeping(out, "ours", lambda: sample(ours, DDIMScheduler(), shape, num_inference_steps=steps,
-                                                                 seed=0, progress=False)),
-                    "diffusers": _keeping(out, "diffusers", lambda: _diffusers_ddim(theirs, shape, steps, seed=0)),
+                    "ours": _keeping(out, "ours", lambda m=ours, shape=shape: sample(
+                        m, DDIMScheduler(), shape, num_inference_steps=steps, seed=0, progress=False)),
+                    "diffusers": _keeping(out, "diffusers", lambda m=theirs, shape=shape: _diffusers_ddim(m, shape, steps, seed=0)),
                 }
                 rows.append(_timed("ddim", SAMPLE_BATCH, steps, dtype_name, contenders, out, max(1, rounds // 2)))
                 print(_line(rows[-1]), flush=True)

@@ -367,4 +367,4 @@ def sample(
     return x
 
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "make_betas", "sample"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "make_betas", "sample"]

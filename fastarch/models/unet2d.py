@@ -31,9 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastarch.models import _pending_ops as gn_ops
 from fastarch.models.loading import CheckpointError, load_into, read_config
-from fastarch.models.unet_blocks import Conv2d, DownStage, GroupNorm, MidStage, ResnetSpec, StageSpec, UpStage
+from fastarch.models.unet_blocks import (
+    Conv2d,
+    DownStage,
+    GroupNorm,
+    MidStage,
+    ResnetSpec,
+    StageSpec,
+    UpStage,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CLASS_NAMES = ("UNet2DModel", "UNet2DConditionModel")
@@ -136,8 +143,8 @@ class UNet2DConfig:
         for name in ("downsample_type", "upsample_type"):
             if c[name] not in ("conv", "resnet"):
                 raise CheckpointError(f"config.json: {name} {c[name]!r} is not built ('conv' or 'resnet')")
-        down_types = [t[7:] if t.startswith("UNetRes") else t for t in c["down_block_types"]]
-        up_types = [t[7:] if t.startswith("UNetRes") else t for t in c["up_block_types"]]
+        down_types = [t.removeprefix("UNetRes") for t in c["down_block_types"]]
+        up_types = [t.removeprefix("UNetRes") for t in c["up_block_types"]]
         for t in down_types:
             if t not in _DOWN:
                 raise CheckpointError(f"config.json: down_block_types holds {t!r}, which is not built (one of {', '.join(_DOWN)})")
@@ -281,7 +288,7 @@ class UNet2D(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    def forward(self, sample: Tensor, timestep: Tensor | float | int, class_labels: Tensor | None = None,
+    def forward(self, sample: Tensor, timestep: Tensor | float, class_labels: Tensor | None = None,
                 encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None) -> Tensor:
         """sample: (B, in_channels, H, W); timestep: a number or (B,) / () tensor (may be
         fractional); class_labels: (B,) int64 for a class-conditional model; encoder_hidden_states:
@@ -419,8 +426,4 @@ def _diffusers_version() -> str:
         return "0.30.0"
 
 
-def is_diffusers_unet(config: dict) -> bool:
-    return config.get("_class_name") in CLASS_NAMES
-
-
-__all__ = ["UNet2D", "UNet2DConfig", "timestep_embedding", "gn_ops"]
+__all__ = ["UNet2D", "UNet2DConfig", "timestep_embedding"]

@@ -7,7 +7,9 @@ so a checkpoint's tensor names are the model's, and save_pretrained writes them 
 Kernels: every GroupNorm that diffusers follows with a SiLU is one fused group_norm(...,
 activation="silu"), the "scale_shift" time conditioning inside it (scale/shift); attention is
 fastarch.ops.attention; the transformer's LayerNorms are fastarch.ops.layer_norm, each residual
-add fused into the norm after it; the feed-forward's GELU gate is one geglu.
+add fused into the norm after it; the feed-forward's GELU gate is one geglu. (group_norm and
+geglu come from _pending_ops, a plain-torch stand-in, until fastarch.ops.group_norm and
+fastarch.ops.geglu merge: then ``gn_ops`` becomes ``ops``.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
-from fastarch.models import _pending_ops as gn_ops  # group_norm, geglu: fastarch.ops once merged
+from fastarch.models import _pending_ops as gn_ops
 from fastarch.models.layers import LayerNorm
 
 

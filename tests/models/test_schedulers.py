@@ -17,8 +17,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from fastarch.models.schedulers import DDIMScheduler, DDPMScheduler, sample  # noqa: E402
-from fastarch.models.unet2d import UNet2D  # noqa: E402
+from fastarch.models.schedulers import DDIMScheduler, DDPMScheduler, sample
+from fastarch.models.unet2d import UNet2D
 
 SCHEDULES = [
     dict(),

@@ -35,9 +35,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-import fastarch.models  # noqa: E402
-from fastarch.models import CheckpointError  # noqa: E402
-from fastarch.models.unet2d import UNet2D  # noqa: E402
+import fastarch.models
+from fastarch.models import CheckpointError
+from fastarch.models.unet2d import UNet2D
 
 FACTOR = 2.0
 
