@@ -97,12 +97,16 @@ class Conv2d(nn.Conv2d):
 def _can_pack(x: Tensor, weight: Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
         and x.dtype == weight.dtype
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16_CONV))
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and torch.backends.mkldnn.is_available()
         and not torch.compiler.is_compiling()
     )
+
+
+# oneDNN's bf16 convolutions need AVX512-BF16 / AMX (else torch's conv2d, which converts)
+_BF16_CONV = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class GroupNorm(nn.Module):
