@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="time a model end to end instead of the ops: minilm (sentence embeddings with the real"
         " all-MiniLM-L6-v2) or bert (bert-base-sized, random weights); against sentence-transformers"
         " and ONNX Runtime; or smollm2 (SmolLM2-135M generation: prefill and decode tokens/s against"
-        " transformers and llama.cpp)")
+        " transformers and llama.cpp); or unet (the DDPM-CIFAR10 UNet: a denoising step and a DDIM"
+        " sample against diffusers)")
     arg("--dropin", action="store_true", help="time fastarch.optimize on whole models instead (fastarch/bench/dropin.py)")
 
 

@@ -26,7 +26,7 @@ import torch
 
 from fastarch.bench import report, timing
 
-MODELS = ("minilm", "bert", "smollm2")  # smollm2: text generation, fastarch/bench/generation.py
+MODELS = ("minilm", "bert", "smollm2", "unet")  # smollm2: text generation, fastarch/bench/generation.py; unet: fastarch/bench/unet.py
 SETS = ("mixed", "fixed")
 BATCHES = (1, 64)
 SENTENCES = 64
@@ -126,6 +126,12 @@ def onnx_encoder(path: Path, workdir: Path, max_length: int):
 
 def run(args: argparse.Namespace) -> int:
     """Times every (model, sentence set, batch, dtype); 0 when our rows were timed."""
+    if "unet" in args.model:
+        if len(set(args.model)) > 1:
+            raise SystemExit("fastarch bench --model unet runs alone (its rows differ from the encoders')")
+        from fastarch.bench import unet
+
+        return unet.run(args)
     if "smollm2" in args.model:
         if len(set(args.model)) > 1:
             raise SystemExit("fastarch bench --model smollm2 runs alone (its rows differ from the encoders')")

@@ -106,6 +106,27 @@ class _Scheduler:
         """The config dict, with diffusers' _class_name: diffusers' from_config reads it."""
         return {"_class_name": type(self).__name__, **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
 
+    def save_pretrained(self, path) -> None:
+        """scheduler_config.json in ``path`` (a diffusers pipeline's scheduler/ folder holds one)."""
+        import json
+        from pathlib import Path
+
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "scheduler_config.json").write_text(json.dumps(self.to_config(), indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, path) -> _Scheduler:
+        """From ``path``/scheduler_config.json (or ``path``/scheduler/scheduler_config.json)."""
+        import json
+        from pathlib import Path
+
+        root = Path(path)
+        for file in (root / "scheduler_config.json", root / "scheduler" / "scheduler_config.json"):
+            if file.is_file():
+                return cls.from_config(json.loads(file.read_text()))
+        raise FileNotFoundError(f"{path}: no scheduler_config.json")
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
@@ -346,4 +367,4 @@ def sample(
     return x
 
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "make_betas", "sample"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "make_betas", "sample"]

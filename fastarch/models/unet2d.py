@@ -31,9 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastarch.models import _pending_ops as gn_ops
 from fastarch.models.loading import CheckpointError, load_into, read_config
-from fastarch.models.unet_blocks import DownStage, GroupNorm, MidStage, ResnetSpec, StageSpec, UpStage
+from fastarch.models.unet_blocks import (
+    Conv2d,
+    DownStage,
+    GroupNorm,
+    MidStage,
+    ResnetSpec,
+    StageSpec,
+    UpStage,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CLASS_NAMES = ("UNet2DModel", "UNet2DConditionModel")
@@ -136,8 +143,8 @@ class UNet2DConfig:
         for name in ("downsample_type", "upsample_type"):
             if c[name] not in ("conv", "resnet"):
                 raise CheckpointError(f"config.json: {name} {c[name]!r} is not built ('conv' or 'resnet')")
-        down_types = [t[7:] if t.startswith("UNetRes") else t for t in c["down_block_types"]]
-        up_types = [t[7:] if t.startswith("UNetRes") else t for t in c["up_block_types"]]
+        down_types = [t.removeprefix("UNetRes") for t in c["down_block_types"]]
+        up_types = [t.removeprefix("UNetRes") for t in c["up_block_types"]]
         for t in down_types:
             if t not in _DOWN:
                 raise CheckpointError(f"config.json: down_block_types holds {t!r}, which is not built (one of {', '.join(_DOWN)})")
@@ -261,7 +268,7 @@ class UNet2D(nn.Module):
         super().__init__()
         c = self.config = config
         boc = c.block_out_channels
-        self.conv_in = nn.Conv2d(c.in_channels, boc[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
+        self.conv_in = Conv2d(c.in_channels, boc[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         self.time_embedding = nn.Module()
         self.time_embedding.linear_1 = nn.Linear(boc[0], c.time_embed_dim)
         self.time_embedding.linear_2 = nn.Linear(c.time_embed_dim, c.time_embed_dim)
@@ -271,7 +278,7 @@ class UNet2D(nn.Module):
         self.mid_block = MidStage(c.mid, mid_resnet, c.add_attention) if c.mid is not None else None
         self.up_blocks = nn.ModuleList(UpStage(s, c.resnet) for s in c.up)
         self.conv_norm_out = GroupNorm(c.norm_num_groups, boc[0], c.norm_eps)
-        self.conv_out = nn.Conv2d(boc[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
+        self.conv_out = Conv2d(boc[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -281,7 +288,7 @@ class UNet2D(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    def forward(self, sample: Tensor, timestep: Tensor | float | int, class_labels: Tensor | None = None,
+    def forward(self, sample: Tensor, timestep: Tensor | float, class_labels: Tensor | None = None,
                 encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None) -> Tensor:
         """sample: (B, in_channels, H, W); timestep: a number or (B,) / () tensor (may be
         fractional); class_labels: (B,) int64 for a class-conditional model; encoder_hidden_states:
@@ -297,7 +304,9 @@ class UNet2D(nn.Module):
             emb = emb + self.class_embedding(class_labels).to(emb.dtype)
         temb_act = F.silu(emb)  # every ResNet's time projection starts with this SiLU
         context = encoder_hidden_states.to(self.dtype) if encoder_hidden_states is not None else None
-        h = self.conv_in(sample.to(self.dtype))
+        # channels-last throughout: oneDNN's convolutions run fastest on it, and the attention
+        # blocks' (B, H*W, C) views of it are free
+        h = self.conv_in(sample.to(self.dtype).contiguous(memory_format=torch.channels_last))
         skips = [h]
         for stage in self.down_blocks:
             h, added = stage(h, temb_act, context, mask)
@@ -312,7 +321,7 @@ class UNet2D(nn.Module):
                 size = None if size == (2 * h.shape[2], 2 * h.shape[3]) else size
             h = stage(h, skips, temb_act, context, mask, size)
         h = self.conv_norm_out(h, activation="silu")
-        return self.conv_out(h)
+        return self.conv_out(h).contiguous()
 
     def _check(self, sample, timestep, class_labels, encoder_hidden_states, encoder_attention_mask):
         c = self.config
@@ -417,8 +426,4 @@ def _diffusers_version() -> str:
         return "0.30.0"
 
 
-def is_diffusers_unet(config: dict) -> bool:
-    return config.get("_class_name") in CLASS_NAMES
-
-
-__all__ = ["UNet2D", "UNet2DConfig", "timestep_embedding", "gn_ops"]
+__all__ = ["UNet2D", "UNet2DConfig", "timestep_embedding"]

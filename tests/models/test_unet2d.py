@@ -35,9 +35,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-import fastarch.models  # noqa: E402
-from fastarch.models import CheckpointError  # noqa: E402
-from fastarch.models.unet2d import UNet2D  # noqa: E402
+import fastarch.models
+from fastarch.models import CheckpointError
+from fastarch.models.unet2d import UNet2D
 
 FACTOR = 2.0
 
@@ -282,3 +282,23 @@ def test_bad_inputs(checkpoints, name, change, error, match):
     kw = {**inputs(reference), **change}
     with pytest.raises(error, match=match):
         model(**kw)
+
+
+def test_packed_convolutions_follow_weight_updates(checkpoints):
+    """Sampling (no autograd) runs the convolutions on weights packed once; a training step that
+    changes the weights in place, or a cast, must not leave a stale packed copy behind."""
+    path, reference = checkpoints["uncond"]
+    model = fastarch.models.from_pretrained(path)
+    kw = inputs(reference)
+    with torch.no_grad():
+        before = model(**kw)
+        for p in model.parameters():
+            p.mul_(1.01)
+        after = model(**kw)
+    with torch.enable_grad():
+        unpacked = model(**kw).detach()  # autograd on: torch's conv2d on the live weights
+    assert relative_error(before, after) > 1e-3
+    assert relative_error(after, unpacked) <= 1e-5
+    with torch.inference_mode():
+        low = model.to(torch.bfloat16)(**kw)
+    assert low.dtype == torch.bfloat16 and relative_error(low.float(), unpacked) <= 0.05

@@ -1,0 +1,26 @@
+"""fastarch bench --model unet --quick: a tiny UNet in place of the CIFAR-10 one, one round; the
+rows are timed, ours agrees with diffusers, and the JSON holds them."""
+
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from fastarch import cli
+from fastarch.bench import unet
+
+
+def test_bench_unet_quick_rows(tmp_path, monkeypatch, capsys):
+    tiny = {**unet.CONFIG, "sample_size": 8, "block_out_channels": [32, 32, 32, 32], "norm_num_groups": 8}
+    monkeypatch.setattr(unet, "CONFIG", tiny)
+    monkeypatch.setattr(unet, "QUICK_DDIM_STEPS", 2)
+    path = tmp_path / "unet.json"
+    assert cli.main(["bench", "--model", "unet", "--quick", "--rounds", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "forward  batch 4" in out and "ddim     batch 1   2 steps" in out
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["case"], r["dtype"]) for r in rows] == [("forward", "fp32"), ("ddim", "fp32"), ("forward", "bf16")]
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["diffusers_ms"] > 0 and r["vs"] > 0, r
+        assert r["rel_diff"] <= (1e-4 if r["dtype"] == "fp32" else 0.1), r
