@@ -1,6 +1,6 @@
 """``fastarch.optimize(model)``: faster models without edits to their code. It swaps the layers
-fastarch runs (torch's LayerNorm, RMSNorm, GroupNorm — with the SiLU after it in a Sequential —
-and MultiheadAttention; Hugging Face RMSNorm-style layers recognised by their behaviour) for fastarch modules holding the same Parameter objects,
+fastarch runs (torch's LayerNorm, RMSNorm, GroupNorm — with the SiLU after it in a Sequential —,
+MultiheadAttention and Conv2d; Hugging Face RMSNorm-style layers recognised by their behaviour) for fastarch modules holding the same Parameter objects,
 sets transformers models' attention to fastarch's and diffusers' attention processors to
 fastarch's, and returns a Report of what it changed and what it left alone, and why.
 ``fastarch.restore(model)`` puts the original module objects back.
@@ -267,6 +267,12 @@ def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
         if p is None:
             return None
         fields = (p.device.type, p.dtype, 1, 1, 1, 1, False)
+    elif isinstance(module, nn.Conv2d):
+        p = module.weight
+        if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) or module.padding_mode != "zeros":
+            return (f"{str(p.dtype).removeprefix('torch.')} on {p.device.type}, padding_mode {module.padding_mode!r}: "
+                    "fastarch's packed convolution runs float32 and bfloat16 on the CPU with zero padding")
+        return None
     else:
         p = module.weight
         op = "layer_norm" if isinstance(module, nn.LayerNorm) else "rms_norm"
@@ -282,10 +288,11 @@ def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
 def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str | None]:
     """(replacement, None), or (None, why it is left alone), or (None, None): not ours to judge."""
     kind = type(module)
-    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm, GroupNorm, MultiheadAttention, FoldedSiLU)):
+    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm, GroupNorm, MultiheadAttention, FoldedSiLU, fnn.Conv2d)):
         return None, "already optimized"
     candidates = {
         nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.GroupNorm: GroupNorm, nn.MultiheadAttention: MultiheadAttention,
+        nn.Conv2d: fnn.Conv2d,
     }
     if kind in candidates or any(issubclass(kind, c) for c in candidates):
         if kind not in candidates:

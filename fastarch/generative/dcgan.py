@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastarch.generative._pending_ops import group_norm  # -> fastarch.ops.group_norm once it merges
+from fastarch.ops import group_norm
 from fastarch.generative.digits import check_class_labels
 from fastarch.ops import layer_norm
 

@@ -10,7 +10,8 @@ itself on fastarch.ops.attention where a fastarch kernel backend can run it, and
 other call to the processor it replaced (or AttnProcessor2_0).
 
 FastarchResnetBlock2D is diffusers' ResnetBlock2D with each GroupNorm, its time-embedding
-scale/shift and the SiLU after it as one fastarch.ops.group_norm; fastarch.optimize turns a
+scale/shift and the SiLU after it as one fastarch.ops.group_norm (and, once optimize has made
+conv2 a fastarch.nn.Conv2d, the residual added inside that convolution); fastarch.optimize turns a
 plain ResnetBlock2D into one by changing its class (the same object, parameters and hooks), and
 fastarch.restore changes it back.
 """
@@ -24,6 +25,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
 
+from fastarch import nn as fnn
 from fastarch import ops
 from fastarch.optimize import _hooks, group_norm_backend
 from fastarch.override import _sdpa_backend, backend_for
@@ -148,10 +150,12 @@ class FastarchResnetBlock2D(ResnetBlock2D):
         else:
             hidden = ops.group_norm(hidden, n2.num_groups, n2.weight, n2.bias, n2.eps, scale=scale, shift=shift,
                                     activation="silu", backend=chosen)
-        hidden = self.conv2(self.dropout(hidden))
+        hidden = self.dropout(hidden)
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
-        out = input_tensor + hidden
+        if self.output_scale_factor == 1 and isinstance(self.conv2, fnn.Conv2d):
+            return self.conv2(hidden, add=input_tensor)  # the residual added inside the convolution
+        out = input_tensor + self.conv2(hidden)
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 

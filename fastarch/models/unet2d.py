@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch.models.loading import CheckpointError, load_into, read_config
+from fastarch.nn import Conv2d
 from fastarch.models.unet_blocks import (
-    Conv2d,
     DownStage,
     GroupNorm,
     MidStage,

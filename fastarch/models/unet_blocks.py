@@ -7,9 +7,8 @@ so a checkpoint's tensor names are the model's, and save_pretrained writes them 
 Kernels: every GroupNorm that diffusers follows with a SiLU is one fused group_norm(...,
 activation="silu"), the "scale_shift" time conditioning inside it (scale/shift); attention is
 fastarch.ops.attention; the transformer's LayerNorms are fastarch.ops.layer_norm, each residual
-add fused into the norm after it; the feed-forward's GELU gate is one geglu. (group_norm and
-geglu come from _pending_ops, a plain-torch stand-in, until fastarch.ops.group_norm and
-fastarch.ops.geglu merge: then ``gn_ops`` becomes ``ops``.)
+add fused into the norm after it; the feed-forward's GELU gate is fastarch.nn.GEGLU (one
+geglu_packed on the projection).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
-from fastarch.models import _pending_ops as gn_ops
+from fastarch.nn import GEGLU, Conv2d
 from fastarch.models.layers import LayerNorm
 
 
@@ -56,59 +55,6 @@ class StageSpec:
     linear_projection: bool = False  # "cross": proj_in/out Linear (else 1x1 Conv2d)
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same names) whose forward(x, add=None) gives conv(x) + add,
-    channels-last.
-
-    Without autograd on the CPU (sampling), it runs oneDNN's convolution on a weight packed once
-    into oneDNN's blocked layout, the add fused into it: torch's conv2d re-lays the weight out
-    on every call, which measured 2-4x the convolution itself on the DDPM-CIFAR10 UNet's 8x8 and
-    16x16 maps (Zen 4, fp32 and bf16). The packed copy is remade when the weight changes
-    (an optimizer step bumps its version) or the input shape does."""
-
-    _packed: tuple | None = None
-
-    def forward(self, x: Tensor, add: Tensor | None = None) -> Tensor:
-        if _can_pack(x, self.weight):
-            return self._packed_forward(x, add)
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return y if add is None else y + add
-
-    def __getstate__(self):  # copies (deepcopy for an EMA, pickling) repack on first use
-        state = super().__getstate__().copy()
-        state.pop("_packed", None)
-        return state
-
-    def _packed_forward(self, x: Tensor, add: Tensor | None) -> Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
-        if self._packed is None or self._packed[0] != key:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
-            self._packed = (key, packed)
-        args = (self._packed[1], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        if add is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
-        add = add.contiguous(memory_format=torch.channels_last)
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, *args, "add", 1.0, None, [], "")
-
-
-def _can_pack(x: Tensor, weight: Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype
-        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16_CONV))
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and torch.backends.mkldnn.is_available()
-        and not torch.compiler.is_compiling()
-    )
-
-
-# oneDNN's bf16 convolutions need AVX512-BF16 / AMX (else torch's conv2d, which converts)
-_BF16_CONV = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 class GroupNorm(nn.Module):
     """GroupNorm's parameters (named weight/bias as torch.nn.GroupNorm); forward runs the fused
     group_norm with an optional time scale/shift and SiLU."""
@@ -121,7 +67,7 @@ class GroupNorm(nn.Module):
 
     def forward(self, x: Tensor, *, scale: Tensor | None = None, shift: Tensor | None = None,
                 activation: str | None = None) -> Tensor:
-        return gn_ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, scale=scale, shift=shift,
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, scale=scale, shift=shift,
                                  activation=activation)
 
 
@@ -240,18 +186,6 @@ class Attention(nn.Module):
         v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
         y = ops.attention(q, k, v, key_padding_mask=key_padding_mask)
         return self.to_out[0](y.transpose(1, 2).reshape(B, S, -1))
-
-
-class GEGLU(nn.Module):
-    """One projection to twice the width; its first half times GELU(its second half)."""
-
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        up, gate = self.proj(x).chunk(2, dim=-1)
-        return gn_ops.geglu(gate, up)
 
 
 class BasicTransformerBlock(nn.Module):
