@@ -265,10 +265,11 @@ class Llama(CausalLM):
 
         def attend(i: int, y: Tensor) -> Tensor:
             q, k, v = (t.transpose(1, 2) for t in self._split(self.layers[i].qkv_proj(y)))  # (B, heads, n, D)
-            q, k = ops.rotary(q, k, cos, sin, offsets)
+            # the lengths fit (checked on the host above: cache.filled + n <= both bounds)
+            q, k = ops.rotary(q, k, cos, sin, offsets, positions_checked=True)
             cache.append(i, k, v)
             out = ops.attention_decode(q, cache.k[i], cache.v[i], seqlens, causal=True, window=self.config.window,
-                                       scale=scale)
+                                       scale=scale, seqlens_checked=True)
             return out.transpose(1, 2).reshape(B, n, self.n_head * self.head_dim)
 
         x = self._blocks(self.embed_tokens(input_ids), attend)

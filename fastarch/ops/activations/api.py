@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastarch import registry
+from fastarch.ops import dispatch
 from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.rows import as_rows
 
@@ -37,7 +38,7 @@ def _check(x: object, bias: object, approximate: object) -> None:
         raise ValueError(f"fastarch.{op}: approximate must be 'none' (erf) or 'tanh', got {approximate!r}")
 
 
-@torch.library.custom_op("fastarch::bias_gelu", mutates_args=())
+@dispatch.custom_op("fastarch::bias_gelu", mutates_args=())
 def _bias_gelu(x: Tensor, bias: Tensor | None, approximate: str, backend: str = "") -> Tensor:
     _check(x, bias, approximate)
     rows = as_rows(x)
@@ -51,7 +52,7 @@ def _(x, bias, approximate, backend=""):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastarch::bias_gelu_backward", mutates_args=())
+@dispatch.custom_op("fastarch::bias_gelu_backward", mutates_args=())
 def _bias_gelu_backward(
     dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str, need_dbias: bool, backend: str = ""
 ) -> tuple[Tensor, Tensor]:
@@ -112,7 +113,7 @@ def _check_swiglu(gate: object, up: object) -> None:
         raise ValueError(f"fastarch.{op}: up must be on gate's device {gate.device}, got {up.device}")
 
 
-@torch.library.custom_op("fastarch::swiglu", mutates_args=())
+@dispatch.custom_op("fastarch::swiglu", mutates_args=())
 def _swiglu(gate: Tensor, up: Tensor, backend: str = "") -> Tensor:
     _check_swiglu(gate, up)
     rows = as_rows(gate)
@@ -126,7 +127,7 @@ def _(gate, up, backend=""):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("fastarch::swiglu_backward", mutates_args=())
+@dispatch.custom_op("fastarch::swiglu_backward", mutates_args=())
 def _swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor, backend: str = "") -> tuple[Tensor, Tensor]:
     """dgate and dup, each of gate's shape."""
     rows = as_rows(gate)
