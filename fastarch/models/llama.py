@@ -277,15 +277,16 @@ class Llama(CausalLM):
         scale = 1.0 / math.sqrt(self.head_dim)
 
         def attend(i: int, y: Tensor) -> Tensor:
-            q, k, v = self._split(_linear(self.layers[i].qkv_proj, y), dim=1)  # (B, heads, n, D)
+            q, k, v = self._split(_linear(self.layers[i].qkv_proj, y).view(B, n, -1), dim=1)  # (B, heads, n, D)
             # the lengths fit (checked on the host above: cache.filled + n <= both bounds)
             q, k = ops.rotary(q, k, cos, sin, offsets, positions_checked=True)
             cache.append(i, k, v)
             out = ops.attention_decode(q, cache.k[i], cache.v[i], seqlens, causal=True, window=self.config.window,
                                        scale=scale, seqlens_checked=True)
-            return out.transpose(1, 2).reshape(B, n, self.n_head * self.head_dim)
+            return out.transpose(1, 2).reshape(B * n, self.n_head * self.head_dim)
 
-        x = self._blocks(self.embed_tokens(input_ids), attend)
+        # the hidden states as (B n, C) rows: the ops' own layout, so no op reshapes them
+        x = self._blocks(self.embed_tokens(input_ids.reshape(-1)), attend).view(B, n, -1)
         cache.advance(n)
         return _linear(self.lm_head, x[:, -1:] if last_only else x)
 
