@@ -7,12 +7,12 @@ runs; a decode step of a small model makes a few hundred such calls, and on a CP
 comparable to the kernels'. The dispatcher is only needed when something must see the op:
 autograd (grad mode on and an input that requires grad, or forward-mode AD), torch.compile and
 tracing (dynamo, make_fx, torch.jit.trace), fake and meta tensors (the fake implementations),
-tensor subclasses, torch function and dispatch modes (FakeTensorMode, FlopCounterMode,
-``with torch.device(...)``) and functorch transforms (vmap, grad). Any of those takes the custom
-op as before; otherwise the op's function runs with the same arguments, so the result is the
-same computation (tests/ops/test_fast_path.py checks the bits). An op that mutates an input
-bumps its version counter as the dispatcher would; under the profiler the direct call is
-recorded under the op's name.
+nested tensors and tensor subclasses, torch function and dispatch modes (FakeTensorMode,
+FlopCounterMode, ``with torch.device(...)``) and functorch transforms (vmap, grad). Any of
+those takes the custom op as before; otherwise the op's function runs with the same arguments,
+so the result is the same computation (tests/ops/test_fast_path.py checks the bits). An op
+that mutates an input bumps its version counter as the dispatcher would; under the profiler
+the direct call is recorded under the op's name.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def direct_call_allowed(args: Iterable[object]) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or a.is_meta or (grad and a.requires_grad)):
+        if isinstance(a, Tensor) and (
+            type(a) not in _PLAIN_TENSOR_TYPES or a.is_meta or a.is_nested or (grad and a.requires_grad)
+        ):
             return False
     return True
 
