@@ -62,6 +62,7 @@ def register(op: str, backends: list[Backend]) -> None:
     if unknown:
         raise ValueError(f"unknown backend names {sorted(unknown)} for op {op!r}; known: {BACKENDS}")
     _REGISTRY[op] = list(backends)
+    clear_choices()
 
 
 def ops() -> list[str]:
@@ -139,9 +140,50 @@ def reasons(op: str, problem: Any) -> dict[str, str | None]:
     return {b.name: why_not(b, problem) for b in backends_of(op)}
 
 
+# choose()'s answers: (op, problem, requested) -> (the op's table when chosen, the backend).
+# Problems are frozen dataclasses, so equal inputs hit one entry; the requested backend (the
+# argument, else the innermost backend() block or FASTARCH_BACKEND) is part of the key, so a
+# block's choice never leaks out of it. An entry counts only while the op's table is the same
+# list object (register() and a test's monkeypatch.setitem replace it). Availability and the
+# supports checks are taken as fixed for the process (they depend on the inputs, the build and
+# the machine); a CUDA problem's entry is per current device (supports reads its capability).
+_CHOICES: dict[tuple, tuple[list[Backend], Backend]] = {}
+_CHOICES_LIMIT = 4096  # distinct problems (shapes) before the memo starts over
+
+
+def clear_choices() -> None:
+    """Forgets every remembered choice (after changing what a supports check reads)."""
+    _CHOICES.clear()
+
+
 def choose(op: str, problem: Any, requested: str = "") -> Backend:
     """The backend that runs ``problem``: ``requested`` if given and able, else the first
-    able backend in priority order. Raises NoBackendError listing every backend's reason."""
+    able backend in priority order. Raises NoBackendError listing every backend's reason.
+    Remembered per (op, problem, requested)."""
+    table = _REGISTRY.get(op)
+    try:
+        key = (op, problem, requested, _cuda_index(problem))
+        hit = _CHOICES.get(key)
+    except TypeError:  # an unhashable problem: not remembered
+        return _choose(op, problem, requested)
+    if hit is not None and hit[0] is table:
+        return hit[1]
+    chosen = _choose(op, problem, requested)
+    if len(_CHOICES) >= _CHOICES_LIMIT:
+        _CHOICES.clear()
+    _CHOICES[key] = (table, chosen)
+    return chosen
+
+
+def _cuda_index(problem: Any) -> int | None:
+    if getattr(problem, "device", None) != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def _choose(op: str, problem: Any, requested: str) -> Backend:
     candidates = backends_of(op)
     if requested:
         _check_name(requested, "backend")

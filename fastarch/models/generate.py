@@ -101,9 +101,11 @@ class KVCache:
     """Static key/value cache: per layer k and v of (batch, kv_heads, max_len, head_dim),
     allocated once; tokens are written in place (fastarch.ops.append_kv), never reallocated.
 
-    seqlens: int32 (batch,) on the device, the filled slots of each row. filled: a host-side
-    bound on them (the longest row), so that overflowing the cache is caught without reading
-    the device.
+    seqlens: int32 (batch,) on the device, the filled slots of each row, kept by the cache's
+    methods (do not write it). filled: a host-side bound on them (the longest row), so that
+    overflowing the cache is caught without reading the device: 0 <= seqlens <= filled holds
+    by construction, so the ops that take the lengths are told they fit (seqlens_checked) and
+    no layer reads or asserts them.
     """
 
     def __init__(
@@ -148,7 +150,8 @@ class KVCache:
 
     def append(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
         """k_new, v_new: (batch, kv_heads, n, head_dim), the next n tokens of every row."""
-        ops.append_kv(self.k[layer], self.v[layer], k_new, v_new, self.seqlens)
+        self.check_room(k_new.shape[2])  # on the host: then seqlens + n <= filled + n fits
+        ops.append_kv(self.k[layer], self.v[layer], k_new, v_new, self.seqlens, seqlens_checked=True)
 
     def seqlens_after(self, n: int) -> Tensor:
         """The lengths once n more tokens are appended (what attention_decode reads)."""

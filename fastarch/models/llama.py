@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
@@ -143,6 +144,12 @@ class LlamaConfig:
         return None if self.sliding_window is None else self.sliding_window - 1
 
 
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) without the module call's hook machinery (a few microseconds, ~120 times per
+    decode step); the blocks are parameter holders that Llama runs itself."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
 def _swiglu(gate_up: Tensor) -> Tensor:
     """silu(gate) * up of the stacked (..., 2 * inner) gate/up projection."""
     gate, up = gate_up.chunk(2, dim=-1)  # strided halves: the kernels read them in place
@@ -215,16 +222,22 @@ class Llama(CausalLM):
         y = ops.rms_norm(x, norms[0].weight, eps=norms[0].eps)
         h = x
         for i, block in enumerate(self.layers):
-            a = block.o_proj(attend(i, y))
-            y, h = ops.add_rms_norm(a, h, block.post_attention_layernorm.weight, eps=block.post_attention_layernorm.eps)
+            a = _linear(block.o_proj, attend(i, y))
+            post = block.post_attention_layernorm
+            y, h = ops.add_rms_norm(a, h, post.weight, eps=post.eps)
             nxt = norms[i + 1]
-            y, h = ops.add_rms_norm(block.down_proj(_swiglu(block.gate_up_proj(y))), h, nxt.weight, eps=nxt.eps)
+            y, h = ops.add_rms_norm(_linear(block.down_proj, _swiglu(_linear(block.gate_up_proj, y))), h, nxt.weight,
+                                    eps=nxt.eps)
         return y
 
-    def _split(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(..., (H + 2 Hkv) * D) -> q (..., H, D), k, v (..., Hkv, D)."""
+    def _split(self, qkv: Tensor, dim: int = -2) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., (H + 2 Hkv) * D) -> q (..., H, D), k, v (..., Hkv, D); with dim=1, (B, n, ...)
+        -> q (B, H, n, D), k, v (B, Hkv, n, D). Views of qkv."""
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
-        q, k, v = qkv.unflatten(-1, (H + 2 * Hkv, D)).split([H, Hkv, Hkv], dim=-2)
+        heads = qkv.view(*qkv.shape[:-1], H + 2 * Hkv, D)
+        if dim == 1:
+            heads = heads.transpose(1, 2)
+        q, k, v = heads.split_with_sizes([H, Hkv, Hkv], dim)
         return q, k, v
 
     def _prefill(self, ids: Tensor, prompts: PackedPrompts, cache: KVCache | None) -> Tensor:
@@ -235,7 +248,7 @@ class Llama(CausalLM):
         scale = 1.0 / math.sqrt(self.head_dim)
 
         def attend(i: int, y: Tensor) -> Tensor:
-            q, k, v = self._split(self.layers[i].qkv_proj(y))
+            q, k, v = self._split(_linear(self.layers[i].qkv_proj, y))
             q, k = ops.rotary(q, k, cos, sin, prompts.positions)
             if cache is not None:
                 cache.write_packed(i, k, v, prompts)
@@ -259,21 +272,23 @@ class Llama(CausalLM):
         if input_ids.device.type == "cpu":  # on a GPU the check would make the host wait at every step
             self._check_ids(input_ids)
         cos, sin = self._rope(input_ids.device)
-        offsets = cache.seqlens
+        offsets = cache.seqlens.long()  # the rotary kernels' index type: converted once, not per layer
         seqlens = cache.seqlens_after(n)
         scale = 1.0 / math.sqrt(self.head_dim)
 
         def attend(i: int, y: Tensor) -> Tensor:
-            q, k, v = (t.transpose(1, 2) for t in self._split(self.layers[i].qkv_proj(y)))  # (B, heads, n, D)
-            q, k = ops.rotary(q, k, cos, sin, offsets)
+            q, k, v = self._split(_linear(self.layers[i].qkv_proj, y).view(B, n, -1), dim=1)  # (B, heads, n, D)
+            # the lengths fit (checked on the host above: cache.filled + n <= both bounds)
+            q, k = ops.rotary(q, k, cos, sin, offsets, positions_checked=True)
             cache.append(i, k, v)
             out = ops.attention_decode(q, cache.k[i], cache.v[i], seqlens, causal=True, window=self.config.window,
-                                       scale=scale)
-            return out.transpose(1, 2).reshape(B, n, self.n_head * self.head_dim)
+                                       scale=scale, seqlens_checked=True)
+            return out.transpose(1, 2).reshape(B * n, self.n_head * self.head_dim)
 
-        x = self._blocks(self.embed_tokens(input_ids), attend)
+        # the hidden states as (B n, C) rows: the ops' own layout, so no op reshapes them
+        x = self._blocks(self.embed_tokens(input_ids.reshape(-1)), attend).view(B, n, -1)
         cache.advance(n)
-        return self.lm_head(x[:, -1:] if last_only else x)
+        return _linear(self.lm_head, x[:, -1:] if last_only else x)
 
     # ------------------------------------------------------------------------- loading
 

@@ -172,6 +172,27 @@ def test_greedy_as_transformers_batched_and_alone(pair):
     _greedy_as_transformers(*pair)
 
 
+def test_a_decode_step_reads_the_host_once(pair, monkeypatch):
+    """The cache bounds its lengths on the host (KVCache.filled), so no layer reads them (nor
+    the rotary offsets): a decode step's one read of tensor values is the token ids' check."""
+    _, model = pair
+    ids, mask = gpt2_tiny.prompts([5, 12, 1], "left")
+    cache = model.new_cache(3, 20)
+    reads = []
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+        return lambda self, *args: (reads.append(name), real(self, *args))[1]
+
+    with torch.inference_mode():
+        model(ids, mask, cache=cache, last_only=True)
+        for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
+            monkeypatch.setattr(torch.Tensor, name, spy(name))
+        model(torch.ones(3, 1, dtype=torch.long), cache=cache, last_only=True)
+        monkeypatch.undo()
+    assert reads == ["tolist"]
+
+
 def test_mistral_sliding_window(tmp_path):
     """A window (5) shorter than the prompts: logits and greedy generation (decode reads the
     cache through the window) as transformers' Mistral."""

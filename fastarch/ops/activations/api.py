@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fastarch import registry
+from fastarch.ops import dispatch
 from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.rows import as_rows
 
@@ -40,7 +41,7 @@ def _check(x: object, bias: object, approximate: object) -> None:
         raise ValueError(f"fastarch.{op}: approximate must be 'none' (erf) or 'tanh', got {approximate!r}")
 
 
-@torch.library.custom_op("fastarch::bias_gelu", mutates_args=())
+@dispatch.custom_op("fastarch::bias_gelu", mutates_args=())
 def _bias_gelu(x: Tensor, bias: Tensor | None, approximate: str, backend: str = "") -> Tensor:
     _check(x, bias, approximate)
     rows = as_rows(x)
@@ -54,7 +55,7 @@ def _(x, bias, approximate, backend=""):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastarch::bias_gelu_backward", mutates_args=())
+@dispatch.custom_op("fastarch::bias_gelu_backward", mutates_args=())
 def _bias_gelu_backward(
     dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str, need_dbias: bool, backend: str = ""
 ) -> tuple[Tensor, Tensor]:
@@ -139,7 +140,7 @@ def _gated_backward(op: str, dy: Tensor, gate: Tensor, up: Tensor, act: str, bac
     return dgate.view(gate.shape), dup.view(gate.shape)
 
 
-@torch.library.custom_op("fastarch::swiglu", mutates_args=())
+@dispatch.custom_op("fastarch::swiglu", mutates_args=())
 def _swiglu(gate: Tensor, up: Tensor, backend: str = "") -> Tensor:
     _check_gated("swiglu", gate, up)
     return _gated_forward("swiglu", gate, up, "silu", backend)
@@ -151,7 +152,7 @@ def _(gate, up, backend=""):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("fastarch::swiglu_backward", mutates_args=())
+@dispatch.custom_op("fastarch::swiglu_backward", mutates_args=())
 def _swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor, backend: str = "") -> tuple[Tensor, Tensor]:
     """dgate and dup, each of gate's shape."""
     return _gated_backward("swiglu", dy, gate, up, "silu", backend)
@@ -190,7 +191,7 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     return _swiglu(gate, up, registry.requested_backend(backend))
 
 
-@torch.library.custom_op("fastarch::geglu", mutates_args=())
+@dispatch.custom_op("fastarch::geglu", mutates_args=())
 def _geglu(gate: Tensor, up: Tensor, approximate: str, backend: str = "") -> Tensor:
     _check_geglu(gate, up, approximate)
     return _gated_forward("geglu", gate, up, _geglu_act(approximate), backend)
@@ -202,7 +203,7 @@ def _(gate, up, approximate, backend=""):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("fastarch::geglu_backward", mutates_args=())
+@dispatch.custom_op("fastarch::geglu_backward", mutates_args=())
 def _geglu_backward(dy: Tensor, gate: Tensor, up: Tensor, approximate: str, backend: str = "") -> tuple[Tensor, Tensor]:
     """dgate and dup, each of gate's shape."""
     return _gated_backward("geglu", dy, gate, up, _geglu_act(approximate), backend)
@@ -260,7 +261,7 @@ def _half_shape(proj: Tensor) -> tuple[int, ...]:
     return (*proj.shape[:-1], proj.shape[-1] // 2)
 
 
-@torch.library.custom_op("fastarch::geglu_packed", mutates_args=())
+@dispatch.custom_op("fastarch::geglu_packed", mutates_args=())
 def _geglu_packed(proj: Tensor, approximate: str, backend: str = "") -> Tensor:
     _check_geglu_packed(proj, approximate)
     rows = as_rows(proj)
@@ -274,7 +275,7 @@ def _(proj, approximate, backend=""):
     return proj.new_empty(_half_shape(proj))
 
 
-@torch.library.custom_op("fastarch::geglu_packed_backward", mutates_args=())
+@dispatch.custom_op("fastarch::geglu_packed_backward", mutates_args=())
 def _geglu_packed_backward(dy: Tensor, proj: Tensor, approximate: str, backend: str = "") -> Tensor:
     """dproj, of proj's shape: [dup | dgate]."""
     rows = as_rows(proj)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fastarch import registry
+from fastarch.ops import dispatch
 from fastarch.ops.attn import checks
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem, empty_out
 from fastarch.ops.attn.backends import no_work
@@ -21,7 +22,7 @@ from fastarch.ops.attn.reference import _M32, stats_dtype
 # ----------------------------------------------------------------------------- the torch ops
 
 
-@torch.library.custom_op("fastarch::attention", mutates_args=())
+@dispatch.custom_op("fastarch::attention", mutates_args=())
 def _attention(
     q: Tensor,
     k: Tensor,
@@ -54,7 +55,7 @@ def _(q, k, v, *args, **kwargs):
     return empty_out(q, v), q.new_empty(q.shape[:-1], dtype=stats_dtype(q.dtype))
 
 
-@torch.library.custom_op("fastarch::attention_backward", mutates_args=())
+@dispatch.custom_op("fastarch::attention_backward", mutates_args=())
 def _attention_backward(
     dout: Tensor,
     q: Tensor,

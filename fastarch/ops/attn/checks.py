@@ -182,10 +182,12 @@ def cu_seqlens(c: Caller, name: str, cu: Tensor, total: int, max_seqlen: int | N
 
 
 def cache_seqlens(c: Caller, lens: Tensor, batch: int, capacity: int, device, clamped_on_gpu: bool = True,
-                  new_tokens: int = 0) -> Tensor:
+                  new_tokens: int = 0, values_checked: bool = False) -> Tensor:
     """int32 (batch,), each in 0 .. capacity - new_tokens: checked on the host for CPU tensors;
     on a GPU clamped by the decode kernels, or (clamped_on_gpu=False, for what writes) asserted
-    on the device. Returns them contiguous (the kernels index them as an array)."""
+    on the device. values_checked: the caller vouches for the values (fastarch's KVCache, which
+    bounds them on the host), so they are not read. Returns them contiguous (the kernels index
+    them as an array)."""
     tensor(c, lens, "cache_seqlens")
     if lens.dtype != torch.int32 or tuple(lens.shape) != (batch,):
         raise c.value_error(
@@ -194,13 +196,14 @@ def cache_seqlens(c: Caller, lens: Tensor, batch: int, capacity: int, device, cl
     if lens.device != device:
         raise c.value_error(f"cache_seqlens must be on {c.q}'s device {device}, got {lens.device}")
     lens = lens.contiguous()
-    if torch.compiler.is_compiling() or batch == 0:
+    if values_checked or torch.compiler.is_compiling() or batch == 0:
         return lens
     top = capacity - new_tokens
     why = (f"cache_seqlens must be between 0 and {top}: the cache's {capacity} slots less the {new_tokens} new tokens"
            if new_tokens else f"cache_seqlens must be between 0 and the cache's {capacity} slots")
     if lens.device.type == "cpu":
-        lo, hi = int(lens.min()), int(lens.max())
+        values = lens.tolist()  # one read (a min and a max would be two reductions and two reads)
+        lo, hi = min(values), max(values)
         if lo < 0 or hi > top:
             raise c.value_error(f"{why}, got {lo}..{hi}")
     elif not clamped_on_gpu:

@@ -11,12 +11,13 @@ import torch
 from torch import Tensor
 
 from fastarch import registry
+from fastarch.ops import dispatch
 from fastarch.ops.attn import checks
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem, empty_out
 from fastarch.ops.attn.reference import stats_dtype
 
 
-@torch.library.custom_op("fastarch::attention_decode", mutates_args=())
+@dispatch.custom_op("fastarch::attention_decode", mutates_args=())
 def _attention_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, causal: bool, scale: float, window_left: int,
     backend: str = "",
@@ -44,6 +45,7 @@ def attention_decode(
     window: int | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    seqlens_checked: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of one (or a few) new query tokens against a preallocated key/value cache.
 
@@ -53,11 +55,14 @@ def attention_decode(
     CPU tensors; on a GPU the kernels clamp them to it (checking would make the host wait for
     the GPU at every step). With causal (the default), new token i of Sq_new sees the cache up
     to its own position; window: keys at most that far to its left. Returns out
-    (B, H, Sq_new, Dv) (and lse (B, H, Sq_new) with return_lse).
+    (B, H, Sq_new, Dv) (and lse (B, H, Sq_new) with return_lse). seqlens_checked: the caller
+    vouches that cache_seqlens lie in range (KVCache keeps them so, bounded on the host), so
+    they are not read on the host for CPU tensors (the kernels clamp them either way).
     """
     c = checks.Caller("attention_decode", k="k_cache", v="v_cache")
     checks.check_qkv(c, q, k_cache, v_cache, packed=False)
-    cache_seqlens = checks.cache_seqlens(c, cache_seqlens, q.shape[0], k_cache.shape[2], q.device)
+    cache_seqlens = checks.cache_seqlens(c, cache_seqlens, q.shape[0], k_cache.shape[2], q.device,
+                                         values_checked=seqlens_checked)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     checks.check_scale(c, scale)
@@ -71,7 +76,7 @@ def attention_decode(
     return (out, lse) if return_lse else out
 
 
-@torch.library.custom_op("fastarch::append_kv", mutates_args=("k_cache", "v_cache"))
+@dispatch.custom_op("fastarch::append_kv", mutates_args=("k_cache", "v_cache"))
 def _append_kv(
     k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor, backend: str = ""
 ) -> None:
@@ -87,13 +92,17 @@ def _(k_cache, v_cache, k_new, v_new, cache_seqlens, backend=""):
 
 
 def append_kv(
-    k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor, *, backend: str | None = None
+    k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor, *, backend: str | None = None,
+    seqlens_checked: bool = False,
 ) -> None:
     """Writes k_new (B, Hkv, S_new, D) and v_new (B, Hkv, S_new, Dv) into the caches
     (B, Hkv, S_max, D / Dv) in place, at slots cache_seqlens[b] .. cache_seqlens[b] + S_new of
     each sequence. The caller then adds S_new to cache_seqlens. Slots outside the cache are an
     error: a ValueError for CPU tensors, a device-side assert on a GPU (checked there without
-    waiting for the GPU)."""
+    waiting for the GPU). seqlens_checked: the caller vouches that the slots fit (KVCache
+    bounds its lengths on the host), so the lengths are neither read nor asserted here (a
+    broken promise is the caller's bug; the C++ CPU kernel still refuses such slots and the GPU
+    kernels skip them)."""
     c = checks.Caller("append_kv", q="k_cache")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         checks.tensor(c, t, name)
@@ -124,5 +133,6 @@ def append_kv(
     if k_new.shape[2] > k_cache.shape[2]:
         raise c.value_error(f"k_new's {k_new.shape[2]} tokens do not fit the cache's {k_cache.shape[2]} slots")
     cache_seqlens = checks.cache_seqlens(c, cache_seqlens, k_cache.shape[0], k_cache.shape[2], k_cache.device,
-                                         clamped_on_gpu=False, new_tokens=k_new.shape[2])
+                                         clamped_on_gpu=False, new_tokens=k_new.shape[2],
+                                         values_checked=seqlens_checked)
     _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, registry.requested_backend(backend))

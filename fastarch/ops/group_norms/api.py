@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastarch import registry
+from fastarch.ops import dispatch
 from fastarch.ops.group_norms.backends import GroupNormProblem
 from fastarch.ops.norms.api import check_eps
 
@@ -119,7 +120,7 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- the ops
 
 
-@torch.library.custom_op("fastarch::group_norm", mutates_args=())
+@dispatch.custom_op("fastarch::group_norm", mutates_args=())
 def _group_norm(
     x: Tensor,
     num_groups: int,
@@ -153,7 +154,7 @@ def _(x, num_groups, weight, bias, scale, shift, eps, silu, backend=""):
     return y, stats, stats.new_empty(stats.shape)
 
 
-@torch.library.custom_op("fastarch::group_norm_backward", mutates_args=())
+@dispatch.custom_op("fastarch::group_norm_backward", mutates_args=())
 def _group_norm_backward(
     dy: Tensor,
     x: Tensor,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastarch import registry
+from fastarch.ops import dispatch
 from fastarch.ops.norms.backends import NormProblem
 from fastarch.ops.norms.reference import stats_dtype
 from fastarch.ops.rows import as_rows
@@ -107,7 +108,7 @@ def _fake_forward(
     return x.new_empty(x.shape), x.new_empty(x.shape), stats
 
 
-@torch.library.custom_op("fastarch::norm_backward", mutates_args=())
+@dispatch.custom_op("fastarch::norm_backward", mutates_args=())
 def _norm_backward(
     dy: Tensor,
     dresidual_out: Tensor | None,
@@ -162,7 +163,7 @@ def _grads(ctx, dy: Tensor, dresidual_out: Tensor | None, weight_index: int, bia
 # ----------------------------------------------------------------------------- layer_norm
 
 
-@torch.library.custom_op("fastarch::layer_norm", mutates_args=())
+@dispatch.custom_op("fastarch::layer_norm", mutates_args=())
 def _layer_norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = ""
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -208,7 +209,7 @@ def layer_norm(
 # ----------------------------------------------------------------------------- rms_norm
 
 
-@torch.library.custom_op("fastarch::rms_norm", mutates_args=())
+@dispatch.custom_op("fastarch::rms_norm", mutates_args=())
 def _rms_norm(x: Tensor, weight: Tensor | None, eps: float, backend: str = "") -> tuple[Tensor, Tensor]:
     y, _, _, rstd = _forward("rms_norm", x, None, weight, None, eps, True, backend)
     return y, rstd
@@ -255,7 +256,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, 
 # ----------------------------------------------------------------------------- add_layer_norm
 
 
-@torch.library.custom_op("fastarch::add_layer_norm", mutates_args=())
+@dispatch.custom_op("fastarch::add_layer_norm", mutates_args=())
 def _add_layer_norm(
     x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = ""
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -307,7 +308,7 @@ def add_layer_norm(
 # ----------------------------------------------------------------------------- add_rms_norm
 
 
-@torch.library.custom_op("fastarch::add_rms_norm", mutates_args=())
+@dispatch.custom_op("fastarch::add_rms_norm", mutates_args=())
 def _add_rms_norm(
     x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, backend: str = ""
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fastarch import registry
+from fastarch.ops import dispatch
 from fastarch.ops.rope.backends import RotaryProblem
 from fastarch.ops.rope.reference import compute_dtype
 
@@ -96,7 +97,11 @@ def _check_position_values(q: Tensor, cos: Tensor, positions: Tensor | None) -> 
     why = (f"positions must lie in 0 .. {max_pos - steps} (the table's {max_pos} positions less the {steps - 1}"
            f" tokens after each offset)" if offsets else f"positions must lie in 0 .. {max_pos - 1} (the table's rows)")
     if positions.device.type == "cpu":
-        lo, hi = (int(v) for v in torch.aminmax(positions))
+        if positions.numel() <= 4096:  # decoding's few offsets: one read, no reduction ops
+            values = positions.flatten().tolist()
+            lo, hi = min(values), max(values)
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(positions))
         if lo < 0 or hi > max_pos - steps:
             raise ValueError(f"{OP}: {why}, got {lo} .. {hi}")
     else:
@@ -133,22 +138,24 @@ def _fake(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q), torch.empty_like(k)
 
 
-@torch.library.custom_op("fastarch::rotary", mutates_args=())
+@dispatch.custom_op("fastarch::rotary", mutates_args=())
 def _rotary(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, interleaved: bool, backend: str = ""
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, interleaved: bool, backend: str = "",
+    check_positions: bool = True,
 ) -> tuple[Tensor, Tensor]:
     _check(q, k, cos, sin, positions, interleaved)
-    _check_position_values(q, cos, positions)
+    if check_positions:
+        _check_position_values(q, cos, positions)
     return _run(q, k, cos, sin, positions, interleaved, False, backend)
 
 
 @_rotary.register_fake
-def _(q, k, cos, sin, positions, interleaved, backend=""):
+def _(q, k, cos, sin, positions, interleaved, backend="", check_positions=True):
     _check(q, k, cos, sin, positions, interleaved)
     return _fake(q, k)
 
 
-@torch.library.custom_op("fastarch::rotary_backward", mutates_args=())
+@dispatch.custom_op("fastarch::rotary_backward", mutates_args=())
 def _rotary_backward(
     dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, interleaved: bool,
     backend: str = "",
@@ -164,7 +171,7 @@ def _(dq_out, dk_out, cos, sin, positions, interleaved, backend=""):
 
 
 def _setup(ctx, inputs, output):
-    _, _, cos, sin, positions, interleaved, backend = inputs
+    _, _, cos, sin, positions, interleaved, backend, _ = inputs
     ctx.save_for_backward(cos, sin, positions)
     ctx.interleaved, ctx.backend = interleaved, backend
 
@@ -172,7 +179,7 @@ def _setup(ctx, inputs, output):
 def _grad(ctx, dq_out, dk_out):
     cos, sin, positions = ctx.saved_tensors
     dq, dk = _rotary_backward(dq_out, dk_out, cos, sin, positions, ctx.interleaved, ctx.backend)
-    return dq, dk, None, None, None, None, None
+    return dq, dk, None, None, None, None, None, None
 
 
 _rotary.register_autograd(_grad, setup_context=_setup)
@@ -187,6 +194,7 @@ def rotary(
     interleaved: bool = False,
     *,
     backend: str | None = None,
+    positions_checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Rotary position embedding of q and k in one pass. Returns (q_out, k_out), new tensors of
     q's and k's shapes and dtype (contiguous for contiguous inputs).
@@ -204,9 +212,12 @@ def rotary(
 
     Computed in fp32 and rounded once. Gradients flow to q and k (the inverse rotation); cos and
     sin are constants (an error if they require grad). backend: force "cuda", "cpu", "triton"
-    or "reference".
+    or "reference". positions_checked: the caller vouches that every position fits the table
+    (a decoder that bounds its cache's lengths on the host), so the values are neither read on
+    the host (CPU) nor asserted on the device (GPU); the C++ and GPU kernels never read
+    outside the table either way.
     """
     _check(q, k, cos, sin, positions, interleaved)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError(f"{OP}: cos and sin get no gradient; pass them detached (cos.detach())")
-    return _rotary(q, k, cos, sin, positions, interleaved, registry.requested_backend(backend))
+    return _rotary(q, k, cos, sin, positions, interleaved, registry.requested_backend(backend), not positions_checked)
