@@ -225,6 +225,8 @@ setup(
     + ["fastarch.kernels"]
     + [f"fastarch.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"fastarch.kernels": "kernels"},
+    # the trained digit models, so that `fastarch sample` works right after install
+    package_data={"fastarch.generative": ["checkpoints/*/*.json", "checkpoints/*/*.safetensors"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

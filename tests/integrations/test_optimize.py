@@ -160,8 +160,8 @@ def test_group_norm_and_silu_fold(dtype):
     exact = copy.deepcopy(model).double()
     report = fastarch.optimize(model, inplace=False)
     fast = report.model
-    assert [type(m) for m in fast][1:] == [GroupNormSiLU, FoldedSiLU, nn.Conv2d, GroupNorm, nn.ReLU,
-                                           GroupNormSiLU, FoldedSiLU]
+    assert [type(m) for m in fast] == [fastarch.nn.Conv2d, GroupNormSiLU, FoldedSiLU, fastarch.nn.Conv2d, GroupNorm,
+                                       nn.ReLU, GroupNormSiLU, FoldedSiLU]
     assert fast[1].weight is report.model[1].weight and fast.state_dict().keys() == model.state_dict().keys()
     assert {e.path for e in report.swapped} >= {"1", "2", "4", "6", "7"}
     x = torch.randn(2, 3, 9, 7)
@@ -175,10 +175,32 @@ def test_group_norm_and_silu_fold(dtype):
     assert_close(ours, theirs, ref)
     for name in g_ref:
         assert_close(g_ours[name], g_theirs[name], g_ref[name], factor=3.0)
+    with torch.no_grad():  # inference: the convolutions on their packed weights
+        assert_close(fast(x.to(dtype)), model(x.to(dtype)), exact(x.double()))
     fastarch.restore(model)
     fastarch.optimize(model)
     fastarch.restore(model)
     assert all(a is b for a, b in zip(model, originals))
+
+
+def test_conv2d_swap():
+    """nn.Conv2d -> fastarch.nn.Conv2d sharing its parameters: without autograd the packed
+    oneDNN path (a different summation order: within a few ulps), with autograd torch's
+    conv2d (the same bits); a circular padding mode, fp16, or a subclass stay as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, groups=2, bias=False),
+                          nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"))
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    assert [type(m) for m in fast] == [fastarch.nn.Conv2d, fastarch.nn.Conv2d, nn.Conv2d]
+    assert fast[0].weight is model[0].weight and "padding_mode 'circular'" in report.left_alone[0].detail
+    x = torch.randn(2, 4, 11, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    y = fast(x.requires_grad_())
+    torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+    half = fastarch.optimize(nn.Sequential(nn.Conv2d(4, 4, 1)).half())
+    assert "float16 on cpu" in half.left_alone[0].detail
 
 
 def test_group_norm_fold_needs_a_plain_silu():

@@ -40,7 +40,7 @@ Dtype dtype_of(const char* who, const Tensor& x) {
 }
 
 at::ScalarType acc_dtype(Dtype d) { return d == Dtype::f64 ? at::kDouble : at::kFloat; }
-bool use_avx512(Dtype d) { return d != Dtype::f64 && active_isa() == Isa::avx512; }
+bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
 
 // Items per task: ~32K elements, so that the pool's overhead stays small.
 int64_t grain(const gn::Tiling& t) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(t.elements_per_item, 1)); }
@@ -85,7 +85,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
   void* part = partial.data_ptr();
   void* tab = tables.data_ptr();
   const bool avx512 = use_avx512(d);
-  const bool bf16_insn = cpu_has_avx512_bf16();
+  const bool bf16_insn = isa_bf16();
   dispatch(d, [&]<Dtype D>() {
     at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
@@ -137,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
   void* part = partial.data_ptr();
   void* tab = tables.data_ptr();
   const bool avx512 = use_avx512(d);
-  const bool bf16_insn = cpu_has_avx512_bf16();
+  const bool bf16_insn = isa_bf16();
   const int64_t groups_grain = group_grain(p.channels / p.groups, t.chunks);
   dispatch(d, [&]<Dtype D>() {
     if (p.batch > 0) {
