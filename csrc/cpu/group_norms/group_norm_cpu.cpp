@@ -49,6 +49,28 @@ int64_t group_grain(int64_t channels_per_group, int64_t chunks) {
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(channels_per_group * chunks, 1));
 }
 
+// The passes' schedule. Phase by phase over the whole tensor (each pass split into items across
+// the threads, so that even one group fills them), or, when there are enough cache-sized units
+// to share, every pass of one unit before the next (NCHW: a group, whose channels are
+// contiguous; NHWC: a sample, whose groups interleave): the unit is read from memory once and
+// from the core's cache after. Either way each item's sums and each group's combine are the same
+// arithmetic, so the results are the same bits.
+struct Units {
+  int64_t count = 0;  // 0: phase by phase
+  int64_t items = 0;  // items per unit (consecutive)
+  int64_t groups = 0;  // groups per unit (consecutive)
+};
+
+template <typename P>
+Units cache_units(const P& p, const gn::Tiling& t, int64_t bytes_per_element) {
+  constexpr int64_t kUnitBytes = 256 * 1024;  // well inside a core's L2 (1-2 MB on current x86)
+  const int64_t cpg = p.channels / p.groups;
+  Units u = p.channels_last ? Units{p.batch, t.chunks, p.groups} : Units{p.batch * p.groups, cpg * t.chunks, 1};
+  const int64_t unit_elements = (p.channels_last ? p.channels : cpg) * p.spatial;
+  if (u.count < 4 * at::get_num_threads() || unit_elements * bytes_per_element > kUnitBytes) u.count = 0;
+  return u;
+}
+
 // Calls fn.template operator()<D>() for the dtype d (a runtime switch to compile-time types).
 template <typename Fn>
 void dispatch(Dtype d, Fn&& fn) {
@@ -87,24 +109,37 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
   const bool avx512 = use_avx512(d);
   const bool bf16_insn = isa_bf16();
   dispatch(d, [&]<Dtype D>() {
-    at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
+    auto stats_items = [&](int64_t begin, int64_t end) {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
       if constexpr (D != Dtype::f64) {
         if (avx512) return gn::group_norm_stats_avx512<D>(p, t, begin, end, static_cast<float*>(part));
       }
 #endif
       gn::group_norm_stats_generic<D>(p, t, begin, end, part);
-    });
-    at::parallel_for(0, p.batch * p.groups, group_grain(p.channels / p.groups, t.chunks),
-                     [&](int64_t begin, int64_t end) { gn::group_norm_combine<D>(p, t, begin, end, part, tab); });
-    at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
+    };
+    auto combine_groups = [&](int64_t begin, int64_t end) { gn::group_norm_combine<D>(p, t, begin, end, part, tab); };
+    auto apply_items = [&](int64_t begin, int64_t end) {
 #ifdef FASTARCH_WITH_AVX512
       if constexpr (D != Dtype::f64) {
         if (avx512) return gn::group_norm_apply_avx512<D>(p, t, begin, end, static_cast<const float*>(tab), bf16_insn);
       }
 #endif
       gn::group_norm_apply_generic<D>(p, t, begin, end, tab);
-    });
+    };
+    const Units u = cache_units(p, t, x.element_size());
+    if (u.count > 0) {
+      at::parallel_for(0, u.count, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          stats_items(i * u.items, (i + 1) * u.items);
+          combine_groups(i * u.groups, (i + 1) * u.groups);
+          apply_items(i * u.items, (i + 1) * u.items);
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, t.items, grain(t), stats_items);
+    at::parallel_for(0, p.batch * p.groups, group_grain(p.channels / p.groups, t.chunks), combine_groups);
+    at::parallel_for(0, t.items, grain(t), apply_items);
   });
   (void)avx512;
   (void)bf16_insn;
@@ -141,9 +176,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
   const int64_t groups_grain = group_grain(p.channels / p.groups, t.chunks);
   dispatch(d, [&]<Dtype D>() {
     if (p.batch > 0) {
-      at::parallel_for(0, p.batch * p.groups, groups_grain,
-                       [&](int64_t begin, int64_t end) { gn::group_norm_tables_from_stats<D>(p, begin, end, tab); });
-      at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
+      auto tables_groups = [&](int64_t begin, int64_t end) { gn::group_norm_tables_from_stats<D>(p, begin, end, tab); };
+      auto stats_items = [&](int64_t begin, int64_t end) {
 #ifdef FASTARCH_WITH_AVX512
         if constexpr (D != Dtype::f64) {
           if (avx512) {
@@ -153,11 +187,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
         }
 #endif
         gn::group_norm_grad_stats_generic<D>(p, t, begin, end, tab, part);
-      });
-      at::parallel_for(0, p.batch * p.groups, groups_grain, [&](int64_t begin, int64_t end) {
+      };
+      auto combine_groups = [&](int64_t begin, int64_t end) {
         gn::group_norm_combine_grad<D>(p, t, begin, end, part, tab, dweight_terms, dbias_terms);
-      });
-      at::parallel_for(0, t.items, grain(t), [&](int64_t begin, int64_t end) {
+      };
+      auto apply_items = [&](int64_t begin, int64_t end) {
 #ifdef FASTARCH_WITH_AVX512
         if constexpr (D != Dtype::f64) {
           if (avx512) {
@@ -166,7 +200,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
         }
 #endif
         gn::group_norm_grad_apply_generic<D>(p, t, begin, end, tab);
-      });
+      };
+      const Units u = cache_units(p, t, 2 * x.element_size());  // x and dy
+      if (u.count > 0) {
+        at::parallel_for(0, u.count, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            tables_groups(i * u.groups, (i + 1) * u.groups);
+            stats_items(i * u.items, (i + 1) * u.items);
+            combine_groups(i * u.groups, (i + 1) * u.groups);
+            apply_items(i * u.items, (i + 1) * u.items);
+          }
+        });
+      } else {
+        at::parallel_for(0, p.batch * p.groups, groups_grain, tables_groups);
+        at::parallel_for(0, t.items, grain(t), stats_items);
+        at::parallel_for(0, p.batch * p.groups, groups_grain, combine_groups);
+        at::parallel_for(0, t.items, grain(t), apply_items);
+      }
     }
     gn::group_norm_weight_grads<D>(p, dweight_terms, dbias_terms);  // zeros for N == 0
   });
