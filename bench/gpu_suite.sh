@@ -66,11 +66,14 @@ bench() {  # bench NAME SECONDS ARGS...: one family's table into the log, its ro
 if [[ " $STAGES " == *" bench "* ]]; then
   # attention: our two GPU backends against SDPA's flash, efficient and cuDNN kernels
   # (FlexAttention's compile per case costs more than a short lease allows: --no-compile)
-  # (each family's arguments can be replaced: ATTN_ARGS, DECODE_ARGS, NORMS_ARGS)
+  # (each family's arguments can be replaced: ATTN_ARGS, DECODE_ARGS, NORMS_ARGS, GN_ARGS)
   bench attention "${BENCH_ATTN_S:-150}" ${ATTN_ARGS:---op attention,attention_causal --backend cuda,triton \
     --dtype bf16,fp16 --shapes 2x16x4096x128,1x16x16384x128,4x32x2048x64 --no-compile}
   bench decode "${BENCH_DECODE_S:-60}" ${DECODE_ARGS:---op attention_decode --backend cuda,triton --dtype bf16,fp16}
   bench norms "${BENCH_NORMS_S:-120}" ${NORMS_ARGS:---op layer_norm,rms_norm,add_layer_norm,add_rms_norm \
     --backend cuda,triton --dtype bf16,fp32 --shapes 16384x8192}
+  # group_norm (+SiLU): the goal is >= 80% of copy bandwidth at batch 1 (the UNet's maps)
+  bench group_norm "${BENCH_GN_S:-90}" ${GN_ARGS:---op group_norm,group_norm_nhwc --backend cuda,triton \
+    --dtype bf16,fp32 --shapes 1x320x64x64,1x640x32x32,2x1280x16x16 --no-compile}
 fi
 say done
