@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastarch import ops, registry
+from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.attn.args import AttentionProblem
 from fastarch.ops.group_norms.backends import GroupNormProblem
 from fastarch.ops.norms.backends import NormProblem
@@ -31,6 +32,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _PROBLEMS = {
     "layer_norm": NormProblem, "rms_norm": NormProblem, "attention": AttentionProblem, "group_norm": GroupNormProblem,
+    "geglu_packed": ActivationProblem,
 }
 
 

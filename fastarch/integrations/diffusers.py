@@ -13,7 +13,8 @@ FastarchResnetBlock2D is diffusers' ResnetBlock2D with each GroupNorm, its time-
 scale/shift and the SiLU after it as one fastarch.ops.group_norm (and, once optimize has made
 conv2 a fastarch.nn.Conv2d, the residual added inside that convolution); fastarch.optimize turns a
 plain ResnetBlock2D into one by changing its class (the same object, parameters and hooks), and
-fastarch.restore changes it back.
+fastarch.restore changes it back. FastarchGEGLU takes the place of diffusers' GEGLU (the
+transformer blocks' feed-forward gate) on fastarch.ops.geglu_packed, sharing its projection.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
 
 from fastarch import nn as fnn
 from fastarch import ops
-from fastarch.optimize import _hooks, group_norm_backend
+from fastarch.optimize import _ORIGINAL, _hooks, group_norm_backend
 from fastarch.override import _sdpa_backend, backend_for
 
 
@@ -159,6 +161,37 @@ class FastarchResnetBlock2D(ResnetBlock2D):
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
+class FastarchGEGLU(fnn.GEGLU):
+    """fastarch.nn.GEGLU in place of diffusers' GEGLU, sharing its ``proj``: diffusers' own
+    arithmetic (``up * gelu(gate)``) where no fastarch kernel backend runs the projection's
+    dtype and device, and the original module for the deprecated extra arguments."""
+
+    _fastarch_backend: str | None = None
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if args or kwargs:
+            return self.__dict__[_ORIGINAL](hidden_states, *args, **kwargs)
+        h = self.proj(hidden_states)
+        chosen = (backend_for("geglu_packed", (h.device.type, h.dtype, 1, 1), self._fastarch_backend)
+                  if type(h) is Tensor else "")
+        if not chosen:
+            up, gate = h.chunk(2, dim=-1)
+            return up * torch.nn.functional.gelu(gate)
+        return ops.geglu_packed(h, backend=chosen)
+
+
+def _swap_geglu(model: torch.nn.Module, path: str, module: GEGLU, report, backend: str | None) -> None:
+    if _hooks(module):
+        report.add(path, "GEGLU", False, "has hooks (they would not run on a new module)")
+        return
+    new = FastarchGEGLU.from_diffusers(module)
+    new._fastarch_backend = backend
+    new.__dict__[_ORIGINAL] = module
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+    report.add(path, "GEGLU", True, "-> FastarchGEGLU (geglu_packed on the projection)")
+
+
 def resnet_unfused_reason(block: ResnetBlock2D) -> str | None:
     """Why optimize leaves a ResnetBlock2D as it is, or None."""
     if type(block) is not ResnetBlock2D:
@@ -180,8 +213,11 @@ def resnet_unfused_reason(block: ResnetBlock2D) -> str | None:
 def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
     """fastarch.optimize's diffusers part: FastarchAttnProcessor on every Attention module whose
     processor is diffusers' default (AttnProcessor2_0 or AttnProcessor), and every plain
-    ResnetBlock2D made a FastarchResnetBlock2D."""
-    for path, m in model.named_modules():
+    ResnetBlock2D made a FastarchResnetBlock2D, every diffusers GEGLU a FastarchGEGLU."""
+    for path, m in list(model.named_modules()):
+        if type(m) is GEGLU and path:
+            _swap_geglu(model, path, m, report, backend)
+            continue
         if isinstance(m, ResnetBlock2D):
             if isinstance(m, FastarchResnetBlock2D):
                 report.add(path, "ResnetBlock2D", True, "already FastarchResnetBlock2D")

@@ -17,7 +17,7 @@ from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance
 
 import fastarch
 from fastarch.integrations import diffusers as integration
-from fastarch.integrations.diffusers import FastarchAttnProcessor, FastarchResnetBlock2D
+from fastarch.integrations.diffusers import FastarchAttnProcessor, FastarchGEGLU, FastarchResnetBlock2D
 from fastarch.optimize import GroupNorm
 
 
@@ -113,19 +113,25 @@ def test_unet2d_condition_with_mask(monkeypatch):
     def run(m, dt):
         return m(x.to(dt), 10, encoder_hidden_states=context.to(dt), encoder_attention_mask=mask.to(dt)).sample
 
+    geglu = _Counting(monkeypatch, "geglu_packed")
     report = _compare(_conditional_unet(), run, monkeypatch)
     assert any("attn2" in e.path for e in report.swapped)  # cross-attention
     assert any(e.kind == "LayerNorm" for e in report.swapped)
+    swapped_geglu = [e for e in report.swapped if e.kind == "GEGLU"]
+    assert swapped_geglu and all(type(report.model.get_submodule(e.path)) is FastarchGEGLU for e in swapped_geglu)
+    assert geglu.calls == len(swapped_geglu)  # one feed-forward per transformer block
 
 
 def test_restore_puts_the_processors_back():
     model = _conditional_unet()
+    modules = dict(model.named_modules())
     before = {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
     fastarch.optimize(model)
     fastarch.restore(model)
     after = {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert all(type(m) is ResnetBlock2D for m in model.modules() if isinstance(m, ResnetBlock2D))
+    assert all(m is modules[name] for name, m in model.named_modules())  # the GEGLUs too
 
 
 def test_resnet_blocks_with_hooks_are_left_alone():
