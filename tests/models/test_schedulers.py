@@ -137,7 +137,7 @@ def diffusers_loop(unet, scheduler, shape, steps, seed, eta=None):
 
 @pytest.fixture(scope="module")
 def unets(tmp_path_factory):
-    from tests.models.test_unet2d import UNCOND, randomize
+    from test_unet2d import UNCOND, randomize
 
     theirs = diffusers.UNet2DModel(**{**UNCOND, "sample_size": 8}).eval()
     randomize(theirs)
@@ -164,7 +164,7 @@ def test_sample_loop_equals_diffusers_loop(unets, kind, eta):
 def test_classifier_free_guidance(tmp_path):
     """guidance_scale s: uncond + s * (cond - uncond), the unconditional pass with the null class
     (default: the last label) and with zeros (or the given) encoder states."""
-    from tests.models.test_unet2d import CONFIGS, randomize
+    from test_unet2d import CONFIGS, randomize
 
     torch.manual_seed(0)
     model = UNet2D.from_config({"_class_name": "UNet2DConditionModel", **CONFIGS["cross_linear"][1]}).eval()
