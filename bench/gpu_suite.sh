@@ -75,5 +75,9 @@ if [[ " $STAGES " == *" bench "* ]]; then
   # group_norm (+SiLU): the goal is >= 80% of copy bandwidth at batch 1 (the UNet's maps)
   bench group_norm "${BENCH_GN_S:-90}" ${GN_ARGS:---op group_norm,group_norm_nhwc --backend cuda,triton \
     --dtype bf16,fp32 --shapes 1x320x64x64,1x640x32x32,2x1280x16x16 --no-compile}
+  # linear at decode rows: the cuda and triton kernels against cuBLAS on SmolLM2's weights
+  say "bench linear"
+  timeout -k 5 "${BENCH_LINEAR_S:-90}" "$PY" bench/linear_rows.py --device cuda --rows 1,4,16 --dtype bf16,fp32 \
+    --json "$OUT/bench-linear.json" 2>&1 | tee -a "$LOG"
 fi
 say done

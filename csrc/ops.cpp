@@ -59,6 +59,12 @@ TORCH_LIBRARY(fastarch, m) {
       "_rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, bool interleaved, bool inverse)"
       " -> (Tensor q_out, Tensor k_out)");
 
+  // y = x weight^T + bias for a few rows of x (rows, in_features) (last dim contiguous; any row
+  // stride), weight (out_features, in_features) contiguous, bias (out_features,) or None, all of
+  // one dtype; sums in fp32 (fp64 for fp64), rounded once. Meant for small row counts (a decode
+  // step), where the weight's bytes are the cost. Semantics: fastarch/ops/linear/reference.py.
+  m.def("_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
   // Group normalization of x (N, C, S) (channels_last false) or (N, S, C) (true), contiguous,
   // over num_groups groups of C / num_groups channels and all S positions, then weight/bias (C,),
   // the per-sample scale/shift (N, C) (z = u * (1 + scale) + shift) and optionally SiLU.

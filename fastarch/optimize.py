@@ -1,6 +1,6 @@
 """``fastarch.optimize(model)``: faster models without edits to their code. It swaps the layers
 fastarch runs (torch's LayerNorm, RMSNorm, GroupNorm — with the SiLU after it in a Sequential —,
-MultiheadAttention and Conv2d; Hugging Face RMSNorm-style layers recognised by their behaviour)
+MultiheadAttention, Conv2d and Linear; Hugging Face RMSNorm-style layers recognised by their behaviour)
 for fastarch modules holding the same Parameter objects, sets transformers models' attention to
 fastarch's and diffusers' attention processors, ResNet blocks and GEGLUs to fastarch's, and returns a Report of what it changed and what it left alone, and why.
 ``fastarch.restore(model)`` puts the original module objects back.
@@ -169,6 +169,24 @@ class HFRMSNorm(fnn.RMSNorm):
         return ops.rms_norm(x, self.weight, self.eps, backend=chosen)
 
 
+class Linear(fnn.Linear):
+    """fastarch.nn.Linear that runs torch's Linear where fastarch's kernels would not: more rows
+    than they take (PyTorch's GEMM is the faster there), an input of another dtype than the
+    weight, autocast (which would cast both)."""
+
+    _fastarch_backend: str | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (isinstance(x, Tensor) and x.dtype == w.dtype and x.dim() >= 1 and x.shape[-1] == w.shape[1]
+                and not torch.is_autocast_enabled(x.device.type)):
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            problem = (x.device.type, x.dtype, rows, w.shape[1], w.shape[0], w.is_contiguous())
+            if chosen := backend_for("linear", problem, self._fastarch_backend):
+                return ops.linear(x, w, self.bias, backend=chosen)
+        return nn.Linear.forward(self, x)
+
+
 class GroupNorm(fnn.GroupNorm):
     """fastarch.nn.GroupNorm that runs torch's GroupNorm where fastarch has no kernel; as
     GroupNormSiLU (a Sequential's GroupNorm with the SiLU that followed it folded in), the
@@ -267,6 +285,14 @@ def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
         if p is None:
             return None
         fields = (p.device.type, p.dtype, 1, 1, 1, 1, False)
+    elif isinstance(module, nn.Linear):
+        p = module.weight
+        # the kernels take a few rows (a decode step): the weight's dtype at 1 or 4 rows
+        fields = [(p.device.type, p.dtype, rows, p.shape[1], p.shape[0], p.is_contiguous()) for rows in (1, 4)]
+        if p.device.type == "meta" or any(backend_for("linear", f, backend) for f in fields):
+            return None
+        forced = f" (backend {backend!r} forced)" if backend else ""
+        return f"{str(p.dtype).removeprefix('torch.')} on {p.device.type}: no fastarch linear kernel runs it{forced}"
     elif isinstance(module, nn.Conv2d):
         p = module.weight
         if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) or module.padding_mode != "zeros":
@@ -288,11 +314,12 @@ def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
 def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str | None]:
     """(replacement, None), or (None, why it is left alone), or (None, None): not ours to judge."""
     kind = type(module)
-    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm, GroupNorm, MultiheadAttention, FoldedSiLU, fnn.Conv2d)):
+    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm, GroupNorm, MultiheadAttention, FoldedSiLU, fnn.Conv2d,
+                           fnn.Linear)):
         return None, "already optimized"
     candidates = {
         nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.GroupNorm: GroupNorm, nn.MultiheadAttention: MultiheadAttention,
-        nn.Conv2d: fnn.Conv2d,
+        nn.Conv2d: fnn.Conv2d, nn.Linear: Linear,
     }
     if kind in candidates or any(issubclass(kind, c) for c in candidates):
         if kind not in candidates:
@@ -437,6 +464,7 @@ def restore(model: nn.Module) -> nn.Module:
                         original._parameters[pname] = p
                 original.train(child.training)
                 setattr(parent, name, original)
+                walk(original)  # swaps made inside it before it was swapped (a GEGLU's projection)
             else:
                 walk(child)
 

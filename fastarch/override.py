@@ -22,6 +22,7 @@ from fastarch import ops, registry
 from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.attn.args import AttentionProblem
 from fastarch.ops.group_norms.backends import GroupNormProblem
+from fastarch.ops.linear.backends import LinearProblem
 from fastarch.ops.norms.backends import NormProblem
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
@@ -32,7 +33,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _PROBLEMS = {
     "layer_norm": NormProblem, "rms_norm": NormProblem, "attention": AttentionProblem, "group_norm": GroupNormProblem,
-    "geglu_packed": ActivationProblem,
+    "geglu_packed": ActivationProblem, "linear": LinearProblem,
 }
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear: a decode step's weights streamed once
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
@@ -135,11 +136,11 @@ class Block(nn.Module):
         C, inner = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
         kv = cfg.kv_heads * (C // cfg.n_head)
         self.ln_1 = nn.LayerNorm(C, eps=cfg.layer_norm_epsilon)
-        self.c_attn = nn.Linear(C, C + 2 * kv, bias=cfg.qkv_bias)  # q, k, v stacked on the output axis
-        self.attn_proj = nn.Linear(C, C)
+        self.c_attn = Linear(C, C + 2 * kv, bias=cfg.qkv_bias)  # q, k, v stacked on the output axis
+        self.attn_proj = Linear(C, C)
         self.ln_2 = nn.LayerNorm(C, eps=cfg.layer_norm_epsilon)
-        self.c_fc = nn.Linear(C, inner)
-        self.mlp_proj = nn.Linear(inner, C)
+        self.c_fc = Linear(C, inner)
+        self.mlp_proj = Linear(inner, C)
 
 
 class GPT2(CausalLM):
@@ -152,7 +153,7 @@ class GPT2(CausalLM):
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.n_embd // cfg.n_head
@@ -181,7 +182,7 @@ class GPT2(CausalLM):
         return F.dropout(x, self.config.embd_pdrop, self.training)
 
     def _mlp(self, block: Block, y: Tensor) -> Tensor:
-        h = ops.bias_gelu(F.linear(y, block.c_fc.weight), block.c_fc.bias, _GELU[self.config.activation_function])
+        h = ops.bias_gelu(ops.linear(y, block.c_fc.weight), block.c_fc.bias, _GELU[self.config.activation_function])
         return F.dropout(block.mlp_proj(h), self.config.resid_pdrop, self.training)
 
     def _blocks(self, x: Tensor, attend) -> Tensor:

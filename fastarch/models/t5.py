@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear: a decode step's weights streamed once
 from fastarch.models.generate import KVCache, SamplingOptions, _eos_list
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
@@ -153,21 +154,21 @@ class Attention(nn.Module):
     def __init__(self, cfg: T5Config) -> None:
         super().__init__()
         inner = cfg.num_heads * cfg.d_kv
-        self.q = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v = nn.Linear(cfg.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.q = Linear(cfg.d_model, inner, bias=False)
+        self.k = Linear(cfg.d_model, inner, bias=False)
+        self.v = Linear(cfg.d_model, inner, bias=False)
+        self.o = Linear(inner, cfg.d_model, bias=False)
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: T5Config) -> None:
         super().__init__()
         if cfg.gated:
-            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+            self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
 
 class Layer(nn.Module):
@@ -368,7 +369,7 @@ class T5(nn.Module):
     def _logits(self, y: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
             y = y * self.config.d_model**-0.5
-        return F.linear(y, (self.lm_head or self.shared).weight)
+        return ops.linear(y, (self.lm_head or self.shared).weight)
 
     def decode(self, decoder_input_ids: Tensor, encoder_out: Tensor, attention_mask: Tensor | None = None,
                decoder_attention_mask: Tensor | None = None) -> Tensor:
@@ -544,7 +545,7 @@ class T5(nn.Module):
         shared = weights.get("shared.weight", weights.get("encoder.embed_tokens.weight"))
         if head is not None and not (shared is not None and torch.equal(head, shared)):
             # a head of its own (T5 v1.1, FLAN-T5); one equal to the embeddings is a saved tie
-            model.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            model.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         has_shared = "shared.weight" in weights
 
         def name_of(ckpt_name: str) -> str | None:

@@ -1,9 +1,11 @@
-"""fastarch's public functional API, one package per op family (norms, attn, activations, rope, group_norms).
+"""fastarch's public functional API, one package per op family (norms, attn, activations, rope, group_norms,
+linear).
 Each op picks its backend through fastarch.registry."""
 
 from fastarch.ops.activations import bias_gelu, geglu, geglu_packed, swiglu
 from fastarch.ops.attn import append_kv, attention, attention_decode, scaled_dot_product_attention
 from fastarch.ops.group_norms import group_norm
+from fastarch.ops.linear import linear
 from fastarch.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastarch.ops.rope import rotary, rotary_tables
 
@@ -23,4 +25,5 @@ __all__ = [
     "rotary_tables",
     "swiglu",
     "group_norm",
+    "linear",
 ]

@@ -21,6 +21,6 @@ def test_prints_a_row_per_workload(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "fastarch bench --dropin:" in out and "speedup" in out
     row = next(line for line in out.splitlines() if line.startswith("tiny "))
-    assert row.split()[-2] == "1"  # one layer swapped
+    assert row.split()[-2] == "2"  # the Linear and the LayerNorm swapped
     saved = json.loads(path.read_text())["rows"][0]
     assert saved["workload"] == "tiny" and saved["speedup"] > 0 and saved["max_diff"] < 1e-5

@@ -12,7 +12,9 @@ from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance
 from torch import nn
 
 import fastarch
-from fastarch.optimize import FoldedSiLU, GroupNorm, GroupNormSiLU, HFRMSNorm, LayerNorm, MultiheadAttention, RMSNorm
+from fastarch.optimize import (
+    FoldedSiLU, GroupNorm, GroupNormSiLU, HFRMSNorm, LayerNorm, Linear, MultiheadAttention, RMSNorm,
+)
 
 
 # Hugging Face's RMSNorm layers, as transformers writes them (LLaMA: round the normalized
@@ -92,9 +94,10 @@ def test_swaps_and_reports():
     assert kinds["ln"] is LayerNorm and kinds["ln2d"] is LayerNorm and kinds["plain"] is LayerNorm
     assert kinds["rms"] is RMSNorm and kinds["attn"] is MultiheadAttention
     assert kinds["llama"] is HFRMSNorm and kinds["t5"] is HFRMSNorm and kinds["group"] is GroupNorm
+    assert kinds["fc"] is Linear
     assert model.gemma is modules["gemma"]  # untouched
     swapped = {e.path for e in report.swapped}
-    assert swapped == {"ln", "attn", "rms", "llama", "t5", "ln2d", "plain", "group"}
+    assert swapped == {"ln", "attn", "rms", "llama", "t5", "ln2d", "plain", "group", "fc"}
     why = {e.path: e.detail for e in report.left_alone}
     assert "1 + weight" in why["gemma"]
     text = str(report)
@@ -327,3 +330,41 @@ def test_transformer_encoder(train):
         ref = exact(x.double(), src_key_padding_mask=pad)
     keep = ~pad
     assert_close(ours[keep], theirs[keep], ref[keep])
+
+
+def test_linear_swap_runs_the_kernel_for_decode_rows_only(monkeypatch):
+    """A decode step's few rows go to fastarch.ops.linear; a long sequence, another input dtype
+    and autocast run torch's own Linear (PyTorch's GEMM, or its casts)."""
+    layer = nn.Linear(64, 48)
+    model = nn.Sequential(layer)
+    report = fastarch.optimize(model)
+    assert type(model[0]) is Linear and model[0].weight is layer.weight and model[0].bias is layer.bias
+    assert "0" in {e.path for e in report.swapped}
+    calls = []
+    real = fastarch.ops.linear
+    monkeypatch.setattr(fastarch.ops, "linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, 64), torch.randn(2, 200, 64)):
+            assert_close(model(x), layer(x), x.double() @ layer.weight.double().t() + layer.bias.double())
+        assert calls == [(1, 1, 64)]  # the 400-row call ran PyTorch's GEMM
+        x = torch.randn(1, 64, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="dtype"):
+            layer(x)  # torch's own error for mixed dtypes: the swap gives the same
+        with pytest.raises(RuntimeError, match="dtype"):
+            model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(torch.randn(1, 64))
+        assert y.dtype == torch.bfloat16 and calls == [(1, 1, 64)]
+
+
+def test_linear_swap_gradients():
+    layer = nn.Linear(16, 8)
+    swapped = copy.deepcopy(layer)
+    model = nn.Sequential(swapped)
+    fastarch.optimize(model)
+    x = torch.randn(3, 16)
+    dy = torch.randn(3, 8)
+    g_ours = torch.autograd.grad(model(x), [swapped.weight, swapped.bias], dy)
+    g_torch = torch.autograd.grad(layer(x), [layer.weight, layer.bias], dy)
+    for a, b in zip(g_ours, g_torch):
+        torch.testing.assert_close(a, b)

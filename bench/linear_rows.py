@@ -1,0 +1,102 @@
+"""fastarch.ops.linear against torch's F.linear at the row counts of decoding, side by side in
+one run of interleaved rounds (fastarch.bench.timing.measure), on a decoder's worth of weights
+(SmolLM2-135M's 30 layers of projections and its 49152-row head: ~540 MB in fp32, more than
+any cache, as in a real decode step). Each row: our kernel forced (``backend="cpu"``, or with
+``--device cuda`` the cuda and triton kernels; also where the registry would send the call to
+PyTorch), torch, their ratio, GB/s of weights and the fraction of the measured copy bandwidth.
+The measurements behind fastarch.ops.linear.backends.CPU_ROWS.
+
+    python bench/linear_rows.py [--threads 2] [--rounds 5] [--rows 1,2,4,8,16,32] [--dtype fp32,bf16,fp16]
+    python bench/linear_rows.py --device cuda --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastarch import _extension, ops
+from fastarch.bench.timing import copy_bandwidth, measure, speedup
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (out_features, in_features) of one SmolLM2-135M layer: qkv, o, gate+up, down
+LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+LAYERS, HEAD = 30, (49152, 576)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rows", default="1,2,4,8,16,32")
+    ap.add_argument("--dtype", default="fp32,bf16,fp16")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    device = a.device
+    bandwidth = copy_bandwidth(device)
+    machine = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+               "path": _extension.cpu_path(), "copy_bandwidth_gbs": bandwidth / 1e9,
+               "date": time.strftime("%Y-%m-%d")}
+    where = machine["gpu"] if device == "cuda" else f"CPU: {machine['cpu']}; {a.threads} threads; {machine['path']}"
+    print(f"{where}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    backends = ["cuda", "triton"] if device == "cuda" else ["cpu"]
+    print(f"{'dtype':<5} {'rows':>4} {'backend':<7} {'ours ms':>8} {'torch ms':>9} {'vs torch':>8} {'ours GB/s':>9}"
+          f" {'torch GB/s':>10} {'ours/copy bw':>12}")
+    results = []
+    for name in a.dtype.split(","):
+        dtype = DTYPES[name]
+        g = torch.Generator().manual_seed(0)
+        weights = [torch.randn(o, i, generator=g).to(dtype).to(device) for _ in range(LAYERS) for o, i in LAYER]
+        weights.append(torch.randn(*HEAD, generator=g).to(dtype).to(device))
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        for rows in map(int, a.rows.split(",")):
+            xs = {k: torch.randn(rows, k, generator=g).to(dtype).to(device) for k in {w.shape[1] for w in weights}}
+            for backend in backends:
+
+                def ours(backend=backend):
+                    for w in weights:
+                        ops.linear(xs[w.shape[1]], w, backend=backend)
+
+                def theirs():
+                    for w in weights:
+                        F.linear(xs[w.shape[1]], w)
+
+                times, errors = measure({"ours": ours, "torch": theirs}, device, a.rounds, memory=False)
+                if errors:
+                    print(name, rows, backend, errors)
+                    continue
+                t_ours, t_torch = times["ours"].seconds, times["torch"].seconds
+                row = {"dtype": name, "rows": rows, "backend": backend, "ours_ms": t_ours * 1e3,
+                       "torch_ms": t_torch * 1e3, "vs_torch": speedup(times["torch"], times["ours"]),
+                       "ours_gbs": nbytes / t_ours / 1e9, "torch_gbs": nbytes / t_torch / 1e9,
+                       "ours_fraction_of_copy": nbytes / t_ours / bandwidth}
+                results.append(row)
+                print(f"{name:<5} {rows:>4} {backend:<7} {row['ours_ms']:>8.1f} {row['torch_ms']:>9.1f}"
+                      f" {row['vs_torch']:>7.2f}x {row['ours_gbs']:>9.1f} {row['torch_gbs']:>10.1f}"
+                      f" {row['ours_fraction_of_copy']:>12.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine, "weights_mb": nbytes / 1e6, "rows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+// Column-block kernels of the CPU small-batch linear layer, y = x W^T + b, for a few rows of
+// x (a decode step's tokens): each computes output columns [begin, end) of every row. W
+// (out_features, in_features) is read once from memory, a few of its rows at a time against
+// all of x's rows, so the kernel runs at the speed memory delivers W. Two builds: AVX-512
+// (picked at run time when the CPU has it) and portable C++.
+#pragma once
+#include <cstdint>
+
+namespace fastarch::cpu {
+
+enum class LinearDtype { f32, f64, f16, bf16 };
+
+struct LinearParams {
+  // x as fp32 (fp64 for fp64) rows: rows x in_features, row stride ldx. The glue widens fp16 and
+  // bf16 inputs once (a few rows; W is what costs).
+  const void* x;
+  const void* w;     // out_features x in_features, contiguous, in the input dtype
+  const void* bias;  // out_features or nullptr, in the input dtype
+  void* out;         // rows x out_features, contiguous, in the input dtype
+  int64_t rows, in_features, out_features, ldx;
+};
+
+// The W rows (output columns) one task takes at least: enough bytes (~64 KB) that a task's
+// time dwarfs a fork of the thread pool.
+int64_t linear_grain(const LinearParams& p, int64_t elem_bytes);
+
+template <LinearDtype D>
+void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end);
+// fp32, fp16 and bf16 only.
+template <LinearDtype D>
+void linear_cols_avx512(const LinearParams& p, int64_t begin, int64_t end);
+
+}  // namespace fastarch::cpu

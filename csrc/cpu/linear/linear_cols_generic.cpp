@@ -1,0 +1,99 @@
+// Portable build of the CPU small-batch linear layer: per output column, each x row's dot
+// product with the W row in the compute type (fp32; fp64 for fp64), kept in 16 independent
+// partial sums so that the compiler vectorizes the loop without reordering a reduction
+// itself; the W row is read once per group of 4 x rows. The bias is added and the result
+// rounded once.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "linear_cols.h"
+
+namespace fastarch::cpu {
+namespace {
+
+template <LinearDtype D>
+struct Types;
+template <>
+struct Types<LinearDtype::f32> {
+  using elem = float;
+  using acc = float;
+};
+template <>
+struct Types<LinearDtype::f64> {
+  using elem = double;
+  using acc = double;
+};
+template <>
+struct Types<LinearDtype::f16> {
+  using elem = c10::Half;
+  using acc = float;
+};
+template <>
+struct Types<LinearDtype::bf16> {
+  using elem = c10::BFloat16;
+  using acc = float;
+};
+
+constexpr int kLanes = 16;
+constexpr int kRowGroup = 4;
+
+template <typename Acc, typename Elem, int MB>
+void dot_rows(const Acc* x, int64_t ldx, const Elem* w, int64_t K, Acc* sums) {
+  Acc part[MB][kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int m = 0; m < MB; ++m)
+      for (int l = 0; l < kLanes; ++l) part[m][l] += static_cast<Acc>(w[k + l]) * x[m * ldx + k + l];
+  for (int l = 0; k + l < K; ++l)
+    for (int m = 0; m < MB; ++m) part[m][l] += static_cast<Acc>(w[k + l]) * x[m * ldx + k + l];
+  for (int m = 0; m < MB; ++m) {
+    Acc s = 0;
+    for (int l = 0; l < kLanes; ++l) s += part[m][l];
+    sums[m] = s;
+  }
+}
+
+}  // namespace
+
+template <LinearDtype D>
+void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
+  using Elem = typename Types<D>::elem;
+  using Acc = typename Types<D>::acc;
+  const int64_t K = p.in_features;
+  const Acc* x = static_cast<const Acc*>(p.x);
+  const Elem* w = static_cast<const Elem*>(p.w);
+  const Elem* bias = static_cast<const Elem*>(p.bias);
+  Elem* out = static_cast<Elem*>(p.out);
+  Acc sums[kRowGroup];
+  for (int64_t n = begin; n < end; ++n) {
+    const Acc b = bias ? static_cast<Acc>(bias[n]) : Acc(0);
+    for (int64_t m0 = 0; m0 < p.rows; m0 += kRowGroup) {
+      const int64_t mb = std::min<int64_t>(kRowGroup, p.rows - m0);
+      const Acc* xm = x + m0 * p.ldx;
+      switch (mb) {
+        case 4:
+          dot_rows<Acc, Elem, 4>(xm, p.ldx, w + n * K, K, sums);
+          break;
+        case 3:
+          dot_rows<Acc, Elem, 3>(xm, p.ldx, w + n * K, K, sums);
+          break;
+        case 2:
+          dot_rows<Acc, Elem, 2>(xm, p.ldx, w + n * K, K, sums);
+          break;
+        default:
+          dot_rows<Acc, Elem, 1>(xm, p.ldx, w + n * K, K, sums);
+      }
+      for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
+    }
+  }
+}
+
+template void linear_cols_generic<LinearDtype::f32>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<LinearDtype::f64>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<LinearDtype::f16>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<LinearDtype::bf16>(const LinearParams&, int64_t, int64_t);
+
+}  // namespace fastarch::cpu

@@ -1,0 +1,24 @@
+"""``Linear``: a drop-in subclass of torch.nn.Linear running fastarch.ops.linear, which streams
+the weight once for a few rows of input (a decode step's tokens; about twice PyTorch's GEMV on a
+CPU) and runs PyTorch's GEMM for more. Same constructor, parameters and state_dict keys."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastarch import ops
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear running fastarch.ops.linear. x: (..., in_features) -> (..., out_features)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Linear) -> Linear:
+        """A fastarch Linear sharing ``module``'s parameters (no copy)."""
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        new.weight, new.bias = module.weight, module.bias
+        return new.train(module.training)

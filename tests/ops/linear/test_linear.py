@@ -1,0 +1,206 @@
+"""fastarch.ops.linear: every backend against an fp64 reference, judged as the other ops are
+(the error of ours at most FACTOR x the error of PyTorch's same-dtype F.linear, plus a floor of
+two ulps of the dtype at the output's scale: both sum in fp32 in different orders and round
+once). The C++ kernel is also run directly at every row count (the dispatcher only sends it
+the counts where it is faster) at each instruction-set level; NaN, autograd, errors, opcheck,
+torch.compile and the backend choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import backend_rows  # tests/backend_rows.py
+from fastarch import ops, registry
+from fastarch._extension import _C
+from fastarch.ops.linear.backends import CPU_ROWS, LinearProblem
+
+HAS_CUDA = torch.cuda.is_available()
+GPU = pytest.mark.gpu
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+FACTOR = 2.0
+# dtype -> floor of the error, relative to max |reference|: two ulps at 1.0
+FLOOR = {torch.float32: 2.4e-7, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-14}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (in_features, out_features): 16-lane tails both ways, one feature, a SmolLM2 projection, a
+# LLaMA-7B-width row, out_features not a multiple of the 4-column tiles
+SHAPES = [(113, 37), (1, 5), (576, 1728), (4096, 3), (203, 65)]
+# rows each backend runs for every dtype (the CPU kernels take fp16 from 3 rows)
+BACKEND_ROWS = {"cpu": [3, 4], "reference": [1, 40], "triton": [1, 3], "cuda": [1, 3, 16]}
+
+
+def make(rows, k, n, dtype, device="cpu", bias=True):
+    g = torch.Generator().manual_seed(rows * 7919 + k * 31 + n)
+    x = torch.randn(rows, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
+    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return cast(x), cast(w), cast(b)
+
+
+def check(ours, x, w, b):
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    theirs = F.linear(x.cpu(), w.cpu(), None if b is None else b.cpu()) if x.dtype != torch.float64 else ref
+    assert ours.shape == ref.shape and ours.dtype == x.dtype
+    if not ref.numel():
+        return
+    scale = max(ref.abs().max().item(), 1.0)
+    e_ours = (ours.cpu().double() - ref.cpu()).abs().max().item()
+    e_torch = (theirs.double() - ref.cpu()).abs().max().item()
+    bound = FACTOR * e_torch + FLOOR[x.dtype] * scale
+    assert e_ours <= bound, f"error {e_ours:.3g} vs fp64 > {FACTOR} x torch's {e_torch:.3g} + floor = {bound:.3g}"
+
+
+# Triton's interpreter (no GPU) runs the shapes of up to 200K weights: the 4096-wide rows are
+# minutes there
+INTERPRETED_SHAPES = [s for s in SHAPES if s[0] * s[1] <= 200_000]
+CASES = [
+    pytest.param(backend, device, rows, shape, marks=p.marks, id=f"{backend}-{rows}x{shape[0]}x{shape[1]}")
+    for p in backend_rows.rows("linear")
+    for backend, device in [p.values]
+    for rows in BACKEND_ROWS[backend]
+    for shape in (INTERPRETED_SHAPES if backend == "triton" and device == "cpu" else SHAPES)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("backend,device,rows,shape", CASES)
+def test_linear_matches_reference(backend, device, rows, shape, bias, dtype):
+    x, w, b = make(rows, *shape, dtype, device, bias)
+    backend_rows.require("linear", backend, LinearProblem.of(x, w))
+    check(ops.linear(x, w, b, backend=backend), x, w, b)
+
+
+@pytest.fixture
+def cpu_isa():
+    """Selects the CPU kernels' instruction set for one test, then restores the default."""
+
+    def select(name):
+        _C._set_cpu_isa(name)
+        registry.clear_choices()  # the CPU backend's row limits depend on the level
+
+    yield select
+    select(backend_rows.DEFAULT_ISA)
+
+
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 33])
+def test_cpu_kernel_every_row_count(cpu_isa, isa, dtype, rows):
+    """The kernel itself, past the dispatcher's limits: 4-row groups and their tails, 4-column
+    tiles and theirs, a K that ends mid-vector, with and without bias."""
+    cpu_isa(isa)
+    for k, n in [(77, 13), (576, 9)]:
+        x, w, b = make(rows, k, n, dtype)
+        check(torch.ops.fastarch._linear(x, w, b), x, w, b)
+        check(torch.ops.fastarch._linear(x, w, None), x, w, None)
+
+
+def test_cpu_kernel_strided_rows_and_empty():
+    x = torch.randn(5, 48)[:, :33]  # rows 48 apart
+    w = torch.randn(7, 33)
+    check(torch.ops.fastarch._linear(x, w, None), x, w, None)
+    xc = torch.randn(6, 4)[:, 1:2]  # a single strided column
+    w1 = torch.randn(3, 1)
+    check(torch.ops.fastarch._linear(xc, w1, None), xc, w1, None)
+    assert torch.ops.fastarch._linear(torch.randn(0, 8), torch.randn(3, 8), None).shape == (0, 3)
+    assert torch.ops.fastarch._linear(torch.randn(2, 8), torch.randn(0, 8), None).shape == (2, 0)
+    b = torch.randn(3)
+    assert torch.equal(torch.ops.fastarch._linear(torch.randn(2, 0), torch.randn(3, 0), b), b.expand(2, 3))
+
+
+@pytest.mark.parametrize("backend,device", backend_rows.rows("linear"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_stays_in_its_row_and_column(backend, device, dtype):
+    rows = BACKEND_ROWS[backend][0]
+    x, w, b = make(rows, 40, 9, dtype, device)
+    x[0, 5] = float("nan")
+    w[4, 7] = float("nan")
+    backend_rows.require("linear", backend, LinearProblem.of(x, w))
+    y = ops.linear(x, w, b, backend=backend).cpu()
+    expect = torch.zeros_like(y, dtype=torch.bool)
+    expect[0, :] = True
+    expect[:, 4] = True
+    assert torch.equal(y.isnan(), expect)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients_match_torch(backend, dtype):
+    x, w, b = make(2, 37, 11, dtype)
+    x = x.view(1, 2, 37)
+    dy = torch.randn(1, 2, 11, dtype=dtype)
+    grads = []
+    for fn in (lambda *a: ops.linear(*a, backend=backend), F.linear):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        grads.append((y.detach(), *torch.autograd.grad(y, leaves, dy)))
+    check(grads[0][0], x, w, b)
+    for ours, theirs in zip(grads[0][1:], grads[1][1:]):
+        torch.testing.assert_close(ours, theirs)  # the same products: PyTorch's GEMMs
+
+
+def test_leading_dims_and_1d():
+    x, w, b = make(6, 20, 5, torch.float32)
+    y = ops.linear(x.view(2, 3, 20), w, b)
+    assert y.shape == (2, 3, 5)
+    torch.testing.assert_close(y, F.linear(x.view(2, 3, 20), w, b))
+    torch.testing.assert_close(ops.linear(x[0], w, b), F.linear(x[0], w, b))
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.randn(2, 8), torch.randn(3, 7), None), ValueError, "weight must be .out_features, in_features. with in_features = x's last dim 8"),
+        ((torch.randn(2, 8), torch.randn(3, 8, dtype=torch.float64), None), TypeError, "weight must have x's dtype"),
+        ((torch.randn(2, 8), torch.randn(3, 8), torch.randn(4)), ValueError, r"bias must have shape \(3,\)"),
+        ((torch.randn(2, 8), torch.randn(3, 8), torch.randn(3).half()), TypeError, "bias must have x's dtype"),
+        ((torch.randint(0, 3, (2, 8)), torch.randn(3, 8), None), TypeError, "x must be float32"),
+        ((torch.tensor(1.0), torch.randn(3, 1), None), ValueError, "at least one dimension"),
+        ((torch.randn(2, 8), "w", None), TypeError, "weight must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args, error, match):
+    with pytest.raises(error, match=match):
+        ops.linear(*args)
+
+
+def test_kernel_op_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        torch.ops.fastarch._linear(torch.randn(2, 8), torch.randn(8, 3).t(), None)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        torch.ops.fastarch._linear(torch.randn(2, 2, 8), torch.randn(3, 8), None)
+
+
+def test_choice_follows_rows_dtype_and_build(cpu_isa):
+    """The CPU kernel where it was measured faster, PyTorch's GEMV/GEMM elsewhere."""
+
+    def chosen(rows, dtype, w=None):
+        x = torch.randn(rows, 64, dtype=dtype)
+        w = torch.randn(32, 64, dtype=dtype) if w is None else w
+        return registry.choose("linear", LinearProblem.of(x, w)).name
+
+    cpu_isa("auto")
+    avx512 = _C.build_info()["cpu_isa"] != "generic"
+    table = CPU_ROWS["avx512" if avx512 else "generic"]
+    for dtype in DTYPES:
+        first, last = table.get(dtype, (1, 0))
+        for rows in (1, 2, 3, 4, 5, 8, 32, 33, 512):
+            assert (chosen(rows, dtype) == "cpu") == (first <= rows <= last), (dtype, rows)
+    # elsewhere: PyTorch's (or, without a GPU in the tests, Triton's interpreter, which takes CPU
+    # tensors in auto mode as it does for every op)
+    assert chosen(1, torch.float64) == "reference"
+    assert chosen(1, torch.float32, torch.randn(64, 32).t()) == "reference"  # a transposed weight
+    cpu_isa("generic")
+    assert chosen(1, torch.float32) == "cpu" and chosen(1, torch.bfloat16) != "cpu"
+
+
+def test_opcheck_and_compile():
+    x, w, b = make(3, 24, 10, torch.float32)
+    torch.library.opcheck(torch.ops.fastarch.linear.default, (x, w, b, ""))
+    torch.library.opcheck(torch.ops.fastarch.linear.default, (x, w, None, "cpu"))
+    torch.library.opcheck(torch.ops.fastarch._linear.default, (x, w, b))
+    compiled = torch.compile(lambda x, w, b: ops.linear(x, w, b) * 2, fullgraph=True)
+    assert torch.equal(compiled(x, w, b), ops.linear(x, w, b) * 2)
