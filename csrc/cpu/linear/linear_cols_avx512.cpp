@@ -1,6 +1,8 @@
 // AVX-512 build of the CPU small-batch linear layer (fp32, fp16, bf16 weights; fp32 sums).
 //
-// A tile is 4 rows of W against up to 4 rows of x: 16 zmm accumulators, each summing 16 lanes of
+// Up to 4 rows of x (kStreamRows): each W row is read front to back, 64 values per step into 4
+// accumulators per x row, then summed across lanes, the bias added and rounded once. More rows:
+// a tile is 4 rows of W against up to 4 rows of x: 16 zmm accumulators, each summing 16 lanes of
 // one (x row, W row) dot product; per 16 columns of W it loads 4 W vectors (widened to fp32,
 // exactly) and up to 4 x vectors and issues up to 16 FMAs. The 4 W rows stream from memory
 // once; a later group of x rows finds them in L1/L2. At the end the 4 accumulators of an x row
@@ -28,6 +30,11 @@ using avx512::Elem;
 
 constexpr int kTileCols = 4;  // W rows (output columns) per tile
 constexpr int kTileRows = 4;  // x rows per tile
+// Up to this many x rows, each W row is streamed on its own (stream_row); more take the
+// 4 x 4 tiles. Measured (bench/linear_rows.py, AMD EPYC Zen 4, 2 threads): one sequential
+// stream per W row reads bf16/fp16 weights at ~22-26 GB/s where the tiles' four interleaved
+// rows reach ~15; the tiles reuse each x load over 4 W rows, which pays from ~8 x rows.
+constexpr int64_t kStreamRows = 4;
 
 // The lane sums of a, b, c, d in lanes 0..3.
 inline __m512 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -92,8 +99,61 @@ void tile(const LinearParams& p, int64_t m0, int64_t n0, int cols) {
   }
 }
 
+// Output column n of x rows m0 .. m0 + MB - 1: W row n read front to back as one stream, 64
+// values per step into 4 accumulators per x row.
+template <Elem E, int MB>
+void stream_row(const LinearParams& p, int64_t m0, int64_t n) {
+  using L = avx512::Lanes<E, false>;
+  const int64_t K = p.in_features;
+  const float* x = static_cast<const float*>(p.x) + m0 * p.ldx;
+  const char* w = static_cast<const char*>(p.w) + n * K * L::kBytes;
+  __m512 acc[MB][4];
+  #pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m)
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512 wv[4];
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) wv[j] = L::load(w + (k + 16 * j) * L::kBytes, __mmask16(0xFFFF));
+    #pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m)
+      #pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], _mm512_loadu_ps(x + m * p.ldx + k + 16 * j), acc[m][j]);
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __m512 wv = L::load(w + k * L::kBytes, mask);
+    #pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * p.ldx + k), acc[m][0]);
+  }
+  const __m512 bias = p.bias ? L::load(static_cast<const char*>(p.bias) + n * L::kBytes, 1) : _mm512_setzero_ps();
+  #pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+    L::store(static_cast<char*>(p.out) + ((m0 + m) * p.out_features + n) * L::kBytes,
+             _mm512_add_ps(_mm512_set1_ps(sum), bias), 1);
+  }
+}
+
+template <Elem E>
+void stream_cols(const LinearParams& p, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= p.rows; m0 += 4) stream_row<E, 4>(p, m0, n);
+    switch (p.rows - m0) {
+      case 3: stream_row<E, 3>(p, m0, n); break;
+      case 2: stream_row<E, 2>(p, m0, n); break;
+      case 1: stream_row<E, 1>(p, m0, n); break;
+      default: break;
+    }
+  }
+}
+
 template <Elem E>
 void cols(const LinearParams& p, int64_t begin, int64_t end) {
+  if (p.rows <= kStreamRows) return stream_cols<E>(p, begin, end);
   for (int64_t n0 = begin; n0 < end; n0 += kTileCols) {
     const int cols = static_cast<int>(std::min<int64_t>(kTileCols, end - n0));
     int64_t m0 = 0;

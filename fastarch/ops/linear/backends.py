@@ -20,15 +20,15 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GPU_MAX_ROWS = 16
 """The most rows of x the GPU kernels take (not yet measured on a GPU)."""
 CPU_ROWS = {
-    "avx512": {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (3, 32)},
+    "avx512": {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (1, 32)},
     "generic": {torch.float32: (1, 4)},
 }
 """The rows of x (first, last) the CPU kernels take, per kernel build and dtype: where they beat
-PyTorch's GEMV/GEMM side by side (``python bench/linear_rows.py``; AMD EPYC Zen 4, 2 threads:
-fp32 1.8-2.0x at 1-32 rows; bf16 1.4x at 1 row, 1.1x at 4, parity at 8; fp16 1.6-3x from 4 rows,
-while PyTorch's own fp16 GEMV is faster at 1-2 rows; the portable build wins for fp32 at 1-4
-rows only, its fp16/bf16 conversions being scalar). The "avx512" row covers every level from
-avx512 up (the same kernels)."""
+PyTorch's GEMV/GEMM side by side (``python bench/linear_rows.py``; AMD EPYC Zen 4, 2 threads,
+SmolLM2-135M's weights: fp32 2.0x at 1 row, 3-4x at 2-4, 1.5x at 32; bf16 2.0x at 1, 1.65x at
+4, parity at 8; fp16 parity with PyTorch's own fp16 GEMV at 1 row, 1.4-3.8x at 2-32; the
+portable build wins for fp32 at 1-4 rows only, its fp16/bf16 conversions being scalar). The
+"avx512" row covers every level from avx512 up (the same kernels)."""
 
 
 @dataclass(frozen=True)
