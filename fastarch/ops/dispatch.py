@@ -26,20 +26,26 @@ from torch.autograd import forward_ad
 from torch.autograd import profiler as _profiler
 
 _PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
+# torch's mode and tracing state queries, looked up once (each call of an op asks all of them)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_tracing_state = torch._C._get_tracing_state
+_grad_enabled = torch.is_grad_enabled
 
 
 def direct_call_allowed(args: Iterable[object]) -> bool:
     """Whether an op called with ``args`` may skip the dispatcher (see the module docstring)."""
     if (
         torch.compiler.is_compiling()  # first: dynamo folds it and traces nothing after it
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch._C._get_tracing_state() is not None
+        or _dispatch_modes()
+        or _function_modes()
+        or _functorch_level() is not None
+        or _tracing_state() is not None
         or forward_ad._current_level >= 0
     ):
         return False
-    grad = torch.is_grad_enabled()
+    grad = _grad_enabled()
     for a in args:
         if isinstance(a, Tensor) and (
             type(a) not in _PLAIN_TENSOR_TYPES or a.is_meta or a.is_nested or (grad and a.requires_grad)
