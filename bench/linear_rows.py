@@ -15,30 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 from fastarch import _extension, registry
+from fastarch.bench import report
 from fastarch.bench.timing import copy_bandwidth, measure, speedup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (out_features, in_features) of one SmolLM2-135M layer: qkv, o, gate+up, down
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 LAYERS, HEAD = 30, (49152, 576)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -53,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     device = a.device
     bandwidth = copy_bandwidth(device) * 1e9  # bytes/s
-    machine = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__,
+    machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                "path": _extension.cpu_path(), "copy_bandwidth_gbs": bandwidth / 1e9,
                "date": time.strftime("%Y-%m-%d")}

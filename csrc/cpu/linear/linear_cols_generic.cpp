@@ -14,29 +14,6 @@
 namespace fastarch::cpu {
 namespace {
 
-template <LinearDtype D>
-struct Types;
-template <>
-struct Types<LinearDtype::f32> {
-  using elem = float;
-  using acc = float;
-};
-template <>
-struct Types<LinearDtype::f64> {
-  using elem = double;
-  using acc = double;
-};
-template <>
-struct Types<LinearDtype::f16> {
-  using elem = c10::Half;
-  using acc = float;
-};
-template <>
-struct Types<LinearDtype::bf16> {
-  using elem = c10::BFloat16;
-  using acc = float;
-};
-
 constexpr int kLanes = 16;
 constexpr int kRowGroup = 4;
 
@@ -56,12 +33,9 @@ void dot_rows(const Acc* x, int64_t ldx, const Elem* w, int64_t K, Acc* sums) {
   }
 }
 
-}  // namespace
-
-template <LinearDtype D>
-void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
-  using Elem = typename Types<D>::elem;
-  using Acc = typename Types<D>::acc;
+// Elem: the weights' and outputs' type; Acc: the sums' and x's (the glue widens x).
+template <typename Elem, typename Acc>
+void cols(const LinearParams& p, int64_t begin, int64_t end) {
   const int64_t K = p.in_features;
   const Acc* x = static_cast<const Acc*>(p.x);
   const Elem* w = static_cast<const Elem*>(p.w);
@@ -88,6 +62,21 @@ void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
       }
       for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
     }
+  }
+}
+
+}  // namespace
+
+template <LinearDtype D>
+void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
+  if constexpr (D == LinearDtype::f32) {
+    cols<float, float>(p, begin, end);
+  } else if constexpr (D == LinearDtype::f64) {
+    cols<double, double>(p, begin, end);
+  } else if constexpr (D == LinearDtype::f16) {
+    cols<c10::Half, float>(p, begin, end);
+  } else {
+    cols<c10::BFloat16, float>(p, begin, end);
   }
 }
 
