@@ -65,7 +65,12 @@ def _cpu_supports(p: LinearProblem) -> str | None:
     if why:
         return why
     build = "generic" if _extension.build_info().get("cpu_isa", "generic") == "generic" else "avx512"
-    first, last = CPU_ROWS[build].get(p.dtype, (1, 0))
+    if p.dtype not in CPU_ROWS[build]:
+        return registry.MachineReason(
+            f"{p.dtype} at decode rows needs the AVX-512 kernels (the portable build's conversions make it slower"
+            " than PyTorch's GEMV)"
+        )
+    first, last = CPU_ROWS[build][p.dtype]
     return _rows_reason(p, first, last, f"the {build} CPU kernel")
 
 
