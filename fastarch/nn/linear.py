@@ -11,9 +11,12 @@ from fastarch import ops
 
 
 class Linear(torch.nn.Linear):
-    """torch.nn.Linear running fastarch.ops.linear. x: (..., in_features) -> (..., out_features)."""
+    """torch.nn.Linear running fastarch.ops.linear. x: (..., in_features) -> (..., out_features).
+    Under autocast it runs torch's (autocast casts x and the weight; the op takes one dtype)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
         return ops.linear(x, self.weight, self.bias)
 
     @classmethod

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import backend_rows  # tests/backend_rows.py
+import fastarch
 from fastarch import ops, registry
 from fastarch._extension import _C
 from fastarch.ops.linear.backends import CPU_ROWS, LinearProblem
@@ -140,6 +141,18 @@ def test_gradients_match_torch(backend, dtype):
     check(grads[0][0], x, w, b)
     for ours, theirs in zip(grads[0][1:], grads[1][1:]):
         torch.testing.assert_close(ours, theirs)  # the same products: PyTorch's GEMMs
+
+
+def test_module_shares_parameters_and_follows_autocast():
+    torch_layer = torch.nn.Linear(20, 5)
+    layer = fastarch.nn.Linear.from_torch(torch_layer)
+    assert layer.weight is torch_layer.weight and layer.bias is torch_layer.bias
+    assert layer.state_dict().keys() == torch_layer.state_dict().keys()
+    x = torch.randn(2, 20)
+    check(layer(x), x, layer.weight, layer.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), torch_layer(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
 
 
 def test_leading_dims_and_1d():
