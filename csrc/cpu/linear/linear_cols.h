@@ -20,10 +20,6 @@ struct LinearParams {
   int64_t rows, in_features, out_features, ldx;
 };
 
-// The W rows (output columns) one task takes at least: enough bytes (~64 KB) that a task's
-// time dwarfs a fork of the thread pool.
-int64_t linear_grain(const LinearParams& p, int64_t elem_bytes);
-
 template <LinearDtype D>
 void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end);
 // fp32, fp16 and bf16 only.

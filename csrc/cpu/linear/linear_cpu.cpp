@@ -15,11 +15,6 @@
 #include "linear_cols.h"
 
 namespace fastarch::cpu {
-
-int64_t linear_grain(const LinearParams& p, int64_t elem_bytes) {
-  return std::max<int64_t>(4, (int64_t{64} << 10) / std::max<int64_t>(p.in_features * elem_bytes, 1));
-}
-
 namespace {
 
 using at::Tensor;
@@ -39,6 +34,12 @@ LinearDtype dtype_of(const Tensor& x) {
     default:
       TORCH_CHECK(false, kWho, ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
   }
+}
+
+// The W rows (output columns) one task takes at least: enough bytes (~64 KB) that a task's
+// time dwarfs a fork of the thread pool.
+int64_t linear_grain(const LinearParams& p, int64_t elem_bytes) {
+  return std::max<int64_t>(4, (int64_t{64} << 10) / std::max<int64_t>(p.in_features * elem_bytes, 1));
 }
 
 void run_cols(LinearDtype d, const LinearParams& p, int64_t begin, int64_t end) {
