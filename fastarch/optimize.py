@@ -1,8 +1,9 @@
 """``fastarch.optimize(model)``: faster models without edits to their code. It swaps the layers
 fastarch runs (torch's LayerNorm, RMSNorm, GroupNorm — with the SiLU after it in a Sequential —,
-MultiheadAttention, Conv2d and Linear; Hugging Face RMSNorm-style layers recognised by their behaviour)
-for fastarch modules holding the same Parameter objects, sets transformers models' attention to
-fastarch's and diffusers' attention processors, ResNet blocks and GEGLUs to fastarch's, and returns a Report of what it changed and what it left alone, and why.
+MultiheadAttention, Conv2d and Linear; Hugging Face RMSNorm-style layers recognised by their
+behaviour) for fastarch modules holding the same Parameter objects, sets transformers models'
+attention to fastarch's and diffusers' attention processors, ResNet blocks and GEGLUs to
+fastarch's, and returns a Report of what it changed and what it left alone, and why.
 ``fastarch.restore(model)`` puts the original module objects back.
 
 A swapped layer runs fastarch where one of its kernel backends can run the call (see
