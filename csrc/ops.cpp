@@ -65,6 +65,20 @@ TORCH_LIBRARY(fastarch, m) {
   // step), where the weight's bytes are the cost. Semantics: fastarch/ops/linear/reference.py.
   m.def("_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
+  // One decode step of a LLaMA-family decoder's layers (fastarch/models/llama.py), calling the
+  // kernels above with no Python between them: x (batch * n, hidden) -> the final norm's
+  // output. Per layer, in order: weights (input norm, qkv, o, post-attention norm, gate_up,
+  // down), biases (qkv, o, gate_up, down; None where absent), k/v caches appended in place,
+  // eps (input norm, post-attention norm); then the final norm's weight and eps. cos/sin:
+  // rotary tables; offsets: int64 (batch,) positions of the new tokens; seqlens_before/after:
+  // int32 (batch,) cache lengths without and with them. linear_kernel: products on _linear,
+  // else on PyTorch's GEMM.
+  m.def(
+      "_llama_decode_layers(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] k_caches,"
+      " Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor offsets, Tensor seqlens_before, Tensor seqlens_after,"
+      " float[] eps, int batch, int n_head, int n_kv, int head_dim, float scale, int window_left, bool linear_kernel)"
+      " -> Tensor");
+
   // Group normalization of x (N, C, S) (channels_last false) or (N, S, C) (true), contiguous,
   // over num_groups groups of C / num_groups channels and all S positions, then weight/bias (C,),
   // the per-sample scale/shift (N, C) (z = u * (1 + scale) + shift) and optionally SiLU.

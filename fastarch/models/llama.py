@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
@@ -286,7 +287,19 @@ class Llama(CausalLM):
             return out.transpose(1, 2).reshape(B * n, self.n_head * self.head_dim)
 
         # the hidden states as (B n, C) rows: the ops' own layout, so no op reshapes them
-        x = self._blocks(self.embed_tokens(input_ids.reshape(-1)), attend).view(B, n, -1)
+        x = self.embed_tokens(input_ids.reshape(-1))
+        window_left = -1 if self.config.window is None else self.config.window
+        linear_kernel = fused_step.linear_in_one_call(self, x, cache, window_left)
+        step = None if linear_kernel is None else fused_step.step_arguments(self, x.dtype)
+        if step is not None:  # the same kernels, called from one C++ loop (llama_fused_step.py)
+            weights, biases, eps = step
+            x = torch.ops.fastarch._llama_decode_layers(
+                x, weights, biases, cache.k, cache.v, cos, sin, offsets, cache.seqlens, seqlens, eps, B, self.n_head,
+                self.n_kv, self.head_dim, scale, window_left, linear_kernel,
+            )
+        else:
+            x = self._blocks(x, attend)
+        x = x.view(B, n, -1)
         cache.advance(n)
         return _linear(self.lm_head, x[:, -1:] if last_only else x)
 

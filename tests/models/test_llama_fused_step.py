@@ -1,0 +1,134 @@
+"""A LLaMA decode step's layers in one C++ call (fastarch/models/llama_fused_step.py,
+fastarch::_llama_decode_layers) against the op-by-op loop: the same kernels in the same order,
+so the logits and the cache must be equal bit for bit, for every layer variant a checkpoint can
+carry (GQA, biases, a sliding window), fp32 and bf16, one and several rows and new tokens, and
+products on either the linear kernel or PyTorch's GEMM; and the one call is not taken where the
+op-by-op loop must run (gradients, a forced backend, a parameter of another dtype)."""
+
+from __future__ import annotations
+
+import gpt2_tiny
+import pytest
+import torch
+
+import fastarch
+from fastarch import registry
+from fastarch.models import from_pretrained
+from fastarch.models import llama_fused_step as fused_step
+from test_llama import make
+
+VARIANTS = {
+    "gqa": ("llama", {}),
+    "mha-bias": ("llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+    "qwen2-qkv-bias": ("qwen2", {}),
+    "mistral-window": ("mistral", dict(sliding_window=5)),
+}
+# (prompt lengths, new tokens per row in the step)
+STEPS = {"1 row": ([9], 1), "3 rows": ([5, 12, 1], 1), "2 rows, 3 tokens": ([6, 11], 3), "8 rows": ([3] * 8, 1)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with gpt2_tiny.one_thread():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _products_as_without_the_interpreter(monkeypatch):
+    """The products the CPU kernel does not take on PyTorch's GEMM, as on a machine without
+    TRITON_INTERPRET (under it the Triton kernel would take them, and the step runs op by op)."""
+    table = [b for b in registry.backends_of("linear") if b.name != "triton"]
+    monkeypatch.setitem(registry._REGISTRY, "linear", table)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def model(request, tmp_path_factory):
+    family, kw = VARIANTS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    make(path, family, **kw)
+    return from_pretrained(path)
+
+
+def _step(model, lengths, n, *, one_call: bool, monkeypatch):
+    """Prefill the prompts, then one decode step of n tokens per row: (logits, cache, what
+    linear_in_one_call answered: None for op by op, else whether the products ran on the linear
+    kernel)."""
+    ids, mask = gpt2_tiny.prompts(lengths, "left")
+    new = torch.randint(2, gpt2_tiny.VOCAB, (len(lengths), n), generator=torch.Generator().manual_seed(1))
+    taken = []
+    real = fused_step.linear_in_one_call
+
+    def spy(*args):
+        answer = real(*args) if one_call else None
+        taken.append(answer)
+        return answer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_step, "linear_in_one_call", spy)
+        cache = model.new_cache(len(lengths), 24)
+        with torch.inference_mode():
+            model(ids, mask, cache=cache, last_only=True)
+            logits = model(new, cache=cache)
+    assert len(taken) == 1
+    return logits, cache, taken[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_one_call_equals_op_by_op(model, dtype, step, monkeypatch):
+    model = model.to(dtype)
+    lengths, n = STEPS[step]
+    ours, cache, taken = _step(model, lengths, n, one_call=True, monkeypatch=monkeypatch)
+    theirs, their_cache, _ = _step(model, lengths, n, one_call=False, monkeypatch=monkeypatch)
+    assert taken is not None, "the step ran op by op"
+    if dtype == torch.bfloat16 and step == "8 rows":  # past the bf16 kernel's rows in every build
+        assert taken is False, "expected the products on PyTorch's GEMM"
+    assert torch.equal(ours, theirs)
+    assert torch.equal(cache.seqlens, their_cache.seqlens) and cache.filled == their_cache.filled
+    for layer in range(len(cache.k)):
+        assert torch.equal(cache.k[layer], their_cache.k[layer]) and torch.equal(cache.v[layer], their_cache.v[layer])
+    assert not ours.isnan().any()
+
+
+def test_nan_in_gives_nan_out(model, monkeypatch):
+    """A NaN weight reaches the logits through the one call as through the op-by-op loop."""
+    model = model.float()
+    with torch.no_grad():
+        saved = model.layers[1].o_proj.weight[0, 0].item()
+        model.layers[1].o_proj.weight[0, 0] = float("nan")
+    try:
+        ours, _, taken = _step(model, [5, 12], 1, one_call=True, monkeypatch=monkeypatch)
+    finally:
+        with torch.no_grad():
+            model.layers[1].o_proj.weight[0, 0] = saved
+    assert taken is not None and ours.isnan().all()
+
+
+def test_not_taken_where_the_op_by_op_loop_must_run(model):
+    model = model.float()
+    cache = model.new_cache(2, 24)
+    x = torch.randn(2, model.config.hidden_size)
+    with torch.inference_mode():
+        assert fused_step.linear_in_one_call(model, x, cache, -1) is not None
+        with fastarch.backend("reference"):  # a forced backend: every op on it, one by one
+            assert fused_step.linear_in_one_call(model, x, cache, -1) is None
+    with torch.enable_grad():  # gradients need torch's dispatcher
+        assert fused_step.linear_in_one_call(model, x, cache, -1) is None
+    assert fused_step.step_arguments(model, torch.float32) is not None
+    assert fused_step.step_arguments(model, torch.bfloat16) is None  # parameters of another dtype
+
+
+def test_a_parameter_of_another_dtype_is_still_an_error(model):
+    """The one call declines a mixed model; the op-by-op loop then names the mismatch."""
+    model = model.float()
+    cache = model.new_cache(1, 24)
+    ids, mask = gpt2_tiny.prompts([4], "left")
+    down = model.layers[0].down_proj
+    weight = down.weight
+    down.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+    try:
+        with torch.inference_mode():
+            with pytest.raises(TypeError, match="weight must have x's dtype"):
+                model(ids, mask, cache=cache, last_only=True)
+    finally:
+        down.weight = weight
