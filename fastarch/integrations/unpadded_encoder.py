@@ -68,7 +68,6 @@ class UnpaddedEncoder(nn.Module):
         super().__init__()
         self.layer = original.layer
         self.config = getattr(original, "config", None)
-        self.gradient_checkpointing = getattr(original, "gradient_checkpointing", False)
         self.__dict__[_ORIGINAL] = original
         self._fastarch_backend = backend
         self.train(original.training)

@@ -36,10 +36,12 @@ def _chosen(op: str, problem: object, requested: str) -> str | None:
 
 
 def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None:
-    """For model (a Llama) decoding rows x (B n, C) against cache: None when the step must run
-    op by op, else whether the one call's products run on the linear kernel (True) or on
-    PyTorch's GEMM (False), as the registry chose for them."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or not dispatch.direct_call_allowed((x,)):
+    """For model (a Llama) decoding rows x (B n, C) against cache (a KVCache): None when the
+    step must run op by op, else whether the one call's products run on the linear kernel
+    (True) or on PyTorch's GEMM (False), as the registry chose for them."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or not dispatch.direct_call_allowed((x, *cache.k, *cache.v)):
+        return None
+    if any(t.dtype != x.dtype or t.device != x.device for t in (*cache.k, *cache.v)):  # op by op names it
         return None
     if not _extension_has_loop():
         return None

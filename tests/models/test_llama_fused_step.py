@@ -132,3 +132,14 @@ def test_a_parameter_of_another_dtype_is_still_an_error(model):
                 model(ids, mask, cache=cache, last_only=True)
     finally:
         down.weight = weight
+
+
+def test_a_cache_of_another_dtype_is_still_an_error(model):
+    model = model.float()
+    ids, mask = gpt2_tiny.prompts([4, 6], "left")
+    cache = model.new_cache(2, 24, dtype=torch.bfloat16)
+    x = torch.randn(2, model.config.hidden_size)
+    with torch.inference_mode():
+        assert fused_step.linear_in_one_call(model, x, cache, -1) is None
+        with pytest.raises(TypeError, match="k_cache's dtype"):
+            model(ids, mask, cache=cache, last_only=True)

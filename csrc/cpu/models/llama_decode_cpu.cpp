@@ -62,15 +62,15 @@ const Kernels& kernels() {
 }
 
 struct Step {
-  const Kernels& k;
+  const Kernels& ops;
   bool linear_kernel;
 
   Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) const {
-    return linear_kernel ? k.linear.redispatch(kCpu, x, weight, bias) : at::linear(x, weight, bias);
+    return linear_kernel ? ops.linear.redispatch(kCpu, x, weight, bias) : at::linear(x, weight, bias);
   }
   // RMSNorm of x (+ residual): (y, the new residual stream)
   std::tuple<Tensor, Tensor> norm(const Tensor& x, const OptTensor& residual, const Tensor& weight, double eps) const {
-    auto [y, residual_out, mean, rstd] = k.norm.redispatch(kCpu, x, residual, weight, std::nullopt, eps, true);
+    auto [y, residual_out, mean, rstd] = ops.norm.redispatch(kCpu, x, residual, weight, std::nullopt, eps, true);
     return {y, residual.has_value() ? residual_out : x};
   }
 };
@@ -98,15 +98,15 @@ Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, const c1
     // attention: (B n, (H + 2 Hkv) D) -> q (B, H, n, D), k, v (B, Hkv, n, D), views
     const Tensor heads = step.linear(y, w[1], bias(0)).view({batch, n, H + 2 * Hkv, D}).transpose(1, 2);
     const std::vector<Tensor> qkv = heads.split_with_sizes({H, Hkv, Hkv}, 1);
-    auto [q, k] = step.k.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, offsets, false, false);
-    step.k.append.redispatch(kCpu, k_caches[i], v_caches[i], k, qkv[2], seqlens_before);
+    auto [q, k] = step.ops.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, offsets, false, false);
+    step.ops.append.redispatch(kCpu, k_caches[i], v_caches[i], k, qkv[2], seqlens_before);
     auto [out, lse] =
-        step.k.decode.redispatch(kCpu, q, k_caches[i], v_caches[i], seqlens_after, true, scale, window_left);
+        step.ops.decode.redispatch(kCpu, q, k_caches[i], v_caches[i], seqlens_after, true, scale, window_left);
     const Tensor a = step.linear(out.transpose(1, 2).reshape({batch * n, H * D}), w[2], bias(1));
     std::tie(y, h) = step.norm(a, h, w[3], eps[2 * i + 1]);
     // SwiGLU feed-forward on the stacked gate/up projection's strided halves
     const std::vector<Tensor> gate_up = step.linear(y, w[4], bias(2)).chunk(2, -1);
-    const Tensor s = step.k.gated.redispatch(kCpu, gate_up[0], gate_up[1], "silu");
+    const Tensor s = step.ops.gated.redispatch(kCpu, gate_up[0], gate_up[1], "silu");
     std::tie(y, h) = step.norm(step.linear(s, w[5], bias(3)), h, weights[kWeightsPerLayer * (i + 1)], eps[2 * i + 2]);
   }
   return y;
