@@ -15,6 +15,7 @@ rounding.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from fastarch import ops, registry
 from fastarch.override import backend_for
 
 _ORIGINAL = "_fastarch_original"  # a swapped module's __dict__ entry: the module it replaced
+_INDEX = re.compile(r"\.\d+(?=\.|$)")  # a module list's index in a path: ".3" of "layers.3.mlp"
 _HOOKS = (
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
     "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
@@ -65,12 +67,19 @@ class Report:
         self.entries.append(Entry(path or "(model)", kind, swapped, detail))
 
     def __str__(self) -> str:
-        head = ("module", "type", "result", "detail")
-        rows = [(e.path, e.kind, "fastarch" if e.swapped else "left alone", e.detail) for e in self.entries]
-        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(3)]
+        """A table with one row per kind of change: the entries of repeated blocks that differ
+        only in their index (layers.0.mlp, layers.1.mlp, ...) share a row (layers.*.mlp) and
+        its count."""
+        groups: dict[tuple, int] = {}
+        for e in self.entries:
+            key = (_INDEX.sub(".*", e.path), e.kind, "fastarch" if e.swapped else "left alone", e.detail)
+            groups[key] = groups.get(key, 0) + 1
+        head = ("module", "count", "type", "result", "detail")
+        rows = [(path, str(n), kind, result, detail) for (path, kind, result, detail), n in groups.items()]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
         lines = [f"fastarch.optimize: {len(self.swapped)} swapped, {len(self.left_alone)} left alone"]
         for r in [head, *rows]:
-            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -368,3 +368,18 @@ def test_linear_swap_gradients():
     g_torch = torch.autograd.grad(layer(x), [layer.weight, layer.bias], dy)
     for a, b in zip(g_ours, g_torch):
         torch.testing.assert_close(a, b)
+
+
+def test_report_table_groups_repeated_blocks():
+    """The entries of a module list's blocks share a row (index as *) with their count; the
+    entries themselves stay one per module."""
+    model = nn.Sequential(nn.ModuleList([nn.LayerNorm(8) for _ in range(3)]), nn.LayerNorm(8))
+    model[0][1].register_forward_hook(lambda *args: None)
+    report = fastarch.optimize(model)
+    assert len(report.entries) == 4
+    lines = str(report).splitlines()
+    swapped = [line for line in lines if line.startswith("0.*") and "fastarch.optimize.LayerNorm" in line]
+    assert len(swapped) == 1 and swapped[0].split()[1] == "2"
+    hooked = [line for line in lines if line.startswith("0.*") and "hooks" in line]
+    assert len(hooked) == 1 and hooked[0].split()[1] == "1"
+    assert any(line.startswith("1 ") and line.split()[1] == "1" for line in lines)
