@@ -33,16 +33,24 @@ def test_bench_model_smollm2_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(generation, "PREFILL_TOKENS", 12)
     monkeypatch.setattr(generation, "SHORT_PROMPT", 4)
     monkeypatch.setattr(generation, "NEW_TOKENS", 16)  # decode well above the timing noise
-    monkeypatch.setattr(generation, "BATCHES", (2,))
+    monkeypatch.setattr(generation, "BATCHES", (1, 2))
+
+    def llama_cpp(ids, new):  # a stand-in with the real one's limits (the GGUF here is not real)
+        if ids.shape[0] != 1:
+            raise NotImplementedError("llama-cpp-python's generate runs one sequence at a time")
+        return torch.zeros(1, new, dtype=torch.long)
+
+    monkeypatch.setattr(generation, "llama_cpp_generator", lambda file: llama_cpp)
+    monkeypatch.setattr(generation, "gguf_tensor_bytes", lambda file: 10_000)
     path = tmp_path / "generation.json"
     assert cli.main(["bench", "--model", "smollm2", "--dtype", "fp32", "--rounds", "1", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "prefill  batch 1" in out and "decode   batch 2" in out and "transformers" in out
     doc = json.loads(path.read_text())
     assert doc["machine"]["copy_bandwidth_gbps"] > 0
-    prefill, decode = doc["rows"]
+    prefill, alone, decode = doc["rows"]
     assert (prefill["figure"], prefill["prompt_tokens"], decode["figure"], decode["batch"]) == ("prefill", 12, "decode", 2)
-    for row in (prefill, decode):
+    for row in (prefill, alone, decode):
         assert row["ours_tokens_per_s"] > 0 and row["theirs"]["transformers"] > 0 and row["vs"]["transformers"] > 0
         assert row["same_tokens"] is True  # fp32: the same greedy tokens as transformers
     # fp32 bytes per step / batch 2: the parameters (the tied embedding once) + each row's keys
@@ -54,10 +62,20 @@ def test_bench_model_smollm2_rows(tmp_path, monkeypatch, capsys):
     # the caches, so it may exceed 1)
     expected = decode["bytes_per_token"] * decode["ours_tokens_per_s"] / (doc["machine"]["copy_bandwidth_gbps"] * 1e9)
     assert decode["bandwidth_fraction"]["ours"] == pytest.approx(expected)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        assert decode["errors"]["llama.cpp"] == "not installed"
+    # llama.cpp's traffic is its own: the file's tensors and an fp16 cache (batch 1 only)
+    assert "NotImplementedError" in decode["errors"]["llama.cpp"]
+    llama_bytes = 10_000 + 2 * 2 * 2 * 16 * 2 * 12
+    assert alone["llama_cpp_bytes_per_token"] == pytest.approx(llama_bytes)
+    expected = llama_bytes * alone["theirs"]["llama.cpp"] / (doc["machine"]["copy_bandwidth_gbps"] * 1e9)
+    assert alone["bandwidth_fraction"]["llama.cpp"] == pytest.approx(expected)
+
+
+def test_llama_cpp_reads_the_gguf_files_tensors():
+    """The real SmolLM2 Q4_1 file: its tensors are nearly the whole file (the rest is metadata
+    and the tokenizer)."""
+    file = generation.gguf_file()
+    size = file.stat().st_size
+    assert 0.9 * size < generation.gguf_tensor_bytes(file) < size
 
 
 def test_bench_model_smollm2_runs_alone():

@@ -11,7 +11,8 @@ Figures, per dtype (fp32, bf16):
   timed in the same rounds; NEW_TOKENS - 1 decode steps (the first token is the prefill's).
   bytes/token: what one decode step reads (every parameter once, and each row's cache at the
   mean length of the generation) per token; bound: that traffic at the decode rate over the
-  machine's copy bandwidth (1.0 = memory-bound at copy speed).
+  machine's copy bandwidth (1.0 = memory-bound at copy speed). llama.cpp's traffic is its own:
+  the GGUF file's quantized tensors and an fp16 cache.
 
 Prompts are random token ids (a fixed seed, no special tokens): greedy generation does not
 care whether they read as text, and the tokenizer is not loaded. Every generation has eos
@@ -56,6 +57,7 @@ class GenerationRow:
     bandwidth_fraction: dict  # contender -> its decode traffic in bytes/s / the copy bandwidth
     same_tokens: bool | None  # fp32: ours and transformers chose the same greedy tokens
     errors: dict
+    llama_cpp_bytes_per_token: float | None = None  # decode: its own (4-bit) weights + fp16 cache, / batch
 
 
 def gguf_file() -> Path:
@@ -195,10 +197,16 @@ def run(args: argparse.Namespace) -> int:
                     else:
                         decode[name] = difference
             steps = NEW_TOKENS - 1
-            per_step = _step_bytes(ours, batch, SHORT_PROMPT + NEW_TOKENS / 2)
-            fraction = {name: per_step / (t.seconds / steps) / bandwidth for name, t in decode.items()}
-            rows.append(_row("decode", batch, dtype_name, SHORT_PROMPT, NEW_TOKENS, decode, per_step / batch,
-                             fraction, _same(kept, dtype), {**absent, **errors}, tokens=batch * steps))
+            mean_length = SHORT_PROMPT + NEW_TOKENS / 2
+            per_step = {name: _step_bytes(ours, batch, mean_length) for name in decode}
+            if "llama.cpp" in decode:  # its own 4-bit weights and fp16 cache
+                per_step["llama.cpp"] = llama_cpp_step_bytes(file, ours.config, batch, mean_length)
+            fraction = {name: per_step[name] / (t.seconds / steps) / bandwidth for name, t in decode.items()}
+            rows.append(_row("decode", batch, dtype_name, SHORT_PROMPT, NEW_TOKENS, decode,
+                             _step_bytes(ours, batch, mean_length) / batch, fraction, _same(kept, dtype),
+                             {**absent, **errors}, tokens=batch * steps))
+            if "llama.cpp" in decode:
+                rows[-1].llama_cpp_bytes_per_token = per_step["llama.cpp"] / batch
             print(_line(rows[-1]), flush=True)
             if args.json:
                 _write(args.json, info, rows)
@@ -245,6 +253,21 @@ def _step_bytes(model, batch: int, mean_length: float) -> float:
     return sum(params.values()) + batch * cache
 
 
+def gguf_tensor_bytes(file: Path) -> int:
+    """The bytes of every tensor of a GGUF file: what llama.cpp reads per decode step (its own
+    quantized weights; a tied embedding once, as the output head)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(file)).tensors)
+
+
+def llama_cpp_step_bytes(file: Path, cfg, batch: int, mean_length: float) -> float:
+    """Bytes one llama.cpp decode step reads: the file's tensors and each row's keys and values
+    at mean_length tokens in its default fp16 cache."""
+    cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * mean_length
+    return gguf_tensor_bytes(file) + batch * cache
+
+
 def _same(out: dict, dtype: torch.dtype) -> bool | None:
     if dtype != torch.float32 or "ours" not in out or "transformers" not in out:
         return None
@@ -265,8 +288,9 @@ def _line(r: GenerationRow) -> str:
     for name, per_s in r.theirs.items():
         cells.append(f"{name} {per_s:8.1f} tok/s ({r.vs[name]:.2f}x)")
     if r.bytes_per_token:
-        cells.append(f"{r.bytes_per_token / 1e6:.0f} MB/token, bound " +
-                     " ".join(f"{name} {f:.2f}" for name, f in r.bandwidth_fraction.items()))
+        cells.append(f"{r.bytes_per_token / 1e6:.0f} MB/token" +
+                     (f" (llama.cpp {r.llama_cpp_bytes_per_token / 1e6:.0f})" if r.llama_cpp_bytes_per_token else "") +
+                     ", bound " + " ".join(f"{name} {f:.2f}" for name, f in r.bandwidth_fraction.items()))
     if r.same_tokens is not None:
         cells.append(f"same tokens {r.same_tokens}")
     note = "; ".join(f"{k}: {v}" for k, v in r.errors.items() if v)
