@@ -11,7 +11,8 @@ scatters the result back: the hidden states of real tokens are the encoder's wit
 those at padding positions are 0 (transformers computes values there from the padding tokens,
 which no real token reads; ModernBERT's unpadded path gives 0 as well).
 
-It takes the packed path for an inference call (eval mode) with a boolean key-padding mask
+It takes the packed path for an eager inference call (eval mode; under torch.compile the
+original encoder runs, as packing reads the mask on the host) with a boolean key-padding mask
 (what transformers builds for the "fastarch" and "sdpa" attention implementations) that hides
 at least one position, and no cache, cross-attention, recorded outputs (output_hidden_states,
 output_attentions) or hooks on its layers; every other call runs the original encoder.
@@ -87,6 +88,8 @@ class UnpaddedEncoder(nn.Module):
 
     def _real_tokens(self, hidden_states: object, mask: object, args: tuple, kwargs: dict) -> Tensor | None:
         """The (B, S) bool mask of real tokens when the call can take the packed path, else None."""
+        if torch.compiler.is_compiling():  # the packing reads the mask on the host: a graph break
+            return None
         if self.training or type(hidden_states) is not Tensor or hidden_states.dim() != 3:
             return None
         if any(a is not None for a in args) or any(k not in _INERT_KWARGS + ("position_ids",) for k in kwargs):
