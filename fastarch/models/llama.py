@@ -16,7 +16,9 @@ sliding_window most recent tokens, itself included. The MLP is SwiGLU: down(silu
 up(x)). q/k/v and gate/up are each one matmul: the checkpoint's weights are stacked at load.
 
 The model follows the decoder protocol of fastarch/models/generate.py (new_cache, forward with a
-cache, last_only).
+cache, last_only). On the CPU a decode step's layers run in one C++ call when every op of the
+step chose its CPU kernel (llama_fused_step.py: the same kernels, bit for bit, without the
+Python between them).
 """
 
 from __future__ import annotations
