@@ -4,6 +4,7 @@ save_pretrained, loaded by both as the bench loads the GGUF (loading and dequant
 SmolLM2 file takes ~25 s here); bench --model smollm2 on the real file is run by hand."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ def test_bench_model_smollm2_rows(tmp_path, monkeypatch, capsys):
     def llama_cpp(ids, new):  # a stand-in with the real one's limits (the GGUF here is not real)
         if ids.shape[0] != 1:
             raise NotImplementedError("llama-cpp-python's generate runs one sequence at a time")
+        time.sleep(0.002 * new)  # a time per token, well above the timing noise
         return torch.zeros(1, new, dtype=torch.long)
 
     monkeypatch.setattr(generation, "llama_cpp_generator", lambda file: llama_cpp)
