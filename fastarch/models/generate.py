@@ -30,6 +30,10 @@ and forward behaves in three ways:
   KVCache.advance(n). Logits (B, n, V).
 last_only=True returns only each row's last real token's logits, (B, 1, V) (what generation
 needs: the vocabulary projection of the whole prompt is skipped).
+
+On a GPU the one-token step is captured in a CUDA graph and replayed for each new token
+(cuda_graph_step.py; FASTARCH_CUDA_GRAPHS=0 runs it eagerly): the step must then read nothing
+from the device on the host, which the protocol above allows.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.models.cuda_graph_step import CudaGraphStep
 from fastarch.models.packing import Packing, pack, unpack, unpad
 
 # ----------------------------------------------------------------------------- packing
@@ -327,6 +332,7 @@ def _decode(
     B = input_ids.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     texts: list[list[int]] = [[] for _ in range(B)]
+    graphed = CudaGraphStep.for_generation(model, cache, max_new_tokens)  # None: each step eagerly
     with torch.inference_mode():
         logits = model(input_ids, attention_mask, cache=cache, last_only=True)[:, -1]
         for step in range(max_new_tokens):
@@ -353,7 +359,10 @@ def _decode(
             yield host
             if step + 1 == max_new_tokens or bool(done.all()):
                 return
-            logits = model(token[:, None], cache=cache, last_only=True)[:, -1]
+            if graphed is not None:
+                logits = graphed(token)
+            else:
+                logits = model(token[:, None], cache=cache, last_only=True)[:, -1]
 
 
 def generate(
