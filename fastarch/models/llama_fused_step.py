@@ -77,21 +77,31 @@ def _extension_has_loop() -> bool:
     return True
 
 
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+_WEIGHTS = ("input_layernorm", "qkv_proj", "o_proj", "post_attention_layernorm", "gate_up_proj", "down_proj")
+_BIASED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
 def step_arguments(model, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor | None], list[float]] | None:
     """The loop's weights, biases and eps in its order (see csrc/ops.cpp), or None when a
-    parameter is not a plain contiguous tensor of dtype on the CPU (the op-by-op loop handles
-    or refuses those)."""
+    parameter is not a plain contiguous tensor of dtype on the CPU, or not a plain parameter
+    (a parametrized weight): the op-by-op loop handles or refuses those. Gathered every step
+    (a layer may have been replaced) from the modules' own dictionaries: nn.Module's attribute
+    lookup would cost ~0.5 ms of a step."""
     weights: list[Tensor] = []
     biases: list[Tensor | None] = []
     eps: list[float] = []
-    for b in model.layers:
-        weights += [b.input_layernorm.weight, b.qkv_proj.weight, b.o_proj.weight, b.post_attention_layernorm.weight,
-                    b.gate_up_proj.weight, b.down_proj.weight]
-        biases += [b.qkv_proj.bias, b.o_proj.bias, b.gate_up_proj.bias, b.down_proj.bias]
-        eps += [b.input_layernorm.eps, b.post_attention_layernorm.eps]
-    weights.append(model.norm.weight)
-    eps.append(model.norm.eps)
+    try:
+        for block in model.layers:
+            parts = block._modules
+            weights += [parts[name]._parameters["weight"] for name in _WEIGHTS]
+            biases += [parts[name]._parameters["bias"] for name in _BIASED]
+            eps += [parts[name].eps for name in _NORMS]
+        weights.append(model._modules["norm"]._parameters["weight"])
+        eps.append(model._modules["norm"].eps)
+    except (KeyError, AttributeError):  # a parametrized weight, a replaced layer of another kind
+        return None
     for t in weights + [b for b in biases if b is not None]:
-        if type(t) not in _PLAIN or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        if type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu or not t.is_contiguous():
             return None
     return weights, biases, [float(e) for e in eps]

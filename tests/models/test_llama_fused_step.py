@@ -143,3 +143,25 @@ def test_a_cache_of_another_dtype_is_still_an_error(model):
         assert fused_step.linear_in_one_call(model, x, cache, -1) is None
         with pytest.raises(TypeError, match="k_cache's dtype"):
             model(ids, mask, cache=cache, last_only=True)
+
+
+class _Same(torch.nn.Module):
+    def forward(self, w):
+        return w
+
+
+def test_a_parametrized_weight_runs_op_by_op(model, monkeypatch):
+    """A parametrization computes the weight on access (no plain parameter to hand to C++): the
+    step runs op by op, with the same logits."""
+    from torch.nn.utils import parametrize
+
+    model = model.float()
+    before, _, taken = _step(model, [5, 12], 1, one_call=True, monkeypatch=monkeypatch)
+    assert taken is not None
+    parametrize.register_parametrization(model.layers[0].o_proj, "weight", _Same())
+    try:
+        assert fused_step.step_arguments(model, torch.float32) is None
+        after, _, _ = _step(model, [5, 12], 1, one_call=True, monkeypatch=monkeypatch)
+    finally:
+        parametrize.remove_parametrizations(model.layers[0].o_proj, "weight")
+    assert torch.equal(after, before)
