@@ -29,9 +29,10 @@ from fastarch.optimize import _ORIGINAL
 
 # hooks on a layer (a user's, or transformers' recording of hidden states) need the layers called
 _CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-# keyword arguments of BertEncoder.forward that may be given as long as they are None/False
-_INERT_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "use_cache",
-                 "output_attentions", "output_hidden_states")
+# keyword arguments of BertEncoder.forward the packed path takes when they are None (tensors,
+# caches) or false (flags); position_ids are unused by BERT's layers
+_ABSENT_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values")
+_FLAG_KWARGS = ("use_cache", "output_attentions", "output_hidden_states")
 
 
 def bert_style_reason(encoder: nn.Module) -> str | None:
@@ -92,9 +93,10 @@ class UnpaddedEncoder(nn.Module):
             return None
         if self.training or type(hidden_states) is not Tensor or hidden_states.dim() != 3:
             return None
-        if any(a is not None for a in args) or any(k not in _INERT_KWARGS + ("position_ids",) for k in kwargs):
+        known = _ABSENT_KWARGS + _FLAG_KWARGS + ("position_ids",)
+        if any(a is not None for a in args) or any(k not in known for k in kwargs):
             return None
-        if any(kwargs.get(k) for k in _INERT_KWARGS if k != "use_cache") or kwargs.get("use_cache"):
+        if any(kwargs.get(k) is not None for k in _ABSENT_KWARGS) or any(kwargs.get(k) for k in _FLAG_KWARGS):
             return None
         if type(mask) is not Tensor or mask.dtype != torch.bool or mask.dim() != 4:
             return None  # no padding (None), or an additive / per-query mask: nothing to pack by

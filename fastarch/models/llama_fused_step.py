@@ -70,11 +70,7 @@ def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None
 
 
 def _extension_has_loop() -> bool:
-    try:
-        torch.ops.fastarch._llama_decode_layers.default
-    except (AttributeError, RuntimeError):  # a build without the C++ loop
-        return False
-    return True
+    return hasattr(torch.ops.fastarch, "_llama_decode_layers")  # False for a build without the C++ loop
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")

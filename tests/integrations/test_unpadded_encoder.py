@@ -133,6 +133,25 @@ def test_no_padding_training_and_hooks_run_the_original_encoder(monkeypatch):
     _runs_padded(fast, model, monkeypatch)
 
 
+def test_tensor_arguments_run_the_original_encoder(monkeypatch):
+    """A tensor given for an argument the packed path does not take (cross-attention's inputs)
+    sends the call to the original encoder, which decides what to do with it."""
+    model = _model("bert")
+    fast = fastarch.optimize(model, inplace=False).model
+    hidden = torch.randn(4, 13, 32)
+    real = torch.ones(4, 13, dtype=torch.bool)
+    real[1, 9:] = False
+    mask = real[:, None, None, :].expand(4, 1, 13, 13)
+    packed = _PackedCalls(monkeypatch)
+    with torch.no_grad():
+        ours = fast.encoder(hidden, mask, encoder_hidden_states=torch.randn(4, 5, 32)).last_hidden_state
+        theirs = model.encoder(hidden, mask, encoder_hidden_states=torch.randn(4, 5, 32)).last_hidden_state
+        packed_out = fast.encoder(hidden, mask).last_hidden_state
+    assert packed.calls == 2  # the last call only
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_out[real], theirs[real], rtol=1e-5, atol=1e-5)
+
+
 def test_restore_gives_the_original_encoder_back():
     model = _model("bert")
     encoder, norm = model.encoder, model.encoder.layer[0].output.LayerNorm

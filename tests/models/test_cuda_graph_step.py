@@ -9,11 +9,11 @@ from __future__ import annotations
 import gpt2_tiny
 import pytest
 import torch
+from test_llama import make
 
 from fastarch.models import cuda_graph_step, from_pretrained
 from fastarch.models.cuda_graph_step import CudaGraphStep
 from fastarch.models.generate import generate
-from test_llama import make
 
 NEW = 24
 

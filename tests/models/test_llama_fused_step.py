@@ -10,12 +10,12 @@ from __future__ import annotations
 import gpt2_tiny
 import pytest
 import torch
+from test_llama import make
 
 import fastarch
 from fastarch import registry
 from fastarch.models import from_pretrained
 from fastarch.models import llama_fused_step as fused_step
-from test_llama import make
 
 VARIANTS = {
     "gqa": ("llama", {}),
