@@ -28,9 +28,10 @@ from fastarch.override import backend_for
 
 _ORIGINAL = "_fastarch_original"  # a swapped module's __dict__ entry: the module it replaced
 _INDEX = re.compile(r"\.\d+(?=\.|$)")  # a module list's index in a path: ".3" of "layers.3.mlp"
-_HOOKS = (
-    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+# hooks that run when a module is called (a swap, or a path that skips the call, would lose them)
+CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOKS = CALL_HOOKS + (
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
 )
 
 

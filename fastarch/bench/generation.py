@@ -198,13 +198,13 @@ def run(args: argparse.Namespace) -> int:
                         decode[name] = difference
             steps = NEW_TOKENS - 1
             mean_length = SHORT_PROMPT + NEW_TOKENS / 2
-            per_step = {name: _step_bytes(ours, batch, mean_length) for name in decode}
+            ours_bytes = _step_bytes(ours, batch, mean_length)  # transformers reads the same weights
+            per_step = {name: ours_bytes for name in decode}
             if "llama.cpp" in decode:  # its own 4-bit weights and fp16 cache
                 per_step["llama.cpp"] = llama_cpp_step_bytes(file, ours.config, batch, mean_length)
             fraction = {name: per_step[name] / (t.seconds / steps) / bandwidth for name, t in decode.items()}
-            rows.append(_row("decode", batch, dtype_name, SHORT_PROMPT, NEW_TOKENS, decode,
-                             _step_bytes(ours, batch, mean_length) / batch, fraction, _same(kept, dtype),
-                             {**absent, **errors}, tokens=batch * steps))
+            rows.append(_row("decode", batch, dtype_name, SHORT_PROMPT, NEW_TOKENS, decode, ours_bytes / batch,
+                             fraction, _same(kept, dtype), {**absent, **errors}, tokens=batch * steps))
             if "llama.cpp" in decode:
                 rows[-1].llama_cpp_bytes_per_token = per_step["llama.cpp"] / batch
             print(_line(rows[-1]), flush=True)

@@ -25,10 +25,8 @@ from torch import Tensor, nn
 
 from fastarch import ops
 from fastarch.models.packing import Packing, pack, unpack, unpad
-from fastarch.optimize import _ORIGINAL
+from fastarch.optimize import _ORIGINAL, CALL_HOOKS
 
-# hooks on a layer (a user's, or transformers' recording of hidden states) need the layers called
-_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 # keyword arguments of BertEncoder.forward the packed path takes when they are None (tensors,
 # caches) or false (flags); position_ids are unused by BERT's layers
 _ABSENT_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values")
@@ -101,7 +99,8 @@ class UnpaddedEncoder(nn.Module):
         if type(mask) is not Tensor or mask.dtype != torch.bool or mask.dim() != 4:
             return None  # no padding (None), or an additive / per-query mask: nothing to pack by
         B, S = hidden_states.shape[:2]
-        if mask.shape != (B, 1, S, S) or any(getattr(m, h, None) for m in self.layer.modules() for h in _CALL_HOOKS):
+        # hooks on a layer (a user's, or transformers' recording of hidden states) need the layers called
+        if mask.shape != (B, 1, S, S) or any(getattr(m, h, None) for m in self.layer.modules() for h in CALL_HOOKS):
             return None
         real = mask[:, 0, 0, :]
         if real.all() or not torch.equal(mask, real[:, None, None, :].expand_as(mask)):

@@ -6,7 +6,7 @@
 // The loop calls the same kernels the Python path's registry chose (fastarch::_norm_fwd,
 // _linear, _rotary, _append_kv, _attention_decode, _gated_act_fwd at the CPU key), with the
 // same arguments in the same order, so its results equal the Python path's bit for bit
-// (tests/models/test_llama_decode_cpp.py). The Python side calls it only when every op of the
+// (tests/models/test_llama_fused_step.py). The Python side calls it only when every op of the
 // step chose its CPU kernel, and checks every argument first (shapes fixed by the config, the
 // cache's room on the host); the products past the linear kernel's rows (linear_kernel false)
 // run on PyTorch's GEMM, as the registry's reference backend does.
