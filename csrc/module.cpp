@@ -46,6 +46,9 @@ PYBIND11_MODULE(_C, m) {
   // For tests and benchmarks: force a level of the CPU kernels ("auto", "generic", "avx512",
   // "avx512_bf16", "amx"; cpu/isa.h); ValueError when this CPU or build cannot run it.
   m.def("_set_cpu_isa", [](const std::string& name) { fastarch::cpu::set_isa(name); });
+  // Whether the AVX-512 kernels run now (level avx512 or above): a cheap per-call check for
+  // Python code that takes a kernel only those have (fastarch.nn.Conv2d's Winograd path).
+  m.def("_cpu_avx512", []() { return fastarch::cpu::isa_avx512(); });
   // The bf16 attention forward through brgemm: "auto" (at level amx), "on" (any AVX512-BF16
   // CPU), "off".
   m.def("_set_cpu_brgemm", [](const std::string& mode) { fastarch::cpu::set_brgemm(mode); });

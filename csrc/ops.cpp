@@ -79,6 +79,12 @@ TORCH_LIBRARY(fastarch, m) {
       " float[] eps, int batch, int n_head, int n_kv, int head_dim, float scale, int window_left, bool linear_kernel)"
       " -> Tensor");
 
+  // A 3x3 convolution, stride 1, padding 1, of x (N, Ci, H, W) channels-last contiguous fp32
+  // by Winograd's F(2x2, 3x3) (csrc/cpu/conv/winograd.h), + bias (Co,) + add (N, Co, H, W)
+  // channels-last; u: the transformed weight of fastarch.nn.conv.winograd_weight. The output is
+  // channels-last. CPU with AVX-512 only; used by fastarch.nn.Conv2d for inference.
+  m.def("_winograd_conv3x3(Tensor x, Tensor u, int out_channels, Tensor? bias, Tensor? add) -> Tensor");
+
   // Group normalization of x (N, C, S) (channels_last false) or (N, S, C) (true), contiguous,
   // over num_groups groups of C / num_groups channels and all S positions, then weight/bias (C,),
   // the per-sample scale/shift (N, C) (z = u * (1 + scale) + shift) and optionally SiLU.

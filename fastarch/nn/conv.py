@@ -1,29 +1,47 @@
-"""Conv2d: torch.nn.Conv2d whose CPU inference runs oneDNN on a weight packed once (and can add
+"""Conv2d: torch.nn.Conv2d whose CPU inference runs on a weight transformed once (and can add
 a residual in the same call), for the diffusion UNet (fastarch/models/unet_blocks.py) and
-fastarch.optimize."""
+fastarch.optimize: fp32 3x3 convolutions (stride 1, padding 1) by our Winograd F(2x2, 3x3)
+kernel on AVX-512 CPUs, the rest by oneDNN on its packed layout."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
+
+from fastarch import _extension
+
+# FASTARCH_CONV_WINOGRAD=0 sends the 3x3 convolutions to oneDNN too (read at import; tests
+# and benchmarks set WINOGRAD).
+WINOGRAD = os.environ.get("FASTARCH_CONV_WINOGRAD", "1").strip() != "0"
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) whose forward(x, add=None) gives conv(x) + add.
 
-    Without autograd on the CPU (inference, sampling), it runs oneDNN's convolution on a weight
-    packed once into oneDNN's blocked layout, channels-last, the add fused into it: torch's
-    conv2d re-lays the weight out on every call, which measured 2-4x the convolution itself on
-    the DDPM-CIFAR10 UNet's 8x8 and 16x16 maps (Zen 4, fp32 and bf16). The packed copy is
-    remade when the weight changes (an optimizer step or load_state_dict bumps its version) or
-    the input shape does; a write through ``weight.data`` bumps no version, so call
-    ``repack()`` after one. Everything else (autograd, CUDA, fp16, padding modes other than
-    zeros, string paddings) runs torch's conv2d."""
+    Without autograd on the CPU (inference, sampling), on a weight transformed once,
+    channels-last, the add fused into the call:
+    - fp32 3x3, stride 1, padding 1, one group, on a CPU with AVX-512: Winograd's F(2x2, 3x3)
+      (``fastarch::_winograd_conv3x3``, csrc/cpu/conv/winograd.h): 16 multiplications per
+      2x2 outputs where the direct convolution has 36, 1.5-1.9x oneDNN's direct convolution
+      on the DDPM-CIFAR10 UNet's 32x32 and 16x16 maps (Zen 4), with smaller errors against
+      fp64 than it (no coefficient above 1 in magnitude but the input transform's sums).
+    - otherwise oneDNN's convolution on its blocked layout: torch's conv2d re-lays the weight
+      out on every call, which measured 2-4x the convolution itself on the UNet's 8x8 and
+      16x16 maps (Zen 4, fp32 and bf16).
+    The transformed copy is remade when the weight changes (an optimizer step or
+    load_state_dict bumps its version) or the input shape does; a write through
+    ``weight.data`` bumps no version, so call ``repack()`` after one. Everything else
+    (autograd, CUDA, fp16, padding modes other than zeros, string paddings) runs torch's
+    conv2d."""
 
     _packed: tuple | None = None
 
     def forward(self, x: Tensor, add: Tensor | None = None) -> Tensor:
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and _can_pack(x, self.weight):
+            if self._winograd_fits(x):
+                return self._winograd_forward(x, add)
             return self._packed_forward(x, add)
         y = self._conv_forward(x, self.weight, self.bias)
         return y if add is None else y + add
@@ -45,6 +63,32 @@ class Conv2d(nn.Conv2d):
         state.pop("_packed", None)
         return state
 
+    def _winograd_fits(self, x: Tensor) -> bool:
+        return (
+            WINOGRAD
+            and x.dtype == torch.float32
+            and x.dim() == 4
+            and self.kernel_size == (3, 3)
+            and self.stride == (1, 1)
+            and tuple(self.padding) == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and min(self.in_channels, self.out_channels) >= _WINOGRAD_MIN_CHANNELS
+            and _extension._C is not None
+            and _extension._C._cpu_avx512()
+        )
+
+    def _winograd_forward(self, x: Tensor, add: Tensor | None) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, "winograd")
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, winograd_weight(w.detach()))
+        if add is not None:
+            add = add.contiguous(memory_format=torch.channels_last)
+        bias = None if self.bias is None else self.bias.detach().contiguous()
+        return torch.ops.fastarch._winograd_conv3x3(x, self._packed[1], self.out_channels, bias, add)
+
     def _packed_forward(self, x: Tensor, add: Tensor | None) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         w = self.weight
@@ -58,6 +102,28 @@ class Conv2d(nn.Conv2d):
             return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
         add = add.contiguous(memory_format=torch.channels_last)
         return torch.ops.mkldnn._convolution_pointwise.binary(x, add, *args, "add", 1.0, None, [], "")
+
+
+# Below 16 channels on either side the kernel's 16-channel blocks and 32-channel panels are
+# mostly padding: oneDNN is faster (4x3->128 at 32x32: 0.32x; 4x128->3: 0.89x; Zen 4).
+_WINOGRAD_MIN_CHANNELS = 16
+
+# F(2x2, 3x3)'s filter transform: U = G g G^T for each (out, in) channel pair's 3x3 filter g.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight: Tensor) -> Tensor:
+    """The (Co, Ci, 3, 3) weight as ``fastarch::_winograd_conv3x3`` takes it: U = G g G^T at
+    the 16 positions of a 4x4 tile, computed in fp64 and rounded once to fp32, laid out
+    (16, panels, Ci rounded up to 16, 32): output channels in panels of 32, zero-padded."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"winograd_weight: weight must be (out, in, 3, 3), got {tuple(weight.shape)}")
+    co, ci = weight.shape[:2]
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.double(), g).reshape(16, ci, co)
+    ci_pad, panels = -(-ci // 16) * 16, -(-co // 32)
+    u = nn.functional.pad(u, (0, panels * 32 - co, 0, ci_pad - ci))
+    return u.view(16, ci_pad, panels, 32).permute(0, 2, 1, 3).contiguous().float()
 
 
 def _can_pack(x: Tensor, weight: Tensor) -> bool:

@@ -1,0 +1,44 @@
+// The CPU 3x3 convolution by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast
+// Algorithms for Convolutional Neural Networks", 2015), fp32, channels-last, stride 1, padding
+// 1: each 2x2 block of outputs ("tile") comes from the 4x4 input patch around it as
+//   Y = A^T [ sum over input channels of (G g G^T) * (B^T d B) ] A
+// (* elementwise over the 4x4 positions e), so a tile costs 16 products per input/output
+// channel pair where the direct convolution costs 36: the 16 positions are 16 independent
+// matrix products  M_e (tiles x Co) = V_e (tiles x Ci) U_e (Ci x Co), U = G g G^T per filter.
+// The transforms' coefficients are 0, +-1 and 1/2, so no value is scaled by more than 2 and
+// the rounding error stays that of the products' sums (tests/nn/test_conv.py measures it against
+// an fp64 reference, beside oneDNN's direct convolution).
+//
+// Work is cut into items of a block of tiles x a range of kPanel-wide output-channel panels;
+// an item transforms its tiles' input into V (in L2), runs the 16 products per panel with a
+// register-tiled AVX-512 kernel, and transforms each panel's M straight into the output (plus
+// bias and an optional residual). No torch headers here (the AVX-512 translation unit).
+#pragma once
+#include <cstdint>
+
+namespace fastarch::cpu::winograd {
+
+constexpr int64_t kMaxTileBlock = 56;  // tiles per item at most (Params::tile_block)
+constexpr int64_t kPanel = 32;      // output channels per product panel (two zmm columns)
+constexpr int64_t kChunk = 16;      // input channels per V block (one zmm)
+
+struct Params {
+  const float* x;     // (N, H, W, Ci) contiguous
+  const float* u;     // (16, panels, ci_pad, kPanel): G g G^T, zero-padded channels
+  const float* bias;  // (Co,) or null
+  const float* add;   // (N, H, W, Co) contiguous or null: added to the output
+  float* y;           // (N, H, W, Co) contiguous
+  int64_t n, h, w, ci, co;
+  int64_t ci_pad;     // ci rounded up to kChunk
+  int64_t panels;     // co rounded up to kPanel, / kPanel
+  int64_t tiles_h, tiles_w;
+  int64_t tile_block;  // tiles per item (<= kMaxTileBlock)
+  int64_t tiles() const { return n * tiles_h * tiles_w; }
+};
+
+// Floats of scratch one item needs: V, then M of one panel.
+inline int64_t scratch_floats(const Params& p) { return 16 * p.ci_pad * p.tile_block + 16 * p.tile_block * kPanel; }
+// Tiles [tile0, tile0 + count) (count <= p.tile_block), output panels [panel0, panel1).
+void run_item_avx512(const Params& p, int64_t tile0, int64_t count, int64_t panel0, int64_t panel1, float* scratch);
+
+}  // namespace fastarch::cpu::winograd

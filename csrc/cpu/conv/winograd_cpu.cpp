@@ -1,0 +1,122 @@
+// CPU implementation of fastarch::_winograd_conv3x3 (winograd.h): checks, the output, and the
+// work items over torch's thread pool. The AVX-512 build is the only one: on other CPUs
+// fastarch.nn.Conv2d runs oneDNN's direct convolution instead and never calls this op.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "winograd.h"
+
+namespace fastarch::cpu::winograd {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kWho = "fastarch::_winograd_conv3x3 (cpu)";
+
+void check_nhwc(const Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, kWho, ": ", name,
+              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.sizes() == shape, kWho, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), kWho, ": ", name, " must be channels-last contiguous");
+}
+
+// How the work is cut: tile blocks of `tile_block` tiles (a multiple of the 14-row register
+// tile), each item one block and one of `groups` equal ranges of the output panels. Big images
+// give every thread many blocks; small ones (8x8 and 4x4 maps) need the panels split too, at
+// the price of one input transform per item. The plan minimises the modelled time of the
+// busiest thread of at::parallel_for's contiguous split, in units of one tile's products for
+// one panel: a row tile of r rows costs r + 2 (its loads of the panel), a tile's input
+// transform 0.4 (both per input channel; measured on Zen 4 as 1/10 of four panels' products).
+struct Plan {
+  int64_t tile_block = 14;
+  int64_t groups = 1;
+};
+
+double item_cost(int64_t count, int64_t item_panels) {
+  double rows = 0;
+  for (int64_t r0 = 0; r0 < count; r0 += 14) rows += static_cast<double>(std::min<int64_t>(14, count - r0)) + 2;
+  return 0.4 * static_cast<double>(count) + static_cast<double>(item_panels) * rows;
+}
+
+Plan choose_plan(const Params& p, int64_t threads) {
+  Plan best;
+  double best_time = -1, best_work = 0;
+  const int64_t tiles = p.tiles();
+  for (int64_t tb = 14; tb <= kMaxTileBlock; tb += 14) {
+    const int64_t blocks = (tiles + tb - 1) / tb;
+    for (int64_t groups = 1; groups <= std::min<int64_t>(p.panels, 16); ++groups) {
+      const int64_t items = blocks * groups, chunk = (items + threads - 1) / threads;
+      double slowest = 0, work = 0;
+      for (int64_t first = 0; first < items; first += chunk) {
+        double t = 0;
+        for (int64_t item = first; item < std::min(items, first + chunk); ++item) {
+          const int64_t block = item / groups, group = item % groups;
+          t += item_cost(std::min(tb, tiles - block * tb), (group + 1) * p.panels / groups - group * p.panels / groups);
+        }
+        slowest = std::max(slowest, t);
+        work += t;
+      }
+      if (best_time < 0 || slowest < best_time * 0.999 || (slowest <= best_time * 1.001 && work < best_work)) {
+        best = Plan{tb, groups};
+        best_time = slowest;
+        best_work = work;
+      }
+    }
+  }
+  return best;
+}
+
+Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, int64_t out_channels, const std::optional<Tensor>& bias,
+                            const std::optional<Tensor>& add) {
+  TORCH_CHECK(x.dim() == 4, kWho, ": x must be (N, C, H, W), got ", x.dim(), " dims");
+  check_nhwc(x, "x", x.sizes());
+  TORCH_CHECK(out_channels > 0 && x.size(1) > 0, kWho, ": in and out channels must be positive, got ", x.size(1),
+              " and ", out_channels);
+  const int64_t n = x.size(0), ci = x.size(1), h = x.size(2), w = x.size(3), co = out_channels;
+  const int64_t ci_pad = (ci + kChunk - 1) / kChunk * kChunk, panels = (co + kPanel - 1) / kPanel;
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.is_contiguous() &&
+                  u.sizes() == at::IntArrayRef({16, panels, ci_pad, kPanel}),
+              kWho, ": u must be the contiguous float32 (16, ", panels, ", ", ci_pad, ", ", kPanel,
+              ") weight of fastarch.nn.conv.winograd_weight, got ", u.scalar_type(), " ", u.sizes());
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->sizes() == at::IntArrayRef({co}),
+                kWho, ": bias must be a contiguous float32 (", co, ",) CPU tensor, got ", bias->scalar_type(), " ",
+                bias->sizes());
+  }
+  if (add) check_nhwc(*add, "add", {n, co, h, w});
+  TORCH_CHECK(isa_avx512(), kWho, ": needs the AVX-512 kernels (CPU level ", isa_name(active_isa()), ")");
+  Tensor y = at::empty({n, co, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  Params p{x.data_ptr<float>(), u.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
+           add ? add->data_ptr<float>() : nullptr, y.data_ptr<float>(), n, h, w, ci, co, ci_pad, panels,
+           (h + 1) / 2, (w + 1) / 2, 0};
+  const Plan plan = choose_plan(p, at::get_num_threads());
+  p.tile_block = plan.tile_block;
+  const int64_t blocks = (p.tiles() + p.tile_block - 1) / p.tile_block;
+  at::parallel_for(0, blocks * plan.groups, 1, [&](int64_t begin, int64_t end) {
+#ifdef FASTARCH_WITH_AVX512
+    std::vector<float> scratch(scratch_floats(p));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item / plan.groups, group = item % plan.groups, tile0 = block * p.tile_block;
+      run_item_avx512(p, tile0, std::min(p.tile_block, p.tiles() - tile0), group * panels / plan.groups,
+                      (group + 1) * panels / plan.groups, scratch.data());
+    }
+#endif
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) { m.impl("_winograd_conv3x3", &winograd_conv3x3_cpu); }
+
+}  // namespace fastarch::cpu::winograd

@@ -1,0 +1,163 @@
+"""fastarch.nn.Conv2d's CPU inference paths: fp32 3x3 convolutions (stride 1, padding 1, one
+group, 16 or more channels each side) by the Winograd F(2x2, 3x3) kernel
+``fastarch::_winograd_conv3x3`` on CPUs with AVX-512, the rest by oneDNN on its packed weight.
+
+Tolerance: against an fp64 convolution, the kernel's max error may be at most 2x torch's own
+fp32 conv2d error plus 8 fp32 ulps at the output's scale. The transforms' coefficients are 0,
++-1 and +-1/2, so their only roundings are those of a few sums; the kernel measured at 0.3-0.6x
+torch's error. A wrong tile, edge or channel padding lands at 100x or more."""
+
+from __future__ import annotations
+
+import backend_rows
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastarch._extension import _C
+from fastarch.nn import conv as conv_module
+from fastarch.nn.conv import Conv2d, winograd_weight
+
+AVX512 = _C._cpu_avx512()  # the level in use (FASTARCH_CPU_ISA=generic runs oneDNN everywhere)
+NOT_AVX512 = "needs the AVX-512 kernels"
+
+
+@pytest.fixture
+def cpu_isa():
+    yield _C._set_cpu_isa
+    _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
+
+
+def channels_last(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+
+
+def check_error(ours: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias, add) -> None:
+    exact = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+    theirs = F.conv2d(x, weight, bias, padding=1)
+    if add is not None:
+        exact, theirs = exact + add.double(), theirs + add
+    ours_err = (ours.double() - exact).abs().max().item()
+    theirs_err = (theirs.double() - exact).abs().max().item()
+    floor = 8 * torch.finfo(torch.float32).eps * max(exact.abs().max().item(), 1.0)
+    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
+
+
+# (N, Ci, Co, H, W): channel counts off the 16 / 32 blocks, odd and one-pixel maps, several tile
+# blocks and panel groups (the work plan depends on the tile count and the panels).
+SHAPES = [(1, 16, 16, 8, 8), (2, 20, 33, 7, 9), (1, 48, 64, 1, 1), (1, 32, 40, 5, 2), (3, 64, 32, 16, 16),
+          (1, 16, 96, 33, 31), (2, 130, 17, 4, 6)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("with_add", [False, True], ids=["", "add"])
+def test_winograd_kernel_against_fp64(shape, with_bias, with_add):
+    n, ci, co, h, w = shape
+    torch.manual_seed(sum(shape))
+    x, weight = channels_last(n, ci, h, w), torch.randn(co, ci, 3, 3) / (9 * ci) ** 0.5
+    bias = torch.randn(co) if with_bias else None
+    add = channels_last(n, co, h, w) if with_add else None
+    if not AVX512:
+        with pytest.raises(RuntimeError, match=NOT_AVX512):
+            torch.ops.fastarch._winograd_conv3x3(x, winograd_weight(weight), co, bias, add)
+        return
+    y = torch.ops.fastarch._winograd_conv3x3(x, winograd_weight(weight), co, bias, add)
+    assert y.shape == (n, co, h, w) and y.is_contiguous(memory_format=torch.channels_last)
+    check_error(y, x, weight, bias, add)
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    """The work plan changes with the threads, but every output is the same sums in the same
+    order (its tile's transform, the products over the input channels in order)."""
+    torch.manual_seed(0)
+    x, weight = channels_last(2, 64, 12, 10), torch.randn(64, 64, 3, 3)
+    u, threads = winograd_weight(weight), torch.get_num_threads()
+    if not AVX512:
+        return
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastarch._winograd_conv3x3(x, u, 64, None, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, torch.ops.fastarch._winograd_conv3x3(x, u, 64, None, None))
+
+
+@pytest.mark.parametrize("where", [(4, 5), (0, 0), (8, 6)], ids=["inside", "corner", "last-row"])
+def test_nan_reaches_exactly_its_receptive_field(where):
+    """A NaN input makes NaN the outputs whose 3x3 window holds it, in every output channel,
+    and no other (a Winograd tile's four outputs do not all see its 4x4 patch)."""
+    torch.manual_seed(1)
+    conv = Conv2d(16, 32, 3, padding=1)
+    x = channels_last(1, 16, 9, 7)
+    x[0, 3, where[0], where[1]] = float("nan")
+    with torch.no_grad():
+        y = conv(x)
+    expected = torch.zeros(9, 7, dtype=torch.bool)
+    expected[max(where[0] - 1, 0):where[0] + 2, max(where[1] - 1, 0):where[1] + 2] = True
+    assert torch.equal(y.isnan(), expected.expand_as(y))
+    assert (conv._packed[0][-1] == "winograd") == AVX512
+
+
+def route(conv: Conv2d, x: torch.Tensor, add=None) -> str:
+    conv._packed = None
+    with torch.no_grad():
+        conv(x, add)
+    return "winograd" if conv._packed is not None and conv._packed[0][-1] == "winograd" else "onednn"
+
+
+def test_module_takes_winograd_only_where_it_fits(cpu_isa, monkeypatch):
+    torch.manual_seed(2)
+    x = channels_last(2, 16, 8, 8)
+    fits = Conv2d(16, 16, 3, padding=1)
+    assert route(fits, x) == ("winograd" if AVX512 else "onednn")
+    assert route(fits, x.contiguous()) == route(fits, x)  # NCHW input: made channels-last first
+    for other in (Conv2d(16, 16, 3, stride=2, padding=1), Conv2d(16, 16, 3, padding=2, dilation=2),
+                  Conv2d(16, 16, 3, padding=1, groups=2), Conv2d(16, 16, 1), Conv2d(16, 3, 3, padding=1)):
+        assert route(other, x) == "onednn", other
+    assert route(Conv2d(3, 16, 3, padding=1), channels_last(2, 3, 8, 8)) == "onednn"  # 3 input channels
+    monkeypatch.setattr(conv_module, "WINOGRAD", False)
+    assert route(fits, x) == "onednn"
+    monkeypatch.setattr(conv_module, "WINOGRAD", True)
+    if AVX512:
+        cpu_isa("generic")  # the portable level: no AVX-512 kernels, oneDNN's convolution
+        assert route(fits, x) == "onednn"
+        with pytest.raises(RuntimeError, match=NOT_AVX512):
+            torch.ops.fastarch._winograd_conv3x3(x, winograd_weight(fits.weight.detach()), 16, None, None)
+
+
+def test_module_matches_torch_and_follows_weight_updates():
+    """Winograd (or oneDNN) without autograd, torch's conv2d with it; an in-place weight update
+    bumps the weight's version and the transformed copy is remade."""
+    torch.manual_seed(3)
+    conv = Conv2d(24, 40, 3, padding=1)
+    x, add = channels_last(2, 24, 11, 6), channels_last(2, 40, 11, 6)
+    with torch.no_grad():
+        check_error(conv(x, add), x, conv.weight, conv.bias, add)
+        conv.weight.mul_(-0.5)
+        check_error(conv(x), x, conv.weight, conv.bias, None)
+    y = conv(x.requires_grad_())
+    assert y.requires_grad and torch.equal(y, F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+BAD = [
+    ("x dtype", lambda x, u, b, a: (x.double(), u, b, a), "x must be a float32"),
+    ("x layout", lambda x, u, b, a: (x.contiguous(), u, b, a), "x must be channels-last"),
+    ("x rank", lambda x, u, b, a: (x[0], u, b, a), r"x must be \(N, C, H, W\)"),
+    ("u shape", lambda x, u, b, a: (x, u[:, :, :16], b, a), "u must be the contiguous float32"),
+    ("bias shape", lambda x, u, b, a: (x, u, b[:5], a), r"bias must be a contiguous float32 \(40,\)"),
+    ("add shape", lambda x, u, b, a: (x, u, b, a[:, :, :3]), "add must have shape"),
+]
+
+
+@pytest.mark.parametrize("name,change,match", BAD, ids=[b[0] for b in BAD])
+def test_kernel_op_names_bad_arguments(name, change, match):
+    x, weight = channels_last(2, 24, 6, 6), torch.randn(40, 24, 3, 3)
+    args = change(x, winograd_weight(weight), torch.randn(40), channels_last(2, 40, 6, 6))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastarch._winograd_conv3x3(args[0], args[1], 40, args[2], args[3])
+
+
+def test_winograd_weight_needs_a_3x3_filter():
+    with pytest.raises(ValueError, match=r"\(out, in, 3, 3\)"):
+        winograd_weight(torch.randn(4, 4, 5, 5))
