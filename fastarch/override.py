@@ -57,6 +57,9 @@ def _choose(op: str, requested: str, fields: tuple) -> str:
     return "" if chosen == "reference" and not requested else chosen
 
 
+registry.on_clear_choices(_choose.cache_clear)
+
+
 def backend_for(op: str, fields: tuple, backend: str | None = None) -> str:
     """The fastarch backend a drop-in path runs ``op`` on ("" for torch's own). fields: the
     op's problem (fastarch.ops.norms.backends.NormProblem or

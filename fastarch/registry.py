@@ -151,9 +151,19 @@ _CHOICES: dict[tuple, tuple[list[Backend], Backend]] = {}
 _CHOICES_LIMIT = 4096  # distinct problems (shapes) before the memo starts over
 
 
+_CLEAR_HOOKS: list[Callable[[], None]] = []
+
+
+def on_clear_choices(hook: Callable[[], None]) -> None:
+    """Runs ``hook`` on every clear_choices() (for caches built on the registry's choices)."""
+    _CLEAR_HOOKS.append(hook)
+
+
 def clear_choices() -> None:
     """Forgets every remembered choice (after changing what a supports check reads)."""
     _CHOICES.clear()
+    for hook in _CLEAR_HOOKS:
+        hook()
 
 
 def choose(op: str, problem: Any, requested: str = "") -> Backend:

@@ -132,17 +132,17 @@ class EncoderLayer(nn.Module):
     def forward(self, x: Tensor, packing: Packing) -> Tensor:
         """x: (total, hidden), the packed tokens -> (total, hidden)."""
         total, hidden = x.shape
-        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).view(total, 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = ops.linear(x, self.qkv.weight, self.qkv.bias).view(total, 3, self.heads, self.head_dim).unbind(1)
         a = ops.attention(
             q, k, v,
             cu_seqlens_q=packing.cu_seqlens, cu_seqlens_k=packing.cu_seqlens,
             max_seqlen_q=packing.max_seqlen, max_seqlen_k=packing.max_seqlen,
             dropout_p=self.attention_dropout if self.training else 0.0,
         )
-        a = F.dropout(F.linear(a.reshape(total, hidden), self.out.weight, self.out.bias), self.hidden_dropout, self.training)
+        a = F.dropout(ops.linear(a.reshape(total, hidden), self.out.weight, self.out.bias), self.hidden_dropout, self.training)
         x, _ = ops.add_layer_norm(a, x, self.attn_norm.weight, self.attn_norm.bias, self.eps)
-        h = ops.bias_gelu(F.linear(x, self.up.weight), self.up.bias, self.approximate)
-        h = F.dropout(F.linear(h, self.down.weight, self.down.bias), self.hidden_dropout, self.training)
+        h = ops.bias_gelu(ops.linear(x, self.up.weight), self.up.bias, self.approximate)
+        h = F.dropout(ops.linear(h, self.down.weight, self.down.bias), self.hidden_dropout, self.training)
         x, _ = ops.add_layer_norm(h, x, self.mlp_norm.weight, self.mlp_norm.bias, self.eps)
         return x
 
@@ -161,9 +161,9 @@ class MaskedLMHead(nn.Module):
 
     def forward(self, x: Tensor, word_embeddings: Tensor) -> Tensor:
         """x: (total, hidden) -> logits (total, vocab)."""
-        h = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, self.approximate)
+        h = ops.bias_gelu(ops.linear(x, self.dense.weight), self.dense.bias, self.approximate)
         h = ops.layer_norm(h, self.norm.weight, self.norm.bias, self.eps)
-        return F.linear(h, word_embeddings if self.decoder is None else self.decoder, self.bias)
+        return ops.linear(h, word_embeddings if self.decoder is None else self.decoder, self.bias)
 
 
 class EncoderOutput(NamedTuple):

@@ -21,7 +21,7 @@ from fastarch import registry
 from fastarch.ops import dispatch
 from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.attn.args import AttentionProblem
-from fastarch.ops.linear.backends import LinearProblem
+from fastarch.ops.linear.backends import LinearProblem, cpu_gemm
 from fastarch.ops.norms.backends import NormProblem
 from fastarch.ops.rope.backends import RotaryProblem
 
@@ -64,8 +64,8 @@ def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None
         _chosen("linear", LinearProblem(device, dtype, rows, layer.in_features, layer.out_features, True), requested)
         for layer in (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj)
     }
-    if linears not in ({"cpu"}, {"reference"}):
-        return None
+    if linears not in ({"cpu"}, {"reference"}) or (linears == {"cpu"} and cpu_gemm(rows, dtype)):
+        return None  # mixed, or oneDNN's matmul (the loop calls the kernel or at::linear)
     return linears == {"cpu"}
 
 

@@ -231,12 +231,12 @@ class Transformer2D(nn.Module):
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         B, C, H, W = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
-        h = F.linear(h, self.proj_in.weight.view(C, C), self.proj_in.bias)  # a 1x1 conv is this matmul
+        h = ops.linear(h, self.proj_in.weight.view(C, C), self.proj_in.bias)  # a 1x1 conv is this matmul
         residual = None
         for block in self.transformer_blocks:
             h, residual = block(h, residual, context, mask)
         h = h + residual if residual is not None else h
-        h = F.linear(h, self.proj_out.weight.view(C, C), self.proj_out.bias)
+        h = ops.linear(h, self.proj_out.weight.view(C, C), self.proj_out.bias)
         return h.view(B, H, W, C).permute(0, 3, 1, 2) + x
 
 

@@ -12,6 +12,8 @@ from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance
 from torch import nn
 
 import fastarch
+from fastarch import registry
+from fastarch.ops.linear import backends as linear_backends
 from fastarch.optimize import (
     FoldedSiLU, GroupNorm, GroupNormSiLU, HFRMSNorm, LayerNorm, Linear, MultiheadAttention, RMSNorm,
 )
@@ -334,7 +336,11 @@ def test_transformer_encoder(train):
 
 def test_linear_swap_runs_the_kernel_for_decode_rows_only(monkeypatch):
     """A decode step's few rows go to fastarch.ops.linear; a long sequence, another input dtype
-    and autocast run torch's own Linear (PyTorch's GEMM, or its casts)."""
+    and autocast run torch's own Linear (PyTorch's GEMM, or its casts). With fp32 products of
+    many rows on oneDNN's matmul (FASTARCH_CPU_GEMM, the default on AMD CPUs) the long sequence
+    goes to fastarch.ops.linear too."""
+    monkeypatch.setattr(linear_backends, "CPU_GEMM", "torch")
+    registry.clear_choices()
     layer = nn.Linear(64, 48)
     model = nn.Sequential(layer)
     report = fastarch.optimize(model)
@@ -355,6 +361,12 @@ def test_linear_swap_runs_the_kernel_for_decode_rows_only(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = model(torch.randn(1, 64))
         assert y.dtype == torch.bfloat16 and calls == [(1, 1, 64)]
+        monkeypatch.setattr(linear_backends, "CPU_GEMM", "onednn")
+        registry.clear_choices()
+        x = torch.randn(2, 200, 64)
+        assert_close(model(x), layer(x), x.double() @ layer.weight.double().t() + layer.bias.double())
+        assert calls == [(1, 1, 64), (2, 200, 64)]
+    registry.clear_choices()
 
 
 def test_linear_swap_gradients():

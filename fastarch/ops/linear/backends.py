@@ -2,12 +2,16 @@
 All share one kernel-level interface (see reference.py): forward(x, weight, bias) -> y. The
 kernels stream W once against a few rows of x: there W's bytes are the cost. Each backend takes
 the row counts where it beats PyTorch's own GEMV/GEMM (the reference backend), which runs the
-rest.
+rest; on CPUs where it measured faster, the cpu backend also takes fp32 products of more rows,
+for oneDNN's matmul.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -29,6 +33,51 @@ SmolLM2-135M's weights: fp32 2.0x at 1 row, 3-4x at 2-4, 1.5x at 32; bf16 2.0x a
 4, parity at 8; fp16 parity with PyTorch's own fp16 GEMV at 1 row, 1.4-3.8x at 2-32; the
 portable build wins for fp32 at 1-4 rows only, its fp16/bf16 conversions being scalar). The
 "avx512" row covers every level from avx512 up (the same kernels)."""
+
+
+CPU_GEMM_DTYPES = (torch.float32,)
+CPU_GEMM = os.environ.get("FASTARCH_CPU_GEMM", "").strip() or "auto"
+"""FASTARCH_CPU_GEMM=auto | onednn | torch (read at import; tests set CPU_GEMM and clear the
+registry's choices): where fp32 products of more rows than the CPU kernel takes run.
+``onednn``: the cpu backend, on oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise`` on the
+weight as it is, no packed copy); ``torch``: the reference backend (``F.linear``: MKL's SGEMM
+in torch's x86 wheels). ``auto``: oneDNN on AMD CPUs, where it measured 1.05-1.3x F.linear
+(Zen 4, 2 threads: SmolLM2's and MiniLM's projections at 37-4096 rows; in bf16 the two are
+within 4%, so bf16 stays on F.linear), F.linear on others until measured there."""
+if CPU_GEMM not in ("auto", "onednn", "torch"):
+    raise ValueError(f"FASTARCH_CPU_GEMM={CPU_GEMM!r}: expected auto, onednn or torch")
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_gemm() -> bool:
+    """Whether the cpu backend runs fp32 products beyond its kernel's rows (CPU_GEMM): not
+    where oneDNN was told to round fp32 products to bf16 or tf32 (torch.backends.mkldnn), which
+    F.linear does not do."""
+    if CPU_GEMM == "torch" or not torch.backends.mkldnn.is_available():
+        return False
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if getattr(matmul, "fp32_precision", "none") not in ("none", "ieee"):
+        return False
+    return CPU_GEMM == "onednn" or _cpu_vendor() == "AuthenticAMD"
+
+
+def _cpu_build() -> str:
+    """The CPU_ROWS row of the kernels in use (the extension is loaded where this is asked)."""
+    return "avx512" if _extension._C._cpu_avx512() else "generic"
+
+
+def _kernel_rows(dtype: torch.dtype) -> tuple[int, int]:
+    return CPU_ROWS[_cpu_build()].get(dtype, (1, 0))
 
 
 @dataclass(frozen=True)
@@ -64,14 +113,28 @@ def _cpu_supports(p: LinearProblem) -> str | None:
     why = registry.device_reason(p.device, "cpu") or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
     if why:
         return why
-    build = "generic" if _extension.build_info().get("cpu_isa", "generic") == "generic" else "avx512"
+    build = _cpu_build()
     if p.dtype not in CPU_ROWS[build]:
         return registry.MachineReason(
             f"{p.dtype} at decode rows needs the AVX-512 kernels (the portable build's conversions make it slower"
             " than PyTorch's GEMV)"
         )
     first, last = CPU_ROWS[build][p.dtype]
+    if p.rows > last and p.in_features > 0 and p.weight_contiguous and p.dtype in CPU_GEMM_DTYPES and _onednn_gemm():
+        return None  # oneDNN's matmul (cpu_gemm)
     return _rows_reason(p, first, last, f"the {build} CPU kernel")
+
+
+def cpu_gemm(rows: int, dtype: torch.dtype) -> bool:
+    """Whether the cpu backend, once chosen, runs these rows on oneDNN's matmul rather than on
+    its own kernel."""
+    return rows > _kernel_rows(dtype)[1]
+
+
+def _cpu_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if x.shape[1] > 0 and cpu_gemm(x.shape[0], x.dtype):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return cpp.forward(x, weight, bias)
 
 
 def _cuda_supports(p: LinearProblem) -> str | None:
@@ -94,7 +157,7 @@ def _reference_supports(p: LinearProblem) -> str | None:
 
 BACKENDS = [
     registry.Backend("cuda", availability.cuda, _cuda_supports, cpp.forward),
-    registry.Backend("cpu", availability.cpu, _cpu_supports, cpp.forward),
+    registry.Backend("cpu", availability.cpu, _cpu_supports, _cpu_forward),
     registry.Backend("triton", availability.triton, _triton_supports, triton.forward),
     registry.Backend("reference", availability.reference, _reference_supports, linear_ref),
 ]

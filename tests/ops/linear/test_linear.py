@@ -15,6 +15,7 @@ import backend_rows  # tests/backend_rows.py
 import fastarch
 from fastarch import ops, registry
 from fastarch._extension import _C
+from fastarch.ops.linear import backends as linear_backends
 from fastarch.ops.linear.backends import CPU_ROWS, LinearProblem
 
 HAS_CUDA = torch.cuda.is_available()
@@ -187,8 +188,21 @@ def test_kernel_op_checks_its_arguments():
         torch.ops.fastarch._linear(torch.randn(2, 2, 8), torch.randn(3, 8), None)
 
 
-def test_choice_follows_rows_dtype_and_build(cpu_isa):
+@pytest.fixture
+def cpu_gemm(monkeypatch):
+    """Sets where fp32 products beyond the CPU kernel's rows run (backends.CPU_GEMM)."""
+
+    def select(value):
+        monkeypatch.setattr(linear_backends, "CPU_GEMM", value)
+        registry.clear_choices()
+
+    yield select
+    registry.clear_choices()
+
+
+def test_choice_follows_rows_dtype_and_build(cpu_isa, cpu_gemm):
     """The CPU kernel where it was measured faster, PyTorch's GEMV/GEMM elsewhere."""
+    cpu_gemm("torch")
 
     def chosen(rows, dtype, w=None):
         x = torch.randn(rows, 64, dtype=dtype)
@@ -208,6 +222,47 @@ def test_choice_follows_rows_dtype_and_build(cpu_isa):
     assert chosen(1, torch.float32, torch.randn(64, 32).t()) == "reference"  # a transposed weight
     cpu_isa("generic")
     assert chosen(1, torch.float32) == "cpu" and chosen(1, torch.bfloat16) != "cpu"
+
+
+def chosen_for(rows, dtype, k=64):
+    return registry.choose("linear", LinearProblem.of(torch.randn(rows, k, dtype=dtype), torch.randn(32, k, dtype=dtype))).name
+
+
+def test_many_fp32_rows_on_onednn(cpu_gemm):
+    """FASTARCH_CPU_GEMM=onednn: fp32 products past the kernel's rows on the cpu backend, by
+    oneDNN's matmul, judged against fp64 like every backend (strided rows, NaN kept in its
+    row); bf16 and an empty K stay on F.linear; torch: F.linear; auto: oneDNN on AMD CPUs."""
+    cpu_gemm("onednn")
+    assert chosen_for(33, torch.float32) == "cpu" and chosen_for(512, torch.float32) == "cpu"
+    assert chosen_for(512, torch.bfloat16) == "reference" and chosen_for(40, torch.float32, k=0) == "reference"
+    for rows, (k, n) in [(33, (113, 37)), (512, (576, 1728)), (40, (1, 5)), (97, (203, 65))]:
+        x, w, b = make(rows, k, n, torch.float32)
+        check(ops.linear(x, w, b, backend="cpu"), x, w, b)
+        check(ops.linear(x, w, None, backend="cpu"), x, w, None)
+    x = torch.randn(40, 48)[:, :33]  # rows 48 apart
+    w = torch.randn(9, 33)
+    check(ops.linear(x, w, backend="cpu"), x, w, None)
+    x[5, 7] = float("nan")
+    y = ops.linear(x, w, backend="cpu")
+    assert y.isnan().any(1).nonzero().flatten().tolist() == [5] and y[5].isnan().all()
+    assert torch.equal(ops.linear(torch.randn(40, 0), w[:, :0], backend="reference"), torch.zeros(40, 9))
+    cpu_gemm("torch")
+    assert chosen_for(512, torch.float32) == "reference"
+    cpu_gemm("auto")
+    assert (chosen_for(512, torch.float32) == "cpu") == (linear_backends._cpu_vendor() == "AuthenticAMD")
+
+
+def test_onednn_gemm_not_where_onednn_rounds_fp32(cpu_gemm):
+    """A process that told oneDNN to run fp32 products in bf16 keeps F.linear's fp32."""
+    cpu_gemm("onednn")
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "bf16"
+        registry.clear_choices()
+        assert chosen_for(512, torch.float32) == "reference"
+    finally:
+        matmul.fp32_precision = before
 
 
 def test_opcheck_and_compile():
