@@ -128,7 +128,7 @@ def _cpu_supports(p: LinearProblem) -> str | None:
 def cpu_gemm(rows: int, dtype: torch.dtype) -> bool:
     """Whether the cpu backend, once chosen, runs these rows on oneDNN's matmul rather than on
     its own kernel."""
-    return rows > _kernel_rows(dtype)[1]
+    return dtype in CPU_GEMM_DTYPES and rows > _kernel_rows(dtype)[1]
 
 
 def _cpu_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
