@@ -24,13 +24,14 @@ class Conv2d(nn.Conv2d):
     channels-last, the add fused into the call:
     - fp32 3x3, stride 1, padding 1, one group, on a CPU with AVX-512: Winograd's F(2x2, 3x3)
       (``fastarch::_winograd_conv3x3``, csrc/cpu/conv/winograd.h): 16 multiplications per
-      2x2 outputs where the direct convolution has 36, 1.5-1.9x oneDNN's direct convolution
-      on the DDPM-CIFAR10 UNet's 32x32 and 16x16 maps (Zen 4), with smaller errors against
-      fp64 than it (no coefficient above 1 in magnitude but the input transform's sums).
+      2x2 outputs where the direct convolution has 36: 1.4-1.95x oneDNN's direct convolution
+      on the DDPM-CIFAR10 UNet's maps (Zen 4; bench/conv3x3.py), with smaller errors against
+      fp64 than it (the transforms' coefficients are 0, +-1 and +-1/2).
     - otherwise oneDNN's convolution on its blocked layout: torch's conv2d re-lays the weight
       out on every call, which measured 2-4x the convolution itself on the UNet's 8x8 and
       16x16 maps (Zen 4, fp32 and bf16).
-    The transformed copy is remade when the weight changes (an optimizer step or
+    The transformed copy (16/9 of the weight's memory for Winograd, about 1x for oneDNN) is kept
+    beside the parameter and remade when the weight changes (an optimizer step or
     load_state_dict bumps its version) or the input shape does; a write through
     ``weight.data`` bumps no version, so call ``repack()`` after one. Everything else
     (autograd, CUDA, fp16, padding modes other than zeros, string paddings) runs torch's

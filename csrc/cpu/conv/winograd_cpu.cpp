@@ -8,7 +8,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -46,20 +49,19 @@ double item_cost(int64_t count, int64_t item_panels) {
   return 0.4 * static_cast<double>(count) + static_cast<double>(item_panels) * rows;
 }
 
-Plan choose_plan(const Params& p, int64_t threads) {
+Plan search_plan(int64_t tiles, int64_t panels, int64_t threads) {
   Plan best;
   double best_time = -1, best_work = 0;
-  const int64_t tiles = p.tiles();
   for (int64_t tb = 14; tb <= kMaxTileBlock; tb += 14) {
     const int64_t blocks = (tiles + tb - 1) / tb;
-    for (int64_t groups = 1; groups <= std::min<int64_t>(p.panels, 16); ++groups) {
+    for (int64_t groups = 1; groups <= std::min<int64_t>(panels, 16); ++groups) {
       const int64_t items = blocks * groups, chunk = (items + threads - 1) / threads;
       double slowest = 0, work = 0;
       for (int64_t first = 0; first < items; first += chunk) {
         double t = 0;
         for (int64_t item = first; item < std::min(items, first + chunk); ++item) {
           const int64_t block = item / groups, group = item % groups;
-          t += item_cost(std::min(tb, tiles - block * tb), (group + 1) * p.panels / groups - group * p.panels / groups);
+          t += item_cost(std::min(tb, tiles - block * tb), (group + 1) * panels / groups - group * panels / groups);
         }
         slowest = std::max(slowest, t);
         work += t;
@@ -72,6 +74,20 @@ Plan choose_plan(const Params& p, int64_t threads) {
     }
   }
   return best;
+}
+
+// The plan depends on the tile count, the panels and the threads only: searched once per
+// combination (a model's few shapes), and not at all for images with many blocks per thread,
+// where 28-tile blocks with every panel leave the threads within 1/8 of a block of each other.
+Plan choose_plan(const Params& p, int64_t threads) {
+  if (p.tiles() >= kMaxTileBlock * 8 * threads) return Plan{28, 1};
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, Plan> plans;
+  const auto key = std::make_tuple(p.tiles(), p.panels, threads);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, search_plan(p.tiles(), p.panels, threads)).first;
+  return it->second;
 }
 
 Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& u, int64_t out_channels, const std::optional<Tensor>& bias,
