@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,19 @@ except ImportError as e:
     _TRITON_IMPORT_ERROR: str | None = MachineReason(f"triton is not importable ({e})")
 else:
     _TRITON_IMPORT_ERROR = None
+
+
+@functools.cache
+def cpuinfo(field: str) -> str:
+    """The first value of ``field`` in /proc/cpuinfo ("model name", "vendor_id"), "" where
+    there is none (another OS, another architecture's fields)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def triton_interpreter() -> bool:

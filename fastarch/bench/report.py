@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import fastarch
-from fastarch import _extension
+from fastarch import _extension, availability
 from fastarch.bench.timing import Timing, speedup
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -146,13 +146,7 @@ def table_row(row: Row) -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return availability.cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _physical_cores() -> int | None:

@@ -8,10 +8,8 @@ for oneDNN's matmul.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -48,17 +46,6 @@ if CPU_GEMM not in ("auto", "onednn", "torch"):
     raise ValueError(f"FASTARCH_CPU_GEMM={CPU_GEMM!r}: expected auto, onednn or torch")
 
 
-@functools.cache
-def _cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _onednn_gemm() -> bool:
     """Whether the cpu backend runs fp32 products beyond its kernel's rows (CPU_GEMM): not
     where oneDNN was told to round fp32 products to bf16 or tf32 (torch.backends.mkldnn), which
@@ -68,7 +55,7 @@ def _onednn_gemm() -> bool:
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     if getattr(matmul, "fp32_precision", "none") not in ("none", "ieee"):
         return False
-    return CPU_GEMM == "onednn" or _cpu_vendor() == "AuthenticAMD"
+    return CPU_GEMM == "onednn" or availability.cpuinfo("vendor_id") == "AuthenticAMD"
 
 
 def _cpu_build() -> str:

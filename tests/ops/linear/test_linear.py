@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import backend_rows  # tests/backend_rows.py
 import fastarch
-from fastarch import ops, registry
+from fastarch import availability, ops, registry
 from fastarch._extension import _C
 from fastarch.ops.linear import backends as linear_backends
 from fastarch.ops.linear.backends import CPU_ROWS, LinearProblem
@@ -249,7 +249,7 @@ def test_many_fp32_rows_on_onednn(cpu_gemm):
     cpu_gemm("torch")
     assert chosen_for(512, torch.float32) == "reference"
     cpu_gemm("auto")
-    assert (chosen_for(512, torch.float32) == "cpu") == (linear_backends._cpu_vendor() == "AuthenticAMD")
+    assert (chosen_for(512, torch.float32) == "cpu") == (availability.cpuinfo("vendor_id") == "AuthenticAMD")
 
 
 def test_onednn_gemm_not_where_onednn_rounds_fp32(cpu_gemm):
