@@ -107,8 +107,8 @@ def _cpu_supports(p: LinearProblem) -> str | None:
             " than PyTorch's GEMV)"
         )
     first, last = CPU_ROWS[build][p.dtype]
-    if p.rows > last and p.in_features > 0 and p.weight_contiguous and p.dtype in CPU_GEMM_DTYPES and _onednn_gemm():
-        return None  # oneDNN's matmul (cpu_gemm)
+    if cpu_gemm(p.rows, p.dtype) and p.in_features > 0 and p.weight_contiguous and _onednn_gemm():
+        return None  # oneDNN's matmul
     return _rows_reason(p, first, last, f"the {build} CPU kernel")
 
 
