@@ -7,6 +7,8 @@ torch.compile and the backend choice."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,17 +254,16 @@ def test_many_fp32_rows_on_onednn(cpu_gemm):
     assert (chosen_for(512, torch.float32) == "cpu") == (availability.cpuinfo("vendor_id") == "AuthenticAMD")
 
 
-def test_onednn_gemm_not_where_onednn_rounds_fp32(cpu_gemm):
-    """A process that told oneDNN to run fp32 products in bf16 keeps F.linear's fp32."""
+def test_onednn_gemm_not_where_onednn_rounds_fp32(cpu_gemm, monkeypatch):
+    """A process that told oneDNN to run fp32 products in bf16 keeps F.linear's fp32 (the
+    setting stood in for, as torch versions without it have no such attribute)."""
     cpu_gemm("onednn")
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    try:
-        matmul.fp32_precision = "bf16"
-        registry.clear_choices()
-        assert chosen_for(512, torch.float32) == "reference"
-    finally:
-        matmul.fp32_precision = before
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", types.SimpleNamespace(fp32_precision="bf16"), raising=False)
+    registry.clear_choices()
+    assert chosen_for(512, torch.float32) == "reference"
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", types.SimpleNamespace(fp32_precision="ieee"), raising=False)
+    registry.clear_choices()
+    assert chosen_for(512, torch.float32) == "cpu"
 
 
 def test_opcheck_and_compile():
