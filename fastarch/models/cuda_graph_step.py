@@ -66,10 +66,7 @@ class CudaGraphStep:
             self._capture()
             return logits
         cache = self.cache
-        cache.check_room(1)
-        max_positions = getattr(self.model, "max_positions", None)
-        if max_positions is not None and cache.filled + 1 > max_positions:
-            raise ValueError(f"{cache.filled} + 1 tokens exceed the model's {max_positions} positions")
+        cache.check_room(1, getattr(self.model, "max_positions", None))
         if not self.checked:
             return self._check()
         self.graph.replay()

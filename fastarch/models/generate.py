@@ -131,9 +131,13 @@ class KVCache:
         self.seqlens.zero_()
         self.filled = 0
 
-    def check_room(self, n: int) -> None:
+    def check_room(self, n: int, max_positions: int | None = None) -> None:
+        """Room for n more tokens per row, in the cache and (when given) in the model's
+        max_positions."""
         if self.filled + n > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} tokens per row; {self.filled} + {n} new ones do not fit")
+        if max_positions is not None and self.filled + n > max_positions:
+            raise ValueError(f"{self.filled} + {n} tokens exceed the model's {max_positions} positions")
 
     def write_packed(self, layer: int, k: Tensor, v: Tensor, prompts: PackedPrompts) -> None:
         """Prefill: the packed keys/values (total, kv_heads, head_dim) of an empty cache's rows

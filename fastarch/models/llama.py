@@ -269,9 +269,7 @@ class Llama(CausalLM):
         B, n = input_ids.shape
         if B != cache.batch:
             raise ValueError(f"cache was made for batch {cache.batch}, input_ids has {B} rows")
-        cache.check_room(n)
-        if cache.filled + n > self.max_positions:
-            raise ValueError(f"{cache.filled} + {n} tokens exceed the model's {self.max_positions} positions")
+        cache.check_room(n, self.max_positions)
         if input_ids.device.type == "cpu":  # on a GPU the check would make the host wait at every step
             self._check_ids(input_ids)
         cos, sin = self._rope(input_ids.device)
