@@ -79,26 +79,29 @@ class Conv2d(nn.Conv2d):
             and _extension._C._cpu_avx512()
         )
 
+    def _transformed(self, layout: object, make) -> Tensor:
+        """The weight in a kernel's layout, made by make(weight) and kept until the weight or
+        the layout (its key: "winograd", or the input shape oneDNN packs for) changes."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, layout)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, make(w.detach()))
+        return self._packed[1]
+
     def _winograd_forward(self, x: Tensor, add: Tensor | None) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, "winograd")
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, winograd_weight(w.detach()))
         if add is not None:
             add = add.contiguous(memory_format=torch.channels_last)
         bias = None if self.bias is None else self.bias.detach().contiguous()
-        return torch.ops.fastarch._winograd_conv3x3(x, self._packed[1], self.out_channels, bias, add)
+        u = self._transformed("winograd", winograd_weight)
+        return torch.ops.fastarch._winograd_conv3x3(x, u, self.out_channels, bias, add)
 
     def _packed_forward(self, x: Tensor, add: Tensor | None) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
-        if self._packed is None or self._packed[0] != key:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
-            self._packed = (key, packed)
-        args = (self._packed[1], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        packed = self._transformed(
+            tuple(x.shape), lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape)))
+        args = (packed, self.bias, *geometry)
         if add is None:
             return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
         add = add.contiguous(memory_format=torch.channels_last)

@@ -19,6 +19,15 @@ constexpr int kRows = 14;  // register tile: kRows tiles x kPanel channels = 28 
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
+// Tile index -> (image, tile row, tile column); tiles run row-major within an image.
+struct TilePos {
+  int64_t n, ty, tx;
+};
+inline TilePos locate(const Params& p, int64_t tile) {
+  const int64_t per_image = p.tiles_h * p.tiles_w;
+  return {tile / per_image, (tile % per_image) / p.tiles_w, tile % p.tiles_w};
+}
+
 // V layout per item: (16 positions, ci_pad / kChunk, tile_block, kChunk): for one chunk of 16
 // input channels the tiles are rows of 16 floats, so the product kernel finds row r's value of
 // channel k at a constant offset r * 16 + k from one pointer.
@@ -30,9 +39,8 @@ inline float* v_at(float* v, int64_t e, int64_t chunk, int64_t chunks, int64_t t
 // image), B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
 void input_transform(const Params& p, int64_t tile0, int64_t count, float* v) {
   const int64_t chunks = p.ci_pad / kChunk;
-  const int64_t per_image = p.tiles_h * p.tiles_w;
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = tile0 + t, n = tile / per_image, ty = (tile % per_image) / p.tiles_w, tx = tile % p.tiles_w;
+    const auto [n, ty, tx] = locate(p, tile0 + t);
     const float* row[4][4];
     for (int a = 0; a < 4; ++a)
       for (int b = 0; b < 4; ++b) {
@@ -108,9 +116,8 @@ void product(const float* a, int64_t tb, const float* b, int64_t chunks, int64_t
 // Y = A^T M A (+ bias, + add) for each tile and the panel's channels, A^T = [[1, 1, 1, 0],
 // [0, 1, -1, -1]]; the outputs of a tile beyond an odd image edge are not written.
 void output_transform(const Params& p, int64_t tile0, int64_t count, int64_t panel, const float* mbuf) {
-  const int64_t per_image = p.tiles_h * p.tiles_w;
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = tile0 + t, n = tile / per_image, ty = (tile % per_image) / p.tiles_w, tx = tile % p.tiles_w;
+    const auto [n, ty, tx] = locate(p, tile0 + t);
     const bool down = 2 * ty + 1 < p.h, right = 2 * tx + 1 < p.w;
     for (int half = 0; half < 2; ++half) {
       const int64_t co = panel * kPanel + half * 16;
