@@ -10,24 +10,13 @@ vdpbf16ps register tiles (attention_fwd_avx512.cpp), and F.scaled_dot_product_at
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 import torch.nn.functional as F
 
 from fastarch import _extension, ops
+from fastarch.bench.report import _cpu_model as cpu_model
 from fastarch.bench.timing import measure, speedup
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
