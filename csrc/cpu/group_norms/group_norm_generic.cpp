@@ -265,7 +265,13 @@ void group_norm_combine(const GroupNormForwardParams& p, const Tiling& t, int64_
   const Acc* part = static_cast<const Acc*>(partial);
   const int64_t cg = p.channels / p.groups;
   const double s = static_cast<double>(p.spatial);
-  std::vector<double> channel_mean(cg), channel_m2(cg);
+  // (on the stack for up to 64 channels a group: the cache-unit schedule calls this once per
+  // group, and two heap allocations there cost as much as a small group's sums)
+  constexpr int64_t kStack = 64;
+  double stack_mean[kStack], stack_m2[kStack];
+  std::vector<double> heap(cg > kStack ? 2 * cg : 0);
+  double* channel_mean = cg > kStack ? heap.data() : stack_mean;
+  double* channel_m2 = cg > kStack ? heap.data() + cg : stack_m2;
   for (int64_t ng = begin; ng < end; ++ng) {
     const int64_t n = ng / p.groups, g = ng % p.groups;
     // Per channel: its mean and sum of squared deviations from the shifted sums, then Chan's
