@@ -121,6 +121,33 @@ inline void row_sums(const void* row, const void* drow, int64_t len, F f, float*
 constexpr int64_t kRows = 8;
 constexpr int64_t kPointRows = 1;
 
+// The sums of rows [r0, r1) of an NHWC tile at the V 16-channel vectors from channel c0, in
+// registers (V a compile-time count, so the accumulators are never spilled), added to totals.
+template <int V, typename L, typename P, typename F>
+inline void tile_block(const P& p, const Item& it, int64_t r0, int64_t r1, int64_t c0, const void* x, const void* dy,
+                       F& f, float* totals) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 a[V], b[V];
+  __mmask16 m[V];
+  for (int v = 0; v < V; ++v) {
+    a[v] = b[v] = zero;
+    m[v] = tail_mask(p.channels - c0 - 16 * v);
+  }
+  for (int64_t s = r0; s < r1; ++s) {
+    const int64_t row = (it.n * p.spatial + s) * p.channels;
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = c0 + 16 * v;
+      f(L::load(at<L>(x, row + c), m[v]), dy ? L::load(at<L>(dy, row + c), m[v]) : zero, m[v], c, row + c, a[v], b[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = c0 + 16 * v;
+    _mm512_mask_storeu_ps(totals + c, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], totals + c), a[v]));
+    _mm512_mask_storeu_ps(totals + p.channels + c, m[v],
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], totals + p.channels + c), b[v]));
+  }
+}
+
 // The same sums for an NHWC tile, per channel: f(x, dy, mask, c, offset, a, b) for each
 // 16-channel vector at channel c of each row (offset: of x[n, s, c]); per block of kRows rows in
 // registers, then added to the tile's totals (items hold at most 1024 rows: no running sum takes
@@ -128,28 +155,22 @@ constexpr int64_t kPointRows = 1;
 template <typename L, typename P, typename F>
 inline void tile_sums(const P& p, const Tiling& t, const Item& it, const void* x, const void* dy, F f, float* partial,
                       float* totals) {
-  const __m512 zero = _mm512_setzero_ps();
   std::fill(totals, totals + 2 * p.channels, 0.0f);
   for (int64_t r0 = it.s0; r0 < it.s1; r0 += kRows) {
     const int64_t r1 = std::min(it.s1, r0 + kRows);
     for (int64_t c0 = 0; c0 < p.channels; c0 += kBlockChannels) {
-      __m512 a[kBlockVectors], b[kBlockVectors];
-      for (int v = 0; v < kBlockVectors; ++v) a[v] = b[v] = zero;
-      const int vectors = static_cast<int>(std::min<int64_t>(kBlockVectors, (p.channels - c0 + 15) / 16));
-      for (int64_t s = r0; s < r1; ++s) {
-        const int64_t row = (it.n * p.spatial + s) * p.channels;
-        for (int v = 0; v < vectors; ++v) {
-          const int64_t c = c0 + 16 * v;
-          const __mmask16 m = tail_mask(p.channels - c);
-          f(L::load(at<L>(x, row + c), m), dy ? L::load(at<L>(dy, row + c), m) : zero, m, c, row + c, a[v], b[v]);
-        }
-      }
-      for (int v = 0; v < vectors; ++v) {
-        const int64_t c = c0 + 16 * v;
-        const __mmask16 m = tail_mask(p.channels - c);
-        _mm512_mask_storeu_ps(totals + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, totals + c), a[v]));
-        _mm512_mask_storeu_ps(totals + p.channels + c, m,
-                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, totals + p.channels + c), b[v]));
+      switch (std::min<int64_t>(kBlockVectors, (p.channels - c0 + 15) / 16)) {
+        case 1:
+          tile_block<1, L>(p, it, r0, r1, c0, x, dy, f, totals);
+          break;
+        case 2:
+          tile_block<2, L>(p, it, r0, r1, c0, x, dy, f, totals);
+          break;
+        case 3:
+          tile_block<3, L>(p, it, r0, r1, c0, x, dy, f, totals);
+          break;
+        default:
+          tile_block<kBlockVectors, L>(p, it, r0, r1, c0, x, dy, f, totals);
       }
     }
   }
@@ -232,6 +253,8 @@ template <typename L, bool kSilu>
 void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab) {
   constexpr bool kLow = L::kBytes == 2;
   const int64_t nc = p.batch * p.channels;
+  const void* const x = p.x;  // (locals: the stores to y cannot change them, so they stay in registers)
+  void* const y = p.y;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if (!p.channels_last) {
@@ -240,15 +263,15 @@ void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int6
       const int64_t base = j * p.spatial;
       for (int64_t s = it.s0; s < it.s1; s += 16) {
         const __mmask16 m = tail_mask(it.s1 - s);
-        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(p.x, base + s), m), mean), a, b);
-        L::store(at<L>(p.y, base + s), kSilu ? silu<kLow>(z) : z, m);
+        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, base + s), m), mean), a, b);
+        L::store(at<L>(y, base + s), kSilu ? silu<kLow>(z) : z, m);
       }
     } else {
       const float* tabs[3] = {tab + kM * nc + it.n * p.channels, tab + kA * nc + it.n * p.channels,
                               tab + kB * nc + it.n * p.channels};
       for_each_nhwc_block<4, 3>(p, it, tabs, [&](int64_t i, __mmask16 m, const __m512 (&tv)[3]) {
-        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(p.x, i), m), tv[0]), tv[1], tv[2]);
-        L::store(at<L>(p.y, i), kSilu ? silu<kLow>(z) : z, m);
+        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, i), m), tv[0]), tv[1], tv[2]);
+        L::store(at<L>(y, i), kSilu ? silu<kLow>(z) : z, m);
       });
     }
   }
