@@ -1,7 +1,8 @@
-// AVX-512 building blocks shared by the CPU kernels' *_avx512.cpp files: 16 values of a dtype
-// <-> 16 fp32 lanes, exp and sigmoid. Include it only after a translation unit's
-// `#pragma GCC target("avx512f,...")` (it has no pragma of its own, so every includer compiles
-// it with the same target and its inline functions stay identical).
+// AVX-512 building blocks shared by the CPU kernels' *_avx512.cpp files and the attention
+// kernels (attention_common.h): 16 values of a dtype <-> 16 fp32 lanes, exp and sigmoid. Include
+// it only after `#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")`,
+// that list exactly (it has no pragma of its own, so every includer compiles it with the same
+// target and its inline functions stay identical).
 #pragma once
 #include <immintrin.h>
 

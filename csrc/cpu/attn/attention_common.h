@@ -185,6 +185,8 @@ inline uint64_t dropout_row(const AttentionParams& p, int64_t b, int64_t h, int6
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 
+#include "cpu/avx512_math.h"
+
 namespace fastarch::cpu::attention::avx512 {
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
@@ -218,29 +220,9 @@ inline float reduce_max(__m512 v) { return _mm512_reduce_max_ps(v); }
 inline float reduce_add(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // ---- exp
-// exp_accurate: exp(x) within 1 ulp of fp32 (0.94 ulp worst, measured against exp in
-// double on 2^24 points of [-104, 88.7]); exp(-inf) = 0, exp(x < -120) = 0, no NaN for finite
-// or -inf x, exp(NaN) = NaN. Cody-Waite reduction x = n ln2 + r (|r| <= ln2/2, ln2 split in
-// two), degree-7 Taylor-like polynomial for e^r, 2^n by scalef. 12 vector ops.
-// The clamps take x as the second operand: vmaxps/vminps return the second operand when
-// either is NaN, so a NaN score stays NaN instead of becoming exp(-120) = 0 (a dropped key).
-inline __m512 exp_accurate(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-120.0f), x);
-  x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 high part (exact n*hi)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);      // ln2 low part
-  __m512 y = _mm512_set1_ps(1.0f / 5040);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
-}
+// exp_accurate: exp(x) within 1.08 ulp of fp32 (the kernels' shared exp_ps, cpu/avx512_math.h):
+// exp(-inf) = 0, exp(x < -150) = 0, no NaN for finite or infinite x, exp(NaN) = NaN.
+inline __m512 exp_accurate(__m512 x) { return fastarch::cpu::avx512::exp_ps<false>(x); }
 
 // exp2_fast: 2^x with relative error below 4e-6 (degree-5 minimax-style polynomial on
 // [-0.5, 0.5]; 8 vector ops): for bf16/fp16 attention, whose probabilities are rounded to
