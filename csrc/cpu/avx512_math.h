@@ -79,8 +79,9 @@ inline __m512 horner(const float (&c)[N], __m512 x) {
 //
 // exp(x) = 2^(k/16) e^r. k/16 = x log2(e) rounded to a multiple of 1/16, by adding and
 // subtracting 1.5 * 2^19 (whose ulp is 1/16, so the sum's low four mantissa bits are k mod 16);
-// r = x - (k/16) ln 2, |r| <= ln(2)/32, with ln 2 in two parts (the first times k/16 exact, so r
-// is exact) or, for kLow, one; 2^((k mod 16)/16) from a 16-entry table (vpermps reads the low
+// r = x - (k/16) ln 2, |r| <= ln(2)/32, with ln 2 in two parts (x - (k/16) hi, by one fused
+// multiply-add, is exact: small, and on the grid of x and of hi's 15 bits over 16) or, for kLow,
+// one; 2^((k mod 16)/16) from a 16-entry table (vpermps reads the low
 // four bits of each index lane); e^r = 1 + r + r^2/2 + r^3/6 (truncation < 1e-8 relative), for
 // kLow 1 + r + r^2/2 (1.7e-6); 2^floor(k/16) by vscalefps, which gives inf and 0 past fp32's
 // range (x is clamped to [-150, 128] first, so that k stays finite; _mm512_min/max_ps(c, x)
@@ -112,6 +113,22 @@ inline __m512 exp_ps(__m512 x) {
   __m512 q = kLow ? splat(0.5f) : _mm512_fmadd_ps(r, splat(1.0f / 6), splat(0.5f));
   q = _mm512_fmadd_ps(q, r, splat(1.0f));  // e^r = 1 + r q
   return _mm512_scalef_ps(_mm512_fmadd_ps(tr, q, t), k);
+}
+
+// exp2_low(x) = 2^x to 1.8e-6 relative, for 16-bit results (bf16/fp16 attention's
+// probabilities): k/16 = x rounded to a multiple of 1/16 by the same constant as exp_ps, f =
+// x - k/16 (exact, |f| <= 1/32), 2^(k/16) from the same table, 2^f = 1 + f (ln 2 + f ln^2 2 / 2).
+// Four multiply-class instructions. 2^x = 0 for x < -200 (and -inf), NaN stays NaN (the clamp's
+// second operand).
+inline __m512 exp2_low(__m512 x) {
+  constexpr float kMagic = 786432.0f;  // 1.5 * 2^19
+  x = _mm512_max_ps(splat(-200.0f), x);
+  const __m512 m = _mm512_add_ps(x, splat(kMagic));
+  const __m512 k = _mm512_sub_ps(m, splat(kMagic));
+  const __m512 f = _mm512_sub_ps(x, k);
+  const __m512 t = _mm512_permutexvar_ps(_mm512_castps_si512(m), _mm512_load_ps(kExp2Sixteenths));
+  const __m512 q = _mm512_fmadd_ps(f, splat(0.240226506959100712f), splat(0.693147180559945309f));
+  return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(t, f), q, t), k);
 }
 
 // sigmoid(v) and 1 - sigmoid(v), each without cancellation: 1 - s = e s with e = exp(-v) where
