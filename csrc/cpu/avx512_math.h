@@ -77,30 +77,37 @@ inline __m512 horner(const float (&c)[N], __m512 x) {
 // ulp is 2e-3 for bf16 and 5e-4 for fp16), where a relative error near 1e-5 is invisible and
 // fewer terms are cheaper; full precision for fp32.
 //
-// exp(x) = 2^(k/16) e^r. k/16 = x log2(e) rounded to a multiple of 1/16, by adding and
-// subtracting 1.5 * 2^19 (whose ulp is 1/16, so the sum's low four mantissa bits are k mod 16);
+// exp(x) = 2^(k/16) e^r. k/16 = x log2(e) rounded to a multiple of 1/16 (kSixteenths, below);
 // r = x - (k/16) ln 2, |r| <= ln(2)/32, with ln 2 in two parts (x - (k/16) hi, by one fused
-// multiply-add, is exact: small, and on the grid of x and of hi's 15 bits over 16) or, for kLow,
-// one; 2^((k mod 16)/16) from a 16-entry table (vpermps reads the low
-// four bits of each index lane); e^r = 1 + r + r^2/2 + r^3/6 (truncation < 1e-8 relative), for
-// kLow 1 + r + r^2/2 (1.7e-6); 2^floor(k/16) by vscalefps, which gives inf and 0 past fp32's
-// range (x is clamped to [-150, 128] first, so that k stays finite; _mm512_min/max_ps(c, x)
-// return x when x is NaN). Measured against exp in double on every float of [-150, 128]: fp32
-// within 1.08 ulp, kLow within 2.1e-6 relative. Eight multiply-class instructions where the former
-// degree-7 polynomial took eleven: 3.2 against 4.3 ns per vector on one Zen 4 core, which
-// issues one such 512-bit instruction per cycle.
+// multiply-add, is exact: small, and on the grid of x and of hi's 15 bits over 16) or, for
+// kLow, one; 2^((k mod 16)/16) from a 16-entry table; e^r = 1 + r + r^2/2 + r^3/6 (truncation
+// < 1e-8 relative), for kLow 1 + r + r^2/2 (1.7e-6); 2^floor(k/16) by vscalefps, which gives
+// inf and 0 past fp32's range (x is clamped to [-150, 128] first, so that k stays finite;
+// _mm512_min/max_ps(c, x) return x when x is NaN). Measured against exp in double on every
+// float of [-150, 128]: fp32 within 1.08 ulp, kLow within 2.1e-6 relative. Eight
+// multiply-class instructions where the former degree-7 polynomial took eleven: 3.2 against
+// 4.3 ns per vector on one Zen 4 core, which issues one such 512-bit instruction per cycle.
 alignas(64) inline constexpr float kExp2Sixteenths[16] = {
     1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f,
     1.1892070770263672f, 1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f,
     1.4142135381698608f, 1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f,
     1.6817928552627563f, 1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f};
 
+// Adding kSixteenths (1.5 * 2^19, whose ulp is 1/16) to y rounds it to a multiple of 1/16 and
+// leaves (16 y) mod 16 in the sum's low mantissa bits; subtracting it back gives the rounded y.
+constexpr float kSixteenths = 786432.0f;
+
+// 2^(((16 y) mod 16) / 16) for m = y + kSixteenths, from the table (vpermps reads the low four
+// bits of each index lane).
+inline __m512 two_to_sixteenths(__m512 m) {
+  return _mm512_permutexvar_ps(_mm512_castps_si512(m), _mm512_load_ps(kExp2Sixteenths));
+}
+
 template <bool kLow>
 inline __m512 exp_ps(__m512 x) {
-  constexpr float kMagic = 786432.0f;  // 1.5 * 2^19
   x = _mm512_max_ps(splat(-150.0f), _mm512_min_ps(splat(128.0f), x));
-  const __m512 m = _mm512_fmadd_ps(x, splat(1.44269504088896341f), splat(kMagic));
-  const __m512 k = _mm512_sub_ps(m, splat(kMagic));  // k/16
+  const __m512 m = _mm512_fmadd_ps(x, splat(1.44269504088896341f), splat(kSixteenths));
+  const __m512 k = _mm512_sub_ps(m, splat(kSixteenths));  // k/16
   __m512 r;
   if constexpr (kLow) {
     r = _mm512_fnmadd_ps(k, splat(0.693147180559945309f), x);
@@ -108,7 +115,7 @@ inline __m512 exp_ps(__m512 x) {
     r = _mm512_fnmadd_ps(k, splat(0.693145751953125f), x);  // ln 2 = hi + lo, hi exact in 15 bits
     r = _mm512_fnmadd_ps(k, splat(1.42860682030941723212e-6f), r);
   }
-  const __m512 t = _mm512_permutexvar_ps(_mm512_castps_si512(m), _mm512_load_ps(kExp2Sixteenths));
+  const __m512 t = two_to_sixteenths(m);
   const __m512 tr = _mm512_mul_ps(t, r);
   __m512 q = kLow ? splat(0.5f) : _mm512_fmadd_ps(r, splat(1.0f / 6), splat(0.5f));
   q = _mm512_fmadd_ps(q, r, splat(1.0f));  // e^r = 1 + r q
@@ -116,17 +123,16 @@ inline __m512 exp_ps(__m512 x) {
 }
 
 // exp2_low(x) = 2^x to 1.8e-6 relative, for 16-bit results (bf16/fp16 attention's
-// probabilities): k/16 = x rounded to a multiple of 1/16 by the same constant as exp_ps, f =
+// probabilities): k/16 = x rounded to a multiple of 1/16 by kSixteenths, as in exp_ps, f =
 // x - k/16 (exact, |f| <= 1/32), 2^(k/16) from the same table, 2^f = 1 + f (ln 2 + f ln^2 2 / 2).
 // Four multiply-class instructions. 2^x = 0 for x < -200 (and -inf), NaN stays NaN (the clamp's
 // second operand).
 inline __m512 exp2_low(__m512 x) {
-  constexpr float kMagic = 786432.0f;  // 1.5 * 2^19
   x = _mm512_max_ps(splat(-200.0f), x);
-  const __m512 m = _mm512_add_ps(x, splat(kMagic));
-  const __m512 k = _mm512_sub_ps(m, splat(kMagic));
+  const __m512 m = _mm512_add_ps(x, splat(kSixteenths));
+  const __m512 k = _mm512_sub_ps(m, splat(kSixteenths));
   const __m512 f = _mm512_sub_ps(x, k);
-  const __m512 t = _mm512_permutexvar_ps(_mm512_castps_si512(m), _mm512_load_ps(kExp2Sixteenths));
+  const __m512 t = two_to_sixteenths(m);
   const __m512 q = _mm512_fmadd_ps(f, splat(0.240226506959100712f), splat(0.693147180559945309f));
   return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(t, f), q, t), k);
 }
