@@ -121,6 +121,25 @@ inline void row_sums(const void* row, const void* drow, int64_t len, F f, float*
 constexpr int64_t kRows = 8;
 constexpr int64_t kPointRows = 1;
 
+// Calls fn.template operator()<W>() with W = min(V, vectors), vectors >= 1: the 16-channel
+// vectors left in an NHWC block as a compile-time count (register arrays sized by a run-time one
+// are spilled to the stack).
+template <int V, typename Fn>
+inline void with_vectors(int64_t vectors, Fn&& fn) {
+  const int64_t w = std::min<int64_t>(V, vectors);
+  if constexpr (V >= 2) {
+    if (w == 1) return fn.template operator()<1>();
+  }
+  if constexpr (V >= 3) {
+    if (w == 2) return fn.template operator()<2>();
+  }
+  if constexpr (V >= 4) {
+    if (w == 3) return fn.template operator()<3>();
+  }
+  static_assert(V <= 4, "with_vectors: add the cases of a wider block");
+  fn.template operator()<V>();
+}
+
 // The sums of rows [r0, r1) of an NHWC tile at the V 16-channel vectors from channel c0, in
 // registers (V a compile-time count, so the accumulators are never spilled), added to totals.
 template <int V, typename L, typename P, typename F>
@@ -159,19 +178,8 @@ inline void tile_sums(const P& p, const Tiling& t, const Item& it, const void* x
   for (int64_t r0 = it.s0; r0 < it.s1; r0 += kRows) {
     const int64_t r1 = std::min(it.s1, r0 + kRows);
     for (int64_t c0 = 0; c0 < p.channels; c0 += kBlockChannels) {
-      switch (std::min<int64_t>(kBlockVectors, (p.channels - c0 + 15) / 16)) {
-        case 1:
-          tile_block<1, L>(p, it, r0, r1, c0, x, dy, f, totals);
-          break;
-        case 2:
-          tile_block<2, L>(p, it, r0, r1, c0, x, dy, f, totals);
-          break;
-        case 3:
-          tile_block<3, L>(p, it, r0, r1, c0, x, dy, f, totals);
-          break;
-        default:
-          tile_block<kBlockVectors, L>(p, it, r0, r1, c0, x, dy, f, totals);
-      }
+      with_vectors<kBlockVectors>((p.channels - c0 + 15) / 16,
+                                  [&]<int W>() { tile_block<W, L>(p, it, r0, r1, c0, x, dy, f, totals); });
     }
   }
   for (int64_t c = 0; c < p.channels; ++c) {
@@ -231,19 +239,8 @@ inline void for_each_nhwc_block(const P& p, const Item& it, const float* const* 
   for (int64_t r0 = it.s0; r0 < it.s1; r0 += kPointRows) {
     const int64_t r1 = std::min(it.s1, r0 + kPointRows);
     for (int64_t c0 = 0; c0 < p.channels; c0 += 16 * V) {
-      switch (std::min<int64_t>(V, (p.channels - c0 + 15) / 16)) {
-        case 1:
-          nhwc_block<1, K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn);
-          break;
-        case 2:
-          nhwc_block<(V >= 2 ? 2 : 1), K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn);
-          break;
-        case 3:
-          nhwc_block<(V >= 3 ? 3 : 1), K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn);
-          break;
-        default:
-          nhwc_block<V, K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn);
-      }
+      with_vectors<V>((p.channels - c0 + 15) / 16,
+                      [&]<int W>() { nhwc_block<W, K>(it, r0, r1, p.channels, p.spatial, c0, tabs, fn); });
     }
   }
 }
