@@ -51,6 +51,34 @@ def test_bench_prints_a_table_and_saves_json(tmp_path, capsys):
             assert row["ours_us"] is None and "cannot run" in row["errors"]["ours"]
 
 
+def test_bench_warm_cache_reuses_one_input_set(tmp_path, capsys, monkeypatch):
+    """--cache warm: one input set per case (cold: enough sets to fill twice the last-level
+    cache), said in the preamble and the JSON, and no fraction of the copy bandwidth."""
+    from fastarch.bench import timing
+
+    made = []
+    real = norms.Case._inputs
+    monkeypatch.setattr(norms.Case, "_inputs", lambda self: made.append(1) or real(self))
+    path = tmp_path / "bench.json"
+    args = ["bench", "--op", "layer_norm", "--device", "cpu", "--shapes", "64x128", "--dtype", "fp32", "--pass",
+            "fwd", "--no-compile", "--rounds", "2", "--json", str(path)]
+    try:
+        assert main([*args, "--cache", "warm"]) == 0
+        assert len(made) == 1
+        assert "inputs: warm" in capsys.readouterr().out
+        doc = json.loads(path.read_text())
+        assert doc["arguments"]["cache"] == "warm" and doc["machine"]["inputs"] == "warm"
+        (row,) = doc["rows"]
+        assert row["rate"] > 0 and row["peak_fraction"] is None
+        made.clear()
+        assert main(args) == 0
+        assert len(made) == timing.input_sets_needed(norms.Case("layer_norm", (64, 128), torch.float32, False,
+                                                                "cpu").bytes_moved, "cpu") > 1
+        assert json.loads(path.read_text())["rows"][0]["peak_fraction"] > 0
+    finally:
+        timing.set_cache_mode("cold")
+
+
 R, N = 64, 128
 # layer_norm fp32: x read, y written, weight and bias read, mean and rstd (fp32) written
 LN_FWD = 2 * R * N * 4 + 2 * N * 4 + 2 * R * 4

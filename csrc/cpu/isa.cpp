@@ -1,6 +1,7 @@
 #include "isa.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -166,6 +167,15 @@ const char* brgemm_mode() {
     default:
       return "auto";
   }
+}
+
+bool stream_output(int64_t bytes) {
+  constexpr int64_t kStreamBytes = int64_t{4} << 20;
+  static const int forced = [] {
+    const char* v = std::getenv("FASTARCH_CPU_STREAM");
+    return v && (v[0] == '0' || v[0] == '1') ? v[0] - '0' : -1;
+  }();
+  return forced >= 0 ? forced == 1 : bytes >= kStreamBytes;
 }
 
 }  // namespace fastarch::cpu

@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="norms, activations: ROWSxHIDDEN (4096x768); attention, decode and rotary: BxHxSxD (1x12x4096x64);"
         " group_norm(_nhwc): NxCxHxW (8x256x32x32); a family given none of its own uses its defaults")
     arg("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    arg("--cache", choices=list(timing.CACHE_MODES), default="cold",
+        help="ops: cold (default: each call reads its inputs from memory, rotating input sets twice the"
+        " last-level cache) or warm (the same inputs every call, in cache as when the op before has just"
+        " written them; GB/s is then not compared with the copy bandwidth)")
     arg("--threads", type=int, metavar="N", help="CPU threads (torch.set_num_threads; default: torch's)")
     arg("--pass", dest="passes", choices=list(PASSES), default="both",
         help="forward only, forward + backward, or both (default)")
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         return models.run(args)
     args.rounds = args.rounds or 15
+    timing.set_cache_mode(args.cache)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("fastarch bench: --device cuda, but no CUDA device is visible", file=sys.stderr)
@@ -106,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     matmul = {report.DTYPE_NAMES[d]: timing.matmul_tflops(device, d) for d in dtypes} if flops else {}
     info = report.machine(device, timing.copy_bandwidth(device), matmul)
     info["steady_cpu_allocator"] = steady_allocator
+    info["inputs"] = args.cache
     print(report.preamble(info, args.rounds), flush=True)
     rows: list[report.Row] = []
     for family in families:
@@ -116,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
                 for dtype in dtypes:
                     for backward in PASSES[args.passes] if op in family.DIFFERENTIABLE else [False]:
                         case = family.Case(op, shape, dtype, backward, device)
-                        peak = info["copy_bandwidth_gbps"] if case.unit == "GB/s" else matmul.get(report.DTYPE_NAMES[dtype])
+                        if case.unit == "GB/s":  # (warm inputs come from cache, not at the copy's rate)
+                            peak = info["copy_bandwidth_gbps"] if args.cache == "cold" else None
+                        else:
+                            peak = matmul.get(report.DTYPE_NAMES[dtype])
                         for row in _bench(case, backends, not args.no_compile, args, peak):
                             print(report.table_row(row), flush=True)
                             rows.append(row)

@@ -190,6 +190,12 @@ def machine(device: str, copy_gbps: float, matmul_tflops: dict[str, float] | Non
     }
 
 
+INPUTS = {
+    "cold": "cold (memory-bound cases rotate input sets twice the last-level cache: each call reads from memory)",
+    "warm": "warm (--cache warm: the same inputs every call, in cache as the op before left them)",
+}
+
+
 def preamble(info: dict, rounds: int) -> str:
     """The lines above the table: where the numbers come from and how to read them."""
     threads = info["torch_threads"]
@@ -207,6 +213,7 @@ def preamble(info: dict, rounds: int) -> str:
             f"times: {how}; vs = their time / ours"
             + ("" if info["gpu"] else " (the median of the ratios within each round)")
             + "; GB/s = minimum bytes moved, TFLOP/s = FLOPs, over our time; of peak: of the copy or matmul rate",
+            *([f"inputs: {INPUTS[info['inputs']]}"] if info.get("inputs") in INPUTS else []),
             "MB (attention): the memory one call holds beyond its inputs at its peak"
             + (" (CUDA allocator)" if info["gpu"] else " (resident-set growth: counts allocations of 32 MiB and more)"),
             *(["malloc keeps freed memory (mallopt), so no contender page-faults its outputs in anew each call"]

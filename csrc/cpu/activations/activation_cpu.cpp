@@ -50,14 +50,10 @@ constexpr int64_t kDbiasRows = 64;
 
 bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
 
-// Outputs at least this large are written with streaming (non-temporal) stores, as the norms'
-// (csrc/cpu/norms/norm_cpu.cpp): no read-for-ownership of each destination line, and the
-// output does not evict the inputs. Smaller outputs stay in cache for the next op.
-constexpr int64_t kStreamBytes = int64_t{4} << 20;
-
+// Large outputs are written with streaming stores (stream_output, cpu/isa.h).
 bool can_stream(const Tensor& out) {
   const int64_t chunk_bytes = 16 * out.element_size();
-  return out.numel() * out.element_size() >= kStreamBytes && out.size(1) % 16 == 0 &&
+  return stream_output(out.nbytes()) && out.size(1) % 16 == 0 &&
       (out.size(0) <= 1 || out.stride(0) % 16 == 0) && reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
 }
 

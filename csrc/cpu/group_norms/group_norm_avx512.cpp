@@ -274,6 +274,34 @@ void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int6
   }
 }
 
+// The NCHW apply of items [apply_begin, apply_begin + count) fused with the statistics of items
+// [stats_begin, stats_begin + count), item j with item j (stretches of equal length): the
+// statistics' loads (from memory) run while the apply's arithmetic (in cache) does, instead of
+// one after the other. Each item's sums and outputs are those of stats() and apply().
+template <typename L, bool kSilu>
+void apply_stats(const GroupNormForwardParams& p, const Tiling& t, int64_t apply_begin, int64_t stats_begin,
+                 int64_t count, const float* tab, float* partial) {
+  constexpr bool kLow = L::kBytes == 2;
+  const int64_t nc = p.batch * p.channels;
+  const void* const x = p.x;
+  void* const y = p.y;
+  for (int64_t j = 0; j < count; ++j) {
+    const Item ia = locate(p, t, apply_begin + j), is = locate(p, t, stats_begin + j);
+    const int64_t ja = ia.n * p.channels + ia.c;
+    const __m512 mean = splat(tab[kM * nc + ja]), a = splat(tab[kA * nc + ja]), b = splat(tab[kB * nc + ja]);
+    const int64_t apply_at = ja * p.spatial + ia.s0;
+    const void* row = at<L>(x, (is.n * p.channels + is.c) * p.spatial);
+    const __m512 sh = _mm512_permutexvar_ps(_mm512_setzero_si512(), L::load(row, 1));
+    row_sums<L>(at<L>(row, is.s0), nullptr, is.s1 - is.s0, [&](__m512 v, __m512, __mmask16 m, int64_t i, __m512& sa, __m512& sb) {
+      const __m512 d = _mm512_maskz_sub_ps(m, v, sh);
+      sa = _mm512_add_ps(sa, d);
+      sb = _mm512_fmadd_ps(d, d, sb);
+      const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, apply_at + i), m), mean), a, b);
+      L::store(at<L>(y, apply_at + i), kSilu ? silu<kLow>(z) : z, m);
+    }, partial_at(partial, t, p.channels, is.n, is.c, is.k));
+  }
+}
+
 // dz from dy (times silu'(z), z recomputed from the centered x).
 template <bool kSilu, bool kLow>
 inline __m512 dz_of(__m512 dy, __m512 centered, __m512 a, __m512 b) {
@@ -370,18 +398,32 @@ void group_norm_stats_avx512(const GroupNormForwardParams& p, const Tiling& t, i
   stats<Lanes<D, false>>(p, t, begin, end, partial);  // (loads only: no bf16 rounding)
 }
 
+// Calls fn.template operator()<L, kSilu>() for the forward's run-time choices.
+template <Dtype D, typename Fn>
+void forward_variant(const GroupNormForwardParams& p, bool bf16_instructions, Fn&& fn) {
+  auto with_lanes = [&]<typename L>() {
+    return p.silu ? fn.template operator()<L, true>() : fn.template operator()<L, false>();
+  };
+  if constexpr (D == Dtype::bf16) {
+    if (bf16_instructions) return with_lanes.template operator()<Lanes<D, true>>();
+  }
+  with_lanes.template operator()<Lanes<D, false>>();
+}
+
 template <Dtype D>
 void group_norm_apply_avx512(
     const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables,
     bool bf16_instructions) {
-  if constexpr (D == Dtype::bf16) {
-    if (bf16_instructions) {
-      return p.silu ? apply<Lanes<D, true>, true>(p, t, begin, end, tables)
-                    : apply<Lanes<D, true>, false>(p, t, begin, end, tables);
-    }
-  }
-  return p.silu ? apply<Lanes<D, false>, true>(p, t, begin, end, tables)
-                : apply<Lanes<D, false>, false>(p, t, begin, end, tables);
+  forward_variant<D>(p, bf16_instructions, [&]<typename L, bool kSilu>() { apply<L, kSilu>(p, t, begin, end, tables); });
+}
+
+template <Dtype D>
+void group_norm_apply_stats_avx512(
+    const GroupNormForwardParams& p, const Tiling& t, int64_t apply_begin, int64_t stats_begin, int64_t count,
+    const float* tables, float* partial, bool bf16_instructions) {
+  forward_variant<D>(p, bf16_instructions, [&]<typename L, bool kSilu>() {
+    apply_stats<L, kSilu>(p, t, apply_begin, stats_begin, count, tables, partial);
+  });
 }
 
 template <Dtype D>
@@ -409,6 +451,8 @@ void group_norm_grad_apply_avx512(
   template void group_norm_stats_avx512<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t, float*);    \
   template void group_norm_apply_avx512<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t,             \
                                            const float*, bool);                                                        \
+  template void group_norm_apply_stats_avx512<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t,       \
+                                                 int64_t, const float*, float*, bool);                                 \
   template void group_norm_grad_stats_avx512<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,       \
                                                 const float*, float*);                                                 \
   template void group_norm_grad_apply_avx512<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,       \

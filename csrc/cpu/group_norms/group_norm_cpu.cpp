@@ -53,8 +53,9 @@ int64_t group_grain(int64_t channels_per_group, int64_t chunks) {
 // the threads, so that even one group fills them), or, when there are enough cache-sized units
 // to share, every pass of one unit before the next (NCHW: a group, whose channels are
 // contiguous; NHWC: a sample, whose groups interleave): the unit is read from memory once and
-// from the core's cache after. Either way each item's sums and each group's combine are the same
-// arithmetic, so the results are the same bits.
+// from the core's cache after (in the NCHW forward, the next unit's statistics are read while
+// this one is applied: group_norm_apply_stats_avx512). Either way each item's sums and each
+// group's combine are the same arithmetic, so the results are the same bits.
 struct Units {
   int64_t count = 0;  // 0: phase by phase
   int64_t items = 0;  // items per unit (consecutive)
@@ -127,12 +128,31 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
       gn::group_norm_apply_generic<D>(p, t, begin, end, tab);
     };
     const Units u = cache_units(p, t, x.element_size());
+    // NCHW units (groups) in a pipeline: the statistics of unit i + 1 read from memory while
+    // unit i is applied from cache (AVX-512 only; the same results as the passes one by one).
+    auto apply_then_stats = [&](int64_t i) {
+#ifdef FASTARCH_WITH_AVX512
+      if constexpr (D != Dtype::f64) {
+        if (avx512 && !p.channels_last) {
+          return gn::group_norm_apply_stats_avx512<D>(p, t, i * u.items, (i + 1) * u.items, u.items,
+                                                      static_cast<const float*>(tab), static_cast<float*>(part),
+                                                      bf16_insn);
+        }
+      }
+#endif
+      apply_items(i * u.items, (i + 1) * u.items);
+      stats_items((i + 1) * u.items, (i + 2) * u.items);
+    };
     if (u.count > 0) {
       at::parallel_for(0, u.count, 1, [&](int64_t begin, int64_t end) {
+        stats_items(begin * u.items, (begin + 1) * u.items);
         for (int64_t i = begin; i < end; ++i) {
-          stats_items(i * u.items, (i + 1) * u.items);
           combine_groups(i * u.groups, (i + 1) * u.groups);
-          apply_items(i * u.items, (i + 1) * u.items);
+          if (i + 1 < end) {
+            apply_then_stats(i);
+          } else {
+            apply_items(i * u.items, (i + 1) * u.items);
+          }
         }
       });
       return;

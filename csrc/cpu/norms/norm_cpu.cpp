@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <tuple>
 
@@ -45,28 +44,10 @@ int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<
 
 bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
 
-// Outputs at least this large are written with streaming (non-temporal) stores: they skip the
-// read-for-ownership of each destination line (a third of a norm's memory traffic) and leave
-// the cache to the inputs. Smaller outputs stay in cache for the next op. Measured on the
-// 2-core EPYC (32 MB L3), 4096x768 fp32, FASTARCH_CPU_STREAM=1 against =0 (three paired runs
-// of fastarch bench each): layer_norm forward ~1.1x, add_layer_norm forward ~1.25x,
-// layer_norm forward+backward ~1.35x faster.
-constexpr int64_t kStreamBytes = int64_t{4} << 20;
-
-// FASTARCH_CPU_STREAM=0 or 1 overrides the size rule (for measuring it); read once.
-int stream_override() {
-  static const int value = [] {
-    const char* v = std::getenv("FASTARCH_CPU_STREAM");
-    return v && (v[0] == '0' || v[0] == '1') ? v[0] - '0' : -1;
-  }();
-  return value;
-}
-
 // Streaming stores write whole aligned 16-element chunks.
 bool can_stream(const Tensor& out) {
   const int64_t chunk_bytes = 16 * out.element_size();
-  const bool big = stream_override() >= 0 ? stream_override() == 1 : out.numel() * out.element_size() >= kStreamBytes;
-  return big && out.size(1) % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
+  return stream_output(out.nbytes()) && out.size(1) % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
 }
 
 // The AVX-512 kernels' extra arguments: fp32 weight and bias (converted once per call, not
