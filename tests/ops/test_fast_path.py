@@ -1,7 +1,8 @@
 """The ops' eager fast path (fastarch/ops/dispatch.py) and the registry's memo of its choices.
 
 A call that needs nothing from torch's dispatcher runs the op's function directly: the same
-bits as the custom op through the dispatcher, for every public op on the CPU. Autograd,
+bits as the custom op through the dispatcher, for every public op on the CPU. A call that needs
+autograd alone runs the op's own autograd.Function: the same outputs and gradients.
 torch.compile, fake tensors and dispatch modes still go through the custom op. The registry
 remembers its choice per (op, problem, requested backend), and a ``fastarch.backend`` block
 still decides inside it and only inside it.
@@ -41,16 +42,19 @@ class SeeOps(TorchDispatchMode):
 
 @pytest.fixture
 def decisions(monkeypatch):
-    """Every direct_call_allowed answer during the test, in order."""
+    """Every call_path answer during the test, in order."""
     answers = []
-    real = dispatch.direct_call_allowed
+    real = dispatch.call_path
 
     def spy(args):
         answers.append(real(args))
         return answers[-1]
 
-    monkeypatch.setattr(dispatch, "direct_call_allowed", spy)
+    monkeypatch.setattr(dispatch, "call_path", spy)
     return answers
+
+
+DIRECT, AUTOGRAD, DISPATCHER = dispatch.DIRECT, dispatch.AUTOGRAD, dispatch.DISPATCHER
 
 
 def _cases(dtype):
@@ -105,7 +109,7 @@ def test_fast_path_gives_the_custom_ops_bits(case, dtype, mode, decisions):
     op, run = _cases(dtype)[case]
     with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
         fast = _tensors(run())
-        assert decisions and all(decisions), "the fast path was not taken"
+        assert decisions and all(d == DIRECT for d in decisions), "the fast path was not taken"
         with SeeOps() as seen:
             slow = _tensors(run())
     assert f"fastarch.{op}" in seen.seen, "the dispatch mode did not see the custom op"
@@ -119,7 +123,7 @@ def test_fast_path_with_grad_mode_on_and_no_input_that_requires_grad(decisions):
     """Plain eager code (no no_grad block) on constants: no autograd, so the fast path."""
     x, w = randn(4, 8), randn(8)
     y = ops.rms_norm(x, w)
-    assert decisions == [True] and y.grad_fn is None
+    assert decisions == [DIRECT] and y.grad_fn is None
 
 
 GRAD_CASES = {
@@ -132,30 +136,63 @@ GRAD_CASES = {
 }
 
 
+GRAD_CASES["group_norm"] = lambda x, w: ops.group_norm(x.view(2, 8, 6), 4, w, w, activation="silu")
+
+
 @pytest.mark.parametrize("case", list(GRAD_CASES))
-def test_autograd_takes_the_custom_op(case, decisions):
-    """An input that requires grad: the forward goes through the dispatcher (autograd records
-    it); the backward ops, run by the autograd engine with grad mode off, take the fast path
-    and give the dispatcher's gradients."""
+def test_autograd_takes_the_ops_own_function(case, decisions):
+    """An input that requires grad: the forward runs the op's autograd.Function (autograd
+    records it, the dispatcher is not involved); the backward ops, run by the autograd engine
+    with grad mode off, take the direct path. Outputs and gradients are the bits of the custom
+    op through the dispatcher (torch.library's autograd layer)."""
     fn = GRAD_CASES[case]
     x, w = randn(12, 8, seed=1).requires_grad_(), randn(8, seed=2).requires_grad_()
     y = fn(x, w)
-    assert decisions[0] is False and y.grad_fn is not None
+    assert decisions[0] == AUTOGRAD and y.grad_fn is not None
+    assert type(y.grad_fn).__name__.startswith("fastarch_")
     grads = torch.autograd.grad(y, (x, w), torch.ones_like(y), allow_unused=True)
-    assert any(decisions[1:]), "the backward ops did not take the fast path"
-    with SeeOps():
+    assert DIRECT in decisions[1:], "the backward ops did not take the fast path"
+    with SeeOps() as seen:
         y2 = fn(x, w)
         grads2 = torch.autograd.grad(y2, (x, w), torch.ones_like(y2), allow_unused=True)
+    assert seen.seen, "the dispatch mode did not see the custom op"
+    assert not type(y2.grad_fn).__name__.startswith("fastarch_")
     assert torch.equal(y, y2)
     for a, b in zip(grads, grads2):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_autograd_function_gets_every_argument_and_checks_its_gradients():
+    """A call leaving trailing arguments to their defaults: setup_context still receives every
+    argument (as torch.library's autograd layer gives it them), and an unwanted gradient (w
+    does not require grad) is None."""
+    x, w = randn(4, 8).requires_grad_(), randn(8)
+    y = ops.rms_norm(x, w)
+    (dx,) = torch.autograd.grad(y.sum(), (x,))
+    with SeeOps():
+        (dx2,) = torch.autograd.grad(ops.rms_norm(x, w).sum(), (x,))
+    assert torch.equal(dx, dx2)
+
+
+def test_double_backward_is_refused_as_through_the_dispatcher():
+    """create_graph=True: the backward ops have no gradient of their own, through either path."""
+    x = randn(4, 8).requires_grad_()
+    messages = []
+    for see in (False, True):
+        with SeeOps() if see else contextlib.nullcontext():
+            y = ops.rms_norm(x)
+            (dx,) = torch.autograd.grad(y.sum(), (x,), create_graph=True)
+            with pytest.raises(RuntimeError) as err:
+                dx.sum().backward()
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "no autograd formula was registered" in messages[0]
 
 
 def test_no_grad_with_inputs_that_require_grad_takes_the_fast_path(decisions):
     x = randn(4, 8).requires_grad_()
     with torch.no_grad():
         ops.rms_norm(x)
-    assert decisions == [True]
+    assert decisions == [DIRECT]
 
 
 def test_torch_compile_sees_the_custom_op():
@@ -189,13 +226,13 @@ def test_fake_and_meta_tensors_take_the_custom_op(decisions):
     assert y.shape == (4, 8) and type(y).__name__ == "FakeTensor"
     m = ops.rms_norm(torch.empty(4, 8, device="meta"))
     assert m.device.type == "meta"
-    assert decisions == [False, False]
+    assert decisions == [DISPATCHER, DISPATCHER]
 
 
 def test_torch_function_mode_takes_the_custom_op(decisions):
     with torch.device("cpu"):  # a TorchFunctionMode
         ops.rms_norm(randn(4, 8))
-    assert decisions == [False]
+    assert decisions == [DISPATCHER]
 
 
 def test_fast_append_kv_bumps_the_caches_versions_like_the_dispatcher():
