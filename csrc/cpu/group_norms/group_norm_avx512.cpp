@@ -308,19 +308,14 @@ inline __m512 dz_of(__m512 dy, __m512 centered, __m512 a, __m512 b) {
   return kSilu ? _mm512_mul_ps(dy, silu_grad<kLow>(_mm512_fmadd_ps(centered, a, b))) : dy;
 }
 
-// Whether grad_stats leaves dz in dx for grad_apply: fp32 with SiLU, where recomputing
-// silu'(z) (an exp and a division per value) costs more than writing and reading dz back.
-template <typename L, bool kSilu>
-constexpr bool kKeepDz = kSilu && L::kBytes == 4;
-
-// Backward sums: sum dz and sum dz (x - M).
-template <typename L, bool kSilu>
-void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab, float* partial) {
+// Backward sums: sum dz and sum dz (x - M); with kKeep (SiLU only), dz also stored in keep.
+template <typename L, bool kSilu, bool kKeep>
+void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab,
+                float* partial, const DzStore& keep) {
+  static_assert(kSilu || !kKeep);
   constexpr bool kLow = L::kBytes == 2;
-  constexpr bool kKeep = kKeepDz<L, kSilu>;
   const int64_t nc = p.batch * p.channels;
   std::vector<float> totals(p.channels_last ? 2 * p.channels : 0);
-  float* dz_out = static_cast<float*>(p.dx);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if (!p.channels_last) {
@@ -331,7 +326,7 @@ void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
                   [&](__m512 x, __m512 dy, __mmask16 m, int64_t i, __m512& a, __m512& b) {
                     const __m512 centered = _mm512_sub_ps(x, mean);
                     const __m512 dz = dz_of<kSilu, kLow>(dy, centered, ta, tb);  // 0 where masked (dy = 0)
-                    if constexpr (kKeep) _mm512_mask_storeu_ps(dz_out + base + i, m, dz);
+                    if constexpr (kKeep) _mm512_mask_storeu_ps(keep.at + (base + i - keep.origin), m, dz);
                     a = _mm512_add_ps(a, dz);
                     b = _mm512_fmadd_ps(dz, centered, b);
                   },
@@ -344,7 +339,7 @@ void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
         const __m512 centered = _mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, tm + c));
         const __m512 dz = _mm512_maskz_mov_ps(
             m, dz_of<kSilu, kLow>(dy, centered, _mm512_maskz_loadu_ps(m, tA + c), _mm512_maskz_loadu_ps(m, tB + c)));
-        if constexpr (kKeep) _mm512_mask_storeu_ps(dz_out + offset, m, dz);
+        if constexpr (kKeep) _mm512_mask_storeu_ps(keep.at + (offset - keep.origin), m, dz);
         a = _mm512_add_ps(a, dz);
         b = _mm512_fmadd_ps(dz, centered, b);
       }, partial, totals.data());
@@ -359,14 +354,16 @@ inline __m512 dx_from(__m512 x, __m512 dy, __m512 mean, __m512 a, __m512 b, __m5
   return _mm512_fmadd_ps(dz_of<kSilu, kLow>(dy, centered, a, b), ad, _mm512_fmadd_ps(centered, bd, cd));
 }
 
-template <typename L, bool kSilu>
-void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab) {
+// With kKeep: dz read from keep (grad_stats left it there) instead of silu'(z) dy recomputed.
+template <typename L, bool kSilu, bool kKeep>
+void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tab,
+                const DzStore& keep) {
   constexpr bool kLow = L::kBytes == 2;
   const int64_t nc = p.batch * p.channels;
-  // With dz kept in dx by grad_stats: read it there instead of dy, no silu'.
-  constexpr bool kKeep = kKeepDz<L, kSilu>;
   constexpr auto dx_of = dx_from<kSilu && !kKeep, kLow>;
-  const void* dy_or_dz = kKeep ? p.dx : p.dy;
+  auto dy_or_dz = [&](int64_t i, __mmask16 m) {
+    return kKeep ? _mm512_maskz_loadu_ps(m, keep.at + (i - keep.origin)) : L::load(at<L>(p.dy, i), m);
+  };
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if (!p.channels_last) {
@@ -376,14 +373,14 @@ void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
       const int64_t base = j * p.spatial;
       for (int64_t s = it.s0; s < it.s1; s += 16) {
         const __mmask16 m = tail_mask(it.s1 - s);
-        const __m512 dx = dx_of(L::load(at<L>(p.x, base + s), m), L::load(at<L>(dy_or_dz, base + s), m), mean, a, b, ad, bd, cd);
+        const __m512 dx = dx_of(L::load(at<L>(p.x, base + s), m), dy_or_dz(base + s, m), mean, a, b, ad, bd, cd);
         L::store(at<L>(p.dx, base + s), dx, m);
       }
     } else {
       const float* tabs[kTables];
       for (int k = 0; k < kTables; ++k) tabs[k] = tab + k * nc + it.n * p.channels;
       for_each_nhwc_block<2, kTables>(p, it, tabs, [&](int64_t i, __mmask16 m, const __m512 (&tv)[kTables]) {
-        const __m512 dx = dx_of(L::load(at<L>(p.x, i), m), L::load(at<L>(dy_or_dz, i), m), tv[kM], tv[kA], tv[kB],
+        const __m512 dx = dx_of(L::load(at<L>(p.x, i), m), dy_or_dz(i, m), tv[kM], tv[kA], tv[kB],
                                 tv[kAd], tv[kBd], tv[kCd]);
         L::store(at<L>(p.dx, i), dx, m);
       });
@@ -426,25 +423,36 @@ void group_norm_apply_stats_avx512(
   });
 }
 
+// Calls fn.template operator()<L, kSilu, kKeep>() for the backward's run-time choices.
+template <Dtype D, typename Fn>
+void backward_variant(const GroupNormBackwardParams& p, const DzStore& keep, bool bf16_instructions, Fn&& fn) {
+  auto with_lanes = [&]<typename L>() {
+    if (!p.silu) return fn.template operator()<L, false, false>();
+    return keep.at ? fn.template operator()<L, true, true>() : fn.template operator()<L, true, false>();
+  };
+  if constexpr (D == Dtype::bf16) {
+    if (bf16_instructions) return with_lanes.template operator()<Lanes<D, true>>();
+  }
+  with_lanes.template operator()<Lanes<D, false>>();
+}
+
 template <Dtype D>
 void group_norm_grad_stats_avx512(
-    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables, float* partial) {
-  return p.silu ? grad_stats<Lanes<D, false>, true>(p, t, begin, end, tables, partial)
-                : grad_stats<Lanes<D, false>, false>(p, t, begin, end, tables, partial);
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables, float* partial,
+    const DzStore& keep) {
+  // (loads only: no bf16 rounding, so one build of the pass)
+  backward_variant<D>(p, keep, false, [&]<typename L, bool kSilu, bool kKeep>() {
+    grad_stats<L, kSilu, kKeep>(p, t, begin, end, tables, partial, keep);
+  });
 }
 
 template <Dtype D>
 void group_norm_grad_apply_avx512(
     const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables,
-    bool bf16_instructions) {
-  if constexpr (D == Dtype::bf16) {
-    if (bf16_instructions) {
-      return p.silu ? grad_apply<Lanes<D, true>, true>(p, t, begin, end, tables)
-                    : grad_apply<Lanes<D, true>, false>(p, t, begin, end, tables);
-    }
-  }
-  return p.silu ? grad_apply<Lanes<D, false>, true>(p, t, begin, end, tables)
-                : grad_apply<Lanes<D, false>, false>(p, t, begin, end, tables);
+    const DzStore& keep, bool bf16_instructions) {
+  backward_variant<D>(p, keep, bf16_instructions, [&]<typename L, bool kSilu, bool kKeep>() {
+    grad_apply<L, kSilu, kKeep>(p, t, begin, end, tables, keep);
+  });
 }
 
 #define FASTARCH_GN_AVX512(D)                                                                                          \
@@ -454,9 +462,9 @@ void group_norm_grad_apply_avx512(
   template void group_norm_apply_stats_avx512<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t,       \
                                                  int64_t, const float*, float*, bool);                                 \
   template void group_norm_grad_stats_avx512<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,       \
-                                                const float*, float*);                                                 \
+                                                const float*, float*, const DzStore&);                                 \
   template void group_norm_grad_apply_avx512<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,       \
-                                                const float*, bool);
+                                                const float*, const DzStore&, bool);
 
 FASTARCH_GN_AVX512(Dtype::f32)
 FASTARCH_GN_AVX512(Dtype::f16)

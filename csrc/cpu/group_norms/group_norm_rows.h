@@ -68,9 +68,18 @@ void group_norm_combine_grad(
 template <Dtype D>
 void group_norm_weight_grads(const GroupNormBackwardParams& p, const double* dweight_terms, const double* dbias_terms);
 
+// Where the AVX-512 backward with SiLU keeps dz = dy silu'(z) between its passes: grad_stats
+// writes it, grad_apply reads it (so the two run as a pair, on the same params) instead of
+// recomputing silu' (an exp and a division per value). dz of element k at at[k - origin], in
+// fp32: dx itself for fp32 (origin 0), a thread's buffer of one cache unit for 16-bit x; at
+// null: not kept (16-bit x phase by phase).
+struct DzStore {
+  float* at = nullptr;
+  int64_t origin = 0;
+};
+
 // The AVX-512 builds of the four passes (f32, f16, bf16). bf16_instructions: the CPU has
-// AVX512-BF16 (one instruction rounds fp32 to bf16). fp32 with silu: grad_stats leaves dz in
-// dx and grad_apply reads it there (so the two run as a pair, on the same params).
+// AVX512-BF16 (one instruction rounds fp32 to bf16).
 template <Dtype D>
 void group_norm_stats_avx512(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, float* partial);
 template <Dtype D>
@@ -85,10 +94,11 @@ void group_norm_apply_stats_avx512(
     const float* tables, float* partial, bool bf16_instructions);
 template <Dtype D>
 void group_norm_grad_stats_avx512(
-    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables, float* partial);
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables, float* partial,
+    const DzStore& keep);
 template <Dtype D>
 void group_norm_grad_apply_avx512(
     const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables,
-    bool bf16_instructions);
+    const DzStore& keep, bool bf16_instructions);
 
 }  // namespace fastarch::cpu::gn
