@@ -48,8 +48,7 @@ DIRECT, AUTOGRAD, DISPATCHER = "direct", "autograd", "dispatcher"
 def call_path(args: Iterable[object]) -> str:
     """How an op called with ``args`` runs (see the module docstring): DIRECT when it needs
     nothing from the dispatcher, AUTOGRAD when it needs autograd alone (grad mode on and some
-    input requiring grad, plain dense tensors in a list of arguments without lists), else
-    DISPATCHER."""
+    input requiring grad; plain dense tensors, none in a list), else DISPATCHER."""
     if (
         torch.compiler.is_compiling()  # first: dynamo folds it and traces nothing after it
         or _dispatch_modes()
@@ -67,9 +66,8 @@ def call_path(args: Iterable[object]) -> str:
                 return DISPATCHER
             if grad and a.requires_grad:
                 path = AUTOGRAD
-        elif isinstance(a, (list, tuple)):
-            if path is AUTOGRAD or any(isinstance(t, Tensor) for t in a):
-                return DISPATCHER  # (tensor lists: left to torch.library's autograd)
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) for t in a):
+            return DISPATCHER  # (a list's tensors: not looked into, left to the dispatcher)
     return path
 
 
@@ -80,21 +78,11 @@ def direct_call_allowed(args: Iterable[object]) -> bool:
 
 def _autograd_function(name: str, fn: Callable, backward: Callable, setup_context: Callable | None) -> type:
     """An autograd.Function running ``fn`` forward and the op's registered backward."""
-
-    def forward(*args):
-        return fn(*args)
-
-    def setup(ctx, inputs, output):
-        if setup_context is not None:
-            setup_context(ctx, inputs, output)
-
-    def backward_(ctx, *grads):
-        return backward(ctx, *grads)
-
+    setup = setup_context or (lambda ctx, inputs, output: None)
     return type(
         f"{name.replace('::', '_')}_Function",
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "setup_context": staticmethod(setup), "backward": staticmethod(backward_)},
+        {"forward": staticmethod(fn), "setup_context": staticmethod(setup), "backward": staticmethod(backward)},
     )
 
 

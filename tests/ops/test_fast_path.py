@@ -188,6 +188,17 @@ def test_double_backward_is_refused_as_through_the_dispatcher():
     assert messages[0] == messages[1] and "no autograd formula was registered" in messages[0]
 
 
+def test_call_path_of_argument_lists():
+    x, g = randn(2, 3), randn(2, 3).requires_grad_()
+    assert dispatch.call_path((x, 3, [1, 2], None, "cpu")) == DIRECT
+    assert dispatch.call_path((x, g, 1e-5)) == AUTOGRAD
+    with torch.no_grad():
+        assert dispatch.call_path((x, g)) == DIRECT
+    assert dispatch.call_path((x, [x, x])) == DISPATCHER  # tensors in a list are not looked into
+    assert dispatch.call_path((g, (x,))) == DISPATCHER
+    assert dispatch.call_path((torch.empty(2, device="meta"),)) == DISPATCHER
+
+
 def test_no_grad_with_inputs_that_require_grad_takes_the_fast_path(decisions):
     x = randn(4, 8).requires_grad_()
     with torch.no_grad():
