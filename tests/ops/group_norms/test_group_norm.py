@@ -37,8 +37,10 @@ SMALL = [
     ((2, 40, 1, 1), 40),
 ]
 # Bigger than one work item of the CPU kernels (16K elements): a group split over several
-# items, combined; one sample, 32 groups, as a UNet at batch 1.
-LARGE = SMALL + [((1, 8, 67, 257), 2), ((1, 64, 33, 17), 32)]
+# items, combined; one sample, 32 groups, as a UNet at batch 1; 16 one-channel groups of two
+# items each (16384 and 516 positions), which the CPU runs group by group, its forward
+# pipelined (each group's items paired with the next group's).
+LARGE = SMALL + [((1, 8, 67, 257), 2), ((1, 64, 33, 17), 32), ((2, 8, 130, 130), 8)]
 BACKENDS = [
     pytest.param(("cpu", "cpu", "auto", LARGE), id="cpu"),
     pytest.param(("cpu", "cpu", "generic", LARGE), id="cpu-generic"),
