@@ -189,6 +189,14 @@ inline void tile_sums(const P& p, const Tiling& t, const Item& it, const void* x
   }
 }
 
+// The forward statistics' step: d = x - shift (0 where masked off) added to a, d^2 to b. The
+// statistics pass and the pipelined apply_stats share it, so their sums are the same bits.
+inline void add_shifted(__m512 x, __m512 shift, __mmask16 m, __m512& a, __m512& b) {
+  const __m512 d = _mm512_maskz_sub_ps(m, x, shift);
+  a = _mm512_add_ps(a, d);
+  b = _mm512_fmadd_ps(d, d, b);
+}
+
 // Forward statistics: sum and sum of squares of x - shift, shift = x[n, c, 0].
 template <typename L>
 void stats(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, float* partial) {
@@ -200,16 +208,12 @@ void stats(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int6
       const __m512 shift = L::load(row, 1);
       const __m512 sh = _mm512_permutexvar_ps(_mm512_setzero_si512(), shift);
       row_sums<L>(at<L>(row, it.s0), nullptr, it.s1 - it.s0, [&](__m512 v, __m512, __mmask16 m, int64_t, __m512& a, __m512& b) {
-        const __m512 d = _mm512_maskz_sub_ps(m, v, sh);
-        a = _mm512_add_ps(a, d);
-        b = _mm512_fmadd_ps(d, d, b);
+        add_shifted(v, sh, m, a, b);
       }, partial_at(partial, t, p.channels, it.n, it.c, it.k));
     } else {
       const int64_t first = it.n * p.spatial * p.channels;  // row s = 0 of sample n: the shifts
       tile_sums<L>(p, t, it, p.x, nullptr, [&](__m512 v, __m512, __mmask16 m, int64_t c, int64_t, __m512& a, __m512& b) {
-        const __m512 d = _mm512_maskz_sub_ps(m, v, L::load(at<L>(p.x, first + c), m));
-        a = _mm512_add_ps(a, d);
-        b = _mm512_fmadd_ps(d, d, b);
+        add_shifted(v, L::load(at<L>(p.x, first + c), m), m, a, b);
       }, partial, totals.data());
     }
   }
@@ -293,9 +297,7 @@ void apply_stats(const GroupNormForwardParams& p, const Tiling& t, int64_t apply
     const void* row = at<L>(x, (is.n * p.channels + is.c) * p.spatial);
     const __m512 sh = _mm512_permutexvar_ps(_mm512_setzero_si512(), L::load(row, 1));
     row_sums<L>(at<L>(row, is.s0), nullptr, is.s1 - is.s0, [&](__m512 v, __m512, __mmask16 m, int64_t i, __m512& sa, __m512& sb) {
-      const __m512 d = _mm512_maskz_sub_ps(m, v, sh);
-      sa = _mm512_add_ps(sa, d);
-      sb = _mm512_fmadd_ps(d, d, sb);
+      add_shifted(v, sh, m, sa, sb);
       const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, apply_at + i), m), mean), a, b);
       L::store(at<L>(y, apply_at + i), kSilu ? silu<kLow>(z) : z, m);
     }, partial_at(partial, t, p.channels, is.n, is.c, is.k));
@@ -395,16 +397,22 @@ void group_norm_stats_avx512(const GroupNormForwardParams& p, const Tiling& t, i
   stats<Lanes<D, false>>(p, t, begin, end, partial);  // (loads only: no bf16 rounding)
 }
 
+// Calls fn.template operator()<L>() with the lanes of D (for bf16, with AVX512-BF16's
+// rounding instruction where the CPU has it).
+template <Dtype D, typename Fn>
+void with_lanes(bool bf16_instructions, Fn&& fn) {
+  if constexpr (D == Dtype::bf16) {
+    if (bf16_instructions) return fn.template operator()<Lanes<D, true>>();
+  }
+  fn.template operator()<Lanes<D, false>>();
+}
+
 // Calls fn.template operator()<L, kSilu>() for the forward's run-time choices.
 template <Dtype D, typename Fn>
 void forward_variant(const GroupNormForwardParams& p, bool bf16_instructions, Fn&& fn) {
-  auto with_lanes = [&]<typename L>() {
+  with_lanes<D>(bf16_instructions, [&]<typename L>() {
     return p.silu ? fn.template operator()<L, true>() : fn.template operator()<L, false>();
-  };
-  if constexpr (D == Dtype::bf16) {
-    if (bf16_instructions) return with_lanes.template operator()<Lanes<D, true>>();
-  }
-  with_lanes.template operator()<Lanes<D, false>>();
+  });
 }
 
 template <Dtype D>
@@ -426,14 +434,10 @@ void group_norm_apply_stats_avx512(
 // Calls fn.template operator()<L, kSilu, kKeep>() for the backward's run-time choices.
 template <Dtype D, typename Fn>
 void backward_variant(const GroupNormBackwardParams& p, const DzStore& keep, bool bf16_instructions, Fn&& fn) {
-  auto with_lanes = [&]<typename L>() {
+  with_lanes<D>(bf16_instructions, [&]<typename L>() {
     if (!p.silu) return fn.template operator()<L, false, false>();
     return keep.at ? fn.template operator()<L, true, true>() : fn.template operator()<L, true, false>();
-  };
-  if constexpr (D == Dtype::bf16) {
-    if (bf16_instructions) return with_lanes.template operator()<Lanes<D, true>>();
-  }
-  with_lanes.template operator()<Lanes<D, false>>();
+  });
 }
 
 template <Dtype D>
