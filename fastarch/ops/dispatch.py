@@ -77,12 +77,23 @@ def direct_call_allowed(args: Iterable[object]) -> bool:
 
 
 def _autograd_function(name: str, fn: Callable, backward: Callable, setup_context: Callable | None) -> type:
-    """An autograd.Function running ``fn`` forward and the op's registered backward."""
-    setup = setup_context or (lambda ctx, inputs, output: None)
+    """An autograd.Function running ``fn`` forward and the op's registered backward.
+
+    Its forward takes ctx and calls setup_context itself, rather than defining setup_context:
+    for a Function with setup_context, ``apply`` binds the arguments to the forward's signature
+    with inspect at every call (a group_norm forward + backward at batch 1 took ~75 us more on
+    an AMD EPYC); the arguments here are already complete."""
+
+    def forward(ctx, *args):
+        output = fn(*args)
+        if setup_context is not None:
+            setup_context(ctx, args, output)
+        return output
+
     return type(
         f"{name.replace('::', '_')}_Function",
         (torch.autograd.Function,),
-        {"forward": staticmethod(fn), "setup_context": staticmethod(setup), "backward": staticmethod(backward)},
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
 
 
