@@ -35,6 +35,7 @@ from fastarch import ops
 from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
+from fastarch.nn import Linear  # the head on fastarch.ops.linear: the generation loop calls it as a module
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -194,7 +195,7 @@ class Llama(CausalLM):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
