@@ -278,10 +278,12 @@ void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int6
   }
 }
 
-// The NCHW apply of items [apply_begin, apply_begin + count) fused with the statistics of items
-// [stats_begin, stats_begin + count), item j with item j (stretches of equal length): the
-// statistics' loads (from memory) run while the apply's arithmetic (in cache) does, instead of
-// one after the other. Each item's sums and outputs are those of stats() and apply().
+// The apply of items [apply_begin, apply_begin + count) fused with the statistics of items
+// [stats_begin, stats_begin + count), item j with item j (NCHW: stretches of equal length; NHWC:
+// tiles of the same rows of two samples): the statistics' loads (from memory) run while the
+// apply's arithmetic (in cache) does, instead of one after the other. The statistics' step calls
+// the apply of the value at the same place in the other item, so each item's sums and outputs
+// are those of stats() and apply().
 template <typename L, bool kSilu>
 void apply_stats(const GroupNormForwardParams& p, const Tiling& t, int64_t apply_begin, int64_t stats_begin,
                  int64_t count, const float* tab, float* partial) {
@@ -289,8 +291,24 @@ void apply_stats(const GroupNormForwardParams& p, const Tiling& t, int64_t apply
   const int64_t nc = p.batch * p.channels;
   const void* const x = p.x;
   void* const y = p.y;
+  std::vector<float> totals(p.channels_last ? 2 * p.channels : 0);
   for (int64_t j = 0; j < count; ++j) {
     const Item ia = locate(p, t, apply_begin + j), is = locate(p, t, stats_begin + j);
+    if (p.channels_last) {
+      const int64_t first = is.n * p.spatial * p.channels;  // row s = 0 of the summed sample: the shifts
+      const int64_t to_applied = (ia.n - is.n) * p.spatial * p.channels;
+      const float* tm = tab + kM * nc + ia.n * p.channels;
+      const float* tA = tab + kA * nc + ia.n * p.channels;
+      const float* tB = tab + kB * nc + ia.n * p.channels;
+      tile_sums<L>(p, t, is, x, nullptr, [=](__m512 v, __m512, __mmask16 m, int64_t c, int64_t offset, __m512& sa, __m512& sb) {
+        add_shifted(v, L::load(at<L>(x, first + c), m), m, sa, sb);
+        const int64_t i = offset + to_applied;
+        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, i), m), _mm512_maskz_loadu_ps(m, tm + c)),
+                                         _mm512_maskz_loadu_ps(m, tA + c), _mm512_maskz_loadu_ps(m, tB + c));
+        L::store(at<L>(y, i), kSilu ? silu<kLow>(z) : z, m);
+      }, partial, totals.data());
+      continue;
+    }
     const int64_t ja = ia.n * p.channels + ia.c;
     const __m512 mean = splat(tab[kM * nc + ja]), a = splat(tab[kA * nc + ja]), b = splat(tab[kB * nc + ja]);
     const int64_t apply_at = ja * p.spatial + ia.s0;

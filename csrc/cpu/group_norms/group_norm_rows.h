@@ -86,8 +86,9 @@ template <Dtype D>
 void group_norm_apply_avx512(
     const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const float* tables,
     bool bf16_instructions);
-// NCHW: apply() of items [apply_begin, +count) and stats() of items [stats_begin, +count) in one
-// pass (item j with item j; their stretches must be of equal length), the same results as the two.
+// apply() of items [apply_begin, +count) and stats() of items [stats_begin, +count) in one pass
+// (item j with item j: NCHW stretches of equal length, or NHWC tiles of the same rows of two
+// samples), the same results as the two.
 template <Dtype D>
 void group_norm_apply_stats_avx512(
     const GroupNormForwardParams& p, const Tiling& t, int64_t apply_begin, int64_t stats_begin, int64_t count,

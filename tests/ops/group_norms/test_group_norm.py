@@ -39,8 +39,9 @@ SMALL = [
 # Bigger than one work item of the CPU kernels (16K elements): a group split over several
 # items, combined; one sample, 32 groups, as a UNet at batch 1; 16 one-channel groups of two
 # items each (16384 and 516 positions), which the CPU runs group by group, its forward
-# pipelined (each group's items paired with the next group's).
-LARGE = SMALL + [((1, 8, 67, 257), 2), ((1, 64, 33, 17), 32), ((2, 8, 130, 130), 8)]
+# pipelined (each group's items paired with the next group's); 4 samples of 3 tiles each, which
+# channels-last runs sample by sample on 1 or 2 threads, pipelined the same way.
+LARGE = SMALL + [((1, 8, 67, 257), 2), ((1, 64, 33, 17), 32), ((2, 8, 130, 130), 8), ((4, 64, 24, 24), 32)]
 BACKENDS = [
     pytest.param(("cpu", "cpu", "auto", LARGE), id="cpu"),
     pytest.param(("cpu", "cpu", "generic", LARGE), id="cpu-generic"),

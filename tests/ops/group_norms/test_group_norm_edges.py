@@ -165,16 +165,18 @@ def test_empty_batch(backend, cpu_isa):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("isa", ["auto", "generic"])
 def test_deterministic_across_thread_counts(isa, channels_last, dtype, cpu_isa):
-    """One sample, 32 groups split over several work items: the same bits with 1, 2 and 16
-    threads, forward and every gradient (fixed items and a fixed combining order, no atomics).
-    With 1 and 2 threads the CPU kernels run group by group (the NCHW forward pipelined, the next
-    group's statistics with this group's output; a bf16 backward keeps dz in a per-thread
-    buffer); 16 threads have too few groups each and run phase by phase over the tensor (bf16
-    recomputes dz): the schedules must agree."""
+    """32 groups split over several work items: the same bits with 1, 2 and 16 threads, forward
+    and every gradient (fixed items and a fixed combining order, no atomics). With 1 and 2
+    threads the CPU kernels run unit by unit: NCHW one sample's groups, NHWC four samples (the
+    forward pipelined, the next unit's statistics with this unit's output; a bf16 backward keeps
+    dz in a per-thread buffer); 16 threads have too few units each and run phase by phase over
+    the tensor (bf16 recomputes dz): the schedules must agree."""
     cpu_isa(isa)
-    x = to_layout(torch.randn(1, 64, 48, 48, dtype=dtype), channels_last).requires_grad_()
-    params = [torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((64,), (64,), (1, 64), (1, 64))]
-    dy = torch.randn(1, 64, 48, 48, dtype=dtype)
+    shape = (4, 64, 24, 24) if channels_last else (1, 64, 48, 48)  # (NHWC: 3 tiles a sample, the last shorter)
+    x = to_layout(torch.randn(shape, dtype=dtype), channels_last).requires_grad_()
+    n = shape[0]
+    params = [torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((64,), (64,), (n, 64), (n, 64))]
+    dy = torch.randn(shape, dtype=dtype)
     results = []
     threads = torch.get_num_threads()
     try:
