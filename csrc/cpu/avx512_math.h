@@ -23,9 +23,12 @@ struct Lanes;
 template <bool kBf16Insn>
 struct Lanes<Elem::f32, kBf16Insn> {
   static constexpr int64_t kBytes = 4;
+  static __m512 load(const void* p) { return _mm512_loadu_ps(p); }
   static __m512 load(const void* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(void* p, __m512 v) { _mm512_storeu_ps(p, v); }
   static void store(void* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
   static void stream(void* p, __m512 v) { _mm512_stream_ps(static_cast<float*>(p), v); }
+  static __m512 round(__m512 v) { return v; }  // (to the dtype and back)
 };
 
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
@@ -44,22 +47,34 @@ inline __m256i narrow_bf16(__m512 v) {
   }
 }
 
-template <bool kBf16Insn>
-struct Lanes<Elem::bf16, kBf16Insn> {
+// The 16-bit types: Convert supplies widen (16 x 16 bits -> fp32) and narrow (round to nearest
+// even, as a cast does).
+template <typename Convert>
+struct Lanes16Bits {
   static constexpr int64_t kBytes = 2;
-  static __m512 load(const void* p, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
-  static void store(void* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow_bf16<kBf16Insn>(v)); }
-  static void stream(void* p, __m512 v) { _mm256_stream_si256(static_cast<__m256i*>(p), narrow_bf16<kBf16Insn>(v)); }
+  static __m512 load(const void* p) { return Convert::widen(_mm256_loadu_si256(static_cast<const __m256i*>(p))); }
+  static __m512 load(const void* p, __mmask16 m) { return Convert::widen(_mm256_maskz_loadu_epi16(m, p)); }
+  static void store(void* p, __m512 v) { _mm256_storeu_si256(static_cast<__m256i*>(p), Convert::narrow(v)); }
+  static void store(void* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, Convert::narrow(v)); }
+  static void stream(void* p, __m512 v) { _mm256_stream_si256(static_cast<__m256i*>(p), Convert::narrow(v)); }
+  static __m512 round(__m512 v) { return Convert::widen(Convert::narrow(v)); }
 };
 
 template <bool kBf16Insn>
-struct Lanes<Elem::f16, kBf16Insn> {
-  static constexpr int64_t kBytes = 2;
-  static __m512 load(const void* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-  static __m256i narrow(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static void store(void* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow(v)); }
-  static void stream(void* p, __m512 v) { _mm256_stream_si256(static_cast<__m256i*>(p), narrow(v)); }
+struct Bf16Convert {
+  static __m512 widen(__m256i h) { return widen_bf16(h); }
+  static __m256i narrow(__m512 v) { return narrow_bf16<kBf16Insn>(v); }
 };
+
+struct F16Convert {
+  static __m512 widen(__m256i h) { return _mm512_cvtph_ps(h); }
+  static __m256i narrow(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+};
+
+template <bool kBf16Insn>
+struct Lanes<Elem::bf16, kBf16Insn> : Lanes16Bits<Bf16Convert<kBf16Insn>> {};
+template <bool kBf16Insn>
+struct Lanes<Elem::f16, kBf16Insn> : Lanes16Bits<F16Convert> {};
 
 // ------------------------------------------------------------------ math
 

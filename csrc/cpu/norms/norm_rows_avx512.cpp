@@ -19,67 +19,18 @@
 // (No standard-library templates are used below the pragma: an instantiation made here could
 // be the one the linker keeps for the whole extension.)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+
+#include "cpu/avx512_math.h"
 
 namespace fastarch::cpu {
 namespace {
 
-// 16 values of dtype D in memory <-> 16 fp32 lanes. Masked forms touch only the lanes in m
-// (masked-off lanes load as 0.0 and are never written). stream() is a non-temporal store of a
-// whole chunk, which must be aligned to its size. kBf16Insn: narrow bf16 with vcvtneps2bf16.
+// 16 values of dtype D in memory <-> 16 fp32 lanes (avx512_math.h). kBf16Insn: narrow bf16
+// with vcvtneps2bf16.
 template <Dtype D, bool kBf16Insn = false>
-struct Lanes16;
-
-template <bool kBf16Insn>
-struct Lanes16<Dtype::f32, kBf16Insn> {
-  static constexpr int64_t kBytes = 4;
-  static __m512 load(const void* p) { return _mm512_loadu_ps(p); }
-  static __m512 load(const void* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(void* p, __m512 v) { _mm512_storeu_ps(p, v); }
-  static void store(void* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-  static void stream(void* p, __m512 v) { _mm512_stream_ps(static_cast<float*>(p), v); }
-  static __m512 round(__m512 v) { return v; }
-};
-
-// The 16-bit types: Convert supplies widen (16 x 16 bits -> fp32) and narrow (round to nearest
-// even, as a cast does).
-template <typename Convert>
-struct Lanes16Bits16 {
-  static constexpr int64_t kBytes = 2;
-  static __m512 load(const void* p) { return Convert::widen(_mm256_loadu_si256(static_cast<const __m256i*>(p))); }
-  static __m512 load(const void* p, __mmask16 m) { return Convert::widen(_mm256_maskz_loadu_epi16(m, p)); }
-  static void store(void* p, __m512 v) { _mm256_storeu_si256(static_cast<__m256i*>(p), Convert::narrow(v)); }
-  static void store(void* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, Convert::narrow(v)); }
-  static void stream(void* p, __m512 v) { _mm256_stream_si256(static_cast<__m256i*>(p), Convert::narrow(v)); }
-  static __m512 round(__m512 v) { return Convert::widen(Convert::narrow(v)); }
-};
-
-template <bool kBf16Insn>
-struct Bf16Convert {
-  static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-  static __m256i narrow(__m512 v) {
-    if constexpr (kBf16Insn) {
-      return (__m256i)_mm512_cvtneps_pbh(v);  // NOLINT: vector cast
-    } else {  // by hand: add half an ulp (ties to even), truncate; NaN stays NaN, made quiet
-      const __m512i u = _mm512_castps_si512(v);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-      const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-      return _mm512_cvtepi32_epi16(r);
-    }
-  }
-};
-
-struct F16Convert {
-  static __m512 widen(__m256i h) { return _mm512_cvtph_ps(h); }
-  static __m256i narrow(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-};
-
-template <bool kBf16Insn>
-struct Lanes16<Dtype::bf16, kBf16Insn> : Lanes16Bits16<Bf16Convert<kBf16Insn>> {};
-template <bool kBf16Insn>
-struct Lanes16<Dtype::f16, kBf16Insn> : Lanes16Bits16<F16Convert> {};
+using Lanes16 = avx512::Lanes<D == Dtype::bf16 ? avx512::Elem::bf16 : D == Dtype::f16 ? avx512::Elem::f16 : avx512::Elem::f32,
+                              kBf16Insn>;
 
 using F32 = Lanes16<Dtype::f32>;
 
