@@ -46,7 +46,7 @@ def _bias_gelu(x: Tensor, bias: Tensor | None, approximate: str, backend: str = 
     _check(x, bias, approximate)
     rows = as_rows(x)
     impl = registry.choose("bias_gelu", ActivationProblem.of(rows), backend)
-    return impl.forward(rows, bias.contiguous() if bias is not None else None, approximate).view(x.shape)
+    return impl.forward(rows, bias.contiguous() if bias is not None else None, approximate).view_as(x)
 
 
 @_bias_gelu.register_fake
@@ -63,7 +63,7 @@ def _bias_gelu_backward(
     rows = as_rows(x)
     impl = registry.choose("bias_gelu", ActivationProblem.of(rows), backend)
     dx, dbias = impl.backward(as_rows(dy), rows, bias.contiguous() if bias is not None else None, approximate, need_dbias)
-    return dx.view(x.shape), dbias if dbias is not None else x.new_empty(0)
+    return dx.view_as(x), dbias if dbias is not None else x.new_empty(0)
 
 
 @_bias_gelu_backward.register_fake
