@@ -197,6 +197,14 @@ inline void add_shifted(__m512 x, __m512 shift, __mmask16 m, __m512& a, __m512& 
   b = _mm512_fmadd_ps(d, d, b);
 }
 
+// The forward's output step: act((x - M) A + B). apply() and the pipelined apply_stats share
+// it, so their outputs are the same bits.
+template <bool kSilu, bool kLow>
+inline __m512 output_of(__m512 x, __m512 mean, __m512 a, __m512 b) {
+  const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(x, mean), a, b);
+  return kSilu ? silu<kLow>(z) : z;
+}
+
 // Forward statistics: sum and sum of squares of x - shift, shift = x[n, c, 0].
 template <typename L>
 void stats(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, float* partial) {
@@ -264,15 +272,13 @@ void apply(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int6
       const int64_t base = j * p.spatial;
       for (int64_t s = it.s0; s < it.s1; s += 16) {
         const __mmask16 m = tail_mask(it.s1 - s);
-        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, base + s), m), mean), a, b);
-        L::store(at<L>(y, base + s), kSilu ? silu<kLow>(z) : z, m);
+        L::store(at<L>(y, base + s), output_of<kSilu, kLow>(L::load(at<L>(x, base + s), m), mean, a, b), m);
       }
     } else {
       const float* tabs[3] = {tab + kM * nc + it.n * p.channels, tab + kA * nc + it.n * p.channels,
                               tab + kB * nc + it.n * p.channels};
       for_each_nhwc_block<4, 3>(p, it, tabs, [&](int64_t i, __mmask16 m, const __m512 (&tv)[3]) {
-        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, i), m), tv[0]), tv[1], tv[2]);
-        L::store(at<L>(y, i), kSilu ? silu<kLow>(z) : z, m);
+        L::store(at<L>(y, i), output_of<kSilu, kLow>(L::load(at<L>(x, i), m), tv[0], tv[1], tv[2]), m);
       });
     }
   }
@@ -300,12 +306,12 @@ void apply_stats(const GroupNormForwardParams& p, const Tiling& t, int64_t apply
       const float* tm = tab + kM * nc + ia.n * p.channels;
       const float* tA = tab + kA * nc + ia.n * p.channels;
       const float* tB = tab + kB * nc + ia.n * p.channels;
-      tile_sums<L>(p, t, is, x, nullptr, [=](__m512 v, __m512, __mmask16 m, int64_t c, int64_t offset, __m512& sa, __m512& sb) {
+      tile_sums<L>(p, t, is, x, nullptr, [&](__m512 v, __m512, __mmask16 m, int64_t c, int64_t offset, __m512& sa, __m512& sb) {
         add_shifted(v, L::load(at<L>(x, first + c), m), m, sa, sb);
         const int64_t i = offset + to_applied;
-        const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, i), m), _mm512_maskz_loadu_ps(m, tm + c)),
-                                         _mm512_maskz_loadu_ps(m, tA + c), _mm512_maskz_loadu_ps(m, tB + c));
-        L::store(at<L>(y, i), kSilu ? silu<kLow>(z) : z, m);
+        L::store(at<L>(y, i), output_of<kSilu, kLow>(L::load(at<L>(x, i), m), _mm512_maskz_loadu_ps(m, tm + c),
+                                                     _mm512_maskz_loadu_ps(m, tA + c), _mm512_maskz_loadu_ps(m, tB + c)),
+                 m);
       }, partial, totals.data());
       continue;
     }
@@ -316,8 +322,7 @@ void apply_stats(const GroupNormForwardParams& p, const Tiling& t, int64_t apply
     const __m512 sh = _mm512_permutexvar_ps(_mm512_setzero_si512(), L::load(row, 1));
     row_sums<L>(at<L>(row, is.s0), nullptr, is.s1 - is.s0, [&](__m512 v, __m512, __mmask16 m, int64_t i, __m512& sa, __m512& sb) {
       add_shifted(v, sh, m, sa, sb);
-      const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(L::load(at<L>(x, apply_at + i), m), mean), a, b);
-      L::store(at<L>(y, apply_at + i), kSilu ? silu<kLow>(z) : z, m);
+      L::store(at<L>(y, apply_at + i), output_of<kSilu, kLow>(L::load(at<L>(x, apply_at + i), m), mean, a, b), m);
     }, partial_at(partial, t, p.channels, is.n, is.c, is.k));
   }
 }
