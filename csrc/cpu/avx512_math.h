@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "cpu/dtype.h"
+
 namespace fastarch::cpu::avx512 {
 
 enum class Elem { f32, f16, bf16 };
@@ -75,6 +77,10 @@ template <bool kBf16Insn>
 struct Lanes<Elem::bf16, kBf16Insn> : Lanes16Bits<Bf16Convert<kBf16Insn>> {};
 template <bool kBf16Insn>
 struct Lanes<Elem::f16, kBf16Insn> : Lanes16Bits<F16Convert> {};
+
+// The lanes of a row kernels' Dtype (cpu/dtype.h; f64 has none: those builds are portable only).
+template <Dtype D, bool kBf16Insn>
+using LanesOf = Lanes<D == Dtype::bf16 ? Elem::bf16 : D == Dtype::f16 ? Elem::f16 : Elem::f32, kBf16Insn>;
 
 // ------------------------------------------------------------------ math
 

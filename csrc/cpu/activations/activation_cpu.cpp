@@ -16,6 +16,7 @@
 
 #include "activations/activation_glue.h"
 #include "activation_rows.h"
+#include "cpu/dtype_of.h"
 #include "cpu/isa.h"
 
 namespace fastarch::cpu::act {
@@ -24,23 +25,6 @@ namespace {
 using at::Tensor;
 
 constexpr const char* kWho = "fastarch cpu activation";
-
-Dtype dtype_of(const Tensor& x, const char* name) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return Dtype::f32;
-    case at::kDouble:
-      return Dtype::f64;
-    case at::kHalf:
-      return Dtype::f16;
-    case at::kBFloat16:
-      return Dtype::bf16;
-    default:
-      TORCH_CHECK(false, kWho, ": ", name, " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
-
-at::ScalarType acc_dtype(Dtype d) { return d == Dtype::f64 ? at::kDouble : at::kFloat; }
 
 // Rows per task: enough work per task (~16K elements) that threading overhead stays small.
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
@@ -147,7 +131,7 @@ void backward_rows(
 }
 
 Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias) {
-  const Dtype d = dtype_of(a, b ? "gate" : "x");
+  const Dtype d = dtype_of(a, kWho, b ? "gate" : "x");
   Tensor y = at::empty({a.size(0), a.size(1)}, a.options());
   const ActivationForwardParams p = activation_glue::forward_params(act, a, b, bias, y);
   const Avx512Inputs in = avx512_inputs(d, bias, can_stream(y));
@@ -161,7 +145,7 @@ Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::opti
 Tensor backward_into(
     Activation act, const Tensor& dy, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias,
     bool need_dbias, const Tensor& da, const Tensor& db) {
-  const Dtype d = dtype_of(a, b ? "gate" : "x");
+  const Dtype d = dtype_of(a, kWho, b ? "gate" : "x");
   const int64_t rows = a.size(0), cols = a.size(1);
   const ActivationBackwardParams p =
       activation_glue::backward_params(act, dy, a, b, bias, da, b ? &db : nullptr);

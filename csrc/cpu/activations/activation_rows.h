@@ -4,10 +4,9 @@
 #include <cstdint>
 
 #include "activations/activation_params.h"
+#include "cpu/dtype.h"
 
 namespace fastarch::cpu::act {
-
-enum class Dtype { f32, f64, f16, bf16 };
 
 // dbias_acc: this thread's (cols,) accumulator (fp32; fp64 for fp64 inputs), added into; null
 // when the bias gradient is not wanted.

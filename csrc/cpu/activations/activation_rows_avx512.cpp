@@ -24,8 +24,7 @@ namespace {
 
 // Lanes (16 values <-> 16 fp32 lanes), splat, horner, exp_ps and sigmoid: cpu/avx512_math.h.
 template <Dtype D, bool kBf16Insn>
-using Lanes = avx512::Lanes<D == Dtype::bf16 ? avx512::Elem::bf16 : D == Dtype::f16 ? avx512::Elem::f16 : avx512::Elem::f32,
-                            kBf16Insn>;
+using Lanes = avx512::LanesOf<D, kBf16Insn>;
 using avx512::exp_ps;
 using avx512::horner;
 using avx512::sigmoid;

@@ -25,8 +25,7 @@ namespace {
 using avx512::splat;
 
 template <Dtype D, bool kBf16Insn>
-using Lanes = avx512::Lanes<D == Dtype::bf16 ? avx512::Elem::bf16 : D == Dtype::f16 ? avx512::Elem::f16 : avx512::Elem::f32,
-                            kBf16Insn>;
+using Lanes = avx512::LanesOf<D, kBf16Insn>;
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/dtype_of.h"
 #include "cpu/isa.h"
 #include "group_norm_rows.h"
 #include "group_norms/group_norm_glue.h"
@@ -20,27 +21,10 @@ namespace fastarch::cpu {
 namespace {
 
 using at::Tensor;
-using gn::Dtype;
 
 constexpr const char* kFwd = "fastarch::_group_norm_fwd (cpu)";
 constexpr const char* kBwd = "fastarch::_group_norm_bwd (cpu)";
 
-Dtype dtype_of(const char* who, const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return Dtype::f32;
-    case at::kDouble:
-      return Dtype::f64;
-    case at::kHalf:
-      return Dtype::f16;
-    case at::kBFloat16:
-      return Dtype::bf16;
-    default:
-      TORCH_CHECK(false, who, ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
-
-at::ScalarType acc_dtype(Dtype d) { return d == Dtype::f64 ? at::kDouble : at::kFloat; }
 bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
 
 // Items per task: ~32K elements, so that the pool's overhead stays small.
@@ -103,7 +87,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
     const std::optional<Tensor>& scale, const std::optional<Tensor>& shift, double eps, bool silu,
     bool channels_last) {
   TORCH_CHECK(x.device().is_cpu(), kFwd, ": x must be on the CPU, got ", x.device());
-  const Dtype d = dtype_of(kFwd, x);
+  const Dtype d = dtype_of(x, kFwd, "x");
   group_norm_glue::check_forward(kFwd, x, num_groups, weight, bias, scale, shift, eps, channels_last);
   const int64_t n = x.size(0);
   const auto stats = x.options().dtype(acc_dtype(d));
@@ -182,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale,
     const std::optional<Tensor>& shift, bool silu, bool channels_last, bool need_dweight, bool need_dscale) {
   TORCH_CHECK(x.device().is_cpu(), kBwd, ": x must be on the CPU, got ", x.device());
-  const Dtype d = dtype_of(kBwd, x);
+  const Dtype d = dtype_of(x, kBwd, "x");
   group_norm_glue::check_backward(kBwd, dy, x, mean, rstd, num_groups, weight, bias, scale, shift, channels_last,
                                   acc_dtype(d));
   const auto stats = x.options().dtype(acc_dtype(d));

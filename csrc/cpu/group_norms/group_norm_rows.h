@@ -18,11 +18,10 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/dtype.h"
 #include "group_norms/group_norm_params.h"
 
 namespace fastarch::cpu::gn {
-
-enum class Dtype { f32, f64, f16, bf16 };
 
 // One sample's S positions cut into `chunks` tiles of `chunk` positions, fixed by the shape
 // alone. NCHW: an item is one channel of one tile, (n, c, k) in that order; NHWC: an item is a

@@ -6,9 +6,9 @@
 #pragma once
 #include <cstdint>
 
-namespace fastarch::cpu {
+#include "cpu/dtype.h"
 
-enum class LinearDtype { f32, f64, f16, bf16 };
+namespace fastarch::cpu {
 
 struct LinearParams {
   // x as fp32 (fp64 for fp64) rows: rows x in_features, row stride ldx. The glue widens fp16 and
@@ -20,10 +20,10 @@ struct LinearParams {
   int64_t rows, in_features, out_features, ldx;
 };
 
-template <LinearDtype D>
+template <Dtype D>
 void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end);
 // fp32, fp16 and bf16 only.
-template <LinearDtype D>
+template <Dtype D>
 void linear_cols_avx512(const LinearParams& p, int64_t begin, int64_t end);
 
 }  // namespace fastarch::cpu

@@ -176,20 +176,20 @@ void cols(const LinearParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-template <LinearDtype D>
+template <Dtype D>
 void linear_cols_avx512(const LinearParams& p, int64_t begin, int64_t end) {
-  if constexpr (D == LinearDtype::f32) {
+  if constexpr (D == Dtype::f32) {
     cols<Elem::f32>(p, begin, end);
-  } else if constexpr (D == LinearDtype::f16) {
+  } else if constexpr (D == Dtype::f16) {
     cols<Elem::f16>(p, begin, end);
-  } else if constexpr (D == LinearDtype::bf16) {
+  } else if constexpr (D == Dtype::bf16) {
     cols<Elem::bf16>(p, begin, end);
   }
 }
 
-template void linear_cols_avx512<LinearDtype::f32>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_avx512<LinearDtype::f16>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_avx512<LinearDtype::bf16>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_avx512<Dtype::f32>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_avx512<Dtype::f16>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_avx512<Dtype::bf16>(const LinearParams&, int64_t, int64_t);
 
 }  // namespace fastarch::cpu
 

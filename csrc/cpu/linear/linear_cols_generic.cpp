@@ -67,22 +67,22 @@ void cols(const LinearParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-template <LinearDtype D>
+template <Dtype D>
 void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
-  if constexpr (D == LinearDtype::f32) {
+  if constexpr (D == Dtype::f32) {
     cols<float, float>(p, begin, end);
-  } else if constexpr (D == LinearDtype::f64) {
+  } else if constexpr (D == Dtype::f64) {
     cols<double, double>(p, begin, end);
-  } else if constexpr (D == LinearDtype::f16) {
+  } else if constexpr (D == Dtype::f16) {
     cols<c10::Half, float>(p, begin, end);
   } else {
     cols<c10::BFloat16, float>(p, begin, end);
   }
 }
 
-template void linear_cols_generic<LinearDtype::f32>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<LinearDtype::f64>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<LinearDtype::f16>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<LinearDtype::bf16>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<Dtype::f32>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<Dtype::f64>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<Dtype::f16>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<Dtype::bf16>(const LinearParams&, int64_t, int64_t);
 
 }  // namespace fastarch::cpu

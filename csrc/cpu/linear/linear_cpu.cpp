@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "cpu/dtype_of.h"
 #include "cpu/isa.h"
 #include "linear/linear_glue.h"
 #include "linear_cols.h"
@@ -21,64 +22,49 @@ using at::Tensor;
 
 constexpr const char* kWho = "fastarch::_linear (cpu)";
 
-LinearDtype dtype_of(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return LinearDtype::f32;
-    case at::kDouble:
-      return LinearDtype::f64;
-    case at::kHalf:
-      return LinearDtype::f16;
-    case at::kBFloat16:
-      return LinearDtype::bf16;
-    default:
-      TORCH_CHECK(false, kWho, ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
-
 // The W rows (output columns) one task takes at least: enough bytes (~64 KB) that a task's
 // time dwarfs a fork of the thread pool.
 int64_t linear_grain(const LinearParams& p, int64_t elem_bytes) {
   return std::max<int64_t>(4, (int64_t{64} << 10) / std::max<int64_t>(p.in_features * elem_bytes, 1));
 }
 
-void run_cols(LinearDtype d, const LinearParams& p, int64_t begin, int64_t end) {
+void run_cols(Dtype d, const LinearParams& p, int64_t begin, int64_t end) {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
-  if (d != LinearDtype::f64 && isa_avx512()) {
+  if (d != Dtype::f64 && isa_avx512()) {
     switch (d) {
-      case LinearDtype::f32:
-        return linear_cols_avx512<LinearDtype::f32>(p, begin, end);
-      case LinearDtype::f16:
-        return linear_cols_avx512<LinearDtype::f16>(p, begin, end);
-      case LinearDtype::bf16:
-        return linear_cols_avx512<LinearDtype::bf16>(p, begin, end);
-      case LinearDtype::f64:
+      case Dtype::f32:
+        return linear_cols_avx512<Dtype::f32>(p, begin, end);
+      case Dtype::f16:
+        return linear_cols_avx512<Dtype::f16>(p, begin, end);
+      case Dtype::bf16:
+        return linear_cols_avx512<Dtype::bf16>(p, begin, end);
+      case Dtype::f64:
         break;
     }
   }
 #endif
   switch (d) {
-    case LinearDtype::f32:
-      return linear_cols_generic<LinearDtype::f32>(p, begin, end);
-    case LinearDtype::f64:
-      return linear_cols_generic<LinearDtype::f64>(p, begin, end);
-    case LinearDtype::f16:
-      return linear_cols_generic<LinearDtype::f16>(p, begin, end);
-    case LinearDtype::bf16:
-      return linear_cols_generic<LinearDtype::bf16>(p, begin, end);
+    case Dtype::f32:
+      return linear_cols_generic<Dtype::f32>(p, begin, end);
+    case Dtype::f64:
+      return linear_cols_generic<Dtype::f64>(p, begin, end);
+    case Dtype::f16:
+      return linear_cols_generic<Dtype::f16>(p, begin, end);
+    case Dtype::bf16:
+      return linear_cols_generic<Dtype::bf16>(p, begin, end);
   }
 }
 
 Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
-  const LinearDtype d = dtype_of(x);
+  const Dtype d = dtype_of(x, kWho, "x");
   linear_glue::check(kWho, x, weight, bias);
   const int64_t rows = x.size(0), N = weight.size(0);
   Tensor out = at::empty({rows, N}, x.options());
   if (rows == 0 || N == 0) return out;
   if (x.size(1) == 0) return bias ? out.copy_(bias->expand({rows, N})) : out.zero_();
   // The kernels read x in the compute type: fp16/bf16 rows are widened once here.
-  const bool widen = d == LinearDtype::f16 || d == LinearDtype::bf16;
+  const bool widen = d == Dtype::f16 || d == Dtype::bf16;
   // A single column may have any stride (its rows are then read contiguous too).
   const Tensor xc = widen ? x.to(at::kFloat).contiguous() : x.size(1) == 1 ? x.contiguous() : x;
   LinearParams p{xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),

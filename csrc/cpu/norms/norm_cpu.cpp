@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "norms/norm_glue.h"
+#include "cpu/dtype_of.h"
 #include "cpu/isa.h"
 #include "norm_rows.h"
 
@@ -21,23 +22,6 @@ namespace fastarch::cpu {
 namespace {
 
 using at::Tensor;
-
-Dtype dtype_of(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return Dtype::f32;
-    case at::kDouble:
-      return Dtype::f64;
-    case at::kHalf:
-      return Dtype::f16;
-    case at::kBFloat16:
-      return Dtype::bf16;
-    default:
-      TORCH_CHECK(false, "fastarch cpu norm: x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
-
-at::ScalarType stats_dtype(Dtype d) { return d == Dtype::f64 ? at::kDouble : at::kFloat; }
 
 // Rows per task: enough work per task (~16K elements) that threading overhead stays small.
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
@@ -143,9 +127,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
     const std::optional<Tensor>& bias, double eps, bool rms) {
   TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
   norm_glue::check_forward(kWho, x, residual, weight, bias);
-  const Dtype d = dtype_of(x);
+  const Dtype d = dtype_of(x, kWho, "x");
   const int64_t rows = x.size(0), cols = x.size(1);
-  const auto stats = x.options().dtype(stats_dtype(d));
+  const auto stats = x.options().dtype(acc_dtype(d));
   Tensor y = at::empty({rows, cols}, x.options());
   Tensor residual_out = residual ? at::empty({rows, cols}, x.options()) : at::empty({0}, x.options());
   Tensor mean = at::empty({rms ? 0 : rows}, stats);
@@ -162,10 +146,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(
     const std::optional<Tensor>& weight, const std::optional<Tensor>& mean, const Tensor& rstd, bool need_dweight,
     bool need_dbias) {
   TORCH_CHECK(xin.device().is_cpu(), kWho, " backward: xin must be on the CPU, got ", xin.device());
-  const Dtype d = dtype_of(xin);
-  norm_glue::check_backward(kWho, dy, dresidual_out, xin, weight, mean, rstd, need_dweight, stats_dtype(d));
+  const Dtype d = dtype_of(xin, kWho, "xin");
+  norm_glue::check_backward(kWho, dy, dresidual_out, xin, weight, mean, rstd, need_dweight, acc_dtype(d));
   const int64_t rows = xin.size(0), cols = xin.size(1);
-  const auto stats = stats_dtype(d);
+  const auto stats = acc_dtype(d);
   Tensor dx = at::empty({rows, cols}, xin.options());
   const NormBackwardParams p = norm_glue::backward_params(dy, dresidual_out, xin, weight, mean, rstd, dx);
 

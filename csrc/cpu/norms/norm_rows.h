@@ -3,11 +3,10 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/dtype.h"
 #include "norms/norm_params.h"
 
 namespace fastarch::cpu {
-
-enum class Dtype { f32, f64, f16, bf16 };
 
 // dweight_acc / dbias_acc: this thread's (cols,) accumulators in the statistics dtype, added
 // into; null when that gradient is not wanted.

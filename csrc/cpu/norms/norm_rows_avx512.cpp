@@ -29,8 +29,7 @@ namespace {
 // 16 values of dtype D in memory <-> 16 fp32 lanes (avx512_math.h). kBf16Insn: narrow bf16
 // with vcvtneps2bf16.
 template <Dtype D, bool kBf16Insn = false>
-using Lanes16 = avx512::Lanes<D == Dtype::bf16 ? avx512::Elem::bf16 : D == Dtype::f16 ? avx512::Elem::f16 : avx512::Elem::f32,
-                              kBf16Insn>;
+using Lanes16 = avx512::LanesOf<D, kBf16Insn>;
 
 using F32 = Lanes16<Dtype::f32>;
 

@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/dtype_of.h"
 #include "cpu/isa.h"
 #include "rope/rope_glue.h"
 #include "rope_rows.h"
@@ -22,21 +23,6 @@ namespace {
 using at::Tensor;
 
 constexpr const char* kWho = "fastarch::_rotary (cpu)";
-
-RopeDtype dtype_of(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return RopeDtype::f32;
-    case at::kDouble:
-      return RopeDtype::f64;
-    case at::kHalf:
-      return RopeDtype::f16;
-    case at::kBFloat16:
-      return RopeDtype::bf16;
-    default:
-      TORCH_CHECK(false, kWho, ": q must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
 
 // Reads outside the table are never made: every token's position is checked here first.
 void check_positions(const RopeParams& p, const std::optional<Tensor>& positions) {
@@ -49,37 +35,37 @@ void check_positions(const RopeParams& p, const std::optional<Tensor>& positions
               " .. ", hi);
 }
 
-void run_rows(RopeDtype d, const RopeParams& p, int64_t begin, int64_t end) {
+void run_rows(Dtype d, const RopeParams& p, int64_t begin, int64_t end) {
   if (begin >= end) return;
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
-  if (d != RopeDtype::f64 && isa_avx512()) {
+  if (d != Dtype::f64 && isa_avx512()) {
     const bool bf16_insn = isa_bf16();
     switch (d) {
-      case RopeDtype::f32:
-        return rope_rows_avx512<RopeDtype::f32>(p, begin, end, bf16_insn);
-      case RopeDtype::f16:
-        return rope_rows_avx512<RopeDtype::f16>(p, begin, end, bf16_insn);
-      case RopeDtype::bf16:
-        return rope_rows_avx512<RopeDtype::bf16>(p, begin, end, bf16_insn);
-      case RopeDtype::f64:
+      case Dtype::f32:
+        return rope_rows_avx512<Dtype::f32>(p, begin, end, bf16_insn);
+      case Dtype::f16:
+        return rope_rows_avx512<Dtype::f16>(p, begin, end, bf16_insn);
+      case Dtype::bf16:
+        return rope_rows_avx512<Dtype::bf16>(p, begin, end, bf16_insn);
+      case Dtype::f64:
         break;
     }
   }
 #endif
   switch (d) {
-    case RopeDtype::f32:
-      return rope_rows_generic<RopeDtype::f32>(p, begin, end);
-    case RopeDtype::f64:
-      return rope_rows_generic<RopeDtype::f64>(p, begin, end);
-    case RopeDtype::f16:
-      return rope_rows_generic<RopeDtype::f16>(p, begin, end);
-    case RopeDtype::bf16:
-      return rope_rows_generic<RopeDtype::bf16>(p, begin, end);
+    case Dtype::f32:
+      return rope_rows_generic<Dtype::f32>(p, begin, end);
+    case Dtype::f64:
+      return rope_rows_generic<Dtype::f64>(p, begin, end);
+    case Dtype::f16:
+      return rope_rows_generic<Dtype::f16>(p, begin, end);
+    case Dtype::bf16:
+      return rope_rows_generic<Dtype::bf16>(p, begin, end);
   }
 }
 
 // q's rows then k's, in one parallel region: one fork and join per call, not two.
-void run(RopeDtype d, const RopeParams& pq, const RopeParams& pk) {
+void run(Dtype d, const RopeParams& pq, const RopeParams& pk) {
   const int64_t rows_q = pq.batch * pq.heads * pq.seqlen;
   const int64_t rows = rows_q + pk.batch * pk.heads * pk.seqlen;
   if (rows == 0) return;
@@ -94,8 +80,8 @@ void run(RopeDtype d, const RopeParams& pq, const RopeParams& pk) {
 std::tuple<Tensor, Tensor> rotary_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                       const std::optional<Tensor>& positions, bool interleaved, bool inverse) {
   TORCH_CHECK(q.device().is_cpu(), kWho, ": q must be on the CPU, got ", q.device());
-  const RopeDtype d = dtype_of(q);
-  rope_glue::check(kWho, q, k, cos, sin, positions, d == RopeDtype::f64 ? at::kDouble : at::kFloat);
+  const Dtype d = dtype_of(q, kWho, "q");
+  rope_glue::check(kWho, q, k, cos, sin, positions, d == Dtype::f64 ? at::kDouble : at::kFloat);
   Tensor q_out = at::empty_like(q);
   Tensor k_out = at::empty_like(k);
   const RopeParams pq = rope_glue::params(q, q_out, cos, sin, positions, interleaved, inverse);

@@ -4,11 +4,11 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/dtype.h"
+
 #include "rope/rope_params.h"
 
 namespace fastarch::cpu {
-
-enum class RopeDtype { f32, f64, f16, bf16 };
 
 struct RopeRow {
   int64_t b, h, s;
@@ -39,10 +39,10 @@ inline int64_t rope_position(const RopeParams& p, const RopeRow& row) {
   return p.add_s ? pos + row.s : pos;
 }
 
-template <RopeDtype D>
+template <Dtype D>
 void rope_rows_generic(const RopeParams& p, int64_t begin, int64_t end);
 // fp32, fp16 and bf16 only; bf16_instructions: the CPU has AVX512-BF16.
-template <RopeDtype D>
+template <Dtype D>
 void rope_rows_avx512(const RopeParams& p, int64_t begin, int64_t end, bool bf16_instructions);
 
 }  // namespace fastarch::cpu

@@ -148,13 +148,13 @@ void dispatch(const RopeParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-template <RopeDtype D>
+template <Dtype D>
 void rope_rows_avx512(const RopeParams& p, int64_t begin, int64_t end, bool bf16_instructions) {
-  if constexpr (D == RopeDtype::f32) {
+  if constexpr (D == Dtype::f32) {
     dispatch<F32Lanes>(p, begin, end);
-  } else if constexpr (D == RopeDtype::f16) {
+  } else if constexpr (D == Dtype::f16) {
     dispatch<F16Lanes>(p, begin, end);
-  } else if constexpr (D == RopeDtype::bf16) {
+  } else if constexpr (D == Dtype::bf16) {
     if (bf16_instructions) {
       dispatch<Bf16Lanes<true>>(p, begin, end);
     } else {
@@ -163,9 +163,9 @@ void rope_rows_avx512(const RopeParams& p, int64_t begin, int64_t end, bool bf16
   }
 }
 
-template void rope_rows_avx512<RopeDtype::f32>(const RopeParams&, int64_t, int64_t, bool);
-template void rope_rows_avx512<RopeDtype::f16>(const RopeParams&, int64_t, int64_t, bool);
-template void rope_rows_avx512<RopeDtype::bf16>(const RopeParams&, int64_t, int64_t, bool);
+template void rope_rows_avx512<Dtype::f32>(const RopeParams&, int64_t, int64_t, bool);
+template void rope_rows_avx512<Dtype::f16>(const RopeParams&, int64_t, int64_t, bool);
+template void rope_rows_avx512<Dtype::bf16>(const RopeParams&, int64_t, int64_t, bool);
 
 }  // namespace fastarch::cpu
 

@@ -56,31 +56,31 @@ inline uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(h | sign);
 }
 
-template <RopeDtype D>
+template <Dtype D>
 struct Types;
 template <>
-struct Types<RopeDtype::f32> {
+struct Types<Dtype::f32> {
   using T = float;
   using Acc = float;
   static Acc widen(T v) { return v; }
   static T narrow(Acc v) { return v; }
 };
 template <>
-struct Types<RopeDtype::f64> {
+struct Types<Dtype::f64> {
   using T = double;
   using Acc = double;
   static Acc widen(T v) { return v; }
   static T narrow(Acc v) { return v; }
 };
 template <>
-struct Types<RopeDtype::f16> {
+struct Types<Dtype::f16> {
   using T = uint16_t;  // fp16 bits
   using Acc = float;
   static Acc widen(T v) { return half_to_float(v); }
   static T narrow(Acc v) { return float_to_half(v); }
 };
 template <>
-struct Types<RopeDtype::bf16> {
+struct Types<Dtype::bf16> {
   using T = c10::BFloat16;
   using Acc = float;
   static Acc widen(T v) { return static_cast<float>(v); }
@@ -110,7 +110,7 @@ void turn_head(const typename Ty::T* x, typename Ty::T* y, const typename Ty::Ac
   if (head_dim > 2 * half) std::memcpy(y + 2 * half, x + 2 * half, (head_dim - 2 * half) * sizeof(T));
 }
 
-template <RopeDtype D, bool Interleaved>
+template <Dtype D, bool Interleaved>
 void rows(const RopeParams& p, int64_t begin, int64_t end) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
@@ -130,7 +130,7 @@ void rows(const RopeParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-template <RopeDtype D>
+template <Dtype D>
 void rope_rows_generic(const RopeParams& p, int64_t begin, int64_t end) {
   if (p.interleaved) {
     rows<D, true>(p, begin, end);
@@ -139,9 +139,9 @@ void rope_rows_generic(const RopeParams& p, int64_t begin, int64_t end) {
   }
 }
 
-template void rope_rows_generic<RopeDtype::f32>(const RopeParams&, int64_t, int64_t);
-template void rope_rows_generic<RopeDtype::f64>(const RopeParams&, int64_t, int64_t);
-template void rope_rows_generic<RopeDtype::f16>(const RopeParams&, int64_t, int64_t);
-template void rope_rows_generic<RopeDtype::bf16>(const RopeParams&, int64_t, int64_t);
+template void rope_rows_generic<Dtype::f32>(const RopeParams&, int64_t, int64_t);
+template void rope_rows_generic<Dtype::f64>(const RopeParams&, int64_t, int64_t);
+template void rope_rows_generic<Dtype::f16>(const RopeParams&, int64_t, int64_t);
+template void rope_rows_generic<Dtype::bf16>(const RopeParams&, int64_t, int64_t);
 
 }  // namespace fastarch::cpu
