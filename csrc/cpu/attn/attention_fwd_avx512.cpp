@@ -218,23 +218,23 @@ struct Task {
     return row_max;
   }
 
-  // The online-softmax step of key block j0: P (compute type), alpha, and m, l updated.
-  // fast: every row sees every key of the block, no masks, scale > 0.
-  void softmax_step(int64_t j0, int64_t valid, bool fast) {
+  // The online-softmax step of key block j0 for rows [r0, r1): P (compute type), alpha, and m,
+  // l updated. fast: every row sees every key of the block, no masks, scale > 0.
+  void softmax_step(int64_t j0, int64_t valid, bool fast, int64_t r0, int64_t r1) {
     // pass 1: tile maxima
     if (fast) {
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = r0; r < r1; ++r) {
         const float* srow = sc.s + r * BN;
         __m512 mx = _mm512_loadu_ps(srow);
         for (int64_t ch = 1; ch < kChunks; ++ch) mx = _mm512_max_ps(mx, _mm512_loadu_ps(srow + ch * 16));
         sc.tmax[r] = reduce_max(mx) * c;  // c > 0: max(s c) = c max(s), rounding included
       }
     } else {
-      for (int64_t r = 0; r < rows; ++r) sc.tmax[r] = masked_logits(r, j0, valid);
+      for (int64_t r = r0; r < r1; ++r) sc.tmax[r] = masked_logits(r, j0, valid);
     }
     // pass 2: new maxima and rescale factors, 16 rows at a time
-    for (int64_t r = 0; r < rows; r += 16) {
-      const __mmask16 mk = tail_mask(rows - r);
+    for (int64_t r = r0; r < r1; r += 16) {
+      const __mmask16 mk = tail_mask(r1 - r);
       const __m512 mold = _mm512_maskz_loadu_ps(mk, sc.m + r);
       const __m512 mnew = _mm512_max_ps(mold, _mm512_maskz_loadu_ps(mk, sc.tmax + r));
       const __mmask16 none = _mm512_cmp_ps_mask(mnew, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
@@ -246,7 +246,7 @@ struct Task {
     // pass 3: probabilities, row sums
     C* pm = static_cast<C*>(sc.p);
     const __m512 vc = _mm512_set1_ps(c);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const float* srow = sc.s + r * BN;
       C* prow = pm + r * BN;
       const float mr = sc.m[r];
@@ -306,6 +306,21 @@ struct Task {
     while (__atomic_load_n(state, __ATOMIC_ACQUIRE) != 2) _mm_pause();
   }
 
+  // The rows [r0, r1) of this task that may see a key of [j0, j1) (each row's visible range
+  // moves right with the row, so those rows are contiguous), widened to whole kTileM-row tiles of
+  // the products; r0 == r1 when none does. Rows outside see none of the block: their state is
+  // what the step would leave it (alpha 1, P 0), so the step skips them (on the diagonal of a
+  // causal task, most of its rows for the first blocks it reaches).
+  void rows_seeing(int64_t j0, int64_t j1, int64_t& r0, int64_t& r1) const {
+    r0 = 0;
+    while (r0 < rows && visible_keys(p, s, i0 + r0).hi <= j0) ++r0;
+    r1 = rows;
+    while (r1 > r0 && visible_keys(p, s, i0 + r1 - 1).lo >= j1) --r1;
+    if (r0 == r1) return;
+    r0 = r0 / kTileM * kTileM;
+    r1 = rows - (rows - r1) / kTileM * kTileM;
+  }
+
   void run() {
     load_q();
     for (int64_t r = 0; r < rows; ++r) {
@@ -325,11 +340,16 @@ struct Task {
         const C* kblk = blocks + kb * (pk.k_block_elems + pk.v_block_elems);
         ensure_packed(block0 + kb, kb, const_cast<C*>(kblk));
         const C* vblk = kblk + pk.k_block_elems;
-        gemm<kBf16>(rows, BN, pk.d_pad, static_cast<const C*>(sc.q), pk.d_pad, kblk, sc.s, BN, false, nullptr);
+        int64_t r0, r1;
+        rows_seeing(j0, j0 + valid, r0, r1);
+        if (r0 == r1) continue;
+        gemm<kBf16>(r1 - r0, BN, pk.d_pad, static_cast<const C*>(sc.q) + r0 * pk.d_pad, pk.d_pad, kblk,
+                    sc.s + r0 * BN, BN, false, nullptr);
         // every row sees keys j0 .. j0 + BN: the last row's lo and the first row's hi bound all rows
         const bool fast = plain && valid == BN && last.lo <= j0 && first.hi >= j0 + BN;
-        softmax_step(j0, valid, fast);
-        gemm<kBf16>(rows, pk.dv_pad, BN, static_cast<const C*>(sc.p), BN, vblk, sc.o, pk.dv_pad, true, sc.alpha);
+        softmax_step(j0, valid, fast, r0, r1);
+        gemm<kBf16>(r1 - r0, pk.dv_pad, BN, static_cast<const C*>(sc.p) + r0 * BN, BN, vblk, sc.o + r0 * pk.dv_pad,
+                    pk.dv_pad, true, sc.alpha + r0);
       }
     }
     finish();
