@@ -7,4 +7,20 @@ namespace fastarch::cpu {
 
 enum class Dtype { f32, f64, f16, bf16 };
 
+// Calls fn.template operator()<D>() with D = d: the glue's one switch from a tensor's dtype
+// to the kernels' template argument.
+template <typename Fn>
+void with_dtype(Dtype d, Fn&& fn) {
+  switch (d) {
+    case Dtype::f32:
+      return fn.template operator()<Dtype::f32>();
+    case Dtype::f64:
+      return fn.template operator()<Dtype::f64>();
+    case Dtype::f16:
+      return fn.template operator()<Dtype::f16>();
+    case Dtype::bf16:
+      return fn.template operator()<Dtype::bf16>();
+  }
+}
+
 }  // namespace fastarch::cpu

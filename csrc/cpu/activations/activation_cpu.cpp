@@ -71,63 +71,32 @@ Avx512Inputs avx512_inputs(Dtype d, const std::optional<Tensor>& bias, bool stre
 }
 
 void forward_rows(Dtype d, const ActivationForwardParams& p, int64_t begin, int64_t end, const Avx512Inputs& in) {
+  with_dtype(d, [&]<Dtype D>() {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
-  if (use_avx512(d)) {
-    switch (d) {
-      case Dtype::f32:
-        return activation_forward_rows_avx512<Dtype::f32>(p, begin, end, in.args());
-      case Dtype::f16:
-        return activation_forward_rows_avx512<Dtype::f16>(p, begin, end, in.args());
-      case Dtype::bf16:
-        return activation_forward_rows_avx512<Dtype::bf16>(p, begin, end, in.args());
-      case Dtype::f64:
-        break;
+    if constexpr (D != Dtype::f64) {
+      if (isa_avx512()) return activation_forward_rows_avx512<D>(p, begin, end, in.args());
     }
-  }
 #else
-  (void)in;
+    (void)in;
 #endif
-  switch (d) {
-    case Dtype::f32:
-      return activation_forward_rows_generic<Dtype::f32>(p, begin, end);
-    case Dtype::f64:
-      return activation_forward_rows_generic<Dtype::f64>(p, begin, end);
-    case Dtype::f16:
-      return activation_forward_rows_generic<Dtype::f16>(p, begin, end);
-    case Dtype::bf16:
-      return activation_forward_rows_generic<Dtype::bf16>(p, begin, end);
-  }
+    activation_forward_rows_generic<D>(p, begin, end);
+  });
 }
 
 void backward_rows(
     Dtype d, const ActivationBackwardParams& p, int64_t begin, int64_t end, void* dbias_acc, const Avx512Inputs& in) {
+  with_dtype(d, [&]<Dtype D>() {
 #ifdef FASTARCH_WITH_AVX512
-  if (use_avx512(d)) {
-    float* acc = static_cast<float*>(dbias_acc);
-    switch (d) {
-      case Dtype::f32:
-        return activation_backward_rows_avx512<Dtype::f32>(p, begin, end, acc, in.args());
-      case Dtype::f16:
-        return activation_backward_rows_avx512<Dtype::f16>(p, begin, end, acc, in.args());
-      case Dtype::bf16:
-        return activation_backward_rows_avx512<Dtype::bf16>(p, begin, end, acc, in.args());
-      case Dtype::f64:
-        break;
+    if constexpr (D != Dtype::f64) {
+      if (isa_avx512()) {
+        return activation_backward_rows_avx512<D>(p, begin, end, static_cast<float*>(dbias_acc), in.args());
+      }
     }
-  }
 #else
-  (void)in;
+    (void)in;
 #endif
-  switch (d) {
-    case Dtype::f32:
-      return activation_backward_rows_generic<Dtype::f32>(p, begin, end, dbias_acc);
-    case Dtype::f64:
-      return activation_backward_rows_generic<Dtype::f64>(p, begin, end, dbias_acc);
-    case Dtype::f16:
-      return activation_backward_rows_generic<Dtype::f16>(p, begin, end, dbias_acc);
-    case Dtype::bf16:
-      return activation_backward_rows_generic<Dtype::bf16>(p, begin, end, dbias_acc);
-  }
+    activation_backward_rows_generic<D>(p, begin, end, dbias_acc);
+  });
 }
 
 Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias) {

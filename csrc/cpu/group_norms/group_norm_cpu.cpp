@@ -67,21 +67,6 @@ Units cache_units(const P& p, const gn::Tiling& t, int64_t bytes_per_element) {
   return u;
 }
 
-// Calls fn.template operator()<D>() for the dtype d (a runtime switch to compile-time types).
-template <typename Fn>
-void dispatch(Dtype d, Fn&& fn) {
-  switch (d) {
-    case Dtype::f32:
-      return fn.template operator()<Dtype::f32>();
-    case Dtype::f64:
-      return fn.template operator()<Dtype::f64>();
-    case Dtype::f16:
-      return fn.template operator()<Dtype::f16>();
-    case Dtype::bf16:
-      return fn.template operator()<Dtype::bf16>();
-  }
-}
-
 std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
     const Tensor& x, int64_t num_groups, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& scale, const std::optional<Tensor>& shift, double eps, bool silu,
@@ -104,7 +89,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
   void* tab = tables.data_ptr();
   const bool avx512 = use_avx512(d);
   const bool bf16_insn = isa_bf16();
-  dispatch(d, [&]<Dtype D>() {
+  with_dtype(d, [&]<Dtype D>() {
     auto stats_items = [&](int64_t begin, int64_t end) {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
       if constexpr (D != Dtype::f64) {
@@ -189,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
   const bool avx512 = use_avx512(d);
   const bool bf16_insn = isa_bf16();
   const int64_t groups_grain = group_grain(p.channels / p.groups, t.chunks);
-  dispatch(d, [&]<Dtype D>() {
+  with_dtype(d, [&]<Dtype D>() {
     if (p.batch > 0) {
       auto tables_groups = [&](int64_t begin, int64_t end) { gn::group_norm_tables_from_stats<D>(p, begin, end, tab); };
       // keep: where the AVX-512 passes leave dz between them (gn::DzStore).

@@ -29,30 +29,14 @@ int64_t linear_grain(const LinearParams& p, int64_t elem_bytes) {
 }
 
 void run_cols(Dtype d, const LinearParams& p, int64_t begin, int64_t end) {
+  with_dtype(d, [&]<Dtype D>() {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
-  if (d != Dtype::f64 && isa_avx512()) {
-    switch (d) {
-      case Dtype::f32:
-        return linear_cols_avx512<Dtype::f32>(p, begin, end);
-      case Dtype::f16:
-        return linear_cols_avx512<Dtype::f16>(p, begin, end);
-      case Dtype::bf16:
-        return linear_cols_avx512<Dtype::bf16>(p, begin, end);
-      case Dtype::f64:
-        break;
+    if constexpr (D != Dtype::f64) {
+      if (isa_avx512()) return linear_cols_avx512<D>(p, begin, end);
     }
-  }
 #endif
-  switch (d) {
-    case Dtype::f32:
-      return linear_cols_generic<Dtype::f32>(p, begin, end);
-    case Dtype::f64:
-      return linear_cols_generic<Dtype::f64>(p, begin, end);
-    case Dtype::f16:
-      return linear_cols_generic<Dtype::f16>(p, begin, end);
-    case Dtype::bf16:
-      return linear_cols_generic<Dtype::bf16>(p, begin, end);
-  }
+    linear_cols_generic<D>(p, begin, end);
+  });
 }
 
 Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {

@@ -56,68 +56,37 @@ std::unique_ptr<float[]> scratch_rows(int64_t cols) { return std::unique_ptr<flo
 #endif
 
 void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t end, const Avx512Inputs& in) {
+  with_dtype(d, [&]<Dtype D>() {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
-  if (use_avx512(d)) {
-    const auto scratch = scratch_rows(p.cols);
-    const Avx512RowArgs a = in.for_thread(scratch.get());
-    switch (d) {
-      case Dtype::f32:
-        return norm_forward_rows_avx512<Dtype::f32>(p, begin, end, a);
-      case Dtype::f16:
-        return norm_forward_rows_avx512<Dtype::f16>(p, begin, end, a);
-      case Dtype::bf16:
-        return norm_forward_rows_avx512<Dtype::bf16>(p, begin, end, a);
-      case Dtype::f64:
-        break;
+    if constexpr (D != Dtype::f64) {
+      if (isa_avx512()) {
+        const auto scratch = scratch_rows(p.cols);
+        return norm_forward_rows_avx512<D>(p, begin, end, in.for_thread(scratch.get()));
+      }
     }
-  }
 #else
-  (void)in;
+    (void)in;
 #endif
-  switch (d) {
-    case Dtype::f32:
-      return norm_forward_rows_generic<Dtype::f32>(p, begin, end);
-    case Dtype::f64:
-      return norm_forward_rows_generic<Dtype::f64>(p, begin, end);
-    case Dtype::f16:
-      return norm_forward_rows_generic<Dtype::f16>(p, begin, end);
-    case Dtype::bf16:
-      return norm_forward_rows_generic<Dtype::bf16>(p, begin, end);
-  }
+    norm_forward_rows_generic<D>(p, begin, end);
+  });
 }
 
 void backward_rows(
     Dtype d, const NormBackwardParams& p, int64_t begin, int64_t end, void* dw, void* db, const Avx512Inputs& in) {
+  with_dtype(d, [&]<Dtype D>() {
 #ifdef FASTARCH_WITH_AVX512
-  if (use_avx512(d)) {
-    const auto scratch = scratch_rows(p.cols);
-    const Avx512RowArgs a = in.for_thread(scratch.get());
-    float* fw = static_cast<float*>(dw);
-    float* fb = static_cast<float*>(db);
-    switch (d) {
-      case Dtype::f32:
-        return norm_backward_rows_avx512<Dtype::f32>(p, begin, end, fw, fb, a);
-      case Dtype::f16:
-        return norm_backward_rows_avx512<Dtype::f16>(p, begin, end, fw, fb, a);
-      case Dtype::bf16:
-        return norm_backward_rows_avx512<Dtype::bf16>(p, begin, end, fw, fb, a);
-      case Dtype::f64:
-        break;
+    if constexpr (D != Dtype::f64) {
+      if (isa_avx512()) {
+        const auto scratch = scratch_rows(p.cols);
+        return norm_backward_rows_avx512<D>(p, begin, end, static_cast<float*>(dw), static_cast<float*>(db),
+                                            in.for_thread(scratch.get()));
+      }
     }
-  }
 #else
-  (void)in;
+    (void)in;
 #endif
-  switch (d) {
-    case Dtype::f32:
-      return norm_backward_rows_generic<Dtype::f32>(p, begin, end, dw, db);
-    case Dtype::f64:
-      return norm_backward_rows_generic<Dtype::f64>(p, begin, end, dw, db);
-    case Dtype::f16:
-      return norm_backward_rows_generic<Dtype::f16>(p, begin, end, dw, db);
-    case Dtype::bf16:
-      return norm_backward_rows_generic<Dtype::bf16>(p, begin, end, dw, db);
-  }
+    norm_backward_rows_generic<D>(p, begin, end, dw, db);
+  });
 }
 
 constexpr const char* kWho = "fastarch cpu norm";

@@ -37,31 +37,14 @@ void check_positions(const RopeParams& p, const std::optional<Tensor>& positions
 
 void run_rows(Dtype d, const RopeParams& p, int64_t begin, int64_t end) {
   if (begin >= end) return;
+  with_dtype(d, [&]<Dtype D>() {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
-  if (d != Dtype::f64 && isa_avx512()) {
-    const bool bf16_insn = isa_bf16();
-    switch (d) {
-      case Dtype::f32:
-        return rope_rows_avx512<Dtype::f32>(p, begin, end, bf16_insn);
-      case Dtype::f16:
-        return rope_rows_avx512<Dtype::f16>(p, begin, end, bf16_insn);
-      case Dtype::bf16:
-        return rope_rows_avx512<Dtype::bf16>(p, begin, end, bf16_insn);
-      case Dtype::f64:
-        break;
+    if constexpr (D != Dtype::f64) {
+      if (isa_avx512()) return rope_rows_avx512<D>(p, begin, end, isa_bf16());
     }
-  }
 #endif
-  switch (d) {
-    case Dtype::f32:
-      return rope_rows_generic<Dtype::f32>(p, begin, end);
-    case Dtype::f64:
-      return rope_rows_generic<Dtype::f64>(p, begin, end);
-    case Dtype::f16:
-      return rope_rows_generic<Dtype::f16>(p, begin, end);
-    case Dtype::bf16:
-      return rope_rows_generic<Dtype::bf16>(p, begin, end);
-  }
+    rope_rows_generic<D>(p, begin, end);
+  });
 }
 
 // q's rows then k's, in one parallel region: one fork and join per call, not two.
