@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu/dtype.h"
+
 namespace fastarch::cpu {
 
 enum class Isa { generic = 0, avx512 = 1, avx512_bf16 = 2, amx = 3 };
@@ -29,6 +31,8 @@ Isa best_isa();  // what "auto" selects
 const char* isa_name(Isa isa);
 // The AVX-512 kernels run (level avx512 or above).
 inline bool isa_avx512() { return active_isa() >= Isa::avx512; }
+// Whether the AVX-512 row kernels (norms, activations, group_norm) run dtype d: they have no fp64 build.
+inline bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
 // Those kernels may use the AVX512-BF16 instructions (level avx512_bf16 or above).
 inline bool isa_bf16() { return active_isa() >= Isa::avx512_bf16; }
 // "auto" (the default), "generic", "avx512", "avx512_bf16" or "amx"; a level this CPU or build

@@ -32,8 +32,6 @@ int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<
 // Rows per partial sum of the bias gradient (see backward()).
 constexpr int64_t kDbiasRows = 64;
 
-bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
-
 // Large outputs are written with streaming stores (stream_output, cpu/isa.h).
 bool can_stream(const Tensor& out) {
   const int64_t chunk_bytes = 16 * out.element_size();

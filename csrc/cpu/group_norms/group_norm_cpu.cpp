@@ -25,8 +25,6 @@ using at::Tensor;
 constexpr const char* kFwd = "fastarch::_group_norm_fwd (cpu)";
 constexpr const char* kBwd = "fastarch::_group_norm_bwd (cpu)";
 
-bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
-
 // Items per task: ~32K elements, so that the pool's overhead stays small.
 int64_t grain(const gn::Tiling& t) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(t.elements_per_item, 1)); }
 // Groups per task in the combine steps.

@@ -26,8 +26,6 @@ using at::Tensor;
 // Rows per task: enough work per task (~16K elements) that threading overhead stays small.
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
-bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
-
 // Streaming stores write whole aligned 16-element chunks.
 bool can_stream(const Tensor& out) {
   const int64_t chunk_bytes = 16 * out.element_size();
