@@ -8,10 +8,13 @@ Environment switches (each "auto" by default):
   CUDA backends decline a GPU they cannot run on.
 - FASTARCH_CPU_AVX512=0|1: leave out / require the AVX-512 CPU kernels (auto: built on x86-64;
   other CPUs get the portable C++ kernels, which are always built).
+- FASTARCH_CPU_AVX2=0|1: leave out / require the AVX2 build of the portable kernels (auto: built
+  on x86-64; csrc/cpu/portable.h).
 - MAX_JOBS: parallel compile jobs (ninja).
 
 Each family's sources live in csrc/cpu/<family>/ and csrc/cuda/<family>/; a CPU source whose
-name ends in _avx512.cpp is an AVX-512 translation unit. The CUDA kernels are instantiated per
+name ends in _avx512.cpp is an AVX-512 translation unit, one ending in _avx2.cpp the AVX2
+build of the portable *_generic.cpp beside it. The CUDA kernels are instantiated per
 dtype (and head dim) in small translation units generated here from the CUDA_* lists below,
 with a header (cuda_instances.h) that names the same instances to the host code.
 """
@@ -88,14 +91,16 @@ def _build_cuda() -> bool:
     return True
 
 
-def _build_avx512() -> bool:
-    flag = _switch("FASTARCH_CPU_AVX512")
+def _build_x86(switch: str, what: str) -> bool:
+    """Whether to build the x86 translation units that ``switch`` (FASTARCH_CPU_AVX512 or
+    FASTARCH_CPU_AVX2) controls: on x86-64 unless it is 0."""
+    flag = _switch(switch)
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if flag == "1" and not x86:
-        raise RuntimeError(f"FASTARCH_CPU_AVX512=1 but this is a {platform.machine()} machine, not x86-64")
+        raise RuntimeError(f"{switch}=1 but this is a {platform.machine()} machine, not x86-64")
     build = x86 and flag != "0"
     if not build:
-        print("fastarch: building the portable CPU kernels only (no AVX-512 translation units)")
+        print(f"fastarch: building without the {what}")
     return build
 
 
@@ -190,16 +195,21 @@ def _generate_cuda_instances() -> list[str]:
 
 def _extension():
     with_cuda = _build_cuda()
-    with_avx512 = _build_avx512()
+    with_avx512 = _build_x86("FASTARCH_CPU_AVX512", "AVX-512 CPU kernels (the *_avx512.cpp translation units)")
+    with_avx2 = _build_x86("FASTARCH_CPU_AVX2", "AVX2 build of the portable CPU kernels (the *_avx2.cpp translation units)")
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cpu/*/*.cpp"))
     if not with_avx512:
         cpu_sources = [s for s in cpu_sources if not s.endswith("_avx512.cpp")]
+    if not with_avx2:
+        cpu_sources = [s for s in cpu_sources if not s.endswith("_avx2.cpp")]
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + cpu_sources
     # -ffp-contract=off: no implicit FMAs, so kernels round where the reference rounds (explicit
     # FMA intrinsics stay); e.g. dy*w - mean(dy*w) is exactly 0 for a row of one element.
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
     if with_avx512:
         cxx.append("-DFASTARCH_WITH_AVX512")
+    if with_avx2:
+        cxx.append("-DFASTARCH_WITH_AVX2")
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, GENERATED)]
     if not with_cuda:
         return CppExtension(

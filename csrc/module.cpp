@@ -29,9 +29,11 @@ PYBIND11_MODULE(_C, m) {
 #endif
     pybind11::list cpu_kernels;  // the builds of the CPU kernels compiled in
     cpu_kernels.append("generic");
+    if (fastarch::cpu::avx2_kernels_built()) cpu_kernels.append("avx2");
     if (fastarch::cpu::avx512_kernels_built()) cpu_kernels.append("avx512");
     info["cpu_kernels"] = cpu_kernels;
     info["cpu_isa"] = fastarch::cpu::isa_name(fastarch::cpu::active_isa());  // the one in use now
+    info["cpu_has_avx2"] = fastarch::cpu::cpu_has_avx2();  // with FMA and F16C
     info["cpu_has_avx512"] = fastarch::cpu::cpu_has_avx512();
     info["cpu_has_avx512_bf16"] = fastarch::cpu::cpu_has_avx512_bf16();
     info["cpu_has_amx"] = fastarch::cpu::cpu_has_amx();
@@ -43,7 +45,7 @@ PYBIND11_MODULE(_C, m) {
     info["compiler"] = std::string("gcc ") + FASTARCH_STR(__GNUC__) "." FASTARCH_STR(__GNUC_MINOR__);
     return info;
   });
-  // For tests and benchmarks: force a level of the CPU kernels ("auto", "generic", "avx512",
+  // For tests and benchmarks: force a level of the CPU kernels ("auto", "generic", "avx2", "avx512",
   // "avx512_bf16", "amx"; cpu/isa.h); ValueError when this CPU or build cannot run it.
   m.def("_set_cpu_isa", [](const std::string& name) { fastarch::cpu::set_isa(name); });
   // Whether the AVX-512 kernels run now (level avx512 or above): a cheap per-call check for

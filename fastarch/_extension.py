@@ -21,7 +21,7 @@ try:
 except Exception as e:  # ImportError, or an undefined symbol from a torch of another version
     LOAD_ERROR = f"fastarch._C failed to load ({type(e).__name__}: {e})"
 
-# FASTARCH_CPU_ISA=auto | generic | avx512 | avx512_bf16 | amx: the instruction-set level of the
+# FASTARCH_CPU_ISA=auto | generic | avx2 | avx512 | avx512_bf16 | amx: the instruction-set level of the
 # CPU kernels (csrc/cpu/isa.h; default auto: the highest this CPU and build run), read once at
 # import, e.g. to run the portable kernels, or the AVX-512 ones without AVX512-BF16, on a newer
 # CPU. A level the CPU cannot run is an error here, not a silent fallback.
@@ -46,7 +46,7 @@ def build_info() -> dict[str, Any]:
 
 def cpu_path(op: str = "", dtype: torch.dtype | None = None) -> str:
     """The CPU kernels' path as the bench and info name it: ``cpu/<level>`` (cpu/amx,
-    cpu/avx512_bf16, cpu/avx512, cpu/generic), ``+brgemm`` when the bf16 attention forward runs
+    cpu/avx512_bf16, cpu/avx512, cpu/avx2, cpu/generic), ``+brgemm`` when the bf16 attention forward runs
     through brgemm below level amx (forced by FASTARCH_CPU_BRGEMM=on)."""
     info = build_info()
     label = f"cpu/{info.get('cpu_isa', '?')}"

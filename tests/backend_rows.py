@@ -13,11 +13,22 @@ import pytest
 import torch
 
 from fastarch import registry
+from fastarch._extension import _C
 
 HAS_CUDA = torch.cuda.is_available()
 # The CPU kernels' build the process runs (FASTARCH_CPU_ISA, read by fastarch at import): what
 # a test that switches builds restores afterwards.
 DEFAULT_ISA = os.environ.get("FASTARCH_CPU_ISA", "").strip() or "auto"
+
+
+def set_cpu_isa(level: str) -> None:
+    """Forces the CPU kernels' level (csrc/cpu/isa.h: "auto", "generic", "avx2", ...) for a test;
+    a level this CPU or build cannot run (avx2 on a CPU without AVX2, or in a build without
+    those kernels) skips the test with the reason."""
+    try:
+        _C._set_cpu_isa(level)
+    except ValueError as e:
+        pytest.skip(f"the CPU kernels' level {level} cannot run here: {e}")
 
 
 def rows(op: str) -> list:

@@ -20,6 +20,12 @@ std::atomic<int> g_brgemm{0};     // 0 auto, 1 on, 2 off
 
 // __builtin_cpu_supports exists for x86 targets only (GCC).
 #if defined(__x86_64__) || defined(_M_X64)
+bool cpu_has_avx2() {
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return has;
+}
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -60,12 +66,21 @@ const char* cpu_amx_missing() {
   return why;
 }
 #else
+bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
 bool cpu_has_avx512_bf16() { return false; }
 const char* cpu_amx_missing() { return "not an x86-64 CPU (AMX)"; }
 #endif
 
 bool cpu_has_amx() { return cpu_amx_missing()[0] == '\0'; }
+
+bool avx2_kernels_built() {
+#ifdef FASTARCH_WITH_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
 
 bool avx512_kernels_built() {
 #ifdef FASTARCH_WITH_AVX512
@@ -76,7 +91,7 @@ bool avx512_kernels_built() {
 }
 
 Isa best_isa() {
-  if (!avx512_kernels_built() || !cpu_has_avx512()) return Isa::generic;
+  if (!avx512_kernels_built() || !cpu_has_avx512()) return avx2_kernels_built() && cpu_has_avx2() ? Isa::avx2 : Isa::generic;
   if (!cpu_has_avx512_bf16()) return Isa::avx512;
   return cpu_has_amx() ? Isa::amx : Isa::avx512_bf16;
 }
@@ -92,6 +107,8 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::generic:
       return "generic";
+    case Isa::avx2:
+      return "avx2";
     case Isa::avx512:
       return "avx512";
     case Isa::avx512_bf16:
@@ -110,6 +127,8 @@ void set_isa(const std::string& name) {
   Isa want;
   if (name == "generic") {
     want = Isa::generic;
+  } else if (name == "avx2") {
+    want = Isa::avx2;
   } else if (name == "avx512") {
     want = Isa::avx512;
   } else if (name == "avx512_bf16") {
@@ -117,7 +136,15 @@ void set_isa(const std::string& name) {
   } else if (name == "amx") {
     want = Isa::amx;
   } else {
-    throw std::invalid_argument("isa must be 'auto', 'generic', 'avx512', 'avx512_bf16' or 'amx', got '" + name + "'");
+    throw std::invalid_argument(
+        "isa must be 'auto', 'generic', 'avx2', 'avx512', 'avx512_bf16' or 'amx', got '" + name + "'");
+  }
+  if (want == Isa::avx2) {
+    if (!avx2_kernels_built()) {
+      throw std::invalid_argument(
+          "fastarch._C was built without the AVX2 kernels (not an x86-64 build, or FASTARCH_CPU_AVX2=0)");
+    }
+    if (!cpu_has_avx2()) throw std::invalid_argument("this CPU lacks AVX2, FMA or F16C");
   }
   if (want >= Isa::avx512) {
     if (!avx512_kernels_built()) {

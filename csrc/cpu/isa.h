@@ -1,6 +1,8 @@
 // Which instruction set the CPU kernels use, as one ordered level chosen once per process (the
 // fastest this CPU and build run, unless forced by FASTARCH_CPU_ISA or _set_cpu_isa):
-//   generic      portable C++ (every CPU; the only level of a build without the AVX-512 kernels)
+//   generic      portable C++ (every CPU; the only level of a build without the x86 kernels)
+//   avx2         the same portable C++ compiled a second time for AVX2 + FMA + F16C (cpu/portable.h:
+//                the *_avx2.cpp files), on x86 CPUs without AVX-512 (Zen 2/3, Haswell to Alder Lake)
 //   avx512       the *_avx512.cpp kernels without AVX512-BF16 instructions (a Skylake-X or
 //                Ice Lake Xeon: bf16 attention then runs the portable kernels)
 //   avx512_bf16  the same kernels with vdpbf16ps / vcvtneps2bf16 (Zen 4, Cooper Lake)
@@ -15,8 +17,9 @@
 
 namespace fastarch::cpu {
 
-enum class Isa { generic = 0, avx512 = 1, avx512_bf16 = 2, amx = 3 };
+enum class Isa { generic = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx = 4 };
 
+bool cpu_has_avx2();         // AVX2, FMA and F16C (false on other architectures)
 bool cpu_has_avx512();       // F, BW, VL, DQ (false on other architectures)
 bool cpu_has_avx512_bf16();  // AVX512-BF16: vdpbf16ps, vcvtneps2bf16
 // AMX-TILE and AMX-BF16 in cpuid, the tile state enabled by the OS (XCR0), and this process
@@ -24,18 +27,22 @@ bool cpu_has_avx512_bf16();  // AVX512-BF16: vdpbf16ps, vcvtneps2bf16
 bool cpu_has_amx();
 // Why cpu_has_amx() is false ("" when it is true).
 const char* cpu_amx_missing();
+bool avx2_kernels_built();    // the *_avx2.cpp builds of the portable kernels are compiled in (FASTARCH_WITH_AVX2)
 bool avx512_kernels_built();  // the *_avx512.cpp kernels are compiled in (FASTARCH_WITH_AVX512)
 
 Isa active_isa();
 Isa best_isa();  // what "auto" selects
 const char* isa_name(Isa isa);
+// The portable kernels run their AVX2 build (level avx2 or above, in a build that has it: every
+// CPU with AVX-512 has AVX2, FMA and F16C).
+inline bool portable_avx2() { return active_isa() >= Isa::avx2 && avx2_kernels_built(); }
 // The AVX-512 kernels run (level avx512 or above).
 inline bool isa_avx512() { return active_isa() >= Isa::avx512; }
 // Whether the AVX-512 row kernels (norms, activations, group_norm) run dtype d: they have no fp64 build.
 inline bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
 // Those kernels may use the AVX512-BF16 instructions (level avx512_bf16 or above).
 inline bool isa_bf16() { return active_isa() >= Isa::avx512_bf16; }
-// "auto" (the default), "generic", "avx512", "avx512_bf16" or "amx"; a level this CPU or build
+// "auto" (the default), "generic", "avx2", "avx512", "avx512_bf16" or "amx"; a level this CPU or build
 // cannot run throws std::invalid_argument saying why.
 void set_isa(const std::string& name);
 

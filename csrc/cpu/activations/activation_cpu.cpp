@@ -18,6 +18,7 @@
 #include "activation_rows.h"
 #include "cpu/dtype_of.h"
 #include "cpu/isa.h"
+#include "cpu/portable.h"
 
 namespace fastarch::cpu::act {
 namespace {
@@ -77,7 +78,7 @@ void forward_rows(Dtype d, const ActivationForwardParams& p, int64_t begin, int6
 #else
     (void)in;
 #endif
-    activation_forward_rows_generic<D>(p, begin, end);
+    with_portable_build([&]<Isa I>() { activation_forward_rows_generic<I, D>(p, begin, end); });
   });
 }
 
@@ -93,7 +94,7 @@ void backward_rows(
 #else
     (void)in;
 #endif
-    activation_backward_rows_generic<D>(p, begin, end, dbias_acc);
+    with_portable_build([&]<Isa I>() { activation_backward_rows_generic<I, D>(p, begin, end, dbias_acc); });
   });
 }
 

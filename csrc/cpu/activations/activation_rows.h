@@ -5,14 +5,15 @@
 
 #include "activations/activation_params.h"
 #include "cpu/dtype.h"
+#include "cpu/isa.h"
 
 namespace fastarch::cpu::act {
 
 // dbias_acc: this thread's (cols,) accumulator (fp32; fp64 for fp64 inputs), added into; null
 // when the bias gradient is not wanted.
-template <Dtype D>
+template <Isa I, Dtype D>
 void activation_forward_rows_generic(const ActivationForwardParams& p, int64_t begin, int64_t end);
-template <Dtype D>
+template <Isa I, Dtype D>
 void activation_backward_rows_generic(const ActivationBackwardParams& p, int64_t begin, int64_t end, void* dbias_acc);
 
 // What the AVX-512 build needs beyond the params.

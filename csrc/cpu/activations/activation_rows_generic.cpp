@@ -7,6 +7,9 @@
 #include <cmath>
 
 #include "activation_rows.h"
+#include "cpu/portable.h"
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu::act {
 namespace {
@@ -202,18 +205,18 @@ void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end
 
 }  // namespace
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void activation_forward_rows_generic(const ActivationForwardParams& p, int64_t begin, int64_t end) {
   forward_rows<D>(p, begin, end);
 }
-template <Dtype D>
+template <Isa I, Dtype D>
 void activation_backward_rows_generic(const ActivationBackwardParams& p, int64_t begin, int64_t end, void* dbias_acc) {
   backward_rows<D>(p, begin, end, dbias_acc);
 }
 
 #define FASTARCH_INSTANTIATE(D)                                                                               \
-  template void activation_forward_rows_generic<D>(const ActivationForwardParams&, int64_t, int64_t);         \
-  template void activation_backward_rows_generic<D>(const ActivationBackwardParams&, int64_t, int64_t, void*);
+  template void activation_forward_rows_generic<kPortableBuild, D>(const ActivationForwardParams&, int64_t, int64_t);         \
+  template void activation_backward_rows_generic<kPortableBuild, D>(const ActivationBackwardParams&, int64_t, int64_t, void*);
 FASTARCH_INSTANTIATE(Dtype::f32)
 FASTARCH_INSTANTIATE(Dtype::f64)
 FASTARCH_INSTANTIATE(Dtype::f16)
@@ -221,3 +224,5 @@ FASTARCH_INSTANTIATE(Dtype::bf16)
 #undef FASTARCH_INSTANTIATE
 
 }  // namespace fastarch::cpu::act
+
+FASTARCH_PORTABLE_END

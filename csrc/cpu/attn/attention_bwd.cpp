@@ -18,6 +18,7 @@
 #include "attention_bwd.h"
 #include "attention_glue.h"
 #include "cpu/isa.h"
+#include "cpu/portable.h"
 
 namespace fastarch::cpu::attention {
 namespace {
@@ -53,7 +54,10 @@ BwdKernel bwd_kernel(bool avx512) {
   if (avx512) return {bwd_workspace_floats, bwd_prepare_block, bwd_key_chunk, bwd_finish_block};
 #endif
   (void)avx512;
-  return {bwd_workspace_floats_generic, bwd_prepare_block_generic, bwd_key_chunk_generic, bwd_finish_block_generic};
+  return with_portable_build([]<Isa I>() -> BwdKernel {
+    return {bwd_workspace_floats_generic<I>, bwd_prepare_block_generic<I>, bwd_key_chunk_generic<I>,
+            bwd_finish_block_generic<I>};
+  });
 }
 
 // ----------------------------------------------------------------------------- the op

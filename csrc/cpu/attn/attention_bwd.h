@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "attention_common.h"
+#include "cpu/isa.h"
 
 namespace fastarch::cpu::attention {
 
@@ -67,9 +68,13 @@ void bwd_key_chunk(const BackwardParams& p, int64_t n, int64_t hk, int64_t chunk
 void bwd_finish_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t);
 
 // The same passes, portable (any CPU).
+template <Isa I>
 int64_t bwd_workspace_floats_generic(const BackwardParams& p);
+template <Isa I>
 void bwd_prepare_block_generic(const BackwardParams& p, int64_t h, int64_t n, int64_t t);
+template <Isa I>
 void bwd_key_chunk_generic(const BackwardParams& p, int64_t n, int64_t hk, int64_t chunk, float* workspace);
+template <Isa I>
 void bwd_finish_block_generic(const BackwardParams& p, int64_t h, int64_t n, int64_t t);
 
 }  // namespace fastarch::cpu::attention

@@ -20,6 +20,9 @@
 
 #include "attention_bwd.h"
 #include "attention_generic.h"
+#include "cpu/portable.h"
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu::attention {
 namespace {
@@ -303,20 +306,26 @@ void finish_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
 
 }  // namespace
 
-int64_t bwd_workspace_floats_generic(const BackwardParams& p) {
+template <>
+int64_t bwd_workspace_floats_generic<kPortableBuild>(const BackwardParams& p) {
   const int64_t bk = p.block_k, bq = p.block_q;
   return piece(bk * p.a.D) + piece(bk * p.a.Dv) + piece(p.a.D * bk) + 2 * piece(bk * bq) + piece(bk * bwd_d16(p)) +
          piece(bk * bwd_dv16(p)) + piece(max64(p.a.D, p.a.Dv)) + piece(bq);
 }
 
-void bwd_prepare_block_generic(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
+template <>
+void bwd_prepare_block_generic<kPortableBuild>(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
   FASTARCH_DTYPE_DISPATCH(p.a.dtype, prepare_block, p, h, n, t)
 }
-void bwd_key_chunk_generic(const BackwardParams& p, int64_t n, int64_t hk, int64_t chunk, float* workspace) {
+template <>
+void bwd_key_chunk_generic<kPortableBuild>(const BackwardParams& p, int64_t n, int64_t hk, int64_t chunk, float* workspace) {
   FASTARCH_DTYPE_DISPATCH(p.a.dtype, key_chunk, p, n, hk, chunk, workspace)
 }
-void bwd_finish_block_generic(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
+template <>
+void bwd_finish_block_generic<kPortableBuild>(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
   FASTARCH_DTYPE_DISPATCH(p.a.dtype, finish_block, p, h, n, t)
 }
 
 }  // namespace fastarch::cpu::attention
+
+FASTARCH_PORTABLE_END

@@ -25,6 +25,7 @@
 #include "attention_glue.h"
 #include "attention_kernels.h"
 #include "cpu/isa.h"
+#include "cpu/portable.h"
 
 namespace fastarch::cpu::attention {
 namespace {
@@ -59,57 +60,73 @@ std::vector<FwdTask> plan_fwd_tasks(const AttentionParams& p, int64_t block_m, i
   return sorted;
 }
 
-#ifdef FASTARCH_WITH_AVX512
-// The AVX-512 forwards: K and V packed lazily into blocks of block_n keys, tasks of block_m
-// queries, `run` on each thread with its scratch. brgemm: the bf16 kernel of
-// attention_fwd_brgemm.cpp, else the register tiles of attention_fwd_avx512.cpp.
-void fwd_avx512(const AttentionParams& p, const Tensor& q, bool brgemm) {
-  const int64_t D = p.D, Dv = p.Dv, Hkv = p.Hkv;
-  const int64_t block_m = brgemm ? kFwdBrgemmBlockM : kFwdBlockM, block_n = brgemm ? kFwdBrgemmBlockN : kFwdBlockN;
-  // Packing of K and V: one block per (sequence, kv head, key block of block_n keys).
+// K and V packed lazily into blocks of block_n keys (attention_kernels.h's FwdPacking): one
+// block per (sequence, kv head, key block), in the compute type (bf16 for bf16_gemm, else fp32).
+struct Packing {
   FwdPacking pk{};
-  pk.bf16_gemm = p.dtype == Dtype::bf16;
-  pk.d_pad = pk.bf16_gemm ? (D + 1) / 2 * 2 : D;
-  pk.dv_pad = (Dv + 15) / 16 * 16;
-  pk.k_block_elems = pk.d_pad * block_n;
-  pk.v_block_elems = block_n * pk.dv_pad;
-  std::vector<int64_t> seq_block0(p.num_seqs + 1, 0);
-  for (int64_t n = 0; n < p.num_seqs; ++n) {
-    seq_block0[n + 1] = seq_block0[n] + (seq_span(p, n).sk + block_n - 1) / block_n;
+  std::vector<int64_t> seq_block0;
+  std::vector<int32_t> block_state;
+  Tensor packed;
+
+  Packing(const AttentionParams& p, const Tensor& q, int64_t block_n, bool bf16_gemm) {
+    pk.bf16_gemm = bf16_gemm;
+    pk.d_pad = bf16_gemm ? (p.D + 1) / 2 * 2 : p.D;
+    pk.dv_pad = (p.Dv + 15) / 16 * 16;
+    pk.k_block_elems = pk.d_pad * block_n;
+    pk.v_block_elems = block_n * pk.dv_pad;
+    seq_block0.assign(p.num_seqs + 1, 0);
+    for (int64_t n = 0; n < p.num_seqs; ++n) {
+      seq_block0[n + 1] = seq_block0[n] + (seq_span(p, n).sk + block_n - 1) / block_n;
+    }
+    const int64_t num_blocks = seq_block0.back() * p.Hkv;
+    const int64_t block_bytes = (pk.k_block_elems + pk.v_block_elems) * (bf16_gemm ? 2 : 4);
+    packed = at::empty({std::max<int64_t>(num_blocks * block_bytes, 1)}, q.options().dtype(at::kByte));
+    block_state.assign(num_blocks, 0);
+    pk.seq_block0 = seq_block0.data();
+    pk.packed = packed.data_ptr();
+    pk.block_state = block_state.data();
   }
-  const std::vector<FwdTask> sorted = plan_fwd_tasks(p, block_m, block_n);
+  Packing(const Packing&) = delete;
+  Packing& operator=(const Packing&) = delete;
+};
 
-  const int64_t num_blocks = seq_block0.back() * Hkv;
-  const int64_t block_bytes = (pk.k_block_elems + pk.v_block_elems) * fwd_element_bytes(pk);
-  Tensor packed_kv = at::empty({std::max<int64_t>(num_blocks * block_bytes, 1)}, q.options().dtype(at::kByte));
-  std::vector<int32_t> block_state(num_blocks, 0);
-  pk.seq_block0 = seq_block0.data();
-  pk.packed = packed_kv.data_ptr();
-  pk.block_state = block_state.data();
-
-  const int64_t num_tasks = static_cast<int64_t>(sorted.size());
+// Runs run(tasks, num_tasks, &next, scratch) on each thread with its scratch of scratch_bytes.
+template <typename Run>
+void run_fwd_tasks(const Tensor& q, const std::vector<FwdTask>& tasks, int64_t scratch_bytes, Run run) {
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  const int64_t scratch_bytes = brgemm ? fwd_scratch_bytes_brgemm(pk) : fwd_scratch_bytes(p, pk);
-  const auto run = brgemm ? fwd_run_brgemm : fwd_run_avx512;
   Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
   int64_t next = 0;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      run(p, pk, sorted.data(), num_tasks, &next, static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
+      run(tasks.data(), num_tasks, &next, static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
   });
+}
+
+#ifdef FASTARCH_WITH_AVX512
+// The AVX-512 forwards: tasks of block_m queries; brgemm: the bf16 kernel of
+// attention_fwd_brgemm.cpp, else the register tiles of attention_fwd_avx512.cpp.
+void fwd_avx512(const AttentionParams& p, const Tensor& q, bool brgemm) {
+  const int64_t block_m = brgemm ? kFwdBrgemmBlockM : kFwdBlockM, block_n = brgemm ? kFwdBrgemmBlockN : kFwdBlockN;
+  const Packing packing(p, q, block_n, p.dtype == Dtype::bf16);
+  const FwdPacking& pk = packing.pk;
+  const int64_t scratch_bytes = brgemm ? fwd_scratch_bytes_brgemm(pk) : fwd_scratch_bytes(p, pk);
+  const auto run = brgemm ? fwd_run_brgemm : fwd_run_avx512;
+  run_fwd_tasks(q, plan_fwd_tasks(p, block_m, block_n), scratch_bytes,
+                [&](const FwdTask* tasks, int64_t num_tasks, int64_t* next, void* scratch) {
+                  run(p, pk, tasks, num_tasks, next, scratch);
+                });
 }
 #endif
 
+// The portable forward, in its AVX2 or baseline build: fp32 products over K and V packed in fp32.
 void fwd_generic(const AttentionParams& p, const Tensor& q) {
-  const std::vector<FwdTask> tasks = plan_fwd_tasks(p, kFwdBlockMGeneric, kFwdBlockN);
-  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  const int64_t scratch_bytes = fwd_scratch_bytes_generic(p);
-  Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
-  int64_t next = 0;
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      fwd_run_generic(p, tasks.data(), num_tasks, &next, static_cast<char*>(scratch.data_ptr()) + t * scratch_bytes);
+  const Packing packing(p, q, kFwdBlockNGeneric, false);
+  with_portable_build([&]<Isa I>() {
+    run_fwd_tasks(q, plan_fwd_tasks(p, kFwdBlockMGeneric, kFwdBlockNGeneric), fwd_scratch_bytes_generic<I>(p),
+                  [&](const FwdTask* tasks, int64_t num_tasks, int64_t* next, void* scratch) {
+                    fwd_run_generic<I>(p, packing.pk, tasks, num_tasks, next, scratch);
+                  });
   });
 }
 
@@ -158,7 +175,10 @@ DecodeKernel decode_kernel(bool avx512) {
   if (avx512) return {decode_item_floats, decode_scratch_bytes, decode_chunks_avx512, decode_combine_avx512};
 #endif
   (void)avx512;
-  return {decode_item_floats_generic, decode_scratch_bytes_generic, decode_chunks_generic, decode_combine_generic};
+  return with_portable_build([]<Isa I>() -> DecodeKernel {
+    return {decode_item_floats_generic<I>, decode_scratch_bytes_generic<I>, decode_chunks_generic<I>,
+            decode_combine_generic<I>};
+  });
 }
 
 std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,

@@ -11,6 +11,9 @@
 
 #include "attention_generic.h"
 #include "attention_kernels.h"
+#include "cpu/portable.h"
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu::attention {
 namespace {
@@ -141,17 +144,20 @@ void combine(const DecodeParams& p, const Geometry& g, int64_t chunks, int64_t b
 
 }  // namespace
 
-int64_t decode_item_floats_generic(const DecodeParams& p) {
+template <>
+int64_t decode_item_floats_generic<kPortableBuild>(const DecodeParams& p) {
   const Geometry g(p);
   return g.rows * g.item;
 }
 
-int64_t decode_scratch_bytes_generic(const DecodeParams& p) {
+template <>
+int64_t decode_scratch_bytes_generic<kPortableBuild>(const DecodeParams& p) {
   const Geometry g(p);
   return Scratch(nullptr, p, g).bytes + 64;
 }
 
-void decode_chunks_generic(const DecodeParams& p, int64_t chunk_len, int64_t chunks, int64_t begin, int64_t end,
+template <>
+void decode_chunks_generic<kPortableBuild>(const DecodeParams& p, int64_t chunk_len, int64_t chunks, int64_t begin, int64_t end,
                            float* partials, void* scratch) {
   const Geometry g(p);
   char* base = static_cast<char*>(scratch);
@@ -167,7 +173,8 @@ void decode_chunks_generic(const DecodeParams& p, int64_t chunk_len, int64_t chu
   }
 }
 
-void decode_combine_generic(const DecodeParams& p, int64_t chunks, int64_t begin, int64_t end, const float* partials) {
+template <>
+void decode_combine_generic<kPortableBuild>(const DecodeParams& p, int64_t chunks, int64_t begin, int64_t end, const float* partials) {
   const Geometry g(p);
   // one output row in fp32 (the stack: dv16 <= 512)
   float o[512 + kLanes];
@@ -177,3 +184,5 @@ void decode_combine_generic(const DecodeParams& p, int64_t chunks, int64_t begin
 }
 
 }  // namespace fastarch::cpu::attention
+
+FASTARCH_PORTABLE_END

@@ -376,7 +376,6 @@ void run_tasks(const AttentionParams& p, const FwdPacking& pk, const FwdTask* ta
 
 }  // namespace
 
-int64_t fwd_element_bytes(const FwdPacking& pk) { return pk.bf16_gemm ? 2 : 4; }
 
 int64_t fwd_scratch_bytes(const AttentionParams& p, const FwdPacking& pk) {
   (void)p;

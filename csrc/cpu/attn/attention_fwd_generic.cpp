@@ -3,15 +3,19 @@
 // fastarch._C._set_cpu_isa("generic").
 //
 // One task = up to kFwdBlockMGeneric queries of one head. For each block of BN keys that some
-// query of the task sees: the keys are converted into K^T (D x BN) and the values into V
-// (BN x Dv), S = Q K^T, the online-softmax step of every row (masks, max, rescale, exp, sum,
-// dropout), then O += P V. The two products are attention_generic.h's axpy-form GEMM.
+// query of the task sees: S = Q K^T, the online-softmax step of every row (masks, max, rescale,
+// exp, sum, dropout), then O += P V. The two products are attention_generic.h's register-tile
+// GEMM, on K^T (D x BN) and V (BN x dv16) converted to fp32 once per call: the first task that
+// needs a key block packs it for all (FwdPacking, as the AVX-512 forward does).
 // Semantics, NaN included: attention_common.h, fastarch/ops/attn/reference.py.
 #include <cmath>
 #include <cstdint>
 
 #include "attention_generic.h"
 #include "attention_kernels.h"
+#include "cpu/portable.h"
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu::attention {
 namespace {
@@ -19,19 +23,19 @@ namespace {
 using namespace generic;
 
 constexpr int64_t BM = kFwdBlockMGeneric;
-constexpr int64_t BN = 64;  // keys per step: a multiple of kLanes
+constexpr int64_t BN = kFwdBlockNGeneric;  // keys per step: a multiple of kLanes
 constexpr float kInf = __builtin_inff();
 
 // One thread's scratch, 64-byte aligned pieces.
 struct Scratch {
   float* q;      // BM x D
-  float* kt;     // D x BN: K^T of the key block, zero past its valid keys
-  float* v;      // BN x dv16: zero past Dv
   float* s;      // BM x BN: scores, logits, then probabilities
   float* o;      // BM x dv16 output accumulators
   float* m;      // BM running max
   float* l;      // BM running sum
-  float* row;    // max(D, BN): one converted row
+  float* exp_base;  // BM: the step's exponent bases
+  float* alpha;  // BM: the step's rescale factors
+  uint8_t* seen;  // BM: whether the row sees a key of the block
   uint8_t* kpm;  // BN: key_padding_mask of the block's keys
   uint32_t* drop_key;  // BM dropout row keys
   int64_t bytes;
@@ -44,44 +48,73 @@ struct Scratch {
       return at;
     };
     q = reinterpret_cast<float*>(take(BM * D * 4));
-    kt = reinterpret_cast<float*>(take(D * BN * 4));
-    v = reinterpret_cast<float*>(take(BN * dv16 * 4));
     s = reinterpret_cast<float*>(take(BM * BN * 4));
     o = reinterpret_cast<float*>(take(BM * dv16 * 4));
     m = reinterpret_cast<float*>(take(BM * 4));
     l = reinterpret_cast<float*>(take(BM * 4));
-    row = reinterpret_cast<float*>(take(max64(D, BN) * 4));
+    exp_base = reinterpret_cast<float*>(take(BM * 4));
+    alpha = reinterpret_cast<float*>(take(BM * 4));
+    seen = reinterpret_cast<uint8_t*>(take(BM));
     kpm = reinterpret_cast<uint8_t*>(take(BN));
     drop_key = reinterpret_cast<uint32_t*>(take(BM * 4));
     bytes = c - static_cast<char*>(base);
   }
 };
 
+// K^T (D x BN) and V (BN x dv16) of key block kb of sequence n, kv head hk, in fp32 at dst
+// (FwdPacking's block layout), zero past the valid keys and past Dv.
+template <Dtype T>
+void pack_block(const AttentionParams& p, const FwdPacking& pk, int64_t n, int64_t hk, int64_t kb, float* dst) {
+  const SeqSpan s = seq_span(p, n);
+  const int64_t es = elem_size(T), D = p.D, Dv = p.Dv, dv16 = pk.dv_pad;
+  const int64_t j0 = kb * BN, nk = min64(BN, s.sk - j0);
+  float* kt = dst;
+  float* v = dst + pk.k_block_elems;
+  for (int64_t j = 0; j < BN; ++j) {
+    float* vrow = v + j * dv16;
+    if (j >= nk) {
+      for (int64_t d = 0; d < D; ++d) kt[d * BN + j] = 0.0f;
+      for (int64_t c = 0; c < dv16; ++c) vrow[c] = 0.0f;
+      continue;
+    }
+    const char* krow = row_ptr(p.k, p.k_stride, es, s.b, hk, s.k0 + j0 + j);
+    for (int64_t d = 0; d < D; ++d) kt[d * BN + j] = value_f32<T>(krow, d);
+    to_f32<T>(row_ptr(p.v, p.v_stride, es, s.b, hk, s.k0 + j0 + j), Dv, vrow);
+    for (int64_t c = Dv; c < dv16; ++c) vrow[c] = 0.0f;
+  }
+}
+
 template <Dtype T>
 struct Task {
   const AttentionParams& p;
+  const FwdPacking& pk;
   const Scratch& sc;
   SeqSpan s;
-  int64_t h, hk, i0, rows, dv16;
+  int64_t n, h, hk, i0, rows, dv16;
 
-  // K^T and V of keys j0 .. j0 + nk of the sequence, and their padding-mask bits.
-  void load_keys(int64_t j0, int64_t nk) {
-    const int64_t es = elem_size(T), D = p.D, Dv = p.Dv;
-    for (int64_t j = 0; j < BN; ++j) {
-      if (j >= nk) {
-        for (int64_t d = 0; d < D; ++d) sc.kt[d * BN + j] = 0.0f;
-        continue;
-      }
-      to_f32<T>(row_ptr(p.k, p.k_stride, es, s.b, hk, s.k0 + j0 + j), D, sc.row);
-      for (int64_t d = 0; d < D; ++d) sc.kt[d * BN + j] = sc.row[d];
-      float* vrow = sc.v + j * dv16;
-      to_f32<T>(row_ptr(p.v, p.v_stride, es, s.b, hk, s.k0 + j0 + j), Dv, vrow);
-      for (int64_t c = Dv; c < dv16; ++c) vrow[c] = 0.0f;
+  // The packed K^T and V of key block kb (global index g), packed by whichever task needs it
+  // first; a task that finds it being packed waits (microseconds).
+  const float* packed(int64_t kb) {
+    const int64_t blocks = pk.seq_block0[n + 1] - pk.seq_block0[n];
+    const int64_t g = pk.seq_block0[n] * p.Hkv + hk * blocks + kb;
+    float* dst = static_cast<float*>(pk.packed) + g * (pk.k_block_elems + pk.v_block_elems);
+    int32_t* state = pk.block_state + g;
+    if (__atomic_load_n(state, __ATOMIC_ACQUIRE) == 2) return dst;
+    int32_t expected = 0;
+    if (__atomic_compare_exchange_n(state, &expected, 1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+      pack_block<T>(p, pk, n, hk, kb, dst);
+      __atomic_store_n(state, 2, __ATOMIC_RELEASE);
+      return dst;
     }
-    if (p.key_padding_mask) {
-      const bool* kpm = p.key_padding_mask + s.b * p.kpm_stride[0];
-      for (int64_t j = 0; j < nk; ++j) sc.kpm[j] = kpm[(s.k0 + j0 + j) * p.kpm_stride[1]];
+    while (__atomic_load_n(state, __ATOMIC_ACQUIRE) != 2) {
     }
+    return dst;
+  }
+
+  // The padding-mask bits of keys j0 .. j0 + nk.
+  void load_padding_mask(int64_t j0, int64_t nk) {
+    const bool* kpm = p.key_padding_mask + s.b * p.kpm_stride[0];
+    for (int64_t j = 0; j < nk; ++j) sc.kpm[j] = kpm[(s.k0 + j0 + j) * p.kpm_stride[1]];
   }
 
   // Row r's logits over keys j0 .. j0 + nk into its scores row: scale * s (+ attn_mask), -inf
@@ -124,18 +157,20 @@ struct Task {
     const KeyRange first = visible_keys(p, s, i0), last = visible_keys(p, s, i0 + rows - 1);
     for (int64_t j0 = first.lo / BN * BN; j0 < last.hi; j0 += BN) {
       const int64_t nk = min64(BN, s.sk - j0);
-      load_keys(j0, nk);
-      gemm(rows, BN, D, sc.q, D, sc.kt, BN, sc.s, BN);
+      const float* kt = packed(j0 / BN);
+      if (p.key_padding_mask) load_padding_mask(j0, nk);
+      gemm(rows, BN, D, sc.q, D, kt, BN, sc.s, BN);
       for (int64_t r = 0; r < rows; ++r) {
-        float* z = sc.s + r * BN;
-        if (!logits(r, j0, nk)) {
-          for (int64_t j = 0; j < BN; ++j) z[j] = 0.0f;  // this block adds nothing to the row
-          continue;
-        }
-        softmax_step_row(z, BN, sc.m[r], sc.l[r], sc.o + r * dv16, dv16);
-        if (p.dropout) dropout_zero(z, BN, sc.drop_key[r], s.k0 + j0, p.dropout_threshold);
+        sc.seen[r] = logits(r, j0, nk);
+        if (!sc.seen[r])
+          for (int64_t j = 0; j < BN; ++j) sc.s[r * BN + j] = 0.0f;  // this block adds nothing to the row
       }
-      gemm_acc(rows, dv16, nk, sc.s, BN, sc.v, dv16, sc.o, dv16);
+      softmax_step_rows(sc.s, BN, sc.seen, rows, BN, sc.m, sc.l, sc.o, dv16, dv16, sc.exp_base, sc.alpha);
+      if (p.dropout) {
+        for (int64_t r = 0; r < rows; ++r)
+          if (sc.seen[r]) dropout_zero(sc.s + r * BN, BN, sc.drop_key[r], s.k0 + j0, p.dropout_threshold);
+      }
+      gemm_acc(rows, dv16, nk, sc.s, BN, kt + pk.k_block_elems, dv16, sc.o, dv16);
     }
 
     for (int64_t r = 0; r < rows; ++r) {
@@ -152,28 +187,36 @@ struct Task {
 };
 
 template <Dtype T>
-void run_tasks(const AttentionParams& p, const FwdTask* tasks, int64_t num_tasks, int64_t* next, const Scratch& sc) {
+void run_tasks(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks, int64_t num_tasks, int64_t* next,
+               const Scratch& sc) {
   for (;;) {
     const int64_t t = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
     if (t >= num_tasks) break;
     const FwdTask& task = tasks[t];
     const SeqSpan s = seq_span(p, task.seq);
     const int64_t i0 = int64_t{task.qblock} * BM;
-    Task<T>{p, sc, s, task.head, task.head / (p.H / p.Hkv), i0, min64(BM, s.sq - i0), round_up(p.Dv, kLanes)}.run();
+    Task<T>{p,      pk, sc, s, task.seq, task.head, task.head / (p.H / p.Hkv), i0, min64(BM, s.sq - i0),
+            pk.dv_pad}
+        .run();
   }
 }
 
 }  // namespace
 
-int64_t fwd_scratch_bytes_generic(const AttentionParams& p) {
+template <>
+int64_t fwd_scratch_bytes_generic<kPortableBuild>(const AttentionParams& p) {
   return Scratch(nullptr, p.D, round_up(p.Dv, kLanes)).bytes + 64;
 }
 
-void fwd_run_generic(const AttentionParams& p, const FwdTask* tasks, int64_t num_tasks, int64_t* next, void* scratch) {
+template <>
+void fwd_run_generic<kPortableBuild>(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks,
+                                     int64_t num_tasks, int64_t* next, void* scratch) {
   char* base = static_cast<char*>(scratch);
   base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
-  const Scratch sc(base, p.D, round_up(p.Dv, kLanes));
-  FASTARCH_DTYPE_DISPATCH(p.dtype, run_tasks, p, tasks, num_tasks, next, sc)
+  const Scratch sc(base, p.D, pk.dv_pad);
+  FASTARCH_DTYPE_DISPATCH(p.dtype, run_tasks, p, pk, tasks, num_tasks, next, sc)
 }
 
 }  // namespace fastarch::cpu::attention
+
+FASTARCH_PORTABLE_END

@@ -1,7 +1,12 @@
 // What the portable CPU attention kernels (attention_{fwd,bwd,decode}_generic.cpp) are built of:
-// conversions to and from fp32, an exp, lane-wise reductions and a small fp32 GEMM, all plain
-// C++ loops shaped for the compiler's auto-vectorizer at whatever -march the build uses (SSE2
-// on baseline x86-64, NEON on aarch64). Every product and sum is fp32, whatever the inputs.
+// conversions to and from fp32, an exp, lane-wise reductions (plain C++ loops shaped for the
+// compiler's auto-vectorizer) and a small fp32 GEMM on register tiles of GCC vectors, for the
+// target the build has: the baseline (SSE2 on x86-64, NEON on aarch64) or AVX2 + FMA
+// (cpu/portable.h). Every product and sum is fp32, whatever the inputs.
+//
+// Its functions are compiled for the build's target (its own FASTARCH_PORTABLE_BEGIN, after its
+// includes) and have internal linkage (an unnamed namespace): each build keeps its own copy, and
+// neither's can stand in for the other's at link time.
 //
 // The build has no -ffast-math (and -ffp-contract=off), so GCC vectorizes no loop that reduces
 // into one scalar (that would reorder the sum): the kernels compute elementwise over whole
@@ -15,8 +20,15 @@
 #include <cstring>
 
 #include "attention_common.h"
+#include "cpu/portable.h"
+#ifdef FASTARCH_PORTABLE_AVX2
+#include <immintrin.h>
+#endif
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu::attention::generic {
+namespace {
 
 // Partial lanes of the reductions: a multiple of any vector width up to 512 bits of fp32.
 constexpr int64_t kLanes = 16;
@@ -77,6 +89,16 @@ inline float keep_if(bool cond, float x) {
   return x;
 }
 
+// a * b + c: fused (one rounding, vfmadd, vectorized with the loop around it) in the AVX2 build;
+// a product and a sum on the baseline, which has no fused multiply-add.
+inline float madd_f32(float a, float b, float c) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // exp(x) within 2 ulp of fp32 for -87 <= x <= 88; 0 for x < -87 (where the true value is below
 // the smallest normal fp32, which a softmax probability next to its row's maximum 1 cannot
 // tell from 0) and for -inf; +inf above 88; NaN for NaN.
@@ -87,23 +109,23 @@ inline float keep_if(bool cond, float x) {
 inline float exp_f32(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23, bits 0x4B400000
-  const float t = x * kLog2e + kShift;
+  const float t = madd_f32(x, kLog2e, kShift);
   const float n = t - kShift;  // exact: round(x log2 e)
   uint32_t tb;
   std::memcpy(&tb, &t, 4);
   const uint32_t pow2_bits = (tb - 0x4B400000u + 127u) << 23;  // 2^n, n in [-126, 127]
   float pow2;
   std::memcpy(&pow2, &pow2_bits, 4);
-  float r = x - n * 0.693359375f;  // ln2 high part: n * hi is exact
-  r = r - n * -2.12194440e-4f;     // ln2 low part
+  float r = madd_f32(n, -0.693359375f, x);  // ln2 high part: n * hi is exact
+  r = madd_f32(n, 2.12194440e-4f, r);       // ln2 low part
   float y = 1.0f / 5040;
-  y = y * r + 1.0f / 720;
-  y = y * r + 1.0f / 120;
-  y = y * r + 1.0f / 24;
-  y = y * r + 1.0f / 6;
-  y = y * r + 0.5f;
-  y = y * r + 1.0f;
-  y = y * r + 1.0f;
+  y = madd_f32(y, r, 1.0f / 720);
+  y = madd_f32(y, r, 1.0f / 120);
+  y = madd_f32(y, r, 1.0f / 24);
+  y = madd_f32(y, r, 1.0f / 6);
+  y = madd_f32(y, r, 0.5f);
+  y = madd_f32(y, r, 1.0f);
+  y = madd_f32(y, r, 1.0f);
   // x < -87: 0 (NaN compares false: stays NaN); x > 88: +inf
   uint32_t e;
   const float value = y * pow2;
@@ -115,57 +137,126 @@ inline float exp_f32(float x) {
   return out;
 }
 
+// ----------------------------------------------------------------------------- vectors
+
+// One register of fp32 lanes as a GCC vector type: 8 lanes (ymm) in the AVX2 build, 4 (SSE2 xmm
+// or NEON q) on the baseline.
+constexpr int kVecLanes = kPortableBuild == Isa::avx2 ? 8 : 4;
+typedef float Vec __attribute__((vector_size(4 * kVecLanes)));
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+// v in every lane: one broadcast (Vec{} + v would add, and turn -0 into +0).
+inline Vec splat(float v) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  return Vec{v, v, v, v, v, v, v, v};
+#else
+  return Vec{v, v, v, v};
+#endif
+}
+
 // ----------------------------------------------------------------------------- reductions
+
+// The kLanes partial lanes of the reductions, in kLanes / kVecLanes vectors.
+constexpr int kRedVecs = kLanes / kVecLanes;
+
+// The kLanes partial lanes added up as a tree of halves (lane l += lane l + h, h = 8, 4, 2, 1):
+// a fixed order, the same in both builds.
+inline float tree_sum(const Vec (&acc)[kRedVecs]) {
+  float lane[kLanes];
+  std::memcpy(lane, acc, sizeof lane);
+  for (int h = kLanes / 2; h > 0; h /= 2)
+    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+  return lane[0];
+}
 
 // max of x[0, n) ignoring NaN (-inf when every value is -inf or NaN); n a multiple of kLanes.
 inline float max_lanes(const float* __restrict x, int64_t n) {
-  float lane[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lane[l] = -__builtin_inff();
+  Vec acc[kRedVecs];
+  for (int v = 0; v < kRedVecs; ++v) acc[v] = splat(-__builtin_inff());
   for (int64_t j = 0; j < n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
-  float m = lane[0];
-  for (int64_t l = 1; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
-  return m;
+    for (int v = 0; v < kRedVecs; ++v) {
+      const Vec xv = load_vec(x + j + v * kVecLanes);
+      acc[v] = xv > acc[v] ? xv : acc[v];  // (a NaN compares false: never taken)
+    }
+  float lane[kLanes];
+  std::memcpy(lane, acc, sizeof lane);
+  for (int h = kLanes / 2; h > 0; h /= 2)
+    for (int l = 0; l < h; ++l) lane[l] = lane[l + h] > lane[l] ? lane[l + h] : lane[l];
+  return lane[0];
 }
 
-// sum of x[0, n) (in kLanes partial sums: a fixed order); n a multiple of kLanes.
+// sum of x[0, n) (kLanes partial sums, then tree_sum: a fixed order); n a multiple of kLanes.
 inline float sum_lanes(const float* __restrict x, int64_t n) {
-  float lane[kLanes] = {};
+  Vec acc[kRedVecs] = {};
   for (int64_t j = 0; j < n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] += x[j + l];
-  float s = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
-  return s;
+    for (int v = 0; v < kRedVecs; ++v) acc[v] += load_vec(x + j + v * kVecLanes);
+  return tree_sum(acc);
 }
 
 // ----------------------------------------------------------------------------- GEMM
 
-// Columns [0, NR) of C (M rows) = A B, or C + A B (kAcc), row by row: a row's NR accumulators
-// stay in registers through the whole K loop (the fully unrolled loop over them is what the
-// compiler vectorizes) and every row reads the same B panel from L1. The sum over K runs in
-// order. NR = 32: 8 vector accumulators of 4 lanes (SSE2, NEON) leave room for B and the
-// products in 16 registers; with the accumulators in memory instead (C row += a * B row, the
-// textbook vectorizable loop) a load and a store go with every multiply-add, measured 1.4x
-// slower on SSE2, and narrower panels (16) lose half their speed with some -march choices
-// (GCC 12 then vectorizes across rows or not at all).
-// (Not inlined: inside a large caller GCC 12 keeps the accumulators on the stack.)
-template <int NR, bool kAcc>
-[[gnu::noinline]] void gemm_panel(int64_t M, int64_t K, const float* __restrict a, int64_t lda, const float* __restrict b,
-                       int64_t ldb, float* __restrict c, int64_t ldc) {
-  for (int64_t m = 0; m < M; ++m) {
-    float acc[NR];
-    for (int j = 0; j < NR; ++j) acc[j] = kAcc ? c[m * ldc + j] : 0.0f;
-    const float* am = a + m * lda;
-    for (int64_t p = 0; p < K; ++p) {
-      const float x = am[p];
-      const float* __restrict bp = b + p * ldb;
-      for (int j = 0; j < NR; ++j) acc[j] += x * bp[j];
+// acc + a * b: one rounding (vfmadd) in the AVX2 build; a product and a sum on the baseline
+// (no fused multiply-add there, and the build contracts nothing: -ffp-contract=off).
+inline Vec madd(Vec a, Vec b, Vec acc) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  return (Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+  return acc + a * b;
+#endif
+}
+
+// The register tile: kMR rows x kNR columns of C, two vectors a row: 6 x 16 in the AVX2 build
+// (12 of its 16 ymm registers), 4 x 8 on the baseline (8 of 16). Each step of K loads two
+// vectors of B and broadcasts kMR values of A.
+constexpr int kNV = 2;
+constexpr int kMR = kPortableBuild == Isa::avx2 ? 6 : 4;
+constexpr int kNR = kNV * kVecLanes;
+
+// Rows [0, MR) x columns [0, kNR) of C = A B, or C + A B (kAcc). The sum over K runs in order,
+// as every row of C in every build.
+template <int MR, bool kAcc>
+inline void gemm_tile(int64_t K, const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
+                      float* __restrict c, int64_t ldc) {
+  Vec acc[MR][kNV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < kNV; ++v) acc[r][v] = kAcc ? load_vec(c + r * ldc + kVecLanes * v) : Vec{};
+  for (int64_t p = 0; p < K; ++p) {
+    Vec bv[kNV];
+    for (int v = 0; v < kNV; ++v) bv[v] = load_vec(b + p * ldb + kVecLanes * v);
+    for (int r = 0; r < MR; ++r) {
+      const Vec x = splat(a[r * lda + p]);
+      for (int v = 0; v < kNV; ++v) acc[r][v] = madd(x, bv[v], acc[r][v]);
     }
-    for (int j = 0; j < NR; ++j) c[m * ldc + j] = acc[j];
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < kNV; ++v) store_vec(c + r * ldc + kVecLanes * v, acc[r][v]);
+}
+
+// The last `left` rows (0 < left < kMR) as one tile of that many rows.
+template <int R, bool kAcc>
+inline void gemm_rows_left(int64_t left, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                           float* c, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (left == R) return gemm_tile<R, kAcc>(K, a, lda, b, ldb, c, ldc);
+    gemm_rows_left<R - 1, kAcc>(left, K, a, lda, b, ldb, c, ldc);
   }
 }
 
-// Columns [0, n) of C, n < 32 (a panel's remainder): one row at a time, C row += a * B row.
+// Columns [0, kNR) of C (M rows): whole tiles, then the rows left over.
+template <bool kAcc>
+void gemm_panel(int64_t M, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                int64_t ldc) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR) gemm_tile<kMR, kAcc>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc);
+  if (m < M) gemm_rows_left<kMR - 1, kAcc>(M - m, K, a + m * lda, lda, b, ldb, c + m * ldc, ldc);
+}
+
+// Columns [0, n) of C, n < kNR (a panel's remainder): one row at a time, C row += a * B row.
 template <bool kAcc>
 inline void gemm_narrow(int64_t M, int64_t n, int64_t K, const float* __restrict a, int64_t lda,
                         const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
@@ -182,12 +273,13 @@ inline void gemm_narrow(int64_t M, int64_t n, int64_t K, const float* __restrict
 }
 
 // C (M x N) = A (M x K) B (K x N), or C + A B (kAcc); all fp32 and row-major (leading dims
-// lda, ldb, ldc); C must not overlap A or B. N a multiple of 32 runs only full panels.
+// lda, ldb, ldc); C must not overlap A or B. N a multiple of kNR (16 covers both builds) runs
+// only register tiles.
 template <bool kAcc>
 inline void gemm_t(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                    int64_t ldc) {
   int64_t n = 0;
-  for (; n + 32 <= N; n += 32) gemm_panel<32, kAcc>(M, K, a, lda, b + n, ldb, c + n, ldc);
+  for (; n + kNR <= N; n += kNR) gemm_panel<kAcc>(M, K, a, lda, b + n, ldb, c + n, ldc);
   if (n < N) gemm_narrow<kAcc>(M, N - n, K, a, lda, b + n, ldb, c + n, ldc);
 }
 
@@ -220,6 +312,32 @@ inline void softmax_step_row(float* __restrict z, int64_t n, float& m, float& l,
     for (int64_t c = 0; c < width; ++c) o[c] *= alpha;
 }
 
+// The online-softmax step of rows [0, rows) at once, as softmax_step_row does each: row r's
+// logits at z + r * ldz, its state m[r], l[r] and accumulators o + r * ldo; a row with seen[r]
+// false is left as it is. The rows' new maxima and rescale factors come first, in one pass over
+// the rows that the compiler vectorizes (its exp included), then each row's exp and sum.
+// base, alpha: scratch of `rows` floats.
+inline void softmax_step_rows(float* __restrict z, int64_t ldz, const uint8_t* seen, int64_t rows, int64_t n,
+                              float* __restrict m, float* __restrict l, float* __restrict o, int64_t ldo,
+                              int64_t width, float* __restrict base, float* __restrict alpha) {
+  for (int64_t r = 0; r < rows; ++r) base[r] = seen[r] ? max_lanes(z + r * ldz, n) : -__builtin_inff();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float m_new = base[r] > m[r] ? base[r] : m[r];
+    const float b = m_new == -__builtin_inff() ? 0.0f : m_new;
+    alpha[r] = exp_f32(m[r] - b);  // 0 when m was -inf
+    base[r] = b;
+    m[r] = m_new;  // (an unseen row's max does not move)
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!seen[r]) continue;
+    float* __restrict zr = z + r * ldz;
+    for (int64_t j = 0; j < n; ++j) zr[j] = exp_f32(zr[j] - base[r]);
+    l[r] = l[r] * alpha[r] + sum_lanes(zr, n);
+    if (alpha[r] != 1.0f)
+      for (int64_t c = 0; c < width; ++c) o[r * ldo + c] *= alpha[r];
+  }
+}
+
 // ----------------------------------------------------------------------------- dropout
 
 // x[j] = 0 where dropout drops probability (row, col0 + j), j < n (row_key = dropout_row_key).
@@ -231,4 +349,7 @@ inline void dropout_zero(float* __restrict x, int64_t n, uint32_t row_key, int64
   }
 }
 
+}  // namespace
 }  // namespace fastarch::cpu::attention::generic
+
+FASTARCH_PORTABLE_END

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "attention_common.h"
+#include "cpu/isa.h"
 
 namespace fastarch::cpu::attention {
 
@@ -40,7 +41,6 @@ struct FwdTask {
   int32_t seq, head, qblock;
 };
 
-int64_t fwd_element_bytes(const FwdPacking& pk);
 // Bytes of one thread's scratch (64-byte aligned pieces).
 int64_t fwd_scratch_bytes(const AttentionParams& p, const FwdPacking& pk);
 // Runs tasks, taking the next one from *next (shared by all threads, atomically) until none is
@@ -76,18 +76,27 @@ void decode_chunks_avx512(const DecodeParams& p, int64_t chunk_len, int64_t chun
 void decode_combine_avx512(const DecodeParams& p, int64_t chunks, int64_t begin, int64_t end, const float* partials);
 
 // ----------------------------------------------------------------------------- portable build
-// The same work plans: forward tasks of kFwdBlockMGeneric queries (each task converts the key
-// blocks it reads itself: no shared packing), decode items and partials as above (with their
-// own sizes).
-constexpr int64_t kFwdBlockMGeneric = 64;
+// The same work plans: forward tasks of kFwdBlockMGeneric queries (72: whole register tiles of
+// both builds, 6 rows for AVX2 and 4 on the baseline) over the same FwdPacking of K and V, in
+// fp32 (bf16_gemm false, d_pad = D, dv_pad = Dv rounded up to 16); decode items and partials as
+// above (with their own sizes).
+constexpr int64_t kFwdBlockMGeneric = 72;
+constexpr int64_t kFwdBlockNGeneric = 128;
 
+template <Isa I>
 int64_t fwd_scratch_bytes_generic(const AttentionParams& p);
-void fwd_run_generic(const AttentionParams& p, const FwdTask* tasks, int64_t num_tasks, int64_t* next, void* scratch);
+template <Isa I>
+void fwd_run_generic(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks, int64_t num_tasks,
+                     int64_t* next, void* scratch);
 
+template <Isa I>
 int64_t decode_item_floats_generic(const DecodeParams& p);
+template <Isa I>
 int64_t decode_scratch_bytes_generic(const DecodeParams& p);
+template <Isa I>
 void decode_chunks_generic(const DecodeParams& p, int64_t chunk_len, int64_t chunks, int64_t begin, int64_t end,
                            float* partials, void* scratch);
+template <Isa I>
 void decode_combine_generic(const DecodeParams& p, int64_t chunks, int64_t begin, int64_t end, const float* partials);
 
 }  // namespace fastarch::cpu::attention

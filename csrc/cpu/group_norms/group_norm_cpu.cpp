@@ -16,6 +16,7 @@
 #include "cpu/isa.h"
 #include "group_norm_rows.h"
 #include "group_norms/group_norm_glue.h"
+#include "cpu/portable.h"
 
 namespace fastarch::cpu {
 namespace {
@@ -94,7 +95,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
         if (avx512) return gn::group_norm_stats_avx512<D>(p, t, begin, end, static_cast<float*>(part));
       }
 #endif
-      gn::group_norm_stats_generic<D>(p, t, begin, end, part);
+      with_portable_build([&]<Isa I>() { gn::group_norm_stats_generic<I, D>(p, t, begin, end, part); });
     };
     auto combine_groups = [&](int64_t begin, int64_t end) { gn::group_norm_combine<D>(p, t, begin, end, part, tab); };
     auto apply_items = [&](int64_t begin, int64_t end) {
@@ -103,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(
         if (avx512) return gn::group_norm_apply_avx512<D>(p, t, begin, end, static_cast<const float*>(tab), bf16_insn);
       }
 #endif
-      gn::group_norm_apply_generic<D>(p, t, begin, end, tab);
+      with_portable_build([&]<Isa I>() { gn::group_norm_apply_generic<I, D>(p, t, begin, end, tab); });
     };
     const Units u = cache_units(p, t, x.element_size());
     // Units in a pipeline: the statistics of unit i + 1 read from memory while unit i is
@@ -186,7 +187,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
         }
 #endif
         (void)keep;
-        gn::group_norm_grad_stats_generic<D>(p, t, begin, end, tab, part);
+        with_portable_build([&]<Isa I>() { gn::group_norm_grad_stats_generic<I, D>(p, t, begin, end, tab, part); });
       };
       auto combine_groups = [&](int64_t begin, int64_t end) {
         gn::group_norm_combine_grad<D>(p, t, begin, end, part, tab, dweight_terms, dbias_terms);
@@ -201,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
         }
 #endif
         (void)keep;
-        gn::group_norm_grad_apply_generic<D>(p, t, begin, end, tab);
+        with_portable_build([&]<Isa I>() { gn::group_norm_grad_apply_generic<I, D>(p, t, begin, end, tab); });
       };
       // fp32 keeps dz in dx: the stores that bring dx's lines into cache overlap the SiLU
       // derivative's arithmetic (a buffer of its own, dx then written once, measured slower: the

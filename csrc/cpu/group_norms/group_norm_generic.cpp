@@ -9,9 +9,13 @@
 #include <vector>
 
 #include "group_norm_rows.h"
+#include "cpu/portable.h"
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu::gn {
 
+#ifndef FASTARCH_PORTABLE_AVX2  // (make_tiling and the combine and table steps: in the baseline build only)
 Tiling make_tiling(int64_t batch, int64_t channels, int64_t spatial, bool channels_last) {
   // ~16K elements per item: enough work that the items' bookkeeping is negligible, small enough
   // that one sample of a diffusion UNet (e.g. 256 channels x 32 x 32) makes 16+ items for the
@@ -27,6 +31,7 @@ Tiling make_tiling(int64_t batch, int64_t channels, int64_t spatial, bool channe
   t.elements_per_item = channels_last ? t.chunk * channels : t.chunk;
   return t;
 }
+#endif
 
 namespace {
 
@@ -158,7 +163,7 @@ void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vect
 
 }  // namespace
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, void* partial) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
@@ -174,7 +179,7 @@ void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, 
   }
 }
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void group_norm_apply_generic(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
@@ -192,7 +197,7 @@ void group_norm_apply_generic(const GroupNormForwardParams& p, const Tiling& t, 
   }
 }
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void group_norm_grad_stats_generic(
     const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables, void* partial) {
   using T = typename Types<D>::T;
@@ -215,7 +220,7 @@ void group_norm_grad_stats_generic(
   }
 }
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void group_norm_grad_apply_generic(
     const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables) {
   using T = typename Types<D>::T;
@@ -237,6 +242,7 @@ void group_norm_grad_apply_generic(
   }
 }
 
+#ifndef FASTARCH_PORTABLE_AVX2
 namespace {
 
 // The forward tables of group (n, g) from its mean and rstd.
@@ -376,19 +382,12 @@ void group_norm_weight_grads(const GroupNormBackwardParams& p, const double* dwe
   }
 }
 
-#define FASTARCH_GN_INSTANCES(D)                                                                                    \
-  template void group_norm_stats_generic<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t, void*); \
-  template void group_norm_apply_generic<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t,          \
-                                            const void*);                                                           \
-  template void group_norm_grad_stats_generic<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,   \
-                                                 const void*, void*);                                               \
-  template void group_norm_grad_apply_generic<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,   \
-                                                 const void*);                                                      \
-  template void group_norm_combine<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t, const void*,  \
-                                      void*);                                                                       \
-  template void group_norm_tables_from_stats<D>(const GroupNormBackwardParams&, int64_t, int64_t, void*);           \
-  template void group_norm_combine_grad<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,         \
-                                           const void*, void*, double*, double*);                                   \
+#define FASTARCH_GN_INSTANCES(D)                                                                                   \
+  template void group_norm_combine<D>(const GroupNormForwardParams&, const Tiling&, int64_t, int64_t, const void*, \
+                                      void*);                                                                      \
+  template void group_norm_tables_from_stats<D>(const GroupNormBackwardParams&, int64_t, int64_t, void*);          \
+  template void group_norm_combine_grad<D>(const GroupNormBackwardParams&, const Tiling&, int64_t, int64_t,        \
+                                           const void*, void*, double*, double*);                                  \
   template void group_norm_weight_grads<D>(const GroupNormBackwardParams&, const double*, const double*);
 
 FASTARCH_GN_INSTANCES(Dtype::f32)
@@ -396,5 +395,24 @@ FASTARCH_GN_INSTANCES(Dtype::f64)
 FASTARCH_GN_INSTANCES(Dtype::f16)
 FASTARCH_GN_INSTANCES(Dtype::bf16)
 #undef FASTARCH_GN_INSTANCES
+#endif  // FASTARCH_PORTABLE_AVX2
+
+#define FASTARCH_GN_KERNELS(D)                                                                                      \
+  template void group_norm_stats_generic<kPortableBuild, D>(const GroupNormForwardParams&, const Tiling&, int64_t, \
+                                                            int64_t, void*);                                       \
+  template void group_norm_apply_generic<kPortableBuild, D>(const GroupNormForwardParams&, const Tiling&, int64_t, \
+                                                            int64_t, const void*);                                 \
+  template void group_norm_grad_stats_generic<kPortableBuild, D>(const GroupNormBackwardParams&, const Tiling&,    \
+                                                                 int64_t, int64_t, const void*, void*);            \
+  template void group_norm_grad_apply_generic<kPortableBuild, D>(const GroupNormBackwardParams&, const Tiling&,    \
+                                                                 int64_t, int64_t, const void*);
+
+FASTARCH_GN_KERNELS(Dtype::f32)
+FASTARCH_GN_KERNELS(Dtype::f64)
+FASTARCH_GN_KERNELS(Dtype::f16)
+FASTARCH_GN_KERNELS(Dtype::bf16)
+#undef FASTARCH_GN_KERNELS
 
 }  // namespace fastarch::cpu::gn
+
+FASTARCH_PORTABLE_END

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "cpu/dtype.h"
+#include "cpu/isa.h"
 #include "group_norms/group_norm_params.h"
 
 namespace fastarch::cpu::gn {
@@ -40,14 +41,14 @@ Tiling make_tiling(int64_t batch, int64_t channels, int64_t spatial, bool channe
 // With xhat = (x - M) rstd: z = (x - M) A + B, A = rstd w (1 + scale), B = bias (1 + scale) + shift.
 enum Table { kM = 0, kA, kB, kAd, kBd, kCd, kTables };
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, void* partial);
-template <Dtype D>
+template <Isa I, Dtype D>
 void group_norm_apply_generic(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables);
-template <Dtype D>
+template <Isa I, Dtype D>
 void group_norm_grad_stats_generic(
     const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables, void* partial);
-template <Dtype D>
+template <Isa I, Dtype D>
 void group_norm_grad_apply_generic(
     const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables);
 

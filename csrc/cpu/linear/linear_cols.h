@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "cpu/dtype.h"
+#include "cpu/isa.h"
 
 namespace fastarch::cpu {
 
@@ -20,7 +21,7 @@ struct LinearParams {
   int64_t rows, in_features, out_features, ldx;
 };
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end);
 // fp32, fp16 and bf16 only.
 template <Dtype D>

@@ -10,6 +10,9 @@
 #include <cstdint>
 
 #include "linear_cols.h"
+#include "cpu/portable.h"
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu {
 namespace {
@@ -67,7 +70,7 @@ void cols(const LinearParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
   if constexpr (D == Dtype::f32) {
     cols<float, float>(p, begin, end);
@@ -80,9 +83,11 @@ void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
   }
 }
 
-template void linear_cols_generic<Dtype::f32>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<Dtype::f64>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<Dtype::f16>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<Dtype::bf16>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<kPortableBuild, Dtype::f32>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<kPortableBuild, Dtype::f64>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<kPortableBuild, Dtype::f16>(const LinearParams&, int64_t, int64_t);
+template void linear_cols_generic<kPortableBuild, Dtype::bf16>(const LinearParams&, int64_t, int64_t);
 
 }  // namespace fastarch::cpu
+
+FASTARCH_PORTABLE_END

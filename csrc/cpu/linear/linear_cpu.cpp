@@ -14,6 +14,7 @@
 #include "cpu/isa.h"
 #include "linear/linear_glue.h"
 #include "linear_cols.h"
+#include "cpu/portable.h"
 
 namespace fastarch::cpu {
 namespace {
@@ -35,7 +36,7 @@ void run_cols(Dtype d, const LinearParams& p, int64_t begin, int64_t end) {
       if (isa_avx512()) return linear_cols_avx512<D>(p, begin, end);
     }
 #endif
-    linear_cols_generic<D>(p, begin, end);
+    with_portable_build([&]<Isa I>() { linear_cols_generic<I, D>(p, begin, end); });
   });
 }
 

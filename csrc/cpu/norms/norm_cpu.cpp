@@ -17,6 +17,7 @@
 #include "cpu/dtype_of.h"
 #include "cpu/isa.h"
 #include "norm_rows.h"
+#include "cpu/portable.h"
 
 namespace fastarch::cpu {
 namespace {
@@ -65,7 +66,7 @@ void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t en
 #else
     (void)in;
 #endif
-    norm_forward_rows_generic<D>(p, begin, end);
+    with_portable_build([&]<Isa I>() { norm_forward_rows_generic<I, D>(p, begin, end); });
   });
 }
 
@@ -83,7 +84,7 @@ void backward_rows(
 #else
     (void)in;
 #endif
-    norm_backward_rows_generic<D>(p, begin, end, dw, db);
+    with_portable_build([&]<Isa I>() { norm_backward_rows_generic<I, D>(p, begin, end, dw, db); });
   });
 }
 

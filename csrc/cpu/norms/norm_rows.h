@@ -4,15 +4,16 @@
 #include <cstdint>
 
 #include "cpu/dtype.h"
+#include "cpu/isa.h"
 #include "norms/norm_params.h"
 
 namespace fastarch::cpu {
 
 // dweight_acc / dbias_acc: this thread's (cols,) accumulators in the statistics dtype, added
 // into; null when that gradient is not wanted.
-template <Dtype D>
+template <Isa I, Dtype D>
 void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end);
-template <Dtype D>
+template <Isa I, Dtype D>
 void norm_backward_rows_generic(
     const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc);
 

@@ -9,6 +9,9 @@
 #include <limits>
 
 #include "norm_rows.h"
+#include "cpu/portable.h"
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu {
 namespace {
@@ -62,7 +65,7 @@ Acc row_sum(const T* v, int64_t n, F term) {
 
 }  // namespace
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
@@ -102,7 +105,7 @@ void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_
   }
 }
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void norm_backward_rows_generic(
     const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc) {
   using T = typename Types<D>::T;
@@ -150,8 +153,8 @@ void norm_backward_rows_generic(
 }
 
 #define FASTARCH_INSTANTIATE(D)                                                                 \
-  template void norm_forward_rows_generic<D>(const NormForwardParams&, int64_t, int64_t); \
-  template void norm_backward_rows_generic<D>(const NormBackwardParams&, int64_t, int64_t, void*, void*);
+  template void norm_forward_rows_generic<kPortableBuild, D>(const NormForwardParams&, int64_t, int64_t); \
+  template void norm_backward_rows_generic<kPortableBuild, D>(const NormBackwardParams&, int64_t, int64_t, void*, void*);
 FASTARCH_INSTANTIATE(Dtype::f32)
 FASTARCH_INSTANTIATE(Dtype::f64)
 FASTARCH_INSTANTIATE(Dtype::f16)
@@ -159,3 +162,5 @@ FASTARCH_INSTANTIATE(Dtype::bf16)
 #undef FASTARCH_INSTANTIATE
 
 }  // namespace fastarch::cpu
+
+FASTARCH_PORTABLE_END

@@ -16,6 +16,7 @@
 #include "cpu/isa.h"
 #include "rope/rope_glue.h"
 #include "rope_rows.h"
+#include "cpu/portable.h"
 
 namespace fastarch::cpu {
 namespace {
@@ -43,7 +44,7 @@ void run_rows(Dtype d, const RopeParams& p, int64_t begin, int64_t end) {
       if (isa_avx512()) return rope_rows_avx512<D>(p, begin, end, isa_bf16());
     }
 #endif
-    rope_rows_generic<D>(p, begin, end);
+    with_portable_build([&]<Isa I>() { rope_rows_generic<I, D>(p, begin, end); });
   });
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cpu/dtype.h"
+#include "cpu/isa.h"
 
 #include "rope/rope_params.h"
 
@@ -39,7 +40,7 @@ inline int64_t rope_position(const RopeParams& p, const RopeRow& row) {
   return p.add_s ? pos + row.s : pos;
 }
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void rope_rows_generic(const RopeParams& p, int64_t begin, int64_t end);
 // fp32, fp16 and bf16 only; bf16_instructions: the CPU has AVX512-BF16.
 template <Dtype D>

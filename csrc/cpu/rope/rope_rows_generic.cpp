@@ -8,6 +8,9 @@
 #include <cstring>
 
 #include "rope_rows.h"
+#include "cpu/portable.h"
+
+FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu {
 namespace {
@@ -130,7 +133,7 @@ void rows(const RopeParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-template <Dtype D>
+template <Isa I, Dtype D>
 void rope_rows_generic(const RopeParams& p, int64_t begin, int64_t end) {
   if (p.interleaved) {
     rows<D, true>(p, begin, end);
@@ -139,9 +142,11 @@ void rope_rows_generic(const RopeParams& p, int64_t begin, int64_t end) {
   }
 }
 
-template void rope_rows_generic<Dtype::f32>(const RopeParams&, int64_t, int64_t);
-template void rope_rows_generic<Dtype::f64>(const RopeParams&, int64_t, int64_t);
-template void rope_rows_generic<Dtype::f16>(const RopeParams&, int64_t, int64_t);
-template void rope_rows_generic<Dtype::bf16>(const RopeParams&, int64_t, int64_t);
+template void rope_rows_generic<kPortableBuild, Dtype::f32>(const RopeParams&, int64_t, int64_t);
+template void rope_rows_generic<kPortableBuild, Dtype::f64>(const RopeParams&, int64_t, int64_t);
+template void rope_rows_generic<kPortableBuild, Dtype::f16>(const RopeParams&, int64_t, int64_t);
+template void rope_rows_generic<kPortableBuild, Dtype::bf16>(const RopeParams&, int64_t, int64_t);
 
 }  // namespace fastarch::cpu
+
+FASTARCH_PORTABLE_END

@@ -37,6 +37,7 @@ CPU_SHAPES = SMALL_SHAPES + [(1040, 1024), (2080, 1024)]
 BACKENDS = [  # (backend, device, isa of the cpu kernels, shapes)
     pytest.param(("cpu", "cpu", "auto", CPU_SHAPES), id="cpu"),
     pytest.param(("cpu", "cpu", "generic", CPU_SHAPES), id="cpu-generic"),
+    pytest.param(("cpu", "cpu", "avx2", CPU_SHAPES), id="cpu-avx2"),
     pytest.param(("reference", "cpu", "auto", SMALL_SHAPES), id="reference"),
     pytest.param(("triton", TRITON_DEVICE, "auto", SMALL_SHAPES), id="triton"),
     pytest.param(("cuda", "cuda", "auto", CPU_SHAPES), id="cuda", marks=GPU),
@@ -92,7 +93,7 @@ def _problem(x):
 
 
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
 def test_fp32_accuracy_over_the_whole_curve(approximate, isa, cpu_isa):
     """Every fp32 kernel, on a dense grid of h in [-14, 14], against the cancellation-free fp64
     truth (reference.gelu; F.gelu itself loses every digit below h ~ -3 in fp32, ~ -5.5 in
@@ -188,7 +189,7 @@ def test_leading_dims_and_bias_gradient_only_when_asked():
     torch.testing.assert_close(dx.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
 def test_gradcheck_fp64_cpu(approximate, isa, cpu_isa):
     """The CPU kernels' fp64 gradients match finite differences (fp64 runs the portable build)."""

@@ -33,6 +33,7 @@ CPU_SHAPES = SMALL_SHAPES + [(1040, 1024)]
 BACKENDS = [  # (backend, device, isa of the cpu kernels, shapes)
     pytest.param(("cpu", "cpu", "auto", CPU_SHAPES), id="cpu"),
     pytest.param(("cpu", "cpu", "generic", CPU_SHAPES), id="cpu-generic"),
+    pytest.param(("cpu", "cpu", "avx2", CPU_SHAPES), id="cpu-avx2"),
     pytest.param(("reference", "cpu", "auto", SMALL_SHAPES), id="reference"),
     pytest.param(("triton", TRITON_DEVICE, "auto", SMALL_SHAPES), id="triton"),
     pytest.param(("cuda", "cuda", "auto", CPU_SHAPES), id="cuda", marks=GPU),
@@ -79,7 +80,7 @@ def test_forward_and_backward(backend, device, isa, shape, dtype, approximate, c
 
 
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
-@pytest.mark.parametrize("backend,isa", [("cpu", "auto"), ("cpu", "generic"), ("reference", "auto")])
+@pytest.mark.parametrize("backend,isa", [("cpu", "auto"), ("cpu", "generic"), ("cpu", "avx2"), ("reference", "auto")])
 def test_fp64_against_torch(backend, isa, approximate, cpu_isa):
     """fp64 (cpu and reference): within a few ulps of torch's fp64 computation (its 1 + erf
     loses digits only where gelu's value is below ~1e-16 of the scale)."""
@@ -151,7 +152,7 @@ def test_chunks_reach_the_kernel_without_a_copy(monkeypatch):
 
 
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
 def test_gradcheck_fp64_cpu(isa, approximate, cpu_isa):
     cpu_isa(isa)
     gate, up = make_inputs(5, 13, torch.float64, "cpu")
@@ -161,7 +162,7 @@ def test_gradcheck_fp64_cpu(isa, approximate, cpu_isa):
 
 
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
 def test_fp32_accuracy_over_the_whole_curve(isa, approximate, cpu_isa):
     """The gated path of every fp32 kernel, up = 1, on a dense grid of gates in [-12, 12],
     against the cancellation-free fp64 truth (reference.gelu: F.gelu loses every digit below

@@ -27,6 +27,7 @@ CPU_SHAPES = SMALL_SHAPES + [(1040, 1024)]
 BACKENDS = [
     pytest.param(("cpu", "cpu", "auto", CPU_SHAPES), id="cpu"),
     pytest.param(("cpu", "cpu", "generic", CPU_SHAPES), id="cpu-generic"),
+    pytest.param(("cpu", "cpu", "avx2", CPU_SHAPES), id="cpu-avx2"),
     pytest.param(("reference", "cpu", "auto", SMALL_SHAPES), id="reference"),
     pytest.param(("triton", TRITON_DEVICE, "auto", SMALL_SHAPES), id="triton"),
     pytest.param(("cuda", "cuda", "auto", CPU_SHAPES), id="cuda", marks=GPU),
@@ -107,7 +108,7 @@ def test_non_contiguous_and_leading_dims(backend):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
 def test_gradcheck_fp64_cpu(isa, cpu_isa):
     cpu_isa(isa)
     gate, up = make_inputs(5, 13, torch.float64, "cpu")
@@ -116,7 +117,7 @@ def test_gradcheck_fp64_cpu(isa, cpu_isa):
     )
 
 
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
 def test_fp32_accuracy_over_the_whole_curve(isa, cpu_isa):
     """silu on a dense grid of gates in [-90, 90] against fp64: a relative error of at most
     8 ulps x (1 + |g|) (the condition number of g sigmoid(g) for negative g) wherever the value

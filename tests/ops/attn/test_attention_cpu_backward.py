@@ -31,13 +31,14 @@ def _isa(name: str) -> None:
     _C._set_cpu_isa(name)
 
 
-@pytest.fixture(params=["avx512_bf16", "generic"])
+@pytest.fixture(params=["avx512_bf16", "avx2", "generic"])
 def isa(request):
-    """Both builds of the kernel: AVX-512 + BF16 (when the CPU and the build have it) and the portable one."""
+    """The builds of the kernel: AVX-512 + BF16 (when the CPU and the build have it) and the
+    portable one's two (AVX2, and the baseline)."""
     info = _extension.build_info()
     if request.param == "avx512_bf16" and not (info.get("cpu_has_avx512_bf16") and "avx512" in info.get("cpu_kernels", [])):
         pytest.skip("the AVX-512 backward needs AVX512-BF16 and a build with the AVX-512 kernels")
-    _isa(request.param)
+    backend_rows.set_cpu_isa(request.param)
     yield request.param
     _isa(backend_rows.DEFAULT_ISA)
 

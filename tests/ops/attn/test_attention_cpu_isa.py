@@ -1,8 +1,9 @@
 """The CPU attention kernels on each of their instruction-set paths: "avx512_bf16" (the
 *_avx512.cpp kernels with vdpbf16ps, on x86 CPUs that have AVX-512 and AVX512-BF16; level
 avx512, without AVX512-BF16, runs the same forward for fp32/fp16 and the portable backward:
-tests/ops/attn/test_cpu_isa_levels.py) and "generic" (the portable C++ kernels that every other
-CPU runs: aarch64, x86 without AVX-512), each forced with fastarch._C._set_cpu_isa. A path this
+tests/ops/attn/test_cpu_isa_levels.py), "avx2" (the portable C++ kernels built for AVX2 + FMA: x86
+CPUs without AVX-512) and "generic" (the same built for the baseline: aarch64, older x86), each
+forced with fastarch._C._set_cpu_isa. A path this
 build or CPU cannot run is skipped with the reason. (The amx level's brgemm forward:
 test_attention_cpu_brgemm.py.)
 
@@ -35,7 +36,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ids = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-@pytest.fixture(params=["avx512_bf16", "generic"])
+@pytest.fixture(params=["avx512_bf16", "avx2", "generic"])
 def isa(request):
     """Forces one path of the CPU kernels for the test; automatic choice again afterwards."""
     try:

@@ -1,4 +1,4 @@
-"""The instruction-set levels of the CPU kernels (csrc/cpu/isa.h): generic < avx512 <
+"""The instruction-set levels of the CPU kernels (csrc/cpu/isa.h): generic < avx2 < avx512 <
 avx512_bf16 < amx, forced with fastarch._C._set_cpu_isa or FASTARCH_CPU_ISA. Each level either
 runs here (and then the kernels it selects give the reference's answers and build_info and
 the bench label name it) or is refused with the machine's reason, which must agree with what
@@ -21,7 +21,7 @@ from test_attention import compare, make_qkv
 
 _C = _extension._C
 pytestmark = pytest.mark.skipif(_C is None, reason=f"fastarch._C is not loaded: {_extension.LOAD_ERROR}")
-LEVELS = ["generic", "avx512", "avx512_bf16", "amx"]
+LEVELS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]
 
 
 def _runnable(level: str) -> str | None:
@@ -29,6 +29,10 @@ def _runnable(level: str) -> str | None:
     info = _C.build_info()
     if level == "generic":
         return None
+    if level == "avx2":
+        if "avx2" not in info["cpu_kernels"]:
+            return "the build has no AVX2 kernels"
+        return None if info["cpu_has_avx2"] else "the CPU lacks AVX2, FMA or F16C"
     if "avx512" not in info["cpu_kernels"]:
         return "the build has no AVX-512 kernels"
     if not info["cpu_has_avx512"]:
@@ -81,8 +85,8 @@ def test_auto_is_the_highest_runnable_level():
 
 
 def test_unknown_level_names_the_choices():
-    with pytest.raises(ValueError, match="'auto', 'generic', 'avx512', 'avx512_bf16' or 'amx', got 'avx2'"):
-        _C._set_cpu_isa("avx2")
+    with pytest.raises(ValueError, match="'auto', 'generic', 'avx2', 'avx512', 'avx512_bf16' or 'amx', got 'sse4'"):
+        _C._set_cpu_isa("sse4")
 
 
 def _import_with(env: dict) -> subprocess.CompletedProcess:

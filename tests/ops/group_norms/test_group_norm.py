@@ -45,6 +45,7 @@ LARGE = SMALL + [((1, 8, 67, 257), 2), ((1, 64, 33, 17), 32), ((2, 8, 130, 130),
 BACKENDS = [
     pytest.param(("cpu", "cpu", "auto", LARGE), id="cpu"),
     pytest.param(("cpu", "cpu", "generic", LARGE), id="cpu-generic"),
+    pytest.param(("cpu", "cpu", "avx2", LARGE), id="cpu-avx2"),
     pytest.param(("reference", "cpu", "auto", SMALL), id="reference"),
     pytest.param(("triton", TRITON_DEVICE, "auto", SMALL[:3]), id="triton"),
     pytest.param(("cuda", "cuda", "auto", LARGE), id="cuda", marks=GPU),

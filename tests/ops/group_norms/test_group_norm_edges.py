@@ -163,7 +163,7 @@ def test_empty_batch(backend, cpu_isa):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
 def test_deterministic_across_thread_counts(isa, channels_last, dtype, cpu_isa):
     """32 groups split over several work items: the same bits with 1, 2 and 16 threads, forward
     and every gradient (fixed items and a fixed combining order, no atomics). With 1 and 2

@@ -51,6 +51,7 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # on CPU: Triton's interpreter (c
 BACKENDS = [  # (backend, device, isa of the cpu kernels, shapes)
     pytest.param(("cpu", "cpu", "auto", ALL_SHAPES), id="cpu"),
     pytest.param(("cpu", "cpu", "generic", SMALL_SHAPES), id="cpu-generic"),
+    pytest.param(("cpu", "cpu", "avx2", SMALL_SHAPES), id="cpu-avx2"),
     pytest.param(("reference", "cpu", "auto", SMALL_SHAPES), id="reference"),
     pytest.param(("triton", TRITON_DEVICE, "auto", ALL_SHAPES if HAS_CUDA else SMALL_SHAPES), id="triton"),
     pytest.param(("cuda", "cuda", "auto", ALL_SHAPES), id="cuda", marks=GPU),
@@ -75,7 +76,7 @@ def cpu_isa(request):
     """Selects the CPU kernels' instruction set for one test, then restores automatic choice."""
 
     def select(isa: str):
-        _C._set_cpu_isa(isa)
+        backend_rows.set_cpu_isa(isa)
 
     yield select
     _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
@@ -289,7 +290,7 @@ def test_constant_rows_and_large_offsets(backend, dtype):
 
 
 @pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
 def test_gradcheck_fp64_cpu(op, isa, cpu_isa):
     """The CPU kernels' analytical gradients match finite differences in fp64."""
     cpu_isa(isa)
@@ -308,11 +309,15 @@ def test_gradcheck_fp64_cpu(op, isa, cpu_isa):
 
 
 def test_cpu_isa_switch_is_real(cpu_isa):
-    """The generic and AVX-512 builds both run (the table above covers both)."""
+    """The generic, AVX2 and AVX-512 builds all run (the table above covers them)."""
     info = fastarch._extension.build_info()
     cpu_isa("generic")
     assert _C.build_info()["cpu_isa"] == "generic"
     cpu_isa("auto")
     avx512 = info["cpu_has_avx512"] and "avx512" in info["cpu_kernels"]  # the CPU has it, the build too
-    # the highest AVX-512 level the CPU runs (cpu/isa.h)
-    assert (_C.build_info()["cpu_isa"] in ("avx512", "avx512_bf16", "amx")) if avx512 else _C.build_info()["cpu_isa"] == "generic"
+    avx2 = info["cpu_has_avx2"] and "avx2" in info["cpu_kernels"]
+    # the highest level the CPU and build run (cpu/isa.h)
+    if avx512:
+        assert _C.build_info()["cpu_isa"] in ("avx512", "avx512_bf16", "amx")
+    else:
+        assert _C.build_info()["cpu_isa"] == ("avx2" if avx2 else "generic")

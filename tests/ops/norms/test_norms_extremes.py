@@ -58,6 +58,7 @@ BACKENDS = [  # (backend, device, isa of the cpu kernels)
     pytest.param(("cpu", "cpu", "avx512"), id="cpu-avx512",
                  marks=pytest.mark.skipif(not HAS_AVX512, reason="the CPU or this build lacks the AVX-512 kernels")),
     pytest.param(("cpu", "cpu", "generic"), id="cpu-generic"),
+    pytest.param(("cpu", "cpu", "avx2"), id="cpu-avx2"),
     pytest.param(("triton", TRITON_DEVICE, "auto"), id="triton"),
     pytest.param(("reference", "cpu", "auto"), id="reference"),
     pytest.param(("cuda", "cuda", "auto"), id="cuda", marks=GPU),
@@ -68,7 +69,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture
 def cpu_isa():
     """Selects the CPU kernels' instruction set for one test, then restores automatic choice."""
-    yield _C._set_cpu_isa
+    yield backend_rows.set_cpu_isa
     _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 

@@ -20,18 +20,19 @@ from rope_cases import CASES, make, truth, ulp_bound
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [pytest.param(False, id="neox"), pytest.param(True, id="gptj")]
-# Every backend row, and the CPU kernels' portable build (run on an AVX-512 machine too).
-ROWS = backend_rows.rows("rotary") + [pytest.param("cpu", "cpu", id="cpu-generic")]
+# Every backend row, and the CPU kernels' portable builds (run on an AVX-512 machine too).
+ROWS = backend_rows.rows("rotary") + [pytest.param("cpu", "cpu", id=f"cpu-{level}") for level in ("generic", "avx2")]
 
 
 @pytest.fixture
 def cpu_isa(request):
-    """The CPU kernels' build for one test ("generic" for the cpu-generic row), restored after."""
-    generic = "cpu-generic" in request.node.callspec.id
-    if generic:
-        _C._set_cpu_isa("generic")
+    """The CPU kernels' level for one test (generic or avx2 for the cpu-generic and cpu-avx2
+    rows), restored after."""
+    level = next((lv for lv in ("generic", "avx2") if f"cpu-{lv}" in request.node.callspec.id), None)
+    if level:
+        backend_rows.set_cpu_isa(level)
     yield
-    if generic:
+    if level:
         _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 
