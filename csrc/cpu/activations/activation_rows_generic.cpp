@@ -1,6 +1,8 @@
 // Portable build of the CPU activation row kernels: for CPUs without AVX-512 and for fp64. The
-// math is the C library's (erfc, exp) in the accumulation type; the AVX-512 build evaluates the
-// same formulas with its own polynomials.
+// math is in the accumulation type: fp32's exp is portable_math.h's exp_f32 (2 ulp, and loops of
+// it vectorize) and its erfc the AVX-512 build's polynomial, fp64's exp and erfc the C
+// library's. Each loop is compiled per activation, so that the SiLU and
+// tanh-GELU ones vectorize.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -8,6 +10,7 @@
 
 #include "activation_rows.h"
 #include "cpu/portable.h"
+#include "cpu/portable_math.h"
 
 FASTARCH_PORTABLE_BEGIN
 
@@ -42,23 +45,84 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;    // 1 / sqrt(2 pi)
 constexpr double kSqrt2OverPi = 0.79788456080286535588;   // sqrt(2 / pi)
 constexpr double kTanhCubic = 0.044715;
 
+template <typename Acc>
+inline Acc exp_acc(Acc x) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    return portable::exp_f32(x);
+  } else {
+    return std::exp(x);
+  }
+}
+
+// cond ? a : b, both computed: for fp32 a select of bits (GCC vectorizes no select whose arms
+// compute in floating point, see portable_math.h's keep_if).
+template <typename Acc>
+inline Acc pick(bool cond, Acc a, Acc b) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    uint32_t ua, ub;
+    std::memcpy(&ua, &a, 4);
+    std::memcpy(&ub, &b, 4);
+    const uint32_t m = 0u - static_cast<uint32_t>(cond);
+    const uint32_t u = (ua & m) | (ub & ~m);
+    float out;
+    std::memcpy(&out, &u, 4);
+    return out;
+  } else {
+    return cond ? a : b;
+  }
+}
+
 // sigmoid(v) and 1 - sigmoid(v), each without cancellation: 1 - s is e s where e = exp(-v) < 1
 // (s near 1), and the subtraction itself where s <= 1/2 (e there may be inf).
 template <typename Acc>
 struct Sigmoid {
   Acc s, one_minus_s;
   explicit Sigmoid(Acc v) {
-    const Acc e = std::exp(-v);
+    const Acc e = exp_acc(-v);
     s = Acc(1) / (Acc(1) + e);
-    one_minus_s = e < Acc(1) ? e * s : Acc(1) - s;
+    one_minus_s = pick(e < Acc(1), e * s, Acc(1) - s);
   }
 };
 
 // Phi(h) = erfc(-h / sqrt 2) / 2: no cancellation for negative h, where 1 + erf would lose
 // every digit. h Phi(h) gives inf at +inf and NaN at -inf (inf * 0), as torch's F.gelu.
+// fp32: erfc(|h| / sqrt 2) as t exp(-h^2/2) Q(s), t = 1 / (1 + |h| / (2 sqrt 2)), the AVX-512
+// build's formula and degree-10 polynomial (activation_rows_avx512.cpp: relative error 9.4e-9),
+// in operations that vectorize; |h| capped at 1e4 (erfc is 0 there through the exp anyway; a
+// NaN passes the cap).
+constexpr float kErfcQ[11] = {
+    0.5720119740348028f,    0.3262225158380577f,    0.1020298861212319f,   0.005962600693706014f,
+    -0.006155051567403365f, -0.0006188299506934053f, 0.0005988707892591491f, 3.536675358016485e-06f,
+    -6.928564257153684e-05f, 7.203381664866606e-06f, 6.589006384277334e-06f,
+};
+
+inline float gelu_cdf_f32(float h) {
+  const float a = __builtin_fabsf(h);
+  const float capped = pick(a > 1e4f, 1e4f, a);
+  const float t = 1.0f / portable::madd_f32(capped, 0.35355339059327376f, 1.0f);
+  const float s = portable::madd_f32(t, 12.0f / 5, -7.0f / 5);  // (t - 7/12) / (5/12)
+  float q = kErfcQ[10];  // (Horner's rule written out: a loop here keeps the row's loop scalar)
+  q = portable::madd_f32(q, s, kErfcQ[9]);
+  q = portable::madd_f32(q, s, kErfcQ[8]);
+  q = portable::madd_f32(q, s, kErfcQ[7]);
+  q = portable::madd_f32(q, s, kErfcQ[6]);
+  q = portable::madd_f32(q, s, kErfcQ[5]);
+  q = portable::madd_f32(q, s, kErfcQ[4]);
+  q = portable::madd_f32(q, s, kErfcQ[3]);
+  q = portable::madd_f32(q, s, kErfcQ[2]);
+  q = portable::madd_f32(q, s, kErfcQ[1]);
+  q = portable::madd_f32(q, s, kErfcQ[0]);
+  const float half_e = t * q * portable::exp_f32(a * a * -0.5f) * 0.5f;
+  return pick(h > 0.0f, 1.0f - half_e, half_e);
+}
+
 template <typename Acc>
 Acc gelu_cdf(Acc h) {
-  return Acc(0.5) * std::erfc(-h * Acc(kSqrtHalf));
+  if constexpr (std::is_same_v<Acc, float>) {
+    return gelu_cdf_f32(h);
+  } else {
+    return Acc(0.5) * std::erfc(-h * Acc(kSqrtHalf));
+  }
 }
 template <typename Acc>
 Acc gelu_erf(Acc h) {
@@ -66,7 +130,7 @@ Acc gelu_erf(Acc h) {
 }
 template <typename Acc>
 Acc gelu_erf_grad(Acc h, Acc cdf) {
-  return cdf + h * Acc(kInvSqrt2Pi) * std::exp(Acc(-0.5) * h * h);
+  return cdf + h * Acc(kInvSqrt2Pi) * exp_acc(Acc(-0.5) * h * h);
 }
 template <typename Acc>
 Acc gelu_erf_grad(Acc h) {
@@ -151,8 +215,8 @@ ValueGrad<Acc> value_and_grad(Activation act, Acc h) {
   return {h * sg.s, silu_grad(h, sg)};
 }
 
-template <Dtype D>
-void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end) {
+template <Activation A, Dtype D>
+void forward_rows_as(const ActivationForwardParams& p, int64_t begin, int64_t end) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
   const T* bias = static_cast<const T*>(p.bias);
@@ -162,19 +226,20 @@ void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end) 
     if (p.b) {  // gated: f(gate) up
       const T* b = static_cast<const T*>(p.b) + r * p.b_row_stride;
       for (int64_t c = 0; c < p.cols; ++c) {
-        y[c] = static_cast<T>(value(p.act, static_cast<Acc>(a[c])) * static_cast<Acc>(b[c]));
+        y[c] = static_cast<T>(value(A, static_cast<Acc>(a[c])) * static_cast<Acc>(b[c]));
       }
       continue;
     }
-    for (int64_t c = 0; c < p.cols; ++c) {
-      const Acc h = static_cast<Acc>(a[c]) + (bias ? static_cast<Acc>(bias[c]) : Acc(0));
-      y[c] = static_cast<T>(value(p.act, h));
+    if (bias) {  // (two loops: a load under a condition keeps a loop from vectorizing)
+      for (int64_t c = 0; c < p.cols; ++c) y[c] = static_cast<T>(value(A, static_cast<Acc>(a[c]) + static_cast<Acc>(bias[c])));
+    } else {
+      for (int64_t c = 0; c < p.cols; ++c) y[c] = static_cast<T>(value(A, static_cast<Acc>(a[c])));
     }
   }
 }
 
-template <Dtype D>
-void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end, void* dbias_acc) {
+template <Activation A, Dtype D>
+void backward_rows_as(const ActivationBackwardParams& p, int64_t begin, int64_t end, void* dbias_acc) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
   const T* bias = static_cast<const T*>(p.bias);
@@ -188,18 +253,52 @@ void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end
       T* db = static_cast<T*>(p.db) + r * p.db_row_stride;
       for (int64_t c = 0; c < p.cols; ++c) {
         const Acc d = static_cast<Acc>(dy[c]);
-        const ValueGrad<Acc> f = value_and_grad(p.act, static_cast<Acc>(a[c]));
+        const ValueGrad<Acc> f = value_and_grad(A, static_cast<Acc>(a[c]));
         da[c] = static_cast<T>(d * static_cast<Acc>(b[c]) * f.grad);
         db[c] = static_cast<T>(d * f.value);
       }
       continue;
     }
-    for (int64_t c = 0; c < p.cols; ++c) {
-      const Acc h = static_cast<Acc>(a[c]) + (bias ? static_cast<Acc>(bias[c]) : Acc(0));
-      const Acc g = static_cast<Acc>(dy[c]) * grad(p.act, h);
-      da[c] = static_cast<T>(g);
-      if (dbias) dbias[c] += g;
+    const auto run = [&](auto with_bias, auto with_dbias) {  // (a loop per case: conditions in it keep it scalar)
+      for (int64_t c = 0; c < p.cols; ++c) {
+        const Acc h = with_bias ? static_cast<Acc>(a[c]) + static_cast<Acc>(bias[c]) : static_cast<Acc>(a[c]);
+        const Acc g = static_cast<Acc>(dy[c]) * grad(A, h);
+        da[c] = static_cast<T>(g);
+        if (with_dbias) dbias[c] += g;
+      }
+    };
+    if (!bias) {
+      run(std::false_type{}, std::false_type{});
+    } else if (dbias) {
+      run(std::true_type{}, std::true_type{});
+    } else {
+      run(std::true_type{}, std::false_type{});
     }
+  }
+}
+
+// The loops above compiled for p.act.
+template <Dtype D>
+void forward_rows(const ActivationForwardParams& p, int64_t begin, int64_t end) {
+  switch (p.act) {
+    case Activation::gelu_erf:
+      return forward_rows_as<Activation::gelu_erf, D>(p, begin, end);
+    case Activation::gelu_tanh:
+      return forward_rows_as<Activation::gelu_tanh, D>(p, begin, end);
+    case Activation::silu:
+      return forward_rows_as<Activation::silu, D>(p, begin, end);
+  }
+}
+
+template <Dtype D>
+void backward_rows(const ActivationBackwardParams& p, int64_t begin, int64_t end, void* dbias_acc) {
+  switch (p.act) {
+    case Activation::gelu_erf:
+      return backward_rows_as<Activation::gelu_erf, D>(p, begin, end, dbias_acc);
+    case Activation::gelu_tanh:
+      return backward_rows_as<Activation::gelu_tanh, D>(p, begin, end, dbias_acc);
+    case Activation::silu:
+      return backward_rows_as<Activation::silu, D>(p, begin, end, dbias_acc);
   }
 }
 

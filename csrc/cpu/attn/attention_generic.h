@@ -21,14 +21,14 @@
 
 #include "attention_common.h"
 #include "cpu/portable.h"
-#ifdef FASTARCH_PORTABLE_AVX2
-#include <immintrin.h>
-#endif
+#include "cpu/portable_math.h"
 
 FASTARCH_PORTABLE_BEGIN
 
 namespace fastarch::cpu::attention::generic {
 namespace {
+
+using namespace portable;
 
 // Partial lanes of the reductions: a multiple of any vector width up to 512 bits of fp32.
 constexpr int64_t kLanes = 16;
@@ -75,90 +75,6 @@ inline void from_f32(const float* __restrict src, int64_t n, void* dst) {
   }
 }
 
-// ----------------------------------------------------------------------------- exp
-
-// cond ? x : 0, as an and with a mask. GCC (its default -ftrapping-math) does not turn a select
-// whose arm computes in floating point into branch-free code: it moves the arm's arithmetic
-// into a branch (it could trap), and then vectorizes nothing of the loop around it. The mask
-// keeps the arithmetic unconditional.
-inline float keep_if(bool cond, float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  bits &= 0u - static_cast<uint32_t>(cond);
-  std::memcpy(&x, &bits, 4);
-  return x;
-}
-
-// a * b + c: fused (one rounding, vfmadd, vectorized with the loop around it) in the AVX2 build;
-// a product and a sum on the baseline, which has no fused multiply-add.
-inline float madd_f32(float a, float b, float c) {
-#ifdef FASTARCH_PORTABLE_AVX2
-  return __builtin_fmaf(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
-// exp(x) within 2 ulp of fp32 for -87 <= x <= 88; 0 for x < -87 (where the true value is below
-// the smallest normal fp32, which a softmax probability next to its row's maximum 1 cannot
-// tell from 0) and for -inf; +inf above 88; NaN for NaN.
-// Cody-Waite: x = n ln2 + r, |r| <= ln2/2, with ln2 in two parts; degree-7 polynomial for e^r;
-// 2^n built in the exponent bits. n = round(x log2 e) comes from adding 1.5 * 2^23, which
-// leaves it in the low mantissa bits: no float -> int conversion (undefined for NaN) and no
-// select with arithmetic in its arm, so loops of it vectorize on any target.
-inline float exp_f32(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23, bits 0x4B400000
-  const float t = madd_f32(x, kLog2e, kShift);
-  const float n = t - kShift;  // exact: round(x log2 e)
-  uint32_t tb;
-  std::memcpy(&tb, &t, 4);
-  const uint32_t pow2_bits = (tb - 0x4B400000u + 127u) << 23;  // 2^n, n in [-126, 127]
-  float pow2;
-  std::memcpy(&pow2, &pow2_bits, 4);
-  float r = madd_f32(n, -0.693359375f, x);  // ln2 high part: n * hi is exact
-  r = madd_f32(n, 2.12194440e-4f, r);       // ln2 low part
-  float y = 1.0f / 5040;
-  y = madd_f32(y, r, 1.0f / 720);
-  y = madd_f32(y, r, 1.0f / 120);
-  y = madd_f32(y, r, 1.0f / 24);
-  y = madd_f32(y, r, 1.0f / 6);
-  y = madd_f32(y, r, 0.5f);
-  y = madd_f32(y, r, 1.0f);
-  y = madd_f32(y, r, 1.0f);
-  // x < -87: 0 (NaN compares false: stays NaN); x > 88: +inf
-  uint32_t e;
-  const float value = y * pow2;
-  std::memcpy(&e, &value, 4);
-  const uint32_t big = 0u - static_cast<uint32_t>(x > 88.0f);
-  e = ((e & ~big) | (0x7F800000u & big)) & (0u - static_cast<uint32_t>(!(x < -87.0f)));
-  float out;
-  std::memcpy(&out, &e, 4);
-  return out;
-}
-
-// ----------------------------------------------------------------------------- vectors
-
-// One register of fp32 lanes as a GCC vector type: 8 lanes (ymm) in the AVX2 build, 4 (SSE2 xmm
-// or NEON q) on the baseline.
-constexpr int kVecLanes = kPortableBuild == Isa::avx2 ? 8 : 4;
-typedef float Vec __attribute__((vector_size(4 * kVecLanes)));
-
-inline Vec load_vec(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-// v in every lane: one broadcast (Vec{} + v would add, and turn -0 into +0).
-inline Vec splat(float v) {
-#ifdef FASTARCH_PORTABLE_AVX2
-  return Vec{v, v, v, v, v, v, v, v};
-#else
-  return Vec{v, v, v, v};
-#endif
-}
-
 // ----------------------------------------------------------------------------- reductions
 
 // The kLanes partial lanes of the reductions, in kLanes / kVecLanes vectors.
@@ -199,16 +115,6 @@ inline float sum_lanes(const float* __restrict x, int64_t n) {
 }
 
 // ----------------------------------------------------------------------------- GEMM
-
-// acc + a * b: one rounding (vfmadd) in the AVX2 build; a product and a sum on the baseline
-// (no fused multiply-add there, and the build contracts nothing: -ffp-contract=off).
-inline Vec madd(Vec a, Vec b, Vec acc) {
-#ifdef FASTARCH_PORTABLE_AVX2
-  return (Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
-#else
-  return acc + a * b;
-#endif
-}
 
 // The register tile: kMR rows x kNR columns of C, two vectors a row: 6 x 16 in the AVX2 build
 // (12 of its 16 ymm registers), 4 x 8 on the baseline (8 of 16). Each step of K loads two

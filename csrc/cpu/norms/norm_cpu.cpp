@@ -34,7 +34,8 @@ bool can_stream(const Tensor& out) {
 }
 
 // The AVX-512 kernels' extra arguments: fp32 weight and bias (converted once per call, not
-// once per row) and whether to stream the outputs. The scratch row is per thread.
+// once per row) and whether to stream the outputs (the portable forward's too). The scratch
+// row is per thread.
 struct Avx512Inputs {
   Tensor weight, bias;  // fp32, or undefined
   bool stream;
@@ -66,7 +67,7 @@ void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t en
 #else
     (void)in;
 #endif
-    with_portable_build([&]<Isa I>() { norm_forward_rows_generic<I, D>(p, begin, end); });
+    with_portable_build([&]<Isa I>() { norm_forward_rows_generic<I, D>(p, begin, end, in.stream); });
   });
 }
 
@@ -103,8 +104,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
   Tensor mean = at::empty({rms ? 0 : rows}, stats);
   Tensor rstd = at::empty({rows}, stats);
   const NormForwardParams p = norm_glue::forward_params(x, residual, weight, bias, y, residual_out, mean, rstd, eps, rms);
-  Avx512Inputs in;
-  if (use_avx512(d)) in = {as_fp32(weight), as_fp32(bias), can_stream(y) && (!residual || can_stream(residual_out))};
+  Avx512Inputs in{Tensor(), Tensor(), can_stream(y) && (!residual || can_stream(residual_out))};
+  if (use_avx512(d)) in = {as_fp32(weight), as_fp32(bias), in.stream};
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) { forward_rows(d, p, begin, end, in); });
   return {y, residual_out, mean, rstd};
 }

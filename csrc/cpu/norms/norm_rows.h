@@ -12,7 +12,7 @@ namespace fastarch::cpu {
 // dweight_acc / dbias_acc: this thread's (cols,) accumulators in the statistics dtype, added
 // into; null when that gradient is not wanted.
 template <Isa I, Dtype D>
-void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end);
+void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end, bool stream);
 template <Isa I, Dtype D>
 void norm_backward_rows_generic(
     const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc);

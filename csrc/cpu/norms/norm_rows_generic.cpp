@@ -8,8 +8,9 @@
 #include <cmath>
 #include <limits>
 
-#include "norm_rows.h"
 #include "cpu/portable.h"
+#include "cpu/portable_math.h"
+#include "norm_rows.h"
 
 FASTARCH_PORTABLE_BEGIN
 
@@ -63,12 +64,126 @@ Acc row_sum(const T* v, int64_t n, F term) {
   return total;
 }
 
+// The fp32 statistics of the 16-bit and fp32 rows, in vectors: per block of kBlock values,
+// kSumVecs vectors of partial sums (kSumLanes lanes: independent chains of additions), the
+// values past the last whole group of kSumLanes added into the lanes in order, the lanes added
+// up as a tree of halves, then the blocks in order.
+using portable::kVecLanes;
+using portable::Vec;
+constexpr int kSumLanes = 32;
+constexpr int kSumVecs = kSumLanes / kVecLanes;
+
+inline float lanes_total(const Vec (&part)[kSumVecs]) {
+  float lane[kSumLanes];
+  std::memcpy(lane, part, sizeof lane);
+  for (int h = kSumLanes / 2; h > 0; h /= 2)
+    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+  return lane[0];
+}
+
+// Sums over row v[0, n) of term(v) (term takes and returns a Vec or a float), one per terms.
+template <typename T, typename... Terms>
+void vec_row_sums(const T* v, int64_t n, float* sums, Terms... terms) {
+  constexpr int kTerms = sizeof...(Terms);
+  for (int t = 0; t < kTerms; ++t) sums[t] = 0.0f;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(b + kBlock, n);
+    Vec part[kTerms][kSumVecs] = {};
+    int64_t i = b;
+    for (; i + kSumLanes <= e; i += kSumLanes) {
+      for (int k = 0; k < kSumVecs; ++k) {
+        const Vec x = portable::load_f32(v + i + k * kVecLanes);
+        int t = 0;
+        ((part[t++][k] += terms(x)), ...);
+      }
+    }
+    float lane[kTerms][kSumLanes];
+    std::memcpy(lane, part, sizeof lane);
+    for (int k = 0; i < e; ++i, ++k) {
+      const float x = static_cast<float>(v[i]);
+      int t = 0;
+      ((lane[t++][k] += terms(x)), ...);
+    }
+    std::memcpy(part, lane, sizeof lane);
+    for (int t = 0; t < kTerms; ++t) sums[t] += lanes_total(part[t]);
+  }
+}
+
+// The fp32 forward of one row (the 16-bit types and fp32), in vectors where whole ones fit;
+// kStream: the outputs by streaming stores (whole vectors only: cols a multiple of 16).
+template <typename T, bool kStream>
+void forward_row_vec(const NormForwardParams& p, int64_t r) {
+  const int64_t n = p.cols;
+  const T* w = static_cast<const T*>(p.weight);
+  const T* b = static_cast<const T*>(p.bias);
+  const T* src = static_cast<const T*>(p.x) + r * p.x_row_stride;
+  const int64_t nv = n / kVecLanes * kVecLanes;
+  if (p.residual) {
+    const T* res = static_cast<const T*>(p.residual) + r * p.residual_row_stride;
+    T* out = static_cast<T*>(p.residual_out) + r * n;
+    int64_t i = 0;
+    for (; i < nv; i += kVecLanes) {
+      const Vec v = portable::load_f32(src + i) + portable::load_f32(res + i);
+      kStream ? portable::stream_f32(out + i, v) : portable::store_f32(out + i, v);
+    }
+    for (; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(src[i]) + static_cast<float>(res[i]));
+    src = out;
+  }
+  const float count = static_cast<float>(n);
+  float sums[2];
+  float mean = 0.0f;
+  if (!p.rms) {
+    vec_row_sums(src, n, sums, [](auto x) { return x; });
+    mean = sums[0] / count;
+  }
+  // the squared deviations and (layer norm) the deviations, in one pass
+  const auto dev = [mean](auto x) { return x - mean; };
+  const auto dev_sq = [mean](auto x) { return (x - mean) * (x - mean); };
+  if (p.rms) {
+    vec_row_sums(src, n, sums, dev_sq);
+    sums[1] = 0.0f;
+  } else {
+    vec_row_sums(src, n, sums, dev_sq, dev);
+  }
+  const float correction = sums[1] / count;
+  float var = sums[0] / count - correction * correction;
+  var = var < 0.0f ? 0.0f : var;  // a NaN stays NaN
+  const bool in_range = p.rms || mean * mean + var <= std::numeric_limits<float>::max();
+  const float rstd = in_range ? 1.0f / std::sqrt(var + static_cast<float>(p.eps)) : std::numeric_limits<float>::quiet_NaN();
+  T* y = static_cast<T*>(p.y) + r * n;
+  const Vec vmean = portable::splat(mean), vcorr = portable::splat(correction), vrstd = portable::splat(rstd);
+  int64_t i = 0;
+  for (; i < nv; i += kVecLanes) {
+    Vec v = ((portable::load_f32(src + i) - vmean) - vcorr) * vrstd;
+    if (w) v *= portable::load_f32(w + i);
+    if (b) v += portable::load_f32(b + i);
+    kStream ? portable::stream_f32(y + i, v) : portable::store_f32(y + i, v);
+  }
+  for (; i < n; ++i) {
+    float v = ((static_cast<float>(src[i]) - mean) - correction) * rstd;
+    if (w) v *= static_cast<float>(w[i]);
+    if (b) v += static_cast<float>(b[i]);
+    y[i] = static_cast<T>(v);
+  }
+  if (!p.rms) static_cast<float*>(p.mean)[r] = mean + correction;
+  static_cast<float*>(p.rstd)[r] = rstd;
+}
+
 }  // namespace
 
 template <Isa I, Dtype D>
-void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end) {
+void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end, bool stream) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (stream) {
+      for (int64_t r = begin; r < end; ++r) forward_row_vec<T, true>(p, r);
+      portable::stream_fence();  // the streaming stores, ordered before the caller's reads
+    } else {
+      for (int64_t r = begin; r < end; ++r) forward_row_vec<T, false>(p, r);
+    }
+    return;
+  }
   const int64_t n = p.cols;
   const T* w = static_cast<const T*>(p.weight);
   const T* b = static_cast<const T*>(p.bias);
@@ -153,7 +268,7 @@ void norm_backward_rows_generic(
 }
 
 #define FASTARCH_INSTANTIATE(D)                                                                 \
-  template void norm_forward_rows_generic<kPortableBuild, D>(const NormForwardParams&, int64_t, int64_t); \
+  template void norm_forward_rows_generic<kPortableBuild, D>(const NormForwardParams&, int64_t, int64_t, bool); \
   template void norm_backward_rows_generic<kPortableBuild, D>(const NormBackwardParams&, int64_t, int64_t, void*, void*);
 FASTARCH_INSTANTIATE(Dtype::f32)
 FASTARCH_INSTANTIATE(Dtype::f64)

@@ -1,0 +1,191 @@
+// The portable CPU kernels' building blocks (cpu/portable.h), for the target of the build that
+// includes them: an exp in fp32 written so that loops of it vectorize, and fp32 vectors (GCC
+// vector types of one register: 8 lanes in the AVX2 build, 4 on the baseline) with loads,
+// stores, conversions from and to the 16-bit types, a broadcast and a multiply-add that is fused
+// in the AVX2 build.
+//
+// Like attention_generic.h, it opens its own FASTARCH_PORTABLE_BEGIN after its includes and
+// gives its functions internal linkage, so that each build compiles and keeps its own copy.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include <type_traits>
+
+#include "cpu/portable.h"
+#if defined(__x86_64__)
+#include <immintrin.h>  // (SSE2 on the baseline, AVX2 and FMA in its build)
+#endif
+
+FASTARCH_PORTABLE_BEGIN
+
+namespace fastarch::cpu::portable {
+namespace {
+
+// ----------------------------------------------------------------------------- exp
+
+// cond ? x : 0, as an and with a mask. GCC (its default -ftrapping-math) does not turn a select
+// whose arm computes in floating point into branch-free code: it moves the arm's arithmetic
+// into a branch (it could trap), and then vectorizes nothing of the loop around it. The mask
+// keeps the arithmetic unconditional.
+inline float keep_if(bool cond, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits &= 0u - static_cast<uint32_t>(cond);
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// a * b + c: fused (one rounding, vfmadd, vectorized with the loop around it) in the AVX2 build;
+// a product and a sum on the baseline, which has no fused multiply-add.
+inline float madd_f32(float a, float b, float c) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// exp(x) within 2 ulp of fp32 for -87 <= x <= 88; 0 for x < -87 (where the true value is below
+// the smallest normal fp32, which a softmax probability next to its row's maximum 1 cannot
+// tell from 0) and for -inf; +inf above 88; NaN for NaN.
+// Cody-Waite: x = n ln2 + r, |r| <= ln2/2, with ln2 in two parts; degree-7 polynomial for e^r;
+// 2^n built in the exponent bits. n = round(x log2 e) comes from adding 1.5 * 2^23, which
+// leaves it in the low mantissa bits: no float -> int conversion (undefined for NaN) and no
+// select with arithmetic in its arm, so loops of it vectorize on any target.
+inline float exp_f32(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23, bits 0x4B400000
+  const float t = madd_f32(x, kLog2e, kShift);
+  const float n = t - kShift;  // exact: round(x log2 e)
+  uint32_t tb;
+  std::memcpy(&tb, &t, 4);
+  const uint32_t pow2_bits = (tb - 0x4B400000u + 127u) << 23;  // 2^n, n in [-126, 127]
+  float pow2;
+  std::memcpy(&pow2, &pow2_bits, 4);
+  float r = madd_f32(n, -0.693359375f, x);  // ln2 high part: n * hi is exact
+  r = madd_f32(n, 2.12194440e-4f, r);       // ln2 low part
+  float y = 1.0f / 5040;
+  y = madd_f32(y, r, 1.0f / 720);
+  y = madd_f32(y, r, 1.0f / 120);
+  y = madd_f32(y, r, 1.0f / 24);
+  y = madd_f32(y, r, 1.0f / 6);
+  y = madd_f32(y, r, 0.5f);
+  y = madd_f32(y, r, 1.0f);
+  y = madd_f32(y, r, 1.0f);
+  // x < -87: 0 (NaN compares false: stays NaN); x > 88: +inf
+  uint32_t e;
+  const float value = y * pow2;
+  std::memcpy(&e, &value, 4);
+  const uint32_t big = 0u - static_cast<uint32_t>(x > 88.0f);
+  e = ((e & ~big) | (0x7F800000u & big)) & (0u - static_cast<uint32_t>(!(x < -87.0f)));
+  float out;
+  std::memcpy(&out, &e, 4);
+  return out;
+}
+
+// ----------------------------------------------------------------------------- vectors
+
+// One register of fp32 lanes as a GCC vector type: 8 lanes (ymm) in the AVX2 build, 4 (SSE2 xmm
+// or NEON q) on the baseline.
+constexpr int kVecLanes = kPortableBuild == Isa::avx2 ? 8 : 4;
+typedef float Vec __attribute__((vector_size(4 * kVecLanes)));
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+// v in every lane: one broadcast (Vec{} + v would add, and turn -0 into +0).
+inline Vec splat(float v) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  return Vec{v, v, v, v, v, v, v, v};
+#else
+  return Vec{v, v, v, v};
+#endif
+}
+
+// acc + a * b: one rounding (vfmadd) in the AVX2 build; a product and a sum on the baseline
+// (no fused multiply-add there, and the build contracts nothing: -ffp-contract=off).
+inline Vec madd(Vec a, Vec b, Vec acc) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  return (Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+  return acc + a * b;
+#endif
+}
+
+// kVecLanes values of T (float, c10::BFloat16, c10::Half) as fp32, and back (rounded to nearest
+// even, NaN kept: what a cast does).
+typedef uint16_t Bits16 __attribute__((vector_size(2 * kVecLanes)));
+typedef uint32_t Bits32 __attribute__((vector_size(4 * kVecLanes)));
+
+template <typename T>
+inline Vec load_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_vec(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    Bits16 h;
+    std::memcpy(&h, p, sizeof h);
+    const Bits32 w = __builtin_convertvector(h, Bits32) << 16;
+    Vec v;
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  } else {
+    float f[kVecLanes];
+    for (int i = 0; i < kVecLanes; ++i) f[i] = static_cast<float>(p[i]);
+    return load_vec(f);
+  }
+}
+
+template <typename T>
+inline void store_f32(T* p, Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_vec(p, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    Bits32 u;
+    std::memcpy(&u, &v, sizeof u);
+    const Bits32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const Bits32 nan = (Bits32)(v != v);  // all ones in a NaN lane
+    const Bits16 h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), Bits16);
+    std::memcpy(p, &h, sizeof h);
+  } else {
+    float f[kVecLanes];
+    store_vec(f, v);
+    for (int i = 0; i < kVecLanes; ++i) p[i] = static_cast<T>(f[i]);
+  }
+}
+
+// store_f32 with a streaming (non-temporal) store where the build has one for T, for outputs
+// too large to stay in cache (cpu/isa.h's stream_output): no read for ownership of the line,
+// and the inputs stay cached. p aligned to the whole store (16 values' worth is enough); the
+// writer calls stream_fence() before others read.
+template <typename T>
+inline void stream_f32(T* p, Vec v) {
+#if defined(FASTARCH_PORTABLE_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, (__m256)v);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    T h[kVecLanes];
+    store_f32(h, v);
+    return _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  }
+#elif defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) return _mm_stream_ps(p, (__m128)v);
+#endif
+  store_f32(p, v);
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace
+}  // namespace fastarch::cpu::portable
+
+FASTARCH_PORTABLE_END
