@@ -8,8 +8,9 @@
 #include <limits>
 #include <vector>
 
-#include "group_norm_rows.h"
 #include "cpu/portable.h"
+#include "cpu/portable_math.h"
+#include "group_norm_rows.h"
 
 FASTARCH_PORTABLE_BEGIN
 
@@ -85,17 +86,34 @@ inline int64_t offset(int64_t n, int64_t c, int64_t s, int64_t channels, int64_t
   return channels_last ? (n * spatial + s) * channels + c : (n * channels + c) * spatial + s;
 }
 
+// exp in the accumulation type: fp32's is portable_math.h's exp_f32 (loops of it vectorize).
 template <typename Acc>
-Acc silu(Acc z) {
-  return z / (Acc(1) + std::exp(-z));
+Acc exp_acc(Acc x) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    return portable::exp_f32(x);
+  } else {
+    return std::exp(x);
+  }
 }
 
-// d silu(z) / dz = s (1 + z (1 - s)), 1 - s without cancellation (e s where e = exp(-z) < 1).
+template <typename Acc>
+Acc silu(Acc z) {
+  return z / (Acc(1) + exp_acc(-z));
+}
+
+// d silu(z) / dz = s (1 + z (1 - s)), 1 - s without cancellation (e s where e = exp(-z) < 1);
+// both arms computed, the choice a select of bits for fp32 (a select whose arm computes keeps
+// GCC from vectorizing the loop).
 template <typename Acc>
 Acc silu_grad(Acc z) {
-  const Acc e = std::exp(-z);
+  const Acc e = exp_acc(-z);
   const Acc s = Acc(1) / (Acc(1) + e);
-  const Acc one_minus_s = e < Acc(1) ? e * s : Acc(1) - s;
+  Acc one_minus_s;
+  if constexpr (std::is_same_v<Acc, float>) {
+    one_minus_s = portable::keep_if(e < 1.0f, e * s) + portable::keep_if(!(e < 1.0f), 1.0f - s);
+  } else {
+    one_minus_s = e < Acc(1) ? e * s : Acc(1) - s;
+  }
   return s * (Acc(1) + z * one_minus_s);
 }
 
@@ -133,7 +151,10 @@ void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vect
     for (int64_t b0 = it.s0; b0 < it.s1; b0 += 8 * kLanes) {
       double a[kLanes] = {}, b[kLanes] = {};
       const int64_t b1 = std::min(it.s1, b0 + 8 * kLanes);
-      for (int64_t s = b0; s < b1; ++s) term(base + s, it.c, a[(s - b0) % kLanes], b[(s - b0) % kLanes]);
+      int64_t s = b0;  // position s adds into lane (s - b0) % kLanes (whole groups in a loop that vectorizes)
+      for (; s + kLanes <= b1; s += kLanes)
+        for (int k = 0; k < kLanes; ++k) term(base + s + k, it.c, a[k], b[k]);
+      for (; s < b1; ++s) term(base + s, it.c, a[(s - b0) % kLanes], b[(s - b0) % kLanes]);
       for (int k = 0; k < kLanes; ++k) {
         total_a += a[k];
         total_b += b[k];
@@ -189,11 +210,14 @@ void group_norm_apply_generic(const GroupNormForwardParams& p, const Tiling& t, 
   const int64_t nc = p.batch * p.channels;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
-    for_each_element(p, it, [&](int64_t i, int64_t c) {
-      const int64_t j = it.n * p.channels + c;
-      const Acc z = (static_cast<Acc>(x[i]) - tab[kM * nc + j]) * tab[kA * nc + j] + tab[kB * nc + j];
-      y[i] = static_cast<T>(p.silu ? silu(z) : z);
-    });
+    const auto apply = [&](auto with_silu) {  // (a loop per case: a condition in it keeps it scalar)
+      for_each_element(p, it, [&](int64_t i, int64_t c) {
+        const int64_t j = it.n * p.channels + c;
+        const Acc z = (static_cast<Acc>(x[i]) - tab[kM * nc + j]) * tab[kA * nc + j] + tab[kB * nc + j];
+        y[i] = static_cast<T>(with_silu ? silu(z) : z);
+      });
+    };
+    p.silu ? apply(std::true_type{}) : apply(std::false_type{});
   }
 }
 
@@ -209,14 +233,17 @@ void group_norm_grad_stats_generic(
   std::vector<double> inner(2 * p.channels);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
-    item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
-      const int64_t j = it.n * p.channels + c;
-      const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
-      Acc dz = static_cast<Acc>(dy[i]);
-      if (p.silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
-      a += dz;
-      b += static_cast<double>(dz) * centered;
-    }, inner, static_cast<Acc*>(partial));
+    const auto sums = [&](auto with_silu) {
+      item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
+        const int64_t j = it.n * p.channels + c;
+        const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
+        Acc dz = static_cast<Acc>(dy[i]);
+        if (with_silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
+        a += dz;
+        b += static_cast<double>(dz) * centered;
+      }, inner, static_cast<Acc*>(partial));
+    };
+    p.silu ? sums(std::true_type{}) : sums(std::false_type{});
   }
 }
 
@@ -232,13 +259,16 @@ void group_norm_grad_apply_generic(
   const int64_t nc = p.batch * p.channels;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
-    for_each_element(p, it, [&](int64_t i, int64_t c) {
-      const int64_t j = it.n * p.channels + c;
-      const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
-      Acc dz = static_cast<Acc>(dy[i]);
-      if (p.silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
-      dx[i] = static_cast<T>(dz * tab[kAd * nc + j] + centered * tab[kBd * nc + j] + tab[kCd * nc + j]);
-    });
+    const auto apply = [&](auto with_silu) {
+      for_each_element(p, it, [&](int64_t i, int64_t c) {
+        const int64_t j = it.n * p.channels + c;
+        const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
+        Acc dz = static_cast<Acc>(dy[i]);
+        if (with_silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
+        dx[i] = static_cast<T>(dz * tab[kAd * nc + j] + centered * tab[kBd * nc + j] + tab[kCd * nc + j]);
+      });
+    };
+    p.silu ? apply(std::true_type{}) : apply(std::false_type{});
   }
 }
 
