@@ -109,26 +109,18 @@ void vec_row_sums(const T* v, int64_t n, float* sums, Terms... terms) {
   }
 }
 
-// The fp32 forward of one row (the 16-bit types and fp32), in vectors where whole ones fit;
-// kStream: the outputs by streaming stores (whole vectors only: cols a multiple of 16).
-template <typename T, bool kStream>
-void forward_row_vec(const NormForwardParams& p, int64_t r) {
+// Rows of the 16-bit types up to this many values are converted to fp32 once, on the stack,
+// for the statistics' two passes and the output's.
+constexpr int64_t kRowScratch = 8192;
+
+// The statistics and output of one row whose values are src (T, or their fp32 copy), writing y
+// (T), in vectors where whole ones fit; kStream: y by streaming stores (whole vectors only:
+// cols a multiple of 16).
+template <typename T, bool kStream, typename S>
+void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src) {
   const int64_t n = p.cols;
   const T* w = static_cast<const T*>(p.weight);
   const T* b = static_cast<const T*>(p.bias);
-  const T* src = static_cast<const T*>(p.x) + r * p.x_row_stride;
-  const int64_t nv = n / kVecLanes * kVecLanes;
-  if (p.residual) {
-    const T* res = static_cast<const T*>(p.residual) + r * p.residual_row_stride;
-    T* out = static_cast<T*>(p.residual_out) + r * n;
-    int64_t i = 0;
-    for (; i < nv; i += kVecLanes) {
-      const Vec v = portable::load_f32(src + i) + portable::load_f32(res + i);
-      kStream ? portable::stream_f32(out + i, v) : portable::store_f32(out + i, v);
-    }
-    for (; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(src[i]) + static_cast<float>(res[i]));
-    src = out;
-  }
   const float count = static_cast<float>(n);
   float sums[2];
   float mean = 0.0f;
@@ -152,6 +144,7 @@ void forward_row_vec(const NormForwardParams& p, int64_t r) {
   const float rstd = in_range ? 1.0f / std::sqrt(var + static_cast<float>(p.eps)) : std::numeric_limits<float>::quiet_NaN();
   T* y = static_cast<T*>(p.y) + r * n;
   const Vec vmean = portable::splat(mean), vcorr = portable::splat(correction), vrstd = portable::splat(rstd);
+  const int64_t nv = n / kVecLanes * kVecLanes;
   int64_t i = 0;
   for (; i < nv; i += kVecLanes) {
     Vec v = ((portable::load_f32(src + i) - vmean) - vcorr) * vrstd;
@@ -167,6 +160,113 @@ void forward_row_vec(const NormForwardParams& p, int64_t r) {
   }
   if (!p.rms) static_cast<float*>(p.mean)[r] = mean + correction;
   static_cast<float*>(p.rstd)[r] = rstd;
+}
+
+// The fp32 forward of one row (the 16-bit types and fp32): the residual added (rounded to T),
+// then normalize_row_vec on the row, for the 16-bit types on its fp32 copy when it fits.
+template <typename T, bool kStream>
+void forward_row_vec(const NormForwardParams& p, int64_t r) {
+  const int64_t n = p.cols;
+  const T* src = static_cast<const T*>(p.x) + r * p.x_row_stride;
+  const int64_t nv = n / kVecLanes * kVecLanes;
+  if (p.residual) {
+    const T* res = static_cast<const T*>(p.residual) + r * p.residual_row_stride;
+    T* out = static_cast<T*>(p.residual_out) + r * n;
+    int64_t i = 0;
+    for (; i < nv; i += kVecLanes) {
+      const Vec v = portable::load_f32(src + i) + portable::load_f32(res + i);
+      kStream ? portable::stream_f32(out + i, v) : portable::store_f32(out + i, v);
+    }
+    for (; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(src[i]) + static_cast<float>(res[i]));
+    src = out;
+  }
+  if constexpr (!std::is_same_v<T, float>) {
+    if (n <= kRowScratch) {
+      alignas(64) float row[kRowScratch];
+      int64_t i = 0;
+      for (; i < nv; i += kVecLanes) portable::store_vec(row + i, portable::load_f32(src + i));
+      for (; i < n; ++i) row[i] = static_cast<float>(src[i]);
+      return normalize_row_vec<T, kStream>(p, r, row);
+    }
+  }
+  normalize_row_vec<T, kStream>(p, r, src);
+}
+
+// The fp32 backward of one row (the 16-bit types and fp32), in vectors where whole ones fit:
+// the two sums as vec_row_sums orders them (lanes, then blocks), dweight/dbias added into
+// this thread's accumulators (kGrads).
+template <typename T, bool kWeight, bool kGrads>
+void backward_row_vec(const NormBackwardParams& p, int64_t r, float* dw, float* db) {
+  const int64_t n = p.cols;
+  const T* w = static_cast<const T*>(p.weight);
+  const T* src = static_cast<const T*>(p.xin) + r * p.xin_row_stride;
+  const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
+  const float mean = p.rms ? 0.0f : static_cast<const float*>(p.mean)[r];
+  const float rstd = static_cast<const float*>(p.rstd)[r];
+  const Vec vmean = portable::splat(mean), vrstd = portable::splat(rstd);
+  float sum_g = 0.0f, sum_gx = 0.0f;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(b + kBlock, n);
+    Vec part_g[kSumVecs] = {}, part_gx[kSumVecs] = {};
+    int64_t i = b;
+    for (; i + kSumLanes <= e; i += kSumLanes) {
+      for (int k = 0; k < kSumVecs; ++k) {
+        const int64_t at = i + k * kVecLanes;
+        const Vec xhat = (portable::load_f32(src + at) - vmean) * vrstd;
+        const Vec d = portable::load_f32(dy + at);
+        const Vec g = kWeight ? d * portable::load_f32(w + at) : d;
+        part_g[k] += g;
+        part_gx[k] += g * xhat;
+        if constexpr (kGrads) {
+          portable::store_vec(dw + at, portable::load_vec(dw + at) + d * xhat);
+          portable::store_vec(db + at, portable::load_vec(db + at) + d);
+        }
+      }
+    }
+    float lane_g[kSumLanes], lane_gx[kSumLanes];
+    std::memcpy(lane_g, part_g, sizeof lane_g);
+    std::memcpy(lane_gx, part_gx, sizeof lane_gx);
+    for (int k = 0; i < e; ++i, ++k) {
+      const float xhat = (static_cast<float>(src[i]) - mean) * rstd;
+      const float d = static_cast<float>(dy[i]);
+      const float g = kWeight ? d * static_cast<float>(w[i]) : d;
+      lane_g[k] += g;
+      lane_gx[k] += g * xhat;
+      if constexpr (kGrads) {
+        dw[i] += d * xhat;
+        db[i] += d;
+      }
+    }
+    std::memcpy(part_g, lane_g, sizeof lane_g);
+    std::memcpy(part_gx, lane_gx, sizeof lane_gx);
+    sum_g += lanes_total(part_g);
+    sum_gx += lanes_total(part_gx);
+  }
+  // d/dx of y = xhat * w + b with xhat = (x - mean) * rstd:
+  //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w; RMS drops mean(g).
+  const float c_g = p.rms ? 0.0f : sum_g / static_cast<float>(n);
+  const float c_gx = sum_gx / static_cast<float>(n);
+  const T* dres = p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride : nullptr;
+  T* dx = static_cast<T*>(p.dx) + r * n;
+  const Vec vc_g = portable::splat(c_g), vc_gx = portable::splat(c_gx);
+  const int64_t nv = n / kVecLanes * kVecLanes;
+  int64_t i = 0;
+  for (; i < nv; i += kVecLanes) {
+    const Vec xhat = (portable::load_f32(src + i) - vmean) * vrstd;
+    const Vec d = portable::load_f32(dy + i);
+    const Vec g = kWeight ? d * portable::load_f32(w + i) : d;
+    Vec v = vrstd * (g - vc_g - xhat * vc_gx);
+    if (dres) v += portable::load_f32(dres + i);
+    portable::store_f32(dx + i, v);
+  }
+  for (; i < n; ++i) {
+    const float xhat = (static_cast<float>(src[i]) - mean) * rstd;
+    const float d = static_cast<float>(dy[i]);
+    const float g = kWeight ? d * static_cast<float>(w[i]) : d;
+    float v = rstd * (g - c_g - xhat * c_gx);
+    if (dres) v += static_cast<float>(dres[i]);
+    dx[i] = static_cast<T>(v);
+  }
 }
 
 }  // namespace
@@ -229,6 +329,18 @@ void norm_backward_rows_generic(
   const T* w = static_cast<const T*>(p.weight);
   Acc* dw = static_cast<Acc*>(dweight_acc);
   Acc* db = static_cast<Acc*>(dbias_acc);
+  if constexpr (std::is_same_v<Acc, float>) {
+    // (dweight and dbias come together: the glue allocates both or neither)
+    const auto rows = [&](auto weight, auto grads) {
+      for (int64_t r = begin; r < end; ++r) backward_row_vec<T, weight, grads>(p, r, dw, db);
+    };
+    if (w) {
+      dw ? rows(std::true_type{}, std::true_type{}) : rows(std::true_type{}, std::false_type{});
+    } else {
+      dw ? rows(std::false_type{}, std::true_type{}) : rows(std::false_type{}, std::false_type{});
+    }
+    return;
+  }
   for (int64_t r = begin; r < end; ++r) {
     const T* src = static_cast<const T*>(p.xin) + r * p.xin_row_stride;
     const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
