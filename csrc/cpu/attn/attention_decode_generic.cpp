@@ -21,6 +21,7 @@ namespace {
 using namespace generic;
 
 constexpr int64_t BN = 64;  // keys per step: a multiple of kLanes
+constexpr int64_t kDotRows = 4;
 constexpr float kInf = __builtin_inff();
 
 struct Geometry {
@@ -82,20 +83,31 @@ void run_chunk(const DecodeParams& p, const Geometry& g, const Scratch& sc, int6
     to_f32<T>(row_ptr(p.q, p.q_stride, es, b, hk * g.group + r / p.Sq, r % p.Sq), D, sc.q + r * D);
   }
 
+  // Few rows (a group of up to kDotRows heads at one query): each score a dot product of q's row
+  // with the key's row, no transpose of the keys; more rows: S = Q K^T on register tiles.
+  const bool dots = R <= kDotRows;
   for (int64_t j0 = first; j0 < last; j0 += BN) {
     const int64_t nk = min64(BN, last - j0);
     for (int64_t j = 0; j < BN; ++j) {
       if (j >= nk) {
-        for (int64_t d = 0; d < D; ++d) sc.kt[d * BN + j] = 0.0f;
+        if (dots) {
+          for (int64_t r = 0; r < R; ++r) sc.s[r * BN + j] = 0.0f;
+        } else {
+          for (int64_t d = 0; d < D; ++d) sc.kt[d * BN + j] = 0.0f;
+        }
         continue;
       }
       to_f32<T>(row_ptr(p.k_cache, p.k_stride, es, b, hk, j0 + j), D, sc.row);
-      for (int64_t d = 0; d < D; ++d) sc.kt[d * BN + j] = sc.row[d];
+      if (dots) {
+        for (int64_t r = 0; r < R; ++r) sc.s[r * BN + j] = dot(sc.q + r * D, sc.row, D);
+      } else {
+        for (int64_t d = 0; d < D; ++d) sc.kt[d * BN + j] = sc.row[d];
+      }
       float* vrow = sc.v + j * g.dv16;
       to_f32<T>(row_ptr(p.v_cache, p.v_stride, es, b, hk, j0 + j), p.Dv, vrow);
       for (int64_t c = p.Dv; c < g.dv16; ++c) vrow[c] = 0.0f;
     }
-    gemm(R, BN, D, sc.q, D, sc.kt, BN, sc.s, BN);
+    if (!dots) gemm(R, BN, D, sc.q, D, sc.kt, BN, sc.s, BN);
     for (int64_t r = 0; r < R; ++r) {
       float* z = sc.s + r * BN;
       float* pr = part + r * g.item;

@@ -116,6 +116,20 @@ inline float sum_lanes(const float* __restrict x, int64_t n) {
 
 // ----------------------------------------------------------------------------- GEMM
 
+// sum over d of a[d] b[d], n values: kVecLanes partial sums (fused multiply-adds in the AVX2
+// build), the rest in order, then the lanes as a tree of halves.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  Vec acc = {};
+  int64_t d = 0;
+  for (; d + kVecLanes <= n; d += kVecLanes) acc = madd(load_vec(a + d), load_vec(b + d), acc);
+  float lane[kVecLanes];
+  std::memcpy(lane, &acc, sizeof lane);
+  for (int k = 0; d < n; ++d, ++k) lane[k] += a[d] * b[d];
+  for (int h = kVecLanes / 2; h > 0; h /= 2)
+    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+  return lane[0];
+}
+
 // The register tile: kMR rows x kNR columns of C, two vectors a row: 6 x 16 in the AVX2 build
 // (12 of its 16 ymm registers), 4 x 8 on the baseline (8 of 16). Each step of K loads two
 // vectors of B and broadcasts kMR values of A.
