@@ -187,7 +187,16 @@ def machine(device: str, copy_gbps: float, matmul_tflops: dict[str, float] | Non
         "fastarch_C": _extension.build_info() or {"load_error": _extension.LOAD_ERROR},
         "copy_bandwidth_gbps": copy_gbps,
         "matmul_tflops": matmul_tflops or {},
+        # what restricts either side's instruction set (e.g. PyTorch to AVX2, to compare with
+        # fastarch's avx2 level as on an x86 CPU without AVX-512), when set
+        "isa_environment": {k: os.environ[k] for k in ISA_ENVIRONMENT if os.environ.get(k)},
     }
+
+
+# The environment variables that pick an instruction set: fastarch's, ATen's kernels',
+# oneDNN's and MKL's.
+ISA_ENVIRONMENT = ("FASTARCH_CPU_ISA", "FASTARCH_CPU_BRGEMM", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                   "MKL_ENABLE_INSTRUCTIONS")
 
 
 INPUTS = {
@@ -214,6 +223,8 @@ def preamble(info: dict, rounds: int) -> str:
             + ("" if info["gpu"] else " (the median of the ratios within each round)")
             + "; GB/s = minimum bytes moved, TFLOP/s = FLOPs, over our time; of peak: of the copy or matmul rate",
             *([f"inputs: {INPUTS[info['inputs']]}"] if info.get("inputs") in INPUTS else []),
+            *(["instruction sets: " + ", ".join(f"{k}={v}" for k, v in info["isa_environment"].items())]
+              if info.get("isa_environment") else []),
             "MB (attention): the memory one call holds beyond its inputs at its peak"
             + (" (CUDA allocator)" if info["gpu"] else " (resident-set growth: counts allocations of 32 MiB and more)"),
             *(["malloc keeps freed memory (mallopt), so no contender page-faults its outputs in anew each call"]

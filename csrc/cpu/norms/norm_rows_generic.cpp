@@ -116,11 +116,9 @@ constexpr int64_t kRowScratch = 8192;
 // The statistics and output of one row whose values are src (T, or their fp32 copy), writing y
 // (T), in vectors where whole ones fit; kStream: y by streaming stores (whole vectors only:
 // cols a multiple of 16).
-template <typename T, bool kStream, typename S>
-void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src) {
+template <typename T, bool kStream, typename S, typename W>
+void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src, const W* w, const W* b) {
   const int64_t n = p.cols;
-  const T* w = static_cast<const T*>(p.weight);
-  const T* b = static_cast<const T*>(p.bias);
   const float count = static_cast<float>(n);
   float sums[2];
   float mean = 0.0f;
@@ -163,33 +161,46 @@ void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src) {
 }
 
 // The fp32 forward of one row (the 16-bit types and fp32): the residual added (rounded to T),
-// then normalize_row_vec on the row, for the 16-bit types on its fp32 copy when it fits.
-template <typename T, bool kStream>
-void forward_row_vec(const NormForwardParams& p, int64_t r) {
+// then normalize_row_vec on the row. When the row fits on the stack, the statistics read its
+// fp32 copy, made while x (+ residual) is read: the 16-bit types are converted once, and a
+// streamed residual_out is not read back from memory.
+template <typename T, bool kStream, typename W>
+void forward_row_vec(const NormForwardParams& p, int64_t r, const W* w, const W* b) {
   const int64_t n = p.cols;
   const T* src = static_cast<const T*>(p.x) + r * p.x_row_stride;
   const int64_t nv = n / kVecLanes * kVecLanes;
+  const bool copy = n <= kRowScratch && (p.residual || !std::is_same_v<T, float>);
+  alignas(64) float row[kRowScratch];
   if (p.residual) {
     const T* res = static_cast<const T*>(p.residual) + r * p.residual_row_stride;
     T* out = static_cast<T*>(p.residual_out) + r * n;
     int64_t i = 0;
     for (; i < nv; i += kVecLanes) {
-      const Vec v = portable::load_f32(src + i) + portable::load_f32(res + i);
+      Vec v = portable::load_f32(src + i) + portable::load_f32(res + i);
+      if (copy) {
+        if constexpr (!std::is_same_v<T, float>) {  // the sum as rounded to T
+          T rounded[kVecLanes];
+          portable::store_f32(rounded, v);
+          v = portable::load_f32(rounded);
+        }
+        portable::store_vec(row + i, v);
+      }
       kStream ? portable::stream_f32(out + i, v) : portable::store_f32(out + i, v);
     }
-    for (; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(src[i]) + static_cast<float>(res[i]));
-    src = out;
-  }
-  if constexpr (!std::is_same_v<T, float>) {
-    if (n <= kRowScratch) {
-      alignas(64) float row[kRowScratch];
-      int64_t i = 0;
-      for (; i < nv; i += kVecLanes) portable::store_vec(row + i, portable::load_f32(src + i));
-      for (; i < n; ++i) row[i] = static_cast<float>(src[i]);
-      return normalize_row_vec<T, kStream>(p, r, row);
+    for (; i < n; ++i) {
+      out[i] = static_cast<T>(static_cast<float>(src[i]) + static_cast<float>(res[i]));
+      if (copy) row[i] = static_cast<float>(out[i]);
     }
+    if (copy) return normalize_row_vec<T, kStream>(p, r, row, w, b);
+    if constexpr (kStream) portable::stream_fence();  // (read back below)
+    src = out;
+  } else if (copy) {
+    int64_t i = 0;
+    for (; i < nv; i += kVecLanes) portable::store_vec(row + i, portable::load_f32(src + i));
+    for (; i < n; ++i) row[i] = static_cast<float>(src[i]);
+    return normalize_row_vec<T, kStream>(p, r, row, w, b);
   }
-  normalize_row_vec<T, kStream>(p, r, src);
+  normalize_row_vec<T, kStream>(p, r, src, w, b);
 }
 
 // The fp32 backward of one row (the 16-bit types and fp32), in vectors where whole ones fit:
@@ -276,12 +287,25 @@ void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
   if constexpr (std::is_same_v<Acc, float>) {
-    if (stream) {
-      for (int64_t r = begin; r < end; ++r) forward_row_vec<T, true>(p, r);
-      portable::stream_fence();  // the streaming stores, ordered before the caller's reads
-    } else {
-      for (int64_t r = begin; r < end; ++r) forward_row_vec<T, false>(p, r);
+    const auto rows = [&](const auto* w, const auto* b) {
+      if (stream) {
+        for (int64_t r = begin; r < end; ++r) forward_row_vec<T, true>(p, r, w, b);
+        portable::stream_fence();  // the streaming stores, ordered before the caller's reads
+      } else {
+        for (int64_t r = begin; r < end; ++r) forward_row_vec<T, false>(p, r, w, b);
+      }
+    };
+    const T* w = static_cast<const T*>(p.weight);
+    const T* b = static_cast<const T*>(p.bias);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (p.cols <= kRowScratch) {  // 16-bit weight and bias converted once for these rows
+        alignas(64) float wf[kRowScratch], bf[kRowScratch];
+        for (int64_t i = 0; i < p.cols; ++i) wf[i] = w ? static_cast<float>(w[i]) : 0.0f;
+        for (int64_t i = 0; i < p.cols; ++i) bf[i] = b ? static_cast<float>(b[i]) : 0.0f;
+        return rows(w ? wf : nullptr, b ? bf : nullptr);
+      }
     }
+    rows(w, b);
     return;
   }
   const int64_t n = p.cols;
