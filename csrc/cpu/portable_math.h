@@ -119,6 +119,18 @@ inline Vec madd(Vec a, Vec b, Vec acc) {
 #endif
 }
 
+// The sum of the N * kVecLanes lanes of acc, as a tree of halves (lane l += lane l + h, h =
+// half the lanes, then a quarter, ...): a fixed order, the same in both builds.
+template <int N>
+inline float tree_sum(const Vec (&acc)[N]) {
+  constexpr int kLanes = N * kVecLanes;
+  float lane[kLanes];
+  std::memcpy(lane, acc, sizeof lane);
+  for (int h = kLanes / 2; h > 0; h /= 2)
+    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+  return lane[0];
+}
+
 // kVecLanes values of T (float, c10::BFloat16, c10::Half) as fp32, and back (rounded to nearest
 // even, NaN kept: what a cast does).
 typedef uint16_t Bits16 __attribute__((vector_size(2 * kVecLanes)));

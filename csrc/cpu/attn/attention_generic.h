@@ -80,16 +80,6 @@ inline void from_f32(const float* __restrict src, int64_t n, void* dst) {
 // The kLanes partial lanes of the reductions, in kLanes / kVecLanes vectors.
 constexpr int kRedVecs = kLanes / kVecLanes;
 
-// The kLanes partial lanes added up as a tree of halves (lane l += lane l + h, h = 8, 4, 2, 1):
-// a fixed order, the same in both builds.
-inline float tree_sum(const Vec (&acc)[kRedVecs]) {
-  float lane[kLanes];
-  std::memcpy(lane, acc, sizeof lane);
-  for (int h = kLanes / 2; h > 0; h /= 2)
-    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
-  return lane[0];
-}
-
 // max of x[0, n) ignoring NaN (-inf when every value is -inf or NaN); n a multiple of kLanes.
 inline float max_lanes(const float* __restrict x, int64_t n) {
   Vec acc[kRedVecs];

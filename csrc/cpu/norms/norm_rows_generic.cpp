@@ -73,13 +73,6 @@ using portable::Vec;
 constexpr int kSumLanes = 32;
 constexpr int kSumVecs = kSumLanes / kVecLanes;
 
-inline float lanes_total(const Vec (&part)[kSumVecs]) {
-  float lane[kSumLanes];
-  std::memcpy(lane, part, sizeof lane);
-  for (int h = kSumLanes / 2; h > 0; h /= 2)
-    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
-  return lane[0];
-}
 
 // Sums over row v[0, n) of term(v) (term takes and returns a Vec or a float), one per terms.
 template <typename T, typename... Terms>
@@ -105,7 +98,20 @@ void vec_row_sums(const T* v, int64_t n, float* sums, Terms... terms) {
       ((lane[t++][k] += terms(x)), ...);
     }
     std::memcpy(part, lane, sizeof lane);
-    for (int t = 0; t < kTerms; ++t) sums[t] += lanes_total(part[t]);
+    for (int t = 0; t < kTerms; ++t) sums[t] += portable::tree_sum(part[t]);
+  }
+}
+
+// y[i] = ((src[i] - mean) - correction) * rstd * w[i] + b[i] in Acc for i in [i0, n) (w, b
+// optional): the values past the vectors, and every value of the fp64 rows.
+template <typename Acc, typename S, typename W, typename T>
+void normalize_values(int64_t i0, int64_t n, const S* src, const W* w, const W* b, Acc mean, Acc correction, Acc rstd,
+                      T* y) {
+  for (int64_t i = i0; i < n; ++i) {
+    Acc v = ((static_cast<Acc>(src[i]) - mean) - correction) * rstd;
+    if (w) v *= static_cast<Acc>(w[i]);
+    if (b) v += static_cast<Acc>(b[i]);
+    y[i] = static_cast<T>(v);
   }
 }
 
@@ -150,12 +156,7 @@ void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src, cons
     if (b) v += portable::load_f32(b + i);
     kStream ? portable::stream_f32(y + i, v) : portable::store_f32(y + i, v);
   }
-  for (; i < n; ++i) {
-    float v = ((static_cast<float>(src[i]) - mean) - correction) * rstd;
-    if (w) v *= static_cast<float>(w[i]);
-    if (b) v += static_cast<float>(b[i]);
-    y[i] = static_cast<T>(v);
-  }
+  normalize_values<float>(i, n, src, w, b, mean, correction, rstd, y);
   if (!p.rms) static_cast<float*>(p.mean)[r] = mean + correction;
   static_cast<float*>(p.rstd)[r] = rstd;
 }
@@ -201,6 +202,22 @@ void forward_row_vec(const NormForwardParams& p, int64_t r, const W* w, const W*
     return normalize_row_vec<T, kStream>(p, r, row, w, b);
   }
   normalize_row_vec<T, kStream>(p, r, src, w, b);
+}
+
+// dx[i] = rstd (g - c_g - xhat c_gx) (+ dres[i]), g = dy w (w optional), xhat = (x - mean) rstd,
+// in Acc for i in [i0, n): the values past the vectors, and every value of the fp64 rows.
+// (d/dx of y = xhat w + b: dx = rstd (g - mean(g) - xhat mean(g xhat)); RMS drops mean(g).)
+template <typename Acc, typename T>
+void input_grads(int64_t i0, int64_t n, const T* src, const T* dy, const T* w, const T* dres, Acc mean, Acc rstd, Acc c_g,
+                 Acc c_gx, T* dx) {
+  for (int64_t i = i0; i < n; ++i) {
+    const Acc xhat = (static_cast<Acc>(src[i]) - mean) * rstd;
+    const Acc d = static_cast<Acc>(dy[i]);
+    const Acc g = w ? d * static_cast<Acc>(w[i]) : d;
+    Acc v = rstd * (g - c_g - xhat * c_gx);
+    if (dres) v += static_cast<Acc>(dres[i]);
+    dx[i] = static_cast<T>(v);
+  }
 }
 
 // The fp32 backward of one row (the 16-bit types and fp32), in vectors where whole ones fit:
@@ -250,11 +267,9 @@ void backward_row_vec(const NormBackwardParams& p, int64_t r, float* dw, float* 
     }
     std::memcpy(part_g, lane_g, sizeof lane_g);
     std::memcpy(part_gx, lane_gx, sizeof lane_gx);
-    sum_g += lanes_total(part_g);
-    sum_gx += lanes_total(part_gx);
+    sum_g += portable::tree_sum(part_g);
+    sum_gx += portable::tree_sum(part_gx);
   }
-  // d/dx of y = xhat * w + b with xhat = (x - mean) * rstd:
-  //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w; RMS drops mean(g).
   const float c_g = p.rms ? 0.0f : sum_g / static_cast<float>(n);
   const float c_gx = sum_gx / static_cast<float>(n);
   const T* dres = p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride : nullptr;
@@ -270,14 +285,7 @@ void backward_row_vec(const NormBackwardParams& p, int64_t r, float* dw, float* 
     if (dres) v += portable::load_f32(dres + i);
     portable::store_f32(dx + i, v);
   }
-  for (; i < n; ++i) {
-    const float xhat = (static_cast<float>(src[i]) - mean) * rstd;
-    const float d = static_cast<float>(dy[i]);
-    const float g = kWeight ? d * static_cast<float>(w[i]) : d;
-    float v = rstd * (g - c_g - xhat * c_gx);
-    if (dres) v += static_cast<float>(dres[i]);
-    dx[i] = static_cast<T>(v);
-  }
+  input_grads<float>(i, n, src, dy, kWeight ? w : nullptr, dres, mean, rstd, c_g, c_gx, dx);
 }
 
 }  // namespace
@@ -332,13 +340,7 @@ void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_
     using Limits = std::numeric_limits<Acc>;
     const bool in_range = p.rms || mean * mean + var <= Limits::max();
     const Acc rstd = in_range ? Acc(1) / std::sqrt(var + static_cast<Acc>(p.eps)) : Limits::quiet_NaN();
-    T* y = static_cast<T*>(p.y) + r * n;
-    for (int64_t i = 0; i < n; ++i) {
-      Acc v = ((static_cast<Acc>(src[i]) - mean) - correction) * rstd;
-      if (w) v *= static_cast<Acc>(w[i]);
-      if (b) v += static_cast<Acc>(b[i]);
-      y[i] = static_cast<T>(v);
-    }
+    normalize_values<Acc>(0, n, src, w, b, mean, correction, rstd, static_cast<T*>(p.y) + r * n);
     if (!p.rms) static_cast<Acc*>(p.mean)[r] = mean + correction;
     static_cast<Acc*>(p.rstd)[r] = rstd;
   }
@@ -386,20 +388,10 @@ void norm_backward_rows_generic(
       sum_g += block_g;
       sum_gx += block_gx;
     }
-    // d/dx of y = xhat * w + b with xhat = (x - mean) * rstd:
-    //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w; RMS drops mean(g).
     const Acc c_g = p.rms ? Acc(0) : sum_g / static_cast<Acc>(n);
     const Acc c_gx = sum_gx / static_cast<Acc>(n);
     const T* dres = p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride : nullptr;
-    T* dx = static_cast<T*>(p.dx) + r * n;
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc xhat = (static_cast<Acc>(src[i]) - mean) * rstd;
-      const Acc d = static_cast<Acc>(dy[i]);
-      const Acc g = w ? d * static_cast<Acc>(w[i]) : d;
-      Acc v = rstd * (g - c_g - xhat * c_gx);
-      if (dres) v += static_cast<Acc>(dres[i]);
-      dx[i] = static_cast<T>(v);
-    }
+    input_grads<Acc>(0, n, src, dy, w, dres, mean, rstd, c_g, c_gx, static_cast<T*>(p.dx) + r * n);
   }
 }
 
