@@ -15,8 +15,15 @@
 // instantiated by its own file for it: `template <Isa I, Dtype D> void f(...)` declared in the
 // kernels' header, `template void f<kPortableBuild, Dtype::f32>(...)` at the file's end.
 //
+// Code a *_generic.cpp defines for both builds' callers (group_norm_generic.cpp's plan and
+// tables) is compiled in the baseline build only (#ifndef FASTARCH_PORTABLE_AVX2). Headers of
+// building blocks that must take the build's target (portable_math.h, attn/attention_generic.h)
+// open their own FASTARCH_PORTABLE_BEGIN after their includes and give their functions
+// internal linkage, so that each build keeps its own copy.
+//
 // Callers pick the build with with_portable_build. The pragma's target does not define
-// __AVX2__ or __FMA__: code that differs between the builds tests kPortableBuild.
+// __AVX2__ or __FMA__: code that differs between the builds tests FASTARCH_PORTABLE_AVX2 or
+// kPortableBuild.
 #pragma once
 #include "cpu/isa.h"
 
