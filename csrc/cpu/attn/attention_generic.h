@@ -9,9 +9,9 @@
 // neither's can stand in for the other's at link time.
 //
 // The build has no -ffast-math (and -ffp-contract=off), so GCC vectorizes no loop that reduces
-// into one scalar (that would reorder the sum): the kernels compute elementwise over whole
-// rows (axpy form: C row += a * B row), and the reductions they need (row max, row sum) run
-// over kLanes partial lanes, each an elementwise update.
+// into one scalar (that would reorder the sum): the reductions (row max, row sum, dot products)
+// run in partial lanes held in vectors, added up in a fixed order, and the products' sums over
+// K run in order within each lane of a register tile.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
