@@ -36,6 +36,27 @@ void dot_rows(const Acc* x, int64_t ldx, const Elem* w, int64_t K, Acc* sums) {
   }
 }
 
+// One row of x against kColGroup weight rows (outputs n .. n + kColGroup): their sums as
+// dot_rows<1> takes each (the same lanes, the same order), the weight rows' chains of additions
+// interleaved so that they overlap.
+constexpr int kColGroup = 4;
+
+template <typename Acc, typename Elem>
+void dot_cols(const Acc* x, const Elem* w, int64_t K, Acc* sums) {
+  Acc part[kColGroup][kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int c = 0; c < kColGroup; ++c)
+      for (int l = 0; l < kLanes; ++l) part[c][l] += static_cast<Acc>(w[c * K + k + l]) * x[k + l];
+  for (int l = 0; k + l < K; ++l)
+    for (int c = 0; c < kColGroup; ++c) part[c][l] += static_cast<Acc>(w[c * K + k + l]) * x[k + l];
+  for (int c = 0; c < kColGroup; ++c) {
+    Acc s = 0;
+    for (int l = 0; l < kLanes; ++l) s += part[c][l];
+    sums[c] = s;
+  }
+}
+
 // Elem: the weights' and outputs' type; Acc: the sums' and x's (the glue widens x).
 template <typename Elem, typename Acc>
 void cols(const LinearParams& p, int64_t begin, int64_t end) {
@@ -45,7 +66,17 @@ void cols(const LinearParams& p, int64_t begin, int64_t end) {
   const Elem* bias = static_cast<const Elem*>(p.bias);
   Elem* out = static_cast<Elem*>(p.out);
   Acc sums[kRowGroup];
-  for (int64_t n = begin; n < end; ++n) {
+  int64_t n = begin;
+  if (p.rows == 1) {  // one row of x (a decode step): weight rows kColGroup at a time
+    for (; n + kColGroup <= end; n += kColGroup) {
+      Acc col_sums[kColGroup];
+      dot_cols<Acc, Elem>(x, w + n * K, K, col_sums);
+      for (int c = 0; c < kColGroup; ++c) {
+        out[n + c] = static_cast<Elem>(col_sums[c] + (bias ? static_cast<Acc>(bias[n + c]) : Acc(0)));
+      }
+    }
+  }
+  for (; n < end; ++n) {
     const Acc b = bias ? static_cast<Acc>(bias[n]) : Acc(0);
     for (int64_t m0 = 0; m0 < p.rows; m0 += kRowGroup) {
       const int64_t mb = std::min<int64_t>(kRowGroup, p.rows - m0);
