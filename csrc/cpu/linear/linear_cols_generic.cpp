@@ -20,15 +20,18 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int kRowGroup = 4;
 
+// MB dot products of K values, pair m being x + m * ldx and w + m * ldw: the rows of x against one
+// weight row (ldw 0), or one row of x against weight rows (ldx 0). kLanes partial sums in
+// order, then the lanes in order; MB chains of additions interleaved so that they overlap.
 template <typename Acc, typename Elem, int MB>
-void dot_rows(const Acc* x, int64_t ldx, const Elem* w, int64_t K, Acc* sums) {
+void dot_pairs(const Acc* x, int64_t ldx, const Elem* w, int64_t ldw, int64_t K, Acc* sums) {
   Acc part[MB][kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes)
     for (int m = 0; m < MB; ++m)
-      for (int l = 0; l < kLanes; ++l) part[m][l] += static_cast<Acc>(w[k + l]) * x[m * ldx + k + l];
+      for (int l = 0; l < kLanes; ++l) part[m][l] += static_cast<Acc>(w[m * ldw + k + l]) * x[m * ldx + k + l];
   for (int l = 0; k + l < K; ++l)
-    for (int m = 0; m < MB; ++m) part[m][l] += static_cast<Acc>(w[k + l]) * x[m * ldx + k + l];
+    for (int m = 0; m < MB; ++m) part[m][l] += static_cast<Acc>(w[m * ldw + k + l]) * x[m * ldx + k + l];
   for (int m = 0; m < MB; ++m) {
     Acc s = 0;
     for (int l = 0; l < kLanes; ++l) s += part[m][l];
@@ -36,26 +39,8 @@ void dot_rows(const Acc* x, int64_t ldx, const Elem* w, int64_t K, Acc* sums) {
   }
 }
 
-// One row of x against kColGroup weight rows (outputs n .. n + kColGroup): their sums as
-// dot_rows<1> takes each (the same lanes, the same order), the weight rows' chains of additions
-// interleaved so that they overlap.
+// One row of x (a decode step) takes weight rows kColGroup at a time.
 constexpr int kColGroup = 4;
-
-template <typename Acc, typename Elem>
-void dot_cols(const Acc* x, const Elem* w, int64_t K, Acc* sums) {
-  Acc part[kColGroup][kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes)
-    for (int c = 0; c < kColGroup; ++c)
-      for (int l = 0; l < kLanes; ++l) part[c][l] += static_cast<Acc>(w[c * K + k + l]) * x[k + l];
-  for (int l = 0; k + l < K; ++l)
-    for (int c = 0; c < kColGroup; ++c) part[c][l] += static_cast<Acc>(w[c * K + k + l]) * x[k + l];
-  for (int c = 0; c < kColGroup; ++c) {
-    Acc s = 0;
-    for (int l = 0; l < kLanes; ++l) s += part[c][l];
-    sums[c] = s;
-  }
-}
 
 // Elem: the weights' and outputs' type; Acc: the sums' and x's (the glue widens x).
 template <typename Elem, typename Acc>
@@ -70,7 +55,7 @@ void cols(const LinearParams& p, int64_t begin, int64_t end) {
   if (p.rows == 1) {  // one row of x (a decode step): weight rows kColGroup at a time
     for (; n + kColGroup <= end; n += kColGroup) {
       Acc col_sums[kColGroup];
-      dot_cols<Acc, Elem>(x, w + n * K, K, col_sums);
+      dot_pairs<Acc, Elem, kColGroup>(x, 0, w + n * K, K, K, col_sums);
       for (int c = 0; c < kColGroup; ++c) {
         out[n + c] = static_cast<Elem>(col_sums[c] + (bias ? static_cast<Acc>(bias[n + c]) : Acc(0)));
       }
@@ -83,16 +68,16 @@ void cols(const LinearParams& p, int64_t begin, int64_t end) {
       const Acc* xm = x + m0 * p.ldx;
       switch (mb) {
         case 4:
-          dot_rows<Acc, Elem, 4>(xm, p.ldx, w + n * K, K, sums);
+          dot_pairs<Acc, Elem, 4>(xm, p.ldx, w + n * K, 0, K, sums);
           break;
         case 3:
-          dot_rows<Acc, Elem, 3>(xm, p.ldx, w + n * K, K, sums);
+          dot_pairs<Acc, Elem, 3>(xm, p.ldx, w + n * K, 0, K, sums);
           break;
         case 2:
-          dot_rows<Acc, Elem, 2>(xm, p.ldx, w + n * K, K, sums);
+          dot_pairs<Acc, Elem, 2>(xm, p.ldx, w + n * K, 0, K, sums);
           break;
         default:
-          dot_rows<Acc, Elem, 1>(xm, p.ldx, w + n * K, K, sums);
+          dot_pairs<Acc, Elem, 1>(xm, p.ldx, w + n * K, 0, K, sums);
       }
       for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
     }
