@@ -51,6 +51,9 @@ PYBIND11_MODULE(_C, m) {
   // Whether the AVX-512 kernels run now (level avx512 or above): a cheap per-call check for
   // Python code that takes a kernel only those have (fastarch.nn.Conv2d's Winograd path).
   m.def("_cpu_avx512", []() { return fastarch::cpu::isa_avx512(); });
+  // Whether the portable kernels run their AVX2 build now (level avx2): fastarch.ops.linear's
+  // row table has a row for it.
+  m.def("_cpu_portable_avx2", []() { return fastarch::cpu::portable_avx2(); });
   // The bf16 attention forward through brgemm: "auto" (at level amx), "on" (any AVX512-BF16
   // CPU), "off".
   m.def("_set_cpu_brgemm", [](const std::string& mode) { fastarch::cpu::set_brgemm(mode); });

@@ -148,9 +148,13 @@ inline Vec load_f32(const T* p) {
     std::memcpy(&v, &w, sizeof v);
     return v;
   } else {
+#ifdef FASTARCH_PORTABLE_AVX2
+    return (Vec)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // F16C
+#else
     float f[kVecLanes];
     for (int i = 0; i < kVecLanes; ++i) f[i] = static_cast<float>(p[i]);
     return load_vec(f);
+#endif
   }
 }
 
@@ -166,9 +170,14 @@ inline void store_f32(T* p, Vec v) {
     const Bits16 h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), Bits16);
     std::memcpy(p, &h, sizeof h);
   } else {
+#ifdef FASTARCH_PORTABLE_AVX2
+    const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // F16C
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+#else
     float f[kVecLanes];
     store_vec(f, v);
     for (int i = 0; i < kVecLanes; ++i) p[i] = static_cast<T>(f[i]);
+#endif
   }
 }
 

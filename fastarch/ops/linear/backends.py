@@ -23,14 +23,18 @@ GPU_MAX_ROWS = 16
 """The most rows of x the GPU kernels take (not yet measured on a GPU)."""
 CPU_ROWS = {
     "avx512": {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (1, 32)},
+    "avx2": {torch.float32: (1, 32), torch.bfloat16: (1, 512), torch.float16: (3, 512)},
     "generic": {torch.float32: (1, 4)},
 }
 """The rows of x (first, last) the CPU kernels take, per kernel build and dtype: where they beat
 PyTorch's GEMV/GEMM side by side (``python bench/linear_rows.py``; AMD EPYC Zen 4, 2 threads,
 SmolLM2-135M's weights: fp32 2.0x at 1 row, 3-4x at 2-4, 1.5x at 32; bf16 2.0x at 1, 1.65x at
 4, parity at 8; fp16 parity with PyTorch's own fp16 GEMV at 1 row, 1.4-3.8x at 2-32; the
-portable build wins for fp32 at 1-4 rows only, its fp16/bf16 conversions being scalar). The
-"avx512" row covers every level from avx512 up (the same kernels)."""
+baseline portable build wins for fp32 at 1-4 rows only, its fp16/bf16 conversions being scalar;
+its AVX2 build, level avx2, measured on the same EPYC with PyTorch restricted to AVX2 too: fp32
+2.0x at 1 row, 4.4x at 2, 1.2x at 8-48; bf16 parity at 1 row, 1.3-1.9x at 2-512 (PyTorch's
+bf16 matmul converts at AVX2: 20 GFLOP/s), fp16 parity at 1, 0.75x at 2, 1.1x at 3, 1.6-1.9x at 4-512).
+The "avx512" row covers every level from avx512 up (the same kernels)."""
 
 
 CPU_GEMM_DTYPES = (torch.float32,)
@@ -60,7 +64,8 @@ def _onednn_gemm() -> bool:
 
 def _cpu_build() -> str:
     """The CPU_ROWS row of the kernels in use (the extension is loaded where this is asked)."""
-    return "avx512" if _extension._C._cpu_avx512() else "generic"
+    C = _extension._C
+    return "avx512" if C._cpu_avx512() else "avx2" if C._cpu_portable_avx2() else "generic"
 
 
 def _kernel_rows(dtype: torch.dtype) -> tuple[int, int]:
@@ -103,8 +108,8 @@ def _cpu_supports(p: LinearProblem) -> str | None:
     build = _cpu_build()
     if p.dtype not in CPU_ROWS[build]:
         return registry.MachineReason(
-            f"{p.dtype} at decode rows needs the AVX-512 kernels (the portable build's conversions make it slower"
-            " than PyTorch's GEMV)"
+            f"{p.dtype} at decode rows needs the AVX-512 or AVX2 kernels (the baseline build's conversions make it"
+            " slower than PyTorch's GEMV)"
         )
     first, last = CPU_ROWS[build][p.dtype]
     if cpu_gemm(p.rows, p.dtype) and p.in_features > 0 and p.weight_contiguous and _onednn_gemm():

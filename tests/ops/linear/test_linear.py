@@ -212,7 +212,7 @@ def test_choice_follows_rows_dtype_and_build(cpu_isa, cpu_gemm):
         return registry.choose("linear", LinearProblem.of(x, w)).name
 
     cpu_isa("auto")
-    table = CPU_ROWS["avx512" if _C._cpu_avx512() else "generic"]  # (level avx2: the portable kernels' rows)
+    table = CPU_ROWS["avx512" if _C._cpu_avx512() else "avx2" if _C._cpu_portable_avx2() else "generic"]
     for dtype in DTYPES:
         first, last = table.get(dtype, (1, 0))
         for rows in (1, 2, 3, 4, 5, 8, 32, 33, 512):
@@ -225,6 +225,16 @@ def test_choice_follows_rows_dtype_and_build(cpu_isa, cpu_gemm):
     assert chosen(1, torch.float32) == "cpu" and chosen(1, torch.bfloat16) != "cpu"
 
 
+def test_choice_at_level_avx2(cpu_isa, cpu_gemm):
+    """The AVX2 build's own rows: 16-bit weights too (PyTorch's bf16/fp16 products convert there)."""
+    cpu_gemm("torch")  # (fp32 past the rows: F.linear, not oneDNN's matmul on the cpu backend)
+    cpu_isa("avx2")  # (skips where the CPU or the build lacks it)
+    assert CPU_ROWS["avx2"][torch.bfloat16][0] == 1
+    for dtype, (first, last) in CPU_ROWS["avx2"].items():
+        for rows in (1, 2, 4, last, last + 1):
+            assert (chosen_for(rows, dtype) == "cpu") == (first <= rows <= last), (dtype, rows)
+
+
 def chosen_for(rows, dtype, k=64):
     return registry.choose("linear", LinearProblem.of(torch.randn(rows, k, dtype=dtype), torch.randn(32, k, dtype=dtype))).name
 
@@ -235,7 +245,7 @@ def test_many_fp32_rows_on_onednn(cpu_gemm):
     row); bf16 and an empty K stay on F.linear; torch: F.linear; auto: oneDNN on AMD CPUs."""
     cpu_gemm("onednn")
     assert chosen_for(33, torch.float32) == "cpu" and chosen_for(512, torch.float32) == "cpu"
-    assert chosen_for(512, torch.bfloat16) == "reference" and chosen_for(40, torch.float32, k=0) == "reference"
+    assert chosen_for(1024, torch.bfloat16) == "reference" and chosen_for(40, torch.float32, k=0) == "reference"
     for rows, (k, n) in [(33, (113, 37)), (512, (576, 1728)), (40, (1, 5)), (97, (203, 65))]:
         x, w, b = make(rows, k, n, torch.float32)
         check(ops.linear(x, w, b, backend="cpu"), x, w, b)
