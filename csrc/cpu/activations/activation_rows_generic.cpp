@@ -40,6 +40,11 @@ struct Types<Dtype::bf16> {
   using Acc = float;
 };
 
+// The per-element functions the row loops call: always inlined. GCC kept some out of line (the
+// gradients, parts of grad's switch), a call per element that left the tanh-GELU backward's
+// loop scalar.
+#define FASTARCH_ALWAYS_INLINE __attribute__((always_inline)) inline
+
 constexpr double kSqrtHalf = 0.70710678118654752440;      // 1 / sqrt(2)
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;    // 1 / sqrt(2 pi)
 constexpr double kSqrt2OverPi = 0.79788456080286535588;   // sqrt(2 / pi)
@@ -129,11 +134,11 @@ Acc gelu_erf(Acc h) {
   return h * gelu_cdf(h);
 }
 template <typename Acc>
-Acc gelu_erf_grad(Acc h, Acc cdf) {
+FASTARCH_ALWAYS_INLINE Acc gelu_erf_grad(Acc h, Acc cdf) {
   return cdf + h * Acc(kInvSqrt2Pi) * exp_acc(Acc(-0.5) * h * h);
 }
 template <typename Acc>
-Acc gelu_erf_grad(Acc h) {
+FASTARCH_ALWAYS_INLINE Acc gelu_erf_grad(Acc h) {
   return gelu_erf_grad(h, gelu_cdf(h));
 }
 
@@ -150,19 +155,19 @@ Acc gelu_tanh(Acc h) {
 // g 2 sqrt(2/pi) + (g h) (h 6 * 0.044715 sqrt(2/pi)) with g = h s (1 - s): g is exactly 0
 // wherever h^2 would overflow, so a huge finite h gets its limit (1 or 0), not inf * 0.
 template <typename Acc>
-Acc gelu_tanh_grad(Acc h, const Sigmoid<Acc>& sg) {  // sg = Sigmoid(tanh_arg2(h))
+FASTARCH_ALWAYS_INLINE Acc gelu_tanh_grad(Acc h, const Sigmoid<Acc>& sg) {  // sg = Sigmoid(tanh_arg2(h))
   const Acc g = h * sg.s * sg.one_minus_s;
   return sg.s + g * Acc(2 * kSqrt2OverPi) + (g * h) * (h * Acc(6 * kTanhCubic * kSqrt2OverPi));
 }
 template <typename Acc>
-Acc gelu_tanh_grad(Acc h) {
+FASTARCH_ALWAYS_INLINE Acc gelu_tanh_grad(Acc h) {
   return gelu_tanh_grad(h, Sigmoid<Acc>(tanh_arg2(h)));
 }
 
 // f(h) of each activation, f'(h), and both from one evaluation of the shared erfc / sigmoid
 // (the gated backward wants the two).
 template <typename Acc>
-Acc value(Activation act, Acc h) {
+FASTARCH_ALWAYS_INLINE Acc value(Activation act, Acc h) {
   switch (act) {
     case Activation::gelu_erf:
       return gelu_erf(h);
@@ -181,7 +186,7 @@ Acc silu_grad(Acc h, const Sigmoid<Acc>& sg) {
 }
 
 template <typename Acc>
-Acc grad(Activation act, Acc h) {
+FASTARCH_ALWAYS_INLINE Acc grad(Activation act, Acc h) {
   switch (act) {
     case Activation::gelu_erf:
       return gelu_erf_grad(h);
@@ -198,7 +203,7 @@ struct ValueGrad {
   Acc value, grad;
 };
 template <typename Acc>
-ValueGrad<Acc> value_and_grad(Activation act, Acc h) {
+FASTARCH_ALWAYS_INLINE ValueGrad<Acc> value_and_grad(Activation act, Acc h) {
   switch (act) {
     case Activation::gelu_erf: {
       const Acc cdf = gelu_cdf(h);
