@@ -194,6 +194,35 @@ def test_decode(dtype, B, H, Hkv, Sq, S, D, Dv, causal, window):
     assert (lse.double()[seen] - truth_lse[seen]).abs().max() <= 1e-4 * max(1.0, truth_lse[seen].abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids.get)
+@pytest.mark.parametrize("window", [(-1, -1), (25, 0), (0, -1)], ids=["full", "window", "last-key"])
+def test_one_query_forward_runs_the_decode_kernel(dtype, window):
+    """A forward call with one query per sequence and nothing to mask (a decode step through
+    transformers' attention) runs the decode kernel: the same bits as attention_decode with
+    every key filled, judged against fp64, and gradients through its lse as any forward's."""
+    B, H, Hkv, S, D = 2, 6, 2, 300, 64
+    q = randn(B, H, 1, D, dtype=dtype, seed=5)
+    k = randn(B, Hkv, S, D + 8, dtype=dtype, seed=6)[..., :D]
+    v = randn(B, Hkv, S, D, dtype=dtype, seed=7)
+    out, lse = check(q, k, v, window=window)
+    lens = torch.full((B,), S, dtype=torch.int32)
+    dec_out, dec_lse = cpp.decode(q, k, v, lens, True, 1 / math.sqrt(D), window[0])
+    assert torch.equal(out, dec_out) and torch.equal(lse, dec_lse)
+    qg, kg, vg = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ops.attention(qg, kg, vg, window=window if window != (-1, -1) else None, backend="cpu").sum().backward()
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ops.attention(qr, kr, vr, window=window if window != (-1, -1) else None, backend="reference").sum().backward()
+    for ours, truth in ((qg.grad, qr.grad), (kg.grad, kr.grad), (vg.grad, vr.grad)):
+        assert (ours.double() - truth).abs().max() <= 1e-5 * max(1.0, truth.abs().max().item())
+
+
+def test_one_query_forward_nan_stays_in_its_head():
+    q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 50, 32), torch.randn(1, 2, 50, 32)
+    q[0, 1, 0, 3] = float("nan")
+    out = ops.attention(q, k, v, backend="cpu")
+    assert torch.isnan(out[0, 1]).all() and not torch.isnan(out[0, [0, 2, 3]]).any()
+
+
 def test_decode_empty_cache():
     q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 10, 64), torch.randn(2, 2, 10, 64)
     out, lse = cpp.decode(q, k, v, torch.tensor([0, 3], dtype=torch.int32), True, 0.125, -1)
