@@ -48,7 +48,7 @@ class AttentionArgs:
 
     def fields(self) -> tuple:
         """Every field in order (the kernel ops' argument order, seed a tensor)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(getattr(self, name) for name in _ARGS_FIELDS)
 
     def kernel_args(self) -> tuple:
         """Every field in order, the seed as an int: the C++ and Triton kernel ops' arguments."""
@@ -60,12 +60,18 @@ class AttentionArgs:
 
     def scalars(self) -> dict:
         """The other fields (for autograd's context)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.TENSORS}
+        return {name: getattr(self, name) for name in _ARGS_FIELDS if name not in self.TENSORS}
 
     @classmethod
     def from_parts(cls, tensors: tuple, scalars: dict) -> AttentionArgs:
         """The inverse of tensors() and scalars()."""
         return cls(**dict(zip(cls.TENSORS, tensors)), **scalars)
+
+
+# AttentionArgs' field names in order, looked up once (dataclasses.fields builds its list anew
+# at every call: a few microseconds of each attention call; an operator.attrgetter of them all
+# would be quicker still, but torch.compile cannot trace one)
+_ARGS_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionArgs))
 
 
 @dataclass(frozen=True)
