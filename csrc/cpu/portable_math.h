@@ -158,17 +158,35 @@ inline Vec load_f32(const T* p) {
   }
 }
 
+#ifdef FASTARCH_PORTABLE_AVX2
+// v rounded to bf16 as store_f32's baseline code rounds it (to nearest even, NaN kept), in one
+// xmm: packus narrows in one instruction (the values fit 16 bits) where GCC builds the vector
+// code's narrowing from shuffles.
+inline __m128i bf16_bits(Vec v) {
+  const __m256i u = _mm256_castps_si256((__m256)v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q));
+  const __m256i bits = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+}
+#endif
+
 template <typename T>
 inline void store_f32(T* p, Vec v) {
   if constexpr (std::is_same_v<T, float>) {
     store_vec(p, v);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#ifdef FASTARCH_PORTABLE_AVX2
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_bits(v));
+#else
     Bits32 u;
     std::memcpy(&u, &v, sizeof u);
     const Bits32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     const Bits32 nan = (Bits32)(v != v);  // all ones in a NaN lane
     const Bits16 h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), Bits16);
     std::memcpy(p, &h, sizeof h);
+#endif
   } else {
 #ifdef FASTARCH_PORTABLE_AVX2
     const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // F16C
@@ -189,11 +207,7 @@ template <typename T>
 inline void stream_f32(T* p, Vec v) {
 #if defined(FASTARCH_PORTABLE_AVX2)
   if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, (__m256)v);
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    T h[kVecLanes];
-    store_f32(h, v);
-    return _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
-  }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits(v));
 #elif defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) return _mm_stream_ps(p, (__m128)v);
 #endif
