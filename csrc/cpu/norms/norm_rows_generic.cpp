@@ -74,9 +74,10 @@ constexpr int kSumLanes = 32;
 constexpr int kSumVecs = kSumLanes / kVecLanes;
 
 
-// Sums over row v[0, n) of term(v) (term takes and returns a Vec or a float), one per terms.
+// Sums over row v[0, n) of term(v) (term takes and returns a Vec or a float), one per terms;
+// copy (unless null): v's values as fp32, written there as they are read.
 template <typename T, typename... Terms>
-void vec_row_sums(const T* v, int64_t n, float* sums, Terms... terms) {
+void vec_row_sums(const T* v, int64_t n, float* copy, float* sums, Terms... terms) {
   constexpr int kTerms = sizeof...(Terms);
   for (int t = 0; t < kTerms; ++t) sums[t] = 0.0f;
   for (int64_t b = 0; b < n; b += kBlock) {
@@ -86,6 +87,7 @@ void vec_row_sums(const T* v, int64_t n, float* sums, Terms... terms) {
     for (; i + kSumLanes <= e; i += kSumLanes) {
       for (int k = 0; k < kSumVecs; ++k) {
         const Vec x = portable::load_f32(v + i + k * kVecLanes);
+        if (copy) portable::store_vec(copy + i + k * kVecLanes, x);
         int t = 0;
         ((part[t++][k] += terms(x)), ...);
       }
@@ -94,6 +96,7 @@ void vec_row_sums(const T* v, int64_t n, float* sums, Terms... terms) {
     std::memcpy(lane, part, sizeof lane);
     for (int k = 0; i < e; ++i, ++k) {
       const float x = static_cast<float>(v[i]);
+      if (copy) copy[i] = x;
       int t = 0;
       ((lane[t++][k] += terms(x)), ...);
     }
@@ -119,28 +122,14 @@ void normalize_values(int64_t i0, int64_t n, const S* src, const W* w, const W* 
 // for the statistics' two passes and the output's.
 constexpr int64_t kRowScratch = 8192;
 
-// The statistics and output of one row whose values are src (T, or their fp32 copy), writing y
-// (T), in vectors where whole ones fit; kStream: y by streaming stores (whole vectors only:
-// cols a multiple of 16).
+// The output of one row whose statistics are in sums (see normalize_row_vec), its values src
+// (T, or their fp32 copy), writing y (T), in vectors where whole ones fit; kStream: y by
+// streaming stores (whole vectors only: cols a multiple of 16).
 template <typename T, bool kStream, typename S, typename W>
-void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src, const W* w, const W* b) {
+void normalize_row_out(const NormForwardParams& p, int64_t r, const S* src, const W* w, const W* b, float mean,
+                       const float* sums) {
   const int64_t n = p.cols;
   const float count = static_cast<float>(n);
-  float sums[2];
-  float mean = 0.0f;
-  if (!p.rms) {
-    vec_row_sums(src, n, sums, [](auto x) { return x; });
-    mean = sums[0] / count;
-  }
-  // the squared deviations and (layer norm) the deviations, in one pass
-  const auto dev = [mean](auto x) { return x - mean; };
-  const auto dev_sq = [mean](auto x) { return (x - mean) * (x - mean); };
-  if (p.rms) {
-    vec_row_sums(src, n, sums, dev_sq);
-    sums[1] = 0.0f;
-  } else {
-    vec_row_sums(src, n, sums, dev_sq, dev);
-  }
   const float correction = sums[1] / count;
   float var = sums[0] / count - correction * correction;
   var = var < 0.0f ? 0.0f : var;  // a NaN stays NaN
@@ -159,6 +148,37 @@ void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src, cons
   normalize_values<float>(i, n, src, w, b, mean, correction, rstd, y);
   if (!p.rms) static_cast<float*>(p.mean)[r] = mean + correction;
   static_cast<float*>(p.rstd)[r] = rstd;
+}
+
+// The statistics and output of one row whose values are src (T, or their fp32 copy). copy
+// (unless null): where the first pass writes the row's fp32 values for the later passes to read
+// (the 16-bit rows: converted once, in the pass that needs them first).
+template <typename T, bool kStream, typename S, typename W>
+void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src, const W* w, const W* b,
+                       float* copy = nullptr) {
+  const int64_t n = p.cols;
+  const float count = static_cast<float>(n);
+  float sums[2];
+  float mean = 0.0f;
+  const auto rest = [&](const auto* values, bool first) {
+    float* to = first ? copy : nullptr;
+    // the squared deviations and (layer norm) the deviations, in one pass
+    const auto dev = [mean](auto x) { return x - mean; };
+    const auto dev_sq = [mean](auto x) { return (x - mean) * (x - mean); };
+    if (p.rms) {
+      vec_row_sums(values, n, to, sums, dev_sq);
+      sums[1] = 0.0f;
+    } else {
+      vec_row_sums(values, n, to, sums, dev_sq, dev);
+    }
+    if (to) return normalize_row_out<T, kStream>(p, r, static_cast<const float*>(to), w, b, mean, sums);
+    normalize_row_out<T, kStream>(p, r, values, w, b, mean, sums);
+  };
+  if (p.rms) return rest(src, true);
+  vec_row_sums(src, n, copy, sums, [](auto x) { return x; });
+  mean = sums[0] / count;
+  if (copy) return rest(static_cast<const float*>(copy), false);
+  rest(src, false);
 }
 
 // The fp32 forward of one row (the 16-bit types and fp32): the residual added (rounded to T),
@@ -196,10 +216,7 @@ void forward_row_vec(const NormForwardParams& p, int64_t r, const W* w, const W*
     if constexpr (kStream) portable::stream_fence();  // (read back below)
     src = out;
   } else if (copy) {
-    int64_t i = 0;
-    for (; i < nv; i += kVecLanes) portable::store_vec(row + i, portable::load_f32(src + i));
-    for (; i < n; ++i) row[i] = static_cast<float>(src[i]);
-    return normalize_row_vec<T, kStream>(p, r, row, w, b);
+    return normalize_row_vec<T, kStream>(p, r, src, w, b, row);  // (converted in the first pass)
   }
   normalize_row_vec<T, kStream>(p, r, src, w, b);
 }
