@@ -160,25 +160,23 @@ void normalize_row_vec(const NormForwardParams& p, int64_t r, const S* src, cons
   const float count = static_cast<float>(n);
   float sums[2];
   float mean = 0.0f;
-  const auto rest = [&](const auto* values, bool first) {
-    float* to = first ? copy : nullptr;
-    // the squared deviations and (layer norm) the deviations, in one pass
-    const auto dev = [mean](auto x) { return x - mean; };
-    const auto dev_sq = [mean](auto x) { return (x - mean) * (x - mean); };
-    if (p.rms) {
-      vec_row_sums(values, n, to, sums, dev_sq);
-      sums[1] = 0.0f;
+  // the squared deviations from m and (layer norm) the deviations, summed in one pass
+  const auto dev_sq = [](float m) { return [m](auto x) { return (x - m) * (x - m); }; };
+  const auto dev = [](float m) { return [m](auto x) { return x - m; }; };
+  if (p.rms) {  // (mean 0: one pass, the first)
+    vec_row_sums(src, n, copy, sums, dev_sq(0.0f));
+    sums[1] = 0.0f;
+  } else {
+    vec_row_sums(src, n, copy, sums, [](auto x) { return x; });
+    mean = sums[0] / count;
+    if (copy) {
+      vec_row_sums(static_cast<const float*>(copy), n, nullptr, sums, dev_sq(mean), dev(mean));
     } else {
-      vec_row_sums(values, n, to, sums, dev_sq, dev);
+      vec_row_sums(src, n, nullptr, sums, dev_sq(mean), dev(mean));
     }
-    if (to) return normalize_row_out<T, kStream>(p, r, static_cast<const float*>(to), w, b, mean, sums);
-    normalize_row_out<T, kStream>(p, r, values, w, b, mean, sums);
-  };
-  if (p.rms) return rest(src, true);
-  vec_row_sums(src, n, copy, sums, [](auto x) { return x; });
-  mean = sums[0] / count;
-  if (copy) return rest(static_cast<const float*>(copy), false);
-  rest(src, false);
+  }
+  if (copy) return normalize_row_out<T, kStream>(p, r, static_cast<const float*>(copy), w, b, mean, sums);
+  normalize_row_out<T, kStream>(p, r, src, w, b, mean, sums);
 }
 
 // The fp32 forward of one row (the 16-bit types and fp32): the residual added (rounded to T),
