@@ -58,6 +58,130 @@ struct Scratch {
   }
 };
 
+// The lanes of one vector summed as a tree of halves (lane l += lane l + h, h = half the lanes,
+// then a quarter, ...), dot()'s order.
+inline float tree_sum(Vec a) {
+  float lane[kVecLanes];
+  std::memcpy(lane, &a, sizeof lane);
+  for (int h = kVecLanes / 2; h > 0; h /= 2)
+    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+  return lane[0];
+}
+
+// out[i] = tree_sum of the i-th of four vectors. In the AVX2 build in vectors: each one's
+// halves added (lane l + lane l + 4), the four transposed, and then (lanes 0 + 2) + (lanes
+// 1 + 3) for all four at once: the tree's additions, in its order.
+inline void tree_sums4(Vec a, Vec b, Vec c, Vec d, float* out) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  const auto halves = [](Vec v) {
+    return _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  };
+  __m128 h0 = halves(a), h1 = halves(b), h2 = halves(c), h3 = halves(d);
+  _MM_TRANSPOSE4_PS(h0, h1, h2, h3);  // h0: lane 0 of the four, h1: lane 1, ...
+  _mm_storeu_ps(out, _mm_add_ps(_mm_add_ps(h0, h2), _mm_add_ps(h1, h3)));
+#else
+  out[0] = tree_sum(a), out[1] = tree_sum(b), out[2] = tree_sum(c), out[3] = tree_sum(d);
+#endif
+}
+
+// Keys [0, KJ) (rows at k_row0 + j * k_stride elements) against R rows of q (R <= kDotRows),
+// each score as dot() sums it: kVecLanes partial sums over whole vectors of D (fused in the
+// AVX2 build), then the lanes as a tree of halves. Each key is read from the cache and widened
+// one vector at a time, once for all R rows; the KJ keys' R x KJ sums are independent chains
+// of multiply-adds, which keep the FMA units busy where one key's would wait on each other.
+template <Dtype T, int R, int KJ>
+inline void dot_keys(const float* __restrict q, int64_t D, const typename Elem<T>::type* k, int64_t k_stride,
+                     float* __restrict s, int64_t lds) {
+  Vec acc[R * KJ];
+  for (int i = 0; i < R * KJ; ++i) acc[i] = Vec{};
+  for (int64_t d = 0; d < D; d += kVecLanes) {
+    Vec kv[KJ];
+    for (int j = 0; j < KJ; ++j) kv[j] = load_f32(k + j * k_stride + d);
+    for (int r = 0; r < R; ++r) {
+      const Vec qv = load_vec(q + r * D + d);
+      for (int j = 0; j < KJ; ++j) acc[r * KJ + j] = madd(qv, kv[j], acc[r * KJ + j]);
+    }
+  }
+  int i = 0;
+  for (; i + 4 <= R * KJ; i += 4) {
+    float out[4];
+    tree_sums4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3], out);
+    for (int t = 0; t < 4; ++t) s[(i + t) / KJ * lds + (i + t) % KJ] = out[t];
+  }
+  for (; i < R * KJ; ++i) s[i / KJ * lds + i % KJ] = tree_sum(acc[i]);
+}
+
+// o[r] += sum over j < nk of p[r][j] v[j] for R rows and the NV * kVecLanes columns from n, v's
+// rows read from the cache and widened there (row j at v + j * v_stride elements): gemm_acc's
+// register tile, whose sums run over j in order (the same bits), NV vectors wide.
+template <Dtype T, int R, int NV>
+inline void pv_panel(const float* __restrict p, int64_t ldp, int64_t nk, const typename Elem<T>::type* v,
+                     int64_t v_stride, int64_t n, float* __restrict o, int64_t ldo) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = load_vec(o + r * ldo + n + c * kVecLanes);
+  for (int64_t j = 0; j < nk; ++j) {
+    Vec x[R];
+    for (int r = 0; r < R; ++r) x[r] = splat(p[r * ldp + j]);
+    for (int c = 0; c < NV; ++c) {  // (one vector of v at a time: R * NV + R + 1 registers)
+      const Vec bv = load_f32(v + j * v_stride + n + c * kVecLanes);
+      for (int r = 0; r < R; ++r) acc[r][c] = madd(x[r], bv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) store_vec(o + r * ldo + n + c * kVecLanes, acc[r][c]);
+}
+
+// The keys and panels a direct step takes at once for R rows: R * KJ score chains and R * NV
+// accumulators of P V, about 8 either way (of the 16 vector registers).
+template <int R>
+constexpr int kKeysAtOnce = R <= 3 ? 4 : 2;
+template <int R>
+constexpr int kPanelVecs = R == 1 ? 8 : R == 2 ? 4 : kNV;
+
+// run_chunk's loop over the keys for a group of R <= kDotRows rows whose D and Dv are whole
+// vectors and panels (direct() below): the scores and P V read K and V where they lie in the
+// cache, converting as they load, with no copy of either; the same sums as the copying loop.
+template <Dtype T, int R>
+void run_keys_direct(const DecodeParams& p, const Geometry& g, const Scratch& sc, int64_t b, int64_t hk, int64_t first,
+                     int64_t last, float* part) {
+  using E = typename Elem<T>::type;
+  const int64_t es = elem_size(T), D = p.D;
+  const int64_t k_stride = p.k_stride[2], v_stride = p.v_stride[2];
+  for (int64_t j0 = first; j0 < last; j0 += BN) {
+    const int64_t nk = min64(BN, last - j0);
+    const E* k0 = reinterpret_cast<const E*>(row_ptr(p.k_cache, p.k_stride, es, b, hk, j0));
+    constexpr int KJ = kKeysAtOnce<R>;
+    int64_t j = 0;
+    for (; j + KJ <= nk; j += KJ) dot_keys<T, R, KJ>(sc.q, D, k0 + j * k_stride, k_stride, sc.s + j, BN);
+    for (; j < nk; ++j) dot_keys<T, R, 1>(sc.q, D, k0 + j * k_stride, k_stride, sc.s + j, BN);
+    for (int r = 0; r < R; ++r) {
+      float* z = sc.s + r * BN;
+      float* pr = part + r * g.item;
+      const int64_t a = max64(sc.lo[r] - j0, 0), e = min64(sc.hi[r] - j0, nk);
+      if (a >= e) {
+        for (int64_t j = 0; j < BN; ++j) z[j] = 0.0f;
+        continue;
+      }
+      for (int64_t j = 0; j < nk; ++j) z[j] *= p.scale;
+      for (int64_t j = 0; j < a; ++j) z[j] = -kInf;
+      for (int64_t j = e; j < BN; ++j) z[j] = -kInf;
+      softmax_step_row(z, BN, pr[0], pr[1], pr + 2, g.dv16);
+    }
+    const E* v0 = reinterpret_cast<const E*>(row_ptr(p.v_cache, p.v_stride, es, b, hk, j0));
+    constexpr int NV = kPanelVecs<R>;
+    int64_t n = 0;
+    for (; n + NV * kVecLanes <= p.Dv; n += NV * kVecLanes) pv_panel<T, R, NV>(sc.s, BN, nk, v0, v_stride, n, part + 2, g.item);
+    for (; n < p.Dv; n += kNR) pv_panel<T, R, kNV>(sc.s, BN, nk, v0, v_stride, n, part + 2, g.item);
+  }
+}
+
+// Whether run_chunk reads K and V in place (run_keys_direct): a few rows, D whole vectors, Dv
+// whole register-tile panels (64, 80, 96, 128, ...).
+inline bool direct(const DecodeParams& p, const Geometry& g) {
+  return g.rows <= kDotRows && p.D % kVecLanes == 0 && p.Dv % kNR == 0;
+}
+
 // Partials of the keys [c0, c1) of sequence b, kv head hk, for every row of the group.
 template <Dtype T>
 void run_chunk(const DecodeParams& p, const Geometry& g, const Scratch& sc, int64_t b, int64_t hk, int64_t c0,
@@ -83,6 +207,14 @@ void run_chunk(const DecodeParams& p, const Geometry& g, const Scratch& sc, int6
     to_f32<T>(row_ptr(p.q, p.q_stride, es, b, hk * g.group + r / p.Sq, r % p.Sq), D, sc.q + r * D);
   }
 
+  if (direct(p, g)) {
+    switch (R) {
+      case 1: return run_keys_direct<T, 1>(p, g, sc, b, hk, first, last, part);
+      case 2: return run_keys_direct<T, 2>(p, g, sc, b, hk, first, last, part);
+      case 3: return run_keys_direct<T, 3>(p, g, sc, b, hk, first, last, part);
+      default: return run_keys_direct<T, 4>(p, g, sc, b, hk, first, last, part);
+    }
+  }
   // Few rows (a group of up to kDotRows heads at one query): each score a dot product of q's row
   // with the key's row, no transpose of the keys; more rows: S = Q K^T on register tiles.
   const bool dots = R <= kDotRows;

@@ -40,6 +40,20 @@ inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 // ----------------------------------------------------------------------------- conversions
 
+// The C++ element type of T (what portable_math.h's load_f32 and store_f32 take).
+template <Dtype T>
+struct Elem {
+  using type = float;
+};
+template <>
+struct Elem<Dtype::bf16> {
+  using type = c10::BFloat16;
+};
+template <>
+struct Elem<Dtype::f16> {
+  using type = c10::Half;
+};
+
 // Element idx of an array of T as fp32.
 template <Dtype T>
 inline float value_f32(const void* base, int64_t idx) {
