@@ -58,16 +58,6 @@ struct Scratch {
   }
 };
 
-// The lanes of one vector summed as a tree of halves (lane l += lane l + h, h = half the lanes,
-// then a quarter, ...), dot()'s order.
-inline float tree_sum(Vec a) {
-  float lane[kVecLanes];
-  std::memcpy(lane, &a, sizeof lane);
-  for (int h = kVecLanes / 2; h > 0; h /= 2)
-    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
-  return lane[0];
-}
-
 // out[i] = tree_sum of the i-th of four vectors. In the AVX2 build in vectors: each one's
 // halves added (lane l + lane l + 4), the four transposed, and then (lanes 0 + 2) + (lanes
 // 1 + 3) for all four at once: the tree's additions, in its order.

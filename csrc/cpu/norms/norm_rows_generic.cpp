@@ -92,15 +92,17 @@ void vec_row_sums(const T* v, int64_t n, float* copy, float* sums, Terms... term
         ((part[t++][k] += terms(x)), ...);
       }
     }
-    float lane[kTerms][kSumLanes];
-    std::memcpy(lane, part, sizeof lane);
-    for (int k = 0; i < e; ++i, ++k) {
-      const float x = static_cast<float>(v[i]);
-      if (copy) copy[i] = x;
-      int t = 0;
-      ((lane[t++][k] += terms(x)), ...);
+    if (i < e) {  // the values past the last whole group, into the lanes in order
+      float lane[kTerms][kSumLanes];
+      std::memcpy(lane, part, sizeof lane);
+      for (int k = 0; i < e; ++i, ++k) {
+        const float x = static_cast<float>(v[i]);
+        if (copy) copy[i] = x;
+        int t = 0;
+        ((lane[t++][k] += terms(x)), ...);
+      }
+      std::memcpy(part, lane, sizeof lane);
     }
-    std::memcpy(part, lane, sizeof lane);
     for (int t = 0; t < kTerms; ++t) sums[t] += portable::tree_sum(part[t]);
   }
 }
