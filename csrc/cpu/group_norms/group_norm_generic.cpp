@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -137,11 +138,12 @@ void for_each_element(const P& p, const Item& it, Fn fn) {
   }
 }
 
-// The item's two sums per channel, term(offset, c, a, b) adding to a and b, into
-// partial[((n C + c) chunks + k) 2 + {0, 1}]. Summed in fp64 (this build is the portable
-// fallback: accuracy first; the AVX-512 build sums fp32 in short blocks), in blocks (8
-// interleaved partials over 64 positions for NCHW, 16 rows for NHWC) whose totals are then
-// added, as the AVX-512 build.
+// The item's two sums per channel, term(offset, c, a, b) adding to a and b (of any float type:
+// the term computes in the type of a), into partial[((n C + c) chunks + k) 2 + {0, 1}]. In
+// blocks whose totals are then added in fp64, as the AVX-512 build: NCHW, 8 interleaved
+// partials over 64 positions, each partial in Acc (fp32 but for fp64 inputs: 8 values a
+// partial, a loop the compiler vectorizes in fp32 lanes; in fp64 the AVX2 build ran the
+// statistics at half PyTorch's speed); NHWC, 16 rows in fp64.
 template <typename Acc, typename P, typename Term>
 void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vector<double>& inner, Acc* partial) {
   if (!p.channels_last) {
@@ -149,7 +151,7 @@ void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vect
     const int64_t base = (it.n * p.channels + it.c) * p.spatial;
     double total_a = 0, total_b = 0;
     for (int64_t b0 = it.s0; b0 < it.s1; b0 += 8 * kLanes) {
-      double a[kLanes] = {}, b[kLanes] = {};
+      Acc a[kLanes] = {}, b[kLanes] = {};
       const int64_t b1 = std::min(it.s1, b0 + 8 * kLanes);
       int64_t s = b0;  // position s adds into lane (s - b0) % kLanes (whole groups in a loop that vectorizes)
       for (; s + kLanes <= b1; s += kLanes)
@@ -182,6 +184,48 @@ void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vect
   }
 }
 
+// item_sums of an NCHW item of a 16-bit or fp32 tensor for the forward statistics (the sums of
+// d = x - x[n, c, 0] and of d^2), in vectors: lane k of a block's partials takes its positions
+// s with (s - block start) % 8 == k, as item_sums' scalar lanes do, with the same roundings (a
+// product and a sum, never fused). (The compiler had built item_sums' vectors element by
+// element from scalar loads.)
+template <typename T, typename P>
+void nchw_shifted_sums(const P& p, const Tiling& t, const Item& it, const T* x, float* partial) {
+  using portable::kVecLanes;
+  using portable::Vec;
+  constexpr int kLanes = 8, kV = kLanes / kVecLanes;
+  const T* xc = x + (it.n * p.channels + it.c) * p.spatial;
+  const float shift = static_cast<float>(xc[0]);
+  const Vec vshift = portable::splat(shift);
+  double total_a = 0, total_b = 0;
+  for (int64_t b0 = it.s0; b0 < it.s1; b0 += 8 * kLanes) {
+    Vec a[kV] = {}, b[kV] = {};
+    const int64_t b1 = std::min(it.s1, b0 + 8 * kLanes);
+    int64_t s = b0;
+    for (; s + kLanes <= b1; s += kLanes)
+      for (int v = 0; v < kV; ++v) {
+        const Vec d = portable::load_f32(xc + s + v * kVecLanes) - vshift;
+        a[v] += d;
+        b[v] += d * d;
+      }
+    float la[kLanes], lb[kLanes];
+    std::memcpy(la, a, sizeof la);
+    std::memcpy(lb, b, sizeof lb);
+    for (; s < b1; ++s) {
+      const float d = static_cast<float>(xc[s]) - shift;
+      la[(s - b0) % kLanes] += d;
+      lb[(s - b0) % kLanes] += d * d;
+    }
+    for (int k = 0; k < kLanes; ++k) {
+      total_a += la[k];
+      total_b += lb[k];
+    }
+  }
+  float* out = partial + ((it.n * p.channels + it.c) * t.chunks + it.k) * 2;
+  out[0] = static_cast<float>(total_a);
+  out[1] = static_cast<float>(total_b);
+}
+
 }  // namespace
 
 template <Isa I, Dtype D>
@@ -192,8 +236,15 @@ void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, 
   std::vector<double> inner(2 * p.channels);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
-    item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
-      const double d = static_cast<double>(x[i]) - static_cast<double>(x[offset(it.n, c, 0, p.channels, p.spatial, p.channels_last)]);
+    if constexpr (std::is_same_v<Acc, float>) {
+      if (!p.channels_last) {
+        nchw_shifted_sums(p, t, it, x, static_cast<float*>(partial));
+        continue;
+      }
+    }
+    item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, auto& a, auto& b) {
+      using L = std::remove_reference_t<decltype(a)>;
+      const L d = static_cast<L>(x[i]) - static_cast<L>(x[offset(it.n, c, 0, p.channels, p.spatial, p.channels_last)]);
       a += d;
       b += d * d;
     }, inner, static_cast<Acc*>(partial));
@@ -234,13 +285,14 @@ void group_norm_grad_stats_generic(
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     const auto sums = [&](auto with_silu) {
-      item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
+      item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, auto& a, auto& b) {
+        using L = std::remove_reference_t<decltype(a)>;
         const int64_t j = it.n * p.channels + c;
         const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
         Acc dz = static_cast<Acc>(dy[i]);
         if (with_silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
         a += dz;
-        b += static_cast<double>(dz) * centered;
+        b += static_cast<L>(dz) * static_cast<L>(centered);
       }, inner, static_cast<Acc*>(partial));
     };
     p.silu ? sums(std::true_type{}) : sums(std::false_type{});
