@@ -58,6 +58,26 @@ struct Scratch {
   }
 };
 
+// The online-softmax step of the block of keys [j0, j0 + nk) for rows [0, R): each row's
+// scores in sc.s scaled, -inf outside its visible keys (and past nk), its partial (m, l, o)
+// updated; a row that sees none of the block's keys gets probabilities 0.
+inline void softmax_block(const DecodeParams& p, const Geometry& g, const Scratch& sc, int64_t R, int64_t j0,
+                          int64_t nk, float* part) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* z = sc.s + r * BN;
+    float* pr = part + r * g.item;
+    const int64_t a = max64(sc.lo[r] - j0, 0), e = min64(sc.hi[r] - j0, nk);
+    if (a >= e) {
+      for (int64_t j = 0; j < BN; ++j) z[j] = 0.0f;
+      continue;
+    }
+    for (int64_t j = 0; j < nk; ++j) z[j] *= p.scale;
+    for (int64_t j = 0; j < a; ++j) z[j] = -kInf;
+    for (int64_t j = e; j < BN; ++j) z[j] = -kInf;
+    softmax_step_row(z, BN, pr[0], pr[1], pr + 2, g.dv16);
+  }
+}
+
 // out[i] = tree_sum of the i-th of four vectors. In the AVX2 build in vectors: each one's
 // halves added (lane l + lane l + 4), the four transposed, and then (lanes 0 + 2) + (lanes
 // 1 + 3) for all four at once: the tree's additions, in its order.
@@ -145,19 +165,7 @@ void run_keys_direct(const DecodeParams& p, const Geometry& g, const Scratch& sc
     int64_t j = 0;
     for (; j + KJ <= nk; j += KJ) dot_keys<T, R, KJ>(sc.q, D, k0 + j * k_stride, k_stride, sc.s + j, BN);
     for (; j < nk; ++j) dot_keys<T, R, 1>(sc.q, D, k0 + j * k_stride, k_stride, sc.s + j, BN);
-    for (int r = 0; r < R; ++r) {
-      float* z = sc.s + r * BN;
-      float* pr = part + r * g.item;
-      const int64_t a = max64(sc.lo[r] - j0, 0), e = min64(sc.hi[r] - j0, nk);
-      if (a >= e) {
-        for (int64_t j = 0; j < BN; ++j) z[j] = 0.0f;
-        continue;
-      }
-      for (int64_t j = 0; j < nk; ++j) z[j] *= p.scale;
-      for (int64_t j = 0; j < a; ++j) z[j] = -kInf;
-      for (int64_t j = e; j < BN; ++j) z[j] = -kInf;
-      softmax_step_row(z, BN, pr[0], pr[1], pr + 2, g.dv16);
-    }
+    softmax_block(p, g, sc, R, j0, nk, part);
     const E* v0 = reinterpret_cast<const E*>(row_ptr(p.v_cache, p.v_stride, es, b, hk, j0));
     constexpr int NV = kPanelVecs<R>;
     int64_t n = 0;
@@ -230,19 +238,7 @@ void run_chunk(const DecodeParams& p, const Geometry& g, const Scratch& sc, int6
       for (int64_t c = p.Dv; c < g.dv16; ++c) vrow[c] = 0.0f;
     }
     if (!dots) gemm(R, BN, D, sc.q, D, sc.kt, BN, sc.s, BN);
-    for (int64_t r = 0; r < R; ++r) {
-      float* z = sc.s + r * BN;
-      float* pr = part + r * g.item;
-      const int64_t a = max64(sc.lo[r] - j0, 0), e = min64(sc.hi[r] - j0, nk);
-      if (a >= e) {
-        for (int64_t j = 0; j < BN; ++j) z[j] = 0.0f;
-        continue;
-      }
-      for (int64_t j = 0; j < BN; ++j) z[j] *= p.scale;
-      for (int64_t j = 0; j < a; ++j) z[j] = -kInf;
-      for (int64_t j = e; j < BN; ++j) z[j] = -kInf;
-      softmax_step_row(z, BN, pr[0], pr[1], pr + 2, g.dv16);
-    }
+    softmax_block(p, g, sc, R, j0, nk, part);
     gemm_acc(R, g.dv16, nk, sc.s, BN, sc.v, g.dv16, part + 2, g.item);
   }
 }

@@ -138,12 +138,10 @@ void for_each_element(const P& p, const Item& it, Fn fn) {
   }
 }
 
-// The item's two sums per channel, term(offset, c, a, b) adding to a and b (of any float type:
-// the term computes in the type of a), into partial[((n C + c) chunks + k) 2 + {0, 1}]. In
-// blocks whose totals are then added in fp64, as the AVX-512 build: NCHW, 8 interleaved
-// partials over 64 positions, each partial in Acc (fp32 but for fp64 inputs: 8 values a
-// partial, a loop the compiler vectorizes in fp32 lanes; in fp64 the AVX2 build ran the
-// statistics at half PyTorch's speed); NHWC, 16 rows in fp64.
+// The item's two sums per channel, term(offset, c, a, b) adding to a and b, into
+// partial[((n C + c) chunks + k) 2 + {0, 1}]. Summed in fp64, in blocks (8 interleaved partials
+// over 64 positions for NCHW, 16 rows for NHWC) whose totals are then added, as the AVX-512
+// build: NHWC items, and NCHW items of fp64 tensors (the others take nchw_vec_sums).
 template <typename Acc, typename P, typename Term>
 void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vector<double>& inner, Acc* partial) {
   if (!p.channels_last) {
@@ -151,7 +149,7 @@ void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vect
     const int64_t base = (it.n * p.channels + it.c) * p.spatial;
     double total_a = 0, total_b = 0;
     for (int64_t b0 = it.s0; b0 < it.s1; b0 += 8 * kLanes) {
-      Acc a[kLanes] = {}, b[kLanes] = {};
+      double a[kLanes] = {}, b[kLanes] = {};
       const int64_t b1 = std::min(it.s1, b0 + 8 * kLanes);
       int64_t s = b0;  // position s adds into lane (s - b0) % kLanes (whole groups in a loop that vectorizes)
       for (; s + kLanes <= b1; s += kLanes)
@@ -184,39 +182,29 @@ void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vect
   }
 }
 
-// item_sums of an NCHW item of a 16-bit or fp32 tensor for the forward statistics (the sums of
-// d = x - x[n, c, 0] and of d^2), in vectors: lane k of a block's partials takes its positions
-// s with (s - block start) % 8 == k, as item_sums' scalar lanes do, with the same roundings (a
-// product and a sum, never fused). (The compiler had built item_sums' vectors element by
-// element from scalar loads.)
-template <typename T, typename P>
-void nchw_shifted_sums(const P& p, const Tiling& t, const Item& it, const T* x, float* partial) {
-  using portable::kVecLanes;
+// The two sums of an NCHW item of a 16-bit or fp32 tensor, as item_sums orders them (blocks of
+// 64 positions, lane k of a block taking the positions s with (s - block start) % 8 == k,
+// block totals in fp64), in fp32 vector lanes: vec_term(s, a, b) adds positions [s, s + 8)
+// into the kV vectors a and b (lane k: position s + k), value_term(s, a, b) one position into
+// floats. (item_sums' per-value terms in fp64 ran at half PyTorch's speed in the AVX2 build:
+// the compiler built their vectors element by element from scalar loads.)
+constexpr int kNchwLanes = 8;
+constexpr int kNchwVecs = kNchwLanes / portable::kVecLanes;
+
+template <typename P, typename VecTerm, typename ValueTerm>
+void nchw_vec_sums(const P& p, const Tiling& t, const Item& it, VecTerm vec_term, ValueTerm value_term, float* partial) {
   using portable::Vec;
-  constexpr int kLanes = 8, kV = kLanes / kVecLanes;
-  const T* xc = x + (it.n * p.channels + it.c) * p.spatial;
-  const float shift = static_cast<float>(xc[0]);
-  const Vec vshift = portable::splat(shift);
   double total_a = 0, total_b = 0;
-  for (int64_t b0 = it.s0; b0 < it.s1; b0 += 8 * kLanes) {
-    Vec a[kV] = {}, b[kV] = {};
-    const int64_t b1 = std::min(it.s1, b0 + 8 * kLanes);
+  for (int64_t b0 = it.s0; b0 < it.s1; b0 += 8 * kNchwLanes) {
+    Vec a[kNchwVecs] = {}, b[kNchwVecs] = {};
+    const int64_t b1 = std::min(it.s1, b0 + 8 * kNchwLanes);
     int64_t s = b0;
-    for (; s + kLanes <= b1; s += kLanes)
-      for (int v = 0; v < kV; ++v) {
-        const Vec d = portable::load_f32(xc + s + v * kVecLanes) - vshift;
-        a[v] += d;
-        b[v] += d * d;
-      }
-    float la[kLanes], lb[kLanes];
+    for (; s + kNchwLanes <= b1; s += kNchwLanes) vec_term(s, a, b);
+    float la[kNchwLanes], lb[kNchwLanes];
     std::memcpy(la, a, sizeof la);
     std::memcpy(lb, b, sizeof lb);
-    for (; s < b1; ++s) {
-      const float d = static_cast<float>(xc[s]) - shift;
-      la[(s - b0) % kLanes] += d;
-      lb[(s - b0) % kLanes] += d * d;
-    }
-    for (int k = 0; k < kLanes; ++k) {
+    for (; s < b1; ++s) value_term(s, la[(s - b0) % kNchwLanes], lb[(s - b0) % kNchwLanes]);
+    for (int k = 0; k < kNchwLanes; ++k) {
       total_a += la[k];
       total_b += lb[k];
     }
@@ -226,60 +214,63 @@ void nchw_shifted_sums(const P& p, const Tiling& t, const Item& it, const T* x, 
   out[1] = static_cast<float>(total_b);
 }
 
-// The backward's item_sums of an NCHW item of a 16-bit or fp32 tensor (the sums of dz and of
-// dz (x - mean), dz = dy, or dy silu'(z) with SiLU), in vectors as nchw_shifted_sums, with
-// group_norm_grad_stats_generic's roundings: x and dy widened a vector at a time, silu' over
-// eight lanes of floats (a loop the compiler vectorizes, exp included).
+// The forward's sums of d = x - x[n, c, 0] and d^2 over an NCHW item (16-bit or fp32).
+template <typename T, typename P>
+void nchw_shifted_sums(const P& p, const Tiling& t, const Item& it, const T* x, float* partial) {
+  using portable::kVecLanes;
+  using portable::Vec;
+  const T* xc = x + (it.n * p.channels + it.c) * p.spatial;
+  const float shift = static_cast<float>(xc[0]);
+  const Vec vshift = portable::splat(shift);
+  nchw_vec_sums(p, t, it, [&](int64_t s, Vec* a, Vec* b) {
+    for (int v = 0; v < kNchwVecs; ++v) {
+      const Vec d = portable::load_f32(xc + s + v * kVecLanes) - vshift;
+      a[v] += d;
+      b[v] += d * d;
+    }
+  }, [&](int64_t s, float& a, float& b) {
+    const float d = static_cast<float>(xc[s]) - shift;
+    a += d;
+    b += d * d;
+  }, partial);
+}
+
+// The backward's sums of dz and dz (x - mean) over an NCHW item (16-bit or fp32), dz = dy, or
+// dy silu'(z) with SiLU: x and dy widened a vector at a time, silu' over eight lanes of floats
+// (a loop the compiler vectorizes, exp included).
 template <bool kSilu, typename T, typename P>
 void nchw_grad_sums(const P& p, const Tiling& t, const Item& it, const T* x, const T* dy, const float* tab,
                     float* partial) {
   using portable::kVecLanes;
   using portable::Vec;
-  constexpr int kLanes = 8, kV = kLanes / kVecLanes;
   const int64_t nc = p.batch * p.channels, j = it.n * p.channels + it.c;
-  const int64_t base = j * p.spatial;
+  const T* xc = x + j * p.spatial;
+  const T* dyc = dy + j * p.spatial;
   const float m = tab[kM * nc + j], ka = tab[kA * nc + j], kb = tab[kB * nc + j];
   const Vec vm = portable::splat(m), va = portable::splat(ka), vb = portable::splat(kb);
-  double total_a = 0, total_b = 0;
-  for (int64_t b0 = it.s0; b0 < it.s1; b0 += 8 * kLanes) {
-    Vec a[kV] = {}, b[kV] = {};
-    const int64_t b1 = std::min(it.s1, b0 + 8 * kLanes);
-    int64_t s = b0;
-    for (; s + kLanes <= b1; s += kLanes) {
-      Vec centered[kV], dz[kV];
-      for (int v = 0; v < kV; ++v) {
-        centered[v] = portable::load_f32(x + base + s + v * kVecLanes) - vm;
-        dz[v] = portable::load_f32(dy + base + s + v * kVecLanes);
-      }
-      if constexpr (kSilu) {
-        float z[kLanes], g[kLanes];
-        for (int v = 0; v < kV; ++v) portable::store_vec(z + v * kVecLanes, centered[v] * va + vb);
-        for (int k = 0; k < kLanes; ++k) g[k] = silu_grad(z[k]);
-        for (int v = 0; v < kV; ++v) dz[v] *= portable::load_vec(g + v * kVecLanes);
-      }
-      for (int v = 0; v < kV; ++v) {
-        a[v] += dz[v];
-        b[v] += dz[v] * centered[v];
-      }
+  nchw_vec_sums(p, t, it, [&](int64_t s, Vec* a, Vec* b) {
+    Vec centered[kNchwVecs], dz[kNchwVecs];
+    for (int v = 0; v < kNchwVecs; ++v) {
+      centered[v] = portable::load_f32(xc + s + v * kVecLanes) - vm;
+      dz[v] = portable::load_f32(dyc + s + v * kVecLanes);
     }
-    float la[kLanes], lb[kLanes];
-    std::memcpy(la, a, sizeof la);
-    std::memcpy(lb, b, sizeof lb);
-    for (; s < b1; ++s) {
-      const float centered = static_cast<float>(x[base + s]) - m;
-      float dz = static_cast<float>(dy[base + s]);
-      if constexpr (kSilu) dz *= silu_grad(centered * ka + kb);
-      la[(s - b0) % kLanes] += dz;
-      lb[(s - b0) % kLanes] += dz * centered;
+    if constexpr (kSilu) {
+      float z[kNchwLanes], g[kNchwLanes];
+      for (int v = 0; v < kNchwVecs; ++v) portable::store_vec(z + v * kVecLanes, centered[v] * va + vb);
+      for (int k = 0; k < kNchwLanes; ++k) g[k] = silu_grad(z[k]);
+      for (int v = 0; v < kNchwVecs; ++v) dz[v] *= portable::load_vec(g + v * kVecLanes);
     }
-    for (int k = 0; k < kLanes; ++k) {
-      total_a += la[k];
-      total_b += lb[k];
+    for (int v = 0; v < kNchwVecs; ++v) {
+      a[v] += dz[v];
+      b[v] += dz[v] * centered[v];
     }
-  }
-  float* out = partial + (j * t.chunks + it.k) * 2;
-  out[0] = static_cast<float>(total_a);
-  out[1] = static_cast<float>(total_b);
+  }, [&](int64_t s, float& a, float& b) {
+    const float centered = static_cast<float>(xc[s]) - m;
+    float dz = static_cast<float>(dyc[s]);
+    if constexpr (kSilu) dz *= silu_grad(centered * ka + kb);
+    a += dz;
+    b += dz * centered;
+  }, partial);
 }
 
 }  // namespace
@@ -298,9 +289,8 @@ void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, 
         continue;
       }
     }
-    item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, auto& a, auto& b) {
-      using L = std::remove_reference_t<decltype(a)>;
-      const L d = static_cast<L>(x[i]) - static_cast<L>(x[offset(it.n, c, 0, p.channels, p.spatial, p.channels_last)]);
+    item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
+      const double d = static_cast<double>(x[i]) - static_cast<double>(x[offset(it.n, c, 0, p.channels, p.spatial, p.channels_last)]);
       a += d;
       b += d * d;
     }, inner, static_cast<Acc*>(partial));
@@ -348,14 +338,13 @@ void group_norm_grad_stats_generic(
       }
     }
     const auto sums = [&](auto with_silu) {
-      item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, auto& a, auto& b) {
-        using L = std::remove_reference_t<decltype(a)>;
+      item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
         const int64_t j = it.n * p.channels + c;
         const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
         Acc dz = static_cast<Acc>(dy[i]);
         if (with_silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
         a += dz;
-        b += static_cast<L>(dz) * static_cast<L>(centered);
+        b += static_cast<double>(dz) * centered;
       }, inner, static_cast<Acc*>(partial));
     };
     p.silu ? sums(std::true_type{}) : sums(std::false_type{});
