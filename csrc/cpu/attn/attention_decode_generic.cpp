@@ -94,7 +94,7 @@ inline void tree_sums4(Vec a, Vec b, Vec c, Vec d, float* out) {
 #endif
 }
 
-// Keys [0, KJ) (rows at k_row0 + j * k_stride elements) against R rows of q (R <= kDotRows),
+// Keys [0, KJ) (rows at k + j * k_stride elements) against R rows of q (R <= kDotRows),
 // each score as dot() sums it: kVecLanes partial sums over whole vectors of D (fused in the
 // AVX2 build), then the lanes as a tree of halves. Each key is read from the cache and widened
 // one vector at a time, once for all R rows; the KJ keys' R x KJ sums are independent chains
