@@ -126,12 +126,13 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   Vec acc = {};
   int64_t d = 0;
   for (; d + kVecLanes <= n; d += kVecLanes) acc = madd(load_vec(a + d), load_vec(b + d), acc);
-  float lane[kVecLanes];
-  std::memcpy(lane, &acc, sizeof lane);
-  for (int k = 0; d < n; ++d, ++k) lane[k] += a[d] * b[d];
-  for (int h = kVecLanes / 2; h > 0; h /= 2)
-    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
-  return lane[0];
+  if (d < n) {  // the rest into the lanes, in order
+    float lane[kVecLanes];
+    std::memcpy(lane, &acc, sizeof lane);
+    for (int k = 0; d < n; ++d, ++k) lane[k] += a[d] * b[d];
+    acc = load_vec(lane);
+  }
+  return tree_sum(acc);
 }
 
 // The register tile: kMR rows x kNR columns of C, two vectors a row: 6 x 16 in the AVX2 build
