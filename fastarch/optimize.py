@@ -15,16 +15,20 @@ rounding.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fastarch import nn as fnn
 from fastarch import ops, registry
-from fastarch.override import backend_for
+from fastarch.ops.dispatch import direct_call_allowed
+from fastarch.ops.rows import as_rows
+from fastarch.override import backend_for, kernel_for
 
 _ORIGINAL = "_fastarch_original"  # a swapped module's __dict__ entry: the module it replaced
 _INDEX = re.compile(r"\.\d+(?=\.|$)")  # a module list's index in a path: ".3" of "layers.3.mlp"
@@ -93,13 +97,29 @@ def _norm_backend(module: nn.Module, x: Tensor, weight: Tensor | None) -> str:
     """The fastarch backend a norm layer runs x on, or "" for its own code: x must end with
     the normalized shape and have the weight's dtype (torch promotes mixed dtypes, as under
     autocast; fastarch's kernels take one dtype)."""
-    shape = tuple(module.normalized_shape)
-    if not isinstance(x, Tensor) or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+    shape = module.normalized_shape
+    k = len(shape)
+    if not isinstance(x, Tensor) or x.dim() < k or tuple(x.shape[x.dim() - k:]) != tuple(shape):
         return ""
     if weight is not None and weight.dtype != x.dtype:
         return ""
     # the norms' backends decide by device and dtype alone
     return backend_for(module._fastarch_op, (x.device.type, x.dtype, 1, 1), module._fastarch_backend)
+
+
+def _norm_direct(module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: object,
+                 rms: bool) -> Tensor | None:
+    """The norm of x's last dim by the chosen backend's kernel called directly (_norm_backend
+    chose one: x checked against the weight), or None where the op must run: autograd,
+    torch.compile, a mode, an eps or a parameter shape the op would refuse."""
+    if not direct_call_allowed((x, weight, bias)) or type(eps) is not float or not 0.0 <= eps < math.inf:
+        return None
+    if weight is not None and weight.shape != x.shape[-1:] or bias is not None and bias.shape != x.shape[-1:]:
+        return None
+    kernel = kernel_for(module._fastarch_op, (x.device.type, x.dtype, 1, 1), module._fastarch_backend)
+    vector = None if weight is None else weight.contiguous()
+    y = kernel.forward(as_rows(x), None, vector, None if bias is None else bias.contiguous(), eps, rms)[0]
+    return y.view_as(x)
 
 
 def group_norm_backend(x: object, norm: nn.GroupNorm, backend: str | None) -> str:
@@ -135,6 +155,8 @@ class LayerNorm(fnn.LayerNorm):
         if not chosen:
             return nn.LayerNorm.forward(self, x)
         k = len(self.normalized_shape)
+        if k == 1 and (y := _norm_direct(self, x, self.weight, self.bias, self.eps, False)) is not None:
+            return y
         y = ops.layer_norm(_rows(x, k), _vector(self.weight), _vector(self.bias), self.eps, backend=chosen)
         return y.view(x.shape)
 
@@ -149,7 +171,10 @@ class RMSNorm(fnn.RMSNorm):
         chosen = _norm_backend(self, x, self.weight)
         if not chosen:
             return nn.RMSNorm.forward(self, x)
-        y = ops.rms_norm(_rows(x, len(self.normalized_shape)), _vector(self.weight), self.eps, backend=chosen)
+        k = len(self.normalized_shape)
+        if k == 1 and (y := _norm_direct(self, x, self.weight, None, self.eps, True)) is not None:
+            return y
+        y = ops.rms_norm(_rows(x, k), _vector(self.weight), self.eps, backend=chosen)
         return y.view(x.shape)
 
 
@@ -177,6 +202,8 @@ class HFRMSNorm(fnn.RMSNorm):
             if original._parameters["weight"] is not self.weight:  # reassigned since the swap
                 original._parameters["weight"] = self.weight
             return original(x)
+        if (y := _norm_direct(self, x, self.weight, None, self.eps, True)) is not None:
+            return y
         return ops.rms_norm(x, self.weight, self.eps, backend=chosen)
 
 
@@ -188,14 +215,23 @@ class Linear(fnn.Linear):
     _fastarch_backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if (isinstance(x, Tensor) and x.dtype == w.dtype and x.dim() >= 1 and x.shape[-1] == w.shape[1]
-                and not torch.is_autocast_enabled(x.device.type)):
-            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            problem = (x.device.type, x.dtype, rows, w.shape[1], w.shape[0], w.is_contiguous())
-            if chosen := backend_for("linear", problem, self._fastarch_backend):
-                return ops.linear(x, w, self.bias, backend=chosen)
-        return nn.Linear.forward(self, x)
+        # (Module.__getattr__, which self.weight goes through, costs ~0.5 us a parameter: a decode
+        # step calls this a few hundred times, and torch's product of one row takes ~20 us)
+        w, b = self._parameters["weight"], self._parameters["bias"]
+        if isinstance(x, Tensor) and x.dtype == w.dtype and x.dim() >= 1 and x.shape[-1] == w.shape[1]:
+            device = x.device.type
+            if not torch.is_autocast_enabled(device):
+                rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+                problem = (device, x.dtype, rows, w.shape[1], w.shape[0], w.is_contiguous())
+                chosen = backend_for("linear", problem, self._fastarch_backend)
+                if chosen and direct_call_allowed((x, w, b)) and (b is None or b.dtype == x.dtype):
+                    # the op's kernel call without its checks (done above; the C++ op checks devices)
+                    kernel = kernel_for("linear", problem, self._fastarch_backend)
+                    y = kernel.forward(as_rows(x), w, None if b is None else b.contiguous())
+                    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
+                if chosen:
+                    return ops.linear(x, w, b, backend=chosen)
+        return F.linear(x, w, b)
 
 
 class GroupNorm(fnn.GroupNorm):

@@ -45,16 +45,17 @@ def _backend_for(op: str, requested: str, *fields: object) -> str:
 
     Depends only on plain values (dtype, device, head dims: no tensor), so torch.compile
     evaluates it once while tracing instead of tracing the registry."""
-    return _choose(op, requested, fields)
+    chosen = _choose(op, requested, fields)
+    return chosen.name if chosen is not None else ""
 
 
 @functools.lru_cache(maxsize=256)
-def _choose(op: str, requested: str, fields: tuple) -> str:
+def _choose(op: str, requested: str, fields: tuple) -> registry.Backend | None:
     try:
-        chosen = registry.choose(op, _PROBLEMS[op](*fields), requested).name
+        chosen = registry.choose(op, _PROBLEMS[op](*fields), requested)
     except registry.NoBackendError:
-        return ""
-    return "" if chosen == "reference" and not requested else chosen
+        return None
+    return None if chosen.name == "reference" and not requested else chosen
 
 
 registry.on_clear_choices(_choose.cache_clear)
@@ -67,6 +68,16 @@ def backend_for(op: str, fields: tuple, backend: str | None = None) -> str:
     this call (default: the innermost fastarch.backend block, else FASTARCH_BACKEND, else
     automatic)."""
     return _backend_for(op, registry.requested_backend(backend), *fields)
+
+
+def kernel_for(op: str, fields: tuple, backend: str | None = None) -> registry.Backend | None:
+    """backend_for's choice as the registry's Backend, None for torch's own. A drop-in layer
+    whose call needs nothing from torch's dispatcher (fastarch.ops.dispatch.direct_call_allowed)
+    and whose inputs it has checked as the op would runs the backend's ``forward`` on them
+    directly: in a decode step of a small model, the op's layers of Python cost as much as its
+    kernel. Only where direct_call_allowed (dynamo would trace the registry here; compiled code
+    asks backend_for)."""
+    return _choose(op, registry.requested_backend(backend), fields)
 
 
 def _plain_tensor(t: object) -> bool:

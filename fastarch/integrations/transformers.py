@@ -15,6 +15,8 @@ gradient), so its results are SDPA's within the kernels' rounding.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
@@ -22,7 +24,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fastarch import ops
-from fastarch.override import _sdpa_backend
+from fastarch.ops.attn.args import AttentionArgs
+from fastarch.ops.dispatch import direct_call_allowed
+from fastarch.override import _KERNEL_DTYPES, _sdpa_backend, kernel_for
 
 NAME = "fastarch"
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # options SDPA's path knows how to refuse or apply
@@ -64,6 +68,10 @@ def fastarch_attention_forward(
 
     if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS) or query.dim() != 4:
         return sdpa()
+    if attention_mask is None and position_bias is None and query.shape[2] == 1 and not dropout:
+        out = _decode_direct(query, key, value, scaling, module.__dict__.get("_fastarch_backend"))
+        if out is not None:
+            return out, None
     sq, sk = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # SDPA's rule: a mask, or a single query (decoding: it sees every cached key), means no is_causal
@@ -86,6 +94,38 @@ def fastarch_attention_forward(
         key, value = key[:, :, :sq], value[:, :, :sq]
     out = ops.attention(query, key, value, causal=causal, attn_mask=mask, scale=scaling, dropout_p=dropout, backend=chosen)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_direct(query: Tensor, key: Tensor, value: Tensor, scaling: float | None, backend: str | None) -> Tensor | None:
+    """A decode step's attention (one query per sequence, seeing every key: no mask) by the
+    attention kernel called directly, as (B, 1, H, Dv); None where the general path must run:
+    what fastarch.ops.attention would check or refuse, autograd, torch.compile, a mode. The
+    op's layers of Python cost a small model's decode step ~30 us per layer, several times
+    the kernel's time over a few hundred cached keys."""
+    if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor):
+        return None
+    dtype = query.dtype
+    if dtype not in _KERNEL_DTYPES or key.dtype != dtype or value.dtype != dtype:
+        return None
+    device = query.device
+    if key.device != device or value.device != device or key.dim() != 4 or value.dim() != 4:
+        return None
+    batch, heads, _, head_dim = query.shape
+    _, kv_heads, keys, _ = key.shape
+    if (key.shape[0] != batch or value.shape[0] != batch or value.shape[1] != kv_heads or value.shape[2] != keys
+            or key.shape[3] != head_dim or keys < 1 or heads % kv_heads != 0 or head_dim < 1 or value.shape[3] < 1):
+        return None
+    if query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
+        return None
+    scale = 1.0 / math.sqrt(head_dim) if scaling is None else scaling
+    if type(scale) is not float or not -math.inf < scale < math.inf or not direct_call_allowed((query, key, value)):
+        return None
+    problem = (device.type, dtype, head_dim, value.shape[3], heads, kv_heads, False, False, False, False, False, False)
+    kernel = kernel_for("attention", problem, backend)  # AttentionProblem's fields
+    if kernel is None:
+        return None
+    out, _ = kernel.forward(query, key, value, AttentionArgs(scale=scale))
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(NAME, fastarch_attention_forward)

@@ -256,6 +256,39 @@ def test_forward_and_gradients_match(dtype):
         assert_close(g_ours[name], g_theirs[name], g_ref[name], factor=3.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (7, 48), (2, 3, 48)])
+def test_norm_direct_call_is_the_op(dtype, shape):
+    """Without autograd the swapped norms (LayerNorm, RMSNorm, an HF RMSNorm) call the chosen
+    backend's kernel themselves: the same bits as the fastarch op on that backend, x's shape;
+    with autograd they go through the op (and give a gradient); a NaN stays a NaN."""
+    layers = {"ln": nn.LayerNorm(48), "rms": nn.RMSNorm(48, eps=1e-5), "llama": LlamaStyleRMSNorm(48, eps=1e-5)}
+    with torch.no_grad():
+        for m in layers.values():
+            m.weight.uniform_(0.5, 1.5)
+        layers["ln"].bias.uniform_(-0.5, 0.5)
+    model = nn.ModuleDict({k: copy.deepcopy(m) for k, m in layers.items()}).to(dtype)
+    fastarch.optimize(model)
+    assert {type(m) for m in model.values()} == {LayerNorm, RMSNorm, HFRMSNorm}
+    x = torch.randn(*shape, dtype=dtype)
+    x[0, ..., 5] = float("nan")
+    backend = fastarch.override.backend_for("layer_norm", ("cpu", dtype, 1, 1))
+    ln, rms, llama = model["ln"], model["rms"], model["llama"]
+    with torch.no_grad():
+        wants = {"ln": fastarch.ops.layer_norm(x, ln.weight, ln.bias, ln.eps, backend=backend),
+                 "rms": fastarch.ops.rms_norm(x, rms.weight, rms.eps, backend=backend),
+                 "llama": fastarch.ops.rms_norm(x, llama.weight, llama.eps, backend=backend)}
+        for name, m in model.items():
+            got = m(x)
+            assert got.shape == x.shape and torch.equal(got.nan_to_num(), wants[name].nan_to_num()), name
+            assert got[0].isnan().all() and not got[1:].isnan().any()  # the NaN row only
+    xg = x[1:].clone().requires_grad_() if x.shape[0] > 1 else x.nan_to_num().requires_grad_()
+    for name, m in model.items():
+        y = m(xg)
+        (grad,) = torch.autograd.grad(y.float().sum(), xg)
+        assert y.grad_fn is not None and torch.isfinite(grad).all(), name
+
+
 def test_mixed_dtypes_run_the_original_code():
     """bf16 input, fp32 weight (as under autocast): torch's own promotion, exactly."""
     model = nn.Sequential(nn.LayerNorm(16), LlamaStyleRMSNorm(16), T5StyleLayerNorm(16))
@@ -334,11 +367,21 @@ def test_transformer_encoder(train):
     assert_close(ours[keep], theirs[keep], ref[keep])
 
 
+def _kernels_run(fn, *args) -> list[str]:
+    """The product kernels ``fn(*args)`` ran, in order, as the profiler records torch ops:
+    fastarch's (fastarch::_linear), oneDNN's (mkldnn::_linear_pointwise) or torch's (aten::addmm,
+    aten::mm)."""
+    kernels = ("fastarch::_linear", "mkldnn::_linear_pointwise", "aten::addmm", "aten::mm")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn(*args)
+    return out, [e.name for e in prof.events() if e.name in kernels]
+
+
 def test_linear_swap_runs_the_kernel_for_decode_rows_only(monkeypatch):
-    """A decode step's few rows go to fastarch.ops.linear; a long sequence, another input dtype
-    and autocast run torch's own Linear (PyTorch's GEMM, or its casts). With fp32 products of
-    many rows on oneDNN's matmul (FASTARCH_CPU_GEMM, the default on AMD CPUs) the long sequence
-    goes to fastarch.ops.linear too."""
+    """A decode step's few rows run fastarch's kernel (called directly without autograd, through
+    fastarch.ops.linear with it); a long sequence, another input dtype and autocast run torch's
+    own Linear (PyTorch's GEMM, or its casts). With fp32 products of many rows on oneDNN's matmul
+    (FASTARCH_CPU_GEMM, the default on AMD CPUs) the long sequence runs that instead."""
     monkeypatch.setattr(linear_backends, "CPU_GEMM", "torch")
     registry.clear_choices()
     layer = nn.Linear(64, 48)
@@ -346,27 +389,58 @@ def test_linear_swap_runs_the_kernel_for_decode_rows_only(monkeypatch):
     report = fastarch.optimize(model)
     assert type(model[0]) is Linear and model[0].weight is layer.weight and model[0].bias is layer.bias
     assert "0" in {e.path for e in report.swapped}
-    calls = []
-    real = fastarch.ops.linear
-    monkeypatch.setattr(fastarch.ops, "linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    expect = lambda x: x.double() @ layer.weight.double().t() + layer.bias.double()  # noqa: E731
     with torch.no_grad():
-        for x in (torch.randn(1, 1, 64), torch.randn(2, 200, 64)):
-            assert_close(model(x), layer(x), x.double() @ layer.weight.double().t() + layer.bias.double())
-        assert calls == [(1, 1, 64)]  # the 400-row call ran PyTorch's GEMM
+        x = torch.randn(1, 1, 64)
+        y, ran = _kernels_run(model, x)
+        assert ran == ["fastarch::_linear"] and y.shape == (1, 1, 48)
+        assert_close(y, layer(x), expect(x))
+        x = torch.randn(2, 200, 64)
+        y, ran = _kernels_run(model, x)
+        assert "fastarch::_linear" not in ran and ran  # the 400-row call ran PyTorch's GEMM
+        assert_close(y, layer(x), expect(x))
         x = torch.randn(1, 64, dtype=torch.bfloat16)
         with pytest.raises(RuntimeError, match="dtype"):
             layer(x)  # torch's own error for mixed dtypes: the swap gives the same
         with pytest.raises(RuntimeError, match="dtype"):
             model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = model(torch.randn(1, 64))
-        assert y.dtype == torch.bfloat16 and calls == [(1, 1, 64)]
+            y, ran = _kernels_run(model, torch.randn(1, 64))
+        assert y.dtype == torch.bfloat16 and "fastarch::_linear" not in ran
         monkeypatch.setattr(linear_backends, "CPU_GEMM", "onednn")
         registry.clear_choices()
         x = torch.randn(2, 200, 64)
-        assert_close(model(x), layer(x), x.double() @ layer.weight.double().t() + layer.bias.double())
-        assert calls == [(1, 1, 64), (2, 200, 64)]
+        y, ran = _kernels_run(model, x)
+        assert ran == ["mkldnn::_linear_pointwise"]
+        assert_close(y, layer(x), expect(x))
+    # with autograd the same kernel runs through fastarch.ops.linear (its backward: torch's GEMMs)
+    x = torch.randn(1, 1, 64, requires_grad=True)
+    y, ran = _kernels_run(model, x)
+    assert "fastarch::_linear" in ran and y.requires_grad
+    assert_close(y.detach(), layer(x).detach(), expect(x.detach()))
     registry.clear_choices()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 5, 64), (4, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_direct_call_is_the_op(dtype, shape, bias):
+    """Without autograd the swapped Linear calls the chosen backend's kernel itself: the same
+    bits as fastarch.ops.linear on the same backend (its checks and dispatch skipped, not its
+    arithmetic), the output shaped as torch's; a non-contiguous input too."""
+    layer = nn.Linear(64, 40, bias=bias).to(dtype)
+    model = nn.Sequential(copy.deepcopy(layer))
+    fastarch.optimize(model)
+    x = torch.randn(*shape, dtype=dtype)
+    strided = torch.randn(*shape[:-1], 128, dtype=dtype)[..., ::2]
+    with torch.no_grad():
+        for inp in (x, strided):
+            got = model(inp)
+            backend = fastarch.override.backend_for(
+                "linear", ("cpu", dtype, inp.numel() // 64, 64, 40, True)) or "reference"
+            want = fastarch.ops.linear(inp, layer.weight, layer.bias, backend=backend)
+            assert got.shape == layer(inp).shape and got.dtype == dtype
+            assert torch.equal(got, want), backend
 
 
 def test_linear_swap_gradients():

@@ -125,6 +125,50 @@ def test_llama_gqa_greedy_generation():
     assert torch.equal(ours, theirs)
 
 
+def test_greedy_generation_decodes_by_the_kernel_directly(monkeypatch):
+    """Batch 1, no padding: every new token's attention (one query, no mask) calls the attention
+    kernel itself, skipping fastarch.ops.attention's Python; the tokens are SDPA's."""
+    model = _model("llama", causal_lm=True)
+    fast = fastarch.optimize(model, inplace=False).model
+    direct = []  # per call of the decode path: whether it ran the kernel
+    real = integration._decode_direct
+
+    def spy(*args):
+        out = real(*args)
+        direct.append(out is not None)
+        return out
+
+    monkeypatch.setattr(integration, "_decode_direct", spy)
+    ids = torch.randint(1, VOCAB, (1, 7))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        theirs, ours = model.generate(ids, **kw), fast.generate(ids, **kw)
+    assert torch.equal(ours, theirs)
+    assert len(direct) == 2 * 7 and all(direct)  # 2 layers x the 7 steps after the prompt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,keys", [(4, 2, 1), (9, 3, 37), (2, 2, 300)])
+def test_decode_direct_is_the_op(dtype, heads, kv_heads, keys):
+    """The decode path gives fastarch.ops.attention's bits on the same backend, shaped (B, 1, H,
+    Dv); it declines (None: the general path runs) with autograd and for inputs the op would
+    refuse."""
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, 1, 16, dtype=dtype)
+    k = torch.randn(2, kv_heads, keys, 16, dtype=dtype)
+    v = torch.randn(2, kv_heads, keys, 24, dtype=dtype)
+    backend = fastarch.override.backend_for("attention", ("cpu", dtype, 16, 24, heads, kv_heads) + (False,) * 6)
+    with torch.no_grad():
+        got = integration._decode_direct(q, k, v, 0.3, None)
+        want = fastarch.ops.attention(q, k, v, scale=0.3, backend=backend)
+        assert got.shape == (2, 1, heads, 24) and torch.equal(got, want.transpose(1, 2))
+        assert integration._decode_direct(q, k, v, None, None) is not None  # default scale
+        assert integration._decode_direct(q, k[:, :, :0], v[:, :, :0], 0.3, None) is None  # no key
+        assert integration._decode_direct(q, k, v.float() if dtype != torch.float32 else v.half(), 0.3, None) is None
+        assert integration._decode_direct(q, k, v, float("nan"), None) is None
+    assert integration._decode_direct(q.requires_grad_(), k, v, 0.3, None) is None
+
+
 def test_set_attn_implementation_directly():
     model = _model("llama", causal_lm=True)
     ids, mask = _inputs()

@@ -226,10 +226,15 @@ void run_decode(const DecodeParams& p, int64_t max_len, const Tensor& q) {
   while (chunk_len > 64 && B * Hkv * ((max_len + chunk_len - 1) / chunk_len) < kMinItems) chunk_len /= 2;
   const int64_t chunks = std::max<int64_t>(1, (max_len + chunk_len - 1) / chunk_len);
   const int64_t items = B * Hkv * chunks;
+  // Waking the thread pool costs several microseconds (~6 on a shared 2-core EPYC), as long as
+  // one thread takes to read ~128 KB of cache: a small model's step over its first few hundred
+  // keys runs on the calling thread (the same items, so the same result).
+  const int64_t cache_bytes = B * Hkv * max_len * (p.D + p.Dv) * elem_size(p.dtype);
+  const int64_t workers = cache_bytes < (int64_t{128} << 10) ? 1 : threads;
   const DecodeKernel kernel = decode_kernel(use_avx512(p.dtype));
   Tensor partials = at::empty({items * kernel.item_floats(p)}, q.options().dtype(at::kFloat));
   const int64_t scratch_bytes = kernel.scratch_bytes(p);
-  Tensor scratch = at::empty({threads * scratch_bytes}, q.options().dtype(at::kByte));
+  Tensor scratch = at::empty({workers * scratch_bytes}, q.options().dtype(at::kByte));
   // One parallel region: items are taken dynamically (on a shared machine a thread that loses
   // its core leaves its share to the others), and whichever thread completes the last chunk of
   // a (b, kv head) combines its partials, so no barrier separates the two steps.
@@ -237,7 +242,7 @@ void run_decode(const DecodeParams& p, int64_t max_len, const Tensor& q) {
   std::vector<std::atomic<int64_t>> done(B * Hkv);
   for (auto& d : done) d.store(0, std::memory_order_relaxed);
   float* part = partials.data_ptr<float>();
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  const auto work = [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       void* own = static_cast<char*>(scratch.data_ptr()) + w * scratch_bytes;
       for (int64_t t = next++; t < items; t = next++) {
@@ -246,7 +251,9 @@ void run_decode(const DecodeParams& p, int64_t max_len, const Tensor& q) {
         if (done[bh].fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) kernel.combine(p, chunks, bh, bh + 1, part);
       }
     }
-  });
+  };
+  if (workers == 1) return work(0, 1);
+  at::parallel_for(0, workers, 1, work);
 }
 
 std::tuple<Tensor, Tensor> attention_decode_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,

@@ -21,6 +21,10 @@ struct LinearParams {
   int64_t rows, in_features, out_features, ldx;
 };
 
+// x's rows (fp16 or bf16: rows x K, row stride ldx, contiguous columns) widened to fp32 rows
+// of K values in out (exactly; portable build I).
+template <Isa I, Dtype D>
+void linear_widen_generic(const void* x, int64_t rows, int64_t K, int64_t ldx, float* out);
 template <Isa I, Dtype D>
 void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end);
 // fp32, fp16 and bf16 only.

@@ -126,6 +126,22 @@ void cols(const LinearParams& p, int64_t begin, int64_t end) {
 }  // namespace
 
 template <Isa I, Dtype D>
+void linear_widen_generic(const void* x, int64_t rows, int64_t K, int64_t ldx, float* out) {
+  using namespace portable;
+  using Elem = std::conditional_t<D == Dtype::f16, c10::Half, c10::BFloat16>;
+  for (int64_t m = 0; m < rows; ++m) {
+    const Elem* src = static_cast<const Elem*>(x) + m * ldx;
+    float* dst = out + m * K;
+    int64_t k = 0;
+    for (; k + kVecLanes <= K; k += kVecLanes) store_vec(dst + k, load_f32(src + k));
+    for (; k < K; ++k) dst[k] = static_cast<float>(src[k]);
+  }
+}
+
+template void linear_widen_generic<kPortableBuild, Dtype::f16>(const void*, int64_t, int64_t, int64_t, float*);
+template void linear_widen_generic<kPortableBuild, Dtype::bf16>(const void*, int64_t, int64_t, int64_t, float*);
+
+template <Isa I, Dtype D>
 void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
   if constexpr (D == Dtype::f32) {
     cols<float, float>(p, begin, end);

@@ -23,7 +23,7 @@ GPU_MAX_ROWS = 16
 """The most rows of x the GPU kernels take (not yet measured on a GPU)."""
 CPU_ROWS = {
     "avx512": {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (1, 32)},
-    "avx2": {torch.float32: (1, 32), torch.bfloat16: (2, 512), torch.float16: (3, 512)},
+    "avx2": {torch.float32: (1, 32), torch.bfloat16: (1, 512), torch.float16: (3, 512)},
     "generic": {torch.float32: (1, 4)},
 }
 """The rows of x (first, last) the CPU kernels take, per kernel build and dtype: where they beat
@@ -33,8 +33,9 @@ SmolLM2-135M's weights: fp32 2.0x at 1 row, 3-4x at 2-4, 1.5x at 32; bf16 2.0x a
 baseline portable build wins for fp32 at 1-4 rows only, its fp16/bf16 conversions being scalar;
 its AVX2 build, level avx2, measured on the same EPYC with PyTorch restricted to AVX2 too: fp32
 2.0x at 1 row, 4.4x at 2, 1.2x at 8-48; bf16 1.3-1.9x at 2-512 (PyTorch's bf16 matmul converts
-at AVX2: ~20 GFLOP/s) but parity at 1 row, where the op call's ~15 us of Python cost SmolLM2's
-decode through fastarch.optimize a tenth (0.79x against 0.89x); fp16 parity at 1, 0.75x at 2,
+at AVX2: ~20 GFLOP/s) and 1.0-1.23x at 1 row, taken since x is widened in the kernel's build
+(x.to(float) had cost ~4 us a call) and fastarch.optimize's Linear calls the kernel directly
+(the op's ~15 us of Python had cost SmolLM2's decode a tenth); fp16 parity at 1, 0.75x at 2,
 1.1x at 3, 1.6-1.9x at 4-512.
 The "avx512" row covers every level from avx512 up (the same kernels)."""
 
