@@ -1,7 +1,8 @@
 """Conv2d: torch.nn.Conv2d whose CPU inference runs on a weight transformed once (and can add
 a residual in the same call), for the diffusion UNet (fastarch/models/unet_blocks.py) and
 fastarch.optimize: fp32 3x3 convolutions (stride 1, padding 1) by our Winograd F(2x2, 3x3)
-kernel on AVX-512 CPUs, the rest by oneDNN on its packed layout."""
+kernel at CPU level avx2 and above (its AVX-512 build, or the AVX2 build of the portable
+kernels), the rest by oneDNN on its packed layout."""
 
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ class Conv2d(nn.Conv2d):
 
     Without autograd on the CPU (inference, sampling), on a weight transformed once,
     channels-last, the add fused into the call:
-    - fp32 3x3, stride 1, padding 1, one group, on a CPU with AVX-512: Winograd's F(2x2, 3x3)
-      (``fastarch::_winograd_conv3x3``, csrc/cpu/conv/winograd.h): 16 multiplications per
-      2x2 outputs where the direct convolution has 36: 1.4-1.95x oneDNN's direct convolution
-      on the DDPM-CIFAR10 UNet's maps (Zen 4; bench/conv3x3.py), with smaller errors against
-      fp64 than it (the transforms' coefficients are 0, +-1 and +-1/2).
+    - fp32 3x3, stride 1, padding 1, one group, at CPU level avx2 or above (csrc/cpu/isa.h):
+      Winograd's F(2x2, 3x3) (``fastarch::_winograd_conv3x3``, csrc/cpu/conv/winograd.h): 16
+      multiplications per 2x2 outputs where the direct convolution has 36: 1.4-1.95x oneDNN's
+      direct convolution on the DDPM-CIFAR10 UNet's maps with AVX-512, and 1.3-1.85x oneDNN
+      restricted to AVX2 at level avx2 (Zen 4; bench/conv3x3.py), with smaller errors against
+      fp64 than it (the transforms' coefficients are 0, +-1 and +-1/2). Not at level generic:
+      there the op runs the portable kernels' baseline build, 1.6-2.1x oneDNN restricted to
+      SSE4.1 but 0.3-0.35x the AVX2 convolution that oneDNN runs under a forced level generic
+      on an AVX2 CPU (and unmeasured on aarch64).
     - otherwise oneDNN's convolution on its blocked layout: torch's conv2d re-lays the weight
       out on every call, which measured 2-4x the convolution itself on the UNet's 8x8 and
       16x16 maps (Zen 4, fp32 and bf16).
@@ -76,7 +81,7 @@ class Conv2d(nn.Conv2d):
             and self.groups == 1
             and min(self.in_channels, self.out_channels) >= _WINOGRAD_MIN_CHANNELS
             and _extension._C is not None
-            and _extension._C._cpu_avx512()
+            and (_extension._C._cpu_avx512() or _extension._C._cpu_portable_avx2())
         )
 
     def _transformed(self, layout: object, make) -> Tensor:
@@ -109,7 +114,9 @@ class Conv2d(nn.Conv2d):
 
 
 # Below 16 channels on either side the kernel's 16-channel blocks and 32-channel panels are
-# mostly padding: oneDNN is faster (4x3->128 at 32x32: 0.32x; 4x128->3: 0.89x; Zen 4).
+# mostly padding: oneDNN is faster (4x3->128 at 32x32: 0.32x; 4x128->3: 0.89x; Zen 4). At 16
+# the two are close with either build (4x16->16 at 32x32: 0.77x with AVX-512, 0.74x at level
+# avx2; 4x16->64: 1.29x and 1.09x).
 _WINOGRAD_MIN_CHANNELS = 16
 
 # F(2x2, 3x3)'s filter transform: U = G g G^T for each (out, in) channel pair's 3x3 filter g.

@@ -1,6 +1,10 @@
 """fastarch.nn.Conv2d's CPU inference paths: fp32 3x3 convolutions (stride 1, padding 1, one
 group, 16 or more channels each side) by the Winograd F(2x2, 3x3) kernel
-``fastarch::_winograd_conv3x3`` on CPUs with AVX-512, the rest by oneDNN on its packed weight.
+``fastarch::_winograd_conv3x3`` at CPU level avx2 and above, the rest by oneDNN on its packed
+weight. The kernel's three builds are each tested whatever FASTARCH_CPU_ISA says, by forcing
+the level that runs it (a level this machine cannot run skips): AVX-512 (level avx512 and
+above), the portable kernels' AVX2 build (avx2) and their baseline build (generic, where the
+module calls oneDNN but the op runs).
 
 Tolerance: against an fp64 convolution, the kernel's max error may be at most 2x torch's own
 fp32 conv2d error plus 8 fp32 ulps at the output's scale. The transforms' coefficients are 0,
@@ -18,13 +22,15 @@ from fastarch._extension import _C
 from fastarch.nn import conv as conv_module
 from fastarch.nn.conv import Conv2d, winograd_weight
 
-AVX512 = _C._cpu_avx512()  # the level in use (FASTARCH_CPU_ISA=generic runs oneDNN everywhere)
-NOT_AVX512 = "needs the AVX-512 kernels"
+# The level that runs each build of the kernel, and the route the module takes there.
+BUILDS = {"avx512": "winograd", "avx2": "winograd", "generic": "onednn"}
 
 
-@pytest.fixture
-def cpu_isa():
-    yield _C._set_cpu_isa
+@pytest.fixture(params=list(BUILDS))
+def build(request):
+    """Forces the CPU level of one build of the kernel for the test (skips where it cannot run)."""
+    backend_rows.set_cpu_isa(request.param)
+    yield request.param
     _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 
@@ -52,29 +58,23 @@ SHAPES = [(1, 16, 16, 8, 8), (2, 20, 33, 7, 9), (1, 48, 64, 1, 1), (1, 32, 40, 5
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("with_add", [False, True], ids=["", "add"])
-def test_winograd_kernel_against_fp64(shape, with_bias, with_add):
+def test_winograd_kernel_against_fp64(shape, with_bias, with_add, build):
     n, ci, co, h, w = shape
     torch.manual_seed(sum(shape))
     x, weight = channels_last(n, ci, h, w), torch.randn(co, ci, 3, 3) / (9 * ci) ** 0.5
     bias = torch.randn(co) if with_bias else None
     add = channels_last(n, co, h, w) if with_add else None
-    if not AVX512:
-        with pytest.raises(RuntimeError, match=NOT_AVX512):
-            torch.ops.fastarch._winograd_conv3x3(x, winograd_weight(weight), co, bias, add)
-        return
     y = torch.ops.fastarch._winograd_conv3x3(x, winograd_weight(weight), co, bias, add)
     assert y.shape == (n, co, h, w) and y.is_contiguous(memory_format=torch.channels_last)
     check_error(y, x, weight, bias, add)
 
 
-def test_result_does_not_depend_on_the_thread_count():
+def test_result_does_not_depend_on_the_thread_count(build):
     """The work plan changes with the threads, but every output is the same sums in the same
     order (its tile's transform, the products over the input channels in order)."""
     torch.manual_seed(0)
     x, weight = channels_last(2, 64, 12, 10), torch.randn(64, 64, 3, 3)
     u, threads = winograd_weight(weight), torch.get_num_threads()
-    if not AVX512:
-        return
     try:
         torch.set_num_threads(1)
         one = torch.ops.fastarch._winograd_conv3x3(x, u, 64, None, None)
@@ -83,20 +83,39 @@ def test_result_does_not_depend_on_the_thread_count():
     assert torch.equal(one, torch.ops.fastarch._winograd_conv3x3(x, u, 64, None, None))
 
 
+def test_avx2_build_has_the_avx512_builds_bits():
+    """The AVX2 build makes the AVX-512 build's sums in the same order, with fused
+    multiply-adds: the same bits, also in the channels past the last whole vector."""
+    torch.manual_seed(4)
+    x, add = channels_last(2, 20, 7, 9), channels_last(2, 36, 7, 9)
+    u, bias, ys = winograd_weight(torch.randn(36, 20, 3, 3)), torch.randn(36), []
+    try:
+        for level in ("avx512", "avx2"):
+            backend_rows.set_cpu_isa(level)
+            ys.append(torch.ops.fastarch._winograd_conv3x3(x, u, 36, bias, add))
+    finally:
+        _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
+    assert torch.equal(ys[0], ys[1])
+
+
 @pytest.mark.parametrize("where", [(4, 5), (0, 0), (8, 6)], ids=["inside", "corner", "last-row"])
-def test_nan_reaches_exactly_its_receptive_field(where):
+@pytest.mark.parametrize("channel", [3, 18], ids=["channel3", "channel18"])
+def test_nan_reaches_exactly_its_receptive_field(where, channel, build):
     """A NaN input makes NaN the outputs whose 3x3 window holds it, in every output channel,
-    and no other (a Winograd tile's four outputs do not all see its 4x4 patch)."""
+    and no other (a Winograd tile's four outputs do not all see its 4x4 patch); 20 input and
+    36 output channels: the NaN in a whole vector of channels or in the last, partial one."""
     torch.manual_seed(1)
-    conv = Conv2d(16, 32, 3, padding=1)
-    x = channels_last(1, 16, 9, 7)
-    x[0, 3, where[0], where[1]] = float("nan")
+    conv = Conv2d(20, 36, 3, padding=1)
+    x = channels_last(1, 20, 9, 7)
+    x[0, channel, where[0], where[1]] = float("nan")
     with torch.no_grad():
-        y = conv(x)
+        y = torch.ops.fastarch._winograd_conv3x3(x, winograd_weight(conv.weight), 36, conv.bias, None)
+        by_module = conv(x)
     expected = torch.zeros(9, 7, dtype=torch.bool)
     expected[max(where[0] - 1, 0):where[0] + 2, max(where[1] - 1, 0):where[1] + 2] = True
     assert torch.equal(y.isnan(), expected.expand_as(y))
-    assert (conv._packed[0][-1] == "winograd") == AVX512
+    assert torch.equal(by_module.isnan(), expected.expand_as(y))
+    assert route(conv, x) == BUILDS[build]
 
 
 def route(conv: Conv2d, x: torch.Tensor, add=None) -> str:
@@ -106,11 +125,11 @@ def route(conv: Conv2d, x: torch.Tensor, add=None) -> str:
     return "winograd" if conv._packed is not None and conv._packed[0][-1] == "winograd" else "onednn"
 
 
-def test_module_takes_winograd_only_where_it_fits(cpu_isa, monkeypatch):
+def test_module_takes_winograd_only_where_it_fits(build, monkeypatch):
     torch.manual_seed(2)
     x = channels_last(2, 16, 8, 8)
     fits = Conv2d(16, 16, 3, padding=1)
-    assert route(fits, x) == ("winograd" if AVX512 else "onednn")
+    assert route(fits, x) == BUILDS[build]
     assert route(fits, x.contiguous()) == route(fits, x)  # NCHW input: made channels-last first
     for other in (Conv2d(16, 16, 3, stride=2, padding=1), Conv2d(16, 16, 3, padding=2, dilation=2),
                   Conv2d(16, 16, 3, padding=1, groups=2), Conv2d(16, 16, 1), Conv2d(16, 3, 3, padding=1)):
@@ -118,12 +137,6 @@ def test_module_takes_winograd_only_where_it_fits(cpu_isa, monkeypatch):
     assert route(Conv2d(3, 16, 3, padding=1), channels_last(2, 3, 8, 8)) == "onednn"  # 3 input channels
     monkeypatch.setattr(conv_module, "WINOGRAD", False)
     assert route(fits, x) == "onednn"
-    monkeypatch.setattr(conv_module, "WINOGRAD", True)
-    if AVX512:
-        cpu_isa("generic")  # the portable level: no AVX-512 kernels, oneDNN's convolution
-        assert route(fits, x) == "onednn"
-        with pytest.raises(RuntimeError, match=NOT_AVX512):
-            torch.ops.fastarch._winograd_conv3x3(x, winograd_weight(fits.weight.detach()), 16, None, None)
 
 
 def test_module_matches_torch_and_follows_weight_updates():

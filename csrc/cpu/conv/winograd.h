@@ -11,16 +11,22 @@
 //
 // Work is cut into items of a block of tiles x a range of kPanel-wide output-channel panels;
 // an item transforms its tiles' input into V (in L2), runs the 16 products per panel with a
-// register-tiled AVX-512 kernel, and transforms each panel's M straight into the output (plus
-// bias and an optional residual). No torch headers here (the AVX-512 translation unit).
+// register-tiled kernel, and transforms each panel's M straight into the output (plus bias and
+// an optional residual). Two builds of the item share the layouts of V, U and M and the order
+// of every sum: AVX-512 (winograd_avx512.cpp, 14 tiles x 32 channels in 28 of its 32 zmm) and
+// the portable kernels (winograd_generic.cpp, cpu/portable.h: 3 tiles x 32 channels in 12 of
+// the 16 ymm of the AVX2 build; 3 x 16 in 12 xmm on the baseline). No torch headers here (the
+// AVX-512 translation unit includes it).
 #pragma once
 #include <cstdint>
+
+#include "cpu/isa.h"
 
 namespace fastarch::cpu::winograd {
 
 constexpr int64_t kMaxTileBlock = 56;  // tiles per item at most (Params::tile_block)
-constexpr int64_t kPanel = 32;      // output channels per product panel (two zmm columns)
-constexpr int64_t kChunk = 16;      // input channels per V block (one zmm)
+constexpr int64_t kPanel = 32;      // output channels per product panel (two zmm, four ymm columns)
+constexpr int64_t kChunk = 16;      // input channels per V block (one zmm, two ymm)
 
 struct Params {
   const float* x;     // (N, H, W, Ci) contiguous
@@ -38,7 +44,15 @@ struct Params {
 
 // Floats of scratch one item needs: V, then M of one panel.
 inline int64_t scratch_floats(const Params& p) { return 16 * p.ci_pad * p.tile_block + 16 * p.tile_block * kPanel; }
+// Tiles per register tile of each build: the work plan (winograd_cpu.cpp) cuts tile blocks in
+// multiples of it.
+constexpr int64_t kRowsAvx512 = 14;
+constexpr int64_t kRowsPortable = 3;
+
 // Tiles [tile0, tile0 + count) (count <= p.tile_block), output panels [panel0, panel1).
 void run_item_avx512(const Params& p, int64_t tile0, int64_t count, int64_t panel0, int64_t panel1, float* scratch);
+// The same in portable build I (kPortableBuild of winograd_generic.cpp / winograd_avx2.cpp).
+template <Isa I>
+void run_item_generic(const Params& p, int64_t tile0, int64_t count, int64_t panel0, int64_t panel1, float* scratch);
 
 }  // namespace fastarch::cpu::winograd
