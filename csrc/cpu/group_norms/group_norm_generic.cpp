@@ -237,15 +237,16 @@ void nchw_shifted_sums(const P& p, const Tiling& t, const Item& it, const T* x, 
 
 // The backward's sums of dz and dz (x - mean) over an NCHW item (16-bit or fp32), dz = dy, or
 // dy silu'(z) with SiLU: x and dy widened a vector at a time, silu' over eight lanes of floats
-// (a loop the compiler vectorizes, exp included).
+// (a loop the compiler vectorizes, exp included); dz also stored in keep where given (SiLU).
 template <bool kSilu, typename T, typename P>
 void nchw_grad_sums(const P& p, const Tiling& t, const Item& it, const T* x, const T* dy, const float* tab,
-                    float* partial) {
+                    float* partial, const DzStore& keep) {
   using portable::kVecLanes;
   using portable::Vec;
   const int64_t nc = p.batch * p.channels, j = it.n * p.channels + it.c;
   const T* xc = x + j * p.spatial;
   const T* dyc = dy + j * p.spatial;
+  float* kept = kSilu && keep.at ? keep.at + (j * p.spatial - keep.origin) : nullptr;
   const float m = tab[kM * nc + j], ka = tab[kA * nc + j], kb = tab[kB * nc + j];
   const Vec vm = portable::splat(m), va = portable::splat(ka), vb = portable::splat(kb);
   nchw_vec_sums(p, t, it, [&](int64_t s, Vec* a, Vec* b) {
@@ -259,6 +260,9 @@ void nchw_grad_sums(const P& p, const Tiling& t, const Item& it, const T* x, con
       for (int v = 0; v < kNchwVecs; ++v) portable::store_vec(z + v * kVecLanes, centered[v] * va + vb);
       for (int k = 0; k < kNchwLanes; ++k) g[k] = silu_grad(z[k]);
       for (int v = 0; v < kNchwVecs; ++v) dz[v] *= portable::load_vec(g + v * kVecLanes);
+      if (kept) {
+        for (int v = 0; v < kNchwVecs; ++v) portable::store_vec(kept + s + v * kVecLanes, dz[v]);
+      }
     }
     for (int v = 0; v < kNchwVecs; ++v) {
       a[v] += dz[v];
@@ -267,7 +271,10 @@ void nchw_grad_sums(const P& p, const Tiling& t, const Item& it, const T* x, con
   }, [&](int64_t s, float& a, float& b) {
     const float centered = static_cast<float>(xc[s]) - m;
     float dz = static_cast<float>(dyc[s]);
-    if constexpr (kSilu) dz *= silu_grad(centered * ka + kb);
+    if constexpr (kSilu) {
+      dz *= silu_grad(centered * ka + kb);
+      if (kept) kept[s] = dz;
+    }
     a += dz;
     b += dz * centered;
   }, partial);
@@ -320,7 +327,8 @@ void group_norm_apply_generic(const GroupNormForwardParams& p, const Tiling& t, 
 
 template <Isa I, Dtype D>
 void group_norm_grad_stats_generic(
-    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables, void* partial) {
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables, void* partial,
+    const DzStore& keep) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
   const T* x = static_cast<const T*>(p.x);
@@ -332,8 +340,8 @@ void group_norm_grad_stats_generic(
     const Item it = locate(p, t, item);
     if constexpr (std::is_same_v<Acc, float>) {
       if (!p.channels_last) {
-        p.silu ? nchw_grad_sums<true>(p, t, it, x, dy, tab, static_cast<float*>(partial))
-               : nchw_grad_sums<false>(p, t, it, x, dy, tab, static_cast<float*>(partial));
+        p.silu ? nchw_grad_sums<true>(p, t, it, x, dy, tab, static_cast<float*>(partial), keep)
+               : nchw_grad_sums<false>(p, t, it, x, dy, tab, static_cast<float*>(partial), keep);
         continue;
       }
     }
@@ -353,7 +361,8 @@ void group_norm_grad_stats_generic(
 
 template <Isa I, Dtype D>
 void group_norm_grad_apply_generic(
-    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables) {
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables,
+    const DzStore& keep) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
   const T* x = static_cast<const T*>(p.x);
@@ -363,6 +372,19 @@ void group_norm_grad_apply_generic(
   const int64_t nc = p.batch * p.channels;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
+    if constexpr (std::is_same_v<Acc, float>) {
+      if (p.silu && keep.at && !p.channels_last) {  // dz as grad_stats left it (nchw_grad_sums)
+        const int64_t j = it.n * p.channels + it.c;
+        const float m = tab[kM * nc + j], ad = tab[kAd * nc + j], bd = tab[kBd * nc + j], cd = tab[kCd * nc + j];
+        const float* kept = keep.at + (j * p.spatial - keep.origin);
+        const int64_t base = j * p.spatial;
+        for (int64_t s = it.s0; s < it.s1; ++s) {
+          const float centered = static_cast<float>(x[base + s]) - m;
+          dx[base + s] = static_cast<T>(kept[s] * ad + centered * bd + cd);
+        }
+        continue;
+      }
+    }
     const auto apply = [&](auto with_silu) {
       for_each_element(p, it, [&](int64_t i, int64_t c) {
         const int64_t j = it.n * p.channels + c;
@@ -537,9 +559,10 @@ FASTARCH_GN_INSTANCES(Dtype::bf16)
   template void group_norm_apply_generic<kPortableBuild, D>(const GroupNormForwardParams&, const Tiling&, int64_t, \
                                                             int64_t, const void*);                                 \
   template void group_norm_grad_stats_generic<kPortableBuild, D>(const GroupNormBackwardParams&, const Tiling&,    \
-                                                                 int64_t, int64_t, const void*, void*);            \
+                                                                 int64_t, int64_t, const void*, void*,             \
+                                                                 const DzStore&);                                  \
   template void group_norm_grad_apply_generic<kPortableBuild, D>(const GroupNormBackwardParams&, const Tiling&,    \
-                                                                 int64_t, int64_t, const void*);
+                                                                 int64_t, int64_t, const void*, const DzStore&);
 
 FASTARCH_GN_KERNELS(Dtype::f32)
 FASTARCH_GN_KERNELS(Dtype::f64)

@@ -41,16 +41,29 @@ Tiling make_tiling(int64_t batch, int64_t channels, int64_t spatial, bool channe
 // With xhat = (x - M) rstd: z = (x - M) A + B, A = rstd w (1 + scale), B = bias (1 + scale) + shift.
 enum Table { kM = 0, kA, kB, kAd, kBd, kCd, kTables };
 
+// Where the backward with SiLU keeps dz = dy silu'(z) between its passes: grad_stats writes
+// it, grad_apply reads it (so the two run as a pair, on the same params) instead of recomputing
+// silu' (an exp and a division per value). dz of element k at at[k - origin], in fp32: dx
+// itself for fp32 (origin 0), a thread's buffer of one cache unit for 16-bit x; at null: not
+// kept (16-bit x phase by phase). The portable passes keep it for NCHW tensors of fp32, fp16 and
+// bf16 and ignore it otherwise (both passes alike).
+struct DzStore {
+  float* at = nullptr;
+  int64_t origin = 0;
+};
+
 template <Isa I, Dtype D>
 void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, void* partial);
 template <Isa I, Dtype D>
 void group_norm_apply_generic(const GroupNormForwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables);
 template <Isa I, Dtype D>
 void group_norm_grad_stats_generic(
-    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables, void* partial);
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables, void* partial,
+    const DzStore& keep);
 template <Isa I, Dtype D>
 void group_norm_grad_apply_generic(
-    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables);
+    const GroupNormBackwardParams& p, const Tiling& t, int64_t begin, int64_t end, const void* tables,
+    const DzStore& keep);
 
 // Groups [begin, end) of n * G: mean, rstd and the forward tables.
 template <Dtype D>
@@ -68,15 +81,6 @@ void group_norm_combine_grad(
 template <Dtype D>
 void group_norm_weight_grads(const GroupNormBackwardParams& p, const double* dweight_terms, const double* dbias_terms);
 
-// Where the AVX-512 backward with SiLU keeps dz = dy silu'(z) between its passes: grad_stats
-// writes it, grad_apply reads it (so the two run as a pair, on the same params) instead of
-// recomputing silu' (an exp and a division per value). dz of element k at at[k - origin], in
-// fp32: dx itself for fp32 (origin 0), a thread's buffer of one cache unit for 16-bit x; at
-// null: not kept (16-bit x phase by phase).
-struct DzStore {
-  float* at = nullptr;
-  int64_t origin = 0;
-};
 
 // The AVX-512 builds of the four passes (f32, f16, bf16). bf16_instructions: the CPU has
 // AVX512-BF16 (one instruction rounds fp32 to bf16).
