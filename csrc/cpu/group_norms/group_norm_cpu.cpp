@@ -206,13 +206,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
       // derivative's arithmetic (a buffer of its own, dx then written once, measured slower: the
       // reads for ownership move to the light apply pass). 16-bit x keeps it, in fp32, in a
       // per-thread buffer of one cache unit (bf16 fwd+bwd 1.25 against 1.56 ms at 8x256x32x32 on
-      // the 2-core EPYC), or recomputes it phase by phase. The portable passes keep it for NCHW
-      // only (their channels-last passes ignore it).
+      // the 2-core EPYC), or recomputes it phase by phase.
       const gn::DzStore in_dx{p.silu && D == Dtype::f32 ? static_cast<float*>(p.dx) : nullptr, 0};
       const Units u = cache_units(p, t, 2 * x.element_size());  // x and dy
       if (u.count > 0) {
         const int64_t unit_elements = x.numel() / u.count;
-        const bool buffer = p.silu && !in_dx.at && (avx512 || (!channels_last && D != Dtype::f64));
+        const bool buffer = p.silu && !in_dx.at && D != Dtype::f64;
         at::parallel_for(0, u.count, 1, [&](int64_t begin, int64_t end) {
           std::vector<float> dz(buffer ? unit_elements : 0);
           for (int64_t i = begin; i < end; ++i) {

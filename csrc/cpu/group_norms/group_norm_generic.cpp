@@ -345,17 +345,25 @@ void group_norm_grad_stats_generic(
         continue;
       }
     }
-    const auto sums = [&](auto with_silu) {
+    // (a loop per case: a condition in it keeps it scalar)
+    const auto sums = [&](auto with_silu, auto kept) {
       item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
         const int64_t j = it.n * p.channels + c;
         const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
         Acc dz = static_cast<Acc>(dy[i]);
         if (with_silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
+        if constexpr (decltype(kept)::value) keep.at[i - keep.origin] = dz;
         a += dz;
         b += static_cast<double>(dz) * centered;
       }, inner, static_cast<Acc*>(partial));
     };
-    p.silu ? sums(std::true_type{}) : sums(std::false_type{});
+    if (!p.silu) {
+      sums(std::false_type{}, std::false_type{});
+    } else if (std::is_same_v<Acc, float> && keep.at) {
+      sums(std::true_type{}, std::bool_constant<std::is_same_v<Acc, float>>{});
+    } else {
+      sums(std::true_type{}, std::false_type{});
+    }
   }
 }
 
@@ -372,29 +380,26 @@ void group_norm_grad_apply_generic(
   const int64_t nc = p.batch * p.channels;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
-    if constexpr (std::is_same_v<Acc, float>) {
-      if (p.silu && keep.at && !p.channels_last) {  // dz as grad_stats left it (nchw_grad_sums)
-        const int64_t j = it.n * p.channels + it.c;
-        const float m = tab[kM * nc + j], ad = tab[kAd * nc + j], bd = tab[kBd * nc + j], cd = tab[kCd * nc + j];
-        const float* kept = keep.at + (j * p.spatial - keep.origin);
-        const int64_t base = j * p.spatial;
-        for (int64_t s = it.s0; s < it.s1; ++s) {
-          const float centered = static_cast<float>(x[base + s]) - m;
-          dx[base + s] = static_cast<T>(kept[s] * ad + centered * bd + cd);
-        }
-        continue;
-      }
-    }
-    const auto apply = [&](auto with_silu) {
+    const auto apply = [&](auto with_silu, auto kept) {
       for_each_element(p, it, [&](int64_t i, int64_t c) {
         const int64_t j = it.n * p.channels + c;
         const Acc centered = static_cast<Acc>(x[i]) - tab[kM * nc + j];
         Acc dz = static_cast<Acc>(dy[i]);
-        if (with_silu) dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
+        if constexpr (decltype(kept)::value) {
+          dz = keep.at[i - keep.origin];  // as grad_stats left it
+        } else if (with_silu) {
+          dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
+        }
         dx[i] = static_cast<T>(dz * tab[kAd * nc + j] + centered * tab[kBd * nc + j] + tab[kCd * nc + j]);
       });
     };
-    p.silu ? apply(std::true_type{}) : apply(std::false_type{});
+    if (!p.silu) {
+      apply(std::false_type{}, std::false_type{});
+    } else if (std::is_same_v<Acc, float> && keep.at) {
+      apply(std::true_type{}, std::bool_constant<std::is_same_v<Acc, float>>{});
+    } else {
+      apply(std::true_type{}, std::false_type{});
+    }
   }
 }
 

@@ -45,8 +45,7 @@ enum Table { kM = 0, kA, kB, kAd, kBd, kCd, kTables };
 // it, grad_apply reads it (so the two run as a pair, on the same params) instead of recomputing
 // silu' (an exp and a division per value). dz of element k at at[k - origin], in fp32: dx
 // itself for fp32 (origin 0), a thread's buffer of one cache unit for 16-bit x; at null: not
-// kept (16-bit x phase by phase). The portable passes keep it for NCHW tensors of fp32, fp16 and
-// bf16 and ignore it otherwise (both passes alike).
+// kept (16-bit x phase by phase). fp64 (portable passes only) ignores it in both passes.
 struct DzStore {
   float* at = nullptr;
   int64_t origin = 0;
