@@ -42,6 +42,32 @@ struct Params {
   int64_t tiles() const { return n * tiles_h * tiles_w; }
 };
 
+// Tile index -> (image, tile row, tile column); tiles run row-major within an image.
+struct TilePos {
+  int64_t n, ty, tx;
+};
+inline TilePos locate(const Params& p, int64_t tile) {
+  const int64_t per_image = p.tiles_h * p.tiles_w;
+  return {tile / per_image, (tile % per_image) / p.tiles_w, tile % p.tiles_w};
+}
+
+// The tile's 4x4 input patch: row[a][b] the channels of input position (2 ty - 1 + a,
+// 2 tx - 1 + b), null outside the image (the zero padding).
+inline void patch_rows(const Params& p, const TilePos& tile, const float* (&row)[4][4]) {
+  for (int a = 0; a < 4; ++a)
+    for (int b = 0; b < 4; ++b) {
+      const int64_t yy = 2 * tile.ty - 1 + a, xx = 2 * tile.tx - 1 + b;
+      row[a][b] = (yy >= 0 && yy < p.h && xx >= 0 && xx < p.w) ? p.x + ((tile.n * p.h + yy) * p.w + xx) * p.ci : nullptr;
+    }
+}
+
+// V layout per item: (16 positions, ci_pad / kChunk, tile_block, kChunk): for one chunk of 16
+// input channels the tiles are rows of 16 floats, so the product kernel finds row r's value of
+// channel k at a constant offset r * 16 + k from one pointer.
+inline float* v_at(float* v, int64_t e, int64_t chunk, int64_t chunks, int64_t tb, int64_t t) {
+  return v + ((e * chunks + chunk) * tb + t) * kChunk;
+}
+
 // Floats of scratch one item needs: V, then M of one panel.
 inline int64_t scratch_floats(const Params& p) { return 16 * p.ci_pad * p.tile_block + 16 * p.tile_block * kPanel; }
 // Tiles per register tile of each build: the work plan (winograd_cpu.cpp) cuts tile blocks in

@@ -47,32 +47,13 @@ inline void store_first(float* p, Vec v, int64_t n) {
   std::memcpy(p, lane, n * sizeof(float));
 }
 
-// Tile index -> (image, tile row, tile column); tiles run row-major within an image.
-struct TilePos {
-  int64_t n, ty, tx;
-};
-inline TilePos locate(const Params& p, int64_t tile) {
-  const int64_t per_image = p.tiles_h * p.tiles_w;
-  return {tile / per_image, (tile % per_image) / p.tiles_w, tile % p.tiles_w};
-}
-
-// V layout per item: (16 positions, ci_pad / kChunk, tile_block, kChunk), as in the AVX-512 build.
-inline float* v_at(float* v, int64_t e, int64_t chunk, int64_t chunks, int64_t tb, int64_t t) {
-  return v + ((e * chunks + chunk) * tb + t) * kChunk;
-}
-
 // V = B^T d B for each tile and input channel, d the tile's 4x4 input patch (zeros outside the
 // image and in the padded channels), B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
 void input_transform(const Params& p, int64_t tile0, int64_t count, float* v) {
   const int64_t chunks = p.ci_pad / kChunk;
   for (int64_t t = 0; t < count; ++t) {
-    const auto [n, ty, tx] = locate(p, tile0 + t);
     const float* row[4][4];
-    for (int a = 0; a < 4; ++a)
-      for (int b = 0; b < 4; ++b) {
-        const int64_t yy = 2 * ty - 1 + a, xx = 2 * tx - 1 + b;
-        row[a][b] = (yy >= 0 && yy < p.h && xx >= 0 && xx < p.w) ? p.x + ((n * p.h + yy) * p.w + xx) * p.ci : nullptr;
-      }
+    patch_rows(p, locate(p, tile0 + t), row);
     for (int64_t c = 0; c < chunks; ++c)
       for (int64_t k = 0; k < kChunk; k += kVecLanes) {
         const int64_t c0 = c * kChunk + k, left = p.ci - c0;

@@ -280,6 +280,17 @@ void nchw_grad_sums(const P& p, const Tiling& t, const Item& it, const T* x, con
   }, partial);
 }
 
+// Calls pass(with_silu, kept), the backward case as compile-time flags (a loop per case: a
+// condition in it keeps it scalar): kept, dz in keep (SiLU, fp32 sums, keep given).
+template <typename Acc, typename Pass>
+void backward_case(const GroupNormBackwardParams& p, const DzStore& keep, Pass pass) {
+  if (!p.silu) return pass(std::false_type{}, std::false_type{});
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (keep.at) return pass(std::true_type{}, std::true_type{});
+  }
+  pass(std::true_type{}, std::false_type{});
+}
+
 }  // namespace
 
 template <Isa I, Dtype D>
@@ -345,7 +356,6 @@ void group_norm_grad_stats_generic(
         continue;
       }
     }
-    // (a loop per case: a condition in it keeps it scalar)
     const auto sums = [&](auto with_silu, auto kept) {
       item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
         const int64_t j = it.n * p.channels + c;
@@ -357,13 +367,7 @@ void group_norm_grad_stats_generic(
         b += static_cast<double>(dz) * centered;
       }, inner, static_cast<Acc*>(partial));
     };
-    if (!p.silu) {
-      sums(std::false_type{}, std::false_type{});
-    } else if (std::is_same_v<Acc, float> && keep.at) {
-      sums(std::true_type{}, std::bool_constant<std::is_same_v<Acc, float>>{});
-    } else {
-      sums(std::true_type{}, std::false_type{});
-    }
+    backward_case<Acc>(p, keep, sums);
   }
 }
 
@@ -393,13 +397,7 @@ void group_norm_grad_apply_generic(
         dx[i] = static_cast<T>(dz * tab[kAd * nc + j] + centered * tab[kBd * nc + j] + tab[kCd * nc + j]);
       });
     };
-    if (!p.silu) {
-      apply(std::false_type{}, std::false_type{});
-    } else if (std::is_same_v<Acc, float> && keep.at) {
-      apply(std::true_type{}, std::bool_constant<std::is_same_v<Acc, float>>{});
-    } else {
-      apply(std::true_type{}, std::false_type{});
-    }
+    backward_case<Acc>(p, keep, apply);
   }
 }
 
