@@ -78,6 +78,14 @@ TORCH_LIBRARY(fastarch, m) {
       " Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor offsets, Tensor seqlens_before, Tensor seqlens_after,"
       " float[] eps, int batch, int n_head, int n_kv, int head_dim, float scale, int window_left, bool linear_kernel)"
       " -> Tensor");
+  // The prefill of packed prompts through the same layers: x (total, hidden) the real tokens,
+  // row b's at cu_seqlens[b] .. cu_seqlens[b + 1] (int32 (rows + 1,)), at positions (total,)
+  // int64; seqlen: the padded length. The weights, biases and eps as above; the caches empty
+  // (filled with the prompts) or none. products: 0 PyTorch's GEMM, 1 _linear, 2 oneDNN's matmul.
+  m.def(
+      "_llama_prefill_layers(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] k_caches,"
+      " Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor positions, Tensor cu_seqlens, int seqlen, float[] eps,"
+      " int n_head, int n_kv, int head_dim, float scale, int window_left, int products) -> Tensor");
 
   // A 3x3 convolution, stride 1, padding 1, of x (N, Ci, H, W) channels-last contiguous fp32
   // by Winograd's F(2x2, 3x3) (csrc/cpu/conv/winograd.h), + bias (Co,) + add (N, Co, H, W)

@@ -146,10 +146,12 @@ class KVCache:
         if self.filled:
             raise ValueError("write_packed fills an empty cache (call reset() first)")
         B, S = prompts.packing.batch, prompts.packing.seqlen
-        # left-justify each row: the token at position p goes to slot p
-        dest = prompts.packing.indices.div(S, rounding_mode="floor") * S + prompts.positions
-        k_rows = k.new_zeros(B * S, *k.shape[1:]).index_copy_(0, dest, k).unflatten(0, (B, S))
-        v_rows = v.new_zeros(B * S, *v.shape[1:]).index_copy_(0, dest, v).unflatten(0, (B, S))
+        if k.shape[0] == B * S:  # no padding: row b's tokens are packed rows b S .. b S + S - 1, in order
+            k_rows, v_rows = k.unflatten(0, (B, S)), v.unflatten(0, (B, S))
+        else:  # left-justify each row: the token at position p goes to slot p
+            dest = prompts.packing.indices.div(S, rounding_mode="floor") * S + prompts.positions
+            k_rows = k.new_zeros(B * S, *k.shape[1:]).index_copy_(0, dest, k).unflatten(0, (B, S))
+            v_rows = v.new_zeros(B * S, *v.shape[1:]).index_copy_(0, dest, v).unflatten(0, (B, S))
         ops.append_kv(self.k[layer], self.v[layer], k_rows.transpose(1, 2), v_rows.transpose(1, 2), self.seqlens)
 
     def prefilled(self, prompts: PackedPrompts) -> None:

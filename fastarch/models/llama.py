@@ -16,8 +16,8 @@ sliding_window most recent tokens, itself included. The MLP is SwiGLU: down(silu
 up(x)). q/k/v and gate/up are each one matmul: the checkpoint's weights are stacked at load.
 
 The model follows the decoder protocol of fastarch/models/generate.py (new_cache, forward with a
-cache, last_only). On the CPU a decode step's layers run in one C++ call when every op of the
-step chose its CPU kernel (llama_fused_step.py: the same kernels, bit for bit, without the
+cache, last_only). On the CPU a prefill's and a decode step's layers run in one C++ call when
+every op chose its CPU kernel (llama_fused_step.py: the same kernels, bit for bit, without the
 Python between them).
 """
 
@@ -263,7 +263,18 @@ class Llama(CausalLM):
             )
             return out.reshape(-1, self.n_head * self.head_dim)
 
-        return self._blocks(self.embed_tokens(ids), attend)
+        x = self.embed_tokens(ids)
+        window_left = -1 if self.config.window is None else self.config.window
+        products = fused_step.prefill_products(self, x, cache, window_left)
+        step = None if products is None else fused_step.step_arguments(self, x.dtype)
+        if step is not None:  # the same kernels, called from one C++ loop (llama_fused_step.py)
+            weights, biases, eps = step
+            caches = ([], []) if cache is None else (cache.k, cache.v)
+            return torch.ops.fastarch._llama_prefill_layers(
+                x, weights, biases, *caches, cos, sin, prompts.positions, packing.cu_seqlens, packing.seqlen, eps,
+                self.n_head, self.n_kv, self.head_dim, scale, window_left, products,
+            )
+        return self._blocks(x, attend)
 
     def _decode(self, input_ids: Tensor, cache: KVCache, last_only: bool) -> Tensor:
         """The next n tokens (B, n) of every row against the filled cache -> logits."""

@@ -1,15 +1,16 @@
-"""A LLaMA decode step's layers in one call of the C++ loop ``fastarch::_llama_decode_layers``
-(csrc/cpu/models/llama_decode_cpu.cpp) instead of ~11 op calls per layer from Python.
+"""A LLaMA model's layers in one call of a C++ loop (csrc/cpu/models/llama_layers_cpu.cpp)
+instead of ~11 op calls per layer from Python: ``fastarch::_llama_decode_layers`` for a decode
+step, ``fastarch::_llama_prefill_layers`` for the prefill of packed prompts.
 
-The loop calls the very kernels that the registry chose for each op of the step, with the same
-arguments in the same order, so the result is bit for bit that of the op-by-op loop in
-Llama._blocks; it only removes the Python between them (argument checks, backend choice and
-dispatch: ~15 us per call, ~330 calls per step of a 30-layer model, a fifth of SmolLM2-135M's
-fp32 step on a 2-core CPU). It is taken when that is true of every op: each chose its CPU kernel
-(the products may instead have chosen PyTorch's GEMM, which the loop calls then), nothing needs
-torch's dispatcher (gradients, torch.compile, tracing, modes) and every weight is a plain
-contiguous tensor of the step's dtype. Otherwise Llama runs the op-by-op loop, which also raises
-the errors of bad input.
+The loops call the very kernels that the registry chose for each op, with the same arguments in
+the same order, so the result is bit for bit that of the op-by-op loop in Llama._blocks; they
+only remove the Python between them (argument checks, backend choice and dispatch: ~15 us per
+call, ~330 calls per step of a 30-layer model, a fifth of SmolLM2-135M's fp32 decode step on a
+2-core CPU, and most of the time to the first token of a short prompt). A loop is taken when
+that is true of every op: each chose its CPU kernel (the products may instead have chosen
+PyTorch's GEMM or oneDNN's matmul, which the loop calls then), nothing needs torch's dispatcher
+(gradients, torch.compile, tracing, modes) and every weight is a plain contiguous tensor of the
+step's dtype. Otherwise Llama runs the op-by-op loop, which also raises the errors of bad input.
 """
 
 from __future__ import annotations
@@ -35,42 +36,84 @@ def _chosen(op: str, problem: object, requested: str) -> str | None:
         return None
 
 
+PRODUCTS = {"torch": 0, "kernel": 1, "onednn": 2}
+"""Where the loops run the products (their ``products`` argument): PyTorch's GEMM (the linear
+op's reference backend), the linear kernel, or oneDNN's matmul (the cpu backend past its
+kernel's rows, fastarch/ops/linear/backends.py)."""
+
+
+def _loop_allowed(x: Tensor, caches: list[Tensor], loop: str) -> bool:
+    """Whether x's layers may run in the C++ loop at all: on the CPU, without gradients or
+    anything else that needs torch's dispatcher, with caches of x's dtype (the op-by-op loop
+    names a mismatch) and an extension that has the loop."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or not dispatch.direct_call_allowed((x, *caches)):
+        return False
+    if any(t.dtype != x.dtype or t.device != x.device for t in caches):
+        return False
+    return hasattr(torch.ops.fastarch, loop)  # False for a build without the C++ loop
+
+
+def _products(model, rows: int, dtype: torch.dtype, requested: str, kernels: dict) -> str | None:
+    """Where the products of ``rows`` rows run (a PRODUCTS key), or None when some op of
+    ``kernels`` (name -> problem) did not choose its CPU kernel, or the four projections chose
+    differently."""
+    if any(_chosen(op, problem, requested) != "cpu" for op, problem in kernels.items()):
+        return None
+    block = model.layers[0]
+    linears = {
+        _chosen("linear", LinearProblem("cpu", dtype, rows, layer.in_features, layer.out_features, True), requested)
+        for layer in (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj)
+    }
+    if linears == {"reference"}:
+        return "torch"
+    if linears == {"cpu"}:
+        return "onednn" if cpu_gemm(rows, dtype) else "kernel"
+    return None  # mixed
+
+
 def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None:
     """For model (a Llama) decoding rows x (B n, C) against cache (a KVCache): None when the
     step must run op by op, else whether the one call's products run on the linear kernel
     (True) or on PyTorch's GEMM (False), as the registry chose for them."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or not dispatch.direct_call_allowed((x, *cache.k, *cache.v)):
+    if not _loop_allowed(x, [*cache.k, *cache.v], "_llama_decode_layers"):
         return None
-    if any(t.dtype != x.dtype or t.device != x.device for t in (*cache.k, *cache.v)):  # op by op names it
-        return None
-    if not _extension_has_loop():
-        return None
-    block = model.layers[0]
     rows, dtype, device = x.shape[0], x.dtype, x.device.type
     H, Hkv, D = model.n_head, model.n_kv, model.head_dim
     cos, _ = model._rope(x.device)
-    requested = registry.requested_backend()
     kernels = {
         "rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
         "add_rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
         "rotary": RotaryProblem(device, dtype, D, 2 * cos.shape[-1]),
         "append_kv": AttentionProblem(device, dtype, D, D, Hkv, Hkv, decode=True),
         "attention_decode": AttentionProblem(device, dtype, D, D, H, Hkv, window=window_left >= 0, decode=True),
-        "swiglu": ActivationProblem(device, dtype, rows, block.down_proj.in_features),
+        "swiglu": ActivationProblem(device, dtype, rows, model.layers[0].down_proj.in_features),
     }
-    if any(_chosen(op, problem, requested) != "cpu" for op, problem in kernels.items()):
-        return None
-    linears = {
-        _chosen("linear", LinearProblem(device, dtype, rows, layer.in_features, layer.out_features, True), requested)
-        for layer in (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj)
-    }
-    if linears not in ({"cpu"}, {"reference"}) or (linears == {"cpu"} and cpu_gemm(rows, dtype)):
-        return None  # mixed, or oneDNN's matmul (the loop calls the kernel or at::linear)
-    return linears == {"cpu"}
+    products = _products(model, rows, dtype, registry.requested_backend(), kernels)
+    if products is None or products == "onednn":
+        return None  # the decode loop calls the kernel or at::linear
+    return products == "kernel"
 
 
-def _extension_has_loop() -> bool:
-    return hasattr(torch.ops.fastarch, "_llama_decode_layers")  # False for a build without the C++ loop
+def prefill_products(model, x: Tensor, cache, window_left: int) -> int | None:
+    """For model (a Llama) prefilling the packed tokens x (total, C), into cache (an empty
+    KVCache) or none: None when the prefill must run op by op, else the loop's ``products``."""
+    caches = [] if cache is None else [*cache.k, *cache.v]
+    if x.shape[0] == 0 or model.training or not _loop_allowed(x, caches, "_llama_prefill_layers"):
+        return None  # (training: the attention's dropout runs op by op)
+    rows, dtype, device = x.shape[0], x.dtype, x.device.type
+    H, Hkv, D = model.n_head, model.n_kv, model.head_dim
+    cos, _ = model._rope(x.device)
+    kernels = {
+        "rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
+        "add_rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
+        "rotary": RotaryProblem(device, dtype, D, 2 * cos.shape[-1]),
+        "attention": AttentionProblem(device, dtype, D, D, H, Hkv, varlen=True, window=window_left >= 0),
+        "swiglu": ActivationProblem(device, dtype, rows, model.layers[0].down_proj.in_features),
+    }
+    if cache is not None:
+        kernels["append_kv"] = AttentionProblem(device, dtype, D, D, Hkv, Hkv, decode=True)
+    products = _products(model, rows, dtype, registry.requested_backend(), kernels)
+    return None if products is None else PRODUCTS[products]
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")

@@ -1,8 +1,9 @@
-"""A LLaMA decode step's layers in one C++ call (fastarch/models/llama_fused_step.py,
-fastarch::_llama_decode_layers) against the op-by-op loop: the same kernels in the same order,
-so the logits and the cache must be equal bit for bit, for every layer variant a checkpoint can
-carry (GQA, biases, a sliding window), fp32 and bf16, one and several rows and new tokens, and
-products on either the linear kernel or PyTorch's GEMM; and the one call is not taken where the
+"""A LLaMA model's layers in one C++ call (fastarch/models/llama_fused_step.py:
+fastarch::_llama_decode_layers for a decode step, fastarch::_llama_prefill_layers for a prefill)
+against the op-by-op loop: the same kernels in the same order, so the logits and the cache must
+be equal bit for bit, for every layer variant a checkpoint can carry (GQA, biases, a sliding
+window), fp32 and bf16, one and several rows (padded) and new tokens, and products on the
+linear kernel, PyTorch's GEMM or oneDNN's matmul; and the one call is not taken where the
 op-by-op loop must run (gradients, a forced backend, a parameter of another dtype)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import fastarch
 from fastarch import registry
 from fastarch.models import from_pretrained
 from fastarch.models import llama_fused_step as fused_step
+from fastarch.ops.linear.backends import LinearProblem, cpu_gemm
 
 VARIANTS = {
     "gqa": ("llama", {}),
@@ -88,6 +90,88 @@ def test_one_call_equals_op_by_op(model, dtype, step, monkeypatch):
     for layer in range(len(cache.k)):
         assert torch.equal(cache.k[layer], their_cache.k[layer]) and torch.equal(cache.v[layer], their_cache.v[layer])
     assert not ours.isnan().any()
+
+
+# prompt lengths of a prefill (left-padded to the longest): 3 tokens take the bf16 linear
+# kernel's rows; 40 take oneDNN's fp32 matmul where the registry chose it (AMD CPUs)
+PREFILLS = {"1 row": [9], "3 tokens": [3], "3 rows": [5, 12, 1], "8 rows": [3] * 8, "40 tokens": [40]}
+
+
+def _prefill(model, lengths, *, one_call: bool, cached: bool, monkeypatch):
+    """(logits of every prompt token, the filled cache or None, what prefill_products answered)."""
+    ids, mask = gpt2_tiny.prompts(lengths, "left")
+    taken = []
+    real = fused_step.prefill_products
+
+    def spy(*args):
+        answer = real(*args) if one_call else None
+        taken.append(answer)
+        return answer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_step, "prefill_products", spy)
+        cache = model.new_cache(len(lengths), 48) if cached else None
+        with torch.inference_mode():
+            logits = model(ids, mask, cache=cache)
+    assert len(taken) == 1
+    return logits, cache, taken[0]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cache", "no cache"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("prompts", list(PREFILLS))
+def test_prefill_in_one_call_equals_op_by_op(model, dtype, prompts, cached, monkeypatch):
+    model = model.to(dtype)
+    lengths = PREFILLS[prompts]
+    ours, cache, taken = _prefill(model, lengths, one_call=True, cached=cached, monkeypatch=monkeypatch)
+    theirs, their_cache, _ = _prefill(model, lengths, one_call=False, cached=cached, monkeypatch=monkeypatch)
+    total = sum(lengths)
+    expected = {"reference": "torch", "cpu": "onednn" if cpu_gemm(total, dtype) else "kernel"}[
+        registry.choose("linear", LinearProblem("cpu", dtype, total, 64, 64, True), "").name]
+    assert taken == fused_step.PRODUCTS[expected]
+    assert torch.equal(ours, theirs)
+    assert not ours.isnan().any()
+    if cached:
+        assert torch.equal(cache.seqlens, their_cache.seqlens) and cache.filled == their_cache.filled
+        for layer in range(len(cache.k)):
+            assert torch.equal(cache.k[layer], their_cache.k[layer]) and torch.equal(cache.v[layer], their_cache.v[layer])
+
+
+def test_prefill_nan_in_gives_nan_out(model, monkeypatch):
+    """A NaN in a prompt's hidden states (a NaN embedding row) reaches that row's logits
+    through the one call, and no other row's."""
+    model = model.float()
+    ids, mask = gpt2_tiny.prompts([5, 12], "left")
+    with torch.no_grad():
+        saved = model.embed_tokens.weight[ids[1, -1]].clone()
+        model.embed_tokens.weight[ids[1, -1], 3] = float("nan")
+    try:
+        ours, _, taken = _prefill(model, [5, 12], one_call=True, cached=True, monkeypatch=monkeypatch)
+    finally:
+        with torch.no_grad():
+            model.embed_tokens.weight[ids[1, -1]] = saved
+    assert taken is not None
+    assert ours[1, -1].isnan().all() and not ours[0].isnan().any()
+
+
+def test_prefill_not_taken_where_the_op_by_op_loop_must_run(model):
+    model = model.float()
+    x = torch.randn(7, model.config.hidden_size)
+    with torch.inference_mode():
+        assert fused_step.prefill_products(model, x, None, -1) is not None
+        with fastarch.backend("reference"):
+            assert fused_step.prefill_products(model, x, None, -1) is None
+        assert fused_step.prefill_products(model, x[:0], None, -1) is None  # no token: op by op
+        model.train()
+        try:  # the attention's dropout
+            assert fused_step.prefill_products(model, x, None, -1) is None
+        finally:
+            model.eval()
+    with torch.enable_grad():
+        assert fused_step.prefill_products(model, x, None, -1) is None
+    cache = model.new_cache(1, 24, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert fused_step.prefill_products(model, x, cache, -1) is None  # the op-by-op loop names the dtype
 
 
 def test_nan_in_gives_nan_out(model, monkeypatch):

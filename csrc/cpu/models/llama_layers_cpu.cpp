@@ -1,0 +1,220 @@
+// A LLaMA-family decoder's layers in one call, for a decode step and for a prefill: the loops
+// of fastarch/models/llama.py (Llama._decode, Llama._prefill) with no Python between their ops.
+// A step of a small model is a few hundred kernel calls of tens of microseconds each; called one
+// by one from Python, their argument checks and dispatch cost a fifth of a decode step on a
+// 2-core CPU, and most of the time to the first token of a short prompt.
+//
+// The loops call the same kernels the Python path's registry chose (fastarch::_norm_fwd,
+// _linear, _rotary, _append_kv, _attention_decode, _attention_fwd, _gated_act_fwd at the CPU
+// key), with the same arguments in the same order, so their results equal the Python path's bit
+// for bit (tests/models/test_llama_fused_step.py). The Python side calls them only when every op
+// chose its CPU kernel, and checks every argument first (shapes fixed by the config, the cache's
+// room on the host). The products run where the registry put them (Products below).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastarch::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kWeightsPerLayer = 6;  // input norm, qkv, o, post-attention norm, gate_up, down
+constexpr int64_t kBiasesPerLayer = 4;   // qkv, o, gate_up, down (None where the layer has none)
+
+// The kernels, called below autograd at the CPU key (this op only runs without gradients).
+template <class Signature>
+c10::TypedOperatorHandle<Signature> kernel(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+const c10::DispatchKeySet kCpu(c10::DispatchKey::CPU);
+
+struct Kernels {
+  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool)>
+      norm = kernel<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+          const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool)>("fastarch::_norm_fwd");
+  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const OptTensor&)> linear =
+      kernel<Tensor(const Tensor&, const Tensor&, const OptTensor&)>("fastarch::_linear");
+  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool, bool)>
+      rotary = kernel<std::tuple<Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool, bool)>("fastarch::_rotary");
+  c10::TypedOperatorHandle<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)> append =
+      kernel<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("fastarch::_append_kv");
+  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double, int64_t)>
+      decode = kernel<std::tuple<Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double, int64_t)>("fastarch::_attention_decode");
+  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, c10::string_view)> gated =
+      kernel<Tensor(const Tensor&, const Tensor&, c10::string_view)>("fastarch::_gated_act_fwd");
+  using AttentionFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                                  const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
+                                                  int64_t, bool, double, int64_t, int64_t, double, int64_t);
+  c10::TypedOperatorHandle<AttentionFwd> attention = kernel<AttentionFwd>("fastarch::_attention_fwd");
+};
+
+const Kernels& kernels() {
+  static const Kernels k;  // looked up once: the schemas are registered before any call
+  return k;
+}
+
+// Where the products run, as fastarch.ops.linear's registry chose for the rows of the call
+// (fastarch/ops/linear/backends.py): PyTorch's GEMM (the reference backend), the linear kernel
+// (a few rows), or oneDNN's matmul on the weight as it is (the cpu backend past its kernel's rows).
+enum class Products : int64_t { torch = 0, kernel = 1, onednn = 2 };
+
+// oneDNN's matmul as the cpu backend calls it: torch.ops.mkldnn._linear_pointwise(x, weight,
+// bias, "none", [], ""). Looked up on first use (a torch built without oneDNN has no such op,
+// and the Python side never asks for it there).
+Tensor onednn_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, weight, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+struct Step {
+  const Kernels& ops;
+  Products products;
+
+  Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) const {
+    switch (products) {
+      case Products::kernel:
+        return ops.linear.redispatch(kCpu, x, weight, bias);
+      case Products::onednn:
+        return onednn_linear(x, weight, bias);
+      case Products::torch:
+        break;
+    }
+    return at::linear(x, weight, bias);
+  }
+  // RMSNorm of x (+ residual): (y, the new residual stream)
+  std::tuple<Tensor, Tensor> norm(const Tensor& x, const OptTensor& residual, const Tensor& weight, double eps) const {
+    auto [y, residual_out, mean, rstd] = ops.norm.redispatch(kCpu, x, residual, weight, std::nullopt, eps, true);
+    return {y, residual.has_value() ? residual_out : x};
+  }
+  // The rest of layer i after its attention (rows, H D): o_proj, the post-attention norm, the
+  // SwiGLU feed-forward on the stacked gate/up projection's strided halves, and the next norm
+  // (the next layer's input norm, or the final one: next_norm). Updates y and the residual h.
+  void finish_layer(const Tensor& attended, at::TensorList weights, const c10::List<OptTensor>& biases,
+                    at::ArrayRef<double> eps, int64_t i, Tensor& y, Tensor& h) const {
+    const Tensor* w = weights.data() + kWeightsPerLayer * i;
+    auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
+    const Tensor a = linear(attended, w[2], bias(1));
+    std::tie(y, h) = norm(a, h, w[3], eps[2 * i + 1]);
+    const std::vector<Tensor> gate_up = linear(y, w[4], bias(2)).chunk(2, -1);
+    const Tensor s = ops.gated.redispatch(kCpu, gate_up[0], gate_up[1], "silu");
+    std::tie(y, h) = norm(linear(s, w[5], bias(3)), h, weights[kWeightsPerLayer * (i + 1)], eps[2 * i + 2]);
+  }
+};
+
+// The number of layers of the lists: per layer 6 weights, 4 biases, 2 eps and (where given, as
+// caches) a k and a v cache, then the final norm's weight and eps.
+int64_t layers_of(const char* who, at::TensorList weights, const c10::List<OptTensor>& biases,
+                  at::TensorList k_caches, at::TensorList v_caches, at::ArrayRef<double> eps, bool caches) {
+  const int64_t L = (static_cast<int64_t>(weights.size()) - 1) / kWeightsPerLayer;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerLayer * L + 1 &&
+                  static_cast<int64_t>(biases.size()) == kBiasesPerLayer * L &&
+                  static_cast<int64_t>(eps.size()) == 2 * L + 1 &&
+                  (!caches || (static_cast<int64_t>(k_caches.size()) == L &&
+                               static_cast<int64_t>(v_caches.size()) == L)),
+              who, ": expected per layer 6 weights, 4 biases, 2 eps", caches ? ", a k and a v cache" : "",
+              " (and the final norm's weight and eps), got ", weights.size(), " weights, ", biases.size(), " biases, ",
+              eps.size(), " eps and ", k_caches.size(), "/", v_caches.size(), " caches");
+  return L;
+}
+
+Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, const c10::List<OptTensor>& biases,
+                               at::TensorList k_caches, at::TensorList v_caches, const Tensor& cos, const Tensor& sin,
+                               const Tensor& offsets, const Tensor& seqlens_before, const Tensor& seqlens_after,
+                               at::ArrayRef<double> eps, int64_t batch, int64_t n_head, int64_t n_kv,
+                               int64_t head_dim, double scale, int64_t window_left, bool linear_kernel) {
+  const int64_t L = layers_of("fastarch::_llama_decode_layers", weights, biases, k_caches, v_caches, eps, true);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) % batch == 0, "fastarch::_llama_decode_layers: x must be (batch * n, hidden)");
+  const int64_t n = x.size(0) / batch, H = n_head, Hkv = n_kv, D = head_dim;
+  const Step step{kernels(), linear_kernel ? Products::kernel : Products::torch};
+  auto [y, h] = step.norm(x, std::nullopt, weights[0], eps[0]);
+  for (int64_t i = 0; i < L; ++i) {
+    const Tensor* w = weights.data() + kWeightsPerLayer * i;
+    auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
+    // attention: (B n, (H + 2 Hkv) D) -> q (B, H, n, D), k, v (B, Hkv, n, D), views
+    const Tensor heads = step.linear(y, w[1], bias(0)).view({batch, n, H + 2 * Hkv, D}).transpose(1, 2);
+    const std::vector<Tensor> qkv = heads.split_with_sizes({H, Hkv, Hkv}, 1);
+    auto [q, k] = step.ops.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, offsets, false, false);
+    step.ops.append.redispatch(kCpu, k_caches[i], v_caches[i], k, qkv[2], seqlens_before);
+    auto [out, lse] =
+        step.ops.decode.redispatch(kCpu, q, k_caches[i], v_caches[i], seqlens_after, true, scale, window_left);
+    step.finish_layer(out.transpose(1, 2).reshape({batch * n, H * D}), weights, biases, eps, i, y, h);
+  }
+  return y;
+}
+
+// The prefill of packed prompts: x (total, hidden), the real tokens of every row, row b's at
+// cu_seqlens[b] .. cu_seqlens[b + 1] (int32, on the CPU), at positions (total,) int64. seqlen:
+// the prompts' padded length (the attention's bound on a row's length). With caches (empty;
+// none: no cache), row b's keys and values go to its slots 0 .. len - 1 and its slots len ..
+// seqlen - 1 are zeroed, as KVCache.write_packed leaves them.
+Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, const c10::List<OptTensor>& biases,
+                                at::TensorList k_caches, at::TensorList v_caches, const Tensor& cos, const Tensor& sin,
+                                const Tensor& positions, const Tensor& cu_seqlens, int64_t seqlen,
+                                at::ArrayRef<double> eps, int64_t n_head, int64_t n_kv, int64_t head_dim,
+                                double scale, int64_t window_left, int64_t products) {
+  const char* who = "fastarch::_llama_prefill_layers";
+  const bool cached = !k_caches.empty();
+  const int64_t L = layers_of(who, weights, biases, k_caches, v_caches, eps, cached);
+  TORCH_CHECK(x.dim() == 2, who, ": x must be (total, hidden)");
+  TORCH_CHECK(products >= 0 && products <= 2, who, ": products must be 0 (torch), 1 (kernel) or 2 (onednn), got ",
+              products);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 && cu_seqlens.is_cpu() &&
+                  cu_seqlens.is_contiguous() && cu_seqlens.size(0) >= 1,
+              who, ": cu_seqlens must be a contiguous int32 CPU tensor (rows + 1,)");
+  const int64_t total = x.size(0), H = n_head, Hkv = n_kv, D = head_dim;
+  const int64_t rows = cu_seqlens.size(0) - 1;
+  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  const Step step{kernels(), static_cast<Products>(products)};
+  auto [y, h] = step.norm(x, std::nullopt, weights[0], eps[0]);
+  for (int64_t i = 0; i < L; ++i) {
+    const Tensor* w = weights.data() + kWeightsPerLayer * i;
+    auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
+    // (total, (H + 2 Hkv) D) -> q (total, H, D), k, v (total, Hkv, D), views
+    const std::vector<Tensor> qkv =
+        step.linear(y, w[1], bias(0)).view({total, H + 2 * Hkv, D}).split_with_sizes({H, Hkv, Hkv}, 1);
+    auto [q, k] = step.ops.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, positions, false, false);
+    if (cached) {
+      for (int64_t b = 0; b < rows; ++b) {
+        const int64_t len = cu[b + 1] - cu[b];
+        for (const auto& [cache, src] : {std::pair{k_caches[i], k}, std::pair{v_caches[i], qkv[2]}}) {
+          const Tensor row = cache.select(0, b);  // (Hkv, max_len, D)
+          row.narrow(1, 0, len).copy_(src.narrow(0, cu[b], len).transpose(0, 1));
+          row.narrow(1, len, seqlen - len).zero_();
+        }
+      }
+    }
+    // the packed layout as 4-D views (1, heads, total, D), as fastarch.ops.attention passes it
+    auto as4d = [](const Tensor& t) { return t.permute({1, 0, 2}).unsqueeze(0); };
+    auto [out, lse] = step.ops.attention.redispatch(kCpu, as4d(q), as4d(k), as4d(qkv[2].contiguous()), std::nullopt,
+                                                    std::nullopt, cu_seqlens, cu_seqlens, seqlen, seqlen,
+                                                    true, scale, window_left, -1, 0.0, 0);
+    step.finish_layer(out[0].permute({1, 0, 2}).reshape({total, H * D}), weights, biases, eps, i, y, h);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
+  m.impl("_llama_decode_layers", &llama_decode_layers_cpu);
+  m.impl("_llama_prefill_layers", &llama_prefill_layers_cpu);
+}
+
+}  // namespace fastarch::cpu
