@@ -140,8 +140,8 @@ void for_each_element(const P& p, const Item& it, Fn fn) {
 
 // The item's two sums per channel, term(offset, c, a, b) adding to a and b, into
 // partial[((n C + c) chunks + k) 2 + {0, 1}]. Summed in fp64, in blocks (8 interleaved partials
-// over 64 positions for NCHW, 16 rows for NHWC) whose totals are then added, as the AVX-512
-// build: NHWC items, and NCHW items of fp64 tensors (the others take nchw_vec_sums).
+// over 64 positions for NCHW, 16 rows for NHWC) whose totals are then added: the backward's NHWC
+// items, and the items of fp64 tensors (the others take nchw_vec_sums and nhwc_shifted_sums).
 template <typename Acc, typename P, typename Term>
 void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vector<double>& inner, Acc* partial) {
   if (!p.channels_last) {
@@ -235,6 +235,218 @@ void nchw_shifted_sums(const P& p, const Tiling& t, const Item& it, const T* x, 
   }, partial);
 }
 
+// The two sums per channel of an NHWC item (16-bit or fp32), as the AVX-512 build sums them
+// (a lane per channel): over blocks of kNhwcRows rows in registers, each block's sums then added
+// to the item's fp32 totals (items hold at most 1024 rows: no running sum takes more than 128
+// terms), kNhwcVecs channel vectors at a time (their sums are independent chains).
+// vec_term(offset of x[n, s, c], c, a, b) adds the vector of channels from c at row s to a and
+// b; value_term(offset, c, a, b) one channel's value (the channels past the last whole vector).
+// totals: 2 C floats of scratch. (item_sums' per-value terms in fp64 made the AVX2 build's bf16
+// forward 0.85x PyTorch's, and its fp16 passes a fifth of it, converting value by value.)
+constexpr int64_t kNhwcRows = 8;
+constexpr int kNhwcVecs = 4;
+
+template <typename P, typename VecTerm, typename ValueTerm>
+void nhwc_sums(const P& p, const Tiling& t, const Item& it, VecTerm vec_term, ValueTerm value_term, float* totals,
+               float* partial) {
+  using portable::kVecLanes;
+  using portable::Vec;
+  const int64_t C = p.channels;
+  std::fill(totals, totals + 2 * C, 0.0f);
+  // V vectors of channels from c over rows [r0, r1), added to the totals
+  const auto block = [&]<int V>(int64_t r0, int64_t r1, int64_t c) {
+    Vec a[V] = {}, b[V] = {};
+    for (int64_t s = r0; s < r1; ++s) {
+      const int64_t row = (it.n * p.spatial + s) * C;
+      for (int v = 0; v < V; ++v) vec_term(row + c + v * kVecLanes, c + v * kVecLanes, a[v], b[v]);
+    }
+    for (int v = 0; v < V; ++v) {
+      float* ta = totals + c + v * kVecLanes;
+      portable::store_vec(ta, portable::load_vec(ta) + a[v]);
+      portable::store_vec(ta + C, portable::load_vec(ta + C) + b[v]);
+    }
+  };
+  const int64_t whole = C / kVecLanes * kVecLanes;
+  for (int64_t r0 = it.s0; r0 < it.s1; r0 += kNhwcRows) {
+    const int64_t r1 = std::min(it.s1, r0 + kNhwcRows);
+    int64_t c = 0;
+    for (; c + kNhwcVecs * kVecLanes <= whole; c += kNhwcVecs * kVecLanes) block.template operator()<kNhwcVecs>(r0, r1, c);
+    for (; c < whole; c += kVecLanes) block.template operator()<1>(r0, r1, c);
+    for (; c < C; ++c) {
+      float a = 0, b = 0;
+      for (int64_t s = r0; s < r1; ++s) value_term((it.n * p.spatial + s) * C + c, c, a, b);
+      totals[c] += a;
+      totals[C + c] += b;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    float* out = partial + ((it.n * C + c) * t.chunks + it.k) * 2;
+    out[0] = totals[c];
+    out[1] = totals[C + c];
+  }
+}
+
+// The forward's sums of d = x - x[n, 0, c] and d^2 over an NHWC item (16-bit or fp32).
+template <typename T, typename P>
+void nhwc_shifted_sums(const P& p, const Tiling& t, const Item& it, const T* x, float* totals, float* partial) {
+  using portable::Vec;
+  const T* shifts = x + it.n * p.spatial * p.channels;  // row 0 of sample n
+  nhwc_sums(p, t, it, [&](int64_t i, int64_t c, Vec& a, Vec& b) {
+    const Vec d = portable::load_f32(x + i) - portable::load_f32(shifts + c);
+    a += d;
+    b = portable::madd(d, d, b);
+  }, [&](int64_t i, int64_t c, float& a, float& b) {
+    const float d = static_cast<float>(x[i]) - static_cast<float>(shifts[c]);
+    a += d;
+    b = portable::madd_f32(d, d, b);
+  }, totals, partial);
+}
+
+// SiLU over the lanes of z as floats (a loop the compiler vectorizes, exp included).
+inline portable::Vec silu_lanes(portable::Vec z) {
+  float lanes[portable::kVecLanes];
+  portable::store_vec(lanes, z);
+  for (int k = 0; k < portable::kVecLanes; ++k) lanes[k] = silu(lanes[k]);
+  return portable::load_vec(lanes);
+}
+
+// The forward's output act((x - M) A + B), of a vector and of one value; the multiply-add fused
+// in the AVX2 build, as in the AVX-512 one.
+template <bool kSilu>
+inline portable::Vec output_vec(portable::Vec x, portable::Vec m, portable::Vec a, portable::Vec b) {
+  const portable::Vec z = portable::madd(x - m, a, b);
+  return kSilu ? silu_lanes(z) : z;
+}
+template <bool kSilu>
+inline float output_value(float x, float m, float a, float b) {
+  const float z = portable::madd_f32(x - m, a, b);
+  return kSilu ? silu(z) : z;
+}
+
+// The forward's output over an item (16-bit or fp32) of either layout, a vector at a time: along
+// the positions of its channel (NCHW), or along the channels of each row (NHWC), the tables'
+// values loaded with them.
+template <bool kSilu, typename T, typename P>
+void apply_item(const P& p, const Item& it, const T* x, T* y, const float* tab) {
+  using portable::kVecLanes;
+  using portable::Vec;
+  const int64_t C = p.channels, nc = p.batch * C;
+  if (!p.channels_last) {
+    const int64_t j = it.n * C + it.c, base = j * p.spatial;
+    const float m = tab[kM * nc + j], a = tab[kA * nc + j], b = tab[kB * nc + j];
+    const Vec vm = portable::splat(m), va = portable::splat(a), vb = portable::splat(b);
+    int64_t s = it.s0;
+    for (; s + kVecLanes <= it.s1; s += kVecLanes)
+      portable::store_f32(y + base + s, output_vec<kSilu>(portable::load_f32(x + base + s), vm, va, vb));
+    for (; s < it.s1; ++s) y[base + s] = static_cast<T>(output_value<kSilu>(static_cast<float>(x[base + s]), m, a, b));
+    return;
+  }
+  const float* tm = tab + kM * nc + it.n * C;
+  const float* ta = tab + kA * nc + it.n * C;
+  const float* tb = tab + kB * nc + it.n * C;
+  const int64_t whole = C / kVecLanes * kVecLanes;
+  for (int64_t s = it.s0; s < it.s1; ++s) {
+    const int64_t row = (it.n * p.spatial + s) * C;
+    for (int64_t c = 0; c < whole; c += kVecLanes) {
+      portable::store_f32(y + row + c, output_vec<kSilu>(portable::load_f32(x + row + c), portable::load_vec(tm + c),
+                                                         portable::load_vec(ta + c), portable::load_vec(tb + c)));
+    }
+    for (int64_t c = whole; c < C; ++c)
+      y[row + c] = static_cast<T>(output_value<kSilu>(static_cast<float>(x[row + c]), tm[c], ta[c], tb[c]));
+  }
+}
+
+// silu'(z) over the lanes of z as floats.
+inline portable::Vec silu_grad_lanes(portable::Vec z) {
+  float lanes[portable::kVecLanes];
+  portable::store_vec(lanes, z);
+  for (int k = 0; k < portable::kVecLanes; ++k) lanes[k] = silu_grad(lanes[k]);
+  return portable::load_vec(lanes);
+}
+
+// The backward's dz and centered = x - M of a vector: dz = dy, times silu'(centered A + B) with
+// SiLU (the same operations as nchw_grad_sums, so the same bits as the dz it keeps).
+template <bool kSilu>
+inline portable::Vec dz_vec(portable::Vec x, portable::Vec dy, portable::Vec m, portable::Vec a, portable::Vec b,
+                            portable::Vec& centered) {
+  centered = x - m;
+  return kSilu ? dy * silu_grad_lanes(centered * a + b) : dy;
+}
+
+// The NHWC backward sums of dz and dz (x - mean) per channel (16-bit or fp32); dz kept where
+// keep is given (SiLU).
+template <bool kSilu, typename T, typename P>
+void nhwc_grad_sums(const P& p, const Tiling& t, const Item& it, const T* x, const T* dy, const float* tab,
+                    float* totals, float* partial, const DzStore& keep) {
+  using portable::Vec;
+  const int64_t nc = p.batch * p.channels, j0 = it.n * p.channels;
+  const float *tm = tab + kM * nc + j0, *ta = tab + kA * nc + j0, *tb = tab + kB * nc + j0;
+  float* kept = kSilu && keep.at ? keep.at - keep.origin : nullptr;
+  nhwc_sums(p, t, it, [&](int64_t i, int64_t c, Vec& a, Vec& b) {
+    Vec centered;
+    const Vec dz = dz_vec<kSilu>(portable::load_f32(x + i), portable::load_f32(dy + i), portable::load_vec(tm + c),
+                                 portable::load_vec(ta + c), portable::load_vec(tb + c), centered);
+    if (kept) portable::store_vec(kept + i, dz);
+    a += dz;
+    b = portable::madd(dz, centered, b);
+  }, [&](int64_t i, int64_t c, float& a, float& b) {
+    const float centered = static_cast<float>(x[i]) - tm[c];
+    float dz = static_cast<float>(dy[i]);
+    if constexpr (kSilu) dz *= silu_grad(centered * ta[c] + tb[c]);
+    if (kept) kept[i] = dz;
+    a += dz;
+    b = portable::madd_f32(dz, centered, b);
+  }, totals, partial);
+}
+
+// The backward's dx = dz Ad + centered Bd + Cd over an item (16-bit or fp32) of either layout, a
+// vector at a time (as apply_item); dz as the statistics pass kept it (kKept) or recomputed.
+template <bool kSilu, bool kKept, typename T, typename P>
+void grad_apply_item(const P& p, const Item& it, const T* x, const T* dy, T* dx, const float* tab,
+                     const DzStore& keep) {
+  using portable::kVecLanes;
+  using portable::Vec;
+  const int64_t C = p.channels, nc = p.batch * C;
+  const float* kept = kKept ? keep.at - keep.origin : nullptr;
+  // positions [i, i + kVecLanes) with the tables' values v[k] (kM .. kCd) of their channels
+  const auto vec = [&](int64_t i, const Vec (&v)[kTables]) {
+    Vec centered;
+    Vec dz = dz_vec<kSilu && !kKept>(portable::load_f32(x + i), portable::load_f32(dy + i), v[kM], v[kA], v[kB],
+                                     centered);
+    if constexpr (kKept) dz = portable::load_vec(kept + i);
+    portable::store_f32(dx + i, portable::madd(dz, v[kAd], portable::madd(centered, v[kBd], v[kCd])));
+  };
+  const auto value = [&](int64_t i, int64_t j) {
+    const float centered = static_cast<float>(x[i]) - tab[kM * nc + j];
+    float dz = static_cast<float>(dy[i]);
+    if constexpr (kKept) {
+      dz = kept[i];
+    } else if constexpr (kSilu) {
+      dz *= silu_grad(centered * tab[kA * nc + j] + tab[kB * nc + j]);
+    }
+    dx[i] = static_cast<T>(portable::madd_f32(dz, tab[kAd * nc + j],
+                                              portable::madd_f32(centered, tab[kBd * nc + j], tab[kCd * nc + j])));
+  };
+  Vec v[kTables];
+  if (!p.channels_last) {
+    const int64_t j = it.n * C + it.c, base = j * p.spatial;
+    for (int k = 0; k < kTables; ++k) v[k] = portable::splat(tab[k * nc + j]);
+    int64_t s = it.s0;
+    for (; s + kVecLanes <= it.s1; s += kVecLanes) vec(base + s, v);
+    for (; s < it.s1; ++s) value(base + s, j);
+    return;
+  }
+  const int64_t whole = C / kVecLanes * kVecLanes;
+  for (int64_t s = it.s0; s < it.s1; ++s) {
+    const int64_t row = (it.n * p.spatial + s) * C;
+    for (int64_t c = 0; c < whole; c += kVecLanes) {
+      for (int k = 0; k < kTables; ++k) v[k] = portable::load_vec(tab + k * nc + it.n * C + c);
+      vec(row + c, v);
+    }
+    for (int64_t c = whole; c < C; ++c) value(row + c, it.n * C + c);
+  }
+}
+
 // The backward's sums of dz and dz (x - mean) over an NCHW item (16-bit or fp32), dz = dy, or
 // dy silu'(z) with SiLU: x and dy widened a vector at a time, silu' over eight lanes of floats
 // (a loop the compiler vectorizes, exp included); dz also stored in keep where given (SiLU).
@@ -299,13 +511,13 @@ void group_norm_stats_generic(const GroupNormForwardParams& p, const Tiling& t, 
   using Acc = typename Types<D>::Acc;
   const T* x = static_cast<const T*>(p.x);
   std::vector<double> inner(2 * p.channels);
+  std::vector<float> totals(p.channels_last ? 2 * p.channels : 0);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if constexpr (std::is_same_v<Acc, float>) {
-      if (!p.channels_last) {
-        nchw_shifted_sums(p, t, it, x, static_cast<float*>(partial));
-        continue;
-      }
+      p.channels_last ? nhwc_shifted_sums(p, t, it, x, totals.data(), static_cast<float*>(partial))
+                      : nchw_shifted_sums(p, t, it, x, static_cast<float*>(partial));
+      continue;
     }
     item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
       const double d = static_cast<double>(x[i]) - static_cast<double>(x[offset(it.n, c, 0, p.channels, p.spatial, p.channels_last)]);
@@ -325,6 +537,10 @@ void group_norm_apply_generic(const GroupNormForwardParams& p, const Tiling& t, 
   const int64_t nc = p.batch * p.channels;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
+    if constexpr (std::is_same_v<Acc, float>) {
+      p.silu ? apply_item<true>(p, it, x, y, tab) : apply_item<false>(p, it, x, y, tab);
+      continue;
+    }
     const auto apply = [&](auto with_silu) {  // (a loop per case: a condition in it keeps it scalar)
       for_each_element(p, it, [&](int64_t i, int64_t c) {
         const int64_t j = it.n * p.channels + c;
@@ -347,14 +563,18 @@ void group_norm_grad_stats_generic(
   const Acc* tab = static_cast<const Acc*>(tables);
   const int64_t nc = p.batch * p.channels;
   std::vector<double> inner(2 * p.channels);
+  std::vector<float> totals(p.channels_last ? 2 * p.channels : 0);
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
     if constexpr (std::is_same_v<Acc, float>) {
+      float* out = static_cast<float*>(partial);
       if (!p.channels_last) {
-        p.silu ? nchw_grad_sums<true>(p, t, it, x, dy, tab, static_cast<float*>(partial), keep)
-               : nchw_grad_sums<false>(p, t, it, x, dy, tab, static_cast<float*>(partial), keep);
-        continue;
+        p.silu ? nchw_grad_sums<true>(p, t, it, x, dy, tab, out, keep) : nchw_grad_sums<false>(p, t, it, x, dy, tab, out, keep);
+      } else {
+        p.silu ? nhwc_grad_sums<true>(p, t, it, x, dy, tab, totals.data(), out, keep)
+               : nhwc_grad_sums<false>(p, t, it, x, dy, tab, totals.data(), out, keep);
       }
+      continue;
     }
     const auto sums = [&](auto with_silu, auto kept) {
       item_sums<Acc>(p, t, it, [&](int64_t i, int64_t c, double& a, double& b) {
@@ -384,6 +604,12 @@ void group_norm_grad_apply_generic(
   const int64_t nc = p.batch * p.channels;
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
+    if constexpr (std::is_same_v<Acc, float>) {
+      backward_case<Acc>(p, keep, [&](auto with_silu, auto kept) {
+        grad_apply_item<decltype(with_silu)::value, decltype(kept)::value>(p, it, x, dy, dx, tab, keep);
+      });
+      continue;
+    }
     const auto apply = [&](auto with_silu, auto kept) {
       for_each_element(p, it, [&](int64_t i, int64_t c) {
         const int64_t j = it.n * p.channels + c;
