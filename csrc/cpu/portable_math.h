@@ -87,6 +87,75 @@ inline float exp_f32(float x) {
   return out;
 }
 
+// ----------------------------------------------------------------------------- fp16 values
+
+// fp16 <-> fp32 without branches (c10::Half's conversions branch per value, which keeps the
+// loops around them scalar: ~8x slower than PyTorch's own fp16 kernels at level avx2). Both
+// exact / round to nearest even, with inf and NaN kept; they rely on IEEE fp32 arithmetic with
+// denormals.
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Selections by mask rather than ?:, which the compiler may turn into branches (and then
+// leaves the loop scalar).
+inline uint32_t all_ones_if(bool c) { return 0u - static_cast<uint32_t>(c); }
+inline uint32_t select(bool c, uint32_t a, uint32_t b) { return (a & all_ones_if(c)) | (b & ~all_ones_if(c)); }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t magnitude = h & 0x7FFFu;
+  // The fp16 exponent and mantissa placed in an fp32's, rebiased (127 - 15) by multiplying by
+  // 2^112: exact for normal and subnormal halves alike.
+  uint32_t u = float_bits(bits_float(magnitude << 13) * 0x1p112f);
+  u |= all_ones_if(magnitude >= 0x7C00u) & 0x7F800000u;  // inf and NaN: the exponent all ones
+  return bits_float(u | (uint32_t(h & 0x8000u) << 16));
+}
+
+inline uint16_t float_to_half(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  // Below 2^-14 (fp16 subnormals): adding 0.5 makes the fp32 ulp 2^-24, fp16's subnormal
+  // step, so the FPU rounds to nearest even and the low bits of the sum count the steps.
+  const uint32_t small = float_bits(bits_float(a) + 0.5f) - 0x3F000000u;
+  // Normal: rebias the exponent and round the 13 dropped mantissa bits to nearest even; a
+  // carry runs into the exponent, up to inf (0x7C00) from 65520 on.
+  const uint32_t normal = (a + (uint32_t(15 - 127) << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  uint32_t h = select(a < 0x38800000u, small, normal);
+  h = select(a >= 0x47800000u, 0x7C00u, h);  // 65536 and up: inf
+  h = select(a > 0x7F800000u, 0x7E00u, h);   // NaN (quiet)
+  return static_cast<uint16_t>(h | sign);
+}
+
+// One value of T (float, double, c10::BFloat16, c10::Half) in the accumulation type and back
+// (rounded to nearest even, NaN kept), in code the loops around it vectorize: fp16 through the
+// conversions above.
+template <typename T>
+inline auto widen(T v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return half_to_float(v.x);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return static_cast<float>(v);
+  }
+}
+template <typename T, typename Acc>
+inline T narrow(Acc v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return c10::Half(float_to_half(v), c10::Half::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
 // ----------------------------------------------------------------------------- vectors
 
 // One register of fp32 lanes as a GCC vector type: 8 lanes (ymm) in the AVX2 build, 4 (SSE2 xmm
