@@ -71,24 +71,32 @@ def _products(model, rows: int, dtype: torch.dtype, requested: str, kernels: dic
     return None  # mixed
 
 
+def _kernel_problems(model, x: Tensor, attention: dict) -> dict:
+    """The problems (op -> problem) of the CPU kernels a loop calls on rows x (rows, C): the
+    norms, rotary and SwiGLU of every layer, and ``attention`` (the loop's attention ops)."""
+    rows, dtype, device = x.shape[0], x.dtype, x.device.type
+    cos, _ = model._rope(x.device)
+    return {
+        "rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
+        "add_rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
+        "rotary": RotaryProblem(device, dtype, model.head_dim, 2 * cos.shape[-1]),
+        "swiglu": ActivationProblem(device, dtype, rows, model.layers[0].down_proj.in_features),
+        **attention,
+    }
+
+
 def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None:
     """For model (a Llama) decoding rows x (B n, C) against cache (a KVCache): None when the
     step must run op by op, else whether the one call's products run on the linear kernel
     (True) or on PyTorch's GEMM (False), as the registry chose for them."""
     if not _loop_allowed(x, [*cache.k, *cache.v], "_llama_decode_layers"):
         return None
-    rows, dtype, device = x.shape[0], x.dtype, x.device.type
-    H, Hkv, D = model.n_head, model.n_kv, model.head_dim
-    cos, _ = model._rope(x.device)
-    kernels = {
-        "rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
-        "add_rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
-        "rotary": RotaryProblem(device, dtype, D, 2 * cos.shape[-1]),
+    dtype, device, H, Hkv, D = x.dtype, x.device.type, model.n_head, model.n_kv, model.head_dim
+    kernels = _kernel_problems(model, x, {
         "append_kv": AttentionProblem(device, dtype, D, D, Hkv, Hkv, decode=True),
         "attention_decode": AttentionProblem(device, dtype, D, D, H, Hkv, window=window_left >= 0, decode=True),
-        "swiglu": ActivationProblem(device, dtype, rows, model.layers[0].down_proj.in_features),
-    }
-    products = _products(model, rows, dtype, registry.requested_backend(), kernels)
+    })
+    products = _products(model, x.shape[0], dtype, registry.requested_backend(), kernels)
     if products is None or products == "onednn":
         return None  # the decode loop calls the kernel or at::linear
     return products == "kernel"
@@ -100,19 +108,11 @@ def prefill_products(model, x: Tensor, cache, window_left: int) -> int | None:
     caches = [] if cache is None else [*cache.k, *cache.v]
     if x.shape[0] == 0 or model.training or not _loop_allowed(x, caches, "_llama_prefill_layers"):
         return None  # (training: the attention's dropout runs op by op)
-    rows, dtype, device = x.shape[0], x.dtype, x.device.type
-    H, Hkv, D = model.n_head, model.n_kv, model.head_dim
-    cos, _ = model._rope(x.device)
-    kernels = {
-        "rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
-        "add_rms_norm": NormProblem(device, dtype, rows, x.shape[1]),
-        "rotary": RotaryProblem(device, dtype, D, 2 * cos.shape[-1]),
-        "attention": AttentionProblem(device, dtype, D, D, H, Hkv, varlen=True, window=window_left >= 0),
-        "swiglu": ActivationProblem(device, dtype, rows, model.layers[0].down_proj.in_features),
-    }
+    dtype, device, H, Hkv, D = x.dtype, x.device.type, model.n_head, model.n_kv, model.head_dim
+    attention = {"attention": AttentionProblem(device, dtype, D, D, H, Hkv, varlen=True, window=window_left >= 0)}
     if cache is not None:
-        kernels["append_kv"] = AttentionProblem(device, dtype, D, D, Hkv, Hkv, decode=True)
-    products = _products(model, rows, dtype, registry.requested_backend(), kernels)
+        attention["append_kv"] = AttentionProblem(device, dtype, D, D, Hkv, Hkv, decode=True)
+    products = _products(model, x.shape[0], dtype, registry.requested_backend(), _kernel_problems(model, x, attention))
     return None if products is None else PRODUCTS[products]
 
 

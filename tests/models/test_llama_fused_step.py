@@ -8,6 +8,8 @@ op-by-op loop must run (gradients, a forced backend, a parameter of another dtyp
 
 from __future__ import annotations
 
+import contextlib
+
 import gpt2_tiny
 import pytest
 import torch
@@ -51,14 +53,12 @@ def model(request, tmp_path_factory):
     return from_pretrained(path)
 
 
-def _step(model, lengths, n, *, one_call: bool, monkeypatch):
-    """Prefill the prompts, then one decode step of n tokens per row: (logits, cache, what
-    linear_in_one_call answered: None for op by op, else whether the products ran on the linear
-    kernel)."""
-    ids, mask = gpt2_tiny.prompts(lengths, "left")
-    new = torch.randint(2, gpt2_tiny.VOCAB, (len(lengths), n), generator=torch.Generator().manual_seed(1))
+@contextlib.contextmanager
+def _answers(monkeypatch, name: str, one_call: bool):
+    """fused_step.<name> as it is (one_call) or answering None (op by op): yields the list of
+    its answers."""
     taken = []
-    real = fused_step.linear_in_one_call
+    real = getattr(fused_step, name)
 
     def spy(*args):
         answer = real(*args) if one_call else None
@@ -66,7 +66,17 @@ def _step(model, lengths, n, *, one_call: bool, monkeypatch):
         return answer
 
     with monkeypatch.context() as patch:
-        patch.setattr(fused_step, "linear_in_one_call", spy)
+        patch.setattr(fused_step, name, spy)
+        yield taken
+
+
+def _step(model, lengths, n, *, one_call: bool, monkeypatch):
+    """Prefill the prompts, then one decode step of n tokens per row: (logits, cache, what
+    linear_in_one_call answered: None for op by op, else whether the products ran on the linear
+    kernel)."""
+    ids, mask = gpt2_tiny.prompts(lengths, "left")
+    new = torch.randint(2, gpt2_tiny.VOCAB, (len(lengths), n), generator=torch.Generator().manual_seed(1))
+    with _answers(monkeypatch, "linear_in_one_call", one_call) as taken:
         cache = model.new_cache(len(lengths), 24)
         with torch.inference_mode():
             model(ids, mask, cache=cache, last_only=True)
@@ -100,16 +110,7 @@ PREFILLS = {"1 row": [9], "3 tokens": [3], "3 rows": [5, 12, 1], "8 rows": [3] *
 def _prefill(model, lengths, *, one_call: bool, cached: bool, monkeypatch):
     """(logits of every prompt token, the filled cache or None, what prefill_products answered)."""
     ids, mask = gpt2_tiny.prompts(lengths, "left")
-    taken = []
-    real = fused_step.prefill_products
-
-    def spy(*args):
-        answer = real(*args) if one_call else None
-        taken.append(answer)
-        return answer
-
-    with monkeypatch.context() as patch:
-        patch.setattr(fused_step, "prefill_products", spy)
+    with _answers(monkeypatch, "prefill_products", one_call) as taken:
         cache = model.new_cache(len(lengths), 48) if cached else None
         with torch.inference_mode():
             logits = model(ids, mask, cache=cache)

@@ -302,11 +302,12 @@ void nhwc_shifted_sums(const P& p, const Tiling& t, const Item& it, const T* x, 
   }, totals, partial);
 }
 
-// SiLU over the lanes of z as floats (a loop the compiler vectorizes, exp included).
-inline portable::Vec silu_lanes(portable::Vec z) {
+// f over the lanes of z as floats (a loop the compiler vectorizes, exp included).
+template <typename F>
+inline portable::Vec map_lanes(portable::Vec z, F f) {
   float lanes[portable::kVecLanes];
   portable::store_vec(lanes, z);
-  for (int k = 0; k < portable::kVecLanes; ++k) lanes[k] = silu(lanes[k]);
+  for (int k = 0; k < portable::kVecLanes; ++k) lanes[k] = f(lanes[k]);
   return portable::load_vec(lanes);
 }
 
@@ -315,7 +316,7 @@ inline portable::Vec silu_lanes(portable::Vec z) {
 template <bool kSilu>
 inline portable::Vec output_vec(portable::Vec x, portable::Vec m, portable::Vec a, portable::Vec b) {
   const portable::Vec z = portable::madd(x - m, a, b);
-  return kSilu ? silu_lanes(z) : z;
+  return kSilu ? map_lanes(z, [](float v) { return silu(v); }) : z;
 }
 template <bool kSilu>
 inline float output_value(float x, float m, float a, float b) {
@@ -356,21 +357,13 @@ void apply_item(const P& p, const Item& it, const T* x, T* y, const float* tab) 
   }
 }
 
-// silu'(z) over the lanes of z as floats.
-inline portable::Vec silu_grad_lanes(portable::Vec z) {
-  float lanes[portable::kVecLanes];
-  portable::store_vec(lanes, z);
-  for (int k = 0; k < portable::kVecLanes; ++k) lanes[k] = silu_grad(lanes[k]);
-  return portable::load_vec(lanes);
-}
-
 // The backward's dz and centered = x - M of a vector: dz = dy, times silu'(centered A + B) with
 // SiLU (the same operations as nchw_grad_sums, so the same bits as the dz it keeps).
 template <bool kSilu>
 inline portable::Vec dz_vec(portable::Vec x, portable::Vec dy, portable::Vec m, portable::Vec a, portable::Vec b,
                             portable::Vec& centered) {
   centered = x - m;
-  return kSilu ? dy * silu_grad_lanes(centered * a + b) : dy;
+  return kSilu ? dy * map_lanes(centered * a + b, [](float v) { return silu_grad(v); }) : dy;
 }
 
 // The NHWC backward sums of dz and dz (x - mean) per channel (16-bit or fp32); dz kept where
