@@ -105,7 +105,8 @@ struct Step {
   }
   // The rest of layer i after its attention (rows, H D): o_proj, the post-attention norm, the
   // SwiGLU feed-forward on the stacked gate/up projection's strided halves, and the next norm
-  // (the next layer's input norm, or the final one: next_norm). Updates y and the residual h.
+  // (the next layer's input norm, or after the last layer the final one). Updates y and the
+  // residual h.
   void finish_layer(const Tensor& attended, at::TensorList weights, const c10::List<OptTensor>& biases,
                     at::ArrayRef<double> eps, int64_t i, Tensor& y, Tensor& h) const {
     const Tensor* w = weights.data() + kWeightsPerLayer * i;
