@@ -104,7 +104,8 @@ def test_one_call_equals_op_by_op(model, dtype, step, monkeypatch):
 
 # prompt lengths of a prefill (left-padded to the longest): 3 tokens take the bf16 linear
 # kernel's rows; 40 take oneDNN's fp32 matmul where the registry chose it (AMD CPUs)
-PREFILLS = {"1 row": [9], "3 tokens": [3], "3 rows": [5, 12, 1], "8 rows": [3] * 8, "40 tokens": [40]}
+PREFILLS = {"1 row": [9], "3 tokens": [3], "3 rows": [5, 12, 1], "an empty row": [0, 6, 3], "8 rows": [3] * 8,
+            "40 tokens": [40]}
 
 
 def _prefill(model, lengths, *, one_call: bool, cached: bool, monkeypatch):
