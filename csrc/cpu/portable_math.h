@@ -296,6 +296,21 @@ inline void store_f32(T* p, Vec v) {
   }
 }
 
+// n values of T as fp32 into dst, and back: a vector at a time (load_f32 / store_f32: one F16C
+// instruction per vector for fp16 in the AVX2 build), the tail value by value (widen / narrow).
+template <typename T>
+inline void widen_n(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) store_vec(dst + i, load_f32(src + i));
+  for (; i < n; ++i) dst[i] = widen(src[i]);
+}
+template <typename T>
+inline void narrow_n(const float* src, T* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) store_f32(dst + i, load_vec(src + i));
+  for (; i < n; ++i) dst[i] = narrow<T>(src[i]);
+}
+
 // store_f32 with a streaming (non-temporal) store where the build has one for T, for outputs
 // too large to stay in cache (cpu/isa.h's stream_output): no read for ownership of the line,
 // and the inputs stay cached. p aligned to the whole store (16 values' worth is enough); the

@@ -228,9 +228,11 @@ FASTARCH_ALWAYS_INLINE ValueGrad<Acc> value_and_grad(Activation act, Acc h) {
 template <Activation A, typename In, typename Out>
 void forward_row(const In* a, const In* b, const In* bias, Out* y, int64_t cols) {
   if (b) {
-    for (int64_t c = 0; c < cols; ++c) y[c] = portable::narrow<Out>(value(A, portable::widen(a[c])) * portable::widen(b[c]));
+    for (int64_t c = 0; c < cols; ++c)
+      y[c] = portable::narrow<Out>(value(A, portable::widen(a[c])) * portable::widen(b[c]));
   } else if (bias) {  // (separate loops: a load under a condition keeps a loop from vectorizing)
-    for (int64_t c = 0; c < cols; ++c) y[c] = portable::narrow<Out>(value(A, portable::widen(a[c]) + portable::widen(bias[c])));
+    for (int64_t c = 0; c < cols; ++c)
+      y[c] = portable::narrow<Out>(value(A, portable::widen(a[c]) + portable::widen(bias[c])));
   } else {
     for (int64_t c = 0; c < cols; ++c) y[c] = portable::narrow<Out>(value(A, portable::widen(a[c])));
   }
@@ -266,7 +268,7 @@ void backward_row(const In* dy, const In* a, const In* b, const In* bias, Out* d
 }
 
 // fp16 rows in the AVX2 build go through fp32 blocks of kStage values, widened and narrowed a
-// vector at a time by F16C (portable::load_f32 / store_f32): the vectorized bit conversions of
+// vector at a time by F16C (portable::widen_n / narrow_n): the vectorized bit conversions of
 // portable::widen / narrow cost ~10 instructions a value, F16C one per 8 (the same values,
 // rounded to nearest even). The blocks stay in L1.
 #ifdef FASTARCH_PORTABLE_AVX2
@@ -277,19 +279,6 @@ template <typename T>
 constexpr bool kStaged = false;
 #endif
 constexpr int64_t kStage = 256;
-
-template <typename T>
-void widen_block(const T* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + portable::kVecLanes <= n; i += portable::kVecLanes) portable::store_vec(dst + i, portable::load_f32(src + i));
-  for (; i < n; ++i) dst[i] = portable::widen(src[i]);
-}
-template <typename T>
-void narrow_block(const float* src, T* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + portable::kVecLanes <= n; i += portable::kVecLanes) portable::store_f32(dst + i, portable::load_vec(src + i));
-  for (; i < n; ++i) dst[i] = portable::narrow<T>(src[i]);
-}
 
 template <Activation A, Dtype D>
 void forward_rows_as(const ActivationForwardParams& p, int64_t begin, int64_t end) {
@@ -303,11 +292,11 @@ void forward_rows_as(const ActivationForwardParams& p, int64_t begin, int64_t en
       float fa[kStage], fb[kStage], fbias[kStage], fy[kStage];
       for (int64_t c0 = 0; c0 < p.cols; c0 += kStage) {
         const int64_t n = std::min(kStage, p.cols - c0);
-        widen_block(a + c0, fa, n);
-        if (b) widen_block(b + c0, fb, n);
-        if (bias) widen_block(bias + c0, fbias, n);
+        portable::widen_n(a + c0, fa, n);
+        if (b) portable::widen_n(b + c0, fb, n);
+        if (bias) portable::widen_n(bias + c0, fbias, n);
         forward_row<A>(fa, b ? fb : nullptr, bias ? fbias : nullptr, fy, n);
-        narrow_block(fy, y + c0, n);
+        portable::narrow_n(fy, y + c0, n);
       }
     } else {
       forward_row<A>(a, b, b ? nullptr : bias, y, p.cols);
@@ -331,13 +320,13 @@ void backward_rows_as(const ActivationBackwardParams& p, int64_t begin, int64_t 
       float fdy[kStage], fa[kStage], fb[kStage], fbias[kStage], fda[kStage], fdb[kStage];
       for (int64_t c0 = 0; c0 < p.cols; c0 += kStage) {
         const int64_t n = std::min(kStage, p.cols - c0);
-        widen_block(dy + c0, fdy, n);
-        widen_block(a + c0, fa, n);
-        if (b) widen_block(b + c0, fb, n);
-        if (bias) widen_block(bias + c0, fbias, n);
+        portable::widen_n(dy + c0, fdy, n);
+        portable::widen_n(a + c0, fa, n);
+        if (b) portable::widen_n(b + c0, fb, n);
+        if (bias) portable::widen_n(bias + c0, fbias, n);
         backward_row<A>(fdy, fa, b ? fb : nullptr, bias ? fbias : nullptr, fda, fdb, dbias ? dbias + c0 : nullptr, n);
-        narrow_block(fda, da + c0, n);
-        if (b) narrow_block(fdb, db + c0, n);
+        portable::narrow_n(fda, da + c0, n);
+        if (b) portable::narrow_n(fdb, db + c0, n);
       }
     } else {
       backward_row<A>(dy, a, b, bias, da, db, dbias, p.cols);

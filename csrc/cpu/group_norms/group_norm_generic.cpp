@@ -270,7 +270,8 @@ void nhwc_sums(const P& p, const Tiling& t, const Item& it, VecTerm vec_term, Va
   for (int64_t r0 = it.s0; r0 < it.s1; r0 += kNhwcRows) {
     const int64_t r1 = std::min(it.s1, r0 + kNhwcRows);
     int64_t c = 0;
-    for (; c + kNhwcVecs * kVecLanes <= whole; c += kNhwcVecs * kVecLanes) block.template operator()<kNhwcVecs>(r0, r1, c);
+    for (; c + kNhwcVecs * kVecLanes <= whole; c += kNhwcVecs * kVecLanes)
+      block.template operator()<kNhwcVecs>(r0, r1, c);
     for (; c < whole; c += kVecLanes) block.template operator()<1>(r0, r1, c);
     for (; c < C; ++c) {
       float a = 0, b = 0;
@@ -562,7 +563,8 @@ void group_norm_grad_stats_generic(
     if constexpr (std::is_same_v<Acc, float>) {
       float* out = static_cast<float*>(partial);
       if (!p.channels_last) {
-        p.silu ? nchw_grad_sums<true>(p, t, it, x, dy, tab, out, keep) : nchw_grad_sums<false>(p, t, it, x, dy, tab, out, keep);
+        p.silu ? nchw_grad_sums<true>(p, t, it, x, dy, tab, out, keep)
+               : nchw_grad_sums<false>(p, t, it, x, dy, tab, out, keep);
       } else {
         p.silu ? nhwc_grad_sums<true>(p, t, it, x, dy, tab, totals.data(), out, keep)
                : nhwc_grad_sums<false>(p, t, it, x, dy, tab, totals.data(), out, keep);

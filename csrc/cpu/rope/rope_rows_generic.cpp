@@ -72,7 +72,7 @@ void turn_head(const typename Ty::T* x, typename Ty::T* y, const typename Ty::Ac
 
 #ifdef FASTARCH_PORTABLE_AVX2
 // An fp16 head in the AVX2 build is turned in fp32 buffers, widened and narrowed a vector at a
-// time by F16C (portable::load_f32 / store_f32) where the bit conversions cost ~10 instructions
+// time by F16C (portable::widen_n / narrow_n) where the bit conversions cost ~10 instructions
 // a value (0.6-0.9x PyTorch's fp16 forward): the same values. Rotary dims up to kStagedDims.
 constexpr int64_t kStagedDims = 512;
 
@@ -83,12 +83,9 @@ void turn_head_staged(const uint16_t* x, uint16_t* y, const float* cos, const fl
   const auto* xh = reinterpret_cast<const c10::Half*>(x);
   auto* yh = reinterpret_cast<c10::Half*>(y);
   float in[kStagedDims], out[kStagedDims];
-  int64_t i = 0;
-  for (; i + portable::kVecLanes <= n; i += portable::kVecLanes) portable::store_vec(in + i, portable::load_f32(xh + i));
-  for (; i < n; ++i) in[i] = portable::half_to_float(x[i]);
+  portable::widen_n(xh, in, n);
   turn_head<Types<Dtype::f32>, Interleaved>(in, out, cos, sin, sign, half, n);
-  for (i = 0; i + portable::kVecLanes <= n; i += portable::kVecLanes) portable::store_f32(yh + i, portable::load_vec(out + i));
-  for (; i < n; ++i) y[i] = portable::float_to_half(out[i]);
+  portable::narrow_n(out, yh, n);
   if (head_dim > n) std::memcpy(y + n, x + n, (head_dim - n) * sizeof(uint16_t));
 }
 #endif
