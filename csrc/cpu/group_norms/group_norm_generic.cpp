@@ -140,8 +140,8 @@ void for_each_element(const P& p, const Item& it, Fn fn) {
 
 // The item's two sums per channel, term(offset, c, a, b) adding to a and b, into
 // partial[((n C + c) chunks + k) 2 + {0, 1}]. Summed in fp64, in blocks (8 interleaved partials
-// over 64 positions for NCHW, 16 rows for NHWC) whose totals are then added: the backward's NHWC
-// items, and the items of fp64 tensors (the others take nchw_vec_sums and nhwc_shifted_sums).
+// over 64 positions for NCHW, 16 rows for NHWC) whose totals are then added: the items of fp64
+// tensors (16-bit and fp32 ones take nchw_vec_sums and nhwc_sums, in fp32 lanes).
 template <typename Acc, typename P, typename Term>
 void item_sums(const P& p, const Tiling& t, const Item& it, Term term, std::vector<double>& inner, Acc* partial) {
   if (!p.channels_last) {
