@@ -221,6 +221,52 @@ def test_no_grad_with_inputs_that_require_grad_takes_the_fast_path(decisions):
     assert decisions == [DIRECT]
 
 
+@pytest.fixture
+def checks_run(monkeypatch):
+    """How often rms_norm's input check ran during the test."""
+    from fastarch.ops.norms import api
+
+    count = [0]
+    real = api._check_inputs
+
+    def spy(*args):
+        count[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(api, "_check_inputs", spy)
+    return count
+
+
+@pytest.mark.parametrize("path", [DIRECT, AUTOGRAD, DISPATCHER])
+def test_the_input_check_runs_once_per_call_on_the_fast_paths(path, checks_run, decisions):
+    x, w = randn(4, 8), randn(8)
+    if path == AUTOGRAD:
+        x.requires_grad_()
+    with SeeOps() if path == DISPATCHER else contextlib.nullcontext():
+        ops.rms_norm(x, w, eps=1e-6)
+    assert decisions == [path]
+    # the direct and autograd paths check once, before choosing; the dispatcher path checks
+    # again inside the registered op (what a torch.ops.fastarch call runs)
+    assert checks_run[0] == (2 if path == DISPATCHER else 1)
+
+
+@pytest.mark.parametrize("call", ["public", "torch.ops", "dispatcher", "fake"])
+def test_bad_input_gets_the_ops_message_on_every_path(call):
+    x, w = randn(4, 8), randn(7)
+    expected = r"fastarch.rms_norm: weight must have shape \(8,\)"
+    with pytest.raises(ValueError, match=expected):
+        if call == "public":
+            ops.rms_norm(x, w, eps=1e-6)
+        elif call == "torch.ops":
+            torch.ops.fastarch.rms_norm(x, w, 1e-6)
+        elif call == "dispatcher":
+            with SeeOps():
+                ops.rms_norm(x, w, eps=1e-6)
+        else:
+            with FakeTensorMode() as mode:
+                torch.ops.fastarch.rms_norm(mode.from_tensor(x), mode.from_tensor(w), 1e-6)
+
+
 def test_torch_compile_sees_the_custom_op():
     """fullgraph: the compiled graph holds the custom op itself (nothing was run directly at
     trace time), and it computes what eager does."""

@@ -20,6 +20,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 APPROXIMATIONS = ("none", "tanh")
 
 
+def _like(rows: Tensor, x: Tensor) -> Tensor:
+    """A kernel's (rows, cols) result in x's shape (a view; none needed for 2-D x: a view costs
+    microseconds, a visible part of a small call)."""
+    return rows if x.dim() == 2 else rows.view_as(x)
+
+
 def _check(x: object, bias: object, approximate: object) -> None:
     op = "bias_gelu"
     if not isinstance(x, Tensor):
@@ -41,17 +47,15 @@ def _check(x: object, bias: object, approximate: object) -> None:
         raise ValueError(f"fastarch.{op}: approximate must be 'none' (erf) or 'tanh', got {approximate!r}")
 
 
-@dispatch.custom_op("fastarch::bias_gelu", mutates_args=())
+@dispatch.custom_op("fastarch::bias_gelu", check=lambda x, bias, approximate, backend="": _check(x, bias, approximate))
 def _bias_gelu(x: Tensor, bias: Tensor | None, approximate: str, backend: str = "") -> Tensor:
-    _check(x, bias, approximate)
     rows = as_rows(x)
     impl = registry.choose("bias_gelu", ActivationProblem.of(rows), backend)
-    return impl.forward(rows, bias.contiguous() if bias is not None else None, approximate).view_as(x)
+    return _like(impl.forward(rows, bias.contiguous() if bias is not None else None, approximate), x)
 
 
 @_bias_gelu.register_fake
 def _(x, bias, approximate, backend=""):
-    _check(x, bias, approximate)
     return x.new_empty(x.shape)
 
 
@@ -63,7 +67,7 @@ def _bias_gelu_backward(
     rows = as_rows(x)
     impl = registry.choose("bias_gelu", ActivationProblem.of(rows), backend)
     dx, dbias = impl.backward(as_rows(dy), rows, bias.contiguous() if bias is not None else None, approximate, need_dbias)
-    return dx.view_as(x), dbias if dbias is not None else x.new_empty(0)
+    return _like(dx, x), dbias if dbias is not None else x.new_empty(0)
 
 
 @_bias_gelu_backward.register_fake
@@ -95,7 +99,6 @@ def bias_gelu(x: Tensor, bias: Tensor | None = None, approximate: str = "none", 
     Computed in fp32 and rounded once to x's dtype. Returns y: (..., N), contiguous. Gradients
     flow to x and bias. backend: force "cuda", "cpu", "triton" or "reference".
     """
-    _check(x, bias, approximate)
     return _bias_gelu(x, bias, approximate, registry.requested_backend(backend))
 
 
@@ -130,25 +133,23 @@ def _geglu_act(approximate: str) -> str:
 def _gated_forward(op: str, gate: Tensor, up: Tensor, act: str, backend: str) -> Tensor:
     rows = as_rows(gate)
     impl = registry.choose(op, ActivationProblem.of(rows), backend)
-    return impl.forward(rows, as_rows(up), act).view(gate.shape)
+    return _like(impl.forward(rows, as_rows(up), act), gate)
 
 
 def _gated_backward(op: str, dy: Tensor, gate: Tensor, up: Tensor, act: str, backend: str) -> tuple[Tensor, Tensor]:
     rows = as_rows(gate)
     impl = registry.choose(op, ActivationProblem.of(rows), backend)
     dgate, dup = impl.backward(as_rows(dy), rows, as_rows(up), act)
-    return dgate.view(gate.shape), dup.view(gate.shape)
+    return _like(dgate, gate), _like(dup, gate)
 
 
-@dispatch.custom_op("fastarch::swiglu", mutates_args=())
+@dispatch.custom_op("fastarch::swiglu", check=lambda gate, up, backend="": _check_gated("swiglu", gate, up))
 def _swiglu(gate: Tensor, up: Tensor, backend: str = "") -> Tensor:
-    _check_gated("swiglu", gate, up)
     return _gated_forward("swiglu", gate, up, "silu", backend)
 
 
 @_swiglu.register_fake
 def _(gate, up, backend=""):
-    _check_gated("swiglu", gate, up)
     return gate.new_empty(gate.shape)
 
 
@@ -187,19 +188,16 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     contiguous. Gradients flow to gate and up. backend: force "cuda", "cpu", "triton" or
     "reference".
     """
-    _check_gated("swiglu", gate, up)
     return _swiglu(gate, up, registry.requested_backend(backend))
 
 
-@dispatch.custom_op("fastarch::geglu", mutates_args=())
+@dispatch.custom_op("fastarch::geglu", check=lambda gate, up, approximate, backend="": _check_geglu(gate, up, approximate))
 def _geglu(gate: Tensor, up: Tensor, approximate: str, backend: str = "") -> Tensor:
-    _check_geglu(gate, up, approximate)
     return _gated_forward("geglu", gate, up, _geglu_act(approximate), backend)
 
 
 @_geglu.register_fake
 def _(gate, up, approximate, backend=""):
-    _check_geglu(gate, up, approximate)
     return gate.new_empty(gate.shape)
 
 
@@ -241,7 +239,6 @@ def geglu(gate: Tensor, up: Tensor, approximate: str = "none", *, backend: str |
     dtype. Returns (..., N), contiguous. Gradients flow to gate and up. backend: force "cuda",
     "cpu", "triton" or "reference".
     """
-    _check_geglu(gate, up, approximate)
     return _geglu(gate, up, approximate, registry.requested_backend(backend))
 
 
@@ -261,9 +258,10 @@ def _half_shape(proj: Tensor) -> tuple[int, ...]:
     return (*proj.shape[:-1], proj.shape[-1] // 2)
 
 
-@dispatch.custom_op("fastarch::geglu_packed", mutates_args=())
+@dispatch.custom_op(
+    "fastarch::geglu_packed", check=lambda proj, approximate, backend="": _check_geglu_packed(proj, approximate)
+)
 def _geglu_packed(proj: Tensor, approximate: str, backend: str = "") -> Tensor:
-    _check_geglu_packed(proj, approximate)
     rows = as_rows(proj)
     impl = registry.choose("geglu_packed", ActivationProblem.of(rows), backend)
     return impl.forward(rows, _geglu_act(approximate)).view(_half_shape(proj))
@@ -271,7 +269,6 @@ def _geglu_packed(proj: Tensor, approximate: str, backend: str = "") -> Tensor:
 
 @_geglu_packed.register_fake
 def _(proj, approximate, backend=""):
-    _check_geglu_packed(proj, approximate)
     return proj.new_empty(_half_shape(proj))
 
 
@@ -311,5 +308,4 @@ def geglu_packed(proj: Tensor, approximate: str = "none", *, backend: str | None
     proj: (..., 2N) float32/float16/bfloat16 (float64 on the cpu and reference backends), up
     first, then gate. Returns (..., N), contiguous. approximate, backend: as geglu's.
     """
-    _check_geglu_packed(proj, approximate)
     return _geglu_packed(proj, approximate, registry.requested_backend(backend))

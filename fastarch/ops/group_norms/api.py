@@ -36,9 +36,8 @@ def _check_inputs(
     shift: Tensor | None,
     eps: float,
 ) -> None:
-    """Raises a ValueError/TypeError naming the bad argument and what was expected. Run by the
-    public function and again inside the op (direct torch.ops.fastarch calls) and its fake
-    implementation (torch.compile)."""
+    """Raises a ValueError/TypeError naming the bad argument and what was expected: the op's
+    check (dispatch.custom_op), run once per call before torch's own argument parsing."""
     who = "fastarch.group_norm"
     if not isinstance(x, Tensor):
         raise TypeError(f"{who}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -121,7 +120,12 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- the ops
 
 
-@dispatch.custom_op("fastarch::group_norm", mutates_args=())
+@dispatch.custom_op(
+    "fastarch::group_norm",
+    check=lambda x, num_groups, weight, bias, scale, shift, eps, silu, backend="": _check_inputs(
+        x, num_groups, weight, bias, scale, shift, eps
+    ),
+)
 def _group_norm(
     x: Tensor,
     num_groups: int,
@@ -134,7 +138,6 @@ def _group_norm(
     backend: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y (x's shape and memory format), mean (N, G), rstd (N, G)."""
-    _check_inputs(x, num_groups, weight, bias, scale, shift, eps)
     channels_last = _channels_last(x)
     x3 = _to_3d(x, channels_last)
     impl = registry.choose("group_norm", GroupNormProblem.of(x3, num_groups, channels_last), backend)
@@ -147,7 +150,6 @@ def _group_norm(
 
 @_group_norm.register_fake
 def _(x, num_groups, weight, bias, scale, shift, eps, silu, backend=""):
-    _check_inputs(x, num_groups, weight, bias, scale, shift, eps)
     channels_last = _channels_last(x)
     x3 = _to_3d(x, channels_last)
     y = _from_3d(x3.new_empty(x3.shape), x, channels_last)
@@ -271,5 +273,4 @@ def group_norm(
     Returns y: x's shape, dtype and memory format.
     """
     silu = _check_activation(activation)
-    _check_inputs(x, num_groups, weight, bias, scale, shift, eps)
     return _group_norm(x, num_groups, weight, bias, scale, shift, eps, silu, registry.requested_backend(backend))[0]

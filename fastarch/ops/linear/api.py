@@ -48,9 +48,8 @@ def _check(x: object, weight: object, bias: object) -> None:
             raise ValueError(f"{OP}: bias must be on x's device {x.device}, got {bias.device}")
 
 
-@dispatch.custom_op("fastarch::linear", mutates_args=())
+@dispatch.custom_op("fastarch::linear", check=lambda x, weight, bias, backend="": _check(x, weight, bias))
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str = "") -> Tensor:
-    _check(x, weight, bias)
     rows = as_rows(x)
     impl = registry.choose("linear", LinearProblem.of(rows, weight), backend)
     out = impl.forward(rows, weight, bias.contiguous() if bias is not None else None)
@@ -59,7 +58,6 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str = "") -
 
 @_linear.register_fake
 def _(x, weight, bias, backend=""):
-    _check(x, weight, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

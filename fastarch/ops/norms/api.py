@@ -36,9 +36,8 @@ def _check_tensor(t: object, name: str) -> Tensor:
 def _check_inputs(
     op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> None:
-    """Raises a ValueError/TypeError naming the bad argument and what was expected. Run by the
-    public functions (before torch's own argument parsing) and again inside the ops (for
-    direct torch.ops.fastarch calls) and their fake implementations (for torch.compile)."""
+    """Raises a ValueError/TypeError naming the bad argument and what was expected: each op's
+    check (dispatch.custom_op), run once per call before torch's own argument parsing."""
     _check_tensor(x, "x")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"fastarch.{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
@@ -83,7 +82,6 @@ def _forward(
     op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-    _check_inputs(op, x, residual, weight, bias, eps)
     x2 = as_rows(x)
     impl = registry.choose(op, NormProblem.of(x2), backend)
     y, residual_out, mean, rstd = impl.forward(
@@ -100,10 +98,7 @@ def _forward(
     )
 
 
-def _fake_forward(
-    op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    _check_inputs(op, x, residual, weight, bias, eps)
+def _fake_forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     stats = x.new_empty(x.shape[:-1], dtype=stats_dtype(x.dtype))
     return x.new_empty(x.shape), x.new_empty(x.shape), stats
 
@@ -163,7 +158,10 @@ def _grads(ctx, dy: Tensor, dresidual_out: Tensor | None, weight_index: int, bia
 # ----------------------------------------------------------------------------- layer_norm
 
 
-@dispatch.custom_op("fastarch::layer_norm", mutates_args=())
+@dispatch.custom_op(
+    "fastarch::layer_norm",
+    check=lambda x, weight, bias, eps, backend="": _check_inputs("layer_norm", x, None, weight, bias, eps),
+)
 def _layer_norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = ""
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,7 +171,7 @@ def _layer_norm(
 
 @_layer_norm.register_fake
 def _(x, weight, bias, eps, backend=""):
-    y, _, stats = _fake_forward("layer_norm", x, None, weight, bias, eps)
+    y, _, stats = _fake_forward(x)
     return y, stats, stats.new_empty(stats.shape)
 
 
@@ -202,14 +200,15 @@ def layer_norm(
     the innermost ``fastarch.backend(...)`` block, FASTARCH_BACKEND, else the fastest able).
     Returns y: (..., N), contiguous, x's dtype.
     """
-    _check_inputs("layer_norm", x, None, weight, bias, eps)
     return _layer_norm(x, weight, bias, eps, registry.requested_backend(backend))[0]
 
 
 # ----------------------------------------------------------------------------- rms_norm
 
 
-@dispatch.custom_op("fastarch::rms_norm", mutates_args=())
+@dispatch.custom_op(
+    "fastarch::rms_norm", check=lambda x, weight, eps, backend="": _check_inputs("rms_norm", x, None, weight, None, eps)
+)
 def _rms_norm(x: Tensor, weight: Tensor | None, eps: float, backend: str = "") -> tuple[Tensor, Tensor]:
     y, _, _, rstd = _forward("rms_norm", x, None, weight, None, eps, True, backend)
     return y, rstd
@@ -217,7 +216,7 @@ def _rms_norm(x: Tensor, weight: Tensor | None, eps: float, backend: str = "") -
 
 @_rms_norm.register_fake
 def _(x, weight, eps, backend=""):
-    y, _, stats = _fake_forward("rms_norm", x, None, weight, None, eps)
+    y, _, stats = _fake_forward(x)
     return y, stats
 
 
@@ -249,14 +248,18 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, 
     torch.nn.functional.rms_norm. Returns y: (..., N). backend: as in layer_norm.
     """
     eps = _default_rms_eps(x, eps)
-    _check_inputs("rms_norm", x, None, weight, None, eps)
     return _rms_norm(x, weight, eps, registry.requested_backend(backend))[0]
 
 
 # ----------------------------------------------------------------------------- add_layer_norm
 
 
-@dispatch.custom_op("fastarch::add_layer_norm", mutates_args=())
+@dispatch.custom_op(
+    "fastarch::add_layer_norm",
+    check=lambda x, residual, weight, bias, eps, backend="": _check_inputs(
+        "add_layer_norm", x, residual, weight, bias, eps
+    ),
+)
 def _add_layer_norm(
     x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = ""
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -266,7 +269,7 @@ def _add_layer_norm(
 
 @_add_layer_norm.register_fake
 def _(x, residual, weight, bias, eps, backend=""):
-    y, residual_out, stats = _fake_forward("add_layer_norm", x, residual, weight, bias, eps)
+    y, residual_out, stats = _fake_forward(x)
     return y, residual_out, stats, stats.new_empty(stats.shape)
 
 
@@ -300,7 +303,6 @@ def add_layer_norm(
     (..., N); s is rounded to x's dtype before it is normalized, exactly as
     ``layer_norm(x + residual)`` would see it. backend: as in layer_norm.
     """
-    _check_inputs("add_layer_norm", x, residual, weight, bias, eps)
     y, s, _, _ = _add_layer_norm(x, residual, weight, bias, eps, registry.requested_backend(backend))
     return y, s
 
@@ -308,7 +310,10 @@ def add_layer_norm(
 # ----------------------------------------------------------------------------- add_rms_norm
 
 
-@dispatch.custom_op("fastarch::add_rms_norm", mutates_args=())
+@dispatch.custom_op(
+    "fastarch::add_rms_norm",
+    check=lambda x, residual, weight, eps, backend="": _check_inputs("add_rms_norm", x, residual, weight, None, eps),
+)
 def _add_rms_norm(
     x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, backend: str = ""
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -318,7 +323,7 @@ def _add_rms_norm(
 
 @_add_rms_norm.register_fake
 def _(x, residual, weight, eps, backend=""):
-    return _fake_forward("add_rms_norm", x, residual, weight, None, eps)
+    return _fake_forward(x)
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
@@ -344,6 +349,5 @@ def add_rms_norm(
     x, residual: (..., N); weight: (N,) or None; eps as in rms_norm. backend: as in layer_norm.
     """
     eps = _default_rms_eps(x, eps)
-    _check_inputs("add_rms_norm", x, residual, weight, None, eps)
     y, s, _ = _add_rms_norm(x, residual, weight, eps, registry.requested_backend(backend))
     return y, s

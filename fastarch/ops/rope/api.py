@@ -21,8 +21,9 @@ OP = "fastarch.rotary"
 
 
 def _check(q: object, k: object, cos: object, sin: object, positions: object, interleaved: object) -> None:
-    """Raises a ValueError/TypeError naming the bad argument and what was expected. Run by the
-    public function, inside the op (for direct torch.ops.fastarch calls) and by its fake."""
+    """Raises a ValueError/TypeError naming the bad argument and what was expected: the op's
+    check (dispatch.custom_op), run once per call before torch's own argument parsing. The
+    positions' values are checked in the op itself (_check_position_values: no fake has them)."""
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -138,12 +139,16 @@ def _fake(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q), torch.empty_like(k)
 
 
-@dispatch.custom_op("fastarch::rotary", mutates_args=())
+@dispatch.custom_op(
+    "fastarch::rotary",
+    check=lambda q, k, cos, sin, positions, interleaved, backend="", check_positions=True: _check(
+        q, k, cos, sin, positions, interleaved
+    ),
+)
 def _rotary(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, interleaved: bool, backend: str = "",
     check_positions: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    _check(q, k, cos, sin, positions, interleaved)
     if check_positions:
         _check_position_values(q, cos, positions)
     return _run(q, k, cos, sin, positions, interleaved, False, backend)
@@ -151,7 +156,6 @@ def _rotary(
 
 @_rotary.register_fake
 def _(q, k, cos, sin, positions, interleaved, backend="", check_positions=True):
-    _check(q, k, cos, sin, positions, interleaved)
     return _fake(q, k)
 
 
@@ -217,7 +221,6 @@ def rotary(
     the host (CPU) nor asserted on the device (GPU); the C++ and GPU kernels never read
     outside the table either way.
     """
-    _check(q, k, cos, sin, positions, interleaved)
-    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+    if torch.is_grad_enabled() and (getattr(cos, "requires_grad", False) or getattr(sin, "requires_grad", False)):
         raise ValueError(f"{OP}: cos and sin get no gradient; pass them detached (cos.detach())")
     return _rotary(q, k, cos, sin, positions, interleaved, registry.requested_backend(backend), not positions_checked)
