@@ -24,8 +24,8 @@ def test_bench_model_smollm2_rows(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
 
-    def load_models(file, dtype):
-        assert file == tmp_path / "model.gguf"
+    def load_models(file, dtype, device):
+        assert file == tmp_path / "model.gguf" and device == "cpu"
         theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=dtype).eval()
         return from_pretrained(tmp_path / "llama", dtype=dtype), theirs
 
@@ -83,3 +83,50 @@ def test_llama_cpp_reads_the_gguf_files_tensors():
 def test_bench_model_smollm2_runs_alone():
     with pytest.raises(SystemExit, match="runs alone"):
         cli.main(["bench", "--model", "smollm2,minilm"])
+
+
+def test_random_weights_have_smollm2s_architecture():
+    """--random-weights builds SMOLLM2_CONFIG: the architecture transformers reads from the real
+    GGUF file's metadata, field by field."""
+    from transformers import AutoConfig, LlamaConfig
+
+    file = generation.gguf_file()
+    real = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    ours = LlamaConfig(**generation.SMOLLM2_CONFIG)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "tie_word_embeddings",
+                  "rope_parameters", "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias"):
+        assert getattr(ours, field) == getattr(real, field), field
+    assert ours.rms_norm_eps == pytest.approx(real.rms_norm_eps, rel=1e-6)  # (the file stores it as fp32)
+
+
+def test_bench_model_smollm2_with_random_weights(tmp_path, monkeypatch, capsys):
+    """--random-weights: the same rows from SMOLLM2_CONFIG's model (here a tiny stand-in) with
+    random weights, no GGUF file read and llama.cpp not run."""
+    tiny = {**generation.SMOLLM2_CONFIG, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    monkeypatch.setattr(generation, "SMOLLM2_CONFIG", tiny)
+    monkeypatch.setattr(generation, "gguf_file", lambda: pytest.fail("the GGUF file was looked for"))
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 12)
+    monkeypatch.setattr(generation, "SHORT_PROMPT", 4)
+    monkeypatch.setattr(generation, "NEW_TOKENS", 48)
+    monkeypatch.setattr(generation, "BATCHES", (1,))
+    path = tmp_path / "generation.json"
+    args = ["bench", "--model", "smollm2", "--random-weights", "--dtype", "fp32", "--rounds", "1", "--json", str(path)]
+    assert cli.main(args) == 0
+    assert "random (SMOLLM2_CONFIG) weights" in capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    assert doc["machine"]["weights"] == "random (SMOLLM2_CONFIG)"
+    for row in doc["rows"]:
+        assert row["ours_tokens_per_s"] > 0 and row["theirs"]["transformers"] > 0
+        assert row["same_tokens"] is True and "random weights" in row["errors"]["llama.cpp"]
+    # the parameters counted are the tiny model's (fp32, the tied embedding once)
+    params = 512 * 64 + 2 * (64 * (64 + 2 * 32) + 64 * 64 + 2 * 64 * 128 + 128 * 64 + 2 * 64) + 64
+    assert doc["rows"][1]["bytes_per_token"] == pytest.approx(4 * (params + 2 * 2 * 2 * 16 * 28))
+
+
+def test_random_weights_apply_to_smollm2_and_dropin_only():
+    with pytest.raises(SystemExit, match="--random-weights applies to"):
+        cli.main(["bench", "--model", "minilm", "--random-weights"])
+    with pytest.raises(SystemExit, match="--random-weights applies to"):
+        cli.main(["bench", "--op", "rms_norm", "--random-weights"])

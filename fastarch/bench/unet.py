@@ -6,6 +6,8 @@ attention processor) on the same weights, side by side in interleaved rounds:
 - "ddim": a whole DDIM sample (50 steps; 5 with --quick), batch 1, fp32: our
   fastarch.models.schedulers.sample against DDIMPipeline's loop (diffusers' DDIMScheduler).
 
+--device cuda times the same on a GPU.
+
 Each row also gives the largest difference of our output from diffusers' (relative to its
 scale), so a fast wrong answer shows. For the "ddim" row that difference is not a correctness
 measure: with random weights the 50-step trajectory amplifies rounding chaotically (diffusers'
@@ -61,13 +63,18 @@ def run(args: argparse.Namespace) -> int:
     from fastarch.models.schedulers import DDIMScheduler, sample
     from fastarch.models.unet2d import UNet2D
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastarch bench --model unet: --device cuda, but no CUDA device is visible")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = report.machine("cpu", timing.copy_bandwidth("cpu"))
+    info = report.machine(device, timing.copy_bandwidth(device))
     rounds = args.rounds or (2 if args.quick else 5)
     steps = QUICK_DDIM_STEPS if args.quick else DDIM_STEPS
-    print(f"fastarch bench --model unet on CPU {info['cpu']}, {info['torch_threads']} threads; torch {info['torch']},"
-          f" diffusers {diffusers.__version__}; load average {info['load_average']}")
+    where = f"GPU {info['gpu']}" if device == "cuda" else f"CPU {info['cpu']}, {info['torch_threads']} threads"
+    print(f"fastarch bench --model unet on {where}; torch {info['torch']}, diffusers {diffusers.__version__};"
+          f" load average {info['load_average']}")
     print("UNet2DModel at google/ddpm-cifar10-32's configuration, random weights; ms per call, vs = diffusers / ours"
           " (the median of the per-round ratios)")
     rows: list[UNetRow] = []
@@ -80,17 +87,17 @@ def run(args: argparse.Namespace) -> int:
             dtype = DTYPES.get(dtype_name)
             if dtype is None:
                 continue
-            ours = UNet2D.from_pretrained(tmp, dtype=dtype)
-            theirs = diffusers.UNet2DModel.from_pretrained(tmp, torch_dtype=dtype).eval()
+            ours = UNet2D.from_pretrained(tmp, dtype=dtype, device=device)
+            theirs = diffusers.UNet2DModel.from_pretrained(tmp, torch_dtype=dtype).to(device).eval()
             g = torch.Generator().manual_seed(1)
-            x = torch.randn(FORWARD_BATCH, 3, size, size, generator=g).to(dtype)
-            t = torch.randint(0, 1000, (FORWARD_BATCH,), generator=g)
+            x = torch.randn(FORWARD_BATCH, 3, size, size, generator=g).to(device, dtype)
+            t = torch.randint(0, 1000, (FORWARD_BATCH,), generator=g).to(device)
             out = {}
             contenders = {
                 "ours": _keeping(out, "ours", lambda m=ours, x=x, t=t: m(x, t)),
                 "diffusers": _keeping(out, "diffusers", lambda m=theirs, x=x, t=t: m(x, t).sample),
             }
-            rows.append(_timed("forward", FORWARD_BATCH, 1, dtype_name, contenders, out, rounds))
+            rows.append(_timed("forward", FORWARD_BATCH, 1, dtype_name, contenders, out, rounds, device))
             print(_line(rows[-1]), flush=True)
             if dtype == torch.float32:
                 shape = (SAMPLE_BATCH, 3, size, size)
@@ -100,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                         m, DDIMScheduler(), shape, num_inference_steps=steps, seed=0, progress=False)),
                     "diffusers": _keeping(out, "diffusers", lambda m=theirs, shape=shape: _diffusers_ddim(m, shape, steps, seed=0)),
                 }
-                rows.append(_timed("ddim", SAMPLE_BATCH, steps, dtype_name, contenders, out, max(1, rounds // 2)))
+                rows.append(_timed("ddim", SAMPLE_BATCH, steps, dtype_name, contenders, out, max(1, rounds // 2), device))
                 print(_line(rows[-1]), flush=True)
             if args.json:
                 _write(args.json, info, rows)
@@ -118,7 +125,7 @@ def _diffusers_ddim(unet, shape, steps: int, seed: int) -> torch.Tensor:
 
     scheduler = diffusers.DDIMScheduler()
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=unet.dtype)
+    x = torch.randn(shape, generator=g, dtype=unet.dtype).to(unet.device)  # (drawn on the CPU, as sample's)
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         x = scheduler.step(unet(x, t).sample, t, x, eta=0.0, generator=g).prev_sample
@@ -133,8 +140,10 @@ def _keeping(outputs: dict, name: str, fn):
     return call
 
 
-def _timed(case: str, batch: int, steps: int, dtype: str, contenders: dict, outputs: dict, rounds: int) -> UNetRow:
-    times, errors = timing.measure(contenders, "cpu", rounds, warmup=1, memory=False)
+def _timed(
+    case: str, batch: int, steps: int, dtype: str, contenders: dict, outputs: dict, rounds: int, device: str
+) -> UNetRow:
+    times, errors = timing.measure(contenders, device, rounds, warmup=1, memory=False)
     ms = {name: t.seconds * 1e3 for name, t in times.items()}
     vs = timing.speedup(times["diffusers"], times["ours"]) if len(times) == 2 else None
     diff = None
