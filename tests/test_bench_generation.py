@@ -45,7 +45,8 @@ def test_bench_model_smollm2_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(generation, "llama_cpp_generator", lambda file: llama_cpp)
     monkeypatch.setattr(generation, "gguf_tensor_bytes", lambda file: 10_000)
     path = tmp_path / "generation.json"
-    assert cli.main(["bench", "--model", "smollm2", "--dtype", "fp32", "--rounds", "1", "--json", str(path)]) == 0
+    args = ["bench", "--model", "smollm2", "--device", "cpu", "--dtype", "fp32", "--rounds", "1", "--json", str(path)]
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "prefill  batch 1" in out and "decode   batch 2" in out and "transformers" in out
     doc = json.loads(path.read_text())
@@ -112,7 +113,8 @@ def test_bench_model_smollm2_with_random_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(generation, "NEW_TOKENS", 48)
     monkeypatch.setattr(generation, "BATCHES", (1,))
     path = tmp_path / "generation.json"
-    args = ["bench", "--model", "smollm2", "--random-weights", "--dtype", "fp32", "--rounds", "1", "--json", str(path)]
+    args = ["bench", "--model", "smollm2", "--random-weights", "--device", "cpu", "--dtype", "fp32", "--rounds", "1",
+            "--json", str(path)]
     assert cli.main(args) == 0
     assert "random (SMOLLM2_CONFIG) weights" in capsys.readouterr().out
     doc = json.loads(path.read_text())

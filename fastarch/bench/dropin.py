@@ -140,6 +140,13 @@ def run(args: argparse.Namespace) -> int:
     head = f"{'workload':<12} {'input':<30} {'torch ms':>9} {'fastarch ms':>11} {'speedup':>7} {'swapped':>7} {'max |diff|':>10}"
     print(head + "\n" + "-" * len(head), flush=True)
     rows = []
+    machine = {"device": device, "where": where, "torch": torch.__version__, "load_average": os.getloadavg(),
+               "random_weights": args.random_weights, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def save() -> None:  # after every row, so that a run cut short keeps its rows
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+
     for name, make in WORKLOADS.items():
         row = {"workload": name}
         try:
@@ -153,25 +160,25 @@ def run(args: argparse.Namespace) -> int:
                 def contender(m, call=call):
                     return lambda: call(m)
 
-                times, errors = timing.measure({"torch": contender(model), "fastarch": contender(fast)}, device, rounds)
+                times, errors = timing.measure({"torch": contender(model), "fastarch": contender(fast)}, device, rounds,
+                                               warmup=1, memory=False)
         except Exception as e:  # a missing optional package, out of memory, ...
             print(f"{name:<12} {timing.describe(e)}", flush=True)
             rows.append({**row, "error": timing.describe(e)})
+            save()
             continue
         if errors or len(times) != 2:
             print(f"{name:<12} {errors}", flush=True)
             rows.append({**row, "error": errors})
+            save()
             continue
         ratio = timing.speedup(times["torch"], times["fastarch"])
         row.update(input=what, torch_ms=times["torch"].seconds * 1e3, fastarch_ms=times["fastarch"].seconds * 1e3,
                    speedup=ratio, swapped=len(optimized.swapped), left_alone=len(optimized.left_alone), max_diff=diff)
         rows.append(row)
+        save()
         print(f"{name:<12} {what:<30} {row['torch_ms']:>9.1f} {row['fastarch_ms']:>11.1f} {ratio:>6.2f}x"
               f" {row['swapped']:>7} {diff:>10.2e}", flush=True)
     if args.json:
-        machine = {"device": device, "where": where, "torch": torch.__version__, "load_average": os.getloadavg(),
-                   "random_weights": args.random_weights,
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
         print(f"saved {args.json}")
     return 0 if any("speedup" in r for r in rows) else 1

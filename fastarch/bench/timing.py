@@ -34,6 +34,9 @@ Contender = Callable[[], object]
 
 WARMUP_CALLS = 3
 TARGET_BATCH_S = 0.03
+# CUDA: at most this many rounds (CUDA events time a batch precisely; the CPU's default of 15
+# would double a lent GPU's time on the kernel benchmarks)
+CUDA_ROUNDS = 7
 DEFAULT_LLC_BYTES = 64 << 20
 
 
@@ -83,7 +86,7 @@ def measure(
     if not ready:
         return {}, errors
     try:
-        times = _time_cuda(ready) if device == "cuda" else _time_interleaved(ready, rounds)
+        times = _time_cuda(ready, min(rounds, CUDA_ROUNDS)) if device == "cuda" else _time_interleaved(ready, rounds)
     except Exception as e:
         return {}, {**errors, **{name: f"while timing: {describe(e)}" for name in ready}}
     if not memory:
@@ -151,7 +154,7 @@ def _status_kib(status: Path, key: str) -> int:
     raise ValueError(f"{key} not in {status}")
 
 
-def _time_cuda(contenders: dict[str, Contender], rounds: int = 7) -> dict[str, Timing]:
+def _time_cuda(contenders: dict[str, Contender], rounds: int = CUDA_ROUNDS) -> dict[str, Timing]:
     """Interleaved rounds of back-to-back batches of about TARGET_BATCH_S each (sized from a
     first estimate), each timed by CUDA events after the L2 is overwritten."""
     from triton.testing import do_bench

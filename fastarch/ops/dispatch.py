@@ -20,14 +20,16 @@ forward, the registered setup_context and backward, as torch.library's autograd 
 them (gradients materialized, one per input), without the dispatcher's layers around them
 (~40 us of a group_norm forward + backward on the CPU).
 
-An op's input check (``custom_op(..., check=...)``) runs once per call, before the path is
-chosen, so that bad arguments get the op's own message rather than the dispatcher's; the op
-registered with torch.library (a ``torch.ops.fastarch`` call, the dispatcher path) and its fake
-implementation run it as well, and the direct and autograd paths then run the unchecked body.
+An op's input check (``custom_op(..., check=...)``) runs first in every call, before the path
+is chosen, so that bad arguments get the op's own message rather than the dispatcher's; the
+direct and autograd paths then run the unchecked body (one check a call). The op registered
+with torch.library (a ``torch.ops.fastarch`` call; the dispatcher path, which checks twice) and
+its fake implementation (torch.compile, fake tensors) run the check as well.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable
 
@@ -152,6 +154,7 @@ def _checked(check: Callable | None, fn: Callable) -> Callable:
     if check is None:
         return fn
 
+    @functools.wraps(fn)  # (torch's messages name the op's function)
     def checked(*args, **kwargs):
         check(*args, **kwargs)
         return fn(*args, **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 
@@ -10,6 +12,8 @@ def as_rows(t: Tensor) -> Tensor:
     n = t.shape[-1]
     if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
         return t
+    if t.numel() == 0:  # (an empty gradient comes expanded, strides 0, and counts as contiguous)
+        return t.new_empty(math.prod(t.shape[:-1]), n)
     try:
         rows = t.view(-1, n)
     except RuntimeError:  # leading dims not collapsible
