@@ -9,7 +9,6 @@ machine's description.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -101,9 +100,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("fastarch bench: --random-weights applies to --model smollm2 and --dropin")
     args.rounds = args.rounds or 15
     timing.set_cache_mode(args.cache)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("fastarch bench: --device cuda, but no CUDA device is visible", file=sys.stderr)
+    device = report.bench_device(args.device, "fastarch bench")
+    if device is None:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -129,7 +129,9 @@ WORKLOADS = {"minilm": _minilm, "unet": _unet, "smollm2": _smollm2(torch.float32
 
 def run(args: argparse.Namespace) -> int:
     """Times every workload; 0 when at least one was timed."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = report.bench_device(args.device, "fastarch bench --dropin")
+    if device is None:
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = max(3, min(args.rounds or ROUNDS_CAP, ROUNDS_CAP))

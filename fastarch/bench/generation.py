@@ -172,9 +172,8 @@ def _generators(ours, theirs, llama_cpp, out: dict):
 
 def run(args: argparse.Namespace) -> int:
     """Times prefill and decode of every dtype and batch; 0 when our rows were timed."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("fastarch bench --model smollm2: --device cuda, but no CUDA device is visible")
+    device = report.bench_device(args.device, "fastarch bench --model smollm2")
+    if device is None:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
     info = report.machine(device, timing.copy_bandwidth(device))
     info["weights"] = "random (SMOLLM2_CONFIG)" if args.random_weights else "GGUF"
     bandwidth = info["copy_bandwidth_gbps"] * 1e9
-    where = f"GPU {info['gpu']}" if device == "cuda" else f"CPU {info['cpu']}, {info['torch_threads']} thread(s)"
-    print(f"fastarch bench --model smollm2 on {where}; torch {info['torch']}; copy bandwidth"
+    print(f"fastarch bench --model smollm2 on {report.where(info)}; torch {info['torch']}; copy bandwidth"
           f" {info['copy_bandwidth_gbps']:.1f} GB/s; load {info['load_average']}; {info['weights']} weights")
     print("tokens/s; vs = ours / theirs (median of per-round ratios); bound = decode bytes/s over the copy bandwidth")
     with tempfile.TemporaryDirectory(prefix="fastarch-bench-smollm2-") as tmp:

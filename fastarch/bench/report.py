@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -205,10 +206,24 @@ INPUTS = {
 }
 
 
+def bench_device(requested: str | None, who: str) -> str | None:
+    """--device's answer: requested, else cuda where a GPU is visible, else cpu; None, with the
+    reason on stderr, when cuda is asked for and none is visible."""
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{who}: --device cuda, but no CUDA device is visible", file=sys.stderr)
+        return None
+    return device
+
+
+def where(info: dict) -> str:
+    """The machine of ``machine()``'s info in a few words: the GPU, or the CPU and its threads."""
+    threads = info["torch_threads"]
+    return f"GPU {info['gpu']}" if info["gpu"] else f"CPU {info['cpu']}, {threads} thread{'s' * (threads != 1)}"
+
+
 def preamble(info: dict, rounds: int) -> str:
     """The lines above the table: where the numbers come from and how to read them."""
-    threads = info["torch_threads"]
-    where = f"GPU {info['gpu']}" if info["gpu"] else f"CPU {info['cpu']}, {threads} thread{'s' * (threads != 1)}"
     how = (
         "median of 7 interleaved rounds of ~30 ms back-to-back batches (CUDA events), per iteration"
         if info["gpu"]
@@ -216,7 +231,7 @@ def preamble(info: dict, rounds: int) -> str:
     )
     return "\n".join(
         [
-            f"fastarch {info['fastarch']} bench on {where}; torch {info['torch']}, triton {info['triton']}",
+            f"fastarch {info['fastarch']} bench on {where(info)}; torch {info['torch']}, triton {info['triton']}",
             f"copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s (a large dst.copy_(src), bytes read + written)"
             + "".join(f"; {d} matmul {t:.2f} TFLOP/s" for d, t in info.get("matmul_tflops", {}).items()),
             f"times: {how}; vs = their time / ours"

@@ -63,17 +63,15 @@ def run(args: argparse.Namespace) -> int:
     from fastarch.models.schedulers import DDIMScheduler, sample
     from fastarch.models.unet2d import UNet2D
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("fastarch bench --model unet: --device cuda, but no CUDA device is visible")
+    device = report.bench_device(args.device, "fastarch bench --model unet")
+    if device is None:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     info = report.machine(device, timing.copy_bandwidth(device))
     rounds = args.rounds or (2 if args.quick else 5)
     steps = QUICK_DDIM_STEPS if args.quick else DDIM_STEPS
-    where = f"GPU {info['gpu']}" if device == "cuda" else f"CPU {info['cpu']}, {info['torch_threads']} threads"
-    print(f"fastarch bench --model unet on {where}; torch {info['torch']}, diffusers {diffusers.__version__};"
+    print(f"fastarch bench --model unet on {report.where(info)}; torch {info['torch']}, diffusers {diffusers.__version__};"
           f" load average {info['load_average']}")
     print("UNet2DModel at google/ddpm-cifar10-32's configuration, random weights; ms per call, vs = diffusers / ours"
           " (the median of the per-round ratios)")
