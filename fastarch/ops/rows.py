@@ -1,9 +1,11 @@
-"""Row views shared by the op families that work on the last dimension (norms, activations)."""
+"""Row views shared by the op families that work on the last dimension (norms, activations),
+and the last-dim-contiguous copy that attention and rotary hand their kernels."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 
@@ -21,3 +23,11 @@ def as_rows(t: Tensor) -> Tensor:
     if n > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+def last_dim_contiguous(t: Tensor) -> Tensor:
+    """t, or a copy of it with a contiguous last dim (differentiable), an empty t too: an empty
+    gradient comes expanded, strides 0, which .contiguous() keeps (it counts as contiguous)."""
+    if t.stride(-1) == 1:
+        return t
+    return t.contiguous() if t.numel() else t.clone(memory_format=torch.contiguous_format)

@@ -17,6 +17,7 @@ from fastarch.ops.attn import checks
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem, empty_out
 from fastarch.ops.attn.backends import no_work
 from fastarch.ops.attn.reference import _M32, stats_dtype
+from fastarch.ops.rows import last_dim_contiguous
 
 
 # ----------------------------------------------------------------------------- the torch ops
@@ -101,7 +102,7 @@ def _attention_setup(ctx, inputs, output):
 def _attention_grad(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     args = AttentionArgs.from_parts(tensors, ctx.scalars)
-    dq, dk, dv = _attention_backward(checks.last_dim_contiguous(dout), q, k, v, out, lse, *args.fields(), ctx.backend)
+    dq, dk, dv = _attention_backward(last_dim_contiguous(dout), q, k, v, out, lse, *args.fields(), ctx.backend)
     return (dq, dk, dv) + (None,) * (len(args.fields()) + 1)
 
 
@@ -188,7 +189,7 @@ def attention(
         q4, k4, v4 = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
     else:
         q4, k4, v4 = q, k, v
-    q4, k4, v4 = (checks.last_dim_contiguous(t) for t in (q4, k4, v4))
+    q4, k4, v4 = (last_dim_contiguous(t) for t in (q4, k4, v4))
     B, H, Sq, D = q4.shape
     Sk = k4.shape[2]
     if scale is None:

@@ -210,6 +210,3 @@ def cache_seqlens(c: Caller, lens: Tensor, batch: int, capacity: int, device, cl
         torch._assert_async(((lens >= 0) & (lens <= top)).all(), f"fastarch.{c.op}: {why}")
     return lens
 
-
-def last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()

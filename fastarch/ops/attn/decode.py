@@ -15,6 +15,7 @@ from fastarch.ops import dispatch
 from fastarch.ops.attn import checks
 from fastarch.ops.attn.args import AttentionArgs, AttentionProblem, empty_out
 from fastarch.ops.attn.reference import stats_dtype
+from fastarch.ops.rows import last_dim_contiguous
 
 
 @dispatch.custom_op("fastarch::attention_decode", mutates_args=())
@@ -69,7 +70,7 @@ def attention_decode(
     window_left, window_right = checks.window(c, window)
     if window_right != -1:
         raise c.value_error(f"window must be an int (keys to the left of each new token), got {window!r}")
-    q, k_cache, v_cache = (checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     out, lse = _attention_decode(
         q, k_cache, v_cache, cache_seqlens, bool(causal), scale, window_left, registry.requested_backend(backend)
     )
@@ -129,7 +130,7 @@ def append_kv(
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.shape[3] > 1 and cache.stride(3) != 1:
             raise c.value_error(f"{name} must have a contiguous last dim (it is written in place), got strides {cache.stride()}")
-    k_new, v_new = checks.last_dim_contiguous(k_new), checks.last_dim_contiguous(v_new)
+    k_new, v_new = last_dim_contiguous(k_new), last_dim_contiguous(v_new)
     if k_new.shape[2] > k_cache.shape[2]:
         raise c.value_error(f"k_new's {k_new.shape[2]} tokens do not fit the cache's {k_cache.shape[2]} slots")
     cache_seqlens = checks.cache_seqlens(c, cache_seqlens, k_cache.shape[0], k_cache.shape[2], k_cache.device,

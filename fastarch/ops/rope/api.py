@@ -13,6 +13,7 @@ from fastarch import registry
 from fastarch.ops import dispatch
 from fastarch.ops.rope.backends import RotaryProblem
 from fastarch.ops.rope.reference import compute_dtype
+from fastarch.ops.rows import last_dim_contiguous
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TABLE_DTYPES = (torch.float32, torch.float64)
@@ -109,14 +110,6 @@ def _check_position_values(q: Tensor, cos: Tensor, positions: Tensor | None) -> 
         torch._assert_async(((positions >= 0) & (positions <= max_pos - steps)).all(), f"{OP}: {why}")
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    """t, or a copy with a contiguous last dim; an empty t (a gradient of no tokens comes
-    expanded, strides 0, and counts as contiguous) as a fresh empty tensor."""
-    if t.stride(-1) == 1:
-        return t
-    return t.contiguous() if t.numel() else t.new_empty(t.shape)
-
-
 def _kernel_args(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None):
     """What every backend takes: last dims contiguous, tables contiguous in the compute dtype,
     positions int64."""
@@ -128,8 +121,8 @@ def _kernel_args(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tens
     if positions is not None and (positions.dtype != torch.int64 or not positions.is_contiguous()):
         positions = positions.to(torch.int64).contiguous()
     return (
-        _last_dim_contiguous(q),
-        _last_dim_contiguous(k),
+        last_dim_contiguous(q),
+        last_dim_contiguous(k),
         table(cos),
         table(sin),
         positions,
