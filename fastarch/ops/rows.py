@@ -3,8 +3,6 @@ and the last-dim-contiguous copy that attention and rotary hand their kernels.""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -14,15 +12,11 @@ def as_rows(t: Tensor) -> Tensor:
     n = t.shape[-1]
     if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
         return t
-    if t.numel() == 0:  # (an empty gradient comes expanded, strides 0, and counts as contiguous)
-        return t.new_empty(math.prod(t.shape[:-1]), n)
     try:
         rows = t.view(-1, n)
     except RuntimeError:  # leading dims not collapsible
         rows = t.reshape(-1, n)
-    if n > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
-    return rows
+    return rows if n == 1 else last_dim_contiguous(rows)
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:
