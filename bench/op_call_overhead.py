@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as TF
 
 import fastarch
 import fastarch.ops as F
+from fastarch.bench import report
 
 
 def per_call_us(fn, calls: int = 2000, rounds: int = 7) -> float:
@@ -99,7 +99,7 @@ def main() -> None:
             rows.append({"op": name, "fastarch_us": round(a, 2), "torch_us": round(b, 2)})
             print(f"{name:18s} fastarch {a:6.2f} us   torch {b:6.2f} us   ours/torch {a / b:5.2f}", flush=True)
     if args.json:
-        meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        meta = {"cpu": report._cpu_model(), "torch": torch.__version__,
                 "fastarch": fastarch.__version__, "threads": args.threads, "grad": args.grad,
                 "date": time.strftime("%Y-%m-%d")}
         with open(args.json, "w") as f:
