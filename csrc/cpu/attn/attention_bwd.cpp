@@ -2,8 +2,12 @@
 // tensors, the workspace, and the threading of the three passes of attention_bwd.h, run by the
 // AVX-512 kernel or, on CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa("generic")),
 // the portable one.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

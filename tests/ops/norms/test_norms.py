@@ -43,13 +43,17 @@ OPS = {  # name -> (is_rms, has_residual)
 ROWS = (0, 1, 333)
 HIDDEN = (1, 3, 127, 768, 1537, 8192, 65536)
 ALL_SHAPES = [(r, n) for r in ROWS for n in HIDDEN]
+# The CPU kernels' longest rows, 37 of them: still shared between threads, and outputs past the
+# streaming-store threshold (4 MB) in every dtype; 333 x 65536 took ~10 s a row, the fp64
+# reference's time.
+CPU_SHAPES = [(37 if n == 65536 and r == 333 else r, n) for r, n in ALL_SHAPES]
 # The interpreted and portable backends are slow: every hidden size, fewer rows when large.
 SMALL_SHAPES = [(r, n) for r in ROWS for n in HIDDEN if r * n <= 333 * 1537] + [(5, 8192), (2, 65536)]
 
 GPU = pytest.mark.gpu
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # on CPU: Triton's interpreter (conftest)
 BACKENDS = [  # (backend, device, isa of the cpu kernels, shapes)
-    pytest.param(("cpu", "cpu", "auto", ALL_SHAPES), id="cpu"),
+    pytest.param(("cpu", "cpu", "auto", CPU_SHAPES), id="cpu"),
     pytest.param(("cpu", "cpu", "generic", SMALL_SHAPES), id="cpu-generic"),
     pytest.param(("cpu", "cpu", "avx2", SMALL_SHAPES), id="cpu-avx2"),
     pytest.param(("reference", "cpu", "auto", SMALL_SHAPES), id="reference"),
