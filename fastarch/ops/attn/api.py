@@ -125,6 +125,9 @@ def draw_seed(generator: torch.Generator | None) -> Tensor:
 
 # ----------------------------------------------------------------------------- the public op
 
+# who checks the arguments, in the errors' words (one object for every call)
+_CALLER = checks.Caller("attention")
+
 
 def attention(
     q: Tensor,
@@ -170,7 +173,7 @@ def attention(
     also lse (B, H, Sq) (packed: (H, total_q)), fp32: the log-sum-exp of the scaled scores.
     backend: force "cuda", "cpu", "triton" or "reference" (see fastarch.backend).
     """
-    c = checks.Caller("attention")
+    c = _CALLER
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     checks.check_qkv(c, q, k, v, packed)
     max_q = max_k = 0

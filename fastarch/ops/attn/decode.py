@@ -17,6 +17,10 @@ from fastarch.ops.attn.args import AttentionArgs, AttentionProblem, empty_out
 from fastarch.ops.attn.reference import stats_dtype
 from fastarch.ops.rows import last_dim_contiguous
 
+# who checks the arguments, in the errors' words (one object for every call)
+_DECODE_CALLER = checks.Caller("attention_decode", k="k_cache", v="v_cache")
+_APPEND_CALLER = checks.Caller("append_kv", q="k_cache")
+
 
 @dispatch.custom_op("fastarch::attention_decode", mutates_args=())
 def _attention_decode(
@@ -60,7 +64,7 @@ def attention_decode(
     vouches that cache_seqlens lie in range (KVCache keeps them so, bounded on the host), so
     they are not read on the host for CPU tensors (the kernels clamp them either way).
     """
-    c = checks.Caller("attention_decode", k="k_cache", v="v_cache")
+    c = _DECODE_CALLER
     checks.check_qkv(c, q, k_cache, v_cache, packed=False)
     cache_seqlens = checks.cache_seqlens(c, cache_seqlens, q.shape[0], k_cache.shape[2], q.device,
                                          values_checked=seqlens_checked)
@@ -104,7 +108,7 @@ def append_kv(
     bounds its lengths on the host), so the lengths are neither read nor asserted here (a
     broken promise is the caller's bug; the C++ CPU kernel still refuses such slots and the GPU
     kernels skip them)."""
-    c = checks.Caller("append_kv", q="k_cache")
+    c = _APPEND_CALLER
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         checks.tensor(c, t, name)
         if t.dim() != 4:

@@ -10,6 +10,9 @@ from torch import Tensor
 from fastarch.ops.attn import checks
 from fastarch.ops.attn.api import attention
 
+# who checks the arguments, in the errors' words (one object for every call)
+_CALLER = checks.Caller("scaled_dot_product_attention", "query", "key", "value", torch_errors=True)
+
 
 def _batch_shape(c: checks.Caller, *shapes: tuple[int, ...], hint: str = "") -> tuple[int, ...]:
     try:
@@ -42,7 +45,7 @@ def scaled_dot_product_attention(
     are all masked gets zeros where torch gives NaN; scale must be finite; key and value must
     have the same length (torch's CPU kernel does not check it).
     """
-    c = checks.Caller("scaled_dot_product_attention", "query", "key", "value", torch_errors=True)
+    c = _CALLER
     for name, t in (("query", query), ("key", key), ("value", value)):
         checks.tensor(c, t, name)
         if t.dim() < 2:

@@ -13,7 +13,6 @@ rows are marked gpu); Triton runs in its CPU interpreter without a GPU, on small
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -164,7 +163,7 @@ def test_declined_head_dims_name_the_reason(d):
     reason; the automatic choice falls back to one that runs it (the reference at 600)."""
     q, k, v = make_qkv(1, 2, 2, 5, 7, d, torch.float16, "cpu")
     # the CUDA kernels' rule, on a CUDA problem (no GPU needed to ask)
-    cuda_problem = dataclasses.replace(AttentionProblem.of(q, k, v), device="cuda")
+    cuda_problem = AttentionProblem.of(q, k, v)._replace(device="cuda")
     assert "is not a multiple of 8 up to 256" in (backends.cuda_supports(cuda_problem) or ""), d
     for backend, limit in (("cuda", 256), ("triton", 256), ("cpu", 512)):
         entry = next(b for b in registry.backends_of("attention") if b.name == backend)
