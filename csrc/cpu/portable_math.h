@@ -296,6 +296,60 @@ inline void store_f32(T* p, Vec v) {
   }
 }
 
+// v rounded to T (to nearest even, NaN kept) and kept as fp32 lanes: store_f32 then load_f32
+// without the trip through memory (float: v). store_exact / stream_exact then write such a v,
+// which T holds exactly, with no rounding left to do (bf16: the high halves, no rounding
+// arithmetic a second time).
+template <typename T>
+inline Vec round_to(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#ifdef FASTARCH_PORTABLE_AVX2
+    const __m256i u = _mm256_castps_si256((__m256)v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+    const __m256i rounded = _mm256_and_si256(sum, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q));
+    return (Vec)_mm256_castsi256_ps(_mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan));
+#else
+    Bits32 u;
+    std::memcpy(&u, &v, sizeof u);
+    const Bits32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    const Bits32 nan = (Bits32)(v != v);  // all ones in a NaN lane
+    const Bits32 bits = (rounded & ~nan) | (0x7FC00000u & nan);
+    Vec out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+#endif
+  } else {
+#ifdef FASTARCH_PORTABLE_AVX2
+    return (Vec)_mm256_cvtph_ps(_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    float f[kVecLanes];
+    store_vec(f, v);
+    for (int i = 0; i < kVecLanes; ++i) f[i] = half_to_float(float_to_half(f[i]));
+    return load_vec(f);
+#endif
+  }
+}
+
+#ifdef FASTARCH_PORTABLE_AVX2
+// The bf16 bits of a v that bf16 holds exactly (round_to's): the high half of each lane.
+inline __m128i exact_bf16_bits(Vec v) {
+  const __m256i high = _mm256_srli_epi32(_mm256_castps_si256((__m256)v), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+}
+#endif
+
+template <typename T>
+inline void store_exact(T* p, Vec v) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), exact_bf16_bits(v));
+#endif
+  store_f32(p, v);  // (rounding an exact value changes nothing)
+}
+
 // n values of T as fp32 into dst, and back: a vector at a time (load_f32 / store_f32: one F16C
 // instruction per vector for fp16 in the AVX2 build), the tail value by value (widen / narrow).
 template <typename T>
@@ -324,6 +378,15 @@ inline void stream_f32(T* p, Vec v) {
   if constexpr (std::is_same_v<T, float>) return _mm_stream_ps(p, (__m128)v);
 #endif
   store_f32(p, v);
+}
+
+// stream_f32 of a v that T holds exactly (round_to's): as store_exact.
+template <typename T>
+inline void stream_exact(T* p, Vec v) {
+#ifdef FASTARCH_PORTABLE_AVX2
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return _mm_stream_si128(reinterpret_cast<__m128i*>(p), exact_bf16_bits(v));
+#endif
+  stream_f32(p, v);
 }
 
 inline void stream_fence() {

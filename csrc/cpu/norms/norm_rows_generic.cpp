@@ -197,16 +197,10 @@ void forward_row_vec(const NormForwardParams& p, int64_t r, const W* w, const W*
     T* out = static_cast<T*>(p.residual_out) + r * n;
     int64_t i = 0;
     for (; i < nv; i += kVecLanes) {
-      Vec v = portable::load_f32(src + i) + portable::load_f32(res + i);
-      if (copy) {
-        if constexpr (!std::is_same_v<T, float>) {  // the sum as rounded to T
-          T rounded[kVecLanes];
-          portable::store_f32(rounded, v);
-          v = portable::load_f32(rounded);
-        }
-        portable::store_vec(row + i, v);
-      }
-      kStream ? portable::stream_f32(out + i, v) : portable::store_f32(out + i, v);
+      // the sum as rounded to T, rounded once for both of its writes
+      const Vec v = portable::round_to<T>(portable::load_f32(src + i) + portable::load_f32(res + i));
+      if (copy) portable::store_vec(row + i, v);
+      kStream ? portable::stream_exact(out + i, v) : portable::store_exact(out + i, v);
     }
     for (; i < n; ++i) {
       out[i] = static_cast<T>(static_cast<float>(src[i]) + static_cast<float>(res[i]));
