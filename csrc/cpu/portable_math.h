@@ -255,51 +255,10 @@ inline Vec load_f32(const T* p) {
   }
 }
 
-#ifdef FASTARCH_PORTABLE_AVX2
-// v rounded to bf16 as store_f32's baseline code rounds it (to nearest even, NaN kept), in one
-// xmm: packus narrows in one instruction (the values fit 16 bits) where GCC builds the vector
-// code's narrowing from shuffles.
-inline __m128i bf16_bits(Vec v) {
-  const __m256i u = _mm256_castps_si256((__m256)v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q));
-  const __m256i bits = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-  return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-}
-#endif
-
-template <typename T>
-inline void store_f32(T* p, Vec v) {
-  if constexpr (std::is_same_v<T, float>) {
-    store_vec(p, v);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-#ifdef FASTARCH_PORTABLE_AVX2
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_bits(v));
-#else
-    Bits32 u;
-    std::memcpy(&u, &v, sizeof u);
-    const Bits32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const Bits32 nan = (Bits32)(v != v);  // all ones in a NaN lane
-    const Bits16 h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), Bits16);
-    std::memcpy(p, &h, sizeof h);
-#endif
-  } else {
-#ifdef FASTARCH_PORTABLE_AVX2
-    const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // F16C
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-#else
-    float f[kVecLanes];
-    store_vec(f, v);
-    for (int i = 0; i < kVecLanes; ++i) p[i] = static_cast<T>(f[i]);
-#endif
-  }
-}
-
-// v rounded to T (to nearest even, NaN kept) and kept as fp32 lanes: store_f32 then load_f32
-// without the trip through memory (float: v). store_exact / stream_exact then write such a v,
-// which T holds exactly, with no rounding left to do (bf16: the high halves, no rounding
-// arithmetic a second time).
+// v rounded to T (to nearest even, NaN kept: what a cast does) and kept as fp32 lanes: store_f32
+// then load_f32 without the trip through memory (float: v). store_exact / stream_exact write
+// such a v, which T holds exactly, with no rounding left to do; store_f32 is round_to, then
+// store_exact.
 template <typename T>
 inline Vec round_to(Vec v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -335,19 +294,45 @@ inline Vec round_to(Vec v) {
 }
 
 #ifdef FASTARCH_PORTABLE_AVX2
-// The bf16 bits of a v that bf16 holds exactly (round_to's): the high half of each lane.
+// The bf16 bits of a v that bf16 holds exactly (round_to's), in one xmm: the high half of each
+// lane, narrowed by packus in one instruction (GCC builds the vector code's narrowing from
+// shuffles).
 inline __m128i exact_bf16_bits(Vec v) {
   const __m256i high = _mm256_srli_epi32(_mm256_castps_si256((__m256)v), 16);
   return _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
 }
+// v rounded to bf16, as bits.
+inline __m128i bf16_bits(Vec v) { return exact_bf16_bits(round_to<c10::BFloat16>(v)); }
 #endif
 
 template <typename T>
 inline void store_exact(T* p, Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_vec(p, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #ifdef FASTARCH_PORTABLE_AVX2
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), exact_bf16_bits(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), exact_bf16_bits(v));
+#else
+    Bits32 u;
+    std::memcpy(&u, &v, sizeof u);
+    const Bits16 h = __builtin_convertvector(u >> 16, Bits16);
+    std::memcpy(p, &h, sizeof h);
 #endif
-  store_f32(p, v);  // (rounding an exact value changes nothing)
+  } else {
+#ifdef FASTARCH_PORTABLE_AVX2
+    const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // F16C
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+#else
+    float f[kVecLanes];
+    store_vec(f, v);
+    for (int i = 0; i < kVecLanes; ++i) p[i] = static_cast<T>(f[i]);
+#endif
+  }
+}
+
+template <typename T>
+inline void store_f32(T* p, Vec v) {
+  store_exact(p, std::is_same_v<T, c10::Half> ? v : round_to<T>(v));  // (fp16: one rounding instruction)
 }
 
 // n values of T as fp32 into dst, and back: a vector at a time (load_f32 / store_f32: one F16C
