@@ -38,7 +38,7 @@ def install() -> bool:
         return False
     patch_lang = getattr(interpreter, "_patch_lang", None)
     executor = getattr(interpreter, "GridExecutor", None)
-    if patch_lang is None or executor is None or not callable(getattr(executor, "__call__", None)):
+    if patch_lang is None or executor is None:
         return False
     run_grid = executor.__call__
     launches: list[set[int] | None] = []  # per running launch: the modules patched so far
