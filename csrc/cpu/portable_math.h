@@ -257,8 +257,8 @@ inline Vec load_f32(const T* p) {
 
 // v rounded to T (to nearest even, NaN kept: what a cast does) and kept as fp32 lanes: store_f32
 // then load_f32 without the trip through memory (float: v). store_exact / stream_exact write
-// such a v, which T holds exactly, with no rounding left to do; store_f32 is round_to, then
-// store_exact.
+// such a v, which T holds exactly, with no rounding left to do; store_f32 / stream_f32 are
+// round_to, then store_exact / stream_exact.
 template <typename T>
 inline Vec round_to(Vec v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -301,8 +301,6 @@ inline __m128i exact_bf16_bits(Vec v) {
   const __m256i high = _mm256_srli_epi32(_mm256_castps_si256((__m256)v), 16);
   return _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
 }
-// v rounded to bf16, as bits.
-inline __m128i bf16_bits(Vec v) { return exact_bf16_bits(round_to<c10::BFloat16>(v)); }
 #endif
 
 template <typename T>
@@ -350,28 +348,24 @@ inline void narrow_n(const float* src, T* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = narrow<T>(src[i]);
 }
 
-// store_f32 with a streaming (non-temporal) store where the build has one for T, for outputs
-// too large to stay in cache (cpu/isa.h's stream_output): no read for ownership of the line,
-// and the inputs stay cached. p aligned to the whole store (16 values' worth is enough); the
-// writer calls stream_fence() before others read.
+// store_exact / store_f32 with a streaming (non-temporal) store where the build has one for T,
+// for outputs too large to stay in cache (cpu/isa.h's stream_output): no read for ownership of
+// the line, and the inputs stay cached. p aligned to the whole store (16 values' worth is
+// enough); the writer calls stream_fence() before others read.
 template <typename T>
-inline void stream_f32(T* p, Vec v) {
+inline void stream_exact(T* p, Vec v) {
 #if defined(FASTARCH_PORTABLE_AVX2)
   if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, (__m256)v);
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits(v));
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return _mm_stream_si128(reinterpret_cast<__m128i*>(p), exact_bf16_bits(v));
 #elif defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) return _mm_stream_ps(p, (__m128)v);
 #endif
-  store_f32(p, v);
+  store_exact(p, v);
 }
 
-// stream_f32 of a v that T holds exactly (round_to's): as store_exact.
 template <typename T>
-inline void stream_exact(T* p, Vec v) {
-#ifdef FASTARCH_PORTABLE_AVX2
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return _mm_stream_si128(reinterpret_cast<__m128i*>(p), exact_bf16_bits(v));
-#endif
-  stream_f32(p, v);
+inline void stream_f32(T* p, Vec v) {
+  stream_exact(p, std::is_same_v<T, c10::Half> ? v : round_to<T>(v));  // (as store_f32)
 }
 
 inline void stream_fence() {
