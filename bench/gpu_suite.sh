@@ -40,6 +40,7 @@ if ! timeout "${BUILD_S:-240}" "$PY" -m pip install --no-build-isolation --no-de
   say "pip install failed; building in place instead"
   timeout "${BUILD_S:-240}" "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
+  ln -sfn ../kernels fastarch/kernels  # (installed as fastarch.kernels; this copy of the tree is the device's)
 fi
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$LOG"
 cd /tmp  # import the installed package, not the source tree

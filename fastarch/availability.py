@@ -6,6 +6,7 @@ op family's own business (its backends.py)."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,6 +21,10 @@ except ImportError as e:
     _TRITON_IMPORT_ERROR: str | None = MachineReason(f"triton is not importable ({e})")
 else:
     _TRITON_IMPORT_ERROR = None
+    if importlib.util.find_spec("fastarch.kernels") is None:  # a source tree built in place, not installed
+        _TRITON_IMPORT_ERROR = MachineReason(
+            "fastarch.kernels (the Triton kernels, kernels/ in the source tree) is not installed: pip install -e ."
+        )
 
 
 @functools.cache

@@ -135,11 +135,6 @@ def why_not(b: Backend, problem: Any) -> str | None:
     return b.available() or b.supports(problem)
 
 
-def reasons(op: str, problem: Any) -> dict[str, str | None]:
-    """For each backend of ``op``, None if it can run ``problem``, else the reason."""
-    return {b.name: why_not(b, problem) for b in backends_of(op)}
-
-
 # choose()'s answers: (op, problem, requested) -> (the op's table when chosen, the backend).
 # Problems are frozen dataclasses, so equal inputs hit one entry; the requested backend (the
 # argument, else the innermost backend() block or FASTARCH_BACKEND) is part of the key, so a
@@ -193,14 +188,28 @@ def _cuda_index(problem: Any) -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
+INTERPRETER_ONLY_WHEN_ASKED = "runs CPU tensors in Triton's interpreter, only when asked for (backend='triton')"
+"""Why the automatic choice passes over the Triton backend for CPU tensors: under
+TRITON_INTERPRET=1 it can run them, but in Triton's interpreter, for tests and debugging, orders
+of magnitude slower than the reference. An automatic choice takes the backend users get."""
+
+
+def _auto_reason(b: Backend, problem: Any) -> str | None:
+    why = why_not(b, problem)
+    if why is None and b.name == "triton" and getattr(problem, "device", None) == "cpu":
+        return INTERPRETER_ONLY_WHEN_ASKED
+    return why
+
+
 def _choose(op: str, problem: Any, requested: str) -> Backend:
     candidates = backends_of(op)
     if requested:
         _check_name(requested, "backend")
         candidates = [b for b in candidates if b.name == requested]
+    reason = why_not if requested else _auto_reason
     for b in candidates:
-        if why_not(b, problem) is None:
+        if reason(b, problem) is None:
             return b
-    lines = [f"  {name}: {why or 'supported'}" for name, why in reasons(op, problem).items()]
+    lines = [f"  {b.name}: {reason(b, problem) or 'supported'}" for b in backends_of(op)]
     head = f"backend {requested!r} cannot run" if requested else "no backend can run"
     raise NoBackendError(f"fastarch.{op}: {head} {problem}.\n" + "\n".join(lines))

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+from fastarch.kernels.launch import wrap_triton
 
 # The ACT constexpr of the kernels: f, applied to x + bias, or to gate (GATED: times up).
 GELU_ERF = tl.constexpr(0)

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+from fastarch.kernels.launch import wrap_triton
 
 # Elements per tile (fp32 registers of one program; larger tiles also mean fewer interpreted
 # iterations under TRITON_INTERPRET=1).

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
+from fastarch.kernels.launch import wrap_triton
 from fastarch.kernels.norms import ROUND_BF16_BY_HAND, _cast
 
 BLOCK_N = 8

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+from fastarch.kernels.launch import wrap_triton
 
 # Rows longer than this loop over column blocks (32 KB of fp32 per row held in registers).
 MAX_FUSED_COLS = 8192

@@ -13,6 +13,7 @@ import torch
 
 import fastarch
 from fastarch import ops, registry
+from fastarch.ops.norms.backends import NormProblem
 
 
 def spy_on(monkeypatch, field: str) -> list[str]:
@@ -80,6 +81,28 @@ def test_choose_without_any_able_backend_lists_reasons(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "layer_norm", [never])
     with pytest.raises(fastarch.NoBackendError, match="no backend can run .*\n  reference: never in this test"):
         ops.layer_norm(torch.randn(2, 4))
+
+
+def test_automatic_choice_passes_over_the_interpreter(monkeypatch):
+    """Triton on CPU tensors (Triton's interpreter) runs only when asked for: the automatic choice
+    takes the next backend, as it does where TRITON_INTERPRET is unset, and the error of an
+    automatic choice says why Triton was passed over."""
+    def able(problem):
+        return None
+
+    table = [
+        registry.Backend("cpu", lambda: None, lambda p: "declines", None),
+        registry.Backend("triton", lambda: None, able, None),
+        registry.Backend("reference", lambda: None, able, None),
+    ]
+    monkeypatch.setitem(registry._REGISTRY, "layer_norm", table)
+    cpu, cuda = (NormProblem(device, torch.float32, 2, 4) for device in ("cpu", "cuda"))
+    assert registry.choose("layer_norm", cpu).name == "reference"
+    assert registry.choose("layer_norm", cpu, "triton").name == "triton"
+    assert registry.choose("layer_norm", cuda).name == "triton"
+    monkeypatch.setitem(registry._REGISTRY, "layer_norm", table[:2])
+    with pytest.raises(fastarch.NoBackendError, match="triton: runs CPU tensors in Triton's interpreter, only when asked"):
+        registry.choose("layer_norm", cpu)
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+from fastarch.kernels.launch import wrap_triton
 
 
 @triton.jit

@@ -7,7 +7,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from fastarch.kernels.attn.common import (
     _cast,
@@ -19,6 +18,7 @@ from fastarch.kernels.attn.common import (
     _head_dims,
     INTERPRET_TILES,
 )
+from fastarch.kernels.launch import wrap_triton
 
 
 @triton.jit

@@ -65,7 +65,7 @@ def scaled_dot_product_attention(
             raise c.value_error(f"key and value must have the same number of heads, got {heads_kv} and {lead_v[-1]}")
         out_lead = (*batch, heads_q)
     else:
-        grouped = bool(lead_q and lead_k) and lead_k[-1] > 0 and lead_q[-1] % lead_k[-1] == 0
+        grouped = len(lead_q) > 0 and len(lead_k) > 0 and lead_k[-1] > 0 and lead_q[-1] % lead_k[-1] == 0
         hint = "; pass enable_gqa=True for grouped-query attention" if grouped else ""
         out_lead = _batch_shape(c, lead_q, lead_k, lead_v, hint=hint)
         batch, heads_q = out_lead[:-1], (out_lead[-1] if out_lead else 1)

@@ -217,8 +217,7 @@ def test_choice_follows_rows_dtype_and_build(cpu_isa, cpu_gemm):
         first, last = table.get(dtype, (1, 0))
         for rows in (1, 2, 3, 4, 5, 8, 32, 33, 512):
             assert (chosen(rows, dtype) == "cpu") == (first <= rows <= last), (dtype, rows)
-    # elsewhere: PyTorch's (or, without a GPU in the tests, Triton's interpreter, which takes CPU
-    # tensors in auto mode as it does for every op)
+    # elsewhere: PyTorch's (never Triton's interpreter, which runs CPU tensors only when asked for)
     assert chosen(1, torch.float64) == "reference"
     assert chosen(1, torch.float32, torch.randn(64, 32).t()) == "reference"  # a transposed weight
     cpu_isa("generic")
