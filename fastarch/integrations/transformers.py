@@ -165,6 +165,7 @@ def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
         if m.config._attn_implementation != NAME:
             report.add(path, kind, False, f"attention stays {previous!r}: the model cannot change it (no AttentionInterface)")
             continue
+        _set_inner(m, NAME)
         m.__dict__["_fastarch_attn_implementation"] = previous
         if backend is not None:
             for sub in m.modules():
@@ -200,3 +201,15 @@ def restore_model(model: torch.nn.Module) -> None:
             sub.__dict__.pop("_fastarch_backend", None)
         if previous is not None:
             m.set_attn_implementation(previous)
+            _set_inner(m, previous)
+
+
+def _set_inner(model: torch.nn.Module, implementation: str) -> None:
+    """set_attn_implementation on the models inside ``model`` that did not follow it: where a
+    transformers release gives inner models their own copy of the config (T5's encoder and
+    decoder stacks in transformers 5.17), the outer call leaves them as they were."""
+    from transformers import PreTrainedModel
+
+    for sub in model.modules():
+        if sub is not model and isinstance(sub, PreTrainedModel) and sub.config._attn_implementation != implementation:
+            sub.set_attn_implementation(implementation)

@@ -448,7 +448,9 @@ def _llama3_rope_scaling(factors: Tensor, config: dict, file: Path) -> dict:
 
 def tokenizer_from_gguf(path: str | os.PathLike):
     """The file's tokenizer as transformers builds it from the GGUF metadata (a fast tokenizer;
-    needs transformers and tokenizers, imported only here)."""
+    needs transformers and tokenizers, imported only here), its bos, eos and padding tokens
+    those of the metadata (transformers 5.17 took SmolLM2's eos as <|im_start|>, not the file's
+    <|im_end|>)."""
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
@@ -456,7 +458,13 @@ def tokenizer_from_gguf(path: str | os.PathLike):
         from transformers import AutoTokenizer
     except ImportError:
         raise CheckpointError("a GGUF tokenizer needs transformers (pip install transformers tokenizers gguf)") from None
-    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    reader = _open(file)
+    for key, attr in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("padding_token_id", "pad_token")):
+        token = _value(reader, file, f"tokenizer.ggml.{key}", None)
+        if token is not None and 0 <= token < len(tokenizer) and getattr(tokenizer, f"{attr}_id") != token:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token))
+    return tokenizer
 
 
 __all__ = ["read_gguf", "tokenizer_from_gguf", "dequantize", "hf_name", "unpermute_rows", "GGML_TYPES"]

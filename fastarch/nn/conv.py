@@ -107,10 +107,19 @@ class Conv2d(nn.Conv2d):
         packed = self._transformed(
             tuple(x.shape), lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape)))
         args = (packed, self.bias, *geometry)
-        if add is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
+        if add is None or _ambiguous_layout(add):
+            y = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
+            return y if add is None else y + add
         add = add.contiguous(memory_format=torch.channels_last)
         return torch.ops.mkldnn._convolution_pointwise.binary(x, add, *args, "add", 1.0, None, [], "")
+
+
+def _ambiguous_layout(t: Tensor) -> bool:
+    """Whether a 4-d tensor is both NCHW- and channels-last-contiguous in torch's eyes (one
+    pixel, or one channel): oneDNN's fused add refuses such an addend in torch 2.11 ("could not
+    create a memory"), so the add runs after the convolution."""
+    _, c, h, w = t.shape
+    return h * w == 1 or c == 1
 
 
 # Below 16 channels on either side the kernel's 16-channel blocks and 32-channel panels are

@@ -153,6 +153,26 @@ def test_module_matches_torch_and_follows_weight_updates():
     assert y.requires_grad and torch.equal(y, F.conv2d(x, conv.weight, conv.bias, padding=1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("ci,co,h,w", [(32, 32, 1, 1), (3, 8, 1, 1), (32, 1, 3, 3), (32, 1, 1, 5)],
+                         ids=["one-pixel", "one-pixel-3ch", "one-channel", "one-channel-row"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_onednn_add_where_the_layout_is_ambiguous(ci, co, h, w, k, dtype):
+    """One pixel or one output channel: the addend is both NCHW- and channels-last-contiguous,
+    which oneDNN's fused add refused in torch 2.11; conv(x, add) still equals torch's conv2d plus
+    add against fp64 (bf16: two roundings, of the convolution and of the sum, each at most 2**-9
+    of the scale: bound 2**-7; fp32: 1e-5 of the scale, ~100 ulps of sums of at most 288 terms)."""
+    torch.manual_seed(4)
+    conv = Conv2d(ci, co, k, padding=k // 2).to(dtype).eval()
+    x, add = torch.randn(2, ci, h, w, dtype=dtype), torch.randn(2, co, h, w, dtype=dtype)
+    with torch.no_grad():
+        ours = conv(x, add)
+        theirs = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=k // 2) + add.double()
+    assert ours.shape == theirs.shape and ours.dtype == dtype
+    bound = (2**-7 if dtype == torch.bfloat16 else 1e-5) * max(theirs.abs().max().item(), 1.0)
+    assert (ours.double() - theirs).abs().max().item() <= bound
+
+
 BAD = [
     ("x dtype", lambda x, u, b, a: (x.double(), u, b, a), "x must be a float32"),
     ("x layout", lambda x, u, b, a: (x.contiguous(), u, b, a), "x must be channels-last"),
