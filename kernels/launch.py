@@ -1,8 +1,8 @@
 """``wrap_triton`` for every torch release fastarch supports.
 
 Under TRITON_INTERPRET=1, ``triton.jit`` gives an ``InterpretedFunction`` (and ``triton.autotune``
-an Autotuner around one), which torch's ``wrap_triton`` launches as it is from torch 2.12 on
-and refuses before ("only works on functions annotated with triton.jit"). Here such a kernel is
+an Autotuner around one), which torch's ``wrap_triton`` launches as it is in torch 2.14 and
+refuses in 2.11 ("only works on functions annotated with triton.jit"). Here such a kernel is
 launched as it is on every release: the interpreter runs eagerly, with nothing to trace.
 """
 
