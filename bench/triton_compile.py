@@ -74,8 +74,8 @@ def _signature(jit: JITFunction, args: tuple, kwargs: dict, config) -> tuple[dic
     them: tensors are pointers (16-byte aligned where their address is), integers i32 or i64
     (16-divisible ones marked, as Triton specializes them), None and constexpr parameters
     constants."""
-    names = list(inspect.signature(jit.fn).parameters)
     params = inspect.signature(jit.fn).parameters
+    names = list(params)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     values = dict(zip(names, args)) | kwargs
     if config is not None:
