@@ -4,8 +4,9 @@
 //
 // Workspace as attention_bwd.h lays it out, in fp32: q_t / do_t hold Q^T and dO^T of each query
 // block (D or Dv rows of rows16 columns), q_n / do_n hold Q and dO (rows16 rows of d16 or dv16
-// columns, zero padded); delta; lse (+inf for queries that see no key and for padding, so that
-// P = 0 there); dq_t per chunk.
+// columns, zero padded), each in column panels of kNR for the products (attention_generic.h's
+// gemm_panels); delta; lse (+inf for queries that see no key and for padding, so that P = 0
+// there); dq_t per chunk.
 //
 // NaN (the attention NaN contract): a dense product spreads a NaN operand through every
 // sum it enters, also where the other factor is a 0 for a query-key pair that is masked out,
@@ -108,38 +109,37 @@ void prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
   float* delta = p.delta + head_rows;
   float* lse = p.lse + head_rows;
   const float* lse_in = a.lse + (s.b * a.H + h) * a.Sq + s.q0 + qb.i0;
-  float out_row[kMaxDim];
+  // Q^T, dO^T (K = D or Dv rows, ld query columns) and Q, dO (K = ld query rows, d16 or dv16
+  // columns) are B operands of tile's products: packed in column panels (gemm_panels)
+  const int64_t qt_panel = D * kNR, dot_panel = Dv * kNR, n_panel = ld * kNR;
+  float row[kMaxDim], out_row[kMaxDim];
   for (int64_t m = 0; m < ld; ++m) {
-    float* qn = q_n + m * d16;
-    float* don = do_n + m * dv16;
     if (m >= qb.rows) {  // padding queries: P = 0
-      for (int64_t d = 0; d < D; ++d) q_t[d * ld + m] = 0.0f;
-      for (int64_t d = 0; d < Dv; ++d) do_t[d * ld + m] = 0.0f;
-      for (int64_t d = 0; d < d16; ++d) qn[d] = 0.0f;
-      for (int64_t d = 0; d < dv16; ++d) don[d] = 0.0f;
+      for (int64_t d = 0; d < D; ++d) q_t[panel_index(d, m, qt_panel)] = 0.0f;
+      for (int64_t d = 0; d < Dv; ++d) do_t[panel_index(d, m, dot_panel)] = 0.0f;
+      for (int64_t d = 0; d < d16; ++d) q_n[panel_index(m, d, n_panel)] = 0.0f;
+      for (int64_t d = 0; d < dv16; ++d) do_n[panel_index(m, d, n_panel)] = 0.0f;
       delta[m] = 0.0f;
       lse[m] = kInf;
       continue;
     }
     const int64_t i = s.q0 + qb.i0 + m;
-    to_f32<T>(row_ptr(a.q, a.q_stride, es, s.b, h, i), D, qn);
-    for (int64_t d = 0; d < D; ++d) q_t[d * ld + m] = qn[d];
-    for (int64_t d = 0; d < D; ++d) qn[d] = scrub(qn[d]);
-    for (int64_t d = D; d < d16; ++d) qn[d] = 0.0f;
+    to_f32<T>(row_ptr(a.q, a.q_stride, es, s.b, h, i), D, row);
+    for (int64_t d = 0; d < D; ++d) q_t[panel_index(d, m, qt_panel)] = row[d];
+    for (int64_t d = 0; d < d16; ++d) q_n[panel_index(m, d, n_panel)] = d < D ? scrub(row[d]) : 0.0f;
 
-    to_f32<T>(row_ptr(p.dout, p.dout_stride, es, s.b, h, i), Dv, don);
+    to_f32<T>(row_ptr(p.dout, p.dout_stride, es, s.b, h, i), Dv, row);
     to_f32<T>(row_ptr(a.out, a.out_stride, es, s.b, h, i), Dv, out_row);
     float lane[kLanes] = {};  // delta = rowsum(dO * O) in kLanes partial sums
     int64_t d = 0;
     for (; d + kLanes <= Dv; d += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lane[l] += don[d + l] * out_row[d + l];
-    for (; d < Dv; ++d) lane[d % kLanes] += don[d] * out_row[d];
+      for (int64_t l = 0; l < kLanes; ++l) lane[l] += row[d + l] * out_row[d + l];
+    for (; d < Dv; ++d) lane[d % kLanes] += row[d] * out_row[d];
     float sum = 0.0f;
     for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
     delta[m] = sum;
-    for (int64_t c = 0; c < Dv; ++c) do_t[c * ld + m] = don[c];
-    for (int64_t c = 0; c < Dv; ++c) don[c] = scrub(don[c]);
-    for (int64_t c = Dv; c < dv16; ++c) don[c] = 0.0f;
+    for (int64_t c = 0; c < Dv; ++c) do_t[panel_index(c, m, dot_panel)] = row[c];
+    for (int64_t c = 0; c < dv16; ++c) do_n[panel_index(m, c, n_panel)] = c < Dv ? scrub(row[c]) : 0.0f;
     lse[m] = lse_in[m] == -kInf ? kInf : lse_in[m];  // a query that sees no key: P = 0, no gradient
   }
 }
@@ -209,8 +209,8 @@ void tile(const BackwardParams& p, const Scratch& w, const SeqSpan& s, int64_t n
   const float* delta = p.delta + head_rows;
   float* dq_t = p.dq_t + ((chunk * a.H + h) * p.rows_total + qb.r) * D;
 
-  gemm(nk, ld, D, w.k, D, q_t, ld, w.s_t, ld);
-  gemm(nk, ld, Dv, w.v, Dv, do_t, ld, w.dp_t, ld);
+  gemm_panels<false>(nk, ld, D, w.k, D, q_t, D * kNR, w.s_t, ld);
+  gemm_panels<false>(nk, ld, Dv, w.v, Dv, do_t, Dv * kNR, w.dp_t, ld);
 
   if (a.dropout) {
     for (int64_t c = 0; c < ld; ++c) w.row_keys[c] = dropout_row_key(a.seed, dropout_row(a, s.b, h, s.q0 + qb.i0 + c));
@@ -242,8 +242,8 @@ void tile(const BackwardParams& p, const Scratch& w, const SeqSpan& s, int64_t n
     }
   }
 
-  gemm_acc(nk, dv16, qb.rows, w.s_t, ld, do_n, dv16, w.dv, dv16);
-  gemm_acc(nk, d16, qb.rows, w.dp_t, ld, q_n, d16, w.dk, d16);
+  gemm_panels<true>(nk, dv16, qb.rows, w.s_t, ld, do_n, ld * kNR, w.dv, dv16);
+  gemm_panels<true>(nk, d16, qb.rows, w.dp_t, ld, q_n, ld * kNR, w.dk, d16);
   gemm_acc(D, ld, nk, w.kt, p.block_k, w.dp_t, ld, dq_t, ld);
   fix_dv_nan<T>(p, w, s, h, j0, nk, qb, delta);
 }

@@ -62,7 +62,8 @@ struct Scratch {
 };
 
 // K^T (D x BN) and V (BN x dv16) of key block kb of sequence n, kv head hk, in fp32 at dst
-// (FwdPacking's block layout), zero past the valid keys and past Dv.
+// (FwdPacking's block: K^T then V), each in column panels of kNR for gemm_panels (panel_index),
+// zero past the valid keys and past Dv.
 template <Dtype T>
 void pack_block(const AttentionParams& p, const FwdPacking& pk, int64_t n, int64_t hk, int64_t kb, float* dst) {
   const SeqSpan s = seq_span(p, n);
@@ -70,17 +71,22 @@ void pack_block(const AttentionParams& p, const FwdPacking& pk, int64_t n, int64
   const int64_t j0 = kb * BN, nk = min64(BN, s.sk - j0);
   float* kt = dst;
   float* v = dst + pk.k_block_elems;
+  const int64_t kt_panel = D * kNR, v_panel = BN * kNR;
   for (int64_t j = 0; j < BN; ++j) {
-    float* vrow = v + j * dv16;
     if (j >= nk) {
-      for (int64_t d = 0; d < D; ++d) kt[d * BN + j] = 0.0f;
-      for (int64_t c = 0; c < dv16; ++c) vrow[c] = 0.0f;
+      for (int64_t d = 0; d < D; ++d) kt[panel_index(d, j, kt_panel)] = 0.0f;
+      for (int64_t c = 0; c < dv16; ++c) v[panel_index(j, c, v_panel)] = 0.0f;
       continue;
     }
     const char* krow = row_ptr(p.k, p.k_stride, es, s.b, hk, s.k0 + j0 + j);
-    for (int64_t d = 0; d < D; ++d) kt[d * BN + j] = value_f32<T>(krow, d);
-    to_f32<T>(row_ptr(p.v, p.v_stride, es, s.b, hk, s.k0 + j0 + j), Dv, vrow);
-    for (int64_t c = Dv; c < dv16; ++c) vrow[c] = 0.0f;
+    for (int64_t d = 0; d < D; ++d) kt[panel_index(d, j, kt_panel)] = value_f32<T>(krow, d);
+    const char* vrow = row_ptr(p.v, p.v_stride, es, s.b, hk, s.k0 + j0 + j);
+    for (int64_t c = 0; c < dv16; c += kNR) {  // kNR columns at a time: one panel's row
+      float* out = v + panel_index(j, c, v_panel);
+      const int64_t valid = max64(min64(kNR, Dv - c), 0);
+      to_f32<T>(vrow + c * es, valid, out);
+      for (int64_t x = valid; x < kNR; ++x) out[x] = 0.0f;
+    }
   }
 }
 
@@ -159,7 +165,7 @@ struct Task {
       const int64_t nk = min64(BN, s.sk - j0);
       const float* kt = packed(j0 / BN);
       if (p.key_padding_mask) load_padding_mask(j0, nk);
-      gemm(rows, BN, D, sc.q, D, kt, BN, sc.s, BN);
+      gemm_panels<false>(rows, BN, D, sc.q, D, kt, D * kNR, sc.s, BN);
       for (int64_t r = 0; r < rows; ++r) {
         sc.seen[r] = logits(r, j0, nk);
         if (!sc.seen[r])
@@ -170,7 +176,7 @@ struct Task {
         for (int64_t r = 0; r < rows; ++r)
           if (sc.seen[r]) dropout_zero(sc.s + r * BN, BN, sc.drop_key[r], s.k0 + j0, p.dropout_threshold);
       }
-      gemm_acc(rows, dv16, nk, sc.s, BN, kt + pk.k_block_elems, dv16, sc.o, dv16);
+      gemm_panels<true>(rows, dv16, nk, sc.s, BN, kt + pk.k_block_elems, BN * kNR, sc.o, dv16);
     }
 
     for (int64_t r = 0; r < rows; ++r) {
