@@ -80,7 +80,7 @@ def backends_of(op: str) -> list[Backend]:
 
 def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)} (or empty for automatic choice), got {name!r}")
+        raise ValueError(f"fastarch: {what} must be one of {', '.join(BACKENDS)} (or empty for automatic choice), got {name!r}")
     return name
 
 

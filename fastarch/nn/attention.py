@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastarch import ops
+from fastarch.nn._source import check_source
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -40,7 +41,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 "fastarch.nn.MultiheadAttention: need attn_mask if specifying the is_causal hint (as torch;"
                 " torch.nn.Transformer.generate_square_subsequent_mask makes it)"
             )
-        if need_weights or self.bias_k is not None or self.add_zero_attn:
+        if (
+            need_weights
+            or self.bias_k is not None
+            or self.add_zero_attn
+            or not _torch_mask_form(attn_mask, query)
+            or not _torch_mask_form(key_padding_mask, query)
+        ):
             return super().forward(
                 query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
                 average_attn_weights=average_attn_weights, is_causal=is_causal,
@@ -104,6 +111,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     @classmethod
     def from_torch(cls, module: torch.nn.MultiheadAttention) -> MultiheadAttention:
         """A fastarch MultiheadAttention sharing ``module``'s parameters (no copy)."""
+        check_source(cls, module, torch.nn.MultiheadAttention)
         new = cls(
             module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
             add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
@@ -113,3 +121,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             setattr(new, name, getattr(module, name))
         new.out_proj = module.out_proj
         return new.train(module.training)
+
+
+def _torch_mask_form(mask: Tensor | None, query: Tensor) -> bool:
+    """Whether ``mask`` is None, bool or of the query's float dtype: the forms this module
+    runs itself. torch's forward takes the rest (and refuses an integer mask, or a float mask
+    of another dtype, with its own message)."""
+    return mask is None or (isinstance(mask, Tensor) and mask.dtype in (torch.bool, query.dtype))

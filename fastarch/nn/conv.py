@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fastarch import _extension
+from fastarch.nn._source import check_source
 
 # FASTARCH_CONV_WINOGRAD=0 sends the 3x3 convolutions to oneDNN too (read at import; tests
 # and benchmarks set WINOGRAD).
@@ -45,12 +46,31 @@ class Conv2d(nn.Conv2d):
     _packed: tuple | None = None
 
     def forward(self, x: Tensor, add: Tensor | None = None) -> Tensor:
-        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and _can_pack(x, self.weight):
-            if self._winograd_fits(x):
-                return self._winograd_forward(x, add)
-            return self._packed_forward(x, add)
+        if (
+            self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and _can_pack(x, self.weight)
+            and x.dim() == 4
+            and x.shape[1] == self.in_channels  # (torch's conv2d says what is wrong otherwise)
+        ):
+            fused = add is None or self._fusable(x, add)
+            winograd = self._winograd_fits(x)
+            y = self._winograd_forward(x, add if fused else None) if winograd else self._packed_forward(x, add if fused else None)
+            return y if fused else y + add
         y = self._conv_forward(x, self.weight, self.bias)
         return y if add is None else y + add
+
+    def _fusable(self, x: Tensor, add: Tensor) -> bool:
+        """Whether the kernels can take ``add`` into the call: a tensor of the output's exact
+        shape and x's dtype and device (anything else is added after, by torch's rules: a
+        broadcast, a promotion, or torch's error)."""
+        if not isinstance(add, Tensor) or add.dtype != x.dtype or add.device != x.device or add.dim() != 4:
+            return False
+        n, _, h, w = x.shape
+        out = [n, self.out_channels]
+        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation):
+            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return list(add.shape) == out
 
     def repack(self) -> None:
         """Forget the packed weight (after writing the weight through ``.data``)."""
@@ -59,6 +79,7 @@ class Conv2d(nn.Conv2d):
     @classmethod
     def from_torch(cls, module: nn.Conv2d) -> Conv2d:
         """A fastarch Conv2d sharing ``module``'s parameters (no copy)."""
+        check_source(cls, module, nn.Conv2d)
         new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                   module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
         new.weight, new.bias = module.weight, module.bias

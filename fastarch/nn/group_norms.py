@@ -10,10 +10,12 @@ import torch
 from torch import Tensor
 
 from fastarch import ops
+from fastarch.nn._source import check_source
 
 
 def _sharing(cls, module: torch.nn.GroupNorm):
     """A ``cls`` with ``module``'s configuration, sharing its parameters (no copy)."""
+    check_source(cls, module, torch.nn.GroupNorm)
     new = cls(module.num_groups, module.num_channels, eps=module.eps, affine=module.affine, device="meta")
     new.weight, new.bias = module.weight, module.bias
     return new.train(module.training)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from fastarch import ops
+from fastarch.nn._source import check_source
 
 
 class Linear(torch.nn.Linear):
@@ -22,6 +23,7 @@ class Linear(torch.nn.Linear):
     @classmethod
     def from_torch(cls, module: torch.nn.Linear) -> Linear:
         """A fastarch Linear sharing ``module``'s parameters (no copy)."""
+        check_source(cls, module, torch.nn.Linear)
         new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         new.weight, new.bias = module.weight, module.bias
         return new.train(module.training)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastarch import ops
+from fastarch.nn._source import check_source
 
 
 def _flatten_normalized(x: Tensor, normalized_shape: tuple[int, ...], module: torch.nn.Module) -> Tensor:
@@ -22,6 +23,16 @@ def _flatten_normalized(x: Tensor, normalized_shape: tuple[int, ...], module: to
     return x if k == 1 else x.reshape(*x.shape[: x.dim() - k], math.prod(normalized_shape))
 
 
+def _torch_runs_it(x: Tensor, module: torch.nn.Module) -> bool:
+    """What the ops do not take and torch's module does, which runs it as torch would: parameters
+    of another dtype than x (bf16 activations with fp32 weights: torch normalizes in fp32 and
+    returns x's dtype), an empty normalized shape."""
+    if math.prod(module.normalized_shape) == 0:
+        return True
+    params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+    return isinstance(x, Tensor) and any(p.dtype != x.dtype for p in params)
+
+
 def _flat(p: Tensor | None) -> Tensor | None:
     return p.reshape(-1) if p is not None else None
 
@@ -30,12 +41,15 @@ class LayerNorm(torch.nn.LayerNorm):
     """torch.nn.LayerNorm running fastarch.ops.layer_norm (any backend; see fastarch.backend)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if _torch_runs_it(x, self):
+            return super().forward(x)
         flat = _flatten_normalized(x, tuple(self.normalized_shape), self)
         return ops.layer_norm(flat, _flat(self.weight), _flat(self.bias), self.eps).view(x.shape)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm) -> LayerNorm:
         """A fastarch LayerNorm sharing ``module``'s parameters (no copy)."""
+        check_source(cls, module, torch.nn.LayerNorm)
         new = cls(
             module.normalized_shape,
             eps=module.eps,
@@ -51,12 +65,15 @@ class RMSNorm(torch.nn.RMSNorm):
     """torch.nn.RMSNorm running fastarch.ops.rms_norm (eps=None: finfo(x.dtype).eps, as torch)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if _torch_runs_it(x, self):
+            return super().forward(x)
         flat = _flatten_normalized(x, tuple(self.normalized_shape), self)
         return ops.rms_norm(flat, _flat(self.weight), self.eps).view(x.shape)
 
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:
         """A fastarch RMSNorm sharing ``module``'s parameters (no copy)."""
+        check_source(cls, module, torch.nn.RMSNorm)
         new = cls(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine, device="meta")
         new.weight = module.weight
         return new.train(module.training)

@@ -95,7 +95,7 @@ def _decode_split_kernel(
         m_i = m_new
 
     seen = l_i != 0.0  # NaN for a query with a NaN score: out and lse NaN (as the forward)
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)  # (0 for no key, even with NaN in v)
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     stats = (b64 * H + h64) * seqlen_q + i64  # row of (B, H, Sq)
     if DIRECT:

@@ -141,7 +141,8 @@ def _attn_fwd_kernel(
     # l_i is 0 for a query that sees no key, >= 1 for one that does, and NaN for one with a NaN
     # score, whose out and lse must be NaN (with dropout its acc may have dropped the NaN)
     seen = l_i != 0.0
-    out = acc * (drop_scale / tl.where(seen, l_i, 1.0))[:, None]
+    # (selected, not scaled: a NaN in v times the p = 0 of a key the query does not see stays out)
+    out = tl.where(seen[:, None], acc * (drop_scale / tl.where(seen, l_i, 1.0))[:, None], 0.0)
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     o_ptrs = OUT + n64 * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_os + offs_dv[None, :]
     o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)

@@ -103,3 +103,20 @@ def test_which_calls_reach_fastarch(monkeypatch):
     assert calls == []
     ours(x, x, x, need_weights=False)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64], ids=["int", "other-float"])
+def test_masks_torch_refuses_are_refused_as_torch_refuses_them(which, dtype):
+    """An integer mask, or a float mask of another dtype than the inputs': torch's module raises;
+    ours hands such calls to torch's forward (it had added the mask's values to the scores)."""
+    ours, theirs = pair(batch_first=True)
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 5, 32)
+    mask = torch.ones((5, 5) if which == "attn_mask" else (2, 5), dtype=dtype)
+    errors = []
+    for module in (theirs, ours):
+        with pytest.raises(Exception) as info:
+            module(x, x, x, need_weights=False, **{which: mask})
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]

@@ -194,3 +194,41 @@ def test_kernel_op_names_bad_arguments(name, change, match):
 def test_winograd_weight_needs_a_3x3_filter():
     with pytest.raises(ValueError, match=r"\(out, in, 3, 3\)"):
         winograd_weight(torch.randn(4, 4, 5, 5))
+
+
+@pytest.mark.parametrize("ci,k", [(20, 3), (4, 1)], ids=["winograd-shape", "onednn-shape"])
+def test_bad_input_gets_torchs_error(ci, k, build):
+    """What torch's conv2d refuses, the module refuses with torch's own message, on both inference
+    paths: an input of another channel count (the Winograd kernel sees the channels padded to
+    16, so 24 into 20 had run on the first 20), an addend that does not broadcast to the output
+    (oneDNN's fused add had read it as if it did)."""
+    torch.manual_seed(5)
+    conv = Conv2d(ci, 16, k, padding=k // 2).eval()
+    wrong = torch.randn(1, ci + 4, 6, 6)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=rf"expected input\[1, {ci + 4}, 6, 6\] to have {ci} channels"):
+            conv(wrong)
+        x = torch.randn(2, ci, 6, 6)
+        for add in (torch.randn(2, 7, 6, 6), torch.randn(2, 16, 2, 2), torch.randn(3, 16, 6, 6)):
+            with pytest.raises(RuntimeError, match="must match the size of tensor"):
+                conv(x, add)
+
+
+@pytest.mark.parametrize("ci,k", [(20, 3), (4, 1)], ids=["winograd-shape", "onednn-shape"])
+def test_addends_that_broadcast_and_unbatched_input(ci, k, build):
+    """conv(x, add) is conv2d(x) + add by torch's rules for any addend that broadcasts (a
+    per-channel (1, C, 1, 1), a scalar, another dtype: added after the call), and an unbatched
+    (C, H, W) input runs as torch's module runs it. fp32 tolerance as check_error's."""
+    torch.manual_seed(6)
+    conv = Conv2d(ci, 16, k, padding=k // 2).eval()
+    x = torch.randn(2, ci, 6, 6)
+    with torch.no_grad():
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=k // 2)
+        for add in (torch.randn(1, 16, 1, 1), torch.tensor(1.5), torch.randn(6), torch.randn(2, 16, 6, 6).double()):
+            ours = conv(x, add)
+            assert ours.shape == exact.shape and ours.dtype == torch.promote_types(x.dtype, add.dtype)
+            expected = exact + add.double()
+            assert (ours.double() - expected).abs().max().item() <= 1e-5 * max(expected.abs().max().item(), 1.0)
+        one = conv(x[0])
+    assert one.shape == (16, 6, 6)
+    assert (one.double() - exact[0]).abs().max().item() <= 1e-5 * max(exact.abs().max().item(), 1.0)

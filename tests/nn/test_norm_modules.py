@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import fastarch
+from fastarch.nn import LayerNorm, RMSNorm
 
 
 @pytest.mark.parametrize(
@@ -75,3 +78,31 @@ def test_module_compiles_without_graph_breaks():
     m = fastarch.nn.LayerNorm(32)
     x = torch.randn(4, 32)
     torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_what_the_ops_do_not_take_runs_as_torch_runs_it(kind):
+    """bf16 input with fp32 parameters (autocast-style models) and an empty normalized shape:
+    torch's modules run both; ours hand them to torch's forward (they had raised the op's dtype
+    error, or its "at least one column"), so the results are torch's bit for bit."""
+    ours_cls, torch_cls = (LayerNorm, torch.nn.LayerNorm) if kind == "layer" else (RMSNorm, torch.nn.RMSNorm)
+    torch.manual_seed(7)
+    ours, theirs = ours_cls(16), torch_cls(16)
+    with torch.no_grad():
+        ours.weight.normal_()
+        theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that the mixed dtypes miss its fused kernel
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    empty = torch.randn(3, 0)
+    assert ours_cls(0)(empty).shape == torch_cls(0)(empty).shape == (3, 0)
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "GroupNormSiLU", "Conv2d", "Linear",
+                                  "MultiheadAttention"])
+def test_from_torch_names_the_module_class_it_takes(name):
+    cls = getattr(fastarch.nn, name)
+    expected = "GroupNorm" if name == "GroupNormSiLU" else name
+    with pytest.raises(TypeError, match=rf"fastarch.nn.{name}.from_torch: module must be a torch.nn.{expected}, got ReLU"):
+        cls.from_torch(torch.nn.ReLU())

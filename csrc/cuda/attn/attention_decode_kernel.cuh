@@ -229,15 +229,17 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kThreads)
     // l = 0: the row saw no key (zeros, lse -inf); NaN: it saw a NaN score (out, lse NaN)
     const bool seen = l != 0.f;
     const float inv = seen ? 1.f / l : 0.f;
+    // selected, not scaled by 0: a NaN in v times the p = 0 of a hidden key stays out
+    for (int e = 0; e < 8; ++e) o[e] = seen ? o[e] * inv : 0.f;
     const float lse2 = seen ? m + log2f(l) : -kInf;
     const int rr = row0 + r, h = hk * heads_per_kv + rr / sq, i = rr % sq;
     const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * sq + i;
     if (p.splits == 1) {
       uint4 packed;
-      packed.x = pack2<T>(o[0] * inv, o[1] * inv);
-      packed.y = pack2<T>(o[2] * inv, o[3] * inv);
-      packed.z = pack2<T>(o[4] * inv, o[5] * inv);
-      packed.w = pack2<T>(o[6] * inv, o[7] * inv);
+      packed.x = pack2<T>(o[0], o[1]);
+      packed.y = pack2<T>(o[2], o[3]);
+      packed.z = pack2<T>(o[4], o[5]);
+      packed.w = pack2<T>(o[6], o[7]);
       T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head +
           static_cast<int64_t>(i) * p.out_strides.row + ch * 8;
       *reinterpret_cast<uint4*>(out) = packed;
@@ -245,8 +247,8 @@ __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kThreads)
     } else {
       const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * sq;
       float* dst = p.partial_out + (split * rows + row) * kHeadDim + ch * 8;
-      *reinterpret_cast<float4*>(dst) = make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
-      *reinterpret_cast<float4*>(dst + 4) = make_float4(o[4] * inv, o[5] * inv, o[6] * inv, o[7] * inv);
+      *reinterpret_cast<float4*>(dst) = make_float4(o[0], o[1], o[2], o[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(o[4], o[5], o[6], o[7]);
       if (ch == 0) p.partial_lse[split * rows + row] = lse2;
     }
   }

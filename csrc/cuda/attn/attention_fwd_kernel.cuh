@@ -205,7 +205,9 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
       for (int t = 0; t < kDTiles; ++t) {
         const int col = t * 8 + 2 * c;
         if (col < p.head_dim) {
-          *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+          // (selected, not scaled by 0: a NaN in v times the p = 0 of a hidden key stays out)
+          *reinterpret_cast<uint32_t*>(dst + col) =
+              pack2<T>(seen ? o[t][2 * r] * inv : 0.f, seen ? o[t][2 * r + 1] * inv : 0.f);
         }
       }
       if (c == 0) p.lse[lse_row0 + row] = seen ? (m_run[r] + log2f(l)) * kLn2 : -kInf;

@@ -163,7 +163,8 @@ def attention(
     - window: sliding-window attention: an int w lets query i see keys down to
       i + Sk - Sq - w; a pair (left, right) bounds both sides (-1: unbounded).
     - attn_mask: bool (True = attend) or float added to the scores, of q's dtype,
-      broadcastable to (B, H, Sq, Sk). key_padding_mask: bool (B, Sk), True = a real key.
+      broadcastable to (B, H, Sq, Sk); it gets no gradient (one that requires grad is refused
+      in grad mode). key_padding_mask: bool (B, Sk), True = a real key.
     - dropout_p: dropout on the attention probabilities, the mask drawn from ``generator``
       (the same generator state gives the same mask; the backward reuses it). dropout_p = 1
       drops everything: zeros.
@@ -191,6 +192,11 @@ def attention(
             raise c.value_error("attn_mask and key_padding_mask are not supported with packed sequences")
         q4, k4, v4 = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
     else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise c.value_error(
+                "max_seqlen_q and max_seqlen_k go with packed sequences (cu_seqlens_q, cu_seqlens_k), got"
+                f" max_seqlen_q={max_seqlen_q!r}, max_seqlen_k={max_seqlen_k!r} without them"
+            )
         q4, k4, v4 = q, k, v
     q4, k4, v4 = (last_dim_contiguous(t) for t in (q4, k4, v4))
     B, H, Sq, D = q4.shape
@@ -202,6 +208,8 @@ def attention(
         scale = float(scale)
     window_left, window_right = checks.window(c, window)
     checks.check_dropout(c, dropout_p)
+    checks.check_generator(c, generator)
+    causal = checks.check_flag(c, "causal", causal)
     drop_all = dropout_p == 1
     if drop_all:
         dropout_p = 0.0  # every probability dropped: the output is 0 x the undropped one (NaN stays NaN)
@@ -214,7 +222,7 @@ def attention(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
-        causal=bool(causal),
+        causal=causal,
         scale=scale,
         window_left=window_left,
         window_right=window_right,

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_MAX = 1.7976931348623157e308
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,25 @@ def check_qkv(c: Caller, q: Tensor, k: Tensor, v: Tensor, packed: bool) -> None:
 def check_scale(c: Caller, scale: object) -> None:
     """A finite float. (Compared rather than math.isfinite: torch.compile with dynamic=True
     traces floats derived from shapes as symbols, which compare but have no isfinite.)"""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat)) or not -math.inf < scale < math.inf:
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float, torch.SymFloat))
+        or not -_FLOAT_MAX <= scale <= _FLOAT_MAX  # (an int past the float range is not one)
+    ):
         raise c.value_error(f"scale must be a finite float, got {scale!r}")
+
+
+def check_flag(c: Caller, name: str, value: object) -> bool:
+    """A bool (or 0 / 1, numpy's bool, a traced SymBool), as a bool: a string or a tensor is
+    refused rather than read by its truth ("no" would mean True)."""
+    if isinstance(value, (bool, torch.SymBool)) or type(value).__name__ == "bool_" or (type(value) is int and value in (0, 1)):
+        return value if isinstance(value, torch.SymBool) else bool(value)
+    raise c.type_error(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def check_generator(c: Caller, generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise c.type_error(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def check_dropout(c: Caller, dropout_p: object) -> None:
@@ -103,16 +122,16 @@ def window(c: Caller, window: object) -> tuple[int, int]:
     if window is None:
         return -1, -1
     if isinstance(window, int) and not isinstance(window, bool):
-        if window < 0:
-            raise c.value_error(f"window must be >= 0 (keys to the left of the diagonal), got {window}")
+        if not 0 <= window <= _INT64_MAX:
+            raise c.value_error(f"window must be an int in [0, 2**63) (keys to the left of the diagonal), got {window}")
         return window, -1
     if (
         isinstance(window, (tuple, list))
         and len(window) == 2
-        and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
+        and all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w <= _INT64_MAX for w in window)
     ):
         return int(window[0]), int(window[1])
-    raise c.value_error(f"window must be an int >= 0 or a pair (left, right) of ints >= -1, got {window!r}")
+    raise c.value_error(f"window must be an int >= 0 or a pair (left, right) of ints >= -1 (below 2**63), got {window!r}")
 
 
 def attn_mask(c: Caller, mask: Tensor | None, q: Tensor, shape: tuple[int, int, int, int]) -> Tensor | None:
@@ -125,6 +144,12 @@ def attn_mask(c: Caller, mask: Tensor | None, q: Tensor, shape: tuple[int, int, 
         raise c.type_error(f"attn_mask must be bool or have {c.q}'s dtype {q.dtype}, got {mask.dtype}")
     if mask.device != q.device:
         raise c.value_error(f"attn_mask must be on {c.q}'s device {q.device}, got {mask.device}")
+    if mask.requires_grad and torch.is_grad_enabled():
+        raise c.value_error(
+            "attn_mask requires grad, but fastarch's attention gives the mask no gradient (as FlashAttention);"
+            " pass attn_mask.detach() to leave it untrained, or run torch's scaled_dot_product_attention for a"
+            " learned bias (fastarch.sdpa_override hands such calls to it)"
+        )
     m = tuple(mask.shape)
     if len(m) > 4 or any(a not in (1, b) for a, b in zip(m[::-1], shape[::-1])):
         raise c.value_error(f"attn_mask of shape {m} does not broadcast to (batch, heads, Sq, Sk) = {shape}")

@@ -74,9 +74,10 @@ def attention_decode(
     window_left, window_right = checks.window(c, window)
     if window_right != -1:
         raise c.value_error(f"window must be an int (keys to the left of each new token), got {window!r}")
+    causal = checks.check_flag(c, "causal", causal)
     q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     out, lse = _attention_decode(
-        q, k_cache, v_cache, cache_seqlens, bool(causal), scale, window_left, registry.requested_backend(backend)
+        q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, registry.requested_backend(backend)
     )
     return (out, lse) if return_lse else out
 
@@ -134,6 +135,16 @@ def append_kv(
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.shape[3] > 1 and cache.stride(3) != 1:
             raise c.value_error(f"{name} must have a contiguous last dim (it is written in place), got strides {cache.stride()}")
+        if any(stride == 0 and size > 1 for stride, size in zip(cache.stride(), cache.shape)):
+            raise c.value_error(
+                f"{name} must not hold elements that share memory (an expanded tensor?): it is written in place,"
+                f" got shape {tuple(cache.shape)} and strides {cache.stride()}"
+            )
+        if cache.requires_grad and cache.is_leaf and torch.is_grad_enabled():
+            raise c.value_error(
+                f"{name} is a leaf tensor that requires grad, which append_kv cannot write in place (as torch's"
+                " in-place ops refuse); give a cache without requires_grad, or call it under torch.no_grad()"
+            )
     k_new, v_new = last_dim_contiguous(k_new), last_dim_contiguous(v_new)
     if k_new.shape[2] > k_cache.shape[2]:
         raise c.value_error(f"k_new's {k_new.shape[2]} tokens do not fit the cache's {k_cache.shape[2]} slots")

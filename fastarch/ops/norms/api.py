@@ -27,9 +27,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # ----------------------------------------------------------------------------- input checks
 
 
-def _check_tensor(t: object, name: str) -> Tensor:
+def _check_tensor(t: object, name: str, op: str) -> Tensor:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"fastarch.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     return t
 
 
@@ -38,7 +38,9 @@ def _check_inputs(
 ) -> None:
     """Raises a ValueError/TypeError naming the bad argument and what was expected: each op's
     check (dispatch.custom_op), run once per call before torch's own argument parsing."""
-    _check_tensor(x, "x")
+    _check_tensor(x, "x", op)
+    if residual is None and op.startswith("add_"):
+        raise TypeError(f"fastarch.{op}: residual must be a torch.Tensor of x's shape, got None")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"fastarch.{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() < 1:
@@ -50,7 +52,7 @@ def _check_inputs(
     for name, t in others.items():
         if t is None:
             continue
-        _check_tensor(t, name)
+        _check_tensor(t, name, op)
         expected = tuple(x.shape) if name == "residual" else (n,)
         if tuple(t.shape) != expected:
             what = "x's shape" if name == "residual" else "x's last dimension"
@@ -67,7 +69,7 @@ def check_eps(op: str, eps: object) -> None:
     dynamic=True traces Python floats as symbols, which compare but have no isfinite.)"""
     if isinstance(eps, bool) or not isinstance(eps, (int, float, torch.SymFloat)):
         raise TypeError(f"fastarch.{op}: eps must be a float, got {type(eps).__name__}")
-    if not 0 <= eps < math.inf:
+    if not 0 <= eps <= 1.7976931348623157e308:  # (an int past the float range is not finite)
         raise ValueError(f"fastarch.{op}: eps must be finite and >= 0, got {eps}")
 
 

@@ -18,9 +18,18 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 def _need(scaling: dict, key: str, rope_type: str) -> Any:
+    """rope_scaling[key], which every rope type that reads it needs: a finite number > 0 (a
+    factor, a frequency factor or a context length)."""
     if scaling.get(key) is None:
         raise ValueError(f"fastarch.rotary_tables: rope_scaling of rope_type {rope_type!r} needs {key!r}")
-    return scaling[key]
+    return _positive(scaling, key)
+
+
+def _positive(scaling: dict, key: str) -> float:
+    value = scaling[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"fastarch.rotary_tables: rope_scaling[{key!r}] must be a finite number > 0, got {value!r}")
+    return value
 
 
 def _base_inv_freq(dim: int, base: float, device) -> Tensor:
@@ -48,9 +57,10 @@ def _yarn(dim: int, base: float, scaling: dict, device) -> tuple[Tensor, float]:
     """YaRN: interpolated (divided by factor) frequencies for the long wavelengths, the original
     ones for the short, a linear ramp between; and the attention factor 0.1 ln(factor) + 1."""
     original = _need(scaling, "original_max_position_embeddings", "yarn")
-    factor = scaling.get("factor")
-    if factor is None:  # DeepSeek-V3's configs: the ratio of the context lengths
+    if scaling.get("factor") is None:  # DeepSeek-V3's configs: the ratio of the context lengths
         factor = _need(scaling, "max_position_embeddings", "yarn") / original
+    else:
+        factor = _positive(scaling, "factor")
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -87,6 +97,8 @@ def inverse_frequencies(
         raise ValueError(f"fastarch.rotary_tables: dim (the rotary dim) must be an even int >= 2, got {dim!r}")
     if not (isinstance(base, (int, float)) and base > 1 and base < math.inf):
         raise ValueError(f"fastarch.rotary_tables: base must be a finite number > 1, got {base!r}")
+    if rope_scaling is not None and not isinstance(rope_scaling, dict):
+        raise TypeError(f"fastarch.rotary_tables: rope_scaling must be a dict or None, got {type(rope_scaling).__name__}")
     scaling = dict(rope_scaling or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
@@ -139,6 +151,8 @@ def rotary_tables(
     """
     if isinstance(max_pos, bool) or not isinstance(max_pos, int) or max_pos < 1:
         raise ValueError(f"fastarch.rotary_tables: max_pos must be an int >= 1, got {max_pos!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"fastarch.rotary_tables: dtype must be a floating-point torch.dtype, got {dtype!r}")
     inv_freq, attention_factor = inverse_frequencies(dim, base, rope_scaling, seq_len, device)
     positions = torch.arange(max_pos, device=device, dtype=torch.int64).to(torch.float32)
     angles = positions[:, None] * inv_freq[None, :]

@@ -28,7 +28,7 @@ CASES = {
     "mask-dtype": (lambda: ops.attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.float16)), TypeError, "attn_mask must be bool or have q's dtype"),
     "kpm-shape": (lambda: ops.attention(q, k, v, key_padding_mask=torch.ones(2, 6, dtype=torch.bool)), ValueError, r"key_padding_mask must be bool of shape \(batch, Sk\) = \(2, 7\)"),
     "kpm-dtype": (lambda: ops.attention(q, k, v, key_padding_mask=torch.ones(2, 7)), ValueError, "key_padding_mask must be bool"),
-    "window": (lambda: ops.attention(q, k, v, window=-3), ValueError, "window must be >= 0"),
+    "window": (lambda: ops.attention(q, k, v, window=-3), ValueError, r"window must be an int in \[0, 2\*\*63\).*got -3"),
     "window-pair": (lambda: ops.attention(q, k, v, window=(1, 2, 3)), ValueError, "window must be an int >= 0 or a pair"),
     "dropout": (lambda: ops.attention(q, k, v, dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
     "dropout-negative": (lambda: ops.attention(q, k, v, dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\]"),
@@ -50,7 +50,33 @@ CASES = {
     "max-seqlen-negative": (lambda: ops.attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32), max_seqlen_q=-1), ValueError, "max_seqlen_q must be an int >= 0"),
     "append-kv-too-long": (lambda: ops.append_kv(k.clone(), v.clone(), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), torch.zeros(2, dtype=torch.int32)), ValueError, "k_new's 8 tokens do not fit the cache's 7 slots"),
     "append-kv-seqlens-device": (lambda: ops.append_kv(k.clone(), v.clone(), k[:, :, :1], v[:, :, :1], torch.zeros(2, dtype=torch.int32, device="meta")), ValueError, "cache_seqlens must be on k_cache's device cpu"),
+    # an expanded cache: one write would land in every slot that shares the element
+    "append-kv-expanded-cache": (lambda: ops.append_kv(torch.zeros(1, 2, 1, 16).expand(2, 2, 7, 16), v.clone(), k[:, :, :1], v[:, :, :1], torch.zeros(2, dtype=torch.int32)), ValueError, "k_cache must not hold elements that share memory"),
+    "append-kv-leaf-cache": (lambda: ops.append_kv(k.clone(), v.clone().requires_grad_(), k[:, :, :1], v[:, :, :1], torch.zeros(2, dtype=torch.int32)), ValueError, "v_cache is a leaf tensor that requires grad"),
+    "max-seqlen-unpacked": (lambda: ops.attention(q, k, v, max_seqlen_q=-7), ValueError, "max_seqlen_q and max_seqlen_k go with packed sequences"),
+    "causal-string": (lambda: ops.attention(q, k, v, causal="no"), TypeError, "causal must be a bool, got 'no'"),
+    "causal-tensor": (lambda: ops.attention(q, k, v, causal=torch.tensor([1, 0])), TypeError, "causal must be a bool"),
+    "decode-causal-string": (lambda: ops.attention_decode(q[:, :, :1], k, v, torch.tensor([3, 4], dtype=torch.int32), causal="yes"), TypeError, "causal must be a bool"),
+    "generator-type": (lambda: ops.attention(q, k, v, dropout_p=0.1, generator="x"), TypeError, "generator must be a torch.Generator or None, got str"),
+    "scale-past-float": (lambda: ops.attention(q, k, v, scale=10**400), ValueError, "scale must be a finite float"),
+    "window-past-int64": (lambda: ops.attention(q, k, v, window=2**64), ValueError, r"window must be an int in \[0, 2\*\*63\)"),
+    "window-pair-past-int64": (lambda: ops.attention(q, k, v, window=(2**63, 0)), ValueError, "window must be an int >= 0 or a pair"),
+    # the kernels give the mask no gradient: a mask that wants one is refused, not ignored
+    "mask-requires-grad": (lambda: ops.attention(q, k, v, attn_mask=torch.zeros(5, 7, requires_grad=True)), ValueError, r"attn_mask requires grad.*attn_mask.detach\(\)"),
 }
+
+
+def test_mask_requiring_grad_runs_without_grad_mode():
+    """Without grad mode nothing is dropped: the mask runs as a constant."""
+    mask = torch.randn(5, 7, requires_grad=True)
+    with torch.no_grad():
+        out = ops.attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ops.attention(q, k, v, attn_mask=mask.detach()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flag", [True, False, 1, 0])
+def test_causal_takes_bools_and_zero_one(flag):
+    torch.testing.assert_close(ops.attention(q, k, v, causal=flag), ops.attention(q, k, v, causal=bool(flag)), rtol=0, atol=0)
 
 k4, v4 = torch.randn(2, 4, 7, 16), torch.randn(2, 4, 7, 16)
 

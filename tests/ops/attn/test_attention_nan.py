@@ -68,11 +68,13 @@ def _check(name: str, got: torch.Tensor, must: torch.Tensor, allowed: torch.Tens
 
 # ----------------------------------------------------------------------------- attention
 
-POSITIONS = ["none", "q", "k", "k0", "v", "dout", "mask", "k_masked", "q_unseen"]
+POSITIONS = ["none", "q", "k", "k0", "v", "dout", "mask", "k_masked", "q_unseen", "v_unseen"]
 # none: no NaN anywhere; k0: NaN in key 0, the only key query 0 sees with causal (its other
 # scores of the tile are -inf); mask: NaN in a float attn_mask entry that the query sees (and,
 # with causal, one that it does not); k_masked: NaN in a key that attn_mask -inf hides from
-# the even queries; q_unseen: NaN in the q of a query that attn_mask hides every key from.
+# the even queries; q_unseen: NaN in the q of a query that attn_mask hides every key from;
+# v_unseen: NaN in a v row, and a query that attn_mask hides every key from (its out stays 0:
+# the NaN times its p = 0 must not reach it).
 
 
 @dataclass
@@ -105,13 +107,13 @@ def _inputs(position: str, causal: bool, gqa: bool, S: int, D: int, dtype, devic
     if causal:
         vis = torch.tril(vis)
     mask = None
-    if position in ("mask", "k_masked", "q_unseen"):
+    if position in ("mask", "k_masked", "q_unseen", "v_unseen"):
         mask = 0.5 * torch.randn(B, H, S, S, generator=g, dtype=torch.float64)
     if position in ("q", "q_unseen"):
         q[1, c.hq, c.iq, QK_COL] = NAN
     elif position in ("k", "k0", "k_masked"):
         k[1, c.hk, c.jk, QK_COL] = NAN
-    elif position == "v":
+    elif position in ("v", "v_unseen"):
         v[1, c.hk, c.jk, V_COL] = NAN
     elif position == "dout":
         dout[1, c.hq, c.iq, V_COL] = NAN
@@ -122,7 +124,7 @@ def _inputs(position: str, causal: bool, gqa: bool, S: int, D: int, dtype, devic
     if position == "k_masked":
         mask[:, :, 0::2, c.jk] = float("-inf")
         vis[0::2, c.jk] = False
-    if position == "q_unseen":
+    if position in ("q_unseen", "v_unseen"):
         mask[:, :, c.iq, :] = float("-inf")
         vis[c.iq, :] = False
     to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
@@ -152,12 +154,12 @@ def _expected(position: str, c: Case, vis: torch.Tensor):
             dv_ok[1, c.hk] = True
         out_ok, dq_ok = out.clone(), dq.clone()
         dk_ok[1, c.hk] = True
-    elif position in ("k", "k0", "k_masked", "v"):
+    elif position in ("k", "k0", "k_masked", "v", "v_unseen"):
         # the queries (1, h in G, i) that see key jk, and the keys they see
         seers = vis[:, c.jk]
         keys = vis[seers].any(0)
         for h in G:
-            if position == "v":
+            if position in ("v", "v_unseen"):
                 out[1, h, seers, V_COL] = True
                 out_ok[1, h, :, V_COL] = True
             else:
@@ -165,11 +167,11 @@ def _expected(position: str, c: Case, vis: torch.Tensor):
                 lse[1, h, seers] = True
             dq[1, h, seers] = True
             dq_ok[1, h] = True
-        if position != "v":
+        if position not in ("v", "v_unseen"):
             out_ok = out.clone()
         dk[1, c.hk, keys] = True
         dk_ok[1, c.hk] = True
-        if position != "v":  # dv = P^T dO does not read v
+        if position not in ("v", "v_unseen"):  # dv = P^T dO does not read v
             dv[1, c.hk, keys] = True
             dv_ok[1, c.hk] = True
     elif position == "q_unseen":

@@ -107,6 +107,30 @@ def test_tables_arguments():
         ops.rotary_tables(8, 16, base=float("inf"))
 
 
+@pytest.mark.parametrize("scaling,key", [
+    ({"rope_type": "linear", "factor": 0}, "factor"),
+    ({"rope_type": "linear", "factor": float("nan")}, "factor"),
+    ({"rope_type": "yarn", "factor": 0.0, "original_max_position_embeddings": 16}, "factor"),
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0}, "original_max_position_embeddings"),
+    ({"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 0}, "max_position_embeddings"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": -1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16}, "low_freq_factor"),
+    ({"rope_type": "linear", "factor": "2"}, "factor"),
+])
+def test_tables_scaling_values(scaling, key):
+    """A factor or context length that is not a finite number > 0 is refused by name (it had
+    given all-NaN tables, a ZeroDivisionError or a bare math domain error)."""
+    with pytest.raises(ValueError, match=rf"rope_scaling\['{key}'\] must be a finite number > 0"):
+        ops.rotary_tables(8, 16, rope_scaling=scaling)
+
+
+def test_tables_types():
+    with pytest.raises(TypeError, match="rope_scaling must be a dict or None, got list"):
+        ops.rotary_tables(8, 16, rope_scaling=[1, 2])
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        ops.rotary_tables(8, 16, dtype=torch.int32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_positions_past_the_table_on_cuda(backend):
