@@ -54,8 +54,8 @@ class Conv2d(nn.Conv2d):
             and x.shape[1] == self.in_channels  # (torch's conv2d says what is wrong otherwise)
         ):
             fused = add is None or self._fusable(x, add)
-            winograd = self._winograd_fits(x)
-            y = self._winograd_forward(x, add if fused else None) if winograd else self._packed_forward(x, add if fused else None)
+            inner = add if fused else None
+            y = self._winograd_forward(x, inner) if self._winograd_fits(x) else self._packed_forward(x, inner)
             return y if fused else y + add
         y = self._conv_forward(x, self.weight, self.bias)
         return y if add is None else y + add

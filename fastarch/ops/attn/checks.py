@@ -100,8 +100,10 @@ def check_scale(c: Caller, scale: object) -> None:
 def check_flag(c: Caller, name: str, value: object) -> bool:
     """A bool (or 0 / 1, numpy's bool, a traced SymBool), as a bool: a string or a tensor is
     refused rather than read by its truth ("no" would mean True)."""
-    if isinstance(value, (bool, torch.SymBool)) or type(value).__name__ == "bool_" or (type(value) is int and value in (0, 1)):
-        return value if isinstance(value, torch.SymBool) else bool(value)
+    if isinstance(value, torch.SymBool):
+        return value
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or (type(value) is int and value in (0, 1)):
+        return bool(value)
     raise c.type_error(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
 
 
