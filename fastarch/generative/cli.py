@@ -73,6 +73,8 @@ def train(args: argparse.Namespace) -> int:
         return _fail(command, f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         return _fail(command, f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.seed < 2**64:  # (what torch's generators take)
+        return _fail(command, f"--seed must be an int in [0, 2**64), got {args.seed}")
     progress = not args.no_progress
     fit = training.train_gan if command == "train-gan" else training.train_ddpm
     result = fit(steps=args.steps, batch_size=args.batch_size, seed=args.seed, progress=progress)
@@ -108,6 +110,8 @@ def sample(args: argparse.Namespace) -> int:
         return _fail("sample", f"--class must be a digit 0..{NUM_CLASSES - 1}, got {args.class_label}")
     if args.steps < 1:
         return _fail("sample", f"--steps must be at least 1, got {args.steps}")
+    if not 0 <= args.seed < 2**64:  # (the gan's sampler had failed with a traceback)
+        return _fail("sample", f"--seed must be an int in [0, 2**64), got {args.seed}")
     if args.out.suffix.lower() != ".png":
         return _fail("sample", f"--out must name a .png file, got {args.out}")
     checkpoint = args.checkpoint or CHECKPOINTS / f"{args.model}-digits"

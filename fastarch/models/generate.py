@@ -38,6 +38,8 @@ from the device on the host, which the protocol above allows.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -178,11 +180,23 @@ class KVCache:
 
 
 def _eos_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """eos_token_id as a list of ints (a string is refused: its characters are not ids)."""
     if eos_token_id is None:
         return []
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(t) for t in eos_token_id]
+    ids = [eos_token_id] if _is_int(eos_token_id) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(_is_int(t) and t >= 0 for t in ids):
+        raise TypeError(f"eos_token_id must be a token id (an int >= 0), a list of them, or None, got {eos_token_id!r}")
+    return [int(t) for t in ids]
+
+
+def _is_int(x: object) -> bool:
+    """An integer that is not a bool (Python's, numpy's, a 0-d integer tensor's item)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
 
 
 @dataclass
@@ -198,16 +212,21 @@ class SamplingOptions:
     repetition_penalty: float | None = None
 
     def check(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if name == "temperature" or getattr(self, name) is not None:
+                _check_number(name, getattr(self, name))
+        # (below 1e-30 the scaled logits overflow fp32 and the softmax has no finite probabilities;
+        # without sampling the temperature is not used, as in transformers)
+        if self.do_sample and not 1e-30 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 1e-30, got {self.temperature}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_penalty is not None and not 1e-30 <= self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number >= 1e-30, got {self.repetition_penalty}")
 
     def process(self, scores: Tensor, seen: Tensor | None) -> Tensor:
         """scores: (B, V) fp32 logits -> the scores the choice is made from (-inf: excluded).
@@ -300,6 +319,10 @@ def generate_tokens(
         pad_token_id = eos[0] if eos else 0
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
+    if stop_strings is not None and not all(isinstance(t, str) and t for t in stop_strings):
+        raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")
+    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {seed!r}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer (tokenizer=...) to read the generated text")
     B, S = input_ids.shape

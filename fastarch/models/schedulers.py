@@ -89,6 +89,15 @@ class _Scheduler:
         if not isinstance(c.num_train_timesteps, int) or c.num_train_timesteps < 1:
             raise ValueError(f"{type(self).__name__}: num_train_timesteps must be a positive int, got {c.num_train_timesteps!r}")
         self.betas = make_betas(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas)
+        if tuple(self.betas.shape) != (c.num_train_timesteps,) or not ((self.betas >= 0) & (self.betas < 1)).all():
+            # (a beta of 1 or more, or NaN, makes every sample NaN)
+            source = "trained_betas" if c.trained_betas is not None else f"beta_start={c.beta_start}, beta_end={c.beta_end}"
+            raise ValueError(
+                f"{type(self).__name__}: the betas must be num_train_timesteps={c.num_train_timesteps} numbers in [0, 1),"
+                f" got {tuple(self.betas.shape)} from {source}"
+            )
+        if not 0 < c.clip_sample_range < math.inf:
+            raise ValueError(f"{type(self).__name__}: clip_sample_range must be a finite number > 0, got {c.clip_sample_range}")
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.init_noise_sigma = 1.0
@@ -254,8 +263,8 @@ class DDIMScheduler(_Scheduler):
              generator: torch.Generator | None = None, use_clipped_model_output: bool = False) -> Tensor:
         """x_{t-k} from the model's output at x_t; eta > 0 adds eta * sigma_t of fresh noise."""
         t = self._check_step(model_output, timestep, sample)
-        if not eta >= 0:
-            raise ValueError(f"DDIMScheduler.step: eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:  # (past 1 the variance outgrows 1 - alpha-bar: NaN)
+            raise ValueError(f"DDIMScheduler.step: eta must be in [0, 1], got {eta}")
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         abar_t = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
@@ -322,6 +331,10 @@ def sample(
         x = torch.randn(tuple(shape_or_noise), generator=generator, device=gen_device, dtype=dtype).to(device)
     if eta and not isinstance(scheduler, DDIMScheduler):
         raise ValueError("sample: eta is a DDIM parameter; the scheduler is a DDPMScheduler")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"sample: guidance_scale must be a finite number, got {guidance_scale!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"sample: eta must be in [0, 1], got {eta}")
     guided = guidance_scale != 1.0
     if guided and class_labels is None and encoder_hidden_states is None:
         raise ValueError("sample: guidance_scale != 1 needs class_labels or encoder_hidden_states to guide with")

@@ -32,6 +32,8 @@ def test_train_gan_writes_a_checkpoint(tmp_path, capsys):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--out", "grid.jpg"], "--out must name a .png"),
     (["--checkpoint", "/nonexistent"], "cannot load"),
+    (["--seed", str(2**64)], "--seed must be an int in [0, 2**64)"),
+    (["--seed", "-1"], "--seed must be an int in [0, 2**64)"),
 ])
 @pytest.mark.parametrize("model", ["gan", "ddpm"])
 def test_sample_bad_input(model, args, message, capsys, tmp_path, monkeypatch):

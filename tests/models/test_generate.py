@@ -250,8 +250,15 @@ def test_bad_input(model):
         generate(model, ids.float(), max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, ids, max_new_tokens=-1)
-    for bad in (dict(temperature=0.0), dict(top_p=0.0), dict(top_k=0), dict(min_p=1.5), dict(repetition_penalty=0)):
+    # 1e-45: the scaled logits overflow fp32 (the softmax had failed inside torch.multinomial)
+    for bad in (dict(temperature=0.0), dict(temperature=1e-45), dict(temperature=float("nan")), dict(top_p=0.0),
+                dict(top_k=0), dict(top_k=True), dict(min_p=1.5), dict(repetition_penalty=0),
+                dict(repetition_penalty=1e-40), dict(seed=2**64), dict(seed=1.5), dict(stop_strings=[""])):
         with pytest.raises(ValueError, match=next(iter(bad))):
+            generate(model, ids, max_new_tokens=4, do_sample=True, tokenizer=object(), **bad)
+    for bad in (dict(temperature="1"), dict(top_p="0.9"), dict(eos_token_id="78"), dict(eos_token_id=3.0),
+                dict(eos_token_id=[None])):
+        with pytest.raises(TypeError, match=next(iter(bad))):  # a string eos id had been read digit by digit
             generate(model, ids, max_new_tokens=4, do_sample=True, **bad)
     cache = model.new_cache(1, 12)
     with pytest.raises(ValueError, match="cache holds 12"):

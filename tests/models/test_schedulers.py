@@ -106,6 +106,20 @@ def test_step_errors():
         s.step(torch.zeros(1, 3, 4, 5), 900, x)
     with pytest.raises(ValueError, match="num_inference_steps"):
         s.set_timesteps(1001)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):  # past 1: NaN samples
+        s.step(x, 900, x, eta=5.0)
+
+
+@pytest.mark.parametrize("config", [dict(beta_end=1.0), dict(beta_end=1.5), dict(beta_start=-0.1),
+                                    dict(beta_end=float("nan")), dict(trained_betas=[0.1] * 10),
+                                    dict(clip_sample_range=float("nan"))],
+                         ids=["end-1", "end-1.5", "start-negative", "end-nan", "trained-length", "clip-nan"])
+def test_out_of_range_schedules_refused(config):
+    """A beta outside [0, 1), NaN, or trained_betas of another length than num_train_timesteps
+    had sampled NaN (or failed with an IndexError): each is refused at construction."""
+    for cls in (DDPMScheduler, DDIMScheduler):
+        with pytest.raises(ValueError, match="betas must be|clip_sample_range"):
+            cls(**config)
 
 
 class DiffusersUNet(torch.nn.Module):
@@ -187,3 +201,9 @@ def test_classifier_free_guidance(tmp_path):
     assert ((got - x).abs().max() / x.abs().max()).item() <= 5e-4
     with pytest.raises(ValueError, match="guidance_scale"):
         sample(model, DDIMScheduler(), noise, guidance_scale=2.0, num_inference_steps=2, progress=False)
+    for bad in (float("nan"), float("inf")):  # (an all-NaN sample before)
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            sample(model, DDIMScheduler(), noise, class_labels=labels, encoder_hidden_states=context,
+                   guidance_scale=bad, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        sample(model, DDIMScheduler(), noise, eta=5.0, num_inference_steps=2, progress=False)
