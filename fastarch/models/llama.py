@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+import warnings
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -107,6 +108,10 @@ class LlamaConfig:
         return cfg
 
     def check(self) -> None:
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            # (else every forward fails in its first norm, and generate blames NaN logits)
+            raise CheckpointError(f"config.json: rms_norm_eps must be a finite number >= 0, got {eps!r}")
         if self.hidden_act != "silu":
             raise CheckpointError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         kv = self.num_key_value_heads or self.num_attention_heads
@@ -334,6 +339,11 @@ class Llama(CausalLM):
         else:
             config, weights = read_config(path), read_weights(path)
         cfg = LlamaConfig.from_dict(config)
+        if cfg.tie_word_embeddings and _stored_head_differs(weights):
+            # as transformers (5.x) loads it: a head stored apart from the embeddings is kept
+            warnings.warn(f"{path}: tie_word_embeddings is set, but the checkpoint stores an lm_head.weight"
+                          " that differs from the embeddings: the stored head is used, untied (as transformers does)")
+            cfg = replace(cfg, tie_word_embeddings=False)
         model = cls(cfg)
         weights = _stack(weights, cfg)
         tied = cfg.tie_word_embeddings
@@ -345,6 +355,12 @@ class Llama(CausalLM):
             return None if tied and name == "lm_head.weight" else name  # a copy of embed_tokens, if saved
 
         return load_into(model, weights, name_of, dtype=dtype, device=device, optional=["lm_head.weight"] if tied else [])
+
+
+def _stored_head_differs(weights: dict[str, Tensor]) -> bool:
+    head = weights.get("lm_head.weight")
+    embed = weights.get("model.embed_tokens.weight", weights.get("embed_tokens.weight"))
+    return head is not None and embed is not None and not torch.equal(head, embed)
 
 
 def gguf_path(path: str | os.PathLike, gguf_file: str | os.PathLike | None) -> Path | None:

@@ -297,6 +297,10 @@ def test_checkpoint_not_fitting_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
     with pytest.raises(CheckpointError, match="hidden_act 'gelu'"):
         from_pretrained(tmp_path)
+    for eps in (-1.0, float("nan")):  # (it had loaded, and generate blamed NaN logits)
+        (tmp_path / "config.json").write_text(json.dumps({**config, "rms_norm_eps": eps}))
+        with pytest.raises(CheckpointError, match="rms_norm_eps must be a finite number >= 0"):
+            from_pretrained(tmp_path)
 
 
 def test_cli_without_the_default_model(monkeypatch, capsys):
@@ -356,3 +360,20 @@ def test_transformers_4_config_keys(tmp_path):
     assert model.config.rope_scaling["rope_type"] == "llama3"
     with torch.no_grad():
         assert torch.equal(model(ids, mask), ref)
+
+
+def test_tied_config_with_a_stored_head_loads_as_transformers(tmp_path):
+    """tie_word_embeddings set, but the file holds an lm_head.weight unlike the embeddings:
+    transformers keeps the stored head, untied (with a warning), and so do we (we had tied it,
+    dropping the stored head: logits 14 apart)."""
+    hf0 = make(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(hf.lm_head.weight, hf0.lm_head.weight)  # what transformers does, checked
+    with pytest.warns(UserWarning, match="the stored head is used, untied"):
+        model = from_pretrained(tmp_path)
+    assert model.lm_head.weight is not model.embed_tokens.weight
+    ids, mask = gpt2_tiny.prompts(LENGTHS, "right")
+    with torch.no_grad():
+        assert _rel_err(model(ids, mask), _logits(hf, ids, mask), mask) < FP32_REL
