@@ -213,7 +213,7 @@ def _generate(args) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()  # the text before the figures when both go to one terminal
     s = gen.stats
-    decoded = s["new_tokens"] - 1  # the first new token comes out of the prefill
+    decoded = max(s["new_tokens"] - 1, 0)  # the first new token comes out of the prefill (none: 0)
     prefill = s["prompt_tokens"] / s["prefill_s"] if s["prefill_s"] else float("nan")
     decode = decoded / s["decode_s"] if s["decode_s"] else float("nan")
     print(f"prefill: {s['prompt_tokens']} tokens in {s['prefill_s']:.3f} s ({prefill:.1f} tokens/s); decode:"

@@ -54,6 +54,9 @@ def from_pretrained(
     or ``path`` is a .gguf file): its general.architecture picks the family."""
     from fastarch.models.llama import gguf_path
 
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"from_pretrained: dtype must be a floating-point torch.dtype (torch.float16, ...) or None,"
+                        f" got {dtype!r}")
     file = gguf_path(path, gguf_file)
     if file is not None:
         arch = _gguf_architecture(file)

@@ -582,7 +582,8 @@ class TextGenerator:
 
     def stream(self, prompt: str | list[dict], *, chat: bool = False, max_new_tokens: int = 64, **options) -> Iterator[str]:
         """Yields the new text piece by piece as the tokens come (a piece ends on a whole
-        character). With stop_strings, the text ends with the first stop string."""
+        character). With stop_strings, the text ends with the first stop string. The arguments
+        are checked at the call, before the first piece."""
         ids = self.encode(prompt, chat=chat)
         if options.get("eos_token_id") is None:
             options["eos_token_id"] = self.eos_token_id
@@ -591,11 +592,16 @@ class TextGenerator:
         if stops:
             options["tokenizer"] = self.tokenizer
         eos = set(_eos_list(options["eos_token_id"]))
-        new: list[int] = []
-        said = text = ""
         self.stats = {"prompt_tokens": ids.shape[1], "prefill_s": 0.0, "new_tokens": 0, "decode_s": 0.0}
         start = time.perf_counter()
-        for token in generate_tokens(self.model, ids, max_new_tokens=max_new_tokens, **options):
+        tokens = generate_tokens(self.model, ids, max_new_tokens=max_new_tokens, **options)  # (checks now)
+        return self._pieces(tokens, eos, stops, start)
+
+    def _pieces(self, tokens: Iterator[Tensor], eos: set[int], stops: list[str], start: float) -> Iterator[str]:
+        """stream's text pieces from generate_tokens' tokens (batch 1), timing them in stats."""
+        new: list[int] = []
+        said = text = ""
+        for token in tokens:
             now = time.perf_counter()
             if not new and not self.stats["new_tokens"]:
                 self.stats["prefill_s"] = now - start

@@ -214,6 +214,8 @@ def test_text_generator_stream_and_chat(text_gen):
     assert tok.decode(chat) == "<|user|>hi<|end|><|assistant|>"
     assert gen.generate("hi", chat=True, max_new_tokens=5, eos_token_id=[]) == tok.decode(
         generate(gen.model, torch.tensor([chat]), max_new_tokens=5, eos_token_id=[])[0, len(chat):])
+    with pytest.raises(ValueError, match="max_new_tokens"):  # at the call (it had waited for the first next())
+        gen.stream("hi", max_new_tokens=-1)
 
 
 def test_cli_generate(text_gen, capsys):
@@ -229,6 +231,8 @@ def test_cli_generate(text_gen, capsys):
     assert first == second
     assert main(["generate", "Once upon", "--model", str(path), "--chat", "--max-new-tokens", "4"]) == 0
     capsys.readouterr()
+    assert main(["generate", "Once upon", "--model", str(path), "--max-new-tokens", "0"]) == 0
+    assert " 0 tokens in" in capsys.readouterr().err  # (it had said "decode: -1 tokens")
     # no --model runs the default GGUF model (test_llama.py checks the message when it is missing)
     for argv, message in [(["generate", "x", "--model", str(path / "nowhere")], "config.json"),
                           (["generate", "x", "--model", str(path), "--device", "nonsense"], "--device nonsense"),

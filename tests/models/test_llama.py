@@ -377,3 +377,10 @@ def test_tied_config_with_a_stored_head_loads_as_transformers(tmp_path):
     ids, mask = gpt2_tiny.prompts(LENGTHS, "right")
     with torch.no_grad():
         assert _rel_err(model(ids, mask), _logits(hf, ids, mask), mask) < FP32_REL
+
+
+def test_from_pretrained_dtype_must_be_a_float_dtype(tmp_path):
+    make(tmp_path)
+    for bad in ("float16", torch.int8):  # (a string had been read as a device: "Invalid device string")
+        with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+            from_pretrained(tmp_path, dtype=bad)
