@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fastarch import ops
 from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear: a decode step's weights streamed once
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
-from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
+from fastarch.models.loading import CheckpointError, check_sizes, load_into, read_config, read_weights
 
 # transformers' activation names -> bias_gelu's approximate
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -98,6 +98,7 @@ class GPT2Config:
         return cfg
 
     def check(self) -> None:
+        check_sizes(self, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"))
         if self.n_embd % self.n_head:
             raise CheckpointError(f"config.json: n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.activation_function not in _GELU:

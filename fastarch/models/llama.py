@@ -35,10 +35,15 @@ from torch import Tensor, nn
 from fastarch import ops
 from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
-from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
+from fastarch.models.loading import CheckpointError, check_sizes, load_into, read_config, read_weights
 from fastarch.nn import Linear  # the head on fastarch.ops.linear: the generation loop calls it as a module
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+# the config's sizes, each an int >= 1
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "max_position_embeddings")
 
 
 @dataclass
@@ -100,6 +105,7 @@ class LlamaConfig:
             config["hidden_act"] = "silu"
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in config.items() if k in names and v is not None})
+        check_sizes(cfg, _SIZES)  # (before the sizes derived from them)
         if config.get("num_key_value_heads") is None:
             cfg.num_key_value_heads = cfg.num_attention_heads
         if config.get("head_dim") is None:
@@ -108,6 +114,7 @@ class LlamaConfig:
         return cfg
 
     def check(self) -> None:
+        check_sizes(self, _SIZES)
         eps = self.rms_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
             # (else every forward fails in its first norm, and generate blames NaN logits)

@@ -31,9 +31,21 @@ def read_config(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{path}: no config.json (a Hugging Face checkpoint directory holds one)")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: must hold a JSON object of settings, got a {type(config).__name__}")
+    return config
+
+
+def check_sizes(config: object, names: Iterable[str]) -> None:
+    """Each named field of a model config is an int >= 1 (a zero head count had divided by
+    zero, a string or a float size failed deep in torch): a CheckpointError naming it."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"config.json: {name} must be an int >= 1, got {value!r}")
 
 
 def _read_safetensors(file: Path) -> dict[str, Tensor]:

@@ -179,6 +179,15 @@ def test_missing_tensor_and_bad_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_function": "swish"}))
     with pytest.raises(CheckpointError, match="activation_function"):
         from_pretrained(tmp_path)
+    # sizes that are not ints >= 1 (a ZeroDivisionError, a negative dimension, a TypeError deep in
+    # torch before), and a config that is not a JSON object
+    for field, bad in (("n_head", 0), ("n_positions", -1), ("n_embd", "64"), ("n_positions", 64.0)):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, field: bad}))
+        with pytest.raises(CheckpointError, match=rf"{field} must be an int >= 1, got {bad!r}"):
+            from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps([cfg]))
+    with pytest.raises(CheckpointError, match="must hold a JSON object of settings, got a list"):
+        from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     del weights["transformer.h.1.ln_2.bias"]
     save_file(weights, str(tmp_path / "model.safetensors"))

@@ -297,6 +297,9 @@ def test_checkpoint_not_fitting_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
     with pytest.raises(CheckpointError, match="hidden_act 'gelu'"):
         from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    with pytest.raises(CheckpointError, match="num_attention_heads must be an int >= 1, got 0"):
+        from_pretrained(tmp_path)  # (a ZeroDivisionError before)
     for eps in (-1.0, float("nan")):  # (it had loaded, and generate blamed NaN logits)
         (tmp_path / "config.json").write_text(json.dumps({**config, "rms_norm_eps": eps}))
         with pytest.raises(CheckpointError, match="rms_norm_eps must be a finite number >= 0"):
