@@ -264,6 +264,9 @@ class SamplingOptions:
 def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor (1 = a real token, 0 = padding) or None,"
+                        f" got {type(attention_mask).__name__}")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
         attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)

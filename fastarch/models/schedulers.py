@@ -339,6 +339,8 @@ def sample(
     if guided and class_labels is None and encoder_hidden_states is None:
         raise ValueError("sample: guidance_scale != 1 needs class_labels or encoder_hidden_states to guide with")
     if class_labels is not None:
+        if not isinstance(class_labels, Tensor):  # (an AttributeError on .to before)
+            raise TypeError(f"sample: class_labels must be a tensor of class ids or None, got {type(class_labels).__name__}")
         class_labels = class_labels.to(device)
     labels, context, mask = class_labels, encoder_hidden_states, encoder_attention_mask
     if guided:

@@ -467,6 +467,9 @@ class T5(nn.Module):
         eos = _eos_list(eos_token_id if eos_token_id is not None else cfg.eos_token_id)
         pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
         start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < cfg.vocab_size:
+            # (an IndexError in the embedding otherwise; a device-side assert on a GPU)
+            raise ValueError(f"decoder_start_token_id must be a token id in [0, {cfg.vocab_size}), got {start!r}")
         B, device = input_ids.shape[0], input_ids.device
         out = torch.full((B, 1), start, dtype=torch.long, device=device)
         if max_new_tokens == 0:

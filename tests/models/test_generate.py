@@ -252,6 +252,8 @@ def test_bad_input(model):
         generate(model, ids.repeat(2, 1), torch.cat([mask, 0 * mask]), max_new_tokens=4)
     with pytest.raises(TypeError, match="integer"):
         generate(model, ids.float(), max_new_tokens=4)
+    with pytest.raises(TypeError, match="attention_mask must be a tensor"):  # (an AttributeError before)
+        generate(model, ids, mask.tolist(), max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, ids, max_new_tokens=-1)
     # 1e-45: the scaled logits overflow fp32 (the softmax had failed inside torch.multinomial)

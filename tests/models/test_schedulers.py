@@ -207,3 +207,5 @@ def test_classifier_free_guidance(tmp_path):
                    guidance_scale=bad, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
         sample(model, DDIMScheduler(), noise, eta=5.0, num_inference_steps=2, progress=False)
+    with pytest.raises(TypeError, match="class_labels must be a tensor of class ids or None, got list"):
+        sample(model, DDIMScheduler(), noise, class_labels=[1, 2], num_inference_steps=2, progress=False)

@@ -237,6 +237,8 @@ def test_bad_input(tmp_path):
         model.generate(ids, mask, max_new_tokens=-1)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(ids, mask, max_new_tokens=3, do_sample=True, top_p=2.0)
+    with pytest.raises(ValueError, match=r"decoder_start_token_id must be a token id in \[0, 97\), got 1000"):
+        model.generate(ids, mask, max_new_tokens=3, decoder_start_token_id=1000)  # (an IndexError before)
     assert model.generate(ids, mask, max_new_tokens=0).tolist() == [[0], [0]]
     with pytest.raises(ValueError, match=r"attention_mask: rows \[1\] have no real token"):
         model(ids, mask * torch.tensor([[1], [0]]), dec)
