@@ -31,7 +31,9 @@ from torch import Tensor, nn
 from fastarch import ops
 from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear: a decode step's weights streamed once
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
-from fastarch.models.loading import CheckpointError, check_sizes, load_into, read_config, read_weights
+from fastarch.models.loading import (
+    CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head,
+)
 
 # transformers' activation names -> bias_gelu's approximate
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -248,9 +250,9 @@ class GPT2(CausalLM):
         """The model of a transformers GPT-2 / GPT-Neo checkpoint directory (GPT2LMHeadModel,
         GPT2Model, GPTNeoForCausalLM), in eval mode."""
         config = read_config(path)
-        cfg = GPT2Config.from_dict(config)
-        model = cls(cfg)
         weights = read_weights(path)
+        cfg = untie_stored_head(GPT2Config.from_dict(config), weights, ("transformer.wte.weight", "wte.weight"), path)
+        model = cls(cfg)
         if config.get("model_type") == "gpt_neo":
             weights = _neo_weights(weights)
         weights = _from_conv1d(weights, model)

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -35,7 +34,9 @@ from torch import Tensor, nn
 from fastarch import ops
 from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
-from fastarch.models.loading import CheckpointError, check_sizes, load_into, read_config, read_weights
+from fastarch.models.loading import (
+    CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head,
+)
 from fastarch.nn import Linear  # the head on fastarch.ops.linear: the generation loop calls it as a module
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -346,11 +347,7 @@ class Llama(CausalLM):
         else:
             config, weights = read_config(path), read_weights(path)
         cfg = LlamaConfig.from_dict(config)
-        if cfg.tie_word_embeddings and _stored_head_differs(weights):
-            # as transformers (5.x) loads it: a head stored apart from the embeddings is kept
-            warnings.warn(f"{path}: tie_word_embeddings is set, but the checkpoint stores an lm_head.weight"
-                          " that differs from the embeddings: the stored head is used, untied (as transformers does)")
-            cfg = replace(cfg, tie_word_embeddings=False)
+        cfg = untie_stored_head(cfg, weights, ("model.embed_tokens.weight", "embed_tokens.weight"), path)
         model = cls(cfg)
         weights = _stack(weights, cfg)
         tied = cfg.tie_word_embeddings
@@ -362,12 +359,6 @@ class Llama(CausalLM):
             return None if tied and name == "lm_head.weight" else name  # a copy of embed_tokens, if saved
 
         return load_into(model, weights, name_of, dtype=dtype, device=device, optional=["lm_head.weight"] if tied else [])
-
-
-def _stored_head_differs(weights: dict[str, Tensor]) -> bool:
-    head = weights.get("lm_head.weight")
-    embed = weights.get("model.embed_tokens.weight", weights.get("embed_tokens.weight"))
-    return head is not None and embed is not None and not torch.equal(head, embed)
 
 
 def gguf_path(path: str | os.PathLike, gguf_file: str | os.PathLike | None) -> Path | None:

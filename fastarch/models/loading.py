@@ -10,8 +10,10 @@ that does not fit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -46,6 +48,19 @@ def check_sizes(config: object, names: Iterable[str]) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"config.json: {name} must be an int >= 1, got {value!r}")
+
+
+def untie_stored_head(cfg, weights: dict[str, Tensor], embed_names: Iterable[str], path: object):
+    """``cfg``, or a copy with tie_word_embeddings False when it is set but ``weights`` hold an
+    lm_head.weight unlike the embeddings (the first of ``embed_names`` present): transformers
+    (5.x) then keeps the stored head, untied, with a warning, and so do we, rather than drop it."""
+    head = weights.get("lm_head.weight")
+    embed = next((weights[name] for name in embed_names if name in weights), None)
+    if not cfg.tie_word_embeddings or head is None or embed is None or torch.equal(head, embed):
+        return cfg
+    warnings.warn(f"{path}: tie_word_embeddings is set, but the checkpoint stores an lm_head.weight that differs"
+                  " from the embeddings: the stored head is used, untied (as transformers does)")
+    return dataclasses.replace(cfg, tie_word_embeddings=False)
 
 
 def _read_safetensors(file: Path) -> dict[str, Tensor]:

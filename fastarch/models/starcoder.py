@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastarch.models.gpt2 import GPT2, GPT2Config, _model_name
-from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
+from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights, untie_stored_head
 
 # GPT2Config's keys that GPT-BigCode does not have (a gpt_bigcode config.json carrying them is
 # read as transformers reads it: without them)
@@ -78,7 +78,9 @@ class StarCoder(GPT2):
     ) -> StarCoder:
         """The model of a transformers GPT-BigCode checkpoint directory (GPTBigCodeForCausalLM or
         GPTBigCodeModel), in eval mode."""
-        cfg = StarCoderConfig.from_dict(read_config(path))
+        weights = read_weights(path)
+        cfg = untie_stored_head(StarCoderConfig.from_dict(read_config(path)), weights,
+                                ("transformer.wte.weight", "wte.weight"), path)
         model = cls(cfg)
         tied = cfg.tie_word_embeddings
 
@@ -88,7 +90,7 @@ class StarCoder(GPT2):
             target = _model_name(ckpt_name)  # the module names are GPT-2's
             return None if tied and target == "lm_head.weight" else target  # a copy of wte, if saved
 
-        return load_into(model, read_weights(path), name_of, dtype=dtype, device=device,
+        return load_into(model, weights, name_of, dtype=dtype, device=device,
                          optional=["lm_head.weight"] if tied else [])
 
 

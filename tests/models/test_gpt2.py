@@ -242,3 +242,22 @@ def test_cuda_matches_transformers(tmp_path, family):
             conv = n.split(".", 3)[-1] in _CONV1D
             grad = (lambda g: g.t() if conv else g)
             check(f"gradient of {name}", p.grad, grad(their_grads[n].grad), grad(true_grads[n].grad), dtype, 1e-4)
+
+
+def test_tied_config_with_a_stored_head_loads_as_transformers(tmp_path):
+    """tie_word_embeddings set, but the file holds an lm_head.weight unlike wte: transformers
+    keeps the stored head, untied (checked here), and so do we (we had tied it to wte)."""
+    import transformers
+
+    hf0 = gpt2_tiny.make(tmp_path, tie_word_embeddings=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(hf.lm_head.weight, hf0.lm_head.weight)
+    with pytest.warns(UserWarning, match="the stored head is used, untied"):
+        model = from_pretrained(tmp_path)
+    assert model.lm_head.weight is not model.wte.weight
+    ids, mask = gpt2_tiny.prompts(LENGTHS, "right")
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=gpt2_tiny.hf_positions(mask)).logits
+        assert _rel_err(model(ids, mask), ref, mask) < FP32_REL
