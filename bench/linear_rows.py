@@ -9,6 +9,13 @@ The measurements behind fastarch.ops.linear.backends.CPU_ROWS.
 
     python bench/linear_rows.py [--threads 2] [--rounds 5] [--rows 1,2,4,8,16,32] [--dtype fp32,bf16,fp16]
     python bench/linear_rows.py --device cuda --json out.json
+    python bench/linear_rows.py --widened [--rows 8,16,24,32,48,64,128,512] [--dtype bf16,fp16]
+
+--widened: for 16-bit weights on the CPU, the products of more rows, on one layer's projections
+(the four of a SmolLM2 layer, in cache as in a prefill): the AVX2 kernel, the same product
+widened to fp32 on PyTorch's fp32 GEMM (backends.widened_linear) and PyTorch's own 16-bit
+F.linear, their GFLOP/s, side by side. The measurements behind CPU_ROWS["avx2"]'s 16-bit rows
+and WIDENED_DTYPES.
 """
 
 from __future__ import annotations
@@ -38,8 +45,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32,bf16,fp16")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", default="")
+    ap.add_argument("--widened", action="store_true", help="16-bit products of more rows: kernel, widened, F.linear")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.widened:
+        return widened(a)
     device = a.device
     bandwidth = copy_bandwidth(device) * 1e9  # bytes/s
     machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
@@ -87,6 +97,42 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"machine": machine, "weights_mb": nbytes / 1e6, "rows": results}, f, indent=1)
+
+
+def widened(a) -> None:
+    """The --widened comparison (see the module docstring)."""
+    from fastarch.ops.linear import cpp
+    from fastarch.ops.linear.backends import widened_linear
+
+    machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
+               "path": _extension.cpu_path(), "date": time.strftime("%Y-%m-%d")}
+    print(f"CPU: {machine['cpu']}; {a.threads} threads; {machine['path']}; torch {torch.__version__}")
+    print(f"{'dtype':<5} {'rows':>4} {'kernel ms':>9} {'widened ms':>10} {'F.linear ms':>11} {'kernel GF/s':>11}"
+          f" {'widened GF/s':>12} {'F.linear GF/s':>13}")
+    results = []
+    g = torch.Generator().manual_seed(0)
+    for name in a.dtype.split(","):
+        dtype = DTYPES[name]
+        if dtype == torch.float32:
+            continue
+        weights = [torch.randn(o, i, generator=g).to(dtype) for o, i in LAYER]
+        for rows in map(int, a.rows.split(",")):
+            xs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in {w.shape[1] for w in weights}}
+            flop = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
+            cases = {"kernel": cpp.forward, "widened": widened_linear, "F.linear": F.linear}
+            fns = {case: (lambda f=f: [f(xs[w.shape[1]], w, None) for w in weights]) for case, f in cases.items()}
+            times, errors = measure(fns, "cpu", a.rounds, memory=False)
+            if errors:
+                print(name, rows, errors)
+                continue
+            row = {"dtype": name, "rows": rows, **{f"{c}_ms": times[c].seconds * 1e3 for c in cases},
+                   **{f"{c}_gflops": flop / times[c].seconds / 1e9 for c in cases}}
+            results.append(row)
+            print(f"{name:<5} {rows:>4} {row['kernel_ms']:>9.3f} {row['widened_ms']:>10.3f} {row['F.linear_ms']:>11.3f}"
+                  f" {row['kernel_gflops']:>11.1f} {row['widened_gflops']:>12.1f} {row['F.linear_gflops']:>13.1f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine, "layer": LAYER, "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

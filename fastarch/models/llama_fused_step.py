@@ -22,7 +22,7 @@ from fastarch import registry
 from fastarch.ops import dispatch
 from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.attn.args import AttentionProblem
-from fastarch.ops.linear.backends import LinearProblem, cpu_gemm
+from fastarch.ops.linear.backends import LinearProblem, cpu_product
 from fastarch.ops.norms.backends import NormProblem
 from fastarch.ops.rope.backends import RotaryProblem
 
@@ -36,10 +36,11 @@ def _chosen(op: str, problem: object, requested: str) -> str | None:
         return None
 
 
-PRODUCTS = {"torch": 0, "kernel": 1, "onednn": 2}
+PRODUCTS = {"torch": 0, "kernel": 1, "onednn": 2, "widened": 3}
 """Where the loops run the products (their ``products`` argument): PyTorch's GEMM (the linear
-op's reference backend), the linear kernel, or oneDNN's matmul (the cpu backend past its
-kernel's rows, fastarch/ops/linear/backends.py)."""
+op's reference backend), the linear kernel, oneDNN's matmul (the cpu backend past its kernel's
+fp32 rows) or PyTorch's fp32 GEMM on 16-bit tensors widened (past its 16-bit rows at level
+avx2); fastarch/ops/linear/backends.py, cpu_product."""
 
 
 def _loop_allowed(x: Tensor, caches: list[Tensor], loop: str) -> bool:
@@ -67,7 +68,7 @@ def _products(model, rows: int, dtype: torch.dtype, requested: str, kernels: dic
     if linears == {"reference"}:
         return "torch"
     if linears == {"cpu"}:
-        return "onednn" if cpu_gemm(rows, dtype) else "kernel"
+        return cpu_product(rows, dtype)
     return None  # mixed
 
 
@@ -97,7 +98,7 @@ def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None
         "attention_decode": AttentionProblem(device, dtype, D, D, H, Hkv, window=window_left >= 0, decode=True),
     })
     products = _products(model, x.shape[0], dtype, registry.requested_backend(), kernels)
-    if products is None or products == "onednn":
+    if products is None or products in ("onednn", "widened"):
         return None  # the decode loop calls the kernel or at::linear
     return products == "kernel"
 

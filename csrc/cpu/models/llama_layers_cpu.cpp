@@ -68,8 +68,10 @@ const Kernels& kernels() {
 
 // Where the products run, as fastarch.ops.linear's registry chose for the rows of the call
 // (fastarch/ops/linear/backends.py): PyTorch's GEMM (the reference backend), the linear kernel
-// (a few rows), or oneDNN's matmul on the weight as it is (the cpu backend past its kernel's rows).
-enum class Products : int64_t { torch = 0, kernel = 1, onednn = 2 };
+// (a few rows), oneDNN's matmul on the weight as it is (the cpu backend past its kernel's fp32
+// rows), or PyTorch's fp32 GEMM on the 16-bit tensors widened, the result rounded once (past its
+// 16-bit rows at level avx2: widened_linear there).
+enum class Products : int64_t { torch = 0, kernel = 1, onednn = 2, widened = 3 };
 
 // oneDNN's matmul as the cpu backend calls it: torch.ops.mkldnn._linear_pointwise(x, weight,
 // bias, "none", [], ""). Looked up on first use (a torch built without oneDNN has no such op,
@@ -93,6 +95,10 @@ struct Step {
         return ops.linear.redispatch(kCpu, x, weight, bias);
       case Products::onednn:
         return onednn_linear(x, weight, bias);
+      case Products::widened: {
+        const OptTensor wide_bias = bias.has_value() ? OptTensor(bias->to(at::kFloat)) : std::nullopt;
+        return at::linear(x.to(at::kFloat), weight.to(at::kFloat), wide_bias).to(x.scalar_type());
+      }
       case Products::torch:
         break;
     }
@@ -174,8 +180,8 @@ Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, const c
   const bool cached = !k_caches.empty();
   const int64_t L = layers_of(who, weights, biases, k_caches, v_caches, eps, cached);
   TORCH_CHECK(x.dim() == 2, who, ": x must be (total, hidden)");
-  TORCH_CHECK(products >= 0 && products <= 2, who, ": products must be 0 (torch), 1 (kernel) or 2 (onednn), got ",
-              products);
+  TORCH_CHECK(products >= 0 && products <= 3, who,
+              ": products must be 0 (torch), 1 (kernel), 2 (onednn) or 3 (widened), got ", products);
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 && cu_seqlens.is_cpu() &&
                   cu_seqlens.is_contiguous() && cu_seqlens.size(0) >= 1,
               who, ": cu_seqlens must be a contiguous int32 CPU tensor (rows + 1,)");

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fastarch import registry
 from fastarch.ops import dispatch
-from fastarch.ops.linear.backends import LinearProblem
+from fastarch.ops.linear.backends import LinearProblem, widens
 from fastarch.ops.rows import as_rows
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -67,11 +67,17 @@ def _setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b; where PyTorch's 16-bit products have no vector path (backends.widens), widened to
+    fp32 and rounded once."""
+    return a.float().matmul(b.float()).to(a.dtype) if widens(a) else a.matmul(b)
+
+
 def _grad(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx = dy.matmul(weight) if ctx.needs_input_grad[0] else None
+    dx = _matmul(dy, weight) if ctx.needs_input_grad[0] else None
     dy_rows = dy.reshape(-1, dy.shape[-1])
-    dweight = dy_rows.t().matmul(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+    dweight = _matmul(dy_rows.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
     dbias = dy_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, dweight, dbias, None
 

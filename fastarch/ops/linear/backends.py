@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastarch import _extension, availability, registry
@@ -23,7 +24,7 @@ GPU_MAX_ROWS = 16
 """The most rows of x the GPU kernels take (not yet measured on a GPU)."""
 CPU_ROWS = {
     "avx512": {torch.float32: (1, 32), torch.bfloat16: (1, 4), torch.float16: (1, 32)},
-    "avx2": {torch.float32: (1, 32), torch.bfloat16: (1, 512), torch.float16: (3, 512)},
+    "avx2": {torch.float32: (1, 32), torch.bfloat16: (1, 24), torch.float16: (3, 24)},
     "generic": {torch.float32: (1, 4)},
 }
 """The rows of x (first, last) the CPU kernels take, per kernel build and dtype: where they beat
@@ -36,7 +37,11 @@ its AVX2 build, level avx2, measured on the same EPYC with PyTorch restricted to
 at AVX2: ~20 GFLOP/s) and 1.0-1.23x at 1 row, taken since x is widened in the kernel's build
 (x.to(float) had cost ~4 us a call) and fastarch.optimize's Linear calls the kernel directly
 (the op's ~15 us of Python had cost SmolLM2's decode a tenth); fp16 parity at 1, 0.75x at 2,
-1.1x at 3, 1.6-1.9x at 4-512.
+1.1x at 3, 1.6-1.9x at 4-512. On a real AVX2-only CPU (AMD EPYC, Zen 3, 2 threads; ``python
+bench/linear_rows.py --widened``, one SmolLM2 layer) PyTorch's 16-bit F.linear runs at ~19-23
+GFLOP/s at every row count, the kernel at 62-75 up to 24 rows and 47-55 from 128, and the
+product widened to fp32 (WIDENED_DTYPES) at 67 at 24 rows, 78-104 at 32-64 and 150 at 512:
+the kernel takes 16-bit rows up to 24, the widened product the rest.
 The "avx512" row covers every level from avx512 up (the same kernels)."""
 
 
@@ -49,6 +54,13 @@ weight as it is, no packed copy); ``torch``: the reference backend (``F.linear``
 in torch's x86 wheels). ``auto``: oneDNN on AMD CPUs, where it measured 1.05-1.3x F.linear
 (Zen 4, 2 threads: SmolLM2's and MiniLM's projections at 37-4096 rows; in bf16 the two are
 within 4%, so bf16 stays on F.linear), F.linear on others until measured there."""
+WIDENED_DTYPES = (torch.bfloat16, torch.float16)
+"""The dtypes whose products past the kernel's rows the cpu backend runs widened to fp32 on
+PyTorch's fp32 GEMM (widened_linear), at level avx2 only: on a CPU without AVX-512 PyTorch's own
+bf16 and fp16 GEMMs have no vector path (oneDNN's need AVX-512 or AVX-NE-CONVERT), measured on
+an AMD EPYC (Zen 3), 2 threads: F.linear bf16 ~19 GFLOP/s, fp16 ~23, a square torch.mm bf16
+~1.2, where widening and the fp32 GEMM reach 67 at 24 rows and 150 at 512 (``python
+bench/linear_rows.py --widened``)."""
 if CPU_GEMM not in ("auto", "onednn", "torch"):
     raise ValueError(f"FASTARCH_CPU_GEMM={CPU_GEMM!r}: expected auto, onednn or torch")
 
@@ -115,20 +127,51 @@ def _cpu_supports(p: LinearProblem) -> str | None:
             " slower than PyTorch's GEMV)"
         )
     first, last = CPU_ROWS[build][p.dtype]
-    if cpu_gemm(p.rows, p.dtype) and p.in_features > 0 and p.weight_contiguous and _onednn_gemm():
-        return None  # oneDNN's matmul
+    product = cpu_product(p.rows, p.dtype) if p.in_features > 0 and p.weight_contiguous else "kernel"
+    if product == "widened" or product == "onednn" and _onednn_gemm():
+        return None  # oneDNN's matmul, or the fp32 GEMM widened
     return _rows_reason(p, first, last, f"the {build} CPU kernel")
 
 
+def cpu_product(rows: int, dtype: torch.dtype) -> str:
+    """Where the cpu backend, once chosen, runs the product of ``rows`` rows of x: "kernel" (its
+    own), "onednn" (fp32 past the kernel's rows: oneDNN's matmul) or "widened" (16-bit past them
+    at level avx2: widened_linear)."""
+    if rows <= _kernel_rows(dtype)[1]:
+        return "kernel"
+    if dtype in CPU_GEMM_DTYPES:
+        return "onednn"
+    if dtype in WIDENED_DTYPES and _cpu_build() == "avx2":
+        return "widened"
+    return "kernel"  # (not taken: _cpu_supports gives the rows' reason)
+
+
 def cpu_gemm(rows: int, dtype: torch.dtype) -> bool:
-    """Whether the cpu backend, once chosen, runs these rows on oneDNN's matmul rather than on
-    its own kernel."""
-    return dtype in CPU_GEMM_DTYPES and rows > _kernel_rows(dtype)[1]
+    """Whether the cpu backend, once chosen, runs these rows on a GEMM (oneDNN's matmul, or
+    PyTorch's fp32 GEMM widened) rather than on its own kernel."""
+    return cpu_product(rows, dtype) != "kernel"
+
+
+def widens(t: Tensor) -> bool:
+    """Whether PyTorch's products of CPU tensor t's dtype run widened to fp32 here (the linear
+    op's backward too): a 16-bit dtype, at level avx2 (WIDENED_DTYPES)."""
+    return (t.dtype in WIDENED_DTYPES and t.device.type == "cpu" and availability.cpu() is None
+            and _cpu_build() == "avx2")
+
+
+def widened_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 16-bit product on the fp32 GEMM: x, W and b widened to fp32 (exactly), F.linear in fp32,
+    the result rounded once to x's dtype, as a 16-bit GEMM that sums in fp32 rounds it (the sums'
+    order is the fp32 GEMM's)."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
 def _cpu_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if x.shape[1] > 0 and cpu_gemm(x.shape[0], x.dtype):
+    product = cpu_product(x.shape[0], x.dtype) if x.shape[1] > 0 else "kernel"
+    if product == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if product == "widened":
+        return widened_linear(x, weight, bias)
     return cpp.forward(x, weight, bias)
 
 

@@ -212,11 +212,13 @@ def test_choice_follows_rows_dtype_and_build(cpu_isa, cpu_gemm):
         return registry.choose("linear", LinearProblem.of(x, w)).name
 
     cpu_isa("auto")
-    table = CPU_ROWS["avx512" if _C._cpu_avx512() else "avx2" if _C._cpu_portable_avx2() else "generic"]
+    build = "avx512" if _C._cpu_avx512() else "avx2" if _C._cpu_portable_avx2() else "generic"
     for dtype in DTYPES:
-        first, last = table.get(dtype, (1, 0))
-        for rows in (1, 2, 3, 4, 5, 8, 32, 33, 512):
-            assert (chosen(rows, dtype) == "cpu") == (first <= rows <= last), (dtype, rows)
+        first, last = CPU_ROWS[build].get(dtype, (1, 0))
+        # past the 16-bit rows at level avx2: the cpu backend's widened GEMM
+        widened = build == "avx2" and dtype in linear_backends.WIDENED_DTYPES
+        for rows in (1, 2, 3, 4, 5, 8, 32, 33, 512, 600):
+            assert (chosen(rows, dtype) == "cpu") == (first <= rows <= last or widened and rows > last), (dtype, rows)
     # elsewhere: PyTorch's (never Triton's interpreter, which runs CPU tensors only when asked for)
     assert chosen(1, torch.float64) == "reference"
     assert chosen(1, torch.float32, torch.randn(64, 32).t()) == "reference"  # a transposed weight
@@ -225,13 +227,53 @@ def test_choice_follows_rows_dtype_and_build(cpu_isa, cpu_gemm):
 
 
 def test_choice_at_level_avx2(cpu_isa, cpu_gemm):
-    """The AVX2 build's own rows: 16-bit weights too (PyTorch's bf16/fp16 products convert there)."""
+    """The AVX2 build's own rows: 16-bit weights too (PyTorch's bf16/fp16 products have no vector
+    path there), and past them the 16-bit products widened to fp32 on the cpu backend."""
     cpu_gemm("torch")  # (fp32 past the rows: F.linear, not oneDNN's matmul on the cpu backend)
     cpu_isa("avx2")  # (skips where the CPU or the build lacks it)
     assert CPU_ROWS["avx2"][torch.bfloat16][1] >= 8  # (a batch of decode steps)
     for dtype, (first, last) in CPU_ROWS["avx2"].items():
-        for rows in (1, 2, 4, last, last + 1):
-            assert (chosen_for(rows, dtype) == "cpu") == (first <= rows <= last), (dtype, rows)
+        for rows in (1, 2, 4, last, last + 1, 4096):
+            widened = dtype in linear_backends.WIDENED_DTYPES and rows > last
+            assert (chosen_for(rows, dtype) == "cpu") == (first <= rows <= last or widened), (dtype, rows)
+            assert linear_backends.cpu_product(rows, dtype) == ("widened" if widened else "onednn" if rows > last
+                                                                else "kernel"), (dtype, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_widened_16bit_products_at_level_avx2(cpu_isa, dtype):
+    """Past the kernel's 16-bit rows at level avx2, the cpu backend runs the product widened to
+    fp32 and rounds it once: exactly F.linear on the widened tensors, judged against fp64 as every
+    backend (NaN kept in its row); its backward's products are widened too. At the AVX-512
+    levels the same rows stay PyTorch's (the reference backend)."""
+    cpu_isa("avx2")
+    rows = CPU_ROWS["avx2"][dtype][1] + 7
+    for k, n in [(113, 37), (576, 1728), (1, 5)]:
+        for bias in (True, False):
+            x, w, b = make(rows, k, n, dtype, bias=bias)
+            y = ops.linear(x, w, b)
+            assert linear_backends.cpu_product(rows, dtype) == "widened"
+            wide = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+            assert torch.equal(y, wide)
+            check(y, x, w, b)
+    x, w, b = make(rows, 113, 37, dtype)
+    x[5, 7] = float("nan")
+    y = ops.linear(x, w, b)
+    assert y.isnan().any(1).nonzero().flatten().tolist() == [5] and y[5].isnan().all()
+    # the backward: dx = dy W and dW = dy^T x, in fp32 and rounded once
+    x, w, b = (t.requires_grad_() for t in make(rows, 113, 37, dtype))
+    dy = torch.randn(rows, 37, dtype=dtype)
+    ops.linear(x, w, b).backward(dy)
+    assert torch.equal(x.grad, (dy.float() @ w.float()).to(dtype))
+    assert torch.equal(w.grad, (dy.float().t() @ x.float()).to(dtype))
+    if _runs_avx512():
+        cpu_isa("avx512")
+        assert chosen_for(rows, dtype) == "reference"
+
+
+def _runs_avx512() -> bool:
+    info = fastarch._extension.build_info()
+    return info["cpu_has_avx512"] and "avx512" in info["cpu_kernels"]
 
 
 def chosen_for(rows, dtype, k=64):
@@ -241,10 +283,15 @@ def chosen_for(rows, dtype, k=64):
 def test_many_fp32_rows_on_onednn(cpu_gemm):
     """FASTARCH_CPU_GEMM=onednn: fp32 products past the kernel's rows on the cpu backend, by
     oneDNN's matmul, judged against fp64 like every backend (strided rows, NaN kept in its
-    row); bf16 and an empty K stay on F.linear; torch: F.linear; auto: oneDNN on AMD CPUs."""
+    row); bf16 (but at level avx2, widened) and an empty K stay on F.linear; torch: F.linear;
+    auto: oneDNN on AMD CPUs."""
     cpu_gemm("onednn")
     assert chosen_for(33, torch.float32) == "cpu" and chosen_for(512, torch.float32) == "cpu"
-    assert chosen_for(1024, torch.bfloat16) == "reference" and chosen_for(40, torch.float32, k=0) == "reference"
+    assert linear_backends.cpu_product(512, torch.float32) == "onednn"
+    widened = linear_backends.cpu_product(1024, torch.bfloat16) == "widened"
+    assert widened == (linear_backends._cpu_build() == "avx2")
+    assert chosen_for(1024, torch.bfloat16) == ("cpu" if widened else "reference")
+    assert chosen_for(40, torch.float32, k=0) == "reference"
     for rows, (k, n) in [(33, (113, 37)), (512, (576, 1728)), (40, (1, 5)), (97, (203, 65))]:
         x, w, b = make(rows, k, n, torch.float32)
         check(ops.linear(x, w, b, backend="cpu"), x, w, b)
