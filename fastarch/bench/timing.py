@@ -281,8 +281,18 @@ def copy_bandwidth(device: str) -> float:
 def matmul_tflops(device: str, dtype: torch.dtype) -> float:
     """The machine's matrix-multiply rate in TFLOP/s: a square torch.mm (4096 on CUDA, 2048
     on CPU) with the current thread count; the best of a few (CUDA: the median of back-to-back
-    batches)."""
-    n = 4096 if device == "cuda" else 2048
+    batches). On a CPU a 16-bit dtype's rate is at least fp32's: where PyTorch's 16-bit product
+    is slower (no AVX-512: ~1 GFLOP/s on an AMD Zen 3, 14 s for one 2048 product), a kernel can
+    widen to fp32, so fp32's rate is the peak (a 256 product tells, before the long one)."""
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        fp32 = matmul_tflops(device, torch.float32)
+        if _mm_tflops(device, dtype, 256) < fp32 / 2:
+            return fp32
+        return max(_mm_tflops(device, dtype, 2048), fp32)
+    return _mm_tflops(device, dtype, 4096 if device == "cuda" else 2048)
+
+
+def _mm_tflops(device: str, dtype: torch.dtype, n: int) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     if device == "cuda":
