@@ -295,7 +295,7 @@ class Bert(nn.Module):
         hidden = unpack(x, packing)
         pooled = None
         if self.pooler is not None:
-            pooled = torch.tanh(F.linear(hidden[:, 0], self.pooler.weight, self.pooler.bias))
+            pooled = torch.tanh(ops.linear(hidden[:, 0], self.pooler.weight, self.pooler.bias))
         return EncoderOutput(hidden, pooled)
 
     def masked_lm(

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fastarch import ops
 from fastarch.models.layers import LayerNorm
+from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
 # transformers' hidden_act name -> bias_gelu's approximate; "quick_gelu" is computed apart (MLP)
@@ -125,10 +126,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, c: CLIPTextConfig):
         super().__init__()
         self.heads = c.num_attention_heads
-        self.q = nn.Linear(c.hidden_size, c.hidden_size)
-        self.k = nn.Linear(c.hidden_size, c.hidden_size)
-        self.v = nn.Linear(c.hidden_size, c.hidden_size)
-        self.out = nn.Linear(c.hidden_size, c.hidden_size)
+        self.q = Linear(c.hidden_size, c.hidden_size)
+        self.k = Linear(c.hidden_size, c.hidden_size)
+        self.v = Linear(c.hidden_size, c.hidden_size)
+        self.out = Linear(c.hidden_size, c.hidden_size)
         self.dropout_p = c.attention_dropout
 
     def forward(self, x: Tensor, packing: Packing) -> Tensor:
@@ -146,8 +147,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: CLIPTextConfig):
         super().__init__()
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size)
         self.act = c.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,7 +159,7 @@ class MLP(nn.Module):
             h = self.fc1(x)
             h = h * torch.sigmoid(1.702 * h)
         else:  # fc1's bias goes into the fused bias + GELU rather than into the matmul
-            h = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, _GELU_FORMS[self.act])
+            h = ops.bias_gelu(ops.linear(x, self.fc1.weight), self.fc1.bias, _GELU_FORMS[self.act])
         return self.fc2(h)
 
 
@@ -194,7 +195,7 @@ class CLIPText(nn.Module):
         self.pos_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.final_norm = LayerNorm(c.hidden_size, c.layer_norm_eps)
-        self.text_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False) if projection else None
+        self.text_projection = Linear(c.hidden_size, c.projection_dim, bias=False) if projection else None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> CLIPTextOutput:
         """input_ids: (B, S) integer token ids; attention_mask: (B, S), 1/True for a real token

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch.models.loading import CheckpointError, load_into, read_config
-from fastarch.nn import Conv2d
+from fastarch.nn import Conv2d, Linear
 from fastarch.models.unet_blocks import (
     DownStage,
     GroupNorm,
@@ -270,8 +270,8 @@ class UNet2D(nn.Module):
         boc = c.block_out_channels
         self.conv_in = Conv2d(c.in_channels, boc[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         self.time_embedding = nn.Module()
-        self.time_embedding.linear_1 = nn.Linear(boc[0], c.time_embed_dim)
-        self.time_embedding.linear_2 = nn.Linear(c.time_embed_dim, c.time_embed_dim)
+        self.time_embedding.linear_1 = Linear(boc[0], c.time_embed_dim)
+        self.time_embedding.linear_2 = Linear(c.time_embed_dim, c.time_embed_dim)
         self.class_embedding = nn.Embedding(c.num_class_embeds, c.time_embed_dim) if c.num_class_embeds else None
         self.down_blocks = nn.ModuleList(DownStage(s, c.resnet) for s in c.down)
         mid_resnet = ResnetSpec(**{**c.resnet.__dict__, "output_scale_factor": float(c.raw.get("mid_block_scale_factor", 1))})

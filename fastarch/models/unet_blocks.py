@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
-from fastarch.nn import GEGLU, Conv2d
+from fastarch.nn import GEGLU, Conv2d, Linear
 from fastarch.models.layers import LayerNorm
 
 
@@ -115,7 +115,7 @@ class ResnetBlock2D(nn.Module):
         self.spec, self.up, self.down = spec, up, down
         self.norm1 = GroupNorm(spec.groups, in_channels, spec.eps)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(spec.temb_channels, out_channels * (2 if spec.scale_shift else 1))
+        self.time_emb_proj = Linear(spec.temb_channels, out_channels * (2 if spec.scale_shift else 1))
         self.norm2 = GroupNorm(spec.groups, out_channels, spec.eps)
         self.dropout = nn.Dropout(spec.dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
@@ -149,10 +149,10 @@ class SpatialSelfAttention(nn.Module):
         self.heads, self.rescale = channels // head_dim, rescale
         inner = self.heads * head_dim
         self.group_norm = GroupNorm(groups, channels, eps) if groups is not None else None
-        self.to_q = nn.Linear(channels, inner)
-        self.to_k = nn.Linear(channels, inner)
-        self.to_v = nn.Linear(channels, inner)
-        self.to_out = nn.ModuleList([nn.Linear(inner, channels)])
+        self.to_q = Linear(channels, inner)
+        self.to_k = Linear(channels, inner)
+        self.to_v = Linear(channels, inner)
+        self.to_out = nn.ModuleList([Linear(inner, channels)])
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
@@ -173,10 +173,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         inner = heads * head_dim
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_k = Linear(context_dim or dim, inner, bias=False)
+        self.to_v = Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.ModuleList([Linear(inner, dim)])
 
     def forward(self, x: Tensor, context: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
         B, S, _ = x.shape
@@ -201,7 +201,7 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, head_dim, cross_attention_dim)
         self.norm3 = LayerNorm(dim, 1e-5)
         self.ff = nn.Module()
-        self.ff.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+        self.ff.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), Linear(4 * dim, dim)])
 
     def forward(self, x: Tensor, residual: Tensor | None, context: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         if residual is None:
@@ -222,11 +222,11 @@ class Transformer2D(nn.Module):
         super().__init__()
         self.linear = linear
         self.norm = GroupNorm(groups, channels, 1e-6)
-        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim) for _ in range(layers)
         )
-        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         B, C, H, W = x.shape

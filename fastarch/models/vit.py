@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastarch import ops
 from fastarch.models.layers import LayerNorm
+from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
 # transformers' hidden_act name -> bias_gelu's approximate
@@ -108,10 +108,10 @@ class Attention(nn.Module):
     def __init__(self, c: ViTConfig):
         super().__init__()
         self.heads = c.num_attention_heads
-        self.q = nn.Linear(c.hidden_size, c.hidden_size, bias=c.qkv_bias)
-        self.k = nn.Linear(c.hidden_size, c.hidden_size, bias=c.qkv_bias)
-        self.v = nn.Linear(c.hidden_size, c.hidden_size, bias=c.qkv_bias)
-        self.out = nn.Linear(c.hidden_size, c.hidden_size)
+        self.q = Linear(c.hidden_size, c.hidden_size, bias=c.qkv_bias)
+        self.k = Linear(c.hidden_size, c.hidden_size, bias=c.qkv_bias)
+        self.v = Linear(c.hidden_size, c.hidden_size, bias=c.qkv_bias)
+        self.out = Linear(c.hidden_size, c.hidden_size)
         self.dropout_p = c.attention_probs_dropout_prob
 
     def forward(self, x: Tensor) -> Tensor:
@@ -125,13 +125,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ViTConfig):
         super().__init__()
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size)
         self.approximate = _GELU_FORMS[c.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
         # fc1's bias goes into the fused bias + GELU rather than into the matmul
-        return self.fc2(ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, self.approximate))
+        return self.fc2(ops.bias_gelu(ops.linear(x, self.fc1.weight), self.fc1.bias, self.approximate))
 
 
 class Block(nn.Module):
@@ -168,8 +168,8 @@ class ViT(nn.Module):
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = LayerNorm(c.hidden_size, c.layer_norm_eps)
-        self.pooler = nn.Linear(c.hidden_size, c.pooler_output_size or c.hidden_size) if pooler else None
-        self.classifier = nn.Linear(c.hidden_size, c.num_labels) if classifier else None
+        self.pooler = Linear(c.hidden_size, c.pooler_output_size or c.hidden_size) if pooler else None
+        self.classifier = Linear(c.hidden_size, c.num_labels) if classifier else None
 
     def forward(self, pixel_values: Tensor) -> ViTOutput:
         """pixel_values: (B, num_channels, *image_size), preprocessed as the checkpoint's image

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fastarch import _extension
+from fastarch.ops.linear.backends import widens
 from fastarch.nn._source import check_source
 
 # FASTARCH_CONV_WINOGRAD=0 sends the 3x3 convolutions to oneDNN too (read at import; tests
@@ -55,7 +56,14 @@ class Conv2d(nn.Conv2d):
         ):
             fused = add is None or self._fusable(x, add)
             inner = add if fused else None
-            y = self._winograd_forward(x, inner) if self._winograd_fits(x) else self._packed_forward(x, inner)
+            dtype, wide = x.dtype, _widened(x)
+            if wide:  # the fp32 kernels on the 16-bit tensors widened, the output rounded once
+                x, inner = x.float(), None if inner is None else inner.float()
+            if self._winograd_fits(x):
+                y = self._winograd_forward(x, inner, wide)
+            else:
+                y = self._packed_forward(x, inner, wide)
+            y = y.to(dtype) if wide else y
             return y if fused else y + add
         y = self._conv_forward(x, self.weight, self.bias)
         return y if add is None else y + add
@@ -105,29 +113,34 @@ class Conv2d(nn.Conv2d):
             and (_extension._C._cpu_avx512() or _extension._C._cpu_portable_avx2())
         )
 
-    def _transformed(self, layout: object, make) -> Tensor:
-        """The weight in a kernel's layout, made by make(weight) and kept until the weight or
-        the layout (its key: "winograd", or the input shape oneDNN packs for) changes."""
+    def _transformed(self, layout: object, make, wide: bool) -> Tensor:
+        """The weight in a kernel's layout, made by make(weight) (wide: from the weight widened
+        to fp32) and kept until the weight or the layout (its key: "winograd", or the input
+        shape oneDNN packs for) changes."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, layout)
+        key = (w.data_ptr(), w._version, w.dtype, layout, wide)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, make(w.detach()))
+            self._packed = (key, make(w.detach().float() if wide else w.detach()))
         return self._packed[1]
 
-    def _winograd_forward(self, x: Tensor, add: Tensor | None) -> Tensor:
+    def _bias(self, wide: bool) -> Tensor | None:
+        return None if self.bias is None else self.bias.detach().float() if wide else self.bias.detach()
+
+    def _winograd_forward(self, x: Tensor, add: Tensor | None, wide: bool) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         if add is not None:
             add = add.contiguous(memory_format=torch.channels_last)
-        bias = None if self.bias is None else self.bias.detach().contiguous()
-        u = self._transformed("winograd", winograd_weight)
-        return torch.ops.fastarch._winograd_conv3x3(x, u, self.out_channels, bias, add)
+        bias = self._bias(wide)
+        u = self._transformed("winograd", winograd_weight, wide)
+        return torch.ops.fastarch._winograd_conv3x3(x, u, self.out_channels, None if bias is None else bias.contiguous(),
+                                                    add)
 
-    def _packed_forward(self, x: Tensor, add: Tensor | None) -> Tensor:
+    def _packed_forward(self, x: Tensor, add: Tensor | None, wide: bool) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         packed = self._transformed(
-            tuple(x.shape), lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape)))
-        args = (packed, self.bias, *geometry)
+            tuple(x.shape), lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape)), wide)
+        args = (packed, self._bias(wide), *geometry)
         if add is None or _ambiguous_layout(add):
             y = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
             return y if add is None else y + add
@@ -171,7 +184,7 @@ def _can_pack(x: Tensor, weight: Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype
-        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16_CONV))
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16_CONV) or _widened(x))
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and torch.backends.mkldnn.is_available()
         and not torch.compiler.is_compiling()
@@ -180,3 +193,14 @@ def _can_pack(x: Tensor, weight: Tensor) -> bool:
 
 # oneDNN's bf16 convolutions need AVX512-BF16 / AMX (else torch's conv2d, which converts)
 _BF16_CONV = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _widened(x: Tensor) -> bool:
+    """Whether a 16-bit x runs the fp32 kernels on its values widened (exactly), the output
+    rounded once: at CPU level avx2 (fastarch.ops.linear.backends.widens), where neither oneDNN
+    nor torch's conv2d has a 16-bit vector path (AMD EPYC Zen 3, 2 threads: a bf16 4x128x16x16
+    3x3 convolution 165 ms, fp32 2 ms), unless oneDNN runs bf16 (_BF16_CONV)."""
+    return x.dtype in _WIDENED and not (x.dtype == torch.bfloat16 and _BF16_CONV) and widens(x)
+
+
+_WIDENED = (torch.bfloat16, torch.float16)

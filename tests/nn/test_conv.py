@@ -122,7 +122,7 @@ def route(conv: Conv2d, x: torch.Tensor, add=None) -> str:
     conv._packed = None
     with torch.no_grad():
         conv(x, add)
-    return "winograd" if conv._packed is not None and conv._packed[0][-1] == "winograd" else "onednn"
+    return "winograd" if conv._packed is not None and conv._packed[0][3] == "winograd" else "onednn"  # (its layout)
 
 
 def test_module_takes_winograd_only_where_it_fits(build, monkeypatch):
@@ -171,6 +171,43 @@ def test_onednn_add_where_the_layout_is_ambiguous(ci, co, h, w, k, dtype):
     assert ours.shape == theirs.shape and ours.dtype == dtype
     bound = (2**-7 if dtype == torch.bfloat16 else 1e-5) * max(theirs.abs().max().item(), 1.0)
     assert (ours.double() - theirs).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k", [3, 1])
+def test_16bit_widened_at_level_avx2(dtype, k):
+    """At level avx2 (no AVX-512: neither oneDNN nor torch's conv2d has a 16-bit vector path,
+    ~80x slower than fp32 on a Zen 3) a 16-bit convolution runs the fp32 kernels on its tensors
+    widened, rounded once: exactly the fp32 module on them, then rounded (Winograd for the 3x3,
+    oneDNN for the 1x1; the add fused in fp32), NaN kept in its receptive field; the fp32
+    weight is transformed once. Where oneDNN runs bf16 (AVX512-BF16), bf16 stays on it."""
+    backend_rows.set_cpu_isa("avx2")
+    try:
+        torch.manual_seed(5)
+        conv = Conv2d(24, 40, k, padding=k // 2).eval()
+        wide = Conv2d(24, 40, k, padding=k // 2).eval()
+        wide.load_state_dict(conv.state_dict())
+        conv = conv.to(dtype)
+        wide.load_state_dict({n: t.float() for n, t in conv.state_dict().items()})  # (the rounded values)
+        x, add = channels_last(2, 24, 9, 7).to(dtype), channels_last(2, 40, 9, 7).to(dtype)
+        x[1, 3, 4, 5] = float("nan")
+        with torch.no_grad():
+            ours, ours_add = conv(x), conv(x, add)
+            expected = wide(x.float()).to(dtype)
+            assert torch.equal(ours.isnan(), expected.isnan()) and ours[1].isnan().any() and not ours[0].isnan().any()
+            if dtype == torch.bfloat16 and conv_module._BF16_CONV:
+                assert route(conv, x) == "onednn" and conv._packed[0][4] is False  # oneDNN's bf16
+                return
+            assert torch.equal(ours.nan_to_num(), expected.nan_to_num())
+            assert torch.equal(ours_add.nan_to_num(), wide(x.float(), add.float()).to(dtype).nan_to_num())
+            assert route(conv, x) == ("winograd" if k == 3 else "onednn") and conv._packed[0][4] is True
+            # the error against fp64: that of rounding the output once (torch's own 16-bit conv2d rounds once too)
+            x = x.nan_to_num()
+            exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=k // 2)
+            ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+            assert ((conv(x).double() - exact).abs() <= ulp + 1e-4 * exact.abs().max()).all()
+    finally:
+        _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 
 BAD = [

@@ -88,7 +88,9 @@ _linear.register_autograd(_grad, setup_context=_setup)
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
     """y = x W^T + b, as torch.nn.functional.linear, fastest where x has few rows (a decode
     step's tokens): the kernels stream W once at the speed memory delivers it, where PyTorch's
-    GEMV reaches about half that on a CPU. More rows run PyTorch's GEMM (the reference backend).
+    GEMV reaches about half that on a CPU. More rows run PyTorch's GEMM (the reference backend;
+    on the CPU, fp32 on oneDNN's matmul where that measured faster, and on CPUs without AVX-512
+    16-bit products widened to fp32, PyTorch's 16-bit GEMM having no vector path there).
 
     x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None;
     one dtype: float32/float16/bfloat16 (float64 on the reference backend). Sums in fp32
