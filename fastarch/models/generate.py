@@ -38,7 +38,6 @@ from the device on the host, which the protocol above allows.
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import time
@@ -50,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.finite import finite_number
 from fastarch.models.cuda_graph_step import CudaGraphStep
 from fastarch.models.packing import Packing, pack, unpack, unpad
 
@@ -217,7 +217,7 @@ class SamplingOptions:
                 _check_number(name, getattr(self, name))
         # (below 1e-30 the scaled logits overflow fp32 and the softmax has no finite probabilities;
         # without sampling the temperature is not used, as in transformers)
-        if self.do_sample and not 1e-30 <= self.temperature < math.inf:
+        if self.do_sample and not (finite_number(self.temperature) and self.temperature >= 1e-30):
             raise ValueError(f"temperature must be a finite number >= 1e-30, got {self.temperature}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
@@ -225,7 +225,8 @@ class SamplingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and not 1e-30 <= self.repetition_penalty < math.inf:
+        if self.repetition_penalty is not None and not (finite_number(self.repetition_penalty)
+                                                        and self.repetition_penalty >= 1e-30):
             raise ValueError(f"repetition_penalty must be a finite number >= 1e-30, got {self.repetition_penalty}")
 
     def process(self, scores: Tensor, seen: Tensor | None) -> Tensor:

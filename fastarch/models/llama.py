@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from fastarch import ops
+from fastarch.finite import finite_number
 from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import (
@@ -117,7 +118,7 @@ class LlamaConfig:
     def check(self) -> None:
         check_sizes(self, _SIZES)
         eps = self.rms_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        if not finite_number(eps) or not eps >= 0:
             # (else every forward fails in its first norm, and generate blames NaN logits)
             raise CheckpointError(f"config.json: rms_norm_eps must be a finite number >= 0, got {eps!r}")
         if self.hidden_act != "silu":

@@ -26,6 +26,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from fastarch.finite import finite_number
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -96,7 +98,7 @@ class _Scheduler:
                 f"{type(self).__name__}: the betas must be num_train_timesteps={c.num_train_timesteps} numbers in [0, 1),"
                 f" got {tuple(self.betas.shape)} from {source}"
             )
-        if not 0 < c.clip_sample_range < math.inf:
+        if not finite_number(c.clip_sample_range) or not c.clip_sample_range > 0:
             raise ValueError(f"{type(self).__name__}: clip_sample_range must be a finite number > 0, got {c.clip_sample_range}")
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)

@@ -259,7 +259,8 @@ def test_bad_input(model):
     # 1e-45: the scaled logits overflow fp32 (the softmax had failed inside torch.multinomial)
     for bad in (dict(temperature=0.0), dict(temperature=1e-45), dict(temperature=float("nan")), dict(top_p=0.0),
                 dict(top_k=0), dict(top_k=True), dict(min_p=1.5), dict(repetition_penalty=0),
-                dict(repetition_penalty=1e-40), dict(seed=2**64), dict(seed=1.5), dict(stop_strings=[""])):
+                dict(repetition_penalty=1e-40), dict(temperature=10**400), dict(repetition_penalty=10**400),
+                dict(seed=2**64), dict(seed=1.5), dict(stop_strings=[""])):
         with pytest.raises(ValueError, match=next(iter(bad))):
             generate(model, ids, max_new_tokens=4, do_sample=True, tokenizer=object(), **bad)
     for bad in (dict(temperature="1"), dict(top_p="0.9"), dict(eos_token_id="78"), dict(eos_token_id=3.0),

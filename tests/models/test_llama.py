@@ -300,7 +300,8 @@ def test_checkpoint_not_fitting_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
     with pytest.raises(CheckpointError, match="num_attention_heads must be an int >= 1, got 0"):
         from_pretrained(tmp_path)  # (a ZeroDivisionError before)
-    for eps in (-1.0, float("nan")):  # (it had loaded, and generate blamed NaN logits)
+    # (it had loaded, and generate blamed NaN logits; an int past the float range had passed)
+    for eps in (-1.0, float("nan"), 10**400):
         (tmp_path / "config.json").write_text(json.dumps({**config, "rms_norm_eps": eps}))
         with pytest.raises(CheckpointError, match="rms_norm_eps must be a finite number >= 0"):
             from_pretrained(tmp_path)

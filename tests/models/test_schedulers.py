@@ -112,8 +112,9 @@ def test_step_errors():
 
 @pytest.mark.parametrize("config", [dict(beta_end=1.0), dict(beta_end=1.5), dict(beta_start=-0.1),
                                     dict(beta_end=float("nan")), dict(trained_betas=[0.1] * 10),
-                                    dict(clip_sample_range=float("nan"))],
-                         ids=["end-1", "end-1.5", "start-negative", "end-nan", "trained-length", "clip-nan"])
+                                    dict(clip_sample_range=float("nan")),
+                                    dict(clip_sample_range=10**400)],
+                         ids=["end-1", "end-1.5", "start-negative", "end-nan", "trained-length", "clip-nan", "clip-past-float"])
 def test_out_of_range_schedules_refused(config):
     """A beta outside [0, 1), NaN, or trained_betas of another length than num_train_timesteps
     had sampled NaN (or failed with an IndexError): each is refused at construction."""

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastarch.finite import FLOAT_MAX
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FLOAT_MAX = 1.7976931348623157e308
 _INT64_MAX = 2**63 - 1
 
 
@@ -92,7 +93,7 @@ def check_scale(c: Caller, scale: object) -> None:
     if (
         isinstance(scale, bool)
         or not isinstance(scale, (int, float, torch.SymFloat))
-        or not -_FLOAT_MAX <= scale <= _FLOAT_MAX  # (an int past the float range is not one)
+        or not -FLOAT_MAX <= scale <= FLOAT_MAX  # (an int past the float range is not one)
     ):
         raise c.value_error(f"scale must be a finite float, got {scale!r}")
 

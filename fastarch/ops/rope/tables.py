@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastarch.finite import finite_number
+
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -27,7 +29,7 @@ def _need(scaling: dict, key: str, rope_type: str) -> Any:
 
 def _positive(scaling: dict, key: str) -> float:
     value = scaling[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    if not finite_number(value) or not value > 0:
         raise ValueError(f"fastarch.rotary_tables: rope_scaling[{key!r}] must be a finite number > 0, got {value!r}")
     return value
 
@@ -95,7 +97,7 @@ def inverse_frequencies(
     """(inv_freq (dim / 2,) fp32, attention_factor) for rotary dim ``dim`` (see rotary_tables)."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
         raise ValueError(f"fastarch.rotary_tables: dim (the rotary dim) must be an even int >= 2, got {dim!r}")
-    if not (isinstance(base, (int, float)) and base > 1 and base < math.inf):
+    if not finite_number(base) or not base > 1:
         raise ValueError(f"fastarch.rotary_tables: base must be a finite number > 1, got {base!r}")
     if rope_scaling is not None and not isinstance(rope_scaling, dict):
         raise TypeError(f"fastarch.rotary_tables: rope_scaling must be a dict or None, got {type(rope_scaling).__name__}")

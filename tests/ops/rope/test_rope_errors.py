@@ -105,6 +105,8 @@ def test_tables_arguments():
         ops.rotary_tables(8, 16, rope_scaling={"rope_type": "llama3", "factor": 8.0})
     with pytest.raises(ValueError, match="base must be a finite number > 1"):
         ops.rotary_tables(8, 16, base=float("inf"))
+    with pytest.raises(ValueError, match="base must be a finite number > 1"):  # (past the float range)
+        ops.rotary_tables(8, 16, base=10**400)
 
 
 @pytest.mark.parametrize("scaling,key", [
@@ -116,6 +118,7 @@ def test_tables_arguments():
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": -1.0, "high_freq_factor": 4.0,
       "original_max_position_embeddings": 16}, "low_freq_factor"),
     ({"rope_type": "linear", "factor": "2"}, "factor"),
+    ({"rope_type": "linear", "factor": 10**400}, "factor"),  # (an int past the float range)
 ])
 def test_tables_scaling_values(scaling, key):
     """A factor or context length that is not a finite number > 0 is refused by name (it had
