@@ -2,7 +2,8 @@
 a residual in the same call), for the diffusion UNet (fastarch/models/unet_blocks.py) and
 fastarch.optimize: fp32 3x3 convolutions (stride 1, padding 1) by our Winograd F(2x2, 3x3)
 kernel at CPU level avx2 and above (its AVX-512 build, or the AVX2 build of the portable
-kernels), the rest by oneDNN on its packed layout."""
+kernels), the rest by oneDNN on its packed layout; at level avx2, bf16 and fp16 on those fp32
+paths, widened."""
 
 from __future__ import annotations
 
@@ -37,12 +38,16 @@ class Conv2d(nn.Conv2d):
     - otherwise oneDNN's convolution on its blocked layout: torch's conv2d re-lays the weight
       out on every call, which measured 2-4x the convolution itself on the UNet's 8x8 and
       16x16 maps (Zen 4, fp32 and bf16).
-    The transformed copy (16/9 of the weight's memory for Winograd, about 1x for oneDNN) is kept
+    - bf16 and fp16 at level avx2 (a CPU without AVX-512, where neither oneDNN nor torch's
+      conv2d has a 16-bit vector path: ~100x slower than fp32 on an AMD Zen 3): the fp32 paths
+      above on x, the weight, the bias and the addend widened exactly, the output rounded once.
+    The transformed copy (16/9 of the weight's memory for Winograd, about 1x for oneDNN; in fp32,
+    so twice that of a widened 16-bit weight) is kept
     beside the parameter and remade when the weight changes (an optimizer step or
     load_state_dict bumps its version) or the input shape does; a write through
     ``weight.data`` bumps no version, so call ``repack()`` after one. Everything else
-    (autograd, CUDA, fp16, padding modes other than zeros, string paddings) runs torch's
-    conv2d."""
+    (autograd, CUDA, fp16 and bf16 without AVX512-BF16 at levels other than avx2, padding modes
+    other than zeros, string paddings) runs torch's conv2d."""
 
     _packed: tuple | None = None
 
