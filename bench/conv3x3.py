@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
-from fastarch import _extension
 from fastarch.bench import report
 from fastarch.bench.timing import measure, speedup
 from fastarch.nn import Conv2d
@@ -42,9 +40,7 @@ def main() -> None:
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
-               "path": _extension.cpu_path(), "date": time.strftime("%Y-%m-%d")}
-    print(f"CPU: {machine['cpu']}; {a.threads} threads; {machine['path']}; torch {torch.__version__}")
+    machine = report.cpu_script_machine(a.threads)
     print(f"{'N x Ci -> Co @ HxW':<22} {'ours ms':>8} {'onednn ms':>9} {'torch ms':>8} {'vs onednn':>9} {'vs torch':>8}"
           f" {'ours GF/s':>9} {'onednn GF/s':>11} {'err / torch':>11}")
     rows = []

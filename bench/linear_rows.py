@@ -104,9 +104,7 @@ def widened(a) -> None:
     from fastarch.ops.linear import cpp
     from fastarch.ops.linear.backends import widened_linear
 
-    machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
-               "path": _extension.cpu_path(), "date": time.strftime("%Y-%m-%d")}
-    print(f"CPU: {machine['cpu']}; {a.threads} threads; {machine['path']}; torch {torch.__version__}")
+    machine = report.cpu_script_machine(a.threads)
     print(f"{'dtype':<5} {'rows':>4} {'kernel ms':>9} {'widened ms':>10} {'F.linear ms':>11} {'kernel GF/s':>11}"
           f" {'widened GF/s':>12} {'F.linear GF/s':>13}")
     results = []

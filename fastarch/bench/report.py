@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,6 +149,15 @@ def table_row(row: Row) -> str:
 
 def _cpu_model() -> str:
     return availability.cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_script_machine(threads: int) -> dict:
+    """The machine of a bench/*.py CPU script (its JSON's "machine": the CPU, threads, torch,
+    the CPU kernels' path, the date), printed as the script's first line."""
+    machine = {"cpu": _cpu_model(), "threads": threads, "torch": torch.__version__, "path": _extension.cpu_path(),
+               "date": time.strftime("%Y-%m-%d")}
+    print(f"CPU: {machine['cpu']}; {threads} threads; {machine['path']}; torch {torch.__version__}")
+    return machine
 
 
 def _physical_cores() -> int | None:

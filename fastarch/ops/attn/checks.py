@@ -11,7 +11,6 @@ CUDA error) or clamped by the kernels (see attention_decode).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
