@@ -292,6 +292,7 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
     return _mm_tflops(device, dtype, 4096 if device == "cuda" else 2048)
 
 
+@functools.cache  # (fp32's rate, asked again for each 16-bit dtype of a run)
 def _mm_tflops(device: str, dtype: torch.dtype, n: int) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)

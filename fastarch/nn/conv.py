@@ -205,7 +205,4 @@ def _widened(x: Tensor) -> bool:
     rounded once: at CPU level avx2 (fastarch.ops.linear.backends.widens), where neither oneDNN
     nor torch's conv2d has a 16-bit vector path (AMD EPYC Zen 3, 2 threads: a bf16 4x128x16x16
     3x3 convolution 165 ms, fp32 2 ms), unless oneDNN runs bf16 (_BF16_CONV)."""
-    return x.dtype in _WIDENED and not (x.dtype == torch.bfloat16 and _BF16_CONV) and widens(x)
-
-
-_WIDENED = (torch.bfloat16, torch.float16)
+    return widens(x) and not (x.dtype == torch.bfloat16 and _BF16_CONV)
