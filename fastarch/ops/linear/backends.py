@@ -141,22 +141,22 @@ def cpu_product(rows: int, dtype: torch.dtype) -> str:
         return "kernel"
     if dtype in CPU_GEMM_DTYPES:
         return "onednn"
-    if dtype in WIDENED_DTYPES and _cpu_build() == "avx2":
+    if _widened_here(dtype):
         return "widened"
     return "kernel"  # (not taken: _cpu_supports gives the rows' reason)
 
 
-def cpu_gemm(rows: int, dtype: torch.dtype) -> bool:
-    """Whether the cpu backend, once chosen, runs these rows on a GEMM (oneDNN's matmul, or
-    PyTorch's fp32 GEMM widened) rather than on its own kernel."""
-    return cpu_product(rows, dtype) != "kernel"
+def _widened_here(dtype: torch.dtype) -> bool:
+    """Whether the loaded extension's CPU products of ``dtype`` are widened to fp32: a 16-bit
+    dtype, at level avx2 (WIDENED_DTYPES)."""
+    return dtype in WIDENED_DTYPES and _cpu_build() == "avx2"
 
 
 def widens(t: Tensor) -> bool:
     """Whether PyTorch's products of CPU tensor t's dtype run widened to fp32 here (the linear
-    op's backward too): a 16-bit dtype, at level avx2 (WIDENED_DTYPES)."""
+    op's backward too, and fastarch.nn.Conv2d): _widened_here, once the extension is loaded."""
     return (t.dtype in WIDENED_DTYPES and t.device.type == "cpu" and availability.cpu() is None
-            and _cpu_build() == "avx2")
+            and _widened_here(t.dtype))
 
 
 def widened_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
