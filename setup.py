@@ -10,6 +10,8 @@ Environment switches (each "auto" by default):
   other CPUs get the portable C++ kernels, which are always built).
 - FASTARCH_CPU_AVX2=0|1: leave out / require the AVX2 build of the portable kernels (auto: built
   on x86-64; csrc/cpu/portable.h).
+- FASTARCH_DEBUG_INFO=1: compile the C++ with debug info (-g; default -g0: Python's own CFLAGS
+  carry -g, which costs a third to a half of the C++ compile time and most of the library's size).
 - MAX_JOBS: parallel compile jobs (ninja).
 
 Each family's sources live in csrc/cpu/<family>/ and csrc/cuda/<family>/; a CPU source whose
@@ -206,6 +208,7 @@ def _extension():
     # -ffp-contract=off: no implicit FMAs, so kernels round where the reference rounds (explicit
     # FMA intrinsics stay); e.g. dy*w - mean(dy*w) is exactly 0 for a row of one element.
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
+    cxx.append("-g" if os.environ.get("FASTARCH_DEBUG_INFO") == "1" else "-g0")  # after Python's CFLAGS' -g
     if with_avx512:
         cxx.append("-DFASTARCH_WITH_AVX512")
     if with_avx2:

@@ -55,3 +55,18 @@ def require(op: str, backend: str, problem) -> None:
     if isinstance(why, registry.MachineReason):
         pytest.skip(f"{backend} cannot run here: {why}")
     pytest.fail(f"{backend} declines a case of its own test table: {why}")
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """Triton in its CPU interpreter (no GPU): the GPU kernels' own source, run a program at a
+    time in Python, a second or more for a row that takes a millisecond on a GPU."""
+    return backend == "triton" and device == "cpu"
+
+
+def interpreter_keeps(backend: str, device: str, *indices: int, n: int = 3) -> bool:
+    """Whether a table row runs: always, except in the interpreter, which runs the rows whose
+    axis indices sum to 0 mod n, a Latin-square third (for n = 3) of the table in which every
+    pair of values of any two axes still meets, as long as each other axis has n values or
+    more (the axis of n values, e.g. the three dtypes, against each combination of the rest).
+    On a GPU the same table runs whole."""
+    return not interpreted(backend, device) or sum(int(i) for i in indices) % n == 0

@@ -412,9 +412,15 @@ def test_smollm2_every_tensor(smollm2, smollm2_reader):
         assert torch.equal(weights[hf_name(t.name)], _gguf_py_weight(t)), t.name
 
 
-@pytest.mark.slow  # transformers' GGUF loading and tokenizer conversion take ~70 s here
-def test_smollm2_against_transformers(smollm2):
+@pytest.mark.slow  # transformers' GGUF loading and tokenizer conversion, ~40 s of it
+def test_smollm2_as_transformers_reads_it(smollm2):
+    """transformers reading the same file: the same config, tensors and tokenizer, and the same
+    32 greedy tokens as ours for 3 prompts, each alone, in fp32 (one transformers model for
+    both: its loading is most of the time). The CLI's default model is this file."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastarch.cli import _default_gguf
+    from fastarch.models.generate import TextGenerator, generate
 
     config, weights = smollm2
     path = smollm2_path()
@@ -423,7 +429,8 @@ def test_smollm2_against_transformers(smollm2):
         if key not in ("rope_theta", "architectures"):
             assert getattr(hf_config, key) == pytest.approx(value), key
     assert hf_config.rope_parameters["rope_theta"] == config["rope_theta"]
-    state = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).state_dict()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    state = dict(hf.state_dict())
     state.pop("lm_head.weight")  # tied: the embedding
     assert sorted(state) == sorted(weights)
     for name, ref in state.items():
@@ -433,3 +440,12 @@ def test_smollm2_against_transformers(smollm2):
     ids = tokenizer("Hello, world!").input_ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == "Hello, world!"
     assert tokenizer.eos_token_id == config["eos_token_id"]
+
+    assert _default_gguf() == path
+    gen = TextGenerator.from_pretrained(path.parent, gguf_file=path.name)
+    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]:
+        ids = gen.encode(prompt)
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        ours = generate(gen.model, ids, max_new_tokens=32, eos_token_id=[])
+        assert torch.equal(ours, theirs), prompt

