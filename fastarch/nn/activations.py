@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from fastarch import ops
+from fastarch.nn.linear import Linear
 
 
 class GEGLU(torch.nn.Module):
@@ -25,7 +26,7 @@ class GEGLU(torch.nn.Module):
         super().__init__()
         if approximate not in ("none", "tanh"):
             raise ValueError(f"GEGLU: approximate must be 'none' (erf) or 'tanh', got {approximate!r}")
-        self.proj = torch.nn.Linear(dim_in, dim_out * 2, bias=bias, device=device, dtype=dtype)
+        self.proj = Linear(dim_in, dim_out * 2, bias=bias, device=device, dtype=dtype)  # fastarch.nn.Linear
         self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:

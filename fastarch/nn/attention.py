@@ -4,11 +4,11 @@ running fastarch.ops.attention when no attention weights are asked for."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastarch import ops
 from fastarch.nn._source import check_source
+from fastarch.nn.linear import linear
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -85,7 +85,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             q, k, v, causal=causal, attn_mask=mask, key_padding_mask=keep,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        out = self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
+        # torch's forward, too, takes out_proj's tensors (not its forward, nor its hooks)
+        out = linear(out.transpose(1, 2).reshape(n, length, self.embed_dim), self.out_proj.weight,
+                         self.out_proj.bias)
         if not self.batch_first:
             out = out.transpose(0, 1)
         if unbatched:
@@ -93,19 +95,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return out, None
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The input projections (N, len, E) -> q, k, v, as torch's multi_head_attention_forward."""
+        """The input projections (N, len, E) -> q, k, v, as torch's multi_head_attention_forward,
+        on fastarch.ops.linear (on CPUs without AVX-512, PyTorch's 16-bit products have no
+        vector path; the op widens them to fp32)."""
         e = self.embed_dim
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
             if query is key and key is value:  # self-attention: one matmul
-                return F.linear(query, w, b).chunk(3, dim=-1)
-            return F.linear(query, w[:e], bq), F.linear(key, w[e : 2 * e], bk), F.linear(value, w[2 * e :], bv)
+                return linear(query, w, b).chunk(3, dim=-1)
+            return linear(query, w[:e], bq), linear(key, w[e : 2 * e], bk), linear(value, w[2 * e :], bv)
         return (
-            F.linear(query, self.q_proj_weight, bq),
-            F.linear(key, self.k_proj_weight, bk),
-            F.linear(value, self.v_proj_weight, bv),
+            linear(query, self.q_proj_weight, bq),
+            linear(key, self.k_proj_weight, bk),
+            linear(value, self.v_proj_weight, bv),
         )
 
     @classmethod

@@ -11,14 +11,20 @@ from fastarch import ops
 from fastarch.nn._source import check_source
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """fastarch.ops.linear; torch's under autocast (which casts x and the weight; the op takes
+    one dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.nn.functional.linear(x, weight, bias)
+    return ops.linear(x, weight, bias)
+
+
 class Linear(torch.nn.Linear):
     """torch.nn.Linear running fastarch.ops.linear. x: (..., in_features) -> (..., out_features).
     Under autocast it runs torch's (autocast casts x and the weight; the op takes one dtype)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        return ops.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     @classmethod
     def from_torch(cls, module: torch.nn.Linear) -> Linear:
