@@ -2,6 +2,7 @@
 // implementations for their dispatch key (csrc/cpu/*, csrc/cuda/*). The public ops
 // (fastarch::layer_norm, ...) are defined in Python (fastarch/ops), so that they exist even
 // when this extension is missing; they call these kernels through the backend registry.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastarch, m) {

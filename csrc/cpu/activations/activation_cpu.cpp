@@ -2,6 +2,7 @@
 // _gated_act_fwd / _gated_act_bwd, which serve swiglu and geglu):
 // checks, allocation, threading over rows (at::parallel_for: torch's OpenMP pool and its thread
 // count), and the choice between the AVX-512 and portable row kernels.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

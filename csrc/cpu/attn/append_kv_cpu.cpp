@@ -2,6 +2,7 @@
 // caches at each sequence's end, one row copy per (sequence, kv head, token), over torch's
 // thread pool. A decoding step appends one token per sequence: a few KB, so the copy is
 // bandwidth and the point is doing it in one pass without index tensors.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>

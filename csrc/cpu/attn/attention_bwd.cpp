@@ -2,6 +2,7 @@
 // tensors, the workspace, and the threading of the three passes of attention_bwd.h, run by the
 // AVX-512 kernel or, on CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa("generic")),
 // the portable one.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

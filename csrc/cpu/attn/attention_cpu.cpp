@@ -6,6 +6,7 @@
 // brgemm (attention_fwd_brgemm.cpp) at isa level amx or when forced (cpu/isa.h: set_brgemm),
 // unless torch's oneDNN is disabled (torch.backends.mkldnn), which brgemm then refuses. (The backward,
 // fastarch::_attention_bwd, registers in its own translation unit.)
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

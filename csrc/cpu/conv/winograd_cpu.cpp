@@ -2,6 +2,7 @@
 // work items over torch's thread pool, each run by the AVX-512 build of the item at level
 // avx512 and above, else by the portable build (cpu/portable.h: AVX2 + FMA at level avx2, the
 // baseline at level generic, where fastarch.nn.Conv2d runs oneDNN's convolution instead).
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

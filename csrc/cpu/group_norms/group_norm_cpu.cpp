@@ -2,6 +2,7 @@
 // csrc/group_norms/group_norm_glue.h), allocation, threading (at::parallel_for over the items
 // of group_norm_rows.h, so one sample's groups are shared by all cores), and the choice between
 // the AVX-512 and portable passes.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

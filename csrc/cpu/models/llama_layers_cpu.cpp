@@ -10,6 +10,7 @@
 // for bit (tests/models/test_llama_fused_step.py). The Python side calls them only when every op
 // chose its CPU kernel, and checks every argument first (shapes fixed by the config, the cache's
 // room on the host). The products run where the registry put them (Products below).
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>

@@ -1,6 +1,7 @@
 // CPU implementation of fastarch::_rotary: checks, allocation, threading over tokens
 // (at::parallel_for, i.e. torch's OpenMP pool and its thread count), and the choice between
 // the AVX-512 and portable row kernels.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>

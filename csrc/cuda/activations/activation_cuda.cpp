@@ -4,6 +4,7 @@
 // and launch on the current stream. Same semantics and outputs as the CPU backend
 // (csrc/cpu/activations/activation_cpu.cpp); the kernels are in activation_kernels.cuh,
 // launched through activation_launch.h.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>

@@ -3,6 +3,7 @@
 // choice of the compiled head dim, and launch on the current stream. The semantics are those
 // of fastarch/ops/attn/reference.py; the kernels are in attention_*_kernel.cuh, launched
 // through attention_launch.h.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

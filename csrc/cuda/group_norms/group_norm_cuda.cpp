@@ -3,6 +3,7 @@
 // through torch's caching allocator) and launch on the current stream. Same semantics and
 // outputs as the CPU backend (csrc/cpu/group_norms/group_norm_cpu.cpp); the kernels are in
 // group_norm_kernels.cuh, launched through group_norm_launch.h.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>

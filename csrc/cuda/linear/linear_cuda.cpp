@@ -1,6 +1,7 @@
 // CUDA implementation of fastarch::_linear: checks, allocation and launch on the current
 // stream. Same semantics as the CPU backend (csrc/cpu/linear/linear_cpu.cpp); the kernel is in
 // linear_kernels.cu.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>

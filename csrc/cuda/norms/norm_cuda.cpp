@@ -2,6 +2,7 @@
 // backward's workspace, through torch's caching allocator) and launch on the current stream.
 // Same semantics and outputs as the CPU backend (csrc/cpu/norms/norm_cpu.cpp); the kernels are in
 // norm_kernels.cuh, launched through norm_launch.h.
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/clone.h>
 #include <ATen/ops/empty.h>

@@ -3,6 +3,7 @@
 // kernel is in rope_kernels.cuh, launched through rope_launch.h. Positions are not read on
 // the host (the Python op asserts them on the device; the kernel never reads outside the
 // table).
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
