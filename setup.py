@@ -223,8 +223,9 @@ def _precompiled_torch_headers() -> None:
         cxx = os.environ.get("CXX", "c++")
         command = " ".join([cxx, *cflags, "-x", "c++-header", shlex.quote(header), "-o", shlex.quote(header + ".gch"),
                             *post_cflags])
-        stamp = header + ".command"
-        fresh = os.path.exists(header + ".gch") and os.path.exists(stamp) and open(stamp).read() == command
+        stamp = header + ".command"  # GCC does not check a precompiled header against its sources:
+        recipe = f"torch {torch.__version__} at {os.path.dirname(torch.__file__)}\n{command}"  # a new torch remakes it
+        fresh = os.path.exists(header + ".gch") and os.path.exists(stamp) and open(stamp).read() == recipe
         if fresh and open(header + ".tmp").read() == open(header).read():
             os.remove(header + ".tmp")
         else:
@@ -234,7 +235,7 @@ def _precompiled_torch_headers() -> None:
                 print("fastarch: the torch headers could not be precompiled; building without")
                 return write_and_compile(**kwargs)
             with open(stamp, "w") as f:
-                f.write(command)
+                f.write(recipe)
         kwargs["cflags"] = ["-I" + shlex.quote(os.path.dirname(header)), *cflags]  # before csrc/pch
         kwargs["post_cflags"] = [*post_cflags, "-Winvalid-pch"]
         return write_and_compile(**kwargs)

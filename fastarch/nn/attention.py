@@ -86,8 +86,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             dropout_p=self.dropout if self.training else 0.0,
         )
         # torch's forward, too, takes out_proj's tensors (not its forward, nor its hooks)
-        out = linear(out.transpose(1, 2).reshape(n, length, self.embed_dim), self.out_proj.weight,
-                         self.out_proj.bias)
+        out = linear(out.transpose(1, 2).reshape(n, length, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
         if not self.batch_first:
             out = out.transpose(0, 1)
         if unbatched:
