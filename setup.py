@@ -218,24 +218,22 @@ def _precompiled_torch_headers() -> None:
         if args or cflags is None or post_cflags is None or directory is None:  # another torch: no PCH
             return write_and_compile(*args, **kwargs)
         header = os.path.join(directory, "pch", "fastarch_torch.h")
-        os.makedirs(os.path.dirname(header), exist_ok=True)
-        shutil.copyfile(os.path.join(ROOT, "csrc", "pch", "fastarch_torch.h"), header + ".tmp")
+        with open(os.path.join(ROOT, "csrc", "pch", "fastarch_torch.h")) as f:
+            source = f.read()
         cxx = os.environ.get("CXX", "c++")
         command = " ".join([cxx, *cflags, "-x", "c++-header", shlex.quote(header), "-o", shlex.quote(header + ".gch"),
                             *post_cflags])
-        stamp = header + ".command"  # GCC does not check a precompiled header against its sources:
-        recipe = f"torch {torch.__version__} at {os.path.dirname(torch.__file__)}\n{command}"  # a new torch remakes it
-        fresh = os.path.exists(header + ".gch") and os.path.exists(stamp) and open(stamp).read() == recipe
-        if fresh and open(header + ".tmp").read() == open(header).read():
-            os.remove(header + ".tmp")
-        else:
-            os.replace(header + ".tmp", header)
+        # GCC does not check a precompiled header against its sources: the stamp names the torch,
+        # the command and the header it was made from, and any change remakes it
+        recipe = f"torch {torch.__version__} at {os.path.dirname(torch.__file__)}\n{command}\n{source}"
+        stamp = header + ".recipe"
+        if not (os.path.exists(header + ".gch") and os.path.exists(stamp) and open(stamp).read() == recipe):
+            _write(header, source)  # (only when changed: the units depend on it)
             print(f"fastarch: precompiling the torch headers ({header}.gch)")
             if subprocess.call(command, shell=True) != 0:
                 print("fastarch: the torch headers could not be precompiled; building without")
                 return write_and_compile(**kwargs)
-            with open(stamp, "w") as f:
-                f.write(recipe)
+            _write(stamp, recipe)
         kwargs["cflags"] = ["-I" + shlex.quote(os.path.dirname(header)), *cflags]  # before csrc/pch
         kwargs["post_cflags"] = [*post_cflags, "-Winvalid-pch"]
         return write_and_compile(**kwargs)
