@@ -215,23 +215,32 @@ class Linear(fnn.Linear):
     _fastarch_backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # (Module.__getattr__, which self.weight goes through, costs ~0.5 us a parameter: a decode
-        # step calls this a few hundred times, and torch's product of one row takes ~20 us)
+        # A decode step calls this a few hundred times, and a product of one row takes ~20 us:
+        # each step below is the cheapest form found (Module.__getattr__, which self.weight goes
+        # through, costs ~0.5 us a parameter; as_rows and a view back by *shape ~2 us each).
         w, b = self._parameters["weight"], self._parameters["bias"]
-        if isinstance(x, Tensor) and x.dtype == w.dtype and x.dim() >= 1 and x.shape[-1] == w.shape[1]:
-            device = x.device.type
-            if not torch.is_autocast_enabled(device):
-                rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-                problem = (device, x.dtype, rows, w.shape[1], w.shape[0], w.is_contiguous())
-                chosen = backend_for("linear", problem, self._fastarch_backend)
-                if chosen and direct_call_allowed((x, w, b)) and (b is None or b.dtype == x.dtype):
-                    # the op's kernel call without its checks (done above; the C++ op checks devices)
-                    kernel = kernel_for("linear", problem, self._fastarch_backend)
-                    y = kernel.forward(as_rows(x), w, None if b is None else b.contiguous())
-                    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
-                if chosen:
-                    return ops.linear(x, w, b, backend=chosen)
-        return F.linear(x, w, b)
+        if not isinstance(x, Tensor) or x.dtype != w.dtype or x.ndim == 0 or b is not None and b.dtype != x.dtype:
+            return F.linear(x, w, b)
+        shape = x.shape
+        k = shape[-1]
+        device = x.device.type
+        if k != w.shape[1] or torch.is_autocast_enabled(device):
+            return F.linear(x, w, b)
+        problem = (device, x.dtype, x.numel() // k if k else 0, k, w.shape[0], w.is_contiguous())
+        if direct_call_allowed((x, w, b)):
+            # the op's kernel call without its checks (done above; the C++ op checks devices)
+            kernel = kernel_for("linear", problem, self._fastarch_backend)
+            if kernel is None:
+                return F.linear(x, w, b)
+            if b is not None:
+                b = b.contiguous()
+            if x.ndim == 2 or k == 0 or not x.is_contiguous():
+                y = kernel.forward(as_rows(x), w, b)
+                return y if x.ndim == 2 else y.view(*shape[:-1], w.shape[0])
+            y = kernel.forward(x.view(-1, k), w, b)
+            return y.view(shape[0], shape[1], w.shape[0]) if x.ndim == 3 else y.view(*shape[:-1], w.shape[0])
+        chosen = backend_for("linear", problem, self._fastarch_backend)
+        return ops.linear(x, w, b, backend=chosen) if chosen else F.linear(x, w, b)
 
 
 class GroupNorm(fnn.GroupNorm):

@@ -422,7 +422,7 @@ def test_linear_swap_runs_the_kernel_for_decode_rows_only(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 5, 64), (4, 64)])
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 5, 64), (4, 64), (64,), (2, 1, 3, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_direct_call_is_the_op(dtype, shape, bias):
     """Without autograd the swapped Linear calls the chosen backend's kernel itself: the same
