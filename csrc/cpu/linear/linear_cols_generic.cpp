@@ -86,9 +86,10 @@ void dot_pairs(const double* x, int64_t ldx, const Elem* w, int64_t ldw, int64_t
 // One row of x against kColGroup weight rows at a time (fp32/fp64 weights in the baseline build,
 // below).
 constexpr int kColGroup = 4;
-// The AVX2 build streams fp32 weight rows one at a time too: on a real AVX2-only CPU (AMD EPYC
-// Zen 3, 2 threads, SmolLM2-135M's fp32 weights, one row of x) that was 1.09-1.17x the group
-// in three runs (the group had gained 1.5x on a Zen 4 restricted to AVX2, which no user runs).
+// The AVX2 build streams fp32 (and fp64) weight rows one at a time too: on a real AVX2-only
+// CPU (AMD EPYC Zen 3, 2 threads, SmolLM2-135M's fp32 weights, one row of x) that was
+// 1.09-1.17x the group in three runs (the group had gained 1.5x on a Zen 4 restricted to AVX2,
+// which no user runs).
 constexpr bool kColumnGroups = kPortableBuild != Isa::avx2;
 
 // Elem: the weights' and outputs' type; Acc: the sums' and x's (the glue widens x).
