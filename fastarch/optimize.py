@@ -232,12 +232,10 @@ class Linear(fnn.Linear):
             kernel = kernel_for("linear", problem, self._fastarch_backend)
             if kernel is None:
                 return F.linear(x, w, b)
-            if b is not None:
-                b = b.contiguous()
-            if x.ndim == 2 or k == 0 or not x.is_contiguous():
-                y = kernel.forward(as_rows(x), w, b)
-                return y if x.ndim == 2 else y.view(*shape[:-1], w.shape[0])
-            y = kernel.forward(x.view(-1, k), w, b)
+            rows = x.view(-1, k) if x.ndim != 2 and k and x.is_contiguous() else as_rows(x)
+            y = kernel.forward(rows, w, None if b is None else b.contiguous())
+            if x.ndim == 2:
+                return y
             return y.view(shape[0], shape[1], w.shape[0]) if x.ndim == 3 else y.view(*shape[:-1], w.shape[0])
         chosen = backend_for("linear", problem, self._fastarch_backend)
         return ops.linear(x, w, b, backend=chosen) if chosen else F.linear(x, w, b)
