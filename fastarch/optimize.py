@@ -217,7 +217,7 @@ class Linear(fnn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         # A decode step calls this a few hundred times, and a product of one row takes ~20 us:
         # each step below is the cheapest form found (Module.__getattr__, which self.weight goes
-        # through, costs ~0.5 us a parameter; as_rows and a view back by *shape ~2 us each).
+        # through, costs ~0.5 us a parameter; a view back by *shape ~2 us).
         w, b = self._parameters["weight"], self._parameters["bias"]
         if not isinstance(x, Tensor) or x.dtype != w.dtype or x.ndim == 0 or b is not None and b.dtype != x.dtype:
             return F.linear(x, w, b)
@@ -232,8 +232,7 @@ class Linear(fnn.Linear):
             kernel = kernel_for("linear", problem, self._fastarch_backend)
             if kernel is None:
                 return F.linear(x, w, b)
-            rows = x.view(-1, k) if x.ndim != 2 and k and x.is_contiguous() else as_rows(x)
-            y = kernel.forward(rows, w, None if b is None else b.contiguous())
+            y = kernel.forward(as_rows(x), w, None if b is None else b.contiguous())
             if x.ndim == 2:
                 return y
             return y.view(shape[0], shape[1], w.shape[0]) if x.ndim == 3 else y.view(*shape[:-1], w.shape[0])

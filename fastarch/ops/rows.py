@@ -12,6 +12,8 @@ def as_rows(t: Tensor) -> Tensor:
     n = t.shape[-1]
     if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
         return t
+    if n and t.is_contiguous():  # the common case: one view, nothing to check after it
+        return t.view(-1, n)
     try:
         rows = t.view(-1, n)
     except RuntimeError:  # leading dims not collapsible

@@ -105,7 +105,7 @@ void cols(const LinearParams& p, int64_t begin, int64_t end) {
   // One row of x (a decode step): fp32/fp64 weight rows kColGroup at a time in the baseline
   // build. 16-bit weights stream one row at a time instead (measured on a Zen 4 EPYC at level
   // avx2, SmolLM2-135M's weights: 9.7 against 19 ms in bf16, 10 against 16.5 in fp16; on the
-  // Zen 3 the group was 1.5x slower still in bf16).
+  // Zen 3 the group was 1.4-1.7x slower still in bf16).
   if (p.rows == 1 && std::is_same_v<Elem, Acc> && kColumnGroups) {
     for (; n + kColGroup <= end; n += kColGroup) {
       Acc col_sums[kColGroup];
