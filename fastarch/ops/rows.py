@@ -12,7 +12,9 @@ def as_rows(t: Tensor) -> Tensor:
     n = t.shape[-1]
     if t.dim() == 2 and (n == 1 or t.stride(1) == 1):
         return t
-    if n and t.is_contiguous():  # the common case: one view, nothing to check after it
+    # the common case: one view, nothing to check after it (an empty t may be contiguous with
+    # any strides, an expanded gradient's 0 among them: last_dim_contiguous copies it below)
+    if n and t.numel() and t.is_contiguous():
         return t.view(-1, n)
     try:
         rows = t.view(-1, n)
