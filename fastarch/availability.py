@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -33,10 +34,41 @@ def cpuinfo(field: str) -> str:
     there is none (another OS, another architecture's fields)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
+            key, colon, value = line.partition(":")
+            if colon and key.strip() == field:  # whole keys: "model" is not "model name"
+                return value.strip()
     except OSError:
         pass
+    return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers and, where known, its generation:
+    under a hypervisor the name is often just "AMD EPYC", the same for Zen 3, 4 and 5."""
+    name = cpuinfo("model name") or platform.processor() or platform.machine()
+    family, model = cpuinfo("cpu family"), cpuinfo("model")
+    if not (family.isdigit() and model.isdigit()):
+        return name
+    generation = cpu_generation(cpuinfo("vendor_id"), int(family), int(model))
+    return f"{name} (family {family} model {model}{': ' + generation if generation else ''})"
+
+
+# Intel's family-6 server models (Xeon Scalable generations).
+_INTEL_SERVER_MODELS = {0x55: "Skylake/Cascade Lake", 0x6A: "Ice Lake", 0x8F: "Sapphire Rapids",
+                        0xCF: "Emerald Rapids", 0xAD: "Granite Rapids"}
+
+
+def cpu_generation(vendor: str, family: int, model: int) -> str:
+    """The microarchitecture of an x86 CPU by its vendor, family and model ("" where unknown)."""
+    if vendor == "AuthenticAMD":
+        if family == 0x17:
+            return "Zen 2" if model >= 0x30 else "Zen/Zen+"
+        if family == 0x19:  # Zen 4: Genoa 0x10-0x1f, Raphael/Phoenix 0x60-0x7f, Bergamo/Siena 0xa0-0xaf
+            return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF else "Zen 3"
+        if family == 0x1A:
+            return "Zen 5"
+    if vendor == "GenuineIntel" and family == 6:
+        return _INTEL_SERVER_MODELS.get(model, "")
     return ""
 
 

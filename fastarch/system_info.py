@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from fastarch import _extension, registry
+from fastarch import _extension, availability, registry
 
 
 def report() -> str:
@@ -38,7 +38,7 @@ def report() -> str:
         f"fastarch {__import__('fastarch').__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}",
         f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'};"
-        f" CPU threads: {torch.get_num_threads()}",
+        f" CPU: {availability.cpu_name()}, {torch.get_num_threads()} threads",
         f"extension fastarch._C: {extension}",
         f"forced backend: {registry.requested_backend() or 'none (automatic)'}" + (f" (FASTARCH_BACKEND={env})" if env else ""),
         "",

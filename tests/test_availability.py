@@ -68,3 +68,36 @@ def test_attention_cuda_declines_a_gpu_the_build_cannot_run(fake_gpu, monkeypatc
     problem = AttentionProblem("cuda", torch.float16, 64, 64, 8, 8)
     why = attn_backends.cuda_supports(problem)
     assert why is not None and "compiled for sm_80;sm_90;compute_90" in why
+
+
+def test_cpuinfo_matches_whole_keys(tmp_path, monkeypatch):
+    # /proc/cpuinfo lists "model" before "model name": a prefix match would answer one for the other
+    info = tmp_path / "cpuinfo"
+    info.write_text("vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n")
+    real_path = availability.Path
+    monkeypatch.setattr(availability, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    availability.cpuinfo.cache_clear()
+    try:
+        assert (availability.cpuinfo("model"), availability.cpuinfo("model name")) == ("2", "AMD EPYC")
+        assert availability.cpuinfo("cpu family") == "26" and availability.cpuinfo("flags") == ""
+        assert availability.cpu_name() == "AMD EPYC (family 26 model 2: Zen 5)"
+    finally:
+        availability.cpuinfo.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "vendor,family,model,generation",
+    [
+        ("AuthenticAMD", 0x19, 0x01, "Zen 3"),  # Milan
+        ("AuthenticAMD", 0x19, 0x11, "Zen 4"),  # Genoa
+        ("AuthenticAMD", 0x19, 0xA0, "Zen 4"),  # Bergamo
+        ("AuthenticAMD", 0x1A, 0x02, "Zen 5"),  # Turin
+        ("AuthenticAMD", 0x17, 0x31, "Zen 2"),  # Rome
+        ("GenuineIntel", 6, 0x8F, "Sapphire Rapids"),
+        ("GenuineIntel", 6, 0xAD, "Granite Rapids"),
+        ("GenuineIntel", 6, 0x9A, ""),  # a client part: no server name
+        ("HygonGenuine", 0x18, 0x01, ""),
+    ],
+)
+def test_cpu_generation(vendor, family, model, generation):
+    assert availability.cpu_generation(vendor, family, model) == generation

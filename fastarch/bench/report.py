@@ -147,8 +147,7 @@ def table_row(row: Row) -> str:
     return (_line([show(row) for _, _, show in cols], cols) + "  " + note).rstrip()
 
 
-def _cpu_model() -> str:
-    return availability.cpuinfo("model name") or platform.processor() or platform.machine()
+_cpu_model = availability.cpu_name
 
 
 def cpu_script_machine(threads: int) -> dict:

@@ -245,7 +245,8 @@ def test_widened_16bit_products_at_level_avx2(cpu_isa, dtype):
     """Past the kernel's 16-bit rows at level avx2, the cpu backend runs the product widened to
     fp32 and rounds it once: exactly F.linear on the widened tensors, judged against fp64 as every
     backend (NaN kept in its row); its backward's products are widened too. At the AVX-512
-    levels the same rows stay PyTorch's (the reference backend)."""
+    levels nothing is widened: the AVX-512 kernel's own rows there, PyTorch's (the reference
+    backend) past them."""
     cpu_isa("avx2")
     rows = CPU_ROWS["avx2"][dtype][1] + 7
     for k, n in [(113, 37), (576, 1728), (1, 5)]:
@@ -268,7 +269,10 @@ def test_widened_16bit_products_at_level_avx2(cpu_isa, dtype):
     assert torch.equal(w.grad, (dy.float().t() @ x.float()).to(dtype))
     if _runs_avx512():
         cpu_isa("avx512")
-        assert chosen_for(rows, dtype) == "reference"
+        last = CPU_ROWS["avx512"][dtype][1]
+        for r in (rows, last, last + 1):
+            assert linear_backends.cpu_product(r, dtype) != "widened"
+            assert chosen_for(r, dtype) == ("cpu" if r <= last else "reference")
 
 
 def _runs_avx512() -> bool:
