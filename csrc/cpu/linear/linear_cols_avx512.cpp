@@ -100,7 +100,10 @@ void tile(const LinearParams& p, int64_t m0, int64_t n0, int cols) {
 }
 
 // Output column n of x rows m0 .. m0 + MB - 1: W row n read front to back as one stream, 64
-// values per step into 4 accumulators per x row.
+// values per step into 4 accumulators per x row, each cache line prefetched kPrefetchBytes
+// ahead (the rows of W follow one another: the prefetch runs on into the next). On the AMD EPYC
+// Zen 5, 2 threads, SmolLM2-135M-shaped weights through the op, side by side in one process:
+// bf16 1.04-1.07x at 1 row, 1.06-1.10x at 4; fp32 1.02-1.03x (already near the copy bandwidth).
 template <Elem E, int MB>
 void stream_row(const LinearParams& p, int64_t m0, int64_t n) {
   using L = avx512::Lanes<E, false>;
@@ -114,6 +117,8 @@ void stream_row(const LinearParams& p, int64_t m0, int64_t n) {
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
+    #pragma GCC unroll 4
+    for (int64_t b = 0; b < 64 * L::kBytes; b += 64) _mm_prefetch(w + k * L::kBytes + b + kPrefetchBytes, _MM_HINT_T0);
     __m512 wv[4];
     #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) wv[j] = L::load(w + (k + 16 * j) * L::kBytes, __mmask16(0xFFFF));

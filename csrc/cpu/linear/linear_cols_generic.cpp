@@ -22,13 +22,8 @@ namespace {
 
 constexpr int kLanes = 16;
 constexpr int kRowGroup = 4;
-// A weight row is read this many bytes ahead of its products (a prefetch each kLanes values,
-// where one weight row meets the rows of x). The hardware's prefetchers alone left a decode
-// step's products below the memory's speed: on an AMD EPYC Zen 3 (AVX2 build, 2 threads,
-// SmolLM2-135M's weights, one row of x, side by side in one process) bf16 22.2 -> 18.4 ms, fp16
-// 28.6 -> 23.4, 8 rows 1.16-1.26x, other row counts alike; 1024 to 4096 bytes ahead measured
-// alike, and so did a prefetch a cache line to L1, L2 or non-temporally.
-constexpr int64_t kPrefetchBytes = 2048;
+// (A prefetch each kLanes values, kPrefetchBytes ahead, where one weight row meets the rows of x:
+// see linear_cols.h.)
 
 // MB dot products of K values, pair m being x + m * ldx and w + m * ldw: the rows of x against one
 // weight row (kSharedW: ldw 0, each weight vector loaded and converted once), or one row of x
