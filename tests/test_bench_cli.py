@@ -147,3 +147,20 @@ def test_peak_memory_counts_a_large_temporary():
     peak = timing.peak_memory(call, "cpu")
     assert peak is not None and 120e6 <= peak <= 200e6, peak
     assert held.sum() > 0
+
+
+def test_kept_memory_serves_large_blocks_without_page_faults():
+    """keep_freed_memory: a 96 MB output freed and allocated again comes from malloc's heap, its
+    pages already there, not mapped anew and page-faulted in (as blocks of 32 MiB and more were,
+    glibc's largest mmap threshold: 24576 faults here)."""
+    import resource
+
+    from fastarch.bench import timing
+
+    if not timing.keep_freed_memory():
+        pytest.fail("glibc's mallopt is not reachable on this Linux machine")
+    torch.ones(24 << 20).sum()  # 96 MB allocated, written and freed into the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(24 << 20).sum()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 2000, faults

@@ -250,7 +250,7 @@ def preamble(info: dict, rounds: int) -> str:
             *(["instruction sets: " + ", ".join(f"{k}={v}" for k, v in info["isa_environment"].items())]
               if info.get("isa_environment") else []),
             "MB (attention): the memory one call holds beyond its inputs at its peak"
-            + (" (CUDA allocator)" if info["gpu"] else " (resident-set growth: counts allocations of 32 MiB and more)"),
+            + (" (CUDA allocator)" if info["gpu"] else " (resident-set growth, malloc's free pages handed back first)"),
             *(["malloc keeps freed memory (mallopt), so no contender page-faults its outputs in anew each call"]
               if info.get("steady_cpu_allocator") else []),
             "",

@@ -305,20 +305,24 @@ def _mm_tflops(device: str, dtype: torch.dtype, n: int) -> float:
 
 
 def keep_freed_memory() -> bool:
-    """Makes glibc's malloc keep freed blocks of up to 32 MiB in the heap (M_MMAP_THRESHOLD)
+    """Makes glibc's malloc serve every block from its heap (M_MMAP_MAX 0: none mapped anew)
     and never return the heap's top to the OS (M_TRIM_THRESHOLD); True if it could.
 
     By default glibc adjusts both as the process runs, so whether a fresh 12 MB output is
     recycled or handed back and page-faulted in anew on every call depends on the order of the
     allocations before it: the same kernel measured 1.3 ms or 19 ms per call. With this, every
     contender works in the steady state a caching allocator gives (as on CUDA), so the
-    comparison is between kernels, not between allocation histories."""
+    comparison is between kernels, not between allocation histories. Blocks of 32 MiB and more
+    (glibc's largest M_MMAP_THRESHOLD) were still mapped anew each call until M_MMAP_MAX 0: a
+    2048 x 4096 fp32 rms_norm took 20 ms for its 32 MiB output's page faults where one row
+    fewer took 4.5 (AMD EPYC Zen 5 under KVM); peak_memory's malloc_trim still hands the heap's
+    free pages back before it measures."""
     libc = _glibc()
     if libc is None:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_max = -1, -4
     # (mallopt takes a C int: 2**31 - 1 is the largest trim threshold it can say)
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _seconds_of(fn: Contender) -> float:
