@@ -16,68 +16,33 @@
 #include "rope_rows.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+
+#include "cpu/avx512_math.h"
 
 namespace fastarch::cpu {
 namespace {
 
-// 16 values of a dtype in memory <-> 16 fp32 lanes; masked lanes load as 0 and are not written.
-// A full mask takes the plain instruction: masked loads from memory run several times slower on
-// AMD's Zen 5 (rows from memory: 2.4x the time in bf16, see cpu/avx512_math.h).
-constexpr __mmask16 kAll = 0xFFFF;
-inline __m256i bits16(const void* p, __mmask16 m) {
-  return m == kAll ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p);
-}
-inline void put16(void* p, __m256i v, __mmask16 m) {
-  if (m == kAll) {
-    _mm256_storeu_si256(static_cast<__m256i*>(p), v);
-  } else {
-    _mm256_mask_storeu_epi16(p, m, v);
-  }
-}
-
-struct F32Lanes {
-  static constexpr int64_t kBytes = 4;
-  static __m512 load(const void* p, __mmask16 m) { return m == kAll ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p); }
-  static void store(void* p, __m512 v, __mmask16 m) { if (m == kAll) _mm512_storeu_ps(p, v); else _mm512_mask_storeu_ps(p, m, v); }
-};
-
-struct F16Lanes {
-  static constexpr int64_t kBytes = 2;
-  static __m512 load(const void* p, __mmask16 m) { return _mm512_cvtph_ps(bits16(p, m)); }
-  static void store(void* p, __m512 v, __mmask16 m) {
-    put16(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), m);
-  }
-};
+// 16 values of a dtype in memory <-> 16 fp32 lanes (cpu/avx512_math.h: masked-off lanes load as 0
+// and are not written; a full mask takes the plain instruction, several times faster from memory
+// on AMD's Zen 5).
+using F32Lanes = avx512::Lanes<avx512::Elem::f32, false>;
+using F16Lanes = avx512::Lanes<avx512::Elem::f16, false>;
 
 // kInsn: round with vcvtneps2bf16 (AVX512-BF16), except for subnormal results, which that
 // instruction flushes to zero (rare: then the whole chunk is rounded by hand); else by hand,
 // to nearest even, NaN kept quiet. Both give a cast's bits.
 template <bool kInsn>
-struct Bf16Lanes {
-  static constexpr int64_t kBytes = 2;
-  static __m512 load(const void* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits16(p, m)), 16));
-  }
-  static __m256i by_hand(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
-  }
+struct Bf16Lanes : avx512::Lanes<avx512::Elem::bf16, false> {
+  using ByHand = avx512::Lanes<avx512::Elem::bf16, false>;
   static void store(void* p, __m512 v, __mmask16 m) {
-    __m256i bits;
     if constexpr (kInsn) {
       const __m512 smallest_normal = _mm512_castsi512_ps(_mm512_set1_epi32(0x00800000));
       const __mmask16 subnormal = _mm512_cmp_ps_mask(_mm512_abs_ps(v), smallest_normal, _CMP_LT_OQ) &
                                   _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-      bits = subnormal & m ? by_hand(v) : (__m256i)_mm512_cvtneps_pbh(v);  // NOLINT: vector cast
-    } else {
-      bits = by_hand(v);
+      if (!(subnormal & m)) return avx512::Lanes<avx512::Elem::bf16, true>::store(p, v, m);
     }
-    put16(p, bits, m);
+    ByHand::store(p, v, m);
   }
 };
 
