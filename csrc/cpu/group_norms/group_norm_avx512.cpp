@@ -27,6 +27,11 @@ using avx512::splat;
 template <Dtype D, bool kBf16Insn>
 using Lanes = avx512::LanesOf<D, kBf16Insn>;
 
+// fp32 scratch and tables (sums, per-channel tables) through avx512_math.h's lanes, whose masked
+// forms take the plain instructions for a full mask (1.02-1.05x on the channels-last forward,
+// Zen 5).
+using F32 = Lanes<Dtype::f32, false>;
+
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 template <typename L>
@@ -160,9 +165,8 @@ inline void tile_block(const P& p, const Item& it, int64_t r0, int64_t r1, int64
   }
   for (int v = 0; v < V; ++v) {
     const int64_t c = c0 + 16 * v;
-    _mm512_mask_storeu_ps(totals + c, m[v], _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], totals + c), a[v]));
-    _mm512_mask_storeu_ps(totals + p.channels + c, m[v],
-                          _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], totals + p.channels + c), b[v]));
+    F32::store(totals + c, _mm512_add_ps(F32::load(totals + c, m[v]), a[v]), m[v]);
+    F32::store(totals + p.channels + c, _mm512_add_ps(F32::load(totals + p.channels + c, m[v]), b[v]), m[v]);
   }
 }
 
@@ -237,7 +241,7 @@ inline void nhwc_block(const Item& it, int64_t r0, int64_t r1, int64_t channels,
   __m512 tv[V][K];
   for (int v = 0; v < V; ++v) {
     m[v] = tail_mask(channels - c0 - 16 * v);
-    for (int k = 0; k < K; ++k) tv[v][k] = _mm512_maskz_loadu_ps(m[v], tabs[k] + c0 + 16 * v);
+    for (int k = 0; k < K; ++k) tv[v][k] = F32::load(tabs[k] + c0 + 16 * v, m[v]);
   }
   for (int64_t s = r0; s < r1; ++s) {
     const int64_t row = (it.n * spatial + s) * channels + c0;
@@ -308,8 +312,8 @@ void apply_stats(const GroupNormForwardParams& p, const Tiling& t, int64_t apply
       tile_sums<L>(p, t, is, x, nullptr, [&](__m512 v, __m512, __mmask16 m, int64_t c, int64_t offset, __m512& sa, __m512& sb) {
         add_shifted(v, L::load(at<L>(x, first + c), m), m, sa, sb);
         const int64_t i = offset + to_applied;
-        L::store(at<L>(y, i), output_of<kSilu, kLow>(L::load(at<L>(x, i), m), _mm512_maskz_loadu_ps(m, tm + c),
-                                                     _mm512_maskz_loadu_ps(m, tA + c), _mm512_maskz_loadu_ps(m, tB + c)),
+        L::store(at<L>(y, i), output_of<kSilu, kLow>(L::load(at<L>(x, i), m), F32::load(tm + c, m),
+                                                     F32::load(tA + c, m), F32::load(tB + c, m)),
                  m);
       }, partial, totals.data());
       continue;
@@ -350,7 +354,7 @@ void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
                   [&](__m512 x, __m512 dy, __mmask16 m, int64_t i, __m512& a, __m512& b) {
                     const __m512 centered = _mm512_sub_ps(x, mean);
                     const __m512 dz = dz_of<kSilu, kLow>(dy, centered, ta, tb);  // 0 where masked (dy = 0)
-                    if constexpr (kKeep) _mm512_mask_storeu_ps(keep.at + (base + i - keep.origin), m, dz);
+                    if constexpr (kKeep) F32::store(keep.at + (base + i - keep.origin), dz, m);
                     a = _mm512_add_ps(a, dz);
                     b = _mm512_fmadd_ps(dz, centered, b);
                   },
@@ -360,10 +364,10 @@ void grad_stats(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
       const float* tA = tab + kA * nc + it.n * p.channels;
       const float* tB = tab + kB * nc + it.n * p.channels;
       tile_sums<L>(p, t, it, p.x, p.dy, [&](__m512 x, __m512 dy, __mmask16 m, int64_t c, int64_t offset, __m512& a, __m512& b) {
-        const __m512 centered = _mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, tm + c));
+        const __m512 centered = _mm512_sub_ps(x, F32::load(tm + c, m));
         const __m512 dz = _mm512_maskz_mov_ps(
-            m, dz_of<kSilu, kLow>(dy, centered, _mm512_maskz_loadu_ps(m, tA + c), _mm512_maskz_loadu_ps(m, tB + c)));
-        if constexpr (kKeep) _mm512_mask_storeu_ps(keep.at + (offset - keep.origin), m, dz);
+            m, dz_of<kSilu, kLow>(dy, centered, F32::load(tA + c, m), F32::load(tB + c, m)));
+        if constexpr (kKeep) F32::store(keep.at + (offset - keep.origin), dz, m);
         a = _mm512_add_ps(a, dz);
         b = _mm512_fmadd_ps(dz, centered, b);
       }, partial, totals.data());
@@ -386,7 +390,7 @@ void grad_apply(const GroupNormBackwardParams& p, const Tiling& t, int64_t begin
   const int64_t nc = p.batch * p.channels;
   constexpr auto dx_of = dx_from<kSilu && !kKeep, kLow>;
   auto dy_or_dz = [&](int64_t i, __mmask16 m) {
-    return kKeep ? _mm512_maskz_loadu_ps(m, keep.at + (i - keep.origin)) : L::load(at<L>(p.dy, i), m);
+    return kKeep ? F32::load(keep.at + (i - keep.origin), m) : L::load(at<L>(p.dy, i), m);
   };
   for (int64_t item = begin; item < end; ++item) {
     const Item it = locate(p, t, item);
