@@ -281,6 +281,7 @@ def _extension():
 
 _precompiled_torch_headers()
 setup(
+    license="BSD-3-Clause",
     packages=find_packages(include=["fastarch", "fastarch.*"])
     + ["fastarch.kernels"]
     + [f"fastarch.kernels.{p}" for p in find_packages("kernels")],
