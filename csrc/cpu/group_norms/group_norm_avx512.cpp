@@ -144,11 +144,20 @@ inline void with_vectors(int64_t vectors, Fn&& fn) {
   fn.template operator()<V>();
 }
 
+// How far ahead of its loads an NHWC tile's pass prefetches, in bytes of rows: its blocks go
+// across kRows rows one channel block at a time, an order the hardware prefetchers do not follow
+// from memory (the same rows' lines kRows * C apart in time), so each load asks for the line
+// of the same channels ~8 KB of rows further on. Channels-last forward 1.05-1.65x, forward +
+// backward up to 1.3x (Zen 5, fp32 and bf16, C 256-1280; in-process A/B, 4-8 KB best).
+constexpr int64_t kAheadBytes = 8192;
+
 // The sums of rows [r0, r1) of an NHWC tile at the V 16-channel vectors from channel c0, in
 // registers (V a compile-time count, so the accumulators are never spilled), added to totals.
+// Prefetches x and dy `ahead` values on, and x at `also` past that when also != 0 (the other
+// sample that apply_stats reads in step).
 template <int V, typename L, typename P, typename F>
 inline void tile_block(const P& p, const Item& it, int64_t r0, int64_t r1, int64_t c0, const void* x, const void* dy,
-                       F& f, float* totals) {
+                       F& f, float* totals, int64_t ahead, int64_t also) {
   const __m512 zero = _mm512_setzero_ps();
   __m512 a[V], b[V];
   __mmask16 m[V];
@@ -156,10 +165,14 @@ inline void tile_block(const P& p, const Item& it, int64_t r0, int64_t r1, int64
     a[v] = b[v] = zero;
     m[v] = tail_mask(p.channels - c0 - 16 * v);
   }
+  auto prefetch = [](const void* q) { _mm_prefetch(static_cast<const char*>(q), _MM_HINT_T0); };
   for (int64_t s = r0; s < r1; ++s) {
     const int64_t row = (it.n * p.spatial + s) * p.channels;
     for (int v = 0; v < V; ++v) {
       const int64_t c = c0 + 16 * v;
+      prefetch(at<L>(x, row + c + ahead));  // (past the tensor's end too: a prefetch never faults)
+      if (dy) prefetch(at<L>(dy, row + c + ahead));
+      if (also) prefetch(at<L>(x, row + c + ahead + also));
       f(L::load(at<L>(x, row + c), m[v]), dy ? L::load(at<L>(dy, row + c), m[v]) : zero, m[v], c, row + c, a[v], b[v]);
     }
   }
@@ -173,16 +186,18 @@ inline void tile_block(const P& p, const Item& it, int64_t r0, int64_t r1, int64
 // The same sums for an NHWC tile, per channel: f(x, dy, mask, c, offset, a, b) for each
 // 16-channel vector at channel c of each row (offset: of x[n, s, c]); per block of kRows rows in
 // registers, then added to the tile's totals (items hold at most 1024 rows: no running sum takes
-// more than ~128 terms). Results stored to the partial array.
+// more than ~128 terms). Results stored to the partial array. also: as tile_block's.
 template <typename L, typename P, typename F>
 inline void tile_sums(const P& p, const Tiling& t, const Item& it, const void* x, const void* dy, F f, float* partial,
-                      float* totals) {
+                      float* totals, int64_t also = 0) {
   std::fill(totals, totals + 2 * p.channels, 0.0f);
+  const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (p.channels * L::kBytes)) * p.channels;
   for (int64_t r0 = it.s0; r0 < it.s1; r0 += kRows) {
     const int64_t r1 = std::min(it.s1, r0 + kRows);
     for (int64_t c0 = 0; c0 < p.channels; c0 += kBlockChannels) {
-      with_vectors<kBlockVectors>((p.channels - c0 + 15) / 16,
-                                  [&]<int W>() { tile_block<W, L>(p, it, r0, r1, c0, x, dy, f, totals); });
+      with_vectors<kBlockVectors>((p.channels - c0 + 15) / 16, [&]<int W>() {
+        tile_block<W, L>(p, it, r0, r1, c0, x, dy, f, totals, ahead, also);
+      });
     }
   }
   for (int64_t c = 0; c < p.channels; ++c) {
@@ -315,7 +330,7 @@ void apply_stats(const GroupNormForwardParams& p, const Tiling& t, int64_t apply
         L::store(at<L>(y, i), output_of<kSilu, kLow>(L::load(at<L>(x, i), m), F32::load(tm + c, m),
                                                      F32::load(tA + c, m), F32::load(tB + c, m)),
                  m);
-      }, partial, totals.data());
+      }, partial, totals.data(), to_applied);
       continue;
     }
     const int64_t ja = ia.n * p.channels + ia.c;
