@@ -42,6 +42,13 @@ template <Dtype T>
 constexpr float exp_base() {
   return T == Dtype::f32 ? 1.0f : kLog2e;
 }
+// v in the exponent's units, a finite v saturating at +-FLT_MAX as the forward's masks do
+// (attention_common.h's add_mask), so that a row it saw at -FLT_MAX gets back its P.
+template <Dtype T>
+inline float in_exp_units(float v) {
+  const float r = v * exp_base<T>();
+  return __builtin_isinf(r) && !__builtin_isinf(v) ? __builtin_copysignf(3.40282347e38f, r) : r;
+}
 template <Dtype T>
 inline __m512 softmax_exp(__m512 x) {
   if constexpr (T == Dtype::f32) {
@@ -327,7 +334,7 @@ void prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
     }
     delta[m] = reduce_add(acc);
     const float l = lse_in[m];
-    lse[m] = l == -inf ? inf : l * exp_base<T>();  // a query that sees no key: P = 0, no gradient
+    lse[m] = l == -inf ? inf : in_exp_units<T>(l);  // a query that sees no key: P = 0, no gradient
   }
   __builtin_free(zeroed);
 }
@@ -368,7 +375,7 @@ void softmax_grad_rows(const BackwardParams& p, const Scratch& w, const SeqSpan&
                         (s.b * a.mask_stride[0] + h * a.mask_stride[1] + (s.q0 + qb.i0) * a.mask_stride[2] +
                          key * a.mask_stride[3]) * elem_size(T);
         for (int64_t c = 0; c < ld; ++c) {
-          w.mask_row[c] = c < qb.rows ? scalar_f32<T>(m + c * a.mask_stride[2] * elem_size(T)) * exp_base<T>() : 0.0f;
+          w.mask_row[c] = c < qb.rows ? in_exp_units<T>(scalar_f32<T>(m + c * a.mask_stride[2] * elem_size(T))) : 0.0f;
         }
       }
     }

@@ -216,6 +216,21 @@ inline void store16(void* p, __m512 v, __mmask16 m) {
   if constexpr (T == Dtype::f16) _mm256_mask_storeu_epi16(p, m, f32_to_f16(v));
 }
 
+// z + mask * unit, the mask in the exponent's units (unit: log2 e for 16-bit inputs). A finite
+// mask entry beyond FLT_MAX / log2 e (48 bf16 values, among them torch.finfo(bf16).min, what
+// Hugging Face fills masked positions with) saturates at +-FLT_MAX instead of overflowing into
+// +-inf, which would hide its key, and zero a row that sees only such keys where the reference
+// averages them. Other lanes: the plain FMA's bits.
+inline __m512 add_mask(__m512 z, __m512 mask, __m512 unit) {
+  const __m512 r = _mm512_fmadd_ps(mask, unit, z);
+  constexpr int kInf = 0x18;  // fpclass: +inf | -inf
+  const __mmask16 over =
+      _mm512_fpclass_ps_mask(r, kInf) & ~_mm512_fpclass_ps_mask(mask, kInf) & ~_mm512_fpclass_ps_mask(z, kInf);
+  if (!over) return r;
+  const __m512 big = _mm512_set1_ps(3.40282347e38f);
+  return _mm512_mask_mov_ps(r, over, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), big), _mm512_min_ps(big, r)));
+}
+
 inline float reduce_max(__m512 v) { return _mm512_reduce_max_ps(v); }
 inline float reduce_add(__m512 v) { return _mm512_reduce_add_ps(v); }
 

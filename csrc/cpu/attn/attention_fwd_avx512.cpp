@@ -196,7 +196,7 @@ struct Task {
             tmp[l] = ((vis >> l) & 1) ? value_at<T>(mrow, (base + l) * p.mask_stride[3]) : 0.0f;
           mv = _mm512_load_ps(tmp);
         }
-        z = _mm512_fmadd_ps(mv, vu, z);
+        z = add_mask(z, mv, vu);
         // a -inf entry masks the key even where the score is NaN (NaN + -inf would be NaN)
         vis &= _mm512_cmp_ps_mask(mv, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
       }

@@ -24,6 +24,7 @@ import backend_rows  # tests/backend_rows.py
 from fastarch import _extension
 from fastarch.ops.attn import cpp as attention_kernels
 from test_attention import FEATURES, compare, kernel_args, make_qkv
+from test_attention_cpu_isa import HUGE_BF16_MASKS, check_huge_bf16_mask
 
 _C = _extension._C
 pytestmark = pytest.mark.skipif(_C is None, reason=f"fastarch._C is not loaded: {_extension.LOAD_ERROR}")
@@ -155,3 +156,8 @@ def test_nan_in_nan_out(brgemm, causal):
     rest[expect] = False
     rest[..., 9][vcol] = False
     assert not rest.any(), "NaN outside the rows and columns that depend on it"
+
+
+@pytest.mark.parametrize("value", HUGE_BF16_MASKS.values(), ids=HUGE_BF16_MASKS.keys())
+def test_bf16_masks_beyond_the_log2_range(brgemm, value):
+    check_huge_bf16_mask(value)

@@ -316,3 +316,41 @@ def test_fp32_close_to_the_truth(isa):
     truth, truth_lse = attention_forward_ref(q.double(), k.double(), v.double(), args)
     torch.testing.assert_close(out.double(), truth, rtol=0, atol=2e-6)
     torch.testing.assert_close(lse.double(), truth_lse, rtol=0, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- bf16 masks at the top of the range
+
+# Logits in units of log2 e (the bf16/fp16 kernels' exponents) overflow fp32 past 2.36e38 in
+# natural units, and bf16 holds 48 finite values beyond: torch.finfo(bf16).min among them,
+# which Hugging Face fills masked positions with.
+HUGE_BF16_MASKS = {"finfo.min": torch.finfo(torch.bfloat16).min, "-3e38": -3e38, "+3e38": 3e38}
+
+
+def check_huge_bf16_mask(value: float) -> None:
+    """bf16 masks of `value` (beyond FLT_MAX / log2 e) on a whole row, on one key of a row, and
+    on one key of every row of a batch: out as the fp64 reference's (a row all at one huge value
+    averages its keys, where its logits overflowing into -inf gave zeros and +inf NaN; a key
+    at -3e38 is hidden, one at +3e38 takes the row); lse finite (-inf only for a query that sees
+    no key), that of a row with an ordinary logit as the reference's, that of a row all beyond
+    2.36e38 saturated there."""
+    B, H, SQ, SK, D = 2, 2, 20, 150, 64
+    q, k, v = make_qkv(B, H, H, SQ, SK, D, torch.bfloat16, "cpu", seed=11)
+    mask = torch.zeros(B, 1, SQ, SK, dtype=torch.bfloat16)
+    mask[0, :, 3, :] = value  # the whole row
+    mask[0, :, 5, 7] = value  # one key of a row
+    mask[1, :, :, 130] = value  # one key (in the second key block) of every row
+    args = kernel_args(q, k, v, attn_mask=mask)
+    out, lse = attention_kernels.forward(q, k, v, args)
+    truth, truth_lse = attention_forward_ref(q.double(), k.double(), v.double(), args)
+    base, _ = attention_forward_ref(q, k, v, args, upcast=False)
+    check("out", out, base, truth, torch.bfloat16, FORWARD_FACTOR)
+    assert torch.isfinite(lse).all()
+    huge = truth_lse.abs() > 2.3e38
+    assert huge.any() and (lse[huge].abs() > 2.3e38).all()
+    lse_tol = LSE_TOL[torch.bfloat16] + 1e-6 * truth_lse[~huge].abs().max()
+    assert (lse.double()[~huge] - truth_lse[~huge]).abs().max() <= lse_tol
+
+
+@pytest.mark.parametrize("value", HUGE_BF16_MASKS.values(), ids=HUGE_BF16_MASKS.keys())
+def test_bf16_masks_beyond_the_log2_range(isa, value):
+    check_huge_bf16_mask(value)
