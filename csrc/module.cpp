@@ -54,6 +54,8 @@ PYBIND11_MODULE(_C, m) {
   // Whether the portable kernels run their AVX2 build now (level avx2): fastarch.ops.linear's
   // row table has a row for it.
   m.def("_cpu_portable_avx2", []() { return fastarch::cpu::portable_avx2(); });
+  // The level the CPU kernels run now ("generic" ... "amx"): the linear row table's row.
+  m.def("_cpu_level", []() { return std::string(fastarch::cpu::isa_name(fastarch::cpu::active_isa())); });
   // The bf16 attention forward through brgemm: "auto" (at level amx), "on" (any AVX512-BF16
   // CPU), "off".
   m.def("_set_cpu_brgemm", [](const std::string& mode) { fastarch::cpu::set_brgemm(mode); });

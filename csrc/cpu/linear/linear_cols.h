@@ -28,6 +28,10 @@ struct LinearParams {
   const void* bias;  // out_features or nullptr, in the input dtype
   void* out;         // rows x out_features, contiguous, in the input dtype
   int64_t rows, in_features, out_features, ldx;
+  // bf16 x as given (rows x in_features, row stride ldx16, contiguous columns), for the AVX-512
+  // build's vdpbf16ps tiles where the CPU has AVX512-BF16; nullptr elsewhere.
+  const void* x16 = nullptr;
+  int64_t ldx16 = 0;
 };
 
 // x's rows (fp16 or bf16: rows x K, row stride ldx, contiguous columns) widened to fp32 rows

@@ -63,6 +63,10 @@ Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Ten
   }
   LinearParams p{xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
                  rows, x.size(1), N, xc.stride(0)};
+  if (d == Dtype::bf16 && isa_bf16()) {
+    p.x16 = x.data_ptr();
+    p.ldx16 = x.stride(0);
+  }
   at::parallel_for(0, N, linear_grain(p, weight.element_size()), [&](int64_t begin, int64_t end) {
     run_cols(d, p, begin, end);
   });

@@ -89,12 +89,13 @@ def cpu_isa():
     select(backend_rows.DEFAULT_ISA)
 
 
-@pytest.mark.parametrize("isa", ["auto", "generic", "avx2"])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 33])
 def test_cpu_kernel_every_row_count(cpu_isa, isa, dtype, rows):
     """The kernel itself, past the dispatcher's limits: 4-row groups and their tails, 4-column
-    tiles and theirs, a K that ends mid-vector, with and without bias."""
+    tiles and theirs, a K that ends mid-vector, with and without bias. bf16 past 4 rows: the
+    vdpbf16ps tiles at auto on an AVX512-BF16 CPU, the widened ones at level avx512."""
     cpu_isa(isa)
     for k, n in [(77, 13), (576, 9)]:
         x, w, b = make(rows, k, n, dtype)
@@ -113,6 +114,32 @@ def test_cpu_kernel_strided_rows_and_empty():
     assert torch.ops.fastarch._linear(torch.randn(2, 8), torch.randn(0, 8), None).shape == (2, 0)
     b = torch.randn(3)
     assert torch.equal(torch.ops.fastarch._linear(torch.randn(2, 0), torch.randn(3, 0), b), b.expand(2, 3))
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx512"])
+def test_cpu_bf16_tiles_strided_rows_nan_and_subnormals(cpu_isa, isa):
+    """The bf16 tiles (past 4 rows; vdpbf16ps at auto on an AVX512-BF16 CPU): x rows apart in
+    memory (a view), NaN and inf kept in their row and column (inf * 0 is NaN), and subnormal
+    terms: vdpbf16ps reads bf16 subnormals as 0 and flushes subnormal sums to 0, as PyTorch's
+    oneDNN bf16 GEMM does; every result within the check's bound of fp64 either way."""
+    cpu_isa(isa)
+    x = torch.randn(9, 80, dtype=torch.float64).to(torch.bfloat16)[:, :67]  # rows 80 apart
+    w = (torch.randn(10, 67, dtype=torch.float64) / 8).to(torch.bfloat16)
+    b = torch.randn(10, dtype=torch.float64).to(torch.bfloat16)
+    check(torch.ops.fastarch._linear(x, w, b), x, w, b)
+    xn, wn = x.clone(), w.clone()
+    xn[6, 40] = float("nan")
+    wn[3, 66] = float("inf")  # (in the masked last step; x[:, 66] finite and nonzero)
+    xn[:, 66] = 1.0
+    y = torch.ops.fastarch._linear(xn, wn, None)
+    expect = torch.zeros_like(y, dtype=torch.bool)
+    expect[6, :] = True
+    assert torch.equal(y.isnan(), expect)
+    assert torch.isposinf(y[:, 3][torch.arange(9) != 6]).all()
+    tiny = torch.full((6, 32), 2.0**-130, dtype=torch.bfloat16)  # subnormal in bf16 and fp32
+    wt = torch.ones(2, 32, dtype=torch.bfloat16)
+    y = torch.ops.fastarch._linear(tiny, wt, None)
+    assert (y.abs() <= 32 * 2.0**-130).all() and (y >= 0).all()
 
 
 @pytest.mark.parametrize("backend,device", backend_rows.rows("linear"))
@@ -212,7 +239,9 @@ def test_choice_follows_rows_dtype_and_build(cpu_isa, cpu_gemm):
         return registry.choose("linear", LinearProblem.of(x, w)).name
 
     cpu_isa("auto")
-    build = "avx512" if _C._cpu_avx512() else "avx2" if _C._cpu_portable_avx2() else "generic"
+    build = linear_backends._cpu_build()
+    assert build == ("avx512_bf16" if _C._cpu_level() == "avx512_bf16" else "avx512" if _C._cpu_avx512()
+                     else "avx2" if _C._cpu_portable_avx2() else "generic")
     for dtype in DTYPES:
         first, last = CPU_ROWS[build].get(dtype, (1, 0))
         # past the 16-bit rows at level avx2: the cpu backend's widened GEMM
