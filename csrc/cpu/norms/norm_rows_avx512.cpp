@@ -177,13 +177,6 @@ void normalize_row(const float* s, const float* w, const float* b, void* y, cons
   }
 }
 
-// Rows of at least this many bytes have the next one prefetched during their last pass: the
-// hardware prefetchers stop at a 4 KB page, so from there a row's first lines came from memory
-// only once its pass 1 asked. AMD EPYC Zen 5, 2 threads, in-process A/B: 2048x4096 and
-// 1024x8192, fp32 and bf16, rms_norm 1.2-1.66x, layer_norm 1.03-1.55x, add_rms_norm
-// 1.04-1.55x; narrower rows 0.85-1.07x, so they go without.
-constexpr int64_t kPrefetchRowBytes = 4096;
-
 template <typename L, bool kWeight, bool kBias, bool kStream>
 void forward_rows(const NormForwardParams& p, int64_t begin, int64_t end, const Avx512RowArgs& a) {
   const Chunks c(p.cols);

@@ -140,8 +140,18 @@ void normalize_row_out(const NormForwardParams& p, int64_t r, const S* src, cons
   T* y = static_cast<T*>(p.y) + r * n;
   const Vec vmean = portable::splat(mean), vcorr = portable::splat(correction), vrstd = portable::splat(rstd);
   const int64_t nv = n / kVecLanes * kVecLanes;
+  // the next row's x (and residual) prefetched, as the AVX-512 build does (kPrefetchRowBytes;
+  // level avx2 on the Zen 5, in-process A/B: 1.04-1.62x at 2048x4096 and 1024x8192)
+  const bool ahead = r + 1 < p.rows && n * static_cast<int64_t>(sizeof(T)) >= kPrefetchRowBytes;
+  const char* next = ahead ? reinterpret_cast<const char*>(static_cast<const T*>(p.x) + (r + 1) * p.x_row_stride) : nullptr;
+  const char* next_res = ahead && p.residual
+      ? reinterpret_cast<const char*>(static_cast<const T*>(p.residual) + (r + 1) * p.residual_row_stride) : nullptr;
   int64_t i = 0;
   for (; i < nv; i += kVecLanes) {
+    if (next && (i * static_cast<int64_t>(sizeof(T))) % 64 == 0) {
+      __builtin_prefetch(next + i * sizeof(T));
+      if (next_res) __builtin_prefetch(next_res + i * sizeof(T));
+    }
     Vec v = ((portable::load_f32(src + i) - vmean) - vcorr) * vrstd;
     if (w) v *= portable::load_f32(w + i);
     if (b) v += portable::load_f32(b + i);
