@@ -50,6 +50,21 @@ inline __m512 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), s);
 }
 
+// A tile's results: the 4 accumulators of each x row summed across lanes together, the bias
+// added, the (up to 4) outputs rounded once and stored.
+template <typename L, int MB>
+__attribute__((always_inline)) inline void store_tile(const LinearParams& p, int64_t m0, int64_t n0, int cols,
+                                                      const __m512 (&acc)[MB][kTileCols]) {
+  const __mmask16 out_mask = __mmask16((1u << cols) - 1);
+  const __m512 bias = p.bias ? L::load(static_cast<const char*>(p.bias) + n0 * L::kBytes, out_mask)
+                             : _mm512_setzero_ps();
+  #pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+    char* out = static_cast<char*>(p.out) + ((m0 + m) * p.out_features + n0) * L::kBytes;
+    L::store(out, _mm512_add_ps(sum_lanes4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]), bias), out_mask);
+  }
+}
+
 // Output columns n0 .. n0 + cols - 1 (cols <= 4) of x rows m0 .. m0 + MB - 1. With fewer than 4
 // columns the missing W rows repeat the last one (read, never written).
 template <Elem E, int MB>
@@ -96,14 +111,7 @@ void tile(const LinearParams& p, int64_t m0, int64_t n0, int cols) {
       for (int c = 0; c < kTileCols; ++c) acc[m][c] = _mm512_fmadd_ps(wv[c], xv, acc[m][c]);
     }
   }
-  const __mmask16 out_mask = __mmask16((1u << cols) - 1);
-  const __m512 bias = p.bias ? L::load(static_cast<const char*>(p.bias) + n0 * L::kBytes, out_mask)
-                             : _mm512_setzero_ps();
-  #pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) {
-    char* out = static_cast<char*>(p.out) + ((m0 + m) * p.out_features + n0) * L::kBytes;
-    L::store(out, _mm512_add_ps(sum_lanes4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]), bias), out_mask);
-  }
+  store_tile<L, MB>(p, m0, n0, cols, acc);
 }
 
 // tile() for bf16 W and x on the AVX512-BF16 instruction: vdpbf16ps takes 32 values of one W
@@ -152,14 +160,7 @@ void tile_dot(const LinearParams& p, int64_t m0, int64_t n0, int cols) {
     #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) dot(wv, m, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * p.ldx16 + k));
   }
-  const __mmask16 out_mask = __mmask16((1u << cols) - 1);
-  const __m512 bias = p.bias ? L::load(static_cast<const char*>(p.bias) + n0 * L::kBytes, out_mask)
-                             : _mm512_setzero_ps();
-  #pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) {
-    char* out = static_cast<char*>(p.out) + ((m0 + m) * p.out_features + n0) * L::kBytes;
-    L::store(out, _mm512_add_ps(sum_lanes4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]), bias), out_mask);
-  }
+  store_tile<L, MB>(p, m0, n0, cols, acc);
 }
 
 // Output column n of x rows m0 .. m0 + MB - 1: W row n read front to back as one stream, 64
