@@ -66,6 +66,13 @@ TORCH_LIBRARY(fastarch, m) {
   // step), where the weight's bytes are the cost. Semantics: fastarch/ops/linear/reference.py.
   m.def("_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
+  // y = x W^T + bias with W given as GGUF blocks (uint8 (out_features, in_features / 32 *
+  // block bytes), contiguous, as the file stores them) of ggml type quant: 2 Q4_0, 3 Q4_1, 8
+  // Q8_0; x (rows, in_features) float32/float16/bfloat16 (last dim contiguous), bias
+  // (out_features,) of x's dtype or None. W's values exactly ggml's dequantized ones, sums in
+  // fp32, rounded once. Semantics: fastarch/ops/qlinear/reference.py.
+  m.def("_quantized_linear(Tensor x, Tensor blocks, int quant, Tensor? bias) -> Tensor");
+
   // One decode step of a LLaMA-family decoder's layers (fastarch/models/llama.py), calling the
   // kernels above with no Python between them: x (batch * n, hidden) -> the final norm's
   // output. Per layer, in order: weights (input norm, qkv, o, post-attention norm, gate_up,

@@ -470,6 +470,8 @@ class CausalLM(nn.Module):
         if max_len > self.max_positions:
             raise ValueError(f"max_len {max_len} exceeds the model's {self.max_positions} positions")
         p = self.lm_head.weight
+        if not p.is_floating_point():  # a QuantizedLinear head's blocks: the embeddings' dtype
+            p = next(t for t in self.parameters() if t.is_floating_point())
         return KVCache(self.n_layers, batch, self.n_kv, max_len, self.head_dim,
                        dtype=dtype or p.dtype, device=device or p.device)
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastarch.models.loading import CheckpointError
+from fastarch.ops.qlinear.reference import q4_0_values, q4_1_values, q8_0_values  # (the quantized linear layer's formats)
 
 # ---------------------------------------------------------------------------------------------
 # Dequantization. Each ggml type stores a row as blocks of `block` values in `nbytes` bytes;
@@ -53,15 +54,6 @@ def _bits(qh: Tensor, count: int, width: int = 1) -> Tensor:
     return (qh.unsqueeze(-2) >> shifts.view(count, 1)) & ((1 << width) - 1)
 
 
-def _q4_0(b: Tensor) -> Tensor:  # d: f16, qs: 16 bytes; x = (q - 8) * d
-    q = _low_high(_field(b, 2, 18)).to(torch.int8) - 8
-    return _f16(b, 0) * q.float()
-
-
-def _q4_1(b: Tensor) -> Tensor:  # d, m: f16, qs: 16 bytes; x = q * d + m
-    return _f16(b, 0) * _low_high(_field(b, 4, 20)).float() + _f16(b, 2)
-
-
 def _five_bit(qh: Tensor, qs: Tensor) -> Tensor:
     """Q5_0/Q5_1 values (n, 32): low nibbles from qs, bit j of the little-endian u32 qh on top."""
     high = _bits(qh, 8).transpose(-1, -2).reshape(qh.shape[0], 32)  # byte-major, bit-minor = bit j
@@ -75,10 +67,6 @@ def _q5_0(b: Tensor) -> Tensor:  # d: f16, qh: u32, qs: 16 bytes; x = (q - 16) *
 
 def _q5_1(b: Tensor) -> Tensor:  # d, m: f16, qh: u32, qs: 16 bytes; x = q * d + m
     return _f16(b, 0) * _five_bit(_field(b, 4, 8), _field(b, 8, 24)).float() + _f16(b, 2)
-
-
-def _q8_0(b: Tensor) -> Tensor:  # d: f16, qs: 32 int8; x = q * d
-    return _field(b, 2, 34).view(torch.int8).float() * _f16(b, 0)
 
 
 def _q2_k(b: Tensor) -> Tensor:  # scales: 16 bytes (4-bit scale | 4-bit min), qs: 64, d, dmin
@@ -168,11 +156,11 @@ def _iq4_xs(b: Tensor) -> Tensor:  # d: f16, scales_h: u16, scales_l: 4 bytes, q
 GGML_TYPES: dict[int, tuple[str, int, int, Callable[[Tensor], Tensor] | None]] = {
     0: ("F32", 1, 4, None),
     1: ("F16", 1, 2, None),
-    2: ("Q4_0", 32, 18, _q4_0),
-    3: ("Q4_1", 32, 20, _q4_1),
+    2: ("Q4_0", 32, 18, q4_0_values),
+    3: ("Q4_1", 32, 20, q4_1_values),
     6: ("Q5_0", 32, 22, _q5_0),
     7: ("Q5_1", 32, 24, _q5_1),
-    8: ("Q8_0", 32, 34, _q8_0),
+    8: ("Q8_0", 32, 34, q8_0_values),
     10: ("Q2_K", QK_K, 84, _q2_k),
     11: ("Q3_K", QK_K, 110, _q3_k),
     12: ("Q4_K", QK_K, 144, _q4_k),
@@ -370,12 +358,19 @@ def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) 
     return config
 
 
-def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, Tensor]]:
+def read_gguf(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, quantized: bool = False
+) -> tuple[dict, dict[str, Tensor]]:
     """A llama GGUF file as (config, weights): config a Hugging Face LlamaConfig-style dict,
     weights every tensor under transformers' LlamaForCausalLM name (lm_head.weight only when
     the file has output.weight: otherwise config["tie_word_embeddings"] is True), dequantized
     to ``dtype`` on the CPU, q/k rows in transformers' order. A Llama 3.1 file's rope_freqs.weight
-    becomes config["rope_scaling"] (rope_type "llama3") rather than a weight."""
+    becomes config["rope_scaling"] (rope_type "llama3") rather than a weight.
+
+    quantized: keep the projections' and the head's Q4_0, Q4_1 and Q8_0 tensors as they are
+    stored, uint8 blocks (rows, in_features / 32 * block bytes) for fastarch.ops.quantized_linear,
+    listed in config["quantization"] (name -> "q4_0" | "q4_1" | "q8_0"); a tied head then comes
+    as such an lm_head.weight beside the dequantized embeddings."""
     if not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating dtype, got {dtype}")
     file = Path(path)
@@ -385,6 +380,7 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
     config = _config(reader, file, names, int(embd.shape[1]) if embd is not None and len(embd.shape) == 2 else None)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     weights: dict[str, Tensor] = {}
+    quants: dict[str, str] = {}
     for t in reader.tensors:
         target = "rope_freqs" if t.name == "rope_freqs.weight" else hf_name(t.name)
         if target is None:
@@ -397,7 +393,15 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
         try:
             raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1).copy()  # the file is mapped read-only
             out = torch.float32 if target == "rope_freqs" else dtype
-            value = dequantize(torch.from_numpy(raw), ggml_type, shape, dtype=out)
+            kept = _KEPT.get(ggml_type) if quantized and len(shape) == 2 else None
+            if kept is not None and (target.endswith("_proj.weight") or target == "lm_head.weight"):
+                value = _blocks(raw, ggml_type, shape)
+                quants[target] = kept
+            else:
+                value = dequantize(torch.from_numpy(raw), ggml_type, shape, dtype=out)
+                if kept is not None and target == "model.embed_tokens.weight" and "output.weight" not in names:
+                    weights["lm_head.weight"] = _blocks(raw, ggml_type, shape)  # the tied head, as stored
+                    quants["lm_head.weight"] = kept
         except CheckpointError as e:
             raise CheckpointError(f"{file}: tensor {t.name}: {e}") from None
         except (ValueError, TypeError) as e:  # a data region cut short by truncation
@@ -411,7 +415,23 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) ->
         weights[target] = value
     if "rope_freqs" in weights:
         config["rope_scaling"] = _llama3_rope_scaling(weights.pop("rope_freqs").double(), config, file)
+    if quantized:
+        config["quantization"] = quants
     return config, weights
+
+
+# the block formats read_gguf(quantized=True) keeps: ggml type id -> fastarch.ops.quantized_linear's quant
+_KEPT = {2: "q4_0", 3: "q4_1", 8: "q8_0"}
+
+
+def _blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Tensor:
+    """A tensor's bytes as its rows of blocks, uint8 (rows, bytes per row), checked as dequantize checks them."""
+    name, block, nbytes, _ = GGML_TYPES[ggml_type]
+    rows, cols = shape
+    if cols % block or raw.size != rows * cols // block * nbytes:
+        raise CheckpointError(f"a {name} tensor of shape {tuple(shape)} takes {rows * cols // block * nbytes} bytes;"
+                              f" got {raw.size}")
+    return torch.from_numpy(raw).view(rows, cols // block * nbytes)
 
 
 def _llama3_factors(scaling: dict, head_dim: int, theta: float) -> Tensor:

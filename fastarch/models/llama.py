@@ -23,6 +23,7 @@ Python between them).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, fields
@@ -38,7 +39,8 @@ from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import (
     CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head,
 )
-from fastarch.nn import Linear  # the head on fastarch.ops.linear: the generation loop calls it as a module
+from fastarch.nn import Linear, QuantizedLinear  # the head on fastarch.ops.linear: the generation loop calls it as a module
+from fastarch.ops.qlinear.reference import BLOCK, BLOCK_BYTES, dequantize_blocks
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -161,10 +163,13 @@ class LlamaConfig:
         return None if self.sliding_window is None else self.sliding_window - 1
 
 
-def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x) on fastarch.ops.linear (the weight streamed once for a decode step's few rows)
-    without the module call's hook machinery (a few microseconds, ~120 times per decode step);
-    the blocks are parameter holders that Llama runs itself."""
+def _linear(layer: nn.Linear | QuantizedLinear, x: Tensor) -> Tensor:
+    """layer(x) on fastarch.ops.linear (the weight streamed once for a decode step's few rows),
+    or quantized_linear for a QuantizedLinear, without the module call's hook machinery (a few
+    microseconds, ~120 times per decode step); the blocks are parameter holders that Llama runs
+    itself."""
+    if type(layer) is QuantizedLinear:
+        return ops.quantized_linear(x, layer.weight, layer.quant, layer.bias)
     return ops.linear(x, layer.weight, layer.bias)
 
 
@@ -334,23 +339,36 @@ class Llama(CausalLM):
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, quantized: bool = False,
     ) -> Llama:
         """The model of a transformers checkpoint directory (LlamaForCausalLM, LlamaModel,
         MistralForCausalLM, Qwen2ForCausalLM), or of a llama GGUF file: ``gguf_file`` names it
         inside the directory ``path`` (as transformers' gguf_file=), or ``path`` is the file.
-        In eval mode."""
+        In eval mode. quantized (GGUF only): the projections and the head whose tensors the file
+        stores as Q4_0, Q4_1 or Q8_0 keep those blocks (fastarch.nn.QuantizedLinear, the
+        products on fastarch.ops.quantized_linear, the same values as dequantized); the rest
+        is dequantized to ``dtype`` as without it."""
         file = gguf_path(path, gguf_file)
+        if quantized and file is None:
+            raise ValueError(f"{path}: quantized=True keeps a GGUF file's quantized blocks; this is not a GGUF file"
+                             " (fastarch.nn.QuantizedLinear.from_linear quantizes a layer)")
+        quants: dict[str, str] = {}
         if file is not None:
             from fastarch.models.gguf import read_gguf
 
-            config, weights = read_gguf(file, dtype=dtype or torch.float32)
+            config, weights = read_gguf(file, dtype=dtype or torch.float32, quantized=quantized)
+            quants = config.pop("quantization", {})
         else:
             config, weights = read_config(path), read_weights(path)
         cfg = LlamaConfig.from_dict(config)
+        if "lm_head.weight" in quants:  # the head's own blocks (a tied one's: the embeddings' as stored)
+            cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
         cfg = untie_stored_head(cfg, weights, ("model.embed_tokens.weight", "embed_tokens.weight"), path)
         model = cls(cfg)
-        weights = _stack(weights, cfg)
+        weights = _stack(weights, cfg, quants, dtype or torch.float32)
+        for name, quant in quants.items():  # the layers of the blocks that _stack kept
+            if name in weights and weights[name].dtype == torch.uint8:
+                _quantize_layer(model, name.removeprefix("model.").removesuffix(".weight"), quant)
         tied = cfg.tie_word_embeddings
 
         def name_of(ckpt_name: str) -> str | None:
@@ -370,9 +388,26 @@ def gguf_path(path: str | os.PathLike, gguf_file: str | os.PathLike | None) -> P
     return Path(path) if str(path).endswith(".gguf") else None
 
 
-def _stack(weights: dict[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
+def _quantize_layer(model: Llama, name: str, quant: str) -> None:
+    """Replaces the linear layer ``name`` (e.g. "layers.0.qkv_proj", "lm_head") of model by a
+    fastarch.nn.QuantizedLinear of format ``quant`` of its shape, to be filled by load_into."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    setattr(owner, child, QuantizedLinear(old.in_features, old.out_features, quant, bias=old.bias is not None))
+
+
+def _stack(
+    weights: dict[str, Tensor], cfg: LlamaConfig, quants: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
     """The checkpoint's q/k/v and gate/up projections stacked into qkv_proj and gate_up_proj,
-    each part's shape checked first (an error names the checkpoint's tensor)."""
+    each part's shape checked first (an error names the checkpoint's tensor). quants: the
+    tensors given as quantized blocks (read_gguf(quantized=True)); the parts of a stack are kept
+    as blocks when all are of one format, else dequantized to ``dtype``; they are renamed in
+    place (quants then names the stacked layers' weights)."""
+    quants = quants if quants is not None else {}
+    weights = _dequantize_mixed_stacks(weights, quants, dtype)
     C, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     parts = {
@@ -391,6 +426,8 @@ def _stack(weights: dict[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
             if module in parts:
                 target, index, rows = parts[module]
                 want = (rows, C) if kind == "weight" else (rows,)
+                if name in quants:
+                    want = (rows, C // BLOCK * BLOCK_BYTES[quants[name]])
                 if tuple(t.shape) != want:
                     raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, but the model needs {want}"
                                           " (does config.json fit these weights?)")
@@ -398,6 +435,8 @@ def _stack(weights: dict[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
                 continue
             if module in renamed:
                 out[f"layers.{layer}.{renamed[module]}.{kind}"] = t
+                if name in quants:
+                    quants[f"layers.{layer}.{renamed[module]}.{kind}"] = quants.pop(name)
                 continue
         out[name] = t
     for target, got in groups.items():
@@ -407,6 +446,32 @@ def _stack(weights: dict[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
             names = [m for m, (tgt, i, _) in parts.items() if tgt == target.split(".")[2] and i not in got]
             raise CheckpointError(f"the checkpoint lacks tensor model.layers.{layer}.{names[0]}.{target.split('.')[-1]}")
         out[target] = torch.cat([got[i][1] for i in range(count)], 0)
+        if got[0][0] in quants:
+            quants[target] = quants[got[0][0]]
+            for name, _ in got.values():
+                quants.pop(name)
+    return out
+
+
+def _dequantize_mixed_stacks(weights: dict[str, Tensor], quants: dict[str, str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """weights, with the quantized parts of a q/k/v or gate/up stack dequantized to dtype where
+    the stack's parts are not all blocks of one format (a file may mix formats within a layer)."""
+    stacks: dict[tuple[str, str], list[str]] = {}
+    for name in weights:
+        base = name.removeprefix("model.").split(".")
+        if base[0] == "layers" and len(base) == 5 and base[4] == "weight":
+            module = ".".join(base[2:4])
+            group = "qkv" if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") else (
+                "gate_up" if module in ("mlp.gate_proj", "mlp.up_proj") else None)
+            if group is not None:
+                stacks.setdefault((base[1], group), []).append(name)
+    out = dict(weights)
+    for names in stacks.values():
+        kinds = {quants.get(n) for n in names}
+        if len(kinds) > 1:
+            for n in names:
+                if n in quants:
+                    out[n] = dequantize_blocks(out[n], quants.pop(n)).to(dtype)
     return out
 
 

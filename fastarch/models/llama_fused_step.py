@@ -22,8 +22,10 @@ from fastarch import registry
 from fastarch.ops import dispatch
 from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.attn.args import AttentionProblem
+from fastarch.nn import QuantizedLinear
 from fastarch.ops.linear.backends import LinearProblem, cpu_product
 from fastarch.ops.norms.backends import NormProblem
+from fastarch.ops.qlinear.backends import QuantizedLinearProblem
 from fastarch.ops.rope.backends import RotaryProblem
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -61,10 +63,17 @@ def _products(model, rows: int, dtype: torch.dtype, requested: str, kernels: dic
     if any(_chosen(op, problem, requested) != "cpu" for op, problem in kernels.items()):
         return None
     block = model.layers[0]
+    layers = (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj)
+    quantized = [layer for layer in layers if type(layer) is QuantizedLinear]
+    if any(_chosen("quantized_linear", QuantizedLinearProblem("cpu", dtype, rows, q.in_features, q.out_features,
+                                                               q.quant), requested) != "cpu" for q in quantized):
+        return None
     linears = {
         _chosen("linear", LinearProblem("cpu", dtype, rows, layer.in_features, layer.out_features, True), requested)
-        for layer in (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj)
+        for layer in layers if type(layer) is not QuantizedLinear
     }
+    if not linears:  # every product on quantized blocks: the loop calls their kernel whatever products says
+        return "kernel"
     if linears == {"reference"}:
         return "torch"
     if linears == {"cpu"}:
@@ -134,7 +143,7 @@ def step_arguments(model, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor
     try:
         for block in model.layers:
             parts = block._modules
-            weights += [parts[name]._parameters["weight"] for name in _WEIGHTS]
+            weights += [_weight(parts[name]) for name in _WEIGHTS]
             biases += [parts[name]._parameters["bias"] for name in _BIASED]
             eps += [parts[name].eps for name in _NORMS]
         weights.append(model._modules["norm"]._parameters["weight"])
@@ -142,6 +151,14 @@ def step_arguments(model, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor
     except (KeyError, AttributeError):  # a parametrized weight, a replaced layer of another kind
         return None
     for t in weights + [b for b in biases if b is not None]:
-        if type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu or not t.is_contiguous():
+        if type(t) not in _PLAIN or t.dtype not in (dtype, torch.uint8) or not t.is_cpu or not t.is_contiguous():
             return None
     return weights, biases, [float(e) for e in eps]
+
+
+def _weight(layer) -> Tensor:
+    """A layer's weight: a parameter, or a QuantizedLinear's blocks (a buffer; the C++ loop
+    tells their format from their bytes per row)."""
+    if type(layer) is QuantizedLinear:
+        return layer._buffers["weight"]
+    return layer._parameters["weight"]

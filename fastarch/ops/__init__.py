@@ -1,5 +1,5 @@
 """fastarch's public functional API, one package per op family (norms, attn, activations, rope, group_norms,
-linear).
+linear, qlinear).
 Each op picks its backend through fastarch.registry."""
 
 from fastarch.ops.activations import bias_gelu, geglu, geglu_packed, swiglu
@@ -7,6 +7,7 @@ from fastarch.ops.attn import append_kv, attention, attention_decode, scaled_dot
 from fastarch.ops.group_norms import group_norm
 from fastarch.ops.linear import linear
 from fastarch.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastarch.ops.qlinear import quantized_linear
 from fastarch.ops.rope import rotary, rotary_tables
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "swiglu",
     "group_norm",
     "linear",
+    "quantized_linear",
 ]

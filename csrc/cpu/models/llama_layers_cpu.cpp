@@ -5,7 +5,7 @@
 // 2-core CPU, and most of the time to the first token of a short prompt.
 //
 // The loops call the same kernels the Python path's registry chose (fastarch::_norm_fwd,
-// _linear, _rotary, _append_kv, _attention_decode, _attention_fwd, _gated_act_fwd at the CPU
+// _linear, _quantized_linear, _rotary, _append_kv, _attention_decode, _attention_fwd, _gated_act_fwd at the CPU
 // key), with the same arguments in the same order, so their results equal the Python path's bit
 // for bit (tests/models/test_llama_fused_step.py). The Python side calls them only when every op
 // chose its CPU kernel, and checks every argument first (shapes fixed by the config, the cache's
@@ -44,6 +44,8 @@ struct Kernels {
           const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool)>("fastarch::_norm_fwd");
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const OptTensor&)> linear =
       kernel<Tensor(const Tensor&, const Tensor&, const OptTensor&)>("fastarch::_linear");
+  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&)> quantized_linear =
+      kernel<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&)>("fastarch::_quantized_linear");
   c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool, bool)>
       rotary = kernel<std::tuple<Tensor, Tensor>(
@@ -91,6 +93,7 @@ struct Step {
   Products products;
 
   Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) const {
+    if (weight.scalar_type() == at::kByte) return quantized(x, weight, bias);
     switch (products) {
       case Products::kernel:
         return ops.linear.redispatch(kCpu, x, weight, bias);
@@ -104,6 +107,15 @@ struct Step {
         break;
     }
     return at::linear(x, weight, bias);
+  }
+  // A QuantizedLinear's blocks (fastarch/ops/qlinear): the format told by the bytes per block
+  // of 32 values, 18 (Q4_0), 20 (Q4_1) or 34 (Q8_0), which differ.
+  Tensor quantized(const Tensor& x, const Tensor& blocks, const OptTensor& bias) const {
+    const int64_t per_block = x.size(1) >= 32 ? blocks.size(1) / (x.size(1) / 32) : 0;
+    const int64_t quant = per_block == 18 ? 2 : per_block == 20 ? 3 : per_block == 34 ? 8 : -1;
+    TORCH_CHECK(quant > 0 && blocks.size(1) == x.size(1) / 32 * per_block,
+                "fastarch: a layer's uint8 weight is not Q4_0, Q4_1 or Q8_0 blocks of ", x.size(1), " in_features");
+    return ops.quantized_linear.redispatch(kCpu, x, blocks, quant, bias);
   }
   // RMSNorm of x (+ residual): (y, the new residual stream)
   std::tuple<Tensor, Tensor> norm(const Tensor& x, const OptTensor& residual, const Tensor& weight, double eps) const {

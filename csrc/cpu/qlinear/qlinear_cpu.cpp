@@ -1,0 +1,120 @@
+// CPU implementation of fastarch::_quantized_linear: checks, the fp32 copy of x's rows, and
+// the choice of product: up to kDirectRows rows of x, the kernels that read W's blocks once
+// (threaded over output columns, AVX-512 or portable build); more rows, W dequantized to fp32
+// a slice of output columns at a time and multiplied on PyTorch's fp32 GEMM (a prefill's many
+// rows reuse each weight, so the product's arithmetic, not W's bytes, is then the cost).
+#include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#include "cpu/dtype_of.h"
+#include "cpu/isa.h"
+#include "cpu/portable.h"
+#include "qlinear.h"
+
+namespace fastarch::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kWho = "fastarch::_quantized_linear (cpu)";
+// Up to this many rows of x the kernels stream W's blocks (each block widened once per group of
+// 8 rows); more rows dequantize W and run the GEMM.
+constexpr int64_t kDirectRows = 16;
+// W rows dequantized per slice of the GEMM path (576 in_features: ~2.4 MB of fp32 values).
+constexpr int64_t kDequantRows = 1024;
+
+template <typename Fn>
+void with_quant(Quant q, Fn&& fn) {
+  switch (q) {
+    case Quant::q4_0: return fn.template operator()<Quant::q4_0>();
+    case Quant::q4_1: return fn.template operator()<Quant::q4_1>();
+    case Quant::q8_0: return fn.template operator()<Quant::q8_0>();
+  }
+}
+
+void run_cols(Quant q, Dtype d, const QuantLinearParams& p, int64_t begin, int64_t end) {
+  with_quant(q, [&]<Quant Q>() {
+    with_dtype(d, [&]<Dtype D>() {
+      if constexpr (D != Dtype::f64) {
+#ifdef FASTARCH_WITH_AVX512
+        if (isa_avx512()) return qlinear_cols_avx512<Q, D>(p, begin, end);
+#endif
+        with_portable_build([&]<Isa I>() { qlinear_cols_generic<I, Q, D>(p, begin, end); });
+      }
+    });
+  });
+}
+
+void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end, float* out) {
+  with_quant(q, [&]<Quant Q>() {
+#ifdef FASTARCH_WITH_AVX512
+    if (isa_avx512()) return dequantize_rows_avx512<Q>(w, K, begin, end, out);
+#endif
+    with_portable_build([&]<Isa I>() { dequantize_rows_generic<I, Q>(w, K, begin, end, out); });
+  });
+}
+
+Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && blocks.device().is_cpu(), kWho, ": x and blocks must be on the CPU");
+  const Dtype d = dtype_of(x, kWho, "x");
+  TORCH_CHECK(d != Dtype::f64, kWho, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(quant == 2 || quant == 3 || quant == 8, kWho, ": quant must be 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0), got ",
+              quant);
+  const Quant q = static_cast<Quant>(quant);
+  TORCH_CHECK(x.dim() == 2, kWho, ": x must be 2-D (rows, in_features), got ", x.sizes());
+  const int64_t rows = x.size(0), K = x.size(1);
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, kWho, ": x must have a contiguous last dim");
+  TORCH_CHECK(K % kQuantBlock == 0, kWho, ": in_features must be a multiple of 32, got ", K);
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous() &&
+                  blocks.size(1) == K / kQuantBlock * quant_block_bytes(q),
+              kWho, ": blocks must be contiguous uint8 (out_features, ", K / kQuantBlock * quant_block_bytes(q),
+              "), got ", blocks.scalar_type(), " ", blocks.sizes());
+  const int64_t N = blocks.size(0);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->is_cpu(),
+                kWho, ": bias must be a contiguous (", N, ",) CPU tensor of x's dtype");
+  }
+  Tensor out = at::empty({rows, N}, x.options());
+  if (rows == 0 || N == 0) return out;
+  if (K == 0) return bias ? out.copy_(bias->expand({rows, N})) : out.zero_();
+  const Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // exact
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  if (rows > kDirectRows) {
+    Tensor sums = at::empty({rows, N}, x.options().dtype(at::kFloat));
+    Tensor values = at::empty({std::min(N, kDequantRows), K}, x.options().dtype(at::kFloat));
+    for (int64_t n0 = 0; n0 < N; n0 += kDequantRows) {
+      const int64_t len = std::min(kDequantRows, N - n0);
+      float* v = values.data_ptr<float>();
+      at::parallel_for(n0, n0 + len, 16, [&](int64_t begin, int64_t end) {
+        dequantize(q, w, K, begin, end, v + (begin - n0) * K);
+      });
+      const Tensor slice = sums.narrow(1, n0, len);
+      at::mm_out(const_cast<Tensor&>(slice), xf, values.narrow(0, 0, len).t());
+    }
+    if (bias) sums.add_(*bias);
+    return sums.to(x.scalar_type());
+  }
+  const QuantLinearParams p{xf.data_ptr<float>(), w, bias ? bias->data_ptr() : nullptr, out.data_ptr(),
+                            rows, K, N, xf.stride(0)};
+  // at least ~64 KB of blocks per task, in whole chunks of output columns
+  const int64_t row_bytes = std::max<int64_t>(blocks.size(1), 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / row_bytes / kQuantColChunk);
+  const int64_t chunks = (N + kQuantColChunk - 1) / kQuantColChunk;
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    run_cols(q, d, p, begin * kQuantColChunk, std::min(end * kQuantColChunk, N));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) { m.impl("_quantized_linear", &quantized_linear_cpu); }
+
+}  // namespace fastarch::cpu

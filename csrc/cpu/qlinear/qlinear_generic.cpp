@@ -1,0 +1,127 @@
+// Portable build of the CPU linear layer on block-quantized weights (qlinear.h): each block's
+// 32 values widened to fp32 (exactly ggml's), then multiplied into up to 8 rows of x in 16
+// partial sums per row (fused multiply-adds in the AVX2 build), summed in order; the bias added
+// and the result rounded once.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "qlinear.h"
+#include "cpu/portable.h"
+#include "cpu/portable_math.h"
+
+FASTARCH_PORTABLE_BEGIN
+
+namespace fastarch::cpu {
+namespace {
+
+inline float half_at(const uint8_t* p) {
+  c10::Half h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(h);
+}
+
+// Block blk's 32 values as fp32 (madd_f32 rounds d * q + m once either way: d * q is exact).
+template <Quant Q>
+inline void block_values(const uint8_t* blk, float* v) {
+  using portable::madd_f32;
+  const float d = half_at(blk);
+  if constexpr (Q == Quant::q8_0) {
+    for (int j = 0; j < 32; ++j) v[j] = static_cast<float>(static_cast<int8_t>(blk[2 + j])) * d;
+  } else if constexpr (Q == Quant::q4_1) {
+    const float m = half_at(blk + 2);
+    for (int j = 0; j < 16; ++j) {
+      v[j] = madd_f32(static_cast<float>(blk[4 + j] & 0x0F), d, m);
+      v[j + 16] = madd_f32(static_cast<float>(blk[4 + j] >> 4), d, m);
+    }
+  } else {
+    for (int j = 0; j < 16; ++j) {
+      v[j] = static_cast<float>((blk[2 + j] & 0x0F) - 8) * d;
+      v[j + 16] = static_cast<float>((blk[2 + j] >> 4) - 8) * d;
+    }
+  }
+}
+
+template <Quant Q, int R>
+void row_dots(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
+  using namespace portable;
+  constexpr int kVecs = 32 / kVecLanes;
+  Vec part[R][kVecs] = {};
+  alignas(64) float v[32];
+  for (int64_t b = 0; b < nb; ++b) {
+    block_values<Q>(w + b * quant_block_bytes(Q), v);
+    const float* xb = x + b * kQuantBlock;
+    for (int i = 0; i < kVecs; ++i) {
+      const Vec wv = load_vec(v + i * kVecLanes);
+      for (int r = 0; r < R; ++r) part[r][i] = madd(wv, load_vec(xb + r * ldx + i * kVecLanes), part[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float lane[32];
+    std::memcpy(lane, part[r], sizeof lane);
+    float s = 0;
+    for (int l = 0; l < 32; ++l) s += lane[l];
+    sums[r] = s;
+  }
+}
+
+template <Quant Q>
+void rows_dots(int64_t rows, const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
+  switch (rows) {
+    case 1: return row_dots<Q, 1>(w, nb, x, ldx, sums);
+    case 2: return row_dots<Q, 2>(w, nb, x, ldx, sums);
+    case 3: return row_dots<Q, 3>(w, nb, x, ldx, sums);
+    case 4: return row_dots<Q, 4>(w, nb, x, ldx, sums);
+    default: {
+      row_dots<Q, 4>(w, nb, x, ldx, sums);
+      return rows_dots<Q>(rows - 4, w, nb, x + 4 * ldx, ldx, sums + 4);
+    }
+  }
+}
+
+}  // namespace
+
+template <Isa I, Quant Q, Dtype D>
+void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end) {
+  using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
+  const int64_t nb = p.in_features / kQuantBlock, row_bytes = nb * quant_block_bytes(Q);
+  const Elem* bias = static_cast<const Elem*>(p.bias);
+  Elem* out = static_cast<Elem*>(p.out);
+  float sums[kQuantRowGroup];
+  for (int64_t m0 = 0; m0 < p.rows; m0 += kQuantRowGroup) {
+    const int64_t mb = std::min(kQuantRowGroup, p.rows - m0);
+    for (int64_t n = begin; n < end; ++n) {
+      rows_dots<Q>(mb, p.w + n * row_bytes, nb, p.x + m0 * p.ldx, p.ldx, sums);
+      const float b = bias ? static_cast<float>(bias[n]) : 0.0f;
+      for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
+    }
+  }
+}
+
+template <Isa I, Quant Q>
+void dequantize_rows_generic(const uint8_t* w, int64_t in_features, int64_t begin, int64_t end, float* out) {
+  const int64_t nb = in_features / kQuantBlock, row_bytes = nb * quant_block_bytes(Q);
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t b = 0; b < nb; ++b) {
+      block_values<Q>(w + n * row_bytes + b * quant_block_bytes(Q), out + (n - begin) * in_features + b * kQuantBlock);
+    }
+  }
+}
+
+#define FASTARCH_QLINEAR_GENERIC(Q)                                                                                  \
+  template void qlinear_cols_generic<kPortableBuild, Q, Dtype::f32>(const QuantLinearParams&, int64_t, int64_t);      \
+  template void qlinear_cols_generic<kPortableBuild, Q, Dtype::f16>(const QuantLinearParams&, int64_t, int64_t);      \
+  template void qlinear_cols_generic<kPortableBuild, Q, Dtype::bf16>(const QuantLinearParams&, int64_t, int64_t);     \
+  template void dequantize_rows_generic<kPortableBuild, Q>(const uint8_t*, int64_t, int64_t, int64_t, float*);
+FASTARCH_QLINEAR_GENERIC(Quant::q4_0)
+FASTARCH_QLINEAR_GENERIC(Quant::q4_1)
+FASTARCH_QLINEAR_GENERIC(Quant::q8_0)
+#undef FASTARCH_QLINEAR_GENERIC
+
+}  // namespace fastarch::cpu
+
+FASTARCH_PORTABLE_END

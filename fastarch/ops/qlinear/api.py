@@ -1,0 +1,104 @@
+"""quantized_linear: y = x W^T + b with W held as GGUF blocks (Q4_0, Q4_1, Q8_0) as one torch
+op (``torch.ops.fastarch.quantized_linear``) with a fake implementation and autograd for x and
+the bias (W's blocks are constants: a LoRA adapter or a prompt tuned over a quantized model
+trains through it). The backward is dy times W's values, dequantized for it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastarch import registry
+from fastarch.ops import dispatch
+from fastarch.ops.qlinear.backends import QuantizedLinearProblem
+from fastarch.ops.qlinear.reference import BLOCK, BLOCK_BYTES, dequantize_blocks
+from fastarch.ops.rows import as_rows
+
+QUANTS = tuple(BLOCK_BYTES)
+"""The block formats: "q4_0", "q4_1", "q8_0" (GGUF's Q4_0, Q4_1, Q8_0)."""
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+OP = "fastarch.quantized_linear"
+
+
+def _check(x: object, weight: object, quant: object, bias: object) -> None:
+    """Raises a ValueError/TypeError naming the bad argument and what was expected."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if quant not in BLOCK_BYTES:
+        raise ValueError(f"{OP}: quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{OP}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] % BLOCK:
+        raise ValueError(f"{OP}: x must be (..., in_features) with in_features a multiple of {BLOCK} (the blocks'"
+                         f" length), got shape {tuple(x.shape)}")
+    row_bytes = x.shape[-1] // BLOCK * BLOCK_BYTES[quant]
+    if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] != row_bytes:
+        raise ValueError(
+            f"{OP}: weight must be uint8 (out_features, {row_bytes}): per row in_features / {BLOCK} {quant} blocks of"
+            f" {BLOCK_BYTES[quant]} bytes, got {weight.dtype} of shape {tuple(weight.shape)}"
+        )
+    if weight.device != x.device:
+        raise ValueError(f"{OP}: weight must be on x's device {x.device}, got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{OP}: bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{OP}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{OP}: bias must be on x's device {x.device}, got {bias.device}")
+
+
+@dispatch.custom_op(
+    "fastarch::quantized_linear", check=lambda x, weight, quant, bias, backend="": _check(x, weight, quant, bias)
+)
+def _quantized_linear(x: Tensor, weight: Tensor, quant: str, bias: Tensor | None, backend: str = "") -> Tensor:
+    rows = as_rows(x)
+    blocks = weight.contiguous()
+    impl = registry.choose("quantized_linear", QuantizedLinearProblem.of(rows, blocks, quant), backend)
+    out = impl.forward(rows, blocks, quant, bias.contiguous() if bias is not None else None)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+
+
+@_quantized_linear.register_fake
+def _(x, weight, quant, bias, backend=""):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, quant, bias, backend = inputs
+    ctx.save_for_backward(weight)
+    ctx.quant, ctx.has_bias = quant, bias is not None
+
+
+def _grad(ctx, dy):
+    (weight,) = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:  # dy W in fp32 (fp64 for fp64), rounded once
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dx = dy.to(acc).matmul(dequantize_blocks(weight, ctx.quant).to(acc)).to(dy.dtype)
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return dx, None, None, dbias, None
+
+
+_quantized_linear.register_autograd(_grad, setup_context=_setup)
+
+
+def quantized_linear(
+    x: Tensor, weight: Tensor, quant: str, bias: Tensor | None = None, *, backend: str | None = None
+) -> Tensor:
+    """y = x W^T + b with W given as block-quantized rows, as GGUF files store them: a decode
+    step reads 0.56 (Q4_0), 0.625 (Q4_1) or 1.06 (Q8_0) bytes per weight where bf16 reads 2.
+
+    x: (..., in_features), in_features a multiple of 32, float32/float16/bfloat16 (float64 on
+    the reference backend); weight: uint8 (out_features, in_features / 32 * block bytes), each
+    row its blocks in order (``quantize_blocks``, or a GGUF tensor's bytes); quant: "q4_0",
+    "q4_1" or "q8_0"; bias: (out_features,) of x's dtype, or None. W's values are exactly
+    ggml's dequantized ones (``dequantize_blocks``); sums in fp32, rounded once to x's dtype.
+    Returns (..., out_features). Gradients flow to x and bias (W's blocks are constants).
+    backend: force "cpu", "triton" or "reference".
+    """
+    return _quantized_linear(x, weight, quant, bias, registry.requested_backend(backend))

@@ -1,0 +1,78 @@
+"""The quantized linear layer's backends, in priority order, each with what it supports: the
+one table. All share one kernel-level interface (reference.py): forward(x, blocks, quant, bias).
+The CPU kernel takes every row count (past a decode step's rows it dequantizes W a slice at a
+time for PyTorch's fp32 GEMM); the Triton kernel is a few rows' kernel, more rows run the
+reference there. No CUDA kernel yet: on a GPU the Triton kernel runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastarch import availability, registry
+from fastarch.ops.qlinear import triton
+from fastarch.ops.qlinear.reference import quantized_linear_ref
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GGML_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
+"""The formats' ggml type ids, the C++ kernel's ``quant`` argument."""
+GPU_MAX_ROWS = 16
+"""The most rows of x the Triton kernel takes (not yet measured on a GPU)."""
+
+
+@dataclass(frozen=True)
+class QuantizedLinearProblem:
+    """What the backends need to know to say whether they can run a quantized linear layer."""
+
+    device: str
+    dtype: torch.dtype
+    rows: int
+    in_features: int
+    out_features: int
+    quant: str
+
+    @classmethod
+    def of(cls, x: Tensor, blocks: Tensor, quant: str) -> QuantizedLinearProblem:
+        return cls(x.device.type, x.dtype, x.shape[0], x.shape[1], blocks.shape[0], quant)
+
+    def __str__(self) -> str:
+        return (f"{self.rows} rows of {self.in_features} features to {self.out_features}, {self.quant} weights,"
+                f" {self.dtype} on {self.device}")
+
+
+def _cpu_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) -> Tensor:
+    return torch.ops.fastarch._quantized_linear(x, blocks, GGML_IDS[quant], bias)
+
+
+def _cpu_supports(p: QuantizedLinearProblem) -> str | None:
+    return registry.device_reason(p.device, "cpu") or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
+
+
+def _triton_supports(p: QuantizedLinearProblem) -> str | None:
+    why = availability.triton_device_reason(p.device) or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
+    if why or p.rows <= GPU_MAX_ROWS:
+        return why
+    return (f"{p.rows} rows: the Triton kernel takes 1-{GPU_MAX_ROWS}, a decode step's rows (the reference"
+            " backend's dequantized GEMM runs the rest)")
+
+
+def _reference_supports(p: QuantizedLinearProblem) -> str | None:
+    return None
+
+
+BACKENDS = [
+    registry.Backend("cpu", availability.cpu, _cpu_supports, _cpu_forward),
+    registry.Backend("triton", availability.triton, _triton_supports, triton.forward),
+    registry.Backend("reference", availability.reference, _reference_supports, quantized_linear_ref),
+]
+
+registry.register("quantized_linear", BACKENDS)
+
+if availability.cpu() is None:  # _C loaded: its op needs a fake for torch.compile and opcheck
+
+    @torch.library.register_fake("fastarch::_quantized_linear")
+    def _(x, blocks, quant, bias):
+        return x.new_empty((x.shape[0], blocks.shape[0]))

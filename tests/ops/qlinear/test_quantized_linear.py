@@ -1,0 +1,200 @@
+"""fastarch.ops.quantized_linear: the block formats against gguf-py (the package llama.cpp
+ships), every backend against an fp64 product with W's dequantized values, the CPU kernel at
+every instruction-set level and row count (its direct path up to 16 rows, its dequantize-and-
+GEMM path past them), NaN, gradients, the module, errors, opcheck and torch.compile.
+
+Tolerance: ours and the reference both take W's exact values (ggml's, fp32) and sum K products
+in fp32 in different orders, then round once to the dtype. So |ours - fp64| is bounded by
+K * u32 * sum_k |x_k w_k| (fp32 summation, u32 = 2^-24, any order; doubled for slack) plus the
+dtype's rounding of the result, u * |y| (u = 2^-24 fp32, 2^-11 fp16, 2^-8 bf16)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import backend_rows  # tests/backend_rows.py
+from fastarch import ops, registry
+from fastarch._extension import _C
+from fastarch.nn import QuantizedLinear
+from fastarch.ops.qlinear import QUANTS, dequantize_blocks, quantize_blocks
+from fastarch.ops.qlinear.backends import QuantizedLinearProblem
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+# (in_features, out_features): one block, SmolLM2's widths, out_features off the 16-column chunks
+SHAPES = [(32, 5), (576, 960), (1536, 37), (96, 100)]
+BACKEND_ROWS = {"cpu": [1, 3, 8, 9, 17], "reference": [1, 20], "triton": [1, 3]}
+
+
+def make(rows, k, n, quant, dtype, bias=True, device="cpu"):
+    g = torch.Generator().manual_seed(rows * 7919 + k * 31 + n)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    blocks = quantize_blocks(torch.randn(n, k, generator=g) / k**0.5, quant)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x.to(device), blocks.to(device), None if b is None else b.to(device)
+
+
+def check(ours, x, blocks, quant, b):
+    w = dequantize_blocks(blocks.cpu(), quant).double()
+    xd = x.cpu().double()
+    ref = xd @ w.T + (0 if b is None else b.cpu().double())
+    assert ours.shape == ref.shape and ours.dtype == x.dtype
+    bound = 2 * x.shape[-1] * UNIT[torch.float32] * (xd.abs() @ w.abs().T) + UNIT[x.dtype] * ref.abs() + 1e-30
+    err = (ours.cpu().double() - ref).abs()
+    assert (err <= bound).all(), f"worst error / bound {(err / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_formats_match_gguf_py(quant):
+    """quantize_blocks gives gguf-py's bytes and dequantize_blocks its values, bit for bit,
+    blocks of zeros, of one repeated value and of mixed signs included."""
+    quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+
+    kind = getattr(GGMLQuantizationType, quant.upper())
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    w[3] = 0
+    w[5, :32] = 0.75
+    w[6] *= 1e-3
+    blocks = quantize_blocks(w, quant)
+    theirs = quants.quantize(w.numpy(), kind)
+    assert np.array_equal(blocks.numpy(), theirs)
+    assert np.array_equal(dequantize_blocks(blocks, quant).numpy(), quants.dequantize(theirs, kind))
+
+
+CASES = [
+    pytest.param(backend, device, rows, shape, marks=p.marks, id=f"{backend}-{rows}x{shape[0]}x{shape[1]}")
+    for p in backend_rows.rows("quantized_linear")
+    for backend, device in [p.values]
+    for rows in BACKEND_ROWS[backend]
+    for shape in (SHAPES[:1] + SHAPES[3:] if backend == "triton" and device == "cpu" else SHAPES)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("backend,device,rows,shape", CASES)
+def test_matches_reference(backend, device, rows, shape, quant, dtype):
+    x, blocks, b = make(rows, *shape, quant, dtype, bias=rows % 2 == 1, device=device)
+    backend_rows.require("quantized_linear", backend, QuantizedLinearProblem.of(x, blocks, quant))
+    check(ops.quantized_linear(x, blocks, quant, b, backend=backend), x, blocks, quant, b)
+
+
+@pytest.fixture
+def cpu_isa():
+    yield backend_rows.set_cpu_isa
+    backend_rows.set_cpu_isa(backend_rows.DEFAULT_ISA)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_cpu_kernel_each_build_and_row_count(cpu_isa, isa, quant):
+    """Each build of the kernel, at every row count of its row groups (1-8, 9-16 in two groups)
+    and past its direct rows (the dequantized GEMM), fp32 and bf16, with strided rows of x."""
+    cpu_isa(isa)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in list(range(1, 18)) + [40]:
+            x, blocks, b = make(rows, 96, 35, quant, dtype)
+            wide = torch.zeros(rows, 160, dtype=dtype)
+            wide[:, 7:103] = x
+            xs = wide[:, 7:103]  # rows 160 apart
+            check(torch.ops.fastarch._quantized_linear(xs, blocks, {"q4_0": 2, "q4_1": 3, "q8_0": 8}[quant], b),
+                  x, blocks, quant, b)
+
+
+@pytest.mark.parametrize("backend,device", [p.values for p in backend_rows.rows("quantized_linear")],
+                         ids=[p.id for p in backend_rows.rows("quantized_linear")])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_nan_stays_in_its_row_and_column(backend, device, quant):
+    """A NaN in x spoils its row only; a NaN scale in one block of W its output column only."""
+    x, blocks, b = make(3, 64, 20, quant, torch.float32, device=device)
+    x[1, 5] = float("nan")
+    blocks = blocks.clone()
+    blocks[7, 0:2] = torch.tensor(np.array([np.float16("nan")]).view(np.uint8))  # row 7's first scale d
+    backend_rows.require("quantized_linear", backend, QuantizedLinearProblem.of(x, blocks, quant))
+    y = ops.quantized_linear(x, blocks, quant, b, backend=backend).cpu()
+    nan = torch.zeros(3, 20, dtype=torch.bool)
+    nan[1, :] = True
+    nan[:, 7] = True
+    assert torch.equal(y.isnan(), nan)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_gradients_flow_to_x_and_bias(quant):
+    x, blocks, b = make(5, 64, 12, quant, torch.float64)
+    x.requires_grad_(True)
+    b.requires_grad_(True)
+    torch.autograd.gradcheck(lambda x, b: ops.quantized_linear(x, blocks, quant, b), (x, b))
+    xf, bf = x.detach().float().requires_grad_(True), b.detach().float().requires_grad_(True)
+    y = ops.quantized_linear(xf, blocks, quant, bf)
+    y.square().sum().backward()
+    w = dequantize_blocks(blocks, quant)
+    dy = 2 * y.detach()
+    torch.testing.assert_close(xf.grad, dy @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bf.grad, dy.sum(0))
+
+
+def test_module_from_linear_and_leading_dims():
+    lin = torch.nn.Linear(64, 24)
+    q = QuantizedLinear.from_linear(lin, "q8_0")
+    assert q.bias is lin.bias and q.weight.dtype == torch.uint8 and tuple(q.weight.shape) == (24, 2 * 34)
+    x = torch.randn(2, 3, 64)
+    y = q(x)
+    assert y.shape == (2, 3, 24)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, dequantize_blocks(q.weight, "q8_0"), lin.bias))
+    # the blocks round W to 8 bits per block: close to the float layer's product
+    assert (y - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+    assert set(q.state_dict()) == {"weight", "bias"}
+    with pytest.raises(ValueError, match="in_features must be a multiple of 32"):
+        QuantizedLinear(40, 3, "q4_0")
+    with pytest.raises(ValueError, match="quant must be one of"):
+        QuantizedLinear(64, 3, "q5_k")
+
+
+X = torch.randn(2, 64)
+Q8 = quantize_blocks(torch.randn(3, 64), "q8_0")
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((X, Q8, "q4_k", None), ValueError, "quant must be one of"),
+        ((X, Q8, "q4_1", None), ValueError, r"weight must be uint8 \(out_features, 40\)"),
+        ((X, Q8.float(), "q8_0", None), ValueError, "weight must be uint8"),
+        ((X.int(), Q8, "q8_0", None), TypeError, "x must be float32"),
+        ((torch.randn(2, 48), Q8, "q8_0", None), ValueError, "multiple of 32"),
+        ((X, Q8, "q8_0", torch.randn(4)), ValueError, r"bias must have shape \(3,\)"),
+        ((X, Q8, "q8_0", torch.randn(3).double()), TypeError, "bias must have x's dtype"),
+        (("x", Q8, "q8_0", None), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args, error, match):
+    with pytest.raises(error, match=match):
+        ops.quantized_linear(*args)
+
+
+def test_kernel_op_checks_its_arguments():
+    op = torch.ops.fastarch._quantized_linear
+    with pytest.raises(RuntimeError, match="quant must be 2"):
+        op(X, Q8, 5, None)
+    with pytest.raises(RuntimeError, match="blocks must be contiguous uint8"):
+        op(X, Q8[:, :40], 8, None)
+    with pytest.raises(RuntimeError, match="in_features must be a multiple of 32"):
+        op(torch.randn(2, 40), Q8, 8, None)
+
+
+def test_empty_and_choice():
+    y = ops.quantized_linear(torch.randn(0, 64), Q8, "q8_0")
+    assert y.shape == (0, 3)
+    assert registry.choose("quantized_linear", QuantizedLinearProblem("cpu", torch.float32, 1, 64, 3, "q8_0")).name \
+        == ("cpu" if _C is not None else "reference")
+
+
+def test_opcheck_and_compile():
+    x, blocks, b = make(3, 64, 7, "q4_1", torch.float32)
+    torch.library.opcheck(torch.ops.fastarch.quantized_linear.default, (x, blocks, "q4_1", b, ""))
+    torch.library.opcheck(torch.ops.fastarch._quantized_linear.default, (x, blocks, 3, b))
+    compiled = torch.compile(lambda x: ops.quantized_linear(x, blocks, "q4_1", b) * 2, fullgraph=True)
+    assert torch.equal(compiled(x), ops.quantized_linear(x, blocks, "q4_1", b) * 2)
