@@ -29,6 +29,16 @@ def test_bench_model_smollm2_rows(tmp_path, monkeypatch, capsys):
         theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=dtype).eval()
         return from_pretrained(tmp_path / "llama", dtype=dtype), theirs
 
+    def load_blocks(file, dtype, device):  # the contender on quantized blocks: the projections as Q8_0
+        from fastarch.nn import QuantizedLinear
+
+        model = from_pretrained(tmp_path / "llama", dtype=dtype)
+        for block in model.layers:
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                setattr(block, name, QuantizedLinear.from_linear(getattr(block, name), "q8_0"))
+        return model
+
+    monkeypatch.setattr(generation, "load_blocks", load_blocks)
     monkeypatch.setattr(generation, "gguf_file", lambda: tmp_path / "model.gguf")
     monkeypatch.setattr(generation, "load_models", load_models)
     monkeypatch.setattr(generation, "PREFILL_TOKENS", 12)
@@ -65,6 +75,13 @@ def test_bench_model_smollm2_rows(tmp_path, monkeypatch, capsys):
     # the caches, so it may exceed 1)
     expected = decode["bytes_per_token"] * decode["ours_tokens_per_s"] / (doc["machine"]["copy_bandwidth_gbps"] * 1e9)
     assert decode["bandwidth_fraction"]["ours"] == pytest.approx(expected)
+    # ours on Q8_0 blocks: the projections' 34 bytes per 32 weights, the rest (embedding, norms) in fp32
+    blocks = generation.BLOCKS
+    assert decode["theirs"][blocks] > 0 and decode["vs"][blocks] > 0
+    projections = 2 * (64 * (64 + 2 * 32) + 64 * 64 + 2 * 64 * 128 + 128 * 64)
+    block_bytes = 34 / 32 * projections + 4 * (params - projections) + 4 * 2 * cache_per_row
+    expected = block_bytes / 2 * decode["theirs"][blocks] / (doc["machine"]["copy_bandwidth_gbps"] * 1e9)
+    assert decode["bandwidth_fraction"][blocks] == pytest.approx(expected)
     # llama.cpp's traffic is its own: the file's tensors and an fp16 cache (batch 1 only)
     assert "NotImplementedError" in decode["errors"]["llama.cpp"]
     llama_bytes = 10_000 + 2 * 2 * 2 * 16 * 2 * 28

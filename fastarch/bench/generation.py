@@ -46,6 +46,10 @@ SHORT_PROMPT = 16
 NEW_TOKENS = 64
 BATCHES = (1, 8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BLOCKS = "ours (GGUF blocks)"
+"""The contender of ours on the file's quantized blocks (Q4_1 projections, a Q8_0 head; the
+rest in the dtype): Llama.from_pretrained(file, quantized=True). Its vs reads ours (dequantized)
+over it; its tokens/s against transformers' and llama.cpp's are in the rows' "theirs"."""
 FIRST_ORDINARY_ID = 100  # SmolLM2's special tokens are ids 0..16
 # SmolLM2-135M-Instruct's architecture (transformers.LlamaConfig arguments), as transformers
 # reads it from the GGUF file's metadata (tests/test_bench_generation.py checks they agree)
@@ -108,6 +112,13 @@ def load_models(file: Path, dtype: torch.dtype, device: str = "cpu"):
     return ours, theirs.eval().requires_grad_(False)
 
 
+def load_blocks(file: Path, dtype: torch.dtype, device: str = "cpu"):
+    """Ours on a GGUF file's quantized blocks (the BLOCKS contender), or None for a directory."""
+    from fastarch.models import from_pretrained
+
+    return None if file.is_dir() else from_pretrained(file, dtype=dtype, device=device, quantized=True)
+
+
 def llama_cpp_generator(file: Path):
     """A function (ids (1, S), new tokens) -> tokens on llama.cpp, or an error string when
     llama-cpp-python is not installed."""
@@ -147,13 +158,17 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(FIRST_ORDINARY_ID, vocab, (batch, length), generator=g)
 
 
-def _generators(ours, theirs, llama_cpp, out: dict):
-    """name -> a function (ids, new tokens) that keeps its last output in out[name]."""
+def _generators(ours, theirs, llama_cpp, out: dict, blocks=None):
+    """name -> a function (ids, new tokens) that keeps its last output in out[name]. blocks:
+    ours with the file's quantized blocks kept (from_pretrained(quantized=True)), timed as
+    BLOCKS."""
+    from fastarch.models.generate import generate
 
     def ours_fn(ids, new):
-        from fastarch.models.generate import generate
-
         out["ours"] = generate(ours, ids, max_new_tokens=new, eos_token_id=[])[:, ids.shape[1]:]
+
+    def blocks_fn(ids, new):
+        out[BLOCKS] = generate(blocks, ids, max_new_tokens=new, eos_token_id=[])[:, ids.shape[1]:]
 
     def theirs_fn(ids, new):
         with torch.inference_mode():
@@ -162,6 +177,8 @@ def _generators(ours, theirs, llama_cpp, out: dict):
         out["transformers"] = full[:, ids.shape[1]:]
 
     fns = {"ours": ours_fn, "transformers": theirs_fn}
+    if blocks is not None:
+        fns[BLOCKS] = blocks_fn
     if callable(llama_cpp):
         def cpp_fn(ids, new):
             out["llama.cpp"] = llama_cpp(ids, new)
@@ -202,8 +219,9 @@ def _run(args, device: str, rounds: int, info: dict, bandwidth: float, file: Pat
             continue
         dtype = DTYPES[dtype_name]
         ours, theirs = load_models(file, dtype, device)
+        blocks = load_blocks(file, dtype, device)
         out: dict[str, torch.Tensor] = {}
-        fns = _generators(ours, theirs, llama_cpp if dtype == torch.float32 else None, out)
+        fns = _generators(ours, theirs, llama_cpp if dtype == torch.float32 else None, out, blocks)
         absent = {} if callable(llama_cpp) else {"llama.cpp": llama_cpp}
         vocab = ours.vocab_size
         # prefill: the time to the first token of a long prompt
@@ -240,6 +258,8 @@ def _run(args, device: str, rounds: int, info: dict, bandwidth: float, file: Pat
             per_step = {name: ours_bytes for name in decode}
             if "llama.cpp" in decode:  # its own 4-bit weights and fp16 cache
                 per_step["llama.cpp"] = llama_cpp_step_bytes(file, ours.config, batch, mean_length)
+            if BLOCKS in decode:  # the file's blocks, the rest in dtype
+                per_step[BLOCKS] = _step_bytes(blocks, batch, mean_length)
             fraction = {name: per_step[name] / (t.seconds / steps) / bandwidth for name, t in decode.items()}
             rows.append(_row("decode", batch, dtype_name, SHORT_PROMPT, NEW_TOKENS, decode, ours_bytes / batch,
                              fraction, _same(kept, dtype), {**absent, **errors}, tokens=batch * steps))
@@ -248,7 +268,7 @@ def _run(args, device: str, rounds: int, info: dict, bandwidth: float, file: Pat
             print(_line(rows[-1]), flush=True)
             if args.json:
                 _write(args.json, info, rows)
-        del ours, theirs, fns
+        del ours, theirs, fns, blocks
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
     if args.json:
         _write(args.json, info, rows)
@@ -284,7 +304,8 @@ NOISE = "the whole generation took no longer than its first token in some round:
 def _step_bytes(model, batch: int, mean_length: float) -> float:
     """Bytes one decode step reads: every parameter once (a tied embedding once: the lm_head
     reads it whole, the lookup a row) and each row's keys and values at mean_length tokens."""
-    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    blocks = [b for b in model.buffers() if b.dtype == torch.uint8]  # QuantizedLinear's
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in [*model.parameters(), *blocks]}
     cfg = model.config
     element = next(model.parameters()).element_size()
     cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element * mean_length

@@ -45,13 +45,14 @@ GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama"}
 
 def from_pretrained(
     path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, quantized: bool = False,
 ) -> nn.Module:
     """The model of the Hugging Face checkpoint directory ``path`` (config.json + weights), in
     eval mode, cast to ``dtype`` and moved to ``device`` when given. The family comes from
     config.json's model_type (a diffusers config's _class_name); an unsupported one is an error that lists the supported ones.
     gguf_file: a llama.cpp GGUF file in the directory ``path`` (as transformers' gguf_file=;
-    or ``path`` is a .gguf file): its general.architecture picks the family."""
+    or ``path`` is a .gguf file): its general.architecture picks the family. quantized (GGUF
+    only): keep the file's Q4_0/Q4_1/Q8_0 projections and head as blocks (Llama.from_pretrained)."""
     from fastarch.models.llama import gguf_path
 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -66,7 +67,10 @@ def from_pretrained(
             )
         module_name, class_name = FAMILIES[GGUF_ARCHITECTURES[arch]].split(":")
         cls = getattr(importlib.import_module(f"fastarch.models.{module_name}"), class_name)
-        return cls.from_pretrained(file, dtype=dtype, device=device)
+        return cls.from_pretrained(file, dtype=dtype, device=device, quantized=quantized)
+    if quantized:
+        raise ValueError(f"{path}: quantized=True keeps a GGUF file's quantized blocks; this is not a GGUF file"
+                         " (fastarch.nn.QuantizedLinear.from_linear quantizes a layer)")
     config = read_config(path)
     key = "model_type" if "model_type" in config or "_class_name" not in config else "_class_name"
     model_type = config.get(key)
