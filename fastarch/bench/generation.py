@@ -303,9 +303,13 @@ NOISE = "the whole generation took no longer than its first token in some round:
 
 def _step_bytes(model, batch: int, mean_length: float) -> float:
     """Bytes one decode step reads: every parameter once (a tied embedding once: the lm_head
-    reads it whole, the lookup a row) and each row's keys and values at mean_length tokens."""
+    reads it whole; an untied one a row per token, the lookup's) and each row's keys and values
+    at mean_length tokens."""
     blocks = [b for b in model.buffers() if b.dtype == torch.uint8]  # QuantizedLinear's
     params = {p.data_ptr(): p.numel() * p.element_size() for p in [*model.parameters(), *blocks]}
+    embedding = model.embed_tokens.weight
+    if model.lm_head.weight is not embedding:  # the lookup reads a row per token, not the table
+        params[embedding.data_ptr()] = batch * embedding.shape[1] * embedding.element_size()
     cfg = model.config
     element = next(model.parameters()).element_size()
     cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element * mean_length

@@ -104,6 +104,14 @@ def test_cpu_kernel_each_build_and_row_count(cpu_isa, isa, quant):
                   x, blocks, quant, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_many_rows_over_several_dequantized_slices(dtype):
+    """Past 16 rows the CPU kernel dequantizes 1024 weight rows at a time: 2100 rows take three
+    slices, the last a partial one, each written to its own output columns."""
+    x, blocks, b = make(20, 64, 2100, "q4_1", dtype)
+    check(torch.ops.fastarch._quantized_linear(x, blocks, 3, b), x, blocks, "q4_1", b)
+
+
 @pytest.mark.parametrize("backend,device", [p.values for p in backend_rows.rows("quantized_linear")],
                          ids=[p.id for p in backend_rows.rows("quantized_linear")])
 @pytest.mark.parametrize("quant", QUANTS)
