@@ -70,8 +70,10 @@ TORCH_LIBRARY(fastarch, m) {
   // block bytes), contiguous, as the file stores them) of ggml type quant: 2 Q4_0, 3 Q4_1, 8
   // Q8_0; x (rows, in_features) float32/float16/bfloat16 (last dim contiguous), bias
   // (out_features,) of x's dtype or None. W's values exactly ggml's dequantized ones, sums in
-  // fp32, rounded once. Semantics: fastarch/ops/qlinear/reference.py.
-  m.def("_quantized_linear(Tensor x, Tensor blocks, int quant, Tensor? bias) -> Tensor");
+  // fp32, rounded once. Semantics: fastarch/ops/qlinear/reference.py. onednn: past a decode
+  // step's rows, where W is dequantized for a GEMM, run it on oneDNN's matmul (the CPU; else
+  // PyTorch's fp32 GEMM).
+  m.def("_quantized_linear(Tensor x, Tensor blocks, int quant, Tensor? bias, bool onednn=False) -> Tensor");
 
   // One decode step of a LLaMA-family decoder's layers (fastarch/models/llama.py), calling the
   // kernels above with no Python between them: x (batch * n, hidden) -> the final norm's
@@ -89,7 +91,8 @@ TORCH_LIBRARY(fastarch, m) {
   // The prefill of packed prompts through the same layers: x (total, hidden) the real tokens,
   // row b's at cu_seqlens[b] .. cu_seqlens[b + 1] (int32 (rows + 1,)), at positions (total,)
   // int64; seqlen: the padded length. The weights, biases and eps as above; the caches empty
-  // (filled with the prompts) or none. products: 0 PyTorch's GEMM, 1 _linear, 2 oneDNN's matmul.
+  // (filled with the prompts) or none. products: 0 PyTorch's GEMM, 1 _linear, 2 oneDNN's matmul,
+  // 3 widened (+ 4: _quantized_linear's GEMM on oneDNN).
   m.def(
       "_llama_prefill_layers(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] k_caches,"
       " Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor positions, Tensor cu_seqlens, int seqlen, float[] eps,"

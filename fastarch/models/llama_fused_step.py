@@ -23,9 +23,9 @@ from fastarch.ops import dispatch
 from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.attn.args import AttentionProblem
 from fastarch.nn import QuantizedLinear
-from fastarch.ops.linear.backends import LinearProblem, cpu_product
+from fastarch.ops.linear.backends import LinearProblem, cpu_product, onednn_gemm
 from fastarch.ops.norms.backends import NormProblem
-from fastarch.ops.qlinear.backends import QuantizedLinearProblem
+from fastarch.ops.qlinear.backends import DIRECT_ROWS, QuantizedLinearProblem
 from fastarch.ops.rope.backends import RotaryProblem
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -39,6 +39,17 @@ def _chosen(op: str, problem: object, requested: str) -> str | None:
 
 
 PRODUCTS = {"torch": 0, "kernel": 1, "onednn": 2, "widened": 3}
+QUANTIZED_ONEDNN = 4
+"""Added to the prefill loop's ``products`` when the quantized layers' products past their
+kernel's rows run on oneDNN's matmul (as fastarch.ops.quantized_linear's cpu backend chose)."""
+
+
+def _quantized_onednn(model, rows: int) -> bool:
+    """Whether model's quantized layers (if any) run ``rows`` rows on oneDNN's matmul."""
+    block = model.layers[0]
+    quantized = any(type(layer) is QuantizedLinear for layer in (block.qkv_proj, block.o_proj, block.gate_up_proj,
+                                                                  block.down_proj))
+    return quantized and rows > DIRECT_ROWS and onednn_gemm()
 """Where the loops run the products (their ``products`` argument): PyTorch's GEMM (the linear
 op's reference backend), the linear kernel, oneDNN's matmul (the cpu backend past its kernel's
 fp32 rows) or PyTorch's fp32 GEMM on 16-bit tensors widened (past its 16-bit rows at level
@@ -72,7 +83,7 @@ def _products(model, rows: int, dtype: torch.dtype, requested: str, kernels: dic
         _chosen("linear", LinearProblem("cpu", dtype, rows, layer.in_features, layer.out_features, True), requested)
         for layer in layers if type(layer) is not QuantizedLinear
     }
-    if not linears:  # every product on quantized blocks: the loop calls their kernel whatever products says
+    if not linears:  # every product on quantized blocks (their GEMM: QUANTIZED_ONEDNN)
         return "kernel"
     if linears == {"reference"}:
         return "torch"
@@ -107,8 +118,8 @@ def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None
         "attention_decode": AttentionProblem(device, dtype, D, D, H, Hkv, window=window_left >= 0, decode=True),
     })
     products = _products(model, x.shape[0], dtype, registry.requested_backend(), kernels)
-    if products is None or products in ("onednn", "widened"):
-        return None  # the decode loop calls the kernel or at::linear
+    if products is None or products in ("onednn", "widened") or _quantized_onednn(model, x.shape[0]):
+        return None  # the decode loop calls the kernel or at::linear (quantized layers: their kernel)
     return products == "kernel"
 
 
@@ -123,7 +134,9 @@ def prefill_products(model, x: Tensor, cache, window_left: int) -> int | None:
     if cache is not None:
         attention["append_kv"] = AttentionProblem(device, dtype, D, D, Hkv, Hkv, decode=True)
     products = _products(model, x.shape[0], dtype, registry.requested_backend(), _kernel_problems(model, x, attention))
-    return None if products is None else PRODUCTS[products]
+    if products is None:
+        return None
+    return PRODUCTS[products] + (QUANTIZED_ONEDNN if _quantized_onednn(model, x.shape[0]) else 0)
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")

@@ -44,8 +44,8 @@ struct Kernels {
           const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool)>("fastarch::_norm_fwd");
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const OptTensor&)> linear =
       kernel<Tensor(const Tensor&, const Tensor&, const OptTensor&)>("fastarch::_linear");
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&)> quantized_linear =
-      kernel<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&)>("fastarch::_quantized_linear");
+  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&, bool)> quantized_linear =
+      kernel<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&, bool)>("fastarch::_quantized_linear");
   c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool, bool)>
       rotary = kernel<std::tuple<Tensor, Tensor>(
@@ -91,6 +91,7 @@ Tensor onednn_linear(const Tensor& x, const Tensor& weight, const OptTensor& bia
 struct Step {
   const Kernels& ops;
   Products products;
+  bool quantized_onednn = false;  // quantized layers past their kernel's rows: on oneDNN's matmul
 
   Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) const {
     if (weight.scalar_type() == at::kByte) return quantized(x, weight, bias);
@@ -115,7 +116,7 @@ struct Step {
     const int64_t quant = per_block == 18 ? 2 : per_block == 20 ? 3 : per_block == 34 ? 8 : -1;
     TORCH_CHECK(quant > 0 && blocks.size(1) == x.size(1) / 32 * per_block,
                 "fastarch: a layer's uint8 weight is not Q4_0, Q4_1 or Q8_0 blocks of ", x.size(1), " in_features");
-    return ops.quantized_linear.redispatch(kCpu, x, blocks, quant, bias);
+    return ops.quantized_linear.redispatch(kCpu, x, blocks, quant, bias, quantized_onednn);
   }
   // RMSNorm of x (+ residual): (y, the new residual stream)
   std::tuple<Tensor, Tensor> norm(const Tensor& x, const OptTensor& residual, const Tensor& weight, double eps) const {
@@ -193,15 +194,16 @@ Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, const c
   const bool cached = !k_caches.empty();
   const int64_t L = layers_of(who, weights, biases, k_caches, v_caches, eps, cached);
   TORCH_CHECK(x.dim() == 2, who, ": x must be (total, hidden)");
-  TORCH_CHECK(products >= 0 && products <= 3, who,
-              ": products must be 0 (torch), 1 (kernel), 2 (onednn) or 3 (widened), got ", products);
+  TORCH_CHECK(products >= 0 && products <= 7, who,
+              ": products must be 0 (torch), 1 (kernel), 2 (onednn) or 3 (widened), + 4 for quantized layers on"
+              " oneDNN, got ", products);
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 && cu_seqlens.is_cpu() &&
                   cu_seqlens.is_contiguous() && cu_seqlens.size(0) >= 1,
               who, ": cu_seqlens must be a contiguous int32 CPU tensor (rows + 1,)");
   const int64_t total = x.size(0), H = n_head, Hkv = n_kv, D = head_dim;
   const int64_t rows = cu_seqlens.size(0) - 1;
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
-  const Step step{kernels(), static_cast<Products>(products)};
+  const Step step{kernels(), static_cast<Products>(products & 3), (products & 4) != 0};
   auto [y, h] = step.norm(x, std::nullopt, weights[0], eps[0]);
   for (int64_t i = 0; i < L; ++i) {
     const Tensor* w = weights.data() + kWeightsPerLayer * i;

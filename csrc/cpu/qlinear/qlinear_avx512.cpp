@@ -34,7 +34,9 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// Block blk's values 0-15 in lo, 16-31 in hi, as fp32.
+// Block blk's values 0-15 in lo, 16-31 in hi, as fp32. The 4-bit formats build the block's 16
+// levels in one vector and pick each value by its bits: against widening each value to fp32
+// and scaling it, 1.0-1.16x (Zen 5, 2 threads, SmolLM2's projections, in-process A/B).
 template <Quant Q>
 __attribute__((always_inline)) inline void block_values(const uint8_t* blk, __m512& lo, __m512& hi) {
   if constexpr (Q == Quant::q8_0) {
@@ -44,21 +46,20 @@ __attribute__((always_inline)) inline void block_values(const uint8_t* blk, __m5
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d);
     hi = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
   } else {
+    // the block's 16 levels (d q + m, or d (q - 8)) in one vector, then each value picked from it
+    // by its 4 bits (vpermps reads an index's low 4 bits only: the low nibble needs no mask)
     const int64_t head = Q == Quant::q4_1 ? 4 : 2;
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + head)));
-    __m512i q_lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0F));
-    __m512i q_hi = _mm512_srli_epi32(q, 4);
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 d = _mm512_set1_ps(half_at(blk));
+    __m512 levels;
     if constexpr (Q == Quant::q4_1) {
-      const __m512 m = _mm512_set1_ps(half_at(blk + 2));
-      lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_lo), d, m);
-      hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q_hi), d, m);
+      levels = _mm512_fmadd_ps(iota, d, _mm512_set1_ps(half_at(blk + 2)));
     } else {
-      q_lo = _mm512_sub_epi32(q_lo, _mm512_set1_epi32(8));
-      q_hi = _mm512_sub_epi32(q_hi, _mm512_set1_epi32(8));
-      lo = _mm512_mul_ps(_mm512_cvtepi32_ps(q_lo), d);
-      hi = _mm512_mul_ps(_mm512_cvtepi32_ps(q_hi), d);
+      levels = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), d);
     }
+    lo = _mm512_permutexvar_ps(q, levels);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels);
   }
 }
 

@@ -70,7 +70,7 @@ if CPU_GEMM not in ("auto", "onednn", "torch"):
     raise ValueError(f"FASTARCH_CPU_GEMM={CPU_GEMM!r}: expected auto, onednn or torch")
 
 
-def _onednn_gemm() -> bool:
+def onednn_gemm() -> bool:
     """Whether the cpu backend runs fp32 products beyond its kernel's rows (CPU_GEMM): not
     where oneDNN was told to round fp32 products to bf16 or tf32 (torch.backends.mkldnn), which
     F.linear does not do."""
@@ -135,7 +135,7 @@ def _cpu_supports(p: LinearProblem) -> str | None:
         )
     first, last = CPU_ROWS[build][p.dtype]
     product = cpu_product(p.rows, p.dtype) if p.in_features > 0 and p.weight_contiguous else "kernel"
-    if product == "widened" or product == "onednn" and _onednn_gemm():
+    if product == "widened" or product == "onednn" and onednn_gemm():
         return None  # oneDNN's matmul, or the fp32 GEMM widened
     return _rows_reason(p, first, last, f"the {build} CPU kernel")
 

@@ -1,8 +1,9 @@
 """The quantized linear layer's backends, in priority order, each with what it supports: the
 one table. All share one kernel-level interface (reference.py): forward(x, blocks, quant, bias).
-The CPU kernel takes every row count (past a decode step's rows it dequantizes W a slice at a
-time for PyTorch's fp32 GEMM); the Triton kernel is a few rows' kernel, more rows run the
-reference there. No CUDA kernel yet: on a GPU the Triton kernel runs.
+The CPU kernel takes every row count (past DIRECT_ROWS it dequantizes W a slice at a time for
+an fp32 GEMM: oneDNN's matmul where fastarch.ops.linear's cpu backend runs its fp32 products
+there, else PyTorch's); the CUDA and Triton kernels are a few rows' kernels, more rows run the
+reference there (neither has run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fastarch import availability, registry
+from fastarch.ops.linear import backends as linear_backends
 from fastarch.ops.qlinear import triton
 from fastarch.ops.qlinear.reference import quantized_linear_ref
 
@@ -20,7 +22,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GGML_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
 """The formats' ggml type ids, the C++ kernel's ``quant`` argument."""
 GPU_MAX_ROWS = 16
-"""The most rows of x the Triton kernel takes (not yet measured on a GPU)."""
+"""The most rows of x the CUDA and Triton kernels take (not yet measured on a GPU)."""
+DIRECT_ROWS = 16
+"""The most rows of x the CPU kernel multiplies by the blocks directly (csrc/cpu/qlinear)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,21 @@ class QuantizedLinearProblem:
 
 
 def _cpu_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) -> Tensor:
+    return torch.ops.fastarch._quantized_linear(x, blocks, GGML_IDS[quant], bias, x.shape[0] > DIRECT_ROWS
+                                                and linear_backends.onednn_gemm())
+
+
+def _cuda_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) -> Tensor:
     return torch.ops.fastarch._quantized_linear(x, blocks, GGML_IDS[quant], bias)
+
+
+def _cuda_supports(p: QuantizedLinearProblem) -> str | None:
+    why = (registry.device_reason(p.device, "cuda") or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
+           or availability.cuda_device_reason())
+    if why or p.rows <= GPU_MAX_ROWS:
+        return why
+    return (f"{p.rows} rows: the CUDA kernel takes 1-{GPU_MAX_ROWS}, a decode step's rows (the reference"
+            " backend's dequantized GEMM runs the rest)")
 
 
 def _cpu_supports(p: QuantizedLinearProblem) -> str | None:
@@ -64,6 +82,7 @@ def _reference_supports(p: QuantizedLinearProblem) -> str | None:
 
 
 BACKENDS = [
+    registry.Backend("cuda", availability.cuda, _cuda_supports, _cuda_forward),
     registry.Backend("cpu", availability.cpu, _cpu_supports, _cpu_forward),
     registry.Backend("triton", availability.triton, _triton_supports, triton.forward),
     registry.Backend("reference", availability.reference, _reference_supports, quantized_linear_ref),
@@ -74,5 +93,5 @@ registry.register("quantized_linear", BACKENDS)
 if availability.cpu() is None:  # _C loaded: its op needs a fake for torch.compile and opcheck
 
     @torch.library.register_fake("fastarch::_quantized_linear")
-    def _(x, blocks, quant, bias):
+    def _(x, blocks, quant, bias, onednn=False):
         return x.new_empty((x.shape[0], blocks.shape[0]))

@@ -25,7 +25,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
 # (in_features, out_features): one block, SmolLM2's widths, out_features off the 16-column chunks
 SHAPES = [(32, 5), (576, 960), (1536, 37), (96, 100)]
-BACKEND_ROWS = {"cpu": [1, 3, 8, 9, 17], "reference": [1, 20], "triton": [1, 3]}
+BACKEND_ROWS = {"cpu": [1, 3, 8, 9, 17], "reference": [1, 20], "triton": [1, 3], "cuda": [1, 3, 16]}
 
 
 def make(rows, k, n, quant, dtype, bias=True, device="cpu"):
@@ -112,8 +112,7 @@ def test_cpu_many_rows_over_several_dequantized_slices(dtype):
     check(torch.ops.fastarch._quantized_linear(x, blocks, 3, b), x, blocks, "q4_1", b)
 
 
-@pytest.mark.parametrize("backend,device", [p.values for p in backend_rows.rows("quantized_linear")],
-                         ids=[p.id for p in backend_rows.rows("quantized_linear")])
+@pytest.mark.parametrize("backend,device", backend_rows.rows("quantized_linear"))
 @pytest.mark.parametrize("quant", QUANTS)
 def test_nan_stays_in_its_row_and_column(backend, device, quant):
     """A NaN in x spoils its row only; a NaN scale in one block of W its output column only."""
