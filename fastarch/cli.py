@@ -148,6 +148,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU, bf16 on a GPU")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when one is visible, else cpu)")
+    g.add_argument("--quantized", action="store_true",
+                   help="a GGUF file's Q4_0/Q4_1/Q8_0 layers kept as blocks (fastarch.ops.quantized_linear)")
 
 
 def _default_gguf():
@@ -198,7 +200,8 @@ def _generate(args) -> int:
     dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     printed = False
     try:
-        gen = TextGenerator.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device)
+        gen = TextGenerator.from_pretrained(model, gguf_file=gguf_file, dtype=dtype, device=device,
+                                            quantized=args.quantized)
         options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty, seed=args.seed)

@@ -542,12 +542,13 @@ class TextGenerator:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, quantized: bool = False,
     ) -> TextGenerator:
         """The model (fastarch.models.from_pretrained) and transformers' AutoTokenizer of the
         checkpoint directory; the stop tokens from its generation_config.json when present.
         gguf_file (or a ``path`` ending in .gguf): a llama.cpp GGUF file, its tokenizer from the
-        file's metadata (fastarch.models.gguf.tokenizer_from_gguf), its stop token the file's."""
+        file's metadata (fastarch.models.gguf.tokenizer_from_gguf), its stop token the file's;
+        quantized: keep its Q4_0/Q4_1/Q8_0 layers as blocks (from_pretrained's quantized)."""
         import json
         from pathlib import Path
 
@@ -560,9 +561,9 @@ class TextGenerator:
         if file is not None:
             from fastarch.models.gguf import tokenizer_from_gguf
 
-            model = from_pretrained(file, dtype=dtype, device=device)
+            model = from_pretrained(file, dtype=dtype, device=device, quantized=quantized)
             return cls(model, tokenizer_from_gguf(file))
-        model = from_pretrained(path, dtype=dtype, device=device)
+        model = from_pretrained(path, dtype=dtype, device=device, quantized=quantized)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         eos = None
         gen_config = Path(path) / "generation_config.json"

@@ -97,3 +97,14 @@ def test_real_smollm2_quantized_same_greedy_tokens():
     assert model.lm_head.quant == "q8_0" and model.layers[0].qkv_proj.quant == "q4_1"
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2]])
     assert torch.equal(generate(model, ids, max_new_tokens=16), generate(dense, ids, max_new_tokens=16))
+
+
+def test_cli_generate_quantized(capsys):
+    """``fastarch generate --quantized`` on the default SmolLM2 file: the same greedy text in fp32."""
+    from fastarch.cli import main
+
+    argv = ["generate", "The capital of France is", "--max-new-tokens", "8", "--dtype", "fp32"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--quantized"]) == 0
+    assert capsys.readouterr().out == plain and plain.strip()
