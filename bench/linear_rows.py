@@ -10,12 +10,18 @@ The measurements behind fastarch.ops.linear.backends.CPU_ROWS.
     python bench/linear_rows.py [--threads 2] [--rounds 5] [--rows 1,2,4,8,16,32] [--dtype fp32,bf16,fp16]
     python bench/linear_rows.py --device cuda --json out.json
     python bench/linear_rows.py --widened [--rows 8,16,24,32,48,64,128,512] [--dtype bf16,fp16]
+    python bench/linear_rows.py --quantized q4_1,q8_0 [--rows 1,8] [--dtype fp32,bf16]
 
 --widened: for 16-bit weights on the CPU, the products of more rows, on one layer's projections
 (the four of a SmolLM2 layer, in cache as in a prefill): the AVX2 kernel, the same product
 widened to fp32 on PyTorch's fp32 GEMM (backends.widened_linear) and PyTorch's own 16-bit
 F.linear, their GFLOP/s, side by side. The measurements behind CPU_ROWS["avx2"]'s 16-bit rows
 and WIDENED_DTYPES.
+
+--quantized: fastarch.ops.quantized_linear on the same decoder's weights held as GGUF blocks of
+each format (the kernel of the backend the registry picks, called directly), against our dense
+kernel and F.linear on the dense weights of the dtype: ms per pass over every weight, the
+blocks' GB/s and fraction of the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -46,10 +52,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", default="")
     ap.add_argument("--widened", action="store_true", help="16-bit products of more rows: kernel, widened, F.linear")
+    ap.add_argument("--quantized", default="", help="formats (q4_0,q4_1,q8_0): quantized_linear against dense")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.widened:
         return widened(a)
+    if a.quantized:
+        return quantized(a)
     device = a.device
     bandwidth = copy_bandwidth(device) * 1e9  # bytes/s
     machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
@@ -131,6 +140,68 @@ def widened(a) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"machine": machine, "layer": LAYER, "rows": results}, f, indent=1)
+
+
+def quantized(a) -> None:
+    from fastarch.ops.qlinear import quantize_blocks
+    from fastarch.ops.qlinear.backends import QuantizedLinearProblem
+
+    device = a.device
+    bandwidth = copy_bandwidth(device) * 1e9
+    machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+               "path": _extension.cpu_path(), "copy_bandwidth_gbs": bandwidth / 1e9, "date": time.strftime("%Y-%m-%d")}
+    print(f"{machine['gpu'] or machine['cpu']}; {a.threads} threads; torch {torch.__version__}; copy bandwidth"
+          f" {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'dtype':<5} {'quant':<5} {'rows':>4} {'backend':<9} {'blocks ms':>9} {'dense ms':>9} {'F.linear ms':>11}"
+          f" {'vs dense':>8} {'vs F.linear':>11} {'blocks GB/s':>11} {'/copy bw':>8}")
+    g = torch.Generator().manual_seed(0)
+    dense32 = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(LAYERS) for o, i in LAYER]
+    dense32.append(torch.randn(*HEAD, generator=g) / HEAD[1] ** 0.5)
+    results = []
+    for quant in a.quantized.split(","):
+        blocks = [quantize_blocks(w, quant).to(device) for w in dense32]
+        nbytes = sum(b.numel() for b in blocks)
+        for name in a.dtype.split(","):
+            dtype = DTYPES[name]
+            dense = [w.to(dtype).to(device) for w in dense32]
+            for rows in map(int, a.rows.split(",")):
+                xs = {k: torch.randn(rows, k, generator=g).to(dtype).to(device) for k in {w.shape[1] for w in dense}}
+                problem = QuantizedLinearProblem.of(xs[dense[0].shape[1]], blocks[0], quant)
+                backend = registry.choose("quantized_linear", problem)  # its kernel, called directly
+                dense_backend = next(b for b in registry.backends_of("linear") if b.name == ("cpu" if device == "cpu"
+                                                                                               else "cuda"))
+
+                def ours(kernel=backend.forward):
+                    for b, w in zip(blocks, dense):
+                        kernel(xs[w.shape[1]], b, quant, None)
+
+                def ours_dense(kernel=dense_backend.forward):
+                    for w in dense:
+                        kernel(xs[w.shape[1]], w, None)
+
+                def theirs():
+                    for w in dense:
+                        F.linear(xs[w.shape[1]], w)
+
+                times, errors = measure({"blocks": ours, "dense": ours_dense, "torch": theirs}, device, a.rounds,
+                                        memory=False)
+                if errors:
+                    print(name, quant, rows, errors)
+                    continue
+                t = {k: v.seconds for k, v in times.items()}
+                row = {"dtype": name, "quant": quant, "rows": rows, "backend": backend.name,
+                       "blocks_ms": t["blocks"] * 1e3, "dense_ms": t["dense"] * 1e3, "torch_ms": t["torch"] * 1e3,
+                       "vs_dense": speedup(times["dense"], times["blocks"]),
+                       "vs_torch": speedup(times["torch"], times["blocks"]),
+                       "blocks_gbs": nbytes / t["blocks"] / 1e9, "blocks_fraction_of_copy": nbytes / t["blocks"] / bandwidth}
+                results.append(row)
+                print(f"{name:<5} {quant:<5} {rows:>4} {backend.name:<9} {row['blocks_ms']:>9.2f} {row['dense_ms']:>9.2f}"
+                      f" {row['torch_ms']:>11.2f} {row['vs_dense']:>7.2f}x {row['vs_torch']:>10.2f}x"
+                      f" {row['blocks_gbs']:>11.1f} {row['blocks_fraction_of_copy']:>8.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine, "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

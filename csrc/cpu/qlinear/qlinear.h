@@ -9,17 +9,9 @@
 
 #include "cpu/dtype.h"
 #include "cpu/isa.h"
+#include "qlinear/qlinear_formats.h"  // Quant, kQuantBlock, quant_block_bytes
 
 namespace fastarch::cpu {
-
-// ggml's type ids of the block formats the kernels read (gguf's GGMLQuantizationType).
-enum class Quant : int64_t { q4_0 = 2, q4_1 = 3, q8_0 = 8 };
-constexpr int64_t kQuantBlock = 32;  // values per block, in every format here
-
-// Bytes per block: an fp16 scale d (Q4_1: then an fp16 offset m), then the values: Q4_0 and
-// Q4_1 16 bytes of 4-bit values (byte j: value j in its low nibble, value j + 16 in its high),
-// Q8_0 32 int8. A value is Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q.
-constexpr int64_t quant_block_bytes(Quant q) { return q == Quant::q4_0 ? 18 : q == Quant::q4_1 ? 20 : 34; }
 
 // The most rows of x one pass of the kernels takes (the glue loops over more) and the output
 // columns a pass finishes together (their bias added and rounded by vector).

@@ -21,6 +21,7 @@
 #include "cpu/isa.h"
 #include "cpu/portable.h"
 #include "cpu/linear/linear_cols.h"  // linear_widen_generic
+#include "qlinear/qlinear_glue.h"
 #include "qlinear.h"
 
 namespace fastarch::cpu {
@@ -79,26 +80,12 @@ Tensor onednn_linear(const Tensor& x, const Tensor& weight) {
 
 Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant, const std::optional<Tensor>& bias,
                             bool onednn) {
-  TORCH_CHECK(x.device().is_cpu() && blocks.device().is_cpu(), kWho, ": x and blocks must be on the CPU");
+  TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
   const Dtype d = dtype_of(x, kWho, "x");
   TORCH_CHECK(d != Dtype::f64, kWho, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(quant == 2 || quant == 3 || quant == 8, kWho, ": quant must be 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0), got ",
-              quant);
+  qlinear_glue::check(kWho, x, blocks, quant, bias);
   const Quant q = static_cast<Quant>(quant);
-  TORCH_CHECK(x.dim() == 2, kWho, ": x must be 2-D (rows, in_features), got ", x.sizes());
-  const int64_t rows = x.size(0), K = x.size(1);
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, kWho, ": x must have a contiguous last dim");
-  TORCH_CHECK(K % kQuantBlock == 0, kWho, ": in_features must be a multiple of 32, got ", K);
-  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous() &&
-                  blocks.size(1) == K / kQuantBlock * quant_block_bytes(q),
-              kWho, ": blocks must be contiguous uint8 (out_features, ", K / kQuantBlock * quant_block_bytes(q),
-              "), got ", blocks.scalar_type(), " ", blocks.sizes());
-  const int64_t N = blocks.size(0);
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
-                    bias->scalar_type() == x.scalar_type() && bias->is_cpu(),
-                kWho, ": bias must be a contiguous (", N, ",) CPU tensor of x's dtype");
-  }
+  const int64_t rows = x.size(0), K = x.size(1), N = blocks.size(0);
   Tensor out = at::empty({rows, N}, x.options());
   if (rows == 0 || N == 0) return out;
   if (K == 0) return bias ? out.copy_(bias->expand({rows, N})) : out.zero_();

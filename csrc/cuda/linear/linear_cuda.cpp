@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "linear/linear_glue.h"
+#include "linear_dtype.h"
 #include "linear_launch.h"
 
 namespace fastarch::cuda {
@@ -21,22 +22,9 @@ using at::Tensor;
 
 constexpr const char* kWho = "fastarch::_linear (cuda)";
 
-LinearDtype dtype_of(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return LinearDtype::f32;
-    case at::kHalf:
-      return LinearDtype::f16;
-    case at::kBFloat16:
-      return LinearDtype::bf16;
-    default:
-      TORCH_CHECK(false, kWho, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
-
 Tensor linear_cuda(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   TORCH_CHECK(x.is_cuda(), kWho, ": x must be a CUDA tensor, got ", x.device());
-  const LinearDtype d = dtype_of(x);
+  const LinearDtype d = linear_dtype_of(x, kWho);
   linear_glue::check(kWho, x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), N = weight.size(0);

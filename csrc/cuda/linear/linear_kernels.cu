@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "linear_elem.cuh"
 #include "linear_launch.h"
 
 namespace fastarch::cuda {
@@ -15,27 +16,6 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kRowsPerWarp = 4;
-
-template <LinearDtype D>
-struct Elem;
-template <>
-struct Elem<LinearDtype::f32> {
-  using type = float;
-  static __device__ float widen(float v) { return v; }
-  static __device__ float narrow(float v) { return v; }
-};
-template <>
-struct Elem<LinearDtype::f16> {
-  using type = __half;
-  static __device__ float widen(__half v) { return __half2float(v); }
-  static __device__ __half narrow(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Elem<LinearDtype::bf16> {
-  using type = __nv_bfloat16;
-  static __device__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __nv_bfloat16 narrow(float v) { return __float2bfloat16_rn(v); }
-};
 
 template <LinearDtype D>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) linear_kernel(LinearArgs a, bool vectors) {

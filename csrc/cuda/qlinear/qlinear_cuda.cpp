@@ -12,6 +12,8 @@
 
 #include <optional>
 
+#include "cuda/linear/linear_dtype.h"
+#include "qlinear/qlinear_glue.h"
 #include "qlinear_launch.h"
 
 namespace fastarch::cuda {
@@ -21,28 +23,15 @@ using at::Tensor;
 
 constexpr const char* kWho = "fastarch::_quantized_linear (cuda)";
 
-QuantLinearDtype dtype_of(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return QuantLinearDtype::f32;
-    case at::kHalf:
-      return QuantLinearDtype::f16;
-    case at::kBFloat16:
-      return QuantLinearDtype::bf16;
-    default:
-      TORCH_CHECK(false, kWho, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
-
 template <Quant Q>
-cudaError_t forward(QuantLinearDtype d, const QuantLinearArgs& a, cudaStream_t stream) {
+cudaError_t forward(LinearDtype d, const QuantLinearArgs& a, cudaStream_t stream) {
   switch (d) {
-    case QuantLinearDtype::f32:
-      return quantized_linear_forward<Q, QuantLinearDtype::f32>(a, stream);
-    case QuantLinearDtype::f16:
-      return quantized_linear_forward<Q, QuantLinearDtype::f16>(a, stream);
-    case QuantLinearDtype::bf16:
-      return quantized_linear_forward<Q, QuantLinearDtype::bf16>(a, stream);
+    case LinearDtype::f32:
+      return quantized_linear_forward<Q, LinearDtype::f32>(a, stream);
+    case LinearDtype::f16:
+      return quantized_linear_forward<Q, LinearDtype::f16>(a, stream);
+    case LinearDtype::bf16:
+      return quantized_linear_forward<Q, LinearDtype::bf16>(a, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -50,27 +39,10 @@ cudaError_t forward(QuantLinearDtype d, const QuantLinearArgs& a, cudaStream_t s
 Tensor quantized_linear_cuda(const Tensor& x, const Tensor& blocks, int64_t quant, const std::optional<Tensor>& bias,
                              bool /*onednn: the CPU's GEMM choice*/) {
   TORCH_CHECK(x.is_cuda(), kWho, ": x must be a CUDA tensor, got ", x.device());
-  const QuantLinearDtype d = dtype_of(x);
-  TORCH_CHECK(quant == 2 || quant == 3 || quant == 8, kWho, ": quant must be 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0), got ",
-              quant);
+  const LinearDtype d = linear_dtype_of(x, kWho);
+  qlinear_glue::check(kWho, x, blocks, quant, bias);
   const Quant q = static_cast<Quant>(quant);
-  TORCH_CHECK(x.dim() == 2, kWho, ": x must be 2-D (rows, in_features), got ", x.sizes());
-  const int64_t rows = x.size(0), K = x.size(1);
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, kWho, ": x must have a contiguous last dim");
-  TORCH_CHECK(K % kQuantBlock == 0, kWho, ": in_features must be a multiple of 32, got ", K);
-  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous() &&
-                  blocks.size(1) == K / kQuantBlock * quant_block_bytes(q),
-              kWho, ": blocks must be contiguous uint8 (out_features, ", K / kQuantBlock * quant_block_bytes(q),
-              "), got ", blocks.scalar_type(), " ", blocks.sizes());
-  TORCH_CHECK(blocks.device() == x.device(), kWho, ": blocks must be on x's device ", x.device(), ", got ",
-              blocks.device());
-  const int64_t N = blocks.size(0);
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
-                    bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
-                kWho, ": bias must be a contiguous (", N, ",) tensor of x's dtype ", x.scalar_type(), " on x's device ",
-                x.device(), ", got ", bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
-  }
+  const int64_t rows = x.size(0), K = x.size(1), N = blocks.size(0);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty({rows, N}, x.options());
   if (rows == 0 || N == 0) return out;

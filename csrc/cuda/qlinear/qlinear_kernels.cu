@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/linear/linear_elem.cuh"
 #include "qlinear_launch.h"
 
 namespace fastarch::cuda {
@@ -36,29 +37,8 @@ constexpr int kQuantBlocksPerStep = kThreads / kThreadsPerQuantBlock;  // of eac
 constexpr int kCols = 2;                                               // output columns per thread block
 constexpr int kMaxRows = int(kQuantMaxRows);
 
-template <QuantLinearDtype D>
-struct Elem;
-template <>
-struct Elem<QuantLinearDtype::f32> {
-  using type = float;
-  static __device__ float widen(float v) { return v; }
-  static __device__ float narrow(float v) { return v; }
-};
-template <>
-struct Elem<QuantLinearDtype::f16> {
-  using type = __half;
-  static __device__ float widen(__half v) { return __half2float(v); }
-  static __device__ __half narrow(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Elem<QuantLinearDtype::bf16> {
-  using type = __nv_bfloat16;
-  static __device__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __nv_bfloat16 narrow(float v) { return __float2bfloat16_rn(v); }
-};
-
 // x[0..3] as fp32: one 16-byte (fp32) or 8-byte (fp16, bf16) load where aligned, else four.
-template <QuantLinearDtype D>
+template <LinearDtype D>
 __device__ __forceinline__ void load_x4(const typename Elem<D>::type* x, bool vectors, float* v) {
   using E = Elem<D>;
   using T = typename E::type;
@@ -159,7 +139,7 @@ struct Group<Quant::q8_0> {
   }
 };
 
-template <Quant Q, QuantLinearDtype D, int kRows>
+template <Quant Q, LinearDtype D, int kRows>
 __global__ void __launch_bounds__(kThreads) qlinear_kernel(QuantLinearArgs a, bool vectors) {
   using E = Elem<D>;
   using T = typename E::type;
@@ -217,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) qlinear_kernel(QuantLinearArgs a, bo
   }
 }
 
-template <Quant Q, QuantLinearDtype D, int kRows>
+template <Quant Q, LinearDtype D, int kRows>
 cudaError_t launch(const QuantLinearArgs& a, bool vectors, cudaStream_t stream) {
   const dim3 grid(unsigned((a.out_features + kCols - 1) / kCols), unsigned((a.rows + kRows - 1) / kRows));
   qlinear_kernel<Q, D, kRows><<<grid, kThreads, 0, stream>>>(a, vectors);
@@ -226,7 +206,7 @@ cudaError_t launch(const QuantLinearArgs& a, bool vectors, cudaStream_t stream) 
 
 }  // namespace
 
-template <Quant Q, QuantLinearDtype D>
+template <Quant Q, LinearDtype D>
 cudaError_t quantized_linear_forward(const QuantLinearArgs& a, cudaStream_t stream) {
   constexpr int64_t kVecBytes = 4 * sizeof(typename Elem<D>::type);  // the 4 values of load_x4
   const bool vectors = a.ldx % 4 == 0 && reinterpret_cast<uintptr_t>(a.x) % kVecBytes == 0;
@@ -236,9 +216,9 @@ cudaError_t quantized_linear_forward(const QuantLinearArgs& a, cudaStream_t stre
 }
 
 #define FASTARCH_QLINEAR_CUDA(Q)                                                                                \
-  template cudaError_t quantized_linear_forward<Q, QuantLinearDtype::f32>(const QuantLinearArgs&, cudaStream_t); \
-  template cudaError_t quantized_linear_forward<Q, QuantLinearDtype::f16>(const QuantLinearArgs&, cudaStream_t); \
-  template cudaError_t quantized_linear_forward<Q, QuantLinearDtype::bf16>(const QuantLinearArgs&, cudaStream_t);
+  template cudaError_t quantized_linear_forward<Q, LinearDtype::f32>(const QuantLinearArgs&, cudaStream_t); \
+  template cudaError_t quantized_linear_forward<Q, LinearDtype::f16>(const QuantLinearArgs&, cudaStream_t); \
+  template cudaError_t quantized_linear_forward<Q, LinearDtype::bf16>(const QuantLinearArgs&, cudaStream_t);
 FASTARCH_QLINEAR_CUDA(Quant::q4_0)
 FASTARCH_QLINEAR_CUDA(Quant::q4_1)
 FASTARCH_QLINEAR_CUDA(Quant::q8_0)

@@ -37,15 +37,22 @@ def _check(x: object, weight: object, bias: object) -> None:
         raise TypeError(f"{OP}: weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"{OP}: weight must be on x's device {x.device}, got {weight.device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{OP}: bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{OP}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"{OP}: bias must be on x's device {x.device}, got {bias.device}")
+    check_bias(OP, bias, weight.shape[0], x)
+
+
+def check_bias(op: str, bias: object, out_features: int, x: Tensor) -> None:
+    """A linear layer's bias: None, or (out_features,) of x's dtype on x's device; else an error
+    naming ``op`` (fastarch.quantized_linear's check too)."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias must have shape ({out_features},) (out_features), got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"{op}: bias must be on x's device {x.device}, got {bias.device}")
 
 
 @dispatch.custom_op("fastarch::linear", check=lambda x, weight, bias, backend="": _check(x, weight, bias))

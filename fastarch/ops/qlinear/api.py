@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fastarch import registry
 from fastarch.ops import dispatch
+from fastarch.ops.linear.api import check_bias
 from fastarch.ops.qlinear.backends import QuantizedLinearProblem
 from fastarch.ops.qlinear.reference import BLOCK, BLOCK_BYTES, dequantize_blocks
 from fastarch.ops.rows import as_rows
@@ -41,15 +42,7 @@ def _check(x: object, weight: object, quant: object, bias: object) -> None:
         )
     if weight.device != x.device:
         raise ValueError(f"{OP}: weight must be on x's device {x.device}, got {weight.device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{OP}: bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{OP}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"{OP}: bias must be on x's device {x.device}, got {bias.device}")
+    check_bias(OP, bias, weight.shape[0], x)
 
 
 @dispatch.custom_op(
