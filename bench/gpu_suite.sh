@@ -90,6 +90,10 @@ if [[ " $STAGES " == *" bench "* ]]; then
   say "bench linear"
   timeout -k 5 "${BENCH_LINEAR_S:-90}" "$PY" bench/linear_rows.py --device cuda --rows 1,4,16 --dtype bf16,fp32 \
     --json "$OUT/bench-linear.json" 2>&1 | tee -a "$LOG"
+  # the same weights as GGUF blocks (fastarch.ops.quantized_linear's cuda kernel) against the dense kernel and cuBLAS
+  say "bench quantized linear"
+  timeout -k 5 "${BENCH_QLINEAR_S:-60}" "$PY" bench/linear_rows.py --device cuda --quantized q4_1,q8_0 --rows 1,4,16 \
+    --dtype bf16 --json "$OUT/bench-quantized-linear.json" 2>&1 | tee -a "$LOG"
 fi
 if [[ " $STAGES " == *" models "* ]]; then
   # the models end to end, the figures issues 11-13 set for a GPU. SmolLM2 and MiniLM with
