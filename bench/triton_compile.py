@@ -178,6 +178,15 @@ def _families(only: set[str]):
             ops.linear(t(rows, 512, dtype=dtype), t(256, 512, dtype=dtype), t(256, dtype=dtype), backend="triton")
             ops.linear(t(rows, 512, dtype=dtype), t(256, 512, dtype=dtype), None, backend="triton")
 
+    def quantized_linear(dtype):
+        from fastarch.ops.qlinear import quantize_blocks
+
+        for quant in ("q4_0", "q4_1", "q8_0"):
+            blocks = quantize_blocks(t(256, 512), quant)
+            for rows in (1, 16):
+                ops.quantized_linear(t(rows, 512, dtype=dtype), blocks, quant, t(256, dtype=dtype), backend="triton")
+            ops.quantized_linear(t(1, 512, dtype=dtype), blocks, quant, None, backend="triton")
+
     def attention(dtype):
         for d in (64, 128):
             q, k, v = (t(2, 4, 128, d, dtype=dtype, grad=True) for _ in range(3))
@@ -199,7 +208,7 @@ def _families(only: set[str]):
             ops.attention_decode(t(2, 4, 1, d, dtype=dtype), kc, vc, lens, window=64, backend="triton")
 
     table = dict(norms=norms, activations=activations, group_norm=group_norm, rotary=rotary, linear=linear,
-                 attention=attention)
+                 quantized_linear=quantized_linear, attention=attention)
     for name, run in table.items():
         if not only or name in only:
             yield name, run
@@ -223,7 +232,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: Hopper)")
     p.add_argument("--only", default="", help="comma-separated families: norms, activations, group_norm, rotary, "
-                                              "linear, attention")
+                                              "linear, quantized_linear, attention")
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
     p.add_argument("--all-tiles", action="store_true", help="every autotuner entry, not the first")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles at once (default: every CPU)")
