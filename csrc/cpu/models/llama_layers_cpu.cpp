@@ -16,6 +16,8 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include "cpu/linear/onednn_linear.h"
+
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -75,18 +77,6 @@ const Kernels& kernels() {
 // rows), or PyTorch's fp32 GEMM on the 16-bit tensors widened, the result rounded once (past its
 // 16-bit rows at level avx2: widened_linear there).
 enum class Products : int64_t { torch = 0, kernel = 1, onednn = 2, widened = 3 };
-
-// oneDNN's matmul as the cpu backend calls it: torch.ops.mkldnn._linear_pointwise(x, weight,
-// bias, "none", [], ""). Looked up on first use (a torch built without oneDNN has no such op,
-// and the Python side never asks for it there).
-Tensor onednn_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  torch::jit::Stack stack{x, weight, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
-                          std::string("")};
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
-}
 
 struct Step {
   const Kernels& ops;

@@ -8,8 +8,6 @@
 #include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +19,7 @@
 #include "cpu/isa.h"
 #include "cpu/portable.h"
 #include "cpu/linear/linear_cols.h"  // linear_widen_generic
+#include "cpu/linear/onednn_linear.h"
 #include "qlinear/qlinear_glue.h"
 #include "qlinear.h"
 
@@ -67,17 +66,6 @@ void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end
   });
 }
 
-// oneDNN's matmul as fastarch.ops.linear's cpu backend calls it (torch.ops.mkldnn._linear_pointwise
-// on the weight as it is), looked up on first use.
-Tensor onednn_linear(const Tensor& x, const Tensor& weight) {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  torch::jit::Stack stack{x, weight, std::optional<Tensor>(), std::string("none"),
-                          c10::List<std::optional<at::Scalar>>(), std::string("")};
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
-}
-
 Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant, const std::optional<Tensor>& bias,
                             bool onednn) {
   TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
@@ -102,9 +90,9 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
       });
       const Tensor w_slice = values.narrow(0, 0, len);
       if (len == N) {  // one slice: the product straight into sums
-        sums = onednn ? onednn_linear(xf, w_slice) : at::mm(xf, w_slice.t());
+        sums = onednn ? onednn_linear(xf, w_slice, std::nullopt) : at::mm(xf, w_slice.t());
       } else {
-        sums.narrow(1, n0, len).copy_(onednn ? onednn_linear(xf, w_slice) : at::mm(xf, w_slice.t()));
+        sums.narrow(1, n0, len).copy_(onednn ? onednn_linear(xf, w_slice, std::nullopt) : at::mm(xf, w_slice.t()));
       }
     }
     if (bias) sums.add_(*bias);
