@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastarch.models.loading import CheckpointError
+from fastarch.ops.qlinear.backends import GGML_IDS
 from fastarch.ops.qlinear.reference import q4_0_values, q4_1_values, q8_0_values  # (the quantized linear layer's formats)
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +422,7 @@ def read_gguf(
 
 
 # the block formats read_gguf(quantized=True) keeps: ggml type id -> fastarch.ops.quantized_linear's quant
-_KEPT = {2: "q4_0", 3: "q4_1", 8: "q8_0"}
+_KEPT = {ggml_id: quant for quant, ggml_id in GGML_IDS.items()}
 
 
 def _blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Tensor:
