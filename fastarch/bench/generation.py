@@ -117,13 +117,14 @@ def load_blocks(file: Path, dtype: torch.dtype, device: str = "cpu"):
     """Ours on a GGUF file's quantized blocks (the BLOCKS contender); for a directory (random
     weights), its projections quantized as the real file's are (Q4_1, the head Q8_0)."""
     from fastarch.models import from_pretrained
+    from fastarch.models.llama_fused_step import PROJECTIONS
     from fastarch.nn import QuantizedLinear
 
     if not file.is_dir():
         return from_pretrained(file, dtype=dtype, device=device, quantized=True)
     model = from_pretrained(file, dtype=dtype)
     for block in model.layers:
-        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        for name in PROJECTIONS:
             setattr(block, name, QuantizedLinear.from_linear(getattr(block, name), "q4_1"))
     model.lm_head = QuantizedLinear.from_linear(model.lm_head, "q8_0")  # (unties it: the embeddings stay)
     return model.to(device)

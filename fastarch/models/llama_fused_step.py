@@ -38,6 +38,8 @@ def _chosen(op: str, problem: object, requested: str) -> str | None:
         return None
 
 
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+"""A Llama Block's linear layers, in the order a layer runs them."""
 PRODUCTS = {"torch": 0, "kernel": 1, "onednn": 2, "widened": 3}
 QUANTIZED_ONEDNN = 4
 """Added to the prefill loop's ``products`` when the quantized layers' products past their
@@ -47,8 +49,7 @@ kernel's rows run on oneDNN's matmul (as fastarch.ops.quantized_linear's cpu bac
 def _quantized_onednn(model, rows: int) -> bool:
     """Whether model's quantized layers (if any) run ``rows`` rows on oneDNN's matmul."""
     block = model.layers[0]
-    quantized = any(type(layer) is QuantizedLinear for layer in (block.qkv_proj, block.o_proj, block.gate_up_proj,
-                                                                  block.down_proj))
+    quantized = any(type(block._modules[name]) is QuantizedLinear for name in PROJECTIONS)
     return quantized and rows > DIRECT_ROWS and onednn_gemm()
 """Where the loops run the products (their ``products`` argument): PyTorch's GEMM (the linear
 op's reference backend), the linear kernel, oneDNN's matmul (the cpu backend past its kernel's
@@ -74,7 +75,7 @@ def _products(model, rows: int, dtype: torch.dtype, requested: str, kernels: dic
     if any(_chosen(op, problem, requested) != "cpu" for op, problem in kernels.items()):
         return None
     block = model.layers[0]
-    layers = (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj)
+    layers = [block._modules[name] for name in PROJECTIONS]
     quantized = [layer for layer in layers if type(layer) is QuantizedLinear]
     if any(_chosen("quantized_linear", QuantizedLinearProblem("cpu", dtype, rows, q.in_features, q.out_features,
                                                                q.quant), requested) != "cpu" for q in quantized):
@@ -141,7 +142,6 @@ def prefill_products(model, x: Tensor, cache, window_left: int) -> int | None:
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")
 _WEIGHTS = ("input_layernorm", "qkv_proj", "o_proj", "post_attention_layernorm", "gate_up_proj", "down_proj")
-_BIASED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def step_arguments(model, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor | None], list[float]] | None:
@@ -157,7 +157,7 @@ def step_arguments(model, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor
         for block in model.layers:
             parts = block._modules
             weights += [_weight(parts[name]) for name in _WEIGHTS]
-            biases += [parts[name]._parameters["bias"] for name in _BIASED]
+            biases += [parts[name]._parameters["bias"] for name in PROJECTIONS]
             eps += [parts[name].eps for name in _NORMS]
         weights.append(model._modules["norm"]._parameters["weight"])
         eps.append(model._modules["norm"].eps)

@@ -59,10 +59,7 @@ def _cuda_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) ->
 def _cuda_supports(p: QuantizedLinearProblem) -> str | None:
     why = (registry.device_reason(p.device, "cuda") or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
            or availability.cuda_device_reason())
-    if why or p.rows <= GPU_MAX_ROWS:
-        return why
-    return (f"{p.rows} rows: the CUDA kernel takes 1-{GPU_MAX_ROWS}, a decode step's rows (the reference"
-            " backend's dequantized GEMM runs the rest)")
+    return why or _gpu_rows_reason(p, "the CUDA kernel")
 
 
 def _cpu_supports(p: QuantizedLinearProblem) -> str | None:
@@ -71,10 +68,14 @@ def _cpu_supports(p: QuantizedLinearProblem) -> str | None:
 
 def _triton_supports(p: QuantizedLinearProblem) -> str | None:
     why = availability.triton_device_reason(p.device) or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
-    if why or p.rows <= GPU_MAX_ROWS:
-        return why
-    return (f"{p.rows} rows: the Triton kernel takes 1-{GPU_MAX_ROWS}, a decode step's rows (the reference"
-            " backend's dequantized GEMM runs the rest)")
+    return why or _gpu_rows_reason(p, "the Triton kernel")
+
+
+def _gpu_rows_reason(p: QuantizedLinearProblem, who: str) -> str | None:
+    if p.rows <= GPU_MAX_ROWS:
+        return None
+    return (f"{p.rows} rows: {who} takes 1-{GPU_MAX_ROWS}, a decode step's rows (the reference backend's"
+            " dequantized GEMM runs the rest)")
 
 
 def _reference_supports(p: QuantizedLinearProblem) -> str | None:
