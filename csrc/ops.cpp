@@ -78,13 +78,14 @@ TORCH_LIBRARY(fastarch, m) {
   // One decode step of a LLaMA-family decoder's layers (fastarch/models/llama.py), calling the
   // kernels above with no Python between them: x (batch * n, hidden) -> the final norm's
   // output. Per layer, in order: weights (input norm, qkv, o, post-attention norm, gate_up,
-  // down), biases (qkv, o, gate_up, down; None where absent), k/v caches appended in place,
+  // down; quants: each weight's block format, a ggml type id of _quantized_linear, or 0 for a
+  // dense tensor), biases (qkv, o, gate_up, down; None where absent), k/v caches appended in place,
   // eps (input norm, post-attention norm); then the final norm's weight and eps. cos/sin:
   // rotary tables; offsets: int64 (batch,) positions of the new tokens; seqlens_before/after:
   // int32 (batch,) cache lengths without and with them. linear_kernel: products on _linear,
   // else on PyTorch's GEMM.
   m.def(
-      "_llama_decode_layers(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] k_caches,"
+      "_llama_decode_layers(Tensor x, Tensor[] weights, int[] quants, Tensor?[] biases, Tensor(a!)[] k_caches,"
       " Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor offsets, Tensor seqlens_before, Tensor seqlens_after,"
       " float[] eps, int batch, int n_head, int n_kv, int head_dim, float scale, int window_left, bool linear_kernel)"
       " -> Tensor");
@@ -94,7 +95,7 @@ TORCH_LIBRARY(fastarch, m) {
   // (filled with the prompts) or none. products: 0 PyTorch's GEMM, 1 _linear, 2 oneDNN's matmul,
   // 3 widened (+ 4: _quantized_linear's GEMM on oneDNN).
   m.def(
-      "_llama_prefill_layers(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] k_caches,"
+      "_llama_prefill_layers(Tensor x, Tensor[] weights, int[] quants, Tensor?[] biases, Tensor(a!)[] k_caches,"
       " Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor positions, Tensor cu_seqlens, int seqlen, float[] eps,"
       " int n_head, int n_kv, int head_dim, float scale, int window_left, int products) -> Tensor");
 

@@ -15,13 +15,15 @@ using at::Tensor;
 
 inline void check(const char* who, const Tensor& x, const Tensor& blocks, int64_t quant,
                   const std::optional<Tensor>& bias) {
-  TORCH_CHECK(quant == 2 || quant == 3 || quant == 8, who, ": quant must be 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0), got ",
-              quant);
+  TORCH_CHECK(quant_known(quant), who,
+              ": quant must be a ggml type id of Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), Q5_K (13)"
+              " or Q6_K (14), got ", quant);
+  const Quant q = static_cast<Quant>(quant);
   TORCH_CHECK(x.dim() == 2, who, ": x must be 2-D (rows, in_features), got ", x.sizes());
-  const int64_t K = x.size(1);
+  const int64_t K = x.size(1), block = quant_block_values(q);
   TORCH_CHECK(K <= 1 || x.stride(1) == 1, who, ": x must have a contiguous last dim");
-  TORCH_CHECK(K % kQuantBlock == 0, who, ": in_features must be a multiple of 32, got ", K);
-  const int64_t row_bytes = K / kQuantBlock * quant_block_bytes(static_cast<Quant>(quant));
+  TORCH_CHECK(K % block == 0, who, ": in_features must be a multiple of ", block, " (the format's block), got ", K);
+  const int64_t row_bytes = K / block * quant_block_bytes(q);
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous() &&
                   blocks.size(1) == row_bytes,
               who, ": blocks must be contiguous uint8 (out_features, ", row_bytes, "), got ", blocks.scalar_type(), " ",

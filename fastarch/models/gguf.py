@@ -21,7 +21,10 @@ from torch import Tensor
 
 from fastarch.models.loading import CheckpointError
 from fastarch.ops.qlinear.backends import GGML_IDS
-from fastarch.ops.qlinear.reference import q4_0_values, q4_1_values, q8_0_values  # (the quantized linear layer's formats)
+from fastarch.ops.qlinear.formats import (  # the quantized linear layer's formats and their readers
+    bit_fields as _bits, f16_at as _f16, field as _field, low_high as _low_high, q4_0_values, q4_1_values, q4_k_values,
+    q5_0_values, q5_1_values, q5_k_values, q6_k_values, q8_0_values,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Dequantization. Each ggml type stores a row as blocks of `block` values in `nbytes` bytes;
@@ -31,43 +34,6 @@ from fastarch.ops.qlinear.reference import q4_0_values, q4_1_values, q8_0_values
 # ---------------------------------------------------------------------------------------------
 
 QK_K = 256  # values per super-block of the k-quants
-
-
-def _field(blocks: Tensor, start: int, stop: int) -> Tensor:
-    """Bytes [start, stop) of every block, contiguous (n, stop - start): torch's elementwise
-    ops on a strided uint8 slice with a short inner dim run ~10x slower than on a copy."""
-    return blocks[:, start:stop].contiguous()
-
-
-def _f16(blocks: Tensor, start: int) -> Tensor:
-    """The fp16 at byte ``start`` of every block, as float32 (n, 1)."""
-    return _field(blocks, start, start + 2).view(torch.float16).float()
-
-
-def _low_high(qs: Tensor) -> Tensor:
-    """(..., k) bytes -> (..., 2k) 4-bit values: every low nibble, then every high nibble."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-
-
-def _bits(qh: Tensor, count: int, width: int = 1) -> Tensor:
-    """(..., k) bytes -> (..., count, k): field i is (byte >> (i * width)) & mask."""
-    shifts = torch.arange(0, count * width, width, dtype=torch.uint8)
-    return (qh.unsqueeze(-2) >> shifts.view(count, 1)) & ((1 << width) - 1)
-
-
-def _five_bit(qh: Tensor, qs: Tensor) -> Tensor:
-    """Q5_0/Q5_1 values (n, 32): low nibbles from qs, bit j of the little-endian u32 qh on top."""
-    high = _bits(qh, 8).transpose(-1, -2).reshape(qh.shape[0], 32)  # byte-major, bit-minor = bit j
-    return _low_high(qs) | (high << 4)
-
-
-def _q5_0(b: Tensor) -> Tensor:  # d: f16, qh: u32, qs: 16 bytes; x = (q - 16) * d
-    q = _five_bit(_field(b, 2, 6), _field(b, 6, 22)).to(torch.int8) - 16
-    return _f16(b, 0) * q.float()
-
-
-def _q5_1(b: Tensor) -> Tensor:  # d, m: f16, qh: u32, qs: 16 bytes; x = q * d + m
-    return _f16(b, 0) * _five_bit(_field(b, 4, 8), _field(b, 8, 24)).float() + _f16(b, 2)
 
 
 def _q2_k(b: Tensor) -> Tensor:  # scales: 16 bytes (4-bit scale | 4-bit min), qs: 64, d, dmin
@@ -90,42 +56,6 @@ def _q3_k(b: Tensor) -> Tensor:  # hmask: 32, qs: 64, scales: 12 (6-bit, packed)
     hm = _bits(_field(b, 0, 32), 8).reshape(n, 16, 16).to(torch.int8)
     q = ql - ((1 - hm) << 2)  # a clear hmask bit subtracts 4
     return (dl * q.float()).view(n, QK_K)
-
-
-def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
-    """Q4_K/Q5_K's 12 bytes -> eight 6-bit scales and eight 6-bit mins, each (n, 8)."""
-    d, m, md = (_field(s, i, i + 4) for i in (0, 4, 8))
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
-    return sc, mn
-
-
-def _q4_k(b: Tensor) -> Tensor:  # d, dmin: f16, scales: 12, qs: 128; x = d*sc*q - dmin*m
-    n = b.shape[0]
-    sc, mn = _k_scale_min(_field(b, 4, 16))
-    d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
-    dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
-    q = _low_high(_field(b, 16, 144).reshape(n, 4, 32)).reshape(n, 8, 32).float()
-    return (d * q - dm).view(n, QK_K)
-
-
-def _q5_k(b: Tensor) -> Tensor:  # d, dmin: f16, scales: 12, qh: 32, qs: 128
-    n = b.shape[0]
-    sc, mn = _k_scale_min(_field(b, 4, 16))
-    d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
-    dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
-    ql = _low_high(_field(b, 48, 176).reshape(n, 4, 32)).reshape(n, 8, 32)
-    qh = _bits(_field(b, 16, 48), 8)  # bit i of qh[j] is the fifth bit of sub-block i's value j
-    return (d * (ql | (qh << 4)).float() - dm).view(n, QK_K)
-
-
-def _q6_k(b: Tensor) -> Tensor:  # ql: 128, qh: 64, scales: 16 int8, d: f16; x = d*sc*(q - 32)
-    n = b.shape[0]
-    d = (_f16(b, 208) * _field(b, 192, 208).view(torch.int8).float()).view(n, 16, 1)
-    ql = _low_high(_field(b, 0, 128).reshape(n, 2, 64)).reshape(n, 8, 32)
-    qh = _bits(_field(b, 128, 192).reshape(n, 2, 32), 4, 2).reshape(n, 8, 32)
-    q = (ql | (qh << 4)).to(torch.int8) - 32
-    return (d * q.view(n, 16, 16).float()).view(n, QK_K)
 
 
 def _q8_k(b: Tensor) -> Tensor:  # d: f32, qs: 256 int8, bsums: 16 int16 (unused here)
@@ -159,14 +89,14 @@ GGML_TYPES: dict[int, tuple[str, int, int, Callable[[Tensor], Tensor] | None]] =
     1: ("F16", 1, 2, None),
     2: ("Q4_0", 32, 18, q4_0_values),
     3: ("Q4_1", 32, 20, q4_1_values),
-    6: ("Q5_0", 32, 22, _q5_0),
-    7: ("Q5_1", 32, 24, _q5_1),
+    6: ("Q5_0", 32, 22, q5_0_values),
+    7: ("Q5_1", 32, 24, q5_1_values),
     8: ("Q8_0", 32, 34, q8_0_values),
     10: ("Q2_K", QK_K, 84, _q2_k),
     11: ("Q3_K", QK_K, 110, _q3_k),
-    12: ("Q4_K", QK_K, 144, _q4_k),
-    13: ("Q5_K", QK_K, 176, _q5_k),
-    14: ("Q6_K", QK_K, 210, _q6_k),
+    12: ("Q4_K", QK_K, 144, q4_k_values),
+    13: ("Q5_K", QK_K, 176, q5_k_values),
+    14: ("Q6_K", QK_K, 210, q6_k_values),
     15: ("Q8_K", QK_K, 292, _q8_k),
     20: ("IQ4_NL", 32, 18, _iq4_nl),
     23: ("IQ4_XS", QK_K, 136, _iq4_xs),
@@ -368,10 +298,11 @@ def read_gguf(
     to ``dtype`` on the CPU, q/k rows in transformers' order. A Llama 3.1 file's rope_freqs.weight
     becomes config["rope_scaling"] (rope_type "llama3") rather than a weight.
 
-    quantized: keep the projections' and the head's Q4_0, Q4_1 and Q8_0 tensors as they are
-    stored, uint8 blocks (rows, in_features / 32 * block bytes) for fastarch.ops.quantized_linear,
-    listed in config["quantization"] (name -> "q4_0" | "q4_1" | "q8_0"); a tied head then comes
-    as such an lm_head.weight beside the dequantized embeddings."""
+    quantized: keep the projections' and the head's tensors of the formats that
+    fastarch.ops.quantized_linear reads (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as they
+    are stored, uint8 blocks (rows, bytes per row), listed in config["quantization"] (name ->
+    "q4_0", ..., "q6_k"); a tied head then comes as such an lm_head.weight beside the
+    dequantized embeddings."""
     if not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating dtype, got {dtype}")
     file = Path(path)

@@ -40,7 +40,7 @@ from fastarch.models.loading import (
     CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head,
 )
 from fastarch.nn import Linear, QuantizedLinear  # the head on fastarch.ops.linear: the generation loop calls it as a module
-from fastarch.ops.qlinear.reference import BLOCK, BLOCK_BYTES, dequantize_blocks
+from fastarch.ops.qlinear.formats import dequantize_blocks, row_bytes
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -287,10 +287,10 @@ class Llama(CausalLM):
         products = fused_step.prefill_products(self, x, cache, window_left)
         step = None if products is None else fused_step.step_arguments(self, x.dtype)
         if step is not None:  # the same kernels, called from one C++ loop (llama_fused_step.py)
-            weights, biases, eps = step
+            weights, quants, biases, eps = step
             caches = ([], []) if cache is None else (cache.k, cache.v)
             return torch.ops.fastarch._llama_prefill_layers(
-                x, weights, biases, *caches, cos, sin, prompts.positions, packing.cu_seqlens, packing.seqlen, eps,
+                x, weights, quants, biases, *caches, cos, sin, prompts.positions, packing.cu_seqlens, packing.seqlen, eps,
                 self.n_head, self.n_kv, self.head_dim, scale, window_left, products,
             )
         return self._blocks(x, attend)
@@ -323,9 +323,9 @@ class Llama(CausalLM):
         linear_kernel = fused_step.linear_in_one_call(self, x, cache, window_left)
         step = None if linear_kernel is None else fused_step.step_arguments(self, x.dtype)
         if step is not None:  # the same kernels, called from one C++ loop (llama_fused_step.py)
-            weights, biases, eps = step
+            weights, quants, biases, eps = step
             x = torch.ops.fastarch._llama_decode_layers(
-                x, weights, biases, cache.k, cache.v, cos, sin, offsets, cache.seqlens, seqlens, eps, B, self.n_head,
+                x, weights, quants, biases, cache.k, cache.v, cos, sin, offsets, cache.seqlens, seqlens, eps, B, self.n_head,
                 self.n_kv, self.head_dim, scale, window_left, linear_kernel,
             )
         else:
@@ -427,7 +427,7 @@ def _stack(
                 target, index, rows = parts[module]
                 want = (rows, C) if kind == "weight" else (rows,)
                 if name in quants:
-                    want = (rows, C // BLOCK * BLOCK_BYTES[quants[name]])
+                    want = (rows, row_bytes(C, quants[name]))
                 if tuple(t.shape) != want:
                     raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, but the model needs {want}"
                                           " (does config.json fit these weights?)")

@@ -25,7 +25,7 @@ from fastarch.ops.attn.args import AttentionProblem
 from fastarch.nn import QuantizedLinear
 from fastarch.ops.linear.backends import LinearProblem, cpu_product, onednn_gemm
 from fastarch.ops.norms.backends import NormProblem
-from fastarch.ops.qlinear.backends import DIRECT_ROWS, QuantizedLinearProblem
+from fastarch.ops.qlinear.backends import DIRECT_ROWS, GGML_IDS, QuantizedLinearProblem
 from fastarch.ops.rope.backends import RotaryProblem
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -144,34 +144,44 @@ _NORMS = ("input_layernorm", "post_attention_layernorm")
 _WEIGHTS = ("input_layernorm", "qkv_proj", "o_proj", "post_attention_layernorm", "gate_up_proj", "down_proj")
 
 
-def step_arguments(model, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor | None], list[float]] | None:
-    """The loop's weights, biases and eps in its order (see csrc/ops.cpp), or None when a
+def step_arguments(
+    model, dtype: torch.dtype
+) -> tuple[list[Tensor], list[int], list[Tensor | None], list[float]] | None:
+    """The loop's weights, their quants (a QuantizedLinear's ggml type id, else 0), biases and
+    eps in its order (see csrc/ops.cpp), or None when a
     parameter is not a plain contiguous tensor of dtype on the CPU, or not a plain parameter
     (a parametrized weight): the op-by-op loop handles or refuses those. Gathered every step
     (a layer may have been replaced) from the modules' own dictionaries: nn.Module's attribute
     lookup would cost ~0.5 ms of a step."""
     weights: list[Tensor] = []
+    quants: list[int] = []
     biases: list[Tensor | None] = []
     eps: list[float] = []
     try:
         for block in model.layers:
             parts = block._modules
             weights += [_weight(parts[name]) for name in _WEIGHTS]
+            quants += [_quant(parts[name]) for name in _WEIGHTS]
             biases += [parts[name]._parameters["bias"] for name in PROJECTIONS]
             eps += [parts[name].eps for name in _NORMS]
         weights.append(model._modules["norm"]._parameters["weight"])
+        quants.append(0)
         eps.append(model._modules["norm"].eps)
     except (KeyError, AttributeError):  # a parametrized weight, a replaced layer of another kind
         return None
     for t in weights + [b for b in biases if b is not None]:
         if type(t) not in _PLAIN or t.dtype not in (dtype, torch.uint8) or not t.is_cpu or not t.is_contiguous():
             return None
-    return weights, biases, [float(e) for e in eps]
+    return weights, quants, biases, [float(e) for e in eps]
 
 
 def _weight(layer) -> Tensor:
-    """A layer's weight: a parameter, or a QuantizedLinear's blocks (a buffer; the C++ loop
-    tells their format from their bytes per row)."""
+    """A layer's weight: a parameter, or a QuantizedLinear's blocks (a buffer)."""
     if type(layer) is QuantizedLinear:
         return layer._buffers["weight"]
     return layer._parameters["weight"]
+
+
+def _quant(layer) -> int:
+    """A QuantizedLinear's format as the C++ loop takes it (its ggml type id); 0 for a dense layer."""
+    return GGML_IDS[layer.quant] if type(layer) is QuantizedLinear else 0

@@ -36,24 +36,25 @@ class Linear(torch.nn.Linear):
 
 
 class QuantizedLinear(torch.nn.Module):
-    """A linear layer whose weight is held as GGUF blocks (Q4_0, Q4_1 or Q8_0) and run by
-    fastarch.ops.quantized_linear: a decode step reads 0.56-1.06 bytes per weight where bf16
-    reads 2. The blocks are a buffer ``weight`` (uint8 (out_features, in_features / 32 * block
-    bytes)); the bias, if any, a parameter of the compute dtype. x: (..., in_features) ->
+    """A linear layer whose weight is held as GGUF blocks (a fastarch.ops.qlinear.QUANTS format)
+    and run by fastarch.ops.quantized_linear: a decode step reads 0.56-1.06 bytes per weight
+    where bf16 reads 2. The blocks are a buffer ``weight`` (uint8 (out_features, bytes per
+    row)); the bias, if any, a parameter of the compute dtype. x: (..., in_features) ->
     (..., out_features), x's dtype. Gradients flow to x and the bias, not to the blocks."""
 
     def __init__(self, in_features: int, out_features: int, quant: str, bias: bool = True, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        from fastarch.ops.qlinear.reference import BLOCK, BLOCK_BYTES
+        from fastarch.ops.qlinear.formats import BLOCK_VALUES, QUANTS, row_bytes
 
-        if quant not in BLOCK_BYTES:
-            raise ValueError(f"QuantizedLinear: quant must be one of {', '.join(BLOCK_BYTES)}, got {quant!r}")
-        if in_features % BLOCK:
-            raise ValueError(f"QuantizedLinear: in_features must be a multiple of {BLOCK}, got {in_features}")
+        if quant not in BLOCK_VALUES:
+            raise ValueError(f"QuantizedLinear: quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+        if in_features % BLOCK_VALUES[quant]:
+            raise ValueError(f"QuantizedLinear: in_features must be a multiple of {BLOCK_VALUES[quant]} ({quant}'s"
+                             f" block), got {in_features}")
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
-        row_bytes = in_features // BLOCK * BLOCK_BYTES[quant]
-        self.register_buffer("weight", torch.zeros(out_features, row_bytes, dtype=torch.uint8, device=device))
+        nbytes = row_bytes(in_features, quant)
+        self.register_buffer("weight", torch.zeros(out_features, nbytes, dtype=torch.uint8, device=device))
         bias_param = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.register_parameter("bias", bias_param)  # (None too, as nn.Linear: a "bias" entry either way)
 
@@ -75,7 +76,7 @@ class QuantizedLinear(torch.nn.Module):
     def from_linear(cls, module: torch.nn.Linear, quant: str) -> QuantizedLinear:
         """``module``'s weight quantized to ``quant`` (fastarch.ops.qlinear.quantize_blocks: the
         nearest levels, as llama.cpp's reference quantizer); its bias kept as it is (shared)."""
-        from fastarch.ops.qlinear.reference import quantize_blocks
+        from fastarch.ops.qlinear.formats import quantize_blocks
 
         new = cls.from_blocks(quantize_blocks(module.weight, quant), quant, module.in_features)
         new.bias = module.bias

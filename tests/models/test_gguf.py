@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastarch.models.gguf import GGML_TYPES, dequantize, hf_name, read_gguf, tokenizer_from_gguf
 from fastarch.models.loading import CheckpointError
+from fastarch.ops.qlinear import quantize_blocks
 
 # ----------------------------------------------------------------------------------------------
 # Dequantizers
@@ -119,12 +120,15 @@ def _interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str = "F32", *, arch: str = "llama",
+def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str | dict[str, str] = "F32", *, arch: str = "llama",
                      extra_tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType | None]] | None = None,
                      optional_keys: bool = True, more_keys: Callable[[GGUFWriter], object] | None = None) -> Path:
     """A GGUF file as llama.cpp's converter writes one: its metadata keys (those llama.cpp has
     defaults for only when ``optional_keys``; ``more_keys`` adds others), its tensor names and
-    q/k row order, 1-D tensors in F32 and matrices in ``qtype``; a tied model has no output.weight."""
+    q/k row order, 1-D tensors in F32 and matrices in ``qtype`` (or ``qtype[kind]`` for a kind
+    such as "attn_v" or "output", ``qtype[""]`` for the rest: a file of mixed formats, as
+    llama-quantize's Q4_K_M); a tied model has no output.weight. gguf-py quantizes the formats
+    it can, fastarch.ops.qlinear.quantize_blocks the k-quants."""
     c = model.config
     w = GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -152,13 +156,18 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str = "F32", *,
         kind = gname.split(".")[-2]
         if kind in heads:
             x = _interleave(x, heads[kind])
-        if x.ndim == 1 or qtype == "F32":
+        kind_qtype = qtype if isinstance(qtype, str) else qtype.get(kind, qtype[""])
+        if x.ndim == 1 or kind_qtype == "F32":
             w.add_tensor(gname, x.astype(np.float32))
-        elif qtype == "F16":
+        elif kind_qtype == "F16":
             w.add_tensor(gname, x.astype(np.float16))
         else:
-            quant = GGMLQuantizationType[qtype]
-            w.add_tensor(gname, gguf_quants.quantize(x, quant), raw_dtype=quant)
+            quant = GGMLQuantizationType[kind_qtype]
+            if kind_qtype.endswith("_K"):
+                blocks = quantize_blocks(torch.from_numpy(np.ascontiguousarray(x)), kind_qtype.lower()).numpy()
+            else:
+                blocks = gguf_quants.quantize(x, quant)
+            w.add_tensor(gname, blocks, raw_dtype=quant)
     for gname, (x, quant) in (extra_tensors or {}).items():
         w.add_tensor(gname, x, raw_dtype=quant)
     w.write_header_to_file()
@@ -168,10 +177,10 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str = "F32", *,
     return path
 
 
-def tiny_llama(tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(tie: bool = False, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 96) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=96, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=5000.0,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
     )

@@ -1,5 +1,5 @@
-"""Llama.from_pretrained(gguf, quantized=True): the file's Q4_0/Q4_1/Q8_0 projections and head
-kept as blocks (fastarch.nn.QuantizedLinear). The blocks hold the values the dequantized model
+"""Llama.from_pretrained(gguf, quantized=True): the file's projections and head kept as blocks
+(every format fastarch.ops.quantized_linear reads) (fastarch.nn.QuantizedLinear). The blocks hold the values the dequantized model
 holds, so in fp32 the two models differ only in the order of the products' fp32 sums: logits
 within ~1e-5 of their scale, the same greedy tokens; the one-call decode/prefill loops equal
 the op-by-op loop bit for bit, as for dense weights."""
@@ -16,7 +16,12 @@ from fastarch.models.llama import Llama, _stack
 from fastarch.nn import QuantizedLinear
 from test_gguf import smollm2_path, tiny_llama, write_llama_gguf  # tests/models/test_gguf.py
 
-QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
+QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _tiny(qtype: str, tie: bool = False):
+    """tiny_llama, its widths multiples of 256 for the k-quants' super-blocks."""
+    return tiny_llama(tie, hidden_size=256, intermediate_size=512) if qtype.endswith("_K") else tiny_llama(tie)
 
 
 def _op_by_op(monkeypatch):
@@ -27,7 +32,7 @@ def _op_by_op(monkeypatch):
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_quantized_model_matches_dequantized(tmp_path, qtype, tie, monkeypatch):
-    file = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(tie), qtype)
+    file = write_llama_gguf(tmp_path / "tiny.gguf", _tiny(qtype, tie), qtype)
     dense = Llama.from_pretrained(file)
     model = from_pretrained(file, quantized=True)
     quant = qtype.lower()
@@ -81,6 +86,30 @@ def test_mixed_formats_in_one_stack_are_dequantized(tmp_path):
     assert stacked["layers.0.qkv_proj.weight"].dtype == torch.float32
     assert stacked["layers.1.qkv_proj.weight"].dtype == torch.uint8
     assert "layers.0.qkv_proj.weight" not in quants and quants["layers.1.qkv_proj.weight"] == "q8_0"
+
+
+def test_mixed_file_as_llama_quantize_writes_q4_k_m(tmp_path, monkeypatch):
+    """A file of mixed formats as llama-quantize's Q4_K_M (Q4_K, with v, down and the head in
+    Q6_K): every layer keeps its own format's blocks, the q/k/v stack of mixed formats is
+    dequantized, and the one-call loops (their quants told per weight: Q4_K's and Q4_0's bytes
+    per row are alike) equal the op-by-op loop and the dequantized model's tokens."""
+    file = write_llama_gguf(tmp_path / "mixed.gguf", _tiny("Q4_K"),
+                            {"": "Q4_K", "attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"})
+    dense, model = Llama.from_pretrained(file), Llama.from_pretrained(file, quantized=True)
+    block = model.layers[0]
+    assert block.qkv_proj.weight.dtype == torch.float32  # q, k in Q4_K, v in Q6_K: dequantized
+    assert (block.o_proj.quant, block.gate_up_proj.quant, block.down_proj.quant) == ("q4_k", "q4_k", "q6_k")
+    assert model.lm_head.quant == "q6_k"
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, ours = dense(ids), model(ids)
+    assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    weights, quants, *_ = fused_step.step_arguments(model, torch.float32)  # the loop takes these
+    assert quants[1:6] == [0, 12, 0, 12, 14] and weights[2].dtype == torch.uint8
+    fused = generate(model, ids, max_new_tokens=10)
+    assert torch.equal(fused, generate(dense, ids, max_new_tokens=10))
+    _op_by_op(monkeypatch)
+    assert torch.equal(generate(model, ids, max_new_tokens=10), fused)
 
 
 def test_quantized_needs_a_gguf_file(tmp_path):

@@ -83,8 +83,8 @@ struct Step {
   Products products;
   bool quantized_onednn = false;  // quantized layers past their kernel's rows: on oneDNN's matmul
 
-  Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) const {
-    if (weight.scalar_type() == at::kByte) return quantized(x, weight, bias);
+  Tensor linear(const Tensor& x, const Tensor& weight, int64_t quant, const OptTensor& bias) const {
+    if (quant != 0) return ops.quantized_linear.redispatch(kCpu, x, weight, quant, bias, quantized_onednn);
     switch (products) {
       case Products::kernel:
         return ops.linear.redispatch(kCpu, x, weight, bias);
@@ -99,15 +99,6 @@ struct Step {
     }
     return at::linear(x, weight, bias);
   }
-  // A QuantizedLinear's blocks (fastarch/ops/qlinear): the format told by the bytes per block
-  // of 32 values, 18 (Q4_0), 20 (Q4_1) or 34 (Q8_0), which differ.
-  Tensor quantized(const Tensor& x, const Tensor& blocks, const OptTensor& bias) const {
-    const int64_t per_block = x.size(1) >= 32 ? blocks.size(1) / (x.size(1) / 32) : 0;
-    const int64_t quant = per_block == 18 ? 2 : per_block == 20 ? 3 : per_block == 34 ? 8 : -1;
-    TORCH_CHECK(quant > 0 && blocks.size(1) == x.size(1) / 32 * per_block,
-                "fastarch: a layer's uint8 weight is not Q4_0, Q4_1 or Q8_0 blocks of ", x.size(1), " in_features");
-    return ops.quantized_linear.redispatch(kCpu, x, blocks, quant, bias, quantized_onednn);
-  }
   // RMSNorm of x (+ residual): (y, the new residual stream)
   std::tuple<Tensor, Tensor> norm(const Tensor& x, const OptTensor& residual, const Tensor& weight, double eps) const {
     auto [y, residual_out, mean, rstd] = ops.norm.redispatch(kCpu, x, residual, weight, std::nullopt, eps, true);
@@ -117,23 +108,33 @@ struct Step {
   // SwiGLU feed-forward on the stacked gate/up projection's strided halves, and the next norm
   // (the next layer's input norm, or after the last layer the final one). Updates y and the
   // residual h.
-  void finish_layer(const Tensor& attended, at::TensorList weights, const c10::List<OptTensor>& biases,
-                    at::ArrayRef<double> eps, int64_t i, Tensor& y, Tensor& h) const {
+  void finish_layer(const Tensor& attended, at::TensorList weights, at::IntArrayRef quants,
+                    const c10::List<OptTensor>& biases, at::ArrayRef<double> eps, int64_t i, Tensor& y,
+                    Tensor& h) const {
     const Tensor* w = weights.data() + kWeightsPerLayer * i;
+    const int64_t* quant = quants.data() + kWeightsPerLayer * i;
     auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
-    const Tensor a = linear(attended, w[2], bias(1));
+    const Tensor a = linear(attended, w[2], quant[2], bias(1));
     std::tie(y, h) = norm(a, h, w[3], eps[2 * i + 1]);
-    const std::vector<Tensor> gate_up = linear(y, w[4], bias(2)).chunk(2, -1);
+    const std::vector<Tensor> gate_up = linear(y, w[4], quant[4], bias(2)).chunk(2, -1);
     const Tensor s = ops.gated.redispatch(kCpu, gate_up[0], gate_up[1], "silu");
-    std::tie(y, h) = norm(linear(s, w[5], bias(3)), h, weights[kWeightsPerLayer * (i + 1)], eps[2 * i + 2]);
+    std::tie(y, h) =
+        norm(linear(s, w[5], quant[5], bias(3)), h, weights[kWeightsPerLayer * (i + 1)], eps[2 * i + 2]);
   }
 };
 
 // The number of layers of the lists: per layer 6 weights, 4 biases, 2 eps and (where given, as
 // caches) a k and a v cache, then the final norm's weight and eps.
-int64_t layers_of(const char* who, at::TensorList weights, const c10::List<OptTensor>& biases,
-                  at::TensorList k_caches, at::TensorList v_caches, at::ArrayRef<double> eps, bool caches) {
+int64_t layers_of(const char* who, at::TensorList weights, at::IntArrayRef quants,
+                  const c10::List<OptTensor>& biases, at::TensorList k_caches, at::TensorList v_caches,
+                  at::ArrayRef<double> eps, bool caches) {
   const int64_t L = (static_cast<int64_t>(weights.size()) - 1) / kWeightsPerLayer;
+  TORCH_CHECK(quants.size() == weights.size(), who, ": expected a quant per weight, got ", quants.size(), " for ",
+              weights.size(), " weights");
+  for (size_t j = 0; j < quants.size(); ++j) {
+    TORCH_CHECK((quants[j] == 0) == (weights[j].scalar_type() != at::kByte), who, ": weight ", j, " is ",
+                weights[j].scalar_type(), " with quant ", quants[j], " (uint8 blocks take a format's id, a dense tensor 0)");
+  }
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerLayer * L + 1 &&
                   static_cast<int64_t>(biases.size()) == kBiasesPerLayer * L &&
                   static_cast<int64_t>(eps.size()) == 2 * L + 1 &&
@@ -145,12 +146,13 @@ int64_t layers_of(const char* who, at::TensorList weights, const c10::List<OptTe
   return L;
 }
 
-Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, const c10::List<OptTensor>& biases,
+Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, at::IntArrayRef quants,
+                               const c10::List<OptTensor>& biases,
                                at::TensorList k_caches, at::TensorList v_caches, const Tensor& cos, const Tensor& sin,
                                const Tensor& offsets, const Tensor& seqlens_before, const Tensor& seqlens_after,
                                at::ArrayRef<double> eps, int64_t batch, int64_t n_head, int64_t n_kv,
                                int64_t head_dim, double scale, int64_t window_left, bool linear_kernel) {
-  const int64_t L = layers_of("fastarch::_llama_decode_layers", weights, biases, k_caches, v_caches, eps, true);
+  const int64_t L = layers_of("fastarch::_llama_decode_layers", weights, quants, biases, k_caches, v_caches, eps, true);
   TORCH_CHECK(x.dim() == 2 && x.size(0) % batch == 0, "fastarch::_llama_decode_layers: x must be (batch * n, hidden)");
   const int64_t n = x.size(0) / batch, H = n_head, Hkv = n_kv, D = head_dim;
   const Step step{kernels(), linear_kernel ? Products::kernel : Products::torch};
@@ -159,13 +161,14 @@ Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, const c1
     const Tensor* w = weights.data() + kWeightsPerLayer * i;
     auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
     // attention: (B n, (H + 2 Hkv) D) -> q (B, H, n, D), k, v (B, Hkv, n, D), views
-    const Tensor heads = step.linear(y, w[1], bias(0)).view({batch, n, H + 2 * Hkv, D}).transpose(1, 2);
+    const Tensor heads =
+        step.linear(y, w[1], quants[kWeightsPerLayer * i + 1], bias(0)).view({batch, n, H + 2 * Hkv, D}).transpose(1, 2);
     const std::vector<Tensor> qkv = heads.split_with_sizes({H, Hkv, Hkv}, 1);
     auto [q, k] = step.ops.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, offsets, false, false);
     step.ops.append.redispatch(kCpu, k_caches[i], v_caches[i], k, qkv[2], seqlens_before);
     auto [out, lse] =
         step.ops.decode.redispatch(kCpu, q, k_caches[i], v_caches[i], seqlens_after, true, scale, window_left);
-    step.finish_layer(out.transpose(1, 2).reshape({batch * n, H * D}), weights, biases, eps, i, y, h);
+    step.finish_layer(out.transpose(1, 2).reshape({batch * n, H * D}), weights, quants, biases, eps, i, y, h);
   }
   return y;
 }
@@ -175,14 +178,15 @@ Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, const c1
 // the prompts' padded length (the attention's bound on a row's length). With caches (empty;
 // none: no cache), row b's keys and values go to its slots 0 .. len - 1 and its slots len ..
 // seqlen - 1 are zeroed, as KVCache.write_packed leaves them.
-Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, const c10::List<OptTensor>& biases,
+Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, at::IntArrayRef quants,
+                                const c10::List<OptTensor>& biases,
                                 at::TensorList k_caches, at::TensorList v_caches, const Tensor& cos, const Tensor& sin,
                                 const Tensor& positions, const Tensor& cu_seqlens, int64_t seqlen,
                                 at::ArrayRef<double> eps, int64_t n_head, int64_t n_kv, int64_t head_dim,
                                 double scale, int64_t window_left, int64_t products) {
   const char* who = "fastarch::_llama_prefill_layers";
   const bool cached = !k_caches.empty();
-  const int64_t L = layers_of(who, weights, biases, k_caches, v_caches, eps, cached);
+  const int64_t L = layers_of(who, weights, quants, biases, k_caches, v_caches, eps, cached);
   TORCH_CHECK(x.dim() == 2, who, ": x must be (total, hidden)");
   TORCH_CHECK(products >= 0 && products <= 7, who,
               ": products must be 0 (torch), 1 (kernel), 2 (onednn) or 3 (widened), + 4 for quantized layers on"
@@ -199,8 +203,9 @@ Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, const c
     const Tensor* w = weights.data() + kWeightsPerLayer * i;
     auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
     // (total, (H + 2 Hkv) D) -> q (total, H, D), k, v (total, Hkv, D), views
-    const std::vector<Tensor> qkv =
-        step.linear(y, w[1], bias(0)).view({total, H + 2 * Hkv, D}).split_with_sizes({H, Hkv, Hkv}, 1);
+    const std::vector<Tensor> qkv = step.linear(y, w[1], quants[kWeightsPerLayer * i + 1], bias(0))
+                                        .view({total, H + 2 * Hkv, D})
+                                        .split_with_sizes({H, Hkv, Hkv}, 1);
     auto [q, k] = step.ops.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, positions, false, false);
     if (cached) {
       for (int64_t b = 0; b < rows; ++b) {
@@ -217,7 +222,7 @@ Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, const c
     auto [out, lse] = step.ops.attention.redispatch(kCpu, as4d(q), as4d(k), as4d(qkv[2].contiguous()), std::nullopt,
                                                     std::nullopt, cu_seqlens, cu_seqlens, seqlen, seqlen,
                                                     true, scale, window_left, -1, 0.0, 0);
-    step.finish_layer(out[0].permute({1, 0, 2}).reshape({total, H * D}), weights, biases, eps, i, y, h);
+    step.finish_layer(out[0].permute({1, 0, 2}).reshape({total, H * D}), weights, quants, biases, eps, i, y, h);
   }
   return y;
 }

@@ -1,8 +1,8 @@
-// The CPU linear layer on block-quantized weights (GGUF's Q4_0, Q4_1, Q8_0 blocks, as the file
-// stores them): y = x W^T + b with W's values exactly those ggml's dequantize gives, sums in
-// fp32. For a few rows of x (a decode step) the kernels read W's blocks once, widen each block
-// to fp32 in registers and multiply it into every row of x: a Q4_1 weight is 0.625 bytes where
-// bf16 is 2, and a decode step's cost is the weights' bytes. Two builds: AVX-512 (picked at run
+// The CPU linear layer on block-quantized weights (GGUF's blocks as the file stores them, every
+// format of qlinear_formats.h): y = x W^T + b with W's values exactly those ggml's dequantize
+// gives, sums in fp32. For a few rows of x (a decode step) the kernels read W's blocks once,
+// widen each block to fp32 in registers and multiply it into every row of x: a Q4_K weight is
+// 0.5625 bytes where bf16 is 2, and a decode step's cost is the weights' bytes. Two builds: AVX-512 (picked at run
 // time when the CPU has it) and portable C++.
 #pragma once
 #include <cstdint>

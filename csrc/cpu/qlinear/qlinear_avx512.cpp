@@ -1,10 +1,11 @@
 // AVX-512 build of the CPU linear layer on block-quantized weights (qlinear.h).
 //
-// Each W row is read front to back once per group of up to 8 rows of x: a block's 32 values
-// are widened in registers to two vectors of 16 fp32 values, exactly ggml's dequantized values
-// (Q4_1's d * q + m as one fused multiply-add: d * q is exact, so its one rounding is ggml's
-// rounding of the sum), then each row of x takes two fused multiply-adds. One or two rows of x
-// keep two sets of accumulators (even and odd blocks) so that the additions overlap. The blocks
+// Each W row is read front to back once per group of up to 8 rows of x: each 32 values of a
+// block (a k-quant super-block: eight such chunks) are widened in registers to two vectors of 16
+// fp32 values, exactly ggml's dequantized values (Q4_1's d * q + m as one fused multiply-add:
+// d * q is exact, so its one rounding is ggml's rounding of the sum), then each row of x takes
+// two fused multiply-adds. One or two rows of x keep two sets of accumulators (even and odd
+// chunks) so that the additions overlap. The blocks
 // are prefetched kPrefetchBytes ahead (see linear_cols.h). The sums of 16 output columns are
 // kept and then finished by vector: the bias added and rounded once to the dtype.
 //
@@ -34,66 +35,186 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// Block blk's values 0-15 in lo, 16-31 in hi, as fp32. The 4-bit formats build the block's 16
-// levels in one vector and pick each value by its bits: against widening each value to fp32
-// and scaling it, 1.0-1.16x (Zen 5, 2 threads, SmolLM2's projections, in-process A/B). Two W
-// rows at a time against one x row, or prefetching 1-8 KB ahead instead of 2, measured alike or
-// slower.
+// Block blk's values 0-15 in lo, 16-31 in hi, as fp32, for the formats of 32-value blocks. The
+// 4- and 5-bit formats build the block's 16 (32) levels in one (two) vectors and pick each value
+// by its bits: against widening each value to fp32 and scaling it, 1.0-1.16x (Zen 5, 2 threads,
+// SmolLM2's projections, in-process A/B). Two W rows at a time against one x row, or
+// prefetching 1-8 KB ahead instead of 2, measured alike or slower.
 template <Quant Q>
 __attribute__((always_inline)) inline void block_values(const uint8_t* blk, __m512& lo, __m512& hi) {
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  constexpr bool kOffset = Q == Quant::q4_1 || Q == Quant::q5_1;  // d, m (else d alone)
+  __m512 d, m;  // broadcast
+  if constexpr (kOffset) {  // d and m widened together (1.1x against one at a time)
+    uint32_t dm_bits;
+    std::memcpy(&dm_bits, blk, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm_bits)));
+    d = _mm512_broadcastss_ps(dm);
+    m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+  } else {
+    d = _mm512_set1_ps(half_at(blk));
+  }
   if constexpr (Q == Quant::q8_0) {
-    const __m512 d = _mm512_set1_ps(half_at(blk));
     const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
     const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d);
     hi = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
-  } else {
+  } else if constexpr (Q == Quant::q4_0 || Q == Quant::q4_1) {
     // the block's 16 levels (d q + m, or d (q - 8)) in one vector, then each value picked from it
     // by its 4 bits (vpermps reads an index's low 4 bits only: the low nibble needs no mask)
-    const int64_t head = Q == Quant::q4_1 ? 4 : 2;
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + head)));
-    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    __m512 levels;
-    if constexpr (Q == Quant::q4_1) {  // d and m widened together (1.1x against one at a time)
-      uint32_t dm_bits;
-      std::memcpy(&dm_bits, blk, 4);
-      const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm_bits)));
-      levels = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(dm), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
-    } else {
-      levels = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), _mm512_set1_ps(half_at(blk)));
-    }
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kOffset ? 4 : 2))));
+    const __m512 levels = kOffset ? _mm512_fmadd_ps(iota, d, m) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), d);
     lo = _mm512_permutexvar_ps(q, levels);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels);
+  } else {  // Q5_0, Q5_1: 32 levels in two vectors; bit j of qh sets value j's index bit 4
+    const uint8_t* head = blk + (kOffset ? 4 : 2);
+    uint32_t qh;
+    std::memcpy(&qh, head, 4);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(head + 4)));
+    const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16));
+    const __m512 levels_lo = kOffset ? _mm512_fmadd_ps(iota, d, m) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(16)), d);
+    const __m512 levels_hi = kOffset ? _mm512_fmadd_ps(iota16, d, m) : _mm512_mul_ps(iota, d);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    const __m512i q_lo = _mm512_and_si512(q, _mm512_set1_epi32(15)), q_hi = _mm512_srli_epi32(q, 4);
+    lo = _mm512_permutex2var_ps(levels_lo, _mm512_mask_or_epi32(q_lo, static_cast<__mmask16>(qh), q_lo, sixteen),
+                                levels_hi);
+    hi = _mm512_permutex2var_ps(levels_lo, _mm512_mask_or_epi32(q_hi, static_cast<__mmask16>(qh >> 16), q_hi, sixteen),
+                                levels_hi);
+  }
+}
+
+// Q4_K/Q5_K's per-sub-block d sc_s (s[0..7]) and dmin m_s (s[8..15]), from the 12 scale bytes
+// (formats.py, k_scales): exact products.
+__attribute__((always_inline)) inline void k_scales(const uint8_t* blk, float* s) {
+  uint32_t word[3];
+  std::memcpy(word, blk + 4, 12);
+  const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+  const uint32_t sc_lo = word[0] & six, mn_lo = word[1] & six;
+  const uint32_t sc_hi = (word[2] & four) | (((word[0] >> 6) & two) << 4);
+  const uint32_t mn_hi = ((word[2] >> 4) & four) | (((word[1] >> 6) & two) << 4);
+  const __m128i bytes = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(mn_lo),
+                                       static_cast<int>(mn_hi));
+  uint32_t dm_bits;
+  std::memcpy(&dm_bits, blk, 4);
+  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm_bits)));  // d, dmin
+  const __m512 scale = _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                             _mm512_castps128_ps512(dm));
+  _mm512_store_ps(s, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), scale));
+}
+
+// A k-quant super-block's 256 values as eight chunks of 32: fn(c, lo, hi) with values 32c ..
+// 32c + 15 in lo and the next 16 in hi. Q4_K/Q5_K pick each value from its sub-block's 16 (32)
+// levels as the 32-value formats do; Q6_K's 64 levels are not worth building, so its 6-bit
+// values are assembled as bytes, widened and scaled by their 16 values' d sc.
+template <Quant Q, typename Fn>
+__attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn) {
+  if constexpr (Q == Quant::q6_k) {
+    alignas(64) float ds[16];
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+    _mm512_store_ps(ds, _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_set1_ps(half_at(blk + 208))));
+    const __m256i low4 = _mm256_set1_epi8(0x0F), high2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; ++n) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * n));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * n + 32));
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * n));
+      // value 32g + l of this half: ql low (g 0, 1) or high (g 2, 3) nibble, bits 2g, 2g + 1 of qh
+      const __m256i q[4] = {
+          _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), high2)),
+          _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), high2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(h, high2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
+                          _mm256_and_si256(_mm256_srli_epi16(h, 2), high2)),
+      };
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const int c = 4 * n + g;
+        const __m256i v = _mm256_sub_epi8(q[g], bias);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+        fn(c, _mm512_mul_ps(lo, _mm512_set1_ps(ds[2 * c])), _mm512_mul_ps(hi, _mm512_set1_ps(ds[2 * c + 1])));
+      }
+    }
+  } else {
+    alignas(64) float s[16];
+    k_scales(blk, s);
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16));
+    const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
+    const uint8_t* qs = blk + (Q == Quant::q5_k ? 48 : 16);
+    const __m128i qh_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16));  // (Q5_K)
+    const __m128i qh_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32));
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * p)));
+      const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * p + 16)));
+#pragma GCC unroll 2
+      for (int half = 0; half < 2; ++half) {  // sub-block 2p: low nibbles; 2p + 1: high
+        const int c = 2 * p + half;
+        __m512i i0 = half ? _mm512_srli_epi32(q0, 4) : q0, i1 = half ? _mm512_srli_epi32(q1, 4) : q1;
+        const __m512 dsc = _mm512_set1_ps(s[c]), dmn = _mm512_set1_ps(s[8 + c]);
+        const __m512 levels = _mm512_fmsub_ps(iota, dsc, dmn);  // d sc q - dmin m, q < 16 (one rounding)
+        if constexpr (Q == Quant::q4_k) {
+          fn(c, _mm512_permutexvar_ps(i0, levels), _mm512_permutexvar_ps(i1, levels));
+        } else {
+          const __m512 levels_hi = _mm512_fmsub_ps(iota16, dsc, dmn);
+          const __m128i bit = _mm_set1_epi8(static_cast<char>(1 << c));
+          if (!half) {
+            i0 = _mm512_and_si512(i0, fifteen);
+            i1 = _mm512_and_si512(i1, fifteen);
+          }
+          i0 = _mm512_mask_or_epi32(i0, _mm_test_epi8_mask(qh_lo, bit), i0, sixteen);
+          i1 = _mm512_mask_or_epi32(i1, _mm_test_epi8_mask(qh_hi, bit), i1, sixteen);
+          fn(c, _mm512_permutex2var_ps(levels, i0, levels_hi), _mm512_permutex2var_ps(levels, i1, levels_hi));
+        }
+      }
+    }
   }
 }
 
 // The dot products of one W row (nb blocks) with R rows of x (row stride ldx): sums[r].
 template <Quant Q, int R>
 void row_dots(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
-  constexpr int64_t kBytes = quant_block_bytes(Q);
-  constexpr int kSets = R <= 2 ? 2 : 1;  // accumulator sets (alternate blocks)
+  constexpr int64_t kBytes = quant_block_bytes(Q), kValues = quant_block_values(Q);
+  constexpr int kSets = R <= 2 ? 2 : 1;  // accumulator sets (alternate chunks of 32 values)
   __m512 acc[kSets][R][2];
   for (int s = 0; s < kSets; ++s)
     for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
-  auto block = [&](int64_t b, __m512 (&a)[R][2]) __attribute__((always_inline)) {
-    const uint8_t* blk = w + b * kBytes;
-    _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes, _MM_HINT_T0);
-    __m512 lo, hi;
-    block_values<Q>(blk, lo, hi);
-    const float* xb = x + b * kQuantBlock;
+  auto fma_rows = [&](__m512 (&a)[R][2], const float* xb, __m512 lo, __m512 hi) __attribute__((always_inline)) {
     for (int r = 0; r < R; ++r) {
       a[r][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + r * ldx), a[r][0]);
       a[r][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + r * ldx + 16), a[r][1]);
     }
   };
-  int64_t b = 0;
-  if constexpr (kSets == 2) {
-    for (; b + 2 <= nb; b += 2) {
-      block(b, acc[0]);
-      block(b + 1, acc[1]);
+  if constexpr (kValues == kQuantBlock) {
+    auto block = [&](int64_t b, __m512 (&a)[R][2]) __attribute__((always_inline)) {
+      const uint8_t* blk = w + b * kBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes, _MM_HINT_T0);
+      __m512 lo, hi;
+      block_values<Q>(blk, lo, hi);
+      fma_rows(a, x + b * kQuantBlock, lo, hi);
+    };
+    int64_t b = 0;
+    if constexpr (kSets == 2) {
+      for (; b + 2 <= nb; b += 2) {
+        block(b, acc[0]);
+        block(b + 1, acc[1]);
+      }
+    }
+    for (; b < nb; ++b) block(b, acc[0]);
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = w + b * kBytes;
+#pragma GCC unroll 4
+      for (int64_t line = 0; line < kBytes; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + line, _MM_HINT_T0);
+      }
+      const float* xb = x + b * kValues;
+      k_chunks<Q>(blk, [&](int c, __m512 lo, __m512 hi) __attribute__((always_inline)) {
+        fma_rows(acc[c % kSets], xb + c * kQuantBlock, lo, hi);
+      });
     }
   }
-  for (; b < nb; ++b) block(b, acc[0]);
   for (int r = 0; r < R; ++r) {
     __m512 s = _mm512_add_ps(acc[0][r][0], acc[0][r][1]);
     if constexpr (kSets == 2) s = _mm512_add_ps(s, _mm512_add_ps(acc[1][r][0], acc[1][r][1]));
@@ -121,7 +242,7 @@ template <Quant Q, Dtype D>
 void qlinear_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end) {
   using L = avx512::LanesOf<D, false>;  // (rounding by hand: one store per 16 outputs)
   static_assert(kQuantColChunk == 16, "a chunk of output columns is one vector");
-  const int64_t nb = p.in_features / kQuantBlock, row_bytes = nb * quant_block_bytes(Q);
+  const int64_t nb = p.in_features / quant_block_values(Q), row_bytes = nb * quant_block_bytes(Q);
   const int64_t N = p.out_features;
   alignas(64) float sums[kQuantRowGroup][kQuantColChunk];
   for (int64_t m0 = 0; m0 < p.rows; m0 += kQuantRowGroup) {
@@ -146,15 +267,24 @@ void qlinear_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end)
 
 template <Quant Q>
 void dequantize_rows_avx512(const uint8_t* w, int64_t in_features, int64_t begin, int64_t end, float* out) {
-  const int64_t nb = in_features / kQuantBlock, row_bytes = nb * quant_block_bytes(Q);
+  constexpr int64_t kValues = quant_block_values(Q), kBytes = quant_block_bytes(Q);
+  const int64_t nb = in_features / kValues;
   for (int64_t n = begin; n < end; ++n) {
-    const uint8_t* row = w + n * row_bytes;
+    const uint8_t* row = w + n * nb * kBytes;
     float* dst = out + (n - begin) * in_features;
     for (int64_t b = 0; b < nb; ++b) {
-      __m512 lo, hi;
-      block_values<Q>(row + b * quant_block_bytes(Q), lo, hi);
-      _mm512_storeu_ps(dst + b * kQuantBlock, lo);
-      _mm512_storeu_ps(dst + b * kQuantBlock + 16, hi);
+      float* values = dst + b * kValues;
+      if constexpr (kValues == kQuantBlock) {
+        __m512 lo, hi;
+        block_values<Q>(row + b * kBytes, lo, hi);
+        _mm512_storeu_ps(values, lo);
+        _mm512_storeu_ps(values + 16, hi);
+      } else {
+        k_chunks<Q>(row + b * kBytes, [&](int c, __m512 lo, __m512 hi) __attribute__((always_inline)) {
+          _mm512_storeu_ps(values + c * kQuantBlock, lo);
+          _mm512_storeu_ps(values + c * kQuantBlock + 16, hi);
+        });
+      }
     }
   }
 }
@@ -166,7 +296,12 @@ void dequantize_rows_avx512(const uint8_t* w, int64_t in_features, int64_t begin
   template void dequantize_rows_avx512<Q>(const uint8_t*, int64_t, int64_t, int64_t, float*);
 FASTARCH_QLINEAR_AVX512(Quant::q4_0)
 FASTARCH_QLINEAR_AVX512(Quant::q4_1)
+FASTARCH_QLINEAR_AVX512(Quant::q5_0)
+FASTARCH_QLINEAR_AVX512(Quant::q5_1)
 FASTARCH_QLINEAR_AVX512(Quant::q8_0)
+FASTARCH_QLINEAR_AVX512(Quant::q4_k)
+FASTARCH_QLINEAR_AVX512(Quant::q5_k)
+FASTARCH_QLINEAR_AVX512(Quant::q6_k)
 #undef FASTARCH_QLINEAR_AVX512
 
 }  // namespace fastarch::cpu

@@ -40,7 +40,12 @@ void with_quant(Quant q, Fn&& fn) {
   switch (q) {
     case Quant::q4_0: return fn.template operator()<Quant::q4_0>();
     case Quant::q4_1: return fn.template operator()<Quant::q4_1>();
+    case Quant::q5_0: return fn.template operator()<Quant::q5_0>();
+    case Quant::q5_1: return fn.template operator()<Quant::q5_1>();
     case Quant::q8_0: return fn.template operator()<Quant::q8_0>();
+    case Quant::q4_k: return fn.template operator()<Quant::q4_k>();
+    case Quant::q5_k: return fn.template operator()<Quant::q5_k>();
+    case Quant::q6_k: return fn.template operator()<Quant::q6_k>();
   }
 }
 

@@ -1,5 +1,5 @@
 // Portable build of the CPU linear layer on block-quantized weights (qlinear.h): each block's
-// 32 values widened to fp32 (exactly ggml's), then multiplied into up to 8 rows of x in 16
+// values (32; 256 for a k-quant) widened to fp32 (exactly ggml's), then multiplied into up to 8 rows of x in 16
 // partial sums per row (fused multiply-adds in the AVX2 build), summed in order; the bias added
 // and the result rounded once.
 #include <c10/util/BFloat16.h>
@@ -25,23 +25,52 @@ inline float half_at(const uint8_t* p) {
   return static_cast<float>(h);
 }
 
-// Block blk's 32 values as fp32 (madd_f32 rounds d * q + m once either way: d * q is exact).
+// Block blk's values (32; a k-quant's 256) as fp32. madd_f32 rounds d * q + m once either way:
+// the product is exact (formats.py).
 template <Quant Q>
 inline void block_values(const uint8_t* blk, float* v) {
   using portable::madd_f32;
-  const float d = half_at(blk);
   if constexpr (Q == Quant::q8_0) {
+    const float d = half_at(blk);
     for (int j = 0; j < 32; ++j) v[j] = static_cast<float>(static_cast<int8_t>(blk[2 + j])) * d;
-  } else if constexpr (Q == Quant::q4_1) {
-    const float m = half_at(blk + 2);
-    for (int j = 0; j < 16; ++j) {
-      v[j] = madd_f32(static_cast<float>(blk[4 + j] & 0x0F), d, m);
-      v[j + 16] = madd_f32(static_cast<float>(blk[4 + j] >> 4), d, m);
+  } else if constexpr (Q == Quant::q4_0 || Q == Quant::q4_1) {
+    const float d = half_at(blk);
+    for (int j = 0; j < 32; ++j) {
+      const int q = j < 16 ? blk[(Q == Quant::q4_1 ? 4 : 2) + j] & 0x0F : blk[(Q == Quant::q4_1 ? 4 : 2) + j - 16] >> 4;
+      v[j] = Q == Quant::q4_1 ? madd_f32(static_cast<float>(q), d, half_at(blk + 2)) : static_cast<float>(q - 8) * d;
     }
-  } else {
-    for (int j = 0; j < 16; ++j) {
-      v[j] = static_cast<float>((blk[2 + j] & 0x0F) - 8) * d;
-      v[j + 16] = static_cast<float>((blk[2 + j] >> 4) - 8) * d;
+  } else if constexpr (Q == Quant::q5_0 || Q == Quant::q5_1) {
+    const uint8_t* head = blk + (Q == Quant::q5_1 ? 4 : 2);
+    const float d = half_at(blk);
+    uint32_t qh;
+    std::memcpy(&qh, head, 4);
+    for (int j = 0; j < 32; ++j) {
+      const int q = (j < 16 ? head[4 + j] & 0x0F : head[4 + j - 16] >> 4) | static_cast<int>(((qh >> j) & 1) << 4);
+      v[j] = Q == Quant::q5_1 ? madd_f32(static_cast<float>(q), d, half_at(blk + 2)) : static_cast<float>(q - 16) * d;
+    }
+  } else if constexpr (Q == Quant::q4_k || Q == Quant::q5_k) {
+    const uint8_t* s = blk + 4;  // the 6-bit scales and mins (formats.py, k_scales)
+    const float d = half_at(blk), dmin = half_at(blk + 2);
+    const uint8_t* qs = blk + (Q == Quant::q5_k ? 48 : 16);
+    for (int c = 0; c < 8; ++c) {
+      const int sc = c < 4 ? s[c] & 63 : (s[c + 4] & 0x0F) | ((s[c - 4] >> 6) << 4);
+      const int mn = c < 4 ? s[c + 4] & 63 : (s[c + 4] >> 4) | ((s[c] >> 6) << 4);
+      const float dsc = d * static_cast<float>(sc), dmn = dmin * static_cast<float>(mn);
+      for (int l = 0; l < 32; ++l) {
+        const uint8_t byte = qs[32 * (c / 2) + l];
+        int q = c % 2 ? byte >> 4 : byte & 0x0F;
+        if constexpr (Q == Quant::q5_k) q |= ((blk[16 + l] >> c) & 1) << 4;
+        v[32 * c + l] = madd_f32(static_cast<float>(q), dsc, -dmn);
+      }
+    }
+  } else {  // Q6_K
+    const float d = half_at(blk + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    for (int i = 0; i < 256; ++i) {  // half n, g = 32-value group in it, l = position in the group
+      const int n = i / 128, g = i % 128 / 32, l = i % 32;
+      const uint8_t low = blk[64 * n + 32 * (g % 2) + l], high = blk[128 + 32 * n + l];
+      const int q = ((g < 2 ? low & 0x0F : low >> 4) | (((high >> (2 * g)) & 3) << 4)) - 32;
+      v[i] = (d * static_cast<float>(sc[i / 16])) * static_cast<float>(q);
     }
   }
 }
@@ -49,15 +78,18 @@ inline void block_values(const uint8_t* blk, float* v) {
 template <Quant Q, int R>
 void row_dots(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
   using namespace portable;
+  constexpr int64_t kValues = quant_block_values(Q);
   constexpr int kVecs = 32 / kVecLanes;
   Vec part[R][kVecs] = {};
-  alignas(64) float v[32];
+  alignas(64) float v[kValues];
   for (int64_t b = 0; b < nb; ++b) {
     block_values<Q>(w + b * quant_block_bytes(Q), v);
-    const float* xb = x + b * kQuantBlock;
-    for (int i = 0; i < kVecs; ++i) {
-      const Vec wv = load_vec(v + i * kVecLanes);
-      for (int r = 0; r < R; ++r) part[r][i] = madd(wv, load_vec(xb + r * ldx + i * kVecLanes), part[r][i]);
+    const float* xb = x + b * kValues;
+    for (int64_t c = 0; c < kValues; c += 32) {
+      for (int i = 0; i < kVecs; ++i) {
+        const Vec wv = load_vec(v + c + i * kVecLanes);
+        for (int r = 0; r < R; ++r) part[r][i] = madd(wv, load_vec(xb + r * ldx + c + i * kVecLanes), part[r][i]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -88,7 +120,7 @@ void rows_dots(int64_t rows, const uint8_t* w, int64_t nb, const float* x, int64
 template <Isa I, Quant Q, Dtype D>
 void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end) {
   using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
-  const int64_t nb = p.in_features / kQuantBlock, row_bytes = nb * quant_block_bytes(Q);
+  const int64_t nb = p.in_features / quant_block_values(Q), row_bytes = nb * quant_block_bytes(Q);
   const Elem* bias = static_cast<const Elem*>(p.bias);
   Elem* out = static_cast<Elem*>(p.out);
   float sums[kQuantRowGroup];
@@ -104,10 +136,11 @@ void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end
 
 template <Isa I, Quant Q>
 void dequantize_rows_generic(const uint8_t* w, int64_t in_features, int64_t begin, int64_t end, float* out) {
-  const int64_t nb = in_features / kQuantBlock, row_bytes = nb * quant_block_bytes(Q);
+  const int64_t nb = in_features / quant_block_values(Q), row_bytes = nb * quant_block_bytes(Q);
   for (int64_t n = begin; n < end; ++n) {
     for (int64_t b = 0; b < nb; ++b) {
-      block_values<Q>(w + n * row_bytes + b * quant_block_bytes(Q), out + (n - begin) * in_features + b * kQuantBlock);
+      block_values<Q>(w + n * row_bytes + b * quant_block_bytes(Q),
+                      out + (n - begin) * in_features + b * quant_block_values(Q));
     }
   }
 }
@@ -119,7 +152,12 @@ void dequantize_rows_generic(const uint8_t* w, int64_t in_features, int64_t begi
   template void dequantize_rows_generic<kPortableBuild, Q>(const uint8_t*, int64_t, int64_t, int64_t, float*);
 FASTARCH_QLINEAR_GENERIC(Quant::q4_0)
 FASTARCH_QLINEAR_GENERIC(Quant::q4_1)
+FASTARCH_QLINEAR_GENERIC(Quant::q5_0)
+FASTARCH_QLINEAR_GENERIC(Quant::q5_1)
 FASTARCH_QLINEAR_GENERIC(Quant::q8_0)
+FASTARCH_QLINEAR_GENERIC(Quant::q4_k)
+FASTARCH_QLINEAR_GENERIC(Quant::q5_k)
+FASTARCH_QLINEAR_GENERIC(Quant::q6_k)
 #undef FASTARCH_QLINEAR_GENERIC
 
 }  // namespace fastarch::cpu

@@ -62,6 +62,8 @@ Tensor quantized_linear_cuda(const Tensor& x, const Tensor& blocks, int64_t quan
     case Quant::q8_0:
       err = forward<Quant::q8_0>(d, a, stream);
       break;
+    default:  // the Python backend table sends the other formats to the Triton kernel
+      TORCH_CHECK(false, kWho, ": the CUDA kernel reads Q4_0, Q4_1 and Q8_0 blocks, got ggml type ", quant);
   }
   C10_CUDA_CHECK(err);
   return out;

@@ -1,4 +1,4 @@
-"""quantized_linear: y = x W^T + b with W held as GGUF blocks (Q4_0, Q4_1, Q8_0) as one torch
+"""quantized_linear: y = x W^T + b with W held as GGUF blocks (formats.QUANTS) as one torch
 op (``torch.ops.fastarch.quantized_linear``) with a fake implementation and autograd for x and
 the bias (W's blocks are constants: a LoRA adapter or a prompt tuned over a quantized model
 trains through it). The backward is dy times W's values, dequantized for it.
@@ -13,11 +13,9 @@ from fastarch import registry
 from fastarch.ops import dispatch
 from fastarch.ops.linear.api import check_bias
 from fastarch.ops.qlinear.backends import QuantizedLinearProblem
-from fastarch.ops.qlinear.reference import BLOCK, BLOCK_BYTES, dequantize_blocks
+from fastarch.ops.qlinear.formats import BLOCK_BYTES, BLOCK_VALUES, QUANTS, dequantize_blocks, row_bytes
 from fastarch.ops.rows import as_rows
 
-QUANTS = tuple(BLOCK_BYTES)
-"""The block formats: "q4_0", "q4_1", "q8_0" (GGUF's Q4_0, Q4_1, Q8_0)."""
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 OP = "fastarch.quantized_linear"
 
@@ -31,13 +29,14 @@ def _check(x: object, weight: object, quant: object, bias: object) -> None:
         raise ValueError(f"{OP}: quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{OP}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] % BLOCK:
-        raise ValueError(f"{OP}: x must be (..., in_features) with in_features a multiple of {BLOCK} (the blocks'"
-                         f" length), got shape {tuple(x.shape)}")
-    row_bytes = x.shape[-1] // BLOCK * BLOCK_BYTES[quant]
-    if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] != row_bytes:
+    block = BLOCK_VALUES[quant]
+    if x.dim() < 1 or x.shape[-1] % block:
+        raise ValueError(f"{OP}: x must be (..., in_features) with in_features a multiple of {block} ({quant}'s"
+                         f" block), got shape {tuple(x.shape)}")
+    nbytes = row_bytes(x.shape[-1], quant)
+    if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] != nbytes:
         raise ValueError(
-            f"{OP}: weight must be uint8 (out_features, {row_bytes}): per row in_features / {BLOCK} {quant} blocks of"
+            f"{OP}: weight must be uint8 (out_features, {nbytes}): per row in_features / {block} {quant} blocks of"
             f" {BLOCK_BYTES[quant]} bytes, got {weight.dtype} of shape {tuple(weight.shape)}"
         )
     if weight.device != x.device:
@@ -84,13 +83,16 @@ def quantized_linear(
     x: Tensor, weight: Tensor, quant: str, bias: Tensor | None = None, *, backend: str | None = None
 ) -> Tensor:
     """y = x W^T + b with W given as block-quantized rows, as GGUF files store them: a decode
-    step reads 0.56 (Q4_0), 0.625 (Q4_1) or 1.06 (Q8_0) bytes per weight where bf16 reads 2.
+    step reads 0.56 (Q4_0, Q4_K), 0.625 (Q4_1), 0.69 (Q5_0, Q5_K), 0.75 (Q5_1), 0.82 (Q6_K) or
+    1.06 (Q8_0) bytes per weight where bf16 reads 2.
 
-    x: (..., in_features), in_features a multiple of 32, float32/float16/bfloat16 (float64 on
-    the reference backend); weight: uint8 (out_features, in_features / 32 * block bytes), each
-    row its blocks in order (``quantize_blocks``, or a GGUF tensor's bytes); quant: "q4_0",
-    "q4_1" or "q8_0"; bias: (out_features,) of x's dtype, or None. W's values are exactly
-    ggml's dequantized ones (``dequantize_blocks``); sums in fp32, rounded once to x's dtype.
+    x: (..., in_features), in_features a multiple of the format's block (32; 256 for the
+    k-quants), float32/float16/bfloat16 (float64 on the reference backend); weight: uint8
+    (out_features, in_features / BLOCK_VALUES[quant] * BLOCK_BYTES[quant]), each row its blocks
+    in order (``quantize_blocks``, or a GGUF tensor's bytes); quant: one of QUANTS ("q4_0",
+    "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"); bias: (out_features,) of x's dtype,
+    or None. W's values are exactly ggml's dequantized ones (``dequantize_blocks``); sums in
+    fp32, rounded once to x's dtype.
     Returns (..., out_features). Gradients flow to x and bias (W's blocks are constants).
     backend: force "cpu", "triton" or "reference".
     """

@@ -1,5 +1,7 @@
 """The quantized linear layer's backends, in priority order, each with what it supports: the
 one table. All share one kernel-level interface (reference.py): forward(x, blocks, quant, bias).
+The CPU, Triton and reference backends read every format of formats.py, the CUDA kernel the
+32-value Q4_0, Q4_1 and Q8_0.
 The CPU kernel takes every row count (past DIRECT_ROWS it dequantizes W a slice at a time for
 an fp32 GEMM: oneDNN's matmul where fastarch.ops.linear's cpu backend runs its fp32 products
 there, else PyTorch's); the CUDA and Triton kernels are a few rows' kernels, more rows run the
@@ -19,7 +21,7 @@ from fastarch.ops.qlinear import triton
 from fastarch.ops.qlinear.reference import quantized_linear_ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-GGML_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
+GGML_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 """The formats' ggml type ids, the C++ kernel's ``quant`` argument."""
 GPU_MAX_ROWS = 16
 """The most rows of x the CUDA and Triton kernels take (not yet measured on a GPU)."""
@@ -56,9 +58,15 @@ def _cuda_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) ->
     return torch.ops.fastarch._quantized_linear(x, blocks, GGML_IDS[quant], bias)
 
 
+CUDA_QUANTS = ("q4_0", "q4_1", "q8_0")
+"""The formats the CUDA kernel reads (the Triton kernel reads every format)."""
+
+
 def _cuda_supports(p: QuantizedLinearProblem) -> str | None:
     why = (registry.device_reason(p.device, "cuda") or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
            or availability.cuda_device_reason())
+    if why is None and p.quant not in CUDA_QUANTS:
+        why = f"{p.quant} blocks: the CUDA kernel reads {', '.join(CUDA_QUANTS)}"
     return why or _gpu_rows_reason(p, "the CUDA kernel")
 
 

@@ -1,4 +1,4 @@
-"""fastarch.ops.quantized_linear: the block formats against gguf-py (the package llama.cpp
+"""fastarch.ops.quantized_linear: the block formats (every one of QUANTS) against gguf-py (the package llama.cpp
 ships), every backend against an fp64 product with W's dequantized values, the CPU kernel at
 every instruction-set level and row count (its direct path up to 16 rows, its dequantize-and-
 GEMM path past them), NaN, gradients, the module, errors, opcheck and torch.compile.
@@ -18,17 +18,20 @@ import backend_rows  # tests/backend_rows.py
 from fastarch import ops, registry
 from fastarch._extension import _C
 from fastarch.nn import QuantizedLinear
-from fastarch.ops.qlinear import QUANTS, dequantize_blocks, quantize_blocks
-from fastarch.ops.qlinear.backends import QuantizedLinearProblem
+from fastarch.ops.qlinear import BLOCK_VALUES, QUANTS, dequantize_blocks, quantize_blocks
+from fastarch.ops.qlinear.backends import GGML_IDS, QuantizedLinearProblem
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
-# (in_features, out_features): one block, SmolLM2's widths, out_features off the 16-column chunks
+# (in_features, out_features): one block, SmolLM2's widths, out_features off the 16-column chunks;
+# in_features rounded up to a multiple of the format's block (256 for the k-quants)
 SHAPES = [(32, 5), (576, 960), (1536, 37), (96, 100)]
+SCALE_AT = {"q6_k": 208}  # the byte of a block's (first) fp16 scale d: 0 but in Q6_K
 BACKEND_ROWS = {"cpu": [1, 3, 8, 9, 17], "reference": [1, 20], "triton": [1, 3], "cuda": [1, 3, 16]}
 
 
 def make(rows, k, n, quant, dtype, bias=True, device="cpu"):
+    k = -(-k // BLOCK_VALUES[quant]) * BLOCK_VALUES[quant]
     g = torch.Generator().manual_seed(rows * 7919 + k * 31 + n)
     x = torch.randn(rows, k, generator=g).to(dtype)
     blocks = quantize_blocks(torch.randn(n, k, generator=g) / k**0.5, quant)
@@ -46,22 +49,44 @@ def check(ours, x, blocks, quant, b):
     assert (err <= bound).all(), f"worst error / bound {(err / bound).max().item():.3g}"
 
 
+def random_blocks(n, k, quant, seed=0):
+    """Blocks of random bytes (every bit pattern of the values and scales), the fp16 scales
+    kept finite: what no quantizer writes but a reader must read."""
+    blocks = quantize_blocks(torch.zeros(n, k), quant)
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, blocks.shape, generator=g, dtype=torch.uint8)
+    values = dequantize_blocks(raw, quant)
+    while not values.isfinite().all():  # an inf/NaN fp16 scale: redraw those rows
+        bad = ~values.isfinite().all(1)
+        raw[bad] = torch.randint(0, 256, (int(bad.sum()), raw.shape[1]), generator=g, dtype=torch.uint8)
+        values = dequantize_blocks(raw, quant)
+    return raw
+
+
 @pytest.mark.parametrize("quant", QUANTS)
 def test_formats_match_gguf_py(quant):
-    """quantize_blocks gives gguf-py's bytes and dequantize_blocks its values, bit for bit,
-    blocks of zeros, of one repeated value and of mixed signs included."""
+    """dequantize_blocks gives gguf-py's values bit for bit, on quantize_blocks' blocks (zeros,
+    one repeated value and mixed signs included) and on random bytes; quantize_blocks gives
+    gguf-py's bytes for the formats gguf-py writes (it has no k-quant quantizer), and each value
+    as near w as the format's bits allow."""
     quants = pytest.importorskip("gguf.quants")
     from gguf import GGMLQuantizationType
 
     kind = getattr(GGMLQuantizationType, quant.upper())
-    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(16, 512, generator=torch.Generator().manual_seed(0))
     w[3] = 0
     w[5, :32] = 0.75
     w[6] *= 1e-3
     blocks = quantize_blocks(w, quant)
-    theirs = quants.quantize(w.numpy(), kind)
-    assert np.array_equal(blocks.numpy(), theirs)
-    assert np.array_equal(dequantize_blocks(blocks, quant).numpy(), quants.dequantize(theirs, kind))
+    if BLOCK_VALUES[quant] == 32:
+        assert np.array_equal(blocks.numpy(), quants.quantize(w.numpy(), kind))
+    for b in (blocks, random_blocks(16, 512, quant)):
+        assert np.array_equal(dequantize_blocks(b, quant).numpy(), quants.dequantize(b.numpy(), kind))
+    # the rounding error of a uniform grid of step h is h / sqrt(12) rms: ~0.08 of w's scale at 4 bits
+    # (16 levels over a block's range), half that per further bit
+    rms = (dequantize_blocks(blocks, quant) - w).square().mean().sqrt() / w.square().mean().sqrt()
+    assert rms <= {"q4": 0.1, "q5": 0.05, "q6": 0.025, "q8": 0.007}[quant[:2]]
+    assert torch.equal(dequantize_blocks(blocks[3:4], quant), torch.zeros(1, 512))
 
 
 CASES = [
@@ -97,11 +122,26 @@ def test_cpu_kernel_each_build_and_row_count(cpu_isa, isa, quant):
     for dtype in (torch.float32, torch.bfloat16):
         for rows in list(range(1, 18)) + [40]:
             x, blocks, b = make(rows, 96, 35, quant, dtype)
-            wide = torch.zeros(rows, 160, dtype=dtype)
-            wide[:, 7:103] = x
-            xs = wide[:, 7:103]  # rows 160 apart
-            check(torch.ops.fastarch._quantized_linear(xs, blocks, {"q4_0": 2, "q4_1": 3, "q8_0": 8}[quant], b),
-                  x, blocks, quant, b)
+            k = x.shape[1]
+            wide = torch.zeros(rows, k + 64, dtype=dtype)
+            wide[:, 7:7 + k] = x
+            xs = wide[:, 7:7 + k]  # rows k + 64 apart
+            check(torch.ops.fastarch._quantized_linear(xs, blocks, GGML_IDS[quant], b), x, blocks, quant, b)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_cpu_kernel_reads_every_value_exactly(cpu_isa, isa, quant):
+    """Rows of the identity pick single weights: with one-hot rows of x every output is one of
+    W's values times 1, so the kernel's values must equal ggml's bit for bit, on random bytes,
+    in the direct kernel (16 rows at a time) and the dequantized GEMM (all rows at once)."""
+    cpu_isa(isa)
+    blocks = random_blocks(19, 512, quant, seed=1)
+    eye = torch.eye(512)
+    op = torch.ops.fastarch._quantized_linear
+    w_t = dequantize_blocks(blocks, quant).T
+    assert torch.equal(torch.cat([op(eye[i:i + 16], blocks, GGML_IDS[quant], None) for i in range(0, 512, 16)]), w_t)
+    assert torch.equal(op(eye, blocks, GGML_IDS[quant], None), w_t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -119,7 +159,8 @@ def test_nan_stays_in_its_row_and_column(backend, device, quant):
     x, blocks, b = make(3, 64, 20, quant, torch.float32, device=device)
     x[1, 5] = float("nan")
     blocks = blocks.clone()
-    blocks[7, 0:2] = torch.tensor(np.array([np.float16("nan")]).view(np.uint8))  # row 7's first scale d
+    at = SCALE_AT.get(quant, 0)
+    blocks[7, at:at + 2] = torch.tensor(np.array([np.float16("nan")]).view(np.uint8))  # row 7's first scale d
     backend_rows.require("quantized_linear", backend, QuantizedLinearProblem.of(x, blocks, quant))
     y = ops.quantized_linear(x, blocks, quant, b, backend=backend).cpu()
     nan = torch.zeros(3, 20, dtype=torch.bool)
@@ -156,8 +197,10 @@ def test_module_from_linear_and_leading_dims():
     assert set(q.state_dict()) == {"weight", "bias"}
     with pytest.raises(ValueError, match="in_features must be a multiple of 32"):
         QuantizedLinear(40, 3, "q4_0")
-    with pytest.raises(ValueError, match="quant must be one of"):
+    with pytest.raises(ValueError, match="in_features must be a multiple of 256"):
         QuantizedLinear(64, 3, "q5_k")
+    with pytest.raises(ValueError, match="quant must be one of"):
+        QuantizedLinear(64, 3, "q3_k")
 
 
 X = torch.randn(2, 64)
@@ -167,7 +210,8 @@ Q8 = quantize_blocks(torch.randn(3, 64), "q8_0")
 @pytest.mark.parametrize(
     "args,error,match",
     [
-        ((X, Q8, "q4_k", None), ValueError, "quant must be one of"),
+        ((X, Q8, "q3_k", None), ValueError, "quant must be one of"),
+        ((X, Q8, "q4_k", None), ValueError, r"in_features a multiple of 256 \(q4_k's block\)"),
         ((X, Q8, "q4_1", None), ValueError, r"weight must be uint8 \(out_features, 40\)"),
         ((X, Q8.float(), "q8_0", None), ValueError, "weight must be uint8"),
         ((X.int(), Q8, "q8_0", None), TypeError, "x must be float32"),
@@ -184,8 +228,10 @@ def test_bad_input_is_a_clear_error(args, error, match):
 
 def test_kernel_op_checks_its_arguments():
     op = torch.ops.fastarch._quantized_linear
-    with pytest.raises(RuntimeError, match="quant must be 2"):
+    with pytest.raises(RuntimeError, match="quant must be a ggml type id"):
         op(X, Q8, 5, None)
+    with pytest.raises(RuntimeError, match="in_features must be a multiple of 256"):
+        op(X, Q8, 12, None)
     with pytest.raises(RuntimeError, match="blocks must be contiguous uint8"):
         op(X, Q8[:, :40], 8, None)
     with pytest.raises(RuntimeError, match="in_features must be a multiple of 32"):
