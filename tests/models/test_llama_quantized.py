@@ -14,6 +14,7 @@ from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import generate
 from fastarch.models.llama import Llama, _stack
 from fastarch.nn import QuantizedLinear
+from fastarch.ops.qlinear import dequantize_blocks
 from test_gguf import smollm2_path, tiny_llama, write_llama_gguf  # tests/models/test_gguf.py
 
 QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
@@ -75,7 +76,6 @@ def test_mixed_formats_in_one_stack_are_dequantized(tmp_path):
     stay blocks)."""
     from fastarch.models.gguf import read_gguf
     from fastarch.models.llama import LlamaConfig
-    from fastarch.ops.qlinear import dequantize_blocks
 
     file = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(), "Q8_0")
     config, weights = read_gguf(file, quantized=True)
@@ -110,6 +110,18 @@ def test_mixed_file_as_llama_quantize_writes_q4_k_m(tmp_path, monkeypatch):
     assert torch.equal(fused, generate(dense, ids, max_new_tokens=10))
     _op_by_op(monkeypatch)
     assert torch.equal(generate(model, ids, max_new_tokens=10), fused)
+
+
+def test_stack_of_q4_0_q5_0_and_q8_0_kept_as_q8_0_blocks(tmp_path):
+    """q in Q4_0, k in Q5_0, v in Q8_0 (a Q4_K_M file's narrow layers: q, k Q5_0, v Q8_0): the
+    stack is Q8_0 blocks of the same values, and the model equals the dequantized one."""
+    file = write_llama_gguf(tmp_path / "mixed.gguf", tiny_llama(), {"": "Q5_0", "attn_v": "Q8_0", "attn_q": "Q4_0"})
+    dense, model = Llama.from_pretrained(file), Llama.from_pretrained(file, quantized=True)
+    assert model.layers[0].qkv_proj.quant == "q8_0" and model.layers[0].o_proj.quant == "q5_0"
+    for ours, theirs in zip(model.layers, dense.layers):
+        assert torch.equal(dequantize_blocks(ours.qkv_proj.weight, "q8_0"), theirs.qkv_proj.weight)
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(generate(model, ids, max_new_tokens=8), generate(dense, ids, max_new_tokens=8))
 
 
 def test_quantized_needs_a_gguf_file(tmp_path):

@@ -146,6 +146,24 @@ def q6_k_values(b: Tensor) -> Tensor:
     return (d * q.view(n, 16, 16).float()).view(n, 256)
 
 
+def widen_to_q8_0(blocks: Tensor, quant: str) -> Tensor:
+    """Q4_0 or Q5_0 (or Q8_0) blocks (n, bytes per row) as Q8_0 blocks holding the same values
+    bit for bit: d kept, q - 8 (q - 16) as int8, and Q8_0's q d is the same product. For a
+    stack of layers in mixed formats (a Q4_K_M file of narrow rows stores q and k in Q5_0, v
+    in Q8_0), which one op call must read in one format."""
+    if quant not in ("q4_0", "q5_0", "q8_0"):
+        raise ValueError(f"widen_to_q8_0: {quant} values are not all q d with one d per 32 (q4_0, q5_0 or q8_0 are)")
+    if quant == "q8_0":
+        return blocks
+    n = blocks.shape[0]
+    b = blocks.reshape(-1, BLOCK_BYTES[quant])
+    if quant == "q4_0":
+        q = low_high(field(b, 2, 18)).to(torch.int8) - 8
+    else:
+        q = _five_bit(field(b, 2, 6), field(b, 6, 22)).to(torch.int8) - 16
+    return torch.cat([field(b, 0, 2), q.view(torch.uint8)], 1).reshape(n, -1)
+
+
 VALUES = {
     "q4_0": q4_0_values, "q4_1": q4_1_values, "q5_0": q5_0_values, "q5_1": q5_1_values, "q8_0": q8_0_values,
     "q4_k": q4_k_values, "q5_k": q5_k_values, "q6_k": q6_k_values,

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from fastarch import availability
-from fastarch.ops.qlinear import QUANTS
+from fastarch.ops.qlinear import BLOCK_BYTES
+from fastarch.ops.qlinear.backends import CUDA_QUANTS as QUANTS  # (the Triton kernel reads the others there)
 from fastarch.ops.qlinear.backends import GGML_IDS
-from fastarch.ops.qlinear.reference import BLOCK_BYTES
 from test_quantized_linear import check, make  # tests/ops/qlinear/test_quantized_linear.py
 
 HAS_CUDA = torch.cuda.is_available()
