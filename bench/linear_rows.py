@@ -11,6 +11,7 @@ The measurements behind fastarch.ops.linear.backends.CPU_ROWS.
     python bench/linear_rows.py --device cuda --json out.json
     python bench/linear_rows.py --widened [--rows 8,16,24,32,48,64,128,512] [--dtype bf16,fp16]
     python bench/linear_rows.py --quantized q4_1,q8_0 [--rows 1,8] [--dtype fp32,bf16]
+    python bench/linear_rows.py --quantized q4_k,q5_0,q6_k --layer 1b [--rows 1,8]
 
 --widened: for 16-bit weights on the CPU, the products of more rows, on one layer's projections
 (the four of a SmolLM2 layer, in cache as in a prefill): the AVX2 kernel, the same product
@@ -21,7 +22,9 @@ and WIDENED_DTYPES.
 --quantized: fastarch.ops.quantized_linear on the same decoder's weights held as GGUF blocks of
 each format (the kernel of the backend the registry picks, called directly), against our dense
 kernel and F.linear on the dense weights of the dtype: ms per pass over every weight, the
-blocks' GB/s and fraction of the copy bandwidth.
+blocks' GB/s and fraction of the copy bandwidth. ``--layer 1b``: 4 layers of a 1B-class
+decoder's projections (hidden 2048, intermediate 8192, GQA 8 of 32 heads: ~1 GB in fp32) and no
+head, for the k-quants, whose 256-value super-blocks SmolLM2's 576-wide rows do not hold.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (out_features, in_features) of one SmolLM2-135M layer: qkv, o, gate+up, down
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 LAYERS, HEAD = 30, (49152, 576)
+LAYER_1B = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]  # --layer 1b: 4 such layers, no head
 
 
 def main() -> None:
@@ -53,6 +57,8 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--widened", action="store_true", help="16-bit products of more rows: kernel, widened, F.linear")
     ap.add_argument("--quantized", default="", help="formats (q4_0,q4_1,q8_0): quantized_linear against dense")
+    ap.add_argument("--layer", choices=["smollm2", "1b"], default="smollm2",
+                    help="--quantized: SmolLM2-135M's layers and head, or 4 layers of a 1B-class decoder")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.widened:
@@ -156,8 +162,12 @@ def quantized(a) -> None:
     print(f"{'dtype':<5} {'quant':<5} {'rows':>4} {'backend':<9} {'blocks ms':>9} {'dense ms':>9} {'F.linear ms':>11}"
           f" {'vs dense':>8} {'vs F.linear':>11} {'blocks GB/s':>11} {'/copy bw':>8}")
     g = torch.Generator().manual_seed(0)
-    dense32 = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(LAYERS) for o, i in LAYER]
-    dense32.append(torch.randn(*HEAD, generator=g) / HEAD[1] ** 0.5)
+    if a.layer == "1b":
+        dense32 = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(4) for o, i in LAYER_1B]
+    else:
+        dense32 = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(LAYERS) for o, i in LAYER]
+        dense32.append(torch.randn(*HEAD, generator=g) / HEAD[1] ** 0.5)
+    machine["layer"] = a.layer
     results = []
     for quant in a.quantized.split(","):
         blocks = [quantize_blocks(w, quant).to(device) for w in dense32]

@@ -78,9 +78,11 @@ TORCH_LIBRARY(fastarch, m) {
   // One decode step of a LLaMA-family decoder's layers (fastarch/models/llama.py), calling the
   // kernels above with no Python between them: x (batch * n, hidden) -> the final norm's
   // output. Per layer, in order: weights (input norm, qkv, o, post-attention norm, gate_up,
-  // down; quants: each weight's block format, a ggml type id of _quantized_linear, or 0 for a
-  // dense tensor), biases (qkv, o, gate_up, down; None where absent), k/v caches appended in place,
-  // eps (input norm, post-attention norm); then the final norm's weight and eps. cos/sin:
+  // down; a stacked projection whose parts are blocks of mixed formats gives each part), quants
+  // (each weight's block format, a ggml type id of _quantized_linear, or 0 for a dense tensor;
+  // + 256 on a part followed by another of its stack), biases (one per projection weight, None
+  // where absent), k/v caches appended in place, eps (input norm, post-attention norm); then
+  // the final norm's weight and eps. cos/sin:
   // rotary tables; offsets: int64 (batch,) positions of the new tokens; seqlens_before/after:
   // int32 (batch,) cache lengths without and with them. linear_kernel: products on _linear,
   // else on PyTorch's GEMM.

@@ -39,7 +39,7 @@ from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import (
     CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head,
 )
-from fastarch.nn import Linear, QuantizedLinear  # the head on fastarch.ops.linear: the generation loop calls it as a module
+from fastarch.nn import Linear, QuantizedLinear, QuantizedLinearStack  # the head on fastarch.ops.linear: the generation loop calls it as a module
 from fastarch.ops.qlinear.formats import dequantize_blocks, row_bytes, widen_to_q8_0
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -163,13 +163,15 @@ class LlamaConfig:
         return None if self.sliding_window is None else self.sliding_window - 1
 
 
-def _linear(layer: nn.Linear | QuantizedLinear, x: Tensor) -> Tensor:
+def _linear(layer: nn.Linear | QuantizedLinear | QuantizedLinearStack, x: Tensor) -> Tensor:
     """layer(x) on fastarch.ops.linear (the weight streamed once for a decode step's few rows),
     or quantized_linear for a QuantizedLinear, without the module call's hook machinery (a few
     microseconds, ~120 times per decode step); the blocks are parameter holders that Llama runs
     itself."""
     if type(layer) is QuantizedLinear:
         return ops.quantized_linear(x, layer.weight, layer.quant, layer.bias)
+    if type(layer) is QuantizedLinearStack:
+        return layer(x)
     return ops.linear(x, layer.weight, layer.bias)
 
 
@@ -345,9 +347,10 @@ class Llama(CausalLM):
         MistralForCausalLM, Qwen2ForCausalLM), or of a llama GGUF file: ``gguf_file`` names it
         inside the directory ``path`` (as transformers' gguf_file=), or ``path`` is the file.
         In eval mode. quantized (GGUF only): the projections and the head whose tensors the file
-        stores as Q4_0, Q4_1 or Q8_0 keep those blocks (fastarch.nn.QuantizedLinear, the
-        products on fastarch.ops.quantized_linear, the same values as dequantized); the rest
-        is dequantized to ``dtype`` as without it."""
+        stores in a format of fastarch.ops.quantized_linear (Q4_0 ... Q6_K) keep those blocks
+        (fastarch.nn.QuantizedLinear, or a QuantizedLinearStack for a q/k/v or gate/up stack of
+        mixed formats; the products on fastarch.ops.quantized_linear, the same values as
+        dequantized); the rest is dequantized to ``dtype`` as without it."""
         file = gguf_path(path, gguf_file)
         if quantized and file is None:
             raise ValueError(f"{path}: quantized=True keeps a GGUF file's quantized blocks; this is not a GGUF file"
@@ -366,9 +369,16 @@ class Llama(CausalLM):
         cfg = untie_stored_head(cfg, weights, ("model.embed_tokens.weight", "embed_tokens.weight"), path)
         model = cls(cfg)
         weights = _stack(weights, cfg, quants, dtype or torch.float32)
+        stacks: dict[str, list[tuple[str, int]]] = {}  # a stack of parts in mixed formats: (quant, rows) each
         for name, quant in quants.items():  # the layers of the blocks that _stack kept
             if name in weights and weights[name].dtype == torch.uint8:
-                _quantize_layer(model, name.removeprefix("model.").removesuffix(".weight"), quant)
+                layer = name.removeprefix("model.").removesuffix(".weight")
+                if ".parts." in layer:
+                    stacks.setdefault(layer.split(".parts.")[0], []).append((quant, weights[name].shape[0]))
+                else:
+                    _quantize_layer(model, layer, quant)
+        for layer, parts in stacks.items():
+            _quantize_stack(model, layer, parts)
         tied = cfg.tie_word_embeddings
 
         def name_of(ckpt_name: str) -> str | None:
@@ -388,6 +398,17 @@ def gguf_path(path: str | os.PathLike, gguf_file: str | os.PathLike | None) -> P
     return Path(path) if str(path).endswith(".gguf") else None
 
 
+def _quantize_stack(model: Llama, name: str, parts: list[tuple[str, int]]) -> None:
+    """Replaces the stacked linear layer ``name`` (e.g. "layers.0.qkv_proj") of model by a
+    fastarch.nn.QuantizedLinearStack of parts (quant, out_features) in order, to be filled by load_into."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    old = getattr(owner, child)
+    bias = old.bias is not None
+    setattr(owner, child, QuantizedLinearStack([QuantizedLinear(old.in_features, rows, quant, bias=bias)
+                                                for quant, rows in parts]))
+
+
 def _quantize_layer(model: Llama, name: str, quant: str) -> None:
     """Replaces the linear layer ``name`` (e.g. "layers.0.qkv_proj", "lm_head") of model by a
     fastarch.nn.QuantizedLinear of format ``quant`` of its shape, to be filled by load_into."""
@@ -404,10 +425,12 @@ def _stack(
     """The checkpoint's q/k/v and gate/up projections stacked into qkv_proj and gate_up_proj,
     each part's shape checked first (an error names the checkpoint's tensor). quants: the
     tensors given as quantized blocks (read_gguf(quantized=True)); the parts of a stack are kept
-    as blocks when all are of one format, else dequantized to ``dtype``; they are renamed in
-    place (quants then names the stacked layers' weights)."""
+    as one layer's blocks when all are of one format (after _unify_mixed_stacks), as the parts
+    of a QuantizedLinearStack ("layers.0.qkv_proj.parts.2.weight", their biases likewise) when
+    all are blocks of mixed formats; they are renamed in place (quants then names the stacked
+    layers' weights)."""
     quants = quants if quants is not None else {}
-    weights = _dequantize_mixed_stacks(weights, quants, dtype)
+    weights = _unify_mixed_stacks(weights, quants, dtype)
     C, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     parts = {
@@ -439,12 +462,24 @@ def _stack(
                     quants[f"layers.{layer}.{renamed[module]}.{kind}"] = quants.pop(name)
                 continue
         out[name] = t
+    mixed = {  # the stacks kept as parts: blocks of more than one format
+        target.removesuffix(".weight") for target, got in groups.items()
+        if target.endswith(".weight") and len({quants.get(name) for name, _ in got.values()}) > 1
+    }
     for target, got in groups.items():
         count = 3 if ".qkv_proj." in target else 2
         if len(got) != count:
             layer = target.split(".")[1]
             names = [m for m, (tgt, i, _) in parts.items() if tgt == target.split(".")[2] and i not in got]
             raise CheckpointError(f"the checkpoint lacks tensor model.layers.{layer}.{names[0]}.{target.split('.')[-1]}")
+        stack, _, kind = target.rpartition(".")
+        if stack in mixed:
+            for i in range(count):
+                name, t = got[i]
+                out[f"{stack}.parts.{i}.{kind}"] = t
+                if name in quants:
+                    quants[f"{stack}.parts.{i}.{kind}"] = quants.pop(name)
+            continue
         out[target] = torch.cat([got[i][1] for i in range(count)], 0)
         if got[0][0] in quants:
             quants[target] = quants[got[0][0]]
@@ -453,11 +488,12 @@ def _stack(
     return out
 
 
-def _dequantize_mixed_stacks(weights: dict[str, Tensor], quants: dict[str, str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """weights, with the parts of a q/k/v or gate/up stack brought to one format where they are
-    not all blocks of one format (a file may mix formats within a layer): blocks of Q4_0, Q5_0
-    and Q8_0 all as Q8_0 (the same values, widen_to_q8_0: a Q4_K_M file of narrow rows has
-    q, k in Q5_0 and v in Q8_0), any other mix dequantized to dtype."""
+def _unify_mixed_stacks(weights: dict[str, Tensor], quants: dict[str, str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """weights, with the parts of a q/k/v or gate/up stack brought to one format where they can
+    be (a file may mix formats within a layer): blocks of Q4_0, Q5_0 and Q8_0 all as Q8_0 (the
+    same values, widen_to_q8_0: a Q4_K_M file of narrow rows has q, k in Q5_0 and v in Q8_0);
+    a stack of blocks and dense tensors dequantized to dtype; blocks of other mixed formats
+    (Q4_K with Q6_K) are left for _stack to keep as parts."""
     stacks: dict[tuple[str, str], list[str]] = {}
     for name in weights:
         base = name.removeprefix("model.").split(".")
@@ -473,7 +509,7 @@ def _dequantize_mixed_stacks(weights: dict[str, Tensor], quants: dict[str, str],
         if len(kinds) > 1 and kinds <= {"q4_0", "q5_0", "q8_0"}:
             for n in names:
                 out[n], quants[n] = widen_to_q8_0(out[n], quants[n]), "q8_0"
-        elif len(kinds) > 1:
+        elif None in kinds and len(kinds) > 1:
             for n in names:
                 if n in quants:
                     out[n] = dequantize_blocks(out[n], quants.pop(n)).to(dtype)

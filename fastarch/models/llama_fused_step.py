@@ -22,7 +22,7 @@ from fastarch import registry
 from fastarch.ops import dispatch
 from fastarch.ops.activations.backends import ActivationProblem
 from fastarch.ops.attn.args import AttentionProblem
-from fastarch.nn import QuantizedLinear
+from fastarch.nn import QuantizedLinear, QuantizedLinearStack
 from fastarch.ops.linear.backends import LinearProblem, cpu_product, onednn_gemm
 from fastarch.ops.norms.backends import NormProblem
 from fastarch.ops.qlinear.backends import DIRECT_ROWS, GGML_IDS, QuantizedLinearProblem
@@ -141,29 +141,40 @@ def prefill_products(model, x: Tensor, cache, window_left: int) -> int | None:
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")
+MORE_PARTS = 256
+"""Added to a stack part's quant when another part of its stack follows (csrc/ops.cpp)."""
 _WEIGHTS = ("input_layernorm", "qkv_proj", "o_proj", "post_attention_layernorm", "gate_up_proj", "down_proj")
 
 
 def step_arguments(
     model, dtype: torch.dtype
 ) -> tuple[list[Tensor], list[int], list[Tensor | None], list[float]] | None:
-    """The loop's weights, their quants (a QuantizedLinear's ggml type id, else 0), biases and
-    eps in its order (see csrc/ops.cpp), or None when a
-    parameter is not a plain contiguous tensor of dtype on the CPU, or not a plain parameter
-    (a parametrized weight): the op-by-op loop handles or refuses those. Gathered every step
-    (a layer may have been replaced) from the modules' own dictionaries: nn.Module's attribute
-    lookup would cost ~0.5 ms of a step."""
+    """The loop's weights, their quants, biases and eps in its order (see csrc/ops.cpp), or None
+    when a parameter is not a plain contiguous tensor of dtype on the CPU, or not a plain
+    parameter (a parametrized weight): the op-by-op loop handles or refuses those. A norm's
+    weight and a dense projection's quant is 0, a QuantizedLinear's its ggml type id; a
+    QuantizedLinearStack gives each part's weight, quant (+ MORE_PARTS but on its last part) and
+    bias. Gathered every step (a layer may have been replaced) from the modules' own
+    dictionaries: nn.Module's attribute lookup would cost ~0.5 ms of a step."""
     weights: list[Tensor] = []
     quants: list[int] = []
     biases: list[Tensor | None] = []
     eps: list[float] = []
     try:
         for block in model.layers:
-            parts = block._modules
-            weights += [_weight(parts[name]) for name in _WEIGHTS]
-            quants += [_quant(parts[name]) for name in _WEIGHTS]
-            biases += [parts[name]._parameters["bias"] for name in PROJECTIONS]
-            eps += [parts[name].eps for name in _NORMS]
+            modules = block._modules
+            for name in _WEIGHTS:
+                layer = modules[name]
+                if name in _NORMS:
+                    weights.append(layer._parameters["weight"])
+                    quants.append(0)
+                    continue
+                parts = list(layer._modules["parts"]) if type(layer) is QuantizedLinearStack else [layer]
+                for i, part in enumerate(parts):
+                    weights.append(part._buffers["weight"] if type(part) is QuantizedLinear else part._parameters["weight"])
+                    quants.append(_quant(part) + (MORE_PARTS if i + 1 < len(parts) else 0))
+                    biases.append(part._parameters["bias"])
+            eps += [modules[name].eps for name in _NORMS]
         weights.append(model._modules["norm"]._parameters["weight"])
         quants.append(0)
         eps.append(model._modules["norm"].eps)
@@ -173,13 +184,6 @@ def step_arguments(
         if type(t) not in _PLAIN or t.dtype not in (dtype, torch.uint8) or not t.is_cpu or not t.is_contiguous():
             return None
     return weights, quants, biases, [float(e) for e in eps]
-
-
-def _weight(layer) -> Tensor:
-    """A layer's weight: a parameter, or a QuantizedLinear's blocks (a buffer)."""
-    if type(layer) is QuantizedLinear:
-        return layer._buffers["weight"]
-    return layer._parameters["weight"]
 
 
 def _quant(layer) -> int:

@@ -84,3 +84,25 @@ class QuantizedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}, bias={self.bias is not None}"
+
+
+class QuantizedLinearStack(torch.nn.Module):
+    """Linear layers of one input stacked along their outputs, each a QuantizedLinear in its own
+    block format: y = cat([part(x) for part in parts], -1). What a stacked projection (LLaMA's
+    q/k/v) becomes when a GGUF file stores its parts in formats that one quantized_linear call
+    cannot read together (llama-quantize's Q4_K_M: q and k in Q4_K, v in Q6_K in some layers).
+    ``parts``: the QuantizedLinear layers, in output order, all of one in_features."""
+
+    def __init__(self, parts: list[QuantizedLinear]) -> None:
+        super().__init__()
+        if not parts or any(type(p) is not QuantizedLinear or p.in_features != parts[0].in_features for p in parts):
+            raise ValueError("QuantizedLinearStack: parts must be QuantizedLinear layers of one in_features")
+        self.parts = torch.nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([ops.quantized_linear(x, p.weight, p.quant, p.bias) for p in self.parts], -1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -125,8 +125,9 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str | dict[str,
                      optional_keys: bool = True, more_keys: Callable[[GGUFWriter], object] | None = None) -> Path:
     """A GGUF file as llama.cpp's converter writes one: its metadata keys (those llama.cpp has
     defaults for only when ``optional_keys``; ``more_keys`` adds others), its tensor names and
-    q/k row order, 1-D tensors in F32 and matrices in ``qtype`` (or ``qtype[kind]`` for a kind
-    such as "attn_v" or "output", ``qtype[""]`` for the rest: a file of mixed formats, as
+    q/k row order, 1-D tensors in F32 and matrices in ``qtype`` (or ``qtype[name]`` for a tensor
+    such as "blk.0.attn_v", ``qtype[kind]`` for a kind such as "attn_v" or "output", ``qtype[""]``
+    for the rest: a file of mixed formats, as
     llama-quantize's Q4_K_M); a tied model has no output.weight. gguf-py quantizes the formats
     it can, fastarch.ops.qlinear.quantize_blocks the k-quants."""
     c = model.config
@@ -156,7 +157,7 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str | dict[str,
         kind = gname.split(".")[-2]
         if kind in heads:
             x = _interleave(x, heads[kind])
-        kind_qtype = qtype if isinstance(qtype, str) else qtype.get(kind, qtype[""])
+        kind_qtype = qtype if isinstance(qtype, str) else qtype.get(gname.removesuffix(".weight"), qtype.get(kind, qtype[""]))
         if x.ndim == 1 or kind_qtype == "F32":
             w.add_tensor(gname, x.astype(np.float32))
         elif kind_qtype == "F16":

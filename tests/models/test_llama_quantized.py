@@ -13,7 +13,7 @@ from fastarch.models import from_pretrained
 from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import generate
 from fastarch.models.llama import Llama, _stack
-from fastarch.nn import QuantizedLinear
+from fastarch.nn import QuantizedLinear, QuantizedLinearStack
 from fastarch.ops.qlinear import dequantize_blocks
 from test_gguf import smollm2_path, tiny_llama, write_llama_gguf  # tests/models/test_gguf.py
 
@@ -90,26 +90,64 @@ def test_mixed_formats_in_one_stack_are_dequantized(tmp_path):
 
 def test_mixed_file_as_llama_quantize_writes_q4_k_m(tmp_path, monkeypatch):
     """A file of mixed formats as llama-quantize's Q4_K_M (Q4_K, with v, down and the head in
-    Q6_K): every layer keeps its own format's blocks, the q/k/v stack of mixed formats is
-    dequantized, and the one-call loops (their quants told per weight: Q4_K's and Q4_0's bytes
-    per row are alike) equal the op-by-op loop and the dequantized model's tokens."""
-    file = write_llama_gguf(tmp_path / "mixed.gguf", _tiny("Q4_K"),
-                            {"": "Q4_K", "attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"})
+    Q6_K where it spends more bits, here v in layer 0 only): every layer keeps its own format's
+    blocks, layer 0's q/k/v as a QuantizedLinearStack of its Q4_K and Q6_K parts; the model
+    equals the dequantized one, and its one-call decode and prefill loops (each part its own
+    product) equal the op-by-op loop."""
+    layout = {"": "Q4_K", "blk.0.attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}
+    file = write_llama_gguf(tmp_path / "mixed.gguf", _tiny("Q4_K"), layout)
     dense, model = Llama.from_pretrained(file), Llama.from_pretrained(file, quantized=True)
-    block = model.layers[0]
-    assert block.qkv_proj.weight.dtype == torch.float32  # q, k in Q4_K, v in Q6_K: dequantized
-    assert (block.o_proj.quant, block.gate_up_proj.quant, block.down_proj.quant) == ("q4_k", "q4_k", "q6_k")
+    stack, block = model.layers[0].qkv_proj, model.layers[1]
+    assert type(stack) is QuantizedLinearStack and [p.quant for p in stack.parts] == ["q4_k", "q4_k", "q6_k"]
+    assert (block.qkv_proj.quant, block.o_proj.quant, block.gate_up_proj.quant, block.down_proj.quant) == (
+        "q4_k", "q4_k", "q4_k", "q6_k")
     assert model.lm_head.quant == "q6_k"
+    for ours, theirs in zip(model.layers, dense.layers):  # the blocks hold the dequantized values
+        parts = ours.qkv_proj.parts if type(ours.qkv_proj) is QuantizedLinearStack else [ours.qkv_proj]
+        w = torch.cat([dequantize_blocks(p.weight, p.quant) for p in parts])
+        assert torch.equal(w, theirs.qkv_proj.weight)
+    weights, quants, biases, _ = fused_step.step_arguments(model, torch.float32)  # the one-call loops take it
+    assert quants[:8] == [0, 12 + fused_step.MORE_PARTS, 12 + fused_step.MORE_PARTS, 14, 12, 0, 12, 14]
+    assert len(biases) == 6 + 4 and weights[3] is stack.parts[2].weight
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref, ours = dense(ids), model(ids)
     assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    weights, quants, *_ = fused_step.step_arguments(model, torch.float32)  # the loop takes these
-    assert quants[1:6] == [0, 12, 0, 12, 14] and weights[2].dtype == torch.uint8
-    fused = generate(model, ids, max_new_tokens=10)
-    assert torch.equal(fused, generate(dense, ids, max_new_tokens=10))
+    out = generate(model, ids, max_new_tokens=10)
+    assert torch.equal(out, generate(dense, ids, max_new_tokens=10))
     _op_by_op(monkeypatch)
-    assert torch.equal(generate(model, ids, max_new_tokens=10), fused)
+    assert torch.equal(generate(model, ids, max_new_tokens=10), out)
+
+
+def test_one_call_loops_told_each_weights_format(tmp_path, monkeypatch):
+    """Q4_K weights (as many bytes per row as Q4_0) with Q6_K ones in the one-call decode and
+    prefill loops: each weight's format passed, the tokens those of the op-by-op loop."""
+    file = write_llama_gguf(tmp_path / "k.gguf", _tiny("Q4_K"), {"": "Q4_K", "ffn_down": "Q6_K"})
+    model = Llama.from_pretrained(file, quantized=True)
+    weights, quants, *_ = fused_step.step_arguments(model, torch.float32)  # the loop takes these
+    assert quants[:7] == [0, 12, 12, 0, 12, 14, 0] and weights[1].dtype == torch.uint8
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    out = generate(model, ids, max_new_tokens=10)
+    _op_by_op(monkeypatch)
+    assert torch.equal(generate(model, ids, max_new_tokens=10), out)
+
+
+def test_one_call_loops_check_their_lists(tmp_path, monkeypatch):
+    """Lists that do not describe the layers are a clear error of the C++ loop, not a misread:
+    a quant that does not fit its weight, a stack flag on a layer that takes one weight."""
+    file = write_llama_gguf(tmp_path / "k.gguf", _tiny("Q4_K"), {"": "Q4_K", "ffn_down": "Q6_K"})
+    model = Llama.from_pretrained(file, quantized=True)
+    original = fused_step.step_arguments
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(7))
+    for j, value, match in [(1, 0, "with quant 0"), (2, 12 + fused_step.MORE_PARTS, "marked as a part of a stack"),
+                            (0, 12, "a norm's weight")]:
+        def tampered(*args, j=j, value=value):
+            weights, quants, biases, eps = original(*args)
+            return weights, quants[:j] + [value] + quants[j + 1:], biases, eps
+
+        monkeypatch.setattr(fused_step, "step_arguments", tampered)
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=match):
+            model(ids)
 
 
 def test_stack_of_q4_0_q5_0_and_q8_0_kept_as_q8_0_blocks(tmp_path):

@@ -28,8 +28,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-constexpr int64_t kWeightsPerLayer = 6;  // input norm, qkv, o, post-attention norm, gate_up, down
-constexpr int64_t kBiasesPerLayer = 4;   // qkv, o, gate_up, down (None where the layer has none)
 
 // The kernels, called below autograd at the CPU key (this op only runs without gradients).
 template <class Signature>
@@ -78,13 +76,88 @@ const Kernels& kernels() {
 // 16-bit rows at level avx2: widened_linear there).
 enum class Products : int64_t { torch = 0, kernel = 1, onednn = 2, widened = 3 };
 
+// A linear layer of the lists: its weight, format (a ggml type id of _quantized_linear, or 0 for
+// a dense weight) and bias; a stacked projection (q/k/v, gate/up) whose parts come in mixed
+// block formats (fastarch.nn.QuantizedLinearStack) is one such layer per part, their outputs
+// concatenated.
+struct Part {
+  const Tensor* weight;
+  int64_t quant;
+  OptTensor bias;
+};
+using Projection = std::vector<Part>;
+
+// A layer's weights in the order it runs them.
+struct Layer {
+  const Tensor* input_norm;
+  Projection qkv, o;
+  const Tensor* post_norm;
+  Projection gate_up, down;
+};
+
+constexpr int64_t kMoreParts = 1 << 8;  // a quant's flag: the next weight is this stack's next part
+
+// The layers of the lists (see csrc/ops.cpp), checked: per layer, weights (input norm, the qkv
+// projection's parts, o, post-attention norm, gate_up's parts, down), a quant per weight and a
+// bias per projection part; per layer 2 eps and (where given, as caches) a k and a v cache;
+// then the final norm's weight and eps.
+std::vector<Layer> layers_of(const char* who, at::TensorList weights, at::IntArrayRef quants,
+                             const c10::List<OptTensor>& biases, at::TensorList k_caches, at::TensorList v_caches,
+                             at::ArrayRef<double> eps, bool caches) {
+  TORCH_CHECK(quants.size() == weights.size(), who, ": expected a quant per weight, got ", quants.size(), " for ",
+              weights.size(), " weights");
+  TORCH_CHECK(eps.size() % 2 == 1, who, ": expected 2 eps per layer and the final norm's, got ", eps.size());
+  const int64_t L = static_cast<int64_t>(eps.size()) / 2;
+  TORCH_CHECK(!caches || (static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L),
+              who, ": expected a k and a v cache per layer (", L, "), got ", k_caches.size(), "/", v_caches.size());
+  size_t w = 0, b = 0;
+  auto next = [&](bool part) -> size_t {
+    TORCH_CHECK(w < weights.size() && (!part || b < biases.size()), who, ": the lists end early: ", weights.size(),
+                " weights and ", biases.size(), " biases for ", L, " layers");
+    const int64_t quant = quants[w] & ~kMoreParts;
+    TORCH_CHECK((quant == 0) == (weights[w].scalar_type() != at::kByte) && (part || quants[w] == 0), who, ": weight ",
+                w, " is ", weights[w].scalar_type(), " with quant ", quants[w],
+                " (a norm's weight and a dense projection's take 0, uint8 blocks their format's id)");
+    return w++;
+  };
+  auto norm = [&]() { return &weights[next(false)]; };
+  auto projection = [&](bool stack) {
+    Projection p;
+    bool more = true;
+    while (more) {
+      const size_t j = next(true);
+      more = (quants[j] & kMoreParts) != 0;
+      TORCH_CHECK(!more || stack, who, ": weight ", j, " is marked as a part of a stack where a layer takes one weight");
+      p.push_back({&weights[j], quants[j] & ~kMoreParts, biases.get(b++)});
+    }
+    return p;
+  };
+  std::vector<Layer> layers;
+  for (int64_t i = 0; i < L; ++i) {
+    Layer layer;
+    layer.input_norm = norm();
+    layer.qkv = projection(true);
+    layer.o = projection(false);
+    layer.post_norm = norm();
+    layer.gate_up = projection(true);
+    layer.down = projection(false);
+    layers.push_back(std::move(layer));
+  }
+  norm();  // the final norm's weight: weights.back()
+  TORCH_CHECK(w == weights.size() && b == biases.size(), who, ": expected ", w, " weights and ", b, " biases for ", L,
+              " layers, got ", weights.size(), " and ", biases.size());
+  return layers;
+}
+
 struct Step {
   const Kernels& ops;
   Products products;
   bool quantized_onednn = false;  // quantized layers past their kernel's rows: on oneDNN's matmul
 
-  Tensor linear(const Tensor& x, const Tensor& weight, int64_t quant, const OptTensor& bias) const {
-    if (quant != 0) return ops.quantized_linear.redispatch(kCpu, x, weight, quant, bias, quantized_onednn);
+  Tensor linear(const Tensor& x, const Part& part) const {
+    const Tensor& weight = *part.weight;
+    const OptTensor& bias = part.bias;
+    if (part.quant != 0) return ops.quantized_linear.redispatch(kCpu, x, weight, part.quant, bias, quantized_onednn);
     switch (products) {
       case Products::kernel:
         return ops.linear.redispatch(kCpu, x, weight, bias);
@@ -99,6 +172,12 @@ struct Step {
     }
     return at::linear(x, weight, bias);
   }
+  Tensor linear(const Tensor& x, const Projection& p) const {
+    if (p.size() == 1) return linear(x, p[0]);
+    std::vector<Tensor> outs;
+    for (const Part& part : p) outs.push_back(linear(x, part));
+    return at::cat(outs, -1);
+  }
   // RMSNorm of x (+ residual): (y, the new residual stream)
   std::tuple<Tensor, Tensor> norm(const Tensor& x, const OptTensor& residual, const Tensor& weight, double eps) const {
     auto [y, residual_out, mean, rstd] = ops.norm.redispatch(kCpu, x, residual, weight, std::nullopt, eps, true);
@@ -106,45 +185,17 @@ struct Step {
   }
   // The rest of layer i after its attention (rows, H D): o_proj, the post-attention norm, the
   // SwiGLU feed-forward on the stacked gate/up projection's strided halves, and the next norm
-  // (the next layer's input norm, or after the last layer the final one). Updates y and the
-  // residual h.
-  void finish_layer(const Tensor& attended, at::TensorList weights, at::IntArrayRef quants,
-                    const c10::List<OptTensor>& biases, at::ArrayRef<double> eps, int64_t i, Tensor& y,
-                    Tensor& h) const {
-    const Tensor* w = weights.data() + kWeightsPerLayer * i;
-    const int64_t* quant = quants.data() + kWeightsPerLayer * i;
-    auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
-    const Tensor a = linear(attended, w[2], quant[2], bias(1));
-    std::tie(y, h) = norm(a, h, w[3], eps[2 * i + 1]);
-    const std::vector<Tensor> gate_up = linear(y, w[4], quant[4], bias(2)).chunk(2, -1);
+  // (next_norm: the next layer's input norm, or after the last layer the final one). Updates y
+  // and the residual h.
+  void finish_layer(const Tensor& attended, const Layer& layer, const Tensor& next_norm, at::ArrayRef<double> eps,
+                    int64_t i, Tensor& y, Tensor& h) const {
+    const Tensor a = linear(attended, layer.o);
+    std::tie(y, h) = norm(a, h, *layer.post_norm, eps[2 * i + 1]);
+    const std::vector<Tensor> gate_up = linear(y, layer.gate_up).chunk(2, -1);
     const Tensor s = ops.gated.redispatch(kCpu, gate_up[0], gate_up[1], "silu");
-    std::tie(y, h) =
-        norm(linear(s, w[5], quant[5], bias(3)), h, weights[kWeightsPerLayer * (i + 1)], eps[2 * i + 2]);
+    std::tie(y, h) = norm(linear(s, layer.down), h, next_norm, eps[2 * i + 2]);
   }
 };
-
-// The number of layers of the lists: per layer 6 weights, 4 biases, 2 eps and (where given, as
-// caches) a k and a v cache, then the final norm's weight and eps.
-int64_t layers_of(const char* who, at::TensorList weights, at::IntArrayRef quants,
-                  const c10::List<OptTensor>& biases, at::TensorList k_caches, at::TensorList v_caches,
-                  at::ArrayRef<double> eps, bool caches) {
-  const int64_t L = (static_cast<int64_t>(weights.size()) - 1) / kWeightsPerLayer;
-  TORCH_CHECK(quants.size() == weights.size(), who, ": expected a quant per weight, got ", quants.size(), " for ",
-              weights.size(), " weights");
-  for (size_t j = 0; j < quants.size(); ++j) {
-    TORCH_CHECK((quants[j] == 0) == (weights[j].scalar_type() != at::kByte), who, ": weight ", j, " is ",
-                weights[j].scalar_type(), " with quant ", quants[j], " (uint8 blocks take a format's id, a dense tensor 0)");
-  }
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerLayer * L + 1 &&
-                  static_cast<int64_t>(biases.size()) == kBiasesPerLayer * L &&
-                  static_cast<int64_t>(eps.size()) == 2 * L + 1 &&
-                  (!caches || (static_cast<int64_t>(k_caches.size()) == L &&
-                               static_cast<int64_t>(v_caches.size()) == L)),
-              who, ": expected per layer 6 weights, 4 biases, 2 eps", caches ? ", a k and a v cache" : "",
-              " (and the final norm's weight and eps), got ", weights.size(), " weights, ", biases.size(), " biases, ",
-              eps.size(), " eps and ", k_caches.size(), "/", v_caches.size(), " caches");
-  return L;
-}
 
 Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, at::IntArrayRef quants,
                                const c10::List<OptTensor>& biases,
@@ -152,23 +203,22 @@ Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, at::IntA
                                const Tensor& offsets, const Tensor& seqlens_before, const Tensor& seqlens_after,
                                at::ArrayRef<double> eps, int64_t batch, int64_t n_head, int64_t n_kv,
                                int64_t head_dim, double scale, int64_t window_left, bool linear_kernel) {
-  const int64_t L = layers_of("fastarch::_llama_decode_layers", weights, quants, biases, k_caches, v_caches, eps, true);
+  const std::vector<Layer> layers =
+      layers_of("fastarch::_llama_decode_layers", weights, quants, biases, k_caches, v_caches, eps, true);
   TORCH_CHECK(x.dim() == 2 && x.size(0) % batch == 0, "fastarch::_llama_decode_layers: x must be (batch * n, hidden)");
-  const int64_t n = x.size(0) / batch, H = n_head, Hkv = n_kv, D = head_dim;
+  const int64_t n = x.size(0) / batch, H = n_head, Hkv = n_kv, D = head_dim, L = layers.size();
   const Step step{kernels(), linear_kernel ? Products::kernel : Products::torch};
-  auto [y, h] = step.norm(x, std::nullopt, weights[0], eps[0]);
+  auto [y, h] = step.norm(x, std::nullopt, L > 0 ? *layers[0].input_norm : weights.back(), eps[0]);
   for (int64_t i = 0; i < L; ++i) {
-    const Tensor* w = weights.data() + kWeightsPerLayer * i;
-    auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
     // attention: (B n, (H + 2 Hkv) D) -> q (B, H, n, D), k, v (B, Hkv, n, D), views
-    const Tensor heads =
-        step.linear(y, w[1], quants[kWeightsPerLayer * i + 1], bias(0)).view({batch, n, H + 2 * Hkv, D}).transpose(1, 2);
+    const Tensor heads = step.linear(y, layers[i].qkv).view({batch, n, H + 2 * Hkv, D}).transpose(1, 2);
     const std::vector<Tensor> qkv = heads.split_with_sizes({H, Hkv, Hkv}, 1);
     auto [q, k] = step.ops.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, offsets, false, false);
     step.ops.append.redispatch(kCpu, k_caches[i], v_caches[i], k, qkv[2], seqlens_before);
     auto [out, lse] =
         step.ops.decode.redispatch(kCpu, q, k_caches[i], v_caches[i], seqlens_after, true, scale, window_left);
-    step.finish_layer(out.transpose(1, 2).reshape({batch * n, H * D}), weights, quants, biases, eps, i, y, h);
+    const Tensor& next_norm = i + 1 < L ? *layers[i + 1].input_norm : weights.back();
+    step.finish_layer(out.transpose(1, 2).reshape({batch * n, H * D}), layers[i], next_norm, eps, i, y, h);
   }
   return y;
 }
@@ -186,7 +236,8 @@ Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, at::Int
                                 double scale, int64_t window_left, int64_t products) {
   const char* who = "fastarch::_llama_prefill_layers";
   const bool cached = !k_caches.empty();
-  const int64_t L = layers_of(who, weights, quants, biases, k_caches, v_caches, eps, cached);
+  const std::vector<Layer> layers = layers_of(who, weights, quants, biases, k_caches, v_caches, eps, cached);
+  const int64_t L = layers.size();
   TORCH_CHECK(x.dim() == 2, who, ": x must be (total, hidden)");
   TORCH_CHECK(products >= 0 && products <= 7, who,
               ": products must be 0 (torch), 1 (kernel), 2 (onednn) or 3 (widened), + 4 for quantized layers on"
@@ -198,14 +249,11 @@ Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, at::Int
   const int64_t rows = cu_seqlens.size(0) - 1;
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
   const Step step{kernels(), static_cast<Products>(products & 3), (products & 4) != 0};
-  auto [y, h] = step.norm(x, std::nullopt, weights[0], eps[0]);
+  auto [y, h] = step.norm(x, std::nullopt, L > 0 ? *layers[0].input_norm : weights.back(), eps[0]);
   for (int64_t i = 0; i < L; ++i) {
-    const Tensor* w = weights.data() + kWeightsPerLayer * i;
-    auto bias = [&](int64_t j) -> OptTensor { return biases.get(kBiasesPerLayer * i + j); };
     // (total, (H + 2 Hkv) D) -> q (total, H, D), k, v (total, Hkv, D), views
-    const std::vector<Tensor> qkv = step.linear(y, w[1], quants[kWeightsPerLayer * i + 1], bias(0))
-                                        .view({total, H + 2 * Hkv, D})
-                                        .split_with_sizes({H, Hkv, Hkv}, 1);
+    const std::vector<Tensor> qkv =
+        step.linear(y, layers[i].qkv).view({total, H + 2 * Hkv, D}).split_with_sizes({H, Hkv, Hkv}, 1);
     auto [q, k] = step.ops.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, positions, false, false);
     if (cached) {
       for (int64_t b = 0; b < rows; ++b) {
@@ -222,7 +270,8 @@ Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, at::Int
     auto [out, lse] = step.ops.attention.redispatch(kCpu, as4d(q), as4d(k), as4d(qkv[2].contiguous()), std::nullopt,
                                                     std::nullopt, cu_seqlens, cu_seqlens, seqlen, seqlen,
                                                     true, scale, window_left, -1, 0.0, 0);
-    step.finish_layer(out[0].permute({1, 0, 2}).reshape({total, H * D}), weights, quants, biases, eps, i, y, h);
+    const Tensor& next_norm = i + 1 < L ? *layers[i + 1].input_norm : weights.back();
+    step.finish_layer(out[0].permute({1, 0, 2}).reshape({total, H * D}), layers[i], next_norm, eps, i, y, h);
   }
   return y;
 }

@@ -203,6 +203,24 @@ def test_module_from_linear_and_leading_dims():
         QuantizedLinear(64, 3, "q3_k")
 
 
+def test_stack_of_formats_is_the_concatenation():
+    """QuantizedLinearStack: parts in their own formats, outputs concatenated; gradients to x."""
+    from fastarch.nn import QuantizedLinearStack
+
+    g = torch.Generator().manual_seed(6)
+    parts = [QuantizedLinear.from_linear(torch.nn.Linear(256, n), q) for n, q in ((64, "q4_k"), (32, "q6_k"))]
+    stack = QuantizedLinearStack(parts)
+    assert (stack.in_features, stack.out_features) == (256, 96)
+    x = torch.randn(3, 256, generator=g, requires_grad=True)
+    y = stack(x)
+    assert torch.equal(y, torch.cat([p(x) for p in parts], -1))
+    y.sum().backward()
+    w = torch.cat([dequantize_blocks(p.weight, p.quant) for p in parts])
+    torch.testing.assert_close(x.grad, torch.ones(3, 96) @ w)
+    with pytest.raises(ValueError, match="parts must be QuantizedLinear layers of one in_features"):
+        QuantizedLinearStack([parts[0], QuantizedLinear.from_linear(torch.nn.Linear(512, 8), "q4_k")])
+
+
 X = torch.randn(2, 64)
 Q8 = quantize_blocks(torch.randn(3, 64), "q8_0")
 
