@@ -175,11 +175,13 @@ def _generators(ours, theirs, llama_cpp, out: dict, blocks=None):
     BLOCKS."""
     from fastarch.models.generate import generate
 
+    # every contender makes all `new` tokens, never choosing the eos token (transformers'
+    # min_new_tokens; llama.cpp's ban below), so that their tokens compare
     def ours_fn(ids, new):
-        out["ours"] = generate(ours, ids, max_new_tokens=new, eos_token_id=[])[:, ids.shape[1]:]
+        out["ours"] = generate(ours, ids, max_new_tokens=new, min_new_tokens=new)[:, ids.shape[1]:]
 
     def blocks_fn(ids, new):
-        out[BLOCKS] = generate(blocks, ids, max_new_tokens=new, eos_token_id=[])[:, ids.shape[1]:]
+        out[BLOCKS] = generate(blocks, ids, max_new_tokens=new, min_new_tokens=new)[:, ids.shape[1]:]
 
     def theirs_fn(ids, new):
         with torch.inference_mode():

@@ -296,6 +296,7 @@ def generate_tokens(
     attention_mask: Tensor | None = None,
     *,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -316,6 +317,7 @@ def generate_tokens(
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_min_new_tokens(min_new_tokens)
     options = SamplingOptions(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     options.check()
     eos = _eos_list(eos_token_id if eos_token_id is not None else getattr(model, "eos_token_id", None))
@@ -353,12 +355,25 @@ def generate_tokens(
         seen = counts.scatter_add_(1, input_ids.clamp(0, vocab - 1), real.int()) > 0  # padding is not seen
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     return _decode(model, input_ids, attention_mask, cache, options, generator, seen, eos_t, pad_token_id,
-                   stop_strings, tokenizer, max_new_tokens)
+                   stop_strings, tokenizer, max_new_tokens, min_new_tokens)
+
+
+def check_min_new_tokens(min_new_tokens: object) -> None:
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
+
+
+def hold_eos(scores: Tensor, eos_t: Tensor | None, step: int, min_new_tokens: int) -> Tensor:
+    """scores (B, vocab) with the eos ids at -inf while the step is below min_new_tokens, as
+    transformers' min_new_tokens does (before the other options see them)."""
+    if eos_t is None or step >= min_new_tokens:
+        return scores
+    return scores.index_fill(-1, eos_t, float("-inf"))
 
 
 def _decode(
     model, input_ids, attention_mask, cache, options, generator, seen, eos_t, pad_token_id, stop_strings, tokenizer,
-    max_new_tokens,
+    max_new_tokens, min_new_tokens,
 ) -> Iterator[Tensor]:
     if max_new_tokens == 0:
         return
@@ -371,7 +386,7 @@ def _decode(
         for step in range(max_new_tokens):
             scores = logits.float()
             nan = scores.isnan().any(-1)
-            token = options.choose(options.process(scores, seen), generator)
+            token = options.choose(options.process(hold_eos(scores, eos_t, step, min_new_tokens), seen), generator)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
@@ -415,7 +430,8 @@ def generate(
     positions: a batch gives what each prompt gives alone). Returns (B, S + steps) int64: the
     prompts as given, then the new tokens; a row that stopped earlier (eos_token_id, default
     the model's; or a stop string, with tokenizer) is padded with pad_token_id (default the
-    first eos id; eos_token_id=[]: none, not even the model's). Options: do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+    first eos id; eos_token_id=[]: none, not even the model's; min_new_tokens: no eos before that many new
+    tokens, as transformers'). Options: do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
     seed (a private generator; None: torch's global one), eos_token_id, pad_token_id,
     stop_strings + tokenizer, cache (a KVCache to reuse). streamer: an object with put(ids) and
     end() (transformers' TextStreamer): given the prompt, then each step's tokens;

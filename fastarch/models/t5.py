@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from fastarch import ops
 from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear: a decode step's weights streamed once
-from fastarch.models.generate import KVCache, SamplingOptions, _eos_list
+from fastarch.models.generate import KVCache, SamplingOptions, _eos_list, check_min_new_tokens, hold_eos
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
 # transformers' activation names (config dense_act_fn) -> how the feed-forward applies them
@@ -445,12 +445,13 @@ class T5(nn.Module):
         do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
         min_p: float | None = None, repetition_penalty: float | None = None,
         eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-        decoder_start_token_id: int | None = None, seed: int | None = None,
+        decoder_start_token_id: int | None = None, seed: int | None = None, min_new_tokens: int = 0,
     ) -> Tensor:
         """The decoder's tokens as transformers' generate returns them: (B, 1 + steps) int64,
         decoder_start_token_id then up to max_new_tokens new tokens; a row that stopped
         (eos_token_id, default the config's; [] for none) is padded with pad_token_id
-        (default the config's), and generation ends when every row has stopped. The token
+        (default the config's), and generation ends when every row has stopped (no eos before
+        min_new_tokens new tokens). The token
         choice is generate.py's (greedy by default; do_sample, temperature, top_k, top_p,
         min_p, repetition_penalty over the decoder's tokens; seed: a private generator)."""
         if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
@@ -463,6 +464,7 @@ class T5(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         options = SamplingOptions(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
         options.check()
+        check_min_new_tokens(min_new_tokens)
         cfg = self.config
         eos = _eos_list(eos_token_id if eos_token_id is not None else cfg.eos_token_id)
         pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
@@ -495,7 +497,7 @@ class T5(nn.Module):
         for step in range(max_new_tokens):
             scores = self._decode_step(token[:, None], cache, cross_kv, kpm, bias_all)[:, -1].float()
             nan = scores.isnan().any(-1)
-            token = options.choose(options.process(scores, seen), generator)
+            token = options.choose(options.process(hold_eos(scores, eos_t, step, min_new_tokens), seen), generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)

@@ -57,6 +57,23 @@ def test_greedy_as_transformers_batched_and_alone(pair):
     assert torch.equal(right[:, -NEW:], batched[:, -NEW:])
 
 
+def test_min_new_tokens_holds_eos_as_transformers(pair):
+    """min_new_tokens: the eos token is never chosen before that many new tokens (its score
+    -inf first), then may stop the row; equal to transformers' min_new_tokens."""
+    hf, ours = pair
+    ids, mask = gpt2_tiny.prompts(LENGTHS, "left")
+    free = generate(ours, ids, mask, max_new_tokens=8)[:, ids.shape[1]:]
+    eos = int(free[0, 1])  # row 0's second greedy token
+    kwargs = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    for least in (0, 2, 5):
+        theirs = hf.generate(ids, attention_mask=mask, do_sample=False, min_new_tokens=least, **kwargs)
+        out = generate(ours, ids, mask, min_new_tokens=least, **kwargs)
+        assert torch.equal(out, theirs), least
+        assert (out[:, ids.shape[1]:ids.shape[1] + least] != eos).all()
+    with pytest.raises(ValueError, match="min_new_tokens must be an int >= 0"):
+        generate(ours, ids, mask, max_new_tokens=2, min_new_tokens=-1)
+
+
 def test_eos_stops_and_pads_as_transformers(pair):
     hf, ours = pair
     ids, mask = gpt2_tiny.prompts(LENGTHS, "left")

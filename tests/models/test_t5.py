@@ -148,6 +148,11 @@ def test_greedy_generate_matches_transformers(tmp_path, variant):
         theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=eos)
     ours = model.generate(ids, mask, max_new_tokens=32, eos_token_id=eos)
     assert (ours == eos).any() and torch.equal(ours, theirs)
+    with torch.no_grad():  # min_new_tokens: no eos before 6 new tokens
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=eos,
+                             min_new_tokens=6)
+    ours = model.generate(ids, mask, max_new_tokens=32, eos_token_id=eos, min_new_tokens=6)
+    assert (ours[:, 1:7] != eos).all() and torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("variant", [("relu", True), ("gated-gelu", False)], ids=_ids)
