@@ -149,3 +149,11 @@ def test_random_weights_apply_to_smollm2_and_dropin_only():
         cli.main(["bench", "--model", "minilm", "--random-weights"])
     with pytest.raises(SystemExit, match="--random-weights applies to"):
         cli.main(["bench", "--op", "rms_norm", "--random-weights"])
+
+
+def test_gguf_file_option_is_checked(tmp_path):
+    """--gguf-file names a file for --model smollm2 only, and must exist."""
+    with pytest.raises(SystemExit, match="is not a file"):
+        cli.main(["bench", "--model", "smollm2", "--gguf-file", str(tmp_path / "absent.gguf")])
+    with pytest.raises(SystemExit, match="--gguf-file applies to --model smollm2"):
+        cli.main(["bench", "--op", "layer_norm", "--gguf-file", str(tmp_path / "absent.gguf")])

@@ -218,9 +218,12 @@ def run(args: argparse.Namespace) -> int:
         if args.random_weights:
             file, llama_cpp = random_smollm2(Path(tmp)), "not run: random weights (no GGUF file)"
         else:
-            file = Path(args.gguf_file) if getattr(args, "gguf_file", None) else gguf_file()
-            if not file.is_file():
-                raise SystemExit(f"fastarch bench --model smollm2: --gguf-file {file} is not a file")
+            if getattr(args, "gguf_file", None):
+                file = Path(args.gguf_file)
+                if not file.is_file():
+                    raise SystemExit(f"fastarch bench --model smollm2: --gguf-file {file} is not a file")
+            else:
+                file = gguf_file()
             info["gguf_file"] = file.name
             llama_cpp = llama_cpp_generator(file) if device == "cpu" else "not run: llama.cpp runs on the CPU here"
         return _run(args, device, rounds, info, bandwidth, file, llama_cpp)

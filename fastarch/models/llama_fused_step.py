@@ -171,7 +171,8 @@ def step_arguments(
                     continue
                 parts = list(layer._modules["parts"]) if type(layer) is QuantizedLinearStack else [layer]
                 for i, part in enumerate(parts):
-                    weights.append(part._buffers["weight"] if type(part) is QuantizedLinear else part._parameters["weight"])
+                    blocks = type(part) is QuantizedLinear
+                    weights.append(part._buffers["weight"] if blocks else part._parameters["weight"])
                     quants.append(_quant(part) + (MORE_PARTS if i + 1 < len(parts) else 0))
                     biases.append(part._parameters["bias"])
             eps += [modules[name].eps for name in _NORMS]

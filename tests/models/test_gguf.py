@@ -157,7 +157,9 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str | dict[str,
         kind = gname.split(".")[-2]
         if kind in heads:
             x = _interleave(x, heads[kind])
-        kind_qtype = qtype if isinstance(qtype, str) else qtype.get(gname.removesuffix(".weight"), qtype.get(kind, qtype[""]))
+        kind_qtype = qtype
+        if not isinstance(qtype, str):
+            kind_qtype = qtype.get(gname.removesuffix(".weight"), qtype.get(kind, qtype[""]))
         if x.ndim == 1 or kind_qtype == "F32":
             w.add_tensor(gname, x.astype(np.float32))
         elif kind_qtype == "F16":
@@ -181,7 +183,8 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str | dict[str,
 def tiny_llama(tie: bool = False, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 96) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=96, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=5000.0,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
     )

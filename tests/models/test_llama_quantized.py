@@ -1,5 +1,6 @@
 """Llama.from_pretrained(gguf, quantized=True): the file's projections and head kept as blocks
-(every format fastarch.ops.quantized_linear reads) (fastarch.nn.QuantizedLinear). The blocks hold the values the dequantized model
+(fastarch.nn.QuantizedLinear, in every format fastarch.ops.quantized_linear reads; a stack of
+mixed formats as a QuantizedLinearStack). The blocks hold the values the dequantized model
 holds, so in fp32 the two models differ only in the order of the products' fp32 sums: logits
 within ~1e-5 of their scale, the same greedy tokens; the one-call decode/prefill loops equal
 the op-by-op loop bit for bit, as for dense weights."""

@@ -127,7 +127,8 @@ std::vector<Layer> layers_of(const char* who, at::TensorList weights, at::IntArr
     while (more) {
       const size_t j = next(true);
       more = (quants[j] & kMoreParts) != 0;
-      TORCH_CHECK(!more || stack, who, ": weight ", j, " is marked as a part of a stack where a layer takes one weight");
+      TORCH_CHECK(!more || stack, who, ": weight ", j,
+                  " is marked as a part of a stack where a layer takes one weight");
       p.push_back({&weights[j], quants[j] & ~kMoreParts, biases.get(b++)});
     }
     return p;

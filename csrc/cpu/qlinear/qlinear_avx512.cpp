@@ -63,7 +63,8 @@ __attribute__((always_inline)) inline void block_values(const uint8_t* blk, __m5
     // the block's 16 levels (d q + m, or d (q - 8)) in one vector, then each value picked from it
     // by its 4 bits (vpermps reads an index's low 4 bits only: the low nibble needs no mask)
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kOffset ? 4 : 2))));
-    const __m512 levels = kOffset ? _mm512_fmadd_ps(iota, d, m) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), d);
+    const __m512 levels =
+        kOffset ? _mm512_fmadd_ps(iota, d, m) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), d);
     lo = _mm512_permutexvar_ps(q, levels);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels);
   } else if constexpr (Q == Quant::q5_0) {
