@@ -94,6 +94,9 @@ if [[ " $STAGES " == *" bench "* ]]; then
   say "bench quantized linear"
   timeout -k 5 "${BENCH_QLINEAR_S:-60}" "$PY" bench/linear_rows.py --device cuda --quantized q4_1,q8_0 --rows 1,4,16 \
     --dtype bf16 --json "$OUT/bench-quantized-linear.json" 2>&1 | tee -a "$LOG"
+  # the k-quants and 5-bit formats (the Triton kernel there) on a 1B-class decoder's layers
+  timeout -k 5 "${BENCH_QLINEAR_K_S:-60}" "$PY" bench/linear_rows.py --device cuda --quantized q4_k,q6_k,q5_0 \
+    --layer 1b --rows 1,16 --dtype bf16 --json "$OUT/bench-quantized-linear-k.json" 2>&1 | tee -a "$LOG"
 fi
 if [[ " $STAGES " == *" models "* ]]; then
   # the models end to end, the figures issues 11-13 set for a GPU. SmolLM2 and MiniLM with
