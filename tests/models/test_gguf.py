@@ -180,13 +180,14 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str | dict[str,
     return path
 
 
-def tiny_llama(tie: bool = False, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 96) -> LlamaForCausalLM:
+def tiny_llama(tie: bool = False, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 96,
+               attention_bias: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=96, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=5000.0,
-        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, attention_bias=attention_bias,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():

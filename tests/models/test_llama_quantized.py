@@ -21,9 +21,27 @@ from test_gguf import smollm2_path, tiny_llama, write_llama_gguf  # tests/models
 QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
-def _tiny(qtype: str, tie: bool = False):
+def _tiny(qtype: str, tie: bool = False, **kwargs):
     """tiny_llama, its widths multiples of 256 for the k-quants' super-blocks."""
-    return tiny_llama(tie, hidden_size=256, intermediate_size=512) if qtype.endswith("_K") else tiny_llama(tie)
+    if qtype.endswith("_K"):
+        return tiny_llama(tie, hidden_size=256, intermediate_size=512, **kwargs)
+    return tiny_llama(tie, **kwargs)
+
+
+def _taken(monkeypatch):
+    """The answers of the one-call loops' gates while the block runs: lists of what
+    linear_in_one_call (decode) and prefill_products (prefill) answered (None: op by op)."""
+    taken = {"decode": [], "prefill": []}
+
+    def spy(key, real):
+        def answer(*args):
+            taken[key].append(real(*args))
+            return taken[key][-1]
+        return answer
+
+    for key, name in (("decode", "linear_in_one_call"), ("prefill", "prefill_products")):
+        monkeypatch.setattr(fused_step, name, spy(key, getattr(fused_step, name)))
+    return taken
 
 
 def _op_by_op(monkeypatch):
@@ -89,33 +107,44 @@ def test_mixed_formats_in_one_stack_are_dequantized(tmp_path):
     assert "layers.0.qkv_proj.weight" not in quants and quants["layers.1.qkv_proj.weight"] == "q8_0"
 
 
-def test_mixed_file_as_llama_quantize_writes_q4_k_m(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "qkv-bias"])
+def test_mixed_file_as_llama_quantize_writes_q4_k_m(tmp_path, monkeypatch, bias, dtype):
     """A file of mixed formats as llama-quantize's Q4_K_M (Q4_K, with v, down and the head in
-    Q6_K where it spends more bits, here v in layer 0 only): every layer keeps its own format's
-    blocks, layer 0's q/k/v as a QuantizedLinearStack of its Q4_K and Q6_K parts; the model
-    equals the dequantized one, and its one-call decode and prefill loops (each part its own
-    product) equal the op-by-op loop."""
-    layout = {"": "Q4_K", "blk.0.attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}
-    file = write_llama_gguf(tmp_path / "mixed.gguf", _tiny("Q4_K"), layout)
-    dense, model = Llama.from_pretrained(file), Llama.from_pretrained(file, quantized=True)
+    Q6_K where it spends more bits, here v in layer 0 only; gate Q5_K beside up in layer 1):
+    every layer keeps its own format's blocks, layer 0's q/k/v and layer 1's gate/up as
+    QuantizedLinearStacks (their biases, Qwen2-style, split with them); the model equals the
+    dequantized one, and its one-call decode and prefill loops (each part its own product) are
+    taken and equal the op-by-op loop."""
+    layout = {"": "Q4_K", "blk.0.attn_v": "Q6_K", "blk.1.ffn_gate": "Q5_K", "ffn_down": "Q6_K", "output": "Q6_K"}
+    file = write_llama_gguf(tmp_path / "mixed.gguf", _tiny("Q4_K", attention_bias=bias), layout)
+    dense, model = Llama.from_pretrained(file), Llama.from_pretrained(file, quantized=True, dtype=dtype)
     stack, block = model.layers[0].qkv_proj, model.layers[1]
     assert type(stack) is QuantizedLinearStack and [p.quant for p in stack.parts] == ["q4_k", "q4_k", "q6_k"]
-    assert (block.qkv_proj.quant, block.o_proj.quant, block.gate_up_proj.quant, block.down_proj.quant) == (
-        "q4_k", "q4_k", "q4_k", "q6_k")
-    assert model.lm_head.quant == "q6_k"
+    assert [p.quant for p in block.gate_up_proj.parts] == ["q5_k", "q4_k"]
+    assert (block.qkv_proj.quant, block.o_proj.quant, block.down_proj.quant) == ("q4_k", "q4_k", "q6_k")
+    assert model.lm_head.quant == "q6_k" and (stack.parts[2].bias is not None) == bias
     for ours, theirs in zip(model.layers, dense.layers):  # the blocks hold the dequantized values
-        parts = ours.qkv_proj.parts if type(ours.qkv_proj) is QuantizedLinearStack else [ours.qkv_proj]
-        w = torch.cat([dequantize_blocks(p.weight, p.quant) for p in parts])
-        assert torch.equal(w, theirs.qkv_proj.weight)
-    weights, quants, biases, _ = fused_step.step_arguments(model, torch.float32)  # the one-call loops take it
-    assert quants[:8] == [0, 12 + fused_step.MORE_PARTS, 12 + fused_step.MORE_PARTS, 14, 12, 0, 12, 14]
-    assert len(biases) == 6 + 4 and weights[3] is stack.parts[2].weight
+        for name in ("qkv_proj", "gate_up_proj"):
+            layer, ref = getattr(ours, name), getattr(theirs, name)
+            parts = layer.parts if type(layer) is QuantizedLinearStack else [layer]
+            assert torch.equal(torch.cat([dequantize_blocks(p.weight, p.quant) for p in parts]), ref.weight)
+            if ref.bias is not None:  # (q/k/v's with attention_bias; gate/up have none)
+                assert torch.equal(torch.cat([p.bias for p in parts]).float(), ref.bias.to(dtype).float())
+    weights, quants, biases, _ = fused_step.step_arguments(model, dtype)  # the one-call loops take it
+    more = fused_step.MORE_PARTS
+    assert quants[:8] == [0, 12 + more, 12 + more, 14, 12, 0, 12, 14] and quants[8:15] == [0, 12, 12, 0, 13 + more, 12, 14]
+    assert weights[3] is stack.parts[2].weight and len(biases) == sum(q != 0 for q in quants)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref, ours = dense(ids), model(ids)
-    assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+        ref, ours = dense(ids), model(ids).float()
+    scale = ref.abs().max().item()
+    assert (ours - ref).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.05) * scale
+    taken = _taken(monkeypatch)
     out = generate(model, ids, max_new_tokens=10)
-    assert torch.equal(out, generate(dense, ids, max_new_tokens=10))
+    assert taken["prefill"] and None not in taken["prefill"] and taken["decode"] and None not in taken["decode"]
+    if dtype == torch.float32:
+        assert torch.equal(out, generate(dense, ids, max_new_tokens=10))
     _op_by_op(monkeypatch)
     assert torch.equal(generate(model, ids, max_new_tokens=10), out)
 
@@ -128,20 +157,31 @@ def test_one_call_loops_told_each_weights_format(tmp_path, monkeypatch):
     weights, quants, *_ = fused_step.step_arguments(model, torch.float32)  # the loop takes these
     assert quants[:7] == [0, 12, 12, 0, 12, 14, 0] and weights[1].dtype == torch.uint8
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    taken = _taken(monkeypatch)
+    with torch.inference_mode():
+        logits = model(ids)
     out = generate(model, ids, max_new_tokens=10)
+    assert None not in taken["prefill"] + taken["decode"]
     _op_by_op(monkeypatch)
+    with torch.inference_mode():
+        assert torch.equal(model(ids), logits)  # the same kernels in the same order: the same bits
     assert torch.equal(generate(model, ids, max_new_tokens=10), out)
 
 
 def test_one_call_loops_check_their_lists(tmp_path, monkeypatch):
     """Lists that do not describe the layers are a clear error of the C++ loop, not a misread:
-    a quant that does not fit its weight, a stack flag on a layer that takes one weight."""
+    a quant that does not fit its weight (0 for blocks; Q4_K's id for Q6_K bytes, whose rows
+    have another length; a norm's weight with a format), a stack flag on a layer that takes one
+    weight, a flag that makes a stack swallow the next layer's weights. (A Q4_0 id for Q4_K
+    blocks cannot be caught: their rows are as long. step_arguments names the formats.)"""
     file = write_llama_gguf(tmp_path / "k.gguf", _tiny("Q4_K"), {"": "Q4_K", "ffn_down": "Q6_K"})
     model = Llama.from_pretrained(file, quantized=True)
     original = fused_step.step_arguments
     ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(7))
-    for j, value, match in [(1, 0, "with quant 0"), (2, 12 + fused_step.MORE_PARTS, "marked as a part of a stack"),
-                            (0, 12, "a norm's weight")]:
+    more = fused_step.MORE_PARTS
+    for j, value, match in [(1, 0, "with quant 0"), (2, 12 + more, "marked as a part of a stack"),
+                            (0, 12, "a norm's weight"), (5, 12, "blocks must be contiguous uint8"),
+                            (1, 12 + more, "a norm's weight")]:
         def tampered(*args, j=j, value=value):
             weights, quants, biases, eps = original(*args)
             return weights, quants[:j] + [value] + quants[j + 1:], biases, eps

@@ -63,11 +63,10 @@ CUDA_QUANTS = ("q4_0", "q4_1", "q8_0")
 
 
 def _cuda_supports(p: QuantizedLinearProblem) -> str | None:
-    why = (registry.device_reason(p.device, "cuda") or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
-           or availability.cuda_device_reason())
+    why = registry.device_reason(p.device, "cuda") or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
     if why is None and p.quant not in CUDA_QUANTS:
         why = f"{p.quant} blocks: the CUDA kernel reads {', '.join(CUDA_QUANTS)}"
-    return why or _gpu_rows_reason(p, "the CUDA kernel")
+    return why or availability.cuda_device_reason() or _gpu_rows_reason(p, "the CUDA kernel")
 
 
 def _cpu_supports(p: QuantizedLinearProblem) -> str | None:
