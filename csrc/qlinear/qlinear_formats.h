@@ -11,6 +11,11 @@ enum class Quant : int64_t { q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q
 constexpr int64_t kQuantBlock = 32;  // values per block of the formats that are not k-quants
 constexpr int64_t kQuantSuperBlock = 256;  // values per super-block of the k-quants
 
+// X(Quant::...) for every format: the CPU kernels' instantiations and dispatch in one list.
+#define FASTARCH_QUANTS(X)                                                                           \
+  X(Quant::q4_0) X(Quant::q4_1) X(Quant::q5_0) X(Quant::q5_1) X(Quant::q8_0) X(Quant::q4_k) X(Quant::q5_k) \
+  X(Quant::q6_k)
+
 constexpr bool quant_known(int64_t q) {
   return q == 2 || q == 3 || q == 6 || q == 7 || q == 8 || q == 12 || q == 13 || q == 14;
 }

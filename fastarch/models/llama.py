@@ -171,7 +171,7 @@ def _linear(layer: nn.Linear | QuantizedLinear | QuantizedLinearStack, x: Tensor
     if type(layer) is QuantizedLinear:
         return ops.quantized_linear(x, layer.weight, layer.quant, layer.bias)
     if type(layer) is QuantizedLinearStack:
-        return layer(x)
+        return QuantizedLinearStack.forward(layer, x)
     return ops.linear(x, layer.weight, layer.bias)
 
 

@@ -308,14 +308,7 @@ void dequantize_rows_avx512(const uint8_t* w, int64_t in_features, int64_t begin
   template void qlinear_cols_avx512<Q, Dtype::f16>(const QuantLinearParams&, int64_t, int64_t);         \
   template void qlinear_cols_avx512<Q, Dtype::bf16>(const QuantLinearParams&, int64_t, int64_t);        \
   template void dequantize_rows_avx512<Q>(const uint8_t*, int64_t, int64_t, int64_t, float*);
-FASTARCH_QLINEAR_AVX512(Quant::q4_0)
-FASTARCH_QLINEAR_AVX512(Quant::q4_1)
-FASTARCH_QLINEAR_AVX512(Quant::q5_0)
-FASTARCH_QLINEAR_AVX512(Quant::q5_1)
-FASTARCH_QLINEAR_AVX512(Quant::q8_0)
-FASTARCH_QLINEAR_AVX512(Quant::q4_k)
-FASTARCH_QLINEAR_AVX512(Quant::q5_k)
-FASTARCH_QLINEAR_AVX512(Quant::q6_k)
+FASTARCH_QUANTS(FASTARCH_QLINEAR_AVX512)
 #undef FASTARCH_QLINEAR_AVX512
 
 }  // namespace fastarch::cpu

@@ -38,14 +38,10 @@ constexpr int64_t kDequantRows = 1024;
 template <typename Fn>
 void with_quant(Quant q, Fn&& fn) {
   switch (q) {
-    case Quant::q4_0: return fn.template operator()<Quant::q4_0>();
-    case Quant::q4_1: return fn.template operator()<Quant::q4_1>();
-    case Quant::q5_0: return fn.template operator()<Quant::q5_0>();
-    case Quant::q5_1: return fn.template operator()<Quant::q5_1>();
-    case Quant::q8_0: return fn.template operator()<Quant::q8_0>();
-    case Quant::q4_k: return fn.template operator()<Quant::q4_k>();
-    case Quant::q5_k: return fn.template operator()<Quant::q5_k>();
-    case Quant::q6_k: return fn.template operator()<Quant::q6_k>();
+#define FASTARCH_QUANT_CASE(Q) \
+  case Q: return fn.template operator()<Q>();
+    FASTARCH_QUANTS(FASTARCH_QUANT_CASE)
+#undef FASTARCH_QUANT_CASE
   }
 }
 

@@ -33,20 +33,16 @@ inline void block_values(const uint8_t* blk, float* v) {
   if constexpr (Q == Quant::q8_0) {
     const float d = half_at(blk);
     for (int j = 0; j < 32; ++j) v[j] = static_cast<float>(static_cast<int8_t>(blk[2 + j])) * d;
-  } else if constexpr (Q == Quant::q4_0 || Q == Quant::q4_1) {
+  } else if constexpr (!quant_is_k(Q)) {  // Q4_0, Q4_1, Q5_0, Q5_1: d (, m) (, the fifth bits), nibbles
+    constexpr bool kOffset = Q == Quant::q4_1 || Q == Quant::q5_1, kFive = Q == Quant::q5_0 || Q == Quant::q5_1;
+    const uint8_t* qs = blk + (kOffset ? 4 : 2) + (kFive ? 4 : 0);
+    uint32_t qh = 0;
+    if constexpr (kFive) std::memcpy(&qh, qs - 4, 4);
     const float d = half_at(blk);
     for (int j = 0; j < 32; ++j) {
-      const int q = j < 16 ? blk[(Q == Quant::q4_1 ? 4 : 2) + j] & 0x0F : blk[(Q == Quant::q4_1 ? 4 : 2) + j - 16] >> 4;
-      v[j] = Q == Quant::q4_1 ? madd_f32(static_cast<float>(q), d, half_at(blk + 2)) : static_cast<float>(q - 8) * d;
-    }
-  } else if constexpr (Q == Quant::q5_0 || Q == Quant::q5_1) {
-    const uint8_t* head = blk + (Q == Quant::q5_1 ? 4 : 2);
-    const float d = half_at(blk);
-    uint32_t qh;
-    std::memcpy(&qh, head, 4);
-    for (int j = 0; j < 32; ++j) {
-      const int q = (j < 16 ? head[4 + j] & 0x0F : head[4 + j - 16] >> 4) | static_cast<int>(((qh >> j) & 1) << 4);
-      v[j] = Q == Quant::q5_1 ? madd_f32(static_cast<float>(q), d, half_at(blk + 2)) : static_cast<float>(q - 16) * d;
+      const int q = (j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4) | static_cast<int>(((qh >> j) & 1) << 4);
+      v[j] = kOffset ? madd_f32(static_cast<float>(q), d, half_at(blk + 2))
+                     : static_cast<float>(q - (kFive ? 16 : 8)) * d;
     }
   } else if constexpr (Q == Quant::q4_k || Q == Quant::q5_k) {
     const uint8_t* s = blk + 4;  // the 6-bit scales and mins (formats.py, k_scales)
@@ -150,14 +146,7 @@ void dequantize_rows_generic(const uint8_t* w, int64_t in_features, int64_t begi
   template void qlinear_cols_generic<kPortableBuild, Q, Dtype::f16>(const QuantLinearParams&, int64_t, int64_t);      \
   template void qlinear_cols_generic<kPortableBuild, Q, Dtype::bf16>(const QuantLinearParams&, int64_t, int64_t);     \
   template void dequantize_rows_generic<kPortableBuild, Q>(const uint8_t*, int64_t, int64_t, int64_t, float*);
-FASTARCH_QLINEAR_GENERIC(Quant::q4_0)
-FASTARCH_QLINEAR_GENERIC(Quant::q4_1)
-FASTARCH_QLINEAR_GENERIC(Quant::q5_0)
-FASTARCH_QLINEAR_GENERIC(Quant::q5_1)
-FASTARCH_QLINEAR_GENERIC(Quant::q8_0)
-FASTARCH_QLINEAR_GENERIC(Quant::q4_k)
-FASTARCH_QLINEAR_GENERIC(Quant::q5_k)
-FASTARCH_QLINEAR_GENERIC(Quant::q6_k)
+FASTARCH_QUANTS(FASTARCH_QLINEAR_GENERIC)
 #undef FASTARCH_QLINEAR_GENERIC
 
 }  // namespace fastarch::cpu
