@@ -149,7 +149,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU, bf16 on a GPU")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when one is visible, else cpu)")
     g.add_argument("--quantized", action="store_true",
-                   help="a GGUF file's quantized layers (Q4_0 ... Q6_K, Q4_K_M files) kept as blocks"
+                   help="a GGUF file's quantized layers (Q4_0 ... IQ4_XS, Q4_K_M files) kept as blocks"
                    " (fastarch.ops.quantized_linear)")
 
 

@@ -1,6 +1,6 @@
 """Triton kernel of the linear layer on block-quantized weights (every GGUF block format of
-fastarch/ops/qlinear/formats.py: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 in 32-value blocks, Q4_K, Q5_K,
-Q6_K in 256-value super-blocks), and its launcher.
+fastarch/ops/qlinear/formats.py: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL in 32-value blocks, Q4_K,
+Q5_K, Q6_K, IQ4_XS in 256-value super-blocks), and its launcher.
 
 One program computes BLOCK_N output columns of one row of x: it walks those BLOCK_N rows of
 blocks BLOCK_K values at a time, gathering each value's bits from its block as stored (the
@@ -31,9 +31,12 @@ Q8_0 = tl.constexpr(4)
 Q4_K = tl.constexpr(5)
 Q5_K = tl.constexpr(6)
 Q6_K = tl.constexpr(7)
+IQ4_NL = tl.constexpr(8)
+IQ4_XS = tl.constexpr(9)
 _FORMATS = {  # formats.py's quant name: (QUANT, values per block, bytes per block)
     "q4_0": (0, 32, 18), "q4_1": (1, 32, 20), "q5_0": (2, 32, 22), "q5_1": (3, 32, 24), "q8_0": (4, 32, 34),
-    "q4_k": (5, 256, 144), "q5_k": (6, 256, 176), "q6_k": (7, 256, 210),
+    "q4_k": (5, 256, 144), "q5_k": (6, 256, 176), "q6_k": (7, 256, 210), "iq4_nl": (8, 32, 18),
+    "iq4_xs": (9, 256, 136),
 }
 
 
@@ -101,6 +104,39 @@ def _k_value(block, j, mask, QUANT: tl.constexpr):
 
 
 @triton.jit
+def _pick(q, bit: tl.constexpr, lo, hi):
+    return tl.where(((q >> bit) & 1) != 0, hi, lo)
+
+
+@triton.jit
+def _iq4_level(q):
+    """IQ4's level q (0..15) of formats.IQ4_LEVELS, as fp32: a tree of selects on q's bits."""
+    a = _pick(q, 1, _pick(q, 0, -127.0, -104.0), _pick(q, 0, -83.0, -65.0))
+    b = _pick(q, 1, _pick(q, 0, -49.0, -35.0), _pick(q, 0, -22.0, -10.0))
+    c = _pick(q, 1, _pick(q, 0, 1.0, 13.0), _pick(q, 0, 25.0, 38.0))
+    e = _pick(q, 1, _pick(q, 0, 53.0, 69.0), _pick(q, 0, 89.0, 113.0))
+    return _pick(q, 3, _pick(q, 2, a, b), _pick(q, 2, c, e))
+
+
+@triton.jit
+def _iq4_value(block, j, mask, QUANT: tl.constexpr):
+    """Value j of the IQ4_NL blocks (j < 32: d level[q]) or IQ4_XS super-blocks (j < 256:
+    sub-block s = j / 32's (d (ls_s - 32)) level[q]) at block, in fp32 (the products exact)."""
+    d = _half_at(block, mask)
+    if QUANT == IQ4_XS:
+        s = j // 32
+        low = (_byte(block + 4 + s // 2, mask) >> (s % 2 * 4)) & 15
+        high = (_byte(block + 2 + s // 4, mask) >> (s % 4 * 2)) & 3  # bits 2 s, 2 s + 1 of the u16
+        d = d * ((low | (high << 4)) - 32).to(tl.float32)
+        qs = block + 8 + s * 16
+    else:
+        qs = block + 2
+    i = j % 32
+    q = (_byte(qs + i % 16, mask) >> (i // 16 * 4)) & 15
+    return d * _iq4_level(q)
+
+
+@triton.jit
 def _q6_k_value(block, j, mask):
     """Value j (< 256) of the Q6_K super-blocks at block, in fp32: (d sc_{j / 16}) (q - 32)."""
     half = j // 128
@@ -133,7 +169,9 @@ def _qlinear_kernel(
         x = tl.load(X + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
         block = rows + (k // BLOCK_VALUES)[None, :] * BLOCK_BYTES  # each value's block
         j = (k % BLOCK_VALUES)[None, :]
-        if QUANT == Q6_K:
+        if QUANT == IQ4_NL or QUANT == IQ4_XS:
+            w = _iq4_value(block, j, ok, QUANT)
+        elif QUANT == Q6_K:
             w = _q6_k_value(block, j, ok)
         elif BLOCK_VALUES == 256:
             w = _k_value(block, j, ok, QUANT)
@@ -147,8 +185,9 @@ def _qlinear_kernel(
 
 def quantized_linear_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) -> Tensor:
     """x (rows, K) with a contiguous last dim, blocks uint8 (N, K / block values * block bytes)
-    contiguous, quant a formats.py format ("q4_0" | "q4_1" | "q5_0" | "q5_1" | "q8_0": 32-value
-    blocks; "q4_k" | "q5_k" | "q6_k": 256), bias (N,) or None -> (rows, N) in x's dtype."""
+    contiguous, quant a formats.py format ("q4_0" | "q4_1" | "q5_0" | "q5_1" | "q8_0" | "iq4_nl":
+    32-value blocks; "q4_k" | "q5_k" | "q6_k" | "iq4_xs": 256), bias (N,) or None -> (rows, N) in
+    x's dtype."""
     rows, K = x.shape
     N = blocks.shape[0]
     out = torch.empty((rows, N), dtype=x.dtype, device=x.device)

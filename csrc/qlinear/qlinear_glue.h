@@ -16,8 +16,8 @@ using at::Tensor;
 inline void check(const char* who, const Tensor& x, const Tensor& blocks, int64_t quant,
                   const std::optional<Tensor>& bias) {
   TORCH_CHECK(quant_known(quant), who,
-              ": quant must be a ggml type id of Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), Q5_K (13)"
-              " or Q6_K (14), got ", quant);
+              ": quant must be a ggml type id of Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), Q5_K (13),"
+              " Q6_K (14), IQ4_NL (20) or IQ4_XS (23), got ", quant);
   const Quant q = static_cast<Quant>(quant);
   TORCH_CHECK(x.dim() == 2, who, ": x must be 2-D (rows, in_features), got ", x.sizes());
   const int64_t K = x.size(1), block = quant_block_values(q);

@@ -52,7 +52,7 @@ def from_pretrained(
     config.json's model_type (a diffusers config's _class_name); an unsupported one is an error that lists the supported ones.
     gguf_file: a llama.cpp GGUF file in the directory ``path`` (as transformers' gguf_file=;
     or ``path`` is a .gguf file): its general.architecture picks the family. quantized (GGUF
-    only): keep the file's quantized projections and head as blocks (Q4_0 ... Q6_K; Llama.from_pretrained)."""
+    only): keep the file's quantized projections and head as blocks (Q4_0 ... IQ4_XS; Llama.from_pretrained)."""
     from fastarch.models.llama import gguf_path
 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -564,7 +564,7 @@ class TextGenerator:
         checkpoint directory; the stop tokens from its generation_config.json when present.
         gguf_file (or a ``path`` ending in .gguf): a llama.cpp GGUF file, its tokenizer from the
         file's metadata (fastarch.models.gguf.tokenizer_from_gguf), its stop token the file's;
-        quantized: keep its quantized layers as blocks (Q4_0 ... Q6_K; from_pretrained's quantized)."""
+        quantized: keep its quantized layers as blocks (Q4_0 ... IQ4_XS; from_pretrained's quantized)."""
         import json
         from pathlib import Path
 

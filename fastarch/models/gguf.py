@@ -22,8 +22,8 @@ from torch import Tensor
 from fastarch.models.loading import CheckpointError
 from fastarch.ops.qlinear.backends import GGML_IDS
 from fastarch.ops.qlinear.formats import (  # the quantized linear layer's formats and their readers
-    bit_fields as _bits, f16_at as _f16, field as _field, low_high as _low_high, q4_0_values, q4_1_values, q4_k_values,
-    q5_0_values, q5_1_values, q5_k_values, q6_k_values, q8_0_values,
+    bit_fields as _bits, f16_at as _f16, field as _field, iq4_nl_values, iq4_xs_values, q4_0_values, q4_1_values,
+    q4_k_values, q5_0_values, q5_1_values, q5_k_values, q6_k_values, q8_0_values,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -62,27 +62,6 @@ def _q8_k(b: Tensor) -> Tensor:  # d: f32, qs: 256 int8, bsums: 16 int16 (unused
     return _field(b, 0, 4).view(torch.float32) * _field(b, 4, 260).view(torch.int8).float()
 
 
-# IQ4's 16 non-uniform levels (llama.cpp's kvalues_iq4nl), denser near zero where weights are
-_IQ4_LEVELS = torch.tensor(
-    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32
-)
-
-
-def _iq4_nl(b: Tensor) -> Tensor:  # d: f16, qs: 16 bytes; x = d * level[q]
-    return _f16(b, 0) * _IQ4_LEVELS[_low_high(_field(b, 2, 18)).long()]
-
-
-def _iq4_xs(b: Tensor) -> Tensor:  # d: f16, scales_h: u16, scales_l: 4 bytes, qs: 128
-    n = b.shape[0]
-    sl = _field(b, 4, 8)
-    low = torch.stack([sl & 0x0F, sl >> 4], dim=2).reshape(n, 8)  # sub-block 2j: low nibble of byte j
-    high = _bits(_field(b, 2, 4), 4, 2).transpose(1, 2).reshape(n, 8)  # bits 2i, 2i+1 of the u16
-    sc = (low | (high << 4)).to(torch.int8) - 32
-    dl = (_f16(b, 0) * sc.float()).view(n, 8, 1)
-    q = _IQ4_LEVELS[_low_high(_field(b, 8, 136).reshape(n, 8, 16)).long()]
-    return (dl * q).view(n, QK_K)
-
-
 # ggml type id -> (name, values per block, bytes per block, dequantizer or None for a plain dtype)
 GGML_TYPES: dict[int, tuple[str, int, int, Callable[[Tensor], Tensor] | None]] = {
     0: ("F32", 1, 4, None),
@@ -98,8 +77,8 @@ GGML_TYPES: dict[int, tuple[str, int, int, Callable[[Tensor], Tensor] | None]] =
     13: ("Q5_K", QK_K, 176, q5_k_values),
     14: ("Q6_K", QK_K, 210, q6_k_values),
     15: ("Q8_K", QK_K, 292, _q8_k),
-    20: ("IQ4_NL", 32, 18, _iq4_nl),
-    23: ("IQ4_XS", QK_K, 136, _iq4_xs),
+    20: ("IQ4_NL", 32, 18, iq4_nl_values),
+    23: ("IQ4_XS", QK_K, 136, iq4_xs_values),
     30: ("BF16", 1, 2, None),
 }
 _PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
@@ -299,9 +278,9 @@ def read_gguf(
     becomes config["rope_scaling"] (rope_type "llama3") rather than a weight.
 
     quantized: keep the projections' and the head's tensors of the formats that
-    fastarch.ops.quantized_linear reads (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as they
+    fastarch.ops.quantized_linear reads (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) as they
     are stored, uint8 blocks (rows, bytes per row), listed in config["quantization"] (name ->
-    "q4_0", ..., "q6_k"); a tied head then comes as such an lm_head.weight beside the
+    "q4_0", ..., "iq4_xs"); a tied head then comes as such an lm_head.weight beside the
     dequantized embeddings."""
     if not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating dtype, got {dtype}")

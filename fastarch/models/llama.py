@@ -347,7 +347,7 @@ class Llama(CausalLM):
         MistralForCausalLM, Qwen2ForCausalLM), or of a llama GGUF file: ``gguf_file`` names it
         inside the directory ``path`` (as transformers' gguf_file=), or ``path`` is the file.
         In eval mode. quantized (GGUF only): the projections and the head whose tensors the file
-        stores in a format of fastarch.ops.quantized_linear (Q4_0 ... Q6_K) keep those blocks
+        stores in a format of fastarch.ops.quantized_linear (Q4_0 ... IQ4_XS) keep those blocks
         (fastarch.nn.QuantizedLinear, or a QuantizedLinearStack for a q/k/v or gate/up stack of
         mixed formats; the products on fastarch.ops.quantized_linear, the same values as
         dequantized); the rest is dequantized to ``dtype`` as without it."""

@@ -129,7 +129,7 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str | dict[str,
     such as "blk.0.attn_v", ``qtype[kind]`` for a kind such as "attn_v" or "output", ``qtype[""]``
     for the rest: a file of mixed formats, as
     llama-quantize's Q4_K_M); a tied model has no output.weight. gguf-py quantizes the formats
-    it can, fastarch.ops.qlinear.quantize_blocks the k-quants."""
+    it can, fastarch.ops.qlinear.quantize_blocks the k-quants and IQ4's."""
     c = model.config
     w = GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -166,7 +166,7 @@ def write_llama_gguf(path: Path, model: LlamaForCausalLM, qtype: str | dict[str,
             w.add_tensor(gname, x.astype(np.float16))
         else:
             quant = GGMLQuantizationType[kind_qtype]
-            if kind_qtype.endswith("_K"):
+            if kind_qtype.endswith("_K") or kind_qtype.startswith("IQ4"):  # (formats gguf-py cannot write)
                 blocks = quantize_blocks(torch.from_numpy(np.ascontiguousarray(x)), kind_qtype.lower()).numpy()
             else:
                 blocks = gguf_quants.quantize(x, quant)

@@ -15,15 +15,15 @@ from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import generate
 from fastarch.models.llama import Llama, _stack
 from fastarch.nn import QuantizedLinear, QuantizedLinearStack
-from fastarch.ops.qlinear import dequantize_blocks
+from fastarch.ops.qlinear import BLOCK_VALUES, dequantize_blocks
 from test_gguf import smollm2_path, tiny_llama, write_llama_gguf  # tests/models/test_gguf.py
 
-QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 def _tiny(qtype: str, tie: bool = False, **kwargs):
-    """tiny_llama, its widths multiples of 256 for the k-quants' super-blocks."""
-    if qtype.endswith("_K"):
+    """tiny_llama, its widths multiples of 256 for the super-blocks of the k-quants and IQ4_XS."""
+    if BLOCK_VALUES[qtype.lower()] == 256:
         return tiny_llama(tie, hidden_size=256, intermediate_size=512, **kwargs)
     return tiny_llama(tie, **kwargs)
 

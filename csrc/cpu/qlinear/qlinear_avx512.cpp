@@ -59,12 +59,17 @@ __attribute__((always_inline)) inline void block_values(const uint8_t* blk, __m5
     const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d);
     hi = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
-  } else if constexpr (Q == Quant::q4_0 || Q == Quant::q4_1) {
-    // the block's 16 levels (d q + m, or d (q - 8)) in one vector, then each value picked from it
-    // by its 4 bits (vpermps reads an index's low 4 bits only: the low nibble needs no mask)
+  } else if constexpr (Q == Quant::q4_0 || Q == Quant::q4_1 || Q == Quant::iq4_nl) {
+    // the block's 16 levels (d q + m, d (q - 8), or d level[q]) in one vector, then each value
+    // picked from it by its 4 bits (vpermps reads an index's low 4 bits only: the low nibble
+    // needs no mask)
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kOffset ? 4 : 2))));
-    const __m512 levels =
-        kOffset ? _mm512_fmadd_ps(iota, d, m) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), d);
+    __m512 levels;
+    if constexpr (Q == Quant::iq4_nl) {
+      levels = _mm512_mul_ps(_mm512_loadu_ps(kIq4Levels), d);
+    } else {
+      levels = kOffset ? _mm512_fmadd_ps(iota, d, m) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), d);
+    }
     lo = _mm512_permutexvar_ps(q, levels);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels);
   } else if constexpr (Q == Quant::q5_0) {
@@ -122,7 +127,19 @@ __attribute__((always_inline)) inline void k_scales(const uint8_t* blk, float* s
 // values are assembled as bytes, widened and scaled by their 16 values' d sc.
 template <Quant Q, typename Fn>
 __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn) {
-  if constexpr (Q == Quant::q6_k) {
+  if constexpr (Q == Quant::iq4_xs) {  // sub-block c: 16 bytes as IQ4_NL's, its step d (ls - 32)
+    const float d = half_at(blk);
+    uint16_t high;
+    std::memcpy(&high, blk + 2, 2);
+    const __m512 table = _mm512_loadu_ps(kIq4Levels);
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const int ls = ((blk[4 + c / 2] >> (4 * (c % 2))) & 0x0F) | (((high >> (2 * c)) & 3) << 4);
+      const __m512 levels = _mm512_mul_ps(table, _mm512_set1_ps(d * static_cast<float>(ls - 32)));  // (exact)
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 8 + 16 * c)));
+      fn(c, _mm512_permutexvar_ps(q, levels), _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels));
+    }
+  } else if constexpr (Q == Quant::q6_k) {
     alignas(64) float ds[16];
     const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
     _mm512_store_ps(ds, _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_set1_ps(half_at(blk + 208))));

@@ -33,6 +33,17 @@ inline void block_values(const uint8_t* blk, float* v) {
   if constexpr (Q == Quant::q8_0) {
     const float d = half_at(blk);
     for (int j = 0; j < 32; ++j) v[j] = static_cast<float>(static_cast<int8_t>(blk[2 + j])) * d;
+  } else if constexpr (Q == Quant::iq4_nl || Q == Quant::iq4_xs) {  // (sub-)blocks of 32: a step, 16 bytes
+    constexpr bool kXs = Q == Quant::iq4_xs;
+    const float d = half_at(blk);
+    uint16_t high = 0;
+    if constexpr (kXs) std::memcpy(&high, blk + 2, 2);
+    for (int c = 0; c < (kXs ? 8 : 1); ++c) {
+      const int ls = kXs ? ((blk[4 + c / 2] >> (4 * (c % 2))) & 0x0F) | (((high >> (2 * c)) & 3) << 4) : 33;
+      const float step = kXs ? d * static_cast<float>(ls - 32) : d;
+      const uint8_t* qs = blk + (kXs ? 8 + 16 * c : 2);
+      for (int j = 0; j < 32; ++j) v[32 * c + j] = step * kIq4Levels[j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4];
+    }
   } else if constexpr (!quant_is_k(Q)) {  // Q4_0, Q4_1, Q5_0, Q5_1: d (, m) (, the fifth bits), nibbles
     constexpr bool kOffset = Q == Quant::q4_1 || Q == Quant::q5_1, kFive = Q == Quant::q5_0 || Q == Quant::q5_1;
     const uint8_t* qs = blk + (kOffset ? 4 : 2) + (kFive ? 4 : 0);

@@ -1,5 +1,6 @@
 """The linear layer on block-quantized weights: quantized_linear (y = x W^T + b with W given
-as GGUF's blocks, as the file stores them: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K),
+as GGUF's blocks, as the file stores them: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K,
+IQ4_NL, IQ4_XS),
 with kernels that read the blocks once for a decode step's few rows of x: a Q4_K weight is
 0.56 bytes where bf16 is 2.
 

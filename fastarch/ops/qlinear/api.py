@@ -83,14 +83,14 @@ def quantized_linear(
     x: Tensor, weight: Tensor, quant: str, bias: Tensor | None = None, *, backend: str | None = None
 ) -> Tensor:
     """y = x W^T + b with W given as block-quantized rows, as GGUF files store them: a decode
-    step reads 0.56 (Q4_0, Q4_K), 0.625 (Q4_1), 0.69 (Q5_0, Q5_K), 0.75 (Q5_1), 0.82 (Q6_K) or
+    step reads 0.53 (IQ4_XS), 0.56 (Q4_0, Q4_K, IQ4_NL), 0.625 (Q4_1), 0.69 (Q5_0, Q5_K), 0.75 (Q5_1), 0.82 (Q6_K) or
     1.06 (Q8_0) bytes per weight where bf16 reads 2.
 
     x: (..., in_features), in_features a multiple of the format's block (32; 256 for the
     k-quants), float32/float16/bfloat16 (float64 on the reference backend); weight: uint8
     (out_features, in_features / BLOCK_VALUES[quant] * BLOCK_BYTES[quant]), each row its blocks
     in order (``quantize_blocks``, or a GGUF tensor's bytes); quant: one of QUANTS ("q4_0",
-    "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"); bias: (out_features,) of x's dtype,
+    "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"); bias: (out_features,) of x's dtype,
     or None. W's values are exactly ggml's dequantized ones (``dequantize_blocks``); sums in
     fp32, rounded once to x's dtype.
     Returns (..., out_features). Gradients flow to x and bias (W's blocks are constants).

@@ -21,7 +21,8 @@ from fastarch.ops.qlinear import triton
 from fastarch.ops.qlinear.reference import quantized_linear_ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-GGML_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+GGML_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+            "iq4_nl": 20, "iq4_xs": 23}
 """The formats' ggml type ids, the C++ kernel's ``quant`` argument."""
 GPU_MAX_ROWS = 16
 """The most rows of x the CUDA and Triton kernels take (not yet measured on a GPU)."""

@@ -19,10 +19,15 @@ A row of W (in_features values) is a run of blocks, each of ``BLOCK_VALUES[quant
 - Q6_K (256, 210): 128 bytes ql (low 4 bits), 64 bytes qh (2 high bits), 16 int8 scales, d; in
   each half of 128 values, value 32g + l (g < 4) takes ql[l + 32 (g % 2)]'s low (g < 2) or high
   nibble and bits 2g, 2g + 1 of qh[l]; value i is (d sc_{i / 16}) (q - 32).
+- IQ4_NL (32, 18): d, the 4-bit q as Q4_0; a value is d IQ4_LEVELS[q], 16 non-uniform levels.
+- IQ4_XS (256, 136): d, a u16 of the scales' high 2 bits (sub-block s: bits 2s, 2s + 1), 4
+  bytes of their low nibbles (sub-block s: byte s / 2, low nibble for even s), then 16 bytes
+  per sub-block of 32 as IQ4_NL's; sub-block s's value is (d (ls_s - 32)) IQ4_LEVELS[q].
 
 Every product of fp16 and small integers above is exact in fp32, and where a value is a product
 and a sum or difference the product is exact, so computing each in fp32 gives ggml's values bit
-for bit; Q6_K's (d sc) (q - 32) rounds once, in that order, as ggml's does.
+for bit; Q6_K's (d sc) (q - 32) rounds once, in that order, as ggml's does (IQ4_XS's
+(d (ls - 32)) level is exact: 11 + 6 + 7 bits).
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-BLOCK_VALUES = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+BLOCK_VALUES = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256,
+                "iq4_nl": 32, "iq4_xs": 256}
 """Values per block of each format."""
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34, "q4_k": 144, "q5_k": 176, "q6_k": 210}
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34, "q4_k": 144, "q5_k": 176, "q6_k": 210,
+               "iq4_nl": 18, "iq4_xs": 136}
 """Bytes per block of each format."""
 QUANTS = tuple(BLOCK_BYTES)
 
@@ -146,6 +153,26 @@ def q6_k_values(b: Tensor) -> Tensor:
     return (d * q.view(n, 16, 16).float()).view(n, 256)
 
 
+IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                          dtype=torch.float32)
+"""IQ4_NL's and IQ4_XS's 16 levels (llama.cpp's kvalues_iq4nl), denser near zero where weights are."""
+
+
+def iq4_nl_values(b: Tensor) -> Tensor:
+    """IQ4_NL blocks (n, 18) -> their values (n, 32) fp32: d * level[q]."""
+    return f16_at(b, 0) * IQ4_LEVELS[low_high(field(b, 2, 18)).long()]
+
+
+def iq4_xs_values(b: Tensor) -> Tensor:
+    """IQ4_XS blocks (n, 136) -> their values (n, 256) fp32: (d (ls - 32)) level[q]."""
+    n = b.shape[0]
+    sl = field(b, 4, 8)
+    low = torch.stack([sl & 0x0F, sl >> 4], dim=2).reshape(n, 8)  # sub-block 2j: low nibble of byte j
+    high = bit_fields(field(b, 2, 4), 4, 2).transpose(1, 2).reshape(n, 8)  # bits 2s, 2s + 1 of the u16
+    dl = (f16_at(b, 0) * ((low | (high << 4)).to(torch.int8) - 32).float()).view(n, 8, 1)
+    return (dl * IQ4_LEVELS[low_high(field(b, 8, 136).reshape(n, 8, 16)).long()]).view(n, 256)
+
+
 def widen_to_q8_0(blocks: Tensor, quant: str) -> Tensor:
     """Q4_0 or Q5_0 (or Q8_0) blocks (n, bytes per row) as Q8_0 blocks holding the same values
     bit for bit: d kept, q - 8 (q - 16) as int8, and Q8_0's q d is the same product. For a
@@ -166,7 +193,7 @@ def widen_to_q8_0(blocks: Tensor, quant: str) -> Tensor:
 
 VALUES = {
     "q4_0": q4_0_values, "q4_1": q4_1_values, "q5_0": q5_0_values, "q5_1": q5_1_values, "q8_0": q8_0_values,
-    "q4_k": q4_k_values, "q5_k": q5_k_values, "q6_k": q6_k_values,
+    "q4_k": q4_k_values, "q5_k": q5_k_values, "q6_k": q6_k_values, "iq4_nl": iq4_nl_values, "iq4_xs": iq4_xs_values,
 }
 
 
@@ -182,8 +209,9 @@ def dequantize_blocks(blocks: Tensor, quant: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Writing blocks: the nearest levels. Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 as llama.cpp's reference
 # quantizer and gguf-py (bit for bit); the k-quants by a plain rule (each sub-block's range,
-# its scale and min rounded to 6 bits, or Q6_K's to 8): not llama.cpp's search for the scales
-# of least error, so its bytes differ from llama-quantize's, which any reader takes alike.
+# its scale and min rounded to 6 bits, or Q6_K's to 8), and the IQ4 formats by the nearest of
+# their levels under the block's largest magnitude: not llama.cpp's search for the scales of
+# least error, so its bytes differ from llama-quantize's, which any reader takes alike.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -274,6 +302,31 @@ def _q6_k(v: Tensor) -> Tensor:
     return torch.cat([low.reshape(n, 128), qh.reshape(n, 64), sc.to(torch.int8).view(torch.uint8), _half_bytes(d)], 1)
 
 
+def _nearest_level(v: Tensor, step: Tensor) -> Tensor:
+    """The index of the IQ4 level nearest each v / step (step 0: level 8, the one nearest 0), uint8."""
+    return (v * _inverse(step)).unsqueeze(-1).sub(IQ4_LEVELS).abs().argmin(-1).to(torch.uint8)
+
+
+def _iq4(v: Tensor, quant: str) -> Tensor:
+    """Blocks (n, 32) -> IQ4_NL bytes, (n, 256) -> IQ4_XS bytes: the value of largest magnitude
+    maps to level -127 (its sub-block's step; IQ4_XS's steps rounded to 6-bit multiples of d)."""
+    n = v.shape[0]
+    sub = v.view(n, -1, 32)
+    big = sub.gather(2, sub.abs().argmax(2, keepdim=True)).squeeze(2)
+    if quant == "iq4_nl":
+        d = (big / -127).half().float()
+        return torch.cat([_half_bytes(d), _pack_nibbles(_nearest_level(v, d))], 1)
+    scale = big / -127
+    d = (scale.abs().amax(1, keepdim=True) / 32).half().float()
+    ls = ((scale * _inverse(d)).round() + 32).clamp(0, 63).to(torch.uint8)  # (n, 8)
+    q = _nearest_level(sub, (d * (ls.float() - 32)).unsqueeze(2))  # (n, 8, 32)
+    high = (ls >> 4).long() << torch.arange(0, 16, 2)
+    scales_h = high.sum(1, keepdim=True).to(torch.int16).view(torch.uint8)  # the u16, little-endian
+    scales_l = (ls[:, 0::2] & 0x0F) | (ls[:, 1::2] << 4)
+    qs = _pack_nibbles(q.reshape(n * 8, 32)).reshape(n, 128)
+    return torch.cat([_half_bytes(d), scales_h, scales_l, qs], 1)
+
+
 def quantize_blocks(w: Tensor, quant: str) -> Tensor:
     """The blocks of w (out_features, in_features), in_features a multiple of the format's
     block, in format ``quant``: the nearest levels (see above). For tests and for weights that
@@ -285,7 +338,9 @@ def quantize_blocks(w: Tensor, quant: str) -> Tensor:
         raise ValueError(f"quantize_blocks: w must be (out_features, in_features) with in_features a multiple of "
                          f"{block} ({quant}'s block), got shape {tuple(w.shape)}")
     v = w.detach().float().cpu().reshape(-1, block)
-    if quant == "q6_k":
+    if quant.startswith("iq4"):
+        blocks = _iq4(v, quant)
+    elif quant == "q6_k":
         blocks = _q6_k(v)
     elif block == 256:
         blocks = _k_quant(v, quant)

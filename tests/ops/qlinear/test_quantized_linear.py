@@ -26,7 +26,8 @@ UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-
 # (in_features, out_features): one block, SmolLM2's widths, out_features off the 16-column chunks;
 # in_features rounded up to a multiple of the format's block (256 for the k-quants)
 SHAPES = [(32, 5), (576, 960), (1536, 37), (96, 100)]
-SCALE_AT = {"q6_k": 208}  # the byte of a block's (first) fp16 scale d: 0 but in Q6_K
+SCALE_AT = {"q6_k": 208}
+GGUF_PY_WRITES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # the formats gguf-py quantizes too  # the byte of a block's (first) fp16 scale d: 0 but in Q6_K
 BACKEND_ROWS = {"cpu": [1, 3, 8, 9, 17], "reference": [1, 20], "triton": [1, 3], "cuda": [1, 3, 16]}
 
 
@@ -67,7 +68,7 @@ def random_blocks(n, k, quant, seed=0):
 def test_formats_match_gguf_py(quant):
     """dequantize_blocks gives gguf-py's values bit for bit, on quantize_blocks' blocks (zeros,
     one repeated value and mixed signs included) and on random bytes; quantize_blocks gives
-    gguf-py's bytes for the formats gguf-py writes (it has no k-quant quantizer), and each value
+    gguf-py's bytes for the formats gguf-py writes (it has no k-quant or IQ4 quantizer), and each value
     as near w as the format's bits allow."""
     from gguf import GGMLQuantizationType
     from gguf import quants
@@ -78,7 +79,7 @@ def test_formats_match_gguf_py(quant):
     w[5, :32] = 0.75
     w[6] *= 1e-3
     blocks = quantize_blocks(w, quant)
-    if BLOCK_VALUES[quant] == 32:
+    if quant in GGUF_PY_WRITES:
         assert np.array_equal(blocks.numpy(), quants.quantize(w.numpy(), kind))
     for b in (blocks, random_blocks(16, 512, quant)):
         assert np.array_equal(dequantize_blocks(b, quant).numpy(), quants.dequantize(b.numpy(), kind))
@@ -87,7 +88,7 @@ def test_formats_match_gguf_py(quant):
     # (per row: the row scaled by 1e-3 and the constant one count alone)
     err = (dequantize_blocks(blocks, quant) - w).square().mean(1).sqrt()
     scale = w.square().mean(1).sqrt()
-    bound = {"q4": 0.1, "q5": 0.05, "q6": 0.025, "q8": 0.007}[quant[:2]]
+    bound = {"q4": 0.1, "q5": 0.05, "q6": 0.025, "q8": 0.007}[quant.removeprefix("i")[:2]]
     assert (err[scale > 0] <= bound * scale[scale > 0]).all(), (err / scale).max()
     assert torch.equal(dequantize_blocks(blocks[3:4], quant), torch.zeros(1, 512))
 
