@@ -219,12 +219,19 @@ def test_real_smollm2_quantized_same_greedy_tokens():
     assert torch.equal(generate(model, ids, max_new_tokens=16), generate(dense, ids, max_new_tokens=16))
 
 
-def test_cli_generate_quantized(capsys):
-    """``fastarch generate --quantized`` on the default SmolLM2 file: the same greedy text in fp32."""
+def test_cli_generate_quantized(capsys, monkeypatch):
+    """``fastarch generate`` on the default SmolLM2 file keeps its blocks on the CPU (the
+    default; ``--quantized`` says so), ``--no-quantized`` dequantizes: the same greedy text in fp32."""
     from fastarch.cli import main
+    from fastarch.models.generate import TextGenerator
 
+    asked = []
+    real = TextGenerator.from_pretrained.__func__
+    monkeypatch.setattr(TextGenerator, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: asked.append(k["quantized"]) or real(cls, *a, **k)))
     argv = ["generate", "The capital of France is", "--max-new-tokens", "8", "--dtype", "fp32"]
-    assert main(argv) == 0
+    assert main(argv + ["--no-quantized"]) == 0
     plain = capsys.readouterr().out
-    assert main(argv + ["--quantized"]) == 0
-    assert capsys.readouterr().out == plain and plain.strip()
+    assert main(argv) == 0 and main(argv + ["--quantized"]) == 0
+    out = capsys.readouterr().out
+    assert out == plain * 2 and plain.strip() and asked == [False, True, True]
