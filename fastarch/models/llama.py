@@ -378,7 +378,7 @@ class Llama(CausalLM):
                 else:
                     _quantize_layer(model, layer, quant)
         for layer, parts in stacks.items():
-            _quantize_stack(model, layer, parts)
+            _quantize_layer(model, layer, parts)
         tied = cfg.tie_word_embeddings
 
         def name_of(ckpt_name: str) -> str | None:
@@ -398,24 +398,20 @@ def gguf_path(path: str | os.PathLike, gguf_file: str | os.PathLike | None) -> P
     return Path(path) if str(path).endswith(".gguf") else None
 
 
-def _quantize_stack(model: Llama, name: str, parts: list[tuple[str, int]]) -> None:
-    """Replaces the stacked linear layer ``name`` (e.g. "layers.0.qkv_proj") of model by a
-    fastarch.nn.QuantizedLinearStack of parts (quant, out_features) in order, to be filled by load_into."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent)
-    old = getattr(owner, child)
-    bias = old.bias is not None
-    setattr(owner, child, QuantizedLinearStack([QuantizedLinear(old.in_features, rows, quant, bias=bias)
-                                                for quant, rows in parts]))
-
-
-def _quantize_layer(model: Llama, name: str, quant: str) -> None:
+def _quantize_layer(model: Llama, name: str, quant: str | list[tuple[str, int]]) -> None:
     """Replaces the linear layer ``name`` (e.g. "layers.0.qkv_proj", "lm_head") of model by a
-    fastarch.nn.QuantizedLinear of format ``quant`` of its shape, to be filled by load_into."""
+    fastarch.nn.QuantizedLinear of format ``quant`` of its shape, or for ``quant`` a list of
+    parts (format, out_features) in order by a QuantizedLinearStack of them (a stack in mixed
+    formats), to be filled by load_into."""
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     old = getattr(owner, child)
-    setattr(owner, child, QuantizedLinear(old.in_features, old.out_features, quant, bias=old.bias is not None))
+    bias = old.bias is not None
+    if isinstance(quant, str):
+        new = QuantizedLinear(old.in_features, old.out_features, quant, bias=bias)
+    else:
+        new = QuantizedLinearStack([QuantizedLinear(old.in_features, rows, part, bias=bias) for part, rows in quant])
+    setattr(owner, child, new)
 
 
 def _stack(

@@ -35,6 +35,15 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
+// 16 bytes of 4-bit values (byte j: value j low, value j + 16 high), each picked from ``levels``
+// by its bits: values 0-15 in lo, 16-31 in hi (vpermps reads an index's low 4 bits only: the
+// low nibble needs no mask).
+__attribute__((always_inline)) inline void pick_nibbles(const uint8_t* qs, __m512 levels, __m512& lo, __m512& hi) {
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  lo = _mm512_permutexvar_ps(q, levels);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels);
+}
+
 // Block blk's values 0-15 in lo, 16-31 in hi, as fp32, for the formats of 32-value blocks. The
 // 4- and 5-bit formats build the block's 16 (32) levels in one (two) vectors and pick each value
 // by its bits: against widening each value to fp32 and scaling it, 1.0-1.16x (Zen 5, 2 threads,
@@ -60,29 +69,22 @@ __attribute__((always_inline)) inline void block_values(const uint8_t* blk, __m5
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d);
     hi = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
   } else if constexpr (Q == Quant::q4_0 || Q == Quant::q4_1 || Q == Quant::iq4_nl) {
-    // the block's 16 levels (d q + m, d (q - 8), or d level[q]) in one vector, then each value
-    // picked from it by its 4 bits (vpermps reads an index's low 4 bits only: the low nibble
-    // needs no mask)
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kOffset ? 4 : 2))));
+    // the block's 16 levels (d q + m, d (q - 8), or d level[q]) in one vector, each value picked from it
     __m512 levels;
     if constexpr (Q == Quant::iq4_nl) {
       levels = _mm512_mul_ps(_mm512_loadu_ps(kIq4Levels), d);
     } else {
       levels = kOffset ? _mm512_fmadd_ps(iota, d, m) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), d);
     }
-    lo = _mm512_permutexvar_ps(q, levels);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels);
+    pick_nibbles(blk + (kOffset ? 4 : 2), levels, lo, hi);
   } else if constexpr (Q == Quant::q5_0) {
     // the low 4 bits pick from 16 levels (q - 16) d; a set fifth bit adds 16 d (exact: the sum
     // is a multiple of d within 5 bits). 1.04x the two-vector pick of Q5_1 below (A/B, Zen 5).
     const uint8_t* head = blk + 2;
     uint32_t qh;
     std::memcpy(&qh, head, 4);
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(head + 4)));
-    const __m512 levels = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(16)), d);
     const __m512 step = _mm512_mul_ps(_mm512_set1_ps(16), d);
-    lo = _mm512_permutexvar_ps(q, levels);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels);
+    pick_nibbles(head + 4, _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(16)), d), lo, hi);
     lo = _mm512_mask_add_ps(lo, static_cast<__mmask16>(qh), lo, step);
     hi = _mm512_mask_add_ps(hi, static_cast<__mmask16>(qh >> 16), hi, step);
   } else {  // Q5_1: the 32 levels q d + m (one rounding each) in two vectors; bit j of qh sets
@@ -136,8 +138,9 @@ __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn)
     for (int c = 0; c < 8; ++c) {
       const int ls = ((blk[4 + c / 2] >> (4 * (c % 2))) & 0x0F) | (((high >> (2 * c)) & 3) << 4);
       const __m512 levels = _mm512_mul_ps(table, _mm512_set1_ps(d * static_cast<float>(ls - 32)));  // (exact)
-      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 8 + 16 * c)));
-      fn(c, _mm512_permutexvar_ps(q, levels), _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), levels));
+      __m512 lo, hi;
+      pick_nibbles(blk + 8 + 16 * c, levels, lo, hi);
+      fn(c, lo, hi);
     }
   } else if constexpr (Q == Quant::q6_k) {
     alignas(64) float ds[16];

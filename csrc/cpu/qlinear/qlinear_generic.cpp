@@ -25,6 +25,9 @@ inline float half_at(const uint8_t* p) {
   return static_cast<float>(h);
 }
 
+// Value j (< 32) of 16 bytes of 4-bit values: byte j's low nibble, or byte j - 16's high one.
+inline int nibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4; }
+
 // Block blk's values (32; a k-quant's 256) as fp32. madd_f32 rounds d * q + m once either way:
 // the product is exact (formats.py).
 template <Quant Q>
@@ -42,7 +45,7 @@ inline void block_values(const uint8_t* blk, float* v) {
       const int ls = kXs ? ((blk[4 + c / 2] >> (4 * (c % 2))) & 0x0F) | (((high >> (2 * c)) & 3) << 4) : 33;
       const float step = kXs ? d * static_cast<float>(ls - 32) : d;
       const uint8_t* qs = blk + (kXs ? 8 + 16 * c : 2);
-      for (int j = 0; j < 32; ++j) v[32 * c + j] = step * kIq4Levels[j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4];
+      for (int j = 0; j < 32; ++j) v[32 * c + j] = step * kIq4Levels[nibble(qs, j)];
     }
   } else if constexpr (!quant_is_k(Q)) {  // Q4_0, Q4_1, Q5_0, Q5_1: d (, m) (, the fifth bits), nibbles
     constexpr bool kOffset = Q == Quant::q4_1 || Q == Quant::q5_1, kFive = Q == Quant::q5_0 || Q == Quant::q5_1;
@@ -51,7 +54,7 @@ inline void block_values(const uint8_t* blk, float* v) {
     if constexpr (kFive) std::memcpy(&qh, qs - 4, 4);
     const float d = half_at(blk);
     for (int j = 0; j < 32; ++j) {
-      const int q = (j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4) | static_cast<int>(((qh >> j) & 1) << 4);
+      const int q = nibble(qs, j) | static_cast<int>(((qh >> j) & 1) << 4);
       v[j] = kOffset ? madd_f32(static_cast<float>(q), d, half_at(blk + 2))
                      : static_cast<float>(q - (kFive ? 16 : 8)) * d;
     }
