@@ -225,6 +225,10 @@ class Llama(CausalLM):
         cos, sin, _ = ops.rotary_tables(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.scaling)
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {cos.device: (cos, sin)}
 
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the decode plans' parameters change
+        fused_step.forget(self)
+        return super()._apply(fn, recurse)
+
     def _rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._tables:
             cos, sin = next(iter(self._tables.values()))
@@ -322,10 +326,9 @@ class Llama(CausalLM):
         # the hidden states as (B n, C) rows: the ops' own layout, so no op reshapes them
         x = self.embed_tokens(input_ids.reshape(-1))
         window_left = -1 if self.config.window is None else self.config.window
-        linear_kernel = fused_step.linear_in_one_call(self, x, cache, window_left)
-        step = None if linear_kernel is None else fused_step.step_arguments(self, x.dtype)
-        if step is not None:  # the same kernels, called from one C++ loop (llama_fused_step.py)
-            weights, quants, biases, eps = step
+        plan = fused_step.decode_plan(self, x, cache, window_left)
+        if plan is not None:  # the same kernels, called from one C++ loop (llama_fused_step.py)
+            linear_kernel, (weights, quants, biases, eps) = plan
             x = torch.ops.fastarch._llama_decode_layers(
                 x, weights, quants, biases, cache.k, cache.v, cos, sin, offsets, cache.seqlens, seqlens, eps, B, self.n_head,
                 self.n_kv, self.head_dim, scale, window_left, linear_kernel,

@@ -15,8 +15,10 @@ step's dtype. Otherwise Llama runs the op-by-op loop, which also raises the erro
 
 from __future__ import annotations
 
+import weakref
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastarch import registry
 from fastarch.ops import dispatch
@@ -124,6 +126,56 @@ def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None
     return products == "kernel"
 
 
+# decode_plan's memo: per model, (dtype, rows, window, requested backend, oneDNN's fp32 rule) ->
+# (the cache it was made with, its answer), kept while nothing that it read changed. What it
+# reads can change through a registration (a layer, parameter or buffer set on any module:
+# fastarch.optimize, load_state_dict(assign=True), a parametrization), the registry's choices
+# (clear_choices) or the model's conversion (Llama._apply calls forget); every registration in
+# the process, and every clear, starts every model's memo over.
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_generation = 0
+
+
+def _changed(*_: object) -> None:
+    global _generation
+    _generation += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_changed)
+nn.modules.module.register_module_parameter_registration_hook(_changed)
+nn.modules.module.register_module_buffer_registration_hook(_changed)
+registry.on_clear_choices(_changed)
+
+
+def forget(model) -> None:
+    """Drops model's remembered decode plans (its parameters were converted)."""
+    _MEMO.pop(model, None)
+
+
+def decode_plan(model, x: Tensor, cache, window_left: int) -> tuple[bool, tuple] | None:
+    """For model (a Llama) decoding rows x (B n, C) against cache: None when the step runs op by
+    op, else (linear_in_one_call's answer, step_arguments' lists). Both walk every layer (~0.4
+    ms of SmolLM2-135M's 4-5 ms decode step on a 2-core CPU, where the step's weights have just
+    pushed the modules out of the caches), so their answer is remembered per model and asked
+    again only when something it read may have changed (see _MEMO); grad mode, modes and
+    tracing are checked at every step. The C++ loop checks each weight's dtype, device and
+    layout itself (a parameter's .data replaced in place goes unseen here)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or not dispatch.direct_call_allowed((x,)):
+        return None
+    memo = _MEMO.get(model)
+    if memo is None or memo[0] != _generation:
+        memo = _MEMO[model] = (_generation, {})
+    key = (x.dtype, x.shape[0], window_left, registry.requested_backend(), x.shape[0] > DIRECT_ROWS and onednn_gemm())
+    hit = memo[1].get(key)
+    if hit is not None and hit[0]() is cache:
+        return hit[1]
+    linear_kernel = linear_in_one_call(model, x, cache, window_left)
+    step = None if linear_kernel is None else step_arguments(model, x.dtype)
+    plan = None if step is None else (linear_kernel, step)
+    memo[1][key] = (weakref.ref(cache), plan)
+    return plan
+
+
 def prefill_products(model, x: Tensor, cache, window_left: int) -> int | None:
     """For model (a Llama) prefilling the packed tokens x (total, C), into cache (an empty
     KVCache) or none: None when the prefill must run op by op, else the loop's ``products``."""
@@ -154,8 +206,8 @@ def step_arguments(
     parameter (a parametrized weight): the op-by-op loop handles or refuses those. A norm's
     weight and a dense projection's quant is 0, a QuantizedLinear's its ggml type id; a
     QuantizedLinearStack gives each part's weight, quant (+ MORE_PARTS but on its last part) and
-    bias. Gathered every step (a layer may have been replaced) from the modules' own
-    dictionaries: nn.Module's attribute lookup would cost ~0.5 ms of a step."""
+    bias. Read from the modules' own dictionaries (nn.Module's attribute lookup would cost ~0.5
+    ms of a step); a prefill gathers them each time, a decode step through decode_plan's memo."""
     weights: list[Tensor] = []
     quants: list[int] = []
     biases: list[Tensor | None] = []

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from fastarch import ops
 from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear: a decode step's weights streamed once
-from fastarch.models.generate import KVCache, SamplingOptions, _eos_list, check_min_new_tokens, hold_eos
+from fastarch.models.generate import KVCache, SamplingOptions, _eos_list, check_min_new_tokens, hold_eos, nan_rows
 from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
 
 # transformers' activation names (config dense_act_fn) -> how the feed-forward applies them
@@ -496,7 +496,7 @@ class T5(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             scores = self._decode_step(token[:, None], cache, cross_kv, kpm, bias_all)[:, -1].float()
-            nan = scores.isnan().any(-1)
+            nan = nan_rows(scores)
             token = options.choose(options.process(hold_eos(scores, eos_t, step, min_new_tokens), seen), generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             if seen is not None:
@@ -505,9 +505,9 @@ class T5(nn.Module):
                 finished |= torch.isin(token, eos_t)
             steps.append(token)
             # one read of the device per step: which rows saw NaN, whether all stopped
-            nan_rows, all_done = torch.cat([nan, finished.all()[None]]).cpu().split([B, 1])
-            if nan_rows.any():
-                rows = nan_rows.nonzero().flatten().tolist()
+            nan_host, all_done = torch.cat([nan, finished.all()[None]]).cpu().split([B, 1])
+            if nan_host.any():
+                rows = nan_host.nonzero().flatten().tolist()
                 raise FloatingPointError(f"the model's logits hold NaN at generation step {step} (rows {rows})")
             if all_done.item():
                 break

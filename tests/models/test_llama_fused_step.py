@@ -256,3 +256,75 @@ def test_a_parametrized_weight_runs_op_by_op(model, monkeypatch):
     finally:
         parametrize.remove_parametrizations(model.layers[0].o_proj, "weight")
     assert torch.equal(after, before)
+
+
+def _decode_run(model, weight_after: int | None, monkeypatch, *, one_call: bool):
+    """Prefill two prompts and take 3 decode steps on one cache; then (weight_after: a factor)
+    scale layer 1's o_proj weight by a new parameter and take a fourth. (the steps' logits, how
+    often linear_in_one_call was asked)."""
+    ids, mask = gpt2_tiny.prompts([5, 9], "left")
+    cache = model.new_cache(2, 24)
+    o_proj = model.layers[1].o_proj
+    weight = o_proj.weight
+    with _answers(monkeypatch, "linear_in_one_call", one_call) as taken, torch.inference_mode():
+        model(ids, mask, cache=cache, last_only=True)
+        logits = [model(torch.tensor([[3 + i], [4 + i]]), cache=cache) for i in range(3)]
+        o_proj.weight = torch.nn.Parameter(weight * weight_after, requires_grad=False)
+        try:
+            logits.append(model(torch.tensor([[9], [7]]), cache=cache))
+        finally:
+            o_proj.weight = weight
+    return logits, len(taken)
+
+
+def test_the_plan_is_remembered_until_a_parameter_changes(model, monkeypatch):
+    """decode_plan asks linear_in_one_call (and gathers the weights) once per model and cache,
+    not at every step; a parameter set on a layer makes it ask again, and the step after it runs
+    the new weight, as the op-by-op loop does."""
+    model = model.float()
+    ours, asked = _decode_run(model, 2, monkeypatch, one_call=True)
+    theirs, _ = _decode_run(model, 2, monkeypatch, one_call=False)
+    assert asked == 2  # the first step, and the one after the new parameter
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[3], _decode_run(model, 1, monkeypatch, one_call=True)[0][3])
+
+
+def test_the_plan_is_asked_again_after_a_conversion_or_a_forced_backend(model):
+    model = model.float()
+    cache = model.new_cache(2, 24)
+    x = torch.randn(2, model.config.hidden_size)
+    with torch.inference_mode():
+        plan = fused_step.decode_plan(model, x, cache, -1)
+        assert plan is not None and fused_step.decode_plan(model, x, cache, -1) is plan
+        with fastarch.backend("reference"):
+            assert fused_step.decode_plan(model, x, cache, -1) is None
+        model.float()  # Llama._apply forgets the plans (its parameters may be new objects)
+        again = fused_step.decode_plan(model, x, cache, -1)
+        assert again is not None and again is not plan
+    with torch.enable_grad():
+        assert fused_step.decode_plan(model, x, cache, -1) is None
+
+
+def test_the_loop_checks_its_weights(model):
+    """The C++ loop names a weight that is not a contiguous CPU tensor of x's dtype (a
+    parameter's .data replaced in place, which the remembered plan does not see)."""
+    model = model.float()
+    cache = model.new_cache(1, 24)
+    x = torch.randn(1, model.config.hidden_size)
+    weights, quants, biases, eps = fused_step.step_arguments(model, torch.float32)
+    cos, sin = model._rope(x.device)
+
+    def call(ws):
+        offsets = cache.seqlens.long()
+        return torch.ops.fastarch._llama_decode_layers(
+            x, ws, quants, biases, cache.k, cache.v, cos, sin, offsets, cache.seqlens, cache.seqlens + 1, eps, 1,
+            model.n_head, model.n_kv, model.head_dim, model.head_dim**-0.5, -1, True)
+
+    with torch.inference_mode():
+        assert call(weights).shape == x.shape
+        o = [i for i, w in enumerate(weights) if w is model.layers[0].o_proj.weight][0]
+        with pytest.raises(RuntimeError, match=f"weight {o} must be a contiguous CPU tensor"):
+            call([*weights[:o], weights[o].t().contiguous().t(), *weights[o + 1:]])
+        with pytest.raises(RuntimeError, match=f"weight {o} is BFloat16 with quant 0"):
+            call([*weights[:o], weights[o].bfloat16(), *weights[o + 1:]])

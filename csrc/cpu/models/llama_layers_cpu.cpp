@@ -98,12 +98,12 @@ struct Layer {
 constexpr int64_t kMoreParts = 1 << 8;  // a quant's flag: the next weight is this stack's next part
 
 // The layers of the lists (see csrc/ops.cpp), checked: per layer, weights (input norm, the qkv
-// projection's parts, o, post-attention norm, gate_up's parts, down), a quant per weight and a
-// bias per projection part; per layer 2 eps and (where given, as caches) a k and a v cache;
-// then the final norm's weight and eps.
+// projection's parts, o, post-attention norm, gate_up's parts, down; contiguous CPU tensors of
+// x's dtype, or uint8 blocks), a quant per weight and a bias per projection part; per layer 2
+// eps and (where given, as caches) a k and a v cache; then the final norm's weight and eps.
 std::vector<Layer> layers_of(const char* who, at::TensorList weights, at::IntArrayRef quants,
                              const c10::List<OptTensor>& biases, at::TensorList k_caches, at::TensorList v_caches,
-                             at::ArrayRef<double> eps, bool caches) {
+                             at::ArrayRef<double> eps, bool caches, at::ScalarType dtype) {
   TORCH_CHECK(quants.size() == weights.size(), who, ": expected a quant per weight, got ", quants.size(), " for ",
               weights.size(), " weights");
   TORCH_CHECK(eps.size() % 2 == 1, who, ": expected 2 eps per layer and the final norm's, got ", eps.size());
@@ -115,9 +115,16 @@ std::vector<Layer> layers_of(const char* who, at::TensorList weights, at::IntArr
     TORCH_CHECK(w < weights.size() && (!part || b < biases.size()), who, ": the lists end early: ", weights.size(),
                 " weights and ", biases.size(), " biases for ", L, " layers");
     const int64_t quant = quants[w] & ~kMoreParts;
-    TORCH_CHECK((quant == 0) == (weights[w].scalar_type() != at::kByte) && (part || quants[w] == 0), who, ": weight ",
-                w, " is ", weights[w].scalar_type(), " with quant ", quants[w],
-                " (a norm's weight and a dense projection's take 0, uint8 blocks their format's id)");
+    const Tensor& t = weights[w];
+    TORCH_CHECK(t.scalar_type() == (quant == 0 ? dtype : at::kByte) && (part || quants[w] == 0), who, ": weight ", w,
+                " is ", t.scalar_type(), " with quant ", quants[w], " (a norm's weight and a dense projection's: x's ",
+                dtype, " and quant 0; uint8 blocks: their format's id)");
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), who, ": weight ", w, " must be a contiguous CPU tensor");
+    if (part && biases.get(b).has_value()) {
+      const Tensor& bias = *biases.get(b);
+      TORCH_CHECK(bias.scalar_type() == dtype && bias.device().is_cpu() && bias.is_contiguous(), who, ": bias ", b,
+                  " must be a contiguous CPU tensor of x's dtype ", dtype, ", got ", bias.scalar_type());
+    }
     return w++;
   };
   auto norm = [&]() { return &weights[next(false)]; };
@@ -205,7 +212,8 @@ Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, at::IntA
                                at::ArrayRef<double> eps, int64_t batch, int64_t n_head, int64_t n_kv,
                                int64_t head_dim, double scale, int64_t window_left, bool linear_kernel) {
   const std::vector<Layer> layers =
-      layers_of("fastarch::_llama_decode_layers", weights, quants, biases, k_caches, v_caches, eps, true);
+      layers_of("fastarch::_llama_decode_layers", weights, quants, biases, k_caches, v_caches, eps, true,
+                x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.size(0) % batch == 0, "fastarch::_llama_decode_layers: x must be (batch * n, hidden)");
   const int64_t n = x.size(0) / batch, H = n_head, Hkv = n_kv, D = head_dim, L = layers.size();
   const Step step{kernels(), linear_kernel ? Products::kernel : Products::torch};
@@ -237,7 +245,8 @@ Tensor llama_prefill_layers_cpu(const Tensor& x, at::TensorList weights, at::Int
                                 double scale, int64_t window_left, int64_t products) {
   const char* who = "fastarch::_llama_prefill_layers";
   const bool cached = !k_caches.empty();
-  const std::vector<Layer> layers = layers_of(who, weights, quants, biases, k_caches, v_caches, eps, cached);
+  const std::vector<Layer> layers =
+      layers_of(who, weights, quants, biases, k_caches, v_caches, eps, cached, x.scalar_type());
   const int64_t L = layers.size();
   TORCH_CHECK(x.dim() == 2, who, ": x must be (total, hidden)");
   TORCH_CHECK(products >= 0 && products <= 7, who,
