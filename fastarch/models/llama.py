@@ -424,12 +424,11 @@ def _stack(
     """The checkpoint's q/k/v and gate/up projections stacked into qkv_proj and gate_up_proj,
     each part's shape checked first (an error names the checkpoint's tensor). quants: the
     tensors given as quantized blocks (read_gguf(quantized=True)); the parts of a stack are kept
-    as one layer's blocks when all are of one format (after _unify_mixed_stacks), as the parts
+    as one layer's blocks when all are of one format (after _unify), as the parts
     of a QuantizedLinearStack ("layers.0.qkv_proj.parts.2.weight", their biases likewise) when
     all are blocks of mixed formats; they are renamed in place (quants then names the stacked
     layers' weights)."""
     quants = quants if quants is not None else {}
-    weights = _unify_mixed_stacks(weights, quants, dtype)
     C, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     parts = {
@@ -461,6 +460,9 @@ def _stack(
                     quants[f"layers.{layer}.{renamed[module]}.{kind}"] = quants.pop(name)
                 continue
         out[name] = t
+    for target, got in groups.items():
+        if target.endswith(".weight"):
+            _unify(got, quants, dtype)
     mixed = {  # the stacks kept as parts: blocks of more than one format
         target.removesuffix(".weight") for target, got in groups.items()
         if target.endswith(".weight") and len({quants.get(name) for name, _ in got.values()}) > 1
@@ -487,32 +489,21 @@ def _stack(
     return out
 
 
-def _unify_mixed_stacks(weights: dict[str, Tensor], quants: dict[str, str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """weights, with the parts of a q/k/v or gate/up stack brought to one format where they can
-    be (a file may mix formats within a layer): blocks of Q4_0, Q5_0 and Q8_0 all as Q8_0 (the
-    same values, widen_to_q8_0: a Q4_K_M file of narrow rows has q, k in Q5_0 and v in Q8_0);
-    a stack of blocks and dense tensors dequantized to dtype; blocks of other mixed formats
-    (Q4_K with Q6_K) are left for _stack to keep as parts."""
-    stacks: dict[tuple[str, str], list[str]] = {}
-    for name in weights:
-        base = name.removeprefix("model.").split(".")
-        if base[0] == "layers" and len(base) == 5 and base[4] == "weight":
-            module = ".".join(base[2:4])
-            group = "qkv" if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") else (
-                "gate_up" if module in ("mlp.gate_proj", "mlp.up_proj") else None)
-            if group is not None:
-                stacks.setdefault((base[1], group), []).append(name)
-    out = dict(weights)
-    for names in stacks.values():
-        kinds = {quants.get(n) for n in names}
-        if len(kinds) > 1 and kinds <= {"q4_0", "q5_0", "q8_0"}:
-            for n in names:
-                out[n], quants[n] = widen_to_q8_0(out[n], quants[n]), "q8_0"
-        elif None in kinds and len(kinds) > 1:
-            for n in names:
-                if n in quants:
-                    out[n] = dequantize_blocks(out[n], quants.pop(n)).to(dtype)
-    return out
+def _unify(parts: dict[int, tuple[str, Tensor]], quants: dict[str, str], dtype: torch.dtype) -> None:
+    """The weights of one q/k/v or gate/up stack (index -> (checkpoint name, tensor)) brought to
+    one format where they can be (a file may mix formats within a layer), in place: blocks of
+    Q4_0, Q5_0 and Q8_0 all as Q8_0 (the same values, widen_to_q8_0: a Q4_K_M file of narrow
+    rows has q, k in Q5_0 and v in Q8_0); blocks with dense tensors dequantized to dtype; blocks
+    of other mixed formats (Q4_K with Q6_K) are left for _stack to keep as parts."""
+    kinds = {quants.get(name) for name, _ in parts.values()}
+    if len(kinds) < 2:
+        return
+    for i, (name, t) in parts.items():
+        if kinds <= {"q4_0", "q5_0", "q8_0"}:
+            t, quants[name] = widen_to_q8_0(t, quants[name]), "q8_0"
+        elif None in kinds and name in quants:
+            t = dequantize_blocks(t, quants.pop(name)).to(dtype)
+        parts[i] = (name, t)
 
 
 __all__ = ["Llama", "LlamaConfig"]
