@@ -84,26 +84,10 @@ def from_pretrained(
 
 
 def _gguf_architecture(file) -> str | None:
-    """general.architecture of a GGUF file. llama.cpp's writers put it first, so the header is
-    peeked for it (gguf's reader parses all metadata, a vocabulary included: seconds);
-    otherwise the file is read whole."""
-    import struct
+    """general.architecture of a GGUF file (its header read: a fraction of a second)."""
+    from fastarch.models.gguf import _open
 
-    from fastarch.models.gguf import _open, _value
-
-    try:
-        with open(file, "rb") as f:
-            head = f.read(4096)
-        if head[:4] == b"GGUF" and struct.unpack_from("<I", head, 4)[0] in (2, 3):
-            (n,) = struct.unpack_from("<Q", head, 24)
-            key = head[32 : 32 + n]
-            if key == b"general.architecture" and struct.unpack_from("<I", head, 32 + n)[0] == 8:  # a string
-                (m,) = struct.unpack_from("<Q", head, 36 + n)
-                if 44 + n + m <= len(head):
-                    return head[44 + n : 44 + n + m].decode("utf-8", errors="replace")
-    except (OSError, struct.error):
-        pass
-    return _value(_open(file), file, "general.architecture", None)
+    return _open(file).value("general.architecture", None)
 
 
 __all__ = ["from_pretrained", "SentenceEmbedder", "CheckpointError", "FAMILIES"]

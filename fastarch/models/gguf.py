@@ -1,6 +1,8 @@
 """Reading LLaMA-architecture GGUF files (llama.cpp's format) as a Hugging Face checkpoint:
 a LlamaConfig-style dict and the weights under transformers' names, dequantized to a float
-dtype by vectorized torch code here (the `gguf` package only parses the file).
+dtype by vectorized torch code here. The header is parsed here too (_Header: gguf-py's reader
+took ~4 s on a vocabulary's metadata); the `gguf` package names unsupported types, and
+transformers reads the tokenizer with it.
 
     config, weights = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     tokenizer = tokenizer_from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # needs transformers
@@ -11,8 +13,10 @@ quantization type we cannot dequantize, a truncated or corrupt file, a missing f
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -165,57 +169,158 @@ def unpermute_rows(w: Tensor, n_heads: int) -> Tensor:
 
 _REQUIRED = object()
 
+# GGUF metadata value types (gguf's GGUFValueType): scalars as struct formats, and the two
+# composite types
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
 
-def _open(path: str | os.PathLike):
+
+class _Array:
+    """An array metadata value, not read (read_gguf needs none: the vocabulary is the tokenizer's)."""
+
+    def __init__(self, kind: int, count: int) -> None:
+        self.kind, self.count = kind, count
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # ggml's order: the row (innermost) first
+    offset: int  # in the file
+
+
+class _Header:
+    """A GGUF file's metadata (key -> int, float, bool, str, or an _Array left unread) and
+    tensor infos, parsed from its header; the tensors' bytes are read on request (data).
+
+    gguf's GGUFReader builds a numpy view for every element of every metadata array: ~4 s for
+    SmolLM2's 49152-token vocabulary and its merges on a 2-core CPU, once for the model and
+    once more for the tokenizer's ids, where the file's tensors load in a fraction of a second.
+    This reader walks an array of strings by its length fields alone and builds no value it is
+    not asked for; it reads the layout gguf-py reads (versions 2 and 3, little-endian), and
+    tests check its values against gguf-py's on every file they write."""
+
+    def __init__(self, file: Path) -> None:
+        import mmap
+        import struct
+
+        self.file = file
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        buf, unpack = self._map, struct.unpack_from
+        self._size = len(buf)
+        if buf[:4] != b"GGUF":
+            raise CheckpointError(f"{file}: not a readable GGUF file (no GGUF magic)")
+        (version,) = unpack("<I", buf, 4)
+        if version & 0xFFFF == 0:
+            raise CheckpointError(f"{file}: a big-endian GGUF file; only little-endian files are supported")
+        if version not in (2, 3):
+            raise CheckpointError(f"{file}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = unpack("<QQ", buf, 8)
+        pos = 24
+
+        def string(at: int) -> tuple[str, int]:
+            (n,) = unpack("<Q", buf, at)
+            if at + 8 + n > self._size:
+                raise struct.error("a string runs past the end of the file")
+            return bytes(buf[at + 8 : at + 8 + n]).decode("utf-8", errors="replace"), at + 8 + n
+
+        def skip(kind: int, at: int, count: int) -> int:  # count values of kind from at: where they end
+            if kind in _SCALARS:
+                end = at + count * struct.calcsize(_SCALARS[kind])
+            elif kind == _STRING:
+                end = at
+                for _ in range(count):
+                    end += 8 + unpack("<Q", buf, end)[0]
+            elif kind == _ARRAY:
+                end = at
+                for _ in range(count):
+                    inner, n = unpack("<IQ", buf, end)
+                    end = skip(inner, end + 12, n)
+            else:
+                raise struct.error(f"unknown metadata value type {kind}")
+            if end > self._size:
+                raise struct.error("a metadata array runs past the end of the file")
+            return end
+
+        self.metadata: dict[str, object] = {}
+        self._kinds: dict[str, int] = {}
+        try:
+            for _ in range(n_kv):
+                key, pos = string(pos)
+                if key in self.metadata:
+                    raise struct.error(f"metadata key {key} appears twice")
+                (kind,) = unpack("<I", buf, pos)
+                pos += 4
+                if kind in _SCALARS:
+                    (self.metadata[key],) = unpack(_SCALARS[kind], buf, pos)
+                    pos += struct.calcsize(_SCALARS[kind])
+                elif kind == _STRING:
+                    self.metadata[key], pos = string(pos)
+                elif kind == _ARRAY:
+                    inner, count = unpack("<IQ", buf, pos)
+                    self.metadata[key] = _Array(inner, count)
+                    pos = skip(inner, pos + 12, count)
+                else:
+                    raise struct.error(f"metadata key {key} has unknown value type {kind}")
+                self._kinds[key] = kind
+            infos = []
+            for _ in range(n_tensors):
+                name, pos = string(pos)
+                (n_dims,) = unpack("<I", buf, pos)
+                if n_dims > 8:
+                    raise struct.error(f"tensor {name} has {n_dims} dimensions")
+                shape = unpack(f"<{n_dims}Q", buf, pos + 4)
+                ggml_type, offset = unpack("<IQ", buf, pos + 4 + 8 * n_dims)
+                pos += 4 + 8 * n_dims + 12
+                infos.append((name, ggml_type, shape, offset))
+        except struct.error as e:  # cut short, or a length field that does not fit
+            raise CheckpointError(f"{file}: not a readable GGUF file ({e})") from None
+        align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+            raise CheckpointError(f"{file}: general.alignment is {align!r}; expected a power of two")
+        start = -(-pos // align) * align
+        self.tensors = [_TensorInfo(name, t, shape, start + offset) for name, t, shape, offset in infos]
+
+    def value(self, key: str, default=_REQUIRED):
+        """The scalar or string metadata value ``key`` (a float32 as its shortest decimal: 1e-05,
+        not 9.999999747378752e-06, as the original config.json had it)."""
+        if key not in self.metadata:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{self.file}: metadata key {key} is missing")
+            return default
+        value = self.metadata[key]
+        if isinstance(value, _Array):
+            raise CheckpointError(f"{self.file}: metadata key {key} is not a single value")
+        if self._kinds[key] == 6:  # float32
+            return float(str(np.float32(value)))
+        return value
+
+    def data(self, tensor: _TensorInfo, nbytes: int) -> np.ndarray:
+        """A copy of the tensor's nbytes bytes (its type's size; the file is mapped read-only)."""
+        if tensor.offset + nbytes > self._size:
+            raise CheckpointError(f"{self.file}: tensor {tensor.name} runs past the end of the file (truncated?)")
+        return np.frombuffer(self._map, dtype=np.uint8, count=nbytes, offset=tensor.offset).copy()
+
+
+def _open(path: str | os.PathLike) -> _Header:
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise CheckpointError(f"{path}: reading GGUF needs the gguf package (pip install gguf)") from None
-    try:
-        reader = GGUFReader(file)
-    except Exception as e:  # truncated or corrupt: gguf-py raises whatever numpy or struct does
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    if reader.byte_order != "I":
-        raise CheckpointError(f"{path}: a big-endian GGUF file; only little-endian files are supported")
-    return reader
-
-
-def _value(reader, file: Path, key: str, default=_REQUIRED):
-    """The scalar or string metadata value ``key`` (a float32 as its shortest decimal: 1e-05,
-    not 9.999999747378752e-06, as the original config.json had it)."""
-    from gguf import GGUFValueType
-
-    field = reader.fields.get(key)
-    if field is None:
-        if default is _REQUIRED:
-            raise CheckpointError(f"{file}: metadata key {key} is missing")
-        return default
-    kind = field.types[0] if field.types else None
-    if kind == GGUFValueType.ARRAY or not field.data:
-        raise CheckpointError(f"{file}: metadata key {key} is not a single value")
-    part = field.parts[field.data[0]]
-    if kind == GGUFValueType.STRING:
-        return bytes(part).decode("utf-8", errors="replace")
-    value = part[0]
-    if kind == GGUFValueType.FLOAT32:
-        return float(str(np.float32(value)))
-    if kind == GGUFValueType.BOOL:
-        return bool(value)
-    return value.item()
+    return _Header(file)
 
 
 def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) -> dict:
-    arch = _value(reader, file, "general.architecture")
+    arch = reader.value("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{file}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    if _value(reader, file, "llama.expert_count", 0):
+    if reader.value("llama.expert_count", 0):
         raise CheckpointError(f"{file}: a mixture-of-experts llama (llama.expert_count > 0) is not supported")
 
     def get(key, default=_REQUIRED, kind=int):
-        value = _value(reader, file, f"llama.{key}", default)
+        value = reader.value(f"llama.{key}", default)
         ok = value is None or (isinstance(value, kind) and not isinstance(value, bool) and (kind is str or value > 0))
         if kind is float:
             ok = ok or (isinstance(value, int) and value > 0)
@@ -250,7 +355,7 @@ def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) 
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
     for key, hf_key in (("bos_token_id",) * 2, ("eos_token_id",) * 2, ("padding_token_id", "pad_token_id")):
-        token = _value(reader, file, f"tokenizer.ggml.{key}", None)
+        token = reader.value(f"tokenizer.ggml.{key}", None)
         if token is not None:
             config[hf_key] = token
     rope_type = get("rope.scaling.type", None, str)
@@ -296,13 +401,18 @@ def read_gguf(
         target = "rope_freqs" if t.name == "rope_freqs.weight" else hf_name(t.name)
         if target is None:
             raise CheckpointError(f"{file}: tensor {t.name} has no place in a llama model")
-        ggml_type = int(t.tensor_type)
+        ggml_type = t.ggml_type
         if ggml_type not in GGML_TYPES:
             raise CheckpointError(f"{file}: tensor {t.name} is {_type_name(ggml_type)}, which cannot be dequantized"
                                   f" here (supported: {_supported()})")
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        shape = tuple(reversed(t.shape))
+        _, block, block_bytes, _ = GGML_TYPES[ggml_type]
+        count = math.prod(shape)
+        if count % block:
+            raise CheckpointError(f"{file}: tensor {t.name} of shape {shape} is not a whole number of"
+                                  f" {_type_name(ggml_type)} blocks of {block} values")
         try:
-            raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1).copy()  # the file is mapped read-only
+            raw = reader.data(t, count // block * block_bytes)
             out = torch.float32 if target == "rope_freqs" else dtype
             kept = _KEPT.get(ggml_type) if quantized and len(shape) == 2 else None
             if kept is not None and (target.endswith("_proj.weight") or target == "lm_head.weight"):
@@ -392,7 +502,7 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     reader = _open(file)
     for key, attr in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("padding_token_id", "pad_token")):
-        token = _value(reader, file, f"tokenizer.ggml.{key}", None)
+        token = reader.value(f"tokenizer.ggml.{key}", None)
         if token is not None and 0 <= token < len(tokenizer) and getattr(tokenizer, f"{attr}_id") != token:
             setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token))
     return tokenizer

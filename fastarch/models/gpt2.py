@@ -32,7 +32,7 @@ from fastarch import ops
 from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear: a decode step's weights streamed once
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import (
-    CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head,
+    CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head, without_random_init,
 )
 
 # transformers' activation names -> bias_gelu's approximate
@@ -252,7 +252,8 @@ class GPT2(CausalLM):
         config = read_config(path)
         weights = read_weights(path)
         cfg = untie_stored_head(GPT2Config.from_dict(config), weights, ("transformer.wte.weight", "wte.weight"), path)
-        model = cls(cfg)
+        with without_random_init():  # load_into fills every parameter
+            model = cls(cfg)
         if config.get("model_type") == "gpt_neo":
             weights = _neo_weights(weights)
         weights = _from_conv1d(weights, model)

@@ -37,7 +37,7 @@ from fastarch.finite import finite_number
 from fastarch.models import llama_fused_step as fused_step
 from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import (
-    CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head,
+    CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head, without_random_init,
 )
 from fastarch.nn import Linear, QuantizedLinear, QuantizedLinearStack  # the head on fastarch.ops.linear: the generation loop calls it as a module
 from fastarch.ops.qlinear.formats import dequantize_blocks, row_bytes, widen_to_q8_0
@@ -370,7 +370,8 @@ class Llama(CausalLM):
         if "lm_head.weight" in quants:  # the head's own blocks (a tied one's: the embeddings' as stored)
             cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
         cfg = untie_stored_head(cfg, weights, ("model.embed_tokens.weight", "embed_tokens.weight"), path)
-        model = cls(cfg)
+        with without_random_init():  # load_into fills every parameter
+            model = cls(cfg)
         weights = _stack(weights, cfg, quants, dtype or torch.float32)
         stacks: dict[str, list[tuple[str, int]]] = {}  # a stack of parts in mixed formats: (quant, rows) each
         for name, quant in quants.items():  # the layers of the blocks that _stack kept

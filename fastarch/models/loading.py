@@ -10,11 +10,12 @@ that does not fit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -111,6 +112,31 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
             raise CheckpointError(f"{file} lists tensors its shards do not hold: {', '.join(missing[:5])}")
         return weights
     raise CheckpointError(f"{path}: no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
+_RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_")
+
+
+@contextlib.contextmanager
+def without_random_init() -> Iterator[None]:
+    """Modules built inside skip torch.nn.init's random initializers (nn.Linear's, nn.Embedding's
+    and the convolutions' reset_parameters), as transformers' no_init_weights does: for a model
+    whose every parameter load_into fills next (it names any it did not fill). The random
+    numbers took ~1 s of SmolLM2-135M's 1.3 s from_pretrained on a 2-core CPU. Process-wide
+    while the block runs."""
+    saved = {name: getattr(nn.init, name) for name in _RANDOM_INITS}
+
+    def leave(tensor: Tensor, *args, **kwargs) -> Tensor:
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(nn.init, name, leave)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def load_into(

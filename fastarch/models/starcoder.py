@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from fastarch.models.gpt2 import GPT2, GPT2Config, _model_name
-from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights, untie_stored_head
+from fastarch.models.loading import (
+    CheckpointError, load_into, read_config, read_weights, untie_stored_head, without_random_init,
+)
 
 # GPT2Config's keys that GPT-BigCode does not have (a gpt_bigcode config.json carrying them is
 # read as transformers reads it: without them)
@@ -81,7 +83,8 @@ class StarCoder(GPT2):
         weights = read_weights(path)
         cfg = untie_stored_head(StarCoderConfig.from_dict(read_config(path)), weights,
                                 ("transformer.wte.weight", "wte.weight"), path)
-        model = cls(cfg)
+        with without_random_init():  # load_into fills every parameter
+            model = cls(cfg)
         tied = cfg.tie_word_embeddings
 
         def name_of(ckpt_name: str) -> str | None:

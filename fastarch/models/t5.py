@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from fastarch import ops
 from fastarch.nn import Linear  # nn.Linear on fastarch.ops.linear: a decode step's weights streamed once
 from fastarch.models.generate import KVCache, SamplingOptions, _eos_list, check_min_new_tokens, hold_eos, nan_rows
-from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights
+from fastarch.models.loading import CheckpointError, load_into, read_config, read_weights, without_random_init
 
 # transformers' activation names (config dense_act_fn) -> how the feed-forward applies them
 _ACTS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "silu", "swish")
@@ -544,7 +544,8 @@ class T5(nn.Module):
     ) -> T5:
         """The model of a transformers T5ForConditionalGeneration checkpoint directory, in eval mode."""
         cfg = T5Config.from_dict(read_config(path))
-        model = cls(cfg)
+        with without_random_init():  # load_into fills every parameter
+            model = cls(cfg)
         weights = read_weights(path)
         head = weights.get("lm_head.weight")
         shared = weights.get("shared.weight", weights.get("encoder.embed_tokens.weight"))

@@ -18,7 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf import quants as gguf_quants
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastarch.models.gguf import GGML_TYPES, dequantize, hf_name, read_gguf, tokenizer_from_gguf
+from fastarch.models.gguf import GGML_TYPES, _open, dequantize, hf_name, read_gguf, tokenizer_from_gguf
 from fastarch.models.loading import CheckpointError
 from fastarch.ops.qlinear import quantize_blocks
 
@@ -245,6 +245,35 @@ def test_tiny_llama_round_trip(tmp_path, qtype, tie):
         torch.testing.assert_close(rebuilt(ids).logits, ref_logits, rtol=0, atol=0)
 
 
+def _same_header(path: Path) -> None:
+    """Our header reader (fastarch.models.gguf._open) against gguf-py's GGUFReader: every
+    metadata value (an array's element type and length), every tensor's name, type, shape and
+    bytes."""
+    ours, theirs = _open(path), gguf.GGUFReader(path)
+    fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert sorted(ours.metadata) == sorted(fields)
+    for key, field in fields.items():
+        got = ours.metadata[key]
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            assert (got.kind, got.count) == (int(field.types[1]) if len(field.types) > 1 else got.kind, len(field.data))
+        elif field.types[0] == gguf.GGUFValueType.STRING:
+            assert got == bytes(field.parts[field.data[0]]).decode("utf-8"), key
+        else:
+            want = field.parts[field.data[0]][0]
+            assert got == want.item() and type(got) is type(want.item()), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, t in zip(ours.tensors, theirs.tensors):
+        assert (mine.ggml_type, mine.shape) == (int(t.tensor_type), tuple(int(n) for n in t.shape)), t.name
+        assert mine.offset == t.data_offset, t.name
+        data = ours.data(mine, int(t.n_bytes))
+        assert np.array_equal(data, np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)), t.name
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_1"])
+def test_header_as_gguf_py_reads_it(tmp_path, qtype):
+    _same_header(write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama(), qtype))
+
+
 def test_dtype_bf16(tmp_path):
     model = tiny_llama()
     path = write_llama_gguf(tmp_path / "tiny.gguf", model, "F16")
@@ -417,6 +446,10 @@ def test_smollm2(smollm2, smollm2_reader):
     for name in ("token_embd.weight", "blk.7.attn_q.weight", "blk.29.attn_k.weight", "blk.3.ffn_down.weight",
                  "output_norm.weight"):  # one of each type and of each row order
         assert torch.equal(weights[hf_name(name)], _gguf_py_weight(tensors[name])), name
+
+
+def test_smollm2_header_as_gguf_py_reads_it():
+    _same_header(smollm2_path())  # its vocabulary and merges: arrays of 49152 and 48900 strings
 
 
 @pytest.mark.slow  # ~15 s: gguf-py's numpy dequantization of the whole file

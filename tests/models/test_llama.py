@@ -361,3 +361,30 @@ def test_from_pretrained_dtype_must_be_a_float_dtype(tmp_path):
     for bad in ("float16", torch.int8):  # (a string had been read as a device: "Invalid device string")
         with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
             from_pretrained(tmp_path, dtype=bad)
+
+
+def test_modules_built_for_a_checkpoint_skip_random_init_and_a_missing_tensor_is_named(tmp_path):
+    """from_pretrained builds the model without torch.nn.init's random numbers (load_into fills
+    every parameter next): inside without_random_init nn.Linear draws none, after it draws again;
+    a checkpoint that lacks a tensor is still refused by name, never left as uninitialized memory."""
+    from safetensors.torch import load_file, save_file
+
+    from fastarch.models.loading import without_random_init
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with without_random_init():
+        torch.nn.Linear(8, 8)
+        torch.nn.Embedding(4, 8)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(0)
+    torch.nn.Linear(8, 8)
+    assert not torch.equal(torch.rand(3), expected)
+
+    make(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"layers\.1\.down_proj\.weight"):
+        from_pretrained(tmp_path)
