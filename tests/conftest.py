@@ -7,6 +7,13 @@ import os
 # result. OpenMP reads this when it starts, so before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# What fastarch keeps between runs (a GGUF file's tokenizer: fastarch.models.gguf) goes to a
+# directory of this run's, not the user's ~/.cache/fastarch.
+if "FASTARCH_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FASTARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastarch-test-cache-")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -491,21 +491,66 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     """The file's tokenizer as transformers builds it from the GGUF metadata (a fast tokenizer;
     needs transformers and tokenizers, imported only here), its bos, eos and padding tokens
     those of the metadata (transformers 5.17 took SmolLM2's eos as <|im_start|>, not the file's
-    <|im_end|>)."""
+    <|im_end|>).
+
+    transformers reads the file's whole metadata with gguf-py to build it (~3.5 s for
+    SmolLM2-135M on a 2-core CPU), so the tokenizer is kept, as save_pretrained writes it, under
+    the fastarch cache (FASTARCH_CACHE_DIR, else $XDG_CACHE_HOME/fastarch or ~/.cache/fastarch)
+    for the file's path, size and modification time and the transformers version; the next call
+    loads that (~0.2 s). FASTARCH_CACHE_DIR="" keeps nothing."""
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
+        import transformers
         from transformers import AutoTokenizer
     except ImportError:
         raise CheckpointError("a GGUF tokenizer needs transformers (pip install transformers tokenizers gguf)") from None
+    kept = _tokenizer_cache(file, transformers.__version__)
+    if kept is not None and (kept / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(kept))
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     reader = _open(file)
     for key, attr in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("padding_token_id", "pad_token")):
         token = reader.value(f"tokenizer.ggml.{key}", None)
         if token is not None and 0 <= token < len(tokenizer) and getattr(tokenizer, f"{attr}_id") != token:
             setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token))
+    if kept is not None:
+        _keep(tokenizer, kept)
     return tokenizer
+
+
+def _tokenizer_cache(file: Path, version: str) -> Path | None:
+    """Where tokenizer_from_gguf keeps file's tokenizer (None: FASTARCH_CACHE_DIR="")."""
+    import hashlib
+
+    root = os.environ.get("FASTARCH_CACHE_DIR")
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "fastarch")
+    if not root:
+        return None
+    stat = file.stat()
+    key = f"{file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{version}"
+    return Path(root) / "gguf-tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _keep(tokenizer, where: Path) -> None:
+    """tokenizer saved to where, whole or not at all (a directory renamed into place); a cache
+    that cannot be written is skipped."""
+    import shutil
+    import tempfile
+
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=where.parent, prefix=".saving-"))
+        try:
+            tokenizer.save_pretrained(str(staging))
+            os.replace(staging, where)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # (another process kept it first, or no room)
+    except OSError:
+        pass
 
 
 __all__ = ["read_gguf", "tokenizer_from_gguf", "dequantize", "hf_name", "unpermute_rows", "GGML_TYPES"]

@@ -6,6 +6,7 @@ and bad files refused with CheckpointError."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -446,6 +447,39 @@ def test_smollm2(smollm2, smollm2_reader):
     for name in ("token_embd.weight", "blk.7.attn_q.weight", "blk.29.attn_k.weight", "blk.3.ffn_down.weight",
                  "output_norm.weight"):  # one of each type and of each row order
         assert torch.equal(weights[hf_name(name)], _gguf_py_weight(tensors[name])), name
+
+
+def test_smollm2_tokenizer_kept_as_built(tmp_path, monkeypatch):
+    """tokenizer_from_gguf keeps the tokenizer transformers built (save_pretrained) and loads it
+    the next time: the same ids, text, chat prompt and special tokens; a file that changed (its
+    modification time) is another entry; FASTARCH_CACHE_DIR="" keeps nothing."""
+    from fastarch.models.gguf import _tokenizer_cache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FASTARCH_CACHE_DIR", str(cache))
+    path = smollm2_path()
+    built = tokenizer_from_gguf(path)
+    kept = list((cache / "gguf-tokenizers").iterdir())
+    assert len(kept) == 1 and (kept[0] / "tokenizer.json").is_file()
+    loaded = tokenizer_from_gguf(path)
+    for text in ["Hello, world!", "  two spaces,\ttabs\nand lines", "ünïcödé 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", ""]:
+        ids = built(text).input_ids
+        assert loaded(text).input_ids == ids, text
+        assert loaded.decode(ids) == built.decode(ids), text
+    chat = [{"role": "user", "content": "What is a GPU?"}]
+    assert (loaded.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(loaded, attr) == getattr(built, attr), attr
+    assert len(loaded) == len(built)
+
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+    first = _tokenizer_cache(other, "5.0")
+    os.utime(other, ns=(0, 10**18))
+    assert _tokenizer_cache(other, "5.0") != first and _tokenizer_cache(other, "5.1") != _tokenizer_cache(other, "5.0")
+    monkeypatch.setenv("FASTARCH_CACHE_DIR", "")
+    assert _tokenizer_cache(other, "5.0") is None
 
 
 def test_smollm2_header_as_gguf_py_reads_it():
