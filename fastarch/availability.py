@@ -89,11 +89,22 @@ def cpu() -> str | None:
     return cpu_kernels_missing()
 
 
+# Whether the Triton kernels are registered as torch ops (torch.library.triton_op) in this
+# process, decided when fastarch is imported: where they can run, with a CUDA device or in
+# Triton's interpreter. Registering them costs ~1 s of the import (triton_op scans each op's
+# function for its kernels with torch._inductor's utilities, importing torch._dynamo), which a
+# CPU-only process without the interpreter never uses.
+TRITON_OPS = _TRITON_IMPORT_ERROR is None and (triton_interpreter() or torch.cuda.is_available())
+
+
 def triton() -> str | None:
     if _TRITON_IMPORT_ERROR:
         return _TRITON_IMPORT_ERROR
     if not torch.cuda.is_available() and not triton_interpreter():
         return MachineReason("no CUDA device is visible (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)")
+    if not TRITON_OPS:
+        return MachineReason("TRITON_INTERPRET=1 was set after fastarch was imported, which registers the Triton kernels"
+                             " only where they can run: set it before")
     return None
 
 

@@ -37,7 +37,15 @@ _PROBLEMS = {
 }
 
 
-@torch.compiler.assume_constant_result
+def _constant_while_compiling(fn):
+    """torch.compiler.assume_constant_result(fn) without importing torch._dynamo when fastarch
+    is imported (~1 s of it): the mark that function sets, which torch.compile reads when it
+    traces (tests/integrations check that the drop-in paths compile without a graph break)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_while_compiling
 def _backend_for(op: str, requested: str, *fields: object) -> str:
     """The fastarch backend that runs ``op`` on the problem made of ``fields`` (the op's
     problem class's fields, in order), or "" when torch should: the requested backend if it

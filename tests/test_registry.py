@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastarch
-from fastarch import ops, registry
+from fastarch import availability, ops, registry
 from fastarch.ops.norms.backends import NormProblem
 
 
@@ -137,3 +137,42 @@ def test_import_works_without_the_extension():
     assert out.returncode == 0, out.stderr
     assert "layer_norm       cpu        unavailable: fastarch._C failed to load (ModuleNotFoundError" in out.stdout
     assert "layer_norm       reference  available" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA: there the Triton ops register")
+def test_import_without_a_place_for_the_triton_kernels():
+    """Without a CUDA device or Triton's interpreter, importing fastarch registers no Triton
+    kernel as a torch op and imports no torch._dynamo (each ~1 s); the ops run on the CPU, and
+    asking for Triton names why not. (Under the tests' TRITON_INTERPRET=1 they register.)"""
+    code = (
+        "import sys, torch, fastarch\n"
+        "from fastarch import availability\n"
+        "print(availability.TRITON_OPS, hasattr(torch.ops.fastarch, '_triton_norm_fwd'),"
+        " 'torch._dynamo' in sys.modules)\n"
+        "x = torch.randn(3, 8)\n"
+        "torch.testing.assert_close(fastarch.ops.rms_norm(x, torch.ones(8)), fastarch.ops.rms_norm(x, torch.ones(8),"
+        " backend='reference'))\n"
+        "try:\n"
+        "    fastarch.ops.rms_norm(x, torch.ones(8), backend='triton')\n"
+        "except fastarch.registry.NoBackendError as e:\n"
+        "    print('triton:', 'no CUDA device is visible' in str(e))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "False", "triton:", "True"]
+    assert availability.TRITON_OPS and hasattr(torch.ops.fastarch, "_triton_norm_fwd")  # this process
+
+
+def test_the_drop_in_choice_is_marked_constant_as_torch_marks_it():
+    """fastarch.override marks _backend_for for torch.compile by hand (importing torch._dynamo
+    for torch.compiler.assume_constant_result cost ~1 s of fastarch's import): the mark is the
+    one that function sets."""
+    from fastarch import override
+
+    def probe():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    attributes = {k: v for k, v in vars(marked).items()}
+    assert attributes and all(getattr(override._backend_for, k, None) == v for k, v in attributes.items())

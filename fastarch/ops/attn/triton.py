@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastarch import availability
 from fastarch.ops.attn.args import AttentionArgs
 
 try:
@@ -15,7 +16,7 @@ try:
 except ImportError:  # triton is not installed: fastarch.availability.triton() says so
     _forward = None
 
-if _forward is not None:
+if _forward is not None and availability.TRITON_OPS:  # (registered where they can run)
 
     @torch.library.triton_op("fastarch::_triton_attention_fwd", mutates_args=())
     def _triton_attention_fwd(

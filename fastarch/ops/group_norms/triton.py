@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastarch import availability
 from fastarch.registry import MachineReason
 
 try:
@@ -17,7 +18,7 @@ except ImportError as e:  # triton is not installed (fastarch.availability.trito
     _kernels = None
     _IMPORT_ERROR = e
 
-if _kernels is not None:
+if _kernels is not None and availability.TRITON_OPS:  # (registered where they can run)
 
     @torch.library.triton_op("fastarch::_triton_group_norm_fwd", mutates_args=())
     def _triton_group_norm_fwd(

@@ -7,12 +7,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastarch import availability
+
 try:
     from fastarch.kernels import norms as _kernels
 except ImportError:  # triton is not installed: fastarch.availability.triton() says so
     _kernels = None
 
-if _kernels is not None:
+if _kernels is not None and availability.TRITON_OPS:  # (registered where they can run)
 
     @torch.library.triton_op("fastarch::_triton_norm_fwd", mutates_args=())
     def _triton_norm_fwd(
