@@ -25,6 +25,8 @@ import time
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1 (the interpreter has no compiler)")
 
+os.environ["FASTARCH_TRITON_OPS"] = "1"  # the kernels as torch ops, as on a GPU (fastarch.availability)
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

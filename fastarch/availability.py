@@ -93,8 +93,11 @@ def cpu() -> str | None:
 # process, decided when fastarch is imported: where they can run, with a CUDA device or in
 # Triton's interpreter. Registering them costs ~1 s of the import (triton_op scans each op's
 # function for its kernels with torch._inductor's utilities, importing torch._dynamo), which a
-# CPU-only process without the interpreter never uses.
-TRITON_OPS = _TRITON_IMPORT_ERROR is None and (triton_interpreter() or torch.cuda.is_available())
+# CPU-only process without the interpreter never uses. FASTARCH_TRITON_OPS=1 registers them
+# anyway (bench/triton_compile.py compiles them for a GPU on a machine without one).
+TRITON_OPS = _TRITON_IMPORT_ERROR is None and (
+    triton_interpreter() or os.environ.get("FASTARCH_TRITON_OPS") == "1" or torch.cuda.is_available()
+)
 
 
 def triton() -> str | None:
