@@ -507,8 +507,13 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     except ImportError:
         raise CheckpointError("a GGUF tokenizer needs transformers (pip install transformers tokenizers gguf)") from None
     kept = _tokenizer_cache(file, transformers.__version__)
-    if kept is not None and (kept / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(kept))
+    if kept is not None and kept.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(kept))
+        except Exception:  # (an entry damaged since it was written: built again below)
+            import shutil
+
+            shutil.rmtree(kept, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     reader = _open(file)
     for key, attr in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("padding_token_id", "pad_token")):

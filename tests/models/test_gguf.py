@@ -472,6 +472,10 @@ def test_smollm2_tokenizer_kept_as_built(tmp_path, monkeypatch):
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         assert getattr(loaded, attr) == getattr(built, attr), attr
     assert len(loaded) == len(built)
+    (kept[0] / "tokenizer.json").write_text("{ damaged")  # an entry damaged since: built and kept again
+    assert tokenizer_from_gguf(path)("Hello, world!").input_ids == built("Hello, world!").input_ids
+    assert (kept[0] / "tokenizer.json").read_text().startswith("{\n")  # (written again)
+    assert tokenizer_from_gguf(path)("Hello, world!").input_ids == built("Hello, world!").input_ids
 
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF")
