@@ -72,15 +72,17 @@ TORCH_LIBRARY(fastarch, m) {
   // (out_features,) of x's dtype or None. W's values exactly ggml's dequantized ones, sums in
   // fp32, rounded once. Semantics: fastarch/ops/qlinear/reference.py. onednn: past a decode
   // step's rows, where W is dequantized for a GEMM, run it on oneDNN's matmul (the CPU; else
-  // PyTorch's fp32 GEMM).
-  m.def("_quantized_linear(Tensor x, Tensor blocks, int quant, Tensor? bias, bool onednn=False) -> Tensor");
+  // PyTorch's fp32 GEMM). int8: x's rows first rounded to int8 per 32 values (activations
+  // "int8", llama.cpp's arithmetic: the CPU only).
+  m.def("_quantized_linear(Tensor x, Tensor blocks, int quant, Tensor? bias, bool onednn=False, bool int8=False)"
+        " -> Tensor");
 
   // One decode step of a LLaMA-family decoder's layers (fastarch/models/llama.py), calling the
   // kernels above with no Python between them: x (batch * n, hidden) -> the final norm's
   // output. Per layer, in order: weights (input norm, qkv, o, post-attention norm, gate_up,
   // down; a stacked projection whose parts are blocks of mixed formats gives each part), quants
   // (each weight's block format, a ggml type id of _quantized_linear, or 0 for a dense tensor;
-  // + 256 on a part followed by another of its stack), biases (one per projection weight, None
+  // + 256 on a part followed by another of its stack; + 512 on a part whose x is rounded to int8), biases (one per projection weight, None
   // where absent), k/v caches appended in place, eps (input norm, post-attention norm); then
   // the final norm's weight and eps. cos/sin:
   // rotary tables; offsets: int64 (batch,) positions of the new tokens; seqlens_before/after:

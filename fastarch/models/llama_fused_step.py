@@ -80,7 +80,8 @@ def _products(model, rows: int, dtype: torch.dtype, requested: str, kernels: dic
     layers = [block._modules[name] for name in PROJECTIONS]
     quantized = [layer for layer in layers if type(layer) is QuantizedLinear]
     if any(_chosen("quantized_linear", QuantizedLinearProblem("cpu", dtype, rows, q.in_features, q.out_features,
-                                                               q.quant), requested) != "cpu" for q in quantized):
+                                                               q.quant, q.activations), requested) != "cpu"
+           for q in quantized):
         return None
     linears = {
         _chosen("linear", LinearProblem("cpu", dtype, rows, layer.in_features, layer.out_features, True), requested)
@@ -130,8 +131,9 @@ def linear_in_one_call(model, x: Tensor, cache, window_left: int) -> bool | None
 # (the cache it was made with, its answer), kept while nothing that it read changed. What it
 # reads can change through a registration (a layer, parameter or buffer set on any module:
 # fastarch.optimize, load_state_dict(assign=True), a parametrization), the registry's choices
-# (clear_choices) or the model's conversion (Llama._apply calls forget); every registration in
-# the process, and every clear, starts every model's memo over.
+# (clear_choices), a quantized layer's activations (QuantizedLinear.changes) or the model's
+# conversion (Llama._apply calls forget); every registration in the process, and every clear,
+# starts every model's memo over.
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _generation = 0
 
@@ -163,8 +165,9 @@ def decode_plan(model, x: Tensor, cache, window_left: int) -> tuple[bool, tuple]
     if x.device.type != "cpu" or torch.is_grad_enabled() or not dispatch.direct_call_allowed((x,)):
         return None
     memo = _MEMO.get(model)
-    if memo is None or memo[0] != _generation:
-        memo = _MEMO[model] = (_generation, {})
+    generation = (_generation, QuantizedLinear.changes)
+    if memo is None or memo[0] != generation:
+        memo = _MEMO[model] = (generation, {})
     key = (x.dtype, x.shape[0], window_left, registry.requested_backend(), x.shape[0] > DIRECT_ROWS and onednn_gemm())
     hit = memo[1].get(key)
     if hit is not None and hit[0]() is cache:
@@ -195,6 +198,8 @@ def prefill_products(model, x: Tensor, cache, window_left: int) -> int | None:
 _NORMS = ("input_layernorm", "post_attention_layernorm")
 MORE_PARTS = 256
 """Added to a stack part's quant when another part of its stack follows (csrc/ops.cpp)."""
+INT8 = 512
+"""Added to a quantized part's quant when its x is rounded to int8 (activations "int8")."""
 _WEIGHTS = ("input_layernorm", "qkv_proj", "o_proj", "post_attention_layernorm", "gate_up_proj", "down_proj")
 
 
@@ -204,9 +209,9 @@ def step_arguments(
     """The loop's weights, their quants, biases and eps in its order (see csrc/ops.cpp), or None
     when a parameter is not a plain contiguous tensor of dtype on the CPU, or not a plain
     parameter (a parametrized weight): the op-by-op loop handles or refuses those. A norm's
-    weight and a dense projection's quant is 0, a QuantizedLinear's its ggml type id; a
-    QuantizedLinearStack gives each part's weight, quant (+ MORE_PARTS but on its last part) and
-    bias. Read from the modules' own dictionaries (nn.Module's attribute lookup would cost ~0.5
+    weight and a dense projection's quant is 0, a QuantizedLinear's its ggml type id (+ INT8 for
+    activations "int8"); a QuantizedLinearStack gives each part's weight, quant (+ MORE_PARTS but
+    on its last part) and bias. Read from the modules' own dictionaries (nn.Module's attribute lookup would cost ~0.5
     ms of a step); a prefill gathers them each time, a decode step through decode_plan's memo."""
     weights: list[Tensor] = []
     quants: list[int] = []
@@ -240,5 +245,8 @@ def step_arguments(
 
 
 def _quant(layer) -> int:
-    """A QuantizedLinear's format as the C++ loop takes it (its ggml type id); 0 for a dense layer."""
-    return GGML_IDS[layer.quant] if type(layer) is QuantizedLinear else 0
+    """A QuantizedLinear's format as the C++ loop takes it (its ggml type id, + INT8 for
+    activations "int8"); 0 for a dense layer."""
+    if type(layer) is not QuantizedLinear:
+        return 0
+    return GGML_IDS[layer.quant] + (INT8 if layer._activations == "int8" else 0)

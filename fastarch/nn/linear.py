@@ -42,8 +42,12 @@ class QuantizedLinear(torch.nn.Module):
     row)); the bias, if any, a parameter of the compute dtype. x: (..., in_features) ->
     (..., out_features), x's dtype. Gradients flow to x and the bias, not to the blocks."""
 
+    changes = 0
+    """Counts every change of any layer's ``activations`` (decode plans that read them ask again)."""
+
     def __init__(self, in_features: int, out_features: int, quant: str, bias: bool = True, *,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 activations: str = "exact") -> None:
         super().__init__()
         from fastarch.ops.qlinear.formats import BLOCK_VALUES, QUANTS, row_bytes
 
@@ -53,18 +57,35 @@ class QuantizedLinear(torch.nn.Module):
             raise ValueError(f"QuantizedLinear: in_features must be a multiple of {BLOCK_VALUES[quant]} ({quant}'s"
                              f" block), got {in_features}")
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
+        self.activations = activations
         nbytes = row_bytes(in_features, quant)
         self.register_buffer("weight", torch.zeros(out_features, nbytes, dtype=torch.uint8, device=device))
         bias_param = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.register_parameter("bias", bias_param)  # (None too, as nn.Linear: a "bias" entry either way)
 
+    @property
+    def activations(self) -> str:
+        """What the products multiply W's values with: "exact" (x as it is) or "int8" (x rounded
+        to int8 per 32 values, llama.cpp's arithmetic: fastarch.ops.quantized_linear)."""
+        return self._activations
+
+    @activations.setter
+    def activations(self, value: str) -> None:
+        from fastarch.ops.qlinear.reference import ACTIVATIONS
+
+        if value not in ACTIVATIONS:
+            raise ValueError(f"QuantizedLinear: activations must be 'exact' or 'int8', got {value!r}")
+        self._activations = value
+        QuantizedLinear.changes += 1
+
     def forward(self, x: Tensor) -> Tensor:
-        return ops.quantized_linear(x, self.weight, self.quant, self.bias)
+        return ops.quantized_linear(x, self.weight, self.quant, self.bias, activations=self._activations)
 
     @classmethod
-    def from_blocks(cls, blocks: Tensor, quant: str, in_features: int, bias: Tensor | None = None) -> QuantizedLinear:
+    def from_blocks(cls, blocks: Tensor, quant: str, in_features: int, bias: Tensor | None = None, *,
+                    activations: str = "exact") -> QuantizedLinear:
         """The layer holding ``blocks`` (no copy) and ``bias`` (a parameter sharing its data)."""
-        new = cls(in_features, blocks.shape[0], quant, bias=False, device="meta")
+        new = cls(in_features, blocks.shape[0], quant, bias=False, device="meta", activations=activations)
         if tuple(blocks.shape) != tuple(new.weight.shape) or blocks.dtype != torch.uint8:
             raise ValueError(f"QuantizedLinear.from_blocks: blocks must be uint8 {tuple(new.weight.shape)} for"
                              f" {in_features} in_features of {quant}, got {blocks.dtype} {tuple(blocks.shape)}")
@@ -73,17 +94,20 @@ class QuantizedLinear(torch.nn.Module):
         return new
 
     @classmethod
-    def from_linear(cls, module: torch.nn.Linear, quant: str) -> QuantizedLinear:
+    def from_linear(cls, module: torch.nn.Linear, quant: str, *, activations: str = "exact") -> QuantizedLinear:
         """``module``'s weight quantized to ``quant`` (fastarch.ops.qlinear.quantize_blocks: the
         nearest levels, as llama.cpp's reference quantizer); its bias kept as it is (shared)."""
         from fastarch.ops.qlinear.formats import quantize_blocks
 
-        new = cls.from_blocks(quantize_blocks(module.weight, quant), quant, module.in_features)
+        new = cls.from_blocks(quantize_blocks(module.weight, quant), quant, module.in_features,
+                              activations=activations)
         new.bias = module.bias
         return new
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}, bias={self.bias is not None}"
+        rounded = ", activations=int8" if self._activations == "int8" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant},"
+                f" bias={self.bias is not None}{rounded}")
 
 
 class QuantizedLinearStack(torch.nn.Module):
@@ -102,7 +126,22 @@ class QuantizedLinearStack(torch.nn.Module):
         self.out_features = sum(p.out_features for p in parts)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([ops.quantized_linear(x, p.weight, p.quant, p.bias) for p in self.parts], -1)
+        return torch.cat([ops.quantized_linear(x, p.weight, p.quant, p.bias, activations=p._activations)
+                          for p in self.parts], -1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def set_activations(module: torch.nn.Module, activations: str) -> int:
+    """Sets ``activations`` ("exact" or "int8") of every QuantizedLinear in module (a model of
+    from_pretrained(quantized=True), say); returns how many. "int8" multiplies W's values with x
+    rounded to int8 per 32 values, as llama.cpp does (fastarch.ops.quantized_linear)."""
+    from fastarch.ops.qlinear.reference import ACTIVATIONS
+
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"set_activations: activations must be 'exact' or 'int8', got {activations!r}")
+    layers = [m for m in module.modules() if type(m) is QuantizedLinear]
+    for layer in layers:
+        layer.activations = activations
+    return len(layers)

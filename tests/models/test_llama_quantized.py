@@ -235,3 +235,71 @@ def test_cli_generate_quantized(capsys, monkeypatch):
     assert main(argv) == 0 and main(argv + ["--quantized"]) == 0
     out = capsys.readouterr().out
     assert out == plain * 2 and plain.strip() and asked == [False, True, True]
+
+
+@pytest.mark.parametrize("layout", [{"": "Q4_1", "output": "Q8_0"}, {"": "Q4_K", "blk.0.attn_v": "Q6_K", "output": "Q6_K"}],
+                         ids=["q4_1", "q4_k_m"])
+def test_int8_activations_one_call_loops_equal_op_by_op(tmp_path, monkeypatch, layout):
+    """activations="int8" (x rounded to int8 for the products on blocks, a stack's parts each):
+    the one-call decode and prefill loops are told (INT8 on each part's quant) and give the
+    op-by-op loop's tokens bit for bit; the logits stay within the rounding of x (~1%) of the
+    exact model's."""
+    qtype = layout[""]
+    file = write_llama_gguf(tmp_path / "tiny.gguf", _tiny(qtype), layout)
+    exact = from_pretrained(file, quantized=True)
+    model = from_pretrained(file, quantized=True, activations="int8")
+    layers = [m for m in model.modules() if type(m) is QuantizedLinear]
+    assert layers and all(m.activations == "int8" for m in layers)
+    _, quants, *_ = fused_step.step_arguments(model, torch.float32)
+    assert all(q & fused_step.INT8 for q in quants if q)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref, ours = exact(ids), model(ids)
+    scale = ref.abs().max().item()
+    assert 0 < (ours - ref).abs().max().item() <= 0.02 * scale
+    taken = _taken(monkeypatch)
+    out = generate(model, ids, max_new_tokens=10)
+    assert None not in taken["prefill"] + taken["decode"]
+    _op_by_op(monkeypatch)
+    assert torch.equal(generate(model, ids, max_new_tokens=10), out)
+
+
+def test_int8_activations_set_after_a_step_are_used(tmp_path, monkeypatch):
+    """Setting activations on a loaded model after it decoded: the next steps' one-call loop is
+    given the new lists (the decode plan remembered per model is made again), and the tokens are
+    those of a model loaded with it."""
+    from fastarch.nn import set_activations
+
+    file = write_llama_gguf(tmp_path / "tiny.gguf", _tiny("Q8_0"), "Q8_0")
+    model = from_pretrained(file, quantized=True)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(9))
+    planned = []
+    real = fused_step.step_arguments
+    monkeypatch.setattr(fused_step, "step_arguments", lambda *a: planned.append(real(*a)) or planned[-1])
+    options = dict(max_new_tokens=12, do_sample=True, temperature=2.0, seed=3)
+    generate(model, ids, **options)
+    assert planned and not any(q & fused_step.INT8 for q in planned[-1][1])
+    set_activations(model, "int8")
+    rounded = generate(model, ids, **options)
+    assert all(q & fused_step.INT8 for q in planned[-1][1] if q)
+    assert torch.equal(rounded, generate(from_pretrained(file, quantized=True, activations="int8"), ids, **options))
+    with pytest.raises(ValueError, match="activations='int8' rounds x .* needs quantized=True"):
+        from_pretrained(file, activations="int8")
+    with pytest.raises(ValueError, match="activations must be 'exact' or 'int8', got 'int4'"):
+        from_pretrained(file, quantized=True, activations="int4")
+
+
+def test_cli_generate_int8_activations(capsys):
+    """``fastarch generate --activations int8`` on the default SmolLM2 file: text from the
+    rounded products (a greedy reply that starts as the exact one's); with --no-quantized it is
+    refused with the reason."""
+    from fastarch.cli import main
+
+    argv = ["generate", "The capital of France is", "--max-new-tokens", "4", "--dtype", "fp32"]
+    assert main(argv) == 0
+    exact = capsys.readouterr().out
+    assert main(argv + ["--activations", "int8"]) == 0
+    rounded = capsys.readouterr().out
+    assert rounded.strip() and rounded.split()[:1] == exact.split()[:1]
+    assert main(argv + ["--activations", "int8", "--no-quantized"]) == 2
+    assert "rounds x for a GGUF file's quantized layers" in capsys.readouterr().err

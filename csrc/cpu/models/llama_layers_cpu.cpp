@@ -44,8 +44,9 @@ struct Kernels {
           const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool)>("fastarch::_norm_fwd");
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const OptTensor&)> linear =
       kernel<Tensor(const Tensor&, const Tensor&, const OptTensor&)>("fastarch::_linear");
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&, bool)> quantized_linear =
-      kernel<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&, bool)>("fastarch::_quantized_linear");
+  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&, bool, bool)>
+      quantized_linear = kernel<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&, bool, bool)>(
+          "fastarch::_quantized_linear");
   c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool, bool)>
       rotary = kernel<std::tuple<Tensor, Tensor>(
@@ -84,6 +85,7 @@ struct Part {
   const Tensor* weight;
   int64_t quant;
   OptTensor bias;
+  bool int8 = false;  // x rounded to int8 (a quantized layer's activations "int8")
 };
 using Projection = std::vector<Part>;
 
@@ -96,6 +98,8 @@ struct Layer {
 };
 
 constexpr int64_t kMoreParts = 1 << 8;  // a quant's flag: the next weight is this stack's next part
+constexpr int64_t kInt8 = 1 << 9;       // a quant's flag: the part's x is rounded to int8
+constexpr int64_t kFlags = kMoreParts | kInt8;
 
 // The layers of the lists (see csrc/ops.cpp), checked: per layer, weights (input norm, the qkv
 // projection's parts, o, post-attention norm, gate_up's parts, down; contiguous CPU tensors of
@@ -114,7 +118,7 @@ std::vector<Layer> layers_of(const char* who, at::TensorList weights, at::IntArr
   auto next = [&](bool part) -> size_t {
     TORCH_CHECK(w < weights.size() && (!part || b < biases.size()), who, ": the lists end early: ", weights.size(),
                 " weights and ", biases.size(), " biases for ", L, " layers");
-    const int64_t quant = quants[w] & ~kMoreParts;
+    const int64_t quant = quants[w] & ~kFlags;
     const Tensor& t = weights[w];
     TORCH_CHECK(t.scalar_type() == (quant == 0 ? dtype : at::kByte) && (part || quants[w] == 0), who, ": weight ", w,
                 " is ", t.scalar_type(), " with quant ", quants[w], " (a norm's weight and a dense projection's: x's ",
@@ -136,7 +140,9 @@ std::vector<Layer> layers_of(const char* who, at::TensorList weights, at::IntArr
       more = (quants[j] & kMoreParts) != 0;
       TORCH_CHECK(!more || stack, who, ": weight ", j,
                   " is marked as a part of a stack where a layer takes one weight");
-      p.push_back({&weights[j], quants[j] & ~kMoreParts, biases.get(b++)});
+      TORCH_CHECK(!(quants[j] & kInt8) || (quants[j] & ~kFlags) != 0, who, ": weight ", j,
+                  " is marked for int8 activations but is not quantized blocks");
+      p.push_back({&weights[j], quants[j] & ~kFlags, biases.get(b++), (quants[j] & kInt8) != 0});
     }
     return p;
   };
@@ -165,7 +171,9 @@ struct Step {
   Tensor linear(const Tensor& x, const Part& part) const {
     const Tensor& weight = *part.weight;
     const OptTensor& bias = part.bias;
-    if (part.quant != 0) return ops.quantized_linear.redispatch(kCpu, x, weight, part.quant, bias, quantized_onednn);
+    if (part.quant != 0) {
+      return ops.quantized_linear.redispatch(kCpu, x, weight, part.quant, bias, quantized_onednn, part.int8);
+    }
     switch (products) {
       case Products::kernel:
         return ops.linear.redispatch(kCpu, x, weight, bias);

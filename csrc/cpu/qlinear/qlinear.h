@@ -18,12 +18,36 @@ namespace fastarch::cpu {
 constexpr int64_t kQuantRowGroup = 8;
 constexpr int64_t kQuantColChunk = 16;
 
+// x's rows rounded to int8, each 32 values with their own scale (activations "int8";
+// fastarch/ops/qlinear/reference.py, quantize_activations, is the definition): value j of a
+// block is d q_j, d = max |x| / 127, q_j = round(x_j 127 / max |x|) (ties to even); a block
+// holding an inf or a NaN has d NaN and codes 0. Each row's arrays are padded with zeros to ld
+// values (a multiple of 64). Besides the codes and scales, what the kernels read per 4 (16,
+// 32) values, made once per call: the AVX-512 kernels' dot products of 4 codes per lane.
+struct Int8Rows {
+  const int8_t* q;      // rows x ld codes
+  const float* d;       // rows x ld / 32: each block's scale
+  const float* lane_d;  // rows x ld / 4: the scale of each 4 values
+  const int32_t* neg4;  // rows x ld / 4: minus the sum of each 4 codes
+  const float* sum4;    // rows x ld / 4: d times the sum of each 4 codes
+  const float* sum16;   // rows x ld / 16: d times the sum of each 16 codes
+  const float* sum32;   // rows x ld / 32: d times the sum of each block's codes
+  int64_t ld;
+};
+
+// Rounds rows of x (rows x K fp32, row stride ldx) into rows (the arrays of Int8Rows, each
+// rows x its length, laid out by the caller; ld = K rounded up to 64).
+template <Isa I>
+void quantize_int8_rows_generic(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out);
+void quantize_int8_rows_avx512(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out);
+
 struct QuantLinearParams {
   const float* x;     // rows x in_features fp32 (the glue widens fp16/bf16), row stride ldx
   const uint8_t* w;   // out_features rows of in_features / 32 blocks, contiguous
   const void* bias;   // out_features or nullptr, in dtype
   void* out;          // rows x out_features, contiguous, in dtype
   int64_t rows, in_features, out_features, ldx;
+  const Int8Rows* int8 = nullptr;  // activations "int8": x's rows rounded (then x is not read)
 };
 
 // Output columns [begin, end) of every row (begin a multiple of kQuantColChunk).
@@ -31,6 +55,13 @@ template <Isa I, Quant Q, Dtype D>
 void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end);
 template <Quant Q, Dtype D>
 void qlinear_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
+
+// The same with x rounded to int8 (p.int8): each block's codes times x's codes summed in int32,
+// then scaled (vpdpbusd where the CPU has AVX512-VNNI: isa_vnni()).
+template <Isa I, Quant Q, Dtype D>
+void qlinear_int8_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end);
+template <Quant Q, Dtype D>
+void qlinear_int8_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
 
 // W rows [begin, end) as fp32 values (row r at out + (r - begin) * in_features): exactly ggml's.
 template <Isa I, Quant Q>

@@ -7,7 +7,7 @@
 // two fused multiply-adds. One or two rows of x keep two sets of accumulators (even and odd
 // chunks) so that the additions overlap. The blocks
 // are prefetched kPrefetchBytes ahead (see linear_cols.h). The sums of 16 output columns are
-// kept and then finished by vector: the bias added and rounded once to the dtype.
+// kept and then finished by vector (qlinear_cols_avx512.h).
 //
 // Compiled for AVX-512 through the target pragma below and called only after a run-time CPU
 // check. No torch headers (no inline function of theirs may be emitted with AVX-512 code).
@@ -23,6 +23,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 
 #include "cpu/avx512_math.h"
+#include "qlinear_cols_avx512.h"
 
 namespace fastarch::cpu {
 namespace {
@@ -274,29 +275,14 @@ void rows_dots(int64_t rows, const uint8_t* w, int64_t nb, const float* x, int64
 
 template <Quant Q, Dtype D>
 void qlinear_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end) {
-  using L = avx512::LanesOf<D, false>;  // (rounding by hand: one store per 16 outputs)
-  static_assert(kQuantColChunk == 16, "a chunk of output columns is one vector");
   const int64_t nb = p.in_features / quant_block_values(Q), row_bytes = nb * quant_block_bytes(Q);
-  const int64_t N = p.out_features;
-  alignas(64) float sums[kQuantRowGroup][kQuantColChunk];
-  for (int64_t m0 = 0; m0 < p.rows; m0 += kQuantRowGroup) {
-    const int64_t mb = std::min(kQuantRowGroup, p.rows - m0);
-    for (int64_t n0 = begin; n0 < end; n0 += kQuantColChunk) {
-      const int cols = static_cast<int>(std::min(kQuantColChunk, end - n0));
-      float col[kQuantRowGroup];
-      for (int c = 0; c < cols; ++c) {
-        rows_dots<Q>(mb, p.w + (n0 + c) * row_bytes, nb, p.x + m0 * p.ldx, p.ldx, col);
-        for (int64_t m = 0; m < mb; ++m) sums[m][c] = col[m];
-      }
-      const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
-      const __m512 bias = p.bias ? L::load(static_cast<const char*>(p.bias) + n0 * L::kBytes, mask)
-                                 : _mm512_setzero_ps();
-      for (int64_t m = 0; m < mb; ++m) {
-        char* out = static_cast<char*>(p.out) + ((m0 + m) * N + n0) * L::kBytes;
-        L::store(out, _mm512_add_ps(_mm512_load_ps(sums[m]), bias), mask);
-      }
+  qlinear_cols<Q, D>(p, begin, end, [&](int64_t rows, int64_t m0, int64_t n0, int cols, float (*sums)[kQuantColChunk]) {
+    float col[kQuantRowGroup];
+    for (int c = 0; c < cols; ++c) {
+      rows_dots<Q>(rows, p.w + (n0 + c) * row_bytes, nb, p.x + m0 * p.ldx, p.ldx, col);
+      for (int64_t m = 0; m < rows; ++m) sums[m][c] = col[m];
     }
-  }
+  });
 }
 
 template <Quant Q>

@@ -49,6 +49,12 @@ void run_cols(Quant q, Dtype d, const QuantLinearParams& p, int64_t begin, int64
   with_quant(q, [&]<Quant Q>() {
     with_dtype(d, [&]<Dtype D>() {
       if constexpr (D != Dtype::f64) {
+        if (p.int8) {
+#ifdef FASTARCH_WITH_AVX512
+          if (isa_vnni()) return qlinear_int8_cols_avx512<Q, D>(p, begin, end);
+#endif
+          return with_portable_build([&]<Isa I>() { qlinear_int8_cols_generic<I, Q, D>(p, begin, end); });
+        }
 #ifdef FASTARCH_WITH_AVX512
         if (isa_avx512()) return qlinear_cols_avx512<Q, D>(p, begin, end);
 #endif
@@ -56,6 +62,38 @@ void run_cols(Quant q, Dtype d, const QuantLinearParams& p, int64_t begin, int64
       }
     });
   });
+}
+
+// x's rows (fp32, row stride ldx) rounded to int8 (qlinear.h, Int8Rows) into buffer, a
+// thread's own: the arrays of Int8Rows in one allocation, 64-byte aligned.
+Int8Rows quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, std::vector<uint8_t>& buffer) {
+  const int64_t ld = (K + 63) / 64 * 64;
+  const int64_t lanes = rows * ld / 4, bytes = rows * ld + 4 * (rows * ld / 32 + 4 * lanes + rows * ld / 16 +
+                                                                 rows * ld / 32);
+  buffer.resize(static_cast<size_t>(bytes + 64 * 8));
+  uint8_t* at = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64;
+  auto take = [&](int64_t n) {
+    uint8_t* p = at;
+    at += (n + 63) / 64 * 64;
+    return p;
+  };
+  Int8Rows r;
+  r.ld = ld;
+  r.q = reinterpret_cast<const int8_t*>(take(rows * ld));
+  r.d = reinterpret_cast<const float*>(take(4 * rows * ld / 32));
+  r.lane_d = reinterpret_cast<const float*>(take(4 * lanes));
+  r.neg4 = reinterpret_cast<const int32_t*>(take(4 * lanes));
+  r.sum4 = reinterpret_cast<const float*>(take(4 * lanes));
+  r.sum16 = reinterpret_cast<const float*>(take(4 * rows * ld / 16));
+  r.sum32 = reinterpret_cast<const float*>(take(4 * rows * ld / 32));
+#ifdef FASTARCH_WITH_AVX512
+  if (isa_vnni()) {
+    quantize_int8_rows_avx512(x, rows, K, ldx, r);
+    return r;
+  }
+#endif
+  with_portable_build([&]<Isa I>() { quantize_int8_rows_generic<I>(x, rows, K, ldx, r); });
+  return r;
 }
 
 void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end, float* out) {
@@ -67,8 +105,21 @@ void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end
   });
 }
 
+// x (rows, K) fp32 contiguous as its rounded values d q.
+Tensor dequantized_int8(const Tensor& x) {
+  const int64_t rows = x.size(0), K = x.size(1);
+  std::vector<uint8_t> buffer;
+  const Int8Rows r = quantize_rows(x.data_ptr<float>(), rows, K, K, buffer);
+  Tensor out = at::empty_like(x);
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < K; ++j) o[i * K + j] = r.d[i * (r.ld / 32) + j / 32] * static_cast<float>(r.q[i * r.ld + j]);
+  }
+  return out;
+}
+
 Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant, const std::optional<Tensor>& bias,
-                            bool onednn) {
+                            bool onednn, bool int8) {
   TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
   const Dtype d = dtype_of(x, kWho, "x");
   TORCH_CHECK(d != Dtype::f64, kWho, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
@@ -80,7 +131,8 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
   if (K == 0) return bias ? out.copy_(bias->expand({rows, N})) : out.zero_();
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   if (rows > kDirectRows) {
-    const Tensor xf = x.to(at::kFloat);  // exact
+    Tensor xf = x.to(at::kFloat);  // exact
+    if (int8) xf = dequantized_int8(xf.contiguous());  // x's rounded values, d q (as the reference's)
     Tensor sums = at::empty({rows, N}, x.options().dtype(at::kFloat));
     Tensor values = at::empty({std::min(N, kDequantRows), K}, x.options().dtype(at::kFloat));
     for (int64_t n0 = 0; n0 < N; n0 += kDequantRows) {
@@ -116,7 +168,13 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
     xf = aligned;
     ldx = K;
   }
-  const QuantLinearParams p{xf, w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), rows, K, N, ldx};
+  QuantLinearParams p{xf, w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), rows, K, N, ldx};
+  Int8Rows x8;
+  if (int8) {
+    thread_local std::vector<uint8_t> buffer;
+    x8 = quantize_rows(xf, rows, K, ldx, buffer);
+    p.int8 = &x8;
+  }
   // at least ~64 KB of blocks per task, in whole chunks of output columns
   const int64_t row_bytes = std::max<int64_t>(blocks.size(1), 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / row_bytes / kQuantColChunk);

@@ -37,8 +37,9 @@ cudaError_t forward(LinearDtype d, const QuantLinearArgs& a, cudaStream_t stream
 }
 
 Tensor quantized_linear_cuda(const Tensor& x, const Tensor& blocks, int64_t quant, const std::optional<Tensor>& bias,
-                             bool /*onednn: the CPU's GEMM choice*/) {
+                             bool /*onednn: the CPU's GEMM choice*/, bool int8) {
   TORCH_CHECK(x.is_cuda(), kWho, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(!int8, kWho, ": x rounded to int8 (activations \"int8\") runs on the CPU only");
   const LinearDtype d = linear_dtype_of(x, kWho);
   qlinear_glue::check(kWho, x, blocks, quant, bias);
   const Quant q = static_cast<Quant>(quant);

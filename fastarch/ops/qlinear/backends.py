@@ -40,23 +40,32 @@ class QuantizedLinearProblem:
     in_features: int
     out_features: int
     quant: str
+    activations: str = "exact"
 
     @classmethod
-    def of(cls, x: Tensor, blocks: Tensor, quant: str) -> QuantizedLinearProblem:
-        return cls(x.device.type, x.dtype, x.shape[0], x.shape[1], blocks.shape[0], quant)
+    def of(cls, x: Tensor, blocks: Tensor, quant: str, activations: str = "exact") -> QuantizedLinearProblem:
+        return cls(x.device.type, x.dtype, x.shape[0], x.shape[1], blocks.shape[0], quant, activations)
 
     def __str__(self) -> str:
+        rounded = ", x rounded to int8" if self.activations == "int8" else ""
         return (f"{self.rows} rows of {self.in_features} features to {self.out_features}, {self.quant} weights,"
-                f" {self.dtype} on {self.device}")
+                f" {self.dtype} on {self.device}{rounded}")
 
 
-def _cpu_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) -> Tensor:
+def _cpu_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None, activations: str = "exact") -> Tensor:
     return torch.ops.fastarch._quantized_linear(x, blocks, GGML_IDS[quant], bias, x.shape[0] > DIRECT_ROWS
-                                                and linear_backends.onednn_gemm())
+                                                and linear_backends.onednn_gemm(), activations == "int8")
 
 
-def _cuda_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) -> Tensor:
+def _cuda_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None, activations: str = "exact") -> Tensor:
     return torch.ops.fastarch._quantized_linear(x, blocks, GGML_IDS[quant], bias)
+
+
+def _triton_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None, activations: str = "exact") -> Tensor:
+    return triton.forward(x, blocks, quant, bias)
+
+
+_INT8_GPU = "x rounded to int8 (activations \"int8\"): the CPU kernel and the reference only"
 
 
 CUDA_QUANTS = ("q4_0", "q4_1", "q8_0")
@@ -67,6 +76,8 @@ def _cuda_supports(p: QuantizedLinearProblem) -> str | None:
     why = registry.device_reason(p.device, "cuda") or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
     if why is None and p.quant not in CUDA_QUANTS:
         why = f"{p.quant} blocks: the CUDA kernel reads {', '.join(CUDA_QUANTS)}"
+    if why is None and p.activations != "exact":
+        why = _INT8_GPU
     return why or availability.cuda_device_reason() or _gpu_rows_reason(p, "the CUDA kernel")
 
 
@@ -76,6 +87,8 @@ def _cpu_supports(p: QuantizedLinearProblem) -> str | None:
 
 def _triton_supports(p: QuantizedLinearProblem) -> str | None:
     why = availability.triton_device_reason(p.device) or registry.dtype_reason(p.dtype, KERNEL_DTYPES)
+    if why is None and p.activations != "exact":
+        why = _INT8_GPU
     return why or _gpu_rows_reason(p, "the Triton kernel")
 
 
@@ -93,7 +106,7 @@ def _reference_supports(p: QuantizedLinearProblem) -> str | None:
 BACKENDS = [
     registry.Backend("cuda", availability.cuda, _cuda_supports, _cuda_forward),
     registry.Backend("cpu", availability.cpu, _cpu_supports, _cpu_forward),
-    registry.Backend("triton", availability.triton, _triton_supports, triton.forward),
+    registry.Backend("triton", availability.triton, _triton_supports, _triton_forward),
     registry.Backend("reference", availability.reference, _reference_supports, quantized_linear_ref),
 ]
 
@@ -102,5 +115,5 @@ registry.register("quantized_linear", BACKENDS)
 if availability.cpu() is None:  # _C loaded: its op needs a fake for torch.compile and opcheck
 
     @torch.library.register_fake("fastarch::_quantized_linear")
-    def _(x, blocks, quant, bias, onednn=False):
+    def _(x, blocks, quant, bias, onednn=False, int8=False):
         return x.new_empty((x.shape[0], blocks.shape[0]))

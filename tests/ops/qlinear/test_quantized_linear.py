@@ -305,7 +305,7 @@ def test_empty_and_choice():
 
 def test_opcheck_and_compile():
     x, blocks, b = make(3, 64, 7, "q4_1", torch.float32)
-    torch.library.opcheck(torch.ops.fastarch.quantized_linear.default, (x, blocks, "q4_1", b, ""))
+    torch.library.opcheck(torch.ops.fastarch.quantized_linear.default, (x, blocks, "q4_1", b, "exact", ""))
     torch.library.opcheck(torch.ops.fastarch._quantized_linear.default, (x, blocks, 3, b))
     compiled = torch.compile(lambda x: ops.quantized_linear(x, blocks, "q4_1", b) * 2, fullgraph=True)
     assert torch.equal(compiled(x), ops.quantized_linear(x, blocks, "q4_1", b) * 2)
