@@ -22,7 +22,8 @@ and WIDENED_DTYPES.
 --quantized: fastarch.ops.quantized_linear on the same decoder's weights held as GGUF blocks of
 each format (the kernel of the backend the registry picks, called directly), against our dense
 kernel and F.linear on the dense weights of the dtype: ms per pass over every weight, the
-blocks' GB/s and fraction of the copy bandwidth. ``--layer 1b``: 4 layers of a 1B-class
+blocks' GB/s and fraction of the copy bandwidth; on the CPU also the blocks with x rounded to int8
+(activations="int8", llama.cpp's arithmetic: "int8 ms", and its speed over the exact blocks'). ``--layer 1b``: 4 layers of a 1B-class
 decoder's projections (hidden 2048, intermediate 8192, GQA 8 of 32 heads: ~1 GB in fp32) and no
 head, for the k-quants, whose 256-value super-blocks SmolLM2's 576-wide rows do not hold.
 """
@@ -160,7 +161,7 @@ def quantized(a) -> None:
     print(f"{machine['gpu'] or machine['cpu']}; {a.threads} threads; torch {torch.__version__}; copy bandwidth"
           f" {bandwidth / 1e9:.1f} GB/s")
     print(f"{'dtype':<5} {'quant':<5} {'rows':>4} {'backend':<9} {'blocks ms':>9} {'dense ms':>9} {'F.linear ms':>11}"
-          f" {'vs dense':>8} {'vs F.linear':>11} {'blocks GB/s':>11} {'/copy bw':>8}")
+          f" {'vs dense':>8} {'vs F.linear':>11} {'blocks GB/s':>11} {'/copy bw':>8} {'int8 ms':>8} {'int8 vs blocks':>14}")
     g = torch.Generator().manual_seed(0)
     if a.layer == "1b":
         dense32 = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(4) for o, i in LAYER_1B]
@@ -186,6 +187,10 @@ def quantized(a) -> None:
                     for b, w in zip(blocks, dense):
                         kernel(xs[w.shape[1]], b, quant, None)
 
+                def ours_int8(kernel=backend.forward):
+                    for b, w in zip(blocks, dense):
+                        kernel(xs[w.shape[1]], b, quant, None, "int8")
+
                 def ours_dense(kernel=dense_backend.forward):
                     for w in dense:
                         kernel(xs[w.shape[1]], w, None)
@@ -194,8 +199,10 @@ def quantized(a) -> None:
                     for w in dense:
                         F.linear(xs[w.shape[1]], w)
 
-                times, errors = measure({"blocks": ours, "dense": ours_dense, "torch": theirs}, device, a.rounds,
-                                        memory=False)
+                contenders = {"blocks": ours, "dense": ours_dense, "torch": theirs}
+                if backend.name == "cpu":  # (activations "int8": the CPU kernel)
+                    contenders["int8"] = ours_int8
+                times, errors = measure(contenders, device, a.rounds, memory=False)
                 if errors:
                     print(name, quant, rows, errors)
                     continue
@@ -205,10 +212,13 @@ def quantized(a) -> None:
                        "vs_dense": speedup(times["dense"], times["blocks"]),
                        "vs_torch": speedup(times["torch"], times["blocks"]),
                        "blocks_gbs": nbytes / t["blocks"] / 1e9, "blocks_fraction_of_copy": nbytes / t["blocks"] / bandwidth}
+                if "int8" in t:
+                    row["int8_ms"], row["int8_vs_blocks"] = t["int8"] * 1e3, speedup(times["blocks"], times["int8"])
                 results.append(row)
+                int8 = f" {row['int8_ms']:>8.2f} {row['int8_vs_blocks']:>13.2f}x" if "int8" in t else ""
                 print(f"{name:<5} {quant:<5} {rows:>4} {backend.name:<9} {row['blocks_ms']:>9.2f} {row['dense_ms']:>9.2f}"
                       f" {row['torch_ms']:>11.2f} {row['vs_dense']:>7.2f}x {row['vs_torch']:>10.2f}x"
-                      f" {row['blocks_gbs']:>11.1f} {row['blocks_fraction_of_copy']:>8.2f}")
+                      f" {row['blocks_gbs']:>11.1f} {row['blocks_fraction_of_copy']:>8.2f}{int8}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"machine": machine, "rows": results}, f, indent=1)

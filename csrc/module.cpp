@@ -36,6 +36,9 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_has_avx2"] = fastarch::cpu::cpu_has_avx2();  // with FMA and F16C
     info["cpu_has_avx512"] = fastarch::cpu::cpu_has_avx512();
     info["cpu_has_avx512_bf16"] = fastarch::cpu::cpu_has_avx512_bf16();
+    info["cpu_has_avx512_vnni"] = fastarch::cpu::cpu_has_avx512_vnni();
+    // whether quantized_linear's int8 products (activations "int8") run vpdpbusd now
+    info["cpu_int8_vnni"] = fastarch::cpu::isa_vnni();
     info["cpu_has_amx"] = fastarch::cpu::cpu_has_amx();
     info["cpu_amx_missing"] = fastarch::cpu::cpu_amx_missing();  // why not, "" when it has AMX
     info["cpu_isa_auto"] = fastarch::cpu::isa_name(fastarch::cpu::best_isa());

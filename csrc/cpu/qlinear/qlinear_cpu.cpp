@@ -105,16 +105,24 @@ void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end
   });
 }
 
-// x (rows, K) fp32 contiguous as its rounded values d q.
+// x (rows, K) fp32 contiguous as its rounded values d q (threads over rows).
 Tensor dequantized_int8(const Tensor& x) {
   const int64_t rows = x.size(0), K = x.size(1);
-  std::vector<uint8_t> buffer;
-  const Int8Rows r = quantize_rows(x.data_ptr<float>(), rows, K, K, buffer);
   Tensor out = at::empty_like(x);
+  const float* in = x.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < K; ++j) o[i * K + j] = r.d[i * (r.ld / 32) + j / 32] * static_cast<float>(r.q[i * r.ld + j]);
-  }
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> buffer;
+    const Int8Rows r = quantize_rows(in + begin * K, end - begin, K, K, buffer);
+    for (int64_t i = 0; i < end - begin; ++i) {
+      const float* d = r.d + i * (r.ld / 32);
+      const int8_t* q = r.q + i * r.ld;
+      float* row = o + (begin + i) * K;
+      for (int64_t b = 0; b < K / 32; ++b) {
+        for (int64_t j = 32 * b; j < 32 * b + 32; ++j) row[j] = d[b] * static_cast<float>(q[j]);
+      }
+    }
+  });
   return out;
 }
 

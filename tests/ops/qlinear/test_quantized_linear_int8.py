@@ -184,3 +184,19 @@ def test_opcheck_and_compile():
     compiled = torch.compile(lambda x: ops.quantized_linear(x, blocks, "q4_1", b, activations="int8") * 2,
                              fullgraph=True)
     assert torch.equal(compiled(x), ops.quantized_linear(x, blocks, "q4_1", b, activations="int8") * 2)
+
+
+def test_info_names_the_int8_path(cpu_isa):
+    """build_info (fastarch info) says whether the int8 products run vpdpbusd: at level avx512
+    and above on a CPU whose flags list AVX512-VNNI, the portable build below it."""
+    from pathlib import Path
+
+    from fastarch import _extension
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    vnni = "avx512_vnni" in flags and "avx512bw" in flags
+    cpu_isa("avx2")
+    assert _extension.build_info()["cpu_int8_vnni"] is False
+    cpu_isa(backend_rows.DEFAULT_ISA)
+    at_auto = _extension.build_info()
+    assert at_auto["cpu_int8_vnni"] is (vnni and at_auto["cpu_isa"] in ("avx512", "avx512_bf16", "amx"))
