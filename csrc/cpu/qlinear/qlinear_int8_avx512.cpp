@@ -13,10 +13,11 @@
 // the lane holds exactly sum (u - o) q. Each lane is then scaled by a times x's d and added
 // into fp32 sums; a min's b times d sum q is added per lane (Q4_1, Q5_1) or per 32 values
 // (Q4_K, Q5_K). Against the exact kernels (qlinear_avx512.cpp), which widen every value to
-// fp32: ~2x fewer instructions per weight (a Q4_K row of 1024 values: 2.1x on one Zen 5 core).
+// fp32: ~2x fewer instructions per weight (4096 Q4_K rows of 1024 values, in cache: 2.0x on
+// one Zen 5 core; the 32-value formats 1.1-1.5x, their pairs of blocks cost more shuffles).
 //
 // Compiled with the target of qlinear_avx512.cpp (cpu/avx512_math.h's rule) and AVX512-VNNI
-// for the functions that multiply (kVnni); called only where the CPU has it (isa_vnni()).
+// for the functions that multiply (FASTARCH_VNNI); called only where the CPU has it (isa_vnni()).
 #include <immintrin.h>
 
 #include <cmath>
