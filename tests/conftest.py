@@ -41,3 +41,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cpu_isa():
+    """Selects the CPU kernels' instruction set for one test (backend_rows.set_cpu_isa: a level
+    this CPU or build cannot run skips it with the reason), then restores the default."""
+    import backend_rows  # tests/backend_rows.py
+
+    yield backend_rows.set_cpu_isa
+    backend_rows.set_cpu_isa(backend_rows.DEFAULT_ISA)

@@ -7,7 +7,7 @@
 // two fused multiply-adds. One or two rows of x keep two sets of accumulators (even and odd
 // chunks) so that the additions overlap. The blocks
 // are prefetched kPrefetchBytes ahead (see linear_cols.h). The sums of 16 output columns are
-// kept and then finished by vector (qlinear_cols_avx512.h).
+// kept and then finished by vector (qlinear_avx512.h).
 //
 // Compiled for AVX-512 through the target pragma below and called only after a run-time CPU
 // check. No torch headers (no inline function of theirs may be emitted with AVX-512 code).
@@ -23,18 +23,13 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 
 #include "cpu/avx512_math.h"
-#include "qlinear_cols_avx512.h"
+#include "qlinear_avx512.h"
 
 namespace fastarch::cpu {
 namespace {
 
 constexpr int64_t kPrefetchBytes = 2048;
 
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
 
 // 16 bytes of 4-bit values (byte j: value j low, value j + 16 high), each picked from ``levels``
 // by its bits: values 0-15 in lo, 16-31 in hi (vpermps reads an index's low 4 bits only: the
@@ -103,25 +98,6 @@ __attribute__((always_inline)) inline void block_values(const uint8_t* blk, __m5
     hi = _mm512_permutex2var_ps(levels_lo, _mm512_mask_or_epi32(q_hi, static_cast<__mmask16>(qh >> 16), q_hi, sixteen),
                                 levels_hi);
   }
-}
-
-// Q4_K/Q5_K's per-sub-block d sc_s (s[0..7]) and dmin m_s (s[8..15]), from the 12 scale bytes
-// (formats.py, k_scales): exact products.
-__attribute__((always_inline)) inline void k_scales(const uint8_t* blk, float* s) {
-  uint32_t word[3];
-  std::memcpy(word, blk + 4, 12);
-  const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
-  const uint32_t sc_lo = word[0] & six, mn_lo = word[1] & six;
-  const uint32_t sc_hi = (word[2] & four) | (((word[0] >> 6) & two) << 4);
-  const uint32_t mn_hi = ((word[2] >> 4) & four) | (((word[1] >> 6) & two) << 4);
-  const __m128i bytes = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(mn_lo),
-                                       static_cast<int>(mn_hi));
-  uint32_t dm_bits;
-  std::memcpy(&dm_bits, blk, 4);
-  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm_bits)));  // d, dmin
-  const __m512 scale = _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                                             _mm512_castps128_ps512(dm));
-  _mm512_store_ps(s, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), scale));
 }
 
 // A k-quant super-block's 256 values as eight chunks of 32: fn(c, lo, hi) with values 32c ..

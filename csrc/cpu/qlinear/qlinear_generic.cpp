@@ -1,13 +1,16 @@
 // Portable build of the CPU linear layer on block-quantized weights (qlinear.h): each block's
 // values (32; 256 for a k-quant) widened to fp32 (exactly ggml's), then multiplied into up to 8 rows of x in 16
 // partial sums per row (fused multiply-adds in the AVX2 build), summed in order; the bias added
-// and the result rounded once.
+// and the result rounded once. Also the products on x rounded to int8 (activations "int8").
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <utility>
 #include <type_traits>
 
 #include "qlinear.h"
@@ -37,6 +40,12 @@ inline void nibbles(const uint8_t* qs, uint8_t* out) {
     std::memcpy(out + 8 * half, &low, 8);
     std::memcpy(out + 16 + 8 * half, &high, 8);
   }
+}
+
+// Q4_K/Q5_K's sub-block c: its 6-bit scale and min from the 12 scale bytes s (formats.py, k_scales).
+inline std::pair<int, int> k_scale_min(const uint8_t* s, int c) {
+  if (c < 4) return {s[c] & 63, s[c + 4] & 63};
+  return {(s[c + 4] & 0x0F) | ((s[c - 4] >> 6) << 4), (s[c + 4] >> 4) | ((s[c] >> 6) << 4)};
 }
 
 // Block blk's values (32; a k-quant's 256) as fp32. madd_f32 rounds d * q + m once either way:
@@ -76,8 +85,7 @@ inline void block_values(const uint8_t* blk, float* v) {
     const float d = half_at(blk), dmin = half_at(blk + 2);
     const uint8_t* qs = blk + (Q == Quant::q5_k ? 48 : 16);
     for (int c = 0; c < 8; ++c) {
-      const int sc = c < 4 ? s[c] & 63 : (s[c + 4] & 0x0F) | ((s[c - 4] >> 6) << 4);
-      const int mn = c < 4 ? s[c + 4] & 63 : (s[c + 4] >> 4) | ((s[c] >> 6) << 4);
+      const auto [sc, mn] = k_scale_min(s, c);
       const float dsc = d * static_cast<float>(sc), dmn = dmin * static_cast<float>(mn);
       const int shift = 4 * (c % 2);
       for (int l = 0; l < 32; ++l) {
@@ -144,6 +152,121 @@ void rows_dots(int64_t rows, const uint8_t* w, int64_t nb, const float* x, int64
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// x rounded to int8 (qlinear.h's Int8Rows; qlinear_int8_avx512.cpp says what the arithmetic is):
+// each block's values as small signed integers v (a value is a v + b for its group of 16: b 0
+// where the format has a fixed offset, folded into v), multiplied into x's codes and summed in
+// int32 per group, scaled by a times x's scale; a min's b times d sum q added per group.
+// ---------------------------------------------------------------------------------------------
+
+// IQ4's 16 levels as integers.
+constexpr int16_t kIq4Ints[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// Block blk's values (32; a k-quant's 256) as v[j], with a and b per group of 16 values.
+template <Quant Q>
+inline void block_ints(const uint8_t* blk, int16_t* v, float* a, float* b) {
+  if constexpr (Q == Quant::q8_0) {
+    for (int j = 0; j < 32; ++j) v[j] = static_cast<int8_t>(blk[2 + j]);
+    a[0] = a[1] = half_at(blk);
+    b[0] = b[1] = 0.0f;
+  } else if constexpr (Q == Quant::iq4_nl || Q == Quant::iq4_xs) {  // (sub-)blocks of 32: a step, 16 bytes
+    constexpr bool kXs = Q == Quant::iq4_xs;
+    const float d = half_at(blk);
+    uint16_t high = 0;
+    if constexpr (kXs) std::memcpy(&high, blk + 2, 2);
+    for (int c = 0; c < (kXs ? 8 : 1); ++c) {
+      const int ls = kXs ? ((blk[4 + c / 2] >> (4 * (c % 2))) & 0x0F) | (((high >> (2 * c)) & 3) << 4) : 33;
+      uint8_t q[32];
+      nibbles(blk + (kXs ? 8 + 16 * c : 2), q);
+      for (int j = 0; j < 32; ++j) v[32 * c + j] = kIq4Ints[q[j]];
+      a[2 * c] = a[2 * c + 1] = d * static_cast<float>(ls - 32);
+      b[2 * c] = b[2 * c + 1] = 0.0f;
+    }
+  } else if constexpr (!quant_is_k(Q)) {  // Q4_0, Q4_1, Q5_0, Q5_1: d (, m) (, the fifth bits), nibbles
+    constexpr bool kMin = Q == Quant::q4_1 || Q == Quant::q5_1, kFive = Q == Quant::q5_0 || Q == Quant::q5_1;
+    const uint8_t* qs = blk + (kMin ? 4 : 2) + (kFive ? 4 : 0);
+    uint32_t qh = 0;
+    if constexpr (kFive) std::memcpy(&qh, qs - 4, 4);
+    constexpr int kOffset = kMin ? 0 : kFive ? 16 : 8;
+    uint8_t q[32];
+    nibbles(qs, q);
+    for (int j = 0; j < 32; ++j) v[j] = static_cast<int16_t>((q[j] | static_cast<int>(((qh >> j) & 1) << 4)) - kOffset);
+    a[0] = a[1] = half_at(blk);
+    b[0] = b[1] = kMin ? half_at(blk + 2) : 0.0f;
+  } else if constexpr (Q == Quant::q4_k || Q == Quant::q5_k) {
+    const uint8_t* s = blk + 4;  // the 6-bit scales and mins (formats.py, k_scales)
+    const float d = half_at(blk), dmin = half_at(blk + 2);
+    const uint8_t* qs = blk + (Q == Quant::q5_k ? 48 : 16);
+    for (int c = 0; c < 8; ++c) {
+      const auto [sc, mn] = k_scale_min(s, c);
+      const int shift = 4 * (c % 2);
+      for (int l = 0; l < 32; ++l) {
+        int q = (qs[32 * (c / 2) + l] >> shift) & 0x0F;
+        if constexpr (Q == Quant::q5_k) q |= ((blk[16 + l] >> c) & 1) << 4;
+        v[32 * c + l] = static_cast<int16_t>(q);
+      }
+      a[2 * c] = a[2 * c + 1] = d * static_cast<float>(sc);
+      b[2 * c] = b[2 * c + 1] = -(dmin * static_cast<float>(mn));
+    }
+  } else {  // Q6_K: half n of 128 values, group g of 32 in it, position l in the group
+    const float d = half_at(blk + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    for (int n = 0; n < 2; ++n) {
+      for (int g = 0; g < 4; ++g) {
+        const uint8_t* low = blk + 64 * n + 32 * (g % 2);
+        const uint8_t* high = blk + 128 + 32 * n;
+        const int shift = 4 * (g / 2);
+        for (int l = 0; l < 32; ++l) {
+          v[128 * n + 32 * g + l] =
+              static_cast<int16_t>((((low[l] >> shift) & 0x0F) | (((high[l] >> (2 * g)) & 3) << 4)) - 32);
+        }
+      }
+    }
+    for (int g = 0; g < 16; ++g) {
+      a[g] = d * static_cast<float>(sc[g]);
+      b[g] = 0.0f;
+    }
+  }
+}
+
+// The dot products of one W row (nb blocks) with R rows of x (rows m0 ..): sums[r].
+template <Quant Q, int R>
+void row_dots_int8(const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float* sums) {
+  constexpr int64_t kValues = quant_block_values(Q), kGroups = kValues / 16;
+  float acc[R] = {};
+  int16_t v[kValues];
+  float a[kGroups], b[kGroups];
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    block_ints<Q>(w + blk * quant_block_bytes(Q), v, a, b);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = m0 + r, first = blk * kValues;
+      const int8_t* q = x.q + row * x.ld + first;
+      for (int64_t g = 0; g < kGroups; ++g) {
+        int32_t dot = 0;
+        for (int j = 0; j < 16; ++j) dot += static_cast<int32_t>(v[16 * g + j]) * q[16 * g + j];
+        const int64_t at = first + 16 * g;
+        acc[r] += a[g] * (x.d[row * (x.ld / 32) + at / 32] * static_cast<float>(dot));
+        if (b[g] != 0.0f) acc[r] += b[g] * x.sum16[row * (x.ld / 16) + at / 16];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = acc[r];
+}
+
+template <Quant Q>
+void rows_dots_int8(int64_t rows, const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float* sums) {
+  switch (rows) {
+    case 1: return row_dots_int8<Q, 1>(w, nb, x, m0, sums);
+    case 2: return row_dots_int8<Q, 2>(w, nb, x, m0, sums);
+    case 3: return row_dots_int8<Q, 3>(w, nb, x, m0, sums);
+    case 4: return row_dots_int8<Q, 4>(w, nb, x, m0, sums);
+    default: {
+      row_dots_int8<Q, 4>(w, nb, x, m0, sums);
+      return rows_dots_int8<Q>(rows - 4, w, nb, x, m0 + 4, sums + 4);
+    }
+  }
+}
+
 }  // namespace
 
 template <Isa I, Quant Q, Dtype D>
@@ -173,6 +296,71 @@ void dequantize_rows_generic(const uint8_t* w, int64_t in_features, int64_t begi
     }
   }
 }
+
+template <Isa I, Quant Q, Dtype D>
+void qlinear_int8_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end) {
+  using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
+  const int64_t nb = p.in_features / quant_block_values(Q), row_bytes = nb * quant_block_bytes(Q);
+  const Elem* bias = static_cast<const Elem*>(p.bias);
+  Elem* out = static_cast<Elem*>(p.out);
+  float sums[kQuantRowGroup];
+  for (int64_t m0 = 0; m0 < p.rows; m0 += kQuantRowGroup) {
+    const int64_t mb = std::min(kQuantRowGroup, p.rows - m0);
+    for (int64_t n = begin; n < end; ++n) {
+      rows_dots_int8<Q>(mb, p.w + n * row_bytes, nb, *p.int8, m0, sums);
+      const float bn = bias ? static_cast<float>(bias[n]) : 0.0f;
+      for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + bn);
+    }
+  }
+}
+
+// As quantize_int8_rows_avx512: per block of 32 the scale from max |x| (an inf or a NaN: d NaN,
+// codes 0), codes rounded to nearest even (the default rounding mode: torch.round's ties).
+template <Isa I>
+void quantize_int8_rows_generic(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out) {
+  const int64_t ld = out.ld;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    int8_t* q = const_cast<int8_t*>(out.q) + r * ld;
+    for (int64_t blk = 0; blk < ld / 32; ++blk) {
+      float amax = 0.0f, scale = 0.0f;
+      bool finite = true;
+      for (int64_t j = 32 * blk; j < std::min(32 * blk + 32, K); ++j) {
+        finite = finite && std::isfinite(xr[j]);
+        amax = std::max(amax, std::fabs(xr[j]));
+      }
+      const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+      if (!finite) scale = std::numeric_limits<float>::quiet_NaN();
+      else if (amax > 0.0f) scale = amax / 127.0f;
+      for (int64_t j = 32 * blk; j < 32 * blk + 32; ++j) {
+        q[j] = j < K && inv != 0.0f ? static_cast<int8_t>(std::clamp(std::nearbyint(xr[j] * inv), -127.0f, 127.0f)) : 0;
+      }
+      int32_t s16[2] = {};
+      for (int l = 0; l < 8; ++l) {
+        const int8_t* c = q + 32 * blk + 4 * l;
+        const int32_t s4 = c[0] + c[1] + c[2] + c[3];
+        const int64_t lane = r * (ld / 4) + 8 * blk + l;
+        const_cast<float*>(out.lane_d)[lane] = scale;
+        const_cast<int32_t*>(out.neg4)[lane] = -s4;
+        const_cast<float*>(out.sum4)[lane] = scale * static_cast<float>(s4);
+        s16[l / 4] += s4;
+      }
+      const_cast<float*>(out.sum16)[r * (ld / 16) + 2 * blk] = scale * static_cast<float>(s16[0]);
+      const_cast<float*>(out.sum16)[r * (ld / 16) + 2 * blk + 1] = scale * static_cast<float>(s16[1]);
+      const_cast<float*>(out.sum32)[r * (ld / 32) + blk] = scale * static_cast<float>(s16[0] + s16[1]);
+      const_cast<float*>(out.d)[r * (ld / 32) + blk] = scale;
+    }
+  }
+}
+
+template void quantize_int8_rows_generic<kPortableBuild>(const float*, int64_t, int64_t, int64_t, const Int8Rows&);
+
+#define FASTARCH_QLINEAR_INT8_GENERIC(Q)                                                                               \
+  template void qlinear_int8_cols_generic<kPortableBuild, Q, Dtype::f32>(const QuantLinearParams&, int64_t, int64_t);  \
+  template void qlinear_int8_cols_generic<kPortableBuild, Q, Dtype::f16>(const QuantLinearParams&, int64_t, int64_t);  \
+  template void qlinear_int8_cols_generic<kPortableBuild, Q, Dtype::bf16>(const QuantLinearParams&, int64_t, int64_t);
+FASTARCH_QUANTS(FASTARCH_QLINEAR_INT8_GENERIC)
+#undef FASTARCH_QLINEAR_INT8_GENERIC
 
 #define FASTARCH_QLINEAR_GENERIC(Q)                                                                                  \
   template void qlinear_cols_generic<kPortableBuild, Q, Dtype::f32>(const QuantLinearParams&, int64_t, int64_t);      \

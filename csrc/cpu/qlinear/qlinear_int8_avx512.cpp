@@ -30,7 +30,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 
 #include "cpu/avx512_math.h"
-#include "qlinear_cols_avx512.h"
+#include "qlinear_avx512.h"
 
 #define FASTARCH_VNNI __attribute__((target("avx512vnni"), always_inline)) inline
 
@@ -47,11 +47,6 @@ constexpr int kOffsetShift = Q == Quant::q4_0 ? 3 : Q == Quant::q5_0 ? 4 : Q == 
 template <Quant Q>
 constexpr bool kLaneMins = Q == Quant::q4_1 || Q == Quant::q5_1;
 
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
 
 // 64 codes (zmm bytes) with each lane's a, and b where the format has lane mins.
 struct Chunk {
@@ -161,23 +156,6 @@ FASTARCH_VNNI void chunk_rows(const Chunk& c, const XRows<R>& x, int off, __m512
     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), scale, acc[r]);
     if constexpr (kLaneMins<Q>) mins[r] = _mm512_fmadd_ps(c.b, _mm512_loadu_ps(x.sum4[r] + off / 4), mins[r]);
   }
-}
-
-// Q4_K/Q5_K's 16 scales: d sc (0-7), dmin m (8-15) (exact products; as qlinear_avx512.cpp's).
-__attribute__((always_inline)) inline void k_scales(const uint8_t* blk, float* s) {
-  uint32_t word[3];
-  std::memcpy(word, blk + 4, 12);
-  const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
-  const uint32_t sc_lo = word[0] & six, mn_lo = word[1] & six;
-  const uint32_t sc_hi = (word[2] & four) | (((word[0] >> 6) & two) << 4);
-  const uint32_t mn_hi = ((word[2] >> 4) & four) | (((word[1] >> 6) & two) << 4);
-  const __m128i bytes = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(mn_lo),
-                                       static_cast<int>(mn_hi));
-  uint32_t dm_bits;
-  std::memcpy(&dm_bits, blk, 4);
-  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm_bits)));
-  _mm512_store_ps(s, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)),
-                                   _mm512_permutexvar_ps(halves(0, 1), _mm512_castps128_ps512(dm))));
 }
 
 // A super-block's four chunks: fn(p, chunk) for values 64p .. 64p + 63; Q4_K and Q5_K also

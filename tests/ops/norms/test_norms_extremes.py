@@ -31,7 +31,7 @@ import backend_rows  # tests/backend_rows.py
 import torch.nn.functional as F
 
 from fastarch import ops
-from fastarch._extension import _C, build_info
+from fastarch._extension import build_info
 from test_norms import FLOOR, FORWARD_FACTOR, GRAD_FACTOR, OPS  # tests/ops/norms/test_norms.py
 
 HAS_CUDA = torch.cuda.is_available()
@@ -64,13 +64,6 @@ BACKENDS = [  # (backend, device, isa of the cpu kernels)
     pytest.param(("cuda", "cuda", "auto"), id="cuda", marks=GPU),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture
-def cpu_isa():
-    """Selects the CPU kernels' instruction set for one test, then restores automatic choice."""
-    yield backend_rows.set_cpu_isa
-    _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
 
 
 # ----------------------------------------------------------------------------- the edges

@@ -116,12 +116,6 @@ def test_matches_reference(backend, device, rows, shape, quant, dtype):
     check(ops.quantized_linear(x, blocks, quant, b, backend=backend), x, blocks, quant, b)
 
 
-@pytest.fixture
-def cpu_isa():
-    yield backend_rows.set_cpu_isa
-    backend_rows.set_cpu_isa(backend_rows.DEFAULT_ISA)
-
-
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("quant", QUANTS)
 def test_cpu_kernel_each_build_and_row_count(cpu_isa, isa, quant):

@@ -74,12 +74,6 @@ def test_rounding_of_x_is_the_definition():
     assert xq.dtype == torch.float32 and quantize_activations(x.double()).dtype == torch.float32
 
 
-@pytest.fixture
-def cpu_isa():
-    yield backend_rows.set_cpu_isa
-    backend_rows.set_cpu_isa(backend_rows.DEFAULT_ISA)
-
-
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("quant", QUANTS)
 def test_cpu_kernel_each_build_format_and_row_count(cpu_isa, isa, quant):
