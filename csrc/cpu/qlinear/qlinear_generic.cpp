@@ -48,121 +48,11 @@ inline std::pair<int, int> k_scale_min(const uint8_t* s, int c) {
   return {(s[c + 4] & 0x0F) | ((s[c - 4] >> 6) << 4), (s[c + 4] >> 4) | ((s[c] >> 6) << 4)};
 }
 
-// Block blk's values (32; a k-quant's 256) as fp32. madd_f32 rounds d * q + m once either way:
-// the product is exact (formats.py).
-template <Quant Q>
-inline void block_values(const uint8_t* blk, float* v) {
-  using portable::madd_f32;
-  if constexpr (Q == Quant::q8_0) {
-    const float d = half_at(blk);
-    for (int j = 0; j < 32; ++j) v[j] = static_cast<float>(static_cast<int8_t>(blk[2 + j])) * d;
-  } else if constexpr (Q == Quant::iq4_nl || Q == Quant::iq4_xs) {  // (sub-)blocks of 32: a step, 16 bytes
-    constexpr bool kXs = Q == Quant::iq4_xs;
-    const float d = half_at(blk);
-    uint16_t high = 0;
-    if constexpr (kXs) std::memcpy(&high, blk + 2, 2);
-    for (int c = 0; c < (kXs ? 8 : 1); ++c) {
-      const int ls = kXs ? ((blk[4 + c / 2] >> (4 * (c % 2))) & 0x0F) | (((high >> (2 * c)) & 3) << 4) : 33;
-      const float step = kXs ? d * static_cast<float>(ls - 32) : d;
-      uint8_t q[32];
-      nibbles(blk + (kXs ? 8 + 16 * c : 2), q);
-      for (int j = 0; j < 32; ++j) v[32 * c + j] = step * kIq4Levels[q[j]];
-    }
-  } else if constexpr (!quant_is_k(Q)) {  // Q4_0, Q4_1, Q5_0, Q5_1: d (, m) (, the fifth bits), nibbles
-    constexpr bool kOffset = Q == Quant::q4_1 || Q == Quant::q5_1, kFive = Q == Quant::q5_0 || Q == Quant::q5_1;
-    const uint8_t* qs = blk + (kOffset ? 4 : 2) + (kFive ? 4 : 0);
-    uint32_t qh = 0;
-    if constexpr (kFive) std::memcpy(&qh, qs - 4, 4);
-    const float d = half_at(blk), m = kOffset ? half_at(blk + 2) : 0.0f;
-    uint8_t q[32];
-    nibbles(qs, q);
-    for (int j = 0; j < 32; ++j) {
-      const int value = q[j] | static_cast<int>(((qh >> j) & 1) << 4);
-      v[j] = kOffset ? madd_f32(static_cast<float>(value), d, m) : static_cast<float>(value - (kFive ? 16 : 8)) * d;
-    }
-  } else if constexpr (Q == Quant::q4_k || Q == Quant::q5_k) {
-    const uint8_t* s = blk + 4;  // the 6-bit scales and mins (formats.py, k_scales)
-    const float d = half_at(blk), dmin = half_at(blk + 2);
-    const uint8_t* qs = blk + (Q == Quant::q5_k ? 48 : 16);
-    for (int c = 0; c < 8; ++c) {
-      const auto [sc, mn] = k_scale_min(s, c);
-      const float dsc = d * static_cast<float>(sc), dmn = dmin * static_cast<float>(mn);
-      const int shift = 4 * (c % 2);
-      for (int l = 0; l < 32; ++l) {
-        int q = (qs[32 * (c / 2) + l] >> shift) & 0x0F;
-        if constexpr (Q == Quant::q5_k) q |= ((blk[16 + l] >> c) & 1) << 4;
-        v[32 * c + l] = madd_f32(static_cast<float>(q), dsc, -dmn);
-      }
-    }
-  } else {  // Q6_K: half n of 128 values, group g of 32 in it, position l in the group
-    const float d = half_at(blk + 208);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    for (int n = 0; n < 2; ++n) {
-      for (int g = 0; g < 4; ++g) {
-        const uint8_t* low = blk + 64 * n + 32 * (g % 2);
-        const uint8_t* high = blk + 128 + 32 * n;
-        const int shift = 4 * (g / 2);
-        const float step[2] = {d * static_cast<float>(sc[8 * n + 2 * g]), d * static_cast<float>(sc[8 * n + 2 * g + 1])};
-        for (int l = 0; l < 32; ++l) {
-          const int q = (((low[l] >> shift) & 0x0F) | (((high[l] >> (2 * g)) & 3) << 4)) - 32;
-          v[128 * n + 32 * g + l] = step[l / 16] * static_cast<float>(q);
-        }
-      }
-    }
-  }
-}
-
-template <Quant Q, int R>
-void row_dots(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
-  using namespace portable;
-  constexpr int64_t kValues = quant_block_values(Q);
-  constexpr int kVecs = 32 / kVecLanes;
-  Vec part[R][kVecs] = {};
-  alignas(64) float v[kValues];
-  for (int64_t b = 0; b < nb; ++b) {
-    block_values<Q>(w + b * quant_block_bytes(Q), v);
-    const float* xb = x + b * kValues;
-    for (int64_t c = 0; c < kValues; c += 32) {
-      for (int i = 0; i < kVecs; ++i) {
-        const Vec wv = load_vec(v + c + i * kVecLanes);
-        for (int r = 0; r < R; ++r) part[r][i] = madd(wv, load_vec(xb + r * ldx + c + i * kVecLanes), part[r][i]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float lane[32];
-    std::memcpy(lane, part[r], sizeof lane);
-    float s = 0;
-    for (int l = 0; l < 32; ++l) s += lane[l];
-    sums[r] = s;
-  }
-}
-
-template <Quant Q>
-void rows_dots(int64_t rows, const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
-  switch (rows) {
-    case 1: return row_dots<Q, 1>(w, nb, x, ldx, sums);
-    case 2: return row_dots<Q, 2>(w, nb, x, ldx, sums);
-    case 3: return row_dots<Q, 3>(w, nb, x, ldx, sums);
-    case 4: return row_dots<Q, 4>(w, nb, x, ldx, sums);
-    default: {
-      row_dots<Q, 4>(w, nb, x, ldx, sums);
-      return rows_dots<Q>(rows - 4, w, nb, x + 4 * ldx, ldx, sums + 4);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// x rounded to int8 (qlinear.h's Int8Rows; qlinear_int8_avx512.cpp says what the arithmetic is):
-// each block's values as small signed integers v (a value is a v + b for its group of 16: b 0
-// where the format has a fixed offset, folded into v), multiplied into x's codes and summed in
-// int32 per group, scaled by a times x's scale; a min's b times d sum q added per group.
-// ---------------------------------------------------------------------------------------------
-
 // IQ4's 16 levels as integers.
 constexpr int16_t kIq4Ints[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
-// Block blk's values (32; a k-quant's 256) as v[j], with a and b per group of 16 values.
+// Block blk's values (32; a k-quant's 256) as small integers v[j] and, per group of 16 values,
+// a scale a and a min b (0 where the format's offset is folded into v): value j is a v + b.
 template <Quant Q>
 inline void block_ints(const uint8_t* blk, int16_t* v, float* a, float* b) {
   if constexpr (Q == Quant::q8_0) {
@@ -229,6 +119,94 @@ inline void block_ints(const uint8_t* blk, int16_t* v, float* a, float* b) {
   }
 }
 
+// Block blk's values (32; a k-quant's 256) as fp32: a v (+ b), exactly ggml's values: every
+// product a v is exact in fp32 (formats.py), so madd_f32 rounds a v + b once either way, and
+// Q6_K's (d sc) (q - 32) rounds once, in ggml's order.
+template <Quant Q>
+inline void block_values(const uint8_t* blk, float* v) {
+  constexpr int64_t kValues = quant_block_values(Q);
+  constexpr bool kMin = Q == Quant::q4_1 || Q == Quant::q5_1 || Q == Quant::q4_k || Q == Quant::q5_k;
+  int16_t ints[kValues];
+  float a[kValues / 16], b[kValues / 16];
+  block_ints<Q>(blk, ints, a, b);
+  for (int64_t g = 0; g < kValues / 16; ++g) {
+    for (int64_t j = 16 * g; j < 16 * g + 16; ++j) {
+      v[j] = kMin ? portable::madd_f32(static_cast<float>(ints[j]), a[g], b[g]) : static_cast<float>(ints[j]) * a[g];
+    }
+  }
+}
+
+template <Quant Q, int R>
+void row_dots(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
+  using namespace portable;
+  constexpr int64_t kValues = quant_block_values(Q);
+  constexpr int kVecs = 32 / kVecLanes;
+  Vec part[R][kVecs] = {};
+  alignas(64) float v[kValues];
+  for (int64_t b = 0; b < nb; ++b) {
+    block_values<Q>(w + b * quant_block_bytes(Q), v);
+    const float* xb = x + b * kValues;
+    for (int64_t c = 0; c < kValues; c += 32) {
+      for (int i = 0; i < kVecs; ++i) {
+        const Vec wv = load_vec(v + c + i * kVecLanes);
+        for (int r = 0; r < R; ++r) part[r][i] = madd(wv, load_vec(xb + r * ldx + c + i * kVecLanes), part[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float lane[32];
+    std::memcpy(lane, part[r], sizeof lane);
+    float s = 0;
+    for (int l = 0; l < 32; ++l) s += lane[l];
+    sums[r] = s;
+  }
+}
+
+// dots.template operator()<R>(first row, sums) for each group of up to 4 of rows rows (1-4 a
+// kernel of its own; more in fours).
+template <typename Dots>
+void in_fours(int64_t rows, float* sums, Dots&& dots) {
+  for (int64_t m = 0; m < rows; m += 4) {
+    switch (std::min<int64_t>(rows - m, 4)) {
+      case 1: dots.template operator()<1>(m, sums + m); break;
+      case 2: dots.template operator()<2>(m, sums + m); break;
+      case 3: dots.template operator()<3>(m, sums + m); break;
+      default: dots.template operator()<4>(m, sums + m); break;
+    }
+  }
+}
+
+template <Quant Q>
+void rows_dots(int64_t rows, const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
+  in_fours(rows, sums, [&]<int R>(int64_t m, float* out) { row_dots<Q, R>(w, nb, x + m * ldx, ldx, out); });
+}
+
+// Each output column n of [begin, end) of every row: dots(rows, W row n, first row, sums), the
+// bias added and the result rounded once.
+template <Quant Q, Dtype D, typename Dots>
+void cols_loop(const QuantLinearParams& p, int64_t begin, int64_t end, Dots&& dots) {
+  using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
+  const int64_t row_bytes = p.in_features / quant_block_values(Q) * quant_block_bytes(Q);
+  const Elem* bias = static_cast<const Elem*>(p.bias);
+  Elem* out = static_cast<Elem*>(p.out);
+  float sums[kQuantRowGroup];
+  for (int64_t m0 = 0; m0 < p.rows; m0 += kQuantRowGroup) {
+    const int64_t mb = std::min(kQuantRowGroup, p.rows - m0);
+    for (int64_t n = begin; n < end; ++n) {
+      dots(mb, p.w + n * row_bytes, m0, sums);
+      const float b = bias ? static_cast<float>(bias[n]) : 0.0f;
+      for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// x rounded to int8 (qlinear.h's Int8Rows; qlinear_int8_avx512.cpp says what the arithmetic is):
+// each block's values as small signed integers v (a value is a v + b for its group of 16: b 0
+// where the format has a fixed offset, folded into v), multiplied into x's codes and summed in
+// int32 per group, scaled by a times x's scale; a min's b times d sum q added per group.
+// ---------------------------------------------------------------------------------------------
+
 // The dot products of one W row (nb blocks) with R rows of x (rows m0 ..): sums[r].
 template <Quant Q, int R>
 void row_dots_int8(const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float* sums) {
@@ -255,35 +233,17 @@ void row_dots_int8(const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, 
 
 template <Quant Q>
 void rows_dots_int8(int64_t rows, const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float* sums) {
-  switch (rows) {
-    case 1: return row_dots_int8<Q, 1>(w, nb, x, m0, sums);
-    case 2: return row_dots_int8<Q, 2>(w, nb, x, m0, sums);
-    case 3: return row_dots_int8<Q, 3>(w, nb, x, m0, sums);
-    case 4: return row_dots_int8<Q, 4>(w, nb, x, m0, sums);
-    default: {
-      row_dots_int8<Q, 4>(w, nb, x, m0, sums);
-      return rows_dots_int8<Q>(rows - 4, w, nb, x, m0 + 4, sums + 4);
-    }
-  }
+  in_fours(rows, sums, [&]<int R>(int64_t m, float* out) { row_dots_int8<Q, R>(w, nb, x, m0 + m, out); });
 }
 
 }  // namespace
 
 template <Isa I, Quant Q, Dtype D>
 void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end) {
-  using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
-  const int64_t nb = p.in_features / quant_block_values(Q), row_bytes = nb * quant_block_bytes(Q);
-  const Elem* bias = static_cast<const Elem*>(p.bias);
-  Elem* out = static_cast<Elem*>(p.out);
-  float sums[kQuantRowGroup];
-  for (int64_t m0 = 0; m0 < p.rows; m0 += kQuantRowGroup) {
-    const int64_t mb = std::min(kQuantRowGroup, p.rows - m0);
-    for (int64_t n = begin; n < end; ++n) {
-      rows_dots<Q>(mb, p.w + n * row_bytes, nb, p.x + m0 * p.ldx, p.ldx, sums);
-      const float b = bias ? static_cast<float>(bias[n]) : 0.0f;
-      for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
-    }
-  }
+  const int64_t nb = p.in_features / quant_block_values(Q);
+  cols_loop<Q, D>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
+    rows_dots<Q>(rows, w, nb, p.x + m0 * p.ldx, p.ldx, sums);
+  });
 }
 
 template <Isa I, Quant Q>
@@ -299,19 +259,10 @@ void dequantize_rows_generic(const uint8_t* w, int64_t in_features, int64_t begi
 
 template <Isa I, Quant Q, Dtype D>
 void qlinear_int8_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end) {
-  using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
-  const int64_t nb = p.in_features / quant_block_values(Q), row_bytes = nb * quant_block_bytes(Q);
-  const Elem* bias = static_cast<const Elem*>(p.bias);
-  Elem* out = static_cast<Elem*>(p.out);
-  float sums[kQuantRowGroup];
-  for (int64_t m0 = 0; m0 < p.rows; m0 += kQuantRowGroup) {
-    const int64_t mb = std::min(kQuantRowGroup, p.rows - m0);
-    for (int64_t n = begin; n < end; ++n) {
-      rows_dots_int8<Q>(mb, p.w + n * row_bytes, nb, *p.int8, m0, sums);
-      const float bn = bias ? static_cast<float>(bias[n]) : 0.0f;
-      for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + bn);
-    }
-  }
+  const int64_t nb = p.in_features / quant_block_values(Q);
+  cols_loop<Q, D>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
+    rows_dots_int8<Q>(rows, w, nb, *p.int8, m0, sums);
+  });
 }
 
 // As quantize_int8_rows_avx512: per block of 32 the scale from max |x| (an inf or a NaN: d NaN,
