@@ -150,8 +150,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when one is visible, else cpu)")
     g.add_argument("--quantized", action=argparse.BooleanOptionalAction,
                    help="a GGUF file's quantized layers (Q4_0 ... IQ4_XS, Q4_K_M files) kept as blocks"
-                   " (fastarch.ops.quantized_linear: the file's values, ~2-3x the decode speed; default: on a CPU"
-                   " whose AVX-512 kernels run, where they are faster)"
+                   " (fastarch.ops.quantized_linear: the file's values, ~2-3x the decode speed; default: on the CPU)"
                    "; --no-quantized dequantizes them to --dtype")
     g.add_argument("--activations", choices=("exact", "int8"), default="exact",
                    help="int8 keeps a GGUF file's blocks and multiplies them with x rounded to int8 per 32"
@@ -173,17 +172,6 @@ def _default_gguf():
         return None
     files = sorted(f for d in spec.submodule_search_locations for f in Path(d).rglob("*.gguf"))
     return files[0] if files else None
-
-
-def blocks_are_faster() -> bool:
-    """Whether a GGUF file's blocks decode faster than its dequantized weights on this CPU: where
-    the AVX-512 kernels run (level avx512 and above). The portable build of the quantized kernels
-    (an AVX2-only x86 CPU, or another architecture) widens each block with scalar and short
-    vector code: on the Zen 5 restricted to AVX2, SmolLM2's Q4_1 blocks decoded at ~42 tokens/s
-    against 62-67 dequantized in fp32 and 86-114 in bf16."""
-    from fastarch import _extension
-
-    return _extension.build_info().get("cpu_isa") in ("avx512", "avx512_bf16", "amx")
 
 
 def _generate(args) -> int:
@@ -218,8 +206,7 @@ def _generate(args) -> int:
     dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     quantized = args.quantized
     if quantized is None:  # a GGUF file on the CPU: its blocks (the CUDA quantized kernel has not run on a GPU yet)
-        quantized = (device.type == "cpu" and (gguf_file is not None or str(model).endswith(".gguf"))
-                     and (blocks_are_faster() or args.activations == "int8"))  # (int8 asks for the blocks)
+        quantized = device.type == "cpu" and (gguf_file is not None or str(model).endswith(".gguf"))
     if args.activations != "exact" and not quantized:
         return fail(f"--activations {args.activations} rounds x for a GGUF file's quantized layers; they are"
                     " dequantized here (--no-quantized, a checkpoint directory, or a GPU)")

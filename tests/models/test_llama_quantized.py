@@ -221,8 +221,7 @@ def test_real_smollm2_quantized_same_greedy_tokens():
 
 def test_cli_generate_quantized(capsys, monkeypatch):
     """``fastarch generate`` on the default SmolLM2 file keeps its blocks on the CPU (the
-    default where the AVX-512 kernels run; ``--quantized`` says so), ``--no-quantized``
-    dequantizes: the same greedy text in fp32."""
+    default; ``--quantized`` says so), ``--no-quantized`` dequantizes: the same greedy text in fp32."""
     from fastarch.cli import main
     from fastarch.models.generate import TextGenerator
 
@@ -235,28 +234,7 @@ def test_cli_generate_quantized(capsys, monkeypatch):
     plain = capsys.readouterr().out
     assert main(argv) == 0 and main(argv + ["--quantized"]) == 0
     out = capsys.readouterr().out
-    from fastarch.cli import blocks_are_faster
-
-    assert out == plain * 2 and plain.strip() and asked == [False, blocks_are_faster(), True]
-
-
-def test_cli_default_dequantizes_where_the_blocks_are_slower(monkeypatch):
-    """The blocks are the default only where the AVX-512 kernels run: at level avx2 (and
-    generic) ``fastarch generate`` dequantizes a GGUF file unless told --quantized."""
-    import backend_rows  # tests/backend_rows.py
-
-    from fastarch.cli import blocks_are_faster
-
-    try:
-        backend_rows.set_cpu_isa("avx2")
-        assert blocks_are_faster() is False
-        backend_rows.set_cpu_isa("generic")
-        assert blocks_are_faster() is False
-    finally:
-        backend_rows.set_cpu_isa(backend_rows.DEFAULT_ISA)
-    from fastarch import _extension
-
-    assert blocks_are_faster() is (_extension.build_info()["cpu_isa"] in ("avx512", "avx512_bf16", "amx"))
+    assert out == plain * 2 and plain.strip() and asked == [False, True, True]
 
 
 @pytest.mark.parametrize("layout", [{"": "Q4_1", "output": "Q8_0"}, {"": "Q4_K", "blk.0.attn_v": "Q6_K", "output": "Q6_K"}],

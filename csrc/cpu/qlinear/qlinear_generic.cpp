@@ -28,18 +28,12 @@ inline float half_at(const uint8_t* p) {
   return static_cast<float>(h);
 }
 
-// 16 bytes of 4-bit values as 32 (byte j: value j low, value j + 16 high), 8 bytes at a time
-// in 64-bit words (a byte loop was compiled to one byte insert per value); the loops below are
-// written for the compiler to vectorize them (one value per lane, no branch on the index).
-inline void nibbles(const uint8_t* qs, uint8_t* out) {
-  constexpr uint64_t kLow = 0x0F0F0F0F0F0F0F0FULL;
-  for (int half = 0; half < 2; ++half) {
-    uint64_t word;
-    std::memcpy(&word, qs + 8 * half, 8);
-    const uint64_t low = word & kLow, high = (word >> 4) & kLow;
-    std::memcpy(out + 8 * half, &low, 8);
-    std::memcpy(out + 16 + 8 * half, &high, 8);
-  }
+// 16 bytes of 4-bit values as 32 integers minus offset (byte j: value j low, value j + 16
+// high), one loop per half: each compiles to a few vector instructions (a loop over j writing
+// both halves was compiled to one byte insert per value).
+inline void nibble_ints(const uint8_t* qs, int offset, int16_t* v) {
+  for (int j = 0; j < 16; ++j) v[j] = static_cast<int16_t>((qs[j] & 0x0F) - offset);
+  for (int j = 0; j < 16; ++j) v[j + 16] = static_cast<int16_t>((qs[j] >> 4) - offset);
 }
 
 // Q4_K/Q5_K's sub-block c: its 6-bit scale and min from the 12 scale bytes s (formats.py, k_scales).
@@ -66,9 +60,8 @@ inline void block_ints(const uint8_t* blk, int16_t* v, float* a, float* b) {
     if constexpr (kXs) std::memcpy(&high, blk + 2, 2);
     for (int c = 0; c < (kXs ? 8 : 1); ++c) {
       const int ls = kXs ? ((blk[4 + c / 2] >> (4 * (c % 2))) & 0x0F) | (((high >> (2 * c)) & 3) << 4) : 33;
-      uint8_t q[32];
-      nibbles(blk + (kXs ? 8 + 16 * c : 2), q);
-      for (int j = 0; j < 32; ++j) v[32 * c + j] = kIq4Ints[q[j]];
+      nibble_ints(blk + (kXs ? 8 + 16 * c : 2), 0, v + 32 * c);
+      for (int j = 32 * c; j < 32 * c + 32; ++j) v[j] = kIq4Ints[v[j]];
       a[2 * c] = a[2 * c + 1] = d * static_cast<float>(ls - 32);
       b[2 * c] = b[2 * c + 1] = 0.0f;
     }
@@ -78,9 +71,10 @@ inline void block_ints(const uint8_t* blk, int16_t* v, float* a, float* b) {
     uint32_t qh = 0;
     if constexpr (kFive) std::memcpy(&qh, qs - 4, 4);
     constexpr int kOffset = kMin ? 0 : kFive ? 16 : 8;
-    uint8_t q[32];
-    nibbles(qs, q);
-    for (int j = 0; j < 32; ++j) v[j] = static_cast<int16_t>((q[j] | static_cast<int>(((qh >> j) & 1) << 4)) - kOffset);
+    nibble_ints(qs, kOffset, v);
+    if constexpr (kFive) {
+      for (int j = 0; j < 32; ++j) v[j] = static_cast<int16_t>(v[j] + static_cast<int>(((qh >> j) & 1) << 4));
+    }
     a[0] = a[1] = half_at(blk);
     b[0] = b[1] = kMin ? half_at(blk + 2) : 0.0f;
   } else if constexpr (Q == Quant::q4_k || Q == Quant::q5_k) {
