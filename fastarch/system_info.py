@@ -33,7 +33,8 @@ def report() -> str:
             f"; bf16 attention forward: {'brgemm' if build.get('cpu_attention_brgemm') else 'AVX-512 register tiles'}"
             f" (FASTARCH_CPU_BRGEMM={build.get('cpu_brgemm')})"
         )
-        extension += f"; int8 products of quantized layers: {'vpdpbusd' if build.get('cpu_int8_vnni') else 'portable'}"
+        extension += (f"; int8 products of quantized layers: "
+                      f"{'vpdpbusd' if build.get('cpu_int8_vnni') else 'exact kernels on the rounded x'}")
     env = os.environ.get("FASTARCH_BACKEND")
     lines = [
         f"fastarch {__import__('fastarch').__version__}",

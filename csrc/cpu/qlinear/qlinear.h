@@ -56,10 +56,9 @@ void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end
 template <Quant Q, Dtype D>
 void qlinear_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
 
-// The same with x rounded to int8 (p.int8): each block's codes times x's codes summed in int32,
-// then scaled (vpdpbusd where the CPU has AVX512-VNNI: isa_vnni()).
-template <Isa I, Quant Q, Dtype D>
-void qlinear_int8_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end);
+// The same with x rounded to int8 (p.int8): each block's codes times x's codes summed in int32
+// by vpdpbusd, then scaled; on CPUs with AVX512-VNNI (isa_vnni()). Elsewhere x's rounded values
+// go to the kernels above.
 template <Quant Q, Dtype D>
 void qlinear_int8_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
 

@@ -49,12 +49,9 @@ void run_cols(Quant q, Dtype d, const QuantLinearParams& p, int64_t begin, int64
   with_quant(q, [&]<Quant Q>() {
     with_dtype(d, [&]<Dtype D>() {
       if constexpr (D != Dtype::f64) {
-        if (p.int8) {
 #ifdef FASTARCH_WITH_AVX512
-          if (isa_vnni()) return qlinear_int8_cols_avx512<Q, D>(p, begin, end);
+        if (p.int8) return qlinear_int8_cols_avx512<Q, D>(p, begin, end);  // (p.int8 only where isa_vnni())
 #endif
-          return with_portable_build([&]<Isa I>() { qlinear_int8_cols_generic<I, Q, D>(p, begin, end); });
-        }
 #ifdef FASTARCH_WITH_AVX512
         if (isa_avx512()) return qlinear_cols_avx512<Q, D>(p, begin, end);
 #endif
@@ -105,25 +102,23 @@ void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end
   });
 }
 
-// x (rows, K) fp32 contiguous as its rounded values d q (threads over rows).
-Tensor dequantized_int8(const Tensor& x) {
-  const int64_t rows = x.size(0), K = x.size(1);
-  Tensor out = at::empty_like(x);
-  const float* in = x.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+// x's rows (fp32, row stride ldx) as their rounded values d q (rows x K, contiguous, into
+// out; threads over rows): what the products multiply where x's int8 codes are not multiplied
+// themselves (past the direct rows, and on CPUs without AVX512-VNNI, where the exact kernels
+// on these values are faster than integer products in portable code).
+void dequantized_int8(const float* x, int64_t rows, int64_t K, int64_t ldx, float* out) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> buffer;
-    const Int8Rows r = quantize_rows(in + begin * K, end - begin, K, K, buffer);
+    const Int8Rows r = quantize_rows(x + begin * ldx, end - begin, K, ldx, buffer);
     for (int64_t i = 0; i < end - begin; ++i) {
       const float* d = r.d + i * (r.ld / 32);
       const int8_t* q = r.q + i * r.ld;
-      float* row = o + (begin + i) * K;
+      float* row = out + (begin + i) * K;
       for (int64_t b = 0; b < K / 32; ++b) {
         for (int64_t j = 32 * b; j < 32 * b + 32; ++j) row[j] = d[b] * static_cast<float>(q[j]);
       }
     }
   });
-  return out;
 }
 
 Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant, const std::optional<Tensor>& bias,
@@ -139,8 +134,12 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
   if (K == 0) return bias ? out.copy_(bias->expand({rows, N})) : out.zero_();
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   if (rows > kDirectRows) {
-    Tensor xf = x.to(at::kFloat);  // exact
-    if (int8) xf = dequantized_int8(xf.contiguous());  // x's rounded values, d q (as the reference's)
+    Tensor xf = x.to(at::kFloat).contiguous();  // exact
+    if (int8) {  // x's rounded values, d q (as the reference's)
+      Tensor rounded = at::empty_like(xf);
+      dequantized_int8(xf.data_ptr<float>(), rows, K, K, rounded.data_ptr<float>());
+      xf = rounded;
+    }
     Tensor sums = at::empty({rows, N}, x.options().dtype(at::kFloat));
     Tensor values = at::empty({std::min(N, kDequantRows), K}, x.options().dtype(at::kFloat));
     for (int64_t n0 = 0; n0 < N; n0 += kDequantRows) {
@@ -176,13 +175,19 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
     xf = aligned;
     ldx = K;
   }
-  QuantLinearParams p{xf, w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), rows, K, N, ldx};
   Int8Rows x8;
-  if (int8) {
-    thread_local std::vector<uint8_t> buffer;
+  thread_local std::vector<uint8_t> buffer;
+  thread_local std::vector<float> rounded;
+  if (int8 && isa_vnni()) {  // the codes multiplied in int32
     x8 = quantize_rows(xf, rows, K, ldx, buffer);
-    p.int8 = &x8;
+  } else if (int8) {  // the exact kernels on x's rounded values
+    rounded.resize(static_cast<size_t>(rows * K));
+    dequantized_int8(xf, rows, K, ldx, rounded.data());
+    xf = rounded.data();
+    ldx = K;
   }
+  QuantLinearParams p{xf, w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), rows, K, N, ldx};
+  if (int8 && isa_vnni()) p.int8 = &x8;
   // at least ~64 KB of blocks per task, in whole chunks of output columns
   const int64_t row_bytes = std::max<int64_t>(blocks.size(1), 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / row_bytes / kQuantColChunk);

@@ -1,7 +1,8 @@
 // Portable build of the CPU linear layer on block-quantized weights (qlinear.h): each block's
 // values (32; 256 for a k-quant) widened to fp32 (exactly ggml's), then multiplied into up to 8 rows of x in 16
 // partial sums per row (fused multiply-adds in the AVX2 build), summed in order; the bias added
-// and the result rounded once. Also the products on x rounded to int8 (activations "int8").
+// and the result rounded once. Also the rounding of x to int8 (activations "int8", whose
+// products run here on x's rounded values: qlinear_cpu.cpp).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -194,42 +195,6 @@ void cols_loop(const QuantLinearParams& p, int64_t begin, int64_t end, Dots&& do
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// x rounded to int8 (qlinear.h's Int8Rows; qlinear_int8_avx512.cpp says what the arithmetic is):
-// each block's values as small signed integers v (a value is a v + b for its group of 16: b 0
-// where the format has a fixed offset, folded into v), multiplied into x's codes and summed in
-// int32 per group, scaled by a times x's scale; a min's b times d sum q added per group.
-// ---------------------------------------------------------------------------------------------
-
-// The dot products of one W row (nb blocks) with R rows of x (rows m0 ..): sums[r].
-template <Quant Q, int R>
-void row_dots_int8(const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float* sums) {
-  constexpr int64_t kValues = quant_block_values(Q), kGroups = kValues / 16;
-  float acc[R] = {};
-  int16_t v[kValues];
-  float a[kGroups], b[kGroups];
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    block_ints<Q>(w + blk * quant_block_bytes(Q), v, a, b);
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = m0 + r, first = blk * kValues;
-      const int8_t* q = x.q + row * x.ld + first;
-      for (int64_t g = 0; g < kGroups; ++g) {
-        int32_t dot = 0;
-        for (int j = 0; j < 16; ++j) dot += static_cast<int32_t>(v[16 * g + j]) * q[16 * g + j];
-        const int64_t at = first + 16 * g;
-        acc[r] += a[g] * (x.d[row * (x.ld / 32) + at / 32] * static_cast<float>(dot));
-        if (b[g] != 0.0f) acc[r] += b[g] * x.sum16[row * (x.ld / 16) + at / 16];
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) sums[r] = acc[r];
-}
-
-template <Quant Q>
-void rows_dots_int8(int64_t rows, const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float* sums) {
-  in_fours(rows, sums, [&]<int R>(int64_t m, float* out) { row_dots_int8<Q, R>(w, nb, x, m0 + m, out); });
-}
-
 }  // namespace
 
 template <Isa I, Quant Q, Dtype D>
@@ -249,14 +214,6 @@ void dequantize_rows_generic(const uint8_t* w, int64_t in_features, int64_t begi
                       out + (n - begin) * in_features + b * quant_block_values(Q));
     }
   }
-}
-
-template <Isa I, Quant Q, Dtype D>
-void qlinear_int8_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end) {
-  const int64_t nb = p.in_features / quant_block_values(Q);
-  cols_loop<Q, D>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
-    rows_dots_int8<Q>(rows, w, nb, *p.int8, m0, sums);
-  });
 }
 
 // As quantize_int8_rows_avx512: per block of 32 the scale from max |x| (an inf or a NaN: d NaN,
@@ -300,12 +257,6 @@ void quantize_int8_rows_generic(const float* x, int64_t rows, int64_t K, int64_t
 
 template void quantize_int8_rows_generic<kPortableBuild>(const float*, int64_t, int64_t, int64_t, const Int8Rows&);
 
-#define FASTARCH_QLINEAR_INT8_GENERIC(Q)                                                                               \
-  template void qlinear_int8_cols_generic<kPortableBuild, Q, Dtype::f32>(const QuantLinearParams&, int64_t, int64_t);  \
-  template void qlinear_int8_cols_generic<kPortableBuild, Q, Dtype::f16>(const QuantLinearParams&, int64_t, int64_t);  \
-  template void qlinear_int8_cols_generic<kPortableBuild, Q, Dtype::bf16>(const QuantLinearParams&, int64_t, int64_t);
-FASTARCH_QUANTS(FASTARCH_QLINEAR_INT8_GENERIC)
-#undef FASTARCH_QLINEAR_INT8_GENERIC
 
 #define FASTARCH_QLINEAR_GENERIC(Q)                                                                                  \
   template void qlinear_cols_generic<kPortableBuild, Q, Dtype::f32>(const QuantLinearParams&, int64_t, int64_t);      \

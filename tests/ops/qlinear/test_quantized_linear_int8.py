@@ -77,7 +77,8 @@ def test_rounding_of_x_is_the_definition():
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("quant", QUANTS)
 def test_cpu_kernel_each_build_format_and_row_count(cpu_isa, isa, quant):
-    """Every build (avx512: vpdpbusd where the CPU has AVX512-VNNI, else the portable build),
+    """Every build (avx512: vpdpbusd where the CPU has AVX512-VNNI; else, and at levels avx2 and
+    generic, x's rounded values on the exact kernels),
     1-17 rows (the row groups of 8 and 4, the one- and two-row kernels' two sets of sums) and 40
     (x rounded, then the dequantized GEMM), an odd count of 32-value blocks (a pair's second
     block absent), fp32/fp16/bf16."""
