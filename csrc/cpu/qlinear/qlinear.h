@@ -22,15 +22,15 @@ constexpr int64_t kQuantColChunk = 16;
 // fastarch/ops/qlinear/reference.py, quantize_activations, is the definition): value j of a
 // block is d q_j, d = max |x| / 127, q_j = round(x_j 127 / max |x|) (ties to even); a block
 // holding an inf or a NaN has d NaN and codes 0. Each row's arrays are padded with zeros to ld
-// values (a multiple of 64). Besides the codes and scales, what the kernels read per 4 (16,
-// 32) values, made once per call: the AVX-512 kernels' dot products of 4 codes per lane.
+// values (a multiple of 64). Besides the codes and scales, what the vpdpbusd kernels read per 4
+// (32) values, made once per call by quantize_int8_rows_avx512 (the portable rounding, whose
+// values go to the exact kernels, fills q and d only).
 struct Int8Rows {
   const int8_t* q;      // rows x ld codes
   const float* d;       // rows x ld / 32: each block's scale
   const float* lane_d;  // rows x ld / 4: the scale of each 4 values
   const int32_t* neg4;  // rows x ld / 4: minus the sum of each 4 codes
   const float* sum4;    // rows x ld / 4: d times the sum of each 4 codes
-  const float* sum16;   // rows x ld / 16: d times the sum of each 16 codes
   const float* sum32;   // rows x ld / 32: d times the sum of each block's codes
   int64_t ld;
 };

@@ -51,8 +51,6 @@ void run_cols(Quant q, Dtype d, const QuantLinearParams& p, int64_t begin, int64
       if constexpr (D != Dtype::f64) {
 #ifdef FASTARCH_WITH_AVX512
         if (p.int8) return qlinear_int8_cols_avx512<Q, D>(p, begin, end);  // (p.int8 only where isa_vnni())
-#endif
-#ifdef FASTARCH_WITH_AVX512
         if (isa_avx512()) return qlinear_cols_avx512<Q, D>(p, begin, end);
 #endif
         with_portable_build([&]<Isa I>() { qlinear_cols_generic<I, Q, D>(p, begin, end); });
@@ -65,9 +63,8 @@ void run_cols(Quant q, Dtype d, const QuantLinearParams& p, int64_t begin, int64
 // thread's own: the arrays of Int8Rows in one allocation, 64-byte aligned.
 Int8Rows quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, std::vector<uint8_t>& buffer) {
   const int64_t ld = (K + 63) / 64 * 64;
-  const int64_t lanes = rows * ld / 4, bytes = rows * ld + 4 * (rows * ld / 32 + 4 * lanes + rows * ld / 16 +
-                                                                 rows * ld / 32);
-  buffer.resize(static_cast<size_t>(bytes + 64 * 8));
+  const int64_t lanes = rows * ld / 4, blocks = rows * ld / 32;
+  buffer.resize(static_cast<size_t>(rows * ld + 4 * (2 * blocks + 3 * lanes) + 64 * 7));  // (each array 64-aligned)
   uint8_t* at = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64;
   auto take = [&](int64_t n) {
     uint8_t* p = at;
@@ -77,12 +74,11 @@ Int8Rows quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, std
   Int8Rows r;
   r.ld = ld;
   r.q = reinterpret_cast<const int8_t*>(take(rows * ld));
-  r.d = reinterpret_cast<const float*>(take(4 * rows * ld / 32));
+  r.d = reinterpret_cast<const float*>(take(4 * blocks));
   r.lane_d = reinterpret_cast<const float*>(take(4 * lanes));
   r.neg4 = reinterpret_cast<const int32_t*>(take(4 * lanes));
   r.sum4 = reinterpret_cast<const float*>(take(4 * lanes));
-  r.sum16 = reinterpret_cast<const float*>(take(4 * rows * ld / 16));
-  r.sum32 = reinterpret_cast<const float*>(take(4 * rows * ld / 32));
+  r.sum32 = reinterpret_cast<const float*>(take(4 * blocks));
 #ifdef FASTARCH_WITH_AVX512
   if (isa_vnni()) {
     quantize_int8_rows_avx512(x, rows, K, ldx, r);

@@ -216,8 +216,9 @@ void dequantize_rows_generic(const uint8_t* w, int64_t in_features, int64_t begi
   }
 }
 
-// As quantize_int8_rows_avx512: per block of 32 the scale from max |x| (an inf or a NaN: d NaN,
-// codes 0), codes rounded to nearest even (the default rounding mode: torch.round's ties).
+// As quantize_int8_rows_avx512, q and d only: per block of 32 the scale from max |x| (an inf or
+// a NaN: d NaN, codes 0), codes rounded to nearest even (the default rounding mode: torch.round's
+// ties).
 template <Isa I>
 void quantize_int8_rows_generic(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out) {
   const int64_t ld = out.ld;
@@ -237,19 +238,6 @@ void quantize_int8_rows_generic(const float* x, int64_t rows, int64_t K, int64_t
       for (int64_t j = 32 * blk; j < 32 * blk + 32; ++j) {
         q[j] = j < K && inv != 0.0f ? static_cast<int8_t>(std::clamp(std::nearbyint(xr[j] * inv), -127.0f, 127.0f)) : 0;
       }
-      int32_t s16[2] = {};
-      for (int l = 0; l < 8; ++l) {
-        const int8_t* c = q + 32 * blk + 4 * l;
-        const int32_t s4 = c[0] + c[1] + c[2] + c[3];
-        const int64_t lane = r * (ld / 4) + 8 * blk + l;
-        const_cast<float*>(out.lane_d)[lane] = scale;
-        const_cast<int32_t*>(out.neg4)[lane] = -s4;
-        const_cast<float*>(out.sum4)[lane] = scale * static_cast<float>(s4);
-        s16[l / 4] += s4;
-      }
-      const_cast<float*>(out.sum16)[r * (ld / 16) + 2 * blk] = scale * static_cast<float>(s16[0]);
-      const_cast<float*>(out.sum16)[r * (ld / 16) + 2 * blk + 1] = scale * static_cast<float>(s16[1]);
-      const_cast<float*>(out.sum32)[r * (ld / 32) + blk] = scale * static_cast<float>(s16[0] + s16[1]);
       const_cast<float*>(out.d)[r * (ld / 32) + blk] = scale;
     }
   }

@@ -311,7 +311,7 @@ __attribute__((target("avx512vnni"))) void qlinear_int8_cols_avx512(const QuantL
 // rounded to nearest even as torch.round, then the lanes' sums (vpdpbusd of ones and codes).
 __attribute__((target("avx512vnni"))) void quantize_int8_rows_avx512(const float* x, int64_t rows, int64_t K,
                                                                       int64_t ldx, const Int8Rows& out) {
-  const int64_t ld = out.ld, ld4 = ld / 4, ld16 = ld / 16, ld32 = ld / 32;
+  const int64_t ld = out.ld, ld4 = ld / 4, ld32 = ld / 32;
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * ldx;
@@ -320,7 +320,6 @@ __attribute__((target("avx512vnni"))) void quantize_int8_rows_avx512(const float
     float* lane_d = const_cast<float*>(out.lane_d) + r * ld4;
     int32_t* neg4 = const_cast<int32_t*>(out.neg4) + r * ld4;
     float* sum4 = const_cast<float*>(out.sum4) + r * ld4;
-    float* sum16 = const_cast<float*>(out.sum16) + r * ld16;
     float* sum32 = const_cast<float*>(out.sum32) + r * ld32;
     for (int64_t b = 0; b < ld / 32; ++b) {
       __m512i codes = _mm512_setzero_si512();  // (16 lanes of 4 codes: this block's in the low 8)
@@ -350,10 +349,9 @@ __attribute__((target("avx512vnni"))) void quantize_int8_rows_avx512(const float
       _mm256_storeu_ps(sum4 + 8 * b, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(s4)));
       alignas(32) int32_t lanes[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s4);
-      const int32_t s16a = lanes[0] + lanes[1] + lanes[2] + lanes[3], s16b = lanes[4] + lanes[5] + lanes[6] + lanes[7];
-      sum16[2 * b] = scale * static_cast<float>(s16a);
-      sum16[2 * b + 1] = scale * static_cast<float>(s16b);
-      sum32[b] = scale * static_cast<float>(s16a + s16b);
+      int32_t sum = 0;
+      for (int l = 0; l < 8; ++l) sum += lanes[l];
+      sum32[b] = scale * static_cast<float>(sum);
       d[b] = scale;
     }
   }
