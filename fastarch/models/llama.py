@@ -402,8 +402,9 @@ class Llama(CausalLM):
 
 def check_activations(activations: object, quantized: bool) -> None:
     """from_pretrained's activations: "exact", or "int8" with quantized=True."""
-    if activations not in ("exact", "int8"):
-        raise ValueError(f"from_pretrained: activations must be 'exact' or 'int8', got {activations!r}")
+    from fastarch.ops.qlinear.reference import check_activations as check
+
+    check("from_pretrained", activations)
     if activations == "int8" and not quantized:
         raise ValueError("from_pretrained: activations='int8' rounds x for a GGUF file's quantized layers; it needs"
                          " quantized=True")

@@ -71,10 +71,9 @@ class QuantizedLinear(torch.nn.Module):
 
     @activations.setter
     def activations(self, value: str) -> None:
-        from fastarch.ops.qlinear.reference import ACTIVATIONS
+        from fastarch.ops.qlinear.reference import check_activations
 
-        if value not in ACTIVATIONS:
-            raise ValueError(f"QuantizedLinear: activations must be 'exact' or 'int8', got {value!r}")
+        check_activations("QuantizedLinear", value)
         self._activations = value
         QuantizedLinear.changes += 1
 
@@ -137,10 +136,9 @@ def set_activations(module: torch.nn.Module, activations: str) -> int:
     """Sets ``activations`` ("exact" or "int8") of every QuantizedLinear in module (a model of
     from_pretrained(quantized=True), say); returns how many. "int8" multiplies W's values with x
     rounded to int8 per 32 values, as llama.cpp does (fastarch.ops.quantized_linear)."""
-    from fastarch.ops.qlinear.reference import ACTIVATIONS
+    from fastarch.ops.qlinear.reference import check_activations
 
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"set_activations: activations must be 'exact' or 'int8', got {activations!r}")
+    check_activations("set_activations", activations)
     layers = [m for m in module.modules() if type(m) is QuantizedLinear]
     for layer in layers:
         layer.activations = activations

@@ -14,7 +14,7 @@ from fastarch.ops import dispatch
 from fastarch.ops.linear.api import check_bias
 from fastarch.ops.qlinear.backends import QuantizedLinearProblem
 from fastarch.ops.qlinear.formats import BLOCK_BYTES, BLOCK_VALUES, QUANTS, dequantize_blocks, row_bytes
-from fastarch.ops.qlinear.reference import ACTIVATIONS
+from fastarch.ops.qlinear.reference import check_activations
 from fastarch.ops.rows import as_rows
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -23,8 +23,7 @@ OP = "fastarch.quantized_linear"
 
 def _check(x: object, weight: object, quant: object, bias: object, activations: object = "exact") -> None:
     """Raises a ValueError/TypeError naming the bad argument and what was expected."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"{OP}: activations must be 'exact' or 'int8', got {activations!r}")
+    check_activations(OP, activations)
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")

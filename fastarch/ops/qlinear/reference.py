@@ -23,6 +23,12 @@ ACTIVATIONS = ("exact", "int8")
 values (quantize_activations)."""
 
 
+def check_activations(who: str, activations: object) -> None:
+    """A ValueError naming ``who`` unless activations is one of ACTIVATIONS."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"{who}: activations must be 'exact' or 'int8', got {activations!r}")
+
+
 def quantize_activations(x: Tensor) -> Tensor:
     """x (..., in_features; a multiple of 32) rounded as activations "int8" round it, as fp32:
     each 32 consecutive values become d q with d = max |x| / 127 and q = round(x * (127 / max
