@@ -37,8 +37,10 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_has_avx512"] = fastarch::cpu::cpu_has_avx512();
     info["cpu_has_avx512_bf16"] = fastarch::cpu::cpu_has_avx512_bf16();
     info["cpu_has_avx512_vnni"] = fastarch::cpu::cpu_has_avx512_vnni();
-    // whether quantized_linear's int8 products (activations "int8") run vpdpbusd now
-    info["cpu_int8_vnni"] = fastarch::cpu::isa_vnni();
+    info["cpu_has_avx_vnni"] = fastarch::cpu::cpu_has_avx_vnni();
+    // how quantized_linear's int8 products (activations "int8") run now: "avx512_vnni",
+    // "avx_vnni", "avx2" or "exact" (cpu/isa.h, Int8Products)
+    info["cpu_int8_products"] = fastarch::cpu::int8_products_name(fastarch::cpu::int8_products());
     info["cpu_has_amx"] = fastarch::cpu::cpu_has_amx();
     info["cpu_amx_missing"] = fastarch::cpu::cpu_amx_missing();  // why not, "" when it has AMX
     info["cpu_isa_auto"] = fastarch::cpu::isa_name(fastarch::cpu::best_isa());
@@ -62,4 +64,7 @@ PYBIND11_MODULE(_C, m) {
   // The bf16 attention forward through brgemm: "auto" (at level amx), "on" (any AVX512-BF16
   // CPU), "off".
   m.def("_set_cpu_brgemm", [](const std::string& mode) { fastarch::cpu::set_brgemm(mode); });
+  // The int8 products of quantized_linear: "auto", or the fastest up to "exact", "avx2",
+  // "avx_vnni" or "avx512_vnni" (cpu/isa.h, Int8Products); ValueError where they cannot run.
+  m.def("_set_cpu_int8", [](const std::string& name) { fastarch::cpu::set_int8_products(name); });
 }

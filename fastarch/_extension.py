@@ -27,11 +27,16 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch of an
 # CPU. A level the CPU cannot run is an error here, not a silent fallback.
 # FASTARCH_CPU_BRGEMM=auto | on | off: the bf16 attention forward through oneDNN's brgemm (the
 # AMX path): auto at level amx only, on for any AVX512-BF16 CPU (to test or compare it), off
-# never. fastarch._C._set_cpu_isa and _set_cpu_brgemm change them later.
-_ISA = os.environ.get("FASTARCH_CPU_ISA", "").strip()
-_BRGEMM = os.environ.get("FASTARCH_CPU_BRGEMM", "").strip()
+# never.
+# FASTARCH_CPU_INT8=auto | exact | avx2 | avx_vnni | avx512_vnni: how quantized_linear multiplies x
+# rounded to int8 (activations "int8"; csrc/cpu/isa.h, Int8Products): the fastest this CPU and
+# level run up to the one named (auto: all), e.g. to compare vpmaddubsw with vpdpbusd on one CPU.
+# fastarch._C._set_cpu_isa, _set_cpu_brgemm and _set_cpu_int8 change them later.
+_SETTINGS = (("FASTARCH_CPU_ISA", "_set_cpu_isa"), ("FASTARCH_CPU_BRGEMM", "_set_cpu_brgemm"),
+             ("FASTARCH_CPU_INT8", "_set_cpu_int8"))
 if _C is not None:
-    for _name, _value, _set in (("FASTARCH_CPU_ISA", _ISA, "_set_cpu_isa"), ("FASTARCH_CPU_BRGEMM", _BRGEMM, "_set_cpu_brgemm")):
+    for _name, _set in _SETTINGS:
+        _value = os.environ.get(_name, "").strip()
         if _value:
             try:
                 getattr(_C, _set)(_value)

@@ -9,6 +9,14 @@ import torch
 
 from fastarch import _extension, availability, registry
 
+# build_info()["cpu_int8_products"] in words (csrc/cpu/isa.h, Int8Products)
+_INT8_PRODUCTS = {
+    "avx512_vnni": "vpdpbusd (AVX512-VNNI)",
+    "avx_vnni": "vpdpbusd on ymm (AVX-VNNI)",
+    "avx2": "vpmaddubsw (AVX2)",
+    "exact": "exact kernels on the rounded x",
+}
+
 
 def report() -> str:
     """The text that info() prints."""
@@ -33,8 +41,7 @@ def report() -> str:
             f"; bf16 attention forward: {'brgemm' if build.get('cpu_attention_brgemm') else 'AVX-512 register tiles'}"
             f" (FASTARCH_CPU_BRGEMM={build.get('cpu_brgemm')})"
         )
-        extension += (f"; int8 products of quantized layers: "
-                      f"{'vpdpbusd' if build.get('cpu_int8_vnni') else 'exact kernels on the rounded x'}")
+        extension += f"; int8 products of quantized layers: {_INT8_PRODUCTS.get(build.get('cpu_int8_products'), '?')}"
     env = os.environ.get("FASTARCH_BACKEND")
     lines = [
         f"fastarch {__import__('fastarch').__version__}",

@@ -16,6 +16,7 @@ namespace fastarch::cpu {
 namespace {
 std::atomic<int> g_override{-1};  // -1: auto
 std::atomic<int> g_brgemm{0};     // 0 auto, 1 on, 2 off
+std::atomic<int> g_int8_cap{3};   // the fastest Int8Products allowed (3: all)
 }  // namespace
 
 // __builtin_cpu_supports exists for x86 targets only (GCC).
@@ -39,6 +40,11 @@ bool cpu_has_avx512_bf16() {
 
 bool cpu_has_avx512_vnni() {
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+bool cpu_has_avx_vnni() {
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
   return has;
 }
 
@@ -75,6 +81,7 @@ bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
 bool cpu_has_avx512_bf16() { return false; }
 bool cpu_has_avx512_vnni() { return false; }
+bool cpu_has_avx_vnni() { return false; }
 const char* cpu_amx_missing() { return "not an x86-64 CPU (AMX)"; }
 #endif
 
@@ -200,6 +207,66 @@ const char* brgemm_mode() {
     default:
       return "auto";
   }
+}
+
+namespace {
+// Whether the int8 products p can run at level isa (ignoring the cap).
+bool int8_runs(Int8Products p, Isa isa) {
+  const bool avx2 = isa >= Isa::avx2 && avx2_kernels_built();  // (the *_avx2.cpp units)
+  switch (p) {
+    case Int8Products::avx512_vnni:
+      return isa >= Isa::avx512 && cpu_has_avx512_vnni();
+    case Int8Products::avx_vnni:
+      return avx2 && cpu_has_avx_vnni();
+    case Int8Products::avx2:
+      return avx2;
+    case Int8Products::exact:
+      return true;
+  }
+  return false;
+}
+}  // namespace
+
+Int8Products int8_products() {
+  const Isa isa = active_isa();
+  for (int p = g_int8_cap.load(std::memory_order_relaxed); p > 0; --p) {
+    if (int8_runs(static_cast<Int8Products>(p), isa)) return static_cast<Int8Products>(p);
+  }
+  return Int8Products::exact;
+}
+
+const char* int8_products_name(Int8Products p) {
+  switch (p) {
+    case Int8Products::exact:
+      return "exact";
+    case Int8Products::avx2:
+      return "avx2";
+    case Int8Products::avx_vnni:
+      return "avx_vnni";
+    case Int8Products::avx512_vnni:
+      return "avx512_vnni";
+  }
+  return "?";
+}
+
+void set_int8_products(const std::string& name) {
+  if (name == "auto") {
+    g_int8_cap = static_cast<int>(Int8Products::avx512_vnni);
+    return;
+  }
+  for (int p = 0; p <= static_cast<int>(Int8Products::avx512_vnni); ++p) {
+    if (name != int8_products_name(static_cast<Int8Products>(p))) continue;
+    if (!int8_runs(static_cast<Int8Products>(p), best_isa())) {
+      throw std::invalid_argument("the int8 products '" + name + "' cannot run on this CPU or build (they need " +
+                                  (p == 3 ? "AVX512-VNNI and the AVX-512 kernels" : p == 2 ? "AVX-VNNI and the AVX2 kernels"
+                                                                                           : "AVX2 and the AVX2 kernels") +
+                                  ")");
+    }
+    g_int8_cap = p;
+    return;
+  }
+  throw std::invalid_argument("int8 products must be 'auto', 'exact', 'avx2', 'avx_vnni' or 'avx512_vnni', got '" +
+                              name + "'");
 }
 
 bool stream_output(int64_t bytes) {

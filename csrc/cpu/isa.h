@@ -23,6 +23,7 @@ bool cpu_has_avx2();         // AVX2, FMA and F16C (false on other architectures
 bool cpu_has_avx512();       // F, BW, VL, DQ (false on other architectures)
 bool cpu_has_avx512_bf16();  // AVX512-BF16: vdpbf16ps, vcvtneps2bf16
 bool cpu_has_avx512_vnni();  // AVX512-VNNI: vpdpbusd (Cascade Lake, Ice Lake, Zen 4 and later)
+bool cpu_has_avx_vnni();     // AVX-VNNI: vpdpbusd on ymm, VEX-encoded (Alder Lake, Sapphire Rapids, Zen 5)
 // AMX-TILE and AMX-BF16 in cpuid, the tile state enabled by the OS (XCR0), and this process
 // granted it (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once).
 bool cpu_has_amx();
@@ -41,9 +42,16 @@ inline bool portable_avx2() { return active_isa() >= Isa::avx2 && avx2_kernels_b
 inline bool isa_avx512() { return active_isa() >= Isa::avx512; }
 // Whether the AVX-512 row kernels (norms, activations, group_norm) run dtype d: they have no fp64 build.
 inline bool use_avx512(Dtype d) { return d != Dtype::f64 && isa_avx512(); }
-// The int8 products of the quantized linear layer (x rounded to int8) may use vpdpbusd: level
-// avx512 or above on a CPU with AVX512-VNNI (else they run their portable build).
-inline bool isa_vnni() { return isa_avx512() && cpu_has_avx512_vnni(); }
+// How the quantized linear layer multiplies x rounded to int8 (activations "int8"), the fastest
+// this CPU and level run, ordered: x's rounded values on the exact kernels of the level (every
+// CPU), W's codes times x's codes in int32 by vpmaddubsw + vpmaddwd (AVX2), by vpdpbusd on ymm
+// (AVX-VNNI), by vpdpbusd on zmm (AVX512-VNNI, level avx512 and above).
+enum class Int8Products { exact = 0, avx2 = 1, avx_vnni = 2, avx512_vnni = 3 };
+Int8Products int8_products();
+const char* int8_products_name(Int8Products p);
+// "auto" (the default) or a name above: the fastest up to that one (for tests and benchmarks);
+// one this CPU or build cannot run throws std::invalid_argument saying why.
+void set_int8_products(const std::string& name);
 // Those kernels may use the AVX512-BF16 instructions (level avx512_bf16 or above).
 inline bool isa_bf16() { return active_isa() >= Isa::avx512_bf16; }
 // "auto" (the default), "generic", "avx2", "avx512", "avx512_bf16" or "amx"; a level this CPU or build

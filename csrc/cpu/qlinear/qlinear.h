@@ -23,8 +23,8 @@ constexpr int64_t kQuantColChunk = 16;
 // block is d q_j, d = max |x| / 127, q_j = round(x_j 127 / max |x|) (ties to even); a block
 // holding an inf or a NaN has d NaN and codes 0. Each row's arrays are padded with zeros to ld
 // values (a multiple of 64). Besides the codes and scales, what the vpdpbusd kernels read per 4
-// (32) values, made once per call by quantize_int8_rows_avx512 (the portable rounding, whose
-// values go to the exact kernels, fills q and d only).
+// (32) values, made once per call by quantize_int8_rows_avx512 or _avx2 (the portable rounding,
+// whose values go to the exact kernels, fills q and d only).
 struct Int8Rows {
   const int8_t* q;      // rows x ld codes
   const float* d;       // rows x ld / 32: each block's scale
@@ -40,6 +40,7 @@ struct Int8Rows {
 template <Isa I>
 void quantize_int8_rows_generic(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out);
 void quantize_int8_rows_avx512(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out);
+void quantize_int8_rows_avx2(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out);
 
 struct QuantLinearParams {
   const float* x;     // rows x in_features fp32 (the glue widens fp16/bf16), row stride ldx
@@ -56,11 +57,14 @@ void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end
 template <Quant Q, Dtype D>
 void qlinear_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
 
-// The same with x rounded to int8 (p.int8): each block's codes times x's codes summed in int32
-// by vpdpbusd, then scaled; on CPUs with AVX512-VNNI (isa_vnni()). Elsewhere x's rounded values
-// go to the kernels above.
+// The same with x rounded to int8 (p.int8): each block's codes times x's codes summed in int32,
+// then scaled (cpu/isa.h, int8_products()): by vpdpbusd on zmm (AVX512-VNNI), or on ymm (AVX2
+// build, kVnni: AVX-VNNI), or vpmaddubsw + vpmaddwd (AVX2). Elsewhere x's rounded values go to
+// the kernels above.
 template <Quant Q, Dtype D>
 void qlinear_int8_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
+template <Quant Q, Dtype D, bool kVnni>
+void qlinear_int8_cols_avx2(const QuantLinearParams& p, int64_t begin, int64_t end);
 
 // W rows [begin, end) as fp32 values (row r at out + (r - begin) * in_features): exactly ggml's.
 template <Isa I, Quant Q>

@@ -45,12 +45,19 @@ void with_quant(Quant q, Fn&& fn) {
   }
 }
 
-void run_cols(Quant q, Dtype d, const QuantLinearParams& p, int64_t begin, int64_t end) {
+// products: how p.int8's codes are multiplied (p.int8 set where they are: not Int8Products::exact).
+void run_cols(Quant q, Dtype d, Int8Products products, const QuantLinearParams& p, int64_t begin, int64_t end) {
   with_quant(q, [&]<Quant Q>() {
     with_dtype(d, [&]<Dtype D>() {
       if constexpr (D != Dtype::f64) {
 #ifdef FASTARCH_WITH_AVX512
-        if (p.int8) return qlinear_int8_cols_avx512<Q, D>(p, begin, end);  // (p.int8 only where isa_vnni())
+        if (p.int8 && products == Int8Products::avx512_vnni) return qlinear_int8_cols_avx512<Q, D>(p, begin, end);
+#endif
+#ifdef FASTARCH_WITH_AVX2
+        if (p.int8 && products == Int8Products::avx_vnni) return qlinear_int8_cols_avx2<Q, D, true>(p, begin, end);
+        if (p.int8) return qlinear_int8_cols_avx2<Q, D, false>(p, begin, end);
+#endif
+#ifdef FASTARCH_WITH_AVX512
         if (isa_avx512()) return qlinear_cols_avx512<Q, D>(p, begin, end);
 #endif
         with_portable_build([&]<Isa I>() { qlinear_cols_generic<I, Q, D>(p, begin, end); });
@@ -60,8 +67,10 @@ void run_cols(Quant q, Dtype d, const QuantLinearParams& p, int64_t begin, int64
 }
 
 // x's rows (fp32, row stride ldx) rounded to int8 (qlinear.h, Int8Rows) into buffer, a
-// thread's own: the arrays of Int8Rows in one allocation, 64-byte aligned.
-Int8Rows quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, std::vector<uint8_t>& buffer) {
+// thread's own: the arrays of Int8Rows in one allocation, 64-byte aligned (all of them where
+// the int8 products multiply the codes, else q and d).
+Int8Rows quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, std::vector<uint8_t>& buffer,
+                       Int8Products products) {
   const int64_t ld = (K + 63) / 64 * 64;
   const int64_t lanes = rows * ld / 4, blocks = rows * ld / 32;
   buffer.resize(static_cast<size_t>(rows * ld + 4 * (2 * blocks + 3 * lanes) + 64 * 7));  // (each array 64-aligned)
@@ -80,8 +89,14 @@ Int8Rows quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, std
   r.sum4 = reinterpret_cast<const float*>(take(4 * lanes));
   r.sum32 = reinterpret_cast<const float*>(take(4 * blocks));
 #ifdef FASTARCH_WITH_AVX512
-  if (isa_vnni()) {
+  if (products == Int8Products::avx512_vnni) {
     quantize_int8_rows_avx512(x, rows, K, ldx, r);
+    return r;
+  }
+#endif
+#ifdef FASTARCH_WITH_AVX2
+  if (products != Int8Products::exact) {
+    quantize_int8_rows_avx2(x, rows, K, ldx, r);
     return r;
   }
 #endif
@@ -100,12 +115,12 @@ void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end
 
 // x's rows (fp32, row stride ldx) as their rounded values d q (rows x K, contiguous, into
 // out; threads over rows): what the products multiply where x's int8 codes are not multiplied
-// themselves (past the direct rows, and on CPUs without AVX512-VNNI, where the exact kernels
-// on these values are faster than integer products in portable code).
+// themselves (past the direct rows, and where int8_products() is exact: integer products in
+// portable code ran slower than the exact kernels on these values).
 void dequantized_int8(const float* x, int64_t rows, int64_t K, int64_t ldx, float* out) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> buffer;
-    const Int8Rows r = quantize_rows(x + begin * ldx, end - begin, K, ldx, buffer);
+    const Int8Rows r = quantize_rows(x + begin * ldx, end - begin, K, ldx, buffer, Int8Products::exact);
     for (int64_t i = 0; i < end - begin; ++i) {
       const float* d = r.d + i * (r.ld / 32);
       const int8_t* q = r.q + i * r.ld;
@@ -174,8 +189,9 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
   Int8Rows x8;
   thread_local std::vector<uint8_t> buffer;
   thread_local std::vector<float> rounded;
-  if (int8 && isa_vnni()) {  // the codes multiplied in int32
-    x8 = quantize_rows(xf, rows, K, ldx, buffer);
+  const Int8Products products = int8 ? int8_products() : Int8Products::exact;
+  if (products != Int8Products::exact) {  // the codes multiplied in int32
+    x8 = quantize_rows(xf, rows, K, ldx, buffer, products);
   } else if (int8) {  // the exact kernels on x's rounded values
     rounded.resize(static_cast<size_t>(rows * K));
     dequantized_int8(xf, rows, K, ldx, rounded.data());
@@ -183,13 +199,13 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
     ldx = K;
   }
   QuantLinearParams p{xf, w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), rows, K, N, ldx};
-  if (int8 && isa_vnni()) p.int8 = &x8;
+  if (products != Int8Products::exact) p.int8 = &x8;
   // at least ~64 KB of blocks per task, in whole chunks of output columns
   const int64_t row_bytes = std::max<int64_t>(blocks.size(1), 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t{64} << 10) / row_bytes / kQuantColChunk);
   const int64_t chunks = (N + kQuantColChunk - 1) / kQuantColChunk;
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    run_cols(q, d, p, begin * kQuantColChunk, std::min(end * kQuantColChunk, N));
+    run_cols(q, d, products, p, begin * kQuantColChunk, std::min(end * kQuantColChunk, N));
   });
   return out;
 }

@@ -17,7 +17,7 @@
 // one Zen 5 core; the 32-value formats 1.1-1.5x, their pairs of blocks cost more shuffles).
 //
 // Compiled with the target of qlinear_avx512.cpp (cpu/avx512_math.h's rule) and AVX512-VNNI
-// for the functions that multiply (FASTARCH_VNNI); called only where the CPU has it (isa_vnni()).
+// for the functions that multiply (FASTARCH_VNNI); called only where the CPU has it (cpu/isa.h, int8_products()).
 #include <immintrin.h>
 
 #include <cmath>

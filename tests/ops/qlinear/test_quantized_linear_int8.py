@@ -21,7 +21,7 @@ import torch
 import backend_rows  # tests/backend_rows.py
 from fastarch import ops
 from fastarch.nn import QuantizedLinear, QuantizedLinearStack, set_activations
-from fastarch.ops.qlinear import BLOCK_VALUES, QUANTS, dequantize_blocks, quantize_blocks
+from fastarch.ops.qlinear import BLOCK_BYTES, BLOCK_VALUES, QUANTS, dequantize_blocks, quantize_blocks
 from fastarch.ops.qlinear.backends import GGML_IDS, QuantizedLinearProblem, _cuda_supports, _triton_supports
 from fastarch.ops.qlinear.reference import quantize_activations
 
@@ -74,15 +74,56 @@ def test_rounding_of_x_is_the_definition():
     assert xq.dtype == torch.float32 and quantize_activations(x.double()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+# (level, int8 products): every way the CPU multiplies x rounded to int8 (csrc/cpu/isa.h,
+# Int8Products), each at the levels where it runs: x's rounded values on the exact kernels
+# (portable and AVX-512), vpmaddubsw and AVX-VNNI's vpdpbusd (AVX2 build; also at level avx512
+# on CPUs without AVX512-VNNI), AVX512-VNNI's vpdpbusd.
+INT8_PATHS = [("generic", "exact"), ("avx2", "exact"), ("avx2", "avx2"), ("avx2", "avx_vnni"), ("avx512", "exact"),
+              ("avx512", "avx2"), ("avx512", "avx512_vnni")]
+
+
+# Where each format's blocks hold fp16 fields (d, and m or dmin).
+FP16_FIELDS = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0], "q4_k": [0, 2], "q5_k": [0, 2],
+               "q6_k": [208], "iq4_nl": [0], "iq4_xs": [0]}
+
+
+@pytest.fixture
+def int8_products(cpu_isa):
+    """Selects (level, int8 products) for one test; what this CPU or build cannot run skips it
+    with the reason; the defaults are restored afterwards."""
+    from fastarch import _C
+
+    def select(level, products):
+        cpu_isa(level)
+        try:
+            _C._set_cpu_int8(products)
+        except ValueError as e:
+            pytest.skip(f"the int8 products {products} cannot run here: {e}")
+        if products != "auto":
+            assert _extension_info()["cpu_int8_products"] == products
+
+    yield select
+    _C._set_cpu_int8(DEFAULT_INT8)
+
+
+def _extension_info():
+    from fastarch import _extension
+
+    return _extension.build_info()
+
+
+DEFAULT_INT8 = __import__("os").environ.get("FASTARCH_CPU_INT8", "").strip() or "auto"
+
+
+@pytest.mark.parametrize("path", INT8_PATHS, ids="-".join)
 @pytest.mark.parametrize("quant", QUANTS)
-def test_cpu_kernel_each_build_format_and_row_count(cpu_isa, isa, quant):
-    """Every build (avx512: vpdpbusd where the CPU has AVX512-VNNI; else, and at levels avx2 and
-    generic, x's rounded values on the exact kernels),
-    1-17 rows (the row groups of 8 and 4, the one- and two-row kernels' two sets of sums) and 40
-    (x rounded, then the dequantized GEMM), an odd count of 32-value blocks (a pair's second
-    block absent), fp32/fp16/bf16."""
-    cpu_isa(isa)
+def test_cpu_kernel_each_build_format_and_row_count(int8_products, path, quant):
+    """Every way of multiplying (INT8_PATHS), 1-17 rows (the row groups of 8 and 4, the one- and
+    two-row kernels' two sets of sums) and 40 (x rounded, then the dequantized GEMM), an odd
+    count of 32-value blocks (a pair's second block absent), fp32/fp16/bf16; W's codes at their
+    extremes (all 0 and all the largest: vpmaddubsw's pairs of products are closest to
+    saturating there, |v| 128 for Q8_0's -128) as well as random."""
+    int8_products(*path)
     worst = 0.0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for rows in list(range(1, 18)) + [40]:
@@ -92,6 +133,17 @@ def test_cpu_kernel_each_build_format_and_row_count(cpu_isa, isa, quant):
             if dtype == torch.float32:
                 worst = max(worst, (err / bound).max().item())
     assert worst > 0  # (the products are not the reference's: the check compares something)
+    x, blocks, b = make(5, 96 if BLOCK_VALUES[quant] == 32 else 512, 6, quant, torch.float32, seed=3)
+    x = x.sign() * 3.0  # every code of x +-127
+    half = torch.tensor(np.array([np.float16(0.5)]).view(np.uint8))
+    for fill in (0x00, 0xFF, 0x80):  # codes and scales' bytes all 0, all 1 bits, Q8_0's -128
+        extreme = blocks.clone()
+        extreme[:, :] = fill
+        each = extreme.view(extreme.shape[0], -1, BLOCK_BYTES[quant])
+        for at in FP16_FIELDS[quant]:  # finite fp16 scales and mins
+            each[:, :, at:at + 2] = half
+        y = torch.ops.fastarch._quantized_linear(x, extreme, GGML_IDS[quant], b, False, True)
+        check(y, x, extreme, quant, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -181,17 +233,24 @@ def test_opcheck_and_compile():
     assert torch.equal(compiled(x), ops.quantized_linear(x, blocks, "q4_1", b, activations="int8") * 2)
 
 
-def test_info_names_the_int8_path(cpu_isa):
-    """build_info (fastarch info) says whether the int8 products run vpdpbusd: at level avx512
-    and above on a CPU whose flags list AVX512-VNNI, the portable build below it."""
+def test_info_names_the_int8_path(int8_products):
+    """build_info (fastarch info) names how the int8 products run: by default the fastest this
+    CPU and level have (AVX512-VNNI at level avx512 and above where the flags list it; at level
+    avx2 AVX-VNNI, else vpmaddubsw; at level generic x's rounded values on the exact kernels)."""
     from pathlib import Path
 
-    from fastarch import _extension
+    from fastarch import _C
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    vnni = "avx512_vnni" in flags and "avx512bw" in flags
-    cpu_isa("avx2")
-    assert _extension.build_info()["cpu_int8_vnni"] is False
-    cpu_isa(backend_rows.DEFAULT_ISA)
-    at_auto = _extension.build_info()
-    assert at_auto["cpu_int8_vnni"] is (vnni and at_auto["cpu_isa"] in ("avx512", "avx512_bf16", "amx"))
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    int8_products("generic", "auto")
+    assert _extension_info()["cpu_int8_products"] == "exact"
+    int8_products("avx2", "auto")
+    assert _extension_info()["cpu_int8_products"] == ("avx_vnni" if "avx_vnni" in flags else "avx2")
+    _C._set_cpu_isa(backend_rows.DEFAULT_ISA)
+    at_auto = _extension_info()
+    if at_auto["cpu_isa"] in ("avx512", "avx512_bf16", "amx") and "avx512_vnni" in flags:
+        assert at_auto["cpu_int8_products"] == "avx512_vnni"
+    _C._set_cpu_int8("exact")
+    assert _extension_info()["cpu_int8_products"] == "exact"
+    with pytest.raises(ValueError, match="int8 products must be 'auto', 'exact', 'avx2', 'avx_vnni' or 'avx512_vnni', got 'vnni'"):
+        _C._set_cpu_int8("vnni")
