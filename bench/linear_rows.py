@@ -169,6 +169,8 @@ def quantized(a) -> None:
         dense32 = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(LAYERS) for o, i in LAYER]
         dense32.append(torch.randn(*HEAD, generator=g) / HEAD[1] ** 0.5)
     machine["layer"] = a.layer
+    if device == "cpu":  # how "int8 ms" multiplies (FASTARCH_CPU_INT8; csrc/cpu/isa.h, Int8Products)
+        machine["int8_products"] = _extension.build_info().get("cpu_int8_products")
     results = []
     for quant in a.quantized.split(","):
         blocks = [quantize_blocks(w, quant).to(device) for w in dense32]

@@ -56,6 +56,8 @@ template <Isa I, Quant Q, Dtype D>
 void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end);
 template <Quant Q, Dtype D>
 void qlinear_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
+template <Quant Q, Dtype D>
+void qlinear_cols_avx2(const QuantLinearParams& p, int64_t begin, int64_t end);
 
 // The same with x rounded to int8 (p.int8): each block's codes times x's codes summed in int32,
 // then scaled (cpu/isa.h, int8_products()): by vpdpbusd on zmm (AVX512-VNNI), or on ymm (AVX2

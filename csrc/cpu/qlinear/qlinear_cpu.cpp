@@ -60,6 +60,9 @@ void run_cols(Quant q, Dtype d, Int8Products products, const QuantLinearParams& 
 #ifdef FASTARCH_WITH_AVX512
         if (isa_avx512()) return qlinear_cols_avx512<Q, D>(p, begin, end);
 #endif
+#ifdef FASTARCH_WITH_AVX2
+        if (portable_avx2()) return qlinear_cols_avx2<Q, D>(p, begin, end);
+#endif
         with_portable_build([&]<Isa I>() { qlinear_cols_generic<I, Q, D>(p, begin, end); });
       }
     });

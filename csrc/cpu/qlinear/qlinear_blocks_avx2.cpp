@@ -1,18 +1,24 @@
-// AVX2 build of the quantized linear layer with x rounded to int8 (activations "int8",
-// qlinear.h's Int8Rows): qlinear_int8_avx512.cpp's arithmetic on 32 values a vector, for the
-// x86 CPUs without AVX512-VNNI (Zen 2/3, Haswell to Raptor Lake, Core Ultra). Built twice:
-// here with vpmaddubsw + vpmaddwd (AVX2), and by qlinear_int8_avx_vnni_avx2.cpp with AVX-VNNI's
-// vpdpbusd on ymm (Alder Lake and later, Zen 5); cpu/isa.h's int8_products() picks.
+// AVX2 build of the CPU linear layer on block-quantized weights (qlinear.h), for the x86 CPUs
+// without AVX-512 or AVX512-VNNI (Zen 2/3, Haswell to Raptor Lake, Core Ultra): the exact
+// kernels (x in fp32) and the int8 products (x rounded to int8, activations "int8": qlinear.h's
+// Int8Rows, the arithmetic of qlinear_int8_avx512.cpp on 32 values a vector). Built twice:
+// here with the int8 products by vpmaddubsw + vpmaddwd (AVX2), and by
+// qlinear_blocks_vnni_avx2.cpp with AVX-VNNI's vpdpbusd on ymm (Alder Lake and later, Zen 5)
+// for those alone; cpu/isa.h's int8_products() picks.
 //
-// A vector holds one block of 32 values (one sub-block of a super-block) in x's order: their
-// unsigned byte codes u, and per lane of 4 values the scale a (one per 32 values; Q6_K's groups
-// of 16 give two). Each row's lane sums start from minus o times its 4 codes' sum (Int8Rows::
-// neg4, shifted: o a power of 2), so they hold exactly sum (u - o) q, as in the AVX-512 build;
-// vpmaddubsw's pairs of u q saturate at 2^15, which u <= 63 (the 4-, 5- and 6-bit formats) never
-// reaches. Q8_0 and IQ4 (u up to 255) multiply their signed values v instead, as |v| times q
-// with v's sign (vpsignb; |v| <= 128, |q| <= 127: pairs within 2^15).
+// Every format is unpacked 32 values a vector (one block, or one sub-block of a super-block),
+// as bytes in x's order, in one of three forms: the values' small integers v (with a min b per
+// 32 values where the format has one), which the exact kernels widen to fp32 and scale as ggml
+// does (a v, or a u + b as one fused multiply-add: a u is exact, so its one rounding is ggml's;
+// Q6_K and IQ4_XS round (d sc) v once, in ggml's order); or unsigned codes u = v + o for
+// vpdpbusd and vpmaddubsw, each row's lane sums of 4 starting from minus o times x's 4 codes'
+// sum (Int8Rows::neg4, shifted: o a power of 2), so that they hold exactly sum v q; or, where
+// vpmaddubsw's pairs of products would pass 2^15 (Q8_0 and IQ4, u up to 255), |v| with v's signs
+// (vpsignb; |v| <= 128, |q| <= 127). The 4-, 5- and 6-bit formats' u <= 63 never saturate.
 //
-// Four rows of x at most per pass (16 ymm registers); the glue loops over more.
+// Four rows of x at most per pass (16 ymm registers); the glue loops over more. Against the
+// portable kernels compiled for AVX2 (qlinear_avx2.cpp), which build each block's values in
+// memory: see "Quantized weights" in the README.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
@@ -48,9 +54,11 @@ constexpr int kMaxRows = 4;
 template <Quant Q>
 constexpr int kOffsetShift = Q == Quant::q4_0 ? 3 : Q == Quant::q5_0 ? 4 : Q == Quant::q6_k ? 5
                            : Q == Quant::q8_0 || Q == Quant::iq4_nl || Q == Quant::iq4_xs ? 7 : -1;
-// The formats multiplied as signed values (vpsignb) where vpmaddubsw would saturate.
+// A chunk's form: the values' small integers v (and b: the exact kernels), the codes u = v + o
+// (int8 products), or |v| and v's signs (int8 products by vpmaddubsw of Q8_0 and IQ4).
+enum class Form { values, codes, signs };
 template <Quant Q>
-constexpr bool kSigned = !kVnni && kOffsetShift<Q> == 7;
+constexpr Form kInt8Form = !kVnni && kOffsetShift<Q> == 7 ? Form::signs : Form::codes;
 // The formats with a min b per 32 values applied by lane (the 32-value Q4_1 and Q5_1).
 template <Quant Q>
 constexpr bool kLaneMins = Q == Quant::q4_1 || Q == Quant::q5_1;
@@ -67,8 +75,8 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// 32 codes (unsigned; kSigned: the values' magnitudes, their signs in signs) and each lane's a
-// (and b where the format has lane mins).
+// 32 values as bytes in a Form (Form::signs: their signs in signs) and each lane's a (and b
+// where the format has a min).
 struct Chunk {
   __m256i codes, signs;
   __m256 a, b;
@@ -89,7 +97,7 @@ __attribute__((always_inline)) inline __m256i bit_bytes(uint32_t bits, char valu
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(value));
 }
 
-// IQ4's 16 levels in each 128-bit lane (vpshufb's table): + 128 as codes, or signed (kSigned).
+// IQ4's 16 levels in each 128-bit lane (vpshufb's table): + 128 as codes, or signed.
 template <bool kAsSigned>
 inline __m256i iq4_table() {
   alignas(16) int8_t t[16];
@@ -103,21 +111,20 @@ __attribute__((always_inline)) inline void set_signed(Chunk& c, __m256i v) {
   c.signs = v;
 }
 
-// A 32-value block's chunk.
-template <Quant Q>
+// A 32-value block's chunk in form F.
+template <Quant Q, Form F>
 __attribute__((always_inline)) inline Chunk block_chunk(const uint8_t* blk) {
   constexpr bool kMin = kLaneMins<Q>, kFive = Q == Quant::q5_0 || Q == Quant::q5_1;
   Chunk c{};
   c.a = _mm256_set1_ps(half_at(blk));
   if constexpr (kMin) c.b = _mm256_set1_ps(half_at(blk + 2));
-  if constexpr (Q == Quant::q8_0) {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-    if constexpr (kSigned<Q>) set_signed(c, q);
-    else c.codes = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
-  } else if constexpr (Q == Quant::iq4_nl) {
-    const __m256i u = _mm256_shuffle_epi8(iq4_table<kSigned<Q>>(), nibbles(blk + 2));
-    if constexpr (kSigned<Q>) set_signed(c, u);
-    else c.codes = u;
+  if constexpr (Q == Quant::q8_0 || Q == Quant::iq4_nl) {
+    __m256i v;  // the values
+    if constexpr (Q == Quant::q8_0) v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    else v = _mm256_shuffle_epi8(iq4_table<F != Form::codes>(), nibbles(blk + 2));
+    if constexpr (F == Form::signs) set_signed(c, v);
+    else if constexpr (F == Form::codes && Q == Quant::q8_0) c.codes = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
+    else c.codes = v;
   } else {
     constexpr int kQs = (kMin ? 4 : 2) + (kFive ? 4 : 0);
     c.codes = nibbles(blk + kQs);
@@ -126,6 +133,7 @@ __attribute__((always_inline)) inline Chunk block_chunk(const uint8_t* blk) {
       std::memcpy(&qh, blk + kQs - 4, 4);
       c.codes = _mm256_or_si256(c.codes, bit_bytes(qh, 0x10));
     }
+    if constexpr (F == Form::values && !kMin) c.codes = _mm256_sub_epi8(c.codes, _mm256_set1_epi8(1 << kOffsetShift<Q>));
   }
   return c;
 }
@@ -138,9 +146,10 @@ __attribute__((always_inline)) inline __m256i shifted(__m256i v) {
   else return v;
 }
 
-// A super-block's eight chunks of 32: fn.template operator()<c>(chunk) for values 32c .. 32c +
-// 31; Q4_K and Q5_K also give mins(dmin m of the 8 sub-blocks) first.
-template <Quant Q, typename Fn, typename Mins>
+// A super-block's eight chunks of 32 in form F: fn.template operator()<c>(chunk) for values 32c
+// .. 32c + 31; Q4_K and Q5_K also give mins(dmin m of the 8 sub-blocks) first (and, as values,
+// each chunk's b = -dmin m).
+template <Quant Q, Form F, typename Fn, typename Mins>
 __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn, Mins&& mins) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   if constexpr (Q == Quant::q4_k || Q == Quant::q5_k) {
@@ -153,7 +162,8 @@ __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn,
     const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), 0, 0)));
     const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(static_cast<int>(mn_lo), static_cast<int>(mn_hi), 0, 0)));
     const __m256 a8 = _mm256_mul_ps(sc, _mm256_set1_ps(half_at(blk)));  // (exact products)
-    mins(_mm256_mul_ps(mn, _mm256_set1_ps(half_at(blk + 2))));
+    const __m256 dmin_m = _mm256_mul_ps(mn, _mm256_set1_ps(half_at(blk + 2)));
+    mins(dmin_m);
     const uint8_t* qs = blk + (Q == Quant::q5_k ? 48 : 16);
     __m256i qh;
     if constexpr (Q == Quant::q5_k) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
@@ -163,7 +173,10 @@ __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn,
       if constexpr (Q == Quant::q5_k) {  // bit C of qh's byte l: value l's fifth bit, moved to bit 4
         u = _mm256_or_si256(u, _mm256_and_si256(shifted<4 - C>(qh), _mm256_set1_epi8(0x10)));
       }
-      fn.template operator()<C>(Chunk{u, {}, _mm256_permutevar8x32_ps(a8, _mm256_set1_epi32(C)), {}});
+      const __m256i at = _mm256_set1_epi32(C);
+      __m256 b{};
+      if constexpr (F == Form::values) b = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(dmin_m, at));
+      fn.template operator()<C>(Chunk{u, {}, _mm256_permutevar8x32_ps(a8, at), b});
     });
   } else if constexpr (Q == Quant::q6_k) {
     const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
@@ -175,7 +188,8 @@ __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn,
       const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * n + 32 * (k % 2)));
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * n));
       const __m256i low = _mm256_and_si256(k < 2 ? ql : _mm256_srli_epi16(ql, 4), low4);
-      const __m256i u = _mm256_or_si256(low, _mm256_and_si256(shifted<4 - 2 * k>(qh), _mm256_set1_epi8(0x30)));
+      __m256i u = _mm256_or_si256(low, _mm256_and_si256(shifted<4 - 2 * k>(qh), _mm256_set1_epi8(0x30)));
+      if constexpr (F == Form::values) u = _mm256_sub_epi8(u, _mm256_set1_epi8(32));
       // lanes 0-3 take group 8n + 2k, lanes 4-7 the next
       const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
       fn.template operator()<C>(Chunk{u, {}, _mm256_permutevar8x32_ps(n ? hi8 : lo8, idx), {}});
@@ -193,10 +207,10 @@ __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn,
                                            _mm256_set1_epi32(3)), 4));
     const __m256 a8 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32))),
                                     _mm256_set1_ps(half_at(blk)));  // (exact)
-    const __m256i table = iq4_table<kSigned<Q>>();
+    const __m256i table = iq4_table<F != Form::codes>();
     each<8>([&]<int C>() {
       Chunk c{_mm256_shuffle_epi8(table, nibbles(blk + 8 + 16 * C)), {}, _mm256_permutevar8x32_ps(a8, _mm256_set1_epi32(C)), {}};
-      if constexpr (kSigned<Q>) set_signed(c, c.codes);
+      if constexpr (F == Form::signs) set_signed(c, c.codes);
       fn.template operator()<C>(c);
     });
   }
@@ -252,7 +266,7 @@ __attribute__((always_inline)) inline void chunk_rows(const Chunk& c, const XRow
   for (int r = 0; r < R; ++r) {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[r] + off));
     __m256i dots;
-    if constexpr (kSigned<Q>) {
+    if constexpr (kInt8Form<Q> == Form::signs) {
       dots = dot4(_mm256_setzero_si256(), c.codes, _mm256_sign_epi8(q, c.signs));
     } else {
       __m256i init = _mm256_setzero_si256();
@@ -273,7 +287,7 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// The dot products of one W row (nb blocks) with R rows of x (rows m0 ..): sums[r].
+// The int8 dot products of one W row (nb blocks) with R rows of x (rows m0 ..): sums[r].
 template <Quant Q, int R>
 void row_dots(const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float* sums) {
   constexpr int64_t kBytes = quant_block_bytes(Q), kValues = quant_block_values(Q);
@@ -290,9 +304,11 @@ void row_dots(const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float
     int64_t b = 0;
     for (; b + kSets <= nb; b += kSets, xr.advance(32 * kSets)) {
       _mm_prefetch(reinterpret_cast<const char*>(w + b * kBytes) + kPrefetchBytes, _MM_HINT_T0);
-      each<kSets>([&]<int S>() { chunk_rows<Q, R>(block_chunk<Q>(w + (b + S) * kBytes), xr, 32 * S, acc[S], lane_mins); });
+      each<kSets>([&]<int S>() {
+        chunk_rows<Q, R>(block_chunk<Q, kInt8Form<Q>>(w + (b + S) * kBytes), xr, 32 * S, acc[S], lane_mins);
+      });
     }
-    if (b < nb) chunk_rows<Q, R>(block_chunk<Q>(w + b * kBytes), xr, 0, acc[0], lane_mins);
+    if (b < nb) chunk_rows<Q, R>(block_chunk<Q, kInt8Form<Q>>(w + b * kBytes), xr, 0, acc[0], lane_mins);
   } else {
     for (int64_t b = 0; b < nb; ++b, xr.advance(kValues)) {
       const uint8_t* blk = w + b * kBytes;
@@ -300,7 +316,7 @@ void row_dots(const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float
       for (int64_t line = 0; line < kBytes; line += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + line, _MM_HINT_T0);
       }
-      k_chunks<Q>(
+      k_chunks<Q, kInt8Form<Q>>(
           blk, [&]<int C>(const Chunk& c) { chunk_rows<Q, R>(c, xr, 32 * C, acc[C % kSets], lane_mins); },
           [&](__m256 dmin_m) {
             for (int r = 0; r < R; ++r) mins[r] = _mm256_fmadd_ps(dmin_m, _mm256_loadu_ps(xr.sum32[r]), mins[r]);
@@ -316,29 +332,109 @@ void row_dots(const uint8_t* w, int64_t nb, const Int8Rows& x, int64_t m0, float
   }
 }
 
-}  // namespace
+#ifndef FASTARCH_INT8_AVX_VNNI
+// A chunk of values (Form::values) as fp32, exactly ggml's: v[i] holds values 8i .. 8i + 7.
+template <Quant Q>
+__attribute__((always_inline)) inline void chunk_values(const Chunk& c, __m256 (&v)[4]) {
+  constexpr bool kMin = kLaneMins<Q> || Q == Quant::q4_k || Q == Quant::q5_k;
+  const __m128i lo = _mm256_castsi256_si128(c.codes), hi = _mm256_extracti128_si256(c.codes, 1);
+  const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  __m256 a[2] = {c.a, c.a};  // the scale of values 0-15 and 16-31 (Q6_K's two; one elsewhere)
+  if constexpr (Q == Quant::q6_k) {
+    a[0] = _mm256_permutevar8x32_ps(c.a, _mm256_setzero_si256());
+    a[1] = _mm256_permutevar8x32_ps(c.a, _mm256_set1_epi32(4));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[i]));
+    v[i] = kMin ? _mm256_fmadd_ps(q, a[i / 2], c.b) : _mm256_mul_ps(q, a[i / 2]);
+  }
+}
 
-template <Quant Q, Dtype D, bool kVnniBuild>
-void qlinear_int8_cols_avx2(const QuantLinearParams& p, int64_t begin, int64_t end) {
-  static_assert(kVnniBuild == kVnni, "instantiated by the translation unit of its build");
+// The exact dot products of one W row (nb blocks) with R rows of x (row stride ldx): sums[r].
+// One or two rows keep four sums a row (the fused multiply-adds of a chunk independent), more
+// two.
+template <Quant Q, int R>
+void row_values(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* sums) {
+  constexpr int64_t kBytes = quant_block_bytes(Q), kValues = quant_block_values(Q);
+  constexpr int kAcc = R <= 2 ? 4 : 2;
+  __m256 acc[R][kAcc];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kAcc; ++i) acc[r][i] = _mm256_setzero_ps();
+  auto rows = [&](const Chunk& c, const float* xb) __attribute__((always_inline)) {
+    __m256 v[4];
+    chunk_values<Q>(c, v);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) acc[r][i % kAcc] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xb + r * ldx + 8 * i), acc[r][i % kAcc]);
+    }
+  };
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * kBytes;
+    const float* xb = x + b * kValues;
+    if constexpr (kValues == kQuantBlock) {
+      if (b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes, _MM_HINT_T0);
+      rows(block_chunk<Q, Form::values>(blk), xb);
+    } else {
+#pragma GCC unroll 4
+      for (int64_t line = 0; line < kBytes; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + line, _MM_HINT_T0);
+      }
+      k_chunks<Q, Form::values>(blk, [&]<int C>(const Chunk& c) { rows(c, xb + 32 * C); }, [](__m256) {});
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int i = 1; i < kAcc; ++i) s = _mm256_add_ps(s, acc[r][i]);
+    sums[r] = hsum(s);
+  }
+}
+#endif
+
+// Each output column n of [begin, end) of every row, up to kMaxRows rows a pass: dots(rows,
+// W row n, first row, sums), the bias added and the result rounded once to the dtype.
+template <Quant Q, Dtype D, typename Dots>
+void cols_loop(const QuantLinearParams& p, int64_t begin, int64_t end, Dots&& dots) {
   using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
-  using Dots = void (*)(const uint8_t*, int64_t, const Int8Rows&, int64_t, float*);
-  static constexpr Dots kDots[kMaxRows] = {row_dots<Q, 1>, row_dots<Q, 2>, row_dots<Q, 3>, row_dots<Q, 4>};
-  const int64_t nb = p.in_features / quant_block_values(Q), row_bytes = nb * quant_block_bytes(Q);
+  const int64_t row_bytes = p.in_features / quant_block_values(Q) * quant_block_bytes(Q);
   const Elem* bias = static_cast<const Elem*>(p.bias);
   Elem* out = static_cast<Elem*>(p.out);
   float sums[kMaxRows];
   for (int64_t m0 = 0; m0 < p.rows; m0 += kMaxRows) {
     const int64_t mb = std::min<int64_t>(kMaxRows, p.rows - m0);
     for (int64_t n = begin; n < end; ++n) {
-      kDots[mb - 1](p.w + n * row_bytes, nb, *p.int8, m0, sums);
+      dots(mb, p.w + n * row_bytes, m0, sums);
       const float b = bias ? static_cast<float>(bias[n]) : 0.0f;
       for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
     }
   }
 }
 
+}  // namespace
+
+template <Quant Q, Dtype D, bool kVnniBuild>
+void qlinear_int8_cols_avx2(const QuantLinearParams& p, int64_t begin, int64_t end) {
+  static_assert(kVnniBuild == kVnni, "instantiated by the translation unit of its build");
+  using Dots = void (*)(const uint8_t*, int64_t, const Int8Rows&, int64_t, float*);
+  static constexpr Dots kDots[kMaxRows] = {row_dots<Q, 1>, row_dots<Q, 2>, row_dots<Q, 3>, row_dots<Q, 4>};
+  const int64_t nb = p.in_features / quant_block_values(Q);
+  cols_loop<Q, D>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
+    kDots[rows - 1](w, nb, *p.int8, m0, sums);
+  });
+}
+
 #ifndef FASTARCH_INT8_AVX_VNNI
+template <Quant Q, Dtype D>
+void qlinear_cols_avx2(const QuantLinearParams& p, int64_t begin, int64_t end) {
+  using Dots = void (*)(const uint8_t*, int64_t, const float*, int64_t, float*);
+  static constexpr Dots kDots[kMaxRows] = {row_values<Q, 1>, row_values<Q, 2>, row_values<Q, 3>, row_values<Q, 4>};
+  const int64_t nb = p.in_features / quant_block_values(Q);
+  cols_loop<Q, D>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
+    kDots[rows - 1](w, nb, p.x + m0 * p.ldx, p.ldx, sums);
+  });
+}
+
 // As quantize_int8_rows_avx512: per block of 32 the scale from max |x| (an inf or a NaN: d NaN,
 // codes 0), the codes rounded to nearest even, then the lanes' sums.
 void quantize_int8_rows_avx2(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out) {
@@ -404,6 +500,15 @@ void quantize_int8_rows_avx2(const float* x, int64_t rows, int64_t K, int64_t ld
   template void qlinear_int8_cols_avx2<Q, Dtype::bf16, kVnni>(const QuantLinearParams&, int64_t, int64_t);
 FASTARCH_QUANTS(FASTARCH_QLINEAR_INT8_AVX2)
 #undef FASTARCH_QLINEAR_INT8_AVX2
+
+#ifndef FASTARCH_INT8_AVX_VNNI
+#define FASTARCH_QLINEAR_AVX2(Q)                                                                   \
+  template void qlinear_cols_avx2<Q, Dtype::f32>(const QuantLinearParams&, int64_t, int64_t); \
+  template void qlinear_cols_avx2<Q, Dtype::f16>(const QuantLinearParams&, int64_t, int64_t); \
+  template void qlinear_cols_avx2<Q, Dtype::bf16>(const QuantLinearParams&, int64_t, int64_t);
+FASTARCH_QUANTS(FASTARCH_QLINEAR_AVX2)
+#undef FASTARCH_QLINEAR_AVX2
+#endif
 
 }  // namespace fastarch::cpu
 
