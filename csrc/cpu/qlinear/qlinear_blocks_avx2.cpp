@@ -19,18 +19,16 @@
 // Four rows of x at most per pass (16 ymm registers); the glue loops over more. Against the
 // portable kernels compiled for AVX2 (qlinear_avx2.cpp), which build each block's values in
 // memory: see "Quantized weights" in the README.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <utility>
 
 #include "qlinear.h"
+#include "qlinear_cols.h"
 
 #pragma GCC push_options
 #ifdef FASTARCH_INT8_AVX_VNNI
@@ -38,6 +36,8 @@
 #else
 #pragma GCC target("avx2,fma,f16c")
 #endif
+
+#include "qlinear_int8_x86.h"
 
 namespace fastarch::cpu {
 namespace {
@@ -48,7 +48,7 @@ constexpr bool kVnni = true;
 constexpr bool kVnni = false;
 #endif
 constexpr int64_t kPrefetchBytes = 2048;
-constexpr int kMaxRows = 4;
+constexpr int64_t kMaxRows = 4;
 
 // log2 of the offset o of a format whose codes are u = v + o; -1 for those with a min b.
 template <Quant Q>
@@ -194,19 +194,8 @@ __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn,
       const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
       fn.template operator()<C>(Chunk{u, {}, _mm256_permutevar8x32_ps(n ? hi8 : lo8, idx), {}});
     });
-  } else {  // IQ4_XS: sub-block c's step d (ls_c - 32), ls_c 6 bits: a nibble of bytes 4-7, 2 bits of a u16
-    uint32_t low;
-    uint16_t high;
-    std::memcpy(&high, blk + 2, 2);
-    std::memcpy(&low, blk + 4, 4);
-    const __m256i ls = _mm256_or_si256(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(low)),
-                                           _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)), _mm256_set1_epi32(15)),
-        _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(high),
-                                                             _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-                                           _mm256_set1_epi32(3)), 4));
-    const __m256 a8 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32))),
-                                    _mm256_set1_ps(half_at(blk)));  // (exact)
+  } else {  // IQ4_XS: sub-block c's step d (ls_c - 32)
+    const __m256 a8 = iq4_xs_steps(blk, half_at(blk));
     const __m256i table = iq4_table<F != Form::codes>();
     each<8>([&]<int C>() {
       Chunk c{_mm256_shuffle_epi8(table, nibbles(blk + 8 + 16 * C)), {}, _mm256_permutevar8x32_ps(a8, _mm256_set1_epi32(C)), {}};
@@ -215,37 +204,6 @@ __attribute__((always_inline)) inline void k_chunks(const uint8_t* blk, Fn&& fn,
     });
   }
 }
-
-// Row r of x's arrays from value v on (kept per row of a group, so that a chunk's loads are a
-// pointer plus a constant).
-template <int R>
-struct XRows {
-  const int8_t* q[R];
-  const float* lane_d[R];
-  const int32_t* neg4[R];
-  const float* sum4[R];
-  const float* sum32[R];
-
-  XRows(const Int8Rows& x, int64_t m0) {
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = m0 + r;
-      q[r] = x.q + row * x.ld;
-      lane_d[r] = x.lane_d + row * (x.ld / 4);
-      neg4[r] = x.neg4 + row * (x.ld / 4);
-      sum4[r] = x.sum4 + row * (x.ld / 4);
-      sum32[r] = x.sum32 + row * (x.ld / 32);
-    }
-  }
-  void advance(int64_t values) {
-    for (int r = 0; r < R; ++r) {
-      q[r] += values;
-      lane_d[r] += values / 4;
-      neg4[r] += values / 4;
-      sum4[r] += values / 4;
-      sum32[r] += values / 32;
-    }
-  }
-};
 
 // Each lane's sum of 4 products of codes u with x's codes q, added to init.
 __attribute__((always_inline)) inline __m256i dot4(__m256i init, __m256i u, __m256i q) {
@@ -392,25 +350,6 @@ void row_values(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float
 }
 #endif
 
-// Each output column n of [begin, end) of every row, up to kMaxRows rows a pass: dots(rows,
-// W row n, first row, sums), the bias added and the result rounded once to the dtype.
-template <Quant Q, Dtype D, typename Dots>
-void cols_loop(const QuantLinearParams& p, int64_t begin, int64_t end, Dots&& dots) {
-  using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
-  const int64_t row_bytes = p.in_features / quant_block_values(Q) * quant_block_bytes(Q);
-  const Elem* bias = static_cast<const Elem*>(p.bias);
-  Elem* out = static_cast<Elem*>(p.out);
-  float sums[kMaxRows];
-  for (int64_t m0 = 0; m0 < p.rows; m0 += kMaxRows) {
-    const int64_t mb = std::min<int64_t>(kMaxRows, p.rows - m0);
-    for (int64_t n = begin; n < end; ++n) {
-      dots(mb, p.w + n * row_bytes, m0, sums);
-      const float b = bias ? static_cast<float>(bias[n]) : 0.0f;
-      for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
-    }
-  }
-}
-
 }  // namespace
 
 template <Quant Q, Dtype D, bool kVnniBuild>
@@ -419,7 +358,7 @@ void qlinear_int8_cols_avx2(const QuantLinearParams& p, int64_t begin, int64_t e
   using Dots = void (*)(const uint8_t*, int64_t, const Int8Rows&, int64_t, float*);
   static constexpr Dots kDots[kMaxRows] = {row_dots<Q, 1>, row_dots<Q, 2>, row_dots<Q, 3>, row_dots<Q, 4>};
   const int64_t nb = p.in_features / quant_block_values(Q);
-  cols_loop<Q, D>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
+  qlinear_cols_loop<Q, D, kMaxRows>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
     kDots[rows - 1](w, nb, *p.int8, m0, sums);
   });
 }
@@ -430,7 +369,7 @@ void qlinear_cols_avx2(const QuantLinearParams& p, int64_t begin, int64_t end) {
   using Dots = void (*)(const uint8_t*, int64_t, const float*, int64_t, float*);
   static constexpr Dots kDots[kMaxRows] = {row_values<Q, 1>, row_values<Q, 2>, row_values<Q, 3>, row_values<Q, 4>};
   const int64_t nb = p.in_features / quant_block_values(Q);
-  cols_loop<Q, D>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
+  qlinear_cols_loop<Q, D, kMaxRows>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
     kDots[rows - 1](w, nb, p.x + m0 * p.ldx, p.ldx, sums);
   });
 }
@@ -479,16 +418,7 @@ void quantize_int8_rows_avx2(const float* x, int64_t rows, int64_t K, int64_t ld
       }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), codes);
       const __m256i s4 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), codes), _mm256_set1_epi16(1));
-      const __m256 sc = _mm256_set1_ps(scale);
-      _mm256_storeu_ps(lane_d + 8 * b, sc);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(neg4 + 8 * b), _mm256_sub_epi32(_mm256_setzero_si256(), s4));
-      _mm256_storeu_ps(sum4 + 8 * b, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(s4)));
-      alignas(32) int32_t lanes[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s4);
-      int32_t sum = 0;
-      for (int l = 0; l < 8; ++l) sum += lanes[l];
-      sum32[b] = scale * static_cast<float>(sum);
-      d[b] = scale;
+      store_block_sums(b, scale, s4, d, lane_d, neg4, sum4, sum32);
     }
   }
 }

@@ -12,9 +12,9 @@
 #include <cstring>
 #include <limits>
 #include <utility>
-#include <type_traits>
 
 #include "qlinear.h"
+#include "qlinear_cols.h"
 #include "cpu/portable.h"
 #include "cpu/portable_math.h"
 
@@ -176,31 +176,12 @@ void rows_dots(int64_t rows, const uint8_t* w, int64_t nb, const float* x, int64
   in_fours(rows, sums, [&]<int R>(int64_t m, float* out) { row_dots<Q, R>(w, nb, x + m * ldx, ldx, out); });
 }
 
-// Each output column n of [begin, end) of every row: dots(rows, W row n, first row, sums), the
-// bias added and the result rounded once.
-template <Quant Q, Dtype D, typename Dots>
-void cols_loop(const QuantLinearParams& p, int64_t begin, int64_t end, Dots&& dots) {
-  using Elem = std::conditional_t<D == Dtype::f16, c10::Half, std::conditional_t<D == Dtype::bf16, c10::BFloat16, float>>;
-  const int64_t row_bytes = p.in_features / quant_block_values(Q) * quant_block_bytes(Q);
-  const Elem* bias = static_cast<const Elem*>(p.bias);
-  Elem* out = static_cast<Elem*>(p.out);
-  float sums[kQuantRowGroup];
-  for (int64_t m0 = 0; m0 < p.rows; m0 += kQuantRowGroup) {
-    const int64_t mb = std::min(kQuantRowGroup, p.rows - m0);
-    for (int64_t n = begin; n < end; ++n) {
-      dots(mb, p.w + n * row_bytes, m0, sums);
-      const float b = bias ? static_cast<float>(bias[n]) : 0.0f;
-      for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * p.out_features + n] = static_cast<Elem>(sums[m] + b);
-    }
-  }
-}
-
 }  // namespace
 
 template <Isa I, Quant Q, Dtype D>
 void qlinear_cols_generic(const QuantLinearParams& p, int64_t begin, int64_t end) {
   const int64_t nb = p.in_features / quant_block_values(Q);
-  cols_loop<Q, D>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
+  qlinear_cols_loop<Q, D, kQuantRowGroup>(p, begin, end, [&](int64_t rows, const uint8_t* w, int64_t m0, float* sums) {
     rows_dots<Q>(rows, w, nb, p.x + m0 * p.ldx, p.ldx, sums);
   });
 }

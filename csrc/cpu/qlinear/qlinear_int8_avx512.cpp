@@ -31,6 +31,7 @@
 
 #include "cpu/avx512_math.h"
 #include "qlinear_avx512.h"
+#include "qlinear_int8_x86.h"
 
 #define FASTARCH_VNNI __attribute__((target("avx512vnni"), always_inline)) inline
 
@@ -111,37 +112,6 @@ __attribute__((always_inline)) inline Chunk pair_chunk(const uint8_t* A, const u
   return c;
 }
 
-// Row r of x's arrays from value v on (v a multiple of 64; kept per row of a group, so that a
-// chunk's loads are a pointer plus a constant).
-template <int R>
-struct XRows {
-  const int8_t* q[R];
-  const float* lane_d[R];
-  const int32_t* neg4[R];
-  const float* sum4[R];
-  const float* sum32[R];
-
-  XRows(const Int8Rows& x, int64_t m0) {
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = m0 + r;
-      q[r] = x.q + row * x.ld;
-      lane_d[r] = x.lane_d + row * (x.ld / 4);
-      neg4[r] = x.neg4 + row * (x.ld / 4);
-      sum4[r] = x.sum4 + row * (x.ld / 4);
-      sum32[r] = x.sum32 + row * (x.ld / 32);
-    }
-  }
-  void advance(int64_t values) {
-    for (int r = 0; r < R; ++r) {
-      q[r] += values;
-      lane_d[r] += values / 4;
-      neg4[r] += values / 4;
-      sum4[r] += values / 4;
-      sum32[r] += values / 32;
-    }
-  }
-};
-
 // R rows of x's 64 values at (the rows' pointers) + off times the chunk, into acc (lane mins
 // into mins: a chain of their own).
 template <Quant Q, int R>
@@ -206,19 +176,8 @@ FASTARCH_VNNI void k_chunks(const uint8_t* blk, Fn&& fn, Mins&& mins) {
         fn(2 * n + g, Chunk{q, _mm512_permutexvar_ps(idx, a16), {}});
       }
     }
-  } else {  // IQ4_XS: sub-block c's step d (ls_c - 32), ls_c 6 bits: a nibble of bytes 4-7, 2 bits of a u16
-    uint32_t low;
-    uint16_t high;
-    std::memcpy(&high, blk + 2, 2);
-    std::memcpy(&low, blk + 4, 4);
-    const __m256i ls = _mm256_or_si256(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(low)),
-                                           _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)), _mm256_set1_epi32(15)),
-        _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(high),
-                                                             _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-                                           _mm256_set1_epi32(3)), 4));
-    const __m256 a8 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32))),
-                                    _mm256_set1_ps(half_at(blk)));  // (exact)
+  } else {  // IQ4_XS: sub-block c's step d (ls_c - 32)
+    const __m256 a8 = iq4_xs_steps(blk, half_at(blk));
     const __m512i table = iq4_codes();
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
@@ -343,16 +302,7 @@ __attribute__((target("avx512vnni"))) void quantize_int8_rows_avx512(const float
       }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), _mm512_castsi512_si256(codes));
       const __m256i s4 = _mm512_castsi512_si256(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, codes));
-      const __m256 sc = _mm256_set1_ps(scale);
-      _mm256_storeu_ps(lane_d + 8 * b, sc);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(neg4 + 8 * b), _mm256_sub_epi32(_mm256_setzero_si256(), s4));
-      _mm256_storeu_ps(sum4 + 8 * b, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(s4)));
-      alignas(32) int32_t lanes[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s4);
-      int32_t sum = 0;
-      for (int l = 0; l < 8; ++l) sum += lanes[l];
-      sum32[b] = scale * static_cast<float>(sum);
-      d[b] = scale;
+      store_block_sums(b, scale, s4, d, lane_d, neg4, sum4, sum32);
     }
   }
 }
