@@ -236,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
                 file = gguf_file()
             info["gguf_file"] = file.name
             llama_cpp = llama_cpp_generator(file) if device == "cpu" else "not run: llama.cpp runs on the CPU here"
+            if callable(llama_cpp):  # which build: its version and the instructions it was compiled for
+                import llama_cpp as lib
+
+                info["llama_cpp"] = {"version": lib.__version__, "system_info": lib.llama_print_system_info().decode()}
         return _run(args, device, rounds, info, bandwidth, file, llama_cpp)
 
 

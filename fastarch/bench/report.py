@@ -205,8 +205,8 @@ def machine(device: str, copy_gbps: float, matmul_tflops: dict[str, float] | Non
 
 # The environment variables that pick an instruction set: fastarch's, ATen's kernels',
 # oneDNN's and MKL's.
-ISA_ENVIRONMENT = ("FASTARCH_CPU_ISA", "FASTARCH_CPU_BRGEMM", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                   "MKL_ENABLE_INSTRUCTIONS")
+ISA_ENVIRONMENT = ("FASTARCH_CPU_ISA", "FASTARCH_CPU_BRGEMM", "FASTARCH_CPU_INT8", "ATEN_CPU_CAPABILITY",
+                   "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 INPUTS = {
