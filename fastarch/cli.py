@@ -154,7 +154,8 @@ def _add_generate(sub) -> None:
                    "; --no-quantized dequantizes them to --dtype")
     g.add_argument("--activations", choices=("exact", "int8"), default="exact",
                    help="int8 keeps a GGUF file's blocks and multiplies them with x rounded to int8 per 32"
-                   " values, as llama.cpp does (1.1-1.8x those products on AVX512-VNNI CPUs, the same speed elsewhere; x"
+                   " values, as llama.cpp does (1.1-1.8x those products on AVX512-VNNI CPUs, 1.5-3x on AVX2 ones,"
+                   " the same speed on others; x"
                    " within 1/254 of each 32 values' largest); exact (the default) with x as it is")
 
 
