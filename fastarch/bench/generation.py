@@ -137,7 +137,8 @@ def load_blocks(file: Path, dtype: torch.dtype, device: str = "cpu"):
 
 def llama_cpp_generator(file: Path):
     """A function (ids (1, S), new tokens) -> tokens on llama.cpp, or an error string when
-    llama-cpp-python is not installed."""
+    llama-cpp-python is not installed. Its ``build``: the version and the instructions the
+    library was compiled for."""
     try:
         import llama_cpp
     except ImportError:
@@ -158,6 +159,7 @@ def llama_cpp_generator(file: Path):
                 break
         return torch.tensor([out])
 
+    run.build = {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode()}
     return run
 
 
@@ -236,10 +238,8 @@ def run(args: argparse.Namespace) -> int:
                 file = gguf_file()
             info["gguf_file"] = file.name
             llama_cpp = llama_cpp_generator(file) if device == "cpu" else "not run: llama.cpp runs on the CPU here"
-            if callable(llama_cpp):  # which build: its version and the instructions it was compiled for
-                import llama_cpp as lib
-
-                info["llama_cpp"] = {"version": lib.__version__, "system_info": lib.llama_print_system_info().decode()}
+            if getattr(llama_cpp, "build", None):  # which llama.cpp: the record says
+                info["llama_cpp"] = llama_cpp.build
         return _run(args, device, rounds, info, bandwidth, file, llama_cpp)
 
 
