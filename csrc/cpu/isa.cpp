@@ -256,11 +256,11 @@ void set_int8_products(const std::string& name) {
   }
   for (int p = 0; p <= static_cast<int>(Int8Products::avx512_vnni); ++p) {
     if (name != int8_products_name(static_cast<Int8Products>(p))) continue;
-    if (!int8_runs(static_cast<Int8Products>(p), best_isa())) {
+    if (!int8_runs(static_cast<Int8Products>(p), best_isa())) {  // (exact always runs)
+      static constexpr const char* kNeeds[] = {"", "AVX2 and the AVX2 kernels", "AVX-VNNI and the AVX2 kernels",
+                                               "AVX512-VNNI and the AVX-512 kernels"};
       throw std::invalid_argument("the int8 products '" + name + "' cannot run on this CPU or build (they need " +
-                                  (p == 3 ? "AVX512-VNNI and the AVX-512 kernels" : p == 2 ? "AVX-VNNI and the AVX2 kernels"
-                                                                                           : "AVX2 and the AVX2 kernels") +
-                                  ")");
+                                  kNeeds[p] + ")");
     }
     g_int8_cap = p;
     return;
