@@ -14,6 +14,8 @@ the dtype's rounding of the result, u |y|."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -112,7 +114,8 @@ def _extension_info():
     return _extension.build_info()
 
 
-DEFAULT_INT8 = __import__("os").environ.get("FASTARCH_CPU_INT8", "").strip() or "auto"
+# The int8 products the process runs (FASTARCH_CPU_INT8, read at import): what a test restores.
+DEFAULT_INT8 = os.environ.get("FASTARCH_CPU_INT8", "").strip() or "auto"
 
 
 @pytest.mark.parametrize("path", INT8_PATHS, ids="-".join)
