@@ -25,7 +25,9 @@ kernel and F.linear on the dense weights of the dtype: ms per pass over every we
 blocks' GB/s and fraction of the copy bandwidth; on the CPU also the blocks with x rounded to int8
 (activations="int8", llama.cpp's arithmetic: "int8 ms", and its speed over the exact blocks'). ``--layer 1b``: 4 layers of a 1B-class
 decoder's projections (hidden 2048, intermediate 8192, GQA 8 of 32 heads: ~1 GB in fp32) and no
-head, for the k-quants, whose 256-value super-blocks SmolLM2's 576-wide rows do not hold.
+head, for the k-quants, whose 256-value super-blocks SmolLM2's 576-wide rows do not hold;
+``--layer smollm2-one`` / ``1b-one``: one such layer, for a prefill's many rows (``--rows 64,512``:
+then the products' arithmetic, "int8 GF/s" beside the blocks' and F.linear's in the JSON).
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--widened", action="store_true", help="16-bit products of more rows: kernel, widened, F.linear")
     ap.add_argument("--quantized", default="", help="formats (q4_0,q4_1,q8_0): quantized_linear against dense")
-    ap.add_argument("--layer", choices=["smollm2", "1b"], default="smollm2",
-                    help="--quantized: SmolLM2-135M's layers and head, or 4 layers of a 1B-class decoder")
+    ap.add_argument("--layer", choices=["smollm2", "1b", "smollm2-one", "1b-one"], default="smollm2",
+                    help="--quantized: SmolLM2-135M's layers and head, or 4 layers of a 1B-class decoder;"
+                         " -one: one such layer (a prefill's working set)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.widened:
@@ -161,9 +164,12 @@ def quantized(a) -> None:
     print(f"{machine['gpu'] or machine['cpu']}; {a.threads} threads; torch {torch.__version__}; copy bandwidth"
           f" {bandwidth / 1e9:.1f} GB/s")
     print(f"{'dtype':<5} {'quant':<5} {'rows':>4} {'backend':<9} {'blocks ms':>9} {'dense ms':>9} {'F.linear ms':>11}"
-          f" {'vs dense':>8} {'vs F.linear':>11} {'blocks GB/s':>11} {'/copy bw':>8} {'int8 ms':>8} {'int8 vs blocks':>14}")
+          f" {'vs dense':>8} {'vs F.linear':>11} {'blocks GB/s':>11} {'/copy bw':>8} {'int8 ms':>8} {'int8 vs blocks':>14}"
+          f" {'int8 GF/s':>10}")
     g = torch.Generator().manual_seed(0)
-    if a.layer == "1b":
+    if a.layer.endswith("-one"):
+        dense32 = [torch.randn(o, i, generator=g) / i**0.5 for o, i in (LAYER_1B if a.layer == "1b-one" else LAYER)]
+    elif a.layer == "1b":
         dense32 = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(4) for o, i in LAYER_1B]
     else:
         dense32 = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(LAYERS) for o, i in LAYER]
@@ -209,15 +215,19 @@ def quantized(a) -> None:
                     print(name, quant, rows, errors)
                     continue
                 t = {k: v.seconds for k, v in times.items()}
+                flop = sum(2 * rows * w.numel() for w in dense)
                 row = {"dtype": name, "quant": quant, "rows": rows, "backend": backend.name,
+                       "blocks_gflops": flop / t["blocks"] / 1e9, "torch_gflops": flop / t["torch"] / 1e9,
                        "blocks_ms": t["blocks"] * 1e3, "dense_ms": t["dense"] * 1e3, "torch_ms": t["torch"] * 1e3,
                        "vs_dense": speedup(times["dense"], times["blocks"]),
                        "vs_torch": speedup(times["torch"], times["blocks"]),
                        "blocks_gbs": nbytes / t["blocks"] / 1e9, "blocks_fraction_of_copy": nbytes / t["blocks"] / bandwidth}
                 if "int8" in t:
                     row["int8_ms"], row["int8_vs_blocks"] = t["int8"] * 1e3, speedup(times["blocks"], times["int8"])
+                    row["int8_gflops"] = flop / t["int8"] / 1e9
                 results.append(row)
-                int8 = f" {row['int8_ms']:>8.2f} {row['int8_vs_blocks']:>13.2f}x" if "int8" in t else ""
+                int8 = (f" {row['int8_ms']:>8.2f} {row['int8_vs_blocks']:>13.2f}x {row['int8_gflops']:>10.0f}"
+                        if "int8" in t else "")
                 print(f"{name:<5} {quant:<5} {rows:>4} {backend.name:<9} {row['blocks_ms']:>9.2f} {row['dense_ms']:>9.2f}"
                       f" {row['torch_ms']:>11.2f} {row['vs_dense']:>7.2f}x {row['vs_torch']:>10.2f}x"
                       f" {row['blocks_gbs']:>11.1f} {row['blocks_fraction_of_copy']:>8.2f}{int8}")

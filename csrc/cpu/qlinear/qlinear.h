@@ -42,6 +42,18 @@ void quantize_int8_rows_generic(const float* x, int64_t rows, int64_t K, int64_t
 void quantize_int8_rows_avx512(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out);
 void quantize_int8_rows_avx2(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& out);
 
+// x's rows rounded to int8 (as Int8Rows) for the packed-panel GEMM, in groups of 8 rows
+// interleaved so that one pointer reaches all 8: the codes 4j .. 4j + 3 of the group's rows
+// side by side (32 bytes), each code biased by 128 (q + 128 as an unsigned byte); then each
+// block's d and d times the sum of its codes, 8 rows side by side. Rows past the last are zeros.
+struct Int8Tiles {
+  const uint8_t* q;    // groups x ld / 4 x 8 rows x 4 codes
+  const float* d;      // groups x ld / 32 x 8 rows
+  const float* sum32;  // groups x ld / 32 x 8 rows
+  int64_t ld;
+};
+constexpr int64_t kInt8TileRows = 8;
+
 struct QuantLinearParams {
   const float* x;     // rows x in_features fp32 (the glue widens fp16/bf16), row stride ldx
   const uint8_t* w;   // out_features rows of in_features / 32 blocks, contiguous
@@ -49,6 +61,7 @@ struct QuantLinearParams {
   void* out;          // rows x out_features, contiguous, in dtype
   int64_t rows, in_features, out_features, ldx;
   const Int8Rows* int8 = nullptr;  // activations "int8": x's rows rounded (then x is not read)
+  const Int8Tiles* tiles = nullptr;  // the same for qlinear_int8_gemm_avx512
 };
 
 // Output columns [begin, end) of every row (begin a multiple of kQuantColChunk).
@@ -67,6 +80,10 @@ template <Quant Q, Dtype D>
 void qlinear_int8_cols_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
 template <Quant Q, Dtype D, bool kVnni>
 void qlinear_int8_cols_avx2(const QuantLinearParams& p, int64_t begin, int64_t end);
+// The same for many rows of x (a prefill; AVX512-VNNI), x as p.tiles: W's columns packed 16 at
+// a time and every group of 8 rows multiplied into them (qlinear_int8_gemm_avx512.cpp).
+template <Quant Q, Dtype D>
+void qlinear_int8_gemm_avx512(const QuantLinearParams& p, int64_t begin, int64_t end);
 
 // W rows [begin, end) as fp32 values (row r at out + (r - begin) * in_features): exactly ggml's.
 template <Isa I, Quant Q>

@@ -1,6 +1,7 @@
 // CPU implementation of fastarch::_quantized_linear: checks, the fp32 copy of x's rows, and
 // the choice of product: up to kDirectRows rows of x, the kernels that read W's blocks once
-// (threaded over output columns, AVX-512 or portable build); more rows, W dequantized to fp32
+// (threaded over output columns, AVX-512 or portable build); more rows with x rounded to int8
+// on AVX512-VNNI, the packed-panel GEMM (qlinear_int8_gemm_avx512.cpp); else W dequantized to fp32
 // a slice of output columns at a time and multiplied on an fp32 GEMM, oneDNN's matmul where
 // the caller says (a prefill's many rows reuse each weight, so the product's arithmetic, not
 // W's bytes, is then the cost; on an AMD EPYC Zen 5, 2 threads, 512 rows of SmolLM2's
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -69,11 +71,8 @@ void run_cols(Quant q, Dtype d, Int8Products products, const QuantLinearParams& 
   });
 }
 
-// x's rows (fp32, row stride ldx) rounded to int8 (qlinear.h, Int8Rows) into buffer, a
-// thread's own: the arrays of Int8Rows in one allocation, 64-byte aligned (all of them where
-// the int8 products multiply the codes, else q and d).
-Int8Rows quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, std::vector<uint8_t>& buffer,
-                       Int8Products products) {
+// The arrays of Int8Rows for rows of K values in buffer, one allocation, each 64-byte aligned.
+Int8Rows int8_rows_in(int64_t rows, int64_t K, std::vector<uint8_t>& buffer) {
   const int64_t ld = (K + 63) / 64 * 64;
   const int64_t lanes = rows * ld / 4, blocks = rows * ld / 32;
   buffer.resize(static_cast<size_t>(rows * ld + 4 * (2 * blocks + 3 * lanes) + 64 * 7));  // (each array 64-aligned)
@@ -91,20 +90,19 @@ Int8Rows quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, std
   r.neg4 = reinterpret_cast<const int32_t*>(take(4 * lanes));
   r.sum4 = reinterpret_cast<const float*>(take(4 * lanes));
   r.sum32 = reinterpret_cast<const float*>(take(4 * blocks));
+  return r;
+}
+
+// x's rows (fp32, row stride ldx) rounded to int8 (qlinear.h, Int8Rows) into r (all its
+// arrays where the int8 products multiply the codes, else q and d).
+void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, const Int8Rows& r, Int8Products products) {
 #ifdef FASTARCH_WITH_AVX512
-  if (products == Int8Products::avx512_vnni) {
-    quantize_int8_rows_avx512(x, rows, K, ldx, r);
-    return r;
-  }
+  if (products == Int8Products::avx512_vnni) return quantize_int8_rows_avx512(x, rows, K, ldx, r);
 #endif
 #ifdef FASTARCH_WITH_AVX2
-  if (products != Int8Products::exact) {
-    quantize_int8_rows_avx2(x, rows, K, ldx, r);
-    return r;
-  }
+  if (products != Int8Products::exact) return quantize_int8_rows_avx2(x, rows, K, ldx, r);
 #endif
   with_portable_build([&]<Isa I>() { quantize_int8_rows_generic<I>(x, rows, K, ldx, r); });
-  return r;
 }
 
 void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end, float* out) {
@@ -123,7 +121,8 @@ void dequantize(Quant q, const uint8_t* w, int64_t K, int64_t begin, int64_t end
 void dequantized_int8(const float* x, int64_t rows, int64_t K, int64_t ldx, float* out) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> buffer;
-    const Int8Rows r = quantize_rows(x + begin * ldx, end - begin, K, ldx, buffer, Int8Products::exact);
+    const Int8Rows r = int8_rows_in(end - begin, K, buffer);
+    quantize_rows(x + begin * ldx, end - begin, K, ldx, r, Int8Products::exact);
     for (int64_t i = 0; i < end - begin; ++i) {
       const float* d = r.d + i * (r.ld / 32);
       const int8_t* q = r.q + i * r.ld;
@@ -134,6 +133,57 @@ void dequantized_int8(const float* x, int64_t rows, int64_t K, int64_t ldx, floa
     }
   });
 }
+
+#ifdef FASTARCH_WITH_AVX512
+// Many rows of x rounded to int8 on AVX512-VNNI: each group of 8 rows rounded (threads over
+// groups) and interleaved into Int8Tiles, then the packed-panel kernels (threads over panels of
+// 16 output columns).
+Tensor int8_gemm(const Tensor& x, const uint8_t* w, Quant q, Dtype d, const std::optional<Tensor>& bias, Tensor& out) {
+  constexpr int64_t T = kInt8TileRows;
+  const int64_t rows = x.size(0), K = x.size(1), N = out.size(1);
+  const Tensor xf = x.to(at::kFloat).contiguous();  // exact
+  const int64_t ld = (K + 63) / 64 * 64, groups = (rows + T - 1) / T;
+  std::vector<uint8_t> codes(static_cast<size_t>(groups * ld * T));
+  std::vector<float> scales(static_cast<size_t>(2 * groups * ld / 32 * T));  // d, then sum32
+  Int8Tiles tiles{codes.data(), scales.data(), scales.data() + groups * ld / 32 * T, ld};
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> buffer;
+    const Int8Rows r = int8_rows_in(T, K, buffer);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n = std::min(T, rows - g * T);
+      quantize_int8_rows_avx512(xf.data_ptr<float>() + g * T * K, n, K, K, r);
+      uint8_t* tq = codes.data() + g * ld * T;
+      float* td = scales.data() + g * ld / 32 * T;
+      float* ts = td + groups * ld / 32 * T;
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < ld / 4; ++j) {
+          uint32_t four;
+          std::memcpy(&four, r.q + i * ld + 4 * j, 4);
+          four ^= 0x80808080u;
+          std::memcpy(tq + (j * T + i) * 4, &four, 4);
+        }
+        for (int64_t b = 0; b < ld / 32; ++b) {
+          td[b * T + i] = r.d[i * (ld / 32) + b];
+          ts[b * T + i] = r.sum32[i * (ld / 32) + b];
+        }
+      }
+    }
+  });
+  QuantLinearParams p{nullptr, w, bias ? bias->data_ptr() : nullptr, out.data_ptr(), rows, K, N, K};
+  p.tiles = &tiles;
+  const int64_t panels = (N + kQuantColChunk - 1) / kQuantColChunk;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    with_quant(q, [&]<Quant Q>() {
+      with_dtype(d, [&]<Dtype D>() {
+        if constexpr (D != Dtype::f64) {
+          qlinear_int8_gemm_avx512<Q, D>(p, begin * kQuantColChunk, std::min(end * kQuantColChunk, N));
+        }
+      });
+    });
+  });
+  return out;
+}
+#endif
 
 Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant, const std::optional<Tensor>& bias,
                             bool onednn, bool int8) {
@@ -147,6 +197,11 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
   if (rows == 0 || N == 0) return out;
   if (K == 0) return bias ? out.copy_(bias->expand({rows, N})) : out.zero_();
   const uint8_t* w = blocks.data_ptr<uint8_t>();
+#ifdef FASTARCH_WITH_AVX512
+  if (rows > kDirectRows && int8 && int8_products() == Int8Products::avx512_vnni) {
+    return int8_gemm(x, w, q, d, bias, out);
+  }
+#endif
   if (rows > kDirectRows) {
     Tensor xf = x.to(at::kFloat).contiguous();  // exact
     if (int8) {  // x's rounded values, d q (as the reference's)
@@ -194,7 +249,8 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
   thread_local std::vector<float> rounded;
   const Int8Products products = int8 ? int8_products() : Int8Products::exact;
   if (products != Int8Products::exact) {  // the codes multiplied in int32
-    x8 = quantize_rows(xf, rows, K, ldx, buffer, products);
+    x8 = int8_rows_in(rows, K, buffer);
+    quantize_rows(xf, rows, K, ldx, x8, products);
   } else if (int8) {  // the exact kernels on x's rounded values
     rounded.resize(static_cast<size_t>(rows * K));
     dequantized_int8(xf, rows, K, ldx, rounded.data());

@@ -122,14 +122,15 @@ DEFAULT_INT8 = os.environ.get("FASTARCH_CPU_INT8", "").strip() or "auto"
 @pytest.mark.parametrize("quant", QUANTS)
 def test_cpu_kernel_each_build_format_and_row_count(int8_products, path, quant):
     """Every way of multiplying (INT8_PATHS), 1-17 rows (the row groups of 8 and 4, the one- and
-    two-row kernels' two sets of sums) and 40 (x rounded, then the dequantized GEMM), an odd
+    two-row kernels' two sets of sums) and 40 and 61 (past the direct rows: the packed panels of
+    AVX512-VNNI, 8 rows a pass and the rest; elsewhere x rounded, then the dequantized GEMM), an odd
     count of 32-value blocks (a pair's second block absent), fp32/fp16/bf16; W's codes at their
     extremes (all 0 and all the largest: vpmaddubsw's pairs of products are closest to
     saturating there, |v| 128 for Q8_0's -128) as well as random."""
     int8_products(*path)
     worst = 0.0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for rows in list(range(1, 18)) + [40]:
+        for rows in list(range(1, 18)) + [40, 61]:
             x, blocks, b = make(rows, 96 if BLOCK_VALUES[quant] == 32 else 512, 35, quant, dtype)
             y = torch.ops.fastarch._quantized_linear(x, blocks, GGML_IDS[quant], b, False, True)
             err, bound = check(y, x, blocks, quant, b)
@@ -169,18 +170,19 @@ def test_op_matches_reference_backend(quant, dtype):
 @pytest.mark.parametrize("quant", ["q4_1", "q8_0", "q4_k", "q6_k"])
 def test_nan_and_inf(quant):
     """A NaN or an inf in x spoils its row (its block of 32 becomes NaN); a NaN scale in W its
-    column: on the kernel and the reference backend alike."""
-    x, blocks, b = make(3, 256, 20, quant, torch.float32)
+    column: on the kernel and the reference backend alike, a decode step's rows and a prefill's."""
+    x, blocks, b = make(20, 256, 20, quant, torch.float32)
     x[1, 5] = float("nan")
     x[2, 200] = float("inf")
+    x[19, 0] = float("nan")
     blocks = blocks.clone()
     at = 208 if quant == "q6_k" else 0
     blocks[7, at:at + 2] = torch.tensor(np.array([np.float16("nan")]).view(np.uint8))
-    nan = torch.zeros(3, 20, dtype=torch.bool)
-    nan[1:, :] = True
+    nan = torch.zeros(20, 20, dtype=torch.bool)
+    nan[[1, 2, 19], :] = True
     nan[:, 7] = True
     for backend in ("cpu", "reference"):
-        for rows in (slice(0, 3), slice(0, 1)):
+        for rows in (slice(0, 20), slice(0, 3), slice(0, 1)):
             y = ops.quantized_linear(x[rows], blocks, quant, b, activations="int8", backend=backend)
             assert torch.equal(y.isnan(), nan[rows]), backend
 
