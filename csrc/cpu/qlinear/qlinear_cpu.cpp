@@ -32,8 +32,14 @@ using at::Tensor;
 
 constexpr const char* kWho = "fastarch::_quantized_linear (cpu)";
 // Up to this many rows of x the kernels stream W's blocks (each block widened once per group of
-// 8 rows); more rows dequantize W and run the GEMM.
+// 8 rows); more rows dequantize W and run the GEMM (or, int8, the packed panels: int8_panel_rows).
 constexpr int64_t kDirectRows = 16;
+// With x rounded to int8 on AVX512-VNNI, past this many rows the packed panels: packing W
+// costs about what the few-row kernels spend on 5-6 rows, except on Q4_K/Q5_K, whose few-row
+// kernels are the fastest and whose unpacking costs most (AMD EPYC Zen 4, 2 threads, a 4096 x
+// 2048 weight: at 8 rows the panels took 0.4-0.5x the time of the few-row kernels on the
+// 32-value formats, Q6_K and IQ4_XS, 1.2-1.9x on Q4_K/Q5_K; at 16 rows Q4_K ran even).
+constexpr int64_t int8_panel_rows(Quant q) { return q == Quant::q4_k || q == Quant::q5_k ? kDirectRows : 5; }
 // W rows dequantized per slice of the GEMM path (576 in_features: ~2.4 MB of fp32 values).
 constexpr int64_t kDequantRows = 1024;
 
@@ -198,7 +204,7 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
   if (K == 0) return bias ? out.copy_(bias->expand({rows, N})) : out.zero_();
   const uint8_t* w = blocks.data_ptr<uint8_t>();
 #ifdef FASTARCH_WITH_AVX512
-  if (rows > kDirectRows && int8 && int8_products() == Int8Products::avx512_vnni) {
+  if (int8 && rows > int8_panel_rows(q) && int8_products() == Int8Products::avx512_vnni) {
     return int8_gemm(x, w, q, d, bias, out);
   }
 #endif
