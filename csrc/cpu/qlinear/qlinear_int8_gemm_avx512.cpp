@@ -1,7 +1,8 @@
 // AVX-512 build of the quantized linear layer with x rounded to int8 (activations "int8") for
-// many rows of x (a prefill), on CPUs with AVX512-VNNI: the same arithmetic as
-// qlinear_int8_avx512.cpp (each group of 32 values, Q6_K's of 16, summed exactly in int32, then
-// scaled by W's a times x's d in fp32), laid out for reuse instead of streaming.
+// more than a few rows of x (a prefill, a batch of sequences: qlinear_cpu.cpp, int8_panel_rows),
+// on CPUs with AVX512-VNNI: the same arithmetic as qlinear_int8_avx512.cpp (each group of 32
+// values, Q6_K's of 16, summed exactly in int32, then scaled by W's a times x's d in fp32),
+// laid out for reuse instead of streaming.
 //
 // The few-row kernels put 64 values of one W row in a vector's lanes, 4 to a lane, so every
 // vpdpbusd is followed by a conversion and a scaling of its 16 partial sums (~5 instructions per
@@ -11,7 +12,7 @@
 // follow per 512 products. The panel stays in L1 while every row of x passes through it, 8 rows
 // at a time (W's codes loaded once per 8 rows). vpdpbusd multiplies unsigned bytes by signed
 // ones: the panel holds W's values v = u - o as signed codes and x's codes come biased by 128
-// (Int8Rows::q as q + 128, unsigned), the group's -128 sum v (a panel constant) starting each sum.
+// (Int8Tiles: q + 128, unsigned), the group's -128 sum v (a panel constant) starting each sum.
 //
 // Compiled with the target of qlinear_avx512.cpp (cpu/avx512_math.h's rule) and AVX512-VNNI
 // for the functions that multiply; called only where the CPU has it (cpu/isa.h, int8_products()).
