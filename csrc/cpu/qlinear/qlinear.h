@@ -23,7 +23,7 @@ constexpr int64_t kQuantColChunk = 16;
 // block is d q_j, d = max |x| / 127, q_j = round(x_j 127 / max |x|) (ties to even); a block
 // holding an inf or a NaN has d NaN and codes 0. Each row's arrays are padded with zeros to ld
 // values (a multiple of 64). Besides the codes and scales, what the vpdpbusd kernels read per 4
-// (32) values, made once per call by quantize_int8_rows_avx512 or _avx2 (the portable rounding,
+// (16, 32) values, made once per call by quantize_int8_rows_avx512 or _avx2 (the portable rounding,
 // whose values go to the exact kernels, fills q and d only).
 struct Int8Rows {
   const int8_t* q;      // rows x ld codes
@@ -32,7 +32,12 @@ struct Int8Rows {
   const int32_t* neg4;  // rows x ld / 4: minus the sum of each 4 codes
   const float* sum4;    // rows x ld / 4: d times the sum of each 4 codes
   const float* sum32;   // rows x ld / 32: d times the sum of each block's codes
+  const float* sum16;   // rows x ld / 16: the sum of each 16 codes (AVX-512 rounding only)
   int64_t ld;
+  // q's order: as x's, or (AVX512-VNNI, Q4_K and Q5_K) in every 128 values the codes of
+  // values 64-95 before those of 32-63, the order in which one 64-byte load of those formats'
+  // 4-bit codes holds them (its low nibbles values 0-31 and 64-95, its high 32-63 and 96-127)
+  bool k_pairs = false;
 };
 
 // Rounds rows of x (rows x K fp32, row stride ldx) into rows (the arrays of Int8Rows, each

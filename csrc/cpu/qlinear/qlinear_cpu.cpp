@@ -81,7 +81,7 @@ void run_cols(Quant q, Dtype d, Int8Products products, const QuantLinearParams& 
 Int8Rows int8_rows_in(int64_t rows, int64_t K, std::vector<uint8_t>& buffer) {
   const int64_t ld = (K + 63) / 64 * 64;
   const int64_t lanes = rows * ld / 4, blocks = rows * ld / 32;
-  buffer.resize(static_cast<size_t>(rows * ld + 4 * (2 * blocks + 3 * lanes) + 64 * 7));  // (each array 64-aligned)
+  buffer.resize(static_cast<size_t>(rows * ld + 4 * (4 * blocks + 3 * lanes) + 64 * 8));  // (each array 64-aligned)
   uint8_t* at = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64;
   auto take = [&](int64_t n) {
     uint8_t* p = at;
@@ -96,6 +96,7 @@ Int8Rows int8_rows_in(int64_t rows, int64_t K, std::vector<uint8_t>& buffer) {
   r.neg4 = reinterpret_cast<const int32_t*>(take(4 * lanes));
   r.sum4 = reinterpret_cast<const float*>(take(4 * lanes));
   r.sum32 = reinterpret_cast<const float*>(take(4 * blocks));
+  r.sum16 = reinterpret_cast<const float*>(take(8 * blocks));
   return r;
 }
 
@@ -256,6 +257,7 @@ Tensor quantized_linear_cpu(const Tensor& x, const Tensor& blocks, int64_t quant
   const Int8Products products = int8 ? int8_products() : Int8Products::exact;
   if (products != Int8Products::exact) {  // the codes multiplied in int32
     x8 = int8_rows_in(rows, K, buffer);
+    x8.k_pairs = products == Int8Products::avx512_vnni && (q == Quant::q4_k || q == Quant::q5_k);
     quantize_rows(xf, rows, K, ldx, x8, products);
   } else if (int8) {  // the exact kernels on x's rounded values
     rounded.resize(static_cast<size_t>(rows * K));

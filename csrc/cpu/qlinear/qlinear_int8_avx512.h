@@ -90,6 +90,30 @@ __attribute__((always_inline)) inline Chunk pair_chunk(const uint8_t* A, const u
   return c;
 }
 
+// Q6_K: a super-block's 16 scales d sc (a group of 16 values each), and the codes u of its chunk
+// c (values 64c .. 64c + 63; ql's bytes 64 (c / 2) .., their low nibbles for even c, high for
+// odd, the 2 high bits from qh's bytes 128 + 32 (c / 2) ..: bits 2c' .. for the first 32
+// values, 2c' + 2 .. for the next, c' = c % 2 times 2), and the lanes' groups (4 lanes each).
+__attribute__((always_inline)) inline __m512 q6_scales(const uint8_t* blk) {
+  return _mm512_mul_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))),
+      _mm512_set1_ps(half_at(blk + 208)));
+}
+__attribute__((always_inline)) inline __m512i q6_codes(const uint8_t* blk, int c) {
+  const int n = c / 2, g = c % 2;
+  const __m512i ql = _mm512_loadu_si512(blk + 64 * n);
+  const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * n)));
+  const __m512i lo = _mm512_and_si512(g ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
+  // the 2 high bits to bits 4-5: qh bits 4g, 4g + 1 (first 32 values), 4g + 2, 4g + 3 (next)
+  const __m512i t = g ? _mm512_mask_srli_epi16(h, 0xFFFF0000u, h, 2)
+                      : _mm512_mask_slli_epi16(_mm512_slli_epi16(h, 4), 0xFFFF0000u, h, 2);
+  return _mm512_ternarylogic_epi32(lo, t, _mm512_set1_epi8(0x30), 0xF8);
+}
+inline __m512i q6_groups(int c) {
+  const int s = 4 * c;  // the chunk's first group of 16
+  return _mm512_setr_epi32(s, s, s, s, s + 1, s + 1, s + 1, s + 1, s + 2, s + 2, s + 2, s + 2, s + 3, s + 3, s + 3, s + 3);
+}
+
 // A super-block's four chunks: fn(p, chunk) for values 64p .. 64p + 63; Q4_K and Q5_K also
 // give mins(dmin m of the 8 sub-blocks) first.
 template <Quant Q, typename Fn, typename Mins>
@@ -118,26 +142,9 @@ FASTARCH_VNNI void k_chunks(const uint8_t* blk, Fn&& fn, Mins&& mins) {
       fn(p, Chunk{q, _mm512_permutexvar_ps(halves(2 * p, 2 * p + 1), a8), {}});
     }
   } else if constexpr (Q == Quant::q6_k) {
-    const __m512 a16 = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))),
-        _mm512_set1_ps(half_at(blk + 208)));
-#pragma GCC unroll 2
-    for (int n = 0; n < 2; ++n) {  // halves of 128 values: ql 64 bytes, qh 32
-      const __m512i ql = _mm512_loadu_si512(blk + 64 * n);
-      const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * n)));
-#pragma GCC unroll 2
-      for (int g = 0; g < 2; ++g) {  // value groups 2g, 2g + 1 (of 32): ql's low (g 0) or high nibbles
-        const __m512i lo = _mm512_and_si512(g ? _mm512_srli_epi16(ql, 4) : ql, low4);
-        // the 2 high bits to bits 4-5: qh bits 4g, 4g + 1 (first 32 values), 4g + 2, 4g + 3 (next)
-        const __m512i t = g ? _mm512_mask_srli_epi16(h, 0xFFFF0000u, h, 2)
-                            : _mm512_mask_slli_epi16(_mm512_slli_epi16(h, 4), 0xFFFF0000u, h, 2);
-        const __m512i q = _mm512_ternarylogic_epi32(lo, t, _mm512_set1_epi8(0x30), 0xF8);
-        const int s = 8 * n + 4 * g;  // the chunk's first group of 16
-        const __m512i idx = _mm512_setr_epi32(s, s, s, s, s + 1, s + 1, s + 1, s + 1, s + 2, s + 2, s + 2, s + 2,
-                                              s + 3, s + 3, s + 3, s + 3);
-        fn(2 * n + g, Chunk{q, _mm512_permutexvar_ps(idx, a16), {}});
-      }
-    }
+    const __m512 a16 = q6_scales(blk);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) fn(c, Chunk{q6_codes(blk, c), _mm512_permutexvar_ps(q6_groups(c), a16), {}});
   } else {  // IQ4_XS: sub-block c's step d (ls_c - 32)
     const __m256 a8 = iq4_xs_steps(blk, half_at(blk));
     const __m512i table = iq4_codes();

@@ -18,28 +18,34 @@ namespace {
 template <int R>
 struct XRows {
   const int8_t* q[R];
+  const float* d[R];
   const float* lane_d[R];
   const int32_t* neg4[R];
   const float* sum4[R];
   const float* sum32[R];
+  const float* sum16[R];
 
   XRows(const Int8Rows& x, int64_t m0) {
     for (int r = 0; r < R; ++r) {
       const int64_t row = m0 + r;
       q[r] = x.q + row * x.ld;
+      d[r] = x.d + row * (x.ld / 32);
       lane_d[r] = x.lane_d + row * (x.ld / 4);
       neg4[r] = x.neg4 + row * (x.ld / 4);
       sum4[r] = x.sum4 + row * (x.ld / 4);
       sum32[r] = x.sum32 + row * (x.ld / 32);
+      sum16[r] = x.sum16 + row * (x.ld / 16);
     }
   }
   void advance(int64_t values) {
     for (int r = 0; r < R; ++r) {
       q[r] += values;
+      d[r] += values / 32;
       lane_d[r] += values / 4;
       neg4[r] += values / 4;
       sum4[r] += values / 4;
       sum32[r] += values / 32;
+      sum16[r] += values / 16;
     }
   }
 };
