@@ -357,11 +357,12 @@ def _step_bytes(model, batch: int, mean_length: float) -> float:
 
 
 def gguf_tensor_bytes(file: Path) -> int:
-    """The bytes of every tensor of a GGUF file: what llama.cpp reads per decode step (its own
-    quantized weights; a tied embedding once, as the output head)."""
+    """The bytes of a GGUF file's tensors that llama.cpp reads per decode step of a sequence:
+    every tensor (its own quantized weights) but an untied embedding table, of which one row (a
+    tied one once, as the output head)."""
     from fastarch.models.gguf import tensor_bytes
 
-    return tensor_bytes(file)
+    return tensor_bytes(file, embedding_rows=1)
 
 
 def llama_cpp_step_bytes(file: Path, cfg, batch: int, mean_length: float) -> float:

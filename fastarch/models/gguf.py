@@ -312,16 +312,23 @@ def _open(path: str | os.PathLike) -> _Header:
     return _Header(file)
 
 
-def tensor_bytes(path: str | os.PathLike) -> int:
-    """The bytes of every tensor of a GGUF file, as stored (what llama.cpp reads per decode step:
-    its own quantized weights; a tied embedding once, as the output head). A tensor of a type
-    that cannot be dequantized here is an error naming it."""
+def tensor_bytes(path: str | os.PathLike, *, embedding_rows: int | None = None) -> int:
+    """The bytes of every tensor of a GGUF file, as stored. embedding_rows: an untied embedding
+    table (the file has an output.weight) counted as that many of its rows, what a decode step's
+    lookup reads (a tied one is the output head, read whole): llama.cpp's bytes per step, its
+    own quantized weights. A tensor of a type that cannot be dequantized here is an error
+    naming it."""
+    tensors = _open(path).tensors
+    untied = any(t.name == "output.weight" for t in tensors)
     total = 0
-    for t in _open(path).tensors:
+    for t in tensors:
         if t.ggml_type not in GGML_TYPES:
             raise CheckpointError(f"{path}: tensor {t.name} is {_type_name(t.ggml_type)} (supported: {_supported()})")
         _, block, block_bytes, _ = GGML_TYPES[t.ggml_type]
-        total += math.prod(t.shape) // block * block_bytes
+        nbytes = math.prod(t.shape) // block * block_bytes
+        if embedding_rows is not None and untied and t.name == "token_embd.weight":
+            nbytes = nbytes // int(t.shape[1]) * embedding_rows  # (gguf-py's shape: columns first)
+        total += nbytes
     return total
 
 

@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf import quants as gguf_quants
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastarch.models.gguf import GGML_TYPES, _open, dequantize, hf_name, read_gguf, tokenizer_from_gguf
+from fastarch.models.gguf import GGML_TYPES, _open, dequantize, hf_name, read_gguf, tensor_bytes, tokenizer_from_gguf
 from fastarch.models.loading import CheckpointError
 from fastarch.ops.qlinear import quantize_blocks
 
@@ -358,6 +358,21 @@ def test_other_architecture(tmp_path):
     path = write_llama_gguf(tmp_path / "gpt2.gguf", tiny_llama(), arch="gpt2")
     with pytest.raises(CheckpointError, match="architecture 'gpt2' is not supported"):
         read_gguf(path)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_tensor_bytes(tmp_path, tie):
+    """Every tensor as stored (Q8_0: 34 bytes per 32 values, 1-D tensors F32); with
+    embedding_rows, an untied embedding table as that many rows (a decode step's lookup), a
+    tied one whole (it is the output head)."""
+    model = tiny_llama(tie)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", model, "Q8_0")
+    params = {n: p.numel() for n, p in model.state_dict().items() if not (tie and n == "lm_head.weight")}
+    stored = sum(4 * n if "norm" in name else n // 32 * 34 for name, n in params.items())
+    assert tensor_bytes(path) == stored
+    embedding = params["model.embed_tokens.weight"] // 32 * 34  # 96 rows of 64 values
+    expected = stored if tie else stored - embedding + 3 * embedding // 96
+    assert tensor_bytes(path, embedding_rows=3) == expected
 
 
 def test_unknown_tensor_type(tmp_path):

@@ -35,11 +35,15 @@ constexpr const char* kWho = "fastarch::_quantized_linear (cpu)";
 // 8 rows); more rows dequantize W and run the GEMM (or, int8, the packed panels: int8_panel_rows).
 constexpr int64_t kDirectRows = 16;
 // With x rounded to int8 on AVX512-VNNI, past this many rows the packed panels: packing W
-// costs about what the few-row kernels spend on 5-6 rows, except on Q4_K/Q5_K, whose few-row
-// kernels are the fastest and whose unpacking costs most (AMD EPYC Zen 4, 2 threads, a 4096 x
-// 2048 weight: at 8 rows the panels took 0.4-0.5x the time of the few-row kernels on the
-// 32-value formats, Q6_K and IQ4_XS, 1.2-1.9x on Q4_K/Q5_K; at 16 rows Q4_K ran even).
-constexpr int64_t int8_panel_rows(Quant q) { return q == Quant::q4_k || q == Quant::q5_k ? kDirectRows : 5; }
+// costs about what the few-row kernels spend on 5-6 rows, except on the k-quants Q4_K, Q5_K
+// and Q6_K, whose few-row kernels have super-block paths of their own and whose unpacking
+// costs most (AMD EPYC Zen 4, 2 threads, a 4096 x 2048 weight: at 8 rows the panels took
+// 0.4-0.5x the time of the few-row kernels on the 32-value formats and IQ4_XS, 1.2-1.9x on
+// Q4_K/Q5_K; at 16 rows Q4_K ran even; one 1B-class layer, Q6_K: the few-row kernels 210, 182,
+// 173, 169 GFLOP/s at 6, 8, 12, 16 rows against the panels' 55, 77, 108, 154).
+constexpr int64_t int8_panel_rows(Quant q) {
+  return q == Quant::q4_k || q == Quant::q5_k || q == Quant::q6_k ? kDirectRows : 5;
+}
 // W rows dequantized per slice of the GEMM path (576 in_features: ~2.4 MB of fp32 values).
 constexpr int64_t kDequantRows = 1024;
 

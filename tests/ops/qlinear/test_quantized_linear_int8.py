@@ -123,7 +123,7 @@ DEFAULT_INT8 = os.environ.get("FASTARCH_CPU_INT8", "").strip() or "auto"
 def test_cpu_kernel_each_build_format_and_row_count(int8_products, path, quant):
     """Every way of multiplying (INT8_PATHS), 1-17 rows (the row groups of 8 and 4, the one- and
     two-row kernels' two sets of sums; with AVX512-VNNI the packed panels past 5 rows, 16 on
-    Q4_K/Q5_K, 8 rows a pass and the rest) and 40 and 61 (elsewhere x rounded, then the
+    Q4_K/Q5_K/Q6_K, 8 rows a pass and the rest) and 40 and 61 (elsewhere x rounded, then the
     dequantized GEMM), an odd
     count of 32-value blocks (a pair's second block absent), fp32/fp16/bf16; W's codes at their
     extremes (all 0 and all the largest: vpmaddubsw's pairs of products are closest to
