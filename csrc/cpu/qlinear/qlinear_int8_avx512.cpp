@@ -62,6 +62,11 @@ FASTARCH_VNNI void chunk_rows(const Chunk& c, const XRows<R>& x, int off, __m512
   }
 }
 
+// Bytes with bit a set in the low 32, bit b in the high 32.
+inline __m512i bit_pair(int a, int b) {
+  return _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << a)), _mm256_set1_epi8(static_cast<char>(1 << b)), 1);
+}
+
 // A Q4_K or Q5_K super-block's 256 values times R rows of x whose codes come in k_pairs order
 // (Int8Rows): each 64-byte load of the 4-bit codes is two chunks, its low nibbles (sub-blocks
 // 4h and 4h + 2) and its high (4h + 1, 4h + 3), multiplied as they lie; each row's scales a
@@ -85,11 +90,8 @@ FASTARCH_VNNI void k4_block(const uint8_t* blk, const XRows<R>& x, __m512 (&acc)
     const __m512i v = _mm512_loadu_si512(qs + 64 * h);
     __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     if constexpr (Q == Quant::q5_k) {
-      auto bits = [](int a, int b) {  // bit a in the low 32 bytes, bit b in the high
-        return _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << a)), _mm256_set1_epi8(static_cast<char>(1 << b)), 1);
-      };
-      lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bits(4 * h, 4 * h + 2)), lo, sixteen);
-      hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, bits(4 * h + 1, 4 * h + 3)), hi, sixteen);
+      lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bit_pair(4 * h, 4 * h + 2)), lo, sixteen);
+      hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, bit_pair(4 * h + 1, 4 * h + 3)), hi, sixteen);
     }
     const __m512i lo_idx = halves(4 * h, 4 * h + 2), hi_idx = halves(4 * h + 1, 4 * h + 3);
 #pragma GCC unroll 8
@@ -205,7 +207,7 @@ FASTARCH_VNNI void row_dots(const uint8_t* w, int64_t nb, const Int8Rows& x, int
 
 // Lane c: the sum of v[c]'s 16 lanes. A tree of in-lane unpacks and shuffles, then of 128-bit
 // quarters: 45 instructions for 16 sums, where reducing each vector alone is a chain of 8.
-inline __m512 sum16(const __m512 (&v)[kQuantColChunk]) {
+inline __m512 column_sums(const __m512 (&v)[kQuantColChunk]) {
   __m512 pairs[8], quads[4], eights[2];
   for (int i = 0; i < 8; ++i) {  // per 128 bits: v[2i] 0+2, v[2i+1] 0+2, v[2i] 1+3, v[2i+1] 1+3
     const __m512 a = v[2 * i], b = v[2 * i + 1];
@@ -236,7 +238,7 @@ __attribute__((target("avx512vnni"))) void cols_dots(const QuantLinearParams& p,
   }
   for (int r = 0; r < R; ++r) {
     for (int c = cols; c < kQuantColChunk; ++c) lanes[r][c] = _mm512_setzero_ps();
-    _mm512_store_ps(sums[r], sum16(lanes[r]));
+    _mm512_store_ps(sums[r], column_sums(lanes[r]));
   }
 }
 
