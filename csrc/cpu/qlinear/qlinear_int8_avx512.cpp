@@ -158,41 +158,25 @@ FASTARCH_VNNI void row_dots(const uint8_t* w, int64_t nb, const Int8Rows& x, int
     }
     for (; b + 2 <= nb; b += 2, xr.advance(64)) chunk_rows<Q, R>(pair_chunk<Q>(w + b * kBytes, w + (b + 1) * kBytes), xr, 0, acc[0], lane_mins);
     if (b < nb) chunk_rows<Q, R>(pair_chunk<Q>(w + b * kBytes, kZeroBlock), xr, 0, acc[0], lane_mins);
-  } else if constexpr (Q == Quant::q6_k) {
+  } else {  // super-blocks of 256 values
     for (int64_t b = 0; b < nb; ++b, xr.advance(kValues)) {
       const uint8_t* blk = w + b * kBytes;
 #pragma GCC unroll 4
       for (int64_t line = 0; line < kBytes; line += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + line, _MM_HINT_T0);
       }
-      k6_block<R, kSets>(blk, xr, acc, offsets);
-    }
-  } else if constexpr (Q == Quant::q4_k || Q == Quant::q5_k) {
-    for (int64_t b = 0; b < nb; ++b, xr.advance(kValues)) {
-      const uint8_t* blk = w + b * kBytes;
-#pragma GCC unroll 4
-      for (int64_t line = 0; line < kBytes; line += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + line, _MM_HINT_T0);
+      if constexpr (Q == Quant::q6_k) {
+        k6_block<R, kSets>(blk, xr, acc, offsets);
+      } else if constexpr (Q == Quant::q4_k || Q == Quant::q5_k) {
+        k4_block<Q, R, kSets>(blk, xr, acc, mins);
+      } else {  // IQ4_XS: the shared chunks (no mins)
+        k_chunks<Q>(
+            blk,
+            [&](int p, const Chunk& c) __attribute__((target("avx512vnni"), always_inline)) {
+              chunk_rows<Q, R>(c, xr, 64 * p, acc[p % kSets], lane_mins);
+            },
+            [](__m256) __attribute__((target("avx512vnni"), always_inline)) {});
       }
-      k4_block<Q, R, kSets>(blk, xr, acc, mins);
-    }
-  } else {
-    for (int64_t b = 0; b < nb; ++b, xr.advance(kValues)) {
-      const uint8_t* blk = w + b * kBytes;
-#pragma GCC unroll 4
-      for (int64_t line = 0; line < kBytes; line += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + line, _MM_HINT_T0);
-      }
-      k_chunks<Q>(
-          blk,
-          [&](int p, const Chunk& c) __attribute__((target("avx512vnni"), always_inline)) {
-            chunk_rows<Q, R>(c, xr, 64 * p, acc[p % kSets], lane_mins);
-          },
-          [&](__m256 dmin_m) __attribute__((target("avx512vnni"), always_inline)) {
-            for (int r = 0; r < R; ++r) {
-              mins[r] = _mm256_fmadd_ps(dmin_m, _mm256_loadu_ps(xr.sum32[r]), mins[r]);
-            }
-          });
     }
   }
   for (int r = 0; r < R; ++r) {
