@@ -20,6 +20,7 @@
 #include "cpu/dtype_of.h"
 #include "cpu/isa.h"
 #include "cpu/portable.h"
+#include "cpu/models/step_ops.h"
 
 namespace fastarch::cpu::act {
 namespace {
@@ -99,12 +100,16 @@ void backward_rows(
   });
 }
 
-Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias) {
+void forward_into(Activation act, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias, const Tensor& y) {
   const Dtype d = dtype_of(a, kWho, b ? "gate" : "x");
-  Tensor y = at::empty({a.size(0), a.size(1)}, a.options());
   const ActivationForwardParams p = activation_glue::forward_params(act, a, b, bias, y);
   const Avx512Inputs in = avx512_inputs(d, bias, can_stream(y));
   at::parallel_for(0, p.rows, grain_rows(p.cols), [&](int64_t begin, int64_t end) { forward_rows(d, p, begin, end, in); });
+}
+
+Tensor forward(Activation act, const Tensor& a, const Tensor* b, const std::optional<Tensor>& bias) {
+  Tensor y = at::empty({a.size(0), a.size(1)}, a.options());
+  forward_into(act, a, b, bias, y);
   return y;
 }
 
@@ -218,3 +223,11 @@ TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
 }
 
 }  // namespace fastarch::cpu::act
+
+namespace fastarch::cpu {
+
+void gated_act_into(const at::Tensor& gate, const at::Tensor& up, std::string_view act, const at::Tensor& y) {
+  act::forward_into(activation_glue::gated_activation(act::kWho, act), gate, &up, std::nullopt, y);
+}
+
+}  // namespace fastarch::cpu

@@ -9,7 +9,9 @@
 // key), with the same arguments in the same order, so their results equal the Python path's bit
 // for bit (tests/models/test_llama_fused_step.py). The Python side calls them only when every op
 // chose its CPU kernel, and checks every argument first (shapes fixed by the config, the cache's
-// room on the host). The products run where the registry put them (Products below).
+// room on the host). The products run where the registry put them (Products below). The decode
+// loop runs the small ops (norms, rotary, the gated activation) through step_ops.h, into
+// outputs made once per step: what those ops run after their checks and allocation.
 #include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,6 +19,7 @@
 #include <torch/library.h>
 
 #include "cpu/linear/onednn_linear.h"
+#include "cpu/models/step_ops.h"
 
 #include <optional>
 #include <tuple>
@@ -224,18 +227,41 @@ Tensor llama_decode_layers_cpu(const Tensor& x, at::TensorList weights, at::IntA
                 x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.size(0) % batch == 0, "fastarch::_llama_decode_layers: x must be (batch * n, hidden)");
   const int64_t n = x.size(0) / batch, H = n_head, Hkv = n_kv, D = head_dim, L = layers.size();
+  const int64_t rows = x.size(0), hidden = x.size(1);
   const Step step{kernels(), linear_kernel ? Products::kernel : Products::torch};
-  auto [y, h] = step.norm(x, std::nullopt, L > 0 ? *layers[0].input_norm : weights.back(), eps[0]);
+  // The small ops' outputs, made once per step (step_ops.h): the norms' y and the residual
+  // stream (two, taking turns: a norm reads one and writes the other), their statistics, the
+  // rotated q and k, the gated activation (made at the first layer, once its width is known).
+  const at::TensorOptions options = x.options(), stats = options.dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const Tensor y = at::empty({rows, hidden}, options), none = at::empty({0}, options);
+  const Tensor streams[2] = {at::empty({rows, hidden}, options), at::empty({rows, hidden}, options)};
+  const Tensor no_mean = at::empty({0}, stats), rstd = at::empty({rows}, stats);
+  const Tensor q_out = at::empty({batch, H, n, D}, options), k_out = at::empty({batch, Hkv, n, D}, options);
+  Tensor gated;
+  auto norm = [&](const Tensor& in, const Tensor* residual, const Tensor& weight, double eps, const Tensor& sum) {
+    norm_forward_into(in, residual ? std::optional<Tensor>(*residual) : std::nullopt, weight, std::nullopt, eps, true, y,
+                      sum, no_mean, rstd);
+  };
+  norm(x, nullptr, L > 0 ? *layers[0].input_norm : weights.back(), eps[0], none);
+  Tensor h = x;  // the residual stream
   for (int64_t i = 0; i < L; ++i) {
     // attention: (B n, (H + 2 Hkv) D) -> q (B, H, n, D), k, v (B, Hkv, n, D), views
     const Tensor heads = step.linear(y, layers[i].qkv).view({batch, n, H + 2 * Hkv, D}).transpose(1, 2);
     const std::vector<Tensor> qkv = heads.split_with_sizes({H, Hkv, Hkv}, 1);
-    auto [q, k] = step.ops.rotary.redispatch(kCpu, qkv[0], qkv[1], cos, sin, offsets, false, false);
-    step.ops.append.redispatch(kCpu, k_caches[i], v_caches[i], k, qkv[2], seqlens_before);
+    rotary_into(qkv[0], qkv[1], cos, sin, offsets, false, false, q_out, k_out, /*check_positions=*/i == 0);
+    step.ops.append.redispatch(kCpu, k_caches[i], v_caches[i], k_out, qkv[2], seqlens_before);
     auto [out, lse] =
-        step.ops.decode.redispatch(kCpu, q, k_caches[i], v_caches[i], seqlens_after, true, scale, window_left);
+        step.ops.decode.redispatch(kCpu, q_out, k_caches[i], v_caches[i], seqlens_after, true, scale, window_left);
+    // the rest of the layer (Step::finish_layer, with the outputs above)
+    const Tensor a = step.linear(out.transpose(1, 2).reshape({batch * n, H * D}), layers[i].o);
+    norm(a, &h, *layers[i].post_norm, eps[2 * i + 1], streams[0]);
+    h = streams[0];
+    const std::vector<Tensor> gate_up = step.linear(y, layers[i].gate_up).chunk(2, -1);
+    if (!gated.defined()) gated = at::empty({rows, gate_up[0].size(1)}, options);
+    gated_act_into(gate_up[0], gate_up[1], "silu", gated);
     const Tensor& next_norm = i + 1 < L ? *layers[i + 1].input_norm : weights.back();
-    step.finish_layer(out.transpose(1, 2).reshape({batch * n, H * D}), layers[i], next_norm, eps, i, y, h);
+    norm(step.linear(gated, layers[i].down), &h, next_norm, eps[2 * i + 2], streams[1]);
+    h = streams[1];
   }
   return y;
 }

@@ -18,6 +18,7 @@
 #include "cpu/dtype_of.h"
 #include "cpu/isa.h"
 #include "norm_rows.h"
+#include "cpu/models/step_ops.h"
 #include "cpu/portable.h"
 
 namespace fastarch::cpu {
@@ -90,6 +91,22 @@ void backward_rows(
   });
 }
 
+}  // namespace
+
+void norm_forward_into(const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
+                       const std::optional<Tensor>& bias, double eps, bool rms, const Tensor& y,
+                       const Tensor& residual_out, const Tensor& mean, const Tensor& rstd) {
+  const Dtype d = dtype_of(x, "fastarch cpu norm", "x");
+  const NormForwardParams p = norm_glue::forward_params(x, residual, weight, bias, y, residual_out, mean, rstd, eps, rms);
+  Avx512Inputs in{Tensor(), Tensor(), can_stream(y) && (!residual || can_stream(residual_out))};
+  if (use_avx512(d)) in = {as_fp32(weight), as_fp32(bias), in.stream};
+  at::parallel_for(0, x.size(0), grain_rows(x.size(1)), [&](int64_t begin, int64_t end) {
+    forward_rows(d, p, begin, end, in);
+  });
+}
+
+namespace {
+
 constexpr const char* kWho = "fastarch cpu norm";
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
@@ -104,10 +121,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
   Tensor residual_out = residual ? at::empty({rows, cols}, x.options()) : at::empty({0}, x.options());
   Tensor mean = at::empty({rms ? 0 : rows}, stats);
   Tensor rstd = at::empty({rows}, stats);
-  const NormForwardParams p = norm_glue::forward_params(x, residual, weight, bias, y, residual_out, mean, rstd, eps, rms);
-  Avx512Inputs in{Tensor(), Tensor(), can_stream(y) && (!residual || can_stream(residual_out))};
-  if (use_avx512(d)) in = {as_fp32(weight), as_fp32(bias), in.stream};
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) { forward_rows(d, p, begin, end, in); });
+  norm_forward_into(x, residual, weight, bias, eps, rms, y, residual_out, mean, rstd);
   return {y, residual_out, mean, rstd};
 }
 

@@ -18,6 +18,7 @@
 #include "rope/rope_glue.h"
 #include "rope_rows.h"
 #include "cpu/portable.h"
+#include "cpu/models/step_ops.h"
 
 namespace fastarch::cpu {
 namespace {
@@ -62,6 +63,19 @@ void run(Dtype d, const RopeParams& pq, const RopeParams& pk) {
   });
 }
 
+}  // namespace
+
+void rotary_into(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
+                 const std::optional<Tensor>& positions, bool interleaved, bool inverse, const Tensor& q_out,
+                 const Tensor& k_out, bool check) {
+  const RopeParams pq = rope_glue::params(q, q_out, cos, sin, positions, interleaved, inverse);
+  const RopeParams pk = rope_glue::params(k, k_out, cos, sin, positions, interleaved, inverse);
+  if (check) check_positions(pq, positions);
+  run(dtype_of(q, kWho, "q"), pq, pk);
+}
+
+namespace {
+
 std::tuple<Tensor, Tensor> rotary_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                       const std::optional<Tensor>& positions, bool interleaved, bool inverse) {
   TORCH_CHECK(q.device().is_cpu(), kWho, ": q must be on the CPU, got ", q.device());
@@ -69,10 +83,7 @@ std::tuple<Tensor, Tensor> rotary_cpu(const Tensor& q, const Tensor& k, const Te
   rope_glue::check(kWho, q, k, cos, sin, positions, d == Dtype::f64 ? at::kDouble : at::kFloat);
   Tensor q_out = at::empty_like(q);
   Tensor k_out = at::empty_like(k);
-  const RopeParams pq = rope_glue::params(q, q_out, cos, sin, positions, interleaved, inverse);
-  const RopeParams pk = rope_glue::params(k, k_out, cos, sin, positions, interleaved, inverse);
-  check_positions(pq, positions);
-  run(d, pq, pk);
+  rotary_into(q, k, cos, sin, positions, interleaved, inverse, q_out, k_out, true);
   return {q_out, k_out};
 }
 
