@@ -24,6 +24,7 @@ from fastarch.ops.attn.args import AttentionProblem
 from fastarch.ops.group_norms.backends import GroupNormProblem
 from fastarch.ops.linear.backends import LinearProblem
 from fastarch.ops.norms.backends import NormProblem
+from fastarch.ops.rope.backends import RotaryProblem
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 """torch's own scaled_dot_product_attention (what torch.nn.functional holds when unpatched)."""
@@ -33,7 +34,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _PROBLEMS = {
     "layer_norm": NormProblem, "rms_norm": NormProblem, "attention": AttentionProblem, "group_norm": GroupNormProblem,
-    "geglu_packed": ActivationProblem, "linear": LinearProblem,
+    "geglu_packed": ActivationProblem, "swiglu": ActivationProblem, "linear": LinearProblem, "rotary": RotaryProblem,
 }
 
 

@@ -172,6 +172,7 @@ def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
                 sub.__dict__["_fastarch_backend"] = backend
         report.add(path, kind, True, f"attention implementation {previous!r} -> 'fastarch'")
     _swap_encoders(model, report, backend)
+    _swap_decoder_layers(model, report)
 
 
 def _swap_encoders(model: torch.nn.Module, report, backend: str | None) -> None:
@@ -193,8 +194,30 @@ def _swap_encoders(model: torch.nn.Module, report, backend: str | None) -> None:
             report.add(path, kind.__name__, True, "-> UnpaddedEncoder: the real tokens only (0 at padding positions)")
 
 
+def _swap_decoder_layers(model: torch.nn.Module, report) -> None:
+    """Each plain LlamaDecoderLayer made a FastarchLlamaDecoderLayer (decoder_layer.py) by
+    changing its class: the same object, parameters and hooks."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from fastarch.integrations.decoder_layer import FastarchLlamaDecoderLayer
+
+    for path, m in model.named_modules():
+        if type(m) is LlamaDecoderLayer:
+            m.__class__ = FastarchLlamaDecoderLayer
+            report.add(path, "LlamaDecoderLayer", True,
+                       "-> FastarchLlamaDecoderLayer (a decode step as one function of fastarch's kernels)")
+
+
 def restore_model(model: torch.nn.Module) -> None:
-    """Undo optimize_model: the previous attention implementations, no forced backend."""
+    """Undo optimize_model: the previous attention implementations, no forced backend, plain
+    decoder layers."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from fastarch.integrations.decoder_layer import FastarchLlamaDecoderLayer
+
+    for m in model.modules():
+        if type(m) is FastarchLlamaDecoderLayer:
+            m.__class__ = LlamaDecoderLayer
     for _, m in _pretrained_models(model):
         previous = m.__dict__.pop("_fastarch_attn_implementation", None)
         for sub in m.modules():

@@ -1,0 +1,163 @@
+"""A LLaMA decoder layer's decode step with no module calls inside it.
+
+transformers' LlamaDecoderLayer runs a generated token through ~15 module calls, views and
+small tensor ops per layer (two norms, four attention and three MLP projections, the rotary
+function's slices and concatenations, the activation and its product, the residual adds);
+for a small model at batch 1 on a CPU that Python costs as much as the kernels (SmolLM2-135M
+in bf16: ~10 of a ~22 ms token on a 2-core AMD EPYC held to AVX2, the rest streaming the
+weights), and swapping the layers inside it leaves all of it. fastarch.optimize makes each
+plain LlamaDecoderLayer a FastarchLlamaDecoderLayer (the same object, parameters, hooks and
+state_dict: its class changes, as FastarchResnetBlock2D's does in diffusers.py), whose
+forward runs a decode step — one new token per sequence, inference — as one function: the
+kernels fastarch's swapped layers would run (the norms, the projections, the attention), with
+the rotary embedding and the SwiGLU on fastarch's kernels too, the attention's residual add
+fused into the second norm, and transformers' own cache update between them, so the cache is
+transformers' object, updated as transformers updates it.
+
+Every other call runs LlamaDecoderLayer.forward as it is (the swapped layers inside it still
+run fastarch's kernels): prefill (more than one token: compute-bound, the Python is noise
+there), autograd, torch.compile and other modes, an attention mask (padding), hooks on the
+layer's parts (transformers installs some when asked for hidden states or attentions), parts
+that are not what optimize made of them (a LoRA wrapper on a projection), the attention not
+on fastarch's implementation, rotary tables whose two halves differ (not LLaMA's rotate_half
+layout), or a kernel backend unable to run the step. The results equal the layer's own
+within the kernels' rounding: fastarch rounds the rotary embedding, the SwiGLU and the norm
+after the residual add once each, where transformers rounds every elementwise op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+
+from fastarch.ops.dispatch import direct_call_allowed
+from fastarch.optimize import CALL_HOOKS, HFRMSNorm, Linear
+from fastarch.override import _KERNEL_DTYPES, kernel_for
+
+_SILU = ("SiLUActivation", "SiLU")  # transformers' ACT2FN["silu"] (its own class, F.silu) and torch's
+
+
+def _parts_hooked(modules: tuple[nn.Module, ...]) -> bool:
+    return any(getattr(m, name) for m in modules for name in CALL_HOOKS)
+
+
+class _Tables:
+    """The rotary kernel's fp32 tables made from transformers' position embeddings (cos, sin:
+    (B or 1, 1, D), the two halves equal in LLaMA's layout), once per step: every layer gets
+    the same tuple. Row b is sequence b's position, read with offsets 0 .. B - 1. None where
+    the halves differ (another layout: the layer's own code runs)."""
+
+    last: tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None] | None = None  # one tuple: thread-safe
+
+    @classmethod
+    def of(cls, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        last = cls.last
+        if last is not None and last[0] is cos and last[1] is sin:
+            return last[2]
+        tables = None
+        half = cos.shape[-1] // 2
+        if cos.shape == sin.shape and cos.dim() == 3 and cos.shape[1] == 1 and cos.shape[-1] % 2 == 0:
+            halves = [(t[..., :half], t[..., half:]) for t in (cos, sin)]
+            if all(torch.equal(a, b) for a, b in halves):
+                tables = (halves[0][0][:, 0].float().contiguous(), halves[1][0][:, 0].float().contiguous(),
+                          torch.arange(cos.shape[0], device=cos.device))
+        cls.last = (cos, sin, tables)
+        return tables
+
+
+class FastarchLlamaDecoderLayer(LlamaDecoderLayer):
+    """LlamaDecoderLayer whose decode step runs as one function on fastarch's kernels (see
+    the module docstring); every other call is LlamaDecoderLayer.forward."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if not args and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            out = self._decode_step(hidden_states, **kwargs)
+            if out is not None:
+                return out
+        return super().forward(hidden_states, *args, **kwargs)
+
+    def _decode_step(self, x: Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                     position_embeddings=None, past_key_values=None, **kwargs) -> Tensor | None:
+        """The step, or None where LlamaDecoderLayer.forward must run it."""
+        cache = cache if cache is not None else past_key_values
+        if attention_mask is not None or cache is None or position_embeddings is None or kwargs:
+            return None
+        if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+            return None
+        attn, mlp = self._modules["self_attn"], self._modules["mlp"]
+        norm1, norm2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
+        if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or attn.training and attn.attention_dropout:
+            return None
+        if attn.config._attn_implementation != "fastarch" or type(mlp.act_fn).__name__ not in _SILU:
+            return None
+        a, m = attn._modules, mlp._modules
+        linears = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
+        if type(norm1) is not HFRMSNorm or type(norm2) is not HFRMSNorm or any(type(p) is not Linear for p in linears):
+            return None
+        if _parts_hooked((attn, mlp, norm1, norm2, mlp.act_fn) + linears) or not direct_call_allowed((x,)):
+            return None
+        cos, sin = position_embeddings
+        tables = _Tables.of(cos, sin) if type(cos) is Tensor and type(sin) is Tensor else None
+        if tables is None or tables[0].shape[0] not in (1, x.shape[0]) or 2 * tables[0].shape[1] != attn.head_dim:
+            return None
+        return _Step(x, self.__dict__.get("_fastarch_backend")).run(attn, norm1, norm2, linears, tables, cache)
+
+
+class _Step:
+    """One decode step's kernels, all chosen before any runs (the cache update in the middle
+    cannot be undone: past it there is no way back to the layer's own code)."""
+
+    def __init__(self, x: Tensor, backend: str | None) -> None:
+        self.x, self.backend = x, backend
+        self.device, self.dtype, self.rows = x.device.type, x.dtype, x.shape[0]
+
+    def _linear_kernel(self, layer: Linear, k: int):
+        w, b = layer._parameters["weight"], layer._parameters["bias"]
+        if w.dtype != self.dtype or w.dim() != 2 or w.shape[1] != k or b is not None and b.dtype != self.dtype:
+            return None
+        return kernel_for("linear", (self.device, self.dtype, self.rows, k, w.shape[0], w.is_contiguous()), self.backend)
+
+    def _norm_weight(self, layer: HFRMSNorm, hidden: int) -> Tensor | None:
+        w = layer._parameters["weight"]
+        ok = w is not None and w.dtype == self.dtype and w.shape == (hidden,) and type(layer.eps) is float
+        return w.contiguous() if ok else None
+
+    def run(self, attn: LlamaAttention, norm1: HFRMSNorm, norm2: HFRMSNorm, linears: tuple[Linear, ...],
+            tables: tuple[Tensor, Tensor, Tensor], cache) -> Tensor | None:
+        from fastarch.integrations.transformers import fastarch_attention_forward
+
+        batch, _, hidden = self.x.shape
+        D, heads, kv_heads = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
+        widths = (hidden, hidden, hidden, heads * D, hidden, hidden, linears[5].out_features)
+        kernels = [self._linear_kernel(layer, k) for layer, k in zip(linears, widths)]
+        w1, w2 = self._norm_weight(norm1, hidden), self._norm_weight(norm2, hidden)
+        shapes = tuple(layer.out_features for layer in linears)
+        if (None in kernels or w1 is None or w2 is None or shapes[:4] != (heads * D, kv_heads * D, kv_heads * D, hidden)
+                or shapes[4:] != (widths[6], widths[6], hidden)):
+            return None
+        norm = kernel_for("rms_norm", (self.device, self.dtype, 1, 1), self.backend)
+        rotary = kernel_for("rotary", (self.device, self.dtype, D, D), self.backend)
+        gated = kernel_for("swiglu", (self.device, self.dtype, batch, widths[6]), self.backend)
+        if norm is None or rotary is None or gated is None:
+            return None
+        q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = linears
+        lq, lk, lv, lo, lg, lu, ld = kernels
+
+        def linear(kernel, y: Tensor, layer: Linear) -> Tensor:
+            b = layer._parameters["bias"]
+            return kernel.forward(y, layer._parameters["weight"], None if b is None else b.contiguous())
+
+        h = self.x.view(batch, hidden)
+        y = norm.forward(h, None, w1, None, norm1.eps, True)[0]
+        q, k, v = linear(lq, y, q_proj), linear(lk, y, k_proj), linear(lv, y, v_proj)
+        cos, sin, offsets = tables
+        q, k = rotary.forward(q.view(batch, heads, 1, D), k.view(batch, kv_heads, 1, D), cos, sin,
+                              offsets if cos.shape[0] > 1 else None, False, False)
+        keys, values = cache.update(k, v.view(batch, kv_heads, 1, D), attn.layer_idx)
+        # transformers' attention function as the "fastarch" implementation runs it: the
+        # decode kernel directly (or SDPA's path for a cache that returns what it cannot take)
+        out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
+        y, h = norm.forward(linear(lo, out.reshape(batch, heads * D), o_proj), h, w2, None, norm2.eps, True)[:2]
+        s = gated.forward(linear(lg, y, gate_proj), linear(lu, y, up_proj), "silu")
+        return torch.add(h, linear(ld, s, down_proj)).view(batch, 1, hidden)

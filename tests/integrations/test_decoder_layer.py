@@ -1,0 +1,234 @@
+"""FastarchLlamaDecoderLayer (fastarch/integrations/decoder_layer.py): fastarch.optimize turns a
+LLaMA model's decoder layers into ones whose decode step runs as one function of fastarch's
+kernels, with transformers' cache. Judged as the other drop-in paths are (dropin_tolerance.py:
+against the fp64 model, at most a small factor of torch's own error), plus where the step may
+not run: each condition falls back to transformers' layer, whose result is checked too."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+import fastarch
+from fastarch.integrations import decoder_layer
+from fastarch.integrations.decoder_layer import FastarchLlamaDecoderLayer
+
+VOCAB = 99
+LAYERS = 2
+
+
+def _model(**config):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**(cfg | config)), attn_implementation="sdpa").eval()
+
+
+class _Steps:
+    """Counts the decode steps the fused path ran (and those it handed back to the layer)."""
+
+    def __init__(self, mp):
+        self.fused = self.declined = 0
+        real = decoder_layer._Step.run
+
+        def run(step, *args):
+            out = real(step, *args)
+            if out is None:
+                self.declined += 1
+            else:
+                self.fused += 1
+            return out
+
+        mp.setattr(decoder_layer._Step, "run", run)
+
+
+def _prefill_and_step(model, ids, next_ids, dtype=None):
+    """Logits of one decode step after a prefill, through transformers' DynamicCache."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, cache=cache, use_cache=True)
+    return model(input_ids=next_ids, cache=cache, use_cache=True).logits, cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_matches_transformers(dtype, batch, monkeypatch):
+    model = _model()
+    exact = copy.deepcopy(model).double()
+    model.to(dtype)
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    assert [type(layer) for layer in fast.model.layers] == [FastarchLlamaDecoderLayer] * LAYERS
+    assert sum("FastarchLlamaDecoderLayer" in e.detail for e in report.swapped) == LAYERS
+    ids, next_ids = torch.randint(1, VOCAB, (batch, 9)), torch.randint(1, VOCAB, (batch, 1))
+    steps = _Steps(monkeypatch)
+    with torch.inference_mode():
+        ours, our_cache = _prefill_and_step(fast, ids, next_ids)
+        theirs, their_cache = _prefill_and_step(model, ids, next_ids)
+        ref, _ = _prefill_and_step(exact, ids, next_ids)
+    assert (steps.fused, steps.declined) == (LAYERS, 0)  # the prefill is transformers' layer
+    assert_close(ours[:, -1], theirs[:, -1], ref[:, -1])
+    # the step's keys and values went into transformers' cache, as its own layer puts them
+    for mine, its in zip(our_cache.layers, their_cache.layers):
+        assert mine.keys.shape == its.keys.shape == (batch, 2, 10, 8)
+        torch.testing.assert_close(mine.keys.float(), its.keys.float(), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(mine.values.float(), its.values.float(), rtol=0.02, atol=0.02)
+
+
+def test_positions_differ_per_sequence(monkeypatch):
+    """position_ids given per sequence (no mask): each row rotates by its own angle."""
+    model = _model()
+    exact = copy.deepcopy(model).double()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids, next_ids = torch.randint(1, VOCAB, (3, 9)), torch.randint(1, VOCAB, (3, 1))
+    positions = torch.tensor([[9], [30], [17]])
+    steps = _Steps(monkeypatch)
+    logits = []
+    with torch.inference_mode():
+        for m in (fast, model, exact):
+            cache = DynamicCache(config=m.config)
+            m(input_ids=ids, cache=cache, use_cache=True)
+            logits.append(m(input_ids=next_ids, cache=cache, use_cache=True, position_ids=positions).logits[:, -1])
+    assert steps.fused == LAYERS
+    assert_close(*logits)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_generation_equals_transformers(cache, monkeypatch):
+    model = _model()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (2, 7))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0,
+              cache_implementation=cache)
+    steps = _Steps(monkeypatch)
+    with torch.inference_mode():
+        theirs, ours = model.generate(ids, **kw), fast.generate(ids, **kw)
+    assert torch.equal(ours, theirs)
+    # every token after the prompt's; a static cache's empty slots are masked: the layer's code
+    assert steps.fused == (LAYERS * 11 if cache == "dynamic" else 0)
+
+
+def test_padded_batch_runs_the_layer(monkeypatch):
+    """Left padding gives the step an attention mask: transformers' layer runs it (the swapped
+    layers inside still on fastarch), and the tokens are transformers'."""
+    model = _model()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    steps = _Steps(monkeypatch)
+    with torch.inference_mode():
+        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert steps.fused == 0
+
+
+def _one_step_fused(model, monkeypatch, grad: bool = False) -> int:
+    steps = _Steps(monkeypatch)
+    ids, next_ids = torch.randint(1, VOCAB, (1, 5)), torch.randint(1, VOCAB, (1, 1))
+    with torch.set_grad_enabled(grad):
+        _prefill_and_step(model, ids, next_ids)
+    return steps.fused
+
+
+def test_conditions_that_run_the_layer(monkeypatch):
+    model = _model()
+    fast = fastarch.optimize(model, inplace=False).model
+    assert _one_step_fused(fast, monkeypatch) == LAYERS
+    assert _one_step_fused(fast, monkeypatch, grad=True) == 0  # autograd: the layer's own ops
+    handle = fast.model.layers[1].self_attn.o_proj.register_forward_hook(lambda *a: None)
+    assert _one_step_fused(fast, monkeypatch) == LAYERS - 1  # a hooked part: that layer runs as it is
+    handle.remove()
+    fast.set_attn_implementation("sdpa")
+    assert _one_step_fused(fast, monkeypatch) == 0  # the attention is not fastarch's
+    fast.set_attn_implementation("fastarch")
+    assert _one_step_fused(fast, monkeypatch) == LAYERS
+
+
+def test_rotary_tables_of_another_layout_run_the_layer(monkeypatch):
+    """cos/sin whose two halves differ are not LLaMA's rotate_half tables: the layer's own
+    rotary code runs them."""
+    model = _model()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids, next_ids = torch.randint(1, VOCAB, (1, 5)), torch.randint(1, VOCAB, (1, 1))
+    logits = []
+    for m in (fast, model):
+        real = m.model.rotary_emb.forward
+
+        def skewed(x, position_ids, real=real):
+            cos, sin = real(x, position_ids)
+            return cos * torch.linspace(0.5, 1.0, cos.shape[-1]), sin
+
+        monkeypatch.setattr(m.model.rotary_emb, "forward", skewed)
+    steps = _Steps(monkeypatch)
+    with torch.inference_mode():
+        logits = [_prefill_and_step(m, ids, next_ids)[0] for m in (fast, model)]
+    assert steps.fused == 0 and steps.declined == 0
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_replaced_projection_is_run(monkeypatch):
+    """A projection replaced after optimize (as a LoRA wrapper replaces it) runs: the step
+    hands that layer back to transformers' code, which calls the new module."""
+    model = _model()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids, next_ids = torch.randint(1, VOCAB, (1, 5)), torch.randint(1, VOCAB, (1, 1))
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 1.0
+
+    with torch.inference_mode():
+        before, _ = _prefill_and_step(fast, ids, next_ids)
+        for m in (fast, model):
+            m.model.layers[0].mlp.down_proj = Shifted(m.model.layers[0].mlp.down_proj)
+        steps = _Steps(monkeypatch)
+        ours, _ = _prefill_and_step(fast, ids, next_ids)
+        theirs, _ = _prefill_and_step(model, ids, next_ids)
+    assert steps.fused == LAYERS - 1
+    assert (ours - before).abs().max() > 0.1  # the wrapper ran
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_in_gives_nan_out():
+    model = _model()
+    fast = fastarch.optimize(model, inplace=False).model
+    with torch.no_grad():
+        fast.model.embed_tokens.weight[7] = float("nan")
+    ids = torch.randint(8, VOCAB, (2, 5))
+    with torch.inference_mode():
+        logits, _ = _prefill_and_step(fast, ids, torch.tensor([[7], [9]]))
+    assert logits[0].isnan().all() and not logits[1].isnan().any()
+
+
+def test_forced_reference_backend(monkeypatch):
+    """optimize(backend=...) reaches the step's kernels: the reference backend's give the
+    same logits within fp32's rounding."""
+    model = _model()
+    fast = fastarch.optimize(model, inplace=False).model
+    ref = fastarch.optimize(model, inplace=False, backend="reference").model
+    ids, next_ids = torch.randint(1, VOCAB, (2, 6)), torch.randint(1, VOCAB, (2, 1))
+    steps = _Steps(monkeypatch)
+    with torch.inference_mode():
+        ours, _ = _prefill_and_step(fast, ids, next_ids)
+        reference, _ = _prefill_and_step(ref, ids, next_ids)
+    assert steps.fused == 2 * LAYERS
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_restore_and_state_dict():
+    model = _model()
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    fastarch.optimize(model)
+    assert type(model.model.layers[0]) is FastarchLlamaDecoderLayer
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
+    fastarch.restore(model)
+    assert [type(layer) for layer in model.model.layers] == [LlamaDecoderLayer] * LAYERS
