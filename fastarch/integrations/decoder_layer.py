@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
+from fastarch.integrations.transformers import fastarch_attention_forward
 from fastarch.ops.dispatch import direct_call_allowed
 from fastarch.optimize import CALL_HOOKS, HFRMSNorm, Linear
 from fastarch.override import _KERNEL_DTYPES, kernel_for
@@ -125,8 +126,6 @@ class _Step:
 
     def run(self, attn: LlamaAttention, norm1: HFRMSNorm, norm2: HFRMSNorm, linears: tuple[Linear, ...],
             tables: tuple[Tensor, Tensor, Tensor], cache) -> Tensor | None:
-        from fastarch.integrations.transformers import fastarch_attention_forward
-
         batch, _, hidden = self.x.shape
         D, heads, kv_heads = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
         widths = (hidden, hidden, hidden, heads * D, hidden, hidden, linears[5].out_features)
