@@ -322,6 +322,12 @@ def _hf_rms_norm_reason(module: nn.Module) -> str | None:
     return None
 
 
+def call_hooked(modules) -> bool:
+    """Whether any of ``modules`` has a hook that runs when it is called (a path that skips
+    the call would lose it)."""
+    return any(getattr(m, name, None) for m in modules for name in CALL_HOOKS)
+
+
 def _hooks(module: nn.Module) -> bool:
     return any(getattr(module, name, None) for name in _HOOKS)
 

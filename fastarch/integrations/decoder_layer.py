@@ -28,19 +28,15 @@ after the residual add once each, where transformers rounds every elementwise op
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
 from fastarch.integrations.transformers import fastarch_attention_forward
 from fastarch.ops.dispatch import direct_call_allowed
-from fastarch.optimize import CALL_HOOKS, HFRMSNorm, Linear
+from fastarch.optimize import HFRMSNorm, Linear, call_hooked
 from fastarch.override import _KERNEL_DTYPES, kernel_for
 
 _SILU = ("SiLUActivation", "SiLU")  # transformers' ACT2FN["silu"] (its own class, F.silu) and torch's
-
-
-def _parts_hooked(modules: tuple[nn.Module, ...]) -> bool:
-    return any(getattr(m, name) for m in modules for name in CALL_HOOKS)
 
 
 class _Tables:
@@ -96,7 +92,7 @@ class FastarchLlamaDecoderLayer(LlamaDecoderLayer):
         linears = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
         if type(norm1) is not HFRMSNorm or type(norm2) is not HFRMSNorm or any(type(p) is not Linear for p in linears):
             return None
-        if _parts_hooked((attn, mlp, norm1, norm2, mlp.act_fn) + linears) or not direct_call_allowed((x,)):
+        if call_hooked((attn, mlp, norm1, norm2, mlp.act_fn) + linears) or not direct_call_allowed((x,)):
             return None
         cos, sin = position_embeddings
         tables = _Tables.of(cos, sin) if type(cos) is Tensor and type(sin) is Tensor else None
