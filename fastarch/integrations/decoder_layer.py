@@ -1,4 +1,4 @@
-"""A LLaMA decoder layer's decode step with no module calls inside it.
+"""A LLaMA-style decoder layer's decode step with no module calls inside it.
 
 transformers' LlamaDecoderLayer runs a generated token through ~15 module calls, views and
 small tensor ops per layer (two norms, four attention and three MLP projections, the rotary
@@ -7,14 +7,17 @@ for a small model at batch 1 on a CPU that Python costs as much as the kernels (
 in bf16: ~10 of a ~22 ms token on a 2-core AMD EPYC held to AVX2, the rest streaming the
 weights), and swapping the layers inside it leaves all of it. fastarch.optimize makes each
 plain LlamaDecoderLayer a FastarchLlamaDecoderLayer (the same object, parameters, hooks and
-state_dict: its class changes, as FastarchResnetBlock2D's does in diffusers.py), whose
+state_dict: its class changes, as FastarchResnetBlock2D's does in diffusers.py), and
+Mistral's, Qwen2's and Qwen3's layers (the same layer: Qwen2 adds biases to q/k/v, Qwen3 an
+RMSNorm over each head's q and k before the rotation, Mistral and both Qwens sliding windows,
+which a step with no mask has no keys outside of) their Fastarch* classes likewise, whose
 forward runs a decode step — one new token per sequence, inference — as one function: the
 kernels fastarch's swapped layers would run (the norms, the projections, the attention), with
 the rotary embedding and the SwiGLU on fastarch's kernels too, the attention's residual add
 fused into the second norm, and transformers' own cache update between them, so the cache is
 transformers' object, updated as transformers updates it.
 
-Every other call runs LlamaDecoderLayer.forward as it is (the swapped layers inside it still
+Every other call runs the layer's own forward as it is (the swapped layers inside it still
 run fastarch's kernels): prefill (more than one token: compute-bound, the Python is noise
 there), autograd, torch.compile and other modes, an attention mask (padding), hooks on the
 layer's parts (transformers installs some when asked for hidden states or attentions), parts
@@ -30,6 +33,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer, MistralMLP
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2MLP
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3MLP
 
 from fastarch.integrations.transformers import fastarch_attention_forward
 from fastarch.ops.dispatch import direct_call_allowed
@@ -63,9 +69,14 @@ class _Tables:
         return tables
 
 
-class FastarchLlamaDecoderLayer(LlamaDecoderLayer):
-    """LlamaDecoderLayer whose decode step runs as one function on fastarch's kernels (see
-    the module docstring); every other call is LlamaDecoderLayer.forward."""
+class _FusedDecodeStep:
+    """A decoder layer whose decode step runs as one function on fastarch's kernels (see the
+    module docstring); every other call is the layer's own forward. Mixed in before the layer
+    class, which _attention and _mlp belong with; _qk_norm: Qwen3's per-head norms."""
+
+    _attention: type
+    _mlp: type
+    _qk_norm = False
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         if not args and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -76,7 +87,7 @@ class FastarchLlamaDecoderLayer(LlamaDecoderLayer):
 
     def _decode_step(self, x: Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                      position_embeddings=None, past_key_values=None, **kwargs) -> Tensor | None:
-        """The step, or None where LlamaDecoderLayer.forward must run it."""
+        """The step, or None where the layer's own forward must run it."""
         cache = cache if cache is not None else past_key_values
         if attention_mask is not None or cache is None or position_embeddings is None or kwargs:
             return None
@@ -84,21 +95,43 @@ class FastarchLlamaDecoderLayer(LlamaDecoderLayer):
             return None
         attn, mlp = self._modules["self_attn"], self._modules["mlp"]
         norm1, norm2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
-        if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or attn.training and attn.attention_dropout:
+        if type(attn) is not self._attention or type(mlp) is not self._mlp or attn.training and attn.attention_dropout:
             return None
         if attn.config._attn_implementation != "fastarch" or type(mlp.act_fn).__name__ not in _SILU:
             return None
         a, m = attn._modules, mlp._modules
         linears = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
-        if type(norm1) is not HFRMSNorm or type(norm2) is not HFRMSNorm or any(type(p) is not Linear for p in linears):
+        norms = (norm1, norm2, a["q_norm"], a["k_norm"]) if self._qk_norm else (norm1, norm2)
+        if any(type(n) is not HFRMSNorm for n in norms) or any(type(p) is not Linear for p in linears):
             return None
-        if call_hooked((attn, mlp, norm1, norm2, mlp.act_fn) + linears) or not direct_call_allowed((x,)):
+        if call_hooked((attn, mlp, mlp.act_fn) + norms + linears) or not direct_call_allowed((x,)):
             return None
         cos, sin = position_embeddings
         tables = _Tables.of(cos, sin) if type(cos) is Tensor and type(sin) is Tensor else None
         if tables is None or tables[0].shape[0] not in (1, x.shape[0]) or 2 * tables[0].shape[1] != attn.head_dim:
             return None
-        return _Step(x, self.__dict__.get("_fastarch_backend")).run(attn, norm1, norm2, linears, tables, cache)
+        return _Step(x, self.__dict__.get("_fastarch_backend")).run(attn, norms, linears, tables, cache)
+
+
+class FastarchLlamaDecoderLayer(_FusedDecodeStep, LlamaDecoderLayer):
+    _attention, _mlp = LlamaAttention, LlamaMLP
+
+
+class FastarchMistralDecoderLayer(_FusedDecodeStep, MistralDecoderLayer):
+    _attention, _mlp = MistralAttention, MistralMLP
+
+
+class FastarchQwen2DecoderLayer(_FusedDecodeStep, Qwen2DecoderLayer):
+    _attention, _mlp = Qwen2Attention, Qwen2MLP
+
+
+class FastarchQwen3DecoderLayer(_FusedDecodeStep, Qwen3DecoderLayer):
+    _attention, _mlp, _qk_norm = Qwen3Attention, Qwen3MLP, True
+
+
+FUSED = {cls.__bases__[1]: cls for cls in (FastarchLlamaDecoderLayer, FastarchMistralDecoderLayer,
+                                           FastarchQwen2DecoderLayer, FastarchQwen3DecoderLayer)}
+"""transformers' decoder layer class -> the one fastarch.optimize makes of it (restore: back)."""
 
 
 class _Step:
@@ -120,15 +153,16 @@ class _Step:
         ok = w is not None and w.dtype == self.dtype and w.shape == (hidden,) and type(layer.eps) is float
         return w.contiguous() if ok else None
 
-    def run(self, attn: LlamaAttention, norm1: HFRMSNorm, norm2: HFRMSNorm, linears: tuple[Linear, ...],
+    def run(self, attn: torch.nn.Module, norms: tuple[HFRMSNorm, ...], linears: tuple[Linear, ...],
             tables: tuple[Tensor, Tensor, Tensor], cache) -> Tensor | None:
+        """norms: the layer's two, then (Qwen3) the attention's q and k norms."""
         batch, _, hidden = self.x.shape
         D, heads, kv_heads = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
         widths = (hidden, hidden, hidden, heads * D, hidden, hidden, linears[5].out_features)
         kernels = [self._linear_kernel(layer, k) for layer, k in zip(linears, widths)]
-        w1, w2 = self._norm_weight(norm1, hidden), self._norm_weight(norm2, hidden)
+        weights = [self._norm_weight(n, width) for n, width in zip(norms, (hidden, hidden, D, D))]
         shapes = tuple(layer.out_features for layer in linears)
-        if (None in kernels or w1 is None or w2 is None or shapes[:4] != (heads * D, kv_heads * D, kv_heads * D, hidden)
+        if (None in kernels or None in weights or shapes[:4] != (heads * D, kv_heads * D, kv_heads * D, hidden)
                 or shapes[4:] != (widths[6], widths[6], hidden)):
             return None
         norm = kernel_for("rms_norm", (self.device, self.dtype, 1, 1), self.backend)
@@ -144,8 +178,11 @@ class _Step:
             return kernel.forward(y, layer._parameters["weight"], None if b is None else b.contiguous())
 
         h = self.x.view(batch, hidden)
-        y = norm.forward(h, None, w1, None, norm1.eps, True)[0]
+        y = norm.forward(h, None, weights[0], None, norms[0].eps, True)[0]
         q, k, v = linear(lq, y, q_proj), linear(lk, y, k_proj), linear(lv, y, v_proj)
+        if len(norms) == 4:  # each head's q and k normalized over its D values
+            q = norm.forward(q.view(batch * heads, D), None, weights[2], None, norms[2].eps, True)[0]
+            k = norm.forward(k.view(batch * kv_heads, D), None, weights[3], None, norms[3].eps, True)[0]
         cos, sin, offsets = tables
         q, k = rotary.forward(q.view(batch, heads, 1, D), k.view(batch, kv_heads, 1, D), cos, sin,
                               offsets if cos.shape[0] > 1 else None, False, False)
@@ -153,6 +190,6 @@ class _Step:
         # transformers' attention function as the "fastarch" implementation runs it: the
         # decode kernel directly (or SDPA's path for a cache that returns what it cannot take)
         out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
-        y, h = norm.forward(linear(lo, out.reshape(batch, heads * D), o_proj), h, w2, None, norm2.eps, True)[:2]
+        y, h = norm.forward(linear(lo, out.reshape(batch, heads * D), o_proj), h, weights[1], None, norms[1].eps, True)[:2]
         s = gated.forward(linear(lg, y, gate_proj), linear(lu, y, up_proj), "silu")
         return torch.add(h, linear(ld, s, down_proj)).view(batch, 1, hidden)

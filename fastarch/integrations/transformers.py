@@ -195,29 +195,26 @@ def _swap_encoders(model: torch.nn.Module, report, backend: str | None) -> None:
 
 
 def _swap_decoder_layers(model: torch.nn.Module, report) -> None:
-    """Each plain LlamaDecoderLayer made a FastarchLlamaDecoderLayer (decoder_layer.py) by
-    changing its class: the same object, parameters and hooks."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from fastarch.integrations.decoder_layer import FastarchLlamaDecoderLayer
+    """Each plain LLaMA, Mistral, Qwen2 or Qwen3 decoder layer made its Fastarch* class
+    (decoder_layer.py) by changing its class: the same object, parameters and hooks."""
+    from fastarch.integrations.decoder_layer import FUSED
 
     for path, m in model.named_modules():
-        if type(m) is LlamaDecoderLayer:
-            m.__class__ = FastarchLlamaDecoderLayer
-            report.add(path, "LlamaDecoderLayer", True,
-                       "-> FastarchLlamaDecoderLayer (a decode step as one function of fastarch's kernels)")
+        if (fused := FUSED.get(type(m))) is not None:
+            m.__class__ = fused
+            report.add(path, fused.__bases__[1].__name__, True,
+                       f"-> {fused.__name__} (a decode step as one function of fastarch's kernels)")
 
 
 def restore_model(model: torch.nn.Module) -> None:
     """Undo optimize_model: the previous attention implementations, no forced backend, plain
     decoder layers."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from fastarch.integrations.decoder_layer import FUSED
 
-    from fastarch.integrations.decoder_layer import FastarchLlamaDecoderLayer
-
+    plain = {fused: cls for cls, fused in FUSED.items()}
     for m in model.modules():
-        if type(m) is FastarchLlamaDecoderLayer:
-            m.__class__ = LlamaDecoderLayer
+        if (cls := plain.get(type(m))) is not None:
+            m.__class__ = cls
     for _, m in _pretrained_models(model):
         previous = m.__dict__.pop("_fastarch_attn_implementation", None)
         for sub in m.modules():

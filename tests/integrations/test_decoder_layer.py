@@ -1,6 +1,6 @@
-"""FastarchLlamaDecoderLayer (fastarch/integrations/decoder_layer.py): fastarch.optimize turns a
-LLaMA model's decoder layers into ones whose decode step runs as one function of fastarch's
-kernels, with transformers' cache. Judged as the other drop-in paths are (dropin_tolerance.py:
+"""FastarchLlamaDecoderLayer and its Mistral/Qwen2/Qwen3 siblings (fastarch/integrations/
+decoder_layer.py): fastarch.optimize turns a LLaMA-style model's decoder layers into ones whose
+decode step runs as one function of fastarch's kernels, with transformers' cache. Judged as the other drop-in paths are (dropin_tolerance.py:
 against the fp64 model, at most a small factor of torch's own error), plus where the step may
 not run: each condition falls back to transformers' layer, whose result is checked too."""
 
@@ -11,22 +11,39 @@ import copy
 import pytest
 import torch
 from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import fastarch
 from fastarch.integrations import decoder_layer
-from fastarch.integrations.decoder_layer import FastarchLlamaDecoderLayer
+from fastarch.integrations.decoder_layer import FUSED, FastarchLlamaDecoderLayer
 
 VOCAB = 99
 LAYERS = 2
+# Qwen2 has q/k/v biases, Qwen3 per-head q/k norms; Mistral is LLaMA's layer with a window
+FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
 
-def _model(**config):
+def _model(family: str = "llama", **config):
+    """A small random model whose norm weights and biases are not their initial 1s and 0s
+    (a step that skipped one would pass with those)."""
     torch.manual_seed(0)
     cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**(cfg | config)), attn_implementation="sdpa").eval()
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    if family == "mistral":
+        cfg["sliding_window"] = None  # its default, 4096, is a window no step here reaches
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](**(cfg | config)), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    return model
+
+
+def _fused_class(model) -> type:
+    return FUSED[type(model.model.layers[0])]
 
 
 class _Steps:
@@ -54,29 +71,31 @@ def _prefill_and_step(model, ids, next_ids, dtype=None):
     return model(input_ids=next_ids, cache=cache, use_cache=True).logits, cache
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_decode_step_matches_transformers(dtype, batch, monkeypatch):
-    model = _model()
+def test_decode_step_matches_transformers(family, dtype, batch, monkeypatch):
+    model = _model(family)
     exact = copy.deepcopy(model).double()
     model.to(dtype)
+    fused = _fused_class(model)
     report = fastarch.optimize(model, inplace=False)
     fast = report.model
-    assert [type(layer) for layer in fast.model.layers] == [FastarchLlamaDecoderLayer] * LAYERS
-    assert sum("FastarchLlamaDecoderLayer" in e.detail for e in report.swapped) == LAYERS
+    assert [type(layer) for layer in fast.model.layers] == [fused] * LAYERS
+    assert sum(fused.__name__ in e.detail for e in report.swapped) == LAYERS
     ids, next_ids = torch.randint(1, VOCAB, (batch, 9)), torch.randint(1, VOCAB, (batch, 1))
     steps = _Steps(monkeypatch)
     with torch.inference_mode():
         ours, our_cache = _prefill_and_step(fast, ids, next_ids)
         theirs, their_cache = _prefill_and_step(model, ids, next_ids)
-        ref, _ = _prefill_and_step(exact, ids, next_ids)
+        ref, exact_cache = _prefill_and_step(exact, ids, next_ids)
     assert (steps.fused, steps.declined) == (LAYERS, 0)  # the prefill is transformers' layer
     assert_close(ours[:, -1], theirs[:, -1], ref[:, -1])
     # the step's keys and values went into transformers' cache, as its own layer puts them
-    for mine, its in zip(our_cache.layers, their_cache.layers):
+    for mine, its, exact_layer in zip(our_cache.layers, their_cache.layers, exact_cache.layers):
         assert mine.keys.shape == its.keys.shape == (batch, 2, 10, 8)
-        torch.testing.assert_close(mine.keys.float(), its.keys.float(), rtol=0.02, atol=0.02)
-        torch.testing.assert_close(mine.values.float(), its.values.float(), rtol=0.02, atol=0.02)
+        assert_close(mine.keys, its.keys, exact_layer.keys)
+        assert_close(mine.values, its.values, exact_layer.values)
 
 
 def test_positions_differ_per_sequence(monkeypatch):
@@ -97,9 +116,10 @@ def test_positions_differ_per_sequence(monkeypatch):
     assert_close(*logits)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_greedy_generation_equals_transformers(cache, monkeypatch):
-    model = _model()
+@pytest.mark.parametrize(("family", "cache"), [("llama", "dynamic"), ("llama", "static"), ("mistral", "dynamic"),
+                                             ("qwen2", "dynamic"), ("qwen3", "dynamic")])
+def test_greedy_generation_equals_transformers(family, cache, monkeypatch):
+    model = _model(family)
     fast = fastarch.optimize(model, inplace=False).model
     ids = torch.randint(1, VOCAB, (2, 7))
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0,
@@ -198,14 +218,17 @@ def test_a_replaced_projection_is_run(monkeypatch):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_nan_in_gives_nan_out():
-    model = _model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nan_in_gives_nan_out(family, monkeypatch):
+    model = _model(family)
     fast = fastarch.optimize(model, inplace=False).model
     with torch.no_grad():
         fast.model.embed_tokens.weight[7] = float("nan")
     ids = torch.randint(8, VOCAB, (2, 5))
+    steps = _Steps(monkeypatch)
     with torch.inference_mode():
         logits, _ = _prefill_and_step(fast, ids, torch.tensor([[7], [9]]))
+    assert steps.fused == LAYERS
     assert logits[0].isnan().all() and not logits[1].isnan().any()
 
 
@@ -224,11 +247,58 @@ def test_forced_reference_backend(monkeypatch):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_restore_and_state_dict():
-    model = _model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restore_and_state_dict(family):
+    model = _model(family)
+    plain, layers = type(model.model.layers[0]), list(model.model.layers)
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
     fastarch.optimize(model)
-    assert type(model.model.layers[0]) is FastarchLlamaDecoderLayer
+    assert type(model.model.layers[0]) is FUSED[plain]
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
     fastarch.restore(model)
-    assert [type(layer) for layer in model.model.layers] == [LlamaDecoderLayer] * LAYERS
+    assert [type(layer) for layer in model.model.layers] == [plain] * LAYERS
+    assert list(model.model.layers) == layers  # the same objects
+
+
+def test_every_fused_class_is_its_layer():
+    assert FUSED[LlamaDecoderLayer] is FastarchLlamaDecoderLayer
+    for plain, fused in FUSED.items():
+        assert issubclass(fused, plain) and fused.forward is not plain.forward
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window(family, monkeypatch):
+    """A window shorter than the text: steps whose keys the window cuts get a mask from
+    transformers and run the layer's code, the others the fused step; greedy tokens equal."""
+    window = dict(sliding_window=6) | ({"use_sliding_window": True, "max_window_layers": 0} if family == "qwen2" else {})
+    model = _model(family, **window)
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (2, 3))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    steps = _Steps(monkeypatch)
+    with torch.inference_mode():
+        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert 0 < steps.fused < LAYERS * 11
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_on_cuda(family, dtype, monkeypatch):
+    """The step on the GPU: fastarch's CUDA/Triton kernels, transformers' cache on the device."""
+    model = _model(family).cuda()
+    exact = copy.deepcopy(model).double()
+    model.to(dtype)
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (3, 9), device="cuda")
+    next_ids = torch.randint(1, VOCAB, (3, 1), device="cuda")
+    steps = _Steps(monkeypatch)
+    with torch.inference_mode():
+        ours, _ = _prefill_and_step(fast, ids, next_ids)
+        theirs, _ = _prefill_and_step(model, ids, next_ids)
+        ref, _ = _prefill_and_step(exact, ids, next_ids)
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        if dtype == torch.float32:  # greedy tokens: bf16's near-ties may part, as on the CPU
+            assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert steps.fused >= LAYERS
+    assert_close(ours[:, -1], theirs[:, -1], ref[:, -1])
