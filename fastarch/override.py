@@ -35,6 +35,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PROBLEMS = {
     "layer_norm": NormProblem, "rms_norm": NormProblem, "attention": AttentionProblem, "group_norm": GroupNormProblem,
     "geglu_packed": ActivationProblem, "swiglu": ActivationProblem, "linear": LinearProblem, "rotary": RotaryProblem,
+    "bias_gelu": ActivationProblem,
 }
 
 

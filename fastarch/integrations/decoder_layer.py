@@ -1,4 +1,4 @@
-"""A LLaMA-style decoder layer's decode step with no module calls inside it.
+"""LLaMA-style and GPT-2 decoder layers' decode step with no module calls inside it.
 
 transformers' LlamaDecoderLayer runs a generated token through ~15 module calls, views and
 small tensor ops per layer (two norms, four attention and three MLP projections, the rotary
@@ -15,7 +15,10 @@ forward runs a decode step — one new token per sequence, inference — as one 
 kernels fastarch's swapped layers would run (the norms, the projections, the attention), with
 the rotary embedding and the SwiGLU on fastarch's kernels too, the attention's residual add
 fused into the second norm, and transformers' own cache update between them, so the cache is
-transformers' object, updated as transformers updates it.
+transformers' object, updated as transformers updates it. GPT-2's GPT2Block likewise
+(FastarchGPT2Block): layer norm, the fused q/k/v product of its Conv1D (K-major weights, read
+as they are), the cache update, the attention, c_proj with the residual add fused into the
+second layer norm, c_fc with its bias added inside the GELU kernel, c_proj and the residual.
 
 Every other call runs the layer's own forward as it is (the swapped layers inside it still
 run fastarch's kernels): prefill (more than one token: compute-bound, the Python is noise
@@ -32,17 +35,21 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2MLP
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer, MistralMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2MLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3MLP
 
-from fastarch.integrations.transformers import fastarch_attention_forward
+from fastarch.integrations.transformers import FastarchConv1D, fastarch_attention_forward
 from fastarch.ops.dispatch import direct_call_allowed
-from fastarch.optimize import HFRMSNorm, Linear, call_hooked
+from fastarch.optimize import HFRMSNorm, LayerNorm, Linear, call_hooked
 from fastarch.override import _KERNEL_DTYPES, kernel_for
 
 _SILU = ("SiLUActivation", "SiLU")  # transformers' ACT2FN["silu"] (its own class, F.silu) and torch's
+# GPT-2's activations ("gelu_new", "gelu_pytorch_tanh", "gelu") -> the bias_gelu kernel's form
+_GELU = {NewGELUActivation: "tanh", GELUTanh: "tanh", GELUActivation: "none"}
 
 
 class _Tables:
@@ -129,8 +136,44 @@ class FastarchQwen3DecoderLayer(_FusedDecodeStep, Qwen3DecoderLayer):
     _attention, _mlp, _qk_norm = Qwen3Attention, Qwen3MLP, True
 
 
-FUSED = {cls.__bases__[1]: cls for cls in (FastarchLlamaDecoderLayer, FastarchMistralDecoderLayer,
-                                           FastarchQwen2DecoderLayer, FastarchQwen3DecoderLayer)}
+class FastarchGPT2Block(GPT2Block):
+    """GPT2Block whose decode step runs as one function on fastarch's kernels (see the module
+    docstring); every other call is GPT2Block.forward. transformers' GPT2Model passes the
+    cache, the mask and the encoder states positionally."""
+
+    def forward(self, hidden_states: Tensor, cache=None, attention_mask=None, encoder_hidden_states=None,
+                *args, **kwargs) -> Tensor:
+        if (not args and attention_mask is None and encoder_hidden_states is None and cache is not None
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            out = self._decode_step(hidden_states, cache, **kwargs)
+            if out is not None:
+                return out
+        return super().forward(hidden_states, cache, attention_mask, encoder_hidden_states, *args, **kwargs)
+
+    def _decode_step(self, x: Tensor, cache, encoder_attention_mask=None, use_cache=False, position_ids=None,
+                     **kwargs) -> Tensor | None:
+        """The step, or None where GPT2Block.forward must run it."""
+        if kwargs or type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+            return None
+        m = self._modules
+        attn, mlp, ln_1, ln_2 = m["attn"], m["mlp"], m["ln_1"], m["ln_2"]
+        if type(attn) is not GPT2Attention or type(mlp) is not GPT2MLP or attn.is_cross_attention:
+            return None
+        if type(ln_1) is not LayerNorm or type(ln_2) is not LayerNorm or attn.config._attn_implementation != "fastarch":
+            return None
+        a, f = attn._modules, mlp._modules
+        convs = (a["c_attn"], a["c_proj"], f["c_fc"], f["c_proj"])
+        dropouts = (a["attn_dropout"], a["resid_dropout"], f["dropout"])
+        act = _GELU.get(type(f["act"]))
+        if act is None or any(type(c) is not FastarchConv1D for c in convs) or any(d.training and d.p for d in dropouts):
+            return None
+        if call_hooked((attn, mlp, ln_1, ln_2, f["act"]) + convs + dropouts) or not direct_call_allowed((x,)):
+            return None
+        return _GPT2Step(x, self.__dict__.get("_fastarch_backend")).run(attn, ln_1, ln_2, convs, act, cache)
+
+
+FUSED = {cls.__bases__[-1]: cls for cls in (FastarchLlamaDecoderLayer, FastarchMistralDecoderLayer,
+                                            FastarchQwen2DecoderLayer, FastarchQwen3DecoderLayer, FastarchGPT2Block)}
 """transformers' decoder layer class -> the one fastarch.optimize makes of it (restore: back)."""
 
 
@@ -193,3 +236,54 @@ class _Step:
         y, h = norm.forward(linear(lo, out.reshape(batch, heads * D), o_proj), h, weights[1], None, norms[1].eps, True)[:2]
         s = gated.forward(linear(lg, y, gate_proj), linear(lu, y, up_proj), "silu")
         return torch.add(h, linear(ld, s, down_proj)).view(batch, 1, hidden)
+
+
+class _GPT2Step(_Step):
+    """GPT2Block's decode step: its kernels, all chosen before any runs (as _Step's)."""
+
+    def _conv_kernel(self, conv: FastarchConv1D, k: int):
+        w, b = conv._parameters["weight"], conv._parameters["bias"]  # (in_features, out_features)
+        if w.dtype != self.dtype or w.dim() != 2 or w.shape[0] != k or not w.is_contiguous() or b is None:
+            return None
+        if b.dtype != self.dtype or b.shape != (w.shape[1],):
+            return None
+        contiguous = w.t().is_contiguous()  # (K-major unless out_features is 1)
+        return kernel_for("linear", (self.device, self.dtype, self.rows, k, w.shape[1], contiguous, not contiguous),
+                          self.backend)
+
+    def _ln_params(self, ln: LayerNorm, hidden: int) -> tuple[Tensor | None, Tensor | None] | None:
+        w, b = ln._parameters["weight"], ln._parameters["bias"]
+        if ln.normalized_shape != (hidden,) or type(ln.eps) is not float:
+            return None
+        if any(t is not None and (t.dtype != self.dtype or t.shape != (hidden,)) for t in (w, b)):
+            return None
+        return tuple(None if t is None else t.contiguous() for t in (w, b))
+
+    def run(self, attn: GPT2Attention, ln_1: LayerNorm, ln_2: LayerNorm, convs: tuple[FastarchConv1D, ...], act: str,
+            cache) -> Tensor | None:
+        batch, _, hidden = self.x.shape
+        heads, D = attn.num_heads, attn.head_dim
+        inner = convs[2]._parameters["weight"].shape[-1]
+        shapes = tuple(tuple(c._parameters["weight"].shape) for c in convs)
+        if heads * D != hidden or shapes != ((hidden, 3 * hidden), (hidden, hidden), (hidden, inner), (inner, hidden)):
+            return None
+        kernels = [self._conv_kernel(c, k) for c, k in zip(convs, (hidden, hidden, hidden, inner))]
+        p1, p2 = self._ln_params(ln_1, hidden), self._ln_params(ln_2, hidden)
+        norm = kernel_for("layer_norm", (self.device, self.dtype, 1, 1), self.backend)
+        gelu = kernel_for("bias_gelu", (self.device, self.dtype, batch, inner), self.backend)
+        if None in kernels or p1 is None or p2 is None or norm is None or gelu is None:
+            return None
+        l_attn, l_proj, l_fc, l_out = kernels
+
+        def conv(kernel, y: Tensor, c: FastarchConv1D, bias: bool = True) -> Tensor:
+            return kernel.forward(y, c._parameters["weight"].t(), c._parameters["bias"].contiguous() if bias else None)
+
+        h = self.x.view(batch, hidden)
+        y = norm.forward(h, None, p1[0], p1[1], ln_1.eps, False)[0]
+        qkv = conv(l_attn, y, convs[0])
+        q, k, v = (qkv[:, i * hidden:(i + 1) * hidden].view(batch, heads, 1, D) for i in range(3))
+        keys, values = cache.update(k, v, attn.layer_idx)
+        out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
+        y, h = norm.forward(conv(l_proj, out.reshape(batch, hidden), convs[1]), h, p2[0], p2[1], ln_2.eps, False)[:2]
+        g = gelu.forward(conv(l_fc, y, convs[2], bias=False), convs[2]._parameters["bias"].contiguous(), act)
+        return torch.add(h, conv(l_out, g, convs[3])).view(batch, 1, hidden)

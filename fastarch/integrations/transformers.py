@@ -22,10 +22,12 @@ from torch import Tensor
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.pytorch_utils import Conv1D
 
 from fastarch import ops
 from fastarch.ops.attn.args import AttentionArgs
 from fastarch.ops.dispatch import direct_call_allowed
+from fastarch.optimize import linear_or_none
 from fastarch.override import _KERNEL_DTYPES, _sdpa_backend, kernel_for
 
 NAME = "fastarch"
@@ -135,6 +137,20 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 # ----------------------------------------------------------------------------- fastarch.optimize
 
 
+class FastarchConv1D(Conv1D):
+    """transformers' Conv1D (GPT-2's and its kin's projections: y = x W + b with W stored
+    (in_features, out_features)) on fastarch's linear op: W.t() is the op's K-major weight,
+    which its CPU kernel streams as it is, no transposed copy. optimize changes each plain
+    Conv1D's class to this one (the same object and parameters); what the op would not run
+    (linear_or_none) runs Conv1D's own addmm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self._parameters["weight"]
+        y = linear_or_none(x, w.t(), self._parameters["bias"], self.__dict__.get("_fastarch_backend"))
+        return super().forward(x) if y is None else y
+
+
+
 def _pretrained_models(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The outermost transformers models in ``model`` (itself, or e.g. the BertModel inside a
     SentenceTransformer): set_attn_implementation on one covers the models inside it."""
@@ -173,6 +189,7 @@ def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
         report.add(path, kind, True, f"attention implementation {previous!r} -> 'fastarch'")
     _swap_encoders(model, report, backend)
     _swap_decoder_layers(model, report)
+    _swap_conv1d(model, report, backend)
 
 
 def _swap_encoders(model: torch.nn.Module, report, backend: str | None) -> None:
@@ -195,15 +212,35 @@ def _swap_encoders(model: torch.nn.Module, report, backend: str | None) -> None:
 
 
 def _swap_decoder_layers(model: torch.nn.Module, report) -> None:
-    """Each plain LLaMA, Mistral, Qwen2 or Qwen3 decoder layer made its Fastarch* class
+    """Each plain LLaMA, Mistral, Qwen2, Qwen3 or GPT-2 decoder layer made its Fastarch* class
     (decoder_layer.py) by changing its class: the same object, parameters and hooks."""
     from fastarch.integrations.decoder_layer import FUSED
 
     for path, m in model.named_modules():
         if (fused := FUSED.get(type(m))) is not None:
             m.__class__ = fused
-            report.add(path, fused.__bases__[1].__name__, True,
+            report.add(path, fused.__bases__[-1].__name__, True,
                        f"-> {fused.__name__} (a decode step as one function of fastarch's kernels)")
+
+
+def _swap_conv1d(model: torch.nn.Module, report, backend: str | None) -> None:
+    """Each plain Conv1D that a fastarch linear kernel runs made a FastarchConv1D by changing
+    its class (its hooks still run: it is still called)."""
+    from fastarch.override import backend_for
+
+    for path, m in model.named_modules():
+        if type(m) is Conv1D:
+            w = m.weight.t()
+            fields = [(w.device.type, w.dtype, rows, w.shape[1], w.shape[0], w.is_contiguous(), not w.is_contiguous())
+                      for rows in (1, 4)]  # LinearProblem's, at a decode step's rows
+            if w.device.type != "meta" and not any(backend_for("linear", f, backend) for f in fields):
+                report.add(path, "Conv1D", False, f"{str(w.dtype).removeprefix('torch.')} on {w.device.type}: no"
+                           " fastarch linear kernel runs it")
+                continue
+            m.__class__ = FastarchConv1D
+            if backend is not None:
+                m.__dict__["_fastarch_backend"] = backend
+            report.add(path, "Conv1D", True, "-> FastarchConv1D (fastarch.ops.linear on its weight as it is: K-major)")
 
 
 def restore_model(model: torch.nn.Module) -> None:
@@ -211,7 +248,7 @@ def restore_model(model: torch.nn.Module) -> None:
     decoder layers."""
     from fastarch.integrations.decoder_layer import FUSED
 
-    plain = {fused: cls for cls, fused in FUSED.items()}
+    plain = {fused: cls for cls, fused in FUSED.items()} | {FastarchConv1D: Conv1D}
     for m in model.modules():
         if (cls := plain.get(type(m))) is not None:
             m.__class__ = cls

@@ -11,7 +11,16 @@ import copy
 import pytest
 import torch
 from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import fastarch
@@ -49,9 +58,11 @@ def _fused_class(model) -> type:
 class _Steps:
     """Counts the decode steps the fused path ran (and those it handed back to the layer)."""
 
+    step = decoder_layer._Step
+
     def __init__(self, mp):
         self.fused = self.declined = 0
-        real = decoder_layer._Step.run
+        real = self.step.run
 
         def run(step, *args):
             out = real(step, *args)
@@ -61,7 +72,7 @@ class _Steps:
                 self.fused += 1
             return out
 
-        mp.setattr(decoder_layer._Step, "run", run)
+        mp.setattr(self.step, "run", run)
 
 
 def _prefill_and_step(model, ids, next_ids, dtype=None):
@@ -302,3 +313,77 @@ def test_decode_step_on_cuda(family, dtype, monkeypatch):
             assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
     assert steps.fused >= LAYERS
     assert_close(ours[:, -1], theirs[:, -1], ref[:, -1])
+
+
+# ----------------------------------------------------------------------------- GPT-2
+
+
+def _gpt2(**config):
+    """A small random GPT-2 whose layer norms and biases are not their initial 1s and 0s."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, resid_pdrop=0.0,
+               embd_pdrop=0.0, attn_pdrop=0.0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(**(cfg | config)), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.5 * torch.randn_like(p))
+    return model
+
+
+class _GPT2Steps(_Steps):
+    """_Steps of GPT2Block's step."""
+
+    step = decoder_layer._GPT2Step
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpt2_decode_step_matches_transformers(activation, dtype, batch, monkeypatch):
+    model = _gpt2(activation_function=activation)
+    exact = copy.deepcopy(model).double()
+    model.to(dtype)
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    assert [type(b) for b in fast.transformer.h] == [FUSED[GPT2Block]] * LAYERS
+    assert sum("FastarchGPT2Block" in e.detail for e in report.swapped) == LAYERS
+    ids, next_ids = torch.randint(1, VOCAB, (batch, 9)), torch.randint(1, VOCAB, (batch, 1))
+    steps = _GPT2Steps(monkeypatch)
+    with torch.inference_mode():
+        ours, our_cache = _prefill_and_step(fast, ids, next_ids)
+        theirs, their_cache = _prefill_and_step(model, ids, next_ids)
+        ref, exact_cache = _prefill_and_step(exact, ids, next_ids)
+    assert (steps.fused, steps.declined) == (LAYERS, 0)
+    assert_close(ours[:, -1], theirs[:, -1], ref[:, -1])
+    for mine, its, exact_layer in zip(our_cache.layers, their_cache.layers, exact_cache.layers):
+        assert mine.keys.shape == its.keys.shape == (batch, 4, 10, 8)
+        assert_close(mine.keys, its.keys, exact_layer.keys)
+        assert_close(mine.values, its.values, exact_layer.values)
+
+
+def test_gpt2_generation_padding_grad_nan_and_restore(monkeypatch):
+    model = _gpt2()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (2, 7))
+    steps = _GPT2Steps(monkeypatch)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        assert torch.equal(fast.generate(ids, attention_mask=torch.ones_like(ids), **kw),
+                           model.generate(ids, attention_mask=torch.ones_like(ids), **kw))
+        assert steps.fused == LAYERS * 9
+        padded = torch.ones_like(ids)
+        padded[0, :2] = 0  # left padding: a mask every step, the block's own code
+        assert torch.equal(fast.generate(ids, attention_mask=padded, **kw), model.generate(ids, attention_mask=padded, **kw))
+        assert steps.fused == LAYERS * 9
+    _prefill_and_step(fast, ids, ids[:, :1])  # with gradients on: the block's own code
+    assert steps.fused == LAYERS * 9
+    with torch.no_grad():
+        fast.transformer.wte.weight[7] = float("nan")
+    with torch.inference_mode():
+        logits, _ = _prefill_and_step(fast, torch.randint(8, VOCAB, (2, 5)), torch.tensor([[7], [9]]))
+    assert steps.fused == LAYERS * 10
+    # (GPT-2's head is the embedding: every row's logit of token 7 is NaN too)
+    assert logits[0, -1].isnan().all() and logits[1, -1].isnan().nonzero().flatten().tolist() == [7]
+    fastarch.restore(fast)
+    assert [type(b) for b in fast.transformer.h] == [GPT2Block] * LAYERS

@@ -224,6 +224,66 @@ def test_model_inside_another_module():
     assert bert.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpt2_conv1d_on_the_k_major_kernel(dtype, monkeypatch):
+    """GPT-2's Conv1D projections become FastarchConv1D: at a decode step (2 rows) the linear
+    kernel reads their (in, out) weights as they are; the prefill's 18 rows run Conv1D's addmm.
+    Logits against the fp64 model, greedy tokens against transformers', restore."""
+    from transformers import DynamicCache
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    from transformers.pytorch_utils import Conv1D
+
+    model = _model("gpt2", causal_lm=True)
+    exact = copy.deepcopy(model).double()
+    model.to(dtype)
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    for block in fast.transformer.h:  # (the Conv1D modules alone: test_decoder_layer.py has the fused block)
+        block.__class__ = GPT2Block
+    convs = [m for m in fast.modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 4 * 2 and all(type(m) is integration.FastarchConv1D for m in convs)
+    assert sum("FastarchConv1D" in e.detail for e in report.swapped) == len(convs)
+    ran = []
+    real = integration.linear_or_none
+
+    def spy(x, w, b, backend):
+        y = real(x, w, b, backend)
+        ran.append((x.numel() // x.shape[-1], y is not None))
+        return y
+
+    monkeypatch.setattr(integration, "linear_or_none", spy)
+    ids, next_ids = torch.randint(1, VOCAB, (2, 9)), torch.randint(1, VOCAB, (2, 1))
+    logits = []
+    with torch.inference_mode():
+        for m in (fast, model, exact):
+            cache = DynamicCache(config=m.config)
+            m(input_ids=ids, cache=cache, use_cache=True)
+            logits.append(m(input_ids=next_ids, cache=cache, use_cache=True).logits[:, -1])
+    # (2 rows of fp16 at level avx2 are PyTorch's: the kernel takes them from 3 there)
+    kernel = fastarch.override.kernel_for("linear", ("cpu", dtype, 2, 32, 96, False, True), None) is not None
+    assert ran == [(18, False)] * len(convs) + [(2, kernel)] * len(convs)
+    assert kernel or dtype == torch.float16
+    assert_close(*logits)
+    if dtype == torch.float32:  # (16-bit near-ties of a random model may part)
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        with torch.inference_mode():
+            assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    fastarch.restore(fast)
+    assert all(type(m) is Conv1D for m in convs)
+
+
+def test_gpt2_conv1d_without_a_kernel_is_left_alone():
+    """fp64: no fastarch linear kernel runs it, so the report says so and Conv1D stays."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = _model("gpt2").double()
+    report = fastarch.optimize(model)
+    convs = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 8 and all(type(m) is Conv1D for m in convs)
+    left = [e for e in report.left_alone if e.kind == "Conv1D"]
+    assert len(left) == 8 and all("no fastarch linear kernel runs it" in e.detail for e in left)
+
+
 def test_restore_sets_the_attention_back():
     model = _model("gpt2")
     ln = model.h[0].ln_1

@@ -24,7 +24,7 @@ struct LinearParams {
   // x as fp32 (fp64 for fp64) rows: rows x in_features, row stride ldx. The glue widens fp16 and
   // bf16 inputs once (a few rows; W is what costs).
   const void* x;
-  const void* w;     // out_features x in_features, contiguous, in the input dtype
+  const void* w;     // out_features x in_features, contiguous, in the input dtype (w_k_major: below)
   const void* bias;  // out_features or nullptr, in the input dtype
   void* out;         // rows x out_features, contiguous, in the input dtype
   int64_t rows, in_features, out_features, ldx;
@@ -32,6 +32,9 @@ struct LinearParams {
   // build's vdpbf16ps tiles where the CPU has AVX512-BF16; nullptr elsewhere.
   const void* x16 = nullptr;
   int64_t ldx16 = 0;
+  // W stored K-major: in_features rows of out_features values (W^T contiguous; transformers'
+  // Conv1D), read by linear_cols_k_major_generic.
+  bool w_k_major = false;
 };
 
 // x's rows (fp16 or bf16: rows x K, row stride ldx, contiguous columns) widened to fp32 rows
@@ -43,5 +46,9 @@ void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end);
 // fp32, fp16 and bf16 only.
 template <Dtype D>
 void linear_cols_avx512(const LinearParams& p, int64_t begin, int64_t end);
+// Output columns [begin, end) of every row from a K-major W (p.w_k_major; rows <= kKMajorRows).
+template <Isa I, Dtype D>
+void linear_cols_k_major_generic(const LinearParams& p, int64_t begin, int64_t end);
+constexpr int64_t kKMajorRows = 4;
 
 }  // namespace fastarch::cpu

@@ -32,6 +32,9 @@ int64_t linear_grain(const LinearParams& p, int64_t elem_bytes) {
 
 void run_cols(Dtype d, const LinearParams& p, int64_t begin, int64_t end) {
   with_dtype(d, [&]<Dtype D>() {
+    if (p.w_k_major) {  // (memory-bound at these rows: the portable AVX2 build streams it on AVX-512 CPUs too)
+      return with_portable_build([&]<Isa I>() { linear_cols_k_major_generic<I, D>(p, begin, end); });
+    }
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
     if constexpr (D != Dtype::f64) {
       if (isa_avx512()) return linear_cols_avx512<D>(p, begin, end);
@@ -44,8 +47,11 @@ void run_cols(Dtype d, const LinearParams& p, int64_t begin, int64_t end) {
 Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
   const Dtype d = dtype_of(x, kWho, "x");
-  linear_glue::check(kWho, x, weight, bias);
+  linear_glue::check(kWho, x, weight, bias, /*k_major_ok=*/true);
   const int64_t rows = x.size(0), N = weight.size(0);
+  const bool k_major = !weight.is_contiguous();  // (the check let only a K-major one through)
+  TORCH_CHECK(!k_major || rows <= kKMajorRows, kWho, ": a K-major weight takes at most ", kKMajorRows,
+              " rows of x, got ", rows);
   Tensor out = at::empty({rows, N}, x.options());
   if (rows == 0 || N == 0) return out;
   if (x.size(1) == 0) return bias ? out.copy_(bias->expand({rows, N})) : out.zero_();
@@ -63,6 +69,7 @@ Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Ten
   }
   LinearParams p{xc.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
                  rows, x.size(1), N, xc.stride(0)};
+  p.w_k_major = k_major;
   if (d == Dtype::bf16 && isa_bf16()) {
     p.x16 = x.data_ptr();
     p.ldx16 = x.stride(0);

@@ -99,7 +99,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: st
     on the CPU, fp32 on oneDNN's matmul where that measured faster, and on CPUs without AVX-512
     16-bit products widened to fp32, PyTorch's 16-bit GEMM having no vector path there).
 
-    x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None;
+    x: (..., in_features); weight: (out_features, in_features), contiguous or K-major (the
+    transpose of a contiguous (in_features, out_features) matrix, as ``conv1d.weight.t()`` of
+    transformers' Conv1D: the CPU kernel reads it as it is for 1-4 rows); bias: (out_features,) or None;
     one dtype: float32/float16/bfloat16 (float64 on the reference backend). Sums in fp32
     (fp64 for fp64), rounded once. Returns (..., out_features). Gradients flow to all three.
     backend: force "cuda", "cpu", "triton" or "reference".

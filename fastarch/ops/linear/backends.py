@@ -104,23 +104,40 @@ class LinearProblem:
     in_features: int
     out_features: int
     weight_contiguous: bool
+    weight_k_major: bool = False  # the transpose of a contiguous (in_features, out_features) matrix
 
     @classmethod
     def of(cls, x: Tensor, weight: Tensor) -> LinearProblem:
-        return cls(x.device.type, x.dtype, x.shape[0], x.shape[1], weight.shape[0], weight.is_contiguous())
+        contiguous = weight.is_contiguous()
+        return cls(x.device.type, x.dtype, x.shape[0], x.shape[1], weight.shape[0], contiguous,
+                   not contiguous and k_major(weight))
 
     def __str__(self) -> str:
-        return (f"{self.rows} rows of {self.in_features} features to {self.out_features}, {self.dtype} on "
-                f"{self.device}{'' if self.weight_contiguous else ', weight not contiguous'}")
+        layout = "" if self.weight_contiguous else ", weight K-major" if self.weight_k_major else ", weight not contiguous"
+        return f"{self.rows} rows of {self.in_features} features to {self.out_features}, {self.dtype} on {self.device}{layout}"
 
 
-def _rows_reason(p: LinearProblem, first: int, last: int, who: str) -> str | None:
+def k_major(weight: Tensor) -> bool:
+    """Whether weight (out_features, in_features) is the transpose of a contiguous (in_features,
+    out_features) matrix, as transformers' Conv1D (GPT-2) keeps its weight: ``conv1d.weight.t()``."""
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+
+
+K_MAJOR_ROWS = 4
+"""The most rows of x the CPU kernel takes against a K-major weight (csrc/cpu/linear: each W row
+read once against up to 4 rows of x; past a decode batch PyTorch's GEMM, which takes either
+layout, is the faster)."""
+
+
+def _rows_reason(p: LinearProblem, first: int, last: int, who: str, k_major_ok: bool = False) -> str | None:
     if not p.weight_contiguous:
-        return "weight is not contiguous (the kernel streams its rows)"
+        if not (k_major_ok and p.weight_k_major):
+            return "weight is not contiguous (the kernel streams its rows)"
+        last = min(last, K_MAJOR_ROWS)
     if first <= p.rows <= last:
         return None
-    return (f"{p.rows} rows of {p.dtype}: {who} takes {first}-{last}, where it beats PyTorch's GEMV/GEMM"
-            " (the reference backend runs the rest)")
+    return (f"{p.rows} rows of {p.dtype}: {who} takes {first}-{last}{' of a K-major weight' if p.weight_k_major else ''},"
+            " where it beats PyTorch's GEMV/GEMM (the reference backend runs the rest)")
 
 
 def _cpu_supports(p: LinearProblem) -> str | None:
@@ -137,7 +154,7 @@ def _cpu_supports(p: LinearProblem) -> str | None:
     product = cpu_product(p.rows, p.dtype) if p.in_features > 0 and p.weight_contiguous else "kernel"
     if product == "widened" or product == "onednn" and onednn_gemm():
         return None  # oneDNN's matmul, or the fp32 GEMM widened
-    return _rows_reason(p, first, last, f"the {build} CPU kernel")
+    return _rows_reason(p, first, last, f"the {build} CPU kernel", k_major_ok=True)
 
 
 def cpu_product(rows: int, dtype: torch.dtype) -> str:

@@ -210,9 +210,52 @@ def test_bad_input_is_a_clear_error(args, error, match):
         ops.linear(*args)
 
 
+def k_major(w: torch.Tensor) -> torch.Tensor:
+    """w's values as transformers' Conv1D keeps them: the transpose of a contiguous (in, out)."""
+    return w.t().contiguous().t()
+
+
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_cpu_kernel_k_major_weight(cpu_isa, isa, dtype, rows):
+    """A K-major weight (GPT-2's Conv1D) read as it is: column blocks of 512/1024 and their tails,
+    4-row groups of W's rows and the rest of a 32-row chunk, a K of one group plus one row."""
+    cpu_isa(isa)
+    for k, n in [(77, 13), (576, 1029), (5, 2050)]:
+        x, w, b = make(rows, k, n, dtype)
+        wk = k_major(w)
+        assert not wk.is_contiguous() and LinearProblem.of(x, wk).weight_k_major
+        check(torch.ops.fastarch._linear(x, wk, b), x, w, b)
+        check(torch.ops.fastarch._linear(x, wk, None), x, w, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_k_major_weight_through_the_op(dtype):
+    """ops.linear on a K-major weight: the cpu kernel at a decode step's rows where the build
+    takes the dtype, PyTorch's GEMM past them; NaN stays in its row and column."""
+    for rows in (1, 3, 4, 5, 12):
+        x, w, b = make(rows, 96, 40, dtype)
+        x[0, 5] = float("nan")
+        w[4, 7] = float("nan")
+        wk = k_major(w)
+        chosen = registry.choose("linear", LinearProblem.of(x, wk)).name
+        first, last = CPU_ROWS[linear_backends._cpu_build()].get(dtype, (1, 0))
+        assert (chosen == "cpu") == (availability.cpu() is None and first <= rows <= min(last, 4)), (rows, chosen)
+        y = ops.linear(x, wk, b)
+        expect = torch.zeros_like(y, dtype=torch.bool)
+        expect[0, :] = True
+        expect[:, 4] = True
+        assert torch.equal(y.isnan(), expect)
+        x[0, 5], w[4, 7] = 0.5, 0.5
+        check(ops.linear(x, k_major(w), b), x, w, b)
+
+
 def test_kernel_op_checks_its_arguments():
-    with pytest.raises(RuntimeError, match="weight must be contiguous"):
-        torch.ops.fastarch._linear(torch.randn(2, 8), torch.randn(8, 3).t(), None)
+    with pytest.raises(RuntimeError, match="weight must be contiguous or the transpose of a contiguous"):
+        torch.ops.fastarch._linear(torch.randn(2, 8), torch.randn(3, 16)[:, ::2], None)
+    with pytest.raises(RuntimeError, match="K-major weight takes at most 4 rows"):
+        torch.ops.fastarch._linear(torch.randn(5, 8), torch.randn(8, 3).t(), None)
     with pytest.raises(RuntimeError, match="x must be 2-D"):
         torch.ops.fastarch._linear(torch.randn(2, 2, 8), torch.randn(3, 8), None)
 
@@ -250,7 +293,9 @@ def test_choice_follows_rows_dtype_and_build(cpu_isa, cpu_gemm):
             assert (chosen(rows, dtype) == "cpu") == (first <= rows <= last or widened and rows > last), (dtype, rows)
     # elsewhere: PyTorch's (never Triton's interpreter, which runs CPU tensors only when asked for)
     assert chosen(1, torch.float64) == "reference"
-    assert chosen(1, torch.float32, torch.randn(64, 32).t()) == "reference"  # a transposed weight
+    assert chosen(1, torch.float32, torch.randn(64, 32).t()) == "cpu"  # K-major (Conv1D's): the kernel reads it
+    assert chosen(5, torch.float32, torch.randn(64, 32).t()) == "reference"  # past its 4 rows there
+    assert chosen(1, torch.float32, torch.randn(32, 128)[:, ::2]) == "reference"  # strided: no kernel
     cpu_isa("generic")
     assert chosen(1, torch.float32) == "cpu" and chosen(1, torch.bfloat16) != "cpu"
 
