@@ -94,17 +94,22 @@ def test_decode_step_matches_transformers(family, dtype, batch, monkeypatch):
     fast = report.model
     assert [type(layer) for layer in fast.model.layers] == [fused] * LAYERS
     assert sum(fused.__name__ in e.detail for e in report.swapped) == LAYERS
+    _step_matches(fast, model, exact, _Steps(monkeypatch), batch, kv_heads=2)
+
+
+def _step_matches(fast, model, exact, steps: _Steps, batch: int, kv_heads: int) -> None:
+    """One decode step after a 9-token prefill: the fused step ran in every layer (the prefill
+    is transformers' layer), its logits and the keys and values it put into transformers'
+    cache (as its own layer puts them) judged against the fp64 model's."""
     ids, next_ids = torch.randint(1, VOCAB, (batch, 9)), torch.randint(1, VOCAB, (batch, 1))
-    steps = _Steps(monkeypatch)
     with torch.inference_mode():
         ours, our_cache = _prefill_and_step(fast, ids, next_ids)
         theirs, their_cache = _prefill_and_step(model, ids, next_ids)
         ref, exact_cache = _prefill_and_step(exact, ids, next_ids)
-    assert (steps.fused, steps.declined) == (LAYERS, 0)  # the prefill is transformers' layer
+    assert (steps.fused, steps.declined) == (LAYERS, 0)
     assert_close(ours[:, -1], theirs[:, -1], ref[:, -1])
-    # the step's keys and values went into transformers' cache, as its own layer puts them
     for mine, its, exact_layer in zip(our_cache.layers, their_cache.layers, exact_cache.layers):
-        assert mine.keys.shape == its.keys.shape == (batch, 2, 10, 8)
+        assert mine.keys.shape == its.keys.shape == (batch, kv_heads, 10, 8)
         assert_close(mine.keys, its.keys, exact_layer.keys)
         assert_close(mine.values, its.values, exact_layer.values)
 
@@ -348,18 +353,7 @@ def test_gpt2_decode_step_matches_transformers(activation, dtype, batch, monkeyp
     fast = report.model
     assert [type(b) for b in fast.transformer.h] == [FUSED[GPT2Block]] * LAYERS
     assert sum("FastarchGPT2Block" in e.detail for e in report.swapped) == LAYERS
-    ids, next_ids = torch.randint(1, VOCAB, (batch, 9)), torch.randint(1, VOCAB, (batch, 1))
-    steps = _GPT2Steps(monkeypatch)
-    with torch.inference_mode():
-        ours, our_cache = _prefill_and_step(fast, ids, next_ids)
-        theirs, their_cache = _prefill_and_step(model, ids, next_ids)
-        ref, exact_cache = _prefill_and_step(exact, ids, next_ids)
-    assert (steps.fused, steps.declined) == (LAYERS, 0)
-    assert_close(ours[:, -1], theirs[:, -1], ref[:, -1])
-    for mine, its, exact_layer in zip(our_cache.layers, their_cache.layers, exact_cache.layers):
-        assert mine.keys.shape == its.keys.shape == (batch, 4, 10, 8)
-        assert_close(mine.keys, its.keys, exact_layer.keys)
-        assert_close(mine.values, its.values, exact_layer.values)
+    _step_matches(fast, model, exact, _GPT2Steps(monkeypatch), batch, kv_heads=4)
 
 
 def test_gpt2_generation_padding_grad_nan_and_restore(monkeypatch):

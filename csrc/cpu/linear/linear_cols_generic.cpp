@@ -244,41 +244,32 @@ void linear_widen_generic(const void* x, int64_t rows, int64_t K, int64_t ldx, f
 template void linear_widen_generic<kPortableBuild, Dtype::f16>(const void*, int64_t, int64_t, int64_t, float*);
 template void linear_widen_generic<kPortableBuild, Dtype::bf16>(const void*, int64_t, int64_t, int64_t, float*);
 
+// The weights' and outputs' type (Elem) and the sums' and x's (Acc) of dtype D.
+template <Dtype D>
+struct Types {
+  using Elem = std::conditional_t<D == Dtype::f32, float, std::conditional_t<D == Dtype::f64, double,
+               std::conditional_t<D == Dtype::f16, c10::Half, c10::BFloat16>>>;
+  using Acc = std::conditional_t<D == Dtype::f64, double, float>;
+};
+
 template <Isa I, Dtype D>
 void linear_cols_generic(const LinearParams& p, int64_t begin, int64_t end) {
-  if constexpr (D == Dtype::f32) {
-    cols<float, float>(p, begin, end);
-  } else if constexpr (D == Dtype::f64) {
-    cols<double, double>(p, begin, end);
-  } else if constexpr (D == Dtype::f16) {
-    cols<c10::Half, float>(p, begin, end);
-  } else {
-    cols<c10::BFloat16, float>(p, begin, end);
-  }
+  cols<typename Types<D>::Elem, typename Types<D>::Acc>(p, begin, end);
 }
-
-template void linear_cols_generic<kPortableBuild, Dtype::f32>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<kPortableBuild, Dtype::f64>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<kPortableBuild, Dtype::f16>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_generic<kPortableBuild, Dtype::bf16>(const LinearParams&, int64_t, int64_t);
 
 template <Isa I, Dtype D>
 void linear_cols_k_major_generic(const LinearParams& p, int64_t begin, int64_t end) {
-  if constexpr (D == Dtype::f32) {
-    cols_k_major<float, float>(p, begin, end);
-  } else if constexpr (D == Dtype::f64) {
-    cols_k_major<double, double>(p, begin, end);
-  } else if constexpr (D == Dtype::f16) {
-    cols_k_major<c10::Half, float>(p, begin, end);
-  } else {
-    cols_k_major<c10::BFloat16, float>(p, begin, end);
-  }
+  cols_k_major<typename Types<D>::Elem, typename Types<D>::Acc>(p, begin, end);
 }
 
-template void linear_cols_k_major_generic<kPortableBuild, Dtype::f32>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_k_major_generic<kPortableBuild, Dtype::f64>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_k_major_generic<kPortableBuild, Dtype::f16>(const LinearParams&, int64_t, int64_t);
-template void linear_cols_k_major_generic<kPortableBuild, Dtype::bf16>(const LinearParams&, int64_t, int64_t);
+#define FASTARCH_LINEAR_COLS(D)                                                                    \
+  template void linear_cols_generic<kPortableBuild, D>(const LinearParams&, int64_t, int64_t); \
+  template void linear_cols_k_major_generic<kPortableBuild, D>(const LinearParams&, int64_t, int64_t);
+FASTARCH_LINEAR_COLS(Dtype::f32)
+FASTARCH_LINEAR_COLS(Dtype::f64)
+FASTARCH_LINEAR_COLS(Dtype::f16)
+FASTARCH_LINEAR_COLS(Dtype::bf16)
+#undef FASTARCH_LINEAR_COLS
 
 }  // namespace fastarch::cpu
 
