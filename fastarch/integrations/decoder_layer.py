@@ -18,7 +18,10 @@ fused into the second norm, and transformers' own cache update between them, so 
 transformers' object, updated as transformers updates it. GPT-2's GPT2Block likewise
 (FastarchGPT2Block): layer norm, the fused q/k/v product of its Conv1D (K-major weights, read
 as they are), the cache update, the attention, c_proj with the residual add fused into the
-second layer norm, c_fc with its bias added inside the GELU kernel, c_proj and the residual.
+second layer norm, c_fc with its bias added inside the GELU kernel, c_proj and the residual;
+and GPT-NeoX's layer (FastarchGPTNeoXLayer, Pythia): each head's q, k and v from one product,
+the rotary kernel on the first rotary_ndims channels, the MLP as GPT-2's, and the parallel
+residual (both norms of the layer's input, three-way sum) or the sequential one.
 
 Every other call runs the layer's own forward as it is (the swapped layers inside it still
 run fastarch's kernels): prefill (more than one token: compute-bound, the Python is noise
@@ -37,6 +40,7 @@ import torch
 from torch import Tensor
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2MLP
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXLayer, GPTNeoXMLP
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer, MistralMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2MLP
@@ -172,8 +176,49 @@ class FastarchGPT2Block(GPT2Block):
         return _GPT2Step(x, self.__dict__.get("_fastarch_backend")).run(attn, ln_1, ln_2, convs, act, cache)
 
 
+class FastarchGPTNeoXLayer(GPTNeoXLayer):
+    """GPTNeoXLayer (Pythia, GPT-NeoX) whose decode step runs as one function on fastarch's
+    kernels (see the module docstring); every other call is GPTNeoXLayer.forward."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if not args and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            out = self._decode_step(hidden_states, **kwargs)
+            if out is not None:
+                return out
+        return super().forward(hidden_states, *args, **kwargs)
+
+    def _decode_step(self, x: Tensor, attention_mask=None, position_ids=None, use_cache=False, layer_past=None,
+                     position_embeddings=None, **kwargs) -> Tensor | None:
+        """The step, or None where GPTNeoXLayer.forward must run it."""
+        if attention_mask is not None or layer_past is None or position_embeddings is None or kwargs:
+            return None
+        if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+            return None
+        m = self._modules
+        attn, mlp, ln_1, ln_2 = m["attention"], m["mlp"], m["input_layernorm"], m["post_attention_layernorm"]
+        if type(attn) is not GPTNeoXAttention or type(mlp) is not GPTNeoXMLP or attn.training and attn.attention_dropout:
+            return None
+        if type(ln_1) is not LayerNorm or type(ln_2) is not LayerNorm or attn.config._attn_implementation != "fastarch":
+            return None
+        a, f = attn._modules, mlp._modules
+        linears = (a["query_key_value"], a["dense"], f["dense_h_to_4h"], f["dense_4h_to_h"])
+        dropouts = (m["post_attention_dropout"], m["post_mlp_dropout"])
+        act = _GELU.get(type(f["act"]))
+        if act is None or any(type(p) is not Linear for p in linears) or any(d.training and d.p for d in dropouts):
+            return None
+        if call_hooked((attn, mlp, ln_1, ln_2, f["act"]) + linears + dropouts) or not direct_call_allowed((x,)):
+            return None
+        cos, sin = position_embeddings
+        tables = _Tables.of(cos, sin) if type(cos) is Tensor and type(sin) is Tensor else None
+        if tables is None or tables[0].shape[0] not in (1, x.shape[0]) or 2 * tables[0].shape[1] > attn.head_size:
+            return None
+        return _GPTNeoXStep(x, self.__dict__.get("_fastarch_backend")).run(
+            attn, ln_1, ln_2, linears, act, self.use_parallel_residual, tables, layer_past)
+
+
 FUSED = {cls.__bases__[-1]: cls for cls in (FastarchLlamaDecoderLayer, FastarchMistralDecoderLayer,
-                                            FastarchQwen2DecoderLayer, FastarchQwen3DecoderLayer, FastarchGPT2Block)}
+                                            FastarchQwen2DecoderLayer, FastarchQwen3DecoderLayer, FastarchGPT2Block,
+                                            FastarchGPTNeoXLayer)}
 """transformers' decoder layer class -> the one fastarch.optimize makes of it (restore: back)."""
 
 
@@ -191,10 +236,24 @@ class _Step:
             return None
         return kernel_for("linear", (self.device, self.dtype, self.rows, k, w.shape[0], w.is_contiguous()), self.backend)
 
+    def _ln_params(self, ln: LayerNorm, hidden: int) -> tuple[Tensor | None, Tensor | None] | None:
+        w, b = ln._parameters["weight"], ln._parameters["bias"]
+        if ln.normalized_shape != (hidden,) or type(ln.eps) is not float:
+            return None
+        if any(t is not None and (t.dtype != self.dtype or t.shape != (hidden,)) for t in (w, b)):
+            return None
+        return tuple(None if t is None else t.contiguous() for t in (w, b))
+
     def _norm_weight(self, layer: HFRMSNorm, hidden: int) -> Tensor | None:
         w = layer._parameters["weight"]
         ok = w is not None and w.dtype == self.dtype and w.shape == (hidden,) and type(layer.eps) is float
         return w.contiguous() if ok else None
+
+    @staticmethod
+    def _product(kernel, y: Tensor, layer: Linear, bias: bool = True) -> Tensor:
+        """layer's x W^T (+ b) on its chosen kernel."""
+        b = layer._parameters["bias"] if bias else None
+        return kernel.forward(y, layer._parameters["weight"], None if b is None else b.contiguous())
 
     def run(self, attn: torch.nn.Module, norms: tuple[HFRMSNorm, ...], linears: tuple[Linear, ...],
             tables: tuple[Tensor, Tensor, Tensor], cache) -> Tensor | None:
@@ -216,10 +275,7 @@ class _Step:
         q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = linears
         lq, lk, lv, lo, lg, lu, ld = kernels
 
-        def linear(kernel, y: Tensor, layer: Linear) -> Tensor:
-            b = layer._parameters["bias"]
-            return kernel.forward(y, layer._parameters["weight"], None if b is None else b.contiguous())
-
+        linear = self._product
         h = self.x.view(batch, hidden)
         y = norm.forward(h, None, weights[0], None, norms[0].eps, True)[0]
         q, k, v = linear(lq, y, q_proj), linear(lk, y, k_proj), linear(lv, y, v_proj)
@@ -251,14 +307,6 @@ class _GPT2Step(_Step):
         return kernel_for("linear", (self.device, self.dtype, self.rows, k, w.shape[1], contiguous, not contiguous),
                           self.backend)
 
-    def _ln_params(self, ln: LayerNorm, hidden: int) -> tuple[Tensor | None, Tensor | None] | None:
-        w, b = ln._parameters["weight"], ln._parameters["bias"]
-        if ln.normalized_shape != (hidden,) or type(ln.eps) is not float:
-            return None
-        if any(t is not None and (t.dtype != self.dtype or t.shape != (hidden,)) for t in (w, b)):
-            return None
-        return tuple(None if t is None else t.contiguous() for t in (w, b))
-
     def run(self, attn: GPT2Attention, ln_1: LayerNorm, ln_2: LayerNorm, convs: tuple[FastarchConv1D, ...], act: str,
             cache) -> Tensor | None:
         batch, _, hidden = self.x.shape
@@ -287,3 +335,45 @@ class _GPT2Step(_Step):
         y, h = norm.forward(conv(l_proj, out.reshape(batch, hidden), convs[1]), h, p2[0], p2[1], ln_2.eps, False)[:2]
         g = gelu.forward(conv(l_fc, y, convs[2], bias=False), convs[2]._parameters["bias"].contiguous(), act)
         return torch.add(h, conv(l_out, g, convs[3])).view(batch, 1, hidden)
+
+
+class _GPTNeoXStep(_Step):
+    """GPTNeoXLayer's decode step: its kernels, all chosen before any runs (as _Step's)."""
+
+    def run(self, attn: GPTNeoXAttention, ln_1: LayerNorm, ln_2: LayerNorm, linears: tuple[Linear, ...], act: str,
+            parallel: bool, tables: tuple[Tensor, Tensor, Tensor], cache) -> Tensor | None:
+        batch, _, hidden = self.x.shape
+        heads, D = attn.config.num_attention_heads, attn.head_size
+        inner = linears[2].out_features
+        shapes = tuple(tuple(p._parameters["weight"].shape) for p in linears)
+        if heads * D != hidden or shapes != ((3 * hidden, hidden), (hidden, hidden), (inner, hidden), (hidden, inner)):
+            return None
+        kernels = [self._linear_kernel(p, k) for p, k in zip(linears, (hidden, hidden, hidden, inner))]
+        p1, p2 = self._ln_params(ln_1, hidden), self._ln_params(ln_2, hidden)
+        cos, sin, offsets = tables
+        norm = kernel_for("layer_norm", (self.device, self.dtype, 1, 1), self.backend)
+        rotary = kernel_for("rotary", (self.device, self.dtype, D, 2 * cos.shape[1]), self.backend)
+        gelu = kernel_for("bias_gelu", (self.device, self.dtype, batch, inner), self.backend)
+        if None in kernels or p1 is None or p2 is None or norm is None or rotary is None or gelu is None:
+            return None
+        l_qkv, l_dense, l_fc, l_out = kernels
+        h = self.x.view(batch, hidden)
+        qkv = self._product(l_qkv, norm.forward(h, None, p1[0], p1[1], ln_1.eps, False)[0], linears[0])
+        qkv = qkv.view(batch, heads, 1, 3 * D)  # each head's q, k and v side by side
+        q, k = rotary.forward(qkv[..., :D], qkv[..., D:2 * D], cos, sin, offsets if cos.shape[0] > 1 else None, False,
+                              False)
+        keys, values = cache.update(k, qkv[..., 2 * D:], attn.layer_idx)
+        out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
+        a = self._product(l_dense, out.reshape(batch, hidden), linears[1])
+        fc_bias = linears[2]._parameters["bias"]
+
+        def mlp(y: Tensor) -> Tensor:  # the first product's bias added inside the GELU kernel
+            g = gelu.forward(self._product(l_fc, y, linears[2], bias=False),
+                             None if fc_bias is None else fc_bias.contiguous(), act)
+            return self._product(l_out, g, linears[3])
+
+        if parallel:  # mlp(ln_2(h)) + attention + h, summed in transformers' order
+            y = norm.forward(h, None, p2[0], p2[1], ln_2.eps, False)[0]
+            return torch.add(torch.add(mlp(y), a), h).view(batch, 1, hidden)
+        y, h = norm.forward(a, h, p2[0], p2[1], ln_2.eps, False)[:2]
+        return torch.add(mlp(y), h).view(batch, 1, hidden)

@@ -1,8 +1,9 @@
-"""FastarchLlamaDecoderLayer and its Mistral/Qwen2/Qwen3 siblings (fastarch/integrations/
-decoder_layer.py): fastarch.optimize turns a LLaMA-style model's decoder layers into ones whose
-decode step runs as one function of fastarch's kernels, with transformers' cache. Judged as the other drop-in paths are (dropin_tolerance.py:
-against the fp64 model, at most a small factor of torch's own error), plus where the step may
-not run: each condition falls back to transformers' layer, whose result is checked too."""
+"""FastarchLlamaDecoderLayer, its Mistral/Qwen2/Qwen3 siblings, FastarchGPT2Block and
+FastarchGPTNeoXLayer (fastarch/integrations/decoder_layer.py): fastarch.optimize turns a
+model's decoder layers into ones whose decode step runs as one function of fastarch's kernels,
+with transformers' cache. Judged as the other drop-in paths are (dropin_tolerance.py: against
+the fp64 model, at most a small factor of torch's own error), plus where the step may not run:
+each condition falls back to transformers' layer, whose result is checked too."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
     Qwen3Config,
 )
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import fastarch
@@ -381,3 +384,63 @@ def test_gpt2_generation_padding_grad_nan_and_restore(monkeypatch):
     assert logits[0, -1].isnan().all() and logits[1, -1].isnan().nonzero().flatten().tolist() == [7]
     fastarch.restore(fast)
     assert [type(b) for b in fast.transformer.h] == [GPT2Block] * LAYERS
+
+
+# ----------------------------------------------------------------------------- GPT-NeoX
+
+
+def _neox(**config):
+    """A small random GPT-NeoX (Pythia's layer: partial rotary, parallel residual by default)
+    whose layer norms and biases are not their initial 1s and 0s."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+               num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5)
+    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(**(cfg | config)), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.5 * torch.randn_like(p))
+    return model
+
+
+class _GPTNeoXSteps(_Steps):
+    """_Steps of GPTNeoXLayer's step."""
+
+    step = decoder_layer._GPTNeoXStep
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpt_neox_decode_step_matches_transformers(parallel, dtype, batch, monkeypatch):
+    model = _neox(use_parallel_residual=parallel)
+    exact = copy.deepcopy(model).double()
+    model.to(dtype)
+    report = fastarch.optimize(model, inplace=False)
+    fast = report.model
+    assert [type(layer) for layer in fast.gpt_neox.layers] == [FUSED[GPTNeoXLayer]] * LAYERS
+    assert sum("FastarchGPTNeoXLayer" in e.detail for e in report.swapped) == LAYERS
+    _step_matches(fast, model, exact, _GPTNeoXSteps(monkeypatch), batch, kv_heads=4)
+
+
+def test_gpt_neox_generation_positions_and_restore(monkeypatch):
+    model = _neox()
+    exact = copy.deepcopy(model).double()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (2, 7))
+    steps = _GPTNeoXSteps(monkeypatch)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert steps.fused == LAYERS * 9
+    positions = torch.tensor([[9], [30]])  # per sequence: each row rotates by its own angle
+    logits = []
+    with torch.inference_mode():
+        for m in (fast, model, exact):
+            cache = DynamicCache(config=m.config)
+            m(input_ids=ids, cache=cache, use_cache=True)
+            logits.append(m(input_ids=ids[:, :1], cache=cache, use_cache=True, position_ids=positions).logits[:, -1])
+    assert steps.fused == LAYERS * 10
+    assert_close(*logits)
+    fastarch.restore(fast)
+    assert [type(layer) for layer in fast.gpt_neox.layers] == [GPTNeoXLayer] * LAYERS
