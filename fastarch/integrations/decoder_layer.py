@@ -80,14 +80,10 @@ class _Tables:
         return tables
 
 
-class _FusedDecodeStep:
-    """A decoder layer whose decode step runs as one function on fastarch's kernels (see the
-    module docstring); every other call is the layer's own forward. Mixed in before the layer
-    class, which _attention and _mlp belong with; _qk_norm: Qwen3's per-head norms."""
-
-    _attention: type
-    _mlp: type
-    _qk_norm = False
+class _StepFirst:
+    """Mixed in before a decoder layer class: a call with keyword arguments only, no
+    gradients, not compiling, tries self._decode_step (None: not a step it runs), else the
+    layer's own forward."""
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         if not args and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -95,6 +91,16 @@ class _FusedDecodeStep:
             if out is not None:
                 return out
         return super().forward(hidden_states, *args, **kwargs)
+
+
+class _FusedDecodeStep(_StepFirst):
+    """A LLaMA-style decoder layer whose decode step runs as one function on fastarch's kernels
+    (see the module docstring); every other call is the layer's own forward. Mixed in before
+    the layer class, which _attention and _mlp belong with; _qk_norm: Qwen3's per-head norms."""
+
+    _attention: type
+    _mlp: type
+    _qk_norm = False
 
     def _decode_step(self, x: Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                      position_embeddings=None, past_key_values=None, **kwargs) -> Tensor | None:
@@ -176,16 +182,9 @@ class FastarchGPT2Block(GPT2Block):
         return _GPT2Step(x, self.__dict__.get("_fastarch_backend")).run(attn, ln_1, ln_2, convs, act, cache)
 
 
-class FastarchGPTNeoXLayer(GPTNeoXLayer):
+class FastarchGPTNeoXLayer(_StepFirst, GPTNeoXLayer):
     """GPTNeoXLayer (Pythia, GPT-NeoX) whose decode step runs as one function on fastarch's
     kernels (see the module docstring); every other call is GPTNeoXLayer.forward."""
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        if not args and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            out = self._decode_step(hidden_states, **kwargs)
-            if out is not None:
-                return out
-        return super().forward(hidden_states, *args, **kwargs)
 
     def _decode_step(self, x: Tensor, attention_mask=None, position_ids=None, use_cache=False, layer_past=None,
                      position_embeddings=None, **kwargs) -> Tensor | None:

@@ -37,25 +37,25 @@ FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config
 
 
 def _model(family: str = "llama", **config):
-    """A small random model whose norm weights and biases are not their initial 1s and 0s
-    (a step that skipped one would pass with those)."""
-    torch.manual_seed(0)
     cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
     if family == "mistral":
         cfg["sliding_window"] = None  # its default, 4096, is a window no step here reaches
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](**(cfg | config)), attn_implementation="sdpa").eval()
+    return _perturbed(FAMILIES[family](**(cfg | config)))
+
+
+def _perturbed(config):
+    """A small random causal LM whose norm weights and biases are not their initial 1s and 0s
+    (a step that skipped one would pass with those)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-            elif name.endswith("bias"):
+            if name.endswith("bias"):
                 p.copy_(0.5 * torch.randn_like(p))
+            elif name.endswith("weight") and ("norm" in name or ".ln_" in name):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
     return model
-
-
-def _fused_class(model) -> type:
-    return FUSED[type(model.model.layers[0])]
 
 
 class _Steps:
@@ -89,21 +89,21 @@ def _prefill_and_step(model, ids, next_ids, dtype=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_step_matches_transformers(family, dtype, batch, monkeypatch):
-    model = _model(family)
+    _fused_step_matches(_model(family), dtype, lambda m: m.model.layers, _Steps(monkeypatch), batch, kv_heads=2)
+
+
+def _fused_step_matches(model, dtype, layers, steps: _Steps, batch: int, kv_heads: int) -> None:
+    """optimize makes each of layers(model) its fused class (reported); then one decode step
+    after a 9-token prefill: the fused step ran in every layer (the prefill is transformers'
+    layer), its logits and the keys and values it put into transformers' cache (as its own
+    layer puts them) judged against the fp64 model's."""
     exact = copy.deepcopy(model).double()
     model.to(dtype)
-    fused = _fused_class(model)
+    fused = FUSED[type(layers(model)[0])]
     report = fastarch.optimize(model, inplace=False)
     fast = report.model
-    assert [type(layer) for layer in fast.model.layers] == [fused] * LAYERS
+    assert [type(layer) for layer in layers(fast)] == [fused] * LAYERS
     assert sum(fused.__name__ in e.detail for e in report.swapped) == LAYERS
-    _step_matches(fast, model, exact, _Steps(monkeypatch), batch, kv_heads=2)
-
-
-def _step_matches(fast, model, exact, steps: _Steps, batch: int, kv_heads: int) -> None:
-    """One decode step after a 9-token prefill: the fused step ran in every layer (the prefill
-    is transformers' layer), its logits and the keys and values it put into transformers'
-    cache (as its own layer puts them) judged against the fp64 model's."""
     ids, next_ids = torch.randint(1, VOCAB, (batch, 9)), torch.randint(1, VOCAB, (batch, 1))
     with torch.inference_mode():
         ours, our_cache = _prefill_and_step(fast, ids, next_ids)
@@ -327,36 +327,15 @@ def test_decode_step_on_cuda(family, dtype, monkeypatch):
 
 
 def _gpt2(**config):
-    """A small random GPT-2 whose layer norms and biases are not their initial 1s and 0s."""
-    torch.manual_seed(0)
     cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, resid_pdrop=0.0,
                embd_pdrop=0.0, attn_pdrop=0.0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(**(cfg | config)), attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.5 * torch.randn_like(p))
-    return model
+    return _perturbed(GPT2Config(**(cfg | config)))
 
 
 class _GPT2Steps(_Steps):
     """_Steps of GPT2Block's step."""
 
     step = decoder_layer._GPT2Step
-
-
-@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_gpt2_decode_step_matches_transformers(activation, dtype, batch, monkeypatch):
-    model = _gpt2(activation_function=activation)
-    exact = copy.deepcopy(model).double()
-    model.to(dtype)
-    report = fastarch.optimize(model, inplace=False)
-    fast = report.model
-    assert [type(b) for b in fast.transformer.h] == [FUSED[GPT2Block]] * LAYERS
-    assert sum("FastarchGPT2Block" in e.detail for e in report.swapped) == LAYERS
-    _step_matches(fast, model, exact, _GPT2Steps(monkeypatch), batch, kv_heads=4)
 
 
 def test_gpt2_generation_padding_grad_nan_and_restore(monkeypatch):
@@ -390,37 +369,16 @@ def test_gpt2_generation_padding_grad_nan_and_restore(monkeypatch):
 
 
 def _neox(**config):
-    """A small random GPT-NeoX (Pythia's layer: partial rotary, parallel residual by default)
-    whose layer norms and biases are not their initial 1s and 0s."""
-    torch.manual_seed(0)
+    """Pythia's layer: partial rotary, the parallel residual by default."""
     cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
                num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5)
-    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(**(cfg | config)), attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layernorm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.5 * torch.randn_like(p))
-    return model
+    return _perturbed(GPTNeoXConfig(**(cfg | config)))
 
 
 class _GPTNeoXSteps(_Steps):
     """_Steps of GPTNeoXLayer's step."""
 
     step = decoder_layer._GPTNeoXStep
-
-
-@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_gpt_neox_decode_step_matches_transformers(parallel, dtype, batch, monkeypatch):
-    model = _neox(use_parallel_residual=parallel)
-    exact = copy.deepcopy(model).double()
-    model.to(dtype)
-    report = fastarch.optimize(model, inplace=False)
-    fast = report.model
-    assert [type(layer) for layer in fast.gpt_neox.layers] == [FUSED[GPTNeoXLayer]] * LAYERS
-    assert sum("FastarchGPTNeoXLayer" in e.detail for e in report.swapped) == LAYERS
-    _step_matches(fast, model, exact, _GPTNeoXSteps(monkeypatch), batch, kv_heads=4)
 
 
 def test_gpt_neox_generation_positions_and_restore(monkeypatch):
@@ -444,3 +402,22 @@ def test_gpt_neox_generation_positions_and_restore(monkeypatch):
     assert_close(*logits)
     fastarch.restore(fast)
     assert [type(layer) for layer in fast.gpt_neox.layers] == [GPTNeoXLayer] * LAYERS
+
+
+# GPT-2 with each activation its configs use; GPT-NeoX with the parallel residual and without
+GPT_STYLE = {
+    "gpt2-gelu_new": lambda: (_gpt2(activation_function="gelu_new"), lambda m: m.transformer.h, _GPT2Steps),
+    "gpt2-gelu_pytorch_tanh": lambda: (_gpt2(activation_function="gelu_pytorch_tanh"), lambda m: m.transformer.h,
+                                       _GPT2Steps),
+    "gpt2-gelu": lambda: (_gpt2(activation_function="gelu"), lambda m: m.transformer.h, _GPT2Steps),
+    "neox-parallel": lambda: (_neox(use_parallel_residual=True), lambda m: m.gpt_neox.layers, _GPTNeoXSteps),
+    "neox-sequential": lambda: (_neox(use_parallel_residual=False), lambda m: m.gpt_neox.layers, _GPTNeoXSteps),
+}
+
+
+@pytest.mark.parametrize("kind", GPT_STYLE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpt_style_decode_step_matches_transformers(kind, dtype, batch, monkeypatch):
+    model, layers, steps = GPT_STYLE[kind]()
+    _fused_step_matches(model, dtype, layers, steps(monkeypatch), batch, kv_heads=4)
