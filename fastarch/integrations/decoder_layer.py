@@ -21,7 +21,9 @@ as they are), the cache update, the attention, c_proj with the residual add fuse
 second layer norm, c_fc with its bias added inside the GELU kernel, c_proj and the residual;
 and GPT-NeoX's layer (FastarchGPTNeoXLayer, Pythia): each head's q, k and v from one product,
 the rotary kernel on the first rotary_ndims channels, the MLP as GPT-2's, and the parallel
-residual (both norms of the layer's input, three-way sum) or the sequential one.
+residual (both norms of the layer's input, three-way sum) or the sequential one; and OPT's
+(FastarchOPTDecoderLayer): q/k/v, the attention at OPT's scale, out_proj, fc1, ReLU in place,
+fc2, with the residual adds fused into the norms, pre-norm (OPT-125m) or post-norm (OPT-350m).
 
 Every other call runs the layer's own forward as it is (the swapped layers inside it still
 run fastarch's kernels): prefill (more than one token: compute-bound, the Python is noise
@@ -37,12 +39,13 @@ after the residual add once each, where transformers rounds every elementwise op
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2MLP
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXLayer, GPTNeoXMLP
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer, MistralMLP
+from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2MLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3MLP
 
@@ -52,7 +55,7 @@ from fastarch.optimize import HFRMSNorm, LayerNorm, Linear, call_hooked
 from fastarch.override import _KERNEL_DTYPES, kernel_for
 
 _SILU = ("SiLUActivation", "SiLU")  # transformers' ACT2FN["silu"] (its own class, F.silu) and torch's
-# GPT-2's activations ("gelu_new", "gelu_pytorch_tanh", "gelu") -> the bias_gelu kernel's form
+# GPT-2's and GPT-NeoX's activations ("gelu_new", "gelu_pytorch_tanh", "gelu") -> the bias_gelu kernel's form
 _GELU = {NewGELUActivation: "tanh", GELUTanh: "tanh", GELUActivation: "none"}
 
 
@@ -215,9 +218,37 @@ class FastarchGPTNeoXLayer(_StepFirst, GPTNeoXLayer):
             attn, ln_1, ln_2, linears, act, self.use_parallel_residual, tables, layer_past)
 
 
+class FastarchOPTDecoderLayer(_StepFirst, OPTDecoderLayer):
+    """OPTDecoderLayer (OPT-125m ...) whose decode step runs as one function on fastarch's
+    kernels (see the module docstring); every other call is OPTDecoderLayer.forward."""
+
+    def _decode_step(self, x: Tensor, attention_mask=None, cache=None, use_cache=False, position_ids=None,
+                     past_key_values=None, **kwargs) -> Tensor | None:
+        """The step, or None where OPTDecoderLayer.forward must run it."""
+        cache = cache if cache is not None else past_key_values
+        if attention_mask is not None or cache is None or kwargs or (self.training and self.dropout):
+            return None
+        if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+            return None
+        m = self._modules
+        attn, ln_1, ln_2 = m["self_attn"], m["self_attn_layer_norm"], m["final_layer_norm"]
+        if type(attn) is not OPTAttention or attn.training and attn.dropout or type(m["activation_fn"]) is not nn.ReLU:
+            return None
+        if type(ln_1) is not LayerNorm or type(ln_2) is not LayerNorm or attn.config._attn_implementation != "fastarch":
+            return None
+        a = attn._modules
+        linears = (a["q_proj"], a["k_proj"], a["v_proj"], a["out_proj"], m["fc1"], m["fc2"])
+        if any(type(p) is not Linear for p in linears) or m["activation_fn"].inplace:
+            return None
+        if call_hooked((attn, ln_1, ln_2, m["activation_fn"]) + linears) or not direct_call_allowed((x,)):
+            return None
+        return _OPTStep(x, self.__dict__.get("_fastarch_backend")).run(attn, ln_1, ln_2, linears,
+                                                                       self.do_layer_norm_before, cache)
+
+
 FUSED = {cls.__bases__[-1]: cls for cls in (FastarchLlamaDecoderLayer, FastarchMistralDecoderLayer,
                                             FastarchQwen2DecoderLayer, FastarchQwen3DecoderLayer, FastarchGPT2Block,
-                                            FastarchGPTNeoXLayer)}
+                                            FastarchGPTNeoXLayer, FastarchOPTDecoderLayer)}
 """transformers' decoder layer class -> the one fastarch.optimize makes of it (restore: back)."""
 
 
@@ -376,3 +407,38 @@ class _GPTNeoXStep(_Step):
             return torch.add(torch.add(mlp(y), a), h).view(batch, 1, hidden)
         y, h = norm.forward(a, h, p2[0], p2[1], ln_2.eps, False)[:2]
         return torch.add(mlp(y), h).view(batch, 1, hidden)
+
+
+class _OPTStep(_Step):
+    """OPTDecoderLayer's decode step: its kernels, all chosen before any runs (as _Step's)."""
+
+    def run(self, attn: OPTAttention, ln_1: LayerNorm, ln_2: LayerNorm, linears: tuple[Linear, ...], pre_norm: bool,
+            cache) -> Tensor | None:
+        batch, _, hidden = self.x.shape
+        heads, D = attn.num_heads, attn.head_dim
+        ffn = linears[4].out_features
+        shapes = tuple(tuple(p._parameters["weight"].shape) for p in linears)
+        if heads * D != hidden or shapes != ((hidden, hidden),) * 4 + ((ffn, hidden), (hidden, ffn)):
+            return None
+        kernels = [self._linear_kernel(p, k) for p, k in zip(linears, (hidden,) * 5 + (ffn,))]
+        p1, p2 = self._ln_params(ln_1, hidden), self._ln_params(ln_2, hidden)
+        norm = kernel_for("layer_norm", (self.device, self.dtype, 1, 1), self.backend)
+        if None in kernels or p1 is None or p2 is None or norm is None or type(attn.scaling) is not float:
+            return None
+        l_q, l_k, l_v, l_out, l_fc1, l_fc2 = kernels
+        h = self.x.view(batch, hidden)
+        y = norm.forward(h, None, p1[0], p1[1], ln_1.eps, False)[0] if pre_norm else h
+        # q scaled inside the attention (transformers scales the rounded product, then attends at scale 1)
+        q, k, v = (self._product(kernel, y, p).view(batch, heads, 1, D) for kernel, p in zip(kernels[:3], linears))
+        keys, values = cache.update(k, v, attn.layer_idx)
+        out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
+        a = self._product(l_out, out.reshape(batch, hidden), linears[3])
+
+        def mlp(y: Tensor) -> Tensor:
+            return self._product(l_fc2, torch.relu_(self._product(l_fc1, y, linears[4])), linears[5])
+
+        if pre_norm:  # h + a, normalized for the MLP and kept as its residual; then h + a + mlp
+            y, h = norm.forward(a, h, p2[0], p2[1], ln_2.eps, False)[:2]
+            return torch.add(h, mlp(y)).view(batch, 1, hidden)
+        h = norm.forward(a, h, p1[0], p1[1], ln_1.eps, False)[0]  # OPT-350m: each sum normalized
+        return norm.forward(mlp(h), h, p2[0], p2[1], ln_2.eps, False)[0].view(batch, 1, hidden)

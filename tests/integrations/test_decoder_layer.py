@@ -1,5 +1,5 @@
-"""FastarchLlamaDecoderLayer, its Mistral/Qwen2/Qwen3 siblings, FastarchGPT2Block and
-FastarchGPTNeoXLayer (fastarch/integrations/decoder_layer.py): fastarch.optimize turns a
+"""FastarchLlamaDecoderLayer, its Mistral/Qwen2/Qwen3 siblings, FastarchGPT2Block,
+FastarchGPTNeoXLayer and FastarchOPTDecoderLayer (fastarch/integrations/decoder_layer.py): fastarch.optimize turns a
 model's decoder layers into ones whose decode step runs as one function of fastarch's kernels,
 with transformers' cache. Judged as the other drop-in paths are (dropin_tolerance.py: against
 the fp64 model, at most a small factor of torch's own error), plus where the step may not run:
@@ -19,12 +19,14 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
     Qwen2Config,
     Qwen3Config,
 )
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 import fastarch
 from fastarch.integrations import decoder_layer
@@ -404,7 +406,34 @@ def test_gpt_neox_generation_positions_and_restore(monkeypatch):
     assert [type(layer) for layer in fast.gpt_neox.layers] == [GPTNeoXLayer] * LAYERS
 
 
-# GPT-2 with each activation its configs use; GPT-NeoX with the parallel residual and without
+def _opt(**config):
+    """OPT-125m's layer (pre-norm) by default; do_layer_norm_before=False is OPT-350m's."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=LAYERS, num_attention_heads=4,
+               max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)
+    return _perturbed(OPTConfig(**(cfg | config)))
+
+
+class _OPTSteps(_Steps):
+    """_Steps of OPTDecoderLayer's step."""
+
+    step = decoder_layer._OPTStep
+
+
+def test_opt_generation_and_restore(monkeypatch):
+    model = _opt()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (2, 7))
+    steps = _OPTSteps(monkeypatch)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert steps.fused == LAYERS * 9
+    fastarch.restore(fast)
+    assert [type(layer) for layer in fast.model.decoder.layers] == [OPTDecoderLayer] * LAYERS
+
+
+# GPT-2 with each activation its configs use; GPT-NeoX with the parallel residual and without;
+# OPT pre-norm and post-norm
 GPT_STYLE = {
     "gpt2-gelu_new": lambda: (_gpt2(activation_function="gelu_new"), lambda m: m.transformer.h, _GPT2Steps),
     "gpt2-gelu_pytorch_tanh": lambda: (_gpt2(activation_function="gelu_pytorch_tanh"), lambda m: m.transformer.h,
@@ -412,6 +441,8 @@ GPT_STYLE = {
     "gpt2-gelu": lambda: (_gpt2(activation_function="gelu"), lambda m: m.transformer.h, _GPT2Steps),
     "neox-parallel": lambda: (_neox(use_parallel_residual=True), lambda m: m.gpt_neox.layers, _GPTNeoXSteps),
     "neox-sequential": lambda: (_neox(use_parallel_residual=False), lambda m: m.gpt_neox.layers, _GPTNeoXSteps),
+    "opt-pre-norm": lambda: (_opt(), lambda m: m.model.decoder.layers, _OPTSteps),
+    "opt-post-norm": lambda: (_opt(do_layer_norm_before=False), lambda m: m.model.decoder.layers, _OPTSteps),
 }
 
 
