@@ -340,20 +340,28 @@ class _GPT2Steps(_Steps):
     step = decoder_layer._GPT2Step
 
 
+def _generates_fused(model, steps: _Steps, ids):
+    """fastarch.optimize's copy of model, after greedy generation of 10 tokens from ids equal to
+    transformers' (the 9 steps after the prefill fused in every layer)."""
+    fast = fastarch.optimize(model, inplace=False).model
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert steps.fused == LAYERS * 9
+    return fast
+
+
 def test_gpt2_generation_padding_grad_nan_and_restore(monkeypatch):
     model = _gpt2()
-    fast = fastarch.optimize(model, inplace=False).model
     ids = torch.randint(1, VOCAB, (2, 7))
     steps = _GPT2Steps(monkeypatch)
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    fast = _generates_fused(model, steps, ids)
+    padded = torch.ones_like(ids)
+    padded[0, :2] = 0  # left padding: a mask every step, the block's own code
+    kw = dict(attention_mask=padded, max_new_tokens=10, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        assert torch.equal(fast.generate(ids, attention_mask=torch.ones_like(ids), **kw),
-                           model.generate(ids, attention_mask=torch.ones_like(ids), **kw))
-        assert steps.fused == LAYERS * 9
-        padded = torch.ones_like(ids)
-        padded[0, :2] = 0  # left padding: a mask every step, the block's own code
-        assert torch.equal(fast.generate(ids, attention_mask=padded, **kw), model.generate(ids, attention_mask=padded, **kw))
-        assert steps.fused == LAYERS * 9
+        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert steps.fused == LAYERS * 9
     _prefill_and_step(fast, ids, ids[:, :1])  # with gradients on: the block's own code
     assert steps.fused == LAYERS * 9
     with torch.no_grad():
@@ -386,13 +394,9 @@ class _GPTNeoXSteps(_Steps):
 def test_gpt_neox_generation_positions_and_restore(monkeypatch):
     model = _neox()
     exact = copy.deepcopy(model).double()
-    fast = fastarch.optimize(model, inplace=False).model
     ids = torch.randint(1, VOCAB, (2, 7))
     steps = _GPTNeoXSteps(monkeypatch)
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
-    assert steps.fused == LAYERS * 9
+    fast = _generates_fused(model, steps, ids)
     positions = torch.tensor([[9], [30]])  # per sequence: each row rotates by its own angle
     logits = []
     with torch.inference_mode():
@@ -420,14 +424,7 @@ class _OPTSteps(_Steps):
 
 
 def test_opt_generation_and_restore(monkeypatch):
-    model = _opt()
-    fast = fastarch.optimize(model, inplace=False).model
-    ids = torch.randint(1, VOCAB, (2, 7))
-    steps = _OPTSteps(monkeypatch)
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
-    assert steps.fused == LAYERS * 9
+    fast = _generates_fused(_opt(), _OPTSteps(monkeypatch), torch.randint(1, VOCAB, (2, 7)))
     fastarch.restore(fast)
     assert [type(layer) for layer in fast.model.decoder.layers] == [OPTDecoderLayer] * LAYERS
 
