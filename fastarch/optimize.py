@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from fastarch import nn as fnn
 from fastarch import ops, registry
 from fastarch.ops.dispatch import direct_call_allowed
+from fastarch.ops.linear.backends import weight_layout
 from fastarch.ops.rows import as_rows
 from fastarch.override import backend_for, kernel_for
 
@@ -235,9 +236,7 @@ def linear_or_none(x: Tensor, w: Tensor, b: Tensor | None, backend: str | None) 
     device = x.device.type
     if k != w.shape[1] or torch.is_autocast_enabled(device):
         return None
-    contiguous = w.is_contiguous()
-    problem = (device, x.dtype, x.numel() // k if k else 0, k, w.shape[0], contiguous,
-               not contiguous and w.stride(0) == 1 and w.stride(1) == w.shape[0])  # LinearProblem's fields
+    problem = (device, x.dtype, x.numel() // k if k else 0, k, w.shape[0], *weight_layout(w))  # LinearProblem's
     if direct_call_allowed((x, w, b)):
         # the op's kernel call without its checks (done above; the C++ op checks devices)
         kernel = kernel_for("linear", problem, backend)

@@ -1,29 +1,29 @@
-"""LLaMA-style and GPT-2 decoder layers' decode step with no module calls inside it.
+"""transformers' decoder layers' decode step with no module calls inside it.
 
 transformers' LlamaDecoderLayer runs a generated token through ~15 module calls, views and
 small tensor ops per layer (two norms, four attention and three MLP projections, the rotary
 function's slices and concatenations, the activation and its product, the residual adds);
 for a small model at batch 1 on a CPU that Python costs as much as the kernels (SmolLM2-135M
 in bf16: ~10 of a ~22 ms token on a 2-core AMD EPYC held to AVX2, the rest streaming the
-weights), and swapping the layers inside it leaves all of it. fastarch.optimize makes each
-plain LlamaDecoderLayer a FastarchLlamaDecoderLayer (the same object, parameters, hooks and
-state_dict: its class changes, as FastarchResnetBlock2D's does in diffusers.py), and
-Mistral's, Qwen2's and Qwen3's layers (the same layer: Qwen2 adds biases to q/k/v, Qwen3 an
-RMSNorm over each head's q and k before the rotation, Mistral and both Qwens sliding windows,
-which a step with no mask has no keys outside of) their Fastarch* classes likewise, whose
-forward runs a decode step — one new token per sequence, inference — as one function: the
-kernels fastarch's swapped layers would run (the norms, the projections, the attention), with
-the rotary embedding and the SwiGLU on fastarch's kernels too, the attention's residual add
-fused into the second norm, and transformers' own cache update between them, so the cache is
-transformers' object, updated as transformers updates it. GPT-2's GPT2Block likewise
-(FastarchGPT2Block): layer norm, the fused q/k/v product of its Conv1D (K-major weights, read
-as they are), the cache update, the attention, c_proj with the residual add fused into the
-second layer norm, c_fc with its bias added inside the GELU kernel, c_proj and the residual;
-and GPT-NeoX's layer (FastarchGPTNeoXLayer, Pythia): each head's q, k and v from one product,
-the rotary kernel on the first rotary_ndims channels, the MLP as GPT-2's, and the parallel
-residual (both norms of the layer's input, three-way sum) or the sequential one; and OPT's
-(FastarchOPTDecoderLayer): q/k/v, the attention at OPT's scale, out_proj, fc1, ReLU in place,
-fc2, with the residual adds fused into the norms, pre-norm (OPT-125m) or post-norm (OPT-350m).
+weights), and swapping the layers inside it leaves all of it. fastarch.optimize changes the
+class of each plain decoder layer of these families to its Fastarch* class (FUSED; the same
+object, parameters, hooks and state_dict, as FastarchResnetBlock2D's in diffusers.py), whose
+forward runs a decode step — one new token per sequence, inference — as one function of the
+kernels fastarch's swapped layers would run, with transformers' own cache update between them
+(the cache stays transformers' object, updated as transformers updates it):
+
+- LLaMA (FastarchLlamaDecoderLayer), Mistral, Qwen2 (q/k/v biases) and Qwen3 (an RMSNorm over
+  each head's q and k before the rotation): norm, q/k/v, the rotary kernel, the attention,
+  o_proj with the residual add fused into the second norm, gate/up, the SwiGLU kernel, down.
+  Sliding windows need nothing: a step with no mask has no keys outside its window.
+- GPT-2 (FastarchGPT2Block): layer norm, the fused q/k/v product of its Conv1D (K-major
+  weights, read as they are), the attention, c_proj with the residual add fused into the
+  second layer norm, c_fc with its bias added inside the GELU kernel, c_proj, the residual.
+- GPT-NeoX / Pythia (FastarchGPTNeoXLayer): each head's q, k and v from one product, the rotary
+  kernel on the first rotary_ndims channels, the MLP as GPT-2's, and the parallel residual
+  (both norms of the layer's input, three-way sum) or the sequential one.
+- OPT (FastarchOPTDecoderLayer): q/k/v, the attention at OPT's scale, out_proj, fc1, ReLU in
+  place, fc2, the residual adds fused into the norms; pre-norm (OPT-125m) or post-norm (350m).
 
 Every other call runs the layer's own forward as it is (the swapped layers inside it still
 run fastarch's kernels): prefill (more than one token: compute-bound, the Python is noise
@@ -51,6 +51,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3Decode
 
 from fastarch.integrations.transformers import FastarchConv1D, fastarch_attention_forward
 from fastarch.ops.dispatch import direct_call_allowed
+from fastarch.ops.linear.backends import weight_layout
 from fastarch.optimize import HFRMSNorm, LayerNorm, Linear, call_hooked
 from fastarch.override import _KERNEL_DTYPES, kernel_for
 
@@ -264,7 +265,7 @@ class _Step:
         w, b = layer._parameters["weight"], layer._parameters["bias"]
         if w.dtype != self.dtype or w.dim() != 2 or w.shape[1] != k or b is not None and b.dtype != self.dtype:
             return None
-        return kernel_for("linear", (self.device, self.dtype, self.rows, k, w.shape[0], w.is_contiguous()), self.backend)
+        return kernel_for("linear", (self.device, self.dtype, self.rows, k, w.shape[0], *weight_layout(w)), self.backend)
 
     def _ln_params(self, ln: LayerNorm, hidden: int) -> tuple[Tensor | None, Tensor | None] | None:
         w, b = ln._parameters["weight"], ln._parameters["bias"]
@@ -333,8 +334,7 @@ class _GPT2Step(_Step):
             return None
         if b.dtype != self.dtype or b.shape != (w.shape[1],):
             return None
-        contiguous = w.t().is_contiguous()  # (K-major unless out_features is 1)
-        return kernel_for("linear", (self.device, self.dtype, self.rows, k, w.shape[1], contiguous, not contiguous),
+        return kernel_for("linear", (self.device, self.dtype, self.rows, k, w.shape[1], *weight_layout(w.t())),
                           self.backend)
 
     def run(self, attn: GPT2Attention, ln_1: LayerNorm, ln_2: LayerNorm, convs: tuple[FastarchConv1D, ...], act: str,

@@ -227,12 +227,13 @@ def _swap_decoder_layers(model: torch.nn.Module, report) -> None:
 def _swap_conv1d(model: torch.nn.Module, report, backend: str | None) -> None:
     """Each plain Conv1D that a fastarch linear kernel runs made a FastarchConv1D by changing
     its class (its hooks still run: it is still called)."""
+    from fastarch.ops.linear.backends import weight_layout
     from fastarch.override import backend_for
 
     for path, m in model.named_modules():
         if type(m) is Conv1D:
             w = m.weight.t()
-            fields = [(w.device.type, w.dtype, rows, w.shape[1], w.shape[0], w.is_contiguous(), not w.is_contiguous())
+            fields = [(w.device.type, w.dtype, rows, w.shape[1], w.shape[0], *weight_layout(w))
                       for rows in (1, 4)]  # LinearProblem's, at a decode step's rows
             if w.device.type != "meta" and not any(backend_for("linear", f, backend) for f in fields):
                 report.add(path, "Conv1D", False, f"{str(w.dtype).removeprefix('torch.')} on {w.device.type}: no"

@@ -108,9 +108,7 @@ class LinearProblem:
 
     @classmethod
     def of(cls, x: Tensor, weight: Tensor) -> LinearProblem:
-        contiguous = weight.is_contiguous()
-        return cls(x.device.type, x.dtype, x.shape[0], x.shape[1], weight.shape[0], contiguous,
-                   not contiguous and k_major(weight))
+        return cls(x.device.type, x.dtype, x.shape[0], x.shape[1], weight.shape[0], *weight_layout(weight))
 
     def __str__(self) -> str:
         layout = "" if self.weight_contiguous else ", weight K-major" if self.weight_k_major else ", weight not contiguous"
@@ -121,6 +119,12 @@ def k_major(weight: Tensor) -> bool:
     """Whether weight (out_features, in_features) is the transpose of a contiguous (in_features,
     out_features) matrix, as transformers' Conv1D (GPT-2) keeps its weight: ``conv1d.weight.t()``."""
     return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+
+
+def weight_layout(weight: Tensor) -> tuple[bool, bool]:
+    """LinearProblem's last two fields for ``weight``: (contiguous, K-major and not contiguous)."""
+    contiguous = weight.is_contiguous()
+    return contiguous, not contiguous and k_major(weight)
 
 
 K_MAJOR_ROWS = 4
