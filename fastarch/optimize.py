@@ -355,13 +355,7 @@ def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
             return None
         fields = (p.device.type, p.dtype, 1, 1, 1, 1, False)
     elif isinstance(module, nn.Linear):
-        p = module.weight
-        # the kernels take a few rows (a decode step): the weight's dtype at 1 or 4 rows
-        fields = [(p.device.type, p.dtype, rows, p.shape[1], p.shape[0], p.is_contiguous()) for rows in (1, 4)]
-        if p.device.type == "meta" or any(backend_for("linear", f, backend) for f in fields):
-            return None
-        forced = f" (backend {backend!r} forced)" if backend else ""
-        return f"{str(p.dtype).removeprefix('torch.')} on {p.device.type}: no fastarch linear kernel runs it{forced}"
+        return linear_no_kernel(module.weight, backend)
     elif isinstance(module, nn.Conv2d):
         p = module.weight
         if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) or module.padding_mode != "zeros":
@@ -378,6 +372,16 @@ def _no_kernel(module: nn.Module, backend: str | None) -> str | None:
         return None
     forced = f" (backend {backend!r} forced)" if backend else ""
     return f"{str(p.dtype).removeprefix('torch.')} on {p.device.type}: no fastarch {op} kernel runs it{forced}"
+
+
+def linear_no_kernel(w: Tensor, backend: str | None) -> str | None:
+    """Why no fastarch linear kernel runs weight w ((out_features, in_features), contiguous or
+    K-major) at a decode step's rows (1 or 4) in its dtype and device, or None."""
+    fields = [(w.device.type, w.dtype, rows, w.shape[1], w.shape[0], *weight_layout(w)) for rows in (1, 4)]
+    if w.device.type == "meta" or any(backend_for("linear", f, backend) for f in fields):
+        return None
+    forced = f" (backend {backend!r} forced)" if backend else ""
+    return f"{str(w.dtype).removeprefix('torch.')} on {w.device.type}: no fastarch linear kernel runs it{forced}"
 
 
 def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str | None]:

@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 from fastarch import ops
 from fastarch.ops.attn.args import AttentionArgs
 from fastarch.ops.dispatch import direct_call_allowed
-from fastarch.optimize import linear_or_none
+from fastarch.optimize import linear_no_kernel, linear_or_none
 from fastarch.override import _KERNEL_DTYPES, _sdpa_backend, kernel_for
 
 NAME = "fastarch"
@@ -227,17 +227,10 @@ def _swap_decoder_layers(model: torch.nn.Module, report) -> None:
 def _swap_conv1d(model: torch.nn.Module, report, backend: str | None) -> None:
     """Each plain Conv1D that a fastarch linear kernel runs made a FastarchConv1D by changing
     its class (its hooks still run: it is still called)."""
-    from fastarch.ops.linear.backends import weight_layout
-    from fastarch.override import backend_for
-
     for path, m in model.named_modules():
         if type(m) is Conv1D:
-            w = m.weight.t()
-            fields = [(w.device.type, w.dtype, rows, w.shape[1], w.shape[0], *weight_layout(w))
-                      for rows in (1, 4)]  # LinearProblem's, at a decode step's rows
-            if w.device.type != "meta" and not any(backend_for("linear", f, backend) for f in fields):
-                report.add(path, "Conv1D", False, f"{str(w.dtype).removeprefix('torch.')} on {w.device.type}: no"
-                           " fastarch linear kernel runs it")
+            if why := linear_no_kernel(m.weight.t(), backend):
+                report.add(path, "Conv1D", False, why)
                 continue
             m.__class__ = FastarchConv1D
             if backend is not None:
