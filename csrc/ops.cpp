@@ -7,13 +7,16 @@
 
 TORCH_LIBRARY(fastarch, m) {
   // Normalization over the last dim of a 2-D x (rows, cols) with contiguous columns.
-  // Absent optional results are returned as empty tensors of shape (0,).
+  // Absent optional results are returned as empty tensors of shape (0,). weight_offset: the
+  // weight is weight + weight_offset (Gemma's 1 + weight), added in fp32 (fp64 for fp64).
   m.def(
-      "_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
+      "_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms,"
+      " float weight_offset=0.0)"
       " -> (Tensor y, Tensor residual_out, Tensor mean, Tensor rstd)");
   m.def(
       "_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor xin, Tensor? weight, Tensor? mean,"
-      " Tensor rstd, bool need_dweight, bool need_dbias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+      " Tensor rstd, bool need_dweight, bool need_dbias, float weight_offset=0.0)"
+      " -> (Tensor dx, Tensor dweight, Tensor dbias)");
 
   // Elementwise activations over a 2-D x (rows, cols) with contiguous columns, in fp32 (fp64
   // for fp64 inputs on the CPU), rounded once to x's dtype. tanh: GELU's tanh form, else erf.

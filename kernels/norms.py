@@ -40,6 +40,15 @@ def _cast(y, dtype: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
 
 
 @triton.jit
+def _weight(W, cols, mask, offset, HAS_OFFSET: tl.constexpr):
+    """The weight's values in fp32, offset added (Gemma's 1 + weight, as it computes it)."""
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        w = w + offset
+    return w
+
+
+@triton.jit
 def _clamp_var(var):
     """max(var, 0) that keeps a NaN (a NaN or inf in the row); tl.maximum would drop it."""
     return tl.where(var < 0.0, 0.0, var)
@@ -56,8 +65,9 @@ def _nan_beyond_fp32(rstd, mean, var):
 @triton.jit
 def _norm_fwd_kernel(
     X, R, W, B, Y, RES_OUT, MEAN, RSTD,
-    stride_x, stride_r, M, N, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    stride_x, stride_r, M, N, eps, weight_offset,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_RMS: tl.constexpr,
     ROUND_BY_HAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -87,7 +97,7 @@ def _norm_fwd_kernel(
         rstd = _nan_beyond_fp32(rstd, mean, var)
     y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y = y * _weight(W, cols, cols < N, weight_offset, HAS_OFFSET)[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * N + cols[None, :], _cast(y, Y.dtype.element_ty, ROUND_BY_HAND), mask=mask)
@@ -99,8 +109,9 @@ def _norm_fwd_kernel(
 @triton.jit
 def _norm_fwd_looped_kernel(
     X, R, W, B, Y, RES_OUT, MEAN, RSTD,
-    stride_x, stride_r, M, N, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+    stride_x, stride_r, M, N, eps, weight_offset,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_RMS: tl.constexpr,
     ROUND_BY_HAND: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -151,7 +162,7 @@ def _norm_fwd_looped_kernel(
         m = cols < N
         y = ((tl.load(src + cols, mask=m, other=0.0).to(tl.float32) - mean) - correction) * rstd
         if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+            y = y * _weight(W, cols, m, weight_offset, HAS_OFFSET)
         if HAS_BIAS:
             y = y + tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(Y + row * N + cols, _cast(y, Y.dtype.element_ty, ROUND_BY_HAND), mask=m)
@@ -163,8 +174,8 @@ def _norm_fwd_looped_kernel(
 @triton.jit
 def _norm_bwd_kernel(
     DY, DRES, XIN, W, MEAN, RSTD, DX, DW_PART, DB_PART,
-    stride_dy, stride_dres, stride_x, M, N, rows_per_program,
-    HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr, IS_RMS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
+    stride_dy, stride_dres, stride_x, M, N, rows_per_program, weight_offset,
+    HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, IS_RMS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
     ROUND_BY_HAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     PREFETCH: tl.constexpr = BLOCK_M * BLOCK_N <= 4096
@@ -172,7 +183,7 @@ def _norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_ok, other=0.0)
+        w = _weight(W, cols, col_ok, weight_offset, HAS_OFFSET)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_program
@@ -206,7 +217,7 @@ def _norm_bwd_kernel(
             xhat = (x - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
         xhat = tl.where(mask, xhat, 0.0)
         if HAS_WEIGHT:
-            g = dy * w.to(tl.float32)[None, :]
+            g = dy * w[None, :]
         else:
             g = dy
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMSNorm drops mean(g).
@@ -228,8 +239,8 @@ def _norm_bwd_kernel(
 @triton.jit
 def _norm_bwd_looped_kernel(
     DY, DRES, XIN, W, MEAN, RSTD, DX, DW_PART, DB_PART,
-    stride_dy, stride_dres, stride_x, M, N, rows_per_program,
-    HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr, IS_RMS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
+    stride_dy, stride_dres, stride_x, M, N, rows_per_program, weight_offset,
+    HAS_DRES: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_OFFSET: tl.constexpr, IS_RMS: tl.constexpr, WEIGHT_GRADS: tl.constexpr,
     ROUND_BY_HAND: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -253,7 +264,7 @@ def _norm_bwd_looped_kernel(
             xhat = tl.where(m, xhat, 0.0)
             dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
             if HAS_WEIGHT:
-                g = dy * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+                g = dy * _weight(W, cols, m, weight_offset, HAS_OFFSET)
             else:
                 g = dy
             acc_g += g
@@ -275,7 +286,7 @@ def _norm_bwd_looped_kernel(
             xhat = (tl.load(XIN + row * stride_x + cols, mask=m, other=0.0).to(tl.float32) - mean) * rstd
             dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
             if HAS_WEIGHT:
-                g = dy * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+                g = dy * _weight(W, cols, m, weight_offset, HAS_OFFSET)
             else:
                 g = dy
             dx = (g - c_g - xhat * c_gx) * rstd
@@ -297,10 +308,11 @@ def _programs(x: Tensor, rows: int) -> int:
 
 
 def norm_forward(
-    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-    """x, residual: (M, N) with contiguous columns; weight, bias: (N,) contiguous.
-    Returns y (M, N), residual_out (M, N) or None, mean (M,) fp32 or None for RMS, rstd (M,)."""
+    """x, residual: (M, N) with contiguous columns; weight, bias: (N,) contiguous; the rows
+    multiplied by weight + weight_offset (in fp32). Returns y (M, N), residual_out (M, N) or None, mean (M,) fp32 or None for RMS, rstd (M,)."""
     M, N = x.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(y) if residual is not None else None
@@ -313,11 +325,11 @@ def norm_forward(
         x, residual if residual is not None else absent, weight if weight is not None else absent,
         bias if bias is not None else absent, y, residual_out if residual_out is not None else absent,
         mean if mean is not None else absent, rstd,
-        x.stride(0), residual.stride(0) if residual is not None else 0, M, N, eps,
+        x.stride(0), residual.stride(0) if residual is not None else 0, M, N, eps, float(weight_offset),
     )
     flags = dict(
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS=rms,
-        ROUND_BY_HAND=ROUND_BF16_BY_HAND,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_OFFSET=weight_offset != 0.0,
+        HAS_BIAS=bias is not None, IS_RMS=rms, ROUND_BY_HAND=ROUND_BF16_BY_HAND,
     )
     block_n = triton.next_power_of_2(int(N))  # int: a compile-time tile (N specialized when traced)
     if block_n <= MAX_FUSED_COLS:
@@ -341,6 +353,7 @@ def norm_backward(
     rstd: Tensor,
     need_dweight: bool,
     need_dbias: bool,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients of norm_forward: dx (M, N); dweight, dbias (N,) or None when not wanted.
     xin is the normalization's input (x, or residual_out); RMSNorm when mean is None."""
@@ -354,10 +367,11 @@ def norm_backward(
             dy, dresidual_out if dresidual_out is not None else dy, xin, weight if weight is not None else rstd,
             mean if mean is not None else rstd, rstd, dx, parts[0], parts[1],
             dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0, xin.stride(0),
-            M, N, triton.cdiv(M, programs),
+            M, N, triton.cdiv(M, programs), float(weight_offset),
         )
         flags = dict(
-            HAS_DRES=dresidual_out is not None, HAS_WEIGHT=weight is not None, IS_RMS=mean is None,
+            HAS_DRES=dresidual_out is not None, HAS_WEIGHT=weight is not None, HAS_OFFSET=weight_offset != 0.0,
+            IS_RMS=mean is None,
             WEIGHT_GRADS=weight_grads, ROUND_BY_HAND=ROUND_BF16_BY_HAND,
         )
         block_n = triton.next_power_of_2(int(N))  # int: a compile-time tile (N specialized when traced)

@@ -76,7 +76,7 @@ inline void check_backward(
 inline NormForwardParams forward_params(
     const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& y, const Tensor& residual_out, const Tensor& mean,
-    const Tensor& rstd, double eps, bool rms) {
+    const Tensor& rstd, double eps, bool rms, double weight_offset = 0.0) {
   NormForwardParams p{};
   p.x = x.data_ptr();
   p.x_row_stride = x.stride(0);
@@ -92,12 +92,14 @@ inline NormForwardParams forward_params(
   p.cols = x.size(1);
   p.eps = eps;
   p.rms = rms;
+  p.weight_offset = weight_offset;
   return p;
 }
 
 inline NormBackwardParams backward_params(
     const Tensor& dy, const std::optional<Tensor>& dresidual_out, const Tensor& xin,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& mean, const Tensor& rstd, const Tensor& dx) {
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& mean, const Tensor& rstd, const Tensor& dx,
+    double weight_offset = 0.0) {
   NormBackwardParams p{};
   p.dy = dy.data_ptr();
   p.dy_row_stride = dy.stride(0);
@@ -112,6 +114,7 @@ inline NormBackwardParams backward_params(
   p.rows = xin.size(0);
   p.cols = xin.size(1);
   p.rms = !mean.has_value();
+  p.weight_offset = weight_offset;
   return p;
 }
 

@@ -22,6 +22,7 @@ struct NormForwardParams {
   int64_t cols;
   double eps;
   bool rms;
+  double weight_offset;  // y = xhat * (weight + weight_offset) (+ bias): Gemma's 1 + weight, added in fp32
 };
 
 // Gradients of the normalization. dx = d(loss)/d(x) (also the residual's gradient for the
@@ -40,6 +41,7 @@ struct NormBackwardParams {
   int64_t rows;
   int64_t cols;
   bool rms;
+  double weight_offset;  // as in the forward: dx sees weight + weight_offset (dweight does not change)
 };
 
 }  // namespace fastarch

@@ -21,7 +21,7 @@ namespace fastarch::cpu {
 void norm_forward_into(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
                        bool rms, const at::Tensor& y, const at::Tensor& residual_out, const at::Tensor& mean,
-                       const at::Tensor& rstd);
+                       const at::Tensor& rstd, double weight_offset = 0.0);
 
 // fastarch::_rotary into q_out and k_out (contiguous, q's and k's shapes). check_positions:
 // whether to read positions and check them against the table (the op always does; the decode

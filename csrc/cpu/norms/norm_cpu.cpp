@@ -35,21 +35,35 @@ bool can_stream(const Tensor& out) {
   return stream_output(out.nbytes()) && out.size(1) % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % chunk_bytes == 0;
 }
 
-// The AVX-512 kernels' extra arguments: fp32 weight and bias (converted once per call, not
-// once per row) and whether to stream the outputs (the portable forward's too). The scratch
-// row is per thread.
-struct Avx512Inputs {
-  Tensor weight, bias;  // fp32, or undefined
+// The row kernels' extra arguments: the weight and bias in the statistics dtype, the weight's
+// offset added (converted once per call, not once per row: the AVX-512 kernels always take
+// them, fp32; the portable ones where there is an offset) and whether to stream the outputs
+// (the portable forward's too). The scratch row is per thread.
+struct RowInputs {
+  Tensor weight, bias;  // in the statistics dtype, or undefined
   bool stream;
 
   Avx512RowArgs for_thread(float* scratch) const {
     return {weight.defined() ? weight.data_ptr<float>() : nullptr, bias.defined() ? bias.data_ptr<float>() : nullptr,
             scratch, stream, isa_bf16()};
   }
+  const void* portable_weight() const { return weight.defined() ? weight.data_ptr() : nullptr; }
+  const void* portable_bias() const { return bias.defined() ? bias.data_ptr() : nullptr; }
 };
 
-Tensor as_fp32(const std::optional<Tensor>& t) {
-  return t.has_value() ? t->to(at::kFloat).contiguous() : Tensor();
+// t in the statistics dtype, plus offset: computed as Gemma computes 1 + weight.float().
+Tensor as_stats(const std::optional<Tensor>& t, Dtype d, double offset = 0.0) {
+  if (!t.has_value()) return Tensor();
+  const Tensor v = t->to(acc_dtype(d)).contiguous();
+  return offset == 0.0 ? v : v.add(offset);
+}
+
+// The portable kernels take the converted vectors where the weight has an offset (else x's
+// own dtype, as they are).
+RowInputs row_inputs(Dtype d, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double offset,
+                     bool stream) {
+  if (use_avx512(d) || (offset != 0.0 && weight)) return {as_stats(weight, d, offset), as_stats(bias, d), stream};
+  return {Tensor(), Tensor(), stream};
 }
 
 #ifdef FASTARCH_WITH_AVX512
@@ -57,7 +71,7 @@ Tensor as_fp32(const std::optional<Tensor>& t) {
 std::unique_ptr<float[]> scratch_rows(int64_t cols) { return std::unique_ptr<float[]>(new float[2 * 16 * ((cols + 15) / 16)]); }
 #endif
 
-void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t end, const Avx512Inputs& in) {
+void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t end, const RowInputs& in) {
   with_dtype(d, [&]<Dtype D>() {
 #ifdef FASTARCH_WITH_AVX512  // (active_isa() is never avx512 in a build without those kernels)
     if constexpr (D != Dtype::f64) {
@@ -69,12 +83,14 @@ void forward_rows(Dtype d, const NormForwardParams& p, int64_t begin, int64_t en
 #else
     (void)in;
 #endif
-    with_portable_build([&]<Isa I>() { norm_forward_rows_generic<I, D>(p, begin, end, in.stream); });
+    with_portable_build([&]<Isa I>() {
+      norm_forward_rows_generic<I, D>(p, begin, end, in.stream, in.portable_weight(), in.portable_bias());
+    });
   });
 }
 
 void backward_rows(
-    Dtype d, const NormBackwardParams& p, int64_t begin, int64_t end, void* dw, void* db, const Avx512Inputs& in) {
+    Dtype d, const NormBackwardParams& p, int64_t begin, int64_t end, void* dw, void* db, const RowInputs& in) {
   with_dtype(d, [&]<Dtype D>() {
 #ifdef FASTARCH_WITH_AVX512
     if constexpr (D != Dtype::f64) {
@@ -87,7 +103,7 @@ void backward_rows(
 #else
     (void)in;
 #endif
-    with_portable_build([&]<Isa I>() { norm_backward_rows_generic<I, D>(p, begin, end, dw, db); });
+    with_portable_build([&]<Isa I>() { norm_backward_rows_generic<I, D>(p, begin, end, dw, db, in.portable_weight()); });
   });
 }
 
@@ -95,11 +111,12 @@ void backward_rows(
 
 void norm_forward_into(const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
                        const std::optional<Tensor>& bias, double eps, bool rms, const Tensor& y,
-                       const Tensor& residual_out, const Tensor& mean, const Tensor& rstd) {
+                       const Tensor& residual_out, const Tensor& mean, const Tensor& rstd, double weight_offset) {
   const Dtype d = dtype_of(x, "fastarch cpu norm", "x");
-  const NormForwardParams p = norm_glue::forward_params(x, residual, weight, bias, y, residual_out, mean, rstd, eps, rms);
-  Avx512Inputs in{Tensor(), Tensor(), can_stream(y) && (!residual || can_stream(residual_out))};
-  if (use_avx512(d)) in = {as_fp32(weight), as_fp32(bias), in.stream};
+  const NormForwardParams p =
+      norm_glue::forward_params(x, residual, weight, bias, y, residual_out, mean, rstd, eps, rms, weight_offset);
+  const RowInputs in =
+      row_inputs(d, weight, bias, weight_offset, can_stream(y) && (!residual || can_stream(residual_out)));
   at::parallel_for(0, x.size(0), grain_rows(x.size(1)), [&](int64_t begin, int64_t end) {
     forward_rows(d, p, begin, end, in);
   });
@@ -111,7 +128,7 @@ constexpr const char* kWho = "fastarch cpu norm";
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
     const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, double eps, bool rms) {
+    const std::optional<Tensor>& bias, double eps, bool rms, double weight_offset) {
   TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
   norm_glue::check_forward(kWho, x, residual, weight, bias);
   const Dtype d = dtype_of(x, kWho, "x");
@@ -121,21 +138,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
   Tensor residual_out = residual ? at::empty({rows, cols}, x.options()) : at::empty({0}, x.options());
   Tensor mean = at::empty({rms ? 0 : rows}, stats);
   Tensor rstd = at::empty({rows}, stats);
-  norm_forward_into(x, residual, weight, bias, eps, rms, y, residual_out, mean, rstd);
+  norm_forward_into(x, residual, weight, bias, eps, rms, y, residual_out, mean, rstd, weight_offset);
   return {y, residual_out, mean, rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(
     const Tensor& dy, const std::optional<Tensor>& dresidual_out, const Tensor& xin,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& mean, const Tensor& rstd, bool need_dweight,
-    bool need_dbias) {
+    bool need_dbias, double weight_offset) {
   TORCH_CHECK(xin.device().is_cpu(), kWho, " backward: xin must be on the CPU, got ", xin.device());
   const Dtype d = dtype_of(xin, kWho, "xin");
   norm_glue::check_backward(kWho, dy, dresidual_out, xin, weight, mean, rstd, need_dweight, acc_dtype(d));
   const int64_t rows = xin.size(0), cols = xin.size(1);
   const auto stats = acc_dtype(d);
   Tensor dx = at::empty({rows, cols}, xin.options());
-  const NormBackwardParams p = norm_glue::backward_params(dy, dresidual_out, xin, weight, mean, rstd, dx);
+  const NormBackwardParams p =
+      norm_glue::backward_params(dy, dresidual_out, xin, weight, mean, rstd, dx, weight_offset);
 
   // One chunk of rows per thread, each with its own (2, cols) dweight/dbias accumulator;
   // the chunks' sums are added at the end.
@@ -144,8 +162,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(
   Tensor partial = weight_grads ? at::zeros({chunks, 2, cols}, xin.options().dtype(stats)) : Tensor();
   const int64_t elem = at::elementSize(stats);
   char* base = weight_grads ? static_cast<char*>(partial.data_ptr()) : nullptr;
-  Avx512Inputs in;
-  if (use_avx512(d)) in = {as_fp32(weight), Tensor(), can_stream(dx)};
+  const RowInputs in = row_inputs(d, weight, std::nullopt, weight_offset, can_stream(dx));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       void* dw = weight_grads ? base + (2 * c) * cols * elem : nullptr;

@@ -19,16 +19,19 @@ namespace fastarch::cpu {
 constexpr int64_t kPrefetchRowBytes = 4096;
 
 // dweight_acc / dbias_acc: this thread's (cols,) accumulators in the statistics dtype, added
-// into; null when that gradient is not wanted.
+// into; null when that gradient is not wanted. weight, bias: the vectors in the statistics
+// dtype, p.weight_offset added to the weight (null: p.weight and p.bias as they are, which
+// have no offset then).
 template <Isa I, Dtype D>
-void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end, bool stream);
+void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end, bool stream, const void* weight,
+                               const void* bias);
 template <Isa I, Dtype D>
 void norm_backward_rows_generic(
-    const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc);
+    const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc, const void* weight);
 
 // What the AVX-512 build needs beyond the params.
 struct Avx512RowArgs {
-  const float* weight;  // fp32 copies of weight and bias (the tensors themselves for fp32); null if absent
+  const float* weight;  // fp32 weight (+ p.weight_offset) and bias (the tensors themselves for fp32); null if absent
   const float* bias;
   float* scratch;  // this thread's fp32 scratch, 2 * cols values
   bool stream;     // write outputs with streaming stores: cols % 16 == 0, outputs aligned to 16 elements

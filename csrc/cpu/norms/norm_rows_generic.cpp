@@ -228,8 +228,8 @@ void forward_row_vec(const NormForwardParams& p, int64_t r, const W* w, const W*
 // dx[i] = rstd (g - c_g - xhat c_gx) (+ dres[i]), g = dy w (w optional), xhat = (x - mean) rstd,
 // in Acc for i in [i0, n): the values past the vectors, and every value of the fp64 rows.
 // (d/dx of y = xhat w + b: dx = rstd (g - mean(g) - xhat mean(g xhat)); RMS drops mean(g).)
-template <typename Acc, typename T>
-void input_grads(int64_t i0, int64_t n, const T* src, const T* dy, const T* w, const T* dres, Acc mean, Acc rstd, Acc c_g,
+template <typename Acc, typename T, typename W>
+void input_grads(int64_t i0, int64_t n, const T* src, const T* dy, const W* w, const T* dres, Acc mean, Acc rstd, Acc c_g,
                  Acc c_gx, T* dx) {
   for (int64_t i = i0; i < n; ++i) {
     const Acc xhat = (static_cast<Acc>(src[i]) - mean) * rstd;
@@ -243,11 +243,10 @@ void input_grads(int64_t i0, int64_t n, const T* src, const T* dy, const T* w, c
 
 // The fp32 backward of one row (the 16-bit types and fp32), in vectors where whole ones fit:
 // the two sums as vec_row_sums orders them (lanes, then blocks), dweight/dbias added into
-// this thread's accumulators (kGrads).
-template <typename T, bool kWeight, bool kGrads>
-void backward_row_vec(const NormBackwardParams& p, int64_t r, float* dw, float* db) {
+// this thread's accumulators (kGrads). w: T, or fp32 with the weight's offset added.
+template <typename T, bool kWeight, bool kGrads, typename W>
+void backward_row_vec(const NormBackwardParams& p, int64_t r, const W* w, float* dw, float* db) {
   const int64_t n = p.cols;
-  const T* w = static_cast<const T*>(p.weight);
   const T* src = static_cast<const T*>(p.xin) + r * p.xin_row_stride;
   const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
   const float mean = p.rms ? 0.0f : static_cast<const float*>(p.mean)[r];
@@ -312,7 +311,8 @@ void backward_row_vec(const NormBackwardParams& p, int64_t r, float* dw, float* 
 }  // namespace
 
 template <Isa I, Dtype D>
-void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end, bool stream) {
+void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_t end, bool stream, const void* weight,
+                               const void* bias) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
   if constexpr (std::is_same_v<Acc, float>) {
@@ -324,6 +324,7 @@ void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_
         for (int64_t r = begin; r < end; ++r) forward_row_vec<T, false>(p, r, w, b);
       }
     };
+    if (weight) return rows(static_cast<const float*>(weight), static_cast<const float*>(bias));
     const T* w = static_cast<const T*>(p.weight);
     const T* b = static_cast<const T*>(p.bias);
     if constexpr (!std::is_same_v<T, float>) {
@@ -338,8 +339,9 @@ void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_
     return;
   }
   const int64_t n = p.cols;
-  const T* w = static_cast<const T*>(p.weight);
-  const T* b = static_cast<const T*>(p.bias);
+  // (fp64: the converted vectors are fp64 as well)
+  const T* w = static_cast<const T*>(weight ? weight : p.weight);
+  const T* b = static_cast<const T*>(weight ? bias : p.bias);
   for (int64_t r = begin; r < end; ++r) {
     const T* src = static_cast<const T*>(p.x) + r * p.x_row_stride;
     if (p.residual) {
@@ -369,25 +371,25 @@ void norm_forward_rows_generic(const NormForwardParams& p, int64_t begin, int64_
 
 template <Isa I, Dtype D>
 void norm_backward_rows_generic(
-    const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc) {
+    const NormBackwardParams& p, int64_t begin, int64_t end, void* dweight_acc, void* dbias_acc, const void* weight) {
   using T = typename Types<D>::T;
   using Acc = typename Types<D>::Acc;
   const int64_t n = p.cols;
-  const T* w = static_cast<const T*>(p.weight);
   Acc* dw = static_cast<Acc*>(dweight_acc);
   Acc* db = static_cast<Acc*>(dbias_acc);
   if constexpr (std::is_same_v<Acc, float>) {
     // (dweight and dbias come together: the glue allocates both or neither)
-    const auto rows = [&](auto weight, auto grads) {
-      for (int64_t r = begin; r < end; ++r) backward_row_vec<T, weight, grads>(p, r, dw, db);
+    const auto rows = [&](auto has_weight, auto grads, const auto* w) {
+      for (int64_t r = begin; r < end; ++r) backward_row_vec<T, has_weight, grads>(p, r, w, dw, db);
     };
-    if (w) {
-      dw ? rows(std::true_type{}, std::true_type{}) : rows(std::true_type{}, std::false_type{});
-    } else {
-      dw ? rows(std::false_type{}, std::true_type{}) : rows(std::false_type{}, std::false_type{});
-    }
-    return;
+    const auto with_grads = [&](auto has_weight, const auto* w) {
+      dw ? rows(has_weight, std::true_type{}, w) : rows(has_weight, std::false_type{}, w);
+    };
+    if (weight) return with_grads(std::true_type{}, static_cast<const float*>(weight));
+    if (p.weight) return with_grads(std::true_type{}, static_cast<const T*>(p.weight));
+    return with_grads(std::false_type{}, static_cast<const T*>(nullptr));
   }
+  const T* w = static_cast<const T*>(weight ? weight : p.weight);  // (fp64: the converted vector is fp64)
   for (int64_t r = begin; r < end; ++r) {
     const T* src = static_cast<const T*>(p.xin) + r * p.xin_row_stride;
     const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
@@ -417,8 +419,10 @@ void norm_backward_rows_generic(
 }
 
 #define FASTARCH_INSTANTIATE(D)                                                                 \
-  template void norm_forward_rows_generic<kPortableBuild, D>(const NormForwardParams&, int64_t, int64_t, bool); \
-  template void norm_backward_rows_generic<kPortableBuild, D>(const NormBackwardParams&, int64_t, int64_t, void*, void*);
+  template void norm_forward_rows_generic<kPortableBuild, D>(const NormForwardParams&, int64_t, int64_t, bool, \
+                                                             const void*, const void*);                      \
+  template void norm_backward_rows_generic<kPortableBuild, D>(const NormBackwardParams&, int64_t, int64_t, void*, void*, \
+                                                              const void*);
 FASTARCH_INSTANTIATE(Dtype::f32)
 FASTARCH_INSTANTIATE(Dtype::f64)
 FASTARCH_INSTANTIATE(Dtype::f16)

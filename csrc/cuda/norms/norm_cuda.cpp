@@ -97,7 +97,7 @@ cudaError_t launch_backward(
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(
     const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, double eps, bool rms) {
+    const std::optional<Tensor>& bias, double eps, bool rms, double weight_offset) {
   TORCH_CHECK(x.is_cuda(), kWho, ": x must be a CUDA tensor, got ", x.device());
   norm_glue::check_forward(kWho, x, residual, weight, bias);
   const Dtype d = dtype_of(x, "x");
@@ -115,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(
   if (rows == 0) return {y, residual_out, mean, rstd};
 
   const NormForwardParams p =
-      norm_glue::forward_params(xv, residual_v, weight_v, bias_v, y, residual_out, mean, rstd, eps, rms);
+      norm_glue::forward_params(xv, residual_v, weight_v, bias_v, y, residual_out, mean, rstd, eps, rms, weight_offset);
   C10_CUDA_CHECK(launch_forward(d, p, c10::cuda::getCurrentCUDAStream().stream()));
   return {y, residual_out, mean, rstd};
 }
@@ -123,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(
 std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(
     const Tensor& dy, const std::optional<Tensor>& dresidual_out, const Tensor& xin,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& mean, const Tensor& rstd, bool need_dweight,
-    bool need_dbias) {
+    bool need_dbias, double weight_offset) {
   TORCH_CHECK(xin.is_cuda(), kWho, " backward: xin must be a CUDA tensor, got ", xin.device());
   const Dtype d = dtype_of(xin, "xin");
   norm_glue::check_backward(kWho, dy, dresidual_out, xin, weight, mean, rstd, need_dweight, at::kFloat);
@@ -146,7 +146,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(
   const std::optional<Tensor> dresidual_out_v = vector_ready(dresidual_out, cols);
   const Tensor xin_v = vector_ready(xin, cols);
   const std::optional<Tensor> weight_v = vector_ready(weight, cols);
-  const NormBackwardParams p = norm_glue::backward_params(dy_v, dresidual_out_v, xin_v, weight_v, mean, rstd, dx);
+  const NormBackwardParams p =
+      norm_glue::backward_params(dy_v, dresidual_out_v, xin_v, weight_v, mean, rstd, dx, weight_offset);
 
   NormBackwardPlan plan;
   C10_CUDA_CHECK(plan_backward(d, p, weight_grads, &plan));

@@ -231,6 +231,12 @@ __device__ __forceinline__ RowStats row_stats(bool rms, float mean, float sum_de
   return {mean, correction, in_range ? inverse_std(var, eps) : __int_as_float(0x7fc00000)};  // quiet NaN
 }
 
+// w + offset, in fp32 (Gemma's 1 + weight); w itself without an offset (w + 0 would turn a -0
+// weight into +0, and the product's sign with it).
+__device__ __forceinline__ float offset_weight(float w, double offset) {
+  return offset != 0.0 ? __fadd_rn(w, static_cast<float>(offset)) : w;
+}
+
 // ((s - mean) - correction) * rstd * w + b, rounded operation by operation like the reference.
 __device__ __forceinline__ float normalize(float s, const RowStats& st, bool has_w, float w, bool has_b, float b) {
   float v = __fmul_rn(__fsub_rn(__fsub_rn(s, st.mean), st.correction), st.rstd);
@@ -344,7 +350,8 @@ __global__ void __launch_bounds__(fwd_max_threads<kVec>(), 1)
         float f[kVec];
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          f[e] = normalize(xs[k].get(e), st, w != nullptr, w ? wa.get(e) : 1.f, b != nullptr, b ? ba.get(e) : 0.f);
+          const float we = w ? offset_weight(wa.get(e), p.weight_offset) : 1.f;
+          f[e] = normalize(xs[k].get(e), st, w != nullptr, we, b != nullptr, b ? ba.get(e) : 0.f);
         }
         P o;
         o.set(f);
@@ -479,7 +486,8 @@ __global__ void __launch_bounds__(kLoopThreads, 1) norm_fwd_looped_kernel(const 
           float f[kVec];
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            f[e] = normalize(xs[u].get(e), st, w != nullptr, w ? wa.get(e) : 1.f, b != nullptr, b ? ba.get(e) : 0.f);
+            const float we = w ? offset_weight(wa.get(e), p.weight_offset) : 1.f;
+            f[e] = normalize(xs[u].get(e), st, w != nullptr, we, b != nullptr, b ? ba.get(e) : 0.f);
           }
           P o;
           o.set(f);
@@ -584,7 +592,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
       for (int e = 0; e < kVec; ++e) {
         const float d = da[k].get(e);
         const float xh = (xa[k].get(e) - mean) * rstd;
-        const float g = w ? __fmul_rn(d, wa.get(e)) : d;
+        const float g = w ? __fmul_rn(d, offset_weight(wa.get(e), p.weight_offset)) : d;
         if (weight_grads) {
           dw[k][e] += d * xh;
           db[k][e] += d;
@@ -613,7 +621,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
         for (int e = 0; e < kVec; ++e) {
           const float d = da[k].get(e);
           const float xh = (xa[k].get(e) - mean) * rstd;
-          const float g = w ? __fmul_rn(d, wa.get(e)) : d;
+          const float g = w ? __fmul_rn(d, offset_weight(wa.get(e), p.weight_offset)) : d;
           f[e] = input_grad(g, xh, rstd, c_g, c_gx);
           if (dres) f[e] = __fadd_rn(f[e], ra.get(e));
         }
@@ -718,7 +726,7 @@ __global__ void __launch_bounds__(kLoopThreads, 1) norm_bwd_looped_kernel(const 
           for (int e = 0; e < kVec; ++e) {
             const float xh = (xa[u].get(e) - mean) * rstd;
             const float d = da[u].get(e);
-            const float g = w ? __fmul_rn(d, wa.get(e)) : d;
+            const float g = w ? __fmul_rn(d, offset_weight(wa.get(e), p.weight_offset)) : d;
             sums[0] += g;
             sums[1] += g * xh;
           }
@@ -754,7 +762,7 @@ __global__ void __launch_bounds__(kLoopThreads, 1) norm_bwd_looped_kernel(const 
           for (int e = 0; e < kVec; ++e) {
             const float xh = (xa[u].get(e) - mean) * rstd;
             const float d = da[u].get(e);
-            const float g = w ? __fmul_rn(d, wa.get(e)) : d;
+            const float g = w ? __fmul_rn(d, offset_weight(wa.get(e), p.weight_offset)) : d;
             f[e] = input_grad(g, xh, rstd, c_g, c_gx);
             if (dres) f[e] = __fadd_rn(f[e], ra.get(e));
           }

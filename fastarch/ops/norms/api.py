@@ -34,7 +34,8 @@ def _check_tensor(t: object, name: str, op: str) -> Tensor:
 
 
 def _check_inputs(
-    op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
+    op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+    weight_offset: float = 0.0,
 ) -> None:
     """Raises a ValueError/TypeError naming the bad argument and what was expected: each op's
     check (dispatch.custom_op), run once per call before torch's own argument parsing."""
@@ -62,6 +63,17 @@ def _check_inputs(
         if t.device != x.device:
             raise ValueError(f"fastarch.{op}: {name} must be on x's device {x.device}, got {t.device}")
     check_eps(op, eps)
+    _check_weight_offset(op, weight_offset, weight)
+
+
+def _check_weight_offset(op: str, offset: object, weight: Tensor | None) -> None:
+    """weight_offset: a finite float, non-zero only with a weight (it offsets the weight)."""
+    if isinstance(offset, bool) or not isinstance(offset, (int, float, torch.SymFloat)):
+        raise TypeError(f"fastarch.{op}: weight_offset must be a float, got {type(offset).__name__}")
+    if not -1.7976931348623157e308 <= offset <= 1.7976931348623157e308:
+        raise ValueError(f"fastarch.{op}: weight_offset must be finite, got {offset}")
+    if offset != 0 and weight is None:
+        raise ValueError(f"fastarch.{op}: weight_offset={offset} needs a weight (it is added to the weight)")
 
 
 def check_eps(op: str, eps: object) -> None:
@@ -82,12 +94,13 @@ def _vector(t: Tensor | None) -> Tensor | None:
 
 def _forward(
     op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
-    backend: str,
+    weight_offset: float, backend: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     x2 = as_rows(x)
     impl = registry.choose(op, NormProblem.of(x2), backend)
     y, residual_out, mean, rstd = impl.forward(
-        x2, as_rows(residual) if residual is not None else None, _vector(weight), _vector(bias), float(eps), rms
+        x2, as_rows(residual) if residual is not None else None, _vector(weight), _vector(bias), float(eps), rms,
+        float(weight_offset),
     )
     if x.dim() == 2:
         return y, residual_out, mean, rstd
@@ -115,10 +128,12 @@ def _norm_backward(
     rstd: Tensor,
     need_dweight: bool,
     need_dbias: bool,
+    weight_offset: float = 0.0,
     backend: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of every norm op: dx, dweight, dbias (empty when not wanted).
-    xin: the normalization's input (..., N); RMSNorm when mean is None."""
+    xin: the normalization's input (..., N); RMSNorm when mean is None; the forward multiplied
+    by weight + weight_offset."""
     op = "rms_norm" if mean is None else "layer_norm"
     x2 = as_rows(xin)
     impl = registry.choose(op, NormProblem.of(x2), backend)
@@ -132,6 +147,7 @@ def _norm_backward(
         rstd.reshape(rows).contiguous(),
         need_dweight,
         need_dbias,
+        float(weight_offset),
     )
     return (
         dx.view(xin.shape),
@@ -141,7 +157,7 @@ def _norm_backward(
 
 
 @_norm_backward.register_fake
-def _(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias, backend=""):
+def _(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias, weight_offset=0.0, backend=""):
     n = xin.shape[-1]
     return xin.new_empty(xin.shape), xin.new_empty(n if need_dweight else 0), xin.new_empty(n if need_dbias else 0)
 
@@ -152,7 +168,7 @@ def _grads(ctx, dy: Tensor, dresidual_out: Tensor | None, weight_index: int, bia
     need_dweight = weight is not None and ctx.needs_input_grad[weight_index]
     need_dbias = bias_index is not None and ctx.has_bias and ctx.needs_input_grad[bias_index]
     dx, dweight, dbias = _norm_backward(
-        dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias, ctx.backend
+        dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias, ctx.weight_offset, ctx.backend
     )
     return dx, dweight if need_dweight else None, dbias if need_dbias else None
 
@@ -162,75 +178,86 @@ def _grads(ctx, dy: Tensor, dresidual_out: Tensor | None, weight_index: int, bia
 
 @dispatch.custom_op(
     "fastarch::layer_norm",
-    check=lambda x, weight, bias, eps, backend="": _check_inputs("layer_norm", x, None, weight, bias, eps),
+    check=lambda x, weight, bias, eps, weight_offset=0.0, backend="": _check_inputs(
+        "layer_norm", x, None, weight, bias, eps, weight_offset
+    ),
 )
 def _layer_norm(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = ""
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, weight_offset: float = 0.0, backend: str = ""
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, _, mean, rstd = _forward("layer_norm", x, None, weight, bias, eps, False, backend)
+    y, _, mean, rstd = _forward("layer_norm", x, None, weight, bias, eps, False, weight_offset, backend)
     return y, mean, rstd
 
 
 @_layer_norm.register_fake
-def _(x, weight, bias, eps, backend=""):
+def _(x, weight, bias, eps, weight_offset=0.0, backend=""):
     y, _, stats = _fake_forward(x)
     return y, stats, stats.new_empty(stats.shape)
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, _, backend = inputs
+    x, weight, bias, _, weight_offset, backend = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias, ctx.backend = bias is not None, backend
+    ctx.has_bias, ctx.weight_offset, ctx.backend = bias is not None, weight_offset, backend
 
 
 def _layer_norm_backward(ctx, dy, dmean, drstd):
     dx, dweight, dbias = _grads(ctx, dy, None, 1, 2)
-    return dx, dweight, dbias, None, None
+    return dx, dweight, dbias, None, None, None
 
 
 _layer_norm.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
 def layer_norm(
-    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, *, backend: str | None = None
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, *,
+    weight_offset: float = 0.0, backend: str | None = None,
 ) -> Tensor:
     """LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias.
 
     x: (..., N) float32/float16/bfloat16 (float64 on cpu and reference); weight, bias: (N,) or
-    None; statistics in fp32. backend: force "cuda", "cpu", "triton" or "reference" (default:
-    the innermost ``fastarch.backend(...)`` block, FASTARCH_BACKEND, else the fastest able).
+    None; statistics in fp32. weight_offset: multiply by weight + weight_offset instead, the sum
+    in fp32 (fp64 for fp64 x): a weight stored as its difference from 1, as Gemma's norms and
+    Megatron's "layernorm_1p" store it (weight_offset=1.0); the weight's gradient is the same.
+    backend: force "cuda", "cpu", "triton" or "reference" (default: the innermost
+    ``fastarch.backend(...)`` block, FASTARCH_BACKEND, else the fastest able).
     Returns y: (..., N), contiguous, x's dtype.
     """
-    return _layer_norm(x, weight, bias, eps, registry.requested_backend(backend))[0]
+    return _layer_norm(x, weight, bias, eps, weight_offset, registry.requested_backend(backend))[0]
 
 
 # ----------------------------------------------------------------------------- rms_norm
 
 
 @dispatch.custom_op(
-    "fastarch::rms_norm", check=lambda x, weight, eps, backend="": _check_inputs("rms_norm", x, None, weight, None, eps)
+    "fastarch::rms_norm",
+    check=lambda x, weight, eps, weight_offset=0.0, backend="": _check_inputs(
+        "rms_norm", x, None, weight, None, eps, weight_offset
+    ),
 )
-def _rms_norm(x: Tensor, weight: Tensor | None, eps: float, backend: str = "") -> tuple[Tensor, Tensor]:
-    y, _, _, rstd = _forward("rms_norm", x, None, weight, None, eps, True, backend)
+def _rms_norm(
+    x: Tensor, weight: Tensor | None, eps: float, weight_offset: float = 0.0, backend: str = ""
+) -> tuple[Tensor, Tensor]:
+    y, _, _, rstd = _forward("rms_norm", x, None, weight, None, eps, True, weight_offset, backend)
     return y, rstd
 
 
 @_rms_norm.register_fake
-def _(x, weight, eps, backend=""):
+def _(x, weight, eps, weight_offset=0.0, backend=""):
     y, _, stats = _fake_forward(x)
     return y, stats
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, _, backend = inputs
+    x, weight, _, weight_offset, backend = inputs
     ctx.save_for_backward(x, weight, None, output[1])
-    ctx.has_bias, ctx.backend = False, backend
+    ctx.has_bias, ctx.weight_offset, ctx.backend = False, weight_offset, backend
 
 
 def _rms_norm_backward(ctx, dy, drstd):
     dx, dweight, _ = _grads(ctx, dy, None, 1, None)
-    return dx, dweight, None, None
+    return dx, dweight, None, None, None
 
 
 _rms_norm.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
@@ -243,14 +270,19 @@ def _default_rms_eps(x: Tensor, eps: float | None) -> float:
     return eps
 
 
-def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, *, backend: str | None = None) -> Tensor:
-    """RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight.
+def rms_norm(
+    x: Tensor, weight: Tensor | None = None, eps: float | None = None, *, weight_offset: float = 0.0,
+    backend: str | None = None,
+) -> Tensor:
+    """RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * (weight + weight_offset).
 
     x: (..., N); weight: (N,) or None; eps: default torch.finfo(x.dtype).eps as in
-    torch.nn.functional.rms_norm. Returns y: (..., N). backend: as in layer_norm.
+    torch.nn.functional.rms_norm; weight_offset: 1.0 for Gemma's RMSNorm (its x̂ * (1 + weight),
+    the sum in fp32 as Gemma computes it; see layer_norm). Returns y: (..., N). backend: as in
+    layer_norm.
     """
     eps = _default_rms_eps(x, eps)
-    return _rms_norm(x, weight, eps, registry.requested_backend(backend))[0]
+    return _rms_norm(x, weight, eps, weight_offset, registry.requested_backend(backend))[0]
 
 
 # ----------------------------------------------------------------------------- add_layer_norm
@@ -258,33 +290,35 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, 
 
 @dispatch.custom_op(
     "fastarch::add_layer_norm",
-    check=lambda x, residual, weight, bias, eps, backend="": _check_inputs(
-        "add_layer_norm", x, residual, weight, bias, eps
+    check=lambda x, residual, weight, bias, eps, weight_offset=0.0, backend="": _check_inputs(
+        "add_layer_norm", x, residual, weight, bias, eps, weight_offset
     ),
 )
 def _add_layer_norm(
-    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str = ""
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, weight_offset: float = 0.0,
+    backend: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, residual_out, mean, rstd = _forward("add_layer_norm", x, residual, weight, bias, eps, False, backend)
+    y, residual_out, mean, rstd = _forward("add_layer_norm", x, residual, weight, bias, eps, False, weight_offset,
+                                           backend)
     return y, residual_out, mean, rstd
 
 
 @_add_layer_norm.register_fake
-def _(x, residual, weight, bias, eps, backend=""):
+def _(x, residual, weight, bias, eps, weight_offset=0.0, backend=""):
     y, residual_out, stats = _fake_forward(x)
     return y, residual_out, stats, stats.new_empty(stats.shape)
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    _, _, weight, bias, _, backend = inputs
+    _, _, weight, bias, _, weight_offset, backend = inputs
     _, residual_out, mean, rstd = output
     ctx.save_for_backward(residual_out, weight, mean, rstd)
-    ctx.has_bias, ctx.backend = bias is not None, backend
+    ctx.has_bias, ctx.weight_offset, ctx.backend = bias is not None, weight_offset, backend
 
 
 def _add_layer_norm_backward(ctx, dy, dresidual_out, dmean, drstd):
     dx, dweight, dbias = _grads(ctx, dy, dresidual_out, 2, 3)
-    return dx, dx, dweight, dbias, None, None  # residual_out = x + residual: same gradient
+    return dx, dx, dweight, dbias, None, None, None  # residual_out = x + residual: same gradient
 
 
 _add_layer_norm.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
@@ -297,15 +331,16 @@ def add_layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     *,
+    weight_offset: float = 0.0,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The pre-norm transformer's fused residual: s = x + residual, then LayerNorm of s.
 
     x, residual: (..., N), same dtype; weight, bias: (N,) or None. Returns (y, s), both
     (..., N); s is rounded to x's dtype before it is normalized, exactly as
-    ``layer_norm(x + residual)`` would see it. backend: as in layer_norm.
+    ``layer_norm(x + residual)`` would see it. weight_offset, backend: as in layer_norm.
     """
-    y, s, _, _ = _add_layer_norm(x, residual, weight, bias, eps, registry.requested_backend(backend))
+    y, s, _, _ = _add_layer_norm(x, residual, weight, bias, eps, weight_offset, registry.requested_backend(backend))
     return y, s
 
 
@@ -314,42 +349,46 @@ def add_layer_norm(
 
 @dispatch.custom_op(
     "fastarch::add_rms_norm",
-    check=lambda x, residual, weight, eps, backend="": _check_inputs("add_rms_norm", x, residual, weight, None, eps),
+    check=lambda x, residual, weight, eps, weight_offset=0.0, backend="": _check_inputs(
+        "add_rms_norm", x, residual, weight, None, eps, weight_offset
+    ),
 )
 def _add_rms_norm(
-    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, backend: str = ""
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float = 0.0, backend: str = ""
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, residual_out, _, rstd = _forward("add_rms_norm", x, residual, weight, None, eps, True, backend)
+    y, residual_out, _, rstd = _forward("add_rms_norm", x, residual, weight, None, eps, True, weight_offset, backend)
     return y, residual_out, rstd
 
 
 @_add_rms_norm.register_fake
-def _(x, residual, weight, eps, backend=""):
+def _(x, residual, weight, eps, weight_offset=0.0, backend=""):
     return _fake_forward(x)
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
-    _, _, weight, _, backend = inputs
+    _, _, weight, _, weight_offset, backend = inputs
     _, residual_out, rstd = output
     ctx.save_for_backward(residual_out, weight, None, rstd)
-    ctx.has_bias, ctx.backend = False, backend
+    ctx.has_bias, ctx.weight_offset, ctx.backend = False, weight_offset, backend
 
 
 def _add_rms_norm_backward(ctx, dy, dresidual_out, drstd):
     dx, dweight, _ = _grads(ctx, dy, dresidual_out, 2, None)
-    return dx, dx, dweight, None, None
+    return dx, dx, dweight, None, None, None
 
 
 _add_rms_norm.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
 
 
 def add_rms_norm(
-    x: Tensor, residual: Tensor, weight: Tensor | None = None, eps: float | None = None, *, backend: str | None = None
+    x: Tensor, residual: Tensor, weight: Tensor | None = None, eps: float | None = None, *, weight_offset: float = 0.0,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """s = x + residual, then RMSNorm of s (the LLaMA-family pre-norm). Returns (y, s).
 
-    x, residual: (..., N); weight: (N,) or None; eps as in rms_norm. backend: as in layer_norm.
+    x, residual: (..., N); weight: (N,) or None; eps, weight_offset as in rms_norm. backend: as
+    in layer_norm.
     """
     eps = _default_rms_eps(x, eps)
-    y, s, _ = _add_rms_norm(x, residual, weight, eps, registry.requested_backend(backend))
+    y, s, _ = _add_rms_norm(x, residual, weight, eps, weight_offset, registry.requested_backend(backend))
     return y, s

@@ -1,8 +1,8 @@
 """The norms' backends, in priority order, each with what it supports: the one table.
 
 All four share one kernel-level interface (see reference.py): forward(x, residual, weight,
-bias, eps, rms) and backward(dy, dresidual_out, xin, weight, mean, rstd, need_dweight,
-need_dbias) on 2-D (rows, cols) inputs with contiguous columns.
+bias, eps, rms, weight_offset=0.0) and backward(dy, dresidual_out, xin, weight, mean, rstd,
+need_dweight, need_dbias, weight_offset=0.0) on 2-D (rows, cols) inputs with contiguous columns.
 """
 
 from __future__ import annotations
@@ -60,12 +60,13 @@ def _reference_supports(p: NormProblem) -> str | None:
 def _adapt(forward_op, backward_op):
     """The kernel ops return empty tensors for absent results; the interface returns None."""
 
-    def forward(x, residual, weight, bias, eps, rms):
-        y, residual_out, mean, rstd = forward_op(x, residual, weight, bias, eps, rms)
+    def forward(x, residual, weight, bias, eps, rms, weight_offset=0.0):
+        y, residual_out, mean, rstd = forward_op(x, residual, weight, bias, eps, rms, weight_offset)
         return y, residual_out if residual is not None else None, None if rms else mean, rstd
 
-    def backward(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias):
-        dx, dweight, dbias = backward_op(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias)
+    def backward(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias, weight_offset=0.0):
+        dx, dweight, dbias = backward_op(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias,
+                                         weight_offset)
         return dx, dweight if need_dweight else None, dbias if need_dbias else None
 
     return forward, backward

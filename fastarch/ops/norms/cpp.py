@@ -21,7 +21,7 @@ def backward(*args):
 if availability.cpu() is None:  # _C loaded: its ops need fakes for torch.compile and opcheck
 
     @torch.library.register_fake("fastarch::_norm_fwd")
-    def _(x, residual, weight, bias, eps, rms):
+    def _(x, residual, weight, bias, eps, rms, weight_offset=0.0):
         rows, cols = x.shape
         stats = stats_dtype(x.dtype)
         return (
@@ -32,6 +32,6 @@ if availability.cpu() is None:  # _C loaded: its ops need fakes for torch.compil
         )
 
     @torch.library.register_fake("fastarch::_norm_bwd")
-    def _(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias):
+    def _(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias, weight_offset=0.0):
         cols = xin.shape[1]
         return xin.new_empty(xin.shape), xin.new_empty(cols if need_dweight else 0), xin.new_empty(cols if need_dbias else 0)

@@ -3,6 +3,8 @@
 Kernel-level interface shared by every norm backend (see backends.py):
 ``x``, ``residual``, ``dy`` and ``dresidual_out`` are 2-D (rows, cols) with contiguous
 columns; ``weight``/``bias`` are (cols,); statistics are fp32 (fp64 for fp64 inputs).
+``weight_offset``: the weight the rows are multiplied by is weight + weight_offset, added in
+the statistics dtype (Gemma's ``1 + weight.float()``); the weight's gradient is unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _scale(weight: Tensor, acc: torch.dtype, offset: float) -> Tensor:
+    """weight + offset in the statistics dtype."""
+    w = weight.to(acc)
+    return w if offset == 0.0 else w + offset
+
+
 def norm_forward_ref(
-    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """LayerNorm (or RMSNorm when ``rms``) of ``x`` (+ ``residual``) over the last dim.
 
@@ -48,7 +57,7 @@ def norm_forward_ref(
         xhat = (deviation - correction) * rstd
         mean, rstd = (mean + correction).squeeze(-1), rstd.squeeze(-1)
     if weight is not None:
-        xhat = xhat * weight.to(acc)
+        xhat = xhat * _scale(weight, acc, weight_offset)
     if bias is not None:
         xhat = xhat + bias.to(acc)
     return xhat.to(x.dtype), residual_out, mean, rstd
@@ -63,6 +72,7 @@ def norm_backward_ref(
     rstd: Tensor,
     need_dweight: bool,
     need_dbias: bool,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients of ``norm_forward_ref``: dx (rows, cols), dweight (cols,), dbias (cols,).
 
@@ -73,7 +83,7 @@ def norm_backward_ref(
     xf = xin.to(acc)
     xhat = (xf if mean is None else xf - mean[:, None]) * rstd[:, None]
     dyf = dy.to(acc)
-    g = dyf * weight.to(acc) if weight is not None else dyf
+    g = dyf * _scale(weight, acc, weight_offset) if weight is not None else dyf
     # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMS norm has no mean(g) term.
     dx = g - xhat * (g * xhat).mean(-1, keepdim=True)
     if mean is not None:

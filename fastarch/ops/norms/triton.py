@@ -18,9 +18,10 @@ if _kernels is not None and availability.TRITON_OPS:  # (registered where they c
 
     @torch.library.triton_op("fastarch::_triton_norm_fwd", mutates_args=())
     def _triton_norm_fwd(
-        x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+        x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
+        weight_offset: float = 0.0,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        y, residual_out, mean, rstd = _kernels.norm_forward(x, residual, weight, bias, eps, rms)
+        y, residual_out, mean, rstd = _kernels.norm_forward(x, residual, weight, bias, eps, rms, weight_offset)
         empty = rstd.new_empty(0)
         return y, residual_out if residual_out is not None else x.new_empty(0), mean if mean is not None else empty, rstd
 
@@ -34,8 +35,10 @@ if _kernels is not None and availability.TRITON_OPS:  # (registered where they c
         rstd: Tensor,
         need_dweight: bool,
         need_dbias: bool,
+        weight_offset: float = 0.0,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        dx, dweight, dbias = _kernels.norm_backward(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias)
+        dx, dweight, dbias = _kernels.norm_backward(dy, dresidual_out, xin, weight, mean, rstd, need_dweight, need_dbias,
+                                                    weight_offset)
         return dx, dweight if dweight is not None else xin.new_empty(0), dbias if dbias is not None else xin.new_empty(0)
 
 

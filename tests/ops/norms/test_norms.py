@@ -329,3 +329,138 @@ def test_cpu_isa_switch_is_real(cpu_isa):
         assert _C.build_info()["cpu_isa"] in ("avx512", "avx512_bf16", "amx")
     else:
         assert _C.build_info()["cpu_isa"] == ("avx2" if avx2 else "generic")
+
+
+# ----------------------------------------------------------------------------- weight_offset
+
+OFFSET_BACKENDS = [  # (backend, device, isa of the cpu kernels)
+    pytest.param(("cpu", "cpu", "auto"), id="cpu"),
+    pytest.param(("cpu", "cpu", "generic"), id="cpu-generic"),
+    pytest.param(("cpu", "cpu", "avx2"), id="cpu-avx2"),
+    pytest.param(("reference", "cpu", "auto"), id="reference"),
+    pytest.param(("triton", TRITON_DEVICE, "auto"), id="triton"),
+    pytest.param(("cuda", "cuda", "auto"), id="cuda", marks=GPU),
+]
+# 8200 columns: past the portable forward's fp32 row copy (8192), where it reads the weight as given
+OFFSET_SHAPES = [(33, 300), (3, 8200)]
+
+
+def call_offset(op, x, residual, weight, bias, eps, backend, offset):
+    """Our op with weight_offset, outputs as in call_ours."""
+    kw = dict(weight_offset=offset, backend=backend)
+    if op == "layer_norm":
+        return (ops.layer_norm(x, weight, bias, eps, **kw),)
+    if op == "rms_norm":
+        return (ops.rms_norm(x, weight, eps, **kw),)
+    if op == "add_layer_norm":
+        return ops.add_layer_norm(x, residual, weight, bias, eps, **kw)
+    return ops.add_rms_norm(x, residual, weight, eps, **kw)
+
+
+def call_gemma_style(op, x, residual, weight, bias, eps, offset):
+    """The offset norm as Gemma's RMSNorm computes it: in fp32 (fp64 for fp64 inputs), the
+    weight's sum 1.0 + weight.float() there too, rounded to x's dtype once."""
+    is_rms, has_residual = OPS[op]
+    s = x + residual if has_residual else x
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = x.shape[-1:]
+    w = weight.to(acc) + offset
+    b = bias.to(acc) if bias is not None else None
+    y = F.rms_norm(s.to(acc), n, w, eps) if is_rms else F.layer_norm(s.to(acc), n, w, b, eps)
+    return (y.to(x.dtype), s) if has_residual else (y.to(x.dtype),)
+
+
+def _offset_cases():
+    """Each backend x op x dtype (fp64 where the backend has it) x shape."""
+    for b in OFFSET_BACKENDS:
+        backend = b.values[0][0]
+        dtypes = DTYPES + ([torch.float64] if backend in ("cpu", "reference") else [])
+        for op, dtype, shape in itertools.product(OPS, dtypes, OFFSET_SHAPES):
+            yield pytest.param(b.values[0], op, dtype, shape, marks=b.marks,
+                               id=f"{b.id}-{op}-{dtype}-{shape[0]}x{shape[1]}")
+
+
+@pytest.mark.parametrize("case,op,dtype,shape", list(_offset_cases()))
+def test_weight_offset(case, op, dtype, shape, cpu_isa):
+    """y = xhat * (weight + weight_offset) (+ bias), Gemma's stored-as-difference weight, in
+    every backend, forward and backward, against fp64 with the tolerances of the table above
+    (PyTorch's comparator: Gemma's own formula in fp32, rounded once); dweight is unchanged by
+    the offset."""
+    backend, device, isa = case
+    cpu_isa(isa)
+    rows, n = shape
+    x, residual, weight, bias = make_inputs(op, rows, n, dtype, device)
+    weight = (weight.double() - 1.0).to(dtype)  # stored as the difference from 1, as Gemma's
+    inputs = [x, residual, weight, bias]
+    eps, offset = 1e-6, 1.0
+
+    ours_in = [leaf(t) for t in inputs]
+    ours = call_offset(op, *ours_in, eps, backend, offset)
+    torch_in = [leaf(t) for t in inputs]
+    theirs = call_gemma_style(op, *torch_in, eps, offset)
+    s = theirs[-1].detach() if OPS[op][1] else x
+    ref_in = [leaf(s, torch.float64), None, leaf(weight, torch.float64), leaf(bias, torch.float64)]
+    ref = call_gemma_style(op.removeprefix("add_"), *ref_in, eps, offset)
+
+    assert_close_to_reference("y", ours[0], theirs[0], ref[0].detach(), dtype, FORWARD_FACTOR)
+    if OPS[op][1]:
+        assert torch.equal(ours[1], theirs[1]), "residual_out must equal x + residual exactly"
+    g = torch.Generator().manual_seed(7)
+    douts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype).to(device) for o in ours]
+    d_ours = grads_of(ours, ours_in, douts)
+    d_theirs = grads_of(theirs, torch_in, douts)
+    d_ref = grads_of(ref[:1], ref_in, douts[:1])
+    if OPS[op][1]:
+        d_ref[0] = d_ref[0] + douts[1].double()
+        d_ref[1] = d_ref[0]
+    for name, a, b, r in zip(("dx", "dresidual", "dweight", "dbias"), d_ours, d_theirs, d_ref):
+        if a is None:
+            assert b is None
+            continue
+        assert_close_to_reference(name, a, b, r.detach(), dtype, GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", OFFSET_BACKENDS)
+def test_weight_offset_is_added_in_fp32(case, dtype, cpu_isa):
+    """The 16-bit outputs are Gemma's own bits: the offset is added to the weight in fp32, not
+    in the weight's dtype (that extra rounding, up to half a bf16 ulp of 1 + weight, moves
+    about half the outputs by an ulp; the statistics' summation order moves a few near ties)."""
+    backend, device, isa = case
+    cpu_isa(isa)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 512, generator=g).to(dtype).to(device)
+    weight = (torch.randn(512, generator=g) * 0.3).to(dtype).to(device)
+    (ours,) = call_offset("rms_norm", x, None, weight, None, 1e-6, backend, 1.0)
+    (gemma,) = call_gemma_style("rms_norm", x, None, weight, None, 1e-6, 1.0)
+    ulp = torch.finfo(dtype).eps * gemma.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((ours.float() - gemma.float()).abs() <= ulp).all(), "an output more than one ulp from Gemma's"
+    same = (ours == gemma).double().mean().item()
+    assert same >= 0.99, f"only {same:.1%} of the outputs are Gemma's bits"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton", pytest.param("cuda", marks=GPU)])
+def test_weight_offset_zero_keeps_the_weight_bits(backend):
+    """weight_offset=0 multiplies by the weight as it is (w + 0.0 would turn a -0.0 weight
+    into +0.0, flipping the sign of the zeros it makes), and equals the op without it."""
+    device = {"cpu": "cpu", "reference": "cpu", "triton": TRITON_DEVICE, "cuda": "cuda"}[backend]
+    x = torch.randn(4, 64, device=device)
+    weight = torch.randn(64, device=device)
+    weight[::2] = -0.0
+    y = ops.rms_norm(x, weight, 1e-6, weight_offset=0.0, backend=backend)
+    assert torch.equal(y, ops.rms_norm(x, weight, 1e-6, backend=backend))
+    zeros = y[:, ::2]
+    assert torch.equal(torch.signbit(zeros), torch.signbit(x[:, ::2]) ^ True), "the signs of x * -0.0"
+    # and an offset of -1 cancels a weight of ones exactly
+    z = ops.rms_norm(x, torch.ones(64, device=device), 1e-6, weight_offset=-1.0, backend=backend)
+    assert torch.equal(z.abs(), torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton", pytest.param("cuda", marks=GPU)])
+def test_weight_offset_nan_weight_gives_nan(backend):
+    device = {"cpu": "cpu", "reference": "cpu", "triton": TRITON_DEVICE, "cuda": "cuda"}[backend]
+    x = torch.randn(3, 40, device=device)
+    weight = torch.zeros(40, device=device)
+    weight[7] = float("nan")
+    y = ops.rms_norm(x, weight, 1e-6, weight_offset=1.0, backend=backend)
+    assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, :7]).any()

@@ -13,18 +13,19 @@ from fastarch import ops
 OPS = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
 
-def call(op, x, residual=None, weight=None, bias=None, eps=1e-5, backend=None):
+def call(op, x, residual=None, weight=None, bias=None, eps=1e-5, backend=None, weight_offset=0.0):
     if residual is None and op.startswith("add_") and isinstance(x, torch.Tensor):
         residual = torch.zeros_like(x)
     if isinstance(residual, str):  # "none": the residual passed as None
         residual = None
+    kw = dict(weight_offset=weight_offset, backend=backend)
     if op == "layer_norm":
-        return ops.layer_norm(x, weight, bias, eps, backend=backend)
+        return ops.layer_norm(x, weight, bias, eps, **kw)
     if op == "rms_norm":
-        return ops.rms_norm(x, weight, eps, backend=backend)
+        return ops.rms_norm(x, weight, eps, **kw)
     if op == "add_layer_norm":
-        return ops.add_layer_norm(x, residual, weight, bias, eps, backend=backend)
-    return ops.add_rms_norm(x, residual, weight, eps, backend=backend)
+        return ops.add_layer_norm(x, residual, weight, bias, eps, **kw)
+    return ops.add_rms_norm(x, residual, weight, eps, **kw)
 
 
 x8 = torch.randn(4, 8)
@@ -45,6 +46,13 @@ BAD = {  # name -> (kwargs, exception, message pattern)
     "eps-negative": (dict(x=x8, eps=-1e-5), ValueError, "eps must be finite and >= 0"),
     "eps-string": (dict(x=x8, eps="1e-5"), TypeError, "eps must be a float, got str"),
     "eps-past-float": (dict(x=x8, eps=10**400), ValueError, "eps must be finite and >= 0"),
+    "offset-no-weight": (dict(x=x8, weight_offset=1.0), ValueError, "weight_offset=1.0 needs a weight"),
+    "offset-nan": (dict(x=x8, weight=torch.ones(8), weight_offset=float("nan")), ValueError,
+                   "weight_offset must be finite, got nan"),
+    "offset-inf": (dict(x=x8, weight=torch.ones(8), weight_offset=float("-inf")), ValueError,
+                   "weight_offset must be finite"),
+    "offset-string": (dict(x=x8, weight=torch.ones(8), weight_offset="1"), TypeError,
+                      "weight_offset must be a float, got str"),
     "backend-unknown": (dict(x=x8, backend="cudnn"), ValueError, "backend must be one of cuda, cpu, triton, reference"),
 }
 RESIDUAL_BAD = {

@@ -24,11 +24,14 @@ def inputs(rows=6, n=40, dtype=torch.float32, device="cpu", requires_grad=True):
 def public_op_cases(device="cpu"):
     x, r, w, b = inputs(device=device)
     return {
-        "layer_norm": (torch.ops.fastarch.layer_norm.default, (x, w, b, 1e-5, "")),
-        "layer_norm-no-affine": (torch.ops.fastarch.layer_norm.default, (x, None, None, 1e-5, "")),
-        "rms_norm": (torch.ops.fastarch.rms_norm.default, (x, w, 1e-6, "")),
-        "add_layer_norm": (torch.ops.fastarch.add_layer_norm.default, (x, r, w, b, 1e-5, "")),
-        "add_rms_norm": (torch.ops.fastarch.add_rms_norm.default, (x, r, w, 1e-6, "")),
+        "layer_norm": (torch.ops.fastarch.layer_norm.default, (x, w, b, 1e-5, 0.0, "")),
+        "layer_norm-no-affine": (torch.ops.fastarch.layer_norm.default, (x, None, None, 1e-5, 0.0, "")),
+        "layer_norm-offset": (torch.ops.fastarch.layer_norm.default, (x, w, b, 1e-5, 1.0, "")),
+        "rms_norm": (torch.ops.fastarch.rms_norm.default, (x, w, 1e-6, 0.0, "")),
+        "rms_norm-offset": (torch.ops.fastarch.rms_norm.default, (x, w, 1e-6, 1.0, "")),
+        "add_layer_norm": (torch.ops.fastarch.add_layer_norm.default, (x, r, w, b, 1e-5, 0.0, "")),
+        "add_rms_norm": (torch.ops.fastarch.add_rms_norm.default, (x, r, w, 1e-6, 0.0, "")),
+        "add_rms_norm-offset": (torch.ops.fastarch.add_rms_norm.default, (x, r, w, 1e-6, 1.0, "")),
     }
 
 
@@ -42,8 +45,9 @@ def test_opcheck_public_ops(case, backend):
 def test_opcheck_norm_backward():
     x, r, w, b = inputs(requires_grad=False)
     mean, rstd = x.mean(-1), torch.rsqrt(x.var(-1, unbiased=False) + 1e-5)
-    torch.library.opcheck(torch.ops.fastarch.norm_backward.default, (r, None, x, w, mean, rstd, True, True, ""))
-    torch.library.opcheck(torch.ops.fastarch.norm_backward.default, (r, x, x, None, None, rstd, False, False, ""))
+    torch.library.opcheck(torch.ops.fastarch.norm_backward.default, (r, None, x, w, mean, rstd, True, True, 0.0, ""))
+    torch.library.opcheck(torch.ops.fastarch.norm_backward.default, (r, None, x, w, mean, rstd, True, True, 1.0, ""))
+    torch.library.opcheck(torch.ops.fastarch.norm_backward.default, (r, x, x, None, None, rstd, False, False, 0.0, ""))
 
 
 def test_opcheck_cpp_kernel_ops():
@@ -51,8 +55,10 @@ def test_opcheck_cpp_kernel_ops():
     x, r, w, b = inputs(requires_grad=False)
     torch.library.opcheck(torch.ops.fastarch._norm_fwd.default, (x, r, w, b, 1e-5, False))
     torch.library.opcheck(torch.ops.fastarch._norm_fwd.default, (x, None, None, None, 1e-5, True))
+    torch.library.opcheck(torch.ops.fastarch._norm_fwd.default, (x, r, w, None, 1e-5, True, 1.0))
     _, _, mean, rstd = torch.ops.fastarch._norm_fwd(x, None, w, b, 1e-5, False)
     torch.library.opcheck(torch.ops.fastarch._norm_bwd.default, (r, None, x, w, mean, rstd, True, True))
+    torch.library.opcheck(torch.ops.fastarch._norm_bwd.default, (r, None, x, w, mean, rstd, True, True, 1.0))
 
 
 @pytest.mark.gpu
