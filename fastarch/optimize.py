@@ -109,7 +109,7 @@ def _norm_backend(module: nn.Module, x: Tensor, weight: Tensor | None) -> str:
 
 
 def _norm_direct(module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: object,
-                 rms: bool) -> Tensor | None:
+                 rms: bool, weight_offset: float = 0.0) -> Tensor | None:
     """The norm of x's last dim by the chosen backend's kernel called directly (_norm_backend
     chose one: x checked against the weight), or None where the op must run: autograd,
     torch.compile, a mode, an eps or a parameter shape the op would refuse."""
@@ -119,7 +119,8 @@ def _norm_direct(module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tens
         return None
     kernel = kernel_for(module._fastarch_op, (x.device.type, x.dtype, 1, 1), module._fastarch_backend)
     vector = None if weight is None else weight.contiguous()
-    y = kernel.forward(as_rows(x), None, vector, None if bias is None else bias.contiguous(), eps, rms)[0]
+    y = kernel.forward(as_rows(x), None, vector, None if bias is None else bias.contiguous(), eps, rms,
+                       weight_offset)[0]
     return y.view_as(x)
 
 
@@ -181,16 +182,20 @@ class RMSNorm(fnn.RMSNorm):
 
 class HFRMSNorm(fnn.RMSNorm):
     """A Hugging Face RMSNorm-style layer (LlamaRMSNorm, T5LayerNorm, ...: ``weight``,
-    ``variance_epsilon``) on fastarch's rms_norm, holding the same weight.
+    ``variance_epsilon``; GemmaRMSNorm's x̂ * (1 + weight): ``weight``, ``eps``,
+    weight_offset 1.0) on fastarch's rms_norm, holding the same weight.
 
-    When the input's dtype is the weight's, those layers compute x * rsqrt(mean(x^2) + eps) in
-    fp32 and round it to that dtype, then multiply by the weight and round again; fastarch
-    rounds once, at the end (the same value within one rounding, never further from the exact
-    one). Other dtype pairs (LLaMA and T5 promote them differently) run the original layer.
+    When the input's dtype is the weight's, LLaMA's and T5's layers compute
+    x * rsqrt(mean(x^2) + eps) in fp32 and round it to that dtype, then multiply by the weight
+    and round again; fastarch rounds once, at the end (the same value within one rounding,
+    never further from the exact one). Gemma's rounds once as fastarch does, 1 + weight added
+    in fp32 as fastarch adds it. Other dtype pairs (LLaMA and T5 promote them differently) run
+    the original layer.
     """
 
     _fastarch_op = "rms_norm"
     _fastarch_backend: str | None = None
+    weight_offset = 0.0  # 1.0: Gemma's (1 + weight)
 
     @property
     def variance_epsilon(self) -> float:
@@ -203,9 +208,10 @@ class HFRMSNorm(fnn.RMSNorm):
             if original._parameters["weight"] is not self.weight:  # reassigned since the swap
                 original._parameters["weight"] = self.weight
             return original(x)
-        if (y := _norm_direct(self, x, self.weight, None, self.eps, True)) is not None:
+        offset = self.weight_offset
+        if (y := _norm_direct(self, x, self.weight, None, self.eps, True, offset)) is not None:
             return y
-        return ops.rms_norm(x, self.weight, self.eps, backend=chosen)
+        return ops.rms_norm(x, self.weight, self.eps, weight_offset=offset, backend=chosen)
 
 
 class Linear(fnn.Linear):
@@ -300,20 +306,28 @@ class MultiheadAttention(fnn.MultiheadAttention):
 _PROBE_EPS = 1e-6  # fp32 probe: the same formula in another order differs by a few ulps
 
 
-def _hf_rms_norm_reason(module: nn.Module) -> str | None:
-    """None when ``module`` computes x * rsqrt(mean(x^2) + variance_epsilon) * weight over the
-    last dim (checked on a probe input with a random weight, in fp32), else why not."""
+def _hf_rms_norm_eps(module: nn.Module) -> object:
+    """The eps of a Hugging Face RMSNorm-style layer: ``variance_epsilon`` (LLaMA, T5, ...) or
+    ``eps`` (Gemma)."""
+    eps = getattr(module, "variance_epsilon", None)
+    return getattr(module, "eps", None) if eps is None else eps
+
+
+def _hf_rms_norm_kind(module: nn.Module) -> tuple[float | None, str | None]:
+    """(weight_offset, None) when ``module`` computes x * rsqrt(mean(x^2) + eps) * (weight +
+    weight_offset) over the last dim, weight_offset 0 (LLaMA, T5, ...) or 1 (Gemma's
+    1 + weight), checked on a probe input with a random weight, in fp32; else (None, why not)."""
     params = dict(module.named_parameters(recurse=False))
     weight = params.get("weight")
-    eps = getattr(module, "variance_epsilon", None)
+    eps = _hf_rms_norm_eps(module)
     if set(params) != {"weight"} or weight is None or weight.dim() != 1 or not weight.is_floating_point():
-        return "not a single 1-D float weight (an RMSNorm-style layer has exactly one)"
+        return None, "not a single 1-D float weight (an RMSNorm-style layer has exactly one)"
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
-        return "no float variance_epsilon (the Hugging Face RMSNorm attribute)"
+        return None, "no float variance_epsilon or eps (the Hugging Face RMSNorm attributes)"
     if list(module.children()) or list(module.buffers(recurse=False)):
-        return "has submodules or buffers"
+        return None, "has submodules or buffers"
     if weight.device.type == "meta":
-        return "parameters on the meta device: its behaviour cannot be checked"
+        return None, "parameters on the meta device: its behaviour cannot be checked"
     n = weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, n, generator=gen).to(weight.device)
@@ -322,14 +336,15 @@ def _hf_rms_norm_reason(module: nn.Module) -> str | None:
         with torch.no_grad():
             got = torch.func.functional_call(module, {"weight": w}, (x,))
     except Exception as e:  # noqa: BLE001  (any failure means: not a layer we understand)
-        return f"its forward failed on a probe input ({type(e).__name__})"
-    x64, w64 = x.double(), w.double()
-    want = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps) * w64
+        return None, f"its forward failed on a probe input ({type(e).__name__})"
     if not isinstance(got, Tensor) or got.shape != x.shape or got.dtype != torch.float32:
-        return "its output on a probe input is not x's shape and dtype"
-    if not torch.allclose(got.double(), want, rtol=_PROBE_EPS, atol=_PROBE_EPS):
-        return "its output differs from x * rsqrt(mean(x^2) + eps) * weight on a probe input (e.g. (1 + weight) scaling)"
-    return None
+        return None, "its output on a probe input is not x's shape and dtype"
+    x64 = x.double()
+    xhat = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps)
+    for offset in (0.0, 1.0):
+        if torch.allclose(got.double(), xhat * (w.double() + offset), rtol=_PROBE_EPS, atol=_PROBE_EPS):
+            return offset, None
+    return None, "its output differs from x * rsqrt(mean(x^2) + eps) * weight (or * (1 + weight)) on a probe input"
 
 
 def call_hooked(modules) -> bool:
@@ -406,10 +421,13 @@ def _swap(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str
     elif kind.__name__.endswith(("RMSNorm", "LayerNorm")) and not kind.__module__.startswith("torch."):
         if _hooks(module):
             return None, "has hooks (they would not run on a new module)"
-        if why := _hf_rms_norm_reason(module) or _no_kernel(module, backend):
+        offset, why = _hf_rms_norm_kind(module)
+        if why := why or _no_kernel(module, backend):
             return None, why
-        new = HFRMSNorm(module.weight.shape[0], eps=float(module.variance_epsilon), device="meta")
+        new = HFRMSNorm(module.weight.shape[0], eps=float(_hf_rms_norm_eps(module)), device="meta")
         new.weight = module.weight
+        if offset:
+            new.weight_offset = offset
         new.train(module.training)
     else:
         return None, None

@@ -16,6 +16,12 @@ kernels fastarch's swapped layers would run, with transformers' own cache update
   each head's q and k before the rotation): norm, q/k/v, the rotary kernel, the attention,
   o_proj with the residual add fused into the second norm, gate/up, the SwiGLU kernel, down.
   Sliding windows need nothing: a step with no mask has no keys outside its window.
+- Gemma (FastarchGemmaDecoderLayer): LLaMA's step with Gemma's norms (x̂ * (1 + weight), the
+  norm kernel's weight_offset) and its GELU-tanh gated MLP on the same gated kernel. Gemma 3
+  (FastarchGemma3DecoderLayer): Qwen3's q/k norms, and a norm after the attention and after the
+  MLP too (the first then fused with the residual add into the MLP's norm); its query scale and
+  its sliding and full layers' own rotary tables come with the call. Gemma 2's attention logit
+  soft-capping has no fastarch kernel: its layers are left as they are.
 - GPT-2 (FastarchGPT2Block): layer norm, the fused q/k/v product of its Conv1D (K-major
   weights, read as they are), the attention, c_proj with the residual add fused into the
   second layer norm, c_fc with its bias added inside the GELU kernel, c_proj, the residual.
@@ -40,7 +46,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
+from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
+from transformers.models.gemma.modeling_gemma import GemmaAttention, GemmaDecoderLayer, GemmaMLP
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3DecoderLayer, Gemma3MLP
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2MLP
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXLayer, GPTNeoXMLP
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
@@ -55,7 +63,10 @@ from fastarch.ops.linear.backends import weight_layout
 from fastarch.optimize import HFRMSNorm, LayerNorm, Linear, call_hooked
 from fastarch.override import _KERNEL_DTYPES, kernel_for
 
-_SILU = ("SiLUActivation", "SiLU")  # transformers' ACT2FN["silu"] (its own class, F.silu) and torch's
+# the gated MLPs' activations (transformers' ACT2FN["silu"], torch's SiLU; Gemma's
+# "gelu_pytorch_tanh" and "gelu") -> the gated kernel's
+_GATED = {SiLUActivation: "silu", nn.SiLU: "silu", GELUTanh: "gelu_tanh", NewGELUActivation: "gelu_tanh",
+          GELUActivation: "gelu"}
 # GPT-2's and GPT-NeoX's activations ("gelu_new", "gelu_pytorch_tanh", "gelu") -> the bias_gelu kernel's form
 _GELU = {NewGELUActivation: "tanh", GELUTanh: "tanh", GELUActivation: "none"}
 
@@ -66,13 +77,16 @@ class _Tables:
     the same tuple. Row b is sequence b's position, read with offsets 0 .. B - 1. None where
     the halves differ (another layout: the layer's own code runs)."""
 
-    last: tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None] | None = None  # one tuple: thread-safe
+    # the last two steps' (cos, sin, tables), newest first (Gemma 3's sliding and full layers
+    # have a table each); one tuple, replaced whole: thread-safe
+    last: tuple[tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None], ...] = ()
 
     @classmethod
     def of(cls, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         last = cls.last
-        if last is not None and last[0] is cos and last[1] is sin:
-            return last[2]
+        for entry in last:
+            if entry[0] is cos and entry[1] is sin:
+                return entry[2]
         tables = None
         half = cos.shape[-1] // 2
         if cos.shape == sin.shape and cos.dim() == 3 and cos.shape[1] == 1 and cos.shape[-1] % 2 == 0:
@@ -80,7 +94,7 @@ class _Tables:
             if all(torch.equal(a, b) for a, b in halves):
                 tables = (halves[0][0][:, 0].float().contiguous(), halves[1][0][:, 0].float().contiguous(),
                           torch.arange(cos.shape[0], device=cos.device))
-        cls.last = (cos, sin, tables)
+        cls.last = ((cos, sin, tables),) + last[:1]
         return tables
 
 
@@ -100,11 +114,15 @@ class _StepFirst:
 class _FusedDecodeStep(_StepFirst):
     """A LLaMA-style decoder layer whose decode step runs as one function on fastarch's kernels
     (see the module docstring); every other call is the layer's own forward. Mixed in before
-    the layer class, which _attention and _mlp belong with; _qk_norm: Qwen3's per-head norms."""
+    the layer class, which _attention and _mlp belong with; _qk_norm: per-head q and k norms
+    (Qwen3, Gemma 3); _sandwich: norms after the attention and the MLP too (Gemma 3);
+    _norm_offset: the norms' weight_offset (Gemma's 1 + weight)."""
 
     _attention: type
     _mlp: type
     _qk_norm = False
+    _sandwich = False
+    _norm_offset = 0.0
 
     def _decode_step(self, x: Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                      position_embeddings=None, past_key_values=None, **kwargs) -> Tensor | None:
@@ -118,11 +136,18 @@ class _FusedDecodeStep(_StepFirst):
         norm1, norm2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
         if type(attn) is not self._attention or type(mlp) is not self._mlp or attn.training and attn.attention_dropout:
             return None
-        if attn.config._attn_implementation != "fastarch" or type(mlp.act_fn).__name__ not in _SILU:
+        act = _GATED.get(type(mlp.act_fn))
+        if attn.config._attn_implementation != "fastarch" or act is None:
+            return None
+        if getattr(attn, "attn_logit_softcapping", None) is not None:  # (Gemma 2's)
             return None
         a, m = attn._modules, mlp._modules
         linears = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
-        norms = (norm1, norm2, a["q_norm"], a["k_norm"]) if self._qk_norm else (norm1, norm2)
+        norms = (norm1, norm2)
+        if self._sandwich:
+            norms += (self._modules["pre_feedforward_layernorm"], self._modules["post_feedforward_layernorm"])
+        if self._qk_norm:
+            norms += (a["q_norm"], a["k_norm"])
         if any(type(n) is not HFRMSNorm for n in norms) or any(type(p) is not Linear for p in linears):
             return None
         if call_hooked((attn, mlp, mlp.act_fn) + norms + linears) or not direct_call_allowed((x,)):
@@ -131,7 +156,8 @@ class _FusedDecodeStep(_StepFirst):
         tables = _Tables.of(cos, sin) if type(cos) is Tensor and type(sin) is Tensor else None
         if tables is None or tables[0].shape[0] not in (1, x.shape[0]) or 2 * tables[0].shape[1] != attn.head_dim:
             return None
-        return _Step(x, self.__dict__.get("_fastarch_backend")).run(attn, norms, linears, tables, cache)
+        return _Step(x, self.__dict__.get("_fastarch_backend")).run(attn, norms, linears, tables, cache, act,
+                                                                    self._norm_offset, self._sandwich)
 
 
 class FastarchLlamaDecoderLayer(_FusedDecodeStep, LlamaDecoderLayer):
@@ -148,6 +174,14 @@ class FastarchQwen2DecoderLayer(_FusedDecodeStep, Qwen2DecoderLayer):
 
 class FastarchQwen3DecoderLayer(_FusedDecodeStep, Qwen3DecoderLayer):
     _attention, _mlp, _qk_norm = Qwen3Attention, Qwen3MLP, True
+
+
+class FastarchGemmaDecoderLayer(_FusedDecodeStep, GemmaDecoderLayer):
+    _attention, _mlp, _norm_offset = GemmaAttention, GemmaMLP, 1.0
+
+
+class FastarchGemma3DecoderLayer(_FusedDecodeStep, Gemma3DecoderLayer):
+    _attention, _mlp, _norm_offset, _qk_norm, _sandwich = Gemma3Attention, Gemma3MLP, 1.0, True, True
 
 
 class FastarchGPT2Block(GPT2Block):
@@ -248,7 +282,8 @@ class FastarchOPTDecoderLayer(_StepFirst, OPTDecoderLayer):
 
 
 FUSED = {cls.__bases__[-1]: cls for cls in (FastarchLlamaDecoderLayer, FastarchMistralDecoderLayer,
-                                            FastarchQwen2DecoderLayer, FastarchQwen3DecoderLayer, FastarchGPT2Block,
+                                            FastarchQwen2DecoderLayer, FastarchQwen3DecoderLayer,
+                                            FastarchGemmaDecoderLayer, FastarchGemma3DecoderLayer, FastarchGPT2Block,
                                             FastarchGPTNeoXLayer, FastarchOPTDecoderLayer)}
 """transformers' decoder layer class -> the one fastarch.optimize makes of it (restore: back)."""
 
@@ -275,10 +310,10 @@ class _Step:
             return None
         return tuple(None if t is None else t.contiguous() for t in (w, b))
 
-    def _norm_weight(self, layer: HFRMSNorm, hidden: int) -> Tensor | None:
+    def _norm_weight(self, layer: HFRMSNorm, hidden: int, offset: float = 0.0) -> Tensor | None:
         w = layer._parameters["weight"]
         ok = w is not None and w.dtype == self.dtype and w.shape == (hidden,) and type(layer.eps) is float
-        return w.contiguous() if ok else None
+        return w.contiguous() if ok and layer.weight_offset == offset else None
 
     @staticmethod
     def _product(kernel, y: Tensor, layer: Linear, bias: bool = True) -> Tensor:
@@ -287,13 +322,16 @@ class _Step:
         return kernel.forward(y, layer._parameters["weight"], None if b is None else b.contiguous())
 
     def run(self, attn: torch.nn.Module, norms: tuple[HFRMSNorm, ...], linears: tuple[Linear, ...],
-            tables: tuple[Tensor, Tensor, Tensor], cache) -> Tensor | None:
-        """norms: the layer's two, then (Qwen3) the attention's q and k norms."""
+            tables: tuple[Tensor, Tensor, Tensor], cache, act: str = "silu", offset: float = 0.0,
+            sandwich: bool = False) -> Tensor | None:
+        """norms: the layer's two, then (sandwich) the MLP's two, then (Qwen3, Gemma 3) the
+        attention's q and k norms, each with weight_offset ``offset``; act: the gated kernel's."""
         batch, _, hidden = self.x.shape
         D, heads, kv_heads = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
         widths = (hidden, hidden, hidden, heads * D, hidden, hidden, linears[5].out_features)
         kernels = [self._linear_kernel(layer, k) for layer, k in zip(linears, widths)]
-        weights = [self._norm_weight(n, width) for n, width in zip(norms, (hidden, hidden, D, D))]
+        layer_norms = 4 if sandwich else 2
+        weights = [self._norm_weight(n, hidden if i < layer_norms else D, offset) for i, n in enumerate(norms)]
         shapes = tuple(layer.out_features for layer in linears)
         if (None in kernels or None in weights or shapes[:4] != (heads * D, kv_heads * D, kv_heads * D, hidden)
                 or shapes[4:] != (widths[6], widths[6], hidden)):
@@ -307,12 +345,16 @@ class _Step:
         lq, lk, lv, lo, lg, lu, ld = kernels
 
         linear = self._product
+
+        def rms(x: Tensor, i: int, residual: Tensor | None = None) -> tuple[Tensor, ...]:  # with norms[i]
+            return norm.forward(x, residual, weights[i], None, norms[i].eps, True, offset)
+
         h = self.x.view(batch, hidden)
-        y = norm.forward(h, None, weights[0], None, norms[0].eps, True)[0]
+        y = rms(h, 0)[0]
         q, k, v = linear(lq, y, q_proj), linear(lk, y, k_proj), linear(lv, y, v_proj)
-        if len(norms) == 4:  # each head's q and k normalized over its D values
-            q = norm.forward(q.view(batch * heads, D), None, weights[2], None, norms[2].eps, True)[0]
-            k = norm.forward(k.view(batch * kv_heads, D), None, weights[3], None, norms[3].eps, True)[0]
+        if len(norms) > layer_norms:  # each head's q and k normalized over its D values
+            q = rms(q.view(batch * heads, D), layer_norms)[0]
+            k = rms(k.view(batch * kv_heads, D), layer_norms + 1)[0]
         cos, sin, offsets = tables
         q, k = rotary.forward(q.view(batch, heads, 1, D), k.view(batch, kv_heads, 1, D), cos, sin,
                               offsets if cos.shape[0] > 1 else None, False, False)
@@ -320,9 +362,13 @@ class _Step:
         # transformers' attention function as the "fastarch" implementation runs it: the
         # decode kernel directly (or SDPA's path for a cache that returns what it cannot take)
         out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
-        y, h = norm.forward(linear(lo, out.reshape(batch, heads * D), o_proj), h, weights[1], None, norms[1].eps, True)[:2]
-        s = gated.forward(linear(lg, y, gate_proj), linear(lu, y, up_proj), "silu")
-        return torch.add(h, linear(ld, s, down_proj)).view(batch, 1, hidden)
+        a = linear(lo, out.reshape(batch, heads * D), o_proj)
+        if sandwich:  # Gemma 3: h + norm(a), normalized for the MLP and kept as its residual
+            y, h = rms(rms(a, 1)[0], 2, h)[:2]
+        else:  # h + a, normalized for the MLP and kept as its residual
+            y, h = rms(a, 1, h)[:2]
+        m = linear(ld, gated.forward(linear(lg, y, gate_proj), linear(lu, y, up_proj), act), down_proj)
+        return torch.add(h, rms(m, 3)[0] if sandwich else m).view(batch, 1, hidden)
 
 
 class _GPT2Step(_Step):

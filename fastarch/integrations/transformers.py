@@ -212,7 +212,7 @@ def _swap_encoders(model: torch.nn.Module, report, backend: str | None) -> None:
 
 
 def _swap_decoder_layers(model: torch.nn.Module, report) -> None:
-    """Each plain LLaMA, Mistral, Qwen2, Qwen3, GPT-2, GPT-NeoX or OPT decoder layer made its
+    """Each plain LLaMA, Mistral, Qwen2, Qwen3, Gemma, Gemma 3, GPT-2, GPT-NeoX or OPT decoder layer made its
     Fastarch* class (decoder_layer.py) by changing its class: the same object, parameters and
     hooks."""
     from fastarch.integrations.decoder_layer import FUSED

@@ -21,7 +21,7 @@ from fastarch.optimize import (
 
 # Hugging Face's RMSNorm layers, as transformers writes them (LLaMA: round the normalized
 # value to the input dtype, then multiply; T5: round to the weight's half dtype; Gemma:
-# (1 + weight), which fastarch does not run).
+# (1 + weight) in fp32, its attribute eps).
 class LlamaStyleRMSNorm(nn.Module):
     def __init__(self, n, eps=1e-6):
         super().__init__()
@@ -44,11 +44,23 @@ class T5StyleLayerNorm(LlamaStyleRMSNorm):
         return self.weight * x
 
 
-class GemmaStyleRMSNorm(LlamaStyleRMSNorm):
+class GemmaStyleRMSNorm(nn.Module):
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n))
+        self.eps = eps
+
     def forward(self, x):
         xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class TwoPlusRMSNorm(GemmaStyleRMSNorm):
+    """An RMSNorm-style layer of another formula: left alone."""
+
+    def forward(self, x):
+        return super().forward(x) + x * 0.25
 
 
 class Block(nn.Module):
@@ -67,8 +79,9 @@ class Block(nn.Module):
         self.group = nn.GroupNorm(4, d)
         self.fc = nn.Linear(d, d)
         with torch.no_grad():
-            for m in (self.ln, self.rms, self.llama, self.t5, self.gemma, self.ln2d):
+            for m in (self.ln, self.rms, self.llama, self.t5, self.ln2d):
                 m.weight.uniform_(0.5, 1.5)
+            self.gemma.weight.uniform_(-0.5, 0.5)  # stored as the difference from 1
             self.ln.bias.uniform_(-0.5, 0.5)
 
     def forward(self, x, mask=None):
@@ -96,14 +109,13 @@ def test_swaps_and_reports():
     assert kinds["ln"] is LayerNorm and kinds["ln2d"] is LayerNorm and kinds["plain"] is LayerNorm
     assert kinds["rms"] is RMSNorm and kinds["attn"] is MultiheadAttention
     assert kinds["llama"] is HFRMSNorm and kinds["t5"] is HFRMSNorm and kinds["group"] is GroupNorm
-    assert kinds["fc"] is Linear
-    assert model.gemma is modules["gemma"]  # untouched
+    assert kinds["fc"] is Linear and kinds["gemma"] is HFRMSNorm
+    assert model.llama.weight_offset == 0.0 and model.gemma.weight_offset == 1.0 and model.gemma.eps == 1e-6
     swapped = {e.path for e in report.swapped}
-    assert swapped == {"ln", "attn", "rms", "llama", "t5", "ln2d", "plain", "group", "fc"}
-    why = {e.path: e.detail for e in report.left_alone}
-    assert "1 + weight" in why["gemma"]
+    assert swapped == {"ln", "attn", "rms", "llama", "t5", "gemma", "ln2d", "plain", "group", "fc"}
+    assert not report.left_alone
     text = str(report)
-    assert "left alone" in text and "gemma" in text and "fastarch" in text
+    assert "swapped" in text and "gemma" in text and "fastarch" in text
     # the same Parameter objects under the same state_dict keys
     assert _params(model).keys() == params.keys()
     assert all(_params(model)[k] is p for k, p in params.items())
@@ -120,6 +132,14 @@ def test_restore_gives_the_same_objects():
     assert all(m is originals[name] for name, m in model.named_modules())
     assert all(m is originals[name] for name, m in dict(model.named_modules()).items())
     assert model.ln.weight is originals["ln"].weight
+
+
+def test_rms_norm_of_another_formula_is_left_alone():
+    model = nn.Sequential(TwoPlusRMSNorm(8), GemmaStyleRMSNorm(8))
+    report = fastarch.optimize(model)
+    assert type(model[0]) is TwoPlusRMSNorm and type(model[1]) is HFRMSNorm
+    why = {e.path: e.detail for e in report.left_alone}
+    assert "differs from x * rsqrt(mean(x^2) + eps) * weight (or * (1 + weight))" in why["0"]
 
 
 def test_hooks_and_subclasses_are_left_alone():
@@ -262,7 +282,8 @@ def test_norm_direct_call_is_the_op(dtype, shape):
     """Without autograd the swapped norms (LayerNorm, RMSNorm, an HF RMSNorm) call the chosen
     backend's kernel themselves: the same bits as the fastarch op on that backend, x's shape;
     with autograd they go through the op (and give a gradient); a NaN stays a NaN."""
-    layers = {"ln": nn.LayerNorm(48), "rms": nn.RMSNorm(48, eps=1e-5), "llama": LlamaStyleRMSNorm(48, eps=1e-5)}
+    layers = {"ln": nn.LayerNorm(48), "rms": nn.RMSNorm(48, eps=1e-5), "llama": LlamaStyleRMSNorm(48, eps=1e-5),
+              "gemma": GemmaStyleRMSNorm(48, eps=1e-5)}
     with torch.no_grad():
         for m in layers.values():
             m.weight.uniform_(0.5, 1.5)
@@ -273,11 +294,12 @@ def test_norm_direct_call_is_the_op(dtype, shape):
     x = torch.randn(*shape, dtype=dtype)
     x[0, ..., 5] = float("nan")
     backend = fastarch.override.backend_for("layer_norm", ("cpu", dtype, 1, 1))
-    ln, rms, llama = model["ln"], model["rms"], model["llama"]
+    ln, rms, llama, gemma = model["ln"], model["rms"], model["llama"], model["gemma"]
     with torch.no_grad():
         wants = {"ln": fastarch.ops.layer_norm(x, ln.weight, ln.bias, ln.eps, backend=backend),
                  "rms": fastarch.ops.rms_norm(x, rms.weight, rms.eps, backend=backend),
-                 "llama": fastarch.ops.rms_norm(x, llama.weight, llama.eps, backend=backend)}
+                 "llama": fastarch.ops.rms_norm(x, llama.weight, llama.eps, backend=backend),
+                 "gemma": fastarch.ops.rms_norm(x, gemma.weight, gemma.eps, weight_offset=1.0, backend=backend)}
         for name, m in model.items():
             got = m(x)
             assert got.shape == x.shape and torch.equal(got.nan_to_num(), wants[name].nan_to_num()), name

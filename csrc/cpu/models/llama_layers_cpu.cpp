@@ -42,9 +42,10 @@ const c10::DispatchKeySet kCpu(c10::DispatchKey::CPU);
 
 struct Kernels {
   c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool)>
+      const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool, double)>
       norm = kernel<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool)>("fastarch::_norm_fwd");
+          const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool, double)>(
+          "fastarch::_norm_fwd");
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const OptTensor&)> linear =
       kernel<Tensor(const Tensor&, const Tensor&, const OptTensor&)>("fastarch::_linear");
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t, const OptTensor&, bool, bool)>
@@ -199,7 +200,7 @@ struct Step {
   }
   // RMSNorm of x (+ residual): (y, the new residual stream)
   std::tuple<Tensor, Tensor> norm(const Tensor& x, const OptTensor& residual, const Tensor& weight, double eps) const {
-    auto [y, residual_out, mean, rstd] = ops.norm.redispatch(kCpu, x, residual, weight, std::nullopt, eps, true);
+    auto [y, residual_out, mean, rstd] = ops.norm.redispatch(kCpu, x, residual, weight, std::nullopt, eps, true, 0.0);
     return {y, residual.has_value() ? residual_out : x};
   }
   // The rest of layer i after its attention (rows, H D): o_proj, the post-attention norm, the
