@@ -316,7 +316,7 @@ def test_sliding_window(family, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_on_cuda(family, dtype, monkeypatch):
     """The step on the GPU: fastarch's CUDA/Triton kernels, transformers' cache on the device."""
