@@ -9,8 +9,11 @@
 
 Each call runs fastarch.ops.attention where a fastarch kernel backend can run it, grouped-
 query heads natively (no repeated k/v), and transformers' own SDPA function otherwise (what
-fastarch has no kernel for, softcapping or attention sinks, a position bias that needs a
-gradient), so its results are SDPA's within the kernels' rounding.
+fastarch has no kernel for, such as a position bias that needs a gradient), so its results are
+SDPA's within the kernels' rounding. Attention logit soft-capping (Gemma 2) and attention sinks
+(gpt-oss) have neither a fastarch kernel nor a place in SDPA (which refuses the first and would
+drop the second): a call with them is a ValueError, and fastarch.optimize leaves such models'
+attention as it was.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from fastarch.optimize import linear_no_kernel, linear_or_none
 from fastarch.override import _KERNEL_DTYPES, _sdpa_backend, kernel_for
 
 NAME = "fastarch"
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")  # options SDPA's path knows how to refuse or apply
+# attention options neither fastarch nor SDPA runs -> what they are
+_UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks",
+                       "sinks": "attention sinks"}
 
 
 def _with_position_bias(bias: Tensor, mask: Tensor | None, causal: bool, sq: int, sk: int) -> Tensor:
@@ -68,7 +73,12 @@ def fastarch_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
 
-    if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS) or query.dim() != 4:
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='fastarch': {name} ({what}, {type(module).__name__}) has no fastarch "
+                             "kernel, and SDPA's path would not apply it; run this model's attention as 'eager' "
+                             "(fastarch.optimize leaves it so)")
+    if query.dim() != 4:
         return sdpa()
     if attention_mask is None and position_bias is None and query.shape[2] == 1 and not dropout:
         out = _decode_direct(query, key, value, scaling, module.__dict__.get("_fastarch_backend"))
@@ -173,6 +183,9 @@ def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
         if previous == NAME:
             report.add(path, kind, True, "attention implementation already fastarch")
             continue
+        if why := _attention_options_reason(m):
+            report.add(path, kind, False, f"attention stays {previous!r}: {why}")
+            continue
         try:
             m.set_attn_implementation(NAME)
         except (ValueError, KeyError, ImportError) as e:
@@ -190,6 +203,17 @@ def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
     _swap_encoders(model, report, backend)
     _swap_decoder_layers(model, report)
     _swap_conv1d(model, report, backend)
+
+
+def _attention_options_reason(model: torch.nn.Module) -> str | None:
+    """Why model's attention must stay as it is (an option of _UNSUPPORTED_KWARGS that its
+    attention modules pass), or None."""
+    for path, m in model.named_modules():
+        if getattr(m, "attn_logit_softcapping", None) is not None:
+            return f"{path} caps its attention logits (attn_logit_softcapping): no fastarch kernel does"
+        if isinstance(getattr(m, "sinks", None), Tensor):
+            return f"{path} has attention sinks: no fastarch kernel runs them"
+    return None
 
 
 def _swap_encoders(model: torch.nn.Module, report, backend: str | None) -> None:

@@ -15,7 +15,9 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    Gemma2Config,
     GPT2Config,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     T5Config,
@@ -282,6 +284,41 @@ def test_gpt2_conv1d_without_a_kernel_is_left_alone():
     assert len(convs) == 8 and all(type(m) is Conv1D for m in convs)
     left = [e for e in report.left_alone if e.kind == "Conv1D"]
     assert len(left) == 8 and all("no fastarch linear kernel runs it" in e.detail for e in left)
+
+
+def _tiny(config_class, **extra):
+    config = config_class(vocab_size=99, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt-oss"])
+def test_attention_options_without_a_kernel_stay_as_they_were(family):
+    """Gemma 2's attention logit soft-capping and gpt-oss's attention sinks: no fastarch kernel,
+    and SDPA refuses the first and would drop the second. optimize leaves those models'
+    attention as it was (reported), swaps the rest, and generates the same tokens; asked for
+    directly, "fastarch" attention is a clear error, not SDPA's results without them."""
+    if family == "gemma2":
+        model, option, what = _tiny(Gemma2Config), "softcap", "attn_logit_softcapping"
+    else:
+        model, option, what = _tiny(GptOssConfig, num_local_experts=2, num_experts_per_tok=1), "s_aux", "sinks"
+    ids = torch.randint(1, 99, (2, 7))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        theirs = model.generate(ids, **kw)
+    previous = model.config._attn_implementation
+    report = fastarch.optimize(model)
+    assert model.config._attn_implementation == previous
+    (entry,) = report.left_alone
+    assert entry.path == "(model)" and f"attention stays {previous!r}" in entry.detail and what in entry.detail
+    assert report.swapped  # its norms and products are fastarch's
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, **kw), theirs)
+    fastarch.restore(model)
+    model.set_attn_implementation("fastarch")
+    with pytest.raises(ValueError, match=f"{option} .* has no fastarch kernel"), torch.inference_mode():
+        model.generate(ids, **kw)
 
 
 def test_restore_sets_the_attention_back():
