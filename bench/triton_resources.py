@@ -70,10 +70,10 @@ def norm_backward(arch: int) -> None:
         for dtype in ("bf16", "fp32"):
             t = f"*{dtype}"
             pointers = dict(DY=t, DRES=t, XIN=t, W=t, MEAN="*fp32", RSTD="*fp32", DX=t, DW_PART="*fp32", DB_PART="*fp32")
-            flags = dict(HAS_DRES=False, HAS_WEIGHT=True, IS_RMS=False, WEIGHT_GRADS=True, ROUND_BY_HAND=False,
-                         BLOCK_M=block_m, BLOCK_N=block_n)
+            flags = dict(HAS_DRES=False, HAS_WEIGHT=True, HAS_OFFSET=False, IS_RMS=False, WEIGHT_GRADS=True,
+                         ROUND_BY_HAND=False, BLOCK_M=block_m, BLOCK_N=block_n)
             warps = norms._num_warps(block_m * block_n)
-            usage = resources(norms._norm_bwd_kernel, pointers, flags, warps, 3, arch)
+            usage = resources(norms._norm_bwd_kernel, pointers, flags, warps, 3, arch, floats=("weight_offset",))
             print(f"norm backward  {dtype:4}  tile {block_m:2} x {block_n:5}  warps {warps:2}  {usage}")
 
 

@@ -73,6 +73,11 @@ inline void check_backward(
   TORCH_CHECK(!need_dweight || weight, who, ": need_dweight without a weight");
 }
 
+// A weight offset needs a weight (the public ops say so first).
+inline void check_weight_offset(const char* who, const std::optional<Tensor>& weight, double weight_offset) {
+  TORCH_CHECK(weight_offset == 0.0 || weight, who, ": weight_offset=", weight_offset, " needs a weight");
+}
+
 inline NormForwardParams forward_params(
     const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& y, const Tensor& residual_out, const Tensor& mean,

@@ -131,6 +131,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(
     const std::optional<Tensor>& bias, double eps, bool rms, double weight_offset) {
   TORCH_CHECK(x.device().is_cpu(), kWho, ": x must be on the CPU, got ", x.device());
   norm_glue::check_forward(kWho, x, residual, weight, bias);
+  norm_glue::check_weight_offset(kWho, weight, weight_offset);
   const Dtype d = dtype_of(x, kWho, "x");
   const int64_t rows = x.size(0), cols = x.size(1);
   const auto stats = x.options().dtype(acc_dtype(d));
@@ -149,6 +150,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(
   TORCH_CHECK(xin.device().is_cpu(), kWho, " backward: xin must be on the CPU, got ", xin.device());
   const Dtype d = dtype_of(xin, kWho, "xin");
   norm_glue::check_backward(kWho, dy, dresidual_out, xin, weight, mean, rstd, need_dweight, acc_dtype(d));
+  norm_glue::check_weight_offset(kWho, weight, weight_offset);
   const int64_t rows = xin.size(0), cols = xin.size(1);
   const auto stats = acc_dtype(d);
   Tensor dx = at::empty({rows, cols}, xin.options());

@@ -100,6 +100,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(
     const std::optional<Tensor>& bias, double eps, bool rms, double weight_offset) {
   TORCH_CHECK(x.is_cuda(), kWho, ": x must be a CUDA tensor, got ", x.device());
   norm_glue::check_forward(kWho, x, residual, weight, bias);
+  norm_glue::check_weight_offset(kWho, weight, weight_offset);
   const Dtype d = dtype_of(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), cols = x.size(1);
@@ -127,6 +128,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(
   TORCH_CHECK(xin.is_cuda(), kWho, " backward: xin must be a CUDA tensor, got ", xin.device());
   const Dtype d = dtype_of(xin, "xin");
   norm_glue::check_backward(kWho, dy, dresidual_out, xin, weight, mean, rstd, need_dweight, at::kFloat);
+  norm_glue::check_weight_offset(kWho, weight, weight_offset);
   const int64_t rows = xin.size(0), cols = xin.size(1);
   const c10::cuda::CUDAGuard guard(xin.device());
 

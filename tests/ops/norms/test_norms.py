@@ -341,8 +341,10 @@ OFFSET_BACKENDS = [  # (backend, device, isa of the cpu kernels)
     pytest.param(("triton", TRITON_DEVICE, "auto"), id="triton"),
     pytest.param(("cuda", "cuda", "auto"), id="cuda", marks=GPU),
 ]
-# 8200 columns: past the portable forward's fp32 row copy (8192), where it reads the weight as given
+# 8200 columns: past the portable forward's fp32 row copy (8192); 160 x 8192 (CPU only): outputs
+# past the streaming-store threshold (4 MB in fp32)
 OFFSET_SHAPES = [(33, 300), (3, 8200)]
+CPU_OFFSET_SHAPES = OFFSET_SHAPES + [(160, 8192)]
 
 
 def call_offset(op, x, residual, weight, bias, eps, backend, offset):
@@ -375,7 +377,8 @@ def _offset_cases():
     for b in OFFSET_BACKENDS:
         backend = b.values[0][0]
         dtypes = DTYPES + ([torch.float64] if backend in ("cpu", "reference") else [])
-        for op, dtype, shape in itertools.product(OPS, dtypes, OFFSET_SHAPES):
+        shapes = CPU_OFFSET_SHAPES if backend == "cpu" else OFFSET_SHAPES
+        for op, dtype, shape in itertools.product(OPS, dtypes, shapes):
             yield pytest.param(b.values[0], op, dtype, shape, marks=b.marks,
                                id=f"{b.id}-{op}-{dtype}-{shape[0]}x{shape[1]}")
 
@@ -462,5 +465,8 @@ def test_weight_offset_nan_weight_gives_nan(backend):
     x = torch.randn(3, 40, device=device)
     weight = torch.zeros(40, device=device)
     weight[7] = float("nan")
-    y = ops.rms_norm(x, weight, 1e-6, weight_offset=1.0, backend=backend)
-    assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, :7]).any()
+    xg = x.clone().requires_grad_()
+    y = ops.rms_norm(xg, weight, 1e-6, weight_offset=1.0, backend=backend)
+    assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, :7]).any() and not torch.isnan(y[:, 8:]).any()
+    (dx,) = torch.autograd.grad(y, xg, torch.ones_like(y))
+    assert torch.isnan(dx).all()  # every dx of a row sums over its NaN column

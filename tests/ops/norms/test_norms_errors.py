@@ -114,6 +114,8 @@ def test_empty_rows_are_fine():
         (lambda: torch.ops.fastarch._norm_fwd(torch.randn(3, 4), torch.randn(3, 5), None, None, 1e-5, False),
          r"residual must have x's shape \[3, 4\]"),
         (lambda: torch.ops.fastarch._norm_fwd(torch.randn(2, 3, 4), None, None, None, 1e-5, False), "x must be 2-D"),
+        (lambda: torch.ops.fastarch._norm_fwd(torch.randn(3, 4), None, None, None, 1e-5, True, 1.0),
+         "weight_offset=1 needs a weight"),
         (lambda: torch.ops.fastarch._norm_fwd(torch.randn(3, 4), None, torch.ones(5), None, 1e-5, False),
          "weight must be a contiguous vector of size 4"),
         (lambda: torch.ops.fastarch._norm_fwd(torch.ones(3, 4, dtype=torch.int32), None, None, None, 1e-5, False),
@@ -121,7 +123,7 @@ def test_empty_rows_are_fine():
         (lambda: torch.ops.fastarch._norm_bwd(torch.randn(3, 4), None, torch.randn(3, 4), None, None, torch.ones(2), False, False),
          "rstd must be a contiguous Float vector of size 3"),
     ],
-    ids=["residual-shape", "x-3d", "weight-size", "x-int", "rstd-size"],
+    ids=["residual-shape", "x-3d", "offset-no-weight", "weight-size", "x-int", "rstd-size"],
 )
 def test_kernel_ops_check_their_arguments(call, pattern):
     """The C++ kernel ops, called directly, check their arguments too."""

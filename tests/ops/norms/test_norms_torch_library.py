@@ -74,6 +74,7 @@ def test_opcheck_triton_kernel_ops():
     """Triton's interpreter reads data pointers, so its triton_ops are checked on GPU only."""
     x, r, w, b = inputs(device="cuda", requires_grad=False)
     torch.library.opcheck(torch.ops.fastarch._triton_norm_fwd.default, (x, r, w, b, 1e-5, False))
+    torch.library.opcheck(torch.ops.fastarch._triton_norm_fwd.default, (x, r, w, None, 1e-5, True, 1.0))
 
 
 def _call(op, x, r, w, b):
