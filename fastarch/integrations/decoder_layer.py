@@ -15,7 +15,8 @@ kernels fastarch's swapped layers would run, with transformers' own cache update
 - LLaMA (FastarchLlamaDecoderLayer), Mistral, Qwen2 (q/k/v biases) and Qwen3 (an RMSNorm over
   each head's q and k before the rotation): norm, q/k/v, the rotary kernel, the attention,
   o_proj with the residual add fused into the second norm, gate/up, the SwiGLU kernel, down.
-  Sliding windows need nothing: a step with no mask has no keys outside its window.
+  The attention mask transformers gives a step (padding, a sliding window that cuts the keys,
+  a static cache's empty slots) goes to the attention (_step_mask).
 - Gemma (FastarchGemmaDecoderLayer): LLaMA's step with Gemma's norms (x̂ * (1 + weight), the
   norm kernel's weight_offset) and its GELU-tanh gated MLP on the same gated kernel. Gemma 3
   (FastarchGemma3DecoderLayer): Qwen3's q/k norms, and a norm after the attention and after the
@@ -33,7 +34,8 @@ kernels fastarch's swapped layers would run, with transformers' own cache update
 
 Every other call runs the layer's own forward as it is (the swapped layers inside it still
 run fastarch's kernels): prefill (more than one token: compute-bound, the Python is noise
-there), autograd, torch.compile and other modes, an attention mask (padding), hooks on the
+there), autograd, torch.compile and other modes, an attention mask of another shape than a
+step's (B or 1, 1, 1, keys), hooks on the
 layer's parts (transformers installs some when asked for hidden states or attentions), parts
 that are not what optimize made of them (a LoRA wrapper on a projection), the attention not
 on fastarch's implementation, rotary tables whose two halves differ (not LLaMA's rotate_half
@@ -98,6 +100,21 @@ class _Tables:
         return tables
 
 
+def _step_mask(mask: object, batch: int) -> Tensor | None | bool:
+    """The attention mask transformers gives a decode step, as the step passes it to the
+    attention: None (none, or a boolean mask that keeps every key: on the CPU the decode kernel
+    then runs, the check costing less than the masked path), the mask ((B or 1, 1, 1, keys),
+    boolean or additive: padding, a sliding window, a static cache's empty slots), or False for
+    one the step does not take (the layer's own code runs)."""
+    if mask is None:
+        return None
+    if type(mask) is not Tensor or mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[1:3] != (1, 1):
+        return False
+    if mask.dtype == torch.bool and mask.device.type == "cpu" and bool(mask.all()):
+        return None
+    return mask
+
+
 class _StepFirst:
     """Mixed in before a decoder layer class: a call with keyword arguments only, no
     gradients, not compiling, tries self._decode_step (None: not a step it runs), else the
@@ -128,9 +145,12 @@ class _FusedDecodeStep(_StepFirst):
                      position_embeddings=None, past_key_values=None, **kwargs) -> Tensor | None:
         """The step, or None where the layer's own forward must run it."""
         cache = cache if cache is not None else past_key_values
-        if attention_mask is not None or cache is None or position_embeddings is None or kwargs:
+        if cache is None or position_embeddings is None or kwargs:
             return None
         if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+            return None
+        mask = _step_mask(attention_mask, x.shape[0])
+        if mask is False:
             return None
         attn, mlp = self._modules["self_attn"], self._modules["mlp"]
         norm1, norm2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
@@ -156,8 +176,8 @@ class _FusedDecodeStep(_StepFirst):
         tables = _Tables.of(cos, sin) if type(cos) is Tensor and type(sin) is Tensor else None
         if tables is None or tables[0].shape[0] not in (1, x.shape[0]) or 2 * tables[0].shape[1] != attn.head_dim:
             return None
-        return _Step(x, self.__dict__.get("_fastarch_backend")).run(attn, norms, linears, tables, cache, act,
-                                                                    self._norm_offset, self._sandwich)
+        return _Step(x, self.__dict__.get("_fastarch_backend"), mask).run(attn, norms, linears, tables, cache, act,
+                                                                          self._norm_offset, self._sandwich)
 
 
 class FastarchLlamaDecoderLayer(_FusedDecodeStep, LlamaDecoderLayer):
@@ -191,17 +211,19 @@ class FastarchGPT2Block(GPT2Block):
 
     def forward(self, hidden_states: Tensor, cache=None, attention_mask=None, encoder_hidden_states=None,
                 *args, **kwargs) -> Tensor:
-        if (not args and attention_mask is None and encoder_hidden_states is None and cache is not None
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-            out = self._decode_step(hidden_states, cache, **kwargs)
+        if (not args and encoder_hidden_states is None and cache is not None and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            out = self._decode_step(hidden_states, cache, attention_mask, **kwargs)
             if out is not None:
                 return out
         return super().forward(hidden_states, cache, attention_mask, encoder_hidden_states, *args, **kwargs)
 
-    def _decode_step(self, x: Tensor, cache, encoder_attention_mask=None, use_cache=False, position_ids=None,
-                     **kwargs) -> Tensor | None:
+    def _decode_step(self, x: Tensor, cache, attention_mask, encoder_attention_mask=None, use_cache=False,
+                     position_ids=None, **kwargs) -> Tensor | None:
         """The step, or None where GPT2Block.forward must run it."""
         if kwargs or type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+            return None
+        if (mask := _step_mask(attention_mask, x.shape[0])) is False:
             return None
         m = self._modules
         attn, mlp, ln_1, ln_2 = m["attn"], m["mlp"], m["ln_1"], m["ln_2"]
@@ -217,7 +239,7 @@ class FastarchGPT2Block(GPT2Block):
             return None
         if call_hooked((attn, mlp, ln_1, ln_2, f["act"]) + convs + dropouts) or not direct_call_allowed((x,)):
             return None
-        return _GPT2Step(x, self.__dict__.get("_fastarch_backend")).run(attn, ln_1, ln_2, convs, act, cache)
+        return _GPT2Step(x, self.__dict__.get("_fastarch_backend"), mask).run(attn, ln_1, ln_2, convs, act, cache)
 
 
 class FastarchGPTNeoXLayer(_StepFirst, GPTNeoXLayer):
@@ -227,9 +249,11 @@ class FastarchGPTNeoXLayer(_StepFirst, GPTNeoXLayer):
     def _decode_step(self, x: Tensor, attention_mask=None, position_ids=None, use_cache=False, layer_past=None,
                      position_embeddings=None, **kwargs) -> Tensor | None:
         """The step, or None where GPTNeoXLayer.forward must run it."""
-        if attention_mask is not None or layer_past is None or position_embeddings is None or kwargs:
+        if layer_past is None or position_embeddings is None or kwargs:
             return None
         if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+            return None
+        if (mask := _step_mask(attention_mask, x.shape[0])) is False:
             return None
         m = self._modules
         attn, mlp, ln_1, ln_2 = m["attention"], m["mlp"], m["input_layernorm"], m["post_attention_layernorm"]
@@ -249,7 +273,7 @@ class FastarchGPTNeoXLayer(_StepFirst, GPTNeoXLayer):
         tables = _Tables.of(cos, sin) if type(cos) is Tensor and type(sin) is Tensor else None
         if tables is None or tables[0].shape[0] not in (1, x.shape[0]) or 2 * tables[0].shape[1] > attn.head_size:
             return None
-        return _GPTNeoXStep(x, self.__dict__.get("_fastarch_backend")).run(
+        return _GPTNeoXStep(x, self.__dict__.get("_fastarch_backend"), mask).run(
             attn, ln_1, ln_2, linears, act, self.use_parallel_residual, tables, layer_past)
 
 
@@ -261,9 +285,11 @@ class FastarchOPTDecoderLayer(_StepFirst, OPTDecoderLayer):
                      past_key_values=None, **kwargs) -> Tensor | None:
         """The step, or None where OPTDecoderLayer.forward must run it."""
         cache = cache if cache is not None else past_key_values
-        if attention_mask is not None or cache is None or kwargs or (self.training and self.dropout):
+        if cache is None or kwargs or (self.training and self.dropout):
             return None
         if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+            return None
+        if (mask := _step_mask(attention_mask, x.shape[0])) is False:
             return None
         m = self._modules
         attn, ln_1, ln_2 = m["self_attn"], m["self_attn_layer_norm"], m["final_layer_norm"]
@@ -277,8 +303,8 @@ class FastarchOPTDecoderLayer(_StepFirst, OPTDecoderLayer):
             return None
         if call_hooked((attn, ln_1, ln_2, m["activation_fn"]) + linears) or not direct_call_allowed((x,)):
             return None
-        return _OPTStep(x, self.__dict__.get("_fastarch_backend")).run(attn, ln_1, ln_2, linears,
-                                                                       self.do_layer_norm_before, cache)
+        return _OPTStep(x, self.__dict__.get("_fastarch_backend"), mask).run(attn, ln_1, ln_2, linears,
+                                                                             self.do_layer_norm_before, cache)
 
 
 FUSED = {cls.__bases__[-1]: cls for cls in (FastarchLlamaDecoderLayer, FastarchMistralDecoderLayer,
@@ -292,8 +318,8 @@ class _Step:
     """One decode step's kernels, all chosen before any runs (the cache update in the middle
     cannot be undone: past it there is no way back to the layer's own code)."""
 
-    def __init__(self, x: Tensor, backend: str | None) -> None:
-        self.x, self.backend = x, backend
+    def __init__(self, x: Tensor, backend: str | None, mask: Tensor | None = None) -> None:
+        self.x, self.backend, self.mask = x, backend, mask  # mask: the attention's (_step_mask)
         self.device, self.dtype, self.rows = x.device.type, x.dtype, x.shape[0]
 
     def _linear_kernel(self, layer: Linear, k: int):
@@ -361,7 +387,7 @@ class _Step:
         keys, values = cache.update(k, v.view(batch, kv_heads, 1, D), attn.layer_idx)
         # transformers' attention function as the "fastarch" implementation runs it: the
         # decode kernel directly (or SDPA's path for a cache that returns what it cannot take)
-        out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
+        out, _ = fastarch_attention_forward(attn, q, keys, values, self.mask, scaling=attn.scaling)
         a = linear(lo, out.reshape(batch, heads * D), o_proj)
         if sandwich:  # Gemma 3: h + norm(a), normalized for the MLP and kept as its residual
             y, h = rms(rms(a, 1)[0], 2, h)[:2]
@@ -407,7 +433,7 @@ class _GPT2Step(_Step):
         qkv = conv(l_attn, y, convs[0])
         q, k, v = (qkv[:, i * hidden:(i + 1) * hidden].view(batch, heads, 1, D) for i in range(3))
         keys, values = cache.update(k, v, attn.layer_idx)
-        out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
+        out, _ = fastarch_attention_forward(attn, q, keys, values, self.mask, scaling=attn.scaling)
         y, h = norm.forward(conv(l_proj, out.reshape(batch, hidden), convs[1]), h, p2[0], p2[1], ln_2.eps, False)[:2]
         g = gelu.forward(conv(l_fc, y, convs[2], bias=False), convs[2]._parameters["bias"].contiguous(), act)
         return torch.add(h, conv(l_out, g, convs[3])).view(batch, 1, hidden)
@@ -439,7 +465,7 @@ class _GPTNeoXStep(_Step):
         q, k = rotary.forward(qkv[..., :D], qkv[..., D:2 * D], cos, sin, offsets if cos.shape[0] > 1 else None, False,
                               False)
         keys, values = cache.update(k, qkv[..., 2 * D:], attn.layer_idx)
-        out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
+        out, _ = fastarch_attention_forward(attn, q, keys, values, self.mask, scaling=attn.scaling)
         a = self._product(l_dense, out.reshape(batch, hidden), linears[1])
         fc_bias = linears[2]._parameters["bias"]
 
@@ -477,7 +503,7 @@ class _OPTStep(_Step):
         # q scaled inside the attention (transformers scales the rounded product, then attends at scale 1)
         q, k, v = (self._product(kernel, y, p).view(batch, heads, 1, D) for kernel, p in zip(kernels[:3], linears))
         keys, values = cache.update(k, v, attn.layer_idx)
-        out, _ = fastarch_attention_forward(attn, q, keys, values, None, scaling=attn.scaling)
+        out, _ = fastarch_attention_forward(attn, q, keys, values, self.mask, scaling=attn.scaling)
         a = self._product(l_out, out.reshape(batch, hidden), linears[3])
 
         def mlp(y: Tensor) -> Tensor:

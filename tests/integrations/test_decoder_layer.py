@@ -160,23 +160,34 @@ def test_greedy_generation_equals_transformers(family, cache, monkeypatch):
     with torch.inference_mode():
         theirs, ours = model.generate(ids, **kw), fast.generate(ids, **kw)
     assert torch.equal(ours, theirs)
-    # every token after the prompt's; a static cache's empty slots are masked: the layer's code
-    assert steps.fused == (LAYERS * 11 if cache == "dynamic" else 0)
+    # every token after the prompt's (a static cache's empty slots masked in the step's attention)
+    assert steps.fused == LAYERS * 11
 
 
-def test_padded_batch_runs_the_layer(monkeypatch):
-    """Left padding gives the step an attention mask: transformers' layer runs it (the swapped
-    layers inside still on fastarch), and the tokens are transformers'."""
-    model = _model()
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_padded_batch_takes_the_mask(family, monkeypatch):
+    """Left padding gives the step an attention mask: the fused step passes it to the attention
+    (fastarch's masked path); its logits are judged against the fp64 model's, and greedy
+    generation gives transformers' tokens."""
+    model = _model(family)
+    exact = copy.deepcopy(model).double()
     fast = fastarch.optimize(model, inplace=False).model
     ids = torch.randint(1, VOCAB, (2, 7))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     steps = _Steps(monkeypatch)
+    logits = []
     with torch.inference_mode():
+        for m in (fast, model, exact):
+            cache = DynamicCache(config=m.config)
+            m(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+            step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            logits.append(m(input_ids=ids[:, :1], attention_mask=step_mask, cache=cache, use_cache=True).logits[:, -1])
+        assert steps.fused == LAYERS
+        assert_close(*logits)
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
-    assert steps.fused == 0
+    assert steps.fused == LAYERS + LAYERS * 5
 
 
 def _one_step_fused(model, monkeypatch, grad: bool = False) -> int:
@@ -303,7 +314,7 @@ def test_every_fused_class_is_its_layer():
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
 def test_sliding_window(family, monkeypatch):
     """A window shorter than the text: steps whose keys the window cuts get a mask from
-    transformers and run the layer's code, the others the fused step; greedy tokens equal."""
+    transformers, which the fused step passes to the attention; greedy tokens equal."""
     window = dict(sliding_window=6) | ({"use_sliding_window": True, "max_window_layers": 0} if family == "qwen2" else {})
     model = _model(family, **window)
     fast = fastarch.optimize(model, inplace=False).model
@@ -312,7 +323,7 @@ def test_sliding_window(family, monkeypatch):
     steps = _Steps(monkeypatch)
     with torch.inference_mode():
         assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
-    assert 0 < steps.fused < LAYERS * 11
+    assert steps.fused == LAYERS * 11
 
 
 @pytest.mark.gpu
@@ -370,18 +381,18 @@ def test_gpt2_generation_padding_grad_nan_and_restore(monkeypatch):
     steps = _GPT2Steps(monkeypatch)
     fast = _generates_fused(model, steps, ids)
     padded = torch.ones_like(ids)
-    padded[0, :2] = 0  # left padding: a mask every step, the block's own code
+    padded[0, :2] = 0  # left padding: a mask every step, passed to the step's attention
     kw = dict(attention_mask=padded, max_new_tokens=10, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
-    assert steps.fused == LAYERS * 9
+    assert steps.fused == LAYERS * 18
     _prefill_and_step(fast, ids, ids[:, :1])  # with gradients on: the block's own code
-    assert steps.fused == LAYERS * 9
+    assert steps.fused == LAYERS * 18
     with torch.no_grad():
         fast.transformer.wte.weight[7] = float("nan")
     with torch.inference_mode():
         logits, _ = _prefill_and_step(fast, torch.randint(8, VOCAB, (2, 5)), torch.tensor([[7], [9]]))
-    assert steps.fused == LAYERS * 10
+    assert steps.fused == LAYERS * 19
     # (GPT-2's head is the embedding: every row's logit of token 7 is NaN too)
     assert logits[0, -1].isnan().all() and logits[1, -1].isnan().nonzero().flatten().tolist() == [7]
     fastarch.restore(fast)
@@ -462,3 +473,28 @@ GPT_STYLE = {
 def test_gpt_style_decode_step_matches_transformers(kind, dtype, batch, monkeypatch):
     model, layers, steps = GPT_STYLE[kind]()
     _fused_step_matches(model, dtype, layers, steps(monkeypatch), batch, kv_heads=4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2-gelu_new", "neox-parallel", "opt-pre-norm"])
+def test_gpt_style_padded_batch_takes_the_mask(kind, monkeypatch):
+    """Left padding: GPT-2's, GPT-NeoX's and OPT's fused steps pass the mask to the attention;
+    one step's logits against the fp64 model's, and transformers' greedy tokens."""
+    model, layers, steps_of = GPT_STYLE[kind]()
+    exact = copy.deepcopy(model).double()
+    fast = fastarch.optimize(model, inplace=False).model
+    ids = torch.randint(1, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    steps = steps_of(monkeypatch)
+    logits = []
+    with torch.inference_mode():
+        for m in (fast, model, exact):
+            cache = DynamicCache(config=m.config)
+            m(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+            step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            logits.append(m(input_ids=ids[:, :1], attention_mask=step_mask, cache=cache, use_cache=True).logits[:, -1])
+        assert steps.fused == LAYERS
+        assert_close(*logits)
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert steps.fused == LAYERS + LAYERS * 5
