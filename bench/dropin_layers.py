@@ -10,8 +10,11 @@ layer); gpt2 (124M), pythia-160m, opt-125m, qwen2.5-0.5b, qwen3-0.6b, gemma3-270
 are those models' shapes with random weights (no such checkpoint installs here: their speed,
 not their text).
 
+--padded: a batch of two prompts, the first left-padded by 4 tokens, so that every step has an
+attention mask (before 2026-12-04 the fused layers ran transformers' code for masked steps).
+
     python bench/dropin_layers.py [--model smollm2] [--dtype fp32,bf16] [--tokens 64] [--rounds 5]
-                                  [--threads 2] [--json out.json]
+                                  [--padded] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -82,12 +85,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32,bf16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--padded", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     where = f"{report._cpu_model()}, {args.threads} threads, torch {torch.__version__}"
-    print(f"bench/dropin_layers.py --model {args.model}: {where}; median of {args.rounds} interleaved rounds;"
+    print(f"bench/dropin_layers.py --model {args.model}{' --padded' if args.padded else ''}: {where};"
+          f" median of {args.rounds} interleaved rounds;"
           f" load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name in args.dtype.split(","):
@@ -97,11 +102,14 @@ def main() -> None:
             models["optimize, layers and Conv1D kept"] = _kept(model, {FastarchConv1D: Conv1D})
         models["optimize, layers kept"] = _kept(model, {})
         models["optimize"] = fastarch.optimize(model, inplace=False).model
-        ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(100, 1000, (2 if args.padded else 1, 16), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        if args.padded:
+            ids[0, :4], mask[0, :4] = 0, 0
 
         def run(m):
-            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens,
-                              min_new_tokens=args.tokens, do_sample=False, pad_token_id=0)
+            return m.generate(ids, attention_mask=mask, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                              do_sample=False, pad_token_id=0)
 
         times: dict[str, list[float]] = {k: [] for k in models}
         with torch.inference_mode():
@@ -120,7 +128,7 @@ def main() -> None:
               + f"; tokens differing from torch's: {same}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "machine": {"where": where, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            json.dump({"model": args.model, "padded": args.padded, "machine": {"where": where, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                    "env": {k: v for k, v in os.environ.items() if k.startswith(
                                        ("FASTARCH_", "ATEN_", "ONEDNN_", "MKL_"))}},
                        "tokens": args.tokens, "rounds": args.rounds, "rows": rows}, f, indent=1)

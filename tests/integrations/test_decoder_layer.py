@@ -169,13 +169,18 @@ def test_padded_batch_takes_the_mask(family, monkeypatch):
     """Left padding gives the step an attention mask: the fused step passes it to the attention
     (fastarch's masked path); its logits are judged against the fp64 model's, and greedy
     generation gives transformers' tokens."""
-    model = _model(family)
+    _padded_step_and_generation(_model(family), _Steps(monkeypatch))
+
+
+def _padded_step_and_generation(model, steps: _Steps) -> None:
+    """A left-padded batch of two: one step after the prefill (the fused step ran in every
+    layer) with logits judged against the fp64 model's, then 6 greedy tokens equal to
+    transformers' (5 more fused steps per layer)."""
     exact = copy.deepcopy(model).double()
     fast = fastarch.optimize(model, inplace=False).model
     ids = torch.randint(1, VOCAB, (2, 7))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    steps = _Steps(monkeypatch)
     logits = []
     with torch.inference_mode():
         for m in (fast, model, exact):
@@ -479,22 +484,5 @@ def test_gpt_style_decode_step_matches_transformers(kind, dtype, batch, monkeypa
 def test_gpt_style_padded_batch_takes_the_mask(kind, monkeypatch):
     """Left padding: GPT-2's, GPT-NeoX's and OPT's fused steps pass the mask to the attention;
     one step's logits against the fp64 model's, and transformers' greedy tokens."""
-    model, layers, steps_of = GPT_STYLE[kind]()
-    exact = copy.deepcopy(model).double()
-    fast = fastarch.optimize(model, inplace=False).model
-    ids = torch.randint(1, VOCAB, (2, 7))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    steps = steps_of(monkeypatch)
-    logits = []
-    with torch.inference_mode():
-        for m in (fast, model, exact):
-            cache = DynamicCache(config=m.config)
-            m(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
-            step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            logits.append(m(input_ids=ids[:, :1], attention_mask=step_mask, cache=cache, use_cache=True).logits[:, -1])
-        assert steps.fused == LAYERS
-        assert_close(*logits)
-        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
-    assert steps.fused == LAYERS + LAYERS * 5
+    model, _, steps = GPT_STYLE[kind]()
+    _padded_step_and_generation(model, steps(monkeypatch))
