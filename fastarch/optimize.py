@@ -195,7 +195,6 @@ class HFRMSNorm(fnn.RMSNorm):
 
     _fastarch_op = "rms_norm"
     _fastarch_backend: str | None = None
-    weight_offset = 0.0  # 1.0: Gemma's (1 + weight)
 
     @property
     def variance_epsilon(self) -> float:

@@ -106,3 +106,47 @@ def test_from_torch_names_the_module_class_it_takes(name):
     expected = "GroupNorm" if name == "GroupNormSiLU" else name
     with pytest.raises(TypeError, match=rf"fastarch.nn.{name}.from_torch: module must be a torch.nn.{expected}, got ReLU"):
         cls.from_torch(torch.nn.ReLU())
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_offset_module(kind, dtype):
+    """weight_offset=1.0 (Gemma's norms): a new module's weight is zeros and it normalizes as
+    torch's does; a trained weight w multiplies by 1 + w (the op's own bits, its gradient
+    too), also where torch runs it (a weight of another dtype); bad offsets are errors."""
+    cls, torch_cls = (LayerNorm, torch.nn.LayerNorm) if kind == "layer" else (RMSNorm, torch.nn.RMSNorm)
+    norm = cls(64, eps=1e-6, weight_offset=1.0).to(dtype)
+    assert torch.equal(norm.weight, torch.zeros_like(norm.weight)) and "weight_offset=1.0" in repr(norm)
+    x = torch.randn(5, 64, dtype=dtype)
+    plain = torch_cls(64, eps=1e-6).to(dtype)
+    if kind == "layer":
+        with torch.no_grad():
+            norm.bias.normal_()
+            plain.bias.copy_(norm.bias)
+    torch.testing.assert_close(norm(x), plain(x))
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.3)
+    xg = x.clone().requires_grad_()
+    y = norm(xg)
+    op = fastarch.ops.layer_norm if kind == "layer" else fastarch.ops.rms_norm
+    extra = (norm.bias,) if kind == "layer" else ()
+    x2 = x.clone().requires_grad_()
+    want = op(x2, norm.weight, *extra, 1e-6, weight_offset=1.0)
+    assert torch.equal(y, want)
+    g = torch.randn_like(y)
+    assert torch.equal(torch.autograd.grad(y, xg, g)[0], torch.autograd.grad(want, x2, g)[0])
+    # a weight of another dtype than x: torch's own code, with 1 + weight in fp32
+    wide = cls(64, eps=1e-6, weight_offset=1.0)
+    with torch.no_grad():
+        wide.weight.copy_(norm.weight.float())
+        if kind == "layer":
+            wide.bias.copy_(norm.bias.float())
+    xb = x.to(torch.bfloat16)
+    extra64 = (wide.bias.double(),) if kind == "layer" else ()
+    ref = (torch.nn.functional.layer_norm if kind == "layer" else torch.nn.functional.rms_norm)(
+        xb.double(), (64,), wide.weight.double() + 1, *extra64, 1e-6)
+    torch.testing.assert_close(wide(xb).double(), ref, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="weight_offset must be a finite float"):
+        cls(8, weight_offset=float("nan"))
+    with pytest.raises(ValueError, match="needs elementwise_affine=True"):
+        cls(8, weight_offset=1.0, elementwise_affine=False)

@@ -35,6 +35,30 @@ inline RopeRow rope_row(const RopeParams& p, int64_t r) {
   return row;
 }
 
+// rope_row(p, r) for r = begin, begin + 1, ...: the first by divisions, each next by a carry
+// (at head_dim 64 a row's arithmetic is a few dozen instructions, and three 64-bit divisions
+// per row cost more).
+class RopeRows {
+ public:
+  RopeRows(const RopeParams& p, int64_t begin)
+      : row_(rope_row(p, begin)), tokens_inner_(p.x_stride_s <= p.x_stride_h), seqlen_(p.seqlen), heads_(p.heads) {}
+  const RopeRow& operator*() const { return row_; }
+  void next() {
+    int64_t& inner = tokens_inner_ ? row_.s : row_.h;
+    int64_t& outer = tokens_inner_ ? row_.h : row_.s;
+    if (++inner < (tokens_inner_ ? seqlen_ : heads_)) return;
+    inner = 0;
+    if (++outer < (tokens_inner_ ? heads_ : seqlen_)) return;
+    outer = 0;
+    ++row_.b;
+  }
+
+ private:
+  RopeRow row_;
+  bool tokens_inner_;
+  int64_t seqlen_, heads_;
+};
+
 inline int64_t rope_position(const RopeParams& p, const RopeRow& row) {
   const int64_t pos = p.positions ? p.positions[row.b * p.pos_stride_b + row.s * p.pos_stride_s] : 0;
   return p.add_s ? pos + row.s : pos;

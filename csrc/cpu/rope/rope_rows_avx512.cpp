@@ -102,8 +102,9 @@ void rows(const RopeParams& p, int64_t begin, int64_t end) {
   const float* cos = static_cast<const float*>(p.cos);
   const float* sin = static_cast<const float*>(p.sin);
   const __m512 sign = _mm512_set1_ps(p.inverse ? -1.0f : 1.0f);
-  for (int64_t r = begin; r < end; ++r) {
-    const RopeRow row = rope_row(p, r);
+  RopeRows it(p, begin);
+  for (int64_t r = begin; r < end; ++r, it.next()) {
+    const RopeRow& row = *it;
     const int64_t pos = rope_position(p, row);
     const void* x = elem<L>(p.x, row.b * p.x_stride_b + row.h * p.x_stride_h + row.s * p.x_stride_s);
     void* y = elem<L>(p.out, row.b * p.out_stride_b + row.h * p.out_stride_h + row.s * p.out_stride_s);

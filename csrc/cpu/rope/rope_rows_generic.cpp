@@ -99,8 +99,9 @@ void rows(const RopeParams& p, int64_t begin, int64_t end) {
   const Acc* cos = static_cast<const Acc*>(p.cos);
   const Acc* sin = static_cast<const Acc*>(p.sin);
   const Acc sign = p.inverse ? Acc(-1) : Acc(1);  // exact: negating sin rounds nothing
-  for (int64_t r = begin; r < end; ++r) {
-    const RopeRow row = rope_row(p, r);
+  RopeRows it(p, begin);
+  for (int64_t r = begin; r < end; ++r, it.next()) {
+    const RopeRow& row = *it;
     const int64_t pos = rope_position(p, row);
     const T* xr = x + row.b * p.x_stride_b + row.h * p.x_stride_h + row.s * p.x_stride_s;
     T* yr = out + row.b * p.out_stride_b + row.h * p.out_stride_h + row.s * p.out_stride_s;
