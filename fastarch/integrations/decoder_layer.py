@@ -100,15 +100,18 @@ class _Tables:
         return tables
 
 
-def _step_mask(mask: object, batch: int) -> Tensor | None | bool:
-    """The attention mask transformers gives a decode step, as the step passes it to the
-    attention: None (none, or a boolean mask that keeps every key: on the CPU the decode kernel
-    then runs, the check costing less than the masked path), the mask ((B or 1, 1, 1, keys),
-    boolean or additive: padding, a sliding window, a static cache's empty slots), or False for
-    one the step does not take (the layer's own code runs)."""
+def _step_mask(x: object, mask: object) -> Tensor | None | bool:
+    """For x, a decode step's hidden states (B, 1, hidden) in a kernel dtype, the attention mask
+    transformers gives the step, as the step passes it to the attention: None (none, or a
+    boolean mask that keeps every key: on the CPU the decode kernel then runs, the check costing
+    less than the masked path) or the mask ((B or 1, 1, 1, keys), boolean or additive: padding,
+    a sliding window, a static cache's empty slots); False for another x or mask (the layer's
+    own code runs)."""
+    if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
+        return False
     if mask is None:
         return None
-    if type(mask) is not Tensor or mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[1:3] != (1, 1):
+    if type(mask) is not Tensor or mask.dim() != 4 or mask.shape[0] not in (1, x.shape[0]) or mask.shape[1:3] != (1, 1):
         return False
     if mask.dtype == torch.bool and mask.device.type == "cpu" and bool(mask.all()):
         return None
@@ -147,10 +150,7 @@ class _FusedDecodeStep(_StepFirst):
         cache = cache if cache is not None else past_key_values
         if cache is None or position_embeddings is None or kwargs:
             return None
-        if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
-            return None
-        mask = _step_mask(attention_mask, x.shape[0])
-        if mask is False:
+        if (mask := _step_mask(x, attention_mask)) is False:
             return None
         attn, mlp = self._modules["self_attn"], self._modules["mlp"]
         norm1, norm2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
@@ -221,9 +221,7 @@ class FastarchGPT2Block(GPT2Block):
     def _decode_step(self, x: Tensor, cache, attention_mask, encoder_attention_mask=None, use_cache=False,
                      position_ids=None, **kwargs) -> Tensor | None:
         """The step, or None where GPT2Block.forward must run it."""
-        if kwargs or type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
-            return None
-        if (mask := _step_mask(attention_mask, x.shape[0])) is False:
+        if kwargs or (mask := _step_mask(x, attention_mask)) is False:
             return None
         m = self._modules
         attn, mlp, ln_1, ln_2 = m["attn"], m["mlp"], m["ln_1"], m["ln_2"]
@@ -251,9 +249,7 @@ class FastarchGPTNeoXLayer(_StepFirst, GPTNeoXLayer):
         """The step, or None where GPTNeoXLayer.forward must run it."""
         if layer_past is None or position_embeddings is None or kwargs:
             return None
-        if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
-            return None
-        if (mask := _step_mask(attention_mask, x.shape[0])) is False:
+        if (mask := _step_mask(x, attention_mask)) is False:
             return None
         m = self._modules
         attn, mlp, ln_1, ln_2 = m["attention"], m["mlp"], m["input_layernorm"], m["post_attention_layernorm"]
@@ -287,9 +283,7 @@ class FastarchOPTDecoderLayer(_StepFirst, OPTDecoderLayer):
         cache = cache if cache is not None else past_key_values
         if cache is None or kwargs or (self.training and self.dropout):
             return None
-        if type(x) is not Tensor or x.dim() != 3 or x.shape[1] != 1 or x.dtype not in _KERNEL_DTYPES:
-            return None
-        if (mask := _step_mask(attention_mask, x.shape[0])) is False:
+        if (mask := _step_mask(x, attention_mask)) is False:
             return None
         m = self._modules
         attn, ln_1, ln_2 = m["self_attn"], m["self_attn_layer_norm"], m["final_layer_norm"]
