@@ -6,7 +6,9 @@ Each op family runs on small CPU tensors with backend="triton", its launches cau
 run (their outputs are left unwritten): every kernel with the argument types and constexprs of
 that launch (dtypes, flags, autotuner entries) is compiled by Triton for sm_<arch>. Catches what
 Triton's interpreter cannot: code its compiler refuses, and changes of the language between
-Triton releases (run it under the Triton a GPU machine has). Without a GPU it costs nothing;
+Triton releases (run it under the Triton a GPU machine has), and a global a kernel reads whose
+value does not equal itself (a constexpr NaN: Triton compares each launch's globals with the
+first compile's and refuses the launch). Without a GPU it costs nothing;
 run it before spending device time. Prints one line per compiled variant, then a summary;
 exits 1 if any variant failed to compile.
 """
@@ -16,9 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
 import inspect
 import multiprocessing
 import os
+import pkgutil
 import sys
 import time
 
@@ -216,6 +220,25 @@ def _families(only: set[str]):
             yield name, run
 
 
+def _unstable_globals() -> list[str]:
+    """Every kernel of fastarch.kernels whose globals would fail Triton's check at each launch
+    (JITFunction.run: each global the kernel and its callees read must equal its value at the
+    first compile; cache_key records them, as the first launch does)."""
+    import fastarch.kernels as package
+
+    failed = []
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, JITFunction) and value.__module__ == module.__name__:
+                value.cache_key  # noqa: B018 (collects used_global_vals)
+                for (var, _), (first, scope) in value.used_global_vals.items():
+                    if scope.get(var) != first:
+                        failed.append(f"{module.__name__}.{name} reads the global {var} = {first}, which does not"
+                                      f" equal itself: Triton refuses its launches on a GPU")
+    return failed
+
+
 VARIANTS: list[tuple] = []  # (description, jit, signature, constexprs, attrs, options), for the workers
 
 
@@ -242,7 +265,9 @@ def main() -> int:
     dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in args.dtypes.split(",")]
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}", flush=True)
     _catch_launches()
-    failed, seen = [], set()
+    failed, seen = _unstable_globals(), set()
+    for line in failed:
+        print(f"FAILED {line}", flush=True)
     start = time.perf_counter()
     for family, run in _families(set(filter(None, args.only.split(",")))):
         for dtype in dtypes:

@@ -44,7 +44,6 @@ INTERPRETER_MIN_SLICE = 16
 ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
 # Constants the kernels read (globals a kernel uses must be constexpr).
 FP32_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
-NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -168,7 +167,7 @@ def _gn_fwd_apply_kernel(
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     # A group whose mean square overflows fp32 has no statistics: NaN (var = inf would give
     # rstd = 0 and y = bias, silently wrong), as in the reference.
-    rstd = tl.where(mean * mean + var <= FP32_MAX, rstd, NAN)
+    rstd = tl.where(mean * mean + var <= FP32_MAX, rstd, float("nan"))
     tl.store(MEAN + ng, mean, mask=k == 0)
     tl.store(RSTD + ng, rstd, mask=k == 0)
     start = _group_start(n, g, C, S, Cg, CHANNELS_LAST)

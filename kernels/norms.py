@@ -26,7 +26,6 @@ LOOP_BLOCK_N = 2048
 ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
 # Constants the kernels read (globals a kernel uses must be constexpr).
 FP32_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
-NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -59,7 +58,7 @@ def _nan_beyond_fp32(rstd, mean, var):
     """rstd, or NaN where the row's mean square mean^2 + var overflows fp32: such a row has no
     fp32 statistics, and normalizes to NaN as in PyTorch's LayerNorm (a var of inf would give
     rstd = 0 and y = bias, silently wrong)."""
-    return tl.where(mean * mean + var <= FP32_MAX, rstd, NAN)
+    return tl.where(mean * mean + var <= FP32_MAX, rstd, float("nan"))
 
 
 @triton.jit

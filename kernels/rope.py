@@ -16,7 +16,6 @@ from torch import Tensor
 from fastarch.kernels.launch import wrap_triton
 from fastarch.kernels.norms import ROUND_BF16_BY_HAND, _cast
 
-NAN = tl.constexpr(float("nan"))
 # Channels copied per step past the rotary dim.
 BLOCK_PASS = 64
 
@@ -47,7 +46,7 @@ def _rotary_kernel(
     m = i < HALF
     cos = tl.load(COS + p * HALF + i, mask=m, other=0.0)
     sin = tl.load(SIN + p * HALF + i, mask=m, other=0.0)
-    cos = tl.where(inside, cos, NAN)
+    cos = tl.where(inside, cos, float("nan"))
     if INVERSE:
         sin = -sin
     if INTERLEAVED:

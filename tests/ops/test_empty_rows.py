@@ -22,8 +22,10 @@ CASES = {  # name -> (the registry op, a function of (x, w) -> output)
 }
 cos, sin, _ = ops.rotary_tables(N, 16, 10000.0, None)
 # (each output summed over its last dim: their gradients arrive expanded, as from .sum())
+# (the tables on the inputs' device: the CUDA kernel reads them there)
 CASES["rotary"] = ("rotary", lambda x, w: torch.cat(
-    [t.sum(-1) for t in ops.rotary((x * w).view(1, 1, -1, N), x.view(1, 1, -1, N), cos, sin)], -1))
+    [t.sum(-1) for t in ops.rotary((x * w).view(1, 1, -1, N), x.view(1, 1, -1, N), cos.to(x.device),
+                                   sin.to(x.device))], -1))
 PARAMS = [pytest.param(case, *row.values, marks=row.marks, id=f"{case}-{row.id}")
           for case, (op, _) in CASES.items() for row in rows(op)]
 

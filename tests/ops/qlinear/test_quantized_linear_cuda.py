@@ -121,7 +121,7 @@ def _q8(rows=2, k=64, n=3):
 @pytest.mark.parametrize(
     "args,match",
     [
-        (lambda x, w: (x, w, 5, None), "quant must be 2"),
+        (lambda x, w: (x, w, 5, None), r"quant must be a ggml type id of Q4_0 \(2\).*got 5"),
         (lambda x, w: (x, w[:, :40], 8, None), "blocks must be contiguous uint8"),
         (lambda x, w: (x, w, 3, None), r"blocks must be contiguous uint8 \(out_features, 40\)"),
         (lambda x, w: (x, w.float(), 8, None), "blocks must be contiguous uint8"),

@@ -32,11 +32,14 @@ def test_opcheck_backward_and_kernel_op():
 
 
 @pytest.mark.gpu
-def test_opcheck_on_cuda():
+@pytest.mark.parametrize("op", ["rotary-cuda", "rotary-triton", "_triton_rotary"])
+def test_opcheck_on_cuda(op):
     q, k, cos, sin, positions = (t.cuda() if t is not None else None for t in _args(CASES[2], requires_grad=False))
-    for backend in ("cuda", "triton"):
+    if op == "_triton_rotary":
+        torch.library.opcheck(torch.ops.fastarch._triton_rotary.default, (q, k, cos, sin, positions, True, False))
+    else:
+        backend = op.split("-")[1]
         torch.library.opcheck(torch.ops.fastarch.rotary.default, (q, k, cos, sin, positions, False, backend))
-    torch.library.opcheck(torch.ops.fastarch._triton_rotary.default, (q, k, cos, sin, positions, True, False))
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=str)
