@@ -6,8 +6,9 @@
 #   bash bench/gpu_suite.sh                           # from the repository root: tests, then benchmarks
 #   STAGES="tests models triton" bash bench/gpu_suite.sh   # stages run in the order named
 #   STAGES=bench REUSE_BUILD=1 bash bench/gpu_suite.sh     # a second call on the same machine
-# Stages: tests (the gpu-marked tests), triton (the Triton rows that are not gpu-marked),
-# models (the models end to end: SmolLM2 decode, drop-in, UNet), bench (the kernels).
+# Stages: tests (the gpu-marked tests: the ops', then the models'), triton (the Triton rows
+# that are not gpu-marked), models (the models end to end: SmolLM2 decode, drop-in, UNet), bench
+# (the kernels), diagnose (bench/gpu_diagnose.py: where a small model's time goes).
 # Everything lands under $OUT (default ./gpu-out): log.txt (GPU, commit, build time, info, every
 # stage's summary) and, packed into results.tgz at the end (a device call brings back 8 files),
 # build.log, tests-gpu.log, tests-triton.log and one bench-<name>.json per family or model.
@@ -64,6 +65,9 @@ cd /tmp  # import the installed package, not the source tree
 "$PY" -m fastarch info 2>&1 | tee -a "$LOG"
 
 parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-16}")
+# a test that hangs is stopped with its stack (pytest-timeout), so that the run ends and prints
+# every failure's traceback inside the stage's cap
+per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT_S:-90}")
 tests() {  # tests NAME SECONDS PYTEST-ARGS...: -v, so each failure is logged as it happens
   local name=$1 seconds
   seconds=$(cap "$2")
@@ -72,7 +76,7 @@ tests() {  # tests NAME SECONDS PYTEST-ARGS...: -v, so each failure is logged as
   say "tests: $name (at most $seconds s)"
   # (--continue-on-collection-errors: a module whose package cannot travel, as the MiniLM
   # weights' of tests/models/test_sentence.py, stops none of the others)
-  timeout -k 5 "$seconds" "$PY" -m pytest "$SRC/tests" -v --tb=short -p no:cacheprovider $parallel \
+  timeout -k 5 "$seconds" "$PY" -m pytest "$SRC/tests" -v --tb=short -p no:cacheprovider $parallel $per_test \
     --continue-on-collection-errors --durations=15 "$@" \
     > "$OUT/tests-$name.log" 2>&1
   echo "exit $?" >> "$OUT/tests-$name.log"
@@ -98,9 +102,12 @@ script() {  # script NAME SECONDS ARGS...: a bench/ script, its rows into bench-
 }
 
 stage_tests() {
-  # the gpu-marked tests (every row, the slow ones too); one tile entry per kernel in the
-  # Triton stage, since test_attention_triton_tiles.py (gpu-marked) runs every entry
-  tests gpu "${TEST_GPU_S:-240}" -m gpu
+  # the gpu-marked tests of the ops (every row, the slow ones too), then those of the models and
+  # integrations (whole models: slower, and a hang there stops no kernel's test). Autotuning off:
+  # each kernel's first tile entry (test_attention_triton_tiles.py runs every entry itself)
+  FASTARCH_TRITON_AUTOTUNE=0 tests gpu "${TEST_GPU_S:-240}" -m gpu --ignore="$SRC/tests/models" \
+    --ignore="$SRC/tests/integrations"
+  FASTARCH_TRITON_AUTOTUNE=0 tests gpu-models "${TEST_GPU_MODELS_S:-150}" -m gpu --ignore="$SRC/tests/ops"
 }
 stage_triton() {  # the Triton rows that are not gpu-marked (they run on the GPU here)
   FASTARCH_TRITON_AUTOTUNE=0 tests triton "${TEST_TRITON_S:-220}" -m "not gpu" -k triton
@@ -132,6 +139,27 @@ stage_models() {
   bench smollm2 "${BENCH_SMOLLM2_S:-150}" --model smollm2 --random-weights --device cuda
   bench dropin "${BENCH_DROPIN_S:-200}" --dropin --random-weights --device cuda
   bench unet "${BENCH_UNET_S:-90}" --model unet --device cuda
+}
+stage_diagnose() {
+  # where a small model's time goes (bench/gpu_diagnose.py), and the native stack of the crash
+  # of 2026-12-04 (an argument error of the CUDA quantized_linear op whose message holds a
+  # number: a segfault instead of the error), under cuda-gdb when the machine has it
+  script diagnose "${DIAGNOSE_S:-120}" "$SRC/bench/gpu_diagnose.py"
+  if command -v cuda-gdb > /dev/null; then
+    say "the quantized_linear argument error under cuda-gdb"
+    g++ --version 2>&1 | head -1 | tee -a "$LOG"
+    # the CPU kernel's same check first (does any number in an error message crash here?), the
+    # libstdc++ the process loaded, then the CUDA kernel's
+    timeout -k 5 "$(cap 60)" cuda-gdb -q -batch -ex run -ex "bt 25" --args "$PY" -c "import torch, fastarch
+print('libstdc++:', sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l}))
+for device in ('cpu', 'cuda'):
+    x = torch.randn(2, 64, device=device)
+    w = torch.zeros(3, 68, dtype=torch.uint8, device=device)
+    try:
+        torch.ops.fastarch._quantized_linear(x, w, 5, None)
+    except RuntimeError as e:
+        print(device, 'raised as it should:', str(e)[:120], flush=True)" 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -40 | tee -a "$LOG"
+  fi
 }
 for stage in $STAGES; do
   "stage_$stage"

@@ -2,12 +2,14 @@
 fastarch/ops/qlinear/formats.py: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL in 32-value blocks, Q4_K,
 Q5_K, Q6_K, IQ4_XS in 256-value super-blocks), and its launcher.
 
-One program computes BLOCK_N output columns of one row of x: it walks those BLOCK_N rows of
-blocks BLOCK_K values at a time, gathering each value's bits from its block as stored (the
-byte of its low nibble or int8, the bits above it, its block's or sub-block's scales), widening
-it to fp32 exactly as formats.py (and ggml) does, and sums the products with the x row along K
-in fp32; then adds the bias and rounds once. Each value rereads its scales: a block's values
-share those bytes, which should come from the cache (not yet measured on a GPU).
+One program computes BLOCK_N output columns of BLOCK_M rows of x (all of a decode step's rows,
+up to 16): it walks those BLOCK_N rows of blocks BLOCK_K values at a time, gathering each
+value's bits from its block as stored (the byte of its low nibble or int8, the bits above it,
+its block's or sub-block's scales), widening it to fp32 exactly as formats.py (and ggml) does,
+and sums the products with each of its x rows along K in fp32; then adds the bias and rounds
+once. W's blocks are read and widened once per BLOCK_M rows (on an H200 on 2026-12-04, one
+program per row made 16 rows 5-13x slower than one). Each value rereads its scales: a block's
+values share those bytes, which should come from the cache.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from fastarch.kernels.norms import ROUND_BF16_BY_HAND, _cast
 
 BLOCK_N = 8
 BLOCK_K = 128
+# BLOCK_M x BLOCK_N x BLOCK_K products at a time: at most this many (BLOCK_K shrinks as BLOCK_M grows).
+PRODUCTS = 4096
+MAX_BLOCK_M = 16
 # The QUANT constexpr of the kernel: the format of the blocks.
 Q4_0 = tl.constexpr(0)
 Q4_1 = tl.constexpr(1)
@@ -152,21 +157,23 @@ def _q6_k_value(block, j, mask):
 
 @triton.jit
 def _qlinear_kernel(
-    X, W, BIAS, OUT, stride_xm, K, N, row_bytes,
+    X, W, BIAS, OUT, stride_xm, M, K, N, row_bytes,
     QUANT: tl.constexpr, BLOCK_VALUES: tl.constexpr, BLOCK_BYTES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROUND_BY_HAND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    m = tl.program_id(1).to(tl.int64)
+    m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     rows = W + n.to(tl.int64)[:, None] * row_bytes
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         ok = n_ok[:, None] & k_ok[None, :]
-        x = tl.load(X + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
         block = rows + (k // BLOCK_VALUES)[None, :] * BLOCK_BYTES  # each value's block
         j = (k % BLOCK_VALUES)[None, :]
         if QUANT == IQ4_NL or QUANT == IQ4_XS:
@@ -177,10 +184,11 @@ def _qlinear_kernel(
             w = _k_value(block, j, ok, QUANT)
         else:
             w = _legacy_value(block, j, ok, QUANT)
-        acc += tl.sum(tl.where(ok, w * x[None, :], 0.0), axis=1)
+        acc += tl.sum(tl.where(ok[None, :, :], w[None, :, :] * x[:, None, :], 0.0), axis=2)
     if HAS_BIAS:
-        acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(OUT + m * N + n, _cast(acc, OUT.dtype.element_ty, ROUND_BY_HAND), mask=n_ok)
+        acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + m[:, None] * N + n[None, :], _cast(acc, OUT.dtype.element_ty, ROUND_BY_HAND),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
 def quantized_linear_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor | None) -> Tensor:
@@ -194,10 +202,11 @@ def quantized_linear_forward(x: Tensor, blocks: Tensor, quant: str, bias: Tensor
     if rows == 0 or N == 0:
         return out
     code, values, nbytes = _FORMATS[quant]
-    block_k = min(BLOCK_K, triton.next_power_of_2(max(int(K), 32)))
-    wrap_triton(_qlinear_kernel)[(triton.cdiv(N, BLOCK_N), rows)](
-        x, blocks, bias if bias is not None else x, out, x.stride(0), K, N, blocks.shape[1],
+    block_m = min(MAX_BLOCK_M, triton.next_power_of_2(int(rows)))
+    block_k = min(BLOCK_K, PRODUCTS // (block_m * BLOCK_N), triton.next_power_of_2(max(int(K), 32)))
+    wrap_triton(_qlinear_kernel)[(triton.cdiv(N, BLOCK_N), triton.cdiv(rows, block_m))](
+        x, blocks, bias if bias is not None else x, out, x.stride(0), rows, K, N, blocks.shape[1],
         QUANT=code, BLOCK_VALUES=values, BLOCK_BYTES=nbytes, HAS_BIAS=bias is not None,
-        ROUND_BY_HAND=ROUND_BF16_BY_HAND, BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=4,
+        ROUND_BY_HAND=ROUND_BF16_BY_HAND, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=4,
     )
     return out

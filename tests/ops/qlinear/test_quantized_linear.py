@@ -28,7 +28,7 @@ UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-
 SHAPES = [(32, 5), (576, 960), (1536, 37), (96, 100)]
 SCALE_AT = {"q6_k": 208}
 GGUF_PY_WRITES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # the formats gguf-py quantizes too  # the byte of a block's (first) fp16 scale d: 0 but in Q6_K
-BACKEND_ROWS = {"cpu": [1, 3, 8, 9, 17], "reference": [1, 20], "triton": [1, 3], "cuda": [1, 3, 16]}
+BACKEND_ROWS = {"cpu": [1, 3, 8, 9, 17], "reference": [1, 20], "triton": [1, 3, 16], "cuda": [1, 3, 16]}
 
 
 def make(rows, k, n, quant, dtype, bias=True, device="cpu"):
