@@ -116,6 +116,10 @@ stage_bench() {
   # group_norm (+SiLU): the goal is >= 80% of copy bandwidth at batch 1 (the UNet's maps)
   bench group_norm "${BENCH_GN_S:-90}" ${GN_ARGS:---op group_norm,group_norm_nhwc --backend cuda,triton \
     --dtype bf16,fp32 --shapes 1x320x64x64,1x640x32x32,2x1280x16x16 --no-compile}
+  # the same maps timed as CUDA graph replays: the kernels' own speed (eager calls there are
+  # host-bound, ~45 us each side on 2026-12-04), which the 80% goal is about
+  bench group_norm-graphs "${BENCH_GN_GRAPHS_S:-60}" --op group_norm,group_norm_nhwc --backend cuda,triton \
+    --dtype bf16,fp32 --shapes 1x320x64x64,1x640x32x32,2x1280x16x16 --no-compile --pass fwd --cuda-graphs
   # linear at decode rows: the cuda and triton kernels against cuBLAS on SmolLM2's weights
   script linear "${BENCH_LINEAR_S:-90}" "$SRC/bench/linear_rows.py" --device cuda --rows 1,4,16 --dtype bf16,fp32
   # the same weights as GGUF blocks (fastarch.ops.quantized_linear's cuda kernel) against the dense kernel and cuBLAS

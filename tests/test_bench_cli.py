@@ -168,3 +168,94 @@ def test_kept_memory_serves_large_blocks_without_page_faults():
     torch.ones(24 << 20).sum()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 2000, faults
+
+
+class _FakeCuda:
+    """The few torch.cuda calls _time_cuda makes, on the CPU: events read the clock, a graph
+    records the calls made while it captures and replays them."""
+
+    capturing = False
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = 0.0
+
+        def record(self):
+            import time
+
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        def __init__(self):
+            self.calls, self.replays = [], 0
+
+        def replay(self):
+            self.replays += 1
+
+    def __init__(self):
+        import contextlib
+
+        fake = self
+        self.graphs = []
+
+        @contextlib.contextmanager
+        def graph(g):
+            fake.capturing = True
+            fake.graphs.append(g)
+            try:
+                yield
+            finally:
+                fake.capturing = False
+
+        self.graph = graph
+        self.stream = lambda s: contextlib.nullcontext()
+        self.current_stream = lambda: self.Stream()
+
+
+def test_cuda_graph_timing_replays_each_batch_and_reports_what_cannot_be_captured(monkeypatch):
+    """--cuda-graphs' timing (timing._time_cuda, graphs=True), its logic on the CPU with
+    torch.cuda's calls faked: each contender's batch is captured once and replayed once a
+    round, the time divided by the batch; one that synchronizes while captured is reported
+    with its error and the others are still timed."""
+    from fastarch.bench import timing
+
+    fake = _FakeCuda()
+    for name in ("Event", "Stream", "CUDAGraph", "graph", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k))  # the L2 flush
+    monkeypatch.setattr(timing, "_cuda_estimate", lambda fn, do_bench: 0.001)  # 30 calls a batch
+    captured = []
+
+    def good():
+        if fake.capturing:
+            captured.append("good")
+
+    def syncs():
+        if fake.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    times, errors = timing._time_cuda({"good": good, "syncs": syncs}, rounds=3, graphs=True)
+    assert set(times) == {"good"} and len(times["good"].rounds) == 3
+    assert errors == {"syncs": "not captured as a CUDA graph: RuntimeError: operation not permitted when stream is"
+                                " capturing"}
+    assert captured == ["good"] * 30 and [g.replays for g in fake.graphs] == [3, 0]
+    eager, none = timing._time_cuda({"good": good, "syncs": syncs}, rounds=2)
+    assert set(eager) == {"good", "syncs"} and none == {}
+
+
+def test_cuda_graphs_flag_needs_a_gpu_and_the_ops(capsys):
+    with pytest.raises(SystemExit, match="--cuda-graphs applies to --device cuda"):
+        main(["bench", "--op", "layer_norm", "--device", "cpu", "--cuda-graphs"])
+    with pytest.raises(SystemExit, match="--cuda-graphs applies to the ops"):
+        main(["bench", "--model", "unet", "--cuda-graphs"])

@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ops: cold (default: each call reads its inputs from memory, rotating input sets twice the"
         " last-level cache) or warm (the same inputs every call, in cache as when the op before has just"
         " written them; GB/s is then not compared with the copy bandwidth)")
+    arg("--cuda-graphs", action="store_true",
+        help="ops on cuda: time each batch of calls as a CUDA graph replay, the GPU's time alone without the"
+        " host's (a kernel's own speed where a call is host-bound: small maps, a decode step's rows)")
     arg("--threads", type=int, metavar="N", help="CPU threads (torch.set_num_threads; default: torch's)")
     arg("--pass", dest="passes", choices=list(PASSES), default="both",
         help="forward only, forward + backward, or both (default)")
@@ -95,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; 0 when at least one of our rows was timed, else 1."""
+    if args.cuda_graphs and (args.dropin or args.model):
+        raise SystemExit("fastarch bench: --cuda-graphs applies to the ops (not --model or --dropin)")
     if args.dropin:
         return dropin.run(args)
     if args.model:
@@ -108,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     device = report.bench_device(args.device, "fastarch bench")
     if device is None:
         return 2
+    if args.cuda_graphs and device != "cuda":
+        raise SystemExit("fastarch bench: --cuda-graphs applies to --device cuda")
+    timing.set_cuda_graphs(args.cuda_graphs)
     if args.threads:
         torch.set_num_threads(args.threads)
     steady_allocator = device == "cpu" and timing.keep_freed_memory()
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     info = report.machine(device, timing.copy_bandwidth(device), matmul)
     info["steady_cpu_allocator"] = steady_allocator
     info["inputs"] = args.cache
+    info["cuda_graphs"] = args.cuda_graphs
     print(report.preamble(info, args.rounds), flush=True)
     rows: list[report.Row] = []
     for family in families:

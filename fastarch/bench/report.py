@@ -233,11 +233,13 @@ def where(info: dict) -> str:
 
 def preamble(info: dict, rounds: int) -> str:
     """The lines above the table: where the numbers come from and how to read them."""
-    how = (
-        "median of 7 interleaved rounds of ~30 ms back-to-back batches (CUDA events), per iteration"
-        if info["gpu"]
-        else f"median of {rounds} interleaved rounds of ~30 ms batches, per iteration"
-    )
+    if info.get("cuda_graphs"):
+        how = ("median of 7 interleaved rounds of ~30 ms batches, each batch one CUDA graph replay (CUDA events):"
+               " the GPU's time alone, no host time, per iteration")
+    elif info["gpu"]:
+        how = "median of 7 interleaved rounds of ~30 ms back-to-back batches (CUDA events), per iteration"
+    else:
+        how = f"median of {rounds} interleaved rounds of ~30 ms batches, per iteration"
     return "\n".join(
         [
             f"fastarch {info['fastarch']} bench on {where(info)}; torch {info['torch']}, triton {info['triton']}",

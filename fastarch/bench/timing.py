@@ -15,6 +15,11 @@ one), then times them side by side:
   time whenever it outlasts the L2 flush before the call: this project's first H200 decode
   times fit ~240 us per call plus the bytes at SDPA's rate.) Memory-bound cases rotate
   through input sets larger than the L2, as on the CPU.
+- CUDA with ``set_cuda_graphs(True)`` (``fastarch bench --cuda-graphs``): each batch is captured
+  once as a CUDA graph and the rounds replay it, so the times are the GPU's alone, without the
+  host's: what a kernel reaches at sizes where a call is host-bound (a UNet's batch-1 maps, a
+  decode step's rows), as under a captured decode step. A contender that cannot be captured (one
+  that synchronizes with the host) is reported with its error; the others are still timed.
 """
 
 from __future__ import annotations
@@ -86,7 +91,12 @@ def measure(
     if not ready:
         return {}, errors
     try:
-        times = _time_cuda(ready, min(rounds, CUDA_ROUNDS)) if device == "cuda" else _time_interleaved(ready, rounds)
+        if device == "cuda":
+            times, failed = _time_cuda(ready, min(rounds, CUDA_ROUNDS), graphs=_cuda_graphs)
+            errors.update(failed)
+            ready = {name: fn for name, fn in ready.items() if name in times}
+        else:
+            times = _time_interleaved(ready, rounds)
     except Exception as e:
         return {}, {**errors, **{name: f"while timing: {describe(e)}" for name in ready}}
     if not memory:
@@ -154,27 +164,58 @@ def _status_kib(status: Path, key: str) -> int:
     raise ValueError(f"{key} not in {status}")
 
 
-def _time_cuda(contenders: dict[str, Contender], rounds: int = CUDA_ROUNDS) -> dict[str, Timing]:
+def _time_cuda(contenders: dict[str, Contender], rounds: int = CUDA_ROUNDS,
+               graphs: bool = False) -> tuple[dict[str, Timing], dict[str, str]]:
     """Interleaved rounds of back-to-back batches of about TARGET_BATCH_S each (sized from a
-    first estimate), each timed by CUDA events after the L2 is overwritten."""
+    first estimate), each timed by CUDA events after the L2 is overwritten; with ``graphs``,
+    each batch captured once as a CUDA graph and replayed. The times, and the contenders that
+    could not be captured with their errors."""
     from triton.testing import do_bench
 
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     estimate = {name: _cuda_estimate(fn, do_bench) for name, fn in contenders.items()}
     batch = {name: max(1, min(1000, round(TARGET_BATCH_S / max(t, 1e-7)))) for name, t in estimate.items()}
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    order = list(contenders.items())
+    runs: dict[str, Contender] = {}
+    errors: dict[str, str] = {}
+    for name, fn in contenders.items():
+        if not graphs:
+            runs[name] = functools.partial(_calls, fn, batch[name])
+            continue
+        try:
+            runs[name] = _captured(fn, batch[name]).replay
+        except Exception as e:  # a synchronization inside the call, an op that cannot be captured
+            errors[name] = f"not captured as a CUDA graph: {describe(e)}"
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs.items())
     for r in range(rounds):
-        for name, fn in order if r % 2 == 0 else order[::-1]:
+        for name, run in order if r % 2 == 0 else order[::-1]:
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(batch[name]):
-                fn()
+            run()
             end.record()
             end.synchronize()
             samples[name].append(start.elapsed_time(end) * 1e-3 / batch[name])
-    return {name: _summary(s) for name, s in samples.items()}
+    return {name: _summary(s) for name, s in samples.items()}, errors
+
+
+def _calls(fn: Contender, n: int) -> None:
+    for _ in range(n):
+        fn()
+
+
+def _captured(fn: Contender, n: int) -> torch.cuda.CUDAGraph:
+    """n calls of fn as one CUDA graph (fn runs once on a side stream first, as capture needs:
+    its lazy initializations must not happen inside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _calls(fn, n)
+    return graph
 
 
 def _cuda_estimate(fn: Contender, do_bench) -> float:
@@ -242,6 +283,15 @@ def last_level_cache_bytes(device: str = "cpu") -> int:
 
 # "cold" (the default): every call reads its inputs from memory; "warm": every call finds them
 # in cache, as an op does whose input the op before it has just written (set by --cache).
+_cuda_graphs = False
+
+
+def set_cuda_graphs(on: bool) -> None:
+    """CUDA timing by graph replays (True) or by back-to-back eager calls (False, the default)."""
+    global _cuda_graphs
+    _cuda_graphs = bool(on)
+
+
 CACHE_MODES = ("cold", "warm")
 _cache_mode = "cold"
 
@@ -271,7 +321,7 @@ def copy_bandwidth(device: str) -> float:
     src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     if device == "cuda":
-        seconds = _time_cuda({"copy": lambda: dst.copy_(src)})["copy"].seconds
+        seconds = _time_cuda({"copy": lambda: dst.copy_(src)})[0]["copy"].seconds
     else:
         dst.copy_(src)  # first touch of dst's pages
         seconds = min(_seconds_of(lambda: dst.copy_(src)) for _ in range(7))
@@ -297,7 +347,7 @@ def _mm_tflops(device: str, dtype: torch.dtype, n: int) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     if device == "cuda":
-        seconds = _time_cuda({"mm": lambda: torch.mm(a, b)})["mm"].seconds
+        seconds = _time_cuda({"mm": lambda: torch.mm(a, b)})[0]["mm"].seconds
     else:
         torch.mm(a, b)
         seconds = min(_seconds_of(lambda: torch.mm(a, b)) for _ in range(3))
