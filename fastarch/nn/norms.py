@@ -37,7 +37,7 @@ def _torch_runs_it(x: Tensor, module: torch.nn.Module) -> bool:
 
 
 def _flat(p: Tensor | None) -> Tensor | None:
-    return p.reshape(-1) if p is not None else None
+    return p if p is None or p.dim() == 1 else p.reshape(-1)
 
 
 class _WeightOffset:
@@ -80,8 +80,8 @@ class LayerNorm(_WeightOffset, torch.nn.LayerNorm):
         if _torch_runs_it(x, self):
             return torch.nn.functional.layer_norm(x, self.normalized_shape, self._torch_weight(), self.bias, self.eps)
         flat = _flatten_normalized(x, tuple(self.normalized_shape), self)
-        return ops.layer_norm(flat, _flat(self.weight), _flat(self.bias), self.eps,
-                              weight_offset=self.weight_offset).view(x.shape)
+        y = ops.layer_norm(flat, _flat(self.weight), _flat(self.bias), self.eps, weight_offset=self.weight_offset)
+        return y if flat is x else y.view(x.shape)  # (the ops keep x's shape: a view only for k > 1 dims)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm) -> LayerNorm:
@@ -105,7 +105,8 @@ class RMSNorm(_WeightOffset, torch.nn.RMSNorm):
         if _torch_runs_it(x, self):
             return torch.nn.functional.rms_norm(x, self.normalized_shape, self._torch_weight(), self.eps)
         flat = _flatten_normalized(x, tuple(self.normalized_shape), self)
-        return ops.rms_norm(flat, _flat(self.weight), self.eps, weight_offset=self.weight_offset).view(x.shape)
+        y = ops.rms_norm(flat, _flat(self.weight), self.eps, weight_offset=self.weight_offset)
+        return y if flat is x else y.view(x.shape)
 
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:
