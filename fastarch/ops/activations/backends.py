@@ -11,7 +11,7 @@ dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,8 +29,7 @@ from fastarch.ops.activations.reference import (
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class ActivationProblem:
+class ActivationProblem(NamedTuple):
     """What the backends need to know to say whether they can run an activation."""
 
     device: str

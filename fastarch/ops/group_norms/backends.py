@@ -9,7 +9,7 @@ num_groups, weight, bias, scale, shift, silu, channels_last, need_dweight, need_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,8 +21,7 @@ from fastarch.ops.group_norms.reference import group_norm_backward_ref, group_no
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class GroupNormProblem:
+class GroupNormProblem(NamedTuple):
     """What the backends need to know to say whether they can run a group_norm."""
 
     device: str

@@ -9,7 +9,7 @@ for oneDNN's matmul.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +94,7 @@ def _kernel_rows(dtype: torch.dtype) -> tuple[int, int]:
     return CPU_ROWS[_cpu_build()].get(dtype, (1, 0))
 
 
-@dataclass(frozen=True)
-class LinearProblem:
+class LinearProblem(NamedTuple):
     """What the backends need to know to say whether they can run a linear layer."""
 
     device: str

@@ -7,7 +7,7 @@ need_dweight, need_dbias, weight_offset=0.0) on 2-D (rows, cols) inputs with con
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,8 +20,7 @@ NORM_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class NormProblem:
+class NormProblem(NamedTuple):
     """What the backends need to know to say whether they can run a norm."""
 
     device: str  # "cpu", "cuda", ...

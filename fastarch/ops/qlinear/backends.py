@@ -11,7 +11,7 @@ weights up to 16 rows; the Triton kernel much slower, see README's GPU status).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,8 +31,7 @@ DIRECT_ROWS = 16
 """The most rows of x the CPU kernel multiplies by the blocks directly (csrc/cpu/qlinear)."""
 
 
-@dataclass(frozen=True)
-class QuantizedLinearProblem:
+class QuantizedLinearProblem(NamedTuple):
     """What the backends need to know to say whether they can run a quantized linear layer."""
 
     device: str

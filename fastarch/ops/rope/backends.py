@@ -6,7 +6,7 @@ inverse=True on the output gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,8 +18,7 @@ from fastarch.ops.rope.reference import rotary_ref
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class RotaryProblem:
+class RotaryProblem(NamedTuple):
     """What the backends need to know to say whether they can run a rotary embedding."""
 
     device: str
