@@ -187,12 +187,12 @@ def winograd_weight(weight: Tensor) -> Tensor:
 
 def _can_pack(x: Tensor, weight: Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()  # first: dynamo folds it and traces nothing after it
+        and x.device.type == "cpu"
         and x.dtype == weight.dtype
         and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16_CONV) or _widened(x))
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and torch.backends.mkldnn.is_available()
-        and not torch.compiler.is_compiling()
     )
 
 

@@ -141,3 +141,16 @@ def test_resnet_blocks_with_hooks_are_left_alone():
     report = fastarch.optimize(model)
     assert type(hooked) is ResnetBlock2D
     assert any("hooks on norm1" in e.detail for e in report.left_alone)
+
+
+def test_compile_fullgraph_in_inference():
+    """torch.compile(fullgraph=True) of an optimized UNet without gradients: no graph break
+    (fastarch.nn.Conv2d asked torch.backends.mkldnn, which dynamo cannot trace, before asking
+    whether it was being compiled), the eager optimized model's outputs."""
+    torch._dynamo.reset()
+    fast = fastarch.optimize(_unet(), inplace=False).model
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    with torch.inference_mode():
+        eager = fast(x, t).sample
+        compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")(x, t).sample
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
