@@ -6,6 +6,10 @@ with the line of Python that asked for it.
 
     python bench/gpu_diagnose.py [--workload minilm,unet] [--rows 25] [--json out.json]
 
+For the UNet it also times both sides under ``torch.compile(mode="reduce-overhead")`` (CUDA
+graphs over the whole step, where no call pays its host time): the comparison of the kernels
+alone, and what a user who compiles gets.
+
 Random weights (fastarch/bench/dropin.py's models), so it runs on a machine without the weight
 packages; needs a CUDA device (and diffusers for the UNet).
 """
@@ -67,6 +71,24 @@ def _syncs(call, model) -> int:
     return sum(where.values())
 
 
+def _compiled(call, model, fast) -> dict:
+    """Both sides under torch.compile(mode="reduce-overhead"): wall ms per call, or the error."""
+    times = {}
+    for label, m in (("torch_compiled_ms", model), ("fastarch_compiled_ms", fast)):
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(m, mode="reduce-overhead")
+            with torch.inference_mode():
+                for _ in range(3):  # compile, record the graphs, replay
+                    call(compiled)
+                times[label] = _wall_ms(call, compiled)
+        except Exception as e:  # a graph break under fullgraph, a capture that fails, ...
+            times[label] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(f"compiled (reduce-overhead) wall ms per call: torch {times['torch_compiled_ms']},"
+          f" fastarch {times['fastarch_compiled_ms']}", flush=True)
+    return times
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", default="minilm,unet")
@@ -95,6 +117,8 @@ def main() -> int:
                          "synchronizations": _syncs(call, fast)})
             _profile(call, fast, args.rows, f"{name} fastarch")
             _profile(call, model, args.rows // 2, f"{name} torch")
+        if name == "unet":
+            rows[-1].update(_compiled(call, model, fast))
         if args.json:
             Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     return 0

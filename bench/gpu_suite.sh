@@ -148,7 +148,7 @@ stage_diagnose() {
   # where a small model's time goes (bench/gpu_diagnose.py), and the native stack of the crash
   # of 2026-12-04 (an argument error of the CUDA quantized_linear op whose message holds a
   # number: a segfault instead of the error), under cuda-gdb when the machine has it
-  script diagnose "${DIAGNOSE_S:-120}" "$SRC/bench/gpu_diagnose.py"
+  script diagnose "${DIAGNOSE_S:-180}" "$SRC/bench/gpu_diagnose.py"
   if command -v cuda-gdb > /dev/null; then
     say "the quantized_linear argument error under cuda-gdb"
     g++ --version 2>&1 | head -1 | tee -a "$LOG"
