@@ -122,6 +122,9 @@ stage_bench() {
     --dtype bf16,fp32 --shapes 1x320x64x64,1x640x32x32,2x1280x16x16 --no-compile --pass fwd --cuda-graphs
   # linear at decode rows: the cuda and triton kernels against cuBLAS on SmolLM2's weights
   script linear "${BENCH_LINEAR_S:-90}" "$SRC/bench/linear_rows.py" --device cuda --rows 1,4,16 --dtype bf16,fp32
+  # the same as CUDA graph replays: the kernels' own bandwidth (the eager calls are host-bound)
+  script linear-graphs "${BENCH_LINEAR_GRAPHS_S:-60}" "$SRC/bench/linear_rows.py" --device cuda --rows 1,16 \
+    --dtype bf16 --cuda-graphs
   # the same weights as GGUF blocks (fastarch.ops.quantized_linear's cuda kernel) against the dense kernel and cuBLAS
   script quantized-linear "${BENCH_QLINEAR_S:-60}" "$SRC/bench/linear_rows.py" --device cuda \
     --quantized q4_1,q8_0 --rows 1,4,16 --dtype bf16

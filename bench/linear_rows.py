@@ -9,6 +9,7 @@ The measurements behind fastarch.ops.linear.backends.CPU_ROWS.
 
     python bench/linear_rows.py [--threads 2] [--rounds 5] [--rows 1,2,4,8,16,32] [--dtype fp32,bf16,fp16]
     python bench/linear_rows.py --device cuda --json out.json
+    python bench/linear_rows.py --device cuda --cuda-graphs   # the GPU's time alone (CUDA graph replays)
     python bench/linear_rows.py --widened [--rows 8,16,24,32,48,64,128,512] [--dtype bf16,fp16]
     python bench/linear_rows.py --quantized q4_1,q8_0 [--rows 1,8] [--dtype fp32,bf16]
     python bench/linear_rows.py --quantized q4_k,q5_0,q6_k --layer 1b [--rows 1,8]
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from fastarch import _extension, registry
 from fastarch.bench import report
-from fastarch.bench.timing import copy_bandwidth, measure, speedup
+from fastarch.bench.timing import copy_bandwidth, measure, set_cuda_graphs, speedup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (out_features, in_features) of one SmolLM2-135M layer: qkv, o, gate+up, down
@@ -63,7 +64,12 @@ def main() -> None:
     ap.add_argument("--layer", choices=["smollm2", "1b", "smollm2-one", "1b-one"], default="smollm2",
                     help="--quantized: SmolLM2-135M's layers and head, or 4 layers of a 1B-class decoder;"
                          " -one: one such layer (a prefill's working set)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="--device cuda: time each batch as a CUDA graph replay (the GPU's time alone, no host time)")
     a = ap.parse_args()
+    if a.cuda_graphs and a.device != "cuda":
+        ap.error("--cuda-graphs applies to --device cuda")
+    set_cuda_graphs(a.cuda_graphs)
     torch.set_num_threads(a.threads)
     if a.widened:
         return widened(a)
@@ -74,7 +80,7 @@ def main() -> None:
     machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                "path": _extension.cpu_path(), "copy_bandwidth_gbs": bandwidth / 1e9,
-               "date": time.strftime("%Y-%m-%d")}
+               "date": time.strftime("%Y-%m-%d"), "cuda_graphs": a.cuda_graphs}
     where = machine["gpu"] if device == "cuda" else f"CPU: {machine['cpu']}; {a.threads} threads; {machine['path']}"
     print(f"{where}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     backends = ["cuda", "triton"] if device == "cuda" else ["cpu"]
@@ -160,7 +166,8 @@ def quantized(a) -> None:
     bandwidth = copy_bandwidth(device) * 1e9
     machine = {"cpu": report._cpu_model(), "threads": a.threads, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-               "path": _extension.cpu_path(), "copy_bandwidth_gbs": bandwidth / 1e9, "date": time.strftime("%Y-%m-%d")}
+               "path": _extension.cpu_path(), "copy_bandwidth_gbs": bandwidth / 1e9, "date": time.strftime("%Y-%m-%d"),
+               "cuda_graphs": a.cuda_graphs}
     print(f"{machine['gpu'] or machine['cpu']}; {a.threads} threads; torch {torch.__version__}; copy bandwidth"
           f" {bandwidth / 1e9:.1f} GB/s")
     print(f"{'dtype':<5} {'quant':<5} {'rows':>4} {'backend':<9} {'blocks ms':>9} {'dense ms':>9} {'F.linear ms':>11}"
