@@ -84,21 +84,18 @@ tests() {  # tests NAME SECONDS PYTEST-ARGS...: -v, so each failure is logged as
   grep -cE " PASSED" "$OUT/tests-$name.log" | sed 's/^/passed lines: /' | tee -a "$LOG"
   tail -3 "$OUT/tests-$name.log" | tee -a "$LOG"
 }
-bench() {  # bench NAME SECONDS ARGS...: one family's table into the log, its rows into bench-NAME.json
-  local name=$1 seconds
-  seconds=$(cap "$2")
-  shift 2
-  (( seconds < 20 )) && { say "bench $name skipped (the deadline)"; return; }
-  say "bench $name (at most $seconds s)"
-  timeout -k 5 "$seconds" "$PY" -m fastarch bench "$@" --json "$OUT/bench-$name.json" 2>&1 | tee -a "$LOG"
-}
-script() {  # script NAME SECONDS ARGS...: a bench/ script, its rows into bench-NAME.json
+script() {  # script NAME SECONDS ARGS...: python ARGS (a bench/ script), its rows into bench-NAME.json
   local name=$1 seconds
   seconds=$(cap "$2")
   shift 2
   (( seconds < 20 )) && { say "bench $name skipped (the deadline)"; return; }
   say "bench $name (at most $seconds s)"
   timeout -k 5 "$seconds" "$PY" "$@" --json "$OUT/bench-$name.json" 2>&1 | tee -a "$LOG"
+}
+bench() {  # bench NAME SECONDS ARGS...: fastarch bench ARGS, one family's table into the log
+  local name=$1 seconds=$2
+  shift 2
+  script "$name" "$seconds" -m fastarch bench "$@"
 }
 
 stage_tests() {
