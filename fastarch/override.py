@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 
 import torch
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from fastarch import ops, registry
 from fastarch.ops.activations.backends import ActivationProblem
-from fastarch.ops.attn.args import AttentionProblem
+from fastarch.ops.attn.args import AttentionArgs, AttentionProblem
+from fastarch.ops.dispatch import direct_call_allowed
 from fastarch.ops.group_norms.backends import GroupNormProblem
 from fastarch.ops.linear.backends import LinearProblem
 from fastarch.ops.norms.backends import NormProblem
@@ -88,6 +90,39 @@ def kernel_for(op: str, fields: tuple, backend: str | None = None) -> registry.B
     kernel. Only where direct_call_allowed (dynamo would trace the registry here; compiled code
     asks backend_for)."""
     return _choose(op, registry.requested_backend(backend), fields)
+
+
+def attention_direct(query: Tensor, key: Tensor, value: Tensor, scale: float | None, backend: str | None) -> Tensor | None:
+    """Attention without a mask, causality or dropout (every query sees every key: a decode
+    step's one query, a UNet's self- and cross-attention) by the kernel called directly:
+    (B, H, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) with contiguous last dims ->
+    (B, H, Sq, Dv). None where fastarch.ops.attention must run: anything it would check or
+    refuse, autograd, torch.compile, a mode. The op's layers of Python cost ~20-30 us a call,
+    several times a small call's kernel (a decode step's few hundred keys, a UNet's 8x8 map)."""
+    if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor):
+        return None
+    dtype = query.dtype
+    if dtype not in _KERNEL_DTYPES or key.dtype != dtype or value.dtype != dtype:
+        return None
+    device = query.device
+    if key.device != device or value.device != device or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return None
+    batch, heads, queries, head_dim = query.shape
+    _, kv_heads, keys, _ = key.shape
+    if (key.shape[0] != batch or value.shape[0] != batch or value.shape[1] != kv_heads or value.shape[2] != keys
+            or key.shape[3] != head_dim or keys < 1 or queries < 1 or heads % kv_heads != 0 or head_dim < 1
+            or value.shape[3] < 1):
+        return None
+    if query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
+        return None
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if type(scale) is not float or not -math.inf < scale < math.inf or not direct_call_allowed((query, key, value)):
+        return None
+    problem = (device.type, dtype, head_dim, value.shape[3], heads, kv_heads, False, False, False, False, False, False)
+    kernel = kernel_for("attention", problem, backend)  # AttentionProblem's fields
+    if kernel is None:
+        return None
+    return kernel.forward(query, key, value, AttentionArgs(scale=scale))[0]
 
 
 def _plain_tensor(t: object) -> bool:

@@ -26,11 +26,12 @@ from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fastarch import nn as fnn
 from fastarch import ops
-from fastarch.optimize import _ORIGINAL, _hooks, group_norm_backend
-from fastarch.override import _sdpa_backend, backend_for
+from fastarch.optimize import _ORIGINAL, _hooks, group_norm_backend, group_norm_direct
+from fastarch.override import _sdpa_backend, attention_direct, backend_for
 
 
 class FastarchAttnProcessor:
@@ -82,11 +83,13 @@ class FastarchAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        chosen = _sdpa_backend(q, k, v, attention_mask, 0.0, False, None, False, self.backend)
-        if chosen:
-            out = ops.attention(q, k, v, attn_mask=attention_mask, backend=chosen)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = attention_direct(q, k, v, None, self.backend) if attention_mask is None else None
+        if out is None:
+            chosen = _sdpa_backend(q, k, v, attention_mask, 0.0, False, None, False, self.backend)
+            if chosen:
+                out = ops.attention(q, k, v, attn_mask=attention_mask, backend=chosen)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
         if image:
@@ -94,6 +97,23 @@ class FastarchAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class FastarchAttention(Attention):
+    """diffusers' Attention whose forward hands a FastarchAttnProcessor its call directly.
+    Attention.forward reads its processor's signature with inspect at every call (to drop the
+    keyword arguments the processor does not take): ~15 us of Python a call on a CPU, more than
+    a UNet attention block's kernels on a GPU. Any other processor, and a call with
+    cross_attention_kwargs, runs Attention.forward. fastarch.optimize changes a plain
+    Attention's class to this one (the same object, parameters and hooks); restore changes it
+    back."""
+
+    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                attention_mask: Tensor | None = None, **cross_attention_kwargs) -> Tensor:
+        processor = self.processor
+        if cross_attention_kwargs or type(processor) is not FastarchAttnProcessor:
+            return super().forward(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+        return processor(self, hidden_states, encoder_hidden_states, attention_mask)
 
 
 def unsupported_reason(attn: Attention) -> str | None:
@@ -120,11 +140,15 @@ class FastarchResnetBlock2D(ResnetBlock2D):
     _fastarch_backend: str | None = None
 
     def forward(self, input_tensor: Tensor, temb: Tensor | None, *args, **kwargs) -> Tensor:
-        chosen = group_norm_backend(input_tensor, self.norm1, self._fastarch_backend)
-        if args or kwargs or not chosen:
-            return super().forward(input_tensor, temb, *args, **kwargs)
+        backend = self._fastarch_backend
         n1, n2 = self.norm1, self.norm2
-        hidden = ops.group_norm(input_tensor, n1.num_groups, n1.weight, n1.bias, n1.eps, activation="silu", backend=chosen)
+        hidden = None if args or kwargs else group_norm_direct(input_tensor, n1, None, None, True, backend)
+        if hidden is None:
+            chosen = group_norm_backend(input_tensor, n1, backend)
+            if args or kwargs or not chosen:
+                return super().forward(input_tensor, temb, *args, **kwargs)
+            hidden = ops.group_norm(input_tensor, n1.num_groups, n1.weight, n1.bias, n1.eps, activation="silu",
+                                    backend=chosen)
         if self.upsample is not None:
             if hidden.shape[0] >= 64:  # as diffusers: its nearest upsampling fails on large channels-last batches
                 input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
@@ -134,7 +158,7 @@ class FastarchResnetBlock2D(ResnetBlock2D):
         hidden = self.conv1(hidden)
         if self.time_emb_proj is not None:
             if not self.skip_time_act:
-                temb = self.nonlinearity(temb)
+                temb = F.silu(temb)  # (the block's nonlinearity: a plain SiLU without hooks)
             temb = self.time_emb_proj(temb)
         scale = shift = None
         if self.time_embedding_norm == "scale_shift":
@@ -143,8 +167,10 @@ class FastarchResnetBlock2D(ResnetBlock2D):
             scale, shift = temb.chunk(2, dim=1)
         elif temb is not None:
             hidden = hidden + temb[:, :, None, None]
-        chosen = group_norm_backend(hidden, n2, self._fastarch_backend)
-        if not chosen or (scale is not None and (scale.dim() != 2 or scale.dtype != hidden.dtype)):
+        if (normed := group_norm_direct(hidden, n2, scale, shift, True, backend)) is not None:
+            hidden = normed
+        elif not (chosen := group_norm_backend(hidden, n2, backend)) or (
+                scale is not None and (scale.dim() != 2 or scale.dtype != hidden.dtype)):
             hidden = n2(hidden)
             if scale is not None:
                 hidden = hidden * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
@@ -152,7 +178,9 @@ class FastarchResnetBlock2D(ResnetBlock2D):
         else:
             hidden = ops.group_norm(hidden, n2.num_groups, n2.weight, n2.bias, n2.eps, scale=scale, shift=shift,
                                     activation="silu", backend=chosen)
-        hidden = self.dropout(hidden)
+        dropout = self.dropout
+        if dropout.training or type(dropout) is not nn.Dropout:  # (in eval, a plain Dropout returns its input)
+            hidden = dropout(hidden)
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
         if self.output_scale_factor == 1 and isinstance(self.conv2, fnn.Conv2d):
@@ -204,7 +232,7 @@ def resnet_unfused_reason(block: ResnetBlock2D) -> str | None:
             return f"{name} is not an affine GroupNorm"
     if block.time_embedding_norm not in ("default", "scale_shift"):
         return f"time_embedding_norm {block.time_embedding_norm!r}"
-    hooked = [n for n in ("", "norm1", "norm2", "nonlinearity") if _hooks(block.get_submodule(n))]
+    hooked = [n for n in ("", "norm1", "norm2", "nonlinearity", "dropout") if _hooks(block.get_submodule(n))]
     if hooked:
         return f"hooks on {', '.join(n or 'the block' for n in hooked)} (the fused forward would skip them)"
     return None
@@ -212,7 +240,8 @@ def resnet_unfused_reason(block: ResnetBlock2D) -> str | None:
 
 def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
     """fastarch.optimize's diffusers part: FastarchAttnProcessor on every Attention module whose
-    processor is diffusers' default (AttnProcessor2_0 or AttnProcessor), and every plain
+    processor is diffusers' default (AttnProcessor2_0 or AttnProcessor), a plain Attention
+    made a FastarchAttention, and every plain
     ResnetBlock2D made a FastarchResnetBlock2D, every diffusers GEGLU a FastarchGEGLU."""
     for path, m in list(model.named_modules()):
         if type(m) is GEGLU and path:
@@ -239,15 +268,19 @@ def optimize_model(model: torch.nn.Module, report, backend: str | None) -> None:
             report.add(path, "Attention", False, why)
         else:
             m.set_processor(FastarchAttnProcessor(processor, backend))
+            if type(m) is Attention:  # (a subclass keeps its own forward)
+                m.__class__ = FastarchAttention
             report.add(path, "Attention", True, f"processor {type(processor).__name__} -> FastarchAttnProcessor")
 
 
 def restore_model(model: torch.nn.Module) -> None:
-    """Undo optimize_model: each Attention module gets back the processor object it had and
-    each FastarchResnetBlock2D is a ResnetBlock2D again."""
+    """Undo optimize_model: each Attention module gets back its class and the processor object
+    it had, and each FastarchResnetBlock2D is a ResnetBlock2D again."""
     for m in model.modules():
         if type(m) is FastarchResnetBlock2D:
             m.__class__ = ResnetBlock2D
             m.__dict__.pop("_fastarch_backend", None)
+        if type(m) is FastarchAttention:
+            m.__class__ = Attention
         if isinstance(m, Attention) and isinstance(m.processor, FastarchAttnProcessor):
             m.set_processor(m.processor.previous)

@@ -18,7 +18,6 @@ attention as it was.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -28,10 +27,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
 from fastarch import ops
-from fastarch.ops.attn.args import AttentionArgs
-from fastarch.ops.dispatch import direct_call_allowed
 from fastarch.optimize import linear_no_kernel, linear_or_none
-from fastarch.override import _KERNEL_DTYPES, _sdpa_backend, kernel_for
+from fastarch.override import _sdpa_backend, attention_direct
 
 NAME = "fastarch"
 # attention options neither fastarch nor SDPA runs -> what they are
@@ -110,34 +107,10 @@ def fastarch_attention_forward(
 
 def _decode_direct(query: Tensor, key: Tensor, value: Tensor, scaling: float | None, backend: str | None) -> Tensor | None:
     """A decode step's attention (one query per sequence, seeing every key: no mask) by the
-    attention kernel called directly, as (B, 1, H, Dv); None where the general path must run:
-    what fastarch.ops.attention would check or refuse, autograd, torch.compile, a mode. The
-    op's layers of Python cost a small model's decode step ~30 us per layer, several times
-    the kernel's time over a few hundred cached keys."""
-    if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor):
-        return None
-    dtype = query.dtype
-    if dtype not in _KERNEL_DTYPES or key.dtype != dtype or value.dtype != dtype:
-        return None
-    device = query.device
-    if key.device != device or value.device != device or key.dim() != 4 or value.dim() != 4:
-        return None
-    batch, heads, _, head_dim = query.shape
-    _, kv_heads, keys, _ = key.shape
-    if (key.shape[0] != batch or value.shape[0] != batch or value.shape[1] != kv_heads or value.shape[2] != keys
-            or key.shape[3] != head_dim or keys < 1 or heads % kv_heads != 0 or head_dim < 1 or value.shape[3] < 1):
-        return None
-    if query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
-        return None
-    scale = 1.0 / math.sqrt(head_dim) if scaling is None else scaling
-    if type(scale) is not float or not -math.inf < scale < math.inf or not direct_call_allowed((query, key, value)):
-        return None
-    problem = (device.type, dtype, head_dim, value.shape[3], heads, kv_heads, False, False, False, False, False, False)
-    kernel = kernel_for("attention", problem, backend)  # AttentionProblem's fields
-    if kernel is None:
-        return None
-    out, _ = kernel.forward(query, key, value, AttentionArgs(scale=scale))
-    return out.transpose(1, 2).contiguous()
+    attention kernel called directly (fastarch.override.attention_direct), as (B, 1, H, Dv);
+    None where the general path must run."""
+    out = attention_direct(query, key, value, scaling, backend)
+    return None if out is None else out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(NAME, fastarch_attention_forward)

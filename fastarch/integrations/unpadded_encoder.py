@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fastarch import ops
 from fastarch.models.packing import Packing, pack, unpack, unpad
-from fastarch.optimize import _ORIGINAL, call_hooked
+from fastarch.optimize import _ORIGINAL, tree_call_hooked
 
 # keyword arguments of BertEncoder.forward the packed path takes when they are None (tensors,
 # caches) or false (flags); position_ids are unused by BERT's layers
@@ -100,7 +100,7 @@ class UnpaddedEncoder(nn.Module):
             return None  # no padding (None), or an additive / per-query mask: nothing to pack by
         B, S = hidden_states.shape[:2]
         # hooks on a layer (a user's, or transformers' recording of hidden states) need the layers called
-        if mask.shape != (B, 1, S, S) or call_hooked(self.layer.modules()):
+        if mask.shape != (B, 1, S, S) or tree_call_hooked(self.layer):
             return None
         real = mask[:, 0, 0, :]
         if real.all() or not torch.equal(mask, real[:, None, None, :].expand_as(mask)):

@@ -7,17 +7,18 @@ against the unmodified model, both judged against the fp64 model (dropin_toleran
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
 
 import fastarch
 from fastarch.integrations import diffusers as integration
-from fastarch.integrations.diffusers import FastarchAttnProcessor, FastarchGEGLU, FastarchResnetBlock2D
+from fastarch.integrations.diffusers import FastarchAttention, FastarchAttnProcessor, FastarchGEGLU, FastarchResnetBlock2D
 from fastarch.optimize import GroupNorm
 
 
@@ -40,15 +41,27 @@ def _conditional_unet():
 
 
 class _Counting:
+    """Counts the calls of fastarch.ops.<name> from the integration and of the direct kernel
+    paths that stand for it (<name>_direct, counted when they ran: not None)."""
+
     def __init__(self, mp, name="attention"):
         self.calls = 0
-        real = getattr(integration.ops, name)
 
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
+        def counted(module, attr, ran=lambda out: True):
+            real = getattr(module, attr)
 
-        mp.setattr(integration.ops, name, counting)
+            def counting(*args, **kwargs):
+                out = real(*args, **kwargs)
+                self.calls += ran(out)
+                return out
+
+            mp.setattr(module, attr, counting)
+
+        counted(integration.ops, name)
+        direct = f"{name}_direct"
+        for module in (integration, sys.modules["fastarch.optimize"]):
+            if hasattr(module, direct):
+                counted(module, direct, lambda out: out is not None)
 
 
 def _compare(model, run, monkeypatch, dtype=torch.float32):
@@ -127,20 +140,58 @@ def test_restore_puts_the_processors_back():
     modules = dict(model.named_modules())
     before = {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
     fastarch.optimize(model)
+    assert all(type(m) is FastarchAttention for m in model.modules() if isinstance(m, Attention))
     fastarch.restore(model)
     after = {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
     assert all(type(m) is ResnetBlock2D for m in model.modules() if isinstance(m, ResnetBlock2D))
     assert all(m is modules[name] for name, m in model.named_modules())  # the GEGLUs too
 
 
-def test_resnet_blocks_with_hooks_are_left_alone():
+def test_attention_calls_its_processor_directly_and_keeps_hooks_and_kwargs(monkeypatch):
+    """An optimized Attention hands FastarchAttnProcessor its call without Attention.forward's
+    inspection of the processor; its hooks still run; a call with cross_attention_kwargs, or
+    with another processor set later, goes through Attention.forward as before."""
+    model = _unet()
+    fast = fastarch.optimize(model, inplace=False).model
+    attn = fast.down_blocks[1].attentions[0]
+    assert type(attn) is FastarchAttention
+    h = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        want = model.down_blocks[1].attentions[0](h)
+    seen = []
+    original = Attention.forward
+
+    def spied(self, *args, **kwargs):
+        seen.append("Attention.forward")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Attention, "forward", spied)
+    hook = attn.register_forward_hook(lambda *args: seen.append("hook"))
+    with torch.no_grad():
+        direct = attn(h)
+        assert seen == ["hook"]  # the processor called directly, the hook run
+        from_kwargs = attn(h, scale=1.0)  # (Attention.forward drops it, with a warning: the processor does not name it)
+        assert seen == ["hook", "Attention.forward", "hook"]
+        torch.testing.assert_close(from_kwargs, want, rtol=1e-5, atol=1e-5)
+        attn.set_processor(AttnProcessor2_0())
+        torch.testing.assert_close(attn(h), want, rtol=1e-5, atol=1e-5)
+        assert seen[-2:] == ["Attention.forward", "hook"]
+    hook.remove()
+    torch.testing.assert_close(direct, from_kwargs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", ["norm1", "dropout"])
+def test_resnet_blocks_with_hooks_are_left_alone(inner):
+    """The fused forward calls neither the norms nor (in eval) the dropout: hooks on them keep
+    the block diffusers' own."""
     model = _unet()
     hooked = model.down_blocks[0].resnets[0]
-    hooked.norm1.register_forward_hook(lambda m, i, o: o)
+    getattr(hooked, inner).register_forward_hook(lambda m, i, o: o)
     report = fastarch.optimize(model)
     assert type(hooked) is ResnetBlock2D
-    assert any("hooks on norm1" in e.detail for e in report.left_alone)
+    assert any(f"hooks on {inner}" in e.detail for e in report.left_alone)
 
 
 def test_compile_fullgraph_in_inference():

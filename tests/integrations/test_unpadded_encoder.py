@@ -124,10 +124,11 @@ def test_no_padding_training_and_hooks_run_the_original_encoder(monkeypatch):
     fast = fastarch.optimize(model, inplace=False).model
     _runs_padded(fast, model, monkeypatch, mask=torch.ones(4, 13, dtype=torch.long))
     seen = []
-    handle = fast.encoder.layer[0].register_forward_hook(lambda *args: seen.append(1))
-    _runs_padded(fast, model, monkeypatch)
-    handle.remove()
-    assert seen == [1]
+    for hooked in (fast.encoder.layer[0], fast.encoder.layer[1].attention.self.query):  # a layer, a module inside one
+        handle = hooked.register_forward_hook(lambda *args: seen.append(1))
+        _runs_padded(fast, model, monkeypatch)
+        handle.remove()
+    assert seen == [1, 1]
     fast.train()
     model.train()
     _runs_padded(fast, model, monkeypatch)

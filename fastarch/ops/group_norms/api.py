@@ -10,13 +10,13 @@ more op, ``fastarch::group_norm_backward``, dispatched the same way.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from fastarch import registry
 from fastarch.ops import dispatch
+from fastarch.ops.group_norms import layout
 from fastarch.ops.group_norms.backends import GroupNormProblem
 from fastarch.ops.norms.api import check_eps
 
@@ -79,49 +79,6 @@ def _check_activation(activation: object) -> bool:
     return activation == "silu"
 
 
-# ----------------------------------------------------------------------------- layouts
-
-
-def _channels_last(x: Tensor) -> bool:
-    """Whether x's memory is (N, *spatial, C): the channel dim has stride 1 and the rest are
-    dense (torch.channels_last / channels_last_3d, for any number of spatial dims). A tensor
-    contiguous both ways (one channel, or one position) counts as contiguous."""
-    if x.dim() < 3 or x.is_contiguous():
-        return False
-    if x.dim() in _CHANNELS_LAST:  # (torch's own test: the same answer, a fifth of the time)
-        return x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()])
-    return x.permute(0, *range(2, x.dim()), 1).is_contiguous()
-
-
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-def _to_3d(t: Tensor, channels_last: bool) -> Tensor:
-    """(N, C, *spatial) -> the kernels' contiguous 3-D view: (N, S, C) when channels_last, else
-    (N, C, S); copies only a tensor not already in that layout (dy may come in any)."""
-    n, c, s = t.shape[0], t.shape[1], math.prod(t.shape[2:])  # (s explicit: N may be 0)
-    if channels_last:
-        if _channels_last(t):  # a view of the same memory (~1 us where the permute took ~3)
-            return t.as_strided((n, s, c), (s * c, c, 1), t.storage_offset())
-        return t.permute(0, *range(2, t.dim()), 1).reshape(n, s, c).contiguous()
-    return t.reshape(n, c, s).contiguous()
-
-
-def _from_3d(t3: Tensor, like: Tensor, channels_last: bool) -> Tensor:
-    """The inverse of _to_3d: like's shape (N, C, *spatial) in the memory layout of t3.
-    (view_as: a view to a torch.Size parses it element by element, ~2 us of a small call.)"""
-    if channels_last:  # (N, C, *spatial) with channels-last strides over t3's memory
-        shape = like.shape
-        stride, step = [0] * len(shape), shape[1]
-        stride[1] = 1
-        for dim in range(len(shape) - 1, 1, -1):
-            stride[dim] = step
-            step *= shape[dim]
-        stride[0] = step
-        return t3.as_strided(shape, stride, t3.storage_offset())
-    return t3.view_as(like)
-
-
 def _contiguous(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
 
@@ -151,21 +108,21 @@ def _group_norm(
     backend: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y (x's shape and memory format), mean (N, G), rstd (N, G)."""
-    channels_last = _channels_last(x)
-    x3 = _to_3d(x, channels_last)
+    channels_last = layout.is_channels_last(x)
+    x3 = layout.to_3d(x, channels_last)
     impl = registry.choose("group_norm", GroupNormProblem.of(x3, num_groups, channels_last), backend)
     y3, mean, rstd = impl.forward(
         x3, num_groups, _contiguous(weight), _contiguous(bias), _contiguous(scale), _contiguous(shift), float(eps),
         silu, channels_last,
     )
-    return _from_3d(y3, x, channels_last), mean, rstd
+    return layout.from_3d(y3, x, channels_last), mean, rstd
 
 
 @_group_norm.register_fake
 def _(x, num_groups, weight, bias, scale, shift, eps, silu, backend=""):
-    channels_last = _channels_last(x)
-    x3 = _to_3d(x, channels_last)
-    y = _from_3d(x3.new_empty(x3.shape), x, channels_last)
+    channels_last = layout.is_channels_last(x)
+    x3 = layout.to_3d(x, channels_last)
+    y = layout.from_3d(x3.new_empty(x3.shape), x, channels_last)
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return y, stats, stats.new_empty(stats.shape)
 
@@ -188,16 +145,16 @@ def _group_norm_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx (x's shape and memory format), dweight, dbias (C,), dscale, dshift (N, C); a gradient
     not wanted (need_dweight / need_dscale false, or its tensor absent) is an empty tensor."""
-    channels_last = _channels_last(x)
-    x3 = _to_3d(x, channels_last)
-    dy3 = _to_3d(dy, channels_last)  # (in whatever layout the next op produced: copied to x's if not)
+    channels_last = layout.is_channels_last(x)
+    x3 = layout.to_3d(x, channels_last)
+    dy3 = layout.to_3d(dy, channels_last)  # (in whatever layout the next op produced: copied to x's if not)
     impl = registry.choose("group_norm", GroupNormProblem.of(x3, num_groups, channels_last), backend)
     dx3, dweight, dbias, dscale, dshift = impl.backward(
         dy3, x3, mean.contiguous(), rstd.contiguous(), num_groups, _contiguous(weight), _contiguous(bias),
         _contiguous(scale), _contiguous(shift), silu, channels_last, need_dweight, need_dscale,
     )
     return (
-        _from_3d(dx3, x, channels_last),
+        layout.from_3d(dx3, x, channels_last),
         _or_empty(dweight, x),
         _or_empty(dbias, x),
         _or_empty(dscale, x),
@@ -207,10 +164,10 @@ def _group_norm_backward(
 
 @_group_norm_backward.register_fake
 def _(dy, x, mean, rstd, num_groups, weight, bias, scale, shift, silu, need_dweight, need_dscale, backend=""):
-    channels_last = _channels_last(x)
+    channels_last = layout.is_channels_last(x)
     n, c = x.shape[0], x.shape[1]
-    x3 = _to_3d(x, channels_last)
-    dx = _from_3d(x3.new_empty(x3.shape), x, channels_last)
+    x3 = layout.to_3d(x, channels_last)
+    dx = layout.from_3d(x3.new_empty(x3.shape), x, channels_last)
 
     def grad(wanted: bool, shape: tuple) -> Tensor:
         return x.new_empty(shape if wanted else (0,))

@@ -9,7 +9,7 @@ import torch
 
 import backend_rows  # tests/backend_rows.py
 from fastarch import ops
-from fastarch.ops.group_norms.api import _channels_last, _to_3d
+from fastarch.ops.group_norms.layout import is_channels_last, to_3d
 from fastarch.ops.group_norms.backends import GroupNormProblem
 from group_norm_cases import (  # beside this file
     FORWARD_FACTOR,
@@ -80,8 +80,8 @@ def _cases():
 def test_forward_and_backward(backend, device, isa, shape, groups, channels_last, options, dtype, cpu_isa):
     cpu_isa(isa)
     x, tensors, silu = make_inputs(shape, OPTIONS[options], dtype, device, channels_last)
-    layout = _channels_last(x)
-    backend_rows.require("group_norm", backend, GroupNormProblem.of(_to_3d(x, layout), groups, layout))
+    layout = is_channels_last(x)
+    backend_rows.require("group_norm", backend, GroupNormProblem.of(to_3d(x, layout), groups, layout))
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
     to64 = {k: v.double() if v is not None else None for k, v in tensors.items()}
     ref = run_with_grads(torch_group_norm, x.double(), groups, to64, silu, dy)

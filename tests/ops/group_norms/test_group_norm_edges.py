@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import backend_rows  # tests/backend_rows.py
 from fastarch import ops
-from fastarch.ops.group_norms.api import _channels_last, _to_3d
+from fastarch.ops.group_norms.layout import is_channels_last, to_3d
 from fastarch.ops.group_norms.backends import GroupNormProblem
 from group_norm_cases import to_layout, torch_group_norm  # beside this file
 
@@ -22,8 +22,8 @@ def select(backend: str, cpu_isa, x: torch.Tensor | None = None, groups: int = 1
     cpu_isa("generic" if backend == "cpu-generic" else backend_rows.DEFAULT_ISA)
     name = backend.removesuffix("-generic")
     if x is not None:
-        layout = _channels_last(x)
-        backend_rows.require("group_norm", name, GroupNormProblem.of(_to_3d(x, layout), groups, layout))
+        layout = is_channels_last(x)
+        backend_rows.require("group_norm", name, GroupNormProblem.of(to_3d(x, layout), groups, layout))
     return name
 
 
