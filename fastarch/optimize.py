@@ -109,20 +109,32 @@ def _norm_backend(module: nn.Module, x: Tensor, weight: Tensor | None) -> str:
     return backend_for(module._fastarch_op, (x.device.type, x.dtype, 1, 1), module._fastarch_backend)
 
 
-def _norm_direct(module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: object,
-                 rms: bool, weight_offset: float = 0.0) -> Tensor | None:
-    """The norm of x's last dim by the chosen backend's kernel called directly (_norm_backend
-    chose one: x checked against the weight), or None where the op must run: autograd,
-    torch.compile, a mode, an eps or a parameter shape the op would refuse."""
-    if not direct_call_allowed((x, weight, bias)) or type(eps) is not float or not 0.0 <= eps < math.inf:
+def _norm_direct(module: nn.Module, x: object, rms: bool, weight_offset: float = 0.0) -> Tensor | None:
+    """The norm of x over ``module``'s normalized shape (one trailing dim) by the chosen
+    backend's kernel called directly, or None where the layer's other paths must run: x not a
+    plain tensor ending with the normalized size, a parameter of another dtype (torch promotes
+    mixed dtypes, as under autocast; the kernels take one), autograd, torch.compile, a mode, an
+    eps the op would refuse, no fastarch kernel backend for x. The op's layers of Python cost
+    ~10 us a call, more than a small call's kernel."""
+    if type(x) is not Tensor:
         return None
-    if weight is not None and weight.shape != x.shape[-1:] or bias is not None and bias.shape != x.shape[-1:]:
+    shape = module.normalized_shape
+    if len(shape) != 1 or x.dim() < 1 or x.shape[-1] != shape[0]:
         return None
-    kernel = kernel_for(module._fastarch_op, (x.device.type, x.dtype, 1, 1), module._fastarch_backend)
-    vector = None if weight is None else weight.contiguous()
-    y = kernel.forward(as_rows(x), None, vector, None if bias is None else bias.contiguous(), eps, rms,
-                       weight_offset)[0]
-    return y.view_as(x)
+    params = module._parameters
+    weight, bias = params.get("weight"), params.get("bias")
+    n, dtype = shape[0], x.dtype
+    for p in (weight, bias):
+        if p is not None and (p.dtype != dtype or p.dim() != 1 or p.shape[0] != n):
+            return None
+    eps = module.eps
+    if type(eps) is not float or not 0.0 <= eps < math.inf or not direct_call_allowed((x, weight, bias)):
+        return None
+    kernel = kernel_for(module._fastarch_op, (x.device.type, dtype, 1, 1), module._fastarch_backend)  # by device, dtype
+    if kernel is None:
+        return None
+    y = kernel.forward(as_rows(x), None, _contiguous(weight), _contiguous(bias), eps, rms, weight_offset)[0]
+    return y if x.dim() == 2 else y.view_as(x)
 
 
 def group_norm_backend(x: object, norm: nn.GroupNorm, backend: str | None) -> str:
@@ -193,12 +205,12 @@ class LayerNorm(fnn.LayerNorm):
     _fastarch_backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if (y := _norm_direct(self, x, False)) is not None:
+            return y
         chosen = _norm_backend(self, x, self.weight)
         if not chosen:
             return nn.LayerNorm.forward(self, x)
         k = len(self.normalized_shape)
-        if k == 1 and (y := _norm_direct(self, x, self.weight, self.bias, self.eps, False)) is not None:
-            return y
         y = ops.layer_norm(_rows(x, k), _vector(self.weight), _vector(self.bias), self.eps, backend=chosen)
         return y.view(x.shape)
 
@@ -210,12 +222,12 @@ class RMSNorm(fnn.RMSNorm):
     _fastarch_backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if (y := _norm_direct(self, x, True)) is not None:
+            return y
         chosen = _norm_backend(self, x, self.weight)
         if not chosen:
             return nn.RMSNorm.forward(self, x)
         k = len(self.normalized_shape)
-        if k == 1 and (y := _norm_direct(self, x, self.weight, None, self.eps, True)) is not None:
-            return y
         y = ops.rms_norm(_rows(x, k), _vector(self.weight), self.eps, backend=chosen)
         return y.view(x.shape)
 
@@ -241,16 +253,15 @@ class HFRMSNorm(fnn.RMSNorm):
         return self.eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if (y := _norm_direct(self, x, True, self.weight_offset)) is not None:
+            return y
         chosen = _norm_backend(self, x, self.weight)
         if not chosen:
             original = self.__dict__[_ORIGINAL]
             if original._parameters["weight"] is not self.weight:  # reassigned since the swap
                 original._parameters["weight"] = self.weight
             return original(x)
-        offset = self.weight_offset
-        if (y := _norm_direct(self, x, self.weight, None, self.eps, True, offset)) is not None:
-            return y
-        return ops.rms_norm(x, self.weight, self.eps, weight_offset=offset, backend=chosen)
+        return ops.rms_norm(x, self.weight, self.eps, weight_offset=self.weight_offset, backend=chosen)
 
 
 class Linear(fnn.Linear):

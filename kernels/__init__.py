@@ -11,9 +11,10 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # every fastarch checkout's root is passed over, not only this one's (two checkouts on the
+    # path, as when comparing trees, would otherwise hand the name back and forth for ever)
     _spec = importlib.machinery.PathFinder.find_spec(
-        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+        "kernels", [p for p in sys.path if not os.path.isfile(os.path.join(p or os.curdir, "fastarch", "__init__.py"))]
     )
     if _spec is None:
         del sys.modules["kernels"]
