@@ -149,6 +149,8 @@ stage_diagnose() {
   # of 2026-12-04 (an argument error of the CUDA quantized_linear op whose message holds a
   # number: a segfault instead of the error), under cuda-gdb when the machine has it
   script diagnose "${DIAGNOSE_S:-180}" "$SRC/bench/gpu_diagnose.py"
+  # the drop-in paths' host time on this machine's CPU (what its GPU waits for at these sizes)
+  script dropin-host-time "${DROPIN_HOST_S:-60}" "$SRC/bench/dropin_host_time.py"
   if command -v cuda-gdb > /dev/null; then
     say "the quantized_linear argument error under cuda-gdb"
     g++ --version 2>&1 | head -1 | tee -a "$LOG"

@@ -26,6 +26,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from fastarch.models.cuda_graph_step import CudaGraphDenoiser
+
 from fastarch.finite import finite_number
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -359,21 +361,24 @@ def sample(
             if mask is not None:
                 mask = torch.cat([torch.ones_like(mask), mask])
     scheduler.set_timesteps(num_inference_steps)
+    kw = {}
+    if labels is not None:
+        kw["class_labels"] = labels
+    if context is not None:
+        kw["encoder_hidden_states"] = context
+        if mask is not None:
+            kw["encoder_attention_mask"] = mask
+    # on a GPU the model's calls replay a CUDA graph from the third step on (FASTARCH_CUDA_GRAPHS=0: not)
+    graphed = CudaGraphDenoiser.for_sampling(model, device, len(scheduler.timesteps), kw)
+    on_device = scheduler.timesteps.to(device)  # (one copy: a step's timestep needs no transfer)
     steps = scheduler.timesteps
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
-    for t in steps:
-        kw = {}
-        if labels is not None:
-            kw["class_labels"] = labels
-        if context is not None:
-            kw["encoder_hidden_states"] = context
-            if mask is not None:
-                kw["encoder_attention_mask"] = mask
-        inp = torch.cat([x, x]) if guided else x
-        out = model(scheduler.scale_model_input(inp, t), t.to(device), **kw)
+    for i, t in enumerate(steps):
+        inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        out = graphed(inp, on_device[i]) if graphed is not None else model(inp, on_device[i], **kw)
         if guided:
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)

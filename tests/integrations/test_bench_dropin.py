@@ -66,3 +66,26 @@ def test_random_weights_workloads_run(tmp_path, capsys, monkeypatch):
     minilm, smollm2 = doc["rows"]
     assert minilm["speedup"] > 0 and minilm["max_diff"] < 1e-4
     assert smollm2.get("speedup", 0) > 0 and smollm2["max_diff"] == 0, smollm2  # the same greedy token ids
+
+
+def test_host_time_script_times_every_case(tmp_path, monkeypatch):
+    """bench/dropin_host_time.py (the GPU suite runs it): a row per case (the models and their
+    swapped layers), both sides timed; fastarch's Conv2d and torch's threads as they were after."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import fastarch.nn.conv as fastarch_conv
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "dropin_host_time.py"
+    path = tmp_path / "host.json"
+    monkeypatch.setattr(sys, "argv", [str(script), "--rounds", "1", "--json", str(path)])
+    monkeypatch.setattr(fastarch_conv, "_can_pack", fastarch_conv._can_pack)  # (the script replaces it)
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["case"]: r for r in json.loads(path.read_text())["rows"]}
+    assert {"unet step (1x3x8x8)", "Attention", "GroupNorm", "bert encoder (32 x 9-45 tokens)", "LayerNorm"} <= rows.keys()
+    assert all(r["unmodified"] > 0 and r["optimized"] > 0 for r in rows.values())

@@ -17,6 +17,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from fastarch.models.cuda_graph_step import CudaGraphDenoiser
 from fastarch.models.schedulers import DDIMScheduler, DDPMScheduler, sample
 from fastarch.models.unet2d import UNet2D
 
@@ -210,3 +211,51 @@ def test_classifier_free_guidance(tmp_path):
         sample(model, DDIMScheduler(), noise, eta=5.0, num_inference_steps=2, progress=False)
     with pytest.raises(TypeError, match="class_labels must be a tensor of class ids or None, got list"):
         sample(model, DDIMScheduler(), noise, class_labels=[1, 2], num_inference_steps=2, progress=False)
+
+
+def _guided_case():
+    """A class- and text-conditional UNet with guidance: every input kind a graph keeps."""
+    from test_unet2d import CONFIGS, randomize
+
+    torch.manual_seed(0)
+    model = UNet2D.from_config({"_class_name": "UNet2DConditionModel", **CONFIGS["cross_linear"][1]}).eval()
+    randomize(model)
+    kw = dict(class_labels=torch.tensor([1, 2]), encoder_hidden_states=torch.randn(2, 7, 24), guidance_scale=3.0,
+              progress=False)
+    return model, torch.randn(2, 4, 8, 8), kw
+
+
+def test_sampler_graph_not_on_the_cpu_and_a_failed_capture_runs_eagerly(monkeypatch):
+    """On the CPU no graph is taken; forced onto the CPU, where no graph can be captured, the
+    sampler warns once and runs every step eagerly, the same sample as without the graph."""
+    model, noise, kw = _guided_case()
+    assert CudaGraphDenoiser.for_sampling(model, torch.device("cpu"), 50, {}) is None
+    eager = sample(model, DDIMScheduler(), noise, num_inference_steps=9, **kw)
+    monkeypatch.setattr(CudaGraphDenoiser, "for_sampling", classmethod(lambda cls, m, device, steps, k: cls(m, k)))
+    with pytest.warns(RuntimeWarning, match="sampling without a CUDA graph: the capture failed") as caught:
+        forced = sample(model, DDIMScheduler(), noise, num_inference_steps=9, **kw)
+    assert len(caught) == 1 and torch.equal(forced, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, DDPMScheduler])
+def test_sampler_graph_gives_the_eager_sample(monkeypatch, scheduler):
+    """On a GPU the sampler captures the model's call once, checks its first replay against the
+    eager call and replays it for every later step: the sample of the eager loop, bit for bit
+    (DDPM's fresh noise each step included)."""
+    model, noise, kw = _guided_case()
+    model = model.cuda()
+    kw = {**kw, "class_labels": kw["class_labels"].cuda(), "encoder_hidden_states": kw["encoder_hidden_states"].cuda()}
+    made = []
+    real_init = CudaGraphDenoiser.__init__
+
+    def spy(self, *args):
+        real_init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(CudaGraphDenoiser, "__init__", spy)
+    graphed = sample(model, scheduler(), noise.cuda(), num_inference_steps=12, seed=4, **kw)
+    assert len(made) == 1 and made[0].graph is not None and made[0].checked and not made[0].failed
+    monkeypatch.setenv("FASTARCH_CUDA_GRAPHS", "0")
+    eager = sample(model, scheduler(), noise.cuda(), num_inference_steps=12, seed=4, **kw)
+    assert len(made) == 1 and torch.equal(graphed, eager)
