@@ -3,6 +3,8 @@
 attention processor) on the same weights, side by side in interleaved rounds:
 
 - "forward": one denoising step, batch 4, 32x32, per dtype (fp32, bf16);
+- "graph" (on a GPU): the same step as the sampler runs it there, a CUDA graph's replay
+  (fastarch.models.cuda_graph_step.CudaGraphDenoiser), against diffusers' eager step;
 - "ddim": a whole DDIM sample (50 steps; 5 with --quick), batch 1, fp32: our
   fastarch.models.schedulers.sample against DDIMPipeline's loop (diffusers' DDIMScheduler).
 
@@ -45,7 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass
 class UNetRow:
-    case: str  # "forward" or "ddim"
+    case: str  # "forward", "graph" (CUDA) or "ddim"
     batch: int
     steps: int  # model calls per timed call
     dtype: str
@@ -97,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
             }
             rows.append(_timed("forward", FORWARD_BATCH, 1, dtype_name, contenders, out, rounds, device))
             print(_line(rows[-1]), flush=True)
+            if device == "cuda":  # the same step as the sampler runs it on a GPU: a CUDA graph's replay
+                rows.append(_graphed_step(ours, theirs, x, t, dtype_name, rounds, device))
+                print(_line(rows[-1]), flush=True)
             if dtype == torch.float32:
                 shape = (SAMPLE_BATCH, 3, size, size)
                 out = {}
@@ -114,6 +119,26 @@ def run(args: argparse.Namespace) -> int:
         _write(args.json, info, rows)
         print(f"saved {args.json}")
     return 0 if rows and all(r.ours_ms for r in rows) else 1
+
+
+def _graphed_step(ours, theirs, x, t, dtype_name: str, rounds: int, device: str) -> UNetRow:
+    """"graph": our step as fastarch.models.schedulers.sample runs it on a GPU (CudaGraphDenoiser:
+    the inputs copied into the captured graph, one replay) against diffusers' eager step."""
+    from fastarch.models.cuda_graph_step import CudaGraphDenoiser
+
+    denoiser = CudaGraphDenoiser(ours, {})
+    with torch.no_grad():
+        denoiser(x, t)  # the warm-up and the capture
+        denoiser(x, t)  # the checked first replay
+    if denoiser.failed:
+        return UNetRow("graph", FORWARD_BATCH, 1, dtype_name, None, None, None, None,
+                       {"ours": "the graph was not kept (see the warning above)"})
+    out = {}
+    contenders = {
+        "ours": _keeping(out, "ours", lambda: denoiser(x, t)),
+        "diffusers": _keeping(out, "diffusers", lambda m=theirs: m(x, t).sample),
+    }
+    return _timed("graph", FORWARD_BATCH, 1, dtype_name, contenders, out, rounds, device)
 
 
 @torch.no_grad()

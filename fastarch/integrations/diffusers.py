@@ -6,8 +6,11 @@
 FastarchAttnProcessor computes what diffusers' AttnProcessor2_0 computes for its Attention
 module (self- and cross-attention, the spatial and group norms, q/k norms, the additive
 attention mask diffusers prepares, the residual and output rescaling) with the attention
-itself on fastarch.ops.attention where a fastarch kernel backend can run it, and hands every
-other call to the processor it replaced (or AttnProcessor2_0).
+itself on fastarch.ops.attention where a fastarch kernel backend can run it (without a mask,
+its kernel called directly: fastarch.override.attention_direct), and hands every other call to
+the processor it replaced (or AttnProcessor2_0). FastarchAttention is diffusers' Attention
+calling such a processor without inspecting its signature first (optimize changes a plain
+Attention's class to it).
 
 FastarchResnetBlock2D is diffusers' ResnetBlock2D with each GroupNorm, its time-embedding
 scale/shift and the SiLU after it as one fastarch.ops.group_norm (and, once optimize has made
