@@ -311,24 +311,25 @@ def test_norm_direct_call_is_the_op(dtype, shape):
         assert y.grad_fn is not None and torch.isfinite(grad).all(), name
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_direct_call_is_the_op(dtype, channels_last):
+def test_group_norm_direct_call_is_the_op(device, dtype, channels_last):
     """group_norm_direct (the swapped GroupNorms' and the UNet ResNet blocks' call of the kernel
     without the op's Python) gives fastarch.ops.group_norm's bits on the same backend, in x's
     memory layout, with and without scale/shift and SiLU, a NaN kept to its group; it declines
     (None: the op or torch's code runs) with autograd and for what the op would refuse."""
     torch.manual_seed(0)
-    norm = nn.GroupNorm(4, 16).to(dtype)
+    norm = nn.GroupNorm(4, 16).to(device, dtype)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
-    x = torch.randn(3, 16, 5, 7, dtype=dtype)
+    x = torch.randn(3, 16, 5, 7, dtype=dtype, device=device)
     x[0, 0, 1, 2] = float("nan")  # group 0 of sample 0
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    scale, shift = torch.randn(3, 16, dtype=dtype), torch.randn(3, 16, dtype=dtype)
-    backend = fastarch.override.backend_for("group_norm", ("cpu", dtype, 1, 1, 1, 1, False))
+    scale, shift = torch.randn(3, 16, dtype=dtype, device=device), torch.randn(3, 16, dtype=dtype, device=device)
+    backend = fastarch.override.backend_for("group_norm", (device, dtype, 1, 1, 1, 1, False))
     with torch.no_grad():
         for s, t, silu in [(None, None, False), (None, None, True), (scale, shift, True), (scale, None, False)]:
             got = group_norm_direct(x, norm, s, t, silu)
@@ -339,7 +340,7 @@ def test_group_norm_direct_call_is_the_op(dtype, channels_last):
             assert got[0, :4].isnan().all() and not got[0, 4:].isnan().any() and not got[1:].isnan().any()
         declined = [(x.double(), norm, None, None), (x[:, :8], norm, None, None), (x, norm, scale[:2], None),
                     (x, norm, None, shift.float() if dtype != torch.float32 else shift.half()), (x[:0], norm, None, None),
-                    (x, nn.GroupNorm(4, 16, eps=0).to(dtype), None, None)]  # (an int eps)
+                    (x, nn.GroupNorm(4, 16, eps=0).to(device, dtype), None, None)]  # (an int eps)
         for args in declined:
             assert group_norm_direct(*args) is None
     assert group_norm_direct(x, norm, scale.requires_grad_(), shift) is None

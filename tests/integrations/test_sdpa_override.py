@@ -154,24 +154,25 @@ def test_compiled_inside_the_block():
     torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sq,hkv", [(1, 2), (5, 4), (40, 1)])
-def test_attention_direct_is_the_op(dtype, sq, hkv):
+def test_attention_direct_is_the_op(device, dtype, sq, hkv):
     """attention_direct (the drop-in paths' call of the kernel without the op's Python) gives
     fastarch.ops.attention's bits on the same backend, a NaN included; it declines (None: the
     op runs) with autograd and for what the op would check or refuse."""
     torch.manual_seed(0)
-    q, k, v = _qkv(dtype, h=4, hkv=hkv, sq=sq, sk=29, d=16)
+    q, k, v = (t.to(device) for t in _qkv(dtype, h=4, hkv=hkv, sq=sq, sk=29, d=16))
     q[0, 1, 0, 3] = float("nan")
-    backend = override.backend_for("attention", ("cpu", dtype, 16, 16, 4, hkv) + (False,) * 6)
+    backend = override.backend_for("attention", (device, dtype, 16, 16, 4, hkv) + (False,) * 6)
     with torch.no_grad():
         for scale in (None, 0.3):
             got = override.attention_direct(q, k, v, scale, None)
             want = fastarch.ops.attention(q, k, v, scale=scale, backend=backend)
             assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
             assert got[0, 1, 0].isnan().all() and not got[1].isnan().any()
-        strided = torch.randn(*q.shape[:-1], 32, dtype=dtype)[..., ::2]  # last dim not contiguous
-        three_heads = torch.randn(2, 3, 29, 16, dtype=dtype)  # 4 query heads do not share 3 key heads
+        strided = torch.randn(*q.shape[:-1], 32, dtype=dtype, device=device)[..., ::2]  # last dim not contiguous
+        three_heads = torch.randn(2, 3, 29, 16, dtype=dtype, device=device)  # 4 query heads do not share 3 key heads
         for args in [(q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]), (strided, k, v), (q, k, v.double()),
                      (q[0], k[0], v[0]), (q, three_heads, three_heads), (q, k[:1], v[:1])]:
             assert override.attention_direct(*args, 0.3, None) is None, [tuple(a.shape) for a in args]
