@@ -92,20 +92,38 @@ def kernel_for(op: str, fields: tuple, backend: str | None = None) -> registry.B
     return _choose(op, registry.requested_backend(backend), fields)
 
 
-def attention_direct(query: Tensor, key: Tensor, value: Tensor, scale: float | None, backend: str | None) -> Tensor | None:
-    """Attention without a mask, causality or dropout (every query sees every key: a decode
-    step's one query, a UNet's self- and cross-attention) by the kernel called directly:
-    (B, H, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) with contiguous last dims ->
-    (B, H, Sq, Dv). None where fastarch.ops.attention must run: anything it would check or
-    refuse, autograd, torch.compile, a mode. The op's layers of Python cost ~20-30 us a call,
-    several times a small call's kernel (a decode step's few hundred keys, a UNet's 8x8 map)."""
+def attention_direct(query: Tensor, key: Tensor, value: Tensor, scale: float | None, backend: str | None,
+                     cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor | None:
+    """Attention without a mask, causality or dropout (every query sees every key of its
+    sequence: a decode step's one query, a UNet's self- and cross-attention, a padded batch's
+    packed real tokens) by the kernel called directly. None where fastarch.ops.attention must
+    run: anything it would check or refuse, autograd, torch.compile, a mode. The op's layers of
+    Python cost ~20-30 us a call, several times a small call's kernel (a decode step's few
+    hundred keys, a UNet's 8x8 map), and its checks of packed offsets on a GPU launch a dozen
+    small kernels.
+
+    Dense: (B, H, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) with contiguous last dims ->
+    (B, H, Sq, Dv). Packed self-attention (cu_seqlens given): (total, H, D), (total, Hkv, D),
+    (total, Hkv, Dv) -> (total, H, Dv), the sequences at int32 offsets cu_seqlens (N + 1,) on
+    the tensors' device, the longest max_seqlen: offsets the caller made and vouches for (as
+    fastarch.models.packing makes them from a padding mask), which are not read here."""
     if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor):
         return None
     dtype = query.dtype
     if dtype not in _KERNEL_DTYPES or key.dtype != dtype or value.dtype != dtype:
         return None
     device = query.device
-    if key.device != device or value.device != device or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+    if key.device != device or value.device != device:
+        return None
+    packed = cu_seqlens is not None
+    if packed:
+        if (query.dim() != 3 or key.dim() != 3 or value.dim() != 3 or key.shape[0] != query.shape[0]
+                or type(cu_seqlens) is not Tensor or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
+                or cu_seqlens.numel() < 2 or cu_seqlens.device != device or not cu_seqlens.is_contiguous()
+                or type(max_seqlen) is not int or max_seqlen < 1):
+            return None
+        query, key, value = (t.permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))  # (1, H, total, D)
+    elif query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return None
     batch, heads, queries, head_dim = query.shape
     _, kv_heads, keys, _ = key.shape
@@ -118,11 +136,16 @@ def attention_direct(query: Tensor, key: Tensor, value: Tensor, scale: float | N
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if type(scale) is not float or not -math.inf < scale < math.inf or not direct_call_allowed((query, key, value)):
         return None
-    problem = (device.type, dtype, head_dim, value.shape[3], heads, kv_heads, False, False, False, False, False, False)
-    kernel = kernel_for("attention", problem, backend)  # AttentionProblem's fields
+    # AttentionProblem's fields
+    problem = (device.type, dtype, head_dim, value.shape[3], heads, kv_heads, False, False, packed, False, False, False)
+    kernel = kernel_for("attention", problem, backend)
     if kernel is None:
         return None
-    return kernel.forward(query, key, value, AttentionArgs(scale=scale))[0]
+    if not packed:
+        return kernel.forward(query, key, value, AttentionArgs(scale=scale))[0]
+    args = AttentionArgs(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                         max_seqlen_k=max_seqlen, scale=scale)
+    return kernel.forward(query, key, value, args)[0][0].permute(1, 0, 2)
 
 
 def _plain_tensor(t: object) -> bool:

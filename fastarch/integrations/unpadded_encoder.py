@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from fastarch import ops
 from fastarch.models.packing import Packing, pack, unpack, unpad
 from fastarch.optimize import _ORIGINAL, tree_call_hooked
+from fastarch.override import attention_direct
 
 # keyword arguments of BertEncoder.forward the packed path takes when they are None (tensors,
 # caches) or false (flags); position_ids are unused by BERT's layers
@@ -112,9 +113,15 @@ class UnpaddedEncoder(nn.Module):
         self_attn = layer.attention.self
         H, D = self_attn.num_attention_heads, self_attn.attention_head_size
         q, k, v = (proj(x).view(-1, H, D) for proj in (self_attn.query, self_attn.key, self_attn.value))
-        context = ops.attention(
-            q, k, v, cu_seqlens_q=packing.cu_seqlens, cu_seqlens_k=packing.cu_seqlens, max_seqlen_q=packing.max_seqlen,
-            max_seqlen_k=packing.max_seqlen, scale=getattr(self_attn, "scaling", D**-0.5), backend=self._fastarch_backend,
-        )
+        scale = getattr(self_attn, "scaling", D**-0.5)
+        # (the packing's offsets are ours: the kernel called directly where it can, without the
+        # op's checks of them at every layer)
+        context = attention_direct(q, k, v, scale, self._fastarch_backend, packing.cu_seqlens, packing.max_seqlen)
+        if context is None:
+            context = ops.attention(
+                q, k, v, cu_seqlens_q=packing.cu_seqlens, cu_seqlens_k=packing.cu_seqlens,
+                max_seqlen_q=packing.max_seqlen, max_seqlen_k=packing.max_seqlen, scale=scale,
+                backend=self._fastarch_backend,
+            )
         h = layer.attention.output(context.reshape(x.shape[0], H * D), x)
         return layer.feed_forward_chunk(h)

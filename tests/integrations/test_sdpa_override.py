@@ -178,3 +178,26 @@ def test_attention_direct_is_the_op(device, dtype, sq, hkv):
             assert override.attention_direct(*args, 0.3, None) is None, [tuple(a.shape) for a in args]
         assert override.attention_direct(q, k, v, float("inf"), None) is None
     assert override.attention_direct(q.requires_grad_(), k, v, 0.3, None) is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_direct_is_the_op(device, dtype):
+    """attention_direct on packed sequences (the unpadded encoder's: its own offsets, an empty
+    sequence among them) gives fastarch.ops.attention's bits with the same offsets; it declines
+    offsets of another dtype or device and a packed key axis of another length."""
+    torch.manual_seed(0)
+    lengths = [5, 0, 11, 1]
+    cu = torch.tensor([0, 5, 5, 16, 17], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(17, h, 16, dtype=dtype, device=device) for h in (4, 2, 2))
+    q[6, 1, 3] = float("nan")  # a query of the third sequence
+    backend = override.backend_for("attention", (device, dtype, 16, 16, 4, 2, False, False, True, False, False, False))
+    with torch.no_grad():
+        got = override.attention_direct(q, k, v, 0.25, None, cu, max(lengths))
+        want = fastarch.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths),
+                                      max_seqlen_k=max(lengths), scale=0.25, backend=backend)
+        assert got.shape == (17, 4, 16) and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert got[6, 1].isnan().all() and not got[:5].isnan().any()
+        for bad in [(cu.long(), 11), (cu.cpu() if device != "cpu" else cu.float(), 11), (cu, 0)]:
+            assert override.attention_direct(q, k, v, 0.25, None, *bad) is None
+        assert override.attention_direct(q, k[:16], v[:16], 0.25, None, cu, 11) is None

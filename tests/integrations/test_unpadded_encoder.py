@@ -43,17 +43,24 @@ def _inputs(side: str):
 
 
 class _PackedCalls:
-    """Counts the packed attention calls (cu_seqlens given) the encoder makes."""
+    """Counts the packed attention calls the encoder makes: the op's with cu_seqlens, and the
+    kernel's called directly (attention_direct with the packing's offsets, when it ran)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = unpadded_encoder.ops.attention
+        real, direct = unpadded_encoder.ops.attention, unpadded_encoder.attention_direct
 
         def counting(*args, **kwargs):
             self.calls += kwargs.get("cu_seqlens_q") is not None
             return real(*args, **kwargs)
 
+        def counting_direct(*args, **kwargs):
+            out = direct(*args, **kwargs)
+            self.calls += out is not None and args[5] is not None  # (cu_seqlens: the packed form)
+            return out
+
         monkeypatch.setattr(unpadded_encoder.ops, "attention", counting)
+        monkeypatch.setattr(unpadded_encoder, "attention_direct", counting_direct)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
