@@ -104,7 +104,9 @@ class UnpaddedEncoder(nn.Module):
         if mask.shape != (B, 1, S, S) or tree_call_hooked(self.layer):
             return None
         real = mask[:, 0, 0, :]
-        if real.all() or not torch.equal(mask, real[:, None, None, :].expand_as(mask)):
+        # both questions in one read of the device (on a GPU, each read waits for its queue)
+        padded, per_key = torch.stack([~real.all(), (mask == real[:, None, None, :]).all()]).tolist()
+        if not padded or not per_key:
             return None  # no padding, or a mask that is not the same for every query
         return real
 
