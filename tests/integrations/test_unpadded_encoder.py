@@ -213,3 +213,23 @@ def test_compiles_without_a_graph_break(monkeypatch):
         theirs = model(input_ids=ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_that_differs_per_query_runs_the_original_encoder(monkeypatch):
+    """A 4-D bool mask (what transformers hands the encoder) whose rows differ between queries
+    (a causal one here) cannot be packed by: the original encoder runs it, with its results; the
+    same mask made per key (every query row the padding row) takes the packed path."""
+    model = _model("bert")
+    fast = fastarch.optimize(model, inplace=False).model
+    hidden = torch.randn(4, 13, 32)
+    _, mask = _inputs("right")
+    per_key = mask.bool()[:, None, None, :].expand(4, 1, 13, 13)
+    causal = per_key & torch.ones(13, 13, dtype=torch.bool).tril()
+    for mask4, packed_calls in ((causal, 0), (per_key, 2)):
+        packed = _PackedCalls(monkeypatch)
+        with torch.no_grad():
+            ours = fast.encoder(hidden, attention_mask=mask4).last_hidden_state
+            theirs = model.encoder(hidden, attention_mask=mask4).last_hidden_state
+        assert packed.calls == packed_calls
+        rows = mask.bool() if packed_calls else torch.ones(4, 13, dtype=torch.bool)  # (packed: 0 at padding)
+        torch.testing.assert_close(ours[rows], theirs[rows], rtol=1e-5, atol=1e-5)
