@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from fastarch import nn as fnn
 from fastarch import ops
-from fastarch.optimize import _ORIGINAL, _hooks, group_norm_backend, group_norm_direct
+from fastarch.optimize import _ORIGINAL, _hooks, call_hooked, group_norm_backend, group_norm_direct
 from fastarch.override import _sdpa_backend, attention_direct, backend_for
 
 
@@ -94,12 +94,16 @@ class FastarchAttnProcessor:
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
+        projection, dropout = attn.to_out
+        hidden_states = projection(hidden_states)
+        if dropout.training or type(dropout) is not nn.Dropout or call_hooked((dropout,)):  # (in eval: its input)
+            hidden_states = dropout(hidden_states)
         if image:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        factor = attn.rescale_output_factor
+        return hidden_states if factor == 1 else hidden_states / factor  # (x / 1 is x, exactly)
 
 
 class FastarchAttention(Attention):
@@ -121,11 +125,14 @@ class FastarchAttention(Attention):
 
 def unsupported_reason(attn: Attention) -> str | None:
     """Why FastarchAttnProcessor would hand ``attn``'s calls to the previous processor, or None."""
+    # (asked at every call: the submodules read from _modules, not through Module.__getattr__)
     if getattr(attn, "added_kv_proj_dim", None) is not None:
         return "added key/value projections (AttnAddedKVProcessor's layout)"
-    if getattr(attn, "to_out", None) is None or len(attn.to_out) != 2:
+    modules = attn._modules
+    to_out = modules.get("to_out")
+    if to_out is None or len(to_out) != 2:
         return "no (projection, dropout) output"
-    head_dim = attn.to_k.out_features // attn.heads
+    head_dim = modules["to_k"].out_features // attn.heads
     if not math.isclose(attn.scale, head_dim**-0.5, rel_tol=1e-6):
         # AttnProcessor2_0 ignores attn.scale and AttnProcessor applies it: leave that to diffusers
         return f"attn.scale {attn.scale} is not 1/sqrt(head_dim)"
@@ -182,7 +189,7 @@ class FastarchResnetBlock2D(ResnetBlock2D):
             hidden = ops.group_norm(hidden, n2.num_groups, n2.weight, n2.bias, n2.eps, scale=scale, shift=shift,
                                     activation="silu", backend=chosen)
         dropout = self.dropout
-        if dropout.training or type(dropout) is not nn.Dropout:  # (in eval, a plain Dropout returns its input)
+        if dropout.training or type(dropout) is not nn.Dropout or call_hooked((dropout,)):  # (eval: its input)
             hidden = dropout(hidden)
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
@@ -235,7 +242,7 @@ def resnet_unfused_reason(block: ResnetBlock2D) -> str | None:
             return f"{name} is not an affine GroupNorm"
     if block.time_embedding_norm not in ("default", "scale_shift"):
         return f"time_embedding_norm {block.time_embedding_norm!r}"
-    hooked = [n for n in ("", "norm1", "norm2", "nonlinearity", "dropout") if _hooks(block.get_submodule(n))]
+    hooked = [n for n in ("", "norm1", "norm2", "nonlinearity") if _hooks(block.get_submodule(n))]
     if hooked:
         return f"hooks on {', '.join(n or 'the block' for n in hooked)} (the fused forward would skip them)"
     return None

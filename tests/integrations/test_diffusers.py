@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
@@ -182,16 +183,32 @@ def test_attention_calls_its_processor_directly_and_keeps_hooks_and_kwargs(monke
     torch.testing.assert_close(direct, from_kwargs, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("inner", ["norm1", "dropout"])
-def test_resnet_blocks_with_hooks_are_left_alone(inner):
-    """The fused forward calls neither the norms nor (in eval) the dropout: hooks on them keep
-    the block diffusers' own."""
+def test_resnet_blocks_with_hooks_are_left_alone():
     model = _unet()
     hooked = model.down_blocks[0].resnets[0]
-    getattr(hooked, inner).register_forward_hook(lambda m, i, o: o)
+    hooked.norm1.register_forward_hook(lambda m, i, o: o)
     report = fastarch.optimize(model)
     assert type(hooked) is ResnetBlock2D
-    assert any(f"hooks on {inner}" in e.detail for e in report.left_alone)
+    assert any("hooks on norm1" in e.detail for e in report.left_alone)
+
+
+def test_eval_dropouts_are_skipped_unless_hooked(monkeypatch):
+    """In eval a plain Dropout returns its input, so the fused ResNet block and the attention
+    processor skip calling it; a hook on it, even one added after optimize, is still run."""
+    model = _unet()
+    fast = fastarch.optimize(model, inplace=False).model
+    resnet, attn = fast.down_blocks[1].resnets[0], fast.down_blocks[1].attentions[0]
+    x, temb, h = torch.randn(2, 16, 8, 8), torch.randn(2, 64), torch.randn(2, 32, 4, 4)
+    calls, seen = [], []
+    forward = nn.Dropout.forward
+    monkeypatch.setattr(nn.Dropout, "forward", lambda self, t: calls.append(1) or forward(self, t))
+    with torch.no_grad():
+        resnet(x, temb), attn(h)
+        assert calls == []
+        for dropout in (resnet.dropout, attn.to_out[1]):
+            dropout.register_forward_hook(lambda *args: seen.append(1))
+        resnet(x, temb), attn(h)
+    assert calls == seen == [1, 1]
 
 
 def test_compile_fullgraph_in_inference():
