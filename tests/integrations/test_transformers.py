@@ -60,17 +60,26 @@ def _inputs(batch=2, length=13):
 
 
 class _Counting:
-    """Counts fastarch.ops.attention calls made by the integration."""
+    """Counts the attention calls fastarch runs for the model: fastarch.ops.attention's, and the
+    unpadded encoder's packed calls of the kernel directly (attention_direct, when it ran)."""
 
     def __init__(self, mp):
+        from fastarch.integrations import unpadded_encoder
+
         self.calls = 0
-        real = integration.ops.attention
+        real, direct = integration.ops.attention, unpadded_encoder.attention_direct
 
         def counting(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
+        def counting_direct(*args, **kwargs):
+            out = direct(*args, **kwargs)
+            self.calls += out is not None
+            return out
+
         mp.setattr(integration.ops, "attention", counting)
+        mp.setattr(unpadded_encoder, "attention_direct", counting_direct)
 
 
 def _output(model, ids, mask):
