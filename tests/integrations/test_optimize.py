@@ -466,9 +466,13 @@ def test_linear_swap_runs_the_kernel_for_decode_rows_only(monkeypatch):
         assert y.dtype == torch.bfloat16 and "fastarch::_linear" not in ran
         monkeypatch.setattr(linear_backends, "CPU_GEMM", "onednn")
         registry.clear_choices()
-        x = torch.randn(2, 200, 64)
+        x = torch.randn(3, 1000, 64)  # (3000 x 64 x 48 multiply-adds: past ONEDNN_MIN_MACS)
         y, ran = _kernels_run(model, x)
         assert ran == ["mkldnn::_linear_pointwise"]
+        assert_close(y, layer(x), expect(x))
+        x = torch.randn(2, 200, 64)  # a small product: PyTorch's GEMM, oneDNN's call costing more
+        y, ran = _kernels_run(model, x)
+        assert "mkldnn::_linear_pointwise" not in ran and "fastarch::_linear" not in ran and ran
         assert_close(y, layer(x), expect(x))
     # with autograd the same kernel runs through fastarch.ops.linear (its backward: torch's GEMMs)
     x = torch.randn(1, 1, 64, requires_grad=True)
