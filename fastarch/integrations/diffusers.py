@@ -95,9 +95,7 @@ class FastarchAttnProcessor:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
         projection, dropout = attn.to_out
-        hidden_states = projection(hidden_states)
-        if dropout.training or type(dropout) is not nn.Dropout or call_hooked((dropout,)):  # (in eval: its input)
-            hidden_states = dropout(hidden_states)
+        hidden_states = _dropout(dropout, projection(hidden_states))
         if image:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
@@ -121,6 +119,14 @@ class FastarchAttention(Attention):
         if cross_attention_kwargs or type(processor) is not FastarchAttnProcessor:
             return super().forward(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
         return processor(self, hidden_states, encoder_hidden_states, attention_mask)
+
+
+def _dropout(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x) for a block's dropout, without the call where it is a plain nn.Dropout in eval
+    mode and unhooked (it returns its input: a module call's Python for nothing)."""
+    if module.training or type(module) is not nn.Dropout or call_hooked((module,)):
+        return module(x)
+    return x
 
 
 def unsupported_reason(attn: Attention) -> str | None:
@@ -188,9 +194,7 @@ class FastarchResnetBlock2D(ResnetBlock2D):
         else:
             hidden = ops.group_norm(hidden, n2.num_groups, n2.weight, n2.bias, n2.eps, scale=scale, shift=shift,
                                     activation="silu", backend=chosen)
-        dropout = self.dropout
-        if dropout.training or type(dropout) is not nn.Dropout or call_hooked((dropout,)):  # (eval: its input)
-            hidden = dropout(hidden)
+        hidden = _dropout(self.dropout, hidden)
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
         if self.output_scale_factor == 1 and isinstance(self.conv2, fnn.Conv2d):
