@@ -29,7 +29,7 @@ from fastarch import ops, registry
 from fastarch.ops.dispatch import direct_call_allowed
 from fastarch.ops.group_norms import layout as gn_layout
 from fastarch.ops.linear.backends import weight_layout
-from fastarch.ops.rows import as_rows
+from fastarch.ops.rows import as_rows, contiguous_or_none
 from fastarch.override import backend_for, kernel_for
 
 _ORIGINAL = "_fastarch_original"  # a swapped module's __dict__ entry: the module it replaced
@@ -133,7 +133,8 @@ def _norm_direct(module: nn.Module, x: object, rms: bool, weight_offset: float =
     kernel = kernel_for(module._fastarch_op, (x.device.type, dtype, 1, 1), module._fastarch_backend)  # by device, dtype
     if kernel is None:
         return None
-    y = kernel.forward(as_rows(x), None, _contiguous(weight), _contiguous(bias), eps, rms, weight_offset)[0]
+    y = kernel.forward(as_rows(x), None, contiguous_or_none(weight), contiguous_or_none(bias), eps, rms,
+                       weight_offset)[0]
     return y if x.dim() == 2 else y.view_as(x)
 
 
@@ -179,13 +180,9 @@ def group_norm_direct(x: Tensor, norm: nn.GroupNorm, scale: Tensor | None = None
     if kernel is None:
         return None
     channels_last = gn_layout.is_channels_last(x)
-    y3 = kernel.forward(gn_layout.to_3d(x, channels_last), groups, _contiguous(weight), _contiguous(bias),
-                        _contiguous(scale), _contiguous(shift), eps, silu, channels_last)[0]
+    y3 = kernel.forward(gn_layout.to_3d(x, channels_last), groups, contiguous_or_none(weight), contiguous_or_none(bias),
+                        contiguous_or_none(scale), contiguous_or_none(shift), eps, silu, channels_last)[0]
     return gn_layout.from_3d(y3, x, channels_last)
-
-
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return t if t is None else t.contiguous()
 
 
 def _rows(x: Tensor, k: int) -> Tensor:

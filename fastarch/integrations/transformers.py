@@ -18,7 +18,6 @@ attention as it was.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 from transformers import AttentionInterface

@@ -26,9 +26,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from fastarch.models.cuda_graph_step import CudaGraphDenoiser
-
 from fastarch.finite import finite_number
+from fastarch.models.cuda_graph_step import CudaGraphDenoiser
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

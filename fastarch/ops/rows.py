@@ -29,3 +29,8 @@ def last_dim_contiguous(t: Tensor) -> Tensor:
     if t.stride(-1) == 1:
         return t
     return t.contiguous() if t.numel() else t.clone(memory_format=torch.contiguous_format)
+
+
+def contiguous_or_none(t: Tensor | None) -> Tensor | None:
+    """t contiguous (itself when it already is), or None: an optional parameter as the kernels take it."""
+    return t if t is None else t.contiguous()

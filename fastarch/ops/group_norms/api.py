@@ -10,7 +10,6 @@ more op, ``fastarch::group_norm_backward``, dispatched the same way.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -19,6 +18,7 @@ from fastarch.ops import dispatch
 from fastarch.ops.group_norms import layout
 from fastarch.ops.group_norms.backends import GroupNormProblem
 from fastarch.ops.norms.api import check_eps
+from fastarch.ops.rows import contiguous_or_none
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ACTIVATIONS = (None, "silu")
@@ -79,10 +79,6 @@ def _check_activation(activation: object) -> bool:
     return activation == "silu"
 
 
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return t.contiguous() if t is not None else None
-
-
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
@@ -112,8 +108,8 @@ def _group_norm(
     x3 = layout.to_3d(x, channels_last)
     impl = registry.choose("group_norm", GroupNormProblem.of(x3, num_groups, channels_last), backend)
     y3, mean, rstd = impl.forward(
-        x3, num_groups, _contiguous(weight), _contiguous(bias), _contiguous(scale), _contiguous(shift), float(eps),
-        silu, channels_last,
+        x3, num_groups, contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(scale),
+        contiguous_or_none(shift), float(eps), silu, channels_last,
     )
     return layout.from_3d(y3, x, channels_last), mean, rstd
 
@@ -150,8 +146,8 @@ def _group_norm_backward(
     dy3 = layout.to_3d(dy, channels_last)  # (in whatever layout the next op produced: copied to x's if not)
     impl = registry.choose("group_norm", GroupNormProblem.of(x3, num_groups, channels_last), backend)
     dx3, dweight, dbias, dscale, dshift = impl.backward(
-        dy3, x3, mean.contiguous(), rstd.contiguous(), num_groups, _contiguous(weight), _contiguous(bias),
-        _contiguous(scale), _contiguous(shift), silu, channels_last, need_dweight, need_dscale,
+        dy3, x3, mean.contiguous(), rstd.contiguous(), num_groups, contiguous_or_none(weight), contiguous_or_none(bias),
+        contiguous_or_none(scale), contiguous_or_none(shift), silu, channels_last, need_dweight, need_dscale,
     )
     return (
         layout.from_3d(dx3, x, channels_last),

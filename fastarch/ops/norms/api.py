@@ -17,7 +17,7 @@ from fastarch import registry
 from fastarch.ops import dispatch
 from fastarch.ops.norms.backends import NormProblem
 from fastarch.ops.norms.reference import stats_dtype
-from fastarch.ops.rows import as_rows
+from fastarch.ops.rows import as_rows, contiguous_or_none
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -83,10 +83,6 @@ def check_eps(op: str, eps: object) -> None:
         raise ValueError(f"fastarch.{op}: eps must be finite and >= 0, got {eps}")
 
 
-def _vector(t: Tensor | None) -> Tensor | None:
-    return t.contiguous() if t is not None else None
-
-
 # ----------------------------------------------------------------------------- dispatch
 
 
@@ -97,7 +93,8 @@ def _forward(
     x2 = as_rows(x)
     impl = registry.choose(op, NormProblem.of(x2), backend)
     y, residual_out, mean, rstd = impl.forward(
-        x2, as_rows(residual) if residual is not None else None, _vector(weight), _vector(bias), float(eps), rms,
+        x2, as_rows(residual) if residual is not None else None, contiguous_or_none(weight), contiguous_or_none(bias),
+        float(eps), rms,
         float(weight_offset),
     )
     if x.dim() == 2:
@@ -140,7 +137,7 @@ def _norm_backward(
         as_rows(dy),
         as_rows(dresidual_out) if dresidual_out is not None else None,
         x2,
-        _vector(weight),
+        contiguous_or_none(weight),
         mean.reshape(rows).contiguous() if mean is not None else None,
         rstd.reshape(rows).contiguous(),
         need_dweight,
