@@ -4,7 +4,8 @@ MultiheadAttention, Conv2d and Linear; Hugging Face RMSNorm-style layers recogni
 behaviour) for fastarch modules holding the same Parameter objects, sets transformers models'
 attention to fastarch's and diffusers' attention processors, ResNet blocks and GEGLUs to
 fastarch's, and returns a Report of what it changed and what it left alone, and why.
-``fastarch.restore(model)`` puts the original module objects back.
+``fastarch.restore(model)`` puts the original module objects back. ``cuda_graphs=True`` also
+replays the model's repeated calls on a GPU from CUDA graphs (fastarch.cuda_graphs).
 
 A swapped layer runs fastarch where one of its kernel backends can run the call (see
 fastarch.override) and the original layer's own code otherwise (other dtypes, a weight of
@@ -549,7 +550,7 @@ def _shared_modules(model: nn.Module) -> set[int]:
 # ----------------------------------------------------------------------------- optimize / restore
 
 
-def optimize(model: nn.Module, *, backend: str | None = None, inplace: bool = True) -> Report:
+def optimize(model: nn.Module, *, backend: str | None = None, inplace: bool = True, cuda_graphs: bool = False) -> Report:
     """Swap the layers of ``model`` that fastarch runs for fastarch modules, in place.
 
     The swapped modules hold the same Parameter objects (state_dict keys and tensors are
@@ -557,8 +558,11 @@ def optimize(model: nn.Module, *, backend: str | None = None, inplace: bool = Tr
     ``set_attn_implementation("fastarch")`` and diffusers models fastarch's attention
     processors, where the library is imported. backend: force one fastarch backend for the
     optimized layers ("cuda", "cpu", "triton", "reference"; default automatic). inplace=False:
-    optimize a deep copy and leave ``model`` as it is. Returns the Report (``print(report)``
-    is a table); ``report.model`` is the optimized model.
+    optimize a deep copy and leave ``model`` as it is. cuda_graphs=True: on a GPU, the
+    model's calls without gradients in eval mode are replayed from CUDA graphs once a call of
+    the same signature repeats (fastarch.cuda_graphs.GraphedCall: what it captures and what it
+    refuses; the outputs are new tensors each call, as eagerly). Returns the Report
+    (``print(report)`` is a table); ``report.model`` is the optimized model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastarch.optimize: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -602,7 +606,36 @@ def optimize(model: nn.Module, *, backend: str | None = None, inplace: bool = Tr
         from fastarch.integrations import diffusers as df
 
         df.optimize_model(model, report, backend)
+    if cuda_graphs:
+        _graph_forward(model, report)
     return report
+
+
+def _graph_forward(model: nn.Module, report: Report) -> None:
+    """model.forward, as an instance attribute, becomes a GraphedCall of the one it had."""
+    from fastarch.cuda_graphs import GraphedCall
+
+    kind = type(model).__name__
+    if isinstance(model.__dict__.get("forward"), GraphedCall):
+        return
+    if not torch.cuda.is_available():
+        report.add("", kind, False, "cuda_graphs: no CUDA device here")
+        return
+    model.forward = GraphedCall(model.forward, model, f"{kind}.forward")
+    report.add("", kind, True, "forward replayed from CUDA graphs where a call repeats (fastarch.cuda_graphs)")
+
+
+def _ungraph_forward(model: nn.Module) -> None:
+    from fastarch.cuda_graphs import GraphedCall
+
+    graphed = model.__dict__.get("forward")
+    if not isinstance(graphed, GraphedCall):
+        return
+    original = graphed.fn
+    if getattr(original, "__self__", None) is model and getattr(original, "__func__", None) is type(model).forward:
+        del model.__dict__["forward"]  # the class's forward, as before
+    else:
+        model.__dict__["forward"] = original  # an instance forward it had (an accelerate hook's)
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -630,6 +663,7 @@ def restore(model: nn.Module) -> nn.Module:
                 walk(child)
 
     walk(model)
+    _ungraph_forward(model)
     if "transformers" in sys.modules:
         from fastarch.integrations import transformers as hf
 

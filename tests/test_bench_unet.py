@@ -26,12 +26,14 @@ def test_bench_unet_quick_rows(tmp_path, monkeypatch, capsys):
         assert r["rel_diff"] <= (1e-4 if r["dtype"] == "fp32" else 0.1), r
 
 
-def test_graph_row_reports_a_graph_not_kept(tmp_path):
-    """The "graph" row (run on a GPU only) on the CPU, where no graph can be captured: a
-    warning and a row naming why ours has no time, not a crash or an eager time under its name."""
+def test_graph_row_reports_a_graph_not_kept(tmp_path, monkeypatch):
+    """The "graph" row (run on a GPU only) on the CPU, where no graph can be captured: a row
+    naming why ours has no time, not a crash or an eager time under its name; with the CPU's
+    tensors let through to a capture, which fails there, a warning and the capture's error."""
     import diffusers
     import torch
 
+    from fastarch.cuda_graphs import GraphedCall
     from fastarch.models.unet2d import UNet2D
 
     tiny = {**unet.CONFIG, "sample_size": 8, "block_out_channels": [32, 32, 32, 32], "norm_num_groups": 8}
@@ -39,6 +41,11 @@ def test_graph_row_reports_a_graph_not_kept(tmp_path):
     diffusers.UNet2DModel(**tiny).save_pretrained(tmp_path)
     ours, theirs = UNet2D.from_pretrained(tmp_path), diffusers.UNet2DModel.from_pretrained(tmp_path).eval()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
-    with pytest.warns(RuntimeWarning, match="sampling without a CUDA graph: the capture failed"):
+    row = unet._graphed_step(ours, theirs, x, t, "fp32", 1, "cpu")
+    assert row.case == "graph" and row.ours_ms is None and "no capture (not on a GPU" in row.errors["ours"]
+    monkeypatch.setattr(GraphedCall, "_on_graph_device", lambda self, t: True)
+    monkeypatch.setattr(GraphedCall, "_warm_up", lambda self, run: run())
+    with pytest.warns(RuntimeWarning, match="the graph row without a CUDA graph: the capture failed"):
         row = unet._graphed_step(ours, theirs, x, t, "fp32", 1, "cpu")
+    assert "the capture failed" in row.errors["ours"]
     assert row.case == "graph" and row.ours_ms is None and "not kept" in row.errors["ours"]

@@ -4,7 +4,7 @@ attention processor) on the same weights, side by side in interleaved rounds:
 
 - "forward": one denoising step, batch 4, 32x32, per dtype (fp32, bf16);
 - "graph" (on a GPU): the same step as the sampler runs it there, a CUDA graph's replay
-  (fastarch.models.cuda_graph_step.CudaGraphDenoiser), against diffusers' eager step;
+  (fastarch.cuda_graphs.GraphedCall), against diffusers' eager step;
 - "ddim": a whole DDIM sample (50 steps; 5 with --quick), batch 1, fp32: our
   fastarch.models.schedulers.sample against DDIMPipeline's loop (diffusers' DDIMScheduler).
 
@@ -122,17 +122,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _graphed_step(ours, theirs, x, t, dtype_name: str, rounds: int, device: str) -> UNetRow:
-    """"graph": our step as fastarch.models.schedulers.sample runs it on a GPU (CudaGraphDenoiser:
-    the inputs copied into the captured graph, one replay) against diffusers' eager step."""
-    from fastarch.models.cuda_graph_step import CudaGraphDenoiser
+    """"graph": our step as fastarch.models.schedulers.sample runs it on a GPU (GraphedCall: the
+    inputs copied into the captured graph, one replay) against diffusers' eager step."""
+    from fastarch.cuda_graphs import GraphedCall
 
-    denoiser = CudaGraphDenoiser(ours, {})
+    denoiser = GraphedCall(ours, ours, "the graph row")
     with torch.no_grad():
-        denoiser(x, t)  # the warm-up and the capture
-        denoiser(x, t)  # the checked first replay
-    if denoiser.failed:
+        for _ in range(3):  # eager, the warm-up and the capture, the checked first replay
+            denoiser(x, t)
+    if not denoiser.kept:
+        why = "; ".join(denoiser.refused.values()) or "no capture (not on a GPU, or FASTARCH_CUDA_GRAPHS=0)"
         return UNetRow("graph", FORWARD_BATCH, 1, dtype_name, None, None, None, None,
-                       {"ours": "the graph was not kept (see the warning above)"})
+                       {"ours": f"the graph was not kept: {why}"})
     out = {}
     contenders = {
         "ours": _keeping(out, "ours", lambda: denoiser(x, t)),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastarch import ops
+from fastarch import cuda_graphs, ops
 from fastarch.models.packing import Packing, pack, unpack, unpad
 from fastarch.optimize import _ORIGINAL, tree_call_hooked
 from fastarch.override import attention_direct
@@ -99,6 +99,8 @@ class UnpaddedEncoder(nn.Module):
             return None
         if type(mask) is not Tensor or mask.dtype != torch.bool or mask.dim() != 4:
             return None  # no padding (None), or an additive / per-query mask: nothing to pack by
+        if cuda_graphs.recording():
+            return None  # a CUDA graph's capture (fastarch.cuda_graphs) may not read the device
         B, S = hidden_states.shape[:2]
         # hooks on a layer (a user's, or transformers' recording of hidden states) need the layers called
         if mask.shape != (B, 1, S, S) or tree_call_hooked(self.layer):

@@ -14,29 +14,21 @@ from then on). Each replay appends the row's key/value and advances the cache's 
 device, as the eager step does; the host side (the cache's room and its host bound) is kept
 here. FASTARCH_CUDA_GRAPHS=0 turns it off.
 
-CudaGraphDenoiser does the same for a diffusion sampler's model call (fastarch.models.schedulers
-.sample): the UNet at a fixed batch, its sample and timestep copied into the graph's inputs at
-every step, the class labels and conditioning the same tensors throughout. A UNet step of a small
-model issues about a thousand kernels from Python: on a GPU, far more host time than GPU time.
+A diffusion sampler's model calls are graphed by fastarch.cuda_graphs.GraphedCall (any module's
+repeated calls), which fastarch.models.schedulers.sample uses.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 from torch import Tensor, nn
 
+from fastarch.cuda_graphs import enabled
+
 MIN_NEW_TOKENS = 8
 """Fewer new tokens than this: the capture (a few eager steps' time) does not pay for itself."""
-MIN_STEPS = 8
-"""Fewer denoising steps than this: the same for a sampler."""
-
-
-def enabled() -> bool:
-    """FASTARCH_CUDA_GRAPHS: "0" turns the graphs off; anything else (or unset) leaves them on."""
-    return os.environ.get("FASTARCH_CUDA_GRAPHS", "1").strip() != "0"
 
 
 class CudaGraphStep:
@@ -113,84 +105,3 @@ class CudaGraphStep:
     def _give_up(self, why: str) -> None:
         self.failed, self.graph, self.logits = True, None, None
         warnings.warn(f"fastarch: decoding without a CUDA graph: {why}", RuntimeWarning, stacklevel=3)
-
-
-class CudaGraphDenoiser:
-    """``model(sample, timestep, **kwargs)`` captured once and replayed for every later step.
-
-    The first call runs eagerly on a side stream (Triton compiles and tunes, cuDNN and cuBLAS set
-    up, none of which may happen inside a capture) and captures the call on copies of its
-    inputs; the second runs eagerly and replays the graph on the same inputs, and keeps the
-    graph only if the two agree (else it warns and runs eagerly from then on); later calls copy
-    the sample and timestep into the graph's inputs and replay it. The result of a replay is
-    the graph's output buffer, overwritten by the next call: use it before calling again (the
-    sampler's step does)."""
-
-    def __init__(self, model: nn.Module, kwargs: dict) -> None:
-        self.model, self.kwargs = model, kwargs
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.sample: Tensor | None = None  # the graph's inputs and output
-        self.timestep: Tensor | None = None
-        self.out: Tensor | None = None
-        self.checked = False
-        self.failed = False
-
-    @classmethod
-    def for_sampling(cls, model: nn.Module, device: torch.device, steps: int, kwargs: dict) -> CudaGraphDenoiser | None:
-        """A graphed model call for a sampler of ``steps`` steps on ``device``, or None (eager)."""
-        if torch.device(device).type != "cuda" or steps < MIN_STEPS or not enabled():
-            return None
-        if torch.cuda.is_current_stream_capturing():  # inside someone else's capture
-            return None
-        return cls(model, kwargs)
-
-    def _eager(self, sample: Tensor, timestep: Tensor) -> Tensor:
-        return self.model(sample, timestep, **self.kwargs)
-
-    def __call__(self, sample: Tensor, timestep: Tensor) -> Tensor:
-        """sample (B, C, H, W), timestep a 0-d tensor on the model's device -> the model's output."""
-        if self.failed:
-            return self._eager(sample, timestep)
-        if self.graph is None:
-            return self._warm_up_and_capture(sample, timestep)
-        if not self.checked:
-            return self._check(sample, timestep)
-        self.sample.copy_(sample)
-        self.timestep.copy_(timestep)
-        self.graph.replay()
-        return self.out
-
-    def _warm_up_and_capture(self, sample: Tensor, timestep: Tensor) -> Tensor:
-        out = None
-        try:
-            current = torch.cuda.current_stream()
-            side = torch.cuda.Stream()
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                out = self._eager(sample, timestep)
-            current.wait_stream(side)
-            self.sample, self.timestep = sample.clone(), timestep.clone()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # on torch's capture stream; recorded, not run
-                self.out = self._eager(self.sample, self.timestep)
-        except Exception as e:  # noqa: BLE001  (anything the capture refuses: run eagerly)
-            self._give_up(f"the capture failed ({type(e).__name__}: {e})")
-            return self._eager(sample, timestep) if out is None else out  # (a real error raises here)
-        self.graph = graph
-        return out
-
-    def _check(self, sample: Tensor, timestep: Tensor) -> Tensor:
-        """The first replay against the eager call on this step's inputs (not the captured
-        step's: a value the capture baked in would differ here)."""
-        eager = self._eager(sample, timestep)
-        self.sample.copy_(sample)
-        self.timestep.copy_(timestep)
-        self.graph.replay()
-        self.checked = True
-        if not torch.equal(self.out, eager):
-            self._give_up("its first replay differed from the eager call")
-        return eager
-
-    def _give_up(self, why: str) -> None:
-        self.failed, self.graph, self.sample, self.timestep, self.out = True, None, None, None, None
-        warnings.warn(f"fastarch: sampling without a CUDA graph: {why}", RuntimeWarning, stacklevel=3)

@@ -26,12 +26,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from fastarch import cuda_graphs
 from fastarch.finite import finite_number
-from fastarch.models.cuda_graph_step import CudaGraphDenoiser
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
+MIN_GRAPHED_STEPS = 8
+"""Fewer steps than this run the model eagerly on a GPU: the capture (two eager calls' time) would not pay."""
 
 
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
@@ -367,8 +369,10 @@ def sample(
         kw["encoder_hidden_states"] = context
         if mask is not None:
             kw["encoder_attention_mask"] = mask
-    # on a GPU the model's calls replay a CUDA graph from the third step on (FASTARCH_CUDA_GRAPHS=0: not)
-    graphed = CudaGraphDenoiser.for_sampling(model, device, len(scheduler.timesteps), kw)
+    # on a GPU the model's calls replay a CUDA graph from the fourth step on (FASTARCH_CUDA_GRAPHS=0: not;
+    # on the CPU GraphedCall calls the model)
+    graphs = len(scheduler.timesteps) >= MIN_GRAPHED_STEPS and cuda_graphs.enabled()
+    call = cuda_graphs.GraphedCall(model, model, "sampling") if graphs else model
     on_device = scheduler.timesteps.to(device)  # (one copy: a step's timestep needs no transfer)
     steps = scheduler.timesteps
     if progress:
@@ -377,7 +381,7 @@ def sample(
         steps = tqdm(steps, desc="sampling", leave=False)
     for i, t in enumerate(steps):
         inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        out = graphed(inp, on_device[i]) if graphed is not None else model(inp, on_device[i], **kw)
+        out = call(inp, on_device[i], **kw)
         if guided:
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)

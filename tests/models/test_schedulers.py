@@ -17,7 +17,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from fastarch.models.cuda_graph_step import CudaGraphDenoiser
+from fastarch.cuda_graphs import GraphedCall
 from fastarch.models.schedulers import DDIMScheduler, DDPMScheduler, sample
 from fastarch.models.unet2d import UNet2D
 
@@ -226,12 +226,13 @@ def _guided_case():
 
 
 def test_sampler_graph_not_on_the_cpu_and_a_failed_capture_runs_eagerly(monkeypatch):
-    """On the CPU no graph is taken; forced onto the CPU, where no graph can be captured, the
-    sampler warns once and runs every step eagerly, the same sample as without the graph."""
+    """On the CPU no graph is taken; with the CPU's tensors let through to a capture, which
+    cannot happen there, the sampler warns once and runs every step eagerly, the same sample
+    as without the graph."""
     model, noise, kw = _guided_case()
-    assert CudaGraphDenoiser.for_sampling(model, torch.device("cpu"), 50, {}) is None
     eager = sample(model, DDIMScheduler(), noise, num_inference_steps=9, **kw)
-    monkeypatch.setattr(CudaGraphDenoiser, "for_sampling", classmethod(lambda cls, m, device, steps, k: cls(m, k)))
+    monkeypatch.setattr(GraphedCall, "_on_graph_device", lambda self, t: True)
+    monkeypatch.setattr(GraphedCall, "_warm_up", lambda self, run: run())
     with pytest.warns(RuntimeWarning, match="sampling without a CUDA graph: the capture failed") as caught:
         forced = sample(model, DDIMScheduler(), noise, num_inference_steps=9, **kw)
     assert len(caught) == 1 and torch.equal(forced, eager)
@@ -240,22 +241,22 @@ def test_sampler_graph_not_on_the_cpu_and_a_failed_capture_runs_eagerly(monkeypa
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, DDPMScheduler])
 def test_sampler_graph_gives_the_eager_sample(monkeypatch, scheduler):
-    """On a GPU the sampler captures the model's call once, checks its first replay against the
-    eager call and replays it for every later step: the sample of the eager loop, bit for bit
-    (DDPM's fresh noise each step included)."""
+    """On a GPU the sampler captures the model's call once (at its second step), checks its
+    first replay against the eager call and replays it for every later step: the sample of the
+    eager loop, bit for bit (DDPM's fresh noise each step included)."""
     model, noise, kw = _guided_case()
     model = model.cuda()
     kw = {**kw, "class_labels": kw["class_labels"].cuda(), "encoder_hidden_states": kw["encoder_hidden_states"].cuda()}
     made = []
-    real_init = CudaGraphDenoiser.__init__
+    real_init = GraphedCall.__init__
 
-    def spy(self, *args):
-        real_init(self, *args)
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
         made.append(self)
 
-    monkeypatch.setattr(CudaGraphDenoiser, "__init__", spy)
+    monkeypatch.setattr(GraphedCall, "__init__", spy)
     graphed = sample(model, scheduler(), noise.cuda(), num_inference_steps=12, seed=4, **kw)
-    assert len(made) == 1 and made[0].graph is not None and made[0].checked and not made[0].failed
+    assert len(made) == 1 and made[0].kept == 1 and not made[0].refused
     monkeypatch.setenv("FASTARCH_CUDA_GRAPHS", "0")
     eager = sample(model, scheduler(), noise.cuda(), num_inference_steps=12, seed=4, **kw)
     assert len(made) == 1 and torch.equal(graphed, eager)

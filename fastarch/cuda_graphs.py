@@ -1,0 +1,285 @@
+"""A module's calls replayed from CUDA graphs. On a GPU a small model's forward issues hundreds of
+kernels from Python and the GPU waits on the host between them (measured on an H200: diffusers'
+UNet2DModel at batch 4, 32x32, and MiniLM, where optimize's faster kernels gained nothing, see
+README "GPU status"); a graph's replay issues the same kernels in one call.
+
+    forward = GraphedCall(model.forward, watch=model)  # what fastarch.optimize(model, cuda_graphs=True) installs
+    out = forward(x, t)                                # as model.forward(x, t): the same values, new tensors
+
+A call is keyed by its signature: the structure of its arguments, each tensor's device, dtype,
+shape and strides, each other argument's value. The first call of a signature runs eagerly;
+the second runs eagerly on a side stream (Triton compiles and tunes, cuBLAS and cuDNN set up:
+none of it may happen inside a capture) and captures the call on copies of its tensors; the
+third runs eagerly and replays the graph on its inputs, and keeps the graph only if the two
+agree bit for bit; later calls copy their tensors into the graph's inputs, replay it and return
+copies of its outputs. Only what a replay repeats exactly is captured:
+
+- every tensor argument on one CUDA device, every other one None, a bool, number, string, dtype
+  or device (a value that changes at every call, a Python timestep, never repeats a signature and
+  stays eager); no gradient (under torch.no_grad or inference_mode), the module in eval mode, not
+  inside torch.compile or another capture;
+- the module's parameters and buffers on that device, at the addresses they had at the capture
+  (a ``.to()``, ``.half()`` or a reassigned parameter drops the graph; ``load_state_dict`` and
+  other in-place updates are seen by the replays), no hooks on the modules inside it (a replay
+  would not call them);
+- a call that writes into its tensor arguments, returns anything but tensors and plain values,
+  reads the device on the host (the capture refuses it), or whose replay differs from its eager
+  call is refused for that signature, with a warning, and runs eagerly from then on.
+
+Each kept graph holds its inputs' copies and the memory of one call (a private pool); at most
+MAX_GRAPHS signatures are captured per call site. FASTARCH_CUDA_GRAPHS=0 turns every graph off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+MAX_GRAPHS = 4
+"""Signatures captured per call site: each graph keeps one call's memory."""
+MAX_SEEN = 256
+"""Signatures remembered as seen once (a call site whose arguments never repeat forgets them)."""
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def enabled() -> bool:
+    """FASTARCH_CUDA_GRAPHS: "0" turns the graphs off; anything else (or unset) leaves them on."""
+    return os.environ.get("FASTARCH_CUDA_GRAPHS", "1").strip() != "0"
+
+
+_recording = 0
+
+
+def recording() -> bool:
+    """Whether the running call is one a graph is made from or checked against (or a capture):
+    a path that reads the device on the host (fastarch's unpadded encoder) steps aside, here
+    and in the eager calls beside it, so that they run the same kernels as the graph."""
+    return _recording > 0 or _capturing()
+
+
+@contextlib.contextmanager
+def _recording_calls() -> Iterator[None]:
+    global _recording
+    _recording += 1
+    try:
+        yield
+    finally:
+        _recording -= 1
+
+
+@dataclass
+class _Graph:
+    """One signature's capture: the graph, its input copies and its outputs."""
+
+    graph: object
+    inputs: list  # the call's leaves, tensors replaced by the graph's copies
+    outputs: list  # the output's leaves (tensors: the graph's buffers)
+    out_spec: pytree.TreeSpec
+    state: tuple  # the watched module's tensors' addresses at the capture
+    checked: bool = False
+
+
+@dataclass
+class GraphedCall:
+    """``fn`` (a module, or its forward) with its repeated calls replayed from CUDA graphs.
+
+    watch: the module whose parameters, buffers and hooks the graphs depend on (fn's module)."""
+
+    fn: Callable
+    watch: nn.Module
+    what: str = ""
+    graphs: dict = field(default_factory=dict)  # signature -> _Graph
+    seen: dict = field(default_factory=dict)  # signatures called once
+    refused: dict = field(default_factory=dict)  # signature -> why it runs eagerly
+    side: object = None  # the warm-up stream
+
+    def __post_init__(self) -> None:
+        self.what = self.what or f"{type(self.watch).__name__}'s calls"
+
+    @property
+    def kept(self) -> int:
+        """How many graphs replay (checked against their eager call)."""
+        return sum(g.checked for g in self.graphs.values())
+
+    # --------------------------------------------------------------- the call
+
+    def __call__(self, *args, **kwargs):
+        if not self._may_capture():
+            return self.fn(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = self._signature(leaves, spec)
+        if key is None or key in self.refused:
+            return self.fn(*args, **kwargs)
+        entry = self.graphs.get(key)
+        if entry is not None and entry.state != self._state(leaves):
+            del self.graphs[key]  # the module's tensors moved (or got hooks): capture again
+            entry = None
+        if entry is None:
+            if key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
+                if len(self.seen) >= MAX_SEEN:
+                    self.seen.clear()
+                self.seen[key] = True
+                return self.fn(*args, **kwargs)
+            return self._capture(key, leaves, spec)
+        if not entry.checked:
+            return self._check(key, entry, leaves, args, kwargs)
+        return self._replay(entry, leaves)
+
+    def _may_capture(self) -> bool:
+        return (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and not self.watch.training
+                and enabled() and not _capturing())
+
+    def _signature(self, leaves: list, spec: pytree.TreeSpec) -> tuple | None:
+        """The call's key, or None when it cannot be captured."""
+        parts: list = [spec, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda")]
+        device = None
+        for leaf in leaves:
+            if isinstance(leaf, Tensor):
+                if not self._on_graph_device(leaf) or (device is not None and leaf.device != device):
+                    return None
+                device = leaf.device
+                parts.append((leaf.dtype, leaf.shape, leaf.stride()))
+            elif type(leaf) in _PLAIN:
+                parts.append((type(leaf), leaf))
+            else:
+                return None
+        if device is None:
+            return None
+        return tuple(parts)
+
+    def _state(self, leaves: list) -> tuple | None:
+        """The addresses of the watched module's tensors (None: one is off the arguments'
+        device, or a module inside it has hooks), walked through ``_modules`` (cheap)."""
+        device = next(t.device for t in leaves if isinstance(t, Tensor))
+        if any(getattr(_module, name) for name in _GLOBAL_HOOKS):
+            return None
+        addresses = []
+        stack = [self.watch]
+        while stack:
+            m = stack.pop()
+            d = m.__dict__
+            if (m is not self.watch or self.fn is self.watch) and any(d.get(h) for h in _HOOK_DICTS):
+                return None
+            for tensors in (d["_parameters"], d["_buffers"]):
+                for t in tensors.values():
+                    if t is not None:
+                        if t.device != device:
+                            return None
+                        addresses.append(t.data_ptr())
+            stack.extend(c for c in d["_modules"].values() if c is not None)
+        return tuple(addresses)
+
+    # --------------------------------------------------------------- capture, check, replay
+
+    def _capture(self, key: tuple, leaves: list, spec: pytree.TreeSpec):
+        """The second call of a signature: eager on the side stream (its result returned), then captured."""
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        state = self._state(leaves)
+        if state is None:
+            return self._refuse(key, "a module inside it has hooks, or a parameter is off the inputs' device",
+                                self.fn(*args, **kwargs))
+        with _recording_calls():
+            versions = [t._version for t in leaves if isinstance(t, Tensor)]
+            out = self._warm_up(lambda: self.fn(*args, **kwargs))
+            if versions != [t._version for t in leaves if isinstance(t, Tensor)]:
+                return self._refuse(key, "it writes into its tensor arguments", out)
+            inputs = [t.clone() if isinstance(t, Tensor) else t for t in leaves]
+            a, k = pytree.tree_unflatten(inputs, spec)
+            try:
+                graph, captured = self._record(lambda: self.fn(*a, **k))
+            except Exception as e:  # noqa: BLE001  (anything the capture refuses runs eagerly)
+                return self._refuse(key, f"the capture failed ({type(e).__name__}: {e})", out)
+        outputs, out_spec = pytree.tree_flatten(captured)
+        odd = [type(o).__name__ for o in outputs if not isinstance(o, Tensor) and type(o) not in _PLAIN]
+        if odd:
+            return self._refuse(key, f"it returns a {odd[0]}, which a replay cannot copy out", out)
+        self.graphs[key] = _Graph(graph, inputs, outputs, out_spec, state)
+        self.seen.pop(key, None)
+        return out
+
+    def _check(self, key: tuple, entry: _Graph, leaves: list, args: tuple, kwargs: dict):
+        """The first replay against the eager call on this call's inputs (not the captured
+        call's: a value the capture baked in would differ here)."""
+        with _recording_calls():
+            eager = self.fn(*args, **kwargs)
+        replayed = self._replay(entry, leaves)
+        mine, theirs = pytree.tree_leaves(replayed), pytree.tree_leaves(eager)
+        same = len(mine) == len(theirs) and all(
+            _identical(a, b) if isinstance(a, Tensor) and isinstance(b, Tensor) else (a == b)
+            for a, b in zip(mine, theirs)
+        )
+        if not same:
+            return self._refuse(key, "its first replay differed from the eager call", eager)
+        entry.checked = True
+        return eager
+
+    def _replay(self, entry: _Graph, leaves: list):
+        for mine, given in zip(entry.inputs, leaves):
+            if isinstance(mine, Tensor):
+                mine.copy_(given)
+        entry.graph.replay()
+        return pytree.tree_unflatten([o.clone() if isinstance(o, Tensor) else o for o in entry.outputs],
+                                     entry.out_spec)
+
+    def _refuse(self, key: tuple, why: str, out):
+        self.graphs.pop(key, None)
+        self.seen.pop(key, None)
+        if not self.refused:  # once per call site: a model of many signatures would warn at each
+            warnings.warn(f"fastarch: {self.what} without a CUDA graph: {why}", RuntimeWarning, stacklevel=4)
+        self.refused[key] = why
+        return out
+
+    # --------------------------------------------------------------- the device's part (the CPU tests replace it)
+
+    def _on_graph_device(self, t: Tensor) -> bool:
+        return t.is_cuda
+
+    def _warm_up(self, run: Callable):
+        """run() on a side stream, the current stream waiting for it (as a capture's warm-up must)."""
+        current = torch.cuda.current_stream()
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        self.side.wait_stream(current)  # (so the side stream's memory is never reused under the current's work)
+        with torch.cuda.stream(self.side):
+            out = run()
+        current.wait_stream(self.side)
+        return out
+
+    def _record(self, run: Callable) -> tuple:
+        """run() captured: (the graph, its outputs)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # on torch's capture stream, its own memory pool: recorded, not run
+            out = run()
+        return graph, out
+
+    # --------------------------------------------------------------- copies keep no graphs
+
+    def __getstate__(self) -> dict:
+        return {"fn": self.fn, "watch": self.watch, "what": self.what}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def _identical(a: Tensor, b: Tensor) -> bool:
+    """The same values bit for bit, NaN where NaN (torch.equal calls NaN unequal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.all((a == b) | (a.isnan() & b.isnan())))
+    return torch.equal(a, b)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()

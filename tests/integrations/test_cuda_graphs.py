@@ -1,0 +1,413 @@
+"""fastarch.cuda_graphs.GraphedCall: what it captures, refuses and replays.
+
+No CUDA graph can be captured on the CPU, so the CPU rows run GraphedCall's own logic (the
+signatures, the three calls before a replay, the guards, the check, the copies out) over a
+stand-in for the device's part: FakeGraph replays by recomputing the captured call on the
+graph's input copies and writing the results into the captured output tensors, which is what
+a CUDA graph's replay does to its buffers. The gpu rows capture real graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
+from torch import nn
+
+import fastarch
+from fastarch import cuda_graphs
+from fastarch.cuda_graphs import GraphedCall
+
+
+class FakeGraph:
+    """A CUDA graph's replay on the CPU: the captured call recomputed on the graph's inputs (as
+    it was captured: fastarch.cuda_graphs.recording() true), written into the same output
+    tensors. frozen=True: a graph that baked every value in."""
+
+    frozen = False
+
+    def __init__(self, run) -> None:
+        self.run, self.replays = run, 0
+        self.out = run()
+
+    def replay(self) -> None:
+        self.replays += 1
+        if self.frozen:
+            return
+        with cuda_graphs._recording_calls():  # the path the capture took
+            for mine, new in zip(pytree.tree_leaves(self.out), pytree.tree_leaves(self.run())):
+                if isinstance(mine, torch.Tensor):
+                    mine.copy_(new)
+
+
+class CpuGraphedCall(GraphedCall):
+    """GraphedCall with the CPU as its graph device and FakeGraph as its graphs."""
+
+    def _on_graph_device(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu"
+
+    def _warm_up(self, run):
+        return run()
+
+    def _record(self, run):
+        graph = FakeGraph(run)
+        return graph, graph.out
+
+
+@dataclass
+class Output:
+    sample: torch.Tensor
+
+
+# (not a pytree node: to a replay, an object it cannot copy out)
+
+
+class Net(nn.Module):
+    """Two layers and a dropout: an output that depends on every argument kind graphed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+        self.drop = nn.Dropout(0.5)
+        self.register_buffer("shift", torch.full((4,), 0.25))
+
+    def forward(self, x, t=None, *, scale: float = 1.0, labels=None):
+        h = torch.nn.functional.gelu(self.inner(self.drop(x)))
+        if t is not None:
+            h = h + t.reshape(-1, 1)
+        y = self.out(h) * scale + self.shift
+        return {"y": y, "labels": labels, "scale": scale}
+
+
+def graphed(model: nn.Module) -> CpuGraphedCall:
+    return CpuGraphedCall(model, model.eval(), "the test's calls")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return torch.equal(a["y"], b["y"]) and a["scale"] == b["scale"] and (
+        a["labels"] is b["labels"] is None or torch.equal(a["labels"], b["labels"]))
+
+
+@torch.no_grad()
+def test_third_call_checks_then_replays_new_tensors():
+    """Call 1 eager, 2 captures, 3 checks the first replay against eager, 4 on replay; every
+    result is the eager call's, in tensors of its own (a later replay does not overwrite it)."""
+    model = Net()
+    call = graphed(model)
+    outs = []
+    for i in range(6):
+        x, t = torch.randn(3, 8), torch.randn(3)
+        labels = torch.tensor([i, i + 1, i + 2])
+        got = call(x, t, scale=2.0, labels=labels)
+        assert _same(got, model(x, t, scale=2.0, labels=labels))
+        outs.append((got, model(x, t, scale=2.0, labels=labels)))
+        assert len(call.graphs) == (i >= 1) and call.kept == (i >= 2)
+    graph = next(iter(call.graphs.values())).graph
+    assert graph.replays == 4  # the check's and three more
+    for got, want in outs:  # nothing a replay wrote reached an earlier result
+        assert _same(got, want)
+    assert len({o["y"].data_ptr() for o, _ in outs}) == len(outs)
+
+
+@torch.no_grad()
+def test_signatures_and_their_limit(monkeypatch):
+    """A new shape, dtype, stride or plain value is another signature; past MAX_GRAPHS graphs
+    the rest run eagerly; a plain value that changes each call never repeats a signature."""
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    model = Net()
+    call = graphed(model)
+    for rows in (2, 3, 5):
+        x = torch.randn(rows, 8)
+        for _ in range(3):
+            assert _same(call(x), model(x))
+    assert len(call.graphs) == 2 and call.kept == 2
+    for scale in (0.5, 1.5, 2.5, 3.5):  # a Python number changing every call: no graph
+        x = torch.randn(2, 8)
+        assert _same(call(x, scale=scale), model(x, scale=scale))
+    assert len(call.graphs) == 2
+    wide = torch.randn(8, 2).t()  # the same shape in other strides: another signature
+    assert call._signature(*pytree.tree_flatten(((wide,), {}))) != call._signature(
+        *pytree.tree_flatten(((wide.contiguous(),), {})))
+
+
+def test_eager_when_a_replay_could_not_repeat_the_call(monkeypatch):
+    """Gradients, training mode, a tensor off the graph device, an argument of another kind,
+    no tensor at all, the switch off: every call eager, no graph."""
+    model = Net()
+    call = graphed(model)
+    x = torch.randn(2, 8, requires_grad=True)
+    for _ in range(3):
+        call(x).get("y").sum().backward()  # grad enabled
+    assert x.grad is not None and not call.graphs and not call.seen
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            call(x)
+        model.eval()
+        for _ in range(3):
+            call(x, labels=[1, 2])  # a list leaf is fine (pytree), an object is not:
+            call(x, labels=object())
+        assert len(call.graphs) == 1  # (the list's calls)
+        call.graphs.clear()
+        monkeypatch.setenv("FASTARCH_CUDA_GRAPHS", "0")
+        for _ in range(3):
+            call(x)
+        assert not call.graphs
+    real = GraphedCall(model, model)  # the device's own part: CPU tensors are never graphed
+    with torch.no_grad():
+        monkeypatch.setenv("FASTARCH_CUDA_GRAPHS", "1")
+        for _ in range(3):
+            assert _same(real(x), model(x))
+    assert not real.graphs and not real.seen
+
+
+@torch.no_grad()
+def test_the_modules_tensors_are_watched():
+    """In-place updates reach the replays; a reassigned parameter or a module moved to another
+    dtype drops the graph and captures again; a hook on a module inside refuses."""
+    model = Net()
+    call = graphed(model)
+    x = torch.randn(2, 8)
+    for _ in range(3):
+        call(x)
+    assert call.kept == 1
+    model.out.weight.add_(1.0)  # in place: the same graph, its replay sees the new values
+    assert _same(call(x), model(x)) and call.kept == 1
+    model.out.weight = nn.Parameter(model.out.weight * 2)
+    assert _same(call(x), model(x)) and not call.graphs  # dropped, eager
+    for _ in range(2):
+        assert _same(call(x), model(x))
+    assert call.kept == 1  # captured again
+    model.inner.register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(RuntimeWarning, match="has hooks"):
+        for _ in range(3):
+            assert _same(call(x), model(x))
+    assert not call.graphs and call.refused
+
+
+@pytest.mark.parametrize("case", ["writes its input", "capture fails", "baked in", "odd output"])
+def test_refused_calls_warn_once_and_run_eagerly(case, monkeypatch):
+    model = Net()
+    call = graphed(model)
+
+    def fn(x):
+        if case == "writes its input":
+            x.mul_(1.0)
+        if case == "capture fails" and getattr(call, "capturing", False):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        y = model(x)["y"]
+        return Output(y) if case == "odd output" else y
+
+    call.fn = fn
+    if case == "capture fails":
+        real = CpuGraphedCall._record
+
+        def record(self, run):
+            self.capturing = True
+            try:
+                return real(self, run)
+            finally:
+                self.capturing = False
+
+        monkeypatch.setattr(CpuGraphedCall, "_record", record)
+    if case == "baked in":
+        monkeypatch.setattr(FakeGraph, "frozen", True)
+    why = {"writes its input": "writes into its tensor arguments", "capture fails": "the capture failed",
+           "baked in": "first replay differed", "odd output": "returns a Output"}[case]
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for i in range(6):
+            x = torch.randn(2, 8)
+            got = call(x)
+            got = got.sample if isinstance(got, Output) else got
+            assert torch.equal(got, model(x)["y"])
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and why in messages[0], messages
+    assert not call.kept and len(call.refused) == 1
+
+
+@torch.no_grad()
+def test_nan_in_nan_out_and_kept():
+    """A NaN in the inputs gives the eager call's NaNs, and a graph whose replay gives NaN where
+    the eager call does is kept (torch.equal would call them different)."""
+    model = Net()
+    call = graphed(model)
+    x = torch.randn(2, 8)
+    x[1, 3] = float("nan")
+    for _ in range(4):
+        got = call(x)["y"]
+        assert torch.isnan(got[1]).all() and not torch.isnan(got[0]).any()
+        torch.testing.assert_close(got, model(x)["y"], equal_nan=True, rtol=0, atol=0)
+    assert call.kept == 1
+
+
+@torch.no_grad()
+def test_copies_keep_no_graphs():
+    """A deep copy or a pickle of the module (optimize(inplace=False) deep-copies) calls its
+    own forward and starts without graphs."""
+    model = Net().eval()
+    call = CpuGraphedCall(model.forward, model)
+    model.__dict__["forward"] = call
+    x = torch.randn(2, 8)
+    for _ in range(3):
+        model(x)
+    twin = copy.deepcopy(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    for other in (twin, loaded):
+        graphed_twin = other.__dict__["forward"]
+        assert isinstance(graphed_twin, CpuGraphedCall) and not graphed_twin.graphs
+        assert graphed_twin.watch is other and graphed_twin.fn.__self__ is other
+        other.out.bias.add_(1.0)
+        assert _same(other(x), type(other).forward(other, x)) and not _same(other(x), model(x))
+
+
+def test_compiles_without_graph_break_or_graphs():
+    """Under torch.compile the call is traced through (fullgraph), no graph of ours taken: the
+    compiled code is torch's to run, and its results the eager model's within inductor's
+    roundings (fp32: its fused GELU)."""
+    model = Net().eval()
+    model.__dict__["forward"] = graphed = CpuGraphedCall(model.forward, model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        for _ in range(4):
+            got = compiled(x)["y"]
+        torch.testing.assert_close(got, Net.forward(model, x)["y"], rtol=1e-6, atol=1e-6)
+    assert not graphed.graphs and not graphed.seen
+
+
+def test_optimize_cuda_graphs(monkeypatch):
+    """optimize(cuda_graphs=True): without a CUDA device the report says so and forward is left;
+    with one, forward becomes a GraphedCall (the same state_dict, the same results, the report's
+    row), restore takes it away, and an instance forward the model had comes back."""
+    model = Net().eval()
+    report = fastarch.optimize(model, cuda_graphs=True)
+    assert "forward" not in model.__dict__
+    assert any(e.path == "(model)" and not e.swapped and "no CUDA device" in e.detail for e in report.entries)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_graphs, "GraphedCall", CpuGraphedCall)
+    keys = list(model.state_dict())
+    report = fastarch.optimize(model, cuda_graphs=True)
+    assert isinstance(model.__dict__["forward"], CpuGraphedCall) and list(model.state_dict()) == keys
+    assert any(e.path == "(model)" and e.swapped and "CUDA graphs" in e.detail for e in report.entries)
+    assert "CUDA graphs" in str(report)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        want = type(model).forward(model, x)
+        for _ in range(4):
+            assert _same(model(x), want)
+    assert model.__dict__["forward"].kept == 1
+    fastarch.optimize(model, cuda_graphs=True)  # again: the same GraphedCall, not one around it
+    assert model.__dict__["forward"].fn.__func__ is Net.forward
+    fastarch.restore(model)
+    assert "forward" not in model.__dict__
+
+    def own(x, *args, **kwargs):  # an instance forward, as accelerate's hooks install
+        return Net.forward(model, x, *args, **kwargs)
+
+    model.forward = own
+    fastarch.optimize(model, cuda_graphs=True)
+    assert model.__dict__["forward"].fn is own
+    fastarch.restore(model)
+    assert model.__dict__["forward"] is own
+
+
+# ----------------------------------------------------------------------------- models people have
+
+
+def _bert_and_padded_batch(device: str):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    model = BertModel(config).to(device).eval()
+    ids = torch.randint(1, 64, (3, 11), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    return model, ids, mask
+
+
+def test_unpadded_encoder_steps_aside_while_recording(monkeypatch):
+    """The unpadded encoder reads the mask on the host, which a capture may not: in the calls a
+    graph is made from and checked against it steps aside (transformers' own layers run, with
+    fastarch's attention), so that eager and replay run the same kernels; other calls pack.
+    Replays give transformers' hidden states at the real tokens."""
+    from fastarch.integrations import unpadded_encoder
+
+    model, ids, mask = _bert_and_padded_batch("cpu")
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(ids, attention_mask=mask).last_hidden_state
+        theirs = model(ids, attention_mask=mask).last_hidden_state
+    fastarch.optimize(model)
+    model.__dict__["forward"] = graphed = CpuGraphedCall(model.forward, model)
+    packed = []
+    real_unpad = unpadded_encoder.unpad
+    monkeypatch.setattr(unpadded_encoder, "unpad", lambda real: packed.append(cuda_graphs.recording()) or real_unpad(real))
+    real = mask.bool()
+    with torch.no_grad():
+        for _ in range(5):
+            ours = model(ids, attention_mask=mask).last_hidden_state
+            assert_close(ours[real], theirs[real], exact[real])
+    assert graphed.kept == 1 and not graphed.refused
+    assert packed == [False]  # the first call, before any recording; then the capture, the check, replays
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+def _diffusers_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=16, norm_num_groups=8,
+    ).cuda().eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_optimized_diffusers_unet_replays_its_graph(mode):
+    """diffusers' UNet2DModel, optimized with cuda_graphs=True: from the fourth call on a
+    replay, every result the optimized model's eager call, bit for bit, for new inputs each call."""
+    model = _diffusers_unet()
+    fastarch.optimize(model, cuda_graphs=True)
+    graphed = model.__dict__["forward"]
+    with getattr(torch, mode)():
+        for i in range(6):
+            x = torch.randn(2, 3, 16, 16, device="cuda")
+            t = torch.full((2,), 100 * i, device="cuda")
+            got = model(x, t).sample
+            want = type(model).forward(model, x, t).sample
+            assert torch.equal(got, want)
+    assert graphed.kept == 1 and not graphed.refused
+
+
+@pytest.mark.gpu
+def test_optimized_bert_with_padding_replays_its_graph():
+    """transformers' BERT with a padded batch, optimized with cuda_graphs=True: the graph is
+    kept (transformers reads no mask on the host while a stream captures, the unpadded encoder
+    steps aside) and its replays give transformers' hidden states at the real tokens."""
+    model, ids, mask = _bert_and_padded_batch("cuda")
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(ids, attention_mask=mask).last_hidden_state
+        theirs = model(ids, attention_mask=mask).last_hidden_state
+    fastarch.optimize(model, cuda_graphs=True)
+    graphed = model.__dict__["forward"]
+    real = mask.bool()
+    with torch.no_grad():
+        for _ in range(5):
+            ours = model(ids, attention_mask=mask).last_hidden_state
+            assert_close(ours[real], theirs[real], exact[real])
+    assert graphed.kept == 1 and not graphed.refused
