@@ -15,8 +15,8 @@ agree bit for bit; later calls copy their tensors into the graph's inputs, repla
 copies of its outputs. Only what a replay repeats exactly is captured:
 
 - every tensor argument on one CUDA device, every other one None, a bool, number, string, dtype
-  or device (a value that changes at every call, a Python timestep, never repeats a signature and
-  stays eager); no gradient (under torch.no_grad or inference_mode), the module in eval mode, not
+  or device (a value that changes at every call, as a Python timestep, makes each call a new
+  signature: eager); no gradient (under torch.no_grad or inference_mode), the module in eval mode, not
   inside torch.compile or another capture;
 - the module's parameters and buffers on that device, at the addresses they had at the capture
   (a ``.to()``, ``.half()`` or a reassigned parameter drops the graph; ``load_state_dict`` and
@@ -24,7 +24,10 @@ copies of its outputs. Only what a replay repeats exactly is captured:
   would not call them);
 - a call that writes into its tensor arguments, returns anything but tensors and plain values,
   reads the device on the host (the capture refuses it), or whose replay differs from its eager
-  call is refused for that signature, with a warning, and runs eagerly from then on.
+  call is refused for that signature, with a warning, and runs eagerly from then on. What a
+  replay cannot see is the call's Python: a forward whose result depends on host state other
+  than its arguments (a counter it keeps, a global) must not be graphed; the check catches such
+  a difference only where it shows at the third call.
 
 Each kept graph holds its inputs' copies and the memory of one call (a private pool); at most
 MAX_GRAPHS signatures are captured per call site. FASTARCH_CUDA_GRAPHS=0 turns every graph off.
