@@ -27,7 +27,9 @@ copies of its outputs. Only what a replay repeats exactly is captured:
   call is refused for that signature, with a warning, and runs eagerly from then on. What a
   replay cannot see is the call's Python: a forward whose result depends on host state other
   than its arguments (a counter it keeps, a global) must not be graphed; the check catches such
-  a difference only where it shows at the third call.
+  a difference only where it shows at the third call. Nor does a replay check the values it is
+  given where the eager call would read them on the host (fastarch's UNet's class labels: the
+  sampler's are the same at every step, checked by its eager first steps).
 
 Each kept graph holds its inputs' copies and the memory of one call (a private pool); at most
 MAX_GRAPHS signatures are captured per call site. FASTARCH_CUDA_GRAPHS=0 turns every graph off.

@@ -342,8 +342,8 @@ class UNet2D(nn.Module):
                 raise ValueError(f"{name}: class_labels (B,) are needed: this model is class-conditional ({c.num_class_embeds} classes)")
             if class_labels.shape != (B,) or class_labels.is_floating_point():
                 raise ValueError(f"{name}: class_labels must be ({B},) integers, got {tuple(class_labels.shape)} {class_labels.dtype}")
-            # (read on the host, so not inside a CUDA graph's capture: the warm-up call before it
-            # checked the same labels, which the graph keeps)
+            # (read on the host, so not inside a CUDA graph's capture, and a replay checks
+            # nothing: the sampler's eager first steps checked the labels, the same at every step)
             capturing = class_labels.is_cuda and torch.cuda.is_current_stream_capturing()
             if not capturing and (int(class_labels.min()) < 0 or int(class_labels.max()) >= c.num_class_embeds):
                 raise ValueError(f"{name}: class_labels must lie in [0, {c.num_class_embeds}), got {class_labels.tolist()}")
