@@ -13,7 +13,6 @@ import copy
 import os
 import pickle
 import sys
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
+from host_reads import host_reads  # tests/host_reads.py
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastarch
 from fastarch import cuda_graphs
@@ -367,33 +366,6 @@ def test_unpadded_encoder_steps_aside_while_recording(monkeypatch):
     assert packed == [False]  # the first call, before any recording; then the capture, the check, replays
 
 
-class HostReads(TorchDispatchMode):
-    """Records each op that reads a tensor's values on the host (on a GPU: a synchronization,
-    which a capture refuses), with the file and line of the Python code that asked for it."""
-
-    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.equal",
-             "aten.is_nonzero")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.readers: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).split(".default")[0] in self.READS:
-            frames = [f for f in traceback.extract_stack()[:-1]
-                      if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__]
-            self.readers.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
-        return func(*args, **(kwargs or {}))
-
-
-def _host_reads(fn) -> list[str]:
-    """Where fn, called as GraphedCall calls what it captures, read values on the host."""
-    reads = HostReads()
-    with torch.no_grad(), cuda_graphs._recording_calls(), reads:
-        fn()
-    return reads.readers
-
-
 def test_what_a_graph_captures_reads_nothing_on_the_host():
     """A capture fails on any read of the device's values on the host: the optimized diffusers
     UNet and fastarch's UNet2D read none (on the CPU, under a dispatch mode that sees every
@@ -408,7 +380,7 @@ def test_what_a_graph_captures_reads_nothing_on_the_host():
         attention_head_dim=16, norm_num_groups=8,
     ).eval()
     fastarch.optimize(unet)
-    assert _host_reads(lambda: unet(torch.randn(2, 3, 16, 16), torch.tensor([10, 20]))) == []
+    assert host_reads(lambda: unet(torch.randn(2, 3, 16, 16), torch.tensor([10, 20]))) == []
 
     from fastarch.models.unet2d import UNet2D
 
@@ -423,14 +395,14 @@ def test_what_a_graph_captures_reads_nothing_on_the_host():
         if name == "cross_linear":
             kw["class_labels"] = torch.tensor([1, 3])
         x = torch.randn(2, config["in_channels"], config["sample_size"], config["sample_size"])
-        readers = _host_reads(lambda: model(x, torch.tensor(5), **kw))
+        readers = host_reads(lambda: model(x, torch.tensor(5), **kw))
         # the class labels' range check alone, which a capture skips (unet2d.py: "capturing")
         assert all(f"models{os.sep}unet2d.py" in r for r in readers) and len(readers) == 2 * ("class_labels" in kw), (
             name, readers)
 
     bert, ids, mask = _bert_and_padded_batch("cpu")
     fastarch.optimize(bert)
-    readers = _host_reads(lambda: bert(ids, attention_mask=mask))
+    readers = host_reads(lambda: bert(ids, attention_mask=mask))
     assert readers and all(f"transformers{os.sep}masking_utils.py" in r for r in readers), readers
 
 
