@@ -341,6 +341,24 @@ def _bert_and_padded_batch(device: str):
     return model, ids, mask
 
 
+def _five_calls_match_transformers(model, ids, mask):
+    """A check, to run once model is optimized, that five calls (eager, capture, check, two
+    replays) give the hidden states of model as it is now (transformers') at the real tokens,
+    judged against its fp64 run as the drop-in tests judge (dropin_tolerance)."""
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(ids, attention_mask=mask).last_hidden_state
+        theirs = model(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+
+    def check() -> None:
+        with torch.no_grad():
+            for _ in range(5):
+                ours = model(ids, attention_mask=mask).last_hidden_state
+                assert_close(ours[real], theirs[real], exact[real])
+
+    return check
+
+
 def test_unpadded_encoder_steps_aside_while_recording(monkeypatch):
     """The unpadded encoder reads the mask on the host, which a capture may not: in the calls a
     graph is made from and checked against it steps aside (transformers' own layers run, with
@@ -349,19 +367,13 @@ def test_unpadded_encoder_steps_aside_while_recording(monkeypatch):
     from fastarch.integrations import unpadded_encoder
 
     model, ids, mask = _bert_and_padded_batch("cpu")
-    with torch.no_grad():
-        exact = copy.deepcopy(model).double()(ids, attention_mask=mask).last_hidden_state
-        theirs = model(ids, attention_mask=mask).last_hidden_state
+    check = _five_calls_match_transformers(model, ids, mask)
     fastarch.optimize(model)
     model.__dict__["forward"] = graphed = CpuGraphedCall(model.forward, model)
     packed = []
     real_unpad = unpadded_encoder.unpad
     monkeypatch.setattr(unpadded_encoder, "unpad", lambda real: packed.append(cuda_graphs.recording()) or real_unpad(real))
-    real = mask.bool()
-    with torch.no_grad():
-        for _ in range(5):
-            ours = model(ids, attention_mask=mask).last_hidden_state
-            assert_close(ours[real], theirs[real], exact[real])
+    check()
     assert graphed.kept == 1 and not graphed.refused
     assert packed == [False]  # the first call, before any recording; then the capture, the check, replays
 
@@ -444,14 +456,8 @@ def test_optimized_bert_with_padding_replays_its_graph():
     kept (transformers reads no mask on the host while a stream captures, the unpadded encoder
     steps aside) and its replays give transformers' hidden states at the real tokens."""
     model, ids, mask = _bert_and_padded_batch("cuda")
-    with torch.no_grad():
-        exact = copy.deepcopy(model).double()(ids, attention_mask=mask).last_hidden_state
-        theirs = model(ids, attention_mask=mask).last_hidden_state
+    check = _five_calls_match_transformers(model, ids, mask)
     fastarch.optimize(model, cuda_graphs=True)
+    check()
     graphed = model.__dict__["forward"]
-    real = mask.bool()
-    with torch.no_grad():
-        for _ in range(5):
-            ours = model(ids, attention_mask=mask).last_hidden_state
-            assert_close(ours[real], theirs[real], exact[real])
     assert graphed.kept == 1 and not graphed.refused
