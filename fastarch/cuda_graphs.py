@@ -31,6 +31,13 @@ copies of its outputs. Only what a replay repeats exactly is captured:
   given where the eager call would read them on the host (fastarch's UNet's class labels: the
   sampler's are the same at every step, checked by its eager first steps).
 
+State arguments: an object of a kind registered with register_state (transformers'
+StaticCache, by fastarch.integrations.transformers) is an argument the call updates in place,
+its tensors at fixed addresses: it is keyed by identity and those addresses, the graph writes
+into it as the eager call does (the check runs both from the same state and compares the state
+after them too), an output that is the object itself is returned as itself, and the graph is
+dropped when the object is.
+
 Each kept graph holds its inputs' copies and the memory of one call (a private pool); at most
 MAX_GRAPHS signatures are captured per call site. FASTARCH_CUDA_GRAPHS=0 turns every graph off.
 """
@@ -40,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -56,6 +64,16 @@ _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
+
+
+_STATE_KINDS: dict[type, Callable[[object], list | None]] = {}
+
+
+def register_state(kind: type, tensors: Callable[[object], list | None]) -> None:
+    """Let a GraphedCall take objects of ``kind`` as state arguments (see above): ``tensors(obj)``
+    lists every tensor the call may read or update in it, at addresses that stay, or returns
+    None where obj cannot be captured yet (a lazily allocated cache before its first update)."""
+    _STATE_KINDS[kind] = tensors
 
 
 def enabled() -> bool:
@@ -83,15 +101,22 @@ def _recording_calls() -> Iterator[None]:
         _recording -= 1
 
 
+@dataclass(frozen=True)
+class _Argument:
+    """An output that is the call's own state argument (leaf ``index``): returned as itself."""
+
+    index: int
+
+
 @dataclass
 class _Graph:
     """One signature's capture: the graph, its input copies and its outputs."""
 
     graph: object
-    inputs: list  # the call's leaves, tensors replaced by the graph's copies
+    inputs: list  # the call's leaves, tensors replaced by the graph's copies (state arguments: None)
     outputs: list  # the output's leaves (tensors: the graph's buffers)
     out_spec: pytree.TreeSpec
-    state: tuple  # the watched module's tensors' addresses at the capture
+    watched: tuple  # the watched module's tensors' addresses at the capture
     checked: bool = False
 
 
@@ -108,6 +133,7 @@ class GraphedCall:
     seen: dict = field(default_factory=dict)  # signatures called once
     refused: dict = field(default_factory=dict)  # signature -> why it runs eagerly
     side: object = None  # the warm-up stream
+    replays: int = 0  # every replay so far (the checks' too)
 
     def __post_init__(self) -> None:
         self.what = self.what or f"{type(self.watch).__name__}'s calls"
@@ -127,7 +153,7 @@ class GraphedCall:
         if key is None or key in self.refused:
             return self.fn(*args, **kwargs)
         entry = self.graphs.get(key)
-        if entry is not None and entry.state != self._state(leaves):
+        if entry is not None and entry.watched != self._watched(leaves):
             del self.graphs[key]  # the module's tensors moved (or got hooks): capture again
             entry = None
         if entry is None:
@@ -148,7 +174,7 @@ class GraphedCall:
     def _signature(self, leaves: list, spec: pytree.TreeSpec) -> tuple | None:
         """The call's key, or None when it cannot be captured."""
         parts: list = [spec, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda")]
-        device = None
+        device, state = None, []
         for leaf in leaves:
             if isinstance(leaf, Tensor):
                 if not self._on_graph_device(leaf) or (device is not None and leaf.device != device):
@@ -157,13 +183,19 @@ class GraphedCall:
                 parts.append((leaf.dtype, leaf.shape, leaf.stride()))
             elif type(leaf) in _PLAIN:
                 parts.append((type(leaf), leaf))
+            elif type(leaf) in _STATE_KINDS:
+                tensors = _STATE_KINDS[type(leaf)](leaf)
+                if tensors is None or not all(type(t) is Tensor for t in tensors):
+                    return None
+                state += tensors
+                parts.append((type(leaf), id(leaf), tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors)))
             else:
                 return None
-        if device is None:
+        if device is None or any(t.device != device for t in state):
             return None
         return tuple(parts)
 
-    def _state(self, leaves: list) -> tuple | None:
+    def _watched(self, leaves: list) -> tuple | None:
         """The addresses of the watched module's tensors (None: one is off the arguments'
         device, or a module inside it has hooks), walked through ``_modules`` (cheap)."""
         device = next(t.device for t in leaves if isinstance(t, Tensor))
@@ -185,13 +217,17 @@ class GraphedCall:
             stack.extend(c for c in d["_modules"].values() if c is not None)
         return tuple(addresses)
 
+    @staticmethod
+    def _state_tensors(leaves: list) -> list:
+        return [t for leaf in leaves if type(leaf) in _STATE_KINDS for t in _STATE_KINDS[type(leaf)](leaf)]
+
     # --------------------------------------------------------------- capture, check, replay
 
     def _capture(self, key: tuple, leaves: list, spec: pytree.TreeSpec):
         """The second call of a signature: eager on the side stream (its result returned), then captured."""
         args, kwargs = pytree.tree_unflatten(leaves, spec)
-        state = self._state(leaves)
-        if state is None:
+        watched = self._watched(leaves)
+        if watched is None:
             return self._refuse(key, "a module inside it has hooks, or a parameter is off the inputs' device",
                                 self.fn(*args, **kwargs))
         with _recording_calls():
@@ -199,32 +235,46 @@ class GraphedCall:
             out = self._warm_up(lambda: self.fn(*args, **kwargs))
             if versions != [t._version for t in leaves if isinstance(t, Tensor)]:
                 return self._refuse(key, "it writes into its tensor arguments", out)
-            inputs = [t.clone() if isinstance(t, Tensor) else t for t in leaves]
-            a, k = pytree.tree_unflatten(inputs, spec)
+            copies = [t.clone() if isinstance(t, Tensor) else t for t in leaves]
+            a, k = pytree.tree_unflatten(copies, spec)
             try:
-                graph, captured = self._record(lambda: self.fn(*a, **k))
+                graph, captured = self._record(lambda: self.fn(*a, **k), self._state_tensors(leaves))
             except Exception as e:  # noqa: BLE001  (anything the capture refuses runs eagerly)
                 return self._refuse(key, f"the capture failed ({type(e).__name__}: {e})", out)
         outputs, out_spec = pytree.tree_flatten(captured)
-        odd = [type(o).__name__ for o in outputs if not isinstance(o, Tensor) and type(o) not in _PLAIN]
-        if odd:
-            return self._refuse(key, f"it returns a {odd[0]}, which a replay cannot copy out", out)
-        self.graphs[key] = _Graph(graph, inputs, outputs, out_spec, state)
+        states = {id(leaf): i for i, leaf in enumerate(leaves) if type(leaf) in _STATE_KINDS}
+        for i, o in enumerate(outputs):
+            if id(o) in states:
+                outputs[i] = _Argument(states[id(o)])
+            elif not isinstance(o, Tensor) and type(o) not in _PLAIN:
+                return self._refuse(key, f"it returns a {type(o).__name__}, which a replay cannot copy out", out)
+        inputs = [None if type(t) in _STATE_KINDS else t for t in copies]  # (held by no graph: see _forget)
+        self.graphs[key] = _Graph(graph, inputs, outputs, out_spec, watched)
         self.seen.pop(key, None)
+        for leaf in leaves:
+            if type(leaf) in _STATE_KINDS:
+                weakref.finalize(leaf, _forget, weakref.ref(self), key)
         return out
 
     def _check(self, key: tuple, entry: _Graph, leaves: list, args: tuple, kwargs: dict):
         """The first replay against the eager call on this call's inputs (not the captured
         call's: a value the capture baked in would differ here)."""
+        state = self._state_tensors(leaves)
+        before = [t.clone() for t in state]
         with _recording_calls():
             eager = self.fn(*args, **kwargs)
+        after = [t.clone() for t in state]  # the eager call's updates; the replay starts where it did
+        for t, saved in zip(state, before):
+            t.copy_(saved)
         replayed = self._replay(entry, leaves)
         mine, theirs = pytree.tree_leaves(replayed), pytree.tree_leaves(eager)
         same = len(mine) == len(theirs) and all(
-            _identical(a, b) if isinstance(a, Tensor) and isinstance(b, Tensor) else (a == b)
+            a is b or (_identical(a, b) if isinstance(a, Tensor) and isinstance(b, Tensor) else a == b)
             for a, b in zip(mine, theirs)
-        )
+        ) and all(_identical(t, want) for t, want in zip(state, after))
         if not same:
+            for t, want in zip(state, after):  # the state the eager call left
+                t.copy_(want)
             return self._refuse(key, "its first replay differed from the eager call", eager)
         entry.checked = True
         return eager
@@ -234,8 +284,10 @@ class GraphedCall:
             if isinstance(mine, Tensor):
                 mine.copy_(given)
         entry.graph.replay()
-        return pytree.tree_unflatten([o.clone() if isinstance(o, Tensor) else o for o in entry.outputs],
-                                     entry.out_spec)
+        self.replays += 1
+        return pytree.tree_unflatten(
+            [o.clone() if isinstance(o, Tensor) else leaves[o.index] if type(o) is _Argument else o
+             for o in entry.outputs], entry.out_spec)
 
     def _refuse(self, key: tuple, why: str, out):
         self.graphs.pop(key, None)
@@ -261,8 +313,9 @@ class GraphedCall:
         current.wait_stream(self.side)
         return out
 
-    def _record(self, run: Callable) -> tuple:
-        """run() captured: (the graph, its outputs)."""
+    def _record(self, run: Callable, state: list) -> tuple:
+        """run() captured: (the graph, its outputs). A capture records the kernels without
+        running them: the state arguments' tensors (``state``) are as they were."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # on torch's capture stream, its own memory pool: recorded, not run
             out = run()
@@ -275,6 +328,16 @@ class GraphedCall:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
+
+
+def _forget(graphed: weakref.ref, key: tuple) -> None:
+    """A state argument's object is gone: the graph that wrote into it goes too (its memory, and
+    a key a new object at the same id and addresses could match)."""
+    call = graphed()
+    if call is not None:
+        call.graphs.pop(key, None)
+        call.seen.pop(key, None)
+        call.refused.pop(key, None)
 
 
 def _identical(a: Tensor, b: Tensor) -> bool:

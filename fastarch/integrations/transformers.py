@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
+from transformers.cache_utils import StaticCache, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
-from fastarch import ops
+from fastarch import cuda_graphs, ops
 from fastarch.optimize import linear_no_kernel, linear_or_none
 from fastarch.override import _sdpa_backend, attention_direct
 
@@ -114,6 +115,25 @@ def _decode_direct(query: Tensor, key: Tensor, value: Tensor, scaling: float | N
 
 AttentionInterface.register(NAME, fastarch_attention_forward)
 AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def _static_cache_tensors(cache: StaticCache) -> list[Tensor] | None:
+    """A StaticCache as a CUDA graph's state argument (fastarch.cuda_graphs): its layers' keys,
+    values and lengths, every one a device tensor updated in place (StaticLayer.update: an
+    index_copy_ at cumulative_length, then its add_). None before the first update allocates
+    them, for an offloading cache (its tensors move) and for sliding-window layers (they count
+    in a Python int, which a replay would not advance)."""
+    if getattr(cache, "offloading", False):
+        return None
+    tensors = []
+    for layer in cache.layers:
+        if type(layer) is not StaticLayer or not layer.is_initialized:
+            return None
+        tensors += (layer.keys, layer.values, layer.cumulative_length)
+    return tensors
+
+
+cuda_graphs.register_state(StaticCache, _static_cache_tensors)
 
 
 # ----------------------------------------------------------------------------- fastarch.optimize

@@ -10,6 +10,8 @@ a CUDA graph's replay does to its buffers. The gpu rows capture real graphs.
 from __future__ import annotations
 
 import copy
+import gc
+import linecache
 import os
 import pickle
 import sys
@@ -21,7 +23,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 from dropin_tolerance import assert_close  # tests/integrations/dropin_tolerance.py
-from host_reads import host_reads  # tests/host_reads.py
+from host_reads import PythonReads, host_reads  # tests/host_reads.py
 from torch import nn
 
 import fastarch
@@ -59,8 +61,11 @@ class CpuGraphedCall(GraphedCall):
     def _warm_up(self, run):
         return run()
 
-    def _record(self, run):
-        graph = FakeGraph(run)
+    def _record(self, run, state):
+        saved = [t.clone() for t in state]
+        graph = FakeGraph(run)  # (which runs the call: a capture does not, the state stays)
+        for t, s in zip(state, saved):
+            t.copy_(s)
         return graph, graph.out
 
 
@@ -214,10 +219,10 @@ def test_refused_calls_warn_once_and_run_eagerly(case, monkeypatch):
     if case == "capture fails":
         real = CpuGraphedCall._record
 
-        def record(self, run):
+        def record(self, run, state):
             self.capturing = True
             try:
-                return real(self, run)
+                return real(self, run, state)
             finally:
                 self.capturing = False
 
@@ -418,6 +423,126 @@ def test_what_a_graph_captures_reads_nothing_on_the_host():
     assert readers and all(f"transformers{os.sep}masking_utils.py" in r for r in readers), readers
 
 
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("case", ["one prompt", "padded batch", "replay differs"])
+def test_generate_with_a_static_cache_replays_its_decode_step(case, monkeypatch):
+    """transformers' generate with cache_implementation="static" on an optimized LLaMA whose
+    forward is graphed: the decode step, its StaticCache a state argument (updated in place by
+    the replay as by the eager step), is captured at the second step, checked at the third and
+    replayed for the rest: the eager generate's tokens. A replay that differs is refused with
+    the cache as the eager step left it: the same tokens."""
+    model = _tiny_llama()
+    fastarch.optimize(model)
+    ids = torch.randint(1, 64, (1, 5) if case != "padded batch" else (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if case == "padded batch":
+        mask[0, :3] = 0  # left padding
+    kw = dict(attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, cache_implementation="static",
+              pad_token_id=0)
+    eager = model.generate(ids, **kw)
+    replays = []
+    real_replay = FakeGraph.replay
+    monkeypatch.setattr(FakeGraph, "replay", lambda self: replays.append(1) or real_replay(self))
+    if case == "replay differs":
+        monkeypatch.setattr(FakeGraph, "frozen", True)
+    model.__dict__["forward"] = graphed = CpuGraphedCall(model.forward, model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, eager)
+    refused = [str(w.message) for w in caught if "without a CUDA graph" in str(w.message)]
+    if case == "replay differs":
+        assert len(replays) == 1 and len(refused) == 1 and "first replay differed" in refused[0]
+    else:
+        assert len(replays) == 13 and not refused  # 15 decode steps: eager, capture, check, 12 replays
+
+
+def test_a_static_cache_decode_step_reads_nothing_on_the_host():
+    """The decode step generate graphs with a StaticCache reads nothing on the host, on the path
+    a GPU runs (the decoder layers' direct step: Tensor methods patched, no dispatch mode), as
+    GraphedCall calls what it captures: fastarch's layers nothing a GPU would read,
+    transformers' code nothing."""
+    model = _tiny_llama()
+    fastarch.optimize(model)
+    forward, readers, steps = model.forward, [], []
+
+    def spied(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 1:
+            return forward(*args, **kwargs)  # the prefill
+        with cuda_graphs._recording_calls(), PythonReads() as reads:
+            out = forward(*args, **kwargs)
+        readers.extend(reads.readers)
+        return out
+
+    model.forward = spied
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                   cache_implementation="static", pad_token_id=0)
+    # (a read guarded on its own line by a CPU-device test does not happen on a GPU: the
+    # decoder layers' check that a CPU mask keeps every key)
+    on_gpu = [r for r in readers if 'device.type == "cpu"' not in linecache.getline(*_file_line(r))]
+    assert len(steps) == 4 and readers and on_gpu == [], readers
+
+
+def _file_line(reader: str) -> tuple[str, int]:
+    path, line = reader.rsplit(":", 1)
+    return path, int(line)
+
+
+class Tally:
+    """A state argument: a running total the call adds into (registered in the test below)."""
+
+    def __init__(self) -> None:
+        self.total = torch.zeros(8)
+
+
+def test_a_state_argument(monkeypatch):
+    """A registered state kind: keyed by identity (another object is another signature), updated
+    in place by each replay as by the eager call (the check runs both from the same state), an
+    output that is the object itself returned as itself, and the graph dropped with the object."""
+    monkeypatch.setitem(cuda_graphs._STATE_KINDS, Tally, lambda tally: [tally.total])
+    model = Net().eval()
+
+    def step(x, tally):
+        tally.total.add_(x.sum(0))
+        return {"y": model(x)["y"] * tally.total.sum(), "tally": tally}
+
+    call = CpuGraphedCall(step, model)
+    tally, twin = Tally(), Tally()
+    with torch.no_grad():
+        for i in range(6):
+            x = torch.randn(2, 8)
+            before = twin.total.clone()
+            twin.total.add_(x.sum(0))
+            out = call(x, tally)
+            assert out["tally"] is tally and torch.equal(tally.total, twin.total)
+            twin.total.copy_(before)
+            assert torch.equal(out["y"], step(x, twin)["y"])
+        assert call.kept == 1
+        call(torch.randn(2, 8), Tally())  # another object: another signature
+        assert len(call.graphs) == 1 and len(call.seen) == 1
+    monkeypatch.setattr(CpuGraphedCall, "_record", lambda self, run, state: (object(), run()))  # holds nothing
+    other = Tally()
+    with torch.no_grad():
+        call(torch.randn(2, 8), other)
+        call(torch.randn(2, 8), other)
+    assert len(call.graphs) == 2
+    del other
+    gc.collect()
+    assert len(call.graphs) == 1  # the graph went with its object
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 
@@ -461,3 +586,22 @@ def test_optimized_bert_with_padding_replays_its_graph():
     check()
     graphed = model.__dict__["forward"]
     assert graphed.kept == 1 and not graphed.refused
+
+
+@pytest.mark.gpu
+def test_optimized_llama_generate_with_a_static_cache_replays_its_graph(monkeypatch):
+    """transformers' generate with a StaticCache on an optimized LLaMA with cuda_graphs=True:
+    its decode step replays from the fourth step on, and gives the tokens of the same generate
+    without graphs (FASTARCH_CUDA_GRAPHS=0), batched and left-padded."""
+    model = _tiny_llama().cuda()
+    fastarch.optimize(model, cuda_graphs=True)
+    graphed = model.__dict__["forward"]
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+              cache_implementation="static", pad_token_id=0)
+    got = model.generate(ids, **kw)
+    assert graphed.replays == 21 and not graphed.refused  # 23 decode steps: eager, capture, then replays
+    monkeypatch.setenv("FASTARCH_CUDA_GRAPHS", "0")
+    assert torch.equal(got, model.generate(ids, **kw))
