@@ -180,8 +180,9 @@ def test_eager_when_a_replay_could_not_repeat_the_call(monkeypatch):
 
 @torch.no_grad()
 def test_the_modules_tensors_are_watched():
-    """In-place updates reach the replays; a reassigned parameter or a module moved to another
-    dtype drops the graph and captures again; a hook on a module inside refuses."""
+    """In-place updates reach the replays; a parameter's data replaced (as .to() and .half() do)
+    or a reassigned parameter drops the graph and captures again; a hook on a module inside
+    refuses."""
     model = Net()
     call = graphed(model)
     x = torch.randn(2, 8)
@@ -190,6 +191,11 @@ def test_the_modules_tensors_are_watched():
     assert call.kept == 1
     model.out.weight.add_(1.0)  # in place: the same graph, its replay sees the new values
     assert _same(call(x), model(x)) and call.kept == 1
+    model.out.weight.data = model.out.weight.data * 3  # new memory, no registration (as .to() does)
+    assert _same(call(x), model(x)) and not call.graphs  # dropped, eager
+    for _ in range(2):
+        assert _same(call(x), model(x))
+    assert call.kept == 1  # captured again
     model.out.weight = nn.Parameter(model.out.weight * 2)
     assert _same(call(x), model(x)) and not call.graphs  # dropped, eager
     for _ in range(2):
