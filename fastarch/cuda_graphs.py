@@ -243,6 +243,7 @@ class GraphedCall:
     def _capture(self, key: tuple, leaves: list, spec: pytree.TreeSpec):
         """The second call of a signature: eager on the side stream (its result returned), then captured."""
         args, kwargs = pytree.tree_unflatten(leaves, spec)
+        _counting_registrations()
         marks, watched = _marks(), self._watched(leaves)
         if watched is None:
             return self._refuse(key, "a module inside it has hooks, or a parameter is off the inputs' device",
@@ -347,24 +348,31 @@ class GraphedCall:
         self.__init__(**state)
 
 
-_registrations = 0
+_registrations = -1  # -1: its hooks not yet installed (_counting_registrations)
 
 
 def _count_registration(*args) -> None:
     global _registrations
-    _registrations += 1
+    _registrations += 1  # (returns None: the registered value stays)
 
 
-for _register in (_module.register_module_parameter_registration_hook, _module.register_module_buffer_registration_hook,
-                  _module.register_module_module_registration_hook):
-    _register(_count_registration)  # (returns None: the registered value stays)
+def _counting_registrations() -> None:
+    """Installs, once, the global hooks torch calls for every parameter, buffer or submodule set
+    on any module (at the first capture: until then nothing watches)."""
+    global _registrations
+    if _registrations < 0:
+        _registrations = 0
+        for register in (_module.register_module_parameter_registration_hook,
+                         _module.register_module_buffer_registration_hook,
+                         _module.register_module_module_registration_hook):
+            register(_count_registration)
 
 
 def _marks() -> tuple[int, int]:
     """Changes since which a watched module must be walked again: torch numbers every hook
     handle it makes (RemovableHandle.next_id: any module hook, global or not), and every
-    parameter, buffer or submodule set on any module passes the global registration hooks
-    above. (An assignment into a module's dicts directly passes neither: addresses only.)"""
+    parameter, buffer or submodule set on any module passes the registration hooks counted
+    here. (An assignment into a module's dicts directly passes neither: addresses only.)"""
     return RemovableHandle.next_id, _registrations
 
 
