@@ -243,6 +243,9 @@ class GraphedCall:
     def _capture(self, key: tuple, leaves: list, spec: pytree.TreeSpec):
         """The second call of a signature: eager on the side stream (its result returned), then captured."""
         args, kwargs = pytree.tree_unflatten(leaves, spec)
+        for leaf in leaves:  # (its graph, or its refusal, goes with it)
+            if type(leaf) in _STATE_KINDS:
+                weakref.finalize(leaf, _forget, weakref.ref(self), key)
         _counting_registrations()
         marks, watched = _marks(), self._watched(leaves)
         if watched is None:
@@ -269,9 +272,6 @@ class GraphedCall:
         inputs = [None if type(t) in _STATE_KINDS else t for t in copies]  # (held by no graph: see _forget)
         self.graphs[key] = _Graph(graph, inputs, outputs, out_spec, *watched, marks)
         self.seen.pop(key, None)
-        for leaf in leaves:
-            if type(leaf) in _STATE_KINDS:
-                weakref.finalize(leaf, _forget, weakref.ref(self), key)
         return out
 
     def _check(self, key: tuple, entry: _Graph, leaves: list, args: tuple, kwargs: dict):
