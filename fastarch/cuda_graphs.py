@@ -16,8 +16,8 @@ copies of its outputs. Only what a replay repeats exactly is captured:
 
 - every tensor argument on one CUDA device, every other one None, a bool, number, string, dtype
   or device (a value that changes at every call, as a Python timestep, makes each call a new
-  signature: eager); no gradient (under torch.no_grad or inference_mode), the module in eval mode, not
-  inside torch.compile or another capture;
+  signature: eager), or a state argument (below); no gradient (under torch.no_grad or
+  inference_mode), the module in eval mode, not inside torch.compile or another capture;
 - the module's parameters and buffers on that device, at the addresses they had at the capture
   (a ``.to()``, ``.half()`` or a reassigned parameter drops the graph; ``load_state_dict`` and
   other in-place updates are seen by the replays), no hooks on the modules inside it (a replay

@@ -187,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
                     options = GRAPHED[name] if who == "fastarch+graphs" else {}
                     return lambda: call(m, **options)
 
-                times, errors = timing.measure({who: contender(m, who) for who, m in contenders.items()}, device, rounds,
-                                               warmup=1, memory=False)
+                times, errors = timing.measure({who: contender(m, who) for who, m in contenders.items()}, device,
+                                               rounds, warmup=1, memory=False)
         except Exception as e:  # a missing optional package, out of memory, ...
             print(f"{name:<12} {timing.describe(e)}", flush=True)
             rows.append({**row, "error": timing.describe(e)})

@@ -383,7 +383,8 @@ def test_unpadded_encoder_steps_aside_while_recording(monkeypatch):
     model.__dict__["forward"] = graphed = CpuGraphedCall(model.forward, model)
     packed = []
     real_unpad = unpadded_encoder.unpad
-    monkeypatch.setattr(unpadded_encoder, "unpad", lambda real: packed.append(cuda_graphs.recording()) or real_unpad(real))
+    monkeypatch.setattr(unpadded_encoder, "unpad",
+                        lambda real: packed.append(cuda_graphs.recording()) or real_unpad(real))
     check()
     assert graphed.kept == 1 and not graphed.refused
     assert packed == [False]  # the first call, before any recording; then the capture, the check, replays
