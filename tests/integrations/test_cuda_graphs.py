@@ -453,7 +453,7 @@ def test_generate_with_a_static_cache_replays_its_decode_step(case, monkeypatch)
     if case == "padded batch":
         mask[0, :3] = 0  # left padding
     kw = dict(attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, cache_implementation="static",
-              pad_token_id=0)
+              disable_compile=True, pad_token_id=0)
     eager = model.generate(ids, **kw)
     replays = []
     real_replay = FakeGraph.replay
@@ -607,7 +607,7 @@ def test_optimized_llama_generate_with_a_static_cache_replays_its_graph(monkeypa
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
-              cache_implementation="static", pad_token_id=0)
+              cache_implementation="static", disable_compile=True, pad_token_id=0)  # (else transformers compiles)
     got = model.generate(ids, **kw)
     assert graphed.replays == 21 and not graphed.refused  # 23 decode steps: eager, capture, then replays
     monkeypatch.setenv("FASTARCH_CUDA_GRAPHS", "0")
