@@ -141,7 +141,7 @@ stage_models() {
   # the models end to end, the figures issues 11-13 set for a GPU. SmolLM2 and MiniLM with
   # random weights at their architectures (their packages' files, 94 and 88 MB, cannot travel)
   bench smollm2 "${BENCH_SMOLLM2_S:-150}" --model smollm2 --random-weights --device cuda
-  bench dropin "${BENCH_DROPIN_S:-200}" --dropin --random-weights --device cuda
+  bench dropin "${BENCH_DROPIN_S:-240}" --dropin --random-weights --device cuda  # (with "+graphs" rows)
   bench unet "${BENCH_UNET_S:-90}" --model unet --device cuda
 }
 stage_diagnose() {
