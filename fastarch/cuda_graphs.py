@@ -7,7 +7,8 @@ README "GPU status"); a graph's replay issues the same kernels in one call.
     out = forward(x, t)                                # as model.forward(x, t): the same values, new tensors
 
 A call is keyed by its signature: the structure of its arguments, each tensor's device, dtype,
-shape and strides, each other argument's value. The first call of a signature runs eagerly;
+shape and strides, each other argument's value, and what else decides its kernels (the stream,
+inference mode, autocast's dtype, the default dtype, fp32 matmul precision). The first call of a signature runs eagerly;
 the second runs eagerly on a side stream (Triton compiles and tunes, cuBLAS and cuDNN set up:
 none of it may happen inside a capture) and captures the call on copies of its tensors; the
 third runs eagerly and replays the graph on its inputs, and keeps the graph only if the two
@@ -18,11 +19,12 @@ copies of its outputs. Only what a replay repeats exactly is captured:
   or device (a value that changes at every call, as a Python timestep, makes each call a new
   signature: eager), or a state argument (below); no gradient (under torch.no_grad or
   inference_mode), the module in eval mode, not inside torch.compile or another capture;
-- the module's parameters and buffers on that device, at the addresses they had at the capture
-  (a ``.to()``, ``.half()`` or a reassigned parameter drops the graph; ``load_state_dict`` and
-  other in-place updates are seen by the replays), no hooks on the modules inside it (a replay
-  would not call them);
-- a call that writes into its tensor arguments, returns anything but tensors and plain values,
+- the module's parameters and buffers on that device, the same tensors at the addresses they
+  had at the capture (a ``.to()``, ``.half()``, a reassigned parameter or one put in place by
+  torch.func.functional_call drops the graph; ``load_state_dict`` and other in-place updates
+  are seen by the replays), no hooks on the modules inside it (a replay would not call them);
+- a call that writes into its tensor arguments or into the module's parameters or buffers (the
+  check would write twice), returns anything but tensors and plain values,
   reads the device on the host (the capture refuses it), or whose replay differs from its eager
   call is refused for that signature, with a warning, and runs eagerly from then on. What a
   replay cannot see is the call's Python: a forward whose result depends on host state other
@@ -45,6 +47,7 @@ MAX_GRAPHS signatures are captured per call site. FASTARCH_CUDA_GRAPHS=0 turns e
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 import weakref
@@ -119,6 +122,7 @@ class _Graph:
     out_spec: pytree.TreeSpec
     watched: tuple  # the watched module's tensors' addresses at the capture (_watched)
     tensors: list  # those tensors
+    slots: list  # where each was found: (its module's _parameters or _buffers, its name)
     marks: tuple  # _marks() when watched was last taken
     checked: bool = False
 
@@ -140,6 +144,12 @@ class GraphedCall:
 
     def __post_init__(self) -> None:
         self.what = self.what or f"{type(self.watch).__name__}'s calls"
+        # fn's parameters, as inspect.signature reports them: callers read them (transformers'
+        # generate passes position_ids and logits_to_keep only to a forward that names them)
+        try:
+            self.__signature__ = inspect.signature(self.fn)
+        except (TypeError, ValueError):
+            pass
 
     @property
     def kept(self) -> int:
@@ -176,14 +186,16 @@ class GraphedCall:
 
     def _signature(self, leaves: list, spec: pytree.TreeSpec) -> tuple | None:
         """The call's key, or None when it cannot be captured."""
-        parts: list = [spec, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda")]
+        autocast = torch.is_autocast_enabled("cuda")
+        parts: list = [spec, torch.is_inference_mode_enabled(), torch.get_default_dtype(),
+                       torch.get_float32_matmul_precision(), autocast and torch.get_autocast_dtype("cuda")]
         device, state = None, []
         for leaf in leaves:
             if isinstance(leaf, Tensor):
                 if not self._on_graph_device(leaf) or (device is not None and leaf.device != device):
                     return None
                 device = leaf.device
-                parts.append((leaf.dtype, leaf.shape, leaf.stride()))
+                parts.append((leaf.device, leaf.dtype, leaf.shape, leaf.stride()))
             elif type(leaf) in _PLAIN:
                 parts.append((type(leaf), leaf))
             elif type(leaf) in _STATE_KINDS:
@@ -196,6 +208,7 @@ class GraphedCall:
                 return None
         if device is None or any(t.device != device for t in state):
             return None
+        parts.append(self._stream(device))  # (a graph's buffers serve one stream's calls in order)
         return tuple(parts)
 
     def _unchanged(self, entry: _Graph, leaves: list) -> bool:
@@ -203,9 +216,11 @@ class GraphedCall:
         addresses, no hooks. The walk of every module (_watched: ~0.45 ms for a 135M LLaMA's 397
         modules on a CPU core, more than a decode step's replay) runs only when a hook or a
         module, parameter or buffer was registered anywhere since it last ran (_marks); else the
-        addresses of the tensors it found are compared (a .to() or .half() moves them)."""
-        if _marks() == entry.marks:
-            return tuple([t.data_ptr() for t in entry.tensors]) == entry.watched
+        tensors it found are looked up where it found them and their addresses compared (a .to()
+        or .half() moves them; torch.func.functional_call puts others in their place)."""
+        if _marks() == entry.marks:  # (a tensor put into a module's dict directly passes no hook)
+            return all([d.get(name) is t for (d, name), t in zip(entry.slots, entry.tensors)]) and tuple(
+                [t.data_ptr() for t in entry.tensors]) == entry.watched
         found = self._watched(leaves)
         if found is None or found[0] != entry.watched:
             return False
@@ -213,12 +228,13 @@ class GraphedCall:
         return True
 
     def _watched(self, leaves: list) -> tuple | None:
-        """(the addresses of the watched module's tensors, those tensors), or None: one is off
-        the arguments' device, or a module inside it has hooks. Walked through ``_modules``."""
+        """(the addresses of the watched module's tensors, those tensors, where each was found:
+        (its module's dict, its name)), or None: one is off the arguments' device, or a module
+        inside it has hooks. Walked through ``_modules``."""
         device = next(t.device for t in leaves if isinstance(t, Tensor))
         if any(getattr(_module, name) for name in _GLOBAL_HOOKS):
             return None
-        found = []
+        found, slots = [], []
         stack = [self.watch]
         while stack:
             m = stack.pop()
@@ -226,13 +242,14 @@ class GraphedCall:
             if (m is not self.watch or self.fn is self.watch) and any(d.get(h) for h in _HOOK_DICTS):
                 return None
             for tensors in (d["_parameters"], d["_buffers"]):
-                for t in tensors.values():
+                for name, t in tensors.items():
                     if t is not None:
                         if t.device != device:
                             return None
                         found.append(t)
+                        slots.append((tensors, name))
             stack.extend(c for c in d["_modules"].values() if c is not None)
-        return tuple([t.data_ptr() for t in found]), found
+        return tuple([t.data_ptr() for t in found]), found, slots
 
     @staticmethod
     def _state_tensors(leaves: list) -> list:
@@ -251,11 +268,16 @@ class GraphedCall:
         if watched is None:
             return self._refuse(key, "a module inside it has hooks, or a parameter is off the inputs' device",
                                 self.fn(*args, **kwargs))
-        with _recording_calls():
-            versions = [t._version for t in leaves if isinstance(t, Tensor)]
+        arguments = [t for t in leaves if isinstance(t, Tensor)]
+        device = arguments[0].device
+        with _recording_calls(), self._on(device):
+            given = [(t, _written_mark(t, copy=True)) for t in arguments]
+            held = [(t, _written_mark(t)) for t in watched[1]]  # (an inference-mode weight: unwatched)
             out = self._warm_up(lambda: self.fn(*args, **kwargs))
-            if versions != [t._version for t in leaves if isinstance(t, Tensor)]:
+            if any(_written(t, mark) for t, mark in given):
                 return self._refuse(key, "it writes into its tensor arguments", out)
+            if any(_written(t, mark) for t, mark in held):  # (the check's eager call and replay would write twice)
+                return self._refuse(key, "it writes into the module's parameters or buffers", out)
             copies = [t.clone() if isinstance(t, Tensor) else t for t in leaves]
             a, k = pytree.tree_unflatten(copies, spec)
             try:
@@ -278,12 +300,19 @@ class GraphedCall:
         """The first replay against the eager call on this call's inputs (not the captured
         call's: a value the capture baked in would differ here)."""
         state = self._state_tensors(leaves)
-        before = [t.clone() for t in state]
+        try:
+            before = [t.clone() for t in state]
+        except torch.OutOfMemoryError:  # (two copies of a state, a cache, beside it: eager instead)
+            return self._refuse(key, "no memory for the check's copies of its state", self.fn(*args, **kwargs))
         with _recording_calls():
             eager = self.fn(*args, **kwargs)
-        after = [t.clone() for t in state]  # the eager call's updates; the replay starts where it did
+        try:
+            after = [t.clone() for t in state]  # the eager call's updates; the replay starts where it did
+        except torch.OutOfMemoryError:
+            return self._refuse(key, "no memory for the check's copies of its state", eager)
         for t, saved in zip(state, before):
             t.copy_(saved)
+        del before
         replayed = self._replay(entry, leaves)
         mine, theirs = pytree.tree_leaves(replayed), pytree.tree_leaves(eager)
         same = len(mine) == len(theirs) and all(
@@ -301,7 +330,8 @@ class GraphedCall:
         for mine, given in zip(entry.inputs, leaves):
             if isinstance(mine, Tensor):
                 mine.copy_(given)
-        entry.graph.replay()
+        with self._on(next(t.device for t in leaves if isinstance(t, Tensor))):
+            entry.graph.replay()
         self.replays += 1
         return pytree.tree_unflatten(
             [o.clone() if isinstance(o, Tensor) else leaves[o.index] if type(o) is _Argument else o
@@ -319,6 +349,16 @@ class GraphedCall:
 
     def _on_graph_device(self, t: Tensor) -> bool:
         return t.is_cuda
+
+    def _stream(self, device: torch.device) -> int:
+        """The stream the call runs on (part of the signature)."""
+        return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+    def _on(self, device: torch.device | None):
+        """A context in which device is the current one (its stream the current stream)."""
+        if device is None or device.index is None or device.index == torch.cuda.current_device():
+            return contextlib.nullcontext()
+        return torch.cuda.device(device)
 
     def _warm_up(self, run: Callable):
         """run() on a side stream, the current stream waiting for it (as a capture's warm-up must)."""
@@ -374,6 +414,20 @@ def _marks() -> tuple[int, int]:
     parameter, buffer or submodule set on any module passes the registration hooks counted
     here. (An assignment into a module's dicts directly passes neither: addresses only.)"""
     return RemovableHandle.next_id, _registrations
+
+
+def _written_mark(t: Tensor, copy: bool = False) -> object:
+    """What changes when t is written: its version counter; an inference tensor keeps none: a
+    copy of it (copy=True), or None (not watched)."""
+    if t.is_inference():
+        return t.clone() if copy else None
+    return t._version
+
+
+def _written(t: Tensor, mark: object) -> bool:
+    if mark is None:
+        return False
+    return not _identical(t, mark) if isinstance(mark, Tensor) else t._version != mark
 
 
 def _forget(graphed: weakref.ref, key: tuple) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import linecache
 import os
 import pickle
@@ -105,19 +106,23 @@ def _same(a: dict, b: dict) -> bool:
         a["labels"] is b["labels"] is None or torch.equal(a["labels"], b["labels"]))
 
 
-@torch.no_grad()
-def test_third_call_checks_then_replays_new_tensors():
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_third_call_checks_then_replays_new_tensors(mode):
     """Call 1 eager, 2 captures, 3 checks the first replay against eager, 4 on replay; every
-    result is the eager call's, in tensors of its own (a later replay does not overwrite it)."""
+    result is the eager call's, in tensors of its own (a later replay does not overwrite it).
+    Under inference_mode too, whose tensors keep no version counter."""
     model = Net()
     call = graphed(model)
     outs = []
     for i in range(6):
-        x, t = torch.randn(3, 8), torch.randn(3)
-        labels = torch.tensor([i, i + 1, i + 2])
-        got = call(x, t, scale=2.0, labels=labels)
-        assert _same(got, model(x, t, scale=2.0, labels=labels))
-        outs.append((got, model(x, t, scale=2.0, labels=labels)))
+        with getattr(torch, mode)():
+            x, t = torch.randn(3, 8), torch.randn(3)
+            labels = torch.tensor([i, i + 1, i + 2])
+            got = call(x, t, scale=2.0, labels=labels)
+        with torch.no_grad():
+            want = model(x, t, scale=2.0, labels=labels)
+        assert _same(got, want)
+        outs.append((got, want))
         assert len(call.graphs) == (i >= 1) and call.kept == (i >= 2)
     graph = next(iter(call.graphs.values())).graph
     assert graph.replays == 4  # the check's and three more
@@ -138,10 +143,11 @@ def test_signatures_and_their_limit(monkeypatch):
         for _ in range(3):
             assert _same(call(x), model(x))
     assert len(call.graphs) == 2 and call.kept == 2
+    fresh = graphed(model)
     for scale in (0.5, 1.5, 2.5, 3.5):  # a Python number changing every call: no graph
         x = torch.randn(2, 8)
-        assert _same(call(x, scale=scale), model(x, scale=scale))
-    assert len(call.graphs) == 2
+        assert _same(fresh(x, scale=scale), model(x, scale=scale))
+    assert not fresh.graphs and len(fresh.seen) == 4
     wide = torch.randn(8, 2).t()  # the same shape in other strides: another signature
     assert call._signature(*pytree.tree_flatten(((wide,), {}))) != call._signature(
         *pytree.tree_flatten(((wide.contiguous(),), {})))
@@ -180,9 +186,10 @@ def test_eager_when_a_replay_could_not_repeat_the_call(monkeypatch):
 
 @torch.no_grad()
 def test_the_modules_tensors_are_watched():
-    """In-place updates reach the replays; a parameter's data replaced (as .to() and .half() do)
-    or a reassigned parameter drops the graph and captures again; a hook on a module inside
-    refuses."""
+    """In-place updates reach the replays; a parameter's data replaced (as .to() and .half() do),
+    a parameter put into its module's dict directly (as torch.func.functional_call does) or
+    assigned drops the graph and captures again; a hook on a module inside refuses. (On the
+    stand-in every result is right anyway: the assertions on the graphs are what could fail.)"""
     model = Net()
     call = graphed(model)
     x = torch.randn(2, 8)
@@ -196,6 +203,11 @@ def test_the_modules_tensors_are_watched():
     for _ in range(2):
         assert _same(call(x), model(x))
     assert call.kept == 1  # captured again
+    model.out._parameters["weight"] = nn.Parameter(model.out.weight * 2)  # no hook sees it (functional_call's way)
+    assert _same(call(x), model(x)) and not call.graphs  # dropped, eager
+    for _ in range(2):
+        assert _same(call(x), model(x))
+    assert call.kept == 1
     model.out.weight = nn.Parameter(model.out.weight * 2)
     assert _same(call(x), model(x)) and not call.graphs  # dropped, eager
     for _ in range(2):
@@ -208,7 +220,7 @@ def test_the_modules_tensors_are_watched():
     assert not call.graphs and call.refused
 
 
-@pytest.mark.parametrize("case", ["writes its input", "capture fails", "baked in", "odd output"])
+@pytest.mark.parametrize("case", ["writes its input", "writes its module", "capture fails", "baked in", "odd output"])
 def test_refused_calls_warn_once_and_run_eagerly(case, monkeypatch):
     model = Net()
     call = graphed(model)
@@ -216,6 +228,8 @@ def test_refused_calls_warn_once_and_run_eagerly(case, monkeypatch):
     def fn(x):
         if case == "writes its input":
             x.mul_(1.0)
+        if case == "writes its module":  # (a buffer the check's eager call and replay would both write)
+            model.shift.mul_(1.0)
         if case == "capture fails" and getattr(call, "capturing", False):
             raise RuntimeError("operation not permitted when stream is capturing")
         y = model(x)["y"]
@@ -235,7 +249,8 @@ def test_refused_calls_warn_once_and_run_eagerly(case, monkeypatch):
         monkeypatch.setattr(CpuGraphedCall, "_record", record)
     if case == "baked in":
         monkeypatch.setattr(FakeGraph, "frozen", True)
-    why = {"writes its input": "writes into its tensor arguments", "capture fails": "the capture failed",
+    why = {"writes its input": "writes into its tensor arguments",
+           "writes its module": "writes into the module's parameters or buffers", "capture fails": "the capture failed",
            "baked in": "first replay differed", "odd output": "returns a Output"}[case]
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
@@ -282,6 +297,23 @@ def test_copies_keep_no_graphs():
         assert graphed_twin.watch is other and graphed_twin.fn.__self__ is other
         other.out.bias.add_(1.0)
         assert _same(other(x), type(other).forward(other, x)) and not _same(other(x), model(x))
+
+
+def test_keeps_the_signature_callers_read():
+    """inspect.signature of a GraphedCall is its function's: transformers' generate passes
+    position_ids and logits_to_keep only to a forward that names them (without them, GPT-2's
+    left-padded rows got other logits)."""
+    model = _tiny_llama()
+    call = CpuGraphedCall(model.forward, model)
+    assert inspect.signature(call) == inspect.signature(model.forward)
+    seen = []
+    real = model.forward
+    model.__dict__["forward"] = call
+    call.fn = lambda *args, **kwargs: seen.append(sorted(kwargs)) or real(*args, **kwargs)
+    call.__signature__ = inspect.signature(real)
+    ids = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert seen and all("position_ids" in kw and "logits_to_keep" in kw for kw in seen), seen
 
 
 def test_compiles_without_graph_break_or_graphs():
