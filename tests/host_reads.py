@@ -6,6 +6,7 @@ fastarch's ops take their dispatcher path, the op-by-op path a GPU runs."""
 
 from __future__ import annotations
 
+import linecache
 import os
 import traceback
 
@@ -14,8 +15,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastarch import cuda_graphs
 
+# ops that read values on the host, or size their output by them (on a GPU: a synchronization)
 READS = frozenset(("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-                   "aten::equal", "aten::is_nonzero"))
+                   "aten::unique_consecutive", "aten::unique_dim", "aten::equal", "aten::is_nonzero",
+                   "aten::bincount", "aten::repeat_interleave", "aten::histc"))
+
+
+def _reader(depth: int = 4) -> str:
+    """The Python code that asked for a read: "file:line < caller's file:line < ...", the
+    innermost first, outside torch and this file."""
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__]
+    return " < ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames[-depth:])) or "?"
 
 
 class HostReads(TorchDispatchMode):
@@ -28,25 +39,24 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name in READS:
-            frames = [f for f in traceback.extract_stack()[:-1]
-                      if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__]
-            self.readers.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
+            self.readers.append(_reader())
         return func(*args, **(kwargs or {}))
 
 
 def host_reads(fn) -> list[str]:
     """Where fn(), called without gradients as fastarch.cuda_graphs.GraphedCall calls what it
-    captures (cuda_graphs.recording() true), read values on the host."""
+    captures (cuda_graphs.recording() true), read values on the host: under the dispatch mode,
+    and with the Tensor methods that read without an op (tolist, numpy, ...) patched."""
     reads = HostReads()
-    with torch.no_grad(), cuda_graphs._recording_calls(), reads:
+    with torch.no_grad(), cuda_graphs._recording_calls(), PythonReads() as python, reads:
         fn()
-    return reads.readers
+    return reads.readers + python.readers
 
 
 # The Tensor methods through which Python reads values on the host (each also reaches
 # _local_scalar_dense, but a path that checks for dispatch modes, as fastarch's direct kernel
 # calls do, takes another path under HostReads: these patches see the path a GPU runs).
-_PYTHON_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+_PYTHON_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
 
 class PythonReads:
@@ -62,9 +72,7 @@ class PythonReads:
             real = self._saved[name] = getattr(torch.Tensor, name)
 
             def spy(*args, _real=real, **kwargs):
-                frames = [f for f in traceback.extract_stack()[:-1]
-                          if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__]
-                self.readers.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
+                self.readers.append(_reader())
                 return _real(*args, **kwargs)
 
             setattr(torch.Tensor, name, spy)
@@ -73,3 +81,18 @@ class PythonReads:
     def __exit__(self, *exc) -> None:
         for name, real in self._saved.items():
             setattr(torch.Tensor, name, real)
+
+
+def on_a_gpu(readers: list[str]) -> list[str]:
+    """The readers a GPU would meet: without those under a CPU-device test (``device.type ==
+    "cpu"`` on the line of a frame of theirs or the line before), which the CPU run of a test
+    takes."""
+    kept = []
+    for reader in readers:
+        near = ""
+        for frame in reader.split(" < "):
+            path, line = frame.rsplit(":", 1)
+            near += linecache.getline(path, int(line)) + linecache.getline(path, int(line) - 1)
+        if 'device.type == "cpu"' not in near:
+            kept.append(reader)
+    return kept
