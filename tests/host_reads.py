@@ -57,30 +57,32 @@ def host_reads(fn) -> list[str]:
 # _local_scalar_dense, but a path that checks for dispatch modes, as fastarch's direct kernel
 # calls do, takes another path under HostReads: these patches see the path a GPU runs).
 _PYTHON_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+_TORCH_READS = ("equal", "allclose", "is_nonzero")  # functions of torch that answer on the host
 
 
 class PythonReads:
-    """A context in which each call of those methods is recorded as the file:line that made it
-    (outside torch and this file), without a dispatch mode."""
+    """A context in which each call of those methods and functions is recorded (_reader),
+    without a dispatch mode."""
 
     def __init__(self) -> None:
         self.readers: list[str] = []
         self._saved: dict[str, object] = {}
 
     def __enter__(self) -> PythonReads:
-        for name in _PYTHON_READS:
-            real = self._saved[name] = getattr(torch.Tensor, name)
+        for owner, names in ((torch.Tensor, _PYTHON_READS), (torch, _TORCH_READS)):
+            for name in names:
+                real = self._saved[owner, name] = getattr(owner, name)
 
-            def spy(*args, _real=real, **kwargs):
-                self.readers.append(_reader())
-                return _real(*args, **kwargs)
+                def spy(*args, _real=real, **kwargs):
+                    self.readers.append(_reader())
+                    return _real(*args, **kwargs)
 
-            setattr(torch.Tensor, name, spy)
+                setattr(owner, name, spy)
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, real in self._saved.items():
-            setattr(torch.Tensor, name, real)
+        for (owner, name), real in self._saved.items():
+            setattr(owner, name, real)
 
 
 def on_a_gpu(readers: list[str]) -> list[str]:

@@ -59,6 +59,7 @@ from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2MLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3MLP
 
+from fastarch import cuda_graphs
 from fastarch.integrations.transformers import FastarchConv1D, fastarch_attention_forward
 from fastarch.ops.dispatch import direct_call_allowed
 from fastarch.ops.linear.backends import weight_layout
@@ -82,6 +83,10 @@ class _Tables:
     # the last two steps' (cos, sin, tables), newest first (Gemma 3's sliding and full layers
     # have a table each); one tuple, replaced whole: thread-safe
     last: tuple[tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None], ...] = ()
+    # whether a step found LLaMA's layout: a step that a CUDA graph is made from may not read
+    # the halves (a read on the host), and takes it on trust from an earlier one (these layer
+    # classes' rotary modules always make it: cat(freqs, freqs))
+    seen_equal_halves = False
 
     @classmethod
     def of(cls, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -93,7 +98,11 @@ class _Tables:
         half = cos.shape[-1] // 2
         if cos.shape == sin.shape and cos.dim() == 3 and cos.shape[1] == 1 and cos.shape[-1] % 2 == 0:
             halves = [(t[..., :half], t[..., half:]) for t in (cos, sin)]
-            if all(torch.equal(a, b) for a, b in halves):
+            if cuda_graphs.recording():
+                equal = cls.seen_equal_halves
+            else:
+                equal = cls.seen_equal_halves = all(torch.equal(a, b) for a, b in halves)
+            if equal:
                 tables = (halves[0][0][:, 0].float().contiguous(), halves[1][0][:, 0].float().contiguous(),
                           torch.arange(cos.shape[0], device=cos.device))
         cls.last = ((cos, sin, tables),) + last[:1]
@@ -113,7 +122,8 @@ def _step_mask(x: object, mask: object) -> Tensor | None | bool:
         return None
     if type(mask) is not Tensor or mask.dim() != 4 or mask.shape[0] not in (1, x.shape[0]) or mask.shape[1:3] != (1, 1):
         return False
-    if mask.dtype == torch.bool and mask.device.type == "cpu" and bool(mask.all()):
+    # (a graph's capture may read no value: cuda_graphs.recording(), and on a GPU it never asks)
+    if mask.dtype == torch.bool and mask.device.type == "cpu" and not cuda_graphs.recording() and bool(mask.all()):
         return None
     return mask
 

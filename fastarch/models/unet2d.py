@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastarch import cuda_graphs
 from fastarch.models.loading import CheckpointError, load_into, read_config
 from fastarch.nn import Conv2d, Linear
 from fastarch.models.unet_blocks import (
@@ -342,10 +343,11 @@ class UNet2D(nn.Module):
                 raise ValueError(f"{name}: class_labels (B,) are needed: this model is class-conditional ({c.num_class_embeds} classes)")
             if class_labels.shape != (B,) or class_labels.is_floating_point():
                 raise ValueError(f"{name}: class_labels must be ({B},) integers, got {tuple(class_labels.shape)} {class_labels.dtype}")
-            # (read on the host, so not inside a CUDA graph's capture, and a replay checks
-            # nothing: the sampler's eager first steps checked the labels, the same at every step)
-            capturing = class_labels.is_cuda and torch.cuda.is_current_stream_capturing()
-            if not capturing and (int(class_labels.min()) < 0 or int(class_labels.max()) >= c.num_class_embeds):
+            # (read on the host, so not while a CUDA graph is made, and a replay checks nothing:
+            # a GraphedCall's first call of a signature checked them, as the sampler's first step
+            # checks its labels, the same at every step)
+            if not cuda_graphs.recording() and (
+                    int(class_labels.min()) < 0 or int(class_labels.max()) >= c.num_class_embeds):
                 raise ValueError(f"{name}: class_labels must lie in [0, {c.num_class_embeds}), got {class_labels.tolist()}")
         elif class_labels is not None:
             raise ValueError(f"{name}: class_labels given, but this model has no class embedding (num_class_embeds is null)")
