@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastarch import cuda_graphs
 from fastarch.finite import finite_number
@@ -372,7 +372,7 @@ def sample(
     # on a GPU the model's calls replay a CUDA graph from the fourth step on (FASTARCH_CUDA_GRAPHS=0: not;
     # on the CPU GraphedCall calls the model)
     graphs = len(scheduler.timesteps) >= MIN_GRAPHED_STEPS and cuda_graphs.enabled()
-    call = cuda_graphs.GraphedCall(model, model, "sampling") if graphs else model
+    call = _graphed(model) if graphs else model
     on_device = scheduler.timesteps.to(device)  # (one copy: a step's timestep needs no transfer)
     steps = scheduler.timesteps
     if progress:
@@ -391,5 +391,17 @@ def sample(
             x = scheduler.step(out, t, x, generator=generator)
     return x
 
+
+def _graphed(model: nn.Module) -> cuda_graphs.GraphedCall:
+    """The model's GraphedCall for sampling, kept on the model (in its __dict__: no state_dict
+    entry, gone with it), so that a later sample() of the same shapes replays the graphs the
+    first one made rather than capturing again (two eager steps' time and a capture)."""
+    call = model.__dict__.get(_SAMPLING_CALL)
+    if not isinstance(call, cuda_graphs.GraphedCall):
+        call = model.__dict__[_SAMPLING_CALL] = cuda_graphs.GraphedCall(model, model, "sampling")
+    return call
+
+
+_SAMPLING_CALL = "_fastarch_sampling_call"
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "make_betas", "sample"]

@@ -225,6 +225,18 @@ def _guided_case():
     return model, torch.randn(2, 4, 8, 8), kw
 
 
+def test_sampler_keeps_its_graphed_call_on_the_model():
+    """sample() graphs the model's calls through one GraphedCall kept on the model: a second
+    sample() of the same shapes finds the graphs the first made (on a GPU; here, the object)."""
+    model, noise, kw = _guided_case()
+    keys = list(model.state_dict())
+    sample(model, DDIMScheduler(), noise, num_inference_steps=9, **kw)
+    call = model.__dict__["_fastarch_sampling_call"]
+    sample(model, DDIMScheduler(), noise, num_inference_steps=9, **kw)
+    assert model.__dict__["_fastarch_sampling_call"] is call and isinstance(call, GraphedCall)
+    assert list(model.state_dict()) == keys
+
+
 def test_sampler_graph_not_on_the_cpu_and_a_failed_capture_runs_eagerly(monkeypatch):
     """On the CPU no graph is taken; with the CPU's tensors let through to a capture, which
     cannot happen there, the sampler warns once and runs every step eagerly, the same sample
@@ -256,7 +268,9 @@ def test_sampler_graph_gives_the_eager_sample(monkeypatch, scheduler):
 
     monkeypatch.setattr(GraphedCall, "__init__", spy)
     graphed = sample(model, scheduler(), noise.cuda(), num_inference_steps=12, seed=4, **kw)
-    assert len(made) == 1 and made[0].kept == 1 and not made[0].refused
+    assert len(made) == 1 and made[0].kept == 1 and not made[0].refused and made[0].replays == 10
+    again = sample(model, scheduler(), noise.cuda(), num_inference_steps=12, seed=4, **kw)
+    assert len(made) == 1 and made[0].replays == 22  # the model's graph kept: every step a replay
     monkeypatch.setenv("FASTARCH_CUDA_GRAPHS", "0")
     eager = sample(model, scheduler(), noise.cuda(), num_inference_steps=12, seed=4, **kw)
-    assert len(made) == 1 and torch.equal(graphed, eager)
+    assert len(made) == 1 and torch.equal(graphed, eager) and torch.equal(again, eager)
