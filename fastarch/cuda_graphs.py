@@ -120,6 +120,7 @@ class _Graph:
     inputs: list  # the call's leaves, tensors replaced by the graph's copies (state arguments: None)
     outputs: list  # the output's leaves (tensors: the graph's buffers)
     out_spec: pytree.TreeSpec
+    device: torch.device  # its arguments' (the replay runs there)
     watched: tuple  # the watched module's tensors' addresses at the capture (_watched)
     tensors: list  # those tensors
     slots: list  # where each was found: (its module's _parameters or _buffers, its name)
@@ -292,7 +293,7 @@ class GraphedCall:
             elif not isinstance(o, Tensor) and type(o) not in _PLAIN:
                 return self._refuse(key, f"it returns a {type(o).__name__}, which a replay cannot copy out", out)
         inputs = [None if type(t) in _STATE_KINDS else t for t in copies]  # (held by no graph: see _forget)
-        self.graphs[key] = _Graph(graph, inputs, outputs, out_spec, *watched, marks)
+        self.graphs[key] = _Graph(graph, inputs, outputs, out_spec, device, *watched, marks)
         self.seen.pop(key, None)
         return out
 
@@ -330,7 +331,7 @@ class GraphedCall:
         for mine, given in zip(entry.inputs, leaves):
             if isinstance(mine, Tensor):
                 mine.copy_(given)
-        with self._on(next(t.device for t in leaves if isinstance(t, Tensor))):
+        with self._on(entry.device):
             entry.graph.replay()
         self.replays += 1
         return pytree.tree_unflatten(

@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             contenders = {"torch": model, "fastarch": fast}
             if device == "cuda" and name in GRAPHED:
                 contenders["fastarch+graphs"] = fastarch.optimize(model, inplace=False, cuda_graphs=True).model
+            options = {who: GRAPHED[name] if who == "fastarch+graphs" else {} for who in contenders}
             with torch.inference_mode():
                 reference = call(model).float()
                 diffs = {}
@@ -181,13 +182,12 @@ def run(args: argparse.Namespace) -> int:
                 for who, m in list(contenders.items())[1:]:
                     for _ in range(3 if who == "fastarch+graphs" else 1):  # (a graph replays from the fourth call)
                         before = _replays(m)
-                        out = call(m, **(GRAPHED[name] if who == "fastarch+graphs" else {}))
+                        out = call(m, **options[who])
                         replays = _replays(m) - before  # in the last call: 1 (the check), or a generate's steps
                     diffs[who] = (out.float() - reference).abs().max().item()
 
                 def contender(m, who, call=call):
-                    options = GRAPHED[name] if who == "fastarch+graphs" else {}
-                    return lambda: call(m, **options)
+                    return lambda: call(m, **options[who])
 
                 times, errors = timing.measure({who: contender(m, who) for who, m in contenders.items()}, device,
                                                rounds, warmup=1, memory=False)

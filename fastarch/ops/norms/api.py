@@ -94,8 +94,7 @@ def _forward(
     impl = registry.choose(op, NormProblem.of(x2), backend)
     y, residual_out, mean, rstd = impl.forward(
         x2, as_rows(residual) if residual is not None else None, contiguous_or_none(weight), contiguous_or_none(bias),
-        float(eps), rms,
-        float(weight_offset),
+        float(eps), rms, float(weight_offset),
     )
     if x.dim() == 2:
         return y, residual_out, mean, rstd
