@@ -8,7 +8,9 @@
 #   STAGES=bench REUSE_BUILD=1 bash bench/gpu_suite.sh     # a second call on the same machine
 # Stages: tests (the gpu-marked tests: the ops', then the models'), triton (the Triton rows
 # that are not gpu-marked), models (the models end to end: SmolLM2 decode, drop-in, UNet), bench
-# (the kernels), diagnose (bench/gpu_diagnose.py: where a small model's time goes).
+# (the kernels), diagnose (bench/gpu_diagnose.py: where a small model's time goes), amx (the CPU
+# attention on this machine's CPU when it has AMX: tests at level amx, and the CPU bench at 2
+# threads).
 # Everything lands under $OUT (default ./gpu-out): log.txt (GPU, commit, build time, info, every
 # stage's summary) and, packed into results.tgz at the end (a device call brings back 8 files),
 # build.log, tests-gpu.log, tests-triton.log and one bench-<name>.json per family or model.
@@ -68,7 +70,7 @@ parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-16}")
 # a test that hangs is stopped with its stack (pytest-timeout), so that the run ends and prints
 # every failure's traceback inside the stage's cap
 per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT_S:-90}")
-tests() {  # tests NAME SECONDS PYTEST-ARGS...: -v, so each failure is logged as it happens
+tests() {  # tests NAME SECONDS PYTEST-ARGS... (of tests/, or TEST_PATH): -v, so each failure is logged as it happens
   local name=$1 seconds
   seconds=$(cap "$2")
   shift 2
@@ -76,7 +78,7 @@ tests() {  # tests NAME SECONDS PYTEST-ARGS...: -v, so each failure is logged as
   say "tests: $name (at most $seconds s)"
   # (--continue-on-collection-errors: a module whose package cannot travel, as the MiniLM
   # weights' of tests/models/test_sentence.py, stops none of the others)
-  timeout -k 5 "$seconds" "$PY" -m pytest "$SRC/tests" -v --tb=short -p no:cacheprovider $parallel $per_test \
+  timeout -k 5 "$seconds" "$PY" -m pytest "${TEST_PATH:-$SRC/tests}" -v --tb=short -p no:cacheprovider $parallel $per_test \
     --continue-on-collection-errors --durations=15 "$@" \
     > "$OUT/tests-$name.log" 2>&1
   echo "exit $?" >> "$OUT/tests-$name.log"
@@ -166,6 +168,22 @@ for device in ('cpu', 'cuda'):
     except RuntimeError as e:
         print(device, 'raised as it should:', str(e)[:120], flush=True)" 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -40 | tee -a "$LOG"
   fi
+}
+stage_amx() {
+  # The CPU kernels on this machine's CPU, for the AMX goals of the CPU attention (2026-12-04:
+  # an Emerald Rapids Xeon, level amx): the CPU attention tests at level amx (the bf16 forward's
+  # and backward's products through brgemm on the AMX tiles), then the bench at 2 threads, the
+  # issue's setting: bf16 forward and forward+backward through brgemm and on our register tiles,
+  # side by side with SDPA (which runs on AMX) in one run, then --quick (attention at 1024 in
+  # fp32 and bf16, decode, the norms, the rest)
+  if ! grep -q -m1 amx_bf16 /proc/cpuinfo; then
+    say "amx: this CPU has no AMX"
+    return
+  fi
+  TEST_PATH="$SRC/tests/ops/attn" tests amx "${TEST_AMX_S:-60}" -m "not gpu" -k "cpu and not triton"
+  script amx-attention "${BENCH_AMX_S:-90}" "$SRC/bench/attention_cpu_paths.py" --threads 2 --rounds 5 \
+    --shapes 1x12x4096x64,1x12x1024x64
+  bench amx-quick "${BENCH_AMX_QUICK_S:-120}" --quick --device cpu --threads 2 --no-compile --rounds 5
 }
 for stage in $STAGES; do
   "stage_$stage"

@@ -45,7 +45,7 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_amx_missing"] = fastarch::cpu::cpu_amx_missing();  // why not, "" when it has AMX
     info["cpu_isa_auto"] = fastarch::cpu::isa_name(fastarch::cpu::best_isa());
     info["cpu_brgemm"] = fastarch::cpu::brgemm_mode();  // "auto", "on" or "off"
-    // whether the bf16 attention forward runs through oneDNN's brgemm now
+    // whether the bf16 attention forward and backward run through oneDNN's brgemm now
     info["cpu_attention_brgemm"] = fastarch::cpu::use_brgemm_attention();
     info["compiler"] = std::string("gcc ") + FASTARCH_STR(__GNUC__) "." FASTARCH_STR(__GNUC_MINOR__);
     return info;
@@ -61,8 +61,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_cpu_portable_avx2", []() { return fastarch::cpu::portable_avx2(); });
   // The level the CPU kernels run now ("generic" ... "amx"): the linear row table's row.
   m.def("_cpu_level", []() { return std::string(fastarch::cpu::isa_name(fastarch::cpu::active_isa())); });
-  // The bf16 attention forward through brgemm: "auto" (at level amx), "on" (any AVX512-BF16
-  // CPU), "off".
+  // The bf16 attention forward and backward through brgemm: "auto" (at level amx), "on" (any
+  // AVX512-BF16 CPU), "off".
   m.def("_set_cpu_brgemm", [](const std::string& mode) { fastarch::cpu::set_brgemm(mode); });
   // The int8 products of quantized_linear: "auto", or the fastest up to "exact", "avx2",
   // "avx_vnni" or "avx512_vnni" (cpu/isa.h, Int8Products); ValueError where they cannot run.

@@ -6,8 +6,8 @@
 //   avx512       the *_avx512.cpp kernels without AVX512-BF16 instructions (a Skylake-X or
 //                Ice Lake Xeon: bf16 attention then runs the portable kernels)
 //   avx512_bf16  the same kernels with vdpbf16ps / vcvtneps2bf16 (Zen 4, Cooper Lake)
-//   amx          avx512_bf16, and the bf16 attention forward's products through oneDNN's brgemm
-//                (at::native::cpublas::brgemm), which runs them on the AMX tiles
+//   amx          avx512_bf16, and the bf16 attention forward's and backward's products through
+//                oneDNN's brgemm (at::native::cpublas::brgemm), which runs them on the AMX tiles
 // A level above what the CPU runs cannot be forced (set_isa throws with the reason).
 #pragma once
 #include <cstdint>
@@ -67,7 +67,8 @@ void set_isa(const std::string& name);
 // (Callers also need every 16-value chunk of the output whole and aligned.)
 bool stream_output(int64_t bytes);
 
-// Whether the bf16 attention forward runs through brgemm (attention_fwd_brgemm.cpp):
+// Whether the bf16 attention forward and backward run their products through brgemm
+// (attention/brgemm.h; attention_fwd_brgemm.cpp, attention_bwd_avx512.cpp):
 // "auto" (the default): at level amx only; "on": at level avx512_bf16 or above, i.e. on any
 // AVX512-BF16 CPU, where oneDNN's brgemm runs AVX-512 code (to test the path, or to compare it
 // with the vdpbf16ps tiles); "off": never (the vdpbf16ps tiles, also on an AMX CPU).

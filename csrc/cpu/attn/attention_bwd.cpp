@@ -1,8 +1,10 @@
 // CPU implementation of fastarch::_attention_bwd: argument checks, BackwardParams from
 // tensors, the workspace, and the threading of the three passes of attention_bwd.h, run by the
-// AVX-512 kernel or, on CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa("generic")),
-// the portable one.
+// AVX-512 kernel (its bf16 products through oneDNN's brgemm at level amx or when forced, as the
+// forward's: cpu/isa.h) or, on CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa
+// ("generic")), the portable one.
 #include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,6 +24,7 @@
 
 #include "attention_bwd.h"
 #include "attention_glue.h"
+#include "brgemm.h"
 #include "cpu/isa.h"
 #include "cpu/portable.h"
 
@@ -35,6 +38,7 @@ using at::Tensor;
 // the noise (the time is in the GEMM tiles, which run near the vdpbf16ps peak at K >= 64).
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
+static_assert(kBlockQ <= kBrgemmPanel, "under brgemm a query block's operands are one panel of B");
 // Key-block chunks: (sequences x kv heads x chunks) should give at least kMinItems work items,
 // so that the threads stay busy (the B1 H12 goal shape: 12 items of one chunk); each chunk
 // beyond the first costs an fp32 dQ-sized buffer, hence at most kMaxChunks. The count depends
@@ -123,6 +127,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   set_strides(p.dv_stride, dv);
   p.block_q = kBlockQ;
   p.block_k = kBlockK;
+  // (brgemm refuses to run while torch's oneDNN is disabled: torch.backends.mkldnn)
+  p.brgemm = avx512 && a.dtype == Dtype::bf16 && use_brgemm_attention() && at::globalContext().userEnabledMkldnn();
 
   // Query blocks of every sequence, and their padded rows.
   std::vector<int64_t> seq_rows(seqs.size());

@@ -15,6 +15,9 @@
 //     accumulate in fp32 over the query heads of the GQA group and the query blocks that see
 //     the block; dQ^T accumulates into the chunk's own fp32 buffer;
 //  3. finish, per (head, query block): dQ = scale * sum over chunks, in q's dtype.
+//
+// bf16 products run on vdpbf16ps register tiles, or (BackwardParams::brgemm: cpu/isa.h's level
+// amx, or forced) through oneDNN's brgemm (brgemm.h), on the AMX tiles where the CPU has them.
 #pragma once
 #include <cstdint>
 
@@ -32,7 +35,11 @@ struct BackwardParams {
   void* dv;
   int64_t dq_stride[3], dk_stride[3], dv_stride[3];
 
-  int64_t block_q, block_k;  // queries and keys per tile; block_q a multiple of 16
+  int64_t block_q, block_k;  // queries and keys per tile; block_q a multiple of 16, at most 64
+  // bf16 products through brgemm (AVX-512 kernel only); then q_n and do_n are packed as column
+  // panels of kBrgemmPanel (each with its own row-pair stride), the other right operands being
+  // one panel each (at most block_q columns)
+  bool brgemm;
   int64_t chunks;            // key-block chunks per (sequence, kv head)
 
   // Per-head workspace over "padded rows": the query blocks of all sequences in order, each
@@ -43,7 +50,7 @@ struct BackwardParams {
   // fp32 for every dtype), per head h at
   // h * rows_total * width + R * width for the block at padded row R:
   void* q_t;   // width d_even: Q^T as right operand (pairs of d), rows16 columns
-  void* q_n;   // width d16:    Q as right operand (pairs of query rows)
+  void* q_n;   // width d16:    Q as right operand (pairs of query rows; panels under brgemm)
   void* do_t;  // width dv_even
   void* do_n;  // width dv16
   float* delta;  // width 1: rowsum(dO * O); 0 in padding

@@ -1,7 +1,8 @@
 // AVX-512 kernel of the CPU attention backward: the three passes of attention_bwd.h.
 //
 // Compute types: bf16 inputs multiply in bf16 on vdpbf16ps (products exact, fp32 sums) with
-// P and dS rounded to bf16 once, like the forward; fp32 and fp16 inputs multiply in fp32 (this
+// P and dS rounded to bf16 once, like the forward (the products on our register tiles, or
+// through oneDNN's brgemm when BackwardParams::brgemm: brgemm.h); fp32 and fp16 inputs multiply in fp32 (this
 // CPU has no fp16 dot product, and fp16 -> bf16 would lose 3 bits). exp: fp32 inputs use the
 // accurate exp (the tests hold fp32 to fp32 accuracy), bf16/fp16 the cheaper exp2.
 //
@@ -11,6 +12,7 @@
 // header's vector helpers (exp, conversions) then become calls in the innermost loops.
 #define FASTARCH_ATTENTION_AVX512
 #include "attention_bwd.h"
+#include "brgemm.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
@@ -209,6 +211,30 @@ void tile_gemm(int64_t M, int64_t n_pad, int64_t K, const CT* a, int64_t lda, co
   }
 }
 
+// The bf16 tile products, C (M x n_pad) = A B (kAcc false) or C + A B: on the register tiles
+// (B packed at its full width n_pad), or through brgemm (B packed as panels of kBrgemmPanel
+// columns, panel c0 at b + c0 * K: pack_panels).
+template <bool kAcc>
+void product_bf16(bool brgemm, int64_t M, int64_t n_pad, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b,
+                  float* c, int64_t ldc) {
+  if (!brgemm) return tile_gemm<true, kAcc>(M, n_pad, K, a, lda, b, c, ldc);
+  for (int64_t c0 = 0; c0 < n_pad; c0 += kBrgemmPanel) {
+    const int64_t w = imin(kBrgemmPanel, n_pad - c0);
+    brgemm_bf16(M, w, K, lda, w, ldc, kAcc, a, b + c0 * K, c + c0);
+  }
+}
+
+// pack_b_bf16 of rows x cols of src (not transposed) as product_bf16's B: at full width n_pad,
+// or for brgemm as panels of kBrgemmPanel columns, each with ld_b = its width.
+void pack_panels(bool brgemm, const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad, int64_t n_pad,
+                 uint16_t* out) {
+  if (!brgemm) return pack_b_bf16(src, ld, rows, cols, false, k_pad, n_pad, out);
+  for (int64_t c0 = 0; c0 < n_pad; c0 += kBrgemmPanel) {
+    const int64_t w = imin(kBrgemmPanel, n_pad - c0);
+    pack_b_bf16(src + c0, ld, rows, imax(0, imin(w, cols - c0)), false, k_pad, w, out + c0 * k_pad);
+  }
+}
+
 // Per-thread scratch of bwd_key_chunk, carved from the workspace (fp32 words, 64-byte pieces).
 struct Scratch {
   void* ka;    // key block rows (block_k x kq), compute type
@@ -307,9 +333,9 @@ void prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
     const auto* q16 = reinterpret_cast<const uint16_t*>(q);
     const auto* do16 = reinterpret_cast<const uint16_t*>(dout);
     pack_b_bf16(q16, q_stride, qb.rows, D, true, d_even, qb.rows16, q_t);
-    pack_b_bf16(q16, q_stride, qb.rows, D, false, bwd_round_up(qb.rows, 2), d16, q_n);
+    pack_panels(p.brgemm, q16, q_stride, qb.rows, D, bwd_round_up(qb.rows, 2), d16, q_n);
     pack_b_bf16(do16, dout_stride, qb.rows, Dv, true, dv_even, qb.rows16, do_t);
-    pack_b_bf16(do16, dout_stride, qb.rows, Dv, false, bwd_round_up(qb.rows, 2), dv16, do_n);
+    pack_panels(p.brgemm, do16, dout_stride, qb.rows, Dv, bwd_round_up(qb.rows, 2), dv16, do_n);
   } else {
     copy_rows_transposed<T>(q, q_stride, qb.rows, D, qb.rows16, q_t);
     copy_rows<T>(q, q_stride, qb.rows, D, d16, q_n);
@@ -438,8 +464,13 @@ void tile(const BackwardParams& p, const Scratch& w, const SeqSpan& s, int64_t n
   const float* delta = p.delta + head_rows;
   float* dq_t = p.dq_t + ((chunk * a.H + h) * p.rows_total + qb.r) * D;
 
-  tile_gemm<kBf16, false>(nk, ld, kq, static_cast<const CT*>(w.ka), kq, q_t, w.s_t, ld);
-  tile_gemm<kBf16, false>(nk, ld, kv, static_cast<const CT*>(w.va), kv, do_t, w.dp_t, ld);
+  if constexpr (kBf16) {
+    product_bf16<false>(p.brgemm, nk, ld, kq, static_cast<const CT*>(w.ka), kq, q_t, w.s_t, ld);
+    product_bf16<false>(p.brgemm, nk, ld, kv, static_cast<const CT*>(w.va), kv, do_t, w.dp_t, ld);
+  } else {
+    tile_gemm<false, false>(nk, ld, kq, static_cast<const CT*>(w.ka), kq, q_t, w.s_t, ld);
+    tile_gemm<false, false>(nk, ld, kv, static_cast<const CT*>(w.va), kv, do_t, w.dp_t, ld);
+  }
 
   const KeyRange first = visible_keys(a, s, qb.i0), last = visible_keys(a, s, qb.i0 + qb.rows - 1);
   const bool general = a.attn_mask != nullptr || !(last.lo <= j0 && first.hi >= j0 + nk);
@@ -460,13 +491,15 @@ void tile(const BackwardParams& p, const Scratch& w, const SeqSpan& s, int64_t n
 
   const CT* p_t = static_cast<const CT*>(w.p_t);
   const CT* ds_t = static_cast<const CT*>(w.ds_t);
-  tile_gemm<kBf16, true>(nk, dv16, km, p_t, ld, do_n, w.dv, dv16);
-  tile_gemm<kBf16, true>(nk, d16, km, ds_t, ld, q_n, w.dk, d16);
   if constexpr (kBf16) {
+    product_bf16<true>(p.brgemm, nk, dv16, km, p_t, ld, do_n, w.dv, dv16);
+    product_bf16<true>(p.brgemm, nk, d16, km, ds_t, ld, q_n, w.dk, d16);
     auto* ds_v = static_cast<uint16_t*>(w.ds_v);
     pack_b_bf16(ds_t, ld, nk, ld, false, kk, ld, ds_v);
-    tile_gemm<true, true>(D, ld, kk, static_cast<const uint16_t*>(w.ka_t), kk, ds_v, dq_t, ld);
+    product_bf16<true>(p.brgemm, D, ld, kk, static_cast<const uint16_t*>(w.ka_t), kk, ds_v, dq_t, ld);
   } else {
+    tile_gemm<false, true>(nk, dv16, km, p_t, ld, do_n, w.dv, dv16);
+    tile_gemm<false, true>(nk, d16, km, ds_t, ld, q_n, w.dk, d16);
     tile_gemm<false, true>(D, ld, kk, static_cast<const float*>(w.ka_t), kk, ds_t, dq_t, ld);
   }
 }
@@ -516,6 +549,7 @@ void key_chunk(const BackwardParams& p, int64_t n, int64_t hk, int64_t chunk, fl
       for (int64_t d = 0; d < Dv; d += 16) store16<T>(dv + d * es, _mm512_loadu_ps(w.dv + r * dv16 + d), tail_mask(Dv - d));
     }
   }
+  if (p.brgemm) brgemm_release();  // this thread's tile configuration (AMX), before the pool runs other work on it
 }
 
 // ----------------------------------------------------------------------------- pass 3

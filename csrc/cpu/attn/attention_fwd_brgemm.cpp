@@ -1,47 +1,24 @@
 // bf16 flash-attention forward whose two matrix products per block run through oneDNN's brgemm
-// (at::native::cpublas::brgemm): on the AMX tiles on a CPU with AMX-BF16 (oneDNN requests the
-// tile permission and configures the tiles itself), in AVX-512 code elsewhere. The same
+// (brgemm.h: on the AMX tiles on a CPU with AMX-BF16, in AVX-512 code elsewhere). The same
 // algorithm as attention_fwd_avx512.cpp, whose comment says the numerics and the NaN contract
 // (they are the same): per task kFwdBrgemmBlockM queries of one head, per key block of
 // kFwdBrgemmBlockN keys S = Q K^T (brgemm), the masks and the online-softmax update fused in
 // AVX-512 code (exp2_fast on scores pre-scaled by log2 e, P rounded to bf16), then
 // O = alpha O + P V (O rescaled in place, then brgemm accumulating into it).
 //
-// B operands: brgemm takes B in oneDNN's "pack32" layout for bf16 (pairs of rows interleaved:
-// element (k, n) at (k/2) * ld_b * 2 + n * 2 + k % 2), which is the layout pack_b_bf16
-// (attention_common.h) writes, so K^T and V blocks are packed by our own code once per block
-// (cpublas::pack does the same transform but only runs on AMX CPUs, and without the transpose
-// K^T needs). Each product is split into column panels of at most kPanel (64) columns, each
-// packed with ld_b = its width: the widths oneDNN's pack and torch's flash attention use.
-//
-// This file includes a torch header (the brgemm declaration): the calls go through the
-// non-inline wrappers below, compiled without the AVX-512 target, so no torch inline function
-// is ever emitted with AVX-512 instructions; the kernel code under the target pragma uses no
-// torch or standard library templates.
+// B operands: brgemm takes B in oneDNN's "pack32" layout for bf16, which is the layout
+// pack_b_bf16 (attention_common.h) writes, so K^T and V blocks are packed by our own code once
+// per block (cpublas::pack does the same transform but only runs on AMX CPUs, and without the
+// transpose K^T needs). Each product is split into column panels of at most kBrgemmPanel (64)
+// columns, each packed with ld_b = its width.
 #ifdef FASTARCH_WITH_AVX512
-#include <ATen/native/CPUBlas.h>
-
 #include <cmath>
 #include <cstdint>
 
 #define FASTARCH_ATTENTION_AVX512 1
 #include "attention_common.h"
 #include "attention_kernels.h"
-
-namespace fastarch::cpu::attention {
-namespace {
-
-// C (M x N, fp32, row stride ldc) (+)= A (M x K bf16, row stride lda) * B (pack32, ld_b = N).
-__attribute__((noinline)) void brgemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, bool add_c, const uint16_t* a,
-                                           const uint16_t* b, float* c, int64_t ldc) {
-  at::native::cpublas::brgemm(M, N, K, lda, N, ldc, add_c, reinterpret_cast<const at::BFloat16*>(a),
-                              reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
-}
-
-__attribute__((noinline)) void brgemm_done() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
-
-}  // namespace
-}  // namespace fastarch::cpu::attention
+#include "brgemm.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
@@ -53,7 +30,7 @@ using namespace avx512;
 
 constexpr int64_t BM = kFwdBrgemmBlockM;
 constexpr int64_t BN = kFwdBrgemmBlockN;
-constexpr int64_t kPanel = 64;
+constexpr int64_t kPanel = kBrgemmPanel;
 constexpr int64_t kChunks = BN / 16;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
@@ -289,11 +266,13 @@ struct Task {
         // S = Q K^T, one panel of kPanel keys at a time (panels wholly past the sequence's end
         // hold zeros: their scores are masked below, or outside every row's range)
         for (int64_t j = 0; j < BN; j += kPanel)
-          brgemm_bf16(rows, kPanel, pk.d_pad, pk.d_pad, false, sc.q, kblk + j * pk.d_pad, sc.s + j, BN);
+          brgemm_bf16(rows, kPanel, pk.d_pad, pk.d_pad, kPanel, BN, false, sc.q, kblk + j * pk.d_pad, sc.s + j);
         const bool fast = plain && valid == BN && last.lo <= j0 && first.hi >= j0 + BN;
         softmax_step(j0, valid, fast);
-        for (int64_t c0 = 0; c0 < pk.dv_pad; c0 += kPanel)
-          brgemm_bf16(rows, panel_width(pk.dv_pad, c0), BN, BN, true, sc.p, vblk + c0 * BN, sc.o + c0, pk.dv_pad);
+        for (int64_t c0 = 0; c0 < pk.dv_pad; c0 += kPanel) {
+          const int64_t w = panel_width(pk.dv_pad, c0);
+          brgemm_bf16(rows, w, BN, BN, w, pk.dv_pad, true, sc.p, vblk + c0 * BN, sc.o + c0);
+        }
       }
     }
     finish();
@@ -318,7 +297,7 @@ void fwd_run_brgemm(const AttentionParams& p, const FwdPacking& pk, const FwdTas
     Task w{p, pk, sc, s, task.head, task.head / (p.H / p.Hkv), i0, min64(BM, s.sq - i0), p.scale * kLog2e, task.seq};
     w.run();
   }
-  brgemm_done();  // this thread's tile configuration (AMX), before the pool runs other work on it
+  brgemm_release();  // this thread's tile configuration (AMX), before the pool runs other work on it
 }
 
 }  // namespace fastarch::cpu::attention

@@ -1,15 +1,17 @@
-"""The bf16 attention forward through oneDNN's brgemm (csrc/cpu/attn/attention_fwd_brgemm.cpp):
+"""The bf16 attention forward and backward through oneDNN's brgemm (csrc/cpu/attn/brgemm.h,
+attention_fwd_brgemm.cpp, and attention_bwd_avx512.cpp's products when BackwardParams::brgemm):
 the AMX path, forced with fastarch._C._set_cpu_brgemm("on") so that it runs on any
 AVX512-BF16 CPU (oneDNN runs AVX-512 code there, the AMX tiles on an AMX CPU). A CPU or build
 without AVX512-BF16 skips with the reason.
 
-Numerics as test_attention.py judges them (compare(): out and lse against the fp64 reference,
-within FORWARD_FACTOR x the error of the same computation in bf16 plus attention_tolerance's
-floor; the gradients too, which the AVX-512 backward computes from this forward's out and lse):
-odd lengths, head dims 64 and 128 and the odd and large ones the packing pads, Sq != Sk both
-ways, several key blocks (256 keys) and query blocks (128 queries), causal and not, grouped-query
-heads, the FEATURES table (windows, masks, fully masked rows, dropout), packed sequences; then
-fully masked rows and NaN in, NaN out.
+Numerics as test_attention.py judges them (compare(): out, lse and the gradients against the
+fp64 reference, within FORWARD_FACTOR / GRAD_FACTOR x the error of the same computation in bf16
+plus attention_tolerance's floor): odd lengths, head dims 64 and 128 and the odd and large ones
+the packing pads (the backward's dK and dV products in several 64-column panels: D 111, 128,
+256, Dv 80), Sq != Sk both ways, several key blocks (256 keys) and query blocks (128 queries),
+causal and not, grouped-query heads, the FEATURES table (windows, masks, fully masked rows,
+dropout), packed sequences; then fully masked rows, and NaN in, NaN out through the forward and
+the backward (test_attention_nan.py's table).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fastarch import _extension
 from fastarch.ops.attn import cpp as attention_kernels
 from test_attention import FEATURES, compare, kernel_args, make_qkv
 from test_attention_cpu_isa import HUGE_BF16_MASKS, check_huge_bf16_mask
+import test_attention_nan as nan_table
 
 _C = _extension._C
 pytestmark = pytest.mark.skipif(_C is None, reason=f"fastarch._C is not loaded: {_extension.LOAD_ERROR}")
@@ -55,6 +58,8 @@ def test_the_switch_selects_the_path(brgemm):
     assert _extension.cpu_path("attention", BF16).endswith(("+brgemm", "/amx"))
     _C._set_cpu_brgemm("off")
     assert not _C.build_info()["cpu_attention_brgemm"]
+    level = _C.build_info()["cpu_isa"]
+    assert _extension.cpu_path("attention", BF16) == f"cpu/{level}" + ("+tiles" if level == "amx" else "")
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
         _C._set_cpu_brgemm("yes")
 
@@ -70,6 +75,24 @@ def test_differs_from_the_register_tiles_only_by_rounding(brgemm):
     assert (ours.float() - tiles.float()).abs().max() <= 2e-2
     assert (ours_lse - tiles_lse).abs().max() <= 1e-3
     assert not torch.equal(ours_lse, tiles_lse)
+
+
+def test_backward_differs_from_the_register_tiles_only_by_rounding(brgemm):
+    """The backward alone, from the same out and lse: its five products through brgemm or our
+    register tiles sum the same bf16 products in fp32 in other orders (dK's and dV's across
+    two panels at D 128), so the gradients are close (within a few bf16 units of these O(1)
+    values) and not the same bits."""
+    q, k, v = make_qkv(1, 4, 2, 150, 203, 128, BF16, "cpu", seed=5)
+    args = kernel_args(q, k, v, causal=True)
+    out, lse = attention_kernels.forward(q, k, v, args)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(BF16)
+    ours = attention_kernels.backward(dout, q, k, v, out, lse, args)
+    _C._set_cpu_brgemm("off")
+    tiles = attention_kernels.backward(dout, q, k, v, out, lse, args)
+    for name, a, b in zip(("dq", "dk", "dv"), ours, tiles):
+        scale = b.float().abs().max()
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * scale, name
+    assert not all(torch.equal(a, b) for a, b in zip(ours, tiles))
 
 
 # (B, H, Hkv, Sq, Sk, D, Dv): head dims 64 and 128 with odd lengths over several query and key
@@ -98,7 +121,7 @@ def test_shapes(brgemm, shape, causal):
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_features(brgemm, feature):
     q, k, v = make_qkv(2, 4, 1 if "gqa" in feature else 4, 97, 145, 64, BF16, "cpu", seed=7)
-    compare("cpu", q, k, v, BF16, grads=False, **FEATURES[feature](q, k, v))
+    compare("cpu", q, k, v, BF16, **FEATURES[feature](q, k, v))
 
 
 def test_varlen(brgemm):
@@ -111,8 +134,8 @@ def test_varlen(brgemm):
     k = torch.randn(sum(lens_k), 2, 64, generator=g).to(BF16).permute(1, 0, 2)[None]
     v = torch.randn(sum(lens_k), 2, 64, generator=g).to(BF16).permute(1, 0, 2)[None]
     for causal in (False, True):
-        compare("cpu", q, k, v, BF16, grads=False, causal=causal, cu_q=cu_q, cu_k=cu_k)
-    compare("cpu", q, k, v, BF16, grads=False, causal=True, cu_q=cu_q, cu_k=cu_k, window=(20, -1), dropout_p=0.1,
+        compare("cpu", q, k, v, BF16, causal=causal, cu_q=cu_q, cu_k=cu_k)
+    compare("cpu", q, k, v, BF16, causal=True, cu_q=cu_q, cu_k=cu_k, window=(20, -1), dropout_p=0.1,
             seed=torch.tensor(3))
 
 
@@ -161,3 +184,37 @@ def test_nan_in_nan_out(brgemm, causal):
 @pytest.mark.parametrize("value", HUGE_BF16_MASKS.values(), ids=HUGE_BF16_MASKS.keys())
 def test_bf16_masks_beyond_the_log2_range(brgemm, value):
     check_huge_bf16_mask(value)
+
+
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("position", nan_table.POSITIONS)
+def test_nan_through_forward_and_backward(brgemm, position, causal, gqa):
+    """test_attention_nan.py's contract (out, lse, dq, dk, dv) for the bf16 CPU kernels with
+    brgemm on."""
+    nan_table.test_attention_nan("cpu", "cpu", BF16, position, causal, gqa)
+
+
+def test_paths_bench_times_every_row(brgemm, tmp_path, monkeypatch):
+    """bench/attention_cpu_paths.py (the GPU suite's amx stage runs it): a row per shape, pass
+    and causal flag, all three contenders timed; the brgemm choice and torch's threads as they
+    were after."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "bench" / "attention_cpu_paths.py"
+    path = tmp_path / "paths.json"
+    monkeypatch.setattr(sys, "argv", [str(script), "--rounds", "1", "--shapes", "1x2x40x16", "--json", str(path)])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(path.read_text())
+    assert result["meta"]["level"] == _C.build_info()["cpu_isa"]
+    assert [(r["pass"], r["causal"]) for r in result["rows"]] == [("fwd", False), ("fwd", True), ("fwdbwd", False),
+                                                                  ("fwdbwd", True)]
+    assert all(r[f"{n}_ms"] > 0 for r in result["rows"] for n in ("brgemm", "tiles", "sdpa"))
+    assert _C.build_info()["cpu_brgemm"] == "on"  # (the fixture's)
