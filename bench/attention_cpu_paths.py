@@ -3,10 +3,12 @@ interleaved rounds (fastarch.bench.timing.measure), forward and forward+backward
 products (csrc/cpu/attn/brgemm.h: AMX tiles on an AMX CPU, oneDNN's AVX-512 code elsewhere),
 the vdpbf16ps register tiles (attention_fwd_avx512.cpp, attention_bwd_avx512.cpp), and
 F.scaled_dot_product_attention (torch's CPU flash attention, on the AMX tiles where the CPU has
-them). Names the CPU and its level.
+them). Names the CPU and its level. --blocks adds brgemm contenders of other block sizes
+(brgemm.h's BrgemmBlocks, set before each of their calls), each row then giving their time
+against the default sizes', so that one run on an AMX CPU says which sizes to keep.
 
     python bench/attention_cpu_paths.py [--threads 2] [--rounds 7] [--pass fwd,fwdbwd]
-        [--shapes 1x12x4096x64,1x12x1024x64] [--json out.json]
+        [--shapes 1x12x4096x64,1x12x1024x64] [--blocks 64x256/64x128,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,8 +27,23 @@ from fastarch.bench.timing import measure, speedup
 PATHS = {"brgemm": "on", "tiles": "off"}  # FASTARCH_CPU_BRGEMM of each of our contenders
 
 
-def contenders(q, k, v, dout, causal: bool, backward: bool) -> dict:
+def parse_blocks(spec: str) -> tuple[int, int, int, int]:
+    """"FWDMxFWDN/BWDQxBWDK" (e.g. 128x256/64x64) -> (fwd_m, fwd_n, bwd_q, bwd_k)."""
+    try:
+        fwd, bwd = spec.split("/")
+        sizes = tuple(int(x) for x in fwd.split("x") + bwd.split("x"))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 4:
+        raise SystemExit(f"--blocks: expected FWDMxFWDN/BWDQxBWDK such as 128x256/64x64, got {spec!r}")
+    return sizes
+
+
+def contenders(q, k, v, dout, causal: bool, backward: bool, blocks: dict) -> dict:
+    """Ours through brgemm at the default block sizes and at each of ``blocks`` ({name: sizes}),
+    on the register tiles, and SDPA."""
     _C = _extension._C
+    default = blocks["brgemm"]
 
     def run(attention):
         if not backward:
@@ -35,16 +52,19 @@ def contenders(q, k, v, dout, causal: bool, backward: bool) -> dict:
         attention(*leaves).backward(dout)
         return leaves[0].grad
 
-    def ours(mode: str):
+    def ours(mode: str, sizes: tuple[int, ...]):
         def call(*qkv):
             _C._set_cpu_brgemm(mode)
+            _C._set_cpu_brgemm_blocks(*sizes)
             return ops.attention(*(qkv or (q, k, v)), causal=causal, backend="cpu")
         return lambda: run(call)
 
     def sdpa(*qkv):
         return F.scaled_dot_product_attention(*(qkv or (q, k, v)), is_causal=causal)
 
-    return {**{name: ours(mode) for name, mode in PATHS.items()}, "sdpa": lambda: run(sdpa)}
+    return {**{name: ours(mode, default) for name, mode in PATHS.items()},
+            **{name: ours("on", sizes) for name, sizes in blocks.items() if name != "brgemm"},
+            "sdpa": lambda: run(sdpa)}
 
 
 def main() -> None:
@@ -53,14 +73,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--shapes", default="1x12x4096x64,1x12x1024x64")
     ap.add_argument("--pass", dest="passes", default="fwd,fwdbwd", help="fwd, fwdbwd or both (comma-separated)")
+    ap.add_argument("--blocks", default="", help="more brgemm block sizes to time, FWDMxFWDN/BWDQxBWDK (comma-separated)")
     ap.add_argument("--json", help="also save the rows here, with the CPU and versions")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     _C = _extension._C
     info = _C.build_info()
+    default = _C._cpu_brgemm_blocks()
+    blocks = {"brgemm": default}
+    for spec in filter(None, a.blocks.split(",")):
+        sizes = parse_blocks(spec)
+        try:
+            _C._set_cpu_brgemm_blocks(*sizes)
+        except ValueError as e:
+            raise SystemExit(f"--blocks {spec}: {e}") from None
+        blocks[f"brgemm {spec}"] = sizes
+    _C._set_cpu_brgemm_blocks(*default)
     meta = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__, "level": info["cpu_isa"],
             "amx": "yes" if info["cpu_has_amx"] else info["cpu_amx_missing"], "date": time.strftime("%Y-%m-%d"),
-            "rounds": a.rounds}
+            "rounds": a.rounds, "default_blocks": "{}x{}/{}x{}".format(*default)}
     print(f"CPU: {meta['cpu']}; {a.threads} threads; torch {meta['torch']}; level {meta['level']}; AMX: {meta['amx']}")
     print(f"{'shape':<16} {'pass':<7} {'causal':<6} {'brgemm ms':>10} {'tiles ms':>9} {'sdpa ms':>8}"
           f" {'brgemm/tiles':>12} {'brgemm/sdpa':>11} {'tiles/sdpa':>10} {'brgemm GFLOP/s':>14}")
@@ -71,9 +102,10 @@ def main() -> None:
         q, k, v, dout = (torch.randn(B, H, S, D, generator=g).to(torch.bfloat16) for _ in range(4))
         for pass_ in a.passes.split(","):
             for causal in (False, True):
-                times, errors = measure(contenders(q, k, v, dout, causal, pass_ == "fwdbwd"), "cpu", a.rounds,
-                                        memory=False)
+                times, errors = measure(contenders(q, k, v, dout, causal, pass_ == "fwdbwd", blocks), "cpu",
+                                        a.rounds, memory=False)
                 _C._set_cpu_brgemm(info["cpu_brgemm"])  # the process's choice, as it was
+                _C._set_cpu_brgemm_blocks(*default)
                 if errors:
                     print(shape, pass_, causal, errors)
                     continue
@@ -86,9 +118,14 @@ def main() -> None:
                        "tiles_vs_sdpa": speedup(times["sdpa"], times["tiles"]),
                        "brgemm_gflops": flops / times["brgemm"].seconds / 1e9}
                 rows.append(row)
+                others = [name for name in blocks if name != "brgemm"]
+                for name in others:  # > 1: faster than the default sizes
+                    row[f"{name}_vs_default"] = speedup(times["brgemm"], times[name])
                 print(f"{shape:<16} {pass_:<7} {str(causal):<6} {ms['brgemm']:>10.1f} {ms['tiles']:>9.1f}"
                       f" {ms['sdpa']:>8.1f} {row['brgemm_vs_tiles']:>11.2f}x {row['brgemm_vs_sdpa']:>10.2f}x"
-                      f" {row['tiles_vs_sdpa']:>9.2f}x {row['brgemm_gflops']:>14.0f}", flush=True)
+                      f" {row['tiles_vs_sdpa']:>9.2f}x {row['brgemm_gflops']:>14.0f}"
+                      + "".join(f"  {name}: {ms[name]:.1f} ms ({row[f'{name}_vs_default']:.2f}x)" for name in others),
+                      flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -33,12 +33,12 @@ namespace {
 
 using at::Tensor;
 
-// Tile sizes (queries x keys): 64 x 64 keeps a tile's operands and its fp32 scores in L1/L2;
-// on the 2-core Zen 4 (bf16, B1 H12 S4096 D64, one thread) 64..128 in either measured within
-// the noise (the time is in the GEMM tiles, which run near the vdpbf16ps peak at K >= 64).
+// Tile sizes (queries x keys) of the register tiles (brgemm's: brgemm.h, BrgemmBlocks): 64 x 64
+// keeps a tile's operands and its fp32 scores in L1/L2; on the 2-core Zen 4 (bf16, B1 H12 S4096
+// D64, one thread) 64..128 in either measured within the noise (the time is in the GEMM tiles,
+// which run near the vdpbf16ps peak at K >= 64).
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
-static_assert(kBlockQ <= kBrgemmPanel, "under brgemm a query block's operands are one panel of B");
 // Key-block chunks: (sequences x kv heads x chunks) should give at least kMinItems work items,
 // so that the threads stay busy (the B1 H12 goal shape: 12 items of one chunk); each chunk
 // beyond the first costs an fp32 dQ-sized buffer, hence at most kMaxChunks. The count depends
@@ -125,10 +125,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   set_strides(p.dq_stride, dq);
   set_strides(p.dk_stride, dk);
   set_strides(p.dv_stride, dv);
-  p.block_q = kBlockQ;
-  p.block_k = kBlockK;
   // (brgemm refuses to run while torch's oneDNN is disabled: torch.backends.mkldnn)
   p.brgemm = avx512 && a.dtype == Dtype::bf16 && use_brgemm_attention() && at::globalContext().userEnabledMkldnn();
+  const BrgemmBlocks sizes = brgemm_blocks();
+  const int64_t block_q = p.brgemm ? sizes.bwd_q : kBlockQ, block_k = p.brgemm ? sizes.bwd_k : kBlockK;
+  p.block_q = block_q;
+  p.block_k = block_k;
 
   // Query blocks of every sequence, and their padded rows.
   std::vector<int64_t> seq_rows(seqs.size());
@@ -136,11 +138,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   int64_t rows = 0, max_key_blocks = 1;
   for (size_t n = 0; n < seqs.size(); ++n) {
     seq_rows[n] = rows;
-    for (int64_t t = 0; t * kBlockQ < seqs[n].sq; ++t) {
+    for (int64_t t = 0; t * block_q < seqs[n].sq; ++t) {
       qblocks.emplace_back(n, t);
-      rows += bwd_round_up(std::min(kBlockQ, seqs[n].sq - t * kBlockQ), 16);
+      rows += bwd_round_up(std::min(block_q, seqs[n].sq - t * block_q), 16);
     }
-    max_key_blocks = std::max(max_key_blocks, (seqs[n].sk + kBlockK - 1) / kBlockK);
+    max_key_blocks = std::max(max_key_blocks, (seqs[n].sk + block_k - 1) / block_k);
   }
   p.seq_rows = seq_rows.data();
   p.rows_total = rows;
@@ -175,14 +177,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   std::vector<Item> items;
   for (size_t n = 0; n < seqs.size(); ++n) {
     const SeqSpan& s = seqs[n];
-    const int64_t blocks = (s.sk + kBlockK - 1) / kBlockK, per = (blocks + p.chunks - 1) / p.chunks;
+    const int64_t blocks = (s.sk + block_k - 1) / block_k, per = (blocks + p.chunks - 1) / p.chunks;
     for (int64_t c = 0; c < p.chunks; ++c) {
       int64_t cost = 0;
       for (int64_t kb = c * per; kb < std::min(blocks, (c + 1) * per); ++kb) {
-        const int64_t j0 = kb * kBlockK, j1 = std::min(s.sk, j0 + kBlockK), d0 = s.sk - s.sq;
+        const int64_t j0 = kb * block_k, j1 = std::min(s.sk, j0 + block_k), d0 = s.sk - s.sq;
         const int64_t i0 = wr >= 0 ? std::max<int64_t>(0, j0 - d0 - wr) : 0;
         const int64_t i1 = wl >= 0 ? std::min(s.sq, j1 - d0 + wl) : s.sq;
-        cost += kBlockQ + std::max<int64_t>(0, i1 - i0) * (H / Hkv);
+        cost += block_q + std::max<int64_t>(0, i1 - i0) * (H / Hkv);
       }
       if (cost == 0) continue;
       for (int64_t hk = 0; hk < Hkv; ++hk) items.push_back({static_cast<int64_t>(n), hk, c, cost});

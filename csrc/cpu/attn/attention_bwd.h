@@ -35,10 +35,10 @@ struct BackwardParams {
   void* dv;
   int64_t dq_stride[3], dk_stride[3], dv_stride[3];
 
-  int64_t block_q, block_k;  // queries and keys per tile; block_q a multiple of 16, at most 64
-  // bf16 products through brgemm (AVX-512 kernel only); then q_n and do_n are packed as column
-  // panels of kBrgemmPanel (each with its own row-pair stride), the other right operands being
-  // one panel each (at most block_q columns)
+  int64_t block_q, block_k;  // queries and keys per tile; block_q a multiple of 16
+  // bf16 products through brgemm (AVX-512 kernel only; the tiles then brgemm.h's BrgemmBlocks
+  // bwd_q x bwd_k); every right operand is then packed as column panels of kBrgemmPanel, each
+  // with its own row-pair stride
   bool brgemm;
   int64_t chunks;            // key-block chunks per (sequence, kv head)
 
@@ -50,7 +50,7 @@ struct BackwardParams {
   // fp32 for every dtype), per head h at
   // h * rows_total * width + R * width for the block at padded row R:
   void* q_t;   // width d_even: Q^T as right operand (pairs of d), rows16 columns
-  void* q_n;   // width d16:    Q as right operand (pairs of query rows; panels under brgemm)
+  void* q_n;   // width d16:    Q as right operand (pairs of query rows)
   void* do_t;  // width dv_even
   void* do_n;  // width dv16
   float* delta;  // width 1: rowsum(dO * O); 0 in padding

@@ -213,7 +213,7 @@ void tile_gemm(int64_t M, int64_t n_pad, int64_t K, const CT* a, int64_t lda, co
 
 // The bf16 tile products, C (M x n_pad) = A B (kAcc false) or C + A B: on the register tiles
 // (B packed at its full width n_pad), or through brgemm (B packed as panels of kBrgemmPanel
-// columns, panel c0 at b + c0 * K: pack_panels).
+// columns, panel c0 at b + c0 * K: pack_panels; K even).
 template <bool kAcc>
 void product_bf16(bool brgemm, int64_t M, int64_t n_pad, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b,
                   float* c, int64_t ldc) {
@@ -224,14 +224,19 @@ void product_bf16(bool brgemm, int64_t M, int64_t n_pad, int64_t K, const uint16
   }
 }
 
-// pack_b_bf16 of rows x cols of src (not transposed) as product_bf16's B: at full width n_pad,
-// or for brgemm as panels of kBrgemmPanel columns, each with ld_b = its width.
-void pack_panels(bool brgemm, const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t k_pad, int64_t n_pad,
-                 uint16_t* out) {
-  if (!brgemm) return pack_b_bf16(src, ld, rows, cols, false, k_pad, n_pad, out);
+// pack_b_bf16 of src (rows x cols, B = src or, transposed, src^T) as product_bf16's B: at full
+// width n_pad, or for brgemm as panels of kBrgemmPanel columns, each with ld_b = its width.
+void pack_panels(bool brgemm, const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, bool transpose, int64_t k_pad,
+                 int64_t n_pad, uint16_t* out) {
+  if (!brgemm) return pack_b_bf16(src, ld, rows, cols, transpose, k_pad, n_pad, out);
+  const int64_t N = transpose ? rows : cols;
   for (int64_t c0 = 0; c0 < n_pad; c0 += kBrgemmPanel) {
-    const int64_t w = imin(kBrgemmPanel, n_pad - c0);
-    pack_b_bf16(src + c0, ld, rows, imax(0, imin(w, cols - c0)), false, k_pad, w, out + c0 * k_pad);
+    const int64_t w = imin(kBrgemmPanel, n_pad - c0), n = imax(0, imin(w, N - c0));
+    if (transpose) {
+      pack_b_bf16(src + c0 * ld, ld, n, cols, true, k_pad, w, out + c0 * k_pad);
+    } else {
+      pack_b_bf16(src + c0, ld, rows, n, false, k_pad, w, out + c0 * k_pad);
+    }
   }
 }
 
@@ -332,10 +337,10 @@ void prepare_block(const BackwardParams& p, int64_t h, int64_t n, int64_t t) {
   if constexpr (kBf16) {
     const auto* q16 = reinterpret_cast<const uint16_t*>(q);
     const auto* do16 = reinterpret_cast<const uint16_t*>(dout);
-    pack_b_bf16(q16, q_stride, qb.rows, D, true, d_even, qb.rows16, q_t);
-    pack_panels(p.brgemm, q16, q_stride, qb.rows, D, bwd_round_up(qb.rows, 2), d16, q_n);
-    pack_b_bf16(do16, dout_stride, qb.rows, Dv, true, dv_even, qb.rows16, do_t);
-    pack_panels(p.brgemm, do16, dout_stride, qb.rows, Dv, bwd_round_up(qb.rows, 2), dv16, do_n);
+    pack_panels(p.brgemm, q16, q_stride, qb.rows, D, true, d_even, qb.rows16, q_t);
+    pack_panels(p.brgemm, q16, q_stride, qb.rows, D, false, bwd_round_up(qb.rows, 2), d16, q_n);
+    pack_panels(p.brgemm, do16, dout_stride, qb.rows, Dv, true, dv_even, qb.rows16, do_t);
+    pack_panels(p.brgemm, do16, dout_stride, qb.rows, Dv, false, bwd_round_up(qb.rows, 2), dv16, do_n);
   } else {
     copy_rows_transposed<T>(q, q_stride, qb.rows, D, qb.rows16, q_t);
     copy_rows<T>(q, q_stride, qb.rows, D, d16, q_n);
@@ -495,7 +500,7 @@ void tile(const BackwardParams& p, const Scratch& w, const SeqSpan& s, int64_t n
     product_bf16<true>(p.brgemm, nk, dv16, km, p_t, ld, do_n, w.dv, dv16);
     product_bf16<true>(p.brgemm, nk, d16, km, ds_t, ld, q_n, w.dk, d16);
     auto* ds_v = static_cast<uint16_t*>(w.ds_v);
-    pack_b_bf16(ds_t, ld, nk, ld, false, kk, ld, ds_v);
+    pack_panels(p.brgemm, ds_t, ld, nk, ld, false, kk, ld, ds_v);
     product_bf16<true>(p.brgemm, D, ld, kk, static_cast<const uint16_t*>(w.ka_t), kk, ds_v, dq_t, ld);
   } else {
     tile_gemm<false, true>(nk, dv16, km, p_t, ld, do_n, w.dv, dv16);

@@ -108,14 +108,18 @@ void run_fwd_tasks(const Tensor& q, const std::vector<FwdTask>& tasks, int64_t s
 // The AVX-512 forwards: tasks of block_m queries; brgemm: the bf16 kernel of
 // attention_fwd_brgemm.cpp, else the register tiles of attention_fwd_avx512.cpp.
 void fwd_avx512(const AttentionParams& p, const Tensor& q, bool brgemm) {
-  const int64_t block_m = brgemm ? kFwdBrgemmBlockM : kFwdBlockM, block_n = brgemm ? kFwdBrgemmBlockN : kFwdBlockN;
+  const BrgemmBlocks blocks = brgemm_blocks();
+  const int64_t block_m = brgemm ? blocks.fwd_m : kFwdBlockM, block_n = brgemm ? blocks.fwd_n : kFwdBlockN;
   const Packing packing(p, q, block_n, p.dtype == Dtype::bf16);
   const FwdPacking& pk = packing.pk;
-  const int64_t scratch_bytes = brgemm ? fwd_scratch_bytes_brgemm(pk) : fwd_scratch_bytes(p, pk);
-  const auto run = brgemm ? fwd_run_brgemm : fwd_run_avx512;
+  const int64_t scratch_bytes = brgemm ? fwd_scratch_bytes_brgemm(pk, blocks) : fwd_scratch_bytes(p, pk);
   run_fwd_tasks(q, plan_fwd_tasks(p, block_m, block_n), scratch_bytes,
                 [&](const FwdTask* tasks, int64_t num_tasks, int64_t* next, void* scratch) {
-                  run(p, pk, tasks, num_tasks, next, scratch);
+                  if (brgemm) {
+                    fwd_run_brgemm(p, pk, blocks, tasks, num_tasks, next, scratch);
+                  } else {
+                    fwd_run_avx512(p, pk, tasks, num_tasks, next, scratch);
+                  }
                 });
 }
 #endif

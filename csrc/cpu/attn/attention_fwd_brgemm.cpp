@@ -1,8 +1,8 @@
 // bf16 flash-attention forward whose two matrix products per block run through oneDNN's brgemm
 // (brgemm.h: on the AMX tiles on a CPU with AMX-BF16, in AVX-512 code elsewhere). The same
 // algorithm as attention_fwd_avx512.cpp, whose comment says the numerics and the NaN contract
-// (they are the same): per task kFwdBrgemmBlockM queries of one head, per key block of
-// kFwdBrgemmBlockN keys S = Q K^T (brgemm), the masks and the online-softmax update fused in
+// (they are the same): per task BrgemmBlocks::fwd_m queries of one head, per key block of
+// BrgemmBlocks::fwd_n keys S = Q K^T (brgemm), the masks and the online-softmax update fused in
 // AVX-512 code (exp2_fast on scores pre-scaled by log2 e, P rounded to bf16), then
 // O = alpha O + P V (O rescaled in place, then brgemm accumulating into it).
 //
@@ -28,18 +28,15 @@ namespace {
 
 using namespace avx512;
 
-constexpr int64_t BM = kFwdBrgemmBlockM;
-constexpr int64_t BN = kFwdBrgemmBlockN;
-constexpr int64_t kPanel = kBrgemmPanel;
-constexpr int64_t kChunks = BN / 16;
+constexpr int64_t kPanel = kBrgemmPanel;  // (BrgemmBlocks::fwd_n is a multiple: key blocks are whole panels)
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
-static_assert(BN % kPanel == 0, "key blocks are whole panels");
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
+// (BM, BN: the call's BrgemmBlocks::fwd_m and fwd_n)
 struct Scratch {
   uint16_t* q;   // BM x d_pad bf16
   float* s;      // BM x BN scores (logits on the masked path)
@@ -52,7 +49,7 @@ struct Scratch {
   uint32_t* drop_key;
   int64_t bytes;
 
-  Scratch(void* base, int64_t d_pad, int64_t dv_pad) {
+  Scratch(void* base, int64_t d_pad, int64_t dv_pad, int64_t BM, int64_t BN) {
     char* c = static_cast<char*>(base);
     q = reinterpret_cast<uint16_t*>(c), c += align64(BM * d_pad * 2);
     s = reinterpret_cast<float*>(c), c += align64(BM * BN * 4);
@@ -70,9 +67,10 @@ struct Scratch {
 // Width of V's column panel that starts at column c0 (dv_pad is a multiple of 16).
 inline int64_t panel_width(int64_t dv_pad, int64_t c0) { return min64(kPanel, dv_pad - c0); }
 
-// Key block kb of sequence n, kv head hk: K^T as BN / kPanel panels (d_pad x kPanel each), then
-// V as panels of its columns (BN x width each); keys past the sequence's end are zero.
-void pack_block(const AttentionParams& p, const FwdPacking& pk, int64_t n, int64_t hk, int64_t kb, uint16_t* dst) {
+// Key block kb (of BN keys) of sequence n, kv head hk: K^T as BN / kPanel panels (d_pad x kPanel
+// each), then V as panels of its columns (BN x width each); keys past the sequence's end are zero.
+void pack_block(const AttentionParams& p, const FwdPacking& pk, int64_t BN, int64_t n, int64_t hk, int64_t kb,
+                uint16_t* dst) {
   const SeqSpan s = seq_span(p, n);
   const int64_t j0 = kb * BN, valid = min64(BN, s.sk - j0);
   const uint16_t* k = reinterpret_cast<const uint16_t*>(row_ptr(p.k, p.k_stride, 2, s.b, hk, s.k0 + j0));
@@ -96,6 +94,8 @@ struct Task {
   int64_t h, hk, i0, rows;
   float c;  // scale in log2 units
   int64_t seq_index;
+  int64_t BN;       // keys per block
+  int64_t kChunks;  // BN / 16
 
   void load_q() {
     for (int64_t r = 0; r < rows; ++r) {
@@ -237,7 +237,7 @@ struct Task {
     if (__atomic_load_n(state, __ATOMIC_ACQUIRE) == 2) return;
     int32_t expected = 0;
     if (__atomic_compare_exchange_n(state, &expected, 1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-      pack_block(p, pk, seq_index, hk, kb, dst);
+      pack_block(p, pk, BN, seq_index, hk, kb, dst);
       __atomic_store_n(state, 2, __ATOMIC_RELEASE);
       return;
     }
@@ -281,20 +281,24 @@ struct Task {
 
 }  // namespace
 
-int64_t fwd_scratch_bytes_brgemm(const FwdPacking& pk) { return Scratch(nullptr, pk.d_pad, pk.dv_pad).bytes + 64; }
+int64_t fwd_scratch_bytes_brgemm(const FwdPacking& pk, const BrgemmBlocks& blocks) {
+  return Scratch(nullptr, pk.d_pad, pk.dv_pad, blocks.fwd_m, blocks.fwd_n).bytes + 64;
+}
 
-void fwd_run_brgemm(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks, int64_t num_tasks,
-                    int64_t* next, void* scratch) {
+void fwd_run_brgemm(const AttentionParams& p, const FwdPacking& pk, const BrgemmBlocks& blocks, const FwdTask* tasks,
+                    int64_t num_tasks, int64_t* next, void* scratch) {
+  const int64_t BM = blocks.fwd_m, BN = blocks.fwd_n;
   char* base = static_cast<char*>(scratch);
   base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
-  Scratch sc(base, pk.d_pad, pk.dv_pad);
+  Scratch sc(base, pk.d_pad, pk.dv_pad, BM, BN);
   for (;;) {
     const int64_t t = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
     if (t >= num_tasks) break;
     const FwdTask& task = tasks[t];
     const SeqSpan s = seq_span(p, task.seq);
     const int64_t i0 = int64_t{task.qblock} * BM;
-    Task w{p, pk, sc, s, task.head, task.head / (p.H / p.Hkv), i0, min64(BM, s.sq - i0), p.scale * kLog2e, task.seq};
+    Task w{p, pk, sc, s, task.head, task.head / (p.H / p.Hkv), i0, min64(BM, s.sq - i0), p.scale * kLog2e, task.seq,
+           BN, BN / 16};
     w.run();
   }
   brgemm_release();  // this thread's tile configuration (AMX), before the pool runs other work on it

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "attention_common.h"
+#include "brgemm.h"
 #include "cpu/isa.h"
 
 namespace fastarch::cpu::attention {
@@ -50,17 +51,11 @@ void fwd_run_avx512(const AttentionParams& p, const FwdPacking& pk, const FwdTas
 
 // bf16 forward through oneDNN's brgemm (attention_fwd_brgemm.cpp): the AMX path (cpu/isa.h's
 // level amx, or _set_cpu_brgemm("on") on any AVX512-BF16 CPU). The same FwdPacking, with key
-// blocks of kFwdBrgemmBlockN keys (K^T and V in column panels of at most 64, pack32 layout)
-// and tasks of kFwdBrgemmBlockM queries: larger than the register tiles' blocks, so that each
-// brgemm call (a kernel lookup, and on AMX a tile load/store of C) has more work. Measured on
-// the 2-core Zen 4 (bf16, 1x12xSx64, S 1024 and 4096, causal and not, interleaved with the
-// tiles; a shared machine, +-15%): 128 x 256 and 64 x 256 ~1.1x the tiles, 64 x 128 ~1.0x,
-// 64 x 512 0.8x at S 1024 causal (the diagonal's wasted keys). Owed: the same on an AMX Xeon.
-constexpr int64_t kFwdBrgemmBlockM = 128;
-constexpr int64_t kFwdBrgemmBlockN = 256;
-int64_t fwd_scratch_bytes_brgemm(const FwdPacking& pk);
-void fwd_run_brgemm(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks, int64_t num_tasks,
-                    int64_t* next, void* scratch);
+// blocks of blocks.fwd_n keys (K^T and V in column panels of at most 64, pack32 layout) and
+// tasks of blocks.fwd_m queries (brgemm.h: BrgemmBlocks).
+int64_t fwd_scratch_bytes_brgemm(const FwdPacking& pk, const BrgemmBlocks& blocks);
+void fwd_run_brgemm(const AttentionParams& p, const FwdPacking& pk, const BrgemmBlocks& blocks, const FwdTask* tasks,
+                    int64_t num_tasks, int64_t* next, void* scratch);
 
 // ----------------------------------------------------------------------------- decode
 // Split-K: the cache of each (b, kv head) is cut into chunks of chunk_len keys; an item

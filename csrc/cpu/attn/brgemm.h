@@ -25,4 +25,21 @@ void brgemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld_b, int
 // work on the thread.
 void brgemm_release();
 
+// Block sizes of the brgemm paths (larger than the register tiles' blocks, so that each brgemm
+// call, a kernel lookup and on AMX a tile load and store of C, has more work): the forward's
+// queries per task (fwd_m) x keys per online-softmax step (fwd_n), the backward's queries (bwd_q)
+// x keys (bwd_k) per tile. The forward's measured on the 2-core Zen 4 (bf16, 1x12xSx64, S 1024
+// and 4096, causal and not, interleaved with the register tiles; a shared machine, +-15%):
+// 128 x 256 and 64 x 256 ~1.1x the tiles, 64 x 128 ~1.0x, 64 x 512 0.8x at S 1024 causal (the
+// diagonal's wasted keys); the backward's 64 x 64 are the register tiles' (parity with them on
+// that CPU, 2026-12-05). Owed: the same on an AMX Xeon, which bench/attention_cpu_paths.py
+// --blocks measures in one run (set_brgemm_blocks between the calls).
+struct BrgemmBlocks {
+  int64_t fwd_m = 128, fwd_n = 256, bwd_q = 64, bwd_k = 64;
+};
+BrgemmBlocks brgemm_blocks();
+// Each a multiple of 16 from 16 to 512, fwd_n a multiple of kBrgemmPanel; std::invalid_argument
+// naming the one that is not.
+void set_brgemm_blocks(const BrgemmBlocks& blocks);
+
 }  // namespace fastarch::cpu::attention

@@ -118,6 +118,44 @@ def test_shapes(brgemm, shape, causal):
     compare("cpu", q, k, v, BF16, causal=causal)
 
 
+# brgemm.h's BrgemmBlocks (fwd_m, fwd_n, bwd_q, bwd_k) other than the defaults, as
+# bench/attention_cpu_paths.py --blocks sets them: the smallest, a query block of several panels
+# in the backward (its S^T, dP^T and dQ^T products in panels too), the largest, and uneven ones.
+BLOCKS = [(16, 64, 16, 16), (64, 128, 128, 128), (256, 512, 256, 256), (48, 192, 80, 112)]
+
+
+@pytest.fixture(params=BLOCKS, ids=lambda b: "x".join(map(str, b)))
+def blocks(request, brgemm):
+    default = _C._cpu_brgemm_blocks()
+    _C._set_cpu_brgemm_blocks(*request.param)
+    yield request.param
+    _C._set_cpu_brgemm_blocks(*default)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 113, 203, 64, 64), (1, 2, 1, 300, 557, 128, 128),
+                                   (1, 2, 2, 67, 131, 59, 80)], ids=lambda s: "x".join(map(str, s)))
+def test_other_block_sizes(blocks, shape):
+    """Each block size gives the same accuracy (forward and backward, causal with a window:
+    blocks the diagonal and the band cut), and a set size is the one the calls run."""
+    assert _C._cpu_brgemm_blocks() == blocks
+    b, h, hkv, sq, sk, d, dv = shape
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, BF16, "cpu", dv=dv, seed=9)
+    compare("cpu", q, k, v, BF16, causal=True)
+    compare("cpu", q, k, v, BF16, window=(70, 20))
+
+
+def test_block_sizes_out_of_range_are_refused(brgemm):
+    default = _C._cpu_brgemm_blocks()
+    assert default == (128, 256, 64, 64)
+    for bad, match in [((0, 256, 64, 64), "fwd_m must be a multiple of 16 from 16 to 512, got 0"),
+                       ((128, 96, 64, 64), "fwd_n must be a multiple of 64 from 64 to 512, got 96"),
+                       ((128, 256, 65, 64), "bwd_q must be a multiple of 16 from 16 to 512, got 65"),
+                       ((128, 256, 64, 1024), "bwd_k must be a multiple of 16 from 16 to 512, got 1024")]:
+        with pytest.raises(ValueError, match=match):
+            _C._set_cpu_brgemm_blocks(*bad)
+    assert _C._cpu_brgemm_blocks() == default
+
+
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_features(brgemm, feature):
     q, k, v = make_qkv(2, 4, 1 if "gqa" in feature else 4, 97, 145, 64, BF16, "cpu", seed=7)
@@ -197,8 +235,8 @@ def test_nan_through_forward_and_backward(brgemm, position, causal, gqa):
 
 def test_paths_bench_times_every_row(brgemm, tmp_path, monkeypatch):
     """bench/attention_cpu_paths.py (the GPU suite's amx stage runs it): a row per shape, pass
-    and causal flag, all three contenders timed; the brgemm choice and torch's threads as they
-    were after."""
+    and causal flag, every contender timed (another block size too); the brgemm choice, its
+    block sizes and torch's threads as they were after."""
     import json
     import runpy
     import sys
@@ -206,7 +244,8 @@ def test_paths_bench_times_every_row(brgemm, tmp_path, monkeypatch):
 
     script = Path(__file__).resolve().parents[3] / "bench" / "attention_cpu_paths.py"
     path = tmp_path / "paths.json"
-    monkeypatch.setattr(sys, "argv", [str(script), "--rounds", "1", "--shapes", "1x2x40x16", "--json", str(path)])
+    monkeypatch.setattr(sys, "argv", [str(script), "--rounds", "1", "--shapes", "1x2x40x16", "--blocks", "16x64/32x16",
+                                      "--json", str(path)])
     threads = torch.get_num_threads()
     try:
         runpy.run_path(str(script), run_name="__main__")
@@ -216,5 +255,7 @@ def test_paths_bench_times_every_row(brgemm, tmp_path, monkeypatch):
     assert result["meta"]["level"] == _C.build_info()["cpu_isa"]
     assert [(r["pass"], r["causal"]) for r in result["rows"]] == [("fwd", False), ("fwd", True), ("fwdbwd", False),
                                                                   ("fwdbwd", True)]
-    assert all(r[f"{n}_ms"] > 0 for r in result["rows"] for n in ("brgemm", "tiles", "sdpa"))
+    assert all(r[f"{n}_ms"] > 0 for r in result["rows"] for n in ("brgemm", "tiles", "sdpa", "brgemm 16x64/32x16"))
+    assert all(r["brgemm 16x64/32x16_vs_default"] > 0 for r in result["rows"])
     assert _C.build_info()["cpu_brgemm"] == "on"  # (the fixture's)
+    assert _C._cpu_brgemm_blocks() == (128, 256, 64, 64)
