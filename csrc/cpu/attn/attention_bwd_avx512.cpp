@@ -2,8 +2,8 @@
 //
 // Compute types: bf16 inputs multiply in bf16 on vdpbf16ps (products exact, fp32 sums) with
 // P and dS rounded to bf16 once, like the forward (the products on our register tiles, or
-// through oneDNN's brgemm when BackwardParams::brgemm: brgemm.h); fp32 and fp16 inputs multiply in fp32 (this
-// CPU has no fp16 dot product, and fp16 -> bf16 would lose 3 bits). exp: fp32 inputs use the
+// through oneDNN's brgemm when BackwardParams::brgemm: brgemm.h); fp32 and fp16 inputs
+// multiply in fp32 (this CPU has no fp16 dot product, and fp16 -> bf16 would lose 3 bits). exp: fp32 inputs use the
 // accurate exp (the tests hold fp32 to fp32 accuracy), bf16/fp16 the cheaper exp2.
 //
 // Everything here compiles for AVX-512 + BF16 and runs only after cpu_has_avx512_bf16(); no
@@ -211,20 +211,25 @@ void tile_gemm(int64_t M, int64_t n_pad, int64_t K, const CT* a, int64_t lda, co
   }
 }
 
-// The bf16 tile products, C (M x n_pad) = A B (kAcc false) or C + A B: on the register tiles
-// (B packed at its full width n_pad), or through brgemm (B packed as panels of kBrgemmPanel
-// columns, panel c0 at b + c0 * K: pack_panels; K even).
-template <bool kAcc>
-void product_bf16(bool brgemm, int64_t M, int64_t n_pad, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b,
-                  float* c, int64_t ldc) {
-  if (!brgemm) return tile_gemm<true, kAcc>(M, n_pad, K, a, lda, b, c, ldc);
-  for (int64_t c0 = 0; c0 < n_pad; c0 += kBrgemmPanel) {
-    const int64_t w = imin(kBrgemmPanel, n_pad - c0);
-    brgemm_bf16(M, w, K, lda, w, ldc, kAcc, a, b + c0 * K, c + c0);
+// A tile product, C (M x n_pad) = A B (kAcc false) or C + A B: tile_gemm on the register
+// tiles, or for bf16 under brgemm (p.brgemm) oneDNN's brgemm, on B packed as panels of
+// kBrgemmPanel columns (panel c0 at b + c0 * K: pack_panels; K even).
+template <bool kBf16, bool kAcc, typename CT>
+void product(bool brgemm, int64_t M, int64_t n_pad, int64_t K, const CT* a, int64_t lda, const CT* b, float* c,
+             int64_t ldc) {
+  if constexpr (kBf16) {
+    if (brgemm) {
+      for (int64_t c0 = 0; c0 < n_pad; c0 += kBrgemmPanel) {
+        const int64_t w = imin(kBrgemmPanel, n_pad - c0);
+        brgemm_bf16(M, w, K, lda, w, ldc, kAcc, a, b + c0 * K, c + c0);
+      }
+      return;
+    }
   }
+  tile_gemm<kBf16, kAcc>(M, n_pad, K, a, lda, b, c, ldc);
 }
 
-// pack_b_bf16 of src (rows x cols, B = src or, transposed, src^T) as product_bf16's B: at full
+// pack_b_bf16 of src (rows x cols, B = src or, transposed, src^T) as product's B: at full
 // width n_pad, or for brgemm as panels of kBrgemmPanel columns, each with ld_b = its width.
 void pack_panels(bool brgemm, const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, bool transpose, int64_t k_pad,
                  int64_t n_pad, uint16_t* out) {
@@ -469,13 +474,8 @@ void tile(const BackwardParams& p, const Scratch& w, const SeqSpan& s, int64_t n
   const float* delta = p.delta + head_rows;
   float* dq_t = p.dq_t + ((chunk * a.H + h) * p.rows_total + qb.r) * D;
 
-  if constexpr (kBf16) {
-    product_bf16<false>(p.brgemm, nk, ld, kq, static_cast<const CT*>(w.ka), kq, q_t, w.s_t, ld);
-    product_bf16<false>(p.brgemm, nk, ld, kv, static_cast<const CT*>(w.va), kv, do_t, w.dp_t, ld);
-  } else {
-    tile_gemm<false, false>(nk, ld, kq, static_cast<const CT*>(w.ka), kq, q_t, w.s_t, ld);
-    tile_gemm<false, false>(nk, ld, kv, static_cast<const CT*>(w.va), kv, do_t, w.dp_t, ld);
-  }
+  product<kBf16, false>(p.brgemm, nk, ld, kq, static_cast<const CT*>(w.ka), kq, q_t, w.s_t, ld);
+  product<kBf16, false>(p.brgemm, nk, ld, kv, static_cast<const CT*>(w.va), kv, do_t, w.dp_t, ld);
 
   const KeyRange first = visible_keys(a, s, qb.i0), last = visible_keys(a, s, qb.i0 + qb.rows - 1);
   const bool general = a.attn_mask != nullptr || !(last.lo <= j0 && first.hi >= j0 + nk);
@@ -496,16 +496,14 @@ void tile(const BackwardParams& p, const Scratch& w, const SeqSpan& s, int64_t n
 
   const CT* p_t = static_cast<const CT*>(w.p_t);
   const CT* ds_t = static_cast<const CT*>(w.ds_t);
+  product<kBf16, true>(p.brgemm, nk, dv16, km, p_t, ld, do_n, w.dv, dv16);
+  product<kBf16, true>(p.brgemm, nk, d16, km, ds_t, ld, q_n, w.dk, d16);
   if constexpr (kBf16) {
-    product_bf16<true>(p.brgemm, nk, dv16, km, p_t, ld, do_n, w.dv, dv16);
-    product_bf16<true>(p.brgemm, nk, d16, km, ds_t, ld, q_n, w.dk, d16);
     auto* ds_v = static_cast<uint16_t*>(w.ds_v);
     pack_panels(p.brgemm, ds_t, ld, nk, ld, false, kk, ld, ds_v);
-    product_bf16<true>(p.brgemm, D, ld, kk, static_cast<const uint16_t*>(w.ka_t), kk, ds_v, dq_t, ld);
+    product<true, true>(p.brgemm, D, ld, kk, static_cast<const uint16_t*>(w.ka_t), kk, ds_v, dq_t, ld);
   } else {
-    tile_gemm<false, true>(nk, dv16, km, p_t, ld, do_n, w.dv, dv16);
-    tile_gemm<false, true>(nk, d16, km, ds_t, ld, q_n, w.dk, d16);
-    tile_gemm<false, true>(D, ld, kk, static_cast<const float*>(w.ka_t), kk, ds_t, dq_t, ld);
+    product<false, true>(p.brgemm, D, ld, kk, static_cast<const float*>(w.ka_t), kk, ds_t, dq_t, ld);
   }
 }
 
