@@ -181,13 +181,14 @@ stage_amx() {
     return
   fi
   TEST_PATH="$SRC/tests/ops/attn" tests amx "${TEST_AMX_S:-60}" -m "not gpu" -k "cpu and not triton"
-  # (the goals' shapes: the forward at 4096, forward+backward at 1024; other brgemm block sizes
-  # beside the default ones, to keep the fastest on AMX)
+  # (the goals' shapes: bf16 forward at 4096, forward+backward and fp32 at 1024, fp32 through
+  # oneDNN's fp32 brgemm and our FMA tiles; other brgemm block sizes beside the default ones, to
+  # keep the fastest on AMX)
   local sizes=64x256/64x64,128x512/64x128,256x256/128x128,128x256/128x256
   script amx-attention "${BENCH_AMX_S:-90}" "$SRC/bench/attention_cpu_paths.py" --threads 2 --rounds 5 \
     --shapes 1x12x4096x64 --pass fwd --blocks "$sizes"
-  script amx-attention-fwdbwd "${BENCH_AMX_S:-90}" "$SRC/bench/attention_cpu_paths.py" --threads 2 --rounds 5 \
-    --shapes 1x12x1024x64 --pass fwdbwd --blocks "$sizes"
+  script amx-attention-1024 "${BENCH_AMX_S:-90}" "$SRC/bench/attention_cpu_paths.py" --threads 2 --rounds 5 \
+    --shapes 1x12x1024x64 --pass fwd,fwdbwd --dtype bf16,fp32 --blocks "$sizes"
   bench amx-quick "${BENCH_AMX_QUICK_S:-120}" --quick --device cpu --threads 2 --no-compile --rounds 5
 }
 for stage in $STAGES; do

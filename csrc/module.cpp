@@ -47,7 +47,9 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_isa_auto"] = fastarch::cpu::isa_name(fastarch::cpu::best_isa());
     info["cpu_brgemm"] = fastarch::cpu::brgemm_mode();  // "auto", "on" or "off"
     // whether the bf16 attention forward and backward run through oneDNN's brgemm now
-    info["cpu_attention_brgemm"] = fastarch::cpu::use_brgemm_attention();
+    info["cpu_attention_brgemm"] = fastarch::cpu::use_brgemm_attention(/*bf16=*/true);
+    // and fp32 / fp16 (only when forced: FASTARCH_CPU_BRGEMM=on)
+    info["cpu_attention_brgemm_fp32"] = fastarch::cpu::use_brgemm_attention(/*bf16=*/false);
     info["compiler"] = std::string("gcc ") + FASTARCH_STR(__GNUC__) "." FASTARCH_STR(__GNUC_MINOR__);
     return info;
   });

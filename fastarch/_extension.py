@@ -25,9 +25,9 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch of an
 # CPU kernels (csrc/cpu/isa.h; default auto: the highest this CPU and build run), read once at
 # import, e.g. to run the portable kernels, or the AVX-512 ones without AVX512-BF16, on a newer
 # CPU. A level the CPU cannot run is an error here, not a silent fallback.
-# FASTARCH_CPU_BRGEMM=auto | on | off: the bf16 attention forward's and backward's products through
-# oneDNN's brgemm (the AMX path): auto at level amx only, on for any AVX512-BF16 CPU (to test or compare it), off
-# never.
+# FASTARCH_CPU_BRGEMM=auto | on | off: the attention forward's and backward's products through
+# oneDNN's brgemm (bf16's AMX path): auto for bf16 at level amx only, on for every dtype on any
+# AVX512-BF16 CPU (to test or compare it), off never.
 # FASTARCH_CPU_INT8=auto | exact | avx2 | avx_vnni | avx512_vnni: how quantized_linear multiplies x
 # rounded to int8 (activations "int8"; csrc/cpu/isa.h, Int8Products): the fastest this CPU and
 # level run up to the one named (auto: all), e.g. to compare vpmaddubsw with vpdpbusd on one CPU.
@@ -51,16 +51,22 @@ def build_info() -> dict[str, Any]:
 
 def cpu_path(op: str = "", dtype: torch.dtype | None = None) -> str:
     """The CPU kernels' path as the bench and info name it: ``cpu/<level>`` (cpu/amx,
-    cpu/avx512_bf16, cpu/avx512, cpu/avx2, cpu/generic), ``+brgemm`` when the bf16 attention forward
-    and backward run through brgemm below level amx (forced by FASTARCH_CPU_BRGEMM=on), ``+tiles``
-    when they run on the AVX-512 register tiles at level amx (FASTARCH_CPU_BRGEMM=off)."""
+    cpu/avx512_bf16, cpu/avx512, cpu/avx2, cpu/generic), then where the attention forward and
+    backward of dtype (bf16 when None) leave their level's default (brgemm for bf16 at level amx,
+    our AVX-512 register tiles otherwise): ``+brgemm`` when they run through brgemm
+    (FASTARCH_CPU_BRGEMM=on), ``+tiles`` when bf16 runs on the register tiles at level amx
+    (FASTARCH_CPU_BRGEMM=off)."""
     info = build_info()
     level = info.get("cpu_isa", "?")
     label = f"cpu/{level}"
-    brgemm_op = op.startswith("attention") and op != "attention_decode" and dtype in (None, torch.bfloat16)
-    if brgemm_op and info.get("cpu_attention_brgemm") and level != "amx":
+    if not op.startswith("attention") or op == "attention_decode":
+        return label
+    bf16 = dtype in (None, torch.bfloat16)
+    running = info.get("cpu_attention_brgemm") if bf16 else info.get("cpu_attention_brgemm_fp32")
+    default = bf16 and level == "amx"
+    if running and not default:
         label += "+brgemm"
-    elif brgemm_op and not info.get("cpu_attention_brgemm") and level == "amx":
+    elif default and not running:
         label += "+tiles"
     return label
 

@@ -187,14 +187,14 @@ void set_brgemm(const std::string& mode) {
   }
 }
 
-bool use_brgemm_attention() {
+bool use_brgemm_attention(bool bf16) {
   switch (g_brgemm.load(std::memory_order_relaxed)) {
     case 1:
       return active_isa() >= Isa::avx512_bf16;
     case 2:
       return false;
     default:
-      return active_isa() == Isa::amx;
+      return bf16 && active_isa() == Isa::amx;
   }
 }
 

@@ -67,13 +67,16 @@ void set_isa(const std::string& name);
 // (Callers also need every 16-value chunk of the output whole and aligned.)
 bool stream_output(int64_t bytes);
 
-// Whether the bf16 attention forward and backward run their products through brgemm
-// (attention/brgemm.h; attention_fwd_brgemm.cpp, attention_bwd_avx512.cpp):
-// "auto" (the default): at level amx only; "on": at level avx512_bf16 or above, i.e. on any
-// AVX512-BF16 CPU, where oneDNN's brgemm runs AVX-512 code (to test the path, or to compare it
-// with the vdpbf16ps tiles); "off": never (the vdpbf16ps tiles, also on an AMX CPU).
+// Whether the attention forward and backward of bf16 (or else fp32 / fp16) inputs run their
+// products through brgemm
+// (attn/brgemm.h; attention_fwd_brgemm.cpp, attention_bwd_avx512.cpp): "auto" (the default):
+// bf16 at level amx (the AMX tiles), fp32 and fp16 never (oneDNN's fp32 brgemm measured at
+// parity with our FMA tiles on a Zen 4, 0.92-1.09x; owed on an Intel Xeon); "on": every dtype
+// at level avx512_bf16 or above, i.e. on any AVX512-BF16 CPU, where oneDNN's brgemm runs
+// AVX-512 code (to test the path, or to compare it with our tiles); "off": never (our tiles,
+// also on an AMX CPU).
 void set_brgemm(const std::string& mode);
-bool use_brgemm_attention();
+bool use_brgemm_attention(bool bf16);
 const char* brgemm_mode();
 
 }  // namespace fastarch::cpu

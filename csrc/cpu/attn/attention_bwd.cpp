@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   set_strides(p.dk_stride, dk);
   set_strides(p.dv_stride, dv);
   // (brgemm refuses to run while torch's oneDNN is disabled: torch.backends.mkldnn)
-  p.brgemm = avx512 && a.dtype == Dtype::bf16 && use_brgemm_attention() && at::globalContext().userEnabledMkldnn();
+  p.brgemm = avx512 && use_brgemm_attention(a.dtype == Dtype::bf16) && at::globalContext().userEnabledMkldnn();
   const BrgemmBlocks sizes = brgemm_blocks();
   const int64_t block_q = p.brgemm ? sizes.bwd_q : kBlockQ, block_k = p.brgemm ? sizes.bwd_k : kBlockK;
   p.block_q = block_q;

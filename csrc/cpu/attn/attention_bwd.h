@@ -16,8 +16,9 @@
 //     the block; dQ^T accumulates into the chunk's own fp32 buffer;
 //  3. finish, per (head, query block): dQ = scale * sum over chunks, in q's dtype.
 //
-// bf16 products run on vdpbf16ps register tiles, or (BackwardParams::brgemm: cpu/isa.h's level
-// amx, or forced) through oneDNN's brgemm (brgemm.h), on the AMX tiles where the CPU has them.
+// The products run on register tiles, or (BackwardParams::brgemm: bf16 at cpu/isa.h's level amx,
+// every dtype when forced) through oneDNN's brgemm (brgemm.h), bf16 on the AMX tiles where the
+// CPU has them.
 #pragma once
 #include <cstdint>
 
@@ -36,9 +37,9 @@ struct BackwardParams {
   int64_t dq_stride[3], dk_stride[3], dv_stride[3];
 
   int64_t block_q, block_k;  // queries and keys per tile; block_q a multiple of 16
-  // bf16 products through brgemm (AVX-512 kernel only; the tiles then brgemm.h's BrgemmBlocks
-  // bwd_q x bwd_k); every right operand is then packed as column panels of kBrgemmPanel, each
-  // with its own row-pair stride
+  // the products through brgemm (AVX-512 kernel only; the tiles then brgemm.h's BrgemmBlocks
+  // bwd_q x bwd_k); every bf16 right operand is then packed as column panels of kBrgemmPanel,
+  // each with its own row-pair stride
   bool brgemm;
   int64_t chunks;            // key-block chunks per (sequence, kv head)
 

@@ -212,21 +212,21 @@ void tile_gemm(int64_t M, int64_t n_pad, int64_t K, const CT* a, int64_t lda, co
 }
 
 // A tile product, C (M x n_pad) = A B (kAcc false) or C + A B: tile_gemm on the register
-// tiles, or for bf16 under brgemm (p.brgemm) oneDNN's brgemm, on B packed as panels of
-// kBrgemmPanel columns (panel c0 at b + c0 * K: pack_panels; K even).
+// tiles, or under brgemm (p.brgemm) oneDNN's brgemm in column panels of at most kBrgemmPanel:
+// bf16 B packed panel by panel (panel c0 at b + c0 * K: pack_panels; K even), fp32 B as the
+// register tiles take it (row-major, n_pad wide: panel c0 at b + c0, ld_b = n_pad).
 template <bool kBf16, bool kAcc, typename CT>
 void product(bool brgemm, int64_t M, int64_t n_pad, int64_t K, const CT* a, int64_t lda, const CT* b, float* c,
              int64_t ldc) {
-  if constexpr (kBf16) {
-    if (brgemm) {
-      for (int64_t c0 = 0; c0 < n_pad; c0 += kBrgemmPanel) {
-        const int64_t w = imin(kBrgemmPanel, n_pad - c0);
-        brgemm_bf16(M, w, K, lda, w, ldc, kAcc, a, b + c0 * K, c + c0);
-      }
-      return;
+  if (!brgemm) return tile_gemm<kBf16, kAcc>(M, n_pad, K, a, lda, b, c, ldc);
+  for (int64_t c0 = 0; c0 < n_pad; c0 += kBrgemmPanel) {
+    const int64_t w = imin(kBrgemmPanel, n_pad - c0);
+    if constexpr (kBf16) {
+      brgemm_bf16(M, w, K, lda, w, ldc, kAcc, a, b + c0 * K, c + c0);
+    } else {
+      brgemm_f32(M, w, K, lda, n_pad, ldc, kAcc, a, b + c0, c + c0);
     }
   }
-  tile_gemm<kBf16, kAcc>(M, n_pad, K, a, lda, b, c, ldc);
 }
 
 // pack_b_bf16 of src (rows x cols, B = src or, transposed, src^T) as product's B: at full

@@ -248,6 +248,18 @@ inline __m512 exp_accurate(__m512 x) { return fastarch::cpu::avx512::exp_ps<fals
 // -200 (and -inf); 2^NaN = NaN.
 inline __m512 exp2_fast(__m512 x) { return fastarch::cpu::avx512::exp2_low(x); }
 
+// The forwards' choice of exp by dtype: fp32 the accurate one in natural units, bf16 and fp16
+// the fast one on scores pre-scaled by log2(e), which saves a multiply and the two-step range
+// reduction.
+struct ExpAccurate {
+  static constexpr bool kLog2 = false;  // exponents in natural units
+  static __m512 exp(__m512 x) { return exp_accurate(x); }
+};
+struct ExpFast {
+  static constexpr bool kLog2 = true;  // exponents in units of log2: exp(z) = 2^(z log2 e)
+  static __m512 exp(__m512 x) { return exp2_fast(x); }
+};
+
 // ---- dropout: keep mask of columns col0 .. col0+15 of a row (row_key = dropout_row_key)
 // The last round of the hash on 16 lanes (h = row_key ^ col each), and the keep test.
 inline __mmask16 dropout_keep_lanes(__m512i h, uint32_t threshold) {

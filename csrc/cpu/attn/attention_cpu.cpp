@@ -190,7 +190,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
   }
 #ifdef FASTARCH_WITH_AVX512
   if (use_avx512(dtype)) {
-    fwd_avx512(p, q, dtype == Dtype::bf16 && use_brgemm_attention() && at::globalContext().userEnabledMkldnn());
+    fwd_avx512(p, q, use_brgemm_attention(dtype == Dtype::bf16) && at::globalContext().userEnabledMkldnn());
     return {out, lse};
   }
 #endif

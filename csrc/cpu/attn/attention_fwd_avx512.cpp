@@ -44,15 +44,6 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
-struct ExpAccurate {
-  static constexpr bool kLog2 = false;  // exponents in natural units
-  static __m512 exp(__m512 x) { return exp_accurate(x); }
-};
-struct ExpFast {
-  static constexpr bool kLog2 = true;  // exponents in units of log2: exp(z) = 2^(z log2 e)
-  static __m512 exp(__m512 x) { return exp2_fast(x); }
-};
-
 template <bool kBf16>
 struct ComputeType {
   using type = float;

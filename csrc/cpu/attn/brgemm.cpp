@@ -16,6 +16,11 @@ void brgemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld_b, int
                               reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
 }
 
+void brgemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld_b, int64_t ldc, bool add_c, const float* a,
+                const float* b, float* c) {
+  at::native::cpublas::brgemm(M, N, K, lda, ld_b, ldc, add_c, a, b, c, /*is_vnni=*/false);
+}
+
 void brgemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 
 namespace {

@@ -20,6 +20,10 @@ constexpr int64_t kBrgemmPanel = 64;
 // element (k, n) at (k / 2) * ld_b * 2 + n * 2 + k % 2, K even (a zero row pads it).
 void brgemm_bf16(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld_b, int64_t ldc, bool add_c,
                  const uint16_t* a, const uint16_t* b, float* c);
+// The same in fp32, B row-major (element (k, n) at k * ld_b + n): oneDNN's AVX-512 code (AMX
+// has no fp32 products).
+void brgemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld_b, int64_t ldc, bool add_c, const float* a,
+                const float* b, float* c);
 
 // The calling thread's tile configuration released (AMX), before the thread pool runs other
 // work on the thread.

@@ -1,7 +1,8 @@
-"""The bf16 attention forward and backward through oneDNN's brgemm (csrc/cpu/attn/brgemm.h,
+"""The attention forward and backward through oneDNN's brgemm (csrc/cpu/attn/brgemm.h,
 attention_fwd_brgemm.cpp, and attention_bwd_avx512.cpp's products when BackwardParams::brgemm):
-the AMX path, forced with fastarch._C._set_cpu_brgemm("on") so that it runs on any
-AVX512-BF16 CPU (oneDNN runs AVX-512 code there, the AMX tiles on an AMX CPU). A CPU or build
+the AMX path of bf16, forced with fastarch._C._set_cpu_brgemm("on") so that it runs on any
+AVX512-BF16 CPU (oneDNN runs AVX-512 code there, the AMX tiles on an AMX CPU), and the fp32
+products "on" gives fp32 and fp16 inputs (oneDNN's AVX-512 code on every CPU). A CPU or build
 without AVX512-BF16 skips with the reason.
 
 Numerics as test_attention.py judges them (compare(): out, lse and the gradients against the
@@ -32,6 +33,7 @@ import test_attention_nan as nan_table
 _C = _extension._C
 pytestmark = pytest.mark.skipif(_C is None, reason=f"fastarch._C is not loaded: {_extension.LOAD_ERROR}")
 BF16 = torch.bfloat16
+DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 DEFAULT_BRGEMM = os.environ.get("FASTARCH_CPU_BRGEMM", "").strip() or "auto"
 
 
@@ -55,11 +57,18 @@ def brgemm():
 
 def test_the_switch_selects_the_path(brgemm):
     assert _C.build_info()["cpu_attention_brgemm"]
-    assert _extension.cpu_path("attention", BF16).endswith(("+brgemm", "/amx"))
-    _C._set_cpu_brgemm("off")
-    assert not _C.build_info()["cpu_attention_brgemm"]
+    assert _C.build_info()["cpu_attention_brgemm_fp32"]
     level = _C.build_info()["cpu_isa"]
+    assert _extension.cpu_path("attention", BF16) == f"cpu/{level}" + ("" if level == "amx" else "+brgemm")
+    assert _extension.cpu_path("attention", torch.float32) == f"cpu/{level}+brgemm"
+    assert _extension.cpu_path("attention_decode", BF16) == f"cpu/{level}"
+    _C._set_cpu_brgemm("off")
+    assert not _C.build_info()["cpu_attention_brgemm"] and not _C.build_info()["cpu_attention_brgemm_fp32"]
     assert _extension.cpu_path("attention", BF16) == f"cpu/{level}" + ("+tiles" if level == "amx" else "")
+    assert _extension.cpu_path("attention", torch.float32) == f"cpu/{level}"
+    _C._set_cpu_brgemm("auto")  # bf16 through brgemm at level amx only, fp32 and fp16 never
+    assert _C.build_info()["cpu_attention_brgemm"] == (level == "amx")
+    assert not _C.build_info()["cpu_attention_brgemm_fp32"]
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
         _C._set_cpu_brgemm("yes")
 
@@ -77,21 +86,22 @@ def test_differs_from_the_register_tiles_only_by_rounding(brgemm):
     assert not torch.equal(ours_lse, tiles_lse)
 
 
-def test_backward_differs_from_the_register_tiles_only_by_rounding(brgemm):
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=str)
+def test_backward_differs_from_the_register_tiles_only_by_rounding(brgemm, dtype):
     """The backward alone, from the same out and lse: its five products through brgemm or our
-    register tiles sum the same bf16 products in fp32 in other orders (dK's and dV's across
-    two panels at D 128), so the gradients are close (within a few bf16 units of these O(1)
-    values) and not the same bits."""
-    q, k, v = make_qkv(1, 4, 2, 150, 203, 128, BF16, "cpu", seed=5)
+    register tiles sum the same products in fp32 in other orders (dK's and dV's across two
+    panels at D 128), so the gradients are close (within a few units of the dtype's rounding of
+    these O(1) values) and not the same bits."""
+    q, k, v = make_qkv(1, 4, 2, 150, 203, 128, dtype, "cpu", seed=5)
     args = kernel_args(q, k, v, causal=True)
     out, lse = attention_kernels.forward(q, k, v, args)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(BF16)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
     ours = attention_kernels.backward(dout, q, k, v, out, lse, args)
     _C._set_cpu_brgemm("off")
     tiles = attention_kernels.backward(dout, q, k, v, out, lse, args)
     for name, a, b in zip(("dq", "dk", "dv"), ours, tiles):
         scale = b.float().abs().max()
-        assert (a.float() - b.float()).abs().max() <= 2e-2 * scale, name
+        assert (a.float() - b.float()).abs().max() <= (2e-2 if dtype == BF16 else 1e-5) * scale, name
     assert not all(torch.equal(a, b) for a, b in zip(ours, tiles))
 
 
@@ -110,12 +120,13 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_shapes(brgemm, shape, causal):
+def test_shapes(brgemm, shape, causal, dtype):
     b, h, hkv, sq, sk, d, dv = shape
-    q, k, v = make_qkv(b, h, hkv, sq, sk, d, BF16, "cpu", dv=dv)
-    compare("cpu", q, k, v, BF16, causal=causal)
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, dtype, "cpu", dv=dv)
+    compare("cpu", q, k, v, dtype, causal=causal)
 
 
 # brgemm.h's BrgemmBlocks (fwd_m, fwd_n, bwd_q, bwd_k) other than the defaults, as
@@ -132,16 +143,17 @@ def blocks(request, brgemm):
     _C._set_cpu_brgemm_blocks(*default)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(2, 4, 2, 113, 203, 64, 64), (1, 2, 1, 300, 557, 128, 128),
                                    (1, 2, 2, 67, 131, 59, 80)], ids=lambda s: "x".join(map(str, s)))
-def test_other_block_sizes(blocks, shape):
-    """Each block size gives the same accuracy (forward and backward, causal with a window:
-    blocks the diagonal and the band cut), and a set size is the one the calls run."""
+def test_other_block_sizes(blocks, shape, dtype):
+    """Each block size gives the same accuracy (forward and backward, causal and with a window
+    that the blocks cut), and a set size is the one the calls run."""
     assert _C._cpu_brgemm_blocks() == blocks
     b, h, hkv, sq, sk, d, dv = shape
-    q, k, v = make_qkv(b, h, hkv, sq, sk, d, BF16, "cpu", dv=dv, seed=9)
-    compare("cpu", q, k, v, BF16, causal=True)
-    compare("cpu", q, k, v, BF16, window=(70, 20))
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, dtype, "cpu", dv=dv, seed=9)
+    compare("cpu", q, k, v, dtype, causal=True)
+    compare("cpu", q, k, v, dtype, window=(70, 20))
 
 
 def test_block_sizes_out_of_range_are_refused(brgemm):
@@ -156,10 +168,11 @@ def test_block_sizes_out_of_range_are_refused(brgemm):
     assert _C._cpu_brgemm_blocks() == default
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_features(brgemm, feature):
-    q, k, v = make_qkv(2, 4, 1 if "gqa" in feature else 4, 97, 145, 64, BF16, "cpu", seed=7)
-    compare("cpu", q, k, v, BF16, **FEATURES[feature](q, k, v))
+def test_features(brgemm, feature, dtype):
+    q, k, v = make_qkv(2, 4, 1 if "gqa" in feature else 4, 97, 145, 64, dtype, "cpu", seed=7)
+    compare("cpu", q, k, v, dtype, **FEATURES[feature](q, k, v))
 
 
 def test_varlen(brgemm):
@@ -224,18 +237,19 @@ def test_bf16_masks_beyond_the_log2_range(brgemm, value):
     check_huge_bf16_mask(value)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("position", nan_table.POSITIONS)
-def test_nan_through_forward_and_backward(brgemm, position, causal, gqa):
-    """test_attention_nan.py's contract (out, lse, dq, dk, dv) for the bf16 CPU kernels with
+def test_nan_through_forward_and_backward(brgemm, position, causal, gqa, dtype):
+    """test_attention_nan.py's contract (out, lse, dq, dk, dv) for the CPU kernels with
     brgemm on."""
-    nan_table.test_attention_nan("cpu", "cpu", BF16, position, causal, gqa)
+    nan_table.test_attention_nan("cpu", "cpu", dtype, position, causal, gqa)
 
 
 def test_paths_bench_times_every_row(brgemm, tmp_path, monkeypatch):
-    """bench/attention_cpu_paths.py (the GPU suite's amx stage runs it): a row per shape, pass
-    and causal flag, every contender timed (another block size too); the brgemm choice, its
+    """bench/attention_cpu_paths.py (the GPU suite's amx stage runs it): a row per shape, dtype,
+    pass and causal flag, every contender timed (another block size too); the brgemm choice, its
     block sizes and torch's threads as they were after."""
     import json
     import runpy
@@ -244,8 +258,8 @@ def test_paths_bench_times_every_row(brgemm, tmp_path, monkeypatch):
 
     script = Path(__file__).resolve().parents[3] / "bench" / "attention_cpu_paths.py"
     path = tmp_path / "paths.json"
-    monkeypatch.setattr(sys, "argv", [str(script), "--rounds", "1", "--shapes", "1x2x40x16", "--blocks", "16x64/32x16",
-                                      "--json", str(path)])
+    monkeypatch.setattr(sys, "argv", [str(script), "--rounds", "1", "--shapes", "1x2x40x16", "--dtype", "bf16,fp32",
+                                      "--blocks", "16x64/32x16", "--json", str(path)])
     threads = torch.get_num_threads()
     try:
         runpy.run_path(str(script), run_name="__main__")
@@ -253,8 +267,8 @@ def test_paths_bench_times_every_row(brgemm, tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     result = json.loads(path.read_text())
     assert result["meta"]["level"] == _C.build_info()["cpu_isa"]
-    assert [(r["pass"], r["causal"]) for r in result["rows"]] == [("fwd", False), ("fwd", True), ("fwdbwd", False),
-                                                                  ("fwdbwd", True)]
+    assert [(r["dtype"], r["pass"], r["causal"]) for r in result["rows"]] == [
+        (dtype, pass_, causal) for dtype in ("bf16", "fp32") for pass_ in ("fwd", "fwdbwd") for causal in (False, True)]
     assert all(r[f"{n}_ms"] > 0 for r in result["rows"] for n in ("brgemm", "tiles", "sdpa", "brgemm 16x64/32x16"))
     assert all(r["brgemm 16x64/32x16_vs_default"] > 0 for r in result["rows"])
     assert _C.build_info()["cpu_brgemm"] == "on"  # (the fixture's)
