@@ -337,7 +337,7 @@ void run_tasks(const AttentionParams& p, const FwdPacking& pk, const BrgemmBlock
     const FwdTask& task = tasks[t];
     const SeqSpan s = seq_span(p, task.seq);
     const int64_t i0 = int64_t{task.qblock} * BM;
-    Task<T, kBf16, E> w{p,           pk,   sc,       s,  task.head, task.head / (p.H / p.Hkv), i0, min64(BM, s.sq - i0),
+    Task<T, kBf16, E> w{p, pk, sc, s, task.head, task.head / (p.H / p.Hkv), i0, min64(BM, s.sq - i0),
                         p.scale * unit, unit, task.seq, BN, BN / 16};
     w.run();
   }
