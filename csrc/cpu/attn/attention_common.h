@@ -470,6 +470,24 @@ inline void pack_b_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_t c
   }
 }
 
+// One row of D values of type T (q's, a GEMM left operand) into the compute type C: bf16 bits
+// copied (a zero at D when d_pad > D: bf16's pairs of k), else widened to fp32.
+template <Dtype T, typename C>
+inline void load_row(const char* src, int64_t D, int64_t d_pad, C* dst) {
+  if constexpr (sizeof(C) == 2) {
+    for (int64_t d = 0; d < D; d += 32) {
+      const __mmask32 mk = D - d >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (D - d)) - 1);
+      _mm512_mask_storeu_epi16(dst + d, mk, _mm512_maskz_loadu_epi16(mk, src + d * 2));
+    }
+    if (d_pad != D) dst[D] = 0;
+  } else {
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 mk = tail_mask(D - d);
+      _mm512_mask_storeu_ps(dst + d, mk, load16<T>(src + d * elem_size(T), mk));
+    }
+  }
+}
+
 // fp32 pack: out[k * n_pad + n] = B(k, n) for k < K (no k padding), n < n_pad.
 template <Dtype T>
 inline void pack_b_f32(const void* src, int64_t ld, int64_t rows, int64_t cols, bool transpose, int64_t n_pad,

@@ -121,24 +121,9 @@ struct Task {
 
   // Q rows of the task into the scratch, in the compute type (zero padding for bf16's odd D).
   void load_q() {
-    const int64_t es = elem_size(T);
     C* q = static_cast<C*>(sc.q);
-    for (int64_t r = 0; r < rows; ++r) {
-      const char* src = row_ptr(p.q, p.q_stride, es, s.b, h, s.q0 + i0 + r);
-      C* dst = q + r * pk.d_pad;
-      if constexpr (kBf16) {
-        for (int64_t d = 0; d < p.D; d += 32) {
-          const __mmask32 mk = p.D - d >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (p.D - d)) - 1);
-          _mm512_mask_storeu_epi16(dst + d, mk, _mm512_maskz_loadu_epi16(mk, src + d * 2));
-        }
-        if (pk.d_pad != p.D) dst[p.D] = 0;
-      } else {
-        for (int64_t d = 0; d < p.D; d += 16) {
-          const __mmask16 mk = tail_mask(p.D - d);
-          _mm512_mask_storeu_ps(dst + d, mk, load16<T>(src + d * es, mk));
-        }
-      }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      load_row<T>(row_ptr(p.q, p.q_stride, elem_size(T), s.b, h, s.q0 + i0 + r), p.D, pk.d_pad, q + r * pk.d_pad);
   }
 
   // Logits of row r over key block j0 (valid keys), into the scores row; -inf where the row
