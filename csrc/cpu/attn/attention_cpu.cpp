@@ -2,10 +2,10 @@
 // checks, allocation, the work plan, and torch's thread pool (at::parallel_for) around the
 // kernels of attention_kernels.h: AVX-512 (attention_fwd_avx512.cpp,
 // attention_decode_avx512.cpp) when they are compiled in and the CPU runs them, else portable
-// (attention_fwd_generic.cpp, attention_decode_generic.cpp); the bf16 forward through oneDNN's
-// brgemm (attention_fwd_brgemm.cpp) at isa level amx or when forced (cpu/isa.h: set_brgemm),
-// unless torch's oneDNN is disabled (torch.backends.mkldnn), which brgemm then refuses. (The backward,
-// fastarch::_attention_bwd, registers in its own translation unit.)
+// (attention_fwd_generic.cpp, attention_decode_generic.cpp); the forward through oneDNN's brgemm
+// (attention_fwd_brgemm.cpp) for bf16 at isa level amx, for every dtype when forced (cpu/isa.h:
+// set_brgemm), unless torch's oneDNN is disabled (torch.backends.mkldnn), which brgemm then
+// refuses. (The backward, fastarch::_attention_bwd, registers in its own translation unit.)
 #include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>

@@ -49,10 +49,11 @@ int64_t fwd_scratch_bytes(const AttentionParams& p, const FwdPacking& pk);
 void fwd_run_avx512(const AttentionParams& p, const FwdPacking& pk, const FwdTask* tasks, int64_t num_tasks,
                     int64_t* next, void* scratch);
 
-// bf16 forward through oneDNN's brgemm (attention_fwd_brgemm.cpp): the AMX path (cpu/isa.h's
-// level amx, or _set_cpu_brgemm("on") on any AVX512-BF16 CPU). The same FwdPacking, with key
-// blocks of blocks.fwd_n keys (K^T and V in column panels of at most 64, pack32 layout) and
-// tasks of blocks.fwd_m queries (brgemm.h: BrgemmBlocks).
+// The forward through oneDNN's brgemm (attention_fwd_brgemm.cpp): bf16's AMX path (cpu/isa.h's
+// level amx), every dtype with _set_cpu_brgemm("on") on any AVX512-BF16 CPU. The same
+// FwdPacking, with key blocks of blocks.fwd_n keys (K^T and V in column panels of at most 64:
+// pack32 layout for bf16, row-major fp32 otherwise) and tasks of blocks.fwd_m queries
+// (brgemm.h: BrgemmBlocks).
 int64_t fwd_scratch_bytes_brgemm(const FwdPacking& pk, const BrgemmBlocks& blocks);
 void fwd_run_brgemm(const AttentionParams& p, const FwdPacking& pk, const BrgemmBlocks& blocks, const FwdTask* tasks,
                     int64_t num_tasks, int64_t* next, void* scratch);
