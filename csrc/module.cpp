@@ -47,9 +47,16 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_isa_auto"] = fastarch::cpu::isa_name(fastarch::cpu::best_isa());
     info["cpu_brgemm"] = fastarch::cpu::brgemm_mode();  // "auto", "on" or "off"
     // whether the bf16 attention forward and backward run through oneDNN's brgemm now
-    info["cpu_attention_brgemm"] = fastarch::cpu::use_brgemm_attention(/*bf16=*/true);
+    namespace attention = fastarch::cpu::attention;
+    info["cpu_attention_brgemm"] = attention::attention_brgemm(/*bf16=*/true);
     // and fp32 / fp16 (only when forced: FASTARCH_CPU_BRGEMM=on)
-    info["cpu_attention_brgemm_fp32"] = fastarch::cpu::use_brgemm_attention(/*bf16=*/false);
+    info["cpu_attention_brgemm_fp32"] = attention::attention_brgemm(/*bf16=*/false);
+    // brgemm's check (cpu/attn/brgemm.h), made the first time the mode asks for brgemm:
+    // "passed", "not run", or why it failed (the register tiles run then)
+    const bool wanted = fastarch::cpu::use_brgemm_attention(true) || fastarch::cpu::use_brgemm_attention(false);
+    info["cpu_brgemm_check"] = !wanted ? std::string("not run")
+                               : attention::brgemm_check()[0] ? std::string(attention::brgemm_check())
+                                                              : std::string("passed");
     info["compiler"] = std::string("gcc ") + FASTARCH_STR(__GNUC__) "." FASTARCH_STR(__GNUC_MINOR__);
     return info;
   });

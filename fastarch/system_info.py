@@ -40,6 +40,8 @@ def report() -> str:
         tiles = "brgemm" if build.get("cpu_attention_brgemm") else "AVX-512 register tiles"
         if build.get("cpu_attention_brgemm_fp32"):
             tiles += ", fp32 and fp16 through brgemm too"
+        if build.get("cpu_brgemm_check") not in (None, "passed", "not run"):
+            tiles += f" ({build['cpu_brgemm_check']})"
         extension += f"; bf16 attention forward and backward: {tiles} (FASTARCH_CPU_BRGEMM={build.get('cpu_brgemm')})"
         extension += f"; int8 products of quantized layers: {_INT8_PRODUCTS.get(build.get('cpu_int8_products'), '?')}"
     env = os.environ.get("FASTARCH_BACKEND")

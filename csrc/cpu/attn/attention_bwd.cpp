@@ -4,7 +4,6 @@
 // forward's: cpu/isa.h) or, on CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa
 // ("generic")), the portable one.
 #include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
-#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -125,8 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   set_strides(p.dq_stride, dq);
   set_strides(p.dk_stride, dk);
   set_strides(p.dv_stride, dv);
-  // (brgemm refuses to run while torch's oneDNN is disabled: torch.backends.mkldnn)
-  p.brgemm = avx512 && use_brgemm_attention(a.dtype == Dtype::bf16) && at::globalContext().userEnabledMkldnn();
+  p.brgemm = avx512 && attention_brgemm(a.dtype == Dtype::bf16);
   const BrgemmBlocks sizes = brgemm_blocks();
   const int64_t block_q = p.brgemm ? sizes.bwd_q : kBlockQ, block_k = p.brgemm ? sizes.bwd_k : kBlockK;
   p.block_q = block_q;

@@ -7,7 +7,6 @@
 // set_brgemm), unless torch's oneDNN is disabled (torch.backends.mkldnn), which brgemm then
 // refuses. (The backward, fastarch::_attention_bwd, registers in its own translation unit.)
 #include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
-#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -190,7 +189,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
   }
 #ifdef FASTARCH_WITH_AVX512
   if (use_avx512(dtype)) {
-    fwd_avx512(p, q, use_brgemm_attention(dtype == Dtype::bf16) && at::globalContext().userEnabledMkldnn());
+    fwd_avx512(p, q, attention_brgemm(dtype == Dtype::bf16));
     return {out, lse};
   }
 #endif

@@ -29,6 +29,20 @@ void brgemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ld_b, int6
 // work on the thread.
 void brgemm_release();
 
+// Whether brgemm computes what the kernels ask of it on this CPU: "" when it does, else why
+// not. Checked once per process on small products of integers (every order of the sums gives
+// the same bits, so the check is exact) in the layouts and strides the kernels pass: bf16 B as
+// pack32 panels of 48 and 64 columns with ld_b = their width, K not a multiple of 32, row
+// strides wider than the products, C overwritten (its NaN must not leak) and accumulated;
+// fp32 B with ld_b wider than N. oneDNN's AMX code has run on no CPU we could test on: a product
+// it got wrong there must give the register tiles' attention, not a wrong one.
+const char* brgemm_check();
+
+// Whether the attention forward and backward of bf16 (else fp32 / fp16) inputs run through
+// brgemm: the mode's choice (cpu/isa.h: use_brgemm_attention), torch's oneDNN enabled
+// (torch.backends.mkldnn: brgemm refuses to run otherwise), and brgemm_check passed.
+bool attention_brgemm(bool bf16);
+
 // Block sizes of the brgemm paths (larger than the register tiles' blocks, so that each brgemm
 // call, a kernel lookup and on AMX a tile load and store of C, has more work): the forward's
 // queries per task (fwd_m) x keys per online-softmax step (fwd_n), the backward's queries (bwd_q)
