@@ -95,7 +95,13 @@ def main() -> None:
     meta = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__, "level": info["cpu_isa"],
             "amx": "yes" if info["cpu_has_amx"] else info["cpu_amx_missing"], "date": time.strftime("%Y-%m-%d"),
             "rounds": a.rounds, "default_blocks": "{}x{}/{}x{}".format(*default)}
-    print(f"CPU: {meta['cpu']}; {a.threads} threads; torch {meta['torch']}; level {meta['level']}; AMX: {meta['amx']}")
+    _C._set_cpu_brgemm("on")
+    meta["brgemm_check"] = _C.build_info()["cpu_brgemm_check"]  # (made now, if not yet)
+    _C._set_cpu_brgemm(info["cpu_brgemm"])
+    print(f"CPU: {meta['cpu']}; {a.threads} threads; torch {meta['torch']}; level {meta['level']}; AMX: {meta['amx']};"
+          f" brgemm's check: {meta['brgemm_check']}")
+    if meta["brgemm_check"] != "passed":
+        print("(so the brgemm columns below ran the register tiles)")
     dtypes = a.dtype.split(",")
     if not set(dtypes) <= DTYPES.keys():
         raise SystemExit(f"--dtype: expected some of {', '.join(DTYPES)}, got {a.dtype!r}")

@@ -279,6 +279,7 @@ def test_paths_bench_times_every_row(brgemm, tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     result = json.loads(path.read_text())
     assert result["meta"]["level"] == _C.build_info()["cpu_isa"]
+    assert result["meta"]["brgemm_check"] == "passed"
     assert [(r["dtype"], r["pass"], r["causal"]) for r in result["rows"]] == [
         (dtype, pass_, causal) for dtype in ("bf16", "fp32") for pass_ in ("fwd", "fwdbwd") for causal in (False, True)]
     assert all(r[f"{n}_ms"] > 0 for r in result["rows"] for n in ("brgemm", "tiles", "sdpa", "brgemm 16x64/32x16"))
