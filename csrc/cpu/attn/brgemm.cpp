@@ -60,6 +60,18 @@ std::string compare(const char* what, int64_t M, int64_t N, int64_t K, const std
   return "";
 }
 
+// product(add_c, c) runs C (+)= A B into c (row stride ldc): "" when it first overwrites C (NaN
+// before) with A B, then adds A B to it.
+template <typename Product>
+std::string check_both_ways(const std::string& what, int64_t M, int64_t N, int64_t K, int64_t ldc, Product product) {
+  std::vector<float> c(M * ldc, NAN);
+  product(false, c.data());
+  const std::string why = compare(what.c_str(), M, N, K, c, ldc, 1.0f);
+  if (!why.empty()) return why;
+  product(true, c.data());
+  return compare((what + " accumulating").c_str(), M, N, K, c, ldc, 2.0f);
+}
+
 std::string check_bf16(int64_t M, int64_t N, int64_t K) {  // K even
   const int64_t lda = K + 2, ldc = N + 16;
   std::vector<uint16_t> a(M * lda, 0), b(K * N);
@@ -67,30 +79,21 @@ std::string check_bf16(int64_t M, int64_t N, int64_t K) {  // K even
     for (int64_t k = 0; k < K; ++k) a[i * lda + k] = bf16_bits(value_a(i, k));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t n = 0; n < N; ++n) b[(k / 2) * N * 2 + n * 2 + k % 2] = bf16_bits(value_b(k, n));
-  std::vector<float> c(M * ldc, NAN);
-  brgemm_bf16(M, N, K, lda, N, ldc, false, a.data(), b.data(), c.data());
-  std::string why = compare("bf16", M, N, K, c, ldc, 1.0f);
-  if (why.empty()) {
-    brgemm_bf16(M, N, K, lda, N, ldc, true, a.data(), b.data(), c.data());
-    why = compare("bf16 accumulating", M, N, K, c, ldc, 2.0f);
-  }
-  return why;
+  return check_both_ways("bf16", M, N, K, ldc, [&](bool add_c, float* c) {
+    brgemm_bf16(M, N, K, lda, N, ldc, add_c, a.data(), b.data(), c);
+  });
 }
 
 std::string check_f32(int64_t M, int64_t N, int64_t K) {
   const int64_t lda = K + 1, ld_b = N + 16, ldc = N + 8;  // (B: a panel of a wider matrix)
-  std::vector<float> a(M * lda, 0.0f), b(K * ld_b, NAN), c(M * ldc, NAN);
+  std::vector<float> a(M * lda, 0.0f), b(K * ld_b, NAN);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t k = 0; k < K; ++k) a[i * lda + k] = value_a(i, k);
   for (int64_t k = 0; k < K; ++k)
     for (int64_t n = 0; n < N; ++n) b[k * ld_b + n] = value_b(k, n);
-  brgemm_f32(M, N, K, lda, ld_b, ldc, false, a.data(), b.data(), c.data());
-  std::string why = compare("fp32", M, N, K, c, ldc, 1.0f);
-  if (why.empty()) {
-    brgemm_f32(M, N, K, lda, ld_b, ldc, true, a.data(), b.data(), c.data());
-    why = compare("fp32 accumulating", M, N, K, c, ldc, 2.0f);
-  }
-  return why;
+  return check_both_ways("fp32", M, N, K, ldc, [&](bool add_c, float* c) {
+    brgemm_f32(M, N, K, lda, ld_b, ldc, add_c, a.data(), b.data(), c);
+  });
 }
 
 std::string run_check() {
