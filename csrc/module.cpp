@@ -54,9 +54,8 @@ PYBIND11_MODULE(_C, m) {
     // brgemm's check (cpu/attn/brgemm.h), made the first time the mode asks for brgemm:
     // "passed", "not run", or why it failed (the register tiles run then)
     const bool wanted = fastarch::cpu::use_brgemm_attention(true) || fastarch::cpu::use_brgemm_attention(false);
-    info["cpu_brgemm_check"] = !wanted ? std::string("not run")
-                               : attention::brgemm_check()[0] ? std::string(attention::brgemm_check())
-                                                              : std::string("passed");
+    const char* why = wanted ? attention::brgemm_check() : nullptr;
+    info["cpu_brgemm_check"] = std::string(!why ? "not run" : *why ? why : "passed");
     info["compiler"] = std::string("gcc ") + FASTARCH_STR(__GNUC__) "." FASTARCH_STR(__GNUC_MINOR__);
     return info;
   });
@@ -71,8 +70,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_cpu_portable_avx2", []() { return fastarch::cpu::portable_avx2(); });
   // The level the CPU kernels run now ("generic" ... "amx"): the linear row table's row.
   m.def("_cpu_level", []() { return std::string(fastarch::cpu::isa_name(fastarch::cpu::active_isa())); });
-  // The bf16 attention forward and backward through brgemm: "auto" (at level amx), "on" (any
-  // AVX512-BF16 CPU), "off".
+  // The attention forward and backward through brgemm: "auto" (bf16 at level amx), "on" (every
+  // dtype, on any AVX512-BF16 CPU), "off".
   m.def("_set_cpu_brgemm", [](const std::string& mode) { fastarch::cpu::set_brgemm(mode); });
   // The brgemm paths' block sizes (cpu/attn/brgemm.h), to compare them in one run
   // (bench/attention_cpu_paths.py --blocks): (fwd_m, fwd_n, bwd_q, bwd_k); ValueError out of range.

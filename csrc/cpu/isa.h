@@ -68,8 +68,8 @@ void set_isa(const std::string& name);
 bool stream_output(int64_t bytes);
 
 // Whether the attention forward and backward of bf16 (or else fp32 / fp16) inputs run their
-// products through brgemm
-// (attn/brgemm.h; attention_fwd_brgemm.cpp, attention_bwd_avx512.cpp): "auto" (the default):
+// products through brgemm (attn/brgemm.h; attention_fwd_brgemm.cpp, attention_bwd_avx512.cpp),
+// as the mode says (attn/brgemm.h's attention_brgemm adds its check): "auto" (the default):
 // bf16 at level amx (the AMX tiles), fp32 and fp16 never (oneDNN's fp32 brgemm measured at
 // parity with our FMA tiles on a Zen 4, 0.92-1.09x; owed on an Intel Xeon); "on": every dtype
 // at level avx512_bf16 or above, i.e. on any AVX512-BF16 CPU, where oneDNN's brgemm runs

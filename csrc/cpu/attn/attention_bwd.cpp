@@ -1,7 +1,7 @@
 // CPU implementation of fastarch::_attention_bwd: argument checks, BackwardParams from
 // tensors, the workspace, and the threading of the three passes of attention_bwd.h, run by the
-// AVX-512 kernel (its bf16 products through oneDNN's brgemm at level amx or when forced, as the
-// forward's: cpu/isa.h) or, on CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa
+// AVX-512 kernel (its products through oneDNN's brgemm as the forward's: bf16 at level amx,
+// every dtype when forced; cpu/isa.h) or, on CPUs without AVX-512 BF16 (and for fastarch._C._set_cpu_isa
 // ("generic")), the portable one.
 #include "fastarch_torch.h"  // first: the precompiled torch headers (setup.py)
 #include <ATen/Parallel.h>

@@ -104,7 +104,7 @@ void run_fwd_tasks(const Tensor& q, const std::vector<FwdTask>& tasks, int64_t s
 }
 
 #ifdef FASTARCH_WITH_AVX512
-// The AVX-512 forwards: tasks of block_m queries; brgemm: the bf16 kernel of
+// The AVX-512 forwards: tasks of block_m queries; brgemm: the products of
 // attention_fwd_brgemm.cpp, else the register tiles of attention_fwd_avx512.cpp.
 void fwd_avx512(const AttentionParams& p, const Tensor& q, bool brgemm) {
   const BrgemmBlocks blocks = brgemm_blocks();

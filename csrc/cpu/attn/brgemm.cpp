@@ -107,7 +107,7 @@ std::string run_check() {
   } catch (const std::exception& e) {
     why = std::string("brgemm raised: ") + e.what();
   }
-  return why.empty() ? "" : "oneDNN's brgemm gave a wrong product on this CPU (" + why + ")";
+  return why.empty() ? "" : "oneDNN's brgemm failed its check on this CPU (" + why + ")";
 }
 }  // namespace
 

@@ -1,7 +1,7 @@
-// oneDNN's brgemm (at::native::cpublas::brgemm, exported by libtorch_cpu) for the bf16 attention
-// kernels' products: on the AMX tiles on a CPU with AMX-BF16 (oneDNN requests the tile
+// oneDNN's brgemm (at::native::cpublas::brgemm, exported by libtorch_cpu) for the attention
+// kernels' products: bf16 on the AMX tiles on a CPU with AMX-BF16 (oneDNN requests the tile
 // permission and configures the tiles itself), in AVX-512 code on other AVX512-BF16 CPUs, so
-// that the path is tested on any of them.
+// that the path is tested on any of them; fp32 in AVX-512 code everywhere.
 //
 // Declared here without torch headers and defined in brgemm.cpp, compiled without the AVX-512
 // target: the kernels under their target pragmas call these non-inline wrappers, so no torch
